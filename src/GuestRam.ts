@@ -1,0 +1,185 @@
+/**
+ * Guest memory: named blocks of fixed-size pages, the zero-page test, digests and views for sending
+ * without copying.
+ *
+ * @since 0.1.0
+ */
+import * as Context from "effect/Context"
+import * as Data from "effect/Data"
+import * as Effect from "effect/Effect"
+import * as Layer from "effect/Layer"
+import * as Crypto from "node:crypto"
+import * as Buffer from "node:buffer"
+
+/** Default page size: 4 KiB, as QEMU's target page on x86. */
+export const DEFAULT_PAGE_SIZE = 4096
+
+/** Longest block name that fits QEMU's 256-byte NUL-terminated ramblock field. */
+export const MAX_BLOCK_NAME_BYTES = 255
+
+/** A named, page-aligned region of guest memory. */
+export interface Block {
+  readonly name: string
+  /** The block's memory: written in place by the destination, viewed (not copied) by the source. */
+  readonly bytes: Buffer
+  /** Number of pages in the block. */
+  readonly pages: number
+}
+
+/** How a block is described: by size (zero-filled) or by existing bytes (used in place, not copied). */
+export type BlockSpec =
+  | { readonly name: string; readonly size: number }
+  | { readonly name: string; readonly bytes: Uint8Array }
+
+/** A block's name and size, as the control channel announces it. */
+export interface BlockLayout {
+  readonly name: string
+  readonly size: number
+}
+
+/** An invalid memory layout. */
+export class GuestRamError extends Data.TaggedError("GuestRamError")<{
+  readonly reason: "BadPageSize" | "BadBlockName" | "BadBlockSize" | "DuplicateBlock" | "NoBlocks"
+  readonly detail: string
+}> {
+  override get message(): string {
+    return `invalid memory layout: ${this.detail}`
+  }
+}
+
+/** Guest memory: a page size and the named blocks. */
+export class GuestRam extends Context.Tag("effect-multifd/GuestRam")<
+  GuestRam,
+  {
+    readonly pageSize: number
+    readonly blocks: ReadonlyArray<Block>
+    /** Total bytes over all blocks. */
+    readonly size: number
+    /** Looks a block up by name. */
+    readonly block: (name: string) => Block | undefined
+  }
+>() {}
+
+/** Largest single block a Node Buffer can hold. */
+export const MAX_BLOCK_SIZE = Buffer.constants.MAX_LENGTH
+
+const validPageSize = (pageSize: number): boolean =>
+  Number.isInteger(pageSize) && pageSize >= 512 && pageSize <= 512 * 1024 && (pageSize & (pageSize - 1)) === 0
+
+/**
+ * Builds guest memory from block specs, validating page size (a power of two, 512 B–512 KiB), names
+ * (1–255 UTF-8 bytes, no NUL, unique) and sizes (a positive multiple of the page size).
+ */
+export const make = (options: {
+  readonly pageSize?: number | undefined
+  readonly blocks: ReadonlyArray<BlockSpec>
+}): Effect.Effect<GuestRam["Type"], GuestRamError> =>
+  Effect.suspend(() => {
+    const pageSize = options.pageSize ?? DEFAULT_PAGE_SIZE
+    if (!validPageSize(pageSize)) {
+      return new GuestRamError({
+        reason: "BadPageSize",
+        detail: `page size ${pageSize} is not a power of two between 512 and 524288`
+      })
+    }
+    const problem = checkLayout(
+      pageSize,
+      options.blocks.map((b) => ({ name: b.name, size: "size" in b ? b.size : b.bytes.length }))
+    )
+    if (problem) return problem
+    const blocks = options.blocks.map((spec): Block => {
+      const bytes = "bytes" in spec
+        ? globalThis.Buffer.from(spec.bytes.buffer, spec.bytes.byteOffset, spec.bytes.byteLength)
+        : globalThis.Buffer.alloc(spec.size)
+      return { name: spec.name, bytes, pages: bytes.length / pageSize }
+    })
+    return Effect.succeed(fromBlocks(pageSize, blocks))
+  })
+
+/** Checks a layout without allocating anything; the first problem found, if any. */
+export const checkLayout = (
+  pageSize: number,
+  layout: ReadonlyArray<BlockLayout>
+): GuestRamError | undefined => {
+  if (layout.length === 0) return new GuestRamError({ reason: "NoBlocks", detail: "no blocks" })
+  const seen = new Set<string>()
+  for (const { name, size } of layout) {
+    const nameBytes = globalThis.Buffer.byteLength(name, "utf8")
+    if (nameBytes === 0 || nameBytes > MAX_BLOCK_NAME_BYTES || name.includes("\0")) {
+      return new GuestRamError({
+        reason: "BadBlockName",
+        detail: `block name ${JSON.stringify(name)} must be 1-${MAX_BLOCK_NAME_BYTES} bytes without NUL`
+      })
+    }
+    if (seen.has(name)) {
+      return new GuestRamError({ reason: "DuplicateBlock", detail: `block ${JSON.stringify(name)} appears twice` })
+    }
+    seen.add(name)
+    if (!Number.isSafeInteger(size) || size <= 0 || size % pageSize !== 0 || size > MAX_BLOCK_SIZE) {
+      return new GuestRamError({
+        reason: "BadBlockSize",
+        detail: `block ${JSON.stringify(name)} size ${size} is not a positive multiple of the page size ${pageSize}` +
+          ` up to ${MAX_BLOCK_SIZE} bytes`
+      })
+    }
+  }
+  return undefined
+}
+
+const fromBlocks = (pageSize: number, blocks: ReadonlyArray<Block>): GuestRam["Type"] => {
+  const byName = new Map(blocks.map((b) => [b.name, b]))
+  return {
+    pageSize,
+    blocks,
+    size: blocks.reduce((n, b) => n + b.bytes.length, 0),
+    block: (name) => byName.get(name)
+  }
+}
+
+/** A layer providing guest memory built from block specs. */
+export const layer = (options: {
+  readonly pageSize?: number | undefined
+  readonly blocks: ReadonlyArray<BlockSpec>
+}): Layer.Layer<GuestRam, GuestRamError> => Layer.effect(GuestRam, make(options))
+
+/** The layout (names and sizes) of guest memory. */
+export const layoutOf = (ram: GuestRam["Type"]): ReadonlyArray<BlockLayout> =>
+  ram.blocks.map((b) => ({ name: b.name, size: b.bytes.length }))
+
+const zeroPages = new Map<number, Buffer>()
+
+/** A shared, read-only page of zeros for comparisons. */
+export const zeroPage = (pageSize: number): Buffer => {
+  let page = zeroPages.get(pageSize)
+  if (page === undefined) {
+    page = globalThis.Buffer.alloc(pageSize)
+    zeroPages.set(pageSize, page)
+  }
+  return page
+}
+
+/** Whether the page at `offset` of `bytes` is all zeros (one native compare, no allocation). */
+export const isZeroPage = (bytes: Buffer, offset: number, pageSize: number): boolean =>
+  bytes.compare(zeroPage(pageSize), 0, pageSize, offset, offset + pageSize) === 0
+
+/** Chunk size of the digest tree: each chunk is hashed on its own, so hashing can yield between chunks. */
+export const DIGEST_CHUNK = 64 * 1024 * 1024
+
+/** A block's digest: SHA-256 over the SHA-256 of each 64 MiB chunk, hex-encoded. */
+export interface BlockDigest {
+  readonly name: string
+  readonly sha256: string
+}
+
+/** Digests every block, yielding to other fibers between 64 MiB chunks. */
+export const digest = (ram: GuestRam["Type"]): Effect.Effect<ReadonlyArray<BlockDigest>> =>
+  Effect.forEach(ram.blocks, (block) =>
+    Effect.gen(function*() {
+      const tree = Crypto.createHash("sha256")
+      for (let at = 0; at < block.bytes.length; at += DIGEST_CHUNK) {
+        const end = Math.min(block.bytes.length, at + DIGEST_CHUNK)
+        tree.update(Crypto.createHash("sha256").update(block.bytes.subarray(at, end)).digest())
+        yield* Effect.yieldNow()
+      }
+      return { name: block.name, sha256: tree.digest("hex") }
+    }))

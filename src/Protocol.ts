@@ -1,0 +1,326 @@
+/**
+ * QEMU multifd wire format (packet version 1, as in QEMU 9.0–10.x): constants, encoders and validating
+ * decoders. Pure: no I/O, no per-page allocation. All integers are big-endian.
+ *
+ * @since 0.1.0
+ */
+import * as Data from "effect/Data"
+import * as Either from "effect/Either"
+
+/** Magic number that starts every multifd init and RAM packet. */
+export const MAGIC = 0x11223344
+/** Packet version spoken by QEMU 9.0–10.x. */
+export const VERSION = 1
+/** Size of the init packet a channel sends first. */
+export const INIT_PACKET_SIZE = 64
+/** Fixed part of a RAM packet header, before the offset array. */
+export const HEADER_FIXED_SIZE = 320
+/** Bytes reserved for the NUL-padded RAM block name. */
+export const BLOCK_NAME_SIZE = 256
+/** Payload budget of one packet: the offset array has `PACKET_PAGE_BYTES / pageSize` slots. */
+export const PACKET_PAGE_BYTES = 512 * 1024
+/** SYNC flag: the packet carries no pages and marks a barrier. */
+export const FLAG_SYNC = 1 << 0
+/** Mask of the compression-method bits. */
+export const COMPRESSION_MASK = 0x1f << 1
+/** Compression-method bits for zlib. */
+export const FLAG_ZLIB = 1 << 1
+/** Compression-method bits for zstd. */
+export const FLAG_ZSTD = 2 << 1
+
+/** Channel compression method. */
+export type Compression = "none" | "zlib" | "zstd"
+
+/** Every compression method, in flag order. */
+export const compressions: ReadonlyArray<Compression> = ["none", "zlib", "zstd"]
+
+/** The flag bits QEMU sets on data packets for a compression method. */
+export const compressionFlags = (compression: Compression): number =>
+  compression === "zlib" ? FLAG_ZLIB : compression === "zstd" ? FLAG_ZSTD : 0
+
+/** Offset slots in a packet for the given page size (128 for 4 KiB pages). */
+export const slotsFor = (pageSize: number): number => Math.max(1, Math.floor(PACKET_PAGE_BYTES / pageSize))
+
+/** Size in bytes of a RAM packet header (fixed part plus the offset array) for the given page size. */
+export const headerSize = (pageSize: number): number => HEADER_FIXED_SIZE + 8 * slotsFor(pageSize)
+
+/** Who a protocol error is about: a multifd channel id, the main channel, or an unidentified connection. */
+export type ChannelRef = number | "main" | "unidentified"
+
+/** A byte that failed validation; names the channel and the field. */
+export class ProtocolError extends Data.TaggedError("ProtocolError")<{
+  readonly reason:
+    | "BadMagic"
+    | "BadVersion"
+    | "BadFlags"
+    | "BadPageCount"
+    | "UnknownBlock"
+    | "BadOffset"
+    | "BadChannelId"
+    | "DuplicateChannel"
+    | "BadUuid"
+    | "BadPayload"
+    | "BadMessage"
+    | "Truncated"
+  readonly channel: ChannelRef
+  readonly field: string
+  readonly detail: string
+}> {
+  override get message(): string {
+    const where = typeof this.channel === "number" ? `multifd channel ${this.channel}` : `${this.channel} channel`
+    return `${where}: bad ${this.field}: ${this.detail}`
+  }
+}
+
+const fail = (
+  reason: ProtocolError["reason"],
+  channel: ChannelRef,
+  field: string,
+  detail: string
+): Either.Either<never, ProtocolError> => Either.left(new ProtocolError({ reason, channel, field, detail }))
+
+const hex = (n: number): string => "0x" + (n >>> 0).toString(16).padStart(8, "0")
+
+// ---------------------------------------------------------------------------------------------------------
+// Init packet
+
+/** The first packet on every multifd channel. */
+export interface InitPacket {
+  readonly uuid: Uint8Array
+  readonly id: number
+}
+
+/** Encodes an init packet (64 bytes). */
+export const encodeInit = (init: InitPacket): Buffer => {
+  const buf = Buffer.alloc(INIT_PACKET_SIZE)
+  buf.writeUInt32BE(MAGIC, 0)
+  buf.writeUInt32BE(VERSION, 4)
+  buf.set(init.uuid.subarray(0, 16), 8)
+  buf.writeUInt8(init.id, 24)
+  return buf
+}
+
+/** What the receiver expects of an init packet. */
+export interface InitExpectation {
+  /** Number of channels of this migration: the id must be below it. */
+  readonly channels: number
+  /** The migration's uuid; `undefined` accepts any (QEMU sends the `-uuid` of the VM, zeros by default). */
+  readonly uuid: Uint8Array | undefined
+}
+
+/** Decodes and validates an init packet (exactly 64 bytes). */
+export const decodeInit = (
+  bytes: Uint8Array,
+  expect: InitExpectation
+): Either.Either<InitPacket, ProtocolError> => {
+  const ch: ChannelRef = "unidentified"
+  if (bytes.length < INIT_PACKET_SIZE) {
+    return fail("Truncated", ch, "init packet", `${bytes.length} bytes, need ${INIT_PACKET_SIZE}`)
+  }
+  const view = new DataView(bytes.buffer, bytes.byteOffset, INIT_PACKET_SIZE)
+  const magic = view.getUint32(0)
+  if (magic !== MAGIC) return fail("BadMagic", ch, "magic", `${hex(magic)}, expected ${hex(MAGIC)}`)
+  const version = view.getUint32(4)
+  if (version !== VERSION) return fail("BadVersion", ch, "version", `${version}, expected ${VERSION}`)
+  const id = bytes[24]!
+  if (id >= expect.channels) {
+    return fail("BadChannelId", id, "channel id", `${id} is not below the channel count ${expect.channels}`)
+  }
+  const uuid = Uint8Array.prototype.slice.call(bytes, 8, 24)
+  if (expect.uuid !== undefined && !Buffer.from(uuid).equals(Buffer.from(expect.uuid))) {
+    return fail("BadUuid", id, "uuid", `${formatUuid(uuid)} is not this migration's ${formatUuid(expect.uuid)}`)
+  }
+  return Either.right({ uuid, id })
+}
+
+/** Formats 16 bytes as a canonical uuid string. */
+export const formatUuid = (uuid: Uint8Array): string => {
+  const h = Buffer.from(uuid).toString("hex").padEnd(32, "0")
+  return `${h.slice(0, 8)}-${h.slice(8, 12)}-${h.slice(12, 16)}-${h.slice(16, 20)}-${h.slice(20, 32)}`
+}
+
+/** Parses a canonical uuid string into 16 bytes; `undefined` when it is not one. */
+export const parseUuid = (text: string): Uint8Array | undefined =>
+  /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/i.test(text)
+    ? new Uint8Array(Buffer.from(text.replace(/-/g, ""), "hex"))
+    : undefined
+
+// ---------------------------------------------------------------------------------------------------------
+// RAM packet header
+
+/**
+ * A RAM packet header. Offsets live in a caller-owned array (byte offsets inside the block: normal pages
+ * first, then zero pages) so that hot paths reuse it.
+ */
+export interface PacketHeader {
+  readonly flags: number
+  readonly pagesAlloc: number
+  readonly normalPages: number
+  readonly zeroPages: number
+  readonly nextPacketSize: number
+  readonly packetNum: bigint
+  readonly block: string
+  /** At least `normalPages + zeroPages` entries are meaningful. */
+  readonly offsets: ArrayLike<number>
+}
+
+/**
+ * Writes a packet header into `target` (at least `headerSize(pageSize)` bytes, reused per channel).
+ * Unused offset slots and reserved fields are zeroed. Returns the header's length.
+ */
+export const writeHeader = (target: Buffer, pageSize: number, header: PacketHeader): number => {
+  const slots = slotsFor(pageSize)
+  const size = HEADER_FIXED_SIZE + 8 * slots
+  target.writeUInt32BE(MAGIC, 0)
+  target.writeUInt32BE(VERSION, 4)
+  target.writeUInt32BE(header.flags >>> 0, 8)
+  target.writeUInt32BE(header.pagesAlloc >>> 0, 12)
+  target.writeUInt32BE(header.normalPages >>> 0, 16)
+  target.writeUInt32BE(header.nextPacketSize >>> 0, 20)
+  target.writeBigUInt64BE(header.packetNum, 24)
+  target.writeUInt32BE(header.zeroPages >>> 0, 32)
+  target.fill(0, 36, 64)
+  const nameEnd = 64 + target.write(header.block, 64, BLOCK_NAME_SIZE - 1, "utf8")
+  target.fill(0, nameEnd, HEADER_FIXED_SIZE)
+  const used = header.normalPages + header.zeroPages
+  for (let i = 0; i < used; i++) {
+    const o = header.offsets[i]!
+    const at = HEADER_FIXED_SIZE + 8 * i
+    target.writeUInt32BE(Math.floor(o / 0x1_0000_0000), at)
+    target.writeUInt32BE(o % 0x1_0000_0000, at + 4)
+  }
+  target.fill(0, HEADER_FIXED_SIZE + 8 * used, size)
+  return size
+}
+
+/** What the receiver checks a RAM packet header against. */
+export interface HeaderLimits {
+  readonly channel: number
+  readonly pageSize: number
+  readonly compression: Compression
+  /** Size in bytes of the named block, or `undefined` when no such block exists. */
+  readonly blockSize: (name: string) => number | undefined
+}
+
+/** A validated packet header; `offsets` is the caller's array, filled in place. */
+export interface DecodedHeader {
+  readonly sync: boolean
+  readonly normalPages: number
+  readonly zeroPages: number
+  readonly nextPacketSize: number
+  readonly packetNum: bigint
+  readonly block: string
+  readonly blockSize: number
+}
+
+const readBlockName = (bytes: Buffer): string => {
+  const end = bytes.indexOf(0, 64)
+  return bytes.toString("utf8", 64, end < 0 || end > HEADER_FIXED_SIZE ? HEADER_FIXED_SIZE : end)
+}
+
+/**
+ * Decodes and validates a RAM packet header (exactly `headerSize(pageSize)` bytes) and fills `offsets`
+ * (at least `slotsFor(pageSize)` entries) with the used offsets. Checks, in order: magic, version, flags
+ * (SYNC alone, or the negotiated compression bits on data packets), page counts, block name, every offset
+ * (page-aligned, inside the block), and — without compression — `next_packet_size`.
+ */
+export const decodeHeader = (
+  bytes: Buffer,
+  limits: HeaderLimits,
+  offsets: Float64Array
+): Either.Either<DecodedHeader, ProtocolError> => {
+  const ch = limits.channel
+  const slots = slotsFor(limits.pageSize)
+  if (bytes.length < HEADER_FIXED_SIZE + 8 * slots) {
+    return fail("Truncated", ch, "packet header", `${bytes.length} bytes, need ${HEADER_FIXED_SIZE + 8 * slots}`)
+  }
+  const magic = bytes.readUInt32BE(0)
+  if (magic !== MAGIC) return fail("BadMagic", ch, "magic", `${hex(magic)}, expected ${hex(MAGIC)}`)
+  const version = bytes.readUInt32BE(4)
+  if (version !== VERSION) return fail("BadVersion", ch, "version", `${version}, expected ${VERSION}`)
+  const flags = bytes.readUInt32BE(8)
+  const pagesAlloc = bytes.readUInt32BE(12)
+  const normalPages = bytes.readUInt32BE(16)
+  const nextPacketSize = bytes.readUInt32BE(20)
+  const packetNum = bytes.readBigUInt64BE(24)
+  const zeroPages = bytes.readUInt32BE(32)
+  const sync = (flags & FLAG_SYNC) !== 0
+  if (sync) {
+    if ((flags & ~(FLAG_SYNC | COMPRESSION_MASK)) !== 0) {
+      return fail("BadFlags", ch, "flags", `${hex(flags)} has unknown bits`)
+    }
+    if (normalPages !== 0 || zeroPages !== 0 || nextPacketSize !== 0) {
+      return fail(
+        "BadPageCount",
+        ch,
+        "SYNC packet",
+        `carries normal_pages ${normalPages}, zero_pages ${zeroPages}, next_packet_size ${nextPacketSize}`
+      )
+    }
+    return Either.right({ sync, normalPages, zeroPages, nextPacketSize, packetNum, block: "", blockSize: 0 })
+  }
+  const expected = compressionFlags(limits.compression)
+  if (flags !== expected) {
+    return fail(
+      "BadFlags",
+      ch,
+      "flags",
+      `${hex(flags)} on a data packet, expected ${hex(expected)} (compression ${limits.compression})`
+    )
+  }
+  if (pagesAlloc > slots) {
+    return fail("BadPageCount", ch, "pages_alloc", `${pagesAlloc} exceeds ${slots} slots`)
+  }
+  if (normalPages + zeroPages > pagesAlloc) {
+    return fail(
+      "BadPageCount",
+      ch,
+      "page counts",
+      `normal_pages ${normalPages} + zero_pages ${zeroPages} exceed pages_alloc ${pagesAlloc}`
+    )
+  }
+  const block = readBlockName(bytes)
+  const blockSize = limits.blockSize(block)
+  if (blockSize === undefined) {
+    return fail("UnknownBlock", ch, "ramblock", `no block named ${JSON.stringify(block)}`)
+  }
+  const used = normalPages + zeroPages
+  const pageSize = limits.pageSize
+  for (let i = 0; i < used; i++) {
+    const at = HEADER_FIXED_SIZE + 8 * i
+    const hi = bytes.readUInt32BE(at)
+    const lo = bytes.readUInt32BE(at + 4)
+    const offset = hi * 0x1_0000_0000 + lo
+    if (hi >= 0x20_0000 || offset % pageSize !== 0 || offset + pageSize > blockSize) {
+      return fail(
+        "BadOffset",
+        ch,
+        `offset[${i}]`,
+        `${hi >= 0x20_0000 ? "0x" + bytes.toString("hex", at, at + 8) : offset} is not a page-aligned offset inside block ${JSON.stringify(block)} (${blockSize} bytes)`
+      )
+    }
+    offsets[i] = offset
+  }
+  if (expected === 0 && nextPacketSize !== normalPages * pageSize) {
+    return fail(
+      "BadPayload",
+      ch,
+      "next_packet_size",
+      `${nextPacketSize}, expected ${normalPages * pageSize} for ${normalPages} normal pages`
+    )
+  }
+  return Either.right({ sync, normalPages, zeroPages, nextPacketSize, packetNum, block, blockSize })
+}
+
+/** Writes a SYNC packet header: flags exactly `0x1`, no pages, as QEMU sends it. */
+export const writeSync = (target: Buffer, pageSize: number, packetNum: bigint): number =>
+  writeHeader(target, pageSize, {
+    flags: FLAG_SYNC,
+    pagesAlloc: 0,
+    normalPages: 0,
+    zeroPages: 0,
+    nextPacketSize: 0,
+    packetNum,
+    block: "",
+    offsets: []
+  })

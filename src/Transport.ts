@@ -1,0 +1,389 @@
+/**
+ * Byte connections over `tcp:` and `unix:` addresses: connect and listen as scoped effects, writes with
+ * backpressure, exact-length and scatter reads. Knows nothing of pages or packets.
+ *
+ * @since 0.1.0
+ */
+import * as Context from "effect/Context"
+import * as Data from "effect/Data"
+import * as Duration from "effect/Duration"
+import * as Effect from "effect/Effect"
+import * as Either from "effect/Either"
+import * as Layer from "effect/Layer"
+import * as Queue from "effect/Queue"
+import type * as Scope from "effect/Scope"
+import * as Net from "node:net"
+import type * as Stream from "node:stream"
+import { SocketReader } from "./internal/socketReader.js"
+
+// ---------------------------------------------------------------------------------------------------------
+// Addresses
+
+/** Where to connect or listen. */
+export type Address =
+  | { readonly _tag: "Tcp"; readonly host: string; readonly port: number }
+  | { readonly _tag: "Unix"; readonly path: string }
+
+/** A connection or listener failure, naming the address and, when known, what was using it. */
+export class TransportError extends Data.TaggedError("TransportError")<{
+  readonly reason: "BadAddress" | "Connect" | "Listen" | "Closed" | "Reset" | "Timeout" | "Write"
+  readonly address: string
+  readonly detail: string
+  readonly cause?: unknown
+}> {
+  override get message(): string {
+    return `${this.address}: ${this.detail}`
+  }
+}
+
+/** Parses `tcp:HOST:PORT` (IPv6 hosts in brackets, port 0 picks a free port) or `unix:PATH`. */
+export const parseAddress = (uri: string): Either.Either<Address, TransportError> => {
+  const bad = (detail: string) => Either.left(new TransportError({ reason: "BadAddress", address: uri, detail }))
+  if (uri.startsWith("unix:")) {
+    const path = uri.slice(5)
+    return path.length === 0 ? bad("unix: needs a socket path") : Either.right({ _tag: "Unix", path })
+  }
+  if (uri.startsWith("tcp:")) {
+    const m = /^tcp:(?:\[([0-9a-fA-F:.]+)\]|([^:[\]]+)):(\d{1,5})$/.exec(uri)
+    if (m === null) return bad("expected tcp:HOST:PORT (IPv6 as tcp:[::1]:PORT)")
+    const host = m[1] ?? m[2]!
+    if (m[1] !== undefined && Net.isIPv6(host) === false) return bad(`${host} is not an IPv6 address`)
+    const port = Number(m[3])
+    if (port > 65535) return bad(`port ${port} is out of range 0-65535`)
+    return Either.right({ _tag: "Tcp", host, port })
+  }
+  return bad("expected an address of the form tcp:HOST:PORT or unix:PATH")
+}
+
+/** Formats an address as a URI that `parseAddress` accepts. */
+export const formatAddress = (address: Address): string =>
+  address._tag === "Unix"
+    ? `unix:${address.path}`
+    : Net.isIPv6(address.host)
+    ? `tcp:[${address.host}]:${address.port}`
+    : `tcp:${address.host}:${address.port}`
+
+// ---------------------------------------------------------------------------------------------------------
+// Connections
+
+/** A byte connection. Reads are exact: they complete with every byte asked for, or fail. */
+export interface Connection {
+  /** The peer, for messages. */
+  readonly peer: string
+  /** The underlying stream: a TLS upgrade wraps it before the first read. */
+  readonly stream: Stream.Duplex
+  /** Writes the chunks in order (one vectored write) and completes once they are handed to the kernel. */
+  readonly write: (chunks: ReadonlyArray<Uint8Array>) => Effect.Effect<void, TransportError>
+  /** Reads exactly `length` bytes into a new buffer. */
+  readonly read: (length: number) => Effect.Effect<Buffer, TransportError>
+  /** Reads exactly `length` bytes into `target` at `at`. */
+  readonly readInto: (target: Uint8Array, at: number, length: number) => Effect.Effect<void, TransportError>
+  /** Reads `count × length` bytes, the i-th `length` bytes into `target` at `offsets[i]`. */
+  readonly readScatter: (
+    target: Uint8Array,
+    offsets: ArrayLike<number>,
+    count: number,
+    length: number
+  ) => Effect.Effect<void, TransportError>
+  /** The next `length` bytes without consuming them. */
+  readonly peek: (length: number) => Effect.Effect<Buffer, TransportError>
+  /** Waits for more data (`false`) or a clean end of stream at this point (`true`). */
+  readonly atEnd: Effect.Effect<boolean, TransportError>
+  /** Graceful close: flushes, ends the sending side (TLS close_notify, then FIN) and waits until it is sent. */
+  readonly end: Effect.Effect<void, TransportError>
+}
+
+const describeError = (error: unknown): string => {
+  const e = error as NodeJS.ErrnoException | undefined
+  if (e?.code === "ECONNREFUSED") return "connection refused"
+  if (e?.code === "ECONNRESET") return "connection reset by peer"
+  if (e?.code === "EPIPE") return "peer closed the connection"
+  if (e?.code === "ENOENT") return "no such socket"
+  if (e?.code === "EADDRINUSE") return "address already in use"
+  if (e?.code === "EACCES") return "permission denied"
+  if (e?.code === "EADDRNOTAVAIL") return "address not available"
+  if (e?.code === "ENOTFOUND") return "host not found"
+  return e?.message ?? String(error)
+}
+
+const closedError = (peer: string, error: unknown) =>
+  new TransportError({
+    reason: (error as NodeJS.ErrnoException | undefined)?.code === "ECONNRESET" ? "Reset" : "Closed",
+    address: peer,
+    detail: describeError(error),
+    cause: error
+  })
+
+/** Destroys a stream and waits until its handle is closed. */
+export const destroy = (stream: Stream.Duplex): Effect.Effect<void> =>
+  Effect.async<void>((resume) => {
+    if (stream.closed) return resume(Effect.void)
+    stream.once("close", () => resume(Effect.void))
+    stream.destroy()
+  })
+
+/**
+ * Wraps a connected stream as a `Connection`. The stream is destroyed (abortively) when the scope closes,
+ * unless it was ended gracefully and has closed by itself.
+ */
+export const fromStream = (stream: Stream.Duplex, peer: string): Effect.Effect<Connection, never, Scope.Scope> =>
+  Effect.acquireRelease(Effect.sync(() => makeConnection(stream, peer)), () => destroy(stream))
+
+const makeConnection = (stream: Stream.Duplex, peer: string): Connection => {
+  // an 'error' listener from the first instant: an unhandled 'error' event would crash the process
+  let streamError: Error | undefined
+  stream.on("error", (e) => {
+    streamError ??= e
+  })
+  let reader: SocketReader | undefined
+  const getReader = () => (reader ??= new SocketReader(stream))
+
+  const waitData = (r: SocketReader) =>
+    Effect.async<void>((resume) => {
+      const cancel = r.wait(() => resume(Effect.void))
+      return Effect.sync(cancel)
+    })
+
+  const endFailure = (r: SocketReader, wanted: number, got: number) =>
+    r.end?._tag === "Error"
+      ? closedError(peer, r.end.error)
+      : new TransportError({
+        reason: "Closed",
+        address: peer,
+        detail: got === 0 && wanted > 0
+          ? "peer closed the connection"
+          : `peer closed the connection after ${got} of ${wanted} bytes`
+      })
+
+  const readScatter = (
+    target: Uint8Array,
+    offsets: ArrayLike<number>,
+    count: number,
+    length: number
+  ): Effect.Effect<void, TransportError> =>
+    Effect.suspend(() => {
+      const r = getReader()
+      const total = count * length
+      let index = 0
+      let within = 0
+      const step = (): Effect.Effect<void, TransportError> => {
+        while (index < count) {
+          const n = r.copyTo(target, offsets[index]! + within, length - within)
+          within += n
+          if (within === length) {
+            index++
+            within = 0
+          } else break
+        }
+        if (index === count) return Effect.void
+        if (r.end !== undefined && r.available === 0) {
+          return Effect.fail(endFailure(r, total, index * length + within))
+        }
+        return Effect.flatMap(waitData(r), step)
+      }
+      return step()
+    })
+
+  const readInto = (target: Uint8Array, at: number, length: number) =>
+    length === 0 ? Effect.void : readScatter(target, [at], 1, length)
+
+  return {
+    peer,
+    stream,
+    write: (chunks) =>
+      Effect.async<void, TransportError>((resume) => {
+        if (stream.destroyed || !stream.writable) {
+          return resume(
+            Effect.fail(
+              streamError ? closedError(peer, streamError) : new TransportError({
+                reason: "Closed",
+                address: peer,
+                detail: "connection is closed"
+              })
+            )
+          )
+        }
+        const last = chunks.length - 1
+        if (last < 0) return resume(Effect.void)
+        stream.cork()
+        for (let i = 0; i < last; i++) stream.write(chunks[i])
+        stream.write(chunks[last], (error) =>
+          resume(
+            error
+              ? Effect.fail(
+                new TransportError({ reason: "Write", address: peer, detail: describeError(error), cause: error })
+              )
+              : Effect.void
+          ))
+        stream.uncork()
+      }),
+    read: (length) =>
+      Effect.suspend(() => {
+        const buf = Buffer.allocUnsafe(length)
+        return Effect.as(readInto(buf, 0, length), buf)
+      }),
+    readInto,
+    readScatter,
+    peek: (length) =>
+      Effect.suspend(() => {
+        const r = getReader()
+        const buf = Buffer.allocUnsafe(length)
+        const step = (): Effect.Effect<Buffer, TransportError> => {
+          if (r.peekTo(buf, length)) return Effect.succeed(buf)
+          if (r.end !== undefined) return Effect.fail(endFailure(r, length, r.available))
+          return Effect.flatMap(waitData(r), step)
+        }
+        return step()
+      }),
+    atEnd: Effect.suspend(() => {
+      const r = getReader()
+      const check = (): Effect.Effect<boolean, TransportError> => {
+        if (r.available > 0) return Effect.succeed(false)
+        if (r.end?._tag === "Eof") return Effect.succeed(true)
+        if (r.end !== undefined) return Effect.fail(endFailure(r, 0, 0))
+        return Effect.flatMap(waitData(r), check)
+      }
+      return check()
+    }),
+    end: Effect.async<void, TransportError>((resume) => {
+      if (stream.writableFinished) return resume(Effect.void)
+      if (stream.destroyed) {
+        return resume(Effect.fail(new TransportError({ reason: "Closed", address: peer, detail: "connection is closed" })))
+      }
+      const onError = (error: Error) => resume(Effect.fail(closedError(peer, error)))
+      stream.once("error", onError)
+      stream.end(() => {
+        stream.off("error", onError)
+        resume(Effect.void)
+      })
+      return Effect.sync(() => stream.off("error", onError))
+    })
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Connect and listen
+
+/** Options for connecting. */
+export interface ConnectOptions {
+  /** Give up connecting after this long (default 10 seconds). */
+  readonly timeout?: Duration.DurationInput | undefined
+}
+
+/** A listening server: its bound address (the real port when 0 was asked) and the accepted connections. */
+export interface Listener {
+  readonly address: Address
+  /** Waits for the next connection; it is closed when the caller's scope closes. */
+  readonly accept: Effect.Effect<Connection, never, Scope.Scope>
+}
+
+/** Connects and listens. A service so that tests can wrap it (inject faults, count handles). */
+export class Transport extends Context.Tag("effect-multifd/Transport")<Transport, {
+  readonly connect: (
+    address: Address,
+    options?: ConnectOptions
+  ) => Effect.Effect<Connection, TransportError, Scope.Scope>
+  readonly listen: (address: Address) => Effect.Effect<Listener, TransportError, Scope.Scope>
+}>() {}
+
+/** Default connect timeout. */
+export const DEFAULT_CONNECT_TIMEOUT = Duration.seconds(10)
+
+const connectOptions = (address: Address): Net.NetConnectOpts =>
+  address._tag === "Unix" ? { path: address.path } : { host: address.host, port: address.port }
+
+/** Connects over TCP or a Unix socket; the socket is destroyed when the scope closes. */
+export const connect = (
+  address: Address,
+  options?: ConnectOptions
+): Effect.Effect<Connection, TransportError, Scope.Scope> =>
+  Effect.gen(function*() {
+    const uri = formatAddress(address)
+    const timeout = options?.timeout ?? DEFAULT_CONNECT_TIMEOUT
+    const socket = yield* Effect.acquireRelease(Effect.sync(() => Net.connect(connectOptions(address))), destroy)
+    const connection = makeConnection(socket, uri)
+    yield* Effect.async<void, TransportError>((resume) => {
+      const onError = (error: Error) =>
+        resume(Effect.fail(new TransportError({ reason: "Connect", address: uri, detail: describeError(error), cause: error })))
+      const onConnect = () => resume(Effect.void)
+      socket.once("error", onError)
+      socket.once("connect", onConnect)
+      return Effect.sync(() => {
+        socket.off("error", onError)
+        socket.off("connect", onConnect)
+      })
+    }).pipe(
+      Effect.timeoutFail({
+        duration: timeout,
+        onTimeout: () =>
+          new TransportError({ reason: "Timeout", address: uri, detail: `no connection after ${Duration.format(timeout)}` })
+      })
+    )
+    socket.setNoDelay(true)
+    return connection
+  })
+
+/** Listens on TCP or a Unix socket; the server and every connection it accepted are closed with the scope. */
+export const listen = (address: Address): Effect.Effect<Listener, TransportError, Scope.Scope> =>
+  Effect.gen(function*() {
+    const uri = formatAddress(address)
+    const pending = yield* Queue.unbounded<Net.Socket>()
+    // every accepted socket until it closes: the server's release destroys the stragglers, so that closing
+    // the server never waits on a connection somebody forgot
+    const accepted = new Set<Net.Socket>()
+    const server = yield* Effect.acquireRelease(
+      Effect.sync(() =>
+        Net.createServer({ noDelay: true }, (socket) => {
+          socket.on("error", () => {}) // errors surface on read; this keeps an early reset from crashing
+          accepted.add(socket)
+          socket.once("close", () => accepted.delete(socket))
+          Queue.unsafeOffer(pending, socket)
+        })
+      ),
+      (server) =>
+        Effect.zipRight(
+          Effect.forEach(Array.from(accepted), destroy, { discard: true, concurrency: "unbounded" }),
+          closeServer(server)
+        )
+    )
+    yield* Effect.async<void, TransportError>((resume) => {
+      const onError = (error: Error) =>
+        resume(Effect.fail(new TransportError({ reason: "Listen", address: uri, detail: describeError(error), cause: error })))
+      server.once("error", onError)
+      server.listen(
+        address._tag === "Unix" ? { path: address.path } : { host: address.host, port: address.port },
+        () => {
+          server.off("error", onError)
+          resume(Effect.void)
+        }
+      )
+    })
+    server.on("error", () => {}) // after listening, failures show up on the accepted sockets
+    const bound = server.address()
+    const actual: Address = address._tag === "Tcp" && bound !== null && typeof bound === "object"
+      ? { _tag: "Tcp", host: address.host, port: bound.port }
+      : address
+    const actualUri = formatAddress(actual)
+    return {
+      address: actual,
+      accept: Effect.uninterruptibleMask((restore) =>
+        Effect.flatMap(
+          restore(Queue.take(pending)),
+          (socket) => fromStream(socket, `${actualUri} (from ${peerOf(socket)})`)
+        )
+      )
+    }
+  })
+
+const peerOf = (socket: Net.Socket): string =>
+  socket.remoteAddress === undefined ? "local peer" : `${socket.remoteAddress}:${socket.remotePort}`
+
+const closeServer = (server: Net.Server): Effect.Effect<void> =>
+  Effect.async<void>((resume) => {
+    if (!server.listening) return resume(Effect.void)
+    server.close(() => resume(Effect.void))
+    // connections handed out are owned (and closed) by their own scopes
+  })
+
+/** The Node implementation of `Transport`. */
+export const layer: Layer.Layer<Transport> = Layer.succeed(Transport, { connect, listen })
