@@ -8,8 +8,8 @@ import * as Context from "effect/Context"
 import * as Data from "effect/Data"
 import * as Effect from "effect/Effect"
 import * as Layer from "effect/Layer"
-import * as Crypto from "node:crypto"
 import * as Buffer from "node:buffer"
+import * as Digest from "./internal/digest.js"
 
 /** Default page size: 4 KiB, as QEMU's target page on x86. */
 export const DEFAULT_PAGE_SIZE = 4096
@@ -26,7 +26,10 @@ export interface Block {
   readonly pages: number
 }
 
-/** How a block is described: by size (zero-filled) or by existing bytes (used in place, not copied). */
+/**
+ * How a block is described: by size (zero-filled shared memory, touched up front so that receiving pages
+ * never waits on page faults) or by existing bytes (used in place, not copied).
+ */
 export type BlockSpec =
   | { readonly name: string; readonly size: number }
   | { readonly name: string; readonly bytes: Uint8Array }
@@ -90,7 +93,7 @@ export const make = (options: {
     const blocks = options.blocks.map((spec): Block => {
       const bytes = "bytes" in spec
         ? globalThis.Buffer.from(spec.bytes.buffer, spec.bytes.byteOffset, spec.bytes.byteLength)
-        : globalThis.Buffer.alloc(spec.size)
+        : globalThis.Buffer.from(new SharedArrayBuffer(spec.size)).fill(0)
       return { name: spec.name, bytes, pages: bytes.length / pageSize }
     })
     return Effect.succeed(fromBlocks(pageSize, blocks))
@@ -105,7 +108,7 @@ export const checkLayout = (
   const seen = new Set<string>()
   for (const { name, size } of layout) {
     const nameBytes = globalThis.Buffer.byteLength(name, "utf8")
-    if (nameBytes === 0 || nameBytes > MAX_BLOCK_NAME_BYTES || name.includes("\0")) {
+    if (nameBytes === 0 || nameBytes > MAX_BLOCK_NAME_BYTES || name.includes("\0") || /\p{Cs}/u.test(name)) {
       return new GuestRamError({
         reason: "BadBlockName",
         detail: `block name ${JSON.stringify(name)} must be 1-${MAX_BLOCK_NAME_BYTES} bytes without NUL`
@@ -162,8 +165,8 @@ export const zeroPage = (pageSize: number): Buffer => {
 export const isZeroPage = (bytes: Buffer, offset: number, pageSize: number): boolean =>
   bytes.compare(zeroPage(pageSize), 0, pageSize, offset, offset + pageSize) === 0
 
-/** Chunk size of the digest tree: each chunk is hashed on its own, so hashing can yield between chunks. */
-export const DIGEST_CHUNK = 64 * 1024 * 1024
+/** Chunk size of the digest tree: each 64 MiB chunk is hashed on its own (in parallel where possible). */
+export const DIGEST_CHUNK = Digest.CHUNK
 
 /** A block's digest: SHA-256 over the SHA-256 of each 64 MiB chunk, hex-encoded. */
 export interface BlockDigest {
@@ -171,15 +174,12 @@ export interface BlockDigest {
   readonly sha256: string
 }
 
-/** Digests every block, yielding to other fibers between 64 MiB chunks. */
+/**
+ * Digests every block. Memory allocated by `make` is shared, so worker threads hash its chunks in
+ * parallel; other memory is hashed on this thread, yielding between 64 MiB chunks.
+ */
 export const digest = (ram: GuestRam["Type"]): Effect.Effect<ReadonlyArray<BlockDigest>> =>
-  Effect.forEach(ram.blocks, (block) =>
-    Effect.gen(function*() {
-      const tree = Crypto.createHash("sha256")
-      for (let at = 0; at < block.bytes.length; at += DIGEST_CHUNK) {
-        const end = Math.min(block.bytes.length, at + DIGEST_CHUNK)
-        tree.update(Crypto.createHash("sha256").update(block.bytes.subarray(at, end)).digest())
-        yield* Effect.yieldNow()
-      }
-      return { name: block.name, sha256: tree.digest("hex") }
-    }))
+  Effect.map(
+    Digest.digestAll(ram.blocks.map((b) => b.bytes)),
+    (hashes) => ram.blocks.map((b, i) => ({ name: b.name, sha256: hashes[i]! }))
+  )

@@ -387,3 +387,12 @@ const closeServer = (server: Net.Server): Effect.Effect<void> =>
 
 /** The Node implementation of `Transport`. */
 export const layer: Layer.Layer<Transport> = Layer.succeed(Transport, { connect, listen })
+
+/**
+ * Secures a fresh connection before anything else is read or written on it (a TLS handshake, or a test's
+ * fault injection). The identity upgrade is `Effect.succeed`.
+ */
+export type Upgrade<E = never> = (
+  connection: Connection,
+  channel: number | "main"
+) => Effect.Effect<Connection, E, Scope.Scope>

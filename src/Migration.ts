@@ -1,0 +1,470 @@
+/**
+ * A whole migration: `migrate` on the source and `incoming` on the destination drive the channel sets
+ * through the control channel — hello, accept, rounds of pages each ended by a flush the destination
+ * acknowledges, complete with digests, done. Everything runs in one scope: when `migrate` or `incoming`
+ * returns (success, failure or interruption) every fiber has ended and every handle is closed.
+ *
+ * @since 0.1.0
+ */
+import * as Clock from "effect/Clock"
+import * as Deferred from "effect/Deferred"
+import * as Duration from "effect/Duration"
+import * as Effect from "effect/Effect"
+import * as Fiber from "effect/Fiber"
+import * as FiberSet from "effect/FiberSet"
+import * as Queue from "effect/Queue"
+import * as Ref from "effect/Ref"
+import type * as Scope from "effect/Scope"
+import * as Crypto from "node:crypto"
+import * as Control from "./Control.js"
+import * as GuestRam from "./GuestRam.js"
+import { unlessStalled, within } from "./internal/stall.js"
+import * as MigrationError from "./MigrationError.js"
+import * as MultifdRecv from "./MultifdRecv.js"
+import * as MultifdSend from "./MultifdSend.js"
+import * as Protocol from "./Protocol.js"
+import * as Transport from "./Transport.js"
+
+/** How long to wait for a peer. */
+export interface Timeouts {
+  /** Establishing a TCP or Unix connection (default 10 s). */
+  readonly connect: Duration.DurationInput
+  /** A TLS handshake (default 10 s). */
+  readonly handshake: Duration.DurationInput
+  /** Any single answer of the peer, or no progress at all during a transfer (default 30 s). */
+  readonly peer: Duration.DurationInput
+}
+
+/** Default timeouts. */
+export const defaultTimeouts: Timeouts = {
+  connect: Duration.seconds(10),
+  handshake: Duration.seconds(10),
+  peer: Duration.seconds(30)
+}
+
+/** A progress report: how many bytes of guest memory have been handed to the channels. */
+export interface Progress {
+  readonly round: number
+  readonly doneBytes: number
+  readonly totalBytes: number
+}
+
+/** Options of the source. */
+export interface MigrateOptions {
+  readonly address: Transport.Address
+  /** Parallel multifd channels, 1–255 (default 2). */
+  readonly channels?: number | undefined
+  readonly compression?: Protocol.Compression | undefined
+  readonly compressionLevel?: number | undefined
+  /** `multifd` (default): zero pages travel as offsets only; `none`: as data. */
+  readonly zeroPage?: "multifd" | "none" | undefined
+  readonly timeouts?: Partial<Timeouts> | undefined
+  /** Secures every connection (the main channel and each multifd channel) before it is used. */
+  readonly upgrade?: Transport.Upgrade<MultifdSend.ChannelFailure> | undefined
+  /** Called as pages are handed to the channels. */
+  readonly onProgress?: ((progress: Progress) => Effect.Effect<void>) | undefined
+}
+
+/** What a finished migration did. */
+export interface Stats {
+  readonly uuid: string
+  readonly channels: number
+  readonly compression: Protocol.Compression
+  /** Guest memory size. */
+  readonly ramBytes: number
+  readonly rounds: number
+  readonly packets: number
+  readonly syncs: number
+  readonly normalPages: number
+  readonly zeroPages: number
+  /** Bytes that crossed the multifd channels. */
+  readonly wireBytes: number
+  readonly durationMs: number
+  /** Guest memory size over duration. */
+  readonly gibPerSecond: number
+}
+
+/** Everything a source can fail with. */
+export type MigrateError =
+  | MultifdSend.ChannelFailure
+  | MigrationError.MigrationError
+  | MigrationError.ChannelError
+
+const resolveTimeouts = (partial: Partial<Timeouts> | undefined): Timeouts => ({ ...defaultTimeouts, ...partial })
+
+const GIB = 1024 * 1024 * 1024
+
+/** Raises the control channel's messages as a queue; the reader fails on an abort, EOF or garbage. */
+const controlReader = (connection: Transport.Connection, peer: string) =>
+  Effect.gen(function*() {
+    const inbox = yield* Queue.unbounded<Control.Message>()
+    const reader = yield* Effect.forkScoped(Effect.gen(function*() {
+      while (true) {
+        const message = yield* Control.receive(connection)
+        if (message._tag === "Abort") {
+          return yield* new MigrationError.MigrationError({
+            reason: "Aborted",
+            detail: `the ${peer} aborted the migration: ${message.reason}`
+          })
+        }
+        yield* Queue.offer(inbox, message)
+      }
+    }).pipe(Effect.mapError(MigrationError.onChannel("main"))))
+    return { inbox, failure: Fiber.join(reader) as Effect.Effect<never, Control.ReceiveError | MigrationError.MigrationError | MigrationError.ChannelError> }
+  })
+
+/** Tells the peer why we give up, if the control channel still works; never fails, never waits long. */
+const abortPeer = (connection: Transport.Connection, reason: string) =>
+  Control.send(connection, new Control.Abort({ reason })).pipe(
+    Effect.timeout(Duration.seconds(1)),
+    Effect.ignore
+  )
+
+const unexpected = (message: Control.Message, waiting: string) =>
+  new MigrationError.MigrationError({ reason: "Unexpected", detail: `unexpected ${message._tag} message ${waiting}` })
+
+/**
+ * Migrates the `GuestRam` in context to a destination listening at `options.address`, and returns once the
+ * destination confirmed that its memory has the same digests.
+ */
+export const migrate = (
+  options: MigrateOptions
+): Effect.Effect<Stats, MigrateError, Transport.Transport | GuestRam.GuestRam> =>
+  Effect.scoped(Effect.gen(function*() {
+    const ram = yield* GuestRam.GuestRam
+    const transport = yield* Transport.Transport
+    const timeouts = resolveTimeouts(options.timeouts)
+    const channels = options.channels ?? 2
+    const compression = options.compression ?? "none"
+    const uuidText = Crypto.randomUUID()
+    const uuid = Protocol.parseUuid(uuidText)!
+    const started = yield* Clock.currentTimeMillis
+
+    const control = yield* transport.connect(options.address, { timeout: timeouts.connect }).pipe(
+      Effect.flatMap((raw) => options.upgrade ? options.upgrade(raw, "main") : Effect.succeed(raw)),
+      Effect.mapError(MigrationError.onChannel("main"))
+    )
+    const { inbox, failure: controlFailure } = yield* controlReader(control, "destination")
+    const next = (waiting: string) =>
+      Effect.raceFirst(Queue.take(inbox), controlFailure).pipe(within(timeouts.peer, waiting))
+
+    const run = Effect.gen(function*() {
+      yield* Control.writeMagic(control)
+      yield* Control.send(
+        control,
+        new Control.Hello({
+          version: Control.VERSION,
+          uuid: uuidText,
+          pageSize: ram.pageSize,
+          channels,
+          compression,
+          zeroPage: options.zeroPage ?? "multifd",
+          blocks: GuestRam.layoutOf(ram)
+        })
+      )
+      const answer = yield* next("waiting for the destination to accept the migration")
+      if (answer._tag === "Reject") {
+        return yield* new MigrationError.MigrationError({
+          reason: "Rejected",
+          detail: `the destination refused the migration: ${answer.reason}`
+        })
+      }
+      if (answer._tag !== "Accept") return yield* unexpected(answer, "instead of Accept")
+
+      const send = yield* MultifdSend.make({
+        address: options.address,
+        channels,
+        uuid,
+        pageSize: ram.pageSize,
+        compression,
+        compressionLevel: options.compressionLevel,
+        zeroPage: options.zeroPage ?? "multifd",
+        connectTimeout: timeouts.connect,
+        upgrade: options.upgrade
+      })
+      const progress = Effect.map(send.stats, (s) => s.bytes)
+
+      const transfer = Effect.gen(function*() {
+        // round 0: every page
+        let done = 0
+        for (const block of ram.blocks) {
+          for (let first = 0; first < block.pages; first += send.slots) {
+            const count = Math.min(send.slots, block.pages - first)
+            const pages = new Uint32Array(count)
+            for (let i = 0; i < count; i++) pages[i] = first + i
+            yield* send.send(block, pages, count)
+            done += count * ram.pageSize
+            if (options.onProgress) yield* options.onProgress({ round: 0, doneBytes: done, totalBytes: ram.size })
+          }
+        }
+        yield* send.sync
+      })
+      yield* unlessStalled(
+        Effect.raceFirst(transfer, send.failure),
+        progress,
+        timeouts.peer,
+        "without progress sending pages to the destination"
+      )
+      yield* Control.send(control, new Control.Flush({ round: 0 }))
+      const ack = yield* Effect.raceFirst(next("waiting for the destination to acknowledge the flush"), send.failure)
+      if (ack._tag !== "FlushAck" || ack.round !== 0) return yield* unexpected(ack, "instead of FlushAck")
+
+      const digests = yield* GuestRam.digest(ram)
+      yield* Control.send(control, new Control.Complete({ digests }))
+      const verdict = yield* Effect.raceFirst(next("waiting for the destination to verify the digests"), send.failure)
+      if (verdict._tag !== "Done") return yield* unexpected(verdict, "instead of Done")
+
+      yield* Effect.raceFirst(send.finish, send.failure)
+      yield* control.end
+      const s = yield* send.stats
+      const durationMs = (yield* Clock.currentTimeMillis) - started
+      return {
+        uuid: uuidText,
+        channels,
+        compression,
+        ramBytes: ram.size,
+        rounds: 1,
+        packets: s.packets,
+        syncs: s.syncs,
+        normalPages: s.normalPages,
+        zeroPages: s.zeroPages,
+        wireBytes: s.bytes,
+        durationMs,
+        gibPerSecond: ram.size / GIB / Math.max(durationMs, 1) * 1000
+      } satisfies Stats
+    })
+
+    return yield* Effect.raceFirst(run, controlFailure).pipe(
+      Effect.tapError((error) => abortPeer(control, error.message))
+    )
+  }))
+
+// ---------------------------------------------------------------------------------------------------------
+// Destination
+
+/** Options of the destination. */
+export interface IncomingOptions {
+  /**
+   * Memory to receive into: its layout must equal the source's. Without it, memory of the source's layout
+   * is allocated, up to `maxRamBytes`.
+   */
+  readonly ram?: GuestRam.GuestRam["Type"] | undefined
+  /** Largest total memory a source may ask for when `ram` is not given (default 16 GiB). */
+  readonly maxRamBytes?: number | undefined
+  readonly timeouts?: Partial<Timeouts> | undefined
+  /** How long to wait for a source to connect at all (default: for ever). */
+  readonly acceptTimeout?: Duration.DurationInput | undefined
+  /** Secures every accepted connection (TLS server side) before it is classified. */
+  readonly upgrade?: Transport.Upgrade<MultifdSend.ChannelFailure> | undefined
+}
+
+/** What the destination received. */
+export interface Incoming {
+  readonly ram: GuestRam.GuestRam["Type"]
+  readonly stats: Stats
+  /** Connections that were turned away (strangers, foreign uuids), each with the reason. */
+  readonly rejected: ReadonlyArray<string>
+}
+
+/** Everything a destination can fail with. */
+export type IncomingError =
+  | MultifdRecv.ChannelFailure
+  | MultifdSend.ChannelFailure
+  | MigrationError.MigrationError
+  | MigrationError.ChannelError
+  | GuestRam.GuestRamError
+
+/** Default cap on memory a source may make the destination allocate. */
+export const DEFAULT_MAX_RAM = 16 * GIB
+
+const checkHello = (hello: Control.Hello, options: IncomingOptions): string | undefined => {
+  if (hello.version !== Control.VERSION) return `control protocol version ${hello.version} is not ${Control.VERSION}`
+  const layoutProblem = GuestRam.checkLayout(hello.pageSize, hello.blocks)
+  if (layoutProblem) return layoutProblem.message
+  const total = hello.blocks.reduce((n, b) => n + b.size, 0)
+  if (Protocol.parseUuid(hello.uuid) === undefined) return `uuid ${JSON.stringify(hello.uuid)} is malformed`
+  const ram = options.ram
+  if (ram === undefined) {
+    const max = options.maxRamBytes ?? DEFAULT_MAX_RAM
+    return total > max ? `${total} bytes of memory exceed this destination's limit of ${max}` : undefined
+  }
+  if (ram.pageSize !== hello.pageSize) return `page size ${hello.pageSize} differs from the destination's ${ram.pageSize}`
+  const mine = GuestRam.layoutOf(ram)
+  const describe = (layout: ReadonlyArray<GuestRam.BlockLayout>) =>
+    layout.map((b) => `${b.name}=${b.size}`).join(", ")
+  if (
+    mine.length !== hello.blocks.length ||
+    mine.some((b, i) => b.name !== hello.blocks[i]!.name || b.size !== hello.blocks[i]!.size)
+  ) {
+    return `block layout [${describe(hello.blocks)}] differs from the destination's [${describe(mine)}]`
+  }
+  return undefined
+}
+
+/**
+ * Receives one migration on `listener`. Connections that are not part of it (strangers, other uuids) are
+ * closed and reported in `rejected`, without failing the migration. Returns once every page is in memory,
+ * the digests matched and every channel ended.
+ */
+export const incoming = (
+  listener: Transport.Listener,
+  options: IncomingOptions = {}
+): Effect.Effect<Incoming, IncomingError, never> =>
+  Effect.scoped(Effect.gen(function*() {
+    const timeouts = resolveTimeouts(options.timeouts)
+    const started = yield* Clock.currentTimeMillis
+    const control = yield* Deferred.make<Transport.Connection>()
+    const channelSet = yield* Deferred.make<MultifdRecv.MultifdRecv["Type"]>()
+    const rejected = yield* Ref.make<ReadonlyArray<string>>([])
+    const connections = yield* FiberSet.make<void, IncomingError>()
+
+    const reject = (connection: Transport.Connection, why: string) =>
+      Effect.zipRight(
+        Ref.update(rejected, (all) => [...all, `${connection.peer}: ${why}`]),
+        Effect.logWarning(`rejected a connection from ${connection.peer}: ${why}`)
+      )
+
+    const classify = (raw: Transport.Connection): Effect.Effect<void, IncomingError, Scope.Scope> =>
+      Effect.gen(function*() {
+        const secured = options.upgrade
+          ? yield* Effect.either(options.upgrade(raw, "main"))
+          : { _tag: "Right" as const, right: raw }
+        if (secured._tag === "Left") return yield* reject(raw, secured.left.message)
+        const connection = secured.right
+        const first = yield* Effect.either(connection.peek(4).pipe(within(timeouts.peer, "waiting for the first bytes")))
+        if (first._tag === "Left") return yield* reject(connection, first.left.message)
+        const magic = first.right.readUInt32BE(0)
+        if (magic === Control.MAGIC) {
+          yield* connection.read(4)
+          if (!(yield* Deferred.succeed(control, connection))) return yield* reject(connection, "a second main channel")
+          return yield* Effect.never
+        }
+        if (magic === Protocol.MAGIC) {
+          const recv = yield* Deferred.await(channelSet)
+          return yield* recv.adopt(connection).pipe(
+            Effect.catchIf(MultifdRecv.isStranger, (e) => reject(connection, e.message))
+          )
+        }
+        return yield* reject(connection, `not a migration stream (first bytes ${first.right.toString("hex")})`)
+      })
+
+    // each acceptor takes one connection, starts the next acceptor, then handles its connection
+    const acceptor: Effect.Effect<void, IncomingError> = Effect.scoped(Effect.gen(function*() {
+      const connection = yield* listener.accept
+      yield* FiberSet.run(connections, acceptor)
+      yield* classify(connection)
+    }))
+    yield* FiberSet.run(connections, acceptor)
+    const connectionFailure = Effect.zipRight(FiberSet.join(connections), Effect.never)
+
+    const waitControl = options.acceptTimeout === undefined
+      ? Deferred.await(control)
+      : Deferred.await(control).pipe(within(options.acceptTimeout, "waiting for a source to connect"))
+    const ctl = yield* Effect.raceFirst(waitControl, connectionFailure)
+    const { inbox, failure: controlFailure } = yield* controlReader(ctl, "source")
+    const failures = Effect.raceFirst(controlFailure, connectionFailure)
+    const next = Effect.raceFirst(Queue.take(inbox), failures)
+
+    const run = Effect.gen(function*() {
+      const hello = yield* next.pipe(within(timeouts.peer, "waiting for the source's hello"))
+      if (hello._tag !== "Hello") return yield* unexpected(hello, "instead of Hello")
+      const problem = checkHello(hello, options)
+      if (problem !== undefined) {
+        yield* Control.send(ctl, new Control.Reject({ reason: problem }))
+        return yield* new MigrationError.MigrationError({ reason: "Rejected", detail: `refused the migration: ${problem}` })
+      }
+      const ram = options.ram ?? (yield* GuestRam.make({ pageSize: hello.pageSize, blocks: hello.blocks }))
+      const recv = yield* MultifdRecv.make({
+        channels: hello.channels,
+        uuid: Protocol.parseUuid(hello.uuid),
+        ram,
+        compression: hello.compression
+      })
+      yield* Deferred.succeed(channelSet, recv)
+      yield* Control.send(ctl, new Control.Accept())
+      const progress = Effect.map(recv.stats, (s) => s.bytes)
+      const describeMissing = Effect.gen(function*() {
+        const s = yield* recv.stats
+        const turnedAway = yield* Ref.get(rejected)
+        return `${s.channels} of ${hello.channels} multifd channels connected` +
+          (turnedAway.length > 0 ? `; rejected: ${turnedAway.join("; ")}` : "")
+      })
+
+      let rounds = 0
+      while (true) {
+        const message = yield* unlessStalled(
+          Effect.raceFirst(next, recv.failure),
+          progress,
+          timeouts.peer,
+          "without any data from the source"
+        )
+        if (message._tag === "Flush") {
+          yield* Effect.raceFirst(recv.sync, recv.failure).pipe(
+            within(timeouts.peer, "waiting for every multifd channel to reach the sync point"),
+            Effect.catchTag("MigrationError", (e) =>
+              Effect.flatMap(describeMissing, (missing) =>
+                Effect.fail(new MigrationError.MigrationError({ reason: e.reason, detail: `${e.detail} (${missing})` }))))
+          )
+          rounds = Math.max(rounds, message.round + 1)
+          yield* Control.send(ctl, new Control.FlushAck({ round: message.round }))
+          continue
+        }
+        if (message._tag !== "Complete") return yield* unexpected(message, "during the transfer")
+        yield* recv.expectEnd
+        const mine = yield* GuestRam.digest(ram)
+        const theirs = new Map(message.digests.map((d) => [d.name, d.sha256]))
+        const bad = mine.filter((d) => theirs.get(d.name) !== d.sha256).map((d) => d.name)
+        if (bad.length > 0 || theirs.size !== mine.length) {
+          const reason = `memory digest mismatch in block ${bad.map((n) => JSON.stringify(n)).join(", ")}`
+          yield* Control.send(ctl, new Control.Abort({ reason }))
+          return yield* new MigrationError.MigrationError({ reason: "DigestMismatch", detail: reason })
+        }
+        yield* Control.send(ctl, new Control.Done())
+        yield* Effect.raceFirst(recv.finished, failures).pipe(
+          within(timeouts.peer, "waiting for the source to close its multifd channels")
+        )
+        const s = yield* recv.stats
+        const durationMs = (yield* Clock.currentTimeMillis) - started
+        return {
+          ram,
+          rejected: yield* Ref.get(rejected),
+          stats: {
+            uuid: hello.uuid,
+            channels: hello.channels,
+            compression: hello.compression,
+            ramBytes: ram.size,
+            rounds,
+            packets: s.packets,
+            syncs: s.syncs,
+            normalPages: s.normalPages,
+            zeroPages: s.zeroPages,
+            wireBytes: s.bytes,
+            durationMs,
+            gibPerSecond: ram.size / GIB / Math.max(durationMs, 1) * 1000
+          }
+        } satisfies Incoming
+      }
+    })
+
+    return yield* Effect.raceFirst(run, failures).pipe(
+      Effect.tapError((error) =>
+        error._tag === "MigrationError" && (error.reason === "Aborted" || error.reason === "Rejected" ||
+            error.reason === "DigestMismatch")
+          ? Effect.void
+          : abortPeer(ctl, error.message)
+      )
+    )
+  }))
+
+/** Listens at `address` and receives one migration there (a convenience over `Transport.listen` + `incoming`). */
+export const listenAndReceive = (
+  address: Transport.Address,
+  options: IncomingOptions & { readonly onListening?: ((address: Transport.Address) => Effect.Effect<void>) | undefined } = {}
+): Effect.Effect<Incoming, IncomingError | Transport.TransportError, Transport.Transport> =>
+  Effect.scoped(Effect.gen(function*() {
+    const transport = yield* Transport.Transport
+    const listener = yield* transport.listen(address)
+    if (options.onListening) yield* options.onListening(listener.address)
+    return yield* incoming(listener, options)
+  }))
+

@@ -1,0 +1,44 @@
+/**
+ * Errors of a migration as a whole, and the wrapper that says which channel a transport error came from.
+ *
+ * @since 0.1.0
+ */
+import * as Data from "effect/Data"
+import type * as Duration from "effect/Duration"
+import * as DurationFns from "effect/Duration"
+
+/** Which connection of a migration: a multifd channel id or the main (control) channel. */
+export type ChannelName = number | "main"
+
+const describeChannel = (channel: ChannelName): string =>
+  channel === "main" ? "main channel" : `multifd channel ${channel}`
+
+/** A failure on one connection of the migration (its cause says what: transport, TLS, handshake). */
+export class ChannelError extends Data.TaggedError("ChannelError")<{
+  readonly channel: ChannelName
+  readonly cause: { readonly message: string; readonly _tag: string }
+}> {
+  override get message(): string {
+    return `${describeChannel(this.channel)}: ${this.cause.message}`
+  }
+}
+
+/** The migration could not go on: refused, aborted by the peer, timed out, or its result did not verify. */
+export class MigrationError extends Data.TaggedError("MigrationError")<{
+  readonly reason: "Rejected" | "Aborted" | "Timeout" | "DigestMismatch" | "ChannelClosed" | "Unexpected"
+  readonly detail: string
+}> {
+  override get message(): string {
+    return this.detail
+  }
+}
+
+/** Builds the error for a wait on the peer that ran out of time. */
+export const timeout = (what: string, after: Duration.DurationInput): MigrationError =>
+  new MigrationError({ reason: "Timeout", detail: `timed out after ${DurationFns.format(after)} ${what}` })
+
+/** Wraps an error from the named channel, keeping errors that already name their channel as they are. */
+export const onChannel = (channel: ChannelName) => <E extends { readonly _tag: string; readonly message: string }>(
+  error: E
+): E | ChannelError =>
+  error._tag === "TransportError" || error._tag === "TlsError" ? new ChannelError({ channel, cause: error }) : error

@@ -1,0 +1,191 @@
+/**
+ * The destination's channel set. Connections classified as multifd are adopted: their init packet is
+ * validated (uuid of this migration, id below the channel count, no duplicate) and only then is a worker
+ * forked into the set. Workers validate every packet header before touching memory, write pages in place,
+ * and stop at each SYNC until `sync` has seen all channels arrive. The first failure of any fiber is the
+ * set's failure; closing the scope interrupts and awaits every fiber.
+ *
+ * @since 0.1.0
+ */
+import * as Context from "effect/Context"
+import * as Deferred from "effect/Deferred"
+import * as Effect from "effect/Effect"
+import * as Fiber from "effect/Fiber"
+import * as FiberSet from "effect/FiberSet"
+import * as Layer from "effect/Layer"
+import * as Queue from "effect/Queue"
+import * as Ref from "effect/Ref"
+import type * as Scope from "effect/Scope"
+import type * as GuestRam from "./GuestRam.js"
+import * as MigrationError from "./MigrationError.js"
+import * as PageCodec from "./PageCodec.js"
+import * as Protocol from "./Protocol.js"
+import type * as Transport from "./Transport.js"
+
+/** How the destination's channels are checked. */
+export interface Config {
+  readonly channels: number
+  /** The migration's uuid; `undefined` adopts the first channel's and requires the others to match (QEMU). */
+  readonly uuid: Uint8Array | undefined
+  readonly ram: GuestRam.GuestRam["Type"]
+  readonly compression: Protocol.Compression
+}
+
+/** What can end a channel. */
+export type ChannelFailure =
+  | Transport.TransportError
+  | Protocol.ProtocolError
+  | PageCodec.CodecError
+  | MigrationError.ChannelError
+  | MigrationError.MigrationError
+
+/** Counters of what the channels received. */
+export interface Stats {
+  readonly channels: number
+  readonly packets: number
+  readonly syncs: number
+  readonly normalPages: number
+  readonly zeroPages: number
+  /** Bytes read on the multifd channels (headers and payload). */
+  readonly bytes: number
+}
+
+/** The destination's channel set. */
+export class MultifdRecv extends Context.Tag("effect-multifd/MultifdRecv")<MultifdRecv, {
+  /**
+   * Reads and validates a connection's init packet, forks its worker and waits for it to end. Fails with
+   * a `ProtocolError` (the connection is not adopted) when the init packet is not one of this migration's.
+   */
+  readonly adopt: (connection: Transport.Connection) => Effect.Effect<void, ChannelFailure>
+  /** Waits until every channel has reached its next SYNC, then lets them all go on. */
+  readonly sync: Effect.Effect<void, ChannelFailure>
+  /** From now on, a channel that ends at a packet boundary has finished instead of failed. */
+  readonly expectEnd: Effect.Effect<void>
+  /** Waits until every channel has been adopted and has ended. */
+  readonly finished: Effect.Effect<void, ChannelFailure>
+  /** Fails with the first failure of any channel; never succeeds while the set is open. */
+  readonly failure: Effect.Effect<never, ChannelFailure>
+  readonly stats: Effect.Effect<Stats>
+  /** The uuid the channels carry (the first channel's, when the config left it open). */
+  readonly uuid: Effect.Effect<Uint8Array | undefined>
+}>() {}
+
+/** Builds the channel set in the current scope. */
+export const make = (config: Config): Effect.Effect<MultifdRecv["Type"], never, Scope.Scope> =>
+  Effect.gen(function*() {
+    const { channels, ram, compression } = config
+    const pageSize = ram.pageSize
+    const slots = Protocol.slotsFor(pageSize)
+    const hsize = Protocol.headerSize(pageSize)
+    // shared state first: released only after every fiber below has ended
+    const uuid = yield* Ref.make(config.uuid)
+    const claimed = yield* Ref.make<ReadonlySet<number>>(new Set())
+    const arrivals = yield* Queue.unbounded<Deferred.Deferred<void>>()
+    const ending = yield* Deferred.make<void>()
+    const allAdopted = yield* Deferred.make<void>()
+    const stats = yield* Ref.make<Stats>({ channels: 0, packets: 0, syncs: 0, normalPages: 0, zeroPages: 0, bytes: 0 })
+    const fibers = yield* FiberSet.make<void, ChannelFailure>()
+    const failure = Effect.zipRight(FiberSet.join(fibers), Effect.never)
+    const guarded = <A, E>(effect: Effect.Effect<A, E>) => Effect.raceFirst(effect, failure)
+    const blockSize = (name: string) => ram.block(name)?.bytes.length
+    // a compressed payload may exceed its pages a little (incompressible data); nothing legitimate is larger
+    const maxPayload = slots * pageSize + 64 * 1024
+
+    const worker = (id: number, connection: Transport.Connection, codec: PageCodec.Decoder) =>
+      Effect.gen(function*() {
+        const header = Buffer.alloc(hsize)
+        const offsets = new Float64Array(slots)
+        const limits: Protocol.HeaderLimits = { channel: id, pageSize, compression, blockSize }
+        while (true) {
+          if (yield* connection.atEnd) {
+            if (yield* Deferred.isDone(ending)) return
+            return yield* new MigrationError.MigrationError({
+              reason: "ChannelClosed",
+              detail: `multifd channel ${id}: the source closed the channel before the migration completed`
+            })
+          }
+          yield* connection.readInto(header, 0, hsize)
+          const packet = yield* Protocol.decodeHeader(header, limits, offsets)
+          if (packet.sync) {
+            yield* Ref.update(stats, (s) => ({ ...s, packets: s.packets + 1, syncs: s.syncs + 1, bytes: s.bytes + hsize }))
+            const go = yield* Deferred.make<void>()
+            yield* Queue.offer(arrivals, go)
+            yield* Deferred.await(go)
+            continue
+          }
+          if (packet.nextPacketSize > maxPayload) {
+            return yield* new Protocol.ProtocolError({
+              reason: "BadPayload",
+              channel: id,
+              field: "next_packet_size",
+              detail: `${packet.nextPacketSize} exceeds the largest possible payload ${maxPayload}`
+            })
+          }
+          const memory = ram.block(packet.block)!.bytes
+          yield* codec.decode(connection, packet.nextPacketSize, memory, offsets, packet.normalPages, pageSize)
+          const end = packet.normalPages + packet.zeroPages
+          for (let i = packet.normalPages; i < end; i++) memory.fill(0, offsets[i]!, offsets[i]! + pageSize)
+          yield* Ref.update(stats, (s) => ({
+            ...s,
+            packets: s.packets + 1,
+            normalPages: s.normalPages + packet.normalPages,
+            zeroPages: s.zeroPages + packet.zeroPages,
+            bytes: s.bytes + hsize + packet.nextPacketSize
+          }))
+        }
+      })
+
+    const checkInit = (bytes: Buffer) =>
+      Effect.gen(function*() {
+        const expected = yield* Ref.get(uuid)
+        const init = yield* Protocol.decodeInit(bytes, { channels, uuid: expected })
+        if (expected === undefined) {
+          // adopt the first channel's uuid; a concurrent adopter may have set it first
+          const settled = yield* Ref.modify(uuid, (u) => [u ?? init.uuid, u ?? init.uuid])
+          yield* Protocol.decodeInit(bytes, { channels, uuid: settled })
+        }
+        const fresh = yield* Ref.modify(claimed, (set) =>
+          set.has(init.id) ? [false, set] : [true, new Set([...set, init.id])])
+        if (!fresh) {
+          return yield* new Protocol.ProtocolError({
+            reason: "DuplicateChannel",
+            channel: init.id,
+            field: "channel id",
+            detail: `a second connection claims channel ${init.id}`
+          })
+        }
+        return init.id
+      })
+
+    const adopt = (connection: Transport.Connection) =>
+      Effect.gen(function*() {
+        const id = yield* checkInit(yield* connection.read(Protocol.INIT_PACKET_SIZE))
+        const codec = yield* PageCodec.decoder(compression, id)
+        const adopted = yield* Ref.updateAndGet(stats, (s) => ({ ...s, channels: s.channels + 1 }))
+        if (adopted.channels === channels) yield* Deferred.succeed(allAdopted, undefined)
+        const fiber = yield* FiberSet.run(fibers, worker(id, connection, codec).pipe(Effect.mapError(MigrationError.onChannel(id))))
+        yield* Fiber.join(fiber)
+      }).pipe(Effect.scoped)
+
+    return {
+      adopt,
+      sync: guarded(Effect.gen(function*() {
+        const waiting = yield* Effect.replicateEffect(Queue.take(arrivals), channels)
+        yield* Effect.forEach(waiting, (go) => Deferred.succeed(go, undefined), { discard: true })
+      })),
+      expectEnd: Deferred.succeed(ending, undefined),
+      finished: guarded(Effect.zipRight(Deferred.await(allAdopted), FiberSet.awaitEmpty(fibers))),
+      failure,
+      stats: Ref.get(stats),
+      uuid: Ref.get(uuid)
+    }
+  })
+
+/** A layer with the destination's channel set. */
+export const layer = (config: Config): Layer.Layer<MultifdRecv> => Layer.scoped(MultifdRecv, make(config))
+
+/** Whether an init-packet failure means "not part of this migration" (a stranger) rather than a broken source. */
+export const isStranger = (error: ChannelFailure): boolean =>
+  error._tag === "ProtocolError" && (error.reason === "BadUuid" || error.reason === "BadMagic" ||
+    error.reason === "BadVersion")
+

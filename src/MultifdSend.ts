@@ -1,0 +1,202 @@
+/**
+ * The source's channel set. Each channel is connected, secured and announced (init packet) by a fiber of
+ * the set; only then is its worker forked into the set. Batches of pages go to whichever channel is idle;
+ * `sync` makes every channel send a SYNC packet after its pending pages. The first failure of any fiber is
+ * the set's failure; closing the scope interrupts and awaits every fiber. There is no liveness flag: a
+ * channel's worker exists exactly while its fiber is in the set.
+ *
+ * @since 0.1.0
+ */
+import * as Context from "effect/Context"
+import * as Deferred from "effect/Deferred"
+import type * as Duration from "effect/Duration"
+import * as Effect from "effect/Effect"
+import * as Fiber from "effect/Fiber"
+import * as FiberSet from "effect/FiberSet"
+import * as Layer from "effect/Layer"
+import * as Queue from "effect/Queue"
+import * as Ref from "effect/Ref"
+import type * as Scope from "effect/Scope"
+import * as GuestRam from "./GuestRam.js"
+import * as MigrationError from "./MigrationError.js"
+import * as PageCodec from "./PageCodec.js"
+import * as Protocol from "./Protocol.js"
+import * as Transport from "./Transport.js"
+
+/** How the source's channels are set up. */
+export interface Config {
+  readonly address: Transport.Address
+  readonly channels: number
+  /** The migration's uuid (16 bytes), sent in every init packet. */
+  readonly uuid: Uint8Array
+  readonly pageSize: number
+  readonly compression: Protocol.Compression
+  readonly compressionLevel?: number | undefined
+  /** `multifd`: zero pages travel as offsets only; `none`: as data. */
+  readonly zeroPage: "multifd" | "none"
+  readonly connectTimeout?: Duration.DurationInput | undefined
+  /** Secures each channel (TLS) before its init packet; identity by default. */
+  readonly upgrade?: Transport.Upgrade<ChannelFailure> | undefined
+}
+
+/** What can end a channel. */
+export type ChannelFailure =
+  | Transport.TransportError
+  | Protocol.ProtocolError
+  | MigrationError.ChannelError
+  | PageCodec.CodecError
+  | { readonly _tag: "TlsError"; readonly message: string }
+
+/** Counters of what the channels sent. */
+export interface Stats {
+  readonly packets: number
+  readonly syncs: number
+  readonly normalPages: number
+  readonly zeroPages: number
+  /** Bytes written on the multifd channels (headers and payload). */
+  readonly bytes: number
+}
+
+const emptyStats: Stats = { packets: 0, syncs: 0, normalPages: 0, zeroPages: 0, bytes: 0 }
+
+/** The source's established channel set. */
+export class MultifdSend extends Context.Tag("effect-multifd/MultifdSend")<MultifdSend, {
+  /** Pages per packet (the offset array's slots). */
+  readonly slots: number
+  /** Queues `count` pages (indices in `pages`) of `block` on the next idle channel; waits for one. */
+  readonly send: (
+    block: GuestRam.Block,
+    pages: Uint32Array,
+    count: number
+  ) => Effect.Effect<void, ChannelFailure>
+  /** Every channel sends a SYNC packet after its pending pages; completes when all have. */
+  readonly sync: Effect.Effect<void, ChannelFailure>
+  /** Ends every channel gracefully (flush, TLS close_notify, FIN) and waits for their fibers. */
+  readonly finish: Effect.Effect<void, ChannelFailure>
+  /** Fails with the first failure of any channel; never succeeds while the set is open. */
+  readonly failure: Effect.Effect<never, ChannelFailure>
+  readonly stats: Effect.Effect<Stats>
+}>() {}
+
+type Job =
+  | { readonly _tag: "Pages"; readonly block: GuestRam.Block; readonly pages: Uint32Array; readonly count: number }
+  | { readonly _tag: "Sync"; readonly done: Deferred.Deferred<void> }
+  | { readonly _tag: "Finish" }
+
+interface Channel {
+  readonly id: number
+  readonly mailbox: Queue.Queue<Job>
+}
+
+/** Establishes the channel set in the current scope. Channels connect concurrently; `send` waits for one. */
+export const make = (
+  config: Config
+): Effect.Effect<MultifdSend["Type"], never, Scope.Scope | Transport.Transport> =>
+  Effect.gen(function*() {
+    const transport = yield* Transport.Transport
+    const { channels, pageSize } = config
+    const slots = Protocol.slotsFor(pageSize)
+    // shared state first: it is released only after every fiber below has ended
+    const idle = yield* Queue.bounded<Channel>(channels)
+    const established = yield* Ref.make<ReadonlyArray<Channel>>([])
+    const mailboxes = yield* Deferred.make<ReadonlyArray<Channel>>()
+    const packetNum = yield* Ref.make(0n)
+    const stats = yield* Ref.make(emptyStats)
+    const fibers = yield* FiberSet.make<void, ChannelFailure>()
+    const failure = Effect.zipRight(FiberSet.join(fibers), Effect.never)
+
+    const worker = (channel: Channel, connection: Transport.Connection, codec: PageCodec.Encoder) =>
+      Effect.gen(function*() {
+        const header = Buffer.alloc(Protocol.headerSize(pageSize))
+        const offsets = new Float64Array(slots)
+        const zeros = new Float64Array(slots)
+        const chunks: Array<Uint8Array> = [header]
+        const detectZeros = config.zeroPage === "multifd"
+        yield* Queue.offer(idle, channel)
+        while (true) {
+          const job = yield* Queue.take(channel.mailbox)
+          if (job._tag === "Finish") return yield* connection.end
+          if (job._tag === "Sync") {
+            const num = yield* Ref.getAndUpdate(packetNum, (n) => n + 1n)
+            yield* connection.write([header.subarray(0, Protocol.writeSync(header, pageSize, num))])
+            yield* Ref.update(stats, (s) => ({ ...s, packets: s.packets + 1, syncs: s.syncs + 1, bytes: s.bytes + header.length }))
+            yield* Deferred.succeed(job.done, undefined)
+            continue
+          }
+          const { block, count, pages } = job
+          let normal = 0
+          let zero = 0
+          for (let i = 0; i < count; i++) {
+            const offset = pages[i]! * pageSize
+            if (detectZeros && GuestRam.isZeroPage(block.bytes, offset, pageSize)) zeros[zero++] = offset
+            else offsets[normal++] = offset
+          }
+          for (let i = 0; i < zero; i++) offsets[normal + i] = zeros[i]!
+          chunks.length = 1
+          const payloadSize = yield* codec.encode(block.bytes, offsets, normal, pageSize, chunks)
+          const num = yield* Ref.getAndUpdate(packetNum, (n) => n + 1n)
+          Protocol.writeHeader(header, pageSize, {
+            flags: Protocol.compressionFlags(config.compression),
+            pagesAlloc: slots,
+            normalPages: normal,
+            zeroPages: zero,
+            nextPacketSize: payloadSize,
+            packetNum: num,
+            block: block.name,
+            offsets
+          })
+          yield* connection.write(chunks)
+          yield* Ref.update(stats, (s) => ({
+            packets: s.packets + 1,
+            syncs: s.syncs,
+            normalPages: s.normalPages + normal,
+            zeroPages: s.zeroPages + zero,
+            bytes: s.bytes + header.length + payloadSize
+          }))
+          yield* Queue.offer(idle, channel)
+        }
+      })
+
+    // connect → upgrade (TLS) → init packet → fork the worker; the connection lives in this fiber's scope
+    const establish = (id: number) =>
+      Effect.gen(function*() {
+        const raw = yield* transport.connect(config.address, { timeout: config.connectTimeout })
+        const connection = config.upgrade ? yield* config.upgrade(raw, id) : raw
+        yield* connection.write([Protocol.encodeInit({ uuid: config.uuid, id })])
+        const codec = yield* PageCodec.encoder(config.compression, config.compressionLevel)
+        const channel: Channel = { id, mailbox: yield* Queue.unbounded<Job>() }
+        const ready = yield* Ref.updateAndGet(established, (all) => [...all, channel])
+        if (ready.length === channels) yield* Deferred.succeed(mailboxes, ready)
+        const fiber = yield* FiberSet.run(fibers, worker(channel, connection, codec))
+        yield* Fiber.join(fiber)
+      }).pipe(Effect.mapError(MigrationError.onChannel(id)), Effect.scoped)
+
+    for (let id = 0; id < channels; id++) yield* FiberSet.run(fibers, establish(id))
+
+    const guarded = <A, E>(effect: Effect.Effect<A, E>) => Effect.raceFirst(effect, failure)
+    const all = guarded(Deferred.await(mailboxes))
+
+    return {
+      slots,
+      send: (block, pages, count) =>
+        guarded(Effect.flatMap(Queue.take(idle), (channel) =>
+          Queue.offer(channel.mailbox, { _tag: "Pages", block, pages, count }))),
+      sync: Effect.gen(function*() {
+        const chans = yield* all
+        const done = yield* Effect.forEach(chans, (channel) =>
+          Effect.tap(Deferred.make<void>(), (done) => Queue.offer(channel.mailbox, { _tag: "Sync", done })))
+        yield* guarded(Effect.forEach(done, Deferred.await, { discard: true }))
+      }),
+      finish: Effect.gen(function*() {
+        const chans = yield* all
+        yield* Effect.forEach(chans, (channel) => Queue.offer(channel.mailbox, { _tag: "Finish" }), { discard: true })
+        yield* guarded(FiberSet.awaitEmpty(fibers))
+      }),
+      failure,
+      stats: Ref.get(stats)
+    }
+  })
+
+/** A layer with the source's channel set, established in the layer's scope. */
+export const layer = (config: Config): Layer.Layer<MultifdSend, never, Transport.Transport> =>
+  Layer.scoped(MultifdSend, make(config))

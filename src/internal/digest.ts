@@ -1,0 +1,97 @@
+/**
+ * Digests of guest memory: SHA-256 over the SHA-256 of each 64 MiB chunk. Memory backed by a
+ * `SharedArrayBuffer` is hashed by worker threads in parallel (without copying); other memory on the
+ * calling thread, yielding between chunks.
+ *
+ * @internal
+ */
+import * as Effect from "effect/Effect"
+import * as Crypto from "node:crypto"
+import * as Os from "node:os"
+import * as WorkerThreads from "node:worker_threads"
+
+/** Chunk size of the digest tree. */
+export const CHUNK = 64 * 1024 * 1024
+
+const workerSource = `
+const { parentPort } = require("node:worker_threads")
+const crypto = require("node:crypto")
+parentPort.on("message", (m) => {
+  const bytes = new Uint8Array(m.buffer, m.offset, m.length)
+  parentPort.postMessage(crypto.createHash("sha256").update(bytes).digest())
+})
+`
+
+interface Chunk {
+  readonly bytes: Uint8Array
+}
+
+/** A hashing worker thread, terminated when the scope closes. */
+const worker = Effect.acquireRelease(
+  Effect.sync(() => new WorkerThreads.Worker(workerSource, { eval: true })),
+  (w) => Effect.promise(() => w.terminate())
+)
+
+const hashOn = (w: WorkerThreads.Worker, chunk: Chunk) =>
+  Effect.async<Buffer, Error>((resume) => {
+    const onMessage = (digest: Uint8Array) => {
+      w.off("error", onError)
+      resume(Effect.succeed(Buffer.from(digest)))
+    }
+    const onError = (error: Error) => {
+      w.off("message", onMessage)
+      resume(Effect.fail(error))
+    }
+    w.once("message", onMessage)
+    w.once("error", onError)
+    w.postMessage({ buffer: chunk.bytes.buffer, offset: chunk.bytes.byteOffset, length: chunk.bytes.byteLength })
+    return Effect.sync(() => {
+      w.off("message", onMessage)
+      w.off("error", onError)
+    })
+  })
+
+const hashHere = (chunk: Chunk) =>
+  Effect.zipLeft(
+    Effect.sync(() => Crypto.createHash("sha256").update(chunk.bytes).digest()),
+    Effect.yieldNow()
+  )
+
+/** Hashes every chunk, in parallel worker threads when all the memory is shared. */
+const hashChunks = (chunks: ReadonlyArray<Chunk>): Effect.Effect<ReadonlyArray<Buffer>> => {
+  const shared = chunks.every((c) => c.bytes.buffer instanceof SharedArrayBuffer)
+  const threads = Math.min(chunks.length, Os.availableParallelism())
+  if (!shared || threads < 2) return Effect.forEach(chunks, hashHere)
+  return Effect.scoped(Effect.gen(function*() {
+    const results = new Array<Buffer>(chunks.length)
+    let next = 0
+    yield* Effect.forEach(
+      Array.from({ length: threads }),
+      () =>
+        Effect.gen(function*() {
+          const w = yield* worker
+          while (next < chunks.length) {
+            const index = next++
+            results[index] = yield* hashOn(w, chunks[index]!)
+          }
+        }),
+      { concurrency: "unbounded", discard: true }
+    )
+    return results
+  })).pipe(Effect.orDie)
+}
+
+/** Digests each of the given memory regions (hex SHA-256 of the chunk digests). */
+export const digestAll = (regions: ReadonlyArray<Uint8Array>): Effect.Effect<ReadonlyArray<string>> =>
+  Effect.gen(function*() {
+    const chunks: Array<Chunk & { readonly region: number }> = []
+    regions.forEach((bytes, region) => {
+      for (let at = 0; at < bytes.length; at += CHUNK) {
+        chunks.push({ region, bytes: bytes.subarray(at, Math.min(bytes.length, at + CHUNK)) })
+      }
+    })
+    const digests = yield* hashChunks(chunks)
+    const trees = regions.map(() => Crypto.createHash("sha256"))
+    chunks.forEach((c, i) => trees[c.region]!.update(digests[i]!))
+    return trees.map((t) => t.digest("hex"))
+  })

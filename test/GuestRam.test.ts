@@ -1,0 +1,285 @@
+import { describe, expect, it } from "@effect/vitest"
+import * as Effect from "effect/Effect"
+import * as FastCheck from "effect/FastCheck"
+import * as Crypto from "node:crypto"
+import * as GuestRam from "../src/GuestRam.js"
+
+const sha256 = (data: Uint8Array): Buffer => Crypto.createHash("sha256").update(data).digest()
+
+/** The documented digest: SHA-256 over the SHA-256 of each 64 MiB chunk. */
+const referenceDigest = (bytes: Uint8Array): string => {
+  const tree = Crypto.createHash("sha256")
+  for (let at = 0; at < bytes.length; at += GuestRam.DIGEST_CHUNK) {
+    tree.update(sha256(bytes.subarray(at, Math.min(bytes.length, at + GuestRam.DIGEST_CHUNK))))
+  }
+  return tree.digest("hex")
+}
+
+describe("GuestRam.make validation", () => {
+  const failsWith = (
+    options: Parameters<typeof GuestRam.make>[0],
+    reason: GuestRam.GuestRamError["reason"]
+  ) =>
+    Effect.gen(function*() {
+      const error = yield* Effect.flip(GuestRam.make(options))
+      expect(error).toBeInstanceOf(GuestRam.GuestRamError)
+      expect(error._tag).toBe("GuestRamError")
+      expect(error.reason).toBe(reason)
+      expect(error.message.startsWith("invalid memory layout: ")).toBe(true)
+      expect(error.message).not.toMatch(/[\r\n]/)
+      return error
+    })
+
+  it.effect("rejects bad page sizes", () =>
+    Effect.gen(function*() {
+      for (const pageSize of [0, -4096, 1, 256, 1000, 4097, 3 * 4096, 1024 * 1024, 4096.5, Number.NaN]) {
+        yield* failsWith({ pageSize, blocks: [{ name: "mem", size: 1024 * 1024 }] }, "BadPageSize")
+      }
+    }))
+
+  it.effect("accepts every power of two from 512 B to 512 KiB, defaulting to 4 KiB", () =>
+    Effect.gen(function*() {
+      for (let pageSize = 512; pageSize <= 512 * 1024; pageSize *= 2) {
+        const ram = yield* GuestRam.make({ pageSize, blocks: [{ name: "mem", size: 1024 * 1024 }] })
+        expect(ram.pageSize).toBe(pageSize)
+        expect(ram.blocks[0]!.pages).toBe((1024 * 1024) / pageSize)
+      }
+      const ram = yield* GuestRam.make({ blocks: [{ name: "mem", size: 8192 }] })
+      expect(ram.pageSize).toBe(GuestRam.DEFAULT_PAGE_SIZE)
+      expect(ram.pageSize).toBe(4096)
+      const explicit = yield* GuestRam.make({ pageSize: undefined, blocks: [{ name: "mem", size: 8192 }] })
+      expect(explicit.pageSize).toBe(4096)
+    }))
+
+  it.effect("rejects bad block names", () =>
+    Effect.gen(function*() {
+      yield* failsWith({ blocks: [{ name: "", size: 4096 }] }, "BadBlockName")
+      yield* failsWith({ blocks: [{ name: "a".repeat(256), size: 4096 }] }, "BadBlockName")
+      // 128 two-byte characters = 256 UTF-8 bytes
+      yield* failsWith({ blocks: [{ name: "é".repeat(128), size: 4096 }] }, "BadBlockName")
+      yield* failsWith({ blocks: [{ name: "m\0em", size: 4096 }] }, "BadBlockName")
+      yield* failsWith({ blocks: [{ name: "mem\0", size: 4096 }] }, "BadBlockName")
+      // a name with a line break is reported on one line
+      const error = yield* failsWith({ blocks: [{ name: "a\nb\r\0", size: 4096 }] }, "BadBlockName")
+      expect(error.message).toContain("\\n")
+      // a lone surrogate has no UTF-8 encoding: on the wire it would become U+FFFD, another name
+      yield* failsWith({ blocks: [{ name: "mem\ud800", size: 4096 }] }, "BadBlockName")
+      yield* failsWith({ blocks: [{ name: "\ude00mem", size: 4096 }] }, "BadBlockName")
+      // the second block is checked too
+      yield* failsWith({ blocks: [{ name: "ok", size: 4096 }, { name: "", size: 4096 }] }, "BadBlockName")
+    }))
+
+  it.effect("accepts names of exactly 255 UTF-8 bytes", () =>
+    Effect.gen(function*() {
+      const names = ["a".repeat(255), "é".repeat(127) + "a", "😀".repeat(63) + "abc"]
+      for (const name of names) expect(Buffer.byteLength(name)).toBe(255)
+      const ram = yield* GuestRam.make({ blocks: names.map((name) => ({ name, size: 4096 })) })
+      expect(ram.blocks.map((b) => b.name)).toEqual(names)
+    }))
+
+  it.effect("rejects duplicate names", () =>
+    Effect.gen(function*() {
+      const error = yield* failsWith(
+        { blocks: [{ name: "mem", size: 4096 }, { name: "rom", size: 4096 }, { name: "mem", bytes: new Uint8Array(4096) }] },
+        "DuplicateBlock"
+      )
+      expect(error.message).toContain("\"mem\"")
+    }))
+
+  it.effect("rejects sizes that are not a positive multiple of the page size", () =>
+    Effect.gen(function*() {
+      for (const size of [0, -4096, 4095, 4097, 6144, 4096.5, Number.NaN, Number.POSITIVE_INFINITY]) {
+        yield* failsWith({ blocks: [{ name: "mem", size }] }, "BadBlockSize")
+      }
+      yield* failsWith({ pageSize: 8192, blocks: [{ name: "mem", size: 4096 }] }, "BadBlockSize")
+      yield* failsWith({ blocks: [{ name: "mem", bytes: new Uint8Array(4096 + 1) }] }, "BadBlockSize")
+      yield* failsWith({ blocks: [{ name: "mem", bytes: new Uint8Array(0) }] }, "BadBlockSize")
+      yield* failsWith({ blocks: [{ name: "mem", size: GuestRam.MAX_BLOCK_SIZE + 4096 }] }, "BadBlockSize")
+    }))
+
+  it.effect("rejects an empty layout", () =>
+    Effect.gen(function*() {
+      yield* failsWith({ blocks: [] }, "NoBlocks")
+    }))
+
+  it("every accepted name survives UTF-8 encoding as 1-255 bytes without NUL", () => {
+    FastCheck.assert(
+      FastCheck.property(
+        FastCheck.oneof(
+          FastCheck.array(FastCheck.integer({ min: 0, max: 0x10ffff }), { maxLength: 140 }).map((cps) =>
+            String.fromCodePoint(...cps)
+          ),
+          FastCheck.string({ unit: "binary-ascii", maxLength: 300 }),
+          FastCheck.array(FastCheck.integer({ min: 0, max: 0xffff }), { maxLength: 140 }).map((units) =>
+            String.fromCharCode(...units)
+          )
+        ),
+        (name) => {
+          const problem = GuestRam.checkLayout(4096, [{ name, size: 4096 }])
+          const bytes = Buffer.from(name, "utf8")
+          const valid = bytes.length >= 1 && bytes.length <= 255 && !bytes.includes(0) &&
+            bytes.toString("utf8") === name
+          expect(problem?.reason).toBe(valid ? undefined : "BadBlockName")
+        }
+      ),
+      { numRuns: 300 }
+    )
+  })
+
+  it("checkLayout reports the first problem without allocating, or undefined", () => {
+    expect(GuestRam.checkLayout(4096, [])?.reason).toBe("NoBlocks")
+    expect(GuestRam.checkLayout(4096, [{ name: "a", size: 4096 }, { name: "a", size: 1 }])?.reason).toBe(
+      "DuplicateBlock"
+    )
+    expect(GuestRam.checkLayout(4096, [{ name: "a", size: 1 }, { name: "", size: 4096 }])?.reason).toBe(
+      "BadBlockSize"
+    )
+    // a layout far larger than this machine's memory is checked without allocating it
+    expect(GuestRam.checkLayout(4096, [{ name: "a", size: 2 ** 30 }, { name: "b", size: 2 ** 30 }])).toBeUndefined()
+  })
+})
+
+describe("GuestRam blocks", () => {
+  it.effect("size specs are zero-filled; the service looks blocks up and sums sizes", () =>
+    Effect.gen(function*() {
+      const ram = yield* GuestRam.make({
+        blocks: [{ name: "mem", size: 4 * 4096 }, { name: "vga.vram", size: 2 * 4096 }]
+      })
+      expect(ram.size).toBe(6 * 4096)
+      expect(ram.blocks.map((b) => [b.name, b.bytes.length, b.pages])).toEqual([
+        ["mem", 4 * 4096, 4],
+        ["vga.vram", 2 * 4096, 2]
+      ])
+      expect(ram.blocks.every((b) => b.bytes.every((x) => x === 0))).toBe(true)
+      expect(ram.block("vga.vram")).toBe(ram.blocks[1])
+      expect(ram.block("nope")).toBeUndefined()
+      expect(GuestRam.layoutOf(ram)).toEqual([
+        { name: "mem", size: 4 * 4096 },
+        { name: "vga.vram", size: 2 * 4096 }
+      ])
+    }))
+
+  it.effect("bytes specs are used in place, not copied", () =>
+    Effect.gen(function*() {
+      const mem = new Uint8Array(2 * 4096)
+      mem[10] = 1
+      const ram = yield* GuestRam.make({ blocks: [{ name: "mem", bytes: mem }] })
+      const block = ram.block("mem")!
+      expect(block.bytes.buffer).toBe(mem.buffer)
+      expect(block.bytes[10]).toBe(1)
+      mem[4096 + 7] = 0x5a
+      expect(block.bytes[4096 + 7]).toBe(0x5a)
+      block.bytes[0] = 0x42
+      expect(mem[0]).toBe(0x42)
+    }))
+
+  it.effect("a bytes spec that is a view into a larger buffer covers exactly that view", () =>
+    Effect.gen(function*() {
+      const backing = new Uint8Array(5 * 4096)
+      const view = backing.subarray(4096, 3 * 4096)
+      const ram = yield* GuestRam.make({ blocks: [{ name: "mem", bytes: view }] })
+      const block = ram.blocks[0]!
+      expect(block.bytes.length).toBe(2 * 4096)
+      expect(block.pages).toBe(2)
+      backing[4096] = 9
+      backing[3 * 4096 - 1] = 8
+      backing[3 * 4096] = 7 // outside the view
+      expect(block.bytes[0]).toBe(9)
+      expect(block.bytes[2 * 4096 - 1]).toBe(8)
+      block.bytes[4096] = 6
+      expect(backing[2 * 4096]).toBe(6)
+      expect(backing[0]).toBe(0)
+      expect(backing[4 * 4096]).toBe(0)
+    }))
+
+  it.effect("the layer provides the GuestRam service", () =>
+    Effect.gen(function*() {
+      const ram = yield* GuestRam.GuestRam
+      expect(ram.blocks.map((b) => b.name)).toEqual(["mem"])
+    }).pipe(Effect.provide(GuestRam.layer({ blocks: [{ name: "mem", size: 4096 }] }))))
+})
+
+describe("isZeroPage", () => {
+  it("tells zero pages from non-zero ones, including a lone last or first byte", () => {
+    for (const pageSize of [512, 4096, 65536]) {
+      const bytes = Buffer.alloc(4 * pageSize)
+      for (let p = 0; p < 4; p++) expect(GuestRam.isZeroPage(bytes, p * pageSize, pageSize)).toBe(true)
+      bytes[2 * pageSize - 1] = 1 // last byte of page 1
+      bytes[2 * pageSize] = 0x80 // first byte of page 2
+      bytes[3 * pageSize + (pageSize >> 1)] = 0xff // middle of page 3
+      expect(GuestRam.isZeroPage(bytes, 0, pageSize)).toBe(true)
+      expect(GuestRam.isZeroPage(bytes, pageSize, pageSize)).toBe(false)
+      expect(GuestRam.isZeroPage(bytes, 2 * pageSize, pageSize)).toBe(false)
+      expect(GuestRam.isZeroPage(bytes, 3 * pageSize, pageSize)).toBe(false)
+    }
+  })
+
+  it("checks every byte position of a page", () => {
+    const pageSize = 4096
+    const bytes = Buffer.alloc(3 * pageSize)
+    const missed: Array<number> = []
+    for (let i = 0; i < pageSize; i++) {
+      bytes[pageSize + i] = 1 + (i % 255)
+      // the page is seen as non-zero; its neighbours are unaffected
+      if (
+        GuestRam.isZeroPage(bytes, pageSize, pageSize) ||
+        !GuestRam.isZeroPage(bytes, 0, pageSize) ||
+        !GuestRam.isZeroPage(bytes, 2 * pageSize, pageSize)
+      ) missed.push(i)
+      bytes[pageSize + i] = 0
+    }
+    expect(missed).toEqual([])
+    expect(GuestRam.isZeroPage(bytes, pageSize, pageSize)).toBe(true)
+  })
+
+  it("the shared zero page stays zero", () => {
+    const z = GuestRam.zeroPage(4096)
+    expect(z.length).toBe(4096)
+    expect(z.every((b) => b === 0)).toBe(true)
+    expect(GuestRam.zeroPage(4096)).toBe(z)
+  })
+})
+
+describe("digest", () => {
+  it.effect("equal contents give equal digests; one differing byte changes it", () =>
+    Effect.gen(function*() {
+      const a = new Uint8Array(16 * 4096)
+      Crypto.randomFillSync(a)
+      const b = Uint8Array.from(a)
+      const ramA = yield* GuestRam.make({ blocks: [{ name: "mem", bytes: a }, { name: "zero", size: 4096 }] })
+      const ramB = yield* GuestRam.make({ blocks: [{ name: "mem", bytes: b }, { name: "zero", size: 4096 }] })
+      const da = yield* GuestRam.digest(ramA)
+      const db = yield* GuestRam.digest(ramB)
+      expect(da).toEqual(db)
+      expect(da.map((d) => d.name)).toEqual(["mem", "zero"])
+      expect(da[0]!.sha256).toMatch(/^[0-9a-f]{64}$/)
+      expect(da[0]!.sha256).toBe(referenceDigest(a))
+      expect(da[1]!.sha256).toBe(referenceDigest(new Uint8Array(4096)))
+      for (const at of [0, 12345, b.length - 1]) {
+        b[at] = b[at]! ^ 1
+        const changed = yield* GuestRam.digest(ramB)
+        expect(changed[0]!.sha256).not.toBe(da[0]!.sha256)
+        expect(changed[1]!.sha256).toBe(da[1]!.sha256)
+        b[at] = b[at]! ^ 1
+      }
+      expect(yield* GuestRam.digest(ramB)).toEqual(da)
+    }))
+
+  it.effect("digests a block larger than one 64 MiB chunk", () =>
+    Effect.gen(function*() {
+      const size = 65 * 1024 * 1024 + 3 * 4096
+      expect(size).toBeGreaterThan(GuestRam.DIGEST_CHUNK)
+      const bytes = new Uint8Array(size)
+      for (let i = 0; i < size; i += 4093) bytes[i] = i & 0xff
+      const ram = yield* GuestRam.make({ blocks: [{ name: "big", bytes }] })
+      const [first] = yield* GuestRam.digest(ram)
+      expect(first!.sha256).toBe(referenceDigest(bytes))
+      // not simply the flat SHA-256 of the block
+      expect(first!.sha256).not.toBe(sha256(bytes).toString("hex"))
+      // a change in the second chunk only is seen
+      bytes[size - 1] = bytes[size - 1]! ^ 0xff
+      const [second] = yield* GuestRam.digest(ram)
+      expect(second!.sha256).not.toBe(first!.sha256)
+      expect(second!.sha256).toBe(referenceDigest(bytes))
+    }))
+})
