@@ -14,6 +14,7 @@ import * as Fiber from "effect/Fiber"
 import * as FiberSet from "effect/FiberSet"
 import * as Queue from "effect/Queue"
 import * as Ref from "effect/Ref"
+import * as Schedule from "effect/Schedule"
 import type * as Scope from "effect/Scope"
 import * as Crypto from "node:crypto"
 import * as Control from "./Control.js"
@@ -256,6 +257,8 @@ export interface IncomingOptions {
   readonly acceptTimeout?: Duration.DurationInput | undefined
   /** Secures every accepted connection (TLS server side) before it is classified. */
   readonly upgrade?: Transport.Upgrade<MultifdSend.ChannelFailure> | undefined
+  /** Called about ten times a second while pages arrive (`doneBytes` counts pages received). */
+  readonly onProgress?: ((progress: Progress) => Effect.Effect<void>) | undefined
 }
 
 /** What the destination received. */
@@ -382,6 +385,16 @@ export const incoming = (
       })
       yield* Deferred.succeed(channelSet, recv)
       yield* Control.send(ctl, new Control.Accept())
+      const onProgress = options.onProgress
+      if (onProgress) {
+        yield* recv.stats.pipe(
+          Effect.flatMap((s) =>
+            onProgress({ round: 0, doneBytes: (s.normalPages + s.zeroPages) * ram.pageSize, totalBytes: ram.size })
+          ),
+          Effect.repeat(Schedule.spaced(Duration.millis(100))),
+          Effect.forkScoped
+        )
+      }
       const progress = Effect.map(recv.stats, (s) => s.bytes)
       const describeMissing = Effect.gen(function*() {
         const s = yield* recv.stats

@@ -1,0 +1,91 @@
+/**
+ * `npm run bench`: migrates SIZE of RAM between two processes over loopback TCP with each channel count and
+ * prints GiB/s, CPU seconds and peak RSS of each side. Knobs (environment): SIZE (default 1G), CHANNELS
+ * (default "1 2 4 8"), REPS (default 1; the table shows the median), COMPRESSIONS (default "none"; rows for
+ * zlib/zstd use a 50%-zero image), DST (prefault | fresh, default prefault), TLS=psk adds TLS rows.
+ */
+import * as ChildProcess from "node:child_process"
+import * as Path from "node:path"
+import * as Readline from "node:readline"
+import * as Url from "node:url"
+
+const here = Path.dirname(Url.fileURLToPath(import.meta.url))
+const peer = Path.join(here, "peer.ts")
+
+const parseSize = (text: string): number => {
+  const m = /^(\d+(?:\.\d+)?)([KMG]?)i?B?$/i.exec(text.trim())
+  if (!m) throw new Error(`SIZE ${text} is not a size like 256M or 1G`)
+  const unit = { "": 1, K: 1024, M: 1024 ** 2, G: 1024 ** 3 }[m[2]!.toUpperCase() as "" | "K" | "M" | "G"]
+  return Math.round(Number(m[1]) * unit / 4096) * 4096
+}
+
+const size = parseSize(process.env.SIZE ?? "1G")
+const channelCounts = (process.env.CHANNELS ?? "1 2 4 8").split(/\s+/).filter(Boolean).map(Number)
+const reps = Number(process.env.REPS ?? 1)
+const compressions = (process.env.COMPRESSIONS ?? "none").split(/\s+/).filter(Boolean)
+const dstMode = process.env.DST ?? "prefault"
+
+interface Result {
+  readonly durationMs: number
+  readonly cpuSeconds: number
+  readonly peakRssMiB: number
+  readonly wireBytes: number
+}
+
+const spawnPeer = (args: ReadonlyArray<string>) =>
+  ChildProcess.spawn(process.execPath, ["--import", "tsx", peer, ...args], { stdio: ["ignore", "pipe", "inherit"] })
+
+const lastJson = (child: ChildProcess.ChildProcess, onLine?: (line: string) => void) =>
+  new Promise<Result>((resolve, reject) => {
+    let result: Result | undefined
+    Readline.createInterface({ input: child.stdout! }).on("line", (line) => {
+      if (line.startsWith("{")) result = JSON.parse(line)
+      else onLine?.(line)
+    })
+    child.once("exit", (code) => (code === 0 && result ? resolve(result) : reject(new Error(`peer exited with ${code}`))))
+  })
+
+const runOnce = async (channels: number, compression: string): Promise<{ src: Result; dst: Result }> => {
+  const image = compression === "none" ? "random" : "halfzero"
+  const recv = spawnPeer(["recv", "tcp:127.0.0.1:0", String(size), dstMode])
+  let started: (uri: string) => void
+  const listening = new Promise<string>((resolve) => (started = resolve))
+  const dst = lastJson(recv, (line) => line.startsWith("listening ") && started(line.slice(10)))
+  const uri = await Promise.race([listening, dst.then(() => "")])
+  const src = lastJson(spawnPeer(["send", uri, String(size), String(channels), compression, image]))
+  return { src: await src, dst: await dst }
+}
+
+const median = (xs: ReadonlyArray<number>) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)]!
+const fmt = (n: number, width: number, digits = 2) => n.toFixed(digits).padStart(width)
+
+const main = async () => {
+  const gib = size / 1024 ** 3
+  console.log(`effect-multifd bench: ${(size / 1024 ** 2).toFixed(0)} MiB, loopback TCP, destination ${dstMode}, ` +
+    `${reps} rep(s), node ${process.version}`)
+  console.log("comp  ch |  total_s    GiB/s | srcCPU_s dstCPU_s | srcRSS_MiB dstRSS_MiB | wire_GiB")
+  console.log("-".repeat(84))
+  const rows: Array<[string, number]> = []
+  for (const compression of compressions) {
+    for (const channels of compression === "none" ? channelCounts : [2]) {
+      const runs: Array<{ src: Result; dst: Result }> = []
+      for (let r = 0; r < reps; r++) runs.push(await runOnce(channels, compression))
+      const total = median(runs.map((x) => x.src.durationMs)) / 1000
+      const pick = (f: (x: { src: Result; dst: Result }) => number) => median(runs.map(f))
+      console.log(
+        `${compression.padEnd(5)} ${String(channels).padStart(2)} | ${fmt(total, 8, 3)} ${fmt(gib / total, 8)} | ` +
+          `${fmt(pick((x) => x.src.cpuSeconds), 8)} ${fmt(pick((x) => x.dst.cpuSeconds), 8)} | ` +
+          `${fmt(pick((x) => x.src.peakRssMiB), 10, 0)} ${fmt(pick((x) => x.dst.peakRssMiB), 10, 0)} | ` +
+          `${fmt(pick((x) => x.src.wireBytes) / 1024 ** 3, 8, 3)}`
+      )
+      rows.push([`${compression}/${channels}`, gib / total])
+    }
+  }
+  console.log("\ntotal_s: source's migration time (connect to verified done), GiB/s = RAM size / total_s;")
+  console.log("CPU seconds and peak RSS per process; wire_GiB = bytes on the multifd channels.")
+}
+
+main().catch((error) => {
+  console.error(`bench: ${error.message}`)
+  process.exit(1)
+})

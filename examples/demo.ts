@@ -1,0 +1,69 @@
+/**
+ * `npm start`: the demo migration. A source and a destination, composed from layers in one process, move
+ * 256 MiB of mixed guest memory (random, repetitive and zero pages) over 4 multifd channels on loopback TCP;
+ * the destination's memory is compared with the source's and a summary is printed.
+ *
+ * Knobs (environment): DEMO_SIZE_MIB (default 256), DEMO_CHANNELS (default 4).
+ */
+import * as Console from "effect/Console"
+import * as Effect from "effect/Effect"
+import * as Layer from "effect/Layer"
+import * as Crypto from "node:crypto"
+import * as GuestRam from "../src/GuestRam.js"
+import * as Migration from "../src/Migration.js"
+import * as Transport from "../src/Transport.js"
+import { progressBar } from "./progress.js"
+
+const sizeMiB = Number(process.env.DEMO_SIZE_MIB ?? 256)
+const channels = Number(process.env.DEMO_CHANNELS ?? 4)
+const PAGE = 4096
+
+/** Fills memory like a guest's: a quarter zero pages, a quarter repetitive, the rest random. */
+const mixedMemory = (bytes: number): Buffer => {
+  const memory = Buffer.from(new SharedArrayBuffer(bytes))
+  Crypto.randomFillSync(memory)
+  for (let page = 0; page < bytes / PAGE; page++) {
+    if (page % 4 === 0) memory.fill(0, page * PAGE, (page + 1) * PAGE)
+    else if (page % 4 === 1) memory.fill(page & 0xff, page * PAGE, (page + 1) * PAGE)
+  }
+  return memory
+}
+
+const source = (address: Transport.Address) =>
+  Effect.scoped(Effect.gen(function*() {
+    const bar = yield* progressBar("migrating")
+    return yield* Migration.migrate({ address, channels, onProgress: bar.update })
+  }))
+
+const program = Effect.gen(function*() {
+  yield* Console.log(`effect-multifd demo: ${sizeMiB} MiB of guest memory over ${channels} channels on loopback TCP`)
+  const transport = yield* Transport.Transport
+  const listener = yield* transport.listen({ _tag: "Tcp", host: "127.0.0.1", port: 0 })
+  yield* Console.log(`destination listening on ${Transport.formatAddress(listener.address)}`)
+
+  const [sent, received] = yield* Effect.all([
+    source(listener.address),
+    Migration.incoming(listener)
+  ], { concurrency: "unbounded" })
+
+  const original = (yield* GuestRam.GuestRam).blocks[0]!.bytes
+  const copy = received.ram.blocks[0]!.bytes
+  if (!copy.equals(original)) return yield* Effect.dieMessage("destination memory differs from the source")
+  const zeroShare = (100 * sent.zeroPages / (sent.normalPages + sent.zeroPages)).toFixed(0)
+  yield* Console.log(
+    `verified: destination memory is byte-identical (digests matched, then compared in full)\n` +
+      `  ${(sent.ramBytes / 2 ** 30).toFixed(2)} GiB in ${(sent.durationMs / 1000).toFixed(2)} s = ` +
+      `${sent.gibPerSecond.toFixed(2)} GiB/s over ${sent.channels} channels\n` +
+      `  ${sent.normalPages + sent.zeroPages} pages (${sent.zeroPages} zero pages, ${zeroShare}%, sent as offsets only), ` +
+      `${sent.packets} packets (${sent.syncs} SYNC), ${(sent.wireBytes / 2 ** 20).toFixed(1)} MiB on the wire`
+  )
+})
+
+const SourceMemory = GuestRam.layer({ blocks: [{ name: "pc.ram", bytes: mixedMemory(sizeMiB * 1024 * 1024) }] })
+
+Effect.runPromise(program.pipe(Effect.scoped, Effect.provide(Layer.merge(Transport.layer, SourceMemory)))).catch(
+  (error) => {
+    console.error(`demo failed: ${error?.message ?? error}`)
+    process.exit(1)
+  }
+)
