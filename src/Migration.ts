@@ -145,14 +145,27 @@ export const migrate = (
       Effect.flatMap((raw) => options.upgrade ? options.upgrade(raw, "main") : Effect.succeed(raw)),
       Effect.mapError(MigrationError.onChannel("main"))
     )
-    const { inbox, failure: controlFailure } = yield* controlReader(control, "destination")
+    const { inbox, failure: readerFailure } = yield* controlReader(control, "destination")
+    const answered = yield* Deferred.make<void>()
+    // the main channel closing before any answer most likely means this source was refused
+    const controlFailure = Effect.catchAll(readerFailure, (error) =>
+      Effect.flatMap(Deferred.isDone(answered), (isAnswered) =>
+        !isAnswered && error._tag === "ChannelError" && error.cause._tag === "TransportError"
+          ? new MigrationError.MigrationError({
+            reason: "Rejected",
+            detail: `the destination closed the main channel before answering (${error.cause.message}); ` +
+              "it may have refused this source (TLS authorization) or not be a multifd destination"
+          })
+          : Effect.fail(error)))
     const next = (waiting: string) =>
       Effect.raceFirst(Queue.take(inbox), controlFailure).pipe(within(timeouts.peer, waiting))
+    // writes on the control connection name it, as the reader's failures do
+    const tell = (message: Control.Message) =>
+      Effect.mapError(Control.send(control, message), MigrationError.onChannel("main"))
 
     const run = Effect.gen(function*() {
-      yield* Control.writeMagic(control)
-      yield* Control.send(
-        control,
+      yield* Effect.mapError(Control.writeMagic(control), MigrationError.onChannel("main"))
+      yield* tell(
         new Control.Hello({
           version: Control.VERSION,
           uuid: uuidText,
@@ -164,6 +177,7 @@ export const migrate = (
         })
       )
       const answer = yield* next("waiting for the destination to accept the migration")
+      yield* Deferred.succeed(answered, undefined)
       if (answer._tag === "Reject") {
         return yield* new MigrationError.MigrationError({
           reason: "Rejected",
@@ -206,17 +220,17 @@ export const migrate = (
         timeouts.peer,
         "without progress sending pages to the destination"
       )
-      yield* Control.send(control, new Control.Flush({ round: 0 }))
+      yield* tell(new Control.Flush({ round: 0 }))
       const ack = yield* Effect.raceFirst(next("waiting for the destination to acknowledge the flush"), send.failure)
       if (ack._tag !== "FlushAck" || ack.round !== 0) return yield* unexpected(ack, "instead of FlushAck")
 
       const digests = yield* GuestRam.digest(ram)
-      yield* Control.send(control, new Control.Complete({ digests }))
+      yield* tell(new Control.Complete({ digests }))
       const verdict = yield* Effect.raceFirst(next("waiting for the destination to verify the digests"), send.failure)
       if (verdict._tag !== "Done") return yield* unexpected(verdict, "instead of Done")
 
       yield* Effect.raceFirst(send.finish, send.failure)
-      yield* control.end
+      yield* Effect.mapError(control.end, MigrationError.onChannel("main"))
       const s = yield* send.stats
       const durationMs = (yield* Clock.currentTimeMillis) - started
       return {
@@ -367,13 +381,15 @@ export const incoming = (
     const { inbox, failure: controlFailure } = yield* controlReader(ctl, "source")
     const failures = Effect.raceFirst(controlFailure, connectionFailure)
     const next = Effect.raceFirst(Queue.take(inbox), failures)
+    const tell = (message: Control.Message) =>
+      Effect.mapError(Control.send(ctl, message), MigrationError.onChannel("main"))
 
     const run = Effect.gen(function*() {
       const hello = yield* next.pipe(within(timeouts.peer, "waiting for the source's hello"))
       if (hello._tag !== "Hello") return yield* unexpected(hello, "instead of Hello")
       const problem = checkHello(hello, options)
       if (problem !== undefined) {
-        yield* Control.send(ctl, new Control.Reject({ reason: problem }))
+        yield* tell(new Control.Reject({ reason: problem }))
         return yield* new MigrationError.MigrationError({ reason: "Rejected", detail: `refused the migration: ${problem}` })
       }
       const ram = options.ram ?? (yield* GuestRam.make({ pageSize: hello.pageSize, blocks: hello.blocks }))
@@ -384,7 +400,7 @@ export const incoming = (
         compression: hello.compression
       })
       yield* Deferred.succeed(channelSet, recv)
-      yield* Control.send(ctl, new Control.Accept())
+      yield* tell(new Control.Accept())
       const onProgress = options.onProgress
       if (onProgress) {
         yield* recv.stats.pipe(
@@ -419,7 +435,7 @@ export const incoming = (
                 Effect.fail(new MigrationError.MigrationError({ reason: e.reason, detail: `${e.detail} (${missing})` }))))
           )
           rounds = Math.max(rounds, message.round + 1)
-          yield* Control.send(ctl, new Control.FlushAck({ round: message.round }))
+          yield* tell(new Control.FlushAck({ round: message.round }))
           continue
         }
         if (message._tag !== "Complete") return yield* unexpected(message, "during the transfer")
@@ -429,10 +445,10 @@ export const incoming = (
         const bad = mine.filter((d) => theirs.get(d.name) !== d.sha256).map((d) => d.name)
         if (bad.length > 0 || theirs.size !== mine.length) {
           const reason = `memory digest mismatch in block ${bad.map((n) => JSON.stringify(n)).join(", ")}`
-          yield* Control.send(ctl, new Control.Abort({ reason }))
+          yield* tell(new Control.Abort({ reason }))
           return yield* new MigrationError.MigrationError({ reason: "DigestMismatch", detail: reason })
         }
-        yield* Control.send(ctl, new Control.Done())
+        yield* tell(new Control.Done())
         yield* Effect.raceFirst(recv.finished, failures).pipe(
           within(timeouts.peer, "waiting for the source to close its multifd channels")
         )

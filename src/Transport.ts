@@ -55,6 +55,9 @@ export const parseAddress = (uri: string): Either.Either<Address, TransportError
   return bad("expected an address of the form tcp:HOST:PORT or unix:PATH")
 }
 
+/** Whether a host is an IP address literal (not a name a certificate is issued for). */
+export const isIp = (host: string): boolean => Net.isIP(host) !== 0
+
 /** Formats an address as a URI that `parseAddress` accepts. */
 export const formatAddress = (address: Address): string =>
   address._tag === "Unix"
@@ -93,8 +96,12 @@ export interface Connection {
   readonly end: Effect.Effect<void, TransportError>
 }
 
-const describeError = (error: unknown): string => {
-  const e = error as NodeJS.ErrnoException | undefined
+/** A one-line description of a Node socket or TLS error. */
+export const describeError = (error: unknown): string => {
+  const e = error as (NodeJS.ErrnoException & { reason?: string }) | undefined
+  if (typeof e?.code === "string" && e.code.startsWith("ERR_SSL_")) {
+    return `TLS: ${e.reason ?? e.code.slice(8).toLowerCase().replace(/_/g, " ")}`
+  }
   if (e?.code === "ECONNREFUSED") return "connection refused"
   if (e?.code === "ECONNRESET") return "connection reset by peer"
   if (e?.code === "EPIPE") return "peer closed the connection"
