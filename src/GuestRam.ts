@@ -10,6 +10,8 @@ import * as Effect from "effect/Effect"
 import * as Layer from "effect/Layer"
 import * as Buffer from "node:buffer"
 import * as Digest from "./internal/digest.js"
+import { DirtyLog } from "./internal/dirtyLog.js"
+import { WriteGate } from "./internal/writeGate.js"
 
 /** Default page size: 4 KiB, as QEMU's target page on x86. */
 export const DEFAULT_PAGE_SIZE = 4096
@@ -24,6 +26,8 @@ export interface Block {
   readonly bytes: Buffer
   /** Number of pages in the block. */
   readonly pages: number
+  /** Pages written since the last round took them. */
+  readonly dirty: DirtyLog
 }
 
 /**
@@ -60,6 +64,8 @@ export class GuestRam extends Context.Tag("effect-multifd/GuestRam")<
     readonly size: number
     /** Looks a block up by name. */
     readonly block: (name: string) => Block | undefined
+    /** The gate writers go through; a live migration closes it for the switch-over. */
+    readonly gate: WriteGate
   }
 >() {}
 
@@ -94,7 +100,8 @@ export const make = (options: {
       const bytes = "bytes" in spec
         ? globalThis.Buffer.from(spec.bytes.buffer, spec.bytes.byteOffset, spec.bytes.byteLength)
         : globalThis.Buffer.from(new SharedArrayBuffer(spec.size)).fill(0)
-      return { name: spec.name, bytes, pages: bytes.length / pageSize }
+      const pages = bytes.length / pageSize
+      return { name: spec.name, bytes, pages, dirty: new DirtyLog(pages) }
     })
     return Effect.succeed(fromBlocks(pageSize, blocks))
   })
@@ -135,7 +142,8 @@ const fromBlocks = (pageSize: number, blocks: ReadonlyArray<Block>): GuestRam["T
     pageSize,
     blocks,
     size: blocks.reduce((n, b) => n + b.bytes.length, 0),
-    block: (name) => byName.get(name)
+    block: (name) => byName.get(name),
+    gate: new WriteGate()
   }
 }
 
@@ -183,3 +191,58 @@ export const digest = (ram: GuestRam["Type"]): Effect.Effect<ReadonlyArray<Block
     Digest.digestAll(ram.blocks.map((b) => b.bytes)),
     (hashes) => ram.blocks.map((b, i) => ({ name: b.name, sha256: hashes[i]! }))
   )
+
+/** A write outside a block's bounds. */
+export class OutOfBounds extends Data.TaggedError("OutOfBounds")<{
+  readonly block: string
+  readonly offset: number
+  readonly length: number
+  readonly size: number | undefined
+}> {
+  override get message(): string {
+    return this.size === undefined
+      ? `no block named ${JSON.stringify(this.block)}`
+      : `write of ${this.length} bytes at ${this.offset} is outside block ${JSON.stringify(this.block)} (${this.size} bytes)`
+  }
+}
+
+const touch = (ram: GuestRam["Type"], name: string, offset: number, length: number) => {
+  const block = ram.block(name)
+  if (block === undefined || !Number.isSafeInteger(offset) || offset < 0 || length < 0 ||
+    offset + length > block.bytes.length) {
+    return new OutOfBounds({ block: name, offset, length, size: block?.bytes.length })
+  }
+  return block
+}
+
+/**
+ * Updates `length` bytes of a block in place: waits while a migration holds writers paused, then runs
+ * `f` on a view of the range (synchronously) and marks the pages it covers dirty.
+ */
+export const update = <A>(
+  ram: GuestRam["Type"],
+  name: string,
+  offset: number,
+  length: number,
+  f: (view: Buffer) => A
+): Effect.Effect<A, OutOfBounds> =>
+  Effect.suspend(() => {
+    const block = touch(ram, name, offset, length)
+    if (block instanceof OutOfBounds) return Effect.fail(block)
+    return ram.gate.pass(() => {
+      const result = f(block.bytes.subarray(offset, offset + length))
+      if (length > 0) block.dirty.mark(Math.floor(offset / ram.pageSize), Math.floor((offset + length - 1) / ram.pageSize))
+      return result
+    })
+  })
+
+/** Writes `data` into a block at `offset` (see `update`). */
+export const write = (
+  ram: GuestRam["Type"],
+  name: string,
+  offset: number,
+  data: Uint8Array
+): Effect.Effect<void, OutOfBounds> => update(ram, name, offset, data.length, (view) => view.set(data))
+
+/** Number of dirty pages over all blocks. */
+export const dirtyPages = (ram: GuestRam["Type"]): number => ram.blocks.reduce((n, b) => n + b.dirty.count(), 0)

@@ -25,7 +25,7 @@ export class ChannelError extends Data.TaggedError("ChannelError")<{
 
 /** The migration could not go on: refused, aborted by the peer, timed out, or its result did not verify. */
 export class MigrationError extends Data.TaggedError("MigrationError")<{
-  readonly reason: "Rejected" | "Aborted" | "Timeout" | "DigestMismatch" | "ChannelClosed" | "Unexpected"
+  readonly reason: "Rejected" | "Aborted" | "Timeout" | "DigestMismatch" | "ChannelClosed" | "NotConverged" | "Unexpected"
   readonly detail: string
 }> {
   override get message(): string {
