@@ -16,6 +16,7 @@ import * as FiberSet from "effect/FiberSet"
 import * as Queue from "effect/Queue"
 import * as Ref from "effect/Ref"
 import * as Schedule from "effect/Schedule"
+import * as Stream from "effect/Stream"
 import type * as Scope from "effect/Scope"
 import * as Crypto from "node:crypto"
 import * as Control from "./Control.js"
@@ -606,3 +607,31 @@ export const listenAndReceive = (
     return yield* incoming(listener, options)
   }))
 
+
+/** What `migrateStream` emits: progress while the migration runs, then its stats. */
+export type Event =
+  | ({ readonly _tag: "Progress" } & Progress)
+  | { readonly _tag: "Completed"; readonly stats: Stats }
+
+/**
+ * `migrate` as a stream of events: `Progress` reports (the latest 64 are kept for a slow consumer), then
+ * `Completed` with the stats; the stream fails with the migration's error. Interrupting the stream cancels
+ * the migration.
+ */
+export const migrateStream = (
+  options: Omit<MigrateOptions, "onProgress">
+): Stream.Stream<Event, MigrateError, Transport.Transport | GuestRam.GuestRam> =>
+  Stream.asyncScoped<Event, MigrateError, Transport.Transport | GuestRam.GuestRam>(
+    (emit) =>
+      migrate({
+        ...options,
+        onProgress: (progress) => Effect.promise(() => emit.single({ _tag: "Progress", ...progress }))
+      }).pipe(
+        Effect.matchCauseEffect({
+          onSuccess: (stats) => Effect.promise(() => emit.single({ _tag: "Completed", stats }).then(() => emit.end())),
+          onFailure: (cause) => Effect.promise(() => emit.halt(cause))
+        }),
+        Effect.forkScoped
+      ),
+    { bufferSize: 64, strategy: "sliding" }
+  )
