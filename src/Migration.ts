@@ -10,7 +10,6 @@ import * as Clock from "effect/Clock"
 import * as Deferred from "effect/Deferred"
 import * as Duration from "effect/Duration"
 import * as Effect from "effect/Effect"
-import * as Exit from "effect/Exit"
 import * as Fiber from "effect/Fiber"
 import * as FiberSet from "effect/FiberSet"
 import * as Queue from "effect/Queue"
@@ -21,7 +20,7 @@ import type * as Scope from "effect/Scope"
 import * as Crypto from "node:crypto"
 import * as Control from "./Control.js"
 import * as GuestRam from "./GuestRam.js"
-import * as DirtyLog from "./internal/dirtyLog.js"
+import * as Precopy from "./internal/precopy.js"
 import { unlessStalled, within } from "./internal/stall.js"
 import * as MigrationError from "./MigrationError.js"
 import * as MultifdRecv from "./MultifdRecv.js"
@@ -76,31 +75,6 @@ export interface LiveOptions {
   /** `fail` (default): a migration that does not converge fails; `switchover`: it switches over anyway. */
   readonly onNoConvergence?: "fail" | "switchover" | undefined
 }
-
-const resolveLive = (live: LiveOptions | undefined) => ({
-  downtimeLimit: Duration.decode(live?.downtimeLimit ?? Duration.millis(300)),
-  maxRounds: live?.maxRounds ?? 30,
-  maxDuration: Duration.decode(live?.maxDuration ?? Duration.minutes(10)),
-  onNoConvergence: live?.onNoConvergence ?? "fail"
-})
-
-/** Pages of one block to send in a round. */
-interface Selection {
-  readonly block: GuestRam.Block
-  readonly pages: Uint32Array
-}
-
-const allPages = (ram: GuestRam.GuestRam["Type"]): ReadonlyArray<Selection> =>
-  ram.blocks.map((block) => ({ block, pages: Uint32Array.from({ length: block.pages }, (_, i) => i) }))
-
-/** Takes (reads and clears) every block's dirty log. */
-const takeDirty = (ram: GuestRam.GuestRam["Type"]): ReadonlyArray<Selection> =>
-  ram.blocks.map((block) => {
-    const bits = block.dirty.take()
-    const pages: Array<number> = []
-    DirtyLog.forEachPage(bits, (page) => pages.push(page))
-    return { block, pages: Uint32Array.from(pages) }
-  })
 
 /** Options of the source. */
 export interface MigrateOptions {
@@ -255,76 +229,31 @@ export const migrate = (
         connectTimeout: timeouts.connect,
         upgrade: options.upgrade
       })
-      const wire = Effect.map(send.stats, (s) => s.bytes)
-      const pageSize = ram.pageSize
-      const report = options.onProgress ?? (() => Effect.void)
-
-      // one round: hand the pages to the channels, sync every channel, flush, wait for the destination's ack
-      const runRound = (round: number, phase: Phase, selection: ReadonlyArray<Selection>, bandwidth: number) =>
-        Effect.gen(function*() {
-          const totalBytes = selection.reduce((n, s) => n + s.pages.length, 0) * pageSize
-          let doneBytes = 0
-          const transfer = Effect.gen(function*() {
-            for (const { block, pages } of selection) {
-              for (let first = 0; first < pages.length; first += send.slots) {
-                const batch = pages.subarray(first, first + send.slots)
-                yield* send.send(block, batch, batch.length)
-                doneBytes += batch.length * pageSize
-                yield* report({ round, phase, doneBytes, totalBytes, dirtyPages: 0, bandwidth, expectedDowntimeMs: 0 })
-              }
-            }
-            yield* send.sync
+      const { pagesPerRound, pausedAt } = yield* Precopy.run(ram, {
+        sink: {
+          slots: send.slots,
+          send: send.send,
+          sync: send.sync,
+          failure: send.failure,
+          progress: Effect.map(send.stats, (s) => s.bytes)
+        },
+        started,
+        live: options.live,
+        stallTimeout: timeouts.peer,
+        onProgress: options.onProgress,
+        // the destination acknowledges a round once every channel reached its barrier
+        flush: (round) =>
+          Effect.gen(function*() {
+            yield* tell(new Control.Flush({ round }))
+            const ack = yield* Effect.raceFirst(next("waiting for the destination to acknowledge the flush"), send.failure)
+            if (ack._tag !== "FlushAck" || ack.round !== round) return yield* unexpected(ack, "instead of FlushAck")
           })
-          yield* unlessStalled(
-            Effect.raceFirst(transfer, send.failure),
-            wire,
-            timeouts.peer,
-            "without progress sending pages to the destination"
-          )
-          yield* tell(new Control.Flush({ round }))
-          const ack = yield* Effect.raceFirst(next("waiting for the destination to acknowledge the flush"), send.failure)
-          if (ack._tag !== "FlushAck" || ack.round !== round) return yield* unexpected(ack, "instead of FlushAck")
-          return totalBytes / pageSize
-        })
-
-      // pre-copy: round 0 sends every page, later rounds the pages written meanwhile, until the rest fits the
-      // downtime limit at the bandwidth measured
-      const live = resolveLive(options.live)
-      const pagesPerRound: Array<number> = []
-      let bandwidth = 0
-      for (const block of ram.blocks) block.dirty.take() // start the dirty log: round 0 covers everything
-      for (let round = 0;; round++) {
-        const dirty = round === 0 ? ram.size / pageSize : GuestRam.dirtyPages(ram)
-        const expectedDowntimeMs = bandwidth > 0 ? dirty * pageSize / bandwidth * 1000 : Infinity
-        if (round > 0 && expectedDowntimeMs <= Duration.toMillis(live.downtimeLimit)) break
-        const elapsed = (yield* Clock.currentTimeMillis) - started
-        if (round >= live.maxRounds || elapsed >= Duration.toMillis(live.maxDuration)) {
-          if (live.onNoConvergence === "switchover") break
-          return yield* new MigrationError.MigrationError({
-            reason: "NotConverged",
-            detail: `the migration did not converge after ${round} rounds in ${(elapsed / 1000).toFixed(1)} s: ` +
-              `${dirty} pages still dirty, about ${expectedDowntimeMs.toFixed(0)} ms of downtime at ` +
-              `${(bandwidth / GIB).toFixed(2)} GiB/s, more than the limit of ${Duration.format(live.downtimeLimit)}`
-          })
-        }
-        yield* report({ round, phase: "precopy", doneBytes: 0, totalBytes: dirty * pageSize, dirtyPages: dirty, bandwidth, expectedDowntimeMs })
-        const roundStart = yield* Clock.currentTimeMillis
-        const bytesBefore = yield* wire
-        pagesPerRound.push(yield* runRound(round, "precopy", round === 0 ? allPages(ram) : takeDirty(ram), bandwidth))
-        const roundMs = Math.max(1, (yield* Clock.currentTimeMillis) - roundStart)
-        bandwidth = ((yield* wire) - bytesBefore) / roundMs * 1000
-      }
-
-      // switch-over: pause the writers (they stay paused after success: the destination owns the memory now;
-      // a failure or cancellation lets them go on), send the last dirty pages, verify
-      const paused = yield* Clock.currentTimeMillis
-      yield* Effect.acquireRelease(ram.gate.close, (_, exit) => Exit.isSuccess(exit) ? Effect.void : ram.gate.open)
-      pagesPerRound.push(yield* runRound(pagesPerRound.length, "switchover", takeDirty(ram), bandwidth))
+      })
       const digests = yield* GuestRam.digest(ram)
       yield* tell(new Control.Complete({ digests }))
       const verdict = yield* Effect.raceFirst(next("waiting for the destination to verify the digests"), send.failure)
       if (verdict._tag !== "Done") return yield* unexpected(verdict, "instead of Done")
-      const downtimeMs = (yield* Clock.currentTimeMillis) - paused
+      const downtimeMs = (yield* Clock.currentTimeMillis) - pausedAt
 
       yield* Effect.raceFirst(send.finish, send.failure)
       yield* Effect.mapError(control.end, MigrationError.onChannel("main"))

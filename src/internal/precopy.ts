@@ -1,0 +1,151 @@
+/**
+ * The pre-copy loop shared by every kind of destination: round 0 hands every page to a sink, each later
+ * round the pages written meanwhile, until the rest fits the downtime limit at the bandwidth measured; then
+ * the write gate closes and the last round runs with writers paused.
+ *
+ * @internal
+ */
+import * as Clock from "effect/Clock"
+import * as Duration from "effect/Duration"
+import * as Effect from "effect/Effect"
+import * as Exit from "effect/Exit"
+import type * as Scope from "effect/Scope"
+import * as GuestRam from "../GuestRam.js"
+import type * as Migration from "../Migration.js"
+import * as MigrationError from "../MigrationError.js"
+import * as DirtyLog from "./dirtyLog.js"
+import { unlessStalled } from "./stall.js"
+
+/** Where pages go: a channel set, or a snapshot file's writers. */
+export interface Sink<E> {
+  /** Pages per batch. */
+  readonly slots: number
+  /** Hands a batch of pages of one block to the sink; waits while it is busy. */
+  readonly send: (block: GuestRam.Block, pages: Uint32Array, count: number) => Effect.Effect<void, E>
+  /** Completes once every page handed over so far is on its way (the round's barrier). */
+  readonly sync: Effect.Effect<void, E>
+  /** Fails with the sink's first failure. */
+  readonly failure: Effect.Effect<never, E>
+  /** A counter that grows while pages move (bytes written): the stall detector and the bandwidth. */
+  readonly progress: Effect.Effect<number>
+}
+
+/** Pages of one block to send in a round. */
+interface Selection {
+  readonly block: GuestRam.Block
+  readonly pages: Uint32Array
+}
+
+const allPages = (ram: GuestRam.GuestRam["Type"]): ReadonlyArray<Selection> =>
+  ram.blocks.map((block) => ({ block, pages: Uint32Array.from({ length: block.pages }, (_, i) => i) }))
+
+/** Takes (reads and clears) every block's dirty log. */
+const takeDirty = (ram: GuestRam.GuestRam["Type"]): ReadonlyArray<Selection> =>
+  ram.blocks.map((block) => {
+    const bits = block.dirty.take()
+    const pages: Array<number> = []
+    DirtyLog.forEachPage(bits, (page) => pages.push(page))
+    return { block, pages: Uint32Array.from(pages) }
+  })
+
+const resolveLive = (live: Migration.LiveOptions | undefined) => ({
+  downtimeLimit: Duration.decode(live?.downtimeLimit ?? Duration.millis(300)),
+  maxRounds: live?.maxRounds ?? 30,
+  maxDuration: Duration.decode(live?.maxDuration ?? Duration.minutes(10)),
+  onNoConvergence: live?.onNoConvergence ?? "fail"
+})
+
+const GIB = 1024 * 1024 * 1024
+
+/**
+ * Runs the rounds. The write gate is closed in the caller's scope: it stays closed when the scope closes
+ * successfully (the destination owns the memory now) and opens again on failure or interruption.
+ */
+export const run = <E, F>(
+  ram: GuestRam.GuestRam["Type"],
+  options: {
+    readonly sink: Sink<E>
+    /** When the migration started (for `maxDuration`). */
+    readonly started: number
+    readonly live: Migration.LiveOptions | undefined
+    /** Fail when the sink makes no progress for this long. */
+    readonly stallTimeout: Duration.DurationInput
+    readonly onProgress: ((progress: Migration.Progress) => Effect.Effect<void>) | undefined
+    /** Ends a round once its pages are synced (the destination's acknowledgement). */
+    readonly flush: (round: number) => Effect.Effect<void, F>
+  }
+): Effect.Effect<
+  { readonly pagesPerRound: ReadonlyArray<number>; readonly pausedAt: number },
+  E | F | MigrationError.MigrationError,
+  Scope.Scope
+> =>
+  Effect.gen(function*() {
+    const { sink } = options
+    const pageSize = ram.pageSize
+    const report = options.onProgress ?? (() => Effect.void)
+    const live = resolveLive(options.live)
+
+    const runRound = (round: number, phase: Migration.Phase, selection: ReadonlyArray<Selection>, bandwidth: number) =>
+      Effect.gen(function*() {
+        const totalBytes = selection.reduce((n, s) => n + s.pages.length, 0) * pageSize
+        let doneBytes = 0
+        const transfer = Effect.gen(function*() {
+          for (const { block, pages } of selection) {
+            for (let first = 0; first < pages.length; first += sink.slots) {
+              const batch = pages.subarray(first, first + sink.slots)
+              yield* sink.send(block, batch, batch.length)
+              doneBytes += batch.length * pageSize
+              yield* report({ round, phase, doneBytes, totalBytes, dirtyPages: 0, bandwidth, expectedDowntimeMs: 0 })
+            }
+          }
+          yield* sink.sync
+        })
+        yield* unlessStalled(
+          Effect.raceFirst(transfer, sink.failure),
+          sink.progress,
+          options.stallTimeout,
+          "without progress sending pages"
+        )
+        yield* options.flush(round)
+        return totalBytes / pageSize
+      })
+
+    const pagesPerRound: Array<number> = []
+    let bandwidth = 0
+    for (const block of ram.blocks) block.dirty.take() // start the dirty log: round 0 covers everything
+    for (let round = 0;; round++) {
+      const dirty = round === 0 ? ram.size / pageSize : GuestRam.dirtyPages(ram)
+      const expectedDowntimeMs = bandwidth > 0 ? dirty * pageSize / bandwidth * 1000 : Infinity
+      if (round > 0 && expectedDowntimeMs <= Duration.toMillis(live.downtimeLimit)) break
+      const elapsed = (yield* Clock.currentTimeMillis) - options.started
+      if (round >= live.maxRounds || elapsed >= Duration.toMillis(live.maxDuration)) {
+        if (live.onNoConvergence === "switchover") break
+        return yield* new MigrationError.MigrationError({
+          reason: "NotConverged",
+          detail: `the migration did not converge after ${round} rounds in ${(elapsed / 1000).toFixed(1)} s: ` +
+            `${dirty} pages still dirty, about ${expectedDowntimeMs.toFixed(0)} ms of downtime at ` +
+            `${(bandwidth / GIB).toFixed(2)} GiB/s, more than the limit of ${Duration.format(live.downtimeLimit)}`
+        })
+      }
+      yield* report({
+        round,
+        phase: "precopy",
+        doneBytes: 0,
+        totalBytes: dirty * pageSize,
+        dirtyPages: dirty,
+        bandwidth,
+        expectedDowntimeMs
+      })
+      const roundStart = yield* Clock.currentTimeMillis
+      const bytesBefore = yield* sink.progress
+      pagesPerRound.push(yield* runRound(round, "precopy", round === 0 ? allPages(ram) : takeDirty(ram), bandwidth))
+      const roundMs = Math.max(1, (yield* Clock.currentTimeMillis) - roundStart)
+      bandwidth = ((yield* sink.progress) - bytesBefore) / roundMs * 1000
+    }
+
+    // switch-over: writers wait at the gate while the last dirty pages go out
+    const pausedAt = yield* Clock.currentTimeMillis
+    yield* Effect.acquireRelease(ram.gate.close, (_, exit) => Exit.isSuccess(exit) ? Effect.void : ram.gate.open)
+    pagesPerRound.push(yield* runRound(pagesPerRound.length, "switchover", takeDirty(ram), bandwidth))
+    return { pagesPerRound, pausedAt }
+  })
