@@ -92,6 +92,11 @@ export interface Connection {
   readonly peek: (length: number) => Effect.Effect<Buffer, TransportError>
   /** Waits for more data (`false`) or a clean end of stream at this point (`true`). */
   readonly atEnd: Effect.Effect<boolean, TransportError>
+  /**
+   * Reads whatever is buffered, at least 1 and at most `max` bytes (waiting for the first), into a new
+   * buffer; an empty buffer means a clean end of stream. For streams whose length nobody announces.
+   */
+  readonly readSome: (max: number) => Effect.Effect<Buffer, TransportError>
   /** Graceful close: flushes, ends the sending side (TLS close_notify, then FIN) and waits until it is sent. */
   readonly end: Effect.Effect<void, TransportError>
 }
@@ -145,9 +150,9 @@ const makeConnection = (stream: Stream.Duplex, peer: string): Connection => {
   let reader: SocketReader | undefined
   const getReader = () => (reader ??= new SocketReader(stream))
 
-  const waitData = (r: SocketReader) =>
+  const waitData = (r: SocketReader, atLeast = 1) =>
     Effect.async<void>((resume) => {
-      const cancel = r.wait(() => resume(Effect.void))
+      const cancel = r.wait(() => resume(Effect.void), atLeast)
       return Effect.sync(cancel)
     })
 
@@ -238,6 +243,22 @@ const makeConnection = (stream: Stream.Duplex, peer: string): Connection => {
         const step = (): Effect.Effect<Buffer, TransportError> => {
           if (r.peekTo(buf, length)) return Effect.succeed(buf)
           if (r.end !== undefined) return Effect.fail(endFailure(r, length, r.available))
+          // wait for more than is buffered now: waiting for "any data" would return at once and spin
+          return Effect.flatMap(waitData(r, r.available + 1), step)
+        }
+        return step()
+      }),
+    readSome: (max) =>
+      Effect.suspend(() => {
+        const r = getReader()
+        const step = (): Effect.Effect<Buffer, TransportError> => {
+          if (r.available > 0) {
+            const buf = Buffer.allocUnsafe(Math.max(1, Math.min(max, r.available)))
+            r.copyTo(buf, 0, buf.length)
+            return Effect.succeed(buf)
+          }
+          if (r.end?._tag === "Eof") return Effect.succeed(Buffer.alloc(0))
+          if (r.end !== undefined) return Effect.fail(endFailure(r, 0, 0))
           return Effect.flatMap(waitData(r), step)
         }
         return step()

@@ -28,6 +28,11 @@ export class SocketReader {
   private paused = false
 
   constructor(private readonly stream: Stream.Duplex) {
+    // a reader is created at the first read, so the stream may already have ended, failed or closed: those
+    // events will not be emitted again
+    if (stream.errored !== null) this.end = { _tag: "Error", error: stream.errored }
+    else if (stream.readableEnded) this.end = { _tag: "Eof" }
+    else if (stream.destroyed) this.end = { _tag: "Error", error: new Error("connection closed") }
     stream.on("data", this.onData)
     stream.once("end", this.onEnd)
     stream.once("error", this.onError)
@@ -67,9 +72,12 @@ export class SocketReader {
     }
   }
 
-  /** Registers the single waiter, called once when data arrives or the stream ends; returns its canceller. */
-  wait(callback: () => void): () => void {
-    if (this.available > 0 || this.end !== undefined) {
+  /**
+   * Registers the single waiter, called once when data arrives or the stream ends (at once if at least
+   * `atLeast` bytes are already buffered or the stream has ended); returns its canceller.
+   */
+  wait(callback: () => void, atLeast = 1): () => void {
+    if (this.available >= atLeast || this.end !== undefined) {
       callback()
       return () => {}
     }

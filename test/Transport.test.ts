@@ -1,0 +1,547 @@
+import { describe, expect, it } from "@effect/vitest"
+import * as Deferred from "effect/Deferred"
+import * as Effect from "effect/Effect"
+import * as Either from "effect/Either"
+import * as Exit from "effect/Exit"
+import * as Fiber from "effect/Fiber"
+import * as Scope from "effect/Scope"
+import * as Crypto from "node:crypto"
+import * as Fs from "node:fs"
+import * as Net from "node:net"
+import {
+  type Address,
+  connect,
+  type Connection,
+  formatAddress,
+  layer,
+  listen,
+  parseAddress,
+  Transport,
+  TransportError
+} from "../src/Transport.js"
+import { expectNoLeaks, nextTurn, openHandles, tempSocketPath } from "./support/handles.js"
+
+// ---------------------------------------------------------------------------------------------------------
+// helpers
+
+const addr = (uri: string): Address => Either.getOrThrow(parseAddress(uri))
+
+/** Every test runs its body in a scope and proves, after the scope closed, that no socket handle is left. */
+const leakFree = <A, E>(body: Effect.Effect<A, E, Scope.Scope>) => expectNoLeaks(Effect.scoped(body))
+
+/** A guard (never used to let things settle): fail instead of hanging the test file. */
+const noHang = <A, E, R>(self: Effect.Effect<A, E, R>, what: string) =>
+  Effect.timeoutFail(self, { duration: "5 seconds", onTimeout: () => new Error(`hung: ${what}`) })
+
+/** Listens on `address` and connects one client to it, both in the current scope. */
+const pair = (address: Address) =>
+  Effect.gen(function*() {
+    const listener = yield* listen(address)
+    const [client, server] = yield* Effect.all([connect(listener.address), listener.accept], { concurrency: 2 })
+    return { listener, client, server }
+  })
+
+/** Waits (event-loop turns, bounded) until `n` more TCP sockets than `base` are open. */
+const untilTcpSockets = (atLeast: number) =>
+  Effect.suspend(() => {
+    const loop = (left: number): Effect.Effect<void, Error> =>
+      (openHandles()["TCPSocketWrap"] ?? 0) >= atLeast
+        ? Effect.void
+        : left === 0
+        ? Effect.fail(new Error(`fewer than ${atLeast} TCP sockets open: ${JSON.stringify(openHandles())}`))
+        : Effect.flatMap(nextTurn, () => loop(left - 1))
+    return loop(1000)
+  })
+
+/** Resolves once the stream has emitted 'close'. */
+const closed = (connection: Connection) =>
+  Effect.async<void>((resume) => {
+    if (connection.stream.closed) return resume(Effect.void)
+    const onClose = () => resume(Effect.void)
+    connection.stream.once("close", onClose)
+    return Effect.sync(() => connection.stream.off("close", onClose))
+  })
+
+const expectError = (error: unknown, reasons: ReadonlyArray<TransportError["reason"]>, text?: string) => {
+  expect(error).toBeInstanceOf(TransportError)
+  const e = error as TransportError
+  expect(reasons).toContain(e.reason)
+  expect(e.message).not.toContain("\n")
+  if (text !== undefined) expect(e.message).toContain(text)
+  return e
+}
+
+const bytes = (n: number, seed: number) => {
+  const b = Buffer.allocUnsafe(n)
+  for (let i = 0; i < n; i++) b[i] = (i * 7 + seed * 13) & 0xff
+  return b
+}
+
+const ipv6Available = await new Promise<boolean>((resolve) => {
+  const server = Net.createServer()
+  server.once("error", () => resolve(false))
+  server.listen(0, "::1", () => server.close(() => resolve(true)))
+})
+
+const LOOPBACK = addr("tcp:127.0.0.1:0")
+
+// ---------------------------------------------------------------------------------------------------------
+
+describe("parseAddress / formatAddress", () => {
+  it.live("parses and formats tcp and unix addresses", () =>
+    leakFree(Effect.sync(() => {
+      const cases: ReadonlyArray<[string, Address]> = [
+        ["tcp:127.0.0.1:0", { _tag: "Tcp", host: "127.0.0.1", port: 0 }],
+        ["tcp:[::1]:5000", { _tag: "Tcp", host: "::1", port: 5000 }],
+        ["tcp:localhost:1", { _tag: "Tcp", host: "localhost", port: 1 }],
+        ["tcp:0.0.0.0:65535", { _tag: "Tcp", host: "0.0.0.0", port: 65535 }],
+        ["unix:/tmp/x", { _tag: "Unix", path: "/tmp/x" }]
+      ]
+      for (const [uri, expected] of cases) {
+        const parsed = parseAddress(uri)
+        expect(parsed).toStrictEqual(Either.right(expected))
+        expect(formatAddress(expected)).toBe(uri)
+      }
+    })))
+
+  it.live("rejects malformed addresses with a one-line BadAddress error", () =>
+    leakFree(Effect.sync(() => {
+      for (
+        const uri of [
+          "tcp:1.2.3.4",
+          "tcp:host:99999",
+          "tcp:host:123456",
+          "tcp:[zz]:1",
+          "tcp:[1.2.3.4]:1",
+          "tcp:::1:5",
+          "tcp::5",
+          "foo:bar",
+          "unix:",
+          ""
+        ]
+      ) {
+        const parsed = parseAddress(uri)
+        expect(Either.isLeft(parsed), uri).toBe(true)
+        const e = expectError(Either.isLeft(parsed) ? parsed.left : undefined, ["BadAddress"])
+        expect(e.address).toBe(uri)
+        expect(e.message.startsWith(`${uri}: `)).toBe(true)
+      }
+      const range = Either.getLeft(parseAddress("tcp:host:99999"))
+      expect(range._tag === "Some" && range.value.detail).toContain("out of range")
+    })))
+})
+
+describe("listen", () => {
+  it.live("tcp 127.0.0.1 port 0 reports the real port", () =>
+    leakFree(Effect.gen(function*() {
+      const listener = yield* listen(LOOPBACK)
+      expect(listener.address._tag).toBe("Tcp")
+      const port = listener.address._tag === "Tcp" ? listener.address.port : 0
+      expect(port).toBeGreaterThan(0)
+      expect(formatAddress(listener.address)).toBe(`tcp:127.0.0.1:${port}`)
+      const [client, server] = yield* Effect.all([connect(addr(`tcp:127.0.0.1:${port}`)), listener.accept], {
+        concurrency: 2
+      })
+      yield* client.write([Buffer.from("ping")])
+      expect((yield* server.read(4)).toString()).toBe("ping")
+      expect(client.peer).toBe(`tcp:127.0.0.1:${port}`)
+      expect(server.peer).toContain("127.0.0.1")
+    })))
+
+  it.live.skipIf(!ipv6Available)("tcp [::1] works", () =>
+    leakFree(Effect.gen(function*() {
+      const { client, listener, server } = yield* pair(addr("tcp:[::1]:0"))
+      expect(formatAddress(listener.address)).toMatch(/^tcp:\[::1\]:\d+$/)
+      yield* server.write([Buffer.from("v6")])
+      expect((yield* client.read(2)).toString()).toBe("v6")
+    })))
+
+  it.live("tcp:localhost connects to a 127.0.0.1 listener", () =>
+    leakFree(Effect.gen(function*() {
+      const listener = yield* listen(LOOPBACK)
+      const port = listener.address._tag === "Tcp" ? listener.address.port : 0
+      const [client, server] = yield* Effect.all([connect(addr(`tcp:localhost:${port}`)), listener.accept], {
+        concurrency: 2
+      })
+      yield* client.write([Buffer.from("local")])
+      expect((yield* server.read(5)).toString()).toBe("local")
+    })))
+
+  it.live("unix socket works, and the socket file is removed when the scope closes", () => {
+    const path = tempSocketPath("listen")
+    return leakFree(Effect.gen(function*() {
+      yield* Effect.scoped(Effect.gen(function*() {
+        const { client, listener, server } = yield* pair(addr(`unix:${path}`))
+        expect(listener.address).toStrictEqual({ _tag: "Unix", path })
+        expect(Fs.existsSync(path)).toBe(true)
+        yield* client.write([Buffer.from("over unix")])
+        expect((yield* server.read(9)).toString()).toBe("over unix")
+        yield* server.write([Buffer.from("back")])
+        expect((yield* client.read(4)).toString()).toBe("back")
+      }))
+      expect(Fs.existsSync(path)).toBe(false)
+      // and the path can be listened on again
+      const again = yield* listen(addr(`unix:${path}`))
+      expect(again.address).toStrictEqual({ _tag: "Unix", path })
+    }))
+  })
+
+  it.live("the Transport service layer exposes connect and listen", () =>
+    leakFree(Effect.gen(function*() {
+      const transport = yield* Transport
+      const listener = yield* transport.listen(LOOPBACK)
+      const [client, server] = yield* Effect.all([transport.connect(listener.address), listener.accept], {
+        concurrency: 2
+      })
+      yield* client.write([Buffer.from("svc")])
+      expect((yield* server.read(3)).toString()).toBe("svc")
+    }).pipe(Effect.provide(layer))))
+})
+
+describe("round trip", () => {
+  it.live("vectored write, exact reads, readInto, readScatter, peek, atEnd", () =>
+    leakFree(Effect.gen(function*() {
+      const { client, server } = yield* pair(LOOPBACK)
+
+      // several chunks in one vectored write, read back with lengths that straddle the chunk boundaries
+      const a = bytes(100, 1)
+      const b = bytes(3000, 2)
+      const c = new Uint8Array(bytes(7, 3)) // a plain Uint8Array, not a Buffer
+      yield* client.write([a, b, c])
+      yield* client.write([]) // nothing to write: completes at once
+      expect(yield* server.read(0)).toHaveLength(0)
+      const first = yield* server.read(50)
+      const second = yield* server.read(3050)
+      const third = yield* server.read(7)
+      expect(Buffer.concat([first, second, third])).toStrictEqual(Buffer.concat([a, b, c]))
+
+      // readInto at an offset leaves the rest of the target alone
+      const payload = bytes(20, 4)
+      yield* client.write([payload])
+      const target = Buffer.alloc(100, 0xee)
+      yield* server.readInto(target, 37, 20)
+      expect(target.subarray(37, 57)).toStrictEqual(payload)
+      expect(target.subarray(0, 37).every((x) => x === 0xee)).toBe(true)
+      expect(target.subarray(57).every((x) => x === 0xee)).toBe(true)
+
+      // readScatter: the i-th page goes to offsets[i], in any order
+      const pages = [bytes(4096, 10), bytes(4096, 11), bytes(4096, 12)]
+      yield* client.write(pages)
+      const ram = Buffer.alloc(3 * 4096)
+      yield* server.readScatter(ram, [8192, 0, 4096], 3, 4096)
+      expect(ram.subarray(8192, 12288)).toStrictEqual(pages[0])
+      expect(ram.subarray(0, 4096)).toStrictEqual(pages[1])
+      expect(ram.subarray(4096, 8192)).toStrictEqual(pages[2])
+      // a scatter whose pages arrive in pieces, and a Uint32Array of offsets
+      const fork = yield* Effect.fork(server.readScatter(ram, new Uint32Array([4096, 0]), 2, 4096))
+      yield* client.write([pages[2]!.subarray(0, 1000)])
+      yield* client.write([pages[2]!.subarray(1000), pages[0]!.subarray(0, 3)])
+      yield* client.write([pages[0]!.subarray(3)])
+      yield* Fiber.join(fork)
+      expect(ram.subarray(4096, 8192)).toStrictEqual(pages[2])
+      expect(ram.subarray(0, 4096)).toStrictEqual(pages[0])
+      yield* server.readScatter(ram, [], 0, 4096) // nothing asked: nothing read
+
+      // peek does not consume; atEnd is false while data is pending (it waits for the data to arrive)
+      yield* client.write([Buffer.from("MAGIC"), Buffer.from("rest")])
+      expect(yield* server.atEnd).toBe(false)
+      expect((yield* server.peek(4)).toString()).toBe("MAGI")
+      expect((yield* server.peek(4)).toString()).toBe("MAGI")
+      expect((yield* server.peek(0)).length).toBe(0)
+      expect((yield* server.read(5)).toString()).toBe("MAGIC")
+      expect(yield* server.atEnd).toBe(false)
+      expect((yield* server.read(4)).toString()).toBe("rest")
+      // a peek for more than is buffered waits for the rest (without spinning) and still consumes nothing
+      const peeking = yield* Effect.fork(server.peek(8))
+      yield* client.write([Buffer.from("abc")])
+      // (one reader at a time: no other read may run while the peek waits; a few turns let "abc" arrive alone)
+      for (let i = 0; i < 5; i++) yield* nextTurn
+      yield* client.write([Buffer.from("defgh")])
+      expect((yield* noHang(Fiber.join(peeking), "peek for more than is buffered")).toString()).toBe("abcdefgh")
+      expect((yield* server.read(8)).toString()).toBe("abcdefgh")
+
+      // the other direction, then a graceful end from each side
+      yield* server.write([Buffer.from("reply")])
+      expect((yield* client.read(5)).toString()).toBe("reply")
+      yield* client.write([Buffer.from("last")])
+      yield* client.end
+      yield* client.end // ending twice is harmless
+      expect(yield* server.atEnd).toBe(false)
+      expect((yield* server.read(4)).toString()).toBe("last")
+      expect(yield* server.atEnd).toBe(true)
+      expect(yield* server.atEnd).toBe(true)
+      expectError(yield* Effect.flip(server.read(1)), ["Closed"], "peer closed the connection")
+      yield* server.end
+      expect(yield* client.atEnd).toBe(true)
+      // both sides ended gracefully: the sockets close by themselves, before the scope does it
+      yield* noHang(Effect.all([closed(client), closed(server)]), "graceful close")
+    })))
+
+  it.live("large transfer (64 MiB in 512 KiB writes) with backpressure", () =>
+    leakFree(Effect.gen(function*() {
+      const { client, server } = yield* pair(LOOPBACK)
+      const CHUNK = 512 * 1024
+      const COUNT = 128
+      const TOTAL = CHUNK * COUNT
+      const base = Crypto.randomBytes(CHUNK)
+      let written = 0
+      let read = 0
+      const sent = Crypto.createHash("sha256")
+
+      const writer = yield* Effect.fork(Effect.gen(function*() {
+        for (let i = 0; i < COUNT; i++) {
+          const chunk = Buffer.from(base)
+          for (let at = 0; at < CHUNK; at += 4096) chunk.writeUInt32BE(i, at) // every page names its chunk
+          sent.update(chunk)
+          yield* client.write([chunk])
+          written += CHUNK
+        }
+      }))
+
+      // do not read until the writer has stopped making progress: it must block, well short of the total
+      let last = -1
+      let still = 0
+      while (still < 20 && written < TOTAL) {
+        if (written === last) still++
+        else {
+          still = 0
+          last = written
+        }
+        yield* nextTurn
+      }
+      const aheadWhenBlocked = written - read
+      // what can be in flight: the reader's 8 MiB high-water mark plus the kernel's socket buffers
+      expect(aheadWhenBlocked).toBeLessThan(48 * 1024 * 1024)
+      expect(written).toBeLessThan(TOTAL)
+
+      // then read slowly, in 1 MiB pieces with event-loop turns between them
+      const received = Crypto.createHash("sha256")
+      const block = Buffer.allocUnsafe(1024 * 1024)
+      let maxAhead = aheadWhenBlocked
+      while (read < TOTAL) {
+        yield* server.readInto(block, 0, block.length)
+        received.update(block)
+        read += block.length
+        maxAhead = Math.max(maxAhead, written - read)
+        yield* nextTurn
+        yield* nextTurn
+      }
+      yield* Fiber.join(writer)
+      expect(written).toBe(TOTAL)
+      expect(maxAhead).toBeLessThan(48 * 1024 * 1024)
+      expect(received.digest("hex")).toBe(sent.digest("hex"))
+      yield* client.end
+      expect(yield* server.atEnd).toBe(true)
+    })), 20_000)
+})
+
+describe("errors", () => {
+  it.live("connect to a closed port fails with Connect: connection refused", () =>
+    leakFree(Effect.gen(function*() {
+      const address = yield* Effect.scoped(Effect.map(listen(LOOPBACK), (l) => l.address))
+      const error = yield* Effect.flip(connect(address))
+      const e = expectError(error, ["Connect"], "connection refused")
+      expect(e.address).toBe(formatAddress(address))
+    })))
+
+  it.live("connect to a unix path that does not exist fails at once with: no such socket", () =>
+    leakFree(Effect.gen(function*() {
+      const path = tempSocketPath("missing")
+      expectError(yield* Effect.flip(connect(addr(`unix:${path}`))), ["Connect"], "no such socket")
+    })))
+
+  it.live("reading past the peer's end mid-read: Closed, after N of M bytes", () =>
+    leakFree(Effect.gen(function*() {
+      const { client, server } = yield* pair(LOOPBACK)
+      yield* client.write([bytes(10, 1)])
+      yield* client.end
+      expectError(yield* Effect.flip(server.read(20)), ["Closed"], "after 10 of 20 bytes")
+      // scatter reads count the bytes they did get
+      const { client: c2, server: s2 } = yield* pair(LOOPBACK)
+      yield* c2.write([bytes(5000, 1)])
+      yield* c2.end
+      expectError(
+        yield* Effect.flip(s2.readScatter(Buffer.alloc(8192), [4096, 0], 2, 4096)),
+        ["Closed"],
+        "after 5000 of 8192 bytes"
+      )
+      // peek too
+      const { client: c3, server: s3 } = yield* pair(LOOPBACK)
+      yield* c3.write([bytes(3, 1)])
+      yield* c3.end
+      expectError(yield* Effect.flip(s3.peek(4)), ["Closed"], "after 3 of 4 bytes")
+      expect((yield* s3.read(3))).toStrictEqual(bytes(3, 1))
+      expect(yield* s3.atEnd).toBe(true)
+    })))
+
+  it.live("peer destroyed or reset mid-read: the pending read fails, it does not hang", () =>
+    leakFree(Effect.gen(function*() {
+      // destroyed: FIN after 10 bytes
+      const { client, server } = yield* pair(LOOPBACK)
+      yield* client.write([bytes(10, 1)])
+      expect((yield* server.peek(10)).length).toBe(10)
+      const reading = yield* Effect.fork(Effect.flip(server.read(100)))
+      client.stream.destroy()
+      expectError(yield* noHang(Fiber.join(reading), "read after destroy"), ["Closed"], "after 10 of 100 bytes")
+
+      // reset: RST
+      const { client: c2, server: s2 } = yield* pair(LOOPBACK)
+      yield* c2.write([bytes(10, 1)])
+      expect((yield* s2.peek(10)).length).toBe(10)
+      const reading2 = yield* Effect.fork(Effect.flip(s2.read(100)))
+      ;(c2.stream as Net.Socket).resetAndDestroy()
+      expectError(yield* noHang(Fiber.join(reading2), "read after reset"), ["Reset"], "connection reset by peer")
+      expectError(yield* Effect.flip(s2.atEnd), ["Reset"])
+    })))
+
+  it.live("a connection whose peer is gone before the first read reports it (no hang)", () =>
+    leakFree(Effect.gen(function*() {
+      // the peer ends before we ever read: the socket may close by itself before our reader exists
+      const { client, server } = yield* pair(LOOPBACK)
+      yield* client.end
+      yield* noHang(closed(server), "server socket close")
+      expect(yield* noHang(server.atEnd, "atEnd on a closed connection")).toBe(true)
+      expectError(yield* noHang(Effect.flip(server.read(1)), "read"), ["Closed"], "peer closed the connection")
+      expect(yield* noHang(client.atEnd, "client atEnd")).toBe(true)
+
+      // the peer resets before we ever read
+      const { client: c2, server: s2 } = yield* pair(LOOPBACK)
+      ;(c2.stream as Net.Socket).resetAndDestroy()
+      yield* noHang(closed(s2), "server socket close after reset")
+      expectError(yield* noHang(Effect.flip(s2.read(4)), "read after reset"), ["Reset", "Closed"])
+      expectError(yield* noHang(Effect.flip(s2.peek(4)), "peek after reset"), ["Reset", "Closed"])
+      expectError(yield* s2.write([Buffer.from("x")]).pipe(Effect.flip), ["Reset", "Closed", "Write"])
+    })))
+
+  it.live("writing after the peer vanished eventually fails (Write, Closed or Reset), not a hang", () =>
+    leakFree(Effect.gen(function*() {
+      const listener = yield* listen(LOOPBACK)
+      const [client] = yield* Effect.all([connect(listener.address), Effect.scoped(listener.accept)], {
+        concurrency: 2
+      })
+      // the accepted connection's scope has closed: it is destroyed
+      const chunk = Buffer.alloc(64 * 1024, 1)
+      let writes = 0
+      const error = yield* noHang(
+        Effect.flip(Effect.forever(Effect.tap(client.write([chunk]), () => writes++))),
+        "writes to a vanished peer"
+      )
+      expectError(error, ["Write", "Closed", "Reset"])
+      expect(writes).toBeLessThan(10_000)
+      // and every later write fails at once
+      expectError(yield* Effect.flip(client.write([chunk])), ["Write", "Closed", "Reset"])
+    })))
+
+  it.live("listening twice on the same address fails with Listen: address already in use", () =>
+    leakFree(Effect.gen(function*() {
+      const first = yield* listen(LOOPBACK)
+      const e = expectError(yield* Effect.flip(listen(first.address)), ["Listen"], "address already in use")
+      expect(e.address).toBe(formatAddress(first.address))
+      const path = tempSocketPath("twice")
+      yield* listen(addr(`unix:${path}`))
+      expectError(yield* Effect.flip(listen(addr(`unix:${path}`))), ["Listen"], "address already in use")
+      // the first listeners still work
+      const [client, server] = yield* Effect.all([connect(first.address), first.accept], { concurrency: 2 })
+      yield* client.write([Buffer.from("ok")])
+      expect((yield* server.read(2)).toString()).toBe("ok")
+    })))
+})
+
+describe("interruption", () => {
+  it.live("interrupting a pending accept returns promptly; the next connection is still accepted", () =>
+    leakFree(Effect.gen(function*() {
+      const listener = yield* listen(LOOPBACK)
+      const accepting = yield* Effect.fork(Effect.scoped(listener.accept))
+      yield* Effect.yieldNow()
+      const exit = yield* noHang(Fiber.interrupt(accepting), "interrupting accept")
+      expect(Exit.isInterrupted(exit)).toBe(true)
+      const { client, server } = yield* Effect.all({ client: connect(listener.address), server: listener.accept }, {
+        concurrency: 2
+      })
+      yield* client.write([Buffer.from("after")])
+      expect((yield* server.read(5)).toString()).toBe("after")
+    })))
+
+  it.live("interrupting a pending read returns promptly; the bytes go to the next read", () =>
+    leakFree(Effect.gen(function*() {
+      const { client, server } = yield* pair(LOOPBACK)
+      for (const pending of [server.read(10), server.peek(10), server.atEnd, server.readInto(Buffer.alloc(10), 0, 10)]) {
+        const fiber = yield* Effect.fork(pending)
+        yield* Effect.yieldNow()
+        const exit = yield* noHang(Fiber.interrupt(fiber), "interrupting a read")
+        expect(Exit.isInterrupted(exit)).toBe(true)
+      }
+      yield* client.write([Buffer.from("0123456789")])
+      expect((yield* server.read(10)).toString()).toBe("0123456789")
+    })))
+
+  it.live("interrupting a blocked writer and a reader mid-transfer, then closing the scope, leaves nothing", () =>
+    leakFree(Effect.gen(function*() {
+      const { client, server } = yield* pair(LOOPBACK)
+      const started = yield* Deferred.make<void>()
+      const chunk = Buffer.alloc(512 * 1024, 7)
+      const writer = yield* Effect.fork(
+        Effect.forever(Effect.zipRight(client.write([chunk]), Deferred.succeed(started, undefined)))
+      )
+      yield* Deferred.await(started)
+      yield* server.read(1000) // some arrived
+      const reader = yield* Effect.fork(server.read(1 << 30)) // never completes
+      yield* Effect.yieldNow()
+      yield* noHang(Fiber.interrupt(writer), "interrupting the writer")
+      yield* noHang(Fiber.interrupt(reader), "interrupting the reader")
+    })))
+})
+
+describe("scope", () => {
+  it.live("closing the scope of listen + connect + accept closes every handle", () =>
+    leakFree(Effect.gen(function*() {
+      for (const address of [LOOPBACK, addr(`unix:${tempSocketPath("scope")}`)]) {
+        yield* expectNoLeaks(Effect.scoped(Effect.gen(function*() {
+          const { client, server } = yield* pair(address)
+          yield* client.write([Buffer.from("x")])
+          yield* server.read(1)
+        })))
+      }
+    })))
+
+  it.live("a failed connect or listen inside a scope leaves no handle", () =>
+    leakFree(Effect.gen(function*() {
+      const address = yield* Effect.scoped(Effect.map(listen(LOOPBACK), (l) => l.address))
+      yield* expectNoLeaks(Effect.scoped(Effect.flip(connect(address))))
+      const first = yield* listen(LOOPBACK)
+      yield* expectNoLeaks(Effect.scoped(Effect.flip(listen(first.address))))
+    })))
+
+  it.live("the listener's release destroys accepted connections, taken or not, and does not wait for them", () =>
+    leakFree(Effect.gen(function*() {
+      const before = openHandles()["TCPSocketWrap"] ?? 0
+      const listenerScope = yield* Scope.make()
+      const listener = yield* Scope.extend(listen(LOOPBACK), listenerScope)
+      // three clients in the outer scope; one connection accepted into the outer scope (outlives the listener)
+      const clients = yield* Effect.all([connect(listener.address), connect(listener.address), connect(listener.address)])
+      const taken = yield* listener.accept
+      // the other two were accepted by the server but never taken by `accept`
+      yield* untilTcpSockets(before + 6)
+      const pendingRead = yield* Effect.fork(Effect.flip(taken.read(1)))
+      yield* Effect.yieldNow()
+
+      yield* noHang(Scope.close(listenerScope, Exit.void), "closing the listener")
+
+      expectError(yield* noHang(Fiber.join(pendingRead), "the taken connection's read"), ["Closed", "Reset"])
+      expect(taken.stream.destroyed).toBe(true)
+      // every client sees its connection end
+      for (const client of clients) {
+        const end = yield* noHang(Effect.either(client.atEnd), "client sees the end")
+        if (Either.isRight(end)) expect(end.right).toBe(true)
+        else expectError(end.left, ["Closed", "Reset"])
+      }
+    })))
+
+  it.live("closing the scope while connect is pending (DNS) leaves no handle", () =>
+    leakFree(Effect.gen(function*() {
+      const listener = yield* listen(LOOPBACK)
+      const port = listener.address._tag === "Tcp" ? listener.address.port : 0
+      const fiber = yield* Effect.fork(Effect.scoped(connect(addr(`tcp:localhost:${port}`))))
+      yield* noHang(Fiber.interrupt(fiber), "interrupting connect")
+    })))
+})
