@@ -186,6 +186,7 @@ export const layer = (config: Config): Layer.Layer<MultifdRecv> => Layer.scoped(
 
 /** Whether an init-packet failure means "not part of this migration" (a stranger) rather than a broken source. */
 export const isStranger = (error: ChannelFailure): boolean =>
-  error._tag === "ProtocolError" && (error.reason === "BadUuid" || error.reason === "BadMagic" ||
-    error.reason === "BadVersion")
+  error._tag === "ProtocolError" && (error.reason === "BadUuid" ||
+    // an init packet's bad magic or version; the same reasons from an adopted channel's worker name its id
+    (error.channel === "unidentified" && (error.reason === "BadMagic" || error.reason === "BadVersion")))
 

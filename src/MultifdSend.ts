@@ -167,7 +167,10 @@ export const make = (
         const channel: Channel = { id, mailbox: yield* Queue.unbounded<Job>() }
         const ready = yield* Ref.updateAndGet(established, (all) => [...all, channel])
         if (ready.length === channels) yield* Deferred.succeed(mailboxes, ready)
-        const fiber = yield* FiberSet.run(fibers, worker(channel, connection, codec))
+        const fiber = yield* FiberSet.run(
+          fibers,
+          worker(channel, connection, codec).pipe(Effect.mapError(MigrationError.onChannel(id)))
+        )
         yield* Fiber.join(fiber)
       }).pipe(Effect.mapError(MigrationError.onChannel(id)), Effect.scoped)
 

@@ -123,12 +123,13 @@ export const decodeInit = (
   const version = view.getUint32(4)
   if (version !== VERSION) return fail("BadVersion", ch, "version", `${version}, expected ${VERSION}`)
   const id = bytes[24]!
-  if (id >= expect.channels) {
-    return fail("BadChannelId", id, "channel id", `${id} is not below the channel count ${expect.channels}`)
-  }
+  // the uuid first (as QEMU): a channel of another migration is a stranger whatever id it claims
   const uuid = Uint8Array.prototype.slice.call(bytes, 8, 24)
   if (expect.uuid !== undefined && !Buffer.from(uuid).equals(Buffer.from(expect.uuid))) {
     return fail("BadUuid", id, "uuid", `${formatUuid(uuid)} is not this migration's ${formatUuid(expect.uuid)}`)
+  }
+  if (id >= expect.channels) {
+    return fail("BadChannelId", id, "channel id", `${id} is not below the channel count ${expect.channels}`)
   }
   return Either.right({ uuid, id })
 }
