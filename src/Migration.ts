@@ -11,6 +11,7 @@ import * as Deferred from "effect/Deferred"
 import * as Duration from "effect/Duration"
 import * as Effect from "effect/Effect"
 import * as Fiber from "effect/Fiber"
+import * as Option from "effect/Option"
 import * as FiberSet from "effect/FiberSet"
 import * as Queue from "effect/Queue"
 import * as Ref from "effect/Ref"
@@ -514,7 +515,22 @@ export const incoming = (
       }
     })
 
+    const isAbort = (error: IncomingError) => error._tag === "MigrationError" && error.reason === "Aborted"
+    const isHangUp = (error: IncomingError) =>
+      (error._tag === "MigrationError" && error.reason === "ChannelClosed") ||
+      (error._tag === "ChannelError" && error.cause._tag === "TransportError")
     return yield* Effect.raceFirst(run, failures).pipe(
+      // a failing source sends Abort, then closes its channels: a channel's end may overtake the Abort, so
+      // give the main channel a moment to tell the real cause
+      Effect.catchIf(isHangUp, (error) =>
+        Effect.flatMap(
+          Effect.flip(controlFailure).pipe(Effect.timeoutTo({
+            duration: Duration.millis(500),
+            onSuccess: Option.some,
+            onTimeout: Option.none
+          })),
+          (told) => Effect.fail(Option.isSome(told) && isAbort(told.value) ? told.value : error)
+        )),
       Effect.tapError((error) =>
         error._tag === "MigrationError" && (error.reason === "Aborted" || error.reason === "Rejected" ||
             error.reason === "DigestMismatch")
