@@ -10,6 +10,7 @@ import * as Clock from "effect/Clock"
 import * as Deferred from "effect/Deferred"
 import * as Duration from "effect/Duration"
 import * as Effect from "effect/Effect"
+import * as Either from "effect/Either"
 import * as Fiber from "effect/Fiber"
 import * as Option from "effect/Option"
 import * as FiberSet from "effect/FiberSet"
@@ -26,6 +27,7 @@ import { unlessStalled, within } from "./internal/stall.js"
 import * as MigrationError from "./MigrationError.js"
 import * as MultifdRecv from "./MultifdRecv.js"
 import * as MultifdSend from "./MultifdSend.js"
+import * as PageCodec from "./PageCodec.js"
 import * as Protocol from "./Protocol.js"
 import * as Transport from "./Transport.js"
 
@@ -173,6 +175,9 @@ export const migrate = (
     const uuidText = Crypto.randomUUID()
     const uuid = Protocol.parseUuid(uuidText)!
     const started = yield* Clock.currentTimeMillis
+    // a bad level or a missing codec is known before anything connects
+    yield* PageCodec.checkLevel(compression, options.compressionLevel)
+    yield* PageCodec.checkAvailable(compression)
 
     const control = yield* transport.connect(options.address, { timeout: timeouts.connect }).pipe(
       Effect.flatMap((raw) => options.upgrade ? options.upgrade(raw, "main") : Effect.succeed(raw)),
@@ -330,6 +335,8 @@ const checkHello = (hello: Control.Hello, options: IncomingOptions): string | un
   if (layoutProblem) return layoutProblem.message
   const total = hello.blocks.reduce((n, b) => n + b.size, 0)
   if (Protocol.parseUuid(hello.uuid) === undefined) return `uuid ${JSON.stringify(hello.uuid)} is malformed`
+  const codec = PageCodec.checkAvailable(hello.compression)
+  if (Either.isLeft(codec)) return codec.left.message
   const ram = options.ram
   if (ram === undefined) {
     const max = options.maxRamBytes ?? DEFAULT_MAX_RAM

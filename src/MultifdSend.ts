@@ -169,10 +169,10 @@ export const make = (
         if (ready.length === channels) yield* Deferred.succeed(mailboxes, ready)
         const fiber = yield* FiberSet.run(
           fibers,
-          worker(channel, connection, codec).pipe(Effect.mapError(MigrationError.onChannel(id)))
+          worker(channel, connection, codec).pipe(Effect.mapError(nameChannel(id)))
         )
         yield* Fiber.join(fiber)
-      }).pipe(Effect.mapError(MigrationError.onChannel(id)), Effect.scoped)
+      }).pipe(Effect.mapError(nameChannel(id)), Effect.scoped)
 
     for (let id = 0; id < channels; id++) yield* FiberSet.run(fibers, establish(id))
 
@@ -199,6 +199,12 @@ export const make = (
       stats: Ref.get(stats)
     }
   })
+
+/** Names the channel an error came from (codec errors carry it themselves). */
+const nameChannel = (id: number) => (error: ChannelFailure): ChannelFailure =>
+  error._tag === "CodecError" && error.channel === undefined
+    ? new PageCodec.CodecError({ ...error, channel: id })
+    : MigrationError.onChannel(id)(error)
 
 /** A layer with the source's channel set, established in the layer's scope. */
 export const layer = (config: Config): Layer.Layer<MultifdSend, never, Transport.Transport> =>
