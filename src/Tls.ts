@@ -212,6 +212,9 @@ const handshake = (
 /** Wraps a TLS socket as a scoped connection: destroyed at once on failure, `end` sends close_notify. */
 const secured = (socket: NodeTls.TLSSocket, peer: string) =>
   Effect.acquireRelease(Effect.succeed(socket), Transport.destroy).pipe(
+    // once secure, Node only emits a TLS error (a fatal alert, say) and leaves the socket open, where further
+    // writes never complete: destroy it, as a plain socket is on error
+    Effect.tap(() => Effect.sync(() => socket.on("error", () => socket.destroy()))),
     Effect.zipRight(Transport.fromStream(socket, peer))
   )
 
@@ -246,8 +249,15 @@ export const client = (settings: Settings, host: string | undefined): Transport.
             ...(creds.ca !== undefined ? { ca: creds.ca } : {}),
             ...(creds.cert !== undefined ? { cert: creds.cert, key: creds.key } : {}),
             ...(servername !== undefined && !Transport.isIp(servername) ? { servername } : {}),
-            checkServerIdentity: (_name, cert) =>
-              servername === undefined ? undefined : NodeTls.checkServerIdentity(servername, cert)
+            checkServerIdentity: (_name, cert) => {
+              const mismatch = servername === undefined ? undefined : NodeTls.checkServerIdentity(servername, cert)
+              if (mismatch === undefined) return undefined
+              const names = cert.subjectaltname ?? `CN=${cert.subject?.CN}`
+              return Object.assign(mismatch, {
+                reason: `${(mismatch as Error & { reason?: string }).reason ?? mismatch.message} `.replace(/:\s*$/, "")
+                  .trim() + ` (the certificate is for ${names})`
+              })
+            }
           })
       ),
       Transport.destroy
@@ -266,6 +276,8 @@ export const client = (settings: Settings, host: string | undefined): Transport.
 export const server = (settings: Settings): Transport.Upgrade<TlsError> => (connection) =>
   Effect.gen(function*() {
     const creds = settings.credentials
+    // a PSK identity outside the authorization list makes OpenSSL fail with an unrelated alert: remember it
+    let refusedIdentity: string | undefined
     const verifyPeer = settings.verifyPeer || (creds._tag === "X509" && settings.authz !== undefined)
     const socket = yield* Effect.acquireRelease(
       Effect.sync(() =>
@@ -273,7 +285,14 @@ export const server = (settings: Settings): Transport.Upgrade<TlsError> => (conn
           isServer: true,
           minVersion: "TLSv1.2",
           ...(creds._tag === "Psk"
-            ? { ciphers: PSK_CIPHERS, pskCallback: (_socket: NodeTls.TLSSocket, identity: string) => pskKey(settings, identity) ?? null }
+            ? {
+              ciphers: PSK_CIPHERS,
+              pskCallback: (_socket: NodeTls.TLSSocket, identity: string) => {
+                const key = pskKey(settings, identity)
+                if (key === undefined) refusedIdentity = identity
+                return key ?? null
+              }
+            }
             : {
               secureContext: NodeTls.createSecureContext({
                 ...(creds.ca !== undefined ? { ca: creds.ca } : {}),
@@ -293,7 +312,17 @@ export const server = (settings: Settings): Transport.Upgrade<TlsError> => (conn
       return name !== undefined && settings.authz.includes(name)
         ? undefined
         : `client ${name === undefined ? "without a certificate" : `CN=${name}`} is not in the authorization list`
-    })
+    }).pipe(
+      Effect.mapError((error) =>
+        refusedIdentity === undefined ? error : new TlsError({
+          reason: "Unauthorized",
+          detail: `handshake with ${connection.peer}: PSK identity ${JSON.stringify(refusedIdentity)} ` +
+            (creds._tag === "Psk" && creds.keys.has(refusedIdentity)
+              ? "is not in the authorization list"
+              : "has no key in this side's PSK file")
+        })
+      )
+    )
     return yield* secured(socket, connection.peer)
   })
 

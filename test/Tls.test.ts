@@ -1,0 +1,887 @@
+/**
+ * TLS on every connection of a migration, mirroring QEMU's multifd TLS tests (tests/qtest/migration/
+ * tls-tests.c: psk match/mismatch, x509 default-host / override-host / mismatch-host, allow-anon-client /
+ * reject-anon-client, authz) with stricter expectations: every failure is a clear one-line error on the
+ * source, naming the channel; a destination that turned a connection away keeps waiting; the handshake of
+ * channel k of N failing, a peer that drops or stalls mid-handshake, and closing the scope while handshakes
+ * are in flight end promptly; a successful migration ends every source→destination TLS stream with
+ * close_notify; and nothing is left open after any test (expectNoLeaks).
+ *
+ * Real loopback TCP, real TLS with the test PKI of fixtures/tls (make-certs.sh). No sleeps: every wait is on
+ * a Deferred, a fiber or a recorded event; the only timer a scenario waits on is the 300 ms handshake timeout
+ * of the stall tests.
+ */
+import { describe, expect, it } from "@effect/vitest"
+import * as Cause from "effect/Cause"
+import * as ConfigError from "effect/ConfigError"
+import * as ConfigProvider from "effect/ConfigProvider"
+import * as Deferred from "effect/Deferred"
+import * as Duration from "effect/Duration"
+import * as Effect from "effect/Effect"
+import * as Exit from "effect/Exit"
+import * as Fiber from "effect/Fiber"
+import * as Logger from "effect/Logger"
+import * as Option from "effect/Option"
+import type * as Scope from "effect/Scope"
+import * as Crypto from "node:crypto"
+import * as Fs from "node:fs"
+import * as Net from "node:net"
+import type * as NodeTls from "node:tls"
+import * as Os from "node:os"
+import * as Path from "node:path"
+import { fileURLToPath } from "node:url"
+import * as GuestRam from "../src/GuestRam.js"
+import * as Migration from "../src/Migration.js"
+import * as MigrationError from "../src/MigrationError.js"
+import type * as MultifdSend from "../src/MultifdSend.js"
+import * as Tls from "../src/Tls.js"
+import * as Transport from "../src/Transport.js"
+import { expectNoLeaks } from "./support/handles.js"
+
+// ---------------------------------------------------------------------------------------------------------
+// helpers
+
+const PAGE = 4096
+const TIMEOUTS = { connect: "3 seconds", handshake: "2 seconds", peer: "3 seconds" } as const
+const HANDSHAKE_MS = 2000
+/** "Promptly": well below every timeout of the migration. */
+const PROMPT_MS = 1000
+
+const fixture = (name: string) => fileURLToPath(new URL(`./fixtures/tls/${name}`, import.meta.url))
+
+type Upgrade = Transport.Upgrade<MultifdSend.ChannelFailure>
+
+/** Runs the body in a scope and proves, once the scope closed, that no socket handle is left open. */
+const leakFree = <A, E>(body: Effect.Effect<A, E, Scope.Scope>) => expectNoLeaks(Effect.scoped(body))
+
+/** A guard (never used to let things settle): fail instead of hanging the file. */
+const noHang = <A, E, R>(self: Effect.Effect<A, E, R>, what: string, seconds = 6) =>
+  Effect.timeoutFail(self, { duration: `${seconds} seconds`, onTimeout: () => new Error(`hung: ${what}`) })
+
+const timed = <A, E, R>(self: Effect.Effect<A, E, R>) =>
+  Effect.suspend(() => {
+    const t0 = performance.now()
+    return Effect.map(self, (a) => [a, performance.now() - t0] as const)
+  })
+
+/** A block of `pages` pages: about 60 % random pages, the rest zero. */
+const image = (pages: number): Buffer => {
+  const bytes = Buffer.alloc(pages * PAGE)
+  for (let p = 0; p < pages; p++) if (Math.random() < 0.6) Crypto.randomFillSync(bytes, p * PAGE, PAGE)
+  return bytes
+}
+
+/** `mib` MiB of mixed random and zero pages in two blocks (3/4 + 1/4). */
+const sourceRam = (mib = 4) =>
+  GuestRam.make({
+    blocks: [
+      { name: "pc.ram", bytes: image(mib * 192) },
+      { name: "vga.vram", bytes: image(mib * 64) }
+    ]
+  })
+
+const sameMemory = (a: GuestRam.GuestRam["Type"], b: GuestRam.GuestRam["Type"]) =>
+  a.blocks.length === b.blocks.length && a.blocks.every((block, i) => block.bytes.equals(b.blocks[i]!.bytes))
+
+const failureOf = <A, E>(exit: Exit.Exit<A, E>): E => {
+  if (Exit.isSuccess(exit)) throw new Error(`expected a failure, got success`)
+  const failure = Cause.failureOption(exit.cause)
+  if (Option.isNone(failure)) throw new Error(`expected a failure, got ${Cause.pretty(exit.cause)}`)
+  return failure.value
+}
+
+const expectOneLine = (error: { readonly message: string }) => {
+  expect(error.message.length).toBeGreaterThan(0)
+  expect(error.message).not.toContain("\n")
+}
+
+/** The error is a `ChannelError` of `channel` caused by a `TlsError` of `reason`; returns the TLS error. */
+const expectTlsFailure = (
+  error: unknown,
+  channel: MigrationError.ChannelName,
+  reason: Tls.TlsError["reason"]
+): Tls.TlsError => {
+  expect(error).toBeInstanceOf(MigrationError.ChannelError)
+  const channelError = error as MigrationError.ChannelError
+  expect(channelError.channel).toBe(channel)
+  expect(channelError.cause).toBeInstanceOf(Tls.TlsError)
+  const tls = channelError.cause as Tls.TlsError
+  expect(tls.reason).toBe(reason)
+  expect(channelError.message.startsWith(channel === "main" ? "main channel: TLS " : `multifd channel ${channel}: TLS `))
+    .toBe(true)
+  expectOneLine(channelError)
+  return tls
+}
+
+/** The source was refused after its handshake: the destination closed the main channel before answering. */
+const expectRefused = (error: unknown, mentioning?: string) => {
+  expect(error).toBeInstanceOf(MigrationError.MigrationError)
+  const e = error as MigrationError.MigrationError
+  expect(e.reason).toBe("Rejected")
+  expect(e.message).toContain("closed the main channel before answering")
+  if (mentioning !== undefined) expect(e.message).toContain(mentioning)
+  expectOneLine(e)
+}
+
+// TLS credentials from the fixtures, with short handshake timeouts
+
+const loadTls = (config: Tls.TlsConfig) => Tls.make({ handshakeTimeoutMs: HANDSHAKE_MS, ...config })
+const pskTls = (file = "keys.psk", config: Tls.TlsConfig = {}) => loadTls({ psk: fixture(file), ...config })
+const serverX509 = (name: "server" | "wronghost", config: Tls.TlsConfig = {}) =>
+  loadTls({ ca: fixture("ca-cert.pem"), cert: fixture(`${name}-cert.pem`), key: fixture(`${name}-key.pem`), ...config })
+const clientX509 = (config: Tls.TlsConfig = {}, client?: "alice" | "mallory") =>
+  loadTls({
+    ca: fixture("ca-cert.pem"),
+    ...(client === undefined ? {} : { cert: fixture(`${client}-cert.pem`), key: fixture(`${client}-key.pem`) }),
+    ...config
+  })
+
+const LOOPBACK = "127.0.0.1"
+const tcp = (host: string, port: number): Transport.Address => ({ _tag: "Tcp", host, port })
+const portOf = (address: Transport.Address) => (address._tag === "Tcp" ? address.port : 0)
+
+/** Waiters woken on every change of some recorded state (no polling, no timers). */
+const makeSignal = () => {
+  const waiters = new Set<() => void>()
+  return {
+    notify: () => {
+      for (const w of Array.from(waiters)) w()
+    },
+    until: (predicate: () => boolean) =>
+      Effect.async<void>((resume) => {
+        if (predicate()) return resume(Effect.void)
+        const check = () => {
+          if (predicate()) {
+            waiters.delete(check)
+            resume(Effect.void)
+          }
+        }
+        waiters.add(check)
+        return Effect.sync(() => waiters.delete(check))
+      })
+  }
+}
+
+/**
+ * A destination on loopback TCP in a fiber of the test's scope (closing the scope interrupts it and closes
+ * its listener). Its log (the connections it turned away) is kept, not printed.
+ */
+const startDestination = (upgrade: Upgrade | undefined, options: Migration.IncomingOptions = {}) =>
+  Effect.gen(function*() {
+    const logs: Array<string> = []
+    const signal = makeSignal()
+    const bound = yield* Deferred.make<Transport.Address, Transport.TransportError>()
+    const destination = Effect.scoped(Effect.gen(function*() {
+      const listener = yield* Transport.listen(tcp(LOOPBACK, 0)).pipe(Effect.tapError((e) => Deferred.fail(bound, e)))
+      yield* Deferred.succeed(bound, listener.address)
+      return yield* Migration.incoming(listener, { timeouts: TIMEOUTS, upgrade, ...options })
+    }))
+    const fiber = yield* Effect.forkScoped(Effect.provide(
+      destination,
+      Logger.replace(
+        Logger.defaultLogger,
+        Logger.make(({ message }) => {
+          logs.push(Array.isArray(message) ? message.join(" ") : String(message))
+          signal.notify()
+        })
+      )
+    ))
+    const address = yield* Deferred.await(bound)
+    return {
+      fiber,
+      address,
+      port: portOf(address),
+      logs,
+      /** Waits until the destination has turned `n` connections away. */
+      rejections: (n: number) => signal.until(() => logs.filter((l) => l.includes("rejected a connection")).length >= n)
+    }
+  })
+
+const migrateTo = (
+  ram: GuestRam.GuestRam["Type"],
+  address: Transport.Address,
+  upgrade: Upgrade | undefined,
+  options: Partial<Migration.MigrateOptions> = {}
+) =>
+  Migration.migrate({ address, channels: 2, timeouts: TIMEOUTS, upgrade, ...options }).pipe(
+    Effect.provide(Transport.layer),
+    Effect.provideService(GuestRam.GuestRam, ram)
+  )
+
+/** Migrates `ram` to a fresh TLS destination and checks that the destination received it byte for byte. */
+const roundTrip = (
+  server: Upgrade,
+  client: Upgrade,
+  options: { readonly host?: string; readonly channels?: number; readonly mib?: number } = {}
+) =>
+  Effect.gen(function*() {
+    const ram = yield* sourceRam(options.mib)
+    const dest = yield* startDestination(server)
+    const stats = yield* noHang(
+      migrateTo(ram, tcp(options.host ?? LOOPBACK, dest.port), client, { channels: options.channels ?? 2 }),
+      "migrate"
+    )
+    const result = yield* noHang(Fiber.join(dest.fiber), "incoming")
+    expect(sameMemory(result.ram, ram)).toBe(true)
+    expect(result.rejected).toEqual([])
+    expect(stats.channels).toBe(options.channels ?? 2)
+    return { ram, stats, result }
+  })
+
+/** Wraps an upgrade to remember what each secured connection negotiated. */
+const negotiated = (upgrade: Upgrade) => {
+  const seen: Array<{ protocol: string | null; cipher: string }> = []
+  const wrapped: Upgrade = (connection, channel) =>
+    Effect.tap(upgrade(connection, channel), (secured) =>
+      Effect.sync(() => {
+        const socket = secured.stream as NodeTls.TLSSocket
+        seen.push({ protocol: socket.getProtocol(), cipher: socket.getCipher().name })
+      }))
+  return { upgrade: wrapped, seen }
+}
+
+/**
+ * Tells the destination which channel an accepted connection is: the source's hook records its local port
+ * for each channel before its handshake starts, the destination's looks the remote port up (waiting, if it
+ * runs first). Loopback TCP only.
+ */
+const channelRegistry = () => {
+  const byPort = new Map<number, number | "main">()
+  const signal = makeSignal()
+  return {
+    source: (inner: Upgrade): Upgrade => (connection, channel) =>
+      Effect.suspend(() => {
+        byPort.set((connection.stream as Net.Socket).localPort!, channel)
+        signal.notify()
+        return inner(connection, channel)
+      }),
+    channelOf: (connection: Transport.Connection) =>
+      Effect.suspend(() => {
+        const port = (connection.stream as Net.Socket).remotePort!
+        return Effect.as(signal.until(() => byPort.has(port)), byPort.get(port)!)
+      })
+  }
+}
+
+/**
+ * A raw TCP "TLS server" that reads the ClientHello and then drops the connection, or never answers. Its
+ * sockets and server are closed with the scope.
+ */
+const rawPeer = (behaviour: "drop" | "stall") =>
+  Effect.gen(function*() {
+    const sockets = new Set<Net.Socket>()
+    const clientHellos = yield* Deferred.make<void>()
+    const server = yield* Effect.acquireRelease(
+      Effect.async<Net.Server>((resume) => {
+        const server = Net.createServer((socket) => {
+          socket.on("error", () => {})
+          sockets.add(socket)
+          socket.once("close", () => sockets.delete(socket))
+          socket.on("data", (chunk: Buffer) => {
+            if (chunk[0] === 0x16) Deferred.unsafeDone(clientHellos, Exit.void) // a handshake record
+            if (behaviour === "drop") socket.destroy()
+          })
+        })
+        server.listen(0, LOOPBACK, () => resume(Effect.succeed(server)))
+      }),
+      (server) =>
+        Effect.zipRight(
+          Effect.forEach(Array.from(sockets), Transport.destroy, { discard: true }),
+          Effect.async<void>((resume) => {
+            server.close(() => resume(Effect.void))
+          })
+        )
+    )
+    return { address: tcp(LOOPBACK, (server.address() as Net.AddressInfo).port), clientHellos }
+  })
+
+/** One direction of a proxied TLS connection: the records seen (type, length) and whether it ended (FIN). */
+interface Direction {
+  records: Array<{ readonly type: number; readonly length: number }>
+  ended: boolean
+  header: Buffer
+  have: number
+  skip: number
+}
+
+const newDirection = (): Direction => ({ records: [], ended: false, header: Buffer.alloc(5), have: 0, skip: 0 })
+
+/** Follows the TLS record layer (5-byte cleartext headers) of a byte stream. */
+const parseRecords = (d: Direction, chunk: Buffer) => {
+  let i = 0
+  while (i < chunk.length) {
+    if (d.skip > 0) {
+      const n = Math.min(d.skip, chunk.length - i)
+      d.skip -= n
+      i += n
+      continue
+    }
+    d.header[d.have++] = chunk[i++]!
+    if (d.have === 5) {
+      const length = d.header.readUInt16BE(3)
+      d.records.push({ type: d.header[0]!, length })
+      d.have = 0
+      d.skip = length
+    }
+  }
+}
+
+/**
+ * A TCP proxy that forwards both directions unchanged (half-closes included) and follows the TLS records of
+ * each, to see on the wire how a TLS connection ended. Closed with the scope.
+ */
+const recordProxy = (target: Transport.Address) =>
+  Effect.gen(function*() {
+    const sockets = new Set<Net.Socket>()
+    const connections: Array<{ up: Direction; down: Direction }> = []
+    const track = (socket: Net.Socket) => {
+      socket.on("error", () => {})
+      sockets.add(socket)
+      socket.once("close", () => sockets.delete(socket))
+    }
+    const server = yield* Effect.acquireRelease(
+      Effect.async<Net.Server>((resume) => {
+        const server = Net.createServer({ allowHalfOpen: true }, (client) => {
+          const upstream = Net.connect({ host: LOOPBACK, port: portOf(target), allowHalfOpen: true })
+          track(client)
+          track(upstream)
+          const record = { up: newDirection(), down: newDirection() }
+          connections.push(record)
+          const pipe = (from: Net.Socket, to: Net.Socket, d: Direction) => {
+            from.on("data", (chunk: Buffer) => {
+              parseRecords(d, chunk)
+              to.write(chunk)
+            })
+            from.on("end", () => {
+              d.ended = true
+              to.end()
+            })
+            from.on("error", () => to.destroy())
+            from.on("close", () => {
+              if (!to.writableEnded) to.destroy()
+            })
+          }
+          pipe(client, upstream, record.up)
+          pipe(upstream, client, record.down)
+        })
+        server.listen(0, LOOPBACK, () => resume(Effect.succeed(server)))
+      }),
+      (server) =>
+        Effect.zipRight(
+          Effect.forEach(Array.from(sockets), Transport.destroy, { discard: true }),
+          Effect.async<void>((resume) => {
+            server.close(() => resume(Effect.void))
+          })
+        )
+    )
+    return { address: tcp(LOOPBACK, (server.address() as Net.AddressInfo).port), connections }
+  })
+
+/**
+ * A TLS 1.3 close_notify as it crosses the wire: one encrypted record (outer type application_data, 0x17)
+ * holding the 2-byte alert, the inner content type and the 16-byte AEAD tag. Nothing else the migration
+ * sends is 2 bytes long.
+ */
+const CLOSE_NOTIFY_RECORD = { type: 0x17, length: 2 + 1 + 16 }
+
+// ---------------------------------------------------------------------------------------------------------
+
+describe("PSK (QEMU tls-creds-psk)", () => {
+  it.live("psk/match: the migration succeeds, memory byte-identical, over TLS 1.3 with a PSK suite", () =>
+    leakFree(Effect.gen(function*() {
+      const tls = yield* pskTls()
+      const server = negotiated(tls.server)
+      const client = negotiated(tls.client(undefined))
+      yield* roundTrip(server.upgrade, client.upgrade)
+      // main + 2 channels on each side
+      expect(server.seen).toHaveLength(3)
+      expect(client.seen).toHaveLength(3)
+      for (const s of [...server.seen, ...client.seen]) {
+        expect(s).toEqual({ protocol: "TLSv1.3", cipher: "TLS_AES_128_GCM_SHA256" })
+      }
+    })))
+
+  it.live("psk/mismatch: the source fails with a handshake error; the destination keeps waiting and then accepts the right key", () =>
+    leakFree(Effect.gen(function*() {
+      const good = yield* pskTls()
+      const wrong = yield* pskTls("wrong-keys.psk")
+      const ram = yield* sourceRam()
+      const dest = yield* startDestination(good.server)
+
+      const [exit, elapsed] = yield* timed(
+        noHang(Effect.exit(migrateTo(ram, tcp(LOOPBACK, dest.port), wrong.client(undefined))), "migrate")
+      )
+      const tls = expectTlsFailure(failureOf(exit), "main", "Handshake")
+      expect(tls.message).toMatch(/^TLS handshake with tcp:127\.0\.0\.1:\d+ failed: /)
+      expect(tls.message).toContain("same pre-shared key")
+      expect(elapsed).toBeLessThan(PROMPT_MS)
+
+      // the destination turned the connection away and is still waiting for a migration
+      yield* noHang(dest.rejections(1), "the destination's rejection")
+      expect(dest.fiber.unsafePoll()).toBeNull()
+
+      // a second source with the right key, same listener
+      const stats = yield* noHang(migrateTo(ram, tcp(LOOPBACK, dest.port), good.client(undefined)), "second migrate")
+      const result = yield* noHang(Fiber.join(dest.fiber), "incoming")
+      expect(sameMemory(result.ram, ram)).toBe(true)
+      expect(stats.channels).toBe(2)
+      expect(result.rejected).toHaveLength(1)
+      expect(result.rejected[0]).toMatch(/TLS handshake with .* failed/)
+    })))
+
+  it.live("psk authz [qemu] admits identity qemu", () =>
+    leakFree(Effect.gen(function*() {
+      const server = yield* pskTls("keys.psk", { authz: ["qemu"] })
+      const client = yield* pskTls("keys.psk", { identity: "qemu" })
+      yield* roundTrip(server.server, client.client(undefined))
+    })))
+
+  it.live("psk authz [other] refuses identity qemu: the source fails on the main channel's handshake", () =>
+    leakFree(Effect.gen(function*() {
+      const server = yield* pskTls("keys.psk", { authz: ["other"] })
+      const client = yield* pskTls()
+      const ram = yield* sourceRam()
+      const dest = yield* startDestination(server.server)
+      const exit = yield* noHang(Effect.exit(migrateTo(ram, tcp(LOOPBACK, dest.port), client.client(undefined))), "migrate")
+      expectTlsFailure(failureOf(exit), "main", "Handshake")
+      yield* noHang(dest.rejections(1), "the destination's rejection")
+      expect(dest.fiber.unsafePoll()).toBeNull()
+    })))
+
+  it.live("a real image: 32 MiB over TLS with 4 channels, byte for byte", () =>
+    leakFree(Effect.gen(function*() {
+      const tls = yield* pskTls()
+      const { stats, result } = yield* roundTrip(tls.server, tls.client(undefined), { channels: 4, mib: 32 })
+      expect(stats.ramBytes).toBe(32 * 1024 * 1024)
+      expect(result.stats.normalPages + result.stats.zeroPages).toBe(32 * 256)
+    })), 20_000)
+})
+
+// ---------------------------------------------------------------------------------------------------------
+
+describe("x509 (QEMU tls-creds-x509)", () => {
+  it.live("default-host, by IP: the client checks 127.0.0.1 against the certificate's IP SAN", () =>
+    leakFree(Effect.gen(function*() {
+      const server = yield* serverX509("server")
+      const client = yield* clientX509()
+      const s = negotiated(server.server)
+      yield* roundTrip(s.upgrade, client.client(LOOPBACK))
+      for (const n of s.seen) expect(n.protocol).toBe("TLSv1.3")
+    })))
+
+  it.live("default-host, by name: connecting to localhost checks the DNS SAN localhost", () =>
+    leakFree(Effect.gen(function*() {
+      const server = yield* serverX509("server")
+      const client = yield* clientX509()
+      yield* roundTrip(server.server, client.client("localhost"), { host: "localhost" })
+    })))
+
+  it.live("override-host: hostname localhost while connecting to 127.0.0.1", () =>
+    leakFree(Effect.gen(function*() {
+      const server = yield* serverX509("server")
+      const client = yield* clientX509({ hostname: "localhost" })
+      yield* roundTrip(server.server, client.client(LOOPBACK))
+    })))
+
+  it.live("mismatch-host: the source fails naming the mismatch; the destination stays up and then admits an override-host source", () =>
+    leakFree(Effect.gen(function*() {
+      const server = yield* serverX509("wronghost")
+      const client = yield* clientX509()
+      const ram = yield* sourceRam()
+      const dest = yield* startDestination(server.server)
+
+      const [exit, elapsed] = yield* timed(
+        noHang(Effect.exit(migrateTo(ram, tcp(LOOPBACK, dest.port), client.client(LOOPBACK))), "migrate")
+      )
+      const tls = expectTlsFailure(failureOf(exit), "main", "Handshake")
+      expect(tls.message).toContain("127.0.0.1")
+      expect(tls.message).toMatch(/not in the cert's|does not match/)
+      expect(elapsed).toBeLessThan(PROMPT_MS)
+
+      yield* noHang(dest.rejections(1), "the destination's rejection")
+      expect(dest.fiber.unsafePoll()).toBeNull()
+
+      // the override is what the client checks: wrong.example is the name this certificate carries
+      const override = yield* clientX509({ hostname: "wrong.example" })
+      yield* noHang(migrateTo(ram, tcp(LOOPBACK, dest.port), override.client(LOOPBACK)), "second migrate")
+      const result = yield* noHang(Fiber.join(dest.fiber), "incoming")
+      expect(sameMemory(result.ram, ram)).toBe(true)
+      expect(result.rejected).toHaveLength(1)
+    })))
+
+  it.live("a server certificate from an unknown CA is refused", () =>
+    leakFree(Effect.gen(function*() {
+      // the client trusts only the alice certificate as its CA: the server's chain does not verify
+      const server = yield* serverX509("server")
+      const client = yield* loadTls({ ca: fixture("alice-cert.pem") })
+      const ram = yield* sourceRam()
+      const dest = yield* startDestination(server.server)
+      const exit = yield* noHang(Effect.exit(migrateTo(ram, tcp(LOOPBACK, dest.port), client.client(LOOPBACK))), "migrate")
+      const tls = expectTlsFailure(failureOf(exit), "main", "Handshake")
+      expect(tls.message).toMatch(/certificate/)
+      yield* noHang(dest.rejections(1), "the destination's rejection")
+      expect(dest.fiber.unsafePoll()).toBeNull()
+    })))
+
+  it.live("allow-anon-client: destination without verifyPeer, client without a certificate", () =>
+    leakFree(Effect.gen(function*() {
+      const server = yield* serverX509("server", { verifyPeer: false })
+      const client = yield* clientX509()
+      yield* roundTrip(server.server, client.client(LOOPBACK))
+    })))
+
+  it.live("reject-anon-client: destination with verifyPeer, client without a certificate: certificate required", () =>
+    leakFree(Effect.gen(function*() {
+      const server = yield* serverX509("server", { verifyPeer: true })
+      const client = yield* clientX509()
+      const ram = yield* sourceRam()
+      const dest = yield* startDestination(server.server)
+      const [exit, elapsed] = yield* timed(
+        noHang(Effect.exit(migrateTo(ram, tcp(LOOPBACK, dest.port), client.client(LOOPBACK))), "migrate")
+      )
+      const error = failureOf(exit)
+      // TLS 1.3: the client's handshake completes before the server checks its (empty) certificate, so the
+      // refusal arrives as an alert on the main channel
+      expect(error.message).toContain("certificate required")
+      expectOneLine(error)
+      expect(elapsed).toBeLessThan(PROMPT_MS)
+      yield* noHang(dest.rejections(1), "the destination's rejection")
+      expect(dest.fiber.unsafePoll()).toBeNull()
+    })))
+
+  it.live("a fatal alert after the client's handshake closes the connection: a later write fails at once", () =>
+    leakFree(Effect.gen(function*() {
+      const server = yield* serverX509("server", { verifyPeer: true })
+      const client = yield* clientX509()
+      const listener = yield* Transport.listen(tcp(LOOPBACK, 0))
+      const serverSide = yield* Effect.forkScoped(
+        Effect.scoped(Effect.flatMap(listener.accept, (c) => Effect.either(server.server(c, "main"))))
+      )
+      const raw = yield* Transport.connect(listener.address)
+      // TLS 1.3: the client is done before the server checks the (missing) client certificate
+      const secured = yield* client.client(LOOPBACK)(raw, "main")
+      const readError = yield* noHang(Effect.flip(secured.read(1)), "read")
+      expect(readError.message).toContain("certificate required")
+      const [writeExit, ms] = yield* timed(noHang(Effect.exit(secured.write([Buffer.from("hello")])), "write", 2))
+      expect(Exit.isFailure(writeExit)).toBe(true)
+      expect(ms).toBeLessThan(200)
+      const refused = yield* Fiber.join(serverSide)
+      expect(refused._tag).toBe("Left")
+    })))
+
+  it.live("verifyPeer with a client certificate (alice) succeeds", () =>
+    leakFree(Effect.gen(function*() {
+      const server = yield* serverX509("server", { verifyPeer: true })
+      const client = yield* clientX509({}, "alice")
+      yield* roundTrip(server.server, client.client(LOOPBACK))
+    })))
+
+  it.live("authz [alice]: alice is admitted", () =>
+    leakFree(Effect.gen(function*() {
+      const server = yield* serverX509("server", { verifyPeer: true, authz: ["alice"] })
+      const client = yield* clientX509({}, "alice")
+      yield* roundTrip(server.server, client.client(LOOPBACK))
+    })))
+
+  it.live("authz [alice]: mallory is refused (the destination closes the main channel), the destination stays up", () =>
+    leakFree(Effect.gen(function*() {
+      const server = yield* serverX509("server", { verifyPeer: true, authz: ["alice"] })
+      const mallory = yield* clientX509({}, "mallory")
+      const ram = yield* sourceRam()
+      const dest = yield* startDestination(server.server)
+      const [exit, elapsed] = yield* timed(
+        noHang(Effect.exit(migrateTo(ram, tcp(LOOPBACK, dest.port), mallory.client(LOOPBACK))), "migrate")
+      )
+      expectRefused(failureOf(exit), "TLS authorization")
+      expect(elapsed).toBeLessThan(PROMPT_MS)
+      yield* noHang(dest.rejections(1), "the destination's rejection")
+      expect(dest.logs.join("\n")).toContain("CN=mallory is not in the authorization list")
+      expect(dest.fiber.unsafePoll()).toBeNull()
+
+      // and alice, on the same listener, gets through
+      const alice = yield* clientX509({}, "alice")
+      yield* noHang(migrateTo(ram, tcp(LOOPBACK, dest.port), alice.client(LOOPBACK)), "second migrate")
+      const result = yield* noHang(Fiber.join(dest.fiber), "incoming")
+      expect(sameMemory(result.ram, ram)).toBe(true)
+      expect(result.rejected).toHaveLength(1)
+      expect(result.rejected[0]).toContain("CN=mallory")
+    })))
+})
+
+// ---------------------------------------------------------------------------------------------------------
+
+describe("handshake faults", () => {
+  const N = 4
+  const k = 2
+
+  it.live("the handshake of channel k of N fails (wrong key on channel k only): migrate fails naming channel k, promptly", () =>
+    leakFree(Effect.gen(function*() {
+      const good = yield* pskTls()
+      const wrong = yield* pskTls("wrong-keys.psk")
+      const upgrade: Upgrade = (connection, channel) =>
+        channel === k ? wrong.client(undefined)(connection, channel) : good.client(undefined)(connection, channel)
+      const ram = yield* sourceRam()
+      const dest = yield* startDestination(good.server)
+      const [exit, elapsed] = yield* timed(
+        noHang(Effect.exit(migrateTo(ram, tcp(LOOPBACK, dest.port), upgrade, { channels: N })), "migrate")
+      )
+      const tls = expectTlsFailure(failureOf(exit), k, "Handshake")
+      expect(tls.message).toContain("same pre-shared key")
+      expect(elapsed).toBeLessThan(PROMPT_MS)
+
+      // the destination was told (Abort naming channel k) instead of waiting for channel k
+      const destError = failureOf(yield* noHang(Fiber.await(dest.fiber), "incoming after the source failed"))
+      expectOneLine(destError)
+      expect(destError).toBeInstanceOf(MigrationError.MigrationError)
+      expect((destError as MigrationError.MigrationError).reason).toBe("Aborted")
+      expect(destError.message).toContain(`multifd channel ${k}`)
+    })))
+
+  it.live("a raw peer drops the connection after the ClientHello: handshake error on the main channel, no hang", () =>
+    leakFree(Effect.gen(function*() {
+      const tls = yield* pskTls()
+      const peer = yield* rawPeer("drop")
+      const ram = yield* sourceRam()
+      const [exit, elapsed] = yield* timed(
+        noHang(Effect.exit(migrateTo(ram, peer.address, tls.client(undefined))), "migrate")
+      )
+      expect(yield* Deferred.isDone(peer.clientHellos)).toBe(true)
+      const error = expectTlsFailure(failureOf(exit), "main", "Handshake")
+      expect(error.message).toMatch(/^TLS handshake with tcp:127\.0\.0\.1:\d+ failed: /)
+      expect(elapsed).toBeLessThan(PROMPT_MS)
+    })))
+
+  it.live("the destination drops channel k after its ClientHello: handshake error naming channel k", () =>
+    leakFree(Effect.gen(function*() {
+      const tls = yield* pskTls()
+      const registry = channelRegistry()
+      const server: Upgrade = (connection, channel) =>
+        Effect.flatMap(registry.channelOf(connection), (id) =>
+          id !== k ? tls.server(connection, channel) : Effect.gen(function*() {
+            yield* connection.read(5) // the ClientHello's record header
+            yield* Transport.destroy(connection.stream)
+            return yield* new Tls.TlsError({ reason: "Handshake", detail: "dropped by the test" })
+          }))
+      const ram = yield* sourceRam()
+      const dest = yield* startDestination(server)
+      const [exit, elapsed] = yield* timed(noHang(
+        Effect.exit(migrateTo(ram, tcp(LOOPBACK, dest.port), registry.source(tls.client(undefined)), { channels: N })),
+        "migrate"
+      ))
+      expectTlsFailure(failureOf(exit), k, "Handshake")
+      expect(elapsed).toBeLessThan(PROMPT_MS)
+      const destError = failureOf(yield* noHang(Fiber.await(dest.fiber), "incoming after the source failed"))
+      expect((destError as MigrationError.MigrationError).reason).toBe("Aborted")
+    })))
+
+  it.live("a raw peer stalls mid-handshake: the source fails after handshakeTimeoutMs with reason Timeout", () =>
+    leakFree(Effect.gen(function*() {
+      const tls = yield* pskTls("keys.psk", { handshakeTimeoutMs: 300 })
+      const peer = yield* rawPeer("stall")
+      const ram = yield* sourceRam()
+      const [exit, elapsed] = yield* timed(
+        noHang(Effect.exit(migrateTo(ram, peer.address, tls.client(undefined))), "migrate")
+      )
+      expect(yield* Deferred.isDone(peer.clientHellos)).toBe(true)
+      const error = expectTlsFailure(failureOf(exit), "main", "Timeout")
+      expect(error.message).toMatch(/timed out after 300/)
+      expect(elapsed).toBeGreaterThanOrEqual(290)
+      expect(elapsed).toBeLessThan(300 + PROMPT_MS)
+    })))
+
+  it.live("the destination stalls channel k's handshake: Timeout naming channel k, the destination is aborted", () =>
+    leakFree(Effect.gen(function*() {
+      const tls = yield* pskTls()
+      const short = yield* pskTls("keys.psk", { handshakeTimeoutMs: 300 })
+      const registry = channelRegistry()
+      const server: Upgrade = (connection, channel) =>
+        Effect.flatMap(registry.channelOf(connection), (id): ReturnType<Upgrade> =>
+          id !== k
+            ? tls.server(connection, channel)
+            : Effect.zipRight(connection.read(5), Effect.never))
+      const ram = yield* sourceRam()
+      const dest = yield* startDestination(server)
+      const [exit, elapsed] = yield* timed(noHang(
+        Effect.exit(migrateTo(ram, tcp(LOOPBACK, dest.port), registry.source(short.client(undefined)), { channels: N })),
+        "migrate"
+      ))
+      expectTlsFailure(failureOf(exit), k, "Timeout")
+      expect(elapsed).toBeLessThan(300 + PROMPT_MS)
+      const destError = failureOf(yield* noHang(Fiber.await(dest.fiber), "incoming after the source failed"))
+      expect((destError as MigrationError.MigrationError).reason).toBe("Aborted")
+    })))
+
+  it.live("the scope closes while every channel's handshake is in flight: interruption is prompt, nothing left", () =>
+    leakFree(Effect.gen(function*() {
+      const tls = yield* pskTls()
+      let calls = 0
+      let stalled = 0
+      const signal = makeSignal()
+      // the destination secures the main channel (its first connection: multifd channels connect only after
+      // Accept) and reads every multifd channel's ClientHello, never answering it
+      const server: Upgrade = (connection, channel) =>
+        Effect.suspend((): ReturnType<Upgrade> =>
+          calls++ === 0
+            ? tls.server(connection, channel)
+            : Effect.zipRight(
+              connection.read(5),
+              Effect.zipRight(
+                Effect.sync(() => {
+                  stalled++
+                  signal.notify()
+                }),
+                Effect.never
+              )
+            )
+        )
+      const ram = yield* sourceRam()
+      const destination = yield* startDestination(server)
+      const source = yield* Effect.fork(migrateTo(ram, tcp(LOOPBACK, destination.port), tls.client(undefined), { channels: N }))
+      yield* noHang(signal.until(() => stalled === N), "every handshake stalled")
+      expect(source.unsafePoll()).toBeNull()
+
+      const [exit, elapsed] = yield* timed(noHang(Fiber.interrupt(source), "interrupting migrate"))
+      expect(Exit.isInterrupted(exit)).toBe(true)
+      expect(elapsed).toBeLessThan(PROMPT_MS)
+
+      // the destination sees its source go away: it fails (main channel closed), it does not hang
+      const destExit = yield* noHang(Fiber.await(destination.fiber), "incoming after the source vanished")
+      expectOneLine(failureOf(destExit))
+    })))
+})
+
+// ---------------------------------------------------------------------------------------------------------
+
+describe("clean termination", () => {
+  it.live("after a successful TLS migration every source→destination stream ends with close_notify, then FIN", () =>
+    leakFree(Effect.gen(function*() {
+      const tls = yield* pskTls()
+      const ram = yield* sourceRam()
+      const dest = yield* startDestination(tls.server)
+      const proxy = yield* recordProxy(dest.address)
+      yield* noHang(migrateTo(ram, proxy.address, tls.client(undefined), { channels: 4 }), "migrate")
+      const result = yield* noHang(Fiber.join(dest.fiber), "incoming")
+      expect(sameMemory(result.ram, ram)).toBe(true)
+
+      expect(proxy.connections).toHaveLength(1 + 4)
+      for (const { up } of proxy.connections) {
+        expect(up.ended).toBe(true)
+        expect(up.have).toBe(0) // no torn record header
+        expect(up.skip).toBe(0) // no torn record
+        expect(up.records.at(-1)).toEqual(CLOSE_NOTIFY_RECORD)
+        // the close_notify is the only such record: the migration itself sent none of that size
+        expect(up.records.filter((r) => r.length === CLOSE_NOTIFY_RECORD.length)).toHaveLength(1)
+      }
+    })))
+})
+
+// ---------------------------------------------------------------------------------------------------------
+
+describe("configuration", () => {
+  const tmp = (name: string, text: string) => {
+    const path = Path.join(Os.tmpdir(), `emfd-tls-${process.pid}-${Math.random().toString(36).slice(2, 8)}-${name}`)
+    Fs.writeFileSync(path, text)
+    return path
+  }
+  const removing = (path: string) => Effect.addFinalizer(() => Effect.sync(() => Fs.rmSync(path, { force: true })))
+
+  const configError = (config: Tls.TlsConfig) =>
+    Effect.gen(function*() {
+      const error = yield* Effect.flip(Tls.load(config))
+      expect(error).toBeInstanceOf(Tls.TlsError)
+      expect(error.reason).toBe("Config")
+      expect(error.message.startsWith("TLS configuration: ")).toBe(true)
+      expectOneLine(error)
+      return error
+    })
+
+  it.live("load: a missing file", () =>
+    leakFree(Effect.gen(function*() {
+      const e = yield* configError({ psk: "/nonexistent/keys.psk" })
+      expect(e.message).toContain("cannot read PSK file /nonexistent/keys.psk")
+      const ca = yield* configError({ ca: "/nonexistent/ca.pem" })
+      expect(ca.message).toContain("cannot read CA certificate /nonexistent/ca.pem")
+    })))
+
+  it.live("load: a bad keys.psk line names the file and the line", () =>
+    leakFree(Effect.gen(function*() {
+      const path = tmp("bad.psk", "# comment\n\nqemu:00ff\nnot-a-key-line\n")
+      yield* removing(path)
+      const e = yield* configError({ psk: path })
+      expect(e.message).toContain(`${path} line 4 is not identity:hexkey`)
+      const odd = tmp("odd.psk", "qemu:abc\n")
+      yield* removing(odd)
+      expect((yield* configError({ psk: odd })).message).toContain("line 1")
+      const empty = tmp("empty.psk", "# nothing\n")
+      yield* removing(empty)
+      expect((yield* configError({ psk: empty })).message).toContain("no identity:hexkey line")
+    })))
+
+  it.live("load: psk and x509 together, a certificate without its key, no credentials at all", () =>
+    leakFree(Effect.gen(function*() {
+      expect((yield* configError({ psk: fixture("keys.psk"), ca: fixture("ca-cert.pem") })).message)
+        .toContain("not both")
+      expect((yield* configError({ cert: fixture("alice-cert.pem") })).message).toContain("needs its key")
+      expect((yield* configError({ key: fixture("alice-key.pem") })).message).toContain("needs its key")
+      expect((yield* configError({})).message).toContain("no credentials")
+    })))
+
+  it.live("load: a PSK file without the identity the source presents fails before any byte is sent", () =>
+    leakFree(Effect.gen(function*() {
+      const tls = yield* pskTls("keys.psk", { identity: "nobody" })
+      const ram = yield* sourceRam(1)
+      const dest = yield* startDestination((yield* pskTls()).server)
+      const exit = yield* noHang(Effect.exit(migrateTo(ram, tcp(LOOPBACK, dest.port), tls.client(undefined))), "migrate")
+      const error = expectTlsFailure(failureOf(exit), "main", "Config")
+      expect(error.message).toContain("no key for identity nobody")
+    })))
+
+  const fromEnv = (env: Record<string, string>) =>
+    Effect.withConfigProvider(ConfigProvider.fromMap(new Map(Object.entries(env)), { pathDelim: "_" }))
+
+  it.live("layerConfig reads MULTIFD_TLS_* and builds the service", () =>
+    leakFree(Effect.gen(function*() {
+      const tls = yield* Effect.provide(Tls.Tls, Tls.layerConfig).pipe(fromEnv({
+        MULTIFD_TLS_PSK: fixture("keys.psk"),
+        MULTIFD_TLS_IDENTITY: "qemu",
+        MULTIFD_TLS_AUTHZ: "qemu,other",
+        MULTIFD_TLS_VERIFY_PEER: "true",
+        MULTIFD_TLS_HANDSHAKE_TIMEOUT_MS: "1500"
+      }))
+      expect(tls.settings.credentials._tag).toBe("Psk")
+      expect(tls.settings.authz).toEqual(["qemu", "other"])
+      expect(tls.settings.verifyPeer).toBe(true)
+      expect(Duration.toMillis(tls.settings.handshakeTimeout)).toBe(1500)
+
+      const x509 = yield* Effect.provide(Tls.Tls, Tls.layerConfig).pipe(fromEnv({
+        MULTIFD_TLS_CA: fixture("ca-cert.pem"),
+        MULTIFD_TLS_CERT: fixture("server-cert.pem"),
+        MULTIFD_TLS_KEY: fixture("server-key.pem"),
+        MULTIFD_TLS_HOSTNAME: "localhost"
+      }))
+      expect(x509.settings.credentials._tag).toBe("X509")
+      expect(x509.settings.hostname).toBe("localhost")
+      expect(Duration.toMillis(x509.settings.handshakeTimeout)).toBe(Duration.toMillis(Tls.DEFAULT_HANDSHAKE_TIMEOUT))
+    })))
+
+  it.live("layerConfig validates: VERIFY_PEER=maybe and a negative timeout are ConfigErrors, psk+ca a TlsError", () =>
+    leakFree(Effect.gen(function*() {
+      const build = (env: Record<string, string>) => Effect.flip(Effect.provide(Tls.Tls, Tls.layerConfig).pipe(fromEnv(env)))
+
+      const maybe = yield* build({ MULTIFD_TLS_PSK: fixture("keys.psk"), MULTIFD_TLS_VERIFY_PEER: "maybe" })
+      expect(ConfigError.isConfigError(maybe)).toBe(true)
+      expect(String(maybe)).toContain("VERIFY_PEER")
+
+      const negative = yield* build({ MULTIFD_TLS_PSK: fixture("keys.psk"), MULTIFD_TLS_HANDSHAKE_TIMEOUT_MS: "-5" })
+      expect(ConfigError.isConfigError(negative)).toBe(true)
+      expect(String(negative)).toContain("handshakeTimeoutMs")
+
+      const both = yield* build({ MULTIFD_TLS_PSK: fixture("keys.psk"), MULTIFD_TLS_CA: fixture("ca-cert.pem") })
+      expect(both).toBeInstanceOf(Tls.TlsError)
+      expect((both as Tls.TlsError).reason).toBe("Config")
+
+      const none = yield* build({})
+      expect(none).toBeInstanceOf(Tls.TlsError)
+      expect((none as Tls.TlsError).message).toContain("no credentials")
+    })))
+})
