@@ -416,7 +416,17 @@ export const incoming = (
       : Deferred.await(control).pipe(within(options.acceptTimeout, "waiting for a source to connect"))
     const ctl = yield* Effect.raceFirst(waitControl, connectionFailure)
     const { inbox, failure: controlFailure } = yield* controlReader(ctl, "source")
-    const failures = Effect.raceFirst(controlFailure, connectionFailure)
+    // once Done is sent the source ends its main channel, and that end may be seen before the channels' ends:
+    // it is no failure then (an Abort still is)
+    const doneSent = yield* Deferred.make<void>()
+    const isEnd = (error: IncomingError) =>
+      error._tag === "ChannelError" && error.cause._tag === "TransportError" &&
+      (error.cause as Transport.TransportError).reason === "Closed"
+    const failures = Effect.raceFirst(
+      Effect.catchIf(controlFailure, isEnd, (error) =>
+        Effect.flatMap(Deferred.isDone(doneSent), (done) => done ? Effect.never : Effect.fail(error))),
+      connectionFailure
+    )
     const next = Effect.raceFirst(Queue.take(inbox), failures)
     const tell = (message: Control.Message) =>
       Effect.mapError(Control.send(ctl, message), MigrationError.onChannel("main"))
@@ -493,6 +503,7 @@ export const incoming = (
           yield* tell(new Control.Abort({ reason }))
           return yield* new MigrationError.MigrationError({ reason: "DigestMismatch", detail: reason })
         }
+        yield* Deferred.succeed(doneSent, undefined)
         yield* tell(new Control.Done())
         yield* Effect.raceFirst(recv.finished, failures).pipe(
           within(timeouts.peer, "waiting for the source to close its multifd channels")

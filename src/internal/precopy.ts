@@ -118,7 +118,8 @@ export const run = <E, F>(
       const expectedDowntimeMs = bandwidth > 0 ? dirty * pageSize / bandwidth * 1000 : Infinity
       if (round > 0 && expectedDowntimeMs <= Duration.toMillis(live.downtimeLimit)) break
       const elapsed = (yield* Clock.currentTimeMillis) - options.started
-      if (round >= live.maxRounds || elapsed >= Duration.toMillis(live.maxDuration)) {
+      // round 0 (every page) always runs: a switch-over without it would leave the destination incomplete
+      if (round > 0 && (round >= live.maxRounds || elapsed >= Duration.toMillis(live.maxDuration))) {
         if (live.onNoConvergence === "switchover") break
         return yield* new MigrationError.MigrationError({
           reason: "NotConverged",

@@ -13,11 +13,13 @@ export class WriteGate {
 
   /** Runs `write` (synchronous) as soon as the gate is open. */
   pass<A>(write: () => A): Effect.Effect<A> {
-    const attempt = (): Effect.Effect<A> => {
+    // the check and the write are one synchronous step: a fiber may yield between two effects, and a gate
+    // closed in that gap must not let the write through
+    const attempt: Effect.Effect<A> = Effect.suspend(() => {
       const closed = this.closed
-      return closed === undefined ? Effect.sync(write) : Effect.flatMap(Deferred.await(closed), attempt)
-    }
-    return Effect.suspend(attempt)
+      return closed === undefined ? Effect.succeed(write()) : Effect.zipRight(Deferred.await(closed), attempt)
+    })
+    return attempt
   }
 
   /** Closes the gate; writers wait from now on. */

@@ -1,0 +1,980 @@
+/**
+ * Live pre-copy (issue 4): memory written while it migrates. Real loopback sockets, a writer fiber going
+ * through `GuestRam.write` / `update` (the write gate and the dirty log) while rounds run.
+ *
+ * - the write gate: a write never lands while the gate is closed, even when its fiber yields mid-write;
+ * - round ordering: after `migrate` returns the writer waits at the gate, so the source is frozen and the
+ *   destination must equal it byte for byte (property test over write patterns and channel counts);
+ * - a page written in round k and again in round k+1, the copies travelling on different channels (seen on
+ *   the wire), ends with the k+1 copy;
+ * - convergence with a slow writer, non-convergence with a clear error, forced switch-over;
+ * - TestClock: `maxDuration` and a peer that never acknowledges a flush;
+ * - cancel in every phase: the destination hears "cancelled by source", writers resume, nothing stays
+ *   open, and a second migration on the same listener succeeds (QEMU's multifd cancel test);
+ * - `migrateStream`: progress by round, then Completed; interrupting the consumer cancels the migration;
+ * - the end: the main channel's end seen before the channels' ends (after Done) is no failure.
+ *
+ * Every test that opens a socket runs under `expectNoLeaks`. Nothing waits on a timer to let things settle: waits are on
+ * Deferreds, fibers, recorded events or event-loop turns; `noHang` guards only turn a hang into a failure.
+ */
+import { describe, expect, it } from "@effect/vitest"
+import * as Cause from "effect/Cause"
+import * as Chunk from "effect/Chunk"
+import * as Deferred from "effect/Deferred"
+import * as Duration from "effect/Duration"
+import * as Effect from "effect/Effect"
+import * as Exit from "effect/Exit"
+import * as FastCheck from "effect/FastCheck"
+import * as Fiber from "effect/Fiber"
+import * as Layer from "effect/Layer"
+import * as Logger from "effect/Logger"
+import * as Option from "effect/Option"
+import type * as Scope from "effect/Scope"
+import * as Stream from "effect/Stream"
+import * as TestClock from "effect/TestClock"
+import * as Crypto from "node:crypto"
+import * as Control from "../src/Control.js"
+import * as GuestRam from "../src/GuestRam.js"
+import * as Migration from "../src/Migration.js"
+import * as MigrationError from "../src/MigrationError.js"
+import * as Protocol from "../src/Protocol.js"
+import * as Transport from "../src/Transport.js"
+import * as Faulty from "./support/faultyTransport.js"
+import { expectNoLeaks, nextTurn } from "./support/handles.js"
+
+// ---------------------------------------------------------------------------------------------------------
+// helpers
+
+const PAGE = 4096
+const TIMEOUTS = { connect: "2 seconds", handshake: "2 seconds", peer: "2 seconds" } as const
+const TIMEOUTS_MS = 2000
+/** "Promptly": well below every timeout of the migration (2 s); loose so that a loaded machine is no flake. */
+const PROMPT_MS = 1500
+const CANCELLED = "the source aborted the migration: cancelled by source"
+const tcp0: Transport.Address = { _tag: "Tcp", host: "127.0.0.1", port: 0 }
+
+type Ram = GuestRam.GuestRam["Type"]
+
+/** Runs the body in a scope and proves, once the scope closed, that no socket handle is left open. */
+const leakFree = <A, E>(body: Effect.Effect<A, E, Scope.Scope>) => expectNoLeaks(Effect.scoped(body))
+
+/**
+ * A guard (never used to let things settle): fail instead of hanging the file. Its timer is a real one, so
+ * that it also guards tests that move the TestClock.
+ */
+const noHang = <A, E, R>(self: Effect.Effect<A, E, R>, what: string, seconds = 10): Effect.Effect<A, E | Error, R> =>
+  Effect.raceFirst(
+    self,
+    Effect.async<never, Error>((resume) => {
+      const timer = setTimeout(() => resume(Effect.fail(new Error(`hung: ${what}`))), seconds * 1000)
+      return Effect.sync(() => clearTimeout(timer))
+    })
+  )
+
+/** Wall-clock duration of an effect. */
+const timed = <A, E, R>(self: Effect.Effect<A, E, R>) =>
+  Effect.suspend(() => {
+    const t0 = performance.now()
+    return Effect.map(self, (a) => [a, performance.now() - t0] as const)
+  })
+
+/** Pages of random bytes, about one in five left zero (so that zero pages travel too). */
+const image = (pages: number): Buffer => {
+  const bytes = Buffer.alloc(pages * PAGE)
+  for (let p = 0; p < pages; p++) if (Math.random() < 0.8) Crypto.randomFillSync(bytes, p * PAGE, PAGE)
+  return bytes
+}
+
+/** 4 MiB + 1 MiB of mixed random and zero pages. */
+const sourceRam = (pcPages = 1024, vgaPages = 256) =>
+  GuestRam.make({ blocks: [{ name: "pc.ram", bytes: image(pcPages) }, { name: "vga.vram", bytes: image(vgaPages) }] })
+
+const failureOf = <A, E>(exit: Exit.Exit<A, E>): E => {
+  if (Exit.isSuccess(exit)) throw new Error("expected a failure, got success")
+  const failure = Cause.failureOption(exit.cause)
+  if (Option.isNone(failure)) throw new Error(`expected a failure, got ${Cause.pretty(exit.cause)}`)
+  return failure.value
+}
+
+/** The first difference between two memories, or undefined when they are byte-identical. */
+const firstDifference = (a: Ram, b: Ram): string | undefined => {
+  if (a.blocks.length !== b.blocks.length) return `${a.blocks.length} blocks vs ${b.blocks.length}`
+  for (let i = 0; i < a.blocks.length; i++) {
+    const x = a.blocks[i]!.bytes
+    const y = b.blocks[i]!.bytes
+    if (x.length !== y.length) return `block ${a.blocks[i]!.name}: ${x.length} bytes vs ${y.length}`
+    if (x.equals(y)) continue
+    for (let page = 0; page * PAGE < x.length; page++) {
+      if (x.compare(y, page * PAGE, (page + 1) * PAGE, page * PAGE, (page + 1) * PAGE) !== 0) {
+        return `block ${a.blocks[i]!.name} differs first at page ${page}`
+      }
+    }
+  }
+  return undefined
+}
+
+const successOf = <A, E>(exit: Exit.Exit<A, E>): A => {
+  if (Exit.isFailure(exit)) throw new Error(`expected success, got ${Cause.pretty(exit.cause)}`)
+  return exit.value
+}
+
+const expectSameMemory = (destination: Ram, source: Ram) => expect(firstDifference(destination, source)).toBeUndefined()
+
+/** Keeps the destination's log lines (connections it turned away) out of the test output. */
+const quiet = <A, E, R>(self: Effect.Effect<A, E, R>) =>
+  Effect.provide(self, Logger.replace(Logger.defaultLogger, Logger.none))
+
+/** Receives one migration on `listener` in a fiber of the caller's scope. */
+const receive = (listener: Transport.Listener, options: Migration.IncomingOptions = {}) =>
+  Effect.forkScoped(quiet(Migration.incoming(listener, { timeouts: TIMEOUTS, ...options })))
+
+const migrateFrom = (
+  ram: Ram,
+  options: Migration.MigrateOptions,
+  transport: Layer.Layer<Transport.Transport> = Transport.layer
+) =>
+  Migration.migrate({ timeouts: TIMEOUTS, ...options }).pipe(
+    Effect.provide(transport),
+    Effect.provideService(GuestRam.GuestRam, ram)
+  )
+
+/**
+ * A writer fiber in the caller's scope: `write(i)` for i = 0, 1, 2, …, yielding after each, as an
+ * application serving requests would — or, with `opsBeforeYield`, never yielding by itself: the runtime
+ * then preempts it every that many operations, anywhere inside a write. `count` is the number of writes
+ * that completed.
+ */
+const startWriter = (
+  write: (i: number) => Effect.Effect<void, GuestRam.OutOfBounds>,
+  opsBeforeYield?: number | undefined
+) =>
+  Effect.gen(function*() {
+    const count = { n: 0 }
+    const once = Effect.suspend(() => write(count.n)).pipe(
+      Effect.zipRight(Effect.sync(() => {
+        count.n++
+      }))
+    )
+    const fiber = yield* Effect.forkScoped(
+      opsBeforeYield === undefined
+        ? Effect.forever(Effect.zipRight(once, Effect.yieldNow()))
+        : Effect.withMaxOpsBeforeYield(Effect.forever(once), opsBeforeYield)
+    )
+    return { fiber, count }
+  })
+
+/** A writer cycling over the pages `first .. first + pages - 1` of a block, 64 bytes at a time. */
+const hotWriter = (ram: Ram, block: string, first: number, pages: number) => {
+  const data = Buffer.alloc(64)
+  return startWriter((i) => {
+    data.fill(i & 255)
+    return GuestRam.write(ram, block, (first + (i % pages)) * PAGE + ((i * 64) % PAGE), data)
+  })
+}
+
+/** Waits (event-loop turns, no timer) until the writer has completed `more` further writes: it is running. */
+const writerRuns = (writer: { readonly count: { readonly n: number } }, more = 3) =>
+  Effect.suspend(() => {
+    const target = writer.count.n + more
+    const loop: Effect.Effect<void> = Effect.suspend(() =>
+      writer.count.n >= target ? Effect.void : Effect.zipRight(nextTurn, loop)
+    )
+    return noHang(loop, "the writer writing again")
+  })
+
+/** A write that must go through at once (the gate is open). */
+const writeNow = (ram: Ram) => noHang(GuestRam.write(ram, ram.blocks[0]!.name, 0, Buffer.from([1, 2, 3])), "a write", 2)
+
+/** Whether `fiber` is still running after a number of event-loop turns (no timer). */
+const stillRunningAfterTurns = <A, E>(fiber: Fiber.Fiber<A, E>, turns = 20) =>
+  Effect.zipRight(Effect.repeatN(nextTurn, turns - 1), Effect.map(Fiber.poll(fiber), Option.isNone))
+
+const expectOneLine = (error: { readonly message: string }) => {
+  expect(error.message.length).toBeGreaterThan(0)
+  expect(error.message).not.toContain("\n")
+}
+
+// ---------------------------------------------------------------------------------------------------------
+
+describe("the write gate", () => {
+  /**
+   * A fiber may yield between any two effects (every `maxOpsBeforeYield` operations). A gate that checks
+   * "open" in one effect and writes in the next lets a write land after the gate closed, when the writer
+   * happens to yield between the two: after the switch-over took the last dirty pages, a write that
+   * neither reaches the destination nor blocks. Here the writer's yield point is moved across every
+   * operation of a write (`withMaxOpsBeforeYield(k)`), with the gate closed while it is yielded.
+   */
+  it.effect("a write never lands while the gate is closed, wherever its fiber yields", () =>
+    Effect.gen(function*() {
+      const landedWhileClosed: Array<number> = []
+      // below ~12 the runtime yields again right after resuming and a fiber never gets anywhere
+      for (let k = 12; k <= 80; k++) {
+        const ram = yield* GuestRam.make({ blocks: [{ name: "a", size: PAGE }] })
+        const bytes = ram.blocks[0]!.bytes
+        const writer = yield* Effect.fork(
+          GuestRam.write(ram, "a", 0, Buffer.from([1])).pipe(Effect.withMaxOpsBeforeYield(k))
+        )
+        yield* Effect.yieldNow() // the writer runs until it yields (somewhere inside the write for some k)
+        yield* ram.gate.close
+        const before = bytes[0]
+        yield* Effect.yieldNow() // the writer resumes: it must now wait
+        yield* Effect.yieldNow()
+        if (bytes[0] !== before) landedWhileClosed.push(k)
+        expect(ram.blocks[0]!.dirty.count()).toBe(bytes[0])
+        yield* ram.gate.open
+        yield* Fiber.join(writer)
+        expect(bytes[0]).toBe(1)
+      }
+      expect(landedWhileClosed, "maxOpsBeforeYield values for which a write landed behind a closed gate").toEqual([])
+    }))
+
+  it.effect("closing twice and opening once opens it; writers queued while closed all go through", () =>
+    Effect.gen(function*() {
+      const ram = yield* GuestRam.make({ blocks: [{ name: "a", size: 4 * PAGE }] })
+      yield* ram.gate.close
+      yield* ram.gate.close
+      const writers = yield* Effect.forEach([0, 1, 2, 3], (p) =>
+        Effect.fork(GuestRam.write(ram, "a", p * PAGE + 10, Buffer.from([p + 1]))))
+      for (const w of writers) expect(yield* stillRunningAfterTurns(w, 3)).toBe(true)
+      expect(GuestRam.dirtyPages(ram)).toBe(0)
+      yield* ram.gate.open
+      yield* Effect.forEach(writers, Fiber.join, { discard: true })
+      expect([0, 1, 2, 3].map((p) => ram.blocks[0]!.bytes[p * PAGE + 10])).toEqual([1, 2, 3, 4])
+      expect(GuestRam.dirtyPages(ram)).toBe(4)
+    }))
+})
+
+// ---------------------------------------------------------------------------------------------------------
+
+/** Writes of a hot set: page (index into the hot set), offset inside it, length (up to two pages and a bit). */
+const writeArb = FastCheck.record({
+  page: FastCheck.nat({ max: 15 }),
+  at: FastCheck.oneof(FastCheck.constantFrom(0, PAGE - 1, PAGE - 8), FastCheck.nat({ max: PAGE - 1 })),
+  length: FastCheck.oneof(FastCheck.constantFrom(1, 2, PAGE, PAGE + 1), FastCheck.integer({ min: 1, max: 2 * PAGE + 100 }))
+})
+
+describe("round ordering under concurrent writes", () => {
+  it.live.prop(
+    "after migrate returns the writer waits at the gate, and the destination equals the frozen source",
+    {
+      channels: FastCheck.constantFrom(1, 2, 4, 8),
+      block: FastCheck.constantFrom("pc.ram", "vga.vram"),
+      hotFirst: FastCheck.nat({ max: 200 }),
+      hotPages: FastCheck.integer({ min: 1, max: 16 }),
+      writes: FastCheck.array(writeArb, { minLength: 1, maxLength: 12 }),
+      maxRounds: FastCheck.integer({ min: 1, max: 5 }),
+      // the writer yields after each write, or is preempted by the runtime anywhere inside one
+      opsBeforeYield: FastCheck.option(FastCheck.integer({ min: 12, max: 64 }), { nil: undefined })
+    },
+    ({ block, channels, hotFirst, hotPages, maxRounds, opsBeforeYield, writes }) =>
+      leakFree(Effect.gen(function*() {
+        const ram = yield* sourceRam()
+        const size = ram.block(block)!.bytes.length
+        const listener = yield* Transport.listen(tcp0)
+        const destination = yield* receive(listener)
+        const datas = writes.map((w) => Crypto.randomBytes(w.length))
+        const writer = yield* startWriter((i) => {
+          const w = writes[i % writes.length]!
+          const offset = (hotFirst + (w.page % hotPages)) * PAGE + w.at
+          const data = datas[i % writes.length]!.subarray(0, Math.min(w.length, size - offset))
+          data[0] = i & 255
+          data[data.length - 1] = (i >> 8) & 255
+          return GuestRam.write(ram, block, offset, data)
+        }, opsBeforeYield)
+        // downtime limit 0: rounds go on while anything is dirty, up to maxRounds, then switch over anyway
+        const stats = yield* noHang(
+          migrateFrom(ram, {
+            address: listener.address,
+            channels,
+            live: { downtimeLimit: 0, maxRounds, onNoConvergence: "switchover" }
+          }),
+          "migrate"
+        )
+        const received = yield* noHang(Fiber.join(destination), "incoming")
+
+        // the writer is blocked at the gate (kept closed after success): the source is frozen
+        const writesAtEnd = writer.count.n
+        expect(yield* stillRunningAfterTurns(writer.fiber)).toBe(true)
+        expect(writer.count.n).toBe(writesAtEnd)
+        expectSameMemory(received.ram, ram)
+
+        expect(writesAtEnd).toBeGreaterThan(0)
+        expect(stats.rounds).toBeGreaterThanOrEqual(2)
+        expect(stats.rounds).toBeLessThanOrEqual(maxRounds + 1)
+        expect(stats.pagesPerRound).toHaveLength(stats.rounds)
+        expect(stats.pagesPerRound[0]).toBe(ram.size / PAGE)
+        // later rounds carry the writer's pages (and never more than the hot set and its spill-over)
+        expect(stats.pagesPerRound.slice(1).reduce((n, p) => n + p, 0)).toBeGreaterThan(0)
+        for (const pages of stats.pagesPerRound.slice(1)) expect(pages).toBeLessThanOrEqual(hotPages + 3)
+        expect(stats.normalPages + stats.zeroPages).toBe(stats.pagesPerRound.reduce((n, p) => n + p, 0))
+        expect(received.stats.rounds).toBe(stats.rounds)
+        expect(stats.syncs).toBe(stats.rounds * channels)
+
+        // the application decides: here it resumes on the source
+        yield* ram.gate.open
+        yield* writerRuns(writer)
+      })),
+    { fastCheck: { numRuns: Number(process.env["LIVE_RUNS"] ?? 10) } }
+  )
+})
+
+// ---------------------------------------------------------------------------------------------------------
+
+/** One multifd packet as the source wrote it: its channel, the round (SYNCs seen before it on the channel). */
+interface WirePacket {
+  readonly channel: number
+  readonly round: number
+  readonly block: string
+  /** Normal pages: offset → first byte of the page as it went out. */
+  readonly pages: ReadonlyMap<number, number>
+  readonly zeroOffsets: ReadonlyArray<number>
+}
+
+/**
+ * The real transport, with every multifd packet the source writes decoded (header) and sampled (first byte
+ * of each normal page) at the moment it is handed to the kernel: what each channel carried, in which round.
+ */
+const wireRecorder = (pageSize: number, blockSize: (name: string) => number | undefined) => {
+  const packets: Array<WirePacket> = []
+  const connect: Transport.Transport["Type"]["connect"] = (address, options) =>
+    Effect.map(Transport.connect(address, options), (connection): Transport.Connection => {
+      let channel: number | undefined
+      let syncs = 0
+      const offsets = new Float64Array(Protocol.slotsFor(pageSize))
+      return {
+        ...connection,
+        write: (chunks) =>
+          Effect.suspend(() => {
+            const first = Buffer.from(chunks[0]!.buffer, chunks[0]!.byteOffset, chunks[0]!.byteLength)
+            if (channel === undefined && first.length === Protocol.INIT_PACKET_SIZE && first.readUInt32BE(0) === Protocol.MAGIC) {
+              channel = first[24]!
+            } else if (channel !== undefined) {
+              const limits = { channel, pageSize, compression: "none" as const, blockSize }
+              const header = Protocol.decodeHeader(first, limits, offsets)
+              if (header._tag === "Left") throw new Error(`recorder: ${header.left.message}`)
+              if (header.right.sync) {
+                syncs++
+              } else {
+                const payload = Buffer.concat(chunks.slice(1))
+                const pages = new Map<number, number>()
+                for (let i = 0; i < header.right.normalPages; i++) pages.set(offsets[i]!, payload[i * pageSize]!)
+                const zeroOffsets = Array.from(
+                  offsets.subarray(header.right.normalPages, header.right.normalPages + header.right.zeroPages)
+                )
+                packets.push({ channel, round: syncs, block: header.right.block, pages, zeroOffsets })
+              }
+            }
+            return connection.write(chunks)
+          })
+      }
+    })
+  return { packets, layer: Layer.succeed(Transport.Transport, { connect, listen: Transport.listen }) }
+}
+
+/** A listener whose odd-numbered accepted connections wait a few event-loop turns before every read. */
+const slowReads = (listener: Transport.Listener, turns = 3): Transport.Listener => {
+  let accepted = 0
+  const lag = Effect.repeatN(nextTurn, turns - 1)
+  return {
+    address: listener.address,
+    accept: Effect.map(listener.accept, (connection): Transport.Connection =>
+      accepted++ % 2 === 0 ? connection : {
+        ...connection,
+        atEnd: Effect.zipRight(lag, connection.atEnd),
+        read: (length) => Effect.zipRight(lag, connection.read(length)),
+        readInto: (target, at, length) => Effect.zipRight(lag, connection.readInto(target, at, length)),
+        readScatter: (target, offsets, count, length) =>
+          Effect.zipRight(lag, connection.readScatter(target, offsets, count, length))
+      })
+  }
+}
+
+describe("the end of a migration", () => {
+  /**
+   * The source ends its multifd channels, then its main channel. On the destination both ends can be seen
+   * in either order: channels that notice their end late must not turn the main channel's end — after the
+   * destination said Done — into a failure (the source has already returned success and handed over).
+   */
+  it.live("the destination succeeds when the main channel's end overtakes the channels' ends", () =>
+    leakFree(Effect.gen(function*() {
+      const ram = yield* sourceRam(256, 256)
+      const listener = yield* Transport.listen(tcp0)
+      const lateEnds: Transport.Listener = {
+        address: listener.address,
+        accept: Effect.map(listener.accept, (connection): Transport.Connection => ({
+          ...connection,
+          // a channel notices its end a few event-loop turns late
+          atEnd: Effect.flatMap(connection.atEnd, (end) => end ? Effect.as(Effect.repeatN(nextTurn, 10), end) : Effect.succeed(end))
+        }))
+      }
+      const destination = yield* receive(lateEnds)
+      const stats = yield* noHang(migrateFrom(ram, { address: listener.address, channels: 4 }), "migrate")
+      const received = successOf(yield* noHang(Fiber.await(destination), "incoming"))
+      expectSameMemory(received.ram, ram)
+      expect(received.stats.uuid).toBe(stats.uuid)
+    })))
+})
+
+describe("a page written in round k and again in round k+1", () => {
+  it.live("travelling on different channels, the destination ends with the k+1 copy", () =>
+    leakFree(Effect.gen(function*() {
+      const ram = yield* GuestRam.make({ blocks: [{ name: "pc.ram", bytes: image(512) }] })
+      const P = 100 // the page written once per round, with the round's tag
+      const Q = 300 // written after every batch, so that each round leaves something dirty
+      const tag = (round: number) => 0x10 + round
+      const listener = yield* Transport.listen(tcp0)
+      // the destination reads every other connection slowly: a barrier that let a round go on before every
+      // channel reached its SYNC would let an older copy land after a newer one
+      const destination = yield* receive(slowReads(listener))
+      const wire = wireRecorder(PAGE, (name) => ram.block(name)?.bytes.length)
+      const qData = Buffer.alloc(16)
+      const written: Array<number> = []
+      // onProgress runs in the migration's fiber: a round-start report (doneBytes 0) comes before the round
+      // takes the dirty log, so P written there goes out in that round, and nothing writes P again before
+      // the round's flush was acknowledged: each round's copy of P on the wire carries that round's tag
+      const onProgress = (p: Migration.Progress) => {
+        if (p.phase !== "precopy") return Effect.void
+        if (p.doneBytes === 0) {
+          written.push(tag(p.round))
+          return GuestRam.write(ram, "pc.ram", P * PAGE, Buffer.alloc(PAGE, tag(p.round))).pipe(Effect.orDie)
+        }
+        qData.fill(p.doneBytes & 255)
+        return GuestRam.write(ram, "pc.ram", Q * PAGE + 8, qData).pipe(Effect.orDie)
+      }
+      const stats = yield* noHang(
+        migrateFrom(ram, {
+          address: listener.address,
+          channels: 2,
+          onProgress,
+          live: { downtimeLimit: 0, maxRounds: 5, onNoConvergence: "switchover" }
+        }, wire.layer),
+        "migrate"
+      )
+      const received = yield* noHang(Fiber.join(destination), "incoming")
+      expectSameMemory(received.ram, ram)
+      expect(stats.rounds).toBe(6) // 5 pre-copy rounds (0..4), then the switch-over with Q
+      expect(written).toEqual([0, 1, 2, 3, 4].map(tag))
+      expect(received.ram.blocks[0]!.bytes.subarray(P * PAGE, (P + 1) * PAGE).every((b) => b === tag(4))).toBe(true)
+
+      // the wire: one copy of P per pre-copy round, carrying that round's tag, and on which channel
+      const copies = wire.packets.filter((p) => p.pages.has(P * PAGE)).map((p) => ({
+        round: p.round,
+        channel: p.channel,
+        tag: p.pages.get(P * PAGE)!
+      }))
+      expect(copies.map((c) => c.round)).toEqual([0, 1, 2, 3, 4])
+      expect(copies.map((c) => c.tag)).toEqual([0, 1, 2, 3, 4].map(tag))
+      // consecutive copies went on different channels (seen on the wire, not assumed): a channel re-queues
+      // itself at the back of the idle queue after each batch, so with one batch a round (rounds >= 1) the
+      // two channels take turns
+      const switches = copies.slice(1).filter((c, i) => c.channel !== copies[i]!.channel)
+      expect(switches.length).toBeGreaterThanOrEqual(1)
+      expect(new Set(copies.map((c) => c.channel)).size).toBe(2)
+    })))
+})
+
+// ---------------------------------------------------------------------------------------------------------
+
+describe("convergence", () => {
+  it.live("a slow writer (a few pages a round): converges under the default limit, rounds >= 2", () =>
+    leakFree(Effect.gen(function*() {
+      const ram = yield* sourceRam(2048, 256) // 9 MiB
+      const listener = yield* Transport.listen(tcp0)
+      const destination = yield* receive(listener)
+      let writes = 0
+      // three pages per batch handed over, from the application's side of the gate
+      const onProgress = (p: Migration.Progress) =>
+        p.phase === "precopy"
+          ? Effect.forEach([7, 500, 1500], (page) =>
+            GuestRam.update(ram, "pc.ram", page * PAGE + 100, 8, (view) => {
+              writes++
+              view.writeDoubleLE(writes)
+            }), { discard: true }).pipe(Effect.orDie)
+          : Effect.void
+      const stats = yield* noHang(migrateFrom(ram, { address: listener.address, channels: 4, onProgress }), "migrate")
+      const received = yield* noHang(Fiber.join(destination), "incoming")
+      expectSameMemory(received.ram, ram)
+      expect(stats.rounds).toBeGreaterThanOrEqual(2)
+      expect(stats.pagesPerRound[0]).toBe(ram.size / PAGE)
+      // what remained after round 0 was those three pages: sent in the next round, with writers paused
+      for (const pages of stats.pagesPerRound.slice(1)) expect(pages).toBeLessThanOrEqual(3)
+      expect(stats.pagesPerRound[stats.rounds - 1]).toBe(3)
+      expect(stats.downtimeMs).toBeGreaterThanOrEqual(0)
+      expect(stats.downtimeMs).toBeLessThan(TIMEOUTS_MS)
+      expect(stats.downtimeMs).toBeLessThanOrEqual(stats.durationMs)
+      expect(received.stats.rounds).toBe(stats.rounds)
+      expect(writes).toBeGreaterThan(0)
+    })))
+
+  /** A writer that dirties 256 pages (1 MiB) at every pre-copy report: more than any tiny limit allows. */
+  const heavyWriter = (ram: Ram) => (p: Migration.Progress) =>
+    p.phase === "precopy"
+      ? GuestRam.update(ram, "pc.ram", 0, 256 * PAGE, (view) => {
+        for (let page = 0; page < 256; page++) view[page * PAGE + (p.doneBytes % 64)]! ^= 0xff
+      }).pipe(Effect.orDie)
+      : Effect.void
+
+  it.live("a writer dirtying many pages, a tiny limit, maxRounds 3: NotConverged naming rounds and dirty pages", () =>
+    leakFree(Effect.gen(function*() {
+      const ram = yield* sourceRam()
+      const listener = yield* Transport.listen(tcp0)
+      const destination = yield* receive(listener)
+      const [exit, ms] = yield* timed(noHang(
+        Effect.exit(migrateFrom(ram, {
+          address: listener.address,
+          channels: 2,
+          onProgress: heavyWriter(ram),
+          live: { downtimeLimit: Duration.micros(1n), maxRounds: 3 }
+        })),
+        "migrate"
+      ))
+      const error = failureOf(exit)
+      expect(error).toBeInstanceOf(MigrationError.MigrationError)
+      expect((error as MigrationError.MigrationError).reason).toBe("NotConverged")
+      expectOneLine(error)
+      expect(error.message).toMatch(/did not converge after 3 rounds in [\d.]+ s: 256 pages still dirty/)
+      expect(ms).toBeLessThan(5000)
+      // the writers were never paused for long: the gate is open
+      yield* writeNow(ram)
+      // the destination was told why
+      const destError = failureOf(yield* noHang(Fiber.await(destination), "incoming"))
+      expect(destError.message).toBe(`the source aborted the migration: ${error.message}`)
+    })))
+
+  for (const live of [{ maxRounds: 0, onNoConvergence: "switchover" }, { maxRounds: 0 }, { maxDuration: 0 }] as const) {
+    it.live(`a bound reached before round 0 (${JSON.stringify(live)}): round 0 still sends every page`, () =>
+      leakFree(Effect.gen(function*() {
+        const ram = yield* sourceRam(256, 256)
+        const listener = yield* Transport.listen(tcp0)
+        const destination = yield* receive(listener)
+        const stats = yield* noHang(migrateFrom(ram, { address: listener.address, live }), "migrate")
+        const received = yield* noHang(Fiber.join(destination), "incoming")
+        expectSameMemory(received.ram, ram)
+        expect(stats.pagesPerRound).toEqual([ram.size / PAGE, 0])
+      })))
+  }
+
+  it.live("the same with onNoConvergence: switchover: switches over after maxRounds and succeeds", () =>
+    leakFree(Effect.gen(function*() {
+      const ram = yield* sourceRam()
+      const listener = yield* Transport.listen(tcp0)
+      const destination = yield* receive(listener)
+      const stats = yield* noHang(
+        migrateFrom(ram, {
+          address: listener.address,
+          channels: 2,
+          onProgress: heavyWriter(ram),
+          live: { downtimeLimit: Duration.micros(1n), maxRounds: 3, onNoConvergence: "switchover" }
+        }),
+        "migrate"
+      )
+      const received = yield* noHang(Fiber.join(destination), "incoming")
+      expectSameMemory(received.ram, ram)
+      expect(stats.rounds).toBe(4)
+      expect(stats.pagesPerRound.slice(1)).toEqual([256, 256, 256])
+      yield* ram.gate.open
+      yield* writeNow(ram)
+    })))
+})
+
+// ---------------------------------------------------------------------------------------------------------
+
+describe("TestClock", () => {
+  const LONG = { connect: "1 hour", handshake: "1 hour", peer: "1 hour" } as const
+
+  // real sockets work under the TestClock: only Effect's own timers (timeouts, the stall watch, the
+  // migration's clock) are virtual, and every one of them is set far beyond what the test adjusts
+  it.effect("maxDuration: the clock passes 10 s during round 1; round 2 is not started (NotConverged, 11.0 s)", () =>
+    leakFree(Effect.gen(function*() {
+      const ram = yield* sourceRam()
+      const listener = yield* Transport.listen(tcp0)
+      const destination = yield* Effect.forkScoped(quiet(Migration.incoming(listener, { timeouts: LONG })))
+      const dirty = Buffer.alloc(8)
+      const onProgress = (p: Migration.Progress) =>
+        p.phase !== "precopy" ? Effect.void : Effect.zipRight(
+          GuestRam.write(ram, "pc.ram", 5 * PAGE, dirty.fill(p.round + p.doneBytes)).pipe(Effect.orDie),
+          p.round === 1 && p.doneBytes === 0 ? TestClock.adjust("11 seconds") : Effect.void
+        )
+      const exit = yield* noHang(
+        Effect.exit(Migration.migrate({
+          address: listener.address,
+          timeouts: LONG,
+          onProgress,
+          live: { downtimeLimit: 0, maxRounds: 100, maxDuration: "10 seconds" }
+        }).pipe(Effect.provide(Transport.layer), Effect.provideService(GuestRam.GuestRam, ram))),
+        "migrate"
+      )
+      const error = failureOf(exit)
+      expect((error as MigrationError.MigrationError).reason).toBe("NotConverged")
+      expect(error.message).toContain("did not converge after 2 rounds in 11.0 s: 1 pages still dirty")
+      yield* writeNow(ram)
+      const destError = failureOf(yield* noHang(Fiber.await(destination), "incoming"))
+      expect(destError.message).toBe(`the source aborted the migration: ${error.message}`)
+    })))
+
+  it.effect("maxDuration with onNoConvergence: switchover: exact virtual duration in the stats", () =>
+    leakFree(Effect.gen(function*() {
+      const ram = yield* sourceRam()
+      const listener = yield* Transport.listen(tcp0)
+      const destination = yield* Effect.forkScoped(quiet(Migration.incoming(listener, { timeouts: LONG })))
+      const onProgress = (p: Migration.Progress) =>
+        p.phase !== "precopy" ? Effect.void : Effect.zipRight(
+          GuestRam.write(ram, "pc.ram", 5 * PAGE, Buffer.from([p.round, p.doneBytes & 255])).pipe(Effect.orDie),
+          p.round === 1 && p.doneBytes === 0 ? TestClock.adjust("11 seconds") : Effect.void
+        )
+      const stats = yield* noHang(
+        Migration.migrate({
+          address: listener.address,
+          timeouts: LONG,
+          onProgress,
+          live: { downtimeLimit: 0, maxRounds: 100, maxDuration: "10 seconds", onNoConvergence: "switchover" }
+        }).pipe(Effect.provide(Transport.layer), Effect.provideService(GuestRam.GuestRam, ram)),
+        "migrate"
+      )
+      const received = yield* noHang(Fiber.join(destination), "incoming")
+      expectSameMemory(received.ram, ram)
+      expect(stats.rounds).toBe(3)
+      expect(stats.pagesPerRound.slice(1)).toEqual([1, 1])
+      expect(stats.durationMs).toBe(11_000)
+      expect(stats.downtimeMs).toBe(0)
+    })))
+
+  it.effect("setup outlasting maxDuration (a slow handshake) still sends every page before switching over", () =>
+    leakFree(Effect.gen(function*() {
+      const ram = yield* sourceRam()
+      const listener = yield* Transport.listen(tcp0)
+      const destination = yield* Effect.forkScoped(quiet(Migration.incoming(listener, { timeouts: LONG })))
+      // the main channel's handshake takes 11 s of the 10 s the migration may last
+      const slowHandshake: Transport.Upgrade<never> = (connection, channel) =>
+        channel === "main" ? Effect.as(TestClock.adjust("11 seconds"), connection) : Effect.succeed(connection)
+      const stats = yield* noHang(
+        Migration.migrate({
+          address: listener.address,
+          timeouts: LONG,
+          upgrade: slowHandshake,
+          live: { maxDuration: "10 seconds", onNoConvergence: "switchover" }
+        }).pipe(Effect.provide(Transport.layer), Effect.provideService(GuestRam.GuestRam, ram)),
+        "migrate"
+      )
+      const received = yield* noHang(Fiber.join(destination), "incoming")
+      expectSameMemory(received.ram, ram)
+      expect(stats.pagesPerRound).toEqual([ram.size / PAGE, 0])
+    })))
+
+  it.effect("a destination that never acknowledges a flush: Timeout after exactly the peer timeout", () =>
+    leakFree(Effect.gen(function*() {
+      const ram = yield* sourceRam(256, 256)
+      const listener = yield* Transport.listen(tcp0)
+      const gotFlush = yield* Deferred.make<number>()
+      // a fake destination: accepts, reads hello, answers Accept, drains the channels, never acknowledges
+      const drain = (connection: Transport.Connection): Effect.Effect<void> =>
+        Effect.forever(connection.read(64)).pipe(Effect.ignore)
+      const fake = Effect.gen(function*() {
+        const control = yield* listener.accept
+        yield* control.read(4)
+        const hello = yield* Control.receive(control)
+        expect(hello._tag).toBe("Hello")
+        yield* Control.send(control, new Control.Accept())
+        for (let i = 0; i < (hello as Control.Hello).channels; i++) {
+          yield* Effect.forkScoped(drain(yield* listener.accept))
+        }
+        while (true) {
+          const message = yield* Control.receive(control)
+          if (message._tag === "Flush") yield* Deferred.succeed(gotFlush, performance.now())
+        }
+      }).pipe(Effect.ignore, Effect.scoped)
+      yield* Effect.forkScoped(fake)
+      const source = yield* Effect.forkScoped(Migration.migrate({
+        address: listener.address,
+        timeouts: { connect: "1 hour", handshake: "1 hour", peer: "30 seconds" }
+      }).pipe(Effect.provide(Transport.layer), Effect.provideService(GuestRam.GuestRam, ram)))
+      yield* noHang(Deferred.await(gotFlush), "the flush")
+      // move the clock a second per event-loop turn until the source gives up
+      const t0 = yield* TestClock.currentTimeMillis
+      const advance: Effect.Effect<void> = Effect.flatMap(Fiber.poll(source), (done) =>
+        Option.isSome(done) ? Effect.void : Effect.zipRight(Effect.zipRight(nextTurn, TestClock.adjust("1 second")), advance))
+      yield* noHang(advance, "the source timing out")
+      const error = failureOf(yield* Fiber.await(source))
+      expect((error as MigrationError.MigrationError).reason).toBe("Timeout")
+      expect(error.message).toBe("timed out after 30s waiting for the destination to acknowledge the flush")
+      const waited = (yield* TestClock.currentTimeMillis) - t0
+      expect(waited).toBeGreaterThanOrEqual(29_000)
+      expect(waited).toBeLessThanOrEqual(31_000)
+      yield* writeNow(ram)
+    })))
+})
+
+// ---------------------------------------------------------------------------------------------------------
+
+type CancelPhase =
+  | "setup: the main channel is still connecting"
+  | "setup: hello sent, no Accept yet"
+  | "setup: the multifd channels are still connecting"
+  | "round 0"
+  | "a later round (2)"
+  | "the switch-over (writers paused)"
+  | "the switch-over: digests sent, Done not yet received"
+
+const phases: ReadonlyArray<CancelPhase> = [
+  "setup: the main channel is still connecting",
+  "setup: hello sent, no Accept yet",
+  "setup: the multifd channels are still connecting",
+  "round 0",
+  "a later round (2)",
+  "the switch-over (writers paused)",
+  "the switch-over: digests sent, Done not yet received"
+]
+
+/** A listener whose connections never get to write the destination's Done (they wait, interruptibly). */
+const withholdingDone = (listener: Transport.Listener, reached: Deferred.Deferred<void>): Transport.Listener => {
+  const done = Control.encode(new Control.Done())
+  return {
+    address: listener.address,
+    accept: Effect.map(listener.accept, (connection) => ({
+      ...connection,
+      write: (chunks) =>
+        chunks.some((chunk) => Buffer.compare(chunk, done) === 0)
+          ? Effect.zipRight(Deferred.succeed(reached, undefined), Effect.never)
+          : connection.write(chunks)
+    }))
+  }
+}
+
+describe("cancel in every phase (QEMU's multifd cancel test)", () => {
+  const CHANNELS = 4
+  for (const phase of phases) {
+    it.live(`${phase}: prompt, the destination hears why, writers resume, a second migration succeeds`, () =>
+      leakFree(Effect.gen(function*() {
+        const ram = yield* sourceRam()
+        // connect #0 is the first source's main channel, #1..#4 its multifd channels
+        let stallMain = phase === "setup: the main channel is still connecting"
+        let stallChannels = phase === "setup: the multifd channels are still connecting"
+        const faulty = yield* Faulty.make({
+          stallConnect: (index) => (index === 0 && stallMain) || (index >= 1 && stallChannels)
+        })
+        const listener = yield* faulty.transport.listen(tcp0)
+        // before Accept: the destination holds the accepted main channel (in its TLS hook) until released
+        const hold = yield* Deferred.make<void>()
+        const holdFirst = phase === "setup: hello sent, no Accept yet"
+        let upgrades = 0
+        const upgrade: Transport.Upgrade<never> = (connection) =>
+          upgrades++ === 0 && holdFirst ? Effect.as(Deferred.await(hold), connection) : Effect.succeed(connection)
+        const withheld = yield* Deferred.make<void>()
+        const first = yield* receive(
+          phase === "the switch-over: digests sent, Done not yet received" ? withholdingDone(listener, withheld) : listener,
+          { upgrade }
+        )
+
+        const writer = yield* hotWriter(ram, "pc.ram", 10, 4)
+        // every pre-copy report also dirties a page, so that every round — the switch-over too — has pages
+        const reached = yield* Deferred.make<Migration.Progress>()
+        const pinned = (p: Migration.Progress) =>
+          (phase === "round 0" && p.round === 0 && p.doneBytes > 0) ||
+          (phase === "a later round (2)" && p.round === 2 && p.doneBytes > 0) ||
+          (phase === "the switch-over (writers paused)" && p.phase === "switchover")
+        const onProgress = (p: Migration.Progress) =>
+          Effect.zipRight(
+            p.phase === "precopy"
+              ? GuestRam.write(ram, "vga.vram", 3 * PAGE, Buffer.from([p.round, p.doneBytes & 255])).pipe(Effect.orDie)
+              : Effect.void,
+            pinned(p) ? Effect.zipRight(Deferred.succeed(reached, p), Effect.never) : Effect.void
+          )
+        const source = yield* Effect.forkScoped(migrateFrom(ram, {
+          address: listener.address,
+          channels: CHANNELS,
+          onProgress,
+          live: { downtimeLimit: 0, maxRounds: 4, onNoConvergence: "switchover" }
+        }, faulty.layer))
+
+        switch (phase) {
+          case "setup: the main channel is still connecting":
+            yield* noHang(faulty.until((f) => f.attempts[0]?.state === "stalled"), "the stalled main connect")
+            break
+          case "setup: hello sent, no Accept yet":
+            yield* noHang(
+              faulty.until((f) =>
+                f.records.some((r) => r.side === "connect" && r.role === "main" && r.bytesWritten > 4) &&
+                f.records.some((r) => r.side === "accept")
+              ),
+              "the hello"
+            )
+            break
+          case "setup: the multifd channels are still connecting":
+            yield* noHang(
+              faulty.until((f) => f.attempts.filter((a) => a.state === "stalled").length === CHANNELS),
+              "the stalled channel connects"
+            )
+            break
+          case "the switch-over: digests sent, Done not yet received":
+            yield* noHang(Deferred.await(withheld), "the destination's Done")
+            break
+          default:
+            yield* noHang(Deferred.await(reached), "the pinned progress report")
+        }
+        // in the switch-over the gate is closed: a write waits
+        const blocked = phase.startsWith("the switch-over")
+          ? yield* Effect.fork(GuestRam.write(ram, "pc.ram", 0, Buffer.from([42])))
+          : undefined
+        if (blocked) expect(yield* stillRunningAfterTurns(blocked)).toBe(true)
+
+        const [sourceExit, ms] = yield* timed(noHang(Fiber.interrupt(source), "interrupting the source"))
+        expect(ms).toBeLessThan(PROMPT_MS)
+        expect(Exit.isInterrupted(sourceExit)).toBe(true)
+        // writers resume
+        if (blocked) yield* noHang(Fiber.join(blocked), "the paused write")
+        yield* writerRuns(writer)
+        yield* writeNow(ram)
+
+        // what the destination saw
+        yield* Deferred.succeed(hold, undefined)
+        const controlExisted = phase !== "setup: the main channel is still connecting"
+        if (controlExisted) {
+          const [destExit, destMs] = yield* timed(noHang(Fiber.await(first), "the first incoming"))
+          expect(destMs).toBeLessThan(PROMPT_MS)
+          const error = failureOf(destExit)
+          expect(error.message).toBe(CANCELLED)
+          expect((error as MigrationError.MigrationError).reason).toBe("Aborted")
+        } else {
+          // nothing ever reached it: it still waits for a source, and will receive the next one
+          expect(yield* stillRunningAfterTurns(first)).toBe(true)
+        }
+
+        // a second migration on the same listener
+        stallMain = false
+        stallChannels = false
+        yield* faulty.release
+        const second = controlExisted ? yield* receive(listener) : first
+        const stats = yield* noHang(migrateFrom(ram, { address: listener.address, channels: CHANNELS }, faulty.layer), "second migrate")
+        const received = yield* noHang(Fiber.join(second), "the second incoming")
+        expectSameMemory(received.ram, ram)
+        expect(received.stats.uuid).toBe(stats.uuid)
+        expect(stats.rounds).toBeGreaterThanOrEqual(2)
+        yield* ram.gate.open
+        yield* writerRuns(writer)
+        yield* Fiber.interrupt(writer.fiber)
+        yield* noHang(
+          faulty.until((f) => f.records.every((r) => r.closed)),
+          "every connection of both migrations closed"
+        )
+      })))
+  }
+})
+
+// ---------------------------------------------------------------------------------------------------------
+
+describe("migrateStream", () => {
+  const streamFrom = (ram: Ram, options: Omit<Migration.MigrateOptions, "onProgress">) =>
+    Migration.migrateStream({ timeouts: TIMEOUTS, ...options }).pipe(
+      Stream.provideLayer(Layer.merge(Transport.layer, Layer.succeed(GuestRam.GuestRam, ram)))
+    )
+
+  it.live("Progress events with non-decreasing rounds (pre-copy, then the switch-over), then Completed", () =>
+    leakFree(Effect.gen(function*() {
+      const ram = yield* sourceRam()
+      const listener = yield* Transport.listen(tcp0)
+      const destination = yield* receive(listener)
+      yield* hotWriter(ram, "pc.ram", 40, 8)
+      const events = Chunk.toReadonlyArray(yield* noHang(
+        Stream.runCollect(streamFrom(ram, {
+          address: listener.address,
+          channels: 4,
+          live: { downtimeLimit: 0, maxRounds: 3, onNoConvergence: "switchover" }
+        })),
+        "the stream"
+      ))
+      const received = yield* noHang(Fiber.join(destination), "incoming")
+      expectSameMemory(received.ram, ram)
+      const last = events[events.length - 1]!
+      expect(last._tag).toBe("Completed")
+      const progress = events.slice(0, -1)
+      expect(progress.every((e) => e._tag === "Progress")).toBe(true)
+      const reports = progress as ReadonlyArray<Extract<Migration.Event, { _tag: "Progress" }>>
+      const rounds = reports.map((e) => e.round)
+      expect(rounds).toEqual([...rounds].sort((a, b) => a - b))
+      expect(rounds[0]).toBe(0)
+      const stats = (last as Extract<Migration.Event, { _tag: "Completed" }>).stats
+      expect(stats.rounds).toBe(4)
+      expect(new Set(rounds)).toEqual(new Set([0, 1, 2, 3]))
+      // pre-copy first, then only the switch-over (the last round)
+      const firstSwitch = reports.findIndex((e) => e.phase === "switchover")
+      expect(firstSwitch).toBeGreaterThan(0)
+      expect(reports.slice(firstSwitch).every((e) => e.phase === "switchover" && e.round === 3)).toBe(true)
+      // a round-start report names the dirty pages and, after round 0, the measured bandwidth
+      const starts = reports.filter((e) => e.phase === "precopy" && e.doneBytes === 0)
+      expect(starts.map((e) => e.round)).toEqual([0, 1, 2])
+      expect(starts[0]!.dirtyPages).toBe(ram.size / PAGE)
+      for (const s of starts.slice(1)) {
+        expect(s.dirtyPages).toBeGreaterThan(0)
+        expect(s.bandwidth).toBeGreaterThan(0)
+        expect(s.expectedDowntimeMs).toBeGreaterThan(0)
+      }
+    })))
+
+  it.live("interrupting the consumer cancels the migration: the destination hears it, writers resume", () =>
+    leakFree(Effect.gen(function*() {
+      const ram = yield* sourceRam()
+      const listener = yield* Transport.listen(tcp0)
+      const destination = yield* receive(listener)
+      const writer = yield* hotWriter(ram, "pc.ram", 40, 8)
+      const sawRound1 = yield* Deferred.make<void>()
+      const seen: Array<Migration.Event> = []
+      // a migration that never converges on its own (limit 0, many rounds): only the interruption ends it
+      const consumer = yield* Effect.fork(
+        Stream.runForEach(
+          streamFrom(ram, { address: listener.address, channels: 2, live: { downtimeLimit: 0, maxRounds: 100_000 } }),
+          (e) =>
+            Effect.sync(() => seen.push(e)).pipe(
+              Effect.zipRight(e._tag === "Progress" && e.round >= 1 ? Deferred.succeed(sawRound1, undefined) : Effect.void)
+            )
+        )
+      )
+      yield* noHang(Deferred.await(sawRound1), "round 1")
+      const [, ms] = yield* timed(noHang(Fiber.interrupt(consumer), "interrupting the consumer"))
+      expect(ms).toBeLessThan(PROMPT_MS)
+      expect(seen.every((e) => e._tag === "Progress")).toBe(true)
+      const destError = failureOf(yield* noHang(Fiber.await(destination), "incoming"))
+      expect(destError.message).toBe(CANCELLED)
+      yield* writerRuns(writer)
+    })))
+
+  it.live("a consumer that stops early (take) cancels the migration the same way", () =>
+    leakFree(Effect.gen(function*() {
+      const ram = yield* sourceRam()
+      const listener = yield* Transport.listen(tcp0)
+      const destination = yield* receive(listener)
+      const writer = yield* hotWriter(ram, "pc.ram", 40, 8)
+      const events = yield* noHang(
+        Stream.runCollect(
+          streamFrom(ram, { address: listener.address, channels: 2, live: { downtimeLimit: 0, maxRounds: 100_000 } }).pipe(
+            Stream.takeUntil((e) => e._tag === "Progress" && e.round >= 2)
+          )
+        ),
+        "the stream"
+      )
+      expect(Chunk.size(events)).toBeGreaterThan(0)
+      const destError = failureOf(yield* noHang(Fiber.await(destination), "incoming"))
+      expect(destError.message).toBe(CANCELLED)
+      yield* writerRuns(writer)
+      yield* writeNow(ram)
+    })))
+
+  it.live("a failing migration fails the stream with its error", () =>
+    leakFree(Effect.gen(function*() {
+      const ram = yield* sourceRam()
+      const listener = yield* Transport.listen(tcp0)
+      const destination = yield* receive(listener)
+      yield* hotWriter(ram, "pc.ram", 0, 64)
+      const exit = yield* noHang(
+        Effect.exit(Stream.runCollect(streamFrom(ram, {
+          address: listener.address,
+          channels: 2,
+          live: { downtimeLimit: 0, maxRounds: 2 }
+        }))),
+        "the stream"
+      )
+      const error = failureOf(exit)
+      expect((error as MigrationError.MigrationError).reason).toBe("NotConverged")
+      yield* noHang(Fiber.await(destination), "incoming")
+      yield* writeNow(ram)
+    })))
+})
