@@ -29,6 +29,7 @@ import * as MultifdRecv from "./MultifdRecv.js"
 import * as MultifdSend from "./MultifdSend.js"
 import * as PageCodec from "./PageCodec.js"
 import * as Protocol from "./Protocol.js"
+import * as Snapshot from "./Snapshot.js"
 import * as Transport from "./Transport.js"
 
 /** How long to wait for a peer. */
@@ -125,6 +126,7 @@ export type MigrateError =
   | MultifdSend.ChannelFailure
   | MigrationError.MigrationError
   | MigrationError.ChannelError
+  | Snapshot.SnapshotError
 
 const resolveTimeouts = (partial: Partial<Timeouts> | undefined): Timeouts => ({ ...defaultTimeouts, ...partial })
 
@@ -161,11 +163,14 @@ const unexpected = (message: Control.Message, waiting: string) =>
 
 /**
  * Migrates the `GuestRam` in context to a destination listening at `options.address`, and returns once the
- * destination confirmed that its memory has the same digests.
+ * destination confirmed that its memory has the same digests. To a `file:` address it saves a snapshot file
+ * (`Snapshot.save`; compression and TLS do not apply).
  */
 export const migrate = (
   options: MigrateOptions
 ): Effect.Effect<Stats, MigrateError, Transport.Transport | GuestRam.GuestRam> =>
+  // a file: address saves a snapshot instead (Snapshot: parallel writers at fixed offsets)
+  options.address._tag === "File" ? Snapshot.migrateToFile(options.address.path, options) :
   Effect.scoped(Effect.gen(function*() {
     const ram = yield* GuestRam.GuestRam
     const transport = yield* Transport.Transport
@@ -325,6 +330,7 @@ export type IncomingError =
   | MigrationError.MigrationError
   | MigrationError.ChannelError
   | GuestRam.GuestRamError
+  | Snapshot.SnapshotError
 
 /** Default cap on memory a source may make the destination allocate. */
 export const DEFAULT_MAX_RAM = 16 * GIB
@@ -558,11 +564,15 @@ export const incoming = (
     )
   }))
 
-/** Listens at `address` and receives one migration there (a convenience over `Transport.listen` + `incoming`). */
+/**
+ * Listens at `address` and receives one migration there (a convenience over `Transport.listen` + `incoming`).
+ * A `file:` address restores that snapshot file instead (`Snapshot.restore`; `onListening` is not called).
+ */
 export const listenAndReceive = (
   address: Transport.Address,
   options: IncomingOptions & { readonly onListening?: ((address: Transport.Address) => Effect.Effect<void>) | undefined } = {}
 ): Effect.Effect<Incoming, IncomingError | Transport.TransportError, Transport.Transport> =>
+  address._tag === "File" ? Snapshot.receiveFromFile(address.path, options) :
   Effect.scoped(Effect.gen(function*() {
     const transport = yield* Transport.Transport
     const listener = yield* transport.listen(address)

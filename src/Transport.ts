@@ -19,10 +19,17 @@ import { SocketReader } from "./internal/socketReader.js"
 // ---------------------------------------------------------------------------------------------------------
 // Addresses
 
-/** Where to connect or listen. */
+/**
+ * Where to connect or listen. `File` is a snapshot file: `Migration.migrate` / `listenAndReceive` save and
+ * restore it (`Snapshot`); `connect` and `listen` refuse it.
+ */
 export type Address =
   | { readonly _tag: "Tcp"; readonly host: string; readonly port: number }
   | { readonly _tag: "Unix"; readonly path: string }
+  | { readonly _tag: "File"; readonly path: string }
+
+/** The addresses of sockets. */
+type SocketAddress = Exclude<Address, { readonly _tag: "File" }>
 
 /** A connection or listener failure, naming the address and, when known, what was using it. */
 export class TransportError extends Data.TaggedError("TransportError")<{
@@ -36,12 +43,16 @@ export class TransportError extends Data.TaggedError("TransportError")<{
   }
 }
 
-/** Parses `tcp:HOST:PORT` (IPv6 hosts in brackets, port 0 picks a free port) or `unix:PATH`. */
+/** Parses `tcp:HOST:PORT` (IPv6 hosts in brackets, port 0 picks a free port), `unix:PATH` or `file:PATH`. */
 export const parseAddress = (uri: string): Either.Either<Address, TransportError> => {
   const bad = (detail: string) => Either.left(new TransportError({ reason: "BadAddress", address: uri, detail }))
   if (uri.startsWith("unix:")) {
     const path = uri.slice(5)
     return path.length === 0 ? bad("unix: needs a socket path") : Either.right({ _tag: "Unix", path })
+  }
+  if (uri.startsWith("file:")) {
+    const path = uri.slice(5)
+    return path.length === 0 ? bad("file: needs a snapshot file path") : Either.right({ _tag: "File", path })
   }
   if (uri.startsWith("tcp:")) {
     const m = /^tcp:(?:\[([0-9a-fA-F:.]+)\]|([^:[\]]+)):(\d{1,5})$/.exec(uri)
@@ -52,7 +63,7 @@ export const parseAddress = (uri: string): Either.Either<Address, TransportError
     if (port > 65535) return bad(`port ${port} is out of range 0-65535`)
     return Either.right({ _tag: "Tcp", host, port })
   }
-  return bad("expected an address of the form tcp:HOST:PORT or unix:PATH")
+  return bad("expected an address of the form tcp:HOST:PORT, unix:PATH or file:PATH")
 }
 
 /** Whether a host is an IP address literal (not a name a certificate is issued for). */
@@ -60,7 +71,9 @@ export const isIp = (host: string): boolean => Net.isIP(host) !== 0
 
 /** Formats an address as a URI that `parseAddress` accepts. */
 export const formatAddress = (address: Address): string =>
-  address._tag === "Unix"
+  address._tag === "File"
+    ? `file:${address.path}`
+    : address._tag === "Unix"
     ? `unix:${address.path}`
     : Net.isIPv6(address.host)
     ? `tcp:[${address.host}]:${address.port}`
@@ -317,7 +330,16 @@ export class Transport extends Context.Tag("effect-multifd/Transport")<Transport
 /** Default connect timeout. */
 export const DEFAULT_CONNECT_TIMEOUT = Duration.seconds(10)
 
-const connectOptions = (address: Address): Net.NetConnectOpts =>
+/** `connect` and `listen` of a `file:` address: a snapshot file is no socket. */
+const notASocket = (address: Exclude<Address, SocketAddress>): TransportError =>
+  new TransportError({
+    reason: "BadAddress",
+    address: formatAddress(address),
+    detail: "a file: address is a snapshot file, not a socket (Migration.migrate and listenAndReceive save and " +
+      "restore it)"
+  })
+
+const connectOptions = (address: SocketAddress): Net.NetConnectOpts =>
   address._tag === "Unix" ? { path: address.path } : { host: address.host, port: address.port }
 
 /** Connects over TCP or a Unix socket; the socket is destroyed when the scope closes. */
@@ -326,6 +348,7 @@ export const connect = (
   options?: ConnectOptions
 ): Effect.Effect<Connection, TransportError, Scope.Scope> =>
   Effect.gen(function*() {
+    if (address._tag === "File") return yield* notASocket(address)
     const uri = formatAddress(address)
     const timeout = options?.timeout ?? DEFAULT_CONNECT_TIMEOUT
     const socket = yield* Effect.acquireRelease(Effect.sync(() => Net.connect(connectOptions(address))), destroy)
@@ -354,6 +377,7 @@ export const connect = (
 /** Listens on TCP or a Unix socket; the server and every connection it accepted are closed with the scope. */
 export const listen = (address: Address): Effect.Effect<Listener, TransportError, Scope.Scope> =>
   Effect.gen(function*() {
+    if (address._tag === "File") return yield* notASocket(address)
     const uri = formatAddress(address)
     const pending = yield* Queue.unbounded<Net.Socket>()
     // every accepted socket until it closes: the server's release destroys the stragglers, so that closing

@@ -1,0 +1,607 @@
+import { describe, expect, it } from "@effect/vitest"
+import * as Deferred from "effect/Deferred"
+import * as Duration from "effect/Duration"
+import * as Effect from "effect/Effect"
+import * as Either from "effect/Either"
+import * as Exit from "effect/Exit"
+import * as FastCheck from "effect/FastCheck"
+import * as Fiber from "effect/Fiber"
+import * as Crypto from "node:crypto"
+import * as Fs from "node:fs"
+import * as Os from "node:os"
+import * as Path from "node:path"
+import * as GuestRam from "../src/GuestRam.js"
+import * as Format from "../src/internal/snapshotFormat.js"
+import * as Migration from "../src/Migration.js"
+import * as Snapshot from "../src/Snapshot.js"
+import * as Transport from "../src/Transport.js"
+
+// ---------------------------------------------------------------------------------------------------------
+// Helpers
+
+/** A fresh directory for one test, removed (with whatever is left) afterwards. */
+const tempDir = Effect.acquireRelease(
+  Effect.sync(() => Fs.mkdtempSync(Path.join(Os.tmpdir(), "emfd-snap-"))),
+  (dir) => Effect.sync(() => Fs.rmSync(dir, { recursive: true, force: true }))
+)
+
+/**
+ * Descriptors this process has open on files under `dir` (Linux: /proc/self/fd). Node 20's
+ * `process.getActiveResourcesInfo()` does not list an open, idle `FileHandle` at all — only requests in flight
+ * (`FSReqPromise`, `FSReqCallback`, `CloseReq`) — so the descriptor table is the real check.
+ */
+const openFilesIn = (dir: string): ReadonlyArray<string> => {
+  if (!Fs.existsSync("/proc/self/fd")) return []
+  const open: Array<string> = []
+  for (const fd of Fs.readdirSync("/proc/self/fd")) {
+    try {
+      const target = Fs.readlinkSync(`/proc/self/fd/${fd}`)
+      if (target.startsWith(dir)) open.push(target)
+    } catch {
+      // closed meanwhile (the descriptor readdir itself used)
+    }
+  }
+  return open
+}
+
+const FS_KINDS = new Set(["FileHandle", "FSReqPromise", "FSReqCallback", "CloseReq", "FileHandleCloseReq"])
+const fsResources = () => process.getActiveResourcesInfo().filter((kind) => FS_KINDS.has(kind)).length
+
+const nextTurn = Effect.promise(() => new Promise<void>((resolve) => setImmediate(resolve)))
+
+/** Runs `effect` and then checks, whatever its outcome, that no file under `dir` is open and no fs request is in flight. */
+const leakFree = <A, E, R>(dir: string, effect: Effect.Effect<A, E, R>): Effect.Effect<A, E, R> =>
+  Effect.gen(function*() {
+    const baseline = fsResources()
+    const exit = yield* Effect.exit(effect)
+    for (let turn = 0; turn < 20 && (openFilesIn(dir).length > 0 || fsResources() > baseline); turn++) yield* nextTurn
+    expect(openFilesIn(dir)).toEqual([])
+    expect(fsResources()).toBeLessThanOrEqual(baseline)
+    return yield* exit
+  })
+
+/** Pages of every kind: random, zero, repetitive (one byte repeated), a lone byte in zeros. */
+const fillMixed = (bytes: Buffer, pageSize: number, seed: number) => {
+  const pages = bytes.length / pageSize
+  for (let p = 0; p < pages; p++) {
+    const at = p * pageSize
+    switch ((p * 7 + seed) % 5) {
+      case 0:
+      case 1:
+        Crypto.randomFillSync(bytes, at, pageSize)
+        break
+      case 2:
+        bytes.fill(0, at, at + pageSize)
+        break
+      case 3:
+        bytes.fill((p + seed) % 255 + 1, at, at + pageSize)
+        break
+      default:
+        bytes.fill(0, at, at + pageSize)
+        bytes[at + (p % pageSize)] = 1
+    }
+  }
+  // a long run of zero pages and a long run of random ones
+  const quarter = Math.floor(pages / 4) * pageSize
+  bytes.fill(0, quarter, 2 * quarter)
+  Crypto.randomFillSync(bytes, 2 * quarter, quarter)
+}
+
+const makeRam = (pageSize: number, layout: ReadonlyArray<GuestRam.BlockLayout>, seed = 1) =>
+  Effect.map(GuestRam.make({ pageSize, blocks: layout }), (ram) => {
+    ram.blocks.forEach((b, i) => fillMixed(b.bytes, pageSize, seed + i))
+    return ram
+  })
+
+const nonZeroPages = (ram: GuestRam.GuestRam["Type"]) =>
+  ram.blocks.reduce((n, b) => {
+    let k = 0
+    for (let p = 0; p < b.pages; p++) if (!GuestRam.isZeroPage(b.bytes, p * ram.pageSize, ram.pageSize)) k++
+    return n + k
+  }, 0)
+
+const sameMemory = (a: GuestRam.GuestRam["Type"], b: GuestRam.GuestRam["Type"]) => {
+  expect(b.pageSize).toBe(a.pageSize)
+  expect(b.blocks.map((x) => [x.name, x.bytes.length])).toEqual(a.blocks.map((x) => [x.name, x.bytes.length]))
+  a.blocks.forEach((block, i) => expect(b.blocks[i]!.bytes.equals(block.bytes), block.name).toBe(true))
+}
+
+const save = (ram: GuestRam.GuestRam["Type"], path: string, options?: Snapshot.SaveOptions) =>
+  Snapshot.save(path, options).pipe(Effect.provideService(GuestRam.GuestRam, ram))
+
+const LAYOUT: ReadonlyArray<GuestRam.BlockLayout> = [
+  { name: "pc.ram", size: 6 * 1024 * 1024 },
+  { name: "vga.vram", size: 1024 * 1024 + 3 * 4096 },
+  { name: "/rom@etc/acpi/tables", size: 4096 }
+]
+
+/** Expects a one-line SnapshotError of `reason` naming the file, and returns it. */
+const expectSnapshotError = (error: unknown, reason: Snapshot.SnapshotError["reason"], path: string) => {
+  expect(error).toBeInstanceOf(Snapshot.SnapshotError)
+  const e = error as Snapshot.SnapshotError
+  expect(e.reason, e.message).toBe(reason)
+  expect(e.message.startsWith(`snapshot ${path}: `)).toBe(true)
+  expect(e.message).not.toMatch(/[\r\n]/)
+  return e
+}
+
+const restoreFails = (path: string, reason: Snapshot.SnapshotError["reason"], options?: Snapshot.RestoreOptions) =>
+  Effect.map(Effect.flip(Snapshot.restore(path, options)), (e) => expectSnapshotError(e, reason, path))
+
+const flipByte = (path: string, at: number) => {
+  const fd = Fs.openSync(path, "r+")
+  const b = Buffer.alloc(1)
+  Fs.readSync(fd, b, 0, 1, at)
+  b[0] = b[0]! ^ 0x40
+  Fs.writeSync(fd, b, 0, 1, at)
+  Fs.closeSync(fd)
+}
+
+// ---------------------------------------------------------------------------------------------------------
+
+describe("Snapshot round trip", () => {
+  for (const channels of [1, 2, 4]) {
+    it.scopedLive(`mixed pages in three blocks, ${channels} channel(s), restores exactly`, () =>
+      Effect.gen(function*() {
+        const dir = yield* tempDir
+        const path = Path.join(dir, "vm.snap")
+        const ram = yield* makeRam(4096, LAYOUT, channels)
+        const saved = yield* leakFree(dir, save(ram, path, { channels }))
+        expect(Fs.readdirSync(dir)).toEqual(["vm.snap"])
+        const stored = nonZeroPages(ram)
+        expect(saved.storedPages).toBe(stored)
+        expect(saved.normalPages).toBe(stored)
+        expect(saved.zeroPages).toBe(ram.size / 4096 - stored)
+        expect(saved.channels).toBe(channels)
+        expect(saved.fileBytes).toBe(Fs.statSync(path).size)
+        expect(saved.rounds).toBeGreaterThanOrEqual(1)
+
+        const restored = yield* leakFree(dir, Snapshot.restore(path, { readers: channels }))
+        sameMemory(ram, restored.ram)
+        expect(restored.stats.uuid).toBe(saved.uuid)
+        expect(restored.stats.channels).toBe(channels)
+        expect(restored.stats.normalPages).toBe(stored)
+        expect(restored.stats.zeroPages).toBe(ram.size / 4096 - stored)
+
+        // into memory that is given (and full of garbage): absent pages must come out zero
+        const target = yield* GuestRam.make({ pageSize: 4096, blocks: LAYOUT })
+        for (const b of target.blocks) b.bytes.fill(0xa5)
+        const into = yield* leakFree(dir, Snapshot.restore(path, { ram: target }))
+        expect(into.ram).toBe(target)
+        sameMemory(ram, target)
+      }))
+  }
+
+  it.scopedLive("other page sizes, zero pages stored with zeroPage none, more readers than writers", () =>
+    Effect.gen(function*() {
+      const dir = yield* tempDir
+      for (const pageSize of [512, 65536]) {
+        const path = Path.join(dir, `p${pageSize}.snap`)
+        const ram = yield* makeRam(pageSize, [{ name: "a", size: 64 * pageSize }, { name: "b", size: 3 * pageSize }])
+        yield* save(ram, path, { channels: 3 })
+        sameMemory(ram, (yield* Snapshot.restore(path, { readers: 7 })).ram)
+      }
+      const path = Path.join(dir, "all.snap")
+      const ram = yield* makeRam(4096, LAYOUT)
+      const saved = yield* save(ram, path, { zeroPage: "none" })
+      expect(saved.storedPages).toBe(ram.size / 4096)
+      expect(saved.zeroPages).toBe(0)
+      sameMemory(ram, (yield* Snapshot.restore(path)).ram)
+    }))
+
+  it.scopedLive("a snapshot replaces an older file at the same path only once complete", () =>
+    Effect.gen(function*() {
+      const dir = yield* tempDir
+      const path = Path.join(dir, "vm.snap")
+      const first = yield* makeRam(4096, LAYOUT, 1)
+      const second = yield* makeRam(4096, LAYOUT, 2)
+      yield* save(first, path)
+      yield* save(second, path)
+      sameMemory(second, (yield* Snapshot.restore(path)).ram)
+      expect(Fs.readdirSync(dir)).toEqual(["vm.snap"])
+    }))
+})
+
+describe("snapshot format (pure)", () => {
+  it("header encode/decode round trip for any plan; every region aligned and inside the file", () =>
+    FastCheck.assert(
+      FastCheck.property(
+        FastCheck.constantFrom(512, 4096, 65536),
+        FastCheck.uniqueArray(FastCheck.string({ minLength: 1, maxLength: 40 }).filter((n) => !n.includes("\0") && !/\p{Cs}/u.test(n)), { minLength: 1, maxLength: 6 }),
+        FastCheck.array(FastCheck.integer({ min: 1, max: 5000 }), { minLength: 6, maxLength: 6 }),
+        (pageSize, names, pages) => {
+          const layout = names.map((name, i) => ({ name, size: pages[i]! * pageSize }))
+          const plan = Format.plan(pageSize, layout)
+          const header: Format.Header = {
+            version: Format.VERSION,
+            pageSize,
+            dataAlignment: Format.DATA_ALIGNMENT,
+            fileBytes: plan.fileBytes,
+            uuid: Crypto.randomUUID(),
+            channels: 3,
+            rounds: 2,
+            savedAt: 1_700_000_000_000,
+            blocks: plan.blocks.map((b, i) => ({
+              name: b.name,
+              size: b.size,
+              bitmapOffset: b.bitmapOffset,
+              dataOffset: b.dataOffset,
+              presentPages: Math.min(i, b.pages),
+              digest: Crypto.randomBytes(32).toString("hex"),
+              bitmapDigest: Crypto.randomBytes(32).toString("hex")
+            }))
+          }
+          for (const b of plan.blocks) {
+            expect(b.dataOffset % Format.DATA_ALIGNMENT).toBe(0)
+            expect(b.bitmapOffset % Format.BITMAP_ALIGNMENT).toBe(0)
+            expect(b.bitmapOffset).toBeGreaterThanOrEqual(plan.headerBytes)
+          }
+          const bytes = Format.encodeHeader(header)
+          expect(bytes.length).toBe(plan.headerBytes)
+          const prefix = Format.decodePrefix(bytes.subarray(0, Format.PREFIX_SIZE), plan.fileBytes)
+          if (Format.isProblem(prefix)) throw new Error(prefix.detail)
+          expect(Format.decodeHeader(bytes, prefix, plan.fileBytes)).toEqual(header)
+        }
+      ),
+      { numRuns: 200 }
+    ))
+
+  it("spans cover exactly the stored pages and the gaps merged into them; gaps cover every absent page", () =>
+    FastCheck.assert(
+      FastCheck.property(
+        FastCheck.array(FastCheck.boolean(), { minLength: 1, maxLength: 300 }),
+        FastCheck.integer({ min: 0, max: 300 }),
+        FastCheck.integer({ min: 0, max: 8 }),
+        (bits, cut, mergeGap) => {
+          const bitmap = new Uint8Array(Format.bitmapSize(bits.length))
+          bits.forEach((b, i) => b && Format.setBit(bitmap, i))
+          const first = Math.min(cut, bits.length - 1)
+          const seen = new Array<string>(bits.length).fill("")
+          Format.forEachSpan(bitmap, first, bits.length, mergeGap, ({ end, first }) => {
+            expect(bits[first]).toBe(true)
+            expect(bits[end - 1]).toBe(true)
+            for (let p = first; p < end; p++) seen[p] = (seen[p] + "s").split("").sort().join("")
+          }, ({ end, first }, inSpan) => {
+            expect(end - first).toBeGreaterThan(0)
+            if (inSpan) expect(end - first).toBeLessThanOrEqual(mergeGap)
+            for (let p = first; p < end; p++) {
+              expect(bits[p]).toBe(false)
+              seen[p] = (seen[p] + (inSpan ? "g" : "o")).split("").sort().join("")
+            }
+          })
+          for (let p = 0; p < bits.length; p++) {
+            const expected = p < first ? [""] : bits[p] ? ["s"] : ["gs", "o"]
+            expect(expected).toContain(seen[p])
+          }
+        }
+      )
+    ))
+})
+
+describe("Snapshot file layout", () => {
+  it.scopedLive("a mostly-zero image makes a sparse file: allocated blocks far below the apparent size", () =>
+    Effect.gen(function*() {
+      const dir = yield* tempDir
+      const path = Path.join(dir, "sparse.snap")
+      const ram = yield* GuestRam.make({ blocks: [{ name: "ram", size: 64 * 1024 * 1024 }, { name: "rom", size: 1024 * 1024 }] })
+      // 64 scattered non-zero pages (256 KiB) in 65 MiB
+      for (let i = 0; i < 64; i++) Crypto.randomFillSync(ram.blocks[0]!.bytes, i * 257 * 4096, 4096)
+      const saved = yield* save(ram, path)
+      expect(saved.storedPages).toBe(64)
+      const stat = Fs.statSync(path)
+      expect(stat.size).toBe(saved.fileBytes)
+      expect(stat.size).toBeGreaterThanOrEqual(ram.size)
+      const allocated = stat.blocks * 512
+      // pages + header + bitmaps, with generous room for file-system metadata
+      expect(allocated).toBeLessThan(2 * 1024 * 1024)
+      expect(allocated * 20).toBeLessThan(stat.size)
+      sameMemory(ram, (yield* Snapshot.restore(path)).ram)
+    }))
+
+  it.scopedLive("pages sit at aligned, fixed offsets and the header describes them", () =>
+    Effect.gen(function*() {
+      const dir = yield* tempDir
+      const path = Path.join(dir, "layout.snap")
+      const ram = yield* makeRam(4096, LAYOUT)
+      yield* save(ram, path)
+      const file = Fs.readFileSync(path)
+      const plan = Format.plan(4096, LAYOUT)
+      for (const [i, placement] of plan.blocks.entries()) {
+        expect(placement.dataOffset % Format.DATA_ALIGNMENT).toBe(0)
+        const block = ram.blocks[i]!
+        for (let p = 0; p < block.pages; p++) {
+          const page = block.bytes.subarray(p * 4096, (p + 1) * 4096)
+          const bit = Format.testBit(file.subarray(placement.bitmapOffset), p)
+          expect(bit).toBe(!GuestRam.isZeroPage(block.bytes, p * 4096, 4096))
+          if (bit) expect(file.subarray(placement.dataOffset + p * 4096, placement.dataOffset + (p + 1) * 4096).equals(page)).toBe(true)
+        }
+      }
+      const prefix = Format.decodePrefix(file.subarray(0, Format.PREFIX_SIZE), file.length)
+      if (Format.isProblem(prefix)) throw new Error(prefix.detail)
+      const header = Format.decodeHeader(file.subarray(0, prefix.headerBytes), prefix, file.length)
+      if (Format.isProblem(header)) throw new Error(header.detail)
+      const digests = yield* GuestRam.digest(ram)
+      expect(header.blocks.map((b) => b.digest)).toEqual(digests.map((d) => d.sha256))
+      expect(header.blocks.map((b) => [b.name, b.size])).toEqual(LAYOUT.map((b) => [b.name, b.size]))
+    }))
+})
+
+describe("Snapshot of live memory", () => {
+  it.scopedLive("a writer running throughout: the restore equals the memory at the switch-over", () =>
+    Effect.gen(function*() {
+      const dir = yield* tempDir
+      const path = Path.join(dir, "live.snap")
+      const ram = yield* makeRam(4096, [{ name: "ram", size: 8 * 1024 * 1024 }])
+      const block = ram.blocks[0]!
+      let writes = 0
+      // random pages get random data, zeros (a page that turns zero must lose its bit) or one byte
+      const writer = yield* Effect.forkScoped(Effect.gen(function*() {
+        const page = Buffer.alloc(4096)
+        while (true) {
+          const p = Crypto.randomInt(block.pages)
+          const kind = writes % 3
+          if (kind === 0) Crypto.randomFillSync(page)
+          else page.fill(kind === 1 ? 0 : writes & 255)
+          yield* GuestRam.write(ram, "ram", p * 4096, page)
+          writes++
+          if (writes % 16 === 0) yield* Effect.sleep(Duration.millis(1))
+        }
+      }))
+      const saved = yield* save(ram, path, {
+        channels: 2,
+        live: { downtimeLimit: Duration.millis(1), maxRounds: 4, onNoConvergence: "switchover" }
+      })
+      // writers are paused now: this is the memory at the switch-over
+      const atSwitchOver = Buffer.from(block.bytes)
+      const writesAtSwitchOver = writes
+      yield* Fiber.interrupt(writer)
+      yield* ram.gate.open
+      expect(writesAtSwitchOver).toBeGreaterThan(0)
+      expect(saved.rounds).toBeGreaterThan(1)
+      expect(saved.pagesPerRound.slice(1).some((n) => n > 0)).toBe(true)
+      const restored = yield* Snapshot.restore(path)
+      expect(restored.ram.blocks[0]!.bytes.equals(atSwitchOver)).toBe(true)
+    }))
+
+  it.scopedLive("a page written after its batch reached the file is written again; a page that became zero loses its bit", () =>
+    Effect.gen(function*() {
+      const dir = yield* tempDir
+      const path = Path.join(dir, "redo.snap")
+      const ram = yield* GuestRam.make({ blocks: [{ name: "ram", size: 4 * 1024 * 1024 }] })
+      const bytes = ram.blocks[0]!.bytes
+      // page 1: data, to become zero (its stale bytes stay in the file, between stored pages 0 and 2, where a
+      // restore reads across the gap); page 2: zero, to get data; the others: data
+      Crypto.randomFillSync(bytes)
+      bytes.fill(0, 2 * 4096, 3 * 4096)
+      let done = false
+      const saved = yield* save(ram, path, {
+        channels: 1,
+        onProgress: (p) =>
+          // one writer: once the third 1 MiB batch is handed over, the first is in the file
+          p.round === 0 && p.doneBytes === 3 * 1024 * 1024 && !done
+            ? Effect.gen(function*() {
+              done = true
+              yield* GuestRam.write(ram, "ram", 4096, Buffer.alloc(4096))
+              yield* GuestRam.write(ram, "ram", 2 * 4096, Buffer.alloc(4096, 7))
+            }).pipe(Effect.orDie)
+            : Effect.void
+      })
+      yield* ram.gate.open
+      expect(done).toBe(true)
+      expect(saved.pagesPerRound).toEqual([1024, 2])
+      const file = Fs.readFileSync(path)
+      const plan = Format.plan(4096, GuestRam.layoutOf(ram))
+      const bitmap = file.subarray(plan.blocks[0]!.bitmapOffset)
+      expect([0, 1, 2, 3].map((p) => Format.testBit(bitmap, p))).toEqual([true, false, true, true])
+      // the stale bytes are still in page 1's slot: only the bitmap says they are gone
+      expect(GuestRam.isZeroPage(file, plan.blocks[0]!.dataOffset + 4096, 4096)).toBe(false)
+      sameMemory(ram, (yield* Snapshot.restore(path)).ram)
+    }))
+})
+
+describe("Snapshot refuses bad files", () => {
+  const saved = (name: string) =>
+    Effect.gen(function*() {
+      const dir = yield* tempDir
+      const path = Path.join(dir, name)
+      const ram = yield* makeRam(4096, LAYOUT)
+      yield* save(ram, path)
+      return { dir, path, ram, size: Fs.statSync(path).size }
+    })
+
+  it.scopedLive("truncated anywhere: Truncated, one line", () =>
+    Effect.gen(function*() {
+      const { dir, path, size } = yield* saved("t.snap")
+      const plan = Format.plan(4096, LAYOUT)
+      for (const length of [size - 1, size - 4096, plan.blocks[1]!.dataOffset + 5, plan.headerBytes + 10, 1000, 100, 4]) {
+        Fs.truncateSync(path, length)
+        const e = yield* leakFree(dir, restoreFails(path, "Truncated"))
+        expect(e.detail).toContain("truncated")
+      }
+      Fs.truncateSync(path, 0)
+      const empty = yield* restoreFails(path, "NotASnapshot")
+      expect(empty.detail).toContain("empty")
+    }))
+
+  it.scopedLive("a flipped byte in the header: checksum mismatch (or the magic / version it hit)", () =>
+    Effect.gen(function*() {
+      const { path } = yield* saved("h.snap")
+      const original = Fs.readFileSync(path)
+      const headerBytes = Format.headerSize(LAYOUT.length)
+      for (const at of [16, 33, 50, Format.PREFIX_SIZE + 3, Format.PREFIX_SIZE + 260, Format.PREFIX_SIZE + 300, headerBytes - 1]) {
+        Fs.writeFileSync(path, original)
+        flipByte(path, at)
+        const e = yield* restoreFails(path, "Corrupt")
+        expect(e.message).toMatch(/header/)
+      }
+      Fs.writeFileSync(path, original)
+      flipByte(path, 2)
+      expect((yield* restoreFails(path, "NotASnapshot")).detail).toContain("not an effect-multifd snapshot")
+      Fs.writeFileSync(path, original)
+      flipByte(path, 11)
+      expect((yield* restoreFails(path, "Version")).detail).toContain("version 65 is not supported")
+    }))
+
+  it.scopedLive("a flipped byte in a stored page: DigestMismatch naming the block", () =>
+    Effect.gen(function*() {
+      const { dir, path, ram } = yield* saved("d.snap")
+      const plan = Format.plan(4096, LAYOUT)
+      const block = ram.blocks[1]!
+      let page = 0
+      while (GuestRam.isZeroPage(block.bytes, page * 4096, 4096)) page++
+      flipByte(path, plan.blocks[1]!.dataOffset + page * 4096 + 1234)
+      const e = yield* leakFree(dir, restoreFails(path, "DigestMismatch"))
+      expect(e.detail).toContain(`block "vga.vram"`)
+      expect(e.detail).not.toContain("pc.ram")
+    }))
+
+  it.scopedLive("a flipped byte in a bitmap: Corrupt naming the block", () =>
+    Effect.gen(function*() {
+      const { path } = yield* saved("b.snap")
+      flipByte(path, Format.plan(4096, LAYOUT).blocks[0]!.bitmapOffset + 17)
+      expect((yield* restoreFails(path, "Corrupt")).detail).toContain(`bitmap of block "pc.ram"`)
+    }))
+
+  it.scopedLive("foreign files: random bytes, a PNG, a QEMU stream, a directory, nothing at all", () =>
+    Effect.gen(function*() {
+      const dir = yield* tempDir
+      const random = Path.join(dir, "random.bin")
+      Fs.writeFileSync(random, Crypto.randomBytes(1024 * 1024))
+      expect((yield* leakFree(dir, restoreFails(random, "NotASnapshot"))).detail).toMatch(/^not an effect-multifd snapshot \(it starts with [0-9a-f ]+\)$/)
+      const png = Path.join(dir, "image.png")
+      Fs.writeFileSync(png, Buffer.concat([Buffer.from("89504e470d0a1a0a0000000d49484452", "hex"), Buffer.alloc(4096)]))
+      expect((yield* restoreFails(png, "NotASnapshot")).detail).toContain("a PNG image")
+      const qemu = Path.join(dir, "qemu.mig")
+      Fs.writeFileSync(qemu, Buffer.concat([Buffer.from("5145564d00000003", "hex"), Buffer.alloc(100)]))
+      expect((yield* restoreFails(qemu, "NotASnapshot")).detail).toContain("QEMU migration stream")
+      const short = Path.join(dir, "short")
+      Fs.writeFileSync(short, "hi")
+      yield* restoreFails(short, "NotASnapshot")
+      yield* restoreFails(dir, "Unusable")
+      expect((yield* restoreFails(Path.join(dir, "missing.snap"), "Unusable")).detail).toContain("no such file")
+    }))
+
+  it.scopedLive("memory of another layout, or more than allowed: Layout, memory untouched", () =>
+    Effect.gen(function*() {
+      const { path } = yield* saved("l.snap")
+      const other = yield* GuestRam.make({ blocks: [{ name: "pc.ram", size: 6 * 1024 * 1024 }] })
+      other.blocks[0]!.bytes.fill(3)
+      expect((yield* restoreFails(path, "Layout", { ram: other })).detail).toContain("does not match the memory given")
+      expect(other.blocks[0]!.bytes.every((b) => b === 3)).toBe(true)
+      expect((yield* restoreFails(path, "Layout", { maxRamBytes: 1024 * 1024 })).detail).toContain("more than the limit")
+    }))
+})
+
+describe("Snapshot save failures leave nothing behind", () => {
+  it.scopedLive("interrupted mid-write: no file under the final name, no temporary file, nothing open", () =>
+    Effect.gen(function*() {
+      const dir = yield* tempDir
+      const path = Path.join(dir, "big.snap")
+      const ram = yield* GuestRam.make({ blocks: [{ name: "ram", size: 64 * 1024 * 1024 }] })
+      Crypto.randomFillSync(ram.blocks[0]!.bytes)
+      const midway = yield* Deferred.make<void>()
+      yield* leakFree(dir, Effect.gen(function*() {
+        const fiber = yield* Effect.fork(save(ram, path, {
+          onProgress: (p) => p.doneBytes >= 8 * 1024 * 1024 ? Deferred.succeed(midway, undefined) : Effect.void
+        }))
+        yield* Deferred.await(midway)
+        // the temporary file exists and has pages in it
+        expect(Fs.readdirSync(dir)).toEqual([`big.snap.${process.pid}.partial`])
+        const exit = yield* Fiber.interrupt(fiber)
+        expect(Exit.isInterrupted(exit)).toBe(true)
+      }))
+      expect(Fs.readdirSync(dir)).toEqual([])
+      // the gate opened again: writers may go on
+      yield* GuestRam.write(ram, "ram", 0, Buffer.alloc(16, 1)).pipe(Effect.timeout(Duration.seconds(1)))
+    }))
+
+  it.scopedLive("interrupted at random moments, an older snapshot under the final name survives intact", () =>
+    Effect.gen(function*() {
+      const dir = yield* tempDir
+      const path = Path.join(dir, "vm.snap")
+      const old = yield* makeRam(4096, LAYOUT, 5)
+      yield* save(old, path)
+      const ram = yield* makeRam(4096, LAYOUT, 6)
+      for (const ms of [0, 1, 2, 5, 10, 20]) {
+        const fiber = yield* Effect.fork(save(ram, path))
+        yield* Effect.sleep(Duration.millis(ms))
+        const exit = yield* Fiber.interrupt(fiber)
+        yield* ram.gate.open
+        const names = Fs.readdirSync(dir)
+        expect(names).toEqual(["vm.snap"])
+        // either the old snapshot, or (if the save won the race) the complete new one
+        const restored = yield* Snapshot.restore(path)
+        sameMemory(Exit.isSuccess(exit) ? ram : old, restored.ram)
+      }
+      expect(openFilesIn(dir)).toEqual([])
+    }))
+
+  it.scopedLive("a directory at the final path, a missing directory, a bad channel count: clear errors, nothing left", () =>
+    Effect.gen(function*() {
+      const dir = yield* tempDir
+      const ram = yield* makeRam(4096, LAYOUT)
+      const taken = Path.join(dir, "taken")
+      Fs.mkdirSync(taken)
+      const e1 = expectSnapshotError(yield* Effect.flip(save(ram, taken)), "Unusable", taken)
+      expect(e1.detail).toBe("exists and is not a regular file")
+      const nowhere = Path.join(dir, "no", "such", "x.snap")
+      const e2 = expectSnapshotError(yield* leakFree(dir, Effect.flip(save(ram, nowhere))), "Unusable", nowhere)
+      expect(e2.detail).toContain("no such file or directory")
+      const path = Path.join(dir, "x.snap")
+      expectSnapshotError(yield* Effect.flip(save(ram, path, { channels: 0 })), "Unsupported", path)
+      expect(Fs.readdirSync(dir)).toEqual(["taken"])
+    }))
+})
+
+describe("file: addresses", () => {
+  it.live("parse and format; connect and listen refuse them with BadAddress", () =>
+    Effect.gen(function*() {
+      const address = Either.getOrThrow(Transport.parseAddress("file:/tmp/vm.snap"))
+      expect(address).toEqual({ _tag: "File", path: "/tmp/vm.snap" })
+      expect(Transport.formatAddress(address)).toBe("file:/tmp/vm.snap")
+      expect(Either.getOrThrow(Transport.parseAddress("file:rel/x"))).toEqual({ _tag: "File", path: "rel/x" })
+      const empty = Either.getLeft(Transport.parseAddress("file:"))
+      expect(empty._tag === "Some" && empty.value.reason).toBe("BadAddress")
+      const connect = yield* Effect.flip(Effect.scoped(Transport.connect(address)))
+      expect(connect.reason).toBe("BadAddress")
+      expect(connect.message).toMatch(/^file:\/tmp\/vm\.snap: a file: address is a snapshot file, not a socket/)
+      const listen = yield* Effect.flip(Effect.scoped(Transport.listen(address)))
+      expect(listen.reason).toBe("BadAddress")
+    }))
+
+  it.scopedLive("Migration.migrate saves and listenAndReceive restores, with the usual stats", () =>
+    Effect.gen(function*() {
+      const dir = yield* tempDir
+      const path = Path.join(dir, "m.snap")
+      const address: Transport.Address = { _tag: "File", path }
+      const ram = yield* makeRam(4096, LAYOUT)
+      let reports = 0
+      const stats = yield* Migration.migrate({
+        address,
+        channels: 3,
+        onProgress: () => Effect.sync(() => void reports++)
+      }).pipe(Effect.provideService(GuestRam.GuestRam, ram), Effect.provide(Transport.layer))
+      yield* ram.gate.open
+      expect(reports).toBeGreaterThan(0)
+      expect(stats.channels).toBe(3)
+      expect(stats.ramBytes).toBe(ram.size)
+      expect(stats.compression).toBe("none")
+      expect(stats.normalPages + stats.zeroPages).toBe(ram.size / 4096)
+      const received = yield* Migration.listenAndReceive(address, {
+        onListening: () => Effect.die("a file is not listened on")
+      }).pipe(Effect.provide(Transport.layer))
+      sameMemory(ram, received.ram)
+      expect(received.rejected).toEqual([])
+      expect(received.stats.uuid).toBe(stats.uuid)
+      expect(received.stats.channels).toBe(3)
+
+      const zlib = yield* Effect.flip(
+        Migration.migrate({ address, compression: "zlib" }).pipe(
+          Effect.provideService(GuestRam.GuestRam, ram),
+          Effect.provide(Transport.layer)
+        )
+      )
+      expect(zlib._tag === "SnapshotError" && zlib.reason).toBe("Unsupported")
+      expect(zlib.message).toContain("compression zlib does not apply")
+    }))
+})
