@@ -1,0 +1,86 @@
+/**
+ * `multifd recv <uri> --out <file>`: waits for one migration and writes the received RAM image.
+ *
+ * The source decides the layout, page size, channel count and compression (its hello carries them). Values
+ * given on the recv command line are expectations: the library has no hook to refuse a hello on other grounds
+ * than the layout, so they are checked once the migration is done, and a mismatch fails the command before
+ * anything is written to --out.
+ *
+ * @since 0.1.0
+ */
+import * as Command from "@effect/cli/Command"
+import * as Console from "effect/Console"
+import * as Data from "effect/Data"
+import * as Effect from "effect/Effect"
+import * as Option from "effect/Option"
+import * as Migration from "../Migration.js"
+import * as Transport from "../Transport.js"
+import * as Image from "./image.js"
+import * as Options from "./options.js"
+import * as Progress from "./progress.js"
+import * as Report from "./report.js"
+import { timeoutsOf } from "./send.js"
+
+/** The line that tells scripts (and tests) where recv listens, printed on stderr as soon as it does. */
+export const listeningLine = (address: Transport.Address): string =>
+  `multifd: listening on ${Transport.formatAddress(address)}`
+
+/** The source used other transfer settings than the recv command line asked for (exit 1). */
+export class SourceMismatch extends Data.TaggedError("SourceMismatch")<{
+  readonly detail: string
+}> {
+  override get message(): string {
+    return this.detail
+  }
+}
+
+/** The first value given on the command line that the source did not use, described. */
+export const mismatch = (
+  expected: Options.RecvTransfer,
+  actual: { readonly channels: number; readonly pageSize: number; readonly compression: string }
+): string | undefined => {
+  const differs = <A>(flag: string, mine: Option.Option<A>, theirs: A) =>
+    Option.isSome(mine) && mine.value !== theirs ? `the source used ${flag} ${theirs}, not ${mine.value}` : undefined
+  return differs("--channels", expected.channels, actual.channels) ??
+    differs("--page-size", expected.pageSize, actual.pageSize) ??
+    differs("--compression", expected.compression, actual.compression)
+}
+
+/** The `recv` subcommand. */
+export const command = Command.make(
+  "recv",
+  {
+    uri: Options.uri,
+    output: Options.output,
+    transfer: Options.recvTransfer,
+    timing: Options.timing,
+    reporting: Options.reporting
+  },
+  ({ output, reporting, timing, transfer, uri }) =>
+    Effect.scoped(Effect.gen(function*() {
+      // the temporary file first: an unwritable --out fails before anything listens
+      const image = yield* Image.create(output)
+      const received = yield* Effect.scoped(Effect.gen(function*() {
+        const onProgress = yield* Progress.make("recv")
+        return yield* Migration.listenAndReceive(uri, {
+          timeouts: timeoutsOf(timing),
+          onListening: (address) => Console.error(listeningLine(address)),
+          onProgress
+        })
+      })).pipe(Effect.provide(Transport.layer))
+      const { ram, stats } = received
+      const problem = mismatch(transfer, { ...stats, pageSize: ram.pageSize })
+      if (problem !== undefined) {
+        return yield* new SourceMismatch({ detail: `${problem}; ${output} not written` })
+      }
+      yield* image.commit(ram.blocks.map((block) => block.bytes))
+      yield* Report.print(
+        { role: "recv", output, pageSize: ram.pageSize, stats, rejected: received.rejected },
+        reporting.json
+      )
+    }))
+).pipe(
+  Command.withDescription(
+    "Wait at <uri> for one migration and write the received RAM image to --out."
+  )
+)

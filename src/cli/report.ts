@@ -1,0 +1,65 @@
+/**
+ * The result of a command: one JSON object on stdout with `--json`, else a one-line summary on stderr.
+ *
+ * @since 0.1.0
+ */
+import * as Console from "effect/Console"
+import * as Effect from "effect/Effect"
+import type * as Migration from "../Migration.js"
+
+const UNITS = ["B", "KiB", "MiB", "GiB", "TiB"] as const
+
+/** `1.00 GiB`, `8.00 MiB`, `512 B`. */
+export const formatBytes = (n: number): string => {
+  let unit = 0
+  let value = n
+  while (value >= 1024 && unit < UNITS.length - 1) {
+    value /= 1024
+    unit++
+  }
+  return unit === 0 ? `${value} B` : `${value.toFixed(2)} ${UNITS[unit]}`
+}
+
+/** `1.18 GiB/s`, `61.50 MiB/s`: bytes over milliseconds. */
+export const formatRate = (bytes: number, ms: number): string => `${formatBytes(bytes / (Math.max(ms, 1) / 1000))}/s`
+
+/** What a finished command reports, in the order it appears in `--json`. */
+export type Result =
+  | { readonly role: "send"; readonly input: string; readonly pageSize: number; readonly stats: Migration.Stats }
+  | {
+    readonly role: "recv"
+    readonly output: string
+    readonly pageSize: number
+    readonly stats: Migration.Stats
+    readonly rejected: ReadonlyArray<string>
+  }
+
+/** The `--json` object: the role, the file, the page size, then every field of `Stats`. */
+export const toJson = (result: Result): Record<string, unknown> =>
+  result.role === "send"
+    ? { role: "send", input: result.input, pageSize: result.pageSize, ...result.stats }
+    : {
+      role: "recv",
+      output: result.output,
+      pageSize: result.pageSize,
+      ...result.stats,
+      rejected: result.rejected
+    }
+
+/**
+ * `multifd: migrated 1.00 GiB over 4 channels in 0.85 s (1.18 GiB/s), 262144 pages (65536 zero), 2052 packets`
+ */
+export const summary = (result: Result): string => {
+  const s = result.stats
+  const verb = result.role === "send" ? "migrated" : "received"
+  const channels = `${s.channels} channel${s.channels === 1 ? "" : "s"}`
+  const compression = s.compression === "none" ? "" : ` with ${s.compression}`
+  const pages = `${s.normalPages + s.zeroPages} pages (${s.zeroPages} zero)`
+  const where = result.role === "recv" ? `, wrote ${result.output}` : ""
+  return `multifd: ${verb} ${formatBytes(s.ramBytes)} over ${channels}${compression} in ` +
+    `${(s.durationMs / 1000).toFixed(2)} s (${formatRate(s.ramBytes, s.durationMs)}), ${pages}, ${s.packets} packets${where}`
+}
+
+/** Reports a finished command as `--json` asks. */
+export const print = (result: Result, json: boolean): Effect.Effect<void> =>
+  json ? Console.log(JSON.stringify(toJson(result))) : Console.error(summary(result))

@@ -1,0 +1,309 @@
+/**
+ * The `multifd` command end to end: real child processes (`node --import tsx src/cli/main.ts ...`), real
+ * TCP and Unix sockets, real files. Every child has a bounded lifetime and is killed after its test.
+ */
+import * as NodeContext from "@effect/platform-node/NodeContext"
+import * as Effect from "effect/Effect"
+import * as ChildProcess from "node:child_process"
+import * as Crypto from "node:crypto"
+import * as Fs from "node:fs"
+import * as Net from "node:net"
+import * as Os from "node:os"
+import * as Path from "node:path"
+import { afterAll, afterEach, beforeAll, describe, expect, it } from "vitest"
+import * as Cli from "../src/cli/command.js"
+import * as Control from "../src/Control.js"
+
+const ROOT = Path.resolve(import.meta.dirname, "..")
+const MAIN = Path.join(ROOT, "src", "cli", "main.ts")
+/** Longest a child may live. */
+const CHILD_TIMEOUT_MS = 20_000
+
+interface Finished {
+  readonly code: number | null
+  readonly signal: NodeJS.Signals | null
+  readonly stdout: string
+  readonly stderr: string
+}
+
+interface Running {
+  readonly child: ChildProcess.ChildProcess
+  readonly finished: Promise<Finished>
+  /** stderr so far. */
+  readonly stderr: () => string
+}
+
+const children = new Set<ChildProcess.ChildProcess>()
+
+const start = (args: ReadonlyArray<string>): Running => {
+  const child = ChildProcess.spawn(process.execPath, ["--import", "tsx", MAIN, ...args], {
+    cwd: ROOT,
+    stdio: ["ignore", "pipe", "pipe"],
+    env: { ...process.env, NO_COLOR: "1" }
+  })
+  children.add(child)
+  let stdout = ""
+  let stderr = ""
+  child.stdout!.setEncoding("utf8").on("data", (s: string) => (stdout += s))
+  child.stderr!.setEncoding("utf8").on("data", (s: string) => (stderr += s))
+  const timer = setTimeout(() => child.kill("SIGKILL"), CHILD_TIMEOUT_MS)
+  const finished = new Promise<Finished>((resolve) => {
+    child.once("close", (code, signal) => {
+      clearTimeout(timer)
+      children.delete(child)
+      resolve({ code, signal, stdout, stderr })
+    })
+  })
+  return { child, finished, stderr: () => stderr }
+}
+
+const run = (args: ReadonlyArray<string>): Promise<Finished> => start(args).finished
+
+/**
+ * Runs the command in this process (cheaper than a child: no startup), capturing what it prints through
+ * `Console`; the exit code is what `main.ts` would exit with.
+ */
+const runHere = (args: ReadonlyArray<string>): Promise<Finished> =>
+  Effect.gen(function*() {
+    const stdout: Array<string> = []
+    const stderr: Array<string> = []
+    const console = yield* Effect.console
+    const capture = {
+      ...console,
+      log: (...parts: ReadonlyArray<unknown>) => Effect.sync(() => void stdout.push(`${parts.join(" ")}\n`)),
+      error: (...parts: ReadonlyArray<unknown>) => Effect.sync(() => void stderr.push(`${parts.join(" ")}\n`))
+    }
+    const code = yield* Cli.main(["node", "multifd", ...args]).pipe(
+      Effect.withConsole(capture),
+      Effect.provide(NodeContext.layer)
+    )
+    return { code, signal: null, stdout: stdout.join(""), stderr: stderr.join("") }
+  }).pipe(Effect.runPromise)
+
+/** Starts `recv` and waits for its `listening on` line; the URI it printed is its real address. */
+const startRecv = async (args: ReadonlyArray<string>): Promise<Running & { readonly uri: string }> => {
+  const recv = start(["recv", ...args])
+  const uri = await new Promise<string>((resolve, reject) => {
+    const check = () => {
+      const m = /^multifd: listening on (\S+)$/m.exec(recv.stderr())
+      if (m !== null) {
+        recv.child.stderr!.off("data", check)
+        resolve(m[1]!)
+      }
+    }
+    recv.child.stderr!.on("data", check)
+    void recv.finished.then((f) => reject(new Error(`recv ended (${f.code}) before listening: ${f.stderr}`)))
+  })
+  return { ...recv, uri }
+}
+
+/** Lines of output, without empty ones. */
+const lines = (text: string) => text.split("\n").filter((l) => l.trim().length > 0)
+
+const noStack = (text: string) => expect(text).not.toMatch(/^\s+at /m)
+
+let dir: string
+let image: string
+const PAGE = 4096
+const IMAGE_PAGES = 2048 // 8 MiB
+
+beforeAll(() => {
+  dir = Fs.mkdtempSync(Path.join(Os.tmpdir(), "multifd-cli-"))
+  image = Path.join(dir, "image.raw")
+  // mixed pages: random, zero, and a few with a single set byte (not zero pages)
+  const bytes = Buffer.alloc(IMAGE_PAGES * PAGE)
+  for (let page = 0; page < IMAGE_PAGES; page++) {
+    const kind = page % 4
+    if (kind === 0 || kind === 1) Crypto.randomFillSync(bytes, page * PAGE, PAGE)
+    else if (kind === 3 && page % 8 === 3) bytes[page * PAGE + PAGE - 1] = 1
+  }
+  Fs.writeFileSync(image, bytes)
+})
+
+afterEach(() => {
+  for (const child of children) child.kill("SIGKILL")
+})
+
+afterAll(() => {
+  Fs.rmSync(dir, { recursive: true, force: true })
+})
+
+/** Files in the test directory whose name starts with `prefix`. */
+const filesLike = (prefix: string) => Fs.readdirSync(dir).filter((name) => name.startsWith(prefix))
+
+/** A TCP port nobody listens on (bound and released). */
+const freePort = () =>
+  new Promise<number>((resolve) => {
+    const server = Net.createServer().listen(0, "127.0.0.1", () => {
+      const port = (server.address() as Net.AddressInfo).port
+      server.close(() => resolve(port))
+    })
+  })
+
+describe("multifd send/recv", () => {
+  it("migrates an image over TCP (port 0) byte for byte", async () => {
+    const out = Path.join(dir, "tcp.out")
+    const recv = await startRecv(["tcp:127.0.0.1:0", "--out", out])
+    expect(recv.uri).toMatch(/^tcp:127\.0\.0\.1:[1-9]\d*$/)
+    const send = await run(["send", recv.uri, "--in", image, "--channels", "4"])
+    const received = await recv.finished
+    expect(send.code, send.stderr).toBe(0)
+    expect(received.code, received.stderr).toBe(0)
+    expect(Fs.readFileSync(out).equals(Fs.readFileSync(image))).toBe(true)
+    expect(filesLike("tcp.out.")).toEqual([]) // no partial file left
+    // human summaries on stderr, nothing on stdout
+    expect(send.stdout).toBe("")
+    expect(lines(send.stderr)).toEqual([expect.stringMatching(/^multifd: migrated 8\.00 MiB over 4 channels in /)])
+    expect(lines(received.stderr).at(-1)).toMatch(/^multifd: received 8\.00 MiB over 4 channels .*wrote /)
+  })
+
+  it("migrates over a Unix socket, with --json statistics on stdout", async () => {
+    const out = Path.join(dir, "unix.out")
+    const socket = Path.join(dir, "recv.sock")
+    const recv = await startRecv([`unix:${socket}`, "--out", out, "--json"])
+    expect(recv.uri).toBe(`unix:${socket}`)
+    const send = await run(["send", recv.uri, "--in", image, "--json", "--channels", "3", "--zero-page", "none"])
+    const received = await recv.finished
+    expect(send.code, send.stderr).toBe(0)
+    expect(received.code, received.stderr).toBe(0)
+    expect(Fs.readFileSync(out).equals(Fs.readFileSync(image))).toBe(true)
+
+    const sent = JSON.parse(send.stdout)
+    const got = JSON.parse(received.stdout)
+    expect(sent).toMatchObject({ role: "send", input: image, ramBytes: IMAGE_PAGES * PAGE, channels: 3, pageSize: PAGE })
+    expect(got).toMatchObject({ role: "recv", output: out, ramBytes: IMAGE_PAGES * PAGE, channels: 3, uuid: sent.uuid })
+    expect(sent.normalPages + sent.zeroPages).toBe(IMAGE_PAGES)
+    expect(sent.zeroPages).toBe(0) // --zero-page none: zero pages travel as data
+    expect(lines(send.stdout)).toHaveLength(1)
+    expect(lines(send.stderr)).toEqual([]) // --json: no summary
+  })
+
+  it("recv fails when the source disagrees with an explicit --channels, and writes nothing", async () => {
+    const out = Path.join(dir, "mismatch.out")
+    const recv = await startRecv(["tcp:127.0.0.1:0", "--out", out, "--channels", "3"])
+    const send = await run(["send", recv.uri, "--in", image, "--channels", "2"])
+    const received = await recv.finished
+    expect(send.code).toBe(0) // the library cannot refuse a hello on the channel count (see recv.ts)
+    expect(received.code).toBe(1)
+    expect(lines(received.stderr).at(-1)).toBe(
+      `multifd: error: the source used --channels 2, not 3; ${out} not written`
+    )
+    expect(filesLike("mismatch.out")).toEqual([])
+  })
+})
+
+describe("multifd failures", () => {
+  it("exits 2 with one line for bad usage (child processes)", async () => {
+    const cases: ReadonlyArray<readonly [ReadonlyArray<string>, RegExp]> = [
+      [["send", "tcp:127.0.0.1:1", "--in", image, "--bogus"], /unknown argument: '--bogus'/],
+      [["send", "tcp:127.0.0.1:1", "--in", Path.join(dir, "missing.raw")], /missing\.raw: .*no such file/]
+    ]
+    const results = await Promise.all(cases.map(([args]) => run(args)))
+    results.forEach((result, i) => {
+      const [args, message] = cases[i]!
+      expect({ args, code: result.code }).toEqual({ args, code: 2 })
+      expect(lines(result.stderr)).toEqual([expect.stringMatching(message)])
+      noStack(result.stderr)
+      expect(result.stdout).toBe("")
+    })
+  })
+
+  it("exits 2 with one line for bad usage and configuration", async () => {
+    const odd = Path.join(dir, "odd.raw")
+    Fs.writeFileSync(odd, Buffer.alloc(PAGE + 100))
+    const cases: ReadonlyArray<readonly [ReadonlyArray<string>, RegExp]> = [
+      [["send", "tcp:127.0.0.1:1", "--in", image, "--bogus"], /unknown argument: '--bogus'/],
+      [["send", "tcp:127.0.0.1:1", "--in", image, "--channels", "0"], /--channels must be between 1 and 255, not 0/],
+      [["send", "tcp:127.0.0.1:1", "--in", image, "--channels", "256"], /--channels must be between 1 and 255/],
+      [["send", "tcp:nowhere", "--in", image], /bad uri: tcp:nowhere: expected tcp:HOST:PORT/],
+      [["send", "tcp:127.0.0.1:1", "--in", Path.join(dir, "missing.raw")], /missing\.raw: .*no such file/],
+      [["send", "tcp:127.0.0.1:1"], /--in/],
+      [["send", "tcp:127.0.0.1:1", "--in", odd], /not a multiple of the page size 4096/],
+      [["send", "tcp:127.0.0.1:1", "--in", image, "--timeout", "soon"], /--timeout: "soon" is not a positive duration/],
+      [["send", "tcp:127.0.0.1:1", "--in", image, "--page-size", "1000"], /--page-size must be a power of two/],
+      [["send", "tcp:127.0.0.1:1", "--in", image, "--compression", "lz4"], /none, zlib, zstd/],
+      [
+        ["send", "tcp:127.0.0.1:1", "--in", image, "--compression", "zlib", "--compression-level", "99"],
+        /^multifd: error: compression: zlib level 99 is out of range 0-9$/
+      ],
+      [["recv", "tcp:127.0.0.1:0", "--out", Path.join(dir, "no", "such", "dir.out")], /no such file or directory/]
+    ]
+    for (const [args, message] of cases) {
+      const result = await runHere(args)
+      expect({ args, code: result.code }).toEqual({ args, code: 2 })
+      expect(lines(result.stderr)).toEqual([expect.stringMatching(message)])
+      noStack(result.stderr)
+      expect(result.stdout).toBe("")
+    }
+  })
+
+  it("--help exits 0 and documents the contract", async () => {
+    const help = await run(["--help"])
+    expect(help.code).toBe(0)
+    expect(help.stdout).toContain("recv --out file")
+    expect(help.stdout).toContain("send --in file")
+    const send = await runHere(["send", "--help"])
+    expect(send.code).toBe(0)
+    for (const flag of ["--channels", "--page-size", "--compression", "--compression-level", "--zero-page", "--timeout", "--json"]) {
+      expect(send.stdout).toContain(flag)
+    }
+  })
+
+  it("send exits 1 with one line when nobody listens", async () => {
+    const port = await freePort()
+    const send = await run(["send", `tcp:127.0.0.1:${port}`, "--in", image])
+    expect(send.code).toBe(1)
+    expect(lines(send.stderr)).toEqual([`multifd: error: main channel: tcp:127.0.0.1:${port}: connection refused`])
+    noStack(send.stderr)
+  })
+
+  it("recv exits 1 and leaves no file when its source fails mid-migration", async () => {
+    const out = Path.join(dir, "broken.out")
+    const recv = await startRecv(["tcp:127.0.0.1:0", "--out", out, "--timeout", "5s"])
+    expect(filesLike("broken.out.")).toHaveLength(1) // the temporary file exists while receiving
+    const port = Number(recv.uri.split(":").at(-1))
+    // a source that says hello, is accepted, then dies before any multifd channel connects
+    const answer = await new Promise<Buffer>((resolve, reject) => {
+      const socket = Net.connect({ host: "127.0.0.1", port })
+      socket.on("error", reject)
+      socket.on("connect", () => {
+        const magic = Buffer.alloc(4)
+        magic.writeUInt32BE(Control.MAGIC, 0)
+        const hello = new Control.Hello({
+          version: Control.VERSION,
+          uuid: Crypto.randomUUID(),
+          pageSize: PAGE,
+          channels: 2,
+          compression: "none",
+          zeroPage: "multifd",
+          blocks: [{ name: "ram", size: 64 * PAGE }]
+        })
+        socket.write(Buffer.concat([magic, Control.encode(hello)]))
+      })
+      socket.once("data", (answer) => {
+        socket.resetAndDestroy()
+        resolve(answer)
+      })
+    })
+    expect(answer.subarray(4).toString("utf8")).toContain("Accept") // the frame after its length
+    const received = await recv.finished
+    expect(received.code).toBe(1)
+    expect(lines(received.stderr)).toEqual([
+      `multifd: listening on ${recv.uri}`,
+      expect.stringMatching(/^multifd: error: main channel: /)
+    ])
+    noStack(received.stderr)
+    expect(filesLike("broken.out")).toEqual([])
+  })
+
+  it("recv interrupted by SIGINT exits 130 and removes its temporary file", async () => {
+    const out = Path.join(dir, "interrupted.out")
+    const recv = await startRecv([`unix:${Path.join(dir, "interrupted.sock")}`, "--out", out])
+    expect(filesLike("interrupted.out.")).toHaveLength(1)
+    recv.child.kill("SIGINT")
+    const received = await recv.finished
+    expect(received.code).toBe(130)
+    expect(lines(received.stderr).at(-1)).toBe("multifd: interrupted by SIGINT")
+    expect(filesLike("interrupted.")).toEqual([]) // neither the image nor the socket is left
+  })
+})
