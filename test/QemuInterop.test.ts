@@ -1,0 +1,340 @@
+/**
+ * A real QEMU migrates to `QemuIncoming.incoming`: `qemu-system-x86_64 -machine none,memory-backend=mem -accel
+ * tcg -nodefaults -S` whose RAM is an image file, driven over QMP (capability multifd on, multifd-channels N,
+ * `migrate` to our listener). Random, mixed and mostly-zero 64 MiB images, 1, 2 and 8 channels, compression
+ * none, zlib and zstd: the received RAM equals the image byte for byte. QEMU cancelled (`migrate_cancel`) or
+ * killed mid-migration: we fail at once with one clear line and nothing is left open.
+ *
+ * Skipped, with the reason in the test name, when QEMU 10 is not installed (`.ci/install-qemu.sh` installs it).
+ */
+import { describe, expect, it } from "@effect/vitest"
+import * as Cause from "effect/Cause"
+import * as Console from "effect/Console"
+import * as Deferred from "effect/Deferred"
+import * as Effect from "effect/Effect"
+import * as Exit from "effect/Exit"
+import * as Fiber from "effect/Fiber"
+import * as Logger from "effect/Logger"
+import * as Option from "effect/Option"
+import type * as Scope from "effect/Scope"
+import * as Crypto from "node:crypto"
+import * as Fs from "node:fs"
+import * as Os from "node:os"
+import * as Path from "node:path"
+import { afterAll } from "vitest"
+import * as FromQemu from "../src/cli/fromQemu.js"
+import * as PageCodec from "../src/PageCodec.js"
+import type * as Protocol from "../src/Protocol.js"
+import * as QemuIncoming from "../src/QemuIncoming.js"
+import * as Transport from "../src/Transport.js"
+import { expectNoLeaks } from "./support/handles.js"
+import * as Qemu from "./support/qemu.js"
+
+const PAGE = 4096
+const MIB = 1024 * 1024
+const SIZE = 64 * MIB
+
+const qemu = Qemu.probe()
+const missing = "missing" in qemu ? qemu.missing : undefined
+const skipReason = missing === undefined ? "" : ` (skipped: ${missing})`
+
+const codecProblem = (compression: Protocol.Compression): Promise<string | undefined> =>
+  Effect.runPromise(
+    Effect.scoped(PageCodec.decoder(compression, 0)).pipe(Effect.match({ onFailure: (e) => e.message, onSuccess: () => undefined }))
+  )
+const codecs = new Map<Protocol.Compression, string | undefined>()
+for (const c of ["none", "zlib", "zstd"] as const) codecs.set(c, await codecProblem(c))
+
+// ---------------------------------------------------------------------------------------------------------
+// images (files QEMU maps privately as its RAM)
+
+/** tmpfs when it has room (the images are QEMU's RAM: a disk would measure the disk), else the temp dir. */
+const roomy = (path: string) => {
+  try {
+    const s = Fs.statfsSync(path)
+    return s.bavail * s.bsize > 2 * 1024 * MIB
+  } catch {
+    return false
+  }
+}
+const dir = Fs.mkdtempSync(Path.join(roomy("/dev/shm") ? "/dev/shm" : Os.tmpdir(), "emfd-qemu-"))
+afterAll(() => Fs.rmSync(dir, { recursive: true, force: true }))
+
+type ImageKind = "random" | "mixed" | "mostly-zero"
+
+/** Pages: random / mixed (a fifth zero, a fifth one repeated byte, the rest random) / 1 in 64 random. */
+const makeImage = (kind: ImageKind, size: number): Buffer => {
+  const bytes = Buffer.alloc(size)
+  const pages = size / PAGE
+  if (kind === "random") return Crypto.randomFillSync(bytes)
+  for (let i = 0; i < pages; i++) {
+    const at = i * PAGE
+    if (kind === "mixed") {
+      if (i % 5 === 1) bytes.fill((i & 0xff) || 0xff, at, at + PAGE)
+      else if (i % 5 !== 0) Crypto.randomFillSync(bytes, at, PAGE)
+    } else if (i % 64 === 7) Crypto.randomFillSync(bytes, at, PAGE)
+  }
+  return bytes
+}
+
+const images = new Map<string, { readonly path: string; readonly bytes: Buffer }>()
+const image = (kind: ImageKind, size = SIZE) => {
+  const key = `${kind}-${size}`
+  let found = images.get(key)
+  if (found === undefined) {
+    const bytes = makeImage(kind, size)
+    const path = Path.join(dir, `${key}.img`)
+    Fs.writeFileSync(path, bytes)
+    found = { path, bytes }
+    images.set(key, found)
+  }
+  return found
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// helpers
+
+/** A console that prints nothing (the command's summary line). */
+const quietConsole: Console.Console = new Proxy({} as Console.Console, {
+  get: (_, key) => key === Console.TypeId ? Console.TypeId : key === "unsafe" ? new Proxy({}, { get: () => () => {} }) : () => Effect.void
+})
+
+const failureOf = <A, E>(exit: Exit.Exit<A, E>): E => {
+  if (Exit.isSuccess(exit)) throw new Error("expected a failure, got success")
+  const failure = Cause.failureOption(exit.cause)
+  if (Option.isNone(failure)) throw new Error(`expected a failure, got ${Cause.pretty(exit.cause)}`)
+  return failure.value
+}
+
+const noHang = <A, E, R>(self: Effect.Effect<A, E, R>, what: string, seconds: number) =>
+  Effect.timeoutFail(self, { duration: `${seconds} seconds`, onTimeout: () => new Error(`hung: ${what}`) })
+
+/** Our destination on a fresh loopback port, in its own fiber (its warnings kept, not printed). */
+const destination = (options: QemuIncoming.Options) =>
+  Effect.gen(function*() {
+    const listener = yield* Transport.listen({ _tag: "Tcp", host: "127.0.0.1", port: 0 })
+    const fiber = yield* Effect.forkScoped(
+      QemuIncoming.incoming(listener, { timeouts: { peer: "20 seconds" }, ...options }).pipe(
+        Effect.provide(Logger.replace(Logger.defaultLogger, Logger.none))
+      )
+    )
+    const address = listener.address
+    return { fiber, uri: address._tag === "Tcp" ? `tcp:127.0.0.1:${address.port}` : "" }
+  })
+
+/** QEMU migrates `kind` to our destination; returns what we received and QEMU's final status. */
+const migrateOnce = (
+  kind: ImageKind,
+  settings: Omit<Qemu.MigrateSettings, "uri">,
+  options: Partial<QemuIncoming.Options> = {},
+  qemuArgs: ReadonlyArray<string> = []
+): Effect.Effect<
+  { readonly exit: Exit.Exit<QemuIncoming.Incoming, QemuIncoming.IncomingError>; readonly status: string; readonly img: Buffer },
+  unknown,
+  Scope.Scope
+> =>
+  Effect.gen(function*() {
+    const img = image(kind)
+    const dst = yield* destination({ channels: settings.channels, compression: settings.compression, ...options })
+    const src = yield* Qemu.startSource(img.path, img.bytes.length, qemuArgs)
+    yield* Qemu.migrate(src.qmp, { ...settings, uri: dst.uri })
+    const status = yield* Qemu.waitDone(src.qmp, "60 seconds")
+    const exit = yield* noHang(Fiber.await(dst.fiber), "our destination after QEMU finished", 30)
+    return { exit, status, img: img.bytes }
+  })
+
+const expectSame = (exit: Exit.Exit<QemuIncoming.Incoming, unknown>, img: Buffer) => {
+  if (Exit.isFailure(exit)) throw new Error(`the destination failed: ${Cause.pretty(exit.cause)}`)
+  const { ram } = exit.value
+  expect(ram.blocks.map((b) => [b.name, b.bytes.length])).toEqual([["mem", img.length]])
+  // compare without printing 64 MiB on a mismatch
+  const mine = ram.blocks[0]!.bytes
+  if (!mine.equals(img)) {
+    let page = 0
+    while (mine.compare(img, page * PAGE, (page + 1) * PAGE, page * PAGE, (page + 1) * PAGE) === 0) page++
+    throw new Error(`received RAM differs from the image, first at page ${page}`)
+  }
+  return exit.value
+}
+
+// ---------------------------------------------------------------------------------------------------------
+
+describe.skipIf(missing !== undefined)(`QEMU ${"version" in qemu ? qemu.version : ""} → QemuIncoming${skipReason}`, () => {
+  const matrix: Array<readonly [ImageKind, number, Protocol.Compression]> = []
+  for (const kind of ["random", "mixed", "mostly-zero"] as const) for (const ch of [1, 2, 8]) matrix.push([kind, ch, "none"])
+  for (const compression of ["zlib", "zstd"] as const) for (const ch of [1, 2, 8]) matrix.push(["mixed", ch, compression])
+  matrix.push(["random", 2, "zstd"], ["mostly-zero", 2, "zlib"])
+
+  for (const [kind, channels, compression] of matrix) {
+    const problem = codecs.get(compression)
+    it.live.skipIf(problem !== undefined)(
+      `${kind} 64 MiB, ${channels} channel(s), ${compression}: the RAM equals the image${problem ? ` (skipped: ${problem})` : ""}`,
+      () =>
+        expectNoLeaks(Effect.scoped(Effect.gen(function*() {
+          const { exit, img, status } = yield* migrateOnce(kind, { channels, compression })
+          expect(status).toBe("completed")
+          const { stats } = expectSame(exit, img)
+          expect(stats).toMatchObject({ channels, compression, ramBytes: SIZE })
+          expect(stats.normalPages + stats.zeroPages).toBeGreaterThanOrEqual(SIZE / PAGE)
+          expect(stats.qemu.machine).toBe("none")
+          expect(stats.qemu.commands).toContain("SWITCHOVER_START")
+          expect(stats.syncs).toBe(stats.qemu.flushes * channels)
+          expect(stats.qemu.devices).toBeGreaterThan(0)
+          if (kind === "mostly-zero" && compression === "none") expect(stats.zeroPages).toBeGreaterThan(SIZE / PAGE / 2)
+        }))),
+      60_000
+    )
+  }
+
+  it.live("zero-page-detection=legacy: zero pages arrive on the main channel", () =>
+    expectNoLeaks(Effect.scoped(Effect.gen(function*() {
+      const { exit, img, status } = yield* migrateOnce("mixed", { channels: 2, compression: "none", zeroPageDetection: "legacy" })
+      expect(status).toBe("completed")
+      const { stats } = expectSame(exit, img)
+      expect(stats.qemu.mainZeroPages).toBe(Math.ceil(SIZE / PAGE / 5))
+    }))), 60_000)
+
+  const UUID = "6c1bd8a6-4a6e-4c1f-9d36-1f0e3a2b5c7d"
+
+  it.live("QEMU's -uuid is adopted from the first channel; with validate-uuid it comes in the configuration", () =>
+    expectNoLeaks(Effect.scoped(Effect.gen(function*() {
+      for (const validate of [false, true]) {
+        const { exit, img, status } = yield* migrateOnce(
+          "mostly-zero",
+          { channels: 2, compression: "none", extraCapabilities: validate ? ["validate-uuid"] : [] },
+          {},
+          ["-uuid", UUID]
+        )
+        expect(status).toBe("completed")
+        const { stats } = expectSame(exit, img)
+        expect(stats.uuid).toBe(UUID)
+        expect(stats.qemu.configurationUuid).toBe(validate ? UUID : undefined)
+      }
+    }))), 60_000)
+
+  it.live("a uuid the channels do not carry: every channel is turned away, named in the error", () =>
+    expectNoLeaks(Effect.scoped(Effect.gen(function*() {
+      const { exit } = yield* migrateOnce("mostly-zero", { channels: 2, compression: "none" }, {
+        uuid: new Uint8Array(16).fill(1),
+        timeouts: { peer: "2 seconds" }
+      }, ["-uuid", UUID])
+      const error = failureOf(exit)
+      expect(error.message).toContain("0 of 2 multifd channels connected")
+      expect(error.message).toContain(`bad uuid: ${UUID} is not this migration's 01010101-0101`)
+    }))), 60_000)
+
+  it.live("a real machine (q35, std VGA, virtio devices): many RAM blocks, its device state drained to the end", () =>
+    expectNoLeaks(Effect.scoped(Effect.gen(function*() {
+      const img = image("mixed")
+      const dst = yield* destination({ channels: 2 })
+      const src = yield* Qemu.startSource(img.path, img.bytes.length, [
+        "-vga", "std",
+        "-device", "virtio-balloon-pci",
+        "-device", "virtio-rng-pci",
+        "-smp", "2"
+      ], "q35")
+      yield* Qemu.migrate(src.qmp, { uri: dst.uri, channels: 2, compression: "none" })
+      expect(yield* Qemu.waitDone(src.qmp, "60 seconds")).toBe("completed")
+      const exit = yield* noHang(Fiber.await(dst.fiber), "our destination after QEMU finished", 30)
+      if (Exit.isFailure(exit)) throw new Error(Cause.pretty(exit.cause))
+      const { ram, stats } = exit.value
+      const names = ram.blocks.map((b) => b.name)
+      expect(names).toContain("mem")
+      expect(names.some((n) => n.endsWith("/vga.vram"))).toBe(true)
+      expect(names.some((n) => n.startsWith("/rom@etc/"))).toBe(true)
+      expect(ram.block("mem")!.bytes.equals(img.bytes)).toBe(true)
+      // the firmware QEMU loaded into its ROM block came over too
+      const bios = "/usr/share/seabios/bios-256k.bin"
+      if (Fs.existsSync(bios)) expect(ram.block("pc.bios")!.bytes.equals(Fs.readFileSync(bios))).toBe(true)
+      expect(stats.qemu.machine).toMatch(/^pc-q35-/)
+      expect(stats.qemu.devices).toBeGreaterThan(10)
+      expect(stats.qemu.deviceStateBytes).toBeGreaterThan(10_000)
+      if (process.env["SHOW_ERRORS"]) {
+        console.log(`q35: ${stats.qemu.machine} blocks ${ram.blocks.map((b) => `${b.name}=${b.bytes.length}`).join(", ")}; ` +
+          `${stats.qemu.devices} devices, ${stats.qemu.deviceStateBytes} bytes drained`)
+      }
+    }))), 60_000)
+
+  it.live("recv --from-qemu --out (src/cli/fromQemu.run) writes the image", () =>
+    Effect.scoped(Effect.gen(function*() {
+      const img = image("mixed")
+      const out = Path.join(dir, "received.img")
+      const bound = yield* Deferred.make<Transport.Address>()
+      const recv = yield* Effect.forkScoped(FromQemu.run({
+        uri: { _tag: "Tcp", host: "127.0.0.1", port: 0 },
+        channels: 3,
+        compression: "none",
+        out,
+        timing: { timeout: Option.none() },
+        json: false,
+        onListening: (address) => Deferred.succeed(bound, address)
+      }).pipe(Effect.provide(Logger.replace(Logger.defaultLogger, Logger.none)), Effect.withConsole(quietConsole)))
+      const address = yield* Deferred.await(bound)
+      const src = yield* Qemu.startSource(img.path, img.bytes.length)
+      yield* Qemu.migrate(src.qmp, { uri: Transport.formatAddress(address), channels: 3, compression: "none" })
+      expect(yield* Qemu.waitDone(src.qmp, "60 seconds")).toBe("completed")
+      yield* noHang(Fiber.join(recv), "recv --from-qemu", 30)
+      expect(Fs.readFileSync(out).equals(img.bytes)).toBe(true)
+    })), 60_000)
+
+  it.live("return-path on the source: refused, naming it (QEMU 10 refuses postcopy-ram with multifd itself)", () =>
+    expectNoLeaks(Effect.scoped(Effect.gen(function*() {
+      const { exit, status } = yield* migrateOnce("mostly-zero", {
+        channels: 2,
+        compression: "none",
+        extraCapabilities: ["return-path"]
+      })
+      const error = failureOf(exit)
+      if (process.env["SHOW_ERRORS"]) console.log(`return-path: ${error.message}`)
+      expect(error.message).toContain("MIG_CMD_OPEN_RETURN_PATH")
+      expect(error).toMatchObject({ _tag: "QemuStreamError", feature: "return-path" })
+      expect(status).toBe("failed")
+    }))), 60_000)
+
+  const midMigration = (stop: "cancel" | "kill") =>
+    expectNoLeaks(Effect.scoped(Effect.gen(function*() {
+      const img = image("random", 256 * MIB)
+      const dst = yield* destination({ channels: 4 })
+      const src = yield* Qemu.startSource(img.path, img.bytes.length)
+      // 64 MiB/s with a short downtime limit (the rate limit does not apply to the switch-over): about 4 s of
+      // pre-copy for the whole image, time enough to stop it in the middle
+      yield* Qemu.migrate(src.qmp, {
+        uri: dst.uri,
+        channels: 4,
+        compression: "none",
+        maxBandwidth: 64 * MIB,
+        downtimeLimit: 300
+      })
+      // wait until a good part is on its way
+      yield* noHang(Effect.gen(function*() {
+        while (true) {
+          const info = (yield* src.qmp.execute("query-migrate")) as { status?: string; ram?: { transferred?: number } }
+          if ((info.ram?.transferred ?? 0) > 48 * MIB) return
+          if (info.status !== "setup" && info.status !== "active") throw new Error(`QEMU's migration is ${info.status}`)
+          yield* Effect.sleep("50 millis")
+        }
+      }), "QEMU sending 48 MiB", 20)
+      expect(yield* Fiber.poll(dst.fiber)).toEqual(Option.none())
+      const t0 = performance.now()
+      if (stop === "cancel") yield* src.qmp.execute("migrate_cancel")
+      else yield* src.kill
+      const exit = yield* noHang(Fiber.await(dst.fiber), "our destination after QEMU stopped", 10)
+      const ms = performance.now() - t0
+      const error = failureOf(exit)
+      expect(error.message.length).toBeGreaterThan(0)
+      expect(error.message).not.toContain("\n")
+      expect(error.message).not.toContain("timed out")
+      expect(ms).toBeLessThan(3000)
+      if (stop === "cancel") expect(yield* Qemu.waitDone(src.qmp, "10 seconds")).toBe("cancelled")
+      if (process.env["SHOW_ERRORS"]) console.log(`${stop}: ${error.message}`)
+      return error.message
+    })))
+
+  it.live("migrate_cancel mid-migration: we fail at once with a clear message, nothing left open", () =>
+    Effect.map(midMigration("cancel"), (message) =>
+      expect(message).toMatch(/QEMU closed the main channel|closed the channel before the migration completed|QEMU cancelled/)), 60_000)
+
+  it.live("QEMU killed mid-migration: we fail at once with a clear message, nothing left open", () =>
+    Effect.map(midMigration("kill"), (message) =>
+      expect(message).toMatch(/QEMU closed the main channel|closed the channel before the migration completed|QEMU cancelled|connection reset/)), 60_000)
+})

@@ -1,0 +1,300 @@
+/**
+ * A real QEMU source for interop tests: `qemu-system-x86_64 -machine none,memory-backend=mem -accel tcg
+ * -nodefaults -S` whose only RAM is a file (mapped privately, so the image is never modified), driven over QMP
+ * on a Unix socket by a small QMP client.
+ *
+ * Everything is scoped: the QMP socket is destroyed and the QEMU process is ended (quit over QMP, then SIGKILL
+ * of that one pid if it lingers) when the scope closes, and the release waits for the process to exit.
+ */
+import * as Data from "effect/Data"
+import * as Duration from "effect/Duration"
+import * as Effect from "effect/Effect"
+import type * as Scope from "effect/Scope"
+import * as ChildProcess from "node:child_process"
+import * as Fs from "node:fs"
+import * as Net from "node:net"
+import * as Os from "node:os"
+import * as Path from "node:path"
+
+/** The QEMU binary the tests drive. */
+export const QEMU_BINARY = process.env["QEMU"] ?? "qemu-system-x86_64"
+
+/** The version line of the installed QEMU, or why there is none. */
+export const probe = (): { readonly version: string; readonly major: number } | { readonly missing: string } => {
+  const result = ChildProcess.spawnSync(QEMU_BINARY, ["--version"], { encoding: "utf8", timeout: 10_000 })
+  if (result.error !== undefined) return { missing: `${QEMU_BINARY} is not installed (${result.error.message})` }
+  const line = (result.stdout ?? "").split("\n")[0] ?? ""
+  const m = /version (\d+)\.(\d+)/.exec(line)
+  if (result.status !== 0 || m === null) return { missing: `${QEMU_BINARY} --version failed: ${line || result.stderr}` }
+  const major = Number(m[1])
+  return major >= 10
+    ? { version: line, major }
+    : { missing: `${QEMU_BINARY} is ${line}; these tests need QEMU 10 (run .ci/install-qemu.sh)` }
+}
+
+/** A QMP command that failed, or a QMP connection that broke. */
+export class QmpError extends Data.TaggedError("QmpError")<{ readonly detail: string }> {
+  override get message(): string {
+    return `QMP: ${this.detail}`
+  }
+}
+
+/** A QMP event. */
+export interface QmpEvent {
+  readonly event: string
+  readonly data?: Record<string, unknown>
+}
+
+/** A QMP connection: commands in order, events collected. */
+export interface Qmp {
+  readonly execute: (command: string, args?: Record<string, unknown>) => Effect.Effect<unknown, QmpError>
+  /** Waits for an event (already received or still to come) that satisfies `pred`. */
+  readonly waitEvent: (
+    name: string,
+    pred: (data: Record<string, unknown>) => boolean,
+    timeout: Duration.DurationInput
+  ) => Effect.Effect<QmpEvent, QmpError>
+}
+
+/** Connects to QMP at `path` (retrying while QEMU creates the socket) and negotiates capabilities. */
+export const connectQmp = (path: string, timeout: Duration.DurationInput = "20 seconds"): Effect.Effect<Qmp, QmpError, Scope.Scope> =>
+  Effect.gen(function*() {
+    const socket = yield* Effect.acquireRelease(
+      Effect.async<Net.Socket, QmpError>((resume) => {
+        const deadline = Date.now() + Duration.toMillis(Duration.decode(timeout))
+        let current: Net.Socket | undefined
+        let timer: NodeJS.Timeout | undefined
+        const attempt = () => {
+          const s = Net.connect({ path })
+          current = s
+          s.once("connect", () => {
+            s.removeAllListeners("error")
+            s.on("error", () => {})
+            resume(Effect.succeed(s))
+          })
+          s.once("error", (e) => {
+            s.destroy()
+            if (Date.now() > deadline) resume(Effect.fail(new QmpError({ detail: `cannot connect to ${path}: ${e.message}` })))
+            else timer = setTimeout(attempt, 20)
+          })
+        }
+        attempt()
+        return Effect.sync(() => {
+          if (timer !== undefined) clearTimeout(timer)
+          current?.destroy()
+        })
+      }),
+      (s) =>
+        Effect.async<void>((resume) => {
+          if (s.closed) return resume(Effect.void)
+          s.once("close", () => resume(Effect.void))
+          s.destroy()
+        })
+    )
+    // replies in order; events aside
+    const events: Array<QmpEvent> = []
+    const replies: Array<{ readonly return?: unknown; readonly error?: { readonly desc?: string } }> = []
+    let closed: string | undefined
+    let wake: (() => void) | undefined
+    let pending = ""
+    const notify = () => {
+      const w = wake
+      wake = undefined
+      w?.()
+    }
+    socket.setEncoding("utf8")
+    socket.on("data", (chunk: string) => {
+      pending += chunk
+      let nl: number
+      while ((nl = pending.indexOf("\n")) >= 0) {
+        const line = pending.slice(0, nl).trim()
+        pending = pending.slice(nl + 1)
+        if (line.length === 0) continue
+        const message = JSON.parse(line) as Record<string, unknown>
+        if ("event" in message) events.push(message as unknown as QmpEvent)
+        else if ("return" in message || "error" in message) replies.push(message)
+        // the greeting ({"QMP": ...}) is neither
+      }
+      notify()
+    })
+    socket.on("close", () => {
+      closed = "QMP connection closed"
+      notify()
+    })
+    const waitChange = Effect.async<void>((resume) => {
+      wake = () => resume(Effect.void)
+      return Effect.sync(() => {
+        wake = undefined
+      })
+    })
+    const lock = yield* Effect.makeSemaphore(1)
+    const execute = (command: string, args?: Record<string, unknown>) =>
+      lock.withPermits(1)(Effect.gen(function*() {
+        if (closed !== undefined) return yield* new QmpError({ detail: `${command}: ${closed}` })
+        socket.write(JSON.stringify(args === undefined ? { execute: command } : { execute: command, arguments: args }) + "\n")
+        while (replies.length === 0) {
+          if (closed !== undefined) return yield* new QmpError({ detail: `${command}: ${closed}` })
+          yield* waitChange
+        }
+        const reply = replies.shift()!
+        if (reply.error !== undefined) return yield* new QmpError({ detail: `${command}: ${reply.error.desc ?? JSON.stringify(reply.error)}` })
+        return reply.return
+      })).pipe(
+        Effect.timeoutFail({ duration: "30 seconds", onTimeout: () => new QmpError({ detail: `${command}: no reply in 30 s` }) })
+      )
+    const waitEvent = (name: string, pred: (data: Record<string, unknown>) => boolean, within: Duration.DurationInput) =>
+      Effect.gen(function*() {
+        while (true) {
+          const i = events.findIndex((e) => e.event === name && pred(e.data ?? {}))
+          if (i >= 0) return events.splice(i, 1)[0]!
+          if (closed !== undefined) return yield* new QmpError({ detail: `waiting for ${name}: ${closed}` })
+          yield* waitChange
+        }
+      }).pipe(
+        Effect.timeoutFail({ duration: within, onTimeout: () => new QmpError({ detail: `no ${name} event in ${Duration.format(within)}` }) })
+      )
+    yield* execute("qmp_capabilities")
+    return { execute, waitEvent }
+  })
+
+/** A running QEMU source. */
+export interface QemuSource {
+  readonly qmp: Qmp
+  readonly pid: number
+  /** Whatever QEMU printed on stderr so far. */
+  readonly stderr: () => string
+  /** Kills this QEMU (SIGKILL to its pid) without waiting. */
+  readonly kill: Effect.Effect<void>
+}
+
+let counter = 0
+
+/** A fresh path under the OS temp dir for a QMP socket (short enough for `sun_path`). */
+const socketPath = () => Path.join(Os.tmpdir(), `emfd-qmp-${process.pid}-${++counter}.sock`)
+
+/**
+ * Starts `qemu-system-x86_64 -machine none` with `image` as its only RAM (size = the file's size, mapped
+ * privately and pre-faulted), paused, with QMP on a Unix socket.
+ */
+export const startSource = (
+  image: string,
+  size: number,
+  extraArgs: ReadonlyArray<string> = [],
+  machine = "none"
+): Effect.Effect<QemuSource, QmpError, Scope.Scope> =>
+  start({ name: "src", memPath: image, size, share: false, prealloc: true, incoming: false, extraArgs, machine })
+
+/**
+ * Starts a QEMU destination (`-incoming defer`) whose RAM is the file at `memPath` (shared, so the file holds
+ * what it receives; `prealloc` off: a fresh, sparse file as an incoming VM has).
+ */
+export const startDestination = (memPath: string, size: number, prealloc = false): Effect.Effect<QemuSource, QmpError, Scope.Scope> =>
+  start({ name: "dst", memPath, size, share: true, prealloc, incoming: true, extraArgs: [], machine: "none" })
+
+const start = (options: {
+  readonly name: string
+  readonly memPath: string
+  readonly size: number
+  readonly share: boolean
+  readonly prealloc: boolean
+  readonly incoming: boolean
+  readonly extraArgs: ReadonlyArray<string>
+  /** `none` (no devices at all) or a real machine type (`q35`, `pc`): its RAM is still the file. */
+  readonly machine: string
+}): Effect.Effect<QemuSource, QmpError, Scope.Scope> =>
+  Effect.gen(function*() {
+    const { memPath, size } = options
+    const qmpPath = socketPath()
+    const onOff = (b: boolean) => (b ? "on" : "off")
+    const args = [
+      "-machine", `${options.machine},memory-backend=mem`,
+      "-m", `${Math.ceil(size / (1024 * 1024))}M`,
+      "-accel", "tcg",
+      "-nodefaults", "-display", "none", "-S",
+      "-monitor", "none", "-serial", "none", "-parallel", "none",
+      "-name", options.name,
+      "-object",
+      `memory-backend-file,id=mem,size=${size},mem-path=${memPath},share=${onOff(options.share)},prealloc=${onOff(options.prealloc)}`,
+      "-qmp", `unix:${qmpPath},server=on,wait=off`,
+      ...(options.incoming ? ["-incoming", "defer"] : []),
+      ...options.extraArgs
+    ]
+    let stderr = ""
+    const child = yield* Effect.acquireRelease(
+      Effect.sync(() => {
+        const c = ChildProcess.spawn(QEMU_BINARY, args, { stdio: ["ignore", "ignore", "pipe"] })
+        c.stderr!.setEncoding("utf8")
+        c.stderr!.on("data", (s: string) => (stderr = (stderr + s).slice(-4000)))
+        c.on("error", (e) => (stderr += `\nspawn error: ${e.message}`))
+        return c
+      }),
+      (c) =>
+        Effect.async<void>((resume) => {
+          if (c.exitCode !== null || c.signalCode !== null) {
+            Fs.rmSync(qmpPath, { force: true })
+            return resume(Effect.void)
+          }
+          const timer = setTimeout(() => c.kill("SIGKILL"), 5000)
+          c.once("exit", () => {
+            clearTimeout(timer)
+            Fs.rmSync(qmpPath, { force: true })
+            resume(Effect.void)
+          })
+          // the QMP connection is closed first (later acquisitions are released first): ask by signal
+          c.kill("SIGTERM")
+        })
+    )
+    const qmp = yield* connectQmp(qmpPath).pipe(
+      Effect.mapError((e) => new QmpError({ detail: `${e.detail}; QEMU stderr: ${stderr.trim()}` }))
+    )
+    return {
+      qmp,
+      pid: child.pid!,
+      stderr: () => stderr,
+      kill: Effect.sync(() => {
+        child.kill("SIGKILL")
+      })
+    }
+  })
+
+/** Migration settings of a source. */
+export interface MigrateSettings {
+  readonly uri: string
+  readonly channels: number
+  readonly compression: "none" | "zlib" | "zstd"
+  /** bytes per second (default: 1 TiB/s, i.e. unthrottled) */
+  readonly maxBandwidth?: number | undefined
+  /** ms (default 60000: switch over at once; the rate limit does not apply to the switch-over) */
+  readonly downtimeLimit?: number | undefined
+  readonly zeroPageDetection?: "multifd" | "legacy" | "none" | undefined
+  readonly extraCapabilities?: ReadonlyArray<string> | undefined
+  readonly extraParameters?: Record<string, unknown> | undefined
+}
+
+/** Sets the capabilities and parameters of a multifd migration and starts it (`migrate`). */
+export const migrate = (qmp: Qmp, settings: MigrateSettings): Effect.Effect<void, QmpError> =>
+  Effect.gen(function*() {
+    yield* qmp.execute("migrate-set-capabilities", {
+      capabilities: [
+        { capability: "events", state: true },
+        { capability: "multifd", state: true },
+        ...(settings.extraCapabilities ?? []).map((capability) => ({ capability, state: true }))
+      ]
+    })
+    yield* qmp.execute("migrate-set-parameters", {
+      "multifd-channels": settings.channels,
+      "multifd-compression": settings.compression,
+      "max-bandwidth": settings.maxBandwidth ?? 1099511627776,
+      "downtime-limit": settings.downtimeLimit ?? 60000,
+      ...(settings.zeroPageDetection ? { "zero-page-detection": settings.zeroPageDetection } : {}),
+      ...settings.extraParameters
+    })
+    yield* qmp.execute("migrate", { uri: settings.uri })
+  })
+
+/** Waits for the source's migration to reach a final state; returns it (`completed`, `failed`, `cancelled`). */
+export const waitDone = (qmp: Qmp, timeout: Duration.DurationInput): Effect.Effect<string, QmpError> =>
+  Effect.map(
+    qmp.waitEvent("MIGRATION", (d) => ["completed", "failed", "cancelled"].includes(String(d["status"])), timeout),
+    (e) => String(e.data?.["status"])
+  )
