@@ -311,6 +311,11 @@ export interface IncomingOptions {
   readonly acceptTimeout?: Duration.DurationInput | undefined
   /** Secures every accepted connection (TLS server side) before it is classified. */
   readonly upgrade?: Transport.Upgrade<MultifdSend.ChannelFailure> | undefined
+  /**
+   * Settings the source must use, else its hello is refused with the reason (the source fails with
+   * `Rejected`, nothing is written here). Unset fields follow the source.
+   */
+  readonly expect?: Expectations | undefined
   /** Called about ten times a second while pages arrive (`doneBytes` counts pages received). */
   readonly onProgress?: ((progress: Progress) => Effect.Effect<void>) | undefined
 }
@@ -335,8 +340,31 @@ export type IncomingError =
 /** Default cap on memory a source may make the destination allocate. */
 export const DEFAULT_MAX_RAM = 16 * GIB
 
+/** Transfer settings a destination may insist on (see `IncomingOptions.expect`). */
+export interface Expectations {
+  readonly channels?: number | undefined
+  readonly pageSize?: number | undefined
+  readonly compression?: Protocol.Compression | undefined
+  readonly zeroPage?: "multifd" | "none" | undefined
+}
+
+/** The first expectation the hello does not meet, described. */
+const unmet = (hello: Control.Hello, expect: Expectations): string | undefined => {
+  const keys = ["channels", "pageSize", "compression", "zeroPage"] as const
+  const names = { channels: "channels", pageSize: "page size", compression: "compression", zeroPage: "zero-page mode" }
+  for (const key of keys) {
+    const wanted = expect[key]
+    if (wanted !== undefined && wanted !== hello[key]) {
+      return `the source uses ${names[key]} ${hello[key]}, the destination expects ${wanted}`
+    }
+  }
+  return undefined
+}
+
 const checkHello = (hello: Control.Hello, options: IncomingOptions): string | undefined => {
   if (hello.version !== Control.VERSION) return `control protocol version ${hello.version} is not ${Control.VERSION}`
+  const expected = options.expect === undefined ? undefined : unmet(hello, options.expect)
+  if (expected !== undefined) return expected
   const layoutProblem = GuestRam.checkLayout(hello.pageSize, hello.blocks)
   if (layoutProblem) return layoutProblem.message
   const total = hello.blocks.reduce((n, b) => n + b.size, 0)

@@ -22,7 +22,8 @@ import * as Fs from "node:fs"
 import * as Os from "node:os"
 import * as Path from "node:path"
 import { afterAll } from "vitest"
-import * as FromQemu from "../src/cli/fromQemu.js"
+import * as NodeContext from "@effect/platform-node/NodeContext"
+import * as Cli from "../src/cli/command.js"
 import * as PageCodec from "../src/PageCodec.js"
 import type * as Protocol from "../src/Protocol.js"
 import * as QemuIncoming from "../src/QemuIncoming.js"
@@ -255,26 +256,37 @@ describe.skipIf(missing !== undefined)(`QEMU ${"version" in qemu ? qemu.version 
       }
     }))), 60_000)
 
-  it.live("recv --from-qemu --out (src/cli/fromQemu.run) writes the image", () =>
+  it.live("multifd recv tcp:127.0.0.1:0 --from-qemu --channels 3 --compression zlib --out FILE --json (the command line)", () =>
     Effect.scoped(Effect.gen(function*() {
       const img = image("mixed")
       const out = Path.join(dir, "received.img")
-      const bound = yield* Deferred.make<Transport.Address>()
-      const recv = yield* Effect.forkScoped(FromQemu.run({
-        uri: { _tag: "Tcp", host: "127.0.0.1", port: 0 },
-        channels: 3,
-        compression: "none",
-        out,
-        timing: { timeout: Option.none() },
-        json: false,
-        onListening: (address) => Deferred.succeed(bound, address)
-      }).pipe(Effect.provide(Logger.replace(Logger.defaultLogger, Logger.none)), Effect.withConsole(quietConsole)))
-      const address = yield* Deferred.await(bound)
+      const bound = yield* Deferred.make<string>()
+      const stdout: Array<string> = []
+      // the command's console: its listening line tells where QEMU must go, --json goes to stdout
+      const console = new Proxy({} as Console.Console, {
+        get: (_, key) =>
+          key === "error"
+            ? (...parts: ReadonlyArray<unknown>) => {
+              const m = /^multifd: listening on (\S+)$/.exec(parts.join(" "))
+              return m === null ? Effect.void : Deferred.succeed(bound, m[1]!)
+            }
+            : key === "log"
+            ? (...parts: ReadonlyArray<unknown>) => Effect.sync(() => void stdout.push(parts.join(" ")))
+            : Reflect.get(quietConsole, key)
+      })
+      const argv = ["node", "multifd", "recv", "tcp:127.0.0.1:0", "--from-qemu", "--channels", "3", "--compression", "zlib", "--out", out, "--json"]
+      const recv = yield* Effect.forkScoped(Cli.main(argv).pipe(
+        Effect.provide(NodeContext.layer),
+        Effect.provide(Logger.replace(Logger.defaultLogger, Logger.none)),
+        Effect.withConsole(console)
+      ))
+      const uri = yield* Deferred.await(bound)
       const src = yield* Qemu.startSource(img.path, img.bytes.length)
-      yield* Qemu.migrate(src.qmp, { uri: Transport.formatAddress(address), channels: 3, compression: "none" })
+      yield* Qemu.migrate(src.qmp, { uri, channels: 3, compression: "zlib" })
       expect(yield* Qemu.waitDone(src.qmp, "60 seconds")).toBe("completed")
-      yield* noHang(Fiber.join(recv), "recv --from-qemu", 30)
+      expect(yield* noHang(Fiber.join(recv), "recv --from-qemu", 30)).toBe(0)
       expect(Fs.readFileSync(out).equals(img.bytes)).toBe(true)
+      expect(JSON.parse(stdout.join(""))).toMatchObject({ role: "recv", output: out, channels: 3, compression: "zlib" })
     })), 60_000)
 
   it.live("return-path on the source: refused, naming it (QEMU 10 refuses postcopy-ram with multifd itself)", () =>

@@ -178,17 +178,85 @@ describe("multifd send/recv", () => {
     expect(lines(send.stderr)).toEqual([]) // --json: no summary
   })
 
-  it("recv fails when the source disagrees with an explicit --channels, and writes nothing", async () => {
+  it("recv refuses a source that disagrees with an explicit --channels: both exit 1, nothing written", async () => {
     const out = Path.join(dir, "mismatch.out")
     const recv = await startRecv(["tcp:127.0.0.1:0", "--out", out, "--channels", "3"])
     const send = await run(["send", recv.uri, "--in", image, "--channels", "2"])
     const received = await recv.finished
-    expect(send.code).toBe(0) // the library cannot refuse a hello on the channel count (see recv.ts)
+    const why = "the source uses channels 2, the destination expects 3"
+    expect(send.code).toBe(1)
+    expect(lines(send.stderr).at(-1)).toMatch(new RegExp(`^multifd: error: .*${why}`))
     expect(received.code).toBe(1)
-    expect(lines(received.stderr).at(-1)).toBe(
-      `multifd: error: the source used --channels 2, not 3; ${out} not written`
-    )
+    expect(lines(received.stderr).at(-1)).toBe(`multifd: error: refused the migration: ${why}`)
     expect(filesLike("mismatch.out")).toEqual([])
+  })
+
+  it("send file: saves a snapshot, recv file: restores it byte for byte", async () => {
+    const snapshot = Path.join(dir, "image.snap")
+    const out = Path.join(dir, "restored.out")
+    const send = await runHere(["send", `file:${snapshot}`, "--in", image, "--channels", "3", "--json"])
+    expect(send.code).toBe(0)
+    expect(send.stderr).toBe("") // no listening line, no summary with --json
+    expect(JSON.parse(send.stdout)).toMatchObject({ role: "send", ramBytes: IMAGE_PAGES * PAGE })
+    // zero pages are not stored: the file is sparse
+    expect(Fs.statSync(snapshot).blocks * 512).toBeLessThan(IMAGE_PAGES * PAGE)
+    const recv = await runHere(["recv", `file:${snapshot}`, "--out", out])
+    expect(recv.code).toBe(0)
+    expect(Fs.readFileSync(out).equals(Fs.readFileSync(image))).toBe(true)
+    const bad = await runHere(["recv", `file:${image}`, "--out", Path.join(dir, "foreign.out")])
+    expect(bad.code).toBe(1)
+    expect(lines(bad.stderr)).toEqual([expect.stringMatching(/^multifd: error: .*image\.raw.*snapshot/)])
+    expect(filesLike("foreign.out")).toEqual([])
+  })
+})
+
+const TLS = Path.join(ROOT, "test", "fixtures", "tls")
+const tlsFile = (name: string) => Path.join(TLS, name)
+
+describe("multifd over TLS", () => {
+  it("--tls-psk on both sides: the image arrives over 4 TLS channels", async () => {
+    const out = Path.join(dir, "psk.out")
+    const recv = await startRecv(["tcp:127.0.0.1:0", "--out", out, "--tls-psk", tlsFile("keys.psk")])
+    const send = await run(["send", recv.uri, "--in", image, "--channels", "4", "--tls-psk", tlsFile("keys.psk")])
+    const received = await recv.finished
+    expect({ send: send.code, recv: received.code, stderr: send.stderr + received.stderr }).toMatchObject({ send: 0, recv: 0 })
+    expect(Fs.readFileSync(out).equals(Fs.readFileSync(image))).toBe(true)
+  })
+
+  it("x509 with client certificates and --tls-authz: alice is admitted, mallory is refused", async () => {
+    const server = ["--tls-ca", tlsFile("ca-cert.pem"), "--tls-cert", tlsFile("server-cert.pem"), "--tls-key", tlsFile("server-key.pem")]
+    const client = (who: string) => ["--tls-ca", tlsFile("ca-cert.pem"), "--tls-cert", tlsFile(`${who}-cert.pem`), "--tls-key", tlsFile(`${who}-key.pem`)]
+    const out = Path.join(dir, "x509.out")
+    const recv = await startRecv(["tcp:localhost:0", "--out", out, ...server, "--tls-authz", "alice"])
+    const port = recv.uri.split(":").at(-1)!
+    // the certificate is for localhost: the default name checked is the uri's host
+    const send = await run(["send", `tcp:localhost:${port}`, "--in", image, ...client("alice")])
+    const received = await recv.finished
+    expect({ send: send.code, recv: received.code, stderr: send.stderr + received.stderr }).toMatchObject({ send: 0, recv: 0 })
+    expect(Fs.readFileSync(out).equals(Fs.readFileSync(image))).toBe(true)
+
+    const refusedOut = Path.join(dir, "x509-refused.out")
+    const refusing = await startRecv(["tcp:localhost:0", "--out", refusedOut, ...server, "--tls-authz", "alice", "--timeout", "3s"])
+    const refusedPort = refusing.uri.split(":").at(-1)!
+    const mallory = await run(["send", `tcp:localhost:${refusedPort}`, "--in", image, ...client("mallory"), "--timeout", "3s"])
+    refusing.child.kill("SIGINT")
+    const refused = await refusing.finished
+    expect(mallory.code).toBe(1)
+    expect(lines(mallory.stderr)).toEqual([expect.stringMatching(/^multifd: error: .*refused this source \(TLS authorization\)/)])
+    noStack(mallory.stderr)
+    expect(refused.code).not.toBe(0)
+    expect(filesLike("x509-refused.out")).toEqual([])
+  })
+
+  it("send checks the destination's certificate against the uri's host, or --tls-hostname", async () => {
+    const server = ["--tls-cert", tlsFile("server-cert.pem"), "--tls-key", tlsFile("server-key.pem")]
+    const recv = await startRecv(["tcp:127.0.0.1:0", "--out", Path.join(dir, "host.out"), ...server, "--timeout", "3s"])
+    const wrong = await run(["send", recv.uri, "--in", image, "--tls-ca", tlsFile("ca-cert.pem"), "--tls-hostname", "example.org"])
+    expect(wrong.code).toBe(1)
+    expect(lines(wrong.stderr)).toEqual([expect.stringMatching(/^multifd: error: main channel: .*example\.org/)])
+    const right = await run(["send", recv.uri, "--in", image, "--tls-ca", tlsFile("ca-cert.pem"), "--tls-hostname", "localhost"])
+    const received = await recv.finished
+    expect({ send: right.code, recv: received.code, stderr: right.stderr + received.stderr }).toMatchObject({ send: 0, recv: 0 })
   })
 })
 
@@ -226,7 +294,19 @@ describe("multifd failures", () => {
         ["send", "tcp:127.0.0.1:1", "--in", image, "--compression", "zlib", "--compression-level", "99"],
         /^multifd: error: compression: zlib level 99 is out of range 0-9$/
       ],
-      [["recv", "tcp:127.0.0.1:0", "--out", Path.join(dir, "no", "such", "dir.out")], /no such file or directory/]
+      [["recv", "tcp:127.0.0.1:0", "--out", Path.join(dir, "no", "such", "dir.out")], /no such file or directory/],
+      [["recv", "tcp:127.0.0.1:0"], /^multifd: error: recv needs --out FILE$/],
+      [["recv", "tcp:127.0.0.1:0", "--out-dir", dir], /--out-dir goes with --from-qemu/],
+      [["recv", "tcp:127.0.0.1:0", "--from-qemu", "--out", "x.img"], /--from-qemu needs --channels N/],
+      [["recv", "tcp:127.0.0.1:0", "--from-qemu", "--channels", "2"], /exactly one of --out FILE or --out-dir DIR/],
+      [["recv", `file:${image}`, "--from-qemu", "--channels", "2", "--out", "x.img"], /--from-qemu needs a tcp: or unix: uri/],
+      [["send", "tcp:127.0.0.1:1", "--in", image, "--tls-psk", tlsFile("keys.psk"), "--tls-ca", tlsFile("ca-cert.pem")], /--tls-psk cannot be combined/],
+      [["send", "tcp:127.0.0.1:1", "--in", image, "--tls-hostname", "x"], /--tls-hostname needs --tls-psk or --tls-ca/],
+      [["send", "tcp:127.0.0.1:1", "--in", image, "--tls-psk", tlsFile("keys.psk"), "--tls-authz", "a"], /--tls-authz is a recv option/],
+      [["recv", "tcp:127.0.0.1:0", "--out", "x.img", "--tls-ca", tlsFile("ca-cert.pem")], /recv with x509 needs --tls-cert and --tls-key/],
+      [["send", "tcp:127.0.0.1:1", "--in", image, "--tls-cert", tlsFile("alice-cert.pem")], /--tls-cert and --tls-key go together/],
+      [["send", "tcp:127.0.0.1:1", "--in", image, "--tls-psk", Path.join(dir, "nokeys.psk")], /^multifd: error: TLS configuration: .*nokeys\.psk/],
+      [["send", `file:${Path.join(dir, "t.snap")}`, "--in", image, "--tls-psk", tlsFile("keys.psk")], /TLS does not apply to a file: snapshot/]
     ]
     for (const [args, message] of cases) {
       const result = await runHere(args)
@@ -240,12 +320,16 @@ describe("multifd failures", () => {
   it("--help exits 0 and documents the contract", async () => {
     const help = await run(["--help"])
     expect(help.code).toBe(0)
-    expect(help.stdout).toContain("recv --out file")
+    expect(help.stdout).toContain("recv [--out file]")
     expect(help.stdout).toContain("send --in file")
     const send = await runHere(["send", "--help"])
     expect(send.code).toBe(0)
-    for (const flag of ["--channels", "--page-size", "--compression", "--compression-level", "--zero-page", "--timeout", "--json"]) {
+    for (const flag of ["--channels", "--page-size", "--compression", "--compression-level", "--zero-page", "--timeout", "--json", "--tls-psk", "--tls-identity", "--tls-ca", "--tls-hostname", "--tls-cert", "--tls-key"]) {
       expect(send.stdout).toContain(flag)
+    }
+    const recv = await runHere(["recv", "--help"])
+    for (const flag of ["--out", "--out-dir", "--from-qemu", "--tls-authz", "--tls-verify-peer", "file:PATH"]) {
+      expect(recv.stdout).toContain(flag)
     }
   })
 

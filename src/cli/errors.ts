@@ -51,6 +51,10 @@ export const isUsage = (error: unknown): boolean => {
       return error.reason !== "Io"
     case "CodecError":
       return error.reason === "BadLevel"
+    case "TlsError":
+      return error.reason === "Config"
+    case "SnapshotError":
+      return error.reason === "Unusable" || error.reason === "Unsupported"
     default:
       return false
   }

@@ -14,8 +14,9 @@ import * as ValidationError from "@effect/cli/ValidationError"
 import * as Duration from "effect/Duration"
 import * as Effect from "effect/Effect"
 import * as Either from "effect/Either"
-import type * as Option from "effect/Option"
+import * as Option from "effect/Option"
 import * as GuestRam from "../GuestRam.js"
+import type * as Tls from "../Tls.js"
 import type * as Protocol from "../Protocol.js"
 import * as Transport from "../Transport.js"
 
@@ -75,7 +76,10 @@ const check = <A>(problem: (a: A) => string | undefined) => (a: A) => {
 
 /** Where to connect (send) or listen (recv). */
 export const uri: Args.Args<Transport.Address> = Args.text({ name: "uri" }).pipe(
-  Args.withDescription("tcp:HOST:PORT (IPv6 as tcp:[::1]:PORT; recv may use port 0) or unix:PATH"),
+  Args.withDescription(
+    "tcp:HOST:PORT (IPv6 as tcp:[::1]:PORT; recv may use port 0), unix:PATH, or file:PATH (send saves a " +
+      "snapshot file, recv restores one; no TLS or compression)"
+  ),
   Args.mapEffect((text) =>
     Either.match(Transport.parseAddress(text), {
       onLeft: (error) => Effect.fail(HelpDoc.p(`bad uri: ${error.message}`)),
@@ -97,9 +101,34 @@ export const output = Options.file("out").pipe(
   Options.withDescription(
     "Where to write the received RAM image (the blocks concatenated in order; an existing file is replaced). " +
       "It is written to a temporary file beside it and renamed only after the migration succeeded and its " +
-      "digests verified; on failure nothing is left."
-  )
+      "digests verified; on failure nothing is left. Required, except with --from-qemu --out-dir."
+  ),
+  Options.optional
 )
+
+/** How `recv` writes what it received, and from whom. */
+export interface RecvOutput {
+  readonly out: Option.Option<string>
+  readonly outDir: Option.Option<string>
+  readonly fromQemu: boolean
+}
+
+/** `--out`, `--out-dir` and `--from-qemu`. */
+export const recvOutput: Options.Options<RecvOutput> = Options.all({
+  out: output,
+  outDir: Options.directory("out-dir").pipe(
+    Options.withDescription(
+      "With --from-qemu: write one file per RAM block into this directory (created if missing) instead of --out."
+    ),
+    Options.optional
+  ),
+  fromQemu: Options.boolean("from-qemu").pipe(
+    Options.withDescription(
+      "Receive from an unmodified QEMU 10 (capability multifd; tell it the same multifd-channels as --channels, " +
+        "which is then required, and multifd-compression as --compression) and write the guest's RAM."
+    )
+  )
+})
 
 // ---------------------------------------------------------------------------------------------------------
 // Transfer
@@ -207,3 +236,107 @@ export const reporting: Options.Options<Reporting> = Options.all({
     Options.withDescription("Print the final statistics as one JSON object on stdout (instead of a summary on stderr).")
   )
 })
+
+// ---------------------------------------------------------------------------------------------------------
+// TLS
+
+/** The TLS flags as given; `Tls.TlsConfig` once checked (`tlsConfigOf`). */
+export interface TlsFlags {
+  readonly psk: Option.Option<string>
+  readonly identity: Option.Option<string>
+  readonly ca: Option.Option<string>
+  readonly hostname: Option.Option<string>
+  readonly cert: Option.Option<string>
+  readonly key: Option.Option<string>
+  readonly authz: Option.Option<string>
+  readonly verifyPeer: boolean
+}
+
+const pem = (name: string, description: string) =>
+  Options.file(name).pipe(Options.withPseudoName("PEM"), Options.withDescription(description), Options.optional)
+
+/** TLS settings shared by both commands (as QEMU's tls-creds-psk / tls-creds-x509 and tls-authz). */
+export const tls: Options.Options<TlsFlags> = Options.all({
+  psk: Options.file("tls-psk").pipe(
+    Options.withPseudoName("FILE"),
+    Options.withDescription("TLS with pre-shared keys from FILE in QEMU's keys.psk format: one identity:hexkey a line."),
+    Options.optional
+  ),
+  identity: Options.text("tls-identity").pipe(
+    Options.withPseudoName("ID"),
+    Options.withDescription("send with --tls-psk: the PSK identity to present (default qemu, as QEMU)."),
+    Options.optional
+  ),
+  ca: pem("tls-ca", "TLS with x509: the CA certificate(s) that verify the peer's certificate."),
+  hostname: Options.text("tls-hostname").pipe(
+    Options.withPseudoName("NAME"),
+    Options.withDescription("send with x509: the name the destination's certificate must carry (default: the uri's host)."),
+    Options.optional
+  ),
+  cert: pem("tls-cert", "TLS with x509: this side's certificate (required on recv, optional client certificate on send)."),
+  key: pem("tls-key", "TLS with x509: the private key of --tls-cert."),
+  authz: Options.text("tls-authz").pipe(
+    Options.withPseudoName("ID,..."),
+    Options.withDescription("recv: admit only clients whose certificate CN, or PSK identity, is listed."),
+    Options.optional
+  ),
+  verifyPeer: Options.boolean("tls-verify-peer").pipe(
+    Options.withDescription("recv with x509: require a client certificate signed by --tls-ca (implied by --tls-authz).")
+  )
+})
+
+/**
+ * The TLS configuration the flags ask for: `undefined` without TLS, a problem (one line) when the flags do
+ * not make sense together. `handshake` is the handshake timeout (the `--timeout`, if any).
+ */
+export const tlsConfigOf = (
+  flags: TlsFlags,
+  role: "send" | "recv",
+  handshake: Option.Option<Duration.Duration>
+): Either.Either<Tls.TlsConfig | undefined, string> => {
+  const given = <A>(o: Option.Option<A>) => Option.isSome(o)
+  const psk = given(flags.psk)
+  const x509 = given(flags.ca) || given(flags.cert) || given(flags.key)
+  if (psk && x509) return Either.left("--tls-psk cannot be combined with --tls-ca, --tls-cert or --tls-key")
+  const dependent: ReadonlyArray<readonly [string, boolean]> = [
+    ["--tls-identity", given(flags.identity)],
+    ["--tls-hostname", given(flags.hostname)],
+    ["--tls-authz", given(flags.authz)],
+    ["--tls-verify-peer", flags.verifyPeer]
+  ]
+  if (!psk && !x509) {
+    const stray = dependent.find(([, set]) => set)
+    return stray === undefined ? Either.right(undefined) : Either.left(`${stray[0]} needs --tls-psk or --tls-ca/--tls-cert`)
+  }
+  const wrongSide: ReadonlyArray<readonly [string, boolean, "send" | "recv"]> = [
+    ["--tls-identity", given(flags.identity), "send"],
+    ["--tls-hostname", given(flags.hostname), "send"],
+    ["--tls-authz", given(flags.authz), "recv"],
+    ["--tls-verify-peer", flags.verifyPeer, "recv"]
+  ]
+  const misplaced = wrongSide.find(([, set, side]) => set && side !== role)
+  if (misplaced !== undefined) return Either.left(`${misplaced[0]} is a ${misplaced[2]} option`)
+  if (psk && given(flags.hostname)) return Either.left("--tls-hostname applies to x509 certificates, not --tls-psk")
+  if (x509 && given(flags.identity)) return Either.left("--tls-identity applies to --tls-psk, not x509")
+  if (given(flags.cert) !== given(flags.key)) return Either.left("--tls-cert and --tls-key go together")
+  if (role === "recv" && x509 && !given(flags.cert)) return Either.left("recv with x509 needs --tls-cert and --tls-key")
+  const authz = Option.map(flags.authz, (list) => list.split(",").map((id) => id.trim()).filter((id) => id.length > 0))
+  if (Option.isSome(authz) && authz.value.length === 0) return Either.left("--tls-authz needs at least one identity")
+  if (role === "recv" && x509 && (flags.verifyPeer || given(authz)) && !given(flags.ca)) {
+    return Either.left(`${flags.verifyPeer ? "--tls-verify-peer" : "--tls-authz"} with x509 needs --tls-ca to verify clients`)
+  }
+  const value = <A>(o: Option.Option<A>) => Option.getOrUndefined(o)
+  const config: Record<string, unknown> = {
+    psk: value(flags.psk),
+    identity: value(flags.identity),
+    ca: value(flags.ca),
+    cert: value(flags.cert),
+    key: value(flags.key),
+    hostname: value(flags.hostname),
+    verifyPeer: flags.verifyPeer ? true : undefined,
+    authz: value(authz),
+    handshakeTimeoutMs: value(Option.map(handshake, Duration.toMillis))
+  }
+  for (const k of Object.keys(config)) if (config[k] === undefined) delete config[k]
+  return Either.right(config as Tls.TlsConfig)
+}

@@ -2,9 +2,9 @@
  * `multifd recv <uri> --out <file>`: waits for one migration and writes the received RAM image.
  *
  * The source decides the layout, page size, channel count and compression (its hello carries them). Values
- * given on the recv command line are expectations: the library has no hook to refuse a hello on other grounds
- * than the layout, so they are checked once the migration is done, and a mismatch fails the command before
- * anything is written to --out.
+ * given on the recv command line are expectations: the destination refuses a source that uses others (the
+ * source fails with the reason) and writes nothing. With `--from-qemu` the peer is an unmodified QEMU and
+ * `fromQemu.ts` does the work; with a `file:` uri a snapshot file is restored.
  *
  * @since 0.1.0
  */
@@ -15,11 +15,13 @@ import * as Effect from "effect/Effect"
 import * as Option from "effect/Option"
 import * as Migration from "../Migration.js"
 import * as Transport from "../Transport.js"
+import { UsageError } from "./errors.js"
+import * as FromQemu from "./fromQemu.js"
 import * as Image from "./image.js"
 import * as Options from "./options.js"
 import * as Progress from "./progress.js"
 import * as Report from "./report.js"
-import { timeoutsOf } from "./send.js"
+import { timeoutsOf, tlsOf } from "./send.js"
 
 /** The line that tells scripts (and tests) where recv listens, printed on stderr as soon as it does. */
 export const listeningLine = (address: Transport.Address): string =>
@@ -51,36 +53,66 @@ export const command = Command.make(
   "recv",
   {
     uri: Options.uri,
-    output: Options.output,
+    output: Options.recvOutput,
     transfer: Options.recvTransfer,
+    tls: Options.tls,
     timing: Options.timing,
     reporting: Options.reporting
   },
-  ({ output, reporting, timing, transfer, uri }) =>
+  ({ output, reporting, timing, tls: tlsFlags, transfer, uri }) =>
     Effect.scoped(Effect.gen(function*() {
+      const tls = yield* tlsOf(tlsFlags, "recv", uri, timing)
+      if (output.fromQemu) {
+        if (uri._tag === "File") return yield* new UsageError({ detail: "--from-qemu needs a tcp: or unix: uri" })
+        if (Option.isNone(transfer.channels)) {
+          return yield* new UsageError({ detail: "--from-qemu needs --channels N (QEMU's multifd-channels)" })
+        }
+        yield* FromQemu.run({
+          uri,
+          channels: transfer.channels.value,
+          compression: Option.getOrUndefined(transfer.compression),
+          pageSize: Option.getOrUndefined(transfer.pageSize),
+          out: Option.getOrUndefined(output.out),
+          outDir: Option.getOrUndefined(output.outDir),
+          upgrade: tls?.server,
+          timing,
+          json: reporting.json
+        })
+        return
+      }
+      if (Option.isSome(output.outDir)) return yield* new UsageError({ detail: "--out-dir goes with --from-qemu; use --out FILE" })
+      if (Option.isNone(output.out)) return yield* new UsageError({ detail: "recv needs --out FILE" })
+      const out = output.out.value
       // the temporary file first: an unwritable --out fails before anything listens
-      const image = yield* Image.create(output)
+      const image = yield* Image.create(out)
       const received = yield* Effect.scoped(Effect.gen(function*() {
         const onProgress = yield* Progress.make("recv")
         return yield* Migration.listenAndReceive(uri, {
           timeouts: timeoutsOf(timing),
+          expect: {
+            channels: Option.getOrUndefined(transfer.channels),
+            pageSize: Option.getOrUndefined(transfer.pageSize),
+            compression: Option.getOrUndefined(transfer.compression)
+          },
+          upgrade: tls?.server,
           onListening: (address) => Console.error(listeningLine(address)),
           onProgress
         })
       })).pipe(Effect.provide(Transport.layer))
       const { ram, stats } = received
+      // a snapshot file has no hello to refuse: its settings are checked here
       const problem = mismatch(transfer, { ...stats, pageSize: ram.pageSize })
       if (problem !== undefined) {
-        return yield* new SourceMismatch({ detail: `${problem}; ${output} not written` })
+        return yield* new SourceMismatch({ detail: `${problem}; ${out} not written` })
       }
       yield* image.commit(ram.blocks.map((block) => block.bytes))
       yield* Report.print(
-        { role: "recv", output, pageSize: ram.pageSize, stats, rejected: received.rejected },
+        { role: "recv", output: out, pageSize: ram.pageSize, stats, rejected: received.rejected },
         reporting.json
       )
     }))
 ).pipe(
   Command.withDescription(
-    "Wait at <uri> for one migration and write the received RAM image to --out."
+    "Wait at <uri> for one migration (or restore the file: snapshot) and write the received RAM image to --out."
   )
 )

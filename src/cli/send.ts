@@ -5,9 +5,11 @@
  */
 import * as Command from "@effect/cli/Command"
 import * as Effect from "effect/Effect"
+import * as Either from "effect/Either"
 import * as Option from "effect/Option"
 import * as GuestRam from "../GuestRam.js"
 import * as Migration from "../Migration.js"
+import * as Tls from "../Tls.js"
 import * as Transport from "../Transport.js"
 import { UsageError } from "./errors.js"
 import * as Image from "./image.js"
@@ -25,6 +27,29 @@ export const timeoutsOf = (timing: Options.Timing): Partial<Migration.Timeouts> 
     onSome: (d) => ({ peer: d, connect: d })
   })
 
+/**
+ * The TLS service the flags ask for, if any: flags that do not fit together, or TLS to a `file:` address,
+ * are a `UsageError`; unreadable credentials a `TlsError` with reason `Config` (both exit 2).
+ */
+export const tlsOf = (
+  flags: Options.TlsFlags,
+  role: "send" | "recv",
+  uri: Transport.Address,
+  timing: Options.Timing
+): Effect.Effect<Tls.Tls["Type"] | undefined, UsageError | Tls.TlsError> =>
+  Either.match(Options.tlsConfigOf(flags, role, timing.timeout), {
+    onLeft: (detail) => Effect.fail(new UsageError({ detail })),
+    onRight: (config) =>
+      config === undefined
+        ? Effect.succeed(undefined)
+        : uri._tag === "File"
+        ? Effect.fail(new UsageError({ detail: "TLS does not apply to a file: snapshot" }))
+        : Tls.make(config)
+  })
+
+/** The host a source's TLS checks the destination's certificate against by default. */
+const hostOf = (uri: Transport.Address): string | undefined => uri._tag === "Tcp" ? uri.host : undefined
+
 /** The `send` subcommand. */
 export const command = Command.make(
   "send",
@@ -32,11 +57,13 @@ export const command = Command.make(
     uri: Options.uri,
     input: Options.input,
     transfer: Options.sendTransfer,
+    tls: Options.tls,
     timing: Options.timing,
     reporting: Options.reporting
   },
-  ({ input, reporting, timing, transfer, uri }) =>
+  ({ input, reporting, timing, tls: tlsFlags, transfer, uri }) =>
     Effect.gen(function*() {
+      const tls = yield* tlsOf(tlsFlags, "send", uri, timing)
       const bytes = yield* Image.read(input, transfer.pageSize)
       const ram = yield* GuestRam.make({ pageSize: transfer.pageSize, blocks: [{ name: BLOCK_NAME, bytes }] }).pipe(
         Effect.mapError((error) => new UsageError({ detail: error.message }))
@@ -50,6 +77,7 @@ export const command = Command.make(
           compressionLevel: Option.getOrUndefined(transfer.compressionLevel),
           zeroPage: transfer.zeroPage,
           timeouts: timeoutsOf(timing),
+          upgrade: tls?.client(hostOf(uri)),
           onProgress
         })
       })).pipe(
