@@ -25,7 +25,7 @@ const Block = Schema.Struct({
   size: Schema.Number.pipe(Schema.int(), Schema.nonNegative())
 })
 
-const Digest = Schema.Struct({ name: Schema.String, sha256: Schema.String })
+const Digest = Schema.Struct({ name: Schema.String, digest: Schema.String })
 
 /** Source → destination: who we are and what is coming. */
 export class Hello extends Schema.TaggedClass<Hello>()("Hello", {

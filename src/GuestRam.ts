@@ -171,15 +171,17 @@ export const zeroPage = (pageSize: number): Buffer => {
 
 /** Whether the page at `offset` of `bytes` is all zeros (one native compare, no allocation). */
 export const isZeroPage = (bytes: Buffer, offset: number, pageSize: number): boolean =>
+  // most pages that are not zero say so in their first or last byte: no native call for them
+  bytes[offset] === 0 && bytes[offset + pageSize - 1] === 0 &&
   bytes.compare(zeroPage(pageSize), 0, pageSize, offset, offset + pageSize) === 0
 
 /** Chunk size of the digest tree: each 64 MiB chunk is hashed on its own (in parallel where possible). */
 export const DIGEST_CHUNK = Digest.CHUNK
 
-/** A block's digest: SHA-256 over the SHA-256 of each 64 MiB chunk, hex-encoded. */
+/** A block's digest: SHA-256 over the XXH3-128 of each 64 MiB chunk, hex-encoded. */
 export interface BlockDigest {
   readonly name: string
-  readonly sha256: string
+  readonly digest: string
 }
 
 /**
@@ -189,7 +191,7 @@ export interface BlockDigest {
 export const digest = (ram: GuestRam["Type"]): Effect.Effect<ReadonlyArray<BlockDigest>> =>
   Effect.map(
     Digest.digestAll(ram.blocks.map((b) => b.bytes)),
-    (hashes) => ram.blocks.map((b, i) => ({ name: b.name, sha256: hashes[i]! }))
+    (hashes) => ram.blocks.map((b, i) => ({ name: b.name, digest: hashes[i]! }))
   )
 
 /** A write outside a block's bounds. */

@@ -530,8 +530,8 @@ export const incoming = (
         if (message._tag !== "Complete") return yield* unexpected(message, "during the transfer")
         yield* recv.expectEnd
         const mine = yield* GuestRam.digest(ram)
-        const theirs = new Map(message.digests.map((d) => [d.name, d.sha256]))
-        const bad = mine.filter((d) => theirs.get(d.name) !== d.sha256).map((d) => d.name)
+        const theirs = new Map(message.digests.map((d) => [d.name, d.digest]))
+        const bad = mine.filter((d) => theirs.get(d.name) !== d.digest).map((d) => d.name)
         if (bad.length > 0 || theirs.size !== mine.length) {
           const reason = `memory digest mismatch in block ${bad.map((n) => JSON.stringify(n)).join(", ")}`
           yield* tell(new Control.Abort({ reason }))

@@ -7,6 +7,7 @@
  *
  * @since 0.1.0
  */
+import * as Cause from "effect/Cause"
 import * as Context from "effect/Context"
 import * as Deferred from "effect/Deferred"
 import type * as Duration from "effect/Duration"
@@ -107,10 +108,10 @@ export const make = (
 
     const worker = (channel: Channel, connection: Transport.Connection, codec: PageCodec.Encoder) =>
       Effect.gen(function*() {
-        const header = Buffer.alloc(Protocol.headerSize(pageSize))
+        const headerSize = Protocol.headerSize(pageSize)
         const offsets = new Float64Array(slots)
         const zeros = new Float64Array(slots)
-        const chunks: Array<Uint8Array> = [header]
+        const chunks: Array<Uint8Array> = []
         const detectZeros = config.zeroPage === "multifd"
         yield* Queue.offer(idle, channel)
         while (true) {
@@ -118,8 +119,10 @@ export const make = (
           if (job._tag === "Finish") return yield* connection.end
           if (job._tag === "Sync") {
             const num = yield* Ref.getAndUpdate(packetNum, (n) => n + 1n)
+            // a header per packet: the connection may still hold the previous one (writes do not copy)
+            const header = Buffer.alloc(headerSize)
             yield* connection.write([header.subarray(0, Protocol.writeSync(header, pageSize, num))])
-            yield* Ref.update(stats, (s) => ({ ...s, packets: s.packets + 1, syncs: s.syncs + 1, bytes: s.bytes + header.length }))
+            yield* Ref.update(stats, (s) => ({ ...s, packets: s.packets + 1, syncs: s.syncs + 1, bytes: s.bytes + headerSize }))
             yield* Deferred.succeed(job.done, undefined)
             continue
           }
@@ -132,7 +135,9 @@ export const make = (
             else offsets[normal++] = offset
           }
           for (let i = 0; i < zero; i++) offsets[normal + i] = zeros[i]!
-          chunks.length = 1
+          const header = Buffer.alloc(headerSize)
+          chunks.length = 0
+          chunks.push(header)
           const payloadSize = yield* codec.encode(block.bytes, offsets, normal, pageSize, chunks)
           const num = yield* Ref.getAndUpdate(packetNum, (n) => n + 1n)
           Protocol.writeHeader(header, pageSize, {
@@ -151,7 +156,7 @@ export const make = (
             syncs: s.syncs,
             normalPages: s.normalPages + normal,
             zeroPages: s.zeroPages + zero,
-            bytes: s.bytes + header.length + payloadSize
+            bytes: s.bytes + headerSize + payloadSize
           }))
           yield* Queue.offer(idle, channel)
         }
@@ -178,12 +183,18 @@ export const make = (
 
     const guarded = <A, E>(effect: Effect.Effect<A, E>) => Effect.raceFirst(effect, failure)
     const all = guarded(Deferred.await(mailboxes))
+    // the first failure shuts the idle queue: a `send` waiting for a channel then reports that failure
+    // (cheaper than racing every batch against `failure`)
+    yield* Effect.forkScoped(Effect.catchAllCause(FiberSet.join(fibers), () => Queue.shutdown(idle)))
+    const takeIdle = Effect.catchAllCause(
+      Queue.take(idle),
+      (cause) => Cause.isInterruptedOnly(cause) ? failure : Effect.failCause(cause)
+    )
 
     return {
       slots,
       send: (block, pages, count) =>
-        guarded(Effect.flatMap(Queue.take(idle), (channel) =>
-          Queue.offer(channel.mailbox, { _tag: "Pages", block, pages, count }))),
+        Effect.flatMap(takeIdle, (channel) => Queue.offer(channel.mailbox, { _tag: "Pages", block, pages, count })),
       sync: Effect.gen(function*() {
         const chans = yield* all
         const done = yield* Effect.forEach(chans, (channel) =>

@@ -27,7 +27,7 @@
  *         0   name, UTF-8, NUL-padded (256 bytes; names are 1-255 bytes)
  *         256 u64 block size in bytes   264 u64 bitmap offset   272 u64 data offset
  *         280 u64 stored pages (bits set in the bitmap)
- *         288 SHA-256 digest of the block's memory, as `GuestRam.digest` computes it (32 bytes)
+ *         288 digest of the block's memory, as `GuestRam.digest` computes it (32 bytes)
  *         320 SHA-256 of the block's bitmap (32 bytes)
  *         352 reserved, zero (32 bytes)
  *   end-32  SHA-256 of every header byte before it
@@ -506,7 +506,7 @@ export const save = (
           bitmapOffset: b.bitmapOffset,
           dataOffset: b.dataOffset,
           presentPages: Format.countBits(bitmaps[i]!),
-          digest: digests[i]!.sha256,
+          digest: digests[i]!.digest,
           bitmapDigest: Format.sha256(bitmaps[i]!)
         }))
       })
@@ -739,7 +739,7 @@ export const restore = (path: string, options: RestoreOptions = {}): Effect.Effe
 
     const digests = yield* GuestRam.digest(ram)
     const bad = header.blocks
-      .filter((entry, i) => digests[i]!.sha256 !== entry.digest)
+      .filter((entry, i) => digests[i]!.digest !== entry.digest)
       .map((entry) => JSON.stringify(entry.name))
     if (bad.length > 0) {
       return yield* new SnapshotError({

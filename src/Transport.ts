@@ -14,6 +14,7 @@ import * as Queue from "effect/Queue"
 import type * as Scope from "effect/Scope"
 import * as Net from "node:net"
 import type * as Stream from "node:stream"
+import * as DirectSocket from "./internal/directSocket.js"
 import { SocketReader } from "./internal/socketReader.js"
 
 // ---------------------------------------------------------------------------------------------------------
@@ -88,7 +89,11 @@ export interface Connection {
   readonly peer: string
   /** The underlying stream: a TLS upgrade wraps it before the first read. */
   readonly stream: Stream.Duplex
-  /** Writes the chunks in order (one vectored write) and completes once they are handed to the kernel. */
+  /**
+   * Writes the chunks in order (one vectored write), without copying them: they must stay unchanged until
+   * sent. Completes at once while less than `WRITE_BUFFER` bytes wait in user space, else once they have
+   * drained to the kernel (backpressure). A failed write destroys the stream: the next call reports it.
+   */
   readonly write: (chunks: ReadonlyArray<Uint8Array>) => Effect.Effect<void, TransportError>
   /** Reads exactly `length` bytes into a new buffer. */
   readonly read: (length: number) => Effect.Effect<Buffer, TransportError>
@@ -131,6 +136,9 @@ export const describeError = (error: unknown): string => {
   return e?.message ?? String(error)
 }
 
+/** Bytes a connection queues in user space before `write` waits for them to drain. */
+export const WRITE_BUFFER = 4 * 1024 * 1024
+
 const closedError = (peer: string, error: unknown) =>
   new TransportError({
     reason: (error as NodeJS.ErrnoException | undefined)?.code === "ECONNRESET" ? "Reset" : "Closed",
@@ -154,22 +162,30 @@ export const destroy = (stream: Stream.Duplex): Effect.Effect<void> =>
 export const fromStream = (stream: Stream.Duplex, peer: string): Effect.Effect<Connection, never, Scope.Scope> =>
   Effect.acquireRelease(Effect.sync(() => makeConnection(stream, peer)), () => destroy(stream))
 
-const makeConnection = (stream: Stream.Duplex, peer: string): Connection => {
+/** Runs this long and longer, contiguous in memory, are read straight into it on a re-wrapped socket. */
+const DIRECT_MIN = 64 * 1024
+
+type Reader = SocketReader | DirectSocket.DirectReader
+
+const makeConnection = (stream: Stream.Duplex, peer: string, direct?: DirectSocket.DirectReader): Connection => {
   // an 'error' listener from the first instant: an unhandled 'error' event would crash the process
   let streamError: Error | undefined
   stream.on("error", (e) => {
     streamError ??= e
   })
-  let reader: SocketReader | undefined
-  const getReader = () => (reader ??= new SocketReader(stream))
+  let reader: Reader | undefined = direct
+  const getReader = (): Reader => (reader ??= new SocketReader(stream))
 
-  const waitData = (r: SocketReader, atLeast = 1) =>
+  const waitData = (r: Reader, atLeast = 1) =>
     Effect.async<void>((resume) => {
       const cancel = r.wait(() => resume(Effect.void), atLeast)
       return Effect.sync(cancel)
     })
 
-  const endFailure = (r: SocketReader, wanted: number, got: number) =>
+  const fillDirect = (r: DirectSocket.DirectReader, view: Uint8Array) =>
+    Effect.async<number>((resume) => Effect.sync(r.fill(view, (filled) => resume(Effect.succeed(filled)))))
+
+  const endFailure = (r: Reader, wanted: number, got: number) =>
     r.end?._tag === "Error"
       ? closedError(peer, r.end.error)
       : new TransportError({
@@ -198,7 +214,24 @@ const makeConnection = (stream: Stream.Duplex, peer: string): Connection => {
           if (within === length) {
             index++
             within = 0
-          } else break
+            continue
+          }
+          // nothing is buffered now: a long contiguous run is read by the socket straight into `target`
+          if (r instanceof DirectSocket.DirectReader && r.end === undefined) {
+            let last = index
+            while (last + 1 < count && offsets[last + 1] === offsets[last]! + length) last++
+            const run = (last + 1 - index) * length - within
+            if (run >= DIRECT_MIN) {
+              const from = offsets[index]! + within
+              return Effect.flatMap(fillDirect(r, target.subarray(from, from + run)), (filled) => {
+                const at = within + filled
+                index += Math.floor(at / length)
+                within = at % length
+                return step()
+              })
+            }
+          }
+          break
         }
         if (index === count) return Effect.void
         if (r.end !== undefined && r.available === 0) {
@@ -232,15 +265,32 @@ const makeConnection = (stream: Stream.Duplex, peer: string): Connection => {
         if (last < 0) return resume(Effect.void)
         stream.cork()
         for (let i = 0; i < last; i++) stream.write(chunks[i])
-        stream.write(chunks[last], (error) =>
+        stream.write(chunks[last], (error) => {
+          if (error) streamError ??= error
+        })
+        stream.uncork()
+        if (stream.writableLength < WRITE_BUFFER) return resume(Effect.void)
+        const settle = () => {
+          stream.off("drain", settle)
+          stream.off("close", settle)
           resume(
-            error
+            stream.destroyed && stream.writableLength > 0
               ? Effect.fail(
-                new TransportError({ reason: "Write", address: peer, detail: describeError(error), cause: error })
+                streamError ? closedError(peer, streamError) : new TransportError({
+                  reason: "Closed",
+                  address: peer,
+                  detail: "connection closed before the data was sent"
+                })
               )
               : Effect.void
-          ))
-        stream.uncork()
+          )
+        }
+        stream.on("drain", settle)
+        stream.on("close", settle)
+        return Effect.sync(() => {
+          stream.off("drain", settle)
+          stream.off("close", settle)
+        })
       }),
     read: (length) =>
       Effect.suspend(() => {
@@ -379,17 +429,19 @@ export const listen = (address: Address): Effect.Effect<Listener, TransportError
   Effect.gen(function*() {
     if (address._tag === "File") return yield* notASocket(address)
     const uri = formatAddress(address)
-    const pending = yield* Queue.unbounded<Net.Socket>()
+    const pending = yield* Queue.unbounded<{ readonly socket: Net.Socket; readonly reader: DirectSocket.DirectReader }>()
     // every accepted socket until it closes: the server's release destroys the stragglers, so that closing
     // the server never waits on a connection somebody forgot
     const accepted = new Set<Net.Socket>()
     const server = yield* Effect.acquireRelease(
       Effect.sync(() =>
-        Net.createServer({ noDelay: true }, (socket) => {
+        // paused on connect: each socket is re-wrapped to read long runs straight into guest memory
+        Net.createServer({ noDelay: true, pauseOnConnect: true }, (raw) => {
+          const { reader, socket } = DirectSocket.rewrap(raw)
           socket.on("error", () => {}) // errors surface on read; this keeps an early reset from crashing
           accepted.add(socket)
           socket.once("close", () => accepted.delete(socket))
-          Queue.unsafeOffer(pending, socket)
+          Queue.unsafeOffer(pending, { socket, reader })
         })
       ),
       (server) =>
@@ -421,7 +473,11 @@ export const listen = (address: Address): Effect.Effect<Listener, TransportError
       accept: Effect.uninterruptibleMask((restore) =>
         Effect.flatMap(
           restore(Queue.take(pending)),
-          (socket) => fromStream(socket, `${actualUri} (from ${peerOf(socket)})`)
+          ({ reader, socket }) =>
+            Effect.acquireRelease(
+              Effect.sync(() => makeConnection(socket, `${actualUri} (from ${peerOf(socket)})`, reader)),
+              () => destroy(socket)
+            )
         )
       )
     }

@@ -1,0 +1,117 @@
+/**
+ * `internal/directSocket`: accepted sockets re-wrapped with `onread`, so that long runs are read by libuv
+ * straight into the caller's memory. Real sockets on loopback; every test proves nothing is left open.
+ */
+import { describe, expect, it } from "@effect/vitest"
+import * as Deferred from "effect/Deferred"
+import * as Effect from "effect/Effect"
+import * as Either from "effect/Either"
+import * as Fiber from "effect/Fiber"
+import type * as Scope from "effect/Scope"
+import * as Crypto from "node:crypto"
+import type * as Net from "node:net"
+import { type Address, connect, listen, parseAddress } from "../src/Transport.js"
+import { expectNoLeaks, tempSocketPath } from "./support/handles.js"
+
+const leakFree = <A, E>(body: Effect.Effect<A, E, Scope.Scope>) => expectNoLeaks(Effect.scoped(body))
+
+const noHang = <A, E, R>(self: Effect.Effect<A, E, R>, what: string) =>
+  Effect.timeoutFail(self, { duration: "10 seconds", onTimeout: () => new Error(`hung: ${what}`) })
+
+const pair = (address: Address) =>
+  Effect.gen(function*() {
+    const listener = yield* listen(address)
+    const [client, server] = yield* Effect.all([connect(listener.address), listener.accept], { concurrency: 2 })
+    return { listener, client, server }
+  })
+
+const tcp = Either.getOrThrow(parseAddress("tcp:127.0.0.1:0"))
+const PAGE = 4096
+
+/** `count` packets: a 16-byte header naming the packet, then `pages` random pages. */
+const packets = (count: number, pages: number) =>
+  Array.from({ length: count }, (_, i) => {
+    const header = Buffer.alloc(16)
+    header.writeUInt32BE(i, 0)
+    return { header, payload: Crypto.randomBytes(pages * PAGE) }
+  })
+
+describe("DirectSocket: reads into guest memory on accepted sockets", () => {
+  for (const [name, address] of [["tcp", tcp], ["unix", { _tag: "Unix", path: tempSocketPath("direct") }]] as const) {
+    it.live(`${name}: headers through the queue, contiguous runs direct, scattered pages staged, all in order`, () =>
+      leakFree(Effect.gen(function*() {
+        const { client, server } = yield* pair(address)
+        const sent = packets(24, 128) // 512 KiB runs: read directly
+        const memory = Buffer.alloc(24 * 128 * PAGE)
+        const writer = yield* Effect.fork(Effect.forEach(sent, (p) => client.write([p.header, p.payload]), { discard: true }))
+        const header = Buffer.alloc(16)
+        for (let i = 0; i < sent.length; i++) {
+          yield* server.readInto(header, 0, 16)
+          expect(header.readUInt32BE(0)).toBe(i)
+          // odd packets go to reversed page slots (scattered: staged), even ones to one contiguous run
+          const base = i * 128 * PAGE
+          const offsets = Array.from({ length: 128 }, (_, k) => base + (i % 2 === 0 ? k : 127 - k) * PAGE)
+          yield* server.readScatter(memory, offsets, 128, PAGE)
+          for (let k = 0; k < 128; k++) {
+            const page = sent[i]!.payload.subarray(k * PAGE, (k + 1) * PAGE)
+            expect(memory.subarray(offsets[k]!, offsets[k]! + PAGE).equals(page)).toBe(true)
+          }
+        }
+        yield* Fiber.join(writer)
+      })))
+  }
+
+  it.live("bytes that arrived before the reader asked land where the read wants them", () =>
+    leakFree(Effect.gen(function*() {
+      const { client, server } = yield* pair(tcp)
+      const payload = Crypto.randomBytes(3 * 1024 * 1024 + 123)
+      yield* client.write([payload])
+      // wait until part of it is queued (staged) before a direct read is asked for
+      yield* server.peek(1000)
+      const memory = Buffer.alloc(payload.length + 7)
+      yield* server.readInto(memory, 7, payload.length)
+      expect(memory.subarray(7).equals(payload)).toBe(true)
+    })))
+
+  it.live("a reader that does not read stops the socket: bounded buffering, then every byte in order", () =>
+    leakFree(Effect.gen(function*() {
+      const { client, server } = yield* pair(tcp)
+      const payload = Crypto.randomBytes(48 * 1024 * 1024)
+      const wrote = yield* Deferred.make<void>()
+      yield* Effect.fork(Effect.zipRight(client.write([payload]), Deferred.succeed(wrote, undefined)))
+      yield* server.peek(1) // reading has started
+      // give the peer ample turns to push: the server side must stop near its high-water mark
+      const socket = server.stream as Net.Socket
+      for (let i = 0; i < 200 && socket.bytesRead < 8 * 1024 * 1024; i++) {
+        yield* Effect.promise(() => new Promise((resolve) => setImmediate(resolve)))
+      }
+      for (let i = 0; i < 50; i++) yield* Effect.promise(() => new Promise((resolve) => setImmediate(resolve)))
+      expect(socket.bytesRead).toBeGreaterThanOrEqual(8 * 1024 * 1024)
+      expect(socket.bytesRead).toBeLessThan(12 * 1024 * 1024)
+      const memory = Buffer.alloc(payload.length)
+      yield* noHang(server.readInto(memory, 0, payload.length), "reading after a stop")
+      expect(memory.equals(payload)).toBe(true)
+      yield* noHang(Deferred.await(wrote), "the writer")
+    })))
+
+  it.live("the peer ends in the middle of a direct read: a Closed error with the count, nothing hangs", () =>
+    leakFree(Effect.gen(function*() {
+      const { client, server } = yield* pair(tcp)
+      yield* client.write([Crypto.randomBytes(300 * 1024)])
+      yield* client.end
+      const memory = Buffer.alloc(1024 * 1024)
+      const error = yield* noHang(Effect.flip(server.readInto(memory, 0, memory.length)), "a short read")
+      expect(error.reason).toBe("Closed")
+      expect(error.message).toContain(`after ${300 * 1024} of ${1024 * 1024} bytes`)
+    })))
+
+  it.live("closing the listener's scope with re-wrapped connections open completes at once", () =>
+    expectNoLeaks(noHang(
+      Effect.scoped(Effect.gen(function*() {
+        const { client, server } = yield* pair(tcp)
+        yield* client.write([Buffer.from("hello")])
+        expect((yield* server.read(5)).toString()).toBe("hello")
+      })),
+      "closing the scope"
+    )))
+})
