@@ -1,8 +1,11 @@
 /**
  * `npm run bench`: migrates SIZE of RAM between two processes over loopback TCP with each channel count and
- * prints GiB/s, CPU seconds and peak RSS of each side. Knobs (environment): SIZE (default 1G), CHANNELS
- * (default "1 2 4 8"), REPS (default 1; the table shows the median), COMPRESSIONS (default "none"; rows for
- * zlib/zstd use a 50%-zero image), DST (prefault | fresh, default prefault), TLS=psk adds TLS rows.
+ * prints GiB/s, CPU seconds and peak RSS of each side; then saves and restores a snapshot file
+ * (`bench/snapshot.ts`). Knobs (environment): SIZE (default 1G), CHANNELS (default "1 2 4 8"), REPS
+ * (default 1; the table shows the median), COMPRESSIONS (default "none zlib zstd"; rows for zlib/zstd use a
+ * 50%-zero image and COMP_CHANNELS, default 2, as QEMU's bench script), TLS (default "psk": a PSK TLS row at
+ * TLS_CHANNELS, default 4; TLS= skips it), DST (prefault | fresh, default prefault), FILE (default 1: the
+ * snapshot rows at 4 channels; FILE=0 skips them).
  */
 import * as ChildProcess from "node:child_process"
 import * as Path from "node:path"
@@ -22,8 +25,12 @@ const parseSize = (text: string): number => {
 const size = parseSize(process.env.SIZE ?? "1G")
 const channelCounts = (process.env.CHANNELS ?? "1 2 4 8").split(/\s+/).filter(Boolean).map(Number)
 const reps = Number(process.env.REPS ?? 1)
-const compressions = (process.env.COMPRESSIONS ?? "none").split(/\s+/).filter(Boolean)
+const compressions = (process.env.COMPRESSIONS ?? "none zlib zstd").split(/\s+/).filter(Boolean)
+const compChannels = Number(process.env.COMP_CHANNELS ?? 2)
+const tlsModes = (process.env.TLS ?? "psk").split(/\s+/).filter(Boolean)
+const tlsChannels = Number(process.env.TLS_CHANNELS ?? 4)
 const dstMode = process.env.DST ?? "prefault"
+const withFile = process.env.FILE !== "0"
 
 interface Result {
   readonly durationMs: number
@@ -45,14 +52,14 @@ const lastJson = (child: ChildProcess.ChildProcess, onLine?: (line: string) => v
     child.once("exit", (code) => (code === 0 && result ? resolve(result) : reject(new Error(`peer exited with ${code}`))))
   })
 
-const runOnce = async (channels: number, compression: string): Promise<{ src: Result; dst: Result }> => {
+const runOnce = async (channels: number, compression: string, tls: string): Promise<{ src: Result; dst: Result }> => {
   const image = compression === "none" ? "random" : "halfzero"
-  const recv = spawnPeer(["recv", "tcp:127.0.0.1:0", String(size), dstMode])
+  const recv = spawnPeer(["recv", "tcp:127.0.0.1:0", String(size), dstMode, tls])
   let started: (uri: string) => void
   const listening = new Promise<string>((resolve) => (started = resolve))
   const dst = lastJson(recv, (line) => line.startsWith("listening ") && started(line.slice(10)))
   const uri = await Promise.race([listening, dst.then(() => "")])
-  const src = lastJson(spawnPeer(["send", uri, String(size), String(channels), compression, image]))
+  const src = lastJson(spawnPeer(["send", uri, String(size), String(channels), compression, image, tls]))
   return { src: await src, dst: await dst }
 }
 
@@ -63,26 +70,40 @@ const main = async () => {
   const gib = size / 1024 ** 3
   console.log(`effect-multifd bench: ${(size / 1024 ** 2).toFixed(0)} MiB, loopback TCP, destination ${dstMode}, ` +
     `${reps} rep(s), node ${process.version}`)
-  console.log("comp  ch |  total_s    GiB/s | srcCPU_s dstCPU_s | srcRSS_MiB dstRSS_MiB | wire_GiB")
-  console.log("-".repeat(84))
-  const rows: Array<[string, number]> = []
+  console.log("comp  tls  ch |  total_s    GiB/s | srcCPU_s dstCPU_s | srcRSS_MiB dstRSS_MiB | wire_GiB")
+  console.log("-".repeat(89))
+  const rowsToRun: Array<{ compression: string; tls: string; channels: number }> = []
   for (const compression of compressions) {
-    for (const channels of compression === "none" ? channelCounts : [2]) {
-      const runs: Array<{ src: Result; dst: Result }> = []
-      for (let r = 0; r < reps; r++) runs.push(await runOnce(channels, compression))
-      const total = median(runs.map((x) => x.src.durationMs)) / 1000
-      const pick = (f: (x: { src: Result; dst: Result }) => number) => median(runs.map(f))
-      console.log(
-        `${compression.padEnd(5)} ${String(channels).padStart(2)} | ${fmt(total, 8, 3)} ${fmt(gib / total, 8)} | ` +
-          `${fmt(pick((x) => x.src.cpuSeconds), 8)} ${fmt(pick((x) => x.dst.cpuSeconds), 8)} | ` +
-          `${fmt(pick((x) => x.src.peakRssMiB), 10, 0)} ${fmt(pick((x) => x.dst.peakRssMiB), 10, 0)} | ` +
-          `${fmt(pick((x) => x.src.wireBytes) / 1024 ** 3, 8, 3)}`
-      )
-      rows.push([`${compression}/${channels}`, gib / total])
+    for (const channels of compression === "none" ? channelCounts : [compChannels]) {
+      rowsToRun.push({ compression, tls: "none", channels })
     }
+  }
+  for (const tls of tlsModes) rowsToRun.push({ compression: "none", tls, channels: tlsChannels })
+  for (const { channels, compression, tls } of rowsToRun) {
+    const runs: Array<{ src: Result; dst: Result }> = []
+    for (let r = 0; r < reps; r++) runs.push(await runOnce(channels, compression, tls))
+    const total = median(runs.map((x) => x.src.durationMs)) / 1000
+    const pick = (f: (x: { src: Result; dst: Result }) => number) => median(runs.map(f))
+    console.log(
+      `${compression.padEnd(5)} ${tls.padEnd(4)} ${String(channels).padStart(2)} | ${fmt(total, 8, 3)} ${fmt(gib / total, 8)} | ` +
+        `${fmt(pick((x) => x.src.cpuSeconds), 8)} ${fmt(pick((x) => x.dst.cpuSeconds), 8)} | ` +
+        `${fmt(pick((x) => x.src.peakRssMiB), 10, 0)} ${fmt(pick((x) => x.dst.peakRssMiB), 10, 0)} | ` +
+        `${fmt(pick((x) => x.src.wireBytes) / 1024 ** 3, 8, 3)}`
+    )
   }
   console.log("\ntotal_s: source's migration time (connect to verified done), GiB/s = RAM size / total_s;")
   console.log("CPU seconds and peak RSS per process; wire_GiB = bytes on the multifd channels.")
+  console.log("zlib/zstd rows: an image with every other page zero and random data in the rest, as QEMU's bench.")
+  if (withFile) {
+    console.log("")
+    await new Promise<void>((resolve, reject) => {
+      const child = ChildProcess.spawn(process.execPath, ["--import", "tsx", Path.join(here, "snapshot.ts")], {
+        stdio: "inherit",
+        env: { ...process.env, CHANNELS: process.env.FILE_CHANNELS ?? "4", IMAGES: "random", SIZE: String(size) }
+      })
+      child.once("exit", (code) => (code === 0 ? resolve() : reject(new Error(`snapshot bench exited with ${code}`))))
+    })
+  }
 }
 
 main().catch((error) => {

@@ -2,15 +2,25 @@
  * One side of a benchmark migration, run as its own process by `bench.ts`. Prints one JSON line with the
  * migration's stats, the CPU seconds it used and the process's peak RSS.
  *
- *   peer.ts recv <uri> <bytes> <mode: prefault|fresh>   (prints `listening <uri>` first)
- *   peer.ts send <uri> <bytes> <channels> <compression> <image: random|halfzero>
+ *   peer.ts recv <uri> <bytes> <mode: prefault|fresh> [tls: none|psk]   (prints `listening <uri>` first)
+ *   peer.ts send <uri> <bytes> <channels> <compression> <image: random|halfzero> [tls: none|psk]
+ *
+ * TLS psk uses the test keys in test/fixtures/tls/keys.psk.
  */
 import * as Effect from "effect/Effect"
 import * as Crypto from "node:crypto"
+import * as Path from "node:path"
+import * as Url from "node:url"
 import * as GuestRam from "../src/GuestRam.js"
 import * as Migration from "../src/Migration.js"
 import type * as Protocol from "../src/Protocol.js"
+import * as Tls from "../src/Tls.js"
 import * as Transport from "../src/Transport.js"
+
+const pskFile = Path.join(Path.dirname(Url.fileURLToPath(import.meta.url)), "..", "test", "fixtures", "tls", "keys.psk")
+/** The TLS service when `mode` is psk. */
+const tlsOf = (mode: string | undefined) =>
+  mode === "psk" ? Effect.map(Tls.make({ psk: pskFile }), (tls) => tls as Tls.Tls["Type"] | undefined) : Effect.succeed(undefined)
 
 const [role, uri, sizeText, ...rest] = process.argv.slice(2)
 const size = Number(sizeText)
@@ -36,9 +46,11 @@ const main = role === "recv"
     const memory = Buffer.from(new SharedArrayBuffer(size))
     if (rest[0] !== "fresh") memory.fill(0) // fault every page in before the migration, like QEMU's prealloc=on
     const ram = yield* GuestRam.make({ blocks: [{ name: "mem", bytes: memory }] })
+    const tls = yield* tlsOf(rest[1])
     const cpu = process.cpuUsage()
     const result = yield* Migration.listenAndReceive(address, {
       ram,
+      upgrade: tls?.server,
       onListening: (a) => Effect.sync(() => console.log(`listening ${Transport.formatAddress(a)}`))
     })
     report(result.stats, process.cpuUsage(cpu))
@@ -46,9 +58,11 @@ const main = role === "recv"
   : Effect.gen(function*() {
     const memory = Buffer.from(new SharedArrayBuffer(size))
     randomImage(memory, rest[2] === "halfzero")
+    const tls = yield* tlsOf(rest[3])
     const cpu = process.cpuUsage()
     const stats = yield* Migration.migrate({
       address,
+      upgrade: tls?.client("127.0.0.1"),
       channels: Number(rest[0]),
       compression: rest[1] as Protocol.Compression
     }).pipe(Effect.provideServiceEffect(GuestRam.GuestRam, GuestRam.make({ blocks: [{ name: "mem", bytes: memory }] })))
