@@ -45,7 +45,11 @@ export class Accept extends Schema.TaggedClass<Accept>()("Accept", {}) {}
 export class Reject extends Schema.TaggedClass<Reject>()("Reject", { reason: Schema.String }) {}
 
 /** Source → destination: every channel has sent its SYNC for this round. */
-export class Flush extends Schema.TaggedClass<Flush>()("Flush", { round: Schema.Number }) {}
+export class Flush extends Schema.TaggedClass<Flush>()("Flush", {
+  round: Schema.Number,
+  /** The switch-over's flush: no page follows it (the destination may start its digest). */
+  final: Schema.optionalWith(Schema.Boolean, { default: () => false })
+}) {}
 
 /** Destination → source: every channel reached the round's barrier; all its pages are in memory. */
 export class FlushAck extends Schema.TaggedClass<FlushAck>()("FlushAck", { round: Schema.Number }) {}

@@ -253,9 +253,9 @@ export const migrate = (
         stallTimeout: timeouts.peer,
         onProgress: options.onProgress,
         // the destination acknowledges a round once every channel reached its barrier
-        flush: (round) =>
+        flush: (round, final) =>
           Effect.gen(function*() {
-            yield* tell(new Control.Flush({ round }))
+            yield* tell(new Control.Flush({ round, final }))
             const ack = yield* Effect.raceFirst(next("waiting for the destination to acknowledge the flush"), send.failure)
             if (ack._tag !== "FlushAck" || ack.round !== round) return yield* unexpected(ack, "instead of FlushAck")
           })
@@ -509,6 +509,7 @@ export const incoming = (
       })
 
       let rounds = 0
+      let speculative: { readonly writes: number; readonly digest: Fiber.RuntimeFiber<ReadonlyArray<GuestRam.BlockDigest>> } | undefined
       while (true) {
         const message = yield* unlessStalled(
           Effect.raceFirst(next, recv.failure),
@@ -525,11 +526,19 @@ export const incoming = (
           )
           rounds = Math.max(rounds, message.round + 1)
           yield* tell(new Control.FlushAck({ round: message.round }))
+          // after the last round's barrier the memory is final: hash it while the source hashes its own
+          if (message.final && speculative === undefined) {
+            speculative = { writes: yield* recv.writesBegun, digest: yield* Effect.forkScoped(GuestRam.digest(ram)) }
+          }
           continue
         }
         if (message._tag !== "Complete") return yield* unexpected(message, "during the transfer")
         yield* recv.expectEnd
-        const mine = yield* GuestRam.digest(ram)
+        // the early digest holds only if no packet began writing memory since it started
+        const early = speculative !== undefined && (yield* recv.writesBegun) === speculative.writes
+          ? speculative.digest
+          : undefined
+        const mine = early !== undefined ? yield* Fiber.join(early) : yield* GuestRam.digest(ram)
         const theirs = new Map(message.digests.map((d) => [d.name, d.digest]))
         const bad = mine.filter((d) => theirs.get(d.name) !== d.digest).map((d) => d.name)
         if (bad.length > 0 || theirs.size !== mine.length) {

@@ -66,6 +66,8 @@ export class MultifdRecv extends Context.Tag("effect-multifd/MultifdRecv")<Multi
   /** Fails with the first failure of any channel; never succeeds while the set is open. */
   readonly failure: Effect.Effect<never, ChannelFailure>
   readonly stats: Effect.Effect<Stats>
+  /** Data packets that began writing memory (counted before their first byte is written). */
+  readonly writesBegun: Effect.Effect<number>
   /** The uuid the channels carry (the first channel's, when the config left it open). */
   readonly uuid: Effect.Effect<Uint8Array | undefined>
 }>() {}
@@ -83,6 +85,7 @@ export const make = (config: Config): Effect.Effect<MultifdRecv["Type"], never, 
     const arrivals = yield* Queue.unbounded<Deferred.Deferred<void>>()
     const ending = yield* Deferred.make<void>()
     const allAdopted = yield* Deferred.make<void>()
+    const writesBegun = yield* Ref.make(0)
     const stats = yield* Ref.make<Stats>({ channels: 0, packets: 0, syncs: 0, normalPages: 0, zeroPages: 0, bytes: 0 })
     const fibers = yield* FiberSet.make<void, ChannelFailure>()
     const failure = Effect.zipRight(FiberSet.join(fibers), Effect.never)
@@ -122,6 +125,7 @@ export const make = (config: Config): Effect.Effect<MultifdRecv["Type"], never, 
             })
           }
           const memory = ram.block(packet.block)!.bytes
+          yield* Ref.update(writesBegun, (n) => n + 1)
           yield* codec.decode(connection, packet.nextPacketSize, memory, offsets, packet.normalPages, pageSize)
           const end = packet.normalPages + packet.zeroPages
           for (let i = packet.normalPages; i < end; i++) memory.fill(0, offsets[i]!, offsets[i]! + pageSize)
@@ -177,6 +181,7 @@ export const make = (config: Config): Effect.Effect<MultifdRecv["Type"], never, 
       finished: guarded(Effect.zipRight(Deferred.await(allAdopted), FiberSet.awaitEmpty(fibers))),
       failure,
       stats: Ref.get(stats),
+      writesBegun: Ref.get(writesBegun),
       uuid: Ref.get(uuid)
     }
   })

@@ -578,6 +578,35 @@ describe("f. duplicate, out-of-range and foreign channel ids", () => {
   foreign(0)
   foreign(7) // out of range too: the uuid says "not ours" before the id can say "broken"
 
+  it.live("a page sent after the final flush is not judged by the digest begun at that flush", () =>
+    leakFree(Effect.gen(function*() {
+      const faulty = yield* Faulty.make()
+      const ram = yield* destinationRam()
+      const dest = yield* startDestination(faulty, unixAddress("late"), { ram })
+      const src = yield* fakeSource(dest.address, 1)
+      const c0 = yield* src.channel(0)
+      const expected = yield* destinationRam()
+      const first = { offset: 0, bytes: randomPage() }
+      yield* c0.write(ramPacket([first]))
+      yield* c0.write([syncPacket()])
+      yield* src.control.write([Control.encode(new Control.Flush({ round: 0, final: true }))])
+      expect(yield* noHang(Control.receive(src.control), "FlushAck")).toMatchObject({ _tag: "FlushAck", round: 0 })
+      // the destination may now hash its memory early; a late page changes it, and the digests the source
+      // sends describe memory with that page: the destination must hash again and agree
+      const late = { offset: 5 * PAGE, bytes: randomPage() }
+      yield* c0.write(ramPacket([late]))
+      yield* c0.write([syncPacket()])
+      yield* src.control.write([Control.encode(new Control.Flush({ round: 1, final: true }))])
+      expect(yield* noHang(Control.receive(src.control), "FlushAck")).toMatchObject({ _tag: "FlushAck", round: 1 })
+      for (const p of [first, late]) Buffer.from(p.bytes).copy(expected.block(BLOCK)!.bytes, p.offset)
+      const digests = yield* GuestRam.digest(expected)
+      yield* src.control.write([Control.encode(new Control.Complete({ digests }))])
+      expect(yield* noHang(Control.receive(src.control), "Done")).toMatchObject({ _tag: "Done" })
+      yield* Effect.all([c0.end, src.control.end], { discard: true })
+      yield* noHang(Fiber.join(dest.fiber), "incoming")
+      expect(sameMemory(ram, expected)).toBe(true)
+    })))
+
   it.live("a foreign channel while ours never come: the destination times out naming the missing channels", () =>
     leakFree(Effect.gen(function*() {
       const faulty = yield* Faulty.make()

@@ -71,8 +71,8 @@ export const run = <E, F>(
     /** Fail when the sink makes no progress for this long. */
     readonly stallTimeout: Duration.DurationInput
     readonly onProgress: ((progress: Migration.Progress) => Effect.Effect<void>) | undefined
-    /** Ends a round once its pages are synced (the destination's acknowledgement). */
-    readonly flush: (round: number) => Effect.Effect<void, F>
+    /** Ends a round once its pages are synced (the destination's acknowledgement); `final` for the last. */
+    readonly flush: (round: number, final: boolean) => Effect.Effect<void, F>
   }
 ): Effect.Effect<
   { readonly pagesPerRound: ReadonlyArray<number>; readonly pausedAt: number },
@@ -106,7 +106,7 @@ export const run = <E, F>(
           options.stallTimeout,
           "without progress sending pages"
         )
-        yield* options.flush(round)
+        yield* options.flush(round, phase === "switchover")
         return totalBytes / pageSize
       })
 
