@@ -85,8 +85,16 @@ export const make = (config: Config): Effect.Effect<MultifdRecv["Type"], never, 
     const arrivals = yield* Queue.unbounded<Deferred.Deferred<void>>()
     const ending = yield* Deferred.make<void>()
     const allAdopted = yield* Deferred.make<void>()
-    const writesBegun = yield* Ref.make(0)
-    const stats = yield* Ref.make<Stats>({ channels: 0, packets: 0, syncs: 0, normalPages: 0, zeroPages: 0, bytes: 0 })
+    // counters, updated in synchronous steps (one thread): no Ref round trip per packet
+    let writesBegun = 0
+    const counters: { -readonly [K in keyof Stats]: Stats[K] } = {
+      channels: 0,
+      packets: 0,
+      syncs: 0,
+      normalPages: 0,
+      zeroPages: 0,
+      bytes: 0
+    }
     const fibers = yield* FiberSet.make<void, ChannelFailure>()
     const failure = Effect.zipRight(FiberSet.join(fibers), Effect.never)
     const guarded = <A, E>(effect: Effect.Effect<A, E>) => Effect.raceFirst(effect, failure)
@@ -110,7 +118,9 @@ export const make = (config: Config): Effect.Effect<MultifdRecv["Type"], never, 
           yield* connection.readInto(header, 0, hsize)
           const packet = yield* Protocol.decodeHeader(header, limits, offsets)
           if (packet.sync) {
-            yield* Ref.update(stats, (s) => ({ ...s, packets: s.packets + 1, syncs: s.syncs + 1, bytes: s.bytes + hsize }))
+            counters.packets++
+            counters.syncs++
+            counters.bytes += hsize
             const go = yield* Deferred.make<void>()
             yield* Queue.offer(arrivals, go)
             yield* Deferred.await(go)
@@ -125,17 +135,14 @@ export const make = (config: Config): Effect.Effect<MultifdRecv["Type"], never, 
             })
           }
           const memory = ram.block(packet.block)!.bytes
-          yield* Ref.update(writesBegun, (n) => n + 1)
+          writesBegun++
           yield* codec.decode(connection, packet.nextPacketSize, memory, offsets, packet.normalPages, pageSize)
           const end = packet.normalPages + packet.zeroPages
           for (let i = packet.normalPages; i < end; i++) memory.fill(0, offsets[i]!, offsets[i]! + pageSize)
-          yield* Ref.update(stats, (s) => ({
-            ...s,
-            packets: s.packets + 1,
-            normalPages: s.normalPages + packet.normalPages,
-            zeroPages: s.zeroPages + packet.zeroPages,
-            bytes: s.bytes + hsize + packet.nextPacketSize
-          }))
+          counters.packets++
+          counters.normalPages += packet.normalPages
+          counters.zeroPages += packet.zeroPages
+          counters.bytes += hsize + packet.nextPacketSize
         }
       })
 
@@ -165,8 +172,7 @@ export const make = (config: Config): Effect.Effect<MultifdRecv["Type"], never, 
       Effect.gen(function*() {
         const id = yield* checkInit(yield* connection.read(Protocol.INIT_PACKET_SIZE))
         const codec = yield* PageCodec.decoder(compression, id)
-        const adopted = yield* Ref.updateAndGet(stats, (s) => ({ ...s, channels: s.channels + 1 }))
-        if (adopted.channels === channels) yield* Deferred.succeed(allAdopted, undefined)
+        if (++counters.channels === channels) yield* Deferred.succeed(allAdopted, undefined)
         const fiber = yield* FiberSet.run(fibers, worker(id, connection, codec).pipe(Effect.mapError(MigrationError.onChannel(id))))
         yield* Fiber.join(fiber)
       }).pipe(Effect.scoped)
@@ -180,8 +186,8 @@ export const make = (config: Config): Effect.Effect<MultifdRecv["Type"], never, 
       expectEnd: Deferred.succeed(ending, undefined),
       finished: guarded(Effect.zipRight(Deferred.await(allAdopted), FiberSet.awaitEmpty(fibers))),
       failure,
-      stats: Ref.get(stats),
-      writesBegun: Ref.get(writesBegun),
+      stats: Effect.sync(() => ({ ...counters })),
+      writesBegun: Effect.sync(() => writesBegun),
       uuid: Ref.get(uuid)
     }
   })

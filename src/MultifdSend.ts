@@ -101,8 +101,9 @@ export const make = (
     const idle = yield* Queue.bounded<Channel>(channels)
     const established = yield* Ref.make<ReadonlyArray<Channel>>([])
     const mailboxes = yield* Deferred.make<ReadonlyArray<Channel>>()
-    const packetNum = yield* Ref.make(0n)
-    const stats = yield* Ref.make(emptyStats)
+    // counters, updated in synchronous steps (one thread): no Ref round trip per packet
+    let packetNum = 0n
+    const counters = { ...emptyStats }
     const fibers = yield* FiberSet.make<void, ChannelFailure>()
     const failure = Effect.zipRight(FiberSet.join(fibers), Effect.never)
 
@@ -118,11 +119,12 @@ export const make = (
           const job = yield* Queue.take(channel.mailbox)
           if (job._tag === "Finish") return yield* connection.end
           if (job._tag === "Sync") {
-            const num = yield* Ref.getAndUpdate(packetNum, (n) => n + 1n)
             // a header per packet: the connection may still hold the previous one (writes do not copy)
             const header = Buffer.alloc(headerSize)
-            yield* connection.write([header.subarray(0, Protocol.writeSync(header, pageSize, num))])
-            yield* Ref.update(stats, (s) => ({ ...s, packets: s.packets + 1, syncs: s.syncs + 1, bytes: s.bytes + headerSize }))
+            yield* connection.write([header.subarray(0, Protocol.writeSync(header, pageSize, packetNum++))])
+            counters.packets++
+            counters.syncs++
+            counters.bytes += headerSize
             yield* Deferred.succeed(job.done, undefined)
             continue
           }
@@ -139,25 +141,21 @@ export const make = (
           chunks.length = 0
           chunks.push(header)
           const payloadSize = yield* codec.encode(block.bytes, offsets, normal, pageSize, chunks)
-          const num = yield* Ref.getAndUpdate(packetNum, (n) => n + 1n)
           Protocol.writeHeader(header, pageSize, {
             flags: Protocol.compressionFlags(config.compression),
             pagesAlloc: slots,
             normalPages: normal,
             zeroPages: zero,
             nextPacketSize: payloadSize,
-            packetNum: num,
+            packetNum: packetNum++,
             block: block.name,
             offsets
           })
           yield* connection.write(chunks)
-          yield* Ref.update(stats, (s) => ({
-            packets: s.packets + 1,
-            syncs: s.syncs,
-            normalPages: s.normalPages + normal,
-            zeroPages: s.zeroPages + zero,
-            bytes: s.bytes + headerSize + payloadSize
-          }))
+          counters.packets++
+          counters.normalPages += normal
+          counters.zeroPages += zero
+          counters.bytes += headerSize + payloadSize
           yield* Queue.offer(idle, channel)
         }
       })
@@ -207,7 +205,7 @@ export const make = (
         yield* guarded(FiberSet.awaitEmpty(fibers))
       }),
       failure,
-      stats: Ref.get(stats)
+      stats: Effect.sync(() => ({ ...counters }))
     }
   })
 
