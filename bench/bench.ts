@@ -7,13 +7,27 @@
  * TLS_CHANNELS, default 4; TLS= skips it), DST (prefault | fresh, default prefault), FILE (default 1: the
  * snapshot rows at 4 channels; FILE=0 skips them).
  */
+import * as Esbuild from "esbuild"
 import * as ChildProcess from "node:child_process"
 import * as Path from "node:path"
 import * as Readline from "node:readline"
 import * as Url from "node:url"
 
 const here = Path.dirname(Url.fileURLToPath(import.meta.url))
-const peer = Path.join(here, "peer.ts")
+/**
+ * The peers run as plain JavaScript bundled by esbuild (npm packages stay external): the numbers are the
+ * library's, not those of a TypeScript loader (tsx adds about 40 MiB of RSS and its start-up to each side).
+ */
+const peer = Path.join(here, ".build", "peer.mjs")
+Esbuild.buildSync({
+  entryPoints: [Path.join(here, "peer.ts")],
+  outfile: peer,
+  bundle: true,
+  platform: "node",
+  format: "esm",
+  packages: "external",
+  logLevel: "warning"
+})
 
 const parseSize = (text: string): number => {
   const m = /^(\d+(?:\.\d+)?)([KMG]?)i?B?$/i.exec(text.trim())
@@ -40,7 +54,7 @@ interface Result {
 }
 
 const spawnPeer = (args: ReadonlyArray<string>) =>
-  ChildProcess.spawn(process.execPath, ["--import", "tsx", peer, ...args], { stdio: ["ignore", "pipe", "inherit"] })
+  ChildProcess.spawn(process.execPath, [peer, ...args], { stdio: ["ignore", "pipe", "inherit"] })
 
 const lastJson = (child: ChildProcess.ChildProcess, onLine?: (line: string) => void) =>
   new Promise<Result>((resolve, reject) => {

@@ -116,6 +116,7 @@ export interface Stats {
   readonly zeroPages: number
   /** Bytes that crossed the multifd channels. */
   readonly wireBytes: number
+  /** Source: from connecting to the verified end; destination: from the source's hello to the end. */
   readonly durationMs: number
   /** Guest memory size over duration. */
   readonly gibPerSecond: number
@@ -400,7 +401,6 @@ export const incoming = (
 ): Effect.Effect<Incoming, IncomingError, never> =>
   Effect.scoped(Effect.gen(function*() {
     const timeouts = resolveTimeouts(options.timeouts)
-    const started = yield* Clock.currentTimeMillis
     const control = yield* Deferred.make<Transport.Connection>()
     const channelSet = yield* Deferred.make<MultifdRecv.MultifdRecv["Type"]>()
     const rejected = yield* Ref.make<ReadonlyArray<string>>([])
@@ -468,6 +468,8 @@ export const incoming = (
     const run = Effect.gen(function*() {
       const hello = yield* next.pipe(within(timeouts.peer, "waiting for the source's hello"))
       if (hello._tag !== "Hello") return yield* unexpected(hello, "instead of Hello")
+      // the destination's duration starts with the source's hello, not with the wait for a source
+      const started = yield* Clock.currentTimeMillis
       const problem = checkHello(hello, options)
       if (problem !== undefined) {
         yield* tell(new Control.Reject({ reason: problem }))
