@@ -243,7 +243,7 @@ export const migrate = (
       })
       const { pagesPerRound, pausedAt } = yield* Precopy.run(ram, {
         sink: {
-          slots: send.slots,
+          slots: send.batchPages,
           send: send.send,
           sync: send.sync,
           failure: send.failure,

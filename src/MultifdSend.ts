@@ -64,7 +64,12 @@ const emptyStats: Stats = { packets: 0, syncs: 0, normalPages: 0, zeroPages: 0, 
 export class MultifdSend extends Context.Tag("effect-multifd/MultifdSend")<MultifdSend, {
   /** Pages per packet (the offset array's slots). */
   readonly slots: number
-  /** Queues `count` pages (indices in `pages`) of `block` on the next idle channel; waits for one. */
+  /** Most pages one `send` takes: `PACKETS_PER_BATCH` packets, which one channel sends in a row. */
+  readonly batchPages: number
+  /**
+   * Queues `count` pages (indices in `pages`, at most `batchPages`) of `block` on the next idle channel, which
+   * sends them as packets of up to `slots` pages; waits for an idle channel.
+   */
   readonly send: (
     block: GuestRam.Block,
     pages: Uint32Array,
@@ -88,6 +93,9 @@ interface Channel {
   readonly id: number
   readonly mailbox: Queue.Queue<Job>
 }
+
+/** Packets a channel takes at each hand-off (fewer hand-offs; QEMU's packets stay 512 KiB of 4 KiB pages). */
+export const PACKETS_PER_BATCH = 8
 
 /** Establishes the channel set in the current scope. Channels connect concurrently; `send` waits for one. */
 export const make = (
@@ -114,6 +122,38 @@ export const make = (
         const zeros = new Float64Array(slots)
         const chunks: Array<Uint8Array> = []
         const detectZeros = config.zeroPage === "multifd"
+        /** One RAM packet of at most `slots` pages: zero pages as offsets only (with zeroPage multifd). */
+        const sendPacket = (block: GuestRam.Block, pages: Uint32Array) =>
+          Effect.gen(function*() {
+            let normal = 0
+            let zero = 0
+            for (let i = 0; i < pages.length; i++) {
+              const offset = pages[i]! * pageSize
+              if (detectZeros && GuestRam.isZeroPage(block.bytes, offset, pageSize)) zeros[zero++] = offset
+              else offsets[normal++] = offset
+            }
+            for (let i = 0; i < zero; i++) offsets[normal + i] = zeros[i]!
+            // a header per packet: the connection may still hold the previous one (writes do not copy)
+            const header = Buffer.alloc(headerSize)
+            chunks.length = 0
+            chunks.push(header)
+            const payloadSize = yield* codec.encode(block.bytes, offsets, normal, pageSize, chunks)
+            Protocol.writeHeader(header, pageSize, {
+              flags: Protocol.compressionFlags(config.compression),
+              pagesAlloc: slots,
+              normalPages: normal,
+              zeroPages: zero,
+              nextPacketSize: payloadSize,
+              packetNum: packetNum++,
+              block: block.name,
+              offsets
+            })
+            yield* connection.write(chunks)
+            counters.packets++
+            counters.normalPages += normal
+            counters.zeroPages += zero
+            counters.bytes += headerSize + payloadSize
+          })
         yield* Queue.offer(idle, channel)
         while (true) {
           const job = yield* Queue.take(channel.mailbox)
@@ -128,34 +168,10 @@ export const make = (
             yield* Deferred.succeed(job.done, undefined)
             continue
           }
-          const { block, count, pages } = job
-          let normal = 0
-          let zero = 0
-          for (let i = 0; i < count; i++) {
-            const offset = pages[i]! * pageSize
-            if (detectZeros && GuestRam.isZeroPage(block.bytes, offset, pageSize)) zeros[zero++] = offset
-            else offsets[normal++] = offset
+          // one hand-off carries several packets: the channel sends them in a row
+          for (let first = 0; first < job.count; first += slots) {
+            yield* sendPacket(job.block, job.pages.subarray(first, Math.min(job.count, first + slots)))
           }
-          for (let i = 0; i < zero; i++) offsets[normal + i] = zeros[i]!
-          const header = Buffer.alloc(headerSize)
-          chunks.length = 0
-          chunks.push(header)
-          const payloadSize = yield* codec.encode(block.bytes, offsets, normal, pageSize, chunks)
-          Protocol.writeHeader(header, pageSize, {
-            flags: Protocol.compressionFlags(config.compression),
-            pagesAlloc: slots,
-            normalPages: normal,
-            zeroPages: zero,
-            nextPacketSize: payloadSize,
-            packetNum: packetNum++,
-            block: block.name,
-            offsets
-          })
-          yield* connection.write(chunks)
-          counters.packets++
-          counters.normalPages += normal
-          counters.zeroPages += zero
-          counters.bytes += headerSize + payloadSize
           yield* Queue.offer(idle, channel)
         }
       })
@@ -191,6 +207,7 @@ export const make = (
 
     return {
       slots,
+      batchPages: slots * PACKETS_PER_BATCH,
       send: (block, pages, count) =>
         Effect.flatMap(takeIdle, (channel) => Queue.offer(channel.mailbox, { _tag: "Pages", block, pages, count })),
       sync: Effect.gen(function*() {
