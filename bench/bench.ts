@@ -54,7 +54,10 @@ interface Result {
 }
 
 const spawnPeer = (args: ReadonlyArray<string>) =>
-  ChildProcess.spawn(process.execPath, [peer, ...args], { stdio: ["ignore", "pipe", "inherit"] })
+  ChildProcess.spawn(process.execPath, [peer, ...args], {
+    stdio: ["ignore", "pipe", "inherit"],
+    env: { ...process.env, BENCH_PSK_FILE: Path.join(here, "..", "test", "fixtures", "tls", "keys.psk") }
+  })
 
 const lastJson = (child: ChildProcess.ChildProcess, onLine?: (line: string) => void) =>
   new Promise<Result>((resolve, reject) => {

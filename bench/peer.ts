@@ -17,7 +17,9 @@ import type * as Protocol from "../src/Protocol.js"
 import * as Tls from "../src/Tls.js"
 import * as Transport from "../src/Transport.js"
 
-const pskFile = Path.join(Path.dirname(Url.fileURLToPath(import.meta.url)), "..", "test", "fixtures", "tls", "keys.psk")
+/** The test keys (bench.ts passes their path: this file also runs bundled from another directory). */
+const pskFile = process.env["BENCH_PSK_FILE"] ??
+  Path.join(Path.dirname(Url.fileURLToPath(import.meta.url)), "..", "test", "fixtures", "tls", "keys.psk")
 /** The TLS service when `mode` is psk. */
 const tlsOf = (mode: string | undefined) =>
   mode === "psk" ? Effect.map(Tls.make({ psk: pskFile }), (tls) => tls as Tls.Tls["Type"] | undefined) : Effect.succeed(undefined)

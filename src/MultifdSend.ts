@@ -149,6 +149,8 @@ export const make = (
               offsets
             })
             yield* connection.write(chunks)
+            // a codec that reuses its output buffer may only go on once the packet has left
+            if (codec.reusesOutput) yield* connection.drained
             counters.packets++
             counters.normalPages += normal
             counters.zeroPages += zero

@@ -44,8 +44,9 @@ export class CodecError extends Data.TaggedError("CodecError")<{
 export interface Encoder {
   /**
    * Appends the payload of the `normal` pages at `offsets` of `memory` to `chunks` and returns its size.
-   * The chunks stay valid until the next call.
+   * With `reusesOutput`, the next call overwrites the chunks: the caller waits until they were sent.
    */
+  readonly reusesOutput: boolean
   readonly encode: (
     memory: Buffer,
     offsets: Float64Array,
@@ -113,6 +114,7 @@ export const checkAvailable = (
 
 /** Raw pages: contiguous runs go out as one view of guest memory each. */
 const rawEncoder: Encoder = {
+  reusesOutput: false,
   encode: (memory, offsets, normal, pageSize, chunks) =>
     Effect.sync(() => {
       let i = 0
@@ -270,6 +272,7 @@ const zlibEncoder = (level: number): Effect.Effect<Encoder, never, Scope.Scope> 
   Effect.map(zlibStream(() => ZlibStream.deflate(level)), (stream) => {
     const pages = new Scratch()
     return {
+      reusesOutput: false,
       encode: (memory, offsets, normal, pageSize, chunks) =>
         Effect.suspend(() => {
           // QEMU sends no payload at all for a packet of zero pages only
@@ -351,6 +354,7 @@ const zstdEncoder = (level: number): Effect.Effect<Encoder, CodecError, Scope.Sc
       (compressor) => Effect.sync(() => compressor.release())
     )
     return {
+      reusesOutput: true,
       encode: (memory, offsets, normal, pageSize, chunks) =>
         normal === 0 ? Effect.succeed(0) : Effect.try({
           try: () => compressor.compress(memory, offsets, normal, pageSize, chunks),

@@ -95,6 +95,8 @@ export interface Connection {
    * drained to the kernel (backpressure). A failed write destroys the stream: the next call reports it.
    */
   readonly write: (chunks: ReadonlyArray<Uint8Array>) => Effect.Effect<void, TransportError>
+  /** Completes once every byte written so far has been handed to the kernel (fails if the stream closed first). */
+  readonly drained: Effect.Effect<void, TransportError>
   /** Reads exactly `length` bytes into a new buffer. */
   readonly read: (length: number) => Effect.Effect<Buffer, TransportError>
   /** Reads exactly `length` bytes into `target` at `at`. */
@@ -245,6 +247,36 @@ const makeConnection = (stream: Stream.Duplex, peer: string, direct?: DirectSock
   const readInto = (target: Uint8Array, at: number, length: number) =>
     length === 0 ? Effect.void : readScatter(target, [at], 1, length)
 
+  // writes issued and called back, for `drained`
+  let writesIssued = 0
+  let writesDone = 0
+  const writeWaiters = new Set<() => void>()
+
+  /** Waits until the stream's buffer drained, or fails if it closed with bytes still unsent. */
+  const awaitDrain = (resume: (effect: Effect.Effect<void, TransportError>) => void) => {
+    const settle = () => {
+      stream.off("drain", settle)
+      stream.off("close", settle)
+      resume(
+        stream.destroyed && stream.writableLength > 0
+          ? Effect.fail(
+            streamError ? closedError(peer, streamError) : new TransportError({
+              reason: "Closed",
+              address: peer,
+              detail: "connection closed before the data was sent"
+            })
+          )
+          : Effect.void
+      )
+    }
+    stream.on("drain", settle)
+    stream.on("close", settle)
+    return Effect.sync(() => {
+      stream.off("drain", settle)
+      stream.off("close", settle)
+    })
+  }
+
   return {
     peer,
     stream,
@@ -265,33 +297,29 @@ const makeConnection = (stream: Stream.Duplex, peer: string, direct?: DirectSock
         if (last < 0) return resume(Effect.void)
         stream.cork()
         for (let i = 0; i < last; i++) stream.write(chunks[i])
+        writesIssued++
         stream.write(chunks[last], (error) => {
-          if (error) streamError ??= error
+          // Node calls back without an error when the stream was destroyed first: the bytes did not leave
+          if (error || stream.destroyed) streamError ??= error ?? new Error("connection closed before the data was sent")
+          writesDone++
+          for (const waiter of writeWaiters) waiter()
         })
         stream.uncork()
         if (stream.writableLength < WRITE_BUFFER) return resume(Effect.void)
-        const settle = () => {
-          stream.off("drain", settle)
-          stream.off("close", settle)
-          resume(
-            stream.destroyed && stream.writableLength > 0
-              ? Effect.fail(
-                streamError ? closedError(peer, streamError) : new TransportError({
-                  reason: "Closed",
-                  address: peer,
-                  detail: "connection closed before the data was sent"
-                })
-              )
-              : Effect.void
-          )
-        }
-        stream.on("drain", settle)
-        stream.on("close", settle)
-        return Effect.sync(() => {
-          stream.off("drain", settle)
-          stream.off("close", settle)
-        })
+        return awaitDrain(resume)
       }),
+    drained: Effect.async<void, TransportError>((resume) => {
+      // write callbacks run in order: once the last write issued so far called back, everything before did
+      const target = writesIssued
+      const settle = () => {
+        if (writesDone < target) return
+        writeWaiters.delete(settle)
+        resume(streamError ? Effect.fail(closedError(peer, streamError)) : Effect.void)
+      }
+      if (writesDone >= target) return settle()
+      writeWaiters.add(settle)
+      return Effect.sync(() => writeWaiters.delete(settle))
+    }),
     read: (length) =>
       Effect.suspend(() => {
         const buf = Buffer.allocUnsafe(length)

@@ -335,6 +335,34 @@ describe("round trip", () => {
     })), 20_000)
 })
 
+describe("drained", () => {
+  it.live("completes once every write called back: small writes (no 'drain' event) and large ones", () =>
+    leakFree(Effect.gen(function*() {
+      const { client, server } = yield* pair(addr("tcp:127.0.0.1:0"))
+      yield* client.write([Buffer.from("small")])
+      yield* noHang(client.drained, "drained after a small write")
+      const big = Crypto.randomBytes(8 * 1024 * 1024)
+      const reader = yield* Effect.fork(server.read(5 + big.length))
+      yield* client.write([big])
+      yield* noHang(client.drained, "drained after a large write")
+      const got = yield* noHang(Fiber.join(reader), "the reader")
+      expect(got.subarray(5).equals(big)).toBe(true)
+    })))
+
+  it.live("fails when the connection is destroyed before the bytes left", () =>
+    leakFree(Effect.gen(function*() {
+      const { client } = yield* pair(addr("tcp:127.0.0.1:0"))
+      // nobody reads on the other side: a large write stays queued in user space
+      yield* Effect.fork(client.write([Buffer.alloc(64 * 1024 * 1024)]))
+      while (client.stream.writableLength === 0) yield* Effect.yieldNow()
+      const drained = yield* Effect.fork(client.drained)
+      yield* Effect.yieldNow()
+      client.stream.destroy()
+      const exit = yield* noHang(Fiber.await(drained), "drained after destroy")
+      expect(Exit.isFailure(exit)).toBe(true)
+    })))
+})
+
 describe("errors", () => {
   it.live("connect to a closed port fails with Connect: connection refused", () =>
     leakFree(Effect.gen(function*() {

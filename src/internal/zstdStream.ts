@@ -40,7 +40,7 @@ export const describe = (error: unknown): string =>
 
 /**
  * A compression context whose single frame spans the channel's life. The output buffer is reused: the
- * chunks `compress` returns are its own: they stay valid while a connection holds them.
+ * views `compress` returns stay valid until its next call.
  */
 export class ZstdCompressor {
   private cctx: Binding.CCtx | undefined
@@ -91,7 +91,7 @@ export class ZstdCompressor {
       while (true) {
         if (at === out.length) {
           // only when the output bound was wrong: go on in a fresh buffer
-          chunks.push(out === this.out ? Buffer.from(out) : out)
+          chunks.push(out)
           total += at
           out = Buffer.allocUnsafe(this.capacity(pageSize))
           at = 0
@@ -102,8 +102,7 @@ export class ZstdCompressor {
         if (src.length === 0 && (directive === more || remaining === 0)) break
       }
     }
-    // a copy: the output buffer is reused by the next call, and a connection may still hold the chunk
-    if (at > 0) chunks.push(Buffer.from(out.subarray(0, at)))
+    if (at > 0) chunks.push(out.subarray(0, at))
     return total + at
   }
 
