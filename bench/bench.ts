@@ -12,6 +12,7 @@ import * as ChildProcess from "node:child_process"
 import * as Path from "node:path"
 import * as Readline from "node:readline"
 import * as Url from "node:url"
+import { parseSize } from "./size.js"
 
 const here = Path.dirname(Url.fileURLToPath(import.meta.url))
 /**
@@ -29,12 +30,6 @@ Esbuild.buildSync({
   logLevel: "warning"
 })
 
-const parseSize = (text: string): number => {
-  const m = /^(\d+(?:\.\d+)?)([KMG]?)i?B?$/i.exec(text.trim())
-  if (!m) throw new Error(`SIZE ${text} is not a size like 256M or 1G`)
-  const unit = { "": 1, K: 1024, M: 1024 ** 2, G: 1024 ** 3 }[m[2]!.toUpperCase() as "" | "K" | "M" | "G"]
-  return Math.round(Number(m[1]) * unit / 4096) * 4096
-}
 
 const size = parseSize(process.env.SIZE ?? "1G")
 const channelCounts = (process.env.CHANNELS ?? "1 2 4 8").split(/\s+/).filter(Boolean).map(Number)

@@ -20,12 +20,8 @@ import * as Path from "node:path"
 import * as QemuIncoming from "../src/QemuIncoming.js"
 import * as Transport from "../src/Transport.js"
 import * as Qemu from "../test/support/qemu.js"
+import { parseSize } from "./size.js"
 
-const parseSize = (text: string) => {
-  const m = /^(\d+)([KMG]?)$/i.exec(text.trim())
-  if (m === null) throw new Error(`SIZE=${text}: expected e.g. 256M or 1G`)
-  return Number(m[1]) * ({ "": 1, K: 1024, M: 1024 ** 2, G: 1024 ** 3 } as Record<string, number>)[m[2]!.toUpperCase()]!
-}
 const SIZE = parseSize(process.env["SIZE"] ?? "1G")
 const CHANNELS = Number(process.env["CHANNELS"] ?? "4")
 const COMPRESSION = (process.env["COMPRESSION"] ?? "none") as "none" | "zlib" | "zstd"

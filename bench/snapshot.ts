@@ -12,13 +12,8 @@ import * as Os from "node:os"
 import * as Path from "node:path"
 import * as GuestRam from "../src/GuestRam.js"
 import * as Snapshot from "../src/Snapshot.js"
+import { parseSize } from "./size.js"
 
-const parseSize = (text: string): number => {
-  const m = /^(\d+(?:\.\d+)?)([KMG]?)i?B?$/i.exec(text.trim())
-  if (!m) throw new Error(`SIZE ${text} is not a size like 256M or 1G`)
-  const unit = { "": 1, K: 1024, M: 1024 ** 2, G: 1024 ** 3 }[m[2]!.toUpperCase() as "" | "K" | "M" | "G"]
-  return Math.round(Number(m[1]) * unit / 4096) * 4096
-}
 
 const size = parseSize(process.env.SIZE ?? "1G")
 const channelCounts = (process.env.CHANNELS ?? "1 2 4").split(/\s+/).filter(Boolean).map(Number)

@@ -13,11 +13,9 @@
  * @internal
  */
 import * as Net from "node:net"
-import type { ReaderEnd } from "./socketReader.js"
+import { HIGH_WATER, ReadQueue } from "./readQueue.js"
 
-/** Bytes buffered in the queue before the socket stops reading (backpressure to the peer through TCP). */
-const HIGH_WATER = 8 * 1024 * 1024
-/** Size of the staging buffer for reads nobody directed. */
+/** Size of the staging buffer for reads nobody directed (a packet header and a little more). */
 const STAGING = 16 * 1024
 
 interface Target {
@@ -29,23 +27,14 @@ interface Target {
 }
 
 /**
- * The reader of a re-wrapped socket: the same queue interface as `SocketReader`, plus `fill`, which makes the
- * socket read into a given view.
+ * The reader of a re-wrapped socket: the queue of `ReadQueue`, plus `fill`, which makes the socket read into
+ * a given view.
  */
-export class DirectReader {
-  private chunks: Array<Buffer> = []
-  private head = 0
-  private skip = 0
-  /** Bytes buffered in the queue and not yet consumed. */
-  available = 0
-  /** Set once the stream ended or failed; bytes still buffered may be read first. */
-  end: ReaderEnd | undefined = undefined
-  private waiter: (() => void) | undefined = undefined
+export class DirectReader extends ReadQueue {
   private target: Target | undefined = undefined
   private readonly staging = Buffer.allocUnsafe(STAGING)
   private stopped = false
-  /** The socket, once `attach` made it. */
-  socket: Net.Socket | undefined = undefined
+  private socket: Net.Socket | undefined = undefined
 
   /** The `onread` option for the socket: where the next read goes, and what to do with what it read. */
   readonly onread = {
@@ -67,7 +56,7 @@ export class DirectReader {
           const take = Math.min(n, t.view.length - t.filled)
           t.view.set(buf.subarray(0, take), t.filled)
           t.filled += take
-          if (take < n) this.enqueue(buf.subarray(take, n))
+          if (take < n) this.push(Buffer.from(buf.subarray(take, n)))
         }
         if (t.filled === t.view.length) {
           this.target = undefined
@@ -75,8 +64,7 @@ export class DirectReader {
         }
         return true
       }
-      this.enqueue(buf.subarray(0, n))
-      this.wake()
+      this.push(Buffer.from(buf.subarray(0, n)))
       if (this.available >= HIGH_WATER) {
         this.stopped = true
         return false
@@ -85,109 +73,27 @@ export class DirectReader {
     }
   }
 
-  private enqueue(bytes: Uint8Array): void {
-    this.chunks.push(Buffer.from(bytes))
-    this.available += bytes.length
-  }
-
-  /** Listens to the socket's end, error and close. */
+  /** Reads through `socket` from now on. */
   attach(socket: Net.Socket): void {
     this.socket = socket
-    socket.once("end", this.onEnd)
-    socket.once("error", this.onError)
-    socket.once("close", this.onClose)
-  }
-
-  private readonly onEnd = (): void => {
-    if (this.end === undefined) this.end = { _tag: "Eof" }
-    this.finishTarget()
-  }
-
-  private readonly onError = (error: Error): void => {
-    if (this.end === undefined || this.end._tag === "Eof") this.end = { _tag: "Error", error }
-    this.finishTarget()
-  }
-
-  private readonly onClose = (): void => {
-    if (this.end === undefined) this.end = { _tag: "Error", error: new Error("connection closed") }
-    this.finishTarget()
+    this.listen(socket)
   }
 
   /** At the end of the stream a pending `fill` completes short: its caller sees `end` and fails. */
-  private finishTarget(): void {
+  protected override ended(): void {
     const t = this.target
     this.target = undefined
     t?.done(t.filled)
-    this.wake()
-  }
-
-  private wake(): void {
-    const w = this.waiter
-    if (w !== undefined) {
-      this.waiter = undefined
-      w()
-    }
   }
 
   /** Starts reading again after the queue made the socket stop. */
-  private restart(): void {
-    if (!this.stopped || this.socket === undefined || this.socket.destroyed) return
+  protected wanted(waiting: boolean): void {
+    if (!this.stopped || (!waiting && this.available >= HIGH_WATER / 2)) return
+    if (this.socket === undefined || this.socket.destroyed) return
     this.stopped = false
     // readStop was called from onread; `_read` starts the handle reading again (Readable never calls it: no
     // data is ever pushed to it)
     ;(this.socket as unknown as { _read: (n: number) => void })._read(0)
-  }
-
-  /** See `SocketReader.wait`. */
-  wait(callback: () => void, atLeast = 1): () => void {
-    if (this.available >= atLeast || this.end !== undefined) {
-      callback()
-      return () => {}
-    }
-    this.restart()
-    this.waiter = callback
-    return () => {
-      if (this.waiter === callback) this.waiter = undefined
-    }
-  }
-
-  /** See `SocketReader.copyTo`. */
-  copyTo(target: Uint8Array, at: number, length: number): number {
-    let copied = 0
-    while (copied < length && this.head < this.chunks.length) {
-      const chunk = this.chunks[this.head]!
-      const n = Math.min(length - copied, chunk.length - this.skip)
-      chunk.copy(target, at + copied, this.skip, this.skip + n)
-      copied += n
-      this.skip += n
-      if (this.skip === chunk.length) {
-        this.chunks[this.head] = undefined as never
-        this.head++
-        this.skip = 0
-      }
-    }
-    if (this.head > 64 && this.head * 2 > this.chunks.length) {
-      this.chunks = this.chunks.slice(this.head)
-      this.head = 0
-    }
-    this.available -= copied
-    if (this.available < HIGH_WATER / 2) this.restart()
-    return copied
-  }
-
-  /** See `SocketReader.peekTo`. */
-  peekTo(target: Uint8Array, length: number): boolean {
-    if (this.available < length) return false
-    let copied = 0
-    let skip = this.skip
-    for (let i = this.head; copied < length; i++) {
-      const chunk = this.chunks[i]!
-      const n = Math.min(length - copied, chunk.length - skip)
-      chunk.copy(target, copied, skip, skip + n)
-      copied += n
-      skip = 0
-    }
-    return true
   }
 
   /**
@@ -201,22 +107,15 @@ export class DirectReader {
       return () => {}
     }
     this.target = t
-    this.restart()
+    this.wanted(true)
     return () => {
       if (this.target === t) this.target = undefined
     }
   }
 
-  /** Detaches the listeners (the socket itself is closed by its owner). */
-  detach(): void {
-    const socket = this.socket
-    if (socket !== undefined) {
-      socket.off("end", this.onEnd)
-      socket.off("error", this.onError)
-      socket.off("close", this.onClose)
-    }
+  override detach(): void {
     this.target = undefined
-    this.wake()
+    super.detach()
   }
 }
 
