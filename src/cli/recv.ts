@@ -21,7 +21,7 @@ import * as Image from "./image.js"
 import * as Options from "./options.js"
 import * as Progress from "./progress.js"
 import * as Report from "./report.js"
-import { timeoutsOf, tlsOf } from "./send.js"
+import { timeoutsOf, tlsOf } from "./settings.js"
 
 /** The line that tells scripts (and tests) where recv listens, printed on stderr as soon as it does. */
 export const listeningLine = (address: Transport.Address): string =>
