@@ -10,6 +10,8 @@ import * as Fiber from "effect/Fiber"
 import type * as Scope from "effect/Scope"
 import * as Crypto from "node:crypto"
 import type * as Net from "node:net"
+import * as Path from "node:path"
+import * as Tls from "../src/Tls.js"
 import { type Address, connect, listen, parseAddress } from "../src/Transport.js"
 import { expectNoLeaks, tempSocketPath } from "./support/handles.js"
 
@@ -103,6 +105,21 @@ describe("DirectSocket: reads into guest memory on accepted sockets", () => {
       const error = yield* noHang(Effect.flip(server.readInto(memory, 0, memory.length)), "a short read")
       expect(error.reason).toBe("Closed")
       expect(error.message).toContain(`after ${300 * 1024} of ${1024 * 1024} bytes`)
+    })))
+
+  it.live("nothing is read before the first read: a TLS upgrade after the ClientHello arrived still works", () =>
+    leakFree(Effect.gen(function*() {
+      const tls = yield* Tls.make({ psk: Path.join(import.meta.dirname, "fixtures", "tls", "keys.psk") })
+      const listener = yield* listen(tcp)
+      const raw = yield* connect(listener.address)
+      const accepted = yield* listener.accept
+      // the client's handshake starts at once; the server upgrades only after its first bytes are surely here
+      const client = yield* Effect.fork(tls.client("127.0.0.1")(raw, 0))
+      for (let i = 0; i < 50; i++) yield* Effect.promise(() => new Promise((resolve) => setImmediate(resolve)))
+      const server = yield* noHang(tls.server(accepted, "main"), "the server handshake")
+      const secured = yield* noHang(Fiber.join(client), "the client handshake")
+      yield* secured.write([Buffer.from("over tls")])
+      expect((yield* server.read(8)).toString()).toBe("over tls")
     })))
 
   it.live("closing the listener's scope with re-wrapped connections open completes at once", () =>

@@ -5,9 +5,10 @@
  * reads (headers, control messages) go through a staging buffer into a queue, as `SocketReader` does.
  *
  * `net.createServer` has no `onread` option, so an accepted socket (server made with `pauseOnConnect`) is
- * re-wrapped as `new net.Socket({ handle, onread })` (the `handle` option is undocumented but stable since
- * Node 12) and the original object is detached from the handle and destroyed, so that the server's count of
- * connections stays right. Everything that relies on Node internals is in this file; its test is
+ * re-wrapped as `new net.Socket({ handle, onread, pauseOnCreate })` (`handle` and `pauseOnCreate` are
+ * undocumented but stable since Node 12) and the original object is detached from the handle and destroyed,
+ * so that the server's count of connections stays right. Nothing is read until the first read asks: a TLS
+ * upgrade can still take the socket over. Everything that relies on Node internals is in this file; its test is
  * `test/DirectSocket.test.ts`.
  *
  * @internal
@@ -33,7 +34,9 @@ interface Target {
 export class DirectReader extends ReadQueue {
   private target: Target | undefined = undefined
   private readonly staging = Buffer.allocUnsafe(STAGING)
-  private stopped = false
+  /** Not reading: not started yet (so that a TLS upgrade can take the socket over first), or stopped. */
+  private stopped = true
+  private started = false
   private socket: Net.Socket | undefined = undefined
 
   /** The `onread` option for the socket: where the next read goes, and what to do with what it read. */
@@ -91,6 +94,12 @@ export class DirectReader extends ReadQueue {
     if (!this.stopped || (!waiting && this.available >= HIGH_WATER / 2)) return
     if (this.socket === undefined || this.socket.destroyed) return
     this.stopped = false
+    if (!this.started) {
+      // the first read: the socket starts flowing (and will emit 'end')
+      this.started = true
+      this.socket.resume()
+      return
+    }
     // readStop was called from onread; `_read` starts the handle reading again (Readable never calls it: no
     // data is ever pushed to it)
     ;(this.socket as unknown as { _read: (n: number) => void })._read(0)
@@ -127,10 +136,11 @@ export const rewrap = (accepted: Net.Socket): { readonly socket: Net.Socket; rea
   const reader = new DirectReader()
   const internal = accepted as unknown as { _handle: unknown }
   const handle = internal._handle
-  const socket = new Net.Socket({ handle, onread: reader.onread } as Net.SocketConstructorOpts)
+  // `pauseOnCreate` (as the server uses for `pauseOnConnect`): the new socket must not start reading by itself
+  const socket = new Net.Socket({ handle, onread: reader.onread, pauseOnCreate: true } as Net.SocketConstructorOpts)
   internal._handle = null
   accepted.destroy()
   reader.attach(socket)
-  socket.resume()
+  // no reading until the first read asks: a TLS upgrade takes the socket over before any byte is consumed
   return { socket, reader }
 }
