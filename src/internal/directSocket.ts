@@ -89,7 +89,7 @@ export class DirectReader extends ReadQueue {
     t?.done(t.filled)
   }
 
-  /** Starts reading again after the queue made the socket stop. */
+  /** Starts reading: the first time somebody reads, or again after the queue made the socket stop. */
   protected wanted(waiting: boolean): void {
     if (!this.stopped || (!waiting && this.available >= HIGH_WATER / 2)) return
     if (this.socket === undefined || this.socket.destroyed) return
