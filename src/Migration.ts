@@ -13,16 +13,14 @@ import * as Effect from "effect/Effect"
 import * as Either from "effect/Either"
 import * as Fiber from "effect/Fiber"
 import * as Option from "effect/Option"
-import * as FiberSet from "effect/FiberSet"
 import * as Queue from "effect/Queue"
-import * as Ref from "effect/Ref"
 import * as Schedule from "effect/Schedule"
 import * as Stream from "effect/Stream"
-import type * as Scope from "effect/Scope"
 import * as Crypto from "node:crypto"
 import * as Control from "./Control.js"
 import * as GuestRam from "./GuestRam.js"
 import * as Precopy from "./internal/precopy.js"
+import * as Acceptor from "./internal/acceptor.js"
 import { unlessStalled, within } from "./internal/stall.js"
 import * as MigrationError from "./MigrationError.js"
 import * as MultifdRecv from "./MultifdRecv.js"
@@ -403,47 +401,26 @@ export const incoming = (
     const timeouts = resolveTimeouts(options.timeouts)
     const control = yield* Deferred.make<Transport.Connection>()
     const channelSet = yield* Deferred.make<MultifdRecv.MultifdRecv["Type"]>()
-    const rejected = yield* Ref.make<ReadonlyArray<string>>([])
-    const connections = yield* FiberSet.make<void, IncomingError>()
-
-    const reject = (connection: Transport.Connection, why: string) =>
-      Effect.zipRight(
-        Ref.update(rejected, (all) => [...all, `${connection.peer}: ${why}`]),
-        Effect.logWarning(`rejected a connection from ${connection.peer}: ${why}`)
-      )
-
-    const classify = (raw: Transport.Connection): Effect.Effect<void, IncomingError, Scope.Scope> =>
-      Effect.gen(function*() {
-        const secured = options.upgrade
-          ? yield* Effect.either(options.upgrade(raw, "main"))
-          : { _tag: "Right" as const, right: raw }
-        if (secured._tag === "Left") return yield* reject(raw, secured.left.message)
-        const connection = secured.right
-        const first = yield* Effect.either(connection.peek(4).pipe(within(timeouts.peer, "waiting for the first bytes")))
-        if (first._tag === "Left") return yield* reject(connection, first.left.message)
-        const magic = first.right.readUInt32BE(0)
-        if (magic === Control.MAGIC) {
-          yield* connection.read(4)
-          if (!(yield* Deferred.succeed(control, connection))) return yield* reject(connection, "a second main channel")
-          return yield* Effect.never
-        }
-        if (magic === Protocol.MAGIC) {
-          const recv = yield* Deferred.await(channelSet)
-          return yield* recv.adopt(connection).pipe(
-            Effect.catchIf(MultifdRecv.isStranger, (e) => reject(connection, e.message))
-          )
-        }
-        return yield* reject(connection, `not a migration stream (first bytes ${first.right.toString("hex")})`)
-      })
-
-    // each acceptor takes one connection, starts the next acceptor, then handles its connection
-    const acceptor: Effect.Effect<void, IncomingError> = Effect.scoped(Effect.gen(function*() {
-      const connection = yield* listener.accept
-      yield* FiberSet.run(connections, acceptor)
-      yield* classify(connection)
-    }))
-    yield* FiberSet.run(connections, acceptor)
-    const connectionFailure = Effect.zipRight(FiberSet.join(connections), Effect.never)
+    const acceptor = yield* Acceptor.start<IncomingError>(listener, {
+      upgrade: options.upgrade,
+      firstBytesTimeout: timeouts.peer,
+      classify: (connection, first, reject) =>
+        Effect.gen(function*() {
+          if (first.readUInt32BE(0) === Control.MAGIC) {
+            yield* connection.read(4)
+            if (!(yield* Deferred.succeed(control, connection))) return yield* reject(connection, "a second main channel")
+            return yield* Effect.never
+          }
+          if (first.readUInt32BE(0) === Protocol.MAGIC) {
+            const recv = yield* Deferred.await(channelSet)
+            return yield* recv.adopt(connection).pipe(
+              Effect.catchIf(MultifdRecv.isStranger, (e) => reject(connection, e.message))
+            )
+          }
+          return yield* reject(connection, `not a migration stream (first bytes ${first.toString("hex")})`)
+        })
+    })
+    const connectionFailure = acceptor.failure
 
     const waitControl = options.acceptTimeout === undefined
       ? Deferred.await(control)
@@ -505,7 +482,7 @@ export const incoming = (
       const progress = Effect.map(recv.stats, (s) => s.bytes)
       const describeMissing = Effect.gen(function*() {
         const s = yield* recv.stats
-        const turnedAway = yield* Ref.get(rejected)
+        const turnedAway = yield* acceptor.rejected
         return `${s.channels} of ${hello.channels} multifd channels connected` +
           (turnedAway.length > 0 ? `; rejected: ${turnedAway.join("; ")}` : "")
       })
@@ -557,7 +534,7 @@ export const incoming = (
         const durationMs = (yield* Clock.currentTimeMillis) - started
         return {
           ram,
-          rejected: yield* Ref.get(rejected),
+          rejected: yield* acceptor.rejected,
           stats: {
             uuid: hello.uuid,
             channels: hello.channels,

@@ -19,11 +19,10 @@ import * as Clock from "effect/Clock"
 import * as Deferred from "effect/Deferred"
 import * as Duration from "effect/Duration"
 import * as Effect from "effect/Effect"
-import * as FiberSet from "effect/FiberSet"
-import * as Ref from "effect/Ref"
 import * as Schedule from "effect/Schedule"
 import type * as Scope from "effect/Scope"
 import * as GuestRam from "./GuestRam.js"
+import * as Acceptor from "./internal/acceptor.js"
 import { unlessStalled, within } from "./internal/stall.js"
 import type * as Migration from "./Migration.js"
 import * as MigrationError from "./MigrationError.js"
@@ -159,45 +158,25 @@ export const incoming = (
     const started = yield* Clock.currentTimeMillis
     const main = yield* Deferred.make<Transport.Connection>()
     const channelSet = yield* Deferred.make<MultifdRecv.MultifdRecv["Type"]>()
-    const rejected = yield* Ref.make<ReadonlyArray<string>>([])
-    const connections = yield* FiberSet.make<void, IncomingError>()
-
-    const reject = (connection: Transport.Connection, why: string) =>
-      Effect.zipRight(
-        Ref.update(rejected, (all) => [...all, `${connection.peer}: ${why}`]),
-        Effect.logWarning(`rejected a connection from ${connection.peer}: ${why}`)
-      )
-
-    const classify = (raw: Transport.Connection): Effect.Effect<void, IncomingError, Scope.Scope> =>
-      Effect.gen(function*() {
-        const secured = options.upgrade
-          ? yield* Effect.either(options.upgrade(raw, "main"))
-          : { _tag: "Right" as const, right: raw }
-        if (secured._tag === "Left") return yield* reject(raw, secured.left.message)
-        const connection = secured.right
-        const first = yield* Effect.either(connection.peek(4).pipe(within(timeouts.peer, "waiting for the first bytes")))
-        if (first._tag === "Left") return yield* reject(connection, first.left.message)
-        if (QemuStream.isMainStream(first.right)) {
-          if (!(yield* Deferred.succeed(main, connection))) return yield* reject(connection, "a second QEMU main channel")
-          return yield* Effect.never
-        }
-        if (QemuStream.isMultifdChannel(first.right)) {
-          const recv = yield* Deferred.await(channelSet)
-          return yield* recv.adopt(connection).pipe(
-            Effect.catchIf(MultifdRecv.isStranger, (e) => reject(connection, e.message))
-          )
-        }
-        return yield* reject(connection, `not a QEMU migration stream (first bytes ${first.right.toString("hex")})`)
-      })
-
-    // each acceptor takes one connection, starts the next acceptor, then handles its connection
-    const acceptor: Effect.Effect<void, IncomingError> = Effect.scoped(Effect.gen(function*() {
-      const connection = yield* listener.accept
-      yield* FiberSet.run(connections, acceptor)
-      yield* classify(connection)
-    }))
-    yield* FiberSet.run(connections, acceptor)
-    const connectionFailure = Effect.zipRight(FiberSet.join(connections), Effect.never)
+    const acceptor = yield* Acceptor.start<IncomingError>(listener, {
+      upgrade: options.upgrade,
+      firstBytesTimeout: timeouts.peer,
+      classify: (connection, first, reject) =>
+        Effect.gen(function*() {
+          if (QemuStream.isMainStream(first)) {
+            if (!(yield* Deferred.succeed(main, connection))) return yield* reject(connection, "a second QEMU main channel")
+            return yield* Effect.never
+          }
+          if (QemuStream.isMultifdChannel(first)) {
+            const recv = yield* Deferred.await(channelSet)
+            return yield* recv.adopt(connection).pipe(
+              Effect.catchIf(MultifdRecv.isStranger, (e) => reject(connection, e.message))
+            )
+          }
+          return yield* reject(connection, `not a QEMU migration stream (first bytes ${first.toString("hex")})`)
+        })
+    })
+    const connectionFailure = acceptor.failure
     const channelFailure = Effect.flatMap(Deferred.await(channelSet), (recv) => recv.failure)
     const failures = Effect.raceFirst(connectionFailure, channelFailure)
 
@@ -229,7 +208,7 @@ export const incoming = (
     const describeChannels = (recv: MultifdRecv.MultifdRecv["Type"]) =>
       Effect.gen(function*() {
         const s = yield* recv.stats
-        const turnedAway = yield* Ref.get(rejected)
+        const turnedAway = yield* acceptor.rejected
         return `${s.channels} of ${channels} multifd channels connected` +
           (s.channels < channels ? ` (is QEMU's multifd-channels ${s.channels}?)` : "") +
           (turnedAway.length > 0 ? `; rejected: ${turnedAway.join("; ")}` : "")
@@ -319,7 +298,7 @@ export const incoming = (
       const ramBytes = summary.blocks.reduce((n, b) => n + b.size, 0)
       return {
         ram,
-        rejected: yield* Ref.get(rejected),
+        rejected: yield* acceptor.rejected,
         stats: {
           uuid: uuid === undefined ? "" : Protocol.formatUuid(uuid),
           channels,

@@ -1,0 +1,79 @@
+/**
+ * The destination's front door, shared by `Migration.incoming` and `QemuIncoming.incoming`: connections are
+ * accepted one fiber each (an acceptor takes one, starts the next, then handles its own), secured (TLS) and
+ * peeked at; the caller's `classify` sees each connection with its first four bytes. A connection whose
+ * upgrade or first bytes fail, or that `classify` turns away, is closed and recorded with the reason; only
+ * a failure of `classify` fails the set.
+ *
+ * @internal
+ */
+import type * as Duration from "effect/Duration"
+import * as Effect from "effect/Effect"
+import * as FiberSet from "effect/FiberSet"
+import * as Ref from "effect/Ref"
+import type * as Scope from "effect/Scope"
+import type * as MultifdSend from "../MultifdSend.js"
+import type * as Transport from "../Transport.js"
+import { within } from "./stall.js"
+
+/** The running acceptors. */
+export interface Acceptor<E> {
+  /** Connections turned away, each with the reason. */
+  readonly rejected: Effect.Effect<ReadonlyArray<string>>
+  /** Fails with the first failure of a `classify`; never succeeds. */
+  readonly failure: Effect.Effect<never, E>
+}
+
+/** Turns a connection away: it is closed when its acceptor's scope ends. */
+export type Reject = (connection: Transport.Connection, why: string) => Effect.Effect<void>
+
+/** Starts accepting on `listener` in the current scope. */
+export const start = <E>(
+  listener: Transport.Listener,
+  options: {
+    readonly upgrade?: Transport.Upgrade<MultifdSend.ChannelFailure> | undefined
+    /** How long a connection may take to send its first bytes. */
+    readonly firstBytesTimeout: Duration.DurationInput
+    /** Handles a connection; it stays open while this runs (a main channel's `classify` never returns). */
+    readonly classify: (
+      connection: Transport.Connection,
+      first: Buffer,
+      reject: Reject
+    ) => Effect.Effect<void, E, Scope.Scope>
+  }
+): Effect.Effect<Acceptor<E>, never, Scope.Scope> =>
+  Effect.gen(function*() {
+    const rejected = yield* Ref.make<ReadonlyArray<string>>([])
+    const connections = yield* FiberSet.make<void, E>()
+
+    const reject: Reject = (connection, why) =>
+      Effect.zipRight(
+        Ref.update(rejected, (all) => [...all, `${connection.peer}: ${why}`]),
+        Effect.logWarning(`rejected a connection from ${connection.peer}: ${why}`)
+      )
+
+    const handle = (raw: Transport.Connection): Effect.Effect<void, E, Scope.Scope> =>
+      Effect.gen(function*() {
+        const secured = options.upgrade
+          ? yield* Effect.either(options.upgrade(raw, "main"))
+          : { _tag: "Right" as const, right: raw }
+        if (secured._tag === "Left") return yield* reject(raw, secured.left.message)
+        const connection = secured.right
+        const first = yield* Effect.either(
+          connection.peek(4).pipe(within(options.firstBytesTimeout, "waiting for the first bytes"))
+        )
+        if (first._tag === "Left") return yield* reject(connection, first.left.message)
+        return yield* options.classify(connection, first.right, reject)
+      })
+
+    const acceptor: Effect.Effect<void, E> = Effect.scoped(Effect.gen(function*() {
+      const connection = yield* listener.accept
+      yield* FiberSet.run(connections, acceptor)
+      yield* handle(connection)
+    }))
+    yield* FiberSet.run(connections, acceptor)
+    return {
+      rejected: Ref.get(rejected),
+      failure: Effect.zipRight(FiberSet.join(connections), Effect.never)
+    }
+  })
