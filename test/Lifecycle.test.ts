@@ -28,6 +28,7 @@ import * as Protocol from "../src/Protocol.js"
 import * as Transport from "../src/Transport.js"
 import * as Faulty from "./support/faultyTransport.js"
 import { expectNoLeaks, nextTurn, tempSocketPath } from "./support/handles.js"
+import { mixedImage, timed } from "./support/images.js"
 
 // ---------------------------------------------------------------------------------------------------------
 // helpers
@@ -47,19 +48,8 @@ const leakFree = <A, E>(body: Effect.Effect<A, E, Scope.Scope>) => expectNoLeaks
 const noHang = <A, E, R>(self: Effect.Effect<A, E, R>, what: string, seconds = 5) =>
   Effect.timeoutFail(self, { duration: `${seconds} seconds`, onTimeout: () => new Error(`hung: ${what}`) })
 
-/** Measures an effect's wall-clock duration. */
-const timed = <A, E, R>(self: Effect.Effect<A, E, R>) =>
-  Effect.suspend(() => {
-    const t0 = performance.now()
-    return Effect.map(self, (a) => [a, performance.now() - t0] as const)
-  })
-
 /** A block of `pages` pages: about 60 % random pages, the rest zero. */
-const image = (pages: number): Buffer => {
-  const bytes = Buffer.alloc(pages * PAGE)
-  for (let p = 0; p < pages; p++) if (Math.random() < 0.6) Crypto.randomFillSync(bytes, p * PAGE, PAGE)
-  return bytes
-}
+const image = (pages: number): Buffer => mixedImage(pages, 0.6, PAGE)
 
 /** 3 MiB + 1 MiB of mixed random and zero pages. */
 const sourceRam = () =>

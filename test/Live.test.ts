@@ -41,6 +41,7 @@ import * as Protocol from "../src/Protocol.js"
 import * as Transport from "../src/Transport.js"
 import * as Faulty from "./support/faultyTransport.js"
 import { expectNoLeaks, nextTurn } from "./support/handles.js"
+import { mixedImage, timed } from "./support/images.js"
 
 // ---------------------------------------------------------------------------------------------------------
 // helpers
@@ -71,19 +72,8 @@ const noHang = <A, E, R>(self: Effect.Effect<A, E, R>, what: string, seconds = 1
     })
   )
 
-/** Wall-clock duration of an effect. */
-const timed = <A, E, R>(self: Effect.Effect<A, E, R>) =>
-  Effect.suspend(() => {
-    const t0 = performance.now()
-    return Effect.map(self, (a) => [a, performance.now() - t0] as const)
-  })
-
 /** Pages of random bytes, about one in five left zero (so that zero pages travel too). */
-const image = (pages: number): Buffer => {
-  const bytes = Buffer.alloc(pages * PAGE)
-  for (let p = 0; p < pages; p++) if (Math.random() < 0.8) Crypto.randomFillSync(bytes, p * PAGE, PAGE)
-  return bytes
-}
+const image = (pages: number): Buffer => mixedImage(pages, 0.8, PAGE)
 
 /** 4 MiB + 1 MiB of mixed random and zero pages. */
 const sourceRam = (pcPages = 1024, vgaPages = 256) =>

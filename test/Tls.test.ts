@@ -23,7 +23,6 @@ import * as Fiber from "effect/Fiber"
 import * as Logger from "effect/Logger"
 import * as Option from "effect/Option"
 import type * as Scope from "effect/Scope"
-import * as Crypto from "node:crypto"
 import * as Fs from "node:fs"
 import * as Net from "node:net"
 import type * as NodeTls from "node:tls"
@@ -37,6 +36,7 @@ import type * as MultifdSend from "../src/MultifdSend.js"
 import * as Tls from "../src/Tls.js"
 import * as Transport from "../src/Transport.js"
 import { expectNoLeaks } from "./support/handles.js"
+import { mixedImage, timed } from "./support/images.js"
 
 // ---------------------------------------------------------------------------------------------------------
 // helpers
@@ -58,18 +58,8 @@ const leakFree = <A, E>(body: Effect.Effect<A, E, Scope.Scope>) => expectNoLeaks
 const noHang = <A, E, R>(self: Effect.Effect<A, E, R>, what: string, seconds = 6) =>
   Effect.timeoutFail(self, { duration: `${seconds} seconds`, onTimeout: () => new Error(`hung: ${what}`) })
 
-const timed = <A, E, R>(self: Effect.Effect<A, E, R>) =>
-  Effect.suspend(() => {
-    const t0 = performance.now()
-    return Effect.map(self, (a) => [a, performance.now() - t0] as const)
-  })
-
 /** A block of `pages` pages: about 60 % random pages, the rest zero. */
-const image = (pages: number): Buffer => {
-  const bytes = Buffer.alloc(pages * PAGE)
-  for (let p = 0; p < pages; p++) if (Math.random() < 0.6) Crypto.randomFillSync(bytes, p * PAGE, PAGE)
-  return bytes
-}
+const image = (pages: number): Buffer => mixedImage(pages, 0.6, PAGE)
 
 /** `mib` MiB of mixed random and zero pages in two blocks (3/4 + 1/4). */
 const sourceRam = (mib = 4) =>
