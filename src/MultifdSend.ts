@@ -134,7 +134,7 @@ export const make = (
             }
             for (let i = 0; i < zero; i++) offsets[normal + i] = zeros[i]!
             // a header per packet: the connection may still hold the previous one (writes do not copy)
-            const header = Buffer.alloc(headerSize)
+            const header = Buffer.allocUnsafe(headerSize)
             chunks.length = 0
             chunks.push(header)
             const payloadSize = yield* codec.encode(block.bytes, offsets, normal, pageSize, chunks)
@@ -161,9 +161,11 @@ export const make = (
           const job = yield* Queue.take(channel.mailbox)
           if (job._tag === "Finish") return yield* connection.end
           if (job._tag === "Sync") {
-            // a header per packet: the connection may still hold the previous one (writes do not copy)
-            const header = Buffer.alloc(headerSize)
-            yield* connection.write([header.subarray(0, Protocol.writeSync(header, pageSize, packetNum++))])
+            // a header per packet: the connection may still hold the previous one (writes do not copy);
+            // writeSync / writeHeader set every byte of it
+            const header = Buffer.allocUnsafe(headerSize)
+            Protocol.writeSync(header, pageSize, packetNum++)
+            yield* connection.write([header])
             counters.packets++
             counters.syncs++
             counters.bytes += headerSize
