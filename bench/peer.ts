@@ -45,7 +45,7 @@ const randomImage = (bytes: Buffer, halfZero: boolean) => {
 
 const main = role === "recv"
   ? Effect.gen(function*() {
-    const memory = Buffer.from(new SharedArrayBuffer(size))
+    const memory = GuestRam.allocate(size)
     if (rest[0] !== "fresh") memory.fill(0) // fault every page in before the migration, like QEMU's prealloc=on
     const ram = yield* GuestRam.make({ blocks: [{ name: "mem", bytes: memory }] })
     const tls = yield* tlsOf(rest[1])
@@ -58,7 +58,7 @@ const main = role === "recv"
     report(result.stats, process.cpuUsage(cpu))
   })
   : Effect.gen(function*() {
-    const memory = Buffer.from(new SharedArrayBuffer(size))
+    const memory = GuestRam.allocate(size)
     randomImage(memory, rest[2] === "halfzero")
     const tls = yield* tlsOf(rest[3])
     const cpu = process.cpuUsage()

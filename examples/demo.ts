@@ -20,7 +20,7 @@ const PAGE = 4096
 
 /** Fills memory like a guest's: a quarter zero pages, a quarter repetitive, the rest random. */
 const mixedMemory = (bytes: number): Buffer => {
-  const memory = Buffer.from(new SharedArrayBuffer(bytes))
+  const memory = GuestRam.allocate(bytes)
   Crypto.randomFillSync(memory)
   for (let page = 0; page < bytes / PAGE; page++) {
     if (page % 4 === 0) memory.fill(0, page * PAGE, (page + 1) * PAGE)

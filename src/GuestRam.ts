@@ -8,6 +8,7 @@ import * as Context from "effect/Context"
 import * as Data from "effect/Data"
 import * as Effect from "effect/Effect"
 import * as Layer from "effect/Layer"
+import type * as Scope from "effect/Scope"
 import * as Buffer from "node:buffer"
 import * as Digest from "./internal/digest.js"
 import { DirtyLog } from "./internal/dirtyLog.js"
@@ -31,8 +32,9 @@ export interface Block {
 }
 
 /**
- * How a block is described: by size (zero-filled shared memory, touched up front so that receiving pages
- * never waits on page faults) or by existing bytes (used in place, not copied).
+ * How a block is described: by size (memory from `allocate`, touched up front so that receiving pages
+ * never waits on page faults) or by existing bytes (used in place, not copied; `allocate` them for the
+ * fastest digests).
  */
 export type BlockSpec =
   | { readonly name: string; readonly size: number }
@@ -69,6 +71,13 @@ export class GuestRam extends Context.Tag("effect-multifd/GuestRam")<
   }
 >() {}
 
+/**
+ * Zero-filled shared memory for a block, laid out so that digests read it in place (inside a
+ * `WebAssembly.Memory`, up to 4 GiB; larger sizes get a plain `SharedArrayBuffer`, hashed through a copy).
+ * Memory from here makes `digest` about twice as fast as other memory. Pages are not touched.
+ */
+export const allocate = (size: number): Buffer => Digest.allocate(size)
+
 /** Largest single block a Node Buffer can hold. */
 export const MAX_BLOCK_SIZE = Buffer.constants.MAX_LENGTH
 
@@ -99,7 +108,7 @@ export const make = (options: {
     const blocks = options.blocks.map((spec): Block => {
       const bytes = "bytes" in spec
         ? globalThis.Buffer.from(spec.bytes.buffer, spec.bytes.byteOffset, spec.bytes.byteLength)
-        : globalThis.Buffer.from(new SharedArrayBuffer(spec.size)).fill(0)
+        : allocate(spec.size).fill(0)
       const pages = bytes.length / pageSize
       return { name: spec.name, bytes, pages, dirty: new DirtyLog(pages) }
     })
@@ -185,12 +194,24 @@ export interface BlockDigest {
 }
 
 /**
- * Digests every block. Memory allocated by `make` is shared, so worker threads hash its chunks in
- * parallel; other memory is hashed on this thread, yielding between 64 MiB chunks.
+ * Digests every block. Shared memory (from `allocate` or any `SharedArrayBuffer`) is hashed by worker
+ * threads and this thread in parallel, memory from `allocate` without a copy; other memory is hashed on
+ * this thread, yielding every 4 MiB.
  */
-export const digest = (ram: GuestRam["Type"]): Effect.Effect<ReadonlyArray<BlockDigest>> =>
+export const digest = (ram: GuestRam["Type"]): Effect.Effect<ReadonlyArray<BlockDigest>> => digestOn(ram, undefined)
+
+/**
+ * Starts the worker threads of `digest` now and returns a digest that hashes on them: a thread takes tens
+ * of milliseconds to start, which a migration would otherwise spend paused. The threads stop with the scope.
+ */
+export const digester = (
+  ram: GuestRam["Type"]
+): Effect.Effect<Effect.Effect<ReadonlyArray<BlockDigest>>, never, Scope.Scope> =>
+  Effect.map(Digest.pool(Digest.threadsFor(ram.blocks.map((b) => b.bytes))), (pool) => digestOn(ram, pool))
+
+const digestOn = (ram: GuestRam["Type"], pool: Digest.Pool | undefined) =>
   Effect.map(
-    Digest.digestAll(ram.blocks.map((b) => b.bytes)),
+    Digest.digestAll(ram.blocks.map((b) => b.bytes), pool),
     (hashes) => ram.blocks.map((b, i) => ({ name: b.name, digest: hashes[i]! }))
   )
 

@@ -228,6 +228,8 @@ export const migrate = (
       }
       if (answer._tag !== "Accept") return yield* unexpected(answer, "instead of Accept")
 
+      // the hashing threads start now, while the channels connect, rather than in the downtime
+      const digest = yield* GuestRam.digester(ram)
       const send = yield* MultifdSend.make({
         address: options.address,
         channels,
@@ -259,7 +261,7 @@ export const migrate = (
             if (ack._tag !== "FlushAck" || ack.round !== round) return yield* unexpected(ack, "instead of FlushAck")
           })
       })
-      const digests = yield* GuestRam.digest(ram)
+      const digests = yield* digest
       yield* tell(new Control.Complete({ digests }))
       const verdict = yield* Effect.raceFirst(next("waiting for the destination to verify the digests"), send.failure)
       if (verdict._tag !== "Done") return yield* unexpected(verdict, "instead of Done")
@@ -453,6 +455,8 @@ export const incoming = (
         return yield* new MigrationError.MigrationError({ reason: "Rejected", detail: `refused the migration: ${problem}` })
       }
       const ram = options.ram ?? (yield* GuestRam.make({ pageSize: hello.pageSize, blocks: hello.blocks }))
+      // the hashing threads start now, while the source connects, rather than in the downtime
+      const digest = yield* GuestRam.digester(ram)
       const recv = yield* MultifdRecv.make({
         channels: hello.channels,
         uuid: Protocol.parseUuid(hello.uuid),
@@ -507,7 +511,7 @@ export const incoming = (
           yield* tell(new Control.FlushAck({ round: message.round }))
           // after the last round's barrier the memory is final: hash it while the source hashes its own
           if (message.final && speculative === undefined) {
-            speculative = { writes: yield* recv.writesBegun, digest: yield* Effect.forkScoped(GuestRam.digest(ram)) }
+            speculative = { writes: yield* recv.writesBegun, digest: yield* Effect.forkScoped(digest) }
           }
           continue
         }
@@ -517,7 +521,7 @@ export const incoming = (
         const early = speculative !== undefined && (yield* recv.writesBegun) === speculative.writes
           ? speculative.digest
           : undefined
-        const mine = early !== undefined ? yield* Fiber.join(early) : yield* GuestRam.digest(ram)
+        const mine = early !== undefined ? yield* Fiber.join(early) : yield* digest
         const theirs = new Map(message.digests.map((d) => [d.name, d.digest]))
         const bad = mine.filter((d) => theirs.get(d.name) !== d.digest).map((d) => d.name)
         if (bad.length > 0 || theirs.size !== mine.length) {

@@ -225,7 +225,7 @@ export const incoming = (
           // much as the transfer itself here): pages fault in as they arrive, zero pages are never touched
           const ram = options.ram ?? (yield* GuestRam.make({
             pageSize,
-            blocks: blocks.map((b) => ({ name: b.name, bytes: Buffer.from(new SharedArrayBuffer(b.size)) }))
+            blocks: blocks.map((b) => ({ name: b.name, bytes: GuestRam.allocate(b.size) }))
           }))
           memory = ram
           const recv = yield* MultifdRecv.make({ channels, uuid: options.uuid ?? configUuid, ram, compression })

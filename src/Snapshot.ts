@@ -677,7 +677,7 @@ export const restore = (path: string, options: RestoreOptions = {}): Effect.Effe
     }
     // fresh memory is not touched up front: the readers' copies fault its pages in on libuv's threads, in
     // parallel (faster here than filling first), and pages never stored stay untouched
-    const fresh = header.blocks.map((b) => ({ name: b.name, bytes: Buffer.from(new SharedArrayBuffer(b.size)) }))
+    const fresh = header.blocks.map((b) => ({ name: b.name, bytes: GuestRam.allocate(b.size) }))
     const ram = given ?? (yield* GuestRam.make({ pageSize: header.pageSize, blocks: fresh }).pipe(
       Effect.mapError((e) => new SnapshotError({ reason: "Corrupt", path, detail: e.message }))
     ))

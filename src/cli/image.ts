@@ -84,7 +84,7 @@ export const read = (path: string, pageSize: number): Effect.Effect<Buffer, Imag
     if (size > GuestRam.MAX_BLOCK_SIZE) {
       return yield* bad(`the image size ${formatSize(size)} exceeds the largest block, ${formatSize(GuestRam.MAX_BLOCK_SIZE)}`)
     }
-    const bytes = Buffer.from(new SharedArrayBuffer(size))
+    const bytes = GuestRam.allocate(size)
     let at = 0
     while (at < size) {
       const { bytesRead } = yield* Effect.tryPromise({

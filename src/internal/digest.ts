@@ -1,35 +1,82 @@
 /**
- * Digests of guest memory: SHA-256 over the XXH3-128 of each 64 MiB chunk (XXH3 from `hash-wasm`, several
- * GiB/s a core where SHA-256 manages one: the digest is checked while a migration is paused). Memory backed
- * by a `SharedArrayBuffer` is hashed by worker threads and the calling thread in parallel (without copying);
- * other memory on the calling thread alone. The calling thread yields every 4 MiB.
+ * Digests of guest memory: SHA-256 over the XXH3-128 of each 64 MiB chunk (XXH3 several GiB/s a core where
+ * SHA-256 manages one: the digest is checked while a migration is paused). The XXH3 stripe loop
+ * (`internal/xxh3`) reads memory from `allocate` where it lies and copies other memory into a
+ * scratch memory first. Shared memory is hashed by worker threads and the calling thread in parallel; other
+ * memory by the calling thread alone. The calling thread yields every 4 MiB.
  *
  * @internal
  */
 import * as Effect from "effect/Effect"
-import * as HashWasm from "hash-wasm"
+import * as Option from "effect/Option"
+import * as Queue from "effect/Queue"
+import type * as Scope from "effect/Scope"
 import * as Crypto from "node:crypto"
-import * as Module from "node:module"
 import * as Os from "node:os"
 import * as WorkerThreads from "node:worker_threads"
+import * as Xxh3 from "./xxh3.js"
 
 /** Chunk size of the digest tree. */
 export const CHUNK = 64 * 1024 * 1024
 
+/** Bytes the stripe loop takes between two yields (and the size of a scratch memory). */
+const SLICE = 4 * 1024 * 1024
+const SLICE_BLOCKS = SLICE / Xxh3.BLOCK
+
+/**
+ * A worker's message loop: runs a chunk's full blocks through the module, in place when the chunk comes
+ * with its WebAssembly memory, through a scratch memory otherwise, and answers with the accumulators.
+ */
 const workerSource = `
-const { parentPort, workerData } = require("node:worker_threads")
-const ready = require(workerData.hashWasm).createXXHash128()
-parentPort.on("message", (m) => {
-  ready.then((hasher) => {
-    hasher.init()
-    hasher.update(new Uint8Array(m.buffer, m.offset, m.length))
-    parentPort.postMessage(hasher.digest("binary"))
-  })
+const { parentPort, workerData: { module, initial, slice, block } } = require("node:worker_threads")
+let scratch
+parentPort.on("message", ({ id, memory, bytes, offset, blocks }) => {
+  if (!memory && !scratch) {
+    const own = new WebAssembly.Memory({ initial: slice / 65536, maximum: slice / 65536, shared: true })
+    scratch = { view: new Uint8Array(own.buffer), exports: new WebAssembly.Instance(module, { env: { memory: own } }).exports }
+  }
+  const exports = memory ? new WebAssembly.Instance(module, { env: { memory } }).exports : scratch.exports
+  initial.forEach((value, i) => (exports["a" + i].value = value))
+  for (let done = 0; done < blocks;) {
+    const n = Math.min(blocks - done, slice / block)
+    if (memory) exports.blocks(offset + done * block, n)
+    else {
+      scratch.view.set(bytes.subarray(done * block, (done + n) * block))
+      exports.blocks(0, n)
+    }
+    done += n
+  }
+  parentPort.postMessage({ id, accumulators: initial.map((_, i) => exports["a" + i].value) })
 })
 `
 
-/** Where the workers load hash-wasm from (an eval'd worker resolves modules from the working directory). */
-const hashWasmPath = Module.createRequire(import.meta.url).resolve("hash-wasm")
+// ---------------------------------------------------------------------------------------------------------
+// Guest memory that the XXH3 module reads in place.
+// ---------------------------------------------------------------------------------------------------------
+
+const memories = new WeakMap<ArrayBufferLike, WebAssembly.Memory>()
+
+/**
+ * Zero-filled shared memory of `size` bytes inside a `WebAssembly.Memory` (so that digests read it in
+ * place), or a plain `SharedArrayBuffer` when `size` is more than a 32-bit module addresses or the engine
+ * refuses the reservation.
+ */
+export const allocate = (size: number): Buffer => {
+  const pages = Math.ceil(size / Xxh3.WASM_PAGE)
+  if (pages > 0 && pages <= Xxh3.MAX_WASM_PAGES) {
+    try {
+      const memory = new WebAssembly.Memory({ initial: pages, maximum: pages, shared: true })
+      memories.set(memory.buffer, memory)
+      return Buffer.from(memory.buffer, 0, size)
+    } catch {
+      // address space for WebAssembly memories is limited: plain shared memory instead
+    }
+  }
+  return Buffer.from(new SharedArrayBuffer(size))
+}
+
+/** The WebAssembly memory `bytes` lie in, if `allocate` made it. */
+export const memoryOf = (bytes: Uint8Array): WebAssembly.Memory | undefined => memories.get(bytes.buffer)
 
 interface Chunk {
   readonly bytes: Uint8Array
@@ -37,84 +84,165 @@ interface Chunk {
 
 /** A hashing worker thread, terminated when the scope closes. */
 const worker = Effect.acquireRelease(
-  Effect.sync(() => new WorkerThreads.Worker(workerSource, { eval: true, workerData: { hashWasm: hashWasmPath } })),
+  Effect.sync(() =>
+    new WorkerThreads.Worker(workerSource, {
+      eval: true,
+      workerData: { module: Xxh3.module(), initial: Xxh3.INITIAL_ACCUMULATORS, slice: SLICE, block: Xxh3.BLOCK }
+    })
+  ),
   (w) => Effect.promise(() => w.terminate())
 )
 
-const hashOn = (w: WorkerThreads.Worker, chunk: Chunk) =>
-  Effect.async<Buffer, Error>((resume) => {
-    const onMessage = (digest: Uint8Array) => {
-      w.off("error", onError)
-      resume(Effect.succeed(Buffer.from(digest)))
-    }
-    const onError = (error: Error) => {
-      w.off("message", onMessage)
-      resume(Effect.fail(error))
-    }
-    w.once("message", onMessage)
-    w.once("error", onError)
-    w.postMessage({ buffer: chunk.bytes.buffer, offset: chunk.bytes.byteOffset, length: chunk.bytes.byteLength })
-    return Effect.sync(() => {
-      w.off("message", onMessage)
-      w.off("error", onError)
-    })
-  })
-
-/** Bytes hashed on the calling thread between two yields. */
-const SLICE = 4 * 1024 * 1024
-
-/** Hashes a chunk on this thread, a slice at a time, yielding between slices (interruptible, I/O goes on). */
-const hashHere = (chunk: Chunk) =>
-  Effect.flatMap(Effect.promise(() => HashWasm.createXXHash128()), (hasher) =>
-    Effect.gen(function*() {
-      hasher.init()
-      for (let at = 0; at < chunk.bytes.length; at += SLICE) {
-        hasher.update(chunk.bytes.subarray(at, Math.min(chunk.bytes.length, at + SLICE)))
-        yield* Effect.yieldNow()
-      }
-      return Buffer.from(hasher.digest("binary"))
-    }))
+let requests = 0
 
 /**
- * Hashes every chunk: when all the memory is shared, one worker thread per core but one, and this thread
- * takes chunks too (one isolate fewer: worker threads cost memory, about 14 MiB each).
+ * Hashes a chunk on a worker. Every request has its own id: the answer to a request whose digest was
+ * interrupted may still come, and is not taken for the next one.
  */
-const hashChunks = (chunks: ReadonlyArray<Chunk>): Effect.Effect<ReadonlyArray<Buffer>> => {
-  const shared = chunks.every((c) => c.bytes.buffer instanceof SharedArrayBuffer)
-  const workers = Math.min(chunks.length, Os.availableParallelism()) - 1
-  if (!shared || workers < 1) return Effect.forEach(chunks, hashHere)
-  return Effect.scoped(Effect.gen(function*() {
-    const results = new Array<Buffer>(chunks.length)
-    let next = 0
-    const take = <E>(hash: (chunk: Chunk) => Effect.Effect<Buffer, E>) =>
-      Effect.gen(function*() {
-        while (next < chunks.length) {
-          const index = next++
-          results[index] = yield* hash(chunks[index]!)
-        }
-      })
-    yield* Effect.all(
-      [
-        take(hashHere),
-        ...Array.from({ length: workers }, () => Effect.flatMap(worker, (w) => take((chunk) => hashOn(w, chunk))))
-      ],
-      { concurrency: "unbounded", discard: true }
-    )
-    return results
-  })).pipe(Effect.orDie)
+const hashOn = (w: WorkerThreads.Worker, chunk: Chunk) =>
+  Effect.async<Buffer, Error>((resume) => {
+    const id = ++requests
+    const onMessage = (answer: { readonly id: number; readonly accumulators: ReadonlyArray<bigint> }) => {
+      if (answer.id !== id) return
+      stop()
+      resume(Effect.sync(() => Xxh3.finish(answer.accumulators, chunk.bytes)))
+    }
+    const onError = (error: Error) => {
+      stop()
+      resume(Effect.fail(error))
+    }
+    const stop = () => {
+      w.off("message", onMessage)
+      w.off("error", onError)
+    }
+    w.on("message", onMessage)
+    w.once("error", onError)
+    const memory = memoryOf(chunk.bytes)
+    const blocks = Xxh3.fullBlocks(chunk.bytes.length)
+    w.postMessage(memory ? { id, memory, offset: chunk.bytes.byteOffset, blocks } : { id, bytes: chunk.bytes, blocks })
+    return Effect.sync(stop)
+  })
+
+/** Hashing threads started ahead of the digests that use them (a thread takes tens of milliseconds to start). */
+export interface Pool {
+  readonly size: number
+  readonly idle: Queue.Queue<WorkerThreads.Worker>
 }
 
-/** Digests each of the given memory regions (hex SHA-256 of the chunks' XXH3-128 digests). */
-export const digestAll = (regions: ReadonlyArray<Uint8Array>): Effect.Effect<ReadonlyArray<string>> =>
+/** Starts `threads` hashing threads (by default one per core but one), terminated when the scope closes. */
+export const pool = (threads: number = Os.availableParallelism() - 1): Effect.Effect<Pool, never, Scope.Scope> =>
   Effect.gen(function*() {
+    const idle = yield* Queue.unbounded<WorkerThreads.Worker>()
+    for (let i = 0; i < threads; i++) yield* Queue.offer(idle, yield* worker)
+    return { size: threads, idle }
+  })
+
+/** A worker of the pool if one is idle (a concurrent digest may have them all), given back with the scope. */
+const borrow = (from: Pool) =>
+  Effect.acquireRelease(
+    Queue.poll(from.idle),
+    (w) => Option.isSome(w) ? Queue.offer(from.idle, w.value) : Effect.void
+  )
+
+/** This thread's instances: one per guest memory, and one on a scratch memory for everything else. */
+const instances = new WeakMap<WebAssembly.Memory, Xxh3.Exports>()
+let scratch: { readonly view: Uint8Array; readonly exports: Xxh3.Exports } | undefined
+
+const instanceFor = (memory: WebAssembly.Memory): Xxh3.Exports => {
+  let exports = instances.get(memory)
+  if (exports === undefined) {
+    exports = Xxh3.instantiate(memory)
+    instances.set(memory, exports)
+  }
+  return exports
+}
+
+const scratchInstance = () => {
+  if (scratch === undefined) {
+    const pages = SLICE / 65536
+    const memory = new WebAssembly.Memory({ initial: pages, maximum: pages, shared: true })
+    scratch = { view: new Uint8Array(memory.buffer), exports: Xxh3.instantiate(memory) }
+  }
+  return scratch
+}
+
+/**
+ * Hashes a chunk on this thread, a slice at a time, yielding between slices (interruptible, I/O goes on).
+ * The accumulators are carried here between slices: instances are shared by every digest in the process.
+ */
+const hashHere = (chunk: Chunk) =>
+  Effect.gen(function*() {
+    const memory = memoryOf(chunk.bytes)
+    const blocks = Xxh3.fullBlocks(chunk.bytes.length)
+    let accumulators: ReadonlyArray<bigint> = Xxh3.INITIAL_ACCUMULATORS
+    for (let done = 0; done < blocks; done += SLICE_BLOCKS) {
+      const n = Math.min(blocks - done, SLICE_BLOCKS)
+      if (memory) {
+        const exports = instanceFor(memory)
+        Xxh3.setAccumulators(exports, accumulators)
+        exports.blocks(chunk.bytes.byteOffset + done * Xxh3.BLOCK, n)
+        accumulators = Xxh3.accumulators(exports)
+      } else {
+        const { exports, view } = scratchInstance()
+        view.set(chunk.bytes.subarray(done * Xxh3.BLOCK, (done + n) * Xxh3.BLOCK))
+        Xxh3.setAccumulators(exports, accumulators)
+        exports.blocks(0, n)
+        accumulators = Xxh3.accumulators(exports)
+      }
+      yield* Effect.yieldNow()
+    }
+    return Xxh3.finish(accumulators, chunk.bytes)
+  })
+
+/** Hashes every chunk: this thread takes chunks, and so do the idle workers of `threads`. */
+const hashChunks = (chunks: ReadonlyArray<Chunk>, threads: Pool | undefined): Effect.Effect<ReadonlyArray<Buffer>> => {
+  if (threads === undefined || threads.size === 0) return Effect.forEach(chunks, hashHere)
+  const results = new Array<Buffer>(chunks.length)
+  let next = 0
+  const take = <E>(hash: (chunk: Chunk) => Effect.Effect<Buffer, E>) =>
+    Effect.gen(function*() {
+      while (next < chunks.length) {
+        const index = next++
+        results[index] = yield* hash(chunks[index]!)
+      }
+    })
+  const onWorker = Effect.scoped(Effect.flatMap(
+    borrow(threads),
+    Option.match({ onNone: () => Effect.void, onSome: (w) => take((chunk) => hashOn(w, chunk)) })
+  ))
+  return Effect.all([take(hashHere), ...Array.from({ length: threads.size }, () => onWorker)], {
+    concurrency: "unbounded",
+    discard: true
+  }).pipe(Effect.as(results), Effect.orDie)
+}
+
+/**
+ * Worker threads worth starting for a digest of `regions`: one per core but one, and none when a worker
+ * could not read the memory (not shared) or there is a single chunk.
+ */
+export const threadsFor = (regions: ReadonlyArray<Uint8Array>): number => {
+  const chunks = regions.reduce((n, r) => n + Math.ceil(r.length / CHUNK), 0)
+  const shared = regions.every((r) => r.buffer instanceof SharedArrayBuffer)
+  return shared && chunks > 1 ? Math.min(chunks, Os.availableParallelism()) - 1 : 0
+}
+
+/**
+ * Digests each of the given memory regions (hex SHA-256 of the chunks' XXH3-128 digests), on the threads
+ * of `threads`, or else on threads started for this digest.
+ */
+export const digestAll = (
+  regions: ReadonlyArray<Uint8Array>,
+  threads?: Pool | undefined
+): Effect.Effect<ReadonlyArray<string>> =>
+  Effect.scoped(Effect.gen(function*() {
     const chunks: Array<Chunk & { readonly region: number }> = []
     regions.forEach((bytes, region) => {
       for (let at = 0; at < bytes.length; at += CHUNK) {
         chunks.push({ region, bytes: bytes.subarray(at, Math.min(bytes.length, at + CHUNK)) })
       }
     })
-    const digests = yield* hashChunks(chunks)
+    const digests = yield* hashChunks(chunks, threads ?? (yield* pool(threadsFor(regions))))
     const trees = regions.map(() => Crypto.createHash("sha256"))
     chunks.forEach((c, i) => trees[c.region]!.update(digests[i]!))
     return trees.map((t) => t.digest("hex"))
-  })
+  }))

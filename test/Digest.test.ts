@@ -1,0 +1,123 @@
+/**
+ * The digest's own XXH3-128 (a WebAssembly SIMD stripe loop, `src/internal/xxh3.ts`) against hash-wasm's, and
+ * every way a digest reaches memory: in place in memory from `GuestRam.allocate`, through a copy from other
+ * shared memory or from plain memory, on this thread and on worker threads, and a pool of threads shared by
+ * concurrent and interrupted digests.
+ */
+import { describe, expect, it } from "@effect/vitest"
+import * as Effect from "effect/Effect"
+import * as Fiber from "effect/Fiber"
+import * as HashWasm from "hash-wasm"
+import * as Crypto from "node:crypto"
+import * as GuestRam from "../src/GuestRam.js"
+import * as Digest from "../src/internal/digest.js"
+import * as Xxh3 from "../src/internal/xxh3.js"
+
+const reference = (bytes: Uint8Array): Promise<string> => HashWasm.xxhash128(bytes)
+
+/** The XXH3-128 of `bytes` (a view of `memory`, starting `at` bytes in) computed in place by the module. */
+const inPlace = (memory: WebAssembly.Memory, bytes: Uint8Array): string => {
+  const exports = Xxh3.instantiate(memory)
+  Xxh3.setAccumulators(exports, Xxh3.INITIAL_ACCUMULATORS)
+  exports.blocks(bytes.byteOffset, Xxh3.fullBlocks(bytes.length))
+  return Xxh3.finish(Xxh3.accumulators(exports), bytes).toString("hex")
+}
+
+/** A digest as documented: SHA-256 over the XXH3-128 of each 64 MiB chunk. */
+const referenceDigest = async (bytes: Uint8Array): Promise<string> => {
+  const tree = Crypto.createHash("sha256")
+  for (let at = 0; at < bytes.length; at += GuestRam.DIGEST_CHUNK) {
+    tree.update(Buffer.from(await reference(bytes.subarray(at, Math.min(bytes.length, at + GuestRam.DIGEST_CHUNK))), "hex"))
+  }
+  return tree.digest("hex")
+}
+
+/** Two chunks and a bit: the digest spreads over this thread and a worker. */
+const TWO_CHUNKS = GuestRam.DIGEST_CHUNK + 5 * 4096
+
+const randomInto = <B extends Uint8Array>(bytes: B): B => {
+  for (let at = 0; at < bytes.length; at += 65536) Crypto.randomFillSync(bytes.subarray(at, Math.min(bytes.length, at + 65536)))
+  return bytes
+}
+
+describe("XXH3-128 (internal/xxh3)", () => {
+  it.effect("matches hash-wasm at every length class of the long path, block and stripe boundaries included", () =>
+    Effect.promise(async () => {
+      const lengths = [241, 255, 256, 511, 512, 1023, 1024, 1025, 1087, 1088, 1089, 2047, 2048, 2049, 4096, 16391, 65536, 1048576 + 64]
+      const memory = new WebAssembly.Memory({ initial: 32, maximum: 32, shared: true })
+      const all = new Uint8Array(memory.buffer)
+      for (const length of lengths) {
+        // at offset 0 and at an odd offset: the loop reads unaligned
+        for (const at of [0, 4099]) {
+          const bytes = randomInto(all.subarray(at, at + length))
+          expect(inPlace(memory, bytes), `length ${length} at ${at}`).toBe(await reference(bytes))
+        }
+      }
+      // inputs of one repeated byte, where a lane mix-up would cancel out
+      for (const fill of [0, 0xff]) {
+        const bytes = all.subarray(0, 3 * 1024 + 17).fill(fill)
+        expect(inPlace(memory, bytes)).toBe(await reference(bytes))
+      }
+    }))
+
+  it("finish takes signed accumulators as WebAssembly hands them out", () => {
+    const bytes = randomInto(new Uint8Array(300))
+    const unsigned = Xxh3.INITIAL_ACCUMULATORS.map((a) => a ^ (1n << 63n))
+    const signed = unsigned.map((a) => BigInt.asIntN(64, a))
+    expect(Xxh3.finish(signed, bytes)).toEqual(Xxh3.finish(unsigned, bytes))
+  })
+})
+
+describe("memory from GuestRam.allocate", () => {
+  it("is zero-filled, shared, exactly the size asked, and read in place by digests", () => {
+    for (const size of [4096, 65536 + 4096, 3 * 65536]) {
+      const bytes = GuestRam.allocate(size)
+      expect(bytes.length).toBe(size)
+      expect(bytes.buffer).toBeInstanceOf(SharedArrayBuffer)
+      expect(bytes.every((b) => b === 0)).toBe(true)
+      expect(Digest.memoryOf(bytes)).toBeDefined()
+      expect(Digest.memoryOf(bytes.subarray(4096))).toBe(Digest.memoryOf(bytes))
+    }
+    expect(Digest.memoryOf(Buffer.from(new SharedArrayBuffer(4096)))).toBeUndefined()
+    expect(Digest.memoryOf(new Uint8Array(4096))).toBeUndefined()
+  })
+})
+
+describe("GuestRam.digest reaches memory every way and agrees", () => {
+  it.effect("in place, from other shared memory, from plain memory, and from a view at an offset", () =>
+    Effect.gen(function*() {
+      const source = randomInto(new Uint8Array(TWO_CHUNKS))
+      const expected = yield* Effect.promise(() => referenceDigest(source))
+      const allocated = GuestRam.allocate(TWO_CHUNKS)
+      allocated.set(source)
+      const shared = Buffer.from(new SharedArrayBuffer(TWO_CHUNKS))
+      shared.set(source)
+      const plain = Uint8Array.from(source)
+      // a block that starts 3 pages into allocated memory: its chunks are not at offset 0
+      const larger = GuestRam.allocate(TWO_CHUNKS + 3 * 4096)
+      larger.set(source, 3 * 4096)
+      const offset = larger.subarray(3 * 4096)
+      for (const bytes of [allocated, shared, plain, offset]) {
+        const ram = yield* GuestRam.make({ blocks: [{ name: "mem", bytes }] })
+        expect((yield* GuestRam.digest(ram))[0]!.digest).toBe(expected)
+      }
+    }))
+
+  it.effect("a digester's threads serve concurrent digests, and one interrupted mid-way leaves no stale answer", () =>
+    Effect.gen(function*() {
+      const bytes = randomInto(GuestRam.allocate(4 * GuestRam.DIGEST_CHUNK))
+      const ram = yield* GuestRam.make({ blocks: [{ name: "mem", bytes }] })
+      const expected = yield* Effect.promise(() => referenceDigest(bytes))
+      const digest = yield* GuestRam.digester(ram)
+      const [a, b] = yield* Effect.all([digest, digest], { concurrency: "unbounded" })
+      expect(a![0]!.digest).toBe(expected)
+      expect(b![0]!.digest).toBe(expected)
+      // interrupted once the threads are at work: their answers to it must not be taken for the next digest
+      const interrupted = yield* Effect.fork(digest)
+      yield* Effect.yieldNow()
+      yield* Fiber.interrupt(interrupted)
+      bytes[bytes.length - 1] = bytes[bytes.length - 1]! ^ 1
+      const changed = yield* digest
+      expect(changed[0]!.digest).toBe(yield* Effect.promise(() => referenceDigest(bytes)))
+    }).pipe(Effect.scoped))
+})
