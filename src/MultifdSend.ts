@@ -122,8 +122,11 @@ export const make = (
         const zeros = new Float64Array(slots)
         const chunks: Array<Uint8Array> = []
         const detectZeros = config.zeroPage === "multifd"
-        /** One RAM packet of at most `slots` pages: zero pages as offsets only (with zeroPage multifd). */
-        const sendPacket = (block: GuestRam.Block, pages: Uint32Array) =>
+        /**
+         * Appends one RAM packet of at most `slots` pages (zero pages as offsets only, with zeroPage
+         * multifd) to `chunks`: its header, then the payload.
+         */
+        const packet = (block: GuestRam.Block, pages: Uint32Array) =>
           Effect.gen(function*() {
             let normal = 0
             let zero = 0
@@ -133,9 +136,8 @@ export const make = (
               else offsets[normal++] = offset
             }
             for (let i = 0; i < zero; i++) offsets[normal + i] = zeros[i]!
-            // a header per packet: the connection may still hold the previous one (writes do not copy)
+            // a header per packet: the connection may still hold the previous ones (writes do not copy)
             const header = Buffer.allocUnsafe(headerSize)
-            chunks.length = 0
             chunks.push(header)
             const payloadSize = yield* codec.encode(block.bytes, offsets, normal, pageSize, chunks)
             Protocol.writeHeader(header, pageSize, {
@@ -148,13 +150,27 @@ export const make = (
               block: block.name,
               offsets
             })
-            yield* connection.write(chunks)
-            // a codec that reuses its output buffer may only go on once the packet has left
-            if (codec.reusesOutput) yield* connection.drained
             counters.packets++
             counters.normalPages += normal
             counters.zeroPages += zero
             counters.bytes += headerSize + payloadSize
+          })
+        /**
+         * The packets of one hand-off, written together (one vectored write); a codec that reuses its
+         * output buffer writes each packet on its own and waits until it has left.
+         */
+        const sendBatch = (block: GuestRam.Block, pages: Uint32Array, count: number) =>
+          Effect.gen(function*() {
+            chunks.length = 0
+            for (let first = 0; first < count; first += slots) {
+              yield* packet(block, pages.subarray(first, Math.min(count, first + slots)))
+              if (codec.reusesOutput) {
+                yield* connection.write(chunks)
+                yield* connection.drained
+                chunks.length = 0
+              }
+            }
+            if (chunks.length > 0) yield* connection.write(chunks)
           })
         yield* Queue.offer(idle, channel)
         while (true) {
@@ -173,9 +189,7 @@ export const make = (
             continue
           }
           // one hand-off carries several packets: the channel sends them in a row
-          for (let first = 0; first < job.count; first += slots) {
-            yield* sendPacket(job.block, job.pages.subarray(first, Math.min(job.count, first + slots)))
-          }
+          yield* sendBatch(job.block, job.pages, job.count)
           yield* Queue.offer(idle, channel)
         }
       })
