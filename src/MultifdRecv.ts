@@ -20,7 +20,7 @@ import type * as GuestRam from "./GuestRam.js"
 import * as MigrationError from "./MigrationError.js"
 import * as PageCodec from "./PageCodec.js"
 import * as Protocol from "./Protocol.js"
-import type * as Transport from "./Transport.js"
+import * as Transport from "./Transport.js"
 
 /** How the destination's channels are checked. */
 export interface Config {
@@ -101,29 +101,143 @@ export const make = (config: Config): Effect.Effect<MultifdRecv["Type"], never, 
     const blockSize = (name: string) => ram.block(name)?.bytes.length
     // a compressed payload may exceed its pages a little (incompressible data); nothing legitimate is larger
     const maxPayload = slots * pageSize + 64 * 1024
+    /** Runs of pages at least this long on average are read in place; shorter ones through a scratch buffer. */
+    const DIRECT_RUN = 64 * 1024
+
+    /** A SYNC packet arrived: waits at the barrier until every channel has one. */
+    const atSync = Effect.gen(function*() {
+      counters.packets++
+      counters.syncs++
+      counters.bytes += hsize
+      const go = yield* Deferred.make<void>()
+      yield* Queue.offer(arrivals, go)
+      yield* Deferred.await(go)
+    })
+
+    /** What ended a pump: a SYNC packet, a header that failed validation, or the end of the stream. */
+    type PumpStop =
+      | { readonly _tag: "Sync" }
+      | { readonly _tag: "End" }
+      | { readonly _tag: "Cut" }
+      | Protocol.ProtocolError
+
+    /**
+     * Uncompressed packets on a connection that reads straight into memory: one `readChain` reads header,
+     * pages, header, … (the next view chosen as each one fills, in the read callback) with no trip through
+     * the fiber per packet. Pages are written only after their header validated. Long runs of pages are read
+     * in place; a packet of short runs (scattered pages) is read whole into a scratch buffer and copied out,
+     * one read rather than one per run.
+     */
+    const pump = (
+      readChain: NonNullable<Transport.Connection["readChain"]>,
+      header: Buffer,
+      offsets: Float64Array,
+      limits: Protocol.HeaderLimits
+    ): Effect.Effect<PumpStop, Transport.TransportError> =>
+      Effect.suspend(() => {
+        let stop: PumpStop | undefined
+        let inPacket = false
+        let memory: Buffer = header
+        let normal = 0
+        let zero = 0
+        const views: Array<Uint8Array> = []
+        let view = 0
+        let scratch: Buffer | undefined
+        let staged: Buffer | undefined
+        const endPacket = (): Buffer => {
+          for (let i = normal; i < normal + zero; i++) memory.fill(0, offsets[i]!, offsets[i]! + pageSize)
+          counters.packets++
+          counters.normalPages += normal
+          counters.zeroPages += zero
+          counters.bytes += hsize + normal * pageSize
+          inPacket = false
+          return header
+        }
+        const next = (full: Uint8Array): Uint8Array | undefined => {
+          if (full === header) {
+            const decoded = Protocol.decodeHeader(header, limits, offsets)
+            if (decoded._tag === "Left") {
+              stop = decoded.left
+              return undefined
+            }
+            const packet = decoded.right
+            if (packet.sync) {
+              stop = { _tag: "Sync" }
+              return undefined
+            }
+            memory = ram.block(packet.block)!.bytes
+            normal = packet.normalPages
+            zero = packet.zeroPages
+            writesBegun++
+            if (normal === 0) return endPacket()
+            inPacket = true
+            views.length = 0
+            view = 0
+            staged = undefined
+            for (let i = 0; i < normal;) {
+              const start = offsets[i]!
+              let end = start + pageSize
+              for (i++; i < normal && offsets[i] === end; i++) end += pageSize
+              views.push(memory.subarray(start, end))
+            }
+            if (normal * pageSize / views.length < DIRECT_RUN) {
+              scratch = scratch !== undefined && scratch.length >= normal * pageSize
+                ? scratch
+                : Buffer.allocUnsafe(slots * pageSize)
+              staged = scratch.subarray(0, normal * pageSize)
+              return staged
+            }
+            return views[view++]
+          }
+          if (staged !== undefined) {
+            let at = 0
+            for (const v of views) {
+              v.set(staged.subarray(at, at + v.length))
+              at += v.length
+            }
+            return endPacket()
+          }
+          return view < views.length ? views[view++] : endPacket()
+        }
+        return Effect.map(readChain(header, next), (completed): PumpStop => {
+          if (completed) return stop!
+          return inPacket ? { _tag: "Cut" } : { _tag: "End" }
+        })
+      })
 
     const worker = (id: number, connection: Transport.Connection, codec: PageCodec.Decoder) =>
       Effect.gen(function*() {
         const header = Buffer.alloc(hsize)
         const offsets = new Float64Array(slots)
         const limits: Protocol.HeaderLimits = { channel: id, pageSize, compression, blockSize }
-        while (true) {
-          if (yield* connection.atEnd) {
-            if (yield* Deferred.isDone(ending)) return
-            return yield* new MigrationError.MigrationError({
-              reason: "ChannelClosed",
-              detail: `multifd channel ${id}: the source closed the channel before the migration completed`
-            })
+        const channelEnded = Effect.gen(function*() {
+          if (yield* Deferred.isDone(ending)) return
+          return yield* new MigrationError.MigrationError({
+            reason: "ChannelClosed",
+            detail: `multifd channel ${id}: the source closed the channel before the migration completed`
+          })
+        })
+        const readChain = compression === "none" ? connection.readChain : undefined
+        if (readChain !== undefined) {
+          while (true) {
+            const stop = yield* pump(readChain, header, offsets, limits)
+            if (stop._tag === "Sync") yield* atSync
+            else if (stop._tag === "End") return yield* channelEnded
+            else if (stop._tag === "Cut") {
+              return yield* new Transport.TransportError({
+                reason: "Closed",
+                address: connection.peer,
+                detail: "peer closed the connection inside a packet"
+              })
+            } else return yield* stop
           }
+        }
+        while (true) {
+          if (yield* connection.atEnd) return yield* channelEnded
           yield* connection.readInto(header, 0, hsize)
           const packet = yield* Protocol.decodeHeader(header, limits, offsets)
           if (packet.sync) {
-            counters.packets++
-            counters.syncs++
-            counters.bytes += hsize
-            const go = yield* Deferred.make<void>()
-            yield* Queue.offer(arrivals, go)
-            yield* Deferred.await(go)
+            yield* atSync
             continue
           }
           if (packet.nextPacketSize > maxPayload) {

@@ -108,6 +108,16 @@ export interface Connection {
     count: number,
     length: number
   ) => Effect.Effect<void, TransportError>
+  /**
+   * Reads a chain of views, each filled exactly: `first`, then each view `next` returns for the view just
+   * filled, until it returns `undefined` (`next` runs synchronously as bytes arrive: the socket reads the
+   * next view without a trip through the fiber). Completes with `true` once `next` stopped, with `false`
+   * when the stream ended cleanly just before a view's first byte; fails if it ended inside a view. Only
+   * connections that read straight into memory (accepted TCP and Unix sockets without TLS) have it.
+   */
+  readonly readChain?:
+    | ((first: Uint8Array, next: (full: Uint8Array) => Uint8Array | undefined) => Effect.Effect<boolean, TransportError>)
+    | undefined
   /** The next `length` bytes without consuming them. */
   readonly peek: (length: number) => Effect.Effect<Buffer, TransportError>
   /** Waits for more data (`false`) or a clean end of stream at this point (`true`). */
@@ -327,6 +337,18 @@ const makeConnection = (stream: Stream.Duplex, peer: string, direct?: DirectSock
       }),
     readInto,
     readScatter,
+    readChain: direct === undefined ? undefined : (first, next) =>
+      Effect.async<boolean, TransportError>((resume) => {
+        const cancel = direct.chain(first, next, (ended) =>
+          resume(
+            ended === undefined
+              ? Effect.succeed(true)
+              : ended.filled === 0
+              ? Effect.succeed(false)
+              : Effect.fail(endFailure(direct, ended.view.length, ended.filled))
+          ))
+        return Effect.sync(cancel)
+      }),
     peek: (length) =>
       Effect.suspend(() => {
         const r = getReader()

@@ -6,6 +6,7 @@ import { describe, expect, it } from "@effect/vitest"
 import * as Deferred from "effect/Deferred"
 import * as Effect from "effect/Effect"
 import * as Either from "effect/Either"
+import * as Exit from "effect/Exit"
 import * as Fiber from "effect/Fiber"
 import type * as Scope from "effect/Scope"
 import * as Crypto from "node:crypto"
@@ -131,4 +132,97 @@ describe("DirectSocket: reads into guest memory on accepted sockets", () => {
       })),
       "closing the scope"
     )))
+})
+
+describe("Connection.readChain: one read plan, header, pages, header, …, chosen as each view fills", () => {
+  /** A chain over `sent`: each header, then its payload at the slot the header names, until `stopAt`. */
+  const plan = (sent: ReadonlyArray<{ readonly header: Buffer; readonly payload: Buffer }>, memory: Buffer, stopAt: number) => {
+    const header = Buffer.alloc(16)
+    const seen: Array<number> = []
+    let expectingHeader = true
+    const next = (full: Uint8Array): Uint8Array | undefined => {
+      if (!expectingHeader) {
+        expectingHeader = true
+        return header
+      }
+      const index = header.readUInt32BE(0)
+      seen.push(index)
+      if (index === stopAt) return undefined
+      expectingHeader = false
+      const size = sent[index]!.payload.length
+      expect(full).toBe(header)
+      return memory.subarray(index * size, (index + 1) * size)
+    }
+    return { header, next, seen }
+  }
+
+  for (const [name, address] of [["tcp", tcp], ["unix", { _tag: "Unix", path: tempSocketPath("chain") }]] as const) {
+    it.live(`${name}: every byte lands in its view, in order, bytes queued before the chain first`, () =>
+      leakFree(Effect.gen(function*() {
+        const { client, server } = yield* pair(address)
+        const sent = packets(40, 128)
+        const memory = Buffer.alloc(40 * 128 * PAGE)
+        yield* client.write([sent[0]!.header, sent[0]!.payload])
+        // part of the first packet waits in the queue when the chain starts
+        yield* server.peek(1000)
+        const writer = yield* Effect.fork(Effect.forEach(sent.slice(1), (p) => client.write([p.header, p.payload]), { discard: true }))
+        const { header, next, seen } = plan(sent, memory, 39)
+        expect(yield* server.readChain!(header, next)).toBe(true)
+        expect(seen).toEqual(Array.from({ length: 40 }, (_, i) => i))
+        for (let i = 0; i < 39; i++) expect(memory.subarray(i * 128 * PAGE, (i + 1) * 128 * PAGE).equals(sent[i]!.payload)).toBe(true)
+        // the chain stopped after the 40th header: its payload is still there for the next read
+        const rest = Buffer.alloc(128 * PAGE)
+        yield* server.readInto(rest, 0, rest.length)
+        expect(rest.equals(sent[39]!.payload)).toBe(true)
+        yield* Fiber.join(writer)
+      })))
+  }
+
+  it.live("the stream ending just before a view completes with false; inside a view, it fails saying where", () =>
+    leakFree(Effect.gen(function*() {
+      const sent = packets(3, 2)
+      const clean = yield* pair(tcp)
+      yield* clean.client.write(sent.flatMap((p) => [p.header, p.payload]))
+      yield* clean.client.end
+      const first = plan(sent, Buffer.alloc(3 * 2 * PAGE), -1)
+      expect(yield* noHang(clean.server.readChain!(first.header, first.next), "a clean end")).toBe(false)
+      expect(first.seen).toEqual([0, 1, 2])
+
+      const cut = yield* pair(tcp)
+      yield* cut.client.write([sent[0]!.header, sent[0]!.payload.subarray(0, 5000)])
+      yield* cut.client.end
+      const second = plan(sent, Buffer.alloc(3 * 2 * PAGE), -1)
+      const error = yield* Effect.flip(noHang(cut.server.readChain!(second.header, second.next), "an end inside a view"))
+      expect(error.message).toContain(`after 5000 of ${2 * PAGE} bytes`)
+    })))
+
+  it.live("interrupting a chain stops it: no view is asked for afterwards, and the socket closes with the scope", () =>
+    leakFree(Effect.gen(function*() {
+      const { client, server } = yield* pair(tcp)
+      const sent = packets(2, 64)
+      const asked = { count: 0 }
+      const firstPacketRead = yield* Deferred.make<void>()
+      const header = Buffer.alloc(16)
+      const memory = Buffer.alloc(2 * 64 * PAGE)
+      const chain = yield* Effect.fork(server.readChain!(header, () => {
+        asked.count++
+        if (asked.count === 2) Deferred.unsafeDone(firstPacketRead, Exit.void)
+        return asked.count % 2 === 1 ? memory.subarray(0, 64 * PAGE) : header
+      }))
+      yield* client.write([sent[0]!.header, sent[0]!.payload])
+      yield* noHang(Deferred.await(firstPacketRead), "the first packet")
+      yield* Fiber.interrupt(chain)
+      const before = asked.count
+      yield* client.write([sent[1]!.header, sent[1]!.payload])
+      // the bytes now go to the queue, not to the interrupted chain's views
+      yield* server.readInto(Buffer.alloc(16 + 64 * PAGE), 0, 16 + 64 * PAGE)
+      expect(asked.count).toBe(before)
+    })))
+
+  it.effect("connections that cannot read in place have no readChain (the caller falls back to readScatter)", () =>
+    leakFree(Effect.gen(function*() {
+      const listener = yield* listen(tcp)
+      const [client] = yield* Effect.all([connect(listener.address), listener.accept], { concurrency: 2 })
+      expect(client.readChain).toBeUndefined()
+    })))
 })

@@ -687,6 +687,35 @@ describe("g. a stranger connects to the destination port while a real migration 
 
 describe("h. destination memory is untouched by rejected input", () => {
   const fill = (byte: number) => Buffer.alloc(PAGE, byte)
+
+  it.live("before the bad packet: long runs read in place, scattered pages staged, zero pages cleared, each where its offset says", () =>
+    leakFree(Effect.gen(function*() {
+      const faulty = yield* Faulty.make()
+      const ram = yield* destinationRam()
+      const memory = ram.block(BLOCK)!.bytes
+      memory.fill(0x55, 200 * PAGE, 202 * PAGE) // pages the source then sends as zero pages
+      const dest = yield* startDestination(faulty, unixAddress("layouts"), { ram })
+      const src = yield* fakeSource(dest.address, 1)
+      const channel = yield* src.channel(0)
+      // one run of 64 pages and two runs of 20 (read in place), 16 pages in reverse order and runs of mixed
+      // lengths (staged)
+      const run = Array.from({ length: 64 }, (_, i) => ({ offset: (10 + i) * PAGE, bytes: randomPage() }))
+      const twoRuns = [...Array.from({ length: 20 }, (_, i) => 210 + i), ...Array.from({ length: 20 }, (_, i) => 232 + i)]
+        .map((p) => ({ offset: p * PAGE, bytes: randomPage() }))
+      const reversed = Array.from({ length: 16 }, (_, i) => ({ offset: (120 - 2 * i) * PAGE, bytes: randomPage() }))
+      const mixed = [130, 131, 132, 140, 150, 151, 152, 153, 154, 155, 156, 157, 158, 159, 160, 161, 162, 163, 164, 165, 166, 167]
+        .map((p) => ({ offset: p * PAGE, bytes: randomPage() }))
+      for (const pages of [run, reversed, mixed, twoRuns]) yield* channel.write(ramPacket(pages))
+      yield* channel.write(ramPacket([], [200 * PAGE, 201 * PAGE]))
+      yield* channel.write(ramPacket([{ offset: 8 * PAGE + 1, bytes: fill(0xaa) }]))
+      const error = failureOf(yield* noHang(Fiber.await(dest.fiber), "incoming"))
+      expect(error).toMatchObject({ _tag: "ProtocolError", reason: "BadOffset", channel: 0 })
+      const all = [...run, ...reversed, ...mixed, ...twoRuns]
+      for (const p of all) expect(memory.subarray(p.offset, p.offset + PAGE).equals(p.bytes), `page ${p.offset / PAGE}`).toBe(true)
+      expect(touchedPages(ram)).toEqual(all.map((p) => p.offset / PAGE).sort((a, b) => a - b))
+      expectAllClosed(faulty)
+    })))
+
   const cases: ReadonlyArray<{
     readonly name: string
     readonly reason: Protocol.ProtocolError["reason"]

@@ -122,6 +122,49 @@ export class DirectReader extends ReadQueue {
     }
   }
 
+  /**
+   * Fills `first`, then each view `next` returns for the view just filled, until it returns `undefined`:
+   * from the queue first, then straight from the socket. `next` runs synchronously in the socket's read
+   * callback, so the next view is in place before libuv reads again: a packet stream is read header,
+   * pages, header, … without staging or a trip through the caller per view. `done` is called once: with
+   * `undefined` when `next` stopped, or with how much of the current view was filled when the stream ended.
+   * Returns a canceller (after which neither `next` nor `done` is called).
+   */
+  chain(
+    first: Uint8Array,
+    next: (full: Uint8Array) => Uint8Array | undefined,
+    done: (ended: { readonly view: Uint8Array; readonly filled: number } | undefined) => void
+  ): () => void {
+    let view: Uint8Array | undefined = first
+    let cancelFill: (() => void) | undefined
+    let cancelled = false
+    const advance = (filledSoFar: number): void => {
+      let filled = filledSoFar
+      while (view !== undefined) {
+        filled += this.copyTo(view, filled, view.length - filled)
+        if (filled < view.length) break
+        view = next(view)
+        filled = 0
+        if (cancelled) return
+      }
+      if (view === undefined) return done(undefined)
+      if (this.end !== undefined) return done({ view, filled })
+      const current: Uint8Array = view
+      const from = filled
+      cancelFill = this.fill(from === 0 ? current : current.subarray(from), (n) => {
+        cancelFill = undefined
+        if (from + n < current.length) return done({ view: current, filled: from + n })
+        view = next(current)
+        if (!cancelled) advance(0)
+      })
+    }
+    advance(0)
+    return () => {
+      cancelled = true
+      cancelFill?.()
+    }
+  }
+
   override detach(): void {
     this.target = undefined
     super.detach()

@@ -195,6 +195,13 @@ export const make = (plan: FaultPlan = {}): Effect.Effect<Faulty> =>
         readInto: (target, at, length) => counted(connection.readInto(target, at, length), length),
         readScatter: (target, offsets, count, length) =>
           counted(connection.readScatter(target, offsets, count, length), count * length),
+        // every view filled counts as it is filled
+        readChain: connection.readChain === undefined ? undefined : (first, next) =>
+          connection.readChain!(first, (full) => {
+            record.bytesRead += full.length
+            notify()
+            return next(full)
+          }),
         peek: (length) =>
           connection.peek(length).pipe(
             Effect.tap((bytes) =>
