@@ -120,4 +120,16 @@ describe("GuestRam.digest reaches memory every way and agrees", () => {
       const changed = yield* digest
       expect(changed[0]!.digest).toBe(yield* Effect.promise(() => referenceDigest(bytes)))
     }).pipe(Effect.scoped))
+
+  it.live("hashing on this thread lets the event loop run between slices (socket reads, workers' answers)", () =>
+    Effect.gen(function*() {
+      // plain memory: hashed on this thread only, 16 slices
+      const ram = yield* GuestRam.make({ blocks: [{ name: "mem", bytes: new Uint8Array(GuestRam.DIGEST_CHUNK) }] })
+      const digest = yield* Effect.fork(GuestRam.digest(ram))
+      const stillHashing = yield* Effect.async<boolean>((resume) => {
+        setImmediate(() => resume(Effect.succeed(digest.unsafePoll() === null)))
+      })
+      expect(stillHashing).toBe(true)
+      yield* Fiber.join(digest)
+    }))
 })

@@ -167,6 +167,16 @@ const scratchInstance = () => {
 }
 
 /**
+ * Lets Node's event loop run (I/O, the workers' answers) before going on: `Effect.yieldNow` only lets
+ * other fibers run, and a thread hashing slice after slice would hold every socket read and every
+ * worker's answer until it is done.
+ */
+const yieldToEventLoop = Effect.async<void>((resume) => {
+  const handle = setImmediate(() => resume(Effect.void))
+  return Effect.sync(() => clearImmediate(handle))
+})
+
+/**
  * Hashes a chunk on this thread, a slice at a time, yielding between slices (interruptible, I/O goes on).
  * The accumulators are carried here between slices: instances are shared by every digest in the process.
  */
@@ -189,7 +199,7 @@ const hashHere = (chunk: Chunk) =>
         exports.blocks(0, n)
         accumulators = Xxh3.accumulators(exports)
       }
-      yield* Effect.yieldNow()
+      yield* yieldToEventLoop
     }
     return Xxh3.finish(accumulators, chunk.bytes)
   })
