@@ -95,7 +95,7 @@ interface Channel {
 }
 
 /** Packets a channel takes at each hand-off (fewer hand-offs; QEMU's packets stay 512 KiB of 4 KiB pages). */
-export const PACKETS_PER_BATCH = 8
+export const PACKETS_PER_BATCH = 32
 
 /** Establishes the channel set in the current scope. Channels connect concurrently; `send` waits for one. */
 export const make = (
@@ -156,17 +156,18 @@ export const make = (
             counters.bytes += headerSize + payloadSize
           })
         /**
-         * The packets of one hand-off, written together (one vectored write); a codec that reuses its
-         * output buffer writes each packet on its own and waits until it has left.
+         * The packets of one hand-off: views of guest memory are written together (one vectored write);
+         * compressed packets one by one as they are made (their buffers cost memory), and a codec that reuses
+         * its output buffer waits until each has left.
          */
         const sendBatch = (block: GuestRam.Block, pages: Uint32Array, count: number) =>
           Effect.gen(function*() {
             chunks.length = 0
             for (let first = 0; first < count; first += slots) {
               yield* packet(block, pages.subarray(first, Math.min(count, first + slots)))
-              if (codec.reusesOutput) {
+              if (codec.output !== "views") {
                 yield* connection.write(chunks)
-                yield* connection.drained
+                if (codec.output === "reused") yield* connection.drained
                 chunks.length = 0
               }
             }

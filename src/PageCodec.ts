@@ -40,13 +40,17 @@ export class CodecError extends Data.TaggedError("CodecError")<{
   }
 }
 
+/**
+ * What an encoder's chunks are: `views` of guest memory (they cost no memory: a sender may gather many
+ * packets into one write), `fresh` buffers (each packet's are its own: better written at once), or
+ * `reused` buffers (the next call overwrites them: the caller waits until they were sent).
+ */
+export type EncoderOutput = "views" | "fresh" | "reused"
+
 /** Turns a packet's normal pages into payload chunks. */
 export interface Encoder {
-  /**
-   * Appends the payload of the `normal` pages at `offsets` of `memory` to `chunks` and returns its size.
-   * With `reusesOutput`, the next call overwrites the chunks: the caller waits until they were sent.
-   */
-  readonly reusesOutput: boolean
+  readonly output: EncoderOutput
+  /** Appends the payload of the `normal` pages at `offsets` of `memory` to `chunks` and returns its size. */
   readonly encode: (
     memory: Buffer,
     offsets: Float64Array,
@@ -114,7 +118,7 @@ export const checkAvailable = (
 
 /** Raw pages: contiguous runs go out as one view of guest memory each. */
 const rawEncoder: Encoder = {
-  reusesOutput: false,
+  output: "views",
   encode: (memory, offsets, normal, pageSize, chunks) =>
     Effect.sync(() => {
       let i = 0
@@ -272,7 +276,7 @@ const zlibEncoder = (level: number): Effect.Effect<Encoder, never, Scope.Scope> 
   Effect.map(zlibStream(() => ZlibStream.deflate(level)), (stream) => {
     const pages = new Scratch()
     return {
-      reusesOutput: false,
+      output: "fresh",
       encode: (memory, offsets, normal, pageSize, chunks) =>
         Effect.suspend(() => {
           // QEMU sends no payload at all for a packet of zero pages only
@@ -354,7 +358,7 @@ const zstdEncoder = (level: number): Effect.Effect<Encoder, CodecError, Scope.Sc
       (compressor) => Effect.sync(() => compressor.release())
     )
     return {
-      reusesOutput: true,
+      output: "reused",
       encode: (memory, offsets, normal, pageSize, chunks) =>
         normal === 0 ? Effect.succeed(0) : Effect.try({
           try: () => compressor.compress(memory, offsets, normal, pageSize, chunks),

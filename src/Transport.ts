@@ -169,17 +169,43 @@ export const destroy = (stream: Stream.Duplex): Effect.Effect<void> =>
 
 /**
  * Wraps a connected stream as a `Connection`. The stream is destroyed (abortively) when the scope closes,
- * unless it was ended gracefully and has closed by itself.
+ * unless it was ended gracefully and has closed by itself. Such a stream (TLS) may copy what it is given,
+ * so a long write is handed over `WRITE_BUFFER` bytes at a time, each once the previous has drained.
  */
 export const fromStream = (stream: Stream.Duplex, peer: string): Effect.Effect<Connection, never, Scope.Scope> =>
-  Effect.acquireRelease(Effect.sync(() => makeConnection(stream, peer)), () => destroy(stream))
+  Effect.acquireRelease(Effect.sync(() => makeConnection(stream, peer, undefined, WRITE_BUFFER)), () => destroy(stream))
+
+/** `chunks` in groups of at most `limit` bytes (a chunk longer than that is split). */
+const inGroups = (chunks: ReadonlyArray<Uint8Array>, limit: number): Array<Array<Uint8Array>> => {
+  const groups: Array<Array<Uint8Array>> = [[]]
+  let room = limit
+  for (const chunk of chunks) {
+    for (let at = 0; at < chunk.length;) {
+      if (room === 0) {
+        groups.push([])
+        room = limit
+      }
+      const n = Math.min(room, chunk.length - at)
+      groups[groups.length - 1]!.push(n === chunk.length ? chunk : chunk.subarray(at, at + n))
+      at += n
+      room -= n
+    }
+  }
+  return groups
+}
 
 /** Runs this long and longer, contiguous in memory, are read straight into it on a re-wrapped socket. */
 const DIRECT_MIN = 64 * 1024
 
 type Reader = SocketReader | DirectSocket.DirectReader
 
-const makeConnection = (stream: Stream.Duplex, peer: string, direct?: DirectSocket.DirectReader): Connection => {
+const makeConnection = (
+  stream: Stream.Duplex,
+  peer: string,
+  direct?: DirectSocket.DirectReader,
+  /** Most bytes handed to the stream by one write call (for streams that copy what they are given). */
+  handOver?: number
+): Connection => {
   // an 'error' listener from the first instant: an unhandled 'error' event would crash the process
   let streamError: Error | undefined
   stream.on("error", (e) => {
@@ -287,37 +313,45 @@ const makeConnection = (stream: Stream.Duplex, peer: string, direct?: DirectSock
     })
   }
 
+  /** One vectored write; completes at once below `WRITE_BUFFER` bytes waiting, else once drained. */
+  const writeNow = (chunks: ReadonlyArray<Uint8Array>) =>
+    Effect.async<void, TransportError>((resume) => {
+      if (stream.destroyed || !stream.writable) {
+        return resume(
+          Effect.fail(
+            streamError ? closedError(peer, streamError) : new TransportError({
+              reason: "Closed",
+              address: peer,
+              detail: "connection is closed"
+            })
+          )
+        )
+      }
+      const last = chunks.length - 1
+      if (last < 0) return resume(Effect.void)
+      stream.cork()
+      for (let i = 0; i < last; i++) stream.write(chunks[i])
+      writesIssued++
+      stream.write(chunks[last], (error) => {
+        // Node calls back without an error when the stream was destroyed first: the bytes did not leave
+        if (error || stream.destroyed) streamError ??= error ?? new Error("connection closed before the data was sent")
+        writesDone++
+        for (const waiter of writeWaiters) waiter()
+      })
+      stream.uncork()
+      if (stream.writableLength < WRITE_BUFFER) return resume(Effect.void)
+      return awaitDrain(resume)
+    })
+
   return {
     peer,
     stream,
-    write: (chunks) =>
-      Effect.async<void, TransportError>((resume) => {
-        if (stream.destroyed || !stream.writable) {
-          return resume(
-            Effect.fail(
-              streamError ? closedError(peer, streamError) : new TransportError({
-                reason: "Closed",
-                address: peer,
-                detail: "connection is closed"
-              })
-            )
-          )
-        }
-        const last = chunks.length - 1
-        if (last < 0) return resume(Effect.void)
-        stream.cork()
-        for (let i = 0; i < last; i++) stream.write(chunks[i])
-        writesIssued++
-        stream.write(chunks[last], (error) => {
-          // Node calls back without an error when the stream was destroyed first: the bytes did not leave
-          if (error || stream.destroyed) streamError ??= error ?? new Error("connection closed before the data was sent")
-          writesDone++
-          for (const waiter of writeWaiters) waiter()
-        })
-        stream.uncork()
-        if (stream.writableLength < WRITE_BUFFER) return resume(Effect.void)
-        return awaitDrain(resume)
-      }),
+    write: (chunks) => {
+      if (handOver !== undefined && chunks.reduce((n, c) => n + c.length, 0) > handOver) {
+        return Effect.forEach(inGroups(chunks, handOver), writeNow, { discard: true })
+      }
+      return writeNow(chunks)
+    },
     drained: Effect.async<void, TransportError>((resume) => {
       // write callbacks run in order: once the last write issued so far called back, everything before did
       const target = writesIssued

@@ -13,11 +13,13 @@ import {
   connect,
   type Connection,
   formatAddress,
+  fromStream,
   layer,
   listen,
   parseAddress,
   Transport,
-  TransportError
+  TransportError,
+  WRITE_BUFFER
 } from "../src/Transport.js"
 import { expectNoLeaks, nextTurn, openHandles, tempSocketPath } from "./support/handles.js"
 
@@ -360,6 +362,36 @@ describe("drained", () => {
       client.stream.destroy()
       const exit = yield* noHang(Fiber.await(drained), "drained after destroy")
       expect(Exit.isFailure(exit)).toBe(true)
+    })))
+})
+
+describe("streams that copy what they are given (fromStream: TLS)", () => {
+  it.live("a long write is handed over WRITE_BUFFER bytes at a time, in order, chunks split where needed", () =>
+    leakFree(Effect.gen(function*() {
+      const listener = yield* listen(addr("tcp:127.0.0.1:0"))
+      const [raw, server] = yield* Effect.all([connect(listener.address), listener.accept], { concurrency: 2 })
+      const client = yield* fromStream(raw.stream, "test peer")
+      // what the stream is given per write call
+      let largest = 0
+      const write = client.stream.write.bind(client.stream)
+      let pending = 0
+      client.stream.cork = ((cork) => () => {
+        pending = 0
+        cork()
+      })(client.stream.cork.bind(client.stream))
+      client.stream.write = ((chunk: Uint8Array, ...rest: Array<unknown>) => {
+        pending += chunk.length
+        largest = Math.max(largest, pending)
+        return (write as (...args: Array<unknown>) => boolean)(chunk, ...rest)
+      }) as typeof client.stream.write
+      // 13 MiB in chunks of odd sizes: groups end inside chunks
+      const chunks = [3, 5, 1, 4].map((mib) => Crypto.randomBytes(mib * 1024 * 1024 + 4097))
+      const total = chunks.reduce((n, c) => n + c.length, 0)
+      const reader = yield* Effect.fork(server.read(total))
+      yield* client.write(chunks)
+      const got = yield* noHang(Fiber.join(reader), "the reader")
+      expect(got.equals(Buffer.concat(chunks))).toBe(true)
+      expect(largest).toBe(WRITE_BUFFER)
     })))
 })
 
