@@ -241,9 +241,12 @@ export const migrate = (
         connectTimeout: timeouts.connect,
         upgrade: options.upgrade
       })
+      // every channel idle before the first page: a small round is spread over all of them
+      yield* send.established
       const { pagesPerRound, pausedAt } = yield* Precopy.run(ram, {
         sink: {
           slots: send.batchPages,
+          spread: { workers: channels, unit: send.slots },
           send: send.send,
           sync: send.sync,
           failure: send.failure,

@@ -79,6 +79,8 @@ export class MultifdSend extends Context.Tag("effect-multifd/MultifdSend")<Multi
   readonly sync: Effect.Effect<void, ChannelFailure>
   /** Ends every channel gracefully (flush, TLS close_notify, FIN) and waits for their fibers. */
   readonly finish: Effect.Effect<void, ChannelFailure>
+  /** Completes once every channel is established (as QEMU, the transfer starts with all of them idle). */
+  readonly established: Effect.Effect<void, ChannelFailure>
   /** Fails with the first failure of any channel; never succeeds while the set is open. */
   readonly failure: Effect.Effect<never, ChannelFailure>
   readonly stats: Effect.Effect<Stats>
@@ -240,6 +242,7 @@ export const make = (
         yield* Effect.forEach(chans, (channel) => Queue.offer(channel.mailbox, { _tag: "Finish" }), { discard: true })
         yield* guarded(FiberSet.awaitEmpty(fibers))
       }),
+      established: Effect.asVoid(all),
       failure,
       stats: Effect.sync(() => ({ ...counters }))
     }

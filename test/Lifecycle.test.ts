@@ -149,6 +149,10 @@ describe("harness", () => {
         expect([...roles].sort()).toEqual([0, 1, 2, 3, "main"])
       }
       expect(faulty.bytesAccepted()).toBeGreaterThan(stats.wireBytes)
+      // a small image is spread over every channel: each carried pages, not just its init and SYNC packets
+      for (const r of faulty.records.filter((r) => r.side === "connect" && typeof r.role === "number")) {
+        expect(r.bytesWritten, `channel ${r.role}`).toBeGreaterThan(64 * 1024)
+      }
       expectAllClosed(faulty)
     })))
 })

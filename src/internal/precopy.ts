@@ -18,8 +18,13 @@ import { unlessStalled } from "./stall.js"
 
 /** Where pages go: a channel set, or a snapshot file's writers. */
 export interface Sink<E> {
-  /** Pages per batch. */
+  /** Pages per batch, at most. */
   readonly slots: number
+  /**
+   * Spreads a small round over the sink's `workers` (channels): batches shrink, in whole `unit`s (a
+   * packet's pages), until every worker gets one. Without it every batch is `slots` pages.
+   */
+  readonly spread?: { readonly workers: number; readonly unit: number } | undefined
   /** Hands a batch of pages of one block to the sink; waits while it is busy. */
   readonly send: (block: GuestRam.Block, pages: Uint32Array, count: number) => Effect.Effect<void, E>
   /** Completes once every page handed over so far is on its way (the round's barrier). */
@@ -87,14 +92,19 @@ export const run = <E, F>(
 
     const runRound = (round: number, phase: Migration.Phase, selection: ReadonlyArray<Selection>, bandwidth: number) =>
       Effect.gen(function*() {
-        const totalBytes = selection.reduce((n, s) => n + s.pages.length, 0) * pageSize
+        const totalPages = selection.reduce((n, s) => n + s.pages.length, 0)
+        const totalBytes = totalPages * pageSize
+        const spread = sink.spread
+        const batch = spread === undefined
+          ? sink.slots
+          : Math.min(sink.slots, Math.max(1, Math.ceil(totalPages / spread.workers / spread.unit)) * spread.unit)
         let doneBytes = 0
         const transfer = Effect.gen(function*() {
           for (const { block, pages } of selection) {
-            for (let first = 0; first < pages.length; first += sink.slots) {
-              const batch = pages.subarray(first, first + sink.slots)
-              yield* sink.send(block, batch, batch.length)
-              doneBytes += batch.length * pageSize
+            for (let first = 0; first < pages.length; first += batch) {
+              const some = pages.subarray(first, first + batch)
+              yield* sink.send(block, some, some.length)
+              doneBytes += some.length * pageSize
               yield* report({ round, phase, doneBytes, totalBytes, dirtyPages: 0, bandwidth, expectedDowntimeMs: 0 })
             }
           }
