@@ -228,8 +228,6 @@ export const migrate = (
       }
       if (answer._tag !== "Accept") return yield* unexpected(answer, "instead of Accept")
 
-      // the hashing threads start now, while the channels connect, rather than in the downtime
-      const digest = yield* GuestRam.digester(ram)
       const send = yield* MultifdSend.make({
         address: options.address,
         channels,
@@ -241,6 +239,8 @@ export const migrate = (
         connectTimeout: timeouts.connect,
         upgrade: options.upgrade
       })
+      // the hashing threads start while the channels connect, rather than in the downtime
+      const digest = yield* GuestRam.digester(ram)
       // every channel idle before the first page: a small round is spread over all of them
       yield* send.established
       const { pagesPerRound, pausedAt } = yield* Precopy.run(ram, {
@@ -458,8 +458,6 @@ export const incoming = (
         return yield* new MigrationError.MigrationError({ reason: "Rejected", detail: `refused the migration: ${problem}` })
       }
       const ram = options.ram ?? (yield* GuestRam.make({ pageSize: hello.pageSize, blocks: hello.blocks }))
-      // the hashing threads start now, while the source connects, rather than in the downtime
-      const digest = yield* GuestRam.digester(ram)
       const recv = yield* MultifdRecv.make({
         channels: hello.channels,
         uuid: Protocol.parseUuid(hello.uuid),
@@ -468,6 +466,8 @@ export const incoming = (
       })
       yield* Deferred.succeed(channelSet, recv)
       yield* tell(new Control.Accept())
+      // the hashing threads start while the source connects its channels, rather than in the downtime
+      const digest = yield* GuestRam.digester(ram)
       const onProgress = options.onProgress
       if (onProgress) {
         yield* recv.stats.pipe(
