@@ -377,6 +377,8 @@ const makeConnection = (
           resume(
             ended === undefined
               ? Effect.succeed(true)
+              : "defect" in ended
+              ? Effect.die(ended.defect)
               : ended.filled === 0
               ? Effect.succeed(false)
               : Effect.fail(endFailure(direct, ended.view.length, ended.filled))

@@ -16,7 +16,7 @@ import * as Xxh3 from "../src/internal/xxh3.js"
 const reference = (bytes: Uint8Array): Promise<string> => HashWasm.xxhash128(bytes)
 
 /** The XXH3-128 of `bytes` (a view of `memory`, starting `at` bytes in) computed in place by the module. */
-const inPlace = (memory: WebAssembly.Memory, bytes: Uint8Array): string => {
+const inPlace = (memory: Xxh3.WasmMemory, bytes: Uint8Array): string => {
   const exports = Xxh3.instantiate(memory)
   Xxh3.setAccumulators(exports, Xxh3.INITIAL_ACCUMULATORS)
   exports.blocks(bytes.byteOffset, Xxh3.fullBlocks(bytes.length))
@@ -44,7 +44,7 @@ describe("XXH3-128 (internal/xxh3)", () => {
   it.effect("matches hash-wasm at every length class of the long path, block and stripe boundaries included", () =>
     Effect.promise(async () => {
       const lengths = [241, 255, 256, 511, 512, 1023, 1024, 1025, 1087, 1088, 1089, 2047, 2048, 2049, 4096, 16391, 65536, 1048576 + 64]
-      const memory = new WebAssembly.Memory({ initial: 32, maximum: 32, shared: true })
+      const memory = new Xxh3.Wasm.Memory({ initial: 32, maximum: 32, shared: true })
       const all = new Uint8Array(memory.buffer)
       for (const length of lengths) {
         // at offset 0 and at an odd offset: the loop reads unaligned

@@ -3,6 +3,7 @@
  * straight into the caller's memory. Real sockets on loopback; every test proves nothing is left open.
  */
 import { describe, expect, it } from "@effect/vitest"
+import * as Cause from "effect/Cause"
 import * as Deferred from "effect/Deferred"
 import * as Effect from "effect/Effect"
 import * as Either from "effect/Either"
@@ -217,6 +218,21 @@ describe("Connection.readChain: one read plan, header, pages, header, …, chose
       // the bytes now go to the queue, not to the interrupted chain's views
       yield* server.readInto(Buffer.alloc(16 + 64 * PAGE), 0, 16 + 64 * PAGE)
       expect(asked.count).toBe(before)
+    })))
+
+  it.live("a view chooser that throws ends the chain with that defect, not the process", () =>
+    leakFree(Effect.gen(function*() {
+      const { client, server } = yield* pair(tcp)
+      const sent = packets(1, 4)
+      yield* client.write([sent[0]!.header, sent[0]!.payload])
+      const exit = yield* noHang(
+        Effect.exit(server.readChain!(Buffer.alloc(16), () => {
+          throw new Error("a bug in the packet reader")
+        })),
+        "the chain"
+      )
+      expect(Exit.isFailure(exit) && Cause.isDie(exit.cause)).toBe(true)
+      expect(Cause.pretty((exit as Exit.Failure<unknown, unknown>).cause)).toContain("a bug in the packet reader")
     })))
 
   it.effect("connections that cannot read in place have no readChain (the caller falls back to readScatter)", () =>

@@ -54,7 +54,7 @@ parentPort.on("message", ({ id, memory, bytes, offset, blocks }) => {
 // Guest memory that the XXH3 module reads in place.
 // ---------------------------------------------------------------------------------------------------------
 
-const memories = new WeakMap<ArrayBufferLike, WebAssembly.Memory>()
+const memories = new WeakMap<ArrayBufferLike, Xxh3.WasmMemory>()
 
 /**
  * Zero-filled shared memory of `size` bytes inside a `WebAssembly.Memory` (so that digests read it in
@@ -65,7 +65,7 @@ export const allocate = (size: number): Buffer => {
   const pages = Math.ceil(size / Xxh3.WASM_PAGE)
   if (pages > 0 && pages <= Xxh3.MAX_WASM_PAGES) {
     try {
-      const memory = new WebAssembly.Memory({ initial: pages, maximum: pages, shared: true })
+      const memory = new Xxh3.Wasm.Memory({ initial: pages, maximum: pages, shared: true })
       memories.set(memory.buffer, memory)
       return Buffer.from(memory.buffer, 0, size)
     } catch {
@@ -76,7 +76,7 @@ export const allocate = (size: number): Buffer => {
 }
 
 /** The WebAssembly memory `bytes` lie in, if `allocate` made it. */
-export const memoryOf = (bytes: Uint8Array): WebAssembly.Memory | undefined => memories.get(bytes.buffer)
+export const memoryOf = (bytes: Uint8Array): Xxh3.WasmMemory | undefined => memories.get(bytes.buffer)
 
 interface Chunk {
   readonly bytes: Uint8Array
@@ -145,10 +145,10 @@ const borrow = (from: Pool) =>
   )
 
 /** This thread's instances: one per guest memory, and one on a scratch memory for everything else. */
-const instances = new WeakMap<WebAssembly.Memory, Xxh3.Exports>()
+const instances = new WeakMap<Xxh3.WasmMemory, Xxh3.Exports>()
 let scratch: { readonly view: Uint8Array; readonly exports: Xxh3.Exports } | undefined
 
-const instanceFor = (memory: WebAssembly.Memory): Xxh3.Exports => {
+const instanceFor = (memory: Xxh3.WasmMemory): Xxh3.Exports => {
   let exports = instances.get(memory)
   if (exports === undefined) {
     exports = Xxh3.instantiate(memory)
@@ -160,7 +160,7 @@ const instanceFor = (memory: WebAssembly.Memory): Xxh3.Exports => {
 const scratchInstance = () => {
   if (scratch === undefined) {
     const pages = SLICE / 65536
-    const memory = new WebAssembly.Memory({ initial: pages, maximum: pages, shared: true })
+    const memory = new Xxh3.Wasm.Memory({ initial: pages, maximum: pages, shared: true })
     scratch = { view: new Uint8Array(memory.buffer), exports: Xxh3.instantiate(memory) }
   }
   return scratch

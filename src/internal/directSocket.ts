@@ -27,6 +27,11 @@ interface Target {
   readonly done: (filled: number) => void
 }
 
+/** How a chain ended early: the stream ended inside (or just before) `view`, or `next` threw. */
+export type ChainEnd =
+  | { readonly view: Uint8Array; readonly filled: number }
+  | { readonly defect: unknown }
+
 /**
  * The reader of a re-wrapped socket: the queue of `ReadQueue`, plus `fill`, which makes the socket read into
  * a given view.
@@ -127,34 +132,45 @@ export class DirectReader extends ReadQueue {
    * from the queue first, then straight from the socket. `next` runs synchronously in the socket's read
    * callback, so the next view is in place before libuv reads again: a packet stream is read header,
    * pages, header, … without staging or a trip through the caller per view. `done` is called once: with
-   * `undefined` when `next` stopped, or with how much of the current view was filled when the stream ended.
+   * `undefined` when `next` stopped, with how much of the current view was filled when the stream ended, or
+   * with what `next` threw.
    * Returns a canceller (after which neither `next` nor `done` is called).
    */
   chain(
     first: Uint8Array,
     next: (full: Uint8Array) => Uint8Array | undefined,
-    done: (ended: { readonly view: Uint8Array; readonly filled: number } | undefined) => void
+    done: (ended: ChainEnd | undefined) => void
   ): () => void {
     let view: Uint8Array | undefined = first
     let cancelFill: (() => void) | undefined
     let cancelled = false
+    let thrown: { readonly defect: unknown } | undefined
+    // `next` runs inside libuv's read callback: whatever it throws ends the chain, not the process
+    const following = (full: Uint8Array): Uint8Array | undefined => {
+      try {
+        return next(full)
+      } catch (defect) {
+        thrown = { defect }
+        return undefined
+      }
+    }
     const advance = (filledSoFar: number): void => {
       let filled = filledSoFar
       while (view !== undefined) {
         filled += this.copyTo(view, filled, view.length - filled)
         if (filled < view.length) break
-        view = next(view)
+        view = following(view)
         filled = 0
         if (cancelled) return
       }
-      if (view === undefined) return done(undefined)
+      if (view === undefined) return done(thrown)
       if (this.end !== undefined) return done({ view, filled })
       const current: Uint8Array = view
       const from = filled
       cancelFill = this.fill(from === 0 ? current : current.subarray(from), (n) => {
         cancelFill = undefined
         if (from + n < current.length) return done({ view: current, filled: from + n })
-        view = next(current)
+        view = following(current)
         if (!cancelled) advance(0)
       })
     }

@@ -13,6 +13,33 @@
 export const BLOCK = 1024
 /** Inputs this module hashes are longer than this (shorter ones take XXH3's other paths). */
 export const MIN_LENGTH = 241
+/**
+ * The part of the WebAssembly JavaScript API used here. Node has all of it; `@types/node` leaves its
+ * types to the DOM library, which this project does not load (and a global declaration here would clash
+ * with it in a program that does).
+ */
+export interface WasmMemory {
+  readonly buffer: ArrayBuffer | SharedArrayBuffer
+}
+/** A compiled module (opaque here). */
+export interface WasmModule {
+  readonly _wasmModule?: never
+}
+/** A global's box. */
+export interface WasmGlobal {
+  value: unknown
+}
+interface WasmApi {
+  readonly Module: new(bytes: Uint8Array) => WasmModule
+  readonly Instance: new(
+    module: WasmModule,
+    imports: Record<string, Record<string, unknown>>
+  ) => { readonly exports: Record<string, unknown> }
+  readonly Memory: new(descriptor: { readonly initial: number; readonly maximum: number; readonly shared: boolean }) => WasmMemory
+}
+/** `globalThis.WebAssembly`, typed as above. */
+export const Wasm: WasmApi = (globalThis as unknown as { readonly WebAssembly: WasmApi }).WebAssembly
+
 /** One WebAssembly page. */
 export const WASM_PAGE = 65536
 /** Largest memory a 32-bit WebAssembly module addresses, in pages. */
@@ -213,19 +240,19 @@ const moduleBytes = (): Uint8Array => {
   ])
 }
 
-let compiled: WebAssembly.Module | undefined
+let compiled: WasmModule | undefined
 /** The compiled module (compiled once, on first use; a worker gets it through `workerData`). */
-export const module = (): WebAssembly.Module => (compiled ??= new WebAssembly.Module(moduleBytes()))
+export const module = (): WasmModule => (compiled ??= new Wasm.Module(moduleBytes()))
 
 /** What an instance exports: `blocks(ptr, count)` and the accumulators. */
 export interface Exports {
   readonly blocks: (ptr: number, count: number) => void
-  readonly [accumulator: `a${number}`]: WebAssembly.Global
+  readonly [accumulator: `a${number}`]: WasmGlobal
 }
 
 /** An instance of the module working on `memory`. */
-export const instantiate = (memory: WebAssembly.Memory, compiledModule: WebAssembly.Module = module()): Exports =>
-  new WebAssembly.Instance(compiledModule, { env: { memory } }).exports as unknown as Exports
+export const instantiate = (memory: WasmMemory, compiledModule: WasmModule = module()): Exports =>
+  new Wasm.Instance(compiledModule, { env: { memory } }).exports as unknown as Exports
 
 /** Sets an instance's accumulators. */
 export const setAccumulators = (exports: Exports, values: ReadonlyArray<bigint>): void => {
