@@ -204,9 +204,13 @@ const hashHere = (chunk: Chunk) =>
     return Xxh3.finish(accumulators, chunk.bytes)
   })
 
-/** Hashes every chunk: this thread takes chunks, and so do the idle workers of `threads`. */
+/**
+ * Hashes every chunk: this thread takes chunks, and so do the idle workers of `threads` when the memory is
+ * shared (a worker would get a copy of other memory).
+ */
 const hashChunks = (chunks: ReadonlyArray<Chunk>, threads: Pool | undefined): Effect.Effect<ReadonlyArray<Buffer>> => {
-  if (threads === undefined || threads.size === 0) return Effect.forEach(chunks, hashHere)
+  const shared = chunks.every((c) => c.bytes.buffer instanceof SharedArrayBuffer)
+  if (threads === undefined || threads.size === 0 || !shared) return Effect.forEach(chunks, hashHere)
   const results = new Array<Buffer>(chunks.length)
   let next = 0
   const take = <E>(hash: (chunk: Chunk) => Effect.Effect<Buffer, E>) =>
