@@ -60,6 +60,10 @@ describe("XXH3-128 (internal/xxh3)", () => {
       }
     }))
 
+  it("refuses an input shorter than the long path instead of hashing it wrong", () => {
+    expect(() => Xxh3.finish(Xxh3.INITIAL_ACCUMULATORS, new Uint8Array(Xxh3.MIN_LENGTH - 1))).toThrow(RangeError)
+  })
+
   it("finish takes signed accumulators as WebAssembly hands them out", () => {
     const bytes = randomInto(new Uint8Array(300))
     const unsigned = Xxh3.INITIAL_ACCUMULATORS.map((a) => a ^ (1n << 63n))

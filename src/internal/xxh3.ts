@@ -11,7 +11,7 @@
 
 /** Bytes of one XXH3 block: 16 stripes of 64 bytes, then the accumulators are scrambled. */
 export const BLOCK = 1024
-/** Inputs this module hashes are longer than this (shorter ones take XXH3's other paths). */
+/** The shortest input this module hashes (shorter ones take XXH3's other paths, not written here). */
 export const MIN_LENGTH = 241
 /**
  * The part of the WebAssembly JavaScript API used here. Node has all of it; `@types/node` leaves its
@@ -307,6 +307,7 @@ const mergeAccumulators = (acc: ReadonlyArray<bigint>, secretAt: number, start: 
  */
 export const finish = (accumulated: ReadonlyArray<bigint>, input: Uint8Array): Buffer => {
   const length = input.length
+  if (length < MIN_LENGTH) throw new RangeError(`XXH3 here takes at least ${MIN_LENGTH} bytes, not ${length}`)
   const acc = accumulated.map((value) => BigInt.asUintN(64, value))
   const view = new DataView(input.buffer, input.byteOffset, input.byteLength)
   const tail = fullBlocks(length) * BLOCK
