@@ -101,8 +101,14 @@ export const make = (config: Config): Effect.Effect<MultifdRecv["Type"], never, 
     const blockSize = (name: string) => ram.block(name)?.bytes.length
     // a compressed payload may exceed its pages a little (incompressible data); nothing legitimate is larger
     const maxPayload = slots * pageSize + 64 * 1024
-    /** Runs of pages at least this long on average are read in place; shorter ones through a scratch buffer. */
-    const DIRECT_RUN = 64 * 1024
+    /** A data packet's pages are in: clears its zero pages and counts it. */
+    const applied = (memory: Buffer, offsets: Float64Array, normal: number, zero: number, payload: number) => {
+      for (let i = normal; i < normal + zero; i++) memory.fill(0, offsets[i]!, offsets[i]! + pageSize)
+      counters.packets++
+      counters.normalPages += normal
+      counters.zeroPages += zero
+      counters.bytes += hsize + payload
+    }
 
     /** A SYNC packet arrived: waits at the barrier until every channel has one. */
     const atSync = Effect.gen(function*() {
@@ -132,7 +138,9 @@ export const make = (config: Config): Effect.Effect<MultifdRecv["Type"], never, 
       readChain: NonNullable<Transport.Connection["readChain"]>,
       header: Buffer,
       offsets: Float64Array,
-      limits: Protocol.HeaderLimits
+      limits: Protocol.HeaderLimits,
+      /** The channel's buffer for packets of scattered pages (a packet's worth). */
+      scratch: Buffer
     ): Effect.Effect<PumpStop, Transport.TransportError> =>
       Effect.suspend(() => {
         let stop: PumpStop | undefined
@@ -142,14 +150,9 @@ export const make = (config: Config): Effect.Effect<MultifdRecv["Type"], never, 
         let zero = 0
         const views: Array<Uint8Array> = []
         let view = 0
-        let scratch: Buffer | undefined
         let staged: Buffer | undefined
         const endPacket = (): Buffer => {
-          for (let i = normal; i < normal + zero; i++) memory.fill(0, offsets[i]!, offsets[i]! + pageSize)
-          counters.packets++
-          counters.normalPages += normal
-          counters.zeroPages += zero
-          counters.bytes += hsize + normal * pageSize
+          applied(memory, offsets, normal, zero, normal * pageSize)
           inPacket = false
           return header
         }
@@ -180,10 +183,7 @@ export const make = (config: Config): Effect.Effect<MultifdRecv["Type"], never, 
               for (i++; i < normal && offsets[i] === end; i++) end += pageSize
               views.push(memory.subarray(start, end))
             }
-            if (normal * pageSize / views.length < DIRECT_RUN) {
-              scratch = scratch !== undefined && scratch.length >= normal * pageSize
-                ? scratch
-                : Buffer.allocUnsafe(slots * pageSize)
+            if (normal * pageSize / views.length < Transport.DIRECT_MIN) {
               staged = scratch.subarray(0, normal * pageSize)
               return staged
             }
@@ -219,8 +219,9 @@ export const make = (config: Config): Effect.Effect<MultifdRecv["Type"], never, 
         })
         const readChain = compression === "none" ? connection.readChain : undefined
         if (readChain !== undefined) {
+          const scratch = Buffer.allocUnsafe(slots * pageSize)
           while (true) {
-            const stop = yield* pump(readChain, header, offsets, limits)
+            const stop = yield* pump(readChain, header, offsets, limits, scratch)
             if (stop._tag === "Sync") yield* atSync
             else if (stop._tag === "End") return yield* channelEnded
             else if (stop._tag === "Cut") {
@@ -251,12 +252,7 @@ export const make = (config: Config): Effect.Effect<MultifdRecv["Type"], never, 
           const memory = ram.block(packet.block)!.bytes
           writesBegun++
           yield* codec.decode(connection, packet.nextPacketSize, memory, offsets, packet.normalPages, pageSize)
-          const end = packet.normalPages + packet.zeroPages
-          for (let i = packet.normalPages; i < end; i++) memory.fill(0, offsets[i]!, offsets[i]! + pageSize)
-          counters.packets++
-          counters.normalPages += packet.normalPages
-          counters.zeroPages += packet.zeroPages
-          counters.bytes += hsize + packet.nextPacketSize
+          applied(memory, offsets, packet.normalPages, packet.zeroPages, packet.nextPacketSize)
         }
       })
 

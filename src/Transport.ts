@@ -195,7 +195,7 @@ const inGroups = (chunks: ReadonlyArray<Uint8Array>, limit: number): Array<Array
 }
 
 /** Runs this long and longer, contiguous in memory, are read straight into it on a re-wrapped socket. */
-const DIRECT_MIN = 64 * 1024
+export const DIRECT_MIN = 64 * 1024
 
 type Reader = SocketReader | DirectSocket.DirectReader
 

@@ -157,13 +157,15 @@ const instanceFor = (memory: Xxh3.WasmMemory): Xxh3.Exports => {
   return exports
 }
 
-const scratchInstance = () => {
+/** Copies `bytes` (at most a slice) to the start of the scratch memory; its instance reads them there. */
+const copyToScratch = (bytes: Uint8Array): Xxh3.Exports => {
   if (scratch === undefined) {
-    const pages = SLICE / 65536
+    const pages = SLICE / Xxh3.WASM_PAGE
     const memory = new Xxh3.Wasm.Memory({ initial: pages, maximum: pages, shared: true })
     scratch = { view: new Uint8Array(memory.buffer), exports: Xxh3.instantiate(memory) }
   }
-  return scratch
+  scratch.view.set(bytes)
+  return scratch.exports
 }
 
 /**
@@ -187,18 +189,12 @@ const hashHere = (chunk: Chunk) =>
     let accumulators: ReadonlyArray<bigint> = Xxh3.INITIAL_ACCUMULATORS
     for (let done = 0; done < blocks; done += SLICE_BLOCKS) {
       const n = Math.min(blocks - done, SLICE_BLOCKS)
-      if (memory) {
-        const exports = instanceFor(memory)
-        Xxh3.setAccumulators(exports, accumulators)
-        exports.blocks(chunk.bytes.byteOffset + done * Xxh3.BLOCK, n)
-        accumulators = Xxh3.accumulators(exports)
-      } else {
-        const { exports, view } = scratchInstance()
-        view.set(chunk.bytes.subarray(done * Xxh3.BLOCK, (done + n) * Xxh3.BLOCK))
-        Xxh3.setAccumulators(exports, accumulators)
-        exports.blocks(0, n)
-        accumulators = Xxh3.accumulators(exports)
-      }
+      const slice = chunk.bytes.subarray(done * Xxh3.BLOCK, (done + n) * Xxh3.BLOCK)
+      // in place, or copied into the scratch memory first
+      const [exports, at] = memory ? [instanceFor(memory), slice.byteOffset] : [copyToScratch(slice), 0]
+      Xxh3.setAccumulators(exports, accumulators)
+      exports.blocks(at, n)
+      accumulators = Xxh3.accumulators(exports)
       yield* yieldToEventLoop
     }
     return Xxh3.finish(accumulators, chunk.bytes)
