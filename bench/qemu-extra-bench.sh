@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # qemu-extra-bench.sh -- extra reference measurements of QEMU's own multifd migration on this machine
-# (trimmed adaptation of ../shared/bench/qemu-multifd-bench.sh: paused guests, RAM-only "machine none",
+# (trimmed adaptation of bench/qemu-multifd-bench.sh: paused guests, RAM-only "machine none",
 # random RAM image on tmpfs, destination RAM pre-faulted with prealloc=on).
 #
 # Rows measured (all with multifd, CHANNELS channels, multifd-compression none):

@@ -2,7 +2,7 @@
  * QEMU → effect-multifd against QEMU → QEMU, in one run, on the same image and channel count
  * (`npx tsx bench/qemu-incoming.ts`; env SIZE=1G CHANNELS=4 COMPRESSION=none REPS=1).
  *
- * As ../shared/bench/qemu-multifd-bench.sh: loopback TCP, paused `-machine none` guests, the source maps a
+ * As bench/qemu-multifd-bench.sh: loopback TCP, paused `-machine none` guests, the source maps a
  * random image privately and pre-faulted (`share=off,prealloc=on`), `max-bandwidth` 1 TiB/s and
  * `downtime-limit` 60 s. The QEMU destination receives into a fresh sparse file on tmpfs (`prealloc=off`, its
  * "fresh" mode); ours allocates its memory when QEMU announces the blocks (inside the measured time).

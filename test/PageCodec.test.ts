@@ -17,7 +17,7 @@ import * as Protocol from "../src/Protocol.js"
 import * as Transport from "../src/Transport.js"
 import { expectNoLeaks, tempSocketPath } from "./support/handles.js"
 
-const FIXTURES = new URL("../../shared/fixtures/qemu-10.0.2/", import.meta.url)
+const FIXTURES = new URL("./fixtures/qemu-10.0.2/", import.meta.url)
 const PAGE = 4096
 const SLOTS = Protocol.slotsFor(PAGE)
 
@@ -95,7 +95,7 @@ describe("QEMU 10.0.2 captures", () => {
     it.effect(`${capture}: every channel decodes, packet by packet, into ram.img`, () =>
       Effect.gen(function*() {
         const manifest = JSON.parse((yield* readFixture(`${capture}/manifest.json`)).toString("utf8")) as Manifest
-        const expected = yield* readFixture("ram.img")
+        const expected = yield* readFixture("ram.bin")
         // garbage everywhere: every page must be written (normal) or cleared (zero)
         const ram = Buffer.alloc(expected.length, 0xa5)
         for (let id = 0; id < manifest.channels; id++) {

@@ -7,7 +7,7 @@ import * as Fs from "node:fs/promises"
 import * as Zlib from "node:zlib"
 import * as Protocol from "../src/Protocol.js"
 
-const FIXTURES = new URL("../../shared/fixtures/qemu-10.0.2/", import.meta.url)
+const FIXTURES = new URL("./fixtures/qemu-10.0.2/", import.meta.url)
 const RAM_SHA256 = "f7c4d62e4ab0b13c3f01ef0c05bbe9d8aa15afc814434d2d401b5b5715d653f2"
 const RAM_SIZE = 4194304
 
@@ -749,7 +749,7 @@ const reencode = (p: Packet, compression: Protocol.Compression): Buffer => {
 describe("QEMU 10.0.2 captures", () => {
   it.effect("none-2ch: decodes every packet and reassembles ram.img byte for byte", () =>
     Effect.gen(function*() {
-      const ramImg = yield* readFixture("ram.img")
+      const ramImg = yield* readFixture("ram.bin")
       expect(ramImg.length).toBe(RAM_SIZE)
       expect(Crypto.createHash("sha256").update(ramImg).digest("hex")).toBe(RAM_SHA256)
       const ram = Buffer.alloc(RAM_SIZE)
@@ -825,7 +825,7 @@ describe("QEMU 10.0.2 captures", () => {
 
   it.effect("zlib-2ch: one zlib stream per channel, sync-flushed per packet, reassembles ram.img", () =>
     Effect.gen(function*() {
-      const ramImg = yield* readFixture("ram.img")
+      const ramImg = yield* readFixture("ram.bin")
       const ram = Buffer.alloc(RAM_SIZE)
       for (const file of [0, 1]) {
         const bytes = yield* readFixture(`zlib-2ch/multifd-${file}.bin`)

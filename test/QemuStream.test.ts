@@ -1,6 +1,6 @@
 /**
  * QEMU's main migration stream and the QEMU destination, offline: the real QEMU 10.0.2 captures in
- * ../shared/fixtures/qemu-10.0.2/ (main channel included), parsed from memory and replayed over real loopback
+ * test/fixtures/qemu-10.0.2/ (main channel included), parsed from memory and replayed over real loopback
  * sockets into `QemuIncoming.incoming`; synthetic streams for every record the reader refuses; truncated and
  * garbage input fails with one clear line, never hangs, and leaves no socket open.
  */
@@ -26,9 +26,9 @@ import * as QemuStream from "../src/QemuStream.js"
 import * as Transport from "../src/Transport.js"
 import { expectNoLeaks } from "./support/handles.js"
 
-const FIXTURES = new URL("../../shared/fixtures/qemu-10.0.2/", import.meta.url)
+const FIXTURES = new URL("./fixtures/qemu-10.0.2/", import.meta.url)
 const fixture = (path: string): Buffer => Fs.readFileSync(new URL(path, FIXTURES))
-const RAM_IMG = fixture("ram.img")
+const RAM_IMG = fixture("ram.bin")
 const MAIN = fixture("none-2ch/main.bin")
 const PAGE = 4096
 const RAM_SIZE = 4 * 1024 * 1024
