@@ -1,3 +1,4 @@
+#!/usr/bin/env node
 /**
  * Entry point of the `multifd` command (`npm run multifd -- <args>`): the only place that runs an Effect.
  *

@@ -1,0 +1,38 @@
+/**
+ * effect-multifd: QEMU's multifd live migration on Effect. Every public module, as a namespace:
+ *
+ * ```ts
+ * import { GuestRam, Migration, Transport } from "effect-multifd"
+ * ```
+ *
+ * Each module is also its own entry point (`effect-multifd/Migration`, ...).
+ *
+ * @since 0.1.0
+ */
+
+/** The main channel's messages (`effect/Schema`) and framing. @since 0.1.0 */
+export * as Control from "./Control.js"
+/** Named blocks of guest memory, the zero-page test, dirty tracking, digests. @since 0.1.0 */
+export * as GuestRam from "./GuestRam.js"
+/** `migrate` (source) and `incoming` (destination): hello, rounds, flush, completion, verification. @since 0.1.0 */
+export * as Migration from "./Migration.js"
+/** Errors of a migration as a whole, and which channel a failure came from. @since 0.1.0 */
+export * as MigrationError from "./MigrationError.js"
+/** The destination's channel set. @since 0.1.0 */
+export * as MultifdRecv from "./MultifdRecv.js"
+/** The source's channel set. @since 0.1.0 */
+export * as MultifdSend from "./MultifdSend.js"
+/** How pages travel: raw views of memory, or a per-channel compression stream. @since 0.1.0 */
+export * as PageCodec from "./PageCodec.js"
+/** QEMU multifd packets: init, RAM and SYNC packets, encode and validating decode. @since 0.1.0 */
+export * as Protocol from "./Protocol.js"
+/** Receiving a real QEMU 10 migration. @since 0.1.0 */
+export * as QemuIncoming from "./QemuIncoming.js"
+/** QEMU's main migration stream. @since 0.1.0 */
+export * as QemuStream from "./QemuStream.js"
+/** `file:` snapshots: parallel save and verified restore. @since 0.1.0 */
+export * as Snapshot from "./Snapshot.js"
+/** PSK and x509 TLS handshakes as Effects, authorization, configuration. @since 0.1.0 */
+export * as Tls from "./Tls.js"
+/** `tcp:` / `unix:` addresses, scoped connect and listen. @since 0.1.0 */
+export * as Transport from "./Transport.js"

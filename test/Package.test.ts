@@ -1,0 +1,148 @@
+/**
+ * The npm package as a user gets it: `npm pack` (which builds `dist/` on `prepare`), the tarball installed into
+ * an empty project, the library imported by its name under plain `node` (a real migration over loopback), a
+ * TypeScript consumer type-checked against the published declarations, and `npx multifd --help`.
+ *
+ * The package is packed from a copy of the sources in a temporary directory, so that this test never rebuilds
+ * the repository's own `dist/` under the feet of anything else.
+ */
+import * as ChildProcess from "node:child_process"
+import * as Fs from "node:fs"
+import * as Os from "node:os"
+import * as Path from "node:path"
+import { afterAll, beforeAll, describe, expect, it } from "vitest"
+
+const ROOT = Path.resolve(import.meta.dirname, "..")
+const NPM = process.platform === "win32" ? "npm.cmd" : "npm"
+
+interface Ran {
+  readonly code: number | null
+  readonly stdout: string
+  readonly stderr: string
+}
+
+const run = (command: string, args: ReadonlyArray<string>, cwd: string, timeoutMs = 240_000): Ran => {
+  const result = ChildProcess.spawnSync(command, args, {
+    cwd,
+    encoding: "utf8",
+    timeout: timeoutMs,
+    env: { ...process.env, NO_COLOR: "1", npm_config_update_notifier: "false", npm_config_fund: "false" }
+  })
+  return { code: result.status, stdout: result.stdout ?? "", stderr: result.stderr ?? "" }
+}
+
+const ok = (ran: Ran, what: string): Ran => {
+  if (ran.code !== 0) throw new Error(`${what} exited ${ran.code}:\n${ran.stdout}\n${ran.stderr}`)
+  return ran
+}
+
+let work: string
+let packed: ReadonlyArray<string>
+let consumer: string
+
+beforeAll(() => {
+  work = Fs.mkdtempSync(Path.join(Os.tmpdir(), "multifd-package-"))
+  // a copy of what `npm pack` reads, with the repository's node_modules for the build tools
+  const source = Path.join(work, "source")
+  Fs.mkdirSync(source)
+  for (const entry of ["package.json", "package-lock.json", "tsconfig.json", "tsconfig.build.json", "README.md", "src", "scripts", "docs"]) {
+    Fs.cpSync(Path.join(ROOT, entry), Path.join(source, entry), { recursive: true })
+  }
+  Fs.symlinkSync(Path.join(ROOT, "node_modules"), Path.join(source, "node_modules"), "dir")
+  const pack = ok(run(NPM, ["pack", "--json", "--pack-destination", work], source), "npm pack")
+  const [info] = JSON.parse(pack.stdout.slice(pack.stdout.indexOf("["))) as Array<
+    { readonly filename: string; readonly files: ReadonlyArray<{ readonly path: string }> }
+  >
+  packed = info!.files.map((f) => f.path)
+
+  consumer = Path.join(work, "consumer")
+  Fs.mkdirSync(consumer)
+  Fs.writeFileSync(Path.join(consumer, "package.json"), JSON.stringify({ name: "consumer", private: true, type: "module" }))
+  // the registry's packages come from npm's cache where it has them (`npm ci` filled it); install scripts are
+  // not needed here (without the native zstd build, zstd reports itself unavailable, which is tested elsewhere)
+  ok(
+    run(NPM, ["install", "--prefer-offline", "--ignore-scripts", "--no-audit", "--no-fund", Path.join(work, info!.filename)], consumer),
+    "npm install of the tarball"
+  )
+}, 300_000)
+
+afterAll(() => {
+  if (work !== undefined) Fs.rmSync(work, { recursive: true, force: true })
+})
+
+describe("the npm package", () => {
+  it("ships the compiled library, its declarations and the command, and no tests, keys or benchmarks", () => {
+    for (const file of ["dist/index.js", "dist/index.d.ts", "dist/Migration.js", "dist/Migration.d.ts", "dist/bin/multifd.js", "README.md"]) {
+      expect(packed).toContain(file)
+    }
+    const stray = packed.filter((f) => /^(test|bench|examples|\.ci)\/|\.(psk|pem)$|^src\/cli\//.test(f))
+    expect(stray).toEqual([])
+  })
+
+  it("imports by name under plain node and migrates 4 MiB over loopback", () => {
+    const script = `
+      import * as Effect from "effect/Effect"
+      import { GuestRam, Migration, Transport } from "effect-multifd"
+      import * as Protocol from "effect-multifd/Protocol"
+      const program = Effect.gen(function*() {
+        const transport = yield* Transport.Transport
+        const listener = yield* transport.listen({ _tag: "Tcp", host: "127.0.0.1", port: 0 })
+        const [stats, received] = yield* Effect.all([
+          Migration.migrate({ address: listener.address, channels: 2 }),
+          Migration.incoming(listener)
+        ], { concurrency: "unbounded" })
+        const source = (yield* GuestRam.GuestRam).blocks[0].bytes
+        const same = Buffer.compare(source, received.ram.blocks[0].bytes) === 0
+        console.log(JSON.stringify({ ramBytes: stats.ramBytes, same, magic: Protocol.MAGIC }))
+      })
+      const memory = GuestRam.layer({ blocks: [{ name: "pc.ram", size: 4 * 1024 * 1024 }] })
+      Effect.runPromise(program.pipe(Effect.scoped, Effect.provide([Transport.layer, memory])))
+    `
+    const file = Path.join(consumer, "consume.mjs")
+    Fs.writeFileSync(file, script)
+    const ran = ok(run(process.execPath, [file], consumer, 60_000), "node consume.mjs")
+    expect(JSON.parse(ran.stdout.trim())).toEqual({ ramBytes: 4 * 1024 * 1024, same: true, magic: 0x11223344 })
+  })
+
+  it("type-checks a TypeScript consumer against the published declarations (and rejects a wrong one)", () => {
+    Fs.writeFileSync(
+      Path.join(consumer, "consume.ts"),
+      `
+      import * as Effect from "effect/Effect"
+      import { GuestRam, Migration, Transport } from "effect-multifd"
+      import type { Stats } from "effect-multifd/Migration"
+      const address: Transport.Address = { _tag: "Unix", path: "/tmp/x.sock" }
+      const migration: Effect.Effect<Stats, Migration.MigrateError, Transport.Transport | GuestRam.GuestRam> =
+        Migration.migrate({ address, channels: 4, compression: "zstd" })
+      // @ts-expect-error: compression is one of none, zlib, zstd
+      Migration.migrate({ address, compression: "lz4" })
+      export const program = migration.pipe(Effect.map((stats) => stats.gibPerSecond.toFixed(2)))
+      `
+    )
+    Fs.writeFileSync(
+      Path.join(consumer, "tsconfig.json"),
+      JSON.stringify({
+        compilerOptions: {
+          target: "ES2022",
+          module: "NodeNext",
+          moduleResolution: "NodeNext",
+          strict: true,
+          noEmit: true,
+          skipLibCheck: false,
+          types: ["node"],
+          typeRoots: [Path.join(ROOT, "node_modules", "@types")]
+        },
+        files: ["consume.ts"]
+      })
+    )
+    const tsc = Path.join(ROOT, "node_modules", "typescript", "bin", "tsc")
+    ok(run(process.execPath, [tsc, "-p", "tsconfig.json"], consumer, 120_000), "tsc on the consumer")
+  })
+
+  it("npx multifd --help prints the usage and exits 0", () => {
+    const ran = ok(run(NPM, ["exec", "--offline", "--", "multifd", "--help"], consumer, 60_000), "npx multifd --help")
+    expect(ran.stdout).toContain("multifd")
+    expect(ran.stdout).toMatch(/recv/)
+    expect(ran.stdout).toMatch(/send/)
+  })
+})
