@@ -3,16 +3,14 @@
  * Run: npx tsx examples/library.ts
  */
 import * as Effect from "effect/Effect"
-import * as GuestRam from "../src/GuestRam.js"
-import * as Migration from "../src/Migration.js"
-import * as Transport from "../src/Transport.js"
+import { GuestRam, Migration, Transport } from "effect-multifd"
 
 const program = Effect.gen(function*() {
   const transport = yield* Transport.Transport
   // the destination listens (port 0: any free port) and receives into memory of the source's layout
   const listener = yield* transport.listen({ _tag: "Tcp", host: "127.0.0.1", port: 0 })
   const [stats, received] = yield* Effect.all([
-    Migration.migrate({ address: listener.address, channels: 4 }),
+    Migration.migrate({ address: listener.address, channels: 4 }), // the source: GuestRam from context
     Migration.incoming(listener)
   ], { concurrency: "unbounded" })
   yield* Effect.log(`migrated ${stats.ramBytes} bytes in ${stats.durationMs} ms; ` +
