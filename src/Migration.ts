@@ -157,6 +157,12 @@ const abortPeer = (connection: Transport.Connection, reason: string) =>
     Effect.ignore
   )
 
+/** The message of the `TlsError` that explains a closed connection (`Tls.client` on a refused certificate), if any. */
+const tlsRefusal = (error: { readonly _tag: string }): string | undefined => {
+  const cause = (error as { readonly cause?: { readonly _tag?: string; readonly message?: string } }).cause
+  return cause?._tag === "TlsError" ? cause.message : undefined
+}
+
 const unexpected = (message: Control.Message, waiting: string) =>
   new MigrationError.MigrationError({ reason: "Unexpected", detail: `unexpected ${message._tag} message ${waiting}` })
 
@@ -195,8 +201,10 @@ export const migrate = (
         !isAnswered && error._tag === "ChannelError" && error.cause._tag === "TransportError"
           ? new MigrationError.MigrationError({
             reason: "Rejected",
-            detail: `the destination closed the main channel before answering (${error.cause.message}); ` +
-              "it may have refused this source (TLS authorization) or not be a multifd destination"
+            // a TLS source that presented a certificate explains such a close itself (Tls.client)
+            detail: tlsRefusal(error.cause) ??
+              `the destination closed the main channel before answering (${error.cause.message}); ` +
+                "it may have refused this source (TLS authorization) or not be a multifd destination"
           })
           : Effect.fail(error)))
     const next = (waiting: string) =>

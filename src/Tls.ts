@@ -1,8 +1,11 @@
 /**
  * TLS on every connection of a migration, as QEMU's `tls-creds-psk` / `tls-creds-x509` do: pre-shared keys
  * in QEMU's `keys.psk` format, or x509 certificates with host name checking, optional client certificates
- * and an authorization list. The handshake is an Effect with a timeout that must succeed before a channel
- * exists; the TLS socket is destroyed at once on failure and ended with close_notify on success.
+ * and an authorization list. Credentials are checked when loaded, before anything listens or connects, and
+ * one secure context serves every handshake. A peer's certificate is accepted only when its chain verifies
+ * (to the CA file, within its validity period, for its role's usage); authorization applies to verified
+ * certificates only. The handshake is an Effect with a timeout that must succeed before a channel exists;
+ * the TLS socket is destroyed at once on failure and ended with close_notify on success.
  *
  * @since 0.1.0
  */
@@ -17,8 +20,10 @@ import * as Layer from "effect/Layer"
 import * as Option from "effect/Option"
 import * as ParseResult from "effect/ParseResult"
 import * as Schema from "effect/Schema"
+import * as Crypto from "node:crypto"
 import * as Fs from "node:fs/promises"
 import * as NodeTls from "node:tls"
+import * as KeyUsage from "./internal/keyUsage.js"
 import * as Transport from "./Transport.js"
 
 /** A TLS failure: bad configuration, a failed or stalled handshake, or a peer that is not authorized. */
@@ -65,6 +70,8 @@ export type Credentials =
     readonly keys: ReadonlyMap<string, Buffer>
     /** The identity the source presents. */
     readonly identity: string
+    /** The keys file, for messages. */
+    readonly file: string
   }
   | {
     readonly _tag: "X509"
@@ -76,6 +83,10 @@ export type Credentials =
 /** Everything a handshake needs. */
 export interface Settings {
   readonly credentials: Credentials
+  /** Built once from the credentials (checked at load): every handshake, on either side, reuses it. */
+  readonly secureContext: NodeTls.SecureContext
+  /** This side's certificate (x509 with a certificate), for messages. */
+  readonly ownCertificate?: Crypto.X509Certificate | undefined
   readonly hostname: string | undefined
   readonly verifyPeer: boolean
   readonly authz: ReadonlyArray<string> | undefined
@@ -112,32 +123,151 @@ const readText = (path: string, what: string) =>
       new TlsError({ reason: "Config", detail: `cannot read ${what} ${path}: ${(cause as Error).message}`, cause })
   })
 
-/** Reads the files a `TlsConfig` names and checks that the combination makes sense. */
+const configError = (detail: string, cause?: unknown) => new TlsError({ reason: "Config", detail, cause })
+
+/** The reason of an OpenSSL error without its codes: "error:04800064:PEM routines::bad base64 decode" → "bad base64 decode". */
+const opensslReason = (error: unknown): string => {
+  const text = (error as Error | undefined)?.message ?? String(error)
+  return text.replace(/^(?:[0-9A-F]+:)?error:[0-9A-F]+:[^:]*:[^:]*:/, "").trim()
+}
+
+/** The labels of a text's PEM blocks (`CERTIFICATE`, `PRIVATE KEY`, ...). */
+const pemLabels = (text: string): Array<string> =>
+  Array.from(text.matchAll(/-----BEGIN ([A-Z0-9 ]+)-----/g), (m) => m[1]!)
+
+const PEM_CERTIFICATE = /-----BEGIN CERTIFICATE-----[\s\S]*?-----END CERTIFICATE-----/g
+
+/** What a PEM file holds instead of the expected thing, for messages: "a private key", "a CERTIFICATE REQUEST block". */
+const holds = (labels: ReadonlyArray<string>): string =>
+  labels.some((label) => label.endsWith("PRIVATE KEY"))
+    ? "a private key"
+    : labels.includes("CERTIFICATE")
+    ? "a certificate"
+    : `a ${labels[0]} block`
+
+/** Every certificate of a PEM file, each parsed: a file without one, or with a broken one, is a `Config` error. */
+const certificatesOf = (text: string, what: string, path: string): Effect.Effect<Array<Crypto.X509Certificate>, TlsError> =>
+  Effect.suspend(() => {
+    const blocks = text.match(PEM_CERTIFICATE) ?? []
+    if (blocks.length === 0) {
+      const labels = pemLabels(text)
+      return Effect.fail(configError(
+        labels.length === 0
+          ? `${what} ${path} is not a PEM certificate`
+          : `${what} ${path} holds ${holds(labels)}, not a certificate`
+      ))
+    }
+    const certificates: Array<Crypto.X509Certificate> = []
+    for (let i = 0; i < blocks.length; i++) {
+      try {
+        certificates.push(new Crypto.X509Certificate(blocks[i]!))
+      } catch (cause) {
+        const which = blocks.length === 1 ? "" : ` (certificate ${i + 1} of ${blocks.length})`
+        return Effect.fail(configError(`${what} ${path} is not a valid PEM certificate${which}: ${opensslReason(cause)}`, cause))
+      }
+    }
+    return Effect.succeed(certificates)
+  })
+
+/** The private key of a PEM file: a file without one, an encrypted or a broken one is a `Config` error. */
+const privateKeyOf = (text: string, path: string): Effect.Effect<Crypto.KeyObject, TlsError> =>
+  Effect.suspend(() => {
+    const labels = pemLabels(text)
+    if (labels.length === 0) return Effect.fail(configError(`private key ${path} is not a PEM private key`))
+    if (!labels.some((label) => label.endsWith("PRIVATE KEY"))) {
+      return Effect.fail(configError(`private key ${path} holds ${holds(labels)}, not a private key`))
+    }
+    if (labels.includes("ENCRYPTED PRIVATE KEY") || /^Proc-Type:\s*4,\s*ENCRYPTED/m.test(text)) {
+      return Effect.fail(configError(
+        `private key ${path} is encrypted and no passphrase can be given: decrypt it (openssl pkey -in KEY -out PLAIN)`
+      ))
+    }
+    return Effect.try({
+      try: () => Crypto.createPrivateKey(text),
+      catch: (cause) => configError(`private key ${path} is not a valid private key: ${opensslReason(cause)}`, cause)
+    })
+  })
+
+/** `CN=alice`, or the whole subject when there is no CN. */
+const nameOf = (certificate: Crypto.X509Certificate, field: "subject" | "issuer" = "subject"): string => {
+  const text = certificate[field]
+  const cn = text.split("\n").find((line) => line.startsWith("CN="))
+  return cn ?? text.replace(/\n/g, ", ")
+}
+
+/**
+ * The peer's certificate as an `X509Certificate`. Read through `getPeerCertificate`: on Node 20, a call to
+ * `getPeerX509Certificate` first leaves the chain that `getPeerCertificate(true)` (Node's host name check)
+ * returns empty.
+ */
+const peerCertificateOf = (socket: NodeTls.TLSSocket): Crypto.X509Certificate | undefined => {
+  const raw = socket.getPeerCertificate(true)?.raw
+  return raw === undefined ? undefined : new Crypto.X509Certificate(raw)
+}
+
+/** " CN=..." of this side's certificate, or nothing. */
+const ownName = (settings: Settings): string => settings.ownCertificate ? ` ${nameOf(settings.ownCertificate)}` : ""
+
+/** Builds a secure context; OpenSSL's refusal is a `Config` error naming `what`. */
+const secureContextOf = (options: NodeTls.SecureContextOptions, what: string) =>
+  Effect.try({
+    try: () => NodeTls.createSecureContext({ minVersion: "TLSv1.2", ...options }),
+    catch: (cause) => configError(`cannot use ${what}: ${opensslReason(cause)}`, cause)
+  })
+
+// TLS 1.3 external PSKs in OpenSSL use SHA-256 suites; the TLS 1.2 PSK suites are a fallback.
+const PSK_CIPHERS = "TLS_AES_128_GCM_SHA256:TLS_CHACHA20_POLY1305_SHA256:PSK-AES128-GCM-SHA256:PSK-CHACHA20-POLY1305"
+
+/**
+ * Reads the files a `TlsConfig` names and checks that they are usable before anything listens or connects:
+ * that the combination makes sense, that every PEM file holds what it should and parses, that the key is
+ * the certificate's, that an explicit PSK identity has a key. Builds the secure context every handshake
+ * reuses.
+ */
 export const load = (config: TlsConfig): Effect.Effect<Settings, TlsError> =>
   Effect.gen(function*() {
     const x509 = config.ca !== undefined || config.cert !== undefined || config.key !== undefined
     if (config.psk !== undefined && x509) {
-      return yield* new TlsError({ reason: "Config", detail: "use either a PSK file or x509 certificates, not both" })
+      return yield* configError("use either a PSK file or x509 certificates, not both")
     }
     if ((config.cert === undefined) !== (config.key === undefined)) {
-      return yield* new TlsError({ reason: "Config", detail: "a certificate needs its key and a key its certificate" })
+      return yield* configError("a certificate needs its key and a key its certificate")
     }
-    const credentials: Credentials = config.psk !== undefined
-      ? {
-        _tag: "Psk",
-        keys: yield* Effect.flatMap(readText(config.psk, "PSK file"), (text) => parsePskFile(text, config.psk)),
-        identity: config.identity ?? "qemu"
+    let credentials: Credentials
+    let secureContext: NodeTls.SecureContext
+    let ownCertificate: Crypto.X509Certificate | undefined
+    if (config.psk !== undefined) {
+      const keys = yield* Effect.flatMap(readText(config.psk, "PSK file"), (text) => parsePskFile(text, config.psk))
+      if (config.identity !== undefined && !keys.has(config.identity)) {
+        return yield* configError(`PSK file ${config.psk} has no key for identity ${config.identity}`)
       }
-      : x509
-      ? {
-        _tag: "X509",
-        ca: config.ca === undefined ? undefined : yield* readText(config.ca, "CA certificate"),
-        cert: config.cert === undefined ? undefined : yield* readText(config.cert, "certificate"),
-        key: config.key === undefined ? undefined : yield* readText(config.key, "private key")
+      credentials = { _tag: "Psk", keys, identity: config.identity ?? "qemu", file: config.psk }
+      secureContext = yield* secureContextOf({ ciphers: PSK_CIPHERS }, `PSK file ${config.psk}`)
+    } else if (x509) {
+      const ca = config.ca === undefined ? undefined : yield* readText(config.ca, "CA certificate")
+      if (ca !== undefined) yield* certificatesOf(ca, "CA certificate", config.ca!)
+      const cert = config.cert === undefined ? undefined : yield* readText(config.cert, "certificate")
+      const key = config.key === undefined ? undefined : yield* readText(config.key, "private key")
+      if (cert !== undefined && key !== undefined) {
+        const [leaf] = yield* certificatesOf(cert, "certificate", config.cert!)
+        const privateKey = yield* privateKeyOf(key, config.key!)
+        if (!leaf!.checkPrivateKey(privateKey)) {
+          return yield* configError(`private key ${config.key} does not match certificate ${config.cert} (${nameOf(leaf!)})`)
+        }
+        ownCertificate = leaf
       }
-      : yield* new TlsError({ reason: "Config", detail: "no credentials: give a PSK file or x509 certificates" })
+      credentials = { _tag: "X509", ca, cert, key }
+      secureContext = yield* secureContextOf(
+        { ...(ca !== undefined ? { ca } : {}), ...(cert !== undefined ? { cert, key } : {}) },
+        [config.ca, config.cert, config.key].filter((f) => f !== undefined).join(", ")
+      )
+    } else {
+      return yield* configError("no credentials: give a PSK file or x509 certificates")
+    }
     return {
       credentials,
+      secureContext,
+      ownCertificate,
       hostname: config.hostname,
       verifyPeer: config.verifyPeer ?? false,
       authz: config.authz,
@@ -147,8 +277,16 @@ export const load = (config: TlsConfig): Effect.Effect<Settings, TlsError> =>
     }
   })
 
-// TLS 1.3 external PSKs in OpenSSL use SHA-256 suites; the TLS 1.2 PSK suites are a fallback.
-const PSK_CIPHERS = "TLS_AES_128_GCM_SHA256:TLS_CHACHA20_POLY1305_SHA256:PSK-AES128-GCM-SHA256:PSK-CHACHA20-POLY1305"
+/**
+ * Checks that the settings can secure a source's connections, before it connects: with a PSK file, that the
+ * file has a key for the identity the source presents (a `Config` error otherwise).
+ */
+export const checkClient = (settings: Settings): Effect.Effect<void, TlsError> =>
+  settings.credentials._tag === "Psk" && !settings.credentials.keys.has(settings.credentials.identity)
+    ? Effect.fail(configError(
+      `PSK file ${settings.credentials.file} has no key for identity ${settings.credentials.identity}`
+    ))
+    : Effect.void
 
 const describe = (error: unknown): string => {
   const e = error as (Error & { code?: string; reason?: string }) | undefined
@@ -165,14 +303,92 @@ const hint = (credentials: Credentials, text: string): string =>
     ? `${text} (the destination requires a client certificate)`
     : text
 
+const EKU_NAMES: Record<string, string> = {
+  "1.3.6.1.5.5.7.3.1": "serverAuth",
+  "1.3.6.1.5.5.7.3.2": "clientAuth"
+}
+
+/**
+ * Why OpenSSL's verification of a peer's certificate failed, after "certificate CN=x ": its chain to the CA
+ * file (trust), its validity period, its purpose (extendedKeyUsage / keyUsage for `role` authentication).
+ */
+const verifyProblem = (
+  error: { readonly code?: string | undefined; readonly message: string },
+  certificate: Crypto.X509Certificate | undefined,
+  role: "client" | "server"
+): string => {
+  switch (error.code) {
+    case "CERT_HAS_EXPIRED":
+      return `has expired${certificate ? ` (valid until ${certificate.validTo})` : ""}`
+    case "CERT_NOT_YET_VALID":
+      return `is not valid yet${certificate ? ` (valid from ${certificate.validFrom})` : ""}`
+    case "INVALID_PURPOSE": {
+      const usage = certificate?.keyUsage?.map((oid) => EKU_NAMES[oid] ?? oid).join(", ")
+      return `is not for ${role} authentication${usage ? ` (extendedKeyUsage ${usage})` : ""}`
+    }
+    case "DEPTH_ZERO_SELF_SIGNED_CERT":
+      return "is not trusted: self-signed certificate"
+    case "UNABLE_TO_VERIFY_LEAF_SIGNATURE":
+    case "UNABLE_TO_GET_ISSUER_CERT_LOCALLY":
+    case "UNABLE_TO_GET_ISSUER_CERT":
+    case "SELF_SIGNED_CERT_IN_CHAIN":
+      return `is not trusted: ${certificate ? `issued by ${nameOf(certificate, "issuer")}, ` : ""}not by a trusted CA`
+    default:
+      return `is not trusted: ${error.message}`
+  }
+}
+
+/**
+ * OpenSSL's verdict on the client certificate of a server-side socket: `null` when its chain verified (to
+ * the CA file, within its validity period, for client authentication), else the verification error. A
+ * standalone server `TLSSocket` neither enforces `rejectUnauthorized` nor sets `authorized` (only sockets a
+ * `tls.Server` accepts get that), so this asks the handle as `tls.Server` does. Fails closed.
+ */
+const clientVerdict = (socket: NodeTls.TLSSocket): { readonly code?: string; readonly message: string } | null => {
+  const handle = (socket as unknown as { _handle?: { verifyError?: () => Error & { code?: string } | null } })._handle
+  if (typeof handle?.verifyError !== "function") {
+    return { message: "this Node.js does not report the result of the certificate's verification" }
+  }
+  return handle.verifyError() ?? null
+}
+
+/**
+ * Why the destination refuses a client certificate (what QEMU's verify-peer checks, then `authz`), or
+ * `undefined` to admit it. Authorization applies to verified certificates only.
+ */
+const clientRefusal = (socket: NodeTls.TLSSocket, authz: ReadonlyArray<string> | undefined): string | undefined => {
+  const certificate = peerCertificateOf(socket)
+  if (certificate === undefined) return "the client sent no certificate"
+  const name = nameOf(certificate)
+  const verdict = clientVerdict(socket)
+  if (verdict !== null) return `client certificate ${name} ${verifyProblem(verdict, certificate, "client")}`
+  // OpenSSL's purpose check admits keyAgreement alone; a TLS client certificate must sign (CertificateVerify)
+  let usage: number | undefined
+  try {
+    usage = KeyUsage.keyUsageOf(certificate.raw)
+  } catch {
+    return `client certificate ${name} is not trusted: its keyUsage extension cannot be read`
+  }
+  if (usage !== undefined && (usage & KeyUsage.DIGITAL_SIGNATURE) === 0) {
+    return `client certificate ${name} is not for client authentication (its keyUsage lacks digitalSignature)`
+  }
+  if (authz === undefined) return undefined
+  const cn = certificate.subject.split("\n").find((line) => line.startsWith("CN="))?.slice(3)
+  return cn !== undefined && authz.includes(cn)
+    ? undefined
+    : `client certificate ${name} is not in the authorization list`
+}
+
 /** Runs a handshake on a TLS socket: resolves on `secureEvent`, fails on error, close or timeout. */
 const handshake = (
   socket: NodeTls.TLSSocket,
   secureEvent: "secureConnect" | "secure",
   peer: string,
   timeout: Duration.Duration,
-  explain: (text: string) => string,
-  authorize: (socket: NodeTls.TLSSocket) => string | undefined
+  explain: (error: unknown) => string,
+  authorize: (socket: NodeTls.TLSSocket) => string | undefined,
+  /** What a close in the middle of the handshake most likely means. */
+  closed = "connection closed"
 ) =>
   Effect.async<void, TlsError>((resume) => {
     const onSecure = () => {
@@ -186,11 +402,11 @@ const handshake = (
     }
     const onError = (error: Error) => {
       cleanup()
-      resume(Effect.fail(new TlsError({ reason: "Handshake", detail: `handshake with ${peer} failed: ${explain(describe(error))}`, cause: error })))
+      resume(Effect.fail(new TlsError({ reason: "Handshake", detail: `handshake with ${peer} failed: ${explain(error)}`, cause: error })))
     }
     const onClose = () => {
       cleanup()
-      resume(Effect.fail(new TlsError({ reason: "Handshake", detail: `handshake with ${peer} failed: connection closed` })))
+      resume(Effect.fail(new TlsError({ reason: "Handshake", detail: `handshake with ${peer} failed: ${closed}` })))
     }
     const cleanup = () => {
       socket.off(secureEvent, onSecure)
@@ -209,6 +425,62 @@ const handshake = (
     })
   )
 
+/**
+ * The source's main channel, which the destination may still turn away without a word: a Node destination
+ * cannot send the alert that says why it refuses a client certificate (Node judges certificates after the
+ * handshake, and in TLS 1.3 the client's handshake is over before the server has seen its certificate), so
+ * the source just sees the connection close before any answer. Until the first byte arrives, a close or
+ * reset is reported as the most likely `refusal`: the `TransportError` says it, its cause is a `TlsError`
+ * "Unauthorized" (which `Migration.migrate` reports as the refusal).
+ */
+const explainingEarlyClose = (connection: Transport.Connection, refusal: string): Transport.Connection => {
+  let heard = false
+  const explain = (error: Transport.TransportError) => {
+    if (heard || (error.reason !== "Closed" && error.reason !== "Reset" && error.reason !== "Write")) return error
+    const closed = "the destination closed the connection right after the TLS handshake, without answering: " +
+      `it most likely refused ${refusal}`
+    return new Transport.TransportError({
+      reason: error.reason,
+      address: error.address,
+      detail: closed,
+      cause: new TlsError({
+        reason: "Unauthorized",
+        detail: `handshake with ${connection.peer}: ${closed}; its log says why`,
+        cause: error
+      })
+    })
+  }
+  const reading = <A>(effect: Effect.Effect<A, Transport.TransportError>) =>
+    heard ? effect : effect.pipe(
+      Effect.tap(() => {
+        heard = true
+      }),
+      Effect.mapError(explain)
+    )
+  const writing = <A>(effect: Effect.Effect<A, Transport.TransportError>) =>
+    heard ? effect : Effect.mapError(effect, explain)
+  return {
+    ...connection,
+    write: (chunks) => writing(connection.write(chunks)),
+    drained: Effect.suspend(() => writing(connection.drained)),
+    read: (length) => reading(connection.read(length)),
+    readInto: (target, at, length) => reading(connection.readInto(target, at, length)),
+    readScatter: (target, offsets, count, length) => reading(connection.readScatter(target, offsets, count, length)),
+    peek: (length) => reading(connection.peek(length)),
+    atEnd: Effect.suspend(() => writing(connection.atEnd)),
+    readSome: (max) =>
+      Effect.suspend(() =>
+        heard ? connection.readSome(max) : connection.readSome(max).pipe(
+          Effect.tap((chunk) => {
+            if (chunk.length > 0) heard = true
+          }),
+          Effect.mapError(explain)
+        )
+      ),
+    end: Effect.suspend(() => writing(connection.end))
+  }
+}
+
 /** Wraps a TLS socket as a scoped connection: destroyed at once on failure, `end` sends close_notify. */
 const secured = (socket: NodeTls.TLSSocket, peer: string) =>
   Effect.acquireRelease(Effect.succeed(socket), Transport.destroy).pipe(
@@ -224,19 +496,36 @@ const pskKey = (settings: Settings, identity: string): Buffer | undefined =>
     ? settings.credentials.keys.get(identity)
     : undefined
 
+/** The codes of OpenSSL's certificate verification errors (X509_V_ERR_*, as Node names them). */
+const VERIFY_CODE = /^(?:UNABLE_TO_|CERT_|CRL_|ERROR_IN_|DEPTH_ZERO_|SELF_SIGNED_|INVALID_CA$|INVALID_PURPOSE$|PATH_LENGTH_)/
+
+/** What the source reports when its handshake fails: a certificate that does not verify says why. */
+const explainServerError = (creds: Credentials, certificate: () => Crypto.X509Certificate | undefined) =>
+(error: unknown): string => {
+  const e = error as Error & { code?: string }
+  const code = e?.code
+  if (creds._tag === "X509" && code !== undefined && VERIFY_CODE.test(code)) {
+    const peer = certificate()
+    return `the destination's certificate${peer ? ` ${nameOf(peer)}` : ""} ${verifyProblem(e, peer, "server")}`
+  }
+  return hint(creds, describe(error))
+}
+
 /** The source side: a TLS client handshake on each connection. `host` is the default name to check. */
 export const client = (settings: Settings, host: string | undefined): Transport.Upgrade<TlsError> =>
-(connection) =>
+(connection, channel) =>
   Effect.gen(function*() {
     const creds = settings.credentials
+    yield* checkClient(settings)
     const servername = settings.hostname ?? host
+    // the destination's certificate, taken before Node judges it (a refused one is gone with the socket)
+    let presented: Crypto.X509Certificate | undefined
     const socket = yield* Effect.acquireRelease(
-      Effect.sync(() =>
-        creds._tag === "Psk"
+      Effect.sync(() => {
+        const socket = creds._tag === "Psk"
           ? NodeTls.connect({
             socket: connection.stream as never,
-            ciphers: PSK_CIPHERS,
-            minVersion: "TLSv1.2",
+            secureContext: settings.secureContext,
             pskCallback: () => {
               const psk = creds.keys.get(creds.identity)
               return psk === undefined ? null : { psk, identity: creds.identity }
@@ -245,9 +534,7 @@ export const client = (settings: Settings, host: string | undefined): Transport.
           })
           : NodeTls.connect({
             socket: connection.stream as never,
-            minVersion: "TLSv1.2",
-            ...(creds.ca !== undefined ? { ca: creds.ca } : {}),
-            ...(creds.cert !== undefined ? { cert: creds.cert, key: creds.key } : {}),
+            secureContext: settings.secureContext,
             ...(servername !== undefined && !Transport.isIp(servername) ? { servername } : {}),
             checkServerIdentity: (_name, cert) => {
               const mismatch = servername === undefined ? undefined : NodeTls.checkServerIdentity(servername, cert)
@@ -259,17 +546,34 @@ export const client = (settings: Settings, host: string | undefined): Transport.
               })
             }
           })
-      ),
+        if (creds._tag === "X509") {
+          socket.prependOnceListener("secure", () => {
+            presented = peerCertificateOf(socket)
+          })
+        }
+        return socket
+      }),
       Transport.destroy
     )
-    if (creds._tag === "Psk" && !creds.keys.has(creds.identity)) {
-      return yield* new TlsError({ reason: "Config", detail: `the PSK file has no key for identity ${creds.identity}` })
-    }
-    yield* handshake(socket, "secureConnect", connection.peer, settings.handshakeTimeout, (t) => hint(creds, t), (s) =>
-      creds._tag === "X509" && !s.authorized
-        ? `certificate not trusted: ${describe(s.authorizationError)}`
-        : undefined)
-    return yield* secured(socket, connection.peer)
+    yield* handshake(
+      socket,
+      "secureConnect",
+      connection.peer,
+      settings.handshakeTimeout,
+      explainServerError(creds, () => presented),
+      (s) =>
+        creds._tag === "X509" && !s.authorized
+          ? `certificate not trusted: ${describe(s.authorizationError)}`
+          : undefined
+    )
+    const secure = yield* secured(socket, connection.peer)
+    // a destination refusing this source's certificate closes the main channel before its first answer
+    if (channel !== "main" || creds._tag !== "X509" || creds.cert === undefined) return secure
+    const mine = settings.ownCertificate
+    return explainingEarlyClose(
+      secure,
+      `this source's certificate${mine ? ` ${nameOf(mine)} (issued by ${nameOf(mine, "issuer")})` : ""}`
+    )
   })
 
 /** The destination side: a TLS server handshake on each accepted connection, then authorization. */
@@ -283,10 +587,9 @@ export const server = (settings: Settings): Transport.Upgrade<TlsError> => (conn
       Effect.sync(() =>
         new NodeTls.TLSSocket(connection.stream as never, {
           isServer: true,
-          minVersion: "TLSv1.2",
+          secureContext: settings.secureContext,
           ...(creds._tag === "Psk"
             ? {
-              ciphers: PSK_CIPHERS,
               pskCallback: (_socket: NodeTls.TLSSocket, identity: string) => {
                 const key = pskKey(settings, identity)
                 if (key === undefined) refusedIdentity = identity
@@ -294,10 +597,7 @@ export const server = (settings: Settings): Transport.Upgrade<TlsError> => (conn
               }
             }
             : {
-              secureContext: NodeTls.createSecureContext({
-                ...(creds.ca !== undefined ? { ca: creds.ca } : {}),
-                ...(creds.cert !== undefined ? { cert: creds.cert, key: creds.key } : {})
-              }),
+              // OpenSSL refuses a missing certificate in the handshake; the chain is judged after it
               requestCert: verifyPeer,
               rejectUnauthorized: verifyPeer
             })
@@ -305,14 +605,18 @@ export const server = (settings: Settings): Transport.Upgrade<TlsError> => (conn
       ),
       Transport.destroy
     )
-    yield* handshake(socket, "secure", connection.peer, settings.handshakeTimeout, (t) => hint(creds, t), (s) => {
-      if (creds._tag !== "X509" || settings.authz === undefined) return undefined
-      const cn = s.getPeerCertificate()?.subject?.CN
-      const name = Array.isArray(cn) ? cn[0] : cn
-      return name !== undefined && settings.authz.includes(name)
-        ? undefined
-        : `client ${name === undefined ? "without a certificate" : `CN=${name}`} is not in the authorization list`
-    }).pipe(
+    yield* handshake(
+      socket,
+      "secure",
+      connection.peer,
+      settings.handshakeTimeout,
+      (error) => hint(creds, describe(error)),
+      (s) => creds._tag === "X509" && verifyPeer ? clientRefusal(s, settings.authz) : undefined,
+      // a Node source that refuses this side's certificate hangs up without an alert, before its Finished
+      creds._tag === "X509"
+        ? `connection closed (did the source refuse this destination's certificate${ownName(settings)}?)`
+        : undefined
+    ).pipe(
       Effect.mapError((error) =>
         refusedIdentity === undefined ? error : new TlsError({
           reason: "Unauthorized",

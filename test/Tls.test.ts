@@ -23,6 +23,7 @@ import * as Fiber from "effect/Fiber"
 import * as Logger from "effect/Logger"
 import * as Option from "effect/Option"
 import type * as Scope from "effect/Scope"
+import * as Crypto from "node:crypto"
 import * as Fs from "node:fs"
 import * as Net from "node:net"
 import type * as NodeTls from "node:tls"
@@ -103,13 +104,19 @@ const expectTlsFailure = (
   return tls
 }
 
-/** The source was refused after its handshake: the destination closed the main channel before answering. */
-const expectRefused = (error: unknown, mentioning?: string) => {
+/**
+ * The source's certificate was refused after its handshake: the destination closed the main channel before
+ * answering, and the source says that it most likely refused this certificate.
+ */
+const expectCertificateRefused = (error: unknown, certificate: string) => {
   expect(error).toBeInstanceOf(MigrationError.MigrationError)
   const e = error as MigrationError.MigrationError
   expect(e.reason).toBe("Rejected")
-  expect(e.message).toContain("closed the main channel before answering")
-  if (mentioning !== undefined) expect(e.message).toContain(mentioning)
+  expect(e.message).toMatch(
+    /^TLS handshake with tcp:127\.0\.0\.1:\d+: the destination closed the connection right after the TLS handshake, without answering: /
+  )
+  expect(e.message).toContain(`it most likely refused this source's certificate ${certificate}`)
+  expect(e.message).toContain("its log says why")
   expectOneLine(e)
 }
 
@@ -117,9 +124,9 @@ const expectRefused = (error: unknown, mentioning?: string) => {
 
 const loadTls = (config: Tls.TlsConfig) => Tls.make({ handshakeTimeoutMs: HANDSHAKE_MS, ...config })
 const pskTls = (file = "keys.psk", config: Tls.TlsConfig = {}) => loadTls({ psk: fixture(file), ...config })
-const serverX509 = (name: "server" | "wronghost", config: Tls.TlsConfig = {}) =>
+const serverX509 = (name: string, config: Tls.TlsConfig = {}) =>
   loadTls({ ca: fixture("ca-cert.pem"), cert: fixture(`${name}-cert.pem`), key: fixture(`${name}-key.pem`), ...config })
-const clientX509 = (config: Tls.TlsConfig = {}, client?: "alice" | "mallory") =>
+const clientX509 = (config: Tls.TlsConfig = {}, client?: string) =>
   loadTls({
     ca: fixture("ca-cert.pem"),
     ...(client === undefined ? {} : { cert: fixture(`${client}-cert.pem`), key: fixture(`${client}-key.pem`) }),
@@ -582,10 +589,10 @@ describe("x509 (QEMU tls-creds-x509)", () => {
       const [exit, elapsed] = yield* timed(
         noHang(Effect.exit(migrateTo(ram, tcp(LOOPBACK, dest.port), mallory.client(LOOPBACK))), "migrate")
       )
-      expectRefused(failureOf(exit), "TLS authorization")
+      expectCertificateRefused(failureOf(exit), "CN=mallory (issued by CN=test CA)")
       expect(elapsed).toBeLessThan(PROMPT_MS)
       yield* noHang(dest.rejections(1), "the destination's rejection")
-      expect(dest.logs.join("\n")).toContain("CN=mallory is not in the authorization list")
+      expect(dest.logs.join("\n")).toContain("client certificate CN=mallory is not in the authorization list")
       expect(dest.fiber.unsafePoll()).toBeNull()
 
       // and alice, on the same listener, gets through
@@ -596,6 +603,125 @@ describe("x509 (QEMU tls-creds-x509)", () => {
       expect(result.rejected).toHaveLength(1)
       expect(result.rejected[0]).toContain("CN=mallory")
     })))
+})
+
+// ---------------------------------------------------------------------------------------------------------
+
+describe("peer certificates (QEMU verify-peer: chain to the CA, validity, usage; authz only for a verified chain)", () => {
+  /** Client certificates with CN=alice that the destination must refuse: fixture, issuer, and why. */
+  const forged: ReadonlyArray<readonly [name: string, issuer: string, why: string]> = [
+    ["selfsigned-alice", "CN=alice", "client certificate CN=alice is not trusted: self-signed certificate"],
+    [
+      "other-ca-alice",
+      "CN=other test CA",
+      "client certificate CN=alice is not trusted: issued by CN=other test CA, not by a trusted CA"
+    ],
+    ["expired-alice", "CN=test CA", "client certificate CN=alice has expired (valid until Jan  1 00:00:00 2001 GMT)"],
+    [
+      "not-yet-valid-alice",
+      "CN=test CA",
+      "client certificate CN=alice is not valid yet (valid from Jan  1 00:00:00 2100 GMT)"
+    ],
+    [
+      "serveronly-alice",
+      "CN=test CA",
+      "client certificate CN=alice is not for client authentication (extendedKeyUsage serverAuth)"
+    ],
+    [
+      "keyagreement-alice",
+      "CN=test CA",
+      "client certificate CN=alice is not for client authentication (its keyUsage lacks digitalSignature)"
+    ]
+  ]
+
+  for (const [name, issuer, why] of forged) {
+    it.live(`authz [alice] refuses ${name}: one line on each side, nothing received, then the real alice migrates`, () =>
+      leakFree(Effect.gen(function*() {
+        const server = yield* serverX509("server", { authz: ["alice"] })
+        const forger = yield* clientX509({}, name)
+        const ram = yield* sourceRam(1)
+        const dest = yield* startDestination(server.server)
+        const [exit, elapsed] = yield* timed(
+          noHang(Effect.exit(migrateTo(ram, tcp(LOOPBACK, dest.port), forger.client(LOOPBACK))), "migrate")
+        )
+        expectCertificateRefused(failureOf(exit), `CN=alice (issued by ${issuer})`)
+        expect(elapsed).toBeLessThan(PROMPT_MS)
+
+        // the destination says why, in one line, and is still waiting
+        yield* noHang(dest.rejections(1), "the destination's rejection")
+        const rejection = dest.logs.find((l) => l.includes("rejected a connection"))!
+        expect(rejection).toMatch(
+          /^rejected a connection from (tcp:127\.0\.0\.1:\d+ \(from 127\.0\.0\.1:\d+\)): TLS handshake with \1: /
+        )
+        expect(rejection.endsWith(`: ${why}`)).toBe(true)
+        expect(rejection).not.toContain("\n")
+        expect(dest.fiber.unsafePoll()).toBeNull()
+
+        const alice = yield* clientX509({}, "alice")
+        yield* noHang(migrateTo(ram, tcp(LOOPBACK, dest.port), alice.client(LOOPBACK)), "second migrate")
+        const result = yield* noHang(Fiber.join(dest.fiber), "incoming")
+        expect(sameMemory(result.ram, ram)).toBe(true)
+        expect(result.rejected).toHaveLength(1)
+        expect(result.rejected[0]).toContain(why)
+      })))
+  }
+
+  it.live("verifyPeer without authz refuses every one of them too, and then admits alice", () =>
+    leakFree(Effect.gen(function*() {
+      const server = yield* serverX509("server", { verifyPeer: true })
+      const ram = yield* sourceRam(1)
+      const dest = yield* startDestination(server.server)
+      for (const [name, issuer] of forged) {
+        const forger = yield* clientX509({}, name)
+        const exit = yield* noHang(Effect.exit(migrateTo(ram, tcp(LOOPBACK, dest.port), forger.client(LOOPBACK))), name)
+        expectCertificateRefused(failureOf(exit), `CN=alice (issued by ${issuer})`)
+      }
+      yield* noHang(dest.rejections(forged.length), "the destination's rejections")
+      expect(dest.fiber.unsafePoll()).toBeNull()
+      const alice = yield* clientX509({}, "alice")
+      yield* noHang(migrateTo(ram, tcp(LOOPBACK, dest.port), alice.client(LOOPBACK)), "alice")
+      const result = yield* noHang(Fiber.join(dest.fiber), "incoming")
+      expect(sameMemory(result.ram, ram)).toBe(true)
+      expect(result.rejected.map((r) => r.replace(/^.*?\): TLS handshake with .*?\): /, ""))).toEqual(
+        forged.map(([, , why]) => why)
+      )
+    })))
+
+  /** Destination certificates for localhost that the source must refuse, and why. */
+  const badServers: ReadonlyArray<readonly [name: string, why: string]> = [
+    ["expired-server", "the destination's certificate CN=localhost has expired (valid until Jan  1 00:00:00 2001 GMT)"],
+    [
+      "not-yet-valid-server",
+      "the destination's certificate CN=localhost is not valid yet (valid from Jan  1 00:00:00 2100 GMT)"
+    ],
+    [
+      "clientonly-server",
+      "the destination's certificate CN=localhost is not for server authentication (extendedKeyUsage clientAuth)"
+    ]
+  ]
+
+  for (const [name, why] of badServers) {
+    it.live(`the source refuses ${name} in one line; the destination asks whether its certificate was refused`, () =>
+      leakFree(Effect.gen(function*() {
+        const server = yield* serverX509(name)
+        const client = yield* clientX509({}, "alice")
+        const ram = yield* sourceRam(1)
+        const dest = yield* startDestination(server.server)
+        const [exit, elapsed] = yield* timed(
+          noHang(Effect.exit(migrateTo(ram, tcp(LOOPBACK, dest.port), client.client(LOOPBACK))), "migrate")
+        )
+        const tls = expectTlsFailure(failureOf(exit), "main", "Handshake")
+        expect(tls.message).toMatch(/^TLS handshake with tcp:127\.0\.0\.1:\d+ failed: /)
+        expect(tls.message.endsWith(why)).toBe(true)
+        expect(elapsed).toBeLessThan(PROMPT_MS)
+        yield* noHang(dest.rejections(1), "the destination's rejection")
+        // a Node source hangs up without an alert, before its Finished reaches the destination
+        expect(dest.logs.join("\n")).toMatch(
+          /: TLS handshake with .* failed: connection closed \(did the source refuse this destination's certificate CN=localhost\?\)$/
+        )
+        expect(dest.fiber.unsafePoll()).toBeNull()
+      })))
+  }
 })
 
 // ---------------------------------------------------------------------------------------------------------
@@ -639,6 +765,16 @@ describe("handshake faults", () => {
       const error = expectTlsFailure(failureOf(exit), "main", "Handshake")
       expect(error.message).toMatch(/^TLS handshake with tcp:127\.0\.0\.1:\d+ failed: /)
       expect(elapsed).toBeLessThan(PROMPT_MS)
+    })))
+
+  it.live("x509: a raw peer that drops the connection mid-handshake is not reported as a certificate problem", () =>
+    leakFree(Effect.gen(function*() {
+      const tls = yield* clientX509({}, "alice")
+      const peer = yield* rawPeer("drop")
+      const exit = yield* noHang(Effect.exit(migrateTo(yield* sourceRam(1), peer.address, tls.client(LOOPBACK))), "migrate")
+      const error = expectTlsFailure(failureOf(exit), "main", "Handshake")
+      expect(error.message).toMatch(/^TLS handshake with tcp:127\.0\.0\.1:\d+ failed: /)
+      expect(error.message).not.toContain("certificate")
     })))
 
   it.live("the destination drops channel k after its ClientHello: handshake error naming channel k", () =>
@@ -816,14 +952,67 @@ describe("configuration", () => {
       expect((yield* configError({})).message).toContain("no credentials")
     })))
 
-  it.live("load: a PSK file without the identity the source presents fails before any byte is sent", () =>
+  it.live("load: an explicit PSK identity without a key in the file fails at load, naming the file", () =>
     leakFree(Effect.gen(function*() {
-      const tls = yield* pskTls("keys.psk", { identity: "nobody" })
+      const e = yield* configError({ psk: fixture("keys.psk"), identity: "nobody" })
+      expect(e.message).toBe(`TLS configuration: PSK file ${fixture("keys.psk")} has no key for identity nobody`)
+    })))
+
+  it.live("checkClient: a PSK file without the default identity qemu is refused for a source before it connects", () =>
+    leakFree(Effect.gen(function*() {
+      const other = tmp("other.psk", "other:00ff\n")
+      yield* removing(other)
+      // a destination may use such a file (its sources present other identities)
+      const tls = yield* loadTls({ psk: other })
+      const e = yield* Effect.flip(Tls.checkClient(tls.settings))
+      expect(e.reason).toBe("Config")
+      expect(e.message).toBe(`TLS configuration: PSK file ${other} has no key for identity qemu`)
+      // and the source's upgrade refuses it too, before its first byte
       const ram = yield* sourceRam(1)
       const dest = yield* startDestination((yield* pskTls()).server)
       const exit = yield* noHang(Effect.exit(migrateTo(ram, tcp(LOOPBACK, dest.port), tls.client(undefined))), "migrate")
       const error = expectTlsFailure(failureOf(exit), "main", "Config")
-      expect(error.message).toContain("no key for identity nobody")
+      expect(error.message).toContain("no key for identity qemu")
+    })))
+
+  it.live("load: unusable x509 files are found at load, each named with its problem (nothing connects first)", () =>
+    leakFree(Effect.gen(function*() {
+      const garbage = tmp("garbage.pem", "this is not PEM at all\n")
+      const badBase64 = tmp("bad64.pem", "-----BEGIN CERTIFICATE-----\nMIIB!!!!not*base64\n-----END CERTIFICATE-----\n")
+      const badKey = tmp("badkey.pem", "-----BEGIN PRIVATE KEY-----\nMIIB!!!!not*base64\n-----END PRIVATE KEY-----\n")
+      const request = tmp("request.pem", "-----BEGIN CERTIFICATE REQUEST-----\nMIIB\n-----END CERTIFICATE REQUEST-----\n")
+      const { privateKey } = Crypto.generateKeyPairSync("ec", { namedCurve: "P-256" })
+      const encrypted = tmp(
+        "encrypted-key.pem",
+        privateKey.export({ format: "pem", type: "pkcs8", cipher: "aes-256-cbc", passphrase: "secret" }) as string
+      )
+      for (const path of [garbage, badBase64, badKey, request, encrypted]) yield* removing(path)
+      const aliceCert = fixture("alice-cert.pem")
+      const aliceKey = fixture("alice-key.pem")
+      const cases: ReadonlyArray<readonly [Tls.TlsConfig, string]> = [
+        [{ cert: garbage, key: aliceKey }, `certificate ${garbage} is not a PEM certificate`],
+        [{ cert: aliceKey, key: aliceKey }, `certificate ${aliceKey} holds a private key, not a certificate`],
+        [{ cert: request, key: aliceKey }, `certificate ${request} holds a CERTIFICATE REQUEST block, not a certificate`],
+        [{ cert: badBase64, key: aliceKey }, `certificate ${badBase64} is not a valid PEM certificate: bad base64 decode`],
+        [{ ca: garbage }, `CA certificate ${garbage} is not a PEM certificate`],
+        [{ ca: aliceKey }, `CA certificate ${aliceKey} holds a private key, not a certificate`],
+        [{ ca: badBase64 }, `CA certificate ${badBase64} is not a valid PEM certificate: bad base64 decode`],
+        [{ cert: aliceCert, key: garbage }, `private key ${garbage} is not a PEM private key`],
+        [{ cert: aliceCert, key: aliceCert }, `private key ${aliceCert} holds a certificate, not a private key`],
+        [{ cert: aliceCert, key: badKey }, `private key ${badKey} is not a valid private key: `],
+        [{ cert: aliceCert, key: encrypted }, `private key ${encrypted} is encrypted and no passphrase can be given`],
+        [
+          { cert: aliceCert, key: fixture("mallory-key.pem") },
+          `private key ${fixture("mallory-key.pem")} does not match certificate ${aliceCert} (CN=alice)`
+        ]
+      ]
+      for (const [config, problem] of cases) {
+        // Tls.make is what the CLI calls before it listens or connects
+        const error = yield* Effect.flip(Tls.make({ ca: fixture("ca-cert.pem"), ...config }))
+        expect({ config, reason: error.reason }).toEqual({ config, reason: "Config" })
+        expect(error.message).toContain(`TLS configuration: ${problem}`)
+        expectOneLine(error)
+      }
     })))
 
   const fromEnv = (env: Record<string, string>) =>

@@ -3,6 +3,7 @@
  * TCP and Unix sockets, real files. Every child has a bounded lifetime and is killed after its test.
  */
 import * as NodeContext from "@effect/platform-node/NodeContext"
+import * as Deferred from "effect/Deferred"
 import * as Effect from "effect/Effect"
 import * as ChildProcess from "node:child_process"
 import * as Crypto from "node:crypto"
@@ -96,6 +97,68 @@ const startRecv = async (args: ReadonlyArray<string>): Promise<Running & { reado
   })
   return { ...recv, uri }
 }
+
+/** Waits until the child's stderr matches `pattern` (or fails if it ends first). */
+const waitForStderr = (running: Running, pattern: RegExp): Promise<void> =>
+  new Promise<void>((resolve, reject) => {
+    const check = () => {
+      if (pattern.test(running.stderr())) {
+        running.child.stderr!.off("data", check)
+        resolve()
+      }
+    }
+    running.child.stderr!.on("data", check)
+    check()
+    void running.finished.then((f) => reject(new Error(`ended (${f.code}) before ${pattern}: ${f.stderr}`)))
+  })
+
+/**
+ * Runs `recv` in this process until it ends, or until it prints its listening line (then it is interrupted:
+ * it should not have started listening). `listened` tells which.
+ */
+const runRecvHereUntilListening = (args: ReadonlyArray<string>): Promise<Finished & { readonly listened: boolean }> =>
+  Effect.gen(function*() {
+    const stderr: Array<string> = []
+    const listening = yield* Deferred.make<void>()
+    const console = yield* Effect.console
+    const capture = {
+      ...console,
+      log: () => Effect.void,
+      error: (...parts: ReadonlyArray<unknown>) =>
+        Effect.suspend(() => {
+          const line = parts.join(" ")
+          stderr.push(`${line}\n`)
+          return line.startsWith("multifd: listening on ") ? Deferred.succeed(listening, undefined) : Effect.void
+        })
+    }
+    const run = Cli.main(["node", "multifd", "recv", ...args]).pipe(
+      Effect.withConsole(capture),
+      Effect.provide(NodeContext.layer)
+    )
+    const outcome = yield* Effect.raceFirst(
+      Effect.map(run, (code): { code: number | null; listened: boolean } => ({ code, listened: false })),
+      Effect.as(Deferred.await(listening), { code: null, listened: true })
+    )
+    return { ...outcome, signal: null, stdout: "", stderr: stderr.join("") }
+  }).pipe(Effect.runPromise)
+
+/** A plain TCP server that counts the connections it accepts (and closes them); closed by `close`. */
+const countingServer = () =>
+  new Promise<{ readonly port: number; readonly connections: () => number; readonly close: () => Promise<void> }>(
+    (resolve) => {
+      let connections = 0
+      const server = Net.createServer((socket) => {
+        connections++
+        socket.destroy()
+      })
+      server.listen(0, "127.0.0.1", () =>
+        resolve({
+          port: (server.address() as Net.AddressInfo).port,
+          connections: () => connections,
+          close: () => new Promise<void>((done) => server.close(() => done()))
+        }))
+    }
+  )
 
 /** Lines of output, without empty ones. */
 const lines = (text: string) => text.split("\n").filter((l) => l.trim().length > 0)
@@ -242,10 +305,91 @@ describe("multifd over TLS", () => {
     refusing.child.kill("SIGINT")
     const refused = await refusing.finished
     expect(mallory.code).toBe(1)
-    expect(lines(mallory.stderr)).toEqual([expect.stringMatching(/^multifd: error: .*refused this source \(TLS authorization\)/)])
+    expect(lines(mallory.stderr)).toEqual([
+      expect.stringMatching(/^multifd: error: TLS handshake with .*most likely refused this source's certificate CN=mallory/)
+    ])
     noStack(mallory.stderr)
     expect(refused.code).not.toBe(0)
     expect(filesLike("x509-refused.out")).toEqual([])
+  })
+
+  it("recv --tls-authz alice refuses a forged self-signed alice (both say why in one line) and then migrates the real alice", async () => {
+    const server = ["--tls-ca", tlsFile("ca-cert.pem"), "--tls-cert", tlsFile("server-cert.pem"), "--tls-key", tlsFile("server-key.pem")]
+    const client = (who: string) => ["--tls-ca", tlsFile("ca-cert.pem"), "--tls-cert", tlsFile(`${who}-cert.pem`), "--tls-key", tlsFile(`${who}-key.pem`)]
+    const out = Path.join(dir, "forged.out")
+    const recv = await startRecv(["tcp:127.0.0.1:0", "--out", out, ...server, "--tls-authz", "alice"])
+    const forged = await run(["send", recv.uri, "--in", image, ...client("selfsigned-alice")])
+    expect(forged.code).toBe(1)
+    expect(lines(forged.stderr)).toEqual([
+      expect.stringMatching(
+        /^multifd: error: TLS handshake with tcp:127\.0\.0\.1:\d+: the destination closed the connection right after the TLS handshake, without answering: it most likely refused this source's certificate CN=alice \(issued by CN=alice\); its log says why$/
+      )
+    ])
+    noStack(forged.stderr)
+    // the destination says why in one line, wrote nothing, and is still waiting
+    await waitForStderr(recv, /^multifd: warning: rejected a connection/m)
+    expect(lines(recv.stderr()).at(-1)).toMatch(
+      /^multifd: warning: rejected a connection from .*: TLS handshake with .*: client certificate CN=alice is not trusted: self-signed certificate$/
+    )
+    expect(Fs.existsSync(out)).toBe(false)
+    expect(recv.child.exitCode).toBeNull()
+
+    const alice = await run(["send", recv.uri, "--in", image, ...client("alice")])
+    const received = await recv.finished
+    expect({ send: alice.code, recv: received.code, stderr: alice.stderr + received.stderr }).toMatchObject({ send: 0, recv: 0 })
+    expect(Fs.readFileSync(out).equals(Fs.readFileSync(image))).toBe(true)
+    expect(lines(received.stderr)).toHaveLength(3) // listening, the rejection, the summary
+  })
+
+  it("unusable TLS credentials: exit 2 with one line naming the file, before recv listens or send connects", async () => {
+    const garbage = Path.join(dir, "garbage.pem")
+    Fs.writeFileSync(garbage, "not a certificate\n")
+    const otherPsk = Path.join(dir, "other.psk")
+    Fs.writeFileSync(otherPsk, "other:00ff\n")
+    const encrypted = Path.join(dir, "encrypted-key.pem")
+    const { privateKey } = Crypto.generateKeyPairSync("ec", { namedCurve: "P-256" })
+    Fs.writeFileSync(encrypted, privateKey.export({ format: "pem", type: "pkcs8", cipher: "aes-256-cbc", passphrase: "pw" }))
+    const pair = (cert: string, key: string) => ["--tls-cert", cert, "--tls-key", key]
+    const server = pair(tlsFile("server-cert.pem"), tlsFile("server-key.pem"))
+
+    const recvCases: ReadonlyArray<readonly [ReadonlyArray<string>, string]> = [
+      [pair(garbage, tlsFile("server-key.pem")), `certificate ${garbage} is not a PEM certificate`],
+      [pair(tlsFile("server-key.pem"), tlsFile("server-key.pem")), `certificate ${tlsFile("server-key.pem")} holds a private key`],
+      [pair(tlsFile("server-cert.pem"), tlsFile("mallory-key.pem")), `private key ${tlsFile("mallory-key.pem")} does not match certificate ${tlsFile("server-cert.pem")}`],
+      [pair(tlsFile("server-cert.pem"), encrypted), `private key ${encrypted} is encrypted`],
+      [[...server, "--tls-ca", tlsFile("alice-key.pem"), "--tls-verify-peer"], `CA certificate ${tlsFile("alice-key.pem")} holds a private key`],
+      [[...server, "--tls-ca", garbage, "--tls-authz", "alice"], `CA certificate ${garbage} is not a PEM certificate`]
+    ]
+    for (const [args, problem] of recvCases) {
+      const result = await runRecvHereUntilListening(["tcp:127.0.0.1:0", "--out", Path.join(dir, "never.out"), ...args])
+      expect({ args, code: result.code, listened: result.listened }).toEqual({ args, code: 2, listened: false })
+      expect(lines(result.stderr)).toHaveLength(1)
+      expect(lines(result.stderr)[0]!.startsWith(`multifd: error: TLS configuration: ${problem}`), result.stderr).toBe(true)
+      noStack(result.stderr)
+    }
+    expect(filesLike("never.out")).toEqual([])
+
+    // send: a plain TCP server counts connections; none is made
+    const counter = await countingServer()
+    try {
+      const sendCases: ReadonlyArray<readonly [ReadonlyArray<string>, string]> = [
+        [["--tls-ca", garbage], `CA certificate ${garbage} is not a PEM certificate`],
+        [["--tls-ca", tlsFile("ca-cert.pem"), ...pair(tlsFile("alice-cert.pem"), garbage)], `private key ${garbage} is not a PEM private key`],
+        [["--tls-ca", tlsFile("ca-cert.pem"), ...pair(tlsFile("alice-cert.pem"), tlsFile("mallory-key.pem"))], `private key ${tlsFile("mallory-key.pem")} does not match`],
+        [["--tls-psk", otherPsk], `PSK file ${otherPsk} has no key for identity qemu`],
+        [["--tls-psk", tlsFile("keys.psk"), "--tls-identity", "nobody"], `PSK file ${tlsFile("keys.psk")} has no key for identity nobody`]
+      ]
+      for (const [args, problem] of sendCases) {
+        const result = await runHere(["send", `tcp:127.0.0.1:${counter.port}`, "--in", image, "--timeout", "2s", ...args])
+        expect({ args, code: result.code }).toEqual({ args, code: 2 })
+        expect(lines(result.stderr)).toHaveLength(1)
+        expect(lines(result.stderr)[0]!.startsWith(`multifd: error: TLS configuration: ${problem}`), result.stderr).toBe(true)
+        noStack(result.stderr)
+      }
+      expect(counter.connections()).toBe(0)
+    } finally {
+      await counter.close()
+    }
   })
 
   it("send checks the destination's certificate against the uri's host, or --tls-hostname", async () => {

@@ -21,7 +21,8 @@ export const timeoutsOf = (timing: Options.Timing): Partial<Migration.Timeouts> 
 
 /**
  * The TLS service the flags ask for, if any: flags that do not fit together, or TLS to a `file:` address,
- * are a `UsageError`; unreadable credentials a `TlsError` with reason `Config` (both exit 2).
+ * are a `UsageError`; unreadable or unusable credentials (checked here, before anything listens or connects)
+ * a `TlsError` with reason `Config` (both exit 2).
  */
 export const tlsOf = (
   flags: Options.TlsFlags,
@@ -36,5 +37,7 @@ export const tlsOf = (
         ? Effect.succeed(undefined)
         : uri._tag === "File"
         ? Effect.fail(new UsageError({ detail: "TLS does not apply to a file: snapshot" }))
+        : role === "send"
+        ? Effect.tap(Tls.make(config), (tls) => Tls.checkClient(tls.settings))
         : Tls.make(config)
   })
