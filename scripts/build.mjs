@@ -1,6 +1,7 @@
 // `npm run build`: the library as ES modules with declarations (tsc, dist/*.js + *.d.ts) and the `multifd`
-// command as one bundled file (esbuild, dist/bin/multifd.js), which starts in a fraction of the time that
-// loading a few hundred module files takes. Plain JavaScript so that it runs before anything is compiled.
+// command as one bundled file (esbuild, dist/bin/multifd.js, with its digest worker beside it), which starts
+// in a fraction of the time that loading a few hundred module files takes. Plain JavaScript so that it runs
+// before anything is compiled.
 import * as ChildProcess from "node:child_process"
 import * as Fs from "node:fs"
 import * as Path from "node:path"
@@ -18,8 +19,13 @@ const compiled = ChildProcess.spawnSync(process.execPath, [tsc, "-p", Path.join(
 if (compiled.status !== 0) process.exit(compiled.status ?? 1)
 
 await Esbuild.build({
-  entryPoints: [Path.join(root, "src", "cli", "main.ts")],
-  outfile: Path.join(dist, "bin", "multifd.js"),
+  // the digest's worker thread beside the command: the bundle starts it from `./digestWorker.js` relative to
+  // its own `import.meta.url`, as the library does from dist/internal
+  entryPoints: {
+    multifd: Path.join(root, "src", "cli", "main.ts"),
+    digestWorker: Path.join(root, "src", "internal", "digestWorker.ts")
+  },
+  outdir: Path.join(dist, "bin"),
   bundle: true,
   platform: "node",
   format: "esm",

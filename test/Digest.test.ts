@@ -1,14 +1,21 @@
 /**
- * The digest's own XXH3-128 (a WebAssembly SIMD stripe loop, `src/internal/xxh3.ts`) against hash-wasm's, and
- * every way a digest reaches memory: in place in memory from `GuestRam.allocate`, through a copy from other
- * shared memory or from plain memory, on this thread and on worker threads, and a pool of threads shared by
- * concurrent and interrupted digests.
+ * The digest's own XXH3-128 (a WebAssembly SIMD stripe loop assembled from `src/internal/xxh3.wat`, short
+ * inputs in TypeScript) against hash-wasm's, and every way a digest reaches memory: in place in memory from
+ * `GuestRam.allocate`, through a copy from other shared memory or from plain memory, on this thread and on
+ * worker threads, a pool of threads shared by concurrent and interrupted digests, and threads that fail.
  */
 import { describe, expect, it } from "@effect/vitest"
+import * as Cause from "effect/Cause"
+import * as Deferred from "effect/Deferred"
 import * as Effect from "effect/Effect"
+import * as Exit from "effect/Exit"
 import * as Fiber from "effect/Fiber"
+import * as Option from "effect/Option"
+import * as Queue from "effect/Queue"
 import * as HashWasm from "hash-wasm"
 import * as Crypto from "node:crypto"
+import * as Fs from "node:fs"
+import wabtInit from "wabt"
 import * as GuestRam from "../src/GuestRam.js"
 import * as Digest from "../src/internal/digest.js"
 import * as Xxh3 from "../src/internal/xxh3.js"
@@ -41,6 +48,36 @@ const randomInto = <B extends Uint8Array>(bytes: B): B => {
 }
 
 describe("XXH3-128 (internal/xxh3)", () => {
+  it.effect("embeds the module that xxh3.wat assembles to, byte for byte (npm run build:wasm regenerates it)", () =>
+    Effect.promise(async () => {
+      const features = { simd: true, threads: true }
+      const text = Fs.readFileSync(new URL("../src/internal/xxh3.wat", import.meta.url), "utf8")
+      const parsed = (await wabtInit()).parseWat("xxh3.wat", text, features)
+      try {
+        expect(Buffer.from(Xxh3.moduleBytes).equals(Buffer.from(parsed.toBinary({}).buffer))).toBe(true)
+      } finally {
+        parsed.destroy()
+      }
+    }))
+
+  it.effect("matches hash-wasm at every length from 0 to 256 (the short paths, then the stripe loop)", () =>
+    Effect.promise(async () => {
+      const memory = new Xxh3.Wasm.Memory({ initial: 1, maximum: 1, shared: true })
+      const all = new Uint8Array(memory.buffer)
+      for (let length = 0; length <= 256; length++) {
+        for (let round = 0; round < 4; round++) {
+          // random contents at an odd offset, and the two fills where a byte mix-up would cancel out
+          const bytes = all.subarray(7, 7 + length)
+          if (round < 2) randomInto(bytes)
+          else bytes.fill(round === 2 ? 0 : 0xff)
+          expect(inPlace(memory, bytes), `length ${length}, round ${round}`).toBe(await reference(bytes))
+        }
+        // from plain memory too (the short paths read no WebAssembly memory)
+        const plain = randomInto(new Uint8Array(length))
+        expect(Xxh3.finish(Xxh3.INITIAL_ACCUMULATORS, plain).toString("hex")).toBe(await reference(plain))
+      }
+    }))
+
   it.effect("matches hash-wasm at every length class of the long path, block and stripe boundaries included", () =>
     Effect.promise(async () => {
       const lengths = [241, 255, 256, 511, 512, 1023, 1024, 1025, 1087, 1088, 1089, 2047, 2048, 2049, 4096, 16391, 65536, 1048576 + 64]
@@ -59,10 +96,6 @@ describe("XXH3-128 (internal/xxh3)", () => {
         expect(inPlace(memory, bytes)).toBe(await reference(bytes))
       }
     }))
-
-  it("refuses an input shorter than the long path instead of hashing it wrong", () => {
-    expect(() => Xxh3.finish(Xxh3.INITIAL_ACCUMULATORS, new Uint8Array(Xxh3.MIN_LENGTH - 1))).toThrow(RangeError)
-  })
 
   it("finish takes signed accumulators as WebAssembly hands them out", () => {
     const bytes = randomInto(new Uint8Array(300))
@@ -136,4 +169,59 @@ describe("GuestRam.digest reaches memory every way and agrees", () => {
       expect(stillHashing).toBe(true)
       yield* Fiber.join(digest)
     }))
+})
+
+describe("digest worker threads (internal/digestWorker)", () => {
+  /** Memory of three chunks: this thread takes one, and the workers of a pool of two the others. */
+  const threeChunks = () => randomInto(GuestRam.allocate(2 * GuestRam.DIGEST_CHUNK + 4096))
+
+  /** The defect a digest died of, which must be a worker's failure. */
+  const failureOf = <A>(exit: Exit.Exit<A>) => {
+    expect(Exit.isFailure(exit)).toBe(true)
+    const defect = Exit.isFailure(exit) ? Cause.dieOption(exit.cause) : Option.none()
+    expect(Option.isSome(defect) && defect.value).toBeInstanceOf(Digest.WorkerFailed)
+    return Option.getOrThrow(defect) as Digest.WorkerFailed
+  }
+
+  it.effect("a pool's threads hash three chunks right, and end when the pool's scope closes", () =>
+    Effect.gen(function*() {
+      const bytes = threeChunks()
+      const expected = yield* Effect.promise(() => referenceDigest(bytes))
+      const threads = yield* Effect.scoped(Effect.gen(function*() {
+        const pool = yield* Digest.pool(2)
+        expect(yield* Digest.digestAll([bytes], pool)).toEqual([expected])
+        const workers = Array.from(yield* Queue.takeAll(pool.idle))
+        yield* Queue.offerAll(pool.idle, workers)
+        expect(workers.map((w) => w.thread.threadId)).not.toContain(-1)
+        return workers.map((w) => w.thread)
+      }))
+      expect(threads).toHaveLength(2)
+      // a terminated worker's id is -1
+      expect(threads.map((t) => t.threadId)).toEqual([-1, -1])
+    }))
+
+  it.effect("a thread that throws fails the digest with a clear error (and does not crash this process while idle)", () =>
+    Effect.gen(function*() {
+      const pool = yield* Digest.pool(1)
+      const w = yield* Queue.take(pool.idle)
+      // a request the worker cannot read: its message handler throws
+      w.thread.postMessage({ id: 0, bytes: null, blocks: 1 })
+      yield* Effect.flip(Deferred.await(w.failed))
+      yield* Queue.offer(pool.idle, w)
+      const failure = failureOf(yield* Effect.exit(Digest.digestAll([threeChunks()], pool)))
+      expect(failure.message).toMatch(/^digest worker thread failed: .*null/)
+    }).pipe(Effect.scoped))
+
+  it.effect("a thread that exits while hashing fails the digest instead of leaving it waiting", () =>
+    Effect.gen(function*() {
+      const pool = yield* Digest.pool(1)
+      const w = yield* Queue.take(pool.idle)
+      yield* Queue.offer(pool.idle, w)
+      const digest = yield* Effect.fork(Digest.digestAll([threeChunks()], pool))
+      // the digest has borrowed the worker: its request is posted
+      while ((yield* Queue.size(pool.idle)) > 0) yield* Effect.yieldNow()
+      yield* Effect.promise(() => w.thread.terminate())
+      const failure = failureOf(yield* Fiber.await(digest))
+      expect(failure.message).toBe("digest worker thread exited (code 1)")
+    }).pipe(Effect.scoped))
 })

@@ -1,12 +1,14 @@
 /**
  * The npm package as a user gets it: `npm pack` (which builds `dist/` on `prepare`), the tarball installed into
- * an empty project, the library imported by its name under plain `node` (a real migration over loopback), a
- * TypeScript consumer type-checked against the published declarations, and `npx multifd --help`.
+ * an empty project, the library imported by its name under plain `node` (a real migration over loopback,
+ * digests on worker threads), the bundled command's digest worker, a TypeScript consumer type-checked against
+ * the published declarations, and `npx multifd --help`.
  *
  * The package is packed from a copy of the sources in a temporary directory, so that this test never rebuilds
  * the repository's own `dist/` under the feet of anything else.
  */
 import * as ChildProcess from "node:child_process"
+import * as Crypto from "node:crypto"
 import * as Fs from "node:fs"
 import * as Os from "node:os"
 import * as Path from "node:path"
@@ -72,7 +74,18 @@ afterAll(() => {
 
 describe("the npm package", () => {
   it("ships the compiled library, its declarations and the command, and no tests, keys or benchmarks", () => {
-    for (const file of ["dist/index.js", "dist/index.d.ts", "dist/Migration.js", "dist/Migration.d.ts", "dist/bin/multifd.js", "README.md"]) {
+    for (
+      const file of [
+        "dist/index.js",
+        "dist/index.d.ts",
+        "dist/Migration.js",
+        "dist/Migration.d.ts",
+        "dist/internal/digestWorker.js",
+        "dist/bin/multifd.js",
+        "dist/bin/digestWorker.js",
+        "README.md"
+      ]
+    ) {
       expect(packed).toContain(file)
     }
     const stray = packed.filter((f) => /^(test|bench|examples|\.ci)\/|\.(psk|pem)$|^src\/cli\//.test(f))
@@ -102,6 +115,41 @@ describe("the npm package", () => {
     Fs.writeFileSync(file, script)
     const ran = ok(run(process.execPath, [file], consumer, 60_000), "node consume.mjs")
     expect(JSON.parse(ran.stdout.trim())).toEqual({ ramBytes: 4 * 1024 * 1024, same: true, magic: 0x11223344 })
+  })
+
+  it("digests on worker threads started from the compiled library (dist/internal/digestWorker.js)", () => {
+    // three chunks, hashed by this thread and a pool of two workers, and again by this thread alone (plain
+    // memory is never given to workers): both must agree. The pool comes from the internal module itself, so
+    // that workers are used however many cores the machine has.
+    const script = `
+      import * as Effect from "effect/Effect"
+      import * as Crypto from "node:crypto"
+      import { GuestRam } from "effect-multifd"
+      const Digest = await import(new URL("./node_modules/effect-multifd/dist/internal/digest.js", import.meta.url).href)
+      const size = 2 * GuestRam.DIGEST_CHUNK + 4096
+      const shared = GuestRam.allocate(size)
+      for (let at = 0; at < size; at += 65536) Crypto.randomFillSync(shared, at, Math.min(65536, size - at))
+      const onWorkers = Effect.scoped(Effect.flatMap(Digest.pool(2), (pool) => Digest.digestAll([shared], pool)))
+      const here = Effect.flatMap(GuestRam.make({ blocks: [{ name: "mem", bytes: Uint8Array.from(shared) }] }), GuestRam.digest)
+      const [[workers], [alone]] = await Effect.runPromise(Effect.all([onWorkers, here]))
+      console.log(JSON.stringify({ same: workers === alone.digest, length: workers.length }))
+    `
+    const file = Path.join(consumer, "digest.mjs")
+    Fs.writeFileSync(file, script)
+    const ran = ok(run(process.execPath, [file], consumer, 60_000), "node digest.mjs")
+    expect(JSON.parse(ran.stdout.trim())).toEqual({ same: true, length: 64 })
+  })
+
+  it("the bundled command's digests run on its worker (dist/bin/digestWorker.js): a snapshot saved and restored", () => {
+    // two chunks of shared memory: the digests of save and restore take a worker on any machine with two cores
+    const image = Path.join(work, "guest.img")
+    const restored = Path.join(work, "restored.img")
+    const snapshot = Path.join(work, "guest.snap")
+    Fs.writeFileSync(image, Crypto.randomBytes(64 * 1024 * 1024 + 4096))
+    const multifd = Path.join(consumer, "node_modules", "effect-multifd", "dist", "bin", "multifd.js")
+    ok(run(process.execPath, [multifd, "send", `file:${snapshot}`, "--in", image], consumer, 60_000), "multifd send file:")
+    ok(run(process.execPath, [multifd, "recv", `file:${snapshot}`, "--out", restored], consumer, 60_000), "multifd recv file:")
+    expect(Fs.readFileSync(restored).equals(Fs.readFileSync(image))).toBe(true)
   })
 
   it("type-checks a TypeScript consumer against the published declarations (and rejects a wrong one)", () => {

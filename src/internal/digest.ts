@@ -2,18 +2,22 @@
  * Digests of guest memory: SHA-256 over the XXH3-128 of each 64 MiB chunk (XXH3 several GiB/s a core where
  * SHA-256 manages one: the digest is checked while a migration is paused). The XXH3 stripe loop
  * (`internal/xxh3`) reads memory from `allocate` where it lies and copies other memory into a
- * scratch memory first. Shared memory is hashed by worker threads and the calling thread in parallel; other
- * memory by the calling thread alone. The calling thread yields every 4 MiB.
+ * scratch memory first. Shared memory is hashed by worker threads (`internal/digestWorker`) and the calling
+ * thread in parallel; other memory by the calling thread alone. The calling thread yields every 4 MiB.
  *
  * @internal
  */
+import * as Data from "effect/Data"
+import * as Deferred from "effect/Deferred"
 import * as Effect from "effect/Effect"
+import * as Exit from "effect/Exit"
 import * as Option from "effect/Option"
 import * as Queue from "effect/Queue"
 import type * as Scope from "effect/Scope"
 import * as Crypto from "node:crypto"
 import * as Os from "node:os"
 import * as WorkerThreads from "node:worker_threads"
+import type * as DigestWorker from "./digestWorker.js"
 import * as Xxh3 from "./xxh3.js"
 
 /** Chunk size of the digest tree. */
@@ -22,33 +26,6 @@ export const CHUNK = 64 * 1024 * 1024
 /** Bytes the stripe loop takes between two yields (and the size of a scratch memory). */
 const SLICE = 4 * 1024 * 1024
 const SLICE_BLOCKS = SLICE / Xxh3.BLOCK
-
-/**
- * A worker's message loop: runs a chunk's full blocks through the module, in place when the chunk comes
- * with its WebAssembly memory, through a scratch memory otherwise, and answers with the accumulators.
- */
-const workerSource = `
-const { parentPort, workerData: { module, initial, slice, block } } = require("node:worker_threads")
-let scratch
-parentPort.on("message", ({ id, memory, bytes, offset, blocks }) => {
-  if (!memory && !scratch) {
-    const own = new WebAssembly.Memory({ initial: slice / 65536, maximum: slice / 65536, shared: true })
-    scratch = { view: new Uint8Array(own.buffer), exports: new WebAssembly.Instance(module, { env: { memory: own } }).exports }
-  }
-  const exports = memory ? new WebAssembly.Instance(module, { env: { memory } }).exports : scratch.exports
-  initial.forEach((value, i) => (exports["a" + i].value = value))
-  for (let done = 0; done < blocks;) {
-    const n = Math.min(blocks - done, slice / block)
-    if (memory) exports.blocks(offset + done * block, n)
-    else {
-      scratch.view.set(bytes.subarray(done * block, (done + n) * block))
-      exports.blocks(0, n)
-    }
-    done += n
-  }
-  parentPort.postMessage({ id, accumulators: initial.map((_, i) => exports["a" + i].value) })
-})
-`
 
 // ---------------------------------------------------------------------------------------------------------
 // Guest memory that the XXH3 module reads in place.
@@ -82,57 +59,89 @@ interface Chunk {
   readonly bytes: Uint8Array
 }
 
-/** A hashing worker thread, terminated when the scope closes. */
-const worker = Effect.acquireRelease(
-  Effect.sync(() =>
-    new WorkerThreads.Worker(workerSource, {
-      eval: true,
-      workerData: { module: Xxh3.module(), initial: Xxh3.INITIAL_ACCUMULATORS, slice: SLICE, block: Xxh3.BLOCK }
+/** A hashing thread failed: it threw, or it exited (the digest it was hashing for fails with this). */
+export class WorkerFailed extends Data.TaggedError("WorkerFailed")<{ readonly reason: string }> {
+  override get message() {
+    return `digest worker thread ${this.reason}`
+  }
+}
+
+/** A hashing thread, and its failure once it threw or exited. */
+export interface Worker {
+  readonly thread: WorkerThreads.Worker
+  readonly failed: Deferred.Deferred<never, WorkerFailed>
+}
+
+/**
+ * Starts a thread on the worker module beside this one: `digestWorker.js`, compiled (the library in `dist/`,
+ * and the bundled command, whose build puts it beside the bundle), or, when this module runs from its
+ * TypeScript source (tests, `npm run multifd`), `digestWorkerSource.mjs`, which loads `digestWorker.ts`
+ * through tsx (a worker thread does not inherit its parent's TypeScript loader).
+ */
+const startThread = (workerData: DigestWorker.WorkerData): WorkerThreads.Worker =>
+  new WorkerThreads.Worker(
+    new URL(import.meta.url.endsWith(".ts") ? "./digestWorkerSource.mjs" : "./digestWorker.js", import.meta.url),
+    { workerData }
+  )
+
+/**
+ * A hashing thread, terminated when the scope closes. It is watched from its start to its end: an exception
+ * in it or its exit completes `failed`, which fails the digest it hashes for (or the next one, if idle).
+ */
+const worker: Effect.Effect<Worker, never, Scope.Scope> = Effect.acquireRelease(
+  Effect.gen(function*() {
+    const failed = yield* Deferred.make<never, WorkerFailed>()
+    const thread = startThread({ module: Xxh3.module(), scratch: SLICE })
+    const fail = (reason: string) => Deferred.unsafeDone(failed, Exit.fail(new WorkerFailed({ reason })))
+    const onError = (error: Error) => fail(`failed: ${error.message}`)
+    const onExit = (code: number) => fail(`exited (code ${code})`)
+    thread.on("error", onError).on("exit", onExit)
+    return { thread, failed, unwatch: () => thread.off("error", onError).off("exit", onExit) }
+  }),
+  ({ thread, unwatch }) =>
+    Effect.promise(() => {
+      unwatch()
+      return thread.terminate()
     })
-  ),
-  (w) => Effect.promise(() => w.terminate())
 )
 
 let requests = 0
 
 /**
- * Hashes a chunk on a worker. Every request has its own id: the answer to a request whose digest was
- * interrupted may still come, and is not taken for the next one.
+ * Hashes a chunk on a worker, or fails as soon as the worker does. Every request has its own id: the answer
+ * to a request whose digest was interrupted may still come, and is not taken for the next one.
  */
-const hashOn = (w: WorkerThreads.Worker, chunk: Chunk) =>
-  Effect.async<Buffer, Error>((resume) => {
-    const id = ++requests
-    const onMessage = (answer: { readonly id: number; readonly accumulators: ReadonlyArray<bigint> }) => {
-      if (answer.id !== id) return
-      stop()
-      resume(Effect.sync(() => Xxh3.finish(answer.accumulators, chunk.bytes)))
-    }
-    const onError = (error: Error) => {
-      stop()
-      resume(Effect.fail(error))
-    }
-    const stop = () => {
-      w.off("message", onMessage)
-      w.off("error", onError)
-    }
-    w.on("message", onMessage)
-    w.once("error", onError)
-    const memory = memoryOf(chunk.bytes)
-    const blocks = Xxh3.fullBlocks(chunk.bytes.length)
-    w.postMessage(memory ? { id, memory, offset: chunk.bytes.byteOffset, blocks } : { id, bytes: chunk.bytes, blocks })
-    return Effect.sync(stop)
-  })
+const hashOn = (w: Worker, chunk: Chunk): Effect.Effect<Buffer, WorkerFailed> =>
+  Effect.raceFirst(
+    Deferred.await(w.failed),
+    Effect.async<Buffer>((resume) => {
+      const id = ++requests
+      const onMessage = (answer: DigestWorker.Answer) => {
+        if (answer.id !== id) return
+        w.thread.off("message", onMessage)
+        resume(Effect.sync(() => Xxh3.finish(answer.accumulators, chunk.bytes)))
+      }
+      w.thread.on("message", onMessage)
+      const memory = memoryOf(chunk.bytes)
+      const blocks = Xxh3.fullBlocks(chunk.bytes.length)
+      const request: DigestWorker.Request = memory
+        ? { id, memory, offset: chunk.bytes.byteOffset, blocks }
+        : { id, bytes: chunk.bytes, blocks }
+      w.thread.postMessage(request)
+      return Effect.sync(() => w.thread.off("message", onMessage))
+    })
+  )
 
 /** Hashing threads started ahead of the digests that use them (a thread takes tens of milliseconds to start). */
 export interface Pool {
   readonly size: number
-  readonly idle: Queue.Queue<WorkerThreads.Worker>
+  readonly idle: Queue.Queue<Worker>
 }
 
 /** Starts `threads` hashing threads (by default one per core but one), terminated when the scope closes. */
 export const pool = (threads: number = Os.availableParallelism() - 1): Effect.Effect<Pool, never, Scope.Scope> =>
   Effect.gen(function*() {
-    const idle = yield* Queue.unbounded<WorkerThreads.Worker>()
+    const idle = yield* Queue.unbounded<Worker>()
     for (let i = 0; i < threads; i++) yield* Queue.offer(idle, yield* worker)
     return { size: threads, idle }
   })
