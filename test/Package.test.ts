@@ -23,17 +23,24 @@ interface Ran {
   readonly stderr: string
 }
 
-const run = (command: string, args: ReadonlyArray<string>, cwd: string, timeoutMs = 240_000): Ran => {
-  const result = ChildProcess.spawnSync(command, args, {
-    cwd,
-    encoding: "utf8",
-    timeout: timeoutMs,
-    env: { ...process.env, NO_COLOR: "1", npm_config_update_notifier: "false", npm_config_fund: "false" }
+/** Runs a command to its end (asynchronously: a blocked event loop would stall the test runner's messages). */
+const run = (command: string, args: ReadonlyArray<string>, cwd: string, timeoutMs = 240_000): Promise<Ran> =>
+  new Promise((resolve) => {
+    const child = ChildProcess.spawn(command, args, {
+      cwd,
+      timeout: timeoutMs,
+      killSignal: "SIGKILL",
+      env: { ...process.env, NO_COLOR: "1", npm_config_update_notifier: "false", npm_config_fund: "false" }
+    })
+    let stdout = ""
+    let stderr = ""
+    child.stdout.setEncoding("utf8").on("data", (s: string) => (stdout += s))
+    child.stderr.setEncoding("utf8").on("data", (s: string) => (stderr += s))
+    child.once("close", (code) => resolve({ code, stdout, stderr }))
   })
-  return { code: result.status, stdout: result.stdout ?? "", stderr: result.stderr ?? "" }
-}
 
-const ok = (ran: Ran, what: string): Ran => {
+const ok = async (running: Promise<Ran>, what: string): Promise<Ran> => {
+  const ran = await running
   if (ran.code !== 0) throw new Error(`${what} exited ${ran.code}:\n${ran.stdout}\n${ran.stderr}`)
   return ran
 }
@@ -42,7 +49,7 @@ let work: string
 let packed: ReadonlyArray<string>
 let consumer: string
 
-beforeAll(() => {
+beforeAll(async () => {
   work = Fs.mkdtempSync(Path.join(Os.tmpdir(), "multifd-package-"))
   // a copy of what `npm pack` reads, with the repository's node_modules for the build tools
   const source = Path.join(work, "source")
@@ -51,7 +58,7 @@ beforeAll(() => {
     Fs.cpSync(Path.join(ROOT, entry), Path.join(source, entry), { recursive: true })
   }
   Fs.symlinkSync(Path.join(ROOT, "node_modules"), Path.join(source, "node_modules"), "dir")
-  const pack = ok(run(NPM, ["pack", "--json", "--pack-destination", work], source), "npm pack")
+  const pack = await ok(run(NPM, ["pack", "--json", "--pack-destination", work], source), "npm pack")
   const [info] = JSON.parse(pack.stdout.slice(pack.stdout.indexOf("["))) as Array<
     { readonly filename: string; readonly files: ReadonlyArray<{ readonly path: string }> }
   >
@@ -62,7 +69,7 @@ beforeAll(() => {
   Fs.writeFileSync(Path.join(consumer, "package.json"), JSON.stringify({ name: "consumer", private: true, type: "module" }))
   // the registry's packages come from npm's cache where it has them (`npm ci` filled it); install scripts are
   // not needed here (without the native zstd build, zstd reports itself unavailable, which is tested elsewhere)
-  ok(
+  await ok(
     run(NPM, ["install", "--prefer-offline", "--ignore-scripts", "--no-audit", "--no-fund", Path.join(work, info!.filename)], consumer),
     "npm install of the tarball"
   )
@@ -92,7 +99,7 @@ describe("the npm package", () => {
     expect(stray).toEqual([])
   })
 
-  it("imports by name under plain node and migrates 4 MiB over loopback", () => {
+  it("imports by name under plain node and migrates 4 MiB over loopback", async () => {
     const script = `
       import * as Effect from "effect/Effect"
       import { GuestRam, Migration, Transport } from "effect-multifd"
@@ -113,11 +120,11 @@ describe("the npm package", () => {
     `
     const file = Path.join(consumer, "consume.mjs")
     Fs.writeFileSync(file, script)
-    const ran = ok(run(process.execPath, [file], consumer, 60_000), "node consume.mjs")
+    const ran = await ok(run(process.execPath, [file], consumer, 60_000), "node consume.mjs")
     expect(JSON.parse(ran.stdout.trim())).toEqual({ ramBytes: 4 * 1024 * 1024, same: true, magic: 0x11223344 })
   })
 
-  it("digests on worker threads started from the compiled library (dist/internal/digestWorker.js)", () => {
+  it("digests on worker threads started from the compiled library (dist/internal/digestWorker.js)", async () => {
     // three chunks, hashed by this thread and a pool of two workers, and again by this thread alone (plain
     // memory is never given to workers): both must agree. The pool comes from the internal module itself, so
     // that workers are used however many cores the machine has.
@@ -136,23 +143,23 @@ describe("the npm package", () => {
     `
     const file = Path.join(consumer, "digest.mjs")
     Fs.writeFileSync(file, script)
-    const ran = ok(run(process.execPath, [file], consumer, 60_000), "node digest.mjs")
+    const ran = await ok(run(process.execPath, [file], consumer, 60_000), "node digest.mjs")
     expect(JSON.parse(ran.stdout.trim())).toEqual({ same: true, length: 64 })
   })
 
-  it("the bundled command's digests run on its worker (dist/bin/digestWorker.js): a snapshot saved and restored", () => {
+  it("the bundled command's digests run on its worker (dist/bin/digestWorker.js): a snapshot saved and restored", async () => {
     // two chunks of shared memory: the digests of save and restore take a worker on any machine with two cores
     const image = Path.join(work, "guest.img")
     const restored = Path.join(work, "restored.img")
     const snapshot = Path.join(work, "guest.snap")
     Fs.writeFileSync(image, Crypto.randomBytes(64 * 1024 * 1024 + 4096))
     const multifd = Path.join(consumer, "node_modules", "effect-multifd", "dist", "bin", "multifd.js")
-    ok(run(process.execPath, [multifd, "send", `file:${snapshot}`, "--in", image], consumer, 60_000), "multifd send file:")
-    ok(run(process.execPath, [multifd, "recv", `file:${snapshot}`, "--out", restored], consumer, 60_000), "multifd recv file:")
+    await ok(run(process.execPath, [multifd, "send", `file:${snapshot}`, "--in", image], consumer, 60_000), "multifd send file:")
+    await ok(run(process.execPath, [multifd, "recv", `file:${snapshot}`, "--out", restored], consumer, 60_000), "multifd recv file:")
     expect(Fs.readFileSync(restored).equals(Fs.readFileSync(image))).toBe(true)
   })
 
-  it("type-checks a TypeScript consumer against the published declarations (and rejects a wrong one)", () => {
+  it("type-checks a TypeScript consumer against the published declarations (and rejects a wrong one)", async () => {
     Fs.writeFileSync(
       Path.join(consumer, "consume.ts"),
       `
@@ -184,11 +191,11 @@ describe("the npm package", () => {
       })
     )
     const tsc = Path.join(ROOT, "node_modules", "typescript", "bin", "tsc")
-    ok(run(process.execPath, [tsc, "-p", "tsconfig.json"], consumer, 120_000), "tsc on the consumer")
+    await ok(run(process.execPath, [tsc, "-p", "tsconfig.json"], consumer, 120_000), "tsc on the consumer")
   })
 
-  it("npx multifd --help prints the usage and exits 0", () => {
-    const ran = ok(run(NPM, ["exec", "--offline", "--", "multifd", "--help"], consumer, 60_000), "npx multifd --help")
+  it("npx multifd --help prints the usage and exits 0", async () => {
+    const ran = await ok(run(NPM, ["exec", "--offline", "--", "multifd", "--help"], consumer, 60_000), "npx multifd --help")
     expect(ran.stdout).toContain("multifd")
     expect(ran.stdout).toMatch(/recv/)
     expect(ran.stdout).toMatch(/send/)
