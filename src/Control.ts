@@ -2,6 +2,12 @@
  * The main (control) channel: a 4-byte magic, then length-prefixed JSON messages defined and validated
  * with `effect/Schema`. The destination answers on the same connection (a return path QEMU's precopy lacks).
  *
+ * A conversation: `Hello` → `Accept` | `Reject`; per round `Flush` → `FlushAck`; `Complete` (digests) →
+ * `Storing`* → `Done` | `Abort`. `Done` is the destination's promise that the migration is finished on its
+ * side: the digests matched *and*, when the destination has a store step (an image file it writes), the
+ * memory is durably stored there. Until `Done` the source must not report success. `Abort` either way ends
+ * the migration with a reason.
+ *
  * @since 0.1.0
  */
 import * as Effect from "effect/Effect"
@@ -14,8 +20,13 @@ import type * as Transport from "./Transport.js"
 /** First bytes of a control connection: "EMFC" (effect-multifd control). */
 export const MAGIC = 0x454d4643
 
-/** Version of the control protocol. */
-export const VERSION = 1
+/**
+ * Version of the control protocol. A hello of another version is refused (`Reject`), never guessed at.
+ *
+ * 2: `Done` means "verified and stored"; `Storing` keeps the source waiting while the destination stores the
+ * memory; `Abort` may say that the store step failed.
+ */
+export const VERSION = 2
 
 /** Largest control frame accepted (the hello of 255 blocks with long names fits easily). */
 export const MAX_FRAME = 1024 * 1024
@@ -57,14 +68,32 @@ export class FlushAck extends Schema.TaggedClass<FlushAck>()("FlushAck", { round
 /** Source → destination: nothing more to send; the source's per-block digests. */
 export class Complete extends Schema.TaggedClass<Complete>()("Complete", { digests: Schema.Array(Digest) }) {}
 
-/** Destination → source: the digests matched; the destination has everything. */
+/**
+ * Destination → source: the digests matched and the destination is storing the memory (writing, syncing,
+ * renaming its image). Sent when the store step starts and then about every second until it ends, so that
+ * a long write is told apart from a dead destination: the source's peer timeout bounds the silence between
+ * two messages, not the whole store.
+ */
+export class Storing extends Schema.TaggedClass<Storing>()("Storing", {}) {}
+
+/**
+ * Destination → source: the migration is finished and durable on the destination — the digests matched and,
+ * if the destination has a store step, the memory is stored (written, flushed to disk, in place). The source
+ * reports success only after it.
+ */
 export class Done extends Schema.TaggedClass<Done>()("Done", {}) {}
 
-/** Either way: the sender gives up, with the reason. */
-export class Abort extends Schema.TaggedClass<Abort>()("Abort", { reason: Schema.String }) {}
+/**
+ * Either way: the sender gives up, with the reason. `step: "store"` (destination → source): the memory
+ * arrived and verified, but the destination could not store it (it is not durably in place).
+ */
+export class Abort extends Schema.TaggedClass<Abort>()("Abort", {
+  reason: Schema.String,
+  step: Schema.optional(Schema.Literal("store"))
+}) {}
 
 /** Every control message. */
-export const Message = Schema.Union(Hello, Accept, Reject, Flush, FlushAck, Complete, Done, Abort)
+export const Message = Schema.Union(Hello, Accept, Reject, Flush, FlushAck, Complete, Storing, Done, Abort)
 
 /** A control message. */
 export type Message = Schema.Schema.Type<typeof Message>

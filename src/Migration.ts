@@ -36,7 +36,10 @@ export interface Timeouts {
   readonly connect: Duration.DurationInput
   /** A TLS handshake (default 10 s). */
   readonly handshake: Duration.DurationInput
-  /** Any single answer of the peer, or no progress at all during a transfer (default 30 s). */
+  /**
+   * Any single answer of the peer, or no progress at all during a transfer (default 30 s). While a destination
+   * stores the memory it says so about every second (`Control.Storing`): this bounds the silence, not the store.
+   */
   readonly peer: Duration.DurationInput
 }
 
@@ -141,7 +144,9 @@ const controlReader = (connection: Transport.Connection, peer: string) =>
         if (message._tag === "Abort") {
           return yield* new MigrationError.MigrationError({
             reason: "Aborted",
-            detail: `the ${peer} aborted the migration: ${message.reason}`
+            detail: message.step === "store"
+              ? `the ${peer} could not store the image: ${message.reason}`
+              : `the ${peer} aborted the migration: ${message.reason}`
           })
         }
         yield* Queue.offer(inbox, message)
@@ -151,8 +156,8 @@ const controlReader = (connection: Transport.Connection, peer: string) =>
   })
 
 /** Tells the peer why we give up, if the control channel still works; never fails, never waits long. */
-const abortPeer = (connection: Transport.Connection, reason: string) =>
-  Control.send(connection, new Control.Abort({ reason })).pipe(
+const abortPeer = (connection: Transport.Connection, reason: string, step?: "store") =>
+  Control.send(connection, new Control.Abort({ reason, step })).pipe(
     Effect.timeout(Duration.seconds(1)),
     Effect.ignore
   )
@@ -266,8 +271,17 @@ export const migrate = (
       })
       const digests = yield* digest
       yield* tell(new Control.Complete({ digests }))
-      const verdict = yield* Effect.raceFirst(next("waiting for the destination to verify the digests"), send.failure)
-      if (verdict._tag !== "Done") return yield* unexpected(verdict, "instead of Done")
+      // Done comes once the destination verified and stored the memory; while it stores (a big image on a slow
+      // disk may take longer than the peer timeout) it says so about every second, and the peer timeout
+      // bounds the silence between two messages rather than the whole store
+      const confirmed = (waiting: string): Effect.Effect<void, MigrateError> =>
+        Effect.flatMap(next(waiting), (message) =>
+          message._tag === "Done"
+            ? Effect.void
+            : message._tag === "Storing"
+            ? confirmed("waiting for the destination to store the image")
+            : unexpected(message, "instead of Done"))
+      yield* Effect.raceFirst(confirmed("waiting for the destination to verify the digests"), send.failure)
       const downtimeMs = (yield* Clock.currentTimeMillis) - pausedAt
 
       yield* Effect.raceFirst(send.finish, send.failure)
@@ -301,8 +315,8 @@ export const migrate = (
 // ---------------------------------------------------------------------------------------------------------
 // Destination
 
-/** Options of the destination. */
-export interface IncomingOptions {
+/** Options of the destination; `E` is what its `store` step can fail with. */
+export interface IncomingOptions<E = never> {
   /**
    * Memory to receive into: its layout must equal the source's. Without it, memory of the source's layout
    * is allocated, up to `maxRamBytes`.
@@ -322,6 +336,14 @@ export interface IncomingOptions {
   readonly expect?: Expectations | undefined
   /** Called about ten times a second while pages arrive (`doneBytes` counts pages received). */
   readonly onProgress?: ((progress: Progress) => Effect.Effect<void>) | undefined
+  /**
+   * Puts the received memory durably where it belongs (writes, syncs and renames an image file, say). It runs
+   * once the digests matched and before the destination confirms (`Done`), so the source reports success
+   * only once it succeeded; meanwhile the destination tells the source about every second that it is still
+   * storing. If it fails, the source is told the reason (it fails with "the destination could not store the
+   * image: ...") and `incoming` fails with its error. Without it, `Done` means "verified in memory".
+   */
+  readonly store?: ((ram: GuestRam.GuestRam["Type"]) => Effect.Effect<void, E>) | undefined
 }
 
 /** What the destination received. */
@@ -365,7 +387,7 @@ const unmet = (hello: Control.Hello, expect: Expectations): string | undefined =
   return undefined
 }
 
-const checkHello = (hello: Control.Hello, options: IncomingOptions): string | undefined => {
+const checkHello = (hello: Control.Hello, options: IncomingOptions<unknown>): string | undefined => {
   if (hello.version !== Control.VERSION) return `control protocol version ${hello.version} is not ${Control.VERSION}`
   const expected = options.expect === undefined ? undefined : unmet(hello, options.expect)
   if (expected !== undefined) return expected
@@ -393,15 +415,27 @@ const checkHello = (hello: Control.Hello, options: IncomingOptions): string | un
   return undefined
 }
 
+/** A store step's failure, kept apart from the migration's own errors until `incoming` fails with it. */
+class StoreFailed<E> {
+  readonly _tag = "StoreFailed"
+  constructor(readonly error: E) {}
+}
+
+const messageOf = (error: unknown): string =>
+  typeof error === "object" && error !== null && "message" in error && typeof error.message === "string" &&
+    error.message.length > 0
+    ? error.message
+    : String(error)
+
 /**
  * Receives one migration on `listener`. Connections that are not part of it (strangers, other uuids) are
  * closed and reported in `rejected`, without failing the migration. Returns once every page is in memory,
  * the digests matched and every channel ended.
  */
-export const incoming = (
+export const incoming = <E = never>(
   listener: Transport.Listener,
-  options: IncomingOptions = {}
-): Effect.Effect<Incoming, IncomingError, never> =>
+  options: IncomingOptions<E> = {}
+): Effect.Effect<Incoming, IncomingError | E, never> =>
   Effect.scoped(Effect.gen(function*() {
     const timeouts = resolveTimeouts(options.timeouts)
     const control = yield* Deferred.make<Transport.Connection>()
@@ -446,6 +480,23 @@ export const incoming = (
     const next = Effect.raceFirst(Queue.take(inbox), failures)
     const tell = (message: Control.Message) =>
       Effect.mapError(Control.send(ctl, message), MigrationError.onChannel("main"))
+
+    /**
+     * Runs the store step, telling the source meanwhile that the destination is alive and storing; if it fails,
+     * tells the source why.
+     */
+    const store = (ram: GuestRam.GuestRam["Type"]) =>
+      Effect.gen(function*() {
+        if (options.store === undefined) return
+        const interval = Duration.min(Duration.seconds(1), Duration.times(Duration.decode(timeouts.peer), 0.25))
+        // a write that fails means the source is gone, which the control reader reports
+        const heartbeat = Effect.forever(Effect.zipRight(Effect.ignore(tell(new Control.Storing())), Effect.sleep(interval)))
+        const stored = yield* Effect.either(Effect.raceFirst(options.store(ram), heartbeat))
+        if (Either.isLeft(stored)) {
+          yield* abortPeer(ctl, messageOf(stored.left), "store")
+          return yield* Effect.fail(new StoreFailed(stored.left))
+        }
+      })
 
     const run = Effect.gen(function*() {
       const hello = yield* next.pipe(within(timeouts.peer, "waiting for the source's hello"))
@@ -532,6 +583,8 @@ export const incoming = (
           yield* tell(new Control.Abort({ reason }))
           return yield* new MigrationError.MigrationError({ reason: "DigestMismatch", detail: reason })
         }
+        // Done promises the memory is verified and, with a store step, stored: the source reports success on it
+        yield* store(ram)
         yield* Deferred.succeed(doneSent, undefined)
         yield* tell(new Control.Done())
         yield* Effect.raceFirst(recv.finished, failures).pipe(
@@ -563,7 +616,7 @@ export const incoming = (
     })
 
     const isAbort = (error: IncomingError) => error._tag === "MigrationError" && error.reason === "Aborted"
-    const isHangUp = (error: IncomingError) =>
+    const isHangUp = (error: IncomingError | StoreFailed<E>) =>
       (error._tag === "MigrationError" && error.reason === "ChannelClosed") ||
       (error._tag === "ChannelError" && error.cause._tag === "TransportError")
     return yield* Effect.raceFirst(run, failures).pipe(
@@ -579,30 +632,36 @@ export const incoming = (
           (told) => Effect.fail(Option.isSome(told) && isAbort(told.value) ? told.value : error)
         )),
       Effect.tapError((error) =>
-        error._tag === "MigrationError" && (error.reason === "Aborted" || error.reason === "Rejected" ||
-            error.reason === "DigestMismatch")
+        error instanceof StoreFailed ||
+          (error._tag === "MigrationError" && (error.reason === "Aborted" || error.reason === "Rejected" ||
+            error.reason === "DigestMismatch"))
           ? Effect.void
           : abortPeer(ctl, error.message)
-      )
+      ),
+      Effect.mapError((error): IncomingError | E => error instanceof StoreFailed ? error.error : error)
     )
   }))
 
 /**
  * Listens at `address` and receives one migration there (a convenience over `Transport.listen` + `incoming`).
- * A `file:` address restores that snapshot file instead (`Snapshot.restore`; `onListening` is not called).
+ * A `file:` address restores that snapshot file instead (`Snapshot.restore`; `onListening` is not called),
+ * then runs `store`.
  */
-export const listenAndReceive = (
+export const listenAndReceive = <E = never>(
   address: Transport.Address,
-  options: IncomingOptions & { readonly onListening?: ((address: Transport.Address) => Effect.Effect<void>) | undefined } = {}
-): Effect.Effect<Incoming, IncomingError | Transport.TransportError, Transport.Transport> =>
-  address._tag === "File" ? Snapshot.receiveFromFile(address.path, options) :
+  options: IncomingOptions<E> & { readonly onListening?: ((address: Transport.Address) => Effect.Effect<void>) | undefined } = {}
+): Effect.Effect<Incoming, IncomingError | Transport.TransportError | E, Transport.Transport> =>
+  address._tag === "File"
+    ? Effect.tap(
+      Snapshot.receiveFromFile(address.path, { ...options, store: undefined }),
+      (received) => options.store === undefined ? Effect.void : options.store(received.ram)
+    ) :
   Effect.scoped(Effect.gen(function*() {
     const transport = yield* Transport.Transport
     const listener = yield* transport.listen(address)
     if (options.onListening) yield* options.onListening(listener.address)
     return yield* incoming(listener, options)
   }))
-
 
 /** What `migrateStream` emits: progress while the migration runs, then its stats. */
 export type Event =

@@ -12,6 +12,7 @@ import * as Os from "node:os"
 import * as Path from "node:path"
 import { afterAll, afterEach, beforeAll, describe, expect, it } from "vitest"
 import * as Cli from "../src/cli/command.js"
+import * as Image from "../src/cli/image.js"
 import * as Control from "../src/Control.js"
 
 const ROOT = Path.resolve(import.meta.dirname, "..")
@@ -389,5 +390,49 @@ describe("multifd failures", () => {
     expect(received.code).toBe(130)
     expect(lines(received.stderr).at(-1)).toBe("multifd: interrupted by SIGINT")
     expect(filesLike("interrupted.")).toEqual([]) // neither the image nor the socket is left
+  })
+})
+
+/** Mounts a 1 MiB tmpfs at `mountpoint` (a really full file system for an 8 MiB image); why not, if it cannot. */
+const mountTinyTmpfs = (mountpoint: string): string | undefined => {
+  Fs.mkdirSync(mountpoint, { recursive: true })
+  try {
+    ChildProcess.execFileSync("mount", ["-t", "tmpfs", "-o", "size=1m", "tmpfs", mountpoint], { stdio: "pipe" })
+    return undefined
+  } catch (error) {
+    const stderr = (error as { stderr?: Buffer }).stderr?.toString().trim()
+    return stderr !== undefined && stderr.length > 0 ? stderr : String(error)
+  }
+}
+
+describe("trust: success is durable", () => {
+  it("recv --out on a full file system: send exits 1 with the destination's reason, recv exits 1, nothing left", async (ctx) => {
+    const full = Path.join(dir, "full")
+    const why = mountTinyTmpfs(full)
+    if (why !== undefined) return ctx.skip(`cannot mount a 1 MiB tmpfs here (needs root): ${why}`)
+    try {
+      const out = Path.join(full, "out.img")
+      const recv = await startRecv(["tcp:127.0.0.1:0", "--out", out])
+      expect(Fs.readdirSync(full)).toHaveLength(1) // the temporary file, created up front
+      const send = await run(["send", recv.uri, "--in", image, "--channels", "2"])
+      const received = await recv.finished
+      const reason = `${out}: cannot write the image: no space left on device`
+      expect(send.code, send.stderr).toBe(1)
+      expect(lines(send.stderr)).toEqual([`multifd: error: the destination could not store the image: ${reason}`])
+      expect(received.code, received.stderr).toBe(1)
+      expect(lines(received.stderr).at(-1)).toBe(`multifd: error: ${reason}`)
+      noStack(send.stderr + received.stderr)
+      expect(Fs.readdirSync(full)).toEqual([]) // the temporary file is removed, no image claims success
+    } finally {
+      ChildProcess.execFileSync("umount", [full])
+    }
+  })
+
+  it("the directory sync after the rename reports a real failure instead of ignoring it (here: no directory)", async () => {
+    expect((await Effect.runPromise(Effect.either(Image.syncDirectory(dir))))._tag).toBe("Right")
+    const missing = Path.join(dir, "gone")
+    const failed = await Effect.runPromise(Effect.flip(Image.syncDirectory(missing)))
+    expect(failed.reason).toBe("Io") // exit 1: the migration failed, not the command line
+    expect(failed.message).toBe(`${missing}: cannot sync the directory: no such file or directory`)
   })
 })
