@@ -98,11 +98,27 @@ export const Message = Schema.Union(Hello, Accept, Reject, Flush, FlushAck, Comp
 /** A control message. */
 export type Message = Schema.Schema.Type<typeof Message>
 
-const decodeJson = Schema.decodeUnknownEither(Schema.parseJson(Message))
 const encodeJson = Schema.encodeSync(Schema.parseJson(Message))
+
+/** One decoder per message tag: a bad message is described by its own schema, not by the whole union's. */
+const decoders: Readonly<Record<string, (u: unknown) => Either.Either<Message, ParseResult.ParseError>>> = Object
+  .fromEntries(
+    [Hello, Accept, Reject, Flush, FlushAck, Complete, Storing, Done, Abort].map((schema) => [
+      schema._tag,
+      Schema.decodeUnknownEither(schema as Schema.Schema<Message, unknown>)
+    ])
+  )
 
 const badMessage = (detail: string) =>
   new ProtocolError({ reason: "BadMessage", channel: "main", field: "control message", detail })
+
+/** The first issue of a parse error, on one line: `["blocks"][0]["size"]: Expected a non-negative number...`. */
+const firstIssue = (error: ParseResult.ParseError): string => {
+  const issue = ParseResult.ArrayFormatter.formatErrorSync(error)[0]
+  if (issue === undefined) return "invalid"
+  const path = issue.path.map((key) => `[${JSON.stringify(key)}]`).join("")
+  return `${path}${path.length > 0 ? ": " : ""}${issue.message}`.replace(/\s+/g, " ")
+}
 
 /** Encodes a message as one frame: u32 big-endian length, then JSON. */
 export const encode = (message: Message): Buffer => {
@@ -113,11 +129,20 @@ export const encode = (message: Message): Buffer => {
   return frame
 }
 
-/** Decodes a frame body. */
-export const decode = (body: Uint8Array): Either.Either<Message, ProtocolError> =>
-  decodeJson(Buffer.from(body.buffer, body.byteOffset, body.byteLength).toString("utf8")).pipe(
-    Either.mapLeft((e) => badMessage(ParseResult.TreeFormatter.formatErrorSync(e).replace(/\s+/g, " ")))
-  )
+/** Decodes a frame body: JSON of one of the messages. */
+export const decode = (body: Uint8Array): Either.Either<Message, ProtocolError> => {
+  let json: unknown
+  try {
+    json = JSON.parse(Buffer.from(body.buffer, body.byteOffset, body.byteLength).toString("utf8"))
+  } catch (error) {
+    return Either.left(badMessage(`not JSON (${error instanceof Error ? error.message : String(error)})`))
+  }
+  const tag = typeof json === "object" && json !== null ? (json as { readonly _tag?: unknown })._tag : undefined
+  if (typeof tag !== "string") return Either.left(badMessage("not a control message (no _tag)"))
+  const decoder = Object.hasOwn(decoders, tag) ? decoders[tag] : undefined
+  if (decoder === undefined) return Either.left(badMessage(`unknown message ${JSON.stringify(tag.slice(0, 64))}`))
+  return Either.mapLeft(decoder(json), (e) => badMessage(`${tag}: ${firstIssue(e)}`))
+}
 
 const magicBytes = Buffer.alloc(4)
 magicBytes.writeUInt32BE(MAGIC, 0)

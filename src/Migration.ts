@@ -34,7 +34,10 @@ import * as Transport from "./Transport.js"
 export interface Timeouts {
   /** Establishing a TCP or Unix connection (default 10 s). */
   readonly connect: Duration.DurationInput
-  /** A TLS handshake (default 10 s). */
+  /**
+   * A TLS handshake; on the destination also a new connection's first bytes and its hello or init packet: a
+   * connection that has not sent a complete, valid one by then is closed (default 10 s).
+   */
   readonly handshake: Duration.DurationInput
   /**
    * Any single answer of the peer, or no progress at all during a transfer (default 30 s). While a destination
@@ -427,10 +430,28 @@ const messageOf = (error: unknown): string =>
     ? error.message
     : String(error)
 
+/** Why a candidate connection failed, without its address (the rejection names it). */
+const candidateProblem = (error: Control.ReceiveError | MigrationError.MigrationError): string =>
+  error._tag === "TransportError"
+    ? error.detail
+    : error._tag === "ProtocolError"
+    ? `bad ${error.field}: ${error.detail}`
+    : error.message
+
+/** The main channel of a migration: the first connection that sent the control magic and a complete hello. */
+interface MainChannel {
+  readonly connection: Transport.Connection
+  readonly hello: Control.Hello
+}
+
 /**
- * Receives one migration on `listener`. Connections that are not part of it (strangers, other uuids) are
- * closed and reported in `rejected`, without failing the migration. Returns once every page is in memory,
- * the digests matched and every channel ended.
+ * Receives one migration on `listener`. Every accepted connection is a candidate until it proves itself
+ * within the handshake timeout: a main channel by the control magic and a complete hello (the first one
+ * wins; a later one is refused, "a migration is already in progress"), a multifd channel by a complete init
+ * packet of this migration. Candidates that do not — strangers, connections that stall, close half-way or
+ * send garbage, channels of other migrations — are closed, logged and reported in `rejected`, without
+ * disturbing the migration. Returns once every page is in memory, the digests matched, `store` (if given)
+ * succeeded and every channel ended.
  */
 export const incoming = <E = never>(
   listener: Transport.Listener,
@@ -438,21 +459,53 @@ export const incoming = <E = never>(
 ): Effect.Effect<Incoming, IncomingError | E, never> =>
   Effect.scoped(Effect.gen(function*() {
     const timeouts = resolveTimeouts(options.timeouts)
-    const control = yield* Deferred.make<Transport.Connection>()
+    const handshakeMs = Duration.toMillis(Duration.decode(timeouts.handshake))
+    const main = yield* Deferred.make<MainChannel>()
     const channelSet = yield* Deferred.make<MultifdRecv.MultifdRecv["Type"]>()
+    /** Tells a complete but unwanted hello why (best effort: the connection is closed right after). */
+    const refuse = (connection: Transport.Connection, reason: string) =>
+      Control.send(connection, new Control.Reject({ reason })).pipe(Effect.timeout(Duration.seconds(1)), Effect.ignore)
     const acceptor = yield* Acceptor.start<IncomingError>(listener, {
       upgrade: options.upgrade,
-      firstBytesTimeout: timeouts.peer,
-      classify: (connection, first, reject) =>
+      firstBytesTimeout: timeouts.handshake,
+      classify: (connection, first, reject, since) =>
         Effect.gen(function*() {
-          if (first.readUInt32BE(0) === Control.MAGIC) {
-            yield* connection.read(4)
-            if (!(yield* Deferred.succeed(control, connection))) return yield* reject(connection, "a second main channel")
+          // one deadline for the whole handshake, first bytes included: a candidate cannot stretch it by
+          // trickling bytes
+          const deadline = (what: string) => <A, E2>(self: Effect.Effect<A, E2>) =>
+            Effect.flatMap(Clock.currentTimeMillis, (now) =>
+              Effect.timeoutFail(self, {
+                duration: Duration.millis(Math.max(0, handshakeMs - (now - since))),
+                onTimeout: () => MigrationError.timeout(what, timeouts.handshake)
+              }))
+          const magic = first.readUInt32BE(0)
+          if (magic === Control.MAGIC) {
+            const message = yield* Effect.either(
+              Effect.zipRight(connection.read(4), Control.receive(connection)).pipe(
+                deadline("waiting for a complete hello")
+              )
+            )
+            if (Either.isLeft(message)) return yield* reject(connection, `no valid hello: ${candidateProblem(message.left)}`)
+            const hello = message.right
+            if (hello._tag !== "Hello") return yield* reject(connection, `no valid hello: a ${hello._tag} message came first`)
+            if (!(yield* Deferred.succeed(main, { connection, hello }))) {
+              yield* refuse(connection, "a migration is already in progress")
+              return yield* reject(connection, "a migration is already in progress")
+            }
+            // the migration's main channel: it stays open while the migration runs
             return yield* Effect.never
           }
-          if (first.readUInt32BE(0) === Protocol.MAGIC) {
-            const recv = yield* Deferred.await(channelSet)
-            return yield* recv.adopt(connection).pipe(
+          if (magic === Protocol.MAGIC) {
+            const init = yield* Effect.either(
+              connection.read(Protocol.INIT_PACKET_SIZE).pipe(deadline("waiting for a complete multifd init packet"))
+            )
+            if (Either.isLeft(init)) return yield* reject(connection, `no valid init packet: ${candidateProblem(init.left)}`)
+            // a real source connects its channels only after Accept, when the channel set exists
+            const recv = yield* Effect.either(
+              Deferred.await(channelSet).pipe(deadline("waiting for a migration to join"))
+            )
+            if (Either.isLeft(recv)) return yield* reject(connection, `a multifd channel without a migration: ${recv.left.message}`)
+            return yield* recv.right.adopt(connection, init.right).pipe(
               Effect.catchIf(MultifdRecv.isStranger, (e) => reject(connection, e.message))
             )
           }
@@ -461,10 +514,10 @@ export const incoming = <E = never>(
     })
     const connectionFailure = acceptor.failure
 
-    const waitControl = options.acceptTimeout === undefined
-      ? Deferred.await(control)
-      : Deferred.await(control).pipe(within(options.acceptTimeout, "waiting for a source to connect"))
-    const ctl = yield* Effect.raceFirst(waitControl, connectionFailure)
+    const waitMain = options.acceptTimeout === undefined
+      ? Deferred.await(main)
+      : Deferred.await(main).pipe(within(options.acceptTimeout, "waiting for a source to connect"))
+    const { connection: ctl, hello } = yield* Effect.raceFirst(waitMain, connectionFailure)
     const { inbox, failure: controlFailure } = yield* controlReader(ctl, "source")
     // once Done is sent the source ends its main channel, and that end may be seen before the channels' ends:
     // it is no failure then (an Abort still is)
@@ -499,8 +552,6 @@ export const incoming = <E = never>(
       })
 
     const run = Effect.gen(function*() {
-      const hello = yield* next.pipe(within(timeouts.peer, "waiting for the source's hello"))
-      if (hello._tag !== "Hello") return yield* unexpected(hello, "instead of Hello")
       // the destination's duration starts with the source's hello, not with the wait for a source
       const started = yield* Clock.currentTimeMillis
       const problem = checkHello(hello, options)

@@ -1,9 +1,14 @@
 /**
- * Issue 11, "Trust" (DESIGN §2.8), at the library level over real loopback sockets:
+ * Issue 11, "Trust" (DESIGN §2.8–2.9), at the library level over real loopback sockets:
  *
  * - success is durable: a destination's `store` step runs after the digests matched and before `Done`; the
  *   source succeeds only after it, fails with the destination's reason when it fails, and is kept waiting
- *   (not timed out) while a long store runs — yet times out when the destination falls silent.
+ *   (not timed out) while a long store runs — yet times out when the destination falls silent;
+ * - strangers are candidates: connections that send the control magic and then close, stall, announce a
+ *   4 GiB frame or send garbage, or the multifd magic and half an init packet, are turned away (logged and
+ *   listed in `rejected`) while the destination keeps waiting, half-open ones after the handshake timeout
+ *   (TestClock), and a real source then migrates; a second complete hello is refused without disturbing the
+ *   migration in progress.
  *
  * Nothing waits on a timer to let things settle: waits are on Deferreds, fibers, recorded events or
  * event-loop turns; `noHang` guards (real timers) only turn a hang into a failure.
@@ -25,6 +30,7 @@ import * as Control from "../src/Control.js"
 import * as GuestRam from "../src/GuestRam.js"
 import * as Migration from "../src/Migration.js"
 import * as MigrationError from "../src/MigrationError.js"
+import * as Protocol from "../src/Protocol.js"
 import * as Transport from "../src/Transport.js"
 import * as Faulty from "./support/faultyTransport.js"
 import { expectNoLeaks, nextTurn } from "./support/handles.js"
@@ -97,6 +103,15 @@ const controlMagic = () => {
   return magic
 }
 
+const frameLength = (n: number) => {
+  const length = Buffer.alloc(4)
+  length.writeUInt32BE(n, 0)
+  return length
+}
+
+/** The first `bytes` bytes of a valid multifd init packet (the magic included). */
+const halfInit = (bytes = 30) => Protocol.encodeInit({ uuid: Protocol.parseUuid(Crypto.randomUUID())!, id: 0 }).subarray(0, bytes)
+
 /** A valid hello of a small migration. */
 const hello = () =>
   new Control.Hello({
@@ -108,6 +123,21 @@ const hello = () =>
     zeroPage: "multifd",
     blocks: [{ name: "ram", size: 16 * PAGE }]
   })
+
+/** Connects a stranger that writes `bytes`, then half-closes (`close`) or stays silent. */
+const stranger = (address: Transport.Address, bytes: ReadonlyArray<Uint8Array>, close: boolean) =>
+  Effect.gen(function*() {
+    const connection = yield* Transport.connect(address)
+    if (bytes.length > 0) yield* connection.write(bytes)
+    if (close) yield* connection.end
+    return connection
+  })
+
+/** Waits until the destination closed the stranger's connection (a clean end or a reset: it is gone). */
+const turnedAway = (connection: Transport.Connection, what: string) =>
+  noHang(Effect.catchAll(connection.atEnd, () => Effect.succeed(true)), what).pipe(
+    Effect.tap((ended) => expect(ended, `${what}: the destination sent data instead of closing`).toBe(true))
+  )
 
 /** Moves the TestClock a tenth of a second per event-loop turn until `done` holds (a real-time guard bounds it). */
 const advanceUntil = (done: Effect.Effect<boolean>, what: string) => {
@@ -237,3 +267,163 @@ describe("success is durable: the destination's store step", () => {
 })
 
 // ---------------------------------------------------------------------------------------------------------
+
+/** Runs a real source to completion against `dest`, checking what the destination received and rejected. */
+const realSourceSucceeds = (dest: Effect.Effect.Success<ReturnType<typeof startDestination>>) =>
+  Effect.gen(function*() {
+    expect(dest.fiber.unsafePoll(), "the destination gave up before the real source came").toBeNull()
+    const ram = yield* sourceRam()
+    const stats = yield* noHang(migrateTo(dest.address, ram), "migrate")
+    expect(stats.channels).toBe(3)
+    const result = yield* noHang(Fiber.join(dest.fiber), "incoming")
+    expect(sameMemory(result.ram, ram)).toBe(true)
+    return result
+  })
+
+describe("strangers are candidates, never owners", () => {
+  const closing = [
+    {
+      name: "the control magic, then a close",
+      bytes: () => [controlMagic()],
+      listed: "no valid hello: peer closed the connection"
+    },
+    {
+      name: "the control magic and a frame of 4 GiB - 1",
+      bytes: () => [controlMagic(), frameLength(0xffffffff)],
+      listed: "no valid hello: bad control message: frame of 4294967295 bytes exceeds 1048576"
+    },
+    {
+      name: "the control magic and a garbage frame",
+      bytes: () => [controlMagic(), frameLength(9), Buffer.from("not json!")],
+      listed: "no valid hello: bad control message: not JSON ("
+    },
+    {
+      name: "the control magic and a frame that is no hello (Done)",
+      bytes: () => [controlMagic(), Control.encode(new Control.Done())],
+      listed: "no valid hello: a Done message came first"
+    },
+    {
+      name: "the multifd magic and half an init packet, then a close",
+      bytes: () => [halfInit()],
+      listed: "no valid init packet: peer closed the connection after 30 of 64 bytes"
+    }
+  ]
+  for (const s of closing) {
+    it.live(`${s.name}: turned away and listed; the destination keeps waiting; a real source then succeeds`, () =>
+      leakFree(Effect.gen(function*() {
+        const dest = yield* startDestination()
+        const connection = yield* stranger(dest.address, s.bytes(), true)
+        yield* turnedAway(connection, "the stranger turned away")
+        const result = yield* realSourceSucceeds(dest)
+        expect(result.rejected).toHaveLength(1)
+        expect(result.rejected[0]).toMatch(/^tcp:127\.0\.0\.1:\d+ \(from 127\.0\.0\.1:\d+\): /)
+        expect(result.rejected[0]).toContain(s.listed)
+        expect(dest.logs).toEqual([`rejected a connection from ${result.rejected[0]}`])
+      })))
+  }
+
+  const stalling = [
+    { name: "the control magic, then nothing", bytes: () => [controlMagic()], listed: "timed out after 5s waiting for a complete hello" },
+    { name: "a frame length, then nothing", bytes: () => [controlMagic(), frameLength(100)], listed: "timed out after 5s waiting for a complete hello" },
+    { name: "the multifd magic and half an init packet, then nothing", bytes: () => [halfInit()], listed: "timed out after 5s waiting for a complete multifd init packet" },
+    { name: "nothing at all", bytes: () => [], listed: "timed out after 5s waiting for the first bytes" }
+  ]
+  for (const s of stalling) {
+    it.effect(`${s.name}: closed after the handshake timeout (TestClock), listed; a real source then succeeds`, () =>
+      leakFree(Effect.gen(function*() {
+        const dest = yield* startDestination({ timeouts: { ...TIMEOUTS, handshake: "5 seconds" } })
+        const connection = yield* stranger(dest.address, s.bytes(), false)
+        const closed = yield* Effect.fork(turnedAway(connection, "the stalled stranger closed"))
+        const t0 = yield* TestClock.currentTimeMillis
+        yield* advanceUntil(fiberDone(closed), "the handshake timeout")
+        yield* Fiber.join(closed)
+        expect((yield* TestClock.currentTimeMillis) - t0).toBeGreaterThanOrEqual(5_000)
+        const result = yield* realSourceSucceeds(dest)
+        expect(result.rejected).toHaveLength(1)
+        expect(result.rejected[0]).toContain(s.listed)
+      })))
+  }
+
+  it.effect("a candidate that trickles its first bytes gets one handshake deadline, not one per wait (TestClock)", () =>
+    leakFree(Effect.gen(function*() {
+      const faulty = yield* Faulty.make()
+      const logs: Array<string> = []
+      const listener = yield* faulty.transport.listen(tcp0)
+      const dest = yield* Effect.forkScoped(Effect.provide(
+        Migration.incoming(listener, { timeouts: { ...TIMEOUTS, handshake: "5 seconds" } }),
+        Logger.replace(Logger.defaultLogger, Logger.make(({ message }) => logs.push(String(message))))
+      ))
+      const t0 = yield* TestClock.currentTimeMillis
+      const connection = yield* stranger(listener.address, [controlMagic().subarray(0, 2)], false)
+      yield* noHang(faulty.until((f) => f.records.some((r) => r.side === "accept")), "the accept")
+      for (let i = 0; i < 5; i++) yield* nextTurn
+      // the rest of the magic 4 s later: the wait for the hello has 1 s left, not 5
+      yield* advanceUntil(Effect.map(TestClock.currentTimeMillis, (now) => now - t0 >= 4_000), "4 s")
+      yield* connection.write([controlMagic().subarray(2)])
+      const closed = yield* Effect.fork(turnedAway(connection, "the trickling stranger closed"))
+      yield* advanceUntil(fiberDone(closed), "the handshake deadline")
+      yield* Fiber.join(closed)
+      const elapsed = (yield* TestClock.currentTimeMillis) - t0
+      expect(elapsed).toBeGreaterThanOrEqual(5_000)
+      expect(elapsed).toBeLessThan(6_500)
+      expect(logs).toEqual([expect.stringContaining("no valid hello: timed out after 5s waiting for a complete hello")])
+      expect(dest.unsafePoll()).toBeNull()
+    })))
+
+  it.live("several strangers at once, some still stalling: a real source succeeds meanwhile; all are closed", () =>
+    leakFree(Effect.gen(function*() {
+      const dest = yield* startDestination()
+      const closers = yield* Effect.all([
+        stranger(dest.address, [controlMagic()], true),
+        stranger(dest.address, [controlMagic(), frameLength(0xffffffff)], false),
+        stranger(dest.address, [controlMagic(), frameLength(9), Buffer.from("not json!")], false),
+        stranger(dest.address, [halfInit()], true),
+        stranger(dest.address, [halfInit(63)], true),
+        stranger(dest.address, [Buffer.from("GET / HTTP/1.1\r\n\r\n")], false)
+      ], { concurrency: "unbounded" })
+      const stallers = yield* Effect.all([
+        stranger(dest.address, [controlMagic()], false),
+        stranger(dest.address, [controlMagic(), frameLength(100), Buffer.from("{")], false),
+        stranger(dest.address, [halfInit()], false),
+        stranger(dest.address, [], false)
+      ], { concurrency: "unbounded" })
+      yield* Effect.forEach(closers, (c, i) => turnedAway(c, `stranger ${i} turned away`), { concurrency: "unbounded" })
+      // the stallers are still candidates (2 s handshake timeout): the real source does not wait for them
+      const result = yield* realSourceSucceeds(dest)
+      expect(result.rejected.length).toBeGreaterThanOrEqual(closers.length)
+      // incoming closed the candidates still pending on its way out
+      yield* Effect.forEach(stallers, (c, i) => turnedAway(c, `staller ${i} closed`), { concurrency: "unbounded" })
+    })))
+
+  it.live("a second complete hello during a migration is refused (\"a migration is already in progress\"), the migration goes on", () =>
+    leakFree(Effect.gen(function*() {
+      const ram = yield* sourceRam()
+      // hold the source's first multifd connect so that the second hello arrives mid-migration
+      const faulty = yield* Faulty.make({ stallConnect: (i) => i === 1 })
+      const dest = yield* startDestination()
+      const source = yield* Effect.forkScoped(migrateTo(dest.address, ram, {}, faulty.layer))
+      yield* noHang(faulty.until((f) => f.attempts.some((a) => a.index === 1 && a.state === "stalled")), "the stall")
+      const second = yield* stranger(dest.address, [controlMagic(), Control.encode(hello())], false)
+      const answer = yield* noHang(Control.receive(second), "the answer to the second hello")
+      expect(answer).toMatchObject({ _tag: "Reject", reason: "a migration is already in progress" })
+      yield* turnedAway(second, "the second source closed")
+      yield* faulty.release
+      yield* noHang(Fiber.join(source), "migrate")
+      const result = yield* noHang(Fiber.join(dest.fiber), "incoming")
+      expect(sameMemory(result.ram, ram)).toBe(true)
+      expect(result.rejected).toEqual([expect.stringContaining("a migration is already in progress")])
+    })))
+
+  it.effect("a complete init packet while no migration runs is turned away after the handshake timeout (TestClock)", () =>
+    leakFree(Effect.gen(function*() {
+      const dest = yield* startDestination({ timeouts: { ...TIMEOUTS, handshake: "5 seconds" } })
+      const connection = yield* stranger(dest.address, [halfInit(64)], false)
+      const closed = yield* Effect.fork(turnedAway(connection, "the early channel turned away"))
+      yield* advanceUntil(fiberDone(closed), "the handshake timeout")
+      yield* Fiber.join(closed)
+      const result = yield* realSourceSucceeds(dest)
+      expect(result.rejected).toEqual([
+        expect.stringContaining("a multifd channel without a migration: timed out after 5s waiting for a migration to join")
+      ])
+    })))
+})
