@@ -2,6 +2,12 @@
  * The main (control) channel: a 4-byte magic, then length-prefixed JSON messages defined and validated
  * with `effect/Schema`. The destination answers on the same connection (a return path QEMU's precopy lacks).
  *
+ * A conversation: `Hello` → `Accept` | `Reject`; per round `Flush` → `FlushAck`; `Complete` (digests) →
+ * `Storing`* → `Done` | `Abort`. `Done` is the destination's promise that the migration is finished on its
+ * side: the digests matched *and*, when the destination has a store step (an image file it writes), the
+ * memory is durably stored there. Until `Done` the source must not report success. `Abort` either way ends
+ * the migration with a reason.
+ *
  * @since 0.1.0
  */
 import * as Effect from "effect/Effect"
@@ -14,8 +20,13 @@ import type * as Transport from "./Transport.js"
 /** First bytes of a control connection: "EMFC" (effect-multifd control). */
 export const MAGIC = 0x454d4643
 
-/** Version of the control protocol. */
-export const VERSION = 1
+/**
+ * Version of the control protocol. A hello of another version is refused (`Reject`), never guessed at.
+ *
+ * 2: `Done` means "verified and stored"; `Storing` keeps the source waiting while the destination stores the
+ * memory; `Abort` may say that the store step failed.
+ */
+export const VERSION = 2
 
 /** Largest control frame accepted (the hello of 255 blocks with long names fits easily). */
 export const MAX_FRAME = 1024 * 1024
@@ -57,23 +68,57 @@ export class FlushAck extends Schema.TaggedClass<FlushAck>()("FlushAck", { round
 /** Source → destination: nothing more to send; the source's per-block digests. */
 export class Complete extends Schema.TaggedClass<Complete>()("Complete", { digests: Schema.Array(Digest) }) {}
 
-/** Destination → source: the digests matched; the destination has everything. */
+/**
+ * Destination → source: the digests matched and the destination is storing the memory (writing, syncing,
+ * renaming its image). Sent when the store step starts and then about every second until it ends, so that
+ * a long write is told apart from a dead destination: the source's peer timeout bounds the silence between
+ * two messages, not the whole store.
+ */
+export class Storing extends Schema.TaggedClass<Storing>()("Storing", {}) {}
+
+/**
+ * Destination → source: the migration is finished and durable on the destination — the digests matched and,
+ * if the destination has a store step, the memory is stored (written, flushed to disk, in place). The source
+ * reports success only after it.
+ */
 export class Done extends Schema.TaggedClass<Done>()("Done", {}) {}
 
-/** Either way: the sender gives up, with the reason. */
-export class Abort extends Schema.TaggedClass<Abort>()("Abort", { reason: Schema.String }) {}
+/**
+ * Either way: the sender gives up, with the reason. `step: "store"` (destination → source): the memory
+ * arrived and verified, but the destination could not store it (it is not durably in place).
+ */
+export class Abort extends Schema.TaggedClass<Abort>()("Abort", {
+  reason: Schema.String,
+  step: Schema.optional(Schema.Literal("store"))
+}) {}
 
 /** Every control message. */
-export const Message = Schema.Union(Hello, Accept, Reject, Flush, FlushAck, Complete, Done, Abort)
+export const Message = Schema.Union(Hello, Accept, Reject, Flush, FlushAck, Complete, Storing, Done, Abort)
 
 /** A control message. */
 export type Message = Schema.Schema.Type<typeof Message>
 
-const decodeJson = Schema.decodeUnknownEither(Schema.parseJson(Message))
 const encodeJson = Schema.encodeSync(Schema.parseJson(Message))
+
+/** One decoder per message tag: a bad message is described by its own schema, not by the whole union's. */
+const decoders: Readonly<Record<string, (u: unknown) => Either.Either<Message, ParseResult.ParseError>>> = Object
+  .fromEntries(
+    [Hello, Accept, Reject, Flush, FlushAck, Complete, Storing, Done, Abort].map((schema) => [
+      schema._tag,
+      Schema.decodeUnknownEither(schema as Schema.Schema<Message, unknown>)
+    ])
+  )
 
 const badMessage = (detail: string) =>
   new ProtocolError({ reason: "BadMessage", channel: "main", field: "control message", detail })
+
+/** The first issue of a parse error, on one line: `["blocks"][0]["size"]: Expected a non-negative number...`. */
+const firstIssue = (error: ParseResult.ParseError): string => {
+  const issue = ParseResult.ArrayFormatter.formatErrorSync(error)[0]
+  if (issue === undefined) return "invalid"
+  const path = issue.path.map((key) => `[${JSON.stringify(key)}]`).join("")
+  return `${path}${path.length > 0 ? ": " : ""}${issue.message}`.replace(/\s+/g, " ")
+}
 
 /** Encodes a message as one frame: u32 big-endian length, then JSON. */
 export const encode = (message: Message): Buffer => {
@@ -84,11 +129,20 @@ export const encode = (message: Message): Buffer => {
   return frame
 }
 
-/** Decodes a frame body. */
-export const decode = (body: Uint8Array): Either.Either<Message, ProtocolError> =>
-  decodeJson(Buffer.from(body.buffer, body.byteOffset, body.byteLength).toString("utf8")).pipe(
-    Either.mapLeft((e) => badMessage(ParseResult.TreeFormatter.formatErrorSync(e).replace(/\s+/g, " ")))
-  )
+/** Decodes a frame body: JSON of one of the messages. */
+export const decode = (body: Uint8Array): Either.Either<Message, ProtocolError> => {
+  let json: unknown
+  try {
+    json = JSON.parse(Buffer.from(body.buffer, body.byteOffset, body.byteLength).toString("utf8"))
+  } catch (error) {
+    return Either.left(badMessage(`not JSON (${error instanceof Error ? error.message : String(error)})`))
+  }
+  const tag = typeof json === "object" && json !== null ? (json as { readonly _tag?: unknown })._tag : undefined
+  if (typeof tag !== "string") return Either.left(badMessage("not a control message (no _tag)"))
+  const decoder = Object.hasOwn(decoders, tag) ? decoders[tag] : undefined
+  if (decoder === undefined) return Either.left(badMessage(`unknown message ${JSON.stringify(tag.slice(0, 64))}`))
+  return Either.mapLeft(decoder(json), (e) => badMessage(`${tag}: ${firstIssue(e)}`))
+}
 
 const magicBytes = Buffer.alloc(4)
 magicBytes.writeUInt32BE(MAGIC, 0)

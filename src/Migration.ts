@@ -34,9 +34,15 @@ import * as Transport from "./Transport.js"
 export interface Timeouts {
   /** Establishing a TCP or Unix connection (default 10 s). */
   readonly connect: Duration.DurationInput
-  /** A TLS handshake (default 10 s). */
+  /**
+   * A TLS handshake; on the destination also a new connection's first bytes and its hello or init packet: a
+   * connection that has not sent a complete, valid one by then is closed (default 10 s).
+   */
   readonly handshake: Duration.DurationInput
-  /** Any single answer of the peer, or no progress at all during a transfer (default 30 s). */
+  /**
+   * Any single answer of the peer, or no progress at all during a transfer (default 30 s). While a destination
+   * stores the memory it says so about every second (`Control.Storing`): this bounds the silence, not the store.
+   */
   readonly peer: Duration.DurationInput
 }
 
@@ -141,7 +147,9 @@ const controlReader = (connection: Transport.Connection, peer: string) =>
         if (message._tag === "Abort") {
           return yield* new MigrationError.MigrationError({
             reason: "Aborted",
-            detail: `the ${peer} aborted the migration: ${message.reason}`
+            detail: message.step === "store"
+              ? `the ${peer} could not store the image: ${message.reason}`
+              : `the ${peer} aborted the migration: ${message.reason}`
           })
         }
         yield* Queue.offer(inbox, message)
@@ -151,8 +159,8 @@ const controlReader = (connection: Transport.Connection, peer: string) =>
   })
 
 /** Tells the peer why we give up, if the control channel still works; never fails, never waits long. */
-const abortPeer = (connection: Transport.Connection, reason: string) =>
-  Control.send(connection, new Control.Abort({ reason })).pipe(
+const abortPeer = (connection: Transport.Connection, reason: string, step?: "store") =>
+  Control.send(connection, new Control.Abort({ reason, step })).pipe(
     Effect.timeout(Duration.seconds(1)),
     Effect.ignore
   )
@@ -274,8 +282,17 @@ export const migrate = (
       })
       const digests = yield* digest
       yield* tell(new Control.Complete({ digests }))
-      const verdict = yield* Effect.raceFirst(next("waiting for the destination to verify the digests"), send.failure)
-      if (verdict._tag !== "Done") return yield* unexpected(verdict, "instead of Done")
+      // Done comes once the destination verified and stored the memory; while it stores (a big image on a slow
+      // disk may take longer than the peer timeout) it says so about every second, and the peer timeout
+      // bounds the silence between two messages rather than the whole store
+      const confirmed = (waiting: string): Effect.Effect<void, MigrateError> =>
+        Effect.flatMap(next(waiting), (message) =>
+          message._tag === "Done"
+            ? Effect.void
+            : message._tag === "Storing"
+            ? confirmed("waiting for the destination to store the image")
+            : unexpected(message, "instead of Done"))
+      yield* Effect.raceFirst(confirmed("waiting for the destination to verify the digests"), send.failure)
       const downtimeMs = (yield* Clock.currentTimeMillis) - pausedAt
 
       yield* Effect.raceFirst(send.finish, send.failure)
@@ -309,8 +326,8 @@ export const migrate = (
 // ---------------------------------------------------------------------------------------------------------
 // Destination
 
-/** Options of the destination. */
-export interface IncomingOptions {
+/** Options of the destination; `E` is what its `store` step can fail with. */
+export interface IncomingOptions<E = never> {
   /**
    * Memory to receive into: its layout must equal the source's. Without it, memory of the source's layout
    * is allocated, up to `maxRamBytes`.
@@ -330,6 +347,14 @@ export interface IncomingOptions {
   readonly expect?: Expectations | undefined
   /** Called about ten times a second while pages arrive (`doneBytes` counts pages received). */
   readonly onProgress?: ((progress: Progress) => Effect.Effect<void>) | undefined
+  /**
+   * Puts the received memory durably where it belongs (writes, syncs and renames an image file, say). It runs
+   * once the digests matched and before the destination confirms (`Done`), so the source reports success
+   * only once it succeeded; meanwhile the destination tells the source about every second that it is still
+   * storing. If it fails, the source is told the reason (it fails with "the destination could not store the
+   * image: ...") and `incoming` fails with its error. Without it, `Done` means "verified in memory".
+   */
+  readonly store?: ((ram: GuestRam.GuestRam["Type"]) => Effect.Effect<void, E>) | undefined
 }
 
 /** What the destination received. */
@@ -373,7 +398,7 @@ const unmet = (hello: Control.Hello, expect: Expectations): string | undefined =
   return undefined
 }
 
-const checkHello = (hello: Control.Hello, options: IncomingOptions): string | undefined => {
+const checkHello = (hello: Control.Hello, options: IncomingOptions<unknown>): string | undefined => {
   if (hello.version !== Control.VERSION) return `control protocol version ${hello.version} is not ${Control.VERSION}`
   const expected = options.expect === undefined ? undefined : unmet(hello, options.expect)
   if (expected !== undefined) return expected
@@ -401,32 +426,94 @@ const checkHello = (hello: Control.Hello, options: IncomingOptions): string | un
   return undefined
 }
 
+/** A store step's failure, kept apart from the migration's own errors until `incoming` fails with it. */
+class StoreFailed<E> {
+  readonly _tag = "StoreFailed"
+  constructor(readonly error: E) {}
+}
+
+const messageOf = (error: unknown): string =>
+  typeof error === "object" && error !== null && "message" in error && typeof error.message === "string" &&
+    error.message.length > 0
+    ? error.message
+    : String(error)
+
+/** Why a candidate connection failed, without its address (the rejection names it). */
+const candidateProblem = (error: Control.ReceiveError | MigrationError.MigrationError): string =>
+  error._tag === "TransportError"
+    ? error.detail
+    : error._tag === "ProtocolError"
+    ? `bad ${error.field}: ${error.detail}`
+    : error.message
+
+/** The main channel of a migration: the first connection that sent the control magic and a complete hello. */
+interface MainChannel {
+  readonly connection: Transport.Connection
+  readonly hello: Control.Hello
+}
+
 /**
- * Receives one migration on `listener`. Connections that are not part of it (strangers, other uuids) are
- * closed and reported in `rejected`, without failing the migration. Returns once every page is in memory,
- * the digests matched and every channel ended.
+ * Receives one migration on `listener`. Every accepted connection is a candidate until it proves itself
+ * within the handshake timeout: a main channel by the control magic and a complete hello (the first one
+ * wins; a later one is refused, "a migration is already in progress"), a multifd channel by a complete init
+ * packet of this migration. Candidates that do not — strangers, connections that stall, close half-way or
+ * send garbage, channels of other migrations — are closed, logged and reported in `rejected`, without
+ * disturbing the migration. Returns once every page is in memory, the digests matched, `store` (if given)
+ * succeeded and every channel ended.
  */
-export const incoming = (
+export const incoming = <E = never>(
   listener: Transport.Listener,
-  options: IncomingOptions = {}
-): Effect.Effect<Incoming, IncomingError, never> =>
+  options: IncomingOptions<E> = {}
+): Effect.Effect<Incoming, IncomingError | E, never> =>
   Effect.scoped(Effect.gen(function*() {
     const timeouts = resolveTimeouts(options.timeouts)
-    const control = yield* Deferred.make<Transport.Connection>()
+    const handshakeMs = Duration.toMillis(Duration.decode(timeouts.handshake))
+    const main = yield* Deferred.make<MainChannel>()
     const channelSet = yield* Deferred.make<MultifdRecv.MultifdRecv["Type"]>()
+    /** Tells a complete but unwanted hello why (best effort: the connection is closed right after). */
+    const refuse = (connection: Transport.Connection, reason: string) =>
+      Control.send(connection, new Control.Reject({ reason })).pipe(Effect.timeout(Duration.seconds(1)), Effect.ignore)
     const acceptor = yield* Acceptor.start<IncomingError>(listener, {
       upgrade: options.upgrade,
-      firstBytesTimeout: timeouts.peer,
-      classify: (connection, first, reject) =>
+      firstBytesTimeout: timeouts.handshake,
+      classify: (connection, first, reject, since) =>
         Effect.gen(function*() {
-          if (first.readUInt32BE(0) === Control.MAGIC) {
-            yield* connection.read(4)
-            if (!(yield* Deferred.succeed(control, connection))) return yield* reject(connection, "a second main channel")
+          // one deadline for the whole handshake, first bytes included: a candidate cannot stretch it by
+          // trickling bytes
+          const deadline = (what: string) => <A, E2>(self: Effect.Effect<A, E2>) =>
+            Effect.flatMap(Clock.currentTimeMillis, (now) =>
+              Effect.timeoutFail(self, {
+                duration: Duration.millis(Math.max(0, handshakeMs - (now - since))),
+                onTimeout: () => MigrationError.timeout(what, timeouts.handshake)
+              }))
+          const magic = first.readUInt32BE(0)
+          if (magic === Control.MAGIC) {
+            const message = yield* Effect.either(
+              Effect.zipRight(connection.read(4), Control.receive(connection)).pipe(
+                deadline("waiting for a complete hello")
+              )
+            )
+            if (Either.isLeft(message)) return yield* reject(connection, `no valid hello: ${candidateProblem(message.left)}`)
+            const hello = message.right
+            if (hello._tag !== "Hello") return yield* reject(connection, `no valid hello: a ${hello._tag} message came first`)
+            if (!(yield* Deferred.succeed(main, { connection, hello }))) {
+              yield* refuse(connection, "a migration is already in progress")
+              return yield* reject(connection, "a migration is already in progress")
+            }
+            // the migration's main channel: it stays open while the migration runs
             return yield* Effect.never
           }
-          if (first.readUInt32BE(0) === Protocol.MAGIC) {
-            const recv = yield* Deferred.await(channelSet)
-            return yield* recv.adopt(connection).pipe(
+          if (magic === Protocol.MAGIC) {
+            const init = yield* Effect.either(
+              connection.read(Protocol.INIT_PACKET_SIZE).pipe(deadline("waiting for a complete multifd init packet"))
+            )
+            if (Either.isLeft(init)) return yield* reject(connection, `no valid init packet: ${candidateProblem(init.left)}`)
+            // a real source connects its channels only after Accept, when the channel set exists
+            const recv = yield* Effect.either(
+              Deferred.await(channelSet).pipe(deadline("waiting for a migration to join"))
+            )
+            if (Either.isLeft(recv)) return yield* reject(connection, `a multifd channel without a migration: ${recv.left.message}`)
+            return yield* recv.right.adopt(connection, init.right).pipe(
               Effect.catchIf(MultifdRecv.isStranger, (e) => reject(connection, e.message))
             )
           }
@@ -435,10 +522,10 @@ export const incoming = (
     })
     const connectionFailure = acceptor.failure
 
-    const waitControl = options.acceptTimeout === undefined
-      ? Deferred.await(control)
-      : Deferred.await(control).pipe(within(options.acceptTimeout, "waiting for a source to connect"))
-    const ctl = yield* Effect.raceFirst(waitControl, connectionFailure)
+    const waitMain = options.acceptTimeout === undefined
+      ? Deferred.await(main)
+      : Deferred.await(main).pipe(within(options.acceptTimeout, "waiting for a source to connect"))
+    const { connection: ctl, hello } = yield* Effect.raceFirst(waitMain, connectionFailure)
     const { inbox, failure: controlFailure } = yield* controlReader(ctl, "source")
     // once Done is sent the source ends its main channel, and that end may be seen before the channels' ends:
     // it is no failure then (an Abort still is)
@@ -455,9 +542,24 @@ export const incoming = (
     const tell = (message: Control.Message) =>
       Effect.mapError(Control.send(ctl, message), MigrationError.onChannel("main"))
 
+    /**
+     * Runs the store step, telling the source meanwhile that the destination is alive and storing; if it fails,
+     * tells the source why.
+     */
+    const store = (ram: GuestRam.GuestRam["Type"]) =>
+      Effect.gen(function*() {
+        if (options.store === undefined) return
+        const interval = Duration.min(Duration.seconds(1), Duration.times(Duration.decode(timeouts.peer), 0.25))
+        // a write that fails means the source is gone, which the control reader reports
+        const heartbeat = Effect.forever(Effect.zipRight(Effect.ignore(tell(new Control.Storing())), Effect.sleep(interval)))
+        const stored = yield* Effect.either(Effect.raceFirst(options.store(ram), heartbeat))
+        if (Either.isLeft(stored)) {
+          yield* abortPeer(ctl, messageOf(stored.left), "store")
+          return yield* Effect.fail(new StoreFailed(stored.left))
+        }
+      })
+
     const run = Effect.gen(function*() {
-      const hello = yield* next.pipe(within(timeouts.peer, "waiting for the source's hello"))
-      if (hello._tag !== "Hello") return yield* unexpected(hello, "instead of Hello")
       // the destination's duration starts with the source's hello, not with the wait for a source
       const started = yield* Clock.currentTimeMillis
       const problem = checkHello(hello, options)
@@ -540,6 +642,8 @@ export const incoming = (
           yield* tell(new Control.Abort({ reason }))
           return yield* new MigrationError.MigrationError({ reason: "DigestMismatch", detail: reason })
         }
+        // Done promises the memory is verified and, with a store step, stored: the source reports success on it
+        yield* store(ram)
         yield* Deferred.succeed(doneSent, undefined)
         yield* tell(new Control.Done())
         yield* Effect.raceFirst(recv.finished, failures).pipe(
@@ -571,7 +675,7 @@ export const incoming = (
     })
 
     const isAbort = (error: IncomingError) => error._tag === "MigrationError" && error.reason === "Aborted"
-    const isHangUp = (error: IncomingError) =>
+    const isHangUp = (error: IncomingError | StoreFailed<E>) =>
       (error._tag === "MigrationError" && error.reason === "ChannelClosed") ||
       (error._tag === "ChannelError" && error.cause._tag === "TransportError")
     return yield* Effect.raceFirst(run, failures).pipe(
@@ -587,30 +691,36 @@ export const incoming = (
           (told) => Effect.fail(Option.isSome(told) && isAbort(told.value) ? told.value : error)
         )),
       Effect.tapError((error) =>
-        error._tag === "MigrationError" && (error.reason === "Aborted" || error.reason === "Rejected" ||
-            error.reason === "DigestMismatch")
+        error instanceof StoreFailed ||
+          (error._tag === "MigrationError" && (error.reason === "Aborted" || error.reason === "Rejected" ||
+            error.reason === "DigestMismatch"))
           ? Effect.void
           : abortPeer(ctl, error.message)
-      )
+      ),
+      Effect.mapError((error): IncomingError | E => error instanceof StoreFailed ? error.error : error)
     )
   }))
 
 /**
  * Listens at `address` and receives one migration there (a convenience over `Transport.listen` + `incoming`).
- * A `file:` address restores that snapshot file instead (`Snapshot.restore`; `onListening` is not called).
+ * A `file:` address restores that snapshot file instead (`Snapshot.restore`; `onListening` is not called),
+ * then runs `store`.
  */
-export const listenAndReceive = (
+export const listenAndReceive = <E = never>(
   address: Transport.Address,
-  options: IncomingOptions & { readonly onListening?: ((address: Transport.Address) => Effect.Effect<void>) | undefined } = {}
-): Effect.Effect<Incoming, IncomingError | Transport.TransportError, Transport.Transport> =>
-  address._tag === "File" ? Snapshot.receiveFromFile(address.path, options) :
+  options: IncomingOptions<E> & { readonly onListening?: ((address: Transport.Address) => Effect.Effect<void>) | undefined } = {}
+): Effect.Effect<Incoming, IncomingError | Transport.TransportError | E, Transport.Transport> =>
+  address._tag === "File"
+    ? Effect.tap(
+      Snapshot.receiveFromFile(address.path, { ...options, store: undefined }),
+      (received) => options.store === undefined ? Effect.void : options.store(received.ram)
+    ) :
   Effect.scoped(Effect.gen(function*() {
     const transport = yield* Transport.Transport
     const listener = yield* transport.listen(address)
     if (options.onListening) yield* options.onListening(listener.address)
     return yield* incoming(listener, options)
   }))
-
 
 /** What `migrateStream` emits: progress while the migration runs, then its stats. */
 export type Event =

@@ -53,10 +53,11 @@ export interface Stats {
 /** The destination's channel set. */
 export class MultifdRecv extends Context.Tag("effect-multifd/MultifdRecv")<MultifdRecv, {
   /**
-   * Reads and validates a connection's init packet, forks its worker and waits for it to end. Fails with
-   * a `ProtocolError` (the connection is not adopted) when the init packet is not one of this migration's.
+   * Reads (unless given: `init`, the 64 bytes already read) and validates a connection's init packet, forks
+   * its worker and waits for it to end. Fails with a `ProtocolError` (the connection is not adopted) when the
+   * init packet is not one of this migration's.
    */
-  readonly adopt: (connection: Transport.Connection) => Effect.Effect<void, ChannelFailure>
+  readonly adopt: (connection: Transport.Connection, init?: Buffer) => Effect.Effect<void, ChannelFailure>
   /** Waits until every channel has reached its next SYNC, then lets them all go on. */
   readonly sync: Effect.Effect<void, ChannelFailure>
   /** From now on, a channel that ends at a packet boundary has finished instead of failed. */
@@ -278,9 +279,9 @@ export const make = (config: Config): Effect.Effect<MultifdRecv["Type"], never, 
         return init.id
       })
 
-    const adopt = (connection: Transport.Connection) =>
+    const adopt = (connection: Transport.Connection, init?: Buffer) =>
       Effect.gen(function*() {
-        const id = yield* checkInit(yield* connection.read(Protocol.INIT_PACKET_SIZE))
+        const id = yield* checkInit(init ?? (yield* connection.read(Protocol.INIT_PACKET_SIZE)))
         const codec = yield* PageCodec.decoder(compression, id)
         if (++counters.channels === channels) yield* Deferred.succeed(allAdopted, undefined)
         const fiber = yield* FiberSet.run(fibers, worker(id, connection, codec).pipe(Effect.mapError(MigrationError.onChannel(id))))

@@ -13,6 +13,7 @@ import * as Os from "node:os"
 import * as Path from "node:path"
 import { afterAll, afterEach, beforeAll, describe, expect, it } from "vitest"
 import * as Cli from "../src/cli/command.js"
+import * as Image from "../src/cli/image.js"
 import * as Control from "../src/Control.js"
 
 const ROOT = Path.resolve(import.meta.dirname, "..")
@@ -533,5 +534,116 @@ describe("multifd failures", () => {
     expect(received.code).toBe(130)
     expect(lines(received.stderr).at(-1)).toBe("multifd: interrupted by SIGINT")
     expect(filesLike("interrupted.")).toEqual([]) // neither the image nor the socket is left
+  })
+})
+
+/** Mounts a 1 MiB tmpfs at `mountpoint` (a really full file system for an 8 MiB image); why not, if it cannot. */
+const mountTinyTmpfs = (mountpoint: string): string | undefined => {
+  Fs.mkdirSync(mountpoint, { recursive: true })
+  try {
+    ChildProcess.execFileSync("mount", ["-t", "tmpfs", "-o", "size=1m", "tmpfs", mountpoint], { stdio: "pipe" })
+    return undefined
+  } catch (error) {
+    const stderr = (error as { stderr?: Buffer }).stderr?.toString().trim()
+    return stderr !== undefined && stderr.length > 0 ? stderr : String(error)
+  }
+}
+
+/** A raw TCP connection to `uri` that writes `bytes` and then half-closes (`end`) or stays silent. */
+const rawStranger = (uri: string, bytes: ReadonlyArray<Buffer>, end: boolean) => {
+  const [, host, port] = /^tcp:(.+):(\d+)$/.exec(uri)!
+  const socket = Net.connect({ host: host!, port: Number(port) })
+  socket.on("error", () => undefined) // a reset by recv is one way of being turned away
+  socket.on("data", () => undefined)
+  const closed = new Promise<void>((resolve) => socket.once("close", () => resolve()))
+  socket.once("connect", () => {
+    for (const chunk of bytes) socket.write(chunk)
+    if (end) socket.end()
+  })
+  return { socket, closed }
+}
+
+const controlMagic = () => {
+  const magic = Buffer.alloc(4)
+  magic.writeUInt32BE(Control.MAGIC, 0)
+  return magic
+}
+
+/** The first 30 bytes of a multifd init packet (its magic included). */
+const halfInit = () => {
+  const init = Buffer.alloc(30)
+  init.writeUInt32BE(0x11223344, 0)
+  init.writeUInt32BE(1, 4)
+  return init
+}
+
+describe("trust: success is durable, strangers are candidates", () => {
+  it("recv --out on a full file system: send exits 1 with the destination's reason, recv exits 1, nothing left", async (ctx) => {
+    const full = Path.join(dir, "full")
+    const why = mountTinyTmpfs(full)
+    if (why !== undefined) return ctx.skip(`cannot mount a 1 MiB tmpfs here (needs root): ${why}`)
+    try {
+      const out = Path.join(full, "out.img")
+      const recv = await startRecv(["tcp:127.0.0.1:0", "--out", out])
+      expect(Fs.readdirSync(full)).toHaveLength(1) // the temporary file, created up front
+      const send = await run(["send", recv.uri, "--in", image, "--channels", "2"])
+      const received = await recv.finished
+      const reason = `${out}: cannot write the image: no space left on device`
+      expect(send.code, send.stderr).toBe(1)
+      expect(lines(send.stderr)).toEqual([`multifd: error: the destination could not store the image: ${reason}`])
+      expect(received.code, received.stderr).toBe(1)
+      expect(lines(received.stderr).at(-1)).toBe(`multifd: error: ${reason}`)
+      noStack(send.stderr + received.stderr)
+      expect(Fs.readdirSync(full)).toEqual([]) // the temporary file is removed, no image claims success
+    } finally {
+      ChildProcess.execFileSync("umount", [full])
+    }
+  })
+
+  it("the directory sync after the rename reports a real failure instead of ignoring it (here: no directory)", async () => {
+    expect((await Effect.runPromise(Effect.either(Image.syncDirectory(dir))))._tag).toBe("Right")
+    const missing = Path.join(dir, "gone")
+    const failed = await Effect.runPromise(Effect.flip(Image.syncDirectory(missing)))
+    expect(failed.reason).toBe("Io") // exit 1: the migration failed, not the command line
+    expect(failed.message).toBe(`${missing}: cannot sync the directory: no such file or directory`)
+  })
+
+  it("strangers that close, announce 4 GiB or send half an init packet are turned away; then a real send succeeds", async () => {
+    const out = Path.join(dir, "strangers.out")
+    const recv = await startRecv(["tcp:127.0.0.1:0", "--out", out, "--json"])
+    const length = Buffer.alloc(4)
+    length.writeUInt32BE(0xffffffff, 0)
+    const strangers = [
+      rawStranger(recv.uri, [controlMagic()], true),
+      rawStranger(recv.uri, [controlMagic(), length], false),
+      rawStranger(recv.uri, [halfInit()], true)
+    ]
+    // recv closes each of them and keeps waiting
+    await Promise.all(strangers.map((s) => s.closed))
+    const send = await run(["send", recv.uri, "--in", image, "--channels", "3"])
+    const received = await recv.finished
+    expect(send.code, send.stderr).toBe(0)
+    expect(received.code, received.stderr).toBe(0)
+    expect(Fs.readFileSync(out).equals(Fs.readFileSync(image))).toBe(true)
+    const rejected: ReadonlyArray<string> = JSON.parse(received.stdout).rejected
+    expect(rejected).toHaveLength(3)
+    expect(rejected.join("\n")).toContain("no valid hello: peer closed the connection")
+    expect(rejected.join("\n")).toContain("frame of 4294967295 bytes exceeds")
+    expect(rejected.join("\n")).toContain("no valid init packet: peer closed the connection after 30 of 64 bytes")
+    expect(lines(received.stderr).filter((l) => l.startsWith("multifd: warning: rejected a connection from "))).toHaveLength(3)
+  })
+
+  it("strangers that stall after the control magic or half an init packet do not hold up a real send", async () => {
+    const out = Path.join(dir, "stallers.out")
+    const recv = await startRecv(["tcp:127.0.0.1:0", "--out", out])
+    const stallers = [rawStranger(recv.uri, [controlMagic()], false), rawStranger(recv.uri, [halfInit()], false)]
+    await Promise.all(stallers.map((s) => new Promise((resolve) => s.socket.once("connect", resolve))))
+    const send = await run(["send", recv.uri, "--in", image, "--channels", "2"])
+    const received = await recv.finished
+    expect(send.code, send.stderr).toBe(0)
+    expect(received.code, received.stderr).toBe(0)
+    expect(Fs.readFileSync(out).equals(Fs.readFileSync(image))).toBe(true)
+    // recv closed them on its way out
+    await Promise.all(stallers.map((s) => s.closed))
   })
 })

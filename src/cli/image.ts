@@ -164,11 +164,28 @@ export const create = (path: string): Effect.Effect<Output, ImageError, Scope.Sc
     return { path, temporary, commit }
   })
 
-/** Makes a rename durable (best effort: some file systems refuse to sync a directory). */
-const syncDirectory = (dir: string): Effect.Effect<void> =>
-  Effect.promise(async () => {
-    const handle = await Fs.open(dir, "r").catch(() => undefined)
-    if (handle === undefined) return
-    await handle.sync().catch(() => undefined)
-    await handle.close().catch(() => undefined)
-  })
+/**
+ * Error codes by which a platform or file system says it cannot sync a directory at all (rather than that
+ * the sync failed): there the rename is as durable as that file system makes it, and that is accepted.
+ */
+const CANNOT_SYNC_DIRECTORY: ReadonlySet<string> = new Set(["EINVAL", "ENOTSUP", "EOPNOTSUPP", "ENOSYS", "EISDIR"])
+
+/**
+ * Makes a rename durable by syncing the directory that holds it. A file system that cannot sync a directory
+ * is accepted; any other failure (EIO, EACCES, ENOENT...) is an `ImageError`.
+ *
+ * @internal
+ */
+export const syncDirectory = (dir: string): Effect.Effect<void, ImageError> =>
+  Effect.scoped(Effect.gen(function*() {
+    const unsupported = (cause: unknown) => CANNOT_SYNC_DIRECTORY.has(String((cause as { code?: unknown })?.code))
+    const failed = (cause: unknown) =>
+      new ImageError({ reason: "Io", path: dir, detail: `cannot sync the directory: ${describe(cause)}`, cause })
+    const handle = yield* Effect.either(openFile(dir, "r", "cannot open the directory"))
+    if (handle._tag === "Left") {
+      return unsupported(handle.left.cause) ? undefined : yield* failed(handle.left.cause)
+    }
+    yield* Effect.tryPromise({ try: () => handle.right.sync(), catch: (cause) => cause }).pipe(
+      Effect.catchAll((cause) => unsupported(cause) ? Effect.void : Effect.fail(failed(cause)))
+    )
+  }))

@@ -213,7 +213,7 @@ export const timing: Options.Options<Timing> = Options.all({
     Options.withDescription(
       "Give up when the peer does not answer, or no data moves, for this long; send also when connecting takes " +
         "longer. 30s, 500ms, 2m, 1h or plain seconds (default 30s; connecting 10s). recv waits for a source " +
-        "for ever."
+        "for ever, but closes a connection that has not sent a complete hello or channel header by then (default 10s)."
     ),
     Options.mapEffect((text) =>
       Either.match(parseDuration(text), { onLeft: (why) => Effect.fail(invalid(why)), onRight: Effect.succeed })

@@ -13,6 +13,7 @@ import * as Console from "effect/Console"
 import * as Data from "effect/Data"
 import * as Effect from "effect/Effect"
 import * as Option from "effect/Option"
+import type * as GuestRam from "../GuestRam.js"
 import * as Migration from "../Migration.js"
 import * as Transport from "../Transport.js"
 import { UsageError } from "./errors.js"
@@ -85,6 +86,7 @@ export const command = Command.make(
       const out = output.out.value
       // the temporary file first: an unwritable --out fails before anything listens
       const image = yield* Image.create(out)
+      const commit = (ram: GuestRam.GuestRam["Type"]) => image.commit(ram.blocks.map((block) => block.bytes))
       const received = yield* Effect.scoped(Effect.gen(function*() {
         const onProgress = yield* Progress.make("recv")
         return yield* Migration.listenAndReceive(uri, {
@@ -96,16 +98,21 @@ export const command = Command.make(
           },
           upgrade: tls?.server,
           onListening: (address) => Console.error(listeningLine(address)),
-          onProgress
+          onProgress,
+          // from a source, the image is written before the destination confirms: the source reports success
+          // only once it is in place (a snapshot file is restored, checked below, then written)
+          store: uri._tag === "File" ? undefined : commit
         })
       })).pipe(Effect.provide(Transport.layer))
       const { ram, stats } = received
-      // a snapshot file has no hello to refuse: its settings are checked here
-      const problem = mismatch(transfer, { ...stats, pageSize: ram.pageSize })
-      if (problem !== undefined) {
-        return yield* new SourceMismatch({ detail: `${problem}; ${out} not written` })
+      if (uri._tag === "File") {
+        // a snapshot file has no hello to refuse: its settings are checked here
+        const problem = mismatch(transfer, { ...stats, pageSize: ram.pageSize })
+        if (problem !== undefined) {
+          return yield* new SourceMismatch({ detail: `${problem}; ${out} not written` })
+        }
+        yield* commit(ram)
       }
-      yield* image.commit(ram.blocks.map((block) => block.bytes))
       yield* Report.print(
         { role: "recv", output: out, pageSize: ram.pageSize, stats, rejected: received.rejected },
         reporting.json

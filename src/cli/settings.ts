@@ -12,11 +12,11 @@ import type * as Transport from "../Transport.js"
 import { UsageError } from "./errors.js"
 import * as Options from "./options.js"
 
-/** `--timeout` as the library's timeouts: the peer's answers and connecting. */
+/** `--timeout` as the library's timeouts: the peer's answers, connecting, and a new connection's handshake. */
 export const timeoutsOf = (timing: Options.Timing): Partial<Migration.Timeouts> =>
   Option.match(timing.timeout, {
     onNone: () => ({}),
-    onSome: (d) => ({ peer: d, connect: d })
+    onSome: (d) => ({ peer: d, connect: d, handshake: d })
   })
 
 /**

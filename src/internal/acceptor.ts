@@ -1,12 +1,14 @@
 /**
  * The destination's front door, shared by `Migration.incoming` and `QemuIncoming.incoming`: connections are
  * accepted one fiber each (an acceptor takes one, starts the next, then handles its own), secured (TLS) and
- * peeked at; the caller's `classify` sees each connection with its first four bytes. A connection whose
+ * peeked at; the caller's `classify` sees each connection with its first four bytes (and when the wait for
+ * them began, so that it can bound the rest of a handshake by the same deadline). A connection whose
  * upgrade or first bytes fail, or that `classify` turns away, is closed and recorded with the reason; only
  * a failure of `classify` fails the set.
  *
  * @internal
  */
+import * as Clock from "effect/Clock"
 import type * as Duration from "effect/Duration"
 import * as Effect from "effect/Effect"
 import * as FiberSet from "effect/FiberSet"
@@ -34,11 +36,15 @@ export const start = <E>(
     readonly upgrade?: Transport.Upgrade<MultifdSend.ChannelFailure> | undefined
     /** How long a connection may take to send its first bytes. */
     readonly firstBytesTimeout: Duration.DurationInput
-    /** Handles a connection; it stays open while this runs (a main channel's `classify` never returns). */
+    /**
+     * Handles a connection; it stays open while this runs (a main channel's `classify` never returns).
+     * `since`: the clock's time (ms) when the wait for the first bytes began, after any upgrade.
+     */
     readonly classify: (
       connection: Transport.Connection,
       first: Buffer,
-      reject: Reject
+      reject: Reject,
+      since: number
     ) => Effect.Effect<void, E, Scope.Scope>
   }
 ): Effect.Effect<Acceptor<E>, never, Scope.Scope> =>
@@ -59,11 +65,12 @@ export const start = <E>(
           : { _tag: "Right" as const, right: raw }
         if (secured._tag === "Left") return yield* reject(raw, secured.left.message)
         const connection = secured.right
+        const since = yield* Clock.currentTimeMillis
         const first = yield* Effect.either(
           connection.peek(4).pipe(within(options.firstBytesTimeout, "waiting for the first bytes"))
         )
         if (first._tag === "Left") return yield* reject(connection, first.left.message)
-        return yield* options.classify(connection, first.right, reject)
+        return yield* options.classify(connection, first.right, reject, since)
       })
 
     const acceptor: Effect.Effect<void, E> = Effect.scoped(Effect.gen(function*() {

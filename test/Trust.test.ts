@@ -1,0 +1,429 @@
+/**
+ * Issue 11, "Trust" (DESIGN §2.8–2.9), at the library level over real loopback sockets:
+ *
+ * - success is durable: a destination's `store` step runs after the digests matched and before `Done`; the
+ *   source succeeds only after it, fails with the destination's reason when it fails, and is kept waiting
+ *   (not timed out) while a long store runs — yet times out when the destination falls silent;
+ * - strangers are candidates: connections that send the control magic and then close, stall, announce a
+ *   4 GiB frame or send garbage, or the multifd magic and half an init packet, are turned away (logged and
+ *   listed in `rejected`) while the destination keeps waiting, half-open ones after the handshake timeout
+ *   (TestClock), and a real source then migrates; a second complete hello is refused without disturbing the
+ *   migration in progress.
+ *
+ * Nothing waits on a timer to let things settle: waits are on Deferreds, fibers, recorded events or
+ * event-loop turns; `noHang` guards (real timers) only turn a hang into a failure.
+ */
+import { describe, expect, it } from "@effect/vitest"
+import * as Cause from "effect/Cause"
+import * as Data from "effect/Data"
+import * as Deferred from "effect/Deferred"
+import * as Effect from "effect/Effect"
+import * as Exit from "effect/Exit"
+import * as Fiber from "effect/Fiber"
+import * as Logger from "effect/Logger"
+import * as Option from "effect/Option"
+import * as Ref from "effect/Ref"
+import type * as Scope from "effect/Scope"
+import * as TestClock from "effect/TestClock"
+import * as Crypto from "node:crypto"
+import * as Control from "../src/Control.js"
+import * as GuestRam from "../src/GuestRam.js"
+import * as Migration from "../src/Migration.js"
+import * as MigrationError from "../src/MigrationError.js"
+import * as Protocol from "../src/Protocol.js"
+import * as Transport from "../src/Transport.js"
+import * as Faulty from "./support/faultyTransport.js"
+import { expectNoLeaks, nextTurn } from "./support/handles.js"
+import { mixedImage } from "./support/images.js"
+
+// ---------------------------------------------------------------------------------------------------------
+// helpers
+
+const PAGE = 4096
+const TIMEOUTS = { connect: "2 seconds", handshake: "2 seconds", peer: "2 seconds" } as const
+const tcp0: Transport.Address = { _tag: "Tcp", host: "127.0.0.1", port: 0 }
+
+type Ram = GuestRam.GuestRam["Type"]
+
+const leakFree = <A, E>(body: Effect.Effect<A, E, Scope.Scope>) => expectNoLeaks(Effect.scoped(body))
+
+/** A guard with a real timer (it also guards tests that move the TestClock): fail instead of hanging. */
+const noHang = <A, E, R>(self: Effect.Effect<A, E, R>, what: string, seconds = 10): Effect.Effect<A, E | Error, R> =>
+  Effect.raceFirst(
+    self,
+    Effect.async<never, Error>((resume) => {
+      const timer = setTimeout(() => resume(Effect.fail(new Error(`hung: ${what}`))), seconds * 1000)
+      return Effect.sync(() => clearTimeout(timer))
+    })
+  )
+
+/** 1 MiB + 256 KiB of mixed random and zero pages. */
+const sourceRam = () =>
+  GuestRam.make({
+    blocks: [{ name: "pc.ram", bytes: mixedImage(256, 0.7, PAGE) }, { name: "vga.vram", bytes: mixedImage(64, 0.7, PAGE) }]
+  })
+
+const sameMemory = (a: Ram, b: Ram) =>
+  a.blocks.length === b.blocks.length && a.blocks.every((block, i) => block.bytes.equals(b.blocks[i]!.bytes))
+
+const failureOf = <A, E>(exit: Exit.Exit<A, E>): E => {
+  if (Exit.isSuccess(exit)) throw new Error("expected a failure, got success")
+  const failure = Cause.failureOption(exit.cause)
+  if (Option.isNone(failure)) throw new Error(`expected a failure, got ${Cause.pretty(exit.cause)}`)
+  return failure.value
+}
+
+/** A destination in a fiber of the caller's scope, its log lines (rejected connections) kept in `logs`. */
+const startDestination = <E = never>(options: Migration.IncomingOptions<E> = {}) =>
+  Effect.gen(function*() {
+    const logs: Array<string> = []
+    const listener = yield* Transport.listen(tcp0)
+    const fiber = yield* Effect.forkScoped(Effect.provide(
+      Migration.incoming(listener, { timeouts: TIMEOUTS, ...options }),
+      Logger.replace(Logger.defaultLogger, Logger.make(({ message }) => logs.push(String(message))))
+    ))
+    return { fiber, address: listener.address, logs }
+  })
+
+const migrateTo = (
+  address: Transport.Address,
+  ram: Ram,
+  options: Partial<Migration.MigrateOptions> = {},
+  transport = Transport.layer
+) =>
+  Migration.migrate({ address, channels: 3, timeouts: TIMEOUTS, ...options }).pipe(
+    Effect.provide(transport),
+    Effect.provideService(GuestRam.GuestRam, ram)
+  )
+
+/** The control magic, as a source's first bytes. */
+const controlMagic = () => {
+  const magic = Buffer.alloc(4)
+  magic.writeUInt32BE(Control.MAGIC, 0)
+  return magic
+}
+
+const frameLength = (n: number) => {
+  const length = Buffer.alloc(4)
+  length.writeUInt32BE(n, 0)
+  return length
+}
+
+/** The first `bytes` bytes of a valid multifd init packet (the magic included). */
+const halfInit = (bytes = 30) => Protocol.encodeInit({ uuid: Protocol.parseUuid(Crypto.randomUUID())!, id: 0 }).subarray(0, bytes)
+
+/** A valid hello of a small migration. */
+const hello = () =>
+  new Control.Hello({
+    version: Control.VERSION,
+    uuid: Crypto.randomUUID(),
+    pageSize: PAGE,
+    channels: 1,
+    compression: "none",
+    zeroPage: "multifd",
+    blocks: [{ name: "ram", size: 16 * PAGE }]
+  })
+
+/** Connects a stranger that writes `bytes`, then half-closes (`close`) or stays silent. */
+const stranger = (address: Transport.Address, bytes: ReadonlyArray<Uint8Array>, close: boolean) =>
+  Effect.gen(function*() {
+    const connection = yield* Transport.connect(address)
+    if (bytes.length > 0) yield* connection.write(bytes)
+    if (close) yield* connection.end
+    return connection
+  })
+
+/** Waits until the destination closed the stranger's connection (a clean end or a reset: it is gone). */
+const turnedAway = (connection: Transport.Connection, what: string) =>
+  noHang(Effect.catchAll(connection.atEnd, () => Effect.succeed(true)), what).pipe(
+    Effect.tap((ended) => expect(ended, `${what}: the destination sent data instead of closing`).toBe(true))
+  )
+
+/** Moves the TestClock a tenth of a second per event-loop turn until `done` holds (a real-time guard bounds it). */
+const advanceUntil = (done: Effect.Effect<boolean>, what: string) => {
+  const step: Effect.Effect<void> = Effect.flatMap(done, (isDone) =>
+    isDone ? Effect.void : Effect.zipRight(Effect.zipRight(TestClock.adjust("100 millis"), nextTurn), step))
+  return noHang(step, what)
+}
+
+const fiberDone = <A, E>(fiber: Fiber.Fiber<A, E>) => Effect.map(Fiber.poll(fiber), Option.isSome)
+
+// ---------------------------------------------------------------------------------------------------------
+
+class DiskFull extends Data.TaggedError("DiskFull")<{ readonly path: string }> {
+  override get message(): string {
+    return `${this.path}: no space left on device`
+  }
+}
+
+describe("success is durable: the destination's store step", () => {
+  it.live("fails: the source fails with the destination's reason, incoming with the store's error, nothing leaks", () =>
+    leakFree(Effect.gen(function*() {
+      const ram = yield* sourceRam()
+      const storedMemory = yield* Deferred.make<boolean>()
+      const failure = new DiskFull({ path: "/mnt/full/out.img" })
+      const dest = yield* startDestination({
+        // the store sees the verified memory, then fails as a full disk would
+        store: (received) => Effect.zipRight(Deferred.succeed(storedMemory, sameMemory(received, ram)), Effect.fail(failure))
+      })
+      const sourceExit = yield* noHang(Effect.exit(migrateTo(dest.address, ram)), "migrate")
+      expect(yield* Deferred.await(storedMemory)).toBe(true)
+      const error = failureOf(sourceExit)
+      expect(error).toBeInstanceOf(MigrationError.MigrationError)
+      expect((error as MigrationError.MigrationError).reason).toBe("Aborted")
+      expect(error.message).toBe("the destination could not store the image: /mnt/full/out.img: no space left on device")
+      const destError = failureOf(yield* noHang(Fiber.await(dest.fiber), "incoming"))
+      expect(destError).toBe(failure)
+    })))
+
+  it.live("succeeds: the source's success comes after the store completed", () =>
+    leakFree(Effect.gen(function*() {
+      const ram = yield* sourceRam()
+      const events = yield* Ref.make<ReadonlyArray<string>>([])
+      const dest = yield* startDestination({
+        store: (received) =>
+          Ref.update(events, (e) => [...e, sameMemory(received, ram) ? "stored the same memory" : "stored other memory"])
+      })
+      yield* noHang(migrateTo(dest.address, ram), "migrate")
+      yield* Ref.update(events, (e) => [...e, "source succeeded"])
+      const result = yield* noHang(Fiber.join(dest.fiber), "incoming")
+      expect(sameMemory(result.ram, ram)).toBe(true)
+      expect(yield* Ref.get(events)).toEqual(["stored the same memory", "source succeeded"])
+    })))
+
+  it.effect("a store that outlasts the source's peer timeout fivefold: the source keeps waiting, then succeeds", () =>
+    leakFree(Effect.gen(function*() {
+      const ram = yield* sourceRam()
+      const started = yield* Deferred.make<void>()
+      const release = yield* Deferred.make<void>()
+      const dest = yield* startDestination({
+        store: () => Effect.zipRight(Deferred.succeed(started, undefined), Deferred.await(release))
+      })
+      const faulty = yield* Faulty.make()
+      const source = yield* Effect.forkScoped(migrateTo(dest.address, ram, {}, faulty.layer))
+      yield* noHang(Deferred.await(started), "the store step starting")
+      const mainRead = () => faulty.records.find((r) => r.side === "connect" && r.role === "main")!.bytesRead
+      const before = mainRead()
+      // 10 s of virtual time: five times the source's peer timeout (2 s)
+      const t0 = yield* TestClock.currentTimeMillis
+      yield* advanceUntil(
+        Effect.map(TestClock.currentTimeMillis, (now) => now - t0 >= 10_000 || source.unsafePoll() !== null),
+        "10 s of storing"
+      )
+      expect(source.unsafePoll(), "the source ended while the destination was storing").toBeNull()
+      // the destination said it was storing, again and again (a Storing frame is 22 bytes)
+      expect(mainRead() - before).toBeGreaterThanOrEqual(10 * Control.encode(new Control.Storing()).length)
+      yield* Deferred.succeed(release, undefined)
+      const stats = yield* noHang(Fiber.join(source), "migrate")
+      expect(stats.ramBytes).toBe(ram.size)
+      const result = yield* noHang(Fiber.join(dest.fiber), "incoming")
+      expect(sameMemory(result.ram, ram)).toBe(true)
+    })))
+
+  it.effect("a destination that falls silent while storing: the source times out after its peer timeout", () =>
+    leakFree(Effect.gen(function*() {
+      const ram = yield* sourceRam()
+      const listener = yield* Transport.listen(tcp0)
+      const storing = yield* Deferred.make<void>()
+      // a fake destination: accepts, acknowledges every flush, says Storing once after Complete, then nothing
+      const drain = (connection: Transport.Connection): Effect.Effect<void> =>
+        Effect.forever(connection.read(64)).pipe(Effect.ignore)
+      const fake = Effect.gen(function*() {
+        const control = yield* listener.accept
+        yield* control.read(4)
+        const first = yield* Control.receive(control)
+        yield* Control.send(control, new Control.Accept())
+        for (let i = 0; i < (first as Control.Hello).channels; i++) yield* Effect.forkScoped(drain(yield* listener.accept))
+        while (true) {
+          const message = yield* Control.receive(control)
+          if (message._tag === "Flush") yield* Control.send(control, new Control.FlushAck({ round: message.round }))
+          if (message._tag === "Complete") {
+            yield* Control.send(control, new Control.Storing())
+            yield* Deferred.succeed(storing, undefined)
+          }
+        }
+      }).pipe(Effect.ignore, Effect.scoped)
+      yield* Effect.forkScoped(fake)
+      const source = yield* Effect.forkScoped(migrateTo(listener.address, ram, { channels: 1 }))
+      yield* noHang(Deferred.await(storing), "the Storing message")
+      const t0 = yield* TestClock.currentTimeMillis
+      yield* advanceUntil(fiberDone(source), "the source timing out")
+      const error = failureOf(yield* Fiber.await(source))
+      expect((error as MigrationError.MigrationError).reason).toBe("Timeout")
+      expect(error.message).toBe("timed out after 2s waiting for the destination to store the image")
+      expect((yield* TestClock.currentTimeMillis) - t0).toBeLessThanOrEqual(2_500)
+    })))
+
+  it.live("an old peer is refused, not misunderstood: a hello of control protocol version 1 gets Reject", () =>
+    leakFree(Effect.gen(function*() {
+      const dest = yield* startDestination()
+      const old = yield* Transport.connect(dest.address)
+      yield* old.write([controlMagic(), Control.encode(new Control.Hello({ ...hello(), version: 1 }))])
+      const answer = yield* noHang(Control.receive(old), "the answer")
+      expect(answer).toMatchObject({ _tag: "Reject", reason: `control protocol version 1 is not ${Control.VERSION}` })
+      expect(Control.VERSION).toBeGreaterThan(1)
+      yield* Fiber.await(dest.fiber)
+    })))
+})
+
+// ---------------------------------------------------------------------------------------------------------
+
+/** Runs a real source to completion against `dest`, checking what the destination received and rejected. */
+const realSourceSucceeds = (dest: Effect.Effect.Success<ReturnType<typeof startDestination>>) =>
+  Effect.gen(function*() {
+    expect(dest.fiber.unsafePoll(), "the destination gave up before the real source came").toBeNull()
+    const ram = yield* sourceRam()
+    const stats = yield* noHang(migrateTo(dest.address, ram), "migrate")
+    expect(stats.channels).toBe(3)
+    const result = yield* noHang(Fiber.join(dest.fiber), "incoming")
+    expect(sameMemory(result.ram, ram)).toBe(true)
+    return result
+  })
+
+describe("strangers are candidates, never owners", () => {
+  const closing = [
+    {
+      name: "the control magic, then a close",
+      bytes: () => [controlMagic()],
+      listed: "no valid hello: peer closed the connection"
+    },
+    {
+      name: "the control magic and a frame of 4 GiB - 1",
+      bytes: () => [controlMagic(), frameLength(0xffffffff)],
+      listed: "no valid hello: bad control message: frame of 4294967295 bytes exceeds 1048576"
+    },
+    {
+      name: "the control magic and a garbage frame",
+      bytes: () => [controlMagic(), frameLength(9), Buffer.from("not json!")],
+      listed: "no valid hello: bad control message: not JSON ("
+    },
+    {
+      name: "the control magic and a frame that is no hello (Done)",
+      bytes: () => [controlMagic(), Control.encode(new Control.Done())],
+      listed: "no valid hello: a Done message came first"
+    },
+    {
+      name: "the multifd magic and half an init packet, then a close",
+      bytes: () => [halfInit()],
+      listed: "no valid init packet: peer closed the connection after 30 of 64 bytes"
+    }
+  ]
+  for (const s of closing) {
+    it.live(`${s.name}: turned away and listed; the destination keeps waiting; a real source then succeeds`, () =>
+      leakFree(Effect.gen(function*() {
+        const dest = yield* startDestination()
+        const connection = yield* stranger(dest.address, s.bytes(), true)
+        yield* turnedAway(connection, "the stranger turned away")
+        const result = yield* realSourceSucceeds(dest)
+        expect(result.rejected).toHaveLength(1)
+        expect(result.rejected[0]).toMatch(/^tcp:127\.0\.0\.1:\d+ \(from 127\.0\.0\.1:\d+\): /)
+        expect(result.rejected[0]).toContain(s.listed)
+        expect(dest.logs).toEqual([`rejected a connection from ${result.rejected[0]}`])
+      })))
+  }
+
+  const stalling = [
+    { name: "the control magic, then nothing", bytes: () => [controlMagic()], listed: "timed out after 5s waiting for a complete hello" },
+    { name: "a frame length, then nothing", bytes: () => [controlMagic(), frameLength(100)], listed: "timed out after 5s waiting for a complete hello" },
+    { name: "the multifd magic and half an init packet, then nothing", bytes: () => [halfInit()], listed: "timed out after 5s waiting for a complete multifd init packet" },
+    { name: "nothing at all", bytes: () => [], listed: "timed out after 5s waiting for the first bytes" }
+  ]
+  for (const s of stalling) {
+    it.effect(`${s.name}: closed after the handshake timeout (TestClock), listed; a real source then succeeds`, () =>
+      leakFree(Effect.gen(function*() {
+        const dest = yield* startDestination({ timeouts: { ...TIMEOUTS, handshake: "5 seconds" } })
+        const connection = yield* stranger(dest.address, s.bytes(), false)
+        const closed = yield* Effect.fork(turnedAway(connection, "the stalled stranger closed"))
+        const t0 = yield* TestClock.currentTimeMillis
+        yield* advanceUntil(fiberDone(closed), "the handshake timeout")
+        yield* Fiber.join(closed)
+        expect((yield* TestClock.currentTimeMillis) - t0).toBeGreaterThanOrEqual(5_000)
+        const result = yield* realSourceSucceeds(dest)
+        expect(result.rejected).toHaveLength(1)
+        expect(result.rejected[0]).toContain(s.listed)
+      })))
+  }
+
+  it.effect("a candidate that trickles its first bytes gets one handshake deadline, not one per wait (TestClock)", () =>
+    leakFree(Effect.gen(function*() {
+      const faulty = yield* Faulty.make()
+      const logs: Array<string> = []
+      const listener = yield* faulty.transport.listen(tcp0)
+      const dest = yield* Effect.forkScoped(Effect.provide(
+        Migration.incoming(listener, { timeouts: { ...TIMEOUTS, handshake: "5 seconds" } }),
+        Logger.replace(Logger.defaultLogger, Logger.make(({ message }) => logs.push(String(message))))
+      ))
+      const t0 = yield* TestClock.currentTimeMillis
+      const connection = yield* stranger(listener.address, [controlMagic().subarray(0, 2)], false)
+      yield* noHang(faulty.until((f) => f.records.some((r) => r.side === "accept")), "the accept")
+      for (let i = 0; i < 5; i++) yield* nextTurn
+      // the rest of the magic 4 s later: the wait for the hello has 1 s left, not 5
+      yield* advanceUntil(Effect.map(TestClock.currentTimeMillis, (now) => now - t0 >= 4_000), "4 s")
+      yield* connection.write([controlMagic().subarray(2)])
+      const closed = yield* Effect.fork(turnedAway(connection, "the trickling stranger closed"))
+      yield* advanceUntil(fiberDone(closed), "the handshake deadline")
+      yield* Fiber.join(closed)
+      const elapsed = (yield* TestClock.currentTimeMillis) - t0
+      expect(elapsed).toBeGreaterThanOrEqual(5_000)
+      expect(elapsed).toBeLessThan(6_500)
+      expect(logs).toEqual([expect.stringContaining("no valid hello: timed out after 5s waiting for a complete hello")])
+      expect(dest.unsafePoll()).toBeNull()
+    })))
+
+  it.live("several strangers at once, some still stalling: a real source succeeds meanwhile; all are closed", () =>
+    leakFree(Effect.gen(function*() {
+      const dest = yield* startDestination()
+      const closers = yield* Effect.all([
+        stranger(dest.address, [controlMagic()], true),
+        stranger(dest.address, [controlMagic(), frameLength(0xffffffff)], false),
+        stranger(dest.address, [controlMagic(), frameLength(9), Buffer.from("not json!")], false),
+        stranger(dest.address, [halfInit()], true),
+        stranger(dest.address, [halfInit(63)], true),
+        stranger(dest.address, [Buffer.from("GET / HTTP/1.1\r\n\r\n")], false)
+      ], { concurrency: "unbounded" })
+      const stallers = yield* Effect.all([
+        stranger(dest.address, [controlMagic()], false),
+        stranger(dest.address, [controlMagic(), frameLength(100), Buffer.from("{")], false),
+        stranger(dest.address, [halfInit()], false),
+        stranger(dest.address, [], false)
+      ], { concurrency: "unbounded" })
+      yield* Effect.forEach(closers, (c, i) => turnedAway(c, `stranger ${i} turned away`), { concurrency: "unbounded" })
+      // the stallers are still candidates (2 s handshake timeout): the real source does not wait for them
+      const result = yield* realSourceSucceeds(dest)
+      expect(result.rejected.length).toBeGreaterThanOrEqual(closers.length)
+      // incoming closed the candidates still pending on its way out
+      yield* Effect.forEach(stallers, (c, i) => turnedAway(c, `staller ${i} closed`), { concurrency: "unbounded" })
+    })))
+
+  it.live("a second complete hello during a migration is refused (\"a migration is already in progress\"), the migration goes on", () =>
+    leakFree(Effect.gen(function*() {
+      const ram = yield* sourceRam()
+      // hold the source's first multifd connect so that the second hello arrives mid-migration
+      const faulty = yield* Faulty.make({ stallConnect: (i) => i === 1 })
+      const dest = yield* startDestination()
+      const source = yield* Effect.forkScoped(migrateTo(dest.address, ram, {}, faulty.layer))
+      yield* noHang(faulty.until((f) => f.attempts.some((a) => a.index === 1 && a.state === "stalled")), "the stall")
+      const second = yield* stranger(dest.address, [controlMagic(), Control.encode(hello())], false)
+      const answer = yield* noHang(Control.receive(second), "the answer to the second hello")
+      expect(answer).toMatchObject({ _tag: "Reject", reason: "a migration is already in progress" })
+      yield* turnedAway(second, "the second source closed")
+      yield* faulty.release
+      yield* noHang(Fiber.join(source), "migrate")
+      const result = yield* noHang(Fiber.join(dest.fiber), "incoming")
+      expect(sameMemory(result.ram, ram)).toBe(true)
+      expect(result.rejected).toEqual([expect.stringContaining("a migration is already in progress")])
+    })))
+
+  it.effect("a complete init packet while no migration runs is turned away after the handshake timeout (TestClock)", () =>
+    leakFree(Effect.gen(function*() {
+      const dest = yield* startDestination({ timeouts: { ...TIMEOUTS, handshake: "5 seconds" } })
+      const connection = yield* stranger(dest.address, [halfInit(64)], false)
+      const closed = yield* Effect.fork(turnedAway(connection, "the early channel turned away"))
+      yield* advanceUntil(fiberDone(closed), "the handshake timeout")
+      yield* Fiber.join(closed)
+      const result = yield* realSourceSucceeds(dest)
+      expect(result.rejected).toEqual([
+        expect.stringContaining("a multifd channel without a migration: timed out after 5s waiting for a migration to join")
+      ])
+    })))
+})
