@@ -30,6 +30,7 @@ import * as MultifdRecv from "./MultifdRecv.js"
 import type * as MultifdSend from "./MultifdSend.js"
 import * as Protocol from "./Protocol.js"
 import * as QemuStream from "./QemuStream.js"
+import * as Tls from "./Tls.js"
 import * as Transport from "./Transport.js"
 
 /** How the destination expects QEMU to migrate. */
@@ -57,7 +58,16 @@ export interface Options {
   readonly timeouts?: Partial<Migration.Timeouts> | undefined
   /** How long to wait for QEMU to connect at all (default: for ever). */
   readonly acceptTimeout?: Duration.DurationInput | undefined
-  /** Secures every accepted connection (QEMU's `tls-creds`: TLS server side) before it is classified. */
+  /**
+   * TLS as QEMU's `tls-creds` on the source: every accepted connection is secured (TLS server side) before it
+   * is classified, with handshakes that send QEMU nothing it would leave unread (`Tls.ServerOptions`).
+   */
+  readonly tls?: Tls.Settings | undefined
+  /**
+   * Secures every accepted connection before it is classified, when `tls` is not given (tests inject faults
+   * here). It must send nothing after its handshake: QEMU never reads its migration channels, and a peer that
+   * closes with unread bytes resets the connection, losing the end of what it sent.
+   */
   readonly upgrade?: Transport.Upgrade<MultifdSend.ChannelFailure> | undefined
   /** Called about ten times a second once the RAM blocks are known (`doneBytes` counts pages received). */
   readonly onProgress?: ((progress: Migration.Progress) => Effect.Effect<void>) | undefined
@@ -159,7 +169,7 @@ export const incoming = (
     const main = yield* Deferred.make<Transport.Connection>()
     const channelSet = yield* Deferred.make<MultifdRecv.MultifdRecv["Type"]>()
     const acceptor = yield* Acceptor.start<IncomingError>(listener, {
-      upgrade: options.upgrade,
+      upgrade: options.tls === undefined ? options.upgrade : Tls.server(options.tls, { writeOnlyPeers: true }),
       firstBytesTimeout: timeouts.peer,
       classify: (connection, first, reject) =>
         Effect.gen(function*() {

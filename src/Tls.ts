@@ -147,8 +147,10 @@ export const load = (config: TlsConfig): Effect.Effect<Settings, TlsError> =>
     }
   })
 
-// TLS 1.3 external PSKs in OpenSSL use SHA-256 suites; the TLS 1.2 PSK suites are a fallback.
-const PSK_CIPHERS = "TLS_AES_128_GCM_SHA256:TLS_CHACHA20_POLY1305_SHA256:PSK-AES128-GCM-SHA256:PSK-CHACHA20-POLY1305"
+// TLS 1.3 external PSKs in OpenSSL use SHA-256 suites; the TLS 1.2 PSK suites are a fallback (ECDHE-PSK first:
+// forward secrecy, and what QEMU's GnuTLS offers first).
+const PSK_CIPHERS = "TLS_AES_128_GCM_SHA256:TLS_CHACHA20_POLY1305_SHA256:ECDHE-PSK-CHACHA20-POLY1305:" +
+  "PSK-AES128-GCM-SHA256:PSK-CHACHA20-POLY1305"
 
 const describe = (error: unknown): string => {
   const e = error as (Error & { code?: string; reason?: string }) | undefined
@@ -272,18 +274,35 @@ export const client = (settings: Settings, host: string | undefined): Transport.
     return yield* secured(socket, connection.peer)
   })
 
+/** How the destination's handshakes treat their peers. */
+export interface ServerOptions {
+  /**
+   * The peers only write after the handshake and never read (QEMU's migration channels without a return path):
+   * nothing may reach them after their handshake. Bytes a peer leaves unread make its kernel reset the
+   * connection when the peer closes it, and a reset throws away whatever the peer had queued but not yet sent:
+   * the end of its stream. A TLS 1.3 server sends session tickets after the handshake (OpenSSL always does and
+   * Node cannot turn that off), so these handshakes stop at TLS 1.2, whose ticket is part of the handshake.
+   */
+  readonly writeOnlyPeers?: boolean | undefined
+}
+
 /** The destination side: a TLS server handshake on each accepted connection, then authorization. */
-export const server = (settings: Settings): Transport.Upgrade<TlsError> => (connection) =>
+export const server = (settings: Settings, options?: ServerOptions): Transport.Upgrade<TlsError> => (connection) =>
   Effect.gen(function*() {
     const creds = settings.credentials
     // a PSK identity outside the authorization list makes OpenSSL fail with an unrelated alert: remember it
     let refusedIdentity: string | undefined
     const verifyPeer = settings.verifyPeer || (creds._tag === "X509" && settings.authz !== undefined)
+    // (a secure context carries its own versions: the socket's are ignored then)
+    const versions: Pick<NodeTls.SecureContextOptions, "minVersion" | "maxVersion"> = {
+      minVersion: "TLSv1.2",
+      ...(options?.writeOnlyPeers === true ? { maxVersion: "TLSv1.2" } : {})
+    }
     const socket = yield* Effect.acquireRelease(
       Effect.sync(() =>
         new NodeTls.TLSSocket(connection.stream as never, {
           isServer: true,
-          minVersion: "TLSv1.2",
+          ...versions,
           ...(creds._tag === "Psk"
             ? {
               ciphers: PSK_CIPHERS,
@@ -295,6 +314,7 @@ export const server = (settings: Settings): Transport.Upgrade<TlsError> => (conn
             }
             : {
               secureContext: NodeTls.createSecureContext({
+                ...versions,
                 ...(creds.ca !== undefined ? { ca: creds.ca } : {}),
                 ...(creds.cert !== undefined ? { cert: creds.cert, key: creds.key } : {})
               }),
