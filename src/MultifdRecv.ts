@@ -9,6 +9,7 @@
  */
 import * as Context from "effect/Context"
 import * as Deferred from "effect/Deferred"
+import * as Duration from "effect/Duration"
 import * as Effect from "effect/Effect"
 import * as Fiber from "effect/Fiber"
 import * as FiberSet from "effect/FiberSet"
@@ -29,6 +30,18 @@ export interface Config {
   readonly uuid: Uint8Array | undefined
   readonly ram: GuestRam.GuestRam["Type"]
   readonly compression: Protocol.Compression
+  /**
+   * A channel that received part of a packet and then nothing for this long fails with a `Timeout` naming it
+   * (default: no limit). Between packets and at a sync a channel may wait any time: the caller's own
+   * inactivity watch covers those waits.
+   */
+  readonly stallTimeout?: Duration.DurationInput | undefined
+}
+
+/** A channel inside a packet, and how many bytes of it arrived. */
+export interface Unfinished {
+  readonly channel: number
+  readonly bytes: number
 }
 
 /** What can end a channel. */
@@ -71,12 +84,57 @@ export class MultifdRecv extends Context.Tag("effect-multifd/MultifdRecv")<Multi
   readonly writesBegun: Effect.Effect<number>
   /** The uuid the channels carry (the first channel's, when the config left it open). */
   readonly uuid: Effect.Effect<Uint8Array | undefined>
+  /** The channels that are inside a packet now (part of it arrived), for messages about a stall. */
+  readonly unfinished: Effect.Effect<ReadonlyArray<Unfinished>>
 }>() {}
+
+/** Where an adopted channel is in its stream, for the stall watch. */
+interface ChannelState {
+  readonly id: number
+  readonly connection: Transport.Connection
+  /** Bytes of the init packet and of every packet handled whole. */
+  consumed: number
+  /** Waiting at a SYNC for the other channels (its next packets may arrive meanwhile). */
+  atSync: boolean
+}
+
+/** Bytes of a packet the channel has received but not finished: 0 between packets and at a sync. */
+const unfinishedBytes = (state: ChannelState): number =>
+  state.atSync ? 0 : Math.max(0, state.connection.received() - state.consumed)
+
+/** How the stall watch and the caller's messages describe a channel stuck inside a packet. */
+export const describeUnfinished = (u: Unfinished): string =>
+  `multifd channel ${u.channel} is ${u.bytes} bytes into a packet`
+
+/**
+ * Fails once `state`'s channel has been inside a packet with nothing arriving and nothing handled for `after`
+ * (sampled every quarter of it); never succeeds.
+ */
+const watchStall = (state: ChannelState, after: Duration.Duration) =>
+  Effect.gen(function*() {
+    const step = Duration.unsafeDivide(after, 4)
+    let last = { received: -1, consumed: -1 }
+    let quiet = 0
+    while (true) {
+      yield* Effect.sleep(step)
+      const now = { received: state.connection.received(), consumed: state.consumed }
+      const bytes = unfinishedBytes(state)
+      quiet = bytes > 0 && now.received === last.received && now.consumed === last.consumed ? quiet + 1 : 0
+      last = now
+      if (quiet === 4) {
+        return yield* new MigrationError.MigrationError({
+          reason: "Timeout",
+          detail: `multifd channel ${state.id}: nothing arrived for ${Duration.format(after)}, ${bytes} bytes into a packet`
+        })
+      }
+    }
+  })
 
 /** Builds the channel set in the current scope. */
 export const make = (config: Config): Effect.Effect<MultifdRecv["Type"], never, Scope.Scope> =>
   Effect.gen(function*() {
     const { channels, ram, compression } = config
+    const stallTimeout = config.stallTimeout === undefined ? undefined : Duration.decode(config.stallTimeout)
     const pageSize = ram.pageSize
     const slots = Protocol.slotsFor(pageSize)
     const hsize = Protocol.headerSize(pageSize)
@@ -102,9 +160,18 @@ export const make = (config: Config): Effect.Effect<MultifdRecv["Type"], never, 
     const blockSize = (name: string) => ram.block(name)?.bytes.length
     // a compressed payload may exceed its pages a little (incompressible data); nothing legitimate is larger
     const maxPayload = slots * pageSize + 64 * 1024
+    const states = new Set<ChannelState>()
     /** A data packet's pages are in: clears its zero pages and counts it. */
-    const applied = (memory: Buffer, offsets: Float64Array, normal: number, zero: number, payload: number) => {
+    const applied = (
+      state: ChannelState,
+      memory: Buffer,
+      offsets: Float64Array,
+      normal: number,
+      zero: number,
+      payload: number
+    ) => {
       for (let i = normal; i < normal + zero; i++) memory.fill(0, offsets[i]!, offsets[i]! + pageSize)
+      state.consumed += hsize + payload
       counters.packets++
       counters.normalPages += normal
       counters.zeroPages += zero
@@ -112,14 +179,18 @@ export const make = (config: Config): Effect.Effect<MultifdRecv["Type"], never, 
     }
 
     /** A SYNC packet arrived: waits at the barrier until every channel has one. */
-    const atSync = Effect.gen(function*() {
-      counters.packets++
-      counters.syncs++
-      counters.bytes += hsize
-      const go = yield* Deferred.make<void>()
-      yield* Queue.offer(arrivals, go)
-      yield* Deferred.await(go)
-    })
+    const atSync = (state: ChannelState) =>
+      Effect.gen(function*() {
+        counters.packets++
+        counters.syncs++
+        counters.bytes += hsize
+        state.consumed += hsize
+        state.atSync = true
+        const go = yield* Deferred.make<void>()
+        yield* Queue.offer(arrivals, go)
+        yield* Deferred.await(go)
+        state.atSync = false
+      })
 
     /** What ended a pump: a SYNC packet, a header that failed validation, or the end of the stream. */
     type PumpStop =
@@ -136,6 +207,7 @@ export const make = (config: Config): Effect.Effect<MultifdRecv["Type"], never, 
      * one read rather than one per run.
      */
     const pump = (
+      state: ChannelState,
       readChain: NonNullable<Transport.Connection["readChain"]>,
       header: Buffer,
       offsets: Float64Array,
@@ -153,7 +225,7 @@ export const make = (config: Config): Effect.Effect<MultifdRecv["Type"], never, 
         let view = 0
         let staged: Buffer | undefined
         const endPacket = (): Buffer => {
-          applied(memory, offsets, normal, zero, normal * pageSize)
+          applied(state, memory, offsets, normal, zero, normal * pageSize)
           inPacket = false
           return header
         }
@@ -206,8 +278,9 @@ export const make = (config: Config): Effect.Effect<MultifdRecv["Type"], never, 
         })
       })
 
-    const worker = (id: number, connection: Transport.Connection, codec: PageCodec.Decoder) =>
+    const worker = (state: ChannelState, codec: PageCodec.Decoder) =>
       Effect.gen(function*() {
+        const { connection, id } = state
         const header = Buffer.alloc(hsize)
         const offsets = new Float64Array(slots)
         const limits: Protocol.HeaderLimits = { channel: id, pageSize, compression, blockSize }
@@ -222,8 +295,8 @@ export const make = (config: Config): Effect.Effect<MultifdRecv["Type"], never, 
         if (readChain !== undefined) {
           const scratch = Buffer.allocUnsafe(slots * pageSize)
           while (true) {
-            const stop = yield* pump(readChain, header, offsets, limits, scratch)
-            if (stop._tag === "Sync") yield* atSync
+            const stop = yield* pump(state, readChain, header, offsets, limits, scratch)
+            if (stop._tag === "Sync") yield* atSync(state)
             else if (stop._tag === "End") return yield* channelEnded
             else if (stop._tag === "Cut") {
               return yield* new Transport.TransportError({
@@ -239,7 +312,7 @@ export const make = (config: Config): Effect.Effect<MultifdRecv["Type"], never, 
           yield* connection.readInto(header, 0, hsize)
           const packet = yield* Protocol.decodeHeader(header, limits, offsets)
           if (packet.sync) {
-            yield* atSync
+            yield* atSync(state)
             continue
           }
           if (packet.nextPacketSize > maxPayload) {
@@ -253,7 +326,7 @@ export const make = (config: Config): Effect.Effect<MultifdRecv["Type"], never, 
           const memory = ram.block(packet.block)!.bytes
           writesBegun++
           yield* codec.decode(connection, packet.nextPacketSize, memory, offsets, packet.normalPages, pageSize)
-          applied(memory, offsets, packet.normalPages, packet.zeroPages, packet.nextPacketSize)
+          applied(state, memory, offsets, packet.normalPages, packet.zeroPages, packet.nextPacketSize)
         }
       })
 
@@ -284,7 +357,18 @@ export const make = (config: Config): Effect.Effect<MultifdRecv["Type"], never, 
         const id = yield* checkInit(init ?? (yield* connection.read(Protocol.INIT_PACKET_SIZE)))
         const codec = yield* PageCodec.decoder(compression, id)
         if (++counters.channels === channels) yield* Deferred.succeed(allAdopted, undefined)
-        const fiber = yield* FiberSet.run(fibers, worker(id, connection, codec).pipe(Effect.mapError(MigrationError.onChannel(id))))
+        const state: ChannelState = { id, connection, consumed: Protocol.INIT_PACKET_SIZE, atSync: false }
+        const work = stallTimeout === undefined
+          ? worker(state, codec)
+          : Effect.raceFirst(worker(state, codec), watchStall(state, stallTimeout))
+        const fiber = yield* FiberSet.run(
+          fibers,
+          Effect.acquireUseRelease(
+            Effect.sync(() => states.add(state)),
+            () => work.pipe(Effect.mapError(MigrationError.onChannel(id))),
+            () => Effect.sync(() => states.delete(state))
+          )
+        )
         yield* Fiber.join(fiber)
       }).pipe(Effect.scoped)
 
@@ -299,7 +383,12 @@ export const make = (config: Config): Effect.Effect<MultifdRecv["Type"], never, 
       failure,
       stats: Effect.sync(() => ({ ...counters })),
       writesBegun: Effect.sync(() => writesBegun),
-      uuid: Ref.get(uuid)
+      uuid: Ref.get(uuid),
+      unfinished: Effect.sync(() =>
+        Array.from(states, (state) => ({ channel: state.id, bytes: unfinishedBytes(state) }))
+          .filter((u) => u.bytes > 0)
+          .sort((a, b) => a.channel - b.channel)
+      )
     }
   })
 

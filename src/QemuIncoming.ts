@@ -10,6 +10,12 @@
  * `multifd-compression`). QEMU's precopy has no acknowledgement without a return path, so QEMU reports
  * `completed` as soon as it sent everything; this side fails (and QEMU never learns) when anything is wrong.
  *
+ * No wait outlasts `timeouts.peer` of silence: the main channel and the channels between packets share one
+ * inactivity watch (any byte anywhere is progress: QEMU may legitimately leave one of them quiet while it feeds
+ * the others), a channel inside a packet has its own (QEMU writes a packet whole), the first bytes and the TLS
+ * handshake of a connection have their timeouts, and so does QEMU closing its channels after the main stream
+ * ended. A stall ends in a `Timeout` that names what was awaited, never in a wait for QEMU to close.
+ *
  * Everything runs in one scope, as `Migration.incoming`: when `incoming` returns (success, failure or
  * interruption) every fiber has ended and every connection is closed.
  *
@@ -30,6 +36,7 @@ import * as MultifdRecv from "./MultifdRecv.js"
 import type * as MultifdSend from "./MultifdSend.js"
 import * as Protocol from "./Protocol.js"
 import * as QemuStream from "./QemuStream.js"
+import * as Tls from "./Tls.js"
 import * as Transport from "./Transport.js"
 
 /** How the destination expects QEMU to migrate. */
@@ -57,7 +64,16 @@ export interface Options {
   readonly timeouts?: Partial<Migration.Timeouts> | undefined
   /** How long to wait for QEMU to connect at all (default: for ever). */
   readonly acceptTimeout?: Duration.DurationInput | undefined
-  /** Secures every accepted connection (QEMU's `tls-creds`: TLS server side) before it is classified. */
+  /**
+   * TLS as QEMU's `tls-creds` on the source: every accepted connection is secured (TLS server side) before it
+   * is classified, with handshakes that send QEMU nothing it would leave unread (`Tls.ServerOptions`).
+   */
+  readonly tls?: Tls.Settings | undefined
+  /**
+   * Secures every accepted connection before it is classified, when `tls` is not given (tests inject faults
+   * here). It must send nothing after its handshake: QEMU never reads its migration channels, and a peer that
+   * closes with unread bytes resets the connection, losing the end of what it sent.
+   */
   readonly upgrade?: Transport.Upgrade<MultifdSend.ChannelFailure> | undefined
   /** Called about ten times a second once the RAM blocks are known (`doneBytes` counts pages received). */
   readonly onProgress?: ((progress: Migration.Progress) => Effect.Effect<void>) | undefined
@@ -159,7 +175,7 @@ export const incoming = (
     const main = yield* Deferred.make<Transport.Connection>()
     const channelSet = yield* Deferred.make<MultifdRecv.MultifdRecv["Type"]>()
     const acceptor = yield* Acceptor.start<IncomingError>(listener, {
-      upgrade: options.upgrade,
+      upgrade: options.tls === undefined ? options.upgrade : Tls.server(options.tls, { writeOnlyPeers: true }),
       firstBytesTimeout: timeouts.peer,
       classify: (connection, first, reject) =>
         Effect.gen(function*() {
@@ -209,7 +225,9 @@ export const incoming = (
       Effect.gen(function*() {
         const s = yield* recv.stats
         const turnedAway = yield* acceptor.rejected
-        return `${s.channels} of ${channels} multifd channels connected` +
+        const inside = yield* recv.unfinished
+        return (inside.length > 0 ? `${inside.map(MultifdRecv.describeUnfinished).join(", ")}; ` : "") +
+          `${s.channels} of ${channels} multifd channels connected` +
           (s.channels < channels ? ` (is QEMU's multifd-channels ${s.channels}?)` : "") +
           (turnedAway.length > 0 ? `; rejected: ${turnedAway.join("; ")}` : "")
       })
@@ -228,7 +246,13 @@ export const incoming = (
             blocks: blocks.map((b) => ({ name: b.name, bytes: GuestRam.allocate(b.size) }))
           }))
           memory = ram
-          const recv = yield* MultifdRecv.make({ channels, uuid: options.uuid ?? configUuid, ram, compression })
+          const recv = yield* MultifdRecv.make({
+            channels,
+            uuid: options.uuid ?? configUuid,
+            ram,
+            compression,
+            stallTimeout: timeouts.peer
+          })
           yield* Deferred.succeed(channelSet, recv)
           const onProgress = options.onProgress
           if (onProgress) {
@@ -265,25 +289,22 @@ export const incoming = (
       }),
       configuration: (configuration) => Effect.sync(() => (configUuid = configuration.uuid))
     }
-    // one inactivity watch over the main channel and every multifd channel; its message says what was awaited
-    const stalled = (e: MigrationError.MigrationError) =>
-      Effect.gen(function*() {
-        if (e.reason !== "Timeout") return yield* e
-        const recv = yield* Deferred.poll(channelSet)
-        const channelsState = recv._tag === "Some" ? ` (${yield* describeChannels(yield* recv.value)})` : ""
-        return yield* new MigrationError.MigrationError({
-          reason: "Timeout",
-          detail: `timed out after ${Duration.format(timeouts.peer)} ${activity}${channelsState}`
-        })
+    // one inactivity watch over the main channel and every multifd channel, beside each channel's own watch
+    // inside a packet (MultifdRecv's stallTimeout); its message says what was awaited
+    const stalled = Effect.gen(function*() {
+      const recv = yield* Deferred.poll(channelSet)
+      const channelsState = recv._tag === "Some" ? ` (${yield* describeChannels(yield* recv.value)})` : ""
+      return yield* new MigrationError.MigrationError({
+        reason: "Timeout",
+        detail: `timed out after ${Duration.format(timeouts.peer)} ${activity}${channelsState}`
       })
+    })
 
     const run = Effect.gen(function*() {
-      const summary = yield* unlessStalled(
+      const summary = yield* Effect.raceFirst(
         QemuStream.read(source, handler, { pageSize: options.pageSize, flushAfterEachSection: options.flushAfterEachSection }),
-        progress,
-        timeouts.peer,
-        idle
-      ).pipe(Effect.catchIf((e): e is MigrationError.MigrationError => e._tag === "MigrationError", stalled))
+        unlessStalled(Effect.never, progress, timeouts.peer, idle).pipe(Effect.catchAll(() => stalled))
+      )
       const recv = yield* Deferred.await(channelSet)
       yield* Effect.raceFirst(recv.finished, recv.failure).pipe(
         within(timeouts.peer, "waiting for QEMU to close its multifd channels"),

@@ -85,6 +85,8 @@ export interface Settings {
   readonly credentials: Credentials
   /** Built once from the credentials (checked at load): every handshake, on either side, reuses it. */
   readonly secureContext: NodeTls.SecureContext
+  /** The same, limited to TLS 1.2: for peers that never read (`ServerOptions.writeOnlyPeers`). */
+  readonly writeOnlyContext: NodeTls.SecureContext
   /** This side's certificate (x509 with a certificate), for messages. */
   readonly ownCertificate?: Crypto.X509Certificate | undefined
   readonly hostname: string | undefined
@@ -215,8 +217,10 @@ const secureContextOf = (options: NodeTls.SecureContextOptions, what: string) =>
     catch: (cause) => configError(`cannot use ${what}: ${opensslReason(cause)}`, cause)
   })
 
-// TLS 1.3 external PSKs in OpenSSL use SHA-256 suites; the TLS 1.2 PSK suites are a fallback.
-const PSK_CIPHERS = "TLS_AES_128_GCM_SHA256:TLS_CHACHA20_POLY1305_SHA256:PSK-AES128-GCM-SHA256:PSK-CHACHA20-POLY1305"
+// TLS 1.3 external PSKs in OpenSSL use SHA-256 suites; the TLS 1.2 PSK suites are a fallback (ECDHE-PSK first:
+// forward secrecy, and what QEMU's GnuTLS offers first).
+const PSK_CIPHERS = "TLS_AES_128_GCM_SHA256:TLS_CHACHA20_POLY1305_SHA256:ECDHE-PSK-CHACHA20-POLY1305:" +
+  "PSK-AES128-GCM-SHA256:PSK-CHACHA20-POLY1305"
 
 /**
  * Reads the files a `TlsConfig` names and checks that they are usable before anything listens or connects:
@@ -234,7 +238,8 @@ export const load = (config: TlsConfig): Effect.Effect<Settings, TlsError> =>
       return yield* configError("a certificate needs its key and a key its certificate")
     }
     let credentials: Credentials
-    let secureContext: NodeTls.SecureContext
+    let contextOptions: NodeTls.SecureContextOptions
+    let files: string
     let ownCertificate: Crypto.X509Certificate | undefined
     if (config.psk !== undefined) {
       const keys = yield* Effect.flatMap(readText(config.psk, "PSK file"), (text) => parsePskFile(text, config.psk))
@@ -242,7 +247,8 @@ export const load = (config: TlsConfig): Effect.Effect<Settings, TlsError> =>
         return yield* configError(`PSK file ${config.psk} has no key for identity ${config.identity}`)
       }
       credentials = { _tag: "Psk", keys, identity: config.identity ?? "qemu", file: config.psk }
-      secureContext = yield* secureContextOf({ ciphers: PSK_CIPHERS }, `PSK file ${config.psk}`)
+      contextOptions = { ciphers: PSK_CIPHERS }
+      files = `PSK file ${config.psk}`
     } else if (x509) {
       const ca = config.ca === undefined ? undefined : yield* readText(config.ca, "CA certificate")
       if (ca !== undefined) yield* certificatesOf(ca, "CA certificate", config.ca!)
@@ -257,16 +263,16 @@ export const load = (config: TlsConfig): Effect.Effect<Settings, TlsError> =>
         ownCertificate = leaf
       }
       credentials = { _tag: "X509", ca, cert, key }
-      secureContext = yield* secureContextOf(
-        { ...(ca !== undefined ? { ca } : {}), ...(cert !== undefined ? { cert, key } : {}) },
-        [config.ca, config.cert, config.key].filter((f) => f !== undefined).join(", ")
-      )
+      contextOptions = { ...(ca !== undefined ? { ca } : {}), ...(cert !== undefined ? { cert, key } : {}) }
+      files = [config.ca, config.cert, config.key].filter((f) => f !== undefined).join(", ")
     } else {
       return yield* configError("no credentials: give a PSK file or x509 certificates")
     }
     return {
       credentials,
-      secureContext,
+      secureContext: yield* secureContextOf(contextOptions, files),
+      // (a secure context carries its own versions: a socket's are ignored when it is given one)
+      writeOnlyContext: yield* secureContextOf({ ...contextOptions, maxVersion: "TLSv1.2" }, files),
       ownCertificate,
       hostname: config.hostname,
       verifyPeer: config.verifyPeer ?? false,
@@ -576,8 +582,20 @@ export const client = (settings: Settings, host: string | undefined): Transport.
     )
   })
 
+/** How the destination's handshakes treat their peers. */
+export interface ServerOptions {
+  /**
+   * The peers only write after the handshake and never read (QEMU's migration channels without a return path):
+   * nothing may reach them after their handshake. Bytes a peer leaves unread make its kernel reset the
+   * connection when the peer closes it, and a reset throws away whatever the peer had queued but not yet sent:
+   * the end of its stream. A TLS 1.3 server sends session tickets after the handshake (OpenSSL always does and
+   * Node cannot turn that off), so these handshakes stop at TLS 1.2, whose ticket is part of the handshake.
+   */
+  readonly writeOnlyPeers?: boolean | undefined
+}
+
 /** The destination side: a TLS server handshake on each accepted connection, then authorization. */
-export const server = (settings: Settings): Transport.Upgrade<TlsError> => (connection) =>
+export const server = (settings: Settings, options?: ServerOptions): Transport.Upgrade<TlsError> => (connection) =>
   Effect.gen(function*() {
     const creds = settings.credentials
     // a PSK identity outside the authorization list makes OpenSSL fail with an unrelated alert: remember it
@@ -587,7 +605,7 @@ export const server = (settings: Settings): Transport.Upgrade<TlsError> => (conn
       Effect.sync(() =>
         new NodeTls.TLSSocket(connection.stream as never, {
           isServer: true,
-          secureContext: settings.secureContext,
+          secureContext: options?.writeOnlyPeers === true ? settings.writeOnlyContext : settings.secureContext,
           ...(creds._tag === "Psk"
             ? {
               pskCallback: (_socket: NodeTls.TLSSocket, identity: string) => {

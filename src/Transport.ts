@@ -129,6 +129,11 @@ export interface Connection {
   readonly readSome: (max: number) => Effect.Effect<Buffer, TransportError>
   /** Graceful close: flushes, ends the sending side (TLS close_notify, then FIN) and waits until it is sent. */
   readonly end: Effect.Effect<void, TransportError>
+  /**
+   * Bytes that arrived so far, read or still buffered (after TLS: decrypted bytes), counted from the first
+   * read on: an inactivity watch compares it over time.
+   */
+  readonly received: () => number
 }
 
 /** A one-line description of a Node socket or TLS error. */
@@ -346,6 +351,7 @@ const makeConnection = (
   return {
     peer,
     stream,
+    received: () => reader?.received ?? 0,
     write: (chunks) => {
       if (handOver !== undefined && chunks.reduce((n, c) => n + c.length, 0) > handOver) {
         return Effect.forEach(inGroups(chunks, handOver), writeNow, { discard: true })

@@ -14,8 +14,10 @@ import * as Logger from "effect/Logger"
 import * as Option from "effect/Option"
 import type * as Scope from "effect/Scope"
 import * as Fs from "node:fs"
+import type * as Net from "node:net"
 import * as Os from "node:os"
 import * as Path from "node:path"
+import { fileURLToPath } from "node:url"
 import * as Deferred from "effect/Deferred"
 import * as FromQemu from "../src/cli/fromQemu.js"
 import * as GuestRam from "../src/GuestRam.js"
@@ -23,6 +25,7 @@ import * as PageCodec from "../src/PageCodec.js"
 import * as Protocol from "../src/Protocol.js"
 import * as QemuIncoming from "../src/QemuIncoming.js"
 import * as QemuStream from "../src/QemuStream.js"
+import * as Tls from "../src/Tls.js"
 import * as Transport from "../src/Transport.js"
 import { expectNoLeaks } from "./support/handles.js"
 
@@ -37,6 +40,9 @@ const RAM_SIZE = 4 * 1024 * 1024
 const DEVICE_STATE_AT = 0x84
 
 const PEER = { connect: "2 seconds", handshake: "2 seconds", peer: "2 seconds" } as const
+
+/** A file of the test PKI (fixtures/tls, made by make-certs.sh). */
+const tlsFixture = (name: string) => fileURLToPath(new URL(`./fixtures/tls/${name}`, import.meta.url))
 
 // ---------------------------------------------------------------------------------------------------------
 // helpers
@@ -551,6 +557,70 @@ describe("QemuIncoming.incoming replaying the captures over loopback TCP", () =>
     }))))
 })
 
+describe("QemuIncoming.incoming over TLS (QEMU's tls-creds-psk / tls-creds-x509)", () => {
+  const pskConfig: Tls.TlsConfig = { psk: tlsFixture("keys.psk") }
+  const x509Server: Tls.TlsConfig = { ca: tlsFixture("ca-cert.pem"), cert: tlsFixture("server-cert.pem"), key: tlsFixture("server-key.pem") }
+  const x509Client: Tls.TlsConfig = { ca: tlsFixture("ca-cert.pem") }
+
+  it.live("the captures replayed over PSK and x509 TLS: the RAM equals ram.img, nobody is turned away", () =>
+    expectNoLeaks(Effect.scoped(Effect.gen(function*() {
+      for (const [server, client] of [[pskConfig, pskConfig], [x509Server, x509Client]] as const) {
+        const settings = yield* Tls.load(server)
+        const dst = yield* destination({ channels: 2, tls: settings })
+        const secure = Tls.client(yield* Tls.load(client), "127.0.0.1")
+        const senders = yield* Effect.forkScoped(Effect.forEach(
+          [MAIN, fixture("none-2ch/multifd-0.bin"), fixture("none-2ch/multifd-1.bin")],
+          (bytes) =>
+            Effect.scoped(Effect.gen(function*() {
+              const connection = yield* secure(yield* Transport.connect(dst.address), "main")
+              yield* connection.write([bytes])
+              yield* connection.end
+            })),
+          { concurrency: "unbounded" }
+        ))
+        const exit = yield* noHang(Fiber.await(dst.fiber), "the destination")
+        yield* Fiber.interrupt(senders)
+        if (Exit.isFailure(exit)) throw new Error(Cause.pretty(exit.cause))
+        sameAsImage(exit.value.ram)
+        expect(exit.value.rejected).toEqual([])
+      }
+    }))))
+
+  /**
+   * QEMU never reads its migration channels: bytes sent to it after the handshake stay unread, and when QEMU
+   * closes a socket with unread bytes its kernel resets the connection and drops what QEMU had not yet sent.
+   * TLS 1.3 servers send session tickets right after the handshake, so the destination's handshakes for QEMU
+   * must send nothing after it: what the client receives for one round trip is the same the first time (just
+   * after the handshake) as the second.
+   */
+  it.live("a handshake for QEMU sends nothing after it (no TLS 1.3 session tickets QEMU would leave unread)", () =>
+    expectNoLeaks(Effect.scoped(Effect.gen(function*() {
+      for (const [server, client] of [[pskConfig, pskConfig], [x509Server, x509Client]] as const) {
+        const listener = yield* Transport.listen({ _tag: "Tcp", host: "127.0.0.1", port: 0 })
+        const upgrade = Tls.server(yield* Tls.load(server), { writeOnlyPeers: true })
+        // the server answers each 4-byte message with the same 4 bytes
+        yield* Effect.forkScoped(Effect.scoped(Effect.gen(function*() {
+          const connection = yield* upgrade(yield* listener.accept, "main")
+          while (true) yield* connection.write([yield* connection.read(4)])
+        })))
+        const raw = yield* Transport.connect(listener.address)
+        const connection = yield* Tls.client(yield* Tls.load(client), "127.0.0.1")(raw, "main")
+        // ciphertext bytes that reached the client, counted on the TCP socket under TLS
+        const received = () => (raw.stream as Net.Socket).bytesRead
+        const roundTrip = Effect.gen(function*() {
+          const before = received()
+          yield* connection.write([Buffer.from("ping")])
+          expect((yield* connection.read(4)).toString()).toBe("ping")
+          return received() - before
+        })
+        const first = yield* roundTrip
+        const second = yield* roundTrip
+        expect(first).toBeGreaterThan(0)
+        expect(first).toBe(second)
+      }
+    }))))
+})
+
 describe("QemuIncoming.incoming: truncated and garbage input fails clearly, at once, with nothing left open", () => {
   const CH0 = fixture("none-2ch/multifd-0.bin")
   const CH1 = fixture("none-2ch/multifd-1.bin")
@@ -645,6 +715,113 @@ describe("QemuIncoming.incoming: truncated and garbage input fails clearly, at o
       expect(yield* Fiber.poll(dst.fiber)).toEqual(Option.none())
       yield* noHang(Fiber.interrupt(dst.fiber), "interrupting the destination")
     }))))
+})
+
+describe("QemuIncoming.incoming: a peer that stalls (connections kept open) ends in a timeout naming the wait", () => {
+  const CH0 = fixture("none-2ch/multifd-0.bin")
+  const CH1 = fixture("none-2ch/multifd-1.bin")
+  /** Init packet and first SYNC of a channel capture; its first data packet starts there. */
+  const FIRST_DATA = 64 + 1344
+  const STALL = { ...PEER, peer: "300 millis" } as const
+  const psk = tlsFixture("keys.psk")
+
+  /** Sends each stream on its own connection (TLS when `tls` is given), ending it only when `end` is set. */
+  const stallWith = (
+    streams: ReadonlyArray<{ readonly bytes: Uint8Array; readonly end: boolean }>,
+    tls?: Tls.Settings
+  ) =>
+    expectNoLeaks(Effect.scoped(Effect.gen(function*() {
+      const dst = yield* destination({ channels: 2, timeouts: STALL, ...(tls ? { tls } : {}) })
+      const secure = tls === undefined ? undefined : Tls.client(tls, "127.0.0.1")
+      yield* Effect.forkScoped(Effect.forEach(streams, ({ bytes, end }) =>
+        Effect.gen(function*() {
+          const raw = yield* Transport.connect(dst.address)
+          const connection = secure === undefined ? raw : yield* secure(raw, "main")
+          yield* connection.write([bytes])
+          if (end) yield* connection.end
+          yield* Effect.never
+        }), { concurrency: "unbounded", discard: true }))
+      const error = failureOf(yield* noHang(Fiber.await(dst.fiber), "the destination"))
+      expectOneLine(error)
+      expect(error).toMatchObject({ _tag: "MigrationError", reason: "Timeout" })
+      return error.message
+    })))
+
+  it.live("a multifd channel stopped inside a packet (plain and over TLS): that channel is named", () =>
+    Effect.gen(function*() {
+      for (const tls of [undefined, yield* Tls.load({ psk })]) {
+        const message = yield* stallWith([
+          { bytes: MAIN, end: true },
+          { bytes: CH0, end: true },
+          { bytes: CH1.subarray(0, FIRST_DATA + 1344 + 1000), end: false }
+        ], tls)
+        expect(message).toBe("multifd channel 1: nothing arrived for 300ms, 2344 bytes into a packet")
+      }
+      // inside the header
+      expect(yield* stallWith([
+        { bytes: MAIN, end: true },
+        { bytes: CH0, end: true },
+        { bytes: CH1.subarray(0, FIRST_DATA + 100), end: false }
+      ])).toBe("multifd channel 1: nothing arrived for 300ms, 100 bytes into a packet")
+    }))
+
+  it.live("a multifd channel stopped inside a packet while another keeps sending: it times out all the same", () =>
+    expectNoLeaks(Effect.scoped(Effect.gen(function*() {
+      const dst = yield* destination({ channels: 2, timeouts: STALL })
+      // channel 0 sends one-page packets for as long as the destination runs: progress never stops
+      const header = Buffer.alloc(Protocol.headerSize(PAGE))
+      Protocol.writeHeader(header, PAGE, {
+        flags: 0,
+        pagesAlloc: Protocol.slotsFor(PAGE),
+        normalPages: 1,
+        zeroPages: 0,
+        nextPacketSize: PAGE,
+        packetNum: 1000n,
+        block: "mem",
+        offsets: [0]
+      })
+      const packets = Buffer.concat(Array.from({ length: 64 }, () => [header, Buffer.alloc(PAGE, 7)]).flat())
+      const sent = { packets: 0 }
+      yield* Effect.forkScoped(Effect.gen(function*() {
+        const connection = yield* Transport.connect(dst.address)
+        yield* connection.write([CH0.subarray(0, FIRST_DATA)])
+        while (true) {
+          yield* connection.write([packets])
+          sent.packets += 64
+        }
+      }))
+      const stalled = [MAIN.subarray(0, 0x4b), CH1.subarray(0, FIRST_DATA + 1344 + 1000)]
+      yield* Effect.forkScoped(Effect.forEach(stalled, (bytes) =>
+        Effect.gen(function*() {
+          const connection = yield* Transport.connect(dst.address)
+          yield* connection.write([bytes])
+          yield* Effect.never
+        }), { concurrency: "unbounded", discard: true }))
+      const error = failureOf(yield* noHang(Fiber.await(dst.fiber), "the destination"))
+      expect(error.message).toBe("multifd channel 1: nothing arrived for 300ms, 2344 bytes into a packet")
+      expect(sent.packets).toBeGreaterThan(64)
+    }))))
+
+  it.live("main channel stopped inside a record; a channel stopped inside its init packet, or never closed", () =>
+    Effect.gen(function*() {
+      expect(yield* stallWith([
+        { bytes: MAIN.subarray(0, 0x60), end: false },
+        { bytes: CH0, end: true },
+        { bytes: CH1, end: true }
+      ])).toBe("timed out after 300ms without any data from QEMU (2 of 2 multifd channels connected)")
+      expect(yield* stallWith([
+        { bytes: MAIN, end: true },
+        { bytes: CH0, end: true },
+        { bytes: CH1.subarray(0, 20), end: false }
+      ])).toContain("timed out after 300ms waiting for every multifd channel to reach sync point 1 (1 of 2 multifd")
+      expect(yield* stallWith([
+        { bytes: MAIN, end: true },
+        { bytes: CH0, end: true },
+        { bytes: CH1, end: false }
+      ])).toBe(
+        "timed out after 300ms waiting for QEMU to close its multifd channels (2 of 2 multifd channels connected)"
+      )
+    }))
 })
 
 describe("QemuIncoming.blockFileName", () => {

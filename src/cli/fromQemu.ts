@@ -39,8 +39,8 @@ export interface Args {
   readonly out?: string | undefined
   /** One file per block in this directory (created if missing). */
   readonly outDir?: string | undefined
-  /** Secures QEMU's connections (TLS server side, as QEMU's `tls-creds` on the source). */
-  readonly upgrade?: QemuIncoming.Options["upgrade"]
+  /** TLS on QEMU's connections (server side, as QEMU's `tls-creds` on the source). */
+  readonly tls?: QemuIncoming.Options["tls"]
   readonly timing: Options.Timing
   readonly json: boolean
   /** Where the "listening" line goes (default: stderr, as plain `recv`). */
@@ -75,7 +75,7 @@ export const run = (args: Args) =>
         pageSize: args.pageSize,
         timeouts: timeout._tag === "Some" ? { peer: timeout.value, connect: timeout.value } : {},
         onListening: args.onListening ?? listening,
-        upgrade: args.upgrade,
+        tls: args.tls,
         onProgress
       })
     })).pipe(Effect.provide(Transport.layer))

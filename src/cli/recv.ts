@@ -75,7 +75,7 @@ export const command = Command.make(
           pageSize: Option.getOrUndefined(transfer.pageSize),
           out: Option.getOrUndefined(output.out),
           outDir: Option.getOrUndefined(output.outDir),
-          upgrade: tls?.server,
+          tls: tls?.settings,
           timing,
           json: reporting.json
         })

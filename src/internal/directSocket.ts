@@ -58,12 +58,14 @@ export class DirectReader extends ReadQueue {
         if (buf === t.handed) {
           t.handed = undefined
           t.filled += n
+          this.received += n
         } else {
           // the read went to the staging buffer (or a view whose consumer went away) after the target was set:
           // these are the target's first bytes (the queue was empty when it was set)
           const take = Math.min(n, t.view.length - t.filled)
           t.view.set(buf.subarray(0, take), t.filled)
           t.filled += take
+          this.received += take
           if (take < n) this.push(Buffer.from(buf.subarray(take, n)))
         }
         if (t.filled === t.view.length) {

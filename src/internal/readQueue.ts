@@ -23,6 +23,8 @@ export abstract class ReadQueue {
   private skip = 0
   /** Bytes buffered and not yet consumed. */
   available = 0
+  /** Bytes that arrived in all (consumed, buffered, or read straight into a caller's view by a subclass). */
+  received = 0
   /** Set once the stream ended or failed; bytes still buffered may be read first. */
   end: ReaderEnd | undefined = undefined
   private waiter: (() => void) | undefined = undefined
@@ -49,6 +51,7 @@ export abstract class ReadQueue {
   protected push(chunk: Buffer): void {
     this.chunks.push(chunk)
     this.available += chunk.length
+    this.received += chunk.length
     this.wake()
   }
 

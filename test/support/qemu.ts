@@ -15,6 +15,7 @@ import * as Fs from "node:fs"
 import * as Net from "node:net"
 import * as Os from "node:os"
 import * as Path from "node:path"
+import { fileURLToPath } from "node:url"
 
 /** The QEMU binary the tests drive. */
 export const QEMU_BINARY = process.env["QEMU"] ?? "qemu-system-x86_64"
@@ -256,6 +257,33 @@ const start = (options: {
       })
     }
   })
+
+/** The test PKI (test/fixtures/tls, made by make-certs.sh). */
+const TLS_FIXTURES = fileURLToPath(new URL("../fixtures/tls/", import.meta.url))
+
+/** QEMU's TLS credentials for a source: the `-object` to start it with and the migration parameters. */
+export interface SourceTls {
+  readonly args: ReadonlyArray<string>
+  readonly parameters: Record<string, unknown>
+}
+
+/**
+ * TLS credentials for a QEMU source from the test PKI, written to `dir` under the names QEMU looks for:
+ * `tls-creds-psk` (keys.psk, identity `qemu`) or `tls-creds-x509` (ca-cert.pem, and alice's certificate as
+ * client-cert.pem / client-key.pem). QEMU checks the destination's certificate against `hostname` when given,
+ * else against the address it migrates to.
+ */
+export const sourceTls = (kind: "psk" | "x509", dir: string, hostname?: string): SourceTls => {
+  Fs.mkdirSync(dir, { recursive: true })
+  const files: ReadonlyArray<readonly [string, string]> = kind === "psk"
+    ? [["keys.psk", "keys.psk"]]
+    : [["ca-cert.pem", "ca-cert.pem"], ["alice-cert.pem", "client-cert.pem"], ["alice-key.pem", "client-key.pem"]]
+  for (const [from, to] of files) Fs.copyFileSync(Path.join(TLS_FIXTURES, from), Path.join(dir, to))
+  return {
+    args: ["-object", `tls-creds-${kind},id=tls0,endpoint=client,dir=${dir}`],
+    parameters: { "tls-creds": "tls0", ...(hostname === undefined ? {} : { "tls-hostname": hostname }) }
+  }
+}
 
 /** Migration settings of a source. */
 export interface MigrateSettings {
