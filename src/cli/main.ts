@@ -13,9 +13,26 @@ import * as Os from "node:os"
 import { main } from "./command.js"
 import { ExitCode } from "./errors.js"
 
-// runMain interrupts the program on SIGINT / SIGTERM; remember which, to exit with 128 + its number
-let signal: NodeJS.Signals = "SIGINT"
-for (const name of ["SIGINT", "SIGTERM"] as const) process.once(name, () => (signal = name))
+/**
+ * A repeat of the signal within this long is the same request delivered twice: Ctrl-C reaches every
+ * process of the terminal's group, and `npm run` forwards it to its child as well.
+ */
+const REPEAT_MS = 1000
+
+// runMain interrupts the program on the first SIGINT / SIGTERM and then stops listening; this listener stays
+// for the process's life, so that a duplicate does not kill the process by default while it tears down
+// (the "interrupted" line and the cleanup would be lost). A later signal is a second request: exit at once.
+let first: { readonly signal: NodeJS.Signals; readonly at: number } | undefined
+const onSignal = (name: NodeJS.Signals) => {
+  if (first === undefined) {
+    first = { signal: name, at: performance.now() }
+    return
+  }
+  if (performance.now() - first.at < REPEAT_MS) return
+  process.stderr.write(`multifd: ${name} again: exiting without cleanup\n`)
+  process.exit(128 + Os.constants.signals[name])
+}
+for (const name of ["SIGINT", "SIGTERM"] as const) process.on(name, onSignal)
 
 NodeRuntime.runMain(main(process.argv).pipe(Effect.provide(NodeContext.layer)), {
   disableErrorReporting: true,
@@ -24,6 +41,7 @@ NodeRuntime.runMain(main(process.argv).pipe(Effect.provide(NodeContext.layer)), 
     if (Exit.isSuccess(exit)) return onExit(typeof exit.value === "number" ? exit.value : ExitCode.Ok)
     if (!Cause.isInterruptedOnly(exit.cause)) return onExit(ExitCode.Failed)
     // everything the command opened is closed (and a partial --out removed) by now
+    const signal = first?.signal ?? "SIGINT"
     process.stderr.write(`multifd: interrupted by ${signal}\n`)
     onExit(128 + Os.constants.signals[signal])
   }
