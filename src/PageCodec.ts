@@ -8,8 +8,10 @@
  * - zlib runs on libuv's thread pool (Node's asynchronous zlib): channels compress in parallel. The pages
  *   are first copied into a per-channel buffer (QEMU copies too): guest memory may change while a pool
  *   thread reads it, and zlib is not safe against that.
- * - zstd runs synchronously on the event loop (`zstd-napi`, libzstd built at install); it reads the pages
- *   in place, since nothing can write them during the call.
+ * - zstd runs synchronously on the event loop (`zstd-napi`, libzstd built at install), a block's worth of
+ *   pages at a time with a yield point between (`internal/eventLoop`): at high levels a packet takes hundreds
+ *   of milliseconds, and timers, signals and sockets must not wait for it. It reads the pages in place:
+ *   nothing writes them during a call, and libzstd keeps its own copy of what it was fed.
  *
  * Receiving never lets a payload touch guest memory before it has been checked: the payload is read into a
  * per-channel buffer, decompressed into a per-channel buffer of `normal × pageSize + 1` bytes (the extra
@@ -22,6 +24,7 @@ import * as Data from "effect/Data"
 import * as Effect from "effect/Effect"
 import * as Either from "effect/Either"
 import type * as Scope from "effect/Scope"
+import * as EventLoop from "./internal/eventLoop.js"
 import { type ProcessFailure, ZlibStream } from "./internal/zlibStream.js"
 import * as Zstd from "./internal/zstdStream.js"
 import * as Protocol from "./Protocol.js"
@@ -346,6 +349,12 @@ const zstdBinding = (channel: number | undefined) =>
       : Effect.succeed(zstd)
   })
 
+/**
+ * Input bytes compressed between two yield points: one zstd block (libzstd compresses whole 128 KiB blocks,
+ * 100 ms at most at level 19 here), so that a packet at a high level never holds the event loop for long.
+ */
+const ZSTD_PIECE = 128 * 1024
+
 const zstdEncoder = (level: number): Effect.Effect<Encoder, CodecError, Scope.Scope> =>
   Effect.gen(function*() {
     const zstd = yield* zstdBinding(undefined)
@@ -357,17 +366,17 @@ const zstdEncoder = (level: number): Effect.Effect<Encoder, CodecError, Scope.Sc
       }),
       (compressor) => Effect.sync(() => compressor.release())
     )
+    const failed = (error: unknown) =>
+      new CodecError({ reason: "Corrupt", channel: undefined, detail: `zstd compression failed: ${Zstd.describe(error)}` })
+    // a piece at a time, with a yield point between pieces: the event loop runs at least every BUDGET_MS
+    const step = Effect.try({ try: () => compressor.step(ZSTD_PIECE), catch: failed })
     return {
       output: "reused",
       encode: (memory, offsets, normal, pageSize, chunks) =>
-        normal === 0 ? Effect.succeed(0) : Effect.try({
-          try: () => compressor.compress(memory, offsets, normal, pageSize, chunks),
-          catch: (error) =>
-            new CodecError({
-              reason: "Corrupt",
-              channel: undefined,
-              detail: `zstd compression failed: ${Zstd.describe(error)}`
-            })
+        normal === 0 ? Effect.succeed(0) : Effect.gen(function*() {
+          yield* Effect.try({ try: () => compressor.begin(memory, offsets, normal, pageSize), catch: failed })
+          while (!(yield* step)) yield* EventLoop.cooperate
+          return compressor.finish(chunks)
         })
     } satisfies Encoder
   })

@@ -4,24 +4,40 @@
  *
  * @internal
  */
+import * as Clock from "effect/Clock"
 import * as Duration from "effect/Duration"
 import * as Effect from "effect/Effect"
 import * as MigrationError from "../MigrationError.js"
 
-/** Runs `effect`, failing with a timeout when `progress` stays unchanged for `after`. */
+/** Checks of the progress counter per inactivity timeout: the timeout fires at most a quarter late. */
+const CHECKS = 4
+
+/**
+ * Runs `effect`, failing with a timeout when `progress` stays unchanged for `after`. The counter is read
+ * `CHECKS` times per `after`, and the time of the last change seen is kept: the timeout fires between `after`
+ * and `after × (1 + 1/CHECKS)` after the last progress (sampling once per `after` could wait twice as long).
+ */
 export const unlessStalled = <A, E, R>(
   effect: Effect.Effect<A, E, R>,
   progress: Effect.Effect<number>,
   after: Duration.DurationInput,
   what: string
 ): Effect.Effect<A, E | MigrationError.MigrationError, R> => {
+  const limit = Duration.toMillis(after)
+  const every = Duration.millis(limit / CHECKS)
   const watch = Effect.gen(function*() {
     let last = yield* progress
+    let changedAt = yield* Clock.currentTimeMillis
     while (true) {
-      yield* Effect.sleep(after)
+      yield* Effect.sleep(every)
       const now = yield* progress
-      if (now === last) return yield* Effect.fail(MigrationError.timeout(what, after))
-      last = now
+      const time = yield* Clock.currentTimeMillis
+      if (now !== last) {
+        last = now
+        changedAt = time
+      } else if (time - changedAt >= limit) {
+        return yield* Effect.fail(MigrationError.timeout(what, after))
+      }
     }
   })
   return Effect.raceFirst(effect, watch)
