@@ -12,6 +12,8 @@ import * as Either from "effect/Either"
 import * as Layer from "effect/Layer"
 import * as Queue from "effect/Queue"
 import type * as Scope from "effect/Scope"
+import type { Stats } from "node:fs"
+import * as Fs from "node:fs/promises"
 import * as Net from "node:net"
 import type * as Stream from "node:stream"
 import * as DirectSocket from "./internal/directSocket.js"
@@ -542,7 +544,7 @@ export const listen = (address: Address): Effect.Effect<Listener, TransportError
           closeServer(server)
         )
     )
-    yield* Effect.async<void, TransportError>((resume) => {
+    const bind = Effect.async<void, TransportError>((resume) => {
       const onError = (error: Error) =>
         resume(Effect.fail(new TransportError({ reason: "Listen", address: uri, detail: describeError(error), cause: error })))
       server.once("error", onError)
@@ -554,6 +556,10 @@ export const listen = (address: Address): Effect.Effect<Listener, TransportError
         }
       )
     })
+    yield* address._tag === "Unix"
+      // a socket file left by a listener that died (kill -9) is removed, as QEMU does; anything else stays
+      ? Effect.catchIf(bind, isInUse, (error) => Effect.zipRight(clearStale(address.path, error), bind))
+      : bind
     server.on("error", () => {}) // after listening, failures show up on the accepted sockets
     const bound = server.address()
     const actual: Address = address._tag === "Tcp" && bound !== null && typeof bound === "object"
@@ -574,6 +580,71 @@ export const listen = (address: Address): Effect.Effect<Listener, TransportError
       )
     }
   })
+
+const isInUse = (error: TransportError): boolean => (error.cause as NodeJS.ErrnoException | undefined)?.code === "EADDRINUSE"
+
+/** How long a probe of an existing Unix socket may take to connect before it counts as alive. */
+const PROBE_TIMEOUT = Duration.seconds(1)
+
+/**
+ * Makes way for a Unix listener at `path`, where binding failed with `inUse`: a socket file that nobody
+ * accepts on (a connection is refused) is stale and removed; a live socket, a file of another kind, or a
+ * socket that cannot be probed fails with what is there, and stays.
+ */
+const clearStale = (path: string, inUse: TransportError): Effect.Effect<void, TransportError> =>
+  Effect.gen(function*() {
+    const fail = (detail: string, cause?: unknown) =>
+      Effect.fail(new TransportError({ reason: "Listen", address: inUse.address, detail, cause: cause ?? inUse.cause }))
+    const stat = yield* Effect.either(Effect.tryPromise(() => Fs.lstat(path)))
+    // gone meanwhile: the second bind tells
+    if (Either.isLeft(stat)) return
+    if (!stat.right.isSocket()) {
+      return yield* fail(`address already in use: ${path} is ${kindOf(stat.right)}, not a socket (left alone)`)
+    }
+    const probe = yield* Effect.scoped(Effect.gen(function*() {
+      const socket = yield* Effect.acquireRelease(
+        Effect.sync(() => Net.connect({ path }).on("error", () => {})),
+        destroy
+      )
+      return yield* Effect.async<"live" | "stale" | "gone" | "silent" | NodeJS.ErrnoException>((resume) => {
+        socket.once("connect", () => resume(Effect.succeed("live")))
+        socket.once("error", (error: NodeJS.ErrnoException) =>
+          resume(Effect.succeed(
+            error.code === "ECONNREFUSED" ? "stale" : error.code === "ENOENT" ? "gone" : error
+          )))
+      }).pipe(Effect.timeoutTo({ duration: PROBE_TIMEOUT, onTimeout: () => "silent" as const, onSuccess: (r) => r }))
+    }))
+    if (probe === "gone") return
+    if (probe === "live") return yield* fail("address already in use: something is listening on it")
+    if (probe === "silent") {
+      return yield* fail(
+        `address already in use: the socket there neither accepts nor refuses a connection within ${Duration.format(PROBE_TIMEOUT)} (left alone)`
+      )
+    }
+    if (probe !== "stale") {
+      return yield* fail(`address already in use, and the socket there cannot be probed: ${describeError(probe)}`, probe)
+    }
+    yield* Effect.tryPromise({
+      try: () => Fs.unlink(path),
+      catch: (error) => new TransportError({
+        reason: "Listen",
+        address: inUse.address,
+        detail: `cannot remove the stale socket left there: ${describeError(error)}`,
+        cause: error
+      })
+    }).pipe(Effect.catchIf((e) => (e.cause as NodeJS.ErrnoException | undefined)?.code === "ENOENT", () => Effect.void))
+  })
+
+const kindOf = (stat: Stats): string =>
+  stat.isFile()
+    ? "a regular file"
+    : stat.isDirectory()
+    ? "a directory"
+    : stat.isSymbolicLink()
+    ? "a symbolic link"
+    : stat.isFIFO()
+    ? "a FIFO"
+    : "a device or other special file"
 
 const peerOf = (socket: Net.Socket): string =>
   socket.remoteAddress === undefined ? "local peer" : `${socket.remoteAddress}:${socket.remotePort}`

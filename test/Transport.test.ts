@@ -5,6 +5,7 @@ import * as Either from "effect/Either"
 import * as Exit from "effect/Exit"
 import * as Fiber from "effect/Fiber"
 import * as Scope from "effect/Scope"
+import * as ChildProcess from "node:child_process"
 import * as Crypto from "node:crypto"
 import * as Fs from "node:fs"
 import * as Net from "node:net"
@@ -198,6 +199,87 @@ describe("listen", () => {
       yield* client.write([Buffer.from("svc")])
       expect((yield* server.read(3)).toString()).toBe("svc")
     }).pipe(Effect.provide(layer))))
+})
+
+/**
+ * Leaves a Unix socket file at `path` as a listener killed with SIGKILL does: a child process binds it and is
+ * killed before it could close (and unlink) it.
+ */
+const staleSocketAt = (path: string) =>
+  Effect.promise(() =>
+    new Promise<void>((resolve, reject) => {
+      const child = ChildProcess.spawn(process.execPath, [
+        "-e",
+        `require("node:net").createServer().listen(${JSON.stringify(path)}, () => process.stdout.write("up"))`
+      ], { stdio: ["ignore", "pipe", "inherit"] })
+      child.stdout!.once("data", () => child.kill("SIGKILL"))
+      child.once("error", reject)
+      child.once("exit", (_code, signal) =>
+        signal === "SIGKILL" ? resolve() : reject(new Error(`the child exited by itself (${signal})`)))
+    })
+  )
+
+describe("listen on unix: where something already is", () => {
+  it.live("a socket file left by a SIGKILLed listener is removed, and the path is listened on", () => {
+    const path = tempSocketPath("stale")
+    return leakFree(Effect.gen(function*() {
+      yield* staleSocketAt(path)
+      expect(Fs.lstatSync(path).isSocket()).toBe(true)
+      // nobody accepts there: connecting is refused
+      const refused = yield* Effect.flip(Effect.scoped(connect(addr(`unix:${path}`))))
+      expectError(refused, ["Connect"], "connection refused")
+      yield* Effect.scoped(Effect.gen(function*() {
+        const { client, server } = yield* pair(addr(`unix:${path}`))
+        yield* client.write([Buffer.from("fresh")])
+        expect((yield* server.read(5)).toString()).toBe("fresh")
+      }))
+      expect(Fs.existsSync(path)).toBe(false)
+    }))
+  })
+
+  it.live("a live listener at the path: address already in use, something listens there; it stays and works", () => {
+    const path = tempSocketPath("live")
+    return leakFree(Effect.gen(function*() {
+      const accepted: Array<Net.Socket> = []
+      const other = yield* Effect.acquireRelease(
+        Effect.async<Net.Server>((resume) => {
+          const server = Net.createServer((socket) => void accepted.push(socket))
+          server.listen(path, () => resume(Effect.succeed(server)))
+        }),
+        (server) =>
+          Effect.async<void>((resume) => {
+            for (const socket of accepted) socket.destroy()
+            server.close(() => resume(Effect.void))
+          })
+      )
+      const e = expectError(yield* Effect.flip(listen(addr(`unix:${path}`))), ["Listen"])
+      expect(e.message).toBe(`unix:${path}: address already in use: something is listening on it`)
+      expect(Fs.lstatSync(path).isSocket()).toBe(true)
+      // the other listener still gets connections
+      yield* Effect.scoped(connect(addr(`unix:${path}`)))
+      expect(other.listening).toBe(true)
+    }))
+  })
+
+  it.live("a regular file or a directory at the path: an error that says so, and it is left alone", () => {
+    const file = tempSocketPath("file")
+    const dir = tempSocketPath("dir")
+    return leakFree(Effect.gen(function*() {
+      Fs.writeFileSync(file, "not a socket")
+      Fs.mkdirSync(dir)
+      try {
+        const e = expectError(yield* Effect.flip(listen(addr(`unix:${file}`))), ["Listen"])
+        expect(e.message).toBe(`unix:${file}: address already in use: ${file} is a regular file, not a socket (left alone)`)
+        expect(Fs.readFileSync(file, "utf8")).toBe("not a socket")
+        const d = expectError(yield* Effect.flip(listen(addr(`unix:${dir}`))), ["Listen"])
+        expect(d.message).toBe(`unix:${dir}: address already in use: ${dir} is a directory, not a socket (left alone)`)
+        expect(Fs.statSync(dir).isDirectory()).toBe(true)
+      } finally {
+        Fs.rmSync(file, { force: true })
+        Fs.rmSync(dir, { recursive: true, force: true })
+      }
+    }))
+  })
 })
 
 describe("round trip", () => {
