@@ -11,6 +11,7 @@ import * as Deferred from "effect/Deferred"
 import * as Duration from "effect/Duration"
 import * as Effect from "effect/Effect"
 import * as Either from "effect/Either"
+import * as Exit from "effect/Exit"
 import * as Fiber from "effect/Fiber"
 import * as Option from "effect/Option"
 import * as Queue from "effect/Queue"
@@ -60,15 +61,24 @@ export type Phase = "precopy" | "switchover"
 export interface Progress {
   readonly round: number
   readonly phase: Phase
-  /** Bytes of this round's pages handed to the channels (the destination: pages received in all). */
+  /**
+   * Bytes of this round's pages sent: in packets the sockets accepted (the destination: pages received in
+   * all). A round's last report has all of them; its first (and only that one) has 0.
+   */
   readonly doneBytes: number
   /** Bytes of this round's pages (the destination: memory size). */
   readonly totalBytes: number
-  /** Dirty pages when the round started. */
+  /**
+   * Pages a switch-over now would still have to send: at a round's start the pages it sends; during a round
+   * those not yet sent plus those written since it began (a page in both counts twice). 0 on the destination.
+   */
   readonly dirtyPages: number
-  /** Bytes per second measured over the previous round (0 before one completed). */
+  /**
+   * Bytes per second on the wire: at a round's start measured over the previous round (0 before one
+   * completed), during a round over the round so far; the destination: the receive rate over the last second.
+   */
   readonly bandwidth: number
-  /** Expected downtime if the switch-over happened now. */
+  /** Expected downtime if the switch-over happened now: `dirtyPages` at `bandwidth`. 0 on the destination. */
   readonly expectedDowntimeMs: number
 }
 
@@ -96,7 +106,7 @@ export interface MigrateOptions {
   readonly timeouts?: Partial<Timeouts> | undefined
   /** Secures every connection (the main channel and each multifd channel) before it is used. */
   readonly upgrade?: Transport.Upgrade<MultifdSend.ChannelFailure> | undefined
-  /** Called as pages are handed to the channels. */
+  /** Called at each round's start, as its pages are sent, and at its end. */
   readonly onProgress?: ((progress: Progress) => Effect.Effect<void>) | undefined
   /** Pre-copy and switch-over policy (for memory written while it migrates). */
   readonly live?: LiveOptions | undefined
@@ -266,7 +276,8 @@ export const migrate = (
           send: send.send,
           sync: send.sync,
           failure: send.failure,
-          progress: Effect.map(send.stats, (s) => s.bytes)
+          progress: Effect.map(send.stats, (s) => s.sentBytes),
+          pagesSent: Effect.map(send.stats, (s) => s.sentPages)
         },
         started,
         live: options.live,
@@ -580,21 +591,28 @@ export const incoming = <E = never>(
       const digest = yield* GuestRam.digester(ram)
       const onProgress = options.onProgress
       if (onProgress) {
-        yield* recv.stats.pipe(
-          Effect.flatMap((s) =>
-            onProgress({
-              round: s.syncs / hello.channels,
-              phase: "precopy",
-              doneBytes: (s.normalPages + s.zeroPages) * ram.pageSize,
-              totalBytes: ram.size,
-              dirtyPages: 0,
-              bandwidth: 0,
-              expectedDowntimeMs: 0
-            })
-          ),
-          Effect.repeat(Schedule.spaced(Duration.millis(100))),
-          Effect.forkScoped
-        )
+        // the receive rate over the last second (the bytes of the last eleven reports, 100 ms apart)
+        const samples: Array<{ readonly at: number; readonly bytes: number }> = []
+        const report = Effect.gen(function*() {
+          const s = yield* recv.stats
+          const at = yield* Clock.currentTimeMillis
+          samples.push({ at, bytes: s.bytes })
+          if (samples.length > 11) samples.shift()
+          const oldest = samples[0]!
+          yield* onProgress({
+            round: s.syncs / hello.channels,
+            phase: "precopy",
+            doneBytes: (s.normalPages + s.zeroPages) * ram.pageSize,
+            totalBytes: ram.size,
+            // the destination does not see the source's memory
+            dirtyPages: 0,
+            bandwidth: at > oldest.at ? (s.bytes - oldest.bytes) / (at - oldest.at) * 1000 : 0,
+            expectedDowntimeMs: 0
+          })
+        })
+        yield* Effect.forkScoped(Effect.repeat(report, Schedule.spaced(Duration.millis(100))))
+        // a received migration's last report counts every page (the reports above are 100 ms apart)
+        yield* Effect.addFinalizer((exit) => Exit.isSuccess(exit) ? report : Effect.void)
       }
       const progress = Effect.map(recv.stats, (s) => s.bytes)
       const describeMissing = Effect.gen(function*() {

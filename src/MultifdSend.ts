@@ -18,6 +18,8 @@ import * as Layer from "effect/Layer"
 import * as Queue from "effect/Queue"
 import * as Ref from "effect/Ref"
 import type * as Scope from "effect/Scope"
+import type { Writable } from "node:stream"
+import * as EventLoop from "./internal/eventLoop.js"
 import * as GuestRam from "./GuestRam.js"
 import * as MigrationError from "./MigrationError.js"
 import * as PageCodec from "./PageCodec.js"
@@ -56,9 +58,68 @@ export interface Stats {
   readonly zeroPages: number
   /** Bytes written on the multifd channels (headers and payload). */
   readonly bytes: number
+  /** Of `bytes`, those the sockets accepted (handed to the kernel): what has really left. */
+  readonly sentBytes: number
+  /** Pages (normal and zero) of the packets the sockets accepted entirely. */
+  readonly sentPages: number
 }
 
-const emptyStats: Stats = { packets: 0, syncs: 0, normalPages: 0, zeroPages: 0, bytes: 0 }
+const emptyStats = { packets: 0, syncs: 0, normalPages: 0, zeroPages: 0, bytes: 0 }
+
+/**
+ * What one channel's socket has accepted: the bytes handed to the kernel (`bytesWritten - writableLength` of
+ * a Node socket, TLS included: both count what the caller wrote), and the pages of the packets that lie
+ * entirely within them.
+ */
+class Accepted {
+  /** Bytes given to the connection since the worker started (the position after the last packet). */
+  position = 0
+  /** Accepted bytes and pages (updated by `update`). */
+  bytes = 0
+  pages = 0
+  // packets with pages not yet accepted: where each ends on the wire, and its pages
+  private readonly ends: Array<number> = []
+  private readonly counts: Array<number> = []
+  private head = 0
+  private readonly base: number
+
+  constructor(private readonly stream: Writable) {
+    // what was written before the worker (the init packet) is not the channel's traffic
+    this.base = this.written() ?? 0
+  }
+
+  /** Total bytes written to the stream, accepted or buffered (`undefined` for a stream that does not say). */
+  private written(): number | undefined {
+    const n = (this.stream as { readonly bytesWritten?: unknown }).bytesWritten
+    return typeof n === "number" ? n : undefined
+  }
+
+  /** Records a packet of `pages` pages that ends at `position`. */
+  packet(pages: number): void {
+    if (pages === 0) return
+    this.ends.push(this.position)
+    this.counts.push(pages)
+    // a channel that nobody asks about still keeps only what is in flight
+    if (this.ends.length - this.head > 1024) this.update()
+  }
+
+  /** Catches up with the socket. */
+  update(): void {
+    const written = this.written()
+    const given = written === undefined ? this.position : written - this.base
+    const accepted = Math.min(this.position, given - this.stream.writableLength)
+    if (accepted > this.bytes) this.bytes = accepted
+    while (this.head < this.ends.length && this.ends[this.head]! <= this.bytes) {
+      this.pages += this.counts[this.head]!
+      this.head++
+    }
+    if (this.head > 256 && this.head * 2 > this.ends.length) {
+      this.ends.splice(0, this.head)
+      this.counts.splice(0, this.head)
+      this.head = 0
+    }
+  }
+}
 
 /** The source's established channel set. */
 export class MultifdSend extends Context.Tag("effect-multifd/MultifdSend")<MultifdSend, {
@@ -114,6 +175,8 @@ export const make = (
     // counters, updated in synchronous steps (one thread): no Ref round trip per packet
     let packetNum = 0n
     const counters = { ...emptyStats }
+    // every channel's socket, for the bytes and pages really sent
+    const accepted: Array<Accepted> = []
     const fibers = yield* FiberSet.make<void, ChannelFailure>()
     const failure = Effect.zipRight(FiberSet.join(fibers), Effect.never)
 
@@ -124,6 +187,8 @@ export const make = (
         const zeros = new Float64Array(slots)
         const chunks: Array<Uint8Array> = []
         const detectZeros = config.zeroPage === "multifd"
+        const sent = new Accepted(connection.stream)
+        accepted.push(sent)
         /**
          * Appends one RAM packet of at most `slots` pages (zero pages as offsets only, with zeroPage
          * multifd) to `chunks`: its header, then the payload.
@@ -156,6 +221,8 @@ export const make = (
             counters.normalPages += normal
             counters.zeroPages += zero
             counters.bytes += headerSize + payloadSize
+            sent.position += headerSize + payloadSize
+            sent.packet(normal + zero)
           })
         /**
          * The packets of one hand-off: views of guest memory are written together (one vectored write);
@@ -172,6 +239,8 @@ export const make = (
                 if (codec.output === "reused") yield* connection.drained
                 chunks.length = 0
               }
+              // writes that the kernel takes at once never wait for the event loop: give it its turn
+              yield* EventLoop.cooperate
             }
             if (chunks.length > 0) yield* connection.write(chunks)
           })
@@ -188,6 +257,7 @@ export const make = (
             counters.packets++
             counters.syncs++
             counters.bytes += headerSize
+            sent.position += headerSize
             yield* Deferred.succeed(job.done, undefined)
             continue
           }
@@ -244,7 +314,16 @@ export const make = (
       }),
       established: Effect.asVoid(all),
       failure,
-      stats: Effect.sync(() => ({ ...counters }))
+      stats: Effect.sync(() => {
+        let sentBytes = 0
+        let sentPages = 0
+        for (const channel of accepted) {
+          channel.update()
+          sentBytes += channel.bytes
+          sentPages += channel.pages
+        }
+        return { ...counters, sentBytes, sentPages }
+      })
     }
   })
 

@@ -31,8 +31,16 @@ export interface Sink<E> {
   readonly sync: Effect.Effect<void, E>
   /** Fails with the sink's first failure. */
   readonly failure: Effect.Effect<never, E>
-  /** A counter that grows while pages move (bytes written): the stall detector and the bandwidth. */
+  /**
+   * A counter that grows while pages move (bytes that really left: handed to the kernel, written to the
+   * file): the stall detector and the bandwidth.
+   */
   readonly progress: Effect.Effect<number>
+  /**
+   * Pages sent so far in all rounds (their packets accepted by the sockets), if the sink can tell: the
+   * progress reports count them. Without it they count the pages handed to the sink.
+   */
+  readonly pagesSent?: Effect.Effect<number> | undefined
 }
 
 /** Pages of one block to send in a round. */
@@ -98,14 +106,44 @@ export const run = <E, F>(
         const batch = spread === undefined
           ? sink.slots
           : Math.min(sink.slots, Math.max(1, Math.ceil(totalPages / spread.workers / spread.unit)) * spread.unit)
-        let doneBytes = 0
+        const startedAt = yield* Clock.currentTimeMillis
+        const bytesBefore = yield* sink.progress
+        const pagesBefore = sink.pagesSent === undefined ? 0 : yield* sink.pagesSent
+        let handedPages = 0
+        let reportedBytes = 0
+        /**
+         * What is known now: the round's pages sent (accepted by the sockets, or handed over when the sink
+         * cannot tell), the rate of the round so far (the previous round's until it can be measured), and the
+         * pages a switch-over now would still have to send — this round's not yet sent and those written
+         * since it began (a page in both counts twice) — at that rate.
+         */
+        const current = (ended: boolean) => Effect.gen(function*() {
+          const sentPages = ended
+            ? totalPages
+            : sink.pagesSent === undefined
+            ? handedPages
+            : (yield* sink.pagesSent) - pagesBefore
+          const doneBytes = Math.min(totalBytes, sentPages * pageSize)
+          const elapsed = (yield* Clock.currentTimeMillis) - startedAt
+          const moved = (yield* sink.progress) - bytesBefore
+          const rate = elapsed > 0 && moved > 0 ? moved / elapsed * 1000 : bandwidth
+          const dirtyPages = totalPages - doneBytes / pageSize + GuestRam.dirtyPages(ram)
+          const expectedDowntimeMs = rate > 0 ? dirtyPages * pageSize / rate * 1000 : Infinity
+          return { round, phase, doneBytes, totalBytes, dirtyPages, bandwidth: rate, expectedDowntimeMs }
+        })
         const transfer = Effect.gen(function*() {
           for (const { block, pages } of selection) {
             for (let first = 0; first < pages.length; first += batch) {
               const some = pages.subarray(first, first + batch)
               yield* sink.send(block, some, some.length)
-              doneBytes += some.length * pageSize
-              yield* report({ round, phase, doneBytes, totalBytes, dirtyPages: 0, bandwidth, expectedDowntimeMs: 0 })
+              handedPages += some.length
+              if (options.onProgress === undefined) continue
+              const now = yield* current(false)
+              // a report when the pages sent moved on: a round's only report with doneBytes 0 is its first
+              if (now.doneBytes > reportedBytes) {
+                reportedBytes = now.doneBytes
+                yield* report(now)
+              }
             }
           }
           yield* sink.sync
@@ -117,7 +155,9 @@ export const run = <E, F>(
           "without progress sending pages"
         )
         yield* options.flush(round, phase === "switchover")
-        return totalBytes / pageSize
+        // the destination has every page of the round: the last report of a round says all of it
+        if (options.onProgress !== undefined && totalBytes > reportedBytes) yield* report(yield* current(true))
+        return totalPages
       })
 
     const pagesPerRound: Array<number> = []
