@@ -171,7 +171,9 @@ export const incoming = (
         detail: `multifd channels must be between 1 and 255, not ${channels}`
       })
     }
-    const started = yield* Clock.currentTimeMillis
+    // the duration runs from QEMU's first connection (main or channel), not from the wait for QEMU
+    let started: number | undefined
+    const connected = Effect.flatMap(Clock.currentTimeMillis, (now) => Effect.sync(() => void (started ??= now)))
     const main = yield* Deferred.make<Transport.Connection>()
     const channelSet = yield* Deferred.make<MultifdRecv.MultifdRecv["Type"]>()
     const acceptor = yield* Acceptor.start<IncomingError>(listener, {
@@ -179,6 +181,7 @@ export const incoming = (
       firstBytesTimeout: timeouts.peer,
       classify: (connection, first, reject) =>
         Effect.gen(function*() {
+          if (QemuStream.isMainStream(first) || QemuStream.isMultifdChannel(first)) yield* connected
           if (QemuStream.isMainStream(first)) {
             if (!(yield* Deferred.succeed(main, connection))) return yield* reject(connection, "a second QEMU main channel")
             return yield* Effect.never
@@ -315,7 +318,8 @@ export const incoming = (
       const s = yield* recv.stats
       const ram = memory!
       const uuid = yield* recv.uuid
-      const durationMs = (yield* Clock.currentTimeMillis) - started
+      const end = yield* Clock.currentTimeMillis
+      const durationMs = end - (started ?? end)
       const ramBytes = summary.blocks.reduce((n, b) => n + b.size, 0)
       return {
         ram,

@@ -13,6 +13,7 @@ import * as Fiber from "effect/Fiber"
 import * as Logger from "effect/Logger"
 import * as Option from "effect/Option"
 import type * as Scope from "effect/Scope"
+import * as TestClock from "effect/TestClock"
 import * as Fs from "node:fs"
 import type * as Net from "node:net"
 import * as Os from "node:os"
@@ -511,6 +512,27 @@ describe("QemuIncoming.incoming replaying the captures over loopback TCP", () =>
         })))
     )
   }
+
+  it.effect("the duration (and so the rate recv --from-qemu reports) runs from QEMU's first connection, not from listening", () =>
+    expectNoLeaks(Effect.scoped(Effect.gen(function*() {
+      const listener = yield* Transport.listen({ _tag: "Tcp", host: "127.0.0.1", port: 0 })
+      // once the destination waits for connections, it has started
+      const waiting = yield* Deferred.make<void>()
+      const watched: Transport.Listener = {
+        address: listener.address,
+        accept: Effect.zipRight(Deferred.succeed(waiting, undefined), listener.accept)
+      }
+      const fiber = yield* Effect.forkScoped(
+        QemuIncoming.incoming(watched, { channels: 2, timeouts: PEER }).pipe(Effect.provide(Logger.remove(Logger.defaultLogger)))
+      )
+      yield* Deferred.await(waiting)
+      // QEMU connects seven (virtual) seconds later; the clock stands still while the stream is replayed
+      yield* TestClock.adjust("7 seconds")
+      const exit = yield* replayAll({ address: listener.address, fiber, logs: [] }, [MAIN, fixture("none-2ch/multifd-0.bin"), fixture("none-2ch/multifd-1.bin")])
+      if (Exit.isFailure(exit)) throw new Error(Cause.pretty(exit.cause))
+      sameAsImage(exit.value.ram)
+      expect(exit.value.stats.durationMs).toBe(0)
+    }))))
 
   it.live("channels before the main channel, and a stranger among them: the migration completes, the stranger is rejected", () =>
     expectNoLeaks(Effect.scoped(Effect.gen(function*() {
