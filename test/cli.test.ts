@@ -11,10 +11,13 @@ import * as Fs from "node:fs"
 import * as Net from "node:net"
 import * as Os from "node:os"
 import * as Path from "node:path"
+import { PassThrough } from "node:stream"
 import { afterAll, afterEach, beforeAll, describe, expect, it } from "vitest"
 import * as Cli from "../src/cli/command.js"
 import * as Image from "../src/cli/image.js"
+import * as Progress from "../src/cli/progress.js"
 import * as Control from "../src/Control.js"
+import type * as Migration from "../src/Migration.js"
 
 const ROOT = Path.resolve(import.meta.dirname, "..")
 const MAIN = Path.join(ROOT, "src", "cli", "main.ts")
@@ -645,5 +648,251 @@ describe("trust: success is durable, strangers are candidates", () => {
     expect(Fs.readFileSync(out).equals(Fs.readFileSync(image))).toBe(true)
     // recv closed them on its way out
     await Promise.all(stallers.map((s) => s.closed))
+  })
+})
+
+// ---------------------------------------------------------------------------------------------------------
+
+describe("trust: signals, timeouts and progress whatever the CPU does", () => {
+  /** Random pages with every other byte zero: zstd level 19 takes 300–450 ms a 512 KiB packet of them here. */
+  let slowImage: string
+  /** Random pages (incompressible): about 100 ms a packet at level 19. */
+  let randomImage: string
+  beforeAll(() => {
+    slowImage = Path.join(dir, "slow.raw")
+    randomImage = Path.join(dir, "random.raw")
+    const bytes = Crypto.randomBytes(32 * 1024 * 1024)
+    Fs.writeFileSync(randomImage, bytes)
+    for (let i = 0; i < bytes.length; i += 2) bytes[i] = 0
+    Fs.writeFileSync(slowImage, bytes)
+  })
+
+  /**
+   * A TCP relay in front of `target` (loopback buffers are large: the sender's writes complete at once, the
+   * case where nothing else gives the event loop its turn) that counts the bytes it carried from the source.
+   */
+  const relay = (target: string) =>
+    new Promise<{ readonly uri: string; readonly carried: (bytes: number) => Promise<void>; readonly close: () => void }>(
+      (resolve) => {
+        const port = Number(target.split(":").at(-1))
+        const sockets = new Set<Net.Socket>()
+        let total = 0
+        const waiting: Array<{ readonly bytes: number; readonly resolve: () => void }> = []
+        const server = Net.createServer((inbound) => {
+          const outbound = Net.connect({ host: "127.0.0.1", port })
+          for (const s of [inbound, outbound]) {
+            sockets.add(s)
+            s.on("error", () => {})
+            s.once("close", () => sockets.delete(s))
+          }
+          inbound.pipe(outbound)
+          outbound.pipe(inbound)
+          inbound.on("data", (chunk: Buffer) => {
+            total += chunk.length
+            for (const w of waiting.filter((w) => total >= w.bytes)) {
+              waiting.splice(waiting.indexOf(w), 1)
+              w.resolve()
+            }
+          })
+        })
+        server.listen(0, "127.0.0.1", () =>
+          resolve({
+            uri: `tcp:127.0.0.1:${(server.address() as Net.AddressInfo).port}`,
+            carried: (bytes) => new Promise<void>((done) => (total >= bytes ? done() : void waiting.push({ bytes, resolve: done }))),
+            close: () => {
+              for (const s of sockets) s.destroy()
+              server.close()
+            }
+          }))
+      }
+    )
+
+  /** When the child exits (not when its pipes close), measured from now. */
+  const exitedAfter = (running: Running) => {
+    const t0 = performance.now()
+    return new Promise<{ readonly code: number | null; readonly ms: number }>((resolve) =>
+      running.child.once("exit", (code) => resolve({ code, ms: performance.now() - t0 }))
+    )
+  }
+
+  for (const [signal, code] of [["SIGTERM", 143], ["SIGINT", 130]] as const) {
+    it(`send --compression zstd --compression-level 19 ends within a second of ${signal} (exit ${code}); recv hears "cancelled by source"`, async () => {
+      const out = Path.join(dir, `cpu-${signal}.out`)
+      const recv = await startRecv(["tcp:127.0.0.1:0", "--out", out])
+      const via = await relay(recv.uri)
+      try {
+        const send = start(["send", via.uri, "--in", slowImage, "--compression", "zstd", "--compression-level", "19"])
+        // the migration is under way: pages have crossed
+        await via.carried(1024 * 1024)
+        const exited = exitedAfter(send)
+        send.child.kill(signal)
+        const { code: sendCode, ms } = await exited
+        const sent = await send.finished
+        const received = await recv.finished
+        expect(sendCode, sent.stderr).toBe(code)
+        // the issue says one second; the bound is looser so that a loaded machine is no flake (it was 25 s)
+        expect(ms).toBeLessThan(1500)
+        expect(lines(sent.stderr)).toEqual([`multifd: interrupted by ${signal}`])
+        expect(received.code).toBe(1)
+        expect(lines(received.stderr).at(-1)).toBe("multifd: error: the source aborted the migration: cancelled by source")
+        expect(filesLike(`cpu-${signal}.out`)).toEqual([])
+      } finally {
+        via.close()
+      }
+    })
+  }
+
+  it("send --timeout 2s --compression zstd --compression-level 19 to a destination that stops reading: a timeout within 3 s", async () => {
+    const path = Path.join(dir, "stalled.sock")
+    const sockets: Array<Net.Socket> = []
+    let accepted = 0
+    // a fake destination: answers the hello with Accept, then reads nothing on the multifd channels
+    const server = Net.createServer({ pauseOnConnect: true }, (socket) => {
+      sockets.push(socket)
+      socket.on("error", () => {})
+      if (sockets.length > 1) return
+      socket.resume()
+      socket.once("data", () => {
+        socket.write(Control.encode(new Control.Accept()))
+        accepted = performance.now()
+      })
+    })
+    await new Promise<void>((resolve) => server.listen(path, resolve))
+    try {
+      const send = await run(["send", `unix:${path}`, "--in", randomImage, "--timeout", "2s", "--compression", "zstd", "--compression-level", "19"])
+      const ms = performance.now() - accepted
+      expect(send.code).toBe(1)
+      expect(lines(send.stderr)).toEqual(["multifd: error: timed out after 2s without progress sending pages"])
+      // 1.5 × the timeout from the Accept; the stall begins at the first packet (it took 4 s before)
+      expect(ms).toBeLessThan(3000)
+    } finally {
+      for (const s of sockets) s.destroy()
+      server.close()
+    }
+  })
+
+  it("recv at the path of a recv killed with SIGKILL: the stale socket is replaced and the migration succeeds", async () => {
+    const socket = Path.join(dir, "killed.sock")
+    const killed = await startRecv([`unix:${socket}`, "--out", Path.join(dir, "killed-first.out")])
+    killed.child.kill("SIGKILL")
+    await killed.finished
+    expect(Fs.lstatSync(socket).isSocket()).toBe(true)
+    const out = Path.join(dir, "killed-second.out")
+    const recv = await startRecv([`unix:${socket}`, "--out", out])
+    const send = await run(["send", recv.uri, "--in", image])
+    const received = await recv.finished
+    expect({ send: send.code, recv: received.code, stderr: send.stderr + received.stderr }).toMatchObject({ send: 0, recv: 0 })
+    expect(Fs.readFileSync(out).equals(Fs.readFileSync(image))).toBe(true)
+    expect(Fs.existsSync(socket)).toBe(false)
+  })
+
+  describe("npm run multifd: one process, the signal reaches it once", () => {
+    const groups = new Set<number>()
+    afterEach(() => {
+      for (const pgid of groups) {
+        try {
+          process.kill(-pgid, "SIGKILL")
+        } catch {
+          // the group is gone
+        }
+      }
+      groups.clear()
+    })
+
+    /** `npm run multifd -- recv …` in a process group of its own (as a terminal's foreground job). */
+    const npmRecv = async (socket: string, out: string) => {
+      const child = ChildProcess.spawn("npm", ["run", "--silent", "multifd", "--", "recv", `unix:${socket}`, "--out", out], {
+        cwd: ROOT,
+        detached: true,
+        stdio: ["ignore", "ignore", "pipe"],
+        env: { ...process.env, NO_COLOR: "1" }
+      })
+      groups.add(child.pid!)
+      let stderr = ""
+      child.stderr!.setEncoding("utf8").on("data", (s: string) => (stderr += s))
+      const exited = new Promise<number | null>((resolve) => child.once("exit", (code) => resolve(code)))
+      await new Promise<void>((resolve, reject) => {
+        const check = () => (/listening on/.test(stderr) ? resolve() : undefined)
+        child.stderr!.on("data", check)
+        void exited.then(() => reject(new Error(`npm ended before listening: ${stderr}`)))
+      })
+      // stderr is complete once the pipe closes; a process left behind would hold it open: bounded wait
+      const ended = exited.then((code) =>
+        new Promise<{ readonly code: number | null; readonly stderr: string }>((resolve) => {
+          const timer = setTimeout(() => resolve({ code, stderr }), 3000)
+          child.stderr!.once("close", () => {
+            clearTimeout(timer)
+            resolve({ code, stderr })
+          })
+        })
+      )
+      return { pid: child.pid!, ended }
+    }
+
+    it("SIGTERM to npm: recv cleans up, says so and exits 143 (npm too); nothing is left running", async () => {
+      const socket = Path.join(dir, "npm-term.sock")
+      const recv = await npmRecv(socket, Path.join(dir, "npm-term.out"))
+      process.kill(recv.pid, "SIGTERM")
+      const { code, stderr } = await recv.ended
+      expect(code).toBe(143)
+      expect(lines(stderr).at(-1)).toBe("multifd: interrupted by SIGTERM")
+      expect(Fs.existsSync(socket)).toBe(false)
+      expect(filesLike("npm-term.out")).toEqual([])
+    })
+
+    it("Ctrl-C (SIGINT to the whole group, which npm forwards again): exit 130 with the interrupted line", async () => {
+      const socket = Path.join(dir, "npm-int.sock")
+      const recv = await npmRecv(socket, Path.join(dir, "npm-int.out"))
+      process.kill(-recv.pid, "SIGINT")
+      const { code, stderr } = await recv.ended
+      expect(code).toBe(130)
+      expect(lines(stderr).at(-1)).toBe("multifd: interrupted by SIGINT")
+      expect(Fs.existsSync(socket)).toBe(false)
+      expect(filesLike("npm-int.out")).toEqual([])
+    })
+  })
+})
+
+describe("the progress bar (src/cli/progress.ts) on a terminal", () => {
+  const MIB = 1024 * 1024
+  /** A fake terminal: what the bar draws, as text. */
+  const terminal = () => {
+    let text = ""
+    const stream = new PassThrough()
+    stream.setEncoding("utf8").on("data", (s: string) => (text += s))
+    return { stream: Object.assign(stream, { isTTY: true, columns: 200 }), text: () => text }
+  }
+  /** The frames drawn, in order. */
+  const frames = (text: string) =>
+    text.split(/\r|\n|\x1b\[[0-9;?]*[A-Za-z]|\x1b[78]/).filter((s) => s.startsWith("send ["))
+  const report = (round: number, doneBytes: number, totalBytes: number): Migration.Progress => ({
+    round,
+    phase: "precopy",
+    doneBytes,
+    totalBytes,
+    dirtyPages: (totalBytes - doneBytes) / 4096,
+    bandwidth: 0,
+    expectedDowntimeMs: 0
+  })
+
+  it("each round's bar is of its own pages, the last frame is the last report (100 %), no ETA before a rate is known", async () => {
+    const tty = terminal()
+    await Effect.runPromise(Effect.scoped(Effect.gen(function*() {
+      const onProgress = (yield* Progress.make("send", tty.stream))!
+      expect(onProgress).toBeDefined()
+      for (const r of [report(0, 0, 64 * MIB), report(0, 32 * MIB, 64 * MIB), report(0, 64 * MIB, 64 * MIB), report(1, 0, MIB), report(1, MIB, MIB)]) {
+        yield* onProgress(r)
+      }
+    })))
+    const drawn = frames(tty.text())
+    expect(drawn.length).toBeGreaterThan(0)
+    expect(drawn[0]).toMatch(/ 0% \| 0 B \/ 64\.00 MiB \| - \| ETA -$/)
+    // the final frame: round 1's pages, all of them
+    expect(drawn.at(-1)).toMatch(/ 100% \| 1\.00 MiB \/ 1\.00 MiB \| .*\/s \| ETA 0s$/)
+  })
+
+  it("no bar when the stream is not a terminal", async () => {
+    const onProgress = await Effect.runPromise(Effect.scoped(Progress.make("send", new PassThrough())))
+    expect(onProgress).toBeUndefined()
   })
 })
