@@ -22,6 +22,7 @@ import * as Control from "./Control.js"
 import * as GuestRam from "./GuestRam.js"
 import * as Precopy from "./internal/precopy.js"
 import * as Acceptor from "./internal/acceptor.js"
+import { RecentRate } from "./internal/rate.js"
 import { unlessStalled, within } from "./internal/stall.js"
 import * as MigrationError from "./MigrationError.js"
 import * as MultifdRecv from "./MultifdRecv.js"
@@ -591,14 +592,11 @@ export const incoming = <E = never>(
       const digest = yield* GuestRam.digester(ram)
       const onProgress = options.onProgress
       if (onProgress) {
-        // the receive rate over the last second (the bytes of the last eleven reports, 100 ms apart)
-        const samples: Array<{ readonly at: number; readonly bytes: number }> = []
+        // the receive rate over the last second (reports are 100 ms apart)
+        const rate = new RecentRate()
         const report = Effect.gen(function*() {
           const s = yield* recv.stats
-          const at = yield* Clock.currentTimeMillis
-          samples.push({ at, bytes: s.bytes })
-          if (samples.length > 11) samples.shift()
-          const oldest = samples[0]!
+          const bandwidth = rate.sample(yield* Clock.currentTimeMillis, s.bytes)
           yield* onProgress({
             round: s.syncs / hello.channels,
             phase: "precopy",
@@ -606,7 +604,7 @@ export const incoming = <E = never>(
             totalBytes: ram.size,
             // the destination does not see the source's memory
             dirtyPages: 0,
-            bandwidth: at > oldest.at ? (s.bytes - oldest.bytes) / (at - oldest.at) * 1000 : 0,
+            bandwidth,
             expectedDowntimeMs: 0
           })
         })

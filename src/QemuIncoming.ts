@@ -25,10 +25,12 @@ import * as Clock from "effect/Clock"
 import * as Deferred from "effect/Deferred"
 import * as Duration from "effect/Duration"
 import * as Effect from "effect/Effect"
+import * as Exit from "effect/Exit"
 import * as Schedule from "effect/Schedule"
 import type * as Scope from "effect/Scope"
 import * as GuestRam from "./GuestRam.js"
 import * as Acceptor from "./internal/acceptor.js"
+import { RecentRate } from "./internal/rate.js"
 import { unlessStalled, within } from "./internal/stall.js"
 import type * as Migration from "./Migration.js"
 import * as MigrationError from "./MigrationError.js"
@@ -259,21 +261,23 @@ export const incoming = (
           yield* Deferred.succeed(channelSet, recv)
           const onProgress = options.onProgress
           if (onProgress) {
-            yield* recv.stats.pipe(
-              Effect.flatMap((s) =>
-                onProgress({
-                  round: flushes,
-                  phase,
-                  doneBytes: Math.min(ram.size, (s.normalPages + s.zeroPages) * pageSize),
-                  totalBytes: ram.size,
-                  dirtyPages: 0,
-                  bandwidth: 0,
-                  expectedDowntimeMs: 0
-                })
-              ),
-              Effect.repeat(Schedule.spaced(Duration.millis(100))),
-              Effect.forkScoped
-            )
+            // the receive rate over the last second (reports are 100 ms apart)
+            const rate = new RecentRate()
+            const report = Effect.gen(function*() {
+              const s = yield* recv.stats
+              yield* onProgress({
+                round: flushes,
+                phase,
+                doneBytes: Math.min(ram.size, (s.normalPages + s.zeroPages) * pageSize),
+                totalBytes: ram.size,
+                dirtyPages: 0,
+                bandwidth: rate.sample(yield* Clock.currentTimeMillis, s.bytes + mainBytes),
+                expectedDowntimeMs: 0
+              })
+            })
+            yield* Effect.forkScoped(Effect.repeat(report, Schedule.spaced(Duration.millis(100))))
+            // a received migration's last report counts every page
+            yield* Effect.addFinalizer((exit) => Exit.isSuccess(exit) ? report : Effect.void)
           }
           return ram
         }),
@@ -303,10 +307,20 @@ export const incoming = (
       })
     })
 
+    // a channel stuck inside a packet has its own watch, which names it and fires within a quarter of the
+    // timeout of this one: this one then watches on, rather than say less
+    const insideAPacket = Effect.flatMap(Deferred.poll(channelSet), (recv) =>
+      recv._tag === "None"
+        ? Effect.succeed(false)
+        : Effect.map(Effect.flatMap(recv.value, (r) => r.unfinished), (inside) => inside.some((u) => u.bytes > 0)))
+    const watch: Effect.Effect<never, MigrationError.MigrationError> = unlessStalled(Effect.never, progress, timeouts.peer, idle).pipe(
+      Effect.catchAll(() => Effect.flatMap(insideAPacket, (inside) => inside ? watch : stalled))
+    )
+
     const run = Effect.gen(function*() {
       const summary = yield* Effect.raceFirst(
         QemuStream.read(source, handler, { pageSize: options.pageSize, flushAfterEachSection: options.flushAfterEachSection }),
-        unlessStalled(Effect.never, progress, timeouts.peer, idle).pipe(Effect.catchAll(() => stalled))
+        watch
       )
       const recv = yield* Deferred.await(channelSet)
       yield* Effect.raceFirst(recv.finished, recv.failure).pipe(

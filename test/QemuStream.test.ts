@@ -513,6 +513,15 @@ describe("QemuIncoming.incoming replaying the captures over loopback TCP", () =>
     )
   }
 
+  it.live("a received migration's last progress report counts every page (the bar ends at 100 %)", () =>
+    expectNoLeaks(Effect.scoped(Effect.gen(function*() {
+      const reports: Array<{ readonly doneBytes: number; readonly totalBytes: number }> = []
+      const dst = yield* destination({ channels: 2, onProgress: (p) => Effect.sync(() => void reports.push(p)) })
+      const exit = yield* replayAll(dst, [MAIN, fixture("none-2ch/multifd-0.bin"), fixture("none-2ch/multifd-1.bin")])
+      if (Exit.isFailure(exit)) throw new Error(Cause.pretty(exit.cause))
+      expect(reports.at(-1)).toEqual(expect.objectContaining({ doneBytes: RAM_SIZE, totalBytes: RAM_SIZE }))
+    }))))
+
   it.effect("the duration (and so the rate recv --from-qemu reports) runs from QEMU's first connection, not from listening", () =>
     expectNoLeaks(Effect.scoped(Effect.gen(function*() {
       const listener = yield* Transport.listen({ _tag: "Tcp", host: "127.0.0.1", port: 0 })
