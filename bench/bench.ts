@@ -19,10 +19,11 @@ const here = Path.dirname(Url.fileURLToPath(import.meta.url))
  * The peers run as plain JavaScript bundled by esbuild (npm packages stay external): the numbers are the
  * library's, not those of a TypeScript loader (tsx adds about 40 MiB of RSS and its start-up to each side).
  */
-const peer = Path.join(here, ".build", "peer.mjs")
+const peer = Path.join(here, ".build", "peer.js")
 Esbuild.buildSync({
-  entryPoints: [Path.join(here, "peer.ts")],
-  outfile: peer,
+  // the digest's worker module lands beside the bundle, where the bundled digest starts it
+  entryPoints: { peer: Path.join(here, "peer.ts"), digestWorker: Path.join(here, "..", "src", "internal", "digestWorker.ts") },
+  outdir: Path.join(here, ".build"),
   bundle: true,
   platform: "node",
   format: "esm",
