@@ -2,17 +2,18 @@
  * RAM image files: reading one into shared memory for the source, and writing the received memory so that
  * the destination path only ever holds a complete, verified image.
  *
- * Every file handle is acquired with `acquireRelease`; reads and writes go in chunks so that an interruption
- * (Ctrl-C) takes effect between them.
+ * File handling is `internal/fileIo`'s: every handle acquired with `acquireRelease`, reads and writes in
+ * chunks so that an interruption (Ctrl-C) takes effect between them, the image written beside its path and
+ * renamed into place.
  *
  * @since 0.1.0
  */
 import * as Data from "effect/Data"
 import * as Effect from "effect/Effect"
 import type * as Scope from "effect/Scope"
-import * as Fs from "node:fs/promises"
 import * as Path from "node:path"
 import * as GuestRam from "../GuestRam.js"
+import * as FileIo from "../internal/fileIo.js"
 
 /** A problem with an image file. `Io` is a failure while transferring bytes; the others are configuration. */
 export class ImageError extends Data.TaggedError("ImageError")<{
@@ -29,40 +30,9 @@ export class ImageError extends Data.TaggedError("ImageError")<{
 /** Bytes moved per read or write call. */
 const CHUNK = 64 * 1024 * 1024
 
-const describe = (error: unknown): string => {
-  const code = typeof error === "object" && error !== null && "code" in error ? String(error.code) : undefined
-  switch (code) {
-    case "ENOENT":
-      return "no such file or directory"
-    case "EACCES":
-    case "EPERM":
-      return "permission denied"
-    case "EISDIR":
-      return "is a directory"
-    case "ENOTDIR":
-      return "a parent is not a directory"
-    case "ENOSPC":
-      return "no space left on device"
-    case "EEXIST":
-      return "already exists"
-    default:
-      return error instanceof Error ? error.message : String(error)
-  }
-}
-
-const fsError = (path: string, what: string, reason: ImageError["reason"]) => (cause: unknown) =>
-  new ImageError({
-    reason: reason === "Io" ? "Io" : (cause as { code?: string })?.code === "ENOENT" ? "Missing" : reason,
-    path,
-    detail: `${what}: ${describe(cause)}`,
-    cause
-  })
-
-const openFile = (path: string, flags: string, what: string) =>
-  Effect.acquireRelease(
-    Effect.tryPromise({ try: () => Fs.open(path, flags), catch: fsError(path, what, "Unusable") }),
-    (handle) => Effect.promise(() => handle.close().catch(() => undefined))
-  )
+/** Configuration problems keep their reason, except a missing path or parent, which is `Missing`. */
+const configuration = (reason: ImageError["reason"], error: FileIo.FileError) =>
+  FileIo.errorCode(error.cause) === "ENOENT" ? "Missing" : reason
 
 const formatSize = (n: number) => `${n} bytes`
 
@@ -72,11 +42,9 @@ const formatSize = (n: number) => `${n} bytes`
  */
 export const read = (path: string, pageSize: number): Effect.Effect<Buffer, ImageError> =>
   Effect.scoped(Effect.gen(function*() {
-    const handle = yield* openFile(path, "r", "cannot open the image")
-    const stat = yield* Effect.tryPromise({ try: () => handle.stat(), catch: fsError(path, "cannot stat the image", "Io") })
+    const file = yield* FileIo.openForReading(path)
     const bad = (detail: string) => new ImageError({ reason: "BadSize", path, detail })
-    if (!stat.isFile()) return yield* new ImageError({ reason: "Unusable", path, detail: "is not a regular file" })
-    const size = stat.size
+    const size = file.size
     if (size === 0) return yield* bad("the image is empty")
     if (size % pageSize !== 0) {
       return yield* bad(`the image size ${formatSize(size)} is not a multiple of the page size ${pageSize}`)
@@ -85,17 +53,30 @@ export const read = (path: string, pageSize: number): Effect.Effect<Buffer, Imag
       return yield* bad(`the image size ${formatSize(size)} exceeds the largest block, ${formatSize(GuestRam.MAX_BLOCK_SIZE)}`)
     }
     const bytes = GuestRam.allocate(size)
-    let at = 0
-    while (at < size) {
-      const { bytesRead } = yield* Effect.tryPromise({
-        try: () => handle.read(bytes, at, Math.min(CHUNK, size - at), at),
-        catch: fsError(path, "cannot read the image", "Io")
-      })
-      if (bytesRead === 0) return yield* new ImageError({ reason: "Io", path, detail: "the image shrank while it was read" })
-      at += bytesRead
-    }
+    yield* FileIo.transferChunked("read", file, bytes, 0, CHUNK)
     return bytes
-  }))
+  })).pipe(Effect.mapError((error) => error._tag === "ImageError" ? error : readError(path, error)))
+
+const readError = (path: string, error: FileIo.FileError): ImageError => {
+  const { cause } = error
+  switch (error.step) {
+    case "Open":
+      return new ImageError({
+        reason: configuration("Unusable", error),
+        path,
+        detail: `cannot open the image: ${FileIo.describe(cause)}`,
+        cause
+      })
+    case "NotRegular":
+      return new ImageError({ reason: "Unusable", path, detail: "is not a regular file" })
+    case "Stat":
+      return new ImageError({ reason: "Io", path, detail: `cannot stat the image: ${FileIo.describe(cause)}`, cause })
+    case "Ended":
+      return new ImageError({ reason: "Io", path, detail: "the image shrank while it was read" })
+    default:
+      return new ImageError({ reason: "Io", path, detail: `cannot read the image: ${FileIo.describe(cause)}`, cause })
+  }
+}
 
 /** A destination prepared by `create`: `commit` writes the image and moves it into place. */
 export interface Output {
@@ -109,66 +90,52 @@ export interface Output {
 
 /**
  * Prepares to write an image at `path`: creates its temporary file (`<path>.<pid>.partial`) right away, so an
- * unwritable destination fails before any transfer. When the scope closes the handle is closed and the
- * temporary file removed — after a commit it no longer exists, so only an uncommitted (failed or interrupted)
- * image is removed; `path` itself is only ever replaced by a complete image. An existing regular file at
- * `path` is replaced; anything else there (a directory) is refused up front.
+ * unwritable destination fails before any transfer. When the scope closes the handle is closed and, if the
+ * image was not committed (a failure or an interruption), the temporary file removed; `path` itself is only
+ * ever replaced by a complete image. An existing regular file at `path` is replaced; anything else there (a
+ * directory) is refused up front.
  */
 export const create = (path: string): Effect.Effect<Output, ImageError, Scope.Scope> =>
   Effect.gen(function*() {
-    const temporary = `${path}.${process.pid}.partial`
-    const existing = yield* Effect.promise(() => Fs.stat(path).catch(() => undefined))
-    if (existing !== undefined && !existing.isFile()) {
-      return yield* new ImageError({ reason: "Unusable", path, detail: "exists and is not a regular file" })
-    }
-    const handle = yield* Effect.acquireRelease(
-      Effect.tryPromise({
-        try: () => Fs.open(temporary, "wx"),
-        catch: (cause) =>
-          new ImageError({
-            reason: (cause as { code?: string })?.code === "ENOENT" ? "Missing" : "Unusable",
-            path,
-            detail: `cannot create ${Path.basename(temporary)} beside it: ${describe(cause)}`,
-            cause
-          })
-      }),
-      (handle) =>
-        Effect.promise(async () => {
-          await handle.close().catch(() => undefined)
-          await Fs.rm(temporary, { force: true }).catch(() => undefined)
-        })
-    )
-    const io = fsError(path, "cannot write the image", "Io")
-
+    const file = yield* FileIo.atomicFile(path).pipe(Effect.mapError((error) => writeError(path, error)))
     const commit = (chunks: ReadonlyArray<Uint8Array>) =>
       Effect.gen(function*() {
         let position = 0
         for (const chunk of chunks) {
-          let at = 0
-          while (at < chunk.length) {
-            const { bytesWritten } = yield* Effect.tryPromise({
-              try: () => handle.write(chunk, at, Math.min(CHUNK, chunk.length - at), position),
-              catch: io
-            })
-            at += bytesWritten
-            position += bytesWritten
-          }
+          yield* FileIo.transferChunked("write", file, chunk, position, CHUNK)
+          position += chunk.length
         }
-        yield* Effect.tryPromise({ try: () => handle.sync(), catch: io })
-        yield* Effect.tryPromise({ try: () => handle.close(), catch: io })
-        // once started, the rename completes: the image is either wholly in place or not at all
-        yield* Effect.uninterruptible(Effect.tryPromise({ try: () => Fs.rename(temporary, path), catch: io }))
-        yield* syncDirectory(Path.dirname(path))
-      })
-
-    return { path, temporary, commit }
+        yield* file.commit
+      }).pipe(Effect.mapError((error) => writeError(path, error)))
+    return { path, temporary: file.path, commit }
   })
 
-/**
- * Error codes by which a platform or file system says it cannot sync a directory at all (rather than that
- * the sync failed): there the rename is as durable as that file system makes it, and that is accepted.
- */
-const CANNOT_SYNC_DIRECTORY: ReadonlySet<string> = new Set(["EINVAL", "ENOTSUP", "EOPNOTSUPP", "ENOSYS", "EISDIR"])
+const writeError = (path: string, error: FileIo.FileError): ImageError => {
+  const { cause } = error
+  switch (error.step) {
+    case "NotRegular":
+      return new ImageError({ reason: "Unusable", path, detail: "exists and is not a regular file" })
+    case "Create":
+      return new ImageError({
+        reason: configuration("Unusable", error),
+        path,
+        detail: `cannot create ${Path.basename(error.path)} beside it: ${FileIo.describe(cause)}`,
+        cause
+      })
+    case "SyncDirectory":
+      return syncError(error)
+    default:
+      return new ImageError({ reason: "Io", path, detail: `cannot write the image: ${FileIo.describe(cause)}`, cause })
+  }
+}
+
+const syncError = (error: FileIo.FileError): ImageError =>
+  new ImageError({
+    reason: "Io",
+    path: error.path,
+    detail: `cannot sync the directory: ${FileIo.describe(error.cause)}`,
+    cause: error.cause
+  })
 
 /**
  * Makes a rename durable by syncing the directory that holds it. A file system that cannot sync a directory
@@ -177,15 +144,4 @@ const CANNOT_SYNC_DIRECTORY: ReadonlySet<string> = new Set(["EINVAL", "ENOTSUP",
  * @internal
  */
 export const syncDirectory = (dir: string): Effect.Effect<void, ImageError> =>
-  Effect.scoped(Effect.gen(function*() {
-    const unsupported = (cause: unknown) => CANNOT_SYNC_DIRECTORY.has(String((cause as { code?: unknown })?.code))
-    const failed = (cause: unknown) =>
-      new ImageError({ reason: "Io", path: dir, detail: `cannot sync the directory: ${describe(cause)}`, cause })
-    const handle = yield* Effect.either(openFile(dir, "r", "cannot open the directory"))
-    if (handle._tag === "Left") {
-      return unsupported(handle.left.cause) ? undefined : yield* failed(handle.left.cause)
-    }
-    yield* Effect.tryPromise({ try: () => handle.right.sync(), catch: (cause) => cause }).pipe(
-      Effect.catchAll((cause) => unsupported(cause) ? Effect.void : Effect.fail(failed(cause)))
-    )
-  }))
+  Effect.mapError(FileIo.syncDirectory(dir), syncError)

@@ -1,0 +1,313 @@
+/**
+ * Files as scoped resources, for `Snapshot` and the CLI's image files: opening, positional reads and writes
+ * of big buffers, the temporary file that becomes the target only once complete, and the one table that
+ * turns an errno into a short phrase.
+ *
+ * Every handle is acquired with `acquireRelease`. A positional transfer runs on the raw descriptor and is
+ * uninterruptible (an interruption lands between two of them), so no I/O is in flight on a descriptor when
+ * its handle closes. Failures are `FileError`s saying which step failed; callers word them for their users.
+ *
+ * A native adapter: it imports no public module.
+ *
+ * @internal
+ */
+import * as Data from "effect/Data"
+import * as Effect from "effect/Effect"
+import * as Ref from "effect/Ref"
+import type * as Scope from "effect/Scope"
+import * as Fs from "node:fs"
+import * as FsP from "node:fs/promises"
+import * as Path from "node:path"
+
+/** The code of a system error (`ENOENT`, ...), if it has one. */
+export const errorCode = (error: unknown): string | undefined => {
+  const code = typeof error === "object" && error !== null && "code" in error ? error.code : undefined
+  return code === undefined ? undefined : String(code)
+}
+
+/** A system error as a short phrase, one line: the common codes in words, others as the system says them. */
+export const describe = (error: unknown): string => {
+  switch (errorCode(error)) {
+    case "ENOENT":
+      return "no such file or directory"
+    case "EACCES":
+    case "EPERM":
+      return "permission denied"
+    case "ENOSPC":
+      return "no space left on device"
+    case "EDQUOT":
+      return "disk quota exceeded"
+    case "EISDIR":
+      return "is a directory"
+    case "ENOTDIR":
+      return "a component of the path is not a directory"
+    case "EROFS":
+      return "read-only file system"
+    case "EEXIST":
+      return "file already exists"
+    case "EIO":
+      return "input/output error"
+    case "EFBIG":
+      return "file too large for the file system"
+  }
+  const message = (error as { message?: unknown } | undefined)?.message
+  return (typeof message === "string" ? message : String(error)).replace(/\s*\n\s*/g, " ")
+}
+
+/** Which step of working with a file failed. */
+export type Step =
+  | "Open"
+  | "Stat"
+  /** The path exists and is not a regular file (reading it, or replacing it). */
+  | "NotRegular"
+  /** Creating the temporary file beside the target. */
+  | "Create"
+  /** Setting the temporary file's length. */
+  | "Size"
+  | "Read"
+  /** A read found the end of the file before the bytes it was to read. */
+  | "Ended"
+  | "Write"
+  | "Sync"
+  | "Close"
+  | "Rename"
+  | "SyncDirectory"
+
+/** A failed file operation: the step, the file (the directory for `SyncDirectory`), the system's error. */
+export class FileError extends Data.TaggedError("FileError")<{
+  readonly step: Step
+  readonly path: string
+  /** The transfer that failed (`Read`, `Ended`, `Write`), or the length asked for (`Size`). */
+  readonly position?: number | undefined
+  readonly length?: number | undefined
+  readonly cause?: unknown
+}> {
+  override get message(): string {
+    const why = this.cause === undefined ? "" : `: ${describe(this.cause)}`
+    return `${this.path}: ${this.step.toLowerCase()} failed${why}`
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Opening
+
+/** An open file: its handle is closed when the scope that opened it closes. */
+export interface File {
+  readonly path: string
+  /** The raw descriptor, for positional transfers. */
+  readonly fd: number
+}
+
+/** Opens `path` as a scoped handle. */
+export const open = (path: string, flags: string): Effect.Effect<FsP.FileHandle, FileError, Scope.Scope> =>
+  Effect.acquireRelease(
+    Effect.tryPromise({
+      try: () => FsP.open(path, flags),
+      catch: (cause) => new FileError({ step: "Open", path, cause })
+    }),
+    (handle) => Effect.promise(() => handle.close().catch(() => undefined))
+  )
+
+/** Opens a regular file for reading, with its size. */
+export const openForReading = (path: string): Effect.Effect<File & { readonly size: number }, FileError, Scope.Scope> =>
+  Effect.gen(function*() {
+    const handle = yield* open(path, "r")
+    const stat = yield* Effect.tryPromise({
+      try: () => handle.stat(),
+      catch: (cause) => new FileError({ step: "Stat", path, cause })
+    })
+    if (!stat.isFile()) return yield* new FileError({ step: "NotRegular", path })
+    return { path, fd: handle.fd, size: stat.size }
+  })
+
+// ---------------------------------------------------------------------------------------------------------
+// Positional transfers
+
+/** Positional transfers: the i-th moves `length[i]` bytes between a buffer at `at[i]` and the file at `position[i]`. */
+export interface IoList {
+  count: number
+  readonly at: Float64Array
+  readonly length: Float64Array
+  readonly position: Float64Array
+}
+
+/** An empty list with room for `capacity` transfers. */
+export const ioList = (capacity: number): IoList => ({
+  count: 0,
+  at: new Float64Array(capacity),
+  length: new Float64Array(capacity),
+  position: new Float64Array(capacity)
+})
+
+/** Adds a transfer to a list. */
+export const push = (list: IoList, at: number, length: number, position: number): void => {
+  const i = list.count++
+  list.at[i] = at
+  list.length[i] = length
+  list.position[i] = position
+}
+
+/**
+ * Runs every transfer of `list` (each looping over short reads or writes) on libuv's thread pool, up to
+ * `inFlight` at once, as one effect: one resumption for a whole batch, however many small runs it has. Fails
+ * with the first error once nothing is in flight any more (a read that meets the end of the file: `Ended`; a
+ * write that writes nothing: `Write`). Uninterruptible: interrupting waits for the transfers under way, so a
+ * descriptor is never closed under one — keep a batch small (about 1 MiB to 64 MiB).
+ */
+export const transferAll = (
+  op: "write" | "read",
+  file: File,
+  buffer: Uint8Array,
+  list: IoList,
+  inFlight: number
+): Effect.Effect<void, FileError> =>
+  Effect.uninterruptible(Effect.async<void, FileError>((resume) => {
+    let next = 0
+    let active = 0
+    let failed: FileError | undefined
+    const failure = (i: number, step: Step, cause: unknown) =>
+      new FileError({ step, path: file.path, position: list.position[i]!, length: list.length[i]!, cause })
+    const start = (i: number) => {
+      active++
+      const step = (at: number, left: number, position: number) => {
+        const done = (error: NodeJS.ErrnoException | null, n: number) => {
+          if (error === null && n > 0 && n < left) return step(at + n, left - n, position + n)
+          active--
+          if (error !== null) failed ??= failure(i, op === "write" ? "Write" : "Read", error)
+          else if (n === 0) {
+            failed ??= op === "write"
+              ? failure(i, "Write", new Error("the system wrote nothing"))
+              : failure(i, "Ended", undefined)
+          }
+          pump()
+        }
+        if (op === "write") Fs.write(file.fd, buffer, at, left, position, done)
+        else Fs.read(file.fd, buffer, at, left, position, done)
+      }
+      step(list.at[i]!, list.length[i]!, list.position[i]!)
+    }
+    const pump = () => {
+      while (failed === undefined && active < inFlight && next < list.count) {
+        const i = next++
+        if (list.length[i]! > 0) start(i)
+      }
+      if (active === 0 && (failed !== undefined || next === list.count)) {
+        resume(failed === undefined ? Effect.void : Effect.fail(failed))
+      }
+    }
+    pump()
+  }))
+
+/** Moves `length` bytes between `buffer` at `at` and the file at `position`, as one transfer. */
+export const transfer = (
+  op: "write" | "read",
+  file: File,
+  buffer: Uint8Array,
+  at: number,
+  length: number,
+  position: number
+): Effect.Effect<void, FileError> =>
+  Effect.suspend(() => {
+    const list = ioList(1)
+    push(list, at, length, position)
+    return transferAll(op, file, buffer, list, 1)
+  })
+
+/**
+ * Moves all of `buffer` between memory and the file at `position`, `chunk` bytes at a time: each chunk is
+ * one uninterruptible transfer, and an interruption takes effect between two of them.
+ */
+export const transferChunked = (
+  op: "write" | "read",
+  file: File,
+  buffer: Uint8Array,
+  position: number,
+  chunk: number
+): Effect.Effect<void, FileError> =>
+  Effect.gen(function*() {
+    for (let at = 0; at < buffer.length; at += chunk) {
+      yield* transfer(op, file, buffer, at, Math.min(chunk, buffer.length - at), position + at)
+    }
+  })
+
+// ---------------------------------------------------------------------------------------------------------
+// Replacing a file atomically
+
+/** A file being written under a temporary name beside its target; `commit` moves it into place. */
+export interface AtomicFile extends File {
+  /** The target. */
+  readonly target: string
+  /**
+   * fsync, close, rename to the target (once started, the rename completes: all or nothing), then fsync the
+   * target's directory (`syncDirectory`).
+   */
+  readonly commit: Effect.Effect<void, FileError>
+}
+
+/**
+ * Creates `<target>.<pid>.partial` (refusing up front anything at `target` that is not a regular file, and a
+ * temporary file that exists already), optionally at a length (sparse). When the scope closes the handle is
+ * closed and, unless it was committed, the temporary file removed: `target` itself is only ever replaced by a
+ * complete file.
+ */
+export const atomicFile = (
+  target: string,
+  options: { readonly mode?: number | undefined; readonly size?: number | undefined } = {}
+): Effect.Effect<AtomicFile, FileError, Scope.Scope> =>
+  Effect.gen(function*() {
+    const path = `${target}.${process.pid}.partial`
+    const existing = yield* Effect.promise(() => FsP.stat(target).catch(() => undefined))
+    if (existing !== undefined && !existing.isFile()) return yield* new FileError({ step: "NotRegular", path: target })
+    const committed = yield* Ref.make(false)
+    const handle = yield* Effect.acquireRelease(
+      Effect.tryPromise({
+        try: () => FsP.open(path, "wx", options.mode),
+        catch: (cause) => new FileError({ step: "Create", path, cause })
+      }),
+      (handle) =>
+        Effect.flatMap(Ref.get(committed), (done) =>
+          Effect.promise(async () => {
+            await handle.close().catch(() => undefined)
+            if (!done) await FsP.rm(path, { force: true }).catch(() => undefined)
+          }))
+    )
+    const failed = (step: Step) => (cause: unknown) => new FileError({ step, path, cause })
+    const size = options.size
+    if (size !== undefined) {
+      yield* Effect.tryPromise({
+        try: () => handle.truncate(size),
+        catch: (cause) => new FileError({ step: "Size", path, length: size, cause })
+      })
+    }
+    const commit = Effect.gen(function*() {
+      yield* Effect.tryPromise({ try: () => handle.sync(), catch: failed("Sync") })
+      yield* Effect.uninterruptible(Effect.gen(function*() {
+        yield* Effect.tryPromise({ try: () => handle.close(), catch: failed("Close") })
+        yield* Effect.tryPromise({ try: () => FsP.rename(path, target), catch: failed("Rename") })
+        yield* Ref.set(committed, true)
+      }))
+      yield* syncDirectory(Path.dirname(target))
+    })
+    return { path, fd: handle.fd, target, commit }
+  })
+
+/**
+ * Error codes by which a platform or file system says it cannot sync a directory at all (rather than that
+ * the sync failed): there the rename is as durable as that file system makes it, and that is accepted.
+ */
+const CANNOT_SYNC_DIRECTORY: ReadonlySet<string> = new Set(["EINVAL", "ENOTSUP", "EOPNOTSUPP", "ENOSYS", "EISDIR"])
+
+/**
+ * Makes a rename durable by syncing the directory that holds it. A file system that cannot sync a directory
+ * is accepted; any other failure (EIO, EACCES, ENOENT...) is a `SyncDirectory` error.
+ */
+export const syncDirectory = (dir: string): Effect.Effect<void, FileError> =>
+  Effect.scoped(Effect.gen(function*() {
+    const accepted = (cause: unknown) => CANNOT_SYNC_DIRECTORY.has(String(errorCode(cause)))
+    const failed = (cause: unknown) => new FileError({ step: "SyncDirectory", path: dir, cause })
+    const handle = yield* Effect.either(open(dir, "r"))
+    if (handle._tag === "Left") return accepted(handle.left.cause) ? undefined : yield* failed(handle.left.cause)
+    yield* Effect.tryPromise({ try: () => handle.right.sync(), catch: (cause) => cause }).pipe(
+      Effect.catchAll((cause) => accepted(cause) ? Effect.void : Effect.fail(failed(cause)))
+    )
+  }))

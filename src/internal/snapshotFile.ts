@@ -1,0 +1,177 @@
+/**
+ * A snapshot's file as `Snapshot`'s internals use it: `SnapshotError` (which `Snapshot` exports), the file
+ * opened for counted positional reads, and the temporary file a save writes, every failure of `fileIo`
+ * worded as a one-line `SnapshotError` naming the snapshot.
+ *
+ * @internal
+ */
+import * as Data from "effect/Data"
+import * as Effect from "effect/Effect"
+import type * as Scope from "effect/Scope"
+import * as Path from "node:path"
+import * as FileIo from "./fileIo.js"
+
+/** Why a snapshot could not be saved or restored; the message is one line naming the file. */
+export class SnapshotError extends Data.TaggedError("SnapshotError")<{
+  /**
+   * `Io`: a read or write failed; `Unusable`: the path cannot be used (missing directory, not a regular file,
+   * permissions); `Unsupported`: an option that does not apply to snapshots; `NotASnapshot`, `Truncated`,
+   * `Version`, `Corrupt`: what is wrong with the file; `DigestMismatch`: pages damaged; `Layout`: the memory
+   * given (or the size limit) does not fit the snapshot.
+   */
+  readonly reason:
+    | "Io"
+    | "Unusable"
+    | "Unsupported"
+    | "NotASnapshot"
+    | "Truncated"
+    | "Version"
+    | "Corrupt"
+    | "DigestMismatch"
+    | "Layout"
+  readonly path: string
+  readonly detail: string
+  readonly cause?: unknown
+}> {
+  override get message(): string {
+    return `snapshot ${this.path}: ${this.detail}`
+  }
+}
+
+/** Transfers a batch keeps in flight: enough to hide the thread pool's round trip for runs of one page. */
+const IN_FLIGHT = 8
+
+const io = (path: string, what: string, cause: unknown) =>
+  new SnapshotError({ reason: "Io", path, detail: `${what}: ${FileIo.describe(cause)}`, cause })
+
+// ---------------------------------------------------------------------------------------------------------
+// Reading
+
+/** A snapshot file open for reading; it counts what it reads (the restore's stats). */
+export interface Reader {
+  /** The file's size (apparent, holes included). */
+  readonly size: number
+  /** Reads ranges into `into` (see `FileIo.transferAll`). */
+  readonly readAll: (into: Uint8Array, list: FileIo.IoList) => Effect.Effect<void, SnapshotError>
+  readonly read: (into: Uint8Array, at: number, length: number, position: number) => Effect.Effect<void, SnapshotError>
+  /** Bytes read so far. */
+  readonly bytesRead: () => number
+  /** Reads issued so far. */
+  readonly reads: () => number
+}
+
+const readError = (path: string) => (error: FileIo.FileError): SnapshotError => {
+  switch (error.step) {
+    case "Open":
+      return new SnapshotError({
+        reason: "Unusable",
+        path,
+        detail: `cannot open it: ${FileIo.describe(error.cause)}`,
+        cause: error.cause
+      })
+    case "Stat":
+      return io(path, "cannot stat it", error.cause)
+    case "NotRegular":
+      return new SnapshotError({ reason: "Unusable", path, detail: "is not a regular file" })
+    case "Ended":
+      return new SnapshotError({
+        reason: "Truncated",
+        path,
+        detail: `the file ended early, at ${error.position} (was it truncated while being read?)`
+      })
+    default:
+      return io(path, `cannot read ${error.length} bytes at ${error.position}`, error.cause)
+  }
+}
+
+/** Opens the regular file at `path` for reading; the handle closes with the scope. */
+export const openReader = (path: string): Effect.Effect<Reader, SnapshotError, Scope.Scope> =>
+  Effect.gen(function*() {
+    const failed = readError(path)
+    const file = yield* Effect.mapError(FileIo.openForReading(path), failed)
+    let bytesRead = 0
+    let reads = 0
+    const readAll = (into: Uint8Array, list: FileIo.IoList) =>
+      FileIo.transferAll("read", file, into, list, IN_FLIGHT).pipe(
+        Effect.mapError(failed),
+        Effect.tap(() => {
+          for (let i = 0; i < list.count; i++) bytesRead += list.length[i]!
+          reads += list.count
+        })
+      )
+    return {
+      size: file.size,
+      readAll,
+      read: (into, at, length, position) =>
+        Effect.suspend(() => {
+          const list = FileIo.ioList(1)
+          FileIo.push(list, at, length, position)
+          return readAll(into, list)
+        }),
+      bytesRead: () => bytesRead,
+      reads: () => reads
+    }
+  })
+
+// ---------------------------------------------------------------------------------------------------------
+// Writing
+
+/** The temporary file of a save: positional writes, then `commit` moves it to its final name. */
+export interface Temporary {
+  /** Writes ranges of `buffer` (see `FileIo.transferAll`). */
+  readonly writeAll: (buffer: Uint8Array, list: FileIo.IoList) => Effect.Effect<void, SnapshotError>
+  readonly write: (bytes: Uint8Array, position: number) => Effect.Effect<void, SnapshotError>
+  /** fsync, close, rename to the final path (all or nothing), then fsync the directory. */
+  readonly commit: Effect.Effect<void, SnapshotError>
+}
+
+const writeError = (path: string) => (error: FileIo.FileError): SnapshotError => {
+  const temporary = Path.basename(error.path)
+  switch (error.step) {
+    case "NotRegular":
+      return new SnapshotError({ reason: "Unusable", path, detail: "exists and is not a regular file" })
+    case "Create":
+      return new SnapshotError({
+        reason: "Unusable",
+        path,
+        detail: FileIo.errorCode(error.cause) === "EEXIST"
+          ? `${temporary} already exists beside it (a save in progress, or left by a crash: remove it)`
+          : `cannot create ${temporary} beside it: ${FileIo.describe(error.cause)}`,
+        cause: error.cause
+      })
+    case "Size":
+      return io(path, `cannot size the file to ${error.length} bytes`, error.cause)
+    case "Sync":
+      return io(path, "cannot flush the file to disk", error.cause)
+    case "Close":
+      return io(path, "cannot close the file", error.cause)
+    case "Rename":
+      return io(path, `cannot rename ${temporary} to it`, error.cause)
+    case "SyncDirectory":
+      return io(path, "cannot sync its directory", error.cause)
+    default:
+      return io(path, `cannot write ${error.length} bytes at ${error.position}`, error.cause)
+  }
+}
+
+/**
+ * Creates `<path>.<pid>.partial` (refusing a directory at `path` up front) at its full length. When the scope
+ * closes the handle is closed and, unless it was committed, the temporary file removed.
+ */
+export const createTemporary = (path: string, length: number): Effect.Effect<Temporary, SnapshotError, Scope.Scope> =>
+  Effect.gen(function*() {
+    const failed = writeError(path)
+    const file = yield* Effect.mapError(FileIo.atomicFile(path, { mode: 0o644, size: length }), failed)
+    const writeAll = (buffer: Uint8Array, list: FileIo.IoList) =>
+      Effect.mapError(FileIo.transferAll("write", file, buffer, list, IN_FLIGHT), failed)
+    return {
+      writeAll,
+      write: (bytes, position) =>
+        Effect.suspend(() => {
+          const list = FileIo.ioList(1)
+          FileIo.push(list, 0, bytes.length, position)
+          return writeAll(bytes, list)
+        }),
+      commit: Effect.mapError(file.commit, failed)
+    }
+  })

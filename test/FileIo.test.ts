@@ -1,0 +1,132 @@
+/**
+ * internal/fileIo on real files: the atomic file (a target replaced only by a committed file, nothing left
+ * beside it otherwise, nothing open), chunked positional transfers, and the errno table.
+ */
+import { describe, expect, it } from "@effect/vitest"
+import * as Deferred from "effect/Deferred"
+import * as Effect from "effect/Effect"
+import * as Exit from "effect/Exit"
+import * as Fiber from "effect/Fiber"
+import * as Crypto from "node:crypto"
+import * as Fs from "node:fs"
+import * as Os from "node:os"
+import * as Path from "node:path"
+import * as FileIo from "../src/internal/fileIo.js"
+
+const tempDir = Effect.acquireRelease(
+  Effect.sync(() => Fs.mkdtempSync(Path.join(Os.tmpdir(), "emfd-fileio-"))),
+  (dir) => Effect.sync(() => Fs.rmSync(dir, { recursive: true, force: true }))
+)
+
+/** Descriptors this process has open on files under `dir` (Linux: /proc/self/fd). */
+const openFilesIn = (dir: string): ReadonlyArray<string> => {
+  if (!Fs.existsSync("/proc/self/fd")) return []
+  const open: Array<string> = []
+  for (const fd of Fs.readdirSync("/proc/self/fd")) {
+    try {
+      const target = Fs.readlinkSync(`/proc/self/fd/${fd}`)
+      if (target.startsWith(dir)) open.push(target)
+    } catch {
+      // closed meanwhile
+    }
+  }
+  return open
+}
+
+describe("FileIo.atomicFile", () => {
+  it.scopedLive("the target is replaced only by a committed file; uncommitted or interrupted, nothing is left beside it", () =>
+    Effect.gen(function*() {
+      const dir = yield* tempDir
+      const target = Path.join(dir, "out")
+      Fs.writeFileSync(target, "old")
+      const temporary = `${target}.${process.pid}.partial`
+
+      // written, not committed: the temporary file goes, the target stays
+      yield* Effect.scoped(Effect.gen(function*() {
+        const file = yield* FileIo.atomicFile(target, { size: 8 })
+        expect(file.path).toBe(temporary)
+        expect(Fs.statSync(temporary).size).toBe(8)
+        yield* FileIo.transfer("write", file, Buffer.from("new"), 0, 3, 0)
+      }))
+      expect(Fs.readdirSync(dir)).toEqual(["out"])
+      expect(Fs.readFileSync(target, "utf8")).toBe("old")
+
+      // interrupted in the middle of a chunked write of 64 MiB: the same
+      const big = Crypto.randomBytes(64 * 1024 * 1024)
+      const writing = yield* Deferred.make<void>()
+      const fiber = yield* Effect.fork(Effect.scoped(Effect.gen(function*() {
+        const file = yield* FileIo.atomicFile(target)
+        yield* FileIo.transfer("write", file, big, 0, 64 * 1024, 0)
+        yield* Deferred.succeed(writing, undefined)
+        yield* FileIo.transferChunked("write", file, big, 0, 64 * 1024)
+        yield* file.commit
+      })))
+      yield* Deferred.await(writing)
+      expect(Fs.readdirSync(dir).sort()).toEqual(["out", Path.basename(temporary)])
+      expect(Exit.isInterrupted(yield* Fiber.interrupt(fiber))).toBe(true)
+      expect(Fs.readdirSync(dir)).toEqual(["out"])
+      expect(Fs.readFileSync(target, "utf8")).toBe("old")
+
+      // committed: the new bytes under the target's name, nothing beside it
+      yield* Effect.scoped(Effect.gen(function*() {
+        const file = yield* FileIo.atomicFile(target)
+        yield* FileIo.transferChunked("write", file, big, 0, 1024 * 1024)
+        yield* file.commit
+      }))
+      expect(Fs.readdirSync(dir)).toEqual(["out"])
+      expect(Fs.readFileSync(target).equals(big)).toBe(true)
+      expect(openFilesIn(dir)).toEqual([])
+    }))
+
+  it.scopedLive("refuses a directory at the target and a temporary file that exists already", () =>
+    Effect.gen(function*() {
+      const dir = yield* tempDir
+      const taken = Path.join(dir, "taken")
+      Fs.mkdirSync(taken)
+      const notRegular = yield* Effect.flip(Effect.scoped(FileIo.atomicFile(taken)))
+      expect([notRegular.step, notRegular.path]).toEqual(["NotRegular", taken])
+      const target = Path.join(dir, "out")
+      Fs.writeFileSync(`${target}.${process.pid}.partial`, "someone else's")
+      const exists = yield* Effect.flip(Effect.scoped(FileIo.atomicFile(target)))
+      expect([exists.step, FileIo.errorCode(exists.cause)]).toEqual(["Create", "EEXIST"])
+      // not ours: left alone
+      expect(Fs.readFileSync(`${target}.${process.pid}.partial`, "utf8")).toBe("someone else's")
+    }))
+})
+
+describe("FileIo transfers", () => {
+  it.scopedLive("a chunked read fills the buffer; a file shorter than asked: Ended at the chunk that met its end", () =>
+    Effect.gen(function*() {
+      const dir = yield* tempDir
+      const path = Path.join(dir, "data")
+      const bytes = Crypto.randomBytes(10_000)
+      Fs.writeFileSync(path, bytes)
+      yield* Effect.scoped(Effect.gen(function*() {
+        const file = yield* FileIo.openForReading(path)
+        expect(file.size).toBe(10_000)
+        const into = Buffer.alloc(10_000)
+        yield* FileIo.transferChunked("read", file, into, 0, 4096)
+        expect(into.equals(bytes)).toBe(true)
+        const longer = Buffer.alloc(12_000)
+        const ended = yield* Effect.flip(FileIo.transferChunked("read", file, longer, 0, 4096))
+        expect([ended.step, ended.position, ended.length]).toEqual(["Ended", 8192, 3808])
+      }))
+      const missing = yield* Effect.flip(Effect.scoped(FileIo.openForReading(Path.join(dir, "nothing"))))
+      expect([missing.step, FileIo.describe(missing.cause)]).toEqual(["Open", "no such file or directory"])
+      const directory = yield* Effect.flip(Effect.scoped(FileIo.openForReading(dir)))
+      expect(directory.step).toBe("NotRegular")
+      expect(openFilesIn(dir)).toEqual([])
+    }))
+})
+
+describe("FileIo.describe", () => {
+  it("words the common codes and keeps anything else on one line", () => {
+    const error = (code: string) => Object.assign(new Error(`${code}: something, open '/x'`), { code })
+    expect(FileIo.describe(error("ENOSPC"))).toBe("no space left on device")
+    expect(FileIo.describe(error("ENOTDIR"))).toBe("a component of the path is not a directory")
+    expect(FileIo.describe(error("EROFS"))).toBe("read-only file system")
+    expect(FileIo.describe(error("EXDEV"))).toBe("EXDEV: something, open '/x'")
+    expect(FileIo.describe(new Error("two\n  lines"))).toBe("two lines")
+    expect(FileIo.describe("text")).toBe("text")
+  })
+})
