@@ -2,7 +2,9 @@
  * QEMU's main migration stream and the QEMU destination, offline: the real QEMU 10.0.2 captures in
  * test/fixtures/qemu-10.0.2/ (main channel included), parsed from memory and replayed over real loopback
  * sockets into `QemuIncoming.incoming`; synthetic streams for every record the reader refuses; truncated and
- * garbage input fails with one clear line, never hangs, and leaves no socket open.
+ * garbage input fails with one clear line, never hangs, and leaves no socket open; strangers (the multifd
+ * magic and half an init packet, QEVM and no complete header, garbage) are candidates that are turned away,
+ * closing at once or after the handshake timeout (TestClock), while the captured migration then succeeds.
  */
 import { describe, expect, it } from "@effect/vitest"
 import * as Cause from "effect/Cause"
