@@ -10,14 +10,23 @@
  * `multifd-compression`). QEMU's precopy has no acknowledgement without a return path, so QEMU reports
  * `completed` as soon as it sent everything; this side fails (and QEMU never learns) when anything is wrong.
  *
+ * Strangers are candidates, never owners: an accepted connection becomes the main channel only once QEMU's
+ * complete file header arrived (`QEVM`, version 3), a multifd channel counts only once its complete 64-byte init
+ * packet arrived, both within one handshake deadline (`timeouts.handshake`, the first bytes included). A
+ * candidate that closes, stalls or sends garbage is closed, logged and listed in `rejected`; the destination
+ * keeps waiting for QEMU.
+ *
  * No wait outlasts `timeouts.peer` of silence: the main channel and the channels between packets share one
  * inactivity watch (any byte anywhere is progress: QEMU may legitimately leave one of them quiet while it feeds
- * the others), a channel inside a packet has its own (QEMU writes a packet whole), the first bytes and the TLS
- * handshake of a connection have their timeouts, and so does QEMU closing its channels after the main stream
- * ended. A stall ends in a `Timeout` that names what was awaited, never in a wait for QEMU to close.
+ * the others), a channel inside a packet has its own (QEMU writes a packet whole), the TLS handshake of a
+ * connection has its timeout, and so does QEMU closing its channels after the main stream ended. A stall ends
+ * in a `Timeout` that names what was awaited, never in a wait for QEMU to close.
  *
  * Everything runs in one scope, as `Migration.incoming`: when `incoming` returns (success, failure or
- * interruption) every fiber has ended and every connection is closed.
+ * interruption) every fiber has ended and every connection is closed. The seams: the candidates
+ * (`internal/qemu/candidates.ts`: accepting, classifying, adopting channels), the main stream
+ * (`internal/qemu/mainChannel.ts`: the reader's handler, the channel set, the inactivity watch), and the
+ * completion here (QEMU closing its channels, the stats).
  *
  * @since 0.1.0
  */
@@ -25,23 +34,25 @@ import * as Clock from "effect/Clock"
 import * as Deferred from "effect/Deferred"
 import * as Duration from "effect/Duration"
 import * as Effect from "effect/Effect"
-import * as Exit from "effect/Exit"
-import * as Schedule from "effect/Schedule"
-import type * as Scope from "effect/Scope"
-import * as GuestRam from "./GuestRam.js"
-import * as Acceptor from "./internal/acceptor.js"
-import { RecentRate } from "./internal/rate.js"
-import { unlessStalled, within } from "./internal/stall.js"
+import type * as GuestRam from "./GuestRam.js"
+import * as Candidates from "./internal/qemu/candidates.js"
+import * as MainChannel from "./internal/qemu/mainChannel.js"
+import { within } from "./internal/stall.js"
 import type * as Migration from "./Migration.js"
 import * as MigrationError from "./MigrationError.js"
-import * as MultifdRecv from "./MultifdRecv.js"
+import type * as MultifdRecv from "./MultifdRecv.js"
 import type * as MultifdSend from "./MultifdSend.js"
 import * as Protocol from "./Protocol.js"
-import * as QemuStream from "./QemuStream.js"
+import type * as QemuStream from "./QemuStream.js"
 import * as Tls from "./Tls.js"
 import * as Transport from "./Transport.js"
 
-/** How the destination expects QEMU to migrate. */
+/**
+ * How the destination expects QEMU to migrate.
+ *
+ * @since 0.1.0
+ * @category models
+ */
 export interface Options {
   /** QEMU's `multifd-channels` (1–255). */
   readonly channels: number
@@ -63,6 +74,10 @@ export interface Options {
   readonly uuid?: Uint8Array | undefined
   /** QEMU's `multifd-flush-after-each-section` (machine types before 7.2): every EOS word is a flush too. */
   readonly flushAfterEachSection?: boolean | undefined
+  /**
+   * `handshake`: how long a new connection has to prove itself (its first bytes, then QEMU's file header or a
+   * multifd init packet; default 10 s); `peer`: the inactivity timeout (default 30 s).
+   */
   readonly timeouts?: Partial<Migration.Timeouts> | undefined
   /** How long to wait for QEMU to connect at all (default: for ever). */
   readonly acceptTimeout?: Duration.DurationInput | undefined
@@ -81,7 +96,12 @@ export interface Options {
   readonly onProgress?: ((progress: Migration.Progress) => Effect.Effect<void>) | undefined
 }
 
-/** What QEMU's main stream said, beside the generic migration stats. */
+/**
+ * What QEMU's main stream said, beside the generic migration stats.
+ *
+ * @since 0.1.0
+ * @category models
+ */
 export interface QemuDetails {
   /** QEMU's machine type, from the configuration record. */
   readonly machine: string | undefined
@@ -101,20 +121,38 @@ export interface QemuDetails {
   readonly devices: number | undefined
 }
 
-/** What a received QEMU migration did. */
+/**
+ * What a received QEMU migration did.
+ *
+ * @since 0.1.0
+ * @category models
+ */
 export interface Stats extends Migration.Stats {
   readonly qemu: QemuDetails
 }
 
-/** What the destination received. */
+/**
+ * What the destination received.
+ *
+ * @since 0.1.0
+ * @category models
+ */
 export interface Incoming {
   readonly ram: GuestRam.GuestRam["Type"]
   readonly stats: Stats
-  /** Connections that were turned away (strangers, foreign uuids, a second main channel), each with the reason. */
+  /**
+   * Connections that were turned away (strangers, candidates that closed or stalled before proving
+   * themselves, foreign uuids, a second main channel), each with the reason.
+   */
   readonly rejected: ReadonlyArray<string>
 }
 
-/** Everything the destination can fail with. */
+/**
+ * Everything the destination can fail with.
+ *
+ * @since 0.1.0
+ * @category errors
+ */
 export type IncomingError =
   | QemuStream.QemuStreamError
   | MultifdRecv.ChannelFailure
@@ -122,7 +160,12 @@ export type IncomingError =
   | MigrationError.ChannelError
   | GuestRam.GuestRamError
 
-/** Default cap on memory QEMU may make the destination allocate. */
+/**
+ * Default cap on memory QEMU may make the destination allocate.
+ *
+ * @since 0.1.0
+ * @category constants
+ */
 export const DEFAULT_MAX_RAM = 16 * 1024 * 1024 * 1024
 
 const GIB = 1024 * 1024 * 1024
@@ -133,31 +176,73 @@ const defaultTimeouts: Migration.Timeouts = {
   peer: Duration.seconds(30)
 }
 
-const describeLayout = (layout: ReadonlyArray<QemuStream.RamBlock>) => layout.map((b) => `${b.name}=${b.size}`).join(", ")
-
-/** Why the memory given (or the allocation cap) cannot take QEMU's blocks, if it cannot. */
-const checkLayout = (
-  blocks: ReadonlyArray<QemuStream.RamBlock>,
-  pageSize: number,
-  options: Options
-): string | undefined => {
-  const ram = options.ram
-  if (ram === undefined) {
-    const total = blocks.reduce((n, b) => n + b.size, 0)
-    const max = options.maxRamBytes ?? DEFAULT_MAX_RAM
-    return total > max ? `QEMU's ${total} bytes of RAM exceed this destination's limit of ${max}` : undefined
-  }
-  if (ram.pageSize !== pageSize) return `QEMU's page size ${pageSize} differs from the destination's ${ram.pageSize}`
-  const mine = GuestRam.layoutOf(ram)
-  if (mine.length !== blocks.length || mine.some((b, i) => b.name !== blocks[i]!.name || b.size !== blocks[i]!.size)) {
-    return `QEMU's RAM blocks [${describeLayout(blocks)}] differ from the destination's [${describeLayout(mine)}]`
-  }
-  return undefined
-}
+/** The channels' end and what the migration did, once the main stream has ended. */
+const complete = (
+  recv: MultifdRecv.MultifdRecv["Type"],
+  main: MainChannel.MainResult,
+  candidates: Candidates.Candidates,
+  settings: { readonly channels: number; readonly compression: Protocol.Compression; readonly peer: Duration.DurationInput }
+): Effect.Effect<Incoming, MultifdRecv.ChannelFailure | MigrationError.MigrationError> =>
+  Effect.gen(function*() {
+    const { summary, ram } = main
+    const { channels, compression } = settings
+    yield* Effect.raceFirst(recv.finished, recv.failure).pipe(
+      within(settings.peer, "waiting for QEMU to close its multifd channels"),
+      Effect.catchTag("MigrationError", (e) =>
+        Effect.flatMap(MainChannel.describeChannels(recv, channels, candidates.rejected), (missing) =>
+          Effect.fail(new MigrationError.MigrationError({ reason: e.reason, detail: `${e.detail} (${missing})` }))))
+    )
+    const s = yield* recv.stats
+    const uuid = yield* recv.uuid
+    const end = yield* Clock.currentTimeMillis
+    const durationMs = end - ((yield* candidates.started) ?? end)
+    const ramBytes = summary.blocks.reduce((n, b) => n + b.size, 0)
+    return {
+      ram,
+      rejected: yield* candidates.rejected,
+      stats: {
+        uuid: uuid === undefined ? "" : Protocol.formatUuid(uuid),
+        channels,
+        compression,
+        ramBytes,
+        rounds: summary.flushes,
+        pagesPerRound: [],
+        downtimeMs: 0,
+        packets: s.packets,
+        syncs: s.syncs,
+        normalPages: s.normalPages + summary.normalPages,
+        zeroPages: s.zeroPages + summary.zeroPages,
+        wireBytes: s.bytes + summary.bytes,
+        durationMs,
+        gibPerSecond: ramBytes / GIB / Math.max(durationMs, 1) * 1000,
+        qemu: {
+          machine: summary.configuration?.machine,
+          configurationUuid: summary.configuration?.uuid === undefined
+            ? undefined
+            : Protocol.formatUuid(summary.configuration.uuid),
+          blocks: summary.blocks,
+          flushes: summary.flushes,
+          mainZeroPages: summary.zeroPages,
+          mainNormalPages: summary.normalPages,
+          commands: summary.commands,
+          mainBytes: summary.bytes,
+          deviceStateBytes: summary.deviceStateBytes,
+          devices: summary.devices
+        }
+      }
+    } satisfies Incoming
+  })
 
 /**
- * Receives one QEMU migration on `listener`. Connections that are not part of it (strangers, channels with
- * another uuid, a second main channel) are closed and reported in `rejected` without failing the migration.
+ * Receives one QEMU migration on `listener`. Every accepted connection is a candidate until it proves itself
+ * within the handshake timeout: the main channel by QEMU's complete file header (the first one wins; a later
+ * one is turned away), a multifd channel by its complete init packet, adopted once the main stream announced
+ * the RAM blocks. Candidates that do not — strangers, connections that close or stall half-way, garbage,
+ * channels of another VM (uuid) — are closed, logged and reported in `rejected` without failing the
+ * migration.
+ *
+ * @since 0.1.0
+ * @category receiving
  */
 export const incoming = (
   listener: Transport.Listener,
@@ -173,208 +258,45 @@ export const incoming = (
         detail: `multifd channels must be between 1 and 255, not ${channels}`
       })
     }
-    // the duration runs from QEMU's first connection (main or channel), not from the wait for QEMU
-    let started: number | undefined
-    const connected = Effect.flatMap(Clock.currentTimeMillis, (now) => Effect.sync(() => void (started ??= now)))
-    const main = yield* Deferred.make<Transport.Connection>()
     const channelSet = yield* Deferred.make<MultifdRecv.MultifdRecv["Type"]>()
-    const acceptor = yield* Acceptor.start<IncomingError>(listener, {
+    const candidates = yield* Candidates.start(listener, {
       upgrade: options.tls === undefined ? options.upgrade : Tls.server(options.tls, { writeOnlyPeers: true }),
-      firstBytesTimeout: timeouts.peer,
-      classify: (connection, first, reject) =>
-        Effect.gen(function*() {
-          if (QemuStream.isMainStream(first) || QemuStream.isMultifdChannel(first)) yield* connected
-          if (QemuStream.isMainStream(first)) {
-            if (!(yield* Deferred.succeed(main, connection))) return yield* reject(connection, "a second QEMU main channel")
-            return yield* Effect.never
-          }
-          if (QemuStream.isMultifdChannel(first)) {
-            const recv = yield* Deferred.await(channelSet)
-            return yield* recv.adopt(connection).pipe(
-              Effect.catchIf(MultifdRecv.isStranger, (e) => reject(connection, e.message))
-            )
-          }
-          return yield* reject(connection, `not a QEMU migration stream (first bytes ${first.toString("hex")})`)
-        })
+      handshake: timeouts.handshake,
+      channelSet
     })
-    const connectionFailure = acceptor.failure
     const channelFailure = Effect.flatMap(Deferred.await(channelSet), (recv) => recv.failure)
-    const failures = Effect.raceFirst(connectionFailure, channelFailure)
+    const failures = Effect.raceFirst(candidates.failure, channelFailure)
 
     const waitMain = options.acceptTimeout === undefined
-      ? Deferred.await(main)
-      : Deferred.await(main).pipe(within(options.acceptTimeout, "waiting for QEMU to connect"))
-    const connection = yield* Effect.raceFirst(waitMain, connectionFailure)
-
-    // what the run learns, for progress, stall detection and the stats
-    let mainBytes = 0
-    let phase: Migration.Phase = "precopy"
-    let flushes = 0
-    let configUuid: Uint8Array | undefined
-    let memory: GuestRam.GuestRam["Type"] | undefined
-    const idle = "without any data from QEMU"
-    let activity = idle
-    const source: QemuStream.ByteSource<MigrationError.ChannelError | Transport.TransportError> = {
-      readSome: (max) =>
-        Effect.tap(
-          Effect.mapError(connection.readSome(max), MigrationError.onChannel("main")),
-          (chunk) => Effect.sync(() => (mainBytes += chunk.length))
-        )
-    }
-    const channelBytes = Effect.flatMap(
-      Deferred.poll(channelSet),
-      (recv) => recv._tag === "None" ? Effect.succeed(0) : Effect.flatMap(recv.value, (r) => Effect.map(r.stats, (s) => s.bytes))
-    )
-    const progress = Effect.map(channelBytes, (n) => n + mainBytes)
-    const describeChannels = (recv: MultifdRecv.MultifdRecv["Type"]) =>
-      Effect.gen(function*() {
-        const s = yield* recv.stats
-        const turnedAway = yield* acceptor.rejected
-        const inside = yield* recv.unfinished
-        return (inside.length > 0 ? `${inside.map(MultifdRecv.describeUnfinished).join(", ")}; ` : "") +
-          `${s.channels} of ${channels} multifd channels connected` +
-          (s.channels < channels ? ` (is QEMU's multifd-channels ${s.channels}?)` : "") +
-          (turnedAway.length > 0 ? `; rejected: ${turnedAway.join("; ")}` : "")
-      })
-
-    const handler: QemuStream.Handler<IncomingError, Scope.Scope> = {
-      blocks: (blocks, pageSize) =>
-        Effect.gen(function*() {
-          const problem = checkLayout(blocks, pageSize, options)
-          if (problem !== undefined) {
-            return yield* new MigrationError.MigrationError({ reason: "Rejected", detail: `refused the migration: ${problem}` })
-          }
-          // fresh memory, not touched up front (GuestRam.make's size spec pre-faults every page, which costs as
-          // much as the transfer itself here): pages fault in as they arrive, zero pages are never touched
-          const ram = options.ram ?? (yield* GuestRam.make({
-            pageSize,
-            blocks: blocks.map((b) => ({ name: b.name, bytes: GuestRam.allocate(b.size) }))
-          }))
-          memory = ram
-          const recv = yield* MultifdRecv.make({
-            channels,
-            uuid: options.uuid ?? configUuid,
-            ram,
-            compression,
-            stallTimeout: timeouts.peer
-          })
-          yield* Deferred.succeed(channelSet, recv)
-          const onProgress = options.onProgress
-          if (onProgress) {
-            // the receive rate over the last second (reports are 100 ms apart)
-            const rate = new RecentRate()
-            const report = Effect.gen(function*() {
-              const s = yield* recv.stats
-              yield* onProgress({
-                round: flushes,
-                phase,
-                doneBytes: Math.min(ram.size, (s.normalPages + s.zeroPages) * pageSize),
-                totalBytes: ram.size,
-                dirtyPages: 0,
-                bandwidth: rate.sample(yield* Clock.currentTimeMillis, s.bytes + mainBytes),
-                expectedDowntimeMs: 0
-              })
-            })
-            yield* Effect.forkScoped(Effect.repeat(report, Schedule.spaced(Duration.millis(100))))
-            // a received migration's last report counts every page
-            yield* Effect.addFinalizer((exit) => Exit.isSuccess(exit) ? report : Effect.void)
-          }
-          return ram
-        }),
-      flush: (index) =>
-        Effect.gen(function*() {
-          const recv = yield* Deferred.await(channelSet)
-          activity = `waiting for every multifd channel to reach sync point ${index + 1}`
-          yield* Effect.raceFirst(recv.sync, recv.failure)
-          activity = idle
-          flushes = index + 1
-        }),
-      // the last flush follows: from now on a channel that QEMU closes after its last SYNC has finished
-      ramEnding: Effect.flatMap(Deferred.await(channelSet), (recv) => recv.expectEnd),
-      command: (name) => Effect.sync(() => {
-        if (name === "SWITCHOVER_START") phase = "switchover"
-      }),
-      configuration: (configuration) => Effect.sync(() => (configUuid = configuration.uuid))
-    }
-    // one inactivity watch over the main channel and every multifd channel, beside each channel's own watch
-    // inside a packet (MultifdRecv's stallTimeout); its message says what was awaited
-    const stalled = Effect.gen(function*() {
-      const recv = yield* Deferred.poll(channelSet)
-      const channelsState = recv._tag === "Some" ? ` (${yield* describeChannels(yield* recv.value)})` : ""
-      return yield* new MigrationError.MigrationError({
-        reason: "Timeout",
-        detail: `timed out after ${Duration.format(timeouts.peer)} ${activity}${channelsState}`
-      })
-    })
-
-    // a channel stuck inside a packet has its own watch, which names it and fires within a quarter of the
-    // timeout of this one: this one then watches on, rather than say less
-    const insideAPacket = Effect.flatMap(Deferred.poll(channelSet), (recv) =>
-      recv._tag === "None"
-        ? Effect.succeed(false)
-        : Effect.map(Effect.flatMap(recv.value, (r) => r.unfinished), (inside) => inside.some((u) => u.bytes > 0)))
-    const watch: Effect.Effect<never, MigrationError.MigrationError> = unlessStalled(Effect.never, progress, timeouts.peer, idle).pipe(
-      Effect.catchAll(() => Effect.flatMap(insideAPacket, (inside) => inside ? watch : stalled))
-    )
+      ? candidates.main
+      : candidates.main.pipe(within(options.acceptTimeout, "waiting for QEMU to connect"))
+    const connection = yield* Effect.raceFirst(waitMain, candidates.failure)
 
     const run = Effect.gen(function*() {
-      const summary = yield* Effect.raceFirst(
-        QemuStream.read(source, handler, { pageSize: options.pageSize, flushAfterEachSection: options.flushAfterEachSection }),
-        watch
-      )
+      const main = yield* MainChannel.read(connection, channelSet, candidates.rejected, {
+        channels,
+        compression,
+        ram: options.ram,
+        maxRamBytes: options.maxRamBytes ?? DEFAULT_MAX_RAM,
+        uuid: options.uuid,
+        pageSize: options.pageSize,
+        flushAfterEachSection: options.flushAfterEachSection,
+        peer: timeouts.peer,
+        onProgress: options.onProgress
+      })
       const recv = yield* Deferred.await(channelSet)
-      yield* Effect.raceFirst(recv.finished, recv.failure).pipe(
-        within(timeouts.peer, "waiting for QEMU to close its multifd channels"),
-        Effect.catchTag("MigrationError", (e) =>
-          Effect.flatMap(describeChannels(recv), (missing) =>
-            Effect.fail(new MigrationError.MigrationError({ reason: e.reason, detail: `${e.detail} (${missing})` }))))
-      )
-      const s = yield* recv.stats
-      const ram = memory!
-      const uuid = yield* recv.uuid
-      const end = yield* Clock.currentTimeMillis
-      const durationMs = end - (started ?? end)
-      const ramBytes = summary.blocks.reduce((n, b) => n + b.size, 0)
-      return {
-        ram,
-        rejected: yield* acceptor.rejected,
-        stats: {
-          uuid: uuid === undefined ? "" : Protocol.formatUuid(uuid),
-          channels,
-          compression,
-          ramBytes,
-          rounds: summary.flushes,
-          pagesPerRound: [],
-          downtimeMs: 0,
-          packets: s.packets,
-          syncs: s.syncs,
-          normalPages: s.normalPages + summary.normalPages,
-          zeroPages: s.zeroPages + summary.zeroPages,
-          wireBytes: s.bytes + summary.bytes,
-          durationMs,
-          gibPerSecond: ramBytes / GIB / Math.max(durationMs, 1) * 1000,
-          qemu: {
-            machine: summary.configuration?.machine,
-            configurationUuid: summary.configuration?.uuid === undefined
-              ? undefined
-              : Protocol.formatUuid(summary.configuration.uuid),
-            blocks: summary.blocks,
-            flushes: summary.flushes,
-            mainZeroPages: summary.zeroPages,
-            mainNormalPages: summary.normalPages,
-            commands: summary.commands,
-            mainBytes: summary.bytes,
-            deviceStateBytes: summary.deviceStateBytes,
-            devices: summary.devices
-          }
-        }
-      } satisfies Incoming
+      return yield* complete(recv, main, candidates, { channels, compression, peer: timeouts.peer })
     })
 
     return yield* Effect.raceFirst(run, failures)
   }))
 
-/** Listens at `address` and receives one QEMU migration there (`Transport.listen` + `incoming`). */
+/**
+ * Listens at `address` and receives one QEMU migration there (`Transport.listen` + `incoming`).
+ *
+ * @since 0.1.0
+ * @category receiving
+ */
 export const listenAndReceive = (
   address: Transport.Address,
   options: Options & { readonly onListening?: ((address: Transport.Address) => Effect.Effect<void>) | undefined }
@@ -390,6 +312,9 @@ export const listenAndReceive = (
  * A file name for a RAM block, for `--out-dir`: QEMU's block ids contain `/` and `:` (`0000:00:02.0/vga.vram`,
  * `/rom@etc/acpi/tables`); every byte outside `[A-Za-z0-9._@+-]` becomes `%XX`, so names stay distinct and
  * reversible with `decodeURIComponent`, and a name can never climb out of the directory.
+ *
+ * @since 0.1.0
+ * @category utils
  */
 export const blockFileName = (name: string): string => {
   const encoded = Array.from(Buffer.from(name, "utf8"))

@@ -5,7 +5,7 @@
  * none, zlib and zstd: the received RAM equals the image byte for byte; the same over QEMU's TLS
  * (`tls-creds-psk`, `tls-creds-x509` with a client certificate) with every compression and 1, 4 and 8
  * channels. QEMU cancelled (`migrate_cancel`) or killed mid-migration: we fail at once with one clear line
- * and nothing is left open.
+ * and nothing is left open. Strangers connected before QEMU are turned away without disturbing it.
  *
  * Skipped, with the reason in the test name, when QEMU 10 is not installed (`.ci/install-qemu.sh` installs it).
  */
@@ -27,7 +27,7 @@ import { afterAll } from "vitest"
 import * as NodeContext from "@effect/platform-node/NodeContext"
 import * as Cli from "../src/cli/command.js"
 import * as PageCodec from "../src/PageCodec.js"
-import type * as Protocol from "../src/Protocol.js"
+import * as Protocol from "../src/Protocol.js"
 import * as QemuIncoming from "../src/QemuIncoming.js"
 import * as Tls from "../src/Tls.js"
 import * as Transport from "../src/Transport.js"
@@ -123,7 +123,7 @@ const destination = (options: QemuIncoming.Options) =>
       )
     )
     const address = listener.address
-    return { fiber, uri: address._tag === "Tcp" ? `tcp:127.0.0.1:${address.port}` : "" }
+    return { fiber, address, uri: address._tag === "Tcp" ? `tcp:127.0.0.1:${address.port}` : "" }
   })
 
 /** QEMU migrates `kind` to our destination; returns what we received and QEMU's final status. */
@@ -270,6 +270,43 @@ describe.skipIf(missing !== undefined)(`QEMU ${"version" in qemu ? qemu.version 
       const error = failureOf(exit)
       expect(error.message).toContain("0 of 2 multifd channels connected")
       expect(error.message).toContain(`bad uuid: ${UUID} is not this migration's 01010101-0101`)
+    }))), 60_000)
+
+  it.live("strangers first (QEVM or half an init packet, closed or stalled; garbage): turned away, QEMU's migration succeeds", () =>
+    expectNoLeaks(Effect.scoped(Effect.gen(function*() {
+      const img = image("mixed")
+      const dst = yield* destination({ channels: 2 })
+      const qevm = Buffer.from("QEVM")
+      const halfInit = Protocol.encodeInit({ uuid: new Uint8Array(16), id: 0 }).subarray(0, 30)
+      const stranger = (bytes: ReadonlyArray<Uint8Array>, close: boolean) =>
+        Effect.gen(function*() {
+          const connection = yield* Transport.connect(dst.address)
+          yield* connection.write(bytes)
+          if (close) yield* connection.end
+          return connection
+        })
+      const gone = (connection: Transport.Connection) =>
+        noHang(Effect.catchAll(connection.atEnd, () => Effect.succeed(true)), "a stranger closed", 30)
+      const closers = yield* Effect.all([
+        stranger([qevm], true),
+        stranger([halfInit], true),
+        stranger([Buffer.from("GET / HTTP/1.0\r\n\r\n")], true)
+      ])
+      const stallers = yield* Effect.all([stranger([qevm], false), stranger([halfInit], false)])
+      for (const closer of closers) expect(yield* gone(closer)).toBe(true)
+      // the stallers are still candidates (10 s handshake timeout) when QEMU connects
+      const src = yield* Qemu.startSource(img.path, img.bytes.length)
+      yield* Qemu.migrate(src.qmp, { uri: dst.uri, channels: 2, compression: "none" })
+      expect(yield* Qemu.waitDone(src.qmp, "60 seconds")).toBe("completed")
+      const exit = yield* noHang(Fiber.await(dst.fiber), "our destination after QEMU finished", 30)
+      const { rejected } = expectSame(exit, img.bytes)
+      expect(rejected).toHaveLength(3)
+      expect(rejected).toEqual(expect.arrayContaining([
+        expect.stringContaining("no valid QEMU file header: peer closed the connection after 4 of 8 bytes"),
+        expect.stringContaining("no valid init packet: peer closed the connection after 30 of 64 bytes"),
+        expect.stringContaining("not a QEMU migration stream (first bytes 47455420)")
+      ]))
+      for (const staller of stallers) expect(yield* gone(staller)).toBe(true)
     }))), 60_000)
 
   it.live("a real machine (q35, std VGA, virtio devices): many RAM blocks, its device state drained to the end", () =>

@@ -2,7 +2,9 @@
  * QEMU's main migration stream and the QEMU destination, offline: the real QEMU 10.0.2 captures in
  * test/fixtures/qemu-10.0.2/ (main channel included), parsed from memory and replayed over real loopback
  * sockets into `QemuIncoming.incoming`; synthetic streams for every record the reader refuses; truncated and
- * garbage input fails with one clear line, never hangs, and leaves no socket open.
+ * garbage input fails with one clear line, never hangs, and leaves no socket open; strangers (the multifd
+ * magic and half an init packet, QEVM and no complete header, garbage) are candidates that are turned away,
+ * closing at once or after the handshake timeout (TestClock), while the captured migration then succeeds.
  */
 import { describe, expect, it } from "@effect/vitest"
 import * as Cause from "effect/Cause"
@@ -28,7 +30,7 @@ import * as QemuIncoming from "../src/QemuIncoming.js"
 import * as QemuStream from "../src/QemuStream.js"
 import * as Tls from "../src/Tls.js"
 import * as Transport from "../src/Transport.js"
-import { expectNoLeaks } from "./support/handles.js"
+import { expectNoLeaks, nextTurn } from "./support/handles.js"
 
 const FIXTURES = new URL("./fixtures/qemu-10.0.2/", import.meta.url)
 const fixture = (path: string): Buffer => Fs.readFileSync(new URL(path, FIXTURES))
@@ -853,6 +855,193 @@ describe("QemuIncoming.incoming: a peer that stalls (connections kept open) ends
         "timed out after 300ms waiting for QEMU to close its multifd channels (2 of 2 multifd channels connected)"
       )
     }))
+})
+
+describe("QemuIncoming.incoming: strangers are candidates, never owners", () => {
+  const CH0 = fixture("none-2ch/multifd-0.bin")
+  const CH1 = fixture("none-2ch/multifd-1.bin")
+  const HANDSHAKE = { ...PEER, handshake: "5 seconds" } as const
+
+  /** A guard with a real timer (it also guards tests that move the TestClock): fail instead of hanging. */
+  const realNoHang = <A, E, R>(self: Effect.Effect<A, E, R>, what: string, seconds = 10): Effect.Effect<A, E | Error, R> =>
+    Effect.raceFirst(
+      self,
+      Effect.async<never, Error>((resume) => {
+        const timer = setTimeout(() => resume(Effect.fail(new Error(`hung: ${what}`))), seconds * 1000)
+        return Effect.sync(() => clearTimeout(timer))
+      })
+    )
+
+  /** Connects a stranger that writes `bytes`, then half-closes (`close`) or stays silent. */
+  const stranger = (address: Transport.Address, bytes: ReadonlyArray<Uint8Array>, close: boolean) =>
+    Effect.gen(function*() {
+      const connection = yield* Transport.connect(address)
+      if (bytes.length > 0) yield* connection.write(bytes)
+      if (close) yield* connection.end
+      return connection
+    })
+
+  /** Waits until the destination closed the stranger's connection (a clean end or a reset: it is gone). */
+  const turnedAway = (connection: Transport.Connection, what: string) =>
+    realNoHang(Effect.catchAll(connection.atEnd, () => Effect.succeed(true)), what).pipe(
+      Effect.tap((ended) => expect(ended, `${what}: the destination sent data instead of closing`).toBe(true))
+    )
+
+  /** Moves the TestClock a tenth of a second per event-loop turn until `done` holds (a real-time guard bounds it). */
+  const advanceUntil = (done: Effect.Effect<boolean>, what: string) => {
+    const step: Effect.Effect<void> = Effect.flatMap(done, (isDone) =>
+      isDone ? Effect.void : Effect.zipRight(Effect.zipRight(TestClock.adjust("100 millis"), nextTurn), step))
+    return realNoHang(step, what)
+  }
+
+  /** The destination is still waiting; QEMU's captured migration is replayed to it and succeeds. */
+  const captureSucceeds = (dst: Destination) =>
+    Effect.gen(function*() {
+      expect(dst.fiber.unsafePoll(), "the destination gave up before QEMU came").toBeNull()
+      const senders = yield* Effect.forkScoped(
+        Effect.forEach([MAIN, CH0, CH1], (bytes) => Effect.either(send(dst.address, bytes)), { concurrency: "unbounded" })
+      )
+      const exit = yield* realNoHang(Fiber.await(dst.fiber), "the destination")
+      yield* Fiber.interrupt(senders)
+      if (Exit.isFailure(exit)) throw new Error(Cause.pretty(exit.cause))
+      sameAsImage(exit.value.ram)
+      return exit.value
+    })
+
+  /** QEMU's main stream header with another file version. */
+  const headerOfVersion = (version: number) => {
+    const header = Buffer.from(MAIN.subarray(0, 8))
+    header.writeUInt32BE(version, 4)
+    return header
+  }
+
+  const closing = [
+    {
+      name: "the multifd magic and half an init packet, then a close",
+      bytes: () => [CH0.subarray(0, 30)],
+      listed: "no valid init packet: peer closed the connection after 30 of 64 bytes"
+    },
+    {
+      name: "QEMU's magic QEVM, then a close",
+      bytes: () => [MAIN.subarray(0, 4)],
+      listed: "no valid QEMU file header: peer closed the connection after 4 of 8 bytes"
+    },
+    {
+      name: "QEMU's magic QEVM and file version 2",
+      bytes: () => [headerOfVersion(2)],
+      listed: "no valid QEMU file header: savevm file version 2 is not supported, only version 3"
+    },
+    {
+      name: "garbage",
+      bytes: () => [Buffer.from("GET / HTTP/1.0\r\n\r\n")],
+      listed: "not a QEMU migration stream (first bytes 47455420)"
+    }
+  ]
+  for (const s of closing) {
+    it.live(`${s.name}: turned away, logged and listed; the destination keeps waiting; QEMU's migration then succeeds`, () =>
+      expectNoLeaks(Effect.scoped(Effect.gen(function*() {
+        const dst = yield* destination({ channels: 2 })
+        const connection = yield* stranger(dst.address, s.bytes(), true)
+        yield* turnedAway(connection, "the stranger turned away")
+        const result = yield* captureSucceeds(dst)
+        expect(result.rejected).toHaveLength(1)
+        expect(result.rejected[0]).toMatch(/^tcp:127\.0\.0\.1:\d+ \(from 127\.0\.0\.1:\d+\): /)
+        expect(result.rejected[0]).toContain(s.listed)
+        expect(dst.logs).toEqual([`rejected a connection from ${result.rejected[0]}`])
+      }))))
+  }
+
+  const stalling = [
+    {
+      name: "the multifd magic and half an init packet, then nothing",
+      bytes: () => [CH0.subarray(0, 30)],
+      listed: "no valid init packet: timed out after 5s waiting for a complete multifd init packet"
+    },
+    {
+      name: "QEMU's magic QEVM, then nothing",
+      bytes: () => [MAIN.subarray(0, 4)],
+      listed: "no valid QEMU file header: timed out after 5s waiting for a complete QEMU file header"
+    },
+    {
+      name: "two bytes of garbage, then nothing",
+      bytes: () => [Buffer.from("GE")],
+      listed: "timed out after 5s waiting for the first bytes"
+    }
+  ]
+  for (const s of stalling) {
+    it.effect(`${s.name}: closed after the handshake timeout (TestClock), listed; QEMU's migration then succeeds`, () =>
+      expectNoLeaks(Effect.scoped(Effect.gen(function*() {
+        const dst = yield* destination({ channels: 2, timeouts: HANDSHAKE })
+        const connection = yield* stranger(dst.address, s.bytes(), false)
+        const closed = yield* Effect.fork(turnedAway(connection, "the stalled stranger closed"))
+        const t0 = yield* TestClock.currentTimeMillis
+        yield* advanceUntil(Effect.map(Fiber.poll(closed), Option.isSome), "the handshake timeout")
+        yield* Fiber.join(closed)
+        expect((yield* TestClock.currentTimeMillis) - t0).toBeGreaterThanOrEqual(5_000)
+        const result = yield* captureSucceeds(dst)
+        expect(result.rejected).toEqual([expect.stringContaining(s.listed)])
+      }))))
+  }
+
+  it.effect("a candidate that trickles QEVM gets one handshake deadline for its first bytes and its header (TestClock)", () =>
+    expectNoLeaks(Effect.scoped(Effect.gen(function*() {
+      const listener = yield* Transport.listen({ _tag: "Tcp", host: "127.0.0.1", port: 0 })
+      const accepted = yield* Deferred.make<void>()
+      const watched: Transport.Listener = {
+        address: listener.address,
+        accept: Effect.tap(listener.accept, () => Deferred.succeed(accepted, undefined))
+      }
+      const logs: Array<string> = []
+      const fiber = yield* Effect.forkScoped(
+        QemuIncoming.incoming(watched, { channels: 2, timeouts: HANDSHAKE }).pipe(
+          Effect.provide(Logger.replace(Logger.defaultLogger, Logger.make(({ message }) => logs.push(String(message)))))
+        )
+      )
+      const t0 = yield* TestClock.currentTimeMillis
+      const connection = yield* stranger(listener.address, [MAIN.subarray(0, 2)], false)
+      yield* realNoHang(Deferred.await(accepted), "the accept")
+      for (let i = 0; i < 5; i++) yield* nextTurn
+      // the rest of the magic 4 s later: the wait for the header has 1 s left, not 5
+      yield* advanceUntil(Effect.map(TestClock.currentTimeMillis, (now) => now - t0 >= 4_000), "4 s")
+      yield* connection.write([MAIN.subarray(2, 4)])
+      const closed = yield* Effect.fork(turnedAway(connection, "the trickling stranger closed"))
+      yield* advanceUntil(Effect.map(Fiber.poll(closed), Option.isSome), "the handshake deadline")
+      yield* Fiber.join(closed)
+      const elapsed = (yield* TestClock.currentTimeMillis) - t0
+      expect(elapsed).toBeGreaterThanOrEqual(5_000)
+      expect(elapsed).toBeLessThan(6_500)
+      expect(logs).toEqual([
+        expect.stringContaining("no valid QEMU file header: timed out after 5s waiting for a complete QEMU file header")
+      ])
+      const result = yield* captureSucceeds({ address: listener.address, fiber, logs })
+      expect(result.rejected).toHaveLength(1)
+    }))))
+
+  it.live("several strangers at once, some still stalling: QEMU's migration succeeds meanwhile; all are closed", () =>
+    expectNoLeaks(Effect.scoped(Effect.gen(function*() {
+      const dst = yield* destination({ channels: 2 })
+      const closers = yield* Effect.all([
+        stranger(dst.address, [MAIN.subarray(0, 4)], true),
+        stranger(dst.address, [MAIN.subarray(0, 7)], true),
+        stranger(dst.address, [headerOfVersion(0xdeadbeef)], true),
+        stranger(dst.address, [CH0.subarray(0, 30)], true),
+        stranger(dst.address, [CH1.subarray(0, 63)], true),
+        stranger(dst.address, [Buffer.from("GET / HTTP/1.1\r\n\r\n")], false)
+      ], { concurrency: "unbounded" })
+      const stallers = yield* Effect.all([
+        stranger(dst.address, [MAIN.subarray(0, 4)], false),
+        stranger(dst.address, [MAIN.subarray(0, 6)], false),
+        stranger(dst.address, [CH0.subarray(0, 30)], false),
+        stranger(dst.address, [], false)
+      ], { concurrency: "unbounded" })
+      yield* Effect.forEach(closers, (c, i) => turnedAway(c, `stranger ${i} turned away`), { concurrency: "unbounded" })
+      // the stallers are still candidates (2 s handshake timeout): QEMU's migration does not wait for them
+      const result = yield* captureSucceeds(dst)
+      expect(result.rejected.length).toBe(closers.length)
+      expect(result.stats.qemu.mainBytes).toBe(MAIN.length)
+      // incoming closed the candidates still pending on its way out
+      yield* Effect.forEach(stallers, (c, i) => turnedAway(c, `staller ${i} closed`), { concurrency: "unbounded" })
+    }))))
 })
 
 describe("QemuIncoming.blockFileName", () => {

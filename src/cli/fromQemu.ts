@@ -73,7 +73,8 @@ export const run = (args: Args) =>
         channels: args.channels,
         compression: args.compression,
         pageSize: args.pageSize,
-        timeouts: timeout._tag === "Some" ? { peer: timeout.value, connect: timeout.value } : {},
+        // --timeout also bounds how long a new connection has to prove itself QEMU's (as plain recv)
+        timeouts: timeout._tag === "Some" ? { peer: timeout.value, connect: timeout.value, handshake: timeout.value } : {},
         onListening: args.onListening ?? listening,
         tls: args.tls,
         onProgress

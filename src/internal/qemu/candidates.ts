@@ -1,0 +1,124 @@
+/**
+ * The front door of a QEMU destination: every accepted connection is a candidate until it proves itself,
+ * all within one handshake deadline counted from when the wait for its first bytes began (after any TLS
+ * handshake). The main channel proves itself by QEMU's complete file header (`QEVM`, file version 3: what
+ * QEMU's own loader checks first, and all that QEMU sends before its setup is done); a multifd channel by its
+ * complete 64-byte init packet, which is then adopted into the channel set once the main stream has announced
+ * the RAM blocks (QEMU may connect its channels before the main stream gets that far). Candidates that do not
+ * prove themselves — strangers, connections that close or stall half-way, garbage, a second main channel,
+ * channels of another VM — are closed, logged and listed in `rejected`, and the destination keeps waiting.
+ *
+ * @internal
+ */
+import * as Clock from "effect/Clock"
+import * as Deferred from "effect/Deferred"
+import * as Duration from "effect/Duration"
+import * as Effect from "effect/Effect"
+import * as Either from "effect/Either"
+import * as Ref from "effect/Ref"
+import type * as Scope from "effect/Scope"
+import * as MigrationError from "../../MigrationError.js"
+import * as MultifdRecv from "../../MultifdRecv.js"
+import type * as MultifdSend from "../../MultifdSend.js"
+import * as Protocol from "../../Protocol.js"
+import * as QemuStream from "../../QemuStream.js"
+import type * as Transport from "../../Transport.js"
+import * as Acceptor from "../acceptor.js"
+
+/** The candidates being accepted. */
+export interface Candidates {
+  /** The main channel: the first candidate that sent a complete, valid QEMU file header. */
+  readonly main: Effect.Effect<Transport.Connection>
+  /** Connections turned away, each with the reason. */
+  readonly rejected: Effect.Effect<ReadonlyArray<string>>
+  /** Fails when adopting a channel fails the migration (a broken channel of QEMU's, not a stranger). */
+  readonly failure: Effect.Effect<never, MultifdRecv.ChannelFailure>
+  /** When (the clock's ms) the first candidate proved itself: QEMU's migration runs from there. */
+  readonly started: Effect.Effect<number | undefined>
+}
+
+/** Why a candidate failed, without its address (the rejection names it). */
+const problemOf = (error: Transport.TransportError | MigrationError.MigrationError): string =>
+  error._tag === "TransportError" ? error.detail : error.message
+
+/** Starts accepting candidates on `listener` in the current scope. */
+export const start = (
+  listener: Transport.Listener,
+  options: {
+    readonly upgrade: Transport.Upgrade<MultifdSend.ChannelFailure> | undefined
+    /** One deadline for a candidate's first bytes and the rest of its header or init packet. */
+    readonly handshake: Duration.DurationInput
+    /** The channel set, once the main stream announced the RAM blocks: channels are adopted into it. */
+    readonly channelSet: Deferred.Deferred<MultifdRecv.MultifdRecv["Type"]>
+  }
+): Effect.Effect<Candidates, never, Scope.Scope> =>
+  Effect.gen(function*() {
+    const handshakeMs = Duration.toMillis(Duration.decode(options.handshake))
+    const main = yield* Deferred.make<Transport.Connection>()
+    const started = yield* Ref.make<number | undefined>(undefined)
+    const proved = Effect.flatMap(Clock.currentTimeMillis, (now) => Ref.update(started, (t) => t ?? now))
+
+    /** The rest of a candidate's handshake, by the deadline that began at `since`. */
+    const byDeadline = (since: number, what: string) => <A, E>(self: Effect.Effect<A, E>) =>
+      Effect.flatMap(Clock.currentTimeMillis, (now) =>
+        Effect.timeoutFail(self, {
+          duration: Duration.millis(Math.max(0, handshakeMs - (now - since))),
+          onTimeout: () => MigrationError.timeout(what, options.handshake)
+        }))
+
+    /** A candidate that began with `QEVM`: the main channel once its header is complete and valid. */
+    const mainCandidate = (connection: Transport.Connection, reject: Acceptor.Reject, since: number) =>
+      Effect.gen(function*() {
+        // peeked, not read: the stream reader reads the header again, so that its offsets are the stream's
+        const header = yield* Effect.either(
+          connection.peek(QemuStream.HEADER_SIZE).pipe(byDeadline(since, "waiting for a complete QEMU file header"))
+        )
+        if (Either.isLeft(header)) return yield* reject(connection, `no valid QEMU file header: ${problemOf(header.left)}`)
+        const bad = QemuStream.checkHeader(header.right)
+        if (bad !== undefined) return yield* reject(connection, `no valid QEMU file header: ${bad.detail}`)
+        yield* proved
+        if (!(yield* Deferred.succeed(main, connection))) return yield* reject(connection, "a second QEMU main channel")
+        // the migration's main channel: it stays open while the migration runs
+        return yield* Effect.never
+      })
+
+    /** A candidate that began with the multifd magic: a channel once its init packet is complete. */
+    const channelCandidate = (connection: Transport.Connection, reject: Acceptor.Reject, since: number) =>
+      Effect.gen(function*() {
+        const init = yield* Effect.either(
+          connection.read(Protocol.INIT_PACKET_SIZE).pipe(byDeadline(since, "waiting for a complete multifd init packet"))
+        )
+        if (Either.isLeft(init)) return yield* reject(connection, `no valid init packet: ${problemOf(init.left)}`)
+        yield* proved
+        return yield* adopt(connection, init.right, reject)
+      })
+
+    /**
+     * Adopts a channel whose init packet arrived: once the channel set exists (QEMU connects its channels
+     * while the main stream has not yet announced the RAM blocks: no deadline here, the main stream's watch
+     * and `acceptTimeout` bound the wait), into it; a channel of another VM or of no multifd stream at all
+     * (uuid, magic, version) is turned away, any other bad init packet fails the migration.
+     */
+    const adopt = (connection: Transport.Connection, init: Buffer, reject: Acceptor.Reject) =>
+      Effect.flatMap(Deferred.await(options.channelSet), (recv) =>
+        recv.adopt(connection, init).pipe(
+          Effect.catchIf(MultifdRecv.isStranger, (e) => reject(connection, e.message))
+        ))
+
+    const acceptor = yield* Acceptor.start<MultifdRecv.ChannelFailure>(listener, {
+      upgrade: options.upgrade,
+      firstBytesTimeout: options.handshake,
+      classify: (connection, first, reject, since) =>
+        QemuStream.isMainStream(first)
+          ? mainCandidate(connection, reject, since)
+          : QemuStream.isMultifdChannel(first)
+          ? channelCandidate(connection, reject, since)
+          : reject(connection, `not a QEMU migration stream (first bytes ${first.toString("hex")})`)
+    })
+    return {
+      main: Deferred.await(main),
+      rejected: acceptor.rejected,
+      failure: acceptor.failure,
+      started: Ref.get(started)
+    }
+  })

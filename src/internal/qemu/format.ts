@@ -1,0 +1,282 @@
+/**
+ * QEMU's main migration stream format (savevm file format version 3), as data: the constants of QEMU's
+ * migration/savevm.h, migration/savevm.c and migration/ram.h, the reader's error, what the stream says
+ * (blocks, configuration, summary), what the reader is given (byte source, handler, options) and the check of
+ * a drained stream's end. A leaf: the parsers (`reader`, `records`, `ram`) and `QemuStream`, which re-exports
+ * all of it, build on it; it imports nothing of theirs.
+ *
+ * @internal
+ */
+import * as Data from "effect/Data"
+import type * as Effect from "effect/Effect"
+import type * as GuestRam from "../../GuestRam.js"
+
+// ---------------------------------------------------------------------------------------------------------
+// Constants
+
+/** `QEVM`: the first 4 bytes of a QEMU migration stream. */
+export const FILE_MAGIC = 0x5145564d
+/** The stream format every QEMU since 0.13 writes. */
+export const FILE_VERSION = 3
+/** The format before it (QEMU 0.12), which QEMU still accepts on input. */
+export const FILE_VERSION_COMPAT = 2
+/** The file header: the magic and the version, 4 bytes each. */
+export const HEADER_SIZE = 8
+
+/** Record types of the savevm stream. */
+export const Record = {
+  EOF: 0x00,
+  SECTION_START: 0x01,
+  SECTION_PART: 0x02,
+  SECTION_END: 0x03,
+  SECTION_FULL: 0x04,
+  SUBSECTION: 0x05,
+  VMDESCRIPTION: 0x06,
+  CONFIGURATION: 0x07,
+  COMMAND: 0x08,
+  SECTION_FOOTER: 0x7e
+} as const
+
+/** Flags in the low bits of a RAM section's 64-bit words (the rest is a page address or a size). */
+export const RamFlag = {
+  FULL: 0x01,
+  ZERO: 0x02,
+  MEM_SIZE: 0x04,
+  PAGE: 0x08,
+  EOS: 0x10,
+  CONTINUE: 0x20,
+  XBZRLE: 0x40,
+  HOOK: 0x80,
+  COMPRESS_PAGE: 0x100,
+  MULTIFD_FLUSH: 0x200
+} as const
+
+/** Sub-commands of a COMMAND record (QEMU's `enum qemu_vm_cmd`). */
+export const Command = {
+  INVALID: 0,
+  OPEN_RETURN_PATH: 1,
+  PING: 2,
+  POSTCOPY_ADVISE: 3,
+  POSTCOPY_LISTEN: 4,
+  POSTCOPY_RUN: 5,
+  POSTCOPY_RAM_DISCARD: 6,
+  PACKAGED: 7,
+  ENABLE_COLO: 8,
+  POSTCOPY_RESUME: 9,
+  RECV_BITMAP: 10,
+  SWITCHOVER_START: 11
+} as const
+
+const commandNames: ReadonlyArray<string> = [
+  "INVALID",
+  "OPEN_RETURN_PATH",
+  "PING",
+  "POSTCOPY_ADVISE",
+  "POSTCOPY_LISTEN",
+  "POSTCOPY_RUN",
+  "POSTCOPY_RAM_DISCARD",
+  "PACKAGED",
+  "ENABLE_COLO",
+  "POSTCOPY_RESUME",
+  "RECV_BITMAP",
+  "SWITCHOVER_START"
+]
+
+/** Name of a command, as QEMU's trace events print it. */
+export const commandName = (command: number): string => commandNames[command] ?? `unknown command ${command}`
+
+/** The RAM section's name and the version QEMU 10 saves it with. */
+export const RAM_SECTION = "ram"
+export const RAM_SECTION_VERSION = 4
+
+/** `0x..` with at least `width` hex digits. */
+export const hex = (n: number, width = 2): string => "0x" + n.toString(16).padStart(width, "0")
+
+const flagNames: ReadonlyArray<readonly [number, string]> = [
+  [RamFlag.FULL, "FULL"],
+  [RamFlag.ZERO, "ZERO"],
+  [RamFlag.MEM_SIZE, "MEM_SIZE"],
+  [RamFlag.PAGE, "PAGE"],
+  [RamFlag.EOS, "EOS"],
+  [RamFlag.CONTINUE, "CONTINUE"],
+  [RamFlag.XBZRLE, "XBZRLE"],
+  [RamFlag.HOOK, "HOOK"],
+  [RamFlag.COMPRESS_PAGE, "COMPRESS_PAGE"],
+  [RamFlag.MULTIFD_FLUSH, "MULTIFD_FLUSH"]
+]
+
+/** `RAM_SAVE_FLAG_A|RAM_SAVE_FLAG_B (0x..)` for a flags value. */
+export const describeFlags = (flags: number): string => {
+  const names = flagNames.filter(([bit]) => (flags & bit) !== 0).map(([, name]) => `RAM_SAVE_FLAG_${name}`)
+  const unknown = flags & ~flagNames.reduce((m, [bit]) => m | bit, 0)
+  if (unknown !== 0) names.push(`unknown bits ${hex(unknown, 3)}`)
+  return `${names.join("|") || "no flags"} (${hex(flags, 3)})`
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Errors
+
+/** A byte of the main stream that the reader does not accept, with the byte offset of its record. */
+export class QemuStreamError extends Data.TaggedError("QemuStreamError")<{
+  readonly reason:
+    | "BadMagic"
+    | "BadVersion"
+    | "Truncated"
+    | "Malformed"
+    | "Unsupported"
+    | "UnknownSection"
+    | "UnknownRecord"
+    | "UnknownBlock"
+    | "BadOffset"
+    | "Incomplete"
+  /** Offset in the main stream of the record (or field) in question. */
+  readonly offset: number
+  readonly detail: string
+  /** The QEMU feature the stream uses, when that is why it is refused (`postcopy-ram`, `xbzrle`, ...). */
+  readonly feature?: string | undefined
+}> {
+  override get message(): string {
+    return `QEMU main channel: ${this.detail} (at byte ${this.offset})`
+  }
+}
+
+/** A stream that does not start with `QEVM`. */
+export const badMagic = (magic: number): QemuStreamError =>
+  new QemuStreamError({
+    reason: "BadMagic",
+    offset: 0,
+    detail: `not a QEMU migration stream: magic ${hex(magic, 8)}, expected ${hex(FILE_MAGIC, 8)} (QEVM)`
+  })
+
+/** A stream of another file version than 3. */
+export const badVersion = (version: number): QemuStreamError =>
+  new QemuStreamError({
+    reason: "BadVersion",
+    offset: 4,
+    detail: `savevm file version ${version} is not supported, only version ${FILE_VERSION} (QEMU 0.13 and later)`
+  })
+
+/**
+ * Why the first `HEADER_SIZE` bytes of a stream are not a header the reader accepts (the magic `QEVM`, then
+ * file version 3), or `undefined` when they are.
+ */
+export const checkHeader = (header: Uint8Array): QemuStreamError | undefined => {
+  const view = new DataView(header.buffer, header.byteOffset, HEADER_SIZE)
+  const magic = view.getUint32(0)
+  if (magic !== FILE_MAGIC) return badMagic(magic)
+  const version = view.getUint32(4)
+  return version === FILE_VERSION ? undefined : badVersion(version)
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// What the stream says
+
+/** A RAM block as the RAM section announces it (its id string and used length). */
+export interface RamBlock {
+  readonly name: string
+  readonly size: number
+}
+
+/** The CONFIGURATION record. */
+export interface Configuration {
+  /** The source's machine type (`pc-q35-10.0`, `none`, ...). */
+  readonly machine: string
+  /** Target page bits, when the source sent them (variable-page-size targets). */
+  readonly targetPageBits: number | undefined
+  /** QEMU's `-uuid`, when the source validates it (parameter `validate-uuid`). */
+  readonly uuid: Uint8Array | undefined
+}
+
+/** What happened on the stream, once it has ended. */
+export interface Summary {
+  readonly configuration: Configuration | undefined
+  readonly pageSize: number
+  readonly blocks: ReadonlyArray<RamBlock>
+  /** `RAM_SAVE_FLAG_MULTIFD_FLUSH` words (and EOS words that flushed, with `flushAfterEachSection`). */
+  readonly flushes: number
+  /** RAM section records (START, every PART, END). */
+  readonly ramSections: number
+  /** Pages the main channel itself carried: zero pages (`zero-page-detection=legacy`) and whole pages. */
+  readonly zeroPages: number
+  readonly normalPages: number
+  /** Commands met, by name, in order (e.g. `SWITCHOVER_START`). */
+  readonly commands: ReadonlyArray<string>
+  /** Bytes of device state, end marker and description after the RAM section (drained). */
+  readonly deviceStateBytes: number
+  /** Devices listed by the stream's trailing JSON description, when it had one. */
+  readonly devices: number | undefined
+  /** Bytes read from the main stream in all. */
+  readonly bytes: number
+}
+
+/** Where the reader's bytes come from. */
+export interface ByteSource<E> {
+  /** At least 1 and at most `max` bytes (waiting for the first); an empty result is a clean end of stream. */
+  readonly readSome: (max: number) => Effect.Effect<Uint8Array, E>
+}
+
+/** What the reader tells the destination, in stream order. Each step may fail with the destination's error. */
+export interface Handler<E, R = never> {
+  /** The CONFIGURATION record (absent from streams whose source runs with `send-configuration` off). */
+  readonly configuration?: ((configuration: Configuration) => Effect.Effect<void, E, R>) | undefined
+  /**
+   * The RAM section's block list, validated: names unique, sizes positive multiples of the page size. Returns
+   * the memory that pages go to; its layout must be exactly this one.
+   */
+  readonly blocks: (blocks: ReadonlyArray<RamBlock>, pageSize: number) => Effect.Effect<GuestRam.GuestRam["Type"], E, R>
+  /** A flush: every multifd channel sends one SYNC packet for it; returns once they all arrived. */
+  readonly flush: (index: number) => Effect.Effect<void, E, R>
+  /** The RAM section's last record begins (`SECTION_END`): its final flush follows, then the channels end. */
+  readonly ramEnding?: Effect.Effect<void, E, R> | undefined
+  /** The RAM section ended; what follows is device state. */
+  readonly ramEnded?: Effect.Effect<void, E, R> | undefined
+  /** A COMMAND record that was accepted (`SWITCHOVER_START`, `PING`). */
+  readonly command?: ((name: string) => Effect.Effect<void, E, R>) | undefined
+}
+
+/** How to read. */
+export interface ReadOptions {
+  /**
+   * Target page size, when the stream does not say (x86: 4096, the default; only targets whose page size
+   * varies send it). A stream that says otherwise is refused.
+   */
+  readonly pageSize?: number | undefined
+  /**
+   * QEMU's `multifd-flush-after-each-section` (on for machine types before 7.2): every EOS word is a flush too.
+   * Default off, as QEMU 10 with a current machine type.
+   */
+  readonly flushAfterEachSection?: boolean | undefined
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// The end of the stream
+
+/** What the drained end of a stream turned out to be. */
+export type Ending =
+  | { readonly _tag: "Complete"; readonly devices: number | undefined }
+  | { readonly _tag: "Incomplete" }
+
+/**
+ * Checks the drained end of a stream (`tail` = its last bytes, `length` = how many were drained in all): a
+ * complete stream ends with the EOF marker (0x00), followed — unless the machine suppresses it — by the
+ * VMDESCRIPTION record (0x06, u32 length, that many bytes of JSON). A stream that stops anywhere else was
+ * cut off: QEMU cancelled, failed or was killed while it sent the device state.
+ */
+export const checkEnding = (tail: Buffer, length: number): Ending => {
+  const n = tail.length
+  for (let p = n - 6; p >= 0; p--) {
+    if (tail[p] !== Record.EOF || tail[p + 1] !== Record.VMDESCRIPTION) continue
+    if (tail.readUInt32BE(p + 2) !== n - p - 6 || tail[p + 6] !== 0x7b /* { */) continue
+    try {
+      const description = JSON.parse(tail.toString("utf8", p + 6)) as { readonly devices?: unknown }
+      return { _tag: "Complete", devices: Array.isArray(description.devices) ? description.devices.length : undefined }
+    } catch {
+      continue
+    }
+  }
+  // no description: the EOF marker right after the footer (0x7e + section id) of the last device section
+  if (n >= 1 && tail[n - 1] === Record.EOF && (length === 1 || (n >= 6 && tail[n - 6] === Record.SECTION_FOOTER))) {
+    return { _tag: "Complete", devices: undefined }
+  }
+  return { _tag: "Incomplete" }
+}

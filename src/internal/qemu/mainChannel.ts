@@ -1,0 +1,214 @@
+/**
+ * The main channel of a QEMU destination: QEMU's main stream read to its end (`QemuStream.read`), with the
+ * handler that turns what it says into the migration — the block list into memory (checked against the
+ * memory given or the allocation cap) and the channel set, each flush into a sync of every channel, the RAM
+ * section's end into the channels' last stretch — and one inactivity watch over the main channel and every
+ * multifd channel, whose timeout says what was awaited.
+ *
+ * @internal
+ */
+import * as Clock from "effect/Clock"
+import * as Deferred from "effect/Deferred"
+import * as Duration from "effect/Duration"
+import * as Effect from "effect/Effect"
+import * as Exit from "effect/Exit"
+import * as Schedule from "effect/Schedule"
+import type * as Scope from "effect/Scope"
+import * as GuestRam from "../../GuestRam.js"
+import type * as Migration from "../../Migration.js"
+import * as MigrationError from "../../MigrationError.js"
+import * as MultifdRecv from "../../MultifdRecv.js"
+import type * as Protocol from "../../Protocol.js"
+import * as QemuStream from "../../QemuStream.js"
+import type * as Transport from "../../Transport.js"
+import { RecentRate } from "../rate.js"
+import { unlessStalled } from "../stall.js"
+
+/** How the destination reads the main stream and builds the channel set. */
+export interface Config {
+  /** QEMU's `multifd-channels`, already checked. */
+  readonly channels: number
+  readonly compression: Protocol.Compression
+  /** Memory to receive into, or `undefined` to allocate QEMU's layout up to `maxRamBytes`. */
+  readonly ram: GuestRam.GuestRam["Type"] | undefined
+  readonly maxRamBytes: number
+  /** The uuid the channels must carry; else the configuration record's, else the first channel's. */
+  readonly uuid: Uint8Array | undefined
+  readonly pageSize: number | undefined
+  readonly flushAfterEachSection: boolean | undefined
+  /** The inactivity timeout, for the main watch and each channel inside a packet. */
+  readonly peer: Duration.DurationInput
+  readonly onProgress: ((progress: Migration.Progress) => Effect.Effect<void>) | undefined
+}
+
+/** Everything reading the main stream can fail with. */
+export type MainError =
+  | QemuStream.QemuStreamError
+  | MultifdRecv.ChannelFailure
+  | MigrationError.MigrationError
+  | MigrationError.ChannelError
+  | GuestRam.GuestRamError
+
+/** What the main stream said, and the memory its pages went to. */
+export interface MainResult {
+  readonly summary: QemuStream.Summary
+  readonly ram: GuestRam.GuestRam["Type"]
+}
+
+const describeLayout = (layout: ReadonlyArray<QemuStream.RamBlock>) => layout.map((b) => `${b.name}=${b.size}`).join(", ")
+
+/** Why the memory given (or the allocation cap) cannot take QEMU's blocks, if it cannot. */
+const checkLayout = (
+  blocks: ReadonlyArray<QemuStream.RamBlock>,
+  pageSize: number,
+  config: Config
+): string | undefined => {
+  const ram = config.ram
+  if (ram === undefined) {
+    const total = blocks.reduce((n, b) => n + b.size, 0)
+    const max = config.maxRamBytes
+    return total > max ? `QEMU's ${total} bytes of RAM exceed this destination's limit of ${max}` : undefined
+  }
+  if (ram.pageSize !== pageSize) return `QEMU's page size ${pageSize} differs from the destination's ${ram.pageSize}`
+  const mine = GuestRam.layoutOf(ram)
+  if (mine.length !== blocks.length || mine.some((b, i) => b.name !== blocks[i]!.name || b.size !== blocks[i]!.size)) {
+    return `QEMU's RAM blocks [${describeLayout(blocks)}] differ from the destination's [${describeLayout(mine)}]`
+  }
+  return undefined
+}
+
+/** Where the channels are, for a timeout's message: inside packets, how many connected, who was turned away. */
+export const describeChannels = (
+  recv: MultifdRecv.MultifdRecv["Type"],
+  channels: number,
+  rejected: Effect.Effect<ReadonlyArray<string>>
+): Effect.Effect<string> =>
+  Effect.gen(function*() {
+    const s = yield* recv.stats
+    const turnedAway = yield* rejected
+    const inside = yield* recv.unfinished
+    return (inside.length > 0 ? `${inside.map(MultifdRecv.describeUnfinished).join(", ")}; ` : "") +
+      `${s.channels} of ${channels} multifd channels connected` +
+      (s.channels < channels ? ` (is QEMU's multifd-channels ${s.channels}?)` : "") +
+      (turnedAway.length > 0 ? `; rejected: ${turnedAway.join("; ")}` : "")
+  })
+
+/**
+ * Reads the main stream on `connection` to its end, creating the channel set in `channelSet` once the RAM
+ * blocks are known. Fails when the stream or a flush fails, or when nothing arrives anywhere for `peer`.
+ */
+export const read = (
+  connection: Transport.Connection,
+  channelSet: Deferred.Deferred<MultifdRecv.MultifdRecv["Type"]>,
+  rejected: Effect.Effect<ReadonlyArray<string>>,
+  config: Config
+): Effect.Effect<MainResult, MainError, Scope.Scope> =>
+  Effect.gen(function*() {
+    const { channels, compression, peer: timeout } = config
+    // what the run learns, for progress, stall detection and the stats
+    let mainBytes = 0
+    let phase: Migration.Phase = "precopy"
+    let flushes = 0
+    let configUuid: Uint8Array | undefined
+    let memory: GuestRam.GuestRam["Type"] | undefined
+    const idle = "without any data from QEMU"
+    let activity = idle
+    const source: QemuStream.ByteSource<MigrationError.ChannelError | Transport.TransportError> = {
+      readSome: (max) =>
+        Effect.tap(
+          Effect.mapError(connection.readSome(max), MigrationError.onChannel("main")),
+          (chunk) => Effect.sync(() => (mainBytes += chunk.length))
+        )
+    }
+    const channelBytes = Effect.flatMap(
+      Deferred.poll(channelSet),
+      (recv) => recv._tag === "None" ? Effect.succeed(0) : Effect.flatMap(recv.value, (r) => Effect.map(r.stats, (s) => s.bytes))
+    )
+    const progress = Effect.map(channelBytes, (n) => n + mainBytes)
+
+    const handler: QemuStream.Handler<MainError, Scope.Scope> = {
+      blocks: (blocks, pageSize) =>
+        Effect.gen(function*() {
+          const problem = checkLayout(blocks, pageSize, config)
+          if (problem !== undefined) {
+            return yield* new MigrationError.MigrationError({ reason: "Rejected", detail: `refused the migration: ${problem}` })
+          }
+          // fresh memory, not touched up front (GuestRam.make's size spec pre-faults every page, which costs as
+          // much as the transfer itself here): pages fault in as they arrive, zero pages are never touched
+          const ram = config.ram ?? (yield* GuestRam.make({
+            pageSize,
+            blocks: blocks.map((b) => ({ name: b.name, bytes: GuestRam.allocate(b.size) }))
+          }))
+          memory = ram
+          const recv = yield* MultifdRecv.make({
+            channels,
+            uuid: config.uuid ?? configUuid,
+            ram,
+            compression,
+            stallTimeout: timeout
+          })
+          yield* Deferred.succeed(channelSet, recv)
+          const onProgress = config.onProgress
+          if (onProgress) {
+            // the receive rate over the last second (reports are 100 ms apart)
+            const rate = new RecentRate()
+            const report = Effect.gen(function*() {
+              const s = yield* recv.stats
+              yield* onProgress({
+                round: flushes,
+                phase,
+                doneBytes: Math.min(ram.size, (s.normalPages + s.zeroPages) * pageSize),
+                totalBytes: ram.size,
+                dirtyPages: 0,
+                bandwidth: rate.sample(yield* Clock.currentTimeMillis, s.bytes + mainBytes),
+                expectedDowntimeMs: 0
+              })
+            })
+            yield* Effect.forkScoped(Effect.repeat(report, Schedule.spaced(Duration.millis(100))))
+            // a received migration's last report counts every page
+            yield* Effect.addFinalizer((exit) => Exit.isSuccess(exit) ? report : Effect.void)
+          }
+          return ram
+        }),
+      flush: (index) =>
+        Effect.gen(function*() {
+          const recv = yield* Deferred.await(channelSet)
+          activity = `waiting for every multifd channel to reach sync point ${index + 1}`
+          yield* Effect.raceFirst(recv.sync, recv.failure)
+          activity = idle
+          flushes = index + 1
+        }),
+      // the last flush follows: from now on a channel that QEMU closes after its last SYNC has finished
+      ramEnding: Effect.flatMap(Deferred.await(channelSet), (recv) => recv.expectEnd),
+      command: (name) => Effect.sync(() => {
+        if (name === "SWITCHOVER_START") phase = "switchover"
+      }),
+      configuration: (configuration) => Effect.sync(() => (configUuid = configuration.uuid))
+    }
+    // one inactivity watch over the main channel and every multifd channel, beside each channel's own watch
+    // inside a packet (MultifdRecv's stallTimeout); its message says what was awaited
+    const stalled = Effect.gen(function*() {
+      const recv = yield* Deferred.poll(channelSet)
+      const channelsState = recv._tag === "Some" ? ` (${yield* describeChannels(yield* recv.value, channels, rejected)})` : ""
+      return yield* new MigrationError.MigrationError({
+        reason: "Timeout",
+        detail: `timed out after ${Duration.format(timeout)} ${activity}${channelsState}`
+      })
+    })
+
+    // a channel stuck inside a packet has its own watch, which names it and fires within a quarter of the
+    // timeout of this one: this one then watches on, rather than say less
+    const insideAPacket = Effect.flatMap(Deferred.poll(channelSet), (recv) =>
+      recv._tag === "None"
+        ? Effect.succeed(false)
+        : Effect.map(Effect.flatMap(recv.value, (r) => r.unfinished), (inside) => inside.some((u) => u.bytes > 0)))
+    const watch: Effect.Effect<never, MigrationError.MigrationError> = unlessStalled(Effect.never, progress, timeout, idle).pipe(
+      Effect.catchAll(() => Effect.flatMap(insideAPacket, (inside) => inside ? watch : stalled))
+    )
+
+    const summary = yield* Effect.raceFirst(
+      QemuStream.read(source, handler, { pageSize: config.pageSize, flushAfterEachSection: config.flushAfterEachSection }),
+      watch
+    )
+    return { summary, ram: memory! }
+  })

@@ -1,0 +1,178 @@
+/**
+ * The body of QEMU's RAM section (migration/ram.c): the 64-bit words of one SECTION_START / PART / END up to
+ * its `RAM_SAVE_FLAG_EOS` — the block list after `RAM_SAVE_FLAG_MEM_SIZE`, `RAM_SAVE_FLAG_MULTIFD_FLUSH`, and
+ * the zero and whole pages the main channel carries itself (`zero-page-detection=legacy`). Every record is
+ * validated before it writes memory; what QEMU can send but this reader cannot take (XBZRLE, compressed
+ * pages, RDMA hooks) is refused naming the feature.
+ *
+ * @internal
+ */
+import * as Effect from "effect/Effect"
+import * as GuestRam from "../../GuestRam.js"
+import { describeFlags, type QemuStreamError, RamFlag, type RamBlock } from "./format.js"
+import { fail } from "./reader.js"
+import type { Parser } from "./state.js"
+
+/** The block list (after a `RAM_SAVE_FLAG_MEM_SIZE` word at `at` carrying the `total`), handed to the handler. */
+const readBlocks = <E, R>(p: Parser<E, R>, at: number, total: number) =>
+  Effect.gen(function*() {
+    const { r, state } = p
+    const pageSize = state.pageSize
+    if (state.ram.memory !== undefined) return yield* fail("Malformed", at, "a second RAM block list (RAM_SAVE_FLAG_MEM_SIZE)")
+    const list: Array<RamBlock> = []
+    const names = new Set<string>()
+    let left = total
+    while (left > 0) {
+      const blockAt = r.offset
+      const name = yield* r.shortString("a RAM block name")
+      const [hi, lo] = yield* r.u64(`the used length of RAM block '${name}'`)
+      const size = hi * 2 ** 32 + lo
+      if (name.length === 0) return yield* fail("Malformed", blockAt, "a RAM block with an empty name")
+      if (names.has(name)) return yield* fail("Malformed", blockAt, `RAM block '${name}' is listed twice`)
+      if (size === 0 || size % pageSize !== 0 || size > left) {
+        return yield* fail(
+          "Malformed",
+          blockAt,
+          `RAM block '${name}' used length ${size} is not a positive multiple of the page size ${pageSize}` +
+            ` within the announced total of ${total} bytes (${left} left)`
+        )
+      }
+      names.add(name)
+      list.push({ name, size })
+      left -= size
+    }
+    if (list.length === 0) return yield* fail("Malformed", at, "the RAM section announces no RAM at all")
+    const problem = GuestRam.checkLayout(pageSize, list)
+    if (problem) return yield* fail("Malformed", at, problem.detail)
+    state.ram.blocks = list
+    const memory = yield* p.handler.blocks(list, pageSize)
+    for (const b of list) {
+      if (memory.block(b.name)?.bytes.length !== b.size || memory.pageSize !== pageSize) {
+        return yield* Effect.dieMessage(`QemuStream: the handler's memory does not have block ${b.name} of ${b.size} bytes`)
+      }
+    }
+    state.ram.memory = memory
+  })
+
+/** The block a page record at `at` refers to: its name, unless `RAM_SAVE_FLAG_CONTINUE` (the last one). */
+const pageBlock = <E, R>(p: Parser<E, R>, at: number, flags: number) =>
+  Effect.gen(function*() {
+    const ram = p.state.ram
+    if ((flags & RamFlag.CONTINUE) !== 0) {
+      if (ram.lastBlock === undefined) {
+        return yield* fail("Malformed", at, "RAM_SAVE_FLAG_CONTINUE on the first page record: no block to continue")
+      }
+      return ram.lastBlock
+    }
+    const name = yield* p.r.shortString("a page record's block name")
+    const block = ram.memory?.block(name)
+    if (block === undefined) {
+      return yield* fail("UnknownBlock", at, `a page record names RAM block '${name}', which the block list did not announce`)
+    }
+    ram.lastBlock = block
+    return block
+  })
+
+/** A zero or whole page record at `at` for `address`: validated, then written. */
+const readPage = <E, R>(p: Parser<E, R>, at: number, flags: number, address: number) =>
+  Effect.gen(function*() {
+    const { r, state } = p
+    const pageSize = state.pageSize
+    // zero-page-detection=legacy sends zero pages here; QEMU's own loader takes whole pages here too
+    if (state.ram.memory === undefined) return yield* fail("Malformed", at, "a page record before the RAM block list")
+    const block = yield* pageBlock(p, at, flags)
+    if (address + pageSize > block.bytes.length) {
+      return yield* fail(
+        "BadOffset",
+        at,
+        `page offset ${address} is outside RAM block '${block.name}' (${block.bytes.length} bytes)`
+      )
+    }
+    if ((flags & RamFlag.ZERO) !== 0) {
+      const fill = yield* r.u8("a zero page's fill byte")
+      if (fill !== 0) return yield* fail("Malformed", at, `a zero page record with fill byte ${fill}`)
+      block.bytes.fill(0, address, address + pageSize)
+      state.zeroPages++
+    } else {
+      const page = yield* r.bytes(pageSize, "a page's data")
+      page.copy(block.bytes, address)
+      state.normalPages++
+    }
+  })
+
+/** What a RAM word does: go on with the next word, or end the section (EOS). */
+type Next = "more" | "end"
+
+/** One RAM word at `at` (its flags and address already split) and what it carries, in a section of `kind`. */
+const readRamRecord = <E, R>(
+  p: Parser<E, R>,
+  kind: string,
+  at: number,
+  flags: number,
+  address: number
+): Effect.Effect<Next, E | QemuStreamError, R> =>
+  Effect.gen(function*() {
+    const { handler, state } = p
+    switch (flags & ~RamFlag.CONTINUE) {
+      case RamFlag.MEM_SIZE: {
+        if (kind !== "SECTION_START" || (flags & RamFlag.CONTINUE) !== 0) {
+          return yield* fail("Malformed", at, `${describeFlags(flags)} outside the RAM section's start`)
+        }
+        yield* readBlocks(p, at, address)
+        return "more"
+      }
+      case RamFlag.MULTIFD_FLUSH: {
+        if (state.ram.memory === undefined) {
+          return yield* fail("Malformed", at, "RAM_SAVE_FLAG_MULTIFD_FLUSH before the RAM block list")
+        }
+        if (flags !== RamFlag.MULTIFD_FLUSH || address !== 0) {
+          return yield* fail("Malformed", at, `${describeFlags(flags)} with address ${address}`)
+        }
+        yield* handler.flush(state.flushes++)
+        return "more"
+      }
+      case RamFlag.EOS: {
+        if (flags !== RamFlag.EOS || address !== 0) {
+          return yield* fail("Malformed", at, `${describeFlags(flags)} with address ${address}`)
+        }
+        if (state.ram.memory === undefined) return yield* fail("Malformed", at, "the RAM section started without its block list")
+        if (p.options.flushAfterEachSection) yield* handler.flush(state.flushes++)
+        return "end"
+      }
+      case RamFlag.ZERO:
+      case RamFlag.PAGE:
+        yield* readPage(p, at, flags, address)
+        return "more"
+      case RamFlag.XBZRLE:
+        return yield* fail(
+          "Unsupported",
+          at,
+          `${describeFlags(flags)}: XBZRLE-compressed pages are not supported; turn capability xbzrle off`,
+          "xbzrle"
+        )
+      case RamFlag.COMPRESS_PAGE:
+        return yield* fail(
+          "Unsupported",
+          at,
+          `${describeFlags(flags)}: multi-thread compressed pages (capability compress, removed in QEMU 9.1) are not supported`,
+          "compress"
+        )
+      case RamFlag.HOOK:
+        return yield* fail("Unsupported", at, `${describeFlags(flags)}: RDMA migration is not supported`, "rdma")
+      default:
+        return yield* fail("UnknownRecord", at, `unknown RAM record ${describeFlags(flags)} in the RAM section`)
+    }
+  })
+
+/** The records of one RAM section record of `kind` (`SECTION_START`, `SECTION_PART`, `SECTION_END`), up to its EOS word. */
+export const readRamRecords = <E, R>(p: Parser<E, R>, kind: string): Effect.Effect<void, E | QemuStreamError, R> =>
+  Effect.gen(function*() {
+    p.state.ramSections++
+    while (true) {
+      const at = p.r.offset
+      const [hi, lo] = yield* p.r.u64("a RAM record")
+      const flags = lo & (p.state.pageSize - 1)
+      const address = hi * 2 ** 32 + (lo - flags)
+      if ((yield* readRamRecord(p, kind, at, flags, address)) === "end") return
+    }
+  })

@@ -1,0 +1,137 @@
+/**
+ * Buffered reading of QEMU's main stream: bytes pulled from a `ByteSource`, QEMU's field encodings on top
+ * (big-endian integers, `idstr` strings), every field named so that a stream ending inside it is a `Truncated`
+ * error saying what was cut, and the drain of the device state to the end of the stream.
+ *
+ * @internal
+ */
+import * as Effect from "effect/Effect"
+import { type ByteSource, QemuStreamError } from "./format.js"
+
+const CHUNK = 64 * 1024
+/** How much of the drained device state is kept to check the end of the stream. */
+const TAIL_LIMIT = 16 * 1024 * 1024
+
+/** Fails with a `QemuStreamError`. */
+export const fail = (
+  reason: QemuStreamError["reason"],
+  offset: number,
+  detail: string,
+  feature?: string
+): Effect.Effect<never, QemuStreamError> => Effect.fail(new QemuStreamError({ reason, offset, detail, feature }))
+
+const truncated = (what: string, at: number) => (got: number) =>
+  new QemuStreamError({
+    reason: "Truncated",
+    offset: at,
+    detail: `the stream ended inside ${what} (${got} of its bytes received): ` +
+      "QEMU closed the main channel mid-migration (cancelled, failed or killed?)"
+  })
+
+/** The main stream, consumed in order. `what` names the field being read, for a stream that ends inside it. */
+export class Reader<E> {
+  private buf: Buffer = Buffer.alloc(0)
+  private pos = 0
+  /** Bytes consumed so far: the offset of the next byte. */
+  offset = 0
+  /** Bytes received from the source so far (consumed or buffered). */
+  received = 0
+
+  constructor(private readonly source: ByteSource<E>) {}
+
+  get buffered(): number {
+    return this.buf.length - this.pos
+  }
+
+  /** Makes `n` bytes available; a clean end of stream before them fails with `onEnd`. */
+  ensure(n: number, onEnd: (got: number) => QemuStreamError): Effect.Effect<void, E | QemuStreamError> {
+    if (this.buffered >= n) return Effect.void
+    const self = this
+    return Effect.gen(function*() {
+      while (self.buffered < n) {
+        const chunk = yield* self.source.readSome(Math.max(CHUNK, n - self.buffered))
+        if (chunk.length === 0) return yield* Effect.fail(onEnd(self.buffered))
+        self.received += chunk.length
+        const rest = self.buf.subarray(self.pos)
+        self.buf = rest.length === 0 ? Buffer.from(chunk.buffer, chunk.byteOffset, chunk.length) : Buffer.concat([rest, chunk])
+        self.pos = 0
+      }
+    })
+  }
+
+  take(n: number): Buffer {
+    const out = this.buf.subarray(this.pos, this.pos + n)
+    this.pos += n
+    this.offset += n
+    return out
+  }
+
+  /** The next byte without consuming it, or `undefined` at a clean end of stream. */
+  peekByte(): Effect.Effect<number | undefined, E> {
+    if (this.buffered > 0) return Effect.succeed(this.buf[this.pos]!)
+    const self = this
+    return Effect.gen(function*() {
+      const chunk = yield* self.source.readSome(CHUNK)
+      if (chunk.length === 0) return undefined
+      self.received += chunk.length
+      self.buf = Buffer.from(chunk.buffer, chunk.byteOffset, chunk.length)
+      self.pos = 0
+      return self.buf[0]!
+    })
+  }
+
+  /** `n` bytes (a view: valid until the next read). */
+  bytes(n: number, what: string): Effect.Effect<Buffer, E | QemuStreamError> {
+    return Effect.map(this.ensure(n, truncated(what, this.offset)), () => this.take(n))
+  }
+
+  u8(what: string): Effect.Effect<number, E | QemuStreamError> {
+    return Effect.map(this.bytes(1, what), (b) => b[0]!)
+  }
+
+  u16(what: string): Effect.Effect<number, E | QemuStreamError> {
+    return Effect.map(this.bytes(2, what), (b) => b.readUInt16BE(0))
+  }
+
+  u32(what: string): Effect.Effect<number, E | QemuStreamError> {
+    return Effect.map(this.bytes(4, what), (b) => b.readUInt32BE(0))
+  }
+
+  /** A big-endian u64 as [high, low] u32 halves. */
+  u64(what: string): Effect.Effect<readonly [number, number], E | QemuStreamError> {
+    return Effect.map(this.bytes(8, what), (b) => [b.readUInt32BE(0), b.readUInt32BE(4)] as const)
+  }
+
+  /** A u8 length and that many bytes of text (QEMU's idstr fields). */
+  shortString(what: string): Effect.Effect<string, E | QemuStreamError> {
+    return Effect.flatMap(this.u8(`the length of ${what}`), (n) => Effect.map(this.bytes(n, what), (b) => b.toString("latin1")))
+  }
+
+  /** Everything up to the end of the stream: its length, and its last `TAIL_LIMIT` bytes at most. */
+  drain(): Effect.Effect<{ readonly length: number; readonly tail: Buffer }, E> {
+    const self = this
+    return Effect.gen(function*() {
+      const pieces: Array<Buffer> = []
+      let kept = 0
+      let length = 0
+      const keep = (piece: Buffer) => {
+        if (piece.length === 0) return
+        // a copy: the source may reuse its buffers, and a view would pin the whole chunk
+        pieces.push(Buffer.from(piece))
+        kept += piece.length
+        length += piece.length
+        while (pieces.length > 1 && kept - pieces[0]!.length >= TAIL_LIMIT) kept -= pieces.shift()!.length
+      }
+      keep(self.take(self.buffered))
+      while (true) {
+        const chunk = yield* self.source.readSome(1024 * 1024)
+        if (chunk.length === 0) break
+        self.received += chunk.length
+        self.offset += chunk.length
+        keep(Buffer.from(chunk.buffer, chunk.byteOffset, chunk.length))
+      }
+      const all = Buffer.concat(pieces)
+      return { length, tail: all.length > TAIL_LIMIT ? all.subarray(all.length - TAIL_LIMIT) : all }
+    })
+  }
+}

@@ -1,0 +1,71 @@
+/**
+ * What the record parsers of QEMU's main stream share while one stream is read: the reader, the handler, the
+ * options, and one state object that the parsers update in stream order (one fiber reads a stream, so
+ * nothing else touches it).
+ *
+ * @internal
+ */
+import * as GuestRam from "../../GuestRam.js"
+import type { ByteSource, Configuration, Handler, RamBlock, ReadOptions } from "./format.js"
+import { Reader } from "./reader.js"
+
+/** The RAM section as far as the stream went. */
+export interface RamState {
+  /** Not started yet, open (SECTION_START read, SECTION_END not), or ended. */
+  phase: "none" | "open" | "ended"
+  /** The section id QEMU gave it in its SECTION_START. */
+  id: number | undefined
+  /** The block list, once announced. */
+  blocks: ReadonlyArray<RamBlock>
+  /** The memory the handler gave for the block list: pages go there. */
+  memory: GuestRam.GuestRam["Type"] | undefined
+  /** The block of the last page record, which `RAM_SAVE_FLAG_CONTINUE` refers to. */
+  lastBlock: GuestRam.Block | undefined
+}
+
+/** Everything the parsers learn and count. */
+export interface State {
+  /** The target page size: the option's (default 4096), or what the configuration's target-page-bits say. */
+  pageSize: number
+  configuration: Configuration | undefined
+  /** Top-level records read so far (a CONFIGURATION record must be the first). */
+  records: number
+  /** Where QEMU asked for a return path (`MIG_CMD_OPEN_RETURN_PATH`), refused at the next record. */
+  returnPathAt: number | undefined
+  readonly ram: RamState
+  /** Flushes followed, and RAM section records read. */
+  flushes: number
+  ramSections: number
+  /** Pages the main channel carried itself. */
+  zeroPages: number
+  normalPages: number
+  /** Commands accepted, by name, in order. */
+  readonly commands: Array<string>
+}
+
+/** A stream being read: where its bytes come from, whom to tell, how, and the state so far. */
+export interface Parser<E, R> {
+  readonly r: Reader<E>
+  readonly handler: Handler<E, R>
+  readonly options: ReadOptions
+  readonly state: State
+}
+
+/** A parser at the start of `source`. */
+export const make = <E, R>(source: ByteSource<E>, handler: Handler<E, R>, options: ReadOptions): Parser<E, R> => ({
+  r: new Reader(source),
+  handler,
+  options,
+  state: {
+    pageSize: options.pageSize ?? GuestRam.DEFAULT_PAGE_SIZE,
+    configuration: undefined,
+    records: 0,
+    returnPathAt: undefined,
+    ram: { phase: "none", id: undefined, blocks: [], memory: undefined, lastBlock: undefined },
+    flushes: 0,
+    ramSections: 0,
+    zeroPages: 0,
+    normalPages: 0,
+    commands: []
+  }
+})
