@@ -1,9 +1,9 @@
 /**
- * The `multifd` command end to end: real child processes (`node --import tsx src/cli/main.ts ...`), real
- * TCP and Unix sockets, real files. Every child has a bounded lifetime and is killed after its test.
+ * The `multifd` command end to end: real child processes (the command bundled as `npm run build` bundles it,
+ * test/support/cliBundle.ts; `node --import tsx src/cli/main.ts` and `npm run multifd` where the point is the
+ * source entry), real TCP and Unix sockets, real files. Every child has a bounded lifetime and is killed after
+ * its test.
  */
-import * as NodeContext from "@effect/platform-node/NodeContext"
-import * as Deferred from "effect/Deferred"
 import * as Effect from "effect/Effect"
 import * as ChildProcess from "node:child_process"
 import * as Crypto from "node:crypto"
@@ -13,138 +13,21 @@ import * as Os from "node:os"
 import * as Path from "node:path"
 import { PassThrough } from "node:stream"
 import { afterAll, afterEach, beforeAll, describe, expect, it } from "vitest"
-import * as Cli from "../src/cli/command.js"
 import * as Image from "../src/cli/image.js"
 import * as Progress from "../src/cli/progress.js"
 import * as Control from "../src/Control.js"
 import type * as Migration from "../src/Migration.js"
-
-const ROOT = Path.resolve(import.meta.dirname, "..")
-const MAIN = Path.join(ROOT, "src", "cli", "main.ts")
-/** Longest a child may live. */
-const CHILD_TIMEOUT_MS = 20_000
-
-interface Finished {
-  readonly code: number | null
-  readonly signal: NodeJS.Signals | null
-  readonly stdout: string
-  readonly stderr: string
-}
-
-interface Running {
-  readonly child: ChildProcess.ChildProcess
-  readonly finished: Promise<Finished>
-  /** stderr so far. */
-  readonly stderr: () => string
-}
-
-const children = new Set<ChildProcess.ChildProcess>()
-
-const start = (args: ReadonlyArray<string>): Running => {
-  const child = ChildProcess.spawn(process.execPath, ["--import", "tsx", MAIN, ...args], {
-    cwd: ROOT,
-    stdio: ["ignore", "pipe", "pipe"],
-    env: { ...process.env, NO_COLOR: "1" }
-  })
-  children.add(child)
-  let stdout = ""
-  let stderr = ""
-  child.stdout!.setEncoding("utf8").on("data", (s: string) => (stdout += s))
-  child.stderr!.setEncoding("utf8").on("data", (s: string) => (stderr += s))
-  const timer = setTimeout(() => child.kill("SIGKILL"), CHILD_TIMEOUT_MS)
-  const finished = new Promise<Finished>((resolve) => {
-    child.once("close", (code, signal) => {
-      clearTimeout(timer)
-      children.delete(child)
-      resolve({ code, signal, stdout, stderr })
-    })
-  })
-  return { child, finished, stderr: () => stderr }
-}
-
-const run = (args: ReadonlyArray<string>): Promise<Finished> => start(args).finished
-
-/**
- * Runs the command in this process (cheaper than a child: no startup), capturing what it prints through
- * `Console`; the exit code is what `main.ts` would exit with.
- */
-const runHere = (args: ReadonlyArray<string>): Promise<Finished> =>
-  Effect.gen(function*() {
-    const stdout: Array<string> = []
-    const stderr: Array<string> = []
-    const console = yield* Effect.console
-    const capture = {
-      ...console,
-      log: (...parts: ReadonlyArray<unknown>) => Effect.sync(() => void stdout.push(`${parts.join(" ")}\n`)),
-      error: (...parts: ReadonlyArray<unknown>) => Effect.sync(() => void stderr.push(`${parts.join(" ")}\n`))
-    }
-    const code = yield* Cli.main(["node", "multifd", ...args]).pipe(
-      Effect.withConsole(capture),
-      Effect.provide(NodeContext.layer)
-    )
-    return { code, signal: null, stdout: stdout.join(""), stderr: stderr.join("") }
-  }).pipe(Effect.runPromise)
-
-/** Starts `recv` and waits for its `listening on` line; the URI it printed is its real address. */
-const startRecv = async (args: ReadonlyArray<string>): Promise<Running & { readonly uri: string }> => {
-  const recv = start(["recv", ...args])
-  const uri = await new Promise<string>((resolve, reject) => {
-    const check = () => {
-      const m = /^multifd: listening on (\S+)$/m.exec(recv.stderr())
-      if (m !== null) {
-        recv.child.stderr!.off("data", check)
-        resolve(m[1]!)
-      }
-    }
-    recv.child.stderr!.on("data", check)
-    void recv.finished.then((f) => reject(new Error(`recv ended (${f.code}) before listening: ${f.stderr}`)))
-  })
-  return { ...recv, uri }
-}
-
-/** Waits until the child's stderr matches `pattern` (or fails if it ends first). */
-const waitForStderr = (running: Running, pattern: RegExp): Promise<void> =>
-  new Promise<void>((resolve, reject) => {
-    const check = () => {
-      if (pattern.test(running.stderr())) {
-        running.child.stderr!.off("data", check)
-        resolve()
-      }
-    }
-    running.child.stderr!.on("data", check)
-    check()
-    void running.finished.then((f) => reject(new Error(`ended (${f.code}) before ${pattern}: ${f.stderr}`)))
-  })
-
-/**
- * Runs `recv` in this process until it ends, or until it prints its listening line (then it is interrupted:
- * it should not have started listening). `listened` tells which.
- */
-const runRecvHereUntilListening = (args: ReadonlyArray<string>): Promise<Finished & { readonly listened: boolean }> =>
-  Effect.gen(function*() {
-    const stderr: Array<string> = []
-    const listening = yield* Deferred.make<void>()
-    const console = yield* Effect.console
-    const capture = {
-      ...console,
-      log: () => Effect.void,
-      error: (...parts: ReadonlyArray<unknown>) =>
-        Effect.suspend(() => {
-          const line = parts.join(" ")
-          stderr.push(`${line}\n`)
-          return line.startsWith("multifd: listening on ") ? Deferred.succeed(listening, undefined) : Effect.void
-        })
-    }
-    const run = Cli.main(["node", "multifd", "recv", ...args]).pipe(
-      Effect.withConsole(capture),
-      Effect.provide(NodeContext.layer)
-    )
-    const outcome = yield* Effect.raceFirst(
-      Effect.map(run, (code): { code: number | null; listened: boolean } => ({ code, listened: false })),
-      Effect.as(Deferred.await(listening), { code: null, listened: true })
-    )
-    return { ...outcome, signal: null, stdout: "", stderr: stderr.join("") }
-  }).pipe(Effect.runPromise)
+import {
+  killChildren,
+  ROOT,
+  run,
+  type Running,
+  runHere,
+  runRecvHereUntilListening,
+  start,
+  startRecv,
+  waitForStderr
+} from "./support/cli.js"
 
 /** A plain TCP server that counts the connections it accepts (and closes them); closed by `close`. */
 const countingServer = () =>
@@ -187,9 +70,7 @@ beforeAll(() => {
   Fs.writeFileSync(image, bytes)
 })
 
-afterEach(() => {
-  for (const child of children) child.kill("SIGKILL")
-})
+afterEach(killChildren)
 
 afterAll(() => {
   Fs.rmSync(dir, { recursive: true, force: true })
@@ -208,11 +89,12 @@ const freePort = () =>
   })
 
 describe("multifd send/recv", () => {
+  // the source entry (node --import tsx src/cli/main.ts, its digest worker loaded from source); the others run the bundle
   it("migrates an image over TCP (port 0) byte for byte", async () => {
     const out = Path.join(dir, "tcp.out")
-    const recv = await startRecv(["tcp:127.0.0.1:0", "--out", out])
+    const recv = await startRecv(["tcp:127.0.0.1:0", "--out", out], { entry: "source" })
     expect(recv.uri).toMatch(/^tcp:127\.0\.0\.1:[1-9]\d*$/)
-    const send = await run(["send", recv.uri, "--in", image, "--channels", "4"])
+    const send = await run(["send", recv.uri, "--in", image, "--channels", "4"], { entry: "source" })
     const received = await recv.finished
     expect(send.code, send.stderr).toBe(0)
     expect(received.code, received.stderr).toBe(0)

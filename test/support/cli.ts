@@ -1,0 +1,163 @@
+/**
+ * Runs the `multifd` command for tests: as a child process (`start`, `run`, `startRecv`), by default the bundle
+ * that test/support/cliBundle.ts builds once per run (`node <bundle>`, as the published `multifd` is), or the
+ * TypeScript source through tsx (`{ entry: "source" }`, `node --import tsx src/cli/main.ts`, as `npm run
+ * multifd` does) where the point is the source entry; or in this process (`runHere`, cheaper still), capturing
+ * what it prints. Every child has a bounded lifetime; `killChildren` ends those still running (after each test).
+ */
+import * as NodeContext from "@effect/platform-node/NodeContext"
+import * as Deferred from "effect/Deferred"
+import * as Effect from "effect/Effect"
+import * as ChildProcess from "node:child_process"
+import * as Path from "node:path"
+import { inject } from "vitest"
+import * as Cli from "../../src/cli/command.js"
+
+/** The repository (the children's working directory). */
+export const ROOT = Path.resolve(import.meta.dirname, "..", "..")
+/** The command's TypeScript entry. */
+export const MAIN = Path.join(ROOT, "src", "cli", "main.ts")
+/** Longest a child may live. */
+const CHILD_TIMEOUT_MS = 20_000
+
+/** What a command printed and how it ended. */
+export interface Finished {
+  readonly code: number | null
+  readonly signal: NodeJS.Signals | null
+  readonly stdout: string
+  readonly stderr: string
+}
+
+/** A child running the command. */
+export interface Running {
+  readonly child: ChildProcess.ChildProcess
+  readonly finished: Promise<Finished>
+  /** stderr so far. */
+  readonly stderr: () => string
+}
+
+/** Which entry a child runs: the bundle (default) or src/cli/main.ts through tsx. */
+export interface StartOptions {
+  readonly entry?: "bundle" | "source" | undefined
+}
+
+const children = new Set<ChildProcess.ChildProcess>()
+
+/** Kills (SIGKILL) every child still running. */
+export const killChildren = (): void => {
+  for (const child of children) child.kill("SIGKILL")
+}
+
+/** Starts `multifd <args>` as a child process, its output collected. */
+export const start = (args: ReadonlyArray<string>, options: StartOptions = {}): Running => {
+  const entry = options.entry === "source" ? ["--import", "tsx", MAIN] : [inject("cliBundle")]
+  const child = ChildProcess.spawn(process.execPath, [...entry, ...args], {
+    cwd: ROOT,
+    stdio: ["ignore", "pipe", "pipe"],
+    env: { ...process.env, NO_COLOR: "1" }
+  })
+  children.add(child)
+  let stdout = ""
+  let stderr = ""
+  child.stdout!.setEncoding("utf8").on("data", (s: string) => (stdout += s))
+  child.stderr!.setEncoding("utf8").on("data", (s: string) => (stderr += s))
+  const timer = setTimeout(() => child.kill("SIGKILL"), CHILD_TIMEOUT_MS)
+  const finished = new Promise<Finished>((resolve) => {
+    child.once("close", (code, signal) => {
+      clearTimeout(timer)
+      children.delete(child)
+      resolve({ code, signal, stdout, stderr })
+    })
+  })
+  return { child, finished, stderr: () => stderr }
+}
+
+/** Runs `multifd <args>` as a child process to its end. */
+export const run = (args: ReadonlyArray<string>, options?: StartOptions): Promise<Finished> => start(args, options).finished
+
+/**
+ * Runs the command in this process (cheaper than a child: no startup), capturing what it prints through
+ * `Console`; the exit code is what `main.ts` would exit with.
+ */
+export const runHere = (args: ReadonlyArray<string>): Promise<Finished> =>
+  Effect.gen(function*() {
+    const stdout: Array<string> = []
+    const stderr: Array<string> = []
+    const console = yield* Effect.console
+    const capture = {
+      ...console,
+      log: (...parts: ReadonlyArray<unknown>) => Effect.sync(() => void stdout.push(`${parts.join(" ")}\n`)),
+      error: (...parts: ReadonlyArray<unknown>) => Effect.sync(() => void stderr.push(`${parts.join(" ")}\n`))
+    }
+    const code = yield* Cli.main(["node", "multifd", ...args]).pipe(
+      Effect.withConsole(capture),
+      Effect.provide(NodeContext.layer)
+    )
+    return { code, signal: null, stdout: stdout.join(""), stderr: stderr.join("") }
+  }).pipe(Effect.runPromise)
+
+/** Starts `recv` and waits for its `listening on` line; the URI it printed is its real address. */
+export const startRecv = async (
+  args: ReadonlyArray<string>,
+  options?: StartOptions
+): Promise<Running & { readonly uri: string }> => {
+  const recv = start(["recv", ...args], options)
+  const uri = await new Promise<string>((resolve, reject) => {
+    const check = () => {
+      const m = /^multifd: listening on (\S+)$/m.exec(recv.stderr())
+      if (m !== null) {
+        recv.child.stderr!.off("data", check)
+        resolve(m[1]!)
+      }
+    }
+    recv.child.stderr!.on("data", check)
+    void recv.finished.then((f) => reject(new Error(`recv ended (${f.code}) before listening: ${f.stderr}`)))
+  })
+  return { ...recv, uri }
+}
+
+/** Waits until the child's stderr matches `pattern` (or fails if it ends first). */
+export const waitForStderr = (running: Running, pattern: RegExp): Promise<void> =>
+  new Promise<void>((resolve, reject) => {
+    const check = () => {
+      if (pattern.test(running.stderr())) {
+        running.child.stderr!.off("data", check)
+        resolve()
+      }
+    }
+    running.child.stderr!.on("data", check)
+    check()
+    void running.finished.then((f) => reject(new Error(`ended (${f.code}) before ${pattern}: ${f.stderr}`)))
+  })
+
+/**
+ * Runs `recv` in this process until it ends, or until it prints its listening line (then it is interrupted:
+ * it should not have started listening). `listened` tells which.
+ */
+export const runRecvHereUntilListening = (
+  args: ReadonlyArray<string>
+): Promise<Finished & { readonly listened: boolean }> =>
+  Effect.gen(function*() {
+    const stderr: Array<string> = []
+    const listening = yield* Deferred.make<void>()
+    const console = yield* Effect.console
+    const capture = {
+      ...console,
+      log: () => Effect.void,
+      error: (...parts: ReadonlyArray<unknown>) =>
+        Effect.suspend(() => {
+          const line = parts.join(" ")
+          stderr.push(`${line}\n`)
+          return line.startsWith("multifd: listening on ") ? Deferred.succeed(listening, undefined) : Effect.void
+        })
+    }
+    const run = Cli.main(["node", "multifd", "recv", ...args]).pipe(
+      Effect.withConsole(capture),
+      Effect.provide(NodeContext.layer)
+    )
+    const outcome = yield* Effect.raceFirst(
+      Effect.map(run, (code): { code: number | null; listened: boolean } => ({ code, listened: false })),
+      Effect.as(Deferred.await(listening), { code: null, listened: true })
+    )
+    return { ...outcome, signal: null, stdout: "", stderr: stderr.join("") }
+  }).pipe(Effect.runPromise)

@@ -1,0 +1,60 @@
+/**
+ * vitest global setup (vitest.config.ts): bundles the `multifd` command once per test run, as `npm run build`
+ * does (scripts/build.mjs: src/cli/main.ts into one ES module, the digest's worker `digestWorker.js` beside it,
+ * zstd-napi left to load at run time), into a temporary directory. Test files get the bundle's path with
+ * `inject("cliBundle")` (test/support/cli.ts spawns `node <bundle>`): a child then starts in a fraction of the
+ * time that `node --import tsx src/cli/main.ts` takes to load a few hundred module files.
+ *
+ * The directory links the repository's node_modules, where the bundle resolves zstd-napi. In watch mode the
+ * bundle is rebuilt before each rerun (the sources may have changed); the directory is removed at the end.
+ */
+import * as Esbuild from "esbuild"
+import * as Fs from "node:fs"
+import * as Os from "node:os"
+import * as Path from "node:path"
+import type { TestProject } from "vitest/node"
+
+declare module "vitest" {
+  export interface ProvidedContext {
+    /** The bundled `multifd` command (`node <cliBundle> recv …`). */
+    readonly cliBundle: string
+  }
+}
+
+const ROOT = Path.resolve(import.meta.dirname, "..", "..")
+
+export default async function setup(project: TestProject): Promise<() => Promise<void>> {
+  const dir = Fs.mkdtempSync(Path.join(Os.tmpdir(), "multifd-cli-bundle-"))
+  Fs.symlinkSync(Path.join(ROOT, "node_modules"), Path.join(dir, "node_modules"), "dir")
+  // the options of scripts/build.mjs
+  const context = await Esbuild.context({
+    entryPoints: {
+      multifd: Path.join(ROOT, "src", "cli", "main.ts"),
+      digestWorker: Path.join(ROOT, "src", "internal", "digestWorker.ts")
+    },
+    outdir: dir,
+    bundle: true,
+    platform: "node",
+    format: "esm",
+    target: "node20",
+    external: ["zstd-napi"],
+    banner: { js: "import { createRequire as __multifdRequire } from \"node:module\";\nconst require = __multifdRequire(import.meta.url);" },
+    logLevel: "warning",
+    legalComments: "none"
+  })
+  const cleanUp = async () => {
+    await context.dispose()
+    Fs.rmSync(dir, { recursive: true, force: true })
+  }
+  try {
+    await context.rebuild()
+  } catch (error) {
+    await cleanUp()
+    throw error
+  }
+  project.provide("cliBundle", Path.join(dir, "multifd.js"))
+  project.onTestsRerun(async () => {
+    await context.rebuild()
+  })
+  return cleanUp
+}
