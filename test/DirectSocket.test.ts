@@ -9,25 +9,16 @@ import * as Effect from "effect/Effect"
 import * as Either from "effect/Either"
 import * as Exit from "effect/Exit"
 import * as Fiber from "effect/Fiber"
-import type * as Scope from "effect/Scope"
 import * as Crypto from "node:crypto"
 import type * as Net from "node:net"
 import * as Path from "node:path"
 import * as Tls from "../src/Tls.js"
-import { type Address, connect, listen, parseAddress } from "../src/Transport.js"
-import { expectNoLeaks, tempSocketPath } from "./support/handles.js"
-
-const leakFree = <A, E>(body: Effect.Effect<A, E, Scope.Scope>) => expectNoLeaks(Effect.scoped(body))
+import { connect, listen, parseAddress } from "../src/Transport.js"
+import { expectNoLeaks, leakFree, tempSocketPath } from "./support/handles.js"
+import { pair } from "./support/sockets.js"
 
 const noHang = <A, E, R>(self: Effect.Effect<A, E, R>, what: string) =>
   Effect.timeoutFail(self, { duration: "10 seconds", onTimeout: () => new Error(`hung: ${what}`) })
-
-const pair = (address: Address) =>
-  Effect.gen(function*() {
-    const listener = yield* listen(address)
-    const [client, server] = yield* Effect.all([connect(listener.address), listener.accept], { concurrency: 2 })
-    return { listener, client, server }
-  })
 
 const tcp = Either.getOrThrow(parseAddress("tcp:127.0.0.1:0"))
 const PAGE = 4096

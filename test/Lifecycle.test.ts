@@ -10,14 +10,12 @@
  * is on a Deferred, a fiber or a recorded event.
  */
 import { describe, expect, it } from "@effect/vitest"
-import * as Cause from "effect/Cause"
 import * as Deferred from "effect/Deferred"
 import * as Effect from "effect/Effect"
 import * as Exit from "effect/Exit"
 import * as FastCheck from "effect/FastCheck"
 import * as Fiber from "effect/Fiber"
 import * as Logger from "effect/Logger"
-import * as Option from "effect/Option"
 import type * as Scope from "effect/Scope"
 import * as Crypto from "node:crypto"
 import * as Control from "../src/Control.js"
@@ -26,9 +24,11 @@ import * as Migration from "../src/Migration.js"
 import * as MigrationError from "../src/MigrationError.js"
 import * as Protocol from "../src/Protocol.js"
 import * as Transport from "../src/Transport.js"
+import { expectOneLine, failureOf } from "./support/failures.js"
 import * as Faulty from "./support/faultyTransport.js"
-import { expectNoLeaks, nextTurn, tempSocketPath } from "./support/handles.js"
+import { leakFree, nextTurn, tempSocketPath } from "./support/handles.js"
 import { mixedImage, timed } from "./support/images.js"
+import { sameMemory } from "./support/memory.js"
 
 // ---------------------------------------------------------------------------------------------------------
 // helpers
@@ -40,9 +40,6 @@ const TIMEOUTS = { connect: "2 seconds", handshake: "2 seconds", peer: "2 second
  * bound is loose so that a loaded machine does not make it flaky (a run takes tens of milliseconds).
  */
 const PROMPT_MS = 1500
-
-/** Runs the body in a scope and proves, once the scope closed, that no socket handle is left open. */
-const leakFree = <A, E>(body: Effect.Effect<A, E, Scope.Scope>) => expectNoLeaks(Effect.scoped(body))
 
 /** A guard (never used to let things settle): fail instead of hanging the file. */
 const noHang = <A, E, R>(self: Effect.Effect<A, E, R>, what: string, seconds = 5) =>
@@ -57,19 +54,6 @@ const sourceRam = () =>
 
 const unixAddress = (name: string): Transport.Address => ({ _tag: "Unix", path: tempSocketPath(name) })
 const tcpAddress: Transport.Address = { _tag: "Tcp", host: "127.0.0.1", port: 0 }
-
-/** The failure of an exit (which must be a failure, not a defect or interruption only). */
-const failureOf = <A, E>(exit: Exit.Exit<A, E>): E => {
-  if (Exit.isSuccess(exit)) throw new Error(`expected a failure, got success`)
-  const failure = Cause.failureOption(exit.cause)
-  if (Option.isNone(failure)) throw new Error(`expected a failure, got ${Cause.pretty(exit.cause)}`)
-  return failure.value
-}
-
-const expectOneLine = (error: { readonly message: string }) => {
-  expect(error.message.length).toBeGreaterThan(0)
-  expect(error.message).not.toContain("\n")
-}
 
 /**
  * A peer's failure after the other side went away: a closed / reset connection or an abort it was told
@@ -125,9 +109,6 @@ const migrateWith = (
     Effect.provide(faulty.layer),
     Effect.provideService(GuestRam.GuestRam, ram)
   )
-
-const sameMemory = (a: GuestRam.GuestRam["Type"], b: GuestRam.GuestRam["Type"]) =>
-  a.blocks.length === b.blocks.length && a.blocks.every((block, i) => block.bytes.equals(b.blocks[i]!.bytes))
 
 // ---------------------------------------------------------------------------------------------------------
 // the harness itself

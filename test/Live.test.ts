@@ -29,7 +29,6 @@ import * as Fiber from "effect/Fiber"
 import * as Layer from "effect/Layer"
 import * as Logger from "effect/Logger"
 import * as Option from "effect/Option"
-import type * as Scope from "effect/Scope"
 import * as Stream from "effect/Stream"
 import * as TestClock from "effect/TestClock"
 import * as Crypto from "node:crypto"
@@ -39,8 +38,10 @@ import * as Migration from "../src/Migration.js"
 import * as MigrationError from "../src/MigrationError.js"
 import * as Protocol from "../src/Protocol.js"
 import * as Transport from "../src/Transport.js"
+import { expectOneLine, failureOf } from "./support/failures.js"
 import * as Faulty from "./support/faultyTransport.js"
-import { expectNoLeaks, nextTurn } from "./support/handles.js"
+import { noHang } from "./support/guards.js"
+import { leakFree, nextTurn } from "./support/handles.js"
 import { mixedImage, timed } from "./support/images.js"
 
 // ---------------------------------------------------------------------------------------------------------
@@ -56,35 +57,12 @@ const tcp0: Transport.Address = { _tag: "Tcp", host: "127.0.0.1", port: 0 }
 
 type Ram = GuestRam.GuestRam["Type"]
 
-/** Runs the body in a scope and proves, once the scope closed, that no socket handle is left open. */
-const leakFree = <A, E>(body: Effect.Effect<A, E, Scope.Scope>) => expectNoLeaks(Effect.scoped(body))
-
-/**
- * A guard (never used to let things settle): fail instead of hanging the file. Its timer is a real one, so
- * that it also guards tests that move the TestClock.
- */
-const noHang = <A, E, R>(self: Effect.Effect<A, E, R>, what: string, seconds = 10): Effect.Effect<A, E | Error, R> =>
-  Effect.raceFirst(
-    self,
-    Effect.async<never, Error>((resume) => {
-      const timer = setTimeout(() => resume(Effect.fail(new Error(`hung: ${what}`))), seconds * 1000)
-      return Effect.sync(() => clearTimeout(timer))
-    })
-  )
-
 /** Pages of random bytes, about one in five left zero (so that zero pages travel too). */
 const image = (pages: number): Buffer => mixedImage(pages, 0.8, PAGE)
 
 /** 4 MiB + 1 MiB of mixed random and zero pages. */
 const sourceRam = (pcPages = 1024, vgaPages = 256) =>
   GuestRam.make({ blocks: [{ name: "pc.ram", bytes: image(pcPages) }, { name: "vga.vram", bytes: image(vgaPages) }] })
-
-const failureOf = <A, E>(exit: Exit.Exit<A, E>): E => {
-  if (Exit.isSuccess(exit)) throw new Error("expected a failure, got success")
-  const failure = Cause.failureOption(exit.cause)
-  if (Option.isNone(failure)) throw new Error(`expected a failure, got ${Cause.pretty(exit.cause)}`)
-  return failure.value
-}
 
 /** The first difference between two memories, or undefined when they are byte-identical. */
 const firstDifference = (a: Ram, b: Ram): string | undefined => {
@@ -178,11 +156,6 @@ const writeNow = (ram: Ram) => noHang(GuestRam.write(ram, ram.blocks[0]!.name, 0
 /** Whether `fiber` is still running after a number of event-loop turns (no timer). */
 const stillRunningAfterTurns = <A, E>(fiber: Fiber.Fiber<A, E>, turns = 20) =>
   Effect.zipRight(Effect.repeatN(nextTurn, turns - 1), Effect.map(Fiber.poll(fiber), Option.isNone))
-
-const expectOneLine = (error: { readonly message: string }) => {
-  expect(error.message.length).toBeGreaterThan(0)
-  expect(error.message).not.toContain("\n")
-}
 
 // ---------------------------------------------------------------------------------------------------------
 

@@ -31,6 +31,7 @@ import * as Protocol from "../src/Protocol.js"
 import * as QemuIncoming from "../src/QemuIncoming.js"
 import * as Tls from "../src/Tls.js"
 import * as Transport from "../src/Transport.js"
+import { failureOf } from "./support/failures.js"
 import { expectNoLeaks } from "./support/handles.js"
 import * as Qemu from "./support/qemu.js"
 
@@ -102,13 +103,6 @@ const image = (kind: ImageKind, size = SIZE) => {
 const quietConsole: Console.Console = new Proxy({} as Console.Console, {
   get: (_, key) => key === Console.TypeId ? Console.TypeId : key === "unsafe" ? new Proxy({}, { get: () => () => {} }) : () => Effect.void
 })
-
-const failureOf = <A, E>(exit: Exit.Exit<A, E>): E => {
-  if (Exit.isSuccess(exit)) throw new Error("expected a failure, got success")
-  const failure = Cause.failureOption(exit.cause)
-  if (Option.isNone(failure)) throw new Error(`expected a failure, got ${Cause.pretty(exit.cause)}`)
-  return failure.value
-}
 
 const noHang = <A, E, R>(self: Effect.Effect<A, E, R>, what: string, seconds: number) =>
   Effect.timeoutFail(self, { duration: `${seconds} seconds`, onTimeout: () => new Error(`hung: ${what}`) })

@@ -30,6 +30,7 @@ import * as QemuIncoming from "../src/QemuIncoming.js"
 import * as QemuStream from "../src/QemuStream.js"
 import * as Tls from "../src/Tls.js"
 import * as Transport from "../src/Transport.js"
+import { expectOneLine, failureOf } from "./support/failures.js"
 import { expectNoLeaks, nextTurn } from "./support/handles.js"
 
 const FIXTURES = new URL("./fixtures/qemu-10.0.2/", import.meta.url)
@@ -49,18 +50,6 @@ const tlsFixture = (name: string) => fileURLToPath(new URL(`./fixtures/tls/${nam
 
 // ---------------------------------------------------------------------------------------------------------
 // helpers
-
-const expectOneLine = (error: { readonly message: string }) => {
-  expect(error.message.length).toBeGreaterThan(0)
-  expect(error.message).not.toContain("\n")
-}
-
-const failureOf = <A, E>(exit: Exit.Exit<A, E>): E => {
-  if (Exit.isSuccess(exit)) throw new Error("expected a failure, got success")
-  const failure = Cause.failureOption(exit.cause)
-  if (Option.isNone(failure)) throw new Error(`expected a failure, got ${Cause.pretty(exit.cause)}`)
-  return failure.value
-}
 
 /** A guard (never used to let things settle): fail instead of hanging the file. */
 const noHang = <A, E, R>(self: Effect.Effect<A, E, R>, what: string, seconds = 10) =>

@@ -15,6 +15,7 @@ import * as Format from "../src/internal/snapshotFormat.js"
 import * as Migration from "../src/Migration.js"
 import * as Snapshot from "../src/Snapshot.js"
 import * as Transport from "../src/Transport.js"
+import { nextTurn } from "./support/handles.js"
 
 // ---------------------------------------------------------------------------------------------------------
 // Helpers
@@ -46,8 +47,6 @@ const openFilesIn = (dir: string): ReadonlyArray<string> => {
 
 const FS_KINDS = new Set(["FileHandle", "FSReqPromise", "FSReqCallback", "CloseReq", "FileHandleCloseReq"])
 const fsResources = () => process.getActiveResourcesInfo().filter((kind) => FS_KINDS.has(kind)).length
-
-const nextTurn = Effect.promise(() => new Promise<void>((resolve) => setImmediate(resolve)))
 
 /** Runs `effect` and then checks, whatever its outcome, that no file under `dir` is open and no fs request is in flight. */
 const leakFree = <A, E, R>(dir: string, effect: Effect.Effect<A, E, R>): Effect.Effect<A, E, R> =>

@@ -22,27 +22,17 @@ import {
   TransportError,
   WRITE_BUFFER
 } from "../src/Transport.js"
-import { expectNoLeaks, nextTurn, openHandles, tempSocketPath } from "./support/handles.js"
+import { expectNoLeaks, leakFree, nextTurn, openHandles, tempSocketPath } from "./support/handles.js"
+import { pair } from "./support/sockets.js"
 
 // ---------------------------------------------------------------------------------------------------------
 // helpers
 
 const addr = (uri: string): Address => Either.getOrThrow(parseAddress(uri))
 
-/** Every test runs its body in a scope and proves, after the scope closed, that no socket handle is left. */
-const leakFree = <A, E>(body: Effect.Effect<A, E, Scope.Scope>) => expectNoLeaks(Effect.scoped(body))
-
 /** A guard (never used to let things settle): fail instead of hanging the test file. */
 const noHang = <A, E, R>(self: Effect.Effect<A, E, R>, what: string) =>
   Effect.timeoutFail(self, { duration: "5 seconds", onTimeout: () => new Error(`hung: ${what}`) })
-
-/** Listens on `address` and connects one client to it, both in the current scope. */
-const pair = (address: Address) =>
-  Effect.gen(function*() {
-    const listener = yield* listen(address)
-    const [client, server] = yield* Effect.all([connect(listener.address), listener.accept], { concurrency: 2 })
-    return { listener, client, server }
-  })
 
 /** Waits (event-loop turns, bounded) until `n` more TCP sockets than `base` are open. */
 const untilTcpSockets = (atLeast: number) =>

@@ -14,16 +14,13 @@
  * event-loop turns; `noHang` guards (real timers) only turn a hang into a failure.
  */
 import { describe, expect, it } from "@effect/vitest"
-import * as Cause from "effect/Cause"
 import * as Data from "effect/Data"
 import * as Deferred from "effect/Deferred"
 import * as Effect from "effect/Effect"
-import * as Exit from "effect/Exit"
 import * as Fiber from "effect/Fiber"
 import * as Logger from "effect/Logger"
 import * as Option from "effect/Option"
 import * as Ref from "effect/Ref"
-import type * as Scope from "effect/Scope"
 import * as TestClock from "effect/TestClock"
 import * as Crypto from "node:crypto"
 import * as Control from "../src/Control.js"
@@ -32,9 +29,13 @@ import * as Migration from "../src/Migration.js"
 import * as MigrationError from "../src/MigrationError.js"
 import * as Protocol from "../src/Protocol.js"
 import * as Transport from "../src/Transport.js"
+import { failureOf } from "./support/failures.js"
 import * as Faulty from "./support/faultyTransport.js"
-import { expectNoLeaks, nextTurn } from "./support/handles.js"
+import { noHang } from "./support/guards.js"
+import { leakFree, nextTurn } from "./support/handles.js"
 import { mixedImage } from "./support/images.js"
+import { sameMemory } from "./support/memory.js"
+import { controlMagic } from "./support/wire.js"
 
 // ---------------------------------------------------------------------------------------------------------
 // helpers
@@ -45,33 +46,11 @@ const tcp0: Transport.Address = { _tag: "Tcp", host: "127.0.0.1", port: 0 }
 
 type Ram = GuestRam.GuestRam["Type"]
 
-const leakFree = <A, E>(body: Effect.Effect<A, E, Scope.Scope>) => expectNoLeaks(Effect.scoped(body))
-
-/** A guard with a real timer (it also guards tests that move the TestClock): fail instead of hanging. */
-const noHang = <A, E, R>(self: Effect.Effect<A, E, R>, what: string, seconds = 10): Effect.Effect<A, E | Error, R> =>
-  Effect.raceFirst(
-    self,
-    Effect.async<never, Error>((resume) => {
-      const timer = setTimeout(() => resume(Effect.fail(new Error(`hung: ${what}`))), seconds * 1000)
-      return Effect.sync(() => clearTimeout(timer))
-    })
-  )
-
 /** 1 MiB + 256 KiB of mixed random and zero pages. */
 const sourceRam = () =>
   GuestRam.make({
     blocks: [{ name: "pc.ram", bytes: mixedImage(256, 0.7, PAGE) }, { name: "vga.vram", bytes: mixedImage(64, 0.7, PAGE) }]
   })
-
-const sameMemory = (a: Ram, b: Ram) =>
-  a.blocks.length === b.blocks.length && a.blocks.every((block, i) => block.bytes.equals(b.blocks[i]!.bytes))
-
-const failureOf = <A, E>(exit: Exit.Exit<A, E>): E => {
-  if (Exit.isSuccess(exit)) throw new Error("expected a failure, got success")
-  const failure = Cause.failureOption(exit.cause)
-  if (Option.isNone(failure)) throw new Error(`expected a failure, got ${Cause.pretty(exit.cause)}`)
-  return failure.value
-}
 
 /** A destination in a fiber of the caller's scope, its log lines (rejected connections) kept in `logs`. */
 const startDestination = <E = never>(options: Migration.IncomingOptions<E> = {}) =>
@@ -95,13 +74,6 @@ const migrateTo = (
     Effect.provide(transport),
     Effect.provideService(GuestRam.GuestRam, ram)
   )
-
-/** The control magic, as a source's first bytes. */
-const controlMagic = () => {
-  const magic = Buffer.alloc(4)
-  magic.writeUInt32BE(Control.MAGIC, 0)
-  return magic
-}
 
 const frameLength = (n: number) => {
   const length = Buffer.alloc(4)

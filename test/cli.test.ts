@@ -28,6 +28,7 @@ import {
   startRecv,
   waitForStderr
 } from "./support/cli.js"
+import { controlMagic } from "./support/wire.js"
 
 /** A plain TCP server that counts the connections it accepts (and closes them); closed by `close`. */
 const countingServer = () =>
@@ -446,12 +447,6 @@ const rawStranger = (uri: string, bytes: ReadonlyArray<Buffer>, end: boolean) =>
     if (end) socket.end()
   })
   return { socket, closed }
-}
-
-const controlMagic = () => {
-  const magic = Buffer.alloc(4)
-  magic.writeUInt32BE(Control.MAGIC, 0)
-  return magic
 }
 
 /** The first 30 bytes of a multifd init packet (its magic included). */

@@ -9,6 +9,7 @@
 import * as Cause from "effect/Cause"
 import * as Effect from "effect/Effect"
 import * as Exit from "effect/Exit"
+import type * as Scope from "effect/Scope"
 import * as Os from "node:os"
 import * as Path from "node:path"
 
@@ -91,6 +92,10 @@ export const expectNoLeaks = <A, E, R>(
         }))
     })
   )
+
+/** Runs the body in a scope and proves, once the scope closed, that no socket handle is left open. */
+export const leakFree = <A, E>(body: Effect.Effect<A, E, Scope.Scope>): Effect.Effect<A, E> =>
+  expectNoLeaks(Effect.scoped(body))
 
 let socketCounter = 0
 
