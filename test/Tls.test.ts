@@ -12,7 +12,6 @@
  * of the stall tests.
  */
 import { describe, expect, it } from "@effect/vitest"
-import * as Cause from "effect/Cause"
 import * as ConfigError from "effect/ConfigError"
 import * as ConfigProvider from "effect/ConfigProvider"
 import * as Deferred from "effect/Deferred"
@@ -21,8 +20,6 @@ import * as Effect from "effect/Effect"
 import * as Exit from "effect/Exit"
 import * as Fiber from "effect/Fiber"
 import * as Logger from "effect/Logger"
-import * as Option from "effect/Option"
-import type * as Scope from "effect/Scope"
 import * as Crypto from "node:crypto"
 import * as Fs from "node:fs"
 import * as Net from "node:net"
@@ -36,8 +33,11 @@ import * as MigrationError from "../src/MigrationError.js"
 import type * as MultifdSend from "../src/MultifdSend.js"
 import * as Tls from "../src/Tls.js"
 import * as Transport from "../src/Transport.js"
-import { expectNoLeaks } from "./support/handles.js"
+import { expectOneLine, failureOf } from "./support/failures.js"
+import { leakFree } from "./support/handles.js"
 import { mixedImage, timed } from "./support/images.js"
+import { sameMemory } from "./support/memory.js"
+import { loopbackServer } from "./support/tcpServer.js"
 
 // ---------------------------------------------------------------------------------------------------------
 // helpers
@@ -51,9 +51,6 @@ const PROMPT_MS = 1000
 const fixture = (name: string) => fileURLToPath(new URL(`./fixtures/tls/${name}`, import.meta.url))
 
 type Upgrade = Transport.Upgrade<MultifdSend.ChannelFailure>
-
-/** Runs the body in a scope and proves, once the scope closed, that no socket handle is left open. */
-const leakFree = <A, E>(body: Effect.Effect<A, E, Scope.Scope>) => expectNoLeaks(Effect.scoped(body))
 
 /** A guard (never used to let things settle): fail instead of hanging the file. */
 const noHang = <A, E, R>(self: Effect.Effect<A, E, R>, what: string, seconds = 6) =>
@@ -70,21 +67,6 @@ const sourceRam = (mib = 4) =>
       { name: "vga.vram", bytes: image(mib * 64) }
     ]
   })
-
-const sameMemory = (a: GuestRam.GuestRam["Type"], b: GuestRam.GuestRam["Type"]) =>
-  a.blocks.length === b.blocks.length && a.blocks.every((block, i) => block.bytes.equals(b.blocks[i]!.bytes))
-
-const failureOf = <A, E>(exit: Exit.Exit<A, E>): E => {
-  if (Exit.isSuccess(exit)) throw new Error(`expected a failure, got success`)
-  const failure = Cause.failureOption(exit.cause)
-  if (Option.isNone(failure)) throw new Error(`expected a failure, got ${Cause.pretty(exit.cause)}`)
-  return failure.value
-}
-
-const expectOneLine = (error: { readonly message: string }) => {
-  expect(error.message.length).toBeGreaterThan(0)
-  expect(error.message).not.toContain("\n")
-}
 
 /** The error is a `ChannelError` of `channel` caused by a `TlsError` of `reason`; returns the TLS error. */
 const expectTlsFailure = (
@@ -266,30 +248,14 @@ const channelRegistry = () => {
  */
 const rawPeer = (behaviour: "drop" | "stall") =>
   Effect.gen(function*() {
-    const sockets = new Set<Net.Socket>()
     const clientHellos = yield* Deferred.make<void>()
-    const server = yield* Effect.acquireRelease(
-      Effect.async<Net.Server>((resume) => {
-        const server = Net.createServer((socket) => {
-          socket.on("error", () => {})
-          sockets.add(socket)
-          socket.once("close", () => sockets.delete(socket))
-          socket.on("data", (chunk: Buffer) => {
-            if (chunk[0] === 0x16) Deferred.unsafeDone(clientHellos, Exit.void) // a handshake record
-            if (behaviour === "drop") socket.destroy()
-          })
-        })
-        server.listen(0, LOOPBACK, () => resume(Effect.succeed(server)))
-      }),
-      (server) =>
-        Effect.zipRight(
-          Effect.forEach(Array.from(sockets), Transport.destroy, { discard: true }),
-          Effect.async<void>((resume) => {
-            server.close(() => resume(Effect.void))
-          })
-        )
-    )
-    return { address: tcp(LOOPBACK, (server.address() as Net.AddressInfo).port), clientHellos }
+    const { address } = yield* loopbackServer((socket) => {
+      socket.on("data", (chunk: Buffer) => {
+        if (chunk[0] === 0x16) Deferred.unsafeDone(clientHellos, Exit.void) // a handshake record
+        if (behaviour === "drop") socket.destroy()
+      })
+    })
+    return { address, clientHellos }
   })
 
 /** One direction of a proxied TLS connection: the records seen (type, length) and whether it ended (FIN). */
@@ -329,49 +295,30 @@ const parseRecords = (d: Direction, chunk: Buffer) => {
  */
 const recordProxy = (target: Transport.Address) =>
   Effect.gen(function*() {
-    const sockets = new Set<Net.Socket>()
     const connections: Array<{ up: Direction; down: Direction }> = []
-    const track = (socket: Net.Socket) => {
-      socket.on("error", () => {})
-      sockets.add(socket)
-      socket.once("close", () => sockets.delete(socket))
-    }
-    const server = yield* Effect.acquireRelease(
-      Effect.async<Net.Server>((resume) => {
-        const server = Net.createServer({ allowHalfOpen: true }, (client) => {
-          const upstream = Net.connect({ host: LOOPBACK, port: portOf(target), allowHalfOpen: true })
-          track(client)
-          track(upstream)
-          const record = { up: newDirection(), down: newDirection() }
-          connections.push(record)
-          const pipe = (from: Net.Socket, to: Net.Socket, d: Direction) => {
-            from.on("data", (chunk: Buffer) => {
-              parseRecords(d, chunk)
-              to.write(chunk)
-            })
-            from.on("end", () => {
-              d.ended = true
-              to.end()
-            })
-            from.on("error", () => to.destroy())
-            from.on("close", () => {
-              if (!to.writableEnded) to.destroy()
-            })
-          }
-          pipe(client, upstream, record.up)
-          pipe(upstream, client, record.down)
+    const { address } = yield* loopbackServer((client, track) => {
+      const upstream = Net.connect({ host: LOOPBACK, port: portOf(target), allowHalfOpen: true })
+      track(upstream)
+      const record = { up: newDirection(), down: newDirection() }
+      connections.push(record)
+      const pipe = (from: Net.Socket, to: Net.Socket, d: Direction) => {
+        from.on("data", (chunk: Buffer) => {
+          parseRecords(d, chunk)
+          to.write(chunk)
         })
-        server.listen(0, LOOPBACK, () => resume(Effect.succeed(server)))
-      }),
-      (server) =>
-        Effect.zipRight(
-          Effect.forEach(Array.from(sockets), Transport.destroy, { discard: true }),
-          Effect.async<void>((resume) => {
-            server.close(() => resume(Effect.void))
-          })
-        )
-    )
-    return { address: tcp(LOOPBACK, (server.address() as Net.AddressInfo).port), connections }
+        from.on("end", () => {
+          d.ended = true
+          to.end()
+        })
+        from.on("error", () => to.destroy())
+        from.on("close", () => {
+          if (!to.writableEnded) to.destroy()
+        })
+      }
+      pipe(client, upstream, record.up)
+      pipe(upstream, client, record.down)
+    }, { allowHalfOpen: true })
+    return { address, connections }
   })
 
 /**
