@@ -9,29 +9,11 @@ import * as Exit from "effect/Exit"
 import * as Fiber from "effect/Fiber"
 import * as Crypto from "node:crypto"
 import * as Fs from "node:fs"
-import * as Os from "node:os"
 import * as Path from "node:path"
 import * as FileIo from "../src/internal/fileIo.js"
+import { openFilesIn, tempDirectory } from "./support/files.js"
 
-const tempDir = Effect.acquireRelease(
-  Effect.sync(() => Fs.mkdtempSync(Path.join(Os.tmpdir(), "emfd-fileio-"))),
-  (dir) => Effect.sync(() => Fs.rmSync(dir, { recursive: true, force: true }))
-)
-
-/** Descriptors this process has open on files under `dir` (Linux: /proc/self/fd). */
-const openFilesIn = (dir: string): ReadonlyArray<string> => {
-  if (!Fs.existsSync("/proc/self/fd")) return []
-  const open: Array<string> = []
-  for (const fd of Fs.readdirSync("/proc/self/fd")) {
-    try {
-      const target = Fs.readlinkSync(`/proc/self/fd/${fd}`)
-      if (target.startsWith(dir)) open.push(target)
-    } catch {
-      // closed meanwhile
-    }
-  }
-  return open
-}
+const tempDir = tempDirectory("emfd-fileio-")
 
 describe("FileIo.atomicFile", () => {
   it.scopedLive("the target is replaced only by a committed file; uncommitted or interrupted, nothing is left beside it", () =>

@@ -30,8 +30,11 @@ import * as QemuIncoming from "../src/QemuIncoming.js"
 import * as QemuStream from "../src/QemuStream.js"
 import * as Tls from "../src/Tls.js"
 import * as Transport from "../src/Transport.js"
+import { advanceUntil } from "./support/clock.js"
 import { expectOneLine, failureOf } from "./support/failures.js"
+import { noHang as realNoHang } from "./support/guards.js"
 import { expectNoLeaks, nextTurn } from "./support/handles.js"
+import { stranger, turnedAway } from "./support/strangers.js"
 
 const FIXTURES = new URL("./fixtures/qemu-10.0.2/", import.meta.url)
 const fixture = (path: string): Buffer => Fs.readFileSync(new URL(path, FIXTURES))
@@ -850,38 +853,6 @@ describe("QemuIncoming.incoming: strangers are candidates, never owners", () => 
   const CH0 = fixture("none-2ch/multifd-0.bin")
   const CH1 = fixture("none-2ch/multifd-1.bin")
   const HANDSHAKE = { ...PEER, handshake: "5 seconds" } as const
-
-  /** A guard with a real timer (it also guards tests that move the TestClock): fail instead of hanging. */
-  const realNoHang = <A, E, R>(self: Effect.Effect<A, E, R>, what: string, seconds = 10): Effect.Effect<A, E | Error, R> =>
-    Effect.raceFirst(
-      self,
-      Effect.async<never, Error>((resume) => {
-        const timer = setTimeout(() => resume(Effect.fail(new Error(`hung: ${what}`))), seconds * 1000)
-        return Effect.sync(() => clearTimeout(timer))
-      })
-    )
-
-  /** Connects a stranger that writes `bytes`, then half-closes (`close`) or stays silent. */
-  const stranger = (address: Transport.Address, bytes: ReadonlyArray<Uint8Array>, close: boolean) =>
-    Effect.gen(function*() {
-      const connection = yield* Transport.connect(address)
-      if (bytes.length > 0) yield* connection.write(bytes)
-      if (close) yield* connection.end
-      return connection
-    })
-
-  /** Waits until the destination closed the stranger's connection (a clean end or a reset: it is gone). */
-  const turnedAway = (connection: Transport.Connection, what: string) =>
-    realNoHang(Effect.catchAll(connection.atEnd, () => Effect.succeed(true)), what).pipe(
-      Effect.tap((ended) => expect(ended, `${what}: the destination sent data instead of closing`).toBe(true))
-    )
-
-  /** Moves the TestClock a tenth of a second per event-loop turn until `done` holds (a real-time guard bounds it). */
-  const advanceUntil = (done: Effect.Effect<boolean>, what: string) => {
-    const step: Effect.Effect<void> = Effect.flatMap(done, (isDone) =>
-      isDone ? Effect.void : Effect.zipRight(Effect.zipRight(TestClock.adjust("100 millis"), nextTurn), step))
-    return realNoHang(step, what)
-  }
 
   /** The destination is still waiting; QEMU's captured migration is replayed to it and succeeds. */
   const captureSucceeds = (dst: Destination) =>

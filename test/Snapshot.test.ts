@@ -8,42 +8,20 @@ import * as FastCheck from "effect/FastCheck"
 import * as Fiber from "effect/Fiber"
 import * as Crypto from "node:crypto"
 import * as Fs from "node:fs"
-import * as Os from "node:os"
 import * as Path from "node:path"
 import * as GuestRam from "../src/GuestRam.js"
 import * as Format from "../src/internal/snapshotFormat.js"
 import * as Migration from "../src/Migration.js"
 import * as Snapshot from "../src/Snapshot.js"
 import * as Transport from "../src/Transport.js"
+import { openFilesIn, tempDirectory } from "./support/files.js"
 import { nextTurn } from "./support/handles.js"
 
 // ---------------------------------------------------------------------------------------------------------
 // Helpers
 
 /** A fresh directory for one test, removed (with whatever is left) afterwards. */
-const tempDir = Effect.acquireRelease(
-  Effect.sync(() => Fs.mkdtempSync(Path.join(Os.tmpdir(), "emfd-snap-"))),
-  (dir) => Effect.sync(() => Fs.rmSync(dir, { recursive: true, force: true }))
-)
-
-/**
- * Descriptors this process has open on files under `dir` (Linux: /proc/self/fd). Node 20's
- * `process.getActiveResourcesInfo()` does not list an open, idle `FileHandle` at all — only requests in flight
- * (`FSReqPromise`, `FSReqCallback`, `CloseReq`) — so the descriptor table is the real check.
- */
-const openFilesIn = (dir: string): ReadonlyArray<string> => {
-  if (!Fs.existsSync("/proc/self/fd")) return []
-  const open: Array<string> = []
-  for (const fd of Fs.readdirSync("/proc/self/fd")) {
-    try {
-      const target = Fs.readlinkSync(`/proc/self/fd/${fd}`)
-      if (target.startsWith(dir)) open.push(target)
-    } catch {
-      // closed meanwhile (the descriptor readdir itself used)
-    }
-  }
-  return open
-}
+const tempDir = tempDirectory("emfd-snap-")
 
 const FS_KINDS = new Set(["FileHandle", "FSReqPromise", "FSReqCallback", "CloseReq", "FileHandleCloseReq"])
 const fsResources = () => process.getActiveResourcesInfo().filter((kind) => FS_KINDS.has(kind)).length

@@ -30,11 +30,13 @@ import * as MigrationError from "../src/MigrationError.js"
 import * as Protocol from "../src/Protocol.js"
 import * as Transport from "../src/Transport.js"
 import { failureOf } from "./support/failures.js"
+import { advanceUntil } from "./support/clock.js"
 import * as Faulty from "./support/faultyTransport.js"
 import { noHang } from "./support/guards.js"
 import { leakFree, nextTurn } from "./support/handles.js"
 import { mixedImage } from "./support/images.js"
 import { sameMemory } from "./support/memory.js"
+import { stranger, turnedAway } from "./support/strangers.js"
 import { controlMagic } from "./support/wire.js"
 
 // ---------------------------------------------------------------------------------------------------------
@@ -95,28 +97,6 @@ const hello = () =>
     zeroPage: "multifd",
     blocks: [{ name: "ram", size: 16 * PAGE }]
   })
-
-/** Connects a stranger that writes `bytes`, then half-closes (`close`) or stays silent. */
-const stranger = (address: Transport.Address, bytes: ReadonlyArray<Uint8Array>, close: boolean) =>
-  Effect.gen(function*() {
-    const connection = yield* Transport.connect(address)
-    if (bytes.length > 0) yield* connection.write(bytes)
-    if (close) yield* connection.end
-    return connection
-  })
-
-/** Waits until the destination closed the stranger's connection (a clean end or a reset: it is gone). */
-const turnedAway = (connection: Transport.Connection, what: string) =>
-  noHang(Effect.catchAll(connection.atEnd, () => Effect.succeed(true)), what).pipe(
-    Effect.tap((ended) => expect(ended, `${what}: the destination sent data instead of closing`).toBe(true))
-  )
-
-/** Moves the TestClock a tenth of a second per event-loop turn until `done` holds (a real-time guard bounds it). */
-const advanceUntil = (done: Effect.Effect<boolean>, what: string) => {
-  const step: Effect.Effect<void> = Effect.flatMap(done, (isDone) =>
-    isDone ? Effect.void : Effect.zipRight(Effect.zipRight(TestClock.adjust("100 millis"), nextTurn), step))
-  return noHang(step, what)
-}
 
 const fiberDone = <A, E>(fiber: Fiber.Fiber<A, E>) => Effect.map(Fiber.poll(fiber), Option.isSome)
 

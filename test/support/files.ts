@@ -1,0 +1,33 @@
+/**
+ * Files for tests: a temporary directory per test, and the check that nothing is left open under it.
+ */
+import * as Effect from "effect/Effect"
+import * as Fs from "node:fs"
+import * as Os from "node:os"
+import * as Path from "node:path"
+
+/** A fresh directory (its name starts with `prefix`) for the scope, removed with whatever is left in it. */
+export const tempDirectory = (prefix: string) =>
+  Effect.acquireRelease(
+    Effect.sync(() => Fs.mkdtempSync(Path.join(Os.tmpdir(), prefix))),
+    (dir) => Effect.sync(() => Fs.rmSync(dir, { recursive: true, force: true }))
+  )
+
+/**
+ * Descriptors this process has open on files under `dir` (Linux: /proc/self/fd). Node 20's
+ * `process.getActiveResourcesInfo()` does not list an open, idle `FileHandle` at all — only requests in flight
+ * (`FSReqPromise`, `FSReqCallback`, `CloseReq`) — so the descriptor table is the real check.
+ */
+export const openFilesIn = (dir: string): ReadonlyArray<string> => {
+  if (!Fs.existsSync("/proc/self/fd")) return []
+  const open: Array<string> = []
+  for (const fd of Fs.readdirSync("/proc/self/fd")) {
+    try {
+      const target = Fs.readlinkSync(`/proc/self/fd/${fd}`)
+      if (target.startsWith(dir)) open.push(target)
+    } catch {
+      // closed meanwhile (the descriptor readdir itself used)
+    }
+  }
+  return open
+}
