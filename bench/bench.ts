@@ -22,7 +22,7 @@ const here = Path.dirname(Url.fileURLToPath(import.meta.url))
 const peer = Path.join(here, ".build", "peer.js")
 Esbuild.buildSync({
   // the digest's worker module lands beside the bundle, where the bundled digest starts it
-  entryPoints: { peer: Path.join(here, "peer.ts"), digestWorker: Path.join(here, "..", "src", "internal", "digestWorker.ts") },
+  entryPoints: { peer: Path.join(here, "peer.ts"), digestWorker: Path.join(here, "..", "src", "internal", "native", "digestWorker.ts") },
   outdir: Path.join(here, ".build"),
   bundle: true,
   platform: "node",

@@ -1,5 +1,5 @@
-// `npm run build:wasm`: assembles src/internal/xxh3.wat (the XXH3 stripe loop, WebAssembly text) with wabt
-// and writes the module's bytes, base64-encoded, into the generated part of src/internal/xxh3.ts. The library
+// `npm run build:wasm`: assembles src/internal/native/xxh3.wat (the XXH3 stripe loop, WebAssembly text) with wabt
+// and writes the module's bytes, base64-encoded, into the generated part of src/internal/native/xxh3.ts. The library
 // embeds the bytes and assembles nothing at run time; test/Digest.test.ts assembles the .wat the same way and
 // fails while the embedded bytes are not the .wat's. `--check` only reports whether they are.
 import * as Fs from "node:fs"
@@ -8,8 +8,8 @@ import * as Url from "node:url"
 import wabtInit from "wabt"
 
 const root = Path.resolve(Path.dirname(Url.fileURLToPath(import.meta.url)), "..")
-const watPath = Path.join(root, "src", "internal", "xxh3.wat")
-const tsPath = Path.join(root, "src", "internal", "xxh3.ts")
+const watPath = Path.join(root, "src", "internal", "native", "xxh3.wat")
+const tsPath = Path.join(root, "src", "internal", "native", "xxh3.ts")
 
 // SIMD for the stripe loop, threads for the shared memory it imports
 const features = { simd: true, threads: true }
@@ -35,12 +35,12 @@ const updated = `${source.slice(0, from)}${BEGIN}const MODULE_BASE64 = [\n${line
 
 if (process.argv.includes("--check")) {
   if (updated !== source) {
-    console.error("src/internal/xxh3.ts does not embed xxh3.wat's module: run npm run build:wasm")
+    console.error("src/internal/native/xxh3.ts does not embed xxh3.wat's module: run npm run build:wasm")
     process.exit(1)
   }
 } else if (updated !== source) {
   Fs.writeFileSync(tsPath, updated)
-  console.log(`src/internal/xxh3.ts: embedded the module assembled from xxh3.wat (${bytes.length} bytes)`)
+  console.log(`src/internal/native/xxh3.ts: embedded the module assembled from xxh3.wat (${bytes.length} bytes)`)
 } else {
-  console.log(`src/internal/xxh3.ts already embeds xxh3.wat's module (${bytes.length} bytes)`)
+  console.log(`src/internal/native/xxh3.ts already embeds xxh3.wat's module (${bytes.length} bytes)`)
 }

@@ -20,10 +20,10 @@ if (compiled.status !== 0) process.exit(compiled.status ?? 1)
 
 await Esbuild.build({
   // the digest's worker thread beside the command: the bundle starts it from `./digestWorker.js` relative to
-  // its own `import.meta.url`, as the library does from dist/internal
+  // its own `import.meta.url`, as the library does from dist/internal/native
   entryPoints: {
     multifd: Path.join(root, "src", "cli", "main.ts"),
-    digestWorker: Path.join(root, "src", "internal", "digestWorker.ts")
+    digestWorker: Path.join(root, "src", "internal", "native", "digestWorker.ts")
   },
   outdir: Path.join(dist, "bin"),
   bundle: true,

@@ -10,9 +10,9 @@ import * as Effect from "effect/Effect"
 import * as Layer from "effect/Layer"
 import type * as Scope from "effect/Scope"
 import * as Buffer from "node:buffer"
-import * as Digest from "./internal/digest.js"
-import { DirtyLog } from "./internal/dirtyLog.js"
-import { WriteGate } from "./internal/writeGate.js"
+import * as Digest from "./internal/native/digest.js"
+import { DirtyLog } from "./internal/native/dirtyLog.js"
+import { WriteGate } from "./internal/native/writeGate.js"
 
 /** Default page size: 4 KiB, as QEMU's target page on x86. */
 export const DEFAULT_PAGE_SIZE = 4096

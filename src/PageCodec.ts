@@ -9,8 +9,8 @@
  *   are first copied into a per-channel buffer (QEMU copies too): guest memory may change while a pool
  *   thread reads it, and zlib is not safe against that.
  * - zstd runs synchronously on the event loop (`zstd-napi`, libzstd built at install), a block's worth of
- *   pages at a time with a yield point between (`internal/eventLoop`): at high levels a packet takes hundreds
- *   of milliseconds, and timers, signals and sockets must not wait for it. It reads the pages in place:
+ *   pages at a time with a yield point between (`internal/native/eventLoop`): at high levels a packet takes
+ *   hundreds of milliseconds, and timers, signals and sockets must not wait for it. It reads the pages in place:
  *   nothing writes them during a call, and libzstd keeps its own copy of what it was fed.
  *
  * Receiving never lets a payload touch guest memory before it has been checked: the payload is read into a
@@ -24,9 +24,9 @@ import * as Data from "effect/Data"
 import * as Effect from "effect/Effect"
 import * as Either from "effect/Either"
 import type * as Scope from "effect/Scope"
-import * as EventLoop from "./internal/eventLoop.js"
-import { type ProcessFailure, ZlibStream } from "./internal/zlibStream.js"
-import * as Zstd from "./internal/zstdStream.js"
+import * as EventLoop from "./internal/native/eventLoop.js"
+import { type ProcessFailure, ZlibStream } from "./internal/native/zlibStream.js"
+import * as Zstd from "./internal/native/zstdStream.js"
 import * as Protocol from "./Protocol.js"
 import type * as Transport from "./Transport.js"
 

@@ -23,7 +23,7 @@ import * as Schema from "effect/Schema"
 import * as Crypto from "node:crypto"
 import * as Fs from "node:fs/promises"
 import * as NodeTls from "node:tls"
-import * as KeyUsage from "./internal/keyUsage.js"
+import * as KeyUsage from "./internal/native/keyUsage.js"
 import * as Transport from "./Transport.js"
 
 /** A TLS failure: bad configuration, a failed or stalled handshake, or a peer that is not authorized. */

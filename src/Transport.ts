@@ -16,8 +16,8 @@ import type { Stats } from "node:fs"
 import * as Fs from "node:fs/promises"
 import * as Net from "node:net"
 import type * as Stream from "node:stream"
-import * as DirectSocket from "./internal/directSocket.js"
-import { SocketReader } from "./internal/socketReader.js"
+import * as DirectSocket from "./internal/native/directSocket.js"
+import { SocketReader } from "./internal/native/socketReader.js"
 
 // ---------------------------------------------------------------------------------------------------------
 // Addresses

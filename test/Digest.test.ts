@@ -1,5 +1,5 @@
 /**
- * The digest's own XXH3-128 (a WebAssembly SIMD stripe loop assembled from `src/internal/xxh3.wat`, short
+ * The digest's own XXH3-128 (a WebAssembly SIMD stripe loop assembled from `src/internal/native/xxh3.wat`, short
  * inputs in TypeScript) against hash-wasm's, and every way a digest reaches memory: in place in memory from
  * `GuestRam.allocate`, through a copy from other shared memory or from plain memory, on this thread and on
  * worker threads, a pool of threads shared by concurrent and interrupted digests, and threads that fail.
@@ -17,8 +17,8 @@ import * as Crypto from "node:crypto"
 import * as Fs from "node:fs"
 import wabtInit from "wabt"
 import * as GuestRam from "../src/GuestRam.js"
-import * as Digest from "../src/internal/digest.js"
-import * as Xxh3 from "../src/internal/xxh3.js"
+import * as Digest from "../src/internal/native/digest.js"
+import * as Xxh3 from "../src/internal/native/xxh3.js"
 
 const reference = (bytes: Uint8Array): Promise<string> => HashWasm.xxhash128(bytes)
 
@@ -47,11 +47,11 @@ const randomInto = <B extends Uint8Array>(bytes: B): B => {
   return bytes
 }
 
-describe("XXH3-128 (internal/xxh3)", () => {
+describe("XXH3-128 (internal/native/xxh3)", () => {
   it.effect("embeds the module that xxh3.wat assembles to, byte for byte (npm run build:wasm regenerates it)", () =>
     Effect.promise(async () => {
       const features = { simd: true, threads: true }
-      const text = Fs.readFileSync(new URL("../src/internal/xxh3.wat", import.meta.url), "utf8")
+      const text = Fs.readFileSync(new URL("../src/internal/native/xxh3.wat", import.meta.url), "utf8")
       const parsed = (await wabtInit()).parseWat("xxh3.wat", text, features)
       try {
         expect(Buffer.from(Xxh3.moduleBytes).equals(Buffer.from(parsed.toBinary({}).buffer))).toBe(true)
@@ -171,7 +171,7 @@ describe("GuestRam.digest reaches memory every way and agrees", () => {
     }))
 })
 
-describe("digest worker threads (internal/digestWorker)", () => {
+describe("digest worker threads (internal/native/digestWorker)", () => {
   /** Memory of three chunks: this thread takes one, and the workers of a pool of two the others. */
   const threeChunks = () => randomInto(GuestRam.allocate(2 * GuestRam.DIGEST_CHUNK + 4096))
 

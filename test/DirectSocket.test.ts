@@ -1,5 +1,5 @@
 /**
- * `internal/directSocket`: accepted sockets re-wrapped with `onread`, so that long runs are read by libuv
+ * `internal/native/directSocket`: accepted sockets re-wrapped with `onread`, so that long runs are read by libuv
  * straight into the caller's memory. Real sockets on loopback; every test proves nothing is left open.
  */
 import { describe, expect, it } from "@effect/vitest"

@@ -87,7 +87,7 @@ describe("the npm package", () => {
         "dist/index.d.ts",
         "dist/Migration.js",
         "dist/Migration.d.ts",
-        "dist/internal/digestWorker.js",
+        "dist/internal/native/digestWorker.js",
         "dist/bin/multifd.js",
         "dist/bin/digestWorker.js",
         "README.md"
@@ -124,7 +124,7 @@ describe("the npm package", () => {
     expect(JSON.parse(ran.stdout.trim())).toEqual({ ramBytes: 4 * 1024 * 1024, same: true, magic: 0x11223344 })
   })
 
-  it("digests on worker threads started from the compiled library (dist/internal/digestWorker.js)", async () => {
+  it("digests on worker threads started from the compiled library (dist/internal/native/digestWorker.js)", async () => {
     // three chunks, hashed by this thread and a pool of two workers, and again by this thread alone (plain
     // memory is never given to workers): both must agree. The pool comes from the internal module itself, so
     // that workers are used however many cores the machine has.
@@ -132,7 +132,7 @@ describe("the npm package", () => {
       import * as Effect from "effect/Effect"
       import * as Crypto from "node:crypto"
       import { GuestRam } from "effect-multifd"
-      const Digest = await import(new URL("./node_modules/effect-multifd/dist/internal/digest.js", import.meta.url).href)
+      const Digest = await import(new URL("./node_modules/effect-multifd/dist/internal/native/digest.js", import.meta.url).href)
       const size = 2 * GuestRam.DIGEST_CHUNK + 4096
       const shared = GuestRam.allocate(size)
       for (let at = 0; at < size; at += 65536) Crypto.randomFillSync(shared, at, Math.min(65536, size - at))

@@ -13,7 +13,7 @@ import type * as Scope from "effect/Scope"
 import * as GuestRam from "../GuestRam.js"
 import type * as Migration from "../Migration.js"
 import * as MigrationError from "../MigrationError.js"
-import * as DirtyLog from "./dirtyLog.js"
+import * as DirtyLog from "./native/dirtyLog.js"
 import { unlessStalled } from "./stall.js"
 
 /** Where pages go: a channel set, or a snapshot file's writers. */

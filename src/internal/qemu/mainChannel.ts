@@ -21,7 +21,7 @@ import * as MultifdRecv from "../../MultifdRecv.js"
 import type * as Protocol from "../../Protocol.js"
 import * as QemuStream from "../../QemuStream.js"
 import type * as Transport from "../../Transport.js"
-import { RecentRate } from "../rate.js"
+import { RecentRate } from "../native/rate.js"
 import { unlessStalled } from "../stall.js"
 
 /** How the destination reads the main stream and builds the channel set. */

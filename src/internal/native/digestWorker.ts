@@ -1,5 +1,5 @@
 /**
- * A digest's worker thread (`internal/digest` starts it on this file): runs each chunk's full blocks through
+ * A digest's worker thread (`native/digest` starts it on this file): runs each chunk's full blocks through
  * the XXH3 module, in place when the chunk comes with its WebAssembly memory, through a scratch memory
  * otherwise, and answers with the accumulators (the calling thread finishes the hash).
  *

@@ -1,8 +1,8 @@
 /**
  * Digests of guest memory: SHA-256 over the XXH3-128 of each 64 MiB chunk (XXH3 several GiB/s a core where
  * SHA-256 manages one: the digest is checked while a migration is paused). The XXH3 stripe loop
- * (`internal/xxh3`) reads memory from `allocate` where it lies and copies other memory into a
- * scratch memory first. Shared memory is hashed by worker threads (`internal/digestWorker`) and the calling
+ * (`native/xxh3`) reads memory from `allocate` where it lies and copies other memory into a
+ * scratch memory first. Shared memory is hashed by worker threads (`native/digestWorker`) and the calling
  * thread in parallel; other memory by the calling thread alone. The calling thread yields every 4 MiB.
  *
  * @internal

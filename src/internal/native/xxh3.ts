@@ -2,7 +2,7 @@
  * XXH3-128 (xxHash 0.8, default secret, no seed). The stripe loop, which touches every byte of a long input,
  * runs in a small WebAssembly SIMD module that works on whatever memory it is instantiated with: guest memory
  * that lives in a `WebAssembly.Memory` is hashed where it lies, without the copy into a hasher's own memory
- * that cost more than the hash itself (`internal/digest` decides). The last partial block, the final mix and
+ * that cost more than the hash itself (`native/digest` decides). The last partial block, the final mix and
  * inputs of at most 240 bytes (XXH3's short paths) run here, in BigInt arithmetic (a few hundred operations
  * per input).
  *
