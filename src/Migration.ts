@@ -106,7 +106,7 @@ export interface MigrateOptions {
   readonly zeroPage?: "multifd" | "none" | undefined
   readonly timeouts?: Partial<Timeouts> | undefined
   /** Secures every connection (the main channel and each multifd channel) before it is used. */
-  readonly upgrade?: Transport.Upgrade<MultifdSend.ChannelFailure> | undefined
+  readonly upgrade?: Transport.Upgrade<Transport.UpgradeError> | undefined
   /** Called at each round's start, as its pages are sent, and at its end. */
   readonly onProgress?: ((progress: Progress) => Effect.Effect<void>) | undefined
   /** Pre-copy and switch-over policy (for memory written while it migrates). */
@@ -351,7 +351,7 @@ export interface IncomingOptions<E = never> {
   /** How long to wait for a source to connect at all (default: for ever). */
   readonly acceptTimeout?: Duration.DurationInput | undefined
   /** Secures every accepted connection (TLS server side) before it is classified. */
-  readonly upgrade?: Transport.Upgrade<MultifdSend.ChannelFailure> | undefined
+  readonly upgrade?: Transport.Upgrade<Transport.UpgradeError> | undefined
   /**
    * Settings the source must use, else its hello is refused with the reason (the source fails with
    * `Rejected`, nothing is written here). Unset fields follow the source.
@@ -380,7 +380,7 @@ export interface Incoming {
 /** Everything a destination can fail with. */
 export type IncomingError =
   | MultifdRecv.ChannelFailure
-  | MultifdSend.ChannelFailure
+  | Transport.UpgradeError
   | MigrationError.MigrationError
   | MigrationError.ChannelError
   | GuestRam.GuestRamError

@@ -39,7 +39,7 @@ export interface Config {
   readonly zeroPage: "multifd" | "none"
   readonly connectTimeout?: Duration.DurationInput | undefined
   /** Secures each channel (TLS) before its init packet; identity by default. */
-  readonly upgrade?: Transport.Upgrade<ChannelFailure> | undefined
+  readonly upgrade?: Transport.Upgrade<Transport.UpgradeError> | undefined
 }
 
 /** What can end a channel. */
@@ -48,7 +48,7 @@ export type ChannelFailure =
   | Protocol.ProtocolError
   | MigrationError.ChannelError
   | PageCodec.CodecError
-  | { readonly _tag: "TlsError"; readonly message: string }
+  | Transport.UpgradeError
 
 /** Counters of what the channels sent. */
 export interface Stats {

@@ -41,7 +41,6 @@ import { within } from "./internal/stall.js"
 import type * as Migration from "./Migration.js"
 import * as MigrationError from "./MigrationError.js"
 import type * as MultifdRecv from "./MultifdRecv.js"
-import type * as MultifdSend from "./MultifdSend.js"
 import * as Protocol from "./Protocol.js"
 import type * as QemuStream from "./QemuStream.js"
 import * as Tls from "./Tls.js"
@@ -91,7 +90,7 @@ export interface Options {
    * here). It must send nothing after its handshake: QEMU never reads its migration channels, and a peer that
    * closes with unread bytes resets the connection, losing the end of what it sent.
    */
-  readonly upgrade?: Transport.Upgrade<MultifdSend.ChannelFailure> | undefined
+  readonly upgrade?: Transport.Upgrade<Transport.UpgradeError> | undefined
   /** Called about ten times a second once the RAM blocks are known (`doneBytes` counts pages received). */
   readonly onProgress?: ((progress: Migration.Progress) => Effect.Effect<void>) | undefined
 }

@@ -30,7 +30,6 @@ import { fileURLToPath } from "node:url"
 import * as GuestRam from "../src/GuestRam.js"
 import * as Migration from "../src/Migration.js"
 import * as MigrationError from "../src/MigrationError.js"
-import type * as MultifdSend from "../src/MultifdSend.js"
 import * as Tls from "../src/Tls.js"
 import * as Transport from "../src/Transport.js"
 import { expectOneLine, failureOf } from "./support/failures.js"
@@ -50,7 +49,7 @@ const PROMPT_MS = 1000
 
 const fixture = (name: string) => fileURLToPath(new URL(`./fixtures/tls/${name}`, import.meta.url))
 
-type Upgrade = Transport.Upgrade<MultifdSend.ChannelFailure>
+type Upgrade = Transport.Upgrade<Transport.UpgradeError>
 
 /** A guard (never used to let things settle): fail instead of hanging the file. */
 const noHang = <A, E, R>(self: Effect.Effect<A, E, R>, what: string, seconds = 6) =>

@@ -14,7 +14,6 @@ import * as Effect from "effect/Effect"
 import * as FiberSet from "effect/FiberSet"
 import * as Ref from "effect/Ref"
 import type * as Scope from "effect/Scope"
-import type * as MultifdSend from "../MultifdSend.js"
 import type * as Transport from "../Transport.js"
 import { within } from "./stall.js"
 
@@ -33,7 +32,7 @@ export type Reject = (connection: Transport.Connection, why: string) => Effect.E
 export const start = <E>(
   listener: Transport.Listener,
   options: {
-    readonly upgrade?: Transport.Upgrade<MultifdSend.ChannelFailure> | undefined
+    readonly upgrade?: Transport.Upgrade<Transport.UpgradeError> | undefined
     /** How long a connection may take to send its first bytes. */
     readonly firstBytesTimeout: Duration.DurationInput
     /**

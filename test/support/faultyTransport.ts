@@ -19,7 +19,6 @@ import * as FiberId from "effect/FiberId"
 import * as Layer from "effect/Layer"
 import type * as Stream from "node:stream"
 import * as Control from "../../src/Control.js"
-import type * as MultifdSend from "../../src/MultifdSend.js"
 import * as Protocol from "../../src/Protocol.js"
 import * as Transport from "../../src/Transport.js"
 
@@ -293,7 +292,7 @@ export const make = (plan: FaultPlan = {}): Effect.Effect<Faulty> =>
 // ---------------------------------------------------------------------------------------------------------
 // Upgrade hooks (the TLS hook of `migrate` / `incoming`), for handshake faults
 
-type Upgrade = Transport.Upgrade<MultifdSend.ChannelFailure>
+type Upgrade = Transport.Upgrade<Transport.UpgradeError>
 
 /** An upgrade hook that also remembers which connection it was called with for each channel. */
 export type RecordingUpgrade = Upgrade & {
@@ -318,7 +317,7 @@ const recording = (
 }
 
 /** The error `failHandshakeOn` fails with by default (shaped like a TLS error). */
-export const handshakeError = (channel: number | "main"): MultifdSend.ChannelFailure => ({
+export const handshakeError = (channel: number | "main"): Transport.UpgradeError => ({
   _tag: "TlsError",
   message: `TLS handshake failed on ${channel === "main" ? "the main channel" : `channel ${channel}`} (fault injection)`
 })
@@ -326,7 +325,7 @@ export const handshakeError = (channel: number | "main"): MultifdSend.ChannelFai
 /** Fails the handshake of the given channel (the others pass unchanged). */
 export const failHandshakeOn = (
   channel: number | "main",
-  error: MultifdSend.ChannelFailure = handshakeError(channel)
+  error: Transport.UpgradeError = handshakeError(channel)
 ): RecordingUpgrade =>
   recording((connection, ch) => (ch === channel ? Effect.fail(error) : Effect.succeed(connection)))
 

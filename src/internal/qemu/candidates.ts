@@ -19,7 +19,6 @@ import * as Ref from "effect/Ref"
 import type * as Scope from "effect/Scope"
 import * as MigrationError from "../../MigrationError.js"
 import * as MultifdRecv from "../../MultifdRecv.js"
-import type * as MultifdSend from "../../MultifdSend.js"
 import * as Protocol from "../../Protocol.js"
 import * as QemuStream from "../../QemuStream.js"
 import type * as Transport from "../../Transport.js"
@@ -45,7 +44,7 @@ const problemOf = (error: Transport.TransportError | MigrationError.MigrationErr
 export const start = (
   listener: Transport.Listener,
   options: {
-    readonly upgrade: Transport.Upgrade<MultifdSend.ChannelFailure> | undefined
+    readonly upgrade: Transport.Upgrade<Transport.UpgradeError> | undefined
     /** One deadline for a candidate's first bytes and the rest of its header or init packet. */
     readonly handshake: Duration.DurationInput
     /** The channel set, once the main stream announced the RAM blocks: channels are adopted into it. */
