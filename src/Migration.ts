@@ -11,18 +11,15 @@ import * as Deferred from "effect/Deferred"
 import * as Duration from "effect/Duration"
 import * as Effect from "effect/Effect"
 import * as Either from "effect/Either"
-import * as Exit from "effect/Exit"
 import * as Fiber from "effect/Fiber"
 import * as Option from "effect/Option"
 import * as Queue from "effect/Queue"
-import * as Schedule from "effect/Schedule"
 import * as Stream from "effect/Stream"
 import * as Crypto from "node:crypto"
 import * as Control from "./Control.js"
 import * as GuestRam from "./GuestRam.js"
 import * as Precopy from "./internal/precopy.js"
 import * as Acceptor from "./internal/acceptor.js"
-import { RecentRate } from "./internal/native/rate.js"
 import { unlessStalled, within } from "./internal/stall.js"
 import * as MigrationError from "./MigrationError.js"
 import * as MultifdRecv from "./MultifdRecv.js"
@@ -30,70 +27,64 @@ import * as MultifdSend from "./MultifdSend.js"
 import * as PageCodec from "./PageCodec.js"
 import * as Protocol from "./Protocol.js"
 import * as Snapshot from "./Snapshot.js"
+import * as Transfer from "./Transfer.js"
 import * as Transport from "./Transport.js"
 
-/** How long to wait for a peer. */
-export interface Timeouts {
-  /** Establishing a TCP or Unix connection (default 10 s). */
-  readonly connect: Duration.DurationInput
-  /**
-   * A TLS handshake; on the destination also a new connection's first bytes and its hello or init packet: a
-   * connection that has not sent a complete, valid one by then is closed (default 10 s).
-   */
-  readonly handshake: Duration.DurationInput
-  /**
-   * Any single answer of the peer, or no progress at all during a transfer (default 30 s). While a destination
-   * stores the memory it says so about every second (`Control.Storing`): this bounds the silence, not the store.
-   */
-  readonly peer: Duration.DurationInput
-}
+/**
+ * How long to wait for a peer (`Transfer.Timeouts`).
+ *
+ * @since 0.1.0
+ * @category models
+ */
+export type Timeouts = Transfer.Timeouts
 
-/** Default timeouts. */
-export const defaultTimeouts: Timeouts = {
-  connect: Duration.seconds(10),
-  handshake: Duration.seconds(10),
-  peer: Duration.seconds(30)
-}
+/**
+ * Where a migration is (`Transfer.Phase`).
+ *
+ * @since 0.1.0
+ * @category models
+ */
+export type Phase = Transfer.Phase
 
-/** Where a migration is: pre-copy rounds while writers run, then the switch-over with writers paused. */
-export type Phase = "precopy" | "switchover"
+/**
+ * A progress report (`Transfer.Progress`).
+ *
+ * @since 0.1.0
+ * @category models
+ */
+export type Progress = Transfer.Progress
 
-/** A progress report. */
-export interface Progress {
-  readonly round: number
-  readonly phase: Phase
-  /**
-   * Bytes of this round's pages sent: in packets the sockets accepted (the destination: pages received in
-   * all). A round's last report has all of them; its first (and only that one) has 0.
-   */
-  readonly doneBytes: number
-  /** Bytes of this round's pages (the destination: memory size). */
-  readonly totalBytes: number
-  /**
-   * Pages a switch-over now would still have to send: at a round's start the pages it sends; during a round
-   * those not yet sent plus those written since it began (a page in both counts twice). 0 on the destination.
-   */
-  readonly dirtyPages: number
-  /**
-   * Bytes per second on the wire: at a round's start measured over the previous round (0 before one
-   * completed), during a round over the round so far; the destination: the receive rate over the last second.
-   */
-  readonly bandwidth: number
-  /** Expected downtime if the switch-over happened now: `dirtyPages` at `bandwidth`. 0 on the destination. */
-  readonly expectedDowntimeMs: number
-}
+/**
+ * When a live migration switches over, and what it does when it cannot (`Transfer.LiveOptions`).
+ *
+ * @since 0.1.0
+ * @category models
+ */
+export type LiveOptions = Transfer.LiveOptions
 
-/** When a live migration switches over, and what it does when it cannot. */
-export interface LiveOptions {
-  /** Switch over when the remaining dirty pages can be sent within this time (default 300 ms, as QEMU). */
-  readonly downtimeLimit?: Duration.DurationInput | undefined
-  /** Give up converging after this many rounds (default 30). */
-  readonly maxRounds?: number | undefined
-  /** Give up converging after this long (default 10 minutes). */
-  readonly maxDuration?: Duration.DurationInput | undefined
-  /** `fail` (default): a migration that does not converge fails; `switchover`: it switches over anyway. */
-  readonly onNoConvergence?: "fail" | "switchover" | undefined
-}
+/**
+ * What a finished migration did (`Transfer.Stats`).
+ *
+ * @since 0.1.0
+ * @category models
+ */
+export type Stats = Transfer.Stats
+
+/**
+ * Default timeouts (`Transfer.defaultTimeouts`).
+ *
+ * @since 0.1.0
+ * @category constants
+ */
+export const defaultTimeouts: Timeouts = Transfer.defaultTimeouts
+
+/**
+ * Default cap on memory a source may make the destination allocate (`Transfer.DEFAULT_MAX_RAM`, 16 GiB).
+ *
+ * @since 0.1.0
+ * @category constants
+ */
+export const DEFAULT_MAX_RAM: number = Transfer.DEFAULT_MAX_RAM
 
 /** Options of the source. */
 export interface MigrateOptions {
@@ -113,40 +104,12 @@ export interface MigrateOptions {
   readonly live?: LiveOptions | undefined
 }
 
-/** What a finished migration did. */
-export interface Stats {
-  readonly uuid: string
-  readonly channels: number
-  readonly compression: Protocol.Compression
-  /** Guest memory size. */
-  readonly ramBytes: number
-  readonly rounds: number
-  /** Pages sent in each round; the last round ran with writers paused. */
-  readonly pagesPerRound: ReadonlyArray<number>
-  /** Writers paused until the destination confirmed (source only; 0 on the destination). */
-  readonly downtimeMs: number
-  readonly packets: number
-  readonly syncs: number
-  readonly normalPages: number
-  readonly zeroPages: number
-  /** Bytes that crossed the multifd channels. */
-  readonly wireBytes: number
-  /** Source: from connecting to the verified end; destination: from the source's hello to the end. */
-  readonly durationMs: number
-  /** Guest memory size over duration. */
-  readonly gibPerSecond: number
-}
-
 /** Everything a source can fail with. */
 export type MigrateError =
   | MultifdSend.ChannelFailure
   | MigrationError.MigrationError
   | MigrationError.ChannelError
   | Snapshot.SnapshotError
-
-const resolveTimeouts = (partial: Partial<Timeouts> | undefined): Timeouts => ({ ...defaultTimeouts, ...partial })
-
-const GIB = 1024 * 1024 * 1024
 
 /** Raises the control channel's messages as a queue; the reader fails on an abort, EOF or garbage. */
 const controlReader = (connection: Transport.Connection, peer: string) =>
@@ -198,7 +161,7 @@ export const migrate = (
   Effect.scoped(Effect.gen(function*() {
     const ram = yield* GuestRam.GuestRam
     const transport = yield* Transport.Transport
-    const timeouts = resolveTimeouts(options.timeouts)
+    const timeouts = Transfer.resolveTimeouts(options.timeouts)
     const channels = options.channels ?? 2
     const compression = options.compression ?? "none"
     const uuidText = Crypto.randomUUID()
@@ -325,7 +288,7 @@ export const migrate = (
         zeroPages: s.zeroPages,
         wireBytes: s.bytes,
         durationMs,
-        gibPerSecond: ram.size / GIB / Math.max(durationMs, 1) * 1000
+        gibPerSecond: Transfer.gibPerSecond(ram.size, durationMs)
       } satisfies Stats
     })
 
@@ -385,9 +348,6 @@ export type IncomingError =
   | MigrationError.ChannelError
   | GuestRam.GuestRamError
   | Snapshot.SnapshotError
-
-/** Default cap on memory a source may make the destination allocate. */
-export const DEFAULT_MAX_RAM = 16 * GIB
 
 /** Transfer settings a destination may insist on (see `IncomingOptions.expect`). */
 export interface Expectations {
@@ -478,7 +438,7 @@ export const incoming = <E = never>(
   options: IncomingOptions<E> = {}
 ): Effect.Effect<Incoming, IncomingError | E, never> =>
   Effect.scoped(Effect.gen(function*() {
-    const timeouts = resolveTimeouts(options.timeouts)
+    const timeouts = Transfer.resolveTimeouts(options.timeouts)
     const handshakeMs = Duration.toMillis(Duration.decode(timeouts.handshake))
     const main = yield* Deferred.make<MainChannel>()
     const channelSet = yield* Deferred.make<MultifdRecv.MultifdRecv["Type"]>()
@@ -590,28 +550,21 @@ export const incoming = <E = never>(
       yield* tell(new Control.Accept())
       // the hashing threads start while the source connects its channels, rather than in the downtime
       const digest = yield* GuestRam.digester(ram)
-      const onProgress = options.onProgress
-      if (onProgress) {
-        // the receive rate over the last second (reports are 100 ms apart)
-        const rate = new RecentRate()
-        const report = Effect.gen(function*() {
+      // the receive rate over the last second; a received migration's last report counts every page
+      yield* Transfer.reportEvery(options.onProgress, (rate) =>
+        Effect.gen(function*() {
           const s = yield* recv.stats
-          const bandwidth = rate.sample(yield* Clock.currentTimeMillis, s.bytes)
-          yield* onProgress({
+          return {
             round: s.syncs / hello.channels,
             phase: "precopy",
             doneBytes: (s.normalPages + s.zeroPages) * ram.pageSize,
             totalBytes: ram.size,
             // the destination does not see the source's memory
             dirtyPages: 0,
-            bandwidth,
+            bandwidth: yield* rate(s.bytes),
             expectedDowntimeMs: 0
-          })
-        })
-        yield* Effect.forkScoped(Effect.repeat(report, Schedule.spaced(Duration.millis(100))))
-        // a received migration's last report counts every page (the reports above are 100 ms apart)
-        yield* Effect.addFinalizer((exit) => Exit.isSuccess(exit) ? report : Effect.void)
-      }
+          }
+        }), { lastOnSuccess: true })
       const progress = Effect.map(recv.stats, (s) => s.bytes)
       const describeMissing = Effect.gen(function*() {
         const s = yield* recv.stats
@@ -684,7 +637,7 @@ export const incoming = <E = never>(
             zeroPages: s.zeroPages,
             wireBytes: s.bytes,
             durationMs,
-            gibPerSecond: ram.size / GIB / Math.max(durationMs, 1) * 1000
+            gibPerSecond: Transfer.gibPerSecond(ram.size, durationMs)
           }
         } satisfies Incoming
       }

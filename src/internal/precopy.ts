@@ -11,8 +11,8 @@ import * as Effect from "effect/Effect"
 import * as Exit from "effect/Exit"
 import type * as Scope from "effect/Scope"
 import * as GuestRam from "../GuestRam.js"
-import type * as Migration from "../Migration.js"
 import * as MigrationError from "../MigrationError.js"
+import * as Transfer from "../Transfer.js"
 import * as DirtyLog from "./native/dirtyLog.js"
 import { unlessStalled } from "./stall.js"
 
@@ -61,14 +61,12 @@ const takeDirty = (ram: GuestRam.GuestRam["Type"]): ReadonlyArray<Selection> =>
     return { block, pages: Uint32Array.from(pages) }
   })
 
-const resolveLive = (live: Migration.LiveOptions | undefined) => ({
+const resolveLive = (live: Transfer.LiveOptions | undefined) => ({
   downtimeLimit: Duration.decode(live?.downtimeLimit ?? Duration.millis(300)),
   maxRounds: live?.maxRounds ?? 30,
   maxDuration: Duration.decode(live?.maxDuration ?? Duration.minutes(10)),
   onNoConvergence: live?.onNoConvergence ?? "fail"
 })
-
-const GIB = 1024 * 1024 * 1024
 
 /**
  * Runs the rounds. The write gate is closed in the caller's scope: it stays closed when the scope closes
@@ -80,10 +78,10 @@ export const run = <E, F>(
     readonly sink: Sink<E>
     /** When the migration started (for `maxDuration`). */
     readonly started: number
-    readonly live: Migration.LiveOptions | undefined
+    readonly live: Transfer.LiveOptions | undefined
     /** Fail when the sink makes no progress for this long. */
     readonly stallTimeout: Duration.DurationInput
-    readonly onProgress: ((progress: Migration.Progress) => Effect.Effect<void>) | undefined
+    readonly onProgress: ((progress: Transfer.Progress) => Effect.Effect<void>) | undefined
     /** Ends a round once its pages are synced (the destination's acknowledgement); `final` for the last. */
     readonly flush: (round: number, final: boolean) => Effect.Effect<void, F>
   }
@@ -98,7 +96,7 @@ export const run = <E, F>(
     const report = options.onProgress ?? (() => Effect.void)
     const live = resolveLive(options.live)
 
-    const runRound = (round: number, phase: Migration.Phase, selection: ReadonlyArray<Selection>, bandwidth: number) =>
+    const runRound = (round: number, phase: Transfer.Phase, selection: ReadonlyArray<Selection>, bandwidth: number) =>
       Effect.gen(function*() {
         const totalPages = selection.reduce((n, s) => n + s.pages.length, 0)
         const totalBytes = totalPages * pageSize
@@ -175,7 +173,7 @@ export const run = <E, F>(
           reason: "NotConverged",
           detail: `the migration did not converge after ${round} rounds in ${(elapsed / 1000).toFixed(1)} s: ` +
             `${dirty} pages still dirty, about ${expectedDowntimeMs.toFixed(0)} ms of downtime at ` +
-            `${(bandwidth / GIB).toFixed(2)} GiB/s, more than the limit of ${Duration.format(live.downtimeLimit)}`
+            `${(bandwidth / Transfer.GIB).toFixed(2)} GiB/s, more than the limit of ${Duration.format(live.downtimeLimit)}`
         })
       }
       yield* report({

@@ -1,0 +1,210 @@
+/**
+ * What every way of moving guest memory shares — a migration over the network (`Migration`), one from QEMU
+ * (`QemuIncoming`), a snapshot file (`Snapshot`): how long to wait for a peer, the pre-copy policy, where a
+ * transfer is (`Phase`), its progress reports and the stats of a finished one. A leaf: of the other public
+ * modules it knows only `Protocol` (pure, it imports nothing), so that each of them may import it.
+ *
+ * @since 0.1.0
+ */
+import * as Clock from "effect/Clock"
+import * as Duration from "effect/Duration"
+import * as Effect from "effect/Effect"
+import * as Exit from "effect/Exit"
+import * as Schedule from "effect/Schedule"
+import type * as Scope from "effect/Scope"
+import { RecentRate } from "./internal/native/rate.js"
+import type * as Protocol from "./Protocol.js"
+
+// ---------------------------------------------------------------------------------------------------------
+// Timeouts
+
+/**
+ * How long to wait for a peer.
+ *
+ * @since 0.1.0
+ * @category models
+ */
+export interface Timeouts {
+  /** Establishing a TCP or Unix connection (default 10 s). */
+  readonly connect: Duration.DurationInput
+  /**
+   * A TLS handshake; on the destination also a new connection's first bytes and its hello or init packet: a
+   * connection that has not sent a complete, valid one by then is closed (default 10 s).
+   */
+  readonly handshake: Duration.DurationInput
+  /**
+   * Any single answer of the peer, or no progress at all during a transfer (default 30 s). While a destination
+   * stores the memory it says so about every second (`Control.Storing`): this bounds the silence, not the store.
+   */
+  readonly peer: Duration.DurationInput
+}
+
+/**
+ * Default timeouts.
+ *
+ * @since 0.1.0
+ * @category constants
+ */
+export const defaultTimeouts: Timeouts = {
+  connect: Duration.seconds(10),
+  handshake: Duration.seconds(10),
+  peer: Duration.seconds(30)
+}
+
+/**
+ * The timeouts to use: the defaults, overridden by those given.
+ *
+ * @since 0.1.0
+ * @category utils
+ */
+export const resolveTimeouts = (partial: Partial<Timeouts> | undefined): Timeouts => ({ ...defaultTimeouts, ...partial })
+
+// ---------------------------------------------------------------------------------------------------------
+// Live policy
+
+/**
+ * When a live migration switches over, and what it does when it cannot.
+ *
+ * @since 0.1.0
+ * @category models
+ */
+export interface LiveOptions {
+  /** Switch over when the remaining dirty pages can be sent within this time (default 300 ms, as QEMU). */
+  readonly downtimeLimit?: Duration.DurationInput | undefined
+  /** Give up converging after this many rounds (default 30). */
+  readonly maxRounds?: number | undefined
+  /** Give up converging after this long (default 10 minutes). */
+  readonly maxDuration?: Duration.DurationInput | undefined
+  /** `fail` (default): a migration that does not converge fails; `switchover`: it switches over anyway. */
+  readonly onNoConvergence?: "fail" | "switchover" | undefined
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Progress
+
+/**
+ * Where a migration is: pre-copy rounds while writers run, then the switch-over with writers paused.
+ *
+ * @since 0.1.0
+ * @category models
+ */
+export type Phase = "precopy" | "switchover"
+
+/**
+ * A progress report.
+ *
+ * @since 0.1.0
+ * @category models
+ */
+export interface Progress {
+  readonly round: number
+  readonly phase: Phase
+  /**
+   * Bytes of this round's pages sent: in packets the sockets accepted (the destination: pages received in
+   * all). A round's last report has all of them; its first (and only that one) has 0.
+   */
+  readonly doneBytes: number
+  /** Bytes of this round's pages (the destination: memory size). */
+  readonly totalBytes: number
+  /**
+   * Pages a switch-over now would still have to send: at a round's start the pages it sends; during a round
+   * those not yet sent plus those written since it began (a page in both counts twice). 0 on the destination.
+   */
+  readonly dirtyPages: number
+  /**
+   * Bytes per second on the wire: at a round's start measured over the previous round (0 before one
+   * completed), during a round over the round so far; the destination: the receive rate over the last second.
+   */
+  readonly bandwidth: number
+  /** Expected downtime if the switch-over happened now: `dirtyPages` at `bandwidth`. 0 on the destination. */
+  readonly expectedDowntimeMs: number
+}
+
+/**
+ * How often a receiving side reports its progress.
+ *
+ * @since 0.1.0
+ * @category constants
+ */
+export const REPORT_INTERVAL = Duration.millis(100)
+
+/**
+ * Reports progress about ten times a second (`REPORT_INTERVAL`, the first report at once) while the current
+ * scope is open — the receiving side's ticker. `current` builds each report; `rate(bytes)` gives the bytes per
+ * second of a growing counter over the last second. With `lastOnSuccess`, one more report when the scope
+ * closes after a success (a received migration's last report counts every page). Returns the report, for a
+ * caller that sends a last one itself; without `onProgress` nothing runs.
+ *
+ * @since 0.1.0
+ * @category utils
+ */
+export const reportEvery = (
+  onProgress: ((progress: Progress) => Effect.Effect<void>) | undefined,
+  current: (rate: (bytes: number) => Effect.Effect<number>) => Effect.Effect<Progress>,
+  options?: { readonly lastOnSuccess?: boolean | undefined }
+): Effect.Effect<Effect.Effect<void>, never, Scope.Scope> =>
+  Effect.gen(function*() {
+    if (onProgress === undefined) return Effect.void
+    const recent = new RecentRate()
+    const rate = (bytes: number) => Effect.map(Clock.currentTimeMillis, (now) => recent.sample(now, bytes))
+    const report = Effect.flatMap(Effect.suspend(() => current(rate)), onProgress)
+    yield* Effect.forkScoped(Effect.repeat(report, Schedule.spaced(REPORT_INTERVAL)))
+    if (options?.lastOnSuccess) yield* Effect.addFinalizer((exit) => Exit.isSuccess(exit) ? report : Effect.void)
+    return report
+  })
+
+// ---------------------------------------------------------------------------------------------------------
+// Stats
+
+/**
+ * What a finished migration did.
+ *
+ * @since 0.1.0
+ * @category models
+ */
+export interface Stats {
+  readonly uuid: string
+  readonly channels: number
+  readonly compression: Protocol.Compression
+  /** Guest memory size. */
+  readonly ramBytes: number
+  readonly rounds: number
+  /** Pages sent in each round; the last round ran with writers paused. */
+  readonly pagesPerRound: ReadonlyArray<number>
+  /** Writers paused until the destination confirmed (source only; 0 on the destination). */
+  readonly downtimeMs: number
+  readonly packets: number
+  readonly syncs: number
+  readonly normalPages: number
+  readonly zeroPages: number
+  /** Bytes that crossed the multifd channels. */
+  readonly wireBytes: number
+  /** Source: from connecting to the verified end; destination: from the source's hello to the end. */
+  readonly durationMs: number
+  /** Guest memory size over duration. */
+  readonly gibPerSecond: number
+}
+
+/**
+ * Bytes in a GiB.
+ *
+ * @since 0.1.0
+ * @category constants
+ */
+export const GIB = 1024 * 1024 * 1024
+
+/**
+ * `Stats.gibPerSecond`: `bytes` moved in `durationMs` (at least 1 ms).
+ *
+ * @since 0.1.0
+ * @category utils
+ */
+export const gibPerSecond = (bytes: number, durationMs: number): number => bytes / GIB / Math.max(durationMs, 1) * 1000
+
+/**
+ * Default cap on memory a source (or a snapshot file, or QEMU) may make a destination allocate: 16 GiB.
+ *
+ * @since 0.1.0
+ * @category constants
+ */
+export const DEFAULT_MAX_RAM = 16 * GIB
