@@ -34,5 +34,7 @@ export * as QemuStream from "./QemuStream.js"
 export * as Snapshot from "./Snapshot.js"
 /** PSK and x509 TLS handshakes as Effects, authorization, configuration. @since 0.1.0 */
 export * as Tls from "./Tls.js"
+/** What every transfer shares: timeouts, live policy, progress reports, stats. @since 0.1.0 */
+export * as Transfer from "./Transfer.js"
 /** `tcp:` / `unix:` addresses, scoped connect and listen. @since 0.1.0 */
 export * as Transport from "./Transport.js"
