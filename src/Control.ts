@@ -14,7 +14,7 @@ import * as Effect from "effect/Effect"
 import * as Either from "effect/Either"
 import * as ParseResult from "effect/ParseResult"
 import * as Schema from "effect/Schema"
-import { ProtocolError } from "./Protocol.js"
+import { Channels, ProtocolError } from "./Protocol.js"
 import type * as Transport from "./Transport.js"
 
 /** First bytes of a control connection: "EMFC" (effect-multifd control). */
@@ -43,7 +43,7 @@ export class Hello extends Schema.TaggedClass<Hello>()("Hello", {
   version: Schema.Number,
   uuid: Schema.String,
   pageSize: Schema.Number.pipe(Schema.int(), Schema.positive()),
-  channels: Schema.Number.pipe(Schema.int(), Schema.between(1, 255)),
+  channels: Channels,
   compression: Schema.Literal("none", "zlib", "zstd"),
   zeroPage: Schema.Literal("multifd", "none"),
   blocks: Schema.Array(Block)

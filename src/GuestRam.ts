@@ -13,6 +13,7 @@ import * as Buffer from "node:buffer"
 import * as Digest from "./internal/native/digest.js"
 import { DirtyLog } from "./internal/native/dirtyLog.js"
 import { WriteGate } from "./internal/native/writeGate.js"
+import * as Protocol from "./Protocol.js"
 
 /** Default page size: 4 KiB, as QEMU's target page on x86. */
 export const DEFAULT_PAGE_SIZE = 4096
@@ -81,9 +82,6 @@ export const allocate = (size: number): Buffer => Digest.allocate(size)
 /** Largest single block a Node Buffer can hold. */
 export const MAX_BLOCK_SIZE = Buffer.constants.MAX_LENGTH
 
-const validPageSize = (pageSize: number): boolean =>
-  Number.isInteger(pageSize) && pageSize >= 512 && pageSize <= 512 * 1024 && (pageSize & (pageSize - 1)) === 0
-
 /**
  * Builds guest memory from block specs, validating page size (a power of two, 512 B–512 KiB), names
  * (1–255 UTF-8 bytes, no NUL, unique) and sizes (a positive multiple of the page size).
@@ -94,10 +92,10 @@ export const make = (options: {
 }): Effect.Effect<GuestRam["Type"], GuestRamError> =>
   Effect.suspend(() => {
     const pageSize = options.pageSize ?? DEFAULT_PAGE_SIZE
-    if (!validPageSize(pageSize)) {
+    if (!Protocol.isPageSize(pageSize)) {
       return new GuestRamError({
         reason: "BadPageSize",
-        detail: `page size ${pageSize} is not a power of two between 512 and 524288`
+        detail: `page size ${pageSize} is not a power of two between ${Protocol.MIN_PAGE_SIZE} and ${Protocol.MAX_PAGE_SIZE}`
       })
     }
     const problem = checkLayout(

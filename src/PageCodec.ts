@@ -78,11 +78,8 @@ export interface Decoder {
 // ---------------------------------------------------------------------------------------------------------
 // Levels
 
-/** Accepted and default levels per method: QEMU's `multifd-zlib-level` and `multifd-zstd-level`. */
-export const levels = {
-  zlib: { min: 0, max: 9, default: 1 },
-  zstd: { min: 0, max: 20, default: 1 }
-} as const
+/** Accepted and default levels per method: QEMU's `multifd-zlib-level` and `multifd-zstd-level` (`Protocol`'s). */
+export const levels = Protocol.compressionLevels
 
 /** The level to use: the method's default when not given; a `BadLevel` error when out of its range. */
 export const checkLevel = (
@@ -91,17 +88,11 @@ export const checkLevel = (
 ): Either.Either<number, CodecError> => {
   // no compression, no level to check (QEMU keeps its levels apart from the method too)
   if (compression === "none") return Either.right(0)
-  const range = levels[compression]
-  if (level === undefined) return Either.right(range.default)
-  return Number.isInteger(level) && level >= range.min && level <= range.max
+  if (level === undefined) return Either.right(levels[compression].default)
+  const problem = Protocol.checkCompressionLevel(compression, level)
+  return problem === undefined
     ? Either.right(level)
-    : Either.left(
-      new CodecError({
-        reason: "BadLevel",
-        channel: undefined,
-        detail: `${compression} level ${level} is out of range ${range.min}-${range.max}`
-      })
-    )
+    : Either.left(new CodecError({ reason: "BadLevel", channel: undefined, detail: problem }))
 }
 
 /** Whether this process can use a method (zstd needs its native binding); an `Unavailable` error if not. */

@@ -6,6 +6,7 @@
  */
 import * as Data from "effect/Data"
 import * as Either from "effect/Either"
+import * as Schema from "effect/Schema"
 
 /** Magic number that starts every multifd init and RAM packet. */
 export const MAGIC = 0x11223344
@@ -37,6 +38,134 @@ export const compressions: ReadonlyArray<Compression> = ["none", "zlib", "zstd"]
 /** The flag bits QEMU sets on data packets for a compression method. */
 export const compressionFlags = (compression: Compression): number =>
   compression === "zlib" ? FLAG_ZLIB : compression === "zstd" ? FLAG_ZSTD : 0
+
+// ---------------------------------------------------------------------------------------------------------
+// Limits: the one source of the rules for channels, page sizes and compression levels (the CLI, Control,
+// GuestRam, Migration, QemuIncoming and Snapshot all check against these)
+
+/**
+ * Fewest multifd channels of a migration.
+ *
+ * @since 0.1.0
+ * @category limits
+ */
+export const MIN_CHANNELS = 1
+
+/**
+ * Most multifd channels of a migration: the init packet carries a channel's id in one byte (QEMU's limit too).
+ *
+ * @since 0.1.0
+ * @category limits
+ */
+export const MAX_CHANNELS = 255
+
+/**
+ * A channel count: an integer from `MIN_CHANNELS` to `MAX_CHANNELS`.
+ *
+ * @since 0.1.0
+ * @category limits
+ */
+export const Channels = Schema.Number.pipe(Schema.int(), Schema.between(MIN_CHANNELS, MAX_CHANNELS))
+
+/**
+ * Whether `n` is a channel count.
+ *
+ * @since 0.1.0
+ * @category limits
+ */
+export const isChannels: (n: unknown) => n is number = Schema.is(Channels)
+
+/**
+ * Why `n` is not a channel count, naming it `what` (`--channels`, `multifd channels`); `undefined` when it is
+ * one.
+ *
+ * @since 0.1.0
+ * @category limits
+ */
+export const checkChannels = (n: number, what = "channels"): string | undefined =>
+  isChannels(n) ? undefined : `${what} must be between ${MIN_CHANNELS} and ${MAX_CHANNELS}, not ${n}`
+
+/**
+ * Smallest page size.
+ *
+ * @since 0.1.0
+ * @category limits
+ */
+export const MIN_PAGE_SIZE = 512
+
+/**
+ * Largest page size: one page fills a packet's payload budget (`PACKET_PAGE_BYTES`).
+ *
+ * @since 0.1.0
+ * @category limits
+ */
+export const MAX_PAGE_SIZE = 512 * 1024
+
+/**
+ * A page size: a power of two from `MIN_PAGE_SIZE` to `MAX_PAGE_SIZE`.
+ *
+ * @since 0.1.0
+ * @category limits
+ */
+export const PageSize = Schema.Number.pipe(
+  Schema.int(),
+  Schema.between(MIN_PAGE_SIZE, MAX_PAGE_SIZE),
+  Schema.filter((n) => (n & (n - 1)) === 0, { message: () => "Expected a power of two" })
+)
+
+/**
+ * Whether `n` is a page size.
+ *
+ * @since 0.1.0
+ * @category limits
+ */
+export const isPageSize: (n: unknown) => n is number = Schema.is(PageSize)
+
+/**
+ * Why `n` is not a page size, naming it `what` (`--page-size`, `page size`); `undefined` when it is one.
+ *
+ * @since 0.1.0
+ * @category limits
+ */
+export const checkPageSize = (n: number, what = "page size"): string | undefined =>
+  isPageSize(n) ? undefined : `${what} must be a power of two between ${MIN_PAGE_SIZE} and ${MAX_PAGE_SIZE}, not ${n}`
+
+/**
+ * Accepted and default levels per compression method: QEMU's `multifd-zlib-level` and `multifd-zstd-level`.
+ *
+ * @since 0.1.0
+ * @category limits
+ */
+export const compressionLevels = {
+  zlib: { min: 0, max: 9, default: 1 },
+  zstd: { min: 0, max: 20, default: 1 }
+} as const
+
+/**
+ * A compression level of `method`: an integer in its range (`compressionLevels`).
+ *
+ * @since 0.1.0
+ * @category limits
+ */
+export const CompressionLevel = (method: Exclude<Compression, "none">) =>
+  Schema.Number.pipe(Schema.int(), Schema.between(compressionLevels[method].min, compressionLevels[method].max))
+
+const levelChecks = {
+  zlib: Schema.is(CompressionLevel("zlib")),
+  zstd: Schema.is(CompressionLevel("zstd"))
+}
+
+/**
+ * Why `level` is not a level of `method`; `undefined` when it is one (any level goes without compression,
+ * which has none: QEMU keeps its levels apart from the method too).
+ *
+ * @since 0.1.0
+ * @category limits
+ */
+export const checkCompressionLevel = (method: Compression, level: number): string | undefined =>
+  method === "none" || levelChecks[method](level)
+    ? undefined
+    : `${method} level ${level} is out of range ${compressionLevels[method].min}-${compressionLevels[method].max}`
 
 /** Offset slots in a packet for the given page size (128 for 4 KiB pages). */
 export const slotsFor = (pageSize: number): number => Math.max(1, Math.floor(PACKET_PAGE_BYTES / pageSize))

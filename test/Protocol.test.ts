@@ -880,3 +880,31 @@ describe("QEMU 10.0.2 captures", () => {
     }
   })
 })
+
+describe("limits: one source for channels, page sizes and compression levels", () => {
+  it("channels: integers 1-255; the problem names what was checked", () => {
+    for (const n of [1, 2, 128, 255]) expect(Protocol.checkChannels(n)).toBeUndefined()
+    for (const n of [0, -1, 256, 1.5, NaN, Infinity]) {
+      expect(Protocol.isChannels(n)).toBe(false)
+      expect(Protocol.checkChannels(n, "--channels")).toBe(`--channels must be between 1 and 255, not ${n}`)
+    }
+  })
+
+  it("page sizes: powers of two from 512 to 524288", () => {
+    for (let n = 512; n <= 512 * 1024; n *= 2) expect(Protocol.checkPageSize(n)).toBeUndefined()
+    for (const n of [256, 1024 * 1024, 1000, 4095, 4096.5, 0, -4096]) {
+      expect(Protocol.isPageSize(n)).toBe(false)
+      expect(Protocol.checkPageSize(n)).toBe(`page size must be a power of two between 512 and 524288, not ${n}`)
+    }
+  })
+
+  it("compression levels: zlib 0-9, zstd 0-20, any without compression", () => {
+    expect(Protocol.checkCompressionLevel("zlib", 0)).toBeUndefined()
+    expect(Protocol.checkCompressionLevel("zlib", 9)).toBeUndefined()
+    expect(Protocol.checkCompressionLevel("zlib", 10)).toBe("zlib level 10 is out of range 0-9")
+    expect(Protocol.checkCompressionLevel("zstd", 20)).toBeUndefined()
+    expect(Protocol.checkCompressionLevel("zstd", 21)).toBe("zstd level 21 is out of range 0-20")
+    expect(Protocol.checkCompressionLevel("zstd", 1.5)).toBe("zstd level 1.5 is out of range 0-20")
+    expect(Protocol.checkCompressionLevel("none", 99)).toBeUndefined()
+  })
+})

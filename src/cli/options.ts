@@ -17,31 +17,25 @@ import * as Either from "effect/Either"
 import * as Option from "effect/Option"
 import * as GuestRam from "../GuestRam.js"
 import type * as Tls from "../Tls.js"
-import type * as Protocol from "../Protocol.js"
+import * as Protocol from "../Protocol.js"
 import * as Transport from "../Transport.js"
 
 // ---------------------------------------------------------------------------------------------------------
 // Parsers (pure, exported for tests)
 
-/** Channels a migration may use. */
-export const MIN_CHANNELS = 1
-export const MAX_CHANNELS = 255
+/** Channels a migration may use (`Protocol`'s limits). */
+export const MIN_CHANNELS = Protocol.MIN_CHANNELS
+export const MAX_CHANNELS = Protocol.MAX_CHANNELS
 
-/** Smallest and largest page size the library accepts (a power of two in between). */
-export const MIN_PAGE_SIZE = 512
-export const MAX_PAGE_SIZE = 512 * 1024
+/** Smallest and largest page size the library accepts (a power of two in between; `Protocol`'s limits). */
+export const MIN_PAGE_SIZE = Protocol.MIN_PAGE_SIZE
+export const MAX_PAGE_SIZE = Protocol.MAX_PAGE_SIZE
 
-/** Why a channel count is unusable, if it is. */
-export const checkChannels = (n: number): string | undefined =>
-  Number.isInteger(n) && n >= MIN_CHANNELS && n <= MAX_CHANNELS
-    ? undefined
-    : `--channels must be between ${MIN_CHANNELS} and ${MAX_CHANNELS}, not ${n}`
+/** Why a channel count is unusable, if it is (`Protocol.checkChannels`, naming the flag). */
+export const checkChannels = (n: number): string | undefined => Protocol.checkChannels(n, "--channels")
 
-/** Why a page size is unusable, if it is. */
-export const checkPageSize = (n: number): string | undefined =>
-  Number.isInteger(n) && n >= MIN_PAGE_SIZE && n <= MAX_PAGE_SIZE && (n & (n - 1)) === 0
-    ? undefined
-    : `--page-size must be a power of two between ${MIN_PAGE_SIZE} and ${MAX_PAGE_SIZE}, not ${n}`
+/** Why a page size is unusable, if it is (`Protocol.checkPageSize`, naming the flag). */
+export const checkPageSize = (n: number): string | undefined => Protocol.checkPageSize(n, "--page-size")
 
 const DURATION = /^(\d+(?:\.\d+)?)\s*(ms|s|m|h)?$/
 
