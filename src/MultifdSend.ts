@@ -1,9 +1,10 @@
 /**
- * The source's channel set. Each channel is connected, secured and announced (init packet) by a fiber of
- * the set; only then is its worker forked into the set. Batches of pages go to whichever channel is idle;
- * `sync` makes every channel send a SYNC packet after its pending pages. The first failure of any fiber is
- * the set's failure; closing the scope interrupts and awaits every fiber. There is no liveness flag: a
- * channel's worker exists exactly while its fiber is in the set.
+ * The source's channel set. Each channel has an owner, a fiber of the set: it connects, secures and announces
+ * the channel (init packet), holding the connection in its own scope, and only then forks the channel's worker
+ * into that scope and waits for it. Batches of pages go to whichever channel is idle; `sync` makes every
+ * channel send a SYNC packet after its pending pages. The first failure of any channel is the set's failure;
+ * closing the scope interrupts and awaits every owner, and each owner's scope its worker before the
+ * connection closes. There is no liveness flag: a worker exists only while its owner holds the connection.
  *
  * @since 0.1.0
  */
@@ -138,7 +139,11 @@ export class MultifdSend extends Context.Tag("effect-multifd/MultifdSend")<Multi
   ) => Effect.Effect<void, ChannelFailure>
   /** Every channel sends a SYNC packet after its pending pages; completes when all have. */
   readonly sync: Effect.Effect<void, ChannelFailure>
-  /** Ends every channel gracefully (flush, TLS close_notify, FIN) and waits for their fibers. */
+  /**
+   * Ends every channel gracefully (flush, TLS close_notify, FIN) and waits for their fibers. It waits as long
+   * as the sockets take to hand their last bytes to the kernel: a caller bounds it (`Migration` by the peer
+   * timeout).
+   */
   readonly finish: Effect.Effect<void, ChannelFailure>
   /** Completes once every channel is established (as QEMU, the transfer starts with all of them idle). */
   readonly established: Effect.Effect<void, ChannelFailure>
@@ -267,8 +272,12 @@ export const make = (
         }
       })
 
-    // connect → upgrade (TLS) → init packet → fork the worker; the connection lives in this fiber's scope
-    const establish = (id: number) =>
+    /**
+     * A channel's owner: connect → upgrade (TLS) → init packet, then the worker, forked into the owner's scope
+     * (which holds the connection) and joined. The owner's scope closes after its worker has ended, and when
+     * the owner is interrupted it interrupts and awaits the worker before the connection closes.
+     */
+    const owner = (id: number) =>
       Effect.gen(function*() {
         const raw = yield* transport.connect(config.address, { timeout: config.connectTimeout })
         const connection = config.upgrade ? yield* config.upgrade(raw, id) : raw
@@ -277,14 +286,11 @@ export const make = (
         const channel: Channel = { id, mailbox: yield* Queue.unbounded<Job>() }
         const ready = yield* Ref.updateAndGet(established, (all) => [...all, channel])
         if (ready.length === channels) yield* Deferred.succeed(mailboxes, ready)
-        const fiber = yield* FiberSet.run(
-          fibers,
-          worker(channel, connection, codec).pipe(Effect.mapError(nameChannel(id)))
-        )
-        yield* Fiber.join(fiber)
+        const work = yield* Effect.forkScoped(worker(channel, connection, codec))
+        yield* Fiber.join(work)
       }).pipe(Effect.mapError(nameChannel(id)), Effect.scoped)
 
-    for (let id = 0; id < channels; id++) yield* FiberSet.run(fibers, establish(id))
+    for (let id = 0; id < channels; id++) yield* FiberSet.run(fibers, owner(id))
 
     const guarded = <A, E>(effect: Effect.Effect<A, E>) => Effect.raceFirst(effect, failure)
     const all = guarded(Deferred.await(mailboxes))
