@@ -21,6 +21,7 @@ import type * as GuestRam from "./GuestRam.js"
 import * as MigrationError from "./MigrationError.js"
 import * as PageCodec from "./PageCodec.js"
 import * as Protocol from "./Protocol.js"
+import * as Transfer from "./Transfer.js"
 import * as Transport from "./Transport.js"
 
 /** How the destination's channels are checked. */
@@ -36,6 +37,12 @@ export interface Config {
    * inactivity watch covers those waits.
    */
   readonly stallTimeout?: Duration.DurationInput | undefined
+  /**
+   * How long `adopt` waits for the init packet of a connection given without it (default 10 s, as
+   * `Transfer.defaultTimeouts.handshake`): a connection that has not sent all 64 bytes by then fails `adopt`
+   * with a `Timeout`.
+   */
+  readonly handshakeTimeout?: Duration.DurationInput | undefined
 }
 
 /** A channel inside a packet, and how many bytes of it arrived. */
@@ -66,9 +73,10 @@ export interface Stats {
 /** The destination's channel set. */
 export class MultifdRecv extends Context.Tag("effect-multifd/MultifdRecv")<MultifdRecv, {
   /**
-   * Reads (unless given: `init`, the 64 bytes already read) and validates a connection's init packet, forks
-   * its worker and waits for it to end. Fails with a `ProtocolError` (the connection is not adopted) when the
-   * init packet is not one of this migration's.
+   * Reads (unless given: `init`, the 64 bytes already read; within `handshakeTimeout`) and validates a
+   * connection's init packet, forks its worker and waits for it to end. Fails with a `ProtocolError` (the
+   * connection is not adopted) when the init packet is not one of this migration's, with a `Timeout` when it
+   * does not arrive in time.
    */
   readonly adopt: (connection: Transport.Connection, init?: Buffer) => Effect.Effect<void, ChannelFailure>
   /** Waits until every channel has reached its next SYNC, then lets them all go on. */
@@ -135,6 +143,7 @@ export const make = (config: Config): Effect.Effect<MultifdRecv["Type"], never, 
   Effect.gen(function*() {
     const { channels, ram, compression } = config
     const stallTimeout = config.stallTimeout === undefined ? undefined : Duration.decode(config.stallTimeout)
+    const handshakeTimeout = Duration.decode(config.handshakeTimeout ?? Transfer.defaultTimeouts.handshake)
     const pageSize = ram.pageSize
     const slots = Protocol.slotsFor(pageSize)
     const hsize = Protocol.headerSize(pageSize)
@@ -354,7 +363,15 @@ export const make = (config: Config): Effect.Effect<MultifdRecv["Type"], never, 
 
     const adopt = (connection: Transport.Connection, init?: Buffer) =>
       Effect.gen(function*() {
-        const id = yield* checkInit(init ?? (yield* connection.read(Protocol.INIT_PACKET_SIZE)))
+        const id = yield* checkInit(
+          init ?? (yield* connection.read(Protocol.INIT_PACKET_SIZE).pipe(
+            Effect.timeoutFail({
+              duration: handshakeTimeout,
+              onTimeout: () =>
+                MigrationError.timeout(`waiting for the multifd init packet of ${connection.peer}`, handshakeTimeout)
+            })
+          ))
+        )
         const codec = yield* PageCodec.decoder(compression, id)
         if (++counters.channels === channels) yield* Deferred.succeed(allAdopted, undefined)
         const state: ChannelState = { id, connection, consumed: Protocol.INIT_PACKET_SIZE, atSync: false }
