@@ -7,13 +7,23 @@ import * as Data from "effect/Data"
 import type * as Duration from "effect/Duration"
 import * as DurationFns from "effect/Duration"
 
-/** Which connection of a migration: a multifd channel id or the main (control) channel. */
+/**
+ * Which connection of a migration: a multifd channel id or the main (control) channel.
+ *
+ * @since 0.1.0
+ * @category models
+ */
 export type ChannelName = number | "main"
 
 const describeChannel = (channel: ChannelName): string =>
   channel === "main" ? "main channel" : `multifd channel ${channel}`
 
-/** A failure on one connection of the migration (its cause says what: transport, TLS, handshake). */
+/**
+ * A failure on one connection of the migration (its cause says what: transport, TLS, handshake).
+ *
+ * @since 0.1.0
+ * @category errors
+ */
 export class ChannelError extends Data.TaggedError("ChannelError")<{
   readonly channel: ChannelName
   readonly cause: { readonly message: string; readonly _tag: string }
@@ -23,9 +33,23 @@ export class ChannelError extends Data.TaggedError("ChannelError")<{
   }
 }
 
-/** The migration could not go on: refused, aborted by the peer, timed out, or its result did not verify. */
+/**
+ * The migration could not go on: refused, aborted by the peer, timed out, or its result did not verify; or it
+ * could not start: `BadOptions`, options it cannot use (found before anything connects).
+ *
+ * @since 0.1.0
+ * @category errors
+ */
 export class MigrationError extends Data.TaggedError("MigrationError")<{
-  readonly reason: "Rejected" | "Aborted" | "Timeout" | "DigestMismatch" | "ChannelClosed" | "NotConverged" | "Unexpected"
+  readonly reason:
+    | "Rejected"
+    | "Aborted"
+    | "Timeout"
+    | "DigestMismatch"
+    | "ChannelClosed"
+    | "NotConverged"
+    | "Unexpected"
+    | "BadOptions"
   readonly detail: string
 }> {
   override get message(): string {
@@ -33,11 +57,21 @@ export class MigrationError extends Data.TaggedError("MigrationError")<{
   }
 }
 
-/** Builds the error for a wait on the peer that ran out of time. */
+/**
+ * Builds the error for a wait on the peer that ran out of time.
+ *
+ * @since 0.1.0
+ * @category constructors
+ */
 export const timeout = (what: string, after: Duration.DurationInput): MigrationError =>
   new MigrationError({ reason: "Timeout", detail: `timed out after ${DurationFns.format(after)} ${what}` })
 
-/** Wraps an error from the named channel, keeping errors that already name their channel as they are. */
+/**
+ * Wraps an error from the named channel, keeping errors that already name their channel as they are.
+ *
+ * @since 0.1.0
+ * @category utils
+ */
 export const onChannel = (channel: ChannelName) => <E extends { readonly _tag: string; readonly message: string }>(
   error: E
 ): E | ChannelError =>

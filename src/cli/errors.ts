@@ -51,6 +51,8 @@ export const isUsage = (error: unknown): boolean => {
       return error.reason !== "Io"
     case "CodecError":
       return error.reason === "BadLevel"
+    case "MigrationError":
+      return error.reason === "BadOptions"
     case "TlsError":
       return error.reason === "Config"
     case "SnapshotError":

@@ -28,6 +28,17 @@ export interface Acceptor<E> {
 /** Turns a connection away: it is closed when its acceptor's scope ends. */
 export type Reject = (connection: Transport.Connection, why: string) => Effect.Effect<void>
 
+/**
+ * Handles a connection with its first four bytes; it stays open while this runs (a main channel's `classify`
+ * never returns). `since`: the clock's time (ms) when the wait for the first bytes began, after any upgrade.
+ */
+export type Classify<E> = (
+  connection: Transport.Connection,
+  first: Buffer,
+  reject: Reject,
+  since: number
+) => Effect.Effect<void, E, Scope.Scope>
+
 /** Starts accepting on `listener` in the current scope. */
 export const start = <E>(
   listener: Transport.Listener,
@@ -35,16 +46,7 @@ export const start = <E>(
     readonly upgrade?: Transport.Upgrade<Transport.UpgradeError> | undefined
     /** How long a connection may take to send its first bytes. */
     readonly firstBytesTimeout: Duration.DurationInput
-    /**
-     * Handles a connection; it stays open while this runs (a main channel's `classify` never returns).
-     * `since`: the clock's time (ms) when the wait for the first bytes began, after any upgrade.
-     */
-    readonly classify: (
-      connection: Transport.Connection,
-      first: Buffer,
-      reject: Reject,
-      since: number
-    ) => Effect.Effect<void, E, Scope.Scope>
+    readonly classify: Classify<E>
   }
 ): Effect.Effect<Acceptor<E>, never, Scope.Scope> =>
   Effect.gen(function*() {

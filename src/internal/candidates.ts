@@ -1,0 +1,94 @@
+/**
+ * The candidates of `Migration.incoming`: which accepted connection is the migration's main channel (the
+ * control magic and a complete hello, the first one wins) and which a multifd channel of it (a complete
+ * init packet of this migration, adopted by the channel set), each proved within one handshake deadline.
+ * Anything else is rejected, without disturbing the migration.
+ *
+ * @internal
+ */
+import * as Clock from "effect/Clock"
+import * as Deferred from "effect/Deferred"
+import * as Duration from "effect/Duration"
+import * as Effect from "effect/Effect"
+import * as Either from "effect/Either"
+import * as Control from "../Control.js"
+import * as MigrationError from "../MigrationError.js"
+import * as MultifdRecv from "../MultifdRecv.js"
+import * as Protocol from "../Protocol.js"
+import type * as Transport from "../Transport.js"
+import type * as Acceptor from "./acceptor.js"
+
+/** The main channel of a migration: the first connection that sent the control magic and a complete hello. */
+export interface MainChannel {
+  readonly connection: Transport.Connection
+  readonly hello: Control.Hello
+}
+
+/** Why a candidate connection failed, without its address (the rejection names it). */
+const candidateProblem = (error: Control.ReceiveError | MigrationError.MigrationError): string =>
+  error._tag === "TransportError"
+    ? error.detail
+    : error._tag === "ProtocolError"
+    ? `bad ${error.field}: ${error.detail}`
+    : error.message
+
+/** Tells a complete but unwanted hello why (best effort: the connection is closed right after). */
+const refuse = (connection: Transport.Connection, reason: string) =>
+  Control.send(connection, new Control.Reject({ reason })).pipe(Effect.timeout(Duration.seconds(1)), Effect.ignore)
+
+/**
+ * Sorts accepted connections: a main channel by the control magic and a complete hello (the first one wins;
+ * a later one is refused, "a migration is already in progress"), a multifd channel by a complete init packet
+ * of this migration, both within one handshake deadline that counts from the first bytes' wait (a candidate
+ * cannot stretch it by trickling bytes). Anything else is rejected.
+ */
+export const classifier = (
+  main: Deferred.Deferred<MainChannel>,
+  channelSet: Deferred.Deferred<MultifdRecv.MultifdRecv["Type"]>,
+  handshake: Duration.DurationInput
+): Acceptor.Classify<MultifdRecv.ChannelFailure> => {
+  const handshakeMs = Duration.toMillis(Duration.decode(handshake))
+  return (connection, first, reject, since) =>
+    Effect.gen(function*() {
+      const deadline = (what: string) => <A, E2>(self: Effect.Effect<A, E2>) =>
+        Effect.flatMap(Clock.currentTimeMillis, (now) =>
+          Effect.timeoutFail(self, {
+            duration: Duration.millis(Math.max(0, handshakeMs - (now - since))),
+            onTimeout: () => MigrationError.timeout(what, handshake)
+          }))
+      const magic = first.readUInt32BE(0)
+      if (magic === Control.MAGIC) {
+        const message = yield* Effect.either(
+          Effect.zipRight(connection.read(4), Control.receive(connection)).pipe(
+            deadline("waiting for a complete hello")
+          )
+        )
+        if (Either.isLeft(message)) return yield* reject(connection, `no valid hello: ${candidateProblem(message.left)}`)
+        const hello = message.right
+        if (hello._tag !== "Hello") return yield* reject(connection, `no valid hello: a ${hello._tag} message came first`)
+        if (!(yield* Deferred.succeed(main, { connection, hello }))) {
+          yield* refuse(connection, "a migration is already in progress")
+          return yield* reject(connection, "a migration is already in progress")
+        }
+        // the migration's main channel: it stays open while the migration runs
+        return yield* Effect.never
+      }
+      if (magic === Protocol.MAGIC) {
+        const init = yield* Effect.either(
+          connection.read(Protocol.INIT_PACKET_SIZE).pipe(deadline("waiting for a complete multifd init packet"))
+        )
+        if (Either.isLeft(init)) return yield* reject(connection, `no valid init packet: ${candidateProblem(init.left)}`)
+        // a real source connects its channels only after Accept, when the channel set exists
+        const recv = yield* Effect.either(
+          Deferred.await(channelSet).pipe(deadline("waiting for a migration to join"))
+        )
+        if (Either.isLeft(recv)) {
+          return yield* reject(connection, `a multifd channel without a migration: ${recv.left.message}`)
+        }
+        return yield* recv.right.adopt(connection, init.right).pipe(
+          Effect.catchIf(MultifdRecv.isStranger, (e) => reject(connection, e.message))
+        )
+      }
+      return yield* reject(connection, `not a migration stream (first bytes ${first.toString("hex")})`)
+    })
+}

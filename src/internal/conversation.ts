@@ -1,0 +1,73 @@
+/**
+ * The control channel as both sides of `Migration` hold it: its messages raised as a queue by a reader fiber
+ * that fails on an abort, EOF or garbage; telling the peer why we give up; the errors of a conversation.
+ *
+ * @internal
+ */
+import * as Duration from "effect/Duration"
+import * as Effect from "effect/Effect"
+import * as Fiber from "effect/Fiber"
+import * as Queue from "effect/Queue"
+import type * as Scope from "effect/Scope"
+import * as Control from "../Control.js"
+import * as MigrationError from "../MigrationError.js"
+import type * as Transport from "../Transport.js"
+
+/** What ends a conversation from the peer's side. */
+export type ReaderFailure = Control.ReceiveError | MigrationError.MigrationError | MigrationError.ChannelError
+
+/** A control channel being read: the messages that arrived, and the reader's failure. */
+export interface Reader {
+  readonly inbox: Queue.Queue<Control.Message>
+  /** Fails once the reader fails (an abort, EOF or garbage); never succeeds. */
+  readonly failure: Effect.Effect<never, ReaderFailure>
+}
+
+/** Raises the control channel's messages as a queue; the reader fails on an abort, EOF or garbage. */
+export const reader = (connection: Transport.Connection, peer: string): Effect.Effect<Reader, never, Scope.Scope> =>
+  Effect.gen(function*() {
+    const inbox = yield* Queue.unbounded<Control.Message>()
+    const fiber = yield* Effect.forkScoped(Effect.gen(function*() {
+      while (true) {
+        const message = yield* Control.receive(connection)
+        if (message._tag === "Abort") {
+          return yield* new MigrationError.MigrationError({
+            reason: "Aborted",
+            detail: message.step === "store"
+              ? `the ${peer} could not store the image: ${message.reason}`
+              : `the ${peer} aborted the migration: ${message.reason}`
+          })
+        }
+        yield* Queue.offer(inbox, message)
+      }
+    }).pipe(Effect.mapError(MigrationError.onChannel("main"))))
+    return { inbox, failure: Fiber.join(fiber) as Effect.Effect<never, ReaderFailure> }
+  })
+
+/** Sends a message on the control channel, naming the channel in its failure (as the reader's failures do). */
+export const tell = (connection: Transport.Connection, message: Control.Message) =>
+  Effect.mapError(Control.send(connection, message), MigrationError.onChannel("main"))
+
+/** Tells the peer why we give up, if the control channel still works; never fails, never waits long. */
+export const abortPeer = (connection: Transport.Connection, reason: string, step?: "store"): Effect.Effect<void> =>
+  Control.send(connection, new Control.Abort({ reason, step })).pipe(
+    Effect.timeout(Duration.seconds(1)),
+    Effect.ignore
+  )
+
+/** A message that has no place in the conversation now. */
+export const unexpected = (message: Control.Message, waiting: string): MigrationError.MigrationError =>
+  new MigrationError.MigrationError({ reason: "Unexpected", detail: `unexpected ${message._tag} message ${waiting}` })
+
+/** The message of the `TlsError` that explains a closed connection (`Tls.client` on a refused certificate), if any. */
+export const tlsRefusal = (error: { readonly _tag: string }): string | undefined => {
+  const cause = (error as { readonly cause?: { readonly _tag?: string; readonly message?: string } }).cause
+  return cause?._tag === "TlsError" ? cause.message : undefined
+}
+
+/** The one-line message of anything thrown or failed with. */
+export const messageOf = (error: unknown): string =>
+  typeof error === "object" && error !== null && "message" in error && typeof error.message === "string" &&
+    error.message.length > 0
+    ? error.message
+    : String(error)

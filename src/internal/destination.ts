@@ -1,0 +1,363 @@
+/**
+ * The destination's side of `Migration.incoming`, in its steps: candidates (`internal/candidates`: which
+ * accepted connection is the main channel, which a multifd channel of this migration), the hello (what a source
+ * may ask for), the rounds (flush after flush until the source completes), verification (digests) and the store
+ * step, then done.
+ * `Migration` resolves the options; everything here runs in one scope.
+ *
+ * @internal
+ */
+import * as Clock from "effect/Clock"
+import * as Deferred from "effect/Deferred"
+import * as Duration from "effect/Duration"
+import * as Effect from "effect/Effect"
+import * as Either from "effect/Either"
+import * as Fiber from "effect/Fiber"
+import * as Option from "effect/Option"
+import * as Queue from "effect/Queue"
+import * as Control from "../Control.js"
+import * as GuestRam from "../GuestRam.js"
+import * as MigrationError from "../MigrationError.js"
+import * as MultifdRecv from "../MultifdRecv.js"
+import * as PageCodec from "../PageCodec.js"
+import * as Protocol from "../Protocol.js"
+import * as Transfer from "../Transfer.js"
+import type * as Transport from "../Transport.js"
+import * as Acceptor from "./acceptor.js"
+import * as Candidates from "./candidates.js"
+import * as Conversation from "./conversation.js"
+import { unlessStalled, within } from "./stall.js"
+
+type Ram = GuestRam.GuestRam["Type"]
+
+/** Transfer settings a destination may insist on (`Migration.Expectations`). */
+export interface Expectations {
+  readonly channels?: number | undefined
+  readonly pageSize?: number | undefined
+  readonly compression?: Protocol.Compression | undefined
+  readonly zeroPage?: "multifd" | "none" | undefined
+}
+
+/** The destination's options, with their defaults (`Migration.IncomingOptions`). */
+export interface Settings<E> {
+  readonly ram: Ram | undefined
+  readonly maxRamBytes: number
+  readonly timeouts: Transfer.Timeouts
+  readonly acceptTimeout: Duration.DurationInput | undefined
+  readonly upgrade: Transport.Upgrade<Transport.UpgradeError> | undefined
+  readonly expect: Expectations | undefined
+  readonly onProgress: ((progress: Transfer.Progress) => Effect.Effect<void>) | undefined
+  readonly store: ((ram: Ram) => Effect.Effect<void, E>) | undefined
+}
+
+/** What the destination received (`Migration.Incoming`). */
+export interface Received {
+  readonly ram: Ram
+  readonly stats: Transfer.Stats
+  readonly rejected: ReadonlyArray<string>
+}
+
+/** What the destination can fail with (besides its store step's errors). */
+export type Failure =
+  | MultifdRecv.ChannelFailure
+  | Transport.UpgradeError
+  | MigrationError.MigrationError
+  | MigrationError.ChannelError
+  | GuestRam.GuestRamError
+
+// ---------------------------------------------------------------------------------------------------------
+// The hello
+
+/** The first expectation the hello does not meet, described. */
+const unmet = (hello: Control.Hello, expect: Expectations): string | undefined => {
+  const keys = ["channels", "pageSize", "compression", "zeroPage"] as const
+  const names = { channels: "channels", pageSize: "page size", compression: "compression", zeroPage: "zero-page mode" }
+  for (const key of keys) {
+    const wanted = expect[key]
+    if (wanted !== undefined && wanted !== hello[key]) {
+      return `the source uses ${names[key]} ${hello[key]}, the destination expects ${wanted}`
+    }
+  }
+  return undefined
+}
+
+/** Why this destination refuses the hello, if it does. */
+export const checkHello = (
+  hello: Control.Hello,
+  settings: Pick<Settings<unknown>, "expect" | "ram" | "maxRamBytes">
+): string | undefined => {
+  if (hello.version !== Control.VERSION) return `control protocol version ${hello.version} is not ${Control.VERSION}`
+  const expected = settings.expect === undefined ? undefined : unmet(hello, settings.expect)
+  if (expected !== undefined) return expected
+  const layoutProblem = GuestRam.checkLayout(hello.pageSize, hello.blocks)
+  if (layoutProblem) return layoutProblem.message
+  const total = hello.blocks.reduce((n, b) => n + b.size, 0)
+  if (Protocol.parseUuid(hello.uuid) === undefined) return `uuid ${JSON.stringify(hello.uuid)} is malformed`
+  const codec = PageCodec.checkAvailable(hello.compression)
+  if (Either.isLeft(codec)) return codec.left.message
+  const ram = settings.ram
+  if (ram === undefined) {
+    const max = settings.maxRamBytes
+    return total > max ? `${total} bytes of memory exceed this destination's limit of ${max}` : undefined
+  }
+  if (ram.pageSize !== hello.pageSize) return `page size ${hello.pageSize} differs from the destination's ${ram.pageSize}`
+  const mine = GuestRam.layoutOf(ram)
+  const describe = (layout: ReadonlyArray<GuestRam.BlockLayout>) => layout.map((b) => `${b.name}=${b.size}`).join(", ")
+  if (
+    mine.length !== hello.blocks.length ||
+    mine.some((b, i) => b.name !== hello.blocks[i]!.name || b.size !== hello.blocks[i]!.size)
+  ) {
+    return `block layout [${describe(hello.blocks)}] differs from the destination's [${describe(mine)}]`
+  }
+  return undefined
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Rounds, verification, store
+
+/** The memory's digest started early: once the last round's barrier passed, while the source hashes its own. */
+interface Speculative {
+  /** `writesBegun` when it started: it holds only if no packet began writing memory since. */
+  readonly writes: number
+  readonly digest: Fiber.RuntimeFiber<ReadonlyArray<GuestRam.BlockDigest>>
+}
+
+/**
+ * Acknowledges flush after flush (each once every channel reached its barrier) until the source completes;
+ * the rounds seen, the `Complete` message and the digest started after the final flush, if it was.
+ */
+const receiveRounds = (
+  recv: MultifdRecv.MultifdRecv["Type"],
+  conversation: {
+    readonly next: Effect.Effect<Control.Message, Failure>
+    readonly tell: (message: Control.Message) => Effect.Effect<void, MigrationError.ChannelError | Transport.TransportError>
+  },
+  digest: Effect.Effect<ReadonlyArray<GuestRam.BlockDigest>>,
+  peer: Duration.DurationInput,
+  describeMissing: Effect.Effect<string>
+) =>
+  Effect.gen(function*() {
+    const progress = Effect.map(recv.stats, (s) => s.bytes)
+    let rounds = 0
+    let speculative: Speculative | undefined
+    while (true) {
+      const message = yield* unlessStalled(
+        Effect.raceFirst(conversation.next, recv.failure),
+        progress,
+        peer,
+        "without any data from the source"
+      )
+      if (message._tag === "Complete") return { rounds, complete: message, speculative }
+      if (message._tag !== "Flush") return yield* Conversation.unexpected(message, "during the transfer")
+      yield* Effect.raceFirst(recv.sync, recv.failure).pipe(
+        within(peer, "waiting for every multifd channel to reach the sync point"),
+        Effect.catchTag("MigrationError", (e) =>
+          Effect.flatMap(describeMissing, (missing) =>
+            Effect.fail(new MigrationError.MigrationError({ reason: e.reason, detail: `${e.detail} (${missing})` }))))
+      )
+      rounds = Math.max(rounds, message.round + 1)
+      yield* conversation.tell(new Control.FlushAck({ round: message.round }))
+      // after the last round's barrier the memory is final: hash it while the source hashes its own
+      if (message.final && speculative === undefined) {
+        speculative = { writes: yield* recv.writesBegun, digest: yield* Effect.forkScoped(digest) }
+      }
+    }
+  })
+
+/** Compares the memory's digests with the source's; on a mismatch tells the source and fails. */
+const verify = (
+  recv: MultifdRecv.MultifdRecv["Type"],
+  complete: Control.Complete,
+  digest: Effect.Effect<ReadonlyArray<GuestRam.BlockDigest>>,
+  speculative: Speculative | undefined,
+  tell: (message: Control.Message) => Effect.Effect<void, MigrationError.ChannelError | Transport.TransportError>
+) =>
+  Effect.gen(function*() {
+    // the early digest holds only if no packet began writing memory since it started
+    const early = speculative !== undefined && (yield* recv.writesBegun) === speculative.writes
+      ? speculative.digest
+      : undefined
+    const mine = early !== undefined ? yield* Fiber.join(early) : yield* digest
+    const theirs = new Map(complete.digests.map((d) => [d.name, d.digest]))
+    const bad = mine.filter((d) => theirs.get(d.name) !== d.digest).map((d) => d.name)
+    if (bad.length > 0 || theirs.size !== mine.length) {
+      const reason = `memory digest mismatch in block ${bad.map((n) => JSON.stringify(n)).join(", ")}`
+      yield* tell(new Control.Abort({ reason }))
+      return yield* new MigrationError.MigrationError({ reason: "DigestMismatch", detail: reason })
+    }
+  })
+
+/** A store step's failure, kept apart from the migration's own errors until `incoming` fails with it. */
+class StoreFailed<E> {
+  readonly _tag = "StoreFailed"
+  constructor(readonly error: E) {}
+}
+
+/**
+ * Runs the store step, telling the source meanwhile that the destination is alive and storing; if it fails,
+ * tells the source why.
+ */
+const store = <E>(
+  ram: Ram,
+  step: ((ram: Ram) => Effect.Effect<void, E>) | undefined,
+  control: Transport.Connection,
+  peer: Duration.DurationInput
+) =>
+  Effect.gen(function*() {
+    if (step === undefined) return
+    const interval = Duration.min(Duration.seconds(1), Duration.times(Duration.decode(peer), 0.25))
+    // a write that fails means the source is gone, which the control reader reports
+    const heartbeat = Effect.forever(
+      Effect.zipRight(Effect.ignore(Conversation.tell(control, new Control.Storing())), Effect.sleep(interval))
+    )
+    const stored = yield* Effect.either(Effect.raceFirst(step(ram), heartbeat))
+    if (Either.isLeft(stored)) {
+      yield* Conversation.abortPeer(control, Conversation.messageOf(stored.left), "store")
+      return yield* Effect.fail(new StoreFailed(stored.left))
+    }
+  })
+
+// ---------------------------------------------------------------------------------------------------------
+// The whole
+
+/** Receives one migration on `listener` (see `Migration.incoming`). */
+export const run = <E>(listener: Transport.Listener, settings: Settings<E>): Effect.Effect<Received, Failure | E> =>
+  Effect.scoped(Effect.gen(function*() {
+    const { timeouts } = settings
+    const main = yield* Deferred.make<Candidates.MainChannel>()
+    const channelSet = yield* Deferred.make<MultifdRecv.MultifdRecv["Type"]>()
+    const acceptor = yield* Acceptor.start<Failure>(listener, {
+      upgrade: settings.upgrade,
+      firstBytesTimeout: timeouts.handshake,
+      classify: Candidates.classifier(main, channelSet, timeouts.handshake)
+    })
+    const connectionFailure = acceptor.failure
+
+    const waitMain = settings.acceptTimeout === undefined
+      ? Deferred.await(main)
+      : Deferred.await(main).pipe(within(settings.acceptTimeout, "waiting for a source to connect"))
+    const { connection: ctl, hello } = yield* Effect.raceFirst(waitMain, connectionFailure)
+    const { failure: controlFailure, inbox } = yield* Conversation.reader(ctl, "source")
+    // once Done is sent the source ends its main channel, and that end may be seen before the channels' ends:
+    // it is no failure then (an Abort still is)
+    const doneSent = yield* Deferred.make<void>()
+    const isEnd = (error: Failure) =>
+      error._tag === "ChannelError" && error.cause._tag === "TransportError" &&
+      (error.cause as Transport.TransportError).reason === "Closed"
+    const failures = Effect.raceFirst(
+      Effect.catchIf(controlFailure, isEnd, (error) =>
+        Effect.flatMap(Deferred.isDone(doneSent), (done) => done ? Effect.never : Effect.fail(error))),
+      connectionFailure
+    )
+    const next = Effect.raceFirst(Queue.take(inbox), failures)
+    const tell = (message: Control.Message) => Conversation.tell(ctl, message)
+
+    const migration = Effect.gen(function*() {
+      // the destination's duration starts with the source's hello, not with the wait for a source
+      const started = yield* Clock.currentTimeMillis
+      const problem = checkHello(hello, settings)
+      if (problem !== undefined) {
+        yield* tell(new Control.Reject({ reason: problem }))
+        return yield* new MigrationError.MigrationError({ reason: "Rejected", detail: `refused the migration: ${problem}` })
+      }
+      const ram = settings.ram ?? (yield* GuestRam.make({ pageSize: hello.pageSize, blocks: hello.blocks }))
+      const recv = yield* MultifdRecv.make({
+        channels: hello.channels,
+        uuid: Protocol.parseUuid(hello.uuid),
+        ram,
+        compression: hello.compression,
+        stallTimeout: timeouts.peer,
+        handshakeTimeout: timeouts.handshake
+      })
+      yield* Deferred.succeed(channelSet, recv)
+      yield* tell(new Control.Accept())
+      // the hashing threads start while the source connects its channels, rather than in the downtime
+      const digest = yield* GuestRam.digester(ram)
+      // the receive rate over the last second; a received migration's last report counts every page
+      yield* Transfer.reportEvery(settings.onProgress, (rate) =>
+        Effect.gen(function*() {
+          const s = yield* recv.stats
+          return {
+            round: s.syncs / hello.channels,
+            phase: "precopy",
+            doneBytes: (s.normalPages + s.zeroPages) * ram.pageSize,
+            totalBytes: ram.size,
+            // the destination does not see the source's memory
+            dirtyPages: 0,
+            bandwidth: yield* rate(s.bytes),
+            expectedDowntimeMs: 0
+          }
+        }), { lastOnSuccess: true })
+      const describeMissing = Effect.gen(function*() {
+        const s = yield* recv.stats
+        const turnedAway = yield* acceptor.rejected
+        return `${s.channels} of ${hello.channels} multifd channels connected` +
+          (turnedAway.length > 0 ? `; rejected: ${turnedAway.join("; ")}` : "")
+      })
+
+      const { complete, rounds, speculative } = yield* receiveRounds(
+        recv,
+        { next, tell },
+        digest,
+        timeouts.peer,
+        describeMissing
+      )
+      yield* recv.expectEnd
+      yield* verify(recv, complete, digest, speculative, tell)
+      // Done promises the memory is verified and, with a store step, stored: the source reports success on it
+      yield* store(ram, settings.store, ctl, timeouts.peer)
+      yield* Deferred.succeed(doneSent, undefined)
+      yield* tell(new Control.Done())
+      yield* Effect.raceFirst(recv.finished, failures).pipe(
+        within(timeouts.peer, "waiting for the source to close its multifd channels")
+      )
+      const s = yield* recv.stats
+      const durationMs = (yield* Clock.currentTimeMillis) - started
+      return {
+        ram,
+        rejected: yield* acceptor.rejected,
+        stats: {
+          uuid: hello.uuid,
+          channels: hello.channels,
+          compression: hello.compression,
+          ramBytes: ram.size,
+          rounds,
+          pagesPerRound: [],
+          downtimeMs: 0,
+          packets: s.packets,
+          syncs: s.syncs,
+          normalPages: s.normalPages,
+          zeroPages: s.zeroPages,
+          wireBytes: s.bytes,
+          durationMs,
+          gibPerSecond: Transfer.gibPerSecond(ram.size, durationMs)
+        }
+      } satisfies Received
+    })
+
+    const isAbort = (error: Failure) => error._tag === "MigrationError" && error.reason === "Aborted"
+    const isHangUp = (error: Failure | StoreFailed<E>) =>
+      (error._tag === "MigrationError" && error.reason === "ChannelClosed") ||
+      (error._tag === "ChannelError" && error.cause._tag === "TransportError")
+    return yield* Effect.raceFirst(migration, failures).pipe(
+      // a failing source sends Abort, then closes its channels: a channel's end may overtake the Abort, so
+      // give the main channel a moment to tell the real cause
+      Effect.catchIf(isHangUp, (error) =>
+        Effect.flatMap(
+          Effect.flip(controlFailure).pipe(Effect.timeoutTo({
+            duration: Duration.millis(500),
+            onSuccess: Option.some,
+            onTimeout: Option.none
+          })),
+          (told) => Effect.fail(Option.isSome(told) && isAbort(told.value) ? told.value : error)
+        )),
+      Effect.tapError((error) =>
+        error instanceof StoreFailed ||
+          (error._tag === "MigrationError" && (error.reason === "Aborted" || error.reason === "Rejected" ||
+            error.reason === "DigestMismatch"))
+          ? Effect.void
+          : Conversation.abortPeer(ctl, error.message)
+      ),
+      Effect.mapError((error): Failure | E => error instanceof StoreFailed ? error.error : error)
+    )
+  }))

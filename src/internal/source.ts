@@ -1,0 +1,201 @@
+/**
+ * The source's side of `Migration.migrate`, in its steps: open the main channel, propose (hello → accept),
+ * transfer (the channel set and the pre-copy rounds, each ended by a flush the destination acknowledges),
+ * complete (digests → done) and finish (every channel ended gracefully). `Migration` checks and resolves the
+ * options first; everything here runs in one scope.
+ *
+ * @internal
+ */
+import * as Clock from "effect/Clock"
+import * as Deferred from "effect/Deferred"
+import * as Effect from "effect/Effect"
+import * as Queue from "effect/Queue"
+import * as Crypto from "node:crypto"
+import * as Control from "../Control.js"
+import * as GuestRam from "../GuestRam.js"
+import * as MigrationError from "../MigrationError.js"
+import * as MultifdSend from "../MultifdSend.js"
+import * as Protocol from "../Protocol.js"
+import * as Transfer from "../Transfer.js"
+import * as Transport from "../Transport.js"
+import * as Conversation from "./conversation.js"
+import * as Precopy from "./precopy.js"
+import { within } from "./stall.js"
+
+/** The source's options, checked and with their defaults. */
+export interface Settings {
+  readonly address: Transport.Address
+  readonly channels: number
+  readonly compression: Protocol.Compression
+  readonly compressionLevel: number | undefined
+  readonly zeroPage: "multifd" | "none"
+  readonly timeouts: Transfer.Timeouts
+  readonly upgrade: Transport.Upgrade<Transport.UpgradeError> | undefined
+  readonly onProgress: ((progress: Transfer.Progress) => Effect.Effect<void>) | undefined
+  readonly live: Transfer.LiveOptions | undefined
+}
+
+/** What the source can fail with. */
+export type Failure = MultifdSend.ChannelFailure | MigrationError.MigrationError | MigrationError.ChannelError
+
+/** Runs the migration of the `GuestRam` in context; returns once the destination confirmed it. */
+export const run = (
+  settings: Settings
+): Effect.Effect<Transfer.Stats, Failure, Transport.Transport | GuestRam.GuestRam> =>
+  Effect.scoped(Effect.gen(function*() {
+    const ram = yield* GuestRam.GuestRam
+    const transport = yield* Transport.Transport
+    const { channels, compression, timeouts } = settings
+    const uuidText = Crypto.randomUUID()
+    const uuid = Protocol.parseUuid(uuidText)!
+    const started = yield* Clock.currentTimeMillis
+
+    // the main channel
+    const control = yield* transport.connect(settings.address, { timeout: timeouts.connect }).pipe(
+      Effect.flatMap((raw) => settings.upgrade ? settings.upgrade(raw, "main") : Effect.succeed(raw)),
+      Effect.mapError(MigrationError.onChannel("main"))
+    )
+    const { failure: readerFailure, inbox } = yield* Conversation.reader(control, "destination")
+    const answered = yield* Deferred.make<void>()
+    // the main channel closing before any answer most likely means this source was refused
+    const controlFailure = Effect.catchAll(readerFailure, (error) =>
+      Effect.flatMap(Deferred.isDone(answered), (isAnswered) =>
+        !isAnswered && error._tag === "ChannelError" && error.cause._tag === "TransportError"
+          ? new MigrationError.MigrationError({
+            reason: "Rejected",
+            // a TLS source that presented a certificate explains such a close itself (Tls.client)
+            detail: Conversation.tlsRefusal(error.cause) ??
+              `the destination closed the main channel before answering (${error.cause.message}); ` +
+                "it may have refused this source (TLS authorization) or not be a multifd destination"
+          })
+          : Effect.fail(error)))
+    const next = (waiting: string) =>
+      Effect.raceFirst(Queue.take(inbox), controlFailure).pipe(within(timeouts.peer, waiting))
+    const tell = (message: Control.Message) => Conversation.tell(control, message)
+
+    /** Hello → Accept: the destination takes this migration, or says why not. */
+    const propose = Effect.gen(function*() {
+      yield* Effect.mapError(Control.writeMagic(control), MigrationError.onChannel("main"))
+      yield* tell(
+        new Control.Hello({
+          version: Control.VERSION,
+          uuid: uuidText,
+          pageSize: ram.pageSize,
+          channels,
+          compression,
+          zeroPage: settings.zeroPage,
+          blocks: GuestRam.layoutOf(ram)
+        })
+      )
+      const answer = yield* next("waiting for the destination to accept the migration")
+      yield* Deferred.succeed(answered, undefined)
+      if (answer._tag === "Reject") {
+        return yield* new MigrationError.MigrationError({
+          reason: "Rejected",
+          detail: `the destination refused the migration: ${answer.reason}`
+        })
+      }
+      if (answer._tag !== "Accept") return yield* Conversation.unexpected(answer, "instead of Accept")
+    })
+
+    /** The channel set, then every round of pages; the last one with writers paused. */
+    const transfer = (send: MultifdSend.MultifdSend["Type"]) =>
+      Precopy.run(ram, {
+        sink: {
+          slots: send.batchPages,
+          spread: { workers: channels, unit: send.slots },
+          send: send.send,
+          sync: send.sync,
+          failure: send.failure,
+          progress: Effect.map(send.stats, (s) => s.sentBytes),
+          pagesSent: Effect.map(send.stats, (s) => s.sentPages)
+        },
+        started,
+        live: settings.live,
+        stallTimeout: timeouts.peer,
+        onProgress: settings.onProgress,
+        // the destination acknowledges a round once every channel reached its barrier
+        flush: (round, final) =>
+          Effect.gen(function*() {
+            yield* tell(new Control.Flush({ round, final }))
+            const ack = yield* Effect.raceFirst(
+              next("waiting for the destination to acknowledge the flush"),
+              send.failure
+            )
+            if (ack._tag !== "FlushAck" || ack.round !== round) {
+              return yield* Conversation.unexpected(ack, "instead of FlushAck")
+            }
+          })
+      })
+
+    /**
+     * Done comes once the destination verified and stored the memory; while it stores (a big image on a slow
+     * disk may take longer than the peer timeout) it says so about every second, and the peer timeout bounds
+     * the silence between two messages rather than the whole store.
+     */
+    const confirmed = (waiting: string): Effect.Effect<void, Failure> =>
+      Effect.flatMap(next(waiting), (message) =>
+        message._tag === "Done"
+          ? Effect.void
+          : message._tag === "Storing"
+          ? confirmed("waiting for the destination to store the image")
+          : Conversation.unexpected(message, "instead of Done"))
+
+    /** Every connection ended gracefully: the peer takes the last bytes within the peer timeout. */
+    const finish = (send: MultifdSend.MultifdSend["Type"]) =>
+      Effect.gen(function*() {
+        yield* Effect.raceFirst(send.finish, send.failure).pipe(
+          within(timeouts.peer, "waiting for the multifd channels to send their last bytes and close")
+        )
+        yield* Effect.mapError(control.end, MigrationError.onChannel("main")).pipe(
+          within(timeouts.peer, "waiting for the main channel to send its last bytes and close")
+        )
+      })
+
+    const migration = Effect.gen(function*() {
+      yield* propose
+      const send = yield* MultifdSend.make({
+        address: settings.address,
+        channels,
+        uuid,
+        pageSize: ram.pageSize,
+        compression,
+        compressionLevel: settings.compressionLevel,
+        zeroPage: settings.zeroPage,
+        connectTimeout: timeouts.connect,
+        upgrade: settings.upgrade
+      })
+      // the hashing threads start while the channels connect, rather than in the downtime
+      const digest = yield* GuestRam.digester(ram)
+      // every channel idle before the first page: a small round is spread over all of them
+      yield* send.established
+      const { pagesPerRound, pausedAt } = yield* transfer(send)
+      yield* tell(new Control.Complete({ digests: yield* digest }))
+      yield* Effect.raceFirst(confirmed("waiting for the destination to verify the digests"), send.failure)
+      const downtimeMs = (yield* Clock.currentTimeMillis) - pausedAt
+      yield* finish(send)
+      const s = yield* send.stats
+      const durationMs = (yield* Clock.currentTimeMillis) - started
+      return {
+        uuid: uuidText,
+        channels,
+        compression,
+        ramBytes: ram.size,
+        rounds: pagesPerRound.length,
+        pagesPerRound,
+        downtimeMs,
+        packets: s.packets,
+        syncs: s.syncs,
+        normalPages: s.normalPages,
+        zeroPages: s.zeroPages,
+        wireBytes: s.bytes,
+        durationMs,
+        gibPerSecond: Transfer.gibPerSecond(ram.size, durationMs)
+      } satisfies Transfer.Stats
+    })
+
+    return yield* Effect.raceFirst(migration, controlFailure).pipe(
+      Effect.tapError((error) => Conversation.abortPeer(control, error.message)),
+      Effect.onInterrupt(() => Conversation.abortPeer(control, "cancelled by source"))
+    )
+  }))

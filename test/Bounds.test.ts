@@ -1,0 +1,232 @@
+/**
+ * Bounds (issue 12): `migrate` checks every option before anything connects, and every wait on a peer at the
+ * end of a migration is bounded —
+ *
+ * - a channel count, compression method, zero-page mode or page size it cannot use fails `migrate` with a
+ *   `BadOptions` error and no connect attempted (`channels: 0` used to become a defect once the main channel
+ *   was up);
+ * - the multifd channels' graceful end (`MultifdSend.finish`) and the main channel's (`control.end`) are
+ *   bounded by the peer timeout: a peer that never takes the last bytes fails the source with a `Timeout`;
+ * - `MultifdRecv.adopt` of a connection that never completes its 64-byte init packet fails after the
+ *   handshake timeout.
+ *
+ * Timeouts run on the TestClock over real loopback sockets; `noHang` guards (a real timer) only turn a hang
+ * into a failure.
+ */
+import { describe, expect, it } from "@effect/vitest"
+import * as Cause from "effect/Cause"
+import * as Deferred from "effect/Deferred"
+import * as Effect from "effect/Effect"
+import * as Exit from "effect/Exit"
+import * as Fiber from "effect/Fiber"
+import * as Layer from "effect/Layer"
+import * as Option from "effect/Option"
+import type * as Scope from "effect/Scope"
+import * as TestClock from "effect/TestClock"
+import { PassThrough } from "node:stream"
+import * as Control from "../src/Control.js"
+import * as GuestRam from "../src/GuestRam.js"
+import * as Migration from "../src/Migration.js"
+import * as MigrationError from "../src/MigrationError.js"
+import * as MultifdRecv from "../src/MultifdRecv.js"
+import * as PageCodec from "../src/PageCodec.js"
+import * as Transport from "../src/Transport.js"
+import * as Faulty from "./support/faultyTransport.js"
+import { expectNoLeaks, nextTurn } from "./support/handles.js"
+import { mixedImage } from "./support/images.js"
+
+const PAGE = 4096
+const tcp0: Transport.Address = { _tag: "Tcp", host: "127.0.0.1", port: 0 }
+
+/** Runs the body in a scope and proves, once the scope closed, that no socket handle is left open. */
+const leakFree = <A, E>(body: Effect.Effect<A, E, Scope.Scope>) => expectNoLeaks(Effect.scoped(body))
+
+/** A guard with a real timer (it also guards tests that move the TestClock): fail instead of hanging. */
+const noHang = <A, E, R>(self: Effect.Effect<A, E, R>, what: string, seconds = 10): Effect.Effect<A, E | Error, R> =>
+  Effect.raceFirst(
+    self,
+    Effect.async<never, Error>((resume) => {
+      const timer = setTimeout(() => resume(Effect.fail(new Error(`hung: ${what}`))), seconds * 1000)
+      return Effect.sync(() => clearTimeout(timer))
+    })
+  )
+
+const failureOf = <A, E>(exit: Exit.Exit<A, E>): E => {
+  if (Exit.isSuccess(exit)) throw new Error("expected a failure, got success")
+  const failure = Cause.failureOption(exit.cause)
+  if (Option.isNone(failure)) throw new Error(`expected a failure, got ${Cause.pretty(exit.cause)}`)
+  return failure.value
+}
+
+/** 1 MiB of mixed random and zero pages. */
+const sourceRam = () => GuestRam.make({ blocks: [{ name: "pc.ram", bytes: mixedImage(256, 0.6, PAGE) }] })
+
+/** Moves the TestClock a second per event-loop turn until `fiber` is done; the virtual time that took. */
+const advanceUntilDone = <A, E>(fiber: Fiber.Fiber<A, E>) =>
+  Effect.gen(function*() {
+    const t0 = yield* TestClock.currentTimeMillis
+    const advance: Effect.Effect<void> = Effect.flatMap(Fiber.poll(fiber), (done) =>
+      Option.isSome(done) ? Effect.void : Effect.zipRight(Effect.zipRight(nextTurn, TestClock.adjust("1 second")), advance))
+    yield* noHang(advance, "the wait timing out")
+    return (yield* TestClock.currentTimeMillis) - t0
+  })
+
+/**
+ * The real transport, with the graceful `end` of the connections `stuck(k)` (connect #k: #0 is the source's
+ * main channel, then its multifd channels) never completing, as if the peer never took the last bytes;
+ * `reached` completes once such an `end` was called.
+ */
+const stuckEnds = (stuck: (index: number) => boolean, reached: Deferred.Deferred<void>): Layer.Layer<Transport.Transport> => {
+  let connects = 0
+  return Layer.succeed(Transport.Transport, {
+    listen: Transport.listen,
+    connect: (address, options) =>
+      Effect.suspend(() => {
+        const index = connects++
+        return Effect.map(Transport.connect(address, options), (connection): Transport.Connection =>
+          stuck(index) ? { ...connection, end: Effect.zipRight(Deferred.succeed(reached, undefined), Effect.never) } : connection)
+      })
+  })
+}
+
+describe("migrate checks its options before anything connects", () => {
+  const cases: ReadonlyArray<readonly [string, Partial<Migration.MigrateOptions>, string]> = [
+    ["channels: 0", { channels: 0 }, "channels must be between 1 and 255, not 0"],
+    ["channels: 256", { channels: 256 }, "channels must be between 1 and 255, not 256"],
+    ["channels: 1.5", { channels: 1.5 }, "channels must be between 1 and 255, not 1.5"],
+    [
+      "an unknown compression method",
+      { compression: "lz4" as unknown as "zstd" },
+      `compression "lz4" is not one of none, zlib, zstd`
+    ],
+    ["an unknown zero-page mode", { zeroPage: "some" as unknown as "none" }, `zero-page mode "some" is not multifd or none`]
+  ]
+  for (const [name, options, message] of cases) {
+    it.effect(`${name}: a BadOptions MigrationError, and no connect`, () =>
+      Effect.gen(function*() {
+        const ram = yield* sourceRam()
+        const faulty = yield* Faulty.make()
+        const exit = yield* Migration.migrate({ address: { _tag: "Tcp", host: "127.0.0.1", port: 1 }, ...options }).pipe(
+          Effect.provide(faulty.layer),
+          Effect.provideService(GuestRam.GuestRam, ram),
+          Effect.exit
+        )
+        const error = failureOf(exit)
+        expect(error).toBeInstanceOf(MigrationError.MigrationError)
+        expect((error as MigrationError.MigrationError).reason).toBe("BadOptions")
+        expect(error.message).toBe(message)
+        expect(faulty.attempts).toEqual([])
+      }))
+  }
+
+  it.effect("memory whose page size is no page size (a GuestRam built by hand): BadOptions, and no connect", () =>
+    Effect.gen(function*() {
+      const ram = yield* sourceRam()
+      const faulty = yield* Faulty.make()
+      const exit = yield* Migration.migrate({ address: { _tag: "Tcp", host: "127.0.0.1", port: 1 } }).pipe(
+        Effect.provide(faulty.layer),
+        Effect.provideService(GuestRam.GuestRam, { ...ram, pageSize: 1000 }),
+        Effect.exit
+      )
+      const error = failureOf(exit)
+      expect((error as MigrationError.MigrationError).reason).toBe("BadOptions")
+      expect(error.message).toBe("the memory's page size must be a power of two between 512 and 524288, not 1000")
+      expect(faulty.attempts).toEqual([])
+    }))
+
+  it.effect("a compression level out of range is still a CodecError BadLevel, and no connect", () =>
+    Effect.gen(function*() {
+      const ram = yield* sourceRam()
+      const faulty = yield* Faulty.make()
+      const exit = yield* Migration.migrate({
+        address: { _tag: "Tcp", host: "127.0.0.1", port: 1 },
+        compression: "zlib",
+        compressionLevel: 10
+      }).pipe(Effect.provide(faulty.layer), Effect.provideService(GuestRam.GuestRam, ram), Effect.exit)
+      const error = failureOf(exit)
+      expect(error).toBeInstanceOf(PageCodec.CodecError)
+      expect(error.message).toContain("zlib level 10 is out of range 0-9")
+      expect(faulty.attempts).toEqual([])
+    }))
+})
+
+describe("the end of a migration is bounded by the peer timeout (TestClock)", () => {
+  const TIMEOUTS = { connect: "1 hour", handshake: "1 hour", peer: "30 seconds" } as const
+
+  /**
+   * A fake destination that keeps every connection open: it accepts the hello, drains the channels,
+   * acknowledges each flush, answers Complete with Done, and then only reads.
+   */
+  const destination = (listener: Transport.Listener) =>
+    Effect.gen(function*() {
+      const control = yield* listener.accept
+      yield* control.read(4)
+      const hello = yield* Control.receive(control)
+      if (hello._tag !== "Hello") return yield* Effect.die(new Error(`a ${hello._tag} message instead of Hello`))
+      yield* Control.send(control, new Control.Accept())
+      for (let i = 0; i < hello.channels; i++) {
+        yield* Effect.forkScoped(Effect.ignore(Effect.forever((yield* listener.accept).read(64))))
+      }
+      while (true) {
+        const message = yield* Control.receive(control)
+        if (message._tag === "Flush") yield* Control.send(control, new Control.FlushAck({ round: message.round }))
+        if (message._tag === "Complete") yield* Control.send(control, new Control.Done())
+      }
+    }).pipe(Effect.ignore, Effect.scoped)
+
+  const stuckAt = (stuck: (index: number) => boolean, message: string) =>
+    leakFree(Effect.gen(function*() {
+      const ram = yield* sourceRam()
+      const listener = yield* Transport.listen(tcp0)
+      yield* Effect.forkScoped(destination(listener))
+      const reached = yield* Deferred.make<void>()
+      const source = yield* Effect.forkScoped(
+        Migration.migrate({ address: listener.address, channels: 2, timeouts: TIMEOUTS }).pipe(
+          Effect.provide(stuckEnds(stuck, reached)),
+          Effect.provideService(GuestRam.GuestRam, ram)
+        )
+      )
+      yield* noHang(Deferred.await(reached), "the stuck end")
+      const waited = yield* advanceUntilDone(source)
+      const error = failureOf(yield* Fiber.await(source))
+      expect((error as MigrationError.MigrationError).reason).toBe("Timeout")
+      expect(error.message).toBe(message)
+      expect(waited).toBeGreaterThanOrEqual(29_000)
+      expect(waited).toBeLessThanOrEqual(31_000)
+      // the failed source opened the write gate again
+      yield* noHang(GuestRam.write(ram, "pc.ram", 0, Buffer.from([1, 2, 3])), "a write after the failure", 2)
+    }))
+
+  it.effect("a multifd channel whose end never completes (send.finish): Timeout after the peer timeout", () =>
+    stuckAt((k) => k === 2, "timed out after 30s waiting for the multifd channels to send their last bytes and close"))
+
+  it.effect("a main channel whose end never completes (control.end): Timeout after the peer timeout", () =>
+    stuckAt((k) => k === 0, "timed out after 30s waiting for the main channel to send its last bytes and close"))
+})
+
+describe("MultifdRecv.adopt reads an init packet within the handshake timeout (TestClock)", () => {
+  it.effect("a connection that sends 10 of the 64 bytes and then nothing: Timeout after the handshake timeout", () =>
+    leakFree(Effect.gen(function*() {
+      const ram = yield* GuestRam.make({ blocks: [{ name: "pc.ram", size: 16 * PAGE }] })
+      const recv = yield* MultifdRecv.make({
+        channels: 1,
+        uuid: undefined,
+        ram,
+        compression: "none",
+        handshakeTimeout: "10 seconds"
+      })
+      const stream = new PassThrough()
+      const connection = yield* Transport.fromStream(stream, "a silent peer")
+      stream.write(Buffer.alloc(10))
+      const adopting = yield* Effect.fork(recv.adopt(connection))
+      const waited = yield* advanceUntilDone(adopting)
+      const error = failureOf(yield* Fiber.await(adopting))
+      expect((error as MigrationError.MigrationError).reason).toBe("Timeout")
+      expect(error.message).toBe("timed out after 10s waiting for the multifd init packet of a silent peer")
+      expect(waited).toBeGreaterThanOrEqual(9_000)
+      expect(waited).toBeLessThanOrEqual(11_000)
+      // nothing was adopted: the set is still waiting for its channel, and has not failed
+      expect((yield* recv.stats).channels).toBe(0)
+      expect(Option.isNone(yield* Effect.either(recv.failure).pipe(Effect.timeoutOption("0 millis")))).toBe(true)
+    })))
+})
