@@ -17,7 +17,12 @@ import * as Schema from "effect/Schema"
 import { Channels, ProtocolError } from "./Protocol.js"
 import type * as Transport from "./Transport.js"
 
-/** First bytes of a control connection: "EMFC" (effect-multifd control). */
+/**
+ * First bytes of a control connection: "EMFC" (effect-multifd control).
+ *
+ * @since 0.1.0
+ * @category constants
+ */
 export const MAGIC = 0x454d4643
 
 /**
@@ -25,10 +30,18 @@ export const MAGIC = 0x454d4643
  *
  * 2: `Done` means "verified and stored"; `Storing` keeps the source waiting while the destination stores the
  * memory; `Abort` may say that the store step failed.
+ *
+ * @since 0.1.0
+ * @category constants
  */
 export const VERSION = 2
 
-/** Largest control frame accepted (the hello of 255 blocks with long names fits easily). */
+/**
+ * Largest control frame accepted (the hello of 255 blocks with long names fits easily).
+ *
+ * @since 0.1.0
+ * @category constants
+ */
 export const MAX_FRAME = 1024 * 1024
 
 const Block = Schema.Struct({
@@ -38,7 +51,12 @@ const Block = Schema.Struct({
 
 const Digest = Schema.Struct({ name: Schema.String, digest: Schema.String })
 
-/** Source → destination: who we are and what is coming. */
+/**
+ * Source → destination: who we are and what is coming.
+ *
+ * @since 0.1.0
+ * @category schemas
+ */
 export class Hello extends Schema.TaggedClass<Hello>()("Hello", {
   version: Schema.Number,
   uuid: Schema.String,
@@ -49,23 +67,48 @@ export class Hello extends Schema.TaggedClass<Hello>()("Hello", {
   blocks: Schema.Array(Block)
 }) {}
 
-/** Destination → source: the layout fits, channels may connect. */
+/**
+ * Destination → source: the layout fits, channels may connect.
+ *
+ * @since 0.1.0
+ * @category schemas
+ */
 export class Accept extends Schema.TaggedClass<Accept>()("Accept", {}) {}
 
-/** Destination → source: the migration is refused, with the reason. */
+/**
+ * Destination → source: the migration is refused, with the reason.
+ *
+ * @since 0.1.0
+ * @category schemas
+ */
 export class Reject extends Schema.TaggedClass<Reject>()("Reject", { reason: Schema.String }) {}
 
-/** Source → destination: every channel has sent its SYNC for this round. */
+/**
+ * Source → destination: every channel has sent its SYNC for this round.
+ *
+ * @since 0.1.0
+ * @category schemas
+ */
 export class Flush extends Schema.TaggedClass<Flush>()("Flush", {
   round: Schema.Number,
   /** The switch-over's flush: no page follows it (the destination may start its digest). */
   final: Schema.optionalWith(Schema.Boolean, { default: () => false })
 }) {}
 
-/** Destination → source: every channel reached the round's barrier; all its pages are in memory. */
+/**
+ * Destination → source: every channel reached the round's barrier; all its pages are in memory.
+ *
+ * @since 0.1.0
+ * @category schemas
+ */
 export class FlushAck extends Schema.TaggedClass<FlushAck>()("FlushAck", { round: Schema.Number }) {}
 
-/** Source → destination: nothing more to send; the source's per-block digests. */
+/**
+ * Source → destination: nothing more to send; the source's per-block digests.
+ *
+ * @since 0.1.0
+ * @category schemas
+ */
 export class Complete extends Schema.TaggedClass<Complete>()("Complete", { digests: Schema.Array(Digest) }) {}
 
 /**
@@ -73,6 +116,9 @@ export class Complete extends Schema.TaggedClass<Complete>()("Complete", { diges
  * renaming its image). Sent when the store step starts and then about every second until it ends, so that
  * a long write is told apart from a dead destination: the source's peer timeout bounds the silence between
  * two messages, not the whole store.
+ *
+ * @since 0.1.0
+ * @category schemas
  */
 export class Storing extends Schema.TaggedClass<Storing>()("Storing", {}) {}
 
@@ -80,22 +126,38 @@ export class Storing extends Schema.TaggedClass<Storing>()("Storing", {}) {}
  * Destination → source: the migration is finished and durable on the destination — the digests matched and,
  * if the destination has a store step, the memory is stored (written, flushed to disk, in place). The source
  * reports success only after it.
+ *
+ * @since 0.1.0
+ * @category schemas
  */
 export class Done extends Schema.TaggedClass<Done>()("Done", {}) {}
 
 /**
  * Either way: the sender gives up, with the reason. `step: "store"` (destination → source): the memory
  * arrived and verified, but the destination could not store it (it is not durably in place).
+ *
+ * @since 0.1.0
+ * @category schemas
  */
 export class Abort extends Schema.TaggedClass<Abort>()("Abort", {
   reason: Schema.String,
   step: Schema.optional(Schema.Literal("store"))
 }) {}
 
-/** Every control message. */
+/**
+ * Every control message.
+ *
+ * @since 0.1.0
+ * @category schemas
+ */
 export const Message = Schema.Union(Hello, Accept, Reject, Flush, FlushAck, Complete, Storing, Done, Abort)
 
-/** A control message. */
+/**
+ * A control message.
+ *
+ * @since 0.1.0
+ * @category models
+ */
 export type Message = Schema.Schema.Type<typeof Message>
 
 const encodeJson = Schema.encodeSync(Schema.parseJson(Message))
@@ -120,7 +182,12 @@ const firstIssue = (error: ParseResult.ParseError): string => {
   return `${path}${path.length > 0 ? ": " : ""}${issue.message}`.replace(/\s+/g, " ")
 }
 
-/** Encodes a message as one frame: u32 big-endian length, then JSON. */
+/**
+ * Encodes a message as one frame: u32 big-endian length, then JSON.
+ *
+ * @since 0.1.0
+ * @category encoding
+ */
 export const encode = (message: Message): Buffer => {
   const body = Buffer.from(encodeJson(message), "utf8")
   const frame = Buffer.allocUnsafe(4 + body.length)
@@ -129,7 +196,12 @@ export const encode = (message: Message): Buffer => {
   return frame
 }
 
-/** Decodes a frame body: JSON of one of the messages. */
+/**
+ * Decodes a frame body: JSON of one of the messages.
+ *
+ * @since 0.1.0
+ * @category decoding
+ */
 export const decode = (body: Uint8Array): Either.Either<Message, ProtocolError> => {
   let json: unknown
   try {
@@ -147,20 +219,40 @@ export const decode = (body: Uint8Array): Either.Either<Message, ProtocolError> 
 const magicBytes = Buffer.alloc(4)
 magicBytes.writeUInt32BE(MAGIC, 0)
 
-/** Writes the control magic that opens the connection. */
+/**
+ * Writes the control magic that opens the connection.
+ *
+ * @since 0.1.0
+ * @category encoding
+ */
 export const writeMagic = (connection: Transport.Connection): Effect.Effect<void, Transport.TransportError> =>
   connection.write([magicBytes])
 
-/** Sends one message. */
+/**
+ * Sends one message.
+ *
+ * @since 0.1.0
+ * @category utils
+ */
 export const send = (
   connection: Transport.Connection,
   message: Message
 ): Effect.Effect<void, Transport.TransportError> => connection.write([encode(message)])
 
-/** Why a message could not be received. */
+/**
+ * Why a message could not be received.
+ *
+ * @since 0.1.0
+ * @category errors
+ */
 export type ReceiveError = Transport.TransportError | ProtocolError
 
-/** Receives one message, validating its length and shape. */
+/**
+ * Receives one message, validating its length and shape.
+ *
+ * @since 0.1.0
+ * @category utils
+ */
 export const receive = (connection: Transport.Connection): Effect.Effect<Message, ReceiveError> =>
   Effect.gen(function*() {
     const length = (yield* connection.read(4)).readUInt32BE(0)

@@ -15,13 +15,28 @@ import { DirtyLog } from "./internal/native/dirtyLog.js"
 import { WriteGate } from "./internal/native/writeGate.js"
 import * as Protocol from "./Protocol.js"
 
-/** Default page size: 4 KiB, as QEMU's target page on x86. */
+/**
+ * Default page size: 4 KiB, as QEMU's target page on x86.
+ *
+ * @since 0.1.0
+ * @category constants
+ */
 export const DEFAULT_PAGE_SIZE = 4096
 
-/** Longest block name that fits QEMU's 256-byte NUL-terminated ramblock field. */
+/**
+ * Longest block name that fits QEMU's 256-byte NUL-terminated ramblock field.
+ *
+ * @since 0.1.0
+ * @category constants
+ */
 export const MAX_BLOCK_NAME_BYTES = 255
 
-/** A named, page-aligned region of guest memory. */
+/**
+ * A named, page-aligned region of guest memory.
+ *
+ * @since 0.1.0
+ * @category models
+ */
 export interface Block {
   readonly name: string
   /** The block's memory: written in place by the destination, viewed (not copied) by the source. */
@@ -36,18 +51,31 @@ export interface Block {
  * How a block is described: by size (memory from `allocate`, touched up front so that receiving pages
  * never waits on page faults) or by existing bytes (used in place, not copied; `allocate` them for the
  * fastest digests).
+ *
+ * @since 0.1.0
+ * @category models
  */
 export type BlockSpec =
   | { readonly name: string; readonly size: number }
   | { readonly name: string; readonly bytes: Uint8Array }
 
-/** A block's name and size, as the control channel announces it. */
+/**
+ * A block's name and size, as the control channel announces it.
+ *
+ * @since 0.1.0
+ * @category models
+ */
 export interface BlockLayout {
   readonly name: string
   readonly size: number
 }
 
-/** An invalid memory layout. */
+/**
+ * An invalid memory layout.
+ *
+ * @since 0.1.0
+ * @category errors
+ */
 export class GuestRamError extends Data.TaggedError("GuestRamError")<{
   readonly reason: "BadPageSize" | "BadBlockName" | "BadBlockSize" | "DuplicateBlock" | "NoBlocks"
   readonly detail: string
@@ -57,7 +85,12 @@ export class GuestRamError extends Data.TaggedError("GuestRamError")<{
   }
 }
 
-/** Guest memory: a page size and the named blocks. */
+/**
+ * Guest memory: a page size and the named blocks.
+ *
+ * @since 0.1.0
+ * @category tags
+ */
 export class GuestRam extends Context.Tag("effect-multifd/GuestRam")<
   GuestRam,
   {
@@ -76,15 +109,26 @@ export class GuestRam extends Context.Tag("effect-multifd/GuestRam")<
  * Zero-filled shared memory for a block, laid out so that digests read it in place (inside a
  * `WebAssembly.Memory`, up to 4 GiB; larger sizes get a plain `SharedArrayBuffer`, hashed through a copy).
  * Memory from here makes `digest` about twice as fast as other memory. Pages are not touched.
+ *
+ * @since 0.1.0
+ * @category utils
  */
 export const allocate = (size: number): Buffer => Digest.allocate(size)
 
-/** Largest single block a Node Buffer can hold. */
+/**
+ * Largest single block a Node Buffer can hold.
+ *
+ * @since 0.1.0
+ * @category constants
+ */
 export const MAX_BLOCK_SIZE = Buffer.constants.MAX_LENGTH
 
 /**
  * Builds guest memory from block specs, validating page size (a power of two, 512 B–512 KiB), names
  * (1–255 UTF-8 bytes, no NUL, unique) and sizes (a positive multiple of the page size).
+ *
+ * @since 0.1.0
+ * @category constructors
  */
 export const make = (options: {
   readonly pageSize?: number | undefined
@@ -113,7 +157,12 @@ export const make = (options: {
     return Effect.succeed(fromBlocks(pageSize, blocks))
   })
 
-/** Checks a layout without allocating anything; the first problem found, if any. */
+/**
+ * Checks a layout without allocating anything; the first problem found, if any.
+ *
+ * @since 0.1.0
+ * @category utils
+ */
 export const checkLayout = (
   pageSize: number,
   layout: ReadonlyArray<BlockLayout>
@@ -154,19 +203,34 @@ const fromBlocks = (pageSize: number, blocks: ReadonlyArray<Block>): GuestRam["T
   }
 }
 
-/** A layer providing guest memory built from block specs. */
+/**
+ * A layer providing guest memory built from block specs.
+ *
+ * @since 0.1.0
+ * @category layers
+ */
 export const layer = (options: {
   readonly pageSize?: number | undefined
   readonly blocks: ReadonlyArray<BlockSpec>
 }): Layer.Layer<GuestRam, GuestRamError> => Layer.effect(GuestRam, make(options))
 
-/** The layout (names and sizes) of guest memory. */
+/**
+ * The layout (names and sizes) of guest memory.
+ *
+ * @since 0.1.0
+ * @category utils
+ */
 export const layoutOf = (ram: GuestRam["Type"]): ReadonlyArray<BlockLayout> =>
   ram.blocks.map((b) => ({ name: b.name, size: b.bytes.length }))
 
 const zeroPages = new Map<number, Buffer>()
 
-/** A shared, read-only page of zeros for comparisons. */
+/**
+ * A shared, read-only page of zeros for comparisons.
+ *
+ * @since 0.1.0
+ * @category utils
+ */
 export const zeroPage = (pageSize: number): Buffer => {
   let page = zeroPages.get(pageSize)
   if (page === undefined) {
@@ -176,16 +240,31 @@ export const zeroPage = (pageSize: number): Buffer => {
   return page
 }
 
-/** Whether the page at `offset` of `bytes` is all zeros (one native compare, no allocation). */
+/**
+ * Whether the page at `offset` of `bytes` is all zeros (one native compare, no allocation).
+ *
+ * @since 0.1.0
+ * @category guards
+ */
 export const isZeroPage = (bytes: Buffer, offset: number, pageSize: number): boolean =>
   // most pages that are not zero say so in their first or last byte: no native call for them
   bytes[offset] === 0 && bytes[offset + pageSize - 1] === 0 &&
   bytes.compare(zeroPage(pageSize), 0, pageSize, offset, offset + pageSize) === 0
 
-/** Chunk size of the digest tree: each 64 MiB chunk is hashed on its own (in parallel where possible). */
+/**
+ * Chunk size of the digest tree: each 64 MiB chunk is hashed on its own (in parallel where possible).
+ *
+ * @since 0.1.0
+ * @category constants
+ */
 export const DIGEST_CHUNK = Digest.CHUNK
 
-/** A block's digest: SHA-256 over the XXH3-128 of each 64 MiB chunk, hex-encoded. */
+/**
+ * A block's digest: SHA-256 over the XXH3-128 of each 64 MiB chunk, hex-encoded.
+ *
+ * @since 0.1.0
+ * @category models
+ */
 export interface BlockDigest {
   readonly name: string
   readonly digest: string
@@ -195,12 +274,18 @@ export interface BlockDigest {
  * Digests every block. Shared memory (from `allocate` or any `SharedArrayBuffer`) is hashed by worker
  * threads and this thread in parallel, memory from `allocate` without a copy; other memory is hashed on
  * this thread, yielding every 4 MiB.
+ *
+ * @since 0.1.0
+ * @category utils
  */
 export const digest = (ram: GuestRam["Type"]): Effect.Effect<ReadonlyArray<BlockDigest>> => digestOn(ram, undefined)
 
 /**
  * Starts the worker threads of `digest` now and returns a digest that hashes on them: a thread takes tens
  * of milliseconds to start, which a migration would otherwise spend paused. The threads stop with the scope.
+ *
+ * @since 0.1.0
+ * @category constructors
  */
 export const digester = (
   ram: GuestRam["Type"]
@@ -213,7 +298,12 @@ const digestOn = (ram: GuestRam["Type"], pool: Digest.Pool | undefined) =>
     (hashes) => ram.blocks.map((b, i) => ({ name: b.name, digest: hashes[i]! }))
   )
 
-/** A write outside a block's bounds. */
+/**
+ * A write outside a block's bounds.
+ *
+ * @since 0.1.0
+ * @category errors
+ */
 export class OutOfBounds extends Data.TaggedError("OutOfBounds")<{
   readonly block: string
   readonly offset: number
@@ -239,6 +329,9 @@ const touch = (ram: GuestRam["Type"], name: string, offset: number, length: numb
 /**
  * Updates `length` bytes of a block in place: waits while a migration holds writers paused, then runs
  * `f` on a view of the range (synchronously) and marks the pages it covers dirty.
+ *
+ * @since 0.1.0
+ * @category utils
  */
 export const update = <A>(
   ram: GuestRam["Type"],
@@ -257,7 +350,12 @@ export const update = <A>(
     })
   })
 
-/** Writes `data` into a block at `offset` (see `update`). */
+/**
+ * Writes `data` into a block at `offset` (see `update`).
+ *
+ * @since 0.1.0
+ * @category utils
+ */
 export const write = (
   ram: GuestRam["Type"],
   name: string,
@@ -265,5 +363,10 @@ export const write = (
   data: Uint8Array
 ): Effect.Effect<void, OutOfBounds> => update(ram, name, offset, data.length, (view) => view.set(data))
 
-/** Number of dirty pages over all blocks. */
+/**
+ * Number of dirty pages over all blocks.
+ *
+ * @since 0.1.0
+ * @category utils
+ */
 export const dirtyPages = (ram: GuestRam["Type"]): number => ram.blocks.reduce((n, b) => n + b.dirty.count(), 0)

@@ -5,6 +5,10 @@
  * and stop at each SYNC until `sync` has seen all channels arrive. The first failure of any fiber is the
  * set's failure; closing the scope interrupts and awaits every fiber.
  *
+ * Longer than 400 lines on purpose: the worker's two read paths (the in-place `readChain` pump for
+ * uncompressed packets, the codec path for compressed ones), the barrier and the stall watch share the
+ * set's counters and per-channel state, and read best side by side.
+ *
  * @since 0.1.0
  */
 import * as Context from "effect/Context"
@@ -24,7 +28,12 @@ import * as Protocol from "./Protocol.js"
 import * as Transfer from "./Transfer.js"
 import * as Transport from "./Transport.js"
 
-/** How the destination's channels are checked. */
+/**
+ * How the destination's channels are checked.
+ *
+ * @since 0.1.0
+ * @category models
+ */
 export interface Config {
   readonly channels: number
   /** The migration's uuid; `undefined` adopts the first channel's and requires the others to match (QEMU). */
@@ -45,13 +54,23 @@ export interface Config {
   readonly handshakeTimeout?: Duration.DurationInput | undefined
 }
 
-/** A channel inside a packet, and how many bytes of it arrived. */
+/**
+ * A channel inside a packet, and how many bytes of it arrived.
+ *
+ * @since 0.1.0
+ * @category models
+ */
 export interface Unfinished {
   readonly channel: number
   readonly bytes: number
 }
 
-/** What can end a channel. */
+/**
+ * What can end a channel.
+ *
+ * @since 0.1.0
+ * @category errors
+ */
 export type ChannelFailure =
   | Transport.TransportError
   | Protocol.ProtocolError
@@ -59,7 +78,12 @@ export type ChannelFailure =
   | MigrationError.ChannelError
   | MigrationError.MigrationError
 
-/** Counters of what the channels received. */
+/**
+ * Counters of what the channels received.
+ *
+ * @since 0.1.0
+ * @category models
+ */
 export interface Stats {
   readonly channels: number
   readonly packets: number
@@ -70,7 +94,12 @@ export interface Stats {
   readonly bytes: number
 }
 
-/** The destination's channel set. */
+/**
+ * The destination's channel set.
+ *
+ * @since 0.1.0
+ * @category tags
+ */
 export class MultifdRecv extends Context.Tag("effect-multifd/MultifdRecv")<MultifdRecv, {
   /**
    * Reads (unless given: `init`, the 64 bytes already read; within `handshakeTimeout`) and validates a
@@ -110,7 +139,12 @@ interface ChannelState {
 const unfinishedBytes = (state: ChannelState): number =>
   state.atSync ? 0 : Math.max(0, state.connection.received() - state.consumed)
 
-/** How the stall watch and the caller's messages describe a channel stuck inside a packet. */
+/**
+ * How the stall watch and the caller's messages describe a channel stuck inside a packet.
+ *
+ * @since 0.1.0
+ * @category utils
+ */
 export const describeUnfinished = (u: Unfinished): string =>
   `multifd channel ${u.channel} is ${u.bytes} bytes into a packet`
 
@@ -138,7 +172,12 @@ const watchStall = (state: ChannelState, after: Duration.Duration) =>
     }
   })
 
-/** Builds the channel set in the current scope. */
+/**
+ * Builds the channel set in the current scope.
+ *
+ * @since 0.1.0
+ * @category constructors
+ */
 export const make = (config: Config): Effect.Effect<MultifdRecv["Type"], never, Scope.Scope> =>
   Effect.gen(function*() {
     const { channels, ram, compression } = config
@@ -409,10 +448,20 @@ export const make = (config: Config): Effect.Effect<MultifdRecv["Type"], never, 
     }
   })
 
-/** A layer with the destination's channel set. */
+/**
+ * A layer with the destination's channel set.
+ *
+ * @since 0.1.0
+ * @category layers
+ */
 export const layer = (config: Config): Layer.Layer<MultifdRecv> => Layer.scoped(MultifdRecv, make(config))
 
-/** Whether an init-packet failure means "not part of this migration" (a stranger) rather than a broken source. */
+/**
+ * Whether an init-packet failure means "not part of this migration" (a stranger) rather than a broken source.
+ *
+ * @since 0.1.0
+ * @category guards
+ */
 export const isStranger = (error: ChannelFailure): boolean =>
   error._tag === "ProtocolError" && (error.reason === "BadUuid" ||
     // an init packet's bad magic or version; the same reasons from an adopted channel's worker name its id

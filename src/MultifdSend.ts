@@ -27,7 +27,12 @@ import * as PageCodec from "./PageCodec.js"
 import * as Protocol from "./Protocol.js"
 import * as Transport from "./Transport.js"
 
-/** How the source's channels are set up. */
+/**
+ * How the source's channels are set up.
+ *
+ * @since 0.1.0
+ * @category models
+ */
 export interface Config {
   readonly address: Transport.Address
   readonly channels: number
@@ -43,7 +48,12 @@ export interface Config {
   readonly upgrade?: Transport.Upgrade<Transport.UpgradeError> | undefined
 }
 
-/** What can end a channel. */
+/**
+ * What can end a channel.
+ *
+ * @since 0.1.0
+ * @category errors
+ */
 export type ChannelFailure =
   | Transport.TransportError
   | Protocol.ProtocolError
@@ -51,7 +61,12 @@ export type ChannelFailure =
   | PageCodec.CodecError
   | Transport.UpgradeError
 
-/** Counters of what the channels sent. */
+/**
+ * Counters of what the channels sent.
+ *
+ * @since 0.1.0
+ * @category models
+ */
 export interface Stats {
   readonly packets: number
   readonly syncs: number
@@ -122,7 +137,12 @@ class Accepted {
   }
 }
 
-/** The source's established channel set. */
+/**
+ * The source's established channel set.
+ *
+ * @since 0.1.0
+ * @category tags
+ */
 export class MultifdSend extends Context.Tag("effect-multifd/MultifdSend")<MultifdSend, {
   /** Pages per packet (the offset array's slots). */
   readonly slots: number
@@ -162,10 +182,20 @@ interface Channel {
   readonly mailbox: Queue.Queue<Job>
 }
 
-/** Packets a channel takes at each hand-off (fewer hand-offs; QEMU's packets stay 512 KiB of 4 KiB pages). */
+/**
+ * Packets a channel takes at each hand-off (fewer hand-offs; QEMU's packets stay 512 KiB of 4 KiB pages).
+ *
+ * @since 0.1.0
+ * @category constants
+ */
 export const PACKETS_PER_BATCH = 32
 
-/** Establishes the channel set in the current scope. Channels connect concurrently; `send` waits for one. */
+/**
+ * Establishes the channel set in the current scope. Channels connect concurrently; `send` waits for one.
+ *
+ * @since 0.1.0
+ * @category constructors
+ */
 export const make = (
   config: Config
 ): Effect.Effect<MultifdSend["Type"], never, Scope.Scope | Transport.Transport> =>
@@ -339,6 +369,11 @@ const nameChannel = (id: number) => (error: ChannelFailure): ChannelFailure =>
     ? new PageCodec.CodecError({ ...error, channel: id })
     : MigrationError.onChannel(id)(error)
 
-/** A layer with the source's channel set, established in the layer's scope. */
+/**
+ * A layer with the source's channel set, established in the layer's scope.
+ *
+ * @since 0.1.0
+ * @category layers
+ */
 export const layer = (config: Config): Layer.Layer<MultifdSend, never, Transport.Transport> =>
   Layer.scoped(MultifdSend, make(config))

@@ -18,6 +18,9 @@
  * byte reveals an excess: decompression stops there), and only an exact `normal × pageSize` result is
  * copied to the pages' places. Anything else is a `CodecError` naming the channel.
  *
+ * Longer than 400 lines on purpose: the three methods' encoders and decoders side by side, each with the
+ * rules above spelled out where they apply; the native streams themselves are in `internal/native`.
+ *
  * @since 0.1.0
  */
 import * as Data from "effect/Data"
@@ -30,7 +33,12 @@ import * as Zstd from "./internal/native/zstdStream.js"
 import * as Protocol from "./Protocol.js"
 import type * as Transport from "./Transport.js"
 
-/** A payload that does not decode, or decodes to something other than its pages; or a codec not usable. */
+/**
+ * A payload that does not decode, or decodes to something other than its pages; or a codec not usable.
+ *
+ * @since 0.1.0
+ * @category errors
+ */
 export class CodecError extends Data.TaggedError("CodecError")<{
   readonly reason: "Corrupt" | "TooLarge" | "TooShort" | "Unavailable" | "BadLevel"
   readonly channel: number | undefined
@@ -47,10 +55,18 @@ export class CodecError extends Data.TaggedError("CodecError")<{
  * What an encoder's chunks are: `views` of guest memory (they cost no memory: a sender may gather many
  * packets into one write), `fresh` buffers (each packet's are its own: better written at once), or
  * `reused` buffers (the next call overwrites them: the caller waits until they were sent).
+ *
+ * @since 0.1.0
+ * @category models
  */
 export type EncoderOutput = "views" | "fresh" | "reused"
 
-/** Turns a packet's normal pages into payload chunks. */
+/**
+ * Turns a packet's normal pages into payload chunks.
+ *
+ * @since 0.1.0
+ * @category models
+ */
 export interface Encoder {
   readonly output: EncoderOutput
   /** Appends the payload of the `normal` pages at `offsets` of `memory` to `chunks` and returns its size. */
@@ -63,7 +79,12 @@ export interface Encoder {
   ) => Effect.Effect<number, CodecError>
 }
 
-/** Reads a packet's payload from a connection into the normal pages' places in memory. */
+/**
+ * Reads a packet's payload from a connection into the normal pages' places in memory.
+ *
+ * @since 0.1.0
+ * @category models
+ */
 export interface Decoder {
   readonly decode: (
     connection: Transport.Connection,
@@ -78,10 +99,20 @@ export interface Decoder {
 // ---------------------------------------------------------------------------------------------------------
 // Levels
 
-/** Accepted and default levels per method: QEMU's `multifd-zlib-level` and `multifd-zstd-level` (`Protocol`'s). */
+/**
+ * Accepted and default levels per method: QEMU's `multifd-zlib-level` and `multifd-zstd-level` (`Protocol`'s).
+ *
+ * @since 0.1.0
+ * @category constants
+ */
 export const levels = Protocol.compressionLevels
 
-/** The level to use: the method's default when not given; a `BadLevel` error when out of its range. */
+/**
+ * The level to use: the method's default when not given; a `BadLevel` error when out of its range.
+ *
+ * @since 0.1.0
+ * @category utils
+ */
 export const checkLevel = (
   compression: Protocol.Compression,
   level: number | undefined
@@ -95,7 +126,12 @@ export const checkLevel = (
     : Either.left(new CodecError({ reason: "BadLevel", channel: undefined, detail: problem }))
 }
 
-/** Whether this process can use a method (zstd needs its native binding); an `Unavailable` error if not. */
+/**
+ * Whether this process can use a method (zstd needs its native binding); an `Unavailable` error if not.
+ *
+ * @since 0.1.0
+ * @category utils
+ */
 export const checkAvailable = (
   compression: Protocol.Compression,
   channel?: number | undefined
@@ -412,6 +448,9 @@ const zstdDecoder = (channel: number): Effect.Effect<Decoder, CodecError, Scope.
 /**
  * The encoder for a channel: its compression stream lives in the scope and is released (zlib handle
  * closed, zstd context dropped) when the scope closes. `level` defaults to the method's default (1).
+ *
+ * @since 0.1.0
+ * @category constructors
  */
 export const encoder = (
   compression: Protocol.Compression,
@@ -422,7 +461,12 @@ export const encoder = (
     : Effect.flatMap(checkLevel(compression, level), (lvl) =>
       compression === "zlib" ? zlibEncoder(lvl) : zstdEncoder(lvl))
 
-/** The decoder for a channel: its decompression stream lives in the scope, released when it closes. */
+/**
+ * The decoder for a channel: its decompression stream lives in the scope, released when it closes.
+ *
+ * @since 0.1.0
+ * @category constructors
+ */
 export const decoder = (
   compression: Protocol.Compression,
   channel: number

@@ -1,6 +1,10 @@
 /**
  * QEMU multifd wire format (packet version 1, as in QEMU 9.0–10.x): constants, encoders and validating
- * decoders. Pure: no I/O, no per-page allocation. All integers are big-endian.
+ * decoders. Pure: no I/O, no per-page allocation. All integers are big-endian. It also holds the limits
+ * every module checks against (channels, page sizes, compression levels).
+ *
+ * Longer than 400 lines on purpose: the whole wire format in one place, each encoder beside its validating
+ * decoder and each limit beside its check; most of the length is their documentation.
  *
  * @since 0.1.0
  */
@@ -8,34 +12,99 @@ import * as Data from "effect/Data"
 import * as Either from "effect/Either"
 import * as Schema from "effect/Schema"
 
-/** Magic number that starts every multifd init and RAM packet. */
+/**
+ * Magic number that starts every multifd init and RAM packet.
+ *
+ * @since 0.1.0
+ * @category constants
+ */
 export const MAGIC = 0x11223344
-/** Packet version spoken by QEMU 9.0–10.x. */
+/**
+ * Packet version spoken by QEMU 9.0–10.x.
+ *
+ * @since 0.1.0
+ * @category constants
+ */
 export const VERSION = 1
-/** Size of the init packet a channel sends first. */
+/**
+ * Size of the init packet a channel sends first.
+ *
+ * @since 0.1.0
+ * @category constants
+ */
 export const INIT_PACKET_SIZE = 64
-/** Fixed part of a RAM packet header, before the offset array. */
+/**
+ * Fixed part of a RAM packet header, before the offset array.
+ *
+ * @since 0.1.0
+ * @category constants
+ */
 export const HEADER_FIXED_SIZE = 320
-/** Bytes reserved for the NUL-padded RAM block name. */
+/**
+ * Bytes reserved for the NUL-padded RAM block name.
+ *
+ * @since 0.1.0
+ * @category constants
+ */
 export const BLOCK_NAME_SIZE = 256
-/** Payload budget of one packet: the offset array has `PACKET_PAGE_BYTES / pageSize` slots. */
+/**
+ * Payload budget of one packet: the offset array has `PACKET_PAGE_BYTES / pageSize` slots.
+ *
+ * @since 0.1.0
+ * @category constants
+ */
 export const PACKET_PAGE_BYTES = 512 * 1024
-/** SYNC flag: the packet carries no pages and marks a barrier. */
+/**
+ * SYNC flag: the packet carries no pages and marks a barrier.
+ *
+ * @since 0.1.0
+ * @category constants
+ */
 export const FLAG_SYNC = 1 << 0
-/** Mask of the compression-method bits. */
+/**
+ * Mask of the compression-method bits.
+ *
+ * @since 0.1.0
+ * @category constants
+ */
 export const COMPRESSION_MASK = 0x1f << 1
-/** Compression-method bits for zlib. */
+/**
+ * Compression-method bits for zlib.
+ *
+ * @since 0.1.0
+ * @category constants
+ */
 export const FLAG_ZLIB = 1 << 1
-/** Compression-method bits for zstd. */
+/**
+ * Compression-method bits for zstd.
+ *
+ * @since 0.1.0
+ * @category constants
+ */
 export const FLAG_ZSTD = 2 << 1
 
-/** Channel compression method. */
+/**
+ * Channel compression method.
+ *
+ * @since 0.1.0
+ * @category models
+ */
 export type Compression = "none" | "zlib" | "zstd"
 
-/** Every compression method, in flag order. */
+/**
+ * Every compression method, in flag order.
+ *
+ * @since 0.1.0
+ * @category constants
+ */
 export const compressions: ReadonlyArray<Compression> = ["none", "zlib", "zstd"]
 
-/** The flag bits QEMU sets on data packets for a compression method. */
+/**
+ * The flag bits QEMU sets on data packets for a compression method.
+ *
+ * @since 0.1.0
+ * @category utils
+ */
 export const compressionFlags = (compression: Compression): number =>
   compression === "zlib" ? FLAG_ZLIB : compression === "zstd" ? FLAG_ZSTD : 0
 
@@ -167,16 +236,36 @@ export const checkCompressionLevel = (method: Compression, level: number): strin
     ? undefined
     : `${method} level ${level} is out of range ${compressionLevels[method].min}-${compressionLevels[method].max}`
 
-/** Offset slots in a packet for the given page size (128 for 4 KiB pages). */
+/**
+ * Offset slots in a packet for the given page size (128 for 4 KiB pages).
+ *
+ * @since 0.1.0
+ * @category utils
+ */
 export const slotsFor = (pageSize: number): number => Math.max(1, Math.floor(PACKET_PAGE_BYTES / pageSize))
 
-/** Size in bytes of a RAM packet header (fixed part plus the offset array) for the given page size. */
+/**
+ * Size in bytes of a RAM packet header (fixed part plus the offset array) for the given page size.
+ *
+ * @since 0.1.0
+ * @category utils
+ */
 export const headerSize = (pageSize: number): number => HEADER_FIXED_SIZE + 8 * slotsFor(pageSize)
 
-/** Who a protocol error is about: a multifd channel id, the main channel, or an unidentified connection. */
+/**
+ * Who a protocol error is about: a multifd channel id, the main channel, or an unidentified connection.
+ *
+ * @since 0.1.0
+ * @category models
+ */
 export type ChannelRef = number | "main" | "unidentified"
 
-/** A byte that failed validation; names the channel and the field. */
+/**
+ * A byte that failed validation; names the channel and the field.
+ *
+ * @since 0.1.0
+ * @category errors
+ */
 export class ProtocolError extends Data.TaggedError("ProtocolError")<{
   readonly reason:
     | "BadMagic"
@@ -213,13 +302,23 @@ const hex = (n: number): string => "0x" + (n >>> 0).toString(16).padStart(8, "0"
 // ---------------------------------------------------------------------------------------------------------
 // Init packet
 
-/** The first packet on every multifd channel. */
+/**
+ * The first packet on every multifd channel.
+ *
+ * @since 0.1.0
+ * @category models
+ */
 export interface InitPacket {
   readonly uuid: Uint8Array
   readonly id: number
 }
 
-/** Encodes an init packet (64 bytes). */
+/**
+ * Encodes an init packet (64 bytes).
+ *
+ * @since 0.1.0
+ * @category encoding
+ */
 export const encodeInit = (init: InitPacket): Buffer => {
   const buf = Buffer.alloc(INIT_PACKET_SIZE)
   buf.writeUInt32BE(MAGIC, 0)
@@ -229,7 +328,12 @@ export const encodeInit = (init: InitPacket): Buffer => {
   return buf
 }
 
-/** What the receiver expects of an init packet. */
+/**
+ * What the receiver expects of an init packet.
+ *
+ * @since 0.1.0
+ * @category models
+ */
 export interface InitExpectation {
   /** Number of channels of this migration: the id must be below it. */
   readonly channels: number
@@ -237,7 +341,12 @@ export interface InitExpectation {
   readonly uuid: Uint8Array | undefined
 }
 
-/** Decodes and validates an init packet (exactly 64 bytes). */
+/**
+ * Decodes and validates an init packet (exactly 64 bytes).
+ *
+ * @since 0.1.0
+ * @category decoding
+ */
 export const decodeInit = (
   bytes: Uint8Array,
   expect: InitExpectation
@@ -263,13 +372,23 @@ export const decodeInit = (
   return Either.right({ uuid, id })
 }
 
-/** Formats 16 bytes as a canonical uuid string. */
+/**
+ * Formats 16 bytes as a canonical uuid string.
+ *
+ * @since 0.1.0
+ * @category utils
+ */
 export const formatUuid = (uuid: Uint8Array): string => {
   const h = Buffer.from(uuid).toString("hex").padEnd(32, "0")
   return `${h.slice(0, 8)}-${h.slice(8, 12)}-${h.slice(12, 16)}-${h.slice(16, 20)}-${h.slice(20, 32)}`
 }
 
-/** Parses a canonical uuid string into 16 bytes; `undefined` when it is not one. */
+/**
+ * Parses a canonical uuid string into 16 bytes; `undefined` when it is not one.
+ *
+ * @since 0.1.0
+ * @category decoding
+ */
 export const parseUuid = (text: string): Uint8Array | undefined =>
   /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/i.test(text)
     ? new Uint8Array(Buffer.from(text.replace(/-/g, ""), "hex"))
@@ -281,6 +400,9 @@ export const parseUuid = (text: string): Uint8Array | undefined =>
 /**
  * A RAM packet header. Offsets live in a caller-owned array (byte offsets inside the block: normal pages
  * first, then zero pages) so that hot paths reuse it.
+ *
+ * @since 0.1.0
+ * @category models
  */
 export interface PacketHeader {
   readonly flags: number
@@ -297,6 +419,9 @@ export interface PacketHeader {
 /**
  * Writes a packet header into `target` (at least `headerSize(pageSize)` bytes, reused per channel).
  * Unused offset slots and reserved fields are zeroed. Returns the header's length.
+ *
+ * @since 0.1.0
+ * @category encoding
  */
 export const writeHeader = (target: Buffer, pageSize: number, header: PacketHeader): number => {
   const slots = slotsFor(pageSize)
@@ -323,7 +448,12 @@ export const writeHeader = (target: Buffer, pageSize: number, header: PacketHead
   return size
 }
 
-/** What the receiver checks a RAM packet header against. */
+/**
+ * What the receiver checks a RAM packet header against.
+ *
+ * @since 0.1.0
+ * @category models
+ */
 export interface HeaderLimits {
   readonly channel: number
   readonly pageSize: number
@@ -332,7 +462,12 @@ export interface HeaderLimits {
   readonly blockSize: (name: string) => number | undefined
 }
 
-/** A validated packet header; `offsets` is the caller's array, filled in place. */
+/**
+ * A validated packet header; `offsets` is the caller's array, filled in place.
+ *
+ * @since 0.1.0
+ * @category models
+ */
 export interface DecodedHeader {
   readonly sync: boolean
   readonly normalPages: number
@@ -353,6 +488,9 @@ const readBlockName = (bytes: Buffer): string => {
  * (at least `slotsFor(pageSize)` entries) with the used offsets. Checks, in order: magic, version, flags
  * (SYNC alone, or the negotiated compression bits on data packets), page counts, block name, every offset
  * (page-aligned, inside the block), and — without compression — `next_packet_size`.
+ *
+ * @since 0.1.0
+ * @category decoding
  */
 export const decodeHeader = (
   bytes: Buffer,
@@ -442,7 +580,12 @@ export const decodeHeader = (
   return Either.right({ sync, normalPages, zeroPages, nextPacketSize, packetNum, block, blockSize })
 }
 
-/** Writes a SYNC packet header: flags exactly `0x1`, no pages, as QEMU sends it. */
+/**
+ * Writes a SYNC packet header: flags exactly `0x1`, no pages, as QEMU sends it.
+ *
+ * @since 0.1.0
+ * @category encoding
+ */
 export const writeSync = (target: Buffer, pageSize: number, packetNum: bigint): number =>
   writeHeader(target, pageSize, {
     flags: FLAG_SYNC,

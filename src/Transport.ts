@@ -1,6 +1,10 @@
 /**
  * Byte connections over `tcp:` and `unix:` addresses: connect and listen as scoped effects, writes with
- * backpressure, exact-length and scatter reads. Knows nothing of pages or packets.
+ * backpressure, exact-length and scatter reads. Knows nothing of pages or packets. A connection over a Node
+ * stream is implemented in `internal/native/connection`.
+ *
+ * Just over 400 lines: addresses, the service and its Node implementation (connect, listen, and making way
+ * for a Unix listener where a stale socket file lies) belong together; most of the length is documentation.
  *
  * @since 0.1.0
  */
@@ -25,6 +29,9 @@ import * as DirectSocket from "./internal/native/directSocket.js"
 /**
  * Where to connect or listen. `File` is a snapshot file: `Migration.migrate` / `listenAndReceive` save and
  * restore it (`Snapshot`); `connect` and `listen` refuse it.
+ *
+ * @since 0.1.0
+ * @category models
  */
 export type Address =
   | { readonly _tag: "Tcp"; readonly host: string; readonly port: number }
@@ -34,7 +41,12 @@ export type Address =
 /** The addresses of sockets. */
 type SocketAddress = Exclude<Address, { readonly _tag: "File" }>
 
-/** Parses `tcp:HOST:PORT` (IPv6 hosts in brackets, port 0 picks a free port), `unix:PATH` or `file:PATH`. */
+/**
+ * Parses `tcp:HOST:PORT` (IPv6 hosts in brackets, port 0 picks a free port), `unix:PATH` or `file:PATH`.
+ *
+ * @since 0.1.0
+ * @category addresses
+ */
 export const parseAddress = (uri: string): Either.Either<Address, TransportError> => {
   const bad = (detail: string) => Either.left(new TransportError({ reason: "BadAddress", address: uri, detail }))
   if (uri.startsWith("unix:")) {
@@ -57,10 +69,20 @@ export const parseAddress = (uri: string): Either.Either<Address, TransportError
   return bad("expected an address of the form tcp:HOST:PORT, unix:PATH or file:PATH")
 }
 
-/** Whether a host is an IP address literal (not a name a certificate is issued for). */
+/**
+ * Whether a host is an IP address literal (not a name a certificate is issued for).
+ *
+ * @since 0.1.0
+ * @category addresses
+ */
 export const isIp = (host: string): boolean => Net.isIP(host) !== 0
 
-/** Formats an address as a URI that `parseAddress` accepts. */
+/**
+ * Formats an address as a URI that `parseAddress` accepts.
+ *
+ * @since 0.1.0
+ * @category addresses
+ */
 export const formatAddress = (address: Address): string =>
   address._tag === "File"
     ? `file:${address.path}`
@@ -122,6 +144,9 @@ export {
  * Wraps a connected stream as a `Connection`. The stream is destroyed (abortively) when the scope closes,
  * unless it was ended gracefully and has closed by itself. Such a stream (TLS) may copy what it is given,
  * so a long write is handed over `WRITE_BUFFER` bytes at a time, each once the previous has drained.
+ *
+ * @since 0.1.0
+ * @category constructors
  */
 export const fromStream = (stream: Stream.Duplex, peer: string): Effect.Effect<Connection, never, Scope.Scope> =>
   Effect.acquireRelease(Effect.sync(() => Connections.make(stream, peer, undefined, WRITE_BUFFER)), () => destroy(stream))
@@ -129,20 +154,35 @@ export const fromStream = (stream: Stream.Duplex, peer: string): Effect.Effect<C
 // ---------------------------------------------------------------------------------------------------------
 // Connect and listen
 
-/** Options for connecting. */
+/**
+ * Options for connecting.
+ *
+ * @since 0.1.0
+ * @category models
+ */
 export interface ConnectOptions {
   /** Give up connecting after this long (default 10 seconds). */
   readonly timeout?: Duration.DurationInput | undefined
 }
 
-/** A listening server: its bound address (the real port when 0 was asked) and the accepted connections. */
+/**
+ * A listening server: its bound address (the real port when 0 was asked) and the accepted connections.
+ *
+ * @since 0.1.0
+ * @category models
+ */
 export interface Listener {
   readonly address: Address
   /** Waits for the next connection; it is closed when the caller's scope closes. */
   readonly accept: Effect.Effect<Connection, never, Scope.Scope>
 }
 
-/** Connects and listens. A service so that tests can wrap it (inject faults, count handles). */
+/**
+ * Connects and listens. A service so that tests can wrap it (inject faults, count handles).
+ *
+ * @since 0.1.0
+ * @category tags
+ */
 export class Transport extends Context.Tag("effect-multifd/Transport")<Transport, {
   readonly connect: (
     address: Address,
@@ -151,7 +191,12 @@ export class Transport extends Context.Tag("effect-multifd/Transport")<Transport
   readonly listen: (address: Address) => Effect.Effect<Listener, TransportError, Scope.Scope>
 }>() {}
 
-/** Default connect timeout. */
+/**
+ * Default connect timeout.
+ *
+ * @since 0.1.0
+ * @category constants
+ */
 export const DEFAULT_CONNECT_TIMEOUT = Duration.seconds(10)
 
 /** `connect` and `listen` of a `file:` address: a snapshot file is no socket. */
@@ -166,7 +211,12 @@ const notASocket = (address: Exclude<Address, SocketAddress>): TransportError =>
 const connectOptions = (address: SocketAddress): Net.NetConnectOpts =>
   address._tag === "Unix" ? { path: address.path } : { host: address.host, port: address.port }
 
-/** Connects over TCP or a Unix socket; the socket is destroyed when the scope closes. */
+/**
+ * Connects over TCP or a Unix socket; the socket is destroyed when the scope closes.
+ *
+ * @since 0.1.0
+ * @category constructors
+ */
 export const connect = (
   address: Address,
   options?: ConnectOptions
@@ -198,7 +248,12 @@ export const connect = (
     return connection
   })
 
-/** Listens on TCP or a Unix socket; the server and every connection it accepted are closed with the scope. */
+/**
+ * Listens on TCP or a Unix socket; the server and every connection it accepted are closed with the scope.
+ *
+ * @since 0.1.0
+ * @category constructors
+ */
 export const listen = (address: Address): Effect.Effect<Listener, TransportError, Scope.Scope> =>
   Effect.gen(function*() {
     if (address._tag === "File") return yield* notASocket(address)
@@ -336,12 +391,20 @@ const closeServer = (server: Net.Server): Effect.Effect<void> =>
     // connections handed out are owned (and closed) by their own scopes
   })
 
-/** The Node implementation of `Transport`. */
+/**
+ * The Node implementation of `Transport`.
+ *
+ * @since 0.1.0
+ * @category layers
+ */
 export const layer: Layer.Layer<Transport> = Layer.succeed(Transport, { connect, listen })
 
 /**
  * Secures a fresh connection before anything else is read or written on it (a TLS handshake, or a test's
  * fault injection). The identity upgrade is `Effect.succeed`.
+ *
+ * @since 0.1.0
+ * @category models
  */
 export type Upgrade<E = never> = (
   connection: Connection,
@@ -352,5 +415,8 @@ export type Upgrade<E = never> = (
  * What the upgrade of a migration's connections may fail with: the connection broke (`TransportError`), or
  * the handshake failed or refused the peer (`Tls.TlsError`, or a stand-in of that tag in tests). The source's
  * and the destination's upgrade hooks (`Migration`, `QemuIncoming`) take an `Upgrade<UpgradeError>`.
+ *
+ * @since 0.1.0
+ * @category errors
  */
 export type UpgradeError = TransportError | { readonly _tag: "TlsError"; readonly message: string }
