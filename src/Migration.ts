@@ -168,6 +168,30 @@ const sourceSettings = (
     }
   })
 
+const unsupported = (path: string, detail: string) => new Snapshot.SnapshotError({ reason: "Unsupported", path, detail })
+
+/**
+ * `migrate` to a `file:` address: `Snapshot.save` with the migration's channels, zero-page mode, live policy,
+ * progress and peer timeout (as the stall timeout). Compression and TLS do not apply to a file.
+ */
+const saveToFile = (
+  path: string,
+  options: MigrateOptions
+): Effect.Effect<Snapshot.SaveResult, Snapshot.SnapshotError | MigrationError.MigrationError, GuestRam.GuestRam> =>
+  Effect.suspend(() => {
+    if ((options.compression ?? "none") !== "none") {
+      return unsupported(path, `compression ${options.compression} does not apply to a file: snapshot`)
+    }
+    if (options.upgrade !== undefined) return unsupported(path, "TLS does not apply to a file: snapshot")
+    return Snapshot.save(path, {
+      channels: options.channels,
+      zeroPage: options.zeroPage,
+      live: options.live,
+      onProgress: options.onProgress,
+      stallTimeout: options.timeouts?.peer
+    })
+  })
+
 /**
  * Migrates the `GuestRam` in context to a destination listening at `options.address`, and returns once the
  * destination confirmed that its memory has the same digests. To a `file:` address it saves a snapshot file
@@ -180,7 +204,7 @@ export const migrate = (
   options: MigrateOptions
 ): Effect.Effect<Stats, MigrateError, Transport.Transport | GuestRam.GuestRam> =>
   // a file: address saves a snapshot instead (Snapshot: parallel writers at fixed offsets)
-  options.address._tag === "File" ? Snapshot.migrateToFile(options.address.path, options) :
+  options.address._tag === "File" ? saveToFile(options.address.path, options) :
   Effect.flatMap(GuestRam.GuestRam, (ram) => Effect.flatMap(sourceSettings(options, ram), Source.run))
 
 // ---------------------------------------------------------------------------------------------------------
@@ -289,6 +313,15 @@ export const incoming = <E = never>(
     store: options.store
   })
 
+/** `listenAndReceive` from a `file:` address: `Snapshot.restore` with the destination's memory options. */
+const restoreFromFile = (path: string, options: IncomingOptions<unknown>): Effect.Effect<Incoming, Snapshot.SnapshotError> =>
+  options.upgrade !== undefined
+    ? Effect.fail(unsupported(path, "TLS does not apply to a file: snapshot"))
+    : Effect.map(
+      Snapshot.restore(path, { ram: options.ram, maxRamBytes: options.maxRamBytes, onProgress: options.onProgress }),
+      ({ ram, stats }) => ({ ram, stats, rejected: [] })
+    )
+
 /**
  * Listens at `address` and receives one migration there (a convenience over `Transport.listen` + `incoming`).
  * A `file:` address restores that snapshot file instead (`Snapshot.restore`; `onListening` is not called),
@@ -303,7 +336,7 @@ export const listenAndReceive = <E = never>(
 ): Effect.Effect<Incoming, IncomingError | Transport.TransportError | E, Transport.Transport> =>
   address._tag === "File"
     ? Effect.tap(
-      Snapshot.receiveFromFile(address.path, { ...options, store: undefined }),
+      restoreFromFile(address.path, options),
       (received) => options.store === undefined ? Effect.void : options.store(received.ram)
     ) :
   Effect.scoped(Effect.gen(function*() {

@@ -60,7 +60,6 @@
 import * as Clock from "effect/Clock"
 import * as Duration from "effect/Duration"
 import * as Effect from "effect/Effect"
-import * as Schedule from "effect/Schedule"
 import * as Crypto from "node:crypto"
 import * as GuestRam from "./GuestRam.js"
 import * as Precopy from "./internal/precopy.js"
@@ -68,8 +67,9 @@ import * as SnapshotFile from "./internal/snapshotFile.js"
 import * as Format from "./internal/snapshotFormat.js"
 import * as Restore from "./internal/snapshotRestore.js"
 import * as Save from "./internal/snapshotSave.js"
-import type * as Migration from "./Migration.js"
 import type * as MigrationError from "./MigrationError.js"
+import * as Protocol from "./Protocol.js"
+import * as Transfer from "./Transfer.js"
 
 /**
  * Writers of `save` and readers of `restore` when not told (libuv's thread pool has 4 threads by default).
@@ -78,8 +78,6 @@ import type * as MigrationError from "./MigrationError.js"
  * @category constants
  */
 export const DEFAULT_CHANNELS = 4
-
-const GIB = 1024 * 1024 * 1024
 
 /**
  * Why a snapshot could not be saved or restored; the message is one line naming the file. `reason` — `Io`: a
@@ -120,9 +118,9 @@ export interface SaveOptions {
    * migration, writers stay paused (`ram.gate`) after a successful save — the snapshot is the memory as of
    * then; call `ram.gate.open` to let them go on. On failure the gate opens again.
    */
-  readonly live?: Migration.LiveOptions | undefined
+  readonly live?: Transfer.LiveOptions | undefined
   /** Called as pages are handed to the writers. */
-  readonly onProgress?: ((progress: Migration.Progress) => Effect.Effect<void>) | undefined
+  readonly onProgress?: ((progress: Transfer.Progress) => Effect.Effect<void>) | undefined
   /** Fail when no page is written for this long (default 30 s). */
   readonly stallTimeout?: Duration.DurationInput | undefined
 }
@@ -133,7 +131,7 @@ export interface SaveOptions {
  * @since 0.1.0
  * @category models
  */
-export interface SaveResult extends Migration.Stats {
+export interface SaveResult extends Transfer.Stats {
   readonly path: string
   /** The file's apparent size (holes included). */
   readonly fileBytes: number
@@ -157,9 +155,8 @@ export const save = (
   Effect.gen(function*() {
     const ram = yield* GuestRam.GuestRam
     const channels = options.channels ?? DEFAULT_CHANNELS
-    if (!Number.isInteger(channels) || channels < 1 || channels > 255) {
-      return yield* new SnapshotError({ reason: "Unsupported", path, detail: `channels must be 1-255, not ${channels}` })
-    }
+    const badChannels = Protocol.checkChannels(channels)
+    if (badChannels !== undefined) return yield* new SnapshotError({ reason: "Unsupported", path, detail: badChannels })
     const started = yield* Clock.currentTimeMillis
     const uuid = Crypto.randomUUID()
     const plan = Format.plan(ram.pageSize, GuestRam.layoutOf(ram))
@@ -203,7 +200,7 @@ export const save = (
         zeroPages: s.zeroPages,
         wireBytes: s.bytes + header.length + bitmaps.reduce((n, b) => n + b.length, 0),
         durationMs,
-        gibPerSecond: ram.size / GIB / Math.max(durationMs, 1) * 1000
+        gibPerSecond: Transfer.gibPerSecond(ram.size, durationMs)
       } satisfies SaveResult
     }))
   })
@@ -225,7 +222,7 @@ export interface RestoreOptions {
   /** Parallel readers (default 4). */
   readonly readers?: number | undefined
   /** Called about ten times a second while pages are read (`doneBytes` counts memory restored). */
-  readonly onProgress?: ((progress: Migration.Progress) => Effect.Effect<void>) | undefined
+  readonly onProgress?: ((progress: Transfer.Progress) => Effect.Effect<void>) | undefined
 }
 
 /**
@@ -237,7 +234,7 @@ export interface RestoreOptions {
  */
 export interface Restored {
   readonly ram: GuestRam.GuestRam["Type"]
-  readonly stats: Migration.Stats
+  readonly stats: Transfer.Stats
   readonly path: string
   readonly fileBytes: number
   /** When the snapshot was saved (milliseconds since the epoch). */
@@ -250,7 +247,7 @@ export interface Restored {
  * @since 0.1.0
  * @category constants
  */
-export const DEFAULT_MAX_RAM = 16 * GIB
+export const DEFAULT_MAX_RAM: number = Transfer.DEFAULT_MAX_RAM
 
 const describeLayout = (pageSize: number, layout: ReadonlyArray<GuestRam.BlockLayout>): string =>
   `page size ${pageSize}, ` +
@@ -287,8 +284,8 @@ const memoryFor = (
       return yield* new SnapshotError({
         reason: "Layout",
         path,
-        detail: `the snapshot holds ${(total / GIB).toFixed(2)} GiB of memory, more than the limit of ` +
-          `${(maxRam / GIB).toFixed(2)} GiB`
+        detail: `the snapshot holds ${(total / Transfer.GIB).toFixed(2)} GiB of memory, more than the limit of ` +
+          `${(maxRam / Transfer.GIB).toFixed(2)} GiB`
       })
     }
     const fresh = header.blocks.map((b) => ({ name: b.name, bytes: GuestRam.allocate(b.size) }))
@@ -310,17 +307,15 @@ export const restore = (path: string, options: RestoreOptions = {}): Effect.Effe
   Effect.scoped(Effect.gen(function*() {
     const started = yield* Clock.currentTimeMillis
     const readers = options.readers ?? DEFAULT_CHANNELS
-    if (!Number.isInteger(readers) || readers < 1 || readers > 255) {
-      return yield* new SnapshotError({ reason: "Unsupported", path, detail: `readers must be 1-255, not ${readers}` })
-    }
+    const badReaders = Protocol.checkChannels(readers, "readers")
+    if (badReaders !== undefined) return yield* new SnapshotError({ reason: "Unsupported", path, detail: badReaders })
     const file = yield* SnapshotFile.openReader(path)
     const index = yield* Restore.readIndex(path, file)
     const { header } = index
     const ram = yield* memoryFor(path, header, options)
     const pages = Restore.pageReads(file, index, ram, options.ram === undefined)
 
-    const report = options.onProgress
-    const progress = (doneBytes: number): Migration.Progress => ({
+    const progress = (doneBytes: number): Transfer.Progress => ({
       round: 0,
       phase: "precopy",
       doneBytes,
@@ -329,14 +324,10 @@ export const restore = (path: string, options: RestoreOptions = {}): Effect.Effe
       bandwidth: 0,
       expectedDowntimeMs: 0
     })
-    if (report) {
-      yield* Effect.suspend(() => report(progress(pages.restoredBytes()))).pipe(
-        Effect.repeat(Schedule.spaced(Duration.millis(100))),
-        Effect.forkScoped
-      )
-    }
+    yield* Transfer.reportEvery(options.onProgress, () => Effect.sync(() => progress(pages.restoredBytes())))
     yield* pages.run(readers)
-    if (report) yield* report(progress(ram.size))
+    // every page is in place now, the absent ones (zero, or never stored) included
+    if (options.onProgress) yield* options.onProgress(progress(ram.size))
 
     yield* Restore.verify(path, ram, header)
     const stored = header.blocks.reduce((n, b) => n + b.presentPages, 0)
@@ -360,54 +351,7 @@ export const restore = (path: string, options: RestoreOptions = {}): Effect.Effe
         zeroPages: ram.size / header.pageSize - stored,
         wireBytes: file.bytesRead(),
         durationMs,
-        gibPerSecond: ram.size / GIB / Math.max(durationMs, 1) * 1000
+        gibPerSecond: Transfer.gibPerSecond(ram.size, durationMs)
       }
     } satisfies Restored
   }))
-
-// ---------------------------------------------------------------------------------------------------------
-// The file transport of Migration
-
-const unsupported = (path: string, detail: string) => new SnapshotError({ reason: "Unsupported", path, detail })
-
-/**
- * `Migration.migrate` to a `file:` address: `save` with the migration's channels, zero-page mode, live policy,
- * progress and peer timeout (as the stall timeout). Compression and TLS do not apply to a file.
- *
- * @since 0.1.0
- * @category migration
- */
-export const migrateToFile = (
-  path: string,
-  options: Migration.MigrateOptions
-): Effect.Effect<SaveResult, SnapshotError | MigrationError.MigrationError, GuestRam.GuestRam> =>
-  Effect.suspend(() => {
-    if ((options.compression ?? "none") !== "none") {
-      return unsupported(path, `compression ${options.compression} does not apply to a file: snapshot`)
-    }
-    if (options.upgrade !== undefined) return unsupported(path, "TLS does not apply to a file: snapshot")
-    return save(path, {
-      channels: options.channels,
-      zeroPage: options.zeroPage,
-      live: options.live,
-      onProgress: options.onProgress,
-      stallTimeout: options.timeouts?.peer
-    })
-  })
-
-/**
- * `Migration.listenAndReceive` from a `file:` address: `restore` with the destination's memory options.
- *
- * @since 0.1.0
- * @category migration
- */
-export const receiveFromFile = (
-  path: string,
-  options: Migration.IncomingOptions
-): Effect.Effect<Migration.Incoming, SnapshotError> =>
-  options.upgrade !== undefined
-    ? Effect.fail(unsupported(path, "TLS does not apply to a file: snapshot"))
-    : Effect.map(
-      restore(path, { ram: options.ram, maxRamBytes: options.maxRamBytes, onProgress: options.onProgress }),
-      ({ ram, stats }) => ({ ram, stats, rejected: [] })
-    )

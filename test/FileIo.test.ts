@@ -1,5 +1,5 @@
 /**
- * internal/fileIo on real files: the atomic file (a target replaced only by a committed file, nothing left
+ * internal/native/fileIo on real files: the atomic file (a target replaced only by a committed file, nothing left
  * beside it otherwise, nothing open), chunked positional transfers, and the errno table.
  */
 import { describe, expect, it } from "@effect/vitest"
@@ -10,7 +10,7 @@ import * as Fiber from "effect/Fiber"
 import * as Crypto from "node:crypto"
 import * as Fs from "node:fs"
 import * as Path from "node:path"
-import * as FileIo from "../src/internal/fileIo.js"
+import * as FileIo from "../src/internal/native/fileIo.js"
 import { openFilesIn, tempDirectory } from "./support/files.js"
 
 const tempDir = tempDirectory("emfd-fileio-")

@@ -2,7 +2,7 @@
  * RAM image files: reading one into shared memory for the source, and writing the received memory so that
  * the destination path only ever holds a complete, verified image.
  *
- * File handling is `internal/fileIo`'s: every handle acquired with `acquireRelease`, reads and writes in
+ * File handling is `internal/native/fileIo`'s: every handle acquired with `acquireRelease`, reads and writes in
  * chunks so that an interruption (Ctrl-C) takes effect between them, the image written beside its path and
  * renamed into place.
  *
@@ -13,7 +13,7 @@ import * as Effect from "effect/Effect"
 import type * as Scope from "effect/Scope"
 import * as Path from "node:path"
 import * as GuestRam from "../GuestRam.js"
-import * as FileIo from "../internal/fileIo.js"
+import * as FileIo from "../internal/native/fileIo.js"
 
 /** A problem with an image file. `Io` is a failure while transferring bytes; the others are configuration. */
 export class ImageError extends Data.TaggedError("ImageError")<{

@@ -9,7 +9,7 @@ import * as Data from "effect/Data"
 import * as Effect from "effect/Effect"
 import type * as Scope from "effect/Scope"
 import * as Path from "node:path"
-import * as FileIo from "./fileIo.js"
+import * as FileIo from "./native/fileIo.js"
 
 /** Why a snapshot could not be saved or restored; the message is one line naming the file. */
 export class SnapshotError extends Data.TaggedError("SnapshotError")<{

@@ -6,6 +6,7 @@
  */
 import * as Crypto from "node:crypto"
 import * as GuestRam from "../GuestRam.js"
+import * as Protocol from "../Protocol.js"
 
 /** The first 8 bytes of every snapshot. */
 export const MAGIC = Buffer.from("EMFDSNAP", "latin1")
@@ -98,7 +99,7 @@ export interface Header {
   readonly pageSize: number
   readonly dataAlignment: number
   readonly fileBytes: number
-  /** The uuid of the save that wrote it (as `Migration.Stats.uuid`). */
+  /** The uuid of the save that wrote it (as `Transfer.Stats.uuid`). */
   readonly uuid: string
   /** Writers the save used. */
   readonly channels: number
@@ -229,8 +230,6 @@ export const decodePrefix = (bytes: Buffer, fileSize: number): Prefix | Problem 
 /** Whether a decode result is a problem. */
 export const isProblem = (u: Prefix | Header | Problem): u is Problem => "reason" in u
 
-const validPageSize = (n: number) => n >= 512 && n <= 512 * 1024 && (n & (n - 1)) === 0
-
 /**
  * Decodes and validates the whole header (`bytes`: exactly `prefix.headerBytes`) of a file of `fileSize`
  * bytes: the checksum first, then every field — page size, alignment, a valid memory layout, every region
@@ -251,7 +250,7 @@ export const decodeHeader = (bytes: Buffer, prefix: Prefix, fileSize: number): H
   if (flags !== 0) {
     return problem("Version", `the snapshot uses features this library does not know (flags 0x${flags.toString(16)})`)
   }
-  if (!validPageSize(pageSize)) return corrupt(`page size ${pageSize}`)
+  if (!Protocol.isPageSize(pageSize)) return corrupt(`page size ${pageSize}`)
   const alignmentOk = dataAlignment >= pageSize && dataAlignment <= 1024 * 1024 * 1024 &&
     (dataAlignment & (dataAlignment - 1)) === 0
   if (!alignmentOk) return corrupt(`data alignment ${dataAlignment}`)

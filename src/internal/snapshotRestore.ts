@@ -6,7 +6,7 @@
  */
 import * as Effect from "effect/Effect"
 import * as GuestRam from "../GuestRam.js"
-import * as FileIo from "./fileIo.js"
+import * as FileIo from "./native/fileIo.js"
 import { type Reader, SnapshotError } from "./snapshotFile.js"
 import * as Format from "./snapshotFormat.js"
 
