@@ -38,12 +38,12 @@ import type * as GuestRam from "./GuestRam.js"
 import * as Candidates from "./internal/qemu/candidates.js"
 import * as MainChannel from "./internal/qemu/mainChannel.js"
 import { within } from "./internal/stall.js"
-import type * as Migration from "./Migration.js"
 import * as MigrationError from "./MigrationError.js"
 import type * as MultifdRecv from "./MultifdRecv.js"
 import * as Protocol from "./Protocol.js"
 import type * as QemuStream from "./QemuStream.js"
 import * as Tls from "./Tls.js"
+import * as Transfer from "./Transfer.js"
 import * as Transport from "./Transport.js"
 
 /**
@@ -77,7 +77,7 @@ export interface Options {
    * `handshake`: how long a new connection has to prove itself (its first bytes, then QEMU's file header or a
    * multifd init packet; default 10 s); `peer`: the inactivity timeout (default 30 s).
    */
-  readonly timeouts?: Partial<Migration.Timeouts> | undefined
+  readonly timeouts?: Partial<Transfer.Timeouts> | undefined
   /** How long to wait for QEMU to connect at all (default: for ever). */
   readonly acceptTimeout?: Duration.DurationInput | undefined
   /**
@@ -92,7 +92,7 @@ export interface Options {
    */
   readonly upgrade?: Transport.Upgrade<Transport.UpgradeError> | undefined
   /** Called about ten times a second once the RAM blocks are known (`doneBytes` counts pages received). */
-  readonly onProgress?: ((progress: Migration.Progress) => Effect.Effect<void>) | undefined
+  readonly onProgress?: ((progress: Transfer.Progress) => Effect.Effect<void>) | undefined
 }
 
 /**
@@ -126,7 +126,7 @@ export interface QemuDetails {
  * @since 0.1.0
  * @category models
  */
-export interface Stats extends Migration.Stats {
+export interface Stats extends Transfer.Stats {
   readonly qemu: QemuDetails
 }
 
@@ -165,15 +165,7 @@ export type IncomingError =
  * @since 0.1.0
  * @category constants
  */
-export const DEFAULT_MAX_RAM = 16 * 1024 * 1024 * 1024
-
-const GIB = 1024 * 1024 * 1024
-
-const defaultTimeouts: Migration.Timeouts = {
-  connect: Duration.seconds(10),
-  handshake: Duration.seconds(10),
-  peer: Duration.seconds(30)
-}
+export const DEFAULT_MAX_RAM: number = Transfer.DEFAULT_MAX_RAM
 
 /** The channels' end and what the migration did, once the main stream has ended. */
 const complete = (
@@ -213,7 +205,7 @@ const complete = (
         zeroPages: s.zeroPages + summary.zeroPages,
         wireBytes: s.bytes + summary.bytes,
         durationMs,
-        gibPerSecond: ramBytes / GIB / Math.max(durationMs, 1) * 1000,
+        gibPerSecond: Transfer.gibPerSecond(ramBytes, durationMs),
         qemu: {
           machine: summary.configuration?.machine,
           configurationUuid: summary.configuration?.uuid === undefined
@@ -248,14 +240,12 @@ export const incoming = (
   options: Options
 ): Effect.Effect<Incoming, IncomingError> =>
   Effect.scoped(Effect.gen(function*() {
-    const timeouts: Migration.Timeouts = { ...defaultTimeouts, ...options.timeouts }
+    const timeouts = Transfer.resolveTimeouts(options.timeouts)
     const channels = options.channels
     const compression = options.compression ?? "none"
-    if (!Number.isInteger(channels) || channels < 1 || channels > 255) {
-      return yield* new MigrationError.MigrationError({
-        reason: "Rejected",
-        detail: `multifd channels must be between 1 and 255, not ${channels}`
-      })
+    const badChannels = Protocol.checkChannels(channels, "multifd channels")
+    if (badChannels !== undefined) {
+      return yield* new MigrationError.MigrationError({ reason: "Rejected", detail: badChannels })
     }
     const channelSet = yield* Deferred.make<MultifdRecv.MultifdRecv["Type"]>()
     const candidates = yield* Candidates.start(listener, {

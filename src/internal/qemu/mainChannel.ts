@@ -7,21 +7,17 @@
  *
  * @internal
  */
-import * as Clock from "effect/Clock"
 import * as Deferred from "effect/Deferred"
 import * as Duration from "effect/Duration"
 import * as Effect from "effect/Effect"
-import * as Exit from "effect/Exit"
-import * as Schedule from "effect/Schedule"
 import type * as Scope from "effect/Scope"
 import * as GuestRam from "../../GuestRam.js"
-import type * as Migration from "../../Migration.js"
 import * as MigrationError from "../../MigrationError.js"
 import * as MultifdRecv from "../../MultifdRecv.js"
 import type * as Protocol from "../../Protocol.js"
 import * as QemuStream from "../../QemuStream.js"
+import * as Transfer from "../../Transfer.js"
 import type * as Transport from "../../Transport.js"
-import { RecentRate } from "../native/rate.js"
 import { unlessStalled } from "../stall.js"
 
 /** How the destination reads the main stream and builds the channel set. */
@@ -38,7 +34,7 @@ export interface Config {
   readonly flushAfterEachSection: boolean | undefined
   /** The inactivity timeout, for the main watch and each channel inside a packet. */
   readonly peer: Duration.DurationInput
-  readonly onProgress: ((progress: Migration.Progress) => Effect.Effect<void>) | undefined
+  readonly onProgress: ((progress: Transfer.Progress) => Effect.Effect<void>) | undefined
 }
 
 /** Everything reading the main stream can fail with. */
@@ -107,7 +103,7 @@ export const read = (
     const { channels, compression, peer: timeout } = config
     // what the run learns, for progress, stall detection and the stats
     let mainBytes = 0
-    let phase: Migration.Phase = "precopy"
+    let phase: Transfer.Phase = "precopy"
     let flushes = 0
     let configUuid: Uint8Array | undefined
     let memory: GuestRam.GuestRam["Type"] | undefined
@@ -148,26 +144,20 @@ export const read = (
             stallTimeout: timeout
           })
           yield* Deferred.succeed(channelSet, recv)
-          const onProgress = config.onProgress
-          if (onProgress) {
-            // the receive rate over the last second (reports are 100 ms apart)
-            const rate = new RecentRate()
-            const report = Effect.gen(function*() {
+          // the receive rate over the last second; a received migration's last report counts every page
+          yield* Transfer.reportEvery(config.onProgress, (rate) =>
+            Effect.gen(function*() {
               const s = yield* recv.stats
-              yield* onProgress({
+              return {
                 round: flushes,
                 phase,
                 doneBytes: Math.min(ram.size, (s.normalPages + s.zeroPages) * pageSize),
                 totalBytes: ram.size,
                 dirtyPages: 0,
-                bandwidth: rate.sample(yield* Clock.currentTimeMillis, s.bytes + mainBytes),
+                bandwidth: yield* rate(s.bytes + mainBytes),
                 expectedDowntimeMs: 0
-              })
-            })
-            yield* Effect.forkScoped(Effect.repeat(report, Schedule.spaced(Duration.millis(100))))
-            // a received migration's last report counts every page
-            yield* Effect.addFinalizer((exit) => Exit.isSuccess(exit) ? report : Effect.void)
-          }
+              }
+            }), { lastOnSuccess: true })
           return ram
         }),
       flush: (index) =>
