@@ -4,9 +4,12 @@
  * acknowledges, complete with digests, done. Everything runs in one scope: when `migrate` or `incoming`
  * returns (success, failure or interruption) every fiber has ended and every handle is closed.
  *
+ * A `file:` address saves (`migrate`) or restores (`listenAndReceive`) a snapshot file instead (`Snapshot`):
+ * Migration knows Snapshot, Snapshot does not know Migration (what both share is in `Transfer`).
+ *
  * This module holds the options, their checks and the entry points; the two sides' steps are in
- * `internal/source` and `internal/destination`, the control channel's conversation in
- * `internal/conversation`.
+ * `internal/source` and `internal/destination` (its candidates in `internal/candidates`), the control
+ * channel's conversation in `internal/conversation`.
  *
  * @since 0.1.0
  */
