@@ -10,18 +10,15 @@
  * - `MultifdRecv.adopt` of a connection that never completes its 64-byte init packet fails after the
  *   handshake timeout.
  *
- * Timeouts run on the TestClock over real loopback sockets; `noHang` guards (a real timer) only turn a hang
- * into a failure.
+ * Timeouts run on the TestClock over real loopback sockets (`support/clock`); `noHang` guards (a real timer)
+ * only turn a hang into a failure.
  */
 import { describe, expect, it } from "@effect/vitest"
-import * as Cause from "effect/Cause"
 import * as Deferred from "effect/Deferred"
 import * as Effect from "effect/Effect"
-import * as Exit from "effect/Exit"
 import * as Fiber from "effect/Fiber"
 import * as Layer from "effect/Layer"
 import * as Option from "effect/Option"
-import type * as Scope from "effect/Scope"
 import * as TestClock from "effect/TestClock"
 import { PassThrough } from "node:stream"
 import * as Control from "../src/Control.js"
@@ -31,43 +28,24 @@ import * as MigrationError from "../src/MigrationError.js"
 import * as MultifdRecv from "../src/MultifdRecv.js"
 import * as PageCodec from "../src/PageCodec.js"
 import * as Transport from "../src/Transport.js"
+import { advanceUntil } from "./support/clock.js"
+import { failureOf } from "./support/failures.js"
 import * as Faulty from "./support/faultyTransport.js"
-import { expectNoLeaks, nextTurn } from "./support/handles.js"
+import { noHang } from "./support/guards.js"
+import { leakFree } from "./support/handles.js"
 import { mixedImage } from "./support/images.js"
 
 const PAGE = 4096
 const tcp0: Transport.Address = { _tag: "Tcp", host: "127.0.0.1", port: 0 }
 
-/** Runs the body in a scope and proves, once the scope closed, that no socket handle is left open. */
-const leakFree = <A, E>(body: Effect.Effect<A, E, Scope.Scope>) => expectNoLeaks(Effect.scoped(body))
-
-/** A guard with a real timer (it also guards tests that move the TestClock): fail instead of hanging. */
-const noHang = <A, E, R>(self: Effect.Effect<A, E, R>, what: string, seconds = 10): Effect.Effect<A, E | Error, R> =>
-  Effect.raceFirst(
-    self,
-    Effect.async<never, Error>((resume) => {
-      const timer = setTimeout(() => resume(Effect.fail(new Error(`hung: ${what}`))), seconds * 1000)
-      return Effect.sync(() => clearTimeout(timer))
-    })
-  )
-
-const failureOf = <A, E>(exit: Exit.Exit<A, E>): E => {
-  if (Exit.isSuccess(exit)) throw new Error("expected a failure, got success")
-  const failure = Cause.failureOption(exit.cause)
-  if (Option.isNone(failure)) throw new Error(`expected a failure, got ${Cause.pretty(exit.cause)}`)
-  return failure.value
-}
-
 /** 1 MiB of mixed random and zero pages. */
 const sourceRam = () => GuestRam.make({ blocks: [{ name: "pc.ram", bytes: mixedImage(256, 0.6, PAGE) }] })
 
-/** Moves the TestClock a second per event-loop turn until `fiber` is done; the virtual time that took. */
+/** Moves the TestClock (`advanceUntil`) until `fiber` is done; the virtual time that took. */
 const advanceUntilDone = <A, E>(fiber: Fiber.Fiber<A, E>) =>
   Effect.gen(function*() {
     const t0 = yield* TestClock.currentTimeMillis
-    const advance: Effect.Effect<void> = Effect.flatMap(Fiber.poll(fiber), (done) =>
-      Option.isSome(done) ? Effect.void : Effect.zipRight(Effect.zipRight(nextTurn, TestClock.adjust("1 second")), advance))
-    yield* noHang(advance, "the wait timing out")
+    yield* advanceUntil(Effect.map(Fiber.poll(fiber), Option.isSome), "the wait timing out")
     return (yield* TestClock.currentTimeMillis) - t0
   })
 

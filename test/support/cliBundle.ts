@@ -30,7 +30,7 @@ export default async function setup(project: TestProject): Promise<() => Promise
   const context = await Esbuild.context({
     entryPoints: {
       multifd: Path.join(ROOT, "src", "cli", "main.ts"),
-      digestWorker: Path.join(ROOT, "src", "internal", "digestWorker.ts")
+      digestWorker: Path.join(ROOT, "src", "internal", "native", "digestWorker.ts")
     },
     outdir: dir,
     bundle: true,
