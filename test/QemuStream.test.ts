@@ -23,6 +23,7 @@ import * as Path from "node:path"
 import { fileURLToPath } from "node:url"
 import * as Deferred from "effect/Deferred"
 import * as FromQemu from "../src/cli/fromQemu.js"
+import * as Terminal from "../src/cli/terminal.js"
 import * as GuestRam from "../src/GuestRam.js"
 import * as PageCodec from "../src/PageCodec.js"
 import * as Protocol from "../src/Protocol.js"
@@ -1028,10 +1029,10 @@ describe("recv --from-qemu (src/cli/fromQemu.run, without option parsing)", () =
         uri: { _tag: "Tcp", host: "127.0.0.1", port: 0 },
         channels: 2,
         timing: { timeout: Option.none() },
-        json: true,
+        reporting: { json: false, quiet: true, verbose: false },
         onListening: (address) => Deferred.succeed(bound, address),
         ...out
-      }).pipe(Effect.provide(Logger.remove(Logger.defaultLogger))))
+      }).pipe(Effect.provide([Logger.remove(Logger.defaultLogger), Terminal.layer])))
       yield* Effect.forkScoped(Effect.flatMap(Deferred.await(bound), replayTo))
       return yield* noHang(Fiber.join(fiber), "recv --from-qemu")
     }))

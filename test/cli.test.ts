@@ -5,6 +5,8 @@
  * its test.
  */
 import * as Effect from "effect/Effect"
+import * as TestClock from "effect/TestClock"
+import * as TestContext from "effect/TestContext"
 import * as ChildProcess from "node:child_process"
 import * as Crypto from "node:crypto"
 import * as Fs from "node:fs"
@@ -13,8 +15,10 @@ import * as Os from "node:os"
 import * as Path from "node:path"
 import { PassThrough } from "node:stream"
 import { afterAll, afterEach, beforeAll, describe, expect, it } from "vitest"
+import * as Cli from "../src/cli/command.js"
 import * as Image from "../src/cli/image.js"
 import * as Progress from "../src/cli/progress.js"
+import * as Terminal from "../src/cli/terminal.js"
 import * as Control from "../src/Control.js"
 import type * as Migration from "../src/Migration.js"
 import {
@@ -294,7 +298,7 @@ describe("multifd over TLS", () => {
 describe("multifd failures", () => {
   it("exits 2 with one line for bad usage (child processes)", async () => {
     const cases: ReadonlyArray<readonly [ReadonlyArray<string>, RegExp]> = [
-      [["send", "tcp:127.0.0.1:1", "--in", image, "--bogus"], /unknown argument: '--bogus'/],
+      [["send", "tcp:127.0.0.1:1", "--in", image, "--bogus"], /^multifd: error: unknown flag --bogus$/],
       [["send", "tcp:127.0.0.1:1", "--in", Path.join(dir, "missing.raw")], /missing\.raw: .*no such file/]
     ]
     const results = await Promise.all(cases.map(([args]) => run(args)))
@@ -311,7 +315,7 @@ describe("multifd failures", () => {
     const odd = Path.join(dir, "odd.raw")
     Fs.writeFileSync(odd, Buffer.alloc(PAGE + 100))
     const cases: ReadonlyArray<readonly [ReadonlyArray<string>, RegExp]> = [
-      [["send", "tcp:127.0.0.1:1", "--in", image, "--bogus"], /unknown argument: '--bogus'/],
+      [["send", "tcp:127.0.0.1:1", "--in", image, "--bogus"], /^multifd: error: unknown flag --bogus$/],
       [["send", "tcp:127.0.0.1:1", "--in", image, "--channels", "0"], /--channels must be between 1 and 255, not 0/],
       [["send", "tcp:127.0.0.1:1", "--in", image, "--channels", "256"], /--channels must be between 1 and 255/],
       [["send", "tcp:nowhere", "--in", image], /bad uri: tcp:nowhere: expected tcp:HOST:PORT/],
@@ -351,8 +355,8 @@ describe("multifd failures", () => {
   it("--help exits 0 and documents the contract", async () => {
     const help = await run(["--help"])
     expect(help.code).toBe(0)
-    expect(help.stdout).toContain("recv [--out file]")
-    expect(help.stdout).toContain("send --in file")
+    expect(help.stdout).toContain("multifd recv <uri> --out FILE [options]")
+    expect(help.stdout).toContain("multifd send <uri> --in FILE [options]")
     const send = await runHere(["send", "--help"])
     expect(send.code).toBe(0)
     for (const flag of ["--channels", "--page-size", "--compression", "--compression-level", "--zero-page", "--timeout", "--json", "--tls-psk", "--tls-identity", "--tls-ca", "--tls-hostname", "--tls-cert", "--tls-key"]) {
@@ -362,6 +366,91 @@ describe("multifd failures", () => {
     for (const flag of ["--out", "--out-dir", "--from-qemu", "--tls-authz", "--tls-verify-peer", "file:PATH"]) {
       expect(recv.stdout).toContain(flag)
     }
+  })
+
+  it("help pages: usage lines that start with the command, only its own flags, defaults, examples last, no filler", async () => {
+    const send = await runHere(["send", "--help"])
+    const recv = await runHere(["recv", "-h"])
+    for (const page of [send, recv]) {
+      expect(page.code).toBe(0)
+      expect(page.stderr).toBe("")
+      expect(page.stdout).not.toMatch(/A user-defined piece of text|This setting is optional|An integer\.|A file\./)
+      expect(page.stdout).not.toContain("\u001b[")
+      // examples come last
+      const sections = page.stdout.split("\n").filter((l) => /^[A-Z][A-Za-z ()',;]*:$/.test(l))
+      expect(sections.at(-1)).toBe("Examples:")
+    }
+    expect(lines(send.stdout).filter((l) => l.startsWith("  multifd "))).not.toHaveLength(0)
+    const usage = (page: string) => page.slice(page.indexOf("Usage:"), page.indexOf("\n\n", page.indexOf("Usage:")))
+    expect(usage(send.stdout)).toMatch(/^Usage:\n  multifd send <uri> --in FILE \[options\]$/)
+    expect(usage(recv.stdout)).toMatch(/^Usage:\n  multifd recv <uri> --out FILE \[options\]\n  multifd recv <uri> --from-qemu/)
+    // each command's own flags only
+    for (const flag of ["--tls-authz", "--tls-verify-peer", "--out ", "--out-dir", "--from-qemu"]) expect(send.stdout).not.toContain(flag)
+    for (const flag of ["--tls-identity", "--tls-hostname", "--compression-level", "--zero-page", "--in "]) expect(recv.stdout).not.toContain(flag)
+    // defaults are shown
+    expect(send.stdout).toMatch(/--channels N\s+Parallel multifd channels, 1-255 \(default 2\)/)
+    expect(send.stdout).toMatch(/--compression none\|zlib\|zstd\s+.*\(default none\)/)
+    expect(send.stdout).toMatch(/--timeout DURATION\s+[^]*default 30s/)
+  })
+
+  it("multifd alone prints the usage on stderr and exits 2; --version prints the version", async () => {
+    const bare = await run([])
+    expect(bare.code).toBe(2)
+    expect(bare.stdout).toBe("")
+    expect(bare.stderr).toContain("multifd send <uri> --in FILE")
+    expect(bare.stderr).not.toContain("\u001b[")
+    const version = await runHere(["--version"])
+    expect({ code: version.code, stdout: version.stdout }).toEqual({ code: 0, stdout: `multifd ${Cli.VERSION}\n` })
+  })
+
+  it("parse errors: one line with the multifd: error: prefix, naming the flag; a flag of the other command says so", async () => {
+    const cases: ReadonlyArray<readonly [ReadonlyArray<string>, string]> = [
+      [["send", "tcp:127.0.0.1:1", "--in", image, "--chanels", "2"], "multifd: error: unknown flag --chanels (did you mean --channels?)"],
+      [["send", "--chanels", "2", "tcp:127.0.0.1:1", "--in", image], "multifd: error: unknown flag --chanels (did you mean --channels?)"],
+      [["send", "tcp:127.0.0.1:1", "--in", image, "--channels", "x"], `multifd: error: --channels: "x" is not an integer`],
+      [["send", "tcp:127.0.0.1:1", "--in", image, "--compression", "lz4"], `multifd: error: --compression must be one of none, zlib, zstd, not "lz4"`],
+      [["send", "tcp:127.0.0.1:1", "--in", image, "--zero-page", "all"], `multifd: error: --zero-page must be one of multifd, none, not "all"`],
+      [["recv", "tcp:127.0.0.1:0", "--out", "x.img", "--tls-identity", "qemu"], "multifd: error: --tls-identity is a send option"],
+      [["send", "tcp:127.0.0.1:1", "--in", image, "--out", "x.img"], "multifd: error: --out is a recv option"],
+      [["send", "--in", image], "multifd: error: Missing argument <uri>"],
+      [["send", "tcp:127.0.0.1:1"], "multifd: error: Expected to find option: '--in'"]
+    ]
+    for (const [args, message] of cases) {
+      const result = await runHere(args)
+      expect({ args, code: result.code, stderr: lines(result.stderr), stdout: result.stdout }).toEqual({ args, code: 2, stderr: [message], stdout: "" })
+    }
+  })
+
+  it("--json: a failure is one JSON object on stdout (tag, reason, message), exit 1 or 2 as without it", async () => {
+    const usage = await runHere(["send", "tcp:127.0.0.1:1", "--in", image, "--channels", "0", "--json"])
+    expect(usage.code).toBe(2)
+    expect(JSON.parse(usage.stdout)).toEqual({
+      error: { tag: "UsageError", reason: "InvalidValue", message: "--channels must be between 1 and 255, not 0" }
+    })
+    const port = await freePort()
+    const failed = await run(["send", `tcp:127.0.0.1:${port}`, "--in", image, "--json"])
+    expect(failed.code).toBe(1)
+    expect(lines(failed.stdout)).toHaveLength(1)
+    expect(JSON.parse(failed.stdout)).toEqual({
+      error: { tag: "ChannelError", reason: "ChannelError", message: `main channel: tcp:127.0.0.1:${port}: connection refused` }
+    })
+    expect(lines(failed.stderr)).toEqual([`multifd: error: main channel: tcp:127.0.0.1:${port}: connection refused`])
+    const config = await runHere(["send", "tcp:127.0.0.1:1", "--in", Path.join(dir, "missing.raw"), "--json"])
+    expect(config.code).toBe(2)
+    expect(JSON.parse(config.stdout).error).toMatchObject({ tag: "ImageError", reason: "Missing" })
+  })
+
+  it("--quiet: a migration prints nothing but recv's listening line; without a terminal no escape codes anywhere", async () => {
+    const out = Path.join(dir, "quiet.out")
+    const recv = await startRecv(["tcp:127.0.0.1:0", "--out", out, "--quiet"])
+    const send = await run(["send", recv.uri, "--in", image, "--quiet"])
+    const received = await recv.finished
+    expect({ send: send.code, recv: received.code }).toEqual({ send: 0, recv: 0 })
+    expect(send.stderr).toBe("")
+    expect(lines(received.stderr)).toEqual([`multifd: listening on ${recv.uri}`])
+    expect(Fs.readFileSync(out).equals(Fs.readFileSync(image))).toBe(true)
+    const loud = await run(["send", "tcp:127.0.0.1:1", "--in", image, "--channels", "0"])
+    expect(loud.stderr + loud.stdout).not.toContain("\u001b[")
   })
 
   it("send exits 1 with one line when nobody listens", async () => {
@@ -755,12 +844,12 @@ describe("the progress bar (src/cli/progress.ts) on a terminal", () => {
   it("each round's bar is of its own pages, the last frame is the last report (100 %), no ETA before a rate is known", async () => {
     const tty = terminal()
     await Effect.runPromise(Effect.scoped(Effect.gen(function*() {
-      const onProgress = (yield* Progress.make("send", tty.stream))!
+      const onProgress = (yield* Progress.make("send", { stream: tty.stream }))!
       expect(onProgress).toBeDefined()
       for (const r of [report(0, 0, 64 * MIB), report(0, 32 * MIB, 64 * MIB), report(0, 64 * MIB, 64 * MIB), report(1, 0, MIB), report(1, MIB, MIB)]) {
         yield* onProgress(r)
       }
-    })))
+    })).pipe(Effect.provide(Terminal.layer)))
     const drawn = frames(tty.text())
     expect(drawn.length).toBeGreaterThan(0)
     expect(drawn[0]).toMatch(/ 0% \| 0 B \/ 64\.00 MiB \| - \| ETA -$/)
@@ -768,8 +857,26 @@ describe("the progress bar (src/cli/progress.ts) on a terminal", () => {
     expect(drawn.at(-1)).toMatch(/ 100% \| 1\.00 MiB \/ 1\.00 MiB \| .*\/s \| ETA 0s$/)
   })
 
-  it("no bar when the stream is not a terminal", async () => {
-    const onProgress = await Effect.runPromise(Effect.scoped(Progress.make("send", new PassThrough())))
-    expect(onProgress).toBeUndefined()
+  it("when stderr is not a terminal: no bar, a line every 5 s instead; nothing with --quiet", async () => {
+    const stream = new PassThrough()
+    let written = ""
+    stream.setEncoding("utf8").on("data", (s: string) => (written += s))
+    const printed: Array<string> = []
+    const terminal = Terminal.Terminal.of({ out: () => Effect.void, err: (line) => Effect.sync(() => void printed.push(line)) })
+    await Effect.runPromise(Effect.scoped(Effect.gen(function*() {
+      const onProgress = (yield* Progress.make("send", { stream }))!
+      expect(onProgress).toBeDefined()
+      yield* onProgress(report(0, 0, 64 * MIB))
+      for (let second = 1; second <= 12; second++) {
+        yield* TestClock.adjust("1 second")
+        yield* onProgress(report(0, Math.min(64, second * 8) * MIB, 64 * MIB))
+      }
+      expect(yield* Progress.make("send", { stream, quiet: true })).toBeUndefined()
+    })).pipe(Effect.provideService(Terminal.Terminal, terminal), Effect.provide(TestContext.TestContext)))
+    expect(written).toBe("")
+    expect(printed).toEqual([
+      "multifd: send: 40.00 MiB of 64.00 MiB (62%) in round 0, 8.00 MiB/s",
+      "multifd: send: 64.00 MiB of 64.00 MiB (100%) in round 0, 6.40 MiB/s"
+    ])
   })
 })

@@ -1,17 +1,20 @@
 /**
- * The `multifd` command: its subcommands and how @effect/cli runs them.
+ * The `multifd` command: its subcommands, its help pages, and how a run ends. @effect/cli parses the
+ * command line; the help pages (`--help`), `--version`, a missing command and the way errors are printed
+ * (`multifd: error: ...` on stderr, and with `--json` one JSON object on stdout) are the command's own.
  *
  * @since 0.1.0
  */
+import * as AutoCorrect from "@effect/cli/AutoCorrect"
 import * as CliConfig from "@effect/cli/CliConfig"
 import * as Command from "@effect/cli/Command"
-import * as HelpDoc from "@effect/cli/HelpDoc"
-import * as Span from "@effect/cli/HelpDoc/Span"
 import * as Effect from "effect/Effect"
-import { toExitCode } from "./errors.js"
+import { ExitCode, type Flags, toExitCode } from "./errors.js"
+import * as Help from "./help.js"
 import * as Log from "./log.js"
 import * as Recv from "./recv.js"
 import * as Send from "./send.js"
+import * as Terminal from "./terminal.js"
 
 /** The program name, as it appears in help and messages. */
 export const NAME = "multifd"
@@ -20,37 +23,146 @@ export const NAME = "multifd"
 export const VERSION = "0.1.0"
 
 /** `multifd` with its `recv` and `send` subcommands. */
-export const command = Command.make(NAME).pipe(
-  Command.withDescription(
-    "Move a RAM image between processes or hosts over parallel multifd channels (QEMU's packet format), " +
-      "verified end to end by per-block digests."
-  ),
-  Command.withSubcommands([Recv.command, Send.command])
-)
+export const command = Command.make(NAME).pipe(Command.withSubcommands([Recv.command, Send.command]))
 
 /** Parses `process.argv` (runtime and script first) and runs the chosen subcommand. */
-export const run = Command.run(command, {
-  name: NAME,
-  version: VERSION,
-  summary: Span.text("QEMU-compatible multifd live migration of a RAM image file"),
-  footer: HelpDoc.blocks([
-    HelpDoc.p("Run `multifd recv --help` or `multifd send --help` for their options; --version prints the version."),
-    HelpDoc.p(
-      "Exit status: 0 success, 1 the migration failed (one line on stderr says why), 2 bad usage or configuration."
-    )
-  ])
-})
+export const run = Command.run(command, { name: NAME, version: VERSION })
 
-/** How @effect/cli parses and documents: built-in options (--help, --version, ...) are left out of the help. */
+/** How @effect/cli parses: built-in options (--help, --version, ...) are left out of its help. */
 export const config = CliConfig.layer({ showBuiltIns: false })
+
+const EXIT_STATUS = "Exit status: 0 success; 1 the migration failed (one line on stderr says why); 2 bad usage or " +
+  "configuration; 130 / 143 interrupted by SIGINT / SIGTERM."
+
+/** `multifd --help`, and (on stderr, exit 2) what `multifd` alone prints. */
+export const overview = (): string =>
+  Help.render({
+    title: `${NAME} ${VERSION}: QEMU-compatible multifd migration of RAM images, verified end to end`,
+    usage: [
+      `${NAME} recv <uri> --out FILE [options]        wait for one migration, write the received image`,
+      `${NAME} send <uri> --in FILE [options]         migrate an image file to a destination`,
+      `${NAME} recv <uri> --from-qemu --channels N (--out FILE | --out-dir DIR) [options]`,
+      `                                               receive from an unmodified QEMU 10`,
+      `${NAME} --help | --version`
+    ],
+    sections: [],
+    footer: [
+      `Run \`${NAME} send --help\` or \`${NAME} recv --help\` for their options.`,
+      "uri: tcp:HOST:PORT (IPv6 as tcp:[::1]:PORT), unix:PATH, or file:PATH (a snapshot file).",
+      EXIT_STATUS
+    ],
+    examples: [
+      ["on the destination host: wait on port 4444", `${NAME} recv tcp:0.0.0.0:4444 --out received.img`],
+      ["on the source host: migrate over 4 channels", `${NAME} send tcp:10.0.0.2:4444 --in guest.img --channels 4`]
+    ]
+  })
+
+/** `multifd send --help`. */
+export const sendHelp = (): string => {
+  const all = Help.entriesOf(Send.command)
+  return Help.render({
+    title: `${NAME} send: migrate the RAM image in --in to a destination listening at <uri>`,
+    usage: [`${NAME} send <uri> --in FILE [options]`],
+    sections: [
+      { heading: "Arguments", entries: Help.pick(all, ["<uri>", "--in"]) },
+      { heading: "Transfer", entries: Help.pick(all, ["--channels", "--page-size", "--compression", "--compression-level", "--zero-page"]) },
+      { heading: "TLS", entries: Help.pick(all, ["--tls-psk", "--tls-identity", "--tls-ca", "--tls-hostname", "--tls-cert", "--tls-key"]) },
+      { heading: "Timing and output", entries: Help.pick(all, ["--timeout", "--json", "--quiet", "--verbose"]) }
+    ],
+    footer: [EXIT_STATUS],
+    examples: [
+      ["4 channels over TCP", `${NAME} send tcp:10.0.0.2:4444 --in guest.img --channels 4`],
+      ["zstd, over TLS with QEMU's keys.psk", `${NAME} send tcp:10.0.0.2:4444 --in guest.img --compression zstd --tls-psk keys.psk`],
+      ["x509: check the destination's certificate, present a client certificate", `${NAME} send tcp:dst.example:4444 --in guest.img --tls-ca ca.pem --tls-cert alice.pem --tls-key alice-key.pem`],
+      ["save a snapshot file (parallel writers, sparse)", `${NAME} send file:/var/tmp/guest.snap --in guest.img --channels 4`],
+      ["statistics as JSON for a script", `${NAME} send unix:/run/multifd.sock --in guest.img --json --quiet`]
+    ]
+  })
+}
+
+/** `multifd recv --help`. */
+export const recvHelp = (): string => {
+  const all = Help.entriesOf(Recv.command)
+  return Help.render({
+    title: `${NAME} recv: wait at <uri> for one migration and write the received RAM image`,
+    usage: [
+      `${NAME} recv <uri> --out FILE [options]`,
+      `${NAME} recv <uri> --from-qemu --channels N (--out FILE | --out-dir DIR) [options]`
+    ],
+    sections: [
+      { heading: "Arguments", entries: Help.pick(all, ["<uri>", "--out", "--out-dir", "--from-qemu"]) },
+      { heading: "Transfer (the source decides; given here, the source must agree)", entries: Help.pick(all, ["--channels", "--page-size", "--compression"]) },
+      { heading: "TLS", entries: Help.pick(all, ["--tls-psk", "--tls-ca", "--tls-cert", "--tls-key", "--tls-verify-peer", "--tls-authz"]) },
+      { heading: "Timing and output", entries: Help.pick(all, ["--timeout", "--json", "--quiet", "--verbose"]) }
+    ],
+    footer: [
+      "The image is written to a temporary file beside --out, flushed to disk and renamed only after its digests " +
+      "verified; the source reports success only then. On failure nothing is left.",
+      EXIT_STATUS
+    ],
+    examples: [
+      ["receive on any free port (the line `multifd: listening on tcp:...` says which)", `${NAME} recv tcp:127.0.0.1:0 --out received.img`],
+      ["over TLS with client certificates: only CN alice may migrate here", `${NAME} recv tcp:0.0.0.0:4444 --out r.img --tls-cert server.pem --tls-key server-key.pem --tls-ca ca.pem --tls-authz alice`],
+      ["restore a snapshot file", `${NAME} recv file:/var/tmp/guest.snap --out restored.img`],
+      ["from QEMU (migrate_set_capability multifd on; multifd-channels 4)", `${NAME} recv tcp:0.0.0.0:4444 --from-qemu --channels 4 --out-dir ram/`]
+    ]
+  })
+}
+
+const HELP_FLAGS = new Set(["--help", "-h"])
+const COMMANDS = new Set(["send", "recv"])
+
+/** What the command line asks before any parsing: help, the version, or nothing at all. */
+const early = (args: ReadonlyArray<string>): { readonly stdout?: string; readonly stderr?: string; readonly code: number } | undefined => {
+  const options = args.slice(0, args.includes("--") ? args.indexOf("--") : args.length)
+  const subcommand = COMMANDS.has(args[0] ?? "") ? args[0] : undefined
+  if (options.some((a) => HELP_FLAGS.has(a))) {
+    return { stdout: subcommand === "send" ? sendHelp() : subcommand === "recv" ? recvHelp() : overview(), code: ExitCode.Ok }
+  }
+  if (subcommand === undefined && options.includes("--version")) return { stdout: `${NAME} ${VERSION}\n`, code: ExitCode.Ok }
+  if (args.length === 0) return { stderr: overview(), code: ExitCode.Usage }
+  return undefined
+}
+
+/** The flags of the subcommands, to explain an unknown one. */
+const flags = (subcommand: string | undefined): Flags => {
+  const flagsOf = (entries: ReadonlyArray<Help.Entry>) =>
+    entries.map(Help.flagOf).filter((t) => t.startsWith("-"))
+  const send = flagsOf(Help.entriesOf(Send.command))
+  const recv = flagsOf(Help.entriesOf(Recv.command))
+  const own = subcommand === "send" ? send : subcommand === "recv" ? recv : [...send, ...recv]
+  return {
+    ownerOf: (flag) =>
+      own.includes(flag) ? undefined : send.includes(flag) ? "send" : recv.includes(flag) ? "recv" : undefined,
+    closest: (flag) => {
+      const config = CliConfig.make({})
+      const ranked = own.map((known) => [known, AutoCorrect.levensteinDistance(flag, known, config)] as const)
+        .sort((a, b) => a[1] - b[1])
+      return ranked[0] !== undefined && ranked[0][1] <= 2 ? ranked[0][0] : undefined
+    }
+  }
+}
 
 /**
  * The whole command for `argv` (runtime and script first, as `process.argv`): parses, runs, reports any
- * failure as one line and succeeds with the exit code. Only an interruption fails it.
+ * failure (one line on stderr; with `--json` also one JSON object on stdout) and succeeds with the exit
+ * code. Only an interruption fails it.
  */
 export const main = (argv: ReadonlyArray<string>) =>
-  Effect.suspend(() => run(argv)).pipe(
-    toExitCode,
-    Effect.provide(Log.layer),
-    Effect.provide(config)
-  )
+  Effect.gen(function*() {
+    const args = argv.slice(2)
+    const terminal = yield* Terminal.fromConsole
+    const answer = early(args)
+    if (answer !== undefined) {
+      if (answer.stdout !== undefined) yield* terminal.out(answer.stdout.replace(/\n$/, ""))
+      if (answer.stderr !== undefined) yield* terminal.err(answer.stderr.replace(/\n$/, ""))
+      return answer.code
+    }
+    const console = yield* Effect.console
+    return yield* Effect.suspend(() => run(argv)).pipe(
+      // @effect/cli's own error messages are reported by toExitCode
+      Effect.withConsole(Terminal.withoutErrors(console)),
+      Effect.provideService(Terminal.Terminal, terminal),
+      toExitCode({ json: args.includes("--json"), terminal, flags: flags(args[0]) })
+    )
+  }).pipe(Effect.provide(Log.layer), Effect.provide(config))

@@ -8,10 +8,11 @@
  */
 import * as ValidationError from "@effect/cli/ValidationError"
 import * as Cause from "effect/Cause"
-import * as Console from "effect/Console"
 import * as Data from "effect/Data"
 import * as Effect from "effect/Effect"
 import * as Option from "effect/Option"
+import * as Help from "./help.js"
+import type * as Terminal from "./terminal.js"
 
 /** Exit codes of the command. */
 export const ExitCode = {
@@ -74,27 +75,87 @@ const messageOf = (u: unknown): string => {
   return String(u)
 }
 
-/** Prints `multifd: error: <message>` on stderr. */
-export const printError = (message: string): Effect.Effect<void> => Console.error(`multifd: error: ${oneLine(message)}`)
+/** What a failed run reports: the error's tag, its reason (when it has one) and its one-line message. */
+export interface Report {
+  readonly tag: string
+  readonly reason: string
+  readonly message: string
+}
+
+/** The `--json` form of a failure: `{"error":{"tag","reason","message"}}`. */
+export const toJson = (report: Report): string => JSON.stringify({ error: report })
+
+/** What the command knows of its flags, to explain an unknown one. */
+export interface Flags {
+  /** The subcommand a flag belongs to, if any (a flag given to the other one is misplaced). */
+  readonly ownerOf: (flag: string) => string | undefined
+  /** The known flag closest to a mistyped one, if one is close. */
+  readonly closest: (flag: string) => string | undefined
+}
 
 /**
- * Ends the command: success is exit 0; a failure is reported as one line and becomes exit 1 or 2; an
- * interruption (a signal) stays an interruption so that the runtime's teardown sees it.
+ * A parse error of @effect/cli as one line: a flag that belongs to the other command says so ("--tls-authz is a
+ * recv option"), anything else keeps @effect/cli's words.
  */
-export const toExitCode = <A, E, R>(self: Effect.Effect<A, E, R>): Effect.Effect<number, never, R> =>
+export const describeValidation = (error: ValidationError.ValidationError, flags: Flags | undefined): string => {
+  const text = Help.plainText(error.error)
+  const unknown = /unknown argument: '(--?[^']+)'/i.exec(text) ?? /flag '(--?[^']+)' is not recognized/i.exec(text)
+  if (unknown === null || flags === undefined) return oneLine(text)
+  const flag = unknown[1]!
+  const owner = flags.ownerOf(flag)
+  if (owner !== undefined) return `${flag} is a ${owner} option`
+  const closest = flags.closest(flag)
+  return `unknown flag ${flag}${closest === undefined ? "" : ` (did you mean ${closest}?)`}`
+}
+
+/** Reports a failure of the command as a `Report`. */
+const reportOf = (error: unknown, flags: Flags | undefined): Report => {
+  if (ValidationError.isValidationError(error)) {
+    return { tag: "UsageError", reason: error._tag, message: describeValidation(error, flags) }
+  }
+  const tagged = isTagged(error) ? error : undefined
+  return {
+    tag: tagged?._tag ?? "Error",
+    reason: typeof tagged?.reason === "string" ? tagged.reason : tagged?._tag ?? "Error",
+    message: oneLine(messageOf(error))
+  }
+}
+
+/** Where a failure is reported. */
+export interface Reporting {
+  /** Also print the failure as one JSON object on stdout (`--json`). */
+  readonly json: boolean
+  readonly terminal: Terminal.Terminal["Type"]
+  /** Explains unknown flags. */
+  readonly flags?: Flags | undefined
+}
+
+/** Prints `multifd: error: <message>` on stderr, and with `--json` the JSON object on stdout. */
+const printReport = (report: Report, reporting: Reporting): Effect.Effect<void> =>
+  Effect.zipRight(
+    reporting.terminal.err(`multifd: error: ${report.message}`),
+    reporting.json ? reporting.terminal.out(toJson(report)) : Effect.void
+  )
+
+/**
+ * Ends the command: success is exit 0; a failure is reported as one line (and a JSON object with `--json`) and
+ * becomes exit 1 or 2; an interruption (a signal) stays an interruption so that the runtime's teardown sees it.
+ */
+export const toExitCode = (reporting: Reporting) => <A, E, R>(self: Effect.Effect<A, E, R>): Effect.Effect<number, never, R> =>
   Effect.matchCauseEffect(self, {
     onSuccess: () => Effect.succeed(ExitCode.Ok),
     onFailure: (cause) => {
       const failure = Cause.failureOption(cause)
       if (Option.isSome(failure)) {
         const error = failure.value
-        // @effect/cli has already printed its own help or validation message
-        if (ValidationError.isValidationError(error)) return Effect.succeed(ExitCode.Usage)
-        return Effect.as(printError(messageOf(error)), exitCodeOf(error))
+        return Effect.as(printReport(reportOf(error, reporting.flags), reporting), exitCodeOf(error))
       }
       if (Cause.isInterruptedOnly(cause)) return Effect.failCause(cause as Cause.Cause<never>)
       const defect = Cause.dieOption(cause)
       const message = Option.isSome(defect) ? messageOf(defect.value) : "unexpected failure"
-      return Effect.as(printError(`internal error: ${message}`), ExitCode.Failed)
+      return Effect.as(
+        printReport({ tag: "InternalError", reason: "Defect", message: oneLine(`internal error: ${message}`) }, reporting),
+        ExitCode.Failed
+      )
     }
   })

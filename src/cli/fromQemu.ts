@@ -13,7 +13,6 @@
  *
  * @since 0.1.0
  */
-import * as Console from "effect/Console"
 import * as Effect from "effect/Effect"
 import * as Fs from "node:fs/promises"
 import * as Path from "node:path"
@@ -25,6 +24,7 @@ import * as Image from "./image.js"
 import type * as Options from "./options.js"
 import * as Progress from "./progress.js"
 import * as Report from "./report.js"
+import * as Terminal from "./terminal.js"
 
 /** What `recv --from-qemu` is asked to do. */
 export interface Args {
@@ -42,13 +42,11 @@ export interface Args {
   /** TLS on QEMU's connections (server side, as QEMU's `tls-creds` on the source). */
   readonly tls?: QemuIncoming.Options["tls"]
   readonly timing: Options.Timing
-  readonly json: boolean
+  readonly reporting: Options.Reporting
   /** Where the "listening" line goes (default: stderr, as plain `recv`). */
   readonly onListening?: ((address: Transport.Address) => Effect.Effect<void>) | undefined
 }
 
-/** The line that tells scripts where recv listens (the same as plain `recv`'s). */
-const listening = (address: Transport.Address) => Console.error(`multifd: listening on ${Transport.formatAddress(address)}`)
 
 /** Runs `recv --from-qemu`. Usage problems (no output, both outputs) fail with `UsageError` before listening. */
 export const run = (args: Args) =>
@@ -66,16 +64,18 @@ export const run = (args: Args) =>
           new Image.ImageError({ reason: "Unusable", path: dir, detail: `cannot create the directory: ${String(cause)}`, cause })
       })
     }
+    const terminal = yield* Terminal.Terminal
     const timeout = args.timing.timeout
     const received = yield* Effect.scoped(Effect.gen(function*() {
-      const onProgress = yield* Progress.make("recv")
+      const onProgress = yield* Progress.make("recv", args.reporting)
       return yield* QemuIncoming.listenAndReceive(args.uri, {
         channels: args.channels,
         compression: args.compression,
         pageSize: args.pageSize,
         // --timeout also bounds how long a new connection has to prove itself QEMU's (as plain recv)
         timeouts: timeout._tag === "Some" ? { peer: timeout.value, connect: timeout.value, handshake: timeout.value } : {},
-        onListening: args.onListening ?? listening,
+        onListening: args.onListening ??
+          ((address) => terminal.err(`multifd: listening on ${Transport.formatAddress(address)}`)),
         tls: args.tls,
         onProgress
       })
@@ -93,6 +93,6 @@ export const run = (args: Args) =>
       }
       output = dir
     }
-    yield* Report.print({ role: "recv", output, pageSize: ram.pageSize, stats, rejected: received.rejected }, args.json)
+    yield* Report.print({ role: "recv", output, pageSize: ram.pageSize, stats, rejected: received.rejected }, args.reporting)
     return received
   }))

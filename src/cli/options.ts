@@ -65,6 +65,28 @@ const check = <A>(problem: (a: A) => string | undefined) => (a: A) => {
   return why === undefined ? Effect.succeed(a) : Effect.fail(invalid(why))
 }
 
+/** An integer flag: a value that is not one is an error naming the flag. */
+const integer = (name: string, pseudo: string) =>
+  Options.text(name).pipe(
+    Options.withPseudoName(pseudo),
+    Options.mapEffect((text) =>
+      /^[+-]?\d+$/.test(text.trim())
+        ? Effect.succeed(Number(text))
+        : Effect.fail(invalid(`--${name}: ${JSON.stringify(text)} is not an integer`))
+    )
+  )
+
+/** A flag that takes one of `values`: another value is an error naming the flag and the choices. */
+const choice = <const A extends string>(name: string, values: ReadonlyArray<A>) =>
+  Options.text(name).pipe(
+    Options.withPseudoName(values.join("|")),
+    Options.mapEffect((text) =>
+      (values as ReadonlyArray<string>).includes(text)
+        ? Effect.succeed(text as A)
+        : Effect.fail(invalid(`--${name} must be one of ${values.join(", ")}, not ${JSON.stringify(text)}`))
+    )
+  )
+
 // ---------------------------------------------------------------------------------------------------------
 // Argument
 
@@ -87,11 +109,13 @@ export const uri: Args.Args<Transport.Address> = Args.text({ name: "uri" }).pipe
 
 /** The image to migrate. */
 export const input = Options.file("in").pipe(
+  Options.withPseudoName("FILE"),
   Options.withDescription("The RAM image to migrate: a file whose size is a positive multiple of --page-size.")
 )
 
 /** Where to write the received image. */
 export const output = Options.file("out").pipe(
+  Options.withPseudoName("FILE"),
   Options.withDescription(
     "Where to write the received RAM image (the blocks concatenated in order; an existing file is replaced). " +
       "It is written to a temporary file beside it and renamed only after the migration succeeded and its " +
@@ -111,6 +135,7 @@ export interface RecvOutput {
 export const recvOutput: Options.Options<RecvOutput> = Options.all({
   out: output,
   outDir: Options.directory("out-dir").pipe(
+    Options.withPseudoName("DIR"),
     Options.withDescription(
       "With --from-qemu: write one file per RAM block into this directory (created if missing) instead of --out."
     ),
@@ -128,21 +153,19 @@ export const recvOutput: Options.Options<RecvOutput> = Options.all({
 // Transfer
 
 const channelsOption = (description: string) =>
-  Options.integer("channels").pipe(
-    Options.withPseudoName("N"),
+  integer("channels", "N").pipe(
     Options.withDescription(description),
     Options.mapEffect(check(checkChannels))
   )
 
 const pageSizeOption = (description: string) =>
-  Options.integer("page-size").pipe(
-    Options.withPseudoName("BYTES"),
+  integer("page-size", "BYTES").pipe(
     Options.withDescription(description),
     Options.mapEffect(check(checkPageSize))
   )
 
 const compressionOption = (description: string) =>
-  Options.choice("compression", ["none", "zlib", "zstd"] as const).pipe(Options.withDescription(description))
+  choice("compression", ["none", "zlib", "zstd"]).pipe(Options.withDescription(description))
 
 const CHANNELS = `Parallel multifd channels, ${MIN_CHANNELS}-${MAX_CHANNELS}`
 const PAGE_SIZE = `Page size in bytes: a power of two, ${MIN_PAGE_SIZE}-${MAX_PAGE_SIZE}`
@@ -162,12 +185,11 @@ export const sendTransfer: Options.Options<SendTransfer> = Options.all({
   channels: channelsOption(`${CHANNELS} (default 2).`).pipe(Options.withDefault(2)),
   pageSize: pageSizeOption(`${PAGE_SIZE} (default ${GuestRam.DEFAULT_PAGE_SIZE}).`).pipe(Options.withDefault(GuestRam.DEFAULT_PAGE_SIZE)),
   compression: compressionOption(`${COMPRESSION} (default none).`).pipe(Options.withDefault("none" as const)),
-  compressionLevel: Options.integer("compression-level").pipe(
-    Options.withPseudoName("N"),
+  compressionLevel: integer("compression-level", "N").pipe(
     Options.withDescription("Compression level: zlib 0-9 (default 1), zstd 0-20 (default 1); ignored without compression."),
     Options.optional
   ),
-  zeroPage: Options.choice("zero-page", ["multifd", "none"] as const).pipe(
+  zeroPage: choice("zero-page", ["multifd", "none"]).pipe(
     Options.withDescription("multifd: zero pages travel as offsets only; none: as data (default multifd)."),
     Options.withDefault("multifd" as const)
   )
@@ -200,21 +222,30 @@ export interface Timing {
   readonly timeout: Option.Option<Duration.Duration>
 }
 
-/** Timing settings shared by both commands. */
-export const timing: Options.Options<Timing> = Options.all({
-  timeout: Options.text("timeout").pipe(
-    Options.withPseudoName("DURATION"),
-    Options.withDescription(
-      "Give up when the peer does not answer, or no data moves, for this long; send also when connecting takes " +
-        "longer. 30s, 500ms, 2m, 1h or plain seconds (default 30s; connecting 10s). recv waits for a source " +
-        "for ever, but closes a connection that has not sent a complete hello or channel header by then (default 10s)."
-    ),
-    Options.mapEffect((text) =>
-      Either.match(parseDuration(text), { onLeft: (why) => Effect.fail(invalid(why)), onRight: Effect.succeed })
-    ),
-    Options.optional
-  )
-})
+const timeoutFlag = (description: string): Options.Options<Timing> =>
+  Options.all({
+    timeout: Options.text("timeout").pipe(
+      Options.withPseudoName("DURATION"),
+      Options.withDescription(`${description} 30s, 500ms, 2m, 1h or plain seconds.`),
+      Options.mapEffect((text) =>
+        Either.match(parseDuration(text), { onLeft: (why) => Effect.fail(invalid(why)), onRight: Effect.succeed })
+      ),
+      Options.optional
+    )
+  })
+
+/** The source's timing. */
+export const sendTiming: Options.Options<Timing> = timeoutFlag(
+  "Give up when the destination does not answer, or no data moves, for this long, or when connecting or a TLS " +
+    "handshake takes longer (default 30s; connecting and handshakes 10s)."
+)
+
+/** The destination's timing. */
+export const recvTiming: Options.Options<Timing> = timeoutFlag(
+  "Give up when the source does not answer, or no data moves, for this long (default 30s); close a connection " +
+    "that has not sent a complete hello or channel header in this time (default 10s). recv waits for a source " +
+    "for ever."
+)
 
 // ---------------------------------------------------------------------------------------------------------
 // Reporting
@@ -222,12 +253,28 @@ export const timing: Options.Options<Timing> = Options.all({
 /** How the result is reported. */
 export interface Reporting {
   readonly json: boolean
+  readonly quiet: boolean
+  readonly verbose: boolean
 }
 
 /** Reporting settings shared by both commands. */
 export const reporting: Options.Options<Reporting> = Options.all({
   json: Options.boolean("json").pipe(
-    Options.withDescription("Print the final statistics as one JSON object on stdout (instead of a summary on stderr).")
+    Options.withDescription(
+      "Print the result as one JSON object on stdout: the statistics, or {\"error\":{\"tag\",\"reason\",\"message\"}} " +
+        "on failure (the exit status is the same)."
+    )
+  ),
+  quiet: Options.boolean("quiet").pipe(
+    Options.withAlias("q"),
+    Options.withDescription("Print nothing but errors (and recv's listening line): no progress, summary or warnings.")
+  ),
+  verbose: Options.boolean("verbose").pipe(
+    Options.withAlias("v"),
+    Options.withDescription(
+      "Log each channel's events on stderr with the time since the start: connect, TLS handshake, init packet, " +
+        "sync, close."
+    )
   )
 })
 
@@ -249,35 +296,50 @@ export interface TlsFlags {
 const pem = (name: string, description: string) =>
   Options.file(name).pipe(Options.withPseudoName("PEM"), Options.withDescription(description), Options.optional)
 
-/** TLS settings shared by both commands (as QEMU's tls-creds-psk / tls-creds-x509 and tls-authz). */
-export const tls: Options.Options<TlsFlags> = Options.all({
-  psk: Options.file("tls-psk").pipe(
-    Options.withPseudoName("FILE"),
-    Options.withDescription("TLS with pre-shared keys from FILE in QEMU's keys.psk format: one identity:hexkey a line."),
-    Options.optional
-  ),
+const tlsPsk = Options.file("tls-psk").pipe(
+  Options.withPseudoName("FILE"),
+  Options.withDescription("TLS with pre-shared keys from FILE in QEMU's keys.psk format: one identity:hexkey a line."),
+  Options.optional
+)
+const tlsCa = pem("tls-ca", "TLS with x509: the CA certificate(s) that verify the peer's certificate.")
+const tlsKey = pem("tls-key", "TLS with x509: the private key of --tls-cert.")
+
+/** The source's TLS flags (as QEMU's tls-creds-psk / tls-creds-x509 with endpoint=client, and tls-hostname). */
+export const sendTls: Options.Options<TlsFlags> = Options.all({
+  psk: tlsPsk,
   identity: Options.text("tls-identity").pipe(
     Options.withPseudoName("ID"),
-    Options.withDescription("send with --tls-psk: the PSK identity to present (default qemu, as QEMU)."),
+    Options.withDescription("With --tls-psk: the PSK identity to present (default qemu, as QEMU)."),
     Options.optional
   ),
-  ca: pem("tls-ca", "TLS with x509: the CA certificate(s) that verify the peer's certificate."),
+  ca: tlsCa,
   hostname: Options.text("tls-hostname").pipe(
     Options.withPseudoName("NAME"),
-    Options.withDescription("send with x509: the name the destination's certificate must carry (default: the uri's host)."),
+    Options.withDescription("With x509: the name the destination's certificate must carry (default: the uri's host)."),
     Options.optional
   ),
-  cert: pem("tls-cert", "TLS with x509: this side's certificate (required on recv, optional client certificate on send)."),
-  key: pem("tls-key", "TLS with x509: the private key of --tls-cert."),
+  cert: pem("tls-cert", "TLS with x509: a client certificate to present (when the destination verifies clients)."),
+  key: tlsKey
+}).pipe(Options.map((flags): TlsFlags => ({ ...flags, authz: Option.none(), verifyPeer: false })))
+
+/** The destination's TLS flags (as QEMU's tls-creds-* with endpoint=server, verify-peer and tls-authz). */
+export const recvTls: Options.Options<TlsFlags> = Options.all({
+  psk: tlsPsk,
+  ca: tlsCa,
+  cert: pem("tls-cert", "TLS with x509: this destination's certificate (required with x509)."),
+  key: tlsKey,
   authz: Options.text("tls-authz").pipe(
     Options.withPseudoName("ID,..."),
-    Options.withDescription("recv: admit only clients whose certificate CN, or PSK identity, is listed."),
+    Options.withDescription("Admit only clients whose verified certificate CN, or PSK identity, is listed."),
     Options.optional
   ),
   verifyPeer: Options.boolean("tls-verify-peer").pipe(
-    Options.withDescription("recv with x509: require a client certificate signed by --tls-ca (implied by --tls-authz).")
+    Options.withDescription(
+      "With x509: require a client certificate that chains to --tls-ca, is within its validity period and is " +
+        "for client authentication (implied by --tls-authz)."
+    )
   )
-})
+}).pipe(Options.map((flags): TlsFlags => ({ ...flags, identity: Option.none(), hostname: Option.none() })))
 
 /**
  * The TLS configuration the flags ask for: `undefined` without TLS, a problem (one line) when the flags do

@@ -1,18 +1,24 @@
 /**
- * The progress bar: the round's bytes sent (or received), the rate and the ETA on stderr, only when stderr is
- * a terminal. It is stopped when its scope closes, whatever the migration's outcome; its last frame is the
- * last report (a round's last report has all of its pages: a completed migration ends at 100 %).
+ * Progress on stderr. On a terminal, a bar: the round's bytes sent (or received), the rate and the ETA; it is
+ * stopped when its scope closes, whatever the migration's outcome, and its last frame is the last report (a
+ * round's last report has all of its pages: a completed migration ends at 100 %). When stderr is not a
+ * terminal (a log file, a pipe), a line every `LINE_INTERVAL_MS` instead; nothing with `--quiet`.
  *
  * @since 0.1.0
  */
 import CliProgress from "cli-progress"
+import * as Clock from "effect/Clock"
 import * as Effect from "effect/Effect"
 import type * as Scope from "effect/Scope"
 import type * as Migration from "../Migration.js"
 import { formatBytes, formatRate } from "./report.js"
+import * as Terminal from "./terminal.js"
 
 /** Receives progress reports (as `onProgress` of `migrate` / `incoming`). */
 export type OnProgress = (progress: Migration.Progress) => Effect.Effect<void>
+
+/** How often a line is printed when stderr is not a terminal. */
+export const LINE_INTERVAL_MS = 5000
 
 /** How far back the ETA looks for the current rate. */
 const ETA_WINDOW_MS = 5000
@@ -30,15 +36,21 @@ interface State {
 }
 
 /**
- * A progress bar labelled `label` while the scope is open, or `undefined` when `stream` (stderr by default) is
- * not a terminal. The bar starts with the first report (the destination learns the total from the source's
- * hello); each report sets the round's total, so a later round's bar is of its own pages.
+ * Progress reports for `label` while the scope is open: a bar when `stream` (stderr by default) is a terminal,
+ * else a line every few seconds through `Terminal`; `undefined` with `quiet`. The bar starts with the first
+ * report (the destination learns the total from the source's hello); each report sets the round's total, so a
+ * later round's bar is of its own pages.
  */
 export const make = (
   label: string,
-  stream: NodeJS.WritableStream & { readonly isTTY?: boolean } = process.stderr
-): Effect.Effect<OnProgress | undefined, never, Scope.Scope> => {
-  if (stream.isTTY !== true) return Effect.succeed(undefined)
+  options: {
+    readonly quiet?: boolean | undefined
+    readonly stream?: (NodeJS.WritableStream & { readonly isTTY?: boolean }) | undefined
+  } = {}
+): Effect.Effect<OnProgress | undefined, never, Scope.Scope | Terminal.Terminal> => {
+  const stream = options.stream ?? process.stderr
+  if (options.quiet === true) return Effect.succeed(undefined)
+  if (stream.isTTY !== true) return lines(label)
   return Effect.map(
     Effect.acquireRelease(
       Effect.sync((): State => ({
@@ -78,6 +90,30 @@ export const make = (
       })
   )
 }
+
+/** A line every `LINE_INTERVAL_MS` of the `Clock` (the first after as long: a short migration prints none). */
+const lines = (label: string): Effect.Effect<OnProgress, never, Terminal.Terminal> =>
+  Effect.map(Terminal.Terminal, (terminal) => {
+    let startedAt: number | undefined
+    let lastLine = 0
+    let base = 0
+    let lastDone = 0
+    let lastTotal = 0
+    return (progress) =>
+      Effect.flatMap(Clock.currentTimeMillis, (now) => {
+        startedAt ??= now
+        if (progress.doneBytes < lastDone) base += lastTotal
+        lastDone = progress.doneBytes
+        lastTotal = progress.totalBytes
+        if (now - Math.max(lastLine, startedAt) < LINE_INTERVAL_MS) return Effect.void
+        lastLine = now
+        const percent = progress.totalBytes > 0 ? Math.floor(progress.doneBytes / progress.totalBytes * 100) : 100
+        return terminal.err(
+          `multifd: ${label}: ${formatBytes(progress.doneBytes)} of ${formatBytes(progress.totalBytes)} (${percent}%) ` +
+            `in round ${progress.round}, ${formatRate(base + progress.doneBytes, now - startedAt)}`
+        )
+      })
+  })
 
 /** Time left for the round at the rate of the last seconds: `-` until it can be told. */
 const eta = (state: State, progress: Migration.Progress, now: number): string => {

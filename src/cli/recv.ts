@@ -9,7 +9,6 @@
  * @since 0.1.0
  */
 import * as Command from "@effect/cli/Command"
-import * as Console from "effect/Console"
 import * as Data from "effect/Data"
 import * as Effect from "effect/Effect"
 import * as Option from "effect/Option"
@@ -21,8 +20,10 @@ import * as FromQemu from "./fromQemu.js"
 import * as Image from "./image.js"
 import * as Options from "./options.js"
 import * as Progress from "./progress.js"
+import * as Log from "./log.js"
 import * as Report from "./report.js"
 import { timeoutsOf, tlsOf } from "./settings.js"
+import * as Terminal from "./terminal.js"
 
 /** The line that tells scripts (and tests) where recv listens, printed on stderr as soon as it does. */
 export const listeningLine = (address: Transport.Address): string =>
@@ -56,12 +57,13 @@ export const command = Command.make(
     uri: Options.uri,
     output: Options.recvOutput,
     transfer: Options.recvTransfer,
-    tls: Options.tls,
-    timing: Options.timing,
+    tls: Options.recvTls,
+    timing: Options.recvTiming,
     reporting: Options.reporting
   },
   ({ output, reporting, timing, tls: tlsFlags, transfer, uri }) =>
     Effect.scoped(Effect.gen(function*() {
+      const terminal = yield* Terminal.Terminal
       const tls = yield* tlsOf(tlsFlags, "recv", uri, timing)
       if (output.fromQemu) {
         if (uri._tag === "File") return yield* new UsageError({ detail: "--from-qemu needs a tcp: or unix: uri" })
@@ -77,7 +79,7 @@ export const command = Command.make(
           outDir: Option.getOrUndefined(output.outDir),
           tls: tls?.settings,
           timing,
-          json: reporting.json
+          reporting
         })
         return
       }
@@ -88,7 +90,7 @@ export const command = Command.make(
       const image = yield* Image.create(out)
       const commit = (ram: GuestRam.GuestRam["Type"]) => image.commit(ram.blocks.map((block) => block.bytes))
       const received = yield* Effect.scoped(Effect.gen(function*() {
-        const onProgress = yield* Progress.make("recv")
+        const onProgress = yield* Progress.make("recv", reporting)
         return yield* Migration.listenAndReceive(uri, {
           timeouts: timeoutsOf(timing),
           expect: {
@@ -97,7 +99,7 @@ export const command = Command.make(
             compression: Option.getOrUndefined(transfer.compression)
           },
           upgrade: tls?.server,
-          onListening: (address) => Console.error(listeningLine(address)),
+          onListening: (address) => terminal.err(listeningLine(address)),
           onProgress,
           // from a source, the image is written before the destination confirms: the source reports success
           // only once it is in place (a snapshot file is restored, checked below, then written)
@@ -115,9 +117,9 @@ export const command = Command.make(
       }
       yield* Report.print(
         { role: "recv", output: out, pageSize: ram.pageSize, stats, rejected: received.rejected },
-        reporting.json
+        reporting
       )
-    }))
+    }).pipe(Log.withReporting(reporting)))
 ).pipe(
   Command.withDescription(
     "Wait at <uri> for one migration (or restore the file: snapshot) and write the received RAM image to --out."

@@ -3,9 +3,9 @@
  *
  * @since 0.1.0
  */
-import * as Console from "effect/Console"
 import * as Effect from "effect/Effect"
 import type * as Migration from "../Migration.js"
+import * as Terminal from "./terminal.js"
 
 const UNITS = ["B", "KiB", "MiB", "GiB", "TiB"] as const
 
@@ -60,6 +60,13 @@ export const summary = (result: Result): string => {
     `${(s.durationMs / 1000).toFixed(2)} s (${formatRate(s.ramBytes, s.durationMs)}), ${pages}, ${s.packets} packets${where}`
 }
 
-/** Reports a finished command as `--json` asks. */
-export const print = (result: Result, json: boolean): Effect.Effect<void> =>
-  json ? Console.log(JSON.stringify(toJson(result))) : Console.error(summary(result))
+/** Reports a finished command: the JSON object on stdout with `--json`, else the summary on stderr unless `--quiet`. */
+export const print = (
+  result: Result,
+  reporting: { readonly json: boolean; readonly quiet: boolean }
+): Effect.Effect<void, never, Terminal.Terminal> =>
+  reporting.json
+    ? Terminal.out(JSON.stringify(toJson(result)))
+    : reporting.quiet
+    ? Effect.void
+    : Terminal.err(summary(result))

@@ -13,6 +13,7 @@ import { UsageError } from "./errors.js"
 import * as Image from "./image.js"
 import * as Options from "./options.js"
 import * as Progress from "./progress.js"
+import * as Log from "./log.js"
 import * as Report from "./report.js"
 import { timeoutsOf, tlsOf } from "./settings.js"
 
@@ -29,8 +30,8 @@ export const command = Command.make(
     uri: Options.uri,
     input: Options.input,
     transfer: Options.sendTransfer,
-    tls: Options.tls,
-    timing: Options.timing,
+    tls: Options.sendTls,
+    timing: Options.sendTiming,
     reporting: Options.reporting
   },
   ({ input, reporting, timing, tls: tlsFlags, transfer, uri }) =>
@@ -41,7 +42,7 @@ export const command = Command.make(
         Effect.mapError((error) => new UsageError({ detail: error.message }))
       )
       const stats = yield* Effect.scoped(Effect.gen(function*() {
-        const onProgress = yield* Progress.make("send")
+        const onProgress = yield* Progress.make("send", reporting)
         return yield* Migration.migrate({
           address: uri,
           channels: transfer.channels,
@@ -56,6 +57,6 @@ export const command = Command.make(
         Effect.provideService(GuestRam.GuestRam, ram),
         Effect.provide(Transport.layer)
       )
-      yield* Report.print({ role: "send", input, pageSize: ram.pageSize, stats }, reporting.json)
-    })
+      yield* Report.print({ role: "send", input, pageSize: ram.pageSize, stats }, reporting)
+    }).pipe(Log.withReporting(reporting))
 ).pipe(Command.withDescription("Migrate the RAM image in --in to a destination listening at <uri>."))

@@ -1,0 +1,145 @@
+/**
+ * The `--help` pages, in plain text: a usage line that starts with `multifd send` / `multifd recv`, each
+ * command's own arguments and flags with what they do and their defaults, the exit status and examples.
+ *
+ * The descriptions are the ones the options were defined with (`options.ts`): the help pages are read off
+ * @effect/cli's help of each command, keeping what we wrote and leaving out its generic sentences ("A
+ * user-defined piece of text.", "This setting is optional.").
+ *
+ * @since 0.1.0
+ */
+import * as CliConfig from "@effect/cli/CliConfig"
+import * as Command from "@effect/cli/Command"
+import * as HelpDoc from "@effect/cli/HelpDoc"
+import type * as Span from "@effect/cli/HelpDoc/Span"
+
+/** One entry of a help page: a flag or argument and what it does. */
+export interface Entry {
+  readonly term: string
+  readonly description: string
+}
+
+/** The plain text of a span. */
+const textOf = (span: Span.Span): string => {
+  switch (span._tag) {
+    case "Text":
+    case "URI":
+      return span.value
+    case "Sequence":
+      return textOf(span.left) + textOf(span.right)
+    default:
+      return textOf(span.value)
+  }
+}
+
+/** The plain text of a help document's paragraphs (a validation error's message, say), on one line. */
+export const plainText = (doc: HelpDoc.HelpDoc): string => paragraphs(doc).join(" ")
+
+const paragraphs = (doc: HelpDoc.HelpDoc): Array<string> => {
+  switch (doc._tag) {
+    case "Paragraph":
+    case "Header":
+      return [textOf(doc.value)]
+    case "Sequence":
+      return [...paragraphs(doc.left), ...paragraphs(doc.right)]
+    case "Enumeration":
+      return doc.elements.flatMap(paragraphs)
+    case "DescriptionList":
+      return doc.definitions.flatMap(([term, description]) => [textOf(term), ...paragraphs(description)])
+    default:
+      return []
+  }
+}
+
+/** @effect/cli's own sentences about a value's type and optionality: the help pages leave them out. */
+const GENERIC = [
+  /^A user-defined piece of text\.$/,
+  /^An integer\.$/,
+  /^A floating point number\.$/,
+  /^A true or false value\.$/,
+  /^An? (file|directory|path)\.$/,
+  /^A file or directory\.$/,
+  /^One of the following: /,
+  /^This setting is optional\.$/,
+  /^This (setting|argument) is (repeatable|variadic)/
+]
+
+const generic = (text: string) => GENERIC.some((re) => re.test(text.trim()))
+
+/** Every description list entry of a document, in order. */
+const entries = (doc: HelpDoc.HelpDoc): Array<Entry> => {
+  switch (doc._tag) {
+    case "Sequence":
+      return [...entries(doc.left), ...entries(doc.right)]
+    case "DescriptionList":
+      return doc.definitions.map(([term, description]) => ({
+        // "(-q, --quiet)" as "--quiet, -q": the long name first, as the other flags
+        term: textOf(term).replace(/\s+/g, " ").trim().replace(/^\((-\w), (--[\w-]+)\)/, "$2, $1"),
+        description: paragraphs(description).filter((p) => !generic(p)).join(" ")
+      }))
+    default:
+      return []
+  }
+}
+
+const config = CliConfig.make({ showBuiltIns: false })
+
+/** The arguments and flags of a command, as its help lists them. */
+export const entriesOf = <Name extends string, R, E, A>(command: Command.Command<Name, R, E, A>): Array<Entry> =>
+  entries(Command.getHelp(command, config))
+
+/** Wraps `text` to `width` columns, every line after the first indented by `indent`. */
+const wrap = (text: string, width: number, indent: number): string => {
+  const lines: Array<string> = []
+  let line = ""
+  for (const word of text.split(/\s+/).filter((w) => w.length > 0)) {
+    if (line.length > 0 && line.length + 1 + word.length > width) {
+      lines.push(line)
+      line = word
+    } else line = line.length === 0 ? word : `${line} ${word}`
+  }
+  if (line.length > 0) lines.push(line)
+  return lines.join(`\n${" ".repeat(indent)}`)
+}
+
+/** What a help page holds. */
+export interface Page {
+  readonly title: string
+  readonly usage: ReadonlyArray<string>
+  readonly description?: string | undefined
+  /** Sections of entries, in order (a section's entries are picked from the command's by `pick`). */
+  readonly sections: ReadonlyArray<{ readonly heading: string; readonly entries: ReadonlyArray<Entry> }>
+  readonly footer?: ReadonlyArray<string> | undefined
+  readonly examples?: ReadonlyArray<readonly [comment: string, command: string]> | undefined
+}
+
+const WIDTH = 100
+const TERM_WIDTH = 26
+
+/** A page as text (no escape codes). */
+export const render = (page: Page): string => {
+  const out: Array<string> = [page.title, "", "Usage:", ...page.usage.map((u) => `  ${u}`)]
+  if (page.description !== undefined) out.push("", wrap(page.description, WIDTH, 0))
+  for (const section of page.sections) {
+    if (section.entries.length === 0) continue
+    out.push("", `${section.heading}:`)
+    for (const { description, term } of section.entries) {
+      const head = `  ${term}`
+      const body = wrap(description, WIDTH - TERM_WIDTH - 2, TERM_WIDTH + 2)
+      out.push(head.length <= TERM_WIDTH ? `${head.padEnd(TERM_WIDTH)}  ${body}` : `${head}\n${" ".repeat(TERM_WIDTH + 2)}${body}`)
+    }
+  }
+  if (page.footer !== undefined) out.push("", ...page.footer.map((line) => wrap(line, WIDTH, 0)))
+  if (page.examples !== undefined && page.examples.length > 0) {
+    out.push("", "Examples:")
+    for (const [comment, command] of page.examples) out.push(`  # ${comment}`, `  ${command}`)
+  }
+  return out.join("\n") + "\n"
+}
+
+/** The flag (or argument) an entry is about: `--channels` of `--channels N`, `--quiet` of `--quiet, -q`. */
+export const flagOf = (entry: Entry): string => entry.term.split(/[ ,]/)[0]!
+
+/** The entries of `flags` (`<uri>`, `--channels`, ...), in the order of `flags`. */
+export const pick = (all: ReadonlyArray<Entry>, flags: ReadonlyArray<string>): Array<Entry> =>
+  flags.flatMap((flag) => all.filter((entry) => flagOf(entry) === flag))
