@@ -510,6 +510,16 @@ describe("multifd failures", () => {
     expect(lines(received.stderr).at(-1)).toBe("multifd: interrupted by SIGINT")
     expect(filesLike("interrupted.")).toEqual([]) // neither the image nor the socket is left
   })
+
+  it("with --json, an interruption is a JSON object on stdout too (exit 143 for SIGTERM)", async () => {
+    const recv = await startRecv([`unix:${Path.join(dir, "interrupted-json.sock")}`, "--out", Path.join(dir, "ij.out"), "--json"])
+    recv.child.kill("SIGTERM")
+    const received = await recv.finished
+    expect(received.code).toBe(143)
+    expect(JSON.parse(received.stdout)).toEqual({
+      error: { tag: "Interrupted", reason: "SIGTERM", message: "interrupted by SIGTERM" }
+    })
+  })
 })
 
 /** Mounts a 1 MiB tmpfs at `mountpoint` (a really full file system for an 8 MiB image); why not, if it cannot. */

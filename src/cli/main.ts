@@ -11,7 +11,7 @@ import * as Effect from "effect/Effect"
 import * as Exit from "effect/Exit"
 import * as Os from "node:os"
 import { main } from "./command.js"
-import { ExitCode } from "./errors.js"
+import { ExitCode, toJson } from "./errors.js"
 
 /**
  * A repeat of the signal within this long is the same request delivered twice: Ctrl-C reaches every
@@ -43,6 +43,9 @@ NodeRuntime.runMain(main(process.argv).pipe(Effect.provide(NodeContext.layer)), 
     // everything the command opened is closed (and a partial --out removed) by now
     const signal = first?.signal ?? "SIGINT"
     process.stderr.write(`multifd: interrupted by ${signal}\n`)
+    if (process.argv.includes("--json")) {
+      process.stdout.write(`${toJson({ tag: "Interrupted", reason: signal, message: `interrupted by ${signal}` })}\n`)
+    }
     onExit(128 + Os.constants.signals[signal])
   }
 })
