@@ -1,6 +1,8 @@
 /**
  * The snapshot file format, pure: the layout of a file for a memory layout, the header's encoding and its
- * validating decoder, and the page bitmaps. No I/O (the format itself is documented in `Snapshot`).
+ * validating decoder, and the page bitmaps. No I/O (the format itself is documented in `Snapshot`). One module
+ * because the encoder and the decoder must agree field by field: each field's write and its checked read sit
+ * side by side (about 400 lines, most of them the decoder's checks).
  *
  * @internal
  */

@@ -1,0 +1,101 @@
+/**
+ * Reading TLS credentials and checking them before anything listens or connects: PEM files that hold what
+ * they should and parse, the secure context OpenSSL builds from them, names of certificates for messages.
+ *
+ * @internal
+ */
+import * as Effect from "effect/Effect"
+import * as Crypto from "node:crypto"
+import * as Fs from "node:fs/promises"
+import * as NodeTls from "node:tls"
+import { configError, TlsError } from "./model.js"
+
+export const readText = (path: string, what: string) =>
+  Effect.tryPromise({
+    try: () => Fs.readFile(path, "utf8"),
+    catch: (cause) =>
+      new TlsError({ reason: "Config", detail: `cannot read ${what} ${path}: ${(cause as Error).message}`, cause })
+  })
+
+/** The reason of an OpenSSL error without its codes: "error:04800064:PEM routines::bad base64 decode" → "bad base64 decode". */
+export const opensslReason = (error: unknown): string => {
+  const text = (error as Error | undefined)?.message ?? String(error)
+  return text.replace(/^(?:[0-9A-F]+:)?error:[0-9A-F]+:[^:]*:[^:]*:/, "").trim()
+}
+
+/** The labels of a text's PEM blocks (`CERTIFICATE`, `PRIVATE KEY`, ...). */
+export const pemLabels = (text: string): Array<string> =>
+  Array.from(text.matchAll(/-----BEGIN ([A-Z0-9 ]+)-----/g), (m) => m[1]!)
+
+export const PEM_CERTIFICATE = /-----BEGIN CERTIFICATE-----[\s\S]*?-----END CERTIFICATE-----/g
+
+/** What a PEM file holds instead of the expected thing, for messages: "a private key", "a CERTIFICATE REQUEST block". */
+export const holds = (labels: ReadonlyArray<string>): string =>
+  labels.some((label) => label.endsWith("PRIVATE KEY"))
+    ? "a private key"
+    : labels.includes("CERTIFICATE")
+    ? "a certificate"
+    : `a ${labels[0]} block`
+
+/** Every certificate of a PEM file, each parsed: a file without one, or with a broken one, is a `Config` error. */
+export const certificatesOf = (text: string, what: string, path: string): Effect.Effect<Array<Crypto.X509Certificate>, TlsError> =>
+  Effect.suspend(() => {
+    const blocks = text.match(PEM_CERTIFICATE) ?? []
+    if (blocks.length === 0) {
+      const labels = pemLabels(text)
+      return Effect.fail(configError(
+        labels.length === 0
+          ? `${what} ${path} is not a PEM certificate`
+          : `${what} ${path} holds ${holds(labels)}, not a certificate`
+      ))
+    }
+    const certificates: Array<Crypto.X509Certificate> = []
+    for (let i = 0; i < blocks.length; i++) {
+      try {
+        certificates.push(new Crypto.X509Certificate(blocks[i]!))
+      } catch (cause) {
+        const which = blocks.length === 1 ? "" : ` (certificate ${i + 1} of ${blocks.length})`
+        return Effect.fail(configError(`${what} ${path} is not a valid PEM certificate${which}: ${opensslReason(cause)}`, cause))
+      }
+    }
+    return Effect.succeed(certificates)
+  })
+
+/** The private key of a PEM file: a file without one, an encrypted or a broken one is a `Config` error. */
+export const privateKeyOf = (text: string, path: string): Effect.Effect<Crypto.KeyObject, TlsError> =>
+  Effect.suspend(() => {
+    const labels = pemLabels(text)
+    if (labels.length === 0) return Effect.fail(configError(`private key ${path} is not a PEM private key`))
+    if (!labels.some((label) => label.endsWith("PRIVATE KEY"))) {
+      return Effect.fail(configError(`private key ${path} holds ${holds(labels)}, not a private key`))
+    }
+    if (labels.includes("ENCRYPTED PRIVATE KEY") || /^Proc-Type:\s*4,\s*ENCRYPTED/m.test(text)) {
+      return Effect.fail(configError(
+        `private key ${path} is encrypted and no passphrase can be given: decrypt it (openssl pkey -in KEY -out PLAIN)`
+      ))
+    }
+    return Effect.try({
+      try: () => Crypto.createPrivateKey(text),
+      catch: (cause) => configError(`private key ${path} is not a valid private key: ${opensslReason(cause)}`, cause)
+    })
+  })
+
+/** `CN=alice`, or the whole subject when there is no CN. */
+export const nameOf = (certificate: Crypto.X509Certificate, field: "subject" | "issuer" = "subject"): string => {
+  const text = certificate[field]
+  const cn = text.split("\n").find((line) => line.startsWith("CN="))
+  return cn ?? text.replace(/\n/g, ", ")
+}
+
+/** Builds a secure context; OpenSSL's refusal is a `Config` error naming `what`. */
+export const secureContextOf = (options: NodeTls.SecureContextOptions, what: string) =>
+  Effect.try({
+    try: () => NodeTls.createSecureContext({ minVersion: "TLSv1.2", ...options }),
+    catch: (cause) => configError(`cannot use ${what}: ${opensslReason(cause)}`, cause)
+  })
+
+// TLS 1.3 external PSKs in OpenSSL use SHA-256 suites; the TLS 1.2 PSK suites are a fallback (ECDHE-PSK first:
+// forward secrecy, and what QEMU's GnuTLS offers first).
+export const PSK_CIPHERS = "TLS_AES_128_GCM_SHA256:TLS_CHACHA20_POLY1305_SHA256:ECDHE-PSK-CHACHA20-POLY1305:" +
+  "PSK-AES128-GCM-SHA256:PSK-CHACHA20-POLY1305"
+

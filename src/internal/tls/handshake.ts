@@ -1,0 +1,123 @@
+/**
+ * A TLS handshake as an Effect (resolved on the secure event, failed on an error, a close or the timeout),
+ * the secured connection it yields, and the source's reading of a destination that hangs up right after it.
+ *
+ * @internal
+ */
+import * as Duration from "effect/Duration"
+import * as Effect from "effect/Effect"
+import type * as NodeTls from "node:tls"
+import * as Transport from "../../Transport.js"
+import { TlsError } from "./model.js"
+
+/** Runs a handshake on a TLS socket: resolves on `secureEvent`, fails on error, close or timeout. */
+export const handshake = (
+  socket: NodeTls.TLSSocket,
+  secureEvent: "secureConnect" | "secure",
+  peer: string,
+  timeout: Duration.Duration,
+  explain: (error: unknown) => string,
+  authorize: (socket: NodeTls.TLSSocket) => string | undefined,
+  /** What a close in the middle of the handshake most likely means. */
+  closed = "connection closed"
+) =>
+  Effect.async<void, TlsError>((resume) => {
+    const onSecure = () => {
+      cleanup()
+      const refusal = authorize(socket)
+      resume(
+        refusal === undefined
+          ? Effect.void
+          : Effect.fail(new TlsError({ reason: "Unauthorized", detail: `handshake with ${peer}: ${refusal}` }))
+      )
+    }
+    const onError = (error: Error) => {
+      cleanup()
+      resume(Effect.fail(new TlsError({ reason: "Handshake", detail: `handshake with ${peer} failed: ${explain(error)}`, cause: error })))
+    }
+    const onClose = () => {
+      cleanup()
+      resume(Effect.fail(new TlsError({ reason: "Handshake", detail: `handshake with ${peer} failed: ${closed}` })))
+    }
+    const cleanup = () => {
+      socket.off(secureEvent, onSecure)
+      socket.off("error", onError)
+      socket.off("close", onClose)
+    }
+    socket.once(secureEvent, onSecure)
+    socket.once("error", onError)
+    socket.once("close", onClose)
+    return Effect.sync(cleanup)
+  }).pipe(
+    Effect.timeoutFail({
+      duration: timeout,
+      onTimeout: () =>
+        new TlsError({ reason: "Timeout", detail: `handshake with ${peer} timed out after ${Duration.format(timeout)}` })
+    })
+  )
+
+/**
+ * The source's main channel, which the destination may still turn away without a word: a Node destination
+ * cannot send the alert that says why it refuses a client certificate (Node judges certificates after the
+ * handshake, and in TLS 1.3 the client's handshake is over before the server has seen its certificate), so
+ * the source just sees the connection close before any answer. Until the first byte arrives, a close or
+ * reset is reported as the most likely `refusal`: the `TransportError` says it, its cause is a `TlsError`
+ * "Unauthorized" (which `Migration.migrate` reports as the refusal).
+ */
+export const explainingEarlyClose = (connection: Transport.Connection, refusal: string): Transport.Connection => {
+  let heard = false
+  const explain = (error: Transport.TransportError) => {
+    if (heard || (error.reason !== "Closed" && error.reason !== "Reset" && error.reason !== "Write")) return error
+    const closed = "the destination closed the connection right after the TLS handshake, without answering: " +
+      `it most likely refused ${refusal}`
+    return new Transport.TransportError({
+      reason: error.reason,
+      address: error.address,
+      detail: closed,
+      cause: new TlsError({
+        reason: "Unauthorized",
+        detail: `handshake with ${connection.peer}: ${closed}; its log says why`,
+        cause: error
+      })
+    })
+  }
+  const reading = <A>(effect: Effect.Effect<A, Transport.TransportError>) =>
+    heard ? effect : effect.pipe(
+      Effect.tap(() => {
+        heard = true
+      }),
+      Effect.mapError(explain)
+    )
+  const writing = <A>(effect: Effect.Effect<A, Transport.TransportError>) =>
+    heard ? effect : Effect.mapError(effect, explain)
+  return {
+    ...connection,
+    write: (chunks) => writing(connection.write(chunks)),
+    drained: Effect.suspend(() => writing(connection.drained)),
+    read: (length) => reading(connection.read(length)),
+    readInto: (target, at, length) => reading(connection.readInto(target, at, length)),
+    readScatter: (target, offsets, count, length) => reading(connection.readScatter(target, offsets, count, length)),
+    peek: (length) => reading(connection.peek(length)),
+    atEnd: Effect.suspend(() => writing(connection.atEnd)),
+    readSome: (max) =>
+      Effect.suspend(() =>
+        heard ? connection.readSome(max) : connection.readSome(max).pipe(
+          Effect.tap((chunk) => {
+            if (chunk.length > 0) heard = true
+          }),
+          Effect.mapError(explain)
+        )
+      ),
+    end: Effect.suspend(() => writing(connection.end))
+  }
+}
+
+/** Wraps a TLS socket as a scoped connection: destroyed at once on failure, `end` sends close_notify. */
+export const secured = (socket: NodeTls.TLSSocket, peer: string) =>
+  Effect.acquireRelease(Effect.succeed(socket), Transport.destroy).pipe(
+    // once secure, Node only emits a TLS error (a fatal alert, say) and leaves the socket open, where further
+    // writes never complete: destroy it, as a plain socket is on error
+    Effect.tap(() => Effect.sync(() => socket.on("error", () => socket.destroy()))),
+    Effect.zipRight(Transport.fromStream(socket, peer))
+  )
+

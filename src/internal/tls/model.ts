@@ -1,0 +1,56 @@
+/**
+ * TLS's model: its error, loaded credentials and the settings every handshake uses (re-exported by `Tls`).
+ *
+ * @internal
+ */
+import * as Data from "effect/Data"
+import type * as Duration from "effect/Duration"
+import type * as Crypto from "node:crypto"
+import type * as NodeTls from "node:tls"
+
+/** A TLS failure: bad configuration, a failed or stalled handshake, or a peer that is not authorized. */
+export class TlsError extends Data.TaggedError("TlsError")<{
+  readonly reason: "Config" | "Handshake" | "Timeout" | "Unauthorized"
+  readonly detail: string
+  readonly cause?: unknown
+}> {
+  override get message(): string {
+    return this.reason === "Config" ? `TLS configuration: ${this.detail}` : `TLS ${this.detail}`
+  }
+}
+
+/** Loaded credentials, ready for handshakes. */
+export type Credentials =
+  | {
+    readonly _tag: "Psk"
+    /** Every identity and key of the keys file. */
+    readonly keys: ReadonlyMap<string, Buffer>
+    /** The identity the source presents. */
+    readonly identity: string
+    /** The keys file, for messages. */
+    readonly file: string
+  }
+  | {
+    readonly _tag: "X509"
+    readonly ca: string | undefined
+    readonly cert: string | undefined
+    readonly key: string | undefined
+  }
+
+/** Everything a handshake needs. */
+export interface Settings {
+  readonly credentials: Credentials
+  /** Built once from the credentials (checked at load): every handshake, on either side, reuses it. */
+  readonly secureContext: NodeTls.SecureContext
+  /** The same, limited to TLS 1.2: for peers that never read (`ServerOptions.writeOnlyPeers`). */
+  readonly writeOnlyContext: NodeTls.SecureContext
+  /** This side's certificate (x509 with a certificate), for messages. */
+  readonly ownCertificate?: Crypto.X509Certificate | undefined
+  readonly hostname: string | undefined
+  readonly verifyPeer: boolean
+  readonly authz: ReadonlyArray<string> | undefined
+  readonly handshakeTimeout: Duration.Duration
+}
+
+/** A `Config` error with `detail`. */
+export const configError = (detail: string, cause?: unknown) => new TlsError({ reason: "Config", detail, cause })

@@ -1,0 +1,131 @@
+/**
+ * Judging a peer's certificate and explaining a failed handshake in one line: OpenSSL's verification verdict
+ * (chain, validity, purpose), the keyUsage it does not check, authorization of verified names only.
+ *
+ * @internal
+ */
+import * as Crypto from "node:crypto"
+import type * as NodeTls from "node:tls"
+import * as KeyUsage from "../native/keyUsage.js"
+import { nameOf } from "./credentials.js"
+import type { Credentials, Settings } from "./model.js"
+
+/**
+ * The peer's certificate as an `X509Certificate`. Read through `getPeerCertificate`: on Node 20, a call to
+ * `getPeerX509Certificate` first leaves the chain that `getPeerCertificate(true)` (Node's host name check)
+ * returns empty.
+ */
+export const peerCertificateOf = (socket: NodeTls.TLSSocket): Crypto.X509Certificate | undefined => {
+  const raw = socket.getPeerCertificate(true)?.raw
+  return raw === undefined ? undefined : new Crypto.X509Certificate(raw)
+}
+
+/** " CN=..." of this side's certificate, or nothing. */
+export const ownName = (settings: Settings): string => settings.ownCertificate ? ` ${nameOf(settings.ownCertificate)}` : ""
+
+export const describe = (error: unknown): string => {
+  const e = error as (Error & { code?: string; reason?: string }) | undefined
+  const text = e?.reason ?? e?.message ?? String(error)
+  // OpenSSL's long form: "8050...:error:0A000410:SSL routines:fn:reason:../deps/...:line:"
+  return text.replace(/^[0-9A-F]+:error:[0-9A-F]+:SSL routines:[^:]*:/, "").replace(/:\.\.\/deps\/.*$/s, "").trim()
+}
+
+/** Adds what an alert most likely means when keys or certificates do not match. */
+export const hint = (credentials: Credentials, text: string): string =>
+  credentials._tag === "Psk" && /illegal parameter|binder|decrypt|bad record mac/.test(text)
+    ? `${text} (do both sides use the same pre-shared key for this identity?)`
+    : /certificate required/.test(text)
+    ? `${text} (the destination requires a client certificate)`
+    : text
+
+export const EKU_NAMES: Record<string, string> = {
+  "1.3.6.1.5.5.7.3.1": "serverAuth",
+  "1.3.6.1.5.5.7.3.2": "clientAuth"
+}
+
+/**
+ * Why OpenSSL's verification of a peer's certificate failed, after "certificate CN=x ": its chain to the CA
+ * file (trust), its validity period, its purpose (extendedKeyUsage / keyUsage for `role` authentication).
+ */
+export const verifyProblem = (
+  error: { readonly code?: string | undefined; readonly message: string },
+  certificate: Crypto.X509Certificate | undefined,
+  role: "client" | "server"
+): string => {
+  switch (error.code) {
+    case "CERT_HAS_EXPIRED":
+      return `has expired${certificate ? ` (valid until ${certificate.validTo})` : ""}`
+    case "CERT_NOT_YET_VALID":
+      return `is not valid yet${certificate ? ` (valid from ${certificate.validFrom})` : ""}`
+    case "INVALID_PURPOSE": {
+      const usage = certificate?.keyUsage?.map((oid) => EKU_NAMES[oid] ?? oid).join(", ")
+      return `is not for ${role} authentication${usage ? ` (extendedKeyUsage ${usage})` : ""}`
+    }
+    case "DEPTH_ZERO_SELF_SIGNED_CERT":
+      return "is not trusted: self-signed certificate"
+    case "UNABLE_TO_VERIFY_LEAF_SIGNATURE":
+    case "UNABLE_TO_GET_ISSUER_CERT_LOCALLY":
+    case "UNABLE_TO_GET_ISSUER_CERT":
+    case "SELF_SIGNED_CERT_IN_CHAIN":
+      return `is not trusted: ${certificate ? `issued by ${nameOf(certificate, "issuer")}, ` : ""}not by a trusted CA`
+    default:
+      return `is not trusted: ${error.message}`
+  }
+}
+
+/**
+ * OpenSSL's verdict on the client certificate of a server-side socket: `null` when its chain verified (to
+ * the CA file, within its validity period, for client authentication), else the verification error. A
+ * standalone server `TLSSocket` neither enforces `rejectUnauthorized` nor sets `authorized` (only sockets a
+ * `tls.Server` accepts get that), so this asks the handle as `tls.Server` does. Fails closed.
+ */
+export const clientVerdict = (socket: NodeTls.TLSSocket): { readonly code?: string; readonly message: string } | null => {
+  const handle = (socket as unknown as { _handle?: { verifyError?: () => Error & { code?: string } | null } })._handle
+  if (typeof handle?.verifyError !== "function") {
+    return { message: "this Node.js does not report the result of the certificate's verification" }
+  }
+  return handle.verifyError() ?? null
+}
+
+/**
+ * Why the destination refuses a client certificate (what QEMU's verify-peer checks, then `authz`), or
+ * `undefined` to admit it. Authorization applies to verified certificates only.
+ */
+export const clientRefusal = (socket: NodeTls.TLSSocket, authz: ReadonlyArray<string> | undefined): string | undefined => {
+  const certificate = peerCertificateOf(socket)
+  if (certificate === undefined) return "the client sent no certificate"
+  const name = nameOf(certificate)
+  const verdict = clientVerdict(socket)
+  if (verdict !== null) return `client certificate ${name} ${verifyProblem(verdict, certificate, "client")}`
+  // OpenSSL's purpose check admits keyAgreement alone; a TLS client certificate must sign (CertificateVerify)
+  let usage: number | undefined
+  try {
+    usage = KeyUsage.keyUsageOf(certificate.raw)
+  } catch {
+    return `client certificate ${name} is not trusted: its keyUsage extension cannot be read`
+  }
+  if (usage !== undefined && (usage & KeyUsage.DIGITAL_SIGNATURE) === 0) {
+    return `client certificate ${name} is not for client authentication (its keyUsage lacks digitalSignature)`
+  }
+  if (authz === undefined) return undefined
+  const cn = certificate.subject.split("\n").find((line) => line.startsWith("CN="))?.slice(3)
+  return cn !== undefined && authz.includes(cn)
+    ? undefined
+    : `client certificate ${name} is not in the authorization list`
+}
+
+/** The codes of OpenSSL's certificate verification errors (X509_V_ERR_*, as Node names them). */
+export const VERIFY_CODE = /^(?:UNABLE_TO_|CERT_|CRL_|ERROR_IN_|DEPTH_ZERO_|SELF_SIGNED_|INVALID_CA$|INVALID_PURPOSE$|PATH_LENGTH_)/
+
+/** What the source reports when its handshake fails: a certificate that does not verify says why. */
+export const explainServerError = (creds: Credentials, certificate: () => Crypto.X509Certificate | undefined) =>
+(error: unknown): string => {
+  const e = error as Error & { code?: string }
+  const code = e?.code
+  if (creds._tag === "X509" && code !== undefined && VERIFY_CODE.test(code)) {
+    const peer = certificate()
+    return `the destination's certificate${peer ? ` ${nameOf(peer)}` : ""} ${verifyProblem(e, peer, "server")}`
+  }
+  return hint(creds, describe(error))
+}
+
