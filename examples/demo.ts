@@ -12,7 +12,7 @@ import * as Crypto from "node:crypto"
 import * as GuestRam from "../src/GuestRam.js"
 import * as Migration from "../src/Migration.js"
 import * as Transport from "../src/Transport.js"
-import { progressBar } from "./progress.js"
+import { progressBar } from "./support/progressBar.js"
 
 const sizeMiB = Number(process.env.DEMO_SIZE_MIB ?? 256)
 const channels = Number(process.env.DEMO_CHANNELS ?? 4)

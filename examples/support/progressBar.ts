@@ -1,9 +1,9 @@
 /**
- * A progress bar on stderr for the examples (a plain line per 25% when stderr is not a terminal).
+ * A progress bar on stderr for the demo (`npm start`), not an example of its own (a plain line per 25% when stderr is not a terminal).
  */
 import * as CliProgress from "cli-progress"
 import * as Effect from "effect/Effect"
-import type * as Migration from "../src/Migration.js"
+import type * as Migration from "../../src/Migration.js"
 
 export const progressBar = (label: string) =>
   Effect.acquireRelease(

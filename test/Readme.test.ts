@@ -1,0 +1,67 @@
+/**
+ * The README works the first time: its library snippet is `examples/library.ts`, and the scripts it tells a
+ * new user to run (`scripts/make-image.mjs`, `scripts/make-credentials.sh`) make an image and credentials that
+ * the command line then migrates with, over x509 with client certificates and over PSK.
+ */
+import * as ChildProcess from "node:child_process"
+import * as Fs from "node:fs"
+import * as Os from "node:os"
+import * as Path from "node:path"
+import { afterAll, afterEach, beforeAll, describe, expect, it } from "vitest"
+import { killChildren, ROOT, run, startRecv } from "./support/cli.js"
+
+let dir: string
+
+beforeAll(() => {
+  dir = Fs.mkdtempSync(Path.join(Os.tmpdir(), "multifd-readme-"))
+})
+
+afterEach(killChildren)
+
+afterAll(() => {
+  Fs.rmSync(dir, { recursive: true, force: true })
+})
+
+const readme = () => Fs.readFileSync(Path.join(ROOT, "README.md"), "utf8")
+
+describe("README", () => {
+  it("its library snippet is exactly examples/library.ts", () => {
+    const text = readme()
+    const section = text.slice(text.indexOf("\n## Library"))
+    const snippet = /```ts\n([\s\S]*?)```/.exec(section)
+    expect(snippet).not.toBeNull()
+    expect(snippet![1]).toBe(Fs.readFileSync(Path.join(ROOT, "examples", "library.ts"), "utf8"))
+  })
+
+  it("scripts/make-image.mjs and scripts/make-credentials.sh make what the README's commands migrate", async () => {
+    const image = Path.join(dir, "guest.img")
+    const credentials = Path.join(dir, "credentials")
+    ChildProcess.execFileSync(process.execPath, [Path.join(ROOT, "scripts", "make-image.mjs"), image, "8M"], { stdio: "pipe" })
+    expect(Fs.statSync(image).size).toBe(8 * 1024 * 1024)
+    ChildProcess.execFileSync("bash", [Path.join(ROOT, "scripts", "make-credentials.sh"), credentials], { stdio: "pipe" })
+    const file = (name: string) => Path.join(credentials, name)
+
+    // x509: the destination admits only CN=alice, whose certificate make-credentials.sh issued
+    const x509Out = Path.join(dir, "x509.img")
+    const recv = await startRecv([
+      "tcp:localhost:0", "--out", x509Out, "--tls-cert", file("server-cert.pem"), "--tls-key", file("server-key.pem"),
+      "--tls-ca", file("ca-cert.pem"), "--tls-authz", "alice"
+    ])
+    const send = await run([
+      "send", recv.uri, "--in", image, "--channels", "4", "--tls-ca", file("ca-cert.pem"),
+      "--tls-cert", file("client-cert.pem"), "--tls-key", file("client-key.pem")
+    ])
+    const received = await recv.finished
+    expect({ send: send.code, recv: received.code, stderr: send.stderr + received.stderr }).toMatchObject({ send: 0, recv: 0 })
+    expect(Fs.readFileSync(x509Out).equals(Fs.readFileSync(image))).toBe(true)
+
+    // PSK, with the JSON statistics a script reads
+    const pskOut = Path.join(dir, "psk.img")
+    const pskRecv = await startRecv(["tcp:127.0.0.1:0", "--out", pskOut, "--tls-psk", file("keys.psk")])
+    const pskSend = await run(["send", pskRecv.uri, "--in", image, "--tls-psk", file("keys.psk"), "--json"])
+    expect((await pskRecv.finished).code).toBe(0)
+    expect(pskSend.code).toBe(0)
+    expect(JSON.parse(pskSend.stdout)).toMatchObject({ role: "send", ramBytes: 8 * 1024 * 1024 })
+    expect(Fs.readFileSync(pskOut).equals(Fs.readFileSync(image))).toBe(true)
+  })
+})
