@@ -1,0 +1,30 @@
+/**
+ * examples/live.ts (issue 14: a live migration from the command line): a workload writes its memory while the
+ * library migrates it; the example reports rounds, the dirty rate and the downtime, as JSON with --json.
+ */
+import * as ChildProcess from "node:child_process"
+import * as Path from "node:path"
+import { describe, expect, it } from "vitest"
+
+const ROOT = Path.resolve(import.meta.dirname, "..")
+
+describe("npx tsx examples/live.ts", () => {
+  it("migrates memory that a workload keeps writing: more than one round, the downtime, the dirty rate, verified", () => {
+    const ran = ChildProcess.spawnSync(
+      process.execPath,
+      ["--import", "tsx", "examples/live.ts", "--size", "16M", "--rate", "64M", "--channels", "2", "--json"],
+      { cwd: ROOT, encoding: "utf8", timeout: 60_000 }
+    )
+    expect({ code: ran.status, stderr: ran.stderr }).toEqual({ code: 0, stderr: "" })
+    const result = JSON.parse(ran.stdout) as Record<string, unknown>
+    expect(result).toMatchObject({ ramBytes: 16 * 1024 * 1024, channels: 2, verified: true })
+    // round 0 sends every page; the pages written meanwhile go in later rounds (the last with writers paused)
+    expect(result["rounds"]).toBeGreaterThanOrEqual(2)
+    const pagesPerRound = result["pagesPerRound"] as Array<number>
+    expect(pagesPerRound[0]).toBe(4096)
+    expect(pagesPerRound.slice(1).reduce((a, b) => a + b, 0)).toBeGreaterThan(0)
+    expect(result["pagesWritten"]).toBeGreaterThan(0)
+    expect(result["dirtyRateBytesPerSecond"]).toBeGreaterThan(0)
+    expect(result["downtimeMs"]).toBeGreaterThanOrEqual(0)
+  })
+})
