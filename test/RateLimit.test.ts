@@ -1,0 +1,65 @@
+/**
+ * internal/native/rateLimit: one bandwidth limit shared by every channel, whatever thread it runs on. The waits
+ * it asks for are checked as numbers (no sleeping): each reservation starts where the one before ended.
+ */
+import { describe, expect, it } from "vitest"
+import * as WorkerThreads from "node:worker_threads"
+import { RateLimit } from "../src/internal/native/rateLimit.js"
+
+const MB = 1_000_000
+
+describe("RateLimit", () => {
+  it("no limit: every reservation may go at once", () => {
+    const limit = RateLimit.make(0)
+    for (let i = 0; i < 10; i++) expect(limit.reserve(64 * MB)).toBe(0)
+  })
+
+  it("reservations queue up at the rate: 100 KB at 1 MB/s ends 100 ms after the one before", () => {
+    const limit = RateLimit.make(1 * MB, 0)
+    const waits = Array.from({ length: 5 }, () => limit.reserve(100_000))
+    waits.forEach((wait, i) => expect(wait).toBeCloseTo((i + 1) * 100, -1)) // within ±5 ms of 100, 200, ...
+  })
+
+  it("after an idle moment a burst goes at once, and no more than the burst", () => {
+    const limit = RateLimit.make(1 * MB, 300_000)
+    // the link has been idle since it was made: 300 KB may go at once, the next waits its turn
+    expect(limit.reserve(100_000)).toBe(0)
+    expect(limit.reserve(100_000)).toBe(0)
+    expect(limit.reserve(100_000)).toBeLessThan(1)
+    expect(limit.reserve(100_000)).toBeCloseTo(100, -1)
+  })
+
+  it("a new rate applies to the next reservation", () => {
+    const limit = RateLimit.make(1 * MB, 0)
+    expect(limit.reserve(1 * MB)).toBeCloseTo(1000, -1) // the link is busy for the next second
+    limit.set(10 * MB)
+    // queued behind the first megabyte (1 s), then 1 MB at 10 MB/s: 100 ms
+    expect(limit.reserve(1 * MB)).toBeCloseTo(1100, -1)
+    expect(limit.reserve(1 * MB)).toBeCloseTo(1200, -1)
+    expect(() => limit.set(-1)).toThrow(RangeError)
+  })
+
+  it("threads share it: reservations from another thread queue behind this thread's", async () => {
+    const limit = RateLimit.make(1 * MB, 0)
+    const t0 = process.hrtime.bigint()
+    expect(limit.reserve(500_000)).toBeCloseTo(500, -1)
+    const worker = new WorkerThreads.Worker(
+      `const { parentPort, workerData } = require("node:worker_threads")
+       const state = new BigInt64Array(workerData)
+       // the same arithmetic as RateLimit.reserve, on the shared state (a plain CommonJS worker cannot import TS)
+       const rate = Atomics.load(state, 1), cost = BigInt(Math.ceil(500000 * 1e9 / Number(rate)))
+       const t = process.hrtime.bigint(), next = Atomics.load(state, 0)
+       const start = next < t ? t : next
+       Atomics.store(state, 0, start + cost)
+       parentPort.postMessage(Number(start + cost - t) / 1e6)`,
+      { eval: true, workerData: limit.buffer }
+    )
+    const theirs = await new Promise<number>((resolve) => worker.once("message", resolve))
+    await worker.terminate()
+    expect(theirs).toBeGreaterThan(0) // its slot ends 1000 ms after t0, behind this thread's 500 KB
+    // behind both: its 100 KB end 1100 ms after t0
+    const wait = limit.reserve(100_000)
+    const since = Number(process.hrtime.bigint() - t0) / 1e6
+    expect(wait).toBeCloseTo(1100 - since, -1)
+  })
+})
