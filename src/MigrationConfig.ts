@@ -189,6 +189,57 @@ const defined = <A extends object>(a: A): { [K in keyof A]?: Exclude<A[K], undef
   Object.fromEntries(Object.entries(a).filter(([, v]) => v !== undefined)) as { [K in keyof A]?: Exclude<A[K], undefined> }
 
 /**
+ * `MULTIFD_TIMEOUT` (the peer timeout), `MULTIFD_CONNECT_TIMEOUT`, `MULTIFD_HANDSHAKE_TIMEOUT`: those set.
+ *
+ * @since 0.1.0
+ * @category config
+ */
+export const timeouts: Config.Config<Partial<Transfer.Timeouts>> = Config.map(
+  Config.all({
+    peer: optional(duration("TIMEOUT")),
+    connect: optional(duration("CONNECT_TIMEOUT")),
+    handshake: optional(duration("HANDSHAKE_TIMEOUT"))
+  }),
+  defined
+)
+
+/**
+ * `MULTIFD_DOWNTIME_LIMIT`, `MULTIFD_MAX_ROUNDS`, `MULTIFD_MAX_DURATION`, `MULTIFD_ON_NO_CONVERGENCE`: the live
+ * policy, those set.
+ *
+ * @since 0.1.0
+ * @category config
+ */
+export const live: Config.Config<Transfer.LiveOptions> = Config.map(
+  Config.all({
+    downtimeLimit: optional(duration("DOWNTIME_LIMIT")),
+    maxRounds: optional(Config.nested(
+      Field.field("MAX_ROUNDS", checked((n) => n >= 1 ? undefined : `must be at least 1, not ${n}`)),
+      "MULTIFD"
+    )),
+    maxDuration: optional(duration("MAX_DURATION")),
+    onNoConvergence: optional(Config.nested(Field.field("ON_NO_CONVERGENCE", Field.oneOf(["fail", "switchover"] as const)), "MULTIFD"))
+  }),
+  defined
+)
+
+/**
+ * `MULTIFD_MAX_RAM`: the largest memory a source may make a destination allocate (bytes, or `512M`, `16G`).
+ *
+ * @since 0.1.0
+ * @category config
+ */
+export const maxRamBytes: Config.Config<number> = Config.nested(Field.field("MAX_RAM", parseSize), "MULTIFD")
+
+/**
+ * `MULTIFD_ACCEPT_TIMEOUT`: how long a destination waits for a source.
+ *
+ * @since 0.1.0
+ * @category config
+ */
+export const acceptTimeout: Config.Config<Duration.Duration> = duration("ACCEPT_TIMEOUT")
+
+/**
  * Every setting from its variable, each optional; the compression level checked against the method
  * (`Protocol.CompressionLevel`).
  *
@@ -201,39 +252,19 @@ export const config: Config.Config<Settings> = Config.all({
   compression: optional(compression),
   compressionLevel: optional(compressionLevel),
   zeroPage: optional(zeroPage),
-  peer: optional(duration("TIMEOUT")),
-  connect: optional(duration("CONNECT_TIMEOUT")),
-  handshake: optional(duration("HANDSHAKE_TIMEOUT")),
-  downtimeLimit: optional(duration("DOWNTIME_LIMIT")),
-  maxRounds: optional(Config.nested(Field.field("MAX_ROUNDS", checked((n) => n >= 1 ? undefined : `must be at least 1, not ${n}`)), "MULTIFD")),
-  maxDuration: optional(duration("MAX_DURATION")),
-  onNoConvergence: optional(Config.nested(Field.field("ON_NO_CONVERGENCE", Field.oneOf(["fail", "switchover"] as const)), "MULTIFD")),
-  maxRamBytes: optional(Config.nested(Field.field("MAX_RAM", parseSize), "MULTIFD")),
-  acceptTimeout: optional(duration("ACCEPT_TIMEOUT"))
+  timeouts,
+  live,
+  maxRamBytes: optional(maxRamBytes),
+  acceptTimeout: optional(acceptTimeout)
 }).pipe(
-  Config.mapOrFail((raw) => {
-    const method = raw.compression ?? "none"
-    const problem = raw.compressionLevel === undefined ? undefined : Protocol.checkCompressionLevel(method, raw.compressionLevel)
+  Config.mapOrFail((settings) => {
+    const method = settings.compression ?? "none"
+    const level = settings.compressionLevel
+    const problem = level === undefined ? undefined : Protocol.checkCompressionLevel(method, level)
     return problem === undefined
-      ? Either.right(raw)
+      ? Either.right<Settings>(settings)
       : Either.left(Field.invalid(["MULTIFD", "COMPRESSION_LEVEL"], problem))
-  }),
-  Config.map((raw): Settings => ({
-    channels: raw.channels,
-    pageSize: raw.pageSize,
-    compression: raw.compression,
-    compressionLevel: raw.compressionLevel,
-    zeroPage: raw.zeroPage,
-    timeouts: defined({ peer: raw.peer, connect: raw.connect, handshake: raw.handshake }),
-    live: {
-      downtimeLimit: raw.downtimeLimit,
-      maxRounds: raw.maxRounds,
-      maxDuration: raw.maxDuration,
-      onNoConvergence: raw.onNoConvergence
-    },
-    maxRamBytes: raw.maxRamBytes,
-    acceptTimeout: raw.acceptTimeout
-  }))
+  })
 )
 
 /**

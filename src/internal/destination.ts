@@ -139,7 +139,8 @@ const receiveRounds = (
   digest: Effect.Effect<ReadonlyArray<GuestRam.BlockDigest>>,
   peer: Duration.DurationInput,
   describeMissing: Effect.Effect<string>,
-  recorder: Recorder.Recorder
+  recorder: Recorder.Recorder,
+  tracker: Status.Tracker
 ) =>
   Effect.gen(function*() {
     const progress = Effect.map(recv.stats, (s) => s.bytes)
@@ -154,6 +155,8 @@ const receiveRounds = (
       )
       if (message._tag === "Complete") return { rounds, complete: message, speculative }
       if (message._tag !== "Flush") return yield* Conversation.unexpected(message, "during the transfer")
+      // the source's writers are paused for its final round
+      if (message.final) yield* tracker.update({ phase: "switchover" })
       yield* Effect.raceFirst(recv.sync, recv.failure).pipe(
         within(peer, "waiting for every multifd channel to reach the sync point"),
         Effect.catchTag("MigrationError", (e) =>
@@ -353,7 +356,8 @@ export const run = <E>(listener: Transport.Listener, settings: Settings<E>): Eff
         digest,
         timeouts.peer,
         describeMissing,
-        recorder
+        recorder,
+        tracker
       )
       yield* recv.expectEnd
       yield* verify(recv, complete, digest, speculative, tell)
