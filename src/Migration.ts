@@ -13,13 +13,18 @@
  *
  * @since 0.1.0
  */
+import * as Cause from "effect/Cause"
 import * as Effect from "effect/Effect"
 import type * as Duration from "effect/Duration"
 import * as Stream from "effect/Stream"
 import * as GuestRam from "./GuestRam.js"
 import * as Destination from "./internal/destination.js"
+import * as Recorder from "./internal/recorder.js"
 import * as Source from "./internal/source.js"
+import * as Status from "./internal/status.js"
+import * as MigrationConfig from "./MigrationConfig.js"
 import * as MigrationError from "./MigrationError.js"
+import type * as MigrationStatus from "./MigrationStatus.js"
 import type * as MultifdRecv from "./MultifdRecv.js"
 import type * as MultifdSend from "./MultifdSend.js"
 import * as PageCodec from "./PageCodec.js"
@@ -113,6 +118,8 @@ export interface MigrateOptions {
   readonly onProgress?: ((progress: Progress) => Effect.Effect<void>) | undefined
   /** Pre-copy and switch-over policy (for memory written while it migrates). */
   readonly live?: LiveOptions | undefined
+  /** Kept up to date with this migration's status (`MigrationStatus.make`), for anyone to read at any moment. */
+  readonly status?: MigrationStatus.MigrationStatus | undefined
 }
 
 /**
@@ -150,7 +157,8 @@ const checkOptions = (options: MigrateOptions, pageSize: number): string | undef
  */
 const sourceSettings = (
   options: MigrateOptions,
-  ram: GuestRam.GuestRam["Type"]
+  ram: GuestRam.GuestRam["Type"],
+  tracker: Status.Tracker
 ): Effect.Effect<Source.Settings, MigrationError.MigrationError | PageCodec.CodecError> =>
   Effect.gen(function*() {
     const problem = checkOptions(options, ram.pageSize)
@@ -167,7 +175,8 @@ const sourceSettings = (
       timeouts: Transfer.resolveTimeouts(options.timeouts),
       upgrade: options.upgrade,
       onProgress: options.onProgress,
-      live: options.live
+      live: options.live,
+      tracker
     }
   })
 
@@ -179,18 +188,21 @@ const unsupported = (path: string, detail: string) => new Snapshot.SnapshotError
  */
 const saveToFile = (
   path: string,
-  options: MigrateOptions
+  options: MigrateOptions,
+  tracker: Status.Tracker,
+  pageSize: number
 ): Effect.Effect<Snapshot.SaveResult, Snapshot.SnapshotError | MigrationError.MigrationError, GuestRam.GuestRam> =>
-  Effect.suspend(() => {
+  Effect.gen(function*() {
     if ((options.compression ?? "none") !== "none") {
-      return unsupported(path, `compression ${options.compression} does not apply to a file: snapshot`)
+      return yield* unsupported(path, `compression ${options.compression} does not apply to a file: snapshot`)
     }
-    if (options.upgrade !== undefined) return unsupported(path, "TLS does not apply to a file: snapshot")
-    return Snapshot.save(path, {
+    if (options.upgrade !== undefined) return yield* unsupported(path, "TLS does not apply to a file: snapshot")
+    yield* tracker.active
+    return yield* Snapshot.save(path, {
       channels: options.channels,
       zeroPage: options.zeroPage,
       live: options.live,
-      onProgress: options.onProgress,
+      onProgress: tracker.withProgress(options.onProgress, pageSize),
       stallTimeout: options.timeouts?.peer
     })
   })
@@ -206,9 +218,60 @@ const saveToFile = (
 export const migrate = (
   options: MigrateOptions
 ): Effect.Effect<Stats, MigrateError, Transport.Transport | GuestRam.GuestRam> =>
-  // a file: address saves a snapshot instead (Snapshot: parallel writers at fixed offsets)
-  options.address._tag === "File" ? saveToFile(options.address.path, options) :
-  Effect.flatMap(GuestRam.GuestRam, (ram) => Effect.flatMap(sourceSettings(options, ram), Source.run))
+  Effect.gen(function*() {
+    const ram = yield* GuestRam.GuestRam
+    const resolved = yield* MigrationConfig.resolve(options)
+    const address = resolved.address
+    return yield* observed("source", resolved.status, ram.size, (tracker): Effect.Effect<Stats, MigrateError, Transport.Transport | GuestRam.GuestRam> =>
+      // a file: address saves a snapshot instead (Snapshot: parallel writers at fixed offsets)
+      address._tag === "File"
+        ? saveToFile(address.path, resolved, tracker, ram.pageSize)
+        : Effect.flatMap(sourceSettings(resolved, ram, tracker), Source.run)).pipe(
+        Effect.withSpan("multifd.migrate", {
+          attributes: { "multifd.address": Transport.formatAddress(address), "multifd.role": "source" }
+        }),
+        originalErrors
+      )
+  })
+
+/**
+ * The errors as they were failed with: an error failed inside a span reaches the caller as Effect's stand-in
+ * that carries the span (a `Proxy`); the caller gets the error itself (`Cause.originalError`), so that
+ * `incoming` fails with the very error its `store` step failed with.
+ */
+const originalErrors = <A, E, R>(self: Effect.Effect<A, E, R>): Effect.Effect<A, E, R> =>
+  Effect.mapErrorCause(self, (cause) => Cause.map(cause, Cause.originalError))
+
+/**
+ * Runs one side of a migration with its status kept (`MigrationStatus`) and its outcome counted
+ * (`MigrationMetrics`): the status's final values come from the migration's stats.
+ */
+const observed = <A extends Stats, E, R>(
+  side: "source" | "destination",
+  status: MigrationStatus.MigrationStatus | undefined,
+  total: number,
+  body: (tracker: Status.Tracker) => Effect.Effect<A, E, R>
+): Effect.Effect<A, E, R> =>
+  Status.track(status, total, (stats: A) => ({
+    transferred: stats.wireBytes,
+    total: stats.ramBytes,
+    normal: stats.normalPages,
+    duplicate: stats.zeroPages,
+    rounds: stats.rounds,
+    totalTimeMs: stats.durationMs,
+    downtimeMs: stats.downtimeMs,
+    mbps: Status.mbps(stats.wireBytes / Math.max(1, stats.durationMs) * 1000)
+  }), body).pipe(
+    Effect.onExit((exit) =>
+      Recorder.ended(
+        side,
+        exit,
+        exit._tag === "Success"
+          ? { downtimeMs: exit.value.downtimeMs, bandwidth: exit.value.wireBytes / Math.max(1, exit.value.durationMs) * 1000 }
+          : undefined
+      )
+    )
+  )
 
 // ---------------------------------------------------------------------------------------------------------
 // Destination
@@ -247,6 +310,8 @@ export interface IncomingOptions<E = never> {
    * image: ...") and `incoming` fails with its error. Without it, `Done` means "verified in memory".
    */
   readonly store?: ((ram: GuestRam.GuestRam["Type"]) => Effect.Effect<void, E>) | undefined
+  /** Kept up to date with this migration's status (`MigrationStatus.make`), for anyone to read at any moment. */
+  readonly status?: MigrationStatus.MigrationStatus | undefined
 }
 
 /**
@@ -305,24 +370,49 @@ export const incoming = <E = never>(
   listener: Transport.Listener,
   options: IncomingOptions<E> = {}
 ): Effect.Effect<Incoming, IncomingError | E, never> =>
-  Destination.run(listener, {
-    ram: options.ram,
-    maxRamBytes: options.maxRamBytes ?? DEFAULT_MAX_RAM,
-    timeouts: Transfer.resolveTimeouts(options.timeouts),
-    acceptTimeout: options.acceptTimeout,
-    upgrade: options.upgrade,
-    expect: options.expect,
-    onProgress: options.onProgress,
-    store: options.store
-  })
+  Effect.flatMap(MigrationConfig.resolve(options), (options) =>
+    Effect.map(
+      observed("destination", options.status, options.ram?.size ?? 0, (tracker) =>
+        Effect.map(
+          Destination.run(listener, {
+            ram: options.ram,
+            maxRamBytes: options.maxRamBytes ?? DEFAULT_MAX_RAM,
+            timeouts: Transfer.resolveTimeouts(options.timeouts),
+            acceptTimeout: options.acceptTimeout,
+            upgrade: options.upgrade,
+            expect: options.expect,
+            onProgress: options.onProgress,
+            store: options.store,
+            tracker
+          }),
+          (received) => ({ ...received.stats, received })
+        )),
+      ({ received }) => received
+    ).pipe(
+      Effect.withSpan("multifd.incoming", {
+        attributes: { "multifd.address": Transport.formatAddress(listener.address), "multifd.role": "destination" }
+      }),
+      originalErrors
+    ))
 
 /** `listenAndReceive` from a `file:` address: `Snapshot.restore` with the destination's memory options. */
 const restoreFromFile = (path: string, options: IncomingOptions<unknown>): Effect.Effect<Incoming, Snapshot.SnapshotError> =>
   options.upgrade !== undefined
     ? Effect.fail(unsupported(path, "TLS does not apply to a file: snapshot"))
     : Effect.map(
-      Snapshot.restore(path, { ram: options.ram, maxRamBytes: options.maxRamBytes, onProgress: options.onProgress }),
-      ({ ram, stats }) => ({ ram, stats, rejected: [] })
+      observed("destination", options.status, options.ram?.size ?? 0, (tracker) =>
+        Effect.zipRight(
+          tracker.active,
+          Effect.map(
+            Snapshot.restore(path, {
+              ram: options.ram,
+              maxRamBytes: options.maxRamBytes,
+              onProgress: tracker.withProgress(options.onProgress, options.ram?.pageSize ?? 0)
+            }),
+            ({ ram, stats }) => ({ ...stats, received: { ram, stats, rejected: [] } })
+          )
+        )),
+      ({ received }) => received
     )
 
 /**
@@ -338,10 +428,11 @@ export const listenAndReceive = <E = never>(
   options: IncomingOptions<E> & { readonly onListening?: ((address: Transport.Address) => Effect.Effect<void>) | undefined } = {}
 ): Effect.Effect<Incoming, IncomingError | Transport.TransportError | E, Transport.Transport> =>
   address._tag === "File"
-    ? Effect.tap(
-      restoreFromFile(address.path, options),
-      (received) => options.store === undefined ? Effect.void : options.store(received.ram)
-    ) :
+    ? Effect.flatMap(MigrationConfig.resolve(options), (options) =>
+      Effect.tap(
+        restoreFromFile(address.path, options),
+        (received) => options.store === undefined ? Effect.void : options.store(received.ram)
+      )) :
   Effect.scoped(Effect.gen(function*() {
     const transport = yield* Transport.Transport
     const listener = yield* transport.listen(address)

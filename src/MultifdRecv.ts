@@ -92,6 +92,8 @@ export interface Stats {
   readonly zeroPages: number
   /** Bytes read on the multifd channels (headers and payload). */
   readonly bytes: number
+  /** Of `bytes`, those of each channel, by channel id. */
+  readonly channelBytes: ReadonlyArray<number>
 }
 
 /**
@@ -108,6 +110,8 @@ export class MultifdRecv extends Context.Tag("effect-multifd/MultifdRecv")<Multi
    * does not arrive in time.
    */
   readonly adopt: (connection: Transport.Connection, init?: Buffer) => Effect.Effect<void, ChannelFailure>
+  /** Completes once every channel has been adopted. */
+  readonly adopted: Effect.Effect<void, ChannelFailure>
   /** Waits until every channel has reached its next SYNC, then lets them all go on. */
   readonly sync: Effect.Effect<void, ChannelFailure>
   /** From now on, a channel that ends at a packet boundary has finished instead of failed. */
@@ -194,7 +198,7 @@ export const make = (config: Config): Effect.Effect<MultifdRecv["Type"], never, 
     const allAdopted = yield* Deferred.make<void>()
     // counters, updated in synchronous steps (one thread): no Ref round trip per packet
     let writesBegun = 0
-    const counters: { -readonly [K in keyof Stats]: Stats[K] } = {
+    const counters: { -readonly [K in Exclude<keyof Stats, "channelBytes">]: Stats[K] } = {
       channels: 0,
       packets: 0,
       syncs: 0,
@@ -202,6 +206,7 @@ export const make = (config: Config): Effect.Effect<MultifdRecv["Type"], never, 
       zeroPages: 0,
       bytes: 0
     }
+    const channelBytes = new Array<number>(channels).fill(0)
     const fibers = yield* FiberSet.make<void, ChannelFailure>()
     const failure = Effect.zipRight(FiberSet.join(fibers), Effect.never)
     const guarded = <A, E>(effect: Effect.Effect<A, E>) => Effect.raceFirst(effect, failure)
@@ -224,6 +229,7 @@ export const make = (config: Config): Effect.Effect<MultifdRecv["Type"], never, 
       counters.normalPages += normal
       counters.zeroPages += zero
       counters.bytes += hsize + payload
+      channelBytes[state.id]! += hsize + payload
     }
 
     /** A SYNC packet arrived: waits at the barrier until every channel has one. */
@@ -232,8 +238,10 @@ export const make = (config: Config): Effect.Effect<MultifdRecv["Type"], never, 
         counters.packets++
         counters.syncs++
         counters.bytes += hsize
+        channelBytes[state.id]! += hsize
         state.consumed += hsize
         state.atSync = true
+        yield* Effect.logDebug(`channel ${state.id}: sync packet received`)
         const go = yield* Deferred.make<void>()
         yield* Queue.offer(arrivals, go)
         yield* Deferred.await(go)
@@ -333,7 +341,7 @@ export const make = (config: Config): Effect.Effect<MultifdRecv["Type"], never, 
         const offsets = new Float64Array(slots)
         const limits: Protocol.HeaderLimits = { channel: id, pageSize, compression, blockSize }
         const channelEnded = Effect.gen(function*() {
-          if (yield* Deferred.isDone(ending)) return
+          if (yield* Deferred.isDone(ending)) return yield* Effect.logDebug(`channel ${id}: closed`)
           return yield* new MigrationError.MigrationError({
             reason: "ChannelClosed",
             detail: `multifd channel ${id}: the source closed the channel before the migration completed`
@@ -402,15 +410,22 @@ export const make = (config: Config): Effect.Effect<MultifdRecv["Type"], never, 
 
     const adopt = (connection: Transport.Connection, init?: Buffer) =>
       Effect.gen(function*() {
-        const id = yield* checkInit(
-          init ?? (yield* connection.read(Protocol.INIT_PACKET_SIZE).pipe(
-            Effect.timeoutFail({
-              duration: handshakeTimeout,
-              onTimeout: () =>
-                MigrationError.timeout(`waiting for the multifd init packet of ${connection.peer}`, handshakeTimeout)
-            })
-          ))
-        )
+        const id = yield* Effect.gen(function*() {
+          const id = yield* checkInit(
+            init ?? (yield* connection.read(Protocol.INIT_PACKET_SIZE).pipe(
+              Effect.timeoutFail({
+                duration: handshakeTimeout,
+                onTimeout: () =>
+                  MigrationError.timeout(`waiting for the multifd init packet of ${connection.peer}`, handshakeTimeout)
+              })
+            ))
+          )
+          yield* Effect.annotateCurrentSpan("multifd.channel", id)
+          yield* Effect.logDebug(`channel ${id}: init packet received from ${connection.peer}`).pipe(
+            Effect.annotateLogs("channel", id)
+          )
+          return id
+        }).pipe(Effect.withSpan("multifd.channel.init", { attributes: { "multifd.peer": connection.peer } }))
         const codec = yield* PageCodec.decoder(compression, id)
         if (++counters.channels === channels) yield* Deferred.succeed(allAdopted, undefined)
         const state: ChannelState = { id, connection, consumed: Protocol.INIT_PACKET_SIZE, atSync: false }
@@ -421,7 +436,7 @@ export const make = (config: Config): Effect.Effect<MultifdRecv["Type"], never, 
           fibers,
           Effect.acquireUseRelease(
             Effect.sync(() => states.add(state)),
-            () => work.pipe(Effect.mapError(MigrationError.onChannel(id))),
+            () => work.pipe(Effect.mapError(MigrationError.onChannel(id)), Effect.annotateLogs("channel", id)),
             () => Effect.sync(() => states.delete(state))
           )
         )
@@ -430,14 +445,15 @@ export const make = (config: Config): Effect.Effect<MultifdRecv["Type"], never, 
 
     return {
       adopt,
+      adopted: guarded(Deferred.await(allAdopted)),
       sync: guarded(Effect.gen(function*() {
         const waiting = yield* Effect.replicateEffect(Queue.take(arrivals), channels)
         yield* Effect.forEach(waiting, (go) => Deferred.succeed(go, undefined), { discard: true })
-      })),
+      })).pipe(Effect.withSpan("multifd.sync")),
       expectEnd: Deferred.succeed(ending, undefined),
       finished: guarded(Effect.zipRight(Deferred.await(allAdopted), FiberSet.awaitEmpty(fibers))),
       failure,
-      stats: Effect.sync(() => ({ ...counters })),
+      stats: Effect.sync(() => ({ ...counters, channelBytes: [...channelBytes] })),
       writesBegun: Effect.sync(() => writesBegun),
       uuid: Ref.get(uuid),
       unfinished: Effect.sync(() =>

@@ -78,6 +78,8 @@ export interface Stats {
   readonly sentBytes: number
   /** Pages (normal and zero) of the packets the sockets accepted entirely. */
   readonly sentPages: number
+  /** Of `bytes`, those of each channel, by channel id. */
+  readonly channelBytes: ReadonlyArray<number>
 }
 
 const emptyStats = { packets: 0, syncs: 0, normalPages: 0, zeroPages: 0, bytes: 0 }
@@ -210,6 +212,7 @@ export const make = (
     // counters, updated in synchronous steps (one thread): no Ref round trip per packet
     let packetNum = 0n
     const counters = { ...emptyStats }
+    const channelBytes = new Array<number>(channels).fill(0)
     // every channel's socket, for the bytes and pages really sent
     const accepted: Array<Accepted> = []
     const fibers = yield* FiberSet.make<void, ChannelFailure>()
@@ -256,6 +259,7 @@ export const make = (
             counters.normalPages += normal
             counters.zeroPages += zero
             counters.bytes += headerSize + payloadSize
+            channelBytes[channel.id]! += headerSize + payloadSize
             sent.position += headerSize + payloadSize
             sent.packet(normal + zero)
           })
@@ -282,7 +286,10 @@ export const make = (
         yield* Queue.offer(idle, channel)
         while (true) {
           const job = yield* Queue.take(channel.mailbox)
-          if (job._tag === "Finish") return yield* connection.end
+          if (job._tag === "Finish") {
+            yield* connection.end
+            return yield* Effect.logDebug(`channel ${channel.id}: closed`)
+          }
           if (job._tag === "Sync") {
             // a header per packet: the connection may still hold the previous one (writes do not copy);
             // writeSync / writeHeader set every byte of it
@@ -292,7 +299,9 @@ export const make = (
             counters.packets++
             counters.syncs++
             counters.bytes += headerSize
+            channelBytes[channel.id]! += headerSize
             sent.position += headerSize
+            yield* Effect.logDebug(`channel ${channel.id}: sync packet sent`)
             yield* Deferred.succeed(job.done, undefined)
             continue
           }
@@ -307,18 +316,34 @@ export const make = (
      * (which holds the connection) and joined. The owner's scope closes after its worker has ended, and when
      * the owner is interrupted it interrupts and awaits the worker before the connection closes.
      */
+    const establish = (id: number) =>
+      Effect.gen(function*() {
+        const attributes = { "multifd.channel": id }
+        const raw = yield* transport.connect(config.address, { timeout: config.connectTimeout }).pipe(
+          Effect.withSpan("multifd.channel.connect", { attributes })
+        )
+        yield* Effect.logDebug(`channel ${id}: connected to ${Transport.formatAddress(config.address)}`)
+        const connection = config.upgrade === undefined ? raw : yield* config.upgrade(raw, id).pipe(
+          Effect.withSpan("multifd.channel.handshake", { attributes }),
+          Effect.tap(() => Effect.logDebug(`channel ${id}: TLS handshake done`))
+        )
+        yield* connection.write([Protocol.encodeInit({ uuid: config.uuid, id })]).pipe(
+          Effect.withSpan("multifd.channel.init", { attributes })
+        )
+        yield* Effect.logDebug(`channel ${id}: init packet sent`)
+        return connection
+      }).pipe(Effect.withSpan("multifd.channel.establish", { attributes: { "multifd.channel": id } }))
+
     const owner = (id: number) =>
       Effect.gen(function*() {
-        const raw = yield* transport.connect(config.address, { timeout: config.connectTimeout })
-        const connection = config.upgrade ? yield* config.upgrade(raw, id) : raw
-        yield* connection.write([Protocol.encodeInit({ uuid: config.uuid, id })])
+        const connection = yield* establish(id)
         const codec = yield* PageCodec.encoder(config.compression, config.compressionLevel)
         const channel: Channel = { id, mailbox: yield* Queue.unbounded<Job>() }
         const ready = yield* Ref.updateAndGet(established, (all) => [...all, channel])
         if (ready.length === channels) yield* Deferred.succeed(mailboxes, ready)
         const work = yield* Effect.forkScoped(worker(channel, connection, codec))
         yield* Fiber.join(work)
-      }).pipe(Effect.mapError(nameChannel(id)), Effect.scoped)
+      }).pipe(Effect.mapError(nameChannel(id)), Effect.scoped, Effect.annotateLogs("channel", id))
 
     for (let id = 0; id < channels; id++) yield* FiberSet.run(fibers, owner(id))
 
@@ -342,12 +367,12 @@ export const make = (
         const done = yield* Effect.forEach(chans, (channel) =>
           Effect.tap(Deferred.make<void>(), (done) => Queue.offer(channel.mailbox, { _tag: "Sync", done })))
         yield* guarded(Effect.forEach(done, Deferred.await, { discard: true }))
-      }),
+      }).pipe(Effect.withSpan("multifd.sync")),
       finish: Effect.gen(function*() {
         const chans = yield* all
         yield* Effect.forEach(chans, (channel) => Queue.offer(channel.mailbox, { _tag: "Finish" }), { discard: true })
         yield* guarded(FiberSet.awaitEmpty(fibers))
-      }),
+      }).pipe(Effect.withSpan("multifd.finish")),
       established: Effect.asVoid(all),
       failure,
       stats: Effect.sync(() => {
@@ -358,16 +383,19 @@ export const make = (
           sentBytes += channel.bytes
           sentPages += channel.pages
         }
-        return { ...counters, sentBytes, sentPages }
+        return { ...counters, sentBytes, sentPages, channelBytes: [...channelBytes] }
       })
     }
   })
 
-/** Names the channel an error came from (codec errors carry it themselves). */
+/**
+ * Names the channel an error came from (codec errors carry it themselves). The error wrapped is the one that was
+ * failed with, not Effect's stand-in that carries the span it failed in.
+ */
 const nameChannel = (id: number) => (error: ChannelFailure): ChannelFailure =>
   error._tag === "CodecError" && error.channel === undefined
     ? new PageCodec.CodecError({ ...error, channel: id })
-    : MigrationError.onChannel(id)(error)
+    : MigrationError.onChannel(id)(Cause.originalError(error))
 
 /**
  * A layer with the source's channel set, established in the layer's scope.

@@ -20,11 +20,11 @@ import * as Duration from "effect/Duration"
 import * as Effect from "effect/Effect"
 import * as Either from "effect/Either"
 import * as Layer from "effect/Layer"
-import * as Option from "effect/Option"
 import * as ParseResult from "effect/ParseResult"
 import * as Schema from "effect/Schema"
 import * as Crypto from "node:crypto"
 import * as NodeTls from "node:tls"
+import * as Field from "./internal/configField.js"
 import { certificatesOf, nameOf, privateKeyOf, PSK_CIPHERS, readText, secureContextOf } from "./internal/tls/credentials.js"
 import { explainingEarlyClose, handshake, secured } from "./internal/tls/handshake.js"
 import { configError, type Credentials, type Settings, TlsError } from "./internal/tls/model.js"
@@ -379,11 +379,13 @@ export const make = (config: TlsConfig): Effect.Effect<Tls["Type"], TlsError> =>
  */
 export const layer = (config: TlsConfig): Layer.Layer<Tls, TlsError> => Layer.effect(Tls, make(config))
 
-const optional = <A>(config: Config.Config<A>) => Config.map(Config.option(config), Option.getOrUndefined)
+const optional = Field.optional
 
 /**
  * The config from the environment: `MULTIFD_TLS_PSK`, `_IDENTITY`, `_CA`, `_CERT`, `_KEY`, `_HOSTNAME`,
- * `_VERIFY_PEER`, `_AUTHZ` (comma-separated) and `_HANDSHAKE_TIMEOUT_MS`, validated by `TlsConfig`.
+ * `_VERIFY_PEER`, `_AUTHZ` (comma-separated) and `_HANDSHAKE_TIMEOUT_MS`, validated by `TlsConfig`. A bad value
+ * is an `InvalidData` error at its variable with a one-line message (`MULTIFD_TLS_VERIFY_PEER: "maybe" is not
+ * true or false`).
  *
  * @since 0.1.0
  * @category config
@@ -395,26 +397,36 @@ export const config: Config.Config<TlsConfig> = Config.all({
   cert: optional(Config.string("CERT")),
   key: optional(Config.string("KEY")),
   hostname: optional(Config.string("HOSTNAME")),
-  verifyPeer: optional(Config.boolean("VERIFY_PEER")),
+  verifyPeer: optional(Field.field("VERIFY_PEER", Field.boolean)),
   authz: optional(Config.array(Config.string(), "AUTHZ")),
-  handshakeTimeoutMs: optional(Config.number("HANDSHAKE_TIMEOUT_MS"))
+  handshakeTimeoutMs: optional(Field.field("HANDSHAKE_TIMEOUT_MS", (text) => {
+    const ms = Number(text)
+    return text.length > 0 && Number.isFinite(ms) && ms > 0
+      ? Either.right(ms)
+      : Either.left(`must be a positive number of milliseconds, not ${JSON.stringify(text)}`)
+  }))
 }).pipe(
   Config.nested("MULTIFD_TLS"),
   Config.mapOrFail((raw) =>
     Either.mapLeft(
       Schema.decodeUnknownEither(TlsConfig)(raw),
-      (e) => ConfigError.InvalidData(["MULTIFD_TLS"], ParseResult.TreeFormatter.formatErrorSync(e))
+      (e) => {
+        // every field is checked above: this names the first field the schema refuses, in one line
+        const [first] = ParseResult.ArrayFormatter.formatErrorSync(e)
+        return ConfigError.InvalidData(["MULTIFD_TLS", ...(first?.path ?? []).map(String)], first?.message ?? "invalid")
+      }
     )
   )
 )
 
 /**
- * A layer from the environment (see `config`).
- *
+ * A layer from the environment (see `config`). A bad variable is a `TlsError` of reason `Config` naming it in one
+ * line (`TLS configuration: MULTIFD_TLS_HANDSHAKE_TIMEOUT_MS: must be a positive number of milliseconds, not "-5"`).
+  *
  * @since 0.1.0
  * @category layers
  */
-export const layerConfig: Layer.Layer<Tls, TlsError | ConfigError.ConfigError> = Layer.effect(
+export const layerConfig: Layer.Layer<Tls, TlsError> = Layer.effect(
   Tls,
-  Effect.flatMap(config, make)
+  Effect.flatMap(Effect.mapError(config, (error) => configError(Field.describe(error), error)), make)
 )

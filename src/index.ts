@@ -16,8 +16,14 @@ export * as Control from "./Control.js"
 export * as GuestRam from "./GuestRam.js"
 /** `migrate` (source) and `incoming` (destination): hello, rounds, flush, completion, verification. @since 0.1.0 */
 export * as Migration from "./Migration.js"
+/** Migration settings from Effect's `Config` (`MULTIFD_CHANNELS`, ...), used where options leave them out. @since 0.1.0 */
+export * as MigrationConfig from "./MigrationConfig.js"
 /** Errors of a migration as a whole, and which channel a failure came from. @since 0.1.0 */
 export * as MigrationError from "./MigrationError.js"
+/** The metrics a migration updates (Effect `Metric`s): bytes per channel, pages, packets, rounds, downtime. @since 0.1.0 */
+export * as MigrationMetrics from "./MigrationMetrics.js"
+/** A migration's status at any moment, as QEMU's `query-migrate`. @since 0.1.0 */
+export * as MigrationStatus from "./MigrationStatus.js"
 /** The destination's channel set. @since 0.1.0 */
 export * as MultifdRecv from "./MultifdRecv.js"
 /** The source's channel set. @since 0.1.0 */

@@ -989,17 +989,27 @@ describe("configuration", () => {
       expect(Duration.toMillis(x509.settings.handshakeTimeout)).toBe(Duration.toMillis(Tls.DEFAULT_HANDSHAKE_TIMEOUT))
     })))
 
-  it.live("layerConfig validates: VERIFY_PEER=maybe and a negative timeout are ConfigErrors, psk+ca a TlsError", () =>
+  it.live("layerConfig validates: a bad MULTIFD_TLS_* is one line naming the variable, psk+ca a TlsError", () =>
     leakFree(Effect.gen(function*() {
       const build = (env: Record<string, string>) => Effect.flip(Effect.provide(Tls.Tls, Tls.layerConfig).pipe(fromEnv(env)))
+      const oneLine = (error: Tls.TlsError, text: string) => {
+        expect(error).toBeInstanceOf(Tls.TlsError)
+        expect(error.reason).toBe("Config")
+        expect(error.message).toBe(`TLS configuration: ${text}`)
+      }
 
       const maybe = yield* build({ MULTIFD_TLS_PSK: fixture("keys.psk"), MULTIFD_TLS_VERIFY_PEER: "maybe" })
-      expect(ConfigError.isConfigError(maybe)).toBe(true)
-      expect(String(maybe)).toContain("VERIFY_PEER")
+      oneLine(maybe, `MULTIFD_TLS_VERIFY_PEER: "maybe" is not true or false`)
 
       const negative = yield* build({ MULTIFD_TLS_PSK: fixture("keys.psk"), MULTIFD_TLS_HANDSHAKE_TIMEOUT_MS: "-5" })
-      expect(ConfigError.isConfigError(negative)).toBe(true)
-      expect(String(negative)).toContain("handshakeTimeoutMs")
+      oneLine(negative, `MULTIFD_TLS_HANDSHAKE_TIMEOUT_MS: must be a positive number of milliseconds, not "-5"`)
+      const word = yield* build({ MULTIFD_TLS_PSK: fixture("keys.psk"), MULTIFD_TLS_HANDSHAKE_TIMEOUT_MS: "soon" })
+      oneLine(word, `MULTIFD_TLS_HANDSHAKE_TIMEOUT_MS: must be a positive number of milliseconds, not "soon"`)
+
+      // the Config itself fails with a ConfigError at the variable's path
+      const raw = yield* Effect.flip(Tls.config).pipe(fromEnv({ MULTIFD_TLS_VERIFY_PEER: "maybe" }))
+      expect(ConfigError.isConfigError(raw)).toBe(true)
+      expect(raw).toMatchObject({ _op: "InvalidData", path: ["MULTIFD_TLS", "VERIFY_PEER"] })
 
       const both = yield* build({ MULTIFD_TLS_PSK: fixture("keys.psk"), MULTIFD_TLS_CA: fixture("ca-cert.pem") })
       expect(both).toBeInstanceOf(Tls.TlsError)

@@ -556,6 +556,140 @@ const halfInit = () => {
   return init
 }
 
+describe("observability and configuration", () => {
+  /** A `--verbose` line: `multifd: [+1.234s] <message>`. */
+  const timed = (message: string) => new RegExp(`^multifd: \\[\\+\\d+\\.\\d{3}s\\] ${message}`, "m")
+  const verboseLines = (text: string) => lines(text).filter((l) => /^multifd: \[\+/.test(l))
+
+  it("--verbose: both sides log every channel's connect, TLS handshake, init packet, sync and close, with times", async () => {
+    const out = Path.join(dir, "verbose.out")
+    const psk = ["--tls-psk", tlsFile("keys.psk")]
+    const recv = await startRecv(["tcp:127.0.0.1:0", "--out", out, ...psk, "--verbose"])
+    const send = await run(["send", recv.uri, "--in", image, "--channels", "3", ...psk, "--verbose"])
+    const received = await recv.finished
+    expect(send.code, send.stderr).toBe(0)
+    expect(received.code, received.stderr).toBe(0)
+    expect(Fs.readFileSync(out).equals(Fs.readFileSync(image))).toBe(true)
+    for (const channel of [0, 1, 2]) {
+      for (const event of ["connected to tcp:", "TLS handshake done", "init packet sent", "sync packet sent", "closed"]) {
+        expect(send.stderr).toMatch(timed(`channel ${channel}: ${event}`))
+      }
+      for (const event of ["init packet received from ", "sync packet received", "closed"]) {
+        expect(received.stderr).toMatch(timed(`channel ${channel}: ${event}`))
+      }
+    }
+    expect(send.stderr).toMatch(timed("main channel: connected to tcp:"))
+    expect(send.stderr).toMatch(timed("main channel: TLS handshake done"))
+    expect(received.stderr).toMatch(timed("accepted a connection from "))
+    expect(received.stderr).toMatch(timed("TLS handshake done with "))
+    // a sync per channel and round, on both sides
+    const rounds = verboseLines(send.stderr).filter((l) => /\] round \d+ \(/.test(l)).length
+    expect(rounds).toBeGreaterThanOrEqual(2)
+    expect(verboseLines(send.stderr).filter((l) => / sync packet sent$/.test(l))).toHaveLength(3 * rounds)
+    expect(verboseLines(received.stderr).filter((l) => / sync packet received$/.test(l))).toHaveLength(3 * rounds)
+    // the times run forward
+    const times = verboseLines(send.stderr).map((l) => Number(/\[\+(\d+\.\d+)s\]/.exec(l)![1]))
+    expect(times).toEqual([...times].sort((a, b) => a - b))
+    // the summary is still the last line
+    expect(lines(send.stderr).at(-1)).toMatch(/^multifd: migrated 8\.00 MiB over 3 channels/)
+  })
+
+  it("without --verbose: no channel events", async () => {
+    const out = Path.join(dir, "quiet-events.out")
+    const recv = await startRecv(["tcp:127.0.0.1:0", "--out", out])
+    const send = await run(["send", recv.uri, "--in", image, "--channels", "2"])
+    const received = await recv.finished
+    expect(send.code, send.stderr).toBe(0)
+    expect(received.code, received.stderr).toBe(0)
+    expect(verboseLines(send.stderr)).toEqual([])
+    expect(verboseLines(received.stderr)).toEqual([])
+    expect(send.stderr).not.toContain("channel 0:")
+    expect(received.stderr).not.toContain("channel 0:")
+  })
+
+  it("--json: a status object with query-migrate's fields, next to the statistics", async () => {
+    const out = Path.join(dir, "status.out")
+    const recv = await startRecv(["tcp:127.0.0.1:0", "--out", out, "--json"])
+    const send = await run(["send", recv.uri, "--in", image, "--channels", "2", "--json"])
+    const received = await recv.finished
+    expect(send.code, send.stderr).toBe(0)
+    expect(received.code, received.stderr).toBe(0)
+    for (const result of [JSON.parse(send.stdout), JSON.parse(received.stdout)]) {
+      // the statistics stay where they were
+      expect(result).toMatchObject({ channels: 2, ramBytes: IMAGE_PAGES * PAGE, pageSize: PAGE })
+      expect(Object.keys(result.status).sort()).toEqual([
+        "dirtyPagesRate", "downtimeMs", "duplicate", "expectedDowntimeMs", "mbps", "normal", "phase", "remaining",
+        "rounds", "setupTimeMs", "status", "total", "totalTimeMs", "transferred"
+      ])
+      expect(result.status).toMatchObject({
+        status: "completed",
+        total: result.ramBytes,
+        transferred: result.wireBytes,
+        remaining: 0,
+        normal: result.normalPages,
+        duplicate: result.zeroPages,
+        rounds: result.rounds,
+        totalTimeMs: result.durationMs,
+        downtimeMs: result.downtimeMs
+      })
+      expect(result.status.setupTimeMs).toBeLessThanOrEqual(result.status.totalTimeMs)
+      expect(result.status.mbps).toBeGreaterThan(0)
+    }
+  })
+
+  it("MULTIFD_CHANNELS sets --channels' default (send and recv); a flag given wins", async () => {
+    const out = Path.join(dir, "env.out")
+    const recv = await startRecv(["tcp:127.0.0.1:0", "--out", out, "--json"], { env: { MULTIFD_CHANNELS: "3" } })
+    const send = await run(["send", recv.uri, "--in", image, "--json"], { env: { MULTIFD_CHANNELS: "3" } })
+    const received = await recv.finished
+    expect(send.code, send.stderr).toBe(0)
+    expect(received.code, received.stderr).toBe(0)
+    expect(JSON.parse(send.stdout).channels).toBe(3)
+    expect(JSON.parse(received.stdout).channels).toBe(3)
+    // the flag wins over the variable
+    const recv2 = await startRecv(["tcp:127.0.0.1:0", "--out", out, "--json"])
+    const send2 = await run(["send", recv2.uri, "--in", image, "--json", "--channels", "2"], { env: { MULTIFD_CHANNELS: "3" } })
+    expect(send2.code, send2.stderr).toBe(0)
+    expect(JSON.parse(send2.stdout).channels).toBe(2)
+    expect((await recv2.finished).code).toBe(0)
+  })
+
+  it("a bad MULTIFD_* variable: exit 2 and one line naming it, before anything connects", async () => {
+    const server = await countingServer()
+    try {
+      const uri = `tcp:127.0.0.1:${server.port}`
+      const cases: ReadonlyArray<readonly [Record<string, string>, ReadonlyArray<string>, string]> = [
+        [{ MULTIFD_CHANNELS: "0" }, ["send", uri, "--in", image], "MULTIFD_CHANNELS: must be between 1 and 255, not 0"],
+        [{ MULTIFD_PAGE_SIZE: "3000" }, ["send", uri, "--in", image], "MULTIFD_PAGE_SIZE: must be a power of two between 512 and 524288, not 3000"],
+        [{ MULTIFD_COMPRESSION: "lz4" }, ["recv", "tcp:127.0.0.1:0", "--out", "x.img"], `MULTIFD_COMPRESSION: must be one of none, zlib, zstd, not "lz4"`],
+        [{ MULTIFD_ZERO_PAGE: "all" }, ["send", uri, "--in", image], `MULTIFD_ZERO_PAGE: must be one of multifd, none, not "all"`],
+        // the variables without a flag, read for the library
+        [{ MULTIFD_MAX_ROUNDS: "0" }, ["send", uri, "--in", image], "MULTIFD_MAX_ROUNDS: must be at least 1, not 0"],
+        [{ MULTIFD_TIMEOUT: "soon" }, ["send", uri, "--in", image], `MULTIFD_TIMEOUT: "soon" is not a positive duration like 30s, 500ms, 2m or 1h`],
+        [{ MULTIFD_MAX_RAM: "lots" }, ["recv", "tcp:127.0.0.1:0", "--out", "x.img"], `MULTIFD_MAX_RAM: "lots" is not a size like 4096, 512M or 16G`]
+      ]
+      for (const [env, args, line] of cases) {
+        const result = await run(args, { env })
+        expect({ env, code: result.code, stderr: lines(result.stderr) }).toEqual({ env, code: 2, stderr: [`multifd: error: ${line}`] })
+        noStack(result.stderr)
+      }
+      const json = await run(["send", uri, "--in", image, "--json"], { env: { MULTIFD_CHANNELS: "many" } })
+      expect(json.code).toBe(2)
+      expect(JSON.parse(json.stdout).error.message).toBe(`MULTIFD_CHANNELS: "many" is not an integer`)
+      expect(server.connections()).toBe(0)
+    } finally {
+      await server.close()
+    }
+  })
+
+  it("help pages name each flag's variable, without @effect/cli's generic sentence", async () => {
+    const send = await runHere(["send", "--help"])
+    expect(send.stdout).toMatch(/--channels N\s+Parallel multifd channels, 1-255 \(default 2\)\. Environment:\s+MULTIFD_CHANNELS\./)
+    expect(send.stdout).toContain("MULTIFD_MAX_ROUNDS")
+    expect(send.stdout).not.toContain("can be set from environment variables")
+  })
+})
+
 describe("trust: success is durable, strangers are candidates", () => {
   it("recv --out on a full file system: send exits 1 with the destination's reason, recv exits 1, nothing left", async (ctx) => {
     const full = Path.join(dir, "full")

@@ -31,6 +31,16 @@ export const run = Command.run(command, { name: NAME, version: VERSION })
 /** How @effect/cli parses: built-in options (--help, --version, ...) are left out of its help. */
 export const config = CliConfig.layer({ showBuiltIns: false })
 
+/** What the environment sets (`MigrationConfig`), on a help page's footer. */
+const environment = (role: "send" | "recv"): string =>
+  "Environment: each transfer flag falls back on its MULTIFD_* variable (a flag given wins" +
+  (role === "recv" ? "; on recv they are expectations too" : "") + "); " +
+  "without --timeout, MULTIFD_TIMEOUT, MULTIFD_CONNECT_TIMEOUT and MULTIFD_HANDSHAKE_TIMEOUT set the timeouts; " +
+  (role === "send"
+    ? "MULTIFD_DOWNTIME_LIMIT, MULTIFD_MAX_ROUNDS, MULTIFD_MAX_DURATION and MULTIFD_ON_NO_CONVERGENCE the live policy"
+    : "MULTIFD_MAX_RAM the largest memory a source may ask for and MULTIFD_ACCEPT_TIMEOUT how long to wait for one") +
+  ". A bad value exits 2 naming the variable."
+
 const EXIT_STATUS = "Exit status: 0 success; 1 the migration failed (one line on stderr says why); 2 bad usage or " +
   "configuration; 130 / 143 interrupted by SIGINT / SIGTERM."
 
@@ -69,7 +79,7 @@ export const sendHelp = (): string => {
       { heading: "TLS", entries: Help.pick(all, ["--tls-psk", "--tls-identity", "--tls-ca", "--tls-hostname", "--tls-cert", "--tls-key"]) },
       { heading: "Timing and output", entries: Help.pick(all, ["--timeout", "--json", "--quiet", "--verbose"]) }
     ],
-    footer: [EXIT_STATUS],
+    footer: [environment("send"), EXIT_STATUS],
     examples: [
       ["4 channels over TCP", `${NAME} send tcp:10.0.0.2:4444 --in guest.img --channels 4`],
       ["zstd, over TLS with QEMU's keys.psk", `${NAME} send tcp:10.0.0.2:4444 --in guest.img --compression zstd --tls-psk keys.psk`],
@@ -98,6 +108,7 @@ export const recvHelp = (): string => {
     footer: [
       "The image is written to a temporary file beside --out, flushed to disk and renamed only after its digests " +
       "verified; the source reports success only then. On failure nothing is left.",
+      environment("recv"),
       EXIT_STATUS
     ],
     examples: [

@@ -94,11 +94,16 @@ export interface Flags {
 }
 
 /**
- * A parse error of @effect/cli as one line: a flag that belongs to the other command says so ("--tls-authz is a
- * recv option"), anything else keeps @effect/cli's words.
+ * A parse error of @effect/cli as one line: a bad environment variable is named (`MULTIFD_CHANNELS: must be
+ * between 1 and 255, not 0`), a flag that belongs to the other command says so ("--tls-authz is a recv
+ * option"), anything else keeps @effect/cli's words.
  */
 export const describeValidation = (error: ValidationError.ValidationError, flags: Flags | undefined): string => {
   const text = Help.plainText(error.error)
+  // a flag's environment variable (`Options.withFallbackConfig`) was bad: @effect/cli gives the ConfigError's
+  // text, `(Invalid data at MULTIFD.CHANNELS: "...")`; say it as the library does, naming the variable
+  const config = /^\((?:Invalid|Missing) data at ([^:]+): "([\s\S]*)"\)$/.exec(text.trim())
+  if (config !== null) return oneLine(`${config[1]!.replace(/\./g, "_")}: ${config[2]}`)
   const unknown = /unknown argument: '(--?[^']+)'/i.exec(text) ?? /flag '(--?[^']+)' is not recognized/i.exec(text)
   if (unknown === null || flags === undefined) return oneLine(text)
   const flag = unknown[1]!

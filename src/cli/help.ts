@@ -61,6 +61,7 @@ const GENERIC = [
   /^A file or directory\.$/,
   /^One of the following: /,
   /^This setting is optional\.$/,
+  /^This option can be set from environment variables\.$/,
   /^This (setting|argument) is (repeatable|variadic)/
 ]
 

@@ -16,6 +16,7 @@ import * as Effect from "effect/Effect"
 import * as Either from "effect/Either"
 import * as Option from "effect/Option"
 import * as GuestRam from "../GuestRam.js"
+import * as MigrationConfig from "../MigrationConfig.js"
 import type * as Tls from "../Tls.js"
 import * as Protocol from "../Protocol.js"
 import * as Transport from "../Transport.js"
@@ -37,26 +38,9 @@ export const checkChannels = (n: number): string | undefined => Protocol.checkCh
 /** Why a page size is unusable, if it is (`Protocol.checkPageSize`, naming the flag). */
 export const checkPageSize = (n: number): string | undefined => Protocol.checkPageSize(n, "--page-size")
 
-const DURATION = /^(\d+(?:\.\d+)?)\s*(ms|s|m|h)?$/
-
-/** Parses `30s`, `500ms`, `2m`, `1h` or a plain number of seconds; must be positive. */
-export const parseDuration = (text: string): Either.Either<Duration.Duration, string> => {
-  const m = DURATION.exec(text.trim())
-  const value = m === null ? NaN : Number(m[1])
-  if (m === null || !Number.isFinite(value) || value <= 0) {
-    return Either.left(`--timeout: ${JSON.stringify(text)} is not a positive duration like 30s, 500ms, 2m or 1h`)
-  }
-  switch (m[2]) {
-    case "ms":
-      return Either.right(Duration.millis(value))
-    case "m":
-      return Either.right(Duration.minutes(value))
-    case "h":
-      return Either.right(Duration.hours(value))
-    default:
-      return Either.right(Duration.seconds(value))
-  }
-}
+/** Parses `30s`, `500ms`, `2m`, `1h` or a plain number of seconds; must be positive (`MigrationConfig.parseDuration`). */
+export const parseDuration = (text: string): Either.Either<Duration.Duration, string> =>
+  Either.mapLeft(MigrationConfig.parseDuration(text), (why) => `--timeout: ${why}`)
 
 const invalid = (message: string) => ValidationError.invalidValue(HelpDoc.p(message))
 
@@ -152,24 +136,34 @@ export const recvOutput: Options.Options<RecvOutput> = Options.all({
 // ---------------------------------------------------------------------------------------------------------
 // Transfer
 
+// Each transfer flag falls back on its environment variable (`MigrationConfig`): a flag given wins; a bad
+// variable is a parse error naming it (exit 2).
+
 const channelsOption = (description: string) =>
   integer("channels", "N").pipe(
     Options.withDescription(description),
-    Options.mapEffect(check(checkChannels))
+    Options.mapEffect(check(checkChannels)),
+    Options.withFallbackConfig(MigrationConfig.channels)
   )
 
 const pageSizeOption = (description: string) =>
   integer("page-size", "BYTES").pipe(
     Options.withDescription(description),
-    Options.mapEffect(check(checkPageSize))
+    Options.mapEffect(check(checkPageSize)),
+    Options.withFallbackConfig(MigrationConfig.pageSize)
   )
 
 const compressionOption = (description: string) =>
-  choice("compression", ["none", "zlib", "zstd"]).pipe(Options.withDescription(description))
+  choice("compression", ["none", "zlib", "zstd"]).pipe(
+    Options.withDescription(description),
+    Options.withFallbackConfig(MigrationConfig.compression)
+  )
 
 const CHANNELS = `Parallel multifd channels, ${MIN_CHANNELS}-${MAX_CHANNELS}`
 const PAGE_SIZE = `Page size in bytes: a power of two, ${MIN_PAGE_SIZE}-${MAX_PAGE_SIZE}`
 const COMPRESSION = "Compression of page data on the multifd channels"
+/** The sentence that names a flag's variable, as the help pages show it. */
+const env = (name: string) => ` Environment: ${name}.`
 
 /** Transfer settings of the source. */
 export interface SendTransfer {
@@ -182,15 +176,24 @@ export interface SendTransfer {
 
 /** Transfer settings of the source, with their defaults. */
 export const sendTransfer: Options.Options<SendTransfer> = Options.all({
-  channels: channelsOption(`${CHANNELS} (default 2).`).pipe(Options.withDefault(2)),
-  pageSize: pageSizeOption(`${PAGE_SIZE} (default ${GuestRam.DEFAULT_PAGE_SIZE}).`).pipe(Options.withDefault(GuestRam.DEFAULT_PAGE_SIZE)),
-  compression: compressionOption(`${COMPRESSION} (default none).`).pipe(Options.withDefault("none" as const)),
+  channels: channelsOption(`${CHANNELS} (default 2).${env("MULTIFD_CHANNELS")}`).pipe(Options.withDefault(2)),
+  pageSize: pageSizeOption(`${PAGE_SIZE} (default ${GuestRam.DEFAULT_PAGE_SIZE}).${env("MULTIFD_PAGE_SIZE")}`).pipe(
+    Options.withDefault(GuestRam.DEFAULT_PAGE_SIZE)
+  ),
+  compression: compressionOption(`${COMPRESSION} (default none).${env("MULTIFD_COMPRESSION")}`).pipe(
+    Options.withDefault("none" as const)
+  ),
   compressionLevel: integer("compression-level", "N").pipe(
-    Options.withDescription("Compression level: zlib 0-9 (default 1), zstd 0-20 (default 1); ignored without compression."),
+    Options.withDescription(
+      "Compression level: zlib 0-9 (default 1), zstd 0-20 (default 1); ignored without compression." +
+        env("MULTIFD_COMPRESSION_LEVEL")
+    ),
+    Options.withFallbackConfig(MigrationConfig.compressionLevel),
     Options.optional
   ),
   zeroPage: choice("zero-page", ["multifd", "none"]).pipe(
-    Options.withDescription("multifd: zero pages travel as offsets only; none: as data (default multifd)."),
+    Options.withDescription(`multifd: zero pages travel as offsets only; none: as data (default multifd).${env("MULTIFD_ZERO_PAGE")}`),
+    Options.withFallbackConfig(MigrationConfig.zeroPage),
     Options.withDefault("multifd" as const)
   )
 })
@@ -209,9 +212,9 @@ const followsSource = " On recv the source decides; when given, the source must 
 
 /** Transfer settings on the destination, all optional. */
 export const recvTransfer: Options.Options<RecvTransfer> = Options.all({
-  channels: channelsOption(`${CHANNELS}.${followsSource}`).pipe(Options.optional),
-  pageSize: pageSizeOption(`${PAGE_SIZE}.${followsSource}`).pipe(Options.optional),
-  compression: compressionOption(`${COMPRESSION}.${followsSource}`).pipe(Options.optional)
+  channels: channelsOption(`${CHANNELS}.${followsSource}${env("MULTIFD_CHANNELS")}`).pipe(Options.optional),
+  pageSize: pageSizeOption(`${PAGE_SIZE}.${followsSource}${env("MULTIFD_PAGE_SIZE")}`).pipe(Options.optional),
+  compression: compressionOption(`${COMPRESSION}.${followsSource}${env("MULTIFD_COMPRESSION")}`).pipe(Options.optional)
 })
 
 // ---------------------------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ import * as Effect from "effect/Effect"
 import * as Option from "effect/Option"
 import type * as GuestRam from "../GuestRam.js"
 import * as Migration from "../Migration.js"
+import * as MigrationStatus from "../MigrationStatus.js"
 import * as Transport from "../Transport.js"
 import { UsageError } from "./errors.js"
 import * as FromQemu from "./fromQemu.js"
@@ -22,7 +23,7 @@ import * as Options from "./options.js"
 import * as Progress from "./progress.js"
 import * as Log from "./log.js"
 import * as Report from "./report.js"
-import { timeoutsOf, tlsOf } from "./settings.js"
+import { environment, timeoutsOf, tlsOf } from "./settings.js"
 import * as Terminal from "./terminal.js"
 
 /** The line that tells scripts (and tests) where recv listens, printed on stderr as soon as it does. */
@@ -89,6 +90,7 @@ export const command = Command.make(
       // the temporary file first: an unwritable --out fails before anything listens
       const image = yield* Image.create(out)
       const commit = (ram: GuestRam.GuestRam["Type"]) => image.commit(ram.blocks.map((block) => block.bytes))
+      const status = yield* MigrationStatus.make
       const received = yield* Effect.scoped(Effect.gen(function*() {
         const onProgress = yield* Progress.make("recv", reporting)
         return yield* Migration.listenAndReceive(uri, {
@@ -101,11 +103,12 @@ export const command = Command.make(
           upgrade: tls?.server,
           onListening: (address) => terminal.err(listeningLine(address)),
           onProgress,
+          status,
           // from a source, the image is written before the destination confirms: the source reports success
           // only once it is in place (a snapshot file is restored, checked below, then written)
           store: uri._tag === "File" ? undefined : commit
         })
-      })).pipe(Effect.provide(Transport.layer))
+      })).pipe(Effect.provide([Transport.layer, environment]))
       const { ram, stats } = received
       if (uri._tag === "File") {
         // a snapshot file has no hello to refuse: its settings are checked here
@@ -116,7 +119,7 @@ export const command = Command.make(
         yield* commit(ram)
       }
       yield* Report.print(
-        { role: "recv", output: out, pageSize: ram.pageSize, stats, rejected: received.rejected },
+        { role: "recv", output: out, pageSize: ram.pageSize, stats, rejected: received.rejected, status: yield* status.get },
         reporting
       )
     }).pipe(Log.withReporting(reporting)))

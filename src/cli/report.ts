@@ -5,6 +5,7 @@
  */
 import * as Effect from "effect/Effect"
 import type * as Migration from "../Migration.js"
+import type * as MigrationStatus from "../MigrationStatus.js"
 import * as Terminal from "./terminal.js"
 
 const UNITS = ["B", "KiB", "MiB", "GiB", "TiB"] as const
@@ -25,26 +26,39 @@ export const formatRate = (bytes: number, ms: number): string => `${formatBytes(
 
 /** What a finished command reports, in the order it appears in `--json`. */
 export type Result =
-  | { readonly role: "send"; readonly input: string; readonly pageSize: number; readonly stats: Migration.Stats }
+  | {
+    readonly role: "send"
+    readonly input: string
+    readonly pageSize: number
+    readonly stats: Migration.Stats
+    readonly status?: MigrationStatus.Snapshot | undefined
+  }
   | {
     readonly role: "recv"
     readonly output: string
     readonly pageSize: number
     readonly stats: Migration.Stats
     readonly rejected: ReadonlyArray<string>
+    readonly status?: MigrationStatus.Snapshot | undefined
   }
 
-/** The `--json` object: the role, the file, the page size, then every field of `Stats`. */
-export const toJson = (result: Result): Record<string, unknown> =>
-  result.role === "send"
-    ? { role: "send", input: result.input, pageSize: result.pageSize, ...result.stats }
+/**
+ * The `--json` object: the role, the file, the page size, then every field of `Stats` (and recv's
+ * `rejected`), then `status`: the migration's final `MigrationStatus` (QEMU's `query-migrate` fields).
+ */
+export const toJson = (result: Result): Record<string, unknown> => {
+  const status = result.status === undefined ? {} : { status: result.status }
+  return result.role === "send"
+    ? { role: "send", input: result.input, pageSize: result.pageSize, ...result.stats, ...status }
     : {
       role: "recv",
       output: result.output,
       pageSize: result.pageSize,
       ...result.stats,
-      rejected: result.rejected
+      rejected: result.rejected,
+      ...status
     }
+}
 
 /**
  * `multifd: migrated 1.00 GiB over 4 channels in 0.85 s (1.18 GiB/s), 262144 pages (65536 zero), 2052 packets`

@@ -8,6 +8,7 @@ import * as Effect from "effect/Effect"
 import * as Option from "effect/Option"
 import * as GuestRam from "../GuestRam.js"
 import * as Migration from "../Migration.js"
+import * as MigrationStatus from "../MigrationStatus.js"
 import * as Transport from "../Transport.js"
 import { UsageError } from "./errors.js"
 import * as Image from "./image.js"
@@ -15,7 +16,7 @@ import * as Options from "./options.js"
 import * as Progress from "./progress.js"
 import * as Log from "./log.js"
 import * as Report from "./report.js"
-import { timeoutsOf, tlsOf } from "./settings.js"
+import { environment, timeoutsOf, tlsOf } from "./settings.js"
 
 /** The name of the one block an image file becomes. */
 export const BLOCK_NAME = "ram"
@@ -41,6 +42,7 @@ export const command = Command.make(
       const ram = yield* GuestRam.make({ pageSize: transfer.pageSize, blocks: [{ name: BLOCK_NAME, bytes }] }).pipe(
         Effect.mapError((error) => new UsageError({ detail: error.message }))
       )
+      const status = yield* MigrationStatus.make
       const stats = yield* Effect.scoped(Effect.gen(function*() {
         const onProgress = yield* Progress.make("send", reporting)
         return yield* Migration.migrate({
@@ -51,12 +53,13 @@ export const command = Command.make(
           zeroPage: transfer.zeroPage,
           timeouts: timeoutsOf(timing),
           upgrade: tls?.client(hostOf(uri)),
-          onProgress
+          onProgress,
+          status
         })
       })).pipe(
         Effect.provideService(GuestRam.GuestRam, ram),
-        Effect.provide(Transport.layer)
+        Effect.provide([Transport.layer, environment])
       )
-      yield* Report.print({ role: "send", input, pageSize: ram.pageSize, stats }, reporting)
+      yield* Report.print({ role: "send", input, pageSize: ram.pageSize, stats, status: yield* status.get }, reporting)
     }).pipe(Log.withReporting(reporting))
 ).pipe(Command.withDescription("Migrate the RAM image in --in to a destination listening at <uri>."))

@@ -1,12 +1,16 @@
 /**
- * What both commands derive from their options: the library's timeouts and the TLS service.
+ * What both commands derive from their options and the environment: the library's timeouts, the settings
+ * without a flag (`MigrationConfig`) and the TLS service.
  *
  * @since 0.1.0
  */
+import * as Config from "effect/Config"
 import * as Effect from "effect/Effect"
 import * as Either from "effect/Either"
+import * as Layer from "effect/Layer"
 import * as Option from "effect/Option"
 import type * as Migration from "../Migration.js"
+import * as MigrationConfig from "../MigrationConfig.js"
 import * as Tls from "../Tls.js"
 import type * as Transport from "../Transport.js"
 import { UsageError } from "./errors.js"
@@ -18,6 +22,25 @@ export const timeoutsOf = (timing: Options.Timing): Partial<Migration.Timeouts> 
     onNone: () => ({}),
     onSome: (d) => ({ peer: d, connect: d, handshake: d })
   })
+
+const optional = <A>(config: Config.Config<A>) => Config.map(Config.option(config), Option.getOrUndefined)
+
+/**
+ * The settings that have no flag, from the environment (`MULTIFD_TIMEOUT`, `MULTIFD_CONNECT_TIMEOUT`,
+ * `MULTIFD_HANDSHAKE_TIMEOUT`, the live policy, `MULTIFD_MAX_RAM`, `MULTIFD_ACCEPT_TIMEOUT`), for the library to
+ * use where the command gives nothing (`--timeout` sets all three timeouts). The flags' own variables are read
+ * by their options (`Options.withFallbackConfig`), so that a flag given wins over them. A bad value is a
+ * `UsageError` naming the variable (exit 2).
+ */
+export const environment: Layer.Layer<MigrationConfig.MigrationConfig, UsageError> = Layer.effect(
+  MigrationConfig.MigrationConfig,
+  Config.all({
+    timeouts: MigrationConfig.timeouts,
+    live: MigrationConfig.live,
+    maxRamBytes: optional(MigrationConfig.maxRamBytes),
+    acceptTimeout: optional(MigrationConfig.acceptTimeout)
+  }).pipe(Effect.mapError((error) => new UsageError({ detail: MigrationConfig.describeError(error) })))
+)
 
 /**
  * The TLS service the flags ask for, if any: flags that do not fit together, or TLS to a `file:` address,

@@ -26,7 +26,9 @@ import type * as Transport from "../Transport.js"
 import * as Acceptor from "./acceptor.js"
 import * as Candidates from "./candidates.js"
 import * as Conversation from "./conversation.js"
+import * as Recorder from "./recorder.js"
 import { unlessStalled, within } from "./stall.js"
+import type * as Status from "./status.js"
 
 type Ram = GuestRam.GuestRam["Type"]
 
@@ -48,6 +50,8 @@ export interface Settings<E> {
   readonly expect: Expectations | undefined
   readonly onProgress: ((progress: Transfer.Progress) => Effect.Effect<void>) | undefined
   readonly store: ((ram: Ram) => Effect.Effect<void, E>) | undefined
+  /** Keeps the caller's `MigrationStatus`, if any. */
+  readonly tracker: Status.Tracker
 }
 
 /** What the destination received (`Migration.Incoming`). */
@@ -134,7 +138,9 @@ const receiveRounds = (
   },
   digest: Effect.Effect<ReadonlyArray<GuestRam.BlockDigest>>,
   peer: Duration.DurationInput,
-  describeMissing: Effect.Effect<string>
+  describeMissing: Effect.Effect<string>,
+  recorder: Recorder.Recorder,
+  tracker: Status.Tracker
 ) =>
   Effect.gen(function*() {
     const progress = Effect.map(recv.stats, (s) => s.bytes)
@@ -149,6 +155,8 @@ const receiveRounds = (
       )
       if (message._tag === "Complete") return { rounds, complete: message, speculative }
       if (message._tag !== "Flush") return yield* Conversation.unexpected(message, "during the transfer")
+      // the source's writers are paused for its final round
+      if (message.final) yield* tracker.update({ phase: "switchover" })
       yield* Effect.raceFirst(recv.sync, recv.failure).pipe(
         within(peer, "waiting for every multifd channel to reach the sync point"),
         Effect.catchTag("MigrationError", (e) =>
@@ -157,6 +165,9 @@ const receiveRounds = (
       )
       rounds = Math.max(rounds, message.round + 1)
       yield* conversation.tell(new Control.FlushAck({ round: message.round }))
+      yield* Effect.logDebug(`main channel: round ${message.round} acknowledged`)
+      yield* recorder.record(yield* recv.stats)
+      yield* recorder.round()
       // after the last round's barrier the memory is final: hash it while the source hashes its own
       if (message.final && speculative === undefined) {
         speculative = { writes: yield* recv.writesBegun, digest: yield* Effect.forkScoped(digest) }
@@ -178,6 +189,7 @@ const verify = (
       ? speculative.digest
       : undefined
     const mine = early !== undefined ? yield* Fiber.join(early) : yield* digest
+    yield* Effect.logDebug(early !== undefined ? "digests computed (after the final flush)" : "digests computed")
     const theirs = new Map(complete.digests.map((d) => [d.name, d.digest]))
     const bad = mine.filter((d) => theirs.get(d.name) !== d.digest).map((d) => d.name)
     if (bad.length > 0 || theirs.size !== mine.length) {
@@ -185,7 +197,8 @@ const verify = (
       yield* tell(new Control.Abort({ reason }))
       return yield* new MigrationError.MigrationError({ reason: "DigestMismatch", detail: reason })
     }
-  })
+    yield* Effect.logDebug("digests verified")
+  }).pipe(Effect.withSpan("multifd.digest"))
 
 /** A store step's failure, kept apart from the migration's own errors until `incoming` fails with it. */
 class StoreFailed<E> {
@@ -215,19 +228,35 @@ const store = <E>(
       yield* Conversation.abortPeer(control, Conversation.messageOf(stored.left), "store")
       return yield* Effect.fail(new StoreFailed(stored.left))
     }
-  })
+    yield* Effect.logDebug("memory stored")
+  }).pipe(Effect.withSpan("multifd.store"))
 
 // ---------------------------------------------------------------------------------------------------------
 // The whole
 
+/** The listener, each accepted connection logged (Debug). */
+const traced = (listener: Transport.Listener): Transport.Listener => ({
+  ...listener,
+  accept: Effect.tap(listener.accept, (connection) => Effect.logDebug(`accepted a connection from ${connection.peer}`))
+})
+
+/** The upgrade (TLS) as a span, its success logged (Debug): which channel it secures is known only after it. */
+const tracedUpgrade = (upgrade: Transport.Upgrade<Transport.UpgradeError>): Transport.Upgrade<Transport.UpgradeError> =>
+(connection, channel) =>
+  upgrade(connection, channel).pipe(
+    Effect.tap(() => Effect.logDebug(`TLS handshake done with ${connection.peer}`)),
+    Effect.withSpan("multifd.channel.handshake", { attributes: { "multifd.peer": connection.peer } })
+  )
+
 /** Receives one migration on `listener` (see `Migration.incoming`). */
 export const run = <E>(listener: Transport.Listener, settings: Settings<E>): Effect.Effect<Received, Failure | E> =>
   Effect.scoped(Effect.gen(function*() {
-    const { timeouts } = settings
+    const { timeouts, tracker } = settings
+    const recorder = Recorder.make("destination")
     const main = yield* Deferred.make<Candidates.MainChannel>()
     const channelSet = yield* Deferred.make<MultifdRecv.MultifdRecv["Type"]>()
-    const acceptor = yield* Acceptor.start<Failure>(listener, {
-      upgrade: settings.upgrade,
+    const acceptor = yield* Acceptor.start<Failure>(traced(listener), {
+      upgrade: settings.upgrade === undefined ? undefined : tracedUpgrade(settings.upgrade),
       firstBytesTimeout: timeouts.handshake,
       classify: Candidates.classifier(main, channelSet, timeouts.handshake)
     })
@@ -255,6 +284,10 @@ export const run = <E>(listener: Transport.Listener, settings: Settings<E>): Eff
     const migration = Effect.gen(function*() {
       // the destination's duration starts with the source's hello, not with the wait for a source
       const started = yield* Clock.currentTimeMillis
+      yield* Effect.logDebug(
+        `main channel: hello from ${ctl.peer}: migration ${hello.uuid}, ${hello.channels} channels, ` +
+          `page size ${hello.pageSize}, compression ${hello.compression}`
+      )
       const problem = checkHello(hello, settings)
       if (problem !== undefined) {
         yield* tell(new Control.Reject({ reason: problem }))
@@ -270,6 +303,28 @@ export const run = <E>(listener: Transport.Listener, settings: Settings<E>): Eff
         handshakeTimeout: timeouts.handshake
       })
       yield* Deferred.succeed(channelSet, recv)
+      yield* tracker.begin(ram.size)
+      yield* tracker.probe(Effect.gen(function*() {
+        const s = yield* recv.stats
+        const elapsed = (yield* Clock.currentTimeMillis) - started
+        return {
+          transferred: s.bytes,
+          normal: s.normalPages,
+          duplicate: s.zeroPages,
+          // memory not received once yet
+          remaining: Math.max(0, ram.size - (s.normalPages + s.zeroPages) * ram.pageSize),
+          rounds: Math.floor(s.syncs / hello.channels),
+          mbps: elapsed > 0 ? s.bytes * 8 / 1e3 / elapsed : 0
+        }
+      }))
+      // the metrics follow the channels' counters to the end, whatever the end
+      yield* Effect.addFinalizer(() => Effect.flatMap(recv.stats, recorder.record))
+      // active once every channel is there (a failure is the migration's, reported below)
+      yield* Effect.forkScoped(Effect.ignore(Effect.gen(function*() {
+        yield* recv.adopted
+        yield* tracker.active
+        yield* Effect.logDebug(`every multifd channel adopted (${hello.channels})`)
+      })))
       yield* tell(new Control.Accept())
       // the hashing threads start while the source connects its channels, rather than in the downtime
       const digest = yield* GuestRam.digester(ram)
@@ -300,7 +355,9 @@ export const run = <E>(listener: Transport.Listener, settings: Settings<E>): Eff
         { next, tell },
         digest,
         timeouts.peer,
-        describeMissing
+        describeMissing,
+        recorder,
+        tracker
       )
       yield* recv.expectEnd
       yield* verify(recv, complete, digest, speculative, tell)
@@ -311,6 +368,7 @@ export const run = <E>(listener: Transport.Listener, settings: Settings<E>): Eff
       yield* Effect.raceFirst(recv.finished, failures).pipe(
         within(timeouts.peer, "waiting for the source to close its multifd channels")
       )
+      yield* Effect.logDebug("every multifd channel closed")
       const s = yield* recv.stats
       const durationMs = (yield* Clock.currentTimeMillis) - started
       return {

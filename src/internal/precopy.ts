@@ -43,6 +43,24 @@ export interface Sink<E> {
   readonly pagesSent?: Effect.Effect<number> | undefined
 }
 
+/** A round as it starts (its pages chosen) and as it ends (flushed: the destination has its pages). */
+export interface Round {
+  readonly round: number
+  readonly phase: Transfer.Phase
+  /** Pages the round sends. */
+  readonly pages: number
+  /** When it started (clock milliseconds). */
+  readonly startedAt: number
+  /** Bytes per second the round moved (at its end; at its start the previous round's, 0 before one ended). */
+  readonly bandwidth: number
+}
+
+/** Someone who wants to know about rounds (the status and the metrics). */
+export interface Observer {
+  readonly started: (round: Round) => Effect.Effect<void>
+  readonly ended: (round: Round) => Effect.Effect<void>
+}
+
 /** Pages of one block to send in a round. */
 interface Selection {
   readonly block: GuestRam.Block
@@ -84,6 +102,8 @@ export const run = <E, F>(
     readonly onProgress: ((progress: Transfer.Progress) => Effect.Effect<void>) | undefined
     /** Ends a round once its pages are synced (the destination's acknowledgement); `final` for the last. */
     readonly flush: (round: number, final: boolean) => Effect.Effect<void, F>
+    /** Told as each round starts and ends. */
+    readonly observe?: Observer | undefined
   }
 ): Effect.Effect<
   { readonly pagesPerRound: ReadonlyArray<number>; readonly pausedAt: number },
@@ -105,6 +125,9 @@ export const run = <E, F>(
           ? sink.slots
           : Math.min(sink.slots, Math.max(1, Math.ceil(totalPages / spread.workers / spread.unit)) * spread.unit)
         const startedAt = yield* Clock.currentTimeMillis
+        if (options.observe !== undefined) {
+          yield* options.observe.started({ round, phase, pages: totalPages, startedAt, bandwidth })
+        }
         const bytesBefore = yield* sink.progress
         const pagesBefore = sink.pagesSent === undefined ? 0 : yield* sink.pagesSent
         let handedPages = 0
@@ -155,8 +178,12 @@ export const run = <E, F>(
         yield* options.flush(round, phase === "switchover")
         // the destination has every page of the round: the last report of a round says all of it
         if (options.onProgress !== undefined && totalBytes > reportedBytes) yield* report(yield* current(true))
+        if (options.observe !== undefined) {
+          const ended = yield* current(true)
+          yield* options.observe.ended({ round, phase, pages: totalPages, startedAt, bandwidth: ended.bandwidth })
+        }
         return totalPages
-      })
+      }).pipe(Effect.withSpan("multifd.round", { attributes: { "multifd.round": round, "multifd.phase": phase } }))
 
     const pagesPerRound: Array<number> = []
     let bandwidth = 0

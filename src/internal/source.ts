@@ -20,7 +20,9 @@ import * as Transfer from "../Transfer.js"
 import * as Transport from "../Transport.js"
 import * as Conversation from "./conversation.js"
 import * as Precopy from "./precopy.js"
+import * as Recorder from "./recorder.js"
 import { within } from "./stall.js"
+import type * as Status from "./status.js"
 
 /** The source's options, checked and with their defaults. */
 export interface Settings {
@@ -33,6 +35,8 @@ export interface Settings {
   readonly upgrade: Transport.Upgrade<Transport.UpgradeError> | undefined
   readonly onProgress: ((progress: Transfer.Progress) => Effect.Effect<void>) | undefined
   readonly live: Transfer.LiveOptions | undefined
+  /** Keeps the caller's `MigrationStatus`, if any. */
+  readonly tracker: Status.Tracker
 }
 
 /** What the source can fail with. */
@@ -45,16 +49,24 @@ export const run = (
   Effect.scoped(Effect.gen(function*() {
     const ram = yield* GuestRam.GuestRam
     const transport = yield* Transport.Transport
-    const { channels, compression, timeouts } = settings
+    const { channels, compression, timeouts, tracker } = settings
+    const recorder = Recorder.make("source")
     const uuidText = Crypto.randomUUID()
     const uuid = Protocol.parseUuid(uuidText)!
     const started = yield* Clock.currentTimeMillis
 
     // the main channel
-    const control = yield* transport.connect(settings.address, { timeout: timeouts.connect }).pipe(
-      Effect.flatMap((raw) => settings.upgrade ? settings.upgrade(raw, "main") : Effect.succeed(raw)),
-      Effect.mapError(MigrationError.onChannel("main"))
-    )
+    const attributes = { "multifd.channel": "main" }
+    const control = yield* Effect.gen(function*() {
+      const raw = yield* transport.connect(settings.address, { timeout: timeouts.connect }).pipe(
+        Effect.withSpan("multifd.channel.connect", { attributes })
+      )
+      yield* Effect.logDebug(`main channel: connected to ${Transport.formatAddress(settings.address)}`)
+      if (settings.upgrade === undefined) return raw
+      const secured = yield* settings.upgrade(raw, "main").pipe(Effect.withSpan("multifd.channel.handshake", { attributes }))
+      yield* Effect.logDebug("main channel: TLS handshake done")
+      return secured
+    }).pipe(Effect.mapError(MigrationError.onChannel("main")))
     const { failure: readerFailure, inbox } = yield* Conversation.reader(control, "destination")
     const answered = yield* Deferred.make<void>()
     // the main channel closing before any answer most likely means this source was refused
@@ -96,9 +108,11 @@ export const run = (
         })
       }
       if (answer._tag !== "Accept") return yield* Conversation.unexpected(answer, "instead of Accept")
-    })
+      yield* Effect.logDebug(`main channel: the destination accepted migration ${uuidText}`)
+    }).pipe(Effect.withSpan("multifd.propose"))
 
     /** The channel set, then every round of pages; the last one with writers paused. */
+    let previousStart: number | undefined
     const transfer = (send: MultifdSend.MultifdSend["Type"]) =>
       Precopy.run(ram, {
         sink: {
@@ -113,7 +127,27 @@ export const run = (
         started,
         live: settings.live,
         stallTimeout: timeouts.peer,
-        onProgress: settings.onProgress,
+        onProgress: tracker.withProgress(settings.onProgress, ram.pageSize),
+        observe: {
+          started: (round) =>
+            Effect.gen(function*() {
+              yield* recorder.dirty(round.pages)
+              // pages written per second while the previous round went out
+              const rate = previousStart === undefined || round.round === 0
+                ? 0
+                : round.pages / Math.max(1, round.startedAt - previousStart) * 1000
+              previousStart = round.startedAt
+              if (round.phase === "switchover") yield* tracker.paused
+              yield* tracker.update({ dirtyPagesRate: rate, phase: round.phase })
+              yield* Effect.logDebug(`round ${round.round} (${round.phase}): ${round.pages} pages`)
+            }),
+          ended: (round) =>
+            Effect.gen(function*() {
+              yield* recorder.record(yield* send.stats)
+              yield* recorder.round(round.bandwidth)
+              yield* tracker.update({ rounds: round.round + 1 })
+            })
+        },
         // the destination acknowledges a round once every channel reached its barrier
         flush: (round, final) =>
           Effect.gen(function*() {
@@ -125,6 +159,7 @@ export const run = (
             if (ack._tag !== "FlushAck" || ack.round !== round) {
               return yield* Conversation.unexpected(ack, "instead of FlushAck")
             }
+            yield* Effect.logDebug(`main channel: the destination acknowledged round ${round}`)
           })
       })
 
@@ -150,7 +185,8 @@ export const run = (
         yield* Effect.mapError(control.end, MigrationError.onChannel("main")).pipe(
           within(timeouts.peer, "waiting for the main channel to send its last bytes and close")
         )
-      })
+        yield* Effect.logDebug("main channel: closed")
+      }).pipe(Effect.withSpan("multifd.close"))
 
     const migration = Effect.gen(function*() {
       yield* propose
@@ -165,13 +201,27 @@ export const run = (
         connectTimeout: timeouts.connect,
         upgrade: settings.upgrade
       })
+      // the metrics follow the channels' counters to the end, whatever the end
+      yield* Effect.addFinalizer(() => Effect.flatMap(send.stats, recorder.record))
+      yield* tracker.probe(Effect.map(send.stats, (s) => ({
+        transferred: s.sentBytes,
+        normal: s.normalPages,
+        duplicate: s.zeroPages
+      })))
       // the hashing threads start while the channels connect, rather than in the downtime
       const digest = yield* GuestRam.digester(ram)
       // every channel idle before the first page: a small round is spread over all of them
-      yield* send.established
+      yield* send.established.pipe(Effect.withSpan("multifd.establish"))
+      yield* tracker.active
+      yield* Effect.logDebug(`every multifd channel established (${channels})`)
       const { pagesPerRound, pausedAt } = yield* transfer(send)
-      yield* tell(new Control.Complete({ digests: yield* digest }))
-      yield* Effect.raceFirst(confirmed("waiting for the destination to verify the digests"), send.failure)
+      const digests = yield* digest.pipe(Effect.withSpan("multifd.digest"))
+      yield* Effect.logDebug("digests computed")
+      yield* tell(new Control.Complete({ digests }))
+      yield* Effect.raceFirst(confirmed("waiting for the destination to verify the digests"), send.failure).pipe(
+        Effect.withSpan("multifd.verify")
+      )
+      yield* Effect.logDebug("main channel: the destination verified the digests")
       const downtimeMs = (yield* Clock.currentTimeMillis) - pausedAt
       yield* finish(send)
       const s = yield* send.stats

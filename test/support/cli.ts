@@ -39,6 +39,8 @@ export interface Running {
 /** Which entry a child runs: the bundle (default) or src/cli/main.ts through tsx. */
 export interface StartOptions {
   readonly entry?: "bundle" | "source" | undefined
+  /** Variables added to the child's environment (`MULTIFD_CHANNELS`, ...). */
+  readonly env?: Record<string, string> | undefined
 }
 
 const children = new Set<ChildProcess.ChildProcess>()
@@ -54,7 +56,7 @@ export const start = (args: ReadonlyArray<string>, options: StartOptions = {}): 
   const child = ChildProcess.spawn(process.execPath, [...entry, ...args], {
     cwd: ROOT,
     stdio: ["ignore", "pipe", "pipe"],
-    env: { ...process.env, NO_COLOR: "1" }
+    env: { ...process.env, NO_COLOR: "1", ...options.env }
   })
   children.add(child)
   let stdout = ""

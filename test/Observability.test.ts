@@ -1,0 +1,371 @@
+/**
+ * Observability and configuration of a migration (issue 15), over real loopback sockets:
+ *
+ * - `MigrationStatus`: read mid-migration (the source held in its progress callback) it says `active` with
+ *   sane numbers on both sides; after the end `completed` with the stats' totals; `failed` with the reason;
+ *   `cancelled` when interrupted;
+ * - `MigrationMetrics`: a migration adds its bytes per channel, pages, packets, syncs and rounds, its outcome
+ *   and downtime;
+ * - `MigrationConfig`: settings from a `ConfigProvider` fill in the options left out (options win); a bad
+ *   variable is one line naming it.
+ */
+import { describe, expect, it } from "@effect/vitest"
+import * as ConfigProvider from "effect/ConfigProvider"
+import * as Deferred from "effect/Deferred"
+import * as Effect from "effect/Effect"
+import * as Fiber from "effect/Fiber"
+import * as Metric from "effect/Metric"
+import * as Stream from "effect/Stream"
+import * as TestClock from "effect/TestClock"
+import * as GuestRam from "../src/GuestRam.js"
+import * as Migration from "../src/Migration.js"
+import * as MigrationConfig from "../src/MigrationConfig.js"
+import * as MigrationError from "../src/MigrationError.js"
+import * as MigrationMetrics from "../src/MigrationMetrics.js"
+import * as MigrationStatus from "../src/MigrationStatus.js"
+import * as Transport from "../src/Transport.js"
+import { expectOneLine, failureOf } from "./support/failures.js"
+import { noHang } from "./support/guards.js"
+import { leakFree } from "./support/handles.js"
+import { mixedImage } from "./support/images.js"
+
+const PAGE = 4096
+const PAGES = 2048 // 8 MiB: several batches per channel
+const tcp0: Transport.Address = { _tag: "Tcp", host: "127.0.0.1", port: 0 }
+const TIMEOUTS = { connect: "5 seconds", handshake: "5 seconds", peer: "5 seconds" } as const
+
+const sourceRam = (pages = PAGES) => GuestRam.make({ blocks: [{ name: "pc.ram", bytes: mixedImage(pages, 0.75, PAGE) }] })
+/**
+ * 64 MiB over one channel: four hand-offs of 16 MiB, the channel busy with one while the next waits, so that
+ * a report comes with some of the round's pages sent and not all.
+ */
+const BIG = 16384
+
+/** A destination listening on a free port, receiving in a fiber of the test's scope. */
+const startDestination = (options: Migration.IncomingOptions = {}) =>
+  Effect.gen(function*() {
+    const transport = yield* Transport.Transport
+    const listener = yield* transport.listen(tcp0)
+    const fiber = yield* Effect.forkScoped(Migration.incoming(listener, { timeouts: TIMEOUTS, ...options }))
+    return { address: listener.address, fiber }
+  })
+
+/**
+ * A progress callback that holds the migration at its first report with some pages sent (mid round 0) until
+ * `release` completes, and says so through `reached`.
+ */
+const holdAtFirstPages = Effect.gen(function*() {
+  const reached = yield* Deferred.make<Migration.Progress>()
+  const release = yield* Deferred.make<void>()
+  const onProgress = (p: Migration.Progress) =>
+    p.doneBytes > 0 && p.doneBytes < p.totalBytes
+      ? Effect.flatMap(Deferred.succeed(reached, p), (first) => (first ? Deferred.await(release) : Effect.void))
+      : Effect.void
+  return { reached, release, onProgress }
+})
+
+/** The first snapshot published with `status`. */
+const firstWith = (handle: MigrationStatus.MigrationStatus, status: MigrationStatus.Status) =>
+  noHang(
+    Effect.map(
+      Stream.runHead(Stream.filter(handle.changes, (s) => s.status === status)),
+      (o) => (o._tag === "Some" ? o.value : undefined)
+    ),
+    `status ${status}`
+  )
+
+const run = <A, E>(self: Effect.Effect<A, E, Transport.Transport | import("effect/Scope").Scope>) =>
+  leakFree(Effect.scoped(self).pipe(Effect.provide(Transport.layer)))
+
+describe("MigrationStatus", () => {
+  it.live("mid-migration both sides say active with sane numbers; at the end completed with the stats' totals", () =>
+    run(Effect.gen(function*() {
+      const ram = yield* sourceRam(BIG)
+      const srcStatus = yield* MigrationStatus.make
+      const dstStatus = yield* MigrationStatus.make
+      expect((yield* srcStatus.get).status).toBe("setup")
+      const dest = yield* startDestination({ status: dstStatus })
+      const hold = yield* holdAtFirstPages
+      const source = yield* Effect.forkScoped(
+        Migration.migrate({ address: dest.address, channels: 1, timeouts: TIMEOUTS, onProgress: hold.onProgress, status: srcStatus })
+          .pipe(Effect.provideService(GuestRam.GuestRam, ram))
+      )
+      const progress = yield* noHang(Deferred.await(hold.reached), "the first pages")
+      const src = yield* srcStatus.get
+      expect(src.status).toBe("active")
+      expect(src.total).toBe(ram.size)
+      expect(src.transferred).toBeGreaterThan(0)
+      expect(src.transferred).toBeLessThan(ram.size * 1.1)
+      expect(src.normal + src.duplicate).toBeGreaterThan(0)
+      expect(src.normal + src.duplicate).toBeLessThanOrEqual(BIG)
+      // the pages a switch-over now would still send: those of round 0 not yet sent
+      expect(src.remaining).toBe(progress.dirtyPages * PAGE)
+      expect(src.remaining).toBeGreaterThan(0)
+      expect(src.remaining).toBeLessThan(ram.size)
+      expect(src.rounds).toBe(0)
+      expect(src.phase).toBe("precopy")
+      expect(src.setupTimeMs).toBeGreaterThanOrEqual(0)
+      expect(src.totalTimeMs).toBeGreaterThanOrEqual(src.setupTimeMs)
+      expect(src.downtimeMs).toBe(0)
+      expect(src.mbps).toBeGreaterThanOrEqual(0)
+      // live: read again later, the clock moved on and the numbers did not go back
+      const again = yield* srcStatus.get
+      expect(again.totalTimeMs).toBeGreaterThanOrEqual(src.totalTimeMs)
+      expect(again.transferred).toBeGreaterThanOrEqual(src.transferred)
+
+      const dst = yield* firstWith(dstStatus, "active")
+      expect(dst!.total).toBe(ram.size)
+      const dstNow = yield* dstStatus.get
+      expect(dstNow.status).toBe("active")
+      expect(dstNow.transferred).toBeLessThanOrEqual(src.transferred)
+      expect(dstNow.remaining).toBe(ram.size - (dstNow.normal + dstNow.duplicate) * PAGE)
+
+      yield* Deferred.succeed(hold.release, undefined)
+      const stats = yield* noHang(Fiber.join(source), "migrate")
+      const received = yield* noHang(Fiber.join(dest.fiber), "incoming")
+      const done = yield* srcStatus.get
+      expect(done).toMatchObject({
+        status: "completed",
+        total: ram.size,
+        transferred: stats.wireBytes,
+        remaining: 0,
+        normal: stats.normalPages,
+        duplicate: stats.zeroPages,
+        rounds: stats.rounds,
+        totalTimeMs: stats.durationMs,
+        downtimeMs: stats.downtimeMs,
+        expectedDowntimeMs: 0
+      })
+      expect(done.normal + done.duplicate).toBe(BIG)
+      expect(done.mbps).toBeGreaterThan(0)
+      expect(done.setupTimeMs).toBeLessThanOrEqual(done.totalTimeMs)
+      expect(done.error).toBeUndefined()
+      expect(yield* srcStatus.await).toEqual(done)
+      const dstDone = yield* dstStatus.await
+      expect(dstDone).toMatchObject({
+        status: "completed",
+        total: ram.size,
+        transferred: received.stats.wireBytes,
+        remaining: 0,
+        normal: received.stats.normalPages,
+        duplicate: received.stats.zeroPages,
+        rounds: received.stats.rounds,
+        totalTimeMs: received.stats.durationMs
+      })
+      expect(dstDone.transferred).toBe(stats.wireBytes)
+    })))
+
+  it.live("a refused migration: both sides say failed, with the reason", () =>
+    run(Effect.gen(function*() {
+      const ram = yield* sourceRam()
+      const srcStatus = yield* MigrationStatus.make
+      const dstStatus = yield* MigrationStatus.make
+      const dest = yield* startDestination({ status: dstStatus, expect: { channels: 4 } })
+      const error = yield* Effect.flip(
+        Migration.migrate({ address: dest.address, channels: 2, timeouts: TIMEOUTS, status: srcStatus })
+          .pipe(Effect.provideService(GuestRam.GuestRam, ram))
+      )
+      yield* Effect.exit(Fiber.join(dest.fiber))
+      const src = yield* srcStatus.await
+      expect(src.status).toBe("failed")
+      expect(src.error).toBe(error.message)
+      expect(src.error).toContain("the destination expects 4")
+      expect(src.transferred).toBe(0)
+      const dst = yield* dstStatus.await
+      expect(dst.status).toBe("failed")
+      expect(dst.error).toContain("the destination expects 4")
+      // options the source cannot use fail before anything connects: failed too, not stuck in setup
+      const bad = yield* MigrationStatus.make
+      yield* Effect.flip(Migration.migrate({ address: dest.address, channels: 0, status: bad }).pipe(
+        Effect.provideService(GuestRam.GuestRam, ram)
+      ))
+      expect((yield* bad.get).status).toBe("failed")
+    })))
+
+  it.live("an interrupted migration: cancelled, with what had moved", () =>
+    run(Effect.gen(function*() {
+      const ram = yield* sourceRam(BIG)
+      const srcStatus = yield* MigrationStatus.make
+      const dest = yield* startDestination()
+      const hold = yield* holdAtFirstPages
+      const source = yield* Effect.forkScoped(
+        Migration.migrate({ address: dest.address, channels: 1, timeouts: TIMEOUTS, onProgress: hold.onProgress, status: srcStatus })
+          .pipe(Effect.provideService(GuestRam.GuestRam, ram))
+      )
+      yield* noHang(Deferred.await(hold.reached), "the first pages")
+      yield* noHang(Fiber.interrupt(source), "interrupt")
+      yield* Effect.exit(Fiber.join(dest.fiber))
+      const src = yield* srcStatus.get
+      expect(src.status).toBe("cancelled")
+      expect(src.transferred).toBeGreaterThan(0)
+      expect(src.error).toBeUndefined()
+      expect(yield* srcStatus.await).toEqual(src)
+    })))
+})
+
+/** The current value of a counter tagged `side` (and more tags). */
+const count = (metric: Metric.Metric.Counter<number>, tags: Record<string, string>) =>
+  Effect.map(Metric.value(Object.entries(tags).reduce((m, [k, v]) => Metric.tagged(m, k, v), metric)), (s) => s.count)
+
+describe("MigrationMetrics", () => {
+  it.live("a migration adds its bytes per channel, pages, packets, syncs, rounds, outcome and downtime", () =>
+    run(Effect.gen(function*() {
+      const ram = yield* sourceRam()
+      const CHANNELS = 3
+      const read = (side: string) =>
+        Effect.all({
+          bytes: Effect.map(
+            Effect.forEach(Array.from({ length: CHANNELS }, (_, i) => i), (channel) =>
+              count(MigrationMetrics.wireBytes, { side, channel: String(channel) })),
+            (each) => each
+          ),
+          normal: count(MigrationMetrics.normalPages, { side }),
+          zero: count(MigrationMetrics.zeroPages, { side }),
+          packets: count(MigrationMetrics.packets, { side }),
+          syncs: count(MigrationMetrics.syncs, { side }),
+          rounds: count(MigrationMetrics.rounds, { side }),
+          completed: count(MigrationMetrics.migrations, { side, outcome: "completed" })
+        })
+      const before = { source: yield* read("source"), destination: yield* read("destination") }
+      const dest = yield* startDestination()
+      const stats = yield* Migration.migrate({ address: dest.address, channels: CHANNELS, timeouts: TIMEOUTS })
+        .pipe(Effect.provideService(GuestRam.GuestRam, ram))
+      const received = yield* Fiber.join(dest.fiber)
+      for (const [side, s] of [["source", stats], ["destination", received.stats]] as const) {
+        const after = yield* read(side)
+        const was = before[side]
+        const perChannel = after.bytes.map((b, i) => b - was.bytes[i]!)
+        expect({ side, every: perChannel.every((b) => b > 0) }).toEqual({ side, every: true })
+        expect(perChannel.reduce((a, b) => a + b, 0)).toBe(s.wireBytes)
+        expect(after.normal - was.normal).toBe(s.normalPages)
+        expect(after.zero - was.zero).toBe(s.zeroPages)
+        expect(after.packets - was.packets).toBe(s.packets)
+        expect(after.syncs - was.syncs).toBe(s.syncs)
+        expect(after.rounds - was.rounds).toBe(stats.rounds)
+        expect(after.completed - was.completed).toBe(1)
+      }
+      const downtime = yield* Metric.value(Metric.tagged(MigrationMetrics.downtime, "side", "source"))
+      expect(downtime.value).toBe(stats.downtimeMs)
+      const bandwidth = yield* Metric.value(Metric.tagged(MigrationMetrics.bandwidth, "side", "source"))
+      expect(bandwidth.value).toBeGreaterThan(0)
+    })))
+})
+
+const fromEnv = (env: Record<string, string>) =>
+  Effect.withConfigProvider(ConfigProvider.fromMap(new Map(Object.entries(env)), { pathDelim: "_" }))
+
+describe("MigrationConfig", () => {
+  it.effect("reads every MULTIFD_* variable; durations and sizes in their short forms", () =>
+    Effect.gen(function*() {
+      const settings = yield* MigrationConfig.config.pipe(fromEnv({
+        MULTIFD_CHANNELS: "6",
+        MULTIFD_PAGE_SIZE: "65536",
+        MULTIFD_COMPRESSION: "zlib",
+        MULTIFD_COMPRESSION_LEVEL: "9",
+        MULTIFD_ZERO_PAGE: "none",
+        MULTIFD_TIMEOUT: "45s",
+        MULTIFD_CONNECT_TIMEOUT: "500ms",
+        MULTIFD_HANDSHAKE_TIMEOUT: "2",
+        MULTIFD_DOWNTIME_LIMIT: "100ms",
+        MULTIFD_MAX_ROUNDS: "7",
+        MULTIFD_MAX_DURATION: "2m",
+        MULTIFD_ON_NO_CONVERGENCE: "switchover",
+        MULTIFD_MAX_RAM: "2G",
+        MULTIFD_ACCEPT_TIMEOUT: "1h"
+      }))
+      expect(settings).toMatchObject({
+        channels: 6,
+        pageSize: 65536,
+        compression: "zlib",
+        compressionLevel: 9,
+        zeroPage: "none",
+        maxRamBytes: 2 * 1024 ** 3,
+        live: { maxRounds: 7, onNoConvergence: "switchover" }
+      })
+      const ms = (d: unknown) => (d as { value: { millis: number } }).value.millis
+      expect(ms(settings.timeouts!.peer)).toBe(45_000)
+      expect(ms(settings.timeouts!.connect)).toBe(500)
+      expect(ms(settings.timeouts!.handshake)).toBe(2000)
+      expect(ms(settings.live!.downtimeLimit)).toBe(100)
+      expect(ms(settings.live!.maxDuration)).toBe(120_000)
+      expect(ms(settings.acceptTimeout)).toBe(3_600_000)
+      // nothing set: nothing
+      const empty = yield* MigrationConfig.config.pipe(fromEnv({}))
+      expect(empty.channels).toBeUndefined()
+      expect(empty.timeouts).toEqual({})
+    }))
+
+  it.effect("a bad variable is one line naming it (layerConfig: a BadOptions MigrationError)", () =>
+    Effect.gen(function*() {
+      const cases: ReadonlyArray<readonly [Record<string, string>, string]> = [
+        [{ MULTIFD_CHANNELS: "0" }, "MULTIFD_CHANNELS: must be between 1 and 255, not 0"],
+        [{ MULTIFD_CHANNELS: "256" }, "MULTIFD_CHANNELS: must be between 1 and 255, not 256"],
+        [{ MULTIFD_CHANNELS: "four" }, `MULTIFD_CHANNELS: "four" is not an integer`],
+        [{ MULTIFD_PAGE_SIZE: "3000" }, "MULTIFD_PAGE_SIZE: must be a power of two between 512 and 524288, not 3000"],
+        [{ MULTIFD_COMPRESSION: "lz4" }, `MULTIFD_COMPRESSION: must be one of none, zlib, zstd, not "lz4"`],
+        [{ MULTIFD_COMPRESSION: "zlib", MULTIFD_COMPRESSION_LEVEL: "15" }, "MULTIFD_COMPRESSION_LEVEL: zlib level 15 is out of range 0-9"],
+        [{ MULTIFD_COMPRESSION_LEVEL: "99" }, "MULTIFD_COMPRESSION_LEVEL: must be between 0 and 20, not 99"],
+        [{ MULTIFD_ZERO_PAGE: "yes" }, `MULTIFD_ZERO_PAGE: must be one of multifd, none, not "yes"`],
+        [{ MULTIFD_TIMEOUT: "soon" }, `MULTIFD_TIMEOUT: "soon" is not a positive duration like 30s, 500ms, 2m or 1h`],
+        [{ MULTIFD_MAX_ROUNDS: "0" }, "MULTIFD_MAX_ROUNDS: must be at least 1, not 0"],
+        [{ MULTIFD_ON_NO_CONVERGENCE: "wait" }, `MULTIFD_ON_NO_CONVERGENCE: must be one of fail, switchover, not "wait"`],
+        [{ MULTIFD_MAX_RAM: "lots" }, `MULTIFD_MAX_RAM: "lots" is not a size like 4096, 512M or 16G`]
+      ]
+      for (const [env, line] of cases) {
+        const error = yield* Effect.flip(Effect.provide(MigrationConfig.MigrationConfig, MigrationConfig.layerConfig).pipe(fromEnv(env)))
+        expect({ env, error: error instanceof MigrationError.MigrationError && error.reason }).toEqual({ env, error: "BadOptions" })
+        expect(error.message).toBe(line)
+        expectOneLine(error)
+        // the Config itself: the same line from its ConfigError
+        const raw = yield* Effect.flip(MigrationConfig.config.pipe(fromEnv(env)))
+        expect(MigrationConfig.describeError(raw)).toBe(line)
+      }
+    }))
+
+  it.live("migrate takes what the options leave out from the layer; what they give wins", () =>
+    run(Effect.gen(function*() {
+      const ram = yield* sourceRam()
+      const layer = MigrationConfig.layerConfig
+      const env = fromEnv({ MULTIFD_CHANNELS: "3", MULTIFD_ZERO_PAGE: "none" })
+      const dest1 = yield* startDestination()
+      const fromConfig = yield* Migration.migrate({ address: dest1.address, timeouts: TIMEOUTS }).pipe(
+        Effect.provideService(GuestRam.GuestRam, ram),
+        Effect.provide(layer),
+        env
+      )
+      yield* Fiber.join(dest1.fiber)
+      expect(fromConfig.channels).toBe(3)
+      expect(fromConfig.zeroPages).toBe(0) // zero pages travelled as data
+      const dest2 = yield* startDestination()
+      const given = yield* Migration.migrate({ address: dest2.address, channels: 2, timeouts: TIMEOUTS }).pipe(
+        Effect.provideService(GuestRam.GuestRam, ram),
+        Effect.provide(layer),
+        env
+      )
+      yield* Fiber.join(dest2.fiber)
+      expect(given.channels).toBe(2)
+      expect(given.zeroPages).toBe(0)
+      // a bad variable fails the layer before anything connects
+      const bad = yield* Effect.flip(Migration.migrate({ address: dest2.address }).pipe(
+        Effect.provideService(GuestRam.GuestRam, ram),
+        Effect.provide(layer),
+        fromEnv({ MULTIFD_CHANNELS: "0" })
+      ))
+      expect(bad.message).toBe("MULTIFD_CHANNELS: must be between 1 and 255, not 0")
+    })))
+
+  it.scoped("incoming takes its accept timeout from the layer (MULTIFD_ACCEPT_TIMEOUT)", () =>
+    Effect.gen(function*() {
+      const transport = yield* Transport.Transport
+      const listener = yield* transport.listen(tcp0)
+      const fiber = yield* Effect.fork(Migration.incoming(listener).pipe(
+        Effect.provide(MigrationConfig.layerConfig),
+        fromEnv({ MULTIFD_ACCEPT_TIMEOUT: "3s" })
+      ))
+      yield* TestClock.adjust("2 seconds")
+      expect(fiber.unsafePoll()).toBeNull()
+      yield* TestClock.adjust("2 seconds")
+      const error = failureOf(yield* Fiber.await(fiber))
+      expect(error.message).toBe("timed out after 3s waiting for a source to connect")
+    }).pipe(Effect.provide(Transport.layer)))
+})
