@@ -25,7 +25,15 @@ import * as Schema from "effect/Schema"
 import * as Crypto from "node:crypto"
 import * as NodeTls from "node:tls"
 import * as Field from "./internal/configField.js"
-import { certificatesOf, nameOf, privateKeyOf, PSK_CIPHERS, readText, secureContextOf } from "./internal/tls/credentials.js"
+import {
+  certificatesOf,
+  nameOf,
+  privateKeyOf,
+  PSK_CIPHERS,
+  readText,
+  secureContextOf,
+  X509_CIPHERS
+} from "./internal/tls/credentials.js"
 import { explainingEarlyClose, handshake, secured } from "./internal/tls/handshake.js"
 import { configError, type Credentials, type Settings, TlsError } from "./internal/tls/model.js"
 import { clientRefusal, describe, explainServerError, hint, ownName, peerCertificateOf } from "./internal/tls/verification.js"
@@ -70,6 +78,12 @@ export const TlsConfig = Schema.Struct({
   verifyPeer: Schema.optional(Schema.Boolean),
   /** Destination: admit only these client certificate CNs or PSK identities. */
   authz: Schema.optional(Schema.Array(Schema.String)),
+  /**
+   * Cipher suites in order of preference, in OpenSSL's syntax (TLS 1.3 suite names and TLS 1.2 ciphers,
+   * colon-separated). Default: AES-GCM first (fast where the CPU has AES instructions), then
+   * ChaCha20-Poly1305. A destination's order wins over its source's.
+   */
+  ciphers: Schema.optional(Schema.String),
   /** Handshake timeout in milliseconds (default 10000). */
   handshakeTimeoutMs: Schema.optional(Schema.Number.pipe(Schema.positive()))
 })
@@ -143,7 +157,7 @@ export const load = (config: TlsConfig): Effect.Effect<Settings, TlsError> =>
         return yield* configError(`PSK file ${config.psk} has no key for identity ${config.identity}`)
       }
       credentials = { _tag: "Psk", keys, identity: config.identity ?? "qemu", file: config.psk }
-      contextOptions = { ciphers: PSK_CIPHERS }
+      contextOptions = { ciphers: config.ciphers ?? PSK_CIPHERS }
       files = `PSK file ${config.psk}`
     } else if (x509) {
       const ca = config.ca === undefined ? undefined : yield* readText(config.ca, "CA certificate")
@@ -159,14 +173,18 @@ export const load = (config: TlsConfig): Effect.Effect<Settings, TlsError> =>
         ownCertificate = leaf
       }
       credentials = { _tag: "X509", ca, cert, key }
-      contextOptions = { ...(ca !== undefined ? { ca } : {}), ...(cert !== undefined ? { cert, key } : {}) }
+      contextOptions = {
+        ciphers: config.ciphers ?? X509_CIPHERS,
+        ...(ca !== undefined ? { ca } : {}),
+        ...(cert !== undefined ? { cert, key } : {})
+      }
       files = [config.ca, config.cert, config.key].filter((f) => f !== undefined).join(", ")
     } else {
       return yield* configError("no credentials: give a PSK file or x509 certificates")
     }
     return {
       credentials,
-      secureContext: yield* secureContextOf(contextOptions, files),
+      secureContext: yield* secureContextOf(contextOptions, config.ciphers === undefined ? files : `${files} with --tls-ciphers ${config.ciphers}`),
       // (a secure context carries its own versions: a socket's are ignored when it is given one)
       writeOnlyContext: yield* secureContextOf({ ...contextOptions, maxVersion: "TLSv1.2" }, files),
       ownCertificate,
@@ -383,7 +401,7 @@ const optional = Field.optional
 
 /**
  * The config from the environment: `MULTIFD_TLS_PSK`, `_IDENTITY`, `_CA`, `_CERT`, `_KEY`, `_HOSTNAME`,
- * `_VERIFY_PEER`, `_AUTHZ` (comma-separated) and `_HANDSHAKE_TIMEOUT_MS`, validated by `TlsConfig`. A bad value
+ * `_VERIFY_PEER`, `_AUTHZ` (comma-separated), `_CIPHERS` and `_HANDSHAKE_TIMEOUT_MS`, validated by `TlsConfig`. A bad value
  * is an `InvalidData` error at its variable with a one-line message (`MULTIFD_TLS_VERIFY_PEER: "maybe" is not
  * true or false`).
  *
@@ -399,6 +417,7 @@ export const config: Config.Config<TlsConfig> = Config.all({
   hostname: optional(Config.string("HOSTNAME")),
   verifyPeer: optional(Field.field("VERIFY_PEER", Field.boolean)),
   authz: optional(Config.array(Config.string(), "AUTHZ")),
+  ciphers: optional(Config.string("CIPHERS")),
   handshakeTimeoutMs: optional(Field.field("HANDSHAKE_TIMEOUT_MS", (text) => {
     const ms = Number(text)
     return text.length > 0 && Number.isFinite(ms) && ms > 0

@@ -402,6 +402,44 @@ describe("PSK (QEMU tls-creds-psk)", () => {
 
 // ---------------------------------------------------------------------------------------------------------
 
+describe("cipher suites: fast with AES instructions, configurable, the destination's order wins", () => {
+  const ciphersOf = (seen: ReadonlyArray<{ readonly cipher: string }>) => Array.from(new Set(seen.map((s) => s.cipher)))
+
+  it.live("x509 negotiates AES-128-GCM by default (Node's own default would be AES-256-GCM)", () =>
+    leakFree(Effect.gen(function*() {
+      const server = negotiated((yield* serverX509("server")).server)
+      yield* roundTrip(server.upgrade, (yield* clientX509()).client(LOOPBACK))
+      expect(ciphersOf(server.seen)).toEqual(["TLS_AES_128_GCM_SHA256"])
+    })))
+
+  it.live("a source that prefers ChaCha20 (as QEMU's GnuTLS does) gets the destination's AES-GCM, for PSK and x509", () =>
+    leakFree(Effect.gen(function*() {
+      const chachaFirst = "TLS_CHACHA20_POLY1305_SHA256:TLS_AES_128_GCM_SHA256:TLS_AES_256_GCM_SHA384"
+      const psk = negotiated((yield* pskTls()).server)
+      yield* roundTrip(psk.upgrade, (yield* pskTls("keys.psk", { ciphers: chachaFirst })).client(undefined))
+      expect(ciphersOf(psk.seen)).toEqual(["TLS_AES_128_GCM_SHA256"])
+      const x509 = negotiated((yield* serverX509("server")).server)
+      yield* roundTrip(x509.upgrade, (yield* clientX509({ ciphers: chachaFirst })).client(LOOPBACK))
+      expect(ciphersOf(x509.seen)).toEqual(["TLS_AES_128_GCM_SHA256"])
+    })))
+
+  it.live("ciphers configured on both sides are used (ChaCha20-Poly1305, for CPUs without AES instructions)", () =>
+    leakFree(Effect.gen(function*() {
+      const chacha = { ciphers: "TLS_CHACHA20_POLY1305_SHA256" }
+      const server = negotiated((yield* pskTls("keys.psk", chacha)).server)
+      yield* roundTrip(server.upgrade, (yield* pskTls("keys.psk", chacha)).client(undefined))
+      expect(ciphersOf(server.seen)).toEqual(["TLS_CHACHA20_POLY1305_SHA256"])
+    })))
+
+  it.live("a cipher list OpenSSL does not know is a configuration error at load, naming it", () =>
+    Effect.gen(function*() {
+      const error = yield* Effect.flip(Tls.load({ psk: fixture("keys.psk"), ciphers: "NO-SUCH-CIPHER" }))
+      expect(error).toMatchObject({ reason: "Config" })
+      expect(error.message).toContain("NO-SUCH-CIPHER")
+      expect(error.message.split("\n")).toHaveLength(1)
+    }))
+})
+
 describe("x509 (QEMU tls-creds-x509)", () => {
   it.live("default-host, by IP: the client checks 127.0.0.1 against the certificate's IP SAN", () =>
     leakFree(Effect.gen(function*() {

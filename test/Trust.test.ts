@@ -379,3 +379,25 @@ describe("strangers are candidates, never owners", () => {
       ])
     })))
 })
+
+describe("a listener that serves one migration after another", () => {
+  it.live("the next source, connecting right after the previous one's Done, is the next migration's, not closed with the last", () =>
+    leakFree(Effect.scoped(Effect.gen(function*() {
+      const listener = yield* Transport.listen(tcp0)
+      const ram = yield* sourceRam()
+      // the destination takes migrations one after another on the same listener; each source starts the
+      // moment the one before it succeeded (its Done arrived), while that destination is still closing
+      const destination = yield* Effect.fork(Effect.forEach(
+        [1, 2, 3, 4, 5],
+        () => Migration.incoming(listener, { timeouts: TIMEOUTS }),
+        { discard: false }
+      ))
+      for (let i = 0; i < 5; i++) {
+        yield* Migration.migrate({ address: listener.address, channels: 4, timeouts: TIMEOUTS }).pipe(
+          Effect.provideService(GuestRam.GuestRam, ram)
+        )
+      }
+      const received = yield* noHang(Fiber.join(destination), "five migrations")
+      for (const incoming of received) expect(sameMemory(incoming.ram, ram)).toBe(true)
+    })).pipe(Effect.provide(Transport.layer))))
+})

@@ -76,7 +76,7 @@ export const sendHelp = (): string => {
     sections: [
       { heading: "Arguments", entries: Help.pick(all, ["<uri>", "--in"]) },
       { heading: "Transfer", entries: Help.pick(all, ["--channels", "--page-size", "--compression", "--compression-level", "--zero-page"]) },
-      { heading: "TLS", entries: Help.pick(all, ["--tls-psk", "--tls-identity", "--tls-ca", "--tls-hostname", "--tls-cert", "--tls-key"]) },
+      { heading: "TLS", entries: Help.pick(all, ["--tls-psk", "--tls-identity", "--tls-ca", "--tls-hostname", "--tls-cert", "--tls-key", "--tls-ciphers"]) },
       { heading: "Timing and output", entries: Help.pick(all, ["--timeout", "--json", "--quiet", "--verbose"]) }
     ],
     footer: [environment("send"), EXIT_STATUS],
@@ -102,7 +102,7 @@ export const recvHelp = (): string => {
     sections: [
       { heading: "Arguments", entries: Help.pick(all, ["<uri>", "--out", "--out-dir", "--from-qemu"]) },
       { heading: "Transfer (the source decides; given here, the source must agree)", entries: Help.pick(all, ["--channels", "--page-size", "--compression"]) },
-      { heading: "TLS", entries: Help.pick(all, ["--tls-psk", "--tls-ca", "--tls-cert", "--tls-key", "--tls-verify-peer", "--tls-authz"]) },
+      { heading: "TLS", entries: Help.pick(all, ["--tls-psk", "--tls-ca", "--tls-cert", "--tls-key", "--tls-verify-peer", "--tls-authz", "--tls-ciphers"]) },
       { heading: "Timing and output", entries: Help.pick(all, ["--timeout", "--json", "--quiet", "--verbose"]) }
     ],
     footer: [

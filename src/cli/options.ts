@@ -294,6 +294,7 @@ export interface TlsFlags {
   readonly key: Option.Option<string>
   readonly authz: Option.Option<string>
   readonly verifyPeer: boolean
+  readonly ciphers: Option.Option<string>
 }
 
 const pem = (name: string, description: string) =>
@@ -306,6 +307,14 @@ const tlsPsk = Options.file("tls-psk").pipe(
 )
 const tlsCa = pem("tls-ca", "TLS with x509: the CA certificate(s) that verify the peer's certificate.")
 const tlsKey = pem("tls-key", "TLS with x509: the private key of --tls-cert.")
+const tlsCiphers = Options.text("tls-ciphers").pipe(
+  Options.withPseudoName("LIST"),
+  Options.withDescription(
+    "TLS cipher suites in order of preference, in OpenSSL's syntax (TLS 1.3 suite names and TLS 1.2 ciphers, " +
+      "colon-separated). Default: AES-GCM first (fast with AES-NI), then ChaCha20-Poly1305; recv's order wins."
+  ),
+  Options.optional
+)
 
 /** The source's TLS flags (as QEMU's tls-creds-psk / tls-creds-x509 with endpoint=client, and tls-hostname). */
 export const sendTls: Options.Options<TlsFlags> = Options.all({
@@ -322,7 +331,8 @@ export const sendTls: Options.Options<TlsFlags> = Options.all({
     Options.optional
   ),
   cert: pem("tls-cert", "TLS with x509: a client certificate to present (when the destination verifies clients)."),
-  key: tlsKey
+  key: tlsKey,
+  ciphers: tlsCiphers
 }).pipe(Options.map((flags): TlsFlags => ({ ...flags, authz: Option.none(), verifyPeer: false })))
 
 /** The destination's TLS flags (as QEMU's tls-creds-* with endpoint=server, verify-peer and tls-authz). */
@@ -341,7 +351,8 @@ export const recvTls: Options.Options<TlsFlags> = Options.all({
       "With x509: require a client certificate that chains to --tls-ca, is within its validity period and is " +
         "for client authentication (implied by --tls-authz)."
     )
-  )
+  ),
+  ciphers: tlsCiphers
 }).pipe(Options.map((flags): TlsFlags => ({ ...flags, identity: Option.none(), hostname: Option.none() })))
 
 /**
@@ -394,6 +405,7 @@ export const tlsConfigOf = (
     hostname: value(flags.hostname),
     verifyPeer: flags.verifyPeer ? true : undefined,
     authz: value(authz),
+    ciphers: value(flags.ciphers),
     handshakeTimeoutMs: value(Option.map(handshake, Duration.toMillis))
   }
   for (const k of Object.keys(config)) if (config[k] === undefined) delete config[k]

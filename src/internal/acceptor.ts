@@ -4,7 +4,8 @@
  * peeked at; the caller's `classify` sees each connection with its first four bytes (and when the wait for
  * them began, so that it can bound the rest of a handshake by the same deadline). A connection whose
  * upgrade or first bytes fail, or that `classify` turns away, is closed and recorded with the reason; only
- * a failure of `classify` fails the set.
+ * a failure of `classify` fails the set. Accepting stops when `until` completes, so that a listener serving one
+ * migration after another hands each connection to the migration it belongs to.
  *
  * @internal
  */
@@ -12,6 +13,7 @@ import * as Clock from "effect/Clock"
 import type * as Duration from "effect/Duration"
 import * as Effect from "effect/Effect"
 import * as FiberSet from "effect/FiberSet"
+import * as Option from "effect/Option"
 import * as Ref from "effect/Ref"
 import type * as Scope from "effect/Scope"
 import type * as Transport from "../Transport.js"
@@ -47,6 +49,12 @@ export const start = <E>(
     /** How long a connection may take to send its first bytes. */
     readonly firstBytesTimeout: Duration.DurationInput
     readonly classify: Classify<E>
+    /**
+     * Completes when no more connections are wanted (the migration has all its channels): later ones stay in
+     * the listener's queue for whoever accepts next (the next migration on the same listener) instead of being
+     * taken and closed with this one. By default the acceptors accept until their scope closes.
+     */
+    readonly until?: Effect.Effect<void> | undefined
   }
 ): Effect.Effect<Acceptor<E>, never, Scope.Scope> =>
   Effect.gen(function*() {
@@ -74,10 +82,12 @@ export const start = <E>(
         return yield* options.classify(connection, first.right, reject, since)
       })
 
+    const stop = options.until ?? Effect.never
     const acceptor: Effect.Effect<void, E> = Effect.scoped(Effect.gen(function*() {
-      const connection = yield* listener.accept
+      const next = yield* Effect.raceFirst(Effect.map(listener.accept, Option.some), Effect.as(stop, Option.none()))
+      if (Option.isNone(next)) return
       yield* FiberSet.run(connections, acceptor)
-      yield* handle(connection)
+      yield* handle(next.value)
     }))
     yield* FiberSet.run(connections, acceptor)
     return {

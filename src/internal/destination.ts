@@ -258,7 +258,9 @@ export const run = <E>(listener: Transport.Listener, settings: Settings<E>): Eff
     const acceptor = yield* Acceptor.start<Failure>(traced(listener), {
       upgrade: settings.upgrade === undefined ? undefined : tracedUpgrade(settings.upgrade),
       firstBytesTimeout: timeouts.handshake,
-      classify: Candidates.classifier(main, channelSet, timeouts.handshake)
+      classify: Candidates.classifier(main, channelSet, timeouts.handshake),
+      // with every channel adopted, later connections are the next migration's (on a reused listener)
+      until: Effect.ignore(Effect.flatMap(Deferred.await(channelSet), (recv) => recv.adopted))
     })
     const connectionFailure = acceptor.failure
 
