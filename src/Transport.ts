@@ -9,9 +9,11 @@
  * @since 0.1.0
  */
 import * as Context from "effect/Context"
+import * as Deferred from "effect/Deferred"
 import * as Duration from "effect/Duration"
 import * as Effect from "effect/Effect"
 import * as Either from "effect/Either"
+import * as Exit from "effect/Exit"
 import * as Layer from "effect/Layer"
 import * as Queue from "effect/Queue"
 import type * as Scope from "effect/Scope"
@@ -273,11 +275,14 @@ export const listen = (address: Address): Effect.Effect<Listener, TransportError
           Queue.unsafeOffer(pending, { socket, reader })
         })
       ),
+      // stop accepting first, then destroy what was accepted: a connection accepted while the stragglers
+      // close would otherwise be left open
       (server) =>
-        Effect.zipRight(
-          Effect.forEach(Array.from(accepted), destroy, { discard: true, concurrency: "unbounded" }),
-          closeServer(server)
-        )
+        Effect.flatMap(stopAccepting(server), (closed) =>
+          Effect.zipRight(
+            Effect.forEach(Array.from(accepted), destroy, { discard: true, concurrency: "unbounded" }),
+            closed
+          ))
     )
     const bind = Effect.async<void, TransportError>((resume) => {
       const onError = (error: Error) =>
@@ -384,11 +389,15 @@ const kindOf = (stat: Stats): string =>
 const peerOf = (socket: Net.Socket): string =>
   socket.remoteAddress === undefined ? "local peer" : `${socket.remoteAddress}:${socket.remotePort}`
 
-const closeServer = (server: Net.Server): Effect.Effect<void> =>
-  Effect.async<void>((resume) => {
-    if (!server.listening) return resume(Effect.void)
-    server.close(() => resume(Effect.void))
-    // connections handed out are owned (and closed) by their own scopes
+/**
+ * Closes the server's listening handle now (no connection is accepted after this returns) and gives the wait
+ * for its `close`. Connections handed out are owned (and closed) by their own scopes.
+ */
+const stopAccepting = (server: Net.Server): Effect.Effect<Effect.Effect<void>> =>
+  Effect.map(Deferred.make<void>(), (closed) => {
+    if (server.listening) server.close(() => Deferred.unsafeDone(closed, Exit.void))
+    else Deferred.unsafeDone(closed, Exit.void)
+    return Deferred.await(closed)
   })
 
 /**

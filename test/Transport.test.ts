@@ -179,6 +179,28 @@ describe("listen", () => {
     }))
   })
 
+  it.live("closing a listener accepts nothing more while it closes the connections nobody took", () => {
+    const path = tempSocketPath("late")
+    const clients: Array<Net.Socket> = []
+    const raw = () => {
+      const socket = Net.connect({ path }).on("error", () => {})
+      clients.push(socket)
+      return socket
+    }
+    return leakFree(Effect.gen(function*() {
+      yield* Effect.scoped(Effect.gen(function*() {
+        const before = openHandles().PipeWrap ?? 0
+        yield* listen(addr(`unix:${path}`))
+        // a connection accepted and never taken: the listener's close destroys it and awaits its close
+        raw()
+        while ((openHandles().PipeWrap ?? 0) < before + 3) yield* nextTurn // listener, client, accepted
+        // a connection arriving as the listener closes (this finalizer runs just before the listener's)
+        yield* Effect.addFinalizer(() => Effect.sync(() => void raw()))
+        // fibers resume in the check phase, after the loop polled for connections: the window is every time
+      })).pipe(Effect.withScheduler({ scheduleTask: (task) => void setImmediate(task), shouldYield: () => false }))
+    }).pipe(Effect.ensuring(Effect.sync(() => clients.forEach((socket) => socket.destroy())))))
+  })
+
   it.live("the Transport service layer exposes connect and listen", () =>
     leakFree(Effect.gen(function*() {
       const transport = yield* Transport
