@@ -27,8 +27,9 @@ import * as Data from "effect/Data"
 import * as Effect from "effect/Effect"
 import * as Either from "effect/Either"
 import type * as Scope from "effect/Scope"
+import * as WorkerThreads from "node:worker_threads"
 import * as EventLoop from "./internal/native/eventLoop.js"
-import { type ProcessFailure, ZlibStream } from "./internal/native/zlibStream.js"
+import { type Processed, type ProcessFailure, ZlibStream } from "./internal/native/zlibStream.js"
 import * as Zstd from "./internal/native/zstdStream.js"
 import * as Protocol from "./Protocol.js"
 import type * as Transport from "./Transport.js"
@@ -196,17 +197,33 @@ const gather = (memory: Buffer, offsets: Float64Array, normal: number, pageSize:
       end += pageSize
       i++
     }
-    at += memory.copy(target, at, start, end)
+    target.set(memory.subarray(start, end), at)
+    at += end - start
   }
 }
 
-/** Copies `normal` consecutive pages of `source` to their places at `offsets` of `memory`. */
-const scatter = (source: Buffer, memory: Buffer, offsets: Float64Array, normal: number, pageSize: number): void => {
-  for (let i = 0; i < normal; i++) source.copy(memory, offsets[i]!, i * pageSize, (i + 1) * pageSize)
+/** Copies `normal` consecutive pages of `source` to their places at `offsets` of `memory` (a copy a run). */
+const scatter = (source: Uint8Array, memory: Buffer, offsets: Float64Array, normal: number, pageSize: number): void => {
+  let i = 0
+  let at = 0
+  while (i < normal) {
+    const start = offsets[i]!
+    let end = start + pageSize
+    i++
+    while (i < normal && offsets[i] === end) {
+      end += pageSize
+      i++
+    }
+    memory.set(source.subarray(at, at + end - start), start)
+    at += end - start
+  }
 }
 
+const codecError = (channel: number | undefined, reason: CodecError["reason"], detail: string) =>
+  new CodecError({ reason, channel, detail })
+
 const fail = (channel: number, reason: CodecError["reason"], detail: string) =>
-  Effect.fail(new CodecError({ reason, channel, detail }))
+  Effect.fail(codecError(channel, reason, detail))
 
 /**
  * The checks before any payload byte is read: a packet without normal pages carries no payload (QEMU
@@ -238,23 +255,6 @@ const checkSize = (
  */
 const payloadBound = (bytes: number): number => bytes + (bytes >>> 6) + 4096
 
-/**
- * Makes a decoder's first `CodecError` final: a stream that failed once cannot go on (later packets would
- * decode against a wrong history), so every later call fails the same way, before reading anything.
- */
-const sticky = (decoder: Decoder): Decoder => {
-  let broken: CodecError | undefined
-  return {
-    decode: (connection, size, memory, offsets, normal, pageSize) =>
-      broken !== undefined
-        ? Effect.fail(broken)
-        : Effect.tapError(decoder.decode(connection, size, memory, offsets, normal, pageSize), (error) =>
-          Effect.sync(() => {
-            if (error._tag === "CodecError") broken ??= error
-          }))
-  }
-}
-
 /** The result's size check, before the pages are copied to memory. */
 const checkProduced = (
   method: string,
@@ -262,27 +262,81 @@ const checkProduced = (
   produced: number,
   expected: number,
   normal: number
-): Effect.Effect<void, CodecError> =>
+): CodecError | undefined =>
   produced > expected
-    ? fail(channel, "TooLarge", `the ${method} payload inflates past ${expected} bytes (${normal} normal pages)`)
+    ? codecError(channel, "TooLarge", `the ${method} payload inflates past ${expected} bytes (${normal} normal pages)`)
     : produced < expected
-    ? fail(channel, "TooShort", `the ${method} payload decodes to ${produced} bytes, expected ${expected} (${normal} normal pages)`)
-    : Effect.void
+    ? codecError(
+      channel,
+      "TooShort",
+      `the ${method} payload decodes to ${produced} bytes, expected ${expected} (${normal} normal pages)`
+    )
+    : undefined
+
+/**
+ * Decodes one packet's payload, already read, into memory: synchronous (decompression is fast at every
+ * level), so that it runs the same on the event loop and on a channel thread. Returns the `CodecError` of a
+ * payload that does not decode to exactly its pages (memory is then untouched). A stream that failed once
+ * fails every later call the same way (later packets would decode against a wrong history).
+ */
+interface PayloadDecoder {
+  readonly decode: (
+    payload: Uint8Array,
+    memory: Buffer,
+    offsets: Float64Array,
+    normal: number,
+    pageSize: number
+  ) => CodecError | undefined
+}
+
+/** Makes a payload decoder's first error final. */
+const stickyPayload = (decode: PayloadDecoder["decode"]): PayloadDecoder => {
+  let broken: CodecError | undefined
+  return {
+    decode: (payload, memory, offsets, normal, pageSize) => {
+      if (broken !== undefined) return broken
+      const error = decode(payload, memory, offsets, normal, pageSize)
+      if (error !== undefined) broken = error
+      return error
+    }
+  }
+}
+
+/**
+ * A decoder that reads each payload into a per-channel buffer (checked against its pages' bound first) and
+ * hands it to `payload`. A `CodecError` is final: every later call fails the same way, before reading.
+ */
+const reading = (method: string, channel: number, payload: PayloadDecoder): Decoder => {
+  const input = new Scratch()
+  let broken: CodecError | undefined
+  return {
+    decode: (connection, size, memory, offsets, normal, pageSize) =>
+      broken !== undefined ? Effect.fail(broken) : Effect.gen(function*() {
+        const sized = yield* Effect.either(checkSize(method, channel, size, normal, pageSize))
+        if (sized._tag === "Left") return yield* Effect.fail(broken = sized.left)
+        if (normal === 0) return
+        const buffer = input.get(size).subarray(0, size)
+        yield* connection.readInto(buffer, 0, size)
+        const error = payload.decode(buffer, memory, offsets, normal, pageSize)
+        if (error !== undefined) return yield* Effect.fail(broken = error)
+      })
+  }
+}
 
 // ---------------------------------------------------------------------------------------------------------
 // zlib
 
-/** One `ZlibStream.process` call as an effect; interrupting it abandons the stream. */
+/** One asynchronous `ZlibStream.process` call as an effect; interrupting it abandons the stream. */
 const runZlib = (
   stream: ZlibStream,
   input: Uint8Array,
-  sink: (chunk: Buffer) => boolean
-): Effect.Effect<ProcessFailure | undefined> =>
-  Effect.async<ProcessFailure | undefined>((resume) => {
+  output: Buffer
+): Effect.Effect<Processed | ProcessFailure> =>
+  Effect.async<Processed | ProcessFailure>((resume) => {
     let settled = false
-    stream.process(input, sink, (failure) => {
+    stream.process(input, output, (result) => {
       settled = true
-      resume(Effect.succeed(failure))
+      resume(Effect.succeed(result))
     })
     return Effect.sync(() => {
       if (!settled) stream.stop()
@@ -302,66 +356,92 @@ const describeFailure = (failure: ProcessFailure): string =>
     ? "the stream was abandoned"
     : "the stream is closed"
 
-const zlibEncoder = (level: number): Effect.Effect<Encoder, never, Scope.Scope> =>
+/**
+ * Input bytes a channel thread deflates between two yield points: deflate runs at a few tens of MB/s here
+ * (level 1 on incompressible pages; slower at higher levels), so a packet goes in pieces.
+ */
+const ZLIB_PIECE = 128 * 1024
+
+/**
+ * zlib compression. The pages are copied together first (QEMU copies too: zlib does not promise to read its
+ * input once, and the guest may write a page meanwhile); the output goes into a per-channel buffer. On the
+ * event loop's thread the work goes to libuv's thread pool (one round trip a packet), so that channels
+ * compress in parallel; on a channel thread (a worker) it runs in place, a piece at a time with a yield point
+ * between pieces.
+ */
+const zlibEncoder = (level: number, runOn: "pool" | "caller"): Effect.Effect<Encoder, never, Scope.Scope> =>
   Effect.map(zlibStream(() => ZlibStream.deflate(level)), (stream) => {
     const pages = new Scratch()
+    const out = new Scratch()
+    const inline = runOn === "caller"
+    const failed = (detail: string) =>
+      codecError(undefined, "Corrupt", `zlib compression failed: ${detail}`)
     return {
-      output: "fresh",
+      output: "reused",
       encode: (memory, offsets, normal, pageSize, chunks) =>
         Effect.suspend(() => {
           // QEMU sends no payload at all for a packet of zero pages only
           if (normal === 0) return Effect.succeed(0)
-          const input = pages.get(normal * pageSize).subarray(0, normal * pageSize)
+          const bytes = normal * pageSize
+          const input = pages.get(bytes).subarray(0, bytes)
           gather(memory, offsets, normal, pageSize, input)
-          let size = 0
-          return Effect.flatMap(
-            runZlib(stream, input, (chunk) => {
-              chunks.push(chunk)
-              size += chunk.length
-              return true
-            }),
-            (failure) =>
-              failure === undefined ? Effect.succeed(size) : new CodecError({
-                reason: "Corrupt",
-                channel: undefined,
-                detail: `zlib compression failed: ${describeFailure(failure)}`
-              })
-          )
+          const output = out.get(payloadBound(bytes))
+          const done = (produced: number): Effect.Effect<number, CodecError> => {
+            chunks.push(output.subarray(0, produced))
+            return Effect.succeed(produced)
+          }
+          if (!inline) {
+            return Effect.flatMap(runZlib(stream, input, output), (result) =>
+              "_tag" in result
+                ? Effect.fail(failed(describeFailure(result)))
+                : result.full
+                ? Effect.fail(failed(`more than ${output.length} bytes of output for ${bytes} bytes`))
+                : done(result.produced))
+          }
+          let from = 0
+          let produced = 0
+          const piece: Effect.Effect<boolean, CodecError> = Effect.suspend(() => {
+            const to = Math.min(bytes, from + ZLIB_PIECE)
+            const result = stream.processSync(input.subarray(from, to), output.subarray(produced), to === bytes)
+            if ("_tag" in result) return Effect.fail(failed(describeFailure(result)))
+            if (result.full) return Effect.fail(failed(`more than ${output.length} bytes of output for ${bytes} bytes`))
+            produced += result.produced
+            from = to
+            return Effect.succeed(from === bytes)
+          })
+          return Effect.gen(function*() {
+            while (!(yield* piece)) yield* EventLoop.cooperate
+            return yield* done(produced)
+          })
         })
-    }
+    } satisfies Encoder
   })
 
-const zlibDecoder = (channel: number): Effect.Effect<Decoder, never, Scope.Scope> =>
+/**
+ * zlib decompression, in place (inflate is fast at every level): the payload decodes into a per-channel
+ * buffer of `normal × pageSize + 1` bytes, whose last byte reveals an excess (decompression stops there).
+ */
+const zlibPayloadDecoder = (channel: number): Effect.Effect<PayloadDecoder, never, Scope.Scope> =>
   Effect.map(zlibStream(() => ZlibStream.inflate()), (stream) => {
-    const payload = new Scratch()
     const pages = new Scratch()
-    return sticky({
-      decode: (connection, size, memory, offsets, normal, pageSize) =>
-        Effect.gen(function*() {
-          yield* checkSize("zlib", channel, size, normal, pageSize)
-          if (normal === 0) return
-          const input = payload.get(size).subarray(0, size)
-          yield* connection.readInto(input, 0, size)
-          const expected = normal * pageSize
-          // one byte more than the pages: decompression stops as soon as it is reached
-          const output = pages.get(expected + 1).subarray(0, expected + 1)
-          const consumedBefore = stream.consumed
-          let produced = 0
-          const failure = yield* runZlib(stream, input, (chunk) => {
-            produced += chunk.copy(output, produced)
-            return produced < output.length
-          })
-          if (failure !== undefined && !(failure._tag === "Stopped" && produced === output.length)) {
-            return yield* fail(channel, "Corrupt", `zlib: ${describeFailure(failure)}`)
-          }
-          yield* checkProduced("zlib", channel, produced, expected, normal)
-          const consumed = stream.consumed - consumedBefore
-          if (consumed !== size) {
-            // the zlib stream ended inside this payload: QEMU never ends it, and the rest is not its data
-            return yield* fail(channel, "Corrupt", `zlib: the stream ended after ${consumed} of ${size} payload bytes`)
-          }
-          scatter(output, memory, offsets, normal, pageSize)
-        })
+    return stickyPayload((payload, memory, offsets, normal, pageSize) => {
+      const expected = normal * pageSize
+      // one byte more than the pages: decompression stops as soon as it is reached
+      const output = pages.get(expected + 1).subarray(0, expected + 1)
+      const result = stream.processSync(payload, output, true)
+      if ("_tag" in result) return codecError(channel, "Corrupt", `zlib: ${describeFailure(result)}`)
+      const wrong = checkProduced("zlib", channel, result.produced, expected, normal)
+      if (wrong !== undefined) return wrong
+      if (result.consumed !== payload.length) {
+        // the zlib stream ended inside this payload: QEMU never ends it, and the rest is not its data
+        return codecError(
+          channel,
+          "Corrupt",
+          `zlib: the stream ended after ${result.consumed} of ${payload.length} payload bytes`
+        )
+      }
+      scatter(output, memory, offsets, normal, pageSize)
+      return undefined
     })
   })
 
@@ -379,8 +459,10 @@ const zstdBinding = (channel: number | undefined) =>
 /**
  * Input bytes compressed between two yield points: one zstd block (libzstd compresses whole 128 KiB blocks,
  * 100 ms at most at level 19 here), so that a packet at a high level never holds the event loop for long.
+ * Up to `ZSTD_WHOLE_LEVEL` a packet goes in one piece: a millisecond or two (about 1 GiB/s at level 3).
  */
 const ZSTD_PIECE = 128 * 1024
+const ZSTD_WHOLE_LEVEL = 3
 
 const zstdEncoder = (level: number): Effect.Effect<Encoder, CodecError, Scope.Scope> =>
   Effect.gen(function*() {
@@ -396,7 +478,8 @@ const zstdEncoder = (level: number): Effect.Effect<Encoder, CodecError, Scope.Sc
     const failed = (error: unknown) =>
       new CodecError({ reason: "Corrupt", channel: undefined, detail: `zstd compression failed: ${Zstd.describe(error)}` })
     // a piece at a time, with a yield point between pieces: the event loop runs at least every BUDGET_MS
-    const step = Effect.try({ try: () => compressor.step(ZSTD_PIECE), catch: failed })
+    const piece = level <= ZSTD_WHOLE_LEVEL ? Number.POSITIVE_INFINITY : ZSTD_PIECE
+    const step = Effect.try({ try: () => compressor.step(piece), catch: failed })
     return {
       output: "reused",
       encode: (memory, offsets, normal, pageSize, chunks) =>
@@ -408,7 +491,7 @@ const zstdEncoder = (level: number): Effect.Effect<Encoder, CodecError, Scope.Sc
     } satisfies Encoder
   })
 
-const zstdDecoder = (channel: number): Effect.Effect<Decoder, CodecError, Scope.Scope> =>
+const zstdPayloadDecoder = (channel: number): Effect.Effect<PayloadDecoder, CodecError, Scope.Scope> =>
   Effect.gen(function*() {
     const zstd = yield* zstdBinding(channel)
     const decompressor = yield* Effect.acquireRelease(
@@ -418,32 +501,41 @@ const zstdDecoder = (channel: number): Effect.Effect<Decoder, CodecError, Scope.
       }),
       (decompressor) => Effect.sync(() => decompressor.release())
     )
-    const payload = new Scratch()
     const pages = new Scratch()
-    return sticky({
-      decode: (connection, size, memory, offsets, normal, pageSize) =>
-        Effect.gen(function*() {
-          yield* checkSize("zstd", channel, size, normal, pageSize)
-          if (normal === 0) return
-          const input = payload.get(size).subarray(0, size)
-          yield* connection.readInto(input, 0, size)
-          const expected = normal * pageSize
-          const output = pages.get(expected + 1).subarray(0, expected + 1)
-          const result = yield* Effect.try({
-            try: () => decompressor.decompress(input, output),
-            catch: (error) => new CodecError({ reason: "Corrupt", channel, detail: `zstd: ${Zstd.describe(error)}` })
-          })
-          yield* checkProduced("zstd", channel, result.produced, expected, normal)
-          if (result.leftover > 0) {
-            return yield* fail(channel, "Corrupt", `zstd: ${result.leftover} of ${size} payload bytes were not taken`)
-          }
-          scatter(output, memory, offsets, normal, pageSize)
-        })
+    return stickyPayload((payload, memory, offsets, normal, pageSize) => {
+      const expected = normal * pageSize
+      const output = pages.get(expected + 1).subarray(0, expected + 1)
+      let result: Zstd.Decompressed
+      try {
+        result = decompressor.decompress(payload, output)
+      } catch (error) {
+        return codecError(channel, "Corrupt", `zstd: ${Zstd.describe(error)}`)
+      }
+      const wrong = checkProduced("zstd", channel, result.produced, expected, normal)
+      if (wrong !== undefined) return wrong
+      if (result.leftover > 0) {
+        return codecError(channel, "Corrupt", `zstd: ${result.leftover} of ${payload.length} payload bytes were not taken`)
+      }
+      scatter(output, memory, offsets, normal, pageSize)
+      return undefined
     })
   })
 
 // ---------------------------------------------------------------------------------------------------------
 // Acquisition
+
+/**
+ * Where an encoder compresses: `pool`, on libuv's thread pool (zlib: the event loop stays free and the
+ * channels compress in parallel; zstd always runs on the caller's thread, a piece at a time), or `caller`, on
+ * the calling thread (a channel thread: its own thread is the parallelism). Default: `pool` on the main
+ * thread, `caller` on a worker thread.
+ *
+ * @since 0.1.0
+ * @category models
+ */
+export interface EncoderOptions {
+  readonly runOn?: "pool" | "caller" | undefined
+}
 
 /**
  * The encoder for a channel: its compression stream lives in the scope and is released (zlib handle
@@ -454,12 +546,15 @@ const zstdDecoder = (channel: number): Effect.Effect<Decoder, CodecError, Scope.
  */
 export const encoder = (
   compression: Protocol.Compression,
-  level?: number | undefined
+  level?: number | undefined,
+  options?: EncoderOptions
 ): Effect.Effect<Encoder, CodecError, Scope.Scope> =>
   compression === "none"
     ? Effect.succeed(rawEncoder)
     : Effect.flatMap(checkLevel(compression, level), (lvl) =>
-      compression === "zlib" ? zlibEncoder(lvl) : zstdEncoder(lvl))
+      compression === "zlib"
+        ? zlibEncoder(lvl, options?.runOn ?? (WorkerThreads.isMainThread ? "pool" : "caller"))
+        : zstdEncoder(lvl))
 
 /**
  * The decoder for a channel: its decompression stream lives in the scope, released when it closes.
@@ -473,6 +568,7 @@ export const decoder = (
 ): Effect.Effect<Decoder, CodecError, Scope.Scope> =>
   compression === "none"
     ? Effect.succeed(rawDecoder)
-    : compression === "zlib"
-    ? zlibDecoder(channel)
-    : zstdDecoder(channel)
+    : Effect.map(
+      compression === "zlib" ? zlibPayloadDecoder(channel) : zstdPayloadDecoder(channel),
+      (payload) => reading(compression, channel, payload)
+    )

@@ -168,9 +168,14 @@ const makePackets = (pages: number): ReadonlyArray<Float64Array> => {
 }
 
 /** Encodes every packet on one channel stream, then decodes them all on one decoder; returns the payloads. */
-const roundTrip = (compression: Protocol.Compression, level: number | undefined, memory: Buffer) =>
+const roundTrip = (
+  compression: Protocol.Compression,
+  level: number | undefined,
+  memory: Buffer,
+  options?: PageCodec.EncoderOptions
+) =>
   Effect.scoped(Effect.gen(function*() {
-    const encoder = yield* PageCodec.encoder(compression, level)
+    const encoder = yield* PageCodec.encoder(compression, level, options)
     const packets = makePackets(memory.length / PAGE)
     const payloads: Array<Buffer> = []
     for (const offsets of packets) {
@@ -210,6 +215,43 @@ describe("round trips", () => {
         expect(all.length).toBe(packets.reduce((n, p) => n + p.length, 0) * PAGE)
         if (level > 0) expect(all.length).toBeGreaterThan(Buffer.concat(payloads).length)
       }))
+  }
+
+  for (const level of [1, 6, 9]) {
+    it.effect(`zlib level ${level} on the calling thread (a channel thread's way), in pieces`, () =>
+      Effect.gen(function*() {
+        const memory = makeMemory(200 + level)
+        const pool = yield* roundTrip("zlib", level, memory, { runOn: "pool" })
+        const caller = yield* roundTrip("zlib", level, memory, { runOn: "caller" })
+        const data = caller.payloads.filter((_, i) => caller.packets[i]!.length > 0)
+        expect(data[0]!.readUInt8(0)).toBe(0x78)
+        for (const payload of data) expect(payload.subarray(-4).toString("hex")).toBe("0000ffff")
+        // the same stream either way: an independent inflate sees the same pages
+        const inflate = (payloads: ReadonlyArray<Buffer>) =>
+          Zlib.inflateSync(Buffer.concat(payloads), { finishFlush: Zlib.constants.Z_SYNC_FLUSH })
+        expect(inflate(caller.payloads).equals(inflate(pool.payloads))).toBe(true)
+      }))
+  }
+
+  for (const runOn of ["pool", "caller"] as const) {
+    it.effect(`zlib (${runOn}): every packet's payload is written into one buffer of the encoder's`, () =>
+      Effect.scoped(Effect.gen(function*() {
+        // 8 packets of 512 KiB of random pages: more output than any buffer of Node's own (1 MiB at most)
+        const memory = Crypto.randomBytes(8 * SLOTS * PAGE)
+        const encoder = yield* PageCodec.encoder("zlib", 1, { runOn })
+        expect(encoder.output).toBe("reused")
+        const buffers = new Set<ArrayBufferLike>()
+        for (let k = 0; k < 8; k++) {
+          const offsets = Float64Array.from({ length: SLOTS }, (_, i) => (k * SLOTS + i) * PAGE)
+          const chunks: Array<Uint8Array> = []
+          const size = yield* encoder.encode(memory, offsets, SLOTS, PAGE, chunks)
+          expect(chunks.length).toBe(1)
+          expect(chunks[0]!.length).toBe(size)
+          expect(chunks[0]!.byteOffset).toBe(0)
+          buffers.add(chunks[0]!.buffer)
+        }
+        expect(buffers.size).toBe(1)
+      })))
   }
 
   for (const level of [1, 3, 9, 19]) {
@@ -361,8 +403,8 @@ describe("release", () => {
   const memory = makeMemory(11).subarray(0, 1 << 20)
   const offsets = Float64Array.from({ length: SLOTS }, (_, i) => i * PAGE)
 
-  for (const compression of ["zlib", "zstd"] as const) {
-    it.effect(`${compression}: success, failure, interruption and a failing scope all release`, () =>
+  for (const [compression, runOn] of [["zlib", "pool"], ["zlib", "caller"], ["zstd", undefined]] as const) {
+    it.effect(`${compression}${runOn ? ` (${runOn})` : ""}: success, failure, interruption and a failing scope all release`, () =>
       Effect.gen(function*() {
         const before = openContexts()
         // success
@@ -385,7 +427,7 @@ describe("release", () => {
         Crypto.randomFillSync(big, 0, 8 << 20)
         const all = Float64Array.from({ length: big.length / PAGE }, (_, i) => i * PAGE)
         const scope = yield* Scope.make()
-        const encoder = yield* Scope.extend(PageCodec.encoder(compression, 9), scope)
+        const encoder = yield* Scope.extend(PageCodec.encoder(compression, 9, { runOn }), scope)
         const fiber = yield* Effect.fork(encoder.encode(big, all, all.length, PAGE, []))
         for (let i = 0; i < 5; i++) yield* Effect.yieldNow()
         yield* Fiber.interrupt(fiber)

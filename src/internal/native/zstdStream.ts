@@ -40,24 +40,30 @@ export const describe = (error: unknown): string =>
   error instanceof Error ? error.message : String(error)
 
 /**
+ * Runs shorter than this (pages scattered in memory) are first copied together: one libzstd call for many
+ * pages, where feeding each page costs a call through the binding (about as much as compressing it at level 1).
+ */
+export const GATHER_BELOW = 64 * 1024
+
+/**
  * A compression context whose single frame spans the channel's life. A packet is compressed in pieces
  * (`begin`, `step` until it says done, `finish`), so that a caller can let other work run between pieces:
- * at high levels a packet takes hundreds of milliseconds. libzstd copies what it is fed into its own
- * window, so the pages may change between pieces (a page written meanwhile is dirty, sent again later).
- * The output buffer is reused: the views `finish` returns stay valid until the next `begin`.
+ * at high levels a packet takes hundreds of milliseconds. Long runs of contiguous pages are read in place,
+ * short ones copied together into a scratch buffer first (`GATHER_BELOW`). libzstd copies what it is fed
+ * into its own window, so the pages may change between pieces (a page written meanwhile is dirty, sent again
+ * later). The output buffer is reused: the views `finish` returns stay valid until the next `begin`.
  */
 export class ZstdCompressor {
   private cctx: Binding.CCtx | undefined
   private out: Buffer
-  // the packet in progress: its pages, the run being fed, and the output so far
-  private memory: Uint8Array = new Uint8Array(0)
-  private offsets: ArrayLike<number> = []
-  private count = 0
-  private pageSize = 0
-  private next = 0
+  private scratch: Buffer = Buffer.alloc(0)
+  // the packet in progress: what to feed (views of memory or of the scratch), and the output so far
+  private readonly segments: Array<Uint8Array> = []
+  private segment = 0
   private run: Uint8Array = new Uint8Array(0)
   private last = false
   private at = 0
+  private pageSize = 0
   private readonly full: Array<Buffer> = []
 
   constructor(private readonly zstd: ZstdBinding, level: number, packetBytes: number) {
@@ -75,45 +81,57 @@ export class ZstdCompressor {
   /** Starts a packet of `count` pages (`offsets[i]`, `pageSize` bytes each) of `memory`. */
   begin(memory: Uint8Array, offsets: ArrayLike<number>, count: number, pageSize: number): void {
     if (this.cctx === undefined) throw new Error("zstd compression context already released")
-    if (this.out.length < this.capacity(count * pageSize)) this.out = Buffer.allocUnsafe(this.capacity(count * pageSize))
-    this.memory = memory
-    this.offsets = offsets
-    this.count = count
+    const bytes = count * pageSize
+    if (this.out.length < this.capacity(bytes)) this.out = Buffer.allocUnsafe(this.capacity(bytes))
     this.pageSize = pageSize
-    this.next = 0
+    this.segments.length = 0
+    this.segment = 0
     this.run = memory.subarray(0, 0)
     this.last = false
     this.at = 0
     this.full.length = 0
+    // runs of contiguous pages; short ones copied one after the other into the scratch (one segment until
+    // the next long run)
+    let gathered = 0
+    let from = 0
+    for (let i = 0; i < count;) {
+      const start = offsets[i]!
+      let end = start + pageSize
+      for (i++; i < count && offsets[i] === end; i++) end += pageSize
+      if (end - start >= GATHER_BELOW) {
+        if (gathered > from) this.segments.push(this.scratch.subarray(from, gathered))
+        from = gathered
+        this.segments.push(memory.subarray(start, end))
+      } else {
+        if (this.scratch.length < bytes) this.scratch = Buffer.allocUnsafe(bytes)
+        this.scratch.set(memory.subarray(start, end), gathered)
+        gathered += end - start
+      }
+    }
+    if (gathered > from) this.segments.push(this.scratch.subarray(from, gathered))
   }
 
   /**
-   * Feeds at most `bytes` more of the packet's pages (contiguous pages at once, a long run in pieces) and,
-   * after the last, flushes the frame. Returns whether the packet is complete. Throws on a libzstd failure.
+   * Feeds at most `bytes` more of the packet (a long segment in pieces) and, after the last, flushes the
+   * frame. Returns whether the packet is complete. Throws on a libzstd failure.
    */
   step(bytes: number): boolean {
     const cctx = this.cctx
     if (cctx === undefined) throw new Error("zstd compression context already released")
     const { flush, continue: more } = this.zstd.EndDirective
+    // a packet without pages: nothing to feed, nothing to flush
+    if (this.segments.length === 0) return true
     let budget = bytes
     while (true) {
       if (this.run.length === 0) {
-        if (this.next === this.count) return this.last
-        // the next run of contiguous pages
-        const start = this.offsets[this.next]!
-        let end = start + this.pageSize
-        this.next++
-        while (this.next < this.count && this.offsets[this.next] === end) {
-          end += this.pageSize
-          this.next++
-        }
-        this.run = this.memory.subarray(start, end)
+        if (this.segment === this.segments.length) return this.last
+        this.run = this.segments[this.segment++]!
       }
       if (budget <= 0) return false
-      const piece = this.run.subarray(0, budget)
-      this.run = this.run.subarray(piece.length)
+      const piece = this.run.length <= budget ? this.run : this.run.subarray(0, budget)
+      this.run = piece === this.run ? this.run.subarray(this.run.length) : this.run.subarray(piece.length)
       budget -= piece.length
-      this.last = this.run.length === 0 && this.next === this.count
+      this.last = this.run.length === 0 && this.segment === this.segments.length
       this.feed(cctx, piece, this.last ? flush : more)
       if (this.last) return true
     }
@@ -130,7 +148,7 @@ export class ZstdCompressor {
       }
       const [remaining, produced, consumed] = cctx.compressStream2(this.out.subarray(this.at), src, directive)
       this.at += produced
-      src = src.subarray(consumed)
+      if (consumed > 0) src = src.subarray(consumed)
       if (src.length === 0 && (directive !== this.zstd.EndDirective.flush || remaining === 0)) break
     }
   }
@@ -145,8 +163,8 @@ export class ZstdCompressor {
     this.full.length = 0
     if (this.at > 0) chunks.push(this.out.subarray(0, this.at))
     // the pages are not kept past the packet
-    this.memory = new Uint8Array(0)
-    this.run = this.memory
+    this.segments.length = 0
+    this.run = this.scratch.subarray(0, 0)
     return total + this.at
   }
 
@@ -170,8 +188,8 @@ export class ZstdCompressor {
   release(): void {
     if (this.cctx === undefined) return
     this.cctx = undefined
-    this.memory = new Uint8Array(0)
-    this.run = this.memory
+    this.segments.length = 0
+    this.run = this.scratch.subarray(0, 0)
     open--
   }
 }
