@@ -252,6 +252,19 @@ export const isZeroPage = (bytes: Buffer, offset: number, pageSize: number): boo
   bytes.compare(zeroPage(pageSize), 0, pageSize, offset, offset + pageSize) === 0
 
 /**
+ * Makes the page at `offset` of `bytes` all zeros, writing it only if it is not already (QEMU's destination
+ * skips the same write): a page never written stays untouched (no fault, nothing dirtied), and reading a page
+ * costs less than writing it. The write is a copy of `zeroPage` (on shared memory `fill` stores byte by byte,
+ * several times slower).
+ *
+ * @since 0.1.0
+ * @category utils
+ */
+export const clearPage = (bytes: Buffer, offset: number, pageSize: number): void => {
+  if (!isZeroPage(bytes, offset, pageSize)) bytes.set(zeroPage(pageSize), offset)
+}
+
+/**
  * Chunk size of the digest tree: each 64 MiB chunk is hashed on its own (in parallel where possible).
  *
  * @since 0.1.0

@@ -21,7 +21,7 @@ import * as Layer from "effect/Layer"
 import * as Queue from "effect/Queue"
 import * as Ref from "effect/Ref"
 import type * as Scope from "effect/Scope"
-import type * as GuestRam from "./GuestRam.js"
+import * as GuestRam from "./GuestRam.js"
 import * as MigrationError from "./MigrationError.js"
 import * as PageCodec from "./PageCodec.js"
 import * as Protocol from "./Protocol.js"
@@ -223,7 +223,7 @@ export const make = (config: Config): Effect.Effect<MultifdRecv["Type"], never, 
       zero: number,
       payload: number
     ) => {
-      for (let i = normal; i < normal + zero; i++) memory.fill(0, offsets[i]!, offsets[i]! + pageSize)
+      for (let i = normal; i < normal + zero; i++) GuestRam.clearPage(memory, offsets[i]!, pageSize)
       state.consumed += hsize + payload
       counters.packets++
       counters.normalPages += normal

@@ -202,6 +202,24 @@ describe("GuestRam blocks", () => {
     }).pipe(Effect.provide(GuestRam.layer({ blocks: [{ name: "mem", size: 4096 }] }))))
 })
 
+describe("clearPage", () => {
+  it("zeroes a page with any non-zero byte, on plain and shared memory, and nothing around it", () => {
+    for (const bytes of [Buffer.alloc(3 * 4096, 0x11), GuestRam.allocate(3 * 4096).fill(0x11)]) {
+      for (const at of [0, 1, 2047, 4094, 4095]) {
+        bytes.fill(0, 4096, 8192)
+        bytes[4096 + at] = 0xa5
+        GuestRam.clearPage(bytes, 4096, 4096)
+        expect(GuestRam.isZeroPage(bytes, 4096, 4096)).toBe(true)
+        expect(bytes.subarray(0, 4096).every((b) => b === 0x11)).toBe(true)
+        expect(bytes.subarray(8192).every((b) => b === 0x11)).toBe(true)
+      }
+      // a page that is zero already stays zero
+      GuestRam.clearPage(bytes, 4096, 4096)
+      expect(GuestRam.isZeroPage(bytes, 4096, 4096)).toBe(true)
+    }
+  })
+})
+
 describe("isZeroPage", () => {
   it("tells zero pages from non-zero ones, including a lone last or first byte", () => {
     for (const pageSize of [512, 4096, 65536]) {

@@ -91,7 +91,7 @@ const readPage = <E, R>(p: Parser<E, R>, at: number, flags: number, address: num
     if ((flags & RamFlag.ZERO) !== 0) {
       const fill = yield* r.u8("a zero page's fill byte")
       if (fill !== 0) return yield* fail("Malformed", at, `a zero page record with fill byte ${fill}`)
-      block.bytes.fill(0, address, address + pageSize)
+      GuestRam.clearPage(block.bytes, address, pageSize)
       state.zeroPages++
     } else {
       const page = yield* r.bytes(pageSize, "a page's data")
