@@ -5,7 +5,8 @@
  * (default 1; the table shows the median), COMPRESSIONS (default "none zlib zstd"; rows for zlib/zstd use a
  * 50%-zero image and COMP_CHANNELS, default 2, as QEMU's bench script), TLS (default "psk": a PSK TLS row at
  * TLS_CHANNELS, default 4; TLS= skips it), DST (prefault | fresh, default prefault), FILE (default 1: the
- * snapshot rows at 4 channels; FILE=0 skips them).
+ * snapshot rows at 4 channels; FILE=0 skips them), LEVEL (the zlib/zstd rows' compression level, default the
+ * method's: 1).
  */
 import * as Esbuild from "esbuild"
 import * as ChildProcess from "node:child_process"
@@ -82,7 +83,7 @@ const fmt = (n: number, width: number, digits = 2) => n.toFixed(digits).padStart
 const main = async () => {
   const gib = size / 1024 ** 3
   console.log(`effect-multifd bench: ${(size / 1024 ** 2).toFixed(0)} MiB, loopback TCP, destination ${dstMode}, ` +
-    `${reps} rep(s), node ${process.version}`)
+    `${reps} rep(s), node ${process.version}${process.env.LEVEL ? `, compression level ${process.env.LEVEL}` : ""}`)
   console.log("comp  tls  ch |  total_s    GiB/s | srcCPU_s dstCPU_s | srcRSS_MiB dstRSS_MiB | wire_GiB")
   console.log("-".repeat(89))
   const rowsToRun: Array<{ compression: string; tls: string; channels: number }> = []

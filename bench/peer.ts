@@ -66,7 +66,8 @@ const main = role === "recv"
       address,
       upgrade: tls?.client("127.0.0.1"),
       channels: Number(rest[0]),
-      compression: rest[1] as Protocol.Compression
+      compression: rest[1] as Protocol.Compression,
+      compressionLevel: process.env["LEVEL"] ? Number(process.env["LEVEL"]) : undefined
     }).pipe(Effect.provideServiceEffect(GuestRam.GuestRam, GuestRam.make({ blocks: [{ name: "mem", bytes: memory }] })))
     report(stats, process.cpuUsage(cpu))
   })
