@@ -5,18 +5,22 @@
  * `ZSTD_e_flush`) at the end of every packet's normal pages and never ended, so the receiver keeps one
  * decompressor per channel and feeds it packet by packet.
  *
- * - zlib runs on libuv's thread pool (Node's asynchronous zlib): channels compress in parallel. The pages
- *   are first copied into a per-channel buffer (QEMU copies too): guest memory may change while a pool
- *   thread reads it, and zlib is not safe against that.
- * - zstd runs synchronously on the event loop (`zstd-napi`, libzstd built at install), a block's worth of
- *   pages at a time with a yield point between (`internal/native/eventLoop`): at high levels a packet takes
- *   hundreds of milliseconds, and timers, signals and sockets must not wait for it. It reads the pages in place:
- *   nothing writes them during a call, and libzstd keeps its own copy of what it was fed.
+ * - zlib runs on libuv's thread pool (Node's asynchronous zlib, one round trip a packet), so that channels
+ *   on the event loop's thread compress in parallel, or on the calling thread (a channel thread: `runOn`).
+ *   The pages are first copied into a per-channel buffer (QEMU copies too): guest memory may change while
+ *   zlib reads it, and zlib is not safe against that. The output goes into a per-channel buffer.
+ * - zstd runs synchronously on the calling thread (`zstd-napi`, libzstd built at install); above level 3 a
+ *   block's worth of pages at a time with a yield point between (`internal/native/eventLoop`): at high levels
+ *   a packet takes hundreds of milliseconds, and timers, signals and sockets must not wait for it. Long runs
+ *   of pages are read in place (libzstd keeps its own copy of what it was fed), scattered pages copied
+ *   together first (one call into libzstd for many pages).
  *
  * Receiving never lets a payload touch guest memory before it has been checked: the payload is read into a
- * per-channel buffer, decompressed into a per-channel buffer of `normal × pageSize + 1` bytes (the extra
- * byte reveals an excess: decompression stops there), and only an exact `normal × pageSize` result is
- * copied to the pages' places. Anything else is a `CodecError` naming the channel.
+ * per-channel buffer, decompressed (synchronously: fast at every level) into a per-channel buffer of
+ * `normal × pageSize + 1` bytes (the extra byte reveals an excess: decompression stops there), and only an
+ * exact `normal × pageSize` result is copied to the pages' places. Anything else is a `CodecError` naming the
+ * channel. (Decompressing straight into guest memory would save that copy, about 0.1 CPU-s a GiB, and give
+ * up this guarantee.)
  *
  * Longer than 400 lines on purpose: the three methods' encoders and decoders side by side, each with the
  * rules above spelled out where they apply; the native streams themselves are in `internal/native`.
