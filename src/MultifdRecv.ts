@@ -5,9 +5,9 @@
  * and stop at each SYNC until `sync` has seen all channels arrive. The first failure of any fiber is the
  * set's failure; closing the scope interrupts and awaits every fiber.
  *
- * Longer than 400 lines on purpose: the worker's two read paths (the in-place `readChain` pump for
- * uncompressed packets, the codec path for compressed ones), the barrier and the stall watch share the
- * set's counters and per-channel state, and read best side by side.
+ * Longer than 400 lines on purpose: the worker's two read paths (the `readChain` pump, which reads and
+ * decodes packets in the socket's read callback, and the fiber's loop for connections without it, TLS), the
+ * barrier and the stall watch share the set's counters and per-channel state, and read best side by side.
  *
  * @since 0.1.0
  */
@@ -248,19 +248,24 @@ export const make = (config: Config): Effect.Effect<MultifdRecv["Type"], never, 
         state.atSync = false
       })
 
-    /** What ended a pump: a SYNC packet, a header that failed validation, or the end of the stream. */
+    /**
+     * What ended a pump: a SYNC packet, the end of the stream (at a packet boundary, or inside a packet), a
+     * header that failed validation, a payload that failed to decode.
+     */
     type PumpStop =
       | { readonly _tag: "Sync" }
       | { readonly _tag: "End" }
       | { readonly _tag: "Cut" }
       | Protocol.ProtocolError
+      | PageCodec.CodecError
 
     /**
-     * Uncompressed packets on a connection that reads straight into memory: one `readChain` reads header,
-     * pages, header, … (the next view chosen as each one fills, in the read callback) with no trip through
-     * the fiber per packet. Pages are written only after their header validated. Long runs of pages are read
-     * in place; a packet of short runs (scattered pages) is read whole into a scratch buffer and copied out,
-     * one read rather than one per run.
+     * Packets on a connection that reads straight into memory: one `readChain` reads header, payload, header,
+     * … (the next view chosen as each one fills, in the read callback) with no trip through the fiber per
+     * packet. Pages are written only after their header validated. Uncompressed: long runs of pages are read
+     * in place; a packet of short runs (scattered pages) is read whole into `scratch` and copied out, one read
+     * rather than one per run. Compressed: the payload is read into `scratch` and decoded there and then (a
+     * millisecond or so a packet), by `payload`.
      */
     const pump = (
       state: ChannelState,
@@ -268,8 +273,9 @@ export const make = (config: Config): Effect.Effect<MultifdRecv["Type"], never, 
       header: Buffer,
       offsets: Float64Array,
       limits: Protocol.HeaderLimits,
-      /** The channel's buffer for packets of scattered pages (a packet's worth). */
-      scratch: Buffer
+      /** The channel's buffer for a packet's pages or payload (a packet's worth). */
+      scratch: Buffer,
+      payload: PageCodec.PayloadDecoder | undefined
     ): Effect.Effect<PumpStop, Transport.TransportError> =>
       Effect.suspend(() => {
         let stop: PumpStop | undefined
@@ -277,11 +283,12 @@ export const make = (config: Config): Effect.Effect<MultifdRecv["Type"], never, 
         let memory: Buffer = header
         let normal = 0
         let zero = 0
+        let size = 0
         const views: Array<Uint8Array> = []
         let view = 0
         let staged: Buffer | undefined
         const endPacket = (): Buffer => {
-          applied(state, memory, offsets, normal, zero, normal * pageSize)
+          applied(state, memory, offsets, normal, zero, size)
           inPacket = false
           return header
         }
@@ -300,12 +307,24 @@ export const make = (config: Config): Effect.Effect<MultifdRecv["Type"], never, 
             memory = ram.block(packet.block)!.bytes
             normal = packet.normalPages
             zero = packet.zeroPages
+            size = packet.nextPacketSize
+            if (payload !== undefined) {
+              const wrong = size > maxPayload ? tooLarge(state.id, size) : payload.check(size, normal, pageSize)
+              if (wrong !== undefined) {
+                stop = wrong
+                return undefined
+              }
+            }
             writesBegun++
             if (normal === 0) return endPacket()
             inPacket = true
+            staged = undefined
+            if (payload !== undefined) {
+              staged = scratch.subarray(0, size)
+              return staged
+            }
             views.length = 0
             view = 0
-            staged = undefined
             for (let i = 0; i < normal;) {
               const start = offsets[i]!
               let end = start + pageSize
@@ -319,6 +338,14 @@ export const make = (config: Config): Effect.Effect<MultifdRecv["Type"], never, 
             return views[view++]
           }
           if (staged !== undefined) {
+            if (payload !== undefined) {
+              const wrong = payload.decode(staged, memory, offsets, normal, pageSize)
+              if (wrong !== undefined) {
+                stop = wrong
+                return undefined
+              }
+              return endPacket()
+            }
             let at = 0
             for (const v of views) {
               v.set(staged.subarray(at, at + v.length))
@@ -334,12 +361,23 @@ export const make = (config: Config): Effect.Effect<MultifdRecv["Type"], never, 
         })
       })
 
-    const worker = (state: ChannelState, codec: PageCodec.Decoder) =>
+    /** A payload larger than any packet's: refused before it is read. */
+    const tooLarge = (channel: number, size: number) =>
+      new Protocol.ProtocolError({
+        reason: "BadPayload",
+        channel,
+        field: "next_packet_size",
+        detail: `${size} exceeds the largest possible payload ${maxPayload}`
+      })
+
+    const worker = (state: ChannelState, payload: PageCodec.PayloadDecoder | undefined) =>
       Effect.gen(function*() {
         const { connection, id } = state
         const header = Buffer.alloc(hsize)
         const offsets = new Float64Array(slots)
         const limits: Protocol.HeaderLimits = { channel: id, pageSize, compression, blockSize }
+        // a packet's pages (uncompressed, scattered) or its payload (compressed)
+        const scratch = Buffer.allocUnsafe(payload === undefined ? slots * pageSize : maxPayload)
         const channelEnded = Effect.gen(function*() {
           if (yield* Deferred.isDone(ending)) return yield* Effect.logDebug(`channel ${id}: closed`)
           return yield* new MigrationError.MigrationError({
@@ -347,11 +385,10 @@ export const make = (config: Config): Effect.Effect<MultifdRecv["Type"], never, 
             detail: `multifd channel ${id}: the source closed the channel before the migration completed`
           })
         })
-        const readChain = compression === "none" ? connection.readChain : undefined
+        const readChain = connection.readChain
         if (readChain !== undefined) {
-          const scratch = Buffer.allocUnsafe(slots * pageSize)
           while (true) {
-            const stop = yield* pump(state, readChain, header, offsets, limits, scratch)
+            const stop = yield* pump(state, readChain, header, offsets, limits, scratch, payload)
             if (stop._tag === "Sync") yield* atSync(state)
             else if (stop._tag === "End") return yield* channelEnded
             else if (stop._tag === "Cut") {
@@ -371,18 +408,23 @@ export const make = (config: Config): Effect.Effect<MultifdRecv["Type"], never, 
             yield* atSync(state)
             continue
           }
-          if (packet.nextPacketSize > maxPayload) {
-            return yield* new Protocol.ProtocolError({
-              reason: "BadPayload",
-              channel: id,
-              field: "next_packet_size",
-              detail: `${packet.nextPacketSize} exceeds the largest possible payload ${maxPayload}`
-            })
-          }
+          const { nextPacketSize: size, normalPages: normal, zeroPages: zero } = packet
+          if (size > maxPayload) return yield* tooLarge(id, size)
           const memory = ram.block(packet.block)!.bytes
-          writesBegun++
-          yield* codec.decode(connection, packet.nextPacketSize, memory, offsets, packet.normalPages, pageSize)
-          applied(state, memory, offsets, packet.normalPages, packet.zeroPages, packet.nextPacketSize)
+          if (payload === undefined) {
+            writesBegun++
+            yield* connection.readScatter(memory, offsets, normal, pageSize)
+          } else {
+            const wrong = payload.check(size, normal, pageSize)
+            if (wrong !== undefined) return yield* wrong
+            writesBegun++
+            if (normal > 0) {
+              yield* connection.readInto(scratch, 0, size)
+              const error = payload.decode(scratch.subarray(0, size), memory, offsets, normal, pageSize)
+              if (error !== undefined) return yield* error
+            }
+          }
+          applied(state, memory, offsets, normal, zero, size)
         }
       })
 
@@ -426,12 +468,12 @@ export const make = (config: Config): Effect.Effect<MultifdRecv["Type"], never, 
           )
           return id
         }).pipe(Effect.withSpan("multifd.channel.init", { attributes: { "multifd.peer": connection.peer } }))
-        const codec = yield* PageCodec.decoder(compression, id)
+        const payload = compression === "none" ? undefined : yield* PageCodec.payloadDecoder(compression, id)
         if (++counters.channels === channels) yield* Deferred.succeed(allAdopted, undefined)
         const state: ChannelState = { id, connection, consumed: Protocol.INIT_PACKET_SIZE, atSync: false }
         const work = stallTimeout === undefined
-          ? worker(state, codec)
-          : Effect.raceFirst(worker(state, codec), watchStall(state, stallTimeout))
+          ? worker(state, payload)
+          : Effect.raceFirst(worker(state, payload), watchStall(state, stallTimeout))
         const fiber = yield* FiberSet.run(
           fibers,
           Effect.acquireUseRelease(

@@ -226,9 +226,6 @@ const scatter = (source: Uint8Array, memory: Buffer, offsets: Float64Array, norm
 const codecError = (channel: number | undefined, reason: CodecError["reason"], detail: string) =>
   new CodecError({ reason, channel, detail })
 
-const fail = (channel: number, reason: CodecError["reason"], detail: string) =>
-  Effect.fail(codecError(channel, reason, detail))
-
 /**
  * The checks before any payload byte is read: a packet without normal pages carries no payload (QEMU
  * asserts it), a packet with normal pages carries some, and no more than its pages can compress to.
@@ -239,18 +236,18 @@ const checkSize = (
   size: number,
   normal: number,
   pageSize: number
-): Effect.Effect<void, CodecError> =>
+): CodecError | undefined =>
   normal === 0 && size !== 0
-    ? fail(channel, "TooLarge", `${size} ${method} payload bytes for a packet without normal pages`)
+    ? codecError(channel, "TooLarge", `${size} ${method} payload bytes for a packet without normal pages`)
     : normal > 0 && size === 0
-    ? fail(channel, "TooShort", `an empty ${method} payload for ${normal} normal pages`)
+    ? codecError(channel, "TooShort", `an empty ${method} payload for ${normal} normal pages`)
     : size > payloadBound(normal * pageSize)
-    ? fail(
+    ? codecError(
       channel,
       "TooLarge",
       `${size} ${method} payload bytes: more than ${normal} normal pages can compress to (${payloadBound(normal * pageSize)})`
     )
-    : Effect.void
+    : undefined
 
 /**
  * The largest payload that `bytes` of pages compress to, generously: incompressible data costs zlib 5
@@ -278,12 +275,19 @@ const checkProduced = (
     : undefined
 
 /**
- * Decodes one packet's payload, already read, into memory: synchronous (decompression is fast at every
- * level), so that it runs the same on the event loop and on a channel thread. Returns the `CodecError` of a
- * payload that does not decode to exactly its pages (memory is then untouched). A stream that failed once
- * fails every later call the same way (later packets would decode against a wrong history).
+ * Decodes a channel's payloads once they are read, synchronously (decompression is fast at every level: a
+ * packet in a millisecond or so), so that it runs the same in a socket's read callback, in a fiber and on a
+ * channel thread. Each returns the `CodecError` of a payload that is not one of its pages' (memory is then
+ * untouched), `undefined` when all is well. The first error is final: a stream that failed once fails every
+ * later call the same way (later packets would decode against a wrong history).
+ *
+ * @since 0.1.0
+ * @category models
  */
-interface PayloadDecoder {
+export interface PayloadDecoder {
+  /** The checks of a payload's announced `size` before any of it is read. */
+  readonly check: (size: number, normal: number, pageSize: number) => CodecError | undefined
+  /** Decodes `payload` (a whole packet's) into the `normal` pages at `offsets` of `memory`. */
   readonly decode: (
     payload: Uint8Array,
     memory: Buffer,
@@ -293,36 +297,34 @@ interface PayloadDecoder {
   ) => CodecError | undefined
 }
 
-/** Makes a payload decoder's first error final. */
-const stickyPayload = (decode: PayloadDecoder["decode"]): PayloadDecoder => {
+/** A payload decoder of `method` whose first error (of `check` or `decode`) is final. */
+const stickyPayload = (method: string, channel: number, decode: PayloadDecoder["decode"]): PayloadDecoder => {
   let broken: CodecError | undefined
+  const keep = (error: CodecError | undefined) => {
+    if (error !== undefined) broken = error
+    return error
+  }
   return {
-    decode: (payload, memory, offsets, normal, pageSize) => {
-      if (broken !== undefined) return broken
-      const error = decode(payload, memory, offsets, normal, pageSize)
-      if (error !== undefined) broken = error
-      return error
-    }
+    check: (size, normal, pageSize) => broken ?? keep(checkSize(method, channel, size, normal, pageSize)),
+    decode: (payload, memory, offsets, normal, pageSize) =>
+      broken ?? keep(decode(payload, memory, offsets, normal, pageSize))
   }
 }
 
-/**
- * A decoder that reads each payload into a per-channel buffer (checked against its pages' bound first) and
- * hands it to `payload`. A `CodecError` is final: every later call fails the same way, before reading.
- */
-const reading = (method: string, channel: number, payload: PayloadDecoder): Decoder => {
+/** A decoder that reads each payload, once checked, into a per-channel buffer and hands it to `payload`. */
+const reading = (payload: PayloadDecoder): Decoder => {
   const input = new Scratch()
-  let broken: CodecError | undefined
   return {
     decode: (connection, size, memory, offsets, normal, pageSize) =>
-      broken !== undefined ? Effect.fail(broken) : Effect.gen(function*() {
-        const sized = yield* Effect.either(checkSize(method, channel, size, normal, pageSize))
-        if (sized._tag === "Left") return yield* Effect.fail(broken = sized.left)
-        if (normal === 0) return
+      Effect.suspend(() => {
+        const wrong = payload.check(size, normal, pageSize)
+        if (wrong !== undefined) return Effect.fail(wrong)
+        if (normal === 0) return Effect.void
         const buffer = input.get(size).subarray(0, size)
-        yield* connection.readInto(buffer, 0, size)
-        const error = payload.decode(buffer, memory, offsets, normal, pageSize)
-        if (error !== undefined) return yield* Effect.fail(broken = error)
+        return Effect.flatMap(connection.readInto(buffer, 0, size), () => {
+          const error = payload.decode(buffer, memory, offsets, normal, pageSize)
+          return error === undefined ? Effect.void : Effect.fail(error)
+        })
       })
   }
 }
@@ -428,7 +430,7 @@ const zlibEncoder = (level: number, runOn: "pool" | "caller"): Effect.Effect<Enc
 const zlibPayloadDecoder = (channel: number): Effect.Effect<PayloadDecoder, never, Scope.Scope> =>
   Effect.map(zlibStream(() => ZlibStream.inflate()), (stream) => {
     const pages = new Scratch()
-    return stickyPayload((payload, memory, offsets, normal, pageSize) => {
+    return stickyPayload("zlib", channel, (payload, memory, offsets, normal, pageSize) => {
       const expected = normal * pageSize
       // one byte more than the pages: decompression stops as soon as it is reached
       const output = pages.get(expected + 1).subarray(0, expected + 1)
@@ -506,7 +508,7 @@ const zstdPayloadDecoder = (channel: number): Effect.Effect<PayloadDecoder, Code
       (decompressor) => Effect.sync(() => decompressor.release())
     )
     const pages = new Scratch()
-    return stickyPayload((payload, memory, offsets, normal, pageSize) => {
+    return stickyPayload("zstd", channel, (payload, memory, offsets, normal, pageSize) => {
       const expected = normal * pageSize
       const output = pages.get(expected + 1).subarray(0, expected + 1)
       let result: Zstd.Decompressed
@@ -572,7 +574,17 @@ export const decoder = (
 ): Effect.Effect<Decoder, CodecError, Scope.Scope> =>
   compression === "none"
     ? Effect.succeed(rawDecoder)
-    : Effect.map(
-      compression === "zlib" ? zlibPayloadDecoder(channel) : zstdPayloadDecoder(channel),
-      (payload) => reading(compression, channel, payload)
-    )
+    : Effect.map(payloadDecoder(compression, channel), reading)
+
+/**
+ * The payload decoder for a channel of a compressed method (`decoder` reads through one): its decompression
+ * stream lives in the scope, released when it closes.
+ *
+ * @since 0.1.0
+ * @category constructors
+ */
+export const payloadDecoder = (
+  compression: "zlib" | "zstd",
+  channel: number
+): Effect.Effect<PayloadDecoder, CodecError, Scope.Scope> =>
+  compression === "zlib" ? zlibPayloadDecoder(channel) : zstdPayloadDecoder(channel)

@@ -22,6 +22,7 @@ import * as Control from "../src/Control.js"
 import * as GuestRam from "../src/GuestRam.js"
 import * as Migration from "../src/Migration.js"
 import * as MigrationError from "../src/MigrationError.js"
+import * as PageCodec from "../src/PageCodec.js"
 import * as Protocol from "../src/Protocol.js"
 import * as Transport from "../src/Transport.js"
 import { expectOneLine, failureOf } from "./support/failures.js"
@@ -417,7 +418,7 @@ const destinationRam = () => GuestRam.make({ blocks: [{ name: BLOCK, size: BLOCK
 const uuidBytes = (text: string) => Protocol.parseUuid(text)!
 
 /** Connects the main channel, sends the magic and a valid Hello for `channels` channels, expects Accept. */
-const fakeSource = (address: Transport.Address, channels: number) =>
+const fakeSource = (address: Transport.Address, channels: number, compression: Protocol.Compression = "none") =>
   Effect.gen(function*() {
     const uuid = Crypto.randomUUID()
     const control = yield* Transport.connect(address)
@@ -428,7 +429,7 @@ const fakeSource = (address: Transport.Address, channels: number) =>
       uuid,
       pageSize: PAGE,
       channels,
-      compression: "none",
+      compression,
       zeroPage: "multifd",
       blocks: [{ name: BLOCK, size: BLOCK_PAGES * PAGE }]
     })
@@ -463,6 +464,34 @@ const ramPacket = (
   tamper?.(header)
   return [header, ...normal.map((p) => p.bytes)]
 }
+
+/** A compressed RAM packet: header for `normal` + `zero` pages, then `payload` (by default `normal` encoded). */
+const compressedPacket = (
+  compression: "zlib" | "zstd",
+  encoder: PageCodec.Encoder,
+  normal: ReadonlyArray<{ readonly offset: number; readonly bytes: Uint8Array }>,
+  zero: ReadonlyArray<number> = [],
+  payload?: Buffer
+) =>
+  Effect.gen(function*() {
+    const memory = Buffer.concat(normal.map((p) => p.bytes))
+    const chunks: Array<Uint8Array> = []
+    const offsets = Float64Array.from(normal, (_, i) => i * PAGE)
+    yield* encoder.encode(memory, offsets, normal.length, PAGE, chunks)
+    const bytes = payload ?? Buffer.concat(chunks)
+    const header = Buffer.alloc(HEADER_SIZE)
+    Protocol.writeHeader(header, PAGE, {
+      flags: Protocol.compressionFlags(compression),
+      pagesAlloc: Protocol.slotsFor(PAGE),
+      normalPages: normal.length,
+      zeroPages: zero.length,
+      nextPacketSize: bytes.length,
+      packetNum: packetNum++,
+      block: BLOCK,
+      offsets: [...normal.map((p) => p.offset), ...zero]
+    })
+    return [header, bytes]
+  })
 
 const syncPacket = (): Buffer => {
   const header = Buffer.alloc(HEADER_SIZE)
@@ -700,6 +729,61 @@ describe("h. destination memory is untouched by rejected input", () => {
       expect(touchedPages(ram)).toEqual(all.map((p) => p.offset / PAGE).sort((a, b) => a - b))
       expectAllClosed(faulty)
     })))
+
+  for (const compression of ["zlib", "zstd"] as const) {
+    for (const path of ["read callback", "fiber"] as const) {
+      it.live(`${compression}, decoded in the ${path}: a payload that does not decode is a CodecError naming the channel; only the good packets' pages were written`, () =>
+        leakFree(Effect.gen(function*() {
+          const faulty = yield* Faulty.make({ noReadChain: path === "fiber" })
+          const ram = yield* destinationRam()
+          const memory = ram.block(BLOCK)!.bytes
+          memory.fill(0x55, 20 * PAGE, 22 * PAGE) // zero pages of the bad packet: must stay as they are
+          const dest = yield* startDestination(faulty, unixAddress(`bad-${compression}`), { ram })
+          const src = yield* fakeSource(dest.address, 1, compression)
+          const channel = yield* src.channel(0)
+          const encoder = yield* PageCodec.encoder(compression, 1)
+          const pages = [0, 1, 2, 3].map((p) => ({ offset: p * PAGE, bytes: randomPage() }))
+          const more = [6, 8].map((p) => ({ offset: p * PAGE, bytes: randomPage() }))
+          yield* channel.write(yield* compressedPacket(compression, encoder, pages))
+          yield* channel.write(yield* compressedPacket(compression, encoder, more, [], Crypto.randomBytes(3000)))
+          yield* channel.write(yield* compressedPacket(compression, encoder, [], [20 * PAGE, 21 * PAGE]))
+          const error = failureOf(yield* noHang(Fiber.await(dest.fiber), "incoming"))
+          expect(error).toMatchObject({ _tag: "CodecError", reason: "Corrupt", channel: 0 })
+          expect(error.message.startsWith("multifd channel 0: bad payload: ")).toBe(true)
+          expectOneLine(error)
+          for (const p of pages) expect(memory.subarray(p.offset, p.offset + PAGE).equals(p.bytes)).toBe(true)
+          expect(touchedPages(ram)).toEqual([0, 1, 2, 3, 20, 21])
+          expect(memory.subarray(20 * PAGE, 22 * PAGE).every((b) => b === 0x55)).toBe(true)
+          expectAllClosed(faulty)
+        })))
+
+      it.live(`${compression}, decoded in the ${path}: good packets and zero pages land where their offsets say`, () =>
+        leakFree(Effect.gen(function*() {
+          const faulty = yield* Faulty.make({ noReadChain: path === "fiber" })
+          const ram = yield* destinationRam()
+          const memory = ram.block(BLOCK)!.bytes
+          memory.fill(0x55, 200 * PAGE, 202 * PAGE) // pages the source then sends as zero pages
+          const dest = yield* startDestination(faulty, unixAddress(`good-${compression}`), { ram })
+          const src = yield* fakeSource(dest.address, 1, compression)
+          const channel = yield* src.channel(0)
+          const encoder = yield* PageCodec.encoder(compression, 1)
+          const run = Array.from({ length: 64 }, (_, i) => ({ offset: (10 + i) * PAGE, bytes: randomPage() }))
+          const scattered = Array.from({ length: 16 }, (_, i) => ({ offset: (120 - 2 * i) * PAGE, bytes: randomPage() }))
+          yield* channel.write(yield* compressedPacket(compression, encoder, run))
+          yield* channel.write(yield* compressedPacket(compression, encoder, scattered, [200 * PAGE, 201 * PAGE]))
+          // then a packet that decodes to fewer pages than its header says: TooLarge, nothing of it written
+          const extra = [{ offset: 150 * PAGE, bytes: randomPage() }, { offset: 151 * PAGE, bytes: randomPage() }]
+          const [, twoPages] = yield* compressedPacket(compression, encoder, extra)
+          yield* channel.write(yield* compressedPacket(compression, encoder, [extra[0]!], [], twoPages as Buffer))
+          const error = failureOf(yield* noHang(Fiber.await(dest.fiber), "incoming"))
+          expect(error).toMatchObject({ _tag: "CodecError", reason: "TooLarge", channel: 0 })
+          const all = [...run, ...scattered]
+          for (const p of all) expect(memory.subarray(p.offset, p.offset + PAGE).equals(p.bytes), `page ${p.offset / PAGE}`).toBe(true)
+          expect(touchedPages(ram)).toEqual(all.map((p) => p.offset / PAGE).sort((a, b) => a - b))
+          expectAllClosed(faulty)
+        })))
+    }
+  }
 
   const cases: ReadonlyArray<{
     readonly name: string

@@ -61,6 +61,8 @@ export interface FaultPlan {
    * channel id, or without `channel` the first multifd channel whose writes cross `afterBytes`.
    */
   readonly cut?: { readonly channel?: number | undefined; readonly afterBytes: number } | undefined
+  /** Accepted connections read through the fiber (as TLS ones do): their `readChain` is hidden. */
+  readonly noReadChain?: boolean | undefined
 }
 
 export interface Faulty {
@@ -195,7 +197,9 @@ export const make = (plan: FaultPlan = {}): Effect.Effect<Faulty> =>
         readScatter: (target, offsets, count, length) =>
           counted(connection.readScatter(target, offsets, count, length), count * length),
         // every view filled counts as it is filled
-        readChain: connection.readChain === undefined ? undefined : (first, next) =>
+        readChain: connection.readChain === undefined || (plan.noReadChain && record.side === "accept")
+          ? undefined
+          : (first, next) =>
           connection.readChain!(first, (full) => {
             record.bytesRead += full.length
             notify()
