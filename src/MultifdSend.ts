@@ -6,12 +6,18 @@
  * closing the scope interrupts and awaits every owner, and each owner's scope its worker before the
  * connection closes. There is no liveness flag: a worker exists only while its owner holds the connection.
  *
+ * Given `ChannelThreads` (and shared memory, Node's transport, no upgrade or `Tls.client`'s), each channel runs
+ * in a thread of the pool instead: its owner holds a lease on the thread (the channel's session there),
+ * awaits the thread's word that the channel is established, and only then forks the worker, which forwards
+ * the channel's jobs to the thread and waits for its answers. The channel's work itself is the same code on
+ * both paths (`internal/sendChannel`).
+ *
  * @since 0.1.0
  */
 import * as Cause from "effect/Cause"
 import * as Context from "effect/Context"
 import * as Deferred from "effect/Deferred"
-import type * as Duration from "effect/Duration"
+import * as Duration from "effect/Duration"
 import * as Effect from "effect/Effect"
 import * as Fiber from "effect/Fiber"
 import * as FiberSet from "effect/FiberSet"
@@ -19,12 +25,15 @@ import * as Layer from "effect/Layer"
 import * as Queue from "effect/Queue"
 import * as Ref from "effect/Ref"
 import type * as Scope from "effect/Scope"
-import type { Writable } from "node:stream"
-import * as EventLoop from "./internal/native/eventLoop.js"
-import * as GuestRam from "./GuestRam.js"
+import type * as ChannelThreads from "./ChannelThreads.js"
+import type * as GuestRam from "./GuestRam.js"
+import * as SendChannel from "./internal/sendChannel.js"
+import * as SendSession from "./internal/threads/sendSession.js"
+import { type EncodedFailure, ThreadError } from "./internal/threads/protocol.js"
 import * as MigrationError from "./MigrationError.js"
 import * as PageCodec from "./PageCodec.js"
 import * as Protocol from "./Protocol.js"
+import * as Tls from "./Tls.js"
 import * as Transport from "./Transport.js"
 
 /**
@@ -46,6 +55,13 @@ export interface Config {
   readonly connectTimeout?: Duration.DurationInput | undefined
   /** Secures each channel (TLS) before its init packet; identity by default. */
   readonly upgrade?: Transport.Upgrade<Transport.UpgradeError> | undefined
+  /**
+   * Runs each channel in a thread of this pool: every block sent must then lie in shared memory
+   * (`GuestRam.allocate`; another block is a defect). Used only with Node's transport (`Transport.layer`) and
+   * an upgrade that is none or `Tls.client`'s (it carries its settings as data); with any other the channels
+   * run in this thread, where a wrapped transport or upgrade sees them.
+   */
+  readonly threads?: ChannelThreads.ChannelThreads["Type"] | undefined
 }
 
 /**
@@ -54,12 +70,7 @@ export interface Config {
  * @since 0.1.0
  * @category errors
  */
-export type ChannelFailure =
-  | Transport.TransportError
-  | Protocol.ProtocolError
-  | MigrationError.ChannelError
-  | PageCodec.CodecError
-  | Transport.UpgradeError
+export type ChannelFailure = SendChannel.Failure
 
 /**
  * Counters of what the channels sent.
@@ -80,63 +91,6 @@ export interface Stats {
   readonly sentPages: number
   /** Of `bytes`, those of each channel, by channel id. */
   readonly channelBytes: ReadonlyArray<number>
-}
-
-const emptyStats = { packets: 0, syncs: 0, normalPages: 0, zeroPages: 0, bytes: 0 }
-
-/**
- * What one channel's socket has accepted: the bytes handed to the kernel (`bytesWritten - writableLength` of
- * a Node socket, TLS included: both count what the caller wrote), and the pages of the packets that lie
- * entirely within them.
- */
-class Accepted {
-  /** Bytes given to the connection since the worker started (the position after the last packet). */
-  position = 0
-  /** Accepted bytes and pages (updated by `update`). */
-  bytes = 0
-  pages = 0
-  // packets with pages not yet accepted: where each ends on the wire, and its pages
-  private readonly ends: Array<number> = []
-  private readonly counts: Array<number> = []
-  private head = 0
-  private readonly base: number
-
-  constructor(private readonly stream: Writable) {
-    // what was written before the worker (the init packet) is not the channel's traffic
-    this.base = this.written() ?? 0
-  }
-
-  /** Total bytes written to the stream, accepted or buffered (`undefined` for a stream that does not say). */
-  private written(): number | undefined {
-    const n = (this.stream as { readonly bytesWritten?: unknown }).bytesWritten
-    return typeof n === "number" ? n : undefined
-  }
-
-  /** Records a packet of `pages` pages that ends at `position`. */
-  packet(pages: number): void {
-    if (pages === 0) return
-    this.ends.push(this.position)
-    this.counts.push(pages)
-    // a channel that nobody asks about still keeps only what is in flight
-    if (this.ends.length - this.head > 1024) this.update()
-  }
-
-  /** Catches up with the socket. */
-  update(): void {
-    const written = this.written()
-    const given = written === undefined ? this.position : written - this.base
-    const accepted = Math.min(this.position, given - this.stream.writableLength)
-    if (accepted > this.bytes) this.bytes = accepted
-    while (this.head < this.ends.length && this.ends[this.head]! <= this.bytes) {
-      this.pages += this.counts[this.head]!
-      this.head++
-    }
-    if (this.head > 256 && this.head * 2 > this.ends.length) {
-      this.ends.splice(0, this.head)
-      this.counts.splice(0, this.head)
-      this.head = 0
-    }
-  }
 }
 
 /**
@@ -174,14 +128,9 @@ export class MultifdSend extends Context.Tag("effect-multifd/MultifdSend")<Multi
   readonly stats: Effect.Effect<Stats>
 }>() {}
 
-type Job =
-  | { readonly _tag: "Pages"; readonly block: GuestRam.Block; readonly pages: Uint32Array; readonly count: number }
-  | { readonly _tag: "Sync"; readonly done: Deferred.Deferred<void> }
-  | { readonly _tag: "Finish" }
-
 interface Channel {
   readonly id: number
-  readonly mailbox: Queue.Queue<Job>
+  readonly mailbox: Queue.Queue<SendChannel.Job>
 }
 
 /**
@@ -209,143 +158,60 @@ export const make = (
     const idle = yield* Queue.bounded<Channel>(channels)
     const established = yield* Ref.make<ReadonlyArray<Channel>>([])
     const mailboxes = yield* Deferred.make<ReadonlyArray<Channel>>()
-    // counters, updated in synchronous steps (one thread): no Ref round trip per packet
-    let packetNum = 0n
-    const counters = { ...emptyStats }
-    const channelBytes = new Array<number>(channels).fill(0)
-    // every channel's socket, for the bytes and pages really sent
-    const accepted: Array<Accepted> = []
+    // the packet number and the counters, in shared memory (a channel in a thread updates them there)
+    const counters = SendChannel.makeCounters(channels)
+    // the sockets of the channels in this thread, asked for what they accepted when the stats are read
+    const accepted: Array<SendChannel.Accepted> = []
     const fibers = yield* FiberSet.make<void, ChannelFailure>()
     const failure = Effect.zipRight(FiberSet.join(fibers), Effect.never)
+    const settingsOf = (id: number): SendChannel.Settings => ({
+      id,
+      uuid: config.uuid,
+      pageSize,
+      compression: config.compression,
+      compressionLevel: config.compressionLevel,
+      zeroPage: config.zeroPage
+    })
 
-    const worker = (channel: Channel, connection: Transport.Connection, codec: PageCodec.Encoder) =>
+    /** A channel is established: it joins the set (the set is complete once every channel has). */
+    const join = (id: number) =>
       Effect.gen(function*() {
-        const headerSize = Protocol.headerSize(pageSize)
-        const offsets = new Float64Array(slots)
-        const zeros = new Float64Array(slots)
-        const chunks: Array<Uint8Array> = []
-        const detectZeros = config.zeroPage === "multifd"
-        const sent = new Accepted(connection.stream)
-        accepted.push(sent)
-        /**
-         * Appends one RAM packet of at most `slots` pages (zero pages as offsets only, with zeroPage
-         * multifd) to `chunks`: its header, then the payload.
-         */
-        const packet = (block: GuestRam.Block, pages: Uint32Array) =>
-          Effect.gen(function*() {
-            let normal = 0
-            let zero = 0
-            for (let i = 0; i < pages.length; i++) {
-              const offset = pages[i]! * pageSize
-              if (detectZeros && GuestRam.isZeroPage(block.bytes, offset, pageSize)) zeros[zero++] = offset
-              else offsets[normal++] = offset
-            }
-            for (let i = 0; i < zero; i++) offsets[normal + i] = zeros[i]!
-            // a header per packet: the connection may still hold the previous ones (writes do not copy)
-            const header = Buffer.allocUnsafe(headerSize)
-            chunks.push(header)
-            const payloadSize = yield* codec.encode(block.bytes, offsets, normal, pageSize, chunks)
-            Protocol.writeHeader(header, pageSize, {
-              flags: Protocol.compressionFlags(config.compression),
-              pagesAlloc: slots,
-              normalPages: normal,
-              zeroPages: zero,
-              nextPacketSize: payloadSize,
-              packetNum: packetNum++,
-              block: block.name,
-              offsets
-            })
-            counters.packets++
-            counters.normalPages += normal
-            counters.zeroPages += zero
-            counters.bytes += headerSize + payloadSize
-            channelBytes[channel.id]! += headerSize + payloadSize
-            sent.position += headerSize + payloadSize
-            sent.packet(normal + zero)
-          })
-        /**
-         * The packets of one hand-off: views of guest memory are written together (one vectored write);
-         * compressed packets one by one as they are made (their buffers cost memory), and a codec that reuses
-         * its output buffer waits until each has left.
-         */
-        const sendBatch = (block: GuestRam.Block, pages: Uint32Array, count: number) =>
-          Effect.gen(function*() {
-            chunks.length = 0
-            for (let first = 0; first < count; first += slots) {
-              yield* packet(block, pages.subarray(first, Math.min(count, first + slots)))
-              if (codec.output !== "views") {
-                yield* connection.write(chunks)
-                if (codec.output === "reused") yield* connection.drained
-                chunks.length = 0
-              }
-              // writes that the kernel takes at once never wait for the event loop: give it its turn
-              yield* EventLoop.cooperate
-            }
-            if (chunks.length > 0) yield* connection.write(chunks)
-          })
-        yield* Queue.offer(idle, channel)
-        while (true) {
-          const job = yield* Queue.take(channel.mailbox)
-          if (job._tag === "Finish") {
-            yield* connection.end
-            return yield* Effect.logDebug(`channel ${channel.id}: closed`)
-          }
-          if (job._tag === "Sync") {
-            // a header per packet: the connection may still hold the previous one (writes do not copy);
-            // writeSync / writeHeader set every byte of it
-            const header = Buffer.allocUnsafe(headerSize)
-            Protocol.writeSync(header, pageSize, packetNum++)
-            yield* connection.write([header])
-            counters.packets++
-            counters.syncs++
-            counters.bytes += headerSize
-            channelBytes[channel.id]! += headerSize
-            sent.position += headerSize
-            yield* Effect.logDebug(`channel ${channel.id}: sync packet sent`)
-            yield* Deferred.succeed(job.done, undefined)
-            continue
-          }
-          // one hand-off carries several packets: the channel sends them in a row
-          yield* sendBatch(job.block, job.pages, job.count)
-          yield* Queue.offer(idle, channel)
-        }
+        const channel: Channel = { id, mailbox: yield* Queue.unbounded<SendChannel.Job>() }
+        const ready = yield* Ref.updateAndGet(established, (all) => [...all, channel])
+        if (ready.length === channels) yield* Deferred.succeed(mailboxes, ready)
+        return channel
       })
 
     /**
-     * A channel's owner: connect → upgrade (TLS) → init packet, then the worker, forked into the owner's scope
-     * (which holds the connection) and joined. The owner's scope closes after its worker has ended, and when
-     * the owner is interrupted it interrupts and awaits the worker before the connection closes.
+     * A channel's owner in this thread: connect → upgrade (TLS) → init packet, then the worker, forked into
+     * the owner's scope (which holds the connection) and joined. The owner's scope closes after its worker
+     * has ended, and when the owner is interrupted it interrupts and awaits the worker before the connection
+     * closes.
      */
-    const establish = (id: number) =>
-      Effect.gen(function*() {
-        const attributes = { "multifd.channel": id }
-        const raw = yield* transport.connect(config.address, { timeout: config.connectTimeout }).pipe(
-          Effect.withSpan("multifd.channel.connect", { attributes })
-        )
-        yield* Effect.logDebug(`channel ${id}: connected to ${Transport.formatAddress(config.address)}`)
-        const connection = config.upgrade === undefined ? raw : yield* config.upgrade(raw, id).pipe(
-          Effect.withSpan("multifd.channel.handshake", { attributes }),
-          Effect.tap(() => Effect.logDebug(`channel ${id}: TLS handshake done`))
-        )
-        yield* connection.write([Protocol.encodeInit({ uuid: config.uuid, id })]).pipe(
-          Effect.withSpan("multifd.channel.init", { attributes })
-        )
-        yield* Effect.logDebug(`channel ${id}: init packet sent`)
-        return connection
-      }).pipe(Effect.withSpan("multifd.channel.establish", { attributes: { "multifd.channel": id } }))
-
     const owner = (id: number) =>
       Effect.gen(function*() {
-        const connection = yield* establish(id)
-        const codec = yield* PageCodec.encoder(config.compression, config.compressionLevel)
-        const channel: Channel = { id, mailbox: yield* Queue.unbounded<Job>() }
-        const ready = yield* Ref.updateAndGet(established, (all) => [...all, channel])
-        if (ready.length === channels) yield* Deferred.succeed(mailboxes, ready)
-        const work = yield* Effect.forkScoped(worker(channel, connection, codec))
+        const settings = settingsOf(id)
+        const channel = yield* SendChannel.establish(
+          settings,
+          transport.connect(config.address, { timeout: config.connectTimeout }),
+          config.upgrade
+        ).pipe(Effect.withSpan("multifd.channel.establish", { attributes: { "multifd.channel": id } }))
+        const joined = yield* join(id)
+        const work = yield* Effect.forkScoped(Effect.zipRight(
+          Queue.offer(idle, joined),
+          SendChannel.serve(settings, channel, counters, {
+            next: Queue.take(joined.mailbox),
+            idle: Queue.offer(idle, joined),
+            started: (sent) => accepted.push(sent)
+          })
+        ))
         yield* Fiber.join(work)
+        yield* Effect.logDebug(`channel ${id}: closed`)
       }).pipe(Effect.mapError(nameChannel(id)), Effect.scoped, Effect.annotateLogs("channel", id))
 
-    for (let id = 0; id < channels; id++) yield* FiberSet.run(fibers, owner(id))
+    const threads = config.threads !== undefined && onThreads(transport, config.upgrade) ? config.threads : undefined
+    const ownerOf = threads === undefined ? owner : threadOwner(threads, config, settingsOf, counters, join, idle)
+    for (let id = 0; id < channels; id++) yield* FiberSet.run(fibers, ownerOf(id))
 
     const guarded = <A, E>(effect: Effect.Effect<A, E>) => Effect.raceFirst(effect, failure)
     const all = guarded(Deferred.await(mailboxes))
@@ -365,7 +231,14 @@ export const make = (
       sync: Effect.gen(function*() {
         const chans = yield* all
         const done = yield* Effect.forEach(chans, (channel) =>
-          Effect.tap(Deferred.make<void>(), (done) => Queue.offer(channel.mailbox, { _tag: "Sync", done })))
+          Effect.tap(Deferred.make<void>(), (done) =>
+            Queue.offer(channel.mailbox, {
+              _tag: "Sync",
+              done: Effect.zipRight(
+                Effect.logDebug(`channel ${channel.id}: sync packet sent`),
+                Deferred.succeed(done, undefined)
+              )
+            })))
         yield* guarded(Effect.forEach(done, Deferred.await, { discard: true }))
       }).pipe(Effect.withSpan("multifd.sync")),
       finish: Effect.gen(function*() {
@@ -376,17 +249,157 @@ export const make = (
       established: Effect.asVoid(all),
       failure,
       stats: Effect.sync(() => {
-        let sentBytes = 0
-        let sentPages = 0
-        for (const channel of accepted) {
-          channel.update()
-          sentBytes += channel.bytes
-          sentPages += channel.pages
-        }
-        return { ...counters, sentBytes, sentPages, channelBytes: [...channelBytes] }
+        for (const channel of accepted) channel.update()
+        return SendChannel.totals(counters)
       })
     }
   })
+
+/**
+ * Whether channels can run in threads with this transport and upgrade: Node's transport (a wrapped one would
+ * not see connections made in another thread) and no upgrade or `Tls.client`'s (which carries its data).
+ */
+const onThreads = (transport: Transport.Transport["Type"], upgrade: Config["upgrade"]): boolean =>
+  transport.connect === Transport.connect && (upgrade === undefined || Tls.clientData(upgrade) !== undefined)
+
+/**
+ * The owner of a channel in a thread of `threads`: it holds the lease (the channel's session in the thread,
+ * closed — its socket destroyed — when the owner's scope closes), waits until the thread has established the
+ * channel (connect, TLS, init packet), and only then joins the set and forks the worker, which forwards the
+ * channel's jobs to the thread and waits for each answer. A thread that fails fails the channel, naming it.
+ */
+const threadOwner = (
+  threads: ChannelThreads.ChannelThreads["Type"],
+  config: Config,
+  settingsOf: (id: number) => SendChannel.Settings,
+  counters: SendChannel.Counters,
+  join: (id: number) => Effect.Effect<Channel>,
+  idle: Queue.Queue<Channel>
+) => {
+  const tls = config.upgrade === undefined ? undefined : Tls.clientData(config.upgrade)
+  const connectTimeoutMs = config.connectTimeout === undefined
+    ? undefined
+    : Duration.toMillis(Duration.decode(config.connectTimeout))
+  // every block handed to a thread, numbered in the order they came (a session gets each one's memory once)
+  const blocks = new Map<Buffer, number>()
+  const blockNumber = (block: SendChannel.Memory): number => {
+    let n = blocks.get(block.bytes)
+    if (n === undefined) {
+      if (!(block.bytes.buffer instanceof SharedArrayBuffer)) {
+        throw new Error(`MultifdSend on threads: block ${block.name} is not in shared memory (GuestRam.allocate)`)
+      }
+      n = blocks.size
+      blocks.set(block.bytes, n)
+    }
+    return n
+  }
+  return (id: number) =>
+    Effect.gen(function*() {
+      const settings = settingsOf(id)
+      const data: SendSession.Data = {
+        settings,
+        address: config.address,
+        connectTimeoutMs,
+        tls,
+        packetNum: counters.packetNum.buffer as SharedArrayBuffer,
+        stats: counters.stats.buffer as SharedArrayBuffer
+      }
+      const session = yield* threads.open<SendSession.In, SendSession.Out>(SendSession.KIND, data)
+      yield* Effect.logDebug(`channel ${id}: on channel thread ${session.thread}`)
+      /** The session's next answer, which must be `tag`; its end instead is its failure. */
+      const answer = (tag: SendSession.Out["_tag"]) =>
+        Effect.flatMap(session.receive, (event) =>
+          event._tag === "Ended"
+            ? Effect.fail(failureOf(event.failure))
+            : event.message._tag === tag
+            ? Effect.void
+            : Effect.die(new Error(`multifd channel ${id}: its thread said ${event.message._tag}, not ${tag}`)))
+      yield* answer("Established").pipe(
+        Effect.withSpan("multifd.channel.establish", { attributes: { "multifd.channel": id, "multifd.thread": session.thread } })
+      )
+      yield* Effect.logDebug(`channel ${id}: established (connected, secured, init packet sent) in its thread`)
+      const channel = yield* join(id)
+      const given = new Set<number>()
+      const forward = Effect.gen(function*() {
+        yield* Queue.offer(idle, channel)
+        while (true) {
+          const job = yield* Queue.take(channel.mailbox)
+          if (job._tag === "Finish") {
+            yield* session.send({ _tag: "Finish" })
+            const end = yield* session.receive
+            if (end._tag === "Ended" && end.failure === undefined) return
+            return yield* end._tag === "Ended"
+              ? Effect.fail(failureOf(end.failure))
+              : Effect.die(new Error(`multifd channel ${id}: its thread said ${end.message._tag} after Finish`))
+          }
+          if (job._tag === "Sync") {
+            yield* session.send({ _tag: "Sync" })
+            yield* answer("Synced")
+            yield* job.done
+            continue
+          }
+          const block = blockNumber(job.block)
+          const first = !given.has(block)
+          given.add(block)
+          // the page numbers are copied (the caller may reuse its array), and the copy moved to the thread
+          const pages = job.pages.slice(0, job.count)
+          yield* session.send({
+            _tag: "Pages",
+            block,
+            memory: first ? sharedBlock(job.block) : undefined,
+            pages
+          }, [pages.buffer])
+          yield* answer("Idle")
+          yield* Queue.offer(idle, channel)
+        }
+      })
+      const work = yield* Effect.forkScoped(forward)
+      yield* Fiber.join(work)
+      yield* Effect.logDebug(`channel ${id}: closed`)
+    }).pipe(
+      Effect.mapError((error) =>
+        error._tag === "ThreadError" ? new MigrationError.ChannelError({ channel: id, cause: error }) : nameChannel(id)(error)
+      ),
+      Effect.scoped,
+      Effect.annotateLogs("channel", id)
+    )
+}
+
+const sharedBlock = (block: SendChannel.Memory): SendSession.SharedBlock => ({
+  name: block.name,
+  buffer: block.bytes.buffer as SharedArrayBuffer,
+  byteOffset: block.bytes.byteOffset,
+  length: block.bytes.length
+})
+
+/** The error a channel's session in a thread ended with, rebuilt (it crossed as data). */
+const failureOf = (failure: EncodedFailure | undefined): ChannelFailure | ThreadError => {
+  if (failure === undefined || failure._tag === "Interrupted") {
+    return new ThreadError({ reason: "Defect", detail: "its session in its thread ended before the channel did" })
+  }
+  if (failure._tag === "Defect") return new ThreadError({ reason: "Defect", detail: `its thread failed: ${failure.message}` })
+  return decodeError(failure) ?? new ThreadError({ reason: "Defect", detail: `its thread failed: ${failure.message}` })
+}
+
+/** The errors a channel can fail with, from their data; `undefined` for another tag. */
+const decodeError = (failure: Extract<EncodedFailure, { _tag: "Error" }>): ChannelFailure | undefined => {
+  // the fields crossed as they were: each class gets back what it was made with
+  const fields = failure.fields as never
+  const cause = failure.cause?._tag === "Error" ? decodeError(failure.cause) : undefined
+  switch (failure.tag) {
+    case "TransportError":
+      return new Transport.TransportError({ ...(fields as object), ...(cause ? { cause } : {}) } as never)
+    case "TlsError":
+      return new Tls.TlsError({ ...(fields as object), ...(cause ? { cause } : {}) } as never)
+    case "CodecError":
+      return new PageCodec.CodecError(fields)
+    case "ProtocolError":
+      return new Protocol.ProtocolError(fields)
+    case "ChannelError":
+      return cause === undefined ? undefined : new MigrationError.ChannelError({ ...(fields as object), cause } as never)
+  }
+  return undefined
+}
 
 /**
  * Names the channel an error came from (codec errors carry it themselves). The error wrapped is the one that was

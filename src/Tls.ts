@@ -187,6 +187,8 @@ export const load = (config: TlsConfig): Effect.Effect<Settings, TlsError> =>
       secureContext: yield* secureContextOf(contextOptions, config.ciphers === undefined ? files : `${files} with --tls-ciphers ${config.ciphers}`),
       // (a secure context carries its own versions: a socket's are ignored when it is given one)
       writeOnlyContext: yield* secureContextOf({ ...contextOptions, maxVersion: "TLSv1.2" }, files),
+      contextOptions,
+      files,
       ownCertificate,
       hostname: config.hostname,
       verifyPeer: config.verifyPeer ?? false,
@@ -224,6 +226,81 @@ const pskKey = (settings: Settings, identity: string): Buffer | undefined =>
  * @category handshakes
  */
 export const client = (settings: Settings, host: string | undefined): Transport.Upgrade<TlsError> =>
+  Object.assign(clientHandshake(settings, host), { [ClientDataKey]: clientDataOf(settings, host) })
+
+/**
+ * What a source's handshake needs, as plain data (structured clone): a channel running on another thread
+ * (`ChannelThreads`) does the same handshake there with a secure context of its own, built from the texts the
+ * settings were loaded from (they were checked then). A PSK client carries the key of its identity only.
+ *
+ * @since 0.1.0
+ * @category models
+ */
+export interface ClientData {
+  readonly credentials: Credentials
+  readonly contextOptions: NodeTls.SecureContextOptions
+  readonly files: string
+  readonly hostname: string | undefined
+  readonly host: string | undefined
+  readonly handshakeTimeoutMs: number
+}
+
+const ClientDataKey = Symbol.for("effect-multifd/Tls/ClientData")
+
+const clientDataOf = (settings: Settings, host: string | undefined): ClientData => {
+  const creds = settings.credentials
+  const key = creds._tag === "Psk" ? creds.keys.get(creds.identity) : undefined
+  return {
+    credentials: creds._tag === "Psk"
+      ? { ...creds, keys: key === undefined ? new Map() : new Map([[creds.identity, key]]) }
+      : creds,
+    contextOptions: settings.contextOptions,
+    files: settings.files,
+    hostname: settings.hostname,
+    host,
+    handshakeTimeoutMs: Duration.toMillis(settings.handshakeTimeout)
+  }
+}
+
+/**
+ * The data of an upgrade made by `client` (`undefined` for any other upgrade: a test's fault injection, say,
+ * which only works in the thread it was made in).
+ *
+ * @since 0.1.0
+ * @category handshakes
+ */
+export const clientData = (upgrade: Transport.Upgrade<Transport.UpgradeError>): ClientData | undefined =>
+  (upgrade as { readonly [ClientDataKey]?: ClientData })[ClientDataKey]
+
+/**
+ * The source's handshake rebuilt from its data, in this thread (with a secure context of its own).
+ *
+ * @since 0.1.0
+ * @category handshakes
+ */
+export const clientFromData = (data: ClientData): Effect.Effect<Transport.Upgrade<TlsError>, TlsError> =>
+  Effect.gen(function*() {
+    const secureContext = yield* secureContextOf(data.contextOptions, data.files)
+    const creds = data.credentials
+    const settings: Settings = {
+      // keys arrive as Uint8Arrays: Buffers again
+      credentials: creds._tag === "Psk"
+        ? { ...creds, keys: new Map(Array.from(creds.keys, ([identity, key]) => [identity, Buffer.from(key)])) }
+        : creds,
+      secureContext,
+      writeOnlyContext: secureContext,
+      contextOptions: data.contextOptions,
+      files: data.files,
+      ownCertificate: undefined,
+      hostname: data.hostname,
+      verifyPeer: false,
+      authz: undefined,
+      handshakeTimeout: Duration.millis(data.handshakeTimeoutMs)
+    }
+    return client(settings, data.host)
+  })
+
+const clientHandshake = (settings: Settings, host: string | undefined): Transport.Upgrade<TlsError> =>
 (connection, channel) =>
   Effect.gen(function*() {
     const creds = settings.credentials

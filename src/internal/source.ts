@@ -9,8 +9,10 @@
 import * as Clock from "effect/Clock"
 import * as Deferred from "effect/Deferred"
 import * as Effect from "effect/Effect"
+import * as Option from "effect/Option"
 import * as Queue from "effect/Queue"
 import * as Crypto from "node:crypto"
+import * as ChannelThreads from "../ChannelThreads.js"
 import * as Control from "../Control.js"
 import * as GuestRam from "../GuestRam.js"
 import * as MigrationError from "../MigrationError.js"
@@ -54,6 +56,10 @@ export const run = (
     const uuidText = Crypto.randomUUID()
     const uuid = Protocol.parseUuid(uuidText)!
     const started = yield* Clock.currentTimeMillis
+    // the channels run on the pool of channel threads when there is one and they can read the memory there
+    const threads = ram.blocks.every((block) => block.bytes.buffer instanceof SharedArrayBuffer)
+      ? Option.getOrUndefined(yield* Effect.serviceOption(ChannelThreads.ChannelThreads))
+      : undefined
 
     // the main channel
     const attributes = { "multifd.channel": "main" }
@@ -199,7 +205,8 @@ export const run = (
         compressionLevel: settings.compressionLevel,
         zeroPage: settings.zeroPage,
         connectTimeout: timeouts.connect,
-        upgrade: settings.upgrade
+        upgrade: settings.upgrade,
+        threads
       })
       // the metrics follow the channels' counters to the end, whatever the end
       yield* Effect.addFinalizer(() => Effect.flatMap(send.stats, recorder.record))

@@ -44,6 +44,13 @@ export interface Settings {
   readonly secureContext: NodeTls.SecureContext
   /** The same, limited to TLS 1.2: for peers that never read (`ServerOptions.writeOnlyPeers`). */
   readonly writeOnlyContext: NodeTls.SecureContext
+  /**
+   * What `secureContext` was built from (PEM texts and cipher lists, checked at load): another thread builds
+   * its own from it (a secure context cannot cross threads).
+   */
+  readonly contextOptions: NodeTls.SecureContextOptions
+  /** The files the credentials came from, for messages. */
+  readonly files: string
   /** This side's certificate (x509 with a certificate), for messages. */
   readonly ownCertificate?: Crypto.X509Certificate | undefined
   readonly hostname: string | undefined

@@ -1,0 +1,74 @@
+/**
+ * The inside of a channel thread: it hosts sessions, each a program of a known kind (a source channel:
+ * `sendSession`) with a `MessagePort` of its own. A session runs in its own fiber and its own scope; the pool's
+ * close request interrupts it, and once the fiber has ended — its scope closed, its socket destroyed — the
+ * thread says so on the port (`[1, failure]`, the port's last message) and closes it. A session that fails or
+ * dies ends the same way; the thread goes on hosting the others.
+ *
+ * This is a thread's entry point as `cli/main.ts` is the process's: the one place, besides it, where effects
+ * are run (`Effect.runFork`, one per session).
+ *
+ * @internal
+ */
+import * as Effect from "effect/Effect"
+import * as FiberId from "effect/FiberId"
+import * as Queue from "effect/Queue"
+import type * as Scope from "effect/Scope"
+import * as WorkerThreads from "node:worker_threads"
+import type { TransferListItem } from "node:worker_threads"
+import {
+  encodeExit,
+  type FromSession,
+  type FromThread,
+  type SessionIo,
+  type ToSession,
+  type ToThread
+} from "./protocol.js"
+
+/** A kind of session: its program, given the data it was opened with and its two directions. */
+export type Kind = (data: any, io: SessionIo<any, any>) => Effect.Effect<void, unknown, Scope.Scope>
+
+const open = (kinds: Readonly<Record<string, Kind>>, { data, kind, port }: Extract<ToThread, { _tag: "Open" }>) => {
+  const inbox = Effect.runSync(Queue.unbounded<unknown>())
+  const post = (message: FromSession, transfer?: ReadonlyArray<TransferListItem>) =>
+    port.postMessage(message, transfer as Array<TransferListItem> | undefined)
+  const io: SessionIo<unknown, unknown> = {
+    receive: Queue.take(inbox),
+    send: (message, transfer) => Effect.sync(() => post([0, message], transfer))
+  }
+  const program = kinds[kind]
+  const fiber = Effect.runFork(
+    program === undefined ? Effect.dieMessage(`no session of kind ${kind} in this thread`) : Effect.scoped(program(data, io))
+  )
+  port.on("message", (message: ToSession) => {
+    if (message[0] === 0) Queue.unsafeOffer(inbox, message[1])
+    else fiber.unsafeInterruptAsFork(FiberId.none)
+  })
+  fiber.addObserver((exit) => {
+    post([1, encodeExit(exit)])
+    port.close()
+  })
+}
+
+/**
+ * Serves the pool that started this thread: opens sessions of the given kinds, answers inspections, and
+ * carries out the faults tests inject (`throw`: an uncaught exception; `exit`: `process.exit`, which ends this
+ * thread only). Does nothing outside a worker thread.
+ */
+export const serve = (kinds: Readonly<Record<string, Kind>>): void => {
+  const parent = WorkerThreads.parentPort
+  if (WorkerThreads.isMainThread || parent === null) return
+  const answer = (message: FromThread) => parent.postMessage(message)
+  parent.on("message", (message: ToThread) => {
+    switch (message._tag) {
+      case "Open":
+        return open(kinds, message)
+      case "Inspect":
+        return answer({ _tag: "Inspected", request: message.request, resources: process.getActiveResourcesInfo() })
+      case "Fault":
+        if (message.fault === "exit") process.exit(message.code)
+        throw new Error("fault injected by a test")
+    }
+  })
+  answer({ _tag: "Ready" })
+}

@@ -1,0 +1,285 @@
+/**
+ * The pool behind `ChannelThreads`: worker threads started once, each hosting any number of sessions
+ * (`host`). A session is a lease: opened on the thread with the fewest sessions, closed when its scope
+ * closes, and its close waits for the thread's word that everything the session held is released. A thread
+ * is watched from its start to its end: once it threw or exited, every session on it fails with a
+ * `ThreadError`, and the next session opened in the pool gets a new thread in its place. Closing the pool's
+ * scope terminates every thread and waits until each has exited.
+ *
+ * The thread's module is found beside this one: `channelWorker.js` (the compiled library, where the build
+ * puts one bundled file in place of tsc's; the bundled command and the benchmark peers, whose builds put it
+ * beside them), or, from the TypeScript sources (tests, `npm run multifd`), `channelWorkerSource.mjs`, which
+ * loads `channelWorker.ts` through tsx.
+ *
+ * @internal
+ */
+import * as Deferred from "effect/Deferred"
+import * as Effect from "effect/Effect"
+import * as ExecutionStrategy from "effect/ExecutionStrategy"
+import * as Exit from "effect/Exit"
+import * as Queue from "effect/Queue"
+import * as Scope from "effect/Scope"
+import * as Os from "node:os"
+import * as WorkerThreads from "node:worker_threads"
+import type { TransferListItem } from "node:worker_threads"
+import {
+  type EncodedFailure,
+  type FromSession,
+  type FromThread,
+  ThreadError,
+  type ToSession,
+  type ToThread
+} from "./protocol.js"
+
+/** How a pool is sized. */
+export interface Options {
+  /** At most this many threads (default: no cap). The pool starts one per core (`os.availableParallelism()`). */
+  readonly maxThreads?: number | undefined
+}
+
+/** What a session says: one of its messages, or its end (`failure` undefined: it ended by itself, or was closed). */
+export type Event<Out> =
+  | { readonly _tag: "Message"; readonly message: Out }
+  | { readonly _tag: "Ended"; readonly failure: EncodedFailure | undefined }
+
+/** A session in a thread, as its owner sees it. */
+export interface Session<In, Out> {
+  /** The thread it runs on (its slot in the pool, 0-based). */
+  readonly thread: number
+  /** Posts a message to the session (structured clone; `transfer` moves buffers instead of copying them). */
+  readonly send: (message: In, transfer?: ReadonlyArray<TransferListItem>) => Effect.Effect<void>
+  /** The session's next message, then its end; fails once the thread has failed. */
+  readonly receive: Effect.Effect<Event<Out>, ThreadError>
+}
+
+/** Counts of a pool. */
+export interface PoolStats {
+  /** Threads running now. */
+  readonly threads: number
+  /** Sessions open now. */
+  readonly sessions: number
+  /** Sessions opened since the pool started. */
+  readonly opened: number
+  /** Threads started in place of one that failed. */
+  readonly replaced: number
+}
+
+/** A pool of channel threads. */
+export interface Pool {
+  /** Threads in the pool. */
+  readonly size: number
+  /**
+   * Opens a session of `kind` with `data` on the least busy thread (a new one in place of a thread that
+   * failed); the session is closed — and the close acknowledged by the thread — when the scope closes.
+   */
+  readonly open: <In, Out>(
+    kind: string,
+    data: unknown,
+    transfer?: ReadonlyArray<TransferListItem>
+  ) => Effect.Effect<Session<In, Out>, never, Scope.Scope>
+  readonly stats: Effect.Effect<PoolStats>
+  /** Each running thread's active resources (`process.getActiveResourcesInfo()` in that thread). */
+  readonly inspect: Effect.Effect<ReadonlyArray<ReadonlyArray<string>>, ThreadError>
+}
+
+/** A session's side in this thread: what its port delivered, and whether it is gone. */
+interface Lease<Out> {
+  /** Its messages, then its end; or its thread's failure. */
+  readonly inbox: Queue.Queue<Event<Out> | { readonly _tag: "Failed"; readonly error: ThreadError }>
+  /** Completes once the session ended in its thread, or its thread failed. */
+  readonly gone: Deferred.Deferred<void>
+}
+
+interface Thread {
+  readonly slot: number
+  readonly worker: WorkerThreads.Worker
+  /** Completes once the thread's module has loaded; fails if it failed first. */
+  readonly ready: Deferred.Deferred<void, ThreadError>
+  /** Fails once the thread threw or exited (never succeeds). */
+  readonly failed: Deferred.Deferred<never, ThreadError>
+  readonly inspections: Map<number, (resources: ReadonlyArray<string>) => void>
+  /** The scope that terminates it: closed with the pool's, or when it is replaced. */
+  readonly scope: Scope.CloseableScope
+  /** The sessions open on it: a failure of the thread reaches each through its inbox. */
+  readonly sessions: Set<Lease<unknown>>
+}
+
+/** Channel threads started in this process and not yet exited (every pool's). */
+let live = 0
+
+/** Channel threads running in this process, over all pools (for leak checks). */
+export const liveThreads = (): number => live
+
+const workerUrl = (): URL =>
+  new URL(import.meta.url.endsWith(".ts") ? "./channelWorkerSource.mjs" : "./channelWorker.js", import.meta.url)
+
+/** Starts a thread in a scope of its own inside `parent`; terminated (and its exit awaited) when that closes. */
+const start = (slot: number, parent: Scope.Scope): Effect.Effect<Thread> =>
+  Effect.gen(function*() {
+    const scope = yield* Scope.fork(parent, ExecutionStrategy.sequential)
+    const ready = yield* Deferred.make<void, ThreadError>()
+    const failed = yield* Deferred.make<never, ThreadError>()
+    return yield* Effect.acquireRelease(
+      Effect.sync((): Thread => {
+        const worker = new WorkerThreads.Worker(workerUrl())
+        live++
+        const inspections = new Map<number, (resources: ReadonlyArray<string>) => void>()
+        const sessions = new Set<Lease<unknown>>()
+        const fail = (reason: "Failed" | "Exited", detail: string) => {
+          const error = new ThreadError({ reason, detail })
+          Deferred.unsafeDone(ready, Exit.fail(new ThreadError({ reason: "Start", detail: `${detail} before it was ready` })))
+          Deferred.unsafeDone(failed, Exit.fail(error))
+          for (const session of sessions) {
+            Queue.unsafeOffer(session.inbox, { _tag: "Failed", error })
+            Deferred.unsafeDone(session.gone, Exit.void)
+          }
+        }
+        worker.on("message", (message: FromThread) => {
+          if (message._tag === "Ready") Deferred.unsafeDone(ready, Exit.void)
+          else inspections.get(message.request)?.(message.resources)
+        })
+        worker.on("error", (error) => fail("Failed", `its thread failed: ${error.message}`))
+        worker.on("exit", (code) => {
+          live--
+          fail("Exited", `its thread exited (code ${code})`)
+        })
+        return { slot, worker, ready, failed, inspections, scope, sessions }
+      }),
+      ({ worker }) => Effect.promise(() => worker.terminate())
+    ).pipe(Scope.extend(scope))
+  })
+
+let inspections = 0
+
+/** Asks a thread for its active resources; fails if the thread fails first. */
+const inspectOne = (thread: Thread): Effect.Effect<ReadonlyArray<string>, ThreadError> =>
+  Effect.raceFirst(
+    Deferred.await(thread.failed),
+    Effect.async<ReadonlyArray<string>>((resume) => {
+      const request = ++inspections
+      thread.inspections.set(request, (resources) => {
+        thread.inspections.delete(request)
+        resume(Effect.succeed(resources))
+      })
+      thread.worker.postMessage({ _tag: "Inspect", request } satisfies ToThread)
+      return Effect.sync(() => thread.inspections.delete(request))
+    })
+  )
+
+/** What tests reach into: the pool's threads as they are now. */
+const threadsOfPool = new WeakMap<Pool, () => ReadonlyArray<Thread>>()
+
+/**
+ * The worker threads of a pool, for tests that make one fail from outside (`terminate`), or from inside
+ * (`fault`: an uncaught exception, or `process.exit` with `code`).
+ */
+export const unsafeThreads = (pool: Pool): ReadonlyArray<{
+  readonly worker: WorkerThreads.Worker
+  readonly fault: (fault: "throw" | "exit", code?: number) => void
+}> =>
+  (threadsOfPool.get(pool)?.() ?? []).map((thread) => ({
+    worker: thread.worker,
+    fault: (fault, code = 1) => thread.worker.postMessage({ _tag: "Fault", fault, code } satisfies ToThread)
+  }))
+
+/** The pool's size: a thread per core, capped by `maxThreads`, at least one. */
+export const sizeOf = (options?: Options): number =>
+  Math.max(1, Math.min(Os.availableParallelism(), options?.maxThreads ?? Infinity))
+
+/**
+ * Starts the pool's threads and waits until each has loaded its module (a thread that fails to start fails
+ * this with its `ThreadError`). Everything is released when the scope closes.
+ */
+export const make = (options?: Options): Effect.Effect<Pool, ThreadError, Scope.Scope> =>
+  Effect.gen(function*() {
+    const size = sizeOf(options)
+    const scope = yield* Effect.scope
+    const slots: Array<Thread> = []
+    for (let slot = 0; slot < size; slot++) slots.push(yield* start(slot, scope))
+    yield* Effect.forEach(slots, (thread) => Deferred.await(thread.ready), { concurrency: "unbounded", discard: true })
+    let opened = 0
+    let replaced = 0
+    const lock = yield* Effect.makeSemaphore(1)
+
+    /** The least busy thread, after a new thread took the place of each one that failed. */
+    const choose = lock.withPermits(1)(Effect.gen(function*() {
+      for (const thread of slots) {
+        if (!(yield* Deferred.isDone(thread.failed))) continue
+        yield* Scope.close(thread.scope, Exit.void)
+        slots[thread.slot] = yield* start(thread.slot, scope)
+        replaced++
+      }
+      let best = slots[0]!
+      for (const thread of slots) if (thread.sessions.size < best.sessions.size) best = thread
+      return best
+    }))
+
+    const open = <In, Out>(kind: string, data: unknown, transfer: ReadonlyArray<TransferListItem> = []) =>
+      Effect.map(
+        Effect.acquireRelease(
+          Effect.gen(function*() {
+            const thread = yield* choose
+            const lease: Lease<Out> = {
+              inbox: yield* Queue.unbounded<Event<Out> | { readonly _tag: "Failed"; readonly error: ThreadError }>(),
+              gone: yield* Deferred.make<void>()
+            }
+            const { port1: port, port2 } = new WorkerThreads.MessageChannel()
+            port.on("message", (message: FromSession) => {
+              if (message[0] === 0) return Queue.unsafeOffer(lease.inbox, { _tag: "Message", message: message[1] as Out })
+              Queue.unsafeOffer(lease.inbox, { _tag: "Ended", failure: message[1] })
+              Deferred.unsafeDone(lease.gone, Exit.void)
+            })
+            thread.sessions.add(lease as Lease<unknown>)
+            // a thread that failed before this session was added has told the others only
+            if (yield* Deferred.isDone(thread.failed)) {
+              const error = yield* Effect.flip(Deferred.await(thread.failed))
+              Queue.unsafeOffer(lease.inbox, { _tag: "Failed", error })
+              Deferred.unsafeDone(lease.gone, Exit.void)
+            }
+            const open: ToThread = { _tag: "Open", kind, data, port: port2 }
+            thread.worker.postMessage(open, [port2, ...transfer])
+            opened++
+            return { thread, port, lease }
+          }),
+          // the session closes in its thread (its socket destroyed) before the lease is given back; a thread
+          // that failed has taken its sessions with it
+          ({ lease, port, thread }) =>
+            Effect.gen(function*() {
+              if (!(yield* Deferred.isDone(lease.gone))) port.postMessage([1] satisfies ToSession)
+              yield* Deferred.await(lease.gone)
+              port.close()
+              thread.sessions.delete(lease as Lease<unknown>)
+            })
+        ),
+        ({ lease, port, thread }): Session<In, Out> => ({
+          thread: thread.slot,
+          send: (message, transfer) =>
+            Effect.sync(() => port.postMessage([0, message] satisfies ToSession, transfer as Array<TransferListItem>)),
+          receive: Effect.flatMap(Queue.take(lease.inbox), (event) => {
+            if (event._tag !== "Failed") return Effect.succeed(event)
+            // a thread's failure stays: every later receive fails the same way
+            Queue.unsafeOffer(lease.inbox, event)
+            return Effect.fail(event.error)
+          })
+        })
+      )
+
+    /** The threads that have not failed. */
+    const running = Effect.suspend(() =>
+      Effect.filter(slots, (thread) => Effect.map(Deferred.isDone(thread.failed), (done) => !done))
+    )
+
+    const pool: Pool = {
+      size,
+      open,
+      stats: Effect.map(running, (threads) => ({
+        threads: threads.length,
+        sessions: slots.reduce((n, thread) => n + thread.sessions.size, 0),
+        opened,
+        replaced
+      })),
+      inspect: Effect.flatMap(running, (threads) => Effect.forEach(threads, inspectOne, { concurrency: "unbounded" }))
+    }
+    threadsOfPool.set(pool, () => slots)
+    return pool
+  })

@@ -1,0 +1,114 @@
+/**
+ * What a channel thread and the pool that runs it say to each other, and how a session's failure crosses
+ * (structured clone keeps no class: an error goes as its tag, its fields and its message, rebuilt on the other
+ * side by whoever knows the classes).
+ *
+ * - the pool to a thread (its `parentPort`): `Open` a session (a `MessagePort` of its own, transferred),
+ *   `Inspect` (the thread's active resources, for leak checks), `Fault` (tests: make the thread throw or exit);
+ * - a thread to the pool: `Ready` once its module is loaded, `Inspected`;
+ * - on a session's port, both ways: `[0, message]`; the pool's `[1]` asks the thread to close the session
+ *   (interrupt it: its scope closes its socket), and the thread's `[1, failure]` says the session ended — it
+ *   is the last message of the port, sent once everything the session held is released.
+ *
+ * @internal
+ */
+import * as Cause from "effect/Cause"
+import * as Data from "effect/Data"
+import type * as Effect from "effect/Effect"
+import * as Exit from "effect/Exit"
+import * as Option from "effect/Option"
+import type { MessagePort, TransferListItem } from "node:worker_threads"
+
+/**
+ * A channel thread failed: it could not start, it threw, or it exited; or a session's program died in it. The
+ * message reads after a channel's name: "multifd channel 2: its thread exited (code 1)".
+ */
+export class ThreadError extends Data.TaggedError("ThreadError")<{
+  readonly reason: "Start" | "Failed" | "Exited" | "Defect"
+  readonly detail: string
+}> {
+  override get message(): string {
+    return this.detail
+  }
+}
+
+/** A session's failure as it crosses: an error's tag, fields and message, a defect or an interruption. */
+export type EncodedFailure =
+  | {
+    readonly _tag: "Error"
+    readonly tag: string
+    readonly message: string
+    readonly fields: Readonly<Record<string, unknown>>
+    readonly cause: EncodedFailure | undefined
+  }
+  | { readonly _tag: "Defect"; readonly message: string }
+  | { readonly _tag: "Interrupted" }
+
+/** The pool to a thread. */
+export type ToThread =
+  | {
+    readonly _tag: "Open"
+    readonly kind: string
+    readonly data: unknown
+    readonly port: MessagePort
+  }
+  | { readonly _tag: "Inspect"; readonly request: number }
+  | { readonly _tag: "Fault"; readonly fault: "throw" | "exit"; readonly code: number }
+
+/** A thread to the pool. */
+export type FromThread =
+  | { readonly _tag: "Ready" }
+  | { readonly _tag: "Inspected"; readonly request: number; readonly resources: ReadonlyArray<string> }
+
+/** On a session's port: a message, the pool's close request, the thread's end of the session. */
+export type ToSession = readonly [0, unknown] | readonly [1]
+export type FromSession = readonly [0, unknown] | readonly [1, EncodedFailure | undefined]
+
+/** A session's two directions, as the program running in the thread sees them. */
+export interface SessionIo<In, Out> {
+  readonly receive: Effect.Effect<In>
+  readonly send: (message: Out, transfer?: ReadonlyArray<TransferListItem>) => Effect.Effect<void>
+}
+
+/** Values that cross as they are (structured clone), and arrays of them. */
+const plain = (value: unknown): boolean =>
+  value === null || value === undefined || typeof value === "string" || typeof value === "number" ||
+  typeof value === "boolean" || typeof value === "bigint" || value instanceof Uint8Array ||
+  (Array.isArray(value) && value.every(plain))
+
+/**
+ * An error as it crosses: a tagged error (`_tag`) with its plain fields, and its cause when that is tagged too
+ * (a `TransportError` inside a `ChannelError`); anything else by its message.
+ */
+export const encodeError = (error: unknown): EncodedFailure => {
+  if (typeof error !== "object" || error === null || typeof (error as { _tag?: unknown })._tag !== "string") {
+    return { _tag: "Defect", message: error instanceof Error ? error.message : String(error) }
+  }
+  const fields: Record<string, unknown> = {}
+  for (const key of Object.keys(error)) {
+    const value = (error as Record<string, unknown>)[key]
+    if (key !== "_tag" && key !== "cause" && plain(value)) fields[key] = value
+  }
+  const cause = (error as { cause?: unknown }).cause
+  const tagged = typeof cause === "object" && cause !== null && typeof (cause as { _tag?: unknown })._tag === "string"
+  return {
+    _tag: "Error",
+    tag: (error as { _tag: string })._tag,
+    message: String((error as { message?: unknown }).message),
+    fields,
+    cause: tagged ? encodeError(cause) : undefined
+  }
+}
+
+/** How a session's program ended, as it crosses: `undefined` for success. */
+export const encodeExit = (exit: Exit.Exit<unknown, unknown>): EncodedFailure | undefined => {
+  if (Exit.isSuccess(exit)) return undefined
+  const failure = Cause.failureOption(exit.cause)
+  if (Option.isSome(failure)) return encodeError(failure.value)
+  const defect = Cause.dieOption(exit.cause)
+  if (Option.isSome(defect)) {
+    const d = defect.value
+    return { _tag: "Defect", message: d instanceof Error ? d.message : String(d) }
+  }
+  return { _tag: "Interrupted" }
+}
