@@ -75,10 +75,18 @@ export const run = (
     }).pipe(Effect.mapError(MigrationError.onChannel("main")))
     const { failure: readerFailure, inbox } = yield* Conversation.reader(control, "destination")
     const answered = yield* Deferred.make<void>()
+    // once Done came the destination has everything and closes the main channel when it saw the multifd
+    // channels end, which may come before this side is done ending them: that close is no failure
+    const doneReceived = yield* Deferred.make<void>()
+    const isClose = (error: Conversation.ReaderFailure) =>
+      error._tag === "ChannelError" && error.cause._tag === "TransportError" &&
+      (error.cause as Transport.TransportError).reason === "Closed"
     // the main channel closing before any answer most likely means this source was refused
     const controlFailure = Effect.catchAll(readerFailure, (error) =>
-      Effect.flatMap(Deferred.isDone(answered), (isAnswered) =>
-        !isAnswered && error._tag === "ChannelError" && error.cause._tag === "TransportError"
+      Effect.flatMap(Effect.zip(Deferred.isDone(answered), Deferred.isDone(doneReceived)), ([isAnswered, isDone]) =>
+        isDone && isClose(error)
+          ? Effect.never
+          : !isAnswered && error._tag === "ChannelError" && error.cause._tag === "TransportError"
           ? new MigrationError.MigrationError({
             reason: "Rejected",
             // a TLS source that presented a certificate explains such a close itself (Tls.client)
@@ -177,7 +185,7 @@ export const run = (
     const confirmed = (waiting: string): Effect.Effect<void, Failure> =>
       Effect.flatMap(next(waiting), (message) =>
         message._tag === "Done"
-          ? Effect.void
+          ? Effect.asVoid(Deferred.succeed(doneReceived, undefined))
           : message._tag === "Storing"
           ? confirmed("waiting for the destination to store the image")
           : Conversation.unexpected(message, "instead of Done"))
@@ -188,7 +196,9 @@ export const run = (
         yield* Effect.raceFirst(send.finish, send.failure).pipe(
           within(timeouts.peer, "waiting for the multifd channels to send their last bytes and close")
         )
-        yield* Effect.mapError(control.end, MigrationError.onChannel("main")).pipe(
+        // (a destination that already closed the main channel, after Done, has all it needs)
+        const end = Effect.catchIf(control.end, (error) => error.reason === "Closed", () => Effect.void)
+        yield* Effect.mapError(end, MigrationError.onChannel("main")).pipe(
           within(timeouts.peer, "waiting for the main channel to send its last bytes and close")
         )
         yield* Effect.logDebug("main channel: closed")
