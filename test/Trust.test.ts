@@ -178,7 +178,7 @@ describe("success is durable: the destination's store step", () => {
       const listener = yield* Transport.listen(tcp0)
       const storing = yield* Deferred.make<void>()
       // a fake destination: accepts, acknowledges every flush, says Storing once after Complete, then nothing
-      const drain = (connection: Transport.Connection): Effect.Effect<void> =>
+      const drain = (connection: Transport.Connection): Effect.Effect<void, Transport.TransportError> =>
         Effect.forever(connection.read(64)).pipe(Effect.ignore)
       const fake = Effect.gen(function*() {
         const control = yield* listener.accept
@@ -204,6 +204,50 @@ describe("success is durable: the destination's store step", () => {
       expect((error as MigrationError.MigrationError).reason).toBe("Timeout")
       expect(error.message).toBe("timed out after 2s waiting for the destination to store the image")
       expect((yield* TestClock.currentTimeMillis) - t0).toBeLessThanOrEqual(2_500)
+    })))
+
+  it.live("a destination that closes the main channel right after Done, before this side ended its channels: the source succeeds", () =>
+    leakFree(Effect.gen(function*() {
+      const ram = yield* sourceRam()
+      const listener = yield* Transport.listen(tcp0)
+      // the source's channels end only once its main channel has read the destination's close
+      const closeSeen = yield* Deferred.make<void>()
+      const upgrade: Transport.Upgrade<Transport.UpgradeError> = (connection, channel) =>
+        Effect.succeed(
+          channel === "main"
+            ? {
+              ...connection,
+              readInto: (target, at, length) =>
+                Effect.tapError(connection.readInto(target, at, length), () => Deferred.succeed(closeSeen, undefined)),
+              read: (length) => Effect.tapError(connection.read(length), () => Deferred.succeed(closeSeen, undefined))
+            }
+            : { ...connection, end: Effect.zipRight(Deferred.await(closeSeen), connection.end) }
+        )
+      // a fake destination: accepts, acknowledges every flush, answers Complete with Done and closes the main
+      // channel at once, then reads the channels to their end
+      const drain = (connection: Transport.Connection): Effect.Effect<void, Transport.TransportError> =>
+        Effect.flatMap(connection.readSome(1 << 20), (chunk) => (chunk.length === 0 ? Effect.void : drain(connection)))
+      const fake = Effect.gen(function*() {
+        const control = yield* listener.accept
+        yield* control.read(4)
+        const first = yield* Control.receive(control)
+        yield* Control.send(control, new Control.Accept())
+        const channels: Array<Transport.Connection> = []
+        for (let i = 0; i < (first as Control.Hello).channels; i++) channels.push(yield* listener.accept)
+        while (true) {
+          const message = yield* Control.receive(control)
+          if (message._tag === "Flush") yield* Control.send(control, new Control.FlushAck({ round: message.round }))
+          if (message._tag === "Complete") break
+        }
+        yield* Control.send(control, new Control.Done())
+        yield* Transport.destroy(control.stream)
+        yield* Effect.forEach(channels, drain, { concurrency: "unbounded", discard: true })
+      }).pipe(Effect.orDie, Effect.scoped)
+      const destination = yield* Effect.forkScoped(fake)
+      const stats = yield* noHang(migrateTo(listener.address, ram, { upgrade }), "migrate")
+      expect(stats.ramBytes).toBe(ram.size)
+      expect(yield* Deferred.isDone(closeSeen)).toBe(true)
+      yield* noHang(Fiber.join(destination), "the fake destination")
     })))
 
   it.live("an old peer is refused, not misunderstood: a hello of control protocol version 1 gets Reject", () =>
