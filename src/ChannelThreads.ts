@@ -60,6 +60,14 @@ export type Session<In, Out> = Pool.Session<In, Out>
 export type Event<Out> = Pool.Event<Out>
 
 /**
+ * What a thread holds: its active resources and zstd contexts (`ChannelThreads["Type"]["inspect"]`).
+ *
+ * @since 0.1.0
+ * @category models
+ */
+export type Inspection = Pool.Inspection
+
+/**
  * Counts of the pool: threads running, sessions open and opened, threads replaced.
  *
  * @since 0.1.0

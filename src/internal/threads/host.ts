@@ -15,6 +15,7 @@ import * as FiberId from "effect/FiberId"
 import * as Queue from "effect/Queue"
 import type * as Scope from "effect/Scope"
 import * as WorkerThreads from "node:worker_threads"
+import * as Zstd from "../native/zstdStream.js"
 import type { TransferListItem } from "node:worker_threads"
 import {
   encodeExit,
@@ -64,7 +65,11 @@ export const serve = (kinds: Readonly<Record<string, Kind>>): void => {
       case "Open":
         return open(kinds, message)
       case "Inspect":
-        return answer({ _tag: "Inspected", request: message.request, resources: process.getActiveResourcesInfo() })
+        return answer({
+          _tag: "Inspected",
+          request: message.request,
+          inspection: { resources: process.getActiveResourcesInfo(), zstdContexts: Zstd.openContexts() }
+        })
       case "Fault":
         if (message.fault === "exit") process.exit(message.code)
         throw new Error("fault injected by a test")

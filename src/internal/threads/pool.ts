@@ -26,6 +26,7 @@ import {
   type EncodedFailure,
   type FromSession,
   type FromThread,
+  type Inspection,
   ThreadError,
   type ToSession,
   type ToThread
@@ -35,12 +36,19 @@ import {
 export interface Options {
   /** At most this many threads (default: no cap). The pool starts one per core (`os.availableParallelism()`). */
   readonly maxThreads?: number | undefined
+  /**
+   * The threads' module: by default `channelWorker.js` beside this library (its build bundles it into one
+   * file). A bundler that moves the library must copy that file along, or say here where it is.
+   */
+  readonly module?: string | URL | undefined
 }
 
 /** What a session says: one of its messages, or its end (`failure` undefined: it ended by itself, or was closed). */
 export type Event<Out> =
   | { readonly _tag: "Message"; readonly message: Out }
   | { readonly _tag: "Ended"; readonly failure: EncodedFailure | undefined }
+
+export type { Inspection }
 
 /** A session in a thread, as its owner sees it. */
 export interface Session<In, Out> {
@@ -78,8 +86,11 @@ export interface Pool {
     transfer?: ReadonlyArray<TransferListItem>
   ) => Effect.Effect<Session<In, Out>, never, Scope.Scope>
   readonly stats: Effect.Effect<PoolStats>
-  /** Each running thread's active resources (`process.getActiveResourcesInfo()` in that thread). */
-  readonly inspect: Effect.Effect<ReadonlyArray<ReadonlyArray<string>>, ThreadError>
+  /**
+   * What each running thread holds now: its active resources (`process.getActiveResourcesInfo()` in that
+   * thread: sockets, timers, ports) and its zstd contexts (a leak check).
+   */
+  readonly inspect: Effect.Effect<ReadonlyArray<Inspection>, ThreadError>
 }
 
 /** A session's side in this thread: what its port delivered, and whether it is gone. */
@@ -97,7 +108,7 @@ interface Thread {
   readonly ready: Deferred.Deferred<void, ThreadError>
   /** Fails once the thread threw or exited (never succeeds). */
   readonly failed: Deferred.Deferred<never, ThreadError>
-  readonly inspections: Map<number, (resources: ReadonlyArray<string>) => void>
+  readonly inspections: Map<number, (inspection: Inspection) => void>
   /** The scope that terminates it: closed with the pool's, or when it is replaced. */
   readonly scope: Scope.CloseableScope
   /** The sessions open on it: a failure of the thread reaches each through its inbox. */
@@ -114,16 +125,16 @@ const workerUrl = (): URL =>
   new URL(import.meta.url.endsWith(".ts") ? "./channelWorkerSource.mjs" : "./channelWorker.js", import.meta.url)
 
 /** Starts a thread in a scope of its own inside `parent`; terminated (and its exit awaited) when that closes. */
-const start = (slot: number, parent: Scope.Scope): Effect.Effect<Thread> =>
+const start = (slot: number, parent: Scope.Scope, module: string | URL): Effect.Effect<Thread> =>
   Effect.gen(function*() {
     const scope = yield* Scope.fork(parent, ExecutionStrategy.sequential)
     const ready = yield* Deferred.make<void, ThreadError>()
     const failed = yield* Deferred.make<never, ThreadError>()
     return yield* Effect.acquireRelease(
       Effect.sync((): Thread => {
-        const worker = new WorkerThreads.Worker(workerUrl())
+        const worker = new WorkerThreads.Worker(module)
         live++
-        const inspections = new Map<number, (resources: ReadonlyArray<string>) => void>()
+        const inspections = new Map<number, (inspection: Inspection) => void>()
         const sessions = new Set<Lease<unknown>>()
         const fail = (reason: "Failed" | "Exited", detail: string) => {
           const error = new ThreadError({ reason, detail })
@@ -136,7 +147,7 @@ const start = (slot: number, parent: Scope.Scope): Effect.Effect<Thread> =>
         }
         worker.on("message", (message: FromThread) => {
           if (message._tag === "Ready") Deferred.unsafeDone(ready, Exit.void)
-          else inspections.get(message.request)?.(message.resources)
+          else inspections.get(message.request)?.(message.inspection)
         })
         worker.on("error", (error) => fail("Failed", `its thread failed: ${error.message}`))
         worker.on("exit", (code) => {
@@ -151,15 +162,15 @@ const start = (slot: number, parent: Scope.Scope): Effect.Effect<Thread> =>
 
 let inspections = 0
 
-/** Asks a thread for its active resources; fails if the thread fails first. */
-const inspectOne = (thread: Thread): Effect.Effect<ReadonlyArray<string>, ThreadError> =>
+/** Asks a thread what it holds; fails if the thread fails first. */
+const inspectOne = (thread: Thread): Effect.Effect<Inspection, ThreadError> =>
   Effect.raceFirst(
     Deferred.await(thread.failed),
-    Effect.async<ReadonlyArray<string>>((resume) => {
+    Effect.async<Inspection>((resume) => {
       const request = ++inspections
-      thread.inspections.set(request, (resources) => {
+      thread.inspections.set(request, (inspection) => {
         thread.inspections.delete(request)
-        resume(Effect.succeed(resources))
+        resume(Effect.succeed(inspection))
       })
       thread.worker.postMessage({ _tag: "Inspect", request } satisfies ToThread)
       return Effect.sync(() => thread.inspections.delete(request))
@@ -193,9 +204,10 @@ export const sizeOf = (options?: Options): number =>
 export const make = (options?: Options): Effect.Effect<Pool, ThreadError, Scope.Scope> =>
   Effect.gen(function*() {
     const size = sizeOf(options)
+    const module = options?.module ?? workerUrl()
     const scope = yield* Effect.scope
     const slots: Array<Thread> = []
-    for (let slot = 0; slot < size; slot++) slots.push(yield* start(slot, scope))
+    for (let slot = 0; slot < size; slot++) slots.push(yield* start(slot, scope, module))
     yield* Effect.forEach(slots, (thread) => Deferred.await(thread.ready), { concurrency: "unbounded", discard: true })
     let opened = 0
     let replaced = 0
@@ -206,7 +218,7 @@ export const make = (options?: Options): Effect.Effect<Pool, ThreadError, Scope.
       for (const thread of slots) {
         if (!(yield* Deferred.isDone(thread.failed))) continue
         yield* Scope.close(thread.scope, Exit.void)
-        slots[thread.slot] = yield* start(thread.slot, scope)
+        slots[thread.slot] = yield* start(thread.slot, scope, module)
         replaced++
       }
       let best = slots[0]!

@@ -58,7 +58,13 @@ export type ToThread =
 /** A thread to the pool. */
 export type FromThread =
   | { readonly _tag: "Ready" }
-  | { readonly _tag: "Inspected"; readonly request: number; readonly resources: ReadonlyArray<string> }
+  | { readonly _tag: "Inspected"; readonly request: number; readonly inspection: Inspection }
+
+/** What a thread holds now: its active resources (`process.getActiveResourcesInfo()`) and zstd contexts. */
+export interface Inspection {
+  readonly resources: ReadonlyArray<string>
+  readonly zstdContexts: number
+}
 
 /** On a session's port: a message, the pool's close request, the thread's end of the session. */
 export type ToSession = readonly [0, unknown] | readonly [1]
