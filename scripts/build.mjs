@@ -1,5 +1,6 @@
-// `npm run build`: the library as ES modules with declarations (tsc, dist/*.js + *.d.ts) and the `multifd`
-// command as one bundled file (esbuild, dist/bin/multifd.js, with its digest worker beside it), which starts
+// `npm run build`: the library as ES modules with declarations (tsc, dist/*.js + *.d.ts; its channel thread
+// dist/internal/threads/channelWorker.js one bundled file) and the `multifd` command as one bundled file
+// (esbuild, dist/bin/multifd.js, with its digest and channel workers beside it), which starts
 // in a fraction of the time that loading a few hundred module files takes. Plain JavaScript so that it runs
 // before anything is compiled.
 import * as ChildProcess from "node:child_process"
@@ -18,14 +19,7 @@ const compiled = ChildProcess.spawnSync(process.execPath, [tsc, "-p", Path.join(
 })
 if (compiled.status !== 0) process.exit(compiled.status ?? 1)
 
-await Esbuild.build({
-  // the digest's worker thread beside the command: the bundle starts it from `./digestWorker.js` relative to
-  // its own `import.meta.url`, as the library does from dist/internal/native
-  entryPoints: {
-    multifd: Path.join(root, "src", "cli", "main.ts"),
-    digestWorker: Path.join(root, "src", "internal", "native", "digestWorker.ts")
-  },
-  outdir: Path.join(dist, "bin"),
+const bundle = {
   bundle: true,
   platform: "node",
   format: "esm",
@@ -36,5 +30,28 @@ await Esbuild.build({
   banner: { js: "import { createRequire as __multifdRequire } from \"node:module\";\nconst require = __multifdRequire(import.meta.url);" },
   logLevel: "warning",
   legalComments: "none"
+}
+
+await Esbuild.build({
+  ...bundle,
+  // the worker threads beside the command: the bundle starts them from `./digestWorker.js` and
+  // `./channelWorker.js` relative to its own `import.meta.url`, as the library does from dist/internal/native
+  // and dist/internal/threads
+  entryPoints: {
+    multifd: Path.join(root, "src", "cli", "main.ts"),
+    digestWorker: Path.join(root, "src", "internal", "native", "digestWorker.ts"),
+    channelWorker: Path.join(root, "src", "internal", "threads", "channelWorker.ts")
+  },
+  outdir: Path.join(dist, "bin")
 })
+
+// The library's channel thread as one bundled file, in place of tsc's module (which would load effect as a few
+// hundred module files in every thread: several times the start-up time of one file)
+await Esbuild.build({
+  ...bundle,
+  entryPoints: { channelWorker: Path.join(root, "src", "internal", "threads", "channelWorker.ts") },
+  outdir: Path.join(dist, "internal", "threads"),
+  allowOverwrite: true
+})
+Fs.rmSync(Path.join(dist, "internal", "threads", "channelWorker.js.map"), { force: true })
 Fs.chmodSync(Path.join(dist, "bin", "multifd.js"), 0o755)

@@ -10,6 +10,8 @@
  * @since 0.1.0
  */
 
+/** Worker threads for the channels of migrations: a pool, a scoped session per channel. @since 0.1.0 */
+export * as ChannelThreads from "./ChannelThreads.js"
 /** The main channel's messages (`effect/Schema`) and framing. @since 0.1.0 */
 export * as Control from "./Control.js"
 /** Named blocks of guest memory, the zero-page test, dirty tracking, digests. @since 0.1.0 */

@@ -5,7 +5,9 @@
  */
 import * as Command from "@effect/cli/Command"
 import * as Effect from "effect/Effect"
+import * as Layer from "effect/Layer"
 import * as Option from "effect/Option"
+import * as ChannelThreads from "../ChannelThreads.js"
 import * as GuestRam from "../GuestRam.js"
 import * as Migration from "../Migration.js"
 import * as MigrationStatus from "../MigrationStatus.js"
@@ -23,6 +25,17 @@ export const BLOCK_NAME = "ram"
 
 /** The host a source's TLS checks the destination's certificate against by default. */
 const hostOf = (uri: Transport.Address): string | undefined => uri._tag === "Tcp" ? uri.host : undefined
+
+/**
+ * The channels' worker threads (`ChannelThreads`), started before the migration; none for a snapshot file. A
+ * pool that cannot start leaves the channels on the main thread, with a warning.
+ */
+const channelThreads = (uri: Transport.Address): Layer.Layer<never> =>
+  uri._tag === "File" ? Layer.empty : ChannelThreads.layer().pipe(
+    Layer.catchAll((error) =>
+      Layer.effectDiscard(Effect.logWarning(`channel threads: ${error.message}; the channels run on the main thread`))
+    )
+  )
 
 /** The `send` subcommand. */
 export const command = Command.make(
@@ -58,7 +71,7 @@ export const command = Command.make(
         })
       })).pipe(
         Effect.provideService(GuestRam.GuestRam, ram),
-        Effect.provide([Transport.layer, environment])
+        Effect.provide([Transport.layer, environment, channelThreads(uri)])
       )
       yield* Report.print({ role: "send", input, pageSize: ram.pageSize, stats, status: yield* status.get }, reporting)
     }).pipe(Log.withReporting(reporting))

@@ -1,6 +1,7 @@
 /**
  * vitest global setup (vitest.config.ts): bundles the `multifd` command once per test run, as `npm run build`
- * does (scripts/build.mjs: src/cli/main.ts into one ES module, the digest's worker `digestWorker.js` beside it,
+ * does (scripts/build.mjs: src/cli/main.ts into one ES module, the digest's and the channels' workers
+ * `digestWorker.js` and `channelWorker.js` beside it,
  * zstd-napi left to load at run time), into a temporary directory. Test files get the bundle's path with
  * `inject("cliBundle")` (test/support/cli.ts spawns `node <bundle>`): a child then starts in a fraction of the
  * time that `node --import tsx src/cli/main.ts` takes to load a few hundred module files.
@@ -30,7 +31,8 @@ export default async function setup(project: TestProject): Promise<() => Promise
   const context = await Esbuild.context({
     entryPoints: {
       multifd: Path.join(ROOT, "src", "cli", "main.ts"),
-      digestWorker: Path.join(ROOT, "src", "internal", "native", "digestWorker.ts")
+      digestWorker: Path.join(ROOT, "src", "internal", "native", "digestWorker.ts"),
+      channelWorker: Path.join(ROOT, "src", "internal", "threads", "channelWorker.ts")
     },
     outdir: dir,
     bundle: true,
