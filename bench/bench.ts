@@ -3,10 +3,11 @@
  * prints GiB/s, CPU seconds and peak RSS of each side; then saves and restores a snapshot file
  * (`bench/snapshot.ts`). Knobs (environment): SIZE (default 1G), CHANNELS (default "1 2 4 8"), REPS
  * (default 1; the table shows the median), COMPRESSIONS (default "none zlib zstd"; rows for zlib/zstd use a
- * 50%-zero image and COMP_CHANNELS, default 2, as QEMU's bench script), TLS (default "psk": a PSK TLS row at
+ * 50%-zero image and COMP_CHANNELS, default "2", as QEMU's bench script, at COMPRESSION_LEVEL, default the
+ * method's), THREADS (default "1": the source's channels on worker threads; "0": on its main thread; "0 1":
+ * both, alternating rep by rep), TLS (default "psk": a PSK TLS row at
  * TLS_CHANNELS, default 4; TLS= skips it), DST (prefault | fresh, default prefault), FILE (default 1: the
- * snapshot rows at 4 channels; FILE=0 skips them), LEVEL (the zlib/zstd rows' compression level, default the
- * method's: 1).
+ * snapshot rows at 4 channels; FILE=0 skips them).
  */
 import * as Esbuild from "esbuild"
 import * as ChildProcess from "node:child_process"
@@ -31,13 +32,28 @@ Esbuild.buildSync({
   packages: "external",
   logLevel: "warning"
 })
+// the channels' worker beside it too, one file with effect inside, as the package ships it (a thread that loads
+// effect as a few hundred module files starts several times slower)
+Esbuild.buildSync({
+  entryPoints: { channelWorker: Path.join(here, "..", "src", "internal", "threads", "channelWorker.ts") },
+  outdir: Path.join(here, ".build"),
+  bundle: true,
+  platform: "node",
+  format: "esm",
+  external: ["zstd-napi"],
+  banner: { js: "import { createRequire as __multifdRequire } from \"node:module\";\nconst require = __multifdRequire(import.meta.url);" },
+  logLevel: "warning"
+})
 
 
 const size = parseSize(process.env.SIZE ?? "1G")
 const channelCounts = (process.env.CHANNELS ?? "1 2 4 8").split(/\s+/).filter(Boolean).map(Number)
 const reps = Number(process.env.REPS ?? 1)
 const compressions = (process.env.COMPRESSIONS ?? "none zlib zstd").split(/\s+/).filter(Boolean)
-const compChannels = Number(process.env.COMP_CHANNELS ?? 2)
+const compChannels = (process.env.COMP_CHANNELS ?? "2").split(/\s+/).filter(Boolean).map(Number)
+const compressionLevel = process.env.COMPRESSION_LEVEL
+/** 1: the source's channels on worker threads (ChannelThreads), 0: on its main thread; "0 1" runs both, alternating. */
+const threadModes = (process.env.THREADS ?? "1").split(/\s+/).filter(Boolean)
 const tlsModes = (process.env.TLS ?? "psk").split(/\s+/).filter(Boolean)
 const tlsChannels = Number(process.env.TLS_CHANNELS ?? 4)
 const dstMode = process.env.DST ?? "prefault"
@@ -66,14 +82,21 @@ const lastJson = (child: ChildProcess.ChildProcess, onLine?: (line: string) => v
     child.once("exit", (code) => (code === 0 && result ? resolve(result) : reject(new Error(`peer exited with ${code}`))))
   })
 
-const runOnce = async (channels: number, compression: string, tls: string): Promise<{ src: Result; dst: Result }> => {
+const runOnce = async (
+  channels: number,
+  compression: string,
+  tls: string,
+  threads: string
+): Promise<{ src: Result; dst: Result }> => {
   const image = compression === "none" ? "random" : "halfzero"
   const recv = spawnPeer(["recv", "tcp:127.0.0.1:0", String(size), dstMode, tls])
   let started: (uri: string) => void
   const listening = new Promise<string>((resolve) => (started = resolve))
   const dst = lastJson(recv, (line) => line.startsWith("listening ") && started(line.slice(10)))
   const uri = await Promise.race([listening, dst.then(() => "")])
-  const src = lastJson(spawnPeer(["send", uri, String(size), String(channels), compression, image, tls]))
+  const src = lastJson(spawnPeer(
+    ["send", uri, String(size), String(channels), compression, image, tls, compressionLevel ?? "default", threads]
+  ))
   return { src: await src, dst: await dst }
 }
 
@@ -83,29 +106,38 @@ const fmt = (n: number, width: number, digits = 2) => n.toFixed(digits).padStart
 const main = async () => {
   const gib = size / 1024 ** 3
   console.log(`effect-multifd bench: ${(size / 1024 ** 2).toFixed(0)} MiB, loopback TCP, destination ${dstMode}, ` +
-    `${reps} rep(s), node ${process.version}${process.env.LEVEL ? `, compression level ${process.env.LEVEL}` : ""}`)
-  console.log("comp  tls  ch |  total_s    GiB/s | srcCPU_s dstCPU_s | srcRSS_MiB dstRSS_MiB | wire_GiB")
-  console.log("-".repeat(89))
+    `${reps} rep(s), node ${process.version}`)
+  console.log("comp    tls  ch thr |  total_s    GiB/s | srcCPU_s dstCPU_s | srcRSS_MiB dstRSS_MiB | wire_GiB")
+  console.log("-".repeat(95))
   const rowsToRun: Array<{ compression: string; tls: string; channels: number }> = []
   for (const compression of compressions) {
-    for (const channels of compression === "none" ? channelCounts : [compChannels]) {
+    for (const channels of compression === "none" ? channelCounts : compChannels) {
       rowsToRun.push({ compression, tls: "none", channels })
     }
   }
   for (const tls of tlsModes) rowsToRun.push({ compression: "none", tls, channels: tlsChannels })
   for (const { channels, compression, tls } of rowsToRun) {
-    const runs: Array<{ src: Result; dst: Result }> = []
-    for (let r = 0; r < reps; r++) runs.push(await runOnce(channels, compression, tls))
-    const total = median(runs.map((x) => x.src.durationMs)) / 1000
-    const pick = (f: (x: { src: Result; dst: Result }) => number) => median(runs.map(f))
-    console.log(
-      `${compression.padEnd(5)} ${tls.padEnd(4)} ${String(channels).padStart(2)} | ${fmt(total, 8, 3)} ${fmt(gib / total, 8)} | ` +
-        `${fmt(pick((x) => x.src.cpuSeconds), 8)} ${fmt(pick((x) => x.dst.cpuSeconds), 8)} | ` +
-        `${fmt(pick((x) => x.src.peakRssMiB), 10, 0)} ${fmt(pick((x) => x.dst.peakRssMiB), 10, 0)} | ` +
-        `${fmt(pick((x) => x.src.wireBytes) / 1024 ** 3, 8, 3)}`
-    )
+    // the thread modes alternate rep by rep: a machine whose load changes meanwhile weighs on both alike
+    const runs = new Map(threadModes.map((threads) => [threads, [] as Array<{ src: Result; dst: Result }>]))
+    for (let r = 0; r < reps; r++) {
+      for (const threads of threadModes) runs.get(threads)!.push(await runOnce(channels, compression, tls, threads))
+    }
+    for (const [threads, done] of runs) {
+      const total = median(done.map((x) => x.src.durationMs)) / 1000
+      const pick = (f: (x: { src: Result; dst: Result }) => number) => median(done.map(f))
+      const comp = compression === "none" || compressionLevel === undefined ? compression : `${compression}:${compressionLevel}`
+      console.log(
+        `${comp.padEnd(7)} ${tls.padEnd(4)} ${String(channels).padStart(2)} ${threads.padStart(3)} | ` +
+          `${fmt(total, 8, 3)} ${fmt(gib / total, 8)} | ` +
+          `${fmt(pick((x) => x.src.cpuSeconds), 8)} ${fmt(pick((x) => x.dst.cpuSeconds), 8)} | ` +
+          `${fmt(pick((x) => x.src.peakRssMiB), 10, 0)} ${fmt(pick((x) => x.dst.peakRssMiB), 10, 0)} | ` +
+          `${fmt(pick((x) => x.src.wireBytes) / 1024 ** 3, 8, 3)}`
+      )
+    }
   }
   console.log("\ntotal_s: source's migration time (connect to verified done), GiB/s = RAM size / total_s;")
+  console.log("thr 1: the source's channels on worker threads (ChannelThreads, started before the migration: outside")
+  console.log("total_s and the CPU seconds), thr 0: on its main thread.")
   console.log("CPU seconds and peak RSS per process; wire_GiB = bytes on the multifd channels.")
   console.log("zlib/zstd rows: an image with every other page zero and random data in the rest, as QEMU's bench.")
   if (withFile) {

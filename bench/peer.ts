@@ -3,14 +3,20 @@
  * migration's stats, the CPU seconds it used and the process's peak RSS.
  *
  *   peer.ts recv <uri> <bytes> <mode: prefault|fresh> [tls: none|psk]   (prints `listening <uri>` first)
- *   peer.ts send <uri> <bytes> <channels> <compression> <image: random|halfzero> [tls: none|psk]
+ *   peer.ts send <uri> <bytes> <channels> <compression> <image: random|halfzero> [tls: none|psk] [level|default]
+ *     [threads: 1|0]
+ *
+ * With threads 1 (the default) the source's channels run on worker threads (ChannelThreads), started before
+ * the migration, outside the time and the CPU seconds measured (the migration is measured from its connect).
  *
  * TLS psk uses the test keys in test/fixtures/tls/keys.psk.
  */
 import * as Effect from "effect/Effect"
+import * as Layer from "effect/Layer"
 import * as Crypto from "node:crypto"
 import * as Path from "node:path"
 import * as Url from "node:url"
+import * as ChannelThreads from "../src/ChannelThreads.js"
 import * as GuestRam from "../src/GuestRam.js"
 import * as Migration from "../src/Migration.js"
 import type * as Protocol from "../src/Protocol.js"
@@ -67,12 +73,15 @@ const main = role === "recv"
       upgrade: tls?.client("127.0.0.1"),
       channels: Number(rest[0]),
       compression: rest[1] as Protocol.Compression,
-      compressionLevel: process.env["LEVEL"] ? Number(process.env["LEVEL"]) : undefined
+      compressionLevel: rest[4] === undefined || rest[4] === "default" ? undefined : Number(rest[4])
     }).pipe(Effect.provideServiceEffect(GuestRam.GuestRam, GuestRam.make({ blocks: [{ name: "mem", bytes: memory }] })))
     report(stats, process.cpuUsage(cpu))
   })
 
-Effect.runPromise(main.pipe(Effect.provide(Transport.layer))).catch((error) => {
+// the channel threads start before the migration (with the process), as the CLI starts them
+const threads = role === "send" && rest[5] !== "0" ? ChannelThreads.layer() : Layer.empty
+
+Effect.runPromise(main.pipe(Effect.provide(Layer.merge(Transport.layer, threads)))).catch((error) => {
   console.error(`bench peer ${role}: ${error?.message ?? error}`)
   process.exit(1)
 })
