@@ -354,7 +354,8 @@ const threadOwner = (
         }
       })
       const work = yield* Effect.forkScoped(forward)
-      yield* Fiber.join(work)
+      // the thread may fail while the channel waits for a job: the owner hears it then too
+      yield* Effect.raceFirst(Fiber.join(work), session.failed)
       yield* Effect.logDebug(`channel ${id}: closed`)
     }).pipe(
       Effect.mapError((error) =>

@@ -94,8 +94,9 @@ export const expectNoLeaks = <A, E, R>(
   )
 
 /** Runs the body in a scope and proves, once the scope closed, that no socket handle is left open. */
-export const leakFree = <A, E>(body: Effect.Effect<A, E, Scope.Scope>): Effect.Effect<A, E> =>
-  expectNoLeaks(Effect.scoped(body))
+export const leakFree = <A, E, R = never>(
+  body: Effect.Effect<A, E, R | Scope.Scope>
+): Effect.Effect<A, E, Exclude<R, Scope.Scope>> => expectNoLeaks(Effect.scoped(body))
 
 let socketCounter = 0
 

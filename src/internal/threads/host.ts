@@ -23,13 +23,19 @@ import {
   type FromThread,
   type SessionIo,
   type ToSession,
-  type ToThread
+  type ToThread,
+  type WorkerData
 } from "./protocol.js"
 
 /** A kind of session: its program, given the data it was opened with and its two directions. */
 export type Kind = (data: any, io: SessionIo<any, any>) => Effect.Effect<void, unknown, Scope.Scope>
 
-const open = (kinds: Readonly<Record<string, Kind>>, { data, kind, port }: Extract<ToThread, { _tag: "Open" }>) => {
+const open = (
+  kinds: Readonly<Record<string, Kind>>,
+  hosted: Int32Array,
+  { data, kind, port }: Extract<ToThread, { _tag: "Open" }>
+) => {
+  Atomics.add(hosted, 0, 1)
   const inbox = Effect.runSync(Queue.unbounded<unknown>())
   const post = (message: FromSession, transfer?: ReadonlyArray<TransferListItem>) =>
     port.postMessage(message, transfer as Array<TransferListItem> | undefined)
@@ -46,6 +52,7 @@ const open = (kinds: Readonly<Record<string, Kind>>, { data, kind, port }: Extra
     else fiber.unsafeInterruptAsFork(FiberId.none)
   })
   fiber.addObserver((exit) => {
+    Atomics.sub(hosted, 0, 1)
     post([1, encodeExit(exit)])
     port.close()
   })
@@ -60,10 +67,11 @@ export const serve = (kinds: Readonly<Record<string, Kind>>): void => {
   const parent = WorkerThreads.parentPort
   if (WorkerThreads.isMainThread || parent === null) return
   const answer = (message: FromThread) => parent.postMessage(message)
+  const hosted = new Int32Array((WorkerThreads.workerData as WorkerData).hosted)
   parent.on("message", (message: ToThread) => {
     switch (message._tag) {
       case "Open":
-        return open(kinds, message)
+        return open(kinds, hosted, message)
       case "Inspect":
         return answer({
           _tag: "Inspected",

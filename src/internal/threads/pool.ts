@@ -2,9 +2,9 @@
  * The pool behind `ChannelThreads`: worker threads started once, each hosting any number of sessions
  * (`host`). A session is a lease: opened on the thread with the fewest sessions, closed when its scope
  * closes, and its close waits for the thread's word that everything the session held is released. A thread
- * is watched from its start to its end: once it threw or exited, every session on it fails with a
- * `ThreadError`, and the next session opened in the pool gets a new thread in its place. Closing the pool's
- * scope terminates every thread and waits until each has exited.
+ * is watched from its start to its end: once it has exited (its sockets are gone with it), after an exception
+ * or not, every session on it fails with a `ThreadError`, and the next session opened in the pool gets a new
+ * thread in its place. Closing the pool's scope terminates every thread and waits until each has exited.
  *
  * The thread's module is found beside this one: `channelWorker.js` (the compiled library, where the build
  * puts one bundled file in place of tsc's; the bundled command and the benchmark peers, whose builds put it
@@ -28,6 +28,7 @@ import {
   type FromThread,
   type Inspection,
   ThreadError,
+  type WorkerData,
   type ToSession,
   type ToThread
 } from "./protocol.js"
@@ -58,14 +59,21 @@ export interface Session<In, Out> {
   readonly send: (message: In, transfer?: ReadonlyArray<TransferListItem>) => Effect.Effect<void>
   /** The session's next message, then its end; fails once the thread has failed. */
   readonly receive: Effect.Effect<Event<Out>, ThreadError>
+  /** Fails once the session's thread has failed (never succeeds): for an owner that is not receiving. */
+  readonly failed: Effect.Effect<never, ThreadError>
 }
 
 /** Counts of a pool. */
 export interface PoolStats {
   /** Threads running now. */
   readonly threads: number
-  /** Sessions open now. */
+  /** Sessions open now (leases held on this thread). */
   readonly sessions: number
+  /**
+   * Sessions the running threads still host, as they count them (in shared memory): a closed lease's session
+   * is gone from its thread before the lease is given back, so this is never more than `sessions`.
+   */
+  readonly hosted: number
   /** Sessions opened since the pool started. */
   readonly opened: number
   /** Threads started in place of one that failed. */
@@ -113,6 +121,8 @@ interface Thread {
   readonly scope: Scope.CloseableScope
   /** The sessions open on it: a failure of the thread reaches each through its inbox. */
   readonly sessions: Set<Lease<unknown>>
+  /** The sessions the thread hosts, as it counts them (`host`). */
+  readonly hosted: Int32Array
 }
 
 /** Channel threads started in this process and not yet exited (every pool's). */
@@ -132,7 +142,9 @@ const start = (slot: number, parent: Scope.Scope, module: string | URL): Effect.
     const failed = yield* Deferred.make<never, ThreadError>()
     return yield* Effect.acquireRelease(
       Effect.sync((): Thread => {
-        const worker = new WorkerThreads.Worker(module)
+        const hosted = new Int32Array(new SharedArrayBuffer(4))
+        const workerData: WorkerData = { hosted: hosted.buffer as SharedArrayBuffer }
+        const worker = new WorkerThreads.Worker(module, { workerData })
         live++
         const inspections = new Map<number, (inspection: Inspection) => void>()
         const sessions = new Set<Lease<unknown>>()
@@ -149,12 +161,17 @@ const start = (slot: number, parent: Scope.Scope, module: string | URL): Effect.
           if (message._tag === "Ready") Deferred.unsafeDone(ready, Exit.void)
           else inspections.get(message.request)?.(message.inspection)
         })
-        worker.on("error", (error) => fail("Failed", `its thread failed: ${error.message}`))
+        // the thread's sessions fail once it is gone (its sockets with it), with the exception it threw if any
+        let thrown: Error | undefined
+        worker.on("error", (error) => {
+          thrown ??= error
+        })
         worker.on("exit", (code) => {
           live--
-          fail("Exited", `its thread exited (code ${code})`)
+          if (thrown !== undefined) fail("Failed", `its thread failed: ${thrown.message}`)
+          else fail("Exited", `its thread exited (code ${code})`)
         })
-        return { slot, worker, ready, failed, inspections, scope, sessions }
+        return { slot, worker, ready, failed, inspections, scope, sessions, hosted }
       }),
       ({ worker }) => Effect.promise(() => worker.terminate())
     ).pipe(Scope.extend(scope))
@@ -272,7 +289,8 @@ export const make = (options?: Options): Effect.Effect<Pool, ThreadError, Scope.
             // a thread's failure stays: every later receive fails the same way
             Queue.unsafeOffer(lease.inbox, event)
             return Effect.fail(event.error)
-          })
+          }),
+          failed: Deferred.await(thread.failed)
         })
       )
 
@@ -287,6 +305,7 @@ export const make = (options?: Options): Effect.Effect<Pool, ThreadError, Scope.
       stats: Effect.map(running, (threads) => ({
         threads: threads.length,
         sessions: slots.reduce((n, thread) => n + thread.sessions.size, 0),
+        hosted: threads.reduce((n, thread) => n + Atomics.load(thread.hosted, 0), 0),
         opened,
         replaced
       })),

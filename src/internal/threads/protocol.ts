@@ -44,6 +44,11 @@ export type EncodedFailure =
   | { readonly _tag: "Defect"; readonly message: string }
   | { readonly _tag: "Interrupted" }
 
+/** What a thread starts with: its count of the sessions it hosts, in memory the pool reads. */
+export interface WorkerData {
+  readonly hosted: SharedArrayBuffer
+}
+
 /** The pool to a thread. */
 export type ToThread =
   | {

@@ -1,0 +1,530 @@
+/**
+ * The source's channels on worker threads (`ChannelThreads`, issue 13), over real loopback sockets, real TLS
+ * and real threads:
+ *
+ * - the pool: a thread per core up to `maxThreads`, each ready before the pool is; closing its scope
+ *   terminates every thread and waits for each (`liveThreads`); the threads' module from the TypeScript
+ *   sources works too (tsx in the thread);
+ * - a migration whose channels run in the threads is byte-identical (none, zlib, zstd; PSK and x509 TLS), sends
+ *   the same packets as one in this thread, and leaves no session, socket or zstd context in any thread; plain
+ *   memory, a wrapped transport or a wrapped upgrade keep the channels in this thread;
+ * - lifecycle across threads: closing the scope mid-connect, mid-handshake or mid-transfer closes every session
+ *   (its socket destroyed in its thread) before the scope is closed, and leaves nothing; a thread that throws,
+ *   exits or is terminated fails the channel set naming the channel, leaks nothing, and the pool replaces it;
+ *   a connect refused or a TLS failure in a thread fails naming the channel, with the message of the same
+ *   failure in this thread; the first error wins; `established` comes only after the handshake.
+ *
+ * Most tests share one pool of two threads started on the bundled module that the CLI tests' bundle puts
+ * beside the command (built from these sources once per run: a thread that loads the sources through tsx takes
+ * seconds to start). Nothing waits on a timer: waits are on Deferreds, fibers, socket events and the threads'
+ * answers; `noHang` guards only turn a hang into a failure.
+ */
+import { describe, expect, it, layer } from "@effect/vitest"
+import * as Cause from "effect/Cause"
+import * as Deferred from "effect/Deferred"
+import * as Effect from "effect/Effect"
+import * as Exit from "effect/Exit"
+import * as Fiber from "effect/Fiber"
+import * as Layer from "effect/Layer"
+import * as Scope from "effect/Scope"
+import * as Crypto from "node:crypto"
+import type * as Net from "node:net"
+import * as Os from "node:os"
+import * as Path from "node:path"
+import { fileURLToPath } from "node:url"
+import { inject } from "vitest"
+import * as ChannelThreads from "../src/ChannelThreads.js"
+import * as GuestRam from "../src/GuestRam.js"
+import { unsafeThreads } from "../src/internal/threads/pool.js"
+import * as Migration from "../src/Migration.js"
+import * as MigrationError from "../src/MigrationError.js"
+import * as MultifdSend from "../src/MultifdSend.js"
+import * as Protocol from "../src/Protocol.js"
+import * as Tls from "../src/Tls.js"
+import * as Transport from "../src/Transport.js"
+import { expectOneLine, failureOf } from "./support/failures.js"
+import * as Faulty from "./support/faultyTransport.js"
+import { noHang } from "./support/guards.js"
+import { leakFree, nextTurn, SOCKET_KINDS } from "./support/handles.js"
+import { sameMemory } from "./support/memory.js"
+import { stalledListener } from "./support/stalledListener.js"
+import { loopbackServer } from "./support/tcpServer.js"
+
+// ---------------------------------------------------------------------------------------------------------
+// helpers
+
+const PAGE = 4096
+const TIMEOUTS = { connect: "10 seconds", handshake: "10 seconds", peer: "10 seconds" } as const
+const tcp0: Transport.Address = { _tag: "Tcp", host: "127.0.0.1", port: 0 }
+
+/** The bundled threads' module (beside the tests' CLI bundle). */
+const MODULE = Path.join(Path.dirname(inject("cliBundle")), "channelWorker.js")
+const POOL: ChannelThreads.Options = { maxThreads: 2, module: MODULE }
+
+const fixture = (name: string) => fileURLToPath(new URL(`./fixtures/tls/${name}`, import.meta.url))
+
+/** Shared memory (as `GuestRam.allocate` gives) of `pages` pages, a share of them random, the rest zero. */
+const sharedBlock = (pages: number, randomShare = 0.6): Buffer => {
+  const bytes = GuestRam.allocate(pages * PAGE)
+  for (let p = 0; p < pages; p++) if (Math.random() < randomShare) Crypto.randomFillSync(bytes, p * PAGE, PAGE)
+  return bytes
+}
+
+/** 3 MiB + 1 MiB of shared memory, mixed random and zero pages. */
+const sharedRam = () =>
+  GuestRam.make({ blocks: [{ name: "pc.ram", bytes: sharedBlock(768) }, { name: "vga.vram", bytes: sharedBlock(256) }] })
+
+type Ram = GuestRam.GuestRam["Type"]
+
+/** A destination listening on loopback, in a fiber of the caller's scope. */
+const startDestination = (options: Migration.IncomingOptions = {}) =>
+  Effect.gen(function*() {
+    const listener = yield* Transport.listen(tcp0)
+    const fiber = yield* Effect.forkScoped(Migration.incoming(listener, { timeouts: TIMEOUTS, ...options }))
+    return { fiber, address: listener.address }
+  })
+
+const migrate = (ram: Ram, options: Migration.MigrateOptions, transport = Transport.layer) =>
+  Migration.migrate({ timeouts: TIMEOUTS, ...options }).pipe(
+    Effect.provide(transport),
+    Effect.provideService(GuestRam.GuestRam, ram)
+  )
+
+/** A whole migration to a destination of this process; the destination's result. */
+const migrateOnce = (ram: Ram, options: Partial<Migration.MigrateOptions> = {}, server?: Transport.Upgrade<Tls.TlsError>) =>
+  Effect.gen(function*() {
+    const dest = yield* startDestination({ upgrade: server })
+    const stats = yield* noHang(migrate(ram, { address: dest.address, channels: 4, ...options }), "migrate")
+    const received = yield* noHang(Fiber.join(dest.fiber), "incoming")
+    return { stats, received }
+  })
+
+/** What the pool's threads hold that a finished session must not have left: sockets, zstd contexts. */
+const leftInThreads = Effect.gen(function*() {
+  const pool = yield* ChannelThreads.ChannelThreads
+  const inspections = yield* pool.inspect
+  return inspections.flatMap((inspection, thread) => [
+    ...inspection.resources.filter((kind) => SOCKET_KINDS.has(kind)).map((kind) => `thread ${thread}: ${kind}`),
+    ...(inspection.zstdContexts > 0 ? [`thread ${thread}: ${inspection.zstdContexts} zstd context(s)`] : [])
+  ])
+})
+
+/**
+ * No session open, none left in any thread (as the threads count them, in shared memory: read at once, before
+ * anything lets a thread catch up), and nothing left there.
+ */
+const expectThreadsClean = Effect.gen(function*() {
+  const pool = yield* ChannelThreads.ChannelThreads
+  expect(yield* pool.stats).toMatchObject({ sessions: 0, hosted: 0 })
+  expect(yield* leftInThreads).toEqual([])
+})
+
+/** Sessions opened in the pool so far. */
+const opened = Effect.map(Effect.flatMap(ChannelThreads.ChannelThreads, (pool) => pool.stats), (s) => s.opened)
+
+/** Waits until `predicate` holds of what the threads say (each try one round trip to every thread). */
+const untilThreads = (predicate: (inspections: ReadonlyArray<ChannelThreads.Inspection>) => boolean, what: string) =>
+  Effect.gen(function*() {
+    const pool = yield* ChannelThreads.ChannelThreads
+    while (!predicate(yield* pool.inspect)) yield* nextTurn
+  }).pipe((self) => noHang(self, what))
+
+const count = (inspections: ReadonlyArray<ChannelThreads.Inspection>, kinds: ReadonlyArray<string>) =>
+  inspections.reduce((n, i) => n + i.resources.filter((kind) => kinds.includes(kind)).length, 0)
+
+/** A source channel set on the pool, made in a scope of its own (closed by the test). */
+const channelSet = (address: Transport.Address, options: Partial<MultifdSend.Config> = {}) =>
+  Effect.gen(function*() {
+    const threads = yield* ChannelThreads.ChannelThreads
+    const scope = yield* Scope.make()
+    const send = yield* MultifdSend.make({
+      address,
+      channels: 2,
+      uuid: Protocol.parseUuid(Crypto.randomUUID())!,
+      pageSize: PAGE,
+      compression: "none",
+      zeroPage: "multifd",
+      connectTimeout: "30 seconds",
+      threads,
+      ...options
+    }).pipe(Scope.extend(scope), Effect.provide(Transport.layer))
+    return { send, scope }
+  })
+
+/**
+ * A peer below the migration: accepts, reads until it has `readBytes` bytes of a connection, then stops
+ * reading (the sender's writes back up). `reached` completes once `connections` connections have each given
+ * that many; `closed` reads them again and completes once every connection it accepted has closed (a paused
+ * socket does not see its peer's end).
+ */
+const silentPeer = (connections: number, readBytes: number) =>
+  Effect.gen(function*() {
+    const reached = yield* Deferred.make<void>()
+    const sockets: Array<Net.Socket> = []
+    const closedAll = yield* Deferred.make<void>()
+    let full = 0
+    let open = 0
+    const server = yield* loopbackServer((socket) => {
+      sockets.push(socket)
+      open++
+      let got = 0
+      const onData = (chunk: Buffer) => {
+        got += chunk.length
+        if (got < readBytes) return
+        socket.off("data", onData)
+        socket.pause()
+        if (++full === connections) Deferred.unsafeDone(reached, Exit.void)
+      }
+      socket.on("data", onData)
+      socket.once("close", () => {
+        if (--open === 0 && sockets.length >= connections) Deferred.unsafeDone(closedAll, Exit.void)
+      })
+    })
+    return {
+      address: server.address,
+      reached: Deferred.await(reached),
+      closed: Effect.zipRight(
+        Effect.sync(() => {
+          for (const socket of sockets) socket.resume()
+        }),
+        Deferred.await(closedAll)
+      )
+    }
+  })
+
+/** The set's failure, once it failed. */
+const failureOfSet = (send: MultifdSend.MultifdSend["Type"]) =>
+  Effect.map(noHang(Effect.exit(send.failure), "the channel set's failure"), failureOf)
+
+// ---------------------------------------------------------------------------------------------------------
+
+describe("the pool", () => {
+  it.live("starts a thread per core up to maxThreads, each ready; closing its scope terminates and awaits every one", () =>
+    Effect.gen(function*() {
+      const before = ChannelThreads.liveThreads()
+      const scope = yield* Scope.make()
+      const pool = yield* Scope.extend(ChannelThreads.make(POOL), scope)
+      const size = Math.min(2, Os.availableParallelism())
+      expect(pool.size).toBe(size)
+      expect(yield* pool.stats).toEqual({ threads: size, sessions: 0, hosted: 0, opened: 0, replaced: 0 })
+      expect(ChannelThreads.liveThreads()).toBe(before + size)
+      // every thread answers (it is ready) and holds no socket
+      const inspections = yield* pool.inspect
+      expect(inspections).toHaveLength(size)
+      for (const inspection of inspections) expect(inspection.resources.filter((k) => SOCKET_KINDS.has(k))).toEqual([])
+      yield* Scope.close(scope, Exit.void)
+      expect(ChannelThreads.liveThreads()).toBe(before)
+    }))
+
+  it.live("from the TypeScript sources (tsx in the thread): a migration on the default module", () =>
+    leakFree(Effect.gen(function*() {
+      const before = ChannelThreads.liveThreads()
+      const ram = yield* sharedRam()
+      const { received, stats } = yield* migrateOnce(ram, { channels: 2 }).pipe(
+        Effect.provide(ChannelThreads.layer({ maxThreads: 1 }))
+      )
+      expect(sameMemory(received.ram, ram)).toBe(true)
+      expect(stats.channels).toBe(2)
+      expect(ChannelThreads.liveThreads()).toBe(before)
+    })), 60_000)
+})
+
+layer(ChannelThreads.layer(POOL), { excludeTestServices: true })("channels on the pool's threads", (it) => {
+  describe("byte-identical", () => {
+    for (const compression of ["none", "zlib", "zstd"] as const) {
+      it.effect(`${compression}: every block arrives as it was; the channels ran in the threads; nothing is left there`, () =>
+        leakFree(Effect.gen(function*() {
+          const ram = yield* sharedRam()
+          const before = yield* opened
+          const { received, stats } = yield* migrateOnce(ram, { compression, channels: 4 })
+          expect(sameMemory(received.ram, ram)).toBe(true)
+          expect(stats.normalPages + stats.zeroPages).toBeGreaterThanOrEqual(ram.size / PAGE)
+          expect(received.stats.packets).toBe(stats.packets)
+          expect((yield* opened) - before).toBe(4)
+          yield* expectThreadsClean
+        })))
+    }
+
+    it.effect("the same packets, pages and wire bytes as the same migration in this thread (plain memory stays here)", () =>
+      leakFree(Effect.gen(function*() {
+        const ram = yield* sharedRam()
+        // the same bytes in plain memory: the channels cannot run in a thread and stay in this one
+        const plain = yield* GuestRam.make({
+          blocks: ram.blocks.map((block) => ({ name: block.name, bytes: Buffer.from(block.bytes) }))
+        })
+        const before = yield* opened
+        const here = yield* migrateOnce(plain, { channels: 3 })
+        expect(yield* opened).toBe(before)
+        const there = yield* migrateOnce(ram, { channels: 3 })
+        expect((yield* opened) - before).toBe(3)
+        expect(sameMemory(there.received.ram, here.received.ram)).toBe(true)
+        const { packets, normalPages, syncs, wireBytes, zeroPages } = here.stats
+        expect(there.stats).toMatchObject({ packets, normalPages, zeroPages, syncs, wireBytes })
+        yield* expectThreadsClean
+      })))
+
+    it.effect("PSK TLS: the handshakes in the threads, every block as it was", () =>
+      leakFree(Effect.gen(function*() {
+        const ram = yield* sharedRam()
+        const tls = yield* Tls.make({ psk: fixture("keys.psk") })
+        const before = yield* opened
+        const { received } = yield* migrateOnce(ram, { compression: "zstd", upgrade: tls.client("127.0.0.1") }, tls.server)
+        expect(sameMemory(received.ram, ram)).toBe(true)
+        expect((yield* opened) - before).toBe(4)
+        yield* expectThreadsClean
+      })))
+
+    it.effect("x509 TLS (the destination's certificate checked against the CA in the threads): every block as it was", () =>
+      leakFree(Effect.gen(function*() {
+        const ram = yield* sharedRam()
+        const server = yield* Tls.make({ ca: fixture("ca-cert.pem"), cert: fixture("server-cert.pem"), key: fixture("server-key.pem") })
+        const client = yield* Tls.make({ ca: fixture("ca-cert.pem") })
+        const before = yield* opened
+        const { received } = yield* migrateOnce(ram, { upgrade: client.client("127.0.0.1") }, server.server)
+        expect(sameMemory(received.ram, ram)).toBe(true)
+        expect((yield* opened) - before).toBe(4)
+        yield* expectThreadsClean
+      })))
+
+    it.effect("a wrapped transport or a wrapped upgrade keeps the channels in this thread, where they see them", () =>
+      leakFree(Effect.gen(function*() {
+        const ram = yield* sharedRam()
+        const before = yield* opened
+        // a fault-injecting transport records every channel it connected
+        const faulty = yield* Faulty.make()
+        const dest = yield* startDestination()
+        yield* noHang(migrate(ram, { address: dest.address, channels: 2 }, faulty.layer), "migrate")
+        yield* noHang(Fiber.join(dest.fiber), "incoming")
+        expect(faulty.records.filter((r) => r.side === "connect" && typeof r.role === "number")).toHaveLength(2)
+        // an upgrade that is not Tls.client's
+        const upgraded: Array<number | "main"> = []
+        const upgrade: Transport.Upgrade<never> = (connection, channel) =>
+          Effect.sync(() => {
+            upgraded.push(channel)
+            return connection
+          })
+        yield* migrateOnce(ram, { channels: 2, upgrade })
+        expect(upgraded.filter((c) => c !== "main").sort()).toEqual([0, 1])
+        expect(yield* opened).toBe(before)
+      })))
+  })
+
+  describe("closing the scope closes every session in its thread, and waits for it", () => {
+    it.effect("mid-connect: the threads' connects (stalled for real) are abandoned; nothing is left there or here", () =>
+      leakFree(Effect.gen(function*() {
+        const address = yield* stalledListener
+        const { scope, send } = yield* channelSet(address)
+        const established = yield* Effect.fork(send.established)
+        // both connects are in flight, in the threads
+        yield* untilThreads((all) => count(all, ["TCPConnectWrap", "ConnectWrap"]) === 2, "two connects in the threads")
+        expect(established.unsafePoll()).toBeNull()
+        expect(yield* Effect.flatMap(ChannelThreads.ChannelThreads, (p) => p.stats)).toMatchObject({ sessions: 2, hosted: 2 })
+        yield* noHang(Scope.close(scope, Exit.void), "closing the channel set")
+        yield* expectThreadsClean
+        yield* Fiber.interrupt(established)
+      })))
+
+    it.effect("mid-handshake: the TLS handshakes in the threads stop, their sockets are destroyed there", () =>
+      leakFree(Effect.gen(function*() {
+        // a peer that reads the ClientHello and never answers
+        const peer = yield* silentPeer(2, 1)
+        const tls = yield* Tls.make({ psk: fixture("keys.psk") })
+        const { scope, send } = yield* channelSet(peer.address, { upgrade: tls.client("127.0.0.1") })
+        const established = yield* Effect.fork(send.established)
+        yield* noHang(peer.reached, "both ClientHellos")
+        expect(established.unsafePoll()).toBeNull()
+        yield* noHang(Scope.close(scope, Exit.void), "closing the channel set")
+        yield* expectThreadsClean
+        // the threads destroyed the sockets: the peer sees both connections closed
+        yield* noHang(peer.closed, "the peer seeing both connections closed")
+        yield* Fiber.interrupt(established)
+      })))
+
+    it.effect("mid-transfer: writes blocked on a peer that stopped reading; sessions closed, sockets destroyed", () =>
+      leakFree(Effect.gen(function*() {
+        // the init packet and a packet's header and more, then no more reading
+        const peer = yield* silentPeer(2, 64 + 2 * Protocol.headerSize(PAGE))
+        const { scope, send } = yield* channelSet(peer.address)
+        yield* noHang(send.established, "established")
+        const ram = yield* GuestRam.make({ blocks: [{ name: "pc.ram", bytes: sharedBlock(8192, 1) }] })
+        const block = ram.blocks[0]!
+        const pages = Uint32Array.from({ length: block.pages }, (_, i) => i)
+        // batches for both channels, more than the sockets take: the threads wait on their writes
+        const sending = yield* Effect.fork(Effect.forEach(
+          Array.from({ length: pages.length / send.batchPages }, (_, i) => i),
+          (i) => send.send(block, pages.subarray(i * send.batchPages), send.batchPages),
+          { discard: true }
+        ))
+        yield* noHang(peer.reached, "both channels' first packets")
+        yield* noHang(Scope.close(scope, Exit.void), "closing the channel set")
+        yield* expectThreadsClean
+        yield* noHang(peer.closed, "the peer seeing both connections closed")
+        yield* Fiber.interrupt(sending)
+      })))
+  })
+
+  describe("a channel that fails in its thread is named", () => {
+    it.effect("connect refused: the same message as in this thread", () =>
+      leakFree(Effect.gen(function*() {
+        // a port nobody listens on any more
+        const address = yield* Effect.scoped(Effect.map(Transport.listen(tcp0), (listener) => listener.address))
+        const failureWith = (threads: boolean) =>
+          Effect.scoped(Effect.gen(function*() {
+            const { scope, send } = yield* channelSet(address, { channels: 1, ...(threads ? {} : { threads: undefined }) })
+            yield* Effect.addFinalizer(() => Scope.close(scope, Exit.void))
+            return yield* failureOfSet(send)
+          }))
+        const there = yield* failureWith(true)
+        const here = yield* failureWith(false)
+        expect(there).toBeInstanceOf(MigrationError.ChannelError)
+        expect(there.message).toBe(`multifd channel 0: ${Transport.formatAddress(address)}: connection refused`)
+        expect(there.message).toBe(here.message)
+        yield* expectThreadsClean
+      })))
+
+    it.effect("a TLS handshake that fails (another PSK): the same message as in this thread, naming the channel", () =>
+      leakFree(Effect.gen(function*() {
+        const tls = yield* Tls.make({ psk: fixture("keys.psk") })
+        const wrong = yield* Tls.make({ psk: fixture("wrong-keys.psk") })
+        // a destination's TLS side for every connection
+        const listener = yield* Transport.listen(tcp0)
+        yield* Effect.forkScoped(Effect.forever(Effect.flatMap(listener.accept, (connection) =>
+          Effect.forkScoped(Effect.ignore(Effect.scoped(tls.server(connection, 0)))))))
+        const failureWith = (threads: boolean) =>
+          Effect.scoped(Effect.gen(function*() {
+            const { scope, send } = yield* channelSet(listener.address, {
+              channels: 1,
+              upgrade: wrong.client("127.0.0.1"),
+              ...(threads ? {} : { threads: undefined })
+            })
+            yield* Effect.addFinalizer(() => Scope.close(scope, Exit.void))
+            return yield* failureOfSet(send)
+          }))
+        const there = yield* failureWith(true)
+        const here = yield* failureWith(false)
+        expect(there).toBeInstanceOf(MigrationError.ChannelError)
+        expect((there as MigrationError.ChannelError).cause._tag).toBe("TlsError")
+        expect(there.message).toMatch(/^multifd channel 0: TLS handshake with tcp:127\.0\.0\.1:\d+ failed: /)
+        expect(there.message).toBe(here.message)
+        expectOneLine(there)
+        yield* expectThreadsClean
+      })))
+
+    it.effect("established only after every handshake: a destination holding the handshakes back", () =>
+      leakFree(Effect.gen(function*() {
+        const tls = yield* Tls.make({ psk: fixture("keys.psk") })
+        const listener = yield* Transport.listen(tcp0)
+        const hellos = yield* Deferred.make<void>()
+        const go = yield* Deferred.make<void>()
+        let arrived = 0
+        // each connection: accepted (its ClientHello on the way), then, once let go, the handshake and the init
+        yield* Effect.forkScoped(Effect.forever(Effect.flatMap(listener.accept, (connection) =>
+          Effect.forkScoped(Effect.scoped(Effect.gen(function*() {
+            if (++arrived === 2) yield* Deferred.succeed(hellos, undefined)
+            yield* Deferred.await(go)
+            const secure = yield* tls.server(connection, 0)
+            yield* secure.read(64)
+            yield* Effect.never
+          })).pipe(Effect.ignore)))))
+        const { scope, send } = yield* channelSet(listener.address, { upgrade: tls.client("127.0.0.1") })
+        const established = yield* Effect.fork(send.established)
+        yield* noHang(Deferred.await(hellos), "both connections")
+        // the threads are mid-handshake: no channel is established
+        expect(established.unsafePoll()).toBeNull()
+        yield* Deferred.succeed(go, undefined)
+        yield* noHang(Fiber.join(established), "established")
+        yield* Scope.close(scope, Exit.void)
+        yield* expectThreadsClean
+      })))
+  })
+})
+
+describe("a thread that fails", () => {
+  const faults = [
+    { name: "throws", fault: (t: ReturnType<typeof unsafeThreads>[number]) => t.fault("throw"), detail: "its thread failed: fault injected by a test" },
+    { name: "exits", fault: (t: ReturnType<typeof unsafeThreads>[number]) => t.fault("exit", 7), detail: "its thread exited (code 7)" },
+    { name: "is terminated from outside", fault: (t: ReturnType<typeof unsafeThreads>[number]) => void t.worker.terminate(), detail: "its thread exited (code 1)" }
+  ]
+  for (const { detail, fault, name } of faults) {
+    it.live(`${name} mid-transfer: the set fails naming a channel it hosted; nothing leaks; the pool replaces it`, () =>
+      leakFree(Effect.gen(function*() {
+        const before = ChannelThreads.liveThreads()
+        yield* Effect.scoped(Effect.gen(function*() {
+          // one thread: both channels on it
+          const pool = yield* ChannelThreads.make({ ...POOL, maxThreads: 1 })
+          const threads = Layer.succeed(ChannelThreads.ChannelThreads, pool)
+          const peer = yield* silentPeer(2, 64 + 2 * Protocol.headerSize(PAGE))
+          const { scope, send } = yield* channelSet(peer.address).pipe(Effect.provide(threads))
+          yield* noHang(send.established, "established")
+          const ram = yield* GuestRam.make({ blocks: [{ name: "pc.ram", bytes: sharedBlock(8192, 1) }] })
+          const block = ram.blocks[0]!
+          const pages = Uint32Array.from({ length: block.pages }, (_, i) => i)
+          const sending = yield* Effect.fork(Effect.forEach(
+            [0, 1, 2, 3],
+            (i) => send.send(block, pages.subarray(i * send.batchPages), send.batchPages),
+            { discard: true }
+          ))
+          yield* noHang(peer.reached, "both channels' first packets")
+          const [thread] = unsafeThreads(pool)
+          fault(thread!)
+          const error = yield* failureOfSet(send)
+          expect(error).toBeInstanceOf(MigrationError.ChannelError)
+          expect(error.message).toMatch(new RegExp(`^multifd channel [01]: ${detail.replace(/[()]/g, "\\$&")}$`))
+          expect((error as MigrationError.ChannelError).cause._tag).toBe("ThreadError")
+          // the sending caller hears it too
+          expect(failureOf(yield* noHang(Fiber.await(sending), "send")).message).toBe(error.message)
+          yield* noHang(Scope.close(scope, Exit.void), "closing the channel set")
+          yield* noHang(peer.closed, "the peer seeing both connections closed")
+          expect(yield* pool.stats).toMatchObject({ threads: 0, sessions: 0 })
+          expect(ChannelThreads.liveThreads()).toBe(before)
+          // the next channel gets a new thread in its place
+          const again = yield* migrateOnce(yield* sharedRam(), { channels: 2 }).pipe(Effect.provide(threads))
+          expect(again.stats.channels).toBe(2)
+          expect(yield* pool.stats).toMatchObject({ threads: 1, sessions: 0, replaced: 1 })
+          expect(ChannelThreads.liveThreads()).toBe(before + 1)
+        }))
+        expect(ChannelThreads.liveThreads()).toBe(before)
+      })))
+  }
+
+  it.live("every thread of the set fails: one error, naming one channel (the first wins)", () =>
+    leakFree(Effect.gen(function*() {
+      const pool = yield* ChannelThreads.make(POOL)
+      const threads = Layer.succeed(ChannelThreads.ChannelThreads, pool)
+      const peer = yield* silentPeer(2, 64)
+      const { scope, send } = yield* channelSet(peer.address).pipe(Effect.provide(threads))
+      yield* noHang(send.established, "established")
+      for (const thread of unsafeThreads(pool)) thread.fault("exit", 3)
+      const exit = yield* noHang(Effect.exit(send.failure), "the set's failure")
+      expect(Exit.isFailure(exit) && Cause.failures(exit.cause).length).toBe(1)
+      expect(failureOf(exit).message).toMatch(/^multifd channel [01]: its thread exited \(code 3\)$/)
+      yield* Scope.close(scope, Exit.void)
+    })))
+
+  it.live("at the start of a migration: migrate fails naming the channel, and the next migration on the pool succeeds", () =>
+    leakFree(Effect.gen(function*() {
+      const pool = yield* ChannelThreads.make({ ...POOL, maxThreads: 1 })
+      const threads = Layer.succeed(ChannelThreads.ChannelThreads, pool)
+      const ram = yield* sharedRam()
+      const dest = yield* startDestination()
+      // the first report comes once every channel is established: the thread exits then, before any page
+      const [thread] = unsafeThreads(pool)
+      const exited = yield* Deferred.make<void>()
+      thread!.worker.once("exit", () => Deferred.unsafeDone(exited, Exit.void))
+      let reports = 0
+      const onProgress = () =>
+        reports++ > 0 ? Effect.void : Effect.zipRight(Effect.sync(() => thread!.fault("exit", 5)), Deferred.await(exited))
+      const exit = yield* noHang(
+        Effect.exit(migrate(ram, { address: dest.address, channels: 2, onProgress }).pipe(Effect.provide(threads))),
+        "migrate"
+      )
+      const error = failureOf(exit)
+      expect(error.message).toMatch(/^multifd channel [01]: its thread exited \(code 5\)$/)
+      expectOneLine(error)
+      // the destination fails too (told why, or seeing the channels closed first)
+      expectOneLine(failureOf(yield* noHang(Fiber.await(dest.fiber), "incoming")))
+      const again = yield* migrateOnce(ram, { channels: 2 }).pipe(Effect.provide(threads))
+      expect(sameMemory(again.received.ram, ram)).toBe(true)
+      expect(yield* pool.stats).toMatchObject({ threads: 1, replaced: 1 })
+    })))
+})
