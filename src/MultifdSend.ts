@@ -317,7 +317,6 @@ const threadOwner = (
       yield* answer("Established").pipe(
         Effect.withSpan("multifd.channel.establish", { attributes: { "multifd.channel": id, "multifd.thread": session.thread } })
       )
-      yield* Effect.logDebug(`channel ${id}: established in its thread`)
       const channel = yield* join(id)
       const given = new Set<number>()
       const forward = Effect.gen(function*() {

@@ -19,6 +19,7 @@ import * as Deferred from "effect/Deferred"
 import * as Effect from "effect/Effect"
 import * as Fiber from "effect/Fiber"
 import * as Logger from "effect/Logger"
+import * as LogLevel from "effect/LogLevel"
 import * as Option from "effect/Option"
 import * as Ref from "effect/Ref"
 import * as TestClock from "effect/TestClock"
@@ -244,9 +245,15 @@ describe("success is durable: the destination's store step", () => {
         yield* Effect.forEach(channels, drain, { concurrency: "unbounded", discard: true })
       }).pipe(Effect.orDie, Effect.scoped)
       const destination = yield* Effect.forkScoped(fake)
-      const stats = yield* noHang(migrateTo(listener.address, ram, { upgrade }), "migrate")
+      // what the source logs, down to Debug: its conversation ends there, no fiber of it fails
+      const logs: Array<string> = []
+      const stats = yield* noHang(migrateTo(listener.address, ram, { upgrade }), "migrate").pipe(
+        Effect.provide(Logger.replace(Logger.defaultLogger, Logger.make(({ message }) => logs.push(String(message))))),
+        Logger.withMinimumLogLevel(LogLevel.Debug)
+      )
       expect(stats.ramBytes).toBe(ram.size)
       expect(yield* Deferred.isDone(closeSeen)).toBe(true)
+      expect(logs.filter((line) => line.includes("unhandled"))).toEqual([])
       yield* noHang(Fiber.join(destination), "the fake destination")
     })))
 

@@ -23,13 +23,26 @@ export interface Reader {
   readonly failure: Effect.Effect<never, ReaderFailure>
 }
 
-/** Raises the control channel's messages as a queue; the reader fails on an abort, EOF or garbage. */
-export const reader = (connection: Transport.Connection, peer: string): Effect.Effect<Reader, never, Scope.Scope> =>
+/**
+ * Raises the control channel's messages as a queue; the reader fails on an abort, EOF or garbage — except a
+ * close once `endAllowed` says the conversation is over, where it just stops.
+ */
+export const reader = (
+  connection: Transport.Connection,
+  peer: string,
+  endAllowed: Effect.Effect<boolean> = Effect.succeed(false)
+): Effect.Effect<Reader, never, Scope.Scope> =>
   Effect.gen(function*() {
     const inbox = yield* Queue.unbounded<Control.Message>()
     const fiber = yield* Effect.forkScoped(Effect.gen(function*() {
       while (true) {
-        const message = yield* Control.receive(connection)
+        const message = yield* Control.receive(connection).pipe(
+          Effect.catchIf(
+            (error) => error._tag === "TransportError" && error.reason === "Closed",
+            (error) => Effect.flatMap(endAllowed, (allowed) => (allowed ? Effect.succeed(undefined) : Effect.fail(error)))
+          )
+        )
+        if (message === undefined) return
         if (message._tag === "Abort") {
           return yield* new MigrationError.MigrationError({
             reason: "Aborted",
@@ -41,7 +54,7 @@ export const reader = (connection: Transport.Connection, peer: string): Effect.E
         yield* Queue.offer(inbox, message)
       }
     }).pipe(Effect.mapError(MigrationError.onChannel("main"))))
-    return { inbox, failure: Fiber.join(fiber) as Effect.Effect<never, ReaderFailure> }
+    return { inbox, failure: Effect.zipRight(Fiber.join(fiber), Effect.never) }
   })
 
 /** Sends a message on the control channel, naming the channel in its failure (as the reader's failures do). */

@@ -73,20 +73,15 @@ export const run = (
       yield* Effect.logDebug("main channel: TLS handshake done")
       return secured
     }).pipe(Effect.mapError(MigrationError.onChannel("main")))
-    const { failure: readerFailure, inbox } = yield* Conversation.reader(control, "destination")
-    const answered = yield* Deferred.make<void>()
     // once Done came the destination has everything and closes the main channel when it saw the multifd
-    // channels end, which may come before this side is done ending them: that close is no failure
+    // channels end, which may come before this side is done ending them: that close is the conversation's end
     const doneReceived = yield* Deferred.make<void>()
-    const isClose = (error: Conversation.ReaderFailure) =>
-      error._tag === "ChannelError" && error.cause._tag === "TransportError" &&
-      (error.cause as Transport.TransportError).reason === "Closed"
+    const { failure: readerFailure, inbox } = yield* Conversation.reader(control, "destination", Deferred.isDone(doneReceived))
+    const answered = yield* Deferred.make<void>()
     // the main channel closing before any answer most likely means this source was refused
     const controlFailure = Effect.catchAll(readerFailure, (error) =>
-      Effect.flatMap(Effect.zip(Deferred.isDone(answered), Deferred.isDone(doneReceived)), ([isAnswered, isDone]) =>
-        isDone && isClose(error)
-          ? Effect.never
-          : !isAnswered && error._tag === "ChannelError" && error.cause._tag === "TransportError"
+      Effect.flatMap(Deferred.isDone(answered), (isAnswered) =>
+        !isAnswered && error._tag === "ChannelError" && error.cause._tag === "TransportError"
           ? new MigrationError.MigrationError({
             reason: "Rejected",
             // a TLS source that presented a certificate explains such a close itself (Tls.client)

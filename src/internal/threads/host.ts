@@ -10,8 +10,11 @@
  *
  * @internal
  */
+import * as Cause from "effect/Cause"
 import * as Effect from "effect/Effect"
 import * as FiberId from "effect/FiberId"
+import * as Logger from "effect/Logger"
+import * as LogLevel from "effect/LogLevel"
 import * as Queue from "effect/Queue"
 import type * as Scope from "effect/Scope"
 import * as WorkerThreads from "node:worker_threads"
@@ -44,8 +47,17 @@ const open = (
     send: (message, transfer) => Effect.sync(() => post([0, message], transfer))
   }
   const program = kinds[kind]
+  // what the session logs goes to its owner, whose logger and level decide
+  const forward = Logger.make(({ cause, logLevel, message }) =>
+    post([2, {
+      level: logLevel._tag,
+      message: (Array.isArray(message) ? message.join(" ") : String(message)) +
+        (Cause.isEmpty(cause) ? "" : ` ${Cause.pretty(cause)}`)
+    }])
+  )
   const fiber = Effect.runFork(
-    program === undefined ? Effect.dieMessage(`no session of kind ${kind} in this thread`) : Effect.scoped(program(data, io))
+    (program === undefined ? Effect.dieMessage(`no session of kind ${kind} in this thread`) : Effect.scoped(program(data, io)))
+      .pipe(Effect.provide(Logger.replace(Logger.defaultLogger, forward)), Logger.withMinimumLogLevel(LogLevel.All))
   )
   port.on("message", (message: ToSession) => {
     if (message[0] === 0) Queue.unsafeOffer(inbox, message[1])

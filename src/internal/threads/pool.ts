@@ -17,6 +17,7 @@ import * as Deferred from "effect/Deferred"
 import * as Effect from "effect/Effect"
 import * as ExecutionStrategy from "effect/ExecutionStrategy"
 import * as Exit from "effect/Exit"
+import * as LogLevel from "effect/LogLevel"
 import * as Queue from "effect/Queue"
 import * as Scope from "effect/Scope"
 import * as Os from "node:os"
@@ -27,6 +28,7 @@ import {
   type FromSession,
   type FromThread,
   type Inspection,
+  type LogLine,
   ThreadError,
   type WorkerData,
   type ToSession,
@@ -101,10 +103,16 @@ export interface Pool {
   readonly inspect: Effect.Effect<ReadonlyArray<Inspection>, ThreadError>
 }
 
+/** What a session's port delivers, and its thread's failure. */
+type Delivery<Out> =
+  | Event<Out>
+  | { readonly _tag: "Log"; readonly line: LogLine }
+  | { readonly _tag: "Failed"; readonly error: ThreadError }
+
 /** A session's side in this thread: what its port delivered, and whether it is gone. */
 interface Lease<Out> {
-  /** Its messages, then its end; or its thread's failure. */
-  readonly inbox: Queue.Queue<Event<Out> | { readonly _tag: "Failed"; readonly error: ThreadError }>
+  /** Its messages (and what it logged), then its end; or its thread's failure. */
+  readonly inbox: Queue.Queue<Delivery<Out>>
   /** Completes once the session ended in its thread, or its thread failed. */
   readonly gone: Deferred.Deferred<void>
 }
@@ -249,12 +257,13 @@ export const make = (options?: Options): Effect.Effect<Pool, ThreadError, Scope.
           Effect.gen(function*() {
             const thread = yield* choose
             const lease: Lease<Out> = {
-              inbox: yield* Queue.unbounded<Event<Out> | { readonly _tag: "Failed"; readonly error: ThreadError }>(),
+              inbox: yield* Queue.unbounded<Delivery<Out>>(),
               gone: yield* Deferred.make<void>()
             }
             const { port1: port, port2 } = new WorkerThreads.MessageChannel()
             port.on("message", (message: FromSession) => {
               if (message[0] === 0) return Queue.unsafeOffer(lease.inbox, { _tag: "Message", message: message[1] as Out })
+              if (message[0] === 2) return Queue.unsafeOffer(lease.inbox, { _tag: "Log", line: message[1] })
               Queue.unsafeOffer(lease.inbox, { _tag: "Ended", failure: message[1] })
               Deferred.unsafeDone(lease.gone, Exit.void)
             })
@@ -280,18 +289,25 @@ export const make = (options?: Options): Effect.Effect<Pool, ThreadError, Scope.
               thread.sessions.delete(lease as Lease<unknown>)
             })
         ),
-        ({ lease, port, thread }): Session<In, Out> => ({
-          thread: thread.slot,
-          send: (message, transfer) =>
-            Effect.sync(() => port.postMessage([0, message] satisfies ToSession, transfer as Array<TransferListItem>)),
-          receive: Effect.flatMap(Queue.take(lease.inbox), (event) => {
+        ({ lease, port, thread }): Session<In, Out> => {
+          /** The next message or end; what the session logged meanwhile is logged here, by the receiving fiber. */
+          const receive: Effect.Effect<Event<Out>, ThreadError> = Effect.flatMap(Queue.take(lease.inbox), (event) => {
+            if (event._tag === "Log") {
+              return Effect.zipRight(Effect.logWithLevel(LogLevel.fromLiteral(event.line.level), event.line.message), receive)
+            }
             if (event._tag !== "Failed") return Effect.succeed(event)
             // a thread's failure stays: every later receive fails the same way
             Queue.unsafeOffer(lease.inbox, event)
             return Effect.fail(event.error)
-          }),
+          })
+          return {
+          thread: thread.slot,
+          send: (message, transfer) =>
+            Effect.sync(() => port.postMessage([0, message] satisfies ToSession, transfer as Array<TransferListItem>)),
+          receive,
           failed: Deferred.await(thread.failed)
-        })
+          }
+        }
       )
 
     /** The threads that have not failed. */

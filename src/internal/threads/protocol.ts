@@ -8,7 +8,8 @@
  * - a thread to the pool: `Ready` once its module is loaded, `Inspected`;
  * - on a session's port, both ways: `[0, message]`; the pool's `[1]` asks the thread to close the session
  *   (interrupt it: its scope closes its socket), and the thread's `[1, failure]` says the session ended — it
- *   is the last message of the port, sent once everything the session held is released.
+ *   is the last message of the port, sent once everything the session held is released; the thread's
+ *   `[2, line]` carries what the session logged (every level: the owner's logger decides).
  *
  * @internal
  */
@@ -16,6 +17,7 @@ import * as Cause from "effect/Cause"
 import * as Data from "effect/Data"
 import type * as Effect from "effect/Effect"
 import * as Exit from "effect/Exit"
+import type * as LogLevel from "effect/LogLevel"
 import * as Option from "effect/Option"
 import type { MessagePort, TransferListItem } from "node:worker_threads"
 
@@ -71,9 +73,18 @@ export interface Inspection {
   readonly zstdContexts: number
 }
 
-/** On a session's port: a message, the pool's close request, the thread's end of the session. */
+/** On a session's port: a message, the pool's close request, the thread's end of the session, a log line. */
 export type ToSession = readonly [0, unknown] | readonly [1]
-export type FromSession = readonly [0, unknown] | readonly [1, EncodedFailure | undefined]
+export type FromSession =
+  | readonly [0, unknown]
+  | readonly [1, EncodedFailure | undefined]
+  | readonly [2, LogLine]
+
+/** A line the session logged in its thread, logged again by its owner (with the owner's logger and level). */
+export interface LogLine {
+  readonly level: LogLevel.Literal
+  readonly message: string
+}
 
 /** A session's two directions, as the program running in the thread sees them. */
 export interface SessionIo<In, Out> {
