@@ -64,7 +64,12 @@ export class Hello extends Schema.TaggedClass<Hello>()("Hello", {
   channels: Channels,
   compression: Schema.Literal("none", "zlib", "zstd"),
   zeroPage: Schema.Literal("multifd", "none"),
-  blocks: Schema.Array(Block)
+  blocks: Schema.Array(Block),
+  /**
+   * The source re-attaches a multifd channel whose connection broke (`Reattach`): the destination keeps a
+   * lost channel's place this many milliseconds. Absent: a lost channel fails the migration.
+   */
+  reconnectMs: Schema.optional(Schema.Number.pipe(Schema.nonNegative()))
 }) {}
 
 /**
@@ -145,12 +150,49 @@ export class Abort extends Schema.TaggedClass<Abort>()("Abort", {
 }) {}
 
 /**
+ * Source → destination: multifd channel `channel` lost its connection and re-attaches; its next init packet
+ * carries `nonce` (32 hex digits). Only a hello with `reconnectMs` allows it.
+ *
+ * @since 0.1.0
+ * @category schemas
+ */
+export class Reattach extends Schema.TaggedClass<Reattach>()("Reattach", {
+  channel: Schema.Number.pipe(Schema.int(), Schema.nonNegative()),
+  nonce: Schema.String.pipe(Schema.pattern(/^[0-9a-f]{32}$/))
+}) {}
+
+/**
+ * Destination → source: the lost connection of `channel` is stopped (what it was inside of dropped) and a
+ * connection with the announced nonce may take its place; `syncs` SYNC packets of the channel arrived so far
+ * (the source resends what followed the last of them).
+ *
+ * @since 0.1.0
+ * @category schemas
+ */
+export class Reattached extends Schema.TaggedClass<Reattached>()("Reattached", {
+  channel: Schema.Number.pipe(Schema.int(), Schema.nonNegative()),
+  syncs: Schema.Number.pipe(Schema.int(), Schema.nonNegative())
+}) {}
+
+/**
  * Every control message.
  *
  * @since 0.1.0
  * @category schemas
  */
-export const Message = Schema.Union(Hello, Accept, Reject, Flush, FlushAck, Complete, Storing, Done, Abort)
+export const Message = Schema.Union(
+  Hello,
+  Accept,
+  Reject,
+  Flush,
+  FlushAck,
+  Complete,
+  Storing,
+  Done,
+  Abort,
+  Reattach,
+  Reattached
+)
 
 /**
  * A control message.
@@ -165,7 +207,7 @@ const encodeJson = Schema.encodeSync(Schema.parseJson(Message))
 /** One decoder per message tag: a bad message is described by its own schema, not by the whole union's. */
 const decoders: Readonly<Record<string, (u: unknown) => Either.Either<Message, ParseResult.ParseError>>> = Object
   .fromEntries(
-    [Hello, Accept, Reject, Flush, FlushAck, Complete, Storing, Done, Abort].map((schema) => [
+    [Hello, Accept, Reject, Flush, FlushAck, Complete, Storing, Done, Abort, Reattach, Reattached].map((schema) => [
       schema._tag,
       Schema.decodeUnknownEither(schema as Schema.Schema<Message, unknown>)
     ])

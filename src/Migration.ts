@@ -15,7 +15,7 @@
  */
 import * as Cause from "effect/Cause"
 import * as Effect from "effect/Effect"
-import type * as Duration from "effect/Duration"
+import * as Duration from "effect/Duration"
 import * as Stream from "effect/Stream"
 import * as GuestRam from "./GuestRam.js"
 import * as Destination from "./internal/destination.js"
@@ -120,6 +120,27 @@ export interface MigrateOptions {
   readonly live?: LiveOptions | undefined
   /** Kept up to date with this migration's status (`MigrationStatus.make`), for anyone to read at any moment. */
   readonly status?: MigrationStatus.MigrationStatus | undefined
+  /**
+   * A multifd channel whose connection breaks mid-migration (reset, end, a failed write) while the main
+   * channel is alive is re-attached: a new connection for the same channel (the same upgrade), announced on
+   * the main channel, resending every page the destination has not got before one of the channel's SYNCs.
+   * A number is the attempts per loss (0: a lost channel fails the migration); default 3 attempts within
+   * 10 s of the loss.
+   */
+  readonly reconnect?: number | Reconnect | undefined
+}
+
+/**
+ * How a lost multifd channel comes back (`MigrateOptions.reconnect`).
+ *
+ * @since 0.1.0
+ * @category models
+ */
+export interface Reconnect {
+  /** New connections tried per loss (0: none). */
+  readonly attempts: number
+  /** Time from the loss within which they are tried (default 10 s). */
+  readonly within?: Duration.DurationInput | undefined
 }
 
 /**
@@ -147,7 +168,15 @@ const checkOptions = (options: MigrateOptions, pageSize: number): string | undef
     (zeroPage === "multifd" || zeroPage === "none"
       ? undefined
       : `zero-page mode ${JSON.stringify(zeroPage)} is not multifd or none`) ??
-    Protocol.checkPageSize(pageSize, "the memory's page size")
+    Protocol.checkPageSize(pageSize, "the memory's page size") ??
+    checkReconnect(options.reconnect)
+}
+
+const checkReconnect = (reconnect: MigrateOptions["reconnect"]): string | undefined => {
+  const attempts = typeof reconnect === "number" ? reconnect : reconnect?.attempts ?? 3
+  return Number.isInteger(attempts) && attempts >= 0 && attempts <= 1000
+    ? undefined
+    : `reconnect attempts ${attempts} is not a whole number from 0 to 1000`
 }
 
 /**
@@ -176,7 +205,10 @@ const sourceSettings = (
       upgrade: options.upgrade,
       onProgress: options.onProgress,
       live: options.live,
-      tracker
+      tracker,
+      reconnect: typeof options.reconnect === "number"
+        ? { attempts: options.reconnect, within: Duration.seconds(10) }
+        : { attempts: options.reconnect?.attempts ?? 3, within: options.reconnect?.within ?? Duration.seconds(10) }
     }
   })
 

@@ -11,10 +11,12 @@
  *
  * @since 0.1.0
  */
+import * as Cause from "effect/Cause"
 import * as Context from "effect/Context"
 import * as Deferred from "effect/Deferred"
 import * as Duration from "effect/Duration"
 import * as Effect from "effect/Effect"
+import * as Exit from "effect/Exit"
 import * as Fiber from "effect/Fiber"
 import * as FiberSet from "effect/FiberSet"
 import * as Layer from "effect/Layer"
@@ -52,6 +54,11 @@ export interface Config {
    * with a `Timeout`.
    */
   readonly handshakeTimeout?: Duration.DurationInput | undefined
+  /**
+   * The source re-attaches lost channels (`authorize`): a channel whose connection breaks (reset, end, a
+   * stall inside a packet) keeps its place this long instead of failing the set. Absent: it fails the set.
+   */
+  readonly reconnect?: Duration.DurationInput | undefined
 }
 
 /**
@@ -94,6 +101,8 @@ export interface Stats {
   readonly bytes: number
   /** Of `bytes`, those of each channel, by channel id. */
   readonly channelBytes: ReadonlyArray<number>
+  /** Channels re-attached on a new connection. */
+  readonly reattached: number
 }
 
 /**
@@ -127,6 +136,16 @@ export class MultifdRecv extends Context.Tag("effect-multifd/MultifdRecv")<Multi
   readonly uuid: Effect.Effect<Uint8Array | undefined>
   /** The channels that are inside a packet now (part of it arrived), for messages about a stall. */
   readonly unfinished: Effect.Effect<ReadonlyArray<Unfinished>>
+  /**
+   * The control channel announced that `channel` re-attaches with `nonce`: stops and awaits the channel's
+   * current connection's worker (what it was inside of is dropped), and lets one connection whose init packet
+   * carries `nonce` take its place. Yields the SYNC packets of the channel received so far, and an effect that
+   * completes once the new connection is adopted. Fails with `Unauthorized` when the set does not re-attach.
+   */
+  readonly authorize: (
+    channel: number,
+    nonce: Uint8Array
+  ) => Effect.Effect<{ readonly syncs: number; readonly adopted: Effect.Effect<void> }, Protocol.ProtocolError>
 }>() {}
 
 /** Where an adopted channel is in its stream, for the stall watch. */
@@ -196,9 +215,20 @@ export const make = (config: Config): Effect.Effect<MultifdRecv["Type"], never, 
     const arrivals = yield* Queue.unbounded<Deferred.Deferred<void>>()
     const ending = yield* Deferred.make<void>()
     const allAdopted = yield* Deferred.make<void>()
+    const reconnect = config.reconnect === undefined ? undefined : Duration.decode(config.reconnect)
+    // per channel: its worker's fiber now, the SYNC packets it received, the nonce a re-attaching connection
+    // must carry (and who waits for it)
+    const current = new Map<number, Fiber.RuntimeFiber<void, ChannelFailure>>()
+    const syncsSeen = new Array<number>(channels).fill(0)
+    const pending = new Map<number, { readonly nonce: Buffer; readonly adopted: Deferred.Deferred<void> }>()
+    let reattached = 0
+    // channels a re-attach was announced for (a connection for them without its nonce is turned away), and
+    // the channels counted as adopted
+    const replaced = new Set<number>()
+    const counted = new Set<number>()
     // counters, updated in synchronous steps (one thread): no Ref round trip per packet
     let writesBegun = 0
-    const counters: { -readonly [K in Exclude<keyof Stats, "channelBytes">]: Stats[K] } = {
+    const counters: { -readonly [K in Exclude<keyof Stats, "channelBytes" | "reattached">]: Stats[K] } = {
       channels: 0,
       packets: 0,
       syncs: 0,
@@ -235,15 +265,19 @@ export const make = (config: Config): Effect.Effect<MultifdRecv["Type"], never, 
     /** A SYNC packet arrived: waits at the barrier until every channel has one. */
     const atSync = (state: ChannelState) =>
       Effect.gen(function*() {
-        counters.packets++
-        counters.syncs++
-        counters.bytes += hsize
-        channelBytes[state.id]! += hsize
-        state.consumed += hsize
-        state.atSync = true
-        yield* Effect.logDebug(`channel ${state.id}: sync packet received`)
         const go = yield* Deferred.make<void>()
-        yield* Queue.offer(arrivals, go)
+        // counted and at the barrier in one step (a re-attach reports the SYNCs that reached the barrier)
+        yield* Effect.uninterruptible(Effect.suspend(() => {
+          counters.packets++
+          counters.syncs++
+          counters.bytes += hsize
+          channelBytes[state.id]! += hsize
+          syncsSeen[state.id]!++
+          state.consumed += hsize
+          state.atSync = true
+          return Queue.offer(arrivals, go)
+        }))
+        yield* Effect.logDebug(`channel ${state.id}: sync packet received`)
         yield* Deferred.await(go)
         state.atSync = false
       })
@@ -428,7 +462,12 @@ export const make = (config: Config): Effect.Effect<MultifdRecv["Type"], never, 
         }
       })
 
-    const checkInit = (bytes: Buffer) =>
+    const checkInit = (
+      bytes: Buffer
+    ): Effect.Effect<
+      { readonly id: number; readonly reattaching: Deferred.Deferred<void> | undefined },
+      Protocol.ProtocolError
+    > =>
       Effect.gen(function*() {
         const expected = yield* Ref.get(uuid)
         const init = yield* Protocol.decodeInit(bytes, { channels, uuid: expected })
@@ -436,6 +475,22 @@ export const make = (config: Config): Effect.Effect<MultifdRecv["Type"], never, 
           // adopt the first channel's uuid; a concurrent adopter may have set it first
           const settled = yield* Ref.modify(uuid, (u) => [u ?? init.uuid, u ?? init.uuid])
           yield* Protocol.decodeInit(bytes, { channels, uuid: settled })
+        }
+        const allowed = pending.get(init.id)
+        if (init.nonce !== undefined || allowed !== undefined || replaced.has(init.id)) {
+          // a re-attaching connection: only with the nonce the main channel announced (a lost connection
+          // that comes late, after its channel was re-attached or announced, is turned away too)
+          if (allowed === undefined || init.nonce === undefined || !allowed.nonce.equals(init.nonce)) {
+            return yield* new Protocol.ProtocolError({
+              reason: "Unauthorized",
+              channel: init.id,
+              field: "nonce",
+              detail: `a connection for channel ${init.id} without the main channel's authorization to re-attach it`
+            })
+          }
+          pending.delete(init.id)
+          yield* Ref.update(claimed, (set) => new Set([...set, init.id]))
+          return { id: init.id, reattaching: allowed.adopted }
         }
         const fresh = yield* Ref.modify(claimed, (set) =>
           set.has(init.id) ? [false, set] : [true, new Set([...set, init.id])])
@@ -447,13 +502,19 @@ export const make = (config: Config): Effect.Effect<MultifdRecv["Type"], never, 
             detail: `a second connection claims channel ${init.id}`
           })
         }
-        return init.id
+        return { id: init.id, reattaching: undefined }
       })
+
+    /** A lost connection (reset, end, a stall inside a packet): with reconnecting, the channel waits for its new one. */
+    const isLoss = (error: ChannelFailure): boolean =>
+      error._tag === "TransportError" ||
+      (error._tag === "MigrationError" && (error.reason === "ChannelClosed" || error.reason === "Timeout")) ||
+      (error._tag === "ChannelError" && error.cause._tag === "TransportError")
 
     const adopt = (connection: Transport.Connection, init?: Buffer) =>
       Effect.gen(function*() {
-        const id = yield* Effect.gen(function*() {
-          const id = yield* checkInit(
+        const { id, reattaching } = yield* Effect.gen(function*() {
+          const checked = yield* checkInit(
             init ?? (yield* connection.read(Protocol.INIT_PACKET_SIZE).pipe(
               Effect.timeoutFail({
                 duration: handshakeTimeout,
@@ -462,18 +523,40 @@ export const make = (config: Config): Effect.Effect<MultifdRecv["Type"], never, 
               })
             ))
           )
+          const id = checked.id
           yield* Effect.annotateCurrentSpan("multifd.channel", id)
-          yield* Effect.logDebug(`channel ${id}: init packet received from ${connection.peer}`).pipe(
-            Effect.annotateLogs("channel", id)
-          )
-          return id
+          yield* Effect.logDebug(
+            `channel ${id}: init packet received from ${connection.peer}${checked.reattaching ? " (re-attaching)" : ""}`
+          ).pipe(Effect.annotateLogs("channel", id))
+          return checked
         }).pipe(Effect.withSpan("multifd.channel.init", { attributes: { "multifd.peer": connection.peer } }))
         const payload = compression === "none" ? undefined : yield* PageCodec.payloadDecoder(compression, id)
-        if (++counters.channels === channels) yield* Deferred.succeed(allAdopted, undefined)
+        if (!counted.has(id)) {
+          counted.add(id)
+          if (++counters.channels === channels) yield* Deferred.succeed(allAdopted, undefined)
+        }
+        if (reattaching !== undefined) {
+          // the lost connection's worker is stopped before this one reads anything
+          const old = current.get(id)
+          if (old !== undefined) yield* Fiber.interrupt(old)
+          reattached++
+        }
         const state: ChannelState = { id, connection, consumed: Protocol.INIT_PACKET_SIZE, atSync: false }
-        const work = stallTimeout === undefined
+        const watched = stallTimeout === undefined
           ? worker(state, payload)
           : Effect.raceFirst(worker(state, payload), watchStall(state, stallTimeout))
+        // a lost connection, with reconnecting: the channel keeps its place for the source's new connection
+        // (`authorize` interrupts this wait), and fails as it would have if none comes in time
+        const work = reconnect === undefined ? watched : Effect.catchIf(
+          watched,
+          isLoss,
+          (error) =>
+            Effect.flatMap(Deferred.isDone(ending), (ended) =>
+              ended ? Effect.fail(error) : Effect.zipRight(
+                Effect.logWarning(`channel ${id}: connection lost (${error.message}); waiting for it to re-attach`),
+                Effect.zipRight(Effect.sleep(reconnect), Effect.fail(error))
+              ))
+        )
         const fiber = yield* FiberSet.run(
           fibers,
           Effect.acquireUseRelease(
@@ -482,8 +565,35 @@ export const make = (config: Config): Effect.Effect<MultifdRecv["Type"], never, 
             () => Effect.sync(() => states.delete(state))
           )
         )
-        yield* Fiber.join(fiber)
+        current.set(id, fiber)
+        if (reattaching !== undefined) yield* Deferred.succeed(reattaching, undefined)
+        const exit = yield* Fiber.await(fiber)
+        if (current.get(id) === fiber) current.delete(id)
+        // a worker stopped for a re-attaching connection ended as it should
+        if (Exit.isFailure(exit) && Cause.isInterruptedOnly(exit.cause) && current.get(id) !== undefined) return
+        yield* exit
       }).pipe(Effect.scoped)
+
+    const authorize = (channel: number, nonce: Uint8Array) =>
+      Effect.gen(function*() {
+        if (reconnect === undefined || channel >= channels) {
+          return yield* new Protocol.ProtocolError({
+            reason: "Unauthorized",
+            channel,
+            field: "Reattach",
+            detail: reconnect === undefined
+              ? "the source re-attaches a channel, but did not say it would in its hello"
+              : `there is no channel ${channel}`
+          })
+        }
+        const adopted = yield* Deferred.make<void>()
+        pending.set(channel, { nonce: Buffer.from(nonce), adopted })
+        replaced.add(channel)
+        const old = current.get(channel)
+        if (old !== undefined) yield* Fiber.interrupt(old)
+        yield* Effect.logInfo(`channel ${channel}: re-attaching after ${syncsSeen[channel]} sync packets`)
+        return { syncs: syncsSeen[channel]!, adopted: Deferred.await(adopted) }
+      })
 
     return {
       adopt,
@@ -495,7 +605,8 @@ export const make = (config: Config): Effect.Effect<MultifdRecv["Type"], never, 
       expectEnd: Deferred.succeed(ending, undefined),
       finished: guarded(Effect.zipRight(Deferred.await(allAdopted), FiberSet.awaitEmpty(fibers))),
       failure,
-      stats: Effect.sync(() => ({ ...counters, channelBytes: [...channelBytes] })),
+      stats: Effect.sync(() => ({ ...counters, channelBytes: [...channelBytes], reattached })),
+      authorize,
       writesBegun: Effect.sync(() => writesBegun),
       uuid: Ref.get(uuid),
       unfinished: Effect.sync(() =>
@@ -521,7 +632,7 @@ export const layer = (config: Config): Layer.Layer<MultifdRecv> => Layer.scoped(
  * @category guards
  */
 export const isStranger = (error: ChannelFailure): boolean =>
-  error._tag === "ProtocolError" && (error.reason === "BadUuid" ||
+  error._tag === "ProtocolError" && (error.reason === "BadUuid" || error.reason === "Unauthorized" ||
     // an init packet's bad magic or version; the same reasons from an adopted channel's worker name its id
     (error.channel === "unidentified" && (error.reason === "BadMagic" || error.reason === "BadVersion")))
 

@@ -15,16 +15,20 @@
  * @since 0.1.0
  */
 import * as Cause from "effect/Cause"
+import * as Clock from "effect/Clock"
 import * as Context from "effect/Context"
 import * as Deferred from "effect/Deferred"
 import * as Duration from "effect/Duration"
 import * as Effect from "effect/Effect"
+import * as Exit from "effect/Exit"
 import * as Fiber from "effect/Fiber"
 import * as FiberSet from "effect/FiberSet"
 import * as Layer from "effect/Layer"
+import * as Option from "effect/Option"
 import * as Queue from "effect/Queue"
 import * as Ref from "effect/Ref"
 import type * as Scope from "effect/Scope"
+import * as Crypto from "node:crypto"
 import type * as ChannelThreads from "./ChannelThreads.js"
 import type * as GuestRam from "./GuestRam.js"
 import * as SendChannel from "./internal/sendChannel.js"
@@ -62,6 +66,30 @@ export interface Config {
    * run in this thread, where a wrapped transport or upgrade sees them.
    */
   readonly threads?: ChannelThreads.ChannelThreads["Type"] | undefined
+  /**
+   * Re-attaches a channel whose connection broke after it was established (reset, EOF, a failed write):
+   * up to `attempts` new connections within `within` of the loss (backoff between them), each announced by
+   * `reattach` and resending every page of the channel the destination has not got before a SYNC. Absent
+   * (or 0 attempts): a lost channel fails the set, as QEMU does.
+   */
+  readonly reconnect?: Reconnect | undefined
+}
+
+/**
+ * How a lost channel comes back: `attempts` within `within`, each announced by `reattach` (the control
+ * channel's `Reattach` with `nonce`, answered once the destination dropped the lost connection with the count
+ * of the channel's SYNC packets it received).
+ *
+ * @since 0.1.0
+ * @category models
+ */
+export interface Reconnect {
+  readonly attempts: number
+  readonly within: Duration.DurationInput
+  readonly reattach: (
+    channel: number,
+    nonce: Uint8Array
+  ) => Effect.Effect<number, ChannelFailure>
 }
 
 /**
@@ -70,7 +98,7 @@ export interface Config {
  * @since 0.1.0
  * @category errors
  */
-export type ChannelFailure = SendChannel.Failure
+export type ChannelFailure = SendChannel.Failure | MigrationError.MigrationError
 
 /**
  * Counters of what the channels sent.
@@ -91,6 +119,10 @@ export interface Stats {
   readonly sentPages: number
   /** Of `bytes`, those of each channel, by channel id. */
   readonly channelBytes: ReadonlyArray<number>
+  /** Channels re-attached after a lost connection. */
+  readonly reconnects: number
+  /** Pages sent again on a re-attached channel. */
+  readonly resentPages: number
 }
 
 /**
@@ -126,11 +158,62 @@ export class MultifdSend extends Context.Tag("effect-multifd/MultifdSend")<Multi
   /** Fails with the first failure of any channel; never succeeds while the set is open. */
   readonly failure: Effect.Effect<never, ChannelFailure>
   readonly stats: Effect.Effect<Stats>
+  /**
+   * The destination acknowledged every SYNC sent so far (the round's flush): no page before them is sent
+   * again if a channel re-attaches.
+   */
+  readonly acknowledged: Effect.Effect<void>
 }>() {}
 
 interface Channel {
   readonly id: number
   readonly mailbox: Queue.Queue<SendChannel.Job>
+}
+
+/** What a channel's worker takes jobs from, and tells when a hand-off ended. */
+interface Jobs {
+  readonly next: Effect.Effect<SendChannel.Job>
+  readonly idle: Effect.Effect<void>
+}
+
+/** A failure of an established channel that a new connection may get past: the network's or TLS's. */
+const recoverable = (error: unknown): boolean => {
+  const tag = (Cause.originalError(error) as { readonly _tag?: string; readonly cause?: unknown })._tag
+  return tag === "TransportError" || tag === "TlsError"
+}
+
+/** A job a channel took, kept until acknowledged: `finished` once its hand-off ended (idle, or SYNC done). */
+interface Entry {
+  readonly job: SendChannel.Job
+  /** For a SYNC: how many the channel had taken with it. */
+  readonly sync: number
+  finished: boolean
+}
+
+/**
+ * The jobs of one channel since the last acknowledged round (with reconnecting on), and the ones to send
+ * again on its next connection.
+ */
+class Journal {
+  entries: Array<Entry> = []
+  replay: Array<Entry> = []
+  current: Entry | undefined = undefined
+  syncs = 0
+  constructor(readonly keep: boolean) {}
+
+  /**
+   * The destination has `syncs` SYNC packets of this channel: the entries up to the last of them are
+   * skipped (their bookkeeping returned), the rest sent again.
+   */
+  resume(syncs: number): ReadonlyArray<Entry> {
+    let from = 0
+    this.entries.forEach((entry, i) => {
+      if (entry.job._tag === "Sync" && entry.sync <= syncs) from = i + 1
+    })
+    this.replay = this.entries.slice(from)
+    this.current = undefined
+    return this.entries.slice(0, from).filter((entry) => !entry.finished)
+  }
 }
 
 /**
@@ -160,8 +243,9 @@ export const make = (
     const mailboxes = yield* Deferred.make<ReadonlyArray<Channel>>()
     // the packet number and the counters, in shared memory (a channel in a thread updates them there)
     const counters = SendChannel.makeCounters(channels)
-    // the sockets of the channels in this thread, asked for what they accepted when the stats are read
-    const accepted: Array<SendChannel.Accepted> = []
+    // the sockets of the channels in this thread (each channel's current one), asked for what they accepted
+    // when the stats are read
+    const accepted = new Map<number, SendChannel.Accepted>()
     const fibers = yield* FiberSet.make<void, ChannelFailure>()
     const failure = Effect.zipRight(FiberSet.join(fibers), Effect.never)
     const settingsOf = (id: number): SendChannel.Settings => ({
@@ -172,6 +256,12 @@ export const make = (
       compressionLevel: config.compressionLevel,
       zeroPage: config.zeroPage
     })
+    const reconnect = config.reconnect !== undefined && config.reconnect.attempts > 0 ? config.reconnect : undefined
+    const journals = Array.from({ length: channels }, () => new Journal(reconnect !== undefined))
+    let reconnects = 0
+    let resentPages = 0
+    // from `finish` on, a lost channel is not re-attached (the destination has everything)
+    let finishing = false
 
     /** A channel is established: it joins the set (the set is complete once every channel has). */
     const join = (id: number) =>
@@ -182,35 +272,131 @@ export const make = (
         return channel
       })
 
+    /** An entry's hand-off ends: its channel is idle again, or its SYNC is done (once). */
+    const settle = (channel: Channel, entry: Entry): Effect.Effect<void> =>
+      Effect.suspend(() => {
+        if (entry.finished) return Effect.void
+        entry.finished = true
+        return entry.job._tag === "Sync" ? entry.job.done : Queue.offer(idle, channel)
+      })
+
+    /** What a channel's worker takes: first what it sends again after a re-attach, then its mailbox. */
+    const jobsOf = (channel: Channel, journal: Journal): Jobs => {
+      const wrap = (entry: Entry): SendChannel.Job => {
+        journal.current = entry
+        return entry.job._tag === "Sync" ? { _tag: "Sync", done: settle(channel, entry) } : entry.job
+      }
+      return {
+        next: Effect.suspend(() => {
+          const again = journal.replay.shift()
+          if (again !== undefined) {
+            if (again.job._tag === "Pages") resentPages += again.job.count
+            return Effect.succeed(wrap(again))
+          }
+          return Effect.map(Queue.take(channel.mailbox), (job) => {
+            // kept until acknowledged: its page numbers copied (the caller may reuse its array)
+            const kept = journal.keep && job._tag === "Pages" ? { ...job, pages: job.pages.slice(0, job.count) } : job
+            const entry: Entry = { job: kept, sync: job._tag === "Sync" ? ++journal.syncs : 0, finished: false }
+            if (journal.keep && job._tag !== "Finish") journal.entries.push(entry)
+            return wrap(entry)
+          })
+        }),
+        idle: Effect.suspend(() => journal.current === undefined ? Effect.void : settle(channel, journal.current))
+      }
+    }
+
     /**
-     * A channel's owner in this thread: connect → upgrade (TLS) → init packet, then the worker, forked into
-     * the owner's scope (which holds the connection) and joined. The owner's scope closes after its worker
-     * has ended, and when the owner is interrupted it interrupts and awaits the worker before the connection
+     * Runs a channel's connections one after another: the first one (`enter` joins the set), and after a
+     * loss (a transport or TLS failure of an established channel, before `finish`) new ones, each announced
+     * on the control channel, within the reconnect budget; past it the last failure is the channel's.
+     */
+    const resilient = <E>(
+      id: number,
+      attempt: (nonce: Uint8Array | undefined, enter: Effect.Effect<Jobs>) => Effect.Effect<void, E>
+    ): Effect.Effect<void, E | ChannelFailure> =>
+      Effect.gen(function*() {
+        const journal = journals[id]!
+        let channel: Channel | undefined
+        let lostAt: number | undefined
+        let tries = 0
+        const enter = Effect.gen(function*() {
+          if (lostAt !== undefined) {
+            reconnects++
+            yield* Effect.logInfo(`channel ${id}: re-attached (attempt ${tries}), resending ${journal.replay.length} jobs`)
+          }
+          lostAt = undefined
+          if (channel === undefined) {
+            channel = yield* join(id)
+            yield* Queue.offer(idle, channel)
+          }
+          return jobsOf(channel, journal)
+        })
+        let nonce: Uint8Array | undefined
+        while (true) {
+          const exit = yield* Effect.exit(attempt(nonce, enter))
+          if (Exit.isSuccess(exit)) return
+          const error = Cause.failureOption(exit.cause)
+          if (
+            reconnect === undefined || channel === undefined || finishing || Option.isNone(error) ||
+            !recoverable(error.value)
+          ) return yield* exit
+          const now = yield* Clock.currentTimeMillis
+          if (lostAt === undefined) {
+            lostAt = now
+            tries = 0
+          }
+          const left = Duration.toMillis(Duration.decode(reconnect.within)) - (now - lostAt)
+          const why = Cause.originalError(error.value) as { readonly message?: string }
+          if (tries >= reconnect.attempts || left <= 0) {
+            yield* Effect.logWarning(`channel ${id}: giving up after ${tries} reconnect attempts: ${why.message}`)
+            return yield* exit
+          }
+          // at once the first time, then backing off (within the budget)
+          if (tries > 0) yield* Effect.sleep(Duration.millis(Math.min(left, 100 * 2 ** (tries - 1))))
+          tries++
+          yield* Effect.logWarning(
+            `channel ${id}: connection lost (${why.message}); re-attaching (attempt ${tries} of ${reconnect.attempts})`
+          )
+          nonce = Crypto.randomBytes(16)
+          const syncs = yield* reconnect.reattach(id, nonce)
+          for (const entry of journal.resume(syncs)) yield* settle(channel, entry)
+        }
+      })
+
+    /**
+     * A channel's connection in this thread: connect → upgrade (TLS) → init packet, then the worker, forked
+     * into the attempt's scope (which holds the connection) and joined. The scope closes after its worker has
+     * ended, and when the owner is interrupted it interrupts and awaits the worker before the connection
      * closes.
      */
-    const owner = (id: number) =>
+    const attempt = (id: number) => (nonce: Uint8Array | undefined, enter: Effect.Effect<Jobs>) =>
       Effect.gen(function*() {
-        const settings = settingsOf(id)
+        const settings = { ...settingsOf(id), nonce }
         const channel = yield* SendChannel.establish(
           settings,
           transport.connect(config.address, { timeout: config.connectTimeout }),
           config.upgrade
         ).pipe(Effect.withSpan("multifd.channel.establish", { attributes: { "multifd.channel": id } }))
-        const joined = yield* join(id)
-        const work = yield* Effect.forkScoped(Effect.zipRight(
-          Queue.offer(idle, joined),
-          SendChannel.serve(settings, channel, counters, {
-            next: Queue.take(joined.mailbox),
-            idle: Queue.offer(idle, joined),
-            started: (sent) => accepted.push(sent)
-          })
-        ))
+        const jobs = yield* enter
+        const work = yield* Effect.forkScoped(
+          SendChannel.serve(settings, channel, counters, { ...jobs, started: (sent) => accepted.set(id, sent) })
+        )
         yield* Fiber.join(work)
         yield* Effect.logDebug(`channel ${id}: closed`)
-      }).pipe(Effect.mapError(nameChannel(id)), Effect.scoped, Effect.annotateLogs("channel", id))
+      }).pipe(Effect.scoped)
 
     const threads = config.threads !== undefined && onThreads(transport, config.upgrade) ? config.threads : undefined
-    const ownerOf = threads === undefined ? owner : threadOwner(threads, config, settingsOf, counters, join, idle)
+    const ownerOf = (id: number): Effect.Effect<void, ChannelFailure> =>
+      threads === undefined
+        ? resilient(id, attempt(id)).pipe(Effect.mapError(nameChannel(id)), Effect.annotateLogs("channel", id))
+        : resilient(id, threadAttempt(threads, config, settingsOf, counters, id)).pipe(
+          Effect.mapError((error) =>
+            error._tag === "ThreadError"
+              ? new MigrationError.ChannelError({ channel: id, cause: error })
+              : nameChannel(id)(error)
+          ),
+          Effect.annotateLogs("channel", id)
+        )
     for (let id = 0; id < channels; id++) yield* FiberSet.run(fibers, ownerOf(id))
 
     const guarded = <A, E>(effect: Effect.Effect<A, E>) => Effect.raceFirst(effect, failure)
@@ -243,14 +429,18 @@ export const make = (
       }).pipe(Effect.withSpan("multifd.sync")),
       finish: Effect.gen(function*() {
         const chans = yield* all
+        finishing = true
         yield* Effect.forEach(chans, (channel) => Queue.offer(channel.mailbox, { _tag: "Finish" }), { discard: true })
         yield* guarded(FiberSet.awaitEmpty(fibers))
       }).pipe(Effect.withSpan("multifd.finish")),
       established: Effect.asVoid(all),
       failure,
       stats: Effect.sync(() => {
-        for (const channel of accepted) channel.update()
-        return SendChannel.totals(counters)
+        for (const channel of accepted.values()) channel.update()
+        return { ...SendChannel.totals(counters), reconnects, resentPages }
+      }),
+      acknowledged: Effect.sync(() => {
+        for (const journal of journals) journal.entries = []
       })
     }
   })
@@ -263,18 +453,18 @@ const onThreads = (transport: Transport.Transport["Type"], upgrade: Config["upgr
   transport.connect === Transport.connect && (upgrade === undefined || Tls.clientData(upgrade) !== undefined)
 
 /**
- * The owner of a channel in a thread of `threads`: it holds the lease (the channel's session in the thread,
- * closed — its socket destroyed — when the owner's scope closes), waits until the thread has established the
- * channel (connect, TLS, init packet), and only then joins the set and forks the worker, which forwards the
- * channel's jobs to the thread and waits for each answer. A thread that fails fails the channel, naming it.
+ * A channel's connection in a thread of `threads`: the attempt holds the lease (the channel's session in the
+ * thread, closed — its socket destroyed — when the attempt's scope closes), waits until the thread has
+ * established the channel (connect, TLS, init packet), and only then enters the set and forks the worker,
+ * which forwards the channel's jobs to the thread and waits for each answer. A re-attached channel leases a
+ * new session for the same id. A thread that fails fails the channel.
  */
-const threadOwner = (
+const threadAttempt = (
   threads: ChannelThreads.ChannelThreads["Type"],
   config: Config,
   settingsOf: (id: number) => SendChannel.Settings,
   counters: SendChannel.Counters,
-  join: (id: number) => Effect.Effect<Channel>,
-  idle: Queue.Queue<Channel>
+  id: number
 ) => {
   const tls = config.upgrade === undefined ? undefined : Tls.clientData(config.upgrade)
   const connectTimeoutMs = config.connectTimeout === undefined
@@ -293,9 +483,9 @@ const threadOwner = (
     }
     return n
   }
-  return (id: number) =>
+  return (nonce: Uint8Array | undefined, enter: Effect.Effect<Jobs>) =>
     Effect.gen(function*() {
-      const settings = settingsOf(id)
+      const settings = { ...settingsOf(id), nonce }
       const data: SendSession.Data = {
         settings,
         address: config.address,
@@ -317,12 +507,12 @@ const threadOwner = (
       yield* answer("Established").pipe(
         Effect.withSpan("multifd.channel.establish", { attributes: { "multifd.channel": id, "multifd.thread": session.thread } })
       )
-      const channel = yield* join(id)
+      const jobs = yield* enter
+      // a new session gets each block's memory again
       const given = new Set<number>()
       const forward = Effect.gen(function*() {
-        yield* Queue.offer(idle, channel)
         while (true) {
-          const job = yield* Queue.take(channel.mailbox)
+          const job = yield* jobs.next
           if (job._tag === "Finish") {
             yield* session.send({ _tag: "Finish" })
             const end = yield* session.receive
@@ -349,20 +539,14 @@ const threadOwner = (
             pages
           }, [pages.buffer])
           yield* answer("Idle")
-          yield* Queue.offer(idle, channel)
+          yield* jobs.idle
         }
       })
       const work = yield* Effect.forkScoped(forward)
       // the thread may fail while the channel waits for a job: the owner hears it then too
       yield* Effect.raceFirst(Fiber.join(work), session.failed)
       yield* Effect.logDebug(`channel ${id}: closed`)
-    }).pipe(
-      Effect.mapError((error) =>
-        error._tag === "ThreadError" ? new MigrationError.ChannelError({ channel: id, cause: error }) : nameChannel(id)(error)
-      ),
-      Effect.scoped,
-      Effect.annotateLogs("channel", id)
-    )
+    }).pipe(Effect.scoped)
 }
 
 const sharedBlock = (block: SendChannel.Memory): SendSession.SharedBlock => ({

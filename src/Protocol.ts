@@ -276,6 +276,8 @@ export class ProtocolError extends Data.TaggedError("ProtocolError")<{
     | "BadOffset"
     | "BadChannelId"
     | "DuplicateChannel"
+    /** A connection re-attaching a channel without the control channel's authorization (its nonce). */
+    | "Unauthorized"
     | "BadUuid"
     | "BadPayload"
     | "BadMessage"
@@ -311,7 +313,16 @@ const hex = (n: number): string => "0x" + (n >>> 0).toString(16).padStart(8, "0"
 export interface InitPacket {
   readonly uuid: Uint8Array
   readonly id: number
+  /**
+   * A channel re-attaching after its connection was lost: the nonce the source announced on the control
+   * channel (16 bytes, in the init packet's reserved bytes 32–47, which QEMU leaves zero). Absent: all zero.
+   */
+  readonly nonce?: Uint8Array | undefined
 }
+
+/** Where an init packet carries a re-attaching channel's nonce, and its length. */
+const NONCE_AT = 32
+const NONCE_SIZE = 16
 
 /**
  * Encodes an init packet (64 bytes).
@@ -325,6 +336,7 @@ export const encodeInit = (init: InitPacket): Buffer => {
   buf.writeUInt32BE(VERSION, 4)
   buf.set(init.uuid.subarray(0, 16), 8)
   buf.writeUInt8(init.id, 24)
+  if (init.nonce !== undefined) buf.set(init.nonce.subarray(0, NONCE_SIZE), NONCE_AT)
   return buf
 }
 
@@ -369,7 +381,8 @@ export const decodeInit = (
   if (id >= expect.channels) {
     return fail("BadChannelId", id, "channel id", `${id} is not below the channel count ${expect.channels}`)
   }
-  return Either.right({ uuid, id })
+  const nonce = Uint8Array.prototype.slice.call(bytes, NONCE_AT, NONCE_AT + NONCE_SIZE)
+  return Either.right(nonce.some((b) => b !== 0) ? { uuid, id, nonce } : { uuid, id })
 }
 
 /**

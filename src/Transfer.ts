@@ -179,6 +179,10 @@ export interface Stats {
   readonly zeroPages: number
   /** Bytes that crossed the multifd channels. */
   readonly wireBytes: number
+  /** Multifd channels re-attached after a lost connection (source, with reconnecting on). */
+  readonly reconnects?: number | undefined
+  /** Pages sent again on re-attached channels (source). */
+  readonly resentPages?: number | undefined
   /** Source: from connecting to the verified end; destination: from the source's hello to the end. */
   readonly durationMs: number
   /** Guest memory size over duration. */

@@ -25,6 +25,11 @@ export interface Acceptor<E> {
   readonly rejected: Effect.Effect<ReadonlyArray<string>>
   /** Fails with the first failure of a `classify`; never succeeds. */
   readonly failure: Effect.Effect<never, E>
+  /**
+   * Accepts again (after `until` stopped it, or beside the acceptors running) until `until` completes: a
+   * lost channel's new connection comes after the migration had all its channels.
+   */
+  readonly resume: (until: Effect.Effect<void>) => Effect.Effect<void>
 }
 
 /** Turns a connection away: it is closed when its acceptor's scope ends. */
@@ -82,16 +87,17 @@ export const start = <E>(
         return yield* options.classify(connection, first.right, reject, since)
       })
 
-    const stop = options.until ?? Effect.never
-    const acceptor: Effect.Effect<void, E> = Effect.scoped(Effect.gen(function*() {
-      const next = yield* Effect.raceFirst(Effect.map(listener.accept, Option.some), Effect.as(stop, Option.none()))
-      if (Option.isNone(next)) return
-      yield* FiberSet.run(connections, acceptor)
-      yield* handle(next.value)
-    }))
-    yield* FiberSet.run(connections, acceptor)
+    const acceptor = (stop: Effect.Effect<void>): Effect.Effect<void, E> =>
+      Effect.scoped(Effect.gen(function*() {
+        const next = yield* Effect.raceFirst(Effect.map(listener.accept, Option.some), Effect.as(stop, Option.none()))
+        if (Option.isNone(next)) return
+        yield* FiberSet.run(connections, acceptor(stop))
+        yield* handle(next.value)
+      }))
+    yield* FiberSet.run(connections, acceptor(options.until ?? Effect.never))
     return {
       rejected: Ref.get(rejected),
-      failure: Effect.zipRight(FiberSet.join(connections), Effect.never)
+      failure: Effect.zipRight(FiberSet.join(connections), Effect.never),
+      resume: (until) => Effect.asVoid(FiberSet.run(connections, acceptor(until)))
     }
   })

@@ -268,7 +268,23 @@ export const run = <E>(listener: Transport.Listener, settings: Settings<E>): Eff
       ? Deferred.await(main)
       : Deferred.await(main).pipe(within(settings.acceptTimeout, "waiting for a source to connect"))
     const { connection: ctl, hello } = yield* Effect.raceFirst(waitMain, connectionFailure)
-    const { failure: controlFailure, inbox } = yield* Conversation.reader(ctl, "source")
+    /** How long a lost channel keeps its place: the source's reconnect window and a handshake. */
+    const reconnectWindow = (hello: Control.Hello) =>
+      Duration.sum(Duration.millis(hello.reconnectMs ?? 0), Duration.decode(timeouts.handshake))
+    const { failure: controlFailure, inbox: received } = yield* Conversation.reader(ctl, "source")
+    // a lost channel's Reattach is served at once (the rounds may be waiting for that channel); the rest in order
+    const inbox = yield* Queue.unbounded<Control.Message>()
+    const reattachFailure = yield* Deferred.make<never, Failure>()
+    const reattach = (message: Control.Reattach) =>
+      Effect.gen(function*() {
+        const recv = yield* Deferred.await(channelSet)
+        const { adopted, syncs } = yield* recv.authorize(message.channel, Buffer.from(message.nonce, "hex"))
+        // the set had all its channels (the acceptors stopped): accept the new connection
+        yield* acceptor.resume(Effect.ignore(Effect.timeout(adopted, reconnectWindow(hello))))
+        yield* Conversation.tell(ctl, new Control.Reattached({ channel: message.channel, syncs }))
+      }).pipe(Effect.catchAll((error) => Deferred.fail(reattachFailure, error)))
+    yield* Effect.forkScoped(Effect.forever(Effect.flatMap(Queue.take(received), (message) =>
+      message._tag === "Reattach" ? reattach(message) : Queue.offer(inbox, message))))
     // once Done is sent the source ends its main channel, and that end may be seen before the channels' ends:
     // it is no failure then (an Abort still is)
     const doneSent = yield* Deferred.make<void>()
@@ -278,7 +294,7 @@ export const run = <E>(listener: Transport.Listener, settings: Settings<E>): Eff
     const failures = Effect.raceFirst(
       Effect.catchIf(controlFailure, isEnd, (error) =>
         Effect.flatMap(Deferred.isDone(doneSent), (done) => done ? Effect.never : Effect.fail(error))),
-      connectionFailure
+      Effect.raceFirst(connectionFailure, Deferred.await(reattachFailure))
     )
     const next = Effect.raceFirst(Queue.take(inbox), failures)
     const tell = (message: Control.Message) => Conversation.tell(ctl, message)
@@ -302,7 +318,8 @@ export const run = <E>(listener: Transport.Listener, settings: Settings<E>): Eff
         ram,
         compression: hello.compression,
         stallTimeout: timeouts.peer,
-        handshakeTimeout: timeouts.handshake
+        handshakeTimeout: timeouts.handshake,
+        reconnect: hello.reconnectMs === undefined ? undefined : reconnectWindow(hello)
       })
       yield* Deferred.succeed(channelSet, recv)
       yield* tracker.begin(ram.size)

@@ -36,6 +36,8 @@ export interface Settings {
   readonly compression: Protocol.Compression
   readonly compressionLevel: number | undefined
   readonly zeroPage: "multifd" | "none"
+  /** A channel re-attaching after a lost connection: the nonce its init packet carries (`Control.Reattach`). */
+  readonly nonce?: Uint8Array | undefined
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -111,6 +113,9 @@ export class Accepted {
   private readonly counts: Array<number> = []
   private head = 0
   private readonly base: number
+  // what the channel's earlier connections had accepted (a re-attached channel counts on from there)
+  private readonly bytesBefore: bigint
+  private readonly pagesBefore: bigint
 
   constructor(
     private readonly stream: Writable,
@@ -119,6 +124,8 @@ export class Accepted {
   ) {
     // what was written before the channel's work (the init packet) is not the channel's traffic
     this.base = this.written() ?? 0
+    this.bytesBefore = Atomics.load(stats, at + SENT_BYTES)
+    this.pagesBefore = Atomics.load(stats, at + SENT_PAGES)
   }
 
   /** Total bytes written to the stream, accepted or buffered (`undefined` for a stream that does not say). */
@@ -151,8 +158,8 @@ export class Accepted {
       this.counts.splice(0, this.head)
       this.head = 0
     }
-    Atomics.store(this.stats, this.at + SENT_BYTES, BigInt(this.bytes))
-    Atomics.store(this.stats, this.at + SENT_PAGES, BigInt(this.pages))
+    Atomics.store(this.stats, this.at + SENT_BYTES, this.bytesBefore + BigInt(this.bytes))
+    Atomics.store(this.stats, this.at + SENT_PAGES, this.pagesBefore + BigInt(this.pages))
   }
 }
 
@@ -197,7 +204,7 @@ export const establish = <E>(
       Effect.withSpan("multifd.channel.handshake", { attributes }),
       Effect.tap(() => Effect.logDebug(`channel ${id}: TLS handshake done`))
     )
-    yield* connection.write([Protocol.encodeInit({ uuid: settings.uuid, id })]).pipe(
+    yield* connection.write([Protocol.encodeInit({ uuid: settings.uuid, id, nonce: settings.nonce })]).pipe(
       Effect.withSpan("multifd.channel.init", { attributes })
     )
     yield* Effect.logDebug(`channel ${id}: init packet sent`)

@@ -8,6 +8,7 @@
  */
 import * as Clock from "effect/Clock"
 import * as Deferred from "effect/Deferred"
+import * as Duration from "effect/Duration"
 import * as Effect from "effect/Effect"
 import * as Option from "effect/Option"
 import * as Queue from "effect/Queue"
@@ -39,6 +40,8 @@ export interface Settings {
   readonly live: Transfer.LiveOptions | undefined
   /** Keeps the caller's `MigrationStatus`, if any. */
   readonly tracker: Status.Tracker
+  /** Lost channels re-attach (`attempts` 0: they fail the migration). */
+  readonly reconnect: { readonly attempts: number; readonly within: Duration.DurationInput }
 }
 
 /** What the source can fail with. */
@@ -76,7 +79,19 @@ export const run = (
     // once Done came the destination has everything and closes the main channel when it saw the multifd
     // channels end, which may come before this side is done ending them: that close is the conversation's end
     const doneReceived = yield* Deferred.make<void>()
-    const { failure: readerFailure, inbox } = yield* Conversation.reader(control, "destination", Deferred.isDone(doneReceived))
+    const { failure: readerFailure, inbox: received } = yield* Conversation.reader(
+      control,
+      "destination",
+      Deferred.isDone(doneReceived)
+    )
+    // the destination's word that a lost channel may re-attach goes to that channel; the rest in order
+    const reattached = new Map<number, Deferred.Deferred<number>>()
+    const inbox = yield* Queue.unbounded<Control.Message>()
+    yield* Effect.forkScoped(Effect.forever(Effect.flatMap(Queue.take(received), (message) => {
+      if (message._tag !== "Reattached") return Queue.offer(inbox, message)
+      const waiting = reattached.get(message.channel)
+      return waiting === undefined ? Queue.offer(inbox, message) : Deferred.succeed(waiting, message.syncs)
+    })))
     const answered = yield* Deferred.make<void>()
     // the main channel closing before any answer most likely means this source was refused
     const controlFailure = Effect.catchAll(readerFailure, (error) =>
@@ -94,6 +109,22 @@ export const run = (
       Effect.raceFirst(Queue.take(inbox), controlFailure).pipe(within(timeouts.peer, waiting))
     const tell = (message: Control.Message) => Conversation.tell(control, message)
 
+    const withinMs = Duration.toMillis(Duration.decode(settings.reconnect.within))
+    const reconnecting = settings.reconnect.attempts > 0
+    /**
+     * Announces that `channel` re-attaches with `nonce`; the SYNC packets of the channel the destination
+     * received, once it dropped the lost connection.
+     */
+    const reattach = (channel: number, nonce: Uint8Array) =>
+      Effect.gen(function*() {
+        const answer = yield* Deferred.make<number>()
+        reattached.set(channel, answer)
+        yield* tell(new Control.Reattach({ channel, nonce: Buffer.from(nonce).toString("hex") }))
+        return yield* Effect.raceFirst(Deferred.await(answer), controlFailure).pipe(
+          within(timeouts.peer, `waiting for the destination to let multifd channel ${channel} re-attach`)
+        )
+      }).pipe(Effect.ensuring(Effect.sync(() => reattached.delete(channel))))
+
     /** Hello → Accept: the destination takes this migration, or says why not. */
     const propose = Effect.gen(function*() {
       yield* Effect.mapError(Control.writeMagic(control), MigrationError.onChannel("main"))
@@ -105,7 +136,8 @@ export const run = (
           channels,
           compression,
           zeroPage: settings.zeroPage,
-          blocks: GuestRam.layoutOf(ram)
+          blocks: GuestRam.layoutOf(ram),
+          ...(reconnecting ? { reconnectMs: withinMs } : {})
         })
       )
       const answer = yield* next("waiting for the destination to accept the migration")
@@ -168,6 +200,7 @@ export const run = (
             if (ack._tag !== "FlushAck" || ack.round !== round) {
               return yield* Conversation.unexpected(ack, "instead of FlushAck")
             }
+            yield* send.acknowledged
             yield* Effect.logDebug(`main channel: the destination acknowledged round ${round}`)
           })
       })
@@ -211,7 +244,8 @@ export const run = (
         zeroPage: settings.zeroPage,
         connectTimeout: timeouts.connect,
         upgrade: settings.upgrade,
-        threads
+        threads,
+        reconnect: reconnecting ? { attempts: settings.reconnect.attempts, within: withinMs, reattach } : undefined
       })
       // the metrics follow the channels' counters to the end, whatever the end
       yield* Effect.addFinalizer(() => Effect.flatMap(send.stats, recorder.record))
@@ -251,6 +285,8 @@ export const run = (
         normalPages: s.normalPages,
         zeroPages: s.zeroPages,
         wireBytes: s.bytes,
+        reconnects: s.reconnects,
+        resentPages: s.resentPages,
         durationMs,
         gibPerSecond: Transfer.gibPerSecond(ram.size, durationMs)
       } satisfies Transfer.Stats
