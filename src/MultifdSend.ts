@@ -260,6 +260,7 @@ export const make = (
     const journals = Array.from({ length: channels }, () => new Journal(reconnect !== undefined))
     let reconnects = 0
     let resentPages = 0
+    let acknowledgedRounds = 0
     // from `finish` on, a lost channel is not re-attached (the destination has everything)
     let finishing = false
 
@@ -319,12 +320,13 @@ export const make = (
         let channel: Channel | undefined
         let lostAt: number | undefined
         let tries = 0
+        // the round acknowledged when the channel was lost: a loss ends once a later round is (its budget with it)
+        let lostInRound = 0
         const enter = Effect.gen(function*() {
           if (lostAt !== undefined) {
             reconnects++
             yield* Effect.logInfo(`channel ${id}: re-attached (attempt ${tries}), resending ${journal.replay.length} jobs`)
           }
-          lostAt = undefined
           if (channel === undefined) {
             channel = yield* join(id)
             yield* Queue.offer(idle, channel)
@@ -341,8 +343,9 @@ export const make = (
             !recoverable(error.value)
           ) return yield* exit
           const now = yield* Clock.currentTimeMillis
-          if (lostAt === undefined) {
+          if (lostAt === undefined || lostInRound !== acknowledgedRounds) {
             lostAt = now
+            lostInRound = acknowledgedRounds
             tries = 0
           }
           const left = Duration.toMillis(Duration.decode(reconnect.within)) - (now - lostAt)
@@ -440,6 +443,7 @@ export const make = (
         return { ...SendChannel.totals(counters), reconnects, resentPages }
       }),
       acknowledged: Effect.sync(() => {
+        acknowledgedRounds++
         for (const journal of journals) journal.entries = []
       })
     }

@@ -1,67 +1,285 @@
 /**
  * Channel loss survival (issue 14): a multifd channel whose connection breaks mid-migration is re-attached
- * (same id, a new connection announced on the main channel) and its unacknowledged pages resent.
+ * (same id, a new connection announced on the main channel with a nonce its init packet must carry) and the
+ * pages the destination has not got before one of the channel's SYNCs are resent.
+ *
+ * - a live migration with a writer running, channel k cut in every round at a point chosen by a seeded plan
+ *   (inside a packet, between two packets of a hand-off, between the last packet and the SYNC, between the
+ *   SYNC and the round's acknowledgement): the memories are equal, every cut was one reconnect, nothing leaks;
+ * - the attempts running out fails the migration naming the channel and the cause (and leaks nothing);
+ * - strangers re-attaching a channel (this migration's uuid, a wrong nonce; another uuid) are turned away and
+ *   the migration completes.
+ *
+ * Nothing waits on a timer: `noHang` guards turn a hang into a failure.
  */
 import { describe, expect, it } from "@effect/vitest"
+import * as Cause from "effect/Cause"
 import * as Deferred from "effect/Deferred"
 import * as Effect from "effect/Effect"
 import * as Exit from "effect/Exit"
 import * as Fiber from "effect/Fiber"
 import * as Logger from "effect/Logger"
+import * as LogLevel from "effect/LogLevel"
+import * as Crypto from "node:crypto"
+import * as Net from "node:net"
 import * as GuestRam from "../src/GuestRam.js"
 import * as Migration from "../src/Migration.js"
+import * as MigrationError from "../src/MigrationError.js"
+import * as Protocol from "../src/Protocol.js"
 import * as Transport from "../src/Transport.js"
-import { failureOf } from "./support/failures.js"
+import { expectOneLine, failureOf } from "./support/failures.js"
 import * as Faulty from "./support/faultyTransport.js"
-import { leakFree, tempSocketPath } from "./support/handles.js"
+import { noHang } from "./support/guards.js"
+import { leakFree } from "./support/handles.js"
 import { mixedImage } from "./support/images.js"
 import { sameMemory } from "./support/memory.js"
 
 const PAGE = 4096
 const TIMEOUTS = { connect: "2 seconds", handshake: "2 seconds", peer: "2 seconds" } as const
+const tcp0: Transport.Address = { _tag: "Tcp", host: "127.0.0.1", port: 0 }
 
-const noHang = <A, E, R>(self: Effect.Effect<A, E, R>, what: string, seconds = 10) =>
-  Effect.timeoutFail(self, { duration: `${seconds} seconds`, onTimeout: () => new Error(`hung: ${what}`) })
+type Ram = GuestRam.GuestRam["Type"]
 
+/** 2 MiB + 512 KiB, about one page in five zero. */
 const sourceRam = () =>
   GuestRam.make({
-    blocks: [{ name: "pc.ram", bytes: mixedImage(768, 0.6, PAGE) }, { name: "vga.vram", bytes: mixedImage(256, 0.6, PAGE) }]
+    blocks: [{ name: "pc.ram", bytes: mixedImage(512, 0.8, PAGE) }, { name: "vga.vram", bytes: mixedImage(128, 0.8, PAGE) }]
   })
 
-const unixAddress = (name: string): Transport.Address => ({ _tag: "Unix", path: tempSocketPath(name) })
-
-const startDestination = (faulty: Faulty.Faulty, address: Transport.Address) =>
+/** A destination on `faulty`'s listener in a fiber of the caller's scope; what it logs is kept. */
+const startDestination = (faulty: Faulty.Faulty) =>
   Effect.gen(function*() {
     const logs: Array<string> = []
     const bound = yield* Deferred.make<Transport.Address, Transport.TransportError>()
     const destination = Effect.scoped(Effect.gen(function*() {
-      const listener = yield* faulty.transport.listen(address).pipe(Effect.tapError((e) => Deferred.fail(bound, e)))
+      const listener = yield* faulty.transport.listen(tcp0).pipe(Effect.tapError((e) => Deferred.fail(bound, e)))
       yield* Deferred.succeed(bound, listener.address)
       return yield* Migration.incoming(listener, { timeouts: TIMEOUTS })
     }))
     const fiber = yield* Effect.forkScoped(Effect.provide(
       destination,
       Logger.replace(Logger.defaultLogger, Logger.make(({ message }) => logs.push(String(message))))
-    ))
+    ).pipe(Logger.withMinimumLogLevel(LogLevel.Debug)))
     return { fiber, address: yield* Deferred.await(bound), logs }
   })
 
-const migrateWith = (faulty: Faulty.Faulty, ram: GuestRam.GuestRam["Type"], options: Migration.MigrateOptions) =>
+const migrateWith = (faulty: Faulty.Faulty, ram: Ram, options: Migration.MigrateOptions, logs: Array<string> = []) =>
   Migration.migrate({ timeouts: TIMEOUTS, ...options }).pipe(
     Effect.provide(faulty.layer),
-    Effect.provideService(GuestRam.GuestRam, ram)
+    Effect.provideService(GuestRam.GuestRam, ram),
+    Effect.provide(Logger.replace(Logger.defaultLogger, Logger.make(({ message }) => logs.push(String(message)))))
   )
 
+/** A writer cycling over `pages` pages of the first block, yielding after each write. */
+const startWriter = (ram: Ram, pages: number) =>
+  Effect.gen(function*() {
+    const count = { n: 0 }
+    const data = Buffer.alloc(100)
+    const once = Effect.suspend(() => {
+      data.fill(count.n & 255)
+      const i = count.n++
+      return GuestRam.write(ram, "pc.ram", ((i * 7) % pages) * PAGE + ((i * 100) % (PAGE - 100)), data)
+    })
+    yield* Effect.forkScoped(Effect.forever(Effect.zipRight(once, Effect.yieldNow())))
+    return count
+  })
+
+/** A small deterministic generator (mulberry32): the same seed, the same cuts. */
+const random = (seed: number) => () => {
+  seed = (seed + 0x6d2b79f5) | 0
+  let t = seed
+  t = Math.imul(t ^ (t >>> 15), t | 1)
+  t ^= t + Math.imul(t ^ (t >>> 7), t | 61)
+  return ((t ^ (t >>> 14)) >>> 0) / 4294967296
+}
+
+type Mode = "inside a packet" | "between two packets of a hand-off" | "before the SYNC" | "after the SYNC"
+const MODES: ReadonlyArray<Mode> = ["inside a packet", "between two packets of a hand-off", "before the SYNC", "after the SYNC"]
+
+/**
+ * Cuts `channel` once in every round (rounds counted by the SYNC packets it handed over), each round at a
+ * point of the mode the seeded plan picks; a round whose mode found no place before its SYNC is cut at the
+ * SYNC. Records what it cut.
+ */
+const everyRound = (channel: number, seed: number) => {
+  const next = random(seed)
+  const state = { syncs: 0, cutRound: -1, modes: [] as Array<Mode> }
+  let mode: Mode = MODES[Math.floor(next() * MODES.length)]!
+  // data writes of the channel in this round
+  let writes = 0
+  const cutWrite = (write: Faulty.CutWrite): number | undefined => {
+    if (write.channel !== channel) return undefined
+    const sync = write.packets.some((p) => p.sync)
+    const cut = (keep: number, as: Mode) => {
+      state.cutRound = state.syncs
+      state.modes.push(as)
+      if (sync && keep === write.bytes) state.syncs++
+      mode = MODES[Math.floor(next() * MODES.length)]!
+      return keep
+    }
+    if (state.cutRound !== state.syncs) {
+      if (!sync && write.packets.length > 0) {
+        writes++
+        if (mode === "inside a packet") {
+          // any byte but a packet's first
+          const boundaries = new Set(write.packets.map((p) => p.at))
+          let keep = 1 + Math.floor(next() * (write.bytes - 1))
+          while (boundaries.has(keep)) keep++
+          return cut(keep, mode)
+        }
+        if (mode === "between two packets of a hand-off") {
+          // inside one vectored write of several packets, or before the second write of a round
+          if (write.packets.length > 1) {
+            return cut(write.packets[1 + Math.floor(next() * (write.packets.length - 1))]!.at, mode)
+          }
+          if (writes > 1) return cut(0, mode)
+        }
+      }
+      if (sync) return mode === "after the SYNC" ? cut(write.bytes, mode) : cut(0, "before the SYNC")
+    }
+    if (sync) {
+      state.syncs++
+      writes = 0
+    }
+    return undefined
+  }
+  return { cutWrite, state }
+}
+
+/** The kinds of point the live cases cut at (the seeds are chosen so that together they cut at every kind). */
+const seenModes = new Set<Mode>()
+
 describe("a lost channel is re-attached", () => {
-  it.live("a cut inside the first data packet: the migration completes, one reconnect", () =>
+  const cases = [
+    { name: "2 channels, uncompressed, channel 1", channels: 2, channel: 1, compression: "none", seed: 1 },
+    { name: "3 channels, uncompressed, channel 0", channels: 3, channel: 0, compression: "none", seed: 7 },
+    { name: "2 channels, zstd, channel 0", channels: 2, channel: 0, compression: "zstd", seed: 3 }
+  ] as const
+  for (const c of cases) {
+    it.live(`${c.name}: cut in every round of a live migration, the memories are equal`, () =>
+      leakFree(Effect.gen(function*() {
+        const ram = yield* sourceRam()
+        const plan = everyRound(c.channel, c.seed)
+        const faulty = yield* Faulty.make({ cutWrite: plan.cutWrite })
+        const dest = yield* startDestination(faulty)
+        const writes = yield* startWriter(ram, 300)
+        const logs: Array<string> = []
+        const exit = yield* noHang(
+          Effect.exit(migrateWith(faulty, ram, {
+            address: dest.address,
+            channels: c.channels,
+            compression: c.compression,
+            live: { downtimeLimit: 0, maxRounds: 4, onNoConvergence: "switchover" }
+          }, logs)),
+          "migrate"
+        )
+        if (Exit.isFailure(exit)) {
+          throw new Error(`${Cause.pretty(exit.cause)}\nsource:\n${logs.join("\n")}\ndestination:\n${dest.logs.join("\n")}`)
+        }
+        const stats = exit.value
+        for (const mode of plan.state.modes) seenModes.add(mode)
+        const received = yield* noHang(Fiber.join(dest.fiber), "incoming")
+        // the writer waits at the closed gate: the source is frozen, and the destination has it all
+        expect(writes.n).toBeGreaterThan(0)
+        expect(sameMemory(received.ram, ram)).toBe(true)
+        expect(stats.rounds).toBe(5)
+        // a cut in every round (a round whose SYNC went twice counts twice), each one reconnect
+        expect(plan.state.modes.length).toBeGreaterThanOrEqual(stats.rounds - 1)
+        expect(stats.reconnects).toBe(plan.state.modes.length)
+        expect(faulty.records.filter((r) => r.cut)).toHaveLength(plan.state.modes.length)
+        // pages the destination had not got before a SYNC went again
+        if (plan.state.modes.some((m) => m === "inside a packet" || m === "between two packets of a hand-off")) {
+          expect(stats.resentPages).toBeGreaterThan(0)
+        }
+        // every connection of the channel after the first re-attached with its nonce
+        expect(dest.logs.filter((l) => l.includes("re-attaching after"))).toHaveLength(plan.state.modes.length)
+      })))
+  }
+
+  it("between them, the cases above cut at every kind of point", () => {
+    expect([...seenModes].sort()).toEqual([...MODES].sort())
+  })
+
+  it.live("the attempts run out: the migration fails naming the channel and the cause", () =>
     leakFree(Effect.gen(function*() {
       const ram = yield* sourceRam()
-      const faulty = yield* Faulty.make({ cut: { channel: 1, afterBytes: 64 + 1344 + 1000 } })
-      const dest = yield* startDestination(faulty, unixAddress("re1"))
-      const exit = yield* noHang(Effect.exit(migrateWith(faulty, ram, { address: dest.address, channels: 4 })), "migrate")
-      if (Exit.isFailure(exit)) throw new Error(failureOf(exit).message + "\n" + dest.logs.join("\n"))
-      expect(exit.value.reconnects).toBe(1)
+      // channel 1: every connection is cut inside its first data packet
+      const faulty = yield* Faulty.make({
+        cutWrite: (w) => w.channel === 1 && w.packets.length > 0 ? 100 : undefined
+      })
+      const dest = yield* startDestination(faulty)
+      const exit = yield* noHang(
+        Effect.exit(migrateWith(faulty, ram, { address: dest.address, channels: 2, reconnect: 2 })),
+        "migrate"
+      )
+      const error = failureOf(exit)
+      expectOneLine(error)
+      expect(error).toBeInstanceOf(MigrationError.ChannelError)
+      expect((error as MigrationError.ChannelError).channel).toBe(1)
+      expect(error.message).toContain("multifd channel 1: ")
+      expect(error.message).toContain("fault injection")
+      // the first connection and two more, each cut
+      expect(faulty.records.filter((r) => r.side === "connect" && r.role === 1 && r.cut)).toHaveLength(3)
+      const destExit = yield* noHang(Fiber.await(dest.fiber), "incoming")
+      expect(Exit.isFailure(destExit)).toBe(true)
+    })))
+
+  it.live("reconnect 0: a lost channel fails the migration, naming it", () =>
+    leakFree(Effect.gen(function*() {
+      const ram = yield* sourceRam()
+      const faulty = yield* Faulty.make({ cutWrite: (w) => w.channel === 0 && w.packets.length > 0 ? 2000 : undefined })
+      const dest = yield* startDestination(faulty)
+      const exit = yield* noHang(
+        Effect.exit(migrateWith(faulty, ram, { address: dest.address, channels: 2, reconnect: 0 })),
+        "migrate"
+      )
+      const error = failureOf(exit)
+      expect(error.message).toContain("multifd channel 0: ")
+      expect(faulty.records.filter((r) => r.side === "connect" && r.role === 0)).toHaveLength(1)
+      yield* noHang(Fiber.await(dest.fiber), "incoming")
+    })))
+
+  it.live("strangers re-attaching a channel (a wrong nonce, another uuid) are turned away; the migration completes", () =>
+    leakFree(Effect.gen(function*() {
+      const ram = yield* sourceRam()
+      // the source's channel 1 is cut once; its new connection (connect #3: main, channels 0 and 1, then it)
+      // waits until two strangers have tried to take channel 1's place
+      const faulty = yield* Faulty.make({
+        cutWrite: (w) => w.channel === 1 && w.connection === 0 && w.packets.length > 0 ? 500 : undefined,
+        stallConnect: (index) => index === 3
+      })
+      const dest = yield* startDestination(faulty)
+      const port = (dest.address as { readonly port: number }).port
+      /** A connection that sends `init` and waits until the destination closes it. */
+      const stranger = (init: Buffer) =>
+        Effect.async<void>((resume) => {
+          const socket = Net.connect(port, "127.0.0.1", () => socket.write(init))
+          socket.on("error", () => {})
+          socket.on("close", () => resume(Effect.void))
+          return Effect.sync(() => socket.destroy())
+        })
+      const migration = yield* Effect.fork(migrateWith(faulty, ram, { address: dest.address, channels: 2 }))
+      // the source announced the re-attach (the destination accepts again) and connects
+      yield* noHang(faulty.until((f) => f.attempts.some((a) => a.index === 3 && a.state === "stalled")), "the re-attach")
+      const uuid = Protocol.parseUuid(/migration ([0-9a-f-]{36})/.exec(dest.logs.join("\n"))?.[1] ?? "")!
+      const wrongNonce = Protocol.encodeInit({ uuid, id: 1, nonce: Crypto.randomBytes(16) })
+      const noNonce = Protocol.encodeInit({ uuid, id: 1 })
+      const otherUuid = Protocol.encodeInit({ uuid: Crypto.randomBytes(16), id: 1, nonce: Crypto.randomBytes(16) })
+      yield* noHang(
+        Effect.all([stranger(wrongNonce), stranger(noNonce), stranger(otherUuid)], { concurrency: "unbounded" }),
+        "the strangers turned away"
+      )
+      yield* faulty.release
+      const stats = yield* noHang(Fiber.join(migration), "migrate")
       const received = yield* noHang(Fiber.join(dest.fiber), "incoming")
       expect(sameMemory(received.ram, ram)).toBe(true)
+      expect(stats.reconnects).toBe(1)
+      // the two strangers with this uuid (and the source's lost connection itself, when its init packet had
+      // not been read before the re-attach was announced: it comes too late to be channel 1)
+      const unauthorized = received.rejected.filter((r) => r.includes("without the main channel's authorization"))
+      expect(unauthorized.length).toBeGreaterThanOrEqual(2)
+      expect(unauthorized.length).toBeLessThanOrEqual(3)
+      expect(received.rejected.filter((r) => r.includes("is not this migration's"))).toHaveLength(1)
+      expect(received.rejected).toHaveLength(unauthorized.length + 1)
     })))
 })

@@ -61,8 +61,39 @@ export interface FaultPlan {
    * channel id, or without `channel` the first multifd channel whose writes cross `afterBytes`.
    */
   readonly cut?: { readonly channel?: number | undefined; readonly afterBytes: number } | undefined
+  /**
+   * Decides, write by write, whether to cut a multifd channel's connection (any number of times, each
+   * connection at most once): the bytes of this write handed to the kernel before the cut (0 … `bytes`; all
+   * of them: the write completes, then the connection is cut and the write fails), or `undefined` to let it
+   * through. `connection`: how many connections of that channel came before; `packets`: the write's chunks
+   * that begin a multifd packet (data or SYNC), each with where it starts in the write.
+   */
+  readonly cutWrite?: ((write: CutWrite) => number | undefined) | undefined
   /** Accepted connections read through the fiber (as TLS ones do): their `readChain` is hidden. */
   readonly noReadChain?: boolean | undefined
+}
+
+/** A write on a multifd channel's connection, for `FaultPlan.cutWrite`. */
+export interface CutWrite {
+  readonly channel: number
+  readonly connection: number
+  readonly bytesWritten: number
+  readonly bytes: number
+  readonly packets: ReadonlyArray<{ readonly at: number; readonly sync: boolean }>
+}
+
+/** The packets beginning in a write's chunks: a chunk that starts with the multifd magic (not the init packet). */
+const packetsOf = (chunks: ReadonlyArray<Uint8Array>) => {
+  const packets: Array<{ at: number; sync: boolean }> = []
+  let at = 0
+  for (const chunk of chunks) {
+    if (chunk.length >= 12 && chunk.length !== Protocol.INIT_PACKET_SIZE) {
+      const view = Buffer.from(chunk.buffer, chunk.byteOffset, chunk.byteLength)
+      if (view.readUInt32BE(0) === Protocol.MAGIC) packets.push({ at, sync: (view.readUInt32BE(8) & 1) === 1 })
+    }
+    at += chunk.length
+  }
+  return packets
 }
 
 export interface Faulty {
@@ -92,6 +123,8 @@ class Record implements ConnectionRecord {
   bytesRead = 0
   classified = false
   cut = false
+  /** Of the connections of its channel, which (0 = the first). */
+  nth = 0
   constructor(
     readonly side: "connect" | "accept",
     readonly index: number,
@@ -126,6 +159,7 @@ export const make = (plan: FaultPlan = {}): Effect.Effect<Faulty> =>
     let connects = 0
     let accepts = 0
     let cutClaimed = false
+    const perChannel = new Map<number, number>()
     const gates = new Map<number, Deferred.Deferred<void>>()
     const gate = (index: number) => {
       let g = gates.get(index)
@@ -154,12 +188,27 @@ export const make = (plan: FaultPlan = {}): Effect.Effect<Faulty> =>
         })
       const write = (chunks: ReadonlyArray<Uint8Array>): Effect.Effect<void, Transport.TransportError> =>
         Effect.suspend(() => {
-          if (record.role === undefined) record.role = roleOfFirstWrite(chunks[0])
+          if (record.role === undefined) {
+            record.role = roleOfFirstWrite(chunks[0])
+            if (typeof record.role === "number") {
+              record.nth = perChannel.get(record.role) ?? 0
+              perChannel.set(record.role, record.nth + 1)
+            }
+          }
           const total = chunks.reduce((n, c) => n + c.length, 0)
-          const cut = plan.cut
-          const targeted = cut !== undefined && typeof record.role === "number" && !cutClaimed &&
-            (cut.channel === undefined || cut.channel === record.role) &&
-            record.bytesWritten + total > cut.afterBytes
+          const keepOf = plan.cutWrite === undefined || typeof record.role !== "number" || record.cut
+            ? undefined
+            : plan.cutWrite({
+              channel: record.role,
+              connection: record.nth,
+              bytesWritten: record.bytesWritten,
+              bytes: total,
+              packets: packetsOf(chunks)
+            })
+          const cut = keepOf !== undefined ? { afterBytes: record.bytesWritten + keepOf } : plan.cut
+          const targeted = keepOf !== undefined || (cut !== undefined && typeof record.role === "number" && !cutClaimed &&
+            (plan.cut?.channel === undefined || plan.cut.channel === record.role) &&
+            record.bytesWritten + total > cut.afterBytes)
           if (!targeted) {
             return Effect.tap(connection.write(chunks), () =>
               Effect.sync(() => {
@@ -167,8 +216,8 @@ export const make = (plan: FaultPlan = {}): Effect.Effect<Faulty> =>
                 notify()
               }))
           }
-          cutClaimed = true
-          let keep = cut.afterBytes - record.bytesWritten
+          if (keepOf === undefined) cutClaimed = true
+          let keep = cut!.afterBytes - record.bytesWritten
           const prefix: Array<Uint8Array> = []
           for (const chunk of chunks) {
             if (keep <= 0) break
@@ -178,12 +227,12 @@ export const make = (plan: FaultPlan = {}): Effect.Effect<Faulty> =>
           const channel = record.role as number
           return Effect.gen(function*() {
             if (prefix.length > 0) yield* connection.write(prefix)
-            record.bytesWritten = cut.afterBytes
+            record.bytesWritten = cut!.afterBytes
             record.cut = true
             yield* Transport.destroy(connection.stream)
             yield* Deferred.succeed(cutChannel, channel)
             notify()
-            return yield* cutError(cut.afterBytes)
+            return yield* cutError(cut!.afterBytes)
           })
         })
       const wrapped: Transport.Connection = {
