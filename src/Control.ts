@@ -175,6 +175,18 @@ export class Reattached extends Schema.TaggedClass<Reattached>()("Reattached", {
 }) {}
 
 /**
+ * Destination → source: the connection of multifd channel `channel` (the one that re-attached with `nonce`, or
+ * its first) broke; it keeps its place for a new one. The source may not have noticed (nothing to write).
+ *
+ * @since 0.1.0
+ * @category schemas
+ */
+export class Lost extends Schema.TaggedClass<Lost>()("Lost", {
+  channel: Schema.Number.pipe(Schema.int(), Schema.nonNegative()),
+  nonce: Schema.optional(Schema.String.pipe(Schema.pattern(/^[0-9a-f]{32}$/)))
+}) {}
+
+/**
  * Every control message.
  *
  * @since 0.1.0
@@ -191,7 +203,8 @@ export const Message = Schema.Union(
   Done,
   Abort,
   Reattach,
-  Reattached
+  Reattached,
+  Lost
 )
 
 /**
@@ -207,7 +220,7 @@ const encodeJson = Schema.encodeSync(Schema.parseJson(Message))
 /** One decoder per message tag: a bad message is described by its own schema, not by the whole union's. */
 const decoders: Readonly<Record<string, (u: unknown) => Either.Either<Message, ParseResult.ParseError>>> = Object
   .fromEntries(
-    [Hello, Accept, Reject, Flush, FlushAck, Complete, Storing, Done, Abort, Reattach, Reattached].map((schema) => [
+    [Hello, Accept, Reject, Flush, FlushAck, Complete, Storing, Done, Abort, Reattach, Reattached, Lost].map((schema) => [
       schema._tag,
       Schema.decodeUnknownEither(schema as Schema.Schema<Message, unknown>)
     ])

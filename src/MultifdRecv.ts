@@ -59,6 +59,8 @@ export interface Config {
    * stall inside a packet) keeps its place this long instead of failing the set. Absent: it fails the set.
    */
   readonly reconnect?: Duration.DurationInput | undefined
+  /** Told when an adopted channel's connection (the one with `nonce`, or the first) is lost (with `reconnect`). */
+  readonly onLost?: ((channel: number, nonce: Uint8Array | undefined) => Effect.Effect<void>) | undefined
 }
 
 /**
@@ -465,7 +467,11 @@ export const make = (config: Config): Effect.Effect<MultifdRecv["Type"], never, 
     const checkInit = (
       bytes: Buffer
     ): Effect.Effect<
-      { readonly id: number; readonly reattaching: Deferred.Deferred<void> | undefined },
+      {
+        readonly id: number
+        readonly reattaching: Deferred.Deferred<void> | undefined
+        readonly nonce?: Uint8Array | undefined
+      },
       Protocol.ProtocolError
     > =>
       Effect.gen(function*() {
@@ -490,7 +496,7 @@ export const make = (config: Config): Effect.Effect<MultifdRecv["Type"], never, 
           }
           pending.delete(init.id)
           yield* Ref.update(claimed, (set) => new Set([...set, init.id]))
-          return { id: init.id, reattaching: allowed.adopted }
+          return { id: init.id, reattaching: allowed.adopted, nonce: init.nonce }
         }
         const fresh = yield* Ref.modify(claimed, (set) =>
           set.has(init.id) ? [false, set] : [true, new Set([...set, init.id])])
@@ -513,7 +519,7 @@ export const make = (config: Config): Effect.Effect<MultifdRecv["Type"], never, 
 
     const adopt = (connection: Transport.Connection, init?: Buffer) =>
       Effect.gen(function*() {
-        const { id, reattaching } = yield* Effect.gen(function*() {
+        const { id, nonce, reattaching } = yield* Effect.gen(function*() {
           const checked = yield* checkInit(
             init ?? (yield* connection.read(Protocol.INIT_PACKET_SIZE).pipe(
               Effect.timeoutFail({
@@ -552,10 +558,13 @@ export const make = (config: Config): Effect.Effect<MultifdRecv["Type"], never, 
           isLoss,
           (error) =>
             Effect.flatMap(Deferred.isDone(ending), (ended) =>
-              ended ? Effect.fail(error) : Effect.zipRight(
-                Effect.logWarning(`channel ${id}: connection lost (${error.message}); waiting for it to re-attach`),
-                Effect.zipRight(Effect.sleep(reconnect), Effect.fail(error))
-              ))
+              ended ? Effect.fail(error) : Effect.gen(function*() {
+                yield* Effect.logWarning(`channel ${id}: connection lost (${error.message}); waiting for it to re-attach`)
+                // the source may have nothing to write, and not notice
+                if (config.onLost !== undefined) yield* config.onLost(id, nonce)
+                yield* Effect.sleep(reconnect)
+                return yield* Effect.fail(error)
+              }))
         )
         const fiber = yield* FiberSet.run(
           fibers,

@@ -90,6 +90,8 @@ export interface Reconnect {
     channel: number,
     nonce: Uint8Array
   ) => Effect.Effect<number, ChannelFailure>
+  /** Completes when the destination says that the channel's connection with `nonce` (or its first) broke. */
+  readonly lost: (channel: number, nonce: Uint8Array | undefined) => Effect.Effect<void>
 }
 
 /**
@@ -335,7 +337,18 @@ export const make = (
         })
         let nonce: Uint8Array | undefined
         while (true) {
-          const exit = yield* Effect.exit(attempt(nonce, enter))
+          // the destination may see the connection break while this side has nothing to write
+          const lost = reconnect === undefined ? Effect.never : Effect.zipRight(
+            reconnect.lost(id, nonce),
+            Effect.fail(
+              new Transport.TransportError({
+                reason: "Closed",
+                address: Transport.formatAddress(config.address),
+                detail: "the destination lost the connection"
+              })
+            )
+          )
+          const exit = yield* Effect.exit(Effect.raceFirst(attempt(nonce, enter), lost))
           if (Exit.isSuccess(exit)) return
           const error = Cause.failureOption(exit.cause)
           if (

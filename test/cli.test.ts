@@ -32,6 +32,7 @@ import {
   startRecv,
   waitForStderr
 } from "./support/cli.js"
+import { resetProxy } from "./support/resetProxy.js"
 import { controlMagic } from "./support/wire.js"
 
 /** A plain TCP server that counts the connections it accepts (and closes them); closed by `close`. */
@@ -555,6 +556,55 @@ const halfInit = () => {
   init.writeUInt32BE(1, 4)
   return init
 }
+
+describe("a lost channel (--reconnect)", () => {
+  /** recv, and a proxy to it that resets channel 1's first connection 300 KiB in. */
+  const behindProxy = async (name: string) => {
+    const out = Path.join(dir, name)
+    const recv = await startRecv(["tcp:127.0.0.1:0", "--out", out, "--json"])
+    const port = Number(/:(\d+)$/.exec(recv.uri)![1])
+    const proxy = await resetProxy({ host: "127.0.0.1", port }, { channel: 1, afterBytes: 300 * 1024 })
+    return { out, recv, proxy, uri: `tcp:127.0.0.1:${proxy.port}` }
+  }
+
+  it("send --reconnect 3: the reset channel connects again, the image arrives whole, --json counts it", async () => {
+    const { out, proxy, recv, uri } = await behindProxy("reconnected.out")
+    try {
+      const send = await run(["send", uri, "--in", image, "--channels", "2", "--reconnect", "3", "--json"])
+      const received = await recv.finished
+      expect(proxy.resets()).toBe(1)
+      expect(send.code, send.stderr + received.stderr).toBe(0)
+      const stats = JSON.parse(send.stdout) as { readonly reconnects: number; readonly resentPages: number }
+      expect(stats.reconnects).toBe(1)
+      expect(stats.resentPages).toBeGreaterThan(0)
+      expect(lines(send.stderr)).toContainEqual(expect.stringMatching(/^multifd: warning: channel 1: connection lost /))
+      expect(received.code).toBe(0)
+      expect(Fs.readFileSync(out).equals(Fs.readFileSync(image))).toBe(true)
+      // main, channels 0 and 1, channel 1 again
+      expect(proxy.connections()).toBe(4)
+    } finally {
+      await proxy.close()
+    }
+  })
+
+  it("send --reconnect 0: the reset fails the migration, naming the channel; both exit 1, nothing written", async () => {
+    const { proxy, recv, uri } = await behindProxy("lost.out")
+    try {
+      const send = await run(["send", uri, "--in", image, "--channels", "2", "--reconnect", "0", "--json"])
+      const received = await recv.finished
+      expect(proxy.resets()).toBe(1)
+      expect(send.code).toBe(1)
+      const error = JSON.parse(send.stdout) as { readonly error: { readonly message: string } }
+      // the source's write failing, or the destination telling it first what its read saw
+      expect(error.error.message).toMatch(/(^|: )multifd channel 1: /)
+      expect(received.code).toBe(1)
+      noStack(send.stderr)
+      expect(filesLike("lost.out")).toEqual([])
+    } finally {
+      await proxy.close()
+    }
+  })
+})
 
 describe("observability and configuration", () => {
   /** A `--verbose` line: `multifd: [+1.234s] <message>`. */

@@ -77,7 +77,7 @@ export const sendHelp = (): string => {
       { heading: "Arguments", entries: Help.pick(all, ["<uri>", "--in"]) },
       { heading: "Transfer", entries: Help.pick(all, ["--channels", "--page-size", "--compression", "--compression-level", "--zero-page"]) },
       { heading: "TLS", entries: Help.pick(all, ["--tls-psk", "--tls-identity", "--tls-ca", "--tls-hostname", "--tls-cert", "--tls-key", "--tls-ciphers"]) },
-      { heading: "Timing and output", entries: Help.pick(all, ["--timeout", "--json", "--quiet", "--verbose"]) }
+      { heading: "Timing and output", entries: Help.pick(all, ["--timeout", "--reconnect", "--json", "--quiet", "--verbose"]) }
     ],
     footer: [environment("send"), EXIT_STATUS],
     examples: [

@@ -250,6 +250,27 @@ export const recvTiming: Options.Options<Timing> = timeoutFlag(
     "for ever."
 )
 
+/** What the source does when a multifd channel's connection breaks. */
+export interface Resilience {
+  readonly reconnect: number
+}
+
+/** `--reconnect N` (default 3; 0 turns it off). */
+export const sendResilience: Options.Options<Resilience> = Options.all({
+  reconnect: integer("reconnect", "N").pipe(
+    Options.mapEffect((n) =>
+      n >= 0 && n <= 1000
+        ? Effect.succeed(n)
+        : Effect.fail(invalid(`--reconnect: ${n} is not a number of attempts from 0 to 1000`))
+    ),
+    Options.withDescription(
+      "When a multifd channel's connection breaks (reset, closed, a failed write), connect it again up to N " +
+        "times within 10 s and resend the pages the destination has not got (default 3; 0: the migration fails)."
+    ),
+    Options.withDefault(3)
+  )
+})
+
 // ---------------------------------------------------------------------------------------------------------
 // Reporting
 

@@ -70,8 +70,11 @@ export const summary = (result: Result): string => {
   const compression = s.compression === "none" ? "" : ` with ${s.compression}`
   const pages = `${s.normalPages + s.zeroPages} pages (${s.zeroPages} zero)`
   const where = result.role === "recv" ? `, wrote ${result.output}` : ""
+  const reconnects = s.reconnects === undefined || s.reconnects === 0
+    ? ""
+    : `, ${s.reconnects} channel reconnect${s.reconnects === 1 ? "" : "s"} (${s.resentPages ?? 0} pages resent)`
   return `multifd: ${verb} ${formatBytes(s.ramBytes)} over ${channels}${compression} in ` +
-    `${(s.durationMs / 1000).toFixed(2)} s (${formatRate(s.ramBytes, s.durationMs)}), ${pages}, ${s.packets} packets${where}`
+    `${(s.durationMs / 1000).toFixed(2)} s (${formatRate(s.ramBytes, s.durationMs)}), ${pages}, ${s.packets} packets${reconnects}${where}`
 }
 
 /** Reports a finished command: the JSON object on stdout with `--json`, else the summary on stderr unless `--quiet`. */

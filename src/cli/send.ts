@@ -46,9 +46,10 @@ export const command = Command.make(
     transfer: Options.sendTransfer,
     tls: Options.sendTls,
     timing: Options.sendTiming,
+    resilience: Options.sendResilience,
     reporting: Options.reporting
   },
-  ({ input, reporting, timing, tls: tlsFlags, transfer, uri }) =>
+  ({ input, reporting, resilience, timing, tls: tlsFlags, transfer, uri }) =>
     Effect.gen(function*() {
       const tls = yield* tlsOf(tlsFlags, "send", uri, timing)
       const bytes = yield* Image.read(input, transfer.pageSize)
@@ -67,7 +68,8 @@ export const command = Command.make(
           timeouts: timeoutsOf(timing),
           upgrade: tls?.client(hostOf(uri)),
           onProgress,
-          status
+          status,
+          reconnect: resilience.reconnect
         })
       })).pipe(
         Effect.provideService(GuestRam.GuestRam, ram),

@@ -319,7 +319,12 @@ export const run = <E>(listener: Transport.Listener, settings: Settings<E>): Eff
         compression: hello.compression,
         stallTimeout: timeouts.peer,
         handshakeTimeout: timeouts.handshake,
-        reconnect: hello.reconnectMs === undefined ? undefined : reconnectWindow(hello)
+        reconnect: hello.reconnectMs === undefined ? undefined : reconnectWindow(hello),
+        onLost: (channel, nonce) =>
+          Effect.ignore(tell(new Control.Lost({
+            channel,
+            ...(nonce === undefined ? {} : { nonce: Buffer.from(nonce).toString("hex") })
+          })))
       })
       yield* Deferred.succeed(channelSet, recv)
       yield* tracker.begin(ram.size)

@@ -10,6 +10,7 @@ import * as Clock from "effect/Clock"
 import * as Deferred from "effect/Deferred"
 import * as Duration from "effect/Duration"
 import * as Effect from "effect/Effect"
+import * as FiberId from "effect/FiberId"
 import * as Option from "effect/Option"
 import * as Queue from "effect/Queue"
 import * as Crypto from "node:crypto"
@@ -87,7 +88,19 @@ export const run = (
     // the destination's word that a lost channel may re-attach goes to that channel; the rest in order
     const reattached = new Map<number, Deferred.Deferred<number>>()
     const inbox = yield* Queue.unbounded<Control.Message>()
+    // the destination's word that a channel's connection broke, by channel and nonce (it may come first)
+    const losses = new Map<string, Deferred.Deferred<void>>()
+    const lossOf = (channel: number, nonce: string | undefined) => {
+      const key = `${channel}/${nonce ?? ""}`
+      let loss = losses.get(key)
+      if (loss === undefined) {
+        loss = Deferred.unsafeMake<void>(FiberId.none)
+        losses.set(key, loss)
+      }
+      return loss
+    }
     yield* Effect.forkScoped(Effect.forever(Effect.flatMap(Queue.take(received), (message) => {
+      if (message._tag === "Lost") return Deferred.succeed(lossOf(message.channel, message.nonce), undefined)
       if (message._tag !== "Reattached") return Queue.offer(inbox, message)
       const waiting = reattached.get(message.channel)
       return waiting === undefined ? Queue.offer(inbox, message) : Deferred.succeed(waiting, message.syncs)
@@ -245,7 +258,15 @@ export const run = (
         connectTimeout: timeouts.connect,
         upgrade: settings.upgrade,
         threads,
-        reconnect: reconnecting ? { attempts: settings.reconnect.attempts, within: withinMs, reattach } : undefined
+        reconnect: reconnecting
+          ? {
+            attempts: settings.reconnect.attempts,
+            within: withinMs,
+            reattach,
+            lost: (channel, nonce) =>
+              Deferred.await(lossOf(channel, nonce === undefined ? undefined : Buffer.from(nonce).toString("hex")))
+          }
+          : undefined
       })
       // the metrics follow the channels' counters to the end, whatever the end
       yield* Effect.addFinalizer(() => Effect.flatMap(send.stats, recorder.record))

@@ -1,0 +1,85 @@
+/**
+ * A TCP proxy for tests that resets one multifd channel's connection: it forwards every connection to `target`
+ * and, for the first `times` connections whose init packet names `channel`, resets both sides (RST) once
+ * `afterBytes` bytes came from the client — the network failing under a migration, wherever its channels run
+ * (a channel thread included, which a wrapped transport cannot reach). `close` destroys every socket and the
+ * server and resolves once the server is closed.
+ */
+import * as Net from "node:net"
+import * as Protocol from "../../src/Protocol.js"
+
+export interface ResetProxy {
+  readonly port: number
+  /** Connections reset so far. */
+  readonly resets: () => number
+  /** Connections accepted so far. */
+  readonly connections: () => number
+  readonly close: () => Promise<void>
+}
+
+export const resetProxy = (
+  target: { readonly host: string; readonly port: number },
+  plan: { readonly channel: number; readonly afterBytes: number; readonly times?: number | undefined }
+): Promise<ResetProxy> =>
+  new Promise((resolve, reject) => {
+    const sockets = new Set<Net.Socket>()
+    let resets = 0
+    let connections = 0
+    const track = (socket: Net.Socket) => {
+      sockets.add(socket)
+      socket.on("error", () => {})
+      socket.on("close", () => sockets.delete(socket))
+    }
+    const server = Net.createServer((client) => {
+      connections++
+      track(client)
+      const upstream = Net.connect(target.port, target.host)
+      track(upstream)
+      let head = Buffer.alloc(0)
+      let targeted: boolean | undefined
+      let forwarded = 0
+      const reset = () => {
+        resets++
+        client.resetAndDestroy()
+        upstream.resetAndDestroy()
+      }
+      client.on("data", (chunk: Buffer) => {
+        if (targeted === undefined && head.length < 25) {
+          head = Buffer.concat([head, chunk.subarray(0, 25)])
+          if (head.length >= 25) {
+            targeted = head.readUInt32BE(0) === Protocol.MAGIC && head[24] === plan.channel &&
+              resets < (plan.times ?? 1)
+          }
+        }
+        if (targeted === true && forwarded + chunk.length > plan.afterBytes) {
+          upstream.write(chunk.subarray(0, plan.afterBytes - forwarded), reset)
+          targeted = false
+          forwarded = plan.afterBytes
+          client.pause()
+          return
+        }
+        forwarded += chunk.length
+        if (!upstream.write(chunk)) {
+          client.pause()
+          upstream.once("drain", () => client.resume())
+        }
+      })
+      client.on("end", () => upstream.end())
+      upstream.on("end", () => client.end())
+      upstream.on("close", () => client.destroy())
+      client.on("close", () => upstream.destroy())
+      upstream.pipe(client, { end: false })
+    })
+    server.on("error", reject)
+    server.listen(0, "127.0.0.1", () =>
+      resolve({
+        port: (server.address() as Net.AddressInfo).port,
+        resets: () => resets,
+        connections: () => connections,
+        close: () =>
+          new Promise<void>((done) => {
+            for (const socket of sockets) socket.destroy()
+            server.close(() => done())
+          })
+      }))
+  })
