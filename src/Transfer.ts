@@ -179,7 +179,10 @@ export interface Stats {
   readonly zeroPages: number
   /** Bytes that crossed the multifd channels. */
   readonly wireBytes: number
-  /** Multifd channels re-attached after a lost connection (source, with reconnecting on). */
+  /**
+   * Multifd channels re-attached after a lost connection: the source's (with reconnecting on), the
+   * destination's (when there were any).
+   */
   readonly reconnects?: number | undefined
   /** Pages sent again on re-attached channels (source). */
   readonly resentPages?: number | undefined

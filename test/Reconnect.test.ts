@@ -193,6 +193,7 @@ describe("a lost channel is re-attached", () => {
         }
         // every connection of the channel after the first re-attached with its nonce
         expect(dest.logs.filter((l) => l.includes("re-attaching after"))).toHaveLength(plan.state.modes.length)
+        expect(received.stats.reconnects).toBe(plan.state.modes.length)
       })))
   }
 

@@ -411,6 +411,7 @@ export const run = <E>(listener: Transport.Listener, settings: Settings<E>): Eff
           normalPages: s.normalPages,
           zeroPages: s.zeroPages,
           wireBytes: s.bytes,
+          ...(s.reattached > 0 ? { reconnects: s.reattached } : {}),
           durationMs,
           gibPerSecond: Transfer.gibPerSecond(ram.size, durationMs)
         }
