@@ -46,6 +46,7 @@ import { expectOneLine, failureOf } from "./support/failures.js"
 import * as Faulty from "./support/faultyTransport.js"
 import { noHang } from "./support/guards.js"
 import { leakFree, nextTurn, SOCKET_KINDS } from "./support/handles.js"
+import { resetProxy } from "./support/resetProxy.js"
 import { sameMemory } from "./support/memory.js"
 import { stalledListener } from "./support/stalledListener.js"
 import { loopbackServer } from "./support/tcpServer.js"
@@ -230,6 +231,35 @@ describe("the pool", () => {
 })
 
 layer(ChannelThreads.layer(POOL), { excludeTestServices: true })("channels on the pool's threads", (it) => {
+  it.effect("a channel on a thread whose connection is reset re-attaches on a new session for the same id", () =>
+    leakFree(Effect.gen(function*() {
+      const ram = yield* sharedRam()
+      const dest = yield* startDestination()
+      // channel 1's first connection is reset 256 KiB in (by a proxy: the thread's socket is out of reach here)
+      const proxy = yield* Effect.acquireRelease(
+        Effect.promise(() =>
+          resetProxy({ host: "127.0.0.1", port: (dest.address as { readonly port: number }).port }, {
+            channel: 1,
+            afterBytes: 256 * 1024
+          })
+        ),
+        (proxy) => Effect.promise(() => proxy.close())
+      )
+      const before = yield* opened
+      const stats = yield* noHang(
+        migrate(ram, { address: { _tag: "Tcp", host: "127.0.0.1", port: proxy.port }, channels: 2 }),
+        "migrate"
+      )
+      const received = yield* noHang(Fiber.join(dest.fiber), "incoming")
+      expect(proxy.resets()).toBe(1)
+      expect(sameMemory(received.ram, ram)).toBe(true)
+      expect(stats.reconnects).toBe(1)
+      expect(stats.resentPages).toBeGreaterThan(0)
+      // two sessions, and a third for channel 1 again
+      expect((yield* opened) - before).toBe(3)
+      yield* expectThreadsClean
+    })))
+
   describe("byte-identical", () => {
     for (const compression of ["none", "zlib", "zstd"] as const) {
       it.effect(`${compression}: every block arrives as it was; the channels ran in the threads; nothing is left there`, () =>
