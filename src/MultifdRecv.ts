@@ -228,6 +228,8 @@ export const make = (config: Config): Effect.Effect<MultifdRecv["Type"], never, 
     // the channels counted as adopted
     const replaced = new Set<number>()
     const counted = new Set<number>()
+    // workers stopped for a re-attaching connection (their end is no failure)
+    const stopped = new WeakSet<Fiber.RuntimeFiber<void, ChannelFailure>>()
     // counters, updated in synchronous steps (one thread): no Ref round trip per packet
     let writesBegun = 0
     const counters: { -readonly [K in Exclude<keyof Stats, "channelBytes" | "reattached">]: Stats[K] } = {
@@ -543,8 +545,7 @@ export const make = (config: Config): Effect.Effect<MultifdRecv["Type"], never, 
         }
         if (reattaching !== undefined) {
           // the lost connection's worker is stopped before this one reads anything
-          const old = current.get(id)
-          if (old !== undefined) yield* Fiber.interrupt(old)
+          yield* stop(id)
           reattached++
         }
         const state: ChannelState = { id, connection, consumed: Protocol.INIT_PACKET_SIZE, atSync: false }
@@ -579,9 +580,18 @@ export const make = (config: Config): Effect.Effect<MultifdRecv["Type"], never, 
         const exit = yield* Fiber.await(fiber)
         if (current.get(id) === fiber) current.delete(id)
         // a worker stopped for a re-attaching connection ended as it should
-        if (Exit.isFailure(exit) && Cause.isInterruptedOnly(exit.cause) && current.get(id) !== undefined) return
+        if (Exit.isFailure(exit) && Cause.isInterruptedOnly(exit.cause) && stopped.has(fiber)) return
         yield* exit
       }).pipe(Effect.scoped)
+
+    /** Interrupts and awaits the worker of `channel`'s current connection, if any (for its new one). */
+    const stop = (channel: number) =>
+      Effect.suspend(() => {
+        const old = current.get(channel)
+        if (old === undefined) return Effect.void
+        stopped.add(old)
+        return Fiber.interrupt(old)
+      })
 
     const authorize = (channel: number, nonce: Uint8Array) =>
       Effect.gen(function*() {
@@ -598,8 +608,7 @@ export const make = (config: Config): Effect.Effect<MultifdRecv["Type"], never, 
         const adopted = yield* Deferred.make<void>()
         pending.set(channel, { nonce: Buffer.from(nonce), adopted })
         replaced.add(channel)
-        const old = current.get(channel)
-        if (old !== undefined) yield* Fiber.interrupt(old)
+        yield* stop(channel)
         yield* Effect.logInfo(`channel ${channel}: re-attaching after ${syncsSeen[channel]} sync packets`)
         return { syncs: syncsSeen[channel]!, adopted: Deferred.await(adopted) }
       })

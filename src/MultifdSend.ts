@@ -12,6 +12,11 @@
  * the channel's jobs to the thread and waits for its answers. The channel's work itself is the same code on
  * both paths (`internal/sendChannel`).
  *
+ * A channel whose connection breaks after it was established is re-attached (`Config.reconnect`): its owner
+ * runs one connection after another (on a thread: one session after another), each new one announced on the
+ * control channel, and resends from a journal of the channel's jobs kept until the round is acknowledged.
+ * Longer than 400 lines on purpose: the two paths share the journal, the re-attach loop and the idle queue.
+ *
  * @since 0.1.0
  */
 import * as Cause from "effect/Cause"
@@ -275,6 +280,13 @@ export const make = (
         return channel
       })
 
+    /** The destination said that the channel's connection broke. */
+    const lostError = new Transport.TransportError({
+      reason: "Closed",
+      address: Transport.formatAddress(config.address),
+      detail: "the destination lost the connection"
+    })
+
     /** An entry's hand-off ends: its channel is idle again, or its SYNC is done (once). */
     const settle = (channel: Channel, entry: Entry): Effect.Effect<void> =>
       Effect.suspend(() => {
@@ -315,7 +327,7 @@ export const make = (
      */
     const resilient = <E>(
       id: number,
-      attempt: (nonce: Uint8Array | undefined, enter: Effect.Effect<Jobs>) => Effect.Effect<void, E>
+      attempt: (nonce: Uint8Array | undefined, enter: Effect.Effect<Jobs>, lost: Effect.Effect<void>) => Effect.Effect<void, E>
     ): Effect.Effect<void, E | ChannelFailure> =>
       Effect.gen(function*() {
         const journal = journals[id]!
@@ -338,17 +350,8 @@ export const make = (
         let nonce: Uint8Array | undefined
         while (true) {
           // the destination may see the connection break while this side has nothing to write
-          const lost = reconnect === undefined ? Effect.never : Effect.zipRight(
-            reconnect.lost(id, nonce),
-            Effect.fail(
-              new Transport.TransportError({
-                reason: "Closed",
-                address: Transport.formatAddress(config.address),
-                detail: "the destination lost the connection"
-              })
-            )
-          )
-          const exit = yield* Effect.exit(Effect.raceFirst(attempt(nonce, enter), lost))
+          const lost = reconnect === undefined ? Effect.never : reconnect.lost(id, nonce)
+          const exit = yield* Effect.exit(attempt(nonce, enter, lost))
           if (Exit.isSuccess(exit)) return
           const error = Cause.failureOption(exit.cause)
           if (
@@ -385,7 +388,7 @@ export const make = (
      * ended, and when the owner is interrupted it interrupts and awaits the worker before the connection
      * closes.
      */
-    const attempt = (id: number) => (nonce: Uint8Array | undefined, enter: Effect.Effect<Jobs>) =>
+    const attempt = (id: number) => (nonce: Uint8Array | undefined, enter: Effect.Effect<Jobs>, lost: Effect.Effect<void>) =>
       Effect.gen(function*() {
         const settings = { ...settingsOf(id), nonce }
         const channel = yield* SendChannel.establish(
@@ -397,7 +400,7 @@ export const make = (
         const work = yield* Effect.forkScoped(
           SendChannel.serve(settings, channel, counters, { ...jobs, started: (sent) => accepted.set(id, sent) })
         )
-        yield* Fiber.join(work)
+        yield* Effect.raceFirst(Fiber.join(work), Effect.zipRight(lost, Effect.fail(lostError)))
         yield* Effect.logDebug(`channel ${id}: closed`)
       }).pipe(Effect.scoped)
 
@@ -500,7 +503,7 @@ const threadAttempt = (
     }
     return n
   }
-  return (nonce: Uint8Array | undefined, enter: Effect.Effect<Jobs>) =>
+  return (nonce: Uint8Array | undefined, enter: Effect.Effect<Jobs>, lost: Effect.Effect<void>) =>
     Effect.gen(function*() {
       const settings = { ...settingsOf(id), nonce }
       const data: SendSession.Data = {
@@ -529,7 +532,16 @@ const threadAttempt = (
       const given = new Set<number>()
       const forward = Effect.gen(function*() {
         while (true) {
-          const job = yield* jobs.next
+          // the destination lost the connection: the session is told, and ends with that (a thread that died
+          // meanwhile says so instead: its death is no lost connection)
+          const job = yield* Effect.raceFirst(jobs.next, Effect.as(lost, DROP))
+          if (job._tag === "Drop") {
+            yield* session.send(job)
+            const end = yield* session.receive
+            return yield* end._tag === "Ended"
+              ? Effect.fail(failureOf(end.failure))
+              : Effect.die(new Error(`multifd channel ${id}: its thread said ${end.message._tag} after Drop`))
+          }
           if (job._tag === "Finish") {
             yield* session.send({ _tag: "Finish" })
             const end = yield* session.receive
@@ -560,11 +572,14 @@ const threadAttempt = (
         }
       })
       const work = yield* Effect.forkScoped(forward)
+
       // the thread may fail while the channel waits for a job: the owner hears it then too
       yield* Effect.raceFirst(Fiber.join(work), session.failed)
       yield* Effect.logDebug(`channel ${id}: closed`)
     }).pipe(Effect.scoped)
 }
+
+const DROP = { _tag: "Drop" } as const
 
 const sharedBlock = (block: SendChannel.Memory): SendSession.SharedBlock => ({
   name: block.name,

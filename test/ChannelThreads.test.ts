@@ -231,34 +231,48 @@ describe("the pool", () => {
 })
 
 layer(ChannelThreads.layer(POOL), { excludeTestServices: true })("channels on the pool's threads", (it) => {
-  it.effect("a channel on a thread whose connection is reset re-attaches on a new session for the same id", () =>
-    leakFree(Effect.gen(function*() {
-      const ram = yield* sharedRam()
-      const dest = yield* startDestination()
-      // channel 1's first connection is reset 256 KiB in (by a proxy: the thread's socket is out of reach here)
-      const proxy = yield* Effect.acquireRelease(
-        Effect.promise(() =>
-          resetProxy({ host: "127.0.0.1", port: (dest.address as { readonly port: number }).port }, {
-            channel: 1,
-            afterBytes: 256 * 1024
-          })
-        ),
-        (proxy) => Effect.promise(() => proxy.close())
-      )
-      const before = yield* opened
-      const stats = yield* noHang(
-        migrate(ram, { address: { _tag: "Tcp", host: "127.0.0.1", port: proxy.port }, channels: 2 }),
-        "migrate"
-      )
-      const received = yield* noHang(Fiber.join(dest.fiber), "incoming")
-      expect(proxy.resets()).toBe(1)
-      expect(sameMemory(received.ram, ram)).toBe(true)
-      expect(stats.reconnects).toBe(1)
-      expect(stats.resentPages).toBeGreaterThan(0)
-      // two sessions, and a third for channel 1 again
-      expect((yield* opened) - before).toBe(3)
-      yield* expectThreadsClean
-    })))
+  for (const tlsOn of [false, true]) {
+    it.effect(
+      `a channel on a thread whose connection is reset re-attaches on a new session for the same id${
+        tlsOn ? " (PSK TLS, zstd: the new connection's handshake in the thread, a new compression stream)" : ""
+      }`,
+      () =>
+        leakFree(Effect.gen(function*() {
+          const ram = yield* sharedRam()
+          const tls = tlsOn ? yield* Tls.make({ psk: fixture("keys.psk") }) : undefined
+          const dest = yield* startDestination({ upgrade: tls?.server })
+          // channel 1's first connection is reset 256 KiB in (by a proxy: the thread's socket is out of reach)
+          const proxy = yield* Effect.acquireRelease(
+            Effect.promise(() =>
+              resetProxy({ host: "127.0.0.1", port: (dest.address as { readonly port: number }).port }, {
+                channel: 1,
+                afterBytes: 256 * 1024,
+                // under TLS the proxy cannot read the init packet: the second connection is channel 0 or 1
+                ...(tlsOn ? { connection: 2 } : {})
+              })
+            ),
+            (proxy) => Effect.promise(() => proxy.close())
+          )
+          const before = yield* opened
+          const stats = yield* noHang(
+            migrate(ram, {
+              address: { _tag: "Tcp", host: "127.0.0.1", port: proxy.port },
+              channels: 2,
+              ...(tls === undefined ? {} : { compression: "zstd", upgrade: tls.client("127.0.0.1") })
+            }),
+            "migrate"
+          )
+          const received = yield* noHang(Fiber.join(dest.fiber), "incoming")
+          expect(proxy.resets()).toBe(1)
+          expect(sameMemory(received.ram, ram)).toBe(true)
+          expect(stats.reconnects).toBe(1)
+          expect(stats.resentPages).toBeGreaterThan(0)
+          // two sessions, and a third for the reset channel
+          expect((yield* opened) - before).toBe(3)
+          yield* expectThreadsClean
+        }))
+    )
+  }
 
   describe("byte-identical", () => {
     for (const compression of ["none", "zlib", "zstd"] as const) {

@@ -223,7 +223,7 @@ export const serve = (
   { codec, connection }: Established,
   counters: Counters,
   jobs: {
-    readonly next: Effect.Effect<Job>
+    readonly next: Effect.Effect<Job, Failure>
     readonly idle: Effect.Effect<void>
     readonly started?: ((accepted: Accepted) => void) | undefined
     readonly publishEvery?: Duration.DurationInput | undefined

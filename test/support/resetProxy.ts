@@ -1,7 +1,7 @@
 /**
  * A TCP proxy for tests that resets one multifd channel's connection: it forwards every connection to `target`
- * and, for the first `times` connections whose init packet names `channel`, resets both sides (RST) once
- * `afterBytes` bytes came from the client — the network failing under a migration, wherever its channels run
+ * and, for the first `times` connections whose init packet names `channel` (or the `connection`-th accepted),
+ * resets both sides (RST) once `afterBytes` bytes came from the client — the network failing under a migration, wherever its channels run
  * (a channel thread included, which a wrapped transport cannot reach). `close` destroys every socket and the
  * server and resolves once the server is closed.
  */
@@ -19,7 +19,13 @@ export interface ResetProxy {
 
 export const resetProxy = (
   target: { readonly host: string; readonly port: number },
-  plan: { readonly channel: number; readonly afterBytes: number; readonly times?: number | undefined }
+  plan: {
+    readonly channel: number
+    readonly afterBytes: number
+    readonly times?: number | undefined
+    /** Resets the `connection`-th connection accepted (0 = the first) instead (TLS: the init packet is secret). */
+    readonly connection?: number | undefined
+  }
 ): Promise<ResetProxy> =>
   new Promise((resolve, reject) => {
     const sockets = new Set<Net.Socket>()
@@ -31,7 +37,7 @@ export const resetProxy = (
       socket.on("close", () => sockets.delete(socket))
     }
     const server = Net.createServer((client) => {
-      connections++
+      const index = connections++
       track(client)
       const upstream = Net.connect(target.port, target.host)
       track(upstream)
@@ -47,8 +53,9 @@ export const resetProxy = (
         if (targeted === undefined && head.length < 25) {
           head = Buffer.concat([head, chunk.subarray(0, 25)])
           if (head.length >= 25) {
-            targeted = head.readUInt32BE(0) === Protocol.MAGIC && head[24] === plan.channel &&
-              resets < (plan.times ?? 1)
+            targeted = resets < (plan.times ?? 1) && (plan.connection !== undefined
+              ? index === plan.connection
+              : head.readUInt32BE(0) === Protocol.MAGIC && head[24] === plan.channel)
           }
         }
         if (targeted === true && forwarded + chunk.length > plan.afterBytes) {
