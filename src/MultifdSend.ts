@@ -25,6 +25,7 @@ import * as Layer from "effect/Layer"
 import * as Queue from "effect/Queue"
 import * as Ref from "effect/Ref"
 import type * as Scope from "effect/Scope"
+import * as Bandwidth from "./Bandwidth.js"
 import type * as ChannelThreads from "./ChannelThreads.js"
 import type * as GuestRam from "./GuestRam.js"
 import * as SendChannel from "./internal/sendChannel.js"
@@ -62,6 +63,8 @@ export interface Config {
    * run in this thread, where a wrapped transport or upgrade sees them.
    */
   readonly threads?: ChannelThreads.ChannelThreads["Type"] | undefined
+  /** One bandwidth limit for every channel (`Bandwidth.make`); none by default. */
+  readonly maxBandwidth?: Bandwidth.Limit | undefined
 }
 
 /**
@@ -170,7 +173,8 @@ export const make = (
       pageSize,
       compression: config.compression,
       compressionLevel: config.compressionLevel,
-      zeroPage: config.zeroPage
+      zeroPage: config.zeroPage,
+      rateLimit: Bandwidth.sharedOf(config.maxBandwidth)
     })
 
     /** A channel is established: it joins the set (the set is complete once every channel has). */

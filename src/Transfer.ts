@@ -179,6 +179,8 @@ export interface Stats {
   readonly zeroPages: number
   /** Bytes that crossed the multifd channels. */
   readonly wireBytes: number
+  /** Bytes each multifd channel carried, by channel id (source only). */
+  readonly channelWireBytes?: ReadonlyArray<number> | undefined
   /** Source: from connecting to the verified end; destination: from the source's hello to the end. */
   readonly durationMs: number
   /** Guest memory size over duration. */

@@ -10,6 +10,8 @@
  * @since 0.1.0
  */
 
+/** A bandwidth limit shared by a migration's channels, changeable while it runs (QEMU's max-bandwidth). @since 0.1.0 */
+export * as Bandwidth from "./Bandwidth.js"
 /** Worker threads for the channels of migrations: a pool, a scoped session per channel. @since 0.1.0 */
 export * as ChannelThreads from "./ChannelThreads.js"
 /** The main channel's messages (`effect/Schema`) and framing. @since 0.1.0 */

@@ -132,6 +132,21 @@ describe("multifd send/recv", () => {
     expect(lines(send.stderr)).toEqual([]) // --json: no summary
   })
 
+  it("send --max-bandwidth 16M: the image arrives no faster than the limit allows, spread over the channels", async () => {
+    const out = Path.join(dir, "limited.out")
+    const recv = await startRecv(["tcp:127.0.0.1:0", "--out", out])
+    const send = await run(["send", recv.uri, "--in", image, "--channels", "2", "--max-bandwidth", "16M", "--json"])
+    const received = await recv.finished
+    expect(send.code, send.stderr).toBe(0)
+    expect(received.code, received.stderr).toBe(0)
+    expect(Fs.readFileSync(out).equals(Fs.readFileSync(image))).toBe(true)
+    const sent = JSON.parse(send.stdout)
+    // beyond the first packet (the link was idle), every byte on the wire waited for its turn at 16 MiB/s
+    expect(sent.durationMs).toBeGreaterThanOrEqual((sent.wireBytes - 600 * 1024) / (16 * 1024 * 1024) * 1000 * 0.95)
+    expect(sent.channelWireBytes).toHaveLength(2)
+    for (const bytes of sent.channelWireBytes) expect(bytes / sent.wireBytes).toBeGreaterThan(0.3)
+  })
+
   it("recv refuses a source that disagrees with an explicit --channels: both exit 1, nothing written", async () => {
     const out = Path.join(dir, "mismatch.out")
     const recv = await startRecv(["tcp:127.0.0.1:0", "--out", out, "--channels", "3"])
@@ -325,6 +340,8 @@ describe("multifd failures", () => {
       [["send", "tcp:127.0.0.1:1", "--in", image, "--timeout", "soon"], /--timeout: "soon" is not a positive duration/],
       [["send", "tcp:127.0.0.1:1", "--in", image, "--page-size", "1000"], /--page-size must be a power of two/],
       [["send", "tcp:127.0.0.1:1", "--in", image, "--compression", "lz4"], /none, zlib, zstd/],
+      [["send", "tcp:127.0.0.1:1", "--in", image, "--max-bandwidth", "fast"], /^multifd: error: --max-bandwidth: "fast" is not a rate like 100M/],
+      [["send", `file:${Path.join(dir, "t.snap")}`, "--in", image, "--max-bandwidth", "10M"], /a bandwidth limit does not apply to a file: snapshot/],
       [
         ["send", "tcp:127.0.0.1:1", "--in", image, "--compression", "zlib", "--compression-level", "99"],
         /^multifd: error: compression: zlib level 99 is out of range 0-9$/

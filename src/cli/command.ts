@@ -75,7 +75,7 @@ export const sendHelp = (): string => {
     usage: [`${NAME} send <uri> --in FILE [options]`],
     sections: [
       { heading: "Arguments", entries: Help.pick(all, ["<uri>", "--in"]) },
-      { heading: "Transfer", entries: Help.pick(all, ["--channels", "--page-size", "--compression", "--compression-level", "--zero-page"]) },
+      { heading: "Transfer", entries: Help.pick(all, ["--channels", "--page-size", "--compression", "--compression-level", "--zero-page", "--max-bandwidth"]) },
       { heading: "TLS", entries: Help.pick(all, ["--tls-psk", "--tls-identity", "--tls-ca", "--tls-hostname", "--tls-cert", "--tls-key", "--tls-ciphers"]) },
       { heading: "Timing and output", entries: Help.pick(all, ["--timeout", "--json", "--quiet", "--verbose"]) }
     ],
@@ -84,6 +84,7 @@ export const sendHelp = (): string => {
       ["4 channels over TCP", `${NAME} send tcp:10.0.0.2:4444 --in guest.img --channels 4`],
       ["zstd, over TLS with QEMU's keys.psk", `${NAME} send tcp:10.0.0.2:4444 --in guest.img --compression zstd --tls-psk keys.psk`],
       ["x509: check the destination's certificate, present a client certificate", `${NAME} send tcp:dst.example:4444 --in guest.img --tls-ca ca.pem --tls-cert alice.pem --tls-key alice-key.pem`],
+      ["at most 100 MiB/s over the 4 channels together", `${NAME} send tcp:10.0.0.2:4444 --in guest.img --channels 4 --max-bandwidth 100M`],
       ["save a snapshot file (parallel writers, sparse)", `${NAME} send file:/var/tmp/guest.snap --in guest.img --channels 4`],
       ["statistics as JSON for a script", `${NAME} send unix:/run/multifd.sock --in guest.img --json --quiet`]
     ]

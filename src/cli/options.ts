@@ -15,6 +15,7 @@ import * as Duration from "effect/Duration"
 import * as Effect from "effect/Effect"
 import * as Either from "effect/Either"
 import * as Option from "effect/Option"
+import * as Bandwidth from "../Bandwidth.js"
 import * as GuestRam from "../GuestRam.js"
 import * as MigrationConfig from "../MigrationConfig.js"
 import type * as Tls from "../Tls.js"
@@ -172,6 +173,8 @@ export interface SendTransfer {
   readonly compression: Protocol.Compression
   readonly compressionLevel: Option.Option<number>
   readonly zeroPage: "multifd" | "none"
+  /** Bytes per second (0: no limit). */
+  readonly maxBandwidth: Option.Option<number>
 }
 
 /** Transfer settings of the source, with their defaults. */
@@ -195,6 +198,18 @@ export const sendTransfer: Options.Options<SendTransfer> = Options.all({
     Options.withDescription(`multifd: zero pages travel as offsets only; none: as data (default multifd).${env("MULTIFD_ZERO_PAGE")}`),
     Options.withFallbackConfig(MigrationConfig.zeroPage),
     Options.withDefault("multifd" as const)
+  ),
+  maxBandwidth: Options.text("max-bandwidth").pipe(
+    Options.withPseudoName("RATE"),
+    Options.withDescription(
+      "Limit the channels together to this rate, counting every packet's bytes, as QEMU's max-bandwidth: MiB/s " +
+        "(100 or 100M), or 512K, 1G; 0: no limit (the default)." + env("MULTIFD_MAX_BANDWIDTH")
+    ),
+    Options.mapEffect((text) =>
+      Either.match(Bandwidth.parse(text), { onLeft: (why) => Effect.fail(invalid(`--max-bandwidth: ${why}`)), onRight: Effect.succeed })
+    ),
+    Options.withFallbackConfig(MigrationConfig.maxBandwidth),
+    Options.optional
   )
 })
 

@@ -64,6 +64,7 @@ export const command = Command.make(
           compression: transfer.compression,
           compressionLevel: Option.getOrUndefined(transfer.compressionLevel),
           zeroPage: transfer.zeroPage,
+          maxBandwidth: Option.getOrUndefined(transfer.maxBandwidth),
           timeouts: timeoutsOf(timing),
           upgrade: tls?.client(hostOf(uri)),
           onProgress,

@@ -12,6 +12,7 @@ import * as Effect from "effect/Effect"
 import * as Option from "effect/Option"
 import * as Queue from "effect/Queue"
 import * as Crypto from "node:crypto"
+import type * as Bandwidth from "../Bandwidth.js"
 import * as ChannelThreads from "../ChannelThreads.js"
 import * as Control from "../Control.js"
 import * as GuestRam from "../GuestRam.js"
@@ -37,6 +38,8 @@ export interface Settings {
   readonly upgrade: Transport.Upgrade<Transport.UpgradeError> | undefined
   readonly onProgress: ((progress: Transfer.Progress) => Effect.Effect<void>) | undefined
   readonly live: Transfer.LiveOptions | undefined
+  /** The channels' bandwidth limit, if any. */
+  readonly maxBandwidth: Bandwidth.Limit | undefined
   /** Keeps the caller's `MigrationStatus`, if any. */
   readonly tracker: Status.Tracker
 }
@@ -211,7 +214,8 @@ export const run = (
         zeroPage: settings.zeroPage,
         connectTimeout: timeouts.connect,
         upgrade: settings.upgrade,
-        threads
+        threads,
+        maxBandwidth: settings.maxBandwidth
       })
       // the metrics follow the channels' counters to the end, whatever the end
       yield* Effect.addFinalizer(() => Effect.flatMap(send.stats, recorder.record))
@@ -251,6 +255,7 @@ export const run = (
         normalPages: s.normalPages,
         zeroPages: s.zeroPages,
         wireBytes: s.bytes,
+        channelWireBytes: s.channelBytes,
         durationMs,
         gibPerSecond: Transfer.gibPerSecond(ram.size, durationMs)
       } satisfies Transfer.Stats
