@@ -350,8 +350,8 @@ describe("multifd failures", () => {
       [["recv", "tcp:127.0.0.1:0"], /^multifd: error: recv needs --out FILE$/],
       [["recv", "tcp:127.0.0.1:0", "--out-dir", dir], /--out-dir goes with --from-qemu/],
       [["recv", "tcp:127.0.0.1:0", "--from-qemu", "--out", "x.img"], /--from-qemu needs --channels N/],
-      [["recv", "tcp:127.0.0.1:0", "--from-qemu", "--channels", "2"], /exactly one of --out FILE or --out-dir DIR/],
-      [["recv", `file:${image}`, "--from-qemu", "--channels", "2", "--out", "x.img"], /--from-qemu needs a tcp: or unix: uri/],
+      [["recv", "tcp:127.0.0.1:0", "--from-qemu", "--channels", "2"], /exactly one of --out FILE, --out-dir DIR or --vm FILE/],
+      [["recv", `file:${image}`, "--from-qemu", "--out", "x.img"], /: not a QEMU migration stream: magic 0x/],
       [["send", "tcp:127.0.0.1:1", "--in", image, "--tls-psk", tlsFile("keys.psk"), "--tls-ca", tlsFile("ca-cert.pem")], /--tls-psk cannot be combined/],
       [["send", "tcp:127.0.0.1:1", "--in", image, "--tls-hostname", "x"], /--tls-hostname needs --tls-psk or --tls-ca/],
       [["send", "tcp:127.0.0.1:1", "--in", image, "--tls-psk", tlsFile("keys.psk"), "--tls-authz", "a"], /--tls-authz is a recv option/],
@@ -399,7 +399,7 @@ describe("multifd failures", () => {
     }
     expect(lines(send.stdout).filter((l) => l.startsWith("  multifd "))).not.toHaveLength(0)
     const usage = (page: string) => page.slice(page.indexOf("Usage:"), page.indexOf("\n\n", page.indexOf("Usage:")))
-    expect(usage(send.stdout)).toMatch(/^Usage:\n  multifd send <uri> --in FILE \[options\]$/)
+    expect(usage(send.stdout)).toMatch(/^Usage:\n  multifd send <uri> --in FILE \[options\]\n  multifd send <uri> --to-qemu --vm FILE/)
     expect(usage(recv.stdout)).toMatch(/^Usage:\n  multifd recv <uri> --out FILE \[options\]\n  multifd recv <uri> --from-qemu/)
     // each command's own flags only
     for (const flag of ["--tls-authz", "--tls-verify-peer", "--out ", "--out-dir", "--from-qemu"]) expect(send.stdout).not.toContain(flag)
@@ -430,7 +430,7 @@ describe("multifd failures", () => {
       [["recv", "tcp:127.0.0.1:0", "--out", "x.img", "--tls-identity", "qemu"], "multifd: error: --tls-identity is a send option"],
       [["send", "tcp:127.0.0.1:1", "--in", image, "--out", "x.img"], "multifd: error: --out is a recv option"],
       [["send", "--in", image], "multifd: error: Missing argument <uri>"],
-      [["send", "tcp:127.0.0.1:1"], "multifd: error: Expected to find option: '--in'"]
+      [["send", "tcp:127.0.0.1:1"], "multifd: error: send needs --in FILE (or --to-qemu --vm FILE)"]
     ]
     for (const [args, message] of cases) {
       const result = await runHere(args)

@@ -92,11 +92,40 @@ export const uri: Args.Args<Transport.Address> = Args.text({ name: "uri" }).pipe
 // ---------------------------------------------------------------------------------------------------------
 // Files
 
-/** The image to migrate. */
+/** The image to migrate (required, except with --to-qemu). */
 export const input = Options.file("in").pipe(
   Options.withPseudoName("FILE"),
-  Options.withDescription("The RAM image to migrate: a file whose size is a positive multiple of --page-size.")
+  Options.withDescription(
+    "The RAM image to migrate: a file whose size is a positive multiple of --page-size. Required, except with " +
+      "--to-qemu --vm."
+  ),
+  Options.optional
 )
+
+/** Where `send --to-qemu` migrates from. */
+export interface SendQemu {
+  readonly toQemu: boolean
+  readonly vm: Option.Option<string>
+}
+
+/** `--to-qemu` and `--vm` of `send`. */
+export const sendQemu: Options.Options<SendQemu> = Options.all({
+  toQemu: Options.boolean("to-qemu").pipe(
+    Options.withDescription(
+      "Migrate a whole VM into an unmodified QEMU 10 listening at <uri> (-incoming, capability multifd, " +
+        "multifd-channels as --channels, multifd-compression as --compression, the same machine options as the " +
+        "VM's source); succeeds once QEMU says it loaded the VM."
+    )
+  ),
+  vm: Options.file("vm").pipe(
+    Options.withPseudoName("FILE"),
+    Options.withDescription(
+      "With --to-qemu: the VM to migrate, a QEMU mapped-ram migration file (written by recv --vm, or by QEMU's own " +
+        "migrate file: with capability mapped-ram)."
+    ),
+    Options.optional
+  )
+})
 
 /** Where to write the received image. */
 export const output = Options.file("out").pipe(
@@ -113,6 +142,7 @@ export const output = Options.file("out").pipe(
 export interface RecvOutput {
   readonly out: Option.Option<string>
   readonly outDir: Option.Option<string>
+  readonly vm: Option.Option<string>
   readonly fromQemu: boolean
 }
 
@@ -126,10 +156,20 @@ export const recvOutput: Options.Options<RecvOutput> = Options.all({
     ),
     Options.optional
   ),
+  vm: Options.file("vm").pipe(
+    Options.withPseudoName("FILE"),
+    Options.withDescription(
+      "With --from-qemu: write the whole VM (its RAM, configuration and device state) as a QEMU 10 mapped-ram " +
+        "migration file, which QEMU resumes from (migrate-incoming file:FILE with capabilities mapped-ram and " +
+        "multifd) and send --to-qemu migrates into QEMU; sparse, written beside FILE and renamed into place."
+    ),
+    Options.optional
+  ),
   fromQemu: Options.boolean("from-qemu").pipe(
     Options.withDescription(
       "Receive from an unmodified QEMU 10 (capability multifd; tell it the same multifd-channels as --channels, " +
-        "which is then required, and multifd-compression as --compression) and write the guest's RAM."
+        "which is then required, 0 for QEMU without multifd, and multifd-compression as --compression), or read a " +
+        "file QEMU's migrate file: wrote (<uri> file:PATH), and write the guest's RAM or the whole VM."
     )
   )
 })
@@ -140,10 +180,10 @@ export const recvOutput: Options.Options<RecvOutput> = Options.all({
 // Each transfer flag falls back on its environment variable (`MigrationConfig`): a flag given wins; a bad
 // variable is a parse error naming it (exit 2).
 
-const channelsOption = (description: string) =>
+const channelsOption = (description: string, problem: (n: number) => string | undefined = checkChannels) =>
   integer("channels", "N").pipe(
     Options.withDescription(description),
-    Options.mapEffect(check(checkChannels)),
+    Options.mapEffect(check(problem)),
     Options.withFallbackConfig(MigrationConfig.channels)
   )
 
@@ -225,9 +265,15 @@ export interface RecvTransfer {
 
 const followsSource = " On recv the source decides; when given, the source must agree, else recv fails and writes nothing."
 
+/** A channel count on recv: 0 too, which only --from-qemu takes (QEMU without multifd). */
+export const checkRecvChannels = (n: number): string | undefined => n === 0 ? undefined : checkChannels(n)
+
 /** Transfer settings on the destination, all optional. */
 export const recvTransfer: Options.Options<RecvTransfer> = Options.all({
-  channels: channelsOption(`${CHANNELS}.${followsSource}${env("MULTIFD_CHANNELS")}`).pipe(Options.optional),
+  channels: channelsOption(
+    `${CHANNELS} (with --from-qemu: QEMU's multifd-channels, 0 without multifd).${followsSource}${env("MULTIFD_CHANNELS")}`,
+    checkRecvChannels
+  ).pipe(Options.optional),
   pageSize: pageSizeOption(`${PAGE_SIZE}.${followsSource}${env("MULTIFD_PAGE_SIZE")}`).pipe(Options.optional),
   compression: compressionOption(`${COMPRESSION}.${followsSource}${env("MULTIFD_COMPRESSION")}`).pipe(Options.optional)
 })

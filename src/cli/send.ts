@@ -1,5 +1,6 @@
 /**
- * `multifd send <uri> --in <file>`: migrates an image file to a destination.
+ * `multifd send <uri> --in <file>`: migrates an image file to a destination; with `--to-qemu --vm FILE`, a
+ * whole VM into an unmodified QEMU (`toQemu.ts`).
  *
  * @since 0.1.0
  */
@@ -19,6 +20,7 @@ import * as Progress from "./progress.js"
 import * as Log from "./log.js"
 import * as Report from "./report.js"
 import { environment, timeoutsOf, tlsOf } from "./settings.js"
+import * as ToQemu from "./toQemu.js"
 
 /** The name of the one block an image file becomes. */
 export const BLOCK_NAME = "ram"
@@ -43,13 +45,33 @@ export const command = Command.make(
   {
     uri: Options.uri,
     input: Options.input,
+    qemu: Options.sendQemu,
     transfer: Options.sendTransfer,
     tls: Options.sendTls,
     timing: Options.sendTiming,
     reporting: Options.reporting
   },
-  ({ input, reporting, timing, tls: tlsFlags, transfer, uri }) =>
+  ({ input: inputFlag, qemu, reporting, timing, tls: tlsFlags, transfer, uri }) =>
     Effect.gen(function*() {
+      if (qemu.toQemu) {
+        if (Option.isSome(inputFlag)) return yield* new UsageError({ detail: "--to-qemu takes the VM as --vm FILE, not --in" })
+        if (Option.isNone(qemu.vm)) return yield* new UsageError({ detail: "--to-qemu needs --vm FILE (a QEMU mapped-ram migration file)" })
+        const tls = yield* tlsOf(tlsFlags, "send", uri, timing)
+        yield* ToQemu.run({
+          uri,
+          vm: qemu.vm.value,
+          channels: transfer.channels,
+          compression: transfer.compression,
+          compressionLevel: Option.getOrUndefined(transfer.compressionLevel),
+          tls,
+          timing,
+          reporting
+        })
+        return
+      }
+      if (Option.isSome(qemu.vm)) return yield* new UsageError({ detail: "--vm goes with --to-qemu (or recv --from-qemu)" })
+      if (Option.isNone(inputFlag)) return yield* new UsageError({ detail: "send needs --in FILE (or --to-qemu --vm FILE)" })
+      const input = inputFlag.value
       const tls = yield* tlsOf(tlsFlags, "send", uri, timing)
       const bytes = yield* Image.read(input, transfer.pageSize)
       const ram = yield* GuestRam.make({ pageSize: transfer.pageSize, blocks: [{ name: BLOCK_NAME, bytes }] }).pipe(
@@ -76,4 +98,8 @@ export const command = Command.make(
       )
       yield* Report.print({ role: "send", input, pageSize: ram.pageSize, stats, status: yield* status.get }, reporting)
     }).pipe(Log.withReporting(reporting))
-).pipe(Command.withDescription("Migrate the RAM image in --in to a destination listening at <uri>."))
+).pipe(
+  Command.withDescription(
+    "Migrate the RAM image in --in to a destination listening at <uri>, or with --to-qemu the VM in --vm into QEMU."
+  )
+)

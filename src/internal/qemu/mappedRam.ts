@@ -277,7 +277,11 @@ export const read = (
       Effect.catchTag("QemuStreamError", (e) =>
         Effect.fail(
           new MappedRamError({
-            reason: e.reason === "Truncated" || e.reason === "Incomplete" ? "Truncated" : "Malformed",
+            reason: e.reason === "Truncated" || e.reason === "Incomplete"
+              ? "Truncated"
+              : e.reason === "BadMagic" || e.reason === "BadVersion"
+              ? "Unusable"
+              : "Malformed",
             path,
             detail: `${e.detail.replace(/: QEMU closed the main channel.*$|: QEMU cancelled.*$/, "")} (at byte ${e.offset})`,
             cause: e

@@ -1,0 +1,64 @@
+/**
+ * `multifd send <uri> --to-qemu --vm FILE --channels N [--compression none|zlib|zstd] [TLS flags]`: migrates a
+ * whole VM — a QEMU mapped-ram migration file, written by `recv --from-qemu --vm` or by QEMU's own `migrate
+ * file:` with capability mapped-ram — into an unmodified QEMU 10 listening at <uri> (`-incoming`, capability
+ * multifd, the same `multifd-channels` and `multifd-compression`, and the VM's machine options). It succeeds
+ * once QEMU said it loaded the VM; QEMU then runs it.
+ *
+ * This module is the command's body, independent of option parsing: `send.ts` calls `run` when `--to-qemu`
+ * is given.
+ *
+ * @since 0.1.0
+ */
+import * as Effect from "effect/Effect"
+import * as MappedRam from "../MappedRam.js"
+import type * as Protocol from "../Protocol.js"
+import * as QemuOutgoing from "../QemuOutgoing.js"
+import type * as Tls from "../Tls.js"
+import * as Transport from "../Transport.js"
+import { UsageError } from "./errors.js"
+import type * as Options from "./options.js"
+import * as Progress from "./progress.js"
+import * as Report from "./report.js"
+import { timeoutsOf } from "./settings.js"
+
+/** What `send --to-qemu` is asked to do. */
+export interface Args {
+  readonly uri: Transport.Address
+  /** The VM file. */
+  readonly vm: string
+  /** QEMU's `multifd-channels`. */
+  readonly channels: number
+  /** QEMU's `multifd-compression`. */
+  readonly compression: Protocol.Compression
+  readonly compressionLevel?: number | undefined
+  /** TLS as QEMU's `tls-creds` on the destination (client side). */
+  readonly tls?: Tls.Tls["Type"] | undefined
+  readonly timing: Options.Timing
+  readonly reporting: Options.Reporting
+}
+
+/** Runs `send --to-qemu`. */
+export const run = (args: Args) =>
+  Effect.gen(function*() {
+    const uri = args.uri
+    if (uri._tag === "File") {
+      return yield* new UsageError({ detail: "--to-qemu needs a tcp: or unix: uri (where QEMU listens: -incoming)" })
+    }
+    const { vm } = yield* MappedRam.read(args.vm)
+    const stats = yield* Effect.scoped(Effect.gen(function*() {
+      const onProgress = yield* Progress.make("send", args.reporting)
+      return yield* QemuOutgoing.migrate({
+        address: uri,
+        vm,
+        channels: args.channels,
+        compression: args.compression,
+        compressionLevel: args.compressionLevel,
+        upgrade: args.tls?.client(uri._tag === "Tcp" ? uri.host : undefined),
+        timeouts: timeoutsOf(args.timing),
+        onProgress
+      })
+    })).pipe(Effect.provide(Transport.layer))
+    yield* Report.print({ role: "send", input: args.vm, pageSize: vm.ram.pageSize, stats }, args.reporting)
+    return stats
+  })
