@@ -164,8 +164,8 @@ export const migrate = (options: Options): Effect.Effect<Stats, OutgoingError, T
     const returnPath = yield* ReturnPath.start(
       main,
       () =>
-        `QEMU closed the migration ${whyClosed}: it refused it (another machine type or machine options, ` +
-        "another multifd-channels or multifd-compression, TLS, or a device it cannot load? QEMU's log says)"
+        `QEMU ended the migration ${whyClosed}: it refused it (another machine type or machine options, ` +
+        "another multifd-channels or multifd-compression, TLS, a device it cannot load? its log says) or it stopped"
     )
 
     // 2. the channels; QEMU reads the main stream once all are there, and answers the PING
