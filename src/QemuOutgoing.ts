@@ -180,8 +180,26 @@ export const migrate = (options: Options): Effect.Effect<Stats, OutgoingError, T
       connectTimeout: timeouts.connect,
       upgrade
     })
+    // QEMU's verdict before the end: it gave up (SHUT 1), or says it is done with a migration not yet sent
+    const early = Effect.flatMap(returnPath.shut, (status) =>
+      Effect.fail(
+        new MigrationError.MigrationError(
+          status === 0
+            ? { reason: "Unexpected", detail: "QEMU said it loaded the VM (MIG_RP_MSG_SHUT 0) before it was all sent" }
+            : { reason: "Rejected", detail: `QEMU failed to load the migration (MIG_RP_MSG_SHUT ${status}): its log says why` }
+        )
+      ))
+    // a channel QEMU closed: QEMU ends the main channel too, whose end says more (how far QEMU got)
+    const explained = (error: MultifdSend.ChannelFailure): Effect.Effect<never, OutgoingError> =>
+      Effect.flatMap(Effect.either(Effect.timeout(returnPath.shut, "1 second")), (verdict): Effect.Effect<never, OutgoingError> => {
+        if (verdict._tag === "Left" && verdict.left._tag === "MigrationError") {
+          const { detail, reason } = verdict.left
+          return Effect.fail(new MigrationError.MigrationError({ reason, detail: `${detail}; ${error.message}` }))
+        }
+        return Effect.fail(error)
+      })
     const guarded = <A, E>(self: Effect.Effect<A, E>) =>
-      Effect.raceFirst(self, Effect.raceFirst(send.failure, Effect.zipRight(returnPath.shut, Effect.never)))
+      Effect.raceFirst(self, Effect.raceFirst(Effect.catchAll(send.failure, explained), early))
     yield* guarded(send.established)
     yield* guarded(returnPath.firstPong).pipe(
       peer(`waiting for QEMU to answer on the main channel (is its multifd-channels ${channels}?)`)

@@ -119,14 +119,17 @@ const fileError = (path: string, what: string) => (error: FileIo.FileError) =>
  * zero (writing), or whose bit is set (reading).
  */
 const runsOf = function*(pages: number, present: (page: number) => boolean): Generator<readonly [number, number]> {
-  let page = 0
-  while (page < pages) {
-    while (page < pages && !present(page)) page++
-    if (page === pages) return
-    const first = page
-    while (page < pages && present(page)) page++
-    yield [first, page]
+  // `present` is asked once a page
+  let first = -1
+  for (let page = 0; page < pages; page++) {
+    if (present(page)) {
+      if (first < 0) first = page
+    } else if (first >= 0) {
+      yield [first, page]
+      first = -1
+    }
   }
+  if (first >= 0) yield [first, pages]
 }
 
 /** Moves the runs of one block between memory and the file, in batches of `BATCH` bytes. */
