@@ -17,8 +17,8 @@
  * 4. every page of every block on the channels (zero pages as offsets only), a SYNC on every channel,
  *    SECTION_PART with MULTIFD_FLUSH, EOS; the commands of the RAM phase; SECTION_END after one more sync;
  *    then the device state, end marker and description, verbatim;
- * 5. the channels closed (TLS close_notify, FIN), and QEMU's `MIG_RP_MSG_SHUT` on the return path: 0 once it
- *    loaded everything and started the VM. Only then does `migrate` succeed.
+ * 5. the channels closed (TLS close_notify, FIN) while QEMU's `MIG_RP_MSG_SHUT` is awaited on the return path:
+ *    0 once it loaded everything and started the VM. Only then does `migrate` succeed.
  *
  * QEMU that refuses the migration (another machine type, a missing RAM block, another channel count, a device
  * it cannot load) closes its connections, and with its default `exit-on-error` exits: `migrate` fails with one
@@ -29,6 +29,7 @@
  */
 import * as Clock from "effect/Clock"
 import * as Effect from "effect/Effect"
+import * as Fiber from "effect/Fiber"
 import * as Writer from "./internal/qemu/writer.js"
 import * as ReturnPath from "./internal/qemu/returnPath.js"
 import { within } from "./internal/stall.js"
@@ -250,17 +251,21 @@ export const migrate = (options: Options): Effect.Effect<Stats, OutgoingError, T
     yield* flush([Writer.ramPart(id, true), Writer.MULTIFD_FLUSH, Writer.EOS, Writer.footer(id)])
     const deviceState = Buffer.from(vm.deviceState.buffer, vm.deviceState.byteOffset, vm.deviceState.length)
     yield* writeMain([deviceState])
-    yield* guarded(send.finish).pipe(peer("waiting for the multifd channels to close"))
 
-    // 6. QEMU's verdict
-    const status = yield* returnPath.shut.pipe(peer("waiting for QEMU to load the VM and say so on the return path"))
+    // 6. the channels closed while QEMU loads the device state, and QEMU's verdict (it may come first: QEMU
+    // has every page once it read the last flush, and closes the channels itself once it is done)
+    const closing = yield* Effect.fork(send.finish)
+    const status = yield* Effect.raceFirst(
+      returnPath.shut,
+      Effect.zipRight(Effect.catchAll(Fiber.join(closing), explained), Effect.never)
+    ).pipe(peer("waiting for QEMU to load the VM and say so on the return path"))
     if (status !== 0) {
       return yield* new MigrationError.MigrationError({
         reason: "Rejected",
         detail: `QEMU failed to load the migration (MIG_RP_MSG_SHUT ${status}): its log says why`
       })
     }
-    yield* Effect.ignore(main.end.pipe(Effect.timeout(timeouts.peer)))
+    yield* Effect.ignore(Effect.zipRight(Fiber.join(closing), main.end).pipe(Effect.timeout(timeouts.handshake)))
     const s = yield* send.stats
     const end = yield* Clock.currentTimeMillis
     const durationMs = end - start

@@ -310,6 +310,19 @@ describe.skipIf(missing !== undefined)(`QEMU ${"version" in qemu ? qemu.version 
       yield* expectResumed(dst)
     }))), 90_000)
 
+  it.live("QEMU's plain migrate file: (no mapped-ram, no multifd): recv file: --from-qemu --vm makes it a mapped-ram file QEMU resumes from", () =>
+    expectNoLeaks(Effect.scoped(Effect.gen(function*() {
+      const plain = fresh("qemu-plain.stream")
+      const src = yield* guest()
+      yield* Qemu.migrate(src.qmp, { uri: `file:${plain}`, channels: 0, compression: "none" })
+      expect(yield* Qemu.waitDone(src.qmp, "30 seconds")).toBe("completed")
+      const vmFile = fresh("from-plain.vm")
+      expect(yield* cli(["recv", `file:${plain}`, "--from-qemu", "--vm", vmFile, "--quiet"])).toMatchObject({ code: 0, stderr: [] })
+      expectVmFile(vmFile)
+      const fromFile = yield* destination({ channels: 2, mappedRam: true, uri: `file:${vmFile}` })
+      yield* expectResumed(fromFile)
+    }))), 90_000)
+
   it.live("return-path on the source, without multifd (--channels 0): answered as QEMU answers; QEMU reports completed", () =>
     expectNoLeaks(Effect.scoped(Effect.gen(function*() {
       const vmFile = fresh("legacy.vm")
