@@ -79,6 +79,8 @@ export interface ReadOptions {
 export interface Read {
   readonly vm: QemuVm.QemuVm
   readonly summary: QemuStream.Summary
+  /** Pages the file held (the others are zero). */
+  readonly pages: number
 }
 
 /**

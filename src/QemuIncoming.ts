@@ -13,7 +13,8 @@
  * return-path, which libvirt turns on) this side answers as QEMU's own destination answers a precopy
  * migration: SWITCHOVER_ACK when it opens, a PONG for each PING, and once the main stream has ended — every
  * page arrived, the device state complete — `MIG_RP_MSG_SHUT` 0 (1 when it fails), which QEMU waits for
- * before it reports `completed` and closes its channels.
+ * before it reports `completed` and closes its channels. (Such a stream's end is known by its description
+ * after the EOF marker, which every x86 machine type sends; a machine that suppresses it would time out.)
  *
  * With `vm: true` the rest of the main stream is kept too (`Incoming.vm`): the configuration, the commands
  * and the device state, verbatim — the whole VM, which `MappedRam.write` stores and `QemuOutgoing` resumes.

@@ -114,7 +114,8 @@ export const sendQemu: Options.Options<SendQemu> = Options.all({
     Options.withDescription(
       "Migrate a whole VM into an unmodified QEMU 10 listening at <uri> (-incoming, capability multifd, " +
         "multifd-channels as --channels, multifd-compression as --compression, the same machine options as the " +
-        "VM's source); succeeds once QEMU says it loaded the VM."
+        "VM's source); succeeds once QEMU says it loaded the VM. The VM file sets the page size; --zero-page " +
+        "does not apply (zero pages travel as offsets, as QEMU sends them)."
     )
   ),
   vm: Options.file("vm").pipe(

@@ -215,7 +215,10 @@ export const write = (path: string, vm: QemuVm.QemuVm): Effect.Effect<{ readonly
 export const read = (
   path: string,
   options: { readonly maxRamBytes: number; readonly pageSize?: number | undefined }
-): Effect.Effect<{ readonly vm: QemuVm.QemuVm; readonly summary: QemuStream.Summary }, MappedRamError> =>
+): Effect.Effect<
+  { readonly vm: QemuVm.QemuVm; readonly summary: QemuStream.Summary; readonly pages: number },
+  MappedRamError
+> =>
   Effect.scoped(Effect.gen(function*() {
     const failed = fileError(path, "read the file")
     const file = yield* Effect.mapError(FileIo.openForReading(path), failed)
@@ -236,6 +239,8 @@ export const read = (
     }
     const truncated = (detail: string) => new MappedRamError({ reason: "Truncated", path, detail })
     let memory: GuestRam.GuestRam["Type"] | undefined
+    // pages a mapped-ram file holds (its other pages are zero)
+    let pages = 0
     const handler: QemuStream.Handler<MappedRamError> = {
       blocks: (blocks, pageSize) =>
         Effect.gen(function*() {
@@ -265,7 +270,11 @@ export const read = (
           }
           const bitmap = Buffer.alloc(size)
           yield* Effect.mapError(FileIo.transfer("read", file, bitmap, 0, size, header.bitmapOffset), failed)
-          const present = (page: number) => (bitmap[page >>> 3]! & (1 << (page & 7))) !== 0
+          const present = (page: number) => {
+            if ((bitmap[page >>> 3]! & (1 << (page & 7))) === 0) return false
+            pages++
+            return true
+          }
           const place = { block: target, bitmapOffset: header.bitmapOffset, pagesOffset: header.pagesOffset }
           yield* Effect.mapError(transferRuns("read", file, place, pageSize, runsOf(target.pages, present)), failed)
         }),
@@ -293,5 +302,5 @@ export const read = (
     )
     const vm = memory === undefined ? undefined : QemuVm.fromSummary(summary, memory)
     if (vm === undefined) return yield* new MappedRamError({ reason: "Malformed", path, detail: "no RAM section" })
-    return { vm, summary }
+    return { vm, summary, pages: summary.mappedRam ? pages : summary.normalPages }
   }))
