@@ -192,12 +192,11 @@ export const migrate = (options: Options): Effect.Effect<Stats, OutgoingError, T
       ))
     // a channel QEMU closed: QEMU ends the main channel too, whose end says more (how far QEMU got)
     const explained = (error: MultifdSend.ChannelFailure): Effect.Effect<never, OutgoingError> =>
-      Effect.flatMap(Effect.either(Effect.timeout(returnPath.shut, "1 second")), (verdict): Effect.Effect<never, OutgoingError> => {
-        if (verdict._tag === "Left" && verdict.left._tag === "MigrationError") {
-          const { detail, reason } = verdict.left
-          return Effect.fail(new MigrationError.MigrationError({ reason, detail: `${detail}; ${error.message}` }))
-        }
-        return Effect.fail(error)
+      Effect.flatMap(Effect.either(Effect.timeout(returnPath.shut, "1 second")), (verdict) => {
+        const why: OutgoingError = verdict._tag === "Left" && verdict.left._tag === "MigrationError"
+          ? new MigrationError.MigrationError({ reason: verdict.left.reason, detail: `${verdict.left.detail}; ${error.message}` })
+          : error
+        return Effect.fail(why)
       })
     const guarded = <A, E>(self: Effect.Effect<A, E>) =>
       Effect.raceFirst(self, Effect.raceFirst(Effect.catchAll(send.failure, explained), early))

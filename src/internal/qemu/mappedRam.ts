@@ -110,7 +110,8 @@ const fileError = (path: string, what: string) => (error: FileIo.FileError) =>
     path,
     detail: error.step === "NotRegular"
       ? "is not a regular file"
-      : `cannot ${what}: ${error.step.toLowerCase()} failed${error.cause === undefined ? "" : `: ${FileIo.describe(error.cause)}`}`,
+      : `cannot ${what}: ${error.step.toLowerCase()} failed` +
+        (error.cause === undefined ? "" : `: ${FileIo.describe(error.cause)}`),
     cause: error
   })
 
@@ -173,7 +174,10 @@ const transferRuns = (
  * stream and every non-zero page at its place, each block's bitmap, then fsync and rename into place (and
  * the directory's fsync). On failure or interruption nothing is left at `path` or beside it.
  */
-export const write = (path: string, vm: QemuVm.QemuVm): Effect.Effect<{ readonly size: number; readonly pages: number }, MappedRamError> =>
+export const write = (
+  path: string,
+  vm: QemuVm.QemuVm
+): Effect.Effect<{ readonly size: number; readonly pages: number }, MappedRamError> =>
   Effect.scoped(Effect.gen(function*() {
     const configuration = vm.configuration
     if (configuration === undefined) {

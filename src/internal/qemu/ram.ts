@@ -91,7 +91,8 @@ const readMappedRamHeader = <E, R>({ r, state }: Parser<E, R>, name: string) =>
       return yield* fail(
         "Unsupported",
         at,
-        `the mapped-ram header of RAM block '${name}' has version ${header.version}; only version ${MAPPED_RAM_VERSION} is supported`,
+        `the mapped-ram header of RAM block '${name}' has version ${header.version}; ` +
+          `only version ${MAPPED_RAM_VERSION} is supported`,
         "mapped-ram"
       )
     }

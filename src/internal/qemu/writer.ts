@@ -45,7 +45,8 @@ const shortString = (text: string): Buffer => {
 /** The file header: `QEVM`, file version 3. */
 export const header = (): Buffer => Buffer.concat([u32(FILE_MAGIC), u32(FILE_VERSION)])
 
-const subsection = (name: string, body: Buffer) => Buffer.concat([Buffer.from([Record.SUBSECTION]), shortString(name), u32(1), body])
+const subsection = (name: string, body: Buffer) =>
+  Buffer.concat([Buffer.from([Record.SUBSECTION]), shortString(name), u32(1), body])
 
 /**
  * The CONFIGURATION record (vmstate "configuration"): the machine type, then the subsections QEMU sends
@@ -58,7 +59,8 @@ export const configuration = (configuration: Configuration, capabilities: Readon
     parts.push(subsection("configuration/target-page-bits", u32(configuration.targetPageBits)))
   }
   if (capabilities.length > 0) {
-    parts.push(subsection("configuration/capabilities", Buffer.concat([u32(capabilities.length), ...capabilities.map(shortString)])))
+    const list = Buffer.concat([u32(capabilities.length), ...capabilities.map(shortString)])
+    parts.push(subsection("configuration/capabilities", list))
   }
   if (configuration.uuid !== undefined) parts.push(subsection("configuration/uuid", Buffer.from(configuration.uuid)))
   return Buffer.concat(parts)
