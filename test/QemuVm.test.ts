@@ -323,12 +323,13 @@ describe.skipIf(missing !== undefined)(`QEMU ${"version" in qemu ? qemu.version 
       yield* expectResumed(fromFile)
     }))), 90_000)
 
-  it.live("return-path on the source, without multifd (--channels 0): answered as QEMU answers; QEMU reports completed", () =>
+  it.live("return-path and switchover-ack on the source, without multifd (--channels 0): answered as QEMU answers; QEMU completes", () =>
     expectNoLeaks(Effect.scoped(Effect.gen(function*() {
       const vmFile = fresh("legacy.vm")
       const src = yield* guest()
       const recv = yield* recvCli(["--channels", "0", "--vm", vmFile, "--json"])
-      yield* migrateGuest(src, recv.uri, { channels: 0, compression: "none", extraCapabilities: ["return-path"] })
+      // switchover-ack: a running guest's QEMU switches over only once the destination acknowledges it
+      yield* migrateGuest(src, recv.uri, { channels: 0, compression: "none", extraCapabilities: ["return-path", "switchover-ack"] })
       const received = yield* noHang(Fiber.join(recv.fiber), "recv --channels 0", 30)
       expect(received).toMatchObject({ code: 0, stderr: [] })
       const stats = JSON.parse(received.stdout.join(""))
