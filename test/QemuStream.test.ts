@@ -5,6 +5,9 @@
  * garbage input fails with one clear line, never hangs, and leaves no socket open; strangers (the multifd
  * magic and half an init packet, QEVM and no complete header, garbage) are candidates that are turned away,
  * closing at once or after the handshake timeout (TestClock), while the captured migration then succeeds.
+ * Whole VMs offline: a source's return path answered (SWITCHOVER_ACK, PONG, SHUT) before it closes anything,
+ * QEMU without multifd (`channels` 0), the mapped-ram file byte for byte and its failures, and `QemuOutgoing`
+ * into `QemuIncoming` (which answers as QEMU does) or into a stand-in QEMU that refuses.
  */
 import { describe, expect, it } from "@effect/vitest"
 import { afterAll } from "vitest"
