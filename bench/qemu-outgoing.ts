@@ -5,16 +5,19 @@
  * As bench/qemu-incoming.ts: loopback TCP, paused `-machine none` guests, the source maps a random image
  * privately and pre-faulted (`share=off,prealloc=on`), `max-bandwidth` 1 TiB/s, `downtime-limit` 60 s; every
  * destination is a QEMU receiving into a fresh sparse file on tmpfs (`prealloc=off`). The VM file that
- * `send --to-qemu` migrates is QEMU's own mapped-ram file of that guest (`migrate file:` with mapped-ram),
- * read into memory before the clock starts (the read is timed on its own, as `read`).
+ * `send --to-qemu` migrates is QEMU's own mapped-ram file of that guest (`migrate file:` with mapped-ram), on
+ * tmpfs, read as `send --to-qemu` reads it: `MappedRam.open`, then each batch of pages just before it is sent.
  *
- * Times: `e2e` = the migration starts (QEMU: QMP `migrate` sent; ours: `QemuOutgoing.migrate` called, i.e.
- * before it connects) → the destination QEMU has loaded everything (QEMU → QEMU: its MIGRATION `completed`
- * event; ours: QEMU's SHUT 0 on the return path, which it sends after that). Both destinations' RAM is
- * compared with the image.
+ * Times: `e2e` = the migration starts (QEMU: QMP `migrate` sent; ours: the VM file is opened, before anything
+ * connects) → the destination QEMU has loaded everything (QEMU → QEMU: its MIGRATION `completed` event; ours:
+ * QEMU's SHUT 0 on the return path, which it sends after that). With CLI=1 also the command itself, as a child
+ * process (`node dist/bin/multifd.js send ... --to-qemu`, built by `npm run build`): from spawning it to its
+ * exit. PRELOAD=1 reads the whole VM file first instead (`MappedRam.read`, the time printed) and then
+ * migrates. Every destination's RAM is compared with the image.
  */
 import * as Effect from "effect/Effect"
 import * as Logger from "effect/Logger"
+import * as ChildProcess from "node:child_process"
 import * as Crypto from "node:crypto"
 import * as Fs from "node:fs"
 import * as Path from "node:path"
@@ -106,24 +109,45 @@ const vmFile = Effect.scoped(Effect.gen(function*() {
 /** effect-multifd (this process) → QEMU. */
 const usToQemu = (path: string) =>
   Effect.scoped(Effect.gen(function*() {
-    const r0 = performance.now()
-    const { vm } = yield* MappedRam.read(path, { maxRamBytes: 64 * GIB })
-    const read = (performance.now() - r0) / 1000
     const { dst, dstImage, uri } = yield* destination
     const address = Transport.parseAddress(uri)
     if (address._tag === "Left") throw address.left
     const t0 = performance.now()
-    yield* QemuOutgoing.migrate({ address: address.right, vm, channels: CHANNELS, compression: COMPRESSION })
+    yield* Effect.scoped(Effect.gen(function*() {
+      if (process.env["PRELOAD"] === "1") {
+        const { vm } = yield* MappedRam.read(path, { maxRamBytes: 64 * GIB })
+        console.log(`  (read ${((performance.now() - t0) / 1000).toFixed(3)} s)`)
+        return yield* QemuOutgoing.migrate({ address: address.right, vm, channels: CHANNELS, compression: COMPRESSION })
+      }
+      const { load, vm } = yield* MappedRam.open(path, { maxRamBytes: 64 * GIB })
+      yield* QemuOutgoing.migrate({ address: address.right, vm, load, channels: CHANNELS, compression: COMPRESSION })
+    }))
     const e2e = (performance.now() - t0) / 1000
     const dstStatus = yield* Qemu.waitDone(dst.qmp, "60 seconds")
-    return { e2e, read, ok: dstStatus === "completed", same: same(dstImage) }
+    return { e2e, ok: dstStatus === "completed", same: same(dstImage) }
   })).pipe(Effect.provide(Transport.layer))
 
-const line = (label: string, r: { e2e: number; ok: boolean; same: boolean; read?: number }) =>
-  `${label.padEnd(26)} e2e ${r.e2e.toFixed(3)} s = ${(SIZE / GIB / r.e2e).toFixed(3)} GiB/s` +
-  `${r.read === undefined ? "" : ` (VM file read before: ${r.read.toFixed(3)} s)`} | ${r.ok ? "completed" : "FAILED"}, ${
-    r.same ? "equal to the image" : "DIFFERS"
-  }`
+/** `multifd send --to-qemu` (the bundle, a child process) → QEMU. */
+const cliToQemu = (path: string) =>
+  Effect.scoped(Effect.gen(function*() {
+    const { dst, dstImage, uri } = yield* destination
+    const t0 = performance.now()
+    const code = yield* Effect.async<number | null>((resume) => {
+      const child = ChildProcess.spawn(process.execPath, [
+        Path.join(import.meta.dirname, "..", "dist", "bin", "multifd.js"),
+        "send", uri, "--to-qemu", "--vm", path, "--channels", String(CHANNELS), "--compression", COMPRESSION, "--quiet"
+      ], { stdio: ["ignore", "ignore", "inherit"] })
+      child.on("exit", (c) => resume(Effect.succeed(c)))
+      return Effect.sync(() => void child.kill("SIGKILL"))
+    })
+    const e2e = (performance.now() - t0) / 1000
+    const dstStatus = yield* Qemu.waitDone(dst.qmp, "60 seconds")
+    return { e2e, ok: code === 0 && dstStatus === "completed", same: same(dstImage) }
+  }))
+
+const line = (label: string, r: { e2e: number; ok: boolean; same: boolean }) =>
+  `${label.padEnd(30)} e2e ${r.e2e.toFixed(3)} s = ${(SIZE / GIB / r.e2e).toFixed(3)} GiB/s | ` +
+  `${r.ok ? "completed" : "FAILED"}, ${r.same ? "equal to the image" : "DIFFERS"}`
 
 const main = Effect.gen(function*() {
   console.log(`${probe.version}; node ${process.version}; image ${SIZE} bytes random; ${CHANNELS} channels; ${COMPRESSION}`)
@@ -132,8 +156,11 @@ const main = Effect.gen(function*() {
     const q = ONLY === "us" ? undefined : yield* qemuToQemu
     if (q) console.log(line("QEMU -> QEMU", q))
     const u = ONLY === "qemu" ? undefined : yield* usToQemu(path)
-    if (u) console.log(line("send --to-qemu -> QEMU", u))
+    if (u) console.log(line("QemuOutgoing (VM file) -> QEMU", u))
     if (q && u) console.log(`ratio (effect-multifd / QEMU throughput, e2e): ${(q.e2e / u.e2e).toFixed(2)}`)
+    const c = ONLY === "qemu" || process.env["CLI"] !== "1" ? undefined : yield* cliToQemu(path)
+    if (c) console.log(line("multifd send --to-qemu -> QEMU", c))
+    if (q && c) console.log(`ratio (the command, process start included / QEMU): ${(q.e2e / c.e2e).toFixed(2)}`)
   }
 }).pipe(Effect.provide(Logger.replace(Logger.defaultLogger, Logger.none)))
 

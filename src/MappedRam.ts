@@ -17,6 +17,8 @@
  * @since 0.1.0
  */
 import type * as Effect from "effect/Effect"
+import type * as Scope from "effect/Scope"
+import type * as GuestRam from "./GuestRam.js"
 import * as internal from "./internal/qemu/mappedRam.js"
 import type * as QemuStream from "./QemuStream.js"
 import type * as QemuVm from "./QemuVm.js"
@@ -91,3 +93,26 @@ export interface Read {
  */
 export const read = (path: string, options: ReadOptions = {}): Effect.Effect<Read, MappedRamError> =>
   internal.read(path, { maxRamBytes: options.maxRamBytes ?? Transfer.DEFAULT_MAX_RAM, pageSize: options.pageSize })
+
+/**
+ * A file opened by `open`: its VM, whose memory is allocated but whose pages (of a mapped-ram file) are read
+ * only by `load`, and how to read them — so that a migration reads each batch of pages just before it sends
+ * them, the file's reads and the network's writes overlapping.
+ *
+ * @since 0.1.0
+ * @category models
+ */
+export interface Opened extends Read {
+  /** Reads the pages `first` to `first + count - 1` of `block` the file holds into its memory. */
+  readonly load: (block: GuestRam.Block, first: number, count: number) => Effect.Effect<void, MappedRamError>
+}
+
+/**
+ * Opens a QEMU migration file in the current scope (it stays open with it): its main stream read whole
+ * (configuration, block list, commands, device state), its pages left to `load`.
+ *
+ * @since 0.1.0
+ * @category reading
+ */
+export const open = (path: string, options: ReadOptions = {}): Effect.Effect<Opened, MappedRamError, Scope.Scope> =>
+  internal.open(path, { maxRamBytes: options.maxRamBytes ?? Transfer.DEFAULT_MAX_RAM, pageSize: options.pageSize })

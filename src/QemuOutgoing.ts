@@ -33,6 +33,7 @@ import * as Fiber from "effect/Fiber"
 import * as Writer from "./internal/qemu/writer.js"
 import * as ReturnPath from "./internal/qemu/returnPath.js"
 import { within } from "./internal/stall.js"
+import type * as GuestRam from "./GuestRam.js"
 import * as MigrationError from "./MigrationError.js"
 import * as MultifdSend from "./MultifdSend.js"
 import * as PageCodec from "./PageCodec.js"
@@ -48,10 +49,15 @@ import * as Transport from "./Transport.js"
  * @since 0.1.0
  * @category models
  */
-export interface Options {
+export interface Options<E = never> {
   /** Where QEMU listens (`-incoming tcp:HOST:PORT` or `unix:PATH`). */
   readonly address: Transport.Address
   readonly vm: QemuVm.QemuVm
+  /**
+   * Fills pages `first` to `first + count - 1` of `block` before they are sent (`MappedRam.open`'s `load`: the
+   * file is read batch by batch while the channels send the previous ones). Without it the memory is complete.
+   */
+  readonly load?: ((block: GuestRam.Block, first: number, count: number) => Effect.Effect<void, E>) | undefined
   /** QEMU's `multifd-channels` (1–255): QEMU waits for exactly this many. */
   readonly channels: number
   /** QEMU's `multifd-compression` (default `none`). */
@@ -102,7 +108,7 @@ export type OutgoingError =
 const badOptions = (detail: string) => new MigrationError.MigrationError({ reason: "BadOptions", detail })
 
 /** Why the options cannot be used, before anything connects. */
-const check = (options: Options): MigrationError.MigrationError | undefined => {
+const check = <E>(options: Options<E>): MigrationError.MigrationError | undefined => {
   const channels = Protocol.checkChannels(options.channels, "multifd channels")
   if (channels !== undefined) return badOptions(channels)
   if (options.address._tag === "File") return badOptions("QEMU listens on a tcp: or unix: address, not a file")
@@ -131,7 +137,7 @@ const indices = (first: number, count: number): Uint32Array => {
  * @since 0.1.0
  * @category migrating
  */
-export const migrate = (options: Options): Effect.Effect<Stats, OutgoingError, Transport.Transport> =>
+export const migrate = <E = never>(options: Options<E>): Effect.Effect<Stats, OutgoingError | E, Transport.Transport> =>
   Effect.scoped(Effect.gen(function*() {
     const bad = check(options)
     if (bad !== undefined) return yield* bad
@@ -238,6 +244,7 @@ export const migrate = (options: Options): Effect.Effect<Stats, OutgoingError, T
     for (const block of vm.ram.blocks) {
       for (let first = 0; first < block.pages; first += send.batchPages) {
         const count = Math.min(send.batchPages, block.pages - first)
+        if (options.load !== undefined) yield* guarded(options.load(block, first, count))
         yield* guarded(send.send(block, indices(first, count), count))
         queued += count
       }

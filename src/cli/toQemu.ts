@@ -45,12 +45,14 @@ export const run = (args: Args) =>
     if (uri._tag === "File") {
       return yield* new UsageError({ detail: "--to-qemu needs a tcp: or unix: uri (where QEMU listens: -incoming)" })
     }
-    const { vm } = yield* MappedRam.read(args.vm)
-    const stats = yield* Effect.scoped(Effect.gen(function*() {
+    const { stats, vm } = yield* Effect.scoped(Effect.gen(function*() {
+      // the pages are read batch by batch as the channels send the previous ones
+      const { load, vm } = yield* MappedRam.open(args.vm)
       const onProgress = yield* Progress.make("send", args.reporting)
-      return yield* QemuOutgoing.migrate({
+      const stats = yield* QemuOutgoing.migrate({
         address: uri,
         vm,
+        load,
         channels: args.channels,
         compression: args.compression,
         compressionLevel: args.compressionLevel,
@@ -58,6 +60,7 @@ export const run = (args: Args) =>
         timeouts: timeoutsOf(args.timing),
         onProgress
       })
+      return { stats, vm }
     })).pipe(Effect.provide(Transport.layer))
     yield* Report.print({ role: "send", input: args.vm, pageSize: vm.ram.pageSize, stats }, args.reporting)
     return stats

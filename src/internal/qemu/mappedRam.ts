@@ -19,6 +19,7 @@
  */
 import * as Data from "effect/Data"
 import * as Effect from "effect/Effect"
+import type * as Scope from "effect/Scope"
 import * as GuestRam from "../../GuestRam.js"
 import * as QemuStream from "../../QemuStream.js"
 import * as QemuVm from "../../QemuVm.js"
@@ -212,18 +213,31 @@ export const write = (
     return { size: plan.size, pages }
   }))
 
+/** A QEMU migration file opened: its VM (the pages of a mapped-ram file not read yet), and how to read them. */
+export interface Opened {
+  /** The VM; a mapped-ram file's pages are read into its memory by `load`. */
+  readonly vm: QemuVm.QemuVm
+  readonly summary: QemuStream.Summary
+  /** Pages the file holds (the others are zero). */
+  readonly pages: number
+  /**
+   * Reads the pages `first` to `first + count - 1` of `block` that the file holds into its memory (a plain
+   * stream's are there already: nothing to do).
+   */
+  readonly load: (block: GuestRam.Block, first: number, count: number) => Effect.Effect<void, MappedRamError>
+}
+
 /**
- * Reads the VM in the QEMU migration file at `path`: a mapped-ram file (QEMU's or ours), or a plain stream
- * (`migrate file:` without mapped-ram). Memory of the file's layout is allocated, up to `maxRamBytes`.
+ * Opens the QEMU migration file at `path` in the current scope (it stays open with it): a mapped-ram file
+ * (QEMU's or ours), or a plain stream (`migrate file:` without mapped-ram). The main stream is read whole —
+ * configuration, block list and bitmaps, commands, device state — and memory of the file's layout is
+ * allocated, up to `maxRamBytes`, untouched; a mapped-ram file's pages are read by `load`, as they are needed.
  */
-export const read = (
+export const open = (
   path: string,
   options: { readonly maxRamBytes: number; readonly pageSize?: number | undefined }
-): Effect.Effect<
-  { readonly vm: QemuVm.QemuVm; readonly summary: QemuStream.Summary; readonly pages: number },
-  MappedRamError
-> =>
-  Effect.scoped(Effect.gen(function*() {
+): Effect.Effect<Opened, MappedRamError, Scope.Scope> =>
+  Effect.gen(function*() {
     const failed = fileError(path, "read the file")
     const file = yield* Effect.mapError(FileIo.openForReading(path), failed)
     let position = 0
@@ -243,7 +257,8 @@ export const read = (
     }
     const truncated = (detail: string) => new MappedRamError({ reason: "Truncated", path, detail })
     let memory: GuestRam.GuestRam["Type"] | undefined
-    // pages a mapped-ram file holds (its other pages are zero)
+    // where each block's pages are, and which the file holds
+    const places = new Map<string, BlockPlace & { readonly bitmap: Buffer }>()
     let pages = 0
     const handler: QemuStream.Handler<MappedRamError> = {
       blocks: (blocks, pageSize) =>
@@ -264,7 +279,6 @@ export const read = (
         }),
       mappedRam: (block, header, target) =>
         Effect.gen(function*() {
-          const pageSize = header.pageSize
           const size = bitmapSize(target.pages)
           if (header.bitmapOffset + size > file.size || header.pagesOffset + block.size > file.size) {
             return yield* truncated(
@@ -274,13 +288,8 @@ export const read = (
           }
           const bitmap = Buffer.alloc(size)
           yield* Effect.mapError(FileIo.transfer("read", file, bitmap, 0, size, header.bitmapOffset), failed)
-          const present = (page: number) => {
-            if ((bitmap[page >>> 3]! & (1 << (page & 7))) === 0) return false
-            pages++
-            return true
-          }
-          const place = { block: target, bitmapOffset: header.bitmapOffset, pagesOffset: header.pagesOffset }
-          yield* Effect.mapError(transferRuns("read", file, place, pageSize, runsOf(target.pages, present)), failed)
+          for (let page = 0; page < target.pages; page++) if ((bitmap[page >>> 3]! & (1 << (page & 7))) !== 0) pages++
+          places.set(block.name, { block: target, bitmapOffset: header.bitmapOffset, pagesOffset: header.pagesOffset, bitmap })
         }),
       // a mapped-ram stream carries no flush (its channels wrote to the file); a plain one has no channels
       flush: () => Effect.void
@@ -306,5 +315,31 @@ export const read = (
     )
     const vm = memory === undefined ? undefined : QemuVm.fromSummary(summary, memory)
     if (vm === undefined) return yield* new MappedRamError({ reason: "Malformed", path, detail: "no RAM section" })
-    return { vm, summary, pages: summary.mappedRam ? pages : summary.normalPages }
+    const load = (block: GuestRam.Block, first: number, count: number) =>
+      Effect.suspend(() => {
+        const place = places.get(block.name)
+        if (place === undefined) return Effect.void
+        const { bitmap } = place
+        const runs = Array.from(runsOf(count, (i) => (bitmap[(first + i) >>> 3]! & (1 << ((first + i) & 7))) !== 0))
+          .map(([from, to]) => [first + from, first + to] as const)
+        return Effect.mapError(transferRuns("read", file, place, vm.ram.pageSize, runs), failed)
+      })
+    return { vm, summary, pages: summary.mappedRam ? pages : summary.normalPages, load }
+  })
+
+/**
+ * Reads the VM in the QEMU migration file at `path`: a mapped-ram file (QEMU's or ours), or a plain stream
+ * (`migrate file:` without mapped-ram). Memory of the file's layout is allocated, up to `maxRamBytes`.
+ */
+export const read = (
+  path: string,
+  options: { readonly maxRamBytes: number; readonly pageSize?: number | undefined }
+): Effect.Effect<
+  { readonly vm: QemuVm.QemuVm; readonly summary: QemuStream.Summary; readonly pages: number },
+  MappedRamError
+> =>
+  Effect.scoped(Effect.gen(function*() {
+    const opened = yield* open(path, options)
+    for (const block of opened.vm.ram.blocks) yield* opened.load(block, 0, block.pages)
+    return { vm: opened.vm, summary: opened.summary, pages: opened.pages }
   }))
