@@ -32,7 +32,7 @@ import * as Effect from "effect/Effect"
 import * as Fiber from "effect/Fiber"
 import * as Writer from "./internal/qemu/writer.js"
 import * as ReturnPath from "./internal/qemu/returnPath.js"
-import { within } from "./internal/stall.js"
+import { unlessStalled, within } from "./internal/stall.js"
 import type * as GuestRam from "./GuestRam.js"
 import * as MigrationError from "./MigrationError.js"
 import * as MultifdSend from "./MultifdSend.js"
@@ -160,13 +160,13 @@ export const migrate = <E = never>(options: Options<E>): Effect.Effect<Stats, Ou
       return upgrade ? yield* upgrade(raw, "main") : raw
     }).pipe(Effect.mapError(MigrationError.onChannel("main")))
     let mainBytes = 0
-    const writeMain = (chunks: ReadonlyArray<Buffer>) =>
+    const writeRaw = (chunks: ReadonlyArray<Buffer>) =>
       Effect.tap(
         Effect.mapError(main.write(chunks), MigrationError.onChannel("main")),
         () => Effect.sync(() => (mainBytes += chunks.reduce((n, c) => n + c.length, 0)))
       )
     const configuration = vm.configuration === undefined ? [] : [Writer.configuration(vm.configuration, [])]
-    yield* writeMain([Writer.header(), ...configuration, Writer.openReturnPath(), Writer.ping(1)])
+    yield* writeRaw([Writer.header(), ...configuration, Writer.openReturnPath(), Writer.ping(1)])
     let whyClosed = "before it took the configuration"
     const returnPath = yield* ReturnPath.start(
       main,
@@ -196,7 +196,7 @@ export const migrate = <E = never>(options: Options<E>): Effect.Effect<Stats, Ou
             : { reason: "Rejected", detail: `QEMU failed to load the migration (MIG_RP_MSG_SHUT ${status}): its log says why` }
         )
       ))
-    // a channel QEMU closed: QEMU ends the main channel too, whose end says more (how far QEMU got)
+    // a connection QEMU closed: QEMU ends the main channel too, whose end says more (how far QEMU got)
     const explained = (error: MultifdSend.ChannelFailure): Effect.Effect<never, OutgoingError> =>
       Effect.flatMap(Effect.either(Effect.timeout(returnPath.shut, "1 second")), (verdict) => {
         const why: OutgoingError = verdict._tag === "Left" && verdict.left._tag === "MigrationError"
@@ -206,57 +206,63 @@ export const migrate = <E = never>(options: Options<E>): Effect.Effect<Stats, Ou
       })
     const guarded = <A, E>(self: Effect.Effect<A, E>) =>
       Effect.raceFirst(self, Effect.raceFirst(Effect.catchAll(send.failure, explained), early))
+    const writeMain = (chunks: ReadonlyArray<Buffer>) => guarded(Effect.catchAll(writeRaw(chunks), explained))
     yield* guarded(send.established)
     yield* guarded(returnPath.firstPong).pipe(
       peer(`waiting for QEMU to answer on the main channel (is its multifd-channels ${channels}?)`)
     )
 
-    // 3. the RAM section: the block list, then the setup sync
-    whyClosed = "while it took the RAM blocks"
-    const id = vm.ramSectionId
-    const layout = vm.ram.blocks.map((b) => ({ name: b.name, size: b.bytes.length }))
-    yield* writeMain([Writer.ramStart(id), Writer.memSize(layout), ...layout.map(Writer.blockEntry)])
-    const flush = (record: ReadonlyArray<Buffer>) =>
-      Effect.zipRight(
-        guarded(send.sync).pipe(peer("waiting for the multifd channels to send their SYNC packets")),
-        writeMain(record)
-      )
-    yield* flush([Writer.MULTIFD_FLUSH, Writer.EOS, Writer.footer(id)])
-
-    // 4. every page, on whichever channel is idle
-    whyClosed = "while it received the RAM"
-    const totalPages = vm.ram.blocks.reduce((n, b) => n + b.pages, 0)
-    let queued = 0
-    yield* Transfer.reportEvery(options.onProgress, (rate) =>
-      Effect.gen(function*() {
-        const s = yield* send.stats
-        const doneBytes = s.sentPages * pageSize
-        return {
-          round: 1,
-          phase: "precopy",
-          doneBytes,
-          totalBytes: totalPages * pageSize,
-          dirtyPages: totalPages - s.sentPages,
-          bandwidth: yield* rate(s.sentBytes),
-          expectedDowntimeMs: 0
-        } satisfies Transfer.Progress
-      }))
-    for (const block of vm.ram.blocks) {
-      for (let first = 0; first < block.pages; first += send.batchPages) {
-        const count = Math.min(send.batchPages, block.pages - first)
-        if (options.load !== undefined) yield* guarded(options.load(block, first, count))
-        yield* guarded(send.send(block, indices(first, count), count))
-        queued += count
-      }
-    }
-    yield* flush([Writer.ramPart(id, false), Writer.MULTIFD_FLUSH, Writer.EOS, Writer.footer(id)])
-
-    // 5. the commands, the RAM section's end, the device state
-    whyClosed = "while it loaded the device state"
-    yield* writeMain(vm.commands.map(Writer.command))
-    yield* flush([Writer.ramPart(id, true), Writer.MULTIFD_FLUSH, Writer.EOS, Writer.footer(id)])
+    // 3.–5., with an inactivity watch: bytes the sockets accepted, on the channels or the main channel
+    const progress = Effect.map(send.stats, (s) => s.sentBytes + mainBytes)
     const deviceState = Buffer.from(vm.deviceState.buffer, vm.deviceState.byteOffset, vm.deviceState.length)
-    yield* writeMain([deviceState])
+    let queued = 0
+    const transfer = Effect.gen(function*() {
+      // 3. the RAM section: the block list, then the setup sync
+      whyClosed = "while it took the RAM blocks"
+      const id = vm.ramSectionId
+      const layout = vm.ram.blocks.map((b) => ({ name: b.name, size: b.bytes.length }))
+      yield* writeMain([Writer.ramStart(id), Writer.memSize(layout), ...layout.map(Writer.blockEntry)])
+      const flush = (record: ReadonlyArray<Buffer>) =>
+        Effect.zipRight(
+          guarded(send.sync).pipe(peer("waiting for the multifd channels to send their SYNC packets")),
+          writeMain(record)
+        )
+      yield* flush([Writer.MULTIFD_FLUSH, Writer.EOS, Writer.footer(id)])
+
+      // 4. every page, on whichever channel is idle
+      whyClosed = "while it received the RAM"
+      const totalPages = vm.ram.blocks.reduce((n, b) => n + b.pages, 0)
+      yield* Transfer.reportEvery(options.onProgress, (rate) =>
+        Effect.gen(function*() {
+          const s = yield* send.stats
+          const doneBytes = s.sentPages * pageSize
+          return {
+            round: 1,
+            phase: "precopy",
+            doneBytes,
+            totalBytes: totalPages * pageSize,
+            dirtyPages: totalPages - s.sentPages,
+            bandwidth: yield* rate(s.sentBytes),
+            expectedDowntimeMs: 0
+          } satisfies Transfer.Progress
+        }))
+      for (const block of vm.ram.blocks) {
+        for (let first = 0; first < block.pages; first += send.batchPages) {
+          const count = Math.min(send.batchPages, block.pages - first)
+          if (options.load !== undefined) yield* guarded(options.load(block, first, count))
+          yield* guarded(send.send(block, indices(first, count), count))
+          queued += count
+        }
+      }
+      yield* flush([Writer.ramPart(id, false), Writer.MULTIFD_FLUSH, Writer.EOS, Writer.footer(id)])
+
+      // 5. the commands, the RAM section's end, the device state
+      whyClosed = "while it loaded the device state"
+      yield* writeMain(vm.commands.map(Writer.command))
+      yield* flush([Writer.ramPart(id, true), Writer.MULTIFD_FLUSH, Writer.EOS, Writer.footer(id)])
+      yield* writeMain([deviceState])
+    })
+    yield* unlessStalled(transfer, progress, timeouts.peer, "while QEMU took nothing more of the migration")
 
     // 6. the channels closed while QEMU loads the device state, and QEMU's verdict (it may come first: QEMU
     // has every page once it read the last flush, and closes the channels itself once it is done)

@@ -1300,6 +1300,16 @@ describe("QemuOutgoing: a VM into a QEMU destination (here QemuIncoming, which a
       expect(error.message).toBe("QEMU failed to load the migration (MIG_RP_MSG_SHUT 1): its log says why")
     }))))
 
+  it.live("QEMU that answers and then takes nothing more: a timeout naming the wait, nothing left open", () =>
+    expectNoLeaks(Effect.scoped(Effect.gen(function*() {
+      const vm = yield* capturedVm
+      // a stand-in that answers the PING, then never reads its main channel again (its channels it drains)
+      const address = yield* fakeQemu((main) => Effect.zipRight(main.write([Buffer.from("0002000400000001", "hex")]), Effect.never))
+      const error = failureOf(yield* Effect.exit(QemuOutgoing.migrate({ address, vm, channels: 2, timeouts: PEER }).pipe(Effect.provide(Transport.layer))))
+      expectOneLine(error)
+      expect(error.message).toMatch(/^timed out after 2s (while QEMU took nothing more of the migration|waiting for QEMU to load the VM)/)
+    }))), 20_000)
+
   it.live("options it cannot use fail before anything connects", () =>
     Effect.gen(function*() {
       const vm = yield* capturedVm
