@@ -134,7 +134,7 @@ export const output = Options.file("out").pipe(
   Options.withDescription(
     "Where to write the received RAM image (the blocks concatenated in order; an existing file is replaced). " +
       "It is written to a temporary file beside it and renamed only after the migration succeeded and its " +
-      "digests verified; on failure nothing is left. Required, except with --from-qemu --out-dir."
+      "digests verified; on failure nothing is left. Required, except with --from-qemu --out-dir or --vm."
   ),
   Options.optional
 )
