@@ -42,8 +42,10 @@ export class MappedRamError extends Data.TaggedError("MappedRamError")<{
 
 /** Bytes moved per positional transfer batch (an interruption lands between two). */
 const BATCH = 64 * 1024 * 1024
-/** Transfers in flight at once. */
+/** Transfers in flight at once (libuv's thread pool has 4 threads). */
 const IN_FLIGHT = 4
+/** Largest single transfer: a run is split so that the thread pool moves it in parallel. */
+const PIECE = 1024 * 1024
 /** Bytes read at a time while following the main stream. */
 const STREAM_CHUNK = 1024 * 1024
 
@@ -143,7 +145,7 @@ const transferRuns = (
   runs: Iterable<readonly [number, number]>
 ): Effect.Effect<void, FileIo.FileError> =>
   Effect.gen(function*() {
-    const maxRun = BATCH / pageSize
+    const maxRun = Math.max(1, PIECE / pageSize)
     const list = FileIo.ioList(1024)
     let bytes = 0
     const flush = Effect.suspend(() => {
