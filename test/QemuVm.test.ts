@@ -287,7 +287,7 @@ describe.skipIf(missing !== undefined)(`QEMU ${"version" in qemu ? qemu.version 
       yield* expectResumed(dst)
     }))), 90_000)
 
-  it.live("QEMU's own mapped-ram file (migrate file:): recv file: --from-qemu reads it, send --to-qemu resumes it", () =>
+  it.live("QEMU's own mapped-ram file (migrate file:): recv file: --from-qemu reads it (--out, --out-dir, --vm), send --to-qemu resumes it over x509 TLS", () =>
     expectNoLeaks(Effect.scoped(Effect.gen(function*() {
       const qemuFile = fresh("qemu-saved.vm")
       const src = yield* guest()
@@ -301,12 +301,25 @@ describe.skipIf(missing !== undefined)(`QEMU ${"version" in qemu ? qemu.version 
       const dir_ = fresh("qemu-saved-blocks")
       expect(yield* cli(["recv", `file:${qemuFile}`, "--from-qemu", "--out-dir", dir_, "--quiet"])).toMatchObject({ code: 0 })
       expectSameRam(Fs.readFileSync(Path.join(dir_, QemuIncoming.blockFileName("mem"))))
+      // --vm: the whole VM again, as our mapped-ram file: the same RAM blocks and device state as QEMU's
+      const copy = fresh("qemu-saved-copy.vm")
+      expect(yield* cli(["recv", `file:${qemuFile}`, "--from-qemu", "--vm", copy, "--quiet"])).toMatchObject({ code: 0, stderr: [] })
+      expectVmFile(copy)
+      const [theirs, ours] = [(yield* MappedRam.read(qemuFile)).vm, (yield* MappedRam.read(copy)).vm]
+      expect(ours.ram.blocks.map((b) => [b.name, b.bytes.equals(theirs.ram.block(b.name)!.bytes)])).toEqual(
+        theirs.ram.blocks.map((b) => [b.name, true])
+      )
+      expect(Buffer.from(ours.deviceState).equals(Buffer.from(theirs.deviceState))).toBe(true)
 
-      const dst = yield* destination({ channels: 2 })
-      expect(yield* cli(["send", dst.uri, "--to-qemu", "--vm", qemuFile, "--channels", "2", "--quiet"])).toMatchObject({
-        code: 0,
-        stderr: []
-      })
+      // into a QEMU with x509 credentials (tls-creds-x509, endpoint=server), which requires a client certificate
+      const tls = Qemu.destinationTls(fresh("dst-x509"), "x509")
+      const dst = yield* destination({ channels: 2, extraParameters: tls.parameters }, { extraArgs: tls.args })
+      expect(
+        yield* cli([
+          "send", dst.uri, "--to-qemu", "--vm", qemuFile, "--channels", "2", "--quiet", "--tls-ca", fixtureTls("ca-cert.pem"),
+          "--tls-cert", fixtureTls("alice-cert.pem"), "--tls-key", fixtureTls("alice-key.pem")
+        ])
+      ).toMatchObject({ code: 0, stderr: [] })
       yield* expectResumed(dst)
     }))), 90_000)
 

@@ -333,13 +333,18 @@ export const sourceTls = (kind: "psk" | "x509", dir: string, hostname?: string):
 }
 
 /**
- * TLS credentials for a QEMU destination from the test PKI (`tls-creds-psk` with endpoint=server, keys.psk),
- * written to `dir`: the `-object` to start it with and the migration parameters.
+ * TLS credentials for a QEMU destination from the test PKI, written to `dir`: `tls-creds-psk` with
+ * endpoint=server (keys.psk), or `tls-creds-x509` with the server's certificate, which then requires a client
+ * certificate that chains to the test CA (QEMU's verify-peer default); the `-object` to start it with and the
+ * migration parameters.
  */
-export const destinationTls = (dir: string): SourceTls => {
+export const destinationTls = (dir: string, kind: "psk" | "x509" = "psk"): SourceTls => {
   Fs.mkdirSync(dir, { recursive: true })
-  Fs.copyFileSync(Path.join(TLS_FIXTURES, "keys.psk"), Path.join(dir, "keys.psk"))
-  return { args: ["-object", `tls-creds-psk,id=tls0,endpoint=server,dir=${dir}`], parameters: { "tls-creds": "tls0" } }
+  const files: ReadonlyArray<readonly [string, string]> = kind === "psk"
+    ? [["keys.psk", "keys.psk"]]
+    : [["ca-cert.pem", "ca-cert.pem"], ["server-cert.pem", "server-cert.pem"], ["server-key.pem", "server-key.pem"]]
+  for (const [from, to] of files) Fs.copyFileSync(Path.join(TLS_FIXTURES, from), Path.join(dir, to))
+  return { args: ["-object", `tls-creds-${kind},id=tls0,endpoint=server,dir=${dir}`], parameters: { "tls-creds": "tls0" } }
 }
 
 /** How a QEMU destination expects its migration. */
