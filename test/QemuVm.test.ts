@@ -310,6 +310,21 @@ describe.skipIf(missing !== undefined)(`QEMU ${"version" in qemu ? qemu.version 
         theirs.ram.blocks.map((b) => [b.name, true])
       )
       expect(Buffer.from(ours.deviceState).equals(Buffer.from(theirs.deviceState))).toBe(true)
+      // the same file cut in the middle of its pages: one line, exit 1, neither --vm nor --out left behind
+      const cut = fresh("qemu-saved-cut.vm")
+      Fs.copyFileSync(qemuFile, cut)
+      Fs.truncateSync(cut, Math.floor(Fs.statSync(qemuFile).size / 2))
+      for (const flag of ["--vm", "--out"]) {
+        const target = fresh(`from-cut${flag}`)
+        const result = yield* cli(["recv", `file:${cut}`, "--from-qemu", flag, target, "--quiet"])
+        expect({ flag, code: result.code, stderr: result.stderr }).toEqual({
+          flag,
+          code: 1,
+          stderr: [expect.stringMatching(/^multifd: error: .*qemu-saved-cut\.vm/)]
+        })
+        expect(leftovers(Path.basename(target))).toEqual([])
+        if (process.env["SHOW_ERRORS"]) console.log(`cut file, ${flag}: ${result.stderr[0]}`)
+      }
 
       // into a QEMU with x509 credentials (tls-creds-x509, endpoint=server), which requires a client certificate
       const tls = Qemu.destinationTls(fresh("dst-x509"), "x509")
