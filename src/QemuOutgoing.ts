@@ -30,6 +30,7 @@
 import * as Clock from "effect/Clock"
 import * as Effect from "effect/Effect"
 import * as Fiber from "effect/Fiber"
+import type * as Bandwidth from "./Bandwidth.js"
 import * as Writer from "./internal/qemu/writer.js"
 import * as ReturnPath from "./internal/qemu/returnPath.js"
 import { unlessStalled, within } from "./internal/stall.js"
@@ -73,6 +74,8 @@ export interface Options<E = never> {
   readonly timeouts?: Partial<Transfer.Timeouts> | undefined
   /** Called about ten times a second (`doneBytes`: pages the sockets accepted). */
   readonly onProgress?: ((progress: Transfer.Progress) => Effect.Effect<void>) | undefined
+  /** One bandwidth limit for the multifd channels (`Bandwidth.make`), as QEMU's `max-bandwidth`; none by default. */
+  readonly maxBandwidth?: Bandwidth.Limit | undefined
 }
 
 /**
@@ -185,7 +188,8 @@ export const migrate = <E = never>(options: Options<E>): Effect.Effect<Stats, Ou
       compressionLevel: options.compressionLevel,
       zeroPage: "multifd",
       connectTimeout: timeouts.connect,
-      upgrade
+      upgrade,
+      maxBandwidth: options.maxBandwidth
     })
     // QEMU's verdict before the end: it gave up (SHUT 1), or says it is done with a migration not yet sent
     const early = Effect.flatMap(returnPath.shut, (status) =>

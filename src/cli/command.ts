@@ -78,7 +78,7 @@ export const sendHelp = (): string => {
     sections: [
       { heading: "Arguments", entries: Help.pick(all, ["<uri>", "--in"]) },
       { heading: "To QEMU", entries: Help.pick(all, ["--to-qemu", "--vm"]) },
-      { heading: "Transfer", entries: Help.pick(all, ["--channels", "--page-size", "--compression", "--compression-level", "--zero-page"]) },
+      { heading: "Transfer", entries: Help.pick(all, ["--channels", "--page-size", "--compression", "--compression-level", "--zero-page", "--max-bandwidth"]) },
       { heading: "TLS", entries: Help.pick(all, ["--tls-psk", "--tls-identity", "--tls-ca", "--tls-hostname", "--tls-cert", "--tls-key", "--tls-ciphers"]) },
       { heading: "Timing and output", entries: Help.pick(all, ["--timeout", "--json", "--quiet", "--verbose"]) }
     ],

@@ -63,6 +63,7 @@ export const command = Command.make(
           channels: transfer.channels,
           compression: transfer.compression,
           compressionLevel: Option.getOrUndefined(transfer.compressionLevel),
+          maxBandwidth: Option.getOrUndefined(transfer.maxBandwidth),
           tls,
           timing,
           reporting

@@ -11,6 +11,7 @@
  * @since 0.1.0
  */
 import * as Effect from "effect/Effect"
+import * as Bandwidth from "../Bandwidth.js"
 import * as MappedRam from "../MappedRam.js"
 import type * as Protocol from "../Protocol.js"
 import * as QemuOutgoing from "../QemuOutgoing.js"
@@ -32,6 +33,8 @@ export interface Args {
   /** QEMU's `multifd-compression`. */
   readonly compression: Protocol.Compression
   readonly compressionLevel?: number | undefined
+  /** The channels' bandwidth limit in bytes per second (0 or none: no limit). */
+  readonly maxBandwidth?: number | undefined
   /** TLS as QEMU's `tls-creds` on the destination (client side). */
   readonly tls?: Tls.Tls["Type"] | undefined
   readonly timing: Options.Timing
@@ -49,6 +52,9 @@ export const run = (args: Args) =>
       // the pages are read batch by batch as the channels send the previous ones
       const { load, vm } = yield* MappedRam.open(args.vm)
       const onProgress = yield* Progress.make("send", args.reporting)
+      const maxBandwidth = args.maxBandwidth === undefined || args.maxBandwidth === 0
+        ? undefined
+        : yield* Bandwidth.make(args.maxBandwidth).pipe(Effect.mapError((error) => new UsageError({ detail: error.message })))
       const stats = yield* QemuOutgoing.migrate({
         address: uri,
         vm,
@@ -56,6 +62,7 @@ export const run = (args: Args) =>
         channels: args.channels,
         compression: args.compression,
         compressionLevel: args.compressionLevel,
+        maxBandwidth,
         upgrade: args.tls?.client(uri._tag === "Tcp" ? uri.host : undefined),
         timeouts: timeoutsOf(args.timing),
         onProgress
