@@ -30,7 +30,9 @@
 import * as Clock from "effect/Clock"
 import * as Effect from "effect/Effect"
 import * as Fiber from "effect/Fiber"
+import * as Option from "effect/Option"
 import type * as Bandwidth from "./Bandwidth.js"
+import * as ChannelThreads from "./ChannelThreads.js"
 import * as Writer from "./internal/qemu/writer.js"
 import * as ReturnPath from "./internal/qemu/returnPath.js"
 import { unlessStalled, within } from "./internal/stall.js"
@@ -154,6 +156,10 @@ export const migrate = <E = never>(options: Options<E>): Effect.Effect<Stats, Ou
       ? options.upgrade
       : Tls.client(options.tls, address._tag === "Tcp" ? address.host : undefined)
     const uuid = options.uuid ?? vm.configuration?.uuid ?? new Uint8Array(16)
+    // the channels run on the pool of channel threads when there is one and they can read the memory there
+    const threads = vm.ram.blocks.every((block) => block.bytes.buffer instanceof SharedArrayBuffer)
+      ? Option.getOrUndefined(yield* Effect.serviceOption(ChannelThreads.ChannelThreads))
+      : undefined
     const start = yield* Clock.currentTimeMillis
     const peer = (what: string) => within(timeouts.peer, what)
 
@@ -189,7 +195,8 @@ export const migrate = <E = never>(options: Options<E>): Effect.Effect<Stats, Ou
       zeroPage: "multifd",
       connectTimeout: timeouts.connect,
       upgrade,
-      maxBandwidth: options.maxBandwidth
+      maxBandwidth: options.maxBandwidth,
+      threads
     })
     // QEMU's verdict before the end: it gave up (SHUT 1), or says it is done with a migration not yet sent
     const early = Effect.flatMap(returnPath.shut, (status) =>

@@ -6,9 +6,7 @@
  */
 import * as Command from "@effect/cli/Command"
 import * as Effect from "effect/Effect"
-import * as Layer from "effect/Layer"
 import * as Option from "effect/Option"
-import * as ChannelThreads from "../ChannelThreads.js"
 import * as GuestRam from "../GuestRam.js"
 import * as Migration from "../Migration.js"
 import * as MigrationStatus from "../MigrationStatus.js"
@@ -19,7 +17,7 @@ import * as Options from "./options.js"
 import * as Progress from "./progress.js"
 import * as Log from "./log.js"
 import * as Report from "./report.js"
-import { environment, timeoutsOf, tlsOf } from "./settings.js"
+import { channelThreads, environment, timeoutsOf, tlsOf } from "./settings.js"
 import * as ToQemu from "./toQemu.js"
 
 /** The name of the one block an image file becomes. */
@@ -27,17 +25,6 @@ export const BLOCK_NAME = "ram"
 
 /** The host a source's TLS checks the destination's certificate against by default. */
 const hostOf = (uri: Transport.Address): string | undefined => uri._tag === "Tcp" ? uri.host : undefined
-
-/**
- * The channels' worker threads (`ChannelThreads`), started before the migration; none for a snapshot file. A
- * pool that cannot start leaves the channels on the main thread, with a warning.
- */
-const channelThreads = (uri: Transport.Address): Layer.Layer<never> =>
-  uri._tag === "File" ? Layer.empty : ChannelThreads.layer().pipe(
-    Layer.catchAll((error) =>
-      Layer.effectDiscard(Effect.logWarning(`channel threads: ${error.message}; the channels run on the main thread`))
-    )
-  )
 
 /** The `send` subcommand. */
 export const command = Command.make(

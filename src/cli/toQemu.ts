@@ -21,7 +21,7 @@ import { UsageError } from "./errors.js"
 import type * as Options from "./options.js"
 import * as Progress from "./progress.js"
 import * as Report from "./report.js"
-import { timeoutsOf } from "./settings.js"
+import { channelThreads, timeoutsOf } from "./settings.js"
 
 /** What `send --to-qemu` is asked to do. */
 export interface Args {
@@ -68,7 +68,7 @@ export const run = (args: Args) =>
         onProgress
       })
       return { stats, vm }
-    })).pipe(Effect.provide(Transport.layer))
+    })).pipe(Effect.provide([Transport.layer, channelThreads(uri)]))
     yield* Report.print({ role: "send", input: args.vm, pageSize: vm.ram.pageSize, stats }, args.reporting)
     return stats
   })
