@@ -7,13 +7,16 @@
  * method's), THREADS (default "1": the source's channels on worker threads; "0": on its main thread; "0 1":
  * both, alternating rep by rep), TLS (default "psk": a PSK TLS row at
  * TLS_CHANNELS, default 4; TLS= skips it), DST (prefault | fresh, default prefault), FILE (default 1: the
- * snapshot rows at 4 channels; FILE=0 skips them).
+ * snapshot rows at 4 channels; FILE=0 skips them), BANDWIDTH (the --max-bandwidth row: default 64M, BANDWIDTH_SIZE
+ * 256M over BANDWIDTH_CHANNELS 4; BANDWIDTH= skips it).
  */
+import * as Either from "effect/Either"
 import * as Esbuild from "esbuild"
 import * as ChildProcess from "node:child_process"
 import * as Path from "node:path"
 import * as Readline from "node:readline"
 import * as Url from "node:url"
+import * as Bandwidth from "../src/Bandwidth.js"
 import { parseSize } from "./size.js"
 
 const here = Path.dirname(Url.fileURLToPath(import.meta.url))
@@ -47,6 +50,8 @@ Esbuild.buildSync({
 
 
 const size = parseSize(process.env.SIZE ?? "1G")
+/** A rate as --max-bandwidth takes it, in bytes per second. */
+const parseRate = (text: string): number => Either.getOrThrowWith(Bandwidth.parse(text), (why) => new Error(why))
 const channelCounts = (process.env.CHANNELS ?? "1 2 4 8").split(/\s+/).filter(Boolean).map(Number)
 const reps = Number(process.env.REPS ?? 1)
 const compressions = (process.env.COMPRESSIONS ?? "none zlib zstd").split(/\s+/).filter(Boolean)
@@ -59,11 +64,17 @@ const tlsChannels = Number(process.env.TLS_CHANNELS ?? 4)
 const dstMode = process.env.DST ?? "prefault"
 const withFile = process.env.FILE !== "0"
 
+/** The bandwidth row: BANDWIDTH (default 64M; BANDWIDTH= skips it) over BANDWIDTH_CHANNELS (4), BANDWIDTH_SIZE (256M). */
+const bandwidth = process.env.BANDWIDTH ?? "64M"
+const bandwidthSize = parseSize(process.env.BANDWIDTH_SIZE ?? "256M")
+const bandwidthChannels = Number(process.env.BANDWIDTH_CHANNELS ?? 4)
+
 interface Result {
   readonly durationMs: number
   readonly cpuSeconds: number
   readonly peakRssMiB: number
   readonly wireBytes: number
+  readonly channelWireBytes?: ReadonlyArray<number>
 }
 
 const spawnPeer = (args: ReadonlyArray<string>) =>
@@ -86,16 +97,18 @@ const runOnce = async (
   channels: number,
   compression: string,
   tls: string,
-  threads: string
+  threads: string,
+  bytes = size,
+  maxBandwidth = 0
 ): Promise<{ src: Result; dst: Result }> => {
   const image = compression === "none" ? "random" : "halfzero"
-  const recv = spawnPeer(["recv", "tcp:127.0.0.1:0", String(size), dstMode, tls])
+  const recv = spawnPeer(["recv", "tcp:127.0.0.1:0", String(bytes), dstMode, tls])
   let started: (uri: string) => void
   const listening = new Promise<string>((resolve) => (started = resolve))
   const dst = lastJson(recv, (line) => line.startsWith("listening ") && started(line.slice(10)))
   const uri = await Promise.race([listening, dst.then(() => "")])
   const src = lastJson(spawnPeer(
-    ["send", uri, String(size), String(channels), compression, image, tls, compressionLevel ?? "default", threads]
+    ["send", uri, String(bytes), String(channels), compression, image, tls, compressionLevel ?? "default", threads, String(maxBandwidth)]
   ))
   return { src: await src, dst: await dst }
 }
@@ -140,6 +153,18 @@ const main = async () => {
   console.log("total_s and the CPU seconds), thr 0: on its main thread.")
   console.log("CPU seconds and peak RSS per process; wire_GiB = bytes on the multifd channels.")
   console.log("zlib/zstd rows: an image with every other page zero and random data in the rest, as QEMU's bench.")
+  if (bandwidth !== "" && bandwidth !== "0") {
+    const rate = parseRate(bandwidth)
+    const { src } = await runOnce(bandwidthChannels, "none", "none", threadModes.at(-1)!, bandwidthSize, rate)
+    const seconds = src.durationMs / 1000
+    const expected = src.wireBytes / rate
+    const shares = (src.channelWireBytes ?? []).map((b) => `${(b / src.wireBytes * 100).toFixed(1)}%`).join(" ")
+    console.log(
+      `\n--max-bandwidth ${bandwidth}: ${(bandwidthSize / 1024 ** 2).toFixed(0)} MiB random over ${bandwidthChannels} channels ` +
+        `in ${seconds.toFixed(2)} s (wire ${(src.wireBytes / 1024 ** 2).toFixed(1)} MiB / rate = ${expected.toFixed(2)} s: ` +
+        `${((seconds / expected - 1) * 100).toFixed(1)}%); channel shares ${shares}`
+    )
+  }
   if (withFile) {
     console.log("")
     await new Promise<void>((resolve, reject) => {

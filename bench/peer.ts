@@ -4,7 +4,7 @@
  *
  *   peer.ts recv <uri> <bytes> <mode: prefault|fresh> [tls: none|psk]   (prints `listening <uri>` first)
  *   peer.ts send <uri> <bytes> <channels> <compression> <image: random|halfzero> [tls: none|psk] [level|default]
- *     [threads: 1|0]
+ *     [threads: 1|0] [max-bandwidth: bytes per second, 0 none]
  *
  * With threads 1 (the default) the source's channels run on worker threads (ChannelThreads), started before
  * the migration, outside the time and the CPU seconds measured (the migration is measured from its connect).
@@ -73,7 +73,8 @@ const main = role === "recv"
       upgrade: tls?.client("127.0.0.1"),
       channels: Number(rest[0]),
       compression: rest[1] as Protocol.Compression,
-      compressionLevel: rest[4] === undefined || rest[4] === "default" ? undefined : Number(rest[4])
+      compressionLevel: rest[4] === undefined || rest[4] === "default" ? undefined : Number(rest[4]),
+      maxBandwidth: rest[6] === undefined ? undefined : Number(rest[6])
     }).pipe(Effect.provideServiceEffect(GuestRam.GuestRam, GuestRam.make({ blocks: [{ name: "mem", bytes: memory }] })))
     report(stats, process.cpuUsage(cpu))
   })

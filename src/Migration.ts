@@ -17,6 +17,7 @@ import * as Cause from "effect/Cause"
 import * as Effect from "effect/Effect"
 import * as Duration from "effect/Duration"
 import * as Stream from "effect/Stream"
+import * as Bandwidth from "./Bandwidth.js"
 import * as GuestRam from "./GuestRam.js"
 import * as Destination from "./internal/destination.js"
 import * as Recorder from "./internal/recorder.js"
@@ -121,6 +122,11 @@ export interface MigrateOptions {
   /** Kept up to date with this migration's status (`MigrationStatus.make`), for anyone to read at any moment. */
   readonly status?: MigrationStatus.MigrationStatus | undefined
   /**
+   * One bandwidth limit for all the channels, counting the bytes of every packet (QEMU's `max-bandwidth`):
+   * bytes per second (0: none, the default), or a `Bandwidth.Limit` to change while the migration runs.
+   */
+  readonly maxBandwidth?: number | Bandwidth.Limit | undefined
+  /**
    * A multifd channel whose connection breaks mid-migration (reset, end, a failed write) while the main
    * channel is alive is re-attached: a new connection for the same channel (the same upgrade), announced on
    * the main channel, resending every page the destination has not got before one of the channel's SYNCs.
@@ -195,7 +201,13 @@ const sourceSettings = (
     const compression = options.compression ?? "none"
     yield* PageCodec.checkLevel(compression, options.compressionLevel)
     yield* PageCodec.checkAvailable(compression)
+    const maxBandwidth = options.maxBandwidth
     return {
+      maxBandwidth: maxBandwidth === undefined || Bandwidth.isLimit(maxBandwidth)
+        ? maxBandwidth
+        : maxBandwidth === 0
+        ? undefined
+        : yield* Bandwidth.make(maxBandwidth),
       address: options.address,
       channels: options.channels ?? 2,
       compression,
@@ -229,6 +241,9 @@ const saveToFile = (
       return yield* unsupported(path, `compression ${options.compression} does not apply to a file: snapshot`)
     }
     if (options.upgrade !== undefined) return yield* unsupported(path, "TLS does not apply to a file: snapshot")
+    if (options.maxBandwidth !== undefined && options.maxBandwidth !== 0) {
+      return yield* unsupported(path, "a bandwidth limit does not apply to a file: snapshot (it limits the channels' sockets)")
+    }
     yield* tracker.active
     return yield* Snapshot.save(path, {
       channels: options.channels,

@@ -14,6 +14,7 @@
  * | `MULTIFD_DOWNTIME_LIMIT`, `MULTIFD_MAX_ROUNDS`, `MULTIFD_MAX_DURATION`, `MULTIFD_ON_NO_CONVERGENCE` | the live policy |
  * | `MULTIFD_MAX_RAM` | the largest memory a source may make a destination allocate |
  * | `MULTIFD_ACCEPT_TIMEOUT` | how long a destination waits for a source |
+ * | `MULTIFD_MAX_BANDWIDTH` | the source's bandwidth limit (`100M` is 100 MiB/s, `0` none: `Bandwidth.parse`) |
  *
  * Durations are written `30s`, `500ms`, `2m`, `1h` or as plain seconds; sizes as bytes or `512M`, `16G`. A bad
  * value is one error naming its variable (`MULTIFD_CHANNELS: must be between 1 and 255, not 0`): a
@@ -28,6 +29,7 @@ import * as Duration from "effect/Duration"
 import * as Effect from "effect/Effect"
 import * as Either from "effect/Either"
 import * as Layer from "effect/Layer"
+import * as Bandwidth from "./Bandwidth.js"
 import * as Field from "./internal/configField.js"
 import * as MigrationError from "./MigrationError.js"
 import * as Protocol from "./Protocol.js"
@@ -52,6 +54,8 @@ export interface Settings {
   readonly maxRamBytes?: number | undefined
   /** A destination's `acceptTimeout`. */
   readonly acceptTimeout?: Duration.DurationInput | undefined
+  /** A source's `maxBandwidth` (bytes per second; 0: none). */
+  readonly maxBandwidth?: number | Bandwidth.Limit | undefined
 }
 
 /**
@@ -240,6 +244,15 @@ export const maxRamBytes: Config.Config<number> = Config.nested(Field.field("MAX
 export const acceptTimeout: Config.Config<Duration.Duration> = duration("ACCEPT_TIMEOUT")
 
 /**
+ * `MULTIFD_MAX_BANDWIDTH`: the source's bandwidth limit in bytes per second (`Bandwidth.parse`: `100M` or
+ * `100` is 100 MiB/s; `0` is none).
+ *
+ * @since 0.1.0
+ * @category config
+ */
+export const maxBandwidth: Config.Config<number> = Config.nested(Field.field("MAX_BANDWIDTH", Bandwidth.parse), "MULTIFD")
+
+/**
  * Every setting from its variable, each optional; the compression level checked against the method
  * (`Protocol.CompressionLevel`).
  *
@@ -255,7 +268,8 @@ export const config: Config.Config<Settings> = Config.all({
   timeouts,
   live,
   maxRamBytes: optional(maxRamBytes),
-  acceptTimeout: optional(acceptTimeout)
+  acceptTimeout: optional(acceptTimeout),
+  maxBandwidth: optional(maxBandwidth)
 }).pipe(
   Config.mapOrFail((settings) => {
     const method = settings.compression ?? "none"

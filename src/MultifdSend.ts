@@ -34,6 +34,7 @@ import * as Queue from "effect/Queue"
 import * as Ref from "effect/Ref"
 import type * as Scope from "effect/Scope"
 import * as Crypto from "node:crypto"
+import * as Bandwidth from "./Bandwidth.js"
 import type * as ChannelThreads from "./ChannelThreads.js"
 import type * as GuestRam from "./GuestRam.js"
 import * as SendChannel from "./internal/sendChannel.js"
@@ -71,6 +72,8 @@ export interface Config {
    * run in this thread, where a wrapped transport or upgrade sees them.
    */
   readonly threads?: ChannelThreads.ChannelThreads["Type"] | undefined
+  /** One bandwidth limit for every channel (`Bandwidth.make`); none by default. */
+  readonly maxBandwidth?: Bandwidth.Limit | undefined
   /**
    * Re-attaches a channel whose connection broke after it was established (reset, EOF, a failed write):
    * up to `attempts` new connections within `within` of the loss (backoff between them), each announced by
@@ -261,7 +264,8 @@ export const make = (
       pageSize,
       compression: config.compression,
       compressionLevel: config.compressionLevel,
-      zeroPage: config.zeroPage
+      zeroPage: config.zeroPage,
+      rateLimit: Bandwidth.sharedOf(config.maxBandwidth)
     })
     const reconnect = config.reconnect !== undefined && config.reconnect.attempts > 0 ? config.reconnect : undefined
     const journals = Array.from({ length: channels }, () => new Journal(reconnect !== undefined))

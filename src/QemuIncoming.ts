@@ -7,8 +7,17 @@
  * and returns the memory once the main stream ended as a complete stream ends and QEMU closed its channels.
  *
  * QEMU announces neither its channel count nor its compression: both must be given (`multifd-channels`,
- * `multifd-compression`). QEMU's precopy has no acknowledgement without a return path, so QEMU reports
- * `completed` as soon as it sent everything; this side fails (and QEMU never learns) when anything is wrong.
+ * `multifd-compression`); `channels` 0 is QEMU without multifd (every page on the main stream). QEMU's
+ * precopy has no acknowledgement without a return path, so QEMU reports `completed` as soon as it sent
+ * everything; this side fails (and QEMU never learns) when anything is wrong. With a return path (capability
+ * return-path, which libvirt turns on) this side answers as QEMU's own destination answers a precopy
+ * migration: SWITCHOVER_ACK when it opens, a PONG for each PING, and once the main stream has ended — every
+ * page arrived, the device state complete — `MIG_RP_MSG_SHUT` 0 (1 when it fails), which QEMU waits for
+ * before it reports `completed` and closes its channels. (Such a stream's end is known by its description
+ * after the EOF marker, which every x86 machine type sends; a machine that suppresses it would time out.)
+ *
+ * With `vm: true` the rest of the main stream is kept too (`Incoming.vm`): the configuration, the commands
+ * and the device state, verbatim — the whole VM, which `MappedRam.write` stores and `QemuOutgoing` resumes.
  *
  * Strangers are candidates, never owners: an accepted connection becomes the main channel only once QEMU's
  * complete file header arrived (`QEVM`, version 3), a multifd channel counts only once its complete 64-byte init
@@ -34,14 +43,17 @@ import * as Clock from "effect/Clock"
 import * as Deferred from "effect/Deferred"
 import * as Duration from "effect/Duration"
 import * as Effect from "effect/Effect"
+import * as Ref from "effect/Ref"
 import type * as GuestRam from "./GuestRam.js"
 import * as Candidates from "./internal/qemu/candidates.js"
 import * as MainChannel from "./internal/qemu/mainChannel.js"
+import * as Writer from "./internal/qemu/writer.js"
 import { within } from "./internal/stall.js"
 import * as MigrationError from "./MigrationError.js"
 import type * as MultifdRecv from "./MultifdRecv.js"
 import * as Protocol from "./Protocol.js"
 import type * as QemuStream from "./QemuStream.js"
+import * as QemuVm from "./QemuVm.js"
 import * as Tls from "./Tls.js"
 import * as Transfer from "./Transfer.js"
 import * as Transport from "./Transport.js"
@@ -53,7 +65,7 @@ import * as Transport from "./Transport.js"
  * @category models
  */
 export interface Options {
-  /** QEMU's `multifd-channels` (1–255). */
+  /** QEMU's `multifd-channels` (1–255), or 0 for QEMU without capability multifd (pages on the main stream). */
   readonly channels: number
   /** QEMU's `multifd-compression` (default `none`); QEMU does not announce it. */
   readonly compression?: Protocol.Compression | undefined
@@ -93,6 +105,8 @@ export interface Options {
   readonly upgrade?: Transport.Upgrade<Transport.UpgradeError> | undefined
   /** Called about ten times a second once the RAM blocks are known (`doneBytes` counts pages received). */
   readonly onProgress?: ((progress: Transfer.Progress) => Effect.Effect<void>) | undefined
+  /** Keep the whole VM (`Incoming.vm`): the configuration, commands and device state besides the RAM. */
+  readonly vm?: boolean | undefined
 }
 
 /**
@@ -113,6 +127,8 @@ export interface QemuDetails {
   readonly mainZeroPages: number
   readonly mainNormalPages: number
   readonly commands: ReadonlyArray<string>
+  /** Whether QEMU opened a return path (and was answered on it). */
+  readonly returnPath: boolean
   /** Bytes of the main stream in all, and of the device state drained after the RAM section. */
   readonly mainBytes: number
   readonly deviceStateBytes: number
@@ -138,6 +154,8 @@ export interface Stats extends Transfer.Stats {
  */
 export interface Incoming {
   readonly ram: GuestRam.GuestRam["Type"]
+  /** The whole VM, with `vm: true`. */
+  readonly vm: QemuVm.QemuVm | undefined
   readonly stats: Stats
   /**
    * Connections that were turned away (strangers, candidates that closed or stalled before proving
@@ -169,27 +187,35 @@ export const DEFAULT_MAX_RAM: number = Transfer.DEFAULT_MAX_RAM
 
 /** The channels' end and what the migration did, once the main stream has ended. */
 const complete = (
-  recv: MultifdRecv.MultifdRecv["Type"],
+  recv: MultifdRecv.MultifdRecv["Type"] | undefined,
   main: MainChannel.MainResult,
   candidates: Candidates.Candidates,
-  settings: { readonly channels: number; readonly compression: Protocol.Compression; readonly peer: Duration.DurationInput }
+  settings: {
+    readonly channels: number
+    readonly compression: Protocol.Compression
+    readonly peer: Duration.DurationInput
+    readonly vm: boolean
+  }
 ): Effect.Effect<Incoming, MultifdRecv.ChannelFailure | MigrationError.MigrationError> =>
   Effect.gen(function*() {
     const { summary, ram } = main
     const { channels, compression } = settings
-    yield* Effect.raceFirst(recv.finished, recv.failure).pipe(
-      within(settings.peer, "waiting for QEMU to close its multifd channels"),
-      Effect.catchTag("MigrationError", (e) =>
-        Effect.flatMap(MainChannel.describeChannels(recv, channels, candidates.rejected), (missing) =>
-          Effect.fail(new MigrationError.MigrationError({ reason: e.reason, detail: `${e.detail} (${missing})` }))))
-    )
-    const s = yield* recv.stats
-    const uuid = yield* recv.uuid
+    if (recv !== undefined) {
+      yield* Effect.raceFirst(recv.finished, recv.failure).pipe(
+        within(settings.peer, "waiting for QEMU to close its multifd channels"),
+        Effect.catchTag("MigrationError", (e) =>
+          Effect.flatMap(MainChannel.describeChannels(recv, channels, candidates.rejected), (missing) =>
+            Effect.fail(new MigrationError.MigrationError({ reason: e.reason, detail: `${e.detail} (${missing})` }))))
+      )
+    }
+    const s = recv === undefined ? { packets: 0, syncs: 0, normalPages: 0, zeroPages: 0, bytes: 0 } : yield* recv.stats
+    const uuid = recv === undefined ? undefined : yield* recv.uuid
     const end = yield* Clock.currentTimeMillis
     const durationMs = end - ((yield* candidates.started) ?? end)
     const ramBytes = summary.blocks.reduce((n, b) => n + b.size, 0)
     return {
       ram,
+      vm: settings.vm ? QemuVm.fromSummary(summary, ram) : undefined,
       rejected: yield* candidates.rejected,
       stats: {
         uuid: uuid === undefined ? "" : Protocol.formatUuid(uuid),
@@ -216,6 +242,7 @@ const complete = (
           mainZeroPages: summary.zeroPages,
           mainNormalPages: summary.normalPages,
           commands: summary.commands,
+          returnPath: summary.returnPath,
           mainBytes: summary.bytes,
           deviceStateBytes: summary.deviceStateBytes,
           devices: summary.devices
@@ -243,7 +270,7 @@ export const incoming = (
     const timeouts = Transfer.resolveTimeouts(options.timeouts)
     const channels = options.channels
     const compression = options.compression ?? "none"
-    const badChannels = Protocol.checkChannels(channels, "multifd channels")
+    const badChannels = channels === 0 ? undefined : Protocol.checkChannels(channels, "multifd channels")
     if (badChannels !== undefined) {
       return yield* new MigrationError.MigrationError({ reason: "Rejected", detail: badChannels })
     }
@@ -251,7 +278,8 @@ export const incoming = (
     const candidates = yield* Candidates.start(listener, {
       upgrade: options.tls === undefined ? options.upgrade : Tls.server(options.tls, { writeOnlyPeers: true }),
       handshake: timeouts.handshake,
-      channelSet
+      channelSet,
+      multifd: channels > 0
     })
     const channelFailure = Effect.flatMap(Deferred.await(channelSet), (recv) => recv.failure)
     const failures = Effect.raceFirst(candidates.failure, channelFailure)
@@ -261,6 +289,13 @@ export const incoming = (
       : candidates.main.pipe(within(options.acceptTimeout, "waiting for QEMU to connect"))
     const connection = yield* Effect.raceFirst(waitMain, candidates.failure)
 
+    const returnPath = yield* Ref.make(false)
+    /** An answer on QEMU's return path, if QEMU opened one. */
+    const answer = (status: number) =>
+      Effect.flatMap(Ref.get(returnPath), (open) =>
+        open
+          ? Effect.mapError(connection.write([Writer.shut(status)]), MigrationError.onChannel("main"))
+          : Effect.void)
     const run = Effect.gen(function*() {
       const main = yield* MainChannel.read(connection, channelSet, candidates.rejected, {
         channels,
@@ -271,13 +306,21 @@ export const incoming = (
         pageSize: options.pageSize,
         flushAfterEachSection: options.flushAfterEachSection,
         peer: timeouts.peer,
-        onProgress: options.onProgress
+        onProgress: options.onProgress,
+        keepDeviceState: options.vm === true,
+        returnPath
       })
-      const recv = yield* Deferred.await(channelSet)
-      return yield* complete(recv, main, candidates, { channels, compression, peer: timeouts.peer })
+      // every page arrived (the last flush synced every channel) and the device state is complete: QEMU,
+      // if it waits on its return path, may now report completed and close its channels
+      yield* answer(0)
+      const recv = channels === 0 ? undefined : yield* Deferred.await(channelSet)
+      return yield* complete(recv, main, candidates, { channels, compression, peer: timeouts.peer, vm: options.vm === true })
     })
 
-    return yield* Effect.raceFirst(run, failures)
+    // a failure is said on the return path too, as QEMU's destination says it (best effort: QEMU may be gone)
+    return yield* Effect.raceFirst(run, failures).pipe(
+      Effect.tapError(() => Effect.ignore(answer(1).pipe(Effect.timeout(timeouts.handshake))))
+    )
   }))
 
 /**

@@ -99,6 +99,55 @@ export const RAM_SECTION: typeof format.RAM_SECTION = format.RAM_SECTION
 export const RAM_SECTION_VERSION: typeof format.RAM_SECTION_VERSION = format.RAM_SECTION_VERSION
 
 /**
+ * Messages of the return path, destination to source (QEMU's `enum mig_rp_message_type`): u16 type, u16
+ * length, that many bytes.
+ *
+ * @since 0.1.0
+ * @category constants
+ */
+export const ReturnPath: typeof format.ReturnPath = format.ReturnPath
+
+/**
+ * The capability of QEMU's `migrate file:` whose RAM pages sit at fixed offsets of the file.
+ *
+ * @since 0.1.0
+ * @category constants
+ */
+export const MAPPED_RAM: typeof format.MAPPED_RAM = format.MAPPED_RAM
+
+/**
+ * Size of the mapped-ram header after each block of a mapped-ram file's block list.
+ *
+ * @since 0.1.0
+ * @category constants
+ */
+export const MAPPED_RAM_HEADER_SIZE: typeof format.MAPPED_RAM_HEADER_SIZE = format.MAPPED_RAM_HEADER_SIZE
+
+/**
+ * The mapped-ram header version QEMU 10 writes and reads.
+ *
+ * @since 0.1.0
+ * @category constants
+ */
+export const MAPPED_RAM_VERSION: typeof format.MAPPED_RAM_VERSION = format.MAPPED_RAM_VERSION
+
+/**
+ * Where QEMU puts a block's pages in a mapped-ram file: the next multiple of this after its bitmap.
+ *
+ * @since 0.1.0
+ * @category constants
+ */
+export const MAPPED_RAM_ALIGNMENT: typeof format.MAPPED_RAM_ALIGNMENT = format.MAPPED_RAM_ALIGNMENT
+
+/**
+ * Name of a return path message, as QEMU's trace events print it.
+ *
+ * @since 0.1.0
+ * @category utils
+ */
+export const returnPathName: (type: number) => string = format.returnPathName
+
+/**
  * Name of a command, as QEMU's trace events print it.
  *
  * @since 0.1.0
@@ -153,6 +202,22 @@ export type RamBlock = format.RamBlock
 export type Configuration = format.Configuration
 
 /**
+ * A COMMAND record as it was sent (kept to be sent on verbatim).
+ *
+ * @since 0.1.0
+ * @category models
+ */
+export type CommandRecord = format.CommandRecord
+
+/**
+ * The mapped-ram header after a block in a mapped-ram file's block list.
+ *
+ * @since 0.1.0
+ * @category models
+ */
+export type MappedRamHeader = format.MappedRamHeader
+
+/**
  * What happened on the stream, once it has ended.
  *
  * @since 0.1.0
@@ -179,8 +244,9 @@ export type ByteSource<E> = format.ByteSource<E>
 export type Handler<E, R = never> = format.Handler<E, R>
 
 /**
- * How to read: the target page size when the stream does not say (default 4096), and QEMU's
- * `multifd-flush-after-each-section` (default off).
+ * How to read: the target page size when the stream does not say (default 4096), QEMU's
+ * `multifd-flush-after-each-section` (default off), whether to keep the device state, whether the stream may
+ * be a mapped-ram file.
  *
  * @since 0.1.0
  * @category models

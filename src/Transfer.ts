@@ -186,6 +186,8 @@ export interface Stats {
   readonly reconnects?: number | undefined
   /** Pages sent again on re-attached channels (source). */
   readonly resentPages?: number | undefined
+  /** Bytes each multifd channel carried, by channel id (source only). */
+  readonly channelWireBytes?: ReadonlyArray<number> | undefined
   /** Source: from connecting to the verified end; destination: from the source's hello to the end. */
   readonly durationMs: number
   /** Guest memory size over duration. */

@@ -10,12 +10,16 @@
  * @since 0.1.0
  */
 
+/** A bandwidth limit shared by a migration's channels, changeable while it runs (QEMU's max-bandwidth). @since 0.1.0 */
+export * as Bandwidth from "./Bandwidth.js"
 /** Worker threads for the channels of migrations: a pool, a scoped session per channel. @since 0.1.0 */
 export * as ChannelThreads from "./ChannelThreads.js"
 /** The main channel's messages (`effect/Schema`) and framing. @since 0.1.0 */
 export * as Control from "./Control.js"
 /** Named blocks of guest memory, the zero-page test, dirty tracking, digests. @since 0.1.0 */
 export * as GuestRam from "./GuestRam.js"
+/** QEMU 10's mapped-ram migration file, as the file of a whole VM. @since 0.1.0 */
+export * as MappedRam from "./MappedRam.js"
 /** `migrate` (source) and `incoming` (destination): hello, rounds, flush, completion, verification. @since 0.1.0 */
 export * as Migration from "./Migration.js"
 /** Migration settings from Effect's `Config` (`MULTIFD_CHANNELS`, ...), used where options leave them out. @since 0.1.0 */
@@ -36,8 +40,12 @@ export * as PageCodec from "./PageCodec.js"
 export * as Protocol from "./Protocol.js"
 /** Receiving a real QEMU 10 migration. @since 0.1.0 */
 export * as QemuIncoming from "./QemuIncoming.js"
+/** Migrating a whole VM into an unmodified QEMU 10. @since 0.1.0 */
+export * as QemuOutgoing from "./QemuOutgoing.js"
 /** QEMU's main migration stream. @since 0.1.0 */
 export * as QemuStream from "./QemuStream.js"
+/** A QEMU VM as its migration carries it: RAM, configuration, device state. @since 0.1.0 */
+export * as QemuVm from "./QemuVm.js"
 /** `file:` snapshots: parallel save and verified restore. @since 0.1.0 */
 export * as Snapshot from "./Snapshot.js"
 /** PSK and x509 TLS handshakes as Effects, authorization, configuration. @since 0.1.0 */

@@ -5,8 +5,12 @@
  * garbage input fails with one clear line, never hangs, and leaves no socket open; strangers (the multifd
  * magic and half an init packet, QEVM and no complete header, garbage) are candidates that are turned away,
  * closing at once or after the handshake timeout (TestClock), while the captured migration then succeeds.
+ * Whole VMs offline: a source's return path answered (SWITCHOVER_ACK, PONG, SHUT) before it closes anything,
+ * QEMU without multifd (`channels` 0), the mapped-ram file byte for byte and its failures, and `QemuOutgoing`
+ * into `QemuIncoming` (which answers as QEMU does) or into a stand-in QEMU that refuses.
  */
 import { describe, expect, it } from "@effect/vitest"
+import { afterAll } from "vitest"
 import * as Cause from "effect/Cause"
 import * as Effect from "effect/Effect"
 import * as Either from "effect/Either"
@@ -25,10 +29,13 @@ import * as Deferred from "effect/Deferred"
 import * as FromQemu from "../src/cli/fromQemu.js"
 import * as Terminal from "../src/cli/terminal.js"
 import * as GuestRam from "../src/GuestRam.js"
+import * as MappedRam from "../src/MappedRam.js"
 import * as PageCodec from "../src/PageCodec.js"
 import * as Protocol from "../src/Protocol.js"
 import * as QemuIncoming from "../src/QemuIncoming.js"
+import * as QemuOutgoing from "../src/QemuOutgoing.js"
 import * as QemuStream from "../src/QemuStream.js"
+import * as QemuVm from "../src/QemuVm.js"
 import * as Tls from "../src/Tls.js"
 import * as Transport from "../src/Transport.js"
 import { advanceUntil } from "./support/clock.js"
@@ -1053,5 +1060,264 @@ describe("recv --from-qemu (src/cli/fromQemu.run, without option parsing)", () =
       } finally {
         Fs.rmSync(dir, { recursive: true, force: true })
       }
+    }))
+})
+
+// ---------------------------------------------------------------------------------------------------------
+// Whole VMs, offline: the return path, QEMU without multifd, the mapped-ram file, QemuOutgoing
+
+/** Where the captures' configuration record ends (header, 0x07, length 4, "none"): the RAM section starts. */
+const AFTER_CONFIGURATION = 17
+
+/** The captured main stream with `MIG_CMD_OPEN_RETURN_PATH` and a PING of `value` after its configuration. */
+const withReturnPath = (value: number) =>
+  Buffer.concat([MAIN.subarray(0, AFTER_CONFIGURATION), command(1), command(2, u32(value)), MAIN.subarray(AFTER_CONFIGURATION)])
+
+const CHANNEL_STREAMS = [fixture("none-2ch/multifd-0.bin"), fixture("none-2ch/multifd-1.bin")]
+
+/** The capture's VM, as QemuIncoming keeps it (`vm: true`). */
+const capturedVm = Effect.scoped(Effect.gen(function*() {
+  const dst = yield* destination({ channels: 2, vm: true })
+  const exit = yield* replayAll(dst, [MAIN, ...CHANNEL_STREAMS])
+  if (Exit.isFailure(exit)) throw new Error(Cause.pretty(exit.cause))
+  return exit.value.vm!
+}))
+
+/** A stand-in for QEMU's destination: the main channel to `onMain`, every other connection drained. */
+const fakeQemu = (onMain: (connection: Transport.Connection) => Effect.Effect<void, unknown>) =>
+  Effect.gen(function*() {
+    const listener = yield* Transport.listen({ _tag: "Tcp", host: "127.0.0.1", port: 0 })
+    const drain = (connection: Transport.Connection): Effect.Effect<void, unknown> =>
+      Effect.flatMap(connection.readSome(1024 * 1024), (chunk) => chunk.length === 0 ? Effect.void : drain(connection))
+    yield* Effect.forkScoped(Effect.forever(Effect.gen(function*() {
+      const connection = yield* listener.accept
+      yield* Effect.forkScoped(Effect.ignore(Effect.gen(function*() {
+        const first = yield* connection.peek(4)
+        yield* QemuStream.isMainStream(first) ? onMain(connection) : drain(connection)
+      })))
+    })))
+    return listener.address
+  })
+
+const vmFileDir = Fs.mkdtempSync(Path.join(Os.tmpdir(), "emfd-vmfile-"))
+afterAll(() => Fs.rmSync(vmFileDir, { recursive: true, force: true }))
+
+describe("QemuIncoming: a source with a return path (capability return-path), answered as QEMU's destination answers", () => {
+  it.live("SWITCHOVER_ACK when it opens, PONG with the PING's value, SHUT 0 once the stream ended, before QEMU closes anything", () =>
+    expectNoLeaks(Effect.scoped(Effect.gen(function*() {
+      expect(MAIN[AFTER_CONFIGURATION]).toBe(0x01)
+      const dst = yield* destination({ channels: 2 })
+      // QEMU with a return path closes nothing before the SHUT: the main channel stays open here
+      const main = yield* Transport.connect(dst.address)
+      yield* main.write([withReturnPath(0x4d)])
+      yield* Effect.forkScoped(Effect.forEach(CHANNEL_STREAMS, (bytes) => Effect.either(send(dst.address, bytes)), { concurrency: "unbounded" }))
+      const answers = yield* noHang(main.read(20), "the answers on the return path")
+      expect(answers.toString("hex")).toBe(
+        "00070000" + // SWITCHOVER_ACK
+          "000200040000004d" + // PONG 0x4d
+          "0001000400000000" // SHUT 0
+      )
+      const exit = yield* noHang(Fiber.await(dst.fiber), "the destination")
+      if (Exit.isFailure(exit)) throw new Error(Cause.pretty(exit.cause))
+      sameAsImage(exit.value.ram)
+      expect(exit.value.stats.qemu).toMatchObject({ returnPath: true, commands: ["OPEN_RETURN_PATH", "PING", "SWITCHOVER_START"] })
+    }))))
+
+  it.live("a failed migration says SHUT 1 on the return path", () =>
+    expectNoLeaks(Effect.scoped(Effect.gen(function*() {
+      const dst = yield* destination({ channels: 2, maxRamBytes: RAM_SIZE - PAGE })
+      const main = yield* Transport.connect(dst.address)
+      yield* main.write([withReturnPath(1)])
+      expect(failureOf(yield* noHang(Fiber.await(dst.fiber), "the destination")).message).toContain("exceed this destination's limit")
+      expect((yield* noHang(main.read(20), "the answers")).toString("hex")).toBe("00070000" + "0002000400000001" + "0001000400000001")
+    }))))
+
+  it.effect("without a handler that opens it, the reader still refuses the return path, naming it", () =>
+    Effect.gen(function*() {
+      const error = yield* parseError(withReturnPath(1))
+      expect(error).toMatchObject({ reason: "Unsupported", feature: "return-path" })
+    }))
+})
+
+describe("QemuIncoming with channels 0: QEMU without multifd, every page on the main stream", () => {
+  const pages = stream({
+    start: [],
+    parts: [[pageRecord(0, "mem", 0x11), pageRecord(2 * PAGE, undefined, 0x22), zeroRecord(3 * PAGE, undefined)]],
+    end: [pageRecord(7 * PAGE, "mem", 0x33)]
+  })
+
+  it.live("the pages land in memory; a multifd channel is turned away", () =>
+    expectNoLeaks(Effect.scoped(Effect.gen(function*() {
+      const dst = yield* destination({ channels: 0 })
+      const exit = yield* replayAll(dst, [CHANNEL_STREAMS[0]!, pages])
+      if (Exit.isFailure(exit)) throw new Error(Cause.pretty(exit.cause))
+      const mem = exit.value.ram.block("mem")!.bytes
+      expect([mem[0], mem[PAGE], mem[2 * PAGE], mem[3 * PAGE], mem[7 * PAGE + PAGE - 1]]).toEqual([0x11, 0, 0x22, 0, 0x33])
+      expect(exit.value.stats).toMatchObject({ channels: 0, packets: 0, normalPages: 3, zeroPages: 1 })
+      expect(exit.value.rejected).toEqual([expect.stringContaining("a multifd channel, but this destination expects QEMU without multifd")])
+    }))))
+
+  it.live("a stream with MULTIFD_FLUSH (QEMU with multifd) fails at once, saying so", () =>
+    expectNoLeaks(Effect.scoped(Effect.gen(function*() {
+      const dst = yield* destination({ channels: 0 })
+      const error = failureOf(yield* replayAll(dst, [MAIN]))
+      expectOneLine(error)
+      expect(error.message).toContain("QEMU migrates with multifd (RAM_SAVE_FLAG_MULTIFD_FLUSH), but --channels 0 expects none")
+    }))))
+})
+
+describe("MappedRam: QEMU 10's mapped-ram file", () => {
+  it.live("written as QEMU lays it out (sparse, pages at the next MiB after the bitmap), read back the same", () =>
+    Effect.gen(function*() {
+      const vm = yield* capturedVm
+      expect(QemuVm.describe(vm)).toBe("none, 1 RAM block (4194304 bytes), 2 devices")
+      const file = Path.join(vmFileDir, "captured.vm")
+      const written = yield* MappedRam.write(file, vm)
+      expect(written.pages).toBe(819)
+      const bytes = Fs.readFileSync(file)
+      expect(bytes.length).toBe(written.size)
+      expect(Fs.statSync(file).blocks * 512).toBeLessThan(bytes.length)
+      // header, configuration with capability mapped-ram, SECTION_START ram, MEM_SIZE, "mem", its mapped-ram header
+      const config = Buffer.concat([configuration("none", [subsection("configuration/capabilities", Buffer.concat([u32(1), str("mapped-ram")]))])])
+      const start = Buffer.concat([header, config, sectionStart(1, "ram", 4, [u64(RAM_SIZE | 0x04), str("mem"), u64(RAM_SIZE)])])
+      expect(bytes.subarray(0, start.length).equals(start)).toBe(true)
+      const mr = bytes.subarray(start.length, start.length + 28)
+      const bitmapOffset = Number(mr.readBigUInt64BE(12))
+      const pagesOffset = Number(mr.readBigUInt64BE(20))
+      expect([mr.readUInt32BE(0), Number(mr.readBigUInt64BE(4)), bitmapOffset, pagesOffset]).toEqual([1, PAGE, start.length + 28, 0x100000])
+      // the bitmap: one bit a non-zero page (every fifth page of ram.img is zero)
+      const bitmap = bytes.subarray(bitmapOffset, bitmapOffset + RAM_SIZE / PAGE / 8)
+      for (const page of [0, 1, 5, 6, 1023]) expect(((bitmap[page >> 3]! >> (page & 7)) & 1) === 1).toBe(page % 5 !== 0)
+      expect(bytes.subarray(pagesOffset + PAGE, pagesOffset + 2 * PAGE).equals(RAM_IMG.subarray(PAGE, 2 * PAGE))).toBe(true)
+      // then the stream goes on after the pages: EOS, footer, SWITCHOVER_START, SECTION_END, the device state
+      expect(bytes.subarray(pagesOffset + RAM_SIZE).equals(Buffer.concat([EOS, footer(1), command(11), sectionPart(0x03, 1, [EOS]), footer(1), TAIL]))).toBe(true)
+
+      const { summary, vm: back } = yield* MappedRam.read(file)
+      sameAsImage(back.ram)
+      expect(summary).toMatchObject({ mappedRam: true, commands: ["SWITCHOVER_START"], devices: 2 })
+      expect(Buffer.from(back.deviceState).equals(TAIL)).toBe(true)
+      expect(back.configuration).toEqual({ machine: "none", targetPageBits: undefined, uuid: undefined, capabilities: [] })
+      expect(Fs.readdirSync(vmFileDir)).toEqual(["captured.vm"])
+    }))
+
+  it.live("a cut, foreign or newer file fails with one line naming it; a mapped-ram stream on a socket is refused", () =>
+    expectNoLeaks(Effect.scoped(Effect.gen(function*() {
+      const vm = yield* capturedVm
+      const file = Path.join(vmFileDir, "whole.vm")
+      yield* MappedRam.write(file, vm)
+      const bytes = Fs.readFileSync(file)
+      const variant = (name: string, content: Buffer) => {
+        const path = Path.join(vmFileDir, name)
+        Fs.writeFileSync(path, content)
+        return path
+      }
+      const failure = (path: string) =>
+        Effect.map(Effect.flip(MappedRam.read(path)), (error) => {
+          expectOneLine(error)
+          return error
+        })
+      const cut = yield* failure(variant("cut.vm", bytes.subarray(0, 0x100000 + RAM_SIZE / 2)))
+      expect(cut).toMatchObject({ reason: "Truncated" })
+      expect(cut.message).toContain("cut.vm: the file (")
+      const tail = yield* failure(variant("tail.vm", bytes.subarray(0, bytes.length - 100)))
+      expect(tail).toMatchObject({ reason: "Truncated" })
+      const foreign = yield* failure(variant("foreign.vm", RAM_IMG))
+      expect(foreign).toMatchObject({ reason: "Unusable" })
+      expect(foreign.message).toContain("not a QEMU migration stream")
+      const newer = Buffer.from(bytes)
+      newer.writeUInt32BE(2, bytes.indexOf(Buffer.from("mem")) + 3 + 8)
+      expect((yield* failure(variant("newer.vm", newer))).message).toContain("mapped-ram header of RAM block 'mem' has version 2")
+      const missing = yield* failure(Path.join(vmFileDir, "missing.vm"))
+      expect(missing).toMatchObject({ reason: "Unusable" })
+
+      // the same bytes on a socket: QEMU never sends mapped-ram there
+      const dst = yield* destination({ channels: 2 })
+      const refused = failureOf(yield* replayAll(dst, [bytes.subarray(0, 200)]))
+      expect(refused.message).toContain("a mapped-ram stream is a file (QEMU's migrate file:)")
+    }))))
+})
+
+describe("QemuOutgoing: a VM into a QEMU destination (here QemuIncoming, which answers as QEMU does)", () => {
+  const roundTrip = (options: {
+    readonly compression: Protocol.Compression
+    readonly tls?: readonly [Tls.TlsConfig, Tls.TlsConfig] | undefined
+  }) =>
+    Effect.scoped(Effect.gen(function*() {
+      const vm = yield* capturedVm
+      const serverTls = options.tls === undefined ? undefined : yield* Tls.load(options.tls[0])
+      const clientTls = options.tls === undefined ? undefined : yield* Tls.load(options.tls[1])
+      const dst = yield* destination({ channels: 3, compression: options.compression, vm: true, tls: serverTls })
+      const stats = yield* QemuOutgoing.migrate({
+        address: dst.address,
+        vm,
+        channels: 3,
+        compression: options.compression,
+        tls: clientTls,
+        timeouts: PEER
+      }).pipe(Effect.provide(Transport.layer))
+      const exit = yield* noHang(Fiber.await(dst.fiber), "the destination")
+      if (Exit.isFailure(exit)) throw new Error(Cause.pretty(exit.cause))
+      const received = exit.value
+      sameAsImage(received.ram)
+      expect(Buffer.from(received.vm!.deviceState).equals(Buffer.from(vm.deviceState))).toBe(true)
+      expect(received.vm!.commands).toEqual(vm.commands)
+      expect(received.stats.qemu).toMatchObject({ returnPath: true, flushes: 3, commands: ["OPEN_RETURN_PATH", "PING", "SWITCHOVER_START"] })
+      expect(received.stats.syncs).toBe(9)
+      expect(stats).toMatchObject({ channels: 3, compression: options.compression, normalPages: 819, zeroPages: 205, syncs: 9 })
+      expect(stats.qemu.returnPath).toEqual(["SWITCHOVER_ACK", "PONG", "SHUT"])
+    }))
+
+  for (const compression of ["none", "zlib", "zstd"] as const) {
+    const problem = codecProblems.get(compression)
+    it.live.skipIf(problem !== undefined)(`3 channels, ${compression}: the RAM, commands and device state arrive`, () =>
+      expectNoLeaks(roundTrip({ compression })))
+  }
+
+  it.live("over PSK TLS", () =>
+    expectNoLeaks(roundTrip({ compression: "none", tls: [{ psk: tlsFixture("keys.psk") }, { psk: tlsFixture("keys.psk") }] })))
+
+  it.live("QEMU closes the main channel before answering: one line saying so, nothing left open", () =>
+    expectNoLeaks(Effect.scoped(Effect.gen(function*() {
+      const vm = yield* capturedVm
+      const address = yield* fakeQemu((main) => Effect.zipRight(main.read(QemuStream.HEADER_SIZE), main.end))
+      const error = failureOf(yield* Effect.exit(QemuOutgoing.migrate({ address, vm, channels: 2, timeouts: PEER }).pipe(Effect.provide(Transport.layer))))
+      expectOneLine(error)
+      expect(error.message).toMatch(/^QEMU ended the migration before it took the configuration: it refused it/)
+    }))))
+
+  it.live("QEMU answers SHUT 1 (it failed to load): one line, at once", () =>
+    expectNoLeaks(Effect.scoped(Effect.gen(function*() {
+      const vm = yield* capturedVm
+      const address = yield* fakeQemu((main) =>
+        Effect.gen(function*() {
+          yield* main.write([Buffer.from("000200040000000100010004" + "00000001", "hex")])
+          while ((yield* main.readSome(65536)).length > 0) {
+            // drained
+          }
+        }))
+      const error = failureOf(yield* Effect.exit(QemuOutgoing.migrate({ address, vm, channels: 2, timeouts: PEER }).pipe(Effect.provide(Transport.layer))))
+      expectOneLine(error)
+      expect(error.message).toBe("QEMU failed to load the migration (MIG_RP_MSG_SHUT 1): its log says why")
+    }))))
+
+  it.live("QEMU that answers and then takes nothing more: a timeout naming the wait, nothing left open", () =>
+    expectNoLeaks(Effect.scoped(Effect.gen(function*() {
+      const vm = yield* capturedVm
+      // a stand-in that answers the PING, then never reads its main channel again (its channels it drains)
+      const address = yield* fakeQemu((main) => Effect.zipRight(main.write([Buffer.from("0002000400000001", "hex")]), Effect.never))
+      const error = failureOf(yield* Effect.exit(QemuOutgoing.migrate({ address, vm, channels: 2, timeouts: PEER }).pipe(Effect.provide(Transport.layer))))
+      expectOneLine(error)
+      expect(error.message).toMatch(/^timed out after 2s (while QEMU took nothing more of the migration|waiting for QEMU to load the VM)/)
+    }))), 20_000)
+
+  it.live("options it cannot use fail before anything connects", () =>
+    Effect.gen(function*() {
+      const vm = yield* capturedVm
+      const address: Transport.Address = { _tag: "Tcp", host: "127.0.0.1", port: 1 }
+      const migrate = (options: Partial<QemuOutgoing.Options>) =>
+        Effect.flip(QemuOutgoing.migrate({ address, vm, channels: 2, ...options }).pipe(Effect.provide(Transport.layer)))
+      expect((yield* migrate({ channels: 0 })).message).toContain("between 1 and 255")
+      expect((yield* migrate({ address: { _tag: "File", path: "/x" } })).message).toContain("not a file")
+      expect((yield* migrate({ vm: { ...vm, deviceState: vm.deviceState.subarray(0, 100) } })).message).toContain("cut short")
     }))
 })

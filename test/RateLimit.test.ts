@@ -29,13 +29,19 @@ describe("RateLimit", () => {
     expect(limit.reserve(100_000)).toBeCloseTo(100, -1)
   })
 
-  it("a new rate applies to the next reservation", () => {
+  it("a new rate applies at once: what was reserved at the old rate is forgotten, waiters see a new generation", () => {
     const limit = RateLimit.make(1 * MB, 0)
     expect(limit.reserve(1 * MB)).toBeCloseTo(1000, -1) // the link is busy for the next second
+    const generation = limit.generation
     limit.set(10 * MB)
-    // queued behind the first megabyte (1 s), then 1 MB at 10 MB/s: 100 ms
-    expect(limit.reserve(1 * MB)).toBeCloseTo(1100, -1)
-    expect(limit.reserve(1 * MB)).toBeCloseTo(1200, -1)
+    expect(limit.generation).toBe(generation + 1n)
+    // not behind the old megabyte: 1 MB at 10 MB/s is 100 ms, the next 100 ms after it
+    expect(limit.reserve(1 * MB)).toBeCloseTo(100, -1)
+    expect(limit.reserve(1 * MB)).toBeCloseTo(200, -1)
+    // the same rate again changes nothing
+    limit.set(10 * MB)
+    expect(limit.generation).toBe(generation + 1n)
+    expect(limit.reserve(1 * MB)).toBeCloseTo(300, -1)
     expect(() => limit.set(-1)).toThrow(RangeError)
   })
 

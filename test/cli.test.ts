@@ -133,6 +133,21 @@ describe("multifd send/recv", () => {
     expect(lines(send.stderr)).toEqual([]) // --json: no summary
   })
 
+  it("send --max-bandwidth 16M: the image arrives no faster than the limit allows, spread over the channels", async () => {
+    const out = Path.join(dir, "limited.out")
+    const recv = await startRecv(["tcp:127.0.0.1:0", "--out", out])
+    const send = await run(["send", recv.uri, "--in", image, "--channels", "2", "--max-bandwidth", "16M", "--json"])
+    const received = await recv.finished
+    expect(send.code, send.stderr).toBe(0)
+    expect(received.code, received.stderr).toBe(0)
+    expect(Fs.readFileSync(out).equals(Fs.readFileSync(image))).toBe(true)
+    const sent = JSON.parse(send.stdout)
+    // beyond the first packet (the link was idle), every byte on the wire waited for its turn at 16 MiB/s
+    expect(sent.durationMs).toBeGreaterThanOrEqual((sent.wireBytes - 600 * 1024) / (16 * 1024 * 1024) * 1000 * 0.95)
+    expect(sent.channelWireBytes).toHaveLength(2)
+    for (const bytes of sent.channelWireBytes) expect(bytes / sent.wireBytes).toBeGreaterThan(0.3)
+  })
+
   it("recv refuses a source that disagrees with an explicit --channels: both exit 1, nothing written", async () => {
     const out = Path.join(dir, "mismatch.out")
     const recv = await startRecv(["tcp:127.0.0.1:0", "--out", out, "--channels", "3"])
@@ -326,6 +341,8 @@ describe("multifd failures", () => {
       [["send", "tcp:127.0.0.1:1", "--in", image, "--timeout", "soon"], /--timeout: "soon" is not a positive duration/],
       [["send", "tcp:127.0.0.1:1", "--in", image, "--page-size", "1000"], /--page-size must be a power of two/],
       [["send", "tcp:127.0.0.1:1", "--in", image, "--compression", "lz4"], /none, zlib, zstd/],
+      [["send", "tcp:127.0.0.1:1", "--in", image, "--max-bandwidth", "fast"], /^multifd: error: --max-bandwidth: "fast" is not a rate like 100M/],
+      [["send", `file:${Path.join(dir, "t.snap")}`, "--in", image, "--max-bandwidth", "10M"], /a bandwidth limit does not apply to a file: snapshot/],
       [
         ["send", "tcp:127.0.0.1:1", "--in", image, "--compression", "zlib", "--compression-level", "99"],
         /^multifd: error: compression: zlib level 99 is out of range 0-9$/
@@ -334,8 +351,8 @@ describe("multifd failures", () => {
       [["recv", "tcp:127.0.0.1:0"], /^multifd: error: recv needs --out FILE$/],
       [["recv", "tcp:127.0.0.1:0", "--out-dir", dir], /--out-dir goes with --from-qemu/],
       [["recv", "tcp:127.0.0.1:0", "--from-qemu", "--out", "x.img"], /--from-qemu needs --channels N/],
-      [["recv", "tcp:127.0.0.1:0", "--from-qemu", "--channels", "2"], /exactly one of --out FILE or --out-dir DIR/],
-      [["recv", `file:${image}`, "--from-qemu", "--channels", "2", "--out", "x.img"], /--from-qemu needs a tcp: or unix: uri/],
+      [["recv", "tcp:127.0.0.1:0", "--from-qemu", "--channels", "2"], /exactly one of --out FILE, --out-dir DIR or --vm FILE/],
+      [["recv", `file:${image}`, "--from-qemu", "--out", "x.img"], /: not a QEMU migration stream: magic 0x/],
       [["send", "tcp:127.0.0.1:1", "--in", image, "--tls-psk", tlsFile("keys.psk"), "--tls-ca", tlsFile("ca-cert.pem")], /--tls-psk cannot be combined/],
       [["send", "tcp:127.0.0.1:1", "--in", image, "--tls-hostname", "x"], /--tls-hostname needs --tls-psk or --tls-ca/],
       [["send", "tcp:127.0.0.1:1", "--in", image, "--tls-psk", tlsFile("keys.psk"), "--tls-authz", "a"], /--tls-authz is a recv option/],
@@ -383,7 +400,7 @@ describe("multifd failures", () => {
     }
     expect(lines(send.stdout).filter((l) => l.startsWith("  multifd "))).not.toHaveLength(0)
     const usage = (page: string) => page.slice(page.indexOf("Usage:"), page.indexOf("\n\n", page.indexOf("Usage:")))
-    expect(usage(send.stdout)).toMatch(/^Usage:\n  multifd send <uri> --in FILE \[options\]$/)
+    expect(usage(send.stdout)).toMatch(/^Usage:\n  multifd send <uri> --in FILE \[options\]\n  multifd send <uri> --to-qemu --vm FILE/)
     expect(usage(recv.stdout)).toMatch(/^Usage:\n  multifd recv <uri> --out FILE \[options\]\n  multifd recv <uri> --from-qemu/)
     // each command's own flags only
     for (const flag of ["--tls-authz", "--tls-verify-peer", "--out ", "--out-dir", "--from-qemu"]) expect(send.stdout).not.toContain(flag)
@@ -414,7 +431,7 @@ describe("multifd failures", () => {
       [["recv", "tcp:127.0.0.1:0", "--out", "x.img", "--tls-identity", "qemu"], "multifd: error: --tls-identity is a send option"],
       [["send", "tcp:127.0.0.1:1", "--in", image, "--out", "x.img"], "multifd: error: --out is a recv option"],
       [["send", "--in", image], "multifd: error: Missing argument <uri>"],
-      [["send", "tcp:127.0.0.1:1"], "multifd: error: Expected to find option: '--in'"]
+      [["send", "tcp:127.0.0.1:1"], "multifd: error: send needs --in FILE (or --to-qemu --vm FILE)"]
     ]
     for (const [args, message] of cases) {
       const result = await runHere(args)

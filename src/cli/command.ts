@@ -51,8 +51,10 @@ export const overview = (): string =>
     usage: [
       `${NAME} recv <uri> --out FILE [options]        wait for one migration, write the received image`,
       `${NAME} send <uri> --in FILE [options]         migrate an image file to a destination`,
-      `${NAME} recv <uri> --from-qemu --channels N (--out FILE | --out-dir DIR) [options]`,
-      `                                               receive from an unmodified QEMU 10`,
+      `${NAME} recv <uri> --from-qemu --channels N (--out FILE | --out-dir DIR | --vm FILE) [options]`,
+      `                                               receive from an unmodified QEMU 10 (the RAM, or the whole VM)`,
+      `${NAME} send <uri> --to-qemu --vm FILE --channels N [options]`,
+      `                                               migrate a whole VM into an unmodified QEMU 10`,
       `${NAME} --help | --version`
     ],
     sections: [],
@@ -71,11 +73,12 @@ export const overview = (): string =>
 export const sendHelp = (): string => {
   const all = Help.entriesOf(Send.command)
   return Help.render({
-    title: `${NAME} send: migrate the RAM image in --in to a destination listening at <uri>`,
-    usage: [`${NAME} send <uri> --in FILE [options]`],
+    title: `${NAME} send: migrate the RAM image in --in to a destination listening at <uri>, or a whole VM into QEMU`,
+    usage: [`${NAME} send <uri> --in FILE [options]`, `${NAME} send <uri> --to-qemu --vm FILE --channels N [options]`],
     sections: [
       { heading: "Arguments", entries: Help.pick(all, ["<uri>", "--in"]) },
-      { heading: "Transfer", entries: Help.pick(all, ["--channels", "--page-size", "--compression", "--compression-level", "--zero-page"]) },
+      { heading: "To QEMU", entries: Help.pick(all, ["--to-qemu", "--vm"]) },
+      { heading: "Transfer", entries: Help.pick(all, ["--channels", "--page-size", "--compression", "--compression-level", "--zero-page", "--max-bandwidth"]) },
       { heading: "TLS", entries: Help.pick(all, ["--tls-psk", "--tls-identity", "--tls-ca", "--tls-hostname", "--tls-cert", "--tls-key", "--tls-ciphers"]) },
       { heading: "Timing and output", entries: Help.pick(all, ["--timeout", "--reconnect", "--json", "--quiet", "--verbose"]) }
     ],
@@ -84,7 +87,9 @@ export const sendHelp = (): string => {
       ["4 channels over TCP", `${NAME} send tcp:10.0.0.2:4444 --in guest.img --channels 4`],
       ["zstd, over TLS with QEMU's keys.psk", `${NAME} send tcp:10.0.0.2:4444 --in guest.img --compression zstd --tls-psk keys.psk`],
       ["x509: check the destination's certificate, present a client certificate", `${NAME} send tcp:dst.example:4444 --in guest.img --tls-ca ca.pem --tls-cert alice.pem --tls-key alice-key.pem`],
+      ["at most 100 MiB/s over the 4 channels together", `${NAME} send tcp:10.0.0.2:4444 --in guest.img --channels 4 --max-bandwidth 100M`],
       ["save a snapshot file (parallel writers, sparse)", `${NAME} send file:/var/tmp/guest.snap --in guest.img --channels 4`],
+      ["resume a VM in QEMU (-incoming tcp:0:4444, multifd on, multifd-channels 4)", `${NAME} send tcp:10.0.0.3:4444 --to-qemu --vm guest.vm --channels 4`],
       ["statistics as JSON for a script", `${NAME} send unix:/run/multifd.sock --in guest.img --json --quiet`]
     ]
   })
@@ -97,10 +102,11 @@ export const recvHelp = (): string => {
     title: `${NAME} recv: wait at <uri> for one migration and write the received RAM image`,
     usage: [
       `${NAME} recv <uri> --out FILE [options]`,
-      `${NAME} recv <uri> --from-qemu --channels N (--out FILE | --out-dir DIR) [options]`
+      `${NAME} recv <uri> --from-qemu --channels N (--out FILE | --out-dir DIR | --vm FILE) [options]`,
+      `${NAME} recv file:PATH --from-qemu (--out FILE | --out-dir DIR | --vm FILE)`
     ],
     sections: [
-      { heading: "Arguments", entries: Help.pick(all, ["<uri>", "--out", "--out-dir", "--from-qemu"]) },
+      { heading: "Arguments", entries: Help.pick(all, ["<uri>", "--out", "--out-dir", "--vm", "--from-qemu"]) },
       { heading: "Transfer (the source decides; given here, the source must agree)", entries: Help.pick(all, ["--channels", "--page-size", "--compression"]) },
       { heading: "TLS", entries: Help.pick(all, ["--tls-psk", "--tls-ca", "--tls-cert", "--tls-key", "--tls-verify-peer", "--tls-authz", "--tls-ciphers"]) },
       { heading: "Timing and output", entries: Help.pick(all, ["--timeout", "--json", "--quiet", "--verbose"]) }
@@ -115,7 +121,9 @@ export const recvHelp = (): string => {
       ["receive on any free port (the line `multifd: listening on tcp:...` says which)", `${NAME} recv tcp:127.0.0.1:0 --out received.img`],
       ["over TLS with client certificates: only CN alice may migrate here", `${NAME} recv tcp:0.0.0.0:4444 --out r.img --tls-cert server.pem --tls-key server-key.pem --tls-ca ca.pem --tls-authz alice`],
       ["restore a snapshot file", `${NAME} recv file:/var/tmp/guest.snap --out restored.img`],
-      ["from QEMU (migrate_set_capability multifd on; multifd-channels 4)", `${NAME} recv tcp:0.0.0.0:4444 --from-qemu --channels 4 --out-dir ram/`]
+      ["from QEMU (migrate_set_capability multifd on; multifd-channels 4)", `${NAME} recv tcp:0.0.0.0:4444 --from-qemu --channels 4 --out-dir ram/`],
+      ["keep a running VM from QEMU as a mapped-ram file", `${NAME} recv tcp:0.0.0.0:4444 --from-qemu --channels 4 --vm guest.vm`],
+      ["the RAM of a file QEMU saved (migrate file: with mapped-ram)", `${NAME} recv file:/var/tmp/qemu.vm --from-qemu --out ram.img`]
     ]
   })
 }

@@ -58,6 +58,8 @@ export const isUsage = (error: unknown): boolean => {
       return error.reason === "Config"
     case "SnapshotError":
       return error.reason === "Unusable" || error.reason === "Unsupported"
+    case "MappedRamError":
+      return error.reason === "Unusable"
     default:
       return false
   }

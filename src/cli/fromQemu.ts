@@ -1,9 +1,12 @@
 /**
- * `multifd recv <uri> --from-qemu --channels N [--compression none|zlib|zstd] (--out FILE | --out-dir DIR)`:
- * waits for one migration from an unmodified QEMU (capability multifd, `multifd-channels` N) and writes the
- * guest's RAM: the blocks concatenated in QEMU's order (`--out`), or one file per block (`--out-dir`, named by
- * `QemuIncoming.blockFileName`). Nothing is written unless the migration completed; each file goes through a
- * temporary file renamed into place.
+ * `multifd recv <uri> --from-qemu --channels N [--compression none|zlib|zstd] (--out FILE | --out-dir DIR | --vm FILE)`:
+ * waits for one migration from an unmodified QEMU (capability multifd, `multifd-channels` N; N = 0 for QEMU
+ * without multifd) and writes the guest's RAM: the blocks concatenated in QEMU's order (`--out`), one file per
+ * block (`--out-dir`, named by `QemuIncoming.blockFileName`), or the whole VM — RAM, configuration and device
+ * state — as a QEMU 10 mapped-ram migration file (`--vm`, `MappedRam.write`), which QEMU resumes from and
+ * `send --to-qemu` migrates into QEMU. With a `file:PATH` uri it reads a file QEMU's `migrate file:` wrote
+ * (mapped-ram, or a plain stream) instead of listening. Nothing is written unless the migration completed; each
+ * file goes through a temporary file renamed into place.
  *
  * QEMU announces neither its channel count nor its compression, so `--channels` and `--compression` are what
  * QEMU was told (`migrate-set-parameters multifd-channels / multifd-compression`).
@@ -13,11 +16,15 @@
  *
  * @since 0.1.0
  */
+import * as Clock from "effect/Clock"
 import * as Effect from "effect/Effect"
 import * as Fs from "node:fs/promises"
 import * as Path from "node:path"
-import type * as Protocol from "../Protocol.js"
+import * as MappedRam from "../MappedRam.js"
+import * as Protocol from "../Protocol.js"
 import * as QemuIncoming from "../QemuIncoming.js"
+import * as QemuVm from "../QemuVm.js"
+import * as Transfer from "../Transfer.js"
 import * as Transport from "../Transport.js"
 import { UsageError } from "./errors.js"
 import * as Image from "./image.js"
@@ -29,7 +36,7 @@ import * as Terminal from "./terminal.js"
 /** What `recv --from-qemu` is asked to do. */
 export interface Args {
   readonly uri: Transport.Address
-  /** QEMU's `multifd-channels`. */
+  /** QEMU's `multifd-channels` (0: QEMU without multifd; ignored for a file). */
   readonly channels: number
   /** QEMU's `multifd-compression` (default none). */
   readonly compression?: Protocol.Compression | undefined
@@ -39,6 +46,8 @@ export interface Args {
   readonly out?: string | undefined
   /** One file per block in this directory (created if missing). */
   readonly outDir?: string | undefined
+  /** The whole VM, as a QEMU mapped-ram migration file. */
+  readonly vm?: string | undefined
   /** TLS on QEMU's connections (server side, as QEMU's `tls-creds` on the source). */
   readonly tls?: QemuIncoming.Options["tls"]
   readonly timing: Options.Timing
@@ -48,14 +57,62 @@ export interface Args {
 }
 
 
-/** Runs `recv --from-qemu`. Usage problems (no output, both outputs) fail with `UsageError` before listening. */
+/** What was received, from QEMU or from a file QEMU wrote. */
+interface Received {
+  readonly incoming: QemuIncoming.Incoming
+  /** The VM, when asked for. */
+  readonly vm: QemuVm.QemuVm | undefined
+}
+
+/** The stats of a file read (no channels, no wire): what `--json` reports for `recv file:PATH --from-qemu`. */
+const fileStats = (read: MappedRam.Read, durationMs: number): QemuIncoming.Stats => {
+  const { summary, vm } = read
+  const pages = vm.ram.size / vm.ram.pageSize
+  return {
+    uuid: summary.configuration?.uuid === undefined ? "" : Protocol.formatUuid(summary.configuration.uuid),
+    channels: 0,
+    compression: "none",
+    ramBytes: vm.ram.size,
+    rounds: 0,
+    pagesPerRound: [],
+    downtimeMs: 0,
+    packets: 0,
+    syncs: 0,
+    normalPages: read.pages,
+    zeroPages: pages - read.pages,
+    wireBytes: summary.bytes,
+    durationMs,
+    gibPerSecond: Transfer.gibPerSecond(vm.ram.size, durationMs),
+    qemu: {
+      machine: summary.configuration?.machine,
+      configurationUuid: undefined,
+      blocks: summary.blocks,
+      flushes: summary.flushes,
+      mainZeroPages: summary.zeroPages,
+      mainNormalPages: summary.normalPages,
+      commands: summary.commands,
+      returnPath: false,
+      mainBytes: summary.bytes,
+      deviceStateBytes: summary.deviceStateBytes,
+      devices: summary.devices
+    }
+  }
+}
+
+/**
+ * Runs `recv --from-qemu`. Usage problems (no output, two outputs, an unwritable one) fail with `UsageError` or
+ * `ImageError` before anything listens.
+ */
 export const run = (args: Args) =>
   Effect.scoped(Effect.gen(function*() {
-    if ((args.out === undefined) === (args.outDir === undefined)) {
-      return yield* new UsageError({ detail: "--from-qemu needs exactly one of --out FILE or --out-dir DIR" })
+    const outputs = [args.out, args.outDir, args.vm].filter((o) => o !== undefined).length
+    if (outputs !== 1) {
+      return yield* new UsageError({ detail: "--from-qemu needs exactly one of --out FILE, --out-dir DIR or --vm FILE" })
     }
     // --out: its temporary file first, so an unwritable destination fails before anything listens
     const single = args.out === undefined ? undefined : yield* Image.create(args.out)
+    // --vm: the same check, its temporary file removed at once (MappedRam.write makes its own)
+    if (args.vm !== undefined) yield* Effect.scoped(Image.create(args.vm))
     if (args.outDir !== undefined) {
       const dir = args.outDir
       yield* Effect.tryPromise({
@@ -66,25 +123,38 @@ export const run = (args: Args) =>
     }
     const terminal = yield* Terminal.Terminal
     const timeout = args.timing.timeout
-    const received = yield* Effect.scoped(Effect.gen(function*() {
-      const onProgress = yield* Progress.make("recv", args.reporting)
-      return yield* QemuIncoming.listenAndReceive(args.uri, {
-        channels: args.channels,
-        compression: args.compression,
-        pageSize: args.pageSize,
-        // --timeout also bounds how long a new connection has to prove itself QEMU's (as plain recv)
-        timeouts: timeout._tag === "Some" ? { peer: timeout.value, connect: timeout.value, handshake: timeout.value } : {},
-        onListening: args.onListening ??
-          ((address) => terminal.err(`multifd: listening on ${Transport.formatAddress(address)}`)),
-        tls: args.tls,
-        onProgress
+    const uri = args.uri
+    const received: Received = uri._tag === "File"
+      ? yield* Effect.gen(function*() {
+        const start = yield* Clock.currentTimeMillis
+        const read = yield* MappedRam.read(uri.path, { pageSize: args.pageSize })
+        const stats = fileStats(read, (yield* Clock.currentTimeMillis) - start)
+        return { incoming: { ram: read.vm.ram, vm: read.vm, stats, rejected: [] }, vm: read.vm }
       })
-    })).pipe(Effect.provide(Transport.layer))
-    const { ram, stats } = received
+      : yield* Effect.scoped(Effect.gen(function*() {
+        const onProgress = yield* Progress.make("recv", args.reporting)
+        const incoming = yield* QemuIncoming.listenAndReceive(uri, {
+          channels: args.channels,
+          compression: args.compression,
+          pageSize: args.pageSize,
+          // --timeout also bounds how long a new connection has to prove itself QEMU's (as plain recv)
+          timeouts: timeout._tag === "Some" ? { peer: timeout.value, connect: timeout.value, handshake: timeout.value } : {},
+          onListening: args.onListening ??
+            ((address) => terminal.err(`multifd: listening on ${Transport.formatAddress(address)}`)),
+          tls: args.tls,
+          onProgress,
+          vm: args.vm !== undefined
+        })
+        return { incoming, vm: incoming.vm }
+      })).pipe(Effect.provide(Transport.layer))
+    const { ram, stats } = received.incoming
     let output: string
     if (single !== undefined) {
       yield* single.commit(ram.blocks.map((block) => block.bytes))
       output = single.path
+    } else if (args.vm !== undefined) {
+      yield* MappedRam.write(args.vm, received.vm!)
+      output = args.vm
     } else {
       const dir = args.outDir!
       for (const block of ram.blocks) {
@@ -93,6 +163,9 @@ export const run = (args: Args) =>
       }
       output = dir
     }
-    yield* Report.print({ role: "recv", output, pageSize: ram.pageSize, stats, rejected: received.rejected }, args.reporting)
-    return received
+    yield* Report.print(
+      { role: "recv", output, pageSize: ram.pageSize, stats, rejected: received.incoming.rejected },
+      args.reporting
+    )
+    return received.incoming
   }))

@@ -15,6 +15,7 @@ import * as Duration from "effect/Duration"
 import * as Effect from "effect/Effect"
 import * as Either from "effect/Either"
 import * as Option from "effect/Option"
+import * as Bandwidth from "../Bandwidth.js"
 import * as GuestRam from "../GuestRam.js"
 import * as MigrationConfig from "../MigrationConfig.js"
 import type * as Tls from "../Tls.js"
@@ -91,11 +92,41 @@ export const uri: Args.Args<Transport.Address> = Args.text({ name: "uri" }).pipe
 // ---------------------------------------------------------------------------------------------------------
 // Files
 
-/** The image to migrate. */
+/** The image to migrate (required, except with --to-qemu). */
 export const input = Options.file("in").pipe(
   Options.withPseudoName("FILE"),
-  Options.withDescription("The RAM image to migrate: a file whose size is a positive multiple of --page-size.")
+  Options.withDescription(
+    "The RAM image to migrate: a file whose size is a positive multiple of --page-size. Required, except with " +
+      "--to-qemu --vm."
+  ),
+  Options.optional
 )
+
+/** Where `send --to-qemu` migrates from. */
+export interface SendQemu {
+  readonly toQemu: boolean
+  readonly vm: Option.Option<string>
+}
+
+/** `--to-qemu` and `--vm` of `send`. */
+export const sendQemu: Options.Options<SendQemu> = Options.all({
+  toQemu: Options.boolean("to-qemu").pipe(
+    Options.withDescription(
+      "Migrate a whole VM into an unmodified QEMU 10 listening at <uri> (-incoming, capability multifd, " +
+        "multifd-channels as --channels, multifd-compression as --compression, the same machine options as the " +
+        "VM's source); succeeds once QEMU says it loaded the VM. The VM file sets the page size; --zero-page " +
+        "does not apply (zero pages travel as offsets, as QEMU sends them)."
+    )
+  ),
+  vm: Options.file("vm").pipe(
+    Options.withPseudoName("FILE"),
+    Options.withDescription(
+      "With --to-qemu: the VM to migrate, a QEMU mapped-ram migration file (written by recv --vm, or by QEMU's own " +
+        "migrate file: with capability mapped-ram)."
+    ),
+    Options.optional
+  )
+})
 
 /** Where to write the received image. */
 export const output = Options.file("out").pipe(
@@ -103,7 +134,7 @@ export const output = Options.file("out").pipe(
   Options.withDescription(
     "Where to write the received RAM image (the blocks concatenated in order; an existing file is replaced). " +
       "It is written to a temporary file beside it and renamed only after the migration succeeded and its " +
-      "digests verified; on failure nothing is left. Required, except with --from-qemu --out-dir."
+      "digests verified; on failure nothing is left. Required, except with --from-qemu --out-dir or --vm."
   ),
   Options.optional
 )
@@ -112,6 +143,7 @@ export const output = Options.file("out").pipe(
 export interface RecvOutput {
   readonly out: Option.Option<string>
   readonly outDir: Option.Option<string>
+  readonly vm: Option.Option<string>
   readonly fromQemu: boolean
 }
 
@@ -125,10 +157,20 @@ export const recvOutput: Options.Options<RecvOutput> = Options.all({
     ),
     Options.optional
   ),
+  vm: Options.file("vm").pipe(
+    Options.withPseudoName("FILE"),
+    Options.withDescription(
+      "With --from-qemu: write the whole VM (its RAM, configuration and device state) as a QEMU 10 mapped-ram " +
+        "migration file, which QEMU resumes from (migrate-incoming file:FILE with capabilities mapped-ram and " +
+        "multifd) and send --to-qemu migrates into QEMU; sparse, written beside FILE and renamed into place."
+    ),
+    Options.optional
+  ),
   fromQemu: Options.boolean("from-qemu").pipe(
     Options.withDescription(
       "Receive from an unmodified QEMU 10 (capability multifd; tell it the same multifd-channels as --channels, " +
-        "which is then required, and multifd-compression as --compression) and write the guest's RAM."
+        "which is then required, 0 for QEMU without multifd, and multifd-compression as --compression), or read a " +
+        "file QEMU's migrate file: wrote (<uri> file:PATH), and write the guest's RAM or the whole VM."
     )
   )
 })
@@ -139,10 +181,10 @@ export const recvOutput: Options.Options<RecvOutput> = Options.all({
 // Each transfer flag falls back on its environment variable (`MigrationConfig`): a flag given wins; a bad
 // variable is a parse error naming it (exit 2).
 
-const channelsOption = (description: string) =>
+const channelsOption = (description: string, problem: (n: number) => string | undefined = checkChannels) =>
   integer("channels", "N").pipe(
     Options.withDescription(description),
-    Options.mapEffect(check(checkChannels)),
+    Options.mapEffect(check(problem)),
     Options.withFallbackConfig(MigrationConfig.channels)
   )
 
@@ -172,6 +214,8 @@ export interface SendTransfer {
   readonly compression: Protocol.Compression
   readonly compressionLevel: Option.Option<number>
   readonly zeroPage: "multifd" | "none"
+  /** Bytes per second (0: no limit). */
+  readonly maxBandwidth: Option.Option<number>
 }
 
 /** Transfer settings of the source, with their defaults. */
@@ -195,6 +239,18 @@ export const sendTransfer: Options.Options<SendTransfer> = Options.all({
     Options.withDescription(`multifd: zero pages travel as offsets only; none: as data (default multifd).${env("MULTIFD_ZERO_PAGE")}`),
     Options.withFallbackConfig(MigrationConfig.zeroPage),
     Options.withDefault("multifd" as const)
+  ),
+  maxBandwidth: Options.text("max-bandwidth").pipe(
+    Options.withPseudoName("RATE"),
+    Options.withDescription(
+      "Limit the channels together to this rate, counting every packet's bytes, as QEMU's max-bandwidth: MiB/s " +
+        "(100 or 100M), or 512K, 1G; 0: no limit (the default)." + env("MULTIFD_MAX_BANDWIDTH")
+    ),
+    Options.mapEffect((text) =>
+      Either.match(Bandwidth.parse(text), { onLeft: (why) => Effect.fail(invalid(`--max-bandwidth: ${why}`)), onRight: Effect.succeed })
+    ),
+    Options.withFallbackConfig(MigrationConfig.maxBandwidth),
+    Options.optional
   )
 })
 
@@ -210,9 +266,15 @@ export interface RecvTransfer {
 
 const followsSource = " On recv the source decides; when given, the source must agree, else recv fails and writes nothing."
 
+/** A channel count on recv: 0 too, which only --from-qemu takes (QEMU without multifd). */
+export const checkRecvChannels = (n: number): string | undefined => n === 0 ? undefined : checkChannels(n)
+
 /** Transfer settings on the destination, all optional. */
 export const recvTransfer: Options.Options<RecvTransfer> = Options.all({
-  channels: channelsOption(`${CHANNELS}.${followsSource}${env("MULTIFD_CHANNELS")}`).pipe(Options.optional),
+  channels: channelsOption(
+    `${CHANNELS} (with --from-qemu: QEMU's multifd-channels, 0 without multifd).${followsSource}${env("MULTIFD_CHANNELS")}`,
+    checkRecvChannels
+  ).pipe(Options.optional),
   pageSize: pageSizeOption(`${PAGE_SIZE}.${followsSource}${env("MULTIFD_PAGE_SIZE")}`).pipe(Options.optional),
   compression: compressionOption(`${COMPRESSION}.${followsSource}${env("MULTIFD_COMPRESSION")}`).pipe(Options.optional)
 })

@@ -3,8 +3,8 @@
  *
  * The source decides the layout, page size, channel count and compression (its hello carries them). Values
  * given on the recv command line are expectations: the destination refuses a source that uses others (the
- * source fails with the reason) and writes nothing. With `--from-qemu` the peer is an unmodified QEMU and
- * `fromQemu.ts` does the work; with a `file:` uri a snapshot file is restored.
+ * source fails with the reason) and writes nothing. With `--from-qemu` the peer is an unmodified QEMU (or a
+ * file QEMU wrote) and `fromQemu.ts` does the work; with a `file:` uri a snapshot file is restored.
  *
  * @since 0.1.0
  */
@@ -67,24 +67,30 @@ export const command = Command.make(
       const terminal = yield* Terminal.Terminal
       const tls = yield* tlsOf(tlsFlags, "recv", uri, timing)
       if (output.fromQemu) {
-        if (uri._tag === "File") return yield* new UsageError({ detail: "--from-qemu needs a tcp: or unix: uri" })
-        if (Option.isNone(transfer.channels)) {
-          return yield* new UsageError({ detail: "--from-qemu needs --channels N (QEMU's multifd-channels)" })
+        if (uri._tag !== "File" && Option.isNone(transfer.channels)) {
+          return yield* new UsageError({
+            detail: "--from-qemu needs --channels N (QEMU's multifd-channels; 0 for QEMU without multifd)"
+          })
         }
         yield* FromQemu.run({
           uri,
-          channels: transfer.channels.value,
+          channels: Option.getOrElse(transfer.channels, () => 0),
           compression: Option.getOrUndefined(transfer.compression),
           pageSize: Option.getOrUndefined(transfer.pageSize),
           out: Option.getOrUndefined(output.out),
           outDir: Option.getOrUndefined(output.outDir),
+          vm: Option.getOrUndefined(output.vm),
           tls: tls?.settings,
           timing,
           reporting
         })
         return
       }
+      if (Option.isSome(transfer.channels) && transfer.channels.value === 0) {
+        return yield* new UsageError({ detail: `${Options.checkChannels(0)} (0 goes with --from-qemu: QEMU without multifd)` })
+      }
       if (Option.isSome(output.outDir)) return yield* new UsageError({ detail: "--out-dir goes with --from-qemu; use --out FILE" })
+      if (Option.isSome(output.vm)) return yield* new UsageError({ detail: "--vm goes with --from-qemu (or send --to-qemu)" })
       if (Option.isNone(output.out)) return yield* new UsageError({ detail: "recv needs --out FILE" })
       const out = output.out.value
       // the temporary file first: an unwritable --out fails before anything listens

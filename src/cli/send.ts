@@ -1,13 +1,12 @@
 /**
- * `multifd send <uri> --in <file>`: migrates an image file to a destination.
+ * `multifd send <uri> --in <file>`: migrates an image file to a destination; with `--to-qemu --vm FILE`, a
+ * whole VM into an unmodified QEMU (`toQemu.ts`).
  *
  * @since 0.1.0
  */
 import * as Command from "@effect/cli/Command"
 import * as Effect from "effect/Effect"
-import * as Layer from "effect/Layer"
 import * as Option from "effect/Option"
-import * as ChannelThreads from "../ChannelThreads.js"
 import * as GuestRam from "../GuestRam.js"
 import * as Migration from "../Migration.js"
 import * as MigrationStatus from "../MigrationStatus.js"
@@ -18,7 +17,8 @@ import * as Options from "./options.js"
 import * as Progress from "./progress.js"
 import * as Log from "./log.js"
 import * as Report from "./report.js"
-import { environment, timeoutsOf, tlsOf } from "./settings.js"
+import { channelThreads, environment, timeoutsOf, tlsOf } from "./settings.js"
+import * as ToQemu from "./toQemu.js"
 
 /** The name of the one block an image file becomes. */
 export const BLOCK_NAME = "ram"
@@ -26,31 +26,41 @@ export const BLOCK_NAME = "ram"
 /** The host a source's TLS checks the destination's certificate against by default. */
 const hostOf = (uri: Transport.Address): string | undefined => uri._tag === "Tcp" ? uri.host : undefined
 
-/**
- * The channels' worker threads (`ChannelThreads`), started before the migration; none for a snapshot file. A
- * pool that cannot start leaves the channels on the main thread, with a warning.
- */
-const channelThreads = (uri: Transport.Address): Layer.Layer<never> =>
-  uri._tag === "File" ? Layer.empty : ChannelThreads.layer().pipe(
-    Layer.catchAll((error) =>
-      Layer.effectDiscard(Effect.logWarning(`channel threads: ${error.message}; the channels run on the main thread`))
-    )
-  )
-
 /** The `send` subcommand. */
 export const command = Command.make(
   "send",
   {
     uri: Options.uri,
     input: Options.input,
+    qemu: Options.sendQemu,
     transfer: Options.sendTransfer,
     tls: Options.sendTls,
     timing: Options.sendTiming,
     resilience: Options.sendResilience,
     reporting: Options.reporting
   },
-  ({ input, reporting, resilience, timing, tls: tlsFlags, transfer, uri }) =>
+  ({ input: inputFlag, qemu, reporting, resilience, timing, tls: tlsFlags, transfer, uri }) =>
     Effect.gen(function*() {
+      if (qemu.toQemu) {
+        if (Option.isSome(inputFlag)) return yield* new UsageError({ detail: "--to-qemu takes the VM as --vm FILE, not --in" })
+        if (Option.isNone(qemu.vm)) return yield* new UsageError({ detail: "--to-qemu needs --vm FILE (a QEMU mapped-ram migration file)" })
+        const tls = yield* tlsOf(tlsFlags, "send", uri, timing)
+        yield* ToQemu.run({
+          uri,
+          vm: qemu.vm.value,
+          channels: transfer.channels,
+          compression: transfer.compression,
+          compressionLevel: Option.getOrUndefined(transfer.compressionLevel),
+          maxBandwidth: Option.getOrUndefined(transfer.maxBandwidth),
+          tls,
+          timing,
+          reporting
+        })
+        return
+      }
+      if (Option.isSome(qemu.vm)) return yield* new UsageError({ detail: "--vm goes with --to-qemu (or recv --from-qemu)" })
+      if (Option.isNone(inputFlag)) return yield* new UsageError({ detail: "send needs --in FILE (or --to-qemu --vm FILE)" })
+      const input = inputFlag.value
       const tls = yield* tlsOf(tlsFlags, "send", uri, timing)
       const bytes = yield* Image.read(input, transfer.pageSize)
       const ram = yield* GuestRam.make({ pageSize: transfer.pageSize, blocks: [{ name: BLOCK_NAME, bytes }] }).pipe(
@@ -65,6 +75,7 @@ export const command = Command.make(
           compression: transfer.compression,
           compressionLevel: Option.getOrUndefined(transfer.compressionLevel),
           zeroPage: transfer.zeroPage,
+          maxBandwidth: Option.getOrUndefined(transfer.maxBandwidth),
           timeouts: timeoutsOf(timing),
           upgrade: tls?.client(hostOf(uri)),
           onProgress,
@@ -77,4 +88,8 @@ export const command = Command.make(
       )
       yield* Report.print({ role: "send", input, pageSize: ram.pageSize, stats, status: yield* status.get }, reporting)
     }).pipe(Log.withReporting(reporting))
-).pipe(Command.withDescription("Migrate the RAM image in --in to a destination listening at <uri>."))
+).pipe(
+  Command.withDescription(
+    "Migrate the RAM image in --in to a destination listening at <uri>, or with --to-qemu the VM in --vm into QEMU."
+  )
+)

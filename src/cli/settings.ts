@@ -9,6 +9,7 @@ import * as Effect from "effect/Effect"
 import * as Either from "effect/Either"
 import * as Layer from "effect/Layer"
 import * as Option from "effect/Option"
+import * as ChannelThreads from "../ChannelThreads.js"
 import type * as Migration from "../Migration.js"
 import * as MigrationConfig from "../MigrationConfig.js"
 import * as Tls from "../Tls.js"
@@ -64,3 +65,15 @@ export const tlsOf = (
         ? Effect.tap(Tls.make(config), (tls) => Tls.checkClient(tls.settings))
         : Tls.make(config)
   })
+
+/**
+ * The channels' worker threads (`ChannelThreads`), started before the migration; none for a snapshot file. A
+ * pool that cannot start leaves the channels on the main thread, with a warning.
+ */
+export const channelThreads = (uri: Transport.Address): Layer.Layer<never> =>
+  uri._tag === "File" ? Layer.empty : ChannelThreads.layer().pipe(
+    Layer.catchAll((error) =>
+      Layer.effectDiscard(Effect.logWarning(`channel threads: ${error.message}; the channels run on the main thread`))
+    )
+  )
+

@@ -7,7 +7,7 @@
  *
  * @internal
  */
-import type * as Duration from "effect/Duration"
+import * as Duration from "effect/Duration"
 import * as Effect from "effect/Effect"
 import * as Schedule from "effect/Schedule"
 import type * as Scope from "effect/Scope"
@@ -18,6 +18,7 @@ import * as PageCodec from "../PageCodec.js"
 import * as Protocol from "../Protocol.js"
 import type * as Transport from "../Transport.js"
 import * as EventLoop from "./native/eventLoop.js"
+import { RateLimit } from "./native/rateLimit.js"
 
 /** What can end a channel. */
 export type Failure =
@@ -26,6 +27,9 @@ export type Failure =
   | MigrationError.ChannelError
   | PageCodec.CodecError
   | Transport.UpgradeError
+
+/** How often a wait for the bandwidth limit looks whether the rate changed. */
+const RECHECK_MS = 100
 
 /** What one channel needs to know (plain data: it crosses to a channel thread as is). */
 export interface Settings {
@@ -38,6 +42,8 @@ export interface Settings {
   readonly zeroPage: "multifd" | "none"
   /** A channel re-attaching after a lost connection: the nonce its init packet carries (`Control.Reattach`). */
   readonly nonce?: Uint8Array | undefined
+  /** The migration's bandwidth limit (`RateLimit`'s shared memory), if any: every packet waits its turn. */
+  readonly rateLimit?: SharedArrayBuffer | undefined
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -245,6 +251,29 @@ export const serve = (
     if (jobs.publishEvery !== undefined) {
       yield* Effect.forkScoped(Effect.repeat(Effect.sync(() => sent.update()), Schedule.spaced(jobs.publishEvery)))
     }
+    const limit = settings.rateLimit === undefined ? undefined : RateLimit.attach(settings.rateLimit)
+    /**
+     * Reserves the limit's slot for `bytes` and gives the wait until it ends (`undefined`: go on at once).
+     * The wait sleeps in short pieces, so that a change of the rate (a new generation) re-reserves at once.
+     */
+    const reserve = (bytes: number): Effect.Effect<void> | undefined => {
+      if (limit === undefined) return undefined
+      const first = limit.reserve(bytes)
+      if (first <= 0) return undefined
+      return Effect.suspend(() => {
+        let generation = limit.generation
+        let deadline = performance.now() + first
+        const step: Effect.Effect<void> = Effect.suspend(() => {
+          if (limit.generation !== generation) {
+            generation = limit.generation
+            deadline = performance.now() + limit.reserve(bytes)
+          }
+          const left = deadline - performance.now()
+          return left <= 0 ? Effect.void : Effect.zipRight(Effect.sleep(Duration.millis(Math.min(left, RECHECK_MS))), step)
+        })
+        return step
+      })
+    }
     const count = (packets: number, normal: number, zero: number, bytes: number) => {
       Atomics.add(stats, at + PACKETS, BigInt(packets))
       if (normal > 0) Atomics.add(stats, at + NORMAL_PAGES, BigInt(normal))
@@ -292,12 +321,16 @@ export const serve = (
       Effect.gen(function*() {
         chunks.length = 0
         for (let first = 0; first < total; first += slots) {
+          const before = sent.position
           yield* packet(block, pages.subarray(first, Math.min(total, first + slots)))
-          if (codec.output !== "views") {
+          // under a bandwidth limit, a packet goes at the start of its slot and the next waits for its own
+          const wait = reserve(sent.position - before)
+          if (codec.output !== "views" || wait !== undefined) {
             yield* connection.write(chunks)
             if (codec.output === "reused") yield* connection.drained
             chunks.length = 0
           }
+          if (wait !== undefined) yield* wait
           // writes that the kernel takes at once never wait for the event loop: give it its turn
           yield* EventLoop.cooperate
         }
@@ -320,6 +353,8 @@ export const serve = (
         count(1, 0, 0, headerSize)
         sent.position += headerSize
         sent.update()
+        const wait = reserve(headerSize)
+        if (wait !== undefined) yield* wait
         yield* job.done
         continue
       }

@@ -14,6 +14,7 @@ import * as FiberId from "effect/FiberId"
 import * as Option from "effect/Option"
 import * as Queue from "effect/Queue"
 import * as Crypto from "node:crypto"
+import type * as Bandwidth from "../Bandwidth.js"
 import * as ChannelThreads from "../ChannelThreads.js"
 import * as Control from "../Control.js"
 import * as GuestRam from "../GuestRam.js"
@@ -39,6 +40,8 @@ export interface Settings {
   readonly upgrade: Transport.Upgrade<Transport.UpgradeError> | undefined
   readonly onProgress: ((progress: Transfer.Progress) => Effect.Effect<void>) | undefined
   readonly live: Transfer.LiveOptions | undefined
+  /** The channels' bandwidth limit, if any. */
+  readonly maxBandwidth: Bandwidth.Limit | undefined
   /** Keeps the caller's `MigrationStatus`, if any. */
   readonly tracker: Status.Tracker
   /** Lost channels re-attach (`attempts` 0: they fail the migration). */
@@ -266,7 +269,8 @@ export const run = (
             lost: (channel, nonce) =>
               Deferred.await(lossOf(channel, nonce === undefined ? undefined : Buffer.from(nonce).toString("hex")))
           }
-          : undefined
+          : undefined,
+        maxBandwidth: settings.maxBandwidth
       })
       // the metrics follow the channels' counters to the end, whatever the end
       yield* Effect.addFinalizer(() => Effect.flatMap(send.stats, recorder.record))
@@ -308,6 +312,7 @@ export const run = (
         wireBytes: s.bytes,
         reconnects: s.reconnects,
         resentPages: s.resentPages,
+        channelWireBytes: s.channelBytes,
         durationMs,
         gibPerSecond: Transfer.gibPerSecond(ram.size, durationMs)
       } satisfies Transfer.Stats

@@ -1,7 +1,8 @@
 /**
- * A real QEMU source for interop tests: `qemu-system-x86_64 -machine none,memory-backend=mem -accel tcg
- * -nodefaults -S` whose only RAM is a file (mapped privately, so the image is never modified), driven over QMP
- * on a Unix socket by a small QMP client.
+ * A real QEMU for interop tests: a source `qemu-system-x86_64 -machine none,memory-backend=mem -accel tcg
+ * -nodefaults -S` whose only RAM is a file (mapped privately, so the image is never modified), a running guest
+ * (`-machine pc` with a BIOS of test/support/guest.ts), and destinations (`-incoming defer`, their RAM a shared
+ * file), driven over QMP on a Unix socket by a small QMP client.
  *
  * Everything is scoped: the QMP socket is destroyed and the QEMU process is ended (quit over QMP, then SIGKILL
  * of that one pid if it lingers) when the scope closes, and the release waits for the process to exit.
@@ -192,6 +193,50 @@ export const startSource = (
 export const startDestination = (memPath: string, size: number, prealloc = false): Effect.Effect<QemuSource, QmpError, Scope.Scope> =>
   start({ name: "dst", memPath, size, share: true, prealloc, incoming: true, extraArgs: [], machine: "none" })
 
+/**
+ * Starts a running guest: `-machine <machine>` (default `pc`) with `bios` as its firmware and `image` as its
+ * RAM (mapped privately: the guest's writes never reach the file), not paused.
+ */
+export const startGuest = (
+  image: string,
+  size: number,
+  bios: string,
+  options: { readonly machine?: string | undefined; readonly extraArgs?: ReadonlyArray<string> | undefined } = {}
+): Effect.Effect<QemuSource, QmpError, Scope.Scope> =>
+  start({
+    name: "src",
+    memPath: image,
+    size,
+    share: false,
+    prealloc: true,
+    incoming: false,
+    running: true,
+    extraArgs: ["-bios", bios, ...(options.extraArgs ?? [])],
+    machine: options.machine ?? "pc"
+  })
+
+/**
+ * Starts a destination for a guest of `startGuest` (`-incoming defer`, not paused: it resumes the VM as soon
+ * as a migration completes), its RAM the fresh file at `memPath` (shared: the file shows what the guest does).
+ */
+export const startGuestDestination = (
+  memPath: string,
+  size: number,
+  bios: string,
+  options: { readonly machine?: string | undefined; readonly extraArgs?: ReadonlyArray<string> | undefined } = {}
+): Effect.Effect<QemuSource, QmpError, Scope.Scope> =>
+  start({
+    name: "dst",
+    memPath,
+    size,
+    share: true,
+    prealloc: false,
+    incoming: true,
+    running: true,
+    extraArgs: ["-bios", bios, ...(options.extraArgs ?? [])],
+    machine: options.machine ?? "pc"
+  })
+
 const start = (options: {
   readonly name: string
   readonly memPath: string
@@ -199,6 +244,8 @@ const start = (options: {
   readonly share: boolean
   readonly prealloc: boolean
   readonly incoming: boolean
+  /** Start the guest's CPUs (no `-S`). */
+  readonly running?: boolean | undefined
   readonly extraArgs: ReadonlyArray<string>
   /** `none` (no devices at all) or a real machine type (`q35`, `pc`): its RAM is still the file. */
   readonly machine: string
@@ -211,7 +258,7 @@ const start = (options: {
       "-machine", `${options.machine},memory-backend=mem`,
       "-m", `${Math.ceil(size / (1024 * 1024))}M`,
       "-accel", "tcg",
-      "-nodefaults", "-display", "none", "-S",
+      "-nodefaults", "-display", "none", ...(options.running ? [] : ["-S"]),
       "-monitor", "none", "-serial", "none", "-parallel", "none",
       "-name", options.name,
       "-object",
@@ -285,6 +332,64 @@ export const sourceTls = (kind: "psk" | "x509", dir: string, hostname?: string):
   }
 }
 
+/**
+ * TLS credentials for a QEMU destination from the test PKI, written to `dir`: `tls-creds-psk` with
+ * endpoint=server (keys.psk), or `tls-creds-x509` with the server's certificate, which then requires a client
+ * certificate that chains to the test CA (QEMU's verify-peer default); the `-object` to start it with and the
+ * migration parameters.
+ */
+export const destinationTls = (dir: string, kind: "psk" | "x509" = "psk"): SourceTls => {
+  Fs.mkdirSync(dir, { recursive: true })
+  const files: ReadonlyArray<readonly [string, string]> = kind === "psk"
+    ? [["keys.psk", "keys.psk"]]
+    : [["ca-cert.pem", "ca-cert.pem"], ["server-cert.pem", "server-cert.pem"], ["server-key.pem", "server-key.pem"]]
+  for (const [from, to] of files) Fs.copyFileSync(Path.join(TLS_FIXTURES, from), Path.join(dir, to))
+  return { args: ["-object", `tls-creds-${kind},id=tls0,endpoint=server,dir=${dir}`], parameters: { "tls-creds": "tls0" } }
+}
+
+/** How a QEMU destination expects its migration. */
+export interface IncomingSettings {
+  /** `tcp:127.0.0.1:0` (a free port, reported by `incoming`), `file:PATH`, ... */
+  readonly uri: string
+  /** QEMU's multifd-channels; 0: multifd off. */
+  readonly channels: number
+  readonly compression?: "none" | "zlib" | "zstd" | undefined
+  /** Capability mapped-ram (a `file:` uri). */
+  readonly mappedRam?: boolean | undefined
+  readonly extraParameters?: Record<string, unknown> | undefined
+}
+
+/**
+ * Sets a destination's capabilities and parameters and starts its `migrate-incoming`; returns the uri it
+ * listens at (with the real port when port 0 was asked).
+ */
+export const incoming = (qmp: Qmp, settings: IncomingSettings): Effect.Effect<string, QmpError> =>
+  Effect.gen(function*() {
+    const capabilities = ["events", ...(settings.channels > 0 ? ["multifd"] : []), ...(settings.mappedRam ? ["mapped-ram"] : [])]
+    yield* qmp.execute("migrate-set-capabilities", { capabilities: capabilities.map((capability) => ({ capability, state: true })) })
+    yield* qmp.execute("migrate-set-parameters", {
+      ...(settings.channels > 0 ? { "multifd-channels": settings.channels } : {}),
+      ...(settings.compression === undefined ? {} : { "multifd-compression": settings.compression }),
+      ...settings.extraParameters
+    })
+    yield* qmp.execute("migrate-incoming", { uri: settings.uri })
+    if (!settings.uri.startsWith("tcp:")) return settings.uri
+    const info = (yield* qmp.execute("query-migrate")) as { readonly "socket-address"?: ReadonlyArray<{ readonly port?: string }> }
+    const port = info["socket-address"]?.[0]?.port
+    return port === undefined ? settings.uri : `tcp:127.0.0.1:${port}`
+  })
+
+/** A 32-bit little-endian word of guest memory at `address` (HMP `xp`, through QMP). */
+export const readGuestWord = (qmp: Qmp, address: number): Effect.Effect<number, QmpError> =>
+  Effect.flatMap(qmp.execute("human-monitor-command", { "command-line": `xp /1wx ${address}` }), (out) => {
+    const m = /:\s*0x([0-9a-f]+)/i.exec(String(out))
+    return m === null ? Effect.fail(new QmpError({ detail: `xp: unexpected output ${JSON.stringify(out)}` })) : Effect.succeed(parseInt(m[1]!, 16))
+  })
+
+/** QEMU's run state (`running`, `paused`, `postmigrate`, `inmigrate`, ...). */
+export const runState = (qmp: Qmp): Effect.Effect<string, QmpError> =>
+  Effect.map(qmp.execute("query-status"), (status) => String((status as { readonly status?: unknown }).status))
+
 /** Migration settings of a source. */
 export interface MigrateSettings {
   readonly uri: string
@@ -299,19 +404,23 @@ export interface MigrateSettings {
   readonly extraParameters?: Record<string, unknown> | undefined
 }
 
-/** Sets the capabilities and parameters of a multifd migration and starts it (`migrate`). */
+/**
+ * Sets the capabilities and parameters of a multifd migration (`channels` 0: multifd off) and starts it
+ * (`migrate`).
+ */
 export const migrate = (qmp: Qmp, settings: MigrateSettings): Effect.Effect<void, QmpError> =>
   Effect.gen(function*() {
     yield* qmp.execute("migrate-set-capabilities", {
       capabilities: [
         { capability: "events", state: true },
-        { capability: "multifd", state: true },
+        ...(settings.channels > 0 ? [{ capability: "multifd", state: true }] : []),
         ...(settings.extraCapabilities ?? []).map((capability) => ({ capability, state: true }))
       ]
     })
     yield* qmp.execute("migrate-set-parameters", {
-      "multifd-channels": settings.channels,
-      "multifd-compression": settings.compression,
+      ...(settings.channels > 0
+        ? { "multifd-channels": settings.channels, "multifd-compression": settings.compression }
+        : {}),
       "max-bandwidth": settings.maxBandwidth ?? 1099511627776,
       "downtime-limit": settings.downtimeLimit ?? 60000,
       ...(settings.zeroPageDetection ? { "zero-page-detection": settings.zeroPageDetection } : {}),

@@ -4,7 +4,9 @@
  * `n / rate` seconds of the link after the reservations before it (one atomic compare-and-swap on a shared
  * clock) and waits until its slot has passed, so the channels share the rate between them, their writes
  * spread evenly, and what goes at once after an idle moment is at most `burst` bytes (a token bucket of that
- * size). The rate can change at any moment; 0 means no limit.
+ * size). The rate can change at any moment (0 means no limit): a change forgets what was reserved at the old
+ * rate and bumps a generation, so that a writer waiting on an old reservation re-reserves at the new rate
+ * (`wait`) instead of sleeping out a slot of a rate that no longer holds.
  *
  * The state is a `SharedArrayBuffer`: hand it to another thread and `attach` it there.
  *
@@ -18,6 +20,7 @@ const now = (): bigint => process.hrtime.bigint()
 const NEXT_FREE = 0 // when the link is free again (ns, hrtime)
 const RATE = 1 // bytes per second; 0: no limit
 const BURST = 2 // bytes that may go at once after an idle moment
+const GENERATION = 3 // bumped by every change of the rate
 
 /** A bandwidth limit in shared memory. */
 export class RateLimit {
@@ -33,7 +36,7 @@ export class RateLimit {
    */
   static make(bytesPerSecond: number, burst = 512 * 1024 + 4096): RateLimit {
     // the link starts idle: a first burst may go at once
-    const limit = new RateLimit(new SharedArrayBuffer(3 * 8))
+    const limit = new RateLimit(new SharedArrayBuffer(4 * 8))
     Atomics.store(limit.state, NEXT_FREE, 0n)
     Atomics.store(limit.state, BURST, BigInt(Math.max(0, Math.round(burst))))
     limit.set(bytesPerSecond)
@@ -50,12 +53,24 @@ export class RateLimit {
     return Number(Atomics.load(this.state, RATE))
   }
 
-  /** Changes the rate for every reservation from now on (0: no limit). */
+  /** Which change of the rate is in force (compare before and after a wait). */
+  get generation(): bigint {
+    return Atomics.load(this.state, GENERATION)
+  }
+
+  /**
+   * Changes the rate from now on (0: no limit): the reservations made at the old rate are forgotten (the link
+   * counts as free now) and waiters see a new `generation`.
+   */
   set(bytesPerSecond: number): void {
     if (!(bytesPerSecond >= 0) || !Number.isFinite(bytesPerSecond)) {
       throw new RangeError(`a bandwidth limit must be a finite number of bytes per second >= 0, not ${bytesPerSecond}`)
     }
-    Atomics.store(this.state, RATE, BigInt(Math.round(bytesPerSecond)))
+    const rate = BigInt(Math.round(bytesPerSecond))
+    if (Atomics.exchange(this.state, RATE, rate) === rate) return
+    const t = now()
+    if (Atomics.load(this.state, NEXT_FREE) > t) Atomics.store(this.state, NEXT_FREE, t)
+    Atomics.add(this.state, GENERATION, 1n)
   }
 
   /**

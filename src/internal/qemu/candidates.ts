@@ -49,6 +49,8 @@ export const start = (
     readonly handshake: Duration.DurationInput
     /** The channel set, once the main stream announced the RAM blocks: channels are adopted into it. */
     readonly channelSet: Deferred.Deferred<MultifdRecv.MultifdRecv["Type"]>
+    /** Whether QEMU migrates with multifd: without, a multifd channel is a stranger. */
+    readonly multifd: boolean
   }
 ): Effect.Effect<Candidates, never, Scope.Scope> =>
   Effect.gen(function*() {
@@ -111,7 +113,9 @@ export const start = (
         QemuStream.isMainStream(first)
           ? mainCandidate(connection, reject, since)
           : QemuStream.isMultifdChannel(first)
-          ? channelCandidate(connection, reject, since)
+          ? options.multifd
+            ? channelCandidate(connection, reject, since)
+            : reject(connection, "a multifd channel, but this destination expects QEMU without multifd (channels 0)")
           : reject(connection, `not a QEMU migration stream (first bytes ${first.toString("hex")})`)
     })
     return {

@@ -89,6 +89,47 @@ export const commandName = (command: number): string => commandNames[command] ??
 export const RAM_SECTION = "ram"
 export const RAM_SECTION_VERSION = 4
 
+/**
+ * Messages a destination sends on the return path (QEMU's `enum mig_rp_message_type`): u16 type, u16 length,
+ * that many bytes of data.
+ */
+export const ReturnPath = {
+  INVALID: 0,
+  /** u32 status: 0 the destination loaded the migration (and started the VM), else it failed. */
+  SHUT: 1,
+  /** u32: the value of the PING it answers. */
+  PONG: 2,
+  REQ_PAGES_ID: 3,
+  REQ_PAGES: 4,
+  RECV_BITMAP: 5,
+  RESUME_ACK: 6,
+  /** No data: the source may switch over (capability switchover-ack). */
+  SWITCHOVER_ACK: 7
+} as const
+
+const returnPathNames: ReadonlyArray<string> = [
+  "INVALID",
+  "SHUT",
+  "PONG",
+  "REQ_PAGES_ID",
+  "REQ_PAGES",
+  "RECV_BITMAP",
+  "RESUME_ACK",
+  "SWITCHOVER_ACK"
+]
+
+/** Name of a return path message, as QEMU's trace events print it. */
+export const returnPathName = (type: number): string => returnPathNames[type] ?? `unknown message ${type}`
+
+/** The migration capability of QEMU's `migrate file:` whose RAM pages sit at fixed offsets of the file. */
+export const MAPPED_RAM = "mapped-ram"
+/** The mapped-ram header after each block of the list (u32 version, u64 page size, bitmap and pages offsets). */
+export const MAPPED_RAM_HEADER_SIZE = 28
+/** The mapped-ram header version QEMU 10 writes and reads. */
+export const MAPPED_RAM_VERSION = 1
+/** Where QEMU puts a block's pages: the next multiple of 1 MiB after its bitmap. */
+export const MAPPED_RAM_ALIGNMENT = 0x100000
+
 /** `0x..` with at least `width` hex digits. */
 export const hex = (n: number, width = 2): string => "0x" + n.toString(16).padStart(width, "0")
 
@@ -185,6 +226,24 @@ export interface Configuration {
   readonly targetPageBits: number | undefined
   /** QEMU's `-uuid`, when the source validates it (parameter `validate-uuid`). */
   readonly uuid: Uint8Array | undefined
+  /** The capabilities the source validates on the destination (only `mapped-ram` is accepted, from files). */
+  readonly capabilities: ReadonlyArray<string>
+}
+
+/** A COMMAND record as it was sent: its number and data (kept to be sent on verbatim). */
+export interface CommandRecord {
+  readonly command: number
+  readonly data: Uint8Array
+}
+
+/** The mapped-ram header that follows a block in the list of a mapped-ram file. */
+export interface MappedRamHeader {
+  readonly version: number
+  readonly pageSize: number
+  /** Where the block's bitmap of pages present is (one bit a page, little-endian 64-bit words). */
+  readonly bitmapOffset: number
+  /** Where the block's page 0 is; page i is at `pagesOffset + i * pageSize`. */
+  readonly pagesOffset: number
 }
 
 /** What happened on the stream, once it has ended. */
@@ -201,6 +260,22 @@ export interface Summary {
   readonly normalPages: number
   /** Commands met, by name, in order (e.g. `SWITCHOVER_START`). */
   readonly commands: ReadonlyArray<string>
+  /**
+   * The commands of the migration itself, verbatim, in order (`SWITCHOVER_START`; not the return path's
+   * `OPEN_RETURN_PATH` and `PING`, which concern one connection).
+   */
+  readonly commandRecords: ReadonlyArray<CommandRecord>
+  /** The RAM section's id (its SECTION_START, PART and END records carry it). */
+  readonly ramSectionId: number | undefined
+  /** Whether the source opened a return path (`MIG_CMD_OPEN_RETURN_PATH`). */
+  readonly returnPath: boolean
+  /** Whether the RAM came from a mapped-ram file (capability `mapped-ram`). */
+  readonly mappedRam: boolean
+  /**
+   * Everything after the RAM section — device sections, end marker and description — verbatim, with
+   * `keepDeviceState`.
+   */
+  readonly deviceState: Uint8Array | undefined
   /** Bytes of device state, end marker and description after the RAM section (drained). */
   readonly deviceStateBytes: number
   /** Devices listed by the stream's trailing JSON description, when it had one. */
@@ -213,6 +288,11 @@ export interface Summary {
 export interface ByteSource<E> {
   /** At least 1 and at most `max` bytes (waiting for the first); an empty result is a clean end of stream. */
   readonly readSome: (max: number) => Effect.Effect<Uint8Array, E>
+  /**
+   * Goes on reading at `position` (a file: a mapped-ram file's stream continues after each block's pages).
+   * A source without it cannot carry a mapped-ram stream.
+   */
+  readonly seek?: ((position: number) => Effect.Effect<void, E>) | undefined
 }
 
 /** What the reader tells the destination, in stream order. Each step may fail with the destination's error. */
@@ -232,6 +312,20 @@ export interface Handler<E, R = never> {
   readonly ramEnded?: Effect.Effect<void, E, R> | undefined
   /** A COMMAND record that was accepted (`SWITCHOVER_START`, `PING`). */
   readonly command?: ((name: string) => Effect.Effect<void, E, R>) | undefined
+  /**
+   * The source opened a return path (`MIG_CMD_OPEN_RETURN_PATH`): without this step the stream is refused,
+   * naming capability return-path.
+   */
+  readonly openReturnPath?: Effect.Effect<void, E, R> | undefined
+  /** A `MIG_CMD_PING` with its value (answered with a PONG on an open return path). */
+  readonly ping?: ((value: number) => Effect.Effect<void, E, R>) | undefined
+  /**
+   * A block of a mapped-ram stream, once the whole list is known and the memory given: the block's header
+   * (validated against the page size) and the memory its pages go to. The handler reads them.
+   */
+  readonly mappedRam?:
+    | ((block: RamBlock, header: MappedRamHeader, target: GuestRam.Block) => Effect.Effect<void, E, R>)
+    | undefined
 }
 
 /** How to read. */
@@ -246,6 +340,13 @@ export interface ReadOptions {
    * Default off, as QEMU 10 with a current machine type.
    */
   readonly flushAfterEachSection?: boolean | undefined
+  /** Keep the device state after the RAM section (`Summary.deviceState`). Default off: it is drained. */
+  readonly keepDeviceState?: boolean | undefined
+  /**
+   * Accept capability `mapped-ram` in the configuration: the stream is a mapped-ram file (its source can
+   * `seek`). Default off: a socket never carries one.
+   */
+  readonly mappedRam?: boolean | undefined
 }
 
 // ---------------------------------------------------------------------------------------------------------

@@ -3,13 +3,18 @@
  * handler that turns what it says into the migration — the block list into memory (checked against the
  * memory given or the allocation cap) and the channel set, each flush into a sync of every channel, the RAM
  * section's end into the channels' last stretch — and one inactivity watch over the main channel and every
- * multifd channel, whose timeout says what was awaited.
+ * multifd channel, whose timeout says what was awaited. With `channels` 0 (QEMU without multifd) there is no
+ * channel set: every page comes on the main stream. When QEMU opens a return path (capability return-path),
+ * it is answered as QEMU's own destination answers a precopy migration: SWITCHOVER_ACK at once (what QEMU
+ * sends when no device of its own needs to approve the switch-over), a PONG for each PING; the SHUT at the
+ * end is the caller's.
  *
  * @internal
  */
 import * as Deferred from "effect/Deferred"
 import * as Duration from "effect/Duration"
 import * as Effect from "effect/Effect"
+import * as Ref from "effect/Ref"
 import type * as Scope from "effect/Scope"
 import * as GuestRam from "../../GuestRam.js"
 import * as MigrationError from "../../MigrationError.js"
@@ -19,10 +24,11 @@ import * as QemuStream from "../../QemuStream.js"
 import * as Transfer from "../../Transfer.js"
 import type * as Transport from "../../Transport.js"
 import { unlessStalled } from "../stall.js"
+import * as Writer from "./writer.js"
 
 /** How the destination reads the main stream and builds the channel set. */
 export interface Config {
-  /** QEMU's `multifd-channels`, already checked. */
+  /** QEMU's `multifd-channels`, already checked; 0: QEMU migrates without multifd. */
   readonly channels: number
   readonly compression: Protocol.Compression
   /** Memory to receive into, or `undefined` to allocate QEMU's layout up to `maxRamBytes`. */
@@ -35,6 +41,10 @@ export interface Config {
   /** The inactivity timeout, for the main watch and each channel inside a packet. */
   readonly peer: Duration.DurationInput
   readonly onProgress: ((progress: Transfer.Progress) => Effect.Effect<void>) | undefined
+  /** Keep the device state (`summary.deviceState`), for a whole VM. */
+  readonly keepDeviceState: boolean
+  /** Set once QEMU's return path is open (the caller answers SHUT on it). */
+  readonly returnPath: Ref.Ref<boolean>
 }
 
 /** Everything reading the main stream can fail with. */
@@ -136,6 +146,20 @@ export const read = (
             blocks: blocks.map((b) => ({ name: b.name, bytes: GuestRam.allocate(b.size) }))
           }))
           memory = ram
+          if (channels === 0) {
+            // no multifd: the main stream carries every page
+            yield* Transfer.reportEvery(config.onProgress, (rate) =>
+              Effect.map(rate(mainBytes), (bandwidth) => ({
+                round: flushes,
+                phase,
+                doneBytes: Math.min(ram.size, mainBytes),
+                totalBytes: ram.size,
+                dirtyPages: 0,
+                bandwidth,
+                expectedDowntimeMs: 0
+              })), { lastOnSuccess: true })
+            return ram
+          }
           const recv = yield* MultifdRecv.make({
             channels,
             uuid: config.uuid ?? configUuid,
@@ -162,6 +186,13 @@ export const read = (
         }),
       flush: (index) =>
         Effect.gen(function*() {
+          if (channels === 0) {
+            return yield* new MigrationError.MigrationError({
+              reason: "Rejected",
+              detail: "QEMU migrates with multifd (RAM_SAVE_FLAG_MULTIFD_FLUSH), but --channels 0 expects none: " +
+                "give its multifd-channels"
+            })
+          }
           const recv = yield* Deferred.await(channelSet)
           activity = `waiting for every multifd channel to reach sync point ${index + 1}`
           yield* Effect.raceFirst(recv.sync, recv.failure)
@@ -169,7 +200,12 @@ export const read = (
           flushes = index + 1
         }),
       // the last flush follows: from now on a channel that QEMU closes after its last SYNC has finished
-      ramEnding: Effect.flatMap(Deferred.await(channelSet), (recv) => recv.expectEnd),
+      ramEnding: channels === 0 ? Effect.void : Effect.flatMap(Deferred.await(channelSet), (recv) => recv.expectEnd),
+      openReturnPath: Effect.zipRight(
+        Effect.mapError(connection.write([Writer.switchoverAck()]), MigrationError.onChannel("main")),
+        Ref.set(config.returnPath, true)
+      ),
+      ping: (value) => Effect.mapError(connection.write([Writer.pong(value)]), MigrationError.onChannel("main")),
       command: (name) => Effect.sync(() => {
         if (name === "SWITCHOVER_START") phase = "switchover"
       }),
@@ -197,7 +233,11 @@ export const read = (
     )
 
     const summary = yield* Effect.raceFirst(
-      QemuStream.read(source, handler, { pageSize: config.pageSize, flushAfterEachSection: config.flushAfterEachSection }),
+      QemuStream.read(source, handler, {
+        pageSize: config.pageSize,
+        flushAfterEachSection: config.flushAfterEachSection,
+        keepDeviceState: config.keepDeviceState
+      }),
       watch
     )
     return { summary, ram: memory! }

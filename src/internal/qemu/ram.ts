@@ -9,7 +9,15 @@
  */
 import * as Effect from "effect/Effect"
 import * as GuestRam from "../../GuestRam.js"
-import { describeFlags, type QemuStreamError, RamFlag, type RamBlock } from "./format.js"
+import {
+  describeFlags,
+  MAPPED_RAM_HEADER_SIZE,
+  MAPPED_RAM_VERSION,
+  type MappedRamHeader,
+  type QemuStreamError,
+  RamFlag,
+  type RamBlock
+} from "./format.js"
 import { fail } from "./reader.js"
 import type { Parser } from "./state.js"
 
@@ -20,6 +28,7 @@ const readBlocks = <E, R>(p: Parser<E, R>, at: number, total: number) =>
     const pageSize = state.pageSize
     if (state.ram.memory !== undefined) return yield* fail("Malformed", at, "a second RAM block list (RAM_SAVE_FLAG_MEM_SIZE)")
     const list: Array<RamBlock> = []
+    const headers: Array<MappedRamHeader> = []
     const names = new Set<string>()
     let left = total
     while (left > 0) {
@@ -40,6 +49,12 @@ const readBlocks = <E, R>(p: Parser<E, R>, at: number, total: number) =>
       names.add(name)
       list.push({ name, size })
       left -= size
+      if (state.mappedRam) {
+        // the block's pages follow its header in the file; the list goes on after them
+        const header = yield* readMappedRamHeader(p, name)
+        headers.push(header)
+        yield* r.seek(header.pagesOffset + size)
+      }
     }
     if (list.length === 0) return yield* fail("Malformed", at, "the RAM section announces no RAM at all")
     const problem = GuestRam.checkLayout(pageSize, list)
@@ -52,6 +67,43 @@ const readBlocks = <E, R>(p: Parser<E, R>, at: number, total: number) =>
       }
     }
     state.ram.memory = memory
+    if (state.mappedRam) {
+      const load = p.handler.mappedRam
+      if (load === undefined) return yield* Effect.dieMessage("QemuStream: a mapped-ram stream without a mappedRam handler")
+      for (let i = 0; i < list.length; i++) yield* load(list[i]!, headers[i]!, memory.block(list[i]!.name)!)
+    }
+  })
+
+/** The mapped-ram header after block `name` in a mapped-ram file's block list, validated. */
+const readMappedRamHeader = <E, R>({ r, state }: Parser<E, R>, name: string) =>
+  Effect.gen(function*() {
+    const at = r.offset
+    const bytes = yield* r.bytes(MAPPED_RAM_HEADER_SIZE, `the mapped-ram header of RAM block '${name}'`)
+    const u64 = (offset: number) => bytes.readUInt32BE(offset) * 2 ** 32 + bytes.readUInt32BE(offset + 4)
+    const header: MappedRamHeader = {
+      version: bytes.readUInt32BE(0),
+      pageSize: u64(4),
+      bitmapOffset: u64(12),
+      pagesOffset: u64(20)
+    }
+    const bad = (detail: string) => fail("Malformed", at, `the mapped-ram header of RAM block '${name}': ${detail}`)
+    if (header.version === 0 || header.version > MAPPED_RAM_VERSION) {
+      return yield* fail(
+        "Unsupported",
+        at,
+        `the mapped-ram header of RAM block '${name}' has version ${header.version}; ` +
+          `only version ${MAPPED_RAM_VERSION} is supported`,
+        "mapped-ram"
+      )
+    }
+    if (header.pageSize !== state.pageSize) return yield* bad(`page size ${header.pageSize}, not the stream's ${state.pageSize}`)
+    if (header.pagesOffset === 0 || header.pagesOffset % state.pageSize !== 0) {
+      return yield* bad(`its pages at ${header.pagesOffset} are not at a positive multiple of the page size`)
+    }
+    if (header.bitmapOffset === 0 || !Number.isSafeInteger(header.pagesOffset) || !Number.isSafeInteger(header.bitmapOffset)) {
+      return yield* bad(`bitmap at ${header.bitmapOffset}, pages at ${header.pagesOffset}`)
+    }
+    return header
   })
 
 /** The block a page record at `at` refers to: its name, unless `RAM_SAVE_FLAG_CONTINUE` (the last one). */

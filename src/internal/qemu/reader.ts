@@ -6,7 +6,7 @@
  * @internal
  */
 import * as Effect from "effect/Effect"
-import { type ByteSource, QemuStreamError } from "./format.js"
+import { type ByteSource, checkEnding, QemuStreamError } from "./format.js"
 
 const CHUNK = 64 * 1024
 /** How much of the drained device state is kept to check the end of the stream. */
@@ -107,9 +107,30 @@ export class Reader<E> {
     return Effect.flatMap(this.u8(`the length of ${what}`), (n) => Effect.map(this.bytes(n, what), (b) => b.toString("latin1")))
   }
 
-  /** Everything up to the end of the stream: its length, and its last `TAIL_LIMIT` bytes at most. */
-  drain(): Effect.Effect<{ readonly length: number; readonly tail: Buffer }, E> {
+  /**
+   * Goes on at `position` of the source (`ByteSource.seek`): what is buffered is dropped. A source that
+   * cannot seek is a defect of the caller (only mapped-ram streams seek, and only files carry them).
+   */
+  seek(position: number): Effect.Effect<void, E> {
+    const seek = this.source.seek
+    if (seek === undefined) return Effect.dieMessage("QemuStream: this byte source cannot seek")
+    this.buf = Buffer.alloc(0)
+    this.pos = 0
+    this.offset = position
+    return seek(position)
+  }
+
+  /**
+   * Everything up to the end of the stream: its length, and its last `TAIL_LIMIT` bytes at most (all of it
+   * with `keepAll`). With `stopAtEnd` it stops as soon as what it has ends as a complete stream ends (the
+   * description after the EOF marker): a source waiting on its return path does not close first.
+   */
+  drain(options: { readonly keepAll?: boolean | undefined; readonly stopAtEnd?: boolean | undefined } = {}): Effect.Effect<
+    { readonly length: number; readonly tail: Buffer },
+    E
+  > {
     const self = this
+    const limit = options.keepAll ? Infinity : TAIL_LIMIT
     return Effect.gen(function*() {
       const pieces: Array<Buffer> = []
       let kept = 0
@@ -120,10 +141,20 @@ export class Reader<E> {
         pieces.push(Buffer.from(piece))
         kept += piece.length
         length += piece.length
-        while (pieces.length > 1 && kept - pieces[0]!.length >= TAIL_LIMIT) kept -= pieces.shift()!.length
+        while (pieces.length > 1 && kept - pieces[0]!.length >= limit) kept -= pieces.shift()!.length
+      }
+      /** Whether the bytes so far end as a complete stream does (only a description's `}` can end it). */
+      const ended = () => {
+        if (!options.stopAtEnd || kept === 0) return false
+        const last = pieces[pieces.length - 1]!
+        if (last[last.length - 1] !== 0x7d /* } */) return false
+        const all = Buffer.concat(pieces)
+        pieces.length = 0
+        pieces.push(all)
+        return checkEnding(all, length)._tag === "Complete"
       }
       keep(self.take(self.buffered))
-      while (true) {
+      while (!ended()) {
         const chunk = yield* self.source.readSome(1024 * 1024)
         if (chunk.length === 0) break
         self.received += chunk.length
@@ -131,7 +162,7 @@ export class Reader<E> {
         keep(Buffer.from(chunk.buffer, chunk.byteOffset, chunk.length))
       }
       const all = Buffer.concat(pieces)
-      return { length, tail: all.length > TAIL_LIMIT ? all.subarray(all.length - TAIL_LIMIT) : all }
+      return { length, tail: all.length > limit ? all.subarray(all.length - limit) : all }
     })
   }
 }

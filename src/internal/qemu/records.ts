@@ -18,6 +18,7 @@ import {
   FILE_VERSION,
   type Handler,
   hex,
+  MAPPED_RAM,
   type QemuStreamError,
   RAM_SECTION,
   RAM_SECTION_VERSION,
@@ -50,6 +51,7 @@ const readConfiguration = <E, R>(p: Parser<E, R>, at: number) =>
     const machine = (yield* r.bytes(length, "the machine type")).toString("latin1")
     let targetPageBits: number | undefined
     let uuid: Uint8Array | undefined
+    const capabilities: Array<string> = []
     while ((yield* r.peekByte()) === Record.SUBSECTION) {
       const subAt = r.offset
       yield* r.u8("a subsection marker")
@@ -68,17 +70,23 @@ const readConfiguration = <E, R>(p: Parser<E, R>, at: number) =>
         }
         case "configuration/capabilities": {
           const count = yield* r.u32("the capability count")
-          const names: Array<string> = []
-          for (let i = 0; i < count && i < 256; i++) names.push(yield* r.shortString("a capability name"))
-          if (count > 0) {
+          for (let i = 0; i < count && i < 256; i++) capabilities.push(yield* r.shortString("a capability name"))
+          // mapped-ram is how QEMU's migrate file: lays a file out; over a socket it cannot be
+          const refused = capabilities.filter((name) => !(name === MAPPED_RAM && options.mappedRam))
+          if (count > 256 || refused.length > 0) {
             return yield* fail(
               "Unsupported",
               subAt,
-              `the source enabled migration capabilit${count === 1 ? "y" : "ies"} ${names.map((n) => `'${n}'`).join(", ")}` +
-                ", which change the RAM stream format; turn them off on the source",
-              names[0]
+              `the source enabled migration capabilit${refused.length === 1 ? "y" : "ies"} ${
+                refused.map((n) => `'${n}'`).join(", ")
+              }` +
+                (refused.includes(MAPPED_RAM)
+                  ? ": a mapped-ram stream is a file (QEMU's migrate file:), read it with recv file:PATH --from-qemu"
+                  : ", which change the RAM stream format; turn them off on the source"),
+              refused[0]
             )
           }
+          state.mappedRam = capabilities.includes(MAPPED_RAM)
           break
         }
         case "configuration/uuid": {
@@ -100,7 +108,7 @@ const readConfiguration = <E, R>(p: Parser<E, R>, at: number) =>
       }
       state.pageSize = announced
     }
-    const configuration = { machine, targetPageBits, uuid }
+    const configuration = { machine, targetPageBits, uuid, capabilities }
     state.configuration = configuration
     if (p.handler.configuration) yield* p.handler.configuration(configuration)
   })
@@ -135,14 +143,27 @@ const readCommand = <E, R>(p: Parser<E, R>, at: number) =>
         if (length !== expected) {
           return yield* fail("Malformed", at, `command MIG_CMD_${name} with ${length} data bytes, expected ${expected}`)
         }
-        yield* r.bytes(length, `command MIG_CMD_${name}'s data`)
+        const data = yield* r.bytes(length, `command MIG_CMD_${name}'s data`)
         state.commands.push(name)
+        if (command === Command.PING) {
+          if (p.handler.ping) yield* p.handler.ping(data.readUInt32BE(0))
+        } else {
+          state.commandRecords.push({ command, data: Uint8Array.from(data) })
+        }
         if (p.handler.command) yield* p.handler.command(name)
         return
       }
       case Command.OPEN_RETURN_PATH:
-        // postcopy opens the return path first and advises right after: wait for that to name the feature
         if (length !== 0) return yield* fail("Malformed", at, `command MIG_CMD_${name} with ${length} data bytes`)
+        if (state.returnPath) return yield* fail("Malformed", at, `a second MIG_CMD_${name}`)
+        if (p.handler.openReturnPath) {
+          // answered as QEMU's destination answers a precopy migration (postcopy, advised next, is refused then)
+          yield* p.handler.openReturnPath
+          state.returnPath = true
+          state.commands.push(name)
+          return
+        }
+        // postcopy opens the return path first and advises right after: wait for that to name the feature
         state.returnPathAt = at
         return
       case Command.POSTCOPY_ADVISE:
@@ -285,10 +306,11 @@ const readRecord = <E, R>(p: Parser<E, R>): Effect.Effect<void, E | QemuStreamEr
   })
 
 /** Device state, EOF marker and description after the RAM section: drained, then the ending is checked. */
-const readDeviceState = <E, R>({ r }: Parser<E, R>) =>
+const readDeviceState = <E, R>({ options, r, state }: Parser<E, R>) =>
   Effect.gen(function*() {
     const drainedAt = r.offset
-    const { length, tail } = yield* r.drain()
+    // a source with a return path waits for our answer before it closes: its stream ends where it says
+    const { length, tail } = yield* r.drain({ keepAll: options.keepDeviceState, stopAtEnd: state.returnPath })
     const ending = checkEnding(tail, length)
     if (ending._tag === "Incomplete") {
       return yield* fail(
@@ -298,7 +320,7 @@ const readDeviceState = <E, R>({ r }: Parser<E, R>) =>
           "QEMU cancelled or failed the migration, or was killed, after sending all RAM"
       )
     }
-    return { length, devices: ending.devices }
+    return { length, devices: ending.devices, bytes: options.keepDeviceState ? tail : undefined }
   })
 
 /**
@@ -327,6 +349,11 @@ export const read = <E, R = never>(
         zeroPages: state.zeroPages,
         normalPages: state.normalPages,
         commands: state.commands,
+        commandRecords: state.commandRecords,
+        ramSectionId: state.ram.id,
+        returnPath: state.returnPath,
+        mappedRam: state.mappedRam,
+        deviceState: deviceState.bytes,
         deviceStateBytes: deviceState.length,
         devices: deviceState.devices,
         bytes: p.r.offset

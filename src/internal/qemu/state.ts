@@ -6,7 +6,7 @@
  * @internal
  */
 import * as GuestRam from "../../GuestRam.js"
-import type { ByteSource, Configuration, Handler, RamBlock, ReadOptions } from "./format.js"
+import type { ByteSource, CommandRecord, Configuration, Handler, RamBlock, ReadOptions } from "./format.js"
 import { Reader } from "./reader.js"
 
 /** The RAM section as far as the stream went. */
@@ -30,8 +30,15 @@ export interface State {
   configuration: Configuration | undefined
   /** Top-level records read so far (a CONFIGURATION record must be the first). */
   records: number
-  /** Where QEMU asked for a return path (`MIG_CMD_OPEN_RETURN_PATH`), refused at the next record. */
+  /**
+   * Where QEMU asked for a return path (`MIG_CMD_OPEN_RETURN_PATH`) that the handler cannot open: refused at
+   * the next record (unless that one names postcopy).
+   */
   returnPathAt: number | undefined
+  /** Whether the handler opened the return path QEMU asked for. */
+  returnPath: boolean
+  /** Whether the configuration announced capability mapped-ram (a mapped-ram file). */
+  mappedRam: boolean
   readonly ram: RamState
   /** Flushes followed, and RAM section records read. */
   flushes: number
@@ -41,6 +48,8 @@ export interface State {
   normalPages: number
   /** Commands accepted, by name, in order. */
   readonly commands: Array<string>
+  /** The migration's own commands, verbatim (`SWITCHOVER_START`). */
+  readonly commandRecords: Array<CommandRecord>
 }
 
 /** A stream being read: where its bytes come from, whom to tell, how, and the state so far. */
@@ -61,11 +70,14 @@ export const make = <E, R>(source: ByteSource<E>, handler: Handler<E, R>, option
     configuration: undefined,
     records: 0,
     returnPathAt: undefined,
+    returnPath: false,
+    mappedRam: false,
     ram: { phase: "none", id: undefined, blocks: [], memory: undefined, lastBlock: undefined },
     flushes: 0,
     ramSections: 0,
     zeroPages: 0,
     normalPages: 0,
-    commands: []
+    commands: [],
+    commandRecords: []
   }
 })

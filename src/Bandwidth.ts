@@ -1,0 +1,119 @@
+/**
+ * A bandwidth limit on a migration's channels, as QEMU's `max-bandwidth`: one budget shared by every channel
+ * (whichever thread a channel runs on), counting the bytes each packet puts on the wire, that a running
+ * migration follows as soon as it is changed.
+ *
+ * ```ts
+ * const limit = yield* Bandwidth.make(64 * Bandwidth.MIB)   // 64 MiB/s
+ * const fiber = yield* Effect.fork(Migration.migrate({ address, maxBandwidth: limit }))
+ * yield* limit.set(0)                                       // later: no limit
+ * ```
+ *
+ * @since 0.1.0
+ */
+import * as Effect from "effect/Effect"
+import * as Either from "effect/Either"
+import { RateLimit } from "./internal/native/rateLimit.js"
+import * as MigrationError from "./MigrationError.js"
+
+/**
+ * Bytes in a mebibyte: rates in MiB/s, as QEMU's `max-bandwidth` takes them (`100M` is 100 MiB/s).
+ *
+ * @since 0.1.0
+ * @category constants
+ */
+export const MIB = 1024 * 1024
+
+const TypeId: unique symbol = Symbol.for("effect-multifd/Bandwidth")
+
+/**
+ * A limit that migrations share their channels' bytes under. Changing it takes effect at the channels' next
+ * packets.
+ *
+ * @since 0.1.0
+ * @category models
+ */
+export interface Limit {
+  readonly [TypeId]: RateLimit
+  /** Bytes per second now (0: no limit). */
+  readonly rate: Effect.Effect<number>
+  /** Sets the rate in bytes per second (0 lifts the limit); a negative or non-finite rate is `BadOptions`. */
+  readonly set: (bytesPerSecond: number) => Effect.Effect<void, MigrationError.MigrationError>
+}
+
+const badRate = (bytesPerSecond: number) =>
+  new MigrationError.MigrationError({
+    reason: "BadOptions",
+    detail: `a bandwidth limit must be a number of bytes per second >= 0 (0: none), not ${bytesPerSecond}`
+  })
+
+const isRate = (n: number) => Number.isFinite(n) && n >= 0
+
+/**
+ * A limit of `bytesPerSecond` (0: none) that lets one packet's worth go at once after an idle moment.
+ *
+ * @since 0.1.0
+ * @category constructors
+ */
+export const make = (bytesPerSecond: number): Effect.Effect<Limit, MigrationError.MigrationError> =>
+  isRate(bytesPerSecond) ? Effect.sync(() => fromRateLimit(RateLimit.make(bytesPerSecond))) : Effect.fail(badRate(bytesPerSecond))
+
+const fromRateLimit = (limit: RateLimit): Limit => ({
+  [TypeId]: limit,
+  rate: Effect.sync(() => limit.rate),
+  set: (bytesPerSecond) =>
+    isRate(bytesPerSecond) ? Effect.sync(() => limit.set(bytesPerSecond)) : Effect.fail(badRate(bytesPerSecond))
+})
+
+/**
+ * Whether `u` is a `Limit`.
+ *
+ * @since 0.1.0
+ * @category guards
+ */
+export const isLimit = (u: unknown): u is Limit => typeof u === "object" && u !== null && TypeId in u
+
+/**
+ * The shared memory behind a limit (`undefined` for none), for a channel on another thread.
+ *
+ * @internal
+ */
+export const sharedOf = (limit: Limit | undefined): SharedArrayBuffer | undefined =>
+  limit === undefined ? undefined : limit[TypeId].buffer
+
+const RATE = /^(\d+(?:\.\d+)?)\s*([BKMGT]?)(?:i?B)?(?:\/s)?$/i
+
+/**
+ * Parses a rate as QEMU's `max-bandwidth` does: a number of MiB/s, or with a unit (`B`, `K`, `M`, `G`, `T`,
+ * binary): `100M` and `100` are 100 MiB/s, `512K` is 512 KiB/s, `1G` 1 GiB/s; `0` is no limit. Gives bytes
+ * per second.
+ *
+ * @since 0.1.0
+ * @category parsers
+ */
+export const parse = (text: string): Either.Either<number, string> => {
+  const m = RATE.exec(text.trim())
+  const unit = m === null ? 0 : 1024 ** "BKMGT".indexOf(m[2]!.toUpperCase() || "M")
+  const bytes = m === null ? NaN : Math.round(Number(m[1]) * unit)
+  return Number.isSafeInteger(bytes) && bytes >= 0
+    ? Either.right(bytes)
+    : Either.left(`${JSON.stringify(text)} is not a rate like 100M (MiB/s), 512K, 1G or 0 (no limit)`)
+}
+
+/**
+ * A rate for people: `64 MiB/s`, `1.5 GiB/s`, `no limit`.
+ *
+ * @since 0.1.0
+ * @category formatting
+ */
+export const format = (bytesPerSecond: number): string => {
+  if (bytesPerSecond === 0) return "no limit"
+  const units = ["B", "KiB", "MiB", "GiB", "TiB"]
+  let value = bytesPerSecond
+  let unit = 0
+  while (value >= 1024 && unit < units.length - 1) {
+    value /= 1024
+    unit++
+  }
+  return `${Number.isInteger(value) ? value : value.toFixed(2)} ${units[unit]}/s`
+}

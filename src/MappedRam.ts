@@ -1,0 +1,118 @@
+/**
+ * QEMU 10's mapped-ram migration file — what `migrate file:PATH` writes, and `migrate-incoming file:PATH`
+ * reads, with capabilities `mapped-ram` (and `multifd`) on — as the file format of a whole VM (`QemuVm`):
+ * its RAM, and its main stream's configuration, commands and device state verbatim.
+ *
+ * The layout is QEMU's (`migration/ram.c`, docs/devel/migration/mapped-ram.rst): the main stream from offset
+ * 0, with capability `mapped-ram` in its configuration; in the RAM section's block list each block is
+ * followed by a 28-byte header (version 1, page size, bitmap offset, pages offset), its bitmap (one bit a
+ * page present, little-endian 64-bit words) and, at the next multiple of 1 MiB, its pages at fixed offsets
+ * (page i at pages offset + i × page size), after which the stream goes on; the device state, end marker
+ * and description close the file. Zero pages are not written: the file is sparse.
+ *
+ * `write` goes through a temporary file beside the target (fsync, rename, directory fsync): the target only
+ * ever holds a complete file. `read` takes QEMU's own files as well as ours, and also a plain QEMU stream
+ * file (`migrate file:` without mapped-ram, the pages on the stream).
+ *
+ * @since 0.1.0
+ */
+import type * as Effect from "effect/Effect"
+import type * as Scope from "effect/Scope"
+import type * as GuestRam from "./GuestRam.js"
+import * as internal from "./internal/qemu/mappedRam.js"
+import type * as QemuStream from "./QemuStream.js"
+import type * as QemuVm from "./QemuVm.js"
+import * as Transfer from "./Transfer.js"
+
+/**
+ * A mapped-ram file that cannot be written or read: `reason` (`Unusable`: cannot be opened or created;
+ * `Malformed`: not a QEMU migration file QEMU 10 would load; `Truncated`: cut short; `TooLarge`: more RAM
+ * than allowed; `Unsupported`: a VM the format cannot carry; `Io`), the path, a one-line `detail`.
+ *
+ * @since 0.1.0
+ * @category errors
+ */
+export const MappedRamError: typeof internal.MappedRamError = internal.MappedRamError
+
+/**
+ * @since 0.1.0
+ * @category errors
+ */
+export type MappedRamError = internal.MappedRamError
+
+/**
+ * What writing a file did: its length (mostly holes) and the pages it holds (the non-zero ones).
+ *
+ * @since 0.1.0
+ * @category models
+ */
+export interface Written {
+  readonly size: number
+  readonly pages: number
+}
+
+/**
+ * Writes `vm` to `path` as a QEMU 10 mapped-ram file that QEMU resumes the VM from (`-incoming defer`,
+ * capabilities mapped-ram and multifd, `migrate-incoming file:PATH`, and the same machine options).
+ *
+ * @since 0.1.0
+ * @category writing
+ */
+export const write: (path: string, vm: QemuVm.QemuVm) => Effect.Effect<Written, MappedRamError> = internal.write
+
+/**
+ * How to read a file: the most RAM it may make this process allocate (default 16 GiB), the target page size
+ * when the stream does not say (default 4096).
+ *
+ * @since 0.1.0
+ * @category models
+ */
+export interface ReadOptions {
+  readonly maxRamBytes?: number | undefined
+  readonly pageSize?: number | undefined
+}
+
+/**
+ * What a file held: the VM, and what its stream said.
+ *
+ * @since 0.1.0
+ * @category models
+ */
+export interface Read {
+  readonly vm: QemuVm.QemuVm
+  readonly summary: QemuStream.Summary
+  /** Pages the file held (the others are zero). */
+  readonly pages: number
+}
+
+/**
+ * Reads the VM in a QEMU migration file: a mapped-ram file (QEMU's or ours) or a plain stream file.
+ *
+ * @since 0.1.0
+ * @category reading
+ */
+export const read = (path: string, options: ReadOptions = {}): Effect.Effect<Read, MappedRamError> =>
+  internal.read(path, { maxRamBytes: options.maxRamBytes ?? Transfer.DEFAULT_MAX_RAM, pageSize: options.pageSize })
+
+/**
+ * A file opened by `open`: its VM, whose memory is allocated but whose pages (of a mapped-ram file) are read
+ * only by `load`, and how to read them — so that a migration reads each batch of pages just before it sends
+ * them, the file's reads and the network's writes overlapping.
+ *
+ * @since 0.1.0
+ * @category models
+ */
+export interface Opened extends Read {
+  /** Reads the pages `first` to `first + count - 1` of `block` the file holds into its memory. */
+  readonly load: (block: GuestRam.Block, first: number, count: number) => Effect.Effect<void, MappedRamError>
+}
+
+/**
+ * Opens a QEMU migration file in the current scope (it stays open with it): its main stream read whole
+ * (configuration, block list, commands, device state), its pages left to `load`.
+ *
+ * @since 0.1.0
+ * @category reading
+ */
+export const open = (path: string, options: ReadOptions = {}): Effect.Effect<Opened, MappedRamError, Scope.Scope> =>
+  internal.open(path, { maxRamBytes: options.maxRamBytes ?? Transfer.DEFAULT_MAX_RAM, pageSize: options.pageSize })

@@ -1,0 +1,318 @@
+/**
+ * A source that an unmodified QEMU (10.x) takes a migration from: QEMU started with `-incoming <uri>` (or
+ * `-incoming defer` and `migrate-incoming`), capability `multifd` on and `multifd-channels` N, receives a
+ * whole VM (`QemuVm`: RAM, configuration, device state) and resumes it.
+ *
+ * What QEMU 10's destination expects, in its order:
+ *
+ * 1. the main channel first (with TLS its handshake completes first: QEMU takes the first TLS channel as the
+ *    main one), and on it at once QEMU's file header (QEMU tells a channel by its first 4 bytes), the
+ *    configuration (capabilities as a multifd socket migration has them: none), `MIG_CMD_OPEN_RETURN_PATH`
+ *    and a PING;
+ * 2. the N multifd channels (each: its init packet, uuid = QEMU's `-uuid`); QEMU reads the main stream only
+ *    once all of them are there, and its PONG says it took the configuration;
+ * 3. the RAM section's SECTION_START with the block list, then a SYNC packet on every channel and
+ *    `RAM_SAVE_FLAG_MULTIFD_FLUSH` (QEMU's channels wait for its loader to take the block list before any
+ *    page), EOS;
+ * 4. every page of every block on the channels (zero pages as offsets only), a SYNC on every channel,
+ *    SECTION_PART with MULTIFD_FLUSH, EOS; the commands of the RAM phase; SECTION_END after one more sync;
+ *    then the device state, end marker and description, verbatim;
+ * 5. the channels closed (TLS close_notify, FIN) while QEMU's `MIG_RP_MSG_SHUT` is awaited on the return path:
+ *    0 once it loaded everything and started the VM. Only then does `migrate` succeed.
+ *
+ * QEMU that refuses the migration (another machine type, a missing RAM block, another channel count, a device
+ * it cannot load) closes its connections, and with its default `exit-on-error` exits: `migrate` fails with one
+ * line saying how far QEMU got. Everything runs in one scope: when `migrate` returns every fiber has ended and
+ * every connection is closed.
+ *
+ * @since 0.1.0
+ */
+import * as Clock from "effect/Clock"
+import * as Effect from "effect/Effect"
+import * as Fiber from "effect/Fiber"
+import * as Option from "effect/Option"
+import type * as Bandwidth from "./Bandwidth.js"
+import * as ChannelThreads from "./ChannelThreads.js"
+import * as Writer from "./internal/qemu/writer.js"
+import * as ReturnPath from "./internal/qemu/returnPath.js"
+import { unlessStalled, within } from "./internal/stall.js"
+import type * as GuestRam from "./GuestRam.js"
+import * as MigrationError from "./MigrationError.js"
+import * as MultifdSend from "./MultifdSend.js"
+import * as PageCodec from "./PageCodec.js"
+import * as Protocol from "./Protocol.js"
+import * as QemuVm from "./QemuVm.js"
+import * as Tls from "./Tls.js"
+import * as Transfer from "./Transfer.js"
+import * as Transport from "./Transport.js"
+
+/**
+ * How to migrate a VM into QEMU.
+ *
+ * @since 0.1.0
+ * @category models
+ */
+export interface Options<E = never> {
+  /** Where QEMU listens (`-incoming tcp:HOST:PORT` or `unix:PATH`). */
+  readonly address: Transport.Address
+  readonly vm: QemuVm.QemuVm
+  /**
+   * Fills pages `first` to `first + count - 1` of `block` before they are sent (`MappedRam.open`'s `load`: the
+   * file is read batch by batch while the channels send the previous ones). Without it the memory is complete.
+   */
+  readonly load?: ((block: GuestRam.Block, first: number, count: number) => Effect.Effect<void, E>) | undefined
+  /** QEMU's `multifd-channels` (1–255): QEMU waits for exactly this many. */
+  readonly channels: number
+  /** QEMU's `multifd-compression` (default `none`). */
+  readonly compression?: Protocol.Compression | undefined
+  readonly compressionLevel?: number | undefined
+  /** The uuid the channels announce: QEMU's `-uuid` (default: the configuration's, else zeros, as QEMU's). */
+  readonly uuid?: Uint8Array | undefined
+  /** TLS as QEMU's `tls-creds` on the destination (client side); `hostname` is checked against x509. */
+  readonly tls?: Tls.Settings | undefined
+  /** Secures each connection when `tls` is not given (tests inject faults here). */
+  readonly upgrade?: Transport.Upgrade<Transport.UpgradeError> | undefined
+  /** `connect`, `handshake`, and `peer`: how long QEMU may stay silent or take anything (default 30 s). */
+  readonly timeouts?: Partial<Transfer.Timeouts> | undefined
+  /** Called about ten times a second (`doneBytes`: pages the sockets accepted). */
+  readonly onProgress?: ((progress: Transfer.Progress) => Effect.Effect<void>) | undefined
+  /** One bandwidth limit for the multifd channels (`Bandwidth.make`), as QEMU's `max-bandwidth`; none by default. */
+  readonly maxBandwidth?: Bandwidth.Limit | undefined
+}
+
+/**
+ * What a migration into QEMU did.
+ *
+ * @since 0.1.0
+ * @category models
+ */
+export interface Stats extends Transfer.Stats {
+  readonly qemu: {
+    readonly machine: string | undefined
+    /** Bytes of the main stream, device state included. */
+    readonly mainBytes: number
+    readonly deviceStateBytes: number
+    readonly devices: number | undefined
+    /** QEMU's messages on the return path, by name. */
+    readonly returnPath: ReadonlyArray<string>
+  }
+}
+
+/**
+ * Everything a migration into QEMU can fail with.
+ *
+ * @since 0.1.0
+ * @category errors
+ */
+export type OutgoingError =
+  | MigrationError.MigrationError
+  | MigrationError.ChannelError
+  | MultifdSend.ChannelFailure
+  | PageCodec.CodecError
+
+const badOptions = (detail: string) => new MigrationError.MigrationError({ reason: "BadOptions", detail })
+
+/** Why the options cannot be used, before anything connects. */
+const check = <E>(options: Options<E>): MigrationError.MigrationError | undefined => {
+  const channels = Protocol.checkChannels(options.channels, "multifd channels")
+  if (channels !== undefined) return badOptions(channels)
+  if (options.address._tag === "File") return badOptions("QEMU listens on a tcp: or unix: address, not a file")
+  const level = options.compressionLevel
+  if (level !== undefined && options.compression !== undefined && options.compression !== "none") {
+    const problem = Protocol.checkCompressionLevel(options.compression, level)
+    if (problem !== undefined) return badOptions(problem)
+  }
+  if (!QemuVm.isComplete(options.vm)) {
+    return badOptions("the VM's device state does not end as a complete migration stream ends (cut short?)")
+  }
+  return undefined
+}
+
+/** Pages of `block` from `first`, `count` of them, as the indices `MultifdSend.send` takes. */
+const indices = (first: number, count: number): Uint32Array => {
+  const pages = new Uint32Array(count)
+  for (let i = 0; i < count; i++) pages[i] = first + i
+  return pages
+}
+
+/**
+ * Migrates `options.vm` into the QEMU listening at `options.address`. Succeeds once QEMU said on the return
+ * path that it loaded the whole migration (`MIG_RP_MSG_SHUT` 0).
+ *
+ * @since 0.1.0
+ * @category migrating
+ */
+export const migrate = <E = never>(options: Options<E>): Effect.Effect<Stats, OutgoingError | E, Transport.Transport> =>
+  Effect.scoped(Effect.gen(function*() {
+    const bad = check(options)
+    if (bad !== undefined) return yield* bad
+    const transport = yield* Transport.Transport
+    const timeouts = Transfer.resolveTimeouts(options.timeouts)
+    const { vm, channels } = options
+    const compression = options.compression ?? "none"
+    const pageSize = vm.ram.pageSize
+    const address = options.address
+    const upgrade = options.tls === undefined
+      ? options.upgrade
+      : Tls.client(options.tls, address._tag === "Tcp" ? address.host : undefined)
+    const uuid = options.uuid ?? vm.configuration?.uuid ?? new Uint8Array(16)
+    // the channels run on the pool of channel threads when there is one and they can read the memory there
+    const threads = vm.ram.blocks.every((block) => block.bytes.buffer instanceof SharedArrayBuffer)
+      ? Option.getOrUndefined(yield* Effect.serviceOption(ChannelThreads.ChannelThreads))
+      : undefined
+    const start = yield* Clock.currentTimeMillis
+    const peer = (what: string) => within(timeouts.peer, what)
+
+    // 1. the main channel, its header and configuration, and the return path
+    const main = yield* Effect.gen(function*() {
+      const raw = yield* transport.connect(address, { timeout: timeouts.connect })
+      return upgrade ? yield* upgrade(raw, "main") : raw
+    }).pipe(Effect.mapError(MigrationError.onChannel("main")))
+    let mainBytes = 0
+    const writeRaw = (chunks: ReadonlyArray<Buffer>) =>
+      Effect.tap(
+        Effect.mapError(main.write(chunks), MigrationError.onChannel("main")),
+        () => Effect.sync(() => (mainBytes += chunks.reduce((n, c) => n + c.length, 0)))
+      )
+    const configuration = vm.configuration === undefined ? [] : [Writer.configuration(vm.configuration, [])]
+    yield* writeRaw([Writer.header(), ...configuration, Writer.openReturnPath(), Writer.ping(1)])
+    let whyClosed = "before it took the configuration"
+    const returnPath = yield* ReturnPath.start(
+      main,
+      () =>
+        `QEMU ended the migration ${whyClosed}: it refused it (another machine type or machine options, ` +
+        "another multifd-channels or multifd-compression, TLS, a device it cannot load? its log says) or it stopped"
+    )
+
+    // 2. the channels; QEMU reads the main stream once all are there, and answers the PING
+    const send = yield* MultifdSend.make({
+      address,
+      channels,
+      uuid,
+      pageSize,
+      compression,
+      compressionLevel: options.compressionLevel,
+      zeroPage: "multifd",
+      connectTimeout: timeouts.connect,
+      upgrade,
+      maxBandwidth: options.maxBandwidth,
+      threads
+    })
+    // QEMU's verdict before the end: it gave up (SHUT 1), or says it is done with a migration not yet sent
+    const early = Effect.flatMap(returnPath.shut, (status) =>
+      Effect.fail(
+        new MigrationError.MigrationError(
+          status === 0
+            ? { reason: "Unexpected", detail: "QEMU said it loaded the VM (MIG_RP_MSG_SHUT 0) before it was all sent" }
+            : { reason: "Rejected", detail: `QEMU failed to load the migration (MIG_RP_MSG_SHUT ${status}): its log says why` }
+        )
+      ))
+    // a connection QEMU closed: QEMU ends the main channel too, whose end says more (how far QEMU got)
+    const explained = (error: MultifdSend.ChannelFailure): Effect.Effect<never, OutgoingError> =>
+      Effect.flatMap(Effect.either(Effect.timeout(returnPath.shut, "1 second")), (verdict) => {
+        const why: OutgoingError = verdict._tag === "Left" && verdict.left._tag === "MigrationError"
+          ? new MigrationError.MigrationError({ reason: verdict.left.reason, detail: `${verdict.left.detail}; ${error.message}` })
+          : error
+        return Effect.fail(why)
+      })
+    const guarded = <A, E>(self: Effect.Effect<A, E>) =>
+      Effect.raceFirst(self, Effect.raceFirst(Effect.catchAll(send.failure, explained), early))
+    const writeMain = (chunks: ReadonlyArray<Buffer>) => guarded(Effect.catchAll(writeRaw(chunks), explained))
+    yield* guarded(send.established)
+    yield* guarded(returnPath.firstPong).pipe(
+      peer(`waiting for QEMU to answer on the main channel (is its multifd-channels ${channels}?)`)
+    )
+
+    // 3.–5., with an inactivity watch: bytes the sockets accepted, on the channels or the main channel
+    const progress = Effect.map(send.stats, (s) => s.sentBytes + mainBytes)
+    const deviceState = Buffer.from(vm.deviceState.buffer, vm.deviceState.byteOffset, vm.deviceState.length)
+    let queued = 0
+    const transfer = Effect.gen(function*() {
+      // 3. the RAM section: the block list, then the setup sync
+      whyClosed = "while it took the RAM blocks"
+      const id = vm.ramSectionId
+      const layout = vm.ram.blocks.map((b) => ({ name: b.name, size: b.bytes.length }))
+      yield* writeMain([Writer.ramStart(id), Writer.memSize(layout), ...layout.map(Writer.blockEntry)])
+      const flush = (record: ReadonlyArray<Buffer>) =>
+        Effect.zipRight(
+          guarded(send.sync).pipe(peer("waiting for the multifd channels to send their SYNC packets")),
+          writeMain(record)
+        )
+      yield* flush([Writer.MULTIFD_FLUSH, Writer.EOS, Writer.footer(id)])
+
+      // 4. every page, on whichever channel is idle
+      whyClosed = "while it received the RAM"
+      const totalPages = vm.ram.blocks.reduce((n, b) => n + b.pages, 0)
+      yield* Transfer.reportEvery(options.onProgress, (rate) =>
+        Effect.gen(function*() {
+          const s = yield* send.stats
+          const doneBytes = s.sentPages * pageSize
+          return {
+            round: 1,
+            phase: "precopy",
+            doneBytes,
+            totalBytes: totalPages * pageSize,
+            dirtyPages: totalPages - s.sentPages,
+            bandwidth: yield* rate(s.sentBytes),
+            expectedDowntimeMs: 0
+          } satisfies Transfer.Progress
+        }))
+      for (const block of vm.ram.blocks) {
+        for (let first = 0; first < block.pages; first += send.batchPages) {
+          const count = Math.min(send.batchPages, block.pages - first)
+          if (options.load !== undefined) yield* guarded(options.load(block, first, count))
+          yield* guarded(send.send(block, indices(first, count), count))
+          queued += count
+        }
+      }
+      yield* flush([Writer.ramPart(id, false), Writer.MULTIFD_FLUSH, Writer.EOS, Writer.footer(id)])
+
+      // 5. the commands, the RAM section's end, the device state
+      whyClosed = "while it loaded the device state"
+      yield* writeMain(vm.commands.map(Writer.command))
+      yield* flush([Writer.ramPart(id, true), Writer.MULTIFD_FLUSH, Writer.EOS, Writer.footer(id)])
+      yield* writeMain([deviceState])
+    })
+    yield* unlessStalled(transfer, progress, timeouts.peer, "while QEMU took nothing more of the migration")
+
+    // 6. the channels closed while QEMU loads the device state, and QEMU's verdict (it may come first: QEMU
+    // has every page once it read the last flush, and closes the channels itself once it is done)
+    const closing = yield* Effect.fork(send.finish)
+    const status = yield* Effect.raceFirst(
+      returnPath.shut,
+      Effect.zipRight(Effect.catchAll(Fiber.join(closing), explained), Effect.never)
+    ).pipe(peer("waiting for QEMU to load the VM and say so on the return path"))
+    if (status !== 0) {
+      return yield* new MigrationError.MigrationError({
+        reason: "Rejected",
+        detail: `QEMU failed to load the migration (MIG_RP_MSG_SHUT ${status}): its log says why`
+      })
+    }
+    yield* Effect.ignore(Effect.zipRight(Fiber.join(closing), main.end).pipe(Effect.timeout(timeouts.handshake)))
+    const s = yield* send.stats
+    const end = yield* Clock.currentTimeMillis
+    const durationMs = end - start
+    return {
+      uuid: Protocol.formatUuid(uuid),
+      channels,
+      compression,
+      ramBytes: vm.ram.size,
+      rounds: 1,
+      pagesPerRound: [queued],
+      downtimeMs: 0,
+      packets: s.packets,
+      syncs: s.syncs,
+      normalPages: s.normalPages,
+      zeroPages: s.zeroPages,
+      wireBytes: s.bytes + mainBytes,
+      durationMs,
+      gibPerSecond: Transfer.gibPerSecond(vm.ram.size, durationMs),
+      qemu: {
+        machine: vm.configuration?.machine,
+        mainBytes,
+        deviceStateBytes: deviceState.length,
+        devices: QemuVm.devices(vm),
+        returnPath: returnPath.received()
+      }
+    } satisfies Stats
+  }))

@@ -1,0 +1,74 @@
+/**
+ * `multifd send <uri> --to-qemu --vm FILE --channels N [--compression none|zlib|zstd] [TLS flags]`: migrates a
+ * whole VM — a QEMU mapped-ram migration file, written by `recv --from-qemu --vm` or by QEMU's own `migrate
+ * file:` with capability mapped-ram — into an unmodified QEMU 10 listening at <uri> (`-incoming`, capability
+ * multifd, the same `multifd-channels` and `multifd-compression`, and the VM's machine options). It succeeds
+ * once QEMU said it loaded the VM; QEMU then runs it.
+ *
+ * This module is the command's body, independent of option parsing: `send.ts` calls `run` when `--to-qemu`
+ * is given.
+ *
+ * @since 0.1.0
+ */
+import * as Effect from "effect/Effect"
+import * as Bandwidth from "../Bandwidth.js"
+import * as MappedRam from "../MappedRam.js"
+import type * as Protocol from "../Protocol.js"
+import * as QemuOutgoing from "../QemuOutgoing.js"
+import type * as Tls from "../Tls.js"
+import * as Transport from "../Transport.js"
+import { UsageError } from "./errors.js"
+import type * as Options from "./options.js"
+import * as Progress from "./progress.js"
+import * as Report from "./report.js"
+import { channelThreads, timeoutsOf } from "./settings.js"
+
+/** What `send --to-qemu` is asked to do. */
+export interface Args {
+  readonly uri: Transport.Address
+  /** The VM file. */
+  readonly vm: string
+  /** QEMU's `multifd-channels`. */
+  readonly channels: number
+  /** QEMU's `multifd-compression`. */
+  readonly compression: Protocol.Compression
+  readonly compressionLevel?: number | undefined
+  /** The channels' bandwidth limit in bytes per second (0 or none: no limit). */
+  readonly maxBandwidth?: number | undefined
+  /** TLS as QEMU's `tls-creds` on the destination (client side). */
+  readonly tls?: Tls.Tls["Type"] | undefined
+  readonly timing: Options.Timing
+  readonly reporting: Options.Reporting
+}
+
+/** Runs `send --to-qemu`. */
+export const run = (args: Args) =>
+  Effect.gen(function*() {
+    const uri = args.uri
+    if (uri._tag === "File") {
+      return yield* new UsageError({ detail: "--to-qemu needs a tcp: or unix: uri (where QEMU listens: -incoming)" })
+    }
+    const { stats, vm } = yield* Effect.scoped(Effect.gen(function*() {
+      // the pages are read batch by batch as the channels send the previous ones
+      const { load, vm } = yield* MappedRam.open(args.vm)
+      const onProgress = yield* Progress.make("send", args.reporting)
+      const maxBandwidth = args.maxBandwidth === undefined || args.maxBandwidth === 0
+        ? undefined
+        : yield* Bandwidth.make(args.maxBandwidth).pipe(Effect.mapError((error) => new UsageError({ detail: error.message })))
+      const stats = yield* QemuOutgoing.migrate({
+        address: uri,
+        vm,
+        load,
+        channels: args.channels,
+        compression: args.compression,
+        compressionLevel: args.compressionLevel,
+        maxBandwidth,
+        upgrade: args.tls?.client(uri._tag === "Tcp" ? uri.host : undefined),
+        timeouts: timeoutsOf(args.timing),
+        onProgress
+      })
+      return { stats, vm }
+    })).pipe(Effect.provide([Transport.layer, channelThreads(uri)]))
+    yield* Report.print({ role: "send", input: args.vm, pageSize: vm.ram.pageSize, stats }, args.reporting)
+    return stats
+  })

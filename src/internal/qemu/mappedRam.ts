@@ -1,0 +1,347 @@
+/**
+ * QEMU's mapped-ram file (capability `mapped-ram` of `migrate file:`) as QEMU 10 lays it out
+ * (`migration/ram.c`: `mapped_ram_setup_ramblock`, `ram_save_file_bmap`, `parse_ramblock_mapped_ram`):
+ *
+ * - the main stream from offset 0: header, CONFIGURATION with capability `mapped-ram`, the RAM section's
+ *   SECTION_START with `RAM_SAVE_FLAG_MEM_SIZE` and the block list, where each block's entry (id, used
+ *   length) is followed by a 28-byte mapped-ram header (u32 version 1, u64 page size, u64 bitmap offset, u64
+ *   pages offset), its bitmap right after the header (one bit a page, set for a page present in the file, as
+ *   little-endian 64-bit words), and its pages at the next multiple of 1 MiB, page i at `pages offset + i *
+ *   page size`; the stream goes on right after the block's last page;
+ * - after the list, the RAM section's EOS and footer, the commands of the RAM phase, SECTION_END (EOS,
+ *   footer), and the device state, end marker and description, verbatim, to the end of the file.
+ *
+ * Zero pages are not written (their bit is clear): the file is sparse. Reading accepts any offsets QEMU's
+ * loader accepts (pages at a multiple of the page size), so QEMU's own files read the same as ours, and a
+ * plain QEMU stream file (`migrate file:` without mapped-ram: pages on the stream) reads too.
+ *
+ * @internal
+ */
+import * as Data from "effect/Data"
+import * as Effect from "effect/Effect"
+import type * as Scope from "effect/Scope"
+import * as GuestRam from "../../GuestRam.js"
+import * as QemuStream from "../../QemuStream.js"
+import * as QemuVm from "../../QemuVm.js"
+import * as FileIo from "../native/fileIo.js"
+import * as EventLoop from "../native/eventLoop.js"
+import { MAPPED_RAM, MAPPED_RAM_ALIGNMENT, MAPPED_RAM_HEADER_SIZE } from "./format.js"
+import * as Writer from "./writer.js"
+
+/** A mapped-ram file that cannot be written or read. */
+export class MappedRamError extends Data.TaggedError("MappedRamError")<{
+  readonly reason: "Unusable" | "Malformed" | "Truncated" | "TooLarge" | "Unsupported" | "Io"
+  readonly path: string
+  readonly detail: string
+  readonly cause?: unknown
+}> {
+  override get message(): string {
+    return `${this.path}: ${this.detail}`
+  }
+}
+
+/** Bytes moved per positional transfer batch (an interruption lands between two). */
+const BATCH = 64 * 1024 * 1024
+/** Transfers in flight at once (libuv's thread pool has 4 threads). */
+const IN_FLIGHT = 4
+/** Largest single transfer: a run is split so that the thread pool moves it in parallel. */
+const PIECE = 1024 * 1024
+/** Bytes read at a time while following the main stream. */
+const STREAM_CHUNK = 1024 * 1024
+
+const roundUp = (n: number, to: number) => Math.ceil(n / to) * to
+
+/** Bytes of a block's bitmap: one bit a page, in 64-bit words. */
+export const bitmapSize = (pages: number): number => Math.ceil(pages / 64) * 8
+
+/** Where one block lies in the file. */
+export interface BlockPlace {
+  readonly block: GuestRam.Block
+  readonly bitmapOffset: number
+  readonly pagesOffset: number
+}
+
+/** Where everything of a VM goes: the stream's bytes at their offsets, each block's bitmap and pages. */
+export interface Layout {
+  readonly stream: ReadonlyArray<{ readonly position: number; readonly bytes: Buffer }>
+  readonly blocks: ReadonlyArray<BlockPlace>
+  /** The file's length. */
+  readonly size: number
+}
+
+/** The layout of `vm`'s mapped-ram file (QEMU's: each block's pages at the next MiB after its bitmap). */
+export const layout = (vm: QemuVm.QemuVm, configuration: QemuStream.Configuration): Layout => {
+  const stream: Array<{ readonly position: number; readonly bytes: Buffer }> = []
+  const blocks: Array<BlockPlace> = []
+  const pageSize = vm.ram.pageSize
+  const id = vm.ramSectionId
+  const list = vm.ram.blocks.map((b) => ({ name: b.name, size: b.bytes.length }))
+  let position = 0
+  const put = (bytes: Buffer) => {
+    stream.push({ position, bytes })
+    position += bytes.length
+  }
+  put(Buffer.concat([
+    Writer.header(),
+    Writer.configuration(configuration, [MAPPED_RAM]),
+    Writer.ramStart(id),
+    Writer.memSize(list)
+  ]))
+  for (const block of vm.ram.blocks) {
+    const entry = Writer.blockEntry({ name: block.name, size: block.bytes.length })
+    const bitmapOffset = position + entry.length + MAPPED_RAM_HEADER_SIZE
+    const pagesOffset = roundUp(bitmapOffset + bitmapSize(block.pages), MAPPED_RAM_ALIGNMENT)
+    put(Buffer.concat([entry, Writer.mappedRamHeader({ pageSize, bitmapOffset, pagesOffset })]))
+    blocks.push({ block, bitmapOffset, pagesOffset })
+    position = pagesOffset + block.bytes.length
+  }
+  put(Buffer.concat([
+    Writer.EOS,
+    Writer.footer(id),
+    ...vm.commands.map(Writer.command),
+    Writer.ramPart(id, true),
+    Writer.EOS,
+    Writer.footer(id),
+    Buffer.from(vm.deviceState.buffer, vm.deviceState.byteOffset, vm.deviceState.length)
+  ]))
+  return { stream, blocks, size: position }
+}
+
+const fileError = (path: string, what: string) => (error: FileIo.FileError) =>
+  new MappedRamError({
+    reason: error.step === "Open" || error.step === "NotRegular" || error.step === "Create" ? "Unusable" : "Io",
+    path,
+    detail: error.step === "NotRegular"
+      ? "is not a regular file"
+      : `cannot ${what}: ${error.step.toLowerCase()} failed` +
+        (error.cause === undefined ? "" : `: ${FileIo.describe(error.cause)}`),
+    cause: error
+  })
+
+/**
+ * Pages of `block` present in the file, as runs [first, end) of page indices: the pages that are not
+ * zero (writing), or whose bit is set (reading).
+ */
+const runsOf = function*(pages: number, present: (page: number) => boolean): Generator<readonly [number, number]> {
+  // `present` is asked once a page
+  let first = -1
+  for (let page = 0; page < pages; page++) {
+    if (present(page)) {
+      if (first < 0) first = page
+    } else if (first >= 0) {
+      yield [first, page]
+      first = -1
+    }
+  }
+  if (first >= 0) yield [first, pages]
+}
+
+/** Moves the runs of one block between memory and the file, in batches of `BATCH` bytes. */
+const transferRuns = (
+  op: "read" | "write",
+  file: FileIo.File,
+  place: BlockPlace,
+  pageSize: number,
+  runs: Iterable<readonly [number, number]>
+): Effect.Effect<void, FileIo.FileError> =>
+  Effect.gen(function*() {
+    const maxRun = Math.max(1, PIECE / pageSize)
+    const list = FileIo.ioList(1024)
+    let bytes = 0
+    const flush = Effect.suspend(() => {
+      if (list.count === 0) return Effect.void
+      const run = FileIo.transferAll(op, file, place.block.bytes, list, IN_FLIGHT)
+      return Effect.zipRight(run, Effect.sync(() => {
+        list.count = 0
+        bytes = 0
+      }))
+    })
+    for (const [first, end] of runs) {
+      for (let from = first; from < end; from += maxRun) {
+        const to = Math.min(end, from + maxRun)
+        const at = from * pageSize
+        const length = (to - from) * pageSize
+        FileIo.push(list, at, length, place.pagesOffset + at)
+        bytes += length
+        if (bytes >= BATCH || list.count === 1024) {
+          yield* flush
+          yield* EventLoop.cooperate
+        }
+      }
+    }
+    yield* flush
+  })
+
+/**
+ * Writes `vm` as a mapped-ram file at `path`: a temporary file beside it of the whole length (sparse), the
+ * stream and every non-zero page at its place, each block's bitmap, then fsync and rename into place (and
+ * the directory's fsync). On failure or interruption nothing is left at `path` or beside it.
+ */
+export const write = (
+  path: string,
+  vm: QemuVm.QemuVm
+): Effect.Effect<{ readonly size: number; readonly pages: number }, MappedRamError> =>
+  Effect.scoped(Effect.gen(function*() {
+    const configuration = vm.configuration
+    if (configuration === undefined) {
+      return yield* new MappedRamError({
+        reason: "Unsupported",
+        path,
+        detail: "the VM's stream had no configuration record (send-configuration off), which a mapped-ram file " +
+          "needs to carry capability mapped-ram"
+      })
+    }
+    const plan = layout(vm, configuration)
+    const failed = fileError(path, "write the file")
+    const file = yield* Effect.mapError(FileIo.atomicFile(path, { size: plan.size }), failed)
+    const pageSize = vm.ram.pageSize
+    let pages = 0
+    for (const piece of plan.stream) {
+      yield* Effect.mapError(FileIo.transfer("write", file, piece.bytes, 0, piece.bytes.length, piece.position), failed)
+    }
+    for (const place of plan.blocks) {
+      const { block } = place
+      const bitmap = Buffer.alloc(bitmapSize(block.pages))
+      const present = (page: number) => {
+        if (GuestRam.isZeroPage(block.bytes, page * pageSize, pageSize)) return false
+        bitmap[page >>> 3]! |= 1 << (page & 7)
+        pages++
+        return true
+      }
+      yield* Effect.mapError(transferRuns("write", file, place, pageSize, runsOf(block.pages, present)), failed)
+      yield* Effect.mapError(FileIo.transfer("write", file, bitmap, 0, bitmap.length, place.bitmapOffset), failed)
+    }
+    yield* Effect.mapError(file.commit, failed)
+    return { size: plan.size, pages }
+  }))
+
+/** A QEMU migration file opened: its VM (the pages of a mapped-ram file not read yet), and how to read them. */
+export interface Opened {
+  /** The VM; a mapped-ram file's pages are read into its memory by `load`. */
+  readonly vm: QemuVm.QemuVm
+  readonly summary: QemuStream.Summary
+  /** Pages the file holds (the others are zero). */
+  readonly pages: number
+  /**
+   * Reads the pages `first` to `first + count - 1` of `block` that the file holds into its memory (a plain
+   * stream's are there already: nothing to do).
+   */
+  readonly load: (block: GuestRam.Block, first: number, count: number) => Effect.Effect<void, MappedRamError>
+}
+
+/**
+ * Opens the QEMU migration file at `path` in the current scope (it stays open with it): a mapped-ram file
+ * (QEMU's or ours), or a plain stream (`migrate file:` without mapped-ram). The main stream is read whole —
+ * configuration, block list and bitmaps, commands, device state — and memory of the file's layout is
+ * allocated, up to `maxRamBytes`, untouched; a mapped-ram file's pages are read by `load`, as they are needed.
+ */
+export const open = (
+  path: string,
+  options: { readonly maxRamBytes: number; readonly pageSize?: number | undefined }
+): Effect.Effect<Opened, MappedRamError, Scope.Scope> =>
+  Effect.gen(function*() {
+    const failed = fileError(path, "read the file")
+    const file = yield* Effect.mapError(FileIo.openForReading(path), failed)
+    let position = 0
+    const source: QemuStream.ByteSource<MappedRamError> = {
+      readSome: (max) =>
+        Effect.suspend(() => {
+          const n = Math.max(0, Math.min(max, STREAM_CHUNK, file.size - position))
+          if (n === 0) return Effect.succeed(new Uint8Array(0))
+          const chunk = Buffer.allocUnsafe(n)
+          return Effect.as(
+            Effect.tap(Effect.mapError(FileIo.transfer("read", file, chunk, 0, n, position), failed), () =>
+              Effect.sync(() => (position += n))),
+            chunk
+          )
+        }),
+      seek: (to) => Effect.sync(() => (position = to))
+    }
+    const truncated = (detail: string) => new MappedRamError({ reason: "Truncated", path, detail })
+    let memory: GuestRam.GuestRam["Type"] | undefined
+    // where each block's pages are, and which the file holds
+    const places = new Map<string, BlockPlace & { readonly bitmap: Buffer }>()
+    let pages = 0
+    const handler: QemuStream.Handler<MappedRamError> = {
+      blocks: (blocks, pageSize) =>
+        Effect.gen(function*() {
+          const total = blocks.reduce((n, b) => n + b.size, 0)
+          if (total > options.maxRamBytes) {
+            return yield* new MappedRamError({
+              reason: "TooLarge",
+              path,
+              detail: `its ${total} bytes of RAM exceed the limit of ${options.maxRamBytes}`
+            })
+          }
+          memory = yield* GuestRam.make({
+            pageSize,
+            blocks: blocks.map((b) => ({ name: b.name, bytes: GuestRam.allocate(b.size) }))
+          }).pipe(Effect.mapError((e) => new MappedRamError({ reason: "Malformed", path, detail: e.message })))
+          return memory
+        }),
+      mappedRam: (block, header, target) =>
+        Effect.gen(function*() {
+          const size = bitmapSize(target.pages)
+          if (header.bitmapOffset + size > file.size || header.pagesOffset + block.size > file.size) {
+            return yield* truncated(
+              `the file (${file.size} bytes) ends inside RAM block '${block.name}' (bitmap at ${header.bitmapOffset}, ` +
+                `pages at ${header.pagesOffset}, ${block.size} bytes): cut short?`
+            )
+          }
+          const bitmap = Buffer.alloc(size)
+          yield* Effect.mapError(FileIo.transfer("read", file, bitmap, 0, size, header.bitmapOffset), failed)
+          for (let page = 0; page < target.pages; page++) if ((bitmap[page >>> 3]! & (1 << (page & 7))) !== 0) pages++
+          places.set(block.name, { block: target, bitmapOffset: header.bitmapOffset, pagesOffset: header.pagesOffset, bitmap })
+        }),
+      // a mapped-ram stream carries no flush (its channels wrote to the file); a plain one has no channels
+      flush: () => Effect.void
+    }
+    const summary = yield* QemuStream.read(source, handler, {
+      mappedRam: true,
+      keepDeviceState: true,
+      pageSize: options.pageSize
+    }).pipe(
+      Effect.catchTag("QemuStreamError", (e) =>
+        Effect.fail(
+          new MappedRamError({
+            reason: e.reason === "Truncated" || e.reason === "Incomplete"
+              ? "Truncated"
+              : e.reason === "BadMagic" || e.reason === "BadVersion"
+              ? "Unusable"
+              : "Malformed",
+            path,
+            detail: `${e.detail.replace(/: QEMU closed the main channel.*$|: QEMU cancelled.*$/, "")} (at byte ${e.offset})`,
+            cause: e
+          })
+        ))
+    )
+    const vm = memory === undefined ? undefined : QemuVm.fromSummary(summary, memory)
+    if (vm === undefined) return yield* new MappedRamError({ reason: "Malformed", path, detail: "no RAM section" })
+    const load = (block: GuestRam.Block, first: number, count: number) =>
+      Effect.suspend(() => {
+        const place = places.get(block.name)
+        if (place === undefined) return Effect.void
+        const { bitmap } = place
+        const runs = Array.from(runsOf(count, (i) => (bitmap[(first + i) >>> 3]! & (1 << ((first + i) & 7))) !== 0))
+          .map(([from, to]) => [first + from, first + to] as const)
+        return Effect.mapError(transferRuns("read", file, place, vm.ram.pageSize, runs), failed)
+      })
+    return { vm, summary, pages: summary.mappedRam ? pages : summary.normalPages, load }
+  })
+
+/**
+ * Reads the VM in the QEMU migration file at `path`: a mapped-ram file (QEMU's or ours), or a plain stream
+ * (`migrate file:` without mapped-ram). Memory of the file's layout is allocated, up to `maxRamBytes`.
+ */
+export const read = (
+  path: string,
+  options: { readonly maxRamBytes: number; readonly pageSize?: number | undefined }
+): Effect.Effect<
+  { readonly vm: QemuVm.QemuVm; readonly summary: QemuStream.Summary; readonly pages: number },
+  MappedRamError
+> =>
+  Effect.scoped(Effect.gen(function*() {
+    const opened = yield* open(path, options)
+    for (const block of opened.vm.ram.blocks) yield* opened.load(block, 0, block.pages)
+    return { vm: opened.vm, summary: opened.summary, pages: opened.pages }
+  }))

@@ -1,0 +1,464 @@
+/**
+ * Whole VMs between real QEMUs and effect-multifd, both ways: a guest that keeps running (`-machine pc` with
+ * the counter BIOS of test/support/guest.ts, 32 MiB of RAM from an image) migrates from QEMU to `recv
+ * --from-qemu --vm` (a QEMU mapped-ram file), then with `send --to-qemu` into a fresh QEMU (`-incoming`,
+ * multifd), which resumes it: it runs, its counter moves, and its RAM outside the counter's page equals the
+ * source's. The same through QEMU's own mapped-ram file (QEMU writes it, we send it; we write it, QEMU loads it),
+ * with compression none, zlib and zstd, over PSK TLS, on 1, 4 and 8 channels (each dimension covered, not the
+ * cross product), with capability return-path on the source and with QEMU without multifd (`--channels 0`).
+ * Failures — QEMU refuses (another machine), QEMU killed on either side — end with one line and no file left.
+ *
+ * Skipped, with the reason in the test name, when QEMU 10 is not installed (`.ci/install-qemu.sh` installs it).
+ */
+import { describe, expect, it } from "@effect/vitest"
+import * as NodeContext from "@effect/platform-node/NodeContext"
+import * as Console from "effect/Console"
+import * as Deferred from "effect/Deferred"
+import * as Effect from "effect/Effect"
+import * as Fiber from "effect/Fiber"
+import * as Layer from "effect/Layer"
+import * as Logger from "effect/Logger"
+import * as Ref from "effect/Ref"
+import * as Crypto from "node:crypto"
+import * as Fs from "node:fs"
+import * as Os from "node:os"
+import * as Path from "node:path"
+import { afterAll, beforeAll } from "vitest"
+import * as Cli from "../src/cli/command.js"
+import * as MappedRam from "../src/MappedRam.js"
+import * as QemuIncoming from "../src/QemuIncoming.js"
+import * as QemuOutgoing from "../src/QemuOutgoing.js"
+import * as QemuVm from "../src/QemuVm.js"
+import * as Transport from "../src/Transport.js"
+import { expectOneLine, failureOf } from "./support/failures.js"
+import * as Guest from "./support/guest.js"
+import { noHang } from "./support/guards.js"
+import { expectNoLeaks } from "./support/handles.js"
+import * as Qemu from "./support/qemu.js"
+
+const PAGE = 4096
+const MIB = 1024 * 1024
+const SIZE = 32 * MIB
+
+const qemu = Qemu.probe()
+const missing = "missing" in qemu ? qemu.missing : undefined
+const skipReason = missing === undefined ? "" : ` (skipped: ${missing})`
+
+const roomy = (path: string) => {
+  try {
+    const s = Fs.statfsSync(path)
+    return s.bavail * s.bsize > 1024 * MIB
+  } catch {
+    return false
+  }
+}
+const dir = Fs.mkdtempSync(Path.join(roomy("/dev/shm") ? "/dev/shm" : Os.tmpdir(), "emfd-vm-"))
+afterAll(() => Fs.rmSync(dir, { recursive: true, force: true }))
+
+// the command's progress looks at stderr: Node opens its handle on first use, not a leak of a test's
+void process.stderr.isTTY
+void process.stdout.isTTY
+
+const BIOS = Guest.writeCounterBios(Path.join(dir, "counter-bios.bin"))
+const fixtureTls = (name: string) => Path.join(import.meta.dirname, "fixtures", "tls", name)
+
+/** The guest's RAM image: random pages, a fifth of them zero (made once). */
+const IMAGE = (() => {
+  const bytes = Buffer.alloc(SIZE)
+  for (let page = 0; page < SIZE / PAGE; page++) if (page % 5 !== 0) Crypto.randomFillSync(bytes, page * PAGE, PAGE)
+  const path = Path.join(dir, "guest.img")
+  Fs.writeFileSync(path, bytes)
+  return { path, bytes }
+})()
+
+let files = 0
+const fresh = (name: string) => Path.join(dir, `${++files}-${name}`)
+
+/** Files in the scratch directory whose name contains `part` (a VM file, or a temporary file beside one). */
+const leftovers = (part: string) => Fs.readdirSync(dir).filter((f) => f.includes(part))
+
+// ---------------------------------------------------------------------------------------------------------
+// QEMUs
+
+/** A running guest whose counter is seen moving. */
+const guest = (extraArgs: ReadonlyArray<string> = []) =>
+  Effect.gen(function*() {
+    const src = yield* Qemu.startGuest(IMAGE.path, SIZE, BIOS, { extraArgs })
+    yield* counterMoves(src.qmp)
+    return src
+  })
+
+/** Waits (up to 10 s) until the guest's counter changes: its CPU runs the loop. */
+const counterMoves = (qmp: Qemu.Qmp) =>
+  Effect.gen(function*() {
+    const first = yield* Qemu.readGuestWord(qmp, Guest.COUNTER_ADDRESS)
+    while ((yield* Qemu.readGuestWord(qmp, Guest.COUNTER_ADDRESS)) === first) yield* Effect.sleep("20 millis")
+  }).pipe(Effect.timeoutFail({ duration: "10 seconds", onTimeout: () => new Error("the guest's counter does not move") }))
+
+/** A fresh destination for the guest, its migration set up; its uri (the real port) and RAM file. */
+const destination = (
+  settings: Omit<Qemu.IncomingSettings, "uri"> & { readonly uri?: string | undefined },
+  options: { readonly machine?: string | undefined; readonly extraArgs?: ReadonlyArray<string> | undefined } = {}
+) =>
+  Effect.gen(function*() {
+    const memPath = fresh("dst-ram.img")
+    Fs.writeFileSync(memPath, "")
+    Fs.truncateSync(memPath, SIZE)
+    const dst = yield* Qemu.startGuestDestination(memPath, SIZE, BIOS, options)
+    const uri = yield* Qemu.incoming(dst.qmp, { ...settings, uri: settings.uri ?? "tcp:127.0.0.1:0" })
+    return { ...dst, uri, memPath }
+  })
+
+/**
+ * The destination resumed the guest: its migration completed, it runs, the counter moves, and its RAM equals
+ * the source's image outside the counter's page (which the guest writes).
+ */
+const expectResumed = (dst: { readonly qmp: Qemu.Qmp; readonly memPath: string }) =>
+  Effect.gen(function*() {
+    expect(yield* Qemu.waitDone(dst.qmp, "30 seconds")).toBe("completed")
+    expect(yield* Qemu.runState(dst.qmp)).toBe("running")
+    yield* counterMoves(dst.qmp)
+    expectSameRam(Fs.readFileSync(dst.memPath))
+  })
+
+/** RAM equal to the image, but for the counter's page. */
+const expectSameRam = (ram: Uint8Array) => {
+  const mine = Buffer.from(ram.buffer, ram.byteOffset, ram.length)
+  expect(mine.length).toBe(SIZE)
+  const differs: Array<number> = []
+  for (let page = 0; page < SIZE / PAGE && differs.length < 5; page++) {
+    if (page === Guest.counterPage(PAGE)) continue
+    if (mine.compare(IMAGE.bytes, page * PAGE, (page + 1) * PAGE, page * PAGE, (page + 1) * PAGE) !== 0) differs.push(page)
+  }
+  expect(differs).toEqual([])
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// our side: the library, and the command line in this process
+
+/** A console that prints nothing. */
+const quietConsole: Console.Console = new Proxy({} as Console.Console, {
+  get: (_, key) => key === Console.TypeId ? Console.TypeId : key === "unsafe" ? new Proxy({}, { get: () => () => {} }) : () => Effect.void
+})
+
+const silent = <A, E, R>(self: Effect.Effect<A, E, R>) => Effect.provide(self, Logger.replace(Logger.defaultLogger, Logger.none))
+
+/** `multifd <args>` in this process: its exit code, stdout and stderr lines; the listening line's uri to `bound`. */
+const cli = (args: ReadonlyArray<string>, bound?: Deferred.Deferred<string>) =>
+  Effect.gen(function*() {
+    const stdout: Array<string> = []
+    const stderr: Array<string> = []
+    const console = new Proxy({} as Console.Console, {
+      get: (_, key) =>
+        key === "error"
+          ? (...parts: ReadonlyArray<unknown>) =>
+            Effect.suspend(() => {
+              const line = parts.join(" ")
+              stderr.push(line)
+              const m = /^multifd: listening on (\S+)$/.exec(line)
+              return m === null || bound === undefined ? Effect.void : Deferred.succeed(bound, m[1]!)
+            })
+          : key === "log"
+          ? (...parts: ReadonlyArray<unknown>) => Effect.sync(() => void stdout.push(parts.join(" ")))
+          : Reflect.get(quietConsole, key)
+    })
+    const code = yield* Cli.main(["node", "multifd", ...args]).pipe(
+      Effect.provide(NodeContext.layer),
+      silent,
+      Effect.withConsole(console)
+    )
+    return { code, stdout, stderr: stderr.filter((l) => !l.startsWith("multifd: listening on ")) }
+  })
+
+/** `recv tcp:127.0.0.1:0 --from-qemu ... <flags>` in a fiber, once it listens: the fiber and its uri. */
+const recvCli = (flags: ReadonlyArray<string>) =>
+  Effect.gen(function*() {
+    const bound = yield* Deferred.make<string>()
+    const fiber = yield* Effect.forkScoped(cli(["recv", "tcp:127.0.0.1:0", "--from-qemu", ...flags], bound))
+    const uri = yield* Effect.raceFirst(Deferred.await(bound), Effect.flatMap(Fiber.join(fiber), (r) => Effect.dieMessage(r.stderr.join("\n"))))
+    return { fiber, uri }
+  })
+
+/** QemuIncoming keeping the whole VM, on a fresh loopback port, in a fiber. */
+const incomingVm = (options: Omit<QemuIncoming.Options, "vm">) =>
+  Effect.gen(function*() {
+    const listener = yield* Transport.listen({ _tag: "Tcp", host: "127.0.0.1", port: 0 })
+    const fiber = yield* Effect.forkScoped(silent(QemuIncoming.incoming(listener, { timeouts: { peer: "20 seconds" }, ...options, vm: true })))
+    const address = listener.address
+    return { fiber, uri: address._tag === "Tcp" ? `tcp:127.0.0.1:${address.port}` : "" }
+  })
+
+const address = (uri: string): Transport.Address => {
+  const parsed = Transport.parseAddress(uri)
+  if (parsed._tag === "Left") throw parsed.left
+  return parsed.right
+}
+
+/** The guest migrates from `src` to `uri` (multifd with `channels`, 0: without) and QEMU says completed. */
+const migrateGuest = (src: Qemu.QemuSource, uri: string, settings: Omit<Qemu.MigrateSettings, "uri">) =>
+  Effect.gen(function*() {
+    yield* Qemu.migrate(src.qmp, { ...settings, uri })
+    expect(yield* Qemu.waitDone(src.qmp, "30 seconds")).toBe("completed")
+    expect(yield* Qemu.runState(src.qmp)).toBe("postmigrate")
+  })
+
+/** A VM file is sparse (zero pages are holes) and nothing temporary is left beside it. */
+const expectVmFile = (path: string) => {
+  const stat = Fs.statSync(path)
+  expect(stat.blocks * 512).toBeLessThan(stat.size)
+  expect(leftovers(`${Path.basename(path)}.`)).toEqual([])
+}
+
+// ---------------------------------------------------------------------------------------------------------
+
+describe.skipIf(missing !== undefined)(`QEMU ${"version" in qemu ? qemu.version : ""} ↔ effect-multifd: whole VMs${skipReason}`, () => {
+  // the command opens some of Node's handles on first use (not a leak of any test): once, before them
+  beforeAll(() => Effect.runPromise(Effect.asVoid(cli(["recv", "--help"]))))
+
+  it.live("recv --from-qemu --vm, then send --to-qemu (the command line, 4 channels): QEMU resumes the guest; QEMU also loads the file itself", () =>
+    expectNoLeaks(Effect.scoped(Effect.gen(function*() {
+      const vmFile = fresh("guest.vm")
+      const src = yield* guest()
+      const recv = yield* recvCli(["--channels", "4", "--vm", vmFile, "--json"])
+      yield* migrateGuest(src, recv.uri, { channels: 4, compression: "none" })
+      const received = yield* noHang(Fiber.join(recv.fiber), "recv --vm", 30)
+      expect(received).toMatchObject({ code: 0, stderr: [] })
+      expect(JSON.parse(received.stdout.join(""))).toMatchObject({ role: "recv", output: vmFile, channels: 4, ramBytes: SIZE + 320 * 1024 + 8192 })
+      expectVmFile(vmFile)
+
+      const dst = yield* destination({ channels: 4 })
+      const sent = yield* cli(["send", dst.uri, "--to-qemu", "--vm", vmFile, "--channels", "4", "--json"])
+      expect(sent).toMatchObject({ code: 0, stderr: [] })
+      const stats = JSON.parse(sent.stdout.join(""))
+      expect(stats).toMatchObject({ role: "send", input: vmFile, channels: 4, compression: "none" })
+      expect(stats.qemu.returnPath).toEqual(["PONG", "SHUT"])
+      yield* expectResumed(dst)
+
+      // the same file, loaded by QEMU itself (migrate-incoming file: with capability mapped-ram)
+      const fromFile = yield* destination({ channels: 2, mappedRam: true, uri: `file:${vmFile}` })
+      yield* expectResumed(fromFile)
+    }))), 90_000)
+
+  it.live("1 channel, zlib (the library: QemuIncoming → MappedRam → QemuOutgoing)", () =>
+    expectNoLeaks(Effect.scoped(Effect.gen(function*() {
+      const src = yield* guest()
+      const ours = yield* incomingVm({ channels: 1, compression: "zlib" })
+      yield* migrateGuest(src, ours.uri, { channels: 1, compression: "zlib" })
+      const received = yield* noHang(Fiber.join(ours.fiber), "QemuIncoming", 30)
+      const vm = received.vm!
+      expect(QemuVm.isComplete(vm)).toBe(true)
+      expect(vm.configuration?.machine).toMatch(/^pc-i440fx-/)
+      expect(vm.commands.map((c) => c.command)).toEqual([11])
+      expectSameRam(vm.ram.block("mem")!.bytes)
+      const file = fresh("zlib.vm")
+      const written = yield* MappedRam.write(file, vm)
+      const { vm: back } = yield* MappedRam.read(file)
+      expect(back.ram.blocks.map((b) => [b.name, b.bytes.equals(vm.ram.block(b.name)!.bytes)])).toEqual(
+        vm.ram.blocks.map((b) => [b.name, true])
+      )
+      expect(Buffer.from(back.deviceState).equals(Buffer.from(vm.deviceState))).toBe(true)
+      expect(written.pages).toBeLessThan(vm.ram.size / PAGE)
+
+      const dst = yield* destination({ channels: 1, compression: "zlib" })
+      const stats = yield* QemuOutgoing.migrate({ address: address(dst.uri), vm: back, channels: 1, compression: "zlib" }).pipe(
+        Effect.provide(Transport.layer)
+      )
+      expect(stats).toMatchObject({ channels: 1, compression: "zlib", ramBytes: vm.ram.size })
+      expect(stats.normalPages + stats.zeroPages).toBe(vm.ram.size / PAGE)
+      yield* expectResumed(dst)
+    }))), 90_000)
+
+  it.live("8 channels, zstd, PSK TLS both ways (recv --tls-psk, send --tls-psk)", () =>
+    expectNoLeaks(Effect.scoped(Effect.gen(function*() {
+      const vmFile = fresh("zstd-tls.vm")
+      const src = yield* guest(Qemu.sourceTls("psk", fresh("src-tls")).args)
+      const recv = yield* recvCli(["--channels", "8", "--compression", "zstd", "--tls-psk", fixtureTls("keys.psk"), "--vm", vmFile, "--quiet"])
+      yield* migrateGuest(src, recv.uri, { channels: 8, compression: "zstd", extraParameters: { "tls-creds": "tls0" } })
+      expect(yield* noHang(Fiber.join(recv.fiber), "recv --vm over TLS", 30)).toMatchObject({ code: 0, stderr: [] })
+      expectVmFile(vmFile)
+
+      const tls = Qemu.destinationTls(fresh("dst-tls"))
+      const dst = yield* destination({ channels: 8, compression: "zstd", extraParameters: tls.parameters }, { extraArgs: tls.args })
+      const sent = yield* cli([
+        "send", dst.uri, "--to-qemu", "--vm", vmFile, "--channels", "8", "--compression", "zstd",
+        "--tls-psk", fixtureTls("keys.psk"), "--quiet"
+      ])
+      expect(sent).toMatchObject({ code: 0, stderr: [] })
+      yield* expectResumed(dst)
+    }))), 90_000)
+
+  it.live("QEMU's own mapped-ram file (migrate file:): recv file: --from-qemu reads it (--out, --out-dir, --vm), send --to-qemu resumes it over x509 TLS", () =>
+    expectNoLeaks(Effect.scoped(Effect.gen(function*() {
+      const qemuFile = fresh("qemu-saved.vm")
+      const src = yield* guest()
+      yield* Qemu.migrate(src.qmp, { uri: `file:${qemuFile}`, channels: 2, compression: "none", extraCapabilities: ["mapped-ram"] })
+      expect(yield* Qemu.waitDone(src.qmp, "30 seconds")).toBe("completed")
+
+      const out = fresh("qemu-saved.ram")
+      const read = yield* cli(["recv", `file:${qemuFile}`, "--from-qemu", "--out", out, "--json"])
+      expect(read).toMatchObject({ code: 0, stderr: [] })
+      expectSameRam(Fs.readFileSync(out).subarray(0, SIZE))
+      const dir_ = fresh("qemu-saved-blocks")
+      expect(yield* cli(["recv", `file:${qemuFile}`, "--from-qemu", "--out-dir", dir_, "--quiet"])).toMatchObject({ code: 0 })
+      expectSameRam(Fs.readFileSync(Path.join(dir_, QemuIncoming.blockFileName("mem"))))
+      // --vm: the whole VM again, as our mapped-ram file: the same RAM blocks and device state as QEMU's
+      const copy = fresh("qemu-saved-copy.vm")
+      expect(yield* cli(["recv", `file:${qemuFile}`, "--from-qemu", "--vm", copy, "--quiet"])).toMatchObject({ code: 0, stderr: [] })
+      expectVmFile(copy)
+      const [theirs, ours] = [(yield* MappedRam.read(qemuFile)).vm, (yield* MappedRam.read(copy)).vm]
+      expect(ours.ram.blocks.map((b) => [b.name, b.bytes.equals(theirs.ram.block(b.name)!.bytes)])).toEqual(
+        theirs.ram.blocks.map((b) => [b.name, true])
+      )
+      expect(Buffer.from(ours.deviceState).equals(Buffer.from(theirs.deviceState))).toBe(true)
+      // the same file cut in the middle of its pages: one line, exit 1, neither --vm nor --out left behind
+      const cut = fresh("qemu-saved-cut.vm")
+      Fs.copyFileSync(qemuFile, cut)
+      Fs.truncateSync(cut, Math.floor(Fs.statSync(qemuFile).size / 2))
+      for (const flag of ["--vm", "--out"]) {
+        const target = fresh(`from-cut${flag}`)
+        const result = yield* cli(["recv", `file:${cut}`, "--from-qemu", flag, target, "--quiet"])
+        expect({ flag, code: result.code, stderr: result.stderr }).toEqual({
+          flag,
+          code: 1,
+          stderr: [expect.stringMatching(/^multifd: error: .*qemu-saved-cut\.vm/)]
+        })
+        expect(leftovers(Path.basename(target))).toEqual([])
+        if (process.env["SHOW_ERRORS"]) console.log(`cut file, ${flag}: ${result.stderr[0]}`)
+      }
+
+      // into a QEMU with x509 credentials (tls-creds-x509, endpoint=server), which requires a client certificate
+      const tls = Qemu.destinationTls(fresh("dst-x509"), "x509")
+      const dst = yield* destination({ channels: 2, extraParameters: tls.parameters }, { extraArgs: tls.args })
+      expect(
+        yield* cli([
+          "send", dst.uri, "--to-qemu", "--vm", qemuFile, "--channels", "2", "--quiet", "--tls-ca", fixtureTls("ca-cert.pem"),
+          "--tls-cert", fixtureTls("alice-cert.pem"), "--tls-key", fixtureTls("alice-key.pem")
+        ])
+      ).toMatchObject({ code: 0, stderr: [] })
+      yield* expectResumed(dst)
+    }))), 90_000)
+
+  it.live("QEMU's plain migrate file: (no mapped-ram, no multifd): recv file: --from-qemu --vm makes it a mapped-ram file QEMU resumes from", () =>
+    expectNoLeaks(Effect.scoped(Effect.gen(function*() {
+      const plain = fresh("qemu-plain.stream")
+      const src = yield* guest()
+      yield* Qemu.migrate(src.qmp, { uri: `file:${plain}`, channels: 0, compression: "none" })
+      expect(yield* Qemu.waitDone(src.qmp, "30 seconds")).toBe("completed")
+      const vmFile = fresh("from-plain.vm")
+      expect(yield* cli(["recv", `file:${plain}`, "--from-qemu", "--vm", vmFile, "--quiet"])).toMatchObject({ code: 0, stderr: [] })
+      expectVmFile(vmFile)
+      const fromFile = yield* destination({ channels: 2, mappedRam: true, uri: `file:${vmFile}` })
+      yield* expectResumed(fromFile)
+    }))), 90_000)
+
+  it.live("return-path and switchover-ack on the source, without multifd (--channels 0): answered as QEMU answers; QEMU completes", () =>
+    expectNoLeaks(Effect.scoped(Effect.gen(function*() {
+      const vmFile = fresh("legacy.vm")
+      const src = yield* guest()
+      const recv = yield* recvCli(["--channels", "0", "--vm", vmFile, "--json"])
+      // switchover-ack: a running guest's QEMU switches over only once the destination acknowledges it
+      yield* migrateGuest(src, recv.uri, { channels: 0, compression: "none", extraCapabilities: ["return-path", "switchover-ack"] })
+      const received = yield* noHang(Fiber.join(recv.fiber), "recv --channels 0", 30)
+      expect(received).toMatchObject({ code: 0, stderr: [] })
+      const stats = JSON.parse(received.stdout.join(""))
+      expect(stats).toMatchObject({ channels: 0, packets: 0 })
+      expect(stats.qemu.returnPath).toBe(true)
+      expect(stats.qemu.commands).toEqual(["OPEN_RETURN_PATH", "PING", "SWITCHOVER_START"])
+      expect(stats.qemu.mainNormalPages).toBeGreaterThan(SIZE / PAGE / 2)
+
+      const dst = yield* destination({ channels: 2 })
+      expect(yield* cli(["send", dst.uri, "--to-qemu", "--vm", vmFile, "--channels", "2", "--quiet"])).toMatchObject({ code: 0 })
+      yield* expectResumed(dst)
+    }))), 90_000)
+
+  it.live("a destination of another machine (q35): send --to-qemu fails with one line, exit 1", () =>
+    expectNoLeaks(Effect.scoped(Effect.gen(function*() {
+      const src = yield* guest()
+      const ours = yield* incomingVm({ channels: 2 })
+      yield* migrateGuest(src, ours.uri, { channels: 2, compression: "none" })
+      const vmFile = fresh("pc.vm")
+      yield* MappedRam.write(vmFile, (yield* Fiber.join(ours.fiber)).vm!)
+      const dst = yield* destination({ channels: 2 }, { machine: "q35" })
+      const sent = yield* cli(["send", dst.uri, "--to-qemu", "--vm", vmFile, "--channels", "2", "--quiet"])
+      expect(sent.code).toBe(1)
+      expect(sent.stderr).toHaveLength(1)
+      expect(sent.stderr[0]).toMatch(/^multifd: error: QEMU ended the migration before it took the configuration: it refused it/)
+      if (process.env["SHOW_ERRORS"]) console.log(sent.stderr[0])
+    }))), 90_000)
+
+  it.live("QEMU killed while a VM migrates into it: one line at once, nothing left open", () =>
+    expectNoLeaks(Effect.scoped(Effect.gen(function*() {
+      const src = yield* guest()
+      const ours = yield* incomingVm({ channels: 2 })
+      yield* migrateGuest(src, ours.uri, { channels: 2, compression: "none" })
+      const vm = (yield* Fiber.join(ours.fiber)).vm!
+      // QEMU waits for 8 channels and gets 4: it never reads the main stream; it is killed while it waits
+      const dst = yield* destination({ channels: 8 })
+      const connected = yield* Ref.make(0)
+      const all = yield* Deferred.make<void>()
+      const counting = Layer.succeed(Transport.Transport, {
+        listen: Transport.listen,
+        connect: (a, o) =>
+          Effect.tap(Transport.connect(a, o), () =>
+            Effect.flatMap(Ref.updateAndGet(connected, (n) => n + 1), (n) => n === 5 ? Deferred.succeed(all, undefined) : Effect.void))
+      })
+      const send = yield* Effect.forkScoped(
+        QemuOutgoing.migrate({ address: address(dst.uri), vm, channels: 4 }).pipe(Effect.provide(counting))
+      )
+      yield* noHang(Deferred.await(all), "the main channel and 4 channels connected", 20)
+      const t0 = performance.now()
+      yield* dst.kill
+      const error = failureOf(yield* noHang(Fiber.await(send), "QemuOutgoing after QEMU was killed", 10))
+      expect(performance.now() - t0).toBeLessThan(3000)
+      expectOneLine(error)
+      expect(error.message).toMatch(/QEMU ended the migration|connection reset|closed/)
+      if (process.env["SHOW_ERRORS"]) console.log(`killed destination: ${error.message}`)
+    }))), 90_000)
+
+  it.live("the source QEMU killed while recv --vm receives: one line, exit 1, no file left", () =>
+    expectNoLeaks(Effect.scoped(Effect.gen(function*() {
+      const vmFile = fresh("killed.vm")
+      const src = yield* guest()
+      const recv = yield* recvCli(["--channels", "2", "--vm", vmFile, "--quiet"])
+      // 8 MiB/s: about 4 s for the guest's RAM, time enough to stop it in the middle
+      yield* Qemu.migrate(src.qmp, { uri: recv.uri, channels: 2, compression: "none", maxBandwidth: 8 * MIB, downtimeLimit: 100 })
+      yield* noHang(Effect.gen(function*() {
+        while (true) {
+          const info = (yield* src.qmp.execute("query-migrate")) as { status?: string; ram?: { transferred?: number } }
+          if ((info.ram?.transferred ?? 0) > 4 * MIB) return
+          if (info.status !== "setup" && info.status !== "active") throw new Error(`QEMU's migration is ${info.status}`)
+          yield* Effect.sleep("50 millis")
+        }
+      }), "QEMU sending 4 MiB", 20)
+      yield* src.kill
+      const result = yield* noHang(Fiber.join(recv.fiber), "recv after QEMU was killed", 10)
+      expect(result.code).toBe(1)
+      expect(result.stderr).toHaveLength(1)
+      expect(result.stderr[0]).toMatch(/^multifd: error: /)
+      expect(leftovers(Path.basename(vmFile))).toEqual([])
+      if (process.env["SHOW_ERRORS"]) console.log(`killed source: ${result.stderr[0]}`)
+    }))), 90_000)
+})
+
+describe("the command line of whole VMs: usage", () => {
+  it.effect("misplaced or missing flags are usage errors (exit 2), one line", () =>
+    Effect.gen(function*() {
+      const vmFile = fresh("nothing.vm")
+      const cases: ReadonlyArray<readonly [ReadonlyArray<string>, RegExp]> = [
+        [["send", "tcp:127.0.0.1:1", "--to-qemu"], /--to-qemu needs --vm FILE/],
+        [["send", "tcp:127.0.0.1:1", "--to-qemu", "--vm", vmFile, "--in", vmFile], /--to-qemu takes the VM as --vm FILE, not --in/],
+        [["send", "tcp:127.0.0.1:1", "--vm", vmFile], /--vm goes with --to-qemu/],
+        [["send", `file:${vmFile}`, "--to-qemu", "--vm", vmFile], /--to-qemu needs a tcp: or unix: uri/],
+        [["send", "tcp:127.0.0.1:1", "--to-qemu", "--vm", Path.join(dir, "missing.vm")], /missing\.vm: .*no such file/],
+        [["recv", "tcp:127.0.0.1:0", "--vm", vmFile], /--vm goes with --from-qemu/],
+        [["recv", "tcp:127.0.0.1:0", "--channels", "0", "--out", vmFile], /--channels must be between 1 and 255, not 0 \(0 goes with --from-qemu/],
+        [["recv", "tcp:127.0.0.1:0", "--from-qemu", "--channels", "2", "--out", vmFile, "--vm", vmFile], /exactly one of --out FILE, --out-dir DIR or --vm FILE/],
+        [["recv", "tcp:127.0.0.1:0", "--from-qemu", "--channels", "2", "--vm", Path.join(dir, "no", "such", "dir", "x.vm")], /no such file or directory/]
+      ]
+      for (const [args, message] of cases) {
+        const result = yield* cli(args)
+        expect({ args, code: result.code, stderr: result.stderr }).toEqual({ args, code: 2, stderr: [expect.stringMatching(message)] })
+      }
+      expect(leftovers("nothing.vm")).toEqual([])
+    }))
+})
