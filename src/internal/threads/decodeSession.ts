@@ -1,0 +1,106 @@
+/**
+ * A destination channel's decoding as a session in a channel thread: the main thread reads the channel's
+ * socket and validates each header, reads a compressed packet's payload into a slot of the channel's ring
+ * (shared memory) with the packet's page offsets beside it, and posts `Packet`; this session decompresses the
+ * payload (`PageCodec.payloadDecoder`: the channel's one stream, fed in the channel's order), checks the
+ * decoded length, and only then writes the pages into guest memory (shared) and clears the packet's zero
+ * pages. A payload that does not decode ends the session with its `CodecError`, no page of it written.
+ *
+ * Completion goes back through shared memory, not messages: `DONE` counts the packets handled (their slots
+ * are free again); the owner sets `WAITING` before it waits, and a session that sees it set after a packet
+ * clears it and posts `Wake` (so a wait is never missed and a channel that keeps up costs no message back).
+ * `FAILED` is set before a failing session ends, for an owner that looks without waiting.
+ *
+ * @internal
+ */
+import * as Effect from "effect/Effect"
+import type * as Scope from "effect/Scope"
+import * as GuestRam from "../../GuestRam.js"
+import * as PageCodec from "../../PageCodec.js"
+import type { SessionIo } from "./protocol.js"
+
+/** The kind of session (`ChannelThreads` opens it by this name). */
+export const KIND = "multifd-decode"
+
+/** Slots of the control words (an `Int32Array` over `Data.control`). */
+export const DONE = 0
+export const WAITING = 1
+export const FAILED = 2
+export const CONTROL_WORDS = 3
+
+/** A block of guest memory as it crosses: its shared buffer (not copied) and where the block lies in it. */
+export interface SharedBlock {
+  readonly buffer: SharedArrayBuffer
+  readonly byteOffset: number
+  readonly length: number
+}
+
+/** How a channel's ring is laid out: `depth` slots of `payloadBytes`, then `depth` arrays of `slots` offsets. */
+export interface Ring {
+  readonly buffer: SharedArrayBuffer
+  readonly depth: number
+  readonly payloadBytes: number
+  readonly slots: number
+}
+
+/** Where a ring's slot `slot` keeps its payload and its offsets. */
+export const ringViews = (ring: Ring, slot: number): { payload: Buffer; offsets: Float64Array } => ({
+  payload: Buffer.from(ring.buffer, slot * ring.payloadBytes, ring.payloadBytes),
+  offsets: new Float64Array(ring.buffer, ring.depth * ring.payloadBytes + slot * ring.slots * 8, ring.slots)
+})
+
+/** A ring of `depth` slots for payloads of up to `payloadBytes` and packets of up to `slots` pages. */
+export const makeRing = (depth: number, payloadBytes: number, slots: number): Ring => {
+  const aligned = Math.ceil(payloadBytes / 8) * 8
+  return { buffer: new SharedArrayBuffer(depth * (aligned + slots * 8)), depth, payloadBytes: aligned, slots }
+}
+
+/** What a decode session is opened with. */
+export interface Data {
+  readonly compression: "zlib" | "zstd"
+  readonly channel: number
+  readonly pageSize: number
+  /** Guest memory, by block number. */
+  readonly blocks: ReadonlyArray<SharedBlock>
+  readonly ring: Ring
+  /** `CONTROL_WORDS` words: `DONE`, `WAITING`, `FAILED`. */
+  readonly control: SharedArrayBuffer
+}
+
+/**
+ * To the session: the next packet, in the next slot of the ring (slots are used in turn): `size` payload
+ * bytes, `normal` pages then `zero` zero pages at the slot's offsets, in block number `block`.
+ */
+export type In = readonly [block: number, size: number, normal: number, zero: number]
+
+/** From the session: the owner waits and a packet is done. */
+export type Out = "Wake"
+
+/** The session's program: decode every packet, in order, until closed or a payload fails. */
+export const run = (
+  data: Data,
+  io: SessionIo<In, Out>
+): Effect.Effect<void, PageCodec.CodecError, Scope.Scope> =>
+  Effect.gen(function*() {
+    const { pageSize, ring } = data
+    const decoder = yield* PageCodec.payloadDecoder(data.compression, data.channel)
+    const control = new Int32Array(data.control)
+    const memory = data.blocks.map((block) => Buffer.from(block.buffer, block.byteOffset, block.length))
+    const slots = Array.from({ length: ring.depth }, (_, slot) => ringViews(ring, slot))
+    let handled = 0
+    while (true) {
+      const [block, size, normal, zero] = yield* io.receive
+      const bytes = memory[block]!
+      const { offsets, payload } = slots[handled % ring.depth]!
+      if (normal > 0) {
+        const wrong = decoder.decode(payload.subarray(0, size), bytes, offsets, normal, pageSize)
+        if (wrong !== undefined) {
+          Atomics.store(control, FAILED, 1)
+          return yield* wrong
+        }
+      }
+      for (let i = normal; i < normal + zero; i++) GuestRam.clearPage(bytes, offsets[i]!, pageSize)
+      Atomics.store(control, DONE, ++handled)
+      if (Atomics.exchange(control, WAITING, 0) === 1) yield* io.send("Wake")
+    }
+  })
