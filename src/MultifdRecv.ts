@@ -3,7 +3,8 @@
  * validated (uuid of this migration, id below the channel count, no duplicate) and only then is a worker
  * forked into the set. Workers validate every packet header before touching memory, write pages in place,
  * and stop at each SYNC until `sync` has seen all channels arrive. The first failure of any fiber is the
- * set's failure; closing the scope interrupts and awaits every fiber.
+ * set's failure; closing the scope interrupts and awaits every fiber. Given `threads` and shared memory, a
+ * compressed channel's payloads are decoded and written by its decode session there (`internal/recvDecode`).
  *
  * Longer than 400 lines on purpose: the worker's two read paths (the `readChain` pump, which reads and
  * decodes packets in the socket's read callback, and the fiber's loop for connections without it, TLS), the

@@ -78,7 +78,9 @@ export const make = (
     const numbers = new Map(ram.blocks.map((block, n) => [block.name, n]))
     const ring = DecodeSession.makeRing(DEPTH, options.maxPayload, options.slots)
     const views = Array.from({ length: DEPTH }, (_, slot) => DecodeSession.ringViews(ring, slot))
-    const control = new Int32Array(new SharedArrayBuffer(DecodeSession.CONTROL_WORDS * 4))
+    const control = new Int32Array(new SharedArrayBuffer(DecodeSession.controlWords(DEPTH) * 4))
+    // the session sleeps until the first packet
+    Atomics.store(control, DecodeSession.SLEEPING, 1)
     const data: DecodeSession.Data = {
       compression: options.compression,
       channel,
@@ -117,10 +119,16 @@ export const make = (
     return {
       slot: () => views[submitted % DEPTH]!.payload,
       submit: (block, offsets, normal, zero, size) => {
-        views[submitted % DEPTH]!.offsets.set(offsets.subarray(0, normal + zero))
-        submitted++
-        // posted at once, from the socket's read callback: four numbers, the whole per-packet cost here
-        session.unsafeSend([numbers.get(block)!, size, normal, zero])
+        const slot = submitted % DEPTH
+        views[slot]!.offsets.set(offsets.subarray(0, normal + zero))
+        const at = DecodeSession.PACKETS + slot * DecodeSession.PACKET_WORDS
+        control[at] = numbers.get(block)!
+        control[at + 1] = size
+        control[at + 2] = normal
+        control[at + 3] = zero
+        Atomics.store(control, DecodeSession.SUBMITTED, ++submitted)
+        // a message only to wake the session (from the socket's read callback: no fiber here)
+        if (Atomics.exchange(control, DecodeSession.SLEEPING, 0) === 1) session.unsafeSend("Go")
       },
       ready: () => free() && !failed(),
       room: waitUntil(() => free() && !failed()),

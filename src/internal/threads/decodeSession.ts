@@ -6,10 +6,14 @@
  * decoded length, and only then writes the pages into guest memory (shared) and clears the packet's zero
  * pages. A payload that does not decode ends the session with its `CodecError`, no page of it written.
  *
- * Completion goes back through shared memory, not messages: `DONE` counts the packets handled (their slots
- * are free again); the owner sets `WAITING` before it waits, and a session that sees it set after a packet
- * clears it and posts `Wake` (so a wait is never missed and a channel that keeps up costs no message back).
- * `FAILED` is set before a failing session ends, for an owner that looks without waiting.
+ * Both directions go through shared memory, with a message only to wake a side that sleeps (a message to an
+ * idle thread is a wake-up: on a VM, an interrupt to another CPU, the dearest part of a hand-off). The owner
+ * writes a packet's numbers into its slot and counts it in `SUBMITTED`, and posts `Go` only if the session
+ * said it was `SLEEPING`; a woken session handles every packet submitted, synchronously, before it sleeps
+ * again. `DONE` counts the packets handled (their slots are free again); the owner sets `WAITING` before it
+ * waits, and a session that sees it set after a packet clears it and posts `Wake`. Each side says it sleeps
+ * or waits before it looks a last time, so no wake-up is lost. `FAILED` is set before a failing session
+ * ends, for an owner that looks without waiting.
  *
  * @internal
  */
@@ -26,7 +30,12 @@ export const KIND = "multifd-decode"
 export const DONE = 0
 export const WAITING = 1
 export const FAILED = 2
-export const CONTROL_WORDS = 3
+export const SUBMITTED = 3
+export const SLEEPING = 4
+/** Then each slot's packet: block number, payload size, normal pages, zero pages. */
+export const PACKETS = 5
+export const PACKET_WORDS = 4
+export const controlWords = (depth: number): number => PACKETS + depth * PACKET_WORDS
 
 /** A block of guest memory as it crosses: its shared buffer (not copied) and where the block lies in it. */
 export interface SharedBlock {
@@ -63,15 +72,15 @@ export interface Data {
   /** Guest memory, by block number. */
   readonly blocks: ReadonlyArray<SharedBlock>
   readonly ring: Ring
-  /** `CONTROL_WORDS` words: `DONE`, `WAITING`, `FAILED`. */
+  /** `controlWords(ring.depth)` words: `DONE`, `WAITING`, `FAILED`, `SUBMITTED`, `SLEEPING`, the packets. */
   readonly control: SharedArrayBuffer
 }
 
 /**
- * To the session: the next packet, in the next slot of the ring (slots are used in turn): `size` payload
- * bytes, `normal` pages then `zero` zero pages at the slot's offsets, in block number `block`.
+ * To the session: packets were submitted while it slept (each in the next slot of the ring, in turn: `size`
+ * payload bytes, `normal` pages then `zero` zero pages at the slot's offsets, in block number `block`).
  */
-export type In = readonly [block: number, size: number, normal: number, zero: number]
+export type In = "Go"
 
 /** From the session: the owner waits and a packet is done. */
 export type Out = "Wake"
@@ -88,19 +97,37 @@ export const run = (
     const memory = data.blocks.map((block) => Buffer.from(block.buffer, block.byteOffset, block.length))
     const slots = Array.from({ length: ring.depth }, (_, slot) => ringViews(ring, slot))
     let handled = 0
-    while (true) {
-      const [block, size, normal, zero] = yield* io.receive
-      const bytes = memory[block]!
-      const { offsets, payload } = slots[handled % ring.depth]!
-      if (normal > 0) {
-        const wrong = decoder.decode(payload.subarray(0, size), bytes, offsets, normal, pageSize)
-        if (wrong !== undefined) {
-          Atomics.store(control, FAILED, 1)
-          return yield* wrong
+    /** Handles every packet submitted, then sleeps; the first payload that does not decode instead. */
+    const drain = (): PageCodec.CodecError | undefined => {
+      while (true) {
+        while (handled < Atomics.load(control, SUBMITTED)) {
+          const slot = handled % ring.depth
+          const at = PACKETS + slot * PACKET_WORDS
+          const bytes = memory[control[at]!]!
+          const size = control[at + 1]!
+          const normal = control[at + 2]!
+          const zero = control[at + 3]!
+          const { offsets, payload } = slots[slot]!
+          if (normal > 0) {
+            const wrong = decoder.decode(payload.subarray(0, size), bytes, offsets, normal, pageSize)
+            if (wrong !== undefined) return wrong
+          }
+          for (let i = normal; i < normal + zero; i++) GuestRam.clearPage(bytes, offsets[i]!, pageSize)
+          Atomics.store(control, DONE, ++handled)
+          if (Atomics.exchange(control, WAITING, 0) === 1) io.unsafeSend("Wake")
         }
+        // said before looking: a packet submitted after the look finds it said, and posts Go
+        Atomics.store(control, SLEEPING, 1)
+        if (Atomics.load(control, SUBMITTED) === handled) return undefined
+        Atomics.store(control, SLEEPING, 0)
       }
-      for (let i = normal; i < normal + zero; i++) GuestRam.clearPage(bytes, offsets[i]!, pageSize)
-      Atomics.store(control, DONE, ++handled)
-      if (Atomics.exchange(control, WAITING, 0) === 1) yield* io.send("Wake")
+    }
+    while (true) {
+      yield* io.receive
+      const wrong = drain()
+      if (wrong !== undefined) {
+        Atomics.store(control, FAILED, 1)
+        return yield* wrong
+      }
     }
   })

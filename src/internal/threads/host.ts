@@ -44,7 +44,8 @@ const open = (
     port.postMessage(message, transfer as Array<TransferListItem> | undefined)
   const io: SessionIo<unknown, unknown> = {
     receive: Queue.take(inbox),
-    send: (message, transfer) => Effect.sync(() => post([0, message], transfer))
+    send: (message, transfer) => Effect.sync(() => post([0, message], transfer)),
+    unsafeSend: (message, transfer) => post([0, message], transfer)
   }
   const program = kinds[kind]
   // what the session logs goes to its owner, whose logger and level decide

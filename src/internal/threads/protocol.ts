@@ -93,6 +93,8 @@ export interface LogLine {
 export interface SessionIo<In, Out> {
   readonly receive: Effect.Effect<In>
   readonly send: (message: Out, transfer?: ReadonlyArray<TransferListItem>) => Effect.Effect<void>
+  /** `send`, for a synchronous caller. */
+  readonly unsafeSend: (message: Out, transfer?: ReadonlyArray<TransferListItem>) => void
 }
 
 /** Values that cross as they are (structured clone), and arrays of them. */
