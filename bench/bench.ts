@@ -5,8 +5,8 @@
  * (default 1; the table shows the median), COMPRESSIONS (default "none zlib zstd"; rows for zlib/zstd use a
  * 50%-zero image and COMP_CHANNELS, default "2", as QEMU's bench script, at COMPRESSION_LEVEL, default the
  * method's), THREADS (default "1": the source's channels on worker threads; "0": on its main thread; "0 1":
- * both, alternating rep by rep), DST_THREADS (default "1": the destination decodes compressed payloads on
- * worker threads; "0": on its main thread; "0 1": both, alternating as THREADS), TLS (default "psk": a PSK TLS row at
+ * both, alternating rep by rep), DST_THREADS (default "0": the destination decodes compressed payloads on
+ * its main thread, as `multifd recv` does; "1": on worker threads; "0 1": both, alternating as THREADS), TLS (default "psk": a PSK TLS row at
  * TLS_CHANNELS, default 4; TLS= skips it), DST (prefault | fresh, default prefault), FILE (default 1: the
  * snapshot rows at 4 channels; FILE=0 skips them), BANDWIDTH (the --max-bandwidth row: default 64M, BANDWIDTH_SIZE
  * 256M over BANDWIDTH_CHANNELS 4; BANDWIDTH= skips it).
@@ -61,7 +61,7 @@ const compressionLevel = process.env.COMPRESSION_LEVEL
 /** 1: the source's channels on worker threads (ChannelThreads), 0: on its main thread; "0 1" runs both, alternating. */
 const threadModes = (process.env.THREADS ?? "1").split(/\s+/).filter(Boolean)
 /** 1: the destination's compressed channels decoded on worker threads (ChannelThreads), 0: on its main thread. */
-const dstThreadModes = (process.env.DST_THREADS ?? "1").split(/\s+/).filter(Boolean)
+const dstThreadModes = (process.env.DST_THREADS ?? "0").split(/\s+/).filter(Boolean)
 const tlsModes = (process.env.TLS ?? "psk").split(/\s+/).filter(Boolean)
 const tlsChannels = Number(process.env.TLS_CHANNELS ?? 4)
 const dstMode = process.env.DST ?? "prefault"

@@ -11,9 +11,7 @@
 import * as Command from "@effect/cli/Command"
 import * as Data from "effect/Data"
 import * as Effect from "effect/Effect"
-import * as Layer from "effect/Layer"
 import * as Option from "effect/Option"
-import * as ChannelThreads from "../ChannelThreads.js"
 import type * as GuestRam from "../GuestRam.js"
 import * as Migration from "../Migration.js"
 import * as MigrationStatus from "../MigrationStatus.js"
@@ -52,18 +50,6 @@ export const mismatch = (
     differs("--page-size", expected.pageSize, actual.pageSize) ??
     differs("--compression", expected.compression, actual.compression)
 }
-
-/**
- * The worker threads that decode compressed channels (`ChannelThreads`), started before recv listens (the
- * compression is known only from the source's hello); none for a snapshot file or with `--compression none`.
- * A pool that cannot start leaves the decoding on the main thread, with a warning.
- */
-const decodeThreads = (uri: Transport.Address, compression: Option.Option<string>): Layer.Layer<never> =>
-  uri._tag === "File" || Option.contains(compression, "none") ? Layer.empty : ChannelThreads.layer().pipe(
-    Layer.catchAll((error) =>
-      Layer.effectDiscard(Effect.logWarning(`channel threads: ${error.message}; the channels are decoded on the main thread`))
-    )
-  )
 
 /** The `recv` subcommand. */
 export const command = Command.make(
@@ -128,7 +114,7 @@ export const command = Command.make(
           // only once it is in place (a snapshot file is restored, checked below, then written)
           store: uri._tag === "File" ? undefined : commit
         })
-      })).pipe(Effect.provide([Transport.layer, environment, decodeThreads(uri, transfer.compression)]))
+      })).pipe(Effect.provide([Transport.layer, environment]))
       const { ram, stats } = received
       if (uri._tag === "File") {
         // a snapshot file has no hello to refuse: its settings are checked here
