@@ -5,7 +5,8 @@
  * (default 1; the table shows the median), COMPRESSIONS (default "none zlib zstd"; rows for zlib/zstd use a
  * 50%-zero image and COMP_CHANNELS, default "2", as QEMU's bench script, at COMPRESSION_LEVEL, default the
  * method's), THREADS (default "1": the source's channels on worker threads; "0": on its main thread; "0 1":
- * both, alternating rep by rep), TLS (default "psk": a PSK TLS row at
+ * both, alternating rep by rep), DST_THREADS (default "0": the destination decodes compressed payloads on
+ * its main thread, as `multifd recv` does; "1": on worker threads; "0 1": both, alternating as THREADS), TLS (default "psk": a PSK TLS row at
  * TLS_CHANNELS, default 4; TLS= skips it), DST (prefault | fresh, default prefault), FILE (default 1: the
  * snapshot rows at 4 channels; FILE=0 skips them), BANDWIDTH (the --max-bandwidth row: default 64M, BANDWIDTH_SIZE
  * 256M over BANDWIDTH_CHANNELS 4; BANDWIDTH= skips it).
@@ -59,6 +60,8 @@ const compChannels = (process.env.COMP_CHANNELS ?? "2").split(/\s+/).filter(Bool
 const compressionLevel = process.env.COMPRESSION_LEVEL
 /** 1: the source's channels on worker threads (ChannelThreads), 0: on its main thread; "0 1" runs both, alternating. */
 const threadModes = (process.env.THREADS ?? "1").split(/\s+/).filter(Boolean)
+/** 1: the destination's compressed channels decoded on worker threads (ChannelThreads), 0: on its main thread. */
+const dstThreadModes = (process.env.DST_THREADS ?? "0").split(/\s+/).filter(Boolean)
 const tlsModes = (process.env.TLS ?? "psk").split(/\s+/).filter(Boolean)
 const tlsChannels = Number(process.env.TLS_CHANNELS ?? 4)
 const dstMode = process.env.DST ?? "prefault"
@@ -102,13 +105,14 @@ const runOnce = async (
   maxBandwidth = 0
 ): Promise<{ src: Result; dst: Result }> => {
   const image = compression === "none" ? "random" : "halfzero"
-  const recv = spawnPeer(["recv", "tcp:127.0.0.1:0", String(bytes), dstMode, tls])
+  const [srcThreads, dstThreads = "1"] = threads.split("/")
+  const recv = spawnPeer(["recv", "tcp:127.0.0.1:0", String(bytes), dstMode, tls, dstThreads!])
   let started: (uri: string) => void
   const listening = new Promise<string>((resolve) => (started = resolve))
   const dst = lastJson(recv, (line) => line.startsWith("listening ") && started(line.slice(10)))
   const uri = await Promise.race([listening, dst.then(() => "")])
   const src = lastJson(spawnPeer(
-    ["send", uri, String(bytes), String(channels), compression, image, tls, compressionLevel ?? "default", threads, String(maxBandwidth)]
+    ["send", uri, String(bytes), String(channels), compression, image, tls, compressionLevel ?? "default", srcThreads!, String(maxBandwidth)]
   ))
   return { src: await src, dst: await dst }
 }
@@ -131,9 +135,10 @@ const main = async () => {
   for (const tls of tlsModes) rowsToRun.push({ compression: "none", tls, channels: tlsChannels })
   for (const { channels, compression, tls } of rowsToRun) {
     // the thread modes alternate rep by rep: a machine whose load changes meanwhile weighs on both alike
-    const runs = new Map(threadModes.map((threads) => [threads, [] as Array<{ src: Result; dst: Result }>]))
+    const modes = threadModes.flatMap((src) => dstThreadModes.map((dst) => `${src}/${dst}`))
+    const runs = new Map(modes.map((threads) => [threads, [] as Array<{ src: Result; dst: Result }>]))
     for (let r = 0; r < reps; r++) {
-      for (const threads of threadModes) runs.get(threads)!.push(await runOnce(channels, compression, tls, threads))
+      for (const threads of modes) runs.get(threads)!.push(await runOnce(channels, compression, tls, threads))
     }
     for (const [threads, done] of runs) {
       const total = median(done.map((x) => x.src.durationMs)) / 1000
@@ -149,8 +154,9 @@ const main = async () => {
     }
   }
   console.log("\ntotal_s: source's migration time (connect to verified done), GiB/s = RAM size / total_s;")
-  console.log("thr 1: the source's channels on worker threads (ChannelThreads, started before the migration: outside")
-  console.log("total_s and the CPU seconds), thr 0: on its main thread.")
+  console.log("thr src/dst: src 1: the source's channels on worker threads (ChannelThreads, started before the")
+  console.log("migration: outside total_s and the CPU seconds), 0: on its main thread; dst 1: the destination's")
+  console.log("compressed payloads decoded on worker threads (started before it listens), 0: on its main thread.")
   console.log("CPU seconds and peak RSS per process; wire_GiB = bytes on the multifd channels.")
   console.log("zlib/zstd rows: an image with every other page zero and random data in the rest, as QEMU's bench.")
   if (bandwidth !== "" && bandwidth !== "0") {

@@ -2,12 +2,14 @@
  * One side of a benchmark migration, run as its own process by `bench.ts`. Prints one JSON line with the
  * migration's stats, the CPU seconds it used and the process's peak RSS.
  *
- *   peer.ts recv <uri> <bytes> <mode: prefault|fresh> [tls: none|psk]   (prints `listening <uri>` first)
+ *   peer.ts recv <uri> <bytes> <mode: prefault|fresh> [tls: none|psk] [threads: 0|1]   (prints `listening <uri>` first)
  *   peer.ts send <uri> <bytes> <channels> <compression> <image: random|halfzero> [tls: none|psk] [level|default]
  *     [threads: 1|0] [max-bandwidth: bytes per second, 0 none]
  *
  * With threads 1 (the default) the source's channels run on worker threads (ChannelThreads), started before
- * the migration, outside the time and the CPU seconds measured (the migration is measured from its connect).
+ * the migration, outside the time and the CPU seconds measured (the migration is measured from its connect);
+ * with threads 1 (default 0) the destination's compressed channels are decoded on them (the pool started
+ * before it listens).
  *
  * TLS psk uses the test keys in test/fixtures/tls/keys.psk.
  */
@@ -80,7 +82,7 @@ const main = role === "recv"
   })
 
 // the channel threads start before the migration (with the process), as the CLI starts them
-const threads = role === "send" && rest[5] !== "0" ? ChannelThreads.layer() : Layer.empty
+const threads = (role === "send" ? rest[5] !== "0" : rest[2] === "1") ? ChannelThreads.layer() : Layer.empty
 
 Effect.runPromise(main.pipe(Effect.provide(Layer.merge(Transport.layer, threads)))).catch((error) => {
   console.error(`bench peer ${role}: ${error?.message ?? error}`)

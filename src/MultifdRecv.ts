@@ -3,7 +3,8 @@
  * validated (uuid of this migration, id below the channel count, no duplicate) and only then is a worker
  * forked into the set. Workers validate every packet header before touching memory, write pages in place,
  * and stop at each SYNC until `sync` has seen all channels arrive. The first failure of any fiber is the
- * set's failure; closing the scope interrupts and awaits every fiber.
+ * set's failure; closing the scope interrupts and awaits every fiber. Given `threads` and shared memory, a
+ * compressed channel's payloads are decoded and written by its decode session there (`internal/recvDecode`).
  *
  * Longer than 400 lines on purpose: the worker's two read paths (the `readChain` pump, which reads and
  * decodes packets in the socket's read callback, and the fiber's loop for connections without it, TLS), the
@@ -23,7 +24,9 @@ import * as Layer from "effect/Layer"
 import * as Queue from "effect/Queue"
 import * as Ref from "effect/Ref"
 import type * as Scope from "effect/Scope"
+import type * as ChannelThreads from "./ChannelThreads.js"
 import * as GuestRam from "./GuestRam.js"
+import * as RecvDecode from "./internal/recvDecode.js"
 import * as MigrationError from "./MigrationError.js"
 import * as PageCodec from "./PageCodec.js"
 import * as Protocol from "./Protocol.js"
@@ -61,6 +64,12 @@ export interface Config {
   readonly reconnect?: Duration.DurationInput | undefined
   /** Told when an adopted channel's connection (the one with `nonce`, or the first) is lost (with `reconnect`). */
   readonly onLost?: ((channel: number, nonce: Uint8Array | undefined) => Effect.Effect<void>) | undefined
+  /**
+   * Channel threads that decompress the channels' compressed payloads and write their pages (and clear their
+   * zero pages) in guest memory, when every block of `ram` is shared memory (`GuestRam.allocate`); the
+   * sockets are still read here. Without them, or with other memory, this thread decodes.
+   */
+  readonly threads?: ChannelThreads.ChannelThreads["Type"] | undefined
 }
 
 /**
@@ -86,6 +95,7 @@ export type ChannelFailure =
   | PageCodec.CodecError
   | MigrationError.ChannelError
   | MigrationError.MigrationError
+  | RecvDecode.Failure
 
 /**
  * Counters of what the channels received.
@@ -248,16 +258,19 @@ export const make = (config: Config): Effect.Effect<MultifdRecv["Type"], never, 
     // a compressed payload may exceed its pages a little (incompressible data); nothing legitimate is larger
     const maxPayload = slots * pageSize + 64 * 1024
     const states = new Set<ChannelState>()
-    /** A data packet's pages are in: clears its zero pages and counts it. */
+    // compressed payloads decoded on channel threads, which write the shared memory
+    const offloaded = config.threads !== undefined && compression !== "none" && RecvDecode.canWrite(ram)
+    /** A data packet's pages are in (or handed to its thread: `offload`): clears its zero pages and counts it. */
     const applied = (
       state: ChannelState,
       memory: Buffer,
       offsets: Float64Array,
       normal: number,
       zero: number,
-      payload: number
+      payload: number,
+      offload: RecvDecode.Offload | undefined
     ) => {
-      for (let i = normal; i < normal + zero; i++) GuestRam.clearPage(memory, offsets[i]!, pageSize)
+      if (offload === undefined) for (let i = normal; i < normal + zero; i++) GuestRam.clearPage(memory, offsets[i]!, pageSize)
       state.consumed += hsize + payload
       counters.packets++
       counters.normalPages += normal
@@ -294,6 +307,7 @@ export const make = (config: Config): Effect.Effect<MultifdRecv["Type"], never, 
       | { readonly _tag: "Sync" }
       | { readonly _tag: "End" }
       | { readonly _tag: "Cut" }
+      | { readonly _tag: "Full" }
       | Protocol.ProtocolError
       | PageCodec.CodecError
 
@@ -303,7 +317,8 @@ export const make = (config: Config): Effect.Effect<MultifdRecv["Type"], never, 
      * packet. Pages are written only after their header validated. Uncompressed: long runs of pages are read
      * in place; a packet of short runs (scattered pages) is read whole into `scratch` and copied out, one read
      * rather than one per run. Compressed: the payload is read into `scratch` and decoded there and then (a
-     * millisecond or so a packet), by `payload`.
+     * millisecond or so a packet), by `payload`; or, given `offload`, read into the channel's ring and handed to
+     * its thread, the pump stopping (`Full`) when the ring is.
      */
     const pump = (
       state: ChannelState,
@@ -313,22 +328,27 @@ export const make = (config: Config): Effect.Effect<MultifdRecv["Type"], never, 
       limits: Protocol.HeaderLimits,
       /** The channel's buffer for a packet's pages or payload (a packet's worth). */
       scratch: Buffer,
-      payload: PageCodec.PayloadDecoder | undefined
+      payload: PageCodec.PayloadDecoder | undefined,
+      offload: RecvDecode.Offload | undefined
     ): Effect.Effect<PumpStop, Transport.TransportError> =>
       Effect.suspend(() => {
         let stop: PumpStop | undefined
         let inPacket = false
         let memory: Buffer = header
+        let block = ""
         let normal = 0
         let zero = 0
         let size = 0
         const views: Array<Uint8Array> = []
         let view = 0
         let staged: Buffer | undefined
-        const endPacket = (): Buffer => {
-          applied(state, memory, offsets, normal, zero, size)
+        const endPacket = (): Buffer | undefined => {
+          offload?.submit(block, offsets, normal, zero, size)
+          applied(state, memory, offsets, normal, zero, size, offload)
           inPacket = false
-          return header
+          if (offload === undefined || offload.ready()) return header
+          stop = { _tag: "Full" }
+          return undefined
         }
         const next = (full: Uint8Array): Uint8Array | undefined => {
           if (full === header) {
@@ -342,7 +362,8 @@ export const make = (config: Config): Effect.Effect<MultifdRecv["Type"], never, 
               stop = { _tag: "Sync" }
               return undefined
             }
-            memory = ram.block(packet.block)!.bytes
+            block = packet.block
+            memory = ram.block(block)!.bytes
             normal = packet.normalPages
             zero = packet.zeroPages
             size = packet.nextPacketSize
@@ -358,7 +379,7 @@ export const make = (config: Config): Effect.Effect<MultifdRecv["Type"], never, 
             inPacket = true
             staged = undefined
             if (payload !== undefined) {
-              staged = scratch.subarray(0, size)
+              staged = (offload?.slot() ?? scratch).subarray(0, size)
               return staged
             }
             views.length = 0
@@ -376,6 +397,7 @@ export const make = (config: Config): Effect.Effect<MultifdRecv["Type"], never, 
             return views[view++]
           }
           if (staged !== undefined) {
+            if (offload !== undefined) return endPacket()
             if (payload !== undefined) {
               const wrong = payload.decode(staged, memory, offsets, normal, pageSize)
               if (wrong !== undefined) {
@@ -414,9 +436,16 @@ export const make = (config: Config): Effect.Effect<MultifdRecv["Type"], never, 
         const header = Buffer.alloc(hsize)
         const offsets = new Float64Array(slots)
         const limits: Protocol.HeaderLimits = { channel: id, pageSize, compression, blockSize }
-        // a packet's pages (uncompressed, scattered) or its payload (compressed)
-        const scratch = Buffer.allocUnsafe(payload === undefined ? slots * pageSize : maxPayload)
+        const offload = offloaded
+          ? yield* RecvDecode.make(config.threads!, { ram, compression, channel: id, maxPayload, slots })
+          : undefined
+        const guard = <A, E>(effect: Effect.Effect<A, E>) => offload === undefined ? effect : offload.during(effect)
+        // the channel's packets are all in memory (its thread has written them)
+        const drained = offload === undefined ? Effect.void : offload.drained
+        // a packet's pages (uncompressed, scattered) or its payload (compressed, decoded here)
+        const scratch = Buffer.allocUnsafe(payload === undefined ? slots * pageSize : offload ? 0 : maxPayload)
         const channelEnded = Effect.gen(function*() {
+          yield* drained
           if (yield* Deferred.isDone(ending)) return yield* Effect.logDebug(`channel ${id}: closed`)
           return yield* new MigrationError.MigrationError({
             reason: "ChannelClosed",
@@ -426,8 +455,9 @@ export const make = (config: Config): Effect.Effect<MultifdRecv["Type"], never, 
         const readChain = connection.readChain
         if (readChain !== undefined) {
           while (true) {
-            const stop = yield* pump(state, readChain, header, offsets, limits, scratch, payload)
-            if (stop._tag === "Sync") yield* atSync(state)
+            const stop = yield* guard(pump(state, readChain, header, offsets, limits, scratch, payload, offload))
+            if (stop._tag === "Full") yield* offload!.room
+            else if (stop._tag === "Sync") yield* Effect.zipRight(drained, atSync(state))
             else if (stop._tag === "End") return yield* channelEnded
             else if (stop._tag === "Cut") {
               return yield* new Transport.TransportError({
@@ -439,10 +469,11 @@ export const make = (config: Config): Effect.Effect<MultifdRecv["Type"], never, 
           }
         }
         while (true) {
-          if (yield* connection.atEnd) return yield* channelEnded
-          yield* connection.readInto(header, 0, hsize)
+          if (yield* guard(connection.atEnd)) return yield* channelEnded
+          yield* guard(connection.readInto(header, 0, hsize))
           const packet = yield* Protocol.decodeHeader(header, limits, offsets)
           if (packet.sync) {
+            yield* drained
             yield* atSync(state)
             continue
           }
@@ -456,15 +487,19 @@ export const make = (config: Config): Effect.Effect<MultifdRecv["Type"], never, 
             const wrong = payload.check(size, normal, pageSize)
             if (wrong !== undefined) return yield* wrong
             writesBegun++
-            if (normal > 0) {
+            if (offload !== undefined) {
+              yield* offload.room
+              if (normal > 0) yield* guard(connection.readInto(offload.slot(), 0, size))
+              offload.submit(packet.block, offsets, normal, zero, size)
+            } else if (normal > 0) {
               yield* connection.readInto(scratch, 0, size)
               const error = payload.decode(scratch.subarray(0, size), memory, offsets, normal, pageSize)
               if (error !== undefined) return yield* error
             }
           }
-          applied(state, memory, offsets, normal, zero, size)
+          applied(state, memory, offsets, normal, zero, size, offload)
         }
-      })
+      }).pipe(Effect.scoped)
 
     const checkInit = (
       bytes: Buffer
@@ -538,7 +573,11 @@ export const make = (config: Config): Effect.Effect<MultifdRecv["Type"], never, 
           ).pipe(Effect.annotateLogs("channel", id))
           return checked
         }).pipe(Effect.withSpan("multifd.channel.init", { attributes: { "multifd.peer": connection.peer } }))
-        const payload = compression === "none" ? undefined : yield* PageCodec.payloadDecoder(compression, id)
+        const payload = compression === "none"
+          ? undefined
+          : offloaded
+          ? RecvDecode.checkOnly(compression, id)
+          : yield* PageCodec.payloadDecoder(compression, id)
         if (!counted.has(id)) {
           counted.add(id)
           if (++counters.channels === channels) yield* Deferred.succeed(allAdopted, undefined)

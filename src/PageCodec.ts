@@ -588,3 +588,13 @@ export const payloadDecoder = (
   channel: number
 ): Effect.Effect<PayloadDecoder, CodecError, Scope.Scope> =>
   compression === "zlib" ? zlibPayloadDecoder(channel) : zstdPayloadDecoder(channel)
+
+/**
+ * The checks of a payload's announced size alone (a `PayloadDecoder`'s `check`, without its stream), for a
+ * channel whose payloads are decoded in another thread.
+ *
+ * @since 0.1.0
+ * @category utils
+ */
+export const payloadCheck = (compression: "zlib" | "zstd", channel: number): PayloadDecoder["check"] =>
+(size, normal, pageSize) => checkSize(compression, channel, size, normal, pageSize)

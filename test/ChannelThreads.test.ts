@@ -284,7 +284,8 @@ layer(ChannelThreads.layer(POOL), { excludeTestServices: true })("channels on th
           expect(sameMemory(received.ram, ram)).toBe(true)
           expect(stats.normalPages + stats.zeroPages).toBeGreaterThanOrEqual(ram.size / PAGE)
           expect(received.stats.packets).toBe(stats.packets)
-          expect((yield* opened) - before).toBe(4)
+          // the source's 4 channels, and the destination's (in context too) decoding of compressed ones
+          expect((yield* opened) - before).toBe(compression === "none" ? 4 : 8)
           yield* expectThreadsClean
         })))
     }
@@ -314,7 +315,8 @@ layer(ChannelThreads.layer(POOL), { excludeTestServices: true })("channels on th
         const before = yield* opened
         const { received } = yield* migrateOnce(ram, { compression: "zstd", upgrade: tls.client("127.0.0.1") }, tls.server)
         expect(sameMemory(received.ram, ram)).toBe(true)
-        expect((yield* opened) - before).toBe(4)
+        // the source's 4 channels, and the destination's decoding of them (its TLS connections read in the fiber)
+        expect((yield* opened) - before).toBe(8)
         yield* expectThreadsClean
       })))
 

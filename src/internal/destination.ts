@@ -15,6 +15,7 @@ import * as Either from "effect/Either"
 import * as Fiber from "effect/Fiber"
 import * as Option from "effect/Option"
 import * as Queue from "effect/Queue"
+import * as ChannelThreads from "../ChannelThreads.js"
 import * as Control from "../Control.js"
 import * as GuestRam from "../GuestRam.js"
 import * as MigrationError from "../MigrationError.js"
@@ -324,7 +325,9 @@ export const run = <E>(listener: Transport.Listener, settings: Settings<E>): Eff
           Effect.ignore(tell(new Control.Lost({
             channel,
             ...(nonce === undefined ? {} : { nonce: Buffer.from(nonce).toString("hex") })
-          })))
+          }))),
+        // compressed payloads are decoded on the channel threads, when there are some
+        threads: Option.getOrUndefined(yield* Effect.serviceOption(ChannelThreads.ChannelThreads))
       })
       yield* Deferred.succeed(channelSet, recv)
       yield* tracker.begin(ram.size)

@@ -44,7 +44,8 @@ const open = (
     port.postMessage(message, transfer as Array<TransferListItem> | undefined)
   const io: SessionIo<unknown, unknown> = {
     receive: Queue.take(inbox),
-    send: (message, transfer) => Effect.sync(() => post([0, message], transfer))
+    send: (message, transfer) => Effect.sync(() => post([0, message], transfer)),
+    unsafeSend: (message, transfer) => post([0, message], transfer)
   }
   const program = kinds[kind]
   // what the session logs goes to its owner, whose logger and level decide
@@ -73,7 +74,7 @@ const open = (
 /**
  * Serves the pool that started this thread: opens sessions of the given kinds, answers inspections, and
  * carries out the faults tests inject (`throw`: an uncaught exception; `exit`: `process.exit`, which ends this
- * thread only). Does nothing outside a worker thread.
+ * thread only; `Hold`: blocks until released). Does nothing outside a worker thread.
  */
 export const serve = (kinds: Readonly<Record<string, Kind>>): void => {
   const parent = WorkerThreads.parentPort
@@ -90,6 +91,9 @@ export const serve = (kinds: Readonly<Record<string, Kind>>): void => {
           request: message.request,
           inspection: { resources: process.getActiveResourcesInfo(), zstdContexts: Zstd.openContexts() }
         })
+      case "Hold":
+        Atomics.wait(new Int32Array(message.latch), 0, 0)
+        return
       case "Fault":
         if (message.fault === "exit") process.exit(message.code)
         throw new Error("fault injected by a test")

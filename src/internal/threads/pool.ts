@@ -59,6 +59,8 @@ export interface Session<In, Out> {
   readonly thread: number
   /** Posts a message to the session (structured clone; `transfer` moves buffers instead of copying them). */
   readonly send: (message: In, transfer?: ReadonlyArray<TransferListItem>) => Effect.Effect<void>
+  /** `send`, for a synchronous caller (a socket's read callback: a destination channel's decoding). */
+  readonly unsafeSend: (message: In, transfer?: ReadonlyArray<TransferListItem>) => void
   /** The session's next message, then its end; fails once the thread has failed. */
   readonly receive: Effect.Effect<Event<Out>, ThreadError>
   /** Fails once the session's thread has failed (never succeeds): for an owner that is not receiving. */
@@ -207,15 +209,25 @@ const threadsOfPool = new WeakMap<Pool, () => ReadonlyArray<Thread>>()
 
 /**
  * The worker threads of a pool, for tests that make one fail from outside (`terminate`), or from inside
- * (`fault`: an uncaught exception, or `process.exit` with `code`).
+ * (`fault`: an uncaught exception, or `process.exit` with `code`), or hold one up (`hold`).
  */
 export const unsafeThreads = (pool: Pool): ReadonlyArray<{
   readonly worker: WorkerThreads.Worker
   readonly fault: (fault: "throw" | "exit", code?: number) => void
+  /** Blocks the thread (as a long synchronous task would) until the function returned is called. */
+  readonly hold: () => () => void
 }> =>
   (threadsOfPool.get(pool)?.() ?? []).map((thread) => ({
     worker: thread.worker,
-    fault: (fault, code = 1) => thread.worker.postMessage({ _tag: "Fault", fault, code } satisfies ToThread)
+    fault: (fault, code = 1) => thread.worker.postMessage({ _tag: "Fault", fault, code } satisfies ToThread),
+    hold: () => {
+      const latch = new Int32Array(new SharedArrayBuffer(4))
+      thread.worker.postMessage({ _tag: "Hold", latch: latch.buffer as SharedArrayBuffer } satisfies ToThread)
+      return () => {
+        Atomics.store(latch, 0, 1)
+        Atomics.notify(latch, 0)
+      }
+    }
   }))
 
 /** The pool's size: a thread per core, capped by `maxThreads`, at least one. */
@@ -300,10 +312,12 @@ export const make = (options?: Options): Effect.Effect<Pool, ThreadError, Scope.
             Queue.unsafeOffer(lease.inbox, event)
             return Effect.fail(event.error)
           })
+          const unsafeSend = (message: In, transfer?: ReadonlyArray<TransferListItem>) =>
+            port.postMessage([0, message] satisfies ToSession, transfer as Array<TransferListItem>)
           return {
           thread: thread.slot,
-          send: (message, transfer) =>
-            Effect.sync(() => port.postMessage([0, message] satisfies ToSession, transfer as Array<TransferListItem>)),
+          send: (message, transfer) => Effect.sync(() => unsafeSend(message, transfer)),
+          unsafeSend,
           receive,
           failed: Deferred.await(thread.failed)
           }

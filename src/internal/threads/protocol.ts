@@ -4,7 +4,8 @@
  * side by whoever knows the classes).
  *
  * - the pool to a thread (its `parentPort`): `Open` a session (a `MessagePort` of its own, transferred),
- *   `Inspect` (the thread's active resources, for leak checks), `Fault` (tests: make the thread throw or exit);
+ *   `Inspect` (the thread's active resources, for leak checks), `Fault` (tests: make the thread throw or exit),
+ *   `Hold` (tests: block the thread until released);
  * - a thread to the pool: `Ready` once its module is loaded, `Inspected`;
  * - on a session's port, both ways: `[0, message]`; the pool's `[1]` asks the thread to close the session
  *   (interrupt it: its scope closes its socket), and the thread's `[1, failure]` says the session ended — it
@@ -61,6 +62,8 @@ export type ToThread =
   }
   | { readonly _tag: "Inspect"; readonly request: number }
   | { readonly _tag: "Fault"; readonly fault: "throw" | "exit"; readonly code: number }
+  /** Tests: the thread blocks (its event loop with it) until the word of `latch` is set. */
+  | { readonly _tag: "Hold"; readonly latch: SharedArrayBuffer }
 
 /** A thread to the pool. */
 export type FromThread =
@@ -90,6 +93,8 @@ export interface LogLine {
 export interface SessionIo<In, Out> {
   readonly receive: Effect.Effect<In>
   readonly send: (message: Out, transfer?: ReadonlyArray<TransferListItem>) => Effect.Effect<void>
+  /** `send`, for a synchronous caller. */
+  readonly unsafeSend: (message: Out, transfer?: ReadonlyArray<TransferListItem>) => void
 }
 
 /** Values that cross as they are (structured clone), and arrays of them. */
