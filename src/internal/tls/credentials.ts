@@ -89,8 +89,9 @@ export const nameOf = (certificate: Crypto.X509Certificate, field: "subject" | "
 
 /**
  * Builds a secure context; OpenSSL's refusal is a `Config` error naming `what`. As a server it picks the
- * cipher by its own order of preference (`honorCipherOrder`), not the client's: a GnuTLS client (QEMU) lists
- * ChaCha20-Poly1305 first, which costs about three times AES-GCM's CPU where the CPU has AES instructions.
+ * cipher by its own order of preference (`honorCipherOrder`), not the client's: what we prefer (AES-GCM, cheap
+ * with AES instructions) is what a source gets, whatever it lists first. (QEMU's GnuTLS, as a server, picks
+ * ChaCha20-Poly1305, about twice AES-GCM's CPU there: bench/qemu-extra-bench.sh sniffs it.)
  */
 export const secureContextOf = (options: NodeTls.SecureContextOptions, what: string) =>
   Effect.try({
