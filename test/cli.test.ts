@@ -18,6 +18,7 @@ import { afterAll, afterEach, beforeAll, describe, expect, it } from "vitest"
 import * as Cli from "../src/cli/command.js"
 import * as Image from "../src/cli/image.js"
 import * as Progress from "../src/cli/progress.js"
+import { wantsThreads } from "../src/cli/settings.js"
 import * as Terminal from "../src/cli/terminal.js"
 import * as Control from "../src/Control.js"
 import type * as Migration from "../src/Migration.js"
@@ -308,6 +309,16 @@ describe("multifd over TLS", () => {
     const right = await run(["send", recv.uri, "--in", image, "--tls-ca", tlsFile("ca-cert.pem"), "--tls-hostname", "localhost"])
     const received = await recv.finished
     expect({ send: right.code, recv: received.code, stderr: right.stderr + received.stderr }).toMatchObject({ send: 0, recv: 0 })
+  })
+})
+
+describe("channel threads on the command line", () => {
+  it("send starts them where they pay: with zlib, or with more than two cores (measured: docs/parallel-data-plane.md)", () => {
+    expect(wantsThreads("zlib", 2)).toBe(true)
+    expect(wantsThreads("none", 2)).toBe(false)
+    expect(wantsThreads("zstd", 2)).toBe(false)
+    expect(wantsThreads("none", 4)).toBe(true)
+    expect(wantsThreads("zstd", 16)).toBe(true)
   })
 })
 

@@ -68,7 +68,7 @@ export const run = (args: Args) =>
         onProgress
       })
       return { stats, vm }
-    })).pipe(Effect.provide([Transport.layer, channelThreads(uri)]))
+    })).pipe(Effect.provide([Transport.layer, channelThreads(uri, args.compression)]))
     yield* Report.print({ role: "send", input: args.vm, pageSize: vm.ram.pageSize, stats }, args.reporting)
     return stats
   })
