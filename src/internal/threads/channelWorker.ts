@@ -8,8 +8,10 @@
  *
  * @internal
  */
+import * as Effect from "effect/Effect"
 import * as Host from "./host.js"
 import * as DecodeSession from "./decodeSession.js"
 import * as SendSession from "./sendSession.js"
 
-Host.serve({ [SendSession.KIND]: SendSession.run, [DecodeSession.KIND]: DecodeSession.run })
+// the thread's entry point, as cli/main.ts is the process's: its one run of an effect
+Effect.runFork(Host.serve({ [SendSession.KIND]: SendSession.run, [DecodeSession.KIND]: DecodeSession.run }))

@@ -5,14 +5,15 @@
  * thread says so on the port (`[1, failure]`, the port's last message) and closes it. A session that fails or
  * dies ends the same way; the thread goes on hosting the others.
  *
- * This is a thread's entry point as `cli/main.ts` is the process's: the one place, besides it, where effects
- * are run (`Effect.runFork`, one per session).
+ * `serve` is the thread's program; `channelWorker.ts`, the thread's entry point as `cli/main.ts` is the
+ * process's, runs it (the one `Effect.runFork` of a thread).
  *
  * @internal
  */
 import * as Cause from "effect/Cause"
 import * as Effect from "effect/Effect"
 import * as FiberId from "effect/FiberId"
+import * as FiberSet from "effect/FiberSet"
 import * as Logger from "effect/Logger"
 import * as LogLevel from "effect/LogLevel"
 import * as Queue from "effect/Queue"
@@ -33,71 +34,90 @@ import {
 /** A kind of session: its program, given the data it was opened with and its two directions. */
 export type Kind = (data: any, io: SessionIo<any, any>) => Effect.Effect<void, unknown, Scope.Scope>
 
-const open = (
+/**
+ * One session: its program in a fiber of the host's set, with the session's port as its two directions. The
+ * pool's close request interrupts it; once it has ended (its scope closed) the port's last message says how.
+ */
+const session = (
   kinds: Readonly<Record<string, Kind>>,
   hosted: Int32Array,
+  sessions: FiberSet.FiberSet<void, never>,
   { data, kind, port }: Extract<ToThread, { _tag: "Open" }>
-) => {
-  Atomics.add(hosted, 0, 1)
-  const inbox = Effect.runSync(Queue.unbounded<unknown>())
-  const post = (message: FromSession, transfer?: ReadonlyArray<TransferListItem>) =>
-    port.postMessage(message, transfer as Array<TransferListItem> | undefined)
-  const io: SessionIo<unknown, unknown> = {
-    receive: Queue.take(inbox),
-    send: (message, transfer) => Effect.sync(() => post([0, message], transfer)),
-    unsafeSend: (message, transfer) => post([0, message], transfer)
-  }
-  const program = kinds[kind]
-  // what the session logs goes to its owner, whose logger and level decide
-  const forward = Logger.make(({ cause, logLevel, message }) =>
-    post([2, {
-      level: logLevel._tag,
-      message: (Array.isArray(message) ? message.join(" ") : String(message)) +
-        (Cause.isEmpty(cause) ? "" : ` ${Cause.pretty(cause)}`)
-    }])
-  )
-  const fiber = Effect.runFork(
-    (program === undefined ? Effect.dieMessage(`no session of kind ${kind} in this thread`) : Effect.scoped(program(data, io)))
-      .pipe(Effect.provide(Logger.replace(Logger.defaultLogger, forward)), Logger.withMinimumLogLevel(LogLevel.All))
-  )
-  port.on("message", (message: ToSession) => {
-    if (message[0] === 0) Queue.unsafeOffer(inbox, message[1])
-    else fiber.unsafeInterruptAsFork(FiberId.none)
+): Effect.Effect<void> =>
+  Effect.gen(function*() {
+    Atomics.add(hosted, 0, 1)
+    const inbox = yield* Queue.unbounded<unknown>()
+    const post = (message: FromSession, transfer?: ReadonlyArray<TransferListItem>) =>
+      port.postMessage(message, transfer as Array<TransferListItem> | undefined)
+    const io: SessionIo<unknown, unknown> = {
+      receive: Queue.take(inbox),
+      send: (message, transfer) => Effect.sync(() => post([0, message], transfer)),
+      unsafeSend: (message, transfer) => post([0, message], transfer)
+    }
+    const program = kinds[kind]
+    // what the session logs goes to its owner, whose logger and level decide
+    const forward = Logger.make(({ cause, logLevel, message }) =>
+      post([2, {
+        level: logLevel._tag,
+        message: (Array.isArray(message) ? message.join(" ") : String(message)) +
+          (Cause.isEmpty(cause) ? "" : ` ${Cause.pretty(cause)}`)
+      }])
+    )
+    const fiber = yield* FiberSet.run(
+      sessions,
+      (program === undefined ? Effect.dieMessage(`no session of kind ${kind} in this thread`) : Effect.scoped(program(data, io))).pipe(
+        Effect.provide(Logger.replace(Logger.defaultLogger, forward)),
+        Logger.withMinimumLogLevel(LogLevel.All),
+        Effect.onExit((exit) =>
+          Effect.sync(() => {
+            Atomics.sub(hosted, 0, 1)
+            post([1, encodeExit(exit)])
+            port.close()
+          })
+        ),
+        // how it ended went to the owner on the port: nothing is left to report here
+        Effect.exit,
+        Effect.asVoid
+      )
+    )
+    port.on("message", (message: ToSession) => {
+      if (message[0] === 0) Queue.unsafeOffer(inbox, message[1])
+      else fiber.unsafeInterruptAsFork(FiberId.none)
+    })
   })
-  fiber.addObserver((exit) => {
-    Atomics.sub(hosted, 0, 1)
-    post([1, encodeExit(exit)])
-    port.close()
-  })
-}
 
 /**
- * Serves the pool that started this thread: opens sessions of the given kinds, answers inspections, and
- * carries out the faults tests inject (`throw`: an uncaught exception; `exit`: `process.exit`, which ends this
- * thread only; `Hold`: blocks until released). Does nothing outside a worker thread.
+ * Serves the pool that started this thread, for as long as the thread lives: opens sessions of the given
+ * kinds (each a fiber of this program's set), answers inspections, and carries out the faults tests inject
+ * (`throw`: an uncaught exception; `exit`: `process.exit`, which ends this thread only; `Hold`: blocks until
+ * released). Ends at once outside a worker thread.
  */
-export const serve = (kinds: Readonly<Record<string, Kind>>): void => {
-  const parent = WorkerThreads.parentPort
-  if (WorkerThreads.isMainThread || parent === null) return
-  const answer = (message: FromThread) => parent.postMessage(message)
-  const hosted = new Int32Array((WorkerThreads.workerData as WorkerData).hosted)
-  parent.on("message", (message: ToThread) => {
-    switch (message._tag) {
-      case "Open":
-        return open(kinds, hosted, message)
-      case "Inspect":
-        return answer({
-          _tag: "Inspected",
-          request: message.request,
-          inspection: { resources: process.getActiveResourcesInfo(), zstdContexts: Zstd.openContexts() }
-        })
-      case "Hold":
-        Atomics.wait(new Int32Array(message.latch), 0, 0)
-        return
-      case "Fault":
-        if (message.fault === "exit") process.exit(message.code)
-        throw new Error("fault injected by a test")
-    }
-  })
-  answer({ _tag: "Ready" })
-}
+export const serve = (kinds: Readonly<Record<string, Kind>>): Effect.Effect<void> =>
+  Effect.scoped(Effect.gen(function*() {
+    const parent = WorkerThreads.parentPort
+    if (WorkerThreads.isMainThread || parent === null) return
+    const answer = (message: FromThread) => parent.postMessage(message)
+    const hosted = new Int32Array((WorkerThreads.workerData as WorkerData).hosted)
+    const sessions = yield* FiberSet.make<void, never>()
+    const opens = yield* Queue.unbounded<Extract<ToThread, { _tag: "Open" }>>()
+    parent.on("message", (message: ToThread) => {
+      switch (message._tag) {
+        case "Open":
+          return Queue.unsafeOffer(opens, message)
+        case "Inspect":
+          return answer({
+            _tag: "Inspected",
+            request: message.request,
+            inspection: { resources: process.getActiveResourcesInfo(), zstdContexts: Zstd.openContexts() }
+          })
+        case "Hold":
+          Atomics.wait(new Int32Array(message.latch), 0, 0)
+          return
+        case "Fault":
+          if (message.fault === "exit") process.exit(message.code)
+          throw new Error("fault injected by a test")
+      }
+    })
+    answer({ _tag: "Ready" })
+    return yield* Effect.forever(Effect.flatMap(Queue.take(opens), (open) => session(kinds, hosted, sessions, open)))
+  }))
