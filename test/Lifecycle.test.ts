@@ -27,6 +27,16 @@ import * as Protocol from "../src/Protocol.js"
 import * as Transport from "../src/Transport.js"
 import { expectOneLine, failureOf } from "./support/failures.js"
 import * as Faulty from "./support/faultyTransport.js"
+import {
+  BLOCK,
+  BLOCK_PAGES,
+  compressedPacket,
+  fakeSource,
+  ramPacket,
+  randomPage,
+  syncPacket,
+  touchedPages
+} from "./support/fakeSource.js"
 import { leakFree, nextTurn, tempSocketPath } from "./support/handles.js"
 import { mixedImage, timed } from "./support/images.js"
 import { sameMemory } from "./support/memory.js"
@@ -412,106 +422,8 @@ describe("e. the destination disappears mid-transfer", () => {
 // ---------------------------------------------------------------------------------------------------------
 // A hand-written source, to send what a real one never would
 
-const BLOCK = "pc.ram"
-const BLOCK_PAGES = 256 // 1 MiB
-const HEADER_SIZE = Protocol.headerSize(PAGE)
-
 /** Destination memory to inspect: one zeroed 1 MiB block. */
 const destinationRam = () => GuestRam.make({ blocks: [{ name: BLOCK, size: BLOCK_PAGES * PAGE }] })
-
-const uuidBytes = (text: string) => Protocol.parseUuid(text)!
-
-/** Connects the main channel, sends the magic and a valid Hello for `channels` channels, expects Accept. */
-const fakeSource = (address: Transport.Address, channels: number, compression: Protocol.Compression = "none") =>
-  Effect.gen(function*() {
-    const uuid = Crypto.randomUUID()
-    const control = yield* Transport.connect(address)
-    const magic = Buffer.alloc(4)
-    magic.writeUInt32BE(Control.MAGIC, 0)
-    const hello = new Control.Hello({
-      version: Control.VERSION,
-      uuid,
-      pageSize: PAGE,
-      channels,
-      compression,
-      zeroPage: "multifd",
-      blocks: [{ name: BLOCK, size: BLOCK_PAGES * PAGE }]
-    })
-    yield* control.write([magic, Control.encode(hello)])
-    const answer = yield* Control.receive(control)
-    expect(answer._tag).toBe("Accept")
-    /** Opens a multifd connection announcing channel `id` (with this migration's uuid unless told otherwise). */
-    const channel = (id: number, uuid_ = uuid) =>
-      Effect.tap(Transport.connect(address), (c) => c.write([Protocol.encodeInit({ uuid: uuidBytes(uuid_), id })]))
-    return { uuid, control, channel }
-  })
-
-let packetNum = 0n
-
-/** A RAM packet: header for `normal` + `zero` pages at the given byte offsets, then the normal pages' bytes. */
-const ramPacket = (
-  normal: ReadonlyArray<{ readonly offset: number; readonly bytes: Uint8Array }>,
-  zero: ReadonlyArray<number> = [],
-  tamper?: (header: Buffer) => void
-): Array<Uint8Array> => {
-  const header = Buffer.alloc(HEADER_SIZE)
-  Protocol.writeHeader(header, PAGE, {
-    flags: 0,
-    pagesAlloc: Protocol.slotsFor(PAGE),
-    normalPages: normal.length,
-    zeroPages: zero.length,
-    nextPacketSize: normal.length * PAGE,
-    packetNum: packetNum++,
-    block: BLOCK,
-    offsets: [...normal.map((p) => p.offset), ...zero]
-  })
-  tamper?.(header)
-  return [header, ...normal.map((p) => p.bytes)]
-}
-
-/** A compressed RAM packet: header for `normal` + `zero` pages, then `payload` (by default `normal` encoded). */
-const compressedPacket = (
-  compression: "zlib" | "zstd",
-  encoder: PageCodec.Encoder,
-  normal: ReadonlyArray<{ readonly offset: number; readonly bytes: Uint8Array }>,
-  zero: ReadonlyArray<number> = [],
-  payload?: Buffer
-) =>
-  Effect.gen(function*() {
-    const memory = Buffer.concat(normal.map((p) => p.bytes))
-    const chunks: Array<Uint8Array> = []
-    const offsets = Float64Array.from(normal, (_, i) => i * PAGE)
-    yield* encoder.encode(memory, offsets, normal.length, PAGE, chunks)
-    const bytes = payload ?? Buffer.concat(chunks)
-    const header = Buffer.alloc(HEADER_SIZE)
-    Protocol.writeHeader(header, PAGE, {
-      flags: Protocol.compressionFlags(compression),
-      pagesAlloc: Protocol.slotsFor(PAGE),
-      normalPages: normal.length,
-      zeroPages: zero.length,
-      nextPacketSize: bytes.length,
-      packetNum: packetNum++,
-      block: BLOCK,
-      offsets: [...normal.map((p) => p.offset), ...zero]
-    })
-    return [header, bytes]
-  })
-
-const syncPacket = (): Buffer => {
-  const header = Buffer.alloc(HEADER_SIZE)
-  Protocol.writeSync(header, PAGE, packetNum++)
-  return header
-}
-
-const randomPage = () => Crypto.randomBytes(PAGE)
-
-/** Indices of the pages of the block that are not all zero. */
-const touchedPages = (ram: GuestRam.GuestRam["Type"]) => {
-  const block = ram.block(BLOCK)!
-  const touched: Array<number> = []
-  for (let p = 0; p < block.pages; p++) if (!GuestRam.isZeroPage(block.bytes, p * PAGE, PAGE)) touched.push(p)
-  return touched
-}
 
 describe("f. duplicate, out-of-range and foreign channel ids", () => {
   const failsWith = (

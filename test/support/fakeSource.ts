@@ -1,7 +1,6 @@
 /**
  * A fake source on real sockets, for destination tests that need packets of their own making: the main
  * channel's hello (one block), multifd connections announcing a channel, RAM, compressed and SYNC packets.
- * (test/Lifecycle.test.ts has the same helpers inline.)
  */
 import * as Effect from "effect/Effect"
 import * as Crypto from "node:crypto"
@@ -16,7 +15,7 @@ export const BLOCK = "pc.ram"
 export const BLOCK_PAGES = 256 // 1 MiB
 const HEADER_SIZE = Protocol.headerSize(PAGE)
 
-/** Connects the main channel, sends the magic and a valid Hello for `channels` channels; fails unless accepted. */
+/** Connects the main channel, sends the magic and a valid Hello for `channels` channels; dies unless accepted. */
 export const fakeSource = (address: Transport.Address, channels: number, compression: Protocol.Compression = "none") =>
   Effect.gen(function*() {
     const uuid = Crypto.randomUUID()
@@ -35,13 +34,34 @@ export const fakeSource = (address: Transport.Address, channels: number, compres
     yield* control.write([magic, Control.encode(hello)])
     const answer = yield* Control.receive(control)
     if (answer._tag !== "Accept") return yield* Effect.dieMessage(`the destination answered ${answer._tag}`)
-    /** Opens a multifd connection announcing channel `id`. */
-    const channel = (id: number) =>
-      Effect.tap(Transport.connect(address), (c) => c.write([Protocol.encodeInit({ uuid: Protocol.parseUuid(uuid)!, id })]))
+    /** Opens a multifd connection announcing channel `id` (with this migration's uuid unless told otherwise). */
+    const channel = (id: number, uuid_ = uuid) =>
+      Effect.tap(Transport.connect(address), (c) => c.write([Protocol.encodeInit({ uuid: Protocol.parseUuid(uuid_)!, id })]))
     return { uuid, control, channel }
   })
 
 let packetNum = 0n
+
+/** A RAM packet: header for `normal` + `zero` pages at the given byte offsets, then the normal pages' bytes. */
+export const ramPacket = (
+  normal: ReadonlyArray<{ readonly offset: number; readonly bytes: Uint8Array }>,
+  zero: ReadonlyArray<number> = [],
+  tamper?: (header: Buffer) => void
+): Array<Uint8Array> => {
+  const header = Buffer.alloc(HEADER_SIZE)
+  Protocol.writeHeader(header, PAGE, {
+    flags: 0,
+    pagesAlloc: Protocol.slotsFor(PAGE),
+    normalPages: normal.length,
+    zeroPages: zero.length,
+    nextPacketSize: normal.length * PAGE,
+    packetNum: packetNum++,
+    block: BLOCK,
+    offsets: [...normal.map((p) => p.offset), ...zero]
+  })
+  tamper?.(header)
+  return [header, ...normal.map((p) => p.bytes)]
+}
 
 /** A compressed RAM packet: header for `normal` + `zero` pages, then `payload` (by default `normal` encoded). */
 export const compressedPacket = (
@@ -71,12 +91,14 @@ export const compressedPacket = (
     return [header, bytes]
   })
 
+/** A SYNC packet. */
 export const syncPacket = (): Buffer => {
   const header = Buffer.alloc(HEADER_SIZE)
   Protocol.writeSync(header, PAGE, packetNum++)
   return header
 }
 
+/** A page of random bytes. */
 export const randomPage = () => Crypto.randomBytes(PAGE)
 
 /** Indices of the pages of the block that are not all zero. */
