@@ -189,10 +189,18 @@ class Scratch {
   }
 }
 
-/** Copies `normal` pages at `offsets` of `memory` one after the other into `target`. */
-const gather = (memory: Buffer, offsets: Float64Array, normal: number, pageSize: number, target: Buffer): void => {
+/**
+ * Calls `f` for each run of consecutive pages among the first `normal` `offsets`: where it starts in memory,
+ * its length, and where it starts when the pages lie one after the other (a copy a run, not a page).
+ */
+const forEachRun = (
+  offsets: Float64Array,
+  normal: number,
+  pageSize: number,
+  f: (start: number, length: number, packed: number) => void
+): void => {
   let i = 0
-  let at = 0
+  let packed = 0
   while (i < normal) {
     const start = offsets[i]!
     let end = start + pageSize
@@ -201,27 +209,18 @@ const gather = (memory: Buffer, offsets: Float64Array, normal: number, pageSize:
       end += pageSize
       i++
     }
-    target.set(memory.subarray(start, end), at)
-    at += end - start
+    f(start, end - start, packed)
+    packed += end - start
   }
 }
 
+/** Copies `normal` pages at `offsets` of `memory` one after the other into `target`. */
+const gather = (memory: Buffer, offsets: Float64Array, normal: number, pageSize: number, target: Buffer): void =>
+  forEachRun(offsets, normal, pageSize, (start, length, packed) => target.set(memory.subarray(start, start + length), packed))
+
 /** Copies `normal` consecutive pages of `source` to their places at `offsets` of `memory` (a copy a run). */
-const scatter = (source: Uint8Array, memory: Buffer, offsets: Float64Array, normal: number, pageSize: number): void => {
-  let i = 0
-  let at = 0
-  while (i < normal) {
-    const start = offsets[i]!
-    let end = start + pageSize
-    i++
-    while (i < normal && offsets[i] === end) {
-      end += pageSize
-      i++
-    }
-    memory.set(source.subarray(at, at + end - start), start)
-    at += end - start
-  }
-}
+const scatter = (source: Uint8Array, memory: Buffer, offsets: Float64Array, normal: number, pageSize: number): void =>
+  forEachRun(offsets, normal, pageSize, (start, length, packed) => memory.set(source.subarray(packed, packed + length), start))
 
 const codecError = (channel: number | undefined, reason: CodecError["reason"], detail: string) =>
   new CodecError({ reason, channel, detail })
