@@ -258,21 +258,21 @@ export const serve = (
      */
     const reserve = (bytes: number): Effect.Effect<void> | undefined => {
       if (limit === undefined) return undefined
+      // the slot is timed from its reservation (not from when the wait starts, after the write), under the
+      // rate in force when it was made
+      let generation = limit.generation
       const first = limit.reserve(bytes)
       if (first <= 0) return undefined
-      return Effect.suspend(() => {
-        let generation = limit.generation
-        let deadline = performance.now() + first
-        const step: Effect.Effect<void> = Effect.suspend(() => {
-          if (limit.generation !== generation) {
-            generation = limit.generation
-            deadline = performance.now() + limit.reserve(bytes)
-          }
-          const left = deadline - performance.now()
-          return left <= 0 ? Effect.void : Effect.zipRight(Effect.sleep(Duration.millis(Math.min(left, RECHECK_MS))), step)
-        })
-        return step
+      let deadline = performance.now() + first
+      const step: Effect.Effect<void> = Effect.suspend(() => {
+        if (limit.generation !== generation) {
+          generation = limit.generation
+          deadline = performance.now() + limit.reserve(bytes)
+        }
+        const left = deadline - performance.now()
+        return left <= 0 ? Effect.void : Effect.zipRight(Effect.sleep(Duration.millis(Math.min(left, RECHECK_MS))), step)
       })
+      return step
     }
     const count = (packets: number, normal: number, zero: number, bytes: number) => {
       Atomics.add(stats, at + PACKETS, BigInt(packets))

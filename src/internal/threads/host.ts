@@ -12,6 +12,7 @@
  */
 import * as Cause from "effect/Cause"
 import * as Effect from "effect/Effect"
+import * as Exit from "effect/Exit"
 import * as FiberId from "effect/FiberId"
 import * as FiberSet from "effect/FiberSet"
 import * as Logger from "effect/Logger"
@@ -41,7 +42,7 @@ export type Kind = (data: any, io: SessionIo<any, any>) => Effect.Effect<void, u
 const session = (
   kinds: Readonly<Record<string, Kind>>,
   hosted: Int32Array,
-  sessions: FiberSet.FiberSet<void, never>,
+  sessions: FiberSet.FiberSet<Exit.Exit<void, unknown>, never>,
   { data, kind, port }: Extract<ToThread, { _tag: "Open" }>
 ): Effect.Effect<void> =>
   Effect.gen(function*() {
@@ -68,18 +69,17 @@ const session = (
       (program === undefined ? Effect.dieMessage(`no session of kind ${kind} in this thread`) : Effect.scoped(program(data, io))).pipe(
         Effect.provide(Logger.replace(Logger.defaultLogger, forward)),
         Logger.withMinimumLogLevel(LogLevel.All),
-        Effect.onExit((exit) =>
-          Effect.sync(() => {
-            Atomics.sub(hosted, 0, 1)
-            post([1, encodeExit(exit)])
-            port.close()
-          })
-        ),
-        // how it ended went to the owner on the port: nothing is left to report here
-        Effect.exit,
-        Effect.asVoid
+        // the program's end is the fiber's value: the fiber itself never fails
+        Effect.exit
       )
     )
+    // an observer, not `onExit` inside the fiber: a fiber interrupted before its first step runs nothing of
+    // its own, and its owner still waits for the port's last message
+    fiber.addObserver((exit) => {
+      Atomics.sub(hosted, 0, 1)
+      post([1, encodeExit(Exit.isSuccess(exit) ? exit.value : exit)])
+      port.close()
+    })
     port.on("message", (message: ToSession) => {
       if (message[0] === 0) Queue.unsafeOffer(inbox, message[1])
       else fiber.unsafeInterruptAsFork(FiberId.none)
@@ -98,7 +98,7 @@ export const serve = (kinds: Readonly<Record<string, Kind>>): Effect.Effect<void
     if (WorkerThreads.isMainThread || parent === null) return
     const answer = (message: FromThread) => parent.postMessage(message)
     const hosted = new Int32Array((WorkerThreads.workerData as WorkerData).hosted)
-    const sessions = yield* FiberSet.make<void, never>()
+    const sessions = yield* FiberSet.make<Exit.Exit<void, unknown>, never>()
     const opens = yield* Queue.unbounded<Extract<ToThread, { _tag: "Open" }>>()
     parent.on("message", (message: ToThread) => {
       switch (message._tag) {
