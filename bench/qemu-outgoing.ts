@@ -18,7 +18,6 @@
 import * as Effect from "effect/Effect"
 import * as Logger from "effect/Logger"
 import * as ChildProcess from "node:child_process"
-import * as Crypto from "node:crypto"
 import * as Fs from "node:fs"
 import * as Path from "node:path"
 import * as MappedRam from "../src/MappedRam.js"
@@ -26,6 +25,7 @@ import * as Protocol from "../src/Protocol.js"
 import * as QemuOutgoing from "../src/QemuOutgoing.js"
 import * as Transport from "../src/Transport.js"
 import * as Qemu from "../test/support/qemu.js"
+import { randomImage, scratchDir } from "./scratch.js"
 import { parseSize } from "./size.js"
 
 const SIZE = parseSize(process.env["SIZE"] ?? "1G")
@@ -42,28 +42,8 @@ if ("missing" in probe) {
   process.exit(1)
 }
 
-const roomy = (path: string) => {
-  try {
-    const s = Fs.statfsSync(path)
-    return s.bavail * s.bsize > 4 * SIZE
-  } catch {
-    return false
-  }
-}
-const dir = Fs.mkdtempSync(Path.join(roomy("/dev/shm") ? "/dev/shm" : "/tmp", "emfd-bench-"))
-const cleanup = () => Fs.rmSync(dir, { recursive: true, force: true })
-process.on("exit", cleanup)
-
-const imagePath = Path.join(dir, "random.img")
-{
-  const fd = Fs.openSync(imagePath, "w")
-  const chunk = Buffer.alloc(64 * 1024 * 1024)
-  for (let at = 0; at < SIZE; at += chunk.length) {
-    Crypto.randomFillSync(chunk)
-    Fs.writeSync(fd, chunk, 0, Math.min(chunk.length, SIZE - at))
-  }
-  Fs.closeSync(fd)
-}
+const dir = scratchDir(4 * SIZE)
+const imagePath = randomImage(dir, SIZE)
 const image = Fs.readFileSync(imagePath)
 
 const freshFile = (name: string) => {
