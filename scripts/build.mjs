@@ -8,6 +8,7 @@ import * as Fs from "node:fs"
 import * as Path from "node:path"
 import * as Url from "node:url"
 import * as Esbuild from "esbuild"
+import { bundleOptions, commandEntryPoints } from "./bundle.mjs"
 
 const root = Path.resolve(Path.dirname(Url.fileURLToPath(import.meta.url)), "..")
 const dist = Path.join(root, "dist")
@@ -19,36 +20,18 @@ const compiled = ChildProcess.spawnSync(process.execPath, [tsc, "-p", Path.join(
 })
 if (compiled.status !== 0) process.exit(compiled.status ?? 1)
 
-const bundle = {
-  bundle: true,
-  platform: "node",
-  format: "esm",
-  target: "node20",
-  // the native zstd binding is loaded at run time from the installed package
-  external: ["zstd-napi"],
-  // bundled CommonJS dependencies call require(): give the ES module one
-  banner: { js: "import { createRequire as __multifdRequire } from \"node:module\";\nconst require = __multifdRequire(import.meta.url);" },
-  logLevel: "warning",
-  legalComments: "none"
-}
-
 await Esbuild.build({
-  ...bundle,
-  // the worker threads beside the command: the bundle starts them from `./digestWorker.js` and
-  // `./channelWorker.js` relative to its own `import.meta.url`, as the library does from dist/internal/native
-  // and dist/internal/threads
-  entryPoints: {
-    multifd: Path.join(root, "src", "cli", "main.ts"),
-    digestWorker: Path.join(root, "src", "internal", "native", "digestWorker.ts"),
-    channelWorker: Path.join(root, "src", "internal", "threads", "channelWorker.ts")
-  },
+  ...bundleOptions,
+  // the worker threads beside the command, as the library has them beside dist/internal/native and
+  // dist/internal/threads
+  entryPoints: commandEntryPoints(root),
   outdir: Path.join(dist, "bin")
 })
 
 // The library's channel thread as one bundled file, in place of tsc's module (which would load effect as a few
 // hundred module files in every thread: several times the start-up time of one file)
 await Esbuild.build({
-  ...bundle,
+  ...bundleOptions,
   entryPoints: { channelWorker: Path.join(root, "src", "internal", "threads", "channelWorker.ts") },
   outdir: Path.join(dist, "internal", "threads"),
   allowOverwrite: true

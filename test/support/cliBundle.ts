@@ -14,6 +14,7 @@ import * as Fs from "node:fs"
 import * as Os from "node:os"
 import * as Path from "node:path"
 import type { TestProject } from "vitest/node"
+import { bundleOptions, commandEntryPoints } from "../../scripts/bundle.mjs"
 
 declare module "vitest" {
   export interface ProvidedContext {
@@ -27,23 +28,8 @@ const ROOT = Path.resolve(import.meta.dirname, "..", "..")
 export default async function setup(project: TestProject): Promise<() => Promise<void>> {
   const dir = Fs.mkdtempSync(Path.join(Os.tmpdir(), "multifd-cli-bundle-"))
   Fs.symlinkSync(Path.join(ROOT, "node_modules"), Path.join(dir, "node_modules"), "dir")
-  // the options of scripts/build.mjs
-  const context = await Esbuild.context({
-    entryPoints: {
-      multifd: Path.join(ROOT, "src", "cli", "main.ts"),
-      digestWorker: Path.join(ROOT, "src", "internal", "native", "digestWorker.ts"),
-      channelWorker: Path.join(ROOT, "src", "internal", "threads", "channelWorker.ts")
-    },
-    outdir: dir,
-    bundle: true,
-    platform: "node",
-    format: "esm",
-    target: "node20",
-    external: ["zstd-napi"],
-    banner: { js: "import { createRequire as __multifdRequire } from \"node:module\";\nconst require = __multifdRequire(import.meta.url);" },
-    logLevel: "warning",
-    legalComments: "none"
-  })
+  // as scripts/build.mjs bundles it
+  const context = await Esbuild.context({ ...bundleOptions, entryPoints: commandEntryPoints(ROOT), outdir: dir })
   const cleanUp = async () => {
     await context.dispose()
     Fs.rmSync(dir, { recursive: true, force: true })
