@@ -6,7 +6,8 @@
  * privately and pre-faulted (`share=off,prealloc=on`), `max-bandwidth` 1 TiB/s, `downtime-limit` 60 s; every
  * destination is a QEMU receiving into a fresh sparse file on tmpfs (`prealloc=off`). The VM file that
  * `send --to-qemu` migrates is QEMU's own mapped-ram file of that guest (`migrate file:` with mapped-ram), on
- * tmpfs, read as `send --to-qemu` reads it: `MappedRam.open`, then each batch of pages just before it is sent.
+ * tmpfs, read as `send --to-qemu` reads it: `MappedRam.open`, then each batch of pages into a small window just
+ * before it is sent.
  *
  * Times: `e2e` = the migration starts (QEMU: QMP `migrate` sent; ours: the VM file is opened, before anything
  * connects) → the destination QEMU has loaded everything (QEMU → QEMU: its MIGRATION `completed` event; ours:
@@ -99,8 +100,8 @@ const usToQemu = (path: string) =>
         console.log(`  (read ${((performance.now() - t0) / 1000).toFixed(3)} s)`)
         return yield* QemuOutgoing.migrate({ address: address.right, vm, channels: CHANNELS, compression: COMPRESSION })
       }
-      const { load, vm } = yield* MappedRam.open(path, { maxRamBytes: 64 * GIB })
-      yield* QemuOutgoing.migrate({ address: address.right, vm, load, channels: CHANNELS, compression: COMPRESSION })
+      const { readPages, vm } = yield* MappedRam.open(path, { maxRamBytes: 64 * GIB })
+      yield* QemuOutgoing.migrate({ address: address.right, vm, readPages, channels: CHANNELS, compression: COMPRESSION })
     }))
     const e2e = (performance.now() - t0) / 1000
     const dstStatus = yield* Qemu.waitDone(dst.qmp, "60 seconds")

@@ -95,8 +95,8 @@ export const read = (path: string, options: ReadOptions = {}): Effect.Effect<Rea
   internal.read(path, { maxRamBytes: options.maxRamBytes ?? Transfer.DEFAULT_MAX_RAM, pageSize: options.pageSize })
 
 /**
- * A file opened by `open`: its VM, whose memory is allocated but whose pages (of a mapped-ram file) are read
- * only by `load`, and how to read them — so that a migration reads each batch of pages just before it sends
+ * A file opened by `open`: its VM, whose memory is allocated (untouched) but whose pages (of a mapped-ram
+ * file) are read only by `load` or `readPages`, and how to read them — so that a migration reads each batch of pages just before it sends
  * them, the file's reads and the network's writes overlapping.
  *
  * @since 0.1.0
@@ -105,6 +105,17 @@ export const read = (path: string, options: ReadOptions = {}): Effect.Effect<Rea
 export interface Opened extends Read {
   /** Reads the pages `first` to `first + count - 1` of `block` the file holds into its memory. */
   readonly load: (block: GuestRam.Block, first: number, count: number) => Effect.Effect<void, MappedRamError>
+  /**
+   * Reads the pages `first` to `first + count - 1` of `block` into `into` (at least `count` pages; the pages
+   * the file does not hold are zeroed there), leaving the VM's memory untouched: a migration that sends each
+   * batch from a small window of memory never touches the VM's whole RAM.
+   */
+  readonly readPages: (
+    block: GuestRam.Block,
+    first: number,
+    count: number,
+    into: Uint8Array
+  ) => Effect.Effect<void, MappedRamError>
 }
 
 /**

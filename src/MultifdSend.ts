@@ -84,6 +84,20 @@ export interface Config {
 }
 
 /**
+ * A hand-off of pages read into a window of a block (a batch of a file) rather than the block's own memory:
+ * `origin` is where the window starts in the block (bytes; the packets carry the block's offsets), and `sent`
+ * runs once the channel handed every byte of it to the kernel — then, and not before, the window may be
+ * reused. Such a hand-off is not kept for a re-attach: a set with `reconnect` refuses it.
+ *
+ * @since 0.1.0
+ * @category models
+ */
+export interface Window {
+  readonly origin: number
+  readonly sent: Effect.Effect<void>
+}
+
+/**
  * How a lost channel comes back: `attempts` within `within`, each announced by `reattach` (the control
  * channel's `Reattach` with `nonce`, answered once the destination dropped the lost connection with the count
  * of the channel's SYNC packets it received).
@@ -148,12 +162,14 @@ export class MultifdSend extends Context.Tag("effect-multifd/MultifdSend")<Multi
   readonly batchPages: number
   /**
    * Queues `count` pages (indices in `pages`, at most `batchPages`) of `block` on the next idle channel, which
-   * sends them as packets of up to `slots` pages; waits for an idle channel.
+   * sends them as packets of up to `slots` pages; waits for an idle channel. With `window`, `block.bytes` is a
+   * window of the block's pages (see `Window`).
    */
   readonly send: (
-    block: GuestRam.Block,
+    block: Pick<GuestRam.Block, "name" | "bytes">,
     pages: Uint32Array,
-    count: number
+    count: number,
+    window?: Window
   ) => Effect.Effect<void, ChannelFailure>
   /** Every channel sends a SYNC packet after its pending pages; completes when all have. */
   readonly sync: Effect.Effect<void, ChannelFailure>
@@ -435,8 +451,13 @@ export const make = (
     return {
       slots,
       batchPages: slots * PACKETS_PER_BATCH,
-      send: (block, pages, count) =>
-        Effect.flatMap(takeIdle, (channel) => Queue.offer(channel.mailbox, { _tag: "Pages", block, pages, count })),
+      send: (block, pages, count, window) => {
+        if (window !== undefined && reconnect !== undefined) {
+          return Effect.dieMessage("MultifdSend: a window's hand-off cannot be sent again after a re-attach (reconnect is on)")
+        }
+        const job: SendChannel.Job = { _tag: "Pages", block, pages, count, origin: window?.origin, sent: window?.sent }
+        return Effect.flatMap(takeIdle, (channel) => Queue.offer(channel.mailbox, job))
+      },
       sync: Effect.gen(function*() {
         const chans = yield* all
         const done = yield* Effect.forEach(chans, (channel) =>
@@ -569,9 +590,12 @@ const threadAttempt = (
             _tag: "Pages",
             block,
             memory: first ? sharedBlock(job.block) : undefined,
-            pages
+            pages,
+            origin: job.origin ?? 0,
+            drain: job.sent !== undefined
           }, [pages.buffer])
           yield* answer("Idle")
+          if (job.sent !== undefined) yield* job.sent
           yield* jobs.idle
         }
       })

@@ -33,6 +33,7 @@ import * as Fiber from "effect/Fiber"
 import * as Option from "effect/Option"
 import type * as Bandwidth from "./Bandwidth.js"
 import * as ChannelThreads from "./ChannelThreads.js"
+import * as PageWindow from "./internal/qemu/pageWindow.js"
 import * as Writer from "./internal/qemu/writer.js"
 import * as ReturnPath from "./internal/qemu/returnPath.js"
 import { unlessStalled, within } from "./internal/stall.js"
@@ -57,10 +58,14 @@ export interface Options<E = never> {
   readonly address: Transport.Address
   readonly vm: QemuVm.QemuVm
   /**
-   * Fills pages `first` to `first + count - 1` of `block` before they are sent (`MappedRam.open`'s `load`: the
-   * file is read batch by batch while the channels send the previous ones). Without it the memory is complete.
+   * Reads pages `first` to `first + count - 1` of `block` into `into` (`MappedRam.open`'s `readPages`): the
+   * pages are then sent from a small window of memory, batch by batch, each read while the channels send the
+   * previous ones, and the VM's own memory is never touched (a VM file of any size is sent in a few MiB).
+   * Without it the pages are sent from the VM's memory, which must be complete.
    */
-  readonly load?: ((block: GuestRam.Block, first: number, count: number) => Effect.Effect<void, E>) | undefined
+  readonly readPages?:
+    | ((block: GuestRam.Block, first: number, count: number, into: Uint8Array) => Effect.Effect<void, E>)
+    | undefined
   /** QEMU's `multifd-channels` (1–255): QEMU waits for exactly this many. */
   readonly channels: number
   /** QEMU's `multifd-compression` (default `none`). */
@@ -134,6 +139,12 @@ const indices = (first: number, count: number): Uint32Array => {
   for (let i = 0; i < count; i++) pages[i] = first + i
   return pages
 }
+
+/**
+ * Most batches in the window (`MultifdSend`'s `batchPages` each: 16 MiB of 4 KiB pages): one for each busy
+ * channel and two being read, up to this many (with more channels, some wait for a slot).
+ */
+const MAX_WINDOW_SLOTS = 16
 
 /**
  * Migrates `options.vm` into the QEMU listening at `options.address`. Succeeds once QEMU said on the return
@@ -257,14 +268,32 @@ export const migrate = <E = never>(options: Options<E>): Effect.Effect<Stats, Ou
             expectedDowntimeMs: 0
           } satisfies Transfer.Progress
         }))
-      for (const block of vm.ram.blocks) {
-        for (let first = 0; first < block.pages; first += send.batchPages) {
-          const count = Math.min(send.batchPages, block.pages - first)
-          if (options.load !== undefined) yield* guarded(options.load(block, first, count))
-          yield* guarded(send.send(block, indices(first, count), count))
-          queued += count
+      // one race against the channels' failure and QEMU's verdict for the whole loop (not one a batch)
+      const readPages = options.readPages
+      yield* guarded(Effect.gen(function*() {
+        if (readPages === undefined) {
+          for (const block of vm.ram.blocks) {
+            for (let first = 0; first < block.pages; first += send.batchPages) {
+              const count = Math.min(send.batchPages, block.pages - first)
+              yield* send.send(block, indices(first, count), count)
+              queued += count
+            }
+          }
+          return
         }
-      }
+        const batch = send.batchPages
+        const window = yield* PageWindow.make(Math.min(channels + 2, MAX_WINDOW_SLOTS), batch * pageSize)
+        const local = indices(0, batch)
+        for (const block of vm.ram.blocks) {
+          for (let first = 0; first < block.pages; first += batch) {
+            const count = Math.min(batch, block.pages - first)
+            const slot = yield* window.take
+            yield* readPages(block, first, count, slot.bytes)
+            yield* send.send(slot.view(block.name), local, count, { origin: first * pageSize, sent: slot.release })
+            queued += count
+          }
+        }
+      }))
       yield* flush([Writer.ramPart(id, false), Writer.MULTIFD_FLUSH, Writer.EOS, Writer.footer(id)])
 
       // 5. the commands, the RAM section's end, the device state

@@ -410,6 +410,35 @@ layer(ChannelThreads.layer(POOL), { excludeTestServices: true })("channels on th
       })))
   })
 
+  describe("a window's hand-off (MultifdSend.send with a Window): its memory is given back only once sent", () => {
+    for (const threaded of [false, true]) {
+      it.effect(`${threaded ? "on a thread" : "in this thread"}: \`sent\` runs once every byte is in the kernel, not while the peer holds it back`, () =>
+        leakFree(Effect.gen(function*() {
+          // the init packet and a packet's header and more, then no more reading: a batch (16 MiB) is far more
+          // than the sockets hold while nobody reads
+          const peer = yield* silentPeer(1, 64 + 2 * Protocol.headerSize(PAGE))
+          const { scope, send } = yield* channelSet(peer.address, { channels: 1, ...(threaded ? {} : { threads: undefined }) })
+          yield* noHang(send.established, "established")
+          const window = sharedBlock(send.batchPages, 1)
+          const pages = Uint32Array.from({ length: send.batchPages }, (_, i) => i)
+          const released = yield* Deferred.make<void>()
+          yield* send.send({ name: "pc.ram", bytes: window }, pages, send.batchPages, {
+            origin: 1024 * 1024 * 1024,
+            sent: Deferred.succeed(released, undefined)
+          })
+          yield* noHang(peer.reached, "the channel's first packet")
+          expect(yield* Deferred.isDone(released)).toBe(false)
+          // the peer reads again: the channel's writes drain, and only then is the window given back
+          const closed = yield* Effect.fork(peer.closed)
+          yield* noHang(Deferred.await(released), "the window given back")
+          yield* noHang(send.finish, "finish")
+          yield* noHang(Scope.close(scope, Exit.void), "closing the channel set")
+          yield* noHang(Fiber.join(closed), "the peer seeing the connection closed")
+          if (threaded) yield* expectThreadsClean
+        })))
+    }
+  })
+
   describe("a channel that fails in its thread is named", () => {
     it.effect("connect refused: the same message as in this thread", () =>
       leakFree(Effect.gen(function*() {

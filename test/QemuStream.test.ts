@@ -20,6 +20,7 @@ import * as Logger from "effect/Logger"
 import * as Option from "effect/Option"
 import type * as Scope from "effect/Scope"
 import * as TestClock from "effect/TestClock"
+import * as Crypto from "node:crypto"
 import * as Fs from "node:fs"
 import type * as Net from "node:net"
 import * as Os from "node:os"
@@ -28,6 +29,7 @@ import { fileURLToPath } from "node:url"
 import * as Deferred from "effect/Deferred"
 import * as FromQemu from "../src/cli/fromQemu.js"
 import * as Terminal from "../src/cli/terminal.js"
+import * as ChannelThreads from "../src/ChannelThreads.js"
 import * as GuestRam from "../src/GuestRam.js"
 import * as MappedRam from "../src/MappedRam.js"
 import * as PageCodec from "../src/PageCodec.js"
@@ -1275,6 +1277,75 @@ describe("QemuOutgoing: a VM into a QEMU destination (here QemuIncoming, which a
 
   it.live("over PSK TLS", () =>
     expectNoLeaks(roundTrip({ compression: "none", tls: [{ psk: tlsFixture("keys.psk") }, { psk: tlsFixture("keys.psk") }] })))
+
+  /**
+   * A VM of 80 MiB: its first half random, then every third page random and the rest holes in the file (zero
+   * pages), so that a window slot that held random pages is reused for a batch with holes.
+   */
+  const bigVm = Effect.gen(function*() {
+    const vm = yield* capturedVm
+    const pageSize = 4096
+    const bytes = GuestRam.allocate(80 * 1024 * 1024)
+    const pages = bytes.length / pageSize
+    const random = Crypto.randomBytes(pageSize * 64)
+    for (let page = 0; page < pages; page++) {
+      if (page < pages / 2 || page % 3 === 0) random.copy(bytes, page * pageSize, (page % 64) * pageSize, (page % 64 + 1) * pageSize)
+      bytes.writeUInt32LE(page + 1, page * pageSize) // every random page differs
+      if (!(page < pages / 2 || page % 3 === 0)) bytes.writeUInt32LE(0, page * pageSize)
+    }
+    const ram = yield* GuestRam.make({ pageSize, blocks: [{ name: "mem", bytes }] })
+    return { ...vm, ram } satisfies QemuVm.QemuVm
+  })
+
+  it.live("MappedRam.readPages: a batch into a buffer that held other data — the file's pages, zeros for its holes, the VM's memory untouched", () =>
+    Effect.scoped(Effect.gen(function*() {
+      const vm = yield* bigVm
+      const file = Path.join(vmFileDir, "pages.vm")
+      yield* MappedRam.write(file, vm)
+      const opened = yield* MappedRam.open(file)
+      const block = opened.vm.ram.blocks[0]!
+      const source = vm.ram.blocks[0]!.bytes
+      const into = Buffer.alloc(3000 * 4096, 0xaa)
+      // across the middle: random pages, then holes between random pages
+      const first = block.pages / 2 - 1000
+      yield* opened.readPages(block, first, 3000, into)
+      expect(into.equals(source.subarray(first * 4096, (first + 3000) * 4096))).toBe(true)
+      // a batch that ends in a hole, into the same buffer again
+      yield* opened.readPages(block, block.pages - 2, 2, into)
+      expect(into.subarray(0, 2 * 4096).equals(source.subarray((block.pages - 2) * 4096))).toBe(true)
+      expect(into[2 * 4096]).toBe(source[(first + 2) * 4096]) // past `count` pages: left alone
+      expect(GuestRam.isZeroPage(block.bytes, 0, block.bytes.length)).toBe(true)
+    })))
+
+  for (const threaded of [false, true]) {
+    it.live(`from a VM file through the window (readPages, slots reused)${threaded ? ", on channel threads" : ""}: every page arrives, the VM's memory is never touched`, () =>
+      expectNoLeaks(Effect.scoped(Effect.gen(function*() {
+        const vm = yield* bigVm
+        const file = Path.join(vmFileDir, `window-${threaded}.vm`)
+        yield* MappedRam.write(file, vm)
+        const opened = yield* MappedRam.open(file)
+        const dst = yield* destination({ channels: 2, vm: true })
+        // 2 channels: a window of 4 slots of 16 MiB for 80 MiB of pages
+        const stats = yield* QemuOutgoing.migrate({
+          address: dst.address,
+          vm: opened.vm,
+          readPages: opened.readPages,
+          channels: 2,
+          timeouts: PEER
+        }).pipe(
+          Effect.provide(Transport.layer),
+          threaded ? Effect.provide(ChannelThreads.layer({ maxThreads: 2 })) : (self) => self
+        )
+        const exit = yield* noHang(Fiber.await(dst.fiber), "the destination")
+        if (Exit.isFailure(exit)) throw new Error(Cause.pretty(exit.cause))
+        const received = exit.value.ram.blocks[0]!.bytes
+        expect(received.length).toBe(vm.ram.blocks[0]!.bytes.length)
+        expect(received.equals(vm.ram.blocks[0]!.bytes)).toBe(true)
+        expect(stats.normalPages + stats.zeroPages).toBe(vm.ram.blocks[0]!.pages)
+        const block = opened.vm.ram.blocks[0]!
+        expect(GuestRam.isZeroPage(block.bytes, 0, block.bytes.length)).toBe(true)
+      }))), 30_000)
+  }
 
   it.live("QEMU closes the main channel before answering: one line saying so, nothing left open", () =>
     expectNoLeaks(Effect.scoped(Effect.gen(function*() {

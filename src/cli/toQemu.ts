@@ -49,8 +49,8 @@ export const run = (args: Args) =>
       return yield* new UsageError({ detail: "--to-qemu needs a tcp: or unix: uri (where QEMU listens: -incoming)" })
     }
     const { stats, vm } = yield* Effect.scoped(Effect.gen(function*() {
-      // the pages are read batch by batch as the channels send the previous ones
-      const { load, vm } = yield* MappedRam.open(args.vm)
+      // the pages are read batch by batch into a small window as the channels send the previous ones
+      const { readPages, vm } = yield* MappedRam.open(args.vm)
       const onProgress = yield* Progress.make("send", args.reporting)
       const maxBandwidth = args.maxBandwidth === undefined || args.maxBandwidth === 0
         ? undefined
@@ -58,7 +58,7 @@ export const run = (args: Args) =>
       const stats = yield* QemuOutgoing.migrate({
         address: uri,
         vm,
-        load,
+        readPages,
         channels: args.channels,
         compression: args.compression,
         compressionLevel: args.compressionLevel,

@@ -180,7 +180,22 @@ export interface Memory {
 
 /** What a channel is asked to do. */
 export type Job =
-  | { readonly _tag: "Pages"; readonly block: Memory; readonly pages: Uint32Array; readonly count: number }
+  | {
+    readonly _tag: "Pages"
+    readonly block: Memory
+    readonly pages: Uint32Array
+    readonly count: number
+    /**
+     * Where `block.bytes` starts in the block, in bytes (default 0): the memory is a window of the block (a
+     * batch read from a file), and a page's offset on the wire is `origin + index × pageSize`.
+     */
+    readonly origin?: number | undefined
+    /**
+     * Runs once every byte of the hand-off has been handed to the kernel, before the channel is idle: the
+     * memory may then be reused (a window's slot). Without it the memory must stay unchanged.
+     */
+    readonly sent?: Effect.Effect<void> | undefined
+  }
   /** A SYNC packet after the pages before it; `done` runs once it was written. */
   | { readonly _tag: "Sync"; readonly done: Effect.Effect<void> }
   /** The graceful end: flush, TLS close_notify, FIN. */
@@ -284,7 +299,7 @@ export const serve = (
      * Appends one RAM packet of at most `slots` pages (zero pages as offsets only, with zeroPage multifd) to
      * `chunks`: its header, then the payload.
      */
-    const packet = (block: Memory, pages: Uint32Array) =>
+    const packet = (block: Memory, pages: Uint32Array, origin: number) =>
       Effect.gen(function*() {
         let normal = 0
         let zero = 0
@@ -298,6 +313,8 @@ export const serve = (
         const header = Buffer.allocUnsafe(headerSize)
         chunks.push(header)
         const payloadSize = yield* codec.encode(block.bytes, offsets, normal, pageSize, chunks)
+        // the data was read from the window; the header says where the pages are in the block
+        if (origin !== 0) for (let i = 0; i < normal + zero; i++) offsets[i] += origin
         Protocol.writeHeader(header, pageSize, {
           flags,
           pagesAlloc: slots,
@@ -317,12 +334,12 @@ export const serve = (
      * compressed packets one by one as they are made (their buffers cost memory), and a codec that reuses
      * its output buffer waits until each has left.
      */
-    const sendBatch = (block: Memory, pages: Uint32Array, total: number) =>
+    const sendBatch = (block: Memory, pages: Uint32Array, total: number, origin: number) =>
       Effect.gen(function*() {
         chunks.length = 0
         for (let first = 0; first < total; first += slots) {
           const before = sent.position
-          yield* packet(block, pages.subarray(first, Math.min(total, first + slots)))
+          yield* packet(block, pages.subarray(first, Math.min(total, first + slots)), origin)
           // under a bandwidth limit, a packet goes at the start of its slot and the next waits for its own
           const wait = reserve(sent.position - before)
           if (codec.output !== "views" || wait !== undefined) {
@@ -359,7 +376,8 @@ export const serve = (
         continue
       }
       // one hand-off carries several packets: the channel sends them in a row
-      yield* sendBatch(job.block, job.pages, job.count)
+      yield* sendBatch(job.block, job.pages, job.count, job.origin ?? 0)
+      if (job.sent !== undefined) yield* Effect.zipRight(connection.drained, job.sent)
       sent.update()
       yield* jobs.idle
     }

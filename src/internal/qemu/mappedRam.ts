@@ -136,13 +136,18 @@ const runsOf = function*(pages: number, present: (page: number) => boolean): Gen
   if (first >= 0) yield [first, pages]
 }
 
-/** Moves the runs of one block between memory and the file, in batches of `BATCH` bytes. */
+/**
+ * Moves the runs of one block between memory and the file, in batches of `BATCH` bytes: the block's own
+ * memory, or `into` holding the block's bytes from `origin` on (a window).
+ */
 const transferRuns = (
   op: "read" | "write",
   file: FileIo.File,
   place: BlockPlace,
   pageSize: number,
-  runs: Iterable<readonly [number, number]>
+  runs: Iterable<readonly [number, number]>,
+  into: Uint8Array = place.block.bytes,
+  origin = 0
 ): Effect.Effect<void, FileIo.FileError> =>
   Effect.gen(function*() {
     const maxRun = Math.max(1, PIECE / pageSize)
@@ -150,7 +155,7 @@ const transferRuns = (
     let bytes = 0
     const flush = Effect.suspend(() => {
       if (list.count === 0) return Effect.void
-      const run = FileIo.transferAll(op, file, place.block.bytes, list, IN_FLIGHT)
+      const run = FileIo.transferAll(op, file, into, list, IN_FLIGHT)
       return Effect.zipRight(run, Effect.sync(() => {
         list.count = 0
         bytes = 0
@@ -161,7 +166,7 @@ const transferRuns = (
         const to = Math.min(end, from + maxRun)
         const at = from * pageSize
         const length = (to - from) * pageSize
-        FileIo.push(list, at, length, place.pagesOffset + at)
+        FileIo.push(list, at - origin, length, place.pagesOffset + at)
         bytes += length
         if (bytes >= BATCH || list.count === 1024) {
           yield* flush
@@ -215,6 +220,13 @@ export const write = (
     return { size: plan.size, pages }
   }))
 
+/** Zeros to copy over a window's pages that the file does not hold (`fill` on shared memory is slow). */
+const ZEROS = Buffer.alloc(PIECE)
+
+const zeroRange = (into: Uint8Array, from: number, to: number): void => {
+  for (let at = from; at < to; at += ZEROS.length) into.set(ZEROS.subarray(0, Math.min(ZEROS.length, to - at)), at)
+}
+
 /** A QEMU migration file opened: its VM (the pages of a mapped-ram file not read yet), and how to read them. */
 export interface Opened {
   /** The VM; a mapped-ram file's pages are read into its memory by `load`. */
@@ -227,6 +239,16 @@ export interface Opened {
    * stream's are there already: nothing to do).
    */
   readonly load: (block: GuestRam.Block, first: number, count: number) => Effect.Effect<void, MappedRamError>
+  /**
+   * Reads the pages `first` to `first + count - 1` of `block` into `into` (at least `count` pages long; the
+   * pages the file does not hold are zeroed there), leaving the VM's memory untouched.
+   */
+  readonly readPages: (
+    block: GuestRam.Block,
+    first: number,
+    count: number,
+    into: Uint8Array
+  ) => Effect.Effect<void, MappedRamError>
 }
 
 /**
@@ -326,7 +348,28 @@ export const open = (
           .map(([from, to]) => [first + from, first + to] as const)
         return Effect.mapError(transferRuns("read", file, place, vm.ram.pageSize, runs), failed)
       })
-    return { vm, summary, pages: summary.mappedRam ? pages : summary.normalPages, load }
+    const readPages = (block: GuestRam.Block, first: number, count: number, into: Uint8Array) =>
+      Effect.suspend(() => {
+        const pageSize = vm.ram.pageSize
+        const origin = first * pageSize
+        const place = places.get(block.name)
+        // a plain stream's pages were read with it
+        if (place === undefined) {
+          into.set(block.bytes.subarray(origin, origin + count * pageSize))
+          return Effect.void
+        }
+        const { bitmap } = place
+        const held = (i: number) => (bitmap[(first + i) >>> 3]! & (1 << ((first + i) & 7))) !== 0
+        const runs = Array.from(runsOf(count, held)).map(([from, to]) => [first + from, first + to] as const)
+        let at = origin
+        for (const [from, to] of runs) {
+          zeroRange(into, at - origin, from * pageSize - origin)
+          at = to * pageSize
+        }
+        zeroRange(into, at - origin, count * pageSize)
+        return Effect.mapError(transferRuns("read", file, place, pageSize, runs, into, origin), failed)
+      })
+    return { vm, summary, pages: summary.mappedRam ? pages : summary.normalPages, load, readPages }
   })
 
 /**

@@ -45,6 +45,10 @@ export type In =
     readonly block: number
     readonly memory: SharedBlock | undefined
     readonly pages: Uint32Array
+    /** `SendChannel.Job`'s `origin`: the memory is a window of the block starting there. */
+    readonly origin: number
+    /** Answer `Idle` only once the hand-off's bytes are in the kernel (the owner then reuses the memory). */
+    readonly drain: boolean
   }
   | { readonly _tag: "Sync" }
   | { readonly _tag: "Finish" }
@@ -99,7 +103,14 @@ export const run = (
               bytes: Buffer.from(shared.buffer, shared.byteOffset, shared.length)
             }
           }
-          return { _tag: "Pages", block: blocks[message.block]!, pages: message.pages, count: message.pages.length }
+          return {
+            _tag: "Pages",
+            block: blocks[message.block]!,
+            pages: message.pages,
+            count: message.pages.length,
+            origin: message.origin,
+            sent: message.drain ? Effect.void : undefined
+          }
         }
         case "Sync":
           return { _tag: "Sync", done: io.send(synced) }
