@@ -80,8 +80,11 @@ interface Result {
   readonly channelWireBytes?: ReadonlyArray<number>
 }
 
+/** PEER_NODE_ARGS: node options for both peers (e.g. `--cpu-prof --cpu-prof-dir=/tmp/prof` to profile them). */
+const peerNodeArgs = (process.env.PEER_NODE_ARGS ?? "").split(/\s+/).filter(Boolean)
+
 const spawnPeer = (args: ReadonlyArray<string>) =>
-  ChildProcess.spawn(process.execPath, [peer, ...args], {
+  ChildProcess.spawn(process.execPath, [...peerNodeArgs, peer, ...args], {
     stdio: ["ignore", "pipe", "inherit"],
     env: { ...process.env, BENCH_PSK_FILE: Path.join(here, "..", "test", "fixtures", "tls", "keys.psk") }
   })

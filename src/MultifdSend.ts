@@ -300,12 +300,6 @@ export const make = (
         return channel
       })
 
-    /** The destination said that the channel's connection broke. */
-    const lostError = new Transport.TransportError({
-      reason: "Closed",
-      address: Transport.formatAddress(config.address),
-      detail: "the destination lost the connection"
-    })
 
     /** An entry's hand-off ends: its channel is idle again, or its SYNC is done (once). */
     const settle = (channel: Channel, entry: Entry): Effect.Effect<void> =>
@@ -420,7 +414,7 @@ export const make = (
         const work = yield* Effect.forkScoped(
           SendChannel.serve(settings, channel, counters, { ...jobs, started: (sent) => accepted.set(id, sent) })
         )
-        yield* Effect.raceFirst(Fiber.join(work), Effect.zipRight(lost, Effect.fail(lostError)))
+        yield* Effect.raceFirst(Fiber.join(work), Effect.zipRight(lost, Effect.fail(lostError(config.address))))
         yield* Effect.logDebug(`channel ${id}: closed`)
       }).pipe(Effect.scoped)
 
@@ -557,16 +551,7 @@ const threadAttempt = (
       const given = new Set<number>()
       const forward = Effect.gen(function*() {
         while (true) {
-          // the destination lost the connection: the session is told, and ends with that (a thread that died
-          // meanwhile says so instead: its death is no lost connection)
-          const job = yield* Effect.raceFirst(jobs.next, Effect.as(lost, DROP))
-          if (job._tag === "Drop") {
-            yield* session.send(job)
-            const end = yield* session.receive
-            return yield* end._tag === "Ended"
-              ? Effect.fail(failureOf(end.failure))
-              : Effect.die(new Error(`multifd channel ${id}: its thread said ${end.message._tag} after Drop`))
-          }
+          const job = yield* jobs.next
           if (job._tag === "Finish") {
             yield* session.send({ _tag: "Finish" })
             const end = yield* session.receive
@@ -601,13 +586,24 @@ const threadAttempt = (
       })
       const work = yield* Effect.forkScoped(forward)
 
-      // the thread may fail while the channel waits for a job: the owner hears it then too
-      yield* Effect.raceFirst(Fiber.join(work), session.failed)
+      // the thread may fail while the channel waits for a job: the owner hears it then too. The destination may
+      // lose the connection whenever — also while the thread is blocked in a write on a path that silently drops
+      // everything: the attempt ends, and closing its lease destroys the socket in the thread. A thread that died
+      // meanwhile (closing its socket: the destination's loss) says so instead, once it did not answer: its
+      // death is no lost connection
+      const lostHere = Effect.zipRight(lost, Effect.zipRight(session.alive, Effect.fail(lostError(config.address))))
+      yield* Effect.raceFirst(Fiber.join(work), Effect.raceFirst(session.failed, lostHere))
       yield* Effect.logDebug(`channel ${id}: closed`)
     }).pipe(Effect.scoped)
 }
 
-const DROP = { _tag: "Drop" } as const
+/** The destination said that the channel's connection broke. */
+const lostError = (address: Transport.Address) =>
+  new Transport.TransportError({
+    reason: "Closed",
+    address: Transport.formatAddress(address),
+    detail: "the destination lost the connection"
+  })
 
 const sharedBlock = (block: SendChannel.Memory): SendSession.SharedBlock => ({
   name: block.name,

@@ -275,6 +275,38 @@ layer(ChannelThreads.layer(POOL), { excludeTestServices: true })("channels on th
     )
   }
 
+  for (const threaded of [true, false]) {
+    it.effect(`a channel ${threaded ? "on a thread" : "in this thread (plain memory)"} blocked in a write when its path goes silent re-attaches once the destination says it lost it`, () =>
+      leakFree(Effect.gen(function*() {
+        // 64 MiB of random pages: channel 1's hand-off (16 MiB) is far more than the sockets hold, so the channel
+        // is inside a write when the path goes silent, and never hears of it there (nothing is closed or reset)
+        const shared = sharedBlock(16384, 1)
+        const ram = yield* GuestRam.make({ blocks: [{ name: "pc.ram", bytes: threaded ? shared : Buffer.from(shared) }] })
+        // the destination's stall watch: a connection inside a packet for 1 s is lost, and the source is told
+        const dest = yield* startDestination({ timeouts: { ...TIMEOUTS, peer: "1 second" } })
+        const proxy = yield* Effect.acquireRelease(
+          Effect.promise(() =>
+            resetProxy({ host: "127.0.0.1", port: (dest.address as { readonly port: number }).port }, {
+              channel: 1,
+              afterBytes: 1024 * 1024 + 100,
+              silent: true
+            })
+          ),
+          (proxy) => Effect.promise(() => proxy.close())
+        )
+        const stats = yield* noHang(
+          migrate(ram, { address: { _tag: "Tcp", host: "127.0.0.1", port: proxy.port }, channels: 2 }),
+          "migrate",
+          20
+        )
+        const received = yield* noHang(Fiber.join(dest.fiber), "incoming")
+        expect(proxy.resets()).toBe(1)
+        expect(sameMemory(received.ram, ram)).toBe(true)
+        expect(stats.reconnects).toBe(1)
+        yield* expectThreadsClean
+      })), 30_000)
+  }
+
   describe("byte-identical", () => {
     for (const compression of ["none", "zlib", "zstd"] as const) {
       it.effect(`${compression}: every block arrives as it was; the channels ran in the threads; nothing is left there`, () =>

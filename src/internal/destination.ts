@@ -318,7 +318,10 @@ export const run = <E>(listener: Transport.Listener, settings: Settings<E>): Eff
         uuid: Protocol.parseUuid(hello.uuid),
         ram,
         compression: hello.compression,
-        stallTimeout: timeouts.peer,
+        // with reconnecting, a connection stuck inside a packet (a path gone silent) is given up after half the
+        // peer timeout: it is re-attached before the migration's own inactivity watch (the whole peer timeout)
+        // would give up on it
+        stallTimeout: hello.reconnectMs === undefined ? timeouts.peer : Duration.millis(Duration.toMillis(timeouts.peer) / 2),
         handshakeTimeout: timeouts.handshake,
         reconnect: hello.reconnectMs === undefined ? undefined : reconnectWindow(hello),
         onLost: (channel, nonce) =>

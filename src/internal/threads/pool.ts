@@ -65,6 +65,11 @@ export interface Session<In, Out> {
   readonly receive: Effect.Effect<Event<Out>, ThreadError>
   /** Fails once the session's thread has failed (never succeeds): for an owner that is not receiving. */
   readonly failed: Effect.Effect<never, ThreadError>
+  /**
+   * A round trip to the session's thread (its event loop, not the session): completes once the thread
+   * answered, fails if it failed first — what happened to a session whose thread may have died is known after it.
+   */
+  readonly alive: Effect.Effect<void, ThreadError>
 }
 
 /** Counts of a pool. */
@@ -319,7 +324,8 @@ export const make = (options?: Options): Effect.Effect<Pool, ThreadError, Scope.
           send: (message, transfer) => Effect.sync(() => unsafeSend(message, transfer)),
           unsafeSend,
           receive,
-          failed: Deferred.await(thread.failed)
+          failed: Deferred.await(thread.failed),
+          alive: Effect.asVoid(inspectOne(thread))
           }
         }
       )

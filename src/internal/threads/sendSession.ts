@@ -52,8 +52,6 @@ export type In =
   }
   | { readonly _tag: "Sync" }
   | { readonly _tag: "Finish" }
-  /** The destination lost this channel's connection: the session ends with a `TransportError` (after its job). */
-  | { readonly _tag: "Drop" }
 
 /** From the session. */
 export type Out =
@@ -83,17 +81,8 @@ export const run = (
     )
     yield* io.send(established)
     const blocks: Array<SendChannel.Memory> = []
-    const next = Effect.flatMap(io.receive, (message): Effect.Effect<SendChannel.Job, Transport.TransportError> => {
-      if (message._tag === "Drop") {
-        return new Transport.TransportError({
-          reason: "Closed",
-          address: Transport.formatAddress(data.address),
-          detail: "the destination lost the connection"
-        })
-      }
-      return Effect.succeed(job(message))
-    })
-    const job = (message: Exclude<In, { readonly _tag: "Drop" }>): SendChannel.Job => {
+    const next = Effect.map(io.receive, (message) => job(message))
+    const job = (message: In): SendChannel.Job => {
       switch (message._tag) {
         case "Pages": {
           const shared = message.memory
