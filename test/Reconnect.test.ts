@@ -194,6 +194,8 @@ describe("a lost channel is re-attached", () => {
         // every connection of the channel after the first re-attached with its nonce
         expect(dest.logs.filter((l) => l.includes("re-attaching after"))).toHaveLength(plan.state.modes.length)
         expect(received.stats.reconnects).toBe(plan.state.modes.length)
+        // every fiber's end was someone's business (Effect logs one that failed unobserved)
+        expect([...logs, ...dest.logs].filter((l) => l.includes("unhandled"))).toEqual([])
       })))
   }
 

@@ -272,7 +272,10 @@ export const run = <E>(listener: Transport.Listener, settings: Settings<E>): Eff
     /** How long a lost channel keeps its place: the source's reconnect window and a handshake. */
     const reconnectWindow = (hello: Control.Hello) =>
       Duration.sum(Duration.millis(hello.reconnectMs ?? 0), Duration.decode(timeouts.handshake))
-    const { failure: controlFailure, inbox: received } = yield* Conversation.reader(ctl, "source")
+    // once Done is sent the source ends its main channel, and that end may be seen before the channels' ends:
+    // it is no failure then (an Abort still is), and the reader just stops
+    const doneSent = yield* Deferred.make<void>()
+    const { failure: controlFailure, inbox: received } = yield* Conversation.reader(ctl, "source", Deferred.isDone(doneSent))
     // a lost channel's Reattach is served at once (the rounds may be waiting for that channel); the rest in order
     const inbox = yield* Queue.unbounded<Control.Message>()
     const reattachFailure = yield* Deferred.make<never, Failure>()
@@ -286,17 +289,7 @@ export const run = <E>(listener: Transport.Listener, settings: Settings<E>): Eff
       }).pipe(Effect.catchAll((error) => Deferred.fail(reattachFailure, error)))
     yield* Effect.forkScoped(Effect.forever(Effect.flatMap(Queue.take(received), (message) =>
       message._tag === "Reattach" ? reattach(message) : Queue.offer(inbox, message))))
-    // once Done is sent the source ends its main channel, and that end may be seen before the channels' ends:
-    // it is no failure then (an Abort still is)
-    const doneSent = yield* Deferred.make<void>()
-    const isEnd = (error: Failure) =>
-      error._tag === "ChannelError" && error.cause._tag === "TransportError" &&
-      (error.cause as Transport.TransportError).reason === "Closed"
-    const failures = Effect.raceFirst(
-      Effect.catchIf(controlFailure, isEnd, (error) =>
-        Effect.flatMap(Deferred.isDone(doneSent), (done) => done ? Effect.never : Effect.fail(error))),
-      Effect.raceFirst(connectionFailure, Deferred.await(reattachFailure))
-    )
+    const failures = Effect.raceFirst(controlFailure, Effect.raceFirst(connectionFailure, Deferred.await(reattachFailure)))
     const next = Effect.raceFirst(Queue.take(inbox), failures)
     const tell = (message: Control.Message) => Conversation.tell(ctl, message)
 
