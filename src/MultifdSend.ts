@@ -114,12 +114,6 @@ export interface Reconnect {
   ) => Effect.Effect<number, ChannelFailure>
   /** Completes when the destination says that the channel's connection with `nonce` (or its first) broke. */
   readonly lost: (channel: number, nonce: Uint8Array | undefined) => Effect.Effect<void>
-  /**
-   * A connection that takes nothing of what waits to be sent for this long, while another channel's does, is
-   * lost too: a path gone silent, which neither side hears of otherwise when the destination is not inside a
-   * packet (a destination that reads no channel is left to the caller's inactivity watch). None by default.
-   */
-  readonly stallAfter?: Duration.DurationInput | undefined
 }
 
 /**
@@ -280,7 +274,6 @@ export const make = (
     const accepted = new Map<number, SendChannel.Accepted>()
     const fibers = yield* FiberSet.make<void, ChannelFailure>()
     const failure = Effect.zipRight(FiberSet.join(fibers), Effect.never)
-    const reconnect = config.reconnect !== undefined && config.reconnect.attempts > 0 ? config.reconnect : undefined
     const settingsOf = (id: number): SendChannel.Settings => ({
       id,
       uuid: config.uuid,
@@ -288,9 +281,9 @@ export const make = (
       compression: config.compression,
       compressionLevel: config.compressionLevel,
       zeroPage: config.zeroPage,
-      rateLimit: Bandwidth.sharedOf(config.maxBandwidth),
-      stallMs: reconnect?.stallAfter === undefined ? undefined : Duration.toMillis(Duration.decode(reconnect.stallAfter))
+      rateLimit: Bandwidth.sharedOf(config.maxBandwidth)
     })
+    const reconnect = config.reconnect !== undefined && config.reconnect.attempts > 0 ? config.reconnect : undefined
     const journals = Array.from({ length: channels }, () => new Journal(reconnect !== undefined))
     let reconnects = 0
     let resentPages = 0

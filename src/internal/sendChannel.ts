@@ -16,7 +16,7 @@ import * as GuestRam from "../GuestRam.js"
 import type * as MigrationError from "../MigrationError.js"
 import * as PageCodec from "../PageCodec.js"
 import * as Protocol from "../Protocol.js"
-import * as Transport from "../Transport.js"
+import type * as Transport from "../Transport.js"
 import * as EventLoop from "./native/eventLoop.js"
 import { RateLimit } from "./native/rateLimit.js"
 
@@ -44,12 +44,6 @@ export interface Settings {
   readonly nonce?: Uint8Array | undefined
   /** The migration's bandwidth limit (`RateLimit`'s shared memory), if any: every packet waits its turn. */
   readonly rateLimit?: SharedArrayBuffer | undefined
-  /**
-   * With reconnecting: a connection that accepts nothing of what waits to be sent for this many milliseconds,
-   * while another channel's does, fails as lost (a path gone silent: nothing is closed or reset, and the
-   * destination may not be inside a packet).
-   */
-  readonly stallMs?: number | undefined
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -63,9 +57,7 @@ const ZERO_PAGES = 3
 const BYTES = 4
 const SENT_BYTES = 5
 const SENT_PAGES = 6
-/** Bytes given to the connection that its socket has not accepted yet (the write stall watch's evidence). */
-const WAITING = 7
-const FIELDS = 8
+const FIELDS = 7
 
 /**
  * The counters of a channel set, in shared memory: the packet number all channels share (QEMU's packet_num,
@@ -159,8 +151,6 @@ export class Accepted {
 
   /** Catches up with the socket, and publishes what it accepted. */
   update(): void {
-    // a stream destroyed before it finished discarded what it held: that was never accepted
-    if (this.stream.destroyed && !this.stream.writableFinished) return this.publish()
     const written = this.written()
     const given = written === undefined ? this.position : written - this.base
     const accepted = Math.min(this.position, given - this.stream.writableLength)
@@ -174,13 +164,8 @@ export class Accepted {
       this.counts.splice(0, this.head)
       this.head = 0
     }
-    this.publish()
-  }
-
-  private publish(): void {
     Atomics.store(this.stats, this.at + SENT_BYTES, this.bytesBefore + BigInt(this.bytes))
     Atomics.store(this.stats, this.at + SENT_PAGES, this.pagesBefore + BigInt(this.pages))
-    Atomics.store(this.stats, this.at + WAITING, BigInt(this.stream.destroyed ? 0 : this.position - this.bytes))
   }
 }
 
@@ -281,9 +266,6 @@ export const serve = (
     if (jobs.publishEvery !== undefined) {
       yield* Effect.forkScoped(Effect.repeat(Effect.sync(() => sent.update()), Schedule.spaced(jobs.publishEvery)))
     }
-    const stalled = settings.stallMs === undefined
-      ? Effect.never
-      : watchWrites(sent, settings.stallMs, connection.peer, () => othersOf(stats, settings.id))
     const limit = settings.rateLimit === undefined ? undefined : RateLimit.attach(settings.rateLimit)
     /**
      * Reserves the limit's slot for `bytes` and gives the wait until it ends (`undefined`: go on at once).
@@ -371,86 +353,32 @@ export const serve = (
         }
         if (chunks.length > 0) yield* connection.write(chunks)
       })
-    const work = Effect.gen(function*() {
-      while (true) {
-        const job = yield* jobs.next
-        if (job._tag === "Finish") {
-          yield* connection.end
-          sent.update()
-          return
-        }
-        if (job._tag === "Sync") {
-          // a header per packet: the connection may still hold the previous one (writes do not copy);
-          // writeSync / writeHeader set every byte of it
-          const header = Buffer.allocUnsafe(headerSize)
-          Protocol.writeSync(header, pageSize, Atomics.add(packetNum, 0, 1n))
-          yield* connection.write([header])
-          Atomics.add(stats, at + SYNCS, 1n)
-          count(1, 0, 0, headerSize)
-          sent.position += headerSize
-          sent.update()
-          const wait = reserve(headerSize)
-          if (wait !== undefined) yield* wait
-          yield* job.done
-          continue
-        }
-        // one hand-off carries several packets: the channel sends them in a row
-        yield* sendBatch(job.block, job.pages, job.count, job.origin ?? 0)
-        if (job.sent !== undefined) yield* Effect.zipRight(connection.drained, job.sent)
-        sent.update()
-        yield* jobs.idle
-      }
-    })
-    return yield* Effect.raceFirst(work, stalled)
-  }))
-
-/** The set's other channels as the write stall watch sees them: what their sockets accepted, in all, and whether any has bytes waiting. */
-const othersOf = (stats: BigInt64Array, id: number): { readonly accepted: bigint; readonly blocked: boolean; readonly any: boolean } => {
-  let accepted = 0n
-  let blocked = false
-  let any = false
-  for (let at = 0, channel = 0; at < stats.length; at += FIELDS, channel++) {
-    if (channel === id) continue
-    any = true
-    accepted += Atomics.load(stats, at + SENT_BYTES)
-    if (Atomics.load(stats, at + WAITING) > 0n) blocked = true
-  }
-  return { accepted, blocked, any }
-}
-
-/**
- * Fails once bytes have waited to be sent and the socket accepted none of them for `afterMs` (sampled every
- * quarter of it) while the set's other channels are not stuck too: one of them accepted bytes meanwhile, or
- * none has bytes waiting (the destination reads, or would, but not this path). A destination that reads no
- * channel at all (every channel with bytes waiting; or the only one) is left to the migration's inactivity
- * watch. Never succeeds.
- */
-const watchWrites = (
-  sent: Accepted,
-  afterMs: number,
-  peer: string,
-  others: () => ReturnType<typeof othersOf>
-): Effect.Effect<never, Transport.TransportError> =>
-  Effect.gen(function*() {
-    const step = Duration.millis(afterMs / 4)
-    let last = -1
-    let quiet = 0
-    // what the other channels had accepted when this one went quiet
-    let othersThen = 0n
     while (true) {
-      yield* Effect.sleep(step)
-      sent.update()
-      const waiting = sent.position - sent.bytes
-      quiet = waiting > 0 && sent.bytes === last ? quiet + 1 : 0
-      last = sent.bytes
-      if (quiet === 1) othersThen = others().accepted
-      const now = quiet >= 4 ? others() : undefined
-      if (now !== undefined && now.any && (now.accepted > othersThen || !now.blocked)) {
-        return yield* new Transport.TransportError({
-          reason: "Timeout",
-          address: peer,
-          detail: `the connection took nothing of ${waiting} bytes for ${Duration.format(Duration.millis(afterMs))} (a path gone silent?)`
-        })
+      const job = yield* jobs.next
+      if (job._tag === "Finish") {
+        yield* connection.end
+        sent.update()
+        return
       }
+      if (job._tag === "Sync") {
+        // a header per packet: the connection may still hold the previous one (writes do not copy);
+        // writeSync / writeHeader set every byte of it
+        const header = Buffer.allocUnsafe(headerSize)
+        Protocol.writeSync(header, pageSize, Atomics.add(packetNum, 0, 1n))
+        yield* connection.write([header])
+        Atomics.add(stats, at + SYNCS, 1n)
+        count(1, 0, 0, headerSize)
+        sent.position += headerSize
+        sent.update()
+        const wait = reserve(headerSize)
+        if (wait !== undefined) yield* wait
+        yield* job.done
+        continue
+      }
+      // one hand-off carries several packets: the channel sends them in a row
+      yield* sendBatch(job.block, job.pages, job.count, job.origin ?? 0)
+      if (job.sent !== undefined) yield* Effect.zipRight(connection.drained, job.sent)
+      sent.update()
+      yield* jobs.idle
     }
-  })
+  }))

@@ -267,9 +267,7 @@ export const run = (
             within: withinMs,
             reattach,
             lost: (channel, nonce) =>
-              Deferred.await(lossOf(channel, nonce === undefined ? undefined : Buffer.from(nonce).toString("hex"))),
-            // a path gone silent is re-attached before either side's inactivity watch (the peer timeout) gives up
-            stallAfter: Duration.millis(Duration.toMillis(timeouts.peer) / 2)
+              Deferred.await(lossOf(channel, nonce === undefined ? undefined : Buffer.from(nonce).toString("hex")))
           }
           : undefined,
         maxBandwidth: settings.maxBandwidth
