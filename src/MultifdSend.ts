@@ -300,7 +300,6 @@ export const make = (
         return channel
       })
 
-
     /** An entry's hand-off ends: its channel is idle again, or its SYNC is done (once). */
     const settle = (channel: Channel, entry: Entry): Effect.Effect<void> =>
       Effect.suspend(() => {
@@ -322,13 +321,17 @@ export const make = (
             if (again.job._tag === "Pages") resentPages += again.job.count
             return Effect.succeed(wrap(again))
           }
-          return Effect.map(Queue.take(channel.mailbox), (job) => {
-            // kept until acknowledged: its page numbers copied (the caller may reuse its array)
-            const kept = journal.keep && job._tag === "Pages" ? { ...job, pages: job.pages.slice(0, job.count) } : job
-            const entry: Entry = { job: kept, sync: job._tag === "Sync" ? ++journal.syncs : 0, finished: false }
-            if (journal.keep && job._tag !== "Finish") journal.entries.push(entry)
-            return wrap(entry)
-          })
+          // a job taken is journaled before anything can interrupt the taker (a loss, a failure): it is never
+          // dropped between the two
+          return Effect.uninterruptibleMask((restore) =>
+            Effect.map(restore(Queue.take(channel.mailbox)), (job) => {
+              // kept until acknowledged: its page numbers copied (the caller may reuse its array)
+              const kept = journal.keep && job._tag === "Pages" ? { ...job, pages: job.pages.slice(0, job.count) } : job
+              const entry: Entry = { job: kept, sync: job._tag === "Sync" ? ++journal.syncs : 0, finished: false }
+              if (journal.keep && job._tag !== "Finish") journal.entries.push(entry)
+              return wrap(entry)
+            })
+          )
         }),
         idle: Effect.suspend(() => journal.current === undefined ? Effect.void : settle(channel, journal.current))
       }

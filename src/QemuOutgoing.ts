@@ -60,12 +60,17 @@ export interface Options<E = never> {
   /**
    * Reads pages `first` to `first + count - 1` of `block` into `into` (`MappedRam.open`'s `readPages`): the
    * pages are then sent from a small window of memory, batch by batch, each read while the channels send the
-   * previous ones, and the VM's own memory is never touched (a VM file of any size is sent in a few MiB).
-   * Without it the pages are sent from the VM's memory, which must be complete.
+   * previous ones, and the VM's own memory is never touched: the window is (channels + 2) batches of 16 MiB
+   * (at most 16 batches) whatever the VM's size.
    */
   readonly readPages?:
     | ((block: GuestRam.Block, first: number, count: number, into: Uint8Array) => Effect.Effect<void, E>)
     | undefined
+  /**
+   * Without `readPages`: fills pages `first` to `first + count - 1` of `block` in the VM's own memory just
+   * before they are sent (`MappedRam.open`'s `load`). Without either, the VM's memory must be complete.
+   */
+  readonly load?: ((block: GuestRam.Block, first: number, count: number) => Effect.Effect<void, E>) | undefined
   /** QEMU's `multifd-channels` (1–255): QEMU waits for exactly this many. */
   readonly channels: number
   /** QEMU's `multifd-compression` (default `none`). */
@@ -275,6 +280,7 @@ export const migrate = <E = never>(options: Options<E>): Effect.Effect<Stats, Ou
           for (const block of vm.ram.blocks) {
             for (let first = 0; first < block.pages; first += send.batchPages) {
               const count = Math.min(send.batchPages, block.pages - first)
+              if (options.load !== undefined) yield* options.load(block, first, count)
               yield* send.send(block, indices(first, count), count)
               queued += count
             }

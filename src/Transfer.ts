@@ -35,6 +35,8 @@ export interface Timeouts {
   /**
    * Any single answer of the peer, or no progress at all during a transfer (default 30 s). While a destination
    * stores the memory it says so about every second (`Control.Storing`): this bounds the silence, not the store.
+   * A destination whose source re-attaches lost channels gives up on a connection stuck inside a packet (nothing
+   * arriving) after half of it, so that the channel is re-attached before the migration would time out.
    */
   readonly peer: Duration.DurationInput
 }

@@ -1347,6 +1347,21 @@ describe("QemuOutgoing: a VM into a QEMU destination (here QemuIncoming, which a
       }))), 30_000)
   }
 
+  it.live("from a VM file loaded batch by batch into the VM's memory (load): every page arrives", () =>
+    expectNoLeaks(Effect.scoped(Effect.gen(function*() {
+      const vm = yield* bigVm
+      const file = Path.join(vmFileDir, "load.vm")
+      yield* MappedRam.write(file, vm)
+      const opened = yield* MappedRam.open(file)
+      const dst = yield* destination({ channels: 2, vm: true })
+      yield* QemuOutgoing.migrate({ address: dst.address, vm: opened.vm, load: opened.load, channels: 2, timeouts: PEER }).pipe(
+        Effect.provide(Transport.layer)
+      )
+      const exit = yield* noHang(Fiber.await(dst.fiber), "the destination")
+      if (Exit.isFailure(exit)) throw new Error(Cause.pretty(exit.cause))
+      expect(exit.value.ram.blocks[0]!.bytes.equals(vm.ram.blocks[0]!.bytes)).toBe(true)
+    }))), 30_000)
+
   it.live("QEMU closes the main channel before answering: one line saying so, nothing left open", () =>
     expectNoLeaks(Effect.scoped(Effect.gen(function*() {
       const vm = yield* capturedVm

@@ -2,7 +2,7 @@
  * A window of memory that pages pass through on their way from a file to the channels: `slots` batches of
  * `slotBytes` each, in shared memory (a channel thread reads them in place). A batch is read into a free slot,
  * handed to a channel, and the slot is free again once the channel handed its bytes to the kernel — so a VM
- * file of any size is sent through a few MiB, which stay in cache, and the VM's own memory is never touched.
+ * file of any size is sent through the same few batches, and the VM's own memory is never touched.
  */
 import * as Effect from "effect/Effect"
 import * as Queue from "effect/Queue"
