@@ -32,10 +32,12 @@ import * as Option from "effect/Option"
 import * as Stream from "effect/Stream"
 import * as TestClock from "effect/TestClock"
 import * as Crypto from "node:crypto"
+import type { Writable } from "node:stream"
 import * as Control from "../src/Control.js"
 import * as GuestRam from "../src/GuestRam.js"
 import * as Migration from "../src/Migration.js"
 import * as MigrationError from "../src/MigrationError.js"
+import { unsent } from "../src/internal/native/unsent.js"
 import * as Protocol from "../src/Protocol.js"
 import * as Transport from "../src/Transport.js"
 import { expectOneLine, failureOf } from "./support/failures.js"
@@ -947,7 +949,7 @@ describe("migrateStream", () => {
 describe("progress reports tell the truth", () => {
   /** The source's multifd sockets (told by their init packet), through a transport that notes them. */
   const channelSockets = () => {
-    const sockets: Array<{ readonly bytesWritten: number; readonly writableLength: number }> = []
+    const sockets: Array<Writable & { readonly bytesWritten: number }> = []
     const connect: Transport.Transport["Type"]["connect"] = (address, options) =>
       Effect.map(Transport.connect(address, options), (connection): Transport.Connection => {
         let seen = false
@@ -968,8 +970,9 @@ describe("progress reports tell the truth", () => {
       })
     return {
       sockets,
-      /** Bytes after the init packets that the sockets handed to the kernel. */
-      accepted: () => sockets.reduce((n, s) => n + s.bytesWritten - s.writableLength - Protocol.INIT_PACKET_SIZE, 0),
+      /** Bytes after the init packets that the sockets handed to the kernel (to the byte: `native/unsent`). */
+      accepted: () =>
+        sockets.reduce((n, s) => n + s.bytesWritten - unsent(s) - Protocol.INIT_PACKET_SIZE, 0),
       layer: Layer.succeed(Transport.Transport, { connect, listen: Transport.listen })
     }
   }

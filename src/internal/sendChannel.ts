@@ -19,6 +19,7 @@ import * as Protocol from "../Protocol.js"
 import type * as Transport from "../Transport.js"
 import * as EventLoop from "./native/eventLoop.js"
 import { RateLimit } from "./native/rateLimit.js"
+import { unsent } from "./native/unsent.js"
 
 /** What can end a channel. */
 export type Failure =
@@ -104,8 +105,8 @@ export const totals = (counters: Counters) => {
 }
 
 /**
- * What one channel's socket has accepted: the bytes handed to the kernel (`bytesWritten - writableLength` of
- * a Node socket, TLS included: both count what the caller wrote), and the pages of the packets that lie
+ * What one channel's socket has accepted: the bytes handed to the kernel (`bytesWritten` less what is not sent
+ * yet, `native/unsent`: TLS included, both count what the caller wrote), and the pages of the packets that lie
  * entirely within them. `update` publishes them in the channel's counters.
  */
 export class Accepted {
@@ -151,9 +152,12 @@ export class Accepted {
 
   /** Catches up with the socket, and publishes what it accepted. */
   update(): void {
+    // a stream destroyed before it finished discarded what it held: that was never accepted
+    if (this.stream.destroyed && !this.stream.writableFinished) return
     const written = this.written()
     const given = written === undefined ? this.position : written - this.base
-    const accepted = Math.min(this.position, given - this.stream.writableLength)
+    // to the byte: a long write's progress counts before all of it has left (a slow link)
+    const accepted = Math.min(this.position, given - unsent(this.stream))
     if (accepted > this.bytes) this.bytes = accepted
     while (this.head < this.ends.length && this.ends[this.head]! <= this.bytes) {
       this.pages += this.counts[this.head]!
