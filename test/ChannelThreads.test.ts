@@ -282,8 +282,9 @@ layer(ChannelThreads.layer(POOL), { excludeTestServices: true })("channels on th
         // is inside a write when the path goes silent, and never hears of it there (nothing is closed or reset)
         const shared = sharedBlock(16384, 1)
         const ram = yield* GuestRam.make({ blocks: [{ name: "pc.ram", bytes: threaded ? shared : Buffer.from(shared) }] })
-        // the destination's stall watch: a connection inside a packet for 1 s is lost, and the source is told
-        const dest = yield* startDestination({ timeouts: { ...TIMEOUTS, peer: "1 second" } })
+        // the destination's stall watch: a connection inside a packet for 1 s (half its peer timeout) is lost, and
+        // the source is told
+        const dest = yield* startDestination({ timeouts: { ...TIMEOUTS, peer: "2 seconds" } })
         const proxy = yield* Effect.acquireRelease(
           Effect.promise(() =>
             resetProxy({ host: "127.0.0.1", port: (dest.address as { readonly port: number }).port }, {
