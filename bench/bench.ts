@@ -9,7 +9,8 @@
  * its main thread, as `multifd recv` does; "1": on worker threads; "0 1": both, alternating as THREADS), TLS (default "psk": a PSK TLS row at
  * TLS_CHANNELS, default 4; TLS= skips it), DST (prefault | fresh, default prefault), FILE (default 1: the
  * snapshot rows at 4 channels; FILE=0 skips them), BANDWIDTH (the --max-bandwidth row: default 64M, BANDWIDTH_SIZE
- * 256M over BANDWIDTH_CHANNELS 4; BANDWIDTH= skips it).
+ * 256M over BANDWIDTH_CHANNELS 4; BANDWIDTH= skips it), PEER_NODE_ARGS (node options for both peers, e.g.
+ * `--cpu-prof --cpu-prof-dir=DIR` to profile them).
  */
 import * as Either from "effect/Either"
 import * as Esbuild from "esbuild"
