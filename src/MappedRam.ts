@@ -18,7 +18,6 @@
  */
 import type * as Effect from "effect/Effect"
 import type * as Scope from "effect/Scope"
-import type * as GuestRam from "./GuestRam.js"
 import * as internal from "./internal/qemu/mappedRam.js"
 import type * as QemuStream from "./QemuStream.js"
 import type * as QemuVm from "./QemuVm.js"
@@ -96,28 +95,13 @@ export const read = (path: string, options: ReadOptions = {}): Effect.Effect<Rea
 
 /**
  * A file opened by `open`: its VM, whose memory is allocated (untouched) but whose pages (of a mapped-ram
- * file) are read only by `load` or `readPages`, and how to read them — so that a migration reads each batch of pages just before it sends
- * them, the file's reads and the network's writes overlapping.
+ * file) are read only by `load` or `readPages`, and how to read them — so that a migration reads each batch
+ * of pages just before it sends them, the file's reads and the network's writes overlapping.
  *
  * @since 0.1.0
  * @category models
  */
-export interface Opened extends Read {
-  /** Reads the pages `first` to `first + count - 1` of `block` the file holds into its memory. */
-  readonly load: (block: GuestRam.Block, first: number, count: number) => Effect.Effect<void, MappedRamError>
-  /**
-   * Reads the pages `first` to `first + count - 1` of `block` into `into` (at least `count` pages; the pages
-   * the file does not hold are zeroed there). A mapped-ram file's pages are read from the file, leaving the
-   * VM's memory untouched: a migration that sends each batch from a small window never touches the VM's whole
-   * RAM. (A plain stream's pages were read with it: they are copied from the VM's memory.)
-   */
-  readonly readPages: (
-    block: GuestRam.Block,
-    first: number,
-    count: number,
-    into: Uint8Array
-  ) => Effect.Effect<void, MappedRamError>
-}
+export interface Opened extends internal.Opened {}
 
 /**
  * Opens a QEMU migration file in the current scope (it stays open with it): its main stream read whole

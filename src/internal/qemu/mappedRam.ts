@@ -240,8 +240,10 @@ export interface Opened {
    */
   readonly load: (block: GuestRam.Block, first: number, count: number) => Effect.Effect<void, MappedRamError>
   /**
-   * Reads the pages `first` to `first + count - 1` of `block` into `into` (at least `count` pages long; the
-   * pages the file does not hold are zeroed there), leaving the VM's memory untouched.
+   * Reads the pages `first` to `first + count - 1` of `block` into `into` (at least `count` pages; the pages
+   * the file does not hold are zeroed there). A mapped-ram file's pages are read from the file, leaving the
+   * VM's memory untouched: a migration that sends each batch from a small window never touches the VM's whole
+   * RAM. (A plain stream's pages were read with it: they are copied from the VM's memory.)
    */
   readonly readPages: (
     block: GuestRam.Block,
