@@ -56,6 +56,8 @@ export interface Settings {
   readonly acceptTimeout?: Duration.DurationInput | undefined
   /** A source's `maxBandwidth` (bytes per second; 0: none). */
   readonly maxBandwidth?: number | Bandwidth.Limit | undefined
+  /** A source's `reconnect`: attempts (0: off), or attempts within a window. */
+  readonly reconnect?: number | { readonly attempts: number; readonly within?: Duration.DurationInput | undefined } | undefined
 }
 
 /**
@@ -253,6 +255,17 @@ export const acceptTimeout: Config.Config<Duration.Duration> = duration("ACCEPT_
 export const maxBandwidth: Config.Config<number> = Config.nested(Field.field("MAX_BANDWIDTH", Bandwidth.parse), "MULTIFD")
 
 /**
+ * `MULTIFD_RECONNECT`: how many times a source connects a lost multifd channel again (0: never; default 3).
+ *
+ * @since 0.1.0
+ * @category config
+ */
+export const reconnect: Config.Config<number> = Config.nested(
+  Field.field("RECONNECT", checked((n) => n >= 0 && n <= 1000 ? undefined : `must be between 0 and 1000, not ${n}`)),
+  "MULTIFD"
+)
+
+/**
  * Every setting from its variable, each optional; the compression level checked against the method
  * (`Protocol.CompressionLevel`).
  *
@@ -269,7 +282,8 @@ export const config: Config.Config<Settings> = Config.all({
   live,
   maxRamBytes: optional(maxRamBytes),
   acceptTimeout: optional(acceptTimeout),
-  maxBandwidth: optional(maxBandwidth)
+  maxBandwidth: optional(maxBandwidth),
+  reconnect: optional(reconnect)
 }).pipe(
   Config.mapOrFail((settings) => {
     const method = settings.compression ?? "none"

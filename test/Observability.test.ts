@@ -271,9 +271,11 @@ describe("MigrationConfig", () => {
         MULTIFD_MAX_DURATION: "2m",
         MULTIFD_ON_NO_CONVERGENCE: "switchover",
         MULTIFD_MAX_RAM: "2G",
-        MULTIFD_ACCEPT_TIMEOUT: "1h"
+        MULTIFD_ACCEPT_TIMEOUT: "1h",
+        MULTIFD_RECONNECT: "0"
       }))
       expect(settings).toMatchObject({
+        reconnect: 0,
         channels: 6,
         pageSize: 65536,
         compression: "zlib",
@@ -309,7 +311,8 @@ describe("MigrationConfig", () => {
         [{ MULTIFD_TIMEOUT: "soon" }, `MULTIFD_TIMEOUT: "soon" is not a positive duration like 30s, 500ms, 2m or 1h`],
         [{ MULTIFD_MAX_ROUNDS: "0" }, "MULTIFD_MAX_ROUNDS: must be at least 1, not 0"],
         [{ MULTIFD_ON_NO_CONVERGENCE: "wait" }, `MULTIFD_ON_NO_CONVERGENCE: must be one of fail, switchover, not "wait"`],
-        [{ MULTIFD_MAX_RAM: "lots" }, `MULTIFD_MAX_RAM: "lots" is not a size like 4096, 512M or 16G`]
+        [{ MULTIFD_MAX_RAM: "lots" }, `MULTIFD_MAX_RAM: "lots" is not a size like 4096, 512M or 16G`],
+        [{ MULTIFD_RECONNECT: "1001" }, "MULTIFD_RECONNECT: must be between 0 and 1000, not 1001"]
       ]
       for (const [env, line] of cases) {
         const error = yield* Effect.flip(Effect.provide(MigrationConfig.MigrationConfig, MigrationConfig.layerConfig).pipe(fromEnv(env)))

@@ -618,23 +618,27 @@ describe("a lost channel (--reconnect)", () => {
     }
   })
 
-  it("send --reconnect 0: the reset fails the migration, naming the channel; both exit 1, nothing written", async () => {
-    const { proxy, recv, uri } = await behindProxy("lost.out")
-    try {
-      const send = await run(["send", uri, "--in", image, "--channels", "2", "--reconnect", "0", "--json"])
-      const received = await recv.finished
-      expect(proxy.resets()).toBe(1)
-      expect(send.code).toBe(1)
-      const error = JSON.parse(send.stdout) as { readonly error: { readonly message: string } }
-      // the source's write failing, or the destination telling it first what its read saw
-      expect(error.error.message).toMatch(/(^|: )multifd channel 1: /)
-      expect(received.code).toBe(1)
-      noStack(send.stderr)
-      expect(filesLike("lost.out")).toEqual([])
-    } finally {
-      await proxy.close()
-    }
-  })
+  for (const how of ["--reconnect 0", "MULTIFD_RECONNECT=0"] as const) {
+    it(`send ${how}: the reset fails the migration, naming the channel; both exit 1, nothing written`, async () => {
+      const { proxy, recv, uri } = await behindProxy("lost.out")
+      try {
+        const send = how === "--reconnect 0"
+          ? await run(["send", uri, "--in", image, "--channels", "2", "--reconnect", "0", "--json"])
+          : await run(["send", uri, "--in", image, "--channels", "2", "--json"], { env: { MULTIFD_RECONNECT: "0" } })
+        const received = await recv.finished
+        expect(proxy.resets()).toBe(1)
+        expect(send.code).toBe(1)
+        const error = JSON.parse(send.stdout) as { readonly error: { readonly message: string } }
+        // the source's write failing, or the destination telling it first what its read saw
+        expect(error.error.message).toMatch(/(^|: )multifd channel 1: /)
+        expect(received.code).toBe(1)
+        noStack(send.stderr)
+        expect(filesLike("lost.out")).toEqual([])
+      } finally {
+        await proxy.close()
+      }
+    })
+  }
 })
 
 describe("observability and configuration", () => {
@@ -744,6 +748,7 @@ describe("observability and configuration", () => {
         [{ MULTIFD_PAGE_SIZE: "3000" }, ["send", uri, "--in", image], "MULTIFD_PAGE_SIZE: must be a power of two between 512 and 524288, not 3000"],
         [{ MULTIFD_COMPRESSION: "lz4" }, ["recv", "tcp:127.0.0.1:0", "--out", "x.img"], `MULTIFD_COMPRESSION: must be one of none, zlib, zstd, not "lz4"`],
         [{ MULTIFD_ZERO_PAGE: "all" }, ["send", uri, "--in", image], `MULTIFD_ZERO_PAGE: must be one of multifd, none, not "all"`],
+        [{ MULTIFD_RECONNECT: "-1" }, ["send", uri, "--in", image], "MULTIFD_RECONNECT: must be between 0 and 1000, not -1"],
         // the variables without a flag, read for the library
         [{ MULTIFD_MAX_ROUNDS: "0" }, ["send", uri, "--in", image], "MULTIFD_MAX_ROUNDS: must be at least 1, not 0"],
         [{ MULTIFD_TIMEOUT: "soon" }, ["send", uri, "--in", image], `MULTIFD_TIMEOUT: "soon" is not a positive duration like 30s, 500ms, 2m or 1h`],

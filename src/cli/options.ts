@@ -327,8 +327,10 @@ export const sendResilience: Options.Options<Resilience> = Options.all({
     ),
     Options.withDescription(
       "When a multifd channel's connection breaks (reset, closed, a failed write), connect it again up to N " +
-        "times within 10 s and resend the pages the destination has not got (default 3; 0: the migration fails)."
+        "times within 10 s and resend the pages the destination has not got (default 3; 0: the migration fails)." +
+        env("MULTIFD_RECONNECT")
     ),
+    Options.withFallbackConfig(MigrationConfig.reconnect),
     Options.withDefault(3)
   )
 })
