@@ -341,14 +341,15 @@ export const open = (
     )
     const vm = memory === undefined ? undefined : QemuVm.fromSummary(summary, memory)
     if (vm === undefined) return yield* new MappedRamError({ reason: "Malformed", path, detail: "no RAM section" })
+    /** The runs of pages `first` to `first + count - 1` the file holds (their bits set), as block page indices. */
+    const heldRuns = ({ bitmap }: { readonly bitmap: Buffer }, first: number, count: number) =>
+      Array.from(runsOf(count, (i) => (bitmap[(first + i) >>> 3]! & (1 << ((first + i) & 7))) !== 0))
+        .map(([from, to]) => [first + from, first + to] as const)
     const load = (block: GuestRam.Block, first: number, count: number) =>
       Effect.suspend(() => {
         const place = places.get(block.name)
         if (place === undefined) return Effect.void
-        const { bitmap } = place
-        const runs = Array.from(runsOf(count, (i) => (bitmap[(first + i) >>> 3]! & (1 << ((first + i) & 7))) !== 0))
-          .map(([from, to]) => [first + from, first + to] as const)
-        return Effect.mapError(transferRuns("read", file, place, vm.ram.pageSize, runs), failed)
+        return Effect.mapError(transferRuns("read", file, place, vm.ram.pageSize, heldRuns(place, first, count)), failed)
       })
     const readPages = (block: GuestRam.Block, first: number, count: number, into: Uint8Array) =>
       Effect.suspend(() => {
@@ -360,9 +361,7 @@ export const open = (
           into.set(block.bytes.subarray(origin, origin + count * pageSize))
           return Effect.void
         }
-        const { bitmap } = place
-        const held = (i: number) => (bitmap[(first + i) >>> 3]! & (1 << ((first + i) & 7))) !== 0
-        const runs = Array.from(runsOf(count, held)).map(([from, to]) => [first + from, first + to] as const)
+        const runs = heldRuns(place, first, count)
         let at = origin
         for (const [from, to] of runs) {
           zeroRange(into, at - origin, from * pageSize - origin)

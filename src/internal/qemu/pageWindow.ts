@@ -3,6 +3,8 @@
  * `slotBytes` each, in shared memory (a channel thread reads them in place). A batch is read into a free slot,
  * handed to a channel, and the slot is free again once the channel handed its bytes to the kernel — so a VM
  * file of any size is sent through the same few batches, and the VM's own memory is never touched.
+ *
+ * @internal
  */
 import * as Effect from "effect/Effect"
 import * as Queue from "effect/Queue"
