@@ -437,7 +437,7 @@ export const server = (settings: Settings, options?: ServerOptions): Transport.U
         })
       )
     )
-    return yield* secured(socket, connection.peer)
+    return yield* secured(socket, connection.peer, true)
   })
 
 /**

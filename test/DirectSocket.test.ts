@@ -1,6 +1,8 @@
 /**
  * `internal/native/directSocket`: accepted sockets re-wrapped with `onread`, so that long runs are read by libuv
- * straight into the caller's memory. Real sockets on loopback; every test proves nothing is left open.
+ * straight into the caller's memory, and a destination's TLS sockets adopted after their handshake, so that
+ * decrypted bytes are copied straight there. Real sockets on loopback, real TLS; every test proves nothing is
+ * left open.
  */
 import { describe, expect, it } from "@effect/vitest"
 import * as Cause from "effect/Cause"
@@ -10,7 +12,11 @@ import * as Either from "effect/Either"
 import * as Exit from "effect/Exit"
 import * as Fiber from "effect/Fiber"
 import * as Crypto from "node:crypto"
+import * as Fs from "node:fs"
 import type * as Net from "node:net"
+import * as NodeTls from "node:tls"
+import * as Connections from "../src/internal/native/connection.js"
+import * as DirectSocket from "../src/internal/native/directSocket.js"
 import * as Path from "node:path"
 import * as Tls from "../src/Tls.js"
 import { connect, listen, parseAddress } from "../src/Transport.js"
@@ -231,5 +237,157 @@ describe("Connection.readChain: one read plan, header, pages, header, …, chose
       const listener = yield* listen(tcp)
       const [client] = yield* Effect.all([connect(listener.address), listener.accept], { concurrency: 2 })
       expect(client.readChain).toBeUndefined()
+    })))
+})
+
+describe("DirectSocket.adopt: a destination's TLS connection reads decrypted bytes straight into memory", () => {
+  /** A PSK TLS connection over loopback: `client` the source's side, `server` the destination's. */
+  const tlsPair = Effect.gen(function*() {
+    const tls = yield* Tls.make({ psk: Path.join(import.meta.dirname, "fixtures", "tls", "keys.psk") })
+    const { client: rawClient, server: rawServer } = yield* pair(tcp)
+    const [client, server] = yield* noHang(
+      Effect.all([tls.client("127.0.0.1")(rawClient, 0), tls.server(rawServer, "main")], { concurrency: 2 }),
+      "the handshakes"
+    )
+    return { client, server }
+  })
+
+  /** Counts the 'data' events of the server's TLS socket: none while reads go straight into memory. */
+  const dataEvents = (server: { readonly stream: unknown }) => {
+    const counter = { events: 0 }
+    ;(server.stream as Net.Socket).on("data", () => counter.events++)
+    return counter
+  }
+
+  it.live("packets through readChain: every byte in its view, in order, bytes sent before the first read first", () =>
+    leakFree(Effect.gen(function*() {
+      const { client, server } = yield* tlsPair
+      const sent = packets(40, 128)
+      const memory = Buffer.alloc(40 * 128 * PAGE)
+      // the first packet is decrypted and buffered by the TLS socket before anything reads
+      yield* client.write([sent[0]!.header, sent[0]!.payload])
+      yield* server.peek(1000)
+      const data = dataEvents(server)
+      const writer = yield* Effect.fork(Effect.forEach(sent.slice(1), (p) => client.write([p.header, p.payload]), { discard: true }))
+      const header = Buffer.alloc(16)
+      let expectingHeader = true
+      const seen: Array<number> = []
+      expect(server.readChain).toBeDefined()
+      const completed = yield* noHang(
+        server.readChain!(header, () => {
+          if (!expectingHeader) {
+            expectingHeader = true
+            return header
+          }
+          const index = header.readUInt32BE(0)
+          seen.push(index)
+          if (index === 39) return undefined
+          expectingHeader = false
+          return memory.subarray(index * 128 * PAGE, (index + 1) * 128 * PAGE)
+        }),
+        "the chain"
+      )
+      expect(completed).toBe(true)
+      expect(seen).toEqual(Array.from({ length: 40 }, (_, i) => i))
+      for (let i = 0; i < 39; i++) expect(memory.subarray(i * 128 * PAGE, (i + 1) * 128 * PAGE).equals(sent[i]!.payload)).toBe(true)
+      const rest = Buffer.alloc(128 * PAGE)
+      yield* server.readInto(rest, 0, rest.length)
+      expect(rest.equals(sent[39]!.payload)).toBe(true)
+      yield* Fiber.join(writer)
+      // 20 MiB decrypted, and not one record went through a 'data' event's fresh buffer
+      expect(data.events).toBe(0)
+    })))
+
+  it.live("decrypted bytes the TLS socket buffered before it was adopted come first, then reads go straight into memory", () =>
+    leakFree(Effect.gen(function*() {
+      const fixture = (name: string) => Fs.readFileSync(Path.join(import.meta.dirname, "fixtures", "tls", name))
+      const first = Crypto.randomBytes(5000)
+      const second = Crypto.randomBytes(3 * 1024 * 1024)
+      const accepted = yield* Effect.acquireRelease(
+        Effect.async<{ readonly server: NodeTls.Server; readonly socket: NodeTls.TLSSocket; readonly client: NodeTls.TLSSocket }>(
+          (resume) => {
+            const server = NodeTls.createServer({ key: fixture("server-key.pem"), cert: fixture("server-cert.pem") })
+            server.listen(0, "127.0.0.1", () => {
+              const client = NodeTls.connect({
+                port: (server.address() as Net.AddressInfo).port,
+                host: "127.0.0.1",
+                ca: fixture("ca-cert.pem"),
+                servername: "localhost"
+              })
+              client.on("secureConnect", () => client.write(first))
+              client.on("error", () => {})
+              server.once("secureConnection", (socket) => resume(Effect.succeed({ server, socket, client })))
+            })
+          }
+        ),
+        ({ client, server, socket }) =>
+          Effect.async<void>((resume) => {
+            client.destroy()
+            socket.destroy()
+            server.close(() => resume(Effect.void))
+          })
+      )
+      // wait until the first message is decrypted and buffered in the socket (nothing reads it yet)
+      for (let i = 0; i < 500 && accepted.socket.readableLength < first.length; i++) {
+        yield* Effect.promise(() => new Promise((resolve) => setImmediate(resolve)))
+      }
+      expect(accepted.socket.readableLength).toBe(first.length)
+      const reader = DirectSocket.adopt(accepted.socket)
+      expect(reader).toBeDefined()
+      const data = dataEvents({ stream: accepted.socket })
+      const connection = Connections.make(accepted.socket, "test", reader)
+      accepted.client.end(second)
+      const memory = Buffer.alloc(first.length + second.length)
+      yield* noHang(connection.readInto(memory, 0, memory.length), "the bytes")
+      expect(memory.equals(Buffer.concat([first, second]))).toBe(true)
+      expect(yield* noHang(connection.atEnd, "the end")).toBe(true)
+      expect(data.events).toBe(0)
+      // a socket that already reads into a buffer of its own is not adopted twice
+      expect(DirectSocket.adopt(accepted.socket)).toBeUndefined()
+    })))
+
+  it.live("a reader that does not read stops the TLS socket: bounded buffering, then every byte in order", () =>
+    leakFree(Effect.gen(function*() {
+      const { client, server } = yield* tlsPair
+      const payload = Crypto.randomBytes(48 * 1024 * 1024)
+      const wrote = yield* Deferred.make<void>()
+      yield* Effect.fork(Effect.zipRight(client.write([payload]), Deferred.succeed(wrote, undefined)))
+      yield* server.peek(1) // reading has started
+      const raw = (server.stream as unknown as { _parent: Net.Socket })._parent
+      for (let i = 0; i < 200 && raw.bytesRead < 8 * 1024 * 1024; i++) {
+        yield* Effect.promise(() => new Promise((resolve) => setImmediate(resolve)))
+      }
+      for (let i = 0; i < 50; i++) yield* Effect.promise(() => new Promise((resolve) => setImmediate(resolve)))
+      // stopped near the high-water mark (8 MiB decrypted, a little more received)
+      expect(raw.bytesRead).toBeGreaterThanOrEqual(8 * 1024 * 1024)
+      expect(raw.bytesRead).toBeLessThan(12 * 1024 * 1024)
+      const memory = Buffer.alloc(payload.length)
+      yield* noHang(server.readInto(memory, 0, payload.length), "reading after a stop")
+      expect(memory.equals(payload)).toBe(true)
+      yield* noHang(Deferred.await(wrote), "the writer")
+    })))
+
+  it.live("the source ends: just before a view the chain completes with false; inside a view, a Closed error with the count", () =>
+    leakFree(Effect.gen(function*() {
+      const sent = packets(3, 2)
+      const clean = yield* tlsPair
+      yield* clean.client.write(sent.flatMap((p) => [p.header, p.payload]))
+      yield* clean.client.end
+      const header = Buffer.alloc(16)
+      const memory = Buffer.alloc(3 * 2 * PAGE)
+      let expectingHeader = true
+      const next = () => {
+        expectingHeader = !expectingHeader
+        return expectingHeader ? header : memory.subarray(header.readUInt32BE(0) * 2 * PAGE, (header.readUInt32BE(0) + 1) * 2 * PAGE)
+      }
+      expect(yield* noHang(clean.server.readChain!(header, next), "a clean end")).toBe(false)
+      expect(memory.equals(Buffer.concat(sent.map((p) => p.payload)))).toBe(true)
+
+      const cut = yield* tlsPair
+      yield* cut.client.write([Crypto.randomBytes(300 * 1024)])
+      yield* cut.client.end
+      const error = yield* noHang(Effect.flip(cut.server.readInto(Buffer.alloc(1024 * 1024), 0, 1024 * 1024)), "a short read")
+      expect(error.reason).toBe("Closed")
+      expect(error.message).toContain(`after ${300 * 1024} of ${1024 * 1024} bytes`)
     })))
 })

@@ -54,7 +54,7 @@ export interface Connection {
    * filled, until it returns `undefined` (`next` runs synchronously as bytes arrive: the socket reads the
    * next view without a trip through the fiber). Completes with `true` once `next` stopped, with `false`
    * when the stream ended cleanly just before a view's first byte; fails if it ended inside a view. Only
-   * connections that read straight into memory (accepted TCP and Unix sockets without TLS) have it.
+   * connections that read straight into memory (accepted TCP and Unix sockets, a destination's TLS connections) have it.
    */
   readonly readChain?:
     | ((first: Uint8Array, next: (full: Uint8Array) => Uint8Array | undefined) => Effect.Effect<boolean, TransportError>)

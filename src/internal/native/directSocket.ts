@@ -8,8 +8,10 @@
  * re-wrapped as `new net.Socket({ handle, onread, pauseOnCreate })` (`handle` and `pauseOnCreate` are
  * undocumented but stable since Node 12) and the original object is detached from the handle and destroyed,
  * so that the server's count of connections stays right. Nothing is read until the first read asks: a TLS
- * upgrade can still take the socket over. Everything that relies on Node internals is in this file; its test is
- * `test/DirectSocket.test.ts`.
+ * upgrade can still take the socket over. A TLS socket is adopted after its handshake (`adopt`): its decrypted
+ * bytes are copied straight where the reader says (OpenSSL's record buffer to guest memory), instead of into a
+ * fresh 16 KiB buffer a record that the collector frees later. Everything that relies on Node internals is in
+ * this file; its test is `test/DirectSocket.test.ts`.
  *
  * @internal
  */
@@ -81,6 +83,11 @@ export class DirectReader extends ReadQueue {
       }
       return true
     }
+  }
+
+  /** Queues bytes read before this reader took the socket over. */
+  queue(chunk: Buffer): void {
+    this.push(chunk)
   }
 
   /** Reads through `socket` from now on. */
@@ -204,4 +211,46 @@ export const rewrap = (accepted: Net.Socket): { readonly socket: Net.Socket; rea
   reader.attach(socket)
   // no reading until the first read asks: a TLS upgrade takes the socket over before any byte is consumed
   return { socket, reader }
+}
+
+/** The private symbols under which `net.Socket` keeps its `onread` option (Node 12 and later). */
+const onreadSlots = (socket: Net.Socket) => {
+  const symbols = Object.getOwnPropertySymbols(socket)
+  const named = (description: string) => symbols.find((symbol) => symbol.description === description)
+  const buffer = named("kBuffer")
+  const callback = named("kBufferCb")
+  const generator = named("kBufferGen")
+  return buffer === undefined || callback === undefined || generator === undefined
+    ? undefined
+    : { buffer, callback, generator }
+}
+
+/**
+ * Makes a socket that may already be reading (a TLS socket after its handshake, whose handle is Node's TLS
+ * stream) read through a new `DirectReader`, as `onread` would have from its creation: what it buffered so far
+ * is queued first, then every read goes where the reader says. `undefined` when this Node keeps its sockets
+ * differently, or the socket already reads into a buffer of its own: the caller reads through 'data' events.
+ */
+export const adopt = (socket: Net.Socket): DirectReader | undefined => {
+  const handle = (socket as unknown as { _handle: { useUserBuffer?: (buffer: Uint8Array) => void } | null })._handle
+  const slots = onreadSlots(socket)
+  const fields = socket as unknown as Record<symbol, unknown>
+  if (
+    handle === null || typeof handle.useUserBuffer !== "function" || slots === undefined ||
+    fields[slots.buffer] || socket.destroyed || socket.listenerCount("data") > 0
+  ) return undefined
+  const reader = new DirectReader()
+  // as `net.Socket` sets these up for its `onread` option: the handle reads into the buffer under `kBuffer`,
+  // Node's read callback calls `kBufferCb` with it, then asks `kBufferGen` for the next one
+  const first = reader.onread.buffer()
+  fields[slots.generator] = reader.onread.buffer
+  fields[slots.callback] = reader.onread.callback
+  fields[slots.buffer] = first
+  handle.useUserBuffer(first)
+  // bytes the socket read before (in its readable buffer) come first; nothing new is read before this returns
+  for (let chunk: Buffer | null; (chunk = socket.read() as Buffer | null) !== null;) reader.queue(chunk)
+  // an end already emitted is not emitted again
+  if (socket.readableEnded) reader.end = { _tag: "Eof" }
+  reader.attach(socket)
+  return reader
 }

@@ -8,6 +8,8 @@ import * as Duration from "effect/Duration"
 import * as Effect from "effect/Effect"
 import type * as NodeTls from "node:tls"
 import * as Transport from "../../Transport.js"
+import * as Connections from "../native/connection.js"
+import * as DirectSocket from "../native/directSocket.js"
 import { TlsError } from "./model.js"
 
 /** Runs a handshake on a TLS socket: resolves on `secureEvent`, fails on error, close or timeout. */
@@ -112,12 +114,23 @@ export const explainingEarlyClose = (connection: Transport.Connection, refusal: 
   }
 }
 
-/** Wraps a TLS socket as a scoped connection: destroyed at once on failure, `end` sends close_notify. */
-export const secured = (socket: NodeTls.TLSSocket, peer: string) =>
+/**
+ * Wraps a TLS socket as a scoped connection: destroyed at once on failure, `end` sends close_notify. With
+ * `direct` (a destination's connection, which reads packets of pages) decrypted bytes are copied straight
+ * where a read wants them (`DirectSocket.adopt`), and the connection reads chains of packets (`readChain`).
+ */
+export const secured = (socket: NodeTls.TLSSocket, peer: string, direct = false) =>
   Effect.acquireRelease(Effect.succeed(socket), Transport.destroy).pipe(
     // once secure, Node only emits a TLS error (a fatal alert, say) and leaves the socket open, where further
     // writes never complete: destroy it, as a plain socket is on error
     Effect.tap(() => Effect.sync(() => socket.on("error", () => socket.destroy()))),
-    Effect.zipRight(Transport.fromStream(socket, peer))
+    Effect.zipRight(
+      direct
+        ? Effect.acquireRelease(
+          Effect.sync(() => Connections.make(socket, peer, DirectSocket.adopt(socket), Connections.WRITE_BUFFER)),
+          () => Connections.destroy(socket)
+        )
+        : Transport.fromStream(socket, peer)
+    )
   )
 
