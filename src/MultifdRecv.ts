@@ -8,7 +8,8 @@
  *
  * Longer than 400 lines on purpose: the worker's two read paths (the `readChain` pump, which reads and
  * decodes packets in the socket's read callback, and the fiber's loop for connections without it: wrapped
- * streams, test transports), the barrier and the stall watch share the set's counters and per-channel state, and read best side by side.
+ * streams, test transports), the barrier and the stall watch share the set's counters and per-channel state,
+ * and read best side by side.
  *
  * @since 0.1.0
  */
