@@ -19,37 +19,27 @@ import * as Path from "node:path"
 import * as Readline from "node:readline"
 import * as Url from "node:url"
 import * as Bandwidth from "../src/Bandwidth.js"
+import { bundleOptions } from "../scripts/bundle.mjs"
 import { parseSize } from "./size.js"
 
 const here = Path.dirname(Url.fileURLToPath(import.meta.url))
 /**
- * The peers run as plain JavaScript bundled by esbuild (npm packages stay external): the numbers are the
- * library's, not those of a TypeScript loader (tsx adds about 40 MiB of RSS and its start-up to each side).
+ * The peers run as plain JavaScript bundled as the `multifd` command is (`scripts/bundle.mjs`: one file with
+ * effect inside, the native zstd binding loaded at run time), their digest and channel workers beside them:
+ * the numbers are those of the command users run, not those of a TypeScript loader (tsx adds about 40 MiB of
+ * RSS and its start-up to each side) or of effect loaded as a few hundred module files (about 24 MiB more
+ * RSS and 20 MiB more heap in each process).
  */
 const peer = Path.join(here, ".build", "peer.js")
 Esbuild.buildSync({
-  // the digest's worker module lands beside the bundle, where the bundled digest starts it
-  entryPoints: { peer: Path.join(here, "peer.ts"), digestWorker: Path.join(here, "..", "src", "internal", "native", "digestWorker.ts") },
-  outdir: Path.join(here, ".build"),
-  bundle: true,
-  platform: "node",
-  format: "esm",
-  packages: "external",
-  logLevel: "warning"
+  ...bundleOptions,
+  entryPoints: {
+    peer: Path.join(here, "peer.ts"),
+    digestWorker: Path.join(here, "..", "src", "internal", "native", "digestWorker.ts"),
+    channelWorker: Path.join(here, "..", "src", "internal", "threads", "channelWorker.ts")
+  },
+  outdir: Path.join(here, ".build")
 })
-// the channels' worker beside it too, one file with effect inside, as the package ships it (a thread that loads
-// effect as a few hundred module files starts several times slower)
-Esbuild.buildSync({
-  entryPoints: { channelWorker: Path.join(here, "..", "src", "internal", "threads", "channelWorker.ts") },
-  outdir: Path.join(here, ".build"),
-  bundle: true,
-  platform: "node",
-  format: "esm",
-  external: ["zstd-napi"],
-  banner: { js: "import { createRequire as __multifdRequire } from \"node:module\";\nconst require = __multifdRequire(import.meta.url);" },
-  logLevel: "warning"
-})
-
 
 const size = parseSize(process.env.SIZE ?? "1G")
 /** A rate as --max-bandwidth takes it, in bytes per second. */
