@@ -22,7 +22,7 @@ import * as Fs from "node:fs/promises"
 import * as Net from "node:net"
 import type * as Stream from "node:stream"
 import * as Connections from "./internal/native/connection.js"
-import { type Connection, describeError, destroy, TransportError, WRITE_BUFFER } from "./internal/native/connection.js"
+import { type Connection, describeError, destroy, TransportError } from "./internal/native/connection.js"
 import * as DirectSocket from "./internal/native/directSocket.js"
 
 // ---------------------------------------------------------------------------------------------------------
@@ -145,13 +145,17 @@ export {
 /**
  * Wraps a connected stream as a `Connection`. The stream is destroyed (abortively) when the scope closes,
  * unless it was ended gracefully and has closed by itself. Such a stream (TLS) may copy what it is given,
- * so a long write is handed over `WRITE_BUFFER` bytes at a time, each once the previous has drained.
+ * so a long write is handed over 1 MiB at a time, each once the previous has drained, and a write waits
+ * while 1 MiB is queued (not `WRITE_BUFFER`).
  *
  * @since 0.1.0
  * @category constructors
  */
 export const fromStream = (stream: Stream.Duplex, peer: string): Effect.Effect<Connection, never, Scope.Scope> =>
-  Effect.acquireRelease(Effect.sync(() => Connections.make(stream, peer, undefined, WRITE_BUFFER)), () => destroy(stream))
+  Effect.acquireRelease(
+    Effect.sync(() => Connections.make(stream, peer, undefined, Connections.COPIED_WRITE_BUFFER)),
+    () => destroy(stream)
+  )
 
 // ---------------------------------------------------------------------------------------------------------
 // Connect and listen

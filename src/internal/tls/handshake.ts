@@ -127,7 +127,7 @@ export const secured = (socket: NodeTls.TLSSocket, peer: string, direct = false)
     Effect.zipRight(
       direct
         ? Effect.acquireRelease(
-          Effect.sync(() => Connections.make(socket, peer, DirectSocket.adopt(socket), Connections.WRITE_BUFFER)),
+          Effect.sync(() => Connections.make(socket, peer, DirectSocket.adopt(socket), Connections.COPIED_WRITE_BUFFER)),
           () => Connections.destroy(socket)
         )
         : Transport.fromStream(socket, peer)
