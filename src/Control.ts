@@ -2,8 +2,8 @@
  * The main (control) channel: a 4-byte magic, then length-prefixed JSON messages defined and validated
  * with `effect/Schema`. The destination answers on the same connection (a return path QEMU's precopy lacks).
  *
- * A conversation: `Hello` → `Accept` | `Reject`; per round `Flush` → `FlushAck`; `Complete` (digests) →
- * `Storing`* → `Done` | `Abort`. `Done` is the destination's promise that the migration is finished on its
+ * A conversation: `Hello` → `Accept` | `Reject`; per round `Flush` → `Receiving`* → `FlushAck`; `Complete`
+ * (digests) → `Storing`* → `Done` | `Abort`. `Done` is the destination's promise that the migration is finished on its
  * side: the digests matched *and*, when the destination has a store step (an image file it writes), the
  * memory is durably stored there. Until `Done` the source must not report success. `Abort` either way ends
  * the migration with a reason.
@@ -69,7 +69,14 @@ export class Hello extends Schema.TaggedClass<Hello>()("Hello", {
    * The source re-attaches a multifd channel whose connection broke (`Reattach`): the destination keeps a
    * lost channel's place this many milliseconds. Absent: a lost channel fails the migration.
    */
-  reconnectMs: Schema.optional(Schema.Number.pipe(Schema.nonNegative()))
+  reconnectMs: Schema.optional(Schema.Number.pipe(Schema.nonNegative())),
+  /**
+   * The source understands `Receiving`: while a round's last bytes are still arriving, the destination says
+   * so, and the source's wait for the `FlushAck` is bounded by the silence between two messages, not by the
+   * peer timeout as a whole (on a slow link the kernels' buffers alone may take longer than that to drain).
+   * Absent (an older source): the destination sends no `Receiving`.
+   */
+  receiving: Schema.optional(Schema.Boolean)
 }) {}
 
 /**
@@ -107,6 +114,19 @@ export class Flush extends Schema.TaggedClass<Flush>()("Flush", {
  * @category schemas
  */
 export class FlushAck extends Schema.TaggedClass<FlushAck>()("FlushAck", { round: Schema.Number }) {}
+
+/**
+ * Destination → source: the multifd channels are still bringing round `round`'s bytes (`bytes` in all so
+ * far). Sent between a `Flush` and its `FlushAck`, about every second, and only while bytes arrive, to a
+ * source whose hello asked for it (`receiving`): a slow link is told apart from a dead one.
+ *
+ * @since 0.1.0
+ * @category schemas
+ */
+export class Receiving extends Schema.TaggedClass<Receiving>()("Receiving", {
+  round: Schema.Number.pipe(Schema.int(), Schema.nonNegative()),
+  bytes: Schema.Number.pipe(Schema.nonNegative())
+}) {}
 
 /**
  * Source → destination: nothing more to send; the source's per-block digests.
@@ -198,6 +218,7 @@ export const Message = Schema.Union(
   Reject,
   Flush,
   FlushAck,
+  Receiving,
   Complete,
   Storing,
   Done,
@@ -220,7 +241,9 @@ const encodeJson = Schema.encodeSync(Schema.parseJson(Message))
 /** One decoder per message tag: a bad message is described by its own schema, not by the whole union's. */
 const decoders: Readonly<Record<string, (u: unknown) => Either.Either<Message, ParseResult.ParseError>>> = Object
   .fromEntries(
-    [Hello, Accept, Reject, Flush, FlushAck, Complete, Storing, Done, Abort, Reattach, Reattached, Lost].map((schema) => [
+    [Hello, Accept, Reject, Flush, FlushAck, Receiving, Complete, Storing, Done, Abort, Reattach, Reattached, Lost].map((
+      schema
+    ) => [
       schema._tag,
       Schema.decodeUnknownEither(schema as Schema.Schema<Message, unknown>)
     ])

@@ -129,7 +129,10 @@ interface Speculative {
 
 /**
  * Acknowledges flush after flush (each once every channel reached its barrier) until the source completes;
- * the rounds seen, the `Complete` message and the digest started after the final flush, if it was.
+ * the rounds seen, the `Complete` message and the digest started after the final flush, if it was. A round's
+ * last bytes may take long on a slow link (the kernels' buffers drain at the link's rate): the wait for the
+ * barrier fails only after the peer timeout without any byte, and a source that asked for it (`receiving`)
+ * hears `Receiving` about every second while bytes arrive.
  */
 const receiveRounds = (
   recv: MultifdRecv.MultifdRecv["Type"],
@@ -141,10 +144,29 @@ const receiveRounds = (
   peer: Duration.DurationInput,
   describeMissing: Effect.Effect<string>,
   recorder: Recorder.Recorder,
-  tracker: Status.Tracker
+  tracker: Status.Tracker,
+  receiving: boolean
 ) =>
   Effect.gen(function*() {
-    const progress = Effect.map(recv.stats, (s) => s.bytes)
+    // bytes arrived, to the byte (a packet's part included): on a slow link a packet takes seconds to arrive
+    const progress = Effect.map(
+      Effect.zip(recv.stats, recv.unfinished),
+      ([stats, unfinished]) => unfinished.reduce((n, u) => n + u.bytes, stats.bytes)
+    )
+    const interval = Duration.min(Duration.seconds(1), Duration.times(Duration.decode(peer), 0.25))
+    /** Tells the source about every `interval` that bytes of `round` still arrive (never when none did). */
+    const stillReceiving = (round: number) =>
+      Effect.gen(function*() {
+        let last = yield* progress
+        while (true) {
+          yield* Effect.sleep(interval)
+          const now = yield* progress
+          if (now === last) continue
+          last = now
+          // a write that fails means the source is gone, which the control reader reports
+          yield* Effect.ignore(conversation.tell(new Control.Receiving({ round, bytes: now })))
+        }
+      })
     let rounds = 0
     let speculative: Speculative | undefined
     while (true) {
@@ -158,8 +180,13 @@ const receiveRounds = (
       if (message._tag !== "Flush") return yield* Conversation.unexpected(message, "during the transfer")
       // the source's writers are paused for its final round
       if (message.final) yield* tracker.update({ phase: "switchover" })
-      yield* Effect.raceFirst(recv.sync, recv.failure).pipe(
-        within(peer, "waiting for every multifd channel to reach the sync point"),
+      const reached = Effect.raceFirst(recv.sync, recv.failure)
+      yield* unlessStalled(
+        receiving ? Effect.raceFirst(reached, stillReceiving(message.round)) : reached,
+        progress,
+        peer,
+        "waiting for every multifd channel to reach the sync point"
+      ).pipe(
         Effect.catchTag("MigrationError", (e) =>
           Effect.flatMap(describeMissing, (missing) =>
             Effect.fail(new MigrationError.MigrationError({ reason: e.reason, detail: `${e.detail} (${missing})` }))))
@@ -380,7 +407,8 @@ export const run = <E>(listener: Transport.Listener, settings: Settings<E>): Eff
         timeouts.peer,
         describeMissing,
         recorder,
-        tracker
+        tracker,
+        hello.receiving === true
       )
       yield* recv.expectEnd
       yield* verify(recv, complete, digest, speculative, tell)

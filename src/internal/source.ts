@@ -153,7 +153,8 @@ export const run = (
           compression,
           zeroPage: settings.zeroPage,
           blocks: GuestRam.layoutOf(ram),
-          ...(reconnecting ? { reconnectMs: withinMs } : {})
+          ...(reconnecting ? { reconnectMs: withinMs } : {}),
+          receiving: true
         })
       )
       const answer = yield* next("waiting for the destination to accept the migration")
@@ -205,14 +206,37 @@ export const run = (
               yield* tracker.update({ rounds: round.round + 1 })
             })
         },
-        // the destination acknowledges a round once every channel reached its barrier
+        // the destination acknowledges a round once every channel reached its barrier; until then, on a slow
+        // link, it says about every second how many bytes arrived: the peer timeout runs from the last growth
+        // of that count (a destination repeating the same count, or saying nothing, times out as before)
         flush: (round, final) =>
           Effect.gen(function*() {
             yield* tell(new Control.Flush({ round, final }))
-            const ack = yield* Effect.raceFirst(
-              next("waiting for the destination to acknowledge the flush"),
-              send.failure
-            )
+            const peerMs = Duration.toMillis(Duration.decode(timeouts.peer))
+            let deadline = (yield* Clock.currentTimeMillis) + peerMs
+            let arrived = -1
+            let ack: Control.Message
+            while (true) {
+              const left = Math.max(0, deadline - (yield* Clock.currentTimeMillis))
+              ack = yield* Effect.raceFirst(Queue.take(inbox), controlFailure).pipe(
+                Effect.timeoutFail({
+                  duration: Duration.millis(left),
+                  onTimeout: () =>
+                    MigrationError.timeout(
+                      arrived < 0
+                        ? "waiting for the destination to acknowledge the flush"
+                        : `waiting for the destination to acknowledge the flush (it last said it had received ${arrived} bytes)`,
+                      timeouts.peer
+                    )
+                }),
+                (waiting) => Effect.raceFirst(waiting, send.failure)
+              )
+              if (ack._tag !== "Receiving" || ack.round !== round) break
+              if (ack.bytes > arrived) {
+                arrived = ack.bytes
+                deadline = (yield* Clock.currentTimeMillis) + peerMs
+              }
+            }
             if (ack._tag !== "FlushAck" || ack.round !== round) {
               return yield* Conversation.unexpected(ack, "instead of FlushAck")
             }

@@ -1,0 +1,200 @@
+/**
+ * A slow link is not a dead one. On a slow link a round's last bytes sit in the kernels' buffers (and the
+ * network's) after the source wrote them, and reach the destination at the link's rate: longer, possibly, than
+ * the peer timeout. The destination waits at the round's barrier while bytes arrive and tells the source so
+ * (`Receiving`, about every second); the source's wait for the round's acknowledgement runs its peer timeout
+ * from the last growth of that count. A link that goes dead still fails both sides within the timeout.
+ *
+ * - a real slow link (a proxy passing the multifd channels' bytes at a fixed rate) whose round takes several
+ *   peer timeouts: the migration succeeds, the memories are equal;
+ * - the same link going dead mid-round: both sides fail, each with one line, nothing hangs or leaks;
+ * - the source's rule, against a fake destination on the TestClock: a `Receiving` whose count grows restarts
+ *   the peer timeout, one that repeats the same count does not;
+ * - the messages: `Receiving` on the wire, and an older source's hello (no `receiving`: it hears none).
+ */
+import { describe, expect, it } from "@effect/vitest"
+import * as Deferred from "effect/Deferred"
+import * as Effect from "effect/Effect"
+import * as Fiber from "effect/Fiber"
+import * as Option from "effect/Option"
+import * as TestClock from "effect/TestClock"
+import * as Crypto from "node:crypto"
+import * as Control from "../src/Control.js"
+import * as GuestRam from "../src/GuestRam.js"
+import * as Migration from "../src/Migration.js"
+import type * as MigrationError from "../src/MigrationError.js"
+import * as Transport from "../src/Transport.js"
+import { advanceUntil } from "./support/clock.js"
+import { expectOneLine, failureOf } from "./support/failures.js"
+import { noHang } from "./support/guards.js"
+import { leakFree } from "./support/handles.js"
+import { sameMemory } from "./support/memory.js"
+import { slowLink } from "./support/slowLink.js"
+
+const PAGE = 4096
+const tcp0: Transport.Address = { _tag: "Tcp", host: "127.0.0.1", port: 0 }
+const fiberDone = <A, E>(fiber: Fiber.Fiber<A, E>) => Effect.map(Fiber.poll(fiber), Option.isSome)
+
+/** `pages` random pages in one block. */
+const randomRam = (pages: number) => GuestRam.make({ blocks: [{ name: "pc.ram", bytes: Crypto.randomBytes(pages * PAGE) }] })
+
+/** A destination with `timeouts`, in a fiber of the caller's scope, behind a slow link passing `rate` bytes/s a channel. */
+const behindSlowLink = (timeouts: Migration.Timeouts, plan: { readonly rate: number; readonly stopAfter?: number }) =>
+  Effect.gen(function*() {
+    const listener = yield* Transport.listen(tcp0)
+    const fiber = yield* Effect.forkScoped(Migration.incoming(listener, { timeouts }))
+    const link = yield* Effect.acquireRelease(
+      Effect.promise(() => slowLink({ host: "127.0.0.1", port: (listener.address as { readonly port: number }).port }, plan)),
+      (link) => Effect.promise(() => link.close())
+    )
+    return { fiber, link, address: { _tag: "Tcp", host: "127.0.0.1", port: link.port } as Transport.Address }
+  })
+
+const migrate = (address: Transport.Address, ram: GuestRam.GuestRam["Type"], timeouts: Migration.Timeouts) =>
+  Migration.migrate({ address, channels: 2, timeouts }).pipe(
+    Effect.provide(Transport.layer),
+    Effect.provideService(GuestRam.GuestRam, ram)
+  )
+
+describe("a slow link is not a dead one", () => {
+  // a round of 2 × 512 KiB at 200 KiB/s a channel: about 2.6 s of arrival, more than twice the peer timeout
+  const TIMEOUTS = { connect: "2 seconds", handshake: "2 seconds", peer: "1 second" } as const
+
+  it.live("a round's bytes arriving for longer than the peer timeout: the migration succeeds, the memories are equal", () =>
+    leakFree(Effect.gen(function*() {
+      const ram = yield* randomRam(256)
+      const dest = yield* behindSlowLink(TIMEOUTS, { rate: 200 * 1024 })
+      const started = Date.now()
+      const stats = yield* noHang(migrate(dest.address, ram, TIMEOUTS), "the migration over the slow link", 30)
+      const received = yield* noHang(Fiber.join(dest.fiber), "the destination", 30)
+      expect(sameMemory(received.ram, ram)).toBe(true)
+      expect(stats.ramBytes).toBe(ram.size)
+      // the round did take longer than two peer timeouts: the waits were bounded by silence, not by the whole
+      expect(Date.now() - started).toBeGreaterThan(2_000)
+      expect(dest.link.passed()).toBeGreaterThanOrEqual(ram.size)
+    })), 40_000)
+
+  it.live("the link goes dead mid-round: both sides fail within the timeouts, each with one line", () =>
+    leakFree(Effect.gen(function*() {
+      const ram = yield* randomRam(256)
+      // 300 KiB of each channel pass, then nothing (nothing is closed either)
+      const dest = yield* behindSlowLink(TIMEOUTS, { rate: 400 * 1024, stopAfter: 300 * 1024 })
+      const source = yield* Effect.exit(noHang(migrate(dest.address, ram, TIMEOUTS), "the source", 20))
+      const destination = yield* noHang(Fiber.await(dest.fiber), "the destination", 20)
+      const sourceError = failureOf(source) as MigrationError.MigrationError
+      const destinationError = failureOf(destination) as MigrationError.MigrationError
+      expectOneLine(sourceError)
+      expectOneLine(destinationError)
+    })), 40_000)
+})
+
+describe("the source's wait for a round's acknowledgement (TestClock)", () => {
+  const TIMEOUTS = { connect: "2 seconds", handshake: "2 seconds", peer: "2 seconds" } as const
+
+  /**
+   * A fake destination: accepts, reads the channels, and answers the first flush with `Receiving` messages (one
+   * every 500 ms of the TestClock, counting `bytes(i)` for the i-th) until `ackAfter` of them, then `FlushAck`;
+   * later flushes at once. `Done` after `Complete`.
+   */
+  const fakeDestination = (bytes: (i: number) => number, ackAfter: number) =>
+    Effect.gen(function*() {
+      const listener = yield* Transport.listen(tcp0)
+      const flushed = yield* Deferred.make<void>()
+      const drain = (connection: Transport.Connection): Effect.Effect<void, Transport.TransportError> =>
+        Effect.forever(connection.read(64)).pipe(Effect.ignore)
+      const fake = Effect.gen(function*() {
+        const control = yield* listener.accept
+        yield* control.read(4)
+        const hello = (yield* Control.receive(control)) as Control.Hello
+        expect(hello.receiving).toBe(true)
+        yield* Control.send(control, new Control.Accept())
+        for (let i = 0; i < hello.channels; i++) yield* Effect.forkScoped(drain(yield* listener.accept))
+        let first = true
+        while (true) {
+          const message = yield* Control.receive(control)
+          if (message._tag === "Flush") {
+            if (first) {
+              first = false
+              yield* Deferred.succeed(flushed, undefined)
+              for (let i = 0; i < ackAfter; i++) {
+                yield* Effect.sleep("500 millis")
+                yield* Control.send(control, new Control.Receiving({ round: message.round, bytes: bytes(i) }))
+              }
+            }
+            yield* Control.send(control, new Control.FlushAck({ round: message.round }))
+          }
+          if (message._tag === "Complete") yield* Control.send(control, new Control.Done())
+        }
+      }).pipe(Effect.ignore, Effect.scoped)
+      yield* Effect.forkScoped(fake)
+      return { address: listener.address, flushed }
+    })
+
+  it.effect("a count that grows restarts the peer timeout: acknowledged after four peer timeouts, the source succeeds", () =>
+    leakFree(Effect.gen(function*() {
+      const ram = yield* randomRam(16)
+      // 16 messages 500 ms apart: 8 s of TestClock before the FlushAck, the peer timeout is 2 s
+      const fake = yield* fakeDestination((i) => 1000 * (i + 1), 16)
+      const source = yield* Effect.forkScoped(migrate(fake.address, ram, TIMEOUTS))
+      yield* noHang(Deferred.await(fake.flushed), "the first flush")
+      const t0 = yield* TestClock.currentTimeMillis
+      yield* advanceUntil(fiberDone(source), "the source")
+      const stats = yield* Fiber.join(source)
+      expect(stats.ramBytes).toBe(ram.size)
+      expect((yield* TestClock.currentTimeMillis) - t0).toBeGreaterThanOrEqual(8_000)
+    })))
+
+  it.effect("a count that does not grow does not: the source times out one peer timeout after the last growth", () =>
+    leakFree(Effect.gen(function*() {
+      const ram = yield* randomRam(16)
+      // the count grows for the first two messages (1 s), then stays: the source gives up at about 3 s
+      const fake = yield* fakeDestination((i) => Math.min(i, 1) * 1000 + 1000, 1000)
+      const source = yield* Effect.forkScoped(migrate(fake.address, ram, TIMEOUTS))
+      yield* noHang(Deferred.await(fake.flushed), "the first flush")
+      const t0 = yield* TestClock.currentTimeMillis
+      yield* advanceUntil(fiberDone(source), "the source timing out")
+      const error = failureOf(yield* Fiber.await(source)) as MigrationError.MigrationError
+      expect(error.reason).toBe("Timeout")
+      expect(error.message).toBe(
+        "timed out after 2s waiting for the destination to acknowledge the flush (it last said it had received 2000 bytes)"
+      )
+      const waited = (yield* TestClock.currentTimeMillis) - t0
+      expect(waited).toBeGreaterThanOrEqual(3_000)
+      expect(waited).toBeLessThanOrEqual(3_500)
+    })))
+})
+
+describe("Control.Receiving on the wire", () => {
+  const hello = (extra: Partial<{ receiving: boolean }>) =>
+    new Control.Hello({
+      version: Control.VERSION,
+      uuid: Crypto.randomUUID(),
+      pageSize: PAGE,
+      channels: 1,
+      compression: "none",
+      zeroPage: "multifd",
+      blocks: [{ name: "ram", size: 16 * PAGE }],
+      ...extra
+    })
+  const decoded = (message: Control.Message) => {
+    const frame = Control.encode(message)
+    return Control.decode(frame.subarray(4))
+  }
+
+  it("a Receiving round-trips; a negative count or a fractional round is a bad message naming the field", () => {
+    const back = decoded(new Control.Receiving({ round: 3, bytes: 123456 }))
+    expect(back._tag === "Right" && back.right).toMatchObject({ _tag: "Receiving", round: 3, bytes: 123456 })
+    const bad = Control.decode(Buffer.from(JSON.stringify({ _tag: "Receiving", round: 1, bytes: -5 })))
+    expect(bad._tag).toBe("Left")
+    expect(bad._tag === "Left" && bad.left.message).toContain("Receiving: [\"bytes\"]")
+    const fractional = Control.decode(Buffer.from(JSON.stringify({ _tag: "Receiving", round: 1.5, bytes: 5 })))
+    expect(fractional._tag === "Left" && fractional.left.message).toContain("Receiving: [\"round\"]")
+  })
+
+  it("a hello says whether the source hears Receiving; an older source's hello (without the field) does not", () => {
+    const ours = decoded(hello({ receiving: true }))
+    expect(ours._tag === "Right" && (ours.right as Control.Hello).receiving).toBe(true)
+    const older = decoded(hello({}))
+    expect(older._tag === "Right" && (older.right as Control.Hello).receiving).toBeUndefined()
+  })
+})
