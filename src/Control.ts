@@ -2,8 +2,8 @@
  * The main (control) channel: a 4-byte magic, then length-prefixed JSON messages defined and validated
  * with `effect/Schema`. The destination answers on the same connection (a return path QEMU's precopy lacks).
  *
- * A conversation: `Hello` → `Accept` | `Reject`; per round `Flush` → `Receiving`* → `FlushAck`; `Complete`
- * (digests) → `Storing`* → `Done` | `Abort`. `Done` is the destination's promise that the migration is finished on its
+ * A conversation: `Hello` → `Accept` | `Reject`; per round `Flush` → `Receiving`* → `FlushAck`; `Hashing`* →
+ * `Complete` (digests) → `Hashing`* → `Storing`* → `Done` | `Abort`. `Done` is the destination's promise that the migration is finished on its
  * side: the digests matched *and*, when the destination has a store step (an image file it writes), the
  * memory is durably stored there. Until `Done` the source must not report success. `Abort` either way ends
  * the migration with a reason.
@@ -71,12 +71,12 @@ export class Hello extends Schema.TaggedClass<Hello>()("Hello", {
    */
   reconnectMs: Schema.optional(Schema.Number.pipe(Schema.nonNegative())),
   /**
-   * The source understands `Receiving`: while a round's last bytes are still arriving, the destination says
-   * so, and the source's wait for the `FlushAck` is bounded by the silence between two messages, not by the
-   * peer timeout as a whole (on a slow link the kernels' buffers alone may take longer than that to drain).
-   * Absent (an older source): the destination sends no `Receiving`.
+   * The source understands the destination's heartbeats, which say that a wait is work, not a dead peer:
+   * `Receiving` while a round's last bytes still arrive (on a slow link the kernels' buffers alone may take
+   * longer than the peer timeout to drain) and `Hashing` while it hashes the memory for the digests. Absent (an
+   * older source): the destination sends neither.
    */
-  receiving: Schema.optional(Schema.Boolean)
+  heartbeats: Schema.optional(Schema.Boolean)
 }) {}
 
 /**
@@ -85,7 +85,10 @@ export class Hello extends Schema.TaggedClass<Hello>()("Hello", {
  * @since 0.1.0
  * @category schemas
  */
-export class Accept extends Schema.TaggedClass<Accept>()("Accept", {}) {}
+export class Accept extends Schema.TaggedClass<Accept>()("Accept", {
+  /** The destination understands the source's `Hashing` (absent: an older destination, which is sent none). */
+  heartbeats: Schema.optional(Schema.Boolean)
+}) {}
 
 /**
  * Destination → source: the migration is refused, with the reason.
@@ -118,7 +121,7 @@ export class FlushAck extends Schema.TaggedClass<FlushAck>()("FlushAck", { round
 /**
  * Destination → source: the multifd channels are still bringing round `round`'s bytes (`bytes` in all so
  * far). Sent between a `Flush` and its `FlushAck`, about every second, and only while bytes arrive, to a
- * source whose hello asked for it (`receiving`): a slow link is told apart from a dead one.
+ * source whose hello asked for heartbeats: a slow link is told apart from a dead one.
  *
  * @since 0.1.0
  * @category schemas
@@ -127,6 +130,17 @@ export class Receiving extends Schema.TaggedClass<Receiving>()("Receiving", {
   round: Schema.Number.pipe(Schema.int(), Schema.nonNegative()),
   bytes: Schema.Number.pipe(Schema.nonNegative())
 }) {}
+
+/**
+ * Either side → the other: still hashing the memory for the digests, sent about every second while it does,
+ * and only to a peer that said it understands heartbeats (`Hello.heartbeats`, `Accept.heartbeats`): hashing
+ * runs at a few GiB a second, so a large memory takes longer than the peer timeout, which then bounds the
+ * silence between two messages rather than the whole digest.
+ *
+ * @since 0.1.0
+ * @category schemas
+ */
+export class Hashing extends Schema.TaggedClass<Hashing>()("Hashing", {}) {}
 
 /**
  * Source → destination: nothing more to send; the source's per-block digests.
@@ -219,6 +233,7 @@ export const Message = Schema.Union(
   Flush,
   FlushAck,
   Receiving,
+  Hashing,
   Complete,
   Storing,
   Done,
@@ -241,7 +256,7 @@ const encodeJson = Schema.encodeSync(Schema.parseJson(Message))
 /** One decoder per message tag: a bad message is described by its own schema, not by the whole union's. */
 const decoders: Readonly<Record<string, (u: unknown) => Either.Either<Message, ParseResult.ParseError>>> = Object
   .fromEntries(
-    [Hello, Accept, Reject, Flush, FlushAck, Receiving, Complete, Storing, Done, Abort, Reattach, Reattached, Lost].map((
+    [Hello, Accept, Reject, Flush, FlushAck, Receiving, Hashing, Complete, Storing, Done, Abort, Reattach, Reattached, Lost].map((
       schema
     ) => [
       schema._tag,

@@ -128,11 +128,19 @@ interface Speculative {
 }
 
 /**
+ * How often a side says it is still at work (receiving, hashing, storing):
+ * every second, or a quarter of the peer timeout.
+ */
+const heartbeatInterval = (peer: Duration.DurationInput) =>
+  Duration.min(Duration.seconds(1), Duration.times(Duration.decode(peer), 0.25))
+
+/**
  * Acknowledges flush after flush (each once every channel reached its barrier) until the source completes;
  * the rounds seen, the `Complete` message and the digest started after the final flush, if it was. A round's
  * last bytes may take long on a slow link (the kernels' buffers drain at the link's rate): the wait for the
- * barrier fails only after the peer timeout without any byte, and a source that asked for it (`receiving`)
- * hears `Receiving` about every second while bytes arrive.
+ * barrier fails only after the peer timeout without any byte, and a source that asked for heartbeats hears
+ * `Receiving` about every second while bytes arrive. The source's `Hashing` (a large memory takes longer to
+ * hash than the peer timeout) restarts the wait for its next message.
  */
 const receiveRounds = (
   recv: MultifdRecv.MultifdRecv["Type"],
@@ -145,7 +153,7 @@ const receiveRounds = (
   describeMissing: Effect.Effect<string>,
   recorder: Recorder.Recorder,
   tracker: Status.Tracker,
-  receiving: boolean
+  heartbeats: boolean
 ) =>
   Effect.gen(function*() {
     // bytes arrived, to the byte (a packet's part included): on a slow link a packet takes seconds to arrive
@@ -153,7 +161,7 @@ const receiveRounds = (
       Effect.zip(recv.stats, recv.unfinished),
       ([stats, unfinished]) => unfinished.reduce((n, u) => n + u.bytes, stats.bytes)
     )
-    const interval = Duration.min(Duration.seconds(1), Duration.times(Duration.decode(peer), 0.25))
+    const interval = heartbeatInterval(peer)
     /** Tells the source about every `interval` that bytes of `round` still arrive (never when none did). */
     const stillReceiving = (round: number) =>
       Effect.gen(function*() {
@@ -177,12 +185,14 @@ const receiveRounds = (
         "without any data from the source"
       )
       if (message._tag === "Complete") return { rounds, complete: message, speculative }
+      // the source hashes its memory (after its last round): each of its heartbeats restarts the wait
+      if (message._tag === "Hashing") continue
       if (message._tag !== "Flush") return yield* Conversation.unexpected(message, "during the transfer")
       // the source's writers are paused for its final round
       if (message.final) yield* tracker.update({ phase: "switchover" })
       const reached = Effect.raceFirst(recv.sync, recv.failure)
       yield* unlessStalled(
-        receiving ? Effect.raceFirst(reached, stillReceiving(message.round)) : reached,
+        heartbeats ? Effect.raceFirst(reached, stillReceiving(message.round)) : reached,
         progress,
         peer,
         "waiting for every multifd channel to reach the sync point"
@@ -203,20 +213,31 @@ const receiveRounds = (
     }
   })
 
-/** Compares the memory's digests with the source's; on a mismatch tells the source and fails. */
+/**
+ * Compares the memory's digests with the source's; on a mismatch tells the source and fails. A source that
+ * asked for heartbeats hears `Hashing` about every second until this side's digest is done.
+ */
 const verify = (
   recv: MultifdRecv.MultifdRecv["Type"],
   complete: Control.Complete,
   digest: Effect.Effect<ReadonlyArray<GuestRam.BlockDigest>>,
   speculative: Speculative | undefined,
-  tell: (message: Control.Message) => Effect.Effect<void, MigrationError.ChannelError | Transport.TransportError>
+  tell: (message: Control.Message) => Effect.Effect<void, MigrationError.ChannelError | Transport.TransportError>,
+  heartbeats: { readonly peer: Duration.DurationInput } | undefined
 ) =>
   Effect.gen(function*() {
     // the early digest holds only if no packet began writing memory since it started
     const early = speculative !== undefined && (yield* recv.writesBegun) === speculative.writes
       ? speculative.digest
       : undefined
-    const mine = early !== undefined ? yield* Fiber.join(early) : yield* digest
+    const computing = early !== undefined ? Fiber.join(early) : digest
+    const hashing = (peer: Duration.DurationInput) =>
+      Effect.forever(Effect.zipRight(
+        Effect.sleep(heartbeatInterval(peer)),
+        // a write that fails means the source is gone, which the control reader reports
+        Effect.ignore(tell(new Control.Hashing()))
+      ))
+    const mine = yield* (heartbeats === undefined ? computing : Effect.raceFirst(computing, hashing(heartbeats.peer)))
     yield* Effect.logDebug(early !== undefined ? "digests computed (after the final flush)" : "digests computed")
     const theirs = new Map(complete.digests.map((d) => [d.name, d.digest]))
     const bad = mine.filter((d) => theirs.get(d.name) !== d.digest).map((d) => d.name)
@@ -246,7 +267,7 @@ const store = <E>(
 ) =>
   Effect.gen(function*() {
     if (step === undefined) return
-    const interval = Duration.min(Duration.seconds(1), Duration.times(Duration.decode(peer), 0.25))
+    const interval = heartbeatInterval(peer)
     // a write that fails means the source is gone, which the control reader reports
     const heartbeat = Effect.forever(
       Effect.zipRight(Effect.ignore(Conversation.tell(control, new Control.Storing())), Effect.sleep(interval))
@@ -375,7 +396,7 @@ export const run = <E>(listener: Transport.Listener, settings: Settings<E>): Eff
         yield* tracker.active
         yield* Effect.logDebug(`every multifd channel adopted (${hello.channels})`)
       })))
-      yield* tell(new Control.Accept())
+      yield* tell(new Control.Accept({ heartbeats: true }))
       // the hashing threads start while the source connects its channels, rather than in the downtime
       const digest = yield* GuestRam.digester(ram)
       // the receive rate over the last second; a received migration's last report counts every page
@@ -408,10 +429,17 @@ export const run = <E>(listener: Transport.Listener, settings: Settings<E>): Eff
         describeMissing,
         recorder,
         tracker,
-        hello.receiving === true
+        hello.heartbeats === true
       )
       yield* recv.expectEnd
-      yield* verify(recv, complete, digest, speculative, tell)
+      yield* verify(
+        recv,
+        complete,
+        digest,
+        speculative,
+        tell,
+        hello.heartbeats === true ? { peer: timeouts.peer } : undefined
+      )
       // Done promises the memory is verified and, with a store step, stored: the source reports success on it
       yield* store(ram, settings.store, ctl, timeouts.peer)
       yield* Deferred.succeed(doneSent, undefined)

@@ -154,7 +154,7 @@ export const run = (
           zeroPage: settings.zeroPage,
           blocks: GuestRam.layoutOf(ram),
           ...(reconnecting ? { reconnectMs: withinMs } : {}),
-          receiving: true
+          heartbeats: true
         })
       )
       const answer = yield* next("waiting for the destination to accept the migration")
@@ -167,7 +167,16 @@ export const run = (
       }
       if (answer._tag !== "Accept") return yield* Conversation.unexpected(answer, "instead of Accept")
       yield* Effect.logDebug(`main channel: the destination accepted migration ${uuidText}`)
+      // whether the destination understands this side's heartbeats (`Hashing`)
+      return answer.heartbeats === true
     }).pipe(Effect.withSpan("multifd.propose"))
+
+    /** Says `Hashing` about every second (or a quarter of the peer timeout), until interrupted. */
+    const hashing = Effect.forever(Effect.zipRight(
+      Effect.sleep(Duration.min(Duration.seconds(1), Duration.times(Duration.decode(timeouts.peer), 0.25))),
+      // a write that fails means the destination is gone, which the control reader reports
+      Effect.ignore(tell(new Control.Hashing()))
+    ))
 
     /** The channel set, then every round of pages; the last one with writers paused. */
     let previousStart: number | undefined
@@ -246,9 +255,9 @@ export const run = (
       })
 
     /**
-     * Done comes once the destination verified and stored the memory; while it stores (a big image on a slow
-     * disk may take longer than the peer timeout) it says so about every second, and the peer timeout bounds
-     * the silence between two messages rather than the whole store.
+     * Done comes once the destination verified and stored the memory; while it hashes (a large memory) and while
+     * it stores (a big image on a slow disk) it says so about every second, and the peer timeout bounds the
+     * silence between two messages rather than the whole digest or store.
      */
     const confirmed = (waiting: string): Effect.Effect<void, Failure> =>
       Effect.flatMap(next(waiting), (message) =>
@@ -256,6 +265,8 @@ export const run = (
           ? Effect.asVoid(Deferred.succeed(doneReceived, undefined))
           : message._tag === "Storing"
           ? confirmed("waiting for the destination to store the image")
+          : message._tag === "Hashing"
+          ? confirmed(waiting)
           : Conversation.unexpected(message, "instead of Done"))
 
     /** Every connection ended gracefully: the peer takes the last bytes within the peer timeout. */
@@ -273,7 +284,7 @@ export const run = (
       }).pipe(Effect.withSpan("multifd.close"))
 
     const migration = Effect.gen(function*() {
-      yield* propose
+      const heartbeats = yield* propose
       const send = yield* MultifdSend.make({
         address: settings.address,
         channels,
@@ -310,7 +321,10 @@ export const run = (
       yield* tracker.active
       yield* Effect.logDebug(`every multifd channel established (${channels})`)
       const { pagesPerRound, pausedAt } = yield* transfer(send)
-      const digests = yield* digest.pipe(Effect.withSpan("multifd.digest"))
+      // a large memory takes longer to hash than the peer timeout: the destination hears that this side hashes
+      const digests = yield* (heartbeats ? Effect.raceFirst(digest, hashing) : digest).pipe(
+        Effect.withSpan("multifd.digest")
+      )
       yield* Effect.logDebug("digests computed")
       yield* tell(new Control.Complete({ digests }))
       yield* Effect.raceFirst(confirmed("waiting for the destination to verify the digests"), send.failure).pipe(

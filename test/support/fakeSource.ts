@@ -15,8 +15,17 @@ export const BLOCK = "pc.ram"
 export const BLOCK_PAGES = 256 // 1 MiB
 const HEADER_SIZE = Protocol.headerSize(PAGE)
 
-/** Connects the main channel, sends the magic and a valid Hello for `channels` channels; dies unless accepted. */
-export const fakeSource = (address: Transport.Address, channels: number, compression: Protocol.Compression = "none") =>
+/**
+ * Connects the main channel, sends the magic and a valid Hello for `channels` channels (asking for the
+ * destination's heartbeats with `heartbeats`, as this library's sources do; without, as an older source);
+ * dies unless accepted.
+ */
+export const fakeSource = (
+  address: Transport.Address,
+  channels: number,
+  compression: Protocol.Compression = "none",
+  heartbeats = false
+) =>
   Effect.gen(function*() {
     const uuid = Crypto.randomUUID()
     const control = yield* Transport.connect(address)
@@ -29,7 +38,8 @@ export const fakeSource = (address: Transport.Address, channels: number, compres
       channels,
       compression,
       zeroPage: "multifd",
-      blocks: [{ name: BLOCK, size: BLOCK_PAGES * PAGE }]
+      blocks: [{ name: BLOCK, size: BLOCK_PAGES * PAGE }],
+      ...(heartbeats ? { heartbeats: true } : {})
     })
     yield* control.write([magic, Control.encode(hello)])
     const answer = yield* Control.receive(control)
@@ -37,7 +47,7 @@ export const fakeSource = (address: Transport.Address, channels: number, compres
     /** Opens a multifd connection announcing channel `id` (with this migration's uuid unless told otherwise). */
     const channel = (id: number, uuid_ = uuid) =>
       Effect.tap(Transport.connect(address), (c) => c.write([Protocol.encodeInit({ uuid: Protocol.parseUuid(uuid_)!, id })]))
-    return { uuid, control, channel }
+    return { uuid, control, channel, accept: answer }
   })
 
 let packetNum = 0n

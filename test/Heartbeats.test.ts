@@ -1,4 +1,8 @@
 /**
+ * A slow peer is not a dead one: the waits that may legitimately outlast the peer timeout are bounded by the
+ * silence between two heartbeats instead (`Receiving` while a round's bytes arrive, `Hashing` while a side
+ * hashes a large memory; `Storing` is Trust.test's).
+ *
  * A slow link is not a dead one. On a slow link a round's last bytes sit in the kernels' buffers (and the
  * network's) after the source wrote them, and reach the destination at the link's rate: longer, possibly, than
  * the peer timeout. The destination waits at the round's barrier while bytes arrive and tells the source so
@@ -10,7 +14,11 @@
  * - the same link going dead mid-round: both sides fail, each with one line, nothing hangs or leaks;
  * - the source's rule, against a fake destination on the TestClock: a `Receiving` whose count grows restarts
  *   the peer timeout, one that repeats the same count does not;
- * - the messages: `Receiving` on the wire, and an older source's hello (no `receiving`: it hears none).
+ * - the messages: `Receiving` on the wire, and an older source's hello (no `heartbeats`: it hears none).
+ *
+ * Hashing a large memory takes longer than the peer timeout (a few GiB a second). Against fakes on the
+ * TestClock, each side's `Hashing` keeps the other waiting, for four peer timeouts; a peer that falls silent
+ * after it is timed out one peer timeout after its last word.
  */
 import { describe, expect, it } from "@effect/vitest"
 import * as Deferred from "effect/Deferred"
@@ -27,7 +35,8 @@ import * as Transport from "../src/Transport.js"
 import { advanceUntil } from "./support/clock.js"
 import { expectOneLine, failureOf } from "./support/failures.js"
 import { noHang } from "./support/guards.js"
-import { leakFree } from "./support/handles.js"
+import { BLOCK, BLOCK_PAGES, fakeSource, PAGE as FAKE_PAGE, ramPacket, randomPage, syncPacket } from "./support/fakeSource.js"
+import { leakFree, nextTurn } from "./support/handles.js"
 import { sameMemory } from "./support/memory.js"
 import { slowLink } from "./support/slowLink.js"
 
@@ -106,7 +115,7 @@ describe("the source's wait for a round's acknowledgement (TestClock)", () => {
         const control = yield* listener.accept
         yield* control.read(4)
         const hello = (yield* Control.receive(control)) as Control.Hello
-        expect(hello.receiving).toBe(true)
+        expect(hello.heartbeats).toBe(true)
         yield* Control.send(control, new Control.Accept())
         for (let i = 0; i < hello.channels; i++) yield* Effect.forkScoped(drain(yield* listener.accept))
         let first = true
@@ -165,7 +174,7 @@ describe("the source's wait for a round's acknowledgement (TestClock)", () => {
 })
 
 describe("Control.Receiving on the wire", () => {
-  const hello = (extra: Partial<{ receiving: boolean }>) =>
+  const hello = (extra: Partial<{ heartbeats: boolean }>) =>
     new Control.Hello({
       version: Control.VERSION,
       uuid: Crypto.randomUUID(),
@@ -192,9 +201,138 @@ describe("Control.Receiving on the wire", () => {
   })
 
   it("a hello says whether the source hears Receiving; an older source's hello (without the field) does not", () => {
-    const ours = decoded(hello({ receiving: true }))
-    expect(ours._tag === "Right" && (ours.right as Control.Hello).receiving).toBe(true)
+    const ours = decoded(hello({ heartbeats: true }))
+    expect(ours._tag === "Right" && (ours.right as Control.Hello).heartbeats).toBe(true)
     const older = decoded(hello({}))
-    expect(older._tag === "Right" && (older.right as Control.Hello).receiving).toBeUndefined()
+    expect(older._tag === "Right" && (older.right as Control.Hello).heartbeats).toBeUndefined()
   })
+})
+
+describe("hashing a large memory (TestClock)", () => {
+  const TIMEOUTS = { connect: "2 seconds", handshake: "2 seconds", peer: "2 seconds" } as const
+
+  /** Moves the TestClock by `ms` in 100 ms steps, letting the event loop turn after each (sockets deliver). */
+  const advance = (ms: number) =>
+    Effect.forEach(Array.from({ length: ms / 100 }), () => Effect.zipRight(TestClock.adjust("100 millis"), nextTurn), {
+      discard: true
+    })
+
+  /**
+   * A fake destination whose Accept says it hears heartbeats: acknowledges every flush; after Complete, sends
+   * `Hashing` every 500 ms of the TestClock `hashFor` times, then `Done` if `done`, else nothing more.
+   */
+  const hashingDestination = (hashFor: number, done: boolean) =>
+    Effect.gen(function*() {
+      const listener = yield* Transport.listen(tcp0)
+      const completed = yield* Deferred.make<void>()
+      const sent = { hashing: 0 }
+      const drain = (connection: Transport.Connection): Effect.Effect<void, Transport.TransportError> =>
+        Effect.forever(connection.read(64)).pipe(Effect.ignore)
+      const fake = Effect.gen(function*() {
+        const control = yield* listener.accept
+        yield* control.read(4)
+        const hello = (yield* Control.receive(control)) as Control.Hello
+        expect(hello.heartbeats).toBe(true)
+        yield* Control.send(control, new Control.Accept({ heartbeats: true }))
+        for (let i = 0; i < hello.channels; i++) yield* Effect.forkScoped(drain(yield* listener.accept))
+        while (true) {
+          const message = yield* Control.receive(control)
+          if (message._tag === "Flush") yield* Control.send(control, new Control.FlushAck({ round: message.round }))
+          if (message._tag === "Complete") {
+            yield* Deferred.succeed(completed, undefined)
+            for (let i = 0; i < hashFor; i++) {
+              yield* Effect.sleep("500 millis")
+              yield* Control.send(control, new Control.Hashing())
+              sent.hashing++
+            }
+            if (done) yield* Control.send(control, new Control.Done())
+          }
+        }
+      }).pipe(Effect.ignore, Effect.scoped)
+      yield* Effect.forkScoped(fake)
+      return { address: listener.address, completed, sent }
+    })
+
+  it.effect("the destination hashes for four peer timeouts, saying so: the source waits, then succeeds", () =>
+    leakFree(Effect.gen(function*() {
+      const ram = yield* randomRam(16)
+      const fake = yield* hashingDestination(16, true)
+      const source = yield* Effect.forkScoped(migrate(fake.address, ram, TIMEOUTS))
+      yield* noHang(Deferred.await(fake.completed), "the source's Complete")
+      const t0 = yield* TestClock.currentTimeMillis
+      yield* advanceUntil(fiberDone(source), "the source")
+      const stats = yield* Fiber.join(source)
+      expect(stats.ramBytes).toBe(ram.size)
+      expect(fake.sent.hashing).toBe(16)
+      expect((yield* TestClock.currentTimeMillis) - t0).toBeGreaterThanOrEqual(8_000)
+    })))
+
+  it.effect("the destination says Hashing, then nothing: the source times out one peer timeout after its last word", () =>
+    leakFree(Effect.gen(function*() {
+      const ram = yield* randomRam(16)
+      const fake = yield* hashingDestination(4, false)
+      const source = yield* Effect.forkScoped(migrate(fake.address, ram, TIMEOUTS))
+      yield* noHang(Deferred.await(fake.completed), "the source's Complete")
+      const t0 = yield* TestClock.currentTimeMillis
+      yield* advanceUntil(fiberDone(source), "the source timing out")
+      const error = failureOf(yield* Fiber.await(source)) as MigrationError.MigrationError
+      expect(error.reason).toBe("Timeout")
+      expect(error.message).toBe("timed out after 2s waiting for the destination to verify the digests")
+      const waited = (yield* TestClock.currentTimeMillis) - t0
+      expect(waited).toBeGreaterThanOrEqual(4_000)
+      expect(waited).toBeLessThanOrEqual(4_600)
+    })))
+
+  /**
+   * A destination behind a fake source that asks for heartbeats: four pages and a final round on one channel,
+   * then `Hashing` every 500 ms of the TestClock `hashFor` times, then (if `complete`) the right digests.
+   */
+  const hashingSource = (hashFor: number, complete: boolean) =>
+    Effect.gen(function*() {
+      const ram = yield* GuestRam.make({ blocks: [{ name: BLOCK, size: BLOCK_PAGES * FAKE_PAGE }] })
+      const listener = yield* Transport.listen(tcp0)
+      const dest = yield* Effect.forkScoped(Migration.incoming(listener, { timeouts: TIMEOUTS, ram }))
+      const src = yield* fakeSource(listener.address, 1, "none", true)
+      expect((src.accept as Control.Accept).heartbeats).toBe(true)
+      const c0 = yield* src.channel(0)
+      const expected = yield* GuestRam.make({ blocks: [{ name: BLOCK, size: BLOCK_PAGES * FAKE_PAGE }] })
+      const pages = [0, 1, 2, 3].map((p) => ({ offset: p * FAKE_PAGE, bytes: randomPage() }))
+      for (const p of pages) Buffer.from(p.bytes).copy(expected.block(BLOCK)!.bytes, p.offset)
+      yield* c0.write(ramPacket(pages))
+      yield* c0.write([syncPacket()])
+      yield* src.control.write([Control.encode(new Control.Flush({ round: 0, final: true }))])
+      expect(yield* noHang(Control.receive(src.control), "FlushAck")).toMatchObject({ _tag: "FlushAck", round: 0 })
+      const t0 = yield* TestClock.currentTimeMillis
+      for (let i = 0; i < hashFor; i++) {
+        yield* advance(500)
+        yield* src.control.write([Control.encode(new Control.Hashing())])
+      }
+      if (complete) {
+        yield* src.control.write([Control.encode(new Control.Complete({ digests: yield* GuestRam.digest(expected) }))])
+        expect(yield* noHang(Control.receive(src.control), "Done")).toMatchObject({ _tag: "Done" })
+        yield* Effect.all([c0.end, src.control.end], { discard: true })
+      }
+      return { dest, ram, expected, t0 }
+    })
+
+  it.effect("the source hashes for four peer timeouts, saying so: the destination waits, then verifies", () =>
+    leakFree(Effect.gen(function*() {
+      const { dest, expected, ram, t0 } = yield* hashingSource(16, true)
+      expect((yield* TestClock.currentTimeMillis) - t0).toBeGreaterThanOrEqual(8_000)
+      yield* noHang(Fiber.join(dest), "the destination")
+      expect(sameMemory(ram, expected)).toBe(true)
+    })))
+
+  it.effect("the source says Hashing, then nothing: the destination times out one peer timeout after its last word", () =>
+    leakFree(Effect.gen(function*() {
+      const { dest, t0 } = yield* hashingSource(4, false)
+      const last = yield* TestClock.currentTimeMillis
+      expect(last - t0).toBeGreaterThanOrEqual(2_000)
+      yield* advanceUntil(fiberDone(dest), "the destination timing out")
+      const error = failureOf(yield* Fiber.await(dest)) as MigrationError.MigrationError
+      expect(error.reason).toBe("Timeout")
+      const waited = (yield* TestClock.currentTimeMillis) - last
+      expect(waited).toBeGreaterThanOrEqual(2_000)
+      expect(waited).toBeLessThanOrEqual(2_600)
+    })))
 })
