@@ -119,9 +119,11 @@ export class Flush extends Schema.TaggedClass<Flush>()("Flush", {
 export class FlushAck extends Schema.TaggedClass<FlushAck>()("FlushAck", { round: Schema.Number }) {}
 
 /**
- * Destination → source: the multifd channels are still bringing round `round`'s bytes (`bytes` in all so
- * far). Sent between a `Flush` and its `FlushAck`, about every second, and only while bytes arrive, to a
- * source whose hello asked for heartbeats: a slow link is told apart from a dead one.
+ * Destination → source: `bytes` have arrived on the multifd channels so far (`round`: the rounds it has
+ * acknowledged). Sent all through the rounds, about every second while that count grows (never when it does
+ * not), to a source whose hello asked for heartbeats: bytes reaching the destination are the source's
+ * progress too (on a slow link the kernels' buffers hide its own writes from it for seconds, and hold a
+ * round's last bytes after it wrote them), so a slow link is told apart from a dead one.
  *
  * @since 0.1.0
  * @category schemas

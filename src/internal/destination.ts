@@ -139,8 +139,9 @@ const heartbeatInterval = (peer: Duration.DurationInput) =>
  * the rounds seen, the `Complete` message and the digest started after the final flush, if it was. A round's
  * last bytes may take long on a slow link (the kernels' buffers drain at the link's rate): the wait for the
  * barrier fails only after the peer timeout without any byte, and a source that asked for heartbeats hears
- * `Receiving` about every second while bytes arrive. The source's `Hashing` (a large memory takes longer to
- * hash than the peer timeout) restarts the wait for its next message.
+ * `Receiving` about every second while bytes arrive, all through the rounds (bytes reaching this side are
+ * its progress too). The source's `Hashing` (a large memory takes longer to hash than the peer timeout)
+ * restarts the wait for its next message.
  */
 const receiveRounds = (
   recv: MultifdRecv.MultifdRecv["Type"],
@@ -162,55 +163,57 @@ const receiveRounds = (
       ([stats, unfinished]) => unfinished.reduce((n, u) => n + u.bytes, stats.bytes)
     )
     const interval = heartbeatInterval(peer)
-    /** Tells the source about every `interval` that bytes of `round` still arrive (never when none did). */
-    const stillReceiving = (round: number) =>
-      Effect.gen(function*() {
-        let last = yield* progress
-        while (true) {
-          yield* Effect.sleep(interval)
-          const now = yield* progress
-          if (now === last) continue
-          last = now
-          // a write that fails means the source is gone, which the control reader reports
-          yield* Effect.ignore(conversation.tell(new Control.Receiving({ round, bytes: now })))
-        }
-      })
     let rounds = 0
-    let speculative: Speculative | undefined
-    while (true) {
-      const message = yield* unlessStalled(
-        Effect.raceFirst(conversation.next, recv.failure),
-        progress,
-        peer,
-        "without any data from the source"
-      )
-      if (message._tag === "Complete") return { rounds, complete: message, speculative }
-      // the source hashes its memory (after its last round): each of its heartbeats restarts the wait
-      if (message._tag === "Hashing") continue
-      if (message._tag !== "Flush") return yield* Conversation.unexpected(message, "during the transfer")
-      // the source's writers are paused for its final round
-      if (message.final) yield* tracker.update({ phase: "switchover" })
-      const reached = Effect.raceFirst(recv.sync, recv.failure)
-      yield* unlessStalled(
-        heartbeats ? Effect.raceFirst(reached, stillReceiving(message.round)) : reached,
-        progress,
-        peer,
-        "waiting for every multifd channel to reach the sync point"
-      ).pipe(
-        Effect.catchTag("MigrationError", (e) =>
-          Effect.flatMap(describeMissing, (missing) =>
-            Effect.fail(new MigrationError.MigrationError({ reason: e.reason, detail: `${e.detail} (${missing})` }))))
-      )
-      rounds = Math.max(rounds, message.round + 1)
-      yield* conversation.tell(new Control.FlushAck({ round: message.round }))
-      yield* Effect.logDebug(`main channel: round ${message.round} acknowledged`)
-      yield* recorder.record(yield* recv.stats)
-      yield* recorder.round()
-      // after the last round's barrier the memory is final: hash it while the source hashes its own
-      if (message.final && speculative === undefined) {
-        speculative = { writes: yield* recv.writesBegun, digest: yield* Effect.forkScoped(digest) }
+    /** Tells the source about every `interval` how many bytes arrived, whenever more did (never else). */
+    const receiving = Effect.gen(function*() {
+      let last = yield* progress
+      while (true) {
+        yield* Effect.sleep(interval)
+        const now = yield* progress
+        if (now === last) continue
+        last = now
+        // a write that fails means the source is gone, which the control reader reports
+        yield* Effect.ignore(conversation.tell(new Control.Receiving({ round: rounds, bytes: now })))
       }
-    }
+    })
+    let speculative: Speculative | undefined
+    const loop = Effect.gen(function*() {
+      while (true) {
+        const message = yield* unlessStalled(
+          Effect.raceFirst(conversation.next, recv.failure),
+          progress,
+          peer,
+          "without any data from the source"
+        )
+        if (message._tag === "Complete") return { rounds, complete: message, speculative }
+        // the source hashes its memory (after its last round): each of its heartbeats restarts the wait
+        if (message._tag === "Hashing") continue
+        if (message._tag !== "Flush") return yield* Conversation.unexpected(message, "during the transfer")
+        // the source's writers are paused for its final round
+        if (message.final) yield* tracker.update({ phase: "switchover" })
+        const reached = Effect.raceFirst(recv.sync, recv.failure)
+        yield* unlessStalled(
+          reached,
+          progress,
+          peer,
+          "waiting for every multifd channel to reach the sync point"
+        ).pipe(
+          Effect.catchTag("MigrationError", (e) =>
+            Effect.flatMap(describeMissing, (missing) =>
+              Effect.fail(new MigrationError.MigrationError({ reason: e.reason, detail: `${e.detail} (${missing})` }))))
+        )
+        rounds = Math.max(rounds, message.round + 1)
+        yield* conversation.tell(new Control.FlushAck({ round: message.round }))
+        yield* Effect.logDebug(`main channel: round ${message.round} acknowledged`)
+        yield* recorder.record(yield* recv.stats)
+        yield* recorder.round()
+        // after the last round's barrier the memory is final: hash it while the source hashes its own
+        if (message.final && speculative === undefined) {
+          speculative = { writes: yield* recv.writesBegun, digest: yield* Effect.forkScoped(digest) }
+        }
+      }
+    })
+    return yield* (heartbeats ? Effect.raceFirst(loop, receiving) : loop)
   })
 
 /**

@@ -37,6 +37,12 @@ export interface Sink<E> {
    */
   readonly progress: Effect.Effect<number>
   /**
+   * Another counter that grows while pages move, if the sink has one: the bytes the destination says
+   * arrived. The stall detector counts either's growth (the kernels' buffers may hide this side's writes
+   * from it for seconds on a slow link); the bandwidth counts only `progress`.
+   */
+  readonly heard?: Effect.Effect<number> | undefined
+  /**
    * Pages sent so far in all rounds (their packets accepted by the sockets), if the sink can tell: the
    * progress reports count them. Without it they count the pages handed to the sink.
    */
@@ -171,7 +177,7 @@ export const run = <E, F>(
         })
         yield* unlessStalled(
           Effect.raceFirst(transfer, sink.failure),
-          sink.progress,
+          sink.heard === undefined ? sink.progress : Effect.zipWith(sink.progress, sink.heard, (sent, heard) => sent + heard),
           options.stallTimeout,
           "without progress sending pages"
         )

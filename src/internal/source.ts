@@ -26,7 +26,7 @@ import * as Transport from "../Transport.js"
 import * as Conversation from "./conversation.js"
 import * as Precopy from "./precopy.js"
 import * as Recorder from "./recorder.js"
-import { within } from "./stall.js"
+import { unlessStalled, within } from "./stall.js"
 import type * as Status from "./status.js"
 
 /** The source's options, checked and with their defaults. */
@@ -102,8 +102,16 @@ export const run = (
       }
       return loss
     }
+    // what the destination says arrived so far (`Receiving`): bytes reaching it are progress, whatever the
+    // kernels' buffers let this side see of its own writes
+    let arrived = 0
+    const heard = Effect.sync(() => arrived)
     yield* Effect.forkScoped(Effect.forever(Effect.flatMap(Queue.take(received), (message) => {
       if (message._tag === "Lost") return Deferred.succeed(lossOf(message.channel, message.nonce), undefined)
+      if (message._tag === "Receiving") {
+        arrived = Math.max(arrived, message.bytes)
+        return Effect.void
+      }
       if (message._tag !== "Reattached") return Queue.offer(inbox, message)
       const waiting = reattached.get(message.channel)
       return waiting === undefined ? Queue.offer(inbox, message) : Deferred.succeed(waiting, message.syncs)
@@ -189,6 +197,7 @@ export const run = (
           sync: send.sync,
           failure: send.failure,
           progress: Effect.map(send.stats, (s) => s.sentBytes),
+          heard,
           pagesSent: Effect.map(send.stats, (s) => s.sentPages)
         },
         started,
@@ -221,31 +230,12 @@ export const run = (
         flush: (round, final) =>
           Effect.gen(function*() {
             yield* tell(new Control.Flush({ round, final }))
-            const peerMs = Duration.toMillis(Duration.decode(timeouts.peer))
-            let deadline = (yield* Clock.currentTimeMillis) + peerMs
-            let arrived = -1
-            let ack: Control.Message
-            while (true) {
-              const left = Math.max(0, deadline - (yield* Clock.currentTimeMillis))
-              ack = yield* Effect.raceFirst(Queue.take(inbox), controlFailure).pipe(
-                Effect.timeoutFail({
-                  duration: Duration.millis(left),
-                  onTimeout: () =>
-                    MigrationError.timeout(
-                      arrived < 0
-                        ? "waiting for the destination to acknowledge the flush"
-                        : `waiting for the destination to acknowledge the flush (it last said it had received ${arrived} bytes)`,
-                      timeouts.peer
-                    )
-                }),
-                (waiting) => Effect.raceFirst(waiting, send.failure)
-              )
-              if (ack._tag !== "Receiving" || ack.round !== round) break
-              if (ack.bytes > arrived) {
-                arrived = ack.bytes
-                deadline = (yield* Clock.currentTimeMillis) + peerMs
-              }
-            }
+            const ack = yield* unlessStalled(
+              Effect.raceFirst(Effect.raceFirst(Queue.take(inbox), controlFailure), send.failure),
+              heard,
+              timeouts.peer,
+              "waiting for the destination to acknowledge the flush"
+            )
             if (ack._tag !== "FlushAck" || ack.round !== round) {
               return yield* Conversation.unexpected(ack, "instead of FlushAck")
             }

@@ -3,8 +3,10 @@
  * `target`; what a multifd channel's client sends (its first bytes are the multifd magic) is read at once and
  * held in the proxy, then passed on at `rate` bytes a second (in pieces every 20 ms), so the source's writes all
  * complete quickly while its bytes reach the destination slowly — as on a link whose buffers hold a round's
- * last bytes for longer than the peer timeout. `stopAfter` bytes a connection, nothing more is passed on (a
- * link that went dead). The main channel and everything the destination sends pass at once. `close` destroys
+ * last bytes for longer than the peer timeout. With `hold`, the proxy reads a channel only while it holds less
+ * than that: the source's socket buffers fill and its writes wait (the kernel says a full socket is writable
+ * again only once a good part of its buffer drained: seconds at a slow rate). `stopAfter` bytes a connection,
+ * nothing more is passed on (a link that went dead). The main channel and everything the destination sends pass at once. `close` destroys
  * every socket and the server and resolves once the server is closed.
  */
 import * as Net from "node:net"
@@ -21,7 +23,7 @@ const TICK_MS = 20
 
 export const slowLink = (
   target: { readonly host: string; readonly port: number },
-  plan: { readonly rate: number; readonly stopAfter?: number | undefined }
+  plan: { readonly rate: number; readonly stopAfter?: number | undefined; readonly hold?: number | undefined }
 ): Promise<SlowLink> =>
   new Promise((resolve, reject) => {
     const sockets = new Set<Net.Socket>()
@@ -38,6 +40,7 @@ export const slowLink = (
       track(upstream)
       upstream.pipe(client)
       let held: Array<Buffer> = []
+      let holding = 0
       let multifd: boolean | undefined
       let sent = 0
       let ended = false
@@ -51,9 +54,11 @@ export const slowLink = (
           sent += piece.length
           passed += piece.length
           room -= piece.length
+          holding -= piece.length
           if (piece.length === chunk.length) held.shift()
           else held[0] = chunk.subarray(piece.length)
         }
+        if (plan.hold !== undefined && holding < plan.hold && client.isPaused()) client.resume()
         if (ended && held.length === 0) {
           clearInterval(timer)
           timers.delete(timer)
@@ -64,8 +69,10 @@ export const slowLink = (
       timers.add(timer)
       client.on("data", (chunk: Buffer) => {
         if (multifd === undefined) multifd = chunk.length >= 4 && chunk.readUInt32BE(0) === Protocol.MAGIC
-        if (multifd) held.push(chunk)
-        else upstream.write(chunk)
+        if (!multifd) return void upstream.write(chunk)
+        held.push(chunk)
+        holding += chunk.length
+        if (plan.hold !== undefined && holding >= plan.hold) client.pause()
       })
       client.on("end", () => {
         ended = true
