@@ -10,7 +10,9 @@
  * With the service in context, `Migration.migrate` runs each multifd channel on the pool when the memory is
  * shared (`GuestRam.allocate`), the transport is Node's (`Transport.layer`) and the upgrade is none or
  * `Tls.client`'s: connect, TLS, init packet, zero-page test, compression and writes happen in the threads,
- * which read guest memory in place. Otherwise the channels run in this thread, as without the service. On the
+ * which read guest memory in place, and the source's digest hashes there after the last round (a hash session
+ * per thread it uses, rather than hashing threads of its own). Otherwise the channels run in this thread, as
+ * without the service. On the
  * destination (`Migration.incoming`, `listenAndReceive`), with shared memory, each compressed channel's
  * payloads are decompressed, and its pages and zero pages written, by a decode session on the pool (the
  * accepted sockets are still read in this thread: Node cannot hand one to another thread).

@@ -13,6 +13,8 @@ import * as Buffer from "node:buffer"
 import * as Digest from "./internal/native/digest.js"
 import { DirtyLog } from "./internal/native/dirtyLog.js"
 import { WriteGate } from "./internal/native/writeGate.js"
+import * as HashPool from "./internal/threads/hashPool.js"
+import type * as ThreadPool from "./internal/threads/pool.js"
 import * as Protocol from "./Protocol.js"
 
 /**
@@ -304,6 +306,23 @@ export const digester = (
   ram: GuestRam["Type"]
 ): Effect.Effect<Effect.Effect<ReadonlyArray<BlockDigest>>, never, Scope.Scope> =>
   Effect.map(Digest.pool(Digest.threadsFor(ram.blocks.map((b) => b.bytes))), (pool) => digestOn(ram, pool))
+
+/**
+ * A digest that hashes on channel threads of `threads` (a hash session on each of as many as `digester` would
+ * start threads, opened for the digest and closed after it) beside the calling thread: a source whose
+ * channels run on the pool hashes there, its channels idle by then, instead of on threads of its own (each
+ * one more isolate in memory).
+ *
+ * @internal
+ */
+export const digestOnThreads = (
+  ram: GuestRam["Type"],
+  threads: ThreadPool.Pool
+): Effect.Effect<ReadonlyArray<BlockDigest>> =>
+  Effect.scoped(Effect.flatMap(
+    HashPool.poolOn(threads, Math.min(threads.size, Digest.threadsFor(ram.blocks.map((b) => b.bytes)))),
+    (pool) => digestOn(ram, pool)
+  ))
 
 const digestOn = (ram: GuestRam["Type"], pool: Digest.Pool | undefined) =>
   Effect.map(

@@ -35,6 +35,8 @@ import { fileURLToPath } from "node:url"
 import { inject } from "vitest"
 import * as ChannelThreads from "../src/ChannelThreads.js"
 import * as GuestRam from "../src/GuestRam.js"
+import * as Digest from "../src/internal/native/digest.js"
+import * as HashPool from "../src/internal/threads/hashPool.js"
 import { unsafeThreads } from "../src/internal/threads/pool.js"
 import * as Migration from "../src/Migration.js"
 import * as MigrationError from "../src/MigrationError.js"
@@ -76,6 +78,10 @@ const sharedRam = () =>
   GuestRam.make({ blocks: [{ name: "pc.ram", bytes: sharedBlock(768) }, { name: "vga.vram", bytes: sharedBlock(256) }] })
 
 type Ram = GuestRam.GuestRam["Type"]
+
+/** Hash sessions a source on the pool (`POOL`) opens for its digest of `ram`: one per core but one, at most its threads. */
+const hashSessions = (ram: Ram) =>
+  Math.min(Math.min(POOL.maxThreads!, Os.availableParallelism()), Digest.threadsFor(ram.blocks.map((b) => b.bytes)))
 
 /** A destination listening on loopback, in a fiber of the caller's scope. */
 const startDestination = (options: Migration.IncomingOptions = {}) =>
@@ -268,8 +274,9 @@ layer(ChannelThreads.layer(POOL), { excludeTestServices: true })("channels on th
           expect(stats.reconnects).toBe(1)
           expect(stats.resentPages).toBeGreaterThan(0)
           // two sessions, and a third for the reset channel; with zstd the destination (the pool in its context
-          // too) decodes on the threads: a decode session for each connection it adopted, the new one included
-          expect((yield* opened) - before).toBe(tlsOn ? 6 : 3)
+          // too) decodes on the threads: a decode session for each connection it adopted, the new one included;
+          // and the source's digest
+          expect((yield* opened) - before).toBe((tlsOn ? 6 : 3) + hashSessions(ram))
           yield* expectThreadsClean
         }))
     )
@@ -308,7 +315,33 @@ layer(ChannelThreads.layer(POOL), { excludeTestServices: true })("channels on th
       })), 30_000)
   }
 
-  describe("byte-identical", () => {
+  describe("the source's digest on the channel threads", () => {
+    it.effect("a source on the pool hashes its memory there: a hash session beside its channels, closed after; the digests agree", () =>
+      leakFree(Effect.gen(function*() {
+        // two digest chunks (64 MiB each) and a bit: worth a hashing thread beside the calling one
+        const ram = yield* GuestRam.make({ blocks: [{ name: "pc.ram", bytes: sharedBlock(2 * 16384 + 256, 0.3) }] })
+        const before = yield* opened
+        const { received, stats } = yield* migrateOnce(ram, { channels: 2 })
+        expect(sameMemory(received.ram, ram)).toBe(true)
+        expect(stats.ramBytes).toBe(ram.size)
+        // two channel sessions and the digest's (one per core but one, at most the pool's threads)
+        expect(hashSessions(ram)).toBe(Math.min(2, Os.availableParallelism() - 1))
+        expect((yield* opened) - before).toBe(2 + hashSessions(ram))
+        yield* expectThreadsClean
+      })), 60_000)
+
+    it.effect("HashPool.poolOn: the channel threads' hash sessions give the digest this thread alone gives", () =>
+      leakFree(Effect.gen(function*() {
+        const pool = yield* ChannelThreads.ChannelThreads
+        const bytes = sharedBlock(3 * 16384 + 100, 1)
+        const alone = yield* Digest.digestAll([bytes])
+        const shared = yield* Effect.scoped(Effect.flatMap(HashPool.poolOn(pool, 2), (hashers) => Digest.digestAll([bytes], hashers)))
+        expect(shared).toEqual(alone)
+        yield* expectThreadsClean
+      })))
+  })
+
+    describe("byte-identical", () => {
     for (const compression of ["none", "zlib", "zstd"] as const) {
       it.effect(`${compression}: every block arrives as it was; the channels ran in the threads; nothing is left there`, () =>
         leakFree(Effect.gen(function*() {
@@ -318,8 +351,9 @@ layer(ChannelThreads.layer(POOL), { excludeTestServices: true })("channels on th
           expect(sameMemory(received.ram, ram)).toBe(true)
           expect(stats.normalPages + stats.zeroPages).toBeGreaterThanOrEqual(ram.size / PAGE)
           expect(received.stats.packets).toBe(stats.packets)
-          // the source's 4 channels, and the destination's (in context too) decoding of compressed ones
-          expect((yield* opened) - before).toBe(compression === "none" ? 4 : 8)
+          // the source's 4 channels, and the destination's (in context too) decoding of compressed ones; and the
+          // source's digest
+          expect((yield* opened) - before).toBe((compression === "none" ? 4 : 8) + hashSessions(ram))
           yield* expectThreadsClean
         })))
     }
@@ -335,7 +369,7 @@ layer(ChannelThreads.layer(POOL), { excludeTestServices: true })("channels on th
         const here = yield* migrateOnce(plain, { channels: 3 })
         expect(yield* opened).toBe(before)
         const there = yield* migrateOnce(ram, { channels: 3 })
-        expect((yield* opened) - before).toBe(3)
+        expect((yield* opened) - before).toBe(3 + hashSessions(ram))
         expect(sameMemory(there.received.ram, here.received.ram)).toBe(true)
         const { packets, normalPages, syncs, wireBytes, zeroPages } = here.stats
         expect(there.stats).toMatchObject({ packets, normalPages, zeroPages, syncs, wireBytes })
@@ -349,8 +383,8 @@ layer(ChannelThreads.layer(POOL), { excludeTestServices: true })("channels on th
         const before = yield* opened
         const { received } = yield* migrateOnce(ram, { compression: "zstd", upgrade: tls.client("127.0.0.1") }, tls.server)
         expect(sameMemory(received.ram, ram)).toBe(true)
-        // the source's 4 channels, and the destination's decoding of them (its TLS connections read in the fiber)
-        expect((yield* opened) - before).toBe(8)
+        // the source's 4 channels, the destination's decoding of them, the source's digest
+        expect((yield* opened) - before).toBe(8 + hashSessions(ram))
         yield* expectThreadsClean
       })))
 
@@ -362,7 +396,7 @@ layer(ChannelThreads.layer(POOL), { excludeTestServices: true })("channels on th
         const before = yield* opened
         const { received } = yield* migrateOnce(ram, { upgrade: client.client("127.0.0.1") }, server.server)
         expect(sameMemory(received.ram, ram)).toBe(true)
-        expect((yield* opened) - before).toBe(4)
+        expect((yield* opened) - before).toBe(4 + hashSessions(ram))
         yield* expectThreadsClean
       })))
 
@@ -385,7 +419,8 @@ layer(ChannelThreads.layer(POOL), { excludeTestServices: true })("channels on th
           })
         yield* migrateOnce(ram, { channels: 2, upgrade })
         expect(upgraded.filter((c) => c !== "main").sort()).toEqual([0, 1])
-        expect(yield* opened).toBe(before)
+        // no channel session: only the two migrations' digests' (the memory is shared and the pool there)
+        expect((yield* opened) - before).toBe(2 * hashSessions(ram))
       })))
   })
 
@@ -636,4 +671,23 @@ describe("a thread that fails", () => {
       expect(sameMemory(again.received.ram, ram)).toBe(true)
       expect(yield* pool.stats).toMatchObject({ threads: 1, replaced: 1 })
     })))
+})
+
+describe("a channel thread that dies while it hashes a digest", () => {
+  it.live("fails the digest with a clear error naming the thread, instead of leaving it waiting", () =>
+    leakFree(Effect.gen(function*() {
+      const pool = yield* ChannelThreads.make({ ...POOL, maxThreads: 1 })
+      const hashers = yield* HashPool.poolOn(pool, 1)
+      const [thread] = unsafeThreads(pool)
+      const exited = yield* Deferred.make<void>()
+      thread!.worker.once("exit", () => Deferred.unsafeDone(exited, Exit.void))
+      thread!.fault("exit", 4)
+      yield* noHang(Deferred.await(exited), "the thread's exit")
+      const exit = yield* noHang(Effect.exit(Digest.digestAll([sharedBlock(2 * 16384 + 1, 1)], hashers)), "the digest")
+      const defect = Exit.isFailure(exit) ? Cause.dieOption(exit.cause) : undefined
+      expect(defect !== undefined && defect._tag === "Some" && defect.value).toBeInstanceOf(Digest.WorkerFailed)
+      expect((defect as { value: Digest.WorkerFailed }).value.message).toBe(
+        "digest worker thread on channel thread 0: its thread exited (code 4)"
+      )
+    }).pipe(Effect.scoped)))
 })

@@ -192,8 +192,8 @@ describe("digest worker threads (internal/native/digestWorker)", () => {
         expect(yield* Digest.digestAll([bytes], pool)).toEqual([expected])
         const workers = Array.from(yield* Queue.takeAll(pool.idle))
         yield* Queue.offerAll(pool.idle, workers)
-        expect(workers.map((w) => w.thread.threadId)).not.toContain(-1)
-        return workers.map((w) => w.thread)
+        expect(workers.map((w) => w.thread!.threadId)).not.toContain(-1)
+        return workers.map((w) => w.thread!)
       }))
       expect(threads).toHaveLength(2)
       // a terminated worker's id is -1
@@ -205,8 +205,8 @@ describe("digest worker threads (internal/native/digestWorker)", () => {
       const pool = yield* Digest.pool(1)
       const w = yield* Queue.take(pool.idle)
       // a request the worker cannot read: its message handler throws
-      w.thread.postMessage({ id: 0, bytes: null, blocks: 1 })
-      yield* Effect.flip(Deferred.await(w.failed))
+      w.thread!.postMessage({ id: 0, bytes: null, blocks: 1 })
+      yield* Effect.flip(Deferred.await(w.failed!))
       yield* Queue.offer(pool.idle, w)
       const failure = failureOf(yield* Effect.exit(Digest.digestAll([threeChunks()], pool)))
       expect(failure.message).toMatch(/^digest worker thread failed: .*null/)
@@ -220,7 +220,7 @@ describe("digest worker threads (internal/native/digestWorker)", () => {
       const digest = yield* Effect.fork(Digest.digestAll([threeChunks()], pool))
       // the digest has borrowed the worker: its request is posted
       while ((yield* Queue.size(pool.idle)) > 0) yield* Effect.yieldNow()
-      yield* Effect.promise(() => w.thread.terminate())
+      yield* Effect.promise(() => w.thread!.terminate())
       const failure = failureOf(yield* Fiber.await(digest))
       // (terminated before its first instruction, a thread exits with code 0; once running, with 1)
       expect(failure.message).toMatch(/^digest worker thread exited \(code [01]\)$/)

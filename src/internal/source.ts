@@ -304,8 +304,9 @@ export const run = (
         normal: s.normalPages,
         duplicate: s.zeroPages
       })))
-      // the hashing threads start while the channels connect, rather than in the downtime
-      const digest = yield* GuestRam.digester(ram)
+      // the hashing threads start while the channels connect, rather than in the downtime; with channel threads
+      // the digest hashes on them (idle by then) rather than on threads of its own
+      const digest = threads === undefined ? yield* GuestRam.digester(ram) : GuestRam.digestOnThreads(ram, threads)
       // every channel idle before the first page: a small round is spread over all of them
       yield* send.established.pipe(Effect.withSpan("multifd.establish"))
       yield* tracker.active

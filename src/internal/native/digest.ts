@@ -24,7 +24,7 @@ import * as Xxh3 from "./xxh3.js"
 export const CHUNK = 64 * 1024 * 1024
 
 /** Bytes the stripe loop takes between two yields (and the size of a scratch memory). */
-const SLICE = 4 * 1024 * 1024
+export const SLICE = 4 * 1024 * 1024
 const SLICE_BLOCKS = SLICE / Xxh3.BLOCK
 
 // ---------------------------------------------------------------------------------------------------------
@@ -55,7 +55,8 @@ export const allocate = (size: number): Buffer => {
 /** The WebAssembly memory `bytes` lie in, if `allocate` made it. */
 export const memoryOf = (bytes: Uint8Array): Xxh3.WasmMemory | undefined => memories.get(bytes.buffer)
 
-interface Chunk {
+/** A piece of memory to hash. */
+export interface Chunk {
   readonly bytes: Uint8Array
 }
 
@@ -66,10 +67,12 @@ export class WorkerFailed extends Data.TaggedError("WorkerFailed")<{ readonly re
   }
 }
 
-/** A hashing thread, and its failure once it threw or exited. */
-export interface Worker {
-  readonly thread: WorkerThreads.Worker
-  readonly failed: Deferred.Deferred<never, WorkerFailed>
+/** A hasher on another thread: hashes a chunk's full blocks there, or fails once that thread failed. */
+export interface Hasher {
+  readonly hash: (chunk: Chunk) => Effect.Effect<Buffer, WorkerFailed>
+  /** A hasher's own worker thread, and its failure once it threw or exited (for tests). */
+  readonly thread?: WorkerThreads.Worker | undefined
+  readonly failed?: Deferred.Deferred<never, WorkerFailed> | undefined
 }
 
 /**
@@ -84,69 +87,82 @@ const startThread = (workerData: DigestWorker.WorkerData): WorkerThreads.Worker 
     { workerData }
   )
 
-/**
- * A hashing thread, terminated when the scope closes. It is watched from its start to its end: an exception
- * in it or its exit completes `failed`, which fails the digest it hashes for (or the next one, if idle).
- */
-const worker: Effect.Effect<Worker, never, Scope.Scope> = Effect.acquireRelease(
-  Effect.gen(function*() {
-    const failed = yield* Deferred.make<never, WorkerFailed>()
-    const thread = startThread({ module: Xxh3.module(), scratch: SLICE })
-    const fail = (reason: string) => Deferred.unsafeDone(failed, Exit.fail(new WorkerFailed({ reason })))
-    const onError = (error: Error) => fail(`failed: ${error.message}`)
-    const onExit = (code: number) => fail(`exited (code ${code})`)
-    thread.on("error", onError).on("exit", onExit)
-    return { thread, failed, unwatch: () => thread.off("error", onError).off("exit", onExit) }
-  }),
-  ({ thread, unwatch }) =>
-    Effect.promise(() => {
-      unwatch()
-      return thread.terminate()
-    })
-)
-
 let requests = 0
 
-/**
- * Hashes a chunk on a worker, or fails as soon as the worker does. Every request has its own id: the answer
- * to a request whose digest was interrupted may still come, and is not taken for the next one.
- */
-const hashOn = (w: Worker, chunk: Chunk): Effect.Effect<Buffer, WorkerFailed> =>
-  Effect.raceFirst(
-    Deferred.await(w.failed),
-    Effect.async<Buffer>((resume) => {
-      const id = ++requests
-      const onMessage = (answer: DigestWorker.Answer) => {
-        if (answer.id !== id) return
-        w.thread.off("message", onMessage)
-        resume(Effect.sync(() => Xxh3.finish(answer.accumulators, chunk.bytes)))
-      }
-      w.thread.on("message", onMessage)
-      const memory = memoryOf(chunk.bytes)
-      const blocks = Xxh3.fullBlocks(chunk.bytes.length)
-      const request: DigestWorker.Request = memory
-        ? { id, memory, offset: chunk.bytes.byteOffset, blocks }
-        : { id, bytes: chunk.bytes, blocks }
-      w.thread.postMessage(request)
-      return Effect.sync(() => w.thread.off("message", onMessage))
-    })
-  )
+/** The request for a chunk's full blocks (in place when it lies in WebAssembly memory), with a fresh id. */
+export const requestFor = (chunk: Chunk): DigestWorker.Request => {
+  const id = ++requests
+  const memory = memoryOf(chunk.bytes)
+  const blocks = Xxh3.fullBlocks(chunk.bytes.length)
+  return memory ? { id, memory, offset: chunk.bytes.byteOffset, blocks } : { id, bytes: chunk.bytes, blocks }
+}
 
-/** Hashing threads started ahead of the digests that use them (a thread takes tens of milliseconds to start). */
+/**
+ * A hashing thread of its own, terminated when the scope closes. It is watched from its start to its end: an
+ * exception in it or its exit fails the chunk it hashes (or the next one, if idle). Every request has its own
+ * id: the answer to a request whose digest was interrupted may still come, and is not taken for the next one.
+ */
+const worker: Effect.Effect<Hasher, never, Scope.Scope> = Effect.map(
+  Effect.acquireRelease(
+    Effect.gen(function*() {
+      const failed = yield* Deferred.make<never, WorkerFailed>()
+      const thread = startThread({ module: Xxh3.module(), scratch: SLICE })
+      const fail = (reason: string) => Deferred.unsafeDone(failed, Exit.fail(new WorkerFailed({ reason })))
+      const onError = (error: Error) => fail(`failed: ${error.message}`)
+      const onExit = (code: number) => fail(`exited (code ${code})`)
+      thread.on("error", onError).on("exit", onExit)
+      return { thread, failed, unwatch: () => thread.off("error", onError).off("exit", onExit) }
+    }),
+    ({ thread, unwatch }) =>
+      Effect.promise(() => {
+        unwatch()
+        return thread.terminate()
+      })
+  ),
+  ({ failed, thread }): Hasher => ({
+    thread,
+    failed,
+    hash: (chunk) =>
+      Effect.raceFirst(
+        Deferred.await(failed),
+        Effect.async<Buffer>((resume) => {
+          const request = requestFor(chunk)
+          const onMessage = (answer: DigestWorker.Answer) => {
+            if (answer.id !== request.id) return
+            thread.off("message", onMessage)
+            resume(Effect.sync(() => Xxh3.finish(answer.accumulators, chunk.bytes)))
+          }
+          thread.on("message", onMessage)
+          thread.postMessage(request)
+          return Effect.sync(() => thread.off("message", onMessage))
+        })
+      )
+  })
+)
+
+/** Hashers ready for the digests that use them (a thread takes tens of milliseconds to start). */
 export interface Pool {
   readonly size: number
-  readonly idle: Queue.Queue<Worker>
+  readonly idle: Queue.Queue<Hasher>
 }
 
 /** Starts `threads` hashing threads (by default one per core but one), terminated when the scope closes. */
 export const pool = (threads: number = Os.availableParallelism() - 1): Effect.Effect<Pool, never, Scope.Scope> =>
   Effect.gen(function*() {
-    const idle = yield* Queue.unbounded<Worker>()
+    const idle = yield* Queue.unbounded<Hasher>()
     for (let i = 0; i < threads; i++) yield* Queue.offer(idle, yield* worker)
     return { size: threads, idle }
   })
 
-/** A worker of the pool if one is idle (a concurrent digest may have them all), given back with the scope. */
+/** A pool of the given hashers (hashers on other threads than a digest's own: `threads/hashPool`). */
+export const poolOf = (hashers: ReadonlyArray<Hasher>): Effect.Effect<Pool> =>
+  Effect.gen(function*() {
+    const idle = yield* Queue.unbounded<Hasher>()
+    yield* Queue.offerAll(idle, hashers)
+    return { size: hashers.length, idle }
+  })
+
+/** A hasher of the pool if one is idle (a concurrent digest may have them all), given back with the scope. */
 const borrow = (from: Pool) =>
   Effect.acquireRelease(
     Queue.poll(from.idle),
@@ -227,7 +243,7 @@ const hashChunks = (chunks: ReadonlyArray<Chunk>, threads: Pool | undefined): Ef
     })
   const onWorker = Effect.scoped(Effect.flatMap(
     borrow(threads),
-    Option.match({ onNone: () => Effect.void, onSome: (w) => take((chunk) => hashOn(w, chunk)) })
+    Option.match({ onNone: () => Effect.void, onSome: (w) => take(w.hash) })
   ))
   return Effect.all([take(hashHere), ...Array.from({ length: threads.size }, () => onWorker)], {
     concurrency: "unbounded",
