@@ -61,6 +61,25 @@ export const reader = (
 export const tell = (connection: Transport.Connection, message: Control.Message) =>
   Effect.mapError(Control.send(connection, message), MigrationError.onChannel("main"))
 
+/** How often a side says it is still at work (receiving, hashing, storing): every second, or a quarter of the peer timeout. */
+export const heartbeatInterval = (peer: Duration.DurationInput): Duration.Duration =>
+  Duration.min(Duration.seconds(1), Duration.times(Duration.decode(peer), 0.25))
+
+/**
+ * Says `message` every `heartbeatInterval(peer)` until interrupted (first at once with `atOnce`). A write that
+ * fails is ignored: it means the peer is gone, which the control reader reports.
+ */
+export const heartbeat = (
+  tell: (message: Control.Message) => Effect.Effect<void, unknown>,
+  message: Control.Message,
+  peer: Duration.DurationInput,
+  atOnce = false
+): Effect.Effect<never> => {
+  const say = Effect.ignore(tell(message))
+  const wait = Effect.sleep(heartbeatInterval(peer))
+  return Effect.forever(atOnce ? Effect.zipRight(say, wait) : Effect.zipRight(wait, say))
+}
+
 /** Tells the peer why we give up, if the control channel still works; never fails, never waits long. */
 export const abortPeer = (connection: Transport.Connection, reason: string, step?: "store"): Effect.Effect<void> =>
   Control.send(connection, new Control.Abort({ reason, step })).pipe(

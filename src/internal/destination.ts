@@ -128,13 +128,6 @@ interface Speculative {
 }
 
 /**
- * How often a side says it is still at work (receiving, hashing, storing):
- * every second, or a quarter of the peer timeout.
- */
-const heartbeatInterval = (peer: Duration.DurationInput) =>
-  Duration.min(Duration.seconds(1), Duration.times(Duration.decode(peer), 0.25))
-
-/**
  * Acknowledges flush after flush (each once every channel reached its barrier) until the source completes;
  * the rounds seen, the `Complete` message and the digest started after the final flush, if it was. A round's
  * last bytes may take long on a slow link (the kernels' buffers drain at the link's rate): the wait for the
@@ -162,7 +155,7 @@ const receiveRounds = (
       Effect.zip(recv.stats, recv.unfinished),
       ([stats, unfinished]) => unfinished.reduce((n, u) => n + u.bytes, stats.bytes)
     )
-    const interval = heartbeatInterval(peer)
+    const interval = Conversation.heartbeatInterval(peer)
     let rounds = 0
     /** Tells the source about every `interval` how many bytes arrived, whenever more did (never else). */
     const receiving = Effect.gen(function*() {
@@ -234,13 +227,9 @@ const verify = (
       ? speculative.digest
       : undefined
     const computing = early !== undefined ? Fiber.join(early) : digest
-    const hashing = (peer: Duration.DurationInput) =>
-      Effect.forever(Effect.zipRight(
-        Effect.sleep(heartbeatInterval(peer)),
-        // a write that fails means the source is gone, which the control reader reports
-        Effect.ignore(tell(new Control.Hashing()))
-      ))
-    const mine = yield* (heartbeats === undefined ? computing : Effect.raceFirst(computing, hashing(heartbeats.peer)))
+    const mine = yield* (heartbeats === undefined
+      ? computing
+      : Effect.raceFirst(computing, Conversation.heartbeat(tell, new Control.Hashing(), heartbeats.peer)))
     yield* Effect.logDebug(early !== undefined ? "digests computed (after the final flush)" : "digests computed")
     const theirs = new Map(complete.digests.map((d) => [d.name, d.digest]))
     const bad = mine.filter((d) => theirs.get(d.name) !== d.digest).map((d) => d.name)
@@ -270,12 +259,8 @@ const store = <E>(
 ) =>
   Effect.gen(function*() {
     if (step === undefined) return
-    const interval = heartbeatInterval(peer)
-    // a write that fails means the source is gone, which the control reader reports
-    const heartbeat = Effect.forever(
-      Effect.zipRight(Effect.ignore(Conversation.tell(control, new Control.Storing())), Effect.sleep(interval))
-    )
-    const stored = yield* Effect.either(Effect.raceFirst(step(ram), heartbeat))
+    const storing = Conversation.heartbeat((message) => Conversation.tell(control, message), new Control.Storing(), peer, true)
+    const stored = yield* Effect.either(Effect.raceFirst(step(ram), storing))
     if (Either.isLeft(stored)) {
       yield* Conversation.abortPeer(control, Conversation.messageOf(stored.left), "store")
       return yield* Effect.fail(new StoreFailed(stored.left))

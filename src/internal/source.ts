@@ -179,13 +179,6 @@ export const run = (
       return answer.heartbeats === true
     }).pipe(Effect.withSpan("multifd.propose"))
 
-    /** Says `Hashing` about every second (or a quarter of the peer timeout), until interrupted. */
-    const hashing = Effect.forever(Effect.zipRight(
-      Effect.sleep(Duration.min(Duration.seconds(1), Duration.times(Duration.decode(timeouts.peer), 0.25))),
-      // a write that fails means the destination is gone, which the control reader reports
-      Effect.ignore(tell(new Control.Hashing()))
-    ))
-
     /** The channel set, then every round of pages; the last one with writers paused. */
     let previousStart: number | undefined
     const transfer = (send: MultifdSend.MultifdSend["Type"]) =>
@@ -313,6 +306,7 @@ export const run = (
       yield* Effect.logDebug(`every multifd channel established (${channels})`)
       const { pagesPerRound, pausedAt } = yield* transfer(send)
       // a large memory takes longer to hash than the peer timeout: the destination hears that this side hashes
+      const hashing = Conversation.heartbeat(tell, new Control.Hashing(), timeouts.peer)
       const digests = yield* (heartbeats ? Effect.raceFirst(digest, hashing) : digest).pipe(
         Effect.withSpan("multifd.digest")
       )
