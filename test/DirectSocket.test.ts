@@ -19,7 +19,7 @@ import * as Connections from "../src/internal/native/connection.js"
 import * as DirectSocket from "../src/internal/native/directSocket.js"
 import * as Path from "node:path"
 import * as Tls from "../src/Tls.js"
-import { connect, listen, parseAddress } from "../src/Transport.js"
+import { connect, type Connection, listen, parseAddress } from "../src/Transport.js"
 import { expectNoLeaks, leakFree, tempSocketPath } from "./support/handles.js"
 import { pair } from "./support/sockets.js"
 
@@ -36,6 +36,50 @@ const packets = (count: number, pages: number) =>
     header.writeUInt32BE(i, 0)
     return { header, payload: Crypto.randomBytes(pages * PAGE) }
   })
+
+/**
+ * A reader that does not read stops its socket near the high-water mark (8 MiB: `raw`, the socket that reads
+ * the network, has read at least that and less than 12 MiB), and reading then gets every byte in order.
+ */
+const stopsThenResumes = (client: Connection, server: Connection, raw: Net.Socket) =>
+  Effect.gen(function*() {
+    const payload = Crypto.randomBytes(48 * 1024 * 1024)
+    const wrote = yield* Deferred.make<void>()
+    yield* Effect.fork(Effect.zipRight(client.write([payload]), Deferred.succeed(wrote, undefined)))
+    yield* server.peek(1) // reading has started
+    // give the peer ample turns to push: the server side must stop near its high-water mark
+    for (let i = 0; i < 200 && raw.bytesRead < 8 * 1024 * 1024; i++) {
+      yield* Effect.promise(() => new Promise((resolve) => setImmediate(resolve)))
+    }
+    for (let i = 0; i < 50; i++) yield* Effect.promise(() => new Promise((resolve) => setImmediate(resolve)))
+    expect(raw.bytesRead).toBeGreaterThanOrEqual(8 * 1024 * 1024)
+    expect(raw.bytesRead).toBeLessThan(12 * 1024 * 1024)
+    const memory = Buffer.alloc(payload.length)
+    yield* noHang(server.readInto(memory, 0, payload.length), "reading after a stop")
+    expect(memory.equals(payload)).toBe(true)
+    yield* noHang(Deferred.await(wrote), "the writer")
+  })
+
+/** A chain over `sent`: each header, then its payload at the slot the header names, until `stopAt`. */
+const plan = (sent: ReadonlyArray<{ readonly header: Buffer; readonly payload: Buffer }>, memory: Buffer, stopAt: number) => {
+  const header = Buffer.alloc(16)
+  const seen: Array<number> = []
+  let expectingHeader = true
+  const next = (full: Uint8Array): Uint8Array | undefined => {
+    if (!expectingHeader) {
+      expectingHeader = true
+      return header
+    }
+    const index = header.readUInt32BE(0)
+    seen.push(index)
+    if (index === stopAt) return undefined
+    expectingHeader = false
+    const size = sent[index]!.payload.length
+    expect(full).toBe(header)
+    return memory.subarray(index * size, (index + 1) * size)
+  }
+  return { header, next, seen }
+}
 
 describe("DirectSocket: reads into guest memory on accepted sockets", () => {
   for (const [name, address] of [["tcp", tcp], ["unix", { _tag: "Unix", path: tempSocketPath("direct") }]] as const) {
@@ -75,25 +119,7 @@ describe("DirectSocket: reads into guest memory on accepted sockets", () => {
     })))
 
   it.live("a reader that does not read stops the socket: bounded buffering, then every byte in order", () =>
-    leakFree(Effect.gen(function*() {
-      const { client, server } = yield* pair(tcp)
-      const payload = Crypto.randomBytes(48 * 1024 * 1024)
-      const wrote = yield* Deferred.make<void>()
-      yield* Effect.fork(Effect.zipRight(client.write([payload]), Deferred.succeed(wrote, undefined)))
-      yield* server.peek(1) // reading has started
-      // give the peer ample turns to push: the server side must stop near its high-water mark
-      const socket = server.stream as Net.Socket
-      for (let i = 0; i < 200 && socket.bytesRead < 8 * 1024 * 1024; i++) {
-        yield* Effect.promise(() => new Promise((resolve) => setImmediate(resolve)))
-      }
-      for (let i = 0; i < 50; i++) yield* Effect.promise(() => new Promise((resolve) => setImmediate(resolve)))
-      expect(socket.bytesRead).toBeGreaterThanOrEqual(8 * 1024 * 1024)
-      expect(socket.bytesRead).toBeLessThan(12 * 1024 * 1024)
-      const memory = Buffer.alloc(payload.length)
-      yield* noHang(server.readInto(memory, 0, payload.length), "reading after a stop")
-      expect(memory.equals(payload)).toBe(true)
-      yield* noHang(Deferred.await(wrote), "the writer")
-    })))
+    leakFree(Effect.flatMap(pair(tcp), ({ client, server }) => stopsThenResumes(client, server, server.stream as Net.Socket))))
 
   it.live("the peer ends in the middle of a direct read: a Closed error with the count, nothing hangs", () =>
     leakFree(Effect.gen(function*() {
@@ -133,27 +159,6 @@ describe("DirectSocket: reads into guest memory on accepted sockets", () => {
 })
 
 describe("Connection.readChain: one read plan, header, pages, header, …, chosen as each view fills", () => {
-  /** A chain over `sent`: each header, then its payload at the slot the header names, until `stopAt`. */
-  const plan = (sent: ReadonlyArray<{ readonly header: Buffer; readonly payload: Buffer }>, memory: Buffer, stopAt: number) => {
-    const header = Buffer.alloc(16)
-    const seen: Array<number> = []
-    let expectingHeader = true
-    const next = (full: Uint8Array): Uint8Array | undefined => {
-      if (!expectingHeader) {
-        expectingHeader = true
-        return header
-      }
-      const index = header.readUInt32BE(0)
-      seen.push(index)
-      if (index === stopAt) return undefined
-      expectingHeader = false
-      const size = sent[index]!.payload.length
-      expect(full).toBe(header)
-      return memory.subarray(index * size, (index + 1) * size)
-    }
-    return { header, next, seen }
-  }
-
   for (const [name, address] of [["tcp", tcp], ["unix", { _tag: "Unix", path: tempSocketPath("chain") }]] as const) {
     it.live(`${name}: every byte lands in its view, in order, bytes queued before the chain first`, () =>
       leakFree(Effect.gen(function*() {
@@ -269,24 +274,9 @@ describe("DirectSocket.adopt: a destination's TLS connection reads decrypted byt
       yield* server.peek(1000)
       const data = dataEvents(server)
       const writer = yield* Effect.fork(Effect.forEach(sent.slice(1), (p) => client.write([p.header, p.payload]), { discard: true }))
-      const header = Buffer.alloc(16)
-      let expectingHeader = true
-      const seen: Array<number> = []
+      const { header, next, seen } = plan(sent, memory, 39)
       expect(server.readChain).toBeDefined()
-      const completed = yield* noHang(
-        server.readChain!(header, () => {
-          if (!expectingHeader) {
-            expectingHeader = true
-            return header
-          }
-          const index = header.readUInt32BE(0)
-          seen.push(index)
-          if (index === 39) return undefined
-          expectingHeader = false
-          return memory.subarray(index * 128 * PAGE, (index + 1) * 128 * PAGE)
-        }),
-        "the chain"
-      )
+      const completed = yield* noHang(server.readChain!(header, next), "the chain")
       expect(completed).toBe(true)
       expect(seen).toEqual(Array.from({ length: 40 }, (_, i) => i))
       for (let i = 0; i < 39; i++) expect(memory.subarray(i * 128 * PAGE, (i + 1) * 128 * PAGE).equals(sent[i]!.payload)).toBe(true)
@@ -347,25 +337,9 @@ describe("DirectSocket.adopt: a destination's TLS connection reads decrypted byt
     })))
 
   it.live("a reader that does not read stops the TLS socket: bounded buffering, then every byte in order", () =>
-    leakFree(Effect.gen(function*() {
-      const { client, server } = yield* tlsPair
-      const payload = Crypto.randomBytes(48 * 1024 * 1024)
-      const wrote = yield* Deferred.make<void>()
-      yield* Effect.fork(Effect.zipRight(client.write([payload]), Deferred.succeed(wrote, undefined)))
-      yield* server.peek(1) // reading has started
-      const raw = (server.stream as unknown as { _parent: Net.Socket })._parent
-      for (let i = 0; i < 200 && raw.bytesRead < 8 * 1024 * 1024; i++) {
-        yield* Effect.promise(() => new Promise((resolve) => setImmediate(resolve)))
-      }
-      for (let i = 0; i < 50; i++) yield* Effect.promise(() => new Promise((resolve) => setImmediate(resolve)))
-      // stopped near the high-water mark (8 MiB decrypted, a little more received)
-      expect(raw.bytesRead).toBeGreaterThanOrEqual(8 * 1024 * 1024)
-      expect(raw.bytesRead).toBeLessThan(12 * 1024 * 1024)
-      const memory = Buffer.alloc(payload.length)
-      yield* noHang(server.readInto(memory, 0, payload.length), "reading after a stop")
-      expect(memory.equals(payload)).toBe(true)
-      yield* noHang(Deferred.await(wrote), "the writer")
-    })))
+    leakFree(Effect.flatMap(tlsPair, ({ client, server }) =>
+      // what arrives is counted on the socket under the TLS one: a little more than the decrypted bytes
+      stopsThenResumes(client, server, (server.stream as unknown as { _parent: Net.Socket })._parent))))
 
   it.live("the source ends: just before a view the chain completes with false; inside a view, a Closed error with the count", () =>
     leakFree(Effect.gen(function*() {

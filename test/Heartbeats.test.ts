@@ -37,11 +37,13 @@ import * as Transport from "../src/Transport.js"
 import { advanceUntil } from "./support/clock.js"
 import { expectOneLine, failureOf } from "./support/failures.js"
 import { noHang } from "./support/guards.js"
+import { fakeDestination } from "./support/fakeDestination.js"
 import { BLOCK, BLOCK_PAGES, fakeSource, PAGE as FAKE_PAGE, ramPacket, randomPage, syncPacket } from "./support/fakeSource.js"
 import { leakFree, nextTurn } from "./support/handles.js"
 import * as Precopy from "../src/internal/precopy.js"
 import { sameMemory } from "./support/memory.js"
 import { slowLink } from "./support/slowLink.js"
+import { smallHello } from "./support/wire.js"
 
 const PAGE = 4096
 const tcp0: Transport.Address = { _tag: "Tcp", host: "127.0.0.1", port: 0 }
@@ -107,49 +109,32 @@ describe("the source's wait for a round's acknowledgement (TestClock)", () => {
   const TIMEOUTS = { connect: "2 seconds", handshake: "2 seconds", peer: "2 seconds" } as const
 
   /**
-   * A fake destination: accepts, reads the channels, and answers the first flush with `Receiving` messages (one
-   * every 500 ms of the TestClock, counting `bytes(i)` for the i-th) until `ackAfter` of them, then `FlushAck`;
-   * later flushes at once. `Done` after `Complete`.
+   * A fake destination that answers the first flush with `Receiving` messages (one every 500 ms of the
+   * TestClock, counting `bytes(i)` for the i-th) until `ackAfter` of them, then `FlushAck`; later flushes at once.
    */
-  const fakeDestination = (bytes: (i: number) => number, ackAfter: number) =>
+  const receivingDestination = (bytes: (i: number) => number, ackAfter: number) =>
     Effect.gen(function*() {
-      const listener = yield* Transport.listen(tcp0)
       const flushed = yield* Deferred.make<void>()
-      const drain = (connection: Transport.Connection): Effect.Effect<void, Transport.TransportError> =>
-        Effect.forever(connection.read(64)).pipe(Effect.ignore)
-      const fake = Effect.gen(function*() {
-        const control = yield* listener.accept
-        yield* control.read(4)
-        const hello = (yield* Control.receive(control)) as Control.Hello
-        expect(hello.heartbeats).toBe(true)
-        yield* Control.send(control, new Control.Accept())
-        for (let i = 0; i < hello.channels; i++) yield* Effect.forkScoped(drain(yield* listener.accept))
-        let first = true
-        while (true) {
-          const message = yield* Control.receive(control)
-          if (message._tag === "Flush") {
-            if (first) {
-              first = false
-              yield* Deferred.succeed(flushed, undefined)
-              for (let i = 0; i < ackAfter; i++) {
-                yield* Effect.sleep("500 millis")
-                yield* Control.send(control, new Control.Receiving({ round: message.round, bytes: bytes(i) }))
-              }
+      const address = yield* fakeDestination({
+        heartbeats: true,
+        onHello: (hello) => expect(hello.heartbeats).toBe(true),
+        onFlush: (control, flush, index) =>
+          index > 0 ? Effect.void : Effect.gen(function*() {
+            yield* Deferred.succeed(flushed, undefined)
+            for (let i = 0; i < ackAfter; i++) {
+              yield* Effect.sleep("500 millis")
+              yield* Control.send(control, new Control.Receiving({ round: flush.round, bytes: bytes(i) }))
             }
-            yield* Control.send(control, new Control.FlushAck({ round: message.round }))
-          }
-          if (message._tag === "Complete") yield* Control.send(control, new Control.Done())
-        }
-      }).pipe(Effect.ignore, Effect.scoped)
-      yield* Effect.forkScoped(fake)
-      return { address: listener.address, flushed }
+          })
+      })
+      return { address, flushed }
     })
 
   it.effect("a count that grows restarts the peer timeout: acknowledged after four peer timeouts, the source succeeds", () =>
     leakFree(Effect.gen(function*() {
       const ram = yield* randomRam(16)
       // 16 messages 500 ms apart: 8 s of TestClock before the FlushAck, the peer timeout is 2 s
-      const fake = yield* fakeDestination((i) => 1000 * (i + 1), 16)
+      const fake = yield* receivingDestination((i) => 1000 * (i + 1), 16)
       const source = yield* Effect.forkScoped(migrate(fake.address, ram, TIMEOUTS))
       yield* noHang(Deferred.await(fake.flushed), "the first flush")
       const t0 = yield* TestClock.currentTimeMillis
@@ -163,7 +148,7 @@ describe("the source's wait for a round's acknowledgement (TestClock)", () => {
     leakFree(Effect.gen(function*() {
       const ram = yield* randomRam(16)
       // the count grows for the first two messages (1 s), then stays: the source gives up at about 3 s
-      const fake = yield* fakeDestination((i) => Math.min(i, 1) * 1000 + 1000, 1000)
+      const fake = yield* receivingDestination((i) => Math.min(i, 1) * 1000 + 1000, 1000)
       const source = yield* Effect.forkScoped(migrate(fake.address, ram, TIMEOUTS))
       yield* noHang(Deferred.await(fake.flushed), "the first flush")
       const t0 = yield* TestClock.currentTimeMillis
@@ -178,17 +163,7 @@ describe("the source's wait for a round's acknowledgement (TestClock)", () => {
 })
 
 describe("Control.Receiving on the wire", () => {
-  const hello = (extra: Partial<{ heartbeats: boolean }>) =>
-    new Control.Hello({
-      version: Control.VERSION,
-      uuid: Crypto.randomUUID(),
-      pageSize: PAGE,
-      channels: 1,
-      compression: "none",
-      zeroPage: "multifd",
-      blocks: [{ name: "ram", size: 16 * PAGE }],
-      ...extra
-    })
+  const hello = smallHello
   const decoded = (message: Control.Message) => {
     const frame = Control.encode(message)
     return Control.decode(frame.subarray(4))
@@ -222,27 +197,18 @@ describe("hashing a large memory (TestClock)", () => {
     })
 
   /**
-   * A fake destination whose Accept says it hears heartbeats: acknowledges every flush; after Complete, sends
-   * `Hashing` every 500 ms of the TestClock `hashFor` times, then `Done` if `done`, else nothing more.
+   * A fake destination that hears heartbeats and, after Complete, sends `Hashing` every 500 ms of the TestClock
+   * `hashFor` times, then `Done` if `done`, else nothing more.
    */
   const hashingDestination = (hashFor: number, done: boolean) =>
     Effect.gen(function*() {
-      const listener = yield* Transport.listen(tcp0)
       const completed = yield* Deferred.make<void>()
       const sent = { hashing: 0 }
-      const drain = (connection: Transport.Connection): Effect.Effect<void, Transport.TransportError> =>
-        Effect.forever(connection.read(64)).pipe(Effect.ignore)
-      const fake = Effect.gen(function*() {
-        const control = yield* listener.accept
-        yield* control.read(4)
-        const hello = (yield* Control.receive(control)) as Control.Hello
-        expect(hello.heartbeats).toBe(true)
-        yield* Control.send(control, new Control.Accept({ heartbeats: true }))
-        for (let i = 0; i < hello.channels; i++) yield* Effect.forkScoped(drain(yield* listener.accept))
-        while (true) {
-          const message = yield* Control.receive(control)
-          if (message._tag === "Flush") yield* Control.send(control, new Control.FlushAck({ round: message.round }))
-          if (message._tag === "Complete") {
+      const address = yield* fakeDestination({
+        heartbeats: true,
+        onHello: (hello) => expect(hello.heartbeats).toBe(true),
+        onComplete: (control) =>
+          Effect.gen(function*() {
             yield* Deferred.succeed(completed, undefined)
             for (let i = 0; i < hashFor; i++) {
               yield* Effect.sleep("500 millis")
@@ -250,11 +216,9 @@ describe("hashing a large memory (TestClock)", () => {
               sent.hashing++
             }
             if (done) yield* Control.send(control, new Control.Done())
-          }
-        }
-      }).pipe(Effect.ignore, Effect.scoped)
-      yield* Effect.forkScoped(fake)
-      return { address: listener.address, completed, sent }
+          })
+      })
+      return { address, completed, sent }
     })
 
   it.effect("the destination hashes for four peer timeouts, saying so: the source waits, then succeeds", () =>

@@ -31,6 +31,7 @@ import * as MigrationError from "../src/MigrationError.js"
 import * as Protocol from "../src/Protocol.js"
 import * as Transport from "../src/Transport.js"
 import { failureOf } from "./support/failures.js"
+import { fakeDestination } from "./support/fakeDestination.js"
 import { advanceUntil } from "./support/clock.js"
 import * as Faulty from "./support/faultyTransport.js"
 import { noHang } from "./support/guards.js"
@@ -38,7 +39,7 @@ import { leakFree, nextTurn } from "./support/handles.js"
 import { mixedImage } from "./support/images.js"
 import { sameMemory } from "./support/memory.js"
 import { stranger, turnedAway } from "./support/strangers.js"
-import { controlMagic } from "./support/wire.js"
+import { controlMagic, smallHello } from "./support/wire.js"
 
 // ---------------------------------------------------------------------------------------------------------
 // helpers
@@ -88,16 +89,7 @@ const frameLength = (n: number) => {
 const halfInit = (bytes = 30) => Protocol.encodeInit({ uuid: Protocol.parseUuid(Crypto.randomUUID())!, id: 0 }).subarray(0, bytes)
 
 /** A valid hello of a small migration. */
-const hello = () =>
-  new Control.Hello({
-    version: Control.VERSION,
-    uuid: Crypto.randomUUID(),
-    pageSize: PAGE,
-    channels: 1,
-    compression: "none",
-    zeroPage: "multifd",
-    blocks: [{ name: "ram", size: 16 * PAGE }]
-  })
+const hello = () => smallHello()
 
 const fiberDone = <A, E>(fiber: Fiber.Fiber<A, E>) => Effect.map(Fiber.poll(fiber), Option.isSome)
 
@@ -176,28 +168,13 @@ describe("success is durable: the destination's store step", () => {
   it.effect("a destination that falls silent while storing: the source times out after its peer timeout", () =>
     leakFree(Effect.gen(function*() {
       const ram = yield* sourceRam()
-      const listener = yield* Transport.listen(tcp0)
       const storing = yield* Deferred.make<void>()
       // a fake destination: accepts, acknowledges every flush, says Storing once after Complete, then nothing
-      const drain = (connection: Transport.Connection): Effect.Effect<void, Transport.TransportError> =>
-        Effect.forever(connection.read(64)).pipe(Effect.ignore)
-      const fake = Effect.gen(function*() {
-        const control = yield* listener.accept
-        yield* control.read(4)
-        const first = yield* Control.receive(control)
-        yield* Control.send(control, new Control.Accept())
-        for (let i = 0; i < (first as Control.Hello).channels; i++) yield* Effect.forkScoped(drain(yield* listener.accept))
-        while (true) {
-          const message = yield* Control.receive(control)
-          if (message._tag === "Flush") yield* Control.send(control, new Control.FlushAck({ round: message.round }))
-          if (message._tag === "Complete") {
-            yield* Control.send(control, new Control.Storing())
-            yield* Deferred.succeed(storing, undefined)
-          }
-        }
-      }).pipe(Effect.ignore, Effect.scoped)
-      yield* Effect.forkScoped(fake)
-      const source = yield* Effect.forkScoped(migrateTo(listener.address, ram, { channels: 1 }))
+      const address = yield* fakeDestination({
+        onComplete: (control) =>
+          Effect.zipRight(Control.send(control, new Control.Storing()), Deferred.succeed(storing, undefined))
+      })
+      const source = yield* Effect.forkScoped(migrateTo(address, ram, { channels: 1 }))
       yield* noHang(Deferred.await(storing), "the Storing message")
       const t0 = yield* TestClock.currentTimeMillis
       yield* advanceUntil(fiberDone(source), "the source timing out")
