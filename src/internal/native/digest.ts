@@ -2,8 +2,9 @@
  * Digests of guest memory: SHA-256 over the XXH3-128 of each 64 MiB chunk (XXH3 several GiB/s a core where
  * SHA-256 manages one: the digest is checked while a migration is paused). The XXH3 stripe loop
  * (`native/xxh3`) reads memory from `allocate` where it lies and copies other memory into a
- * scratch memory first. Shared memory is hashed by worker threads (`native/digestWorker`) and the calling
- * thread in parallel; other memory by the calling thread alone. The calling thread yields every 4 MiB.
+ * scratch memory first. Shared memory is hashed by hashers on other threads (worker threads of the digest's
+ * own, `native/digestWorker`, or a source's channel threads, `threads/hashPool`) and the calling thread in
+ * parallel; other memory by the calling thread alone. The calling thread yields every 4 MiB.
  *
  * @internal
  */
@@ -148,11 +149,7 @@ export interface Pool {
 
 /** Starts `threads` hashing threads (by default one per core but one), terminated when the scope closes. */
 export const pool = (threads: number = Os.availableParallelism() - 1): Effect.Effect<Pool, never, Scope.Scope> =>
-  Effect.gen(function*() {
-    const idle = yield* Queue.unbounded<Hasher>()
-    for (let i = 0; i < threads; i++) yield* Queue.offer(idle, yield* worker)
-    return { size: threads, idle }
-  })
+  Effect.flatMap(Effect.forEach(Array.from({ length: threads }), () => worker), poolOf)
 
 /** A pool of the given hashers (hashers on other threads than a digest's own: `threads/hashPool`). */
 export const poolOf = (hashers: ReadonlyArray<Hasher>): Effect.Effect<Pool> =>
