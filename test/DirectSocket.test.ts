@@ -81,6 +81,30 @@ const plan = (sent: ReadonlyArray<{ readonly header: Buffer; readonly payload: B
   return { header, next, seen }
 }
 
+/**
+ * 40 packets of 128 pages through `server.readChain`, part of the first queued before the chain starts (read
+ * by a peek): every byte lands in its view, in order; the chain stops after the 40th header, whose payload is
+ * still there for the next read.
+ */
+const chainsInOrder = (client: Connection, server: Connection) =>
+  Effect.gen(function*() {
+    const sent = packets(40, 128)
+    const memory = Buffer.alloc(40 * 128 * PAGE)
+    yield* client.write([sent[0]!.header, sent[0]!.payload])
+    // part of the first packet waits in the queue when the chain starts
+    yield* server.peek(1000)
+    const writer = yield* Effect.fork(Effect.forEach(sent.slice(1), (p) => client.write([p.header, p.payload]), { discard: true }))
+    const { header, next, seen } = plan(sent, memory, 39)
+    expect(server.readChain).toBeDefined()
+    expect(yield* noHang(server.readChain!(header, next), "the chain")).toBe(true)
+    expect(seen).toEqual(Array.from({ length: 40 }, (_, i) => i))
+    for (let i = 0; i < 39; i++) expect(memory.subarray(i * 128 * PAGE, (i + 1) * 128 * PAGE).equals(sent[i]!.payload)).toBe(true)
+    const rest = Buffer.alloc(128 * PAGE)
+    yield* server.readInto(rest, 0, rest.length)
+    expect(rest.equals(sent[39]!.payload)).toBe(true)
+    yield* Fiber.join(writer)
+  })
+
 describe("DirectSocket: reads into guest memory on accepted sockets", () => {
   for (const [name, address] of [["tcp", tcp], ["unix", { _tag: "Unix", path: tempSocketPath("direct") }]] as const) {
     it.live(`${name}: headers through the queue, contiguous runs direct, scattered pages staged, all in order`, () =>
@@ -163,21 +187,7 @@ describe("Connection.readChain: one read plan, header, pages, header, …, chose
     it.live(`${name}: every byte lands in its view, in order, bytes queued before the chain first`, () =>
       leakFree(Effect.gen(function*() {
         const { client, server } = yield* pair(address)
-        const sent = packets(40, 128)
-        const memory = Buffer.alloc(40 * 128 * PAGE)
-        yield* client.write([sent[0]!.header, sent[0]!.payload])
-        // part of the first packet waits in the queue when the chain starts
-        yield* server.peek(1000)
-        const writer = yield* Effect.fork(Effect.forEach(sent.slice(1), (p) => client.write([p.header, p.payload]), { discard: true }))
-        const { header, next, seen } = plan(sent, memory, 39)
-        expect(yield* server.readChain!(header, next)).toBe(true)
-        expect(seen).toEqual(Array.from({ length: 40 }, (_, i) => i))
-        for (let i = 0; i < 39; i++) expect(memory.subarray(i * 128 * PAGE, (i + 1) * 128 * PAGE).equals(sent[i]!.payload)).toBe(true)
-        // the chain stopped after the 40th header: its payload is still there for the next read
-        const rest = Buffer.alloc(128 * PAGE)
-        yield* server.readInto(rest, 0, rest.length)
-        expect(rest.equals(sent[39]!.payload)).toBe(true)
-        yield* Fiber.join(writer)
+        yield* chainsInOrder(client, server)
       })))
   }
 
@@ -267,23 +277,9 @@ describe("DirectSocket.adopt: a destination's TLS connection reads decrypted byt
   it.live("packets through readChain: every byte in its view, in order, bytes sent before the first read first", () =>
     leakFree(Effect.gen(function*() {
       const { client, server } = yield* tlsPair
-      const sent = packets(40, 128)
-      const memory = Buffer.alloc(40 * 128 * PAGE)
-      // the first packet is decrypted and buffered by the TLS socket before anything reads
-      yield* client.write([sent[0]!.header, sent[0]!.payload])
-      yield* server.peek(1000)
+      // counted from before the first byte: the first packet is decrypted and queued before the chain reads
       const data = dataEvents(server)
-      const writer = yield* Effect.fork(Effect.forEach(sent.slice(1), (p) => client.write([p.header, p.payload]), { discard: true }))
-      const { header, next, seen } = plan(sent, memory, 39)
-      expect(server.readChain).toBeDefined()
-      const completed = yield* noHang(server.readChain!(header, next), "the chain")
-      expect(completed).toBe(true)
-      expect(seen).toEqual(Array.from({ length: 40 }, (_, i) => i))
-      for (let i = 0; i < 39; i++) expect(memory.subarray(i * 128 * PAGE, (i + 1) * 128 * PAGE).equals(sent[i]!.payload)).toBe(true)
-      const rest = Buffer.alloc(128 * PAGE)
-      yield* server.readInto(rest, 0, rest.length)
-      expect(rest.equals(sent[39]!.payload)).toBe(true)
-      yield* Fiber.join(writer)
+      yield* chainsInOrder(client, server)
       // 20 MiB decrypted, and not one record went through a 'data' event's fresh buffer
       expect(data.events).toBe(0)
     })))
