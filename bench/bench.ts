@@ -4,7 +4,8 @@
  * (`bench/snapshot.ts`). Knobs (environment): SIZE (default 1G), CHANNELS (default "1 2 4 8"), REPS
  * (default 1; the table shows the median), COMPRESSIONS (default "none zlib zstd"; rows for zlib/zstd use a
  * 50%-zero image and COMP_CHANNELS, default "2", as QEMU's bench script, at COMPRESSION_LEVEL, default the
- * method's), THREADS (default "1": the source's channels on worker threads; "0": on its main thread; "0 1":
+ * method's; COMP_IMAGES, default "halfzero", "halfzero program" adds rows on an image of this machine's
+ * programs and libraries, `bench/program-image.sh`, which compresses as code and data do), THREADS (default "1": the source's channels on worker threads; "0": on its main thread; "0 1":
  * both, alternating rep by rep), DST_THREADS (default "0": the destination decodes compressed payloads on
  * its main thread, as `multifd recv` does; "1": on worker threads; "0 1": both, alternating as THREADS), TLS (default "psk": a PSK TLS row at
  * TLS_CHANNELS, default 4; TLS= skips it), DST (prefault | fresh, default prefault), FILE (default 1: the
@@ -15,6 +16,8 @@
 import * as Either from "effect/Either"
 import * as Esbuild from "esbuild"
 import * as ChildProcess from "node:child_process"
+import * as Fs from "node:fs"
+import * as Os from "node:os"
 import * as Path from "node:path"
 import * as Readline from "node:readline"
 import * as Url from "node:url"
@@ -49,6 +52,9 @@ const reps = Number(process.env.REPS ?? 1)
 const compressions = (process.env.COMPRESSIONS ?? "none zlib zstd").split(/\s+/).filter(Boolean)
 const compChannels = (process.env.COMP_CHANNELS ?? "2").split(/\s+/).filter(Boolean).map(Number)
 const compressionLevel = process.env.COMPRESSION_LEVEL
+const compImages = (process.env.COMP_IMAGES ?? "halfzero").split(/\s+/).filter(Boolean)
+/** Where the program image is built (once a run, when a row needs it). */
+const programImage = Path.join(Os.tmpdir(), `multifd-bench-program-${process.pid}.img`)
 /** 1: the source's channels on worker threads (ChannelThreads), 0: on its main thread; "0 1" runs both, alternating. */
 const threadModes = (process.env.THREADS ?? "1").split(/\s+/).filter(Boolean)
 /** 1: the destination's compressed channels decoded on worker threads (ChannelThreads), 0: on its main thread. */
@@ -77,7 +83,11 @@ const peerNodeArgs = (process.env.PEER_NODE_ARGS ?? "").split(/\s+/).filter(Bool
 const spawnPeer = (args: ReadonlyArray<string>) =>
   ChildProcess.spawn(process.execPath, [...peerNodeArgs, peer, ...args], {
     stdio: ["ignore", "pipe", "inherit"],
-    env: { ...process.env, BENCH_PSK_FILE: Path.join(here, "..", "test", "fixtures", "tls", "keys.psk") }
+    env: {
+      ...process.env,
+      BENCH_PSK_FILE: Path.join(here, "..", "test", "fixtures", "tls", "keys.psk"),
+      BENCH_PROGRAM_IMAGE: programImage
+    }
   })
 
 const lastJson = (child: ChildProcess.ChildProcess, onLine?: (line: string) => void) =>
@@ -96,9 +106,9 @@ const runOnce = async (
   tls: string,
   threads: string,
   bytes = size,
-  maxBandwidth = 0
+  maxBandwidth = 0,
+  image = "random"
 ): Promise<{ src: Result; dst: Result }> => {
-  const image = compression === "none" ? "random" : "halfzero"
   const [srcThreads, dstThreads = "1"] = threads.split("/")
   const recv = spawnPeer(["recv", "tcp:127.0.0.1:0", String(bytes), dstMode, tls, dstThreads!])
   let started: (uri: string) => void
@@ -118,28 +128,35 @@ const main = async () => {
   const gib = size / 1024 ** 3
   console.log(`effect-multifd bench: ${(size / 1024 ** 2).toFixed(0)} MiB, loopback TCP, destination ${dstMode}, ` +
     `${reps} rep(s), node ${process.version}`)
-  console.log("comp    tls  ch thr |  total_s    GiB/s | srcCPU_s dstCPU_s | srcRSS_MiB dstRSS_MiB | wire_GiB")
-  console.log("-".repeat(95))
-  const rowsToRun: Array<{ compression: string; tls: string; channels: number }> = []
+  console.log("comp    image    tls  ch thr |  total_s    GiB/s | srcCPU_s dstCPU_s | srcRSS_MiB dstRSS_MiB | wire_GiB")
+  console.log("-".repeat(104))
+  const rowsToRun: Array<{ compression: string; tls: string; channels: number; image: string }> = []
   for (const compression of compressions) {
-    for (const channels of compression === "none" ? channelCounts : compChannels) {
-      rowsToRun.push({ compression, tls: "none", channels })
+    if (compression === "none") {
+      for (const channels of channelCounts) rowsToRun.push({ compression, tls: "none", channels, image: "random" })
+    } else {
+      for (const image of compImages) {
+        for (const channels of compChannels) rowsToRun.push({ compression, tls: "none", channels, image })
+      }
     }
   }
-  for (const tls of tlsModes) rowsToRun.push({ compression: "none", tls, channels: tlsChannels })
-  for (const { channels, compression, tls } of rowsToRun) {
+  for (const tls of tlsModes) rowsToRun.push({ compression: "none", tls, channels: tlsChannels, image: "random" })
+  if (rowsToRun.some((row) => row.image === "program")) {
+    ChildProcess.execFileSync("bash", [Path.join(here, "program-image.sh"), programImage, String(size)], { stdio: "inherit" })
+  }
+  for (const { channels, compression, image, tls } of rowsToRun) {
     // the thread modes alternate rep by rep: a machine whose load changes meanwhile weighs on both alike
     const modes = threadModes.flatMap((src) => dstThreadModes.map((dst) => `${src}/${dst}`))
     const runs = new Map(modes.map((threads) => [threads, [] as Array<{ src: Result; dst: Result }>]))
     for (let r = 0; r < reps; r++) {
-      for (const threads of modes) runs.get(threads)!.push(await runOnce(channels, compression, tls, threads))
+      for (const threads of modes) runs.get(threads)!.push(await runOnce(channels, compression, tls, threads, size, 0, image))
     }
     for (const [threads, done] of runs) {
       const total = median(done.map((x) => x.src.durationMs)) / 1000
       const pick = (f: (x: { src: Result; dst: Result }) => number) => median(done.map(f))
       const comp = compression === "none" || compressionLevel === undefined ? compression : `${compression}:${compressionLevel}`
       console.log(
-        `${comp.padEnd(7)} ${tls.padEnd(4)} ${String(channels).padStart(2)} ${threads.padStart(3)} | ` +
+        `${comp.padEnd(7)} ${image.padEnd(8)} ${tls.padEnd(4)} ${String(channels).padStart(2)} ${threads.padStart(3)} | ` +
           `${fmt(total, 8, 3)} ${fmt(gib / total, 8)} | ` +
           `${fmt(pick((x) => x.src.cpuSeconds), 8)} ${fmt(pick((x) => x.dst.cpuSeconds), 8)} | ` +
           `${fmt(pick((x) => x.src.peakRssMiB), 10, 0)} ${fmt(pick((x) => x.dst.peakRssMiB), 10, 0)} | ` +
@@ -152,7 +169,8 @@ const main = async () => {
   console.log("migration: outside total_s and the CPU seconds), 0: on its main thread; dst 1: the destination's")
   console.log("compressed payloads decoded on worker threads (started before it listens), 0: on its main thread.")
   console.log("CPU seconds and peak RSS per process; wire_GiB = bytes on the multifd channels.")
-  console.log("zlib/zstd rows: an image with every other page zero and random data in the rest, as QEMU's bench.")
+  console.log("images: random; halfzero, every other page zero and random data in the rest, as QEMU's bench;")
+  console.log("program, this machine's programs and libraries one after the other (bench/program-image.sh).")
   if (bandwidth !== "" && bandwidth !== "0") {
     const rate = parseRate(bandwidth)
     const { src } = await runOnce(bandwidthChannels, "none", "none", threadModes.at(-1)!, bandwidthSize, rate)
@@ -177,7 +195,7 @@ const main = async () => {
   }
 }
 
-main().catch((error) => {
+main().finally(() => Fs.rmSync(programImage, { force: true })).catch((error) => {
   console.error(`bench: ${error.message}`)
   process.exit(1)
 })

@@ -3,7 +3,7 @@
  * migration's stats, the CPU seconds it used and the process's peak RSS.
  *
  *   peer.ts recv <uri> <bytes> <mode: prefault|fresh> [tls: none|psk] [threads: 0|1]   (prints `listening <uri>` first)
- *   peer.ts send <uri> <bytes> <channels> <compression> <image: random|halfzero> [tls: none|psk] [level|default]
+ *   peer.ts send <uri> <bytes> <channels> <compression> <image: random|halfzero|program> [tls: none|psk] [level|default]
  *     [threads: 1|0] [max-bandwidth: bytes per second, 0 none]
  *
  * With threads 1 (the default) the source's channels run on worker threads (ChannelThreads), started before
@@ -11,11 +11,13 @@
  * with threads 1 (default 0) the destination's compressed channels are decoded on them (the pool started
  * before it listens).
  *
- * TLS psk uses the test keys in test/fixtures/tls/keys.psk.
+ * TLS psk uses the test keys in test/fixtures/tls/keys.psk; the program image is the file BENCH_PROGRAM_IMAGE
+ * (`bench/program-image.sh`).
  */
 import * as Effect from "effect/Effect"
 import * as Layer from "effect/Layer"
 import * as Crypto from "node:crypto"
+import * as Fs from "node:fs"
 import * as Path from "node:path"
 import * as Url from "node:url"
 import * as ChannelThreads from "../src/ChannelThreads.js"
@@ -51,6 +53,20 @@ const randomImage = (bytes: Buffer, halfZero: boolean) => {
   if (halfZero) for (let at = 0; at < bytes.length; at += 2 * page) bytes.fill(0, at + page, at + 2 * page)
 }
 
+/** Reads the program image into `bytes` in place (no second copy of it in this process's peak RSS). */
+const programImage = (bytes: Buffer) => {
+  const fd = Fs.openSync(process.env["BENCH_PROGRAM_IMAGE"]!, "r")
+  try {
+    for (let at = 0; at < bytes.length;) {
+      const n = Fs.readSync(fd, bytes, at, Math.min(bytes.length - at, 8 << 20), at)
+      if (n === 0) throw new Error("the program image is shorter than the RAM")
+      at += n
+    }
+  } finally {
+    Fs.closeSync(fd)
+  }
+}
+
 const main = role === "recv"
   ? Effect.gen(function*() {
     const memory = GuestRam.allocate(size)
@@ -67,7 +83,8 @@ const main = role === "recv"
   })
   : Effect.gen(function*() {
     const memory = GuestRam.allocate(size)
-    randomImage(memory, rest[2] === "halfzero")
+    if (rest[2] === "program") programImage(memory)
+    else randomImage(memory, rest[2] === "halfzero")
     const tls = yield* tlsOf(rest[3])
     const cpu = process.cpuUsage()
     const stats = yield* Migration.migrate({

@@ -3,7 +3,7 @@
 # (trimmed adaptation of bench/qemu-multifd-bench.sh: paused guests, RAM-only "machine none",
 # random RAM image on tmpfs, destination RAM pre-faulted with prealloc=on).
 #
-# Rows measured (all with multifd, CHANNELS channels, multifd-compression none):
+# Rows measured (all with multifd, CHANNELS channels, multifd-compression none, but zlib-prog):
 #   tcp        QEMU -> QEMU over loopback TCP, no TLS (reference row)
 #   tcp+tls    same, with TLS-PSK (tls-creds-psk, username "qemu", key from a keys.psk file), QEMU's default
 #              TLS priority (the cipher gnutls picks is reported from the sniffed ServerHello)
@@ -11,6 +11,9 @@
 #              sides (default removes CHACHA20-POLY1305, so AES-GCM is negotiated)
 #   file-save  source QEMU saves its RAM to a file: URI with the mapped-ram capability (file on tmpfs)
 #   file-load  destination QEMU restores that file (incoming file: + mapped-ram + multifd)
+#   zlib-prog  (row zlibprog, not run by default) multifd-compression zlib over COMP_CHANNELS channels on an
+#              image of this machine's programs and libraries (bench/program-image.sh, as `npm run bench`'s
+#              COMP_IMAGES=program rows): a memory that compresses as code and data do
 # Note: file-save writes into freshly allocated tmpfs pages; on this VM (page_reporting + DAMON) first
 # touch of such pages is expensive, and perf shows the save ~62% in copy_folio_from_iter_atomic and
 # ~26% spinning on the file's inode rwsem (the channels' pwritev calls serialize on one tmpfs inode),
@@ -22,7 +25,8 @@
 #   SIZE=1G          guest RAM size / image size (numfmt IEC suffixes: 512M, 1G, 2G)
 #   REPS=3           repetitions per row (table shows median and best)
 #   CHANNELS=4       multifd-channels for every row
-#   ROWS="tcp tls tlsaes file"  which configurations to run (tcp | tls | tlsaes | file)
+#   ROWS="tcp tls tlsaes file"  which configurations to run (tcp | tls | tlsaes | file | zlibprog)
+#   COMP_CHANNELS=2  multifd-channels for the zlibprog row
 #   TLS_PRIO_AES="NORMAL:-CHACHA20-POLY1305"  priority= for the tlsaes row (QEMU appends the PSK kx)
 #   WARMUP=1         one discarded run per configuration before measuring (the TLS warm-up also sniffs
 #                    the TLS ServerHello on lo to report the negotiated version / cipher; SNIFF_TLS=0 skips)
@@ -39,6 +43,7 @@ set -euo pipefail
 SIZE=${SIZE:-1G}
 REPS=${REPS:-3}
 CHANNELS=${CHANNELS:-4}
+COMP_CHANNELS=${COMP_CHANNELS:-2}
 ROWS=${ROWS-"tcp tls tlsaes file"}
 TLS_PRIO_AES=${TLS_PRIO_AES:-NORMAL:-CHACHA20-POLY1305}
 WARMUP=${WARMUP:-1}
@@ -157,6 +162,7 @@ for a in ('--src', '--dst', '--mode'):
     ap.add_argument(a, required=True)
 ap.add_argument('--file', default='')
 ap.add_argument('--sniff', default='')             # path of tlssniff.py: report the TLS ServerHello
+ap.add_argument('--compression', default='none')
 for a in ('--port', '--channels', '--max-bw', '--downtime', '--timeout', '--src-pid', '--dst-pid', '--tls'):
     ap.add_argument(a, type=int, required=True)
 o = ap.parse_args()
@@ -172,7 +178,7 @@ try:
     caps = [{'capability': 'events', 'state': True}, {'capability': 'multifd', 'state': True}]
     if o.mode == 'file':
         caps.append({'capability': 'mapped-ram', 'state': True})
-    params = {'multifd-channels': o.channels, 'multifd-compression': 'none'}
+    params = {'multifd-channels': o.channels, 'multifd-compression': o.compression}
     if o.tls:
         params['tls-creds'] = 'tlscreds0'
     for q in (src, dst):
@@ -340,8 +346,9 @@ free_port() { python3 -c 'import socket;s=socket.socket();s.bind(("127.0.0.1",0)
 # run_one LABEL(tcp|tls|file) REP [sniff]
 run_one() {
   local label=$1 rep=$2 sniff=${3:-} port spid dpid res ok tls=0 mode=tcp img="$RAM/random.img"
-  local prio=""
+  local prio="" channels=$CHANNELS compression=none
   [[ "$label" == tls || "$label" == tlsaes ]] && tls=1
+  [[ "$label" == zlibprog ]] && { img="$RAM/program.img"; channels=$COMP_CHANNELS; compression=zlib; }
   [[ "$label" == tlsaes ]] && prio=",priority=$TLS_PRIO_AES"
   [[ "$label" == file ]] && mode=file
   port=$(free_port)
@@ -367,7 +374,8 @@ run_one() {
   local extra=()
   [[ -n "$sniff" ]] && extra=(--sniff "$WORK/tlssniff.py")
   res=$(timeout $((2 * RUN_TIMEOUT + 150)) python3 "$WORK/mig.py" --src "$WORK/src.sock" --dst "$WORK/dst.sock" \
-          --mode "$mode" --file "$RAM/mig.bin" --tls "$tls" --port "$port" --channels "$CHANNELS" \
+          --mode "$mode" --file "$RAM/mig.bin" --tls "$tls" --port "$port" --channels "$channels" \
+          --compression "$compression" \
           --max-bw "$MAX_BW" --downtime "$DOWNTIME_MS" --timeout "$RUN_TIMEOUT" \
           --src-pid "$spid" --dst-pid "$dpid" "${extra[@]}") ||
     res='{"status":"error","error":"driver timed out or crashed"}'
@@ -377,7 +385,7 @@ run_one() {
   wait_pid "$spid" 20; wait_pid "$dpid" 20
   if cmp -s "$img" "$RAM/dst.img"; then ok=yes; else ok=no; fi
   [[ -n "$sniff" ]] && echo "$res" > "$WORK/tls-sniff-$label.json"
-  python3 - "$label" "$CHANNELS" "$rep" "$ok" "$SIZE_B" "$res" >>"$WORK/results.tsv" <<'PY'
+  python3 - "$label" "$channels" "$rep" "$ok" "$SIZE_B" "$res" >>"$WORK/results.tsv" <<'PY'
 import json, sys
 label, ch, rep, ok, size, res = sys.argv[1:]
 r = json.loads(res); size = int(size)
@@ -397,7 +405,7 @@ if label == 'file':
     row('file-save', s, s.get('src'), s.get('status', r.get('status')), save_ok, note)
     row('file-load', l, None, l.get('status', r.get('status')), ok)
 else:
-    row({'tls': 'tcp+tls', 'tlsaes': 'tls-aes'}.get(label, 'tcp'), r, r.get('src'), r.get('status'), ok,
+    row({'tls': 'tcp+tls', 'tlsaes': 'tls-aes', 'zlibprog': 'zlib-prog'}.get(label, 'tcp'), r, r.get('src'), r.get('status'), ok,
         json.dumps(r['tls']) if 'tls' in r else '')
 PY
   local line
@@ -458,7 +466,7 @@ echo "CPU: $(nproc) x $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 
 echo "SIZE=$SIZE ($SIZE_B bytes) REPS=$REPS CHANNELS=$CHANNELS ROWS=\"$ROWS\" MAX_BW=$MAX_BW DOWNTIME_MS=$DOWNTIME_MS TMPFS=$TMPFS TMPFS_HUGE=$TMPFS_HUGE dst=prefault(prealloc=on)"
 
 if [[ "$TMPFS" == 1 ]]; then
-  if mount -t tmpfs -o "size=$(( (3 * SIZE_B >> 20) + 256 ))M,huge=$TMPFS_HUGE" tmpfs "$RAM"; then
+  if mount -t tmpfs -o "size=$(( (4 * SIZE_B >> 20) + 256 ))M,huge=$TMPFS_HUGE" tmpfs "$RAM"; then
     MOUNTED=1; echo "RAM images and migration file on tmpfs $RAM (huge=$TMPFS_HUGE)"
   else
     echo "tmpfs mount failed; RAM images are plain files under $RAM ($(df --output=fstype "$RAM" | tail -n 1))"
@@ -467,6 +475,9 @@ fi
 
 log "creating image"
 head -c "$SIZE_B" /dev/urandom > "$RAM/random.img"
+if [[ " $ROWS " == *" zlibprog "* ]]; then
+  bash "$(dirname "${BASH_SOURCE[0]}")/program-image.sh" "$RAM/program.img" "$SIZE_B"
+fi
 printf 'label\tch\trep\tstatus\tsecs\te2e_s\ttransferred\tmbps\tsrc_cpu_s\tdst_cpu_s\tcorrect\tnote\terror\n' >"$WORK/results.tsv"
 
 T_START=$(date '+%F %T %Z')
@@ -485,7 +496,7 @@ for ((r = 1; r <= REPS; r++)); do
 done
 T_END=$(date '+%F %T %Z')
 
-echo; echo "== QEMU extra results (SIZE=$SIZE, multifd-channels=$CHANNELS, compression none, dst pre-faulted) =="
+echo; echo "== QEMU extra results (SIZE=$SIZE, multifd-channels=$CHANNELS, compression none but zlib-prog: zlib over $COMP_CHANNELS, dst pre-faulted) =="
 echo "   secs: tcp rows = QEMU total-time on the source; file-save = source total-time of the file: migration;"
 echo "         file-load = 'migrate-incoming' -> destination MIGRATION 'completed' event."
 echo "   e2e_s: tcp rows = 'migrate' command -> destination 'completed' event; file-save = 'migrate' -> source 'completed'."

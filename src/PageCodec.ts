@@ -8,7 +8,8 @@
  * - zlib runs on libuv's thread pool (Node's asynchronous zlib, one round trip a packet), so that channels
  *   on the event loop's thread compress in parallel, or on the calling thread (a channel thread: `runOn`).
  *   The pages are first copied into a per-channel buffer (QEMU copies too): guest memory may change while
- *   zlib reads it, and zlib is not safe against that. The output goes into a per-channel buffer.
+ *   zlib reads it, and zlib is not safe against that. The output goes into a per-channel buffer. Pages that
+ *   look incompressible are stored (level 0: a copy) rather than searched by deflate, which stores them too.
  * - zstd runs synchronously on the calling thread (`zstd-napi`, libzstd built at install); above level 3 a
  *   block's worth of pages at a time with a yield point between (`internal/native/eventLoop`): at high levels
  *   a packet takes hundreds of milliseconds, and timers, signals and sockets must not wait for it. Long runs
@@ -33,7 +34,8 @@ import * as Either from "effect/Either"
 import type * as Scope from "effect/Scope"
 import * as WorkerThreads from "node:worker_threads"
 import * as EventLoop from "./internal/native/eventLoop.js"
-import { type Processed, type ProcessFailure, ZlibStream } from "./internal/native/zlibStream.js"
+import * as Incompressible from "./internal/incompressible.js"
+import { type Flush, type Processed, type ProcessFailure, ZlibStream } from "./internal/native/zlibStream.js"
 import * as Zstd from "./internal/native/zstdStream.js"
 import * as Protocol from "./Protocol.js"
 import type * as Transport from "./Transport.js"
@@ -369,18 +371,51 @@ const ZLIB_PIECE = 128 * 1024
 
 /**
  * zlib compression. The pages are copied together first (QEMU copies too: zlib does not promise to read its
- * input once, and the guest may write a page meanwhile); the output goes into a per-channel buffer. On the
- * event loop's thread the work goes to libuv's thread pool (one round trip a packet), so that channels
- * compress in parallel; on a channel thread (a worker) it runs in place, a piece at a time with a yield point
- * between pieces.
+ * input once, and the guest may write a page meanwhile); the output goes into a per-channel buffer.
+ *
+ * Pages that look incompressible (`internal/incompressible`: random, encrypted, already compressed) go in at
+ * level 0, a copy into stored blocks, instead of through deflate's search, which stores them anyway; runs of
+ * the other pages at the user's level. The stream is one stream either way (its history kept across levels:
+ * `ZlibStream.setLevel`), each run but the last ended with `block` so the level can change, the packet's last
+ * with `sync`, as QEMU's.
+ *
+ * Deflating runs on libuv's thread pool on the event loop's thread (one round trip a run, flushed), so that
+ * channels compress in parallel; on a channel thread (a worker) in place, a piece at a time with a yield point
+ * between pieces. Stored runs always in place: they cost a copy.
  */
 const zlibEncoder = (level: number, runOn: "pool" | "caller"): Effect.Effect<Encoder, never, Scope.Scope> =>
   Effect.map(zlibStream(() => ZlibStream.deflate(level)), (stream) => {
     const pages = new Scratch()
     const out = new Scratch()
+    const kinds = new Scratch()
     const inline = runOn === "caller"
-    const failed = (detail: string) =>
-      codecError(undefined, "Corrupt", `zlib compression failed: ${detail}`)
+    const failed = (detail: string) => codecError(undefined, "Corrupt", `zlib compression failed: ${detail}`)
+    const overflow = (output: Buffer, bytes: number) =>
+      failed(`more than ${output.length} bytes of output for ${bytes} bytes`)
+    /** Feeds `input` on this thread into `output` from `at`, in pieces of `piece`; returns the new `at`. */
+    const inPlace = (input: Buffer, output: Buffer, at: number, end: Flush, piece: number) =>
+      Effect.gen(function*() {
+        let from = 0
+        while (true) {
+          const to = Math.min(input.length, from + piece)
+          const last = to === input.length
+          const result = stream.processSync(input.subarray(from, to), output.subarray(at), last ? end : "none")
+          if ("_tag" in result) return yield* Effect.fail(failed(describeFailure(result)))
+          if (result.full) return yield* Effect.fail(overflow(output, input.length))
+          at += result.produced
+          from = to
+          if (last) return at
+          yield* EventLoop.cooperate
+        }
+      })
+    /** Deflates `input` on the thread pool (flushed: the stream's flag) into `output` from `at`. */
+    const onPool = (input: Buffer, output: Buffer, at: number) =>
+      Effect.flatMap(runZlib(stream, input, output.subarray(at)), (result) =>
+        "_tag" in result
+          ? Effect.fail(failed(describeFailure(result)))
+          : result.full
+          ? Effect.fail(overflow(output, input.length))
+          : Effect.succeed(at + result.produced))
     return {
       output: "reused",
       encode: (memory, offsets, normal, pageSize, chunks) =>
@@ -390,33 +425,31 @@ const zlibEncoder = (level: number, runOn: "pool" | "caller"): Effect.Effect<Enc
           const bytes = normal * pageSize
           const input = pages.get(bytes).subarray(0, bytes)
           gather(memory, offsets, normal, pageSize, input)
+          const stored = kinds.get(normal)
+          const some = level > 0 && Incompressible.judge(input, normal, pageSize, stored) > 0
           const output = out.get(payloadBound(bytes))
-          const done = (produced: number): Effect.Effect<number, CodecError> => {
-            chunks.push(output.subarray(0, produced))
-            return Effect.succeed(produced)
-          }
-          if (!inline) {
-            return Effect.flatMap(runZlib(stream, input, output), (result) =>
-              "_tag" in result
-                ? Effect.fail(failed(describeFailure(result)))
-                : result.full
-                ? Effect.fail(failed(`more than ${output.length} bytes of output for ${bytes} bytes`))
-                : done(result.produced))
-          }
-          let from = 0
-          let produced = 0
-          const piece: Effect.Effect<boolean, CodecError> = Effect.suspend(() => {
-            const to = Math.min(bytes, from + ZLIB_PIECE)
-            const result = stream.processSync(input.subarray(from, to), output.subarray(produced), to === bytes)
-            if ("_tag" in result) return Effect.fail(failed(describeFailure(result)))
-            if (result.full) return Effect.fail(failed(`more than ${output.length} bytes of output for ${bytes} bytes`))
-            produced += result.produced
-            from = to
-            return Effect.succeed(from === bytes)
-          })
           return Effect.gen(function*() {
-            while (!(yield* piece)) yield* EventLoop.cooperate
-            return yield* done(produced)
+            let at = 0
+            let page = 0
+            while (page < normal) {
+              // the next run of pages of one kind
+              const store = some && stored[page] === 1
+              let next = page + 1
+              if (!some) next = normal
+              else while (next < normal && (stored[next] === 1) === store) next++
+              const end: Flush = next === normal ? "sync" : "block"
+              const failure = stream.setLevel(store ? 0 : level)
+              if (failure !== undefined) return yield* Effect.fail(failed(describeFailure(failure)))
+              const run = input.subarray(page * pageSize, next * pageSize)
+              at = store
+                ? yield* inPlace(run, output, at, end, run.length)
+                : inline
+                ? yield* inPlace(run, output, at, end, ZLIB_PIECE)
+                : yield* onPool(run, output, at)
+              page = next
+            }
+            chunks.push(output.subarray(0, at))
+            return at
           })
         })
     } satisfies Encoder
@@ -433,7 +466,7 @@ const zlibPayloadDecoder = (channel: number): Effect.Effect<PayloadDecoder, neve
       const expected = normal * pageSize
       // one byte more than the pages: decompression stops as soon as it is reached
       const output = pages.get(expected + 1).subarray(0, expected + 1)
-      const result = stream.processSync(payload, output, true)
+      const result = stream.processSync(payload, output, "sync")
       if ("_tag" in result) return codecError(channel, "Corrupt", `zlib: ${describeFailure(result)}`)
       const wrong = checkProduced("zlib", channel, result.produced, expected, normal)
       if (wrong !== undefined) return wrong

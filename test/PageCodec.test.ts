@@ -9,6 +9,7 @@ import * as Fs from "node:fs/promises"
 import { PassThrough } from "node:stream"
 import * as Zlib from "node:zlib"
 import * as GuestRam from "../src/GuestRam.js"
+import * as Incompressible from "../src/internal/incompressible.js"
 import { openStreams as openZlibStreams } from "../src/internal/native/zlibStream.js"
 import { openContexts as openZstdContexts } from "../src/internal/native/zstdStream.js"
 import * as Migration from "../src/Migration.js"
@@ -280,6 +281,139 @@ describe("round trips", () => {
       expect(Exit.isFailure(exit)).toBe(true)
       expect(PageCodec.checkAvailable("zstd")).toEqual(Either.void)
     }))
+})
+
+// ---------------------------------------------------------------------------------------------------------
+// Incompressible pages: stored, not searched (zlib)
+
+/** `pages` pages of random-looking bytes, the same every run (AES-CTR's key stream under a fixed key). */
+const randomPages = (pages: number, seed = 1): Buffer => {
+  const key = Buffer.alloc(16, seed)
+  return Crypto.createCipheriv("aes-128-ctr", key, Buffer.alloc(16)).update(Buffer.alloc(pages * PAGE))
+}
+
+/** `pages` pages of a real program's bytes (this Node.js binary's, past its first MiB). */
+const programPages = (pages: number): Effect.Effect<Buffer> =>
+  Effect.promise(async () => {
+    const file = await Fs.open(process.execPath, "r")
+    try {
+      const bytes = Buffer.alloc(pages * PAGE)
+      await file.read(bytes, 0, bytes.length, 1 << 20)
+      return bytes
+    } finally {
+      await file.close()
+    }
+  })
+
+/** `pages` pages of English text. */
+const textPages = (pages: number): Buffer =>
+  Buffer.from(
+    "The destination reads every packet's pages straight into guest memory, and says so when asked. ".repeat(
+      Math.ceil((pages * PAGE) / 96)
+    )
+  ).subarray(0, pages * PAGE)
+
+/**
+ * The deflate blocks of a payload that starts on a block boundary (after the zlib header for the first):
+ * the stored blocks' lengths, or `undefined` if a block is not stored.
+ */
+const storedBlocks = (payload: Buffer, from: number): Array<number> | undefined => {
+  const lengths: Array<number> = []
+  let at = from
+  while (at < payload.length) {
+    const type = (payload[at]! >> 1) & 3
+    if (type !== 0) return undefined
+    // a stored block's 3 header bits, then the rest of that byte, then LEN and NLEN
+    const length = payload.readUInt16LE(at + 1)
+    expect(payload.readUInt16LE(at + 3)).toBe(length ^ 0xffff)
+    lengths.push(length)
+    at += 5 + length
+  }
+  return lengths
+}
+
+describe("incompressible pages", () => {
+  it.effect("judged from a sample: random bytes are, text, a program, zeros, half a page and a repeated block are not", () =>
+    Effect.gen(function*() {
+      const judge = (pages: Buffer) => {
+        const kinds = new Uint8Array(pages.length / PAGE)
+        return Incompressible.judge(pages, kinds.length, PAGE, kinds)
+      }
+      expect(judge(randomPages(256))).toBeGreaterThanOrEqual(255)
+      expect(judge(textPages(64))).toBe(0)
+      expect(judge(Buffer.alloc(64 * PAGE))).toBe(0)
+      const program = yield* programPages(256)
+      // a program's pages: a few are (its compressed or random data), most are not
+      expect(judge(program)).toBeLessThan(256 / 10)
+      // half random, half zero: deflate halves it
+      const half = Buffer.alloc(16 * PAGE)
+      for (let p = 0; p < 16; p++) randomPages(1, p + 2).copy(half, p * PAGE, 0, PAGE / 2)
+      expect(judge(half)).toBe(0)
+      // a 1 KiB random block copied over the page: random bytes, but deflate finds the repeats
+      const repeated = Buffer.alloc(16 * PAGE)
+      for (let p = 0; p < 16; p++) {
+        const block = randomPages(1, p + 40).subarray(0, 1024)
+        for (let k = 0; k < 4; k++) block.copy(repeated, p * PAGE + k * 1024)
+      }
+      expect(judge(repeated)).toBe(0)
+      // a buffer not aligned to 4 bytes is judged the same, a byte at a time
+      const mixed = Buffer.concat([randomPages(8, 9), program.subarray(0, 8 * PAGE), textPages(2), repeated.subarray(0, 2 * PAGE)])
+      const unaligned = Buffer.alloc(mixed.length + 1).subarray(1)
+      mixed.copy(unaligned)
+      const a = new Uint8Array(20)
+      const b = new Uint8Array(20)
+      expect(Incompressible.judge(unaligned, 20, PAGE, b)).toBe(Incompressible.judge(mixed, 20, PAGE, a))
+      expect(Array.from(b)).toEqual(Array.from(a))
+      // pages smaller than a KiB are never judged incompressible
+      expect(Incompressible.judge(randomPages(1), 8, 512, new Uint8Array(8))).toBe(0)
+    }))
+
+  for (const runOn of ["pool", "caller"] as const) {
+    it.effect(`zlib (${runOn}): random pages go out in stored blocks of up to 64 KiB (a copy, not deflate's search)`, () =>
+      Effect.scoped(Effect.gen(function*() {
+        const memory = randomPages(2 * SLOTS)
+        const encoder = yield* PageCodec.encoder("zlib", 1, { runOn })
+        const payloads: Array<Buffer> = []
+        for (let k = 0; k < 2; k++) {
+          const offsets = Float64Array.from({ length: SLOTS }, (_, i) => (k * SLOTS + i) * PAGE)
+          const chunks: Array<Uint8Array> = []
+          yield* encoder.encode(memory, offsets, SLOTS, PAGE, chunks)
+          payloads.push(Buffer.concat(chunks))
+        }
+        const bytes = SLOTS * PAGE
+        for (const [k, payload] of payloads.entries()) {
+          const blocks = storedBlocks(payload, k === 0 ? 2 : 0)
+          expect(blocks).toBeDefined()
+          // deflate's own stored blocks end every 16 KiB of literals, level 0's hold up to 65535 bytes (a page
+          // judged wrongly, about one in a thousand, is deflated: a block of its own, and a flush on the pool)
+          expect(blocks!.length).toBeLessThanOrEqual(Math.ceil(bytes / 65535) + 4)
+          expect(blocks!.reduce((n, length) => n + length, 0)).toBe(bytes)
+          expect(blocks!.at(-1)).toBe(0) // the sync flush
+        }
+        const all = Zlib.inflateSync(Buffer.concat(payloads), { finishFlush: Zlib.constants.Z_SYNC_FLUSH })
+        expect(all.equals(memory)).toBe(true)
+      })))
+  }
+
+  for (const [runOn, level] of [["pool", 1], ["caller", 1], ["caller", 9]] as const) {
+    it.effect(`zlib level ${level} (${runOn}): packets that mix random, program and text pages decode, and compress as deflate alone does`, () =>
+      Effect.gen(function*() {
+        // in each group of 8 pages: random, program, program, text, random, random, program, text
+        const program = yield* programPages(256)
+        const memory = Buffer.alloc(512 * PAGE)
+        for (let p = 0; p < 512; p++) {
+          const kind = [0, 1, 1, 2, 0, 0, 1, 2][p % 8]!
+          const source = kind === 0 ? randomPages(1, p % 200 + 50) : kind === 1 ? program.subarray((p % 256) * PAGE) : textPages(1)
+          source.copy(memory, p * PAGE, 0, PAGE)
+        }
+        const { packets, payloads } = yield* roundTrip("zlib", level, memory, { runOn })
+        const pages = Buffer.concat(packets.flatMap((offsets) => Array.from(offsets, (o) => memory.subarray(o, o + PAGE))))
+        const deflated = Zlib.deflateSync(pages, { level }).length
+        const ours = payloads.reduce((n, payload) => n + payload.length, 0)
+        expect(ours).toBeLessThan(pages.length * 0.8)
+        expect(ours).toBeLessThan(deflated * 1.02)
+      }))
+  }
 })
 
 // ---------------------------------------------------------------------------------------------------------

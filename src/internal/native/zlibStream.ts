@@ -11,12 +11,16 @@
  * - `processSync`, on the calling thread: for a channel thread (whose own thread is the parallelism) and for
  *   inflating, which is fast at every level (a packet's worth in about a millisecond).
  *
+ * A deflate stream's level can change between calls (`setLevel`, zlib's `deflateParams`: the encoder stores
+ * incompressible pages at level 0 and deflates the rest at the user's).
+ *
  * Both rely on Node internals, all of them here (stable since Node 10; `test/PageCodec.test.ts` exercises
  * both paths): the stream writes its next output at `_outBuffer[_outOffset]` with `_chunkSize - _outOffset`
  * bytes of room (`process` points them at the caller's buffer before each call; if that ever changed, the
  * output would arrive in Node's own buffers and be copied: slower, still right), and `_handle.writeSync(flush,
  * in, inOff, inLen, out, outOff, outLen)` reports what is left in `_writeState` (`[availOut, availIn]`), a
- * zlib error through the stream's error handler (the stream is destroyed before `writeSync` returns).
+ * zlib error through the stream's error handler (the stream is destroyed before `writeSync` returns);
+ * `_handle.params(level, strategy)` is `deflateParams`, an error reported the same way.
  *
  * @internal
  */
@@ -57,10 +61,20 @@ interface Internals {
       outOff: number,
       outLen: number
     ): void
+    params(level: number, strategy: number): void
   } | null
 }
 
-const { Z_NO_FLUSH, Z_SYNC_FLUSH } = Zlib.constants
+const { Z_BLOCK, Z_DEFAULT_STRATEGY, Z_NO_FLUSH, Z_SYNC_FLUSH } = Zlib.constants
+
+/**
+ * How a `processSync` call ends: `none`, the input is taken and may be held back (more of the packet
+ * follows); `block`, the deflate block is completed and written (up to 7 bits held for the next one) so that
+ * the level can change; `sync`, flushed to a byte boundary (`Z_SYNC_FLUSH`: the end of a packet).
+ */
+export type Flush = "none" | "block" | "sync"
+
+const FLUSH: Record<Flush, number> = { none: Z_NO_FLUSH, block: Z_BLOCK, sync: Z_SYNC_FLUSH }
 
 /** A deflate or inflate stream, used one call at a time. */
 export class ZlibStream {
@@ -76,9 +90,12 @@ export class ZlibStream {
   private busy = false
   /** Input bytes consumed by `processSync` calls (`bytesWritten` counts the asynchronous ones). */
   private consumedSync = 0
+  /** A deflate stream's current level (`setLevel`). */
+  private level: number
 
-  private constructor(stream: Zlib.Deflate | Zlib.Inflate) {
+  private constructor(stream: Zlib.Deflate | Zlib.Inflate, level: number) {
     this.stream = stream
+    this.level = level
     this.internals = stream as unknown as Internals
     open++
     stream.on("data", (chunk: Buffer) => this.take(chunk))
@@ -98,12 +115,12 @@ export class ZlibStream {
 
   /** A deflate stream at `level` (0–9), zlib header, window 15, memLevel 8 — QEMU's `deflateInit(level)`. */
   static deflate(level: number): ZlibStream {
-    return new ZlibStream(Zlib.createDeflate({ level, flush: Z_SYNC_FLUSH }))
+    return new ZlibStream(Zlib.createDeflate({ level, flush: Z_SYNC_FLUSH }), level)
   }
 
   /** An inflate stream for a zlib-format stream (any window size its header announces). */
   static inflate(): ZlibStream {
-    return new ZlibStream(Zlib.createInflate({ flush: Z_SYNC_FLUSH }))
+    return new ZlibStream(Zlib.createInflate({ flush: Z_SYNC_FLUSH }), -1)
   }
 
   /** Whether the stream can take no more calls (failed, stopped or closed). */
@@ -174,12 +191,11 @@ export class ZlibStream {
   }
 
   /**
-   * Feeds `input` on the calling thread, flushed (`Z_SYNC_FLUSH`) when `flush` says so (a packet fed in
-   * pieces is flushed after its last); the output goes into `output` from its start. Returns what the call
-   * did (`full` when `output` filled up first: the stream cannot go on), or why it failed (the stream is then
-   * destroyed).
+   * Feeds `input` on the calling thread, ended as `flush` says (a packet fed in pieces is flushed after its
+   * last); the output goes into `output` from its start. Returns what the call did (`full` when `output`
+   * filled up first: the stream cannot go on), or why it failed (the stream is then destroyed).
    */
-  processSync(input: Uint8Array, output: Uint8Array, flush: boolean): Processed | ProcessFailure {
+  processSync(input: Uint8Array, output: Uint8Array, flush: Flush): Processed | ProcessFailure {
     if (this.busy) throw new Error("ZlibStream.processSync: a call is already in progress")
     const s = this.internals
     const handle = s._handle
@@ -190,7 +206,7 @@ export class ZlibStream {
     while (true) {
       const inLen = input.length - inOff
       const room = output.length - outOff
-      handle.writeSync(flush ? Z_SYNC_FLUSH : Z_NO_FLUSH, input, inOff, inLen, output, outOff, room)
+      handle.writeSync(FLUSH[flush], input, inOff, inLen, output, outOff, room)
       // an error destroys the stream from inside writeSync
       if (this.stream.destroyed) return this.failure()
       const availOut = state[0]!
@@ -206,6 +222,24 @@ export class ZlibStream {
     }
     this.consumedSync += inOff
     return { produced: outOff, consumed: inOff, full: false }
+  }
+
+  /**
+   * Sets a deflate stream's level for the calls that follow (zlib's `deflateParams`; the stream goes on, its
+   * history kept). Only between calls, and only after a call that ended with `block` or `sync` (or before the
+   * first): `deflateParams` then has nothing left to flush, so it writes no output of its own (output the
+   * caller's next call would not know of). Returns why it failed, if it did (the stream is then destroyed).
+   */
+  setLevel(level: number): ProcessFailure | undefined {
+    if (level === this.level) return undefined
+    if (this.busy) throw new Error("ZlibStream.setLevel: a call is in progress")
+    const handle = this.internals._handle
+    if (this.stream.destroyed || handle === null) return this.failure()
+    handle.params(level, Z_DEFAULT_STRATEGY)
+    // an error destroys the stream from inside params
+    if (this.stream.destroyed) return this.failure()
+    this.level = level
+    return undefined
   }
 
   /** Abandons the stream: destroyed, no more output; a call in progress ends with `Stopped`. */
