@@ -426,7 +426,8 @@ const zlibEncoder = (level: number, runOn: "pool" | "caller"): Effect.Effect<Enc
           const input = pages.get(bytes).subarray(0, bytes)
           gather(memory, offsets, normal, pageSize, input)
           const stored = kinds.get(normal)
-          const some = level > 0 && Incompressible.judge(input, normal, pageSize, stored) > 0
+          // (a Node whose zlib cannot change levels deflates every page, as before)
+          const some = level > 0 && stream.canSetLevel && Incompressible.judge(input, normal, pageSize, stored) > 0
           const output = out.get(payloadBound(bytes))
           return Effect.gen(function*() {
             let at = 0

@@ -224,6 +224,12 @@ export class ZlibStream {
     return { produced: outOff, consumed: inOff, full: false }
   }
 
+  /** Whether `setLevel` can change this stream's level (a deflate stream on a Node that has `params`). */
+  get canSetLevel(): boolean {
+    const handle = this.internals._handle
+    return this.level >= 0 && handle !== null && typeof handle.params === "function"
+  }
+
   /**
    * Sets a deflate stream's level for the calls that follow (zlib's `deflateParams`; the stream goes on, its
    * history kept). Only between calls, and only after a call that ended with `block` or `sync` (or before the
@@ -235,6 +241,7 @@ export class ZlibStream {
     if (this.busy) throw new Error("ZlibStream.setLevel: a call is in progress")
     const handle = this.internals._handle
     if (this.stream.destroyed || handle === null) return this.failure()
+    if (typeof handle.params !== "function") throw new Error("ZlibStream.setLevel: this Node's zlib has no params")
     handle.params(level, Z_DEFAULT_STRATEGY)
     // an error destroys the stream from inside params
     if (this.stream.destroyed) return this.failure()
