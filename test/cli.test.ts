@@ -313,10 +313,10 @@ describe("multifd over TLS", () => {
 })
 
 describe("channel threads on the command line", () => {
-  it("send starts them where they pay: with zlib, or with more than two cores (measured: docs/parallel-data-plane.md)", () => {
+  it("send starts them where they pay: with compression, or with more than two cores (measured: docs/parallel-data-plane.md §9)", () => {
     expect(wantsThreads("zlib", 2)).toBe(true)
     expect(wantsThreads("none", 2)).toBe(false)
-    expect(wantsThreads("zstd", 2)).toBe(false)
+    expect(wantsThreads("zstd", 2)).toBe(true)
     expect(wantsThreads("none", 4)).toBe(true)
     expect(wantsThreads("zstd", 16)).toBe(true)
   })

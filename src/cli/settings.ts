@@ -69,13 +69,14 @@ export const tlsOf = (
   })
 
 /**
- * Whether the channels get worker threads: with zlib (deflate is most of the CPU: two threads were 1.24× the
- * main thread on two cores), or with more than two cores. On two cores without zlib the two processes of a
- * migration already keep both cores busy, and threads only add their isolates' warm-up and messaging (random
- * RAM: 1.00 against 1.17 GiB/s; zstd: 0.72 against 0.85; docs/parallel-data-plane.md).
+ * Whether the channels get worker threads: with compression (on memory that compresses, as a guest's code and
+ * data do, compressing is most of the CPU and two threads use both cores: programs' image, two cores, zlib
+ * 0.09 against 0.08 GiB/s, zstd 0.18–0.22 against 0.16), or with more than two cores. On two cores without
+ * compression the two processes of a migration already keep both cores busy, and threads only add their
+ * isolates' warm-up and messaging (random RAM: 0.86 against 0.93 GiB/s). docs/parallel-data-plane.md §9.
  */
 export const wantsThreads = (compression: Protocol.Compression, cores = Os.availableParallelism()): boolean =>
-  compression === "zlib" || cores > 2
+  compression !== "none" || cores > 2
 
 /**
  * The channels' worker threads (`ChannelThreads`), started before the migration when they pay
