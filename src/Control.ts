@@ -76,7 +76,13 @@ export class Hello extends Schema.TaggedClass<Hello>()("Hello", {
    * longer than the peer timeout to drain) and `Hashing` while it hashes the memory for the digests. Absent (an
    * older source): the destination sends neither.
    */
-  heartbeats: Schema.optional(Schema.Boolean)
+  heartbeats: Schema.optional(Schema.Boolean),
+  /**
+   * The source's channels wait for a bandwidth limit before their packets: one of them may be quiet between
+   * packets for long while the others have finished the round. Absent: a channel quiet between packets while
+   * another waits at the round's sync has a path that went silent (with `reconnectMs`, it is re-attached).
+   */
+  paced: Schema.optional(Schema.Boolean)
 }) {}
 
 /**

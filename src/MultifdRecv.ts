@@ -48,8 +48,10 @@ export interface Config {
   readonly compression: Protocol.Compression
   /**
    * A channel that received part of a packet and then nothing for this long fails with a `Timeout` naming it
-   * (default: no limit). Between packets and at a sync a channel may wait any time: the caller's own
-   * inactivity watch covers those waits.
+   * (default: no limit). With `reconnect`, so does a channel between packets that owes the round's SYNC and
+   * receives nothing for this long (the source wrote its SYNCs and said Flush, or — unless `paced` — another
+   * channel is at the barrier already): a path gone silent right after a whole packet, re-attached. Otherwise,
+   * between packets and at a sync a channel may wait any time: the caller's own inactivity watch covers those.
    */
   readonly stallTimeout?: Duration.DurationInput | undefined
   /**
@@ -65,6 +67,11 @@ export interface Config {
   readonly reconnect?: Duration.DurationInput | undefined
   /** Told when an adopted channel's connection (the one with `nonce`, or the first) is lost (with `reconnect`). */
   readonly onLost?: ((channel: number, nonce: Uint8Array | undefined) => Effect.Effect<void>) | undefined
+  /**
+   * The source's channels wait for a bandwidth limit between packets (`Hello.paced`): a channel quiet between
+   * packets while another is at the round's barrier is then no sign of a silent path (see `stallTimeout`).
+   */
+  readonly paced?: boolean | undefined
   /**
    * Channel threads that decompress the channels' compressed payloads and write their pages (and clear their
    * zero pages) in guest memory, when every block of `ram` is shared memory (`GuestRam.allocate`); the
@@ -186,9 +193,12 @@ export const describeUnfinished = (u: Unfinished): string =>
 
 /**
  * Fails once `state`'s channel has been inside a packet with nothing arriving and nothing handled for `after`
- * (sampled every quarter of it); never succeeds.
+ * (sampled every quarter of it); never succeeds. With `owing` (a set whose lost channels re-attach), also once
+ * it has been between packets that long while `owing` says a SYNC is owed (the source wrote every channel's
+ * SYNC and the round's barrier waits): a path that went silent right after a whole packet, with nothing inside
+ * one to notice. (A source held back by its bandwidth limit has written its SYNCs before it says Flush.)
  */
-const watchStall = (state: ChannelState, after: Duration.Duration) =>
+const watchStall = (state: ChannelState, after: Duration.Duration, owing?: () => boolean) =>
   Effect.gen(function*() {
     const step = Duration.unsafeDivide(after, 4)
     let last = { received: -1, consumed: -1 }
@@ -197,12 +207,14 @@ const watchStall = (state: ChannelState, after: Duration.Duration) =>
       yield* Effect.sleep(step)
       const now = { received: state.connection.received(), consumed: state.consumed }
       const bytes = unfinishedBytes(state)
-      quiet = bytes > 0 && now.received === last.received && now.consumed === last.consumed ? quiet + 1 : 0
+      const waited = bytes > 0 || (owing !== undefined && !state.atSync && owing())
+      quiet = waited && now.received === last.received && now.consumed === last.consumed ? quiet + 1 : 0
       last = now
       if (quiet === 4) {
         return yield* new MigrationError.MigrationError({
           reason: "Timeout",
-          detail: `multifd channel ${state.id}: nothing arrived for ${Duration.format(after)}, ${bytes} bytes into a packet`
+          detail: `multifd channel ${state.id}: nothing arrived for ${Duration.format(after)}, ` +
+            (bytes > 0 ? `${bytes} bytes into a packet` : "while the round waits for its sync packet")
         })
       }
     }
@@ -259,6 +271,18 @@ export const make = (config: Config): Effect.Effect<MultifdRecv["Type"], never, 
     // a compressed payload may exceed its pages a little (incompressible data); nothing legitimate is larger
     const maxPayload = slots * pageSize + 64 * 1024
     const states = new Set<ChannelState>()
+    /**
+     * Whether a channel not at the round's barrier owes its SYNC: the barrier is being waited for (`sync`: the
+     * control channel's Flush came, which the source sends once every channel's SYNC packet was written), or,
+     * from a source not held back by a bandwidth limit (`paced`), another channel is at the barrier already.
+     */
+    let flushed = false
+    const owesSync = (): boolean => {
+      if (flushed) return true
+      if (config.paced === true) return false
+      for (const state of states) if (state.atSync) return true
+      return false
+    }
     // compressed payloads decoded on channel threads, which write the shared memory
     const offloaded = config.threads !== undefined && compression !== "none" && RecvDecode.canWrite(ram)
     /** A data packet's pages are in (or handed to its thread: `offload`): clears its zero pages and counts it. */
@@ -591,7 +615,7 @@ export const make = (config: Config): Effect.Effect<MultifdRecv["Type"], never, 
         const state: ChannelState = { id, connection, consumed: Protocol.INIT_PACKET_SIZE, atSync: false }
         const watched = stallTimeout === undefined
           ? worker(state, payload)
-          : Effect.raceFirst(worker(state, payload), watchStall(state, stallTimeout))
+          : Effect.raceFirst(worker(state, payload), watchStall(state, stallTimeout, reconnect === undefined ? undefined : owesSync))
         // a lost connection, with reconnecting: the channel keeps its place for the source's new connection
         // (`authorize` interrupts this wait), and fails as it would have if none comes in time
         const work = reconnect === undefined ? watched : Effect.catchIf(
@@ -657,9 +681,12 @@ export const make = (config: Config): Effect.Effect<MultifdRecv["Type"], never, 
       adopt,
       adopted: guarded(Deferred.await(allAdopted)),
       sync: guarded(Effect.gen(function*() {
+        flushed = true
         const waiting = yield* Effect.replicateEffect(Queue.take(arrivals), channels)
         yield* Effect.forEach(waiting, (go) => Deferred.succeed(go, undefined), { discard: true })
-      })).pipe(Effect.withSpan("multifd.sync")),
+      }).pipe(Effect.ensuring(Effect.sync(() => {
+        flushed = false
+      })))).pipe(Effect.withSpan("multifd.sync")),
       expectEnd: Deferred.succeed(ending, undefined),
       finished: guarded(Effect.zipRight(Deferred.await(allAdopted), FiberSet.awaitEmpty(fibers))),
       failure,

@@ -315,6 +315,38 @@ layer(ChannelThreads.layer(POOL), { excludeTestServices: true })("channels on th
       })), 30_000)
   }
 
+  for (const threaded of [true, false]) {
+    it.effect(`a channel ${threaded ? "on a thread" : "in this thread (plain memory)"} whose path goes silent right after a whole packet re-attaches once the other waits at the sync`, () =>
+      leakFree(Effect.gen(function*() {
+        // every page random, so that a packet is a header and 128 pages: the path goes silent after channel 1's
+        // init packet and its first packet, exactly, so the destination is never inside a packet of it; channel 0
+        // takes the rest of the round, sends its SYNC and waits at the barrier for channel 1's
+        const shared = sharedBlock(16384, 1)
+        const ram = yield* GuestRam.make({ blocks: [{ name: "pc.ram", bytes: threaded ? shared : Buffer.from(shared) }] })
+        const dest = yield* startDestination({ timeouts: { ...TIMEOUTS, peer: "2 seconds" } })
+        const proxy = yield* Effect.acquireRelease(
+          Effect.promise(() =>
+            resetProxy({ host: "127.0.0.1", port: (dest.address as { readonly port: number }).port }, {
+              channel: 1,
+              afterBytes: Protocol.INIT_PACKET_SIZE + Protocol.headerSize(PAGE) + Protocol.slotsFor(PAGE) * PAGE,
+              silent: true
+            })
+          ),
+          (proxy) => Effect.promise(() => proxy.close())
+        )
+        const stats = yield* noHang(
+          migrate(ram, { address: { _tag: "Tcp", host: "127.0.0.1", port: proxy.port }, channels: 2 }),
+          "migrate",
+          20
+        )
+        const received = yield* noHang(Fiber.join(dest.fiber), "incoming")
+        expect(proxy.resets()).toBe(1)
+        expect(sameMemory(received.ram, ram)).toBe(true)
+        expect(stats.reconnects).toBe(1)
+        yield* expectThreadsClean
+      })), 30_000)
+  }
+
   describe("the source's digest on the channel threads", () => {
     it.effect("a source on the pool hashes its memory there: a hash session beside its channels, closed after; the digests agree", () =>
       leakFree(Effect.gen(function*() {

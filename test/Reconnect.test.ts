@@ -20,17 +20,22 @@ import * as Exit from "effect/Exit"
 import * as Fiber from "effect/Fiber"
 import * as Logger from "effect/Logger"
 import * as LogLevel from "effect/LogLevel"
+import * as TestClock from "effect/TestClock"
 import * as Crypto from "node:crypto"
 import * as Net from "node:net"
+import * as Control from "../src/Control.js"
 import * as GuestRam from "../src/GuestRam.js"
 import * as Migration from "../src/Migration.js"
 import * as MigrationError from "../src/MigrationError.js"
 import * as Protocol from "../src/Protocol.js"
 import * as Transport from "../src/Transport.js"
+import { advanceUntil } from "./support/clock.js"
+import { fakeDestination } from "./support/fakeDestination.js"
+import { fakeSource, ramPacket, randomPage, syncPacket } from "./support/fakeSource.js"
 import { expectOneLine, failureOf } from "./support/failures.js"
 import * as Faulty from "./support/faultyTransport.js"
 import { noHang } from "./support/guards.js"
-import { leakFree } from "./support/handles.js"
+import { leakFree, nextTurn } from "./support/handles.js"
 import { mixedImage } from "./support/images.js"
 import { sameMemory } from "./support/memory.js"
 
@@ -285,4 +290,71 @@ describe("a lost channel is re-attached", () => {
       expect(received.rejected.filter((r) => r.includes("is not this migration's"))).toHaveLength(1)
       expect(received.rejected).toHaveLength(unauthorized.length + 1)
     })))
+})
+
+describe("a channel quiet between packets while it owes the round's SYNC (a fake source, TestClock)", () => {
+  /**
+   * A destination behind a fake source that re-attaches lost channels: channel 1 sends one whole packet and
+   * falls quiet, channel 0 its SYNC (the barrier waits for channel 1's), and with `flush` the source says
+   * Flush (it has written every SYNC). The destination's `Lost` messages are collected.
+   */
+  const quietChannel = (paced: boolean, flush: boolean) =>
+    Effect.gen(function*() {
+      const listener = yield* Transport.listen(tcp0)
+      yield* Effect.forkScoped(Migration.incoming(listener, { timeouts: TIMEOUTS }))
+      const src = yield* fakeSource(listener.address, 2, "none", true, { reconnectMs: 10_000, ...(paced ? { paced: true } : {}) })
+      const lost: Array<number> = []
+      yield* Effect.forkScoped(Effect.forever(Effect.map(Control.receive(src.control), (message) => {
+        if (message._tag === "Lost") lost.push(message.channel)
+      })))
+      const c0 = yield* src.channel(0)
+      const c1 = yield* src.channel(1)
+      yield* c1.write(ramPacket([{ offset: 0, bytes: randomPage() }]))
+      yield* c0.write([syncPacket()])
+      if (flush) yield* src.control.write([Control.encode(new Control.Flush({ round: 0, final: false }))])
+      return { lost, t0: yield* TestClock.currentTimeMillis }
+    })
+
+  it.effect("a source says paced in its hello when a bandwidth limit holds its channels back, and only then", () =>
+    leakFree(Effect.scoped(Effect.gen(function*() {
+      const ram = yield* sourceRam()
+      for (const maxBandwidth of [undefined, 1024 * 1024 * 1024]) {
+        const hellos: Array<Control.Hello> = []
+        const address = yield* fakeDestination({ heartbeats: true, onHello: (hello) => hellos.push(hello) })
+        yield* noHang(
+          Migration.migrate({ address, channels: 2, timeouts: TIMEOUTS, maxBandwidth }).pipe(
+            Effect.provide(Transport.layer),
+            Effect.provideService(GuestRam.GuestRam, ram)
+          ),
+          "migrate"
+        )
+        expect(hellos.map((hello) => hello.paced)).toEqual([maxBandwidth === undefined ? undefined : true])
+      }
+    }))))
+
+  it.effect("another channel at the barrier: after half the peer timeout the destination says channel 1 is lost", () =>
+    leakFree(Effect.scoped(Effect.gen(function*() {
+      const { lost, t0 } = yield* quietChannel(false, false)
+      yield* advanceUntil(Effect.sync(() => lost.length > 0), "Lost")
+      expect(lost).toEqual([1])
+      const waited = (yield* TestClock.currentTimeMillis) - t0
+      expect(waited).toBeGreaterThanOrEqual(1_000)
+      expect(waited).toBeLessThanOrEqual(1_600)
+    }))))
+
+  it.effect("a source held back by a bandwidth limit (paced): quiet is no sign of a silent path until it says Flush", () =>
+    leakFree(Effect.scoped(Effect.gen(function*() {
+      const { lost } = yield* quietChannel(true, false)
+      // longer than the stall watch takes (1–1.25 s), shorter than the destination's own peer timeout (2 s)
+      for (let i = 0; i < 17; i++) yield* Effect.zipRight(TestClock.adjust("100 millis"), nextTurn)
+      expect(lost).toEqual([])
+    }))))
+
+  it.effect("a paced source that said Flush (its SYNCs are written): the destination says channel 1 is lost", () =>
+    leakFree(Effect.scoped(Effect.gen(function*() {
+      const { lost, t0 } = yield* quietChannel(true, true)
+      yield* advanceUntil(Effect.sync(() => lost.length > 0), "Lost")
+      expect(lost).toEqual([1])
+      expect((yield* TestClock.currentTimeMillis) - t0).toBeLessThanOrEqual(1_600)
+    }))))
 })

@@ -353,6 +353,7 @@ export const run = <E>(listener: Transport.Listener, settings: Settings<E>): Eff
         stallTimeout: hello.reconnectMs === undefined ? timeouts.peer : Duration.millis(Duration.toMillis(timeouts.peer) / 2),
         handshakeTimeout: timeouts.handshake,
         reconnect: hello.reconnectMs === undefined ? undefined : reconnectWindow(hello),
+        paced: hello.paced === true,
         onLost: (channel, nonce) =>
           Effect.ignore(tell(new Control.Lost({
             channel,

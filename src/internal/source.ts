@@ -162,6 +162,7 @@ export const run = (
           zeroPage: settings.zeroPage,
           blocks: GuestRam.layoutOf(ram),
           ...(reconnecting ? { reconnectMs: withinMs } : {}),
+          ...(settings.maxBandwidth === undefined ? {} : { paced: true }),
           heartbeats: true
         })
       )

@@ -24,7 +24,9 @@ export const fakeSource = (
   address: Transport.Address,
   channels: number,
   compression: Protocol.Compression = "none",
-  heartbeats = false
+  heartbeats = false,
+  /** More of the hello: a source that re-attaches lost channels (`reconnectMs`), one held back by a limit (`paced`). */
+  more: { readonly reconnectMs?: number; readonly paced?: boolean } = {}
 ) =>
   Effect.gen(function*() {
     const uuid = Crypto.randomUUID()
@@ -39,7 +41,8 @@ export const fakeSource = (
       compression,
       zeroPage: "multifd",
       blocks: [{ name: BLOCK, size: BLOCK_PAGES * PAGE }],
-      ...(heartbeats ? { heartbeats: true } : {})
+      ...(heartbeats ? { heartbeats: true } : {}),
+      ...more
     })
     yield* control.write([magic, Control.encode(hello)])
     const answer = yield* Control.receive(control)
