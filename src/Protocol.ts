@@ -129,12 +129,17 @@ export const MIN_CHANNELS = 1
 export const MAX_CHANNELS = 255
 
 /**
- * A channel count: an integer from `MIN_CHANNELS` to `MAX_CHANNELS`.
+ * A channel count: an integer from `MIN_CHANNELS` to `MAX_CHANNELS`. (This module's schemas are marked pure
+ * and its checks are plain functions, so that a bundle that uses neither — a channel thread's — leaves effect's
+ * Schema out: each thread is an isolate that pays for every module it evaluates.)
  *
  * @since 0.1.0
  * @category limits
  */
-export const Channels = Schema.Number.pipe(Schema.int(), Schema.between(MIN_CHANNELS, MAX_CHANNELS))
+export const Channels = /* @__PURE__ */ Schema.Number.pipe(
+  /* @__PURE__ */ Schema.int(),
+  /* @__PURE__ */ Schema.between(MIN_CHANNELS, MAX_CHANNELS)
+)
 
 /**
  * Whether `n` is a channel count.
@@ -142,7 +147,8 @@ export const Channels = Schema.Number.pipe(Schema.int(), Schema.between(MIN_CHAN
  * @since 0.1.0
  * @category limits
  */
-export const isChannels: (n: unknown) => n is number = Schema.is(Channels)
+export const isChannels = (n: unknown): n is number =>
+  typeof n === "number" && Number.isInteger(n) && n >= MIN_CHANNELS && n <= MAX_CHANNELS
 
 /**
  * Why `n` is not a channel count, naming it `what` (`--channels`, `multifd channels`); `undefined` when it is
@@ -176,10 +182,10 @@ export const MAX_PAGE_SIZE = 512 * 1024
  * @since 0.1.0
  * @category limits
  */
-export const PageSize = Schema.Number.pipe(
-  Schema.int(),
-  Schema.between(MIN_PAGE_SIZE, MAX_PAGE_SIZE),
-  Schema.filter((n) => (n & (n - 1)) === 0, { message: () => "Expected a power of two" })
+export const PageSize = /* @__PURE__ */ Schema.Number.pipe(
+  /* @__PURE__ */ Schema.int(),
+  /* @__PURE__ */ Schema.between(MIN_PAGE_SIZE, MAX_PAGE_SIZE),
+  /* @__PURE__ */ Schema.filter((n) => (n & (n - 1)) === 0, { message: () => "Expected a power of two" })
 )
 
 /**
@@ -188,7 +194,8 @@ export const PageSize = Schema.Number.pipe(
  * @since 0.1.0
  * @category limits
  */
-export const isPageSize: (n: unknown) => n is number = Schema.is(PageSize)
+export const isPageSize = (n: unknown): n is number =>
+  typeof n === "number" && Number.isInteger(n) && n >= MIN_PAGE_SIZE && n <= MAX_PAGE_SIZE && (n & (n - 1)) === 0
 
 /**
  * Why `n` is not a page size, naming it `what` (`--page-size`, `page size`); `undefined` when it is one.
@@ -219,11 +226,6 @@ export const compressionLevels = {
 export const CompressionLevel = (method: Exclude<Compression, "none">) =>
   Schema.Number.pipe(Schema.int(), Schema.between(compressionLevels[method].min, compressionLevels[method].max))
 
-const levelChecks = {
-  zlib: Schema.is(CompressionLevel("zlib")),
-  zstd: Schema.is(CompressionLevel("zstd"))
-}
-
 /**
  * Why `level` is not a level of `method`; `undefined` when it is one (any level goes without compression,
  * which has none: QEMU keeps its levels apart from the method too).
@@ -232,7 +234,8 @@ const levelChecks = {
  * @category limits
  */
 export const checkCompressionLevel = (method: Compression, level: number): string | undefined =>
-  method === "none" || levelChecks[method](level)
+  method === "none" ||
+    (Number.isInteger(level) && level >= compressionLevels[method].min && level <= compressionLevels[method].max)
     ? undefined
     : `${method} level ${level} is out of range ${compressionLevels[method].min}-${compressionLevels[method].max}`
 

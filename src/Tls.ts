@@ -34,9 +34,10 @@ import {
   secureContextOf,
   X509_CIPHERS
 } from "./internal/tls/credentials.js"
-import { explainingEarlyClose, handshake, secured } from "./internal/tls/handshake.js"
+import * as TlsClient from "./internal/tls/client.js"
+import { handshake, secured } from "./internal/tls/handshake.js"
 import { configError, type Credentials, type Settings, TlsError } from "./internal/tls/model.js"
-import { clientRefusal, describe, explainServerError, hint, ownName, peerCertificateOf } from "./internal/tls/verification.js"
+import { clientRefusal, describe, hint, ownName } from "./internal/tls/verification.js"
 import * as Transport from "./Transport.js"
 
 /**
@@ -206,12 +207,7 @@ export const load = (config: TlsConfig): Effect.Effect<Settings, TlsError> =>
  * @since 0.1.0
  * @category utils
  */
-export const checkClient = (settings: Settings): Effect.Effect<void, TlsError> =>
-  settings.credentials._tag === "Psk" && !settings.credentials.keys.has(settings.credentials.identity)
-    ? Effect.fail(configError(
-      `PSK file ${settings.credentials.file} has no key for identity ${settings.credentials.identity}`
-    ))
-    : Effect.void
+export const checkClient: (settings: Settings) => Effect.Effect<void, TlsError> = TlsClient.checkClient
 
 const pskKey = (settings: Settings, identity: string): Buffer | undefined =>
   settings.credentials._tag === "Psk" &&
@@ -225,8 +221,7 @@ const pskKey = (settings: Settings, identity: string): Buffer | undefined =>
  * @since 0.1.0
  * @category handshakes
  */
-export const client = (settings: Settings, host: string | undefined): Transport.Upgrade<TlsError> =>
-  Object.assign(clientHandshake(settings, host), { [ClientDataKey]: clientDataOf(settings, host) })
+export const client: (settings: Settings, host: string | undefined) => Transport.Upgrade<TlsError> = TlsClient.client
 
 /**
  * What a source's handshake needs, as plain data (structured clone): a channel running on another thread
@@ -236,31 +231,7 @@ export const client = (settings: Settings, host: string | undefined): Transport.
  * @since 0.1.0
  * @category models
  */
-export interface ClientData {
-  readonly credentials: Credentials
-  readonly contextOptions: NodeTls.SecureContextOptions
-  readonly files: string
-  readonly hostname: string | undefined
-  readonly host: string | undefined
-  readonly handshakeTimeoutMs: number
-}
-
-const ClientDataKey = Symbol.for("effect-multifd/Tls/ClientData")
-
-const clientDataOf = (settings: Settings, host: string | undefined): ClientData => {
-  const creds = settings.credentials
-  const key = creds._tag === "Psk" ? creds.keys.get(creds.identity) : undefined
-  return {
-    credentials: creds._tag === "Psk"
-      ? { ...creds, keys: key === undefined ? new Map() : new Map([[creds.identity, key]]) }
-      : creds,
-    contextOptions: settings.contextOptions,
-    files: settings.files,
-    hostname: settings.hostname,
-    host,
-    handshakeTimeoutMs: Duration.toMillis(settings.handshakeTimeout)
-  }
-}
+export type ClientData = TlsClient.ClientData
 
 /**
  * The data of an upgrade made by `client` (`undefined` for any other upgrade: a test's fault injection, say,
@@ -269,8 +240,8 @@ const clientDataOf = (settings: Settings, host: string | undefined): ClientData 
  * @since 0.1.0
  * @category handshakes
  */
-export const clientData = (upgrade: Transport.Upgrade<Transport.UpgradeError>): ClientData | undefined =>
-  (upgrade as { readonly [ClientDataKey]?: ClientData })[ClientDataKey]
+export const clientData: (upgrade: Transport.Upgrade<Transport.UpgradeError>) => ClientData | undefined =
+  TlsClient.clientData
 
 /**
  * The source's handshake rebuilt from its data, in this thread (with a secure context of its own).
@@ -278,91 +249,8 @@ export const clientData = (upgrade: Transport.Upgrade<Transport.UpgradeError>): 
  * @since 0.1.0
  * @category handshakes
  */
-export const clientFromData = (data: ClientData): Effect.Effect<Transport.Upgrade<TlsError>, TlsError> =>
-  Effect.gen(function*() {
-    const secureContext = yield* secureContextOf(data.contextOptions, data.files)
-    const creds = data.credentials
-    const settings: Settings = {
-      // keys arrive as Uint8Arrays: Buffers again
-      credentials: creds._tag === "Psk"
-        ? { ...creds, keys: new Map(Array.from(creds.keys, ([identity, key]) => [identity, Buffer.from(key)])) }
-        : creds,
-      secureContext,
-      writeOnlyContext: secureContext,
-      contextOptions: data.contextOptions,
-      files: data.files,
-      ownCertificate: undefined,
-      hostname: data.hostname,
-      verifyPeer: false,
-      authz: undefined,
-      handshakeTimeout: Duration.millis(data.handshakeTimeoutMs)
-    }
-    return client(settings, data.host)
-  })
-
-const clientHandshake = (settings: Settings, host: string | undefined): Transport.Upgrade<TlsError> =>
-(connection, channel) =>
-  Effect.gen(function*() {
-    const creds = settings.credentials
-    yield* checkClient(settings)
-    const servername = settings.hostname ?? host
-    // the destination's certificate, taken before Node judges it (a refused one is gone with the socket)
-    let presented: Crypto.X509Certificate | undefined
-    const socket = yield* Effect.acquireRelease(
-      Effect.sync(() => {
-        const socket = creds._tag === "Psk"
-          ? NodeTls.connect({
-            socket: connection.stream as never,
-            secureContext: settings.secureContext,
-            pskCallback: () => {
-              const psk = creds.keys.get(creds.identity)
-              return psk === undefined ? null : { psk, identity: creds.identity }
-            },
-            checkServerIdentity: () => undefined
-          })
-          : NodeTls.connect({
-            socket: connection.stream as never,
-            secureContext: settings.secureContext,
-            ...(servername !== undefined && !Transport.isIp(servername) ? { servername } : {}),
-            checkServerIdentity: (_name, cert) => {
-              const mismatch = servername === undefined ? undefined : NodeTls.checkServerIdentity(servername, cert)
-              if (mismatch === undefined) return undefined
-              const names = cert.subjectaltname ?? `CN=${cert.subject?.CN}`
-              return Object.assign(mismatch, {
-                reason: `${(mismatch as Error & { reason?: string }).reason ?? mismatch.message} `.replace(/:\s*$/, "")
-                  .trim() + ` (the certificate is for ${names})`
-              })
-            }
-          })
-        if (creds._tag === "X509") {
-          socket.prependOnceListener("secure", () => {
-            presented = peerCertificateOf(socket)
-          })
-        }
-        return socket
-      }),
-      Transport.destroy
-    )
-    yield* handshake(
-      socket,
-      "secureConnect",
-      connection.peer,
-      settings.handshakeTimeout,
-      explainServerError(creds, () => presented),
-      (s) =>
-        creds._tag === "X509" && !s.authorized
-          ? `certificate not trusted: ${describe(s.authorizationError)}`
-          : undefined
-    )
-    const secure = yield* secured(socket, connection.peer)
-    // a destination refusing this source's certificate closes the main channel before its first answer
-    if (channel !== "main" || creds._tag !== "X509" || creds.cert === undefined) return secure
-    const mine = settings.ownCertificate
-    return explainingEarlyClose(
-      secure,
-      `this source's certificate${mine ? ` ${nameOf(mine)} (issued by ${nameOf(mine, "issuer")})` : ""}`
-    )
-  })
+export const clientFromData: (data: ClientData) => Effect.Effect<Transport.Upgrade<TlsError>, TlsError> =
+  TlsClient.clientFromData
 
 /**
  * How the destination's handshakes treat their peers.

@@ -32,6 +32,7 @@ import type * as Net from "node:net"
 import * as Os from "node:os"
 import * as Path from "node:path"
 import { fileURLToPath } from "node:url"
+import * as Esbuild from "esbuild"
 import { inject } from "vitest"
 import * as ChannelThreads from "../src/ChannelThreads.js"
 import * as GuestRam from "../src/GuestRam.js"
@@ -44,6 +45,7 @@ import * as MultifdSend from "../src/MultifdSend.js"
 import * as Protocol from "../src/Protocol.js"
 import * as Tls from "../src/Tls.js"
 import * as Transport from "../src/Transport.js"
+import { bundleOptions, commandEntryPoints } from "../scripts/bundle.mjs"
 import { expectOneLine, failureOf } from "./support/failures.js"
 import * as Faulty from "./support/faultyTransport.js"
 import { noHang } from "./support/guards.js"
@@ -221,6 +223,26 @@ describe("the pool", () => {
       for (const inspection of inspections) expect(inspection.resources.filter((k) => SOCKET_KINDS.has(k))).toEqual([])
       yield* Scope.close(scope, Exit.void)
       expect(ChannelThreads.liveThreads()).toBe(before)
+    }))
+
+  it.live("the bundled thread's module holds neither the Tls module nor effect's Schema (each thread is an isolate of its own)", () =>
+    Effect.promise(async () => {
+      // an isolate per thread pays for every module it evaluates: Tls's configuration (its schema, effect's
+      // Config) and effect's Schema cost each channel thread about 2.5 MiB of the source's peak RSS
+      const root = Path.resolve(import.meta.dirname, "..")
+      const result = await Esbuild.build({
+        ...bundleOptions,
+        entryPoints: { channelWorker: commandEntryPoints(root).channelWorker },
+        outdir: Path.join(Os.tmpdir(), "multifd-thread-bundle-check"),
+        write: false,
+        metafile: true
+      })
+      const kept = Object.values(result.metafile.outputs).flatMap((output) =>
+        Object.entries(output.inputs).filter(([, input]) => input.bytesInOutput > 0).map(([file]) => file)
+      )
+      expect(kept.some((file) => file.endsWith("src/internal/threads/sendSession.ts"))).toBe(true)
+      expect(kept.filter((file) => /src\/Tls\.ts$|effect\/dist\/esm\/(Schema|ParseResult|SchemaAST|Config)\.js$/.test(file)))
+        .toEqual([])
     }))
 
   it.live("from the TypeScript sources (tsx in the thread): a migration on the default module", () =>

@@ -2,6 +2,7 @@ import { describe, expect, it } from "@effect/vitest"
 import * as Effect from "effect/Effect"
 import * as Either from "effect/Either"
 import * as FastCheck from "effect/FastCheck"
+import * as Schema from "effect/Schema"
 import * as Crypto from "node:crypto"
 import * as Fs from "node:fs/promises"
 import * as Zlib from "node:zlib"
@@ -906,5 +907,20 @@ describe("limits: one source for channels, page sizes and compression levels", (
     expect(Protocol.checkCompressionLevel("zstd", 21)).toBe("zstd level 21 is out of range 0-20")
     expect(Protocol.checkCompressionLevel("zstd", 1.5)).toBe("zstd level 1.5 is out of range 0-20")
     expect(Protocol.checkCompressionLevel("none", 99)).toBeUndefined()
+  })
+
+  it("the plain checks say what the schemas say (they are kept apart from Schema for the channel threads)", () => {
+    const values = [0, 1, 2, 3, 255, 256, 511, 512, 513, 4096, 65536, 524288, 524289, 1048576, -4096, 1.5, NaN, Infinity]
+    for (const n of values) {
+      expect(Protocol.isChannels(n)).toBe(Schema.is(Protocol.Channels)(n))
+      expect(Protocol.isPageSize(n)).toBe(Schema.is(Protocol.PageSize)(n))
+      for (const method of ["zlib", "zstd"] as const) {
+        expect(Protocol.checkCompressionLevel(method, n) === undefined).toBe(Schema.is(Protocol.CompressionLevel(method))(n))
+      }
+    }
+    for (const u of ["4", null, undefined, 4n]) {
+      expect(Protocol.isChannels(u)).toBe(false)
+      expect(Protocol.isPageSize(u)).toBe(false)
+    }
   })
 })

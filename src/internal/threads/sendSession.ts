@@ -10,7 +10,8 @@
  */
 import * as Effect from "effect/Effect"
 import type * as Scope from "effect/Scope"
-import * as Tls from "../../Tls.js"
+import * as TlsClient from "../tls/client.js"
+import type { TlsError } from "../tls/model.js"
 import * as Transport from "../../Transport.js"
 import * as SendChannel from "../sendChannel.js"
 import type { SessionIo } from "./protocol.js"
@@ -32,7 +33,7 @@ export interface Data {
   readonly address: Transport.Address
   readonly connectTimeoutMs: number | undefined
   /** The TLS client handshake's data (`Tls.clientData`), when the channel is secured. */
-  readonly tls: Tls.ClientData | undefined
+  readonly tls: TlsClient.ClientData | undefined
   /** The set's counters (`SendChannel.Counters`' memory). */
   readonly packetNum: SharedArrayBuffer
   readonly stats: SharedArrayBuffer
@@ -70,9 +71,9 @@ const synced: Out = { _tag: "Synced" }
 export const run = (
   data: Data,
   io: SessionIo<In, Out>
-): Effect.Effect<void, SendChannel.Failure | Tls.TlsError, Scope.Scope> =>
+): Effect.Effect<void, SendChannel.Failure | TlsError, Scope.Scope> =>
   Effect.gen(function*() {
-    const upgrade = data.tls === undefined ? undefined : yield* Tls.clientFromData(data.tls)
+    const upgrade = data.tls === undefined ? undefined : yield* TlsClient.clientFromData(data.tls)
     const counters = SendChannel.countersOf(data.packetNum, data.stats)
     const channel = yield* SendChannel.establish(
       data.settings,

@@ -1,0 +1,160 @@
+/**
+ * The source's side of TLS: the client handshake on each connection, and the plain data that rebuilds it on a
+ * channel thread (`ChannelThreads`). Apart from `Tls` so that a channel thread loads this and not the whole
+ * `Tls` module (its configuration schema and `Config` loader cost each thread about 4 MiB); `Tls` re-exports it.
+ *
+ * @internal
+ */
+import * as Duration from "effect/Duration"
+import * as Effect from "effect/Effect"
+import type * as Crypto from "node:crypto"
+import * as NodeTls from "node:tls"
+import * as Transport from "../../Transport.js"
+import { nameOf, secureContextOf } from "./credentials.js"
+import { explainingEarlyClose, handshake, secured } from "./handshake.js"
+import { configError, type Credentials, type Settings, type TlsError } from "./model.js"
+import { describe, explainServerError, peerCertificateOf } from "./verification.js"
+
+/**
+ * Checks that the settings can secure a source's connections, before it connects: with a PSK file, that the
+ * file has a key for the identity the source presents (a `Config` error otherwise).
+ */
+export const checkClient = (settings: Settings): Effect.Effect<void, TlsError> =>
+  settings.credentials._tag === "Psk" && !settings.credentials.keys.has(settings.credentials.identity)
+    ? Effect.fail(configError(
+      `PSK file ${settings.credentials.file} has no key for identity ${settings.credentials.identity}`
+    ))
+    : Effect.void
+
+/**
+ * The source side: a TLS client handshake on each connection. `host` is the default name to check.
+ */
+export const client = (settings: Settings, host: string | undefined): Transport.Upgrade<TlsError> =>
+  Object.assign(clientHandshake(settings, host), { [ClientDataKey]: clientDataOf(settings, host) })
+
+/**
+ * What a source's handshake needs, as plain data (structured clone): a channel running on another thread
+ * (`ChannelThreads`) does the same handshake there with a secure context of its own, built from the texts the
+ * settings were loaded from (they were checked then). A PSK client carries the key of its identity only.
+ */
+export interface ClientData {
+  readonly credentials: Credentials
+  readonly contextOptions: NodeTls.SecureContextOptions
+  readonly files: string
+  readonly hostname: string | undefined
+  readonly host: string | undefined
+  readonly handshakeTimeoutMs: number
+}
+
+const ClientDataKey = Symbol.for("effect-multifd/Tls/ClientData")
+
+const clientDataOf = (settings: Settings, host: string | undefined): ClientData => {
+  const creds = settings.credentials
+  const key = creds._tag === "Psk" ? creds.keys.get(creds.identity) : undefined
+  return {
+    credentials: creds._tag === "Psk"
+      ? { ...creds, keys: key === undefined ? new Map() : new Map([[creds.identity, key]]) }
+      : creds,
+    contextOptions: settings.contextOptions,
+    files: settings.files,
+    hostname: settings.hostname,
+    host,
+    handshakeTimeoutMs: Duration.toMillis(settings.handshakeTimeout)
+  }
+}
+
+/**
+ * The data of an upgrade made by `client` (`undefined` for any other upgrade: a test's fault injection, say,
+ * which only works in the thread it was made in).
+ */
+export const clientData = (upgrade: Transport.Upgrade<Transport.UpgradeError>): ClientData | undefined =>
+  (upgrade as { readonly [ClientDataKey]?: ClientData })[ClientDataKey]
+
+/**
+ * The source's handshake rebuilt from its data, in this thread (with a secure context of its own).
+ */
+export const clientFromData = (data: ClientData): Effect.Effect<Transport.Upgrade<TlsError>, TlsError> =>
+  Effect.gen(function*() {
+    const secureContext = yield* secureContextOf(data.contextOptions, data.files)
+    const creds = data.credentials
+    const settings: Settings = {
+      // keys arrive as Uint8Arrays: Buffers again
+      credentials: creds._tag === "Psk"
+        ? { ...creds, keys: new Map(Array.from(creds.keys, ([identity, key]) => [identity, Buffer.from(key)])) }
+        : creds,
+      secureContext,
+      writeOnlyContext: secureContext,
+      contextOptions: data.contextOptions,
+      files: data.files,
+      ownCertificate: undefined,
+      hostname: data.hostname,
+      verifyPeer: false,
+      authz: undefined,
+      handshakeTimeout: Duration.millis(data.handshakeTimeoutMs)
+    }
+    return client(settings, data.host)
+  })
+
+const clientHandshake = (settings: Settings, host: string | undefined): Transport.Upgrade<TlsError> =>
+(connection, channel) =>
+  Effect.gen(function*() {
+    const creds = settings.credentials
+    yield* checkClient(settings)
+    const servername = settings.hostname ?? host
+    // the destination's certificate, taken before Node judges it (a refused one is gone with the socket)
+    let presented: Crypto.X509Certificate | undefined
+    const socket = yield* Effect.acquireRelease(
+      Effect.sync(() => {
+        const socket = creds._tag === "Psk"
+          ? NodeTls.connect({
+            socket: connection.stream as never,
+            secureContext: settings.secureContext,
+            pskCallback: () => {
+              const psk = creds.keys.get(creds.identity)
+              return psk === undefined ? null : { psk, identity: creds.identity }
+            },
+            checkServerIdentity: () => undefined
+          })
+          : NodeTls.connect({
+            socket: connection.stream as never,
+            secureContext: settings.secureContext,
+            ...(servername !== undefined && !Transport.isIp(servername) ? { servername } : {}),
+            checkServerIdentity: (_name, cert) => {
+              const mismatch = servername === undefined ? undefined : NodeTls.checkServerIdentity(servername, cert)
+              if (mismatch === undefined) return undefined
+              const names = cert.subjectaltname ?? `CN=${cert.subject?.CN}`
+              return Object.assign(mismatch, {
+                reason: `${(mismatch as Error & { reason?: string }).reason ?? mismatch.message} `.replace(/:\s*$/, "")
+                  .trim() + ` (the certificate is for ${names})`
+              })
+            }
+          })
+        if (creds._tag === "X509") {
+          socket.prependOnceListener("secure", () => {
+            presented = peerCertificateOf(socket)
+          })
+        }
+        return socket
+      }),
+      Transport.destroy
+    )
+    yield* handshake(
+      socket,
+      "secureConnect",
+      connection.peer,
+      settings.handshakeTimeout,
+      explainServerError(creds, () => presented),
+      (s) =>
+        creds._tag === "X509" && !s.authorized
+          ? `certificate not trusted: ${describe(s.authorizationError)}`
+          : undefined
+    )
+    const secure = yield* secured(socket, connection.peer)
+    // a destination refusing this source's certificate closes the main channel before its first answer
+    if (channel !== "main" || creds._tag !== "X509" || creds.cert === undefined) return secure
+    const mine = settings.ownCertificate
+    return explainingEarlyClose(
+      secure,
+      `this source's certificate${mine ? ` ${nameOf(mine)} (issued by ${nameOf(mine, "issuer")})` : ""}`
+    )
+  })
