@@ -304,69 +304,54 @@ layer(ChannelThreads.layer(POOL), { excludeTestServices: true })("channels on th
     )
   }
 
-  for (const threaded of [true, false]) {
-    it.effect(`a channel ${threaded ? "on a thread" : "in this thread (plain memory)"} blocked in a write when its path goes silent re-attaches once the destination says it lost it`, () =>
-      leakFree(Effect.gen(function*() {
-        // 64 MiB of random pages: channel 1's hand-off (16 MiB) is far more than the sockets hold, so the channel
-        // is inside a write when the path goes silent, and never hears of it there (nothing is closed or reset)
-        const shared = sharedBlock(16384, 1)
-        const ram = yield* GuestRam.make({ blocks: [{ name: "pc.ram", bytes: threaded ? shared : Buffer.from(shared) }] })
-        // the destination's stall watch: a connection inside a packet for 1 s (half its peer timeout) is lost, and
-        // the source is told
-        const dest = yield* startDestination({ timeouts: { ...TIMEOUTS, peer: "2 seconds" } })
-        const proxy = yield* Effect.acquireRelease(
-          Effect.promise(() =>
-            resetProxy({ host: "127.0.0.1", port: (dest.address as { readonly port: number }).port }, {
-              channel: 1,
-              afterBytes: 1024 * 1024 + 100,
-              silent: true
-            })
-          ),
-          (proxy) => Effect.promise(() => proxy.close())
-        )
-        const stats = yield* noHang(
-          migrate(ram, { address: { _tag: "Tcp", host: "127.0.0.1", port: proxy.port }, channels: 2 }),
-          "migrate",
-          20
-        )
-        const received = yield* noHang(Fiber.join(dest.fiber), "incoming")
-        expect(proxy.resets()).toBe(1)
-        expect(sameMemory(received.ram, ram)).toBe(true)
-        expect(stats.reconnects).toBe(1)
-        yield* expectThreadsClean
-      })), 30_000)
-  }
-
-  for (const threaded of [true, false]) {
-    it.effect(`a channel ${threaded ? "on a thread" : "in this thread (plain memory)"} whose path goes silent right after a whole packet re-attaches once the other waits at the sync`, () =>
-      leakFree(Effect.gen(function*() {
-        // every page random, so that a packet is a header and 128 pages: the path goes silent after channel 1's
-        // init packet and its first packet, exactly, so the destination is never inside a packet of it; channel 0
-        // takes the rest of the round, sends its SYNC and waits at the barrier for channel 1's
-        const shared = sharedBlock(16384, 1)
-        const ram = yield* GuestRam.make({ blocks: [{ name: "pc.ram", bytes: threaded ? shared : Buffer.from(shared) }] })
-        const dest = yield* startDestination({ timeouts: { ...TIMEOUTS, peer: "2 seconds" } })
-        const proxy = yield* Effect.acquireRelease(
-          Effect.promise(() =>
-            resetProxy({ host: "127.0.0.1", port: (dest.address as { readonly port: number }).port }, {
-              channel: 1,
-              afterBytes: Protocol.INIT_PACKET_SIZE + Protocol.headerSize(PAGE) + Protocol.slotsFor(PAGE) * PAGE,
-              silent: true
-            })
-          ),
-          (proxy) => Effect.promise(() => proxy.close())
-        )
-        const stats = yield* noHang(
-          migrate(ram, { address: { _tag: "Tcp", host: "127.0.0.1", port: proxy.port }, channels: 2 }),
-          "migrate",
-          20
-        )
-        const received = yield* noHang(Fiber.join(dest.fiber), "incoming")
-        expect(proxy.resets()).toBe(1)
-        expect(sameMemory(received.ram, ram)).toBe(true)
-        expect(stats.reconnects).toBe(1)
-        yield* expectThreadsClean
-      })), 30_000)
+  /**
+   * Where channel 1's path goes silent (nothing more forwarded either way, nothing closed or reset), on 64 MiB
+   * of random pages (a packet is a header and 128 pages; channel 1's hand-off, 16 MiB, is far more than the
+   * sockets hold) with a destination whose peer timeout is 2 s (its stall watch: 1 s).
+   */
+  const silentCuts = [
+    {
+      // inside a packet, the channel inside a write that never hears of it: the destination's stall watch sees a
+      // connection stuck inside a packet, and the source is told
+      what: "blocked in a write when its path goes silent re-attaches once the destination says it lost it",
+      afterBytes: 1024 * 1024 + 100
+    },
+    {
+      // right after its init packet and its first packet, exactly: the destination is never inside a packet of
+      // it; channel 0 takes the rest of the round, sends its SYNC and waits at the barrier for channel 1's
+      what: "whose path goes silent right after a whole packet re-attaches once the other waits at the sync",
+      afterBytes: Protocol.INIT_PACKET_SIZE + Protocol.headerSize(PAGE) + Protocol.slotsFor(PAGE) * PAGE
+    }
+  ]
+  for (const cut of silentCuts) {
+    for (const threaded of [true, false]) {
+      it.effect(`a channel ${threaded ? "on a thread" : "in this thread (plain memory)"} ${cut.what}`, () =>
+        leakFree(Effect.gen(function*() {
+          const shared = sharedBlock(16384, 1)
+          const ram = yield* GuestRam.make({ blocks: [{ name: "pc.ram", bytes: threaded ? shared : Buffer.from(shared) }] })
+          const dest = yield* startDestination({ timeouts: { ...TIMEOUTS, peer: "2 seconds" } })
+          const proxy = yield* Effect.acquireRelease(
+            Effect.promise(() =>
+              resetProxy({ host: "127.0.0.1", port: (dest.address as { readonly port: number }).port }, {
+                channel: 1,
+                afterBytes: cut.afterBytes,
+                silent: true
+              })
+            ),
+            (proxy) => Effect.promise(() => proxy.close())
+          )
+          const stats = yield* noHang(
+            migrate(ram, { address: { _tag: "Tcp", host: "127.0.0.1", port: proxy.port }, channels: 2 }),
+            "migrate",
+            20
+          )
+          const received = yield* noHang(Fiber.join(dest.fiber), "incoming")
+          expect(proxy.resets()).toBe(1)
+          expect(sameMemory(received.ram, ram)).toBe(true)
+          expect(stats.reconnects).toBe(1)
+          yield* expectThreadsClean
+        })), 30_000)
+    }
   }
 
   describe("the source's digest on the channel threads", () => {
