@@ -272,13 +272,14 @@ export const make = (config: Config): Effect.Effect<MultifdRecv["Type"], never, 
     const maxPayload = slots * pageSize + 64 * 1024
     const states = new Set<ChannelState>()
     /**
-     * Whether a channel not at the round's barrier owes its SYNC: the barrier is being waited for (`sync`: the
-     * control channel's Flush came, which the source sends once every channel's SYNC packet was written), or,
-     * from a source not held back by a bandwidth limit (`paced`), another channel is at the barrier already.
+     * Whether a channel not at the round's barrier owes its SYNC: the barrier is being waited for (`sync` runs,
+     * counted in `barrierWaits`: the control channel's Flush came, which the source sends once every channel's
+     * SYNC packet was written), or, from a source not held back by a bandwidth limit (`paced`), another channel
+     * is at the barrier already.
      */
-    let flushed = false
+    let barrierWaits = 0
     const owesSync = (): boolean => {
-      if (flushed) return true
+      if (barrierWaits > 0) return true
       if (config.paced === true) return false
       for (const state of states) if (state.atSync) return true
       return false
@@ -680,13 +681,15 @@ export const make = (config: Config): Effect.Effect<MultifdRecv["Type"], never, 
     return {
       adopt,
       adopted: guarded(Deferred.await(allAdopted)),
-      sync: guarded(Effect.gen(function*() {
-        flushed = true
-        const waiting = yield* Effect.replicateEffect(Queue.take(arrivals), channels)
-        yield* Effect.forEach(waiting, (go) => Deferred.succeed(go, undefined), { discard: true })
-      }).pipe(Effect.ensuring(Effect.sync(() => {
-        flushed = false
-      })))).pipe(Effect.withSpan("multifd.sync")),
+      sync: guarded(Effect.acquireUseRelease(
+        Effect.sync(() => barrierWaits++),
+        () =>
+          Effect.gen(function*() {
+            const waiting = yield* Effect.replicateEffect(Queue.take(arrivals), channels)
+            yield* Effect.forEach(waiting, (go) => Deferred.succeed(go, undefined), { discard: true })
+          }),
+        () => Effect.sync(() => barrierWaits--)
+      )).pipe(Effect.withSpan("multifd.sync")),
       expectEnd: Deferred.succeed(ending, undefined),
       finished: guarded(Effect.zipRight(Deferred.await(allAdopted), FiberSet.awaitEmpty(fibers))),
       failure,
