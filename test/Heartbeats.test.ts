@@ -49,6 +49,19 @@ const PAGE = 4096
 const tcp0: Transport.Address = { _tag: "Tcp", host: "127.0.0.1", port: 0 }
 const fiberDone = <A, E>(fiber: Fiber.Fiber<A, E>) => Effect.map(Fiber.poll(fiber), Option.isSome)
 
+/**
+ * Moves the TestClock until `fiber` fails, which must be a `Timeout` (with `message`, when given); yields how
+ * long after `since` it failed.
+ */
+const timedOut = <A, E>(fiber: Fiber.Fiber<A, E>, since: number, what: string, message?: string) =>
+  Effect.gen(function*() {
+    yield* advanceUntil(fiberDone(fiber), what)
+    const error = failureOf(yield* Fiber.await(fiber)) as unknown as MigrationError.MigrationError
+    expect(error.reason).toBe("Timeout")
+    if (message !== undefined) expect(error.message).toBe(message)
+    return (yield* TestClock.currentTimeMillis) - since
+  })
+
 /** `pages` random pages in one block. */
 const randomRam = (pages: number) => GuestRam.make({ blocks: [{ name: "pc.ram", bytes: Crypto.randomBytes(pages * PAGE) }] })
 
@@ -152,11 +165,12 @@ describe("the source's wait for a round's acknowledgement (TestClock)", () => {
       const source = yield* Effect.forkScoped(migrate(fake.address, ram, TIMEOUTS))
       yield* noHang(Deferred.await(fake.flushed), "the first flush")
       const t0 = yield* TestClock.currentTimeMillis
-      yield* advanceUntil(fiberDone(source), "the source timing out")
-      const error = failureOf(yield* Fiber.await(source)) as MigrationError.MigrationError
-      expect(error.reason).toBe("Timeout")
-      expect(error.message).toBe("timed out after 2s waiting for the destination to acknowledge the flush")
-      const waited = (yield* TestClock.currentTimeMillis) - t0
+      const waited = yield* timedOut(
+        source,
+        t0,
+        "the source timing out",
+        "timed out after 2s waiting for the destination to acknowledge the flush"
+      )
       expect(waited).toBeGreaterThanOrEqual(3_000)
       expect(waited).toBeLessThanOrEqual(3_500)
     })))
@@ -242,11 +256,12 @@ describe("hashing a large memory (TestClock)", () => {
       const source = yield* Effect.forkScoped(migrate(fake.address, ram, TIMEOUTS))
       yield* noHang(Deferred.await(fake.completed), "the source's Complete")
       const t0 = yield* TestClock.currentTimeMillis
-      yield* advanceUntil(fiberDone(source), "the source timing out")
-      const error = failureOf(yield* Fiber.await(source)) as MigrationError.MigrationError
-      expect(error.reason).toBe("Timeout")
-      expect(error.message).toBe("timed out after 2s waiting for the destination to verify the digests")
-      const waited = (yield* TestClock.currentTimeMillis) - t0
+      const waited = yield* timedOut(
+        source,
+        t0,
+        "the source timing out",
+        "timed out after 2s waiting for the destination to verify the digests"
+      )
       expect(waited).toBeGreaterThanOrEqual(4_000)
       expect(waited).toBeLessThanOrEqual(4_600)
     })))
@@ -300,10 +315,7 @@ describe("hashing a large memory (TestClock)", () => {
       const { dest, t0 } = yield* hashingSource(4, false)
       const last = yield* TestClock.currentTimeMillis
       expect(last - t0).toBeGreaterThanOrEqual(2_000)
-      yield* advanceUntil(fiberDone(dest), "the destination timing out")
-      const error = failureOf(yield* Fiber.await(dest)) as MigrationError.MigrationError
-      expect(error.reason).toBe("Timeout")
-      const waited = (yield* TestClock.currentTimeMillis) - last
+      const waited = yield* timedOut(dest, last, "the destination timing out")
       expect(waited).toBeGreaterThanOrEqual(2_000)
       expect(waited).toBeLessThanOrEqual(2_600)
     })))

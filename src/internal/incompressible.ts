@@ -23,7 +23,7 @@ const RUN = 16
 const SAMPLES = RUNS * RUN
 
 /** The plug-in entropy (bits per byte) of the sample at or above which a page counts as incompressible. */
-export const THRESHOLD = 7.0
+const THRESHOLD = 7.0
 
 /** `c·log2(c)` for each count, scaled to integers (×1024): the histogram's entropy without floating point. */
 const C_LOG_C = (() => {

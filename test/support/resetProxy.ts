@@ -7,6 +7,7 @@
  */
 import * as Net from "node:net"
 import * as Protocol from "../../src/Protocol.js"
+import { openSockets } from "./sockets.js"
 
 export interface ResetProxy {
   readonly port: number
@@ -33,14 +34,9 @@ export const resetProxy = (
   }
 ): Promise<ResetProxy> =>
   new Promise((resolve, reject) => {
-    const sockets = new Set<Net.Socket>()
+    const { destroyAll, track } = openSockets()
     let resets = 0
     let connections = 0
-    const track = (socket: Net.Socket) => {
-      sockets.add(socket)
-      socket.on("error", () => {})
-      socket.on("close", () => sockets.delete(socket))
-    }
     const server = Net.createServer((client) => {
       const index = connections++
       track(client)
@@ -102,7 +98,7 @@ export const resetProxy = (
         connections: () => connections,
         close: () =>
           new Promise<void>((done) => {
-            for (const socket of sockets) socket.destroy()
+            destroyAll()
             server.close(() => done())
           })
       }))

@@ -11,6 +11,7 @@
  */
 import * as Net from "node:net"
 import * as Protocol from "../../src/Protocol.js"
+import { openSockets } from "./sockets.js"
 
 export interface SlowLink {
   readonly port: number
@@ -26,14 +27,9 @@ export const slowLink = (
   plan: { readonly rate: number; readonly stopAfter?: number | undefined; readonly hold?: number | undefined }
 ): Promise<SlowLink> =>
   new Promise((resolve, reject) => {
-    const sockets = new Set<Net.Socket>()
+    const { destroyAll, track } = openSockets()
     const timers = new Set<NodeJS.Timeout>()
     let passed = 0
-    const track = (socket: Net.Socket) => {
-      sockets.add(socket)
-      socket.on("error", () => {})
-      socket.on("close", () => sockets.delete(socket))
-    }
     const server = Net.createServer((client) => {
       track(client)
       const upstream = Net.connect(target.port, target.host)
@@ -96,7 +92,7 @@ export const slowLink = (
         close: () =>
           new Promise<void>((done) => {
             for (const timer of timers) clearInterval(timer)
-            for (const socket of sockets) socket.destroy()
+            destroyAll()
             server.close(() => done())
           })
       })
