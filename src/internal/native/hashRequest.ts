@@ -34,7 +34,9 @@ export const answerer = (module: Xxh3.WasmModule, scratch: number): (request: Re
     if ("memory" in request) {
       exports = Xxh3.instantiate(request.memory, module)
       Xxh3.setAccumulators(exports, Xxh3.INITIAL_ACCUMULATORS)
-      exports.blocks(request.offset, request.blocks)
+      for (let done = 0; done < request.blocks; done += scratchBlocks) {
+        exports.blocks(request.offset + done * Xxh3.BLOCK, Math.min(request.blocks - done, scratchBlocks))
+      }
     } else {
       if (own === undefined) {
         const pages = scratch / Xxh3.WASM_PAGE
