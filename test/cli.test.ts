@@ -444,6 +444,9 @@ describe("multifd failures", () => {
       [["recv", "tcp:127.0.0.1:0", "--out", "x.img", "--reconnect", "3"], "multifd: error: --reconnect is a send option"],
       [["recv", "tcp:127.0.0.1:0", "--out", "x.img", "--tls-identity", "qemu"], "multifd: error: --tls-identity is a send option"],
       [["send", "tcp:127.0.0.1:1", "--in", image, "--out", "x.img"], "multifd: error: --out is a recv option"],
+      [["send", "tcp:127.0.0.1:1", "--in", Os.tmpdir()], `multifd: error: --in ${Os.tmpdir()}: not a regular file`],
+      [["send", "tcp:127.0.0.1:1", `--in=${Os.tmpdir()}`], `multifd: error: --in ${Os.tmpdir()}: not a regular file`],
+      [["recv", "tcp:127.0.0.1:0", "--out", Os.tmpdir()], `multifd: error: --out ${Os.tmpdir()}: not a regular file`],
       [["send", "--in", image], "multifd: error: Missing argument <uri>"],
       [["send", "tcp:127.0.0.1:1"], "multifd: error: send needs --in FILE (or --to-qemu --vm FILE)"]
     ]

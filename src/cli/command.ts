@@ -143,8 +143,9 @@ const early = (args: ReadonlyArray<string>): { readonly stdout?: string; readonl
   return undefined
 }
 
-/** The flags of the subcommands, to explain an unknown one. */
-const flags = (subcommand: string | undefined): Flags => {
+/** The flags of the subcommands and the command line `args` (subcommand first), to explain a bad flag. */
+const flags = (args: ReadonlyArray<string>): Flags => {
+  const subcommand = args[0]
   const flagsOf = (entries: ReadonlyArray<Help.Entry>) =>
     entries.map(Help.flagOf).filter((t) => t.startsWith("-"))
   const send = flagsOf(Help.entriesOf(Send.command))
@@ -158,6 +159,14 @@ const flags = (subcommand: string | undefined): Flags => {
       const ranked = own.map((known) => [known, AutoCorrect.levensteinDistance(flag, known, config)] as const)
         .sort((a, b) => a[1] - b[1])
       return ranked[0] !== undefined && ranked[0][1] <= 2 ? ranked[0][0] : undefined
+    },
+    givenWith: (value) => {
+      for (let i = 1; i < args.length; i++) {
+        const arg = args[i]!
+        if (arg.startsWith("--") && arg.endsWith(`=${value}`)) return arg.slice(0, arg.length - value.length - 1)
+        if (arg === value && args[i - 1]!.startsWith("-")) return args[i - 1]
+      }
+      return undefined
     }
   }
 }
@@ -182,6 +191,6 @@ export const main = (argv: ReadonlyArray<string>) =>
       // @effect/cli's own error messages are reported by toExitCode
       Effect.withConsole(Terminal.withoutErrors(console)),
       Effect.provideService(Terminal.Terminal, terminal),
-      toExitCode({ json: args.includes("--json"), terminal, flags: flags(args[0]) })
+      toExitCode({ json: args.includes("--json"), terminal, flags: flags(args) })
     )
   }).pipe(Effect.provide(Log.layer), Effect.provide(config))

@@ -93,12 +93,15 @@ export interface Flags {
   readonly ownerOf: (flag: string) => string | undefined
   /** The known flag closest to a mistyped one, if one is close. */
   readonly closest: (flag: string) => string | undefined
+  /** The flag given `value` on the command line (`--flag value` or `--flag=value`), if one was. */
+  readonly givenWith: (value: string) => string | undefined
 }
 
 /**
  * A parse error of @effect/cli as one line: a bad environment variable is named (`MULTIFD_CHANNELS: must be
  * between 1 and 255, not 0`), a flag that belongs to the other command says so ("--tls-authz is a recv
- * option"), anything else keeps @effect/cli's words.
+ * option"), a path that is not the kind of file its flag needs names the flag ("--in /tmp: not a regular file
+ * ), anything else keeps @effect/cli's words.
  */
 export const describeValidation = (error: ValidationError.ValidationError, flags: Flags | undefined): string => {
   const text = Help.plainText(error.error)
@@ -106,6 +109,12 @@ export const describeValidation = (error: ValidationError.ValidationError, flags
   // text, `(Invalid data at MULTIFD.CHANNELS: "...")`; say it as the library does, naming the variable
   const config = /^\((?:Invalid|Missing) data at ([^:]+): "([\s\S]*)"\)$/.exec(text.trim())
   if (config !== null) return oneLine(`${config[1]!.replace(/\./g, "_")}: ${config[2]}`)
+  const path = /^Expected path '([\s\S]*)' to be a (regular file|directory)$/.exec(text.trim())
+  if (path !== null) {
+    const flag = flags?.givenWith(path[1]!)
+    const what = `${path[1]}: not a ${path[2]}`
+    return oneLine(flag === undefined ? what : `${flag} ${what}`)
+  }
   const unknown = /unknown argument: '(--?[^']+)'/i.exec(text) ?? /flag '(--?[^']+)' is not recognized/i.exec(text)
   if (unknown === null || flags === undefined) return oneLine(text)
   const flag = unknown[1]!
