@@ -12,6 +12,7 @@ import type * as Scope from "effect/Scope"
 import * as Buffer from "node:buffer"
 import * as Digest from "./internal/native/digest.js"
 import { DirtyLog } from "./internal/native/dirtyLog.js"
+import * as Prefault from "./internal/native/prefault.js"
 import { WriteGate } from "./internal/native/writeGate.js"
 import * as HashPool from "./internal/threads/hashPool.js"
 import type * as ThreadPool from "./internal/threads/pool.js"
@@ -50,8 +51,8 @@ export interface Block {
 }
 
 /**
- * How a block is described: by size (memory from `allocate`, touched up front so that receiving pages
- * never waits on page faults) or by existing bytes (used in place, not copied; `allocate` them for the
+ * How a block is described: by size (memory from `allocate`, touched up front on worker threads so that
+ * receiving pages never waits on page faults) or by existing bytes (used in place, not copied; `allocate` them for the
  * fastest digests).
  *
  * @since 0.1.0
@@ -149,14 +150,17 @@ export const make = (options: {
       options.blocks.map((b) => ({ name: b.name, size: "size" in b ? b.size : b.bytes.length }))
     )
     if (problem) return problem
+    const fresh: Array<Uint8Array> = []
     const blocks = options.blocks.map((spec): Block => {
       const bytes = "bytes" in spec
         ? globalThis.Buffer.from(spec.bytes.buffer, spec.bytes.byteOffset, spec.bytes.byteLength)
-        : allocate(spec.size).fill(0)
+        : allocate(spec.size)
+      if (!("bytes" in spec)) fresh.push(bytes)
       const pages = bytes.length / pageSize
       return { name: spec.name, bytes, pages, dirty: new DirtyLog(pages) }
     })
-    return Effect.succeed(fromBlocks(pageSize, blocks))
+    // fresh memory is touched now, on worker threads, rather than faulted in page by page as pages arrive
+    return Effect.as(Effect.forEach(fresh, (bytes) => Prefault.prefault(bytes), { discard: true }), fromBlocks(pageSize, blocks))
   })
 
 /**

@@ -1,9 +1,13 @@
 import { describe, expect, it } from "@effect/vitest"
 import * as Effect from "effect/Effect"
+import * as Exit from "effect/Exit"
 import * as FastCheck from "effect/FastCheck"
+import * as Fiber from "effect/Fiber"
 import * as HashWasm from "hash-wasm"
 import * as Crypto from "node:crypto"
+import * as Fs from "node:fs"
 import * as GuestRam from "../src/GuestRam.js"
+import * as Prefault from "../src/internal/native/prefault.js"
 
 const sha256 = (data: Uint8Array): Buffer => Crypto.createHash("sha256").update(data).digest()
 
@@ -200,6 +204,56 @@ describe("GuestRam blocks", () => {
       const ram = yield* GuestRam.GuestRam
       expect(ram.blocks.map((b) => b.name)).toEqual(["mem"])
     }).pipe(Effect.provide(GuestRam.layer({ blocks: [{ name: "mem", size: 4096 }] }))))
+})
+
+/** This process's resident memory, in bytes (Linux). */
+const residentBytes = () => Number(/VmRSS:\s+(\d+) kB/.exec(Fs.readFileSync("/proc/self/status", "utf8"))![1]) * 1024
+
+/** Whether every byte is zero (a 64 KiB compare at a time). */
+const allZero = (bytes: Uint8Array) => {
+  const zero = Buffer.alloc(65536)
+  for (let at = 0; at < bytes.length; at += zero.length) {
+    const part = bytes.subarray(at, at + zero.length)
+    if (Buffer.compare(part, zero.subarray(0, part.length)) !== 0) return false
+  }
+  return true
+}
+
+describe("fresh blocks are backed by memory before pages arrive (internal/native/prefault)", () => {
+  it.effect("GuestRam.make touches every page of a block larger than a chunk on worker threads; it stays zero", () =>
+    Effect.gen(function*() {
+      // three chunks of 64 MiB and a bit: the last request is short
+      const size = 3 * 64 * 1024 * 1024 + 3 * 4096
+      const before = residentBytes()
+      const ram = yield* GuestRam.make({ blocks: [{ name: "mem", size }] })
+      // untouched, the block would add nothing resident (fresh memory maps no pages until written)
+      expect(residentBytes() - before).toBeGreaterThan(size * 0.95)
+      expect(ram.blocks[0]!.bytes.length).toBe(size)
+      expect(allZero(ram.blocks[0]!.bytes)).toBe(true)
+    }))
+
+  it.effect("on this thread too (one thread asked, or memory that is not shared), a slice at a time", () =>
+    Effect.gen(function*() {
+      const shared = GuestRam.allocate(2 * 64 * 1024 * 1024)
+      const before = residentBytes()
+      yield* Prefault.prefault(shared, 1)
+      expect(residentBytes() - before).toBeGreaterThan(shared.length * 0.95)
+      const plain = new Uint8Array(3 * 4096 + 100)
+      yield* Prefault.prefault(plain)
+      expect(allZero(shared) && allZero(plain)).toBe(true)
+    }))
+
+  for (const threads of [2, 1]) {
+    it.effect(`an interrupted prefault stops waiting at once (${threads === 1 ? "on this thread" : "on worker threads"})`, () =>
+      Effect.gen(function*() {
+        // 1 GiB: far more than can be touched before the interruption below
+        const bytes = GuestRam.allocate(1024 * 1024 * 1024)
+        const fiber = yield* Effect.fork(Prefault.prefault(bytes, threads))
+        yield* Effect.yieldNow()
+        const exit = yield* Fiber.interrupt(fiber)
+        expect(Exit.isInterrupted(exit)).toBe(true)
+      }))
+  }
 })
 
 describe("clearPage", () => {

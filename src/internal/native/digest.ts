@@ -71,6 +71,8 @@ export class WorkerFailed extends Data.TaggedError("WorkerFailed")<{ readonly re
 /** A hasher on another thread: hashes a chunk's full blocks there, or fails once that thread failed. */
 export interface Hasher {
   readonly hash: (chunk: Chunk) => Effect.Effect<Buffer, WorkerFailed>
+  /** Touches every `step` bytes of shared memory there (`hashRequest.touchPages`): a digest's own threads only. */
+  readonly touch?: ((bytes: Uint8Array, step: number) => Effect.Effect<void, WorkerFailed>) | undefined
   /** A hasher's own worker thread, and its failure once it threw or exited (for tests). */
   readonly thread?: WorkerThreads.Worker | undefined
   readonly failed?: Deferred.Deferred<never, WorkerFailed> | undefined
@@ -120,25 +122,41 @@ const worker: Effect.Effect<Hasher, never, Scope.Scope> = Effect.map(
         return thread.terminate()
       })
   ),
-  ({ failed, thread }): Hasher => ({
-    thread,
-    failed,
-    hash: (chunk) =>
+  ({ failed, thread }): Hasher => {
+    /** The answer to `request`, or the thread's failure; an interrupted request's late answer is passed over. */
+    const ask = (request: DigestWorker.Request) =>
       Effect.raceFirst(
         Deferred.await(failed),
-        Effect.async<Buffer>((resume) => {
-          const request = requestFor(chunk)
+        Effect.async<DigestWorker.Answer>((resume) => {
           const onMessage = (answer: DigestWorker.Answer) => {
             if (answer.id !== request.id) return
             thread.off("message", onMessage)
-            resume(Effect.sync(() => Xxh3.finish(answer.accumulators, chunk.bytes)))
+            resume(Effect.succeed(answer))
           }
           thread.on("message", onMessage)
           thread.postMessage(request)
           return Effect.sync(() => thread.off("message", onMessage))
         })
       )
-  })
+    return {
+      thread,
+      failed,
+      hash: (chunk) =>
+        Effect.suspend(() =>
+          Effect.map(ask(requestFor(chunk)), (answer) => Xxh3.finish(answer.accumulators, chunk.bytes))
+        ),
+      touch: (bytes, step) =>
+        Effect.suspend(() =>
+          ask({
+            id: ++requests,
+            touch: bytes.buffer as SharedArrayBuffer,
+            offset: bytes.byteOffset,
+            length: bytes.length,
+            step
+          })
+        )
+    }
+  }
 )
 
 /** Hashers ready for the digests that use them (a thread takes tens of milliseconds to start). */

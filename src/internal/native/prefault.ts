@@ -1,0 +1,61 @@
+/**
+ * Backing fresh guest memory with pages before a migration writes into it. A first write to a page faults,
+ * and faults are dear on virtual machines (here about 1 s a GiB on one thread, when copying received pages in
+ * would take a tenth of that), so a destination's fresh blocks are touched up front, as QEMU's `prealloc`
+ * does, and in parallel: page faults scale with threads (two worker threads here fault a GiB in 0.3 s).
+ * Only fresh memory, zero-filled and not in use, is touched (a zero is written in each page); the wait for the
+ * threads is interruptible.
+ *
+ * @internal
+ */
+import * as Cause from "effect/Cause"
+import * as Effect from "effect/Effect"
+import * as Queue from "effect/Queue"
+import * as Os from "node:os"
+import * as Digest from "./digest.js"
+import * as EventLoop from "./eventLoop.js"
+import { touchPages } from "./hashRequest.js"
+
+/** The bytes touched per page: the system's page size (4 KiB on x86-64; a larger one is touched more than needed). */
+export const STEP = 4096
+
+/** Bytes a worker thread touches per request. */
+const CHUNK = 64 * 1024 * 1024
+
+/** Bytes this thread touches between two turns of the event loop. */
+const SLICE = 8 * 1024 * 1024
+
+/** Touches every page of `bytes` on this thread, a slice at a time, letting the event loop run between. */
+const touchHere = (bytes: Uint8Array): Effect.Effect<void> =>
+  Effect.gen(function*() {
+    for (let at = 0; at < bytes.length; at += SLICE) {
+      touchPages(bytes.subarray(at, at + SLICE), STEP)
+      yield* EventLoop.yieldToEventLoop
+    }
+  })
+
+/**
+ * Touches every page of `bytes`, fresh zero-filled memory that nothing uses yet: shared memory on `threads` worker threads started for it
+ * (by default one per core) while this thread waits, other memory or a single chunk on this thread. A thread
+ * that cannot start or fails leaves the rest to this thread.
+ */
+export const prefault = (bytes: Uint8Array, threads: number = Os.availableParallelism()): Effect.Effect<void> => {
+  const chunks = Math.ceil(bytes.length / CHUNK)
+  if (!(bytes.buffer instanceof SharedArrayBuffer) || chunks < 2 || threads < 2) return touchHere(bytes)
+  return Effect.scoped(Effect.gen(function*() {
+    const pool = yield* Digest.pool(Math.min(threads, chunks))
+    const hashers = yield* Queue.takeAll(pool.idle)
+    let next = 0
+    const take = (hasher: Digest.Hasher) =>
+      Effect.gen(function*() {
+        while (next < chunks) {
+          const at = CHUNK * next++
+          yield* hasher.touch!(bytes.subarray(at, at + CHUNK), STEP)
+        }
+      })
+    yield* Effect.forEach(hashers, take, { concurrency: "unbounded", discard: true })
+  })).pipe(
+    // threads are a speed-up, not a requirement: the pages are touched here instead (zeros over zeros)
+    Effect.catchAllCause((cause) => Cause.isInterruptedOnly(cause) ? Effect.interrupt : touchHere(bytes))
+  )
+}
