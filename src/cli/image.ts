@@ -11,6 +11,7 @@
 import * as Data from "effect/Data"
 import * as Effect from "effect/Effect"
 import type * as Scope from "effect/Scope"
+import * as Os from "node:os"
 import * as Path from "node:path"
 import * as GuestRam from "../GuestRam.js"
 import * as FileIo from "../internal/native/fileIo.js"
@@ -29,6 +30,11 @@ export class ImageError extends Data.TaggedError("ImageError")<{
 
 /** Bytes moved per read or write call. */
 const CHUNK = 64 * 1024 * 1024
+
+/** Bytes per read call, and reads at once: an image is read into fresh memory, whose page faults then run in
+ * parallel on libuv's threads (1 GiB here: 0.32 s with two at once, 0.61–0.73 s with one). */
+const READ_CHUNK = 32 * 1024 * 1024
+const READS = Math.min(4, Os.availableParallelism())
 
 /** Configuration problems keep their reason, except a missing path or parent, which is `Missing`. */
 const configuration = (reason: ImageError["reason"], error: FileIo.FileError) =>
@@ -53,7 +59,7 @@ export const read = (path: string, pageSize: number): Effect.Effect<Buffer, Imag
       return yield* bad(`the image size ${formatSize(size)} exceeds the largest block, ${formatSize(GuestRam.MAX_BLOCK_SIZE)}`)
     }
     const bytes = GuestRam.allocate(size)
-    yield* FileIo.transferChunked("read", file, bytes, 0, CHUNK)
+    yield* FileIo.transferChunked("read", file, bytes, 0, READ_CHUNK, READS)
     return bytes
   })).pipe(Effect.mapError((error) => error._tag === "ImageError" ? error : readError(path, error)))
 
