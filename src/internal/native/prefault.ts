@@ -34,12 +34,18 @@ const touchHere = (bytes: Uint8Array): Effect.Effect<void> =>
     }
   })
 
+/** Most threads a prefault starts: faults of one mapping stop scaling long before a large machine's cores run out. */
+const MAX_THREADS = 8
+
 /**
- * Touches every page of `bytes`, fresh zero-filled memory that nothing uses yet: shared memory on `threads` worker threads started for it
- * (by default one per core) while this thread waits, other memory or a single chunk on this thread. A thread
- * that cannot start or fails leaves the rest to this thread.
+ * Touches every page of `bytes`, fresh zero-filled memory that nothing uses yet: shared memory on `threads` worker
+ * threads started for it (by default one per core, at most `MAX_THREADS`) while this thread waits; other memory,
+ * or a single chunk, on this thread. A thread that cannot start or fails leaves the rest to this thread.
  */
-export const prefault = (bytes: Uint8Array, threads: number = Os.availableParallelism()): Effect.Effect<void> => {
+export const prefault = (
+  bytes: Uint8Array,
+  threads: number = Math.min(MAX_THREADS, Os.availableParallelism())
+): Effect.Effect<void> => {
   const chunks = Math.ceil(bytes.length / CHUNK)
   if (!(bytes.buffer instanceof SharedArrayBuffer) || chunks < 2 || threads < 2) return touchHere(bytes)
   return Effect.scoped(Effect.gen(function*() {
