@@ -52,8 +52,8 @@ export interface Block {
 
 /**
  * How a block is described: by size (memory from `allocate`, touched up front on worker threads so that
- * receiving pages never waits on page faults) or by existing bytes (used in place, not copied; `allocate` them for the
- * fastest digests).
+ * receiving pages never waits on page faults) or by existing bytes (used in place, not copied; `allocate`
+ * them for the fastest digests).
  *
  * @since 0.1.0
  * @category models
@@ -160,7 +160,10 @@ export const make = (options: {
       return { name: spec.name, bytes, pages, dirty: new DirtyLog(pages) }
     })
     // fresh memory is touched now, on worker threads, rather than faulted in page by page as pages arrive
-    return Effect.as(Effect.forEach(fresh, (bytes) => Prefault.prefault(bytes), { discard: true }), fromBlocks(pageSize, blocks))
+    return Effect.as(
+      Effect.forEach(fresh, (bytes) => Prefault.prefault(bytes), { discard: true }),
+      fromBlocks(pageSize, blocks)
+    )
   })
 
 /**
