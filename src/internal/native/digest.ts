@@ -19,6 +19,7 @@ import * as Crypto from "node:crypto"
 import * as Os from "node:os"
 import * as WorkerThreads from "node:worker_threads"
 import type * as DigestWorker from "./digestWorker.js"
+import * as EventLoop from "./eventLoop.js"
 import * as Xxh3 from "./xxh3.js"
 
 /** Chunk size of the digest tree. */
@@ -209,16 +210,6 @@ const copyToScratch = (bytes: Uint8Array): Xxh3.Exports => {
 }
 
 /**
- * Lets Node's event loop run (I/O, the workers' answers) before going on: `Effect.yieldNow` only lets
- * other fibers run, and a thread hashing slice after slice would hold every socket read and every
- * worker's answer until it is done.
- */
-const yieldToEventLoop = Effect.async<void>((resume) => {
-  const handle = setImmediate(() => resume(Effect.void))
-  return Effect.sync(() => clearImmediate(handle))
-})
-
-/**
  * Hashes a chunk on this thread, a slice at a time, yielding between slices (interruptible, I/O goes on).
  * The accumulators are carried here between slices: instances are shared by every digest in the process.
  */
@@ -235,7 +226,8 @@ const hashHere = (chunk: Chunk) =>
       Xxh3.setAccumulators(exports, accumulators)
       exports.blocks(at, n)
       accumulators = Xxh3.accumulators(exports)
-      yield* yieldToEventLoop
+      // the event loop's turn (I/O, the workers' answers): a thread hashing slice after slice would hold them
+      yield* EventLoop.yieldToEventLoop
     }
     return Xxh3.finish(accumulators, chunk.bytes)
   })
