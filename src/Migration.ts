@@ -408,7 +408,8 @@ export interface Expectations {
  * packet of this migration. Candidates that do not — strangers, connections that stall, close half-way or
  * send garbage, channels of other migrations — are closed, logged and reported in `rejected`, without
  * disturbing the migration. Returns once every page is in memory, the digests matched, `store` (if given)
- * succeeded and every channel ended.
+ * succeeded and every channel ended. Interrupted before it confirmed, it tells the source ("cancelled by
+ * destination").
  *
  * @since 0.1.0
  * @category constructors

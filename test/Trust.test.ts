@@ -17,6 +17,7 @@ import { describe, expect, it } from "@effect/vitest"
 import * as Data from "effect/Data"
 import * as Deferred from "effect/Deferred"
 import * as Effect from "effect/Effect"
+import * as Exit from "effect/Exit"
 import * as Fiber from "effect/Fiber"
 import * as Logger from "effect/Logger"
 import * as LogLevel from "effect/LogLevel"
@@ -243,6 +244,54 @@ describe("success is durable: the destination's store step", () => {
       expect(answer).toMatchObject({ _tag: "Reject", reason: `control protocol version 1 is not ${Control.VERSION}` })
       expect(Control.VERSION).toBeGreaterThan(1)
       yield* Fiber.await(dest.fiber)
+    })))
+})
+
+// ---------------------------------------------------------------------------------------------------------
+
+describe("a cancelled destination tells the source why, as a cancelled source does", () => {
+  const CANCELLED = "the destination aborted the migration: cancelled by destination"
+  /** "Promptly": well below the source's peer timeout (2 s), after which it would give up on its own. */
+  const PROMPT_MS = 1500
+
+  /** Interrupts the destination, then the source fails promptly with the destination's word; nothing leaks. */
+  const cancelled = (
+    dest: Effect.Effect.Success<ReturnType<typeof startDestination>>,
+    source: Fiber.RuntimeFiber<unknown, { readonly message: string }>
+  ) =>
+    Effect.gen(function*() {
+      const t0 = performance.now()
+      const destExit = yield* noHang(Fiber.interrupt(dest.fiber), "interrupting the destination")
+      expect(Exit.isInterrupted(destExit)).toBe(true)
+      const error = failureOf(yield* noHang(Fiber.await(source), "the source"))
+      expect(performance.now() - t0).toBeLessThan(PROMPT_MS)
+      expect(error).toBeInstanceOf(MigrationError.MigrationError)
+      expect((error as MigrationError.MigrationError).reason).toBe("Aborted")
+      expect(error.message).toBe(CANCELLED)
+    })
+
+  it.live("in the middle of round 0 (pages are arriving)", () =>
+    leakFree(Effect.gen(function*() {
+      // 16 MiB at 4 MiB/s: four seconds of transfer, of which the first 64 KiB are waited for
+      const ram = yield* GuestRam.make({ blocks: [{ name: "pc.ram", bytes: mixedImage(4096, 0.7, PAGE) }] })
+      const dest = yield* startDestination()
+      const faulty = yield* Faulty.make()
+      const source = yield* Effect.forkScoped(migrateTo(dest.address, ram, { maxBandwidth: 4 * 1024 * 1024 }, faulty.layer))
+      yield* noHang(
+        faulty.until((f) => f.records.some((r) => typeof r.role === "number" && r.bytesWritten >= 64 * 1024)),
+        "the first pages"
+      )
+      yield* cancelled(dest, source)
+    })))
+
+  it.live("while it stores the image (after the digests matched, before Done)", () =>
+    leakFree(Effect.gen(function*() {
+      const ram = yield* sourceRam()
+      const storing = yield* Deferred.make<void>()
+      const dest = yield* startDestination({ store: () => Effect.zipRight(Deferred.succeed(storing, undefined), Effect.never) })
+      const source = yield* Effect.forkScoped(migrateTo(dest.address, ram))
+      yield* noHang(Deferred.await(storing), "the store step")
+      yield* cancelled(dest, source)
     })))
 })
 

@@ -941,6 +941,31 @@ describe("trust: signals, timeouts and progress whatever the CPU does", () => {
     })
   }
 
+  it(`recv given SIGTERM mid-migration ends at once (exit 143), leaves no file; send hears "cancelled by destination" (exit 1)`, async () => {
+    const out = Path.join(dir, "cancelled-recv.out")
+    const recv = await startRecv(["tcp:127.0.0.1:0", "--out", out])
+    const via = await relay(recv.uri)
+    try {
+      const send = start(["send", via.uri, "--in", slowImage, "--compression", "zstd", "--compression-level", "19"])
+      await via.carried(1024 * 1024)
+      const exited = exitedAfter(recv)
+      recv.child.kill("SIGTERM")
+      const { code, ms } = await exited
+      const received = await recv.finished
+      const sent = await send.finished
+      expect(code, received.stderr).toBe(143)
+      expect(ms).toBeLessThan(1500)
+      expect(lines(received.stderr).at(-1)).toBe("multifd: interrupted by SIGTERM")
+      expect(sent.code, sent.stderr).toBe(1)
+      // before, the source could only say that the connection closed
+      expect(lines(sent.stderr)).toEqual(["multifd: error: the destination aborted the migration: cancelled by destination"])
+      noStack(sent.stderr)
+      expect(filesLike("cancelled-recv.out")).toEqual([])
+    } finally {
+      via.close()
+    }
+  })
+
   it("send --timeout 2s --compression zstd --compression-level 19 to a destination that stops reading: a timeout within 3 s", async () => {
     const path = Path.join(dir, "stalled.sock")
     const sockets: Array<Net.Socket> = []

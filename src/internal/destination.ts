@@ -485,6 +485,14 @@ export const run = <E>(listener: Transport.Listener, settings: Settings<E>): Eff
           ? Effect.void
           : Conversation.abortPeer(ctl, error.message)
       ),
+      // cancelled (the receiving fiber interrupted, `multifd recv` given a signal): the source hears why, as
+      // this side hears "cancelled by source"; after Done it has what it came for, and hears nothing more
+      Effect.onInterrupt(() =>
+        Effect.flatMap(
+          Deferred.isDone(doneSent),
+          (done) => done ? Effect.void : Conversation.abortPeer(ctl, "cancelled by destination")
+        )
+      ),
       Effect.mapError((error): Failure | E => error instanceof StoreFailed ? error.error : error)
     )
   }))
