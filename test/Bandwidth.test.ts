@@ -4,6 +4,8 @@
  * - `Bandwidth.parse` reads rates as QEMU's `max-bandwidth` does (MiB/s by default);
  * - a limited migration is never faster than its limit (a lower bound only: a slow machine can only make it
  *   slower), and its bytes are spread evenly over the channels, in this thread and on channel threads;
+ * - at a rate where a packet takes longer than the peer timeout, a packet goes in pieces and the bytes keep
+ *   flowing: neither peer takes the pacing for silence;
  * - a limit changed while the migration runs applies at once: a migration limited to 64 KiB/s (minutes for
  *   its 8 MiB) finishes once the limit is lifted, its channels waking from their waits;
  * - bad rates are `BadOptions` before anything connects; `MULTIFD_MAX_BANDWIDTH` names itself when bad.
@@ -99,6 +101,30 @@ describe("a limited migration", () => {
           expect(bytes / wire).toBeGreaterThan(0.15)
           expect(bytes / wire).toBeLessThan(0.35)
         }
+      }), Transport.layer)))
+  }
+
+  for (const threaded of [false, true]) {
+    it.live(`keeps its bytes flowing when a packet takes longer than the peer timeout: 512 KiB/s, peers that give up after 500 ms of silence (${threaded ? "channel threads" : "this thread"})`, () =>
+      leakFree(Effect.provide(Effect.gen(function*() {
+        // 1.5 MiB on one channel: three packets of 512 KiB, a second each at the rate; the first goes at once
+        // (the link was idle), and each of the others would leave the link quiet for a second if written whole
+        const ram = yield* randomRam(1.5)
+        const timeouts = { ...TIMEOUTS, peer: "500 millis" } as const
+        const dest = yield* startDestination({ timeouts })
+        const started = performance.now()
+        const stats = yield* noHang(
+          Migration.migrate({ address: dest.address, channels: 1, timeouts, maxBandwidth: 512 * 1024 }).pipe(
+            Effect.provideService(GuestRam.GuestRam, ram),
+            threaded ? Effect.provide(ChannelThreads.layer({ maxThreads: 1 })) : (self) => self
+          ),
+          "migrate",
+          20
+        )
+        const seconds = (performance.now() - started) / 1000
+        expect(sameMemory((yield* Fiber.join(dest.fiber)).ram, ram)).toBe(true)
+        // still no faster than the limit
+        expect(seconds).toBeGreaterThanOrEqual((stats.wireBytes - 600 * 1024) / (512 * 1024) * 0.95)
       }), Transport.layer)))
   }
 

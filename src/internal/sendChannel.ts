@@ -32,6 +32,16 @@ export type Failure =
 /** How often a wait for the bandwidth limit looks whether the rate changed. */
 const RECHECK_MS = 100
 
+/**
+ * Under a bandwidth limit a packet is written in pieces of this long's worth of bytes at the rate, each in its
+ * own slot: the bytes flow steadily instead of a packet at once and then silence for the packet's time (at
+ * 64 KiB/s a 512 KiB packet would leave the link quiet for 8 s, which a peer takes for a source gone silent).
+ */
+const PIECE_MS = 100
+
+/** The smallest piece of a paced packet (a very low rate would otherwise write a few bytes at a time). */
+const MIN_PIECE = 1024
+
 /** What one channel needs to know (plain data: it crosses to a channel thread as is). */
 export interface Settings {
   readonly id: number
@@ -293,6 +303,36 @@ export const serve = (
       })
       return step
     }
+    /**
+     * Writes `views` (one packet) in pieces of `PIECE_MS` at the limit's rate, each written at the start of its
+     * slot, the next waiting for the end of it; what is left goes at once if the limit is lifted meanwhile.
+     */
+    const writePaced = (views: ReadonlyArray<Uint8Array>) =>
+      Effect.gen(function*() {
+        let view = 0
+        let offset = 0
+        while (view < views.length) {
+          const rate = limit!.rate
+          const size = rate > 0 ? Math.max(MIN_PIECE, Math.floor(rate * PIECE_MS / 1000)) : Infinity
+          // a new array a piece: a write may keep the one it was given until the bytes are out
+          const piece: Array<Uint8Array> = []
+          let bytes = 0
+          while (view < views.length && bytes < size) {
+            const v = views[view]!
+            const take = Math.min(v.length - offset, size - bytes)
+            piece.push(offset === 0 && take === v.length ? v : v.subarray(offset, offset + take))
+            bytes += take
+            offset += take
+            if (offset === v.length) {
+              view++
+              offset = 0
+            }
+          }
+          const wait = reserve(bytes)
+          yield* connection.write(piece)
+          if (wait !== undefined) yield* wait
+        }
+      })
     const count = (packets: number, normal: number, zero: number, bytes: number) => {
       Atomics.add(stats, at + PACKETS, BigInt(packets))
       if (normal > 0) Atomics.add(stats, at + NORMAL_PAGES, BigInt(normal))
@@ -344,7 +384,14 @@ export const serve = (
         for (let first = 0; first < total; first += slots) {
           const before = sent.position
           yield* packet(block, pages.subarray(first, Math.min(total, first + slots)), origin)
-          // under a bandwidth limit, a packet goes at the start of its slot and the next waits for its own
+          if (limit !== undefined && limit.rate > 0) {
+            // under a bandwidth limit: this packet alone, piece by piece at the rate
+            yield* writePaced(chunks)
+            if (codec.output === "reused") yield* connection.drained
+            chunks.length = 0
+            yield* EventLoop.cooperate
+            continue
+          }
           const wait = reserve(sent.position - before)
           if (codec.output !== "views" || wait !== undefined) {
             yield* connection.write(chunks)
