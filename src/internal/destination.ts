@@ -393,7 +393,8 @@ export const run = <E>(listener: Transport.Listener, settings: Settings<E>): Eff
         Effect.gen(function*() {
           const s = yield* recv.stats
           return {
-            round: s.syncs / hello.channels,
+            // rounds every channel finished (a round some channels synced is still under way)
+            round: Math.floor(s.syncs / hello.channels),
             phase: "precopy",
             doneBytes: (s.normalPages + s.zeroPages) * ram.pageSize,
             totalBytes: ram.size,
