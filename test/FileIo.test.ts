@@ -7,6 +7,8 @@ import * as Deferred from "effect/Deferred"
 import * as Effect from "effect/Effect"
 import * as Exit from "effect/Exit"
 import * as Fiber from "effect/Fiber"
+import * as Logger from "effect/Logger"
+import * as ChildProcess from "node:child_process"
 import * as Crypto from "node:crypto"
 import * as Fs from "node:fs"
 import * as Path from "node:path"
@@ -73,6 +75,33 @@ describe("FileIo.atomicFile", () => {
       expect([exists.step, FileIo.errorCode(exists.cause)]).toEqual(["Create", "EEXIST"])
       // not ours: left alone
       expect(Fs.readFileSync(`${target}.${process.pid}.partial`, "utf8")).toBe("someone else's")
+    }))
+})
+
+describe("FileIo.atomicFile after a killed process", () => {
+  it.scopedLive("removes the temporary files of its target that processes which are gone left, with a warning; nothing else", () =>
+    Effect.gen(function*() {
+      const dir = yield* tempDir
+      const target = Path.join(dir, "out.img")
+      // pids of processes that have exited (spawnSync returns once they did)
+      const gone = [0, 1].map(() => ChildProcess.spawnSync(process.execPath, ["-e", ""]).pid!)
+      const alive = process.ppid
+      const stale = `out.img.${gone[0]}.partial`
+      Fs.writeFileSync(Path.join(dir, stale), "half an image")
+      const kept = [
+        `out.img.${alive}.partial`, // a process that still runs
+        `other.img.${gone[0]}.partial`, // another target's
+        `out.img.x${gone[0]}.partial`, // not a pid
+        `out.img.${gone[0]}.partial.bak` // not a temporary file
+      ]
+      for (const name of kept) Fs.writeFileSync(Path.join(dir, name), "keep")
+      Fs.mkdirSync(Path.join(dir, `out.img.${gone[1]}.partial`)) // not a regular file
+      const warnings: Array<string> = []
+      yield* Effect.scoped(FileIo.atomicFile(target)).pipe(
+        Effect.provide(Logger.replace(Logger.defaultLogger, Logger.make(({ message }) => warnings.push(String(message)))))
+      )
+      expect(Fs.readdirSync(dir).sort()).toEqual([...kept, `out.img.${gone[1]}.partial`].sort())
+      expect(warnings).toEqual([`removed ${stale}, which a process that is gone left beside out.img`])
     }))
 })
 

@@ -966,6 +966,24 @@ describe("trust: signals, timeouts and progress whatever the CPU does", () => {
     }
   })
 
+  it("recv killed with SIGKILL leaves its temporary file; the next recv onto the same --out removes it and says so", async () => {
+    const out = Path.join(dir, "killed.out")
+    const first = await startRecv(["tcp:127.0.0.1:0", "--out", out])
+    const partial = `killed.out.${first.child.pid}.partial`
+    expect(filesLike("killed.out")).toEqual([partial])
+    first.child.kill("SIGKILL")
+    await first.finished
+    expect(filesLike("killed.out")).toEqual([partial])
+    const second = await startRecv(["tcp:127.0.0.1:0", "--out", out])
+    expect(lines(second.stderr())).toContain(
+      `multifd: warning: removed ${partial}, which a process that is gone left beside killed.out`
+    )
+    expect(filesLike("killed.out")).toEqual([`killed.out.${second.child.pid}.partial`])
+    second.child.kill("SIGTERM")
+    expect((await second.finished).code).toBe(143)
+    expect(filesLike("killed.out")).toEqual([])
+  })
+
   it("send --timeout 2s --compression zstd --compression-level 19 to a destination that stops reading: a timeout within 3 s", async () => {
     const path = Path.join(dir, "stalled.sock")
     const sockets: Array<Net.Socket> = []

@@ -251,11 +251,44 @@ export interface AtomicFile extends File {
   readonly commit: Effect.Effect<void, FileError>
 }
 
+/** Whether a process of this pid exists (one of another user's counts: `kill` then says EPERM). */
+const processExists = (pid: number): boolean => {
+  try {
+    process.kill(pid, 0)
+    return true
+  } catch (error) {
+    return errorCode(error) !== "ESRCH"
+  }
+}
+
+/**
+ * Removes the temporary files of `target` (`<target>.<pid>.partial`, regular files) that processes which are
+ * gone left beside it — killed before they could clean up (SIGKILL, a crash, a power loss) — and returns their
+ * names. A file whose process still exists, or that is not ours by its name, is left alone.
+ */
+export const removeStale = (target: string): Effect.Effect<ReadonlyArray<string>> =>
+  Effect.promise(async () => {
+    const dir = Path.dirname(target)
+    const prefix = `${Path.basename(target)}.`
+    const removed: Array<string> = []
+    for (const name of await FsP.readdir(dir).catch(() => [] as Array<string>)) {
+      if (!name.startsWith(prefix) || !name.endsWith(".partial")) continue
+      const pid = name.slice(prefix.length, -".partial".length)
+      if (!/^[1-9][0-9]{0,9}$/.test(pid) || Number(pid) === process.pid || processExists(Number(pid))) continue
+      const path = Path.join(dir, name)
+      const stat = await FsP.lstat(path).catch(() => undefined)
+      if (stat?.isFile() !== true) continue
+      if (await FsP.rm(path).then(() => true, () => false)) removed.push(name)
+    }
+    return removed
+  })
+
 /**
  * Creates `<target>.<pid>.partial` (refusing up front anything at `target` that is not a regular file, and a
  * temporary file that exists already), optionally at a length (sparse). When the scope closes the handle is
  * closed and, unless it was committed, the temporary file removed: `target` itself is only ever replaced by a
- * complete file.
+ * complete file. Temporary files of `target` that killed processes left are removed first (`removeStale`,
+ * each with a warning).
  */
 export const atomicFile = (
   target: string,
@@ -263,6 +296,9 @@ export const atomicFile = (
 ): Effect.Effect<AtomicFile, FileError, Scope.Scope> =>
   Effect.gen(function*() {
     const path = `${target}.${process.pid}.partial`
+    for (const name of yield* removeStale(target)) {
+      yield* Effect.logWarning(`removed ${name}, which a process that is gone left beside ${Path.basename(target)}`)
+    }
     const existing = yield* Effect.promise(() => FsP.stat(target).catch(() => undefined))
     if (existing !== undefined && !existing.isFile()) return yield* new FileError({ step: "NotRegular", path: target })
     const committed = yield* Ref.make(false)
