@@ -44,6 +44,24 @@ export type Address =
 type SocketAddress = Exclude<Address, { readonly _tag: "File" }>
 
 /**
+ * Longest Unix socket path, in bytes: what fits `sockaddr_un.sun_path` with its NUL (108 bytes on Linux, 104
+ * elsewhere). Node does not refuse a longer one: it binds and connects a truncated path, another file.
+ *
+ * @since 0.1.0
+ * @category addresses
+ */
+export const MAX_UNIX_PATH_BYTES = process.platform === "linux" ? 107 : 103
+
+/** Why `path` cannot be a Unix socket's path, if it cannot. */
+const unixPathProblem = (path: string): string | undefined => {
+  if (path.length === 0) return "unix: needs a socket path"
+  const bytes = Buffer.byteLength(path, "utf8")
+  return bytes > MAX_UNIX_PATH_BYTES
+    ? `the socket path is ${bytes} bytes long; at most ${MAX_UNIX_PATH_BYTES} fit in a socket address`
+    : undefined
+}
+
+/**
  * Parses `tcp:HOST:PORT` (IPv6 hosts in brackets, port 0 picks a free port), `unix:PATH` or `file:PATH`.
  *
  * @since 0.1.0
@@ -53,7 +71,8 @@ export const parseAddress = (uri: string): Either.Either<Address, TransportError
   const bad = (detail: string) => Either.left(new TransportError({ reason: "BadAddress", address: uri, detail }))
   if (uri.startsWith("unix:")) {
     const path = uri.slice(5)
-    return path.length === 0 ? bad("unix: needs a socket path") : Either.right({ _tag: "Unix", path })
+    const problem = unixPathProblem(path)
+    return problem !== undefined ? bad(problem) : Either.right({ _tag: "Unix", path })
   }
   if (uri.startsWith("file:")) {
     const path = uri.slice(5)
@@ -214,6 +233,14 @@ const notASocket = (address: Exclude<Address, SocketAddress>): TransportError =>
       "restore it)"
   })
 
+/** `connect` and `listen` of a Unix path that no socket address holds (or an empty one), if it is that. */
+const badUnixPath = (address: SocketAddress): TransportError | undefined => {
+  const problem = address._tag === "Unix" ? unixPathProblem(address.path) : undefined
+  return problem === undefined
+    ? undefined
+    : new TransportError({ reason: "BadAddress", address: formatAddress(address), detail: problem })
+}
+
 const connectOptions = (address: SocketAddress): Net.NetConnectOpts =>
   address._tag === "Unix" ? { path: address.path } : { host: address.host, port: address.port }
 
@@ -229,6 +256,8 @@ export const connect = (
 ): Effect.Effect<Connection, TransportError, Scope.Scope> =>
   Effect.gen(function*() {
     if (address._tag === "File") return yield* notASocket(address)
+    const refused = badUnixPath(address)
+    if (refused !== undefined) return yield* refused
     const uri = formatAddress(address)
     const timeout = options?.timeout ?? DEFAULT_CONNECT_TIMEOUT
     const socket = yield* Effect.acquireRelease(Effect.sync(() => Net.connect(connectOptions(address))), destroy)
@@ -263,6 +292,8 @@ export const connect = (
 export const listen = (address: Address): Effect.Effect<Listener, TransportError, Scope.Scope> =>
   Effect.gen(function*() {
     if (address._tag === "File") return yield* notASocket(address)
+    const refused = badUnixPath(address)
+    if (refused !== undefined) return yield* refused
     const uri = formatAddress(address)
     const pending = yield* Queue.unbounded<{ readonly socket: Net.Socket; readonly reader: DirectSocket.DirectReader }>()
     // every accepted socket until it closes: the server's release destroys the stragglers, so that closing

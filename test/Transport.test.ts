@@ -9,6 +9,8 @@ import * as ChildProcess from "node:child_process"
 import * as Crypto from "node:crypto"
 import * as Fs from "node:fs"
 import * as Net from "node:net"
+import * as Os from "node:os"
+import * as Path from "node:path"
 import {
   type Address,
   connect,
@@ -17,6 +19,7 @@ import {
   fromStream,
   layer,
   listen,
+  MAX_UNIX_PATH_BYTES,
   parseAddress,
   Transport,
   TransportError
@@ -121,6 +124,33 @@ describe("parseAddress / formatAddress", () => {
       }
       const range = Either.getLeft(parseAddress("tcp:host:99999"))
       expect(range._tag === "Some" && range.value.detail).toContain("out of range")
+    })))
+
+  it.live("a unix path longer than a socket address holds is refused: by parseAddress, listen and connect, no file made", () =>
+    leakFree(Effect.gen(function*() {
+      const dir = Fs.mkdtempSync(Path.join(Os.tmpdir(), "emfd-long-"))
+      const fits = Path.join(dir, "s".repeat(MAX_UNIX_PATH_BYTES - dir.length - 1))
+      const long = `${fits}x`
+      expect(Buffer.byteLength(fits)).toBe(MAX_UNIX_PATH_BYTES)
+      expect(parseAddress(`unix:${fits}`)).toStrictEqual(Either.right({ _tag: "Unix", path: fits }))
+      const parsed = Either.getLeft(parseAddress(`unix:${long}`))
+      expect(parsed._tag === "Some" && parsed.value.message).toBe(
+        `unix:${long}: the socket path is ${MAX_UNIX_PATH_BYTES + 1} bytes long; at most ${MAX_UNIX_PATH_BYTES} fit in a socket address`
+      )
+      // Node would bind (and connect to) the path cut to what fits: another file
+      const address: Address = { _tag: "Unix", path: long }
+      for (const attempt of [Effect.scoped(Effect.asVoid(listen(address))), Effect.scoped(Effect.asVoid(connect(address)))]) {
+        const e = expectError(yield* Effect.flip(attempt), ["BadAddress"])
+        expect(e.detail).toContain("at most")
+      }
+      expect(Fs.readdirSync(dir)).toEqual([])
+      // the longest path that fits works
+      yield* Effect.scoped(Effect.gen(function*() {
+        const listener = yield* listen({ _tag: "Unix", path: fits })
+        const [client] = yield* Effect.all([connect(listener.address), listener.accept], { concurrency: 2 })
+        yield* client.write([Buffer.from("ok")])
+      }))
+      Fs.rmSync(dir, { recursive: true, force: true })
     })))
 })
 

@@ -346,6 +346,7 @@ describe("multifd failures", () => {
       [["send", "tcp:127.0.0.1:1", "--in", image, "--channels", "0"], /--channels must be between 1 and 255, not 0/],
       [["send", "tcp:127.0.0.1:1", "--in", image, "--channels", "256"], /--channels must be between 1 and 255/],
       [["send", "tcp:nowhere", "--in", image], /bad uri: tcp:nowhere: expected tcp:HOST:PORT/],
+      [["recv", `unix:${dir}/${"s".repeat(120)}`, "--out", "x.img"], /: the socket path is \d+ bytes long; at most 107 fit/],
       [["send", "tcp:127.0.0.1:1", "--in", Path.join(dir, "missing.raw")], /missing\.raw: .*no such file/],
       [["send", "tcp:127.0.0.1:1"], /--in/],
       [["send", "tcp:127.0.0.1:1", "--in", odd], /not a multiple of the page size 4096/],
