@@ -17,9 +17,10 @@ import * as Exit from "effect/Exit"
 import * as Layer from "effect/Layer"
 import * as Queue from "effect/Queue"
 import type * as Scope from "effect/Scope"
-import type { Stats } from "node:fs"
+import * as FsSync from "node:fs"
 import * as Fs from "node:fs/promises"
 import * as Net from "node:net"
+import * as Path from "node:path"
 import type * as Stream from "node:stream"
 import * as Connections from "./internal/native/connection.js"
 import { type Connection, describeError, destroy, TransportError } from "./internal/native/connection.js"
@@ -321,7 +322,7 @@ export const listen = (address: Address): Effect.Effect<Listener, TransportError
     )
     const bind = Effect.async<void, TransportError>((resume) => {
       const onError = (error: Error) =>
-        resume(Effect.fail(new TransportError({ reason: "Listen", address: uri, detail: describeError(error), cause: error })))
+        resume(Effect.fail(new TransportError({ reason: "Listen", address: uri, detail: listenDetail(address, error), cause: error })))
       server.once("error", onError)
       server.listen(
         address._tag === "Unix" ? { path: address.path } : { host: address.host, port: address.port },
@@ -355,6 +356,15 @@ export const listen = (address: Address): Effect.Effect<Listener, TransportError
       )
     }
   })
+
+/**
+ * What a failed listen says. libuv reports a Unix socket path in a directory that does not exist as EACCES
+ * ("permission denied"), which sends the user looking at permissions: the missing directory is named instead.
+ */
+const listenDetail = (address: SocketAddress, error: Error): string =>
+  address._tag === "Unix" && (error as NodeJS.ErrnoException).code === "EACCES" && !FsSync.existsSync(Path.dirname(address.path))
+    ? `no such directory: ${Path.dirname(address.path)}`
+    : describeError(error)
 
 const isInUse = (error: TransportError): boolean => (error.cause as NodeJS.ErrnoException | undefined)?.code === "EADDRINUSE"
 
@@ -410,7 +420,7 @@ const clearStale = (path: string, inUse: TransportError): Effect.Effect<void, Tr
     }).pipe(Effect.catchIf((e) => (e.cause as NodeJS.ErrnoException | undefined)?.code === "ENOENT", () => Effect.void))
   })
 
-const kindOf = (stat: Stats): string =>
+const kindOf = (stat: FsSync.Stats): string =>
   stat.isFile()
     ? "a regular file"
     : stat.isDirectory()

@@ -126,7 +126,7 @@ describe("parseAddress / formatAddress", () => {
       expect(range._tag === "Some" && range.value.detail).toContain("out of range")
     })))
 
-  it.live("a unix path longer than a socket address holds is refused: by parseAddress, listen and connect, no file made", () =>
+  it.live("a unix path longer than a socket address holds is refused (parseAddress, listen, connect; no file made); a missing directory is named", () =>
     leakFree(Effect.gen(function*() {
       const dir = Fs.mkdtempSync(Path.join(Os.tmpdir(), "emfd-long-"))
       const fits = Path.join(dir, "s".repeat(MAX_UNIX_PATH_BYTES - dir.length - 1))
@@ -144,6 +144,12 @@ describe("parseAddress / formatAddress", () => {
         expect(e.detail).toContain("at most")
       }
       expect(Fs.readdirSync(dir)).toEqual([])
+      // a path in a directory that does not exist: named as such (libuv says EACCES, "permission denied")
+      const nowhere = expectError(
+        yield* Effect.flip(Effect.scoped(listen({ _tag: "Unix", path: Path.join(dir, "none", "s.sock") }))),
+        ["Listen"]
+      )
+      expect(nowhere.detail).toBe(`no such directory: ${Path.join(dir, "none")}`)
       // the longest path that fits works
       yield* Effect.scoped(Effect.gen(function*() {
         const listener = yield* listen({ _tag: "Unix", path: fits })
