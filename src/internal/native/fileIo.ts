@@ -264,7 +264,8 @@ const processExists = (pid: number): boolean => {
 /**
  * Removes the temporary files of `target` (`<target>.<pid>.partial`, regular files) that processes which are
  * gone left beside it — killed before they could clean up (SIGKILL, a crash, a power loss) — and returns their
- * names. A file whose process still exists, or that is not ours by its name, is left alone.
+ * names. A file whose process still exists, or that is not ours by its name, is left alone. "Gone" is as this
+ * system's pids see it: a process of another pid namespace (a container) writing the same target looks gone.
  */
 export const removeStale = (target: string): Effect.Effect<ReadonlyArray<string>> =>
   Effect.promise(async () => {
