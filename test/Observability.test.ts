@@ -77,6 +77,50 @@ const firstWith = (handle: MigrationStatus.MigrationStatus, status: MigrationSta
 const run = <A, E>(self: Effect.Effect<A, E, Transport.Transport | import("effect/Scope").Scope>) =>
   leakFree(Effect.scoped(self).pipe(Effect.provide(Transport.layer)))
 
+describe("the destination's progress", () => {
+  it.live("counts a round once every channel finished it: one channel's SYNC in, the other's held, the round is 0", () =>
+    run(Effect.gen(function*() {
+      const ram = yield* sourceRam(256)
+      const reports: Array<Migration.Progress> = []
+      const dest = yield* startDestination({ onProgress: (p) => Effect.sync(() => void reports.push(p)) })
+      // channel 1's first SYNC waits for `release`; channel 0's goes at once
+      const release = yield* Deferred.make<void>()
+      const held = yield* Deferred.make<void>()
+      const isSync = (chunks: ReadonlyArray<Uint8Array>) => {
+        const first = chunks[0]
+        if (first === undefined || first.length < 12 || first.length === 64) return false
+        const view = Buffer.from(first.buffer, first.byteOffset, first.byteLength)
+        return view.readUInt32BE(0) === 0x11223344 && (view.readUInt32BE(8) & 1) === 1
+      }
+      const upgrade: Transport.Upgrade<never> = (connection, channel) =>
+        Effect.succeed(
+          channel === 1
+            ? {
+              ...connection,
+              write: (chunks) =>
+                isSync(chunks)
+                  ? Effect.zipRight(Effect.zipRight(Deferred.succeed(held, undefined), Deferred.await(release)), connection.write(chunks))
+                  : connection.write(chunks)
+            }
+            : connection
+        )
+      const source = yield* Effect.forkScoped(
+        Migration.migrate({ address: dest.address, channels: 2, timeouts: TIMEOUTS, upgrade }).pipe(
+          Effect.provideService(GuestRam.GuestRam, ram)
+        )
+      )
+      yield* noHang(Deferred.await(held), "channel 1's SYNC")
+      // a report after channel 0's SYNC arrived (one a second)
+      const before = reports.length
+      yield* noHang(Effect.repeat(Effect.sleep("50 millis"), { until: () => reports.length > before + 1 }), "two reports")
+      yield* Deferred.succeed(release, undefined)
+      yield* noHang(Fiber.join(source), "migrate")
+      yield* noHang(Fiber.join(dest.fiber), "incoming")
+      expect(reports.map((r) => r.round).filter((round) => !Number.isInteger(round))).toEqual([])
+      expect(reports.slice(before).some((r) => r.round === 0 && r.doneBytes === ram.size)).toBe(true)
+    })))
+})
+
 describe("MigrationStatus", () => {
   it.live("mid-migration both sides say active with sane numbers; at the end completed with the stats' totals", () =>
     run(Effect.gen(function*() {
