@@ -967,6 +967,25 @@ describe("trust: signals, timeouts and progress whatever the CPU does", () => {
     }
   })
 
+  it("recv whose open-files limit cannot hold the channels refuses the migration, saying so (libuv would drop them silently)", async () => {
+    const out = Path.join(dir, "nofiles.out")
+    const recv = await startRecv(["tcp:127.0.0.1:0", "--out", out], { openFiles: 64 })
+    const sent = await run(["send", recv.uri, "--in", image, "--channels", "64"])
+    const received = await recv.finished
+    const why = /this destination may open only \d+ more files \(open files limit 64, \d+ open\): too few for 64 channels; raise its limit \(ulimit -n\)$/
+    expect(sent.code, sent.stderr).toBe(1)
+    expect(lines(sent.stderr)).toEqual([expect.stringMatching(/^multifd: error: the destination refused the migration: /)])
+    expect(lines(sent.stderr)[0]).toMatch(why)
+    expect(received.code, received.stderr).toBe(1)
+    expect(lines(received.stderr).at(-1)).toMatch(why)
+    expect(filesLike("nofiles.out")).toEqual([])
+    // a migration that fits goes through under the same limit
+    const fits = await startRecv(["tcp:127.0.0.1:0", "--out", out], { openFiles: 64 })
+    expect((await run(["send", fits.uri, "--in", image, "--channels", "8"])).code).toBe(0)
+    expect((await fits.finished).code).toBe(0)
+    expect(Fs.readFileSync(out).equals(Fs.readFileSync(image))).toBe(true)
+  })
+
   it("recv killed with SIGKILL leaves its temporary file; the next recv onto the same --out removes it and says so", async () => {
     const out = Path.join(dir, "killed.out")
     const first = await startRecv(["tcp:127.0.0.1:0", "--out", out])

@@ -27,6 +27,7 @@ import type * as Transport from "../Transport.js"
 import * as Acceptor from "./acceptor.js"
 import * as Candidates from "./candidates.js"
 import * as Conversation from "./conversation.js"
+import * as OpenFiles from "./native/openFiles.js"
 import * as Recorder from "./recorder.js"
 import { unlessStalled, within } from "./stall.js"
 import type * as Status from "./status.js"
@@ -336,7 +337,8 @@ export const run = <E>(listener: Transport.Listener, settings: Settings<E>): Eff
         `main channel: hello from ${ctl.peer}: migration ${hello.uuid}, ${hello.channels} channels, ` +
           `page size ${hello.pageSize}, compression ${hello.compression}`
       )
-      const problem = checkHello(hello, settings)
+      // a listener short of descriptors drops the channels' connections silently: refuse now, saying why
+      const problem = checkHello(hello, settings) ?? OpenFiles.tooFewFor(hello.channels)
       if (problem !== undefined) {
         yield* tell(new Control.Reject({ reason: problem }))
         return yield* new MigrationError.MigrationError({ reason: "Rejected", detail: `refused the migration: ${problem}` })

@@ -41,6 +41,8 @@ export interface StartOptions {
   readonly entry?: "bundle" | "source" | undefined
   /** Variables added to the child's environment (`MULTIFD_CHANNELS`, ...). */
   readonly env?: Record<string, string> | undefined
+  /** The child's limit on open files (`ulimit -n`, set by a shell that then becomes the command). */
+  readonly openFiles?: number | undefined
 }
 
 const children = new Set<ChildProcess.ChildProcess>()
@@ -53,7 +55,10 @@ export const killChildren = (): void => {
 /** Starts `multifd <args>` as a child process, its output collected. */
 export const start = (args: ReadonlyArray<string>, options: StartOptions = {}): Running => {
   const entry = options.entry === "source" ? ["--import", "tsx", MAIN] : [inject("cliBundle")]
-  const child = ChildProcess.spawn(process.execPath, [...entry, ...args], {
+  const [command, argv] = options.openFiles === undefined
+    ? [process.execPath, [...entry, ...args]]
+    : ["/bin/sh", ["-c", `ulimit -n ${options.openFiles} && exec "$0" "$@"`, process.execPath, ...entry, ...args]]
+  const child = ChildProcess.spawn(command, argv, {
     cwd: ROOT,
     stdio: ["ignore", "pipe", "pipe"],
     env: { ...process.env, NO_COLOR: "1", ...options.env }
