@@ -967,7 +967,7 @@ describe("trust: signals, timeouts and progress whatever the CPU does", () => {
     }
   })
 
-  it("recv whose open-files limit cannot hold the channels refuses the migration, saying so (libuv would drop them silently)", async () => {
+  it("an open-files limit that cannot hold the channels: recv refuses the migration, send does not start, both say so (libuv would drop them silently)", async () => {
     const out = Path.join(dir, "nofiles.out")
     const recv = await startRecv(["tcp:127.0.0.1:0", "--out", out], { openFiles: 64 })
     const sent = await run(["send", recv.uri, "--in", image, "--channels", "64"])
@@ -979,6 +979,15 @@ describe("trust: signals, timeouts and progress whatever the CPU does", () => {
     expect(received.code, received.stderr).toBe(1)
     expect(lines(received.stderr).at(-1)).toMatch(why)
     expect(filesLike("nofiles.out")).toEqual([])
+    // a source under such a limit says so before it connects anything (exit 2: its configuration)
+    const idle = await startRecv(["tcp:127.0.0.1:0", "--out", out])
+    const short = await run(["send", idle.uri, "--in", image, "--channels", "64"], { openFiles: 64 })
+    expect(short.code, short.stderr).toBe(2)
+    expect(lines(short.stderr)).toEqual([
+      expect.stringMatching(/^multifd: error: this source may open only \d+ more files \(open files limit 64, \d+ open\): too few for 64 channels; raise its limit \(ulimit -n\)$/)
+    ])
+    idle.child.kill("SIGTERM")
+    await idle.finished
     // a migration that fits goes through under the same limit
     const fits = await startRecv(["tcp:127.0.0.1:0", "--out", out], { openFiles: 64 })
     expect((await run(["send", fits.uri, "--in", image, "--channels", "8"])).code).toBe(0)

@@ -338,7 +338,7 @@ export const run = <E>(listener: Transport.Listener, settings: Settings<E>): Eff
           `page size ${hello.pageSize}, compression ${hello.compression}`
       )
       // a listener short of descriptors drops the channels' connections silently: refuse now, saying why
-      const problem = checkHello(hello, settings) ?? OpenFiles.tooFewFor(hello.channels)
+      const problem = checkHello(hello, settings) ?? OpenFiles.tooFewFor(hello.channels, "destination")
       if (problem !== undefined) {
         yield* tell(new Control.Reject({ reason: problem }))
         return yield* new MigrationError.MigrationError({ reason: "Rejected", detail: `refused the migration: ${problem}` })

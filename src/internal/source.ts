@@ -24,6 +24,7 @@ import * as Protocol from "../Protocol.js"
 import * as Transfer from "../Transfer.js"
 import * as Transport from "../Transport.js"
 import * as Conversation from "./conversation.js"
+import * as OpenFiles from "./native/openFiles.js"
 import * as Precopy from "./precopy.js"
 import * as Recorder from "./recorder.js"
 import { unlessStalled, within } from "./stall.js"
@@ -67,6 +68,10 @@ export const run = (
     const threads = ram.blocks.every((block) => block.bytes.buffer instanceof SharedArrayBuffer)
       ? Option.getOrUndefined(yield* Effect.serviceOption(ChannelThreads.ChannelThreads))
       : undefined
+
+    // out of descriptors, channels would fail one by one as they connect: say so before connecting any
+    const tooFew = OpenFiles.tooFewFor(channels, "source")
+    if (tooFew !== undefined) return yield* new MigrationError.MigrationError({ reason: "BadOptions", detail: tooFew })
 
     // the main channel
     const attributes = { "multifd.channel": "main" }

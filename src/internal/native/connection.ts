@@ -91,6 +91,8 @@ export const describeError = (error: unknown): string => {
   if (e?.code === "EACCES") return "permission denied"
   if (e?.code === "EADDRNOTAVAIL") return "address not available"
   if (e?.code === "ENOTFOUND") return "host not found"
+  if (e?.code === "EMFILE") return "too many open files (this process's limit, ulimit -n)"
+  if (e?.code === "ENFILE") return "too many open files in the system"
   return e?.message ?? String(error)
 }
 

@@ -2,7 +2,7 @@
  * How many more files this process may open, where the system says (Linux: `/proc/self/fd` and
  * `/proc/self/limits`). A listener that runs out of descriptors loses connections without a word — libuv
  * accepts each and closes it at once, and Node reports nothing — so a destination checks that its channels
- * fit before it takes a migration.
+ * fit before it takes a migration, and a source before it connects them.
  *
  * A native adapter: it imports no public module.
  *
@@ -28,13 +28,16 @@ export const usage = (): { readonly open: number; readonly limit: number } | und
   }
 }
 
-/** Why `channels` connections (and `MARGIN` more files) do not fit under the open-files limit, if they do not. */
-export const tooFewFor = (channels: number): string | undefined => {
+/**
+ * Why `channels` connections (and `MARGIN` more files) do not fit under this process's open-files limit, if
+ * they do not, said of `side`.
+ */
+export const tooFewFor = (channels: number, side: "source" | "destination"): string | undefined => {
   const now = usage()
   if (now === undefined) return undefined
   const free = now.limit - now.open
   return free >= channels + MARGIN
     ? undefined
-    : `this destination may open only ${Math.max(0, free)} more files (open files limit ${now.limit}, ` +
+    : `this ${side} may open only ${Math.max(0, free)} more files (open files limit ${now.limit}, ` +
       `${now.open} open): too few for ${channels} channels; raise its limit (ulimit -n)`
 }
