@@ -988,6 +988,10 @@ describe("trust: signals, timeouts and progress whatever the CPU does", () => {
     ])
     idle.child.kill("SIGTERM")
     await idle.finished
+    // so does recv --from-qemu, told the channels up front (QEMU would not hear why its channels were dropped)
+    const fromQemu = await run(["recv", "tcp:127.0.0.1:0", "--from-qemu", "--channels", "64", "--out", out], { openFiles: 64 })
+    expect(fromQemu.code, fromQemu.stderr).toBe(2)
+    expect(lines(fromQemu.stderr).at(-1)).toMatch(/^multifd: error: this destination may open only \d+ more files \(open files limit 64, \d+ open\): too few for 64 channels/)
     // a migration that fits goes through under the same limit
     const fits = await startRecv(["tcp:127.0.0.1:0", "--out", out], { openFiles: 64 })
     expect((await run(["send", fits.uri, "--in", image, "--channels", "8"])).code).toBe(0)
