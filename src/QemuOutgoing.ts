@@ -33,6 +33,7 @@ import * as Fiber from "effect/Fiber"
 import * as Option from "effect/Option"
 import type * as Bandwidth from "./Bandwidth.js"
 import * as ChannelThreads from "./ChannelThreads.js"
+import * as OpenFiles from "./internal/native/openFiles.js"
 import * as PageWindow from "./internal/qemu/pageWindow.js"
 import * as Writer from "./internal/qemu/writer.js"
 import * as ReturnPath from "./internal/qemu/returnPath.js"
@@ -135,7 +136,9 @@ const check = <E>(options: Options<E>): MigrationError.MigrationError | undefine
   if (!QemuVm.isComplete(options.vm)) {
     return badOptions("the VM's device state does not end as a complete migration stream ends (cut short?)")
   }
-  return undefined
+  // out of descriptors, the channels would fail one by one as they connect
+  const tooFew = OpenFiles.tooFewFor(options.channels, "source")
+  return tooFew === undefined ? undefined : badOptions(tooFew)
 }
 
 /** Pages of `block` from `first`, `count` of them, as the indices `MultifdSend.send` takes. */
