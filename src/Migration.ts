@@ -347,6 +347,12 @@ export interface IncomingOptions<E = never> {
    * `Rejected`, nothing is written here). Unset fields follow the source.
    */
   readonly expect?: Expectations | undefined
+  /**
+   * The destination's last word on a proposal that passed its own checks: a reason to refuse it (the source
+   * fails with `Rejected` and that reason; nothing is allocated or written here), or `undefined` to take it.
+   * `multifd recv` refuses memory larger than the free space where `--out` goes.
+   */
+  readonly admit?: ((proposal: Proposal) => string | undefined) | undefined
   /** Called about ten times a second while pages arrive (`doneBytes` counts pages received). */
   readonly onProgress?: ((progress: Progress) => Effect.Effect<void>) | undefined
   /**
@@ -389,6 +395,21 @@ export type IncomingError =
   | Snapshot.SnapshotError
 
 /**
+ * What a source proposes in its hello, as `IncomingOptions.admit` sees it.
+ *
+ * @since 0.1.0
+ * @category models
+ */
+export interface Proposal {
+  /** The memory's size: every block's bytes. */
+  readonly ramBytes: number
+  readonly blocks: ReadonlyArray<GuestRam.BlockLayout>
+  readonly pageSize: number
+  readonly channels: number
+  readonly compression: Protocol.Compression
+}
+
+/**
  * Transfer settings a destination may insist on (see `IncomingOptions.expect`).
  *
  * @since 0.1.0
@@ -429,6 +450,7 @@ export const incoming = <E = never>(
             acceptTimeout: options.acceptTimeout,
             upgrade: options.upgrade,
             expect: options.expect,
+            admit: options.admit,
             onProgress: options.onProgress,
             store: options.store,
             tracker

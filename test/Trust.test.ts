@@ -235,6 +235,30 @@ describe("success is durable: the destination's store step", () => {
       yield* noHang(Fiber.join(destination), "the fake destination")
     })))
 
+  it.live("admit: the destination's own word on a proposal; refused, the source fails with its reason and nothing is received", () =>
+    leakFree(Effect.gen(function*() {
+      const ram = yield* sourceRam()
+      const proposals: Array<Migration.Proposal> = []
+      const dest = yield* startDestination({
+        admit: (proposal) => {
+          proposals.push(proposal)
+          return "no room for it here"
+        }
+      })
+      const error = failureOf(yield* noHang(Effect.exit(migrateTo(dest.address, ram, { compression: "zstd" })), "migrate"))
+      expect((error as MigrationError.MigrationError).reason).toBe("Rejected")
+      expect(error.message).toBe("the destination refused the migration: no room for it here")
+      expect(proposals).toEqual([{
+        ramBytes: ram.size,
+        blocks: GuestRam.layoutOf(ram),
+        pageSize: PAGE,
+        channels: 3,
+        compression: "zstd"
+      }])
+      const destError = failureOf(yield* noHang(Fiber.await(dest.fiber), "incoming"))
+      expect(destError.message).toBe("refused the migration: no room for it here")
+    })))
+
   it.live("an old peer is refused, not misunderstood: a hello of control protocol version 1 gets Reject", () =>
     leakFree(Effect.gen(function*() {
       const dest = yield* startDestination()

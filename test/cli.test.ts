@@ -559,10 +559,10 @@ describe("multifd failures", () => {
 })
 
 /** Mounts a 1 MiB tmpfs at `mountpoint` (a really full file system for an 8 MiB image); why not, if it cannot. */
-const mountTinyTmpfs = (mountpoint: string): string | undefined => {
+const mountTinyTmpfs = (mountpoint: string, size: string): string | undefined => {
   Fs.mkdirSync(mountpoint, { recursive: true })
   try {
-    ChildProcess.execFileSync("mount", ["-t", "tmpfs", "-o", "size=1m", "tmpfs", mountpoint], { stdio: "pipe" })
+    ChildProcess.execFileSync("mount", ["-t", "tmpfs", "-o", `size=${size}`, "tmpfs", mountpoint], { stdio: "pipe" })
     return undefined
   } catch (error) {
     const stderr = (error as { stderr?: Buffer }).stderr?.toString().trim()
@@ -781,9 +781,9 @@ describe("observability and configuration", () => {
 })
 
 describe("trust: success is durable, strangers are candidates", () => {
-  it("recv --out on a full file system: send exits 1 with the destination's reason, recv exits 1, nothing left", async (ctx) => {
-    const full = Path.join(dir, "full")
-    const why = mountTinyTmpfs(full)
+  it("recv --out on a file system too small for the image: refused at the hello, both say why, nothing left", async (ctx) => {
+    const full = Path.join(dir, "small")
+    const why = mountTinyTmpfs(full, "1m")
     if (why !== undefined) return ctx.skip(`cannot mount a 1 MiB tmpfs here (needs root): ${why}`)
     try {
       const out = Path.join(full, "out.img")
@@ -791,13 +791,43 @@ describe("trust: success is durable, strangers are candidates", () => {
       expect(Fs.readdirSync(full)).toHaveLength(1) // the temporary file, created up front
       const send = await run(["send", recv.uri, "--in", image, "--channels", "2"])
       const received = await recv.finished
+      const reason = `${out}: the image needs 8.00 MiB, and ${full} has 1.00 MiB free`
+      expect(send.code, send.stderr).toBe(1)
+      expect(lines(send.stderr)).toEqual([`multifd: error: the destination refused the migration: ${reason}`])
+      expect(received.code, received.stderr).toBe(1)
+      expect(lines(received.stderr).at(-1)).toBe(`multifd: error: refused the migration: ${reason}`)
+      noStack(send.stderr + received.stderr)
+      expect(Fs.readdirSync(full)).toEqual([])
+    } finally {
+      ChildProcess.execFileSync("umount", [full])
+    }
+  })
+
+  it("recv --out on a file system that fills up during the transfer: send exits 1 with the destination's reason, recv exits 1, nothing left", async (ctx) => {
+    const full = Path.join(dir, "full")
+    const why = mountTinyTmpfs(full, "12m")
+    if (why !== undefined) return ctx.skip(`cannot mount a 12 MiB tmpfs here (needs root): ${why}`)
+    try {
+      const out = Path.join(full, "out.img")
+      const recv = await startRecv(["tcp:127.0.0.1:0", "--out", out, "--verbose"])
+      expect(Fs.readdirSync(full)).toHaveLength(1) // the temporary file, created up front
+      // paced: the 8 MiB take seconds, and the disk fills up meanwhile (the image fitted when it was proposed)
+      const sending = start(["send", recv.uri, "--in", image, "--channels", "2", "--max-bandwidth", "2M"])
+      await waitForStderr(recv, /every multifd channel adopted/)
+      try {
+        Fs.writeFileSync(Path.join(full, "filler"), Buffer.alloc(12 * 1024 * 1024))
+      } catch (error) {
+        expect((error as NodeJS.ErrnoException).code).toBe("ENOSPC")
+      }
+      const send = await sending.finished
+      const received = await recv.finished
       const reason = `${out}: cannot write the image: no space left on device`
       expect(send.code, send.stderr).toBe(1)
       expect(lines(send.stderr)).toEqual([`multifd: error: the destination could not store the image: ${reason}`])
       expect(received.code, received.stderr).toBe(1)
       expect(lines(received.stderr).at(-1)).toBe(`multifd: error: ${reason}`)
       noStack(send.stderr + received.stderr)
-      expect(Fs.readdirSync(full)).toEqual([]) // the temporary file is removed, no image claims success
+      expect(Fs.readdirSync(full)).toEqual(["filler"]) // the temporary file is removed, no image claims success
     } finally {
       ChildProcess.execFileSync("umount", [full])
     }

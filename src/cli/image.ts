@@ -11,10 +11,12 @@
 import * as Data from "effect/Data"
 import * as Effect from "effect/Effect"
 import type * as Scope from "effect/Scope"
+import * as Fs from "node:fs"
 import * as Os from "node:os"
 import * as Path from "node:path"
 import * as GuestRam from "../GuestRam.js"
 import * as FileIo from "../internal/native/fileIo.js"
+import { formatBytes } from "./report.js"
 
 /** A problem with an image file. `Io` is a failure while transferring bytes; the others are configuration. */
 export class ImageError extends Data.TaggedError("ImageError")<{
@@ -96,6 +98,8 @@ export interface Output {
   readonly temporary: string
   /** Writes the chunks in order, flushes them to disk and renames the temporary file to `path`. */
   readonly commit: (chunks: ReadonlyArray<Uint8Array>) => Effect.Effect<void, ImageError>
+  /** Why an image of `bytes` will not fit where it goes (the file system's free space), if the system says so. */
+  readonly tooBig: (bytes: number) => string | undefined
 }
 
 /**
@@ -117,7 +121,19 @@ export const create = (path: string): Effect.Effect<Output, ImageError, Scope.Sc
         }
         yield* file.commit
       }).pipe(Effect.mapError((error) => writeError(path, error)))
-    return { path, temporary: file.path, commit }
+    const tooBig = (bytes: number) => {
+      const dir = Path.dirname(file.path)
+      try {
+        const fs = Fs.statfsSync(dir)
+        const free = Number(fs.bavail) * Number(fs.bsize)
+        return free >= bytes
+          ? undefined
+          : `${path}: the image needs ${formatBytes(bytes)}, and ${dir} has ${formatBytes(free)} free`
+      } catch {
+        return undefined
+      }
+    }
+    return { path, temporary: file.path, commit, tooBig }
   })
 
 const writeError = (path: string, error: FileIo.FileError): ImageError => {

@@ -106,6 +106,8 @@ export const command = Command.make(
             pageSize: Option.getOrUndefined(transfer.pageSize),
             compression: Option.getOrUndefined(transfer.compression)
           },
+          // memory that will not fit on the disk is refused now, not after the whole transfer
+          admit: (proposal) => image.tooBig(proposal.ramBytes),
           upgrade: tls?.server,
           onListening: (address) => terminal.err(listeningLine(address)),
           onProgress,

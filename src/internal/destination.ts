@@ -42,6 +42,15 @@ export interface Expectations {
   readonly zeroPage?: "multifd" | "none" | undefined
 }
 
+/** What a source proposes in its hello (`Migration.Proposal`). */
+export interface Proposal {
+  readonly ramBytes: number
+  readonly blocks: ReadonlyArray<GuestRam.BlockLayout>
+  readonly pageSize: number
+  readonly channels: number
+  readonly compression: Protocol.Compression
+}
+
 /** The destination's options, with their defaults (`Migration.IncomingOptions`). */
 export interface Settings<E> {
   readonly ram: Ram | undefined
@@ -50,6 +59,8 @@ export interface Settings<E> {
   readonly acceptTimeout: Duration.DurationInput | undefined
   readonly upgrade: Transport.Upgrade<Transport.UpgradeError> | undefined
   readonly expect: Expectations | undefined
+  /** A reason to refuse a proposal that passed the checks here, if the caller has one (`IncomingOptions.admit`). */
+  readonly admit?: ((proposal: Proposal) => string | undefined) | undefined
   readonly onProgress: ((progress: Transfer.Progress) => Effect.Effect<void>) | undefined
   readonly store: ((ram: Ram) => Effect.Effect<void, E>) | undefined
   /** Keeps the caller's `MigrationStatus`, if any. */
@@ -338,7 +349,14 @@ export const run = <E>(listener: Transport.Listener, settings: Settings<E>): Eff
           `page size ${hello.pageSize}, compression ${hello.compression}`
       )
       // a listener short of descriptors drops the channels' connections silently: refuse now, saying why
-      const problem = checkHello(hello, settings) ?? OpenFiles.tooFewFor(hello.channels, "destination")
+      const problem = checkHello(hello, settings) ?? OpenFiles.tooFewFor(hello.channels, "destination") ??
+        settings.admit?.({
+          ramBytes: hello.blocks.reduce((n, b) => n + b.size, 0),
+          blocks: hello.blocks,
+          pageSize: hello.pageSize,
+          channels: hello.channels,
+          compression: hello.compression
+        })
       if (problem !== undefined) {
         yield* tell(new Control.Reject({ reason: problem }))
         return yield* new MigrationError.MigrationError({ reason: "Rejected", detail: `refused the migration: ${problem}` })
