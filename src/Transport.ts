@@ -361,10 +361,11 @@ export const listen = (address: Address): Effect.Effect<Listener, TransportError
  * What a failed listen says. libuv reports a Unix socket path in a directory that does not exist as EACCES
  * ("permission denied"), which sends the user looking at permissions: the missing directory is named instead.
  */
-const listenDetail = (address: SocketAddress, error: Error): string =>
-  address._tag === "Unix" && (error as NodeJS.ErrnoException).code === "EACCES" && !FsSync.existsSync(Path.dirname(address.path))
-    ? `no such directory: ${Path.dirname(address.path)}`
-    : describeError(error)
+const listenDetail = (address: SocketAddress, error: Error): string => {
+  if (address._tag !== "Unix" || (error as NodeJS.ErrnoException).code !== "EACCES") return describeError(error)
+  const dir = Path.dirname(address.path)
+  return FsSync.existsSync(dir) ? describeError(error) : `no such directory: ${dir}`
+}
 
 const isInUse = (error: TransportError): boolean => (error.cause as NodeJS.ErrnoException | undefined)?.code === "EADDRINUSE"
 

@@ -348,7 +348,8 @@ export const run = <E>(listener: Transport.Listener, settings: Settings<E>): Eff
         `main channel: hello from ${ctl.peer}: migration ${hello.uuid}, ${hello.channels} channels, ` +
           `page size ${hello.pageSize}, compression ${hello.compression}`
       )
-      // a listener short of descriptors drops the channels' connections silently: refuse now, saying why
+      // then what this process can hold (a listener short of descriptors drops the channels' connections
+      // silently), then the caller's own word (`admit`): refused now, saying why, nothing allocated
       const problem = checkHello(hello, settings) ?? OpenFiles.tooFewFor(hello.channels, "destination") ??
         settings.admit?.({
           ramBytes: hello.blocks.reduce((n, b) => n + b.size, 0),
