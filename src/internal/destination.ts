@@ -85,6 +85,9 @@ export type Failure =
 // ---------------------------------------------------------------------------------------------------------
 // The hello
 
+/** The memory a hello proposes: every block's bytes. */
+const ramBytesOf = (hello: Control.Hello): number => hello.blocks.reduce((n, b) => n + b.size, 0)
+
 /** The first expectation the hello does not meet, described. */
 const unmet = (hello: Control.Hello, expect: Expectations): string | undefined => {
   const keys = ["channels", "pageSize", "compression", "zeroPage"] as const
@@ -108,7 +111,7 @@ export const checkHello = (
   if (expected !== undefined) return expected
   const layoutProblem = GuestRam.checkLayout(hello.pageSize, hello.blocks)
   if (layoutProblem) return layoutProblem.message
-  const total = hello.blocks.reduce((n, b) => n + b.size, 0)
+  const total = ramBytesOf(hello)
   if (Protocol.parseUuid(hello.uuid) === undefined) return `uuid ${JSON.stringify(hello.uuid)} is malformed`
   const codec = PageCodec.checkAvailable(hello.compression)
   if (Either.isLeft(codec)) return codec.left.message
@@ -352,7 +355,7 @@ export const run = <E>(listener: Transport.Listener, settings: Settings<E>): Eff
       // silently), then the caller's own word (`admit`): refused now, saying why, nothing allocated
       const problem = checkHello(hello, settings) ?? OpenFiles.tooFewFor(hello.channels, "destination") ??
         settings.admit?.({
-          ramBytes: hello.blocks.reduce((n, b) => n + b.size, 0),
+          ramBytes: ramBytesOf(hello),
           blocks: hello.blocks,
           pageSize: hello.pageSize,
           channels: hello.channels,
