@@ -97,12 +97,14 @@ export const connectQmp = (path: string, timeout: Duration.DurationInput = "20 s
     const events: Array<QmpEvent> = []
     const replies: Array<{ readonly return?: unknown; readonly error?: { readonly desc?: string } }> = []
     let closed: string | undefined
-    let wake: (() => void) | undefined
     let pending = ""
+    // a change counter and every waiter woken: a waiter compares the count it saw before its check, so a change
+    // between its check and its wait (the fiber may yield there) is not lost, nor one waiter's wake-up another's
+    let changes = 0
+    const waiters = new Set<() => void>()
     const notify = () => {
-      const w = wake
-      wake = undefined
-      w?.()
+      changes++
+      for (const w of [...waiters]) w()
     }
     socket.setEncoding("utf8")
     socket.on("data", (chunk: string) => {
@@ -123,20 +125,26 @@ export const connectQmp = (path: string, timeout: Duration.DurationInput = "20 s
       closed = "QMP connection closed"
       notify()
     })
-    const waitChange = Effect.async<void>((resume) => {
-      wake = () => resume(Effect.void)
-      return Effect.sync(() => {
-        wake = undefined
+    const waitChange = (seen: number) =>
+      Effect.async<void>((resume) => {
+        if (changes !== seen) return resume(Effect.void)
+        const w = () => {
+          waiters.delete(w)
+          resume(Effect.void)
+        }
+        waiters.add(w)
+        return Effect.sync(() => waiters.delete(w))
       })
-    })
     const lock = yield* Effect.makeSemaphore(1)
     const execute = (command: string, args?: Record<string, unknown>) =>
       lock.withPermits(1)(Effect.gen(function*() {
         if (closed !== undefined) return yield* new QmpError({ detail: `${command}: ${closed}` })
         socket.write(JSON.stringify(args === undefined ? { execute: command } : { execute: command, arguments: args }) + "\n")
-        while (replies.length === 0) {
+        while (true) {
+          const seen = changes
+          if (replies.length > 0) break
           if (closed !== undefined) return yield* new QmpError({ detail: `${command}: ${closed}` })
-          yield* waitChange
+          yield* waitChange(seen)
         }
         const reply = replies.shift()!
         if (reply.error !== undefined) return yield* new QmpError({ detail: `${command}: ${reply.error.desc ?? JSON.stringify(reply.error)}` })
@@ -147,10 +155,11 @@ export const connectQmp = (path: string, timeout: Duration.DurationInput = "20 s
     const waitEvent = (name: string, pred: (data: Record<string, unknown>) => boolean, within: Duration.DurationInput) =>
       Effect.gen(function*() {
         while (true) {
+          const seen = changes
           const i = events.findIndex((e) => e.event === name && pred(e.data ?? {}))
           if (i >= 0) return events.splice(i, 1)[0]!
           if (closed !== undefined) return yield* new QmpError({ detail: `waiting for ${name}: ${closed}` })
-          yield* waitChange
+          yield* waitChange(seen)
         }
       }).pipe(
         Effect.timeoutFail({ duration: within, onTimeout: () => new QmpError({ detail: `no ${name} event in ${Duration.format(within)}` }) })
