@@ -972,30 +972,33 @@ describe("trust: signals, timeouts and progress whatever the CPU does", () => {
     })
   }
 
-  it(`recv given SIGTERM mid-migration ends at once (exit 143), leaves no file; send hears "cancelled by destination" (exit 1)`, async () => {
-    const out = Path.join(dir, "cancelled-recv.out")
-    const recv = await startRecv(["tcp:127.0.0.1:0", "--out", out])
-    const via = await relay(recv.uri)
-    try {
-      const send = start(["send", via.uri, "--in", slowImage, "--compression", "zstd", "--compression-level", "19"])
-      await via.carried(1024 * 1024)
-      const exited = exitedAfter(recv)
-      recv.child.kill("SIGTERM")
-      const { code, ms } = await exited
-      const received = await recv.finished
-      const sent = await send.finished
-      expect(code, received.stderr).toBe(143)
-      expect(ms).toBeLessThan(1500)
-      expect(lines(received.stderr).at(-1)).toBe("multifd: interrupted by SIGTERM")
-      expect(sent.code, sent.stderr).toBe(1)
-      // before, the source could only say that the connection closed
-      expect(lines(sent.stderr)).toEqual(["multifd: error: the destination aborted the migration: cancelled by destination"])
-      noStack(sent.stderr)
-      expect(filesLike("cancelled-recv.out")).toEqual([])
-    } finally {
-      via.close()
-    }
-  })
+  // SIGHUP: the terminal closed (by default Node died where it stood, leaving its temporary file)
+  for (const [signal, code] of [["SIGTERM", 143], ["SIGHUP", 129]] as const) {
+    it(`recv given ${signal} mid-migration ends at once (exit ${code}), leaves no file; send hears "cancelled by destination" (exit 1)`, async () => {
+      const out = Path.join(dir, `cancelled-recv-${signal}.out`)
+      const recv = await startRecv(["tcp:127.0.0.1:0", "--out", out])
+      const via = await relay(recv.uri)
+      try {
+        const send = start(["send", via.uri, "--in", slowImage, "--compression", "zstd", "--compression-level", "19"])
+        await via.carried(1024 * 1024)
+        const exited = exitedAfter(recv)
+        recv.child.kill(signal)
+        const { code: exitCode, ms } = await exited
+        const received = await recv.finished
+        const sent = await send.finished
+        expect(exitCode, received.stderr).toBe(code)
+        expect(ms).toBeLessThan(1500)
+        expect(lines(received.stderr).at(-1)).toBe(`multifd: interrupted by ${signal}`)
+        expect(sent.code, sent.stderr).toBe(1)
+        // before, the source could only say that the connection closed
+        expect(lines(sent.stderr)).toEqual(["multifd: error: the destination aborted the migration: cancelled by destination"])
+        noStack(sent.stderr)
+        expect(filesLike(`cancelled-recv-${signal}.out`)).toEqual([])
+      } finally {
+        via.close()
+      }
+    })
+  }
 
   it("an open-files limit that cannot hold the channels: recv refuses the migration, send does not start, both say so (libuv would drop them silently)", async () => {
     const out = Path.join(dir, "nofiles.out")

@@ -19,7 +19,7 @@ import { ExitCode, toJson } from "./errors.js"
  */
 const REPEAT_MS = 1000
 
-// runMain interrupts the program on the first SIGINT / SIGTERM and then stops listening; this listener stays
+// runMain interrupts the program on the first SIGINT / SIGTERM (`hangup` below on SIGHUP) and then stops listening; this listener stays
 // for the process's life, so that a duplicate does not kill the process by default while it tears down
 // (the "interrupted" line and the cleanup would be lost). A later signal is a second request: exit at once.
 let first: { readonly signal: NodeJS.Signals; readonly at: number } | undefined
@@ -32,9 +32,20 @@ const onSignal = (name: NodeJS.Signals) => {
   process.stderr.write(`multifd: ${name} again: exiting without cleanup\n`)
   process.exit(128 + Os.constants.signals[name])
 }
-for (const name of ["SIGINT", "SIGTERM"] as const) process.on(name, onSignal)
+for (const name of ["SIGINT", "SIGTERM", "SIGHUP"] as const) process.on(name, onSignal)
 
-NodeRuntime.runMain(main(process.argv).pipe(Effect.provide(NodeContext.layer)), {
+/**
+ * SIGHUP (the terminal closed) interrupts the command as SIGINT and SIGTERM do, which runMain does not listen
+ * for: by default it killed the process where it stood, leaving its temporary file and telling the peer
+ * nothing. (`nohup` cannot keep a Node process alive: Node resets SIGHUP's disposition when it starts.)
+ */
+const hangup = Effect.async<never>((resume) => {
+  const onHangup = () => resume(Effect.interrupt)
+  process.once("SIGHUP", onHangup)
+  return Effect.sync(() => process.off("SIGHUP", onHangup))
+})
+
+NodeRuntime.runMain(main(process.argv).pipe(Effect.raceFirst(hangup), Effect.provide(NodeContext.layer)), {
   disableErrorReporting: true,
   disablePrettyLogger: true,
   teardown: (exit, onExit) => {
