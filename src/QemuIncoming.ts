@@ -77,6 +77,12 @@ export interface Options {
   readonly ram?: GuestRam.GuestRam["Type"] | undefined
   /** Largest total memory QEMU may make this destination allocate when `ram` is not given (default 16 GiB). */
   readonly maxRamBytes?: number | undefined
+  /**
+   * The destination's last word on QEMU's RAM blocks, once they are announced and passed the checks here: a
+   * reason refuses the migration (`Rejected`, saying it) before anything is allocated or a page read — e.g. that
+   * the blocks will not fit where they are to be written.
+   */
+  readonly admit?: ((blocks: ReadonlyArray<QemuStream.RamBlock>) => string | undefined) | undefined
   /** Target page size when the stream does not say (default 4096, as x86). */
   readonly pageSize?: number | undefined
   /**
@@ -306,6 +312,7 @@ export const incoming = (
         compression,
         ram: options.ram,
         maxRamBytes: options.maxRamBytes ?? DEFAULT_MAX_RAM,
+        admit: options.admit,
         uuid: options.uuid,
         pageSize: options.pageSize,
         flushAfterEachSection: options.flushAfterEachSection,

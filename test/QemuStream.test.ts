@@ -20,6 +20,7 @@ import * as Logger from "effect/Logger"
 import * as Option from "effect/Option"
 import type * as Scope from "effect/Scope"
 import * as TestClock from "effect/TestClock"
+import * as ChildProcess from "node:child_process"
 import * as Crypto from "node:crypto"
 import * as Fs from "node:fs"
 import type * as Net from "node:net"
@@ -43,6 +44,7 @@ import * as Transport from "../src/Transport.js"
 import { advanceUntil } from "./support/clock.js"
 import { expectOneLine, failureOf } from "./support/failures.js"
 import { noHang as realNoHang } from "./support/guards.js"
+import { mountTmpfs } from "./support/files.js"
 import { expectNoLeaks, nextTurn } from "./support/handles.js"
 import { stranger, turnedAway } from "./support/strangers.js"
 
@@ -546,6 +548,27 @@ describe("QemuIncoming.incoming replaying the captures over loopback TCP", () =>
       const exit = yield* replayAll(dst, [MAIN, fixture("none-2ch/multifd-0.bin"), fixture("none-2ch/multifd-1.bin")])
       if (Exit.isFailure(exit)) throw new Error(Cause.pretty(exit.cause))
       expect(reports.at(-1)).toEqual(expect.objectContaining({ doneBytes: RAM_SIZE, totalBytes: RAM_SIZE }))
+    }))))
+
+  it.live("admit sees QEMU's blocks once announced; its reason refuses the migration (Rejected, saying it), nothing allocated", () =>
+    expectNoLeaks(Effect.scoped(Effect.gen(function*() {
+      const seen: Array<ReadonlyArray<QemuStream.RamBlock>> = []
+      const admitted = yield* destination({ channels: 2, admit: (blocks) => void seen.push(blocks) })
+      const ok = yield* replayAll(admitted, [MAIN, ...[0, 1].map((i) => fixture(`none-2ch/multifd-${i}.bin`))])
+      if (Exit.isFailure(ok)) throw new Error(Cause.pretty(ok.cause))
+      expect(seen).toEqual([[expect.objectContaining({ name: "mem", size: RAM_SIZE })]])
+      const refused = yield* destination({ channels: 2, admit: () => "not today" })
+      const exit = yield* replayAll(refused, [MAIN, ...[0, 1].map((i) => fixture(`none-2ch/multifd-${i}.bin`))])
+      const error = failureOf(exit)
+      expect(error).toMatchObject({ _tag: "MigrationError", reason: "Rejected" })
+      expectOneLine(error)
+      expect(error.message).toContain("refused the migration: not today")
+      // a caller's memory of QEMU's layout is checked first: admit is not asked about blocks it cannot take
+      const asked: Array<unknown> = []
+      const small = yield* GuestRam.make({ pageSize: 4096, blocks: [{ name: "mem", bytes: GuestRam.allocate(4096) }] })
+      const mismatch = yield* destination({ channels: 2, ram: small, admit: (blocks) => void asked.push(blocks) })
+      expect(failureOf(yield* replayAll(mismatch, [MAIN]))).toMatchObject({ reason: "Rejected" })
+      expect(asked).toEqual([])
     }))))
 
   it.effect("the duration (and so the rate recv --from-qemu reports) runs from QEMU's first connection, not from listening", () =>
@@ -1082,6 +1105,28 @@ describe("recv --from-qemu (src/cli/fromQemu.run, without option parsing)", () =
         expect((usage as { readonly _tag?: string })._tag).toBe("UsageError")
         expect(Fs.readdirSync(dir).sort()).toEqual(["blocks", "ram.img"])
       } finally {
+        Fs.rmSync(dir, { recursive: true, force: true })
+      }
+    }))
+
+  it.live("--out and --out-dir on a file system too small for QEMU's RAM: refused when the blocks are announced, nothing written", (ctx) =>
+    Effect.gen(function*() {
+      const dir = Fs.mkdtempSync(Path.join(Os.tmpdir(), "emfd-fromqemu-small-"))
+      const why = mountTmpfs(dir, "1m")
+      if (why !== undefined) return ctx.skip(`cannot mount a 1 MiB tmpfs here (needs root): ${why}`)
+      try {
+        const out = Path.join(dir, "ram.img")
+        const refusedOut = yield* Effect.flip(runWith({ out }))
+        expectOneLine(refusedOut)
+        expect(refusedOut.message).toContain(`refused the migration: ${out}: the image needs 4.00 MiB, and ${dir} has 1.00 MiB free`)
+        const blocks = Path.join(dir, "blocks")
+        const refusedDir = yield* Effect.flip(runWith({ outDir: blocks }))
+        expectOneLine(refusedDir)
+        expect(refusedDir.message).toContain(`refused the migration: ${blocks}: the image needs 4.00 MiB, and ${blocks} has 1.00 MiB free`)
+        expect(Fs.readdirSync(dir)).toEqual(["blocks"])
+        expect(Fs.readdirSync(blocks)).toEqual([])
+      } finally {
+        ChildProcess.execFileSync("umount", [dir])
         Fs.rmSync(dir, { recursive: true, force: true })
       }
     }))

@@ -33,6 +33,7 @@ import {
   startRecv,
   waitForStderr
 } from "./support/cli.js"
+import { mountTmpfs } from "./support/files.js"
 import { resetProxy } from "./support/resetProxy.js"
 import { controlMagic } from "./support/wire.js"
 
@@ -558,18 +559,6 @@ describe("multifd failures", () => {
   })
 })
 
-/** Mounts a 1 MiB tmpfs at `mountpoint` (a really full file system for an 8 MiB image); why not, if it cannot. */
-const mountTinyTmpfs = (mountpoint: string, size: string): string | undefined => {
-  Fs.mkdirSync(mountpoint, { recursive: true })
-  try {
-    ChildProcess.execFileSync("mount", ["-t", "tmpfs", "-o", `size=${size}`, "tmpfs", mountpoint], { stdio: "pipe" })
-    return undefined
-  } catch (error) {
-    const stderr = (error as { stderr?: Buffer }).stderr?.toString().trim()
-    return stderr !== undefined && stderr.length > 0 ? stderr : String(error)
-  }
-}
-
 /** A raw TCP connection to `uri` that writes `bytes` and then half-closes (`end`) or stays silent. */
 const rawStranger = (uri: string, bytes: ReadonlyArray<Buffer>, end: boolean) => {
   const [, host, port] = /^tcp:(.+):(\d+)$/.exec(uri)!
@@ -783,7 +772,7 @@ describe("observability and configuration", () => {
 describe("trust: success is durable, strangers are candidates", () => {
   it("recv --out on a file system too small for the image: refused at the hello, both say why, nothing left", async (ctx) => {
     const full = Path.join(dir, "small")
-    const why = mountTinyTmpfs(full, "1m")
+    const why = mountTmpfs(full, "1m")
     if (why !== undefined) return ctx.skip(`cannot mount a 1 MiB tmpfs here (needs root): ${why}`)
     try {
       const out = Path.join(full, "out.img")
@@ -805,7 +794,7 @@ describe("trust: success is durable, strangers are candidates", () => {
 
   it("recv --out on a file system that fills up during the transfer: send exits 1 with the destination's reason, recv exits 1, nothing left", async (ctx) => {
     const full = Path.join(dir, "full")
-    const why = mountTinyTmpfs(full, "12m")
+    const why = mountTmpfs(full, "12m")
     if (why !== undefined) return ctx.skip(`cannot mount a 12 MiB tmpfs here (needs root): ${why}`)
     try {
       const out = Path.join(full, "out.img")

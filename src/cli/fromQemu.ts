@@ -143,7 +143,17 @@ export const run = (args: Args) =>
             ((address) => terminal.err(`multifd: listening on ${Transport.formatAddress(address)}`)),
           tls: args.tls,
           onProgress,
-          vm: args.vm !== undefined
+          vm: args.vm !== undefined,
+          // --out and --out-dir write every byte of the blocks: refused now if they will not fit, not after the
+          // whole migration (--vm writes a sparse file, whose size the blocks do not tell)
+          admit: (blocks) => {
+            const bytes = blocks.reduce((n, block) => n + block.size, 0)
+            return single !== undefined
+              ? single.tooBig(bytes)
+              : args.outDir !== undefined
+              ? Image.wontFit(args.outDir, args.outDir, bytes)
+              : undefined
+          }
         })
         return { incoming, vm: incoming.vm }
       })).pipe(Effect.provide(Transport.layer))

@@ -121,20 +121,23 @@ export const create = (path: string): Effect.Effect<Output, ImageError, Scope.Sc
         }
         yield* file.commit
       }).pipe(Effect.mapError((error) => writeError(path, error)))
-    const tooBig = (bytes: number) => {
-      const dir = Path.dirname(file.path)
-      try {
-        const fs = Fs.statfsSync(dir)
-        const free = Number(fs.bavail) * Number(fs.bsize)
-        return free >= bytes
-          ? undefined
-          : `${path}: the image needs ${formatBytes(bytes)}, and ${dir} has ${formatBytes(free)} free`
-      } catch {
-        return undefined
-      }
-    }
+    const tooBig = (bytes: number) => wontFit(path, Path.dirname(file.path), bytes)
     return { path, temporary: file.path, commit, tooBig }
   })
+
+/**
+ * Why `bytes` written as `what` will not fit in the file system of `dir` (its free space, as `statfs` gives it
+ * to this user), if they will not; nothing when they fit or the system does not say.
+ */
+export const wontFit = (what: string, dir: string, bytes: number): string | undefined => {
+  try {
+    const fs = Fs.statfsSync(dir)
+    const free = Number(fs.bavail) * Number(fs.bsize)
+    return free >= bytes ? undefined : `${what}: the image needs ${formatBytes(bytes)}, and ${dir} has ${formatBytes(free)} free`
+  } catch {
+    return undefined
+  }
+}
 
 const writeError = (path: string, error: FileIo.FileError): ImageError => {
   const { cause } = error

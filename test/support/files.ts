@@ -2,6 +2,7 @@
  * Files for tests: a temporary directory per test, and the check that nothing is left open under it.
  */
 import * as Effect from "effect/Effect"
+import * as ChildProcess from "node:child_process"
 import * as Fs from "node:fs"
 import * as Os from "node:os"
 import * as Path from "node:path"
@@ -30,4 +31,19 @@ export const openFilesIn = (dir: string): ReadonlyArray<string> => {
     }
   }
   return open
+}
+
+/**
+ * Mounts a tmpfs of `size` (`1m`, `12m`) at `mountpoint`, a really small file system; why not, if it cannot
+ * (mounting needs root). The caller unmounts it (`umount`).
+ */
+export const mountTmpfs = (mountpoint: string, size: string): string | undefined => {
+  Fs.mkdirSync(mountpoint, { recursive: true })
+  try {
+    ChildProcess.execFileSync("mount", ["-t", "tmpfs", "-o", `size=${size}`, "tmpfs", mountpoint], { stdio: "pipe" })
+    return undefined
+  } catch (error) {
+    const stderr = (error as { stderr?: Buffer }).stderr?.toString().trim()
+    return stderr !== undefined && stderr.length > 0 ? stderr : String(error)
+  }
 }

@@ -34,6 +34,8 @@ export interface Config {
   /** Memory to receive into, or `undefined` to allocate QEMU's layout up to `maxRamBytes`. */
   readonly ram: GuestRam.GuestRam["Type"] | undefined
   readonly maxRamBytes: number
+  /** The caller's reason to refuse blocks that passed the checks here, if it has one (`Options.admit`). */
+  readonly admit: ((blocks: ReadonlyArray<QemuStream.RamBlock>) => string | undefined) | undefined
   /** The uuid the channels must carry; else the configuration record's, else the first channel's. */
   readonly uuid: Uint8Array | undefined
   readonly pageSize: number | undefined
@@ -73,14 +75,14 @@ const checkLayout = (
   if (ram === undefined) {
     const total = blocks.reduce((n, b) => n + b.size, 0)
     const max = config.maxRamBytes
-    return total > max ? `QEMU's ${total} bytes of RAM exceed this destination's limit of ${max}` : undefined
+    return total > max ? `QEMU's ${total} bytes of RAM exceed this destination's limit of ${max}` : config.admit?.(blocks)
   }
   if (ram.pageSize !== pageSize) return `QEMU's page size ${pageSize} differs from the destination's ${ram.pageSize}`
   const mine = GuestRam.layoutOf(ram)
   if (mine.length !== blocks.length || mine.some((b, i) => b.name !== blocks[i]!.name || b.size !== blocks[i]!.size)) {
     return `QEMU's RAM blocks [${describeLayout(blocks)}] differ from the destination's [${describeLayout(mine)}]`
   }
-  return undefined
+  return config.admit?.(blocks)
 }
 
 /** Where the channels are, for a timeout's message: inside packets, how many connected, who was turned away. */
