@@ -350,7 +350,8 @@ export interface IncomingOptions<E = never> {
   /**
    * The destination's last word on a proposal that passed its own checks: a reason to refuse it (the source
    * fails with `Rejected` and that reason; nothing is allocated or written here), or `undefined` to take it.
-   * `multifd recv` refuses memory larger than the free space where `--out` goes.
+   * `multifd recv` refuses memory larger than the free space where `--out` goes. A `file:` address asks it
+   * about the snapshot's memory (`Snapshot.RestoreOptions.admit`).
    */
   readonly admit?: ((proposal: Proposal) => string | undefined) | undefined
   /** Called about ten times a second while pages arrive (`doneBytes` counts pages received). */
@@ -477,6 +478,8 @@ const restoreFromFile = (path: string, options: IncomingOptions<unknown>): Effec
             Snapshot.restore(path, {
               ram: options.ram,
               maxRamBytes: options.maxRamBytes,
+              // a snapshot is a proposal too (its pages stored as they are)
+              admit: options.admit && ((snapshot) => options.admit!({ ...snapshot, compression: "none" })),
               onProgress: tracker.withProgress(options.onProgress, options.ram?.pageSize ?? 0)
             }),
             ({ ram, stats }) => ({ ...stats, received: { ram, stats, rejected: [] } })

@@ -223,6 +223,26 @@ export interface RestoreOptions {
   readonly readers?: number | undefined
   /** Called about ten times a second while pages are read (`doneBytes` counts memory restored). */
   readonly onProgress?: ((progress: Transfer.Progress) => Effect.Effect<void>) | undefined
+  /**
+   * The caller's last word on the snapshot's memory, once the file is validated and before any memory is
+   * allocated or a page read: a reason refuses it (`Refused`, saying it).
+   */
+  readonly admit?: ((snapshot: Contents) => string | undefined) | undefined
+}
+
+/**
+ * What a snapshot holds, as `RestoreOptions.admit` sees it before restoring.
+ *
+ * @since 0.1.0
+ * @category models
+ */
+export interface Contents {
+  /** The memory's size: every block's bytes. */
+  readonly ramBytes: number
+  readonly blocks: ReadonlyArray<GuestRam.BlockLayout>
+  readonly pageSize: number
+  /** Writers the save used. */
+  readonly channels: number
 }
 
 /**
@@ -288,6 +308,13 @@ const memoryFor = (
           `${(maxRam / Transfer.GIB).toFixed(2)} GiB`
       })
     }
+    const refusal = options.admit?.({
+      ramBytes: total,
+      blocks: header.blocks.map((b) => ({ name: b.name, size: b.size })),
+      pageSize: header.pageSize,
+      channels: header.channels
+    })
+    if (refusal !== undefined) return yield* new SnapshotError({ reason: "Refused", path, detail: `not restored: ${refusal}` })
     const fresh = header.blocks.map((b) => ({ name: b.name, bytes: GuestRam.allocate(b.size) }))
     return given ?? (yield* GuestRam.make({ pageSize: header.pageSize, blocks: fresh }).pipe(
       Effect.mapError((e) => new SnapshotError({ reason: "Corrupt", path, detail: e.message }))

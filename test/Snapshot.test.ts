@@ -581,4 +581,29 @@ describe("file: addresses", () => {
       expect(zlib._tag === "SnapshotError" && zlib.reason).toBe("Unsupported")
       expect(zlib.message).toContain("compression zlib does not apply")
     }))
+
+  it.scopedLive("admit sees the snapshot's memory before anything is read; its reason refuses it (Refused), given memory untouched", () =>
+    Effect.gen(function*() {
+      const dir = yield* tempDir
+      const path = Path.join(dir, "a.snap")
+      const ram = yield* makeRam(4096, LAYOUT)
+      yield* save(ram, path, { channels: 2 })
+      const seen: Array<Snapshot.Contents> = []
+      sameMemory(ram, (yield* Snapshot.restore(path, { admit: (contents) => void seen.push(contents) })).ram)
+      expect(seen).toEqual([{ ramBytes: ram.size, blocks: LAYOUT, pageSize: 4096, channels: 2 }])
+      const target = yield* GuestRam.make({ pageSize: 4096, blocks: LAYOUT })
+      for (const b of target.blocks) b.bytes.fill(0xa5)
+      const refused = yield* leakFree(dir, restoreFails(path, "Refused", { ram: target, admit: () => "no room" }))
+      expect(refused.message).toBe(`snapshot ${path}: not restored: no room`)
+      expect(target.blocks.every((b) => b.bytes.every((x) => x === 0xa5))).toBe(true)
+      // Migration.listenAndReceive from a file: asks IncomingOptions.admit, as a hello would
+      const proposals: Array<Migration.Proposal> = []
+      const address: Transport.Address = { _tag: "File", path }
+      yield* Migration.listenAndReceive(address, { admit: (p) => void proposals.push(p) }).pipe(Effect.provide(Transport.layer))
+      expect(proposals).toEqual([{ ramBytes: ram.size, blocks: LAYOUT, pageSize: 4096, channels: 2, compression: "none" }])
+      const viaMigration = yield* Effect.flip(
+        Migration.listenAndReceive(address, { admit: () => "no room" }).pipe(Effect.provide(Transport.layer))
+      )
+      expect(viaMigration).toMatchObject({ _tag: "SnapshotError", reason: "Refused" })
+    }))
 })

@@ -792,6 +792,25 @@ describe("trust: success is durable, strangers are candidates", () => {
     }
   })
 
+  it("recv file: onto a file system too small for the snapshot's memory: refused before it is read, nothing left", async (ctx) => {
+    const small = Path.join(dir, "small-restore")
+    const snapshot = Path.join(dir, "small-restore.snap")
+    expect((await runHere(["send", `file:${snapshot}`, "--in", image])).code).toBe(0)
+    const why = mountTmpfs(small, "1m")
+    if (why !== undefined) return ctx.skip(`cannot mount a 1 MiB tmpfs here (needs root): ${why}`)
+    try {
+      const out = Path.join(small, "out.img")
+      const recv = await runHere(["recv", `file:${snapshot}`, "--out", out])
+      expect(recv.code, recv.stderr).toBe(1)
+      expect(lines(recv.stderr)).toEqual([
+        `multifd: error: snapshot ${snapshot}: not restored: ${out}: the image needs 8.00 MiB, and ${small} has 1.00 MiB free`
+      ])
+      expect(Fs.readdirSync(small)).toEqual([])
+    } finally {
+      ChildProcess.execFileSync("umount", [small])
+    }
+  })
+
   it("recv --out on a file system that fills up during the transfer: send exits 1 with the destination's reason, recv exits 1, nothing left", async (ctx) => {
     const full = Path.join(dir, "full")
     const why = mountTmpfs(full, "12m")

@@ -17,7 +17,7 @@ export class SnapshotError extends Data.TaggedError("SnapshotError")<{
    * `Io`: a read or write failed; `Unusable`: the path cannot be used (missing directory, not a regular file,
    * permissions); `Unsupported`: an option that does not apply to snapshots; `NotASnapshot`, `Truncated`,
    * `Version`, `Corrupt`: what is wrong with the file; `DigestMismatch`: pages damaged; `Layout`: the memory
-   * given (or the size limit) does not fit the snapshot.
+   * given (or the size limit) does not fit the snapshot; `Refused`: the caller's `admit` gave a reason.
    */
   readonly reason:
     | "Io"
@@ -29,6 +29,7 @@ export class SnapshotError extends Data.TaggedError("SnapshotError")<{
     | "Corrupt"
     | "DigestMismatch"
     | "Layout"
+    | "Refused"
   readonly path: string
   readonly detail: string
   readonly cause?: unknown
