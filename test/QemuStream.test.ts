@@ -41,6 +41,7 @@ import * as QemuStream from "../src/QemuStream.js"
 import * as QemuVm from "../src/QemuVm.js"
 import * as Tls from "../src/Tls.js"
 import * as Transport from "../src/Transport.js"
+import * as Cli from "./support/cli.js"
 import { advanceUntil } from "./support/clock.js"
 import { expectOneLine, failureOf } from "./support/failures.js"
 import { noHang as realNoHang } from "./support/guards.js"
@@ -1472,5 +1473,22 @@ describe("QemuOutgoing: a VM into a QEMU destination (here QemuIncoming, which a
       expect((yield* migrate({ channels: 0 })).message).toContain("between 1 and 255")
       expect((yield* migrate({ address: { _tag: "File", path: "/x" } })).message).toContain("not a file")
       expect((yield* migrate({ vm: { ...vm, deviceState: vm.deviceState.subarray(0, 100) } })).message).toContain("cut short")
+    }))
+
+  it.live("send --to-qemu under an open-files limit too low for its channels: exit 2 saying so, before it connects", () =>
+    Effect.gen(function*() {
+      const file = Path.join(vmFileDir, "limited.vm")
+      yield* MappedRam.write(file, yield* capturedVm)
+      // nothing listens at the uri: the check comes before any connection
+      const args = ["send", "tcp:127.0.0.1:1", "--to-qemu", "--vm", file, "--quiet"]
+      const short = yield* Effect.promise(() => Cli.run([...args, "--channels", "64"], { openFiles: 64 }))
+      expect(short.code, short.stderr).toBe(2)
+      expect(short.stderr.trim().split("\n")).toEqual([
+        expect.stringMatching(/^multifd: error: this source may open only \d+ more files \(open files limit 64, \d+ open\): too few for 64 channels; raise its limit \(ulimit -n\)$/)
+      ])
+      // channels that fit go on to connect (and find nobody there)
+      const fits = yield* Effect.promise(() => Cli.run([...args, "--channels", "2"], { openFiles: 64 }))
+      expect(fits.code, fits.stderr).toBe(1)
+      expect(fits.stderr).toMatch(/connection refused/)
     }))
 })
