@@ -76,6 +76,46 @@ describe("FileIo.atomicFile", () => {
       // not ours: left alone
       expect(Fs.readFileSync(`${target}.${process.pid}.partial`, "utf8")).toBe("someone else's")
     }))
+
+  it.scopedLive("a symbolic link is written through: the file it points at is replaced, the link kept (as cp would)", () =>
+    Effect.gen(function*() {
+      const dir = yield* tempDir
+      const data = Path.join(dir, "data")
+      const links = Path.join(dir, "links")
+      Fs.mkdirSync(data)
+      Fs.mkdirSync(links)
+      const write = (target: string, text: string) =>
+        Effect.scoped(Effect.gen(function*() {
+          const file = yield* FileIo.atomicFile(target)
+          yield* FileIo.transfer("write", file, Buffer.from(text), 0, text.length, 0)
+          yield* file.commit
+          return file
+        }))
+      // a link to an existing file, relative, through a second link: the temporary file was beside the file
+      Fs.writeFileSync(Path.join(data, "real.img"), "old")
+      Fs.symlinkSync("../data/real.img", Path.join(links, "hop.img"))
+      Fs.symlinkSync("hop.img", Path.join(links, "out.img"))
+      const file = yield* write(Path.join(links, "out.img"), "new")
+      expect(file.path).toBe(`${Path.join(data, "real.img")}.${process.pid}.partial`)
+      expect(Fs.readFileSync(Path.join(data, "real.img"), "utf8")).toBe("new")
+      expect(Fs.lstatSync(Path.join(links, "out.img")).isSymbolicLink()).toBe(true)
+      expect(Fs.readdirSync(data)).toEqual(["real.img"])
+      expect(Fs.readdirSync(links).sort()).toEqual(["hop.img", "out.img"])
+      // a dangling link names the file it would create
+      Fs.symlinkSync(Path.join(data, "fresh.img"), Path.join(links, "fresh.img"))
+      yield* write(Path.join(links, "fresh.img"), "created")
+      expect(Fs.readFileSync(Path.join(data, "fresh.img"), "utf8")).toBe("created")
+      expect(Fs.lstatSync(Path.join(links, "fresh.img")).isSymbolicLink()).toBe(true)
+      // a link to a directory is refused as the directory is; a loop says so
+      Fs.symlinkSync(data, Path.join(links, "dir.img"))
+      expect((yield* Effect.flip(write(Path.join(links, "dir.img"), "x"))).step).toBe("NotRegular")
+      Fs.symlinkSync("loop-b", Path.join(links, "loop-a"))
+      Fs.symlinkSync("loop-a", Path.join(links, "loop-b"))
+      const loop = yield* Effect.flip(write(Path.join(links, "loop-a"), "x"))
+      expect([loop.step, FileIo.describe(loop.cause)]).toEqual(["Create", "too many levels of symbolic links"])
+      expect(Fs.readdirSync(data).sort()).toEqual(["fresh.img", "real.img"])
+      expect(openFilesIn(dir)).toEqual([])
+    }))
 })
 
 describe("FileIo.atomicFile after a killed process", () => {

@@ -179,6 +179,18 @@ describe("multifd send/recv", () => {
     expect(bad.code).toBe(1)
     expect(lines(bad.stderr)).toEqual([expect.stringMatching(/^multifd: error: .*image\.raw.*snapshot/)])
     expect(filesLike("foreign.out")).toEqual([])
+    // an --out that is a symbolic link: the image lands where it points, the link stays
+    const elsewhere = Fs.mkdtempSync(Path.join(Os.tmpdir(), "multifd-linked-"))
+    try {
+      const link = Path.join(dir, "linked.out")
+      Fs.symlinkSync(Path.join(elsewhere, "real.img"), link)
+      expect((await runHere(["recv", `file:${snapshot}`, "--out", link])).code).toBe(0)
+      expect(Fs.lstatSync(link).isSymbolicLink()).toBe(true)
+      expect(Fs.readFileSync(Path.join(elsewhere, "real.img")).equals(Fs.readFileSync(image))).toBe(true)
+      expect(Fs.readdirSync(elsewhere)).toEqual(["real.img"])
+    } finally {
+      Fs.rmSync(elsewhere, { recursive: true, force: true })
+    }
   })
 })
 

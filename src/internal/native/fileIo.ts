@@ -49,6 +49,8 @@ export const describe = (error: unknown): string => {
       return "input/output error"
     case "EFBIG":
       return "file too large for the file system"
+    case "ELOOP":
+      return "too many levels of symbolic links"
   }
   const message = (error as { message?: unknown } | undefined)?.message
   return (typeof message === "string" ? message : String(error)).replace(/\s*\n\s*/g, " ")
@@ -242,7 +244,7 @@ export const transferChunked = (
 
 /** A file being written under a temporary name beside its target; `commit` moves it into place. */
 export interface AtomicFile extends File {
-  /** The target. */
+  /** The file the commit replaces: the target given, its symbolic links followed. */
   readonly target: string
   /**
    * fsync, close, rename to the target (once started, the rename completes: all or nothing), then fsync the
@@ -284,18 +286,43 @@ export const removeStale = (target: string): Effect.Effect<ReadonlyArray<string>
     return removed
   })
 
+/** Links followed before giving up, as Linux's own limit for a path (`ELOOP`). */
+const MAX_LINKS = 40
+
+/**
+ * The file `path` names once its symbolic links are followed — whether that file exists yet or not (a dangling
+ * link names the file it would create) —, or `path` itself when it is not a link. A relative link is read
+ * from the directory that holds it, as the kernel reads it.
+ */
+export const followLinks = (path: string): Effect.Effect<string, FileError> =>
+  Effect.tryPromise({
+    try: async () => {
+      let current = path
+      for (let links = 0; links <= MAX_LINKS; links++) {
+        const stat = await FsP.lstat(current).catch(() => undefined)
+        if (stat === undefined || !stat.isSymbolicLink()) return current
+        const dir = await FsP.realpath(Path.dirname(current))
+        current = Path.resolve(dir, await FsP.readlink(current))
+      }
+      throw Object.assign(new Error(`${path}: too many levels of symbolic links`), { code: "ELOOP" })
+    },
+    catch: (cause) => new FileError({ step: "Create", path, cause })
+  })
+
 /**
  * Creates `<target>.<pid>.partial` (refusing up front anything at `target` that is not a regular file, and a
  * temporary file that exists already), optionally at a length (sparse). When the scope closes the handle is
  * closed and, unless it was committed, the temporary file removed: `target` itself is only ever replaced by a
- * complete file. Temporary files of `target` that killed processes left are removed first (`removeStale`,
- * each with a warning).
+ * complete file. A `target` that is a symbolic link is written through: the file it points at is replaced
+ * (the temporary file beside that one, on its file system), the link kept. Temporary files of `target` that
+ * killed processes left are removed first (`removeStale`, each with a warning).
  */
 export const atomicFile = (
-  target: string,
+  given: string,
   options: { readonly mode?: number | undefined; readonly size?: number | undefined } = {}
 ): Effect.Effect<AtomicFile, FileError, Scope.Scope> =>
   Effect.gen(function*() {
+    const target = yield* followLinks(given)
     const path = `${target}.${process.pid}.partial`
     for (const name of yield* removeStale(target)) {
       yield* Effect.logWarning(`removed ${name}, which a process that is gone left beside ${Path.basename(target)}`)
