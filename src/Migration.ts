@@ -344,7 +344,8 @@ export interface IncomingOptions<E = never> {
   readonly upgrade?: Transport.Upgrade<Transport.UpgradeError> | undefined
   /**
    * Settings the source must use, else its hello is refused with the reason (the source fails with
-   * `Rejected`, nothing is written here). Unset fields follow the source.
+   * `Rejected`, nothing is written here). Unset fields follow the source. A `file:` address holds the
+   * snapshot to them (channels: the writers that saved it) before reading it.
    */
   readonly expect?: Expectations | undefined
   /**
@@ -466,6 +467,19 @@ export const incoming = <E = never>(
       originalErrors
     ))
 
+/** The first expectation a snapshot does not meet, described (its zero pages are never stored: no mode). */
+const unmetBySnapshot = (snapshot: Proposal, expect: Expectations | undefined): string | undefined => {
+  if (expect === undefined) return undefined
+  const names = { channels: "channels", pageSize: "page size", compression: "compression" } as const
+  for (const key of ["channels", "pageSize", "compression"] as const) {
+    const wanted = expect[key]
+    if (wanted !== undefined && wanted !== snapshot[key]) {
+      return `it was saved with ${names[key]} ${snapshot[key]}, the destination expects ${wanted}`
+    }
+  }
+  return undefined
+}
+
 /** `listenAndReceive` from a `file:` address: `Snapshot.restore` with the destination's memory options. */
 const restoreFromFile = (path: string, options: IncomingOptions<unknown>): Effect.Effect<Incoming, Snapshot.SnapshotError> =>
   options.upgrade !== undefined
@@ -478,8 +492,12 @@ const restoreFromFile = (path: string, options: IncomingOptions<unknown>): Effec
             Snapshot.restore(path, {
               ram: options.ram,
               maxRamBytes: options.maxRamBytes,
-              // a snapshot is a proposal too (its pages stored as they are)
-              admit: options.admit && ((snapshot) => options.admit!({ ...snapshot, compression: "none" })),
+              // a snapshot is a proposal too (its pages stored as they are): expectations and admit, before a
+              // page is read
+              admit: (snapshot) => {
+                const proposal: Proposal = { ...snapshot, compression: "none" }
+                return unmetBySnapshot(proposal, options.expect) ?? options.admit?.(proposal)
+              },
               onProgress: tracker.withProgress(options.onProgress, options.ram?.pageSize ?? 0)
             }),
             ({ ram, stats }) => ({ ...stats, received: { ram, stats, rejected: [] } })

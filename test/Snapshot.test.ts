@@ -582,7 +582,7 @@ describe("file: addresses", () => {
       expect(zlib.message).toContain("compression zlib does not apply")
     }))
 
-  it.scopedLive("admit sees the snapshot's memory before anything is read; its reason refuses it (Refused), given memory untouched", () =>
+  it.scopedLive("admit and expect see the snapshot's memory before anything is read; a reason refuses it (Refused), given memory untouched", () =>
     Effect.gen(function*() {
       const dir = yield* tempDir
       const path = Path.join(dir, "a.snap")
@@ -605,5 +605,14 @@ describe("file: addresses", () => {
         Migration.listenAndReceive(address, { admit: () => "no room" }).pipe(Effect.provide(Transport.layer))
       )
       expect(viaMigration).toMatchObject({ _tag: "SnapshotError", reason: "Refused" })
+      // and holds it to IncomingOptions.expect, as a hello is held (it ignored them)
+      const expecting = (expect: Migration.Expectations) =>
+        Effect.flip(Migration.listenAndReceive(address, { expect }).pipe(Effect.provide(Transport.layer)))
+      expect((yield* expecting({ channels: 3 })).message).toBe(
+        `snapshot ${path}: not restored: it was saved with channels 2, the destination expects 3`
+      )
+      expect((yield* expecting({ pageSize: 8192 })).message).toContain("it was saved with page size 4096, the destination expects 8192")
+      expect((yield* expecting({ compression: "zstd" })).message).toContain("it was saved with compression none, the destination expects zstd")
+      sameMemory(ram, (yield* Migration.listenAndReceive(address, { expect: { channels: 2, pageSize: 4096 } }).pipe(Effect.provide(Transport.layer))).ram)
     }))
 })

@@ -179,6 +179,13 @@ describe("multifd send/recv", () => {
     expect(bad.code).toBe(1)
     expect(lines(bad.stderr)).toEqual([expect.stringMatching(/^multifd: error: .*image\.raw.*snapshot/)])
     expect(filesLike("foreign.out")).toEqual([])
+    // the command line's settings are requirements for a snapshot too, checked before it is read
+    const other = await runHere(["recv", `file:${snapshot}`, "--out", Path.join(dir, "other.out"), "--channels", "4"])
+    expect(other.code).toBe(1)
+    expect(lines(other.stderr)).toEqual([
+      `multifd: error: snapshot ${snapshot}: not restored: it was saved with channels 3, the destination expects 4`
+    ])
+    expect(filesLike("other.out")).toEqual([])
     // an --out that is a symbolic link: the image lands where it points, the link stays
     const elsewhere = Fs.mkdtempSync(Path.join(Os.tmpdir(), "multifd-linked-"))
     try {

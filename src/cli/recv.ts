@@ -9,7 +9,6 @@
  * @since 0.1.0
  */
 import * as Command from "@effect/cli/Command"
-import * as Data from "effect/Data"
 import * as Effect from "effect/Effect"
 import * as Option from "effect/Option"
 import type * as GuestRam from "../GuestRam.js"
@@ -29,27 +28,6 @@ import * as Terminal from "./terminal.js"
 /** The line that tells scripts (and tests) where recv listens, printed on stderr as soon as it does. */
 export const listeningLine = (address: Transport.Address): string =>
   `multifd: listening on ${Transport.formatAddress(address)}`
-
-/** The source used other transfer settings than the recv command line asked for (exit 1). */
-export class SourceMismatch extends Data.TaggedError("SourceMismatch")<{
-  readonly detail: string
-}> {
-  override get message(): string {
-    return this.detail
-  }
-}
-
-/** The first value given on the command line that the source did not use, described. */
-export const mismatch = (
-  expected: Options.RecvTransfer,
-  actual: { readonly channels: number; readonly pageSize: number; readonly compression: string }
-): string | undefined => {
-  const differs = <A>(flag: string, mine: Option.Option<A>, theirs: A) =>
-    Option.isSome(mine) && mine.value !== theirs ? `the source used ${flag} ${theirs}, not ${mine.value}` : undefined
-  return differs("--channels", expected.channels, actual.channels) ??
-    differs("--page-size", expected.pageSize, actual.pageSize) ??
-    differs("--compression", expected.compression, actual.compression)
-}
 
 /** The `recv` subcommand. */
 export const command = Command.make(
@@ -118,14 +96,8 @@ export const command = Command.make(
         })
       })).pipe(Effect.provide([Transport.layer, environment]))
       const { ram, stats } = received
-      if (uri._tag === "File") {
-        // a snapshot file has no hello to refuse: its settings are checked here
-        const problem = mismatch(transfer, { ...stats, pageSize: ram.pageSize })
-        if (problem !== undefined) {
-          return yield* new SourceMismatch({ detail: `${problem}; ${out} not written` })
-        }
-        yield* commit(ram)
-      }
+      // a snapshot was held to the command line's settings and the free space before it was read
+      if (uri._tag === "File") yield* commit(ram)
       yield* Report.print(
         { role: "recv", output: out, pageSize: ram.pageSize, stats, rejected: received.rejected, status: yield* status.get },
         reporting
