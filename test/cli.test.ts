@@ -361,7 +361,26 @@ describe("multifd failures", () => {
   it("exits 2 with one line for bad usage and configuration", async () => {
     const odd = Path.join(dir, "odd.raw")
     Fs.writeFileSync(odd, Buffer.alloc(PAGE + 100))
+    // paths that cannot exist (@effect/cli's check made them "internal error", exit 1) and paths that are one file
+    const loop = Path.join(dir, "loop-a")
+    Fs.symlinkSync("loop-b", loop)
+    Fs.symlinkSync("loop-a", Path.join(dir, "loop-b"))
+    const alias = Path.join(dir, "alias.raw")
+    Fs.symlinkSync(image, alias)
+    const imageBefore = Fs.readFileSync(image)
     const cases: ReadonlyArray<readonly [ReadonlyArray<string>, RegExp]> = [
+      [["send", "tcp:127.0.0.1:1", "--in", Path.join(image, "x")], /^multifd: error: .*image\.raw\/x: cannot open the image: a component of the path is not a directory$/],
+      [["recv", "tcp:127.0.0.1:0", "--out", Path.join(image, "x.out")], /x\.out: cannot create .* a component of the path is not a directory$/],
+      [["send", "tcp:127.0.0.1:1", "--in", loop], /loop-a: cannot open the image: too many levels of symbolic links$/],
+      [["recv", "tcp:127.0.0.1:0", "--out", loop], /loop-a: cannot create it: too many levels of symbolic links$/],
+      [["send", "tcp:127.0.0.1:1", "--in", "a".repeat(300)], /: cannot open the image: file name too long$/],
+      [["send", "tcp:127.0.0.1:1", "--in", image, "--tls-ca", loop], /cannot read CA certificate .*loop-a: too many levels of symbolic links$/],
+      [["recv", "tcp:127.0.0.1:0", "--out", ""], /^multifd: error: --out: an empty value$/],
+      [["send", "tcp:127.0.0.1:1", "--in", ""], /^multifd: error: --in: an empty value$/],
+      [["send", "tcp:127.0.0.1:1", "--in", image, "--tls-psk", tlsFile("keys.psk"), "--tls-identity", ""], /^multifd: error: --tls-identity: an empty value$/],
+      [["send", `file:${image}`, "--in", alias], /are the same file: the snapshot would replace the image$/],
+      [["recv", `file:${alias}`, "--out", image], /are the same file: the image would replace the snapshot$/],
+      [["recv", `file:${alias}`, "--from-qemu", "--vm", image], /are the same file: the output would replace QEMU's$/],
       [["send", "tcp:127.0.0.1:1", "--in", image, "--bogus"], /^multifd: error: unknown flag --bogus$/],
       [["send", "tcp:127.0.0.1:1", "--in", image, "--channels", "0"], /--channels must be between 1 and 255, not 0/],
       [["send", "tcp:127.0.0.1:1", "--in", image, "--channels", "256"], /--channels must be between 1 and 255/],
@@ -400,6 +419,8 @@ describe("multifd failures", () => {
       noStack(result.stderr)
       expect(result.stdout).toBe("")
     }
+    expect(Fs.readFileSync(image).equals(imageBefore)).toBe(true)
+    expect(filesLike("loop-")).toEqual(["loop-a", "loop-b"])
   })
 
   it("--help exits 0 and documents the contract", async () => {

@@ -8,6 +8,7 @@
 import * as AutoCorrect from "@effect/cli/AutoCorrect"
 import * as CliConfig from "@effect/cli/CliConfig"
 import * as Command from "@effect/cli/Command"
+import * as FileSystem from "@effect/platform/FileSystem"
 import * as Effect from "effect/Effect"
 import { ExitCode, type Flags, toExitCode } from "./errors.js"
 import * as Help from "./help.js"
@@ -172,6 +173,17 @@ const flags = (args: ReadonlyArray<string>): Flags => {
 }
 
 /**
+ * The file system @effect/cli checks path flags with, where a path that cannot exist (a component that is a
+ * file, a link loop, a name too long, a directory not searchable) counts as absent: @effect/cli turns any
+ * other answer of `exists` into a defect ("internal error", exit 1). The command then opens the path and says
+ * why it cannot, in its own words (exit 2).
+ */
+const forgivingExists = Effect.updateService(FileSystem.FileSystem, (fs) => ({
+  ...fs,
+  exists: (path: string) => Effect.orElseSucceed(fs.exists(path), () => false)
+}))
+
+/**
  * The whole command for `argv` (runtime and script first, as `process.argv`): parses, runs, reports any
  * failure (one line on stderr; with `--json` also one JSON object on stdout) and succeeds with the exit
  * code. Only an interruption fails it.
@@ -188,6 +200,7 @@ export const main = (argv: ReadonlyArray<string>) =>
     }
     const console = yield* Effect.console
     return yield* Effect.suspend(() => run(argv)).pipe(
+      forgivingExists,
       // @effect/cli's own error messages are reported by toExitCode
       Effect.withConsole(Terminal.withoutErrors(console)),
       Effect.provideService(Terminal.Terminal, terminal),

@@ -20,6 +20,7 @@ import * as Clock from "effect/Clock"
 import * as Effect from "effect/Effect"
 import * as Fs from "node:fs/promises"
 import * as Path from "node:path"
+import * as FileIo from "../internal/native/fileIo.js"
 import * as MappedRam from "../MappedRam.js"
 import * as Protocol from "../Protocol.js"
 import * as QemuIncoming from "../QemuIncoming.js"
@@ -109,6 +110,14 @@ export const run = (args: Args) =>
     if (outputs !== 1) {
       return yield* new UsageError({ detail: "--from-qemu needs exactly one of --out FILE, --out-dir DIR or --vm FILE" })
     }
+    const uri = args.uri
+    if (uri._tag === "File") {
+      for (const [flag, path] of [["--out", args.out], ["--vm", args.vm]] as const) {
+        if (path !== undefined && Image.sameFile(uri.path, path)) {
+          return yield* new UsageError({ detail: `file:${uri.path} and ${flag} ${path} are the same file: the output would replace QEMU's` })
+        }
+      }
+    }
     // --out: its temporary file first, so an unwritable destination fails before anything listens
     const single = args.out === undefined ? undefined : yield* Image.create(args.out)
     // --vm: the same check, its temporary file removed at once (MappedRam.write makes its own)
@@ -118,12 +127,11 @@ export const run = (args: Args) =>
       yield* Effect.tryPromise({
         try: () => Fs.mkdir(dir, { recursive: true }),
         catch: (cause) =>
-          new Image.ImageError({ reason: "Unusable", path: dir, detail: `cannot create the directory: ${String(cause)}`, cause })
+          new Image.ImageError({ reason: "Unusable", path: dir, detail: `cannot create the directory: ${FileIo.describe(cause)}`, cause })
       })
     }
     const terminal = yield* Terminal.Terminal
     const timeout = args.timing.timeout
-    const uri = args.uri
     const received: Received = uri._tag === "File"
       ? yield* Effect.gen(function*() {
         const start = yield* Clock.currentTimeMillis

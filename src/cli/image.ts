@@ -126,6 +126,20 @@ export const create = (path: string): Effect.Effect<Output, ImageError, Scope.Sc
   })
 
 /**
+ * Whether `a` and `b` name one existing file (symbolic links followed, hard links included): writing one would
+ * destroy the other while it is read.
+ */
+export const sameFile = (a: string, b: string): boolean => {
+  try {
+    const x = Fs.statSync(a)
+    const y = Fs.statSync(b)
+    return x.dev === y.dev && x.ino === y.ino
+  } catch {
+    return false
+  }
+}
+
+/**
  * Why `bytes` written as `what` will not fit in the file system of `dir` (its free space, as `statfs` gives it
  * to this user), if they will not; nothing when they fit or the system does not say.
  */
@@ -148,7 +162,9 @@ const writeError = (path: string, error: FileIo.FileError): ImageError => {
       return new ImageError({
         reason: configuration("Unusable", error),
         path,
-        detail: `cannot create ${Path.basename(error.path)} beside it: ${FileIo.describe(cause)}`,
+        detail: error.path === path
+          ? `cannot create it: ${FileIo.describe(cause)}`
+          : `cannot create ${Path.basename(error.path)} beside it: ${FileIo.describe(cause)}`,
         cause
       })
     case "SyncDirectory":

@@ -50,6 +50,14 @@ const check = <A>(problem: (a: A) => string | undefined) => (a: A) => {
   return why === undefined ? Effect.succeed(a) : Effect.fail(invalid(why))
 }
 
+/** A value that may not be empty (`--out ''` named no file and failed only at the end). */
+const nonEmpty = (name: string) => (text: string) =>
+  text.length === 0 ? Effect.fail(invalid(`--${name}: an empty value`)) : Effect.succeed(text)
+
+/** A path flag (`Options.file` / `Options.directory`): an empty path is an error naming the flag. */
+const pathOption = (name: string, kind: "file" | "directory" = "file") =>
+  (kind === "file" ? Options.file(name) : Options.directory(name)).pipe(Options.mapEffect(nonEmpty(name)))
+
 /** An integer flag: a value that is not one is an error naming the flag. */
 const integer = (name: string, pseudo: string) =>
   Options.text(name).pipe(
@@ -93,7 +101,7 @@ export const uri: Args.Args<Transport.Address> = Args.text({ name: "uri" }).pipe
 // Files
 
 /** The image to migrate (required, except with --to-qemu). */
-export const input = Options.file("in").pipe(
+export const input = pathOption("in").pipe(
   Options.withPseudoName("FILE"),
   Options.withDescription(
     "The RAM image to migrate: a file whose size is a positive multiple of --page-size. Required, except with " +
@@ -118,7 +126,7 @@ export const sendQemu: Options.Options<SendQemu> = Options.all({
         "does not apply (zero pages travel as offsets, as QEMU sends them)."
     )
   ),
-  vm: Options.file("vm").pipe(
+  vm: pathOption("vm").pipe(
     Options.withPseudoName("FILE"),
     Options.withDescription(
       "With --to-qemu: the VM to migrate, a QEMU mapped-ram migration file (written by recv --vm, or by QEMU's own " +
@@ -129,7 +137,7 @@ export const sendQemu: Options.Options<SendQemu> = Options.all({
 })
 
 /** Where to write the received image. */
-export const output = Options.file("out").pipe(
+export const output = pathOption("out").pipe(
   Options.withPseudoName("FILE"),
   Options.withDescription(
     "Where to write the received RAM image (the blocks concatenated in order; an existing file is replaced). " +
@@ -150,14 +158,14 @@ export interface RecvOutput {
 /** `--out`, `--out-dir` and `--from-qemu`. */
 export const recvOutput: Options.Options<RecvOutput> = Options.all({
   out: output,
-  outDir: Options.directory("out-dir").pipe(
+  outDir: pathOption("out-dir", "directory").pipe(
     Options.withPseudoName("DIR"),
     Options.withDescription(
       "With --from-qemu: write one file per RAM block into this directory (created if missing) instead of --out."
     ),
     Options.optional
   ),
-  vm: Options.file("vm").pipe(
+  vm: pathOption("vm").pipe(
     Options.withPseudoName("FILE"),
     Options.withDescription(
       "With --from-qemu: write the whole VM (its RAM, configuration and device state) as a QEMU 10 mapped-ram " +
@@ -383,9 +391,9 @@ export interface TlsFlags {
 }
 
 const pem = (name: string, description: string) =>
-  Options.file(name).pipe(Options.withPseudoName("PEM"), Options.withDescription(description), Options.optional)
+  pathOption(name).pipe(Options.withPseudoName("PEM"), Options.withDescription(description), Options.optional)
 
-const tlsPsk = Options.file("tls-psk").pipe(
+const tlsPsk = pathOption("tls-psk").pipe(
   Options.withPseudoName("FILE"),
   Options.withDescription("TLS with pre-shared keys from FILE in QEMU's keys.psk format: one identity:hexkey a line."),
   Options.optional
@@ -398,6 +406,7 @@ const tlsCiphers = Options.text("tls-ciphers").pipe(
     "TLS cipher suites in order of preference, in OpenSSL's syntax (TLS 1.3 suite names and TLS 1.2 ciphers, " +
       "colon-separated). Default: AES-GCM first (fast with AES-NI), then ChaCha20-Poly1305; recv's order wins."
   ),
+  Options.mapEffect(nonEmpty("tls-ciphers")),
   Options.optional
 )
 
@@ -407,12 +416,14 @@ export const sendTls: Options.Options<TlsFlags> = Options.all({
   identity: Options.text("tls-identity").pipe(
     Options.withPseudoName("ID"),
     Options.withDescription("With --tls-psk: the PSK identity to present (default qemu, as QEMU)."),
+    Options.mapEffect(nonEmpty("tls-identity")),
     Options.optional
   ),
   ca: tlsCa,
   hostname: Options.text("tls-hostname").pipe(
     Options.withPseudoName("NAME"),
     Options.withDescription("With x509: the name the destination's certificate must carry (default: the uri's host)."),
+    Options.mapEffect(nonEmpty("tls-hostname")),
     Options.optional
   ),
   cert: pem("tls-cert", "TLS with x509: a client certificate to present (when the destination verifies clients)."),
@@ -429,6 +440,7 @@ export const recvTls: Options.Options<TlsFlags> = Options.all({
   authz: Options.text("tls-authz").pipe(
     Options.withPseudoName("ID,..."),
     Options.withDescription("Admit only clients whose verified certificate CN, or PSK identity, is listed."),
+    Options.mapEffect(nonEmpty("tls-authz")),
     Options.optional
   ),
   verifyPeer: Options.boolean("tls-verify-peer").pipe(

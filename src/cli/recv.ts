@@ -71,6 +71,9 @@ export const command = Command.make(
       if (Option.isSome(output.vm)) return yield* new UsageError({ detail: "--vm goes with --from-qemu (or send --to-qemu)" })
       if (Option.isNone(output.out)) return yield* new UsageError({ detail: "recv needs --out FILE" })
       const out = output.out.value
+      if (uri._tag === "File" && Image.sameFile(uri.path, out)) {
+        return yield* new UsageError({ detail: `file:${uri.path} and --out ${out} are the same file: the image would replace the snapshot` })
+      }
       // the temporary file first: an unwritable --out fails before anything listens
       const image = yield* Image.create(out)
       const commit = (ram: GuestRam.GuestRam["Type"]) => image.commit(ram.blocks.map((block) => block.bytes))

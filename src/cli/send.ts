@@ -61,6 +61,9 @@ export const command = Command.make(
       if (Option.isSome(qemu.vm)) return yield* new UsageError({ detail: "--vm goes with --to-qemu (or recv --from-qemu)" })
       if (Option.isNone(inputFlag)) return yield* new UsageError({ detail: "send needs --in FILE (or --to-qemu --vm FILE)" })
       const input = inputFlag.value
+      if (uri._tag === "File" && Image.sameFile(input, uri.path)) {
+        return yield* new UsageError({ detail: `--in ${input} and file:${uri.path} are the same file: the snapshot would replace the image` })
+      }
       const tls = yield* tlsOf(tlsFlags, "send", uri, timing)
       const bytes = yield* Image.read(input, transfer.pageSize)
       const ram = yield* GuestRam.make({ pageSize: transfer.pageSize, blocks: [{ name: BLOCK_NAME, bytes }] }).pipe(

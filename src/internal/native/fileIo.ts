@@ -51,6 +51,8 @@ export const describe = (error: unknown): string => {
       return "file too large for the file system"
     case "ELOOP":
       return "too many levels of symbolic links"
+    case "ENAMETOOLONG":
+      return "file name too long"
   }
   const message = (error as { message?: unknown } | undefined)?.message
   return (typeof message === "string" ? message : String(error)).replace(/\s*\n\s*/g, " ")

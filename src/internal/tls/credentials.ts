@@ -8,13 +8,14 @@ import * as Effect from "effect/Effect"
 import * as Crypto from "node:crypto"
 import * as Fs from "node:fs/promises"
 import * as NodeTls from "node:tls"
+import * as FileIo from "../native/fileIo.js"
 import { configError, TlsError } from "./model.js"
 
 export const readText = (path: string, what: string) =>
   Effect.tryPromise({
     try: () => Fs.readFile(path, "utf8"),
     catch: (cause) =>
-      new TlsError({ reason: "Config", detail: `cannot read ${what} ${path}: ${(cause as Error).message}`, cause })
+      new TlsError({ reason: "Config", detail: `cannot read ${what} ${path}: ${FileIo.describe(cause)}`, cause })
   })
 
 /** The reason of an OpenSSL error without its codes: "error:04800064:PEM routines::bad base64 decode" → "bad base64 decode". */
