@@ -481,6 +481,42 @@ describe("strangers are candidates, never owners", () => {
     })))
 })
 
+describe("a peer's words are shown, never acted on", () => {
+  // escapes that would retitle the terminal and colour it, a carriage return, a bidi override, and 5000 more
+  const hostile = "evil \x1b]0;pwned\x07 \x1b[31mRED\r\u202eyes\x9b" + "y".repeat(5000)
+  const expectTamed = (message: string) => {
+    expect(message).toContain("evil \\u001b]0;pwned\\u0007 \\u001b[31mRED\\u000d\\u202eyes\\u009b")
+    expect(message).not.toMatch(/[\u0000-\u001f\u007f-\u009f\u202e]/)
+    expect(message).toMatch(/… \(\d+ more characters\)$/)
+    expect(message.length).toBeLessThan(600)
+  }
+
+  it.scopedLive("a destination's refusal: its reason escaped and cut short in the source's error", () =>
+    Effect.gen(function*() {
+      const listener = yield* Transport.listen(tcp0)
+      yield* Effect.forkScoped(Effect.scoped(Effect.gen(function*() {
+        const control = yield* listener.accept
+        yield* control.read(4)
+        yield* Control.receive(control)
+        yield* Control.send(control, new Control.Reject({ reason: hostile }))
+        yield* Effect.never
+      })).pipe(Effect.ignore))
+      const error = failureOf(yield* Effect.exit(migrateTo(listener.address, yield* sourceRam())))
+      expect(error).toMatchObject({ _tag: "MigrationError", reason: "Rejected" })
+      expectTamed(error.message)
+    }))
+
+  it.scopedLive("a destination's abort: the same", () =>
+    Effect.gen(function*() {
+      const address = yield* fakeDestination({
+        onFlush: (control) => Effect.zipRight(Control.send(control, new Control.Abort({ reason: hostile })), Effect.never)
+      })
+      const error = failureOf(yield* Effect.exit(migrateTo(address, yield* sourceRam())))
+      expect(error).toMatchObject({ _tag: "MigrationError", reason: "Aborted" })
+      expectTamed(error.message)
+    }))
+})
+
 describe("a listener that serves one migration after another", () => {
   it.live("the next source, connecting right after the previous one's Done, is the next migration's, not closed with the last", () =>
     leakFree(Effect.scoped(Effect.gen(function*() {

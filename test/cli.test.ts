@@ -16,6 +16,7 @@ import * as Path from "node:path"
 import { PassThrough } from "node:stream"
 import { afterAll, afterEach, beforeAll, describe, expect, it } from "vitest"
 import * as Cli from "../src/cli/command.js"
+import * as Errors from "../src/cli/errors.js"
 import * as Image from "../src/cli/image.js"
 import * as Progress from "../src/cli/progress.js"
 import { wantsThreads } from "../src/cli/settings.js"
@@ -343,6 +344,35 @@ describe("channel threads on the command line", () => {
 })
 
 describe("multifd failures", () => {
+  it("every message line is printable and bounded, whatever text it holds (a name in a peer's certificate, say)", () => {
+    expect(Errors.oneLine("CN=\x1b[2Jx\ty\r\nz\u2066w\x7f")).toBe("CN=\\u001b[2Jx y z\\u2066w\\u007f")
+    const long = Errors.oneLine("a".repeat(2500))
+    expect(long).toBe(`${"a".repeat(2000)}… (500 more characters)`)
+  })
+
+  it("a destination's hostile refusal reaches the terminal escaped and cut short, one line (--json too)", async () => {
+    const hostile = "evil \x1b]0;pwned\x07 \x1b[31mRED\r\n\u202eyes" + "y".repeat(5000)
+    const server = Net.createServer((socket) => {
+      socket.on("error", () => {})
+      socket.once("data", () => socket.write(Control.encode(new Control.Reject({ reason: hostile }))))
+    })
+    await new Promise<void>((resolve) => server.listen(0, "127.0.0.1", resolve))
+    try {
+      const { port } = server.address() as Net.AddressInfo
+      const sent = await runHere(["send", `tcp:127.0.0.1:${port}`, "--in", image, "--json"])
+      expect(sent.code).toBe(1)
+      expect(lines(sent.stderr)).toHaveLength(1)
+      const line = lines(sent.stderr)[0]!
+      expect(line).toMatch(/^multifd: error: the destination refused the migration: evil \\u001b\]0;pwned\\u0007 \\u001b\[31mRED\\u000d\\u000a\\u202eyes/)
+      expect(line).not.toMatch(/[\u0000-\u001f\u007f-\u009f\u202e]/)
+      expect(line).toMatch(/… \(\d+ more characters\)$/)
+      expect(line.length).toBeLessThan(600)
+      expect(JSON.parse(sent.stdout).error.message).toBe(line.slice("multifd: error: ".length))
+    } finally {
+      server.close()
+    }
+  })
+
   it("exits 2 with one line for bad usage (child processes)", async () => {
     const cases: ReadonlyArray<readonly [ReadonlyArray<string>, RegExp]> = [
       [["send", "tcp:127.0.0.1:1", "--in", image, "--bogus"], /^multifd: error: unknown flag --bogus$/],

@@ -11,6 +11,7 @@ import * as Cause from "effect/Cause"
 import * as Data from "effect/Data"
 import * as Effect from "effect/Effect"
 import * as Option from "effect/Option"
+import * as PeerText from "../internal/peerText.js"
 import * as Help from "./help.js"
 import type * as Terminal from "./terminal.js"
 
@@ -69,7 +70,15 @@ export const isUsage = (error: unknown): boolean => {
 export const exitCodeOf = (error: unknown): number => isUsage(error) ? ExitCode.Usage : ExitCode.Failed
 
 /** A message on one line: no stack, no line breaks. */
-export const oneLine = (text: string): string => text.replace(/\s*\n\s*/g, " ").trim()
+export const oneLine = (text: string): string => {
+  // a peer's words can reach a message (its reason, a name in its certificate): a terminal shows them, never
+  // acts on them (escapes, carriage returns), and a line stays a line a terminal can hold
+  const line = PeerText.printable(text.replace(/\s*[\r\n]\s*/g, " ").replace(/\t/g, " ").trim())
+  return line.length <= MAX_LINE ? line : `${line.slice(0, MAX_LINE)}… (${line.length - MAX_LINE} more characters)`
+}
+
+/** Characters of a message line, at most. */
+const MAX_LINE = 2000
 
 const messageOf = (u: unknown): string => {
   if (u instanceof Error) return u.message.length > 0 ? u.message : u.name

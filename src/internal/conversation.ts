@@ -12,6 +12,7 @@ import type * as Scope from "effect/Scope"
 import * as Control from "../Control.js"
 import * as MigrationError from "../MigrationError.js"
 import type * as Transport from "../Transport.js"
+import * as PeerText from "./peerText.js"
 
 /** What ends a conversation from the peer's side. */
 export type ReaderFailure = Control.ReceiveError | MigrationError.MigrationError | MigrationError.ChannelError
@@ -47,8 +48,8 @@ export const reader = (
           return yield* new MigrationError.MigrationError({
             reason: "Aborted",
             detail: message.step === "store"
-              ? `the ${peer} could not store the image: ${message.reason}`
-              : `the ${peer} aborted the migration: ${message.reason}`
+              ? `the ${peer} could not store the image: ${PeerText.fromPeer(message.reason)}`
+              : `the ${peer} aborted the migration: ${PeerText.fromPeer(message.reason)}`
           })
         }
         yield* Queue.offer(inbox, message)

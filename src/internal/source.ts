@@ -26,6 +26,7 @@ import * as Transport from "../Transport.js"
 import * as Conversation from "./conversation.js"
 import * as OpenFiles from "./native/openFiles.js"
 import * as Precopy from "./precopy.js"
+import * as PeerText from "./peerText.js"
 import * as Recorder from "./recorder.js"
 import { unlessStalled, within } from "./stall.js"
 import type * as Status from "./status.js"
@@ -176,7 +177,7 @@ export const run = (
       if (answer._tag === "Reject") {
         return yield* new MigrationError.MigrationError({
           reason: "Rejected",
-          detail: `the destination refused the migration: ${answer.reason}`
+          detail: `the destination refused the migration: ${PeerText.fromPeer(answer.reason)}`
         })
       }
       if (answer._tag !== "Accept") return yield* Conversation.unexpected(answer, "instead of Accept")
