@@ -440,6 +440,13 @@ export interface Expectations {
 export const incoming = <E = never>(
   listener: Transport.Listener,
   options: IncomingOptions<E> = {}
+): Effect.Effect<Incoming, IncomingError | E, never> => receive(listener, options, false)
+
+/** `incoming`; `exclusive`: the listener serves this migration alone (see `Destination.Settings`). */
+const receive = <E>(
+  listener: Transport.Listener,
+  options: IncomingOptions<E>,
+  exclusive: boolean
 ): Effect.Effect<Incoming, IncomingError | E, never> =>
   Effect.flatMap(MigrationConfig.resolve(options), (options) =>
     Effect.map(
@@ -455,7 +462,8 @@ export const incoming = <E = never>(
             admit: options.admit,
             onProgress: options.onProgress,
             store: options.store,
-            tracker
+            tracker,
+            exclusive
           }),
           (received) => ({ ...received.stats, received })
         )),
@@ -507,7 +515,9 @@ const restoreFromFile = (path: string, options: IncomingOptions<unknown>): Effec
     )
 
 /**
- * Listens at `address` and receives one migration there (a convenience over `Transport.listen` + `incoming`).
+ * Listens at `address` and receives one migration there (a convenience over `Transport.listen` + `incoming`;
+ * the listener being this migration's alone, a source that connects while it runs is refused at once, "a
+ * migration is already in progress", where `incoming` leaves it queued for the listener's next migration).
  * A `file:` address restores that snapshot file instead (`Snapshot.restore`; `onListening` is not called),
  * then runs `store`.
  *
@@ -528,7 +538,8 @@ export const listenAndReceive = <E = never>(
     const transport = yield* Transport.Transport
     const listener = yield* transport.listen(address)
     if (options.onListening) yield* options.onListening(listener.address)
-    return yield* incoming(listener, options)
+    // the listener is this migration's alone: a later source is refused at once, not left waiting
+    return yield* receive(listener, options, true)
   }))
 
 // ---------------------------------------------------------------------------------------------------------

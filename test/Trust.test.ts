@@ -537,4 +537,30 @@ describe("a listener that serves one migration after another", () => {
       const received = yield* noHang(Fiber.join(destination), "five migrations")
       for (const incoming of received) expect(sameMemory(incoming.ram, ram)).toBe(true)
     })).pipe(Effect.provide(Transport.layer))))
+
+  it.live("listenAndReceive's listener is its migration's alone: a source that comes once every channel is in is refused at once", () =>
+    leakFree(Effect.scoped(Effect.gen(function*() {
+      const ram = yield* sourceRam()
+      const bound = yield* Deferred.make<Transport.Address>()
+      const storing = yield* Deferred.make<void>()
+      const release = yield* Deferred.make<void>()
+      // the first migration holds in its store step: every channel adopted (incoming stopped accepting there)
+      const destination = yield* Effect.fork(Migration.listenAndReceive(tcp0, {
+        timeouts: TIMEOUTS,
+        onListening: (address) => Deferred.succeed(bound, address),
+        store: () => Effect.zipRight(Deferred.succeed(storing, undefined), Deferred.await(release))
+      }))
+      const address = yield* Deferred.await(bound)
+      const first = yield* Effect.fork(migrateTo(address, ram, { timeouts: { ...TIMEOUTS, peer: "30 seconds" } }))
+      yield* noHang(Deferred.await(storing), "the first migration's store step")
+      // before, it waited in the listener's queue until its own timeout ("waiting for the destination to accept")
+      const second = failureOf(yield* noHang(Effect.exit(migrateTo(address, ram, { timeouts: { ...TIMEOUTS, peer: "30 seconds", handshake: "30 seconds" } })), "the second source", 10))
+      expect(second).toMatchObject({ _tag: "MigrationError", reason: "Rejected" })
+      expect(second.message).toContain("the destination refused the migration: a migration is already in progress")
+      yield* Deferred.succeed(release, undefined)
+      yield* noHang(Fiber.join(first), "the first migration")
+      const received = yield* noHang(Fiber.join(destination), "listenAndReceive")
+      expect(sameMemory(received.ram, ram)).toBe(true)
+      expect(received.rejected).toEqual([expect.stringContaining("a migration is already in progress")])
+    })).pipe(Effect.provide(Transport.layer))))
 })

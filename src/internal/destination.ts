@@ -65,6 +65,12 @@ export interface Settings<E> {
   readonly store: ((ram: Ram) => Effect.Effect<void, E>) | undefined
   /** Keeps the caller's `MigrationStatus`, if any. */
   readonly tracker: Status.Tracker
+  /**
+   * The listener serves this migration alone (`listenAndReceive`): connections are accepted to the end, and a
+   * later source is refused at once ("a migration is already in progress") rather than left in the listener's
+   * queue for a next migration that will never come.
+   */
+  readonly exclusive?: boolean | undefined
 }
 
 /** What the destination received (`Migration.Incoming`). */
@@ -312,7 +318,9 @@ export const run = <E>(listener: Transport.Listener, settings: Settings<E>): Eff
       firstBytesTimeout: timeouts.handshake,
       classify: Candidates.classifier(main, channelSet, timeouts.handshake),
       // with every channel adopted, later connections are the next migration's (on a reused listener)
-      until: Effect.ignore(Effect.flatMap(Deferred.await(channelSet), (recv) => recv.adopted))
+      until: settings.exclusive === true
+        ? undefined
+        : Effect.ignore(Effect.flatMap(Deferred.await(channelSet), (recv) => recv.adopted))
     })
     const connectionFailure = acceptor.failure
 
