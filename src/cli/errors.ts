@@ -109,8 +109,8 @@ export interface Flags {
 /**
  * A parse error of @effect/cli as one line: a bad environment variable is named (`MULTIFD_CHANNELS: must be
  * between 1 and 255, not 0`), a flag that belongs to the other command says so ("--tls-authz is a recv
- * option"), a path that is not the kind of file its flag needs names the flag ("--in /tmp: not a regular
- * file"), anything else keeps @effect/cli's words.
+ * option"), a flag given twice says so, a path that is not the kind of file its flag needs names the flag
+ * ("--in /tmp: not a regular file"), anything else keeps @effect/cli's words.
  */
 export const describeValidation = (error: ValidationError.ValidationError, flags: Flags | undefined): string => {
   const text = Help.plainText(error.error)
@@ -130,6 +130,8 @@ export const describeValidation = (error: ValidationError.ValidationError, flags
   const owner = flags.ownerOf(flag)
   if (owner !== undefined) return `${flag} is a ${owner} option`
   const closest = flags.closest(flag)
+  // @effect/cli reports a flag's second occurrence as an argument it does not know
+  if (closest === flag) return `${flag} given more than once`
   return `unknown flag ${flag}${closest === undefined ? "" : ` (did you mean ${closest}?)`}`
 }
 
