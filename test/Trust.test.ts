@@ -517,6 +517,18 @@ describe("a peer's words are shown, never acted on", () => {
     }))
 })
 
+describe("a destination's answer out of turn", () => {
+  it.scopedLive("a FlushAck for another round names both rounds", () =>
+    Effect.gen(function*() {
+      const address = yield* fakeDestination({
+        onFlush: (control) => Effect.zipRight(Control.send(control, new Control.FlushAck({ round: 7 })), Effect.never)
+      })
+      const error = failureOf(yield* Effect.exit(migrateTo(address, yield* sourceRam())))
+      expect(error).toMatchObject({ _tag: "MigrationError", reason: "Unexpected" })
+      expect(error.message).toContain("unexpected FlushAck message for round 7 instead of round 0")
+    }))
+})
+
 describe("a listener that serves one migration after another", () => {
   it.live("the next source, connecting right after the previous one's Done, is the next migration's, not closed with the last", () =>
     leakFree(Effect.scoped(Effect.gen(function*() {

@@ -236,8 +236,9 @@ export const run = (
               timeouts.peer,
               "waiting for the destination to acknowledge the flush"
             )
-            if (ack._tag !== "FlushAck" || ack.round !== round) {
-              return yield* Conversation.unexpected(ack, "instead of FlushAck")
+            if (ack._tag !== "FlushAck") return yield* Conversation.unexpected(ack, `instead of FlushAck for round ${round}`)
+            if (ack.round !== round) {
+              return yield* Conversation.unexpected(ack, `for round ${ack.round} instead of round ${round}`)
             }
             yield* send.acknowledged
             yield* Effect.logDebug(`main channel: the destination acknowledged round ${round}`)
