@@ -95,9 +95,12 @@ export const parse = (text: string): Either.Either<number, string> => {
   const m = RATE.exec(text.trim())
   const unit = m === null ? 0 : 1024 ** "BKMGT".indexOf(m[2]!.toUpperCase() || "M")
   const bytes = m === null ? NaN : Math.round(Number(m[1]) * unit)
-  return Number.isSafeInteger(bytes) && bytes >= 0
-    ? Either.right(bytes)
-    : Either.left(`${JSON.stringify(text)} is not a rate like 100M (MiB/s), 512K, 1G or 0 (no limit)`)
+  if (!Number.isSafeInteger(bytes) || bytes < 0) {
+    return Either.left(`${JSON.stringify(text)} is not a rate like 100M (MiB/s), 512K, 1G or 0 (no limit)`)
+  }
+  // a positive rate under one byte a second would round to 0, which means no limit at all
+  if (bytes === 0 && Number(m![1]) > 0) return Either.left(`${JSON.stringify(text)} is less than one byte a second`)
+  return Either.right(bytes)
 }
 
 /**

@@ -85,16 +85,17 @@ export const parseDuration = (text: string): Either.Either<Duration.Duration, st
   if (m === null || !Number.isFinite(value) || value <= 0) {
     return Either.left(`${JSON.stringify(text)} is not a positive duration like 30s, 500ms, 2m or 1h`)
   }
-  switch (m[2]) {
-    case "ms":
-      return Either.right(Duration.millis(value))
-    case "m":
-      return Either.right(Duration.minutes(value))
-    case "h":
-      return Either.right(Duration.hours(value))
-    default:
-      return Either.right(Duration.seconds(value))
-  }
+  const duration = m[2] === "ms"
+    ? Duration.millis(value)
+    : m[2] === "m"
+    ? Duration.minutes(value)
+    : m[2] === "h"
+    ? Duration.hours(value)
+    : Duration.seconds(value)
+  // timers count milliseconds: less would be a timeout of 0
+  return Duration.toMillis(duration) < 1
+    ? Either.left(`${JSON.stringify(text)} is shorter than a millisecond`)
+    : Either.right(duration)
 }
 
 const SIZE = /^(\d+)\s*([KMGT]?)(?:i?B)?$/i

@@ -68,6 +68,11 @@ describe("Bandwidth.parse", () => {
       const parsed = Bandwidth.parse(text)
       expect(Either.isLeft(parsed) && parsed.left).toContain("is not a rate like 100M")
     }
+    // a positive rate that rounds to 0 bytes a second would mean no limit at all
+    for (const text of ["0.4B", "0.0000001"]) {
+      expect(Bandwidth.parse(text)).toStrictEqual(Either.left(`${JSON.stringify(text)} is less than one byte a second`))
+    }
+    expect(Bandwidth.parse("0.0")).toStrictEqual(Either.right(0))
     expect(Bandwidth.format(64 * MIB)).toBe("64 MiB/s")
     expect(Bandwidth.format(0)).toBe("no limit")
   })
