@@ -83,7 +83,11 @@ export const start = <E>(
         const first = yield* Effect.either(
           connection.peek(4).pipe(within(options.firstBytesTimeout, "waiting for the first bytes"))
         )
-        if (first._tag === "Left") return yield* reject(connection, first.left.message)
+        if (first._tag === "Left") {
+          // a transport error's message names the peer, which the rejection names already
+          const error = first.left
+          return yield* reject(connection, error._tag === "TransportError" ? error.detail : error.message)
+        }
         return yield* options.classify(connection, first.right, reject, since)
       })
 
