@@ -41,6 +41,10 @@ export const command = Command.make(
   },
   ({ input: inputFlag, qemu, reporting, resilience, timing, tls: tlsFlags, transfer, uri }) =>
     Effect.gen(function*() {
+      // with a method, the migration checks the level against it; without one, only that some method has it
+      const level = transfer.compressionLevel
+      const noLevel = transfer.compression === "none" && Option.isSome(level) ? Options.checkAnyLevel(level.value) : undefined
+      if (noLevel !== undefined) return yield* new UsageError({ detail: noLevel })
       if (qemu.toQemu) {
         if (Option.isSome(inputFlag)) return yield* new UsageError({ detail: "--to-qemu takes the VM as --vm FILE, not --in" })
         if (Option.isNone(qemu.vm)) return yield* new UsageError({ detail: "--to-qemu needs --vm FILE (a QEMU mapped-ram migration file)" })
