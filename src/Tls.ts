@@ -25,6 +25,7 @@ import * as Schema from "effect/Schema"
 import * as Crypto from "node:crypto"
 import * as NodeTls from "node:tls"
 import * as Field from "./internal/configField.js"
+import * as PeerText from "./internal/peerText.js"
 import {
   certificatesOf,
   nameOf,
@@ -318,7 +319,7 @@ export const server = (settings: Settings, options?: ServerOptions): Transport.U
       Effect.mapError((error) =>
         refusedIdentity === undefined ? error : new TlsError({
           reason: "Unauthorized",
-          detail: `handshake with ${connection.peer}: PSK identity ${JSON.stringify(refusedIdentity)} ` +
+          detail: `handshake with ${connection.peer}: PSK identity "${PeerText.fromPeer(refusedIdentity)}" ` +
             (creds._tag === "Psk" && creds.keys.has(refusedIdentity)
               ? "is not in the authorization list"
               : "has no key in this side's PSK file")

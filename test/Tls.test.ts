@@ -391,6 +391,25 @@ describe("PSK (QEMU tls-creds-psk)", () => {
       expect(dest.fiber.unsafePoll()).toBeNull()
     })))
 
+  it.live("a PSK identity the destination has no key for is named escaped (a client chooses it)", () =>
+    leakFree(Effect.gen(function*() {
+      const dir = Fs.mkdtempSync(Path.join(Os.tmpdir(), "emfd-psk-"))
+      try {
+        const file = Path.join(dir, "hostile.psk")
+        Fs.writeFileSync(file, `ev\x1b[2J\u202eil:${"ab".repeat(32)}\n`)
+        const server = yield* pskTls()
+        const client = yield* loadTls({ psk: file, identity: "ev\x1b[2J\u202eil" })
+        const dest = yield* startDestination(server.server)
+        yield* Effect.exit(migrateTo(yield* sourceRam(), tcp(LOOPBACK, dest.port), client.client(undefined)))
+        yield* noHang(dest.rejections(1), "the destination's rejection")
+        const line = dest.logs.find((l) => l.includes("rejected a connection"))!
+        expect(line).toContain(`PSK identity "ev\\u001b[2J\\u202eil" has no key in this side's PSK file`)
+        expect(line).not.toMatch(/[\x1b\u202e]/)
+      } finally {
+        Fs.rmSync(dir, { recursive: true, force: true })
+      }
+    })))
+
   it.live("a real image: 32 MiB over TLS with 4 channels, byte for byte", () =>
     leakFree(Effect.gen(function*() {
       const tls = yield* pskTls()

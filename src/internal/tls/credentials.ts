@@ -9,6 +9,7 @@ import * as Crypto from "node:crypto"
 import * as Fs from "node:fs/promises"
 import * as NodeTls from "node:tls"
 import * as FileIo from "../native/fileIo.js"
+import * as PeerText from "../peerText.js"
 import { configError, TlsError } from "./model.js"
 
 export const readText = (path: string, what: string) =>
@@ -85,7 +86,8 @@ export const privateKeyOf = (text: string, path: string): Effect.Effect<Crypto.K
 export const nameOf = (certificate: Crypto.X509Certificate, field: "subject" | "issuer" = "subject"): string => {
   const text = certificate[field]
   const cn = text.split("\n").find((line) => line.startsWith("CN="))
-  return cn ?? text.replace(/\n/g, ", ")
+  // a peer's certificate names what it likes
+  return PeerText.fromPeer(cn ?? text.replace(/\n/g, ", "))
 }
 
 /**
