@@ -404,6 +404,10 @@ describe("QemuStream.read refuses what it does not understand, naming it", () =>
       expect(odd.message).toContain("RAM block 'a' used length 2048 is not a positive multiple of the page size 4096")
       const twice = yield* parseError(stream({ blocks: [["a", PAGE], ["a", PAGE]] }))
       expect(twice.message).toContain("listed twice")
+      // a name is the stream's: quoted with its control characters escaped, on one line
+      const named = yield* parseError(stream({ blocks: [["a\x1b]0;x\x07\nb", PAGE / 2], ["c", PAGE + PAGE / 2]] }))
+      expect(named.message).toContain("RAM block 'a\\u001b]0;x\\u0007\\u000ab' used length 2048")
+      expect(named.message).not.toMatch(/[\u0000-\u001f]/)
       const beyond = Buffer.concat([header, sectionStart(1, "ram", 4, [u64(PAGE | 0x04), str("a"), u64(2 * PAGE)])])
       expect((yield* parseError(beyond)).message).toContain("within the announced total of 4096 bytes")
       const flushFirst = Buffer.concat([header, sectionStart(1, "ram", 4, [FLUSH])])

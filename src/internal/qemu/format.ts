@@ -10,6 +10,7 @@
 import * as Data from "effect/Data"
 import type * as Effect from "effect/Effect"
 import type * as GuestRam from "../../GuestRam.js"
+import * as PeerText from "../peerText.js"
 
 // ---------------------------------------------------------------------------------------------------------
 // Constants
@@ -177,7 +178,8 @@ export class QemuStreamError extends Data.TaggedError("QemuStreamError")<{
   readonly feature?: string | undefined
 }> {
   override get message(): string {
-    return `QEMU main channel: ${this.detail} (at byte ${this.offset})`
+    // the names it quotes (blocks, sections, devices) are the stream's: shown, never acted on
+    return `QEMU main channel: ${PeerText.printable(this.detail)} (at byte ${this.offset})`
   }
 }
 
