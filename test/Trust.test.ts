@@ -506,6 +506,19 @@ describe("a peer's words are shown, never acted on", () => {
       expectTamed(error.message)
     }))
 
+  it.scopedLive("a source's block names, quoted back in a refusal, are escaped too", () =>
+    Effect.gen(function*() {
+      const ram = yield* GuestRam.make({ blocks: [{ name: "mem", bytes: GuestRam.allocate(16 * PAGE) }] })
+      const dest = yield* startDestination({ ram })
+      const hostileHello = new Control.Hello({ ...smallHello(), blocks: [{ name: "r\x1b[2J\u202eam", size: 16 * PAGE }] })
+      const connection = yield* stranger(dest.address, [controlMagic(), Control.encode(hostileHello)], false)
+      const answer = yield* noHang(Control.receive(connection), "the refusal")
+      expect(answer).toMatchObject({ _tag: "Reject" })
+      const reason = (answer as Control.Reject).reason
+      expect(reason).toContain("block layout [r\\u001b[2J\\u202eam=65536] differs from the destination's [mem=65536]")
+      expect(reason).not.toMatch(/[\u0000-\u001f\u202e]/)
+    }))
+
   it.scopedLive("a destination's abort: the same", () =>
     Effect.gen(function*() {
       const address = yield* fakeDestination({

@@ -28,6 +28,7 @@ import * as Acceptor from "./acceptor.js"
 import * as Candidates from "./candidates.js"
 import * as Conversation from "./conversation.js"
 import * as OpenFiles from "./native/openFiles.js"
+import * as PeerText from "./peerText.js"
 import * as Recorder from "./recorder.js"
 import { unlessStalled, within } from "./stall.js"
 import type * as Status from "./status.js"
@@ -128,7 +129,9 @@ export const checkHello = (
   }
   if (ram.pageSize !== hello.pageSize) return `page size ${hello.pageSize} differs from the destination's ${ram.pageSize}`
   const mine = GuestRam.layoutOf(ram)
-  const describe = (layout: ReadonlyArray<GuestRam.BlockLayout>) => layout.map((b) => `${b.name}=${b.size}`).join(", ")
+  // the source's names are its own: shown, never acted on (this reason goes back to it, and to a terminal)
+  const describe = (layout: ReadonlyArray<GuestRam.BlockLayout>) =>
+    PeerText.fromPeer(layout.map((b) => `${b.name}=${b.size}`).join(", "))
   if (
     mine.length !== hello.blocks.length ||
     mine.some((b, i) => b.name !== hello.blocks[i]!.name || b.size !== hello.blocks[i]!.size)
