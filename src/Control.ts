@@ -14,6 +14,7 @@ import * as Effect from "effect/Effect"
 import * as Either from "effect/Either"
 import * as ParseResult from "effect/ParseResult"
 import * as Schema from "effect/Schema"
+import * as PeerText from "./internal/peerText.js"
 import { Channels, ProtocolError } from "./Protocol.js"
 import type * as Transport from "./Transport.js"
 
@@ -272,12 +273,19 @@ const decoders: Readonly<Record<string, (u: unknown) => Either.Either<Message, P
     ])
   )
 
+/** A message that is not one, saying why (in the peer's words at most 300 characters of them, escaped). */
 const badMessage = (detail: string) =>
-  new ProtocolError({ reason: "BadMessage", channel: "main", field: "control message", detail })
+  new ProtocolError({ reason: "BadMessage", channel: "main", field: "control message", detail: PeerText.fromPeer(detail) })
 
 /** The first issue of a parse error, on one line: `["blocks"][0]["size"]: Expected a non-negative number...`. */
 const firstIssue = (error: ParseResult.ParseError): string => {
-  const issue = ParseResult.ArrayFormatter.formatErrorSync(error)[0]
+  let issue: ParseResult.ArrayFormatterIssue | undefined
+  try {
+    issue = ParseResult.ArrayFormatter.formatErrorSync(error)[0]
+  } catch {
+    // printing the peer's value failed (it is the peer's to make unprintable): say that much
+    return "invalid"
+  }
   if (issue === undefined) return "invalid"
   const path = issue.path.map((key) => `[${JSON.stringify(key)}]`).join("")
   return `${path}${path.length > 0 ? ": " : ""}${issue.message}`.replace(/\s+/g, " ")
@@ -310,11 +318,30 @@ export const decode = (body: Uint8Array): Either.Either<Message, ProtocolError> 
   } catch (error) {
     return Either.left(badMessage(`not JSON (${error instanceof Error ? error.message : String(error)})`))
   }
+  // no message nests deeper; a peer's deeper value would only be walked (and printed) recursively
+  if (depthOf(json, MAX_DEPTH) > MAX_DEPTH) return Either.left(badMessage(`nested more than ${MAX_DEPTH} levels deep`))
   const tag = typeof json === "object" && json !== null ? (json as { readonly _tag?: unknown })._tag : undefined
   if (typeof tag !== "string") return Either.left(badMessage("not a control message (no _tag)"))
   const decoder = Object.hasOwn(decoders, tag) ? decoders[tag] : undefined
-  if (decoder === undefined) return Either.left(badMessage(`unknown message ${JSON.stringify(tag.slice(0, 64))}`))
+  if (decoder === undefined) return Either.left(badMessage(`unknown message "${tag}"`))
   return Either.mapLeft(decoder(json), (e) => badMessage(`${tag}: ${firstIssue(e)}`))
+}
+
+/** Deepest nesting of arrays and objects a control message may have (a hello has 3). */
+const MAX_DEPTH = 16
+
+/** How deep `value` nests arrays and objects, counted without recursion and only up to just past `limit`. */
+const depthOf = (value: unknown, limit: number): number => {
+  let deepest = 0
+  const stack: Array<readonly [unknown, number]> = [[value, 0]]
+  while (stack.length > 0) {
+    const [item, depth] = stack.pop()!
+    if (typeof item !== "object" || item === null) continue
+    if (depth + 1 > deepest) deepest = depth + 1
+    if (deepest > limit) return deepest
+    for (const child of Object.values(item)) stack.push([child, depth + 1])
+  }
+  return deepest
 }
 
 const magicBytes = Buffer.alloc(4)

@@ -11,6 +11,7 @@
 import * as Data from "effect/Data"
 import * as Either from "effect/Either"
 import * as Schema from "effect/Schema"
+import * as PeerText from "./internal/peerText.js"
 
 /**
  * Magic number that starts every multifd init and RAM packet.
@@ -291,7 +292,8 @@ export class ProtocolError extends Data.TaggedError("ProtocolError")<{
 }> {
   override get message(): string {
     const where = typeof this.channel === "number" ? `multifd channel ${this.channel}` : `${this.channel} channel`
-    return `${where}: bad ${this.field}: ${this.detail}`
+    // what it quotes (a block's name) is the peer's: shown, never acted on
+    return `${where}: bad ${this.field}: ${PeerText.printable(this.detail)}`
   }
 }
 

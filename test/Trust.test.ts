@@ -17,6 +17,7 @@ import { describe, expect, it } from "@effect/vitest"
 import * as Data from "effect/Data"
 import * as Deferred from "effect/Deferred"
 import * as Effect from "effect/Effect"
+import * as Either from "effect/Either"
 import * as Exit from "effect/Exit"
 import * as Fiber from "effect/Fiber"
 import * as Logger from "effect/Logger"
@@ -30,6 +31,7 @@ import * as GuestRam from "../src/GuestRam.js"
 import * as Migration from "../src/Migration.js"
 import * as MigrationError from "../src/MigrationError.js"
 import * as Protocol from "../src/Protocol.js"
+import * as Snapshot from "../src/Snapshot.js"
 import * as Transport from "../src/Transport.js"
 import { failureOf } from "./support/failures.js"
 import { fakeDestination } from "./support/fakeDestination.js"
@@ -528,6 +530,48 @@ describe("a peer's words are shown, never acted on", () => {
       expect(error).toMatchObject({ _tag: "MigrationError", reason: "Aborted" })
       expectTamed(error.message)
     }))
+})
+
+describe("a control frame a peer made to hurt", () => {
+  const frame = (json: string) => Buffer.from(json, "utf8")
+  const badMessage = (json: string) => {
+    const error = Either.getLeft(Control.decode(frame(json))).pipe(Option.getOrThrow)
+    expect(error).toMatchObject({ _tag: "ProtocolError", reason: "BadMessage" })
+    expect(error.message).not.toMatch(/[\u0000-\u001f\u007f-\u009f\u202e]/)
+    expect(error.message.length).toBeLessThan(500)
+    return error.message
+  }
+
+  it("deep nesting, a huge value, a body that is not JSON: a typed error on one short line (the nesting overflowed the stack)", () => {
+    const deep = (n: number) => `{"_tag":"FlushAck","round":${"[".repeat(n)}${"]".repeat(n)}}`
+    expect(badMessage(deep(3000))).toContain("nested more than 16 levels deep")
+    expect(badMessage(`{"_tag":"Hello","version":${"{\"a\":".repeat(2500)}1${"}".repeat(2500)}}`)).toContain("nested more than 16")
+    expect(badMessage(deep(10))).toContain("FlushAck")
+    expect(badMessage(`{"_tag":"Reject","reason":${JSON.stringify(["x".repeat(1_000_000)])}}`)).toMatch(/more characters\)$/)
+    expect(badMessage("{\"_tag\": \n\u001b[2J")).toContain("not JSON")
+    expect(badMessage(`{"_tag":"Abort","reason":7,"x":"\u0085\u202e"}`)).toContain("Abort")
+    expect(badMessage(JSON.stringify({ _tag: `\u001b]0;x\u0007${"y".repeat(2000)}` }))).toMatch(/^main channel: bad control message: unknown message "\\u001b\]0;x\\u0007y+… \(\d+ more characters\)/)
+  })
+
+  it("the errors that quote a peer's bytes (a packet's block name, a file's) show them escaped", () => {
+    const hostile = "mem\u0085\u202e\x1b[2J\n"
+    const protocol = new Protocol.ProtocolError({ reason: "UnknownBlock", channel: 1, field: "ramblock", detail: `no block named "${hostile}"` })
+    expect(protocol.message).toBe(`multifd channel 1: bad ramblock: no block named "mem\\u0085\\u202e\\u001b[2J\\u000a"`)
+    const snapshot = new Snapshot.SnapshotError({ reason: "Corrupt", path: "/s", detail: `block "${hostile}"` })
+    expect(snapshot.message).toBe(`snapshot /s: block "mem\\u0085\\u202e\\u001b[2J\\u000a"`)
+  })
+
+  it.live("a stranger sending one: turned away and listed; the destination goes on to a real migration", () =>
+    leakFree(Effect.gen(function*() {
+      const dest = yield* startDestination()
+      const body = frame(`{"_tag":"FlushAck","round":${"[".repeat(3000)}${"]".repeat(3000)}}`)
+      const length = Buffer.alloc(4)
+      length.writeUInt32BE(body.length)
+      const connection = yield* stranger(dest.address, [controlMagic(), length, body], false)
+      yield* turnedAway(connection, "the stranger turned away")
+      const result = yield* realSourceSucceeds(dest)
+      expect(result.rejected).toEqual([expect.stringContaining("nested more than 16 levels deep")])
+    })))
 })
 
 describe("a destination's answer out of turn", () => {

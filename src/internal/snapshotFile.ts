@@ -10,6 +10,7 @@ import * as Effect from "effect/Effect"
 import type * as Scope from "effect/Scope"
 import * as Path from "node:path"
 import * as FileIo from "./native/fileIo.js"
+import * as PeerText from "./peerText.js"
 
 /** Why a snapshot could not be saved or restored; the message is one line naming the file. */
 export class SnapshotError extends Data.TaggedError("SnapshotError")<{
@@ -35,7 +36,7 @@ export class SnapshotError extends Data.TaggedError("SnapshotError")<{
   readonly cause?: unknown
 }> {
   override get message(): string {
-    return `snapshot ${this.path}: ${this.detail}`
+    return `snapshot ${this.path}: ${PeerText.printable(this.detail)}`
   }
 }
 

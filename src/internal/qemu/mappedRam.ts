@@ -25,6 +25,7 @@ import * as QemuStream from "../../QemuStream.js"
 import * as QemuVm from "../../QemuVm.js"
 import * as FileIo from "../native/fileIo.js"
 import * as EventLoop from "../native/eventLoop.js"
+import * as PeerText from "../peerText.js"
 import { MAPPED_RAM, MAPPED_RAM_ALIGNMENT, MAPPED_RAM_HEADER_SIZE } from "./format.js"
 import * as Writer from "./writer.js"
 
@@ -36,7 +37,7 @@ export class MappedRamError extends Data.TaggedError("MappedRamError")<{
   readonly cause?: unknown
 }> {
   override get message(): string {
-    return `${this.path}: ${this.detail}`
+    return `${this.path}: ${PeerText.printable(this.detail)}`
   }
 }
 
