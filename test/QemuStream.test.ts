@@ -1176,6 +1176,42 @@ const fakeQemu = (onMain: (connection: Transport.Connection) => Effect.Effect<vo
 const vmFileDir = Fs.mkdtempSync(Path.join(Os.tmpdir(), "emfd-vmfile-"))
 afterAll(() => Fs.rmSync(vmFileDir, { recursive: true, force: true }))
 
+describe("QemuStream.read with a return path: the drain stops where the stream ends (QEMU waits for the answer)", () => {
+  it.effect("past reads that end with '}' and planted description headers, at the real description, however the bytes come", () =>
+    Effect.gen(function*() {
+      const stream = withReturnPath(7)
+      const at = DEVICE_STATE_AT + (stream.length - MAIN.length)
+      // 4 MiB of opaque device bytes before the capture's own device state: '}' everywhere, and every 64 KiB a
+      // header whose length ends it at a read boundary (there it is parsed, and is no description)
+      const junk = Buffer.alloc(4 * 1024 * 1024, 0x7d)
+      for (let q = 0; q + 7 <= junk.length; q += 64 * 1024) {
+        Buffer.from([0x1f, 0x06, 0, 0, 0x10, 0x00, 0x7b]).copy(junk, q)
+        junk.writeUInt32BE(4096 - 6 - (q % 4096), q + 2)
+      }
+      const bytes = Buffer.concat([stream.subarray(0, at), junk, stream.subarray(at)])
+      for (const piece of [4096, 65536, 1024 * 1024]) {
+        // a source that never closes, as QEMU until it hears SHUT
+        let offset = 0
+        const source: QemuStream.ByteSource<never> = {
+          readSome: (max) => {
+            if (offset >= bytes.length) return Effect.never
+            const chunk = bytes.subarray(offset, Math.min(bytes.length, offset + Math.min(max, piece)))
+            offset += chunk.length
+            return Effect.succeed(chunk)
+          }
+        }
+        const { handler } = countingHandler()
+        const summary = yield* noHang(
+          QemuStream.read(source, { ...handler, openReturnPath: Effect.void, ping: () => Effect.void }),
+          `the drain in pieces of ${piece}`
+        )
+        expect(summary.returnPath).toBe(true)
+        expect(summary.devices).toBe(2)
+        expect(summary.deviceStateBytes).toBe(bytes.length - at)
+      }
+    }))
+})
+
 describe("QemuIncoming: a source with a return path (capability return-path), answered as QEMU's destination answers", () => {
   it.live("SWITCHOVER_ACK when it opens, PONG with the PING's value, SHUT 0 once the stream ended, before QEMU closes anything", () =>
     expectNoLeaks(Effect.scoped(Effect.gen(function*() {

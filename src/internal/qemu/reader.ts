@@ -6,11 +6,57 @@
  * @internal
  */
 import * as Effect from "effect/Effect"
-import { type ByteSource, checkEnding, QemuStreamError } from "./format.js"
+import { type ByteSource, checkEnding, QemuStreamError, Record } from "./format.js"
 
 const CHUNK = 64 * 1024
 /** How much of the drained device state is kept to check the end of the stream. */
 const TAIL_LIMIT = 16 * 1024 * 1024
+
+/** Possible description records kept by `endWatch` (a real one comes last: nothing can follow it). */
+const MAX_CANDIDATES = 1024
+/** Matches `endWatch` confirms at most: a stream that planted more is not ended by one. */
+const MAX_CONFIRMATIONS = 64
+
+/**
+ * Watches drained bytes for the end of a complete stream with a description (`checkEnding`: `EOF,
+ * VMDESCRIPTION, u32 length, '{'` and that many bytes of JSON) without rescanning them: each such header seen
+ * gives the length at which the stream would end, and only there is the tail parsed (a peer that ended every
+ * read with '}' made each check copy and rescan the whole kept tail: quadratic time, and the tail grew past
+ * its limit).
+ */
+const endWatch = (limit: number) => {
+  /** Where the stream would end → where that description record starts. */
+  const ends = new Map<number, number>()
+  /** The last six bytes so far. */
+  let recent = Buffer.alloc(0)
+  let confirmations = 0
+  return {
+    /** Takes `piece`, which starts at byte `at` of the drain. */
+    add: (piece: Buffer, at: number): void => {
+      const window = recent.length === 0 ? piece : Buffer.concat([recent, piece])
+      const origin = at - recent.length
+      for (let i = window.indexOf(Record.EOF); i >= 0 && i + 7 <= window.length; i = window.indexOf(Record.EOF, i + 1)) {
+        if (window[i + 1] !== Record.VMDESCRIPTION || window[i + 6] !== 0x7b /* { */) continue
+        const size = 6 + window.readUInt32BE(i + 2)
+        if (size > limit) continue
+        ends.set(origin + i + size, origin + i)
+        if (ends.size > MAX_CANDIDATES) ends.delete(ends.keys().next().value!)
+      }
+      recent = Buffer.from(window.subarray(Math.max(0, window.length - 6)))
+    },
+    /** Whether the `length` bytes so far end a stream; `last(n)` gives their last `n`. */
+    ended: (length: number, last: (n: number) => Buffer): boolean => {
+      // only a description's '}' ends it here: a source that opened a return path waits for the answer, and
+      // the EOF marker alone could be a device's byte
+      if (recent[recent.length - 1] !== 0x7d /* } */) return false
+      const start = ends.get(length)
+      if (start === undefined || confirmations >= MAX_CONFIRMATIONS) return false
+      ends.delete(length)
+      confirmations++
+      return checkEnding(last(length - start), length)._tag === "Complete"
+    }
+  }
+}
 
 /** Fails with a `QemuStreamError`. */
 export const fail = (
@@ -135,24 +181,28 @@ export class Reader<E> {
       const pieces: Array<Buffer> = []
       let kept = 0
       let length = 0
+      const watch = options.stopAtEnd ? endWatch(limit) : undefined
       const keep = (piece: Buffer) => {
         if (piece.length === 0) return
         // a copy: the source may reuse its buffers, and a view would pin the whole chunk
         pieces.push(Buffer.from(piece))
+        watch?.add(piece, length)
         kept += piece.length
         length += piece.length
         while (pieces.length > 1 && kept - pieces[0]!.length >= limit) kept -= pieces.shift()!.length
       }
-      /** Whether the bytes so far end as a complete stream does (only a description's `}` can end it). */
-      const ended = () => {
-        if (!options.stopAtEnd || kept === 0) return false
-        const last = pieces[pieces.length - 1]!
-        if (last[last.length - 1] !== 0x7d /* } */) return false
-        const all = Buffer.concat(pieces)
-        pieces.length = 0
-        pieces.push(all)
-        return checkEnding(all, length)._tag === "Complete"
+      /** The last `n` bytes kept (`n` ≤ kept). */
+      const last = (n: number): Buffer => {
+        const parts: Array<Buffer> = []
+        for (let i = pieces.length - 1, need = n; i >= 0 && need > 0; i--) {
+          const piece = pieces[i]!
+          parts.unshift(piece.length <= need ? piece : piece.subarray(piece.length - need))
+          need -= piece.length
+        }
+        return Buffer.concat(parts)
       }
+      /** Whether the bytes so far end as a complete stream does: checked in constant time, but for a match. */
+      const ended = () => watch !== undefined && watch.ended(length, last)
       keep(self.take(self.buffered))
       while (!ended()) {
         const chunk = yield* self.source.readSome(1024 * 1024)
