@@ -475,19 +475,6 @@ const receive = <E>(
       originalErrors
     ))
 
-/** The first expectation a snapshot does not meet, described (its zero pages are never stored: no mode). */
-const unmetBySnapshot = (snapshot: Proposal, expect: Expectations | undefined): string | undefined => {
-  if (expect === undefined) return undefined
-  const names = { channels: "channels", pageSize: "page size", compression: "compression" } as const
-  for (const key of ["channels", "pageSize", "compression"] as const) {
-    const wanted = expect[key]
-    if (wanted !== undefined && wanted !== snapshot[key]) {
-      return `it was saved with ${names[key]} ${snapshot[key]}, the destination expects ${wanted}`
-    }
-  }
-  return undefined
-}
-
 /** `listenAndReceive` from a `file:` address: `Snapshot.restore` with the destination's memory options. */
 const restoreFromFile = (path: string, options: IncomingOptions<unknown>): Effect.Effect<Incoming, Snapshot.SnapshotError> =>
   options.upgrade !== undefined
@@ -504,7 +491,8 @@ const restoreFromFile = (path: string, options: IncomingOptions<unknown>): Effec
               // page is read
               admit: (snapshot) => {
                 const proposal: Proposal = { ...snapshot, compression: "none" }
-                return unmetBySnapshot(proposal, options.expect) ?? options.admit?.(proposal)
+                const unmet = options.expect && Destination.unmet(proposal, options.expect, "it was saved with")
+                return unmet ?? options.admit?.(proposal)
               },
               onProgress: tracker.withProgress(options.onProgress, options.ram?.pageSize ?? 0)
             }),

@@ -124,6 +124,16 @@ const checked = (problem: (n: number) => string | undefined) => (text: string) =
 const LEVEL_MIN = Math.min(Protocol.compressionLevels.zlib.min, Protocol.compressionLevels.zstd.min)
 const LEVEL_MAX = Math.max(Protocol.compressionLevels.zlib.max, Protocol.compressionLevels.zstd.max)
 
+/**
+ * Why `n` is no compression method's level (outside the widest of their ranges), if it is not one: a level
+ * is checked so before its method is known (`MULTIFD_COMPRESSION_LEVEL`, `--compression-level`).
+ *
+ * @since 0.1.0
+ * @category parsers
+ */
+export const checkAnyCompressionLevel = (n: number): string | undefined =>
+  n >= LEVEL_MIN && n <= LEVEL_MAX ? undefined : `must be between ${LEVEL_MIN} and ${LEVEL_MAX}, not ${n}`
+
 // ---------------------------------------------------------------------------------------------------------
 // One variable each (`MULTIFD_` is added by `Config.nested`)
 
@@ -171,8 +181,7 @@ export const compression: Config.Config<Protocol.Compression> = Config.nested(
  * @category config
  */
 export const compressionLevel: Config.Config<number> = Config.nested(
-  Field.field("COMPRESSION_LEVEL", checked((n) =>
-    n >= LEVEL_MIN && n <= LEVEL_MAX ? undefined : `must be between ${LEVEL_MIN} and ${LEVEL_MAX}, not ${n}`)),
+  Field.field("COMPRESSION_LEVEL", checked(checkAnyCompressionLevel)),
   "MULTIFD"
 )
 

@@ -19,9 +19,10 @@ import { ExitCode, toJson } from "./errors.js"
  */
 const REPEAT_MS = 1000
 
-// runMain interrupts the program on the first SIGINT / SIGTERM (`hangup` below on SIGHUP) and then stops listening; this listener stays
-// for the process's life, so that a duplicate does not kill the process by default while it tears down
-// (the "interrupted" line and the cleanup would be lost). A later signal is a second request: exit at once.
+// runMain interrupts the program on the first SIGINT / SIGTERM (`hangup` below on SIGHUP) and then stops
+// listening; this listener stays for the process's life, so that a duplicate does not kill the process by
+// default while it tears down (the "interrupted" line and the cleanup would be lost). A later signal is a
+// second request: exit at once.
 let first: { readonly signal: NodeJS.Signals; readonly at: number } | undefined
 const onSignal = (name: NodeJS.Signals) => {
   if (first === undefined) {

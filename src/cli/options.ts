@@ -50,15 +50,14 @@ const check = <A>(problem: (a: A) => string | undefined) => (a: A) => {
   return why === undefined ? Effect.succeed(a) : Effect.fail(invalid(why))
 }
 
-const LEVEL_MIN = Math.min(Protocol.compressionLevels.zlib.min, Protocol.compressionLevels.zstd.min)
-const LEVEL_MAX = Math.max(Protocol.compressionLevels.zlib.max, Protocol.compressionLevels.zstd.max)
-
 /**
  * Why `n` is a level of no compression method, if it is not one of any: a level given without compression is
  * ignored, but not one that no method has (as MULTIFD_COMPRESSION_LEVEL is checked).
  */
-export const checkAnyLevel = (n: number): string | undefined =>
-  n >= LEVEL_MIN && n <= LEVEL_MAX ? undefined : `--compression-level must be between ${LEVEL_MIN} and ${LEVEL_MAX}, not ${n}`
+export const checkAnyLevel = (n: number): string | undefined => {
+  const why = MigrationConfig.checkAnyCompressionLevel(n)
+  return why === undefined ? undefined : `--compression-level ${why}`
+}
 
 /** A value that may not be empty (`--out ''` named no file and failed only at the end). */
 const nonEmpty = (name: string) => (text: string) =>

@@ -95,14 +95,21 @@ export type Failure =
 /** The memory a hello proposes: every block's bytes. */
 const ramBytesOf = (hello: Control.Hello): number => hello.blocks.reduce((n, b) => n + b.size, 0)
 
-/** The first expectation the hello does not meet, described. */
-const unmet = (hello: Control.Hello, expect: Expectations): string | undefined => {
+/**
+ * The first expectation `actual` does not meet, described as `${uses} channels 3, the destination expects 4`
+ * (a setting `actual` does not have is not held to one: a snapshot has no zero-page mode).
+ */
+export const unmet = (
+  actual: Partial<Record<keyof Expectations, string | number>>,
+  expect: Expectations,
+  uses = "the source uses"
+): string | undefined => {
   const keys = ["channels", "pageSize", "compression", "zeroPage"] as const
   const names = { channels: "channels", pageSize: "page size", compression: "compression", zeroPage: "zero-page mode" }
   for (const key of keys) {
     const wanted = expect[key]
-    if (wanted !== undefined && wanted !== hello[key]) {
-      return `the source uses ${names[key]} ${hello[key]}, the destination expects ${wanted}`
+    if (wanted !== undefined && actual[key] !== undefined && wanted !== actual[key]) {
+      return `${uses} ${names[key]} ${actual[key]}, the destination expects ${wanted}`
     }
   }
   return undefined
