@@ -125,7 +125,8 @@ export const parsePskFile = (text: string, source = "keys file"): Effect.Effect<
       if (colon <= 0 || hex.length === 0 || hex.length % 2 !== 0 || !/^[0-9a-fA-F]+$/.test(hex)) {
         return new TlsError({ reason: "Config", detail: `${source} line ${i + 1} is not identity:hexkey` })
       }
-      keys.set(identity, Buffer.from(hex, "hex"))
+      // QEMU's tls-creds-psk takes an identity's first line: so does this side, or one file gives two keys
+      if (!keys.has(identity)) keys.set(identity, Buffer.from(hex, "hex"))
     }
     if (keys.size === 0) return new TlsError({ reason: "Config", detail: `${source} has no identity:hexkey line` })
     return Effect.succeed(keys)

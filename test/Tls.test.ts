@@ -941,6 +941,13 @@ describe("configuration", () => {
       expect(ca.message).toContain("cannot read CA certificate /nonexistent/ca.pem")
     })))
 
+  it.effect("an identity listed twice in keys.psk: its first key, as QEMU's tls-creds-psk reads it (one file, one key)", () =>
+    Effect.gen(function*() {
+      const keys = yield* Tls.parsePskFile(`qemu:${"11".repeat(32)}\nother:${"22".repeat(32)}\nqemu:${"33".repeat(32)}\n`)
+      expect(keys.get("qemu")!.toString("hex")).toBe("11".repeat(32))
+      expect([...keys.keys()]).toEqual(["qemu", "other"])
+    }))
+
   it.live("load: a bad keys.psk line names the file and the line", () =>
     leakFree(Effect.gen(function*() {
       const path = tmp("bad.psk", "# comment\n\nqemu:00ff\nnot-a-key-line\n")
