@@ -1274,6 +1274,18 @@ describe("QemuIncoming with channels 0: QEMU without multifd, every page on the 
       expectOneLine(error)
       expect(error.message).toContain("QEMU migrates with multifd (RAM_SAVE_FLAG_MULTIFD_FLUSH), but --channels 0 expects none")
     }))))
+
+  it.live("and the reverse: a stream without it into a destination expecting 2 channels fails once its RAM section ends, saying so", () =>
+    expectNoLeaks(Effect.scoped(Effect.gen(function*() {
+      const dst = yield* destination({ channels: 2 })
+      const error = failureOf(yield* replayAll(dst, [pages]))
+      expectOneLine(error)
+      expect(error).toMatchObject({ _tag: "MigrationError", reason: "Rejected" })
+      expect(error.message).toContain(
+        "QEMU migrates without multifd (its RAM section ended without RAM_SAVE_FLAG_MULTIFD_FLUSH), but --channels 2 " +
+          "expects multifd: give --channels 0, or turn QEMU's capability multifd on"
+      )
+    }))))
 })
 
 describe("MappedRam: QEMU 10's mapped-ram file", () => {

@@ -202,8 +202,19 @@ export const read = (
           activity = idle
           flushes = index + 1
         }),
-      // the last flush follows: from now on a channel that QEMU closes after its last SYNC has finished
-      ramEnding: channels === 0 ? Effect.void : Effect.flatMap(Deferred.await(channelSet), (recv) => recv.expectEnd),
+      // the last flush follows: from now on a channel that QEMU closes after its last SYNC has finished. QEMU
+      // with multifd flushes once at the start of the RAM section already: a RAM section that ends without one
+      // came from QEMU without multifd (its pages on this stream), whose channels will never come
+      ramEnding: channels === 0 ? Effect.void : Effect.gen(function*() {
+        if (flushes === 0) {
+          return yield* new MigrationError.MigrationError({
+            reason: "Rejected",
+            detail: `QEMU migrates without multifd (its RAM section ended without RAM_SAVE_FLAG_MULTIFD_FLUSH), but ` +
+              `--channels ${channels} expects multifd: give --channels 0, or turn QEMU's capability multifd on`
+          })
+        }
+        yield* Effect.flatMap(Deferred.await(channelSet), (recv) => recv.expectEnd)
+      }),
       openReturnPath: Effect.zipRight(
         Effect.mapError(connection.write([Writer.switchoverAck()]), MigrationError.onChannel("main")),
         Ref.set(config.returnPath, true)
