@@ -410,6 +410,26 @@ describe("PSK (QEMU tls-creds-psk)", () => {
       }
     })))
 
+  it.live("TLS on one side only: both sides say that the other does not speak it (either way round)", () =>
+    leakFree(Effect.gen(function*() {
+      const tls = yield* pskTls()
+      const ram = yield* sourceRam()
+      // the destination uses TLS, the source does not
+      const secured = yield* startDestination(tls.server)
+      const plain = failureOf(yield* noHang(Effect.exit(migrateTo(ram, tcp(LOOPBACK, secured.port), undefined)), "plain migrate"))
+      expect(plain.message).toContain("it may use TLS (this source does not)")
+      yield* noHang(secured.rejections(1), "the TLS destination's rejection")
+      expect(secured.logs.find((l) => l.includes("rejected a connection"))).toContain("(the peer does not speak TLS")
+      // the source uses TLS, the destination does not
+      const open = yield* startDestination(undefined)
+      const tlsSource = failureOf(yield* noHang(Effect.exit(migrateTo(ram, tcp(LOOPBACK, open.port), tls.client(undefined))), "TLS migrate"))
+      expect(tlsSource.message).toContain("(the peer closed the connection in the TLS handshake: does it use TLS")
+      yield* noHang(open.rejections(1), "the plain destination's rejection")
+      expect(open.logs.find((l) => l.includes("rejected a connection"))).toContain(
+        "): a TLS handshake, and this destination does not use TLS"
+      )
+    })))
+
   it.live("a real image: 32 MiB over TLS with 4 channels, byte for byte", () =>
     leakFree(Effect.gen(function*() {
       const tls = yield* pskTls()

@@ -32,6 +32,10 @@ const candidateProblem = (error: Control.ReceiveError | MigrationError.Migration
     ? `bad ${error.field}: ${error.detail}`
     : error.message
 
+/** What first bytes of a TLS handshake record (0x16 0x03) mean to a destination that does not use TLS. */
+export const tlsHint = (first: Buffer): string =>
+  first[0] === 0x16 && first[1] === 0x03 ? ": a TLS handshake, and this destination does not use TLS" : ""
+
 /** Tells a complete but unwanted hello why (best effort: the connection is closed right after). */
 const refuse = (connection: Transport.Connection, reason: string) =>
   Control.send(connection, new Control.Reject({ reason })).pipe(Effect.timeout(Duration.seconds(1)), Effect.ignore)
@@ -89,6 +93,6 @@ export const classifier = (
           Effect.catchIf(MultifdRecv.isStranger, (e) => reject(connection, e.message))
         )
       }
-      return yield* reject(connection, `not a migration stream (first bytes ${first.toString("hex")})`)
+      return yield* reject(connection, `not a migration stream (first bytes ${first.toString("hex")})${tlsHint(first)}`)
     })
 }

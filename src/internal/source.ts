@@ -132,7 +132,9 @@ export const run = (
             // a TLS source that presented a certificate explains such a close itself (Tls.client)
             detail: Conversation.tlsRefusal(error.cause) ??
               `the destination closed the main channel before answering (${error.cause.message}); ` +
-                "it may have refused this source (TLS authorization) or not be a multifd destination"
+                (settings.upgrade === undefined
+                  ? "it may use TLS (this source does not), or not be a multifd destination"
+                  : "it may have refused this source (TLS authorization) or not be a multifd destination")
           })
           : Effect.fail(error)))
     const next = (waiting: string) =>

@@ -30,12 +30,23 @@ export const describe = (error: unknown): string => {
   return text.replace(/^[0-9A-F]+:error:[0-9A-F]+:SSL routines:[^:]*:/, "").replace(/:\.\.\/deps\/.*$/s, "").trim()
 }
 
-/** Adds what an alert most likely means when keys or certificates do not match. */
+/**
+ * Adds what an alert most likely means when keys or certificates do not match, or when the peer does not
+ * speak TLS (or not the same kind: PSK against x509).
+ */
 export const hint = (credentials: Credentials, text: string): string =>
   credentials._tag === "Psk" && /illegal parameter|binder|decrypt|bad record mac/.test(text)
     ? `${text} (do both sides use the same pre-shared key for this identity?)`
     : /certificate required/.test(text)
     ? `${text} (the destination requires a client certificate)`
+    : /wrong version number|http request|unknown protocol/i.test(text)
+    ? `${text} (the peer does not speak TLS: does it use the TLS options too?)`
+    : /socket disconnected before secure TLS connection/.test(text)
+    ? `${text} (the peer closed the connection in the TLS handshake: does it use TLS, with PSK or x509 as this side does?)`
+    : /no suitable signature algorithm|no shared cipher|handshake failure/.test(text)
+    ? `${text} (do both sides use the same kind of credentials, PSK or x509, and does the peer admit this side?)`
+    : credentials._tag === "Psk" && /certificate/.test(text)
+    ? `${text} (the peer presents a certificate: it uses x509, this side PSK)`
     : text
 
 export const EKU_NAMES: Record<string, string> = {
