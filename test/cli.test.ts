@@ -545,7 +545,8 @@ describe("multifd failures", () => {
     expect(failed.code).toBe(1)
     expect(lines(failed.stdout)).toHaveLength(1)
     expect(JSON.parse(failed.stdout)).toEqual({
-      error: { tag: "ChannelError", reason: "ChannelError", message: `main channel: tcp:127.0.0.1:${port}: connection refused` }
+      // a channel's failure gives its cause's reason (it said "ChannelError" again)
+      error: { tag: "ChannelError", reason: "Connect", message: `main channel: tcp:127.0.0.1:${port}: connection refused` }
     })
     expect(lines(failed.stderr)).toEqual([`multifd: error: main channel: tcp:127.0.0.1:${port}: connection refused`])
     const config = await runHere(["send", "tcp:127.0.0.1:1", "--in", Path.join(dir, "missing.raw"), "--json"])

@@ -143,9 +143,20 @@ const reportOf = (error: unknown, flags: Flags | undefined): Report => {
   const tagged = isTagged(error) ? error : undefined
   return {
     tag: tagged?._tag ?? "Error",
-    reason: typeof tagged?.reason === "string" ? tagged.reason : tagged?._tag ?? "Error",
+    reason: reasonOf(tagged),
     message: oneLine(messageOf(error))
   }
+}
+
+/**
+ * A failure's reason: its own, else (a `ChannelError`, which names the channel) its cause's — a TLS handshake
+ * that failed is `Handshake`, not `ChannelError` again —, else its tag.
+ */
+const reasonOf = (tagged: Tagged | undefined): string => {
+  if (typeof tagged?.reason === "string") return tagged.reason
+  const cause = (tagged as { readonly cause?: unknown } | undefined)?.cause
+  if (isTagged(cause)) return typeof cause.reason === "string" ? cause.reason : cause._tag
+  return tagged?._tag ?? "Error"
 }
 
 /** Where a failure is reported. */
