@@ -34,7 +34,7 @@ import {
   startRecv,
   waitForStderr
 } from "./support/cli.js"
-import { mountTmpfs } from "./support/files.js"
+import { onTmpfs } from "./support/files.js"
 import { resetProxy } from "./support/resetProxy.js"
 import { controlMagic } from "./support/wire.js"
 
@@ -849,9 +849,7 @@ describe("observability and configuration", () => {
 describe("trust: success is durable, strangers are candidates", () => {
   it("recv --out on a file system too small for the image: refused at the hello, both say why, nothing left", async (ctx) => {
     const full = Path.join(dir, "small")
-    const why = mountTmpfs(full, "1m")
-    if (why !== undefined) return ctx.skip(`cannot mount a 1 MiB tmpfs here (needs root): ${why}`)
-    try {
+    await onTmpfs(ctx, full, "1m", async () => {
       const out = Path.join(full, "out.img")
       const recv = await startRecv(["tcp:127.0.0.1:0", "--out", out])
       expect(Fs.readdirSync(full)).toHaveLength(1) // the temporary file, created up front
@@ -864,18 +862,14 @@ describe("trust: success is durable, strangers are candidates", () => {
       expect(lines(received.stderr).at(-1)).toBe(`multifd: error: refused the migration: ${reason}`)
       noStack(send.stderr + received.stderr)
       expect(Fs.readdirSync(full)).toEqual([])
-    } finally {
-      ChildProcess.execFileSync("umount", [full])
-    }
+    })
   })
 
   it("recv file: onto a file system too small for the snapshot's memory: refused before it is read, nothing left", async (ctx) => {
     const small = Path.join(dir, "small-restore")
     const snapshot = Path.join(dir, "small-restore.snap")
     expect((await runHere(["send", `file:${snapshot}`, "--in", image])).code).toBe(0)
-    const why = mountTmpfs(small, "1m")
-    if (why !== undefined) return ctx.skip(`cannot mount a 1 MiB tmpfs here (needs root): ${why}`)
-    try {
+    await onTmpfs(ctx, small, "1m", async () => {
       const out = Path.join(small, "out.img")
       const recv = await runHere(["recv", `file:${snapshot}`, "--out", out])
       expect(recv.code, recv.stderr).toBe(1)
@@ -883,16 +877,12 @@ describe("trust: success is durable, strangers are candidates", () => {
         `multifd: error: snapshot ${snapshot}: not restored: ${out}: the image needs 8.00 MiB, and ${small} has 1.00 MiB free`
       ])
       expect(Fs.readdirSync(small)).toEqual([])
-    } finally {
-      ChildProcess.execFileSync("umount", [small])
-    }
+    })
   })
 
   it("recv --out on a file system that fills up during the transfer: send exits 1 with the destination's reason, recv exits 1, nothing left", async (ctx) => {
     const full = Path.join(dir, "full")
-    const why = mountTmpfs(full, "12m")
-    if (why !== undefined) return ctx.skip(`cannot mount a 12 MiB tmpfs here (needs root): ${why}`)
-    try {
+    await onTmpfs(ctx, full, "12m", async () => {
       const out = Path.join(full, "out.img")
       const recv = await startRecv(["tcp:127.0.0.1:0", "--out", out, "--verbose"])
       expect(Fs.readdirSync(full)).toHaveLength(1) // the temporary file, created up front
@@ -913,9 +903,7 @@ describe("trust: success is durable, strangers are candidates", () => {
       expect(lines(received.stderr).at(-1)).toBe(`multifd: error: ${reason}`)
       noStack(send.stderr + received.stderr)
       expect(Fs.readdirSync(full)).toEqual(["filler"]) // the temporary file is removed, no image claims success
-    } finally {
-      ChildProcess.execFileSync("umount", [full])
-    }
+    })
   })
 
   it("the directory sync after the rename reports a real failure instead of ignoring it (here: no directory)", async () => {

@@ -47,3 +47,22 @@ export const mountTmpfs = (mountpoint: string, size: string): string | undefined
     return stderr !== undefined && stderr.length > 0 ? stderr : String(error)
   }
 }
+
+/**
+ * Runs `body` with a tmpfs of `size` mounted at `mountpoint`, unmounted after it whatever happens; skips the
+ * test (saying why) where mounting is not allowed.
+ */
+export const onTmpfs = async (
+  ctx: { readonly skip: (note: string) => void },
+  mountpoint: string,
+  size: string,
+  body: () => Promise<void>
+): Promise<void> => {
+  const why = mountTmpfs(mountpoint, size)
+  if (why !== undefined) return ctx.skip(`cannot mount a ${size.toUpperCase().replace("M", " MiB")} tmpfs here (needs root): ${why}`)
+  try {
+    await body()
+  } finally {
+    ChildProcess.execFileSync("umount", [mountpoint])
+  }
+}
