@@ -125,6 +125,7 @@ describe("Snapshot round trip", () => {
         const ram = yield* makeRam(4096, LAYOUT, channels)
         const saved = yield* leakFree(dir, save(ram, path, { channels }))
         expect(Fs.readdirSync(dir)).toEqual(["vm.snap"])
+        expect(Fs.statSync(path).mode & 0o777).toBe(0o600) // a guest's memory: its owner's alone
         const stored = nonZeroPages(ram)
         expect(saved.storedPages).toBe(stored)
         expect(saved.normalPages).toBe(stored)

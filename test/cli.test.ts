@@ -109,6 +109,7 @@ describe("multifd send/recv", () => {
     expect(received.code, received.stderr).toBe(0)
     expect(Fs.readFileSync(out).equals(Fs.readFileSync(image))).toBe(true)
     expect(filesLike("tcp.out.")).toEqual([]) // no partial file left
+    expect(Fs.statSync(out).mode & 0o777).toBe(0o600) // a guest's memory: its owner's alone
     // human summaries on stderr, nothing on stdout
     expect(send.stdout).toBe("")
     expect(lines(send.stderr)).toEqual([expect.stringMatching(/^multifd: migrated 8\.00 MiB over 4 channels in /)])

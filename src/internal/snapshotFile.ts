@@ -163,7 +163,7 @@ const writeError = (path: string) => (error: FileIo.FileError): SnapshotError =>
 export const createTemporary = (path: string, length: number): Effect.Effect<Temporary, SnapshotError, Scope.Scope> =>
   Effect.gen(function*() {
     const failed = writeError(path)
-    const file = yield* Effect.mapError(FileIo.atomicFile(path, { mode: 0o644, size: length }), failed)
+    const file = yield* Effect.mapError(FileIo.atomicFile(path, { size: length }), failed)
     const writeAll = (buffer: Uint8Array, list: FileIo.IoList) =>
       Effect.mapError(FileIo.transferAll("write", file, buffer, list, IN_FLIGHT), failed)
     return {

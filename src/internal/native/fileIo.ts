@@ -312,16 +312,27 @@ export const followLinks = (path: string): Effect.Effect<string, FileError> =>
   })
 
 /**
+ * The permissions of a file `atomicFile` creates where none was: its owner's alone. What it writes is a guest's
+ * memory (keys, passwords, whatever the guest held), which no other user of the machine may read; QEMU's own
+ * migration files are not world-readable either.
+ */
+export const NEW_FILE_MODE = 0o600
+
+/**
  * Creates `<target>.<pid>.partial` (refusing up front anything at `target` that is not a regular file, and a
  * temporary file that exists already), optionally at a length (sparse). When the scope closes the handle is
  * closed and, unless it was committed, the temporary file removed: `target` itself is only ever replaced by a
  * complete file. A `target` that is a symbolic link is written through: the file it points at is replaced
  * (the temporary file beside that one, on its file system), the link kept. Temporary files of `target` that
  * killed processes left are removed first (`removeStale`, each with a warning).
+ *
+ * The temporary file is created readable by its owner alone (`NEW_FILE_MODE`). When it replaces an existing
+ * file it takes that file's permissions, and its owner and group as far as this process may give them, as
+ * `cp` over an existing file keeps them: the file's readers stay the file's readers, from the first byte.
  */
 export const atomicFile = (
   given: string,
-  options: { readonly mode?: number | undefined; readonly size?: number | undefined } = {}
+  options: { readonly size?: number | undefined } = {}
 ): Effect.Effect<AtomicFile, FileError, Scope.Scope> =>
   Effect.gen(function*() {
     const target = yield* followLinks(given)
@@ -334,7 +345,7 @@ export const atomicFile = (
     const committed = yield* Ref.make(false)
     const handle = yield* Effect.acquireRelease(
       Effect.tryPromise({
-        try: () => FsP.open(path, "wx", options.mode),
+        try: () => FsP.open(path, "wx", NEW_FILE_MODE),
         catch: (cause) => new FileError({ step: "Create", path, cause })
       }),
       (handle) =>
@@ -345,6 +356,10 @@ export const atomicFile = (
           }))
     )
     const failed = (step: Step) => (cause: unknown) => new FileError({ step, path, cause })
+    if (existing !== undefined) {
+      yield* Effect.promise(() => handle.chown(existing.uid, existing.gid).catch(() => undefined))
+      yield* Effect.tryPromise({ try: () => handle.chmod(existing.mode & 0o777), catch: failed("Create") })
+    }
     const size = options.size
     if (size !== undefined) {
       yield* Effect.tryPromise({
