@@ -73,26 +73,21 @@ describe("FileIo.atomicFile", () => {
           yield* file.commit
         }))
       const mode = (path: string) => Fs.statSync(path).mode & 0o777
-      const umask = process.umask(0o002) // a permissive umask does not widen it
-      try {
-        const fresh = Path.join(dir, "fresh.img")
-        yield* write(fresh, (temporary) => expect(mode(temporary)).toBe(0o600))
-        expect(mode(fresh)).toBe(0o600)
-        // an existing file's readers stay its readers
-        const shared = Path.join(dir, "shared.img")
-        Fs.writeFileSync(shared, "old", { mode: 0o640 })
-        Fs.chmodSync(shared, 0o640)
-        yield* write(shared, (temporary) => expect(mode(temporary)).toBe(0o640))
-        expect([mode(shared), Fs.readFileSync(shared, "utf8").slice(0, 3)]).toEqual([0o640, "new"])
-        // and a file its owner had closed stays closed
-        const closed = Path.join(dir, "closed.img")
-        Fs.writeFileSync(closed, "old")
-        Fs.chmodSync(closed, 0o400)
-        yield* write(closed, (temporary) => expect(mode(temporary)).toBe(0o400))
-        expect(mode(closed)).toBe(0o400)
-      } finally {
-        process.umask(umask)
-      }
+      const fresh = Path.join(dir, "fresh.img")
+      yield* write(fresh, (temporary) => expect(mode(temporary)).toBe(0o600))
+      expect(mode(fresh)).toBe(0o600)
+      // an existing file's readers stay its readers
+      const shared = Path.join(dir, "shared.img")
+      Fs.writeFileSync(shared, "old", { mode: 0o640 })
+      Fs.chmodSync(shared, 0o640)
+      yield* write(shared, (temporary) => expect(mode(temporary)).toBe(0o640))
+      expect([mode(shared), Fs.readFileSync(shared, "utf8").slice(0, 3)]).toEqual([0o640, "new"])
+      // and a file its owner had closed stays closed
+      const closed = Path.join(dir, "closed.img")
+      Fs.writeFileSync(closed, "old")
+      Fs.chmodSync(closed, 0o400)
+      yield* write(closed, (temporary) => expect(mode(temporary)).toBe(0o400))
+      expect(mode(closed)).toBe(0o400)
       expect(openFilesIn(dir)).toEqual([])
     }))
 
