@@ -107,7 +107,17 @@ export type TlsConfig = Schema.Schema.Type<typeof TlsConfig>
 export const DEFAULT_HANDSHAKE_TIMEOUT = Duration.seconds(10)
 
 /**
- * Parses QEMU's `keys.psk` format: one `identity:hexkey` a line; blank lines and `#` comments ignored.
+ * The longest pre-shared key a TLS handshake here can use: OpenSSL's `PSK_MAX_PSK_LEN`. A longer key is refused
+ * when its file is read, not at the first handshake.
+ *
+ * @since 0.1.0
+ * @category constants
+ */
+export const MAX_PSK_BYTES = 512
+
+/**
+ * Parses QEMU's `keys.psk` format: one `identity:hexkey` a line; blank lines and `#` comments ignored. A key
+ * longer than `MAX_PSK_BYTES` is a `Config` error.
  *
  * @since 0.1.0
  * @category utils
@@ -124,6 +134,12 @@ export const parsePskFile = (text: string, source = "keys file"): Effect.Effect<
       const hex = line.slice(colon + 1)
       if (colon <= 0 || hex.length === 0 || hex.length % 2 !== 0 || !/^[0-9a-fA-F]+$/.test(hex)) {
         return new TlsError({ reason: "Config", detail: `${source} line ${i + 1} is not identity:hexkey` })
+      }
+      if (hex.length / 2 > MAX_PSK_BYTES) {
+        return new TlsError({
+          reason: "Config",
+          detail: `${source} line ${i + 1}: a key of ${hex.length / 2} bytes; TLS (OpenSSL) takes at most ${MAX_PSK_BYTES}`
+        })
       }
       // QEMU's tls-creds-psk takes an identity's first line: so does this side, or one file gives two keys
       if (!keys.has(identity)) keys.set(identity, Buffer.from(hex, "hex"))

@@ -32,6 +32,7 @@ import * as Migration from "../src/Migration.js"
 import * as MigrationError from "../src/MigrationError.js"
 import * as Tls from "../src/Tls.js"
 import * as Transport from "../src/Transport.js"
+import * as Verification from "../src/internal/tls/verification.js"
 import { expectOneLine, failureOf } from "./support/failures.js"
 import { leakFree } from "./support/handles.js"
 import { mixedImage, timed } from "./support/images.js"
@@ -980,6 +981,23 @@ describe("configuration", () => {
       const empty = tmp("empty.psk", "# nothing\n")
       yield* removing(empty)
       expect((yield* configError({ psk: empty })).message).toContain("no identity:hexkey line")
+    })))
+
+  it.live("keys.psk: a key of 512 bytes migrates; one of 513 is refused at load, and no message shows a key's bytes", () =>
+    leakFree(Effect.gen(function*() {
+      const longest = Crypto.randomBytes(Tls.MAX_PSK_BYTES).toString("hex")
+      const path = tmp("long.psk", `qemu:${longest}\n`)
+      yield* removing(path)
+      const tls = yield* loadTls({ psk: path })
+      yield* roundTrip(tls.server, tls.client(undefined), { mib: 1 })
+      const tooLong = Crypto.randomBytes(Tls.MAX_PSK_BYTES + 1).toString("hex")
+      const over = tmp("over.psk", `# a comment\nqemu:${tooLong}\n`)
+      yield* removing(over)
+      const e = yield* configError({ psk: over })
+      expect(e.message).toBe(`TLS configuration: ${over} line 2: a key of 513 bytes; TLS (OpenSSL) takes at most 512`)
+      // Node's own argument errors quote the value they refused: never shown
+      expect(Verification.describe(new TypeError("The argument 'psk' Pre-shared key exceeds 512 bytes. Received <Buffer 71 42 5b>")))
+        .toBe("The argument 'psk' Pre-shared key exceeds 512 bytes.")
     })))
 
   it.live("load: psk and x509 together, a certificate without its key, no credentials at all", () =>

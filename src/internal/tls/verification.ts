@@ -27,7 +27,10 @@ export const describe = (error: unknown): string => {
   const e = error as (Error & { code?: string; reason?: string }) | undefined
   const text = e?.reason ?? e?.message ?? String(error)
   // OpenSSL's long form: "8050...:error:0A000410:SSL routines:fn:reason:../deps/...:line:"
-  return text.replace(/^[0-9A-F]+:error:[0-9A-F]+:SSL routines:[^:]*:/, "").replace(/:\.\.\/deps\/.*$/s, "").trim()
+  return text.replace(/^[0-9A-F]+:error:[0-9A-F]+:SSL routines:[^:]*:/, "").replace(/:\.\.\/deps\/.*$/s, "")
+    // Node's argument errors quote the value ("… Received <Buffer 71 42 …>"): it may be a key, never shown
+    .replace(/\s*Received\b.*$/s, "")
+    .trim()
 }
 
 /**
