@@ -143,6 +143,12 @@ export class MultifdRecv extends Context.Tag("effect-multifd/MultifdRecv")<Multi
   readonly adopted: Effect.Effect<void, ChannelFailure>
   /** Waits until every channel has reached its next SYNC, then lets them all go on. */
   readonly sync: Effect.Effect<void, ChannelFailure>
+  /**
+   * The final round's `sync`: once every channel reached its SYNC the set is sealed before they go on, and any
+   * later packet on any channel is a `ProtocolError` (`AfterEnd`) that writes nothing. The memory is then final:
+   * what the digests see is what stays.
+   */
+  readonly finalSync: Effect.Effect<void, ChannelFailure>
   /** From now on, a channel that ends at a packet boundary has finished instead of failed. */
   readonly expectEnd: Effect.Effect<void>
   /** Waits until every channel has been adopted and has ended. */
@@ -255,6 +261,15 @@ export const make = (config: Config): Effect.Effect<MultifdRecv["Type"], never, 
     const stopped = new WeakSet<Fiber.RuntimeFiber<void, ChannelFailure>>()
     // counters, updated in synchronous steps (one thread): no Ref round trip per packet
     let writesBegun = 0
+    // the final round's barrier passed (`finalSync`): a channel may only end now
+    let sealed = false
+    const afterEnd = (channel: number) =>
+      new Protocol.ProtocolError({
+        reason: "AfterEnd",
+        channel,
+        field: "packet",
+        detail: "a packet after the final round's sync packet (the transfer was complete; nothing was written)"
+      })
     const counters: { -readonly [K in Exclude<keyof Stats, "channelBytes" | "reattached">]: Stats[K] } = {
       channels: 0,
       packets: 0,
@@ -378,6 +393,10 @@ export const make = (config: Config): Effect.Effect<MultifdRecv["Type"], never, 
         }
         const next = (full: Uint8Array): Uint8Array | undefined => {
           if (full === header) {
+            if (sealed) {
+              stop = afterEnd(state.id)
+              return undefined
+            }
             const decoded = Protocol.decodeHeader(header, limits, offsets)
             if (decoded._tag === "Left") {
               stop = decoded.left
@@ -497,6 +516,7 @@ export const make = (config: Config): Effect.Effect<MultifdRecv["Type"], never, 
         while (true) {
           if (yield* guard(connection.atEnd)) return yield* channelEnded
           yield* guard(connection.readInto(header, 0, hsize))
+          if (sealed) return yield* afterEnd(id)
           const packet = yield* Protocol.decodeHeader(header, limits, offsets)
           if (packet.sync) {
             yield* drained
@@ -678,18 +698,24 @@ export const make = (config: Config): Effect.Effect<MultifdRecv["Type"], never, 
         return { syncs: syncsSeen[channel]!, adopted: Deferred.await(adopted) }
       })
 
-    return {
-      adopt,
-      adopted: guarded(Deferred.await(allAdopted)),
-      sync: guarded(Effect.acquireUseRelease(
+    /** Every channel at its SYNC, then (`final`: sealed first) all let go on. */
+    const barrier = (final: boolean) =>
+      guarded(Effect.acquireUseRelease(
         Effect.sync(() => barrierWaits++),
         () =>
           Effect.gen(function*() {
             const waiting = yield* Effect.replicateEffect(Queue.take(arrivals), channels)
+            if (final) sealed = true
             yield* Effect.forEach(waiting, (go) => Deferred.succeed(go, undefined), { discard: true })
           }),
         () => Effect.sync(() => barrierWaits--)
-      )).pipe(Effect.withSpan("multifd.sync")),
+      )).pipe(Effect.withSpan("multifd.sync"))
+
+    return {
+      adopt,
+      adopted: guarded(Deferred.await(allAdopted)),
+      sync: barrier(false),
+      finalSync: barrier(true),
       expectEnd: Deferred.succeed(ending, undefined),
       finished: guarded(Effect.zipRight(Deferred.await(allAdopted), FiberSet.awaitEmpty(fibers))),
       failure,

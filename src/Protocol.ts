@@ -286,6 +286,8 @@ export class ProtocolError extends Data.TaggedError("ProtocolError")<{
     | "BadPayload"
     | "BadMessage"
     | "Truncated"
+    /** A packet after the final round's SYNC, where only the end of the channel's stream may come. */
+    | "AfterEnd"
   readonly channel: ChannelRef
   readonly field: string
   readonly detail: string

@@ -483,7 +483,7 @@ describe("f. duplicate, out-of-range and foreign channel ids", () => {
         yield* c0.write(ramPacket(pages, [9 * PAGE]))
         yield* c0.write([syncPacket()])
         yield* c1.write([syncPacket()])
-        yield* src.control.write([Control.encode(new Control.Flush({ round: 0 }))])
+        yield* src.control.write([Control.encode(new Control.Flush({ round: 0, final: true }))])
         expect(yield* noHang(Control.receive(src.control), "FlushAck")).toMatchObject({ _tag: "FlushAck", round: 0 })
         const digests = yield* GuestRam.digest(expected)
         yield* src.control.write([Control.encode(new Control.Complete({ digests }))])
@@ -501,34 +501,61 @@ describe("f. duplicate, out-of-range and foreign channel ids", () => {
   foreign(0)
   foreign(7) // out of range too: the uuid says "not ours" before the id can say "broken"
 
-  it.live("a page sent after the final flush is not judged by the digest begun at that flush", () =>
+  it.live("a packet after the final round's sync is refused and writes nothing: the digests judge the memory that stays", () =>
     leakFree(Effect.gen(function*() {
       const faulty = yield* Faulty.make()
       const ram = yield* destinationRam()
-      const dest = yield* startDestination(faulty, unixAddress("late"), { ram })
+      let stored = 0
+      const dest = yield* startDestination(faulty, unixAddress("late"), { ram, store: () => Effect.sync(() => stored++) })
       const src = yield* fakeSource(dest.address, 1)
       const c0 = yield* src.channel(0)
-      const expected = yield* destinationRam()
       const first = { offset: 0, bytes: randomPage() }
       yield* c0.write(ramPacket([first]))
       yield* c0.write([syncPacket()])
       yield* src.control.write([Control.encode(new Control.Flush({ round: 0, final: true }))])
       expect(yield* noHang(Control.receive(src.control), "FlushAck")).toMatchObject({ _tag: "FlushAck", round: 0 })
-      // the destination may now hash its memory early; a late page changes it, and the digests the source
-      // sends describe memory with that page: the destination must hash again and agree
-      const late = { offset: 5 * PAGE, bytes: randomPage() }
-      yield* c0.write(ramPacket([late]))
-      yield* c0.write([syncPacket()])
-      yield* src.control.write([Control.encode(new Control.Flush({ round: 1, final: true }))])
-      expect(yield* noHang(Control.receive(src.control), "FlushAck")).toMatchObject({ _tag: "FlushAck", round: 1 })
-      for (const p of [first, late]) Buffer.from(p.bytes).copy(expected.block(BLOCK)!.bytes, p.offset)
-      const digests = yield* GuestRam.digest(expected)
-      yield* src.control.write([Control.encode(new Control.Complete({ digests }))])
-      expect(yield* noHang(Control.receive(src.control), "Done")).toMatchObject({ _tag: "Done" })
-      yield* Effect.all([c0.end, src.control.end], { discard: true })
-      yield* noHang(Fiber.join(dest.fiber), "incoming")
-      expect(sameMemory(ram, expected)).toBe(true)
+      // the memory is final now: a page aimed at it (a hostile source, after the flush or after Complete) is
+      // refused before a byte of it is written, and the migration fails
+      yield* c0.write(ramPacket([{ offset: 5 * PAGE, bytes: randomPage() }]))
+      const abort = yield* noHang(Control.receive(src.control), "the abort")
+      expect(abort).toMatchObject({ _tag: "Abort" })
+      expect((abort as Control.Abort).reason).toBe(
+        "multifd channel 0: bad packet: a packet after the final round's sync packet (the transfer was complete; nothing was written)"
+      )
+      const error = failureOf(yield* noHang(Fiber.await(dest.fiber), "incoming"))
+      expect(error).toBeInstanceOf(Protocol.ProtocolError)
+      expect((error as Protocol.ProtocolError).reason).toBe("AfterEnd")
+      expect(touchedPages(ram)).toEqual([0])
+      expect(stored).toBe(0)
     })))
+
+  const outOfTurn = (name: string, message: Control.Message, why: string) =>
+    it.live(name, () =>
+      leakFree(Effect.gen(function*() {
+        const faulty = yield* Faulty.make()
+        const ram = yield* destinationRam()
+        let stored = 0
+        const dest = yield* startDestination(faulty, unixAddress("turn"), { ram, store: () => Effect.sync(() => stored++) })
+        const src = yield* fakeSource(dest.address, 2)
+        yield* src.control.write([Control.encode(message)])
+        const [exit, ms] = yield* timed(noHang(Fiber.await(dest.fiber), "incoming"))
+        expect(ms).toBeLessThan(PROMPT_MS)
+        const error = failureOf(exit)
+        expect(error.message).toBe(`unexpected ${message._tag} message ${why}`)
+        expect(yield* noHang(Control.receive(src.control), "the abort")).toMatchObject({ _tag: "Abort" })
+        expect(stored).toBe(0)
+        expect(touchedPages(ram)).toEqual([])
+      })))
+  outOfTurn(
+    "Complete before the final round's flush (no channel ever connected): refused at once, nothing stored, no Done",
+    new Control.Complete({ digests: [] }),
+    "before the final round's flush"
+  )
+  outOfTurn(
+    "Hashing before the final round's flush (a peer keeping a destination's memory with heartbeats): refused at once",
+    new Control.Hashing(),
+    "before the final round's flush"
+  )
 
   it.live("a foreign channel while ours never come: the destination times out naming the missing channels", () =>
     leakFree(Effect.gen(function*() {

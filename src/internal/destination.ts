@@ -209,13 +209,20 @@ const receiveRounds = (
           peer,
           "without any data from the source"
         )
-        if (message._tag === "Complete") return { rounds, complete: message, speculative }
-        // the source hashes its memory (after its last round): each of its heartbeats restarts the wait
-        if (message._tag === "Hashing") continue
-        if (message._tag !== "Flush") return yield* Conversation.unexpected(message, "during the transfer")
+        // the transfer ends with the final round's flush, acknowledged: before it, Complete (whose digests would
+        // be compared with memory still being written) and Hashing (which would keep a destination waiting
+        // with no channel ever connected) are out of turn, as is a flush after it
+        if (speculative !== undefined) {
+          if (message._tag === "Complete") return { rounds, complete: message, speculative }
+          // the source hashes its memory (after its last round): each of its heartbeats restarts the wait
+          if (message._tag === "Hashing") continue
+          return yield* Conversation.unexpected(message, "after the final round")
+        }
+        if (message._tag !== "Flush") return yield* Conversation.unexpected(message, "before the final round's flush")
         // the source's writers are paused for its final round
         if (message.final) yield* tracker.update({ phase: "switchover" })
-        const reached = Effect.raceFirst(recv.sync, recv.failure)
+        // the final round's barrier seals the channels: a packet after it is refused, the memory final
+        const reached = Effect.raceFirst(message.final ? recv.finalSync : recv.sync, recv.failure)
         yield* unlessStalled(
           reached,
           progress,
@@ -232,9 +239,7 @@ const receiveRounds = (
         yield* recorder.record(yield* recv.stats)
         yield* recorder.round()
         // after the last round's barrier the memory is final: hash it while the source hashes its own
-        if (message.final && speculative === undefined) {
-          speculative = { writes: yield* recv.writesBegun, digest: yield* Effect.forkScoped(digest) }
-        }
+        if (message.final) speculative = { writes: yield* recv.writesBegun, digest: yield* Effect.forkScoped(digest) }
       }
     })
     return yield* (heartbeats ? Effect.raceFirst(loop, receiving) : loop)
