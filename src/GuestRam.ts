@@ -80,7 +80,7 @@ export interface BlockLayout {
  * @category errors
  */
 export class GuestRamError extends Data.TaggedError("GuestRamError")<{
-  readonly reason: "BadPageSize" | "BadBlockName" | "BadBlockSize" | "DuplicateBlock" | "NoBlocks"
+  readonly reason: "BadPageSize" | "BadBlockName" | "BadBlockSize" | "DuplicateBlock" | "NoBlocks" | "TooManyBlocks"
   readonly detail: string
 }> {
   override get message(): string {
@@ -117,6 +117,16 @@ export class GuestRam extends Context.Tag("effect-multifd/GuestRam")<
  * @category utils
  */
 export const allocate = (size: number): Buffer => Digest.allocate(size)
+
+/**
+ * Most blocks a memory may have. A VM has a few dozen (RAM, ROMs, video memory, a DIMM per hot-plug slot: QEMU
+ * offers at most 256 slots); each block is a memory of its own here, which reserves address space, so a layout
+ * of thousands of tiny blocks (a hostile hello) is refused before anything is allocated.
+ *
+ * @since 0.1.0
+ * @category constants
+ */
+export const MAX_BLOCKS = 1024
 
 /**
  * Largest single block a Node Buffer can hold.
@@ -177,6 +187,9 @@ export const checkLayout = (
   layout: ReadonlyArray<BlockLayout>
 ): GuestRamError | undefined => {
   if (layout.length === 0) return new GuestRamError({ reason: "NoBlocks", detail: "no blocks" })
+  if (layout.length > MAX_BLOCKS) {
+    return new GuestRamError({ reason: "TooManyBlocks", detail: `${layout.length} blocks, more than ${MAX_BLOCKS}` })
+  }
   const seen = new Set<string>()
   for (const { name, size } of layout) {
     const nameBytes = globalThis.Buffer.byteLength(name, "utf8")

@@ -135,6 +135,9 @@ describe("GuestRam.make validation", () => {
 
   it("checkLayout reports the first problem without allocating, or undefined", () => {
     expect(GuestRam.checkLayout(4096, [])?.reason).toBe("NoBlocks")
+    const many = (n: number) => Array.from({ length: n }, (_, i) => ({ name: `b${i}`, size: 4096 }))
+    expect(GuestRam.checkLayout(4096, many(GuestRam.MAX_BLOCKS))).toBeUndefined()
+    expect(GuestRam.checkLayout(4096, many(GuestRam.MAX_BLOCKS + 1))?.reason).toBe("TooManyBlocks")
     expect(GuestRam.checkLayout(4096, [{ name: "a", size: 4096 }, { name: "a", size: 1 }])?.reason).toBe(
       "DuplicateBlock"
     )

@@ -261,6 +261,20 @@ describe("success is durable: the destination's store step", () => {
       expect(destError.message).toBe("refused the migration: no room for it here")
     })))
 
+  it.live("a hello of 20 000 tiny blocks (each a memory of its own, reserving address space) gets Reject, nothing allocated", () =>
+    leakFree(Effect.gen(function*() {
+      const dest = yield* startDestination()
+      const peer = yield* Transport.connect(dest.address)
+      const blocks = Array.from({ length: 20_000 }, (_, i) => ({ name: `b${i}`, size: PAGE }))
+      yield* peer.write([controlMagic(), Control.encode(new Control.Hello({ ...hello(), blocks }))])
+      const answer = yield* noHang(Control.receive(peer), "the answer")
+      expect(answer).toMatchObject({
+        _tag: "Reject",
+        reason: `invalid memory layout: 20000 blocks, more than ${GuestRam.MAX_BLOCKS}`
+      })
+      yield* Fiber.await(dest.fiber)
+    })))
+
   it.live("an old peer is refused, not misunderstood: a hello of control protocol version 1 gets Reject", () =>
     leakFree(Effect.gen(function*() {
       const dest = yield* startDestination()
