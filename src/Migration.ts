@@ -363,8 +363,13 @@ export interface IncomingOptions<E = never> {
    * only once it succeeded; meanwhile the destination tells the source about every second that it is still
    * storing. If it fails, the source is told the reason (it fails with "the destination could not store the
    * image: ...") and `incoming` fails with its error. Without it, `Done` means "verified in memory".
+   *
+   * A step with a point of no return (a rename over an older image) runs it through `commit`: uninterruptibly,
+   * and once it succeeded the source is told `Done` even if the destination is interrupted meanwhile (the
+   * interruption then goes on), so that the two sides never disagree about memory that was stored. The rest
+   * of the step stays interruptible.
    */
-  readonly store?: ((ram: GuestRam.GuestRam["Type"]) => Effect.Effect<void, E>) | undefined
+  readonly store?: ((ram: GuestRam.GuestRam["Type"], commit: Commit) => Effect.Effect<void, E>) | undefined
   /** Kept up to date with this migration's status (`MigrationStatus.make`), for anyone to read at any moment. */
   readonly status?: MigrationStatus.MigrationStatus | undefined
 }
@@ -503,6 +508,15 @@ const restoreFromFile = (path: string, options: IncomingOptions<unknown>): Effec
     )
 
 /**
+ * A store step's point of no return (`IncomingOptions.store`): runs `effect` uninterruptibly and, once it
+ * succeeded, counts the memory as stored.
+ *
+ * @since 0.1.0
+ * @category models
+ */
+export type Commit = <A, E, R>(effect: Effect.Effect<A, E, R>) => Effect.Effect<A, E, R>
+
+/**
  * Listens at `address` and receives one migration there (a convenience over `Transport.listen` + `incoming`;
  * the listener being this migration's alone, a source that connects while it runs is refused at once, "a
  * migration is already in progress", where `incoming` leaves it queued for the listener's next migration).
@@ -520,7 +534,8 @@ export const listenAndReceive = <E = never>(
     ? Effect.flatMap(MigrationConfig.resolve(options), (options) =>
       Effect.tap(
         restoreFromFile(address.path, options),
-        (received) => options.store === undefined ? Effect.void : options.store(received.ram)
+        // no source to tell: the commit is just uninterruptible
+        (received) => options.store === undefined ? Effect.void : options.store(received.ram, Effect.uninterruptible)
       )) :
   Effect.scoped(Effect.gen(function*() {
     const transport = yield* Transport.Transport

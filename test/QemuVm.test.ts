@@ -301,6 +301,18 @@ describe.skipIf(missing !== undefined)(`QEMU ${"version" in qemu ? qemu.version 
       const dir_ = fresh("qemu-saved-blocks")
       expect(yield* cli(["recv", `file:${qemuFile}`, "--from-qemu", "--out-dir", dir_, "--quiet"])).toMatchObject({ code: 0 })
       expectSameRam(Fs.readFileSync(Path.join(dir_, QemuIncoming.blockFileName("mem"))))
+      // all or nothing: a block that cannot be written (its file's name taken by a directory) leaves every
+      // older block file as it was, not a directory of two migrations' blocks
+      const blocks = Fs.readdirSync(dir_).sort()
+      expect(blocks.length).toBeGreaterThan(1)
+      const dir2 = fresh("qemu-saved-blocks-2")
+      Fs.mkdirSync(dir2)
+      for (const name of blocks.slice(0, -1)) Fs.writeFileSync(Path.join(dir2, name), "older")
+      Fs.mkdirSync(Path.join(dir2, blocks.at(-1)!))
+      const blocked = yield* cli(["recv", `file:${qemuFile}`, "--from-qemu", "--out-dir", dir2, "--quiet"])
+      expect(blocked.code).not.toBe(0)
+      for (const name of blocks.slice(0, -1)) expect(Fs.readFileSync(Path.join(dir2, name), "utf8")).toBe("older")
+      expect(Fs.readdirSync(dir2).sort()).toEqual(blocks)
       // --vm: the whole VM again, as our mapped-ram file: the same RAM blocks and device state as QEMU's
       const copy = fresh("qemu-saved-copy.vm")
       expect(yield* cli(["recv", `file:${qemuFile}`, "--from-qemu", "--vm", copy, "--quiet"])).toMatchObject({ code: 0, stderr: [] })

@@ -333,6 +333,33 @@ describe("a cancelled destination tells the source why, as a cancelled source do
       yield* noHang(Deferred.await(storing), "the store step")
       yield* cancelled(dest, source)
     })))
+
+  it.live("inside the store step's commit (a rename over the older image): the commit completes, the source hears Done", () =>
+    leakFree(Effect.gen(function*() {
+      const ram = yield* sourceRam()
+      const committing = yield* Deferred.make<void>()
+      const release = yield* Deferred.make<void>()
+      let committed = false
+      const dest = yield* startDestination({
+        store: (_, commit) =>
+          commit(Effect.gen(function*() {
+            yield* Deferred.succeed(committing, undefined)
+            yield* Deferred.await(release)
+            committed = true
+          }))
+      })
+      const source = yield* Effect.forkScoped(migrateTo(dest.address, ram))
+      yield* noHang(Deferred.await(committing), "the commit")
+      // the interruption waits for the commit, which the test lets finish once the interruption is under way
+      const interrupting = yield* Effect.fork(Fiber.interrupt(dest.fiber))
+      yield* nextTurn
+      yield* Deferred.succeed(release, undefined)
+      expect(Exit.isInterrupted(yield* noHang(Fiber.join(interrupting), "interrupting the destination"))).toBe(true)
+      expect(committed).toBe(true)
+      // stored memory: the two sides agree that it was (the source was not told "cancelled")
+      const stats = yield* noHang(Fiber.join(source), "the source")
+      expect(stats.ramBytes).toBe(ram.size)
+    })))
 })
 
 // ---------------------------------------------------------------------------------------------------------

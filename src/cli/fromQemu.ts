@@ -174,11 +174,16 @@ export const run = (args: Args) =>
       yield* MappedRam.write(args.vm, received.vm!)
       output = args.vm
     } else {
+      // every block written and flushed first, then all renamed at once: never a directory of this migration's
+      // blocks beside another's (an interruption or a full disk at one block leaves the older files as they were)
       const dir = args.outDir!
+      const files: Array<Image.Output> = []
       for (const block of ram.blocks) {
         const file = yield* Image.create(Path.join(dir, QemuIncoming.blockFileName(block.name)))
-        yield* file.commit([block.bytes])
+        yield* file.write([block.bytes])
+        files.push(file)
       }
+      yield* Effect.uninterruptible(Effect.forEach(files, (file) => file.publish, { discard: true }))
       output = dir
     }
     yield* Report.print(

@@ -96,8 +96,21 @@ export interface Output {
   readonly path: string
   /** The temporary file beside it. */
   readonly temporary: string
-  /** Writes the chunks in order, flushes them to disk and renames the temporary file to `path`. */
-  readonly commit: (chunks: ReadonlyArray<Uint8Array>) => Effect.Effect<void, ImageError>
+  /**
+   * Writes the chunks in order (interruptibly), then flushes them to disk and renames the temporary file to
+   * `path` (uninterruptibly: Node cannot cancel an fsync anyway), through `around` if given (a migration's
+   * `Migration.Commit`, which tells the source once the image is in place).
+   */
+  readonly commit: (
+    chunks: ReadonlyArray<Uint8Array>,
+    around?: <A, E>(effect: Effect.Effect<A, E>) => Effect.Effect<A, E>
+  ) => Effect.Effect<void, ImageError>
+  /** Writes the chunks and flushes them to disk under the temporary name; `publish` then renames it. */
+  readonly write: (chunks: ReadonlyArray<Uint8Array>) => Effect.Effect<void, ImageError>
+  /** Renames the written temporary file to `path`, uninterruptibly (after `write`). */
+  readonly publish: Effect.Effect<void, ImageError>
+  /** Whether the image is in place at `path` (`commit` or `publish` got that far). */
+  readonly committed: Effect.Effect<boolean>
   /** Why an image of `bytes` will not fit where it goes (the file system's free space), if the system says so. */
   readonly tooBig: (bytes: number) => string | undefined
 }
@@ -112,17 +125,35 @@ export interface Output {
 export const create = (path: string): Effect.Effect<Output, ImageError, Scope.Scope> =>
   Effect.gen(function*() {
     const file = yield* FileIo.atomicFile(path).pipe(Effect.mapError((error) => writeError(path, error)))
-    const commit = (chunks: ReadonlyArray<Uint8Array>) =>
+    let committed = false
+    const fill = (chunks: ReadonlyArray<Uint8Array>) =>
       Effect.gen(function*() {
         let position = 0
         for (const chunk of chunks) {
           yield* FileIo.transferChunked("write", file, chunk, position, CHUNK)
           position += chunk.length
         }
-        yield* file.commit
-      }).pipe(Effect.mapError((error) => writeError(path, error)))
+      })
+    const published = Effect.tap(file.publish, () => (committed = true))
+    const commit = (
+      chunks: ReadonlyArray<Uint8Array>,
+      around: <A, E>(effect: Effect.Effect<A, E>) => Effect.Effect<A, E> = Effect.uninterruptible
+    ) =>
+      Effect.zipRight(fill(chunks), around(Effect.zipRight(file.sync, published))).pipe(
+        Effect.mapError((error) => writeError(path, error))
+      )
+    const write = (chunks: ReadonlyArray<Uint8Array>) =>
+      Effect.zipRight(fill(chunks), file.sync).pipe(Effect.mapError((error) => writeError(path, error)))
     const tooBig = (bytes: number) => wontFit(path, Path.dirname(file.path), bytes)
-    return { path, temporary: file.path, commit, tooBig }
+    return {
+      path,
+      temporary: file.path,
+      commit,
+      write,
+      publish: Effect.mapError(published, (error) => writeError(path, error)),
+      committed: Effect.sync(() => committed),
+      tooBig
+    }
   })
 
 /**

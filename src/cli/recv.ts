@@ -10,6 +10,7 @@
  */
 import * as Command from "@effect/cli/Command"
 import * as Effect from "effect/Effect"
+import * as Exit from "effect/Exit"
 import * as Option from "effect/Option"
 import type * as GuestRam from "../GuestRam.js"
 import * as Migration from "../Migration.js"
@@ -76,7 +77,16 @@ export const command = Command.make(
       }
       // the temporary file first: an unwritable --out fails before anything listens
       const image = yield* Image.create(out)
-      const commit = (ram: GuestRam.GuestRam["Type"]) => image.commit(ram.blocks.map((block) => block.bytes))
+      // a signal that comes once the image is in place (the source told, when there is one) still ends the
+      // command with the signal's code; the user hears that the image is there all the same
+      yield* Effect.addFinalizer((exit) =>
+        Exit.isInterrupted(exit)
+          ? Effect.flatMap(image.committed, (stored) =>
+            stored ? terminal.err(`multifd: ${out} holds the verified image: it was stored before the interruption`) : Effect.void)
+          : Effect.void
+      )
+      const commit = (ram: GuestRam.GuestRam["Type"], around?: Migration.Commit) =>
+        image.commit(ram.blocks.map((block) => block.bytes), around)
       const status = yield* MigrationStatus.make
       const received = yield* Effect.scoped(Effect.gen(function*() {
         const onProgress = yield* Progress.make("recv", reporting)

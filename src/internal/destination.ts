@@ -7,11 +7,13 @@
  *
  * @internal
  */
+import * as Cause from "effect/Cause"
 import * as Clock from "effect/Clock"
 import * as Deferred from "effect/Deferred"
 import * as Duration from "effect/Duration"
 import * as Effect from "effect/Effect"
 import * as Either from "effect/Either"
+import * as Exit from "effect/Exit"
 import * as Fiber from "effect/Fiber"
 import * as Option from "effect/Option"
 import * as Queue from "effect/Queue"
@@ -63,7 +65,7 @@ export interface Settings<E> {
   /** A reason to refuse a proposal that passed the checks here, if the caller has one (`IncomingOptions.admit`). */
   readonly admit?: ((proposal: Proposal) => string | undefined) | undefined
   readonly onProgress: ((progress: Transfer.Progress) => Effect.Effect<void>) | undefined
-  readonly store: ((ram: Ram) => Effect.Effect<void, E>) | undefined
+  readonly store: ((ram: Ram, commit: Commit) => Effect.Effect<void, E>) | undefined
   /** Keeps the caller's `MigrationStatus`, if any. */
   readonly tracker: Status.Tracker
   /**
@@ -283,26 +285,50 @@ class StoreFailed<E> {
   constructor(readonly error: E) {}
 }
 
+/** A store step's point of no return (`Migration.Commit`). */
+export type Commit = <A, E2, R>(effect: Effect.Effect<A, E2, R>) => Effect.Effect<A, E2, R>
+
 /**
- * Runs the store step, telling the source meanwhile that the destination is alive and storing; if it fails,
- * tells the source why.
+ * Runs the store step, telling the source meanwhile that the destination is alive and storing, then `done`
+ * (which tells the source `Done`); if the step fails, tells the source why. Interrupted while the step runs,
+ * the step is interrupted and awaited: if it had passed its `commit` (the memory is stored), `done` still runs
+ * before the interruption goes on, so that the source never hears "cancelled" about stored memory.
  */
-const store = <E>(
+const storeThen = <E, E2>(
   ram: Ram,
-  step: ((ram: Ram) => Effect.Effect<void, E>) | undefined,
+  step: ((ram: Ram, commit: Commit) => Effect.Effect<void, E>) | undefined,
   control: Transport.Connection,
-  peer: Duration.DurationInput
+  peer: Duration.DurationInput,
+  done: Effect.Effect<void, E2>
 ) =>
-  Effect.gen(function*() {
-    if (step === undefined) return
-    const storing = Conversation.heartbeat((message) => Conversation.tell(control, message), new Control.Storing(), peer, true)
-    const stored = yield* Effect.either(Effect.raceFirst(step(ram), storing))
-    if (Either.isLeft(stored)) {
-      yield* Conversation.abortPeer(control, Conversation.messageOf(stored.left), "store")
-      return yield* Effect.fail(new StoreFailed(stored.left))
-    }
-    yield* Effect.logDebug("memory stored")
-  }).pipe(Effect.withSpan("multifd.store"))
+  Effect.uninterruptibleMask((restore) =>
+    Effect.gen(function*() {
+      if (step === undefined) return yield* done
+      let committed = false
+      const commit: Commit = (effect) => Effect.uninterruptible(Effect.tap(effect, () => (committed = true)))
+      const storing = Conversation.heartbeat((message) => Conversation.tell(control, message), new Control.Storing(), peer, true)
+      const fiber = yield* Effect.fork(restore(Effect.raceFirst(step(ram, commit), storing)))
+      const stored = yield* Effect.exit(restore(Fiber.join(fiber)))
+      if (Exit.isSuccess(stored)) {
+        yield* Effect.logDebug("memory stored")
+        return yield* done
+      }
+      if (Exit.isInterrupted(stored)) {
+        yield* Fiber.interrupt(fiber)
+        if (committed) {
+          yield* Effect.logDebug("memory stored (the destination is being interrupted)")
+          // (bounded: a source that stopped reading cannot hold the interruption up)
+          yield* Effect.ignore(Effect.timeout(done, peer))
+        }
+        return yield* Effect.interrupt
+      }
+      const failure = Cause.failureOption(stored.cause)
+      if (Option.isNone(failure)) return yield* Effect.die(Cause.squash(stored.cause))
+      const error = failure.value
+      yield* Conversation.abortPeer(control, Conversation.messageOf(error), "store")
+      return yield* Effect.fail(new StoreFailed(error))
+    })
+  ).pipe(Effect.withSpan("multifd.store"))
 
 // ---------------------------------------------------------------------------------------------------------
 // The whole
@@ -478,9 +504,13 @@ export const run = <E>(listener: Transport.Listener, settings: Settings<E>): Eff
         hello.heartbeats === true ? { peer: timeouts.peer } : undefined
       )
       // Done promises the memory is verified and, with a store step, stored: the source reports success on it
-      yield* store(ram, settings.store, ctl, timeouts.peer)
-      yield* Deferred.succeed(doneSent, undefined)
-      yield* tell(new Control.Done())
+      yield* storeThen(
+        ram,
+        settings.store,
+        ctl,
+        timeouts.peer,
+        Effect.zipRight(Deferred.succeed(doneSent, undefined), tell(new Control.Done()))
+      )
       yield* Effect.raceFirst(recv.finished, failures).pipe(
         within(timeouts.peer, "waiting for the source to close its multifd channels")
       )
@@ -514,7 +544,9 @@ export const run = <E>(listener: Transport.Listener, settings: Settings<E>): Eff
     const isHangUp = (error: Failure | StoreFailed<E>) =>
       (error._tag === "MigrationError" && error.reason === "ChannelClosed") ||
       (error._tag === "ChannelError" && error.cause._tag === "TransportError")
-    return yield* Effect.raceFirst(migration, failures).pipe(
+    // a race does not wait for the side it interrupts: `settled` says when the migration's fiber ended
+    const settled = yield* Deferred.make<void>()
+    return yield* Effect.raceFirst(Effect.ensuring(migration, Deferred.succeed(settled, undefined)), failures).pipe(
       // a failing source sends Abort, then closes its channels: a channel's end may overtake the Abort, so
       // give the main channel a moment to tell the real cause
       Effect.catchIf(isHangUp, (error) =>
@@ -535,9 +567,10 @@ export const run = <E>(listener: Transport.Listener, settings: Settings<E>): Eff
       ),
       // cancelled (the receiving fiber interrupted, `multifd recv` given a signal): the source hears why, as
       // this side hears "cancelled by source"; after Done it has what it came for, and hears nothing more
+      // (once the migration's own fiber ended: a store step inside its commit finishes it, and sends Done)
       Effect.onInterrupt(() =>
         Effect.flatMap(
-          Deferred.isDone(doneSent),
+          Effect.zipRight(Deferred.await(settled), Deferred.isDone(doneSent)),
           (done) => done ? Effect.void : Conversation.abortPeer(ctl, "cancelled by destination")
         )
       ),

@@ -249,10 +249,18 @@ export interface AtomicFile extends File {
   /** The file the commit replaces: the target given, its symbolic links followed. */
   readonly target: string
   /**
-   * fsync, close, rename to the target (once started, the rename completes: all or nothing), then fsync the
-   * target's directory (`syncDirectory`).
+   * fsync, close, rename to the target, then fsync the target's directory (`syncDirectory`): `sync`, then
+   * `publish`.
    */
   readonly commit: Effect.Effect<void, FileError>
+  /** fsync: the bytes written are on the disk (under the temporary name). */
+  readonly sync: Effect.Effect<void, FileError>
+  /**
+   * close, rename to the target and fsync its directory, uninterruptibly: once it starts, the target is
+   * replaced and the replacement durable, or it fails (and the target is untouched unless the directory's
+   * fsync failed). Call it after `sync`; `commit` is both.
+   */
+  readonly publish: Effect.Effect<void, FileError>
 }
 
 /** Whether a process of this pid exists (one of another user's counts: `kill` then says EPERM). */
@@ -367,16 +375,16 @@ export const atomicFile = (
         catch: (cause) => new FileError({ step: "Size", path, length: size, cause })
       })
     }
-    const commit = Effect.gen(function*() {
-      yield* Effect.tryPromise({ try: () => handle.sync(), catch: failed("Sync") })
-      yield* Effect.uninterruptible(Effect.gen(function*() {
-        yield* Effect.tryPromise({ try: () => handle.close(), catch: failed("Close") })
-        yield* Effect.tryPromise({ try: () => FsP.rename(path, target), catch: failed("Rename") })
-        yield* Ref.set(committed, true)
-      }))
+    const sync = Effect.tryPromise({ try: () => handle.sync(), catch: failed("Sync") })
+    // the directory's fsync inside: a rename that an interruption could separate from it would be a replaced
+    // target reported as a failure
+    const publish = Effect.uninterruptible(Effect.gen(function*() {
+      yield* Effect.tryPromise({ try: () => handle.close(), catch: failed("Close") })
+      yield* Effect.tryPromise({ try: () => FsP.rename(path, target), catch: failed("Rename") })
+      yield* Ref.set(committed, true)
       yield* syncDirectory(Path.dirname(target))
-    })
-    return { path, fd: handle.fd, target, commit }
+    }))
+    return { path, fd: handle.fd, target, commit: Effect.zipRight(sync, publish), sync, publish }
   })
 
 /**
