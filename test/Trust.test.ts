@@ -491,6 +491,27 @@ describe("strangers are candidates, never owners", () => {
       yield* Effect.forEach(stallers, (c, i) => turnedAway(c, `staller ${i} closed`), { concurrency: "unbounded" })
     })))
 
+  it.live("400 strangers one after another: the first 256 listed with their reasons, the rest counted; a real source then succeeds", () =>
+    leakFree(Effect.gen(function*() {
+      const dest = yield* startDestination()
+      for (let i = 0; i < 400; i += 50) {
+        yield* Effect.scoped(Effect.gen(function*() {
+          const batch = yield* Effect.all(
+            Array.from({ length: 50 }, () => stranger(dest.address, [Buffer.from("GET / HTTP/1.1\r\n\r\n")], true)),
+            { concurrency: "unbounded" }
+          )
+          yield* Effect.forEach(batch, (c) => turnedAway(c, `stranger ${i}`), { concurrency: "unbounded", discard: true })
+        }))
+      }
+      const result = yield* realSourceSucceeds(dest)
+      expect(result.rejected).toHaveLength(257)
+      expect(result.rejected[0]).toContain("not a migration stream (first bytes 47455420)")
+      expect(result.rejected[256]).toBe("… and 144 more connections")
+      // the log says so once, not once a stranger
+      expect(dest.logs.filter((line) => line.startsWith("rejected a connection"))).toHaveLength(256)
+      expect(dest.logs.filter((line) => line.includes("counted, not listed"))).toHaveLength(1)
+    })))
+
   it.live("a second complete hello during a migration is refused (\"a migration is already in progress\"), the migration goes on", () =>
     leakFree(Effect.gen(function*() {
       const ram = yield* sourceRam()

@@ -1,6 +1,7 @@
 /**
  * The destination's front door, shared by `Migration.incoming` and `QemuIncoming.incoming`: connections are
- * accepted one fiber each (an acceptor takes one, starts the next, then handles its own), secured (TLS) and
+ * accepted by one loop, which forks a fiber for each (forks from one fiber: a chain of fibers each forking the
+ * next made every fork dearer than the last, their inherited state growing with the chain), secured (TLS) and
  * peeked at; the caller's `classify` sees each connection with its first four bytes (and when the wait for
  * them began, so that it can bound the rest of a handshake by the same deadline). A connection whose
  * upgrade or first bytes fail, or that `classify` turns away, is closed and recorded with the reason; only
@@ -10,11 +11,11 @@
  * @internal
  */
 import * as Clock from "effect/Clock"
+import * as Deferred from "effect/Deferred"
 import type * as Duration from "effect/Duration"
 import * as Effect from "effect/Effect"
 import * as FiberSet from "effect/FiberSet"
 import * as Option from "effect/Option"
-import * as Ref from "effect/Ref"
 import type * as Scope from "effect/Scope"
 import type * as Transport from "../Transport.js"
 import { within } from "./stall.js"
@@ -46,6 +47,9 @@ export type Classify<E> = (
   since: number
 ) => Effect.Effect<void, E, Scope.Scope>
 
+/** Rejected connections listed with their reasons (`Acceptor.rejected`); later ones are counted. */
+export const MAX_LISTED = 256
+
 /** Starts accepting on `listener` in the current scope. */
 export const start = <E>(
   listener: Transport.Listener,
@@ -63,14 +67,22 @@ export const start = <E>(
   }
 ): Effect.Effect<Acceptor<E>, never, Scope.Scope> =>
   Effect.gen(function*() {
-    const rejected = yield* Ref.make<ReadonlyArray<string>>([])
+    // the first MAX_LISTED rejections with their reasons, the rest counted (a stranger that connects again and
+    // again must not grow the list, or the log, without bound)
+    const listed: Array<string> = []
+    let unlisted = 0
     const connections = yield* FiberSet.make<void, E>()
 
     const reject: Reject = (connection, why) =>
-      Effect.zipRight(
-        Ref.update(rejected, (all) => [...all, `${connection.peer}: ${why}`]),
-        Effect.logWarning(`rejected a connection from ${connection.peer}: ${why}`)
-      )
+      Effect.suspend(() => {
+        if (listed.length < MAX_LISTED) {
+          listed.push(`${connection.peer}: ${why}`)
+          return Effect.logWarning(`rejected a connection from ${connection.peer}: ${why}`)
+        }
+        return ++unlisted === 1
+          ? Effect.logWarning(`more than ${MAX_LISTED} connections rejected: the next ones are counted, not listed`)
+          : Effect.void
+      })
 
     const handle = (raw: Transport.Connection): Effect.Effect<void, E, Scope.Scope> =>
       Effect.gen(function*() {
@@ -91,16 +103,26 @@ export const start = <E>(
         return yield* options.classify(connection, first.right, reject, since)
       })
 
+    // the loop forks each connection's fiber, which accepts (the connection lives in its scope) and handles it;
+    // the loop goes on once it accepted
     const acceptor = (stop: Effect.Effect<void>): Effect.Effect<void, E> =>
-      Effect.scoped(Effect.gen(function*() {
-        const next = yield* Effect.raceFirst(Effect.map(listener.accept, Option.some), Effect.as(stop, Option.none()))
-        if (Option.isNone(next)) return
-        yield* FiberSet.run(connections, acceptor(stop))
-        yield* handle(next.value)
-      }))
+      Effect.gen(function*() {
+        while (true) {
+          const accepted = yield* Deferred.make<boolean>()
+          yield* FiberSet.run(
+            connections,
+            Effect.scoped(Effect.gen(function*() {
+              const next = yield* Effect.raceFirst(Effect.map(listener.accept, Option.some), Effect.as(stop, Option.none()))
+              yield* Deferred.succeed(accepted, Option.isSome(next))
+              if (Option.isSome(next)) yield* handle(next.value)
+            })).pipe(Effect.ensuring(Deferred.succeed(accepted, false)))
+          )
+          if (!(yield* Deferred.await(accepted))) return
+        }
+      })
     yield* FiberSet.run(connections, acceptor(options.until ?? Effect.never))
     return {
-      rejected: Ref.get(rejected),
+      rejected: Effect.sync(() => unlisted === 0 ? [...listed] : [...listed, `… and ${unlisted} more connections`]),
       failure: Effect.zipRight(FiberSet.join(connections), Effect.never),
       resume: (until) => Effect.asVoid(FiberSet.run(connections, acceptor(until)))
     }
