@@ -953,6 +953,21 @@ describe("trust: success is durable, strangers are candidates", () => {
     // recv closed them on its way out
     await Promise.all(stallers.map((s) => s.closed))
   })
+
+  // `multifd recv … 2>&1 | head -1`: Node's 'error' event of a write to a closed pipe crashed the command
+  it("output pipes closed by their reader: recv --verbose and send --verbose migrate on (exit 0), no partial file", async () => {
+    const out = Path.join(dir, "epipe.out")
+    const recv = await startRecv(["tcp:127.0.0.1:0", "--out", out, "--verbose"])
+    // every later line of recv (its log, its summary) meets a closed pipe
+    recv.child.stderr!.destroy()
+    const send = start(["send", recv.uri, "--in", image, "--verbose"])
+    send.child.stdout!.destroy()
+    send.child.stderr!.destroy()
+    expect((await send.finished).code).toBe(0)
+    expect((await recv.finished).code).toBe(0)
+    expect(Fs.readFileSync(out).equals(Fs.readFileSync(image))).toBe(true)
+    expect(filesLike("epipe.out")).toEqual(["epipe.out"])
+  })
 })
 
 // ---------------------------------------------------------------------------------------------------------

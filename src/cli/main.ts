@@ -35,6 +35,13 @@ const onSignal = (name: NodeJS.Signals) => {
 }
 for (const name of ["SIGINT", "SIGTERM", "SIGHUP"] as const) process.on(name, onSignal)
 
+// A write to stdout or stderr that fails (the reader of a pipe gone, `multifd recv … 2>&1 | head -1`; a full
+// disk; a terminal that went away) is an 'error' event on the stream, which without a listener crashed the
+// process: a partial --out left, the peer told nothing. Output is not what the command is for: the migration
+// goes on and its exit status stands, the lines that cannot be written are lost (Node's stdio streams cannot
+// be closed: each later write fails the same way, cheaply). Only the `--json` result is checked (terminal.ts).
+for (const stream of [process.stdout, process.stderr]) stream.on("error", () => {})
+
 /**
  * SIGHUP (the terminal closed) interrupts the command as SIGINT and SIGTERM do, which runMain does not listen
  * for: by default it killed the process where it stood, leaving its temporary file and telling the peer
