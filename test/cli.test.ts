@@ -1052,7 +1052,8 @@ describe("trust: signals, timeouts and progress whatever the CPU does", () => {
     }
   }
 
-  for (const [signal, code] of [["SIGTERM", 143], ["SIGINT", 130]] as const) {
+  // SIGALRM, as SIGQUIT below, killed the command where it stood (a partial file left, the peer told nothing)
+  for (const [signal, code] of [["SIGTERM", 143], ["SIGINT", 130], ["SIGALRM", 142]] as const) {
     it(`send --compression zstd --compression-level 19 ends within a second of ${signal} (exit ${code}); recv hears "cancelled by source"`, async () => {
       const { code: sendCode, ms, received, sent } = await signalledMidMigration(`cpu-${signal}`, "send", signal)
       expect(sendCode, sent.stderr).toBe(code)
@@ -1066,7 +1067,7 @@ describe("trust: signals, timeouts and progress whatever the CPU does", () => {
   }
 
   // SIGHUP: the terminal closed (by default Node died where it stood, leaving its temporary file)
-  for (const [signal, code] of [["SIGTERM", 143], ["SIGHUP", 129]] as const) {
+  for (const [signal, code] of [["SIGTERM", 143], ["SIGHUP", 129], ["SIGQUIT", 131]] as const) {
     it(`recv given ${signal} mid-migration ends at once (exit ${code}), leaves no file; send hears "cancelled by destination" (exit 1)`, async () => {
       const { code: exitCode, ms, received, sent } = await signalledMidMigration(`cancelled-recv-${signal}`, "recv", signal)
       expect(exitCode, received.stderr).toBe(code)
@@ -1079,6 +1080,27 @@ describe("trust: signals, timeouts and progress whatever the CPU does", () => {
       expect(filesLike(`cancelled-recv-${signal}.out`)).toEqual([])
     })
   }
+
+  // SIGUSR1 opened Node's inspector (a debugger port, "Debugger listening on ws://127.0.0.1:9229"); SIGUSR2 killed
+  it("SIGUSR1 and SIGUSR2 mid-migration are ignored by send and recv: no debugger opens, the migration completes", async () => {
+    const out = Path.join(dir, "usr.out")
+    const recv = await startRecv(["tcp:127.0.0.1:0", "--out", out])
+    const via = await relay(recv.uri)
+    try {
+      // about a second for the 8 MiB image
+      const send = start(["send", via.uri, "--in", image, "--max-bandwidth", "8M"])
+      await via.carried(1024 * 1024)
+      for (const target of [send, recv]) for (const signal of ["SIGUSR1", "SIGUSR2"] as const) target.child.kill(signal)
+      const sent = await send.finished
+      const received = await recv.finished
+      expect(sent.code, sent.stderr).toBe(0)
+      expect(received.code, received.stderr).toBe(0)
+      expect(sent.stderr + received.stderr).not.toMatch(/debugger|inspector/i)
+      expect(Fs.readFileSync(out).equals(Fs.readFileSync(image))).toBe(true)
+    } finally {
+      via.close()
+    }
+  })
 
   it("an open-files limit that cannot hold the channels: recv refuses the migration, send does not start, both say so (libuv would drop them silently)", async () => {
     const out = Path.join(dir, "nofiles.out")

@@ -43,7 +43,7 @@ const environment = (role: "send" | "recv"): string =>
   ". A bad value exits 2 naming the variable."
 
 const EXIT_STATUS = "Exit status: 0 success; 1 the migration failed (one line on stderr says why); 2 bad usage or " +
-  "configuration; 130 / 143 / 129 interrupted by SIGINT / SIGTERM / SIGHUP."
+  "configuration; 130 / 143 / 129 / 131 / 142 interrupted by SIGINT / SIGTERM / SIGHUP / SIGQUIT / SIGALRM."
 
 /** `multifd --help`, and (on stderr, exit 2) what `multifd` alone prints. */
 export const overview = (): string =>

@@ -19,7 +19,14 @@ import { ExitCode, toJson } from "./errors.js"
  */
 const REPEAT_MS = 1000
 
-// runMain interrupts the program on the first SIGINT / SIGTERM (`hangup` below on SIGHUP) and then stops
+/**
+ * The signals that end the command cleanly (the peer told, a partial --out removed), with exit 128 + the
+ * signal's number: runMain listens for SIGINT and SIGTERM, `signalled` below for the others, which by default
+ * killed the process where it stood (SIGQUIT is Ctrl-\ on a terminal).
+ */
+const INTERRUPTING = ["SIGINT", "SIGTERM", "SIGHUP", "SIGQUIT", "SIGALRM"] as const
+
+// runMain interrupts the program on the first SIGINT / SIGTERM (`signalled` below on the others) and then stops
 // listening; this listener stays for the process's life, so that a duplicate does not kill the process by
 // default while it tears down (the "interrupted" line and the cleanup would be lost). A later signal is a
 // second request: exit at once.
@@ -33,7 +40,12 @@ const onSignal = (name: NodeJS.Signals) => {
   process.stderr.write(`multifd: ${name} again: exiting without cleanup\n`)
   process.exit(128 + Os.constants.signals[name])
 }
-for (const name of ["SIGINT", "SIGTERM", "SIGHUP"] as const) process.on(name, onSignal)
+for (const name of INTERRUPTING) process.on(name, onSignal)
+
+// SIGUSR1 would open Node's inspector (a debugger port on 127.0.0.1:9229, to a process that may run as root
+// holding a guest's memory), and SIGUSR2 killed the process where it stood: a listener keeps Node from doing
+// either (it is Node's own SIGUSR1 handling that starts the inspector), and the command ignores both.
+for (const name of ["SIGUSR1", "SIGUSR2"] as const) process.on(name, () => {})
 
 // A write to stdout or stderr that fails (the reader of a pipe gone, `multifd recv … 2>&1 | head -1`; a full
 // disk; a terminal that went away) is an 'error' event on the stream, which without a listener crashed the
@@ -43,17 +55,21 @@ for (const name of ["SIGINT", "SIGTERM", "SIGHUP"] as const) process.on(name, on
 for (const stream of [process.stdout, process.stderr]) stream.on("error", () => {})
 
 /**
- * SIGHUP (the terminal closed) interrupts the command as SIGINT and SIGTERM do, which runMain does not listen
- * for: by default it killed the process where it stood, leaving its temporary file and telling the peer
- * nothing. (`nohup` cannot keep a Node process alive: Node resets SIGHUP's disposition when it starts.)
+ * SIGHUP (the terminal closed), SIGQUIT and SIGALRM interrupt the command as SIGINT and SIGTERM do, which
+ * runMain does not listen for: by default they killed the process where it stood, leaving its temporary file
+ * and telling the peer nothing. (`nohup` cannot keep a Node process alive: Node resets SIGHUP's disposition
+ * when it starts.)
  */
-const hangup = Effect.async<never>((resume) => {
-  const onHangup = () => resume(Effect.interrupt)
-  process.once("SIGHUP", onHangup)
-  return Effect.sync(() => process.off("SIGHUP", onHangup))
+const signalled = Effect.async<never>((resume) => {
+  const names = INTERRUPTING.filter((name) => name !== "SIGINT" && name !== "SIGTERM")
+  const onSignal = () => resume(Effect.interrupt)
+  for (const name of names) process.once(name, onSignal)
+  return Effect.sync(() => {
+    for (const name of names) process.off(name, onSignal)
+  })
 })
 
-NodeRuntime.runMain(main(process.argv).pipe(Effect.raceFirst(hangup), Effect.provide(NodeContext.layer)), {
+NodeRuntime.runMain(main(process.argv).pipe(Effect.raceFirst(signalled), Effect.provide(NodeContext.layer)), {
   disableErrorReporting: true,
   disablePrettyLogger: true,
   teardown: (exit, onExit) => {
