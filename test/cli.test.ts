@@ -968,6 +968,33 @@ describe("trust: success is durable, strangers are candidates", () => {
     expect(Fs.readFileSync(out).equals(Fs.readFileSync(image))).toBe(true)
     expect(filesLike("epipe.out")).toEqual(["epipe.out"])
   })
+
+  // `--json > /dev/full` exited 0 and printed nothing: the script reading the result would get nothing
+  it("a --json result that stdout does not take (a full disk, a closed pipe) fails the command: exit 1, one line says so", async () => {
+    const full = Fs.openSync("/dev/full", "w")
+    try {
+      const out = Path.join(dir, "full.out")
+      const recv = await startRecv(["tcp:127.0.0.1:0", "--out", out, "--json"], { stdout: full })
+      const sent = await run(["send", recv.uri, "--in", image, "--json"], { stdout: full })
+      const received = await recv.finished
+      for (const result of [sent, received]) {
+        expect(result.code, result.stderr).toBe(1)
+        expect(lines(result.stderr).at(-1)).toBe("multifd: error: cannot write the --json result to stdout: no space left on device")
+      }
+      // the migration itself completed: the image is in place
+      expect(Fs.readFileSync(out).equals(Fs.readFileSync(image))).toBe(true)
+      const help = await run(["send", "--help"], { stdout: full })
+      expect(help.code).toBe(1)
+      expect(lines(help.stderr)).toEqual(["multifd: error: cannot write the help to stdout: no space left on device"])
+    } finally {
+      Fs.closeSync(full)
+    }
+    const version = start(["--version"])
+    version.child.stdout!.destroy()
+    const closed = await version.finished
+    expect(closed.code).toBe(1)
+    expect(lines(closed.stderr)).toEqual(["multifd: error: cannot write the version to stdout: broken pipe"])
+  })
 })
 
 // ---------------------------------------------------------------------------------------------------------

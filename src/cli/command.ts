@@ -10,6 +10,7 @@ import * as CliConfig from "@effect/cli/CliConfig"
 import * as Command from "@effect/cli/Command"
 import * as FileSystem from "@effect/platform/FileSystem"
 import * as Effect from "effect/Effect"
+import * as Either from "effect/Either"
 import { ExitCode, type Flags, toExitCode } from "./errors.js"
 import * as Help from "./help.js"
 import * as Log from "./log.js"
@@ -133,13 +134,18 @@ const HELP_FLAGS = new Set(["--help", "-h"])
 const COMMANDS = new Set(["send", "recv"])
 
 /** What the command line asks before any parsing: help, the version, or nothing at all. */
-const early = (args: ReadonlyArray<string>): { readonly stdout?: string; readonly stderr?: string; readonly code: number } | undefined => {
+const early = (
+  args: ReadonlyArray<string>
+): { readonly stdout?: { readonly text: string; readonly what: string }; readonly stderr?: string; readonly code: number } | undefined => {
   const options = args.slice(0, args.includes("--") ? args.indexOf("--") : args.length)
   const subcommand = COMMANDS.has(args[0] ?? "") ? args[0] : undefined
   if (options.some((a) => HELP_FLAGS.has(a))) {
-    return { stdout: subcommand === "send" ? sendHelp() : subcommand === "recv" ? recvHelp() : overview(), code: ExitCode.Ok }
+    const text = subcommand === "send" ? sendHelp() : subcommand === "recv" ? recvHelp() : overview()
+    return { stdout: { text, what: "the help" }, code: ExitCode.Ok }
   }
-  if (subcommand === undefined && options.includes("--version")) return { stdout: `${NAME} ${VERSION}\n`, code: ExitCode.Ok }
+  if (subcommand === undefined && options.includes("--version")) {
+    return { stdout: { text: `${NAME} ${VERSION}\n`, what: "the version" }, code: ExitCode.Ok }
+  }
   if (args.length === 0) return { stderr: overview(), code: ExitCode.Usage }
   return undefined
 }
@@ -186,15 +192,22 @@ const forgivingExists = Effect.updateService(FileSystem.FileSystem, (fs) => ({
 /**
  * The whole command for `argv` (runtime and script first, as `process.argv`): parses, runs, reports any
  * failure (one line on stderr; with `--json` also one JSON object on stdout) and succeeds with the exit
- * code. Only an interruption fails it.
+ * code. Only an interruption fails it. It prints through the `Terminal` in context (`Terminal.stdio` from
+ * `main.ts`), else through `Console`.
  */
 export const main = (argv: ReadonlyArray<string>) =>
   Effect.gen(function*() {
     const args = argv.slice(2)
-    const terminal = yield* Terminal.fromConsole
+    const terminal = yield* Effect.orElse(Effect.serviceOptional(Terminal.Terminal), () => Terminal.fromConsole)
     const answer = early(args)
     if (answer !== undefined) {
-      if (answer.stdout !== undefined) yield* terminal.out(answer.stdout.replace(/\n$/, ""))
+      if (answer.stdout !== undefined) {
+        const written = yield* Effect.either(terminal.out(answer.stdout.text.replace(/\n$/, ""), answer.stdout.what))
+        if (Either.isLeft(written)) {
+          yield* terminal.err(`multifd: error: ${written.left.message}`)
+          return ExitCode.Failed
+        }
+      }
       if (answer.stderr !== undefined) yield* terminal.err(answer.stderr.replace(/\n$/, ""))
       return answer.code
     }

@@ -168,11 +168,14 @@ export interface Reporting {
   readonly flags?: Flags | undefined
 }
 
-/** Prints `multifd: error: <message>` on stderr, and with `--json` the JSON object on stdout. */
+/**
+ * Prints `multifd: error: <message>` on stderr, and with `--json` the JSON object on stdout (if stdout takes
+ * it: the exit status and the line say what failed).
+ */
 const printReport = (report: Report, reporting: Reporting): Effect.Effect<void> =>
   Effect.zipRight(
     reporting.terminal.err(`multifd: error: ${report.message}`),
-    reporting.json ? reporting.terminal.out(toJson(report)) : Effect.void
+    reporting.json ? Effect.ignore(reporting.terminal.out(toJson(report), "the --json error")) : Effect.void
   )
 
 /**

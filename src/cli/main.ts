@@ -12,6 +12,7 @@ import * as Exit from "effect/Exit"
 import * as Os from "node:os"
 import { main } from "./command.js"
 import { ExitCode, toJson } from "./errors.js"
+import * as Terminal from "./terminal.js"
 
 /**
  * A repeat of the signal within this long is the same request delivered twice: Ctrl-C reaches every
@@ -51,7 +52,8 @@ for (const name of ["SIGUSR1", "SIGUSR2"] as const) process.on(name, () => {})
 // disk; a terminal that went away) is an 'error' event on the stream, which without a listener crashed the
 // process: a partial --out left, the peer told nothing. Output is not what the command is for: the migration
 // goes on and its exit status stands, the lines that cannot be written are lost (Node's stdio streams cannot
-// be closed: each later write fails the same way, cheaply). Only the `--json` result is checked (terminal.ts).
+// be closed: each later write fails the same way, cheaply). What stdout carries, the `--json` result or a help
+// page, is checked (`Terminal.stdio`): losing it fails the command.
 for (const stream of [process.stdout, process.stderr]) stream.on("error", () => {})
 
 /**
@@ -69,18 +71,25 @@ const signalled = Effect.async<never>((resume) => {
   })
 })
 
-NodeRuntime.runMain(main(process.argv).pipe(Effect.raceFirst(signalled), Effect.provide(NodeContext.layer)), {
-  disableErrorReporting: true,
-  disablePrettyLogger: true,
-  teardown: (exit, onExit) => {
-    if (Exit.isSuccess(exit)) return onExit(typeof exit.value === "number" ? exit.value : ExitCode.Ok)
-    if (!Cause.isInterruptedOnly(exit.cause)) return onExit(ExitCode.Failed)
-    // everything the command opened is closed (and a partial --out removed) by now
-    const signal = first?.signal ?? "SIGINT"
-    process.stderr.write(`multifd: interrupted by ${signal}\n`)
-    if (process.argv.includes("--json")) {
-      process.stdout.write(`${toJson({ tag: "Interrupted", reason: signal, message: `interrupted by ${signal}` })}\n`)
+NodeRuntime.runMain(
+  main(process.argv).pipe(
+    Effect.provideService(Terminal.Terminal, Terminal.stdio),
+    Effect.raceFirst(signalled),
+    Effect.provide(NodeContext.layer)
+  ),
+  {
+    disableErrorReporting: true,
+    disablePrettyLogger: true,
+    teardown: (exit, onExit) => {
+      if (Exit.isSuccess(exit)) return onExit(typeof exit.value === "number" ? exit.value : ExitCode.Ok)
+      if (!Cause.isInterruptedOnly(exit.cause)) return onExit(ExitCode.Failed)
+      // everything the command opened is closed (and a partial --out removed) by now
+      const signal = first?.signal ?? "SIGINT"
+      process.stderr.write(`multifd: interrupted by ${signal}\n`)
+      if (process.argv.includes("--json")) {
+        process.stdout.write(`${toJson({ tag: "Interrupted", reason: signal, message: `interrupted by ${signal}` })}\n`)
+      }
+      onExit(128 + Os.constants.signals[signal])
     }
-    onExit(128 + Os.constants.signals[signal])
   }
-})
+)

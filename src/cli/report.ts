@@ -77,13 +77,16 @@ export const summary = (result: Result): string => {
     `${(s.durationMs / 1000).toFixed(2)} s (${formatRate(s.ramBytes, s.durationMs)}), ${pages}, ${s.packets} packets${reconnects}${where}`
 }
 
-/** Reports a finished command: the JSON object on stdout with `--json`, else the summary on stderr unless `--quiet`. */
+/**
+ * Reports a finished command: the JSON object on stdout with `--json` (an `OutputError` if stdout does not take
+ * it: the script waiting for it would get nothing), else the summary on stderr unless `--quiet`.
+ */
 export const print = (
   result: Result,
   reporting: { readonly json: boolean; readonly quiet: boolean }
-): Effect.Effect<void, never, Terminal.Terminal> =>
+): Effect.Effect<void, Terminal.OutputError, Terminal.Terminal> =>
   reporting.json
-    ? Terminal.out(JSON.stringify(toJson(result)))
+    ? Terminal.out(JSON.stringify(toJson(result)), "the --json result")
     : reporting.quiet
     ? Effect.void
     : Terminal.err(summary(result))

@@ -43,6 +43,8 @@ export interface StartOptions {
   readonly env?: Record<string, string> | undefined
   /** The child's limit on open files (`ulimit -n`, set by a shell that then becomes the command). */
   readonly openFiles?: number | undefined
+  /** A descriptor of this process the child's stdout goes to (`/dev/full`), rather than a pipe. */
+  readonly stdout?: number | undefined
 }
 
 const children = new Set<ChildProcess.ChildProcess>()
@@ -60,13 +62,13 @@ export const start = (args: ReadonlyArray<string>, options: StartOptions = {}): 
     : ["/bin/sh", ["-c", `ulimit -n ${options.openFiles} && exec "$0" "$@"`, process.execPath, ...entry, ...args]]
   const child = ChildProcess.spawn(command, argv, {
     cwd: ROOT,
-    stdio: ["ignore", "pipe", "pipe"],
+    stdio: ["ignore", options.stdout ?? "pipe", "pipe"],
     env: { ...process.env, NO_COLOR: "1", ...options.env }
   })
   children.add(child)
   let stdout = ""
   let stderr = ""
-  child.stdout!.setEncoding("utf8").on("data", (s: string) => (stdout += s))
+  child.stdout?.setEncoding("utf8").on("data", (s: string) => (stdout += s))
   child.stderr!.setEncoding("utf8").on("data", (s: string) => (stderr += s))
   const timer = setTimeout(() => child.kill("SIGKILL"), CHILD_TIMEOUT_MS)
   const finished = new Promise<Finished>((resolve) => {
