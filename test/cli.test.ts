@@ -1129,6 +1129,29 @@ describe("trust: signals, timeouts and progress whatever the CPU does", () => {
     }
   })
 
+  // every fiber that failed was logged at Debug by Effect's runtime: --verbose looked like a crash
+  it("--verbose: a cancelled migration's failure is one error line, no \"Fiber terminated with an unhandled error\" log", async () => {
+    const out = Path.join(dir, "verbose-cancelled.out")
+    const recv = await startRecv(["tcp:127.0.0.1:0", "--out", out, "--verbose"])
+    const via = await relay(recv.uri)
+    try {
+      const send = start(["send", via.uri, "--in", image, "--max-bandwidth", "8M", "--verbose"])
+      await via.carried(1024 * 1024)
+      send.child.kill("SIGTERM")
+      const sent = await send.finished
+      const received = await recv.finished
+      expect(sent.code, sent.stderr).toBe(143)
+      expect(received.code, received.stderr).toBe(1)
+      expect(sent.stderr + received.stderr).not.toMatch(/unhandled/i)
+      expect(lines(received.stderr).filter((l) => l.includes("cancelled by source"))).toEqual([
+        "multifd: error: the source aborted the migration: cancelled by source"
+      ])
+      expect(filesLike("verbose-cancelled.out")).toEqual([])
+    } finally {
+      via.close()
+    }
+  })
+
   it("an open-files limit that cannot hold the channels: recv refuses the migration, send does not start, both say so (libuv would drop them silently)", async () => {
     const out = Path.join(dir, "nofiles.out")
     const recv = await startRecv(["tcp:127.0.0.1:0", "--out", out], { openFiles: 64 })

@@ -11,6 +11,7 @@ import * as Command from "@effect/cli/Command"
 import * as FileSystem from "@effect/platform/FileSystem"
 import * as Effect from "effect/Effect"
 import * as Either from "effect/Either"
+import * as Option from "effect/Option"
 import { ExitCode, type Flags, toExitCode } from "./errors.js"
 import * as Help from "./help.js"
 import * as Log from "./log.js"
@@ -219,4 +220,10 @@ export const main = (argv: ReadonlyArray<string>) =>
       Effect.provideService(Terminal.Terminal, terminal),
       toExitCode({ json: args.includes("--json"), terminal, flags: flags(args) })
     )
-  }).pipe(Effect.provide(Log.layer), Effect.provide(config))
+  }).pipe(
+    // Effect's runtime logs each fiber that fails (at Debug: with --verbose), and one failure of a migration ends
+    // several (its races, its channels' fibers): it looked like a crash. The failure is the command's error line.
+    Effect.withUnhandledErrorLogLevel(Option.none()),
+    Effect.provide(Log.layer),
+    Effect.provide(config)
+  )
