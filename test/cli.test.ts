@@ -1109,7 +1109,7 @@ describe("trust: signals, timeouts and progress whatever the CPU does", () => {
   }
 
   // SIGUSR1 opened Node's inspector (a debugger port, "Debugger listening on ws://127.0.0.1:9229"); SIGUSR2 killed
-  it("SIGUSR1 and SIGUSR2 mid-migration are ignored by send and recv: no debugger opens, the migration completes", async () => {
+  it("SIGUSR1 and SIGUSR2 mid-migration: no debugger opens, SIGUSR1 prints the progress line, the migration completes", async () => {
     const out = Path.join(dir, "usr.out")
     const recv = await startRecv(["tcp:127.0.0.1:0", "--out", out])
     const via = await relay(recv.uri)
@@ -1118,6 +1118,9 @@ describe("trust: signals, timeouts and progress whatever the CPU does", () => {
       const send = start(["send", via.uri, "--in", image, "--max-bandwidth", "8M"])
       await via.carried(1024 * 1024)
       for (const target of [send, recv]) for (const signal of ["SIGUSR1", "SIGUSR2"] as const) target.child.kill(signal)
+      // as dd does: SIGUSR1 prints the progress line at once (stderr is a pipe here: no bar)
+      await waitForStderr(send, /^multifd: send: [\d.]+ (?:B|KiB|MiB) of 8\.00 MiB \(\d+%\) in round \d+/m)
+      await waitForStderr(recv, /^multifd: recv: [\d.]+ (?:B|KiB|MiB) of 8\.00 MiB \(\d+%\) in round \d+/m)
       const sent = await send.finished
       const received = await recv.finished
       expect(sent.code, sent.stderr).toBe(0)

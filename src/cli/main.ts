@@ -45,7 +45,8 @@ for (const name of INTERRUPTING) process.on(name, onSignal)
 
 // SIGUSR1 would open Node's inspector (a debugger port on 127.0.0.1:9229, to a process that may run as root
 // holding a guest's memory), and SIGUSR2 killed the process where it stood: a listener keeps Node from doing
-// either (it is Node's own SIGUSR1 handling that starts the inspector), and the command ignores both.
+// either (it is Node's own SIGUSR1 handling that starts the inspector). The command ignores SIGUSR2; SIGUSR1
+// prints a progress line when stderr is not a terminal (progress.ts), as `dd` does.
 for (const name of ["SIGUSR1", "SIGUSR2"] as const) process.on(name, () => {})
 
 // A write to stdout or stderr that fails (the reader of a pipe gone, `multifd recv … 2>&1 | head -1`; a full

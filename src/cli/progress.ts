@@ -2,7 +2,8 @@
  * Progress on stderr. On a terminal, a bar: the round's bytes sent (or received), the rate and the ETA; it is
  * stopped when its scope closes, whatever the migration's outcome, and its last frame is the last report (a
  * round's last report has all of its pages: a completed migration ends at 100 %). When stderr is not a
- * terminal (a log file, a pipe), a line every `LINE_INTERVAL_MS` instead; nothing with `--quiet`.
+ * terminal (a log file, a pipe), a line every `LINE_INTERVAL_MS` instead, and one at once on SIGUSR1;
+ * nothing with `--quiet`.
  *
  * @since 0.1.0
  */
@@ -91,27 +92,48 @@ export const make = (
   )
 }
 
-/** A line every `LINE_INTERVAL_MS` of the `Clock` (the first after as long: a short migration prints none). */
-const lines = (label: string): Effect.Effect<OnProgress, never, Terminal.Terminal> =>
-  Effect.map(Terminal.Terminal, (terminal) => {
+/** The next delivery of `signal` to the process. */
+const next = (signal: NodeJS.Signals): Effect.Effect<void> =>
+  Effect.async<void>((resume) => {
+    const onSignal = () => resume(Effect.void)
+    process.once(signal, onSignal)
+    return Effect.sync(() => process.off(signal, onSignal))
+  })
+
+/**
+ * A line every `LINE_INTERVAL_MS` of the `Clock` (the first after as long: a short migration prints none), and
+ * the line of the last report at once on SIGUSR1, as `dd` prints its progress.
+ */
+const lines = (label: string): Effect.Effect<OnProgress, never, Scope.Scope | Terminal.Terminal> =>
+  Effect.gen(function*() {
+    const terminal = yield* Terminal.Terminal
     let startedAt: number | undefined
     let lastLine = 0
     let base = 0
     let lastDone = 0
     let lastTotal = 0
-    return (progress) =>
+    let last: { readonly progress: Migration.Progress; readonly at: number } | undefined
+    const line = (progress: Migration.Progress, at: number, since: number) => {
+      const percent = progress.totalBytes > 0 ? Math.floor(progress.doneBytes / progress.totalBytes * 100) : 100
+      return `multifd: ${label}: ${formatBytes(progress.doneBytes)} of ${formatBytes(progress.totalBytes)} (${percent}%) ` +
+        `in round ${progress.round}${at > since ? `, ${formatRate(base + progress.doneBytes, at - since)}` : ""}`
+    }
+    yield* Effect.forkScoped(Effect.forever(Effect.zipRight(
+      next("SIGUSR1"),
+      Effect.suspend(() =>
+        last === undefined || startedAt === undefined ? Effect.void : terminal.err(line(last.progress, last.at, startedAt))
+      )
+    )))
+    return (progress: Migration.Progress) =>
       Effect.flatMap(Clock.currentTimeMillis, (now) => {
         startedAt ??= now
         if (progress.doneBytes < lastDone) base += lastTotal
         lastDone = progress.doneBytes
         lastTotal = progress.totalBytes
+        last = { progress, at: now }
         if (now - Math.max(lastLine, startedAt) < LINE_INTERVAL_MS) return Effect.void
         lastLine = now
-        const percent = progress.totalBytes > 0 ? Math.floor(progress.doneBytes / progress.totalBytes * 100) : 100
-        return terminal.err(
-          `multifd: ${label}: ${formatBytes(progress.doneBytes)} of ${formatBytes(progress.totalBytes)} (${percent}%) ` +
-            `in round ${progress.round}, ${formatRate(base + progress.doneBytes, now - startedAt)}`
-        )
+        return terminal.err(line(progress, now, startedAt))
       })
   })
 
