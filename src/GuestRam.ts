@@ -80,11 +80,19 @@ export interface BlockLayout {
  * @category errors
  */
 export class GuestRamError extends Data.TaggedError("GuestRamError")<{
-  readonly reason: "BadPageSize" | "BadBlockName" | "BadBlockSize" | "DuplicateBlock" | "NoBlocks" | "TooManyBlocks"
+  readonly reason:
+    | "BadPageSize"
+    | "BadBlockName"
+    | "BadBlockSize"
+    | "DuplicateBlock"
+    | "NoBlocks"
+    | "TooManyBlocks"
+    /** The memory could not be allocated (`allocateOrFail`). */
+    | "OutOfMemory"
   readonly detail: string
 }> {
   override get message(): string {
-    return `invalid memory layout: ${this.detail}`
+    return this.reason === "OutOfMemory" ? this.detail : `invalid memory layout: ${this.detail}`
   }
 }
 
@@ -117,6 +125,23 @@ export class GuestRam extends Context.Tag("effect-multifd/GuestRam")<
  * @category utils
  */
 export const allocate = (size: number): Buffer => Digest.allocate(size)
+
+/**
+ * `allocate`, with memory that cannot be had (an address-space limit, `ulimit -v`, an exhausted heap) a
+ * `GuestRamError` (`OutOfMemory`) naming `what` and the size, rather than a defect.
+ *
+ * @since 0.1.0
+ * @category utils
+ */
+export const allocateOrFail = (size: number, what: string): Effect.Effect<Buffer, GuestRamError> =>
+  Effect.try({
+    try: () => allocate(size),
+    catch: (cause) =>
+      new GuestRamError({
+        reason: "OutOfMemory",
+        detail: `cannot allocate ${size} bytes for ${what}: ${cause instanceof Error ? cause.message : String(cause)}`
+      })
+  })
 
 /**
  * Most blocks a memory may have. A VM has a few dozen (RAM, ROMs, video memory, a DIMM per hot-plug slot: QEMU
@@ -160,20 +185,21 @@ export const make = (options: {
       options.blocks.map((b) => ({ name: b.name, size: "size" in b ? b.size : b.bytes.length }))
     )
     if (problem) return problem
-    const fresh: Array<Uint8Array> = []
-    const blocks = options.blocks.map((spec): Block => {
-      const bytes = "bytes" in spec
-        ? globalThis.Buffer.from(spec.bytes.buffer, spec.bytes.byteOffset, spec.bytes.byteLength)
-        : allocate(spec.size)
-      if (!("bytes" in spec)) fresh.push(bytes)
-      const pages = bytes.length / pageSize
-      return { name: spec.name, bytes, pages, dirty: new DirtyLog(pages) }
+    return Effect.gen(function*() {
+      const fresh: Array<Uint8Array> = []
+      const blocks: Array<Block> = []
+      for (const spec of options.blocks) {
+        const bytes = "bytes" in spec
+          ? globalThis.Buffer.from(spec.bytes.buffer, spec.bytes.byteOffset, spec.bytes.byteLength)
+          : yield* allocateOrFail(spec.size, `block ${JSON.stringify(spec.name)}`)
+        if (!("bytes" in spec)) fresh.push(bytes)
+        const pages = bytes.length / pageSize
+        blocks.push({ name: spec.name, bytes, pages, dirty: new DirtyLog(pages) })
+      }
+      // fresh memory is touched now, on worker threads, rather than faulted in page by page as pages arrive
+      yield* Effect.forEach(fresh, (bytes) => Prefault.prefault(bytes), { discard: true })
+      return fromBlocks(pageSize, blocks)
     })
-    // fresh memory is touched now, on worker threads, rather than faulted in page by page as pages arrive
-    return Effect.as(
-      Effect.forEach(fresh, (bytes) => Prefault.prefault(bytes), { discard: true }),
-      fromBlocks(pageSize, blocks)
-    )
   })
 
 /**

@@ -36,7 +36,7 @@ import {
 } from "./support/cli.js"
 import { onTmpfs } from "./support/files.js"
 import { resetProxy } from "./support/resetProxy.js"
-import { controlMagic } from "./support/wire.js"
+import { controlMagic, smallHello } from "./support/wire.js"
 
 /** A plain TCP server that counts the connections it accepts (and closes them); closed by `close`. */
 const countingServer = () =>
@@ -1153,6 +1153,33 @@ describe("trust: signals, timeouts and progress whatever the CPU does", () => {
     } finally {
       via.close()
     }
+  })
+
+  it("memory recv cannot have (ulimit -v below what the source's hello asks for): refused, the source told why; no internal error", async () => {
+    const out = Path.join(dir, "nomemory.out")
+    const recv = await startRecv(["tcp:127.0.0.1:0", "--out", out], { virtualMemoryKiB: 3_000_000 })
+    const [host, port] = [recv.uri.slice(4, recv.uri.lastIndexOf(":")), Number(recv.uri.slice(recv.uri.lastIndexOf(":") + 1))]
+    // a hello that asks for one block of 4 GiB (the largest a Buffer holds here)
+    const socket = Net.connect({ host, port })
+    socket.on("error", () => {})
+    socket.write(Buffer.concat([
+      controlMagic(),
+      Control.encode(new Control.Hello({ ...smallHello(), blocks: [{ name: "pc.ram", size: 4 * 1024 ** 3 }] }))
+    ]))
+    const answer = await new Promise<Buffer>((resolve) => {
+      const chunks: Array<Buffer> = []
+      socket.on("data", (chunk: Buffer) => chunks.push(chunk))
+      socket.on("close", () => resolve(Buffer.concat(chunks)))
+    })
+    const received = await recv.finished
+    const why = /^refused the migration: cannot allocate 4294967296 bytes for block "pc\.ram": .+$/
+    expect(Control.decode(answer.subarray(4))).toMatchObject({
+      right: { _tag: "Reject", reason: expect.stringMatching(/^cannot allocate 4294967296 bytes/) }
+    })
+    expect(received.code, received.stderr).toBe(1)
+    expect(lines(received.stderr).at(-1)!.replace("multifd: error: ", "")).toMatch(why)
+    expect(received.stderr).not.toContain("internal error")
+    expect(filesLike("nomemory.out")).toEqual([])
   })
 
   it("an open-files limit that cannot hold the channels: recv refuses the migration, send does not start, both say so (libuv would drop them silently)", async () => {

@@ -64,7 +64,9 @@ export const read = (path: string, pageSize: number): Effect.Effect<Buffer, Imag
     if (size > GuestRam.MAX_BLOCK_SIZE) {
       return yield* bad(`the image size ${formatSize(size)} exceeds the largest block, ${formatSize(GuestRam.MAX_BLOCK_SIZE)}`)
     }
-    const bytes = GuestRam.allocate(size)
+    const bytes = yield* GuestRam.allocateOrFail(size, "the image").pipe(
+      Effect.mapError((error) => new ImageError({ reason: "Io", path, detail: error.detail }))
+    )
     yield* FileIo.transferChunked("read", file, bytes, 0, READ_CHUNK, READS)
     return bytes
   })).pipe(Effect.mapError((error) => error._tag === "ImageError" ? error : readError(path, error)))

@@ -414,7 +414,15 @@ export const run = <E>(listener: Transport.Listener, settings: Settings<E>): Eff
         yield* tell(new Control.Reject({ reason: problem }))
         return yield* new MigrationError.MigrationError({ reason: "Rejected", detail: `refused the migration: ${problem}` })
       }
-      const ram = settings.ram ?? (yield* GuestRam.make({ pageSize: hello.pageSize, blocks: hello.blocks }))
+      // memory this process cannot have (an address-space limit) is a refusal, said to the source
+      const ram = settings.ram ?? (yield* GuestRam.make({ pageSize: hello.pageSize, blocks: hello.blocks }).pipe(
+        Effect.catchAll((error) =>
+          Effect.zipRight(
+            tell(new Control.Reject({ reason: error.message })),
+            new MigrationError.MigrationError({ reason: "Rejected", detail: `refused the migration: ${error.message}` })
+          )
+        )
+      ))
       const recv = yield* MultifdRecv.make({
         channels: hello.channels,
         uuid: Protocol.parseUuid(hello.uuid),

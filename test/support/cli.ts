@@ -43,6 +43,8 @@ export interface StartOptions {
   readonly env?: Record<string, string> | undefined
   /** The child's limit on open files (`ulimit -n`, set by a shell that then becomes the command). */
   readonly openFiles?: number | undefined
+  /** The child's limit on its address space, in KiB (`ulimit -v`, likewise). */
+  readonly virtualMemoryKiB?: number | undefined
   /** A descriptor of this process the child's stdout goes to (`/dev/full`), rather than a pipe. */
   readonly stdout?: number | undefined
 }
@@ -57,9 +59,13 @@ export const killChildren = (): void => {
 /** Starts `multifd <args>` as a child process, its output collected. */
 export const start = (args: ReadonlyArray<string>, options: StartOptions = {}): Running => {
   const entry = options.entry === "source" ? ["--import", "tsx", MAIN] : [inject("cliBundle")]
-  const [command, argv] = options.openFiles === undefined
+  const limits = [
+    ...(options.openFiles === undefined ? [] : [`ulimit -n ${options.openFiles}`]),
+    ...(options.virtualMemoryKiB === undefined ? [] : [`ulimit -v ${options.virtualMemoryKiB}`])
+  ]
+  const [command, argv] = limits.length === 0
     ? [process.execPath, [...entry, ...args]]
-    : ["/bin/sh", ["-c", `ulimit -n ${options.openFiles} && exec "$0" "$@"`, process.execPath, ...entry, ...args]]
+    : ["/bin/sh", ["-c", `${limits.join(" && ")} && exec "$0" "$@"`, process.execPath, ...entry, ...args]]
   const child = ChildProcess.spawn(command, argv, {
     cwd: ROOT,
     stdio: ["ignore", options.stdout ?? "pipe", "pipe"],
