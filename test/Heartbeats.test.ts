@@ -174,6 +174,24 @@ describe("the source's wait for a round's acknowledgement (TestClock)", () => {
       expect(waited).toBeGreaterThanOrEqual(3_000)
       expect(waited).toBeLessThanOrEqual(3_500)
     })))
+
+  it.effect("a count beyond the bytes this side sent is not believed past them: the source times out as if it did not grow", () =>
+    leakFree(Effect.gen(function*() {
+      const ram = yield* randomRam(16)
+      // a terabyte more each time, for ever: only the first message's growth (to all that was sent) counts
+      const fake = yield* receivingDestination((i) => 1e12 * (i + 1), 1000)
+      const source = yield* Effect.forkScoped(migrate(fake.address, ram, TIMEOUTS))
+      yield* noHang(Deferred.await(fake.flushed), "the first flush")
+      const t0 = yield* TestClock.currentTimeMillis
+      const waited = yield* timedOut(
+        source,
+        t0,
+        "the source timing out",
+        "timed out after 2s waiting for the destination to acknowledge the flush"
+      )
+      expect(waited).toBeGreaterThanOrEqual(2_000)
+      expect(waited).toBeLessThanOrEqual(3_000)
+    })))
 })
 
 describe("Control.Receiving on the wire", () => {

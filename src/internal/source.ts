@@ -111,7 +111,8 @@ export const run = (
     // what the destination says arrived so far (`Receiving`): bytes reaching it are progress, whatever the
     // kernels' buffers let this side see of its own writes
     let arrived = 0
-    const heard = Effect.sync(() => arrived)
+    // (never more than this side sent: a destination that claims more is not believed past that)
+    const heardOf = (send: MultifdSend.MultifdSend["Type"]) => Effect.map(send.stats, (s) => Math.min(arrived, s.sentBytes))
     yield* Effect.forkScoped(Effect.forever(Effect.flatMap(Queue.take(received), (message) => {
       if (message._tag === "Lost") return Deferred.succeed(lossOf(message.channel, message.nonce), undefined)
       if (message._tag === "Receiving") {
@@ -199,7 +200,7 @@ export const run = (
           sync: send.sync,
           failure: send.failure,
           progress: Effect.map(send.stats, (s) => s.sentBytes),
-          heard,
+          heard: heardOf(send),
           pagesSent: Effect.map(send.stats, (s) => s.sentPages)
         },
         started,
@@ -234,7 +235,7 @@ export const run = (
             yield* tell(new Control.Flush({ round, final }))
             const ack = yield* unlessStalled(
               Effect.raceFirst(Effect.raceFirst(Queue.take(inbox), controlFailure), send.failure),
-              heard,
+              heardOf(send),
               timeouts.peer,
               "waiting for the destination to acknowledge the flush"
             )
