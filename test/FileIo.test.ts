@@ -91,6 +91,21 @@ describe("FileIo.atomicFile", () => {
       expect(openFilesIn(dir)).toEqual([])
     }))
 
+  it.scopedLive("removeTemporariesNow (a second Ctrl-C, exiting without closing scopes) removes the open temporary files, not committed ones", () =>
+    Effect.gen(function*() {
+      const dir = yield* tempDir
+      yield* Effect.scoped(Effect.gen(function*() {
+        const done = yield* FileIo.atomicFile(Path.join(dir, "done.img"))
+        yield* done.commit
+        const open = yield* FileIo.atomicFile(Path.join(dir, "open.img"), { size: 4096 })
+        expect(Fs.readdirSync(dir).sort()).toEqual(["done.img", Path.basename(open.path)])
+        FileIo.removeTemporariesNow()
+        expect(Fs.readdirSync(dir)).toEqual(["done.img"])
+      }))
+      expect(Fs.readdirSync(dir)).toEqual(["done.img"])
+      expect(openFilesIn(dir)).toEqual([])
+    }))
+
   it.scopedLive("refuses a directory at the target and a temporary file that exists already", () =>
     Effect.gen(function*() {
       const dir = yield* tempDir

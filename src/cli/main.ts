@@ -10,6 +10,7 @@ import * as Cause from "effect/Cause"
 import * as Effect from "effect/Effect"
 import * as Exit from "effect/Exit"
 import * as Os from "node:os"
+import * as FileIo from "../internal/native/fileIo.js"
 import { main } from "./command.js"
 import { ExitCode, toJson } from "./errors.js"
 import * as Terminal from "./terminal.js"
@@ -30,7 +31,7 @@ const INTERRUPTING = ["SIGINT", "SIGTERM", "SIGHUP", "SIGQUIT", "SIGALRM"] as co
 // runMain interrupts the program on the first SIGINT / SIGTERM (`signalled` below on the others) and then stops
 // listening; this listener stays for the process's life, so that a duplicate does not kill the process by
 // default while it tears down (the "interrupted" line and the cleanup would be lost). A later signal is a
-// second request: exit at once.
+// second request: exit at once, removing the temporary files of the outputs (the peer is not told).
 let first: { readonly signal: NodeJS.Signals; readonly at: number } | undefined
 const onSignal = (name: NodeJS.Signals) => {
   if (first === undefined) {
@@ -38,7 +39,8 @@ const onSignal = (name: NodeJS.Signals) => {
     return
   }
   if (performance.now() - first.at < REPEAT_MS) return
-  process.stderr.write(`multifd: ${name} again: exiting without cleanup\n`)
+  FileIo.removeTemporariesNow()
+  process.stderr.write(`multifd: ${name} again: exiting at once (the peer is not told)\n`)
   process.exit(128 + Os.constants.signals[name])
 }
 for (const name of INTERRUPTING) process.on(name, onSignal)

@@ -319,6 +319,24 @@ export const followLinks = (path: string): Effect.Effect<string, FileError> =>
     catch: (cause) => new FileError({ step: "Create", path, cause })
   })
 
+/** The temporary files of `atomicFile` that exist now, for `removeTemporariesNow`. */
+const temporaries = new Set<string>()
+
+/**
+ * Removes, synchronously, every temporary file of an `atomicFile` this process has open: for a process about
+ * to exit without closing its scopes (a second Ctrl-C), which would leave them behind.
+ */
+export const removeTemporariesNow = (): void => {
+  for (const path of temporaries) {
+    try {
+      Fs.rmSync(path, { force: true })
+    } catch {
+      // nothing more can be done on the way out
+    }
+  }
+  temporaries.clear()
+}
+
 /**
  * The permissions of a file `atomicFile` creates where none was: its owner's alone. What it writes is a guest's
  * memory (keys, passwords, whatever the guest held), which no other user of the machine may read; QEMU's own
@@ -355,12 +373,14 @@ export const atomicFile = (
       Effect.tryPromise({
         try: () => FsP.open(path, "wx", NEW_FILE_MODE),
         catch: (cause) => new FileError({ step: "Create", path, cause })
-      }),
+      }).pipe(Effect.tap(() => Effect.sync(() => temporaries.add(path)))),
       (handle) =>
         Effect.flatMap(Ref.get(committed), (done) =>
           Effect.promise(async () => {
-            await handle.close().catch(() => undefined)
+            // removed before the close, which waits for an fsync under way (seconds for a big image)
             if (!done) await FsP.rm(path, { force: true }).catch(() => undefined)
+            temporaries.delete(path)
+            await handle.close().catch(() => undefined)
           }))
     )
     const failed = (step: Step) => (cause: unknown) => new FileError({ step, path, cause })
@@ -382,6 +402,7 @@ export const atomicFile = (
       yield* Effect.tryPromise({ try: () => handle.close(), catch: failed("Close") })
       yield* Effect.tryPromise({ try: () => FsP.rename(path, target), catch: failed("Rename") })
       yield* Ref.set(committed, true)
+      temporaries.delete(path)
       yield* syncDirectory(Path.dirname(target))
     }))
     return { path, fd: handle.fd, target, commit: Effect.zipRight(sync, publish), sync, publish }
