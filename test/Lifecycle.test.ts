@@ -557,6 +557,21 @@ describe("f. duplicate, out-of-range and foreign channel ids", () => {
     "before the final round's flush"
   )
 
+  it.live("a channel that stops inside a packet: the timeout names it and how far into the packet it got", () =>
+    leakFree(Effect.gen(function*() {
+      const faulty = yield* Faulty.make()
+      const ram = yield* destinationRam()
+      const dest = yield* startDestination(faulty, unixAddress("midpacket"), { ram, timeouts: { ...TIMEOUTS, peer: "300 millis" } })
+      const src = yield* fakeSource(dest.address, 1)
+      const c0 = yield* src.channel(0)
+      const packet = Buffer.concat(ramPacket([{ offset: 0, bytes: randomPage() }]))
+      yield* c0.write([packet.subarray(0, packet.length - 100)])
+      const error = failureOf(yield* noHang(Fiber.await(dest.fiber), "incoming"))
+      expect(error.message).toMatch(new RegExp(`multifd channel 0(: nothing arrived for 300ms,| is) ${packet.length - 100} bytes into a packet`))
+      expectOneLine(error)
+      expect(touchedPages(ram)).toEqual([])
+    })))
+
   it.live("a foreign channel while ours never come: the destination times out naming the missing channels", () =>
     leakFree(Effect.gen(function*() {
       const faulty = yield* Faulty.make()

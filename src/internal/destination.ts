@@ -210,6 +210,16 @@ const receiveRounds = (
           progress,
           peer,
           "without any data from the source"
+        ).pipe(
+          // where the silence began: the channels stuck inside a packet, if any
+          Effect.catchTag("MigrationError", (e) =>
+            e.reason !== "Timeout" ? Effect.fail(e) : Effect.flatMap(recv.unfinished, (unfinished) =>
+              Effect.fail(
+                unfinished.length === 0 ? e : new MigrationError.MigrationError({
+                  reason: e.reason,
+                  detail: `${e.detail} (${unfinished.map(MultifdRecv.describeUnfinished).join(", ")})`
+                })
+              )))
         )
         // the transfer ends with the final round's flush, acknowledged: before it, Complete (whose digests would
         // be compared with memory still being written) and Hashing (which would keep a destination waiting
