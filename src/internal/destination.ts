@@ -313,7 +313,7 @@ const storeThen = <E, E2>(
 ) =>
   Effect.uninterruptibleMask((restore) =>
     Effect.gen(function*() {
-      if (step === undefined) return yield* done
+      if (step === undefined) return yield* restore(done)
       let committed = false
       const commit: Commit = (effect) => Effect.uninterruptible(Effect.tap(effect, () => (committed = true)))
       const storing = Conversation.heartbeat((message) => Conversation.tell(control, message), new Control.Storing(), peer, true)
@@ -321,7 +321,9 @@ const storeThen = <E, E2>(
       const stored = yield* Effect.exit(restore(Fiber.join(fiber)))
       if (Exit.isSuccess(stored)) {
         yield* Effect.logDebug("memory stored")
-        return yield* done
+        // past a commit, Done goes out even if an interruption comes meanwhile (within the peer timeout: a
+        // source that stopped reading cannot hold the interruption up); otherwise it may be interrupted
+        return yield* (committed ? within(peer, "telling the source Done")(done) : restore(done))
       }
       if (Exit.isInterrupted(stored)) {
         yield* Fiber.interrupt(fiber)
