@@ -151,8 +151,9 @@ export const parsePskFile = (text: string, source = "keys file"): Effect.Effect<
 /**
  * Reads the files a `TlsConfig` names and checks that they are usable before anything listens or connects:
  * that the combination makes sense, that every PEM file holds what it should and parses, that the key is
- * the certificate's, that an explicit PSK identity has a key. Builds the secure context every handshake
- * reuses.
+ * the certificate's, that an explicit PSK identity has a key, that x509 verifying clients (`verifyPeer`,
+ * `authz`) has a CA file. Builds the secure context every handshake reuses: with x509 it trusts the CA file
+ * only, never Node's public roots (a source without a CA file is refused by `checkClient`).
  *
  * @since 0.1.0
  * @category constructors
@@ -165,6 +166,12 @@ export const load = (config: TlsConfig): Effect.Effect<Settings, TlsError> =>
     }
     if ((config.cert === undefined) !== (config.key === undefined)) {
       return yield* configError("a certificate needs its key and a key its certificate")
+    }
+    if (x509 && config.ca === undefined && (config.verifyPeer === true || config.authz !== undefined)) {
+      return yield* configError(
+        `${config.verifyPeer === true ? "verifyPeer" : "authz"} with x509 needs a CA certificate (ca) to verify clients: ` +
+          "the public root CAs are never trusted"
+      )
     }
     let credentials: Credentials
     let contextOptions: NodeTls.SecureContextOptions
@@ -194,7 +201,8 @@ export const load = (config: TlsConfig): Effect.Effect<Settings, TlsError> =>
       credentials = { _tag: "X509", ca, cert, key }
       contextOptions = {
         ciphers: config.ciphers ?? X509_CIPHERS,
-        ...(ca !== undefined ? { ca } : {}),
+        // always a list: Node loads its public roots (and NODE_EXTRA_CA_CERTS) into a context without one
+        ca: ca ?? [],
         ...(cert !== undefined ? { cert, key } : {})
       }
       files = [config.ca, config.cert, config.key].filter((f) => f !== undefined).join(", ")
@@ -220,7 +228,8 @@ export const load = (config: TlsConfig): Effect.Effect<Settings, TlsError> =>
 
 /**
  * Checks that the settings can secure a source's connections, before it connects: with a PSK file, that the
- * file has a key for the identity the source presents (a `Config` error otherwise).
+ * file has a key for the identity the source presents; with x509, that there is a CA file to verify the
+ * destination (the public root CAs are never trusted). A `Config` error otherwise.
  *
  * @since 0.1.0
  * @category utils

@@ -20,6 +20,7 @@ import * as Effect from "effect/Effect"
 import * as Exit from "effect/Exit"
 import * as Fiber from "effect/Fiber"
 import * as Logger from "effect/Logger"
+import * as ChildProcess from "node:child_process"
 import * as Crypto from "node:crypto"
 import * as Fs from "node:fs"
 import * as Net from "node:net"
@@ -746,6 +747,94 @@ describe("peer certificates (QEMU verify-peer: chain to the CA, validity, usage;
         expect(dest.fiber.unsafePoll()).toBeNull()
       })))
   }
+})
+
+// ---------------------------------------------------------------------------------------------------------
+
+describe("trust: the CA file only, never Node's public roots (QEMU's tls-creds-x509 always needs ca-cert.pem)", () => {
+  const noCa = (name: string, config: Tls.TlsConfig = {}): Tls.TlsConfig => ({
+    cert: fixture(`${name}-cert.pem`),
+    key: fixture(`${name}-key.pem`),
+    ...config
+  })
+  /** The error of an effect that must fail (one that succeeds fails the test with a short message). */
+  const refused = <A, E, R>(self: Effect.Effect<A, E, R>) =>
+    Effect.flip(self).pipe(Effect.mapError(() => new Error("expected a refusal, but it succeeded")))
+
+  it.live("a destination that verifies clients (verifyPeer, authz) without a CA file is refused at load", () =>
+    leakFree(Effect.gen(function*() {
+      for (const [config, what] of [[{ verifyPeer: true }, "verifyPeer"], [{ authz: ["alice"] }, "authz"]] as const) {
+        const error = yield* refused(Tls.load(noCa("server", config)))
+        expect(error.reason).toBe("Config")
+        expect(error.message).toBe(
+          `TLS configuration: ${what} with x509 needs a CA certificate (ca) to verify clients: ` +
+            "the public root CAs are never trusted"
+        )
+      }
+      // the environment's variables too
+      const fromEnv = yield* refused(Effect.provide(Tls.Tls, Tls.layerConfig)).pipe(
+        Effect.withConfigProvider(ConfigProvider.fromMap(
+          new Map([
+            ["MULTIFD_TLS_CERT", fixture("server-cert.pem")],
+            ["MULTIFD_TLS_KEY", fixture("server-key.pem")],
+            ["MULTIFD_TLS_VERIFY_PEER", "true"]
+          ]),
+          { pathDelim: "_" }
+        ))
+      )
+      expect(fromEnv.message).toContain("verifyPeer with x509 needs a CA certificate (ca)")
+      // a destination that verifies nobody needs none
+      yield* Tls.load(noCa("server"))
+    })))
+
+  it.live("a source with a certificate and no CA file is refused before its first byte (checkClient)", () =>
+    leakFree(Effect.gen(function*() {
+      const source = yield* loadTls(noCa("alice"))
+      const refusal = yield* refused(Tls.checkClient(source.settings))
+      expect(refusal.reason).toBe("Config")
+      expect(refusal.message).toBe(
+        "TLS configuration: a source with x509 needs a CA certificate (ca) to verify the destination: " +
+          "the public root CAs are never trusted"
+      )
+      const dest = yield* startDestination((yield* serverX509("server")).server)
+      const exit = yield* noHang(Effect.exit(migrateTo(yield* sourceRam(1), tcp(LOOPBACK, dest.port), source.client(LOOPBACK))), "migrate")
+      expect(expectTlsFailure(failureOf(exit), "main", "Config").message).toBe(refusal.message)
+    })))
+
+  /**
+   * A child process where the test CA is one of Node's trusted roots (NODE_EXTRA_CA_CERTS, as a public CA would
+   * be) loads settings and reports whether their secure context trusts a certificate that CA issued.
+   */
+  const trustedByRoots = (...configs: ReadonlyArray<Tls.TlsConfig>) =>
+    Effect.promise(() =>
+      new Promise<Array<{ authorized?: boolean; error?: string; loadError?: string }>>((resolve, reject) => {
+        ChildProcess.execFile(
+          process.execPath,
+          [
+            "--import",
+            "tsx",
+            fileURLToPath(new URL("./support/trustProbe.ts", import.meta.url)),
+            ...configs.map((config) => JSON.stringify(config))
+          ],
+          { env: { ...process.env, NODE_EXTRA_CA_CERTS: fixture("ca-cert.pem") }, timeout: 20_000 },
+          (error, stdout, stderr) => (error ? reject(new Error(`${error.message}: ${stderr}`)) : resolve(JSON.parse(stdout)))
+        )
+      })
+    )
+
+  it.live("a secure context never holds the public roots: a CA trusted only through NODE_EXTRA_CA_CERTS vouches for nothing", () =>
+    Effect.gen(function*() {
+      const [destination, otherCa, ownCa] = yield* trustedByRoots(
+        // the settings of a destination that verifies nobody (no CA file), and of a source trusting another CA
+        noCa("server"),
+        { ca: fixture("other-ca-cert.pem") },
+        // and the CA file is what is trusted
+        { ca: fixture("ca-cert.pem") }
+      )
+      expect(destination).toMatchObject({ authorized: false })
+      expect(otherCa).toMatchObject({ authorized: false })
+      expect(ownCa).toEqual({ authorized: true, error: "" })
+    }), 30_000)
 })
 
 // ---------------------------------------------------------------------------------------------------------

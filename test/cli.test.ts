@@ -446,6 +446,14 @@ describe("multifd failures", () => {
       [["send", "tcp:127.0.0.1:1", "--in", image, "--tls-psk", tlsFile("keys.psk"), "--tls-authz", "a"], /--tls-authz is a recv option/],
       [["recv", "tcp:127.0.0.1:0", "--out", "x.img", "--tls-ca", tlsFile("ca-cert.pem")], /recv with x509 needs --tls-cert and --tls-key/],
       [["send", "tcp:127.0.0.1:1", "--in", image, "--tls-cert", tlsFile("alice-cert.pem")], /--tls-cert and --tls-key go together/],
+      [
+        ["send", "tcp:127.0.0.1:1", "--in", image, "--tls-cert", tlsFile("alice-cert.pem"), "--tls-key", tlsFile("alice-key.pem")],
+        /^multifd: error: send with x509 needs --tls-ca to verify the destination: the public root CAs are never trusted$/
+      ],
+      [
+        ["recv", "tcp:127.0.0.1:0", "--out", "x.img", "--tls-cert", tlsFile("server-cert.pem"), "--tls-key", tlsFile("server-key.pem"), "--tls-verify-peer"],
+        /^multifd: error: --tls-verify-peer with x509 needs --tls-ca to verify clients: the public root CAs are never trusted$/
+      ],
       [["send", "tcp:127.0.0.1:1", "--in", image, "--tls-psk", Path.join(dir, "nokeys.psk")], /^multifd: error: TLS configuration: .*nokeys\.psk/],
       [["send", `file:${Path.join(dir, "t.snap")}`, "--in", image, "--tls-psk", tlsFile("keys.psk")], /TLS does not apply to a file: snapshot/]
     ]

@@ -407,7 +407,10 @@ const tlsPsk = pathOption("tls-psk").pipe(
   Options.withDescription("TLS with pre-shared keys from FILE in QEMU's keys.psk format: one identity:hexkey a line."),
   Options.optional
 )
-const tlsCa = pem("tls-ca", "TLS with x509: the CA certificate(s) that verify the peer's certificate.")
+const tlsCa = pem(
+  "tls-ca",
+  "TLS with x509: the CA certificate(s) that verify the peer's certificate (the only CAs trusted: needed to verify one)."
+)
 const tlsKey = pem("tls-key", "TLS with x509: the private key of --tls-cert.")
 const tlsCiphers = Options.text("tls-ciphers").pipe(
   Options.withPseudoName("LIST"),
@@ -498,8 +501,15 @@ export const tlsConfigOf = (
   if (role === "recv" && x509 && !given(flags.cert)) return Either.left("recv with x509 needs --tls-cert and --tls-key")
   const authz = Option.map(flags.authz, (list) => list.split(",").map((id) => id.trim()).filter((id) => id.length > 0))
   if (Option.isSome(authz) && authz.value.length === 0) return Either.left("--tls-authz needs at least one identity")
+  // the public root CAs are never trusted: whatever verifies a peer needs its CA file
+  if (role === "send" && x509 && !given(flags.ca)) {
+    return Either.left("send with x509 needs --tls-ca to verify the destination: the public root CAs are never trusted")
+  }
   if (role === "recv" && x509 && (flags.verifyPeer || given(authz)) && !given(flags.ca)) {
-    return Either.left(`${flags.verifyPeer ? "--tls-verify-peer" : "--tls-authz"} with x509 needs --tls-ca to verify clients`)
+    return Either.left(
+      `${flags.verifyPeer ? "--tls-verify-peer" : "--tls-authz"} with x509 needs --tls-ca to verify clients: ` +
+        "the public root CAs are never trusted"
+    )
   }
   const value = <A>(o: Option.Option<A>) => Option.getOrUndefined(o)
   const config: Record<string, unknown> = {

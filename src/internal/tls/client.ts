@@ -17,12 +17,17 @@ import { describe, explainServerError, peerCertificateOf } from "./verification.
 
 /**
  * Checks that the settings can secure a source's connections, before it connects: with a PSK file, that the
- * file has a key for the identity the source presents (a `Config` error otherwise).
+ * file has a key for the identity the source presents; with x509, that there is a CA file to verify the
+ * destination (the public root CAs are never trusted). A `Config` error otherwise.
  */
 export const checkClient = (settings: Settings): Effect.Effect<void, TlsError> =>
   settings.credentials._tag === "Psk" && !settings.credentials.keys.has(settings.credentials.identity)
     ? Effect.fail(configError(
       `PSK file ${settings.credentials.file} has no key for identity ${settings.credentials.identity}`
+    ))
+    : settings.credentials._tag === "X509" && settings.credentials.ca === undefined
+    ? Effect.fail(configError(
+      "a source with x509 needs a CA certificate (ca) to verify the destination: the public root CAs are never trusted"
     ))
     : Effect.void
 
