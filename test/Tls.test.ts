@@ -747,6 +747,23 @@ describe("peer certificates (QEMU verify-peer: chain to the CA, validity, usage;
         expect(dest.fiber.unsafePoll()).toBeNull()
       })))
   }
+  it.live("the source refuses a destination's certificate whose keyUsage forbids signatures (keyEncipherment only), as GnuTLS does", () =>
+    leakFree(Effect.gen(function*() {
+      const server = yield* serverX509("keyencipherment-server")
+      const client = yield* clientX509()
+      const ram = yield* sourceRam(1)
+      const dest = yield* startDestination(server.server)
+      const [exit, elapsed] = yield* timed(
+        noHang(Effect.exit(migrateTo(ram, tcp(LOOPBACK, dest.port), client.client(LOOPBACK))), "migrate")
+      )
+      const tls = expectTlsFailure(failureOf(exit), "main", "Unauthorized")
+      expect(tls.message).toMatch(
+        /^TLS handshake with tcp:127\.0\.0\.1:\d+: the destination's certificate CN=localhost does not permit digital signatures \(keyUsage\)$/
+      )
+      expect(elapsed).toBeLessThan(PROMPT_MS)
+      yield* noHang(dest.rejections(1), "the destination's rejection")
+      expect(dest.fiber.unsafePoll()).toBeNull()
+    })))
 })
 
 // ---------------------------------------------------------------------------------------------------------

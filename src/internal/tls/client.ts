@@ -13,7 +13,7 @@ import * as Transport from "../../Transport.js"
 import { nameOf, secureContextOf } from "./credentials.js"
 import { explainingEarlyClose, handshake, secured } from "./handshake.js"
 import { configError, type Credentials, type Settings, type TlsError } from "./model.js"
-import { describe, explainServerError, peerCertificateOf } from "./verification.js"
+import { describe, explainServerError, peerCertificateOf, serverRefusal } from "./verification.js"
 
 /**
  * Checks that the settings can secure a source's connections, before it connects: with a PSK file, that the
@@ -150,9 +150,11 @@ const clientHandshake = (settings: Settings, host: string | undefined): Transpor
       settings.handshakeTimeout,
       explainServerError(creds, () => presented),
       (s) =>
-        creds._tag === "X509" && !s.authorized
+        creds._tag !== "X509"
+          ? undefined
+          : !s.authorized
           ? `certificate not trusted: ${describe(s.authorizationError)}`
-          : undefined
+          : serverRefusal(presented ?? peerCertificateOf(s))
     )
     const secure = yield* secured(socket, connection.peer)
     // a destination refusing this source's certificate closes the main channel before its first answer

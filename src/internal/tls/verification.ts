@@ -128,6 +128,25 @@ export const clientRefusal = (socket: NodeTls.TLSSocket, authz: ReadonlyArray<st
     : `client certificate ${name} is not in the authorization list`
 }
 
+/**
+ * Why the source refuses the destination's certificate once OpenSSL verified it, or `undefined` to accept it:
+ * OpenSSL's purpose check ignores keyUsage, and a TLS server certificate must sign (its handshake's
+ * CertificateVerify or ServerKeyExchange), as QEMU's GnuTLS requires.
+ */
+export const serverRefusal = (certificate: Crypto.X509Certificate | undefined): string | undefined => {
+  if (certificate === undefined) return "the destination sent no certificate"
+  const name = nameOf(certificate)
+  let usage: number | undefined
+  try {
+    usage = KeyUsage.keyUsageOf(certificate.raw)
+  } catch {
+    return `the destination's certificate ${name} is not trusted: its keyUsage extension cannot be read`
+  }
+  return usage !== undefined && (usage & KeyUsage.DIGITAL_SIGNATURE) === 0
+    ? `the destination's certificate ${name} does not permit digital signatures (keyUsage)`
+    : undefined
+}
+
 /** The codes of OpenSSL's certificate verification errors (X509_V_ERR_*, as Node names them). */
 export const VERIFY_CODE = /^(?:UNABLE_TO_|CERT_|CRL_|ERROR_IN_|DEPTH_ZERO_|SELF_SIGNED_|INVALID_CA$|INVALID_PURPOSE$|PATH_LENGTH_)/
 
