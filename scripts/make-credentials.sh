@@ -9,7 +9,9 @@
 # Usage: scripts/make-credentials.sh [DIR] [HOST] [CLIENT]     (needs openssl; the certificates last 825 days)
 #
 # The same files work for QEMU: its tls-creds-x509 dir= wants ca-cert.pem, server-cert.pem / server-key.pem
-# (destination) or client-cert.pem / client-key.pem (source), and its tls-creds-psk dir= wants keys.psk.
+# (destination) or client-cert.pem / client-key.pem (source), and its tls-creds-psk dir= wants keys.psk. The
+# certificates' keyUsage has digitalSignature and keyEncipherment: QEMU refuses to load a certificate whose
+# critical keyUsage lacks either ("usage does not permit key encipherment"), whatever its key type.
 set -euo pipefail
 dir=${1:-credentials}
 host=${2:-localhost}
@@ -35,9 +37,9 @@ issue() { # name CN extensions
 }
 
 issue server "$host" "subjectAltName=DNS:$host,IP:127.0.0.1,IP:::1
-keyUsage=critical,digitalSignature
+keyUsage=critical,digitalSignature,keyEncipherment
 extendedKeyUsage=serverAuth"
-issue client "$client" "keyUsage=critical,digitalSignature
+issue client "$client" "keyUsage=critical,digitalSignature,keyEncipherment
 extendedKeyUsage=clientAuth"
 printf 'qemu:%s\n' "$(openssl rand -hex 32)" > keys.psk
 chmod 644 ca-cert.pem server-cert.pem client-cert.pem

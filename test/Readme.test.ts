@@ -9,6 +9,7 @@ import * as Os from "node:os"
 import * as Path from "node:path"
 import { afterAll, afterEach, beforeAll, describe, expect, it } from "vitest"
 import { killChildren, ROOT, run, startRecv } from "./support/cli.js"
+import * as Qemu from "./support/qemu.js"
 
 let dir: string
 
@@ -63,5 +64,20 @@ describe("README", () => {
     expect(pskSend.code).toBe(0)
     expect(JSON.parse(pskSend.stdout)).toMatchObject({ role: "send", ramBytes: 8 * 1024 * 1024 })
     expect(Fs.readFileSync(pskOut).equals(Fs.readFileSync(image))).toBe(true)
+  })
+
+  const qemu = Qemu.probe()
+  it.skipIf("missing" in qemu)("scripts/make-credentials.sh makes certificates that QEMU's tls-creds-x509 loads, as the README says", () => {
+    const credentials = Path.join(dir, "qemu-credentials")
+    ChildProcess.execFileSync("bash", [Path.join(ROOT, "scripts", "make-credentials.sh"), credentials], { stdio: "pipe" })
+    for (const endpoint of ["server", "client"]) {
+      // QEMU checks the certificates when the object is created, at start; then QMP quits it
+      const qemu = ChildProcess.spawnSync(Qemu.QEMU_BINARY, [
+        "-machine", "none", "-nodefaults", "-display", "none", "-S",
+        "-object", `tls-creds-x509,id=tls0,endpoint=${endpoint},dir=${credentials},verify-peer=on`,
+        "-qmp", "stdio"
+      ], { input: '{"execute":"qmp_capabilities"}\n{"execute":"quit"}\n', encoding: "utf8", timeout: 20_000 })
+      expect({ endpoint, status: qemu.status, stderr: qemu.stderr }).toEqual({ endpoint, status: 0, stderr: "" })
+    }
   })
 })
