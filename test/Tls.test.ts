@@ -24,7 +24,7 @@ import * as ChildProcess from "node:child_process"
 import * as Crypto from "node:crypto"
 import * as Fs from "node:fs"
 import * as Net from "node:net"
-import type * as NodeTls from "node:tls"
+import * as NodeTls from "node:tls"
 import * as Os from "node:os"
 import * as Path from "node:path"
 import { fileURLToPath } from "node:url"
@@ -852,6 +852,56 @@ describe("trust: the CA file only, never Node's public roots (QEMU's tls-creds-x
       expect(otherCa).toMatchObject({ authorized: false })
       expect(ownCa).toEqual({ authorized: true, error: "" })
     }), 30_000)
+})
+
+// ---------------------------------------------------------------------------------------------------------
+
+describe("renegotiation", () => {
+  /**
+   * A TLS 1.2 client (Node's, on loopback) that asks the destination's handshake for a renegotiation once it is
+   * secure, then writes a byte: the renegotiation's outcome (`undefined` when it succeeded, else its error).
+   */
+  const renegotiate = (port: number) =>
+    Effect.async<string | undefined>((resume) => {
+      const socket = NodeTls.connect({
+        host: LOOPBACK,
+        port,
+        maxVersion: "TLSv1.2",
+        ca: Fs.readFileSync(fixture("ca-cert.pem")),
+        checkServerIdentity: () => undefined
+      })
+      const done = (outcome: string | undefined) => {
+        socket.destroy()
+        resume(Effect.succeed(outcome))
+      }
+      socket.once("error", (error) => done(error.message))
+      socket.once("close", () => done("closed"))
+      socket.once("secureConnect", () => {
+        const asked = socket.renegotiate({ rejectUnauthorized: true }, (error) => {
+          if (error) return done(error.message)
+          socket.write("x", () => done(undefined))
+        })
+        if (!asked) done("not asked")
+      })
+      return Effect.sync(() => socket.destroy())
+    })
+
+  for (const writeOnlyPeers of [false, true]) {
+    it.live(`the destination refuses a client-initiated TLS 1.2 renegotiation${writeOnlyPeers ? " (writeOnlyPeers)" : ""}`, () =>
+      leakFree(Effect.gen(function*() {
+        const tls = yield* serverX509("server")
+        const listener = yield* Transport.listen(tcp(LOOPBACK, 0))
+        const serverSide = yield* Effect.forkScoped(Effect.scoped(Effect.flatMap(
+          listener.accept,
+          (connection) =>
+            Effect.either(Effect.flatMap(Tls.server(tls.settings, { writeOnlyPeers })(connection, "main"), (secured) => secured.read(1)))
+        )))
+        const outcome = yield* noHang(renegotiate(portOf(listener.address)), "renegotiation")
+        expect(outcome ?? "renegotiated").toContain("no renegotiation")
+        // the destination's side fails, not hangs
+        expect((yield* noHang(Fiber.join(serverSide), "server side"))._tag).toBe("Left")
+      })))
+  }
 })
 
 // ---------------------------------------------------------------------------------------------------------

@@ -94,11 +94,18 @@ export const nameOf = (certificate: Crypto.X509Certificate, field: "subject" | "
  * Builds a secure context; OpenSSL's refusal is a `Config` error naming `what`. As a server it picks the
  * cipher by its own order of preference (`honorCipherOrder`), not the client's: what we prefer (AES-GCM, cheap
  * with AES instructions) is what a source gets, whatever it lists first. (QEMU's GnuTLS, as a server, picks
- * ChaCha20-Poly1305, about twice AES-GCM's CPU there: bench/qemu-extra-bench.sh sniffs it.)
+ * ChaCha20-Poly1305, about twice AES-GCM's CPU there: bench/qemu-extra-bench.sh sniffs it.) TLS 1.2
+ * renegotiation is refused, asked by either peer: a migration never needs it.
  */
 export const secureContextOf = (options: NodeTls.SecureContextOptions, what: string) =>
   Effect.try({
-    try: () => NodeTls.createSecureContext({ minVersion: "TLSv1.2", honorCipherOrder: true, ...options }),
+    try: () =>
+      NodeTls.createSecureContext({
+        minVersion: "TLSv1.2",
+        honorCipherOrder: true,
+        secureOptions: Crypto.constants.SSL_OP_NO_RENEGOTIATION,
+        ...options
+      }),
     catch: (cause) => configError(`cannot use ${what}: ${opensslReason(cause)}`, cause)
   })
 
