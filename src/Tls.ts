@@ -29,6 +29,8 @@ import * as PeerText from "./internal/peerText.js"
 import {
   certificatesOf,
   nameOf,
+  ownCertificateProblem,
+  ownUsageProblem,
   privateKeyOf,
   PSK_CIPHERS,
   readText,
@@ -151,7 +153,8 @@ export const parsePskFile = (text: string, source = "keys file"): Effect.Effect<
 /**
  * Reads the files a `TlsConfig` names and checks that they are usable before anything listens or connects:
  * that the combination makes sense, that every PEM file holds what it should and parses, that the key is
- * the certificate's, that an explicit PSK identity has a key, that x509 verifying clients (`verifyPeer`,
+ * the certificate's and that the certificate is a valid leaf (not a CA, within its validity period), that an
+ * explicit PSK identity has a key, that x509 verifying clients (`verifyPeer`,
  * `authz`) has a CA file. Builds the secure context every handshake reuses: with x509 it trusts the CA file
  * only, never Node's public roots (a source without a CA file is refused by `checkClient`).
  *
@@ -196,6 +199,10 @@ export const load = (config: TlsConfig): Effect.Effect<Settings, TlsError> =>
         if (!leaf!.checkPrivateKey(privateKey)) {
           return yield* configError(`private key ${config.key} does not match certificate ${config.cert} (${nameOf(leaf!)})`)
         }
+        // the wall clock, as OpenSSL's verification of the peer's certificate uses (not the Effect Clock: a
+        // TestClock, in 1970, would refuse every certificate)
+        const problem = ownCertificateProblem(leaf!, yield* Effect.sync(() => Date.now()))
+        if (problem !== undefined) return yield* configError(`certificate ${config.cert} (${nameOf(leaf!)}) ${problem}`)
         ownCertificate = leaf
       }
       credentials = { _tag: "X509", ca, cert, key }
@@ -217,6 +224,7 @@ export const load = (config: TlsConfig): Effect.Effect<Settings, TlsError> =>
       contextOptions,
       files,
       ownCertificate,
+      ownCertificateFile: config.cert,
       hostname: config.hostname,
       verifyPeer: config.verifyPeer ?? false,
       authz: config.authz,
@@ -229,12 +237,30 @@ export const load = (config: TlsConfig): Effect.Effect<Settings, TlsError> =>
 /**
  * Checks that the settings can secure a source's connections, before it connects: with a PSK file, that the
  * file has a key for the identity the source presents; with x509, that there is a CA file to verify the
- * destination (the public root CAs are never trusted). A `Config` error otherwise.
+ * destination (the public root CAs are never trusted) and that its certificate, if any, is for client
+ * authentication. A `Config` error otherwise.
  *
  * @since 0.1.0
  * @category utils
  */
 export const checkClient: (settings: Settings) => Effect.Effect<void, TlsError> = TlsClient.checkClient
+
+/**
+ * Checks that the settings can secure a destination's connections, before it listens: with x509, that its
+ * certificate is for server authentication (a `Config` error otherwise, naming the file). `server` does not
+ * check it on each connection.
+ *
+ * @since 0.1.0
+ * @category utils
+ */
+export const checkServer = (settings: Settings): Effect.Effect<void, TlsError> =>
+  Effect.suspend(() => {
+    const own = settings.ownCertificate
+    const problem = own === undefined ? undefined : ownUsageProblem(own, "server")
+    return problem === undefined
+      ? Effect.void
+      : Effect.fail(configError(`certificate ${settings.ownCertificateFile} (${nameOf(own!)}) ${problem}`))
+  })
 
 const pskKey = (settings: Settings, identity: string): Buffer | undefined =>
   settings.credentials._tag === "Psk" &&

@@ -116,6 +116,40 @@ const clientX509 = (config: Tls.TlsConfig = {}, client?: string) =>
     ...config
   })
 
+/** Fixtures that this side's own checks refuse (expired, not yet valid, not for its role): only a peer presents them. */
+const REFUSED_AS_OWN = new Set([
+  "expired-alice",
+  "not-yet-valid-alice",
+  "serveronly-alice",
+  "expired-server",
+  "not-yet-valid-server",
+  "clientonly-server"
+])
+
+/**
+ * `tls` presenting the fixture `name` instead of its own certificate (loaded with a good one, the secure
+ * contexts rebuilt with `name`'s): how a peer judges a certificate that `load` refuses as this side's own.
+ */
+const presenting = (tls: Tls.Tls["Type"], name: string): Tls.Tls["Type"] => {
+  const cert = Fs.readFileSync(fixture(`${name}-cert.pem`), "utf8")
+  const key = Fs.readFileSync(fixture(`${name}-key.pem`), "utf8")
+  const contextOptions = { ...tls.settings.contextOptions, cert, key }
+  const settings: Tls.Settings = {
+    ...tls.settings,
+    contextOptions,
+    secureContext: NodeTls.createSecureContext({ minVersion: "TLSv1.2", ...contextOptions }),
+    writeOnlyContext: NodeTls.createSecureContext({ minVersion: "TLSv1.2", ...contextOptions, maxVersion: "TLSv1.2" })
+  }
+  return { settings, client: (host) => Tls.client(settings, host), server: Tls.server(settings) }
+}
+
+/** A source presenting the client certificate `name` (with the test CA). */
+const forgedClient = (name: string) =>
+  REFUSED_AS_OWN.has(name) ? Effect.map(clientX509({}, "alice"), (tls) => presenting(tls, name)) : clientX509({}, name)
+/** A destination presenting the server certificate `name`. */
+const forgedServer = (name: string) =>
+  REFUSED_AS_OWN.has(name) ? Effect.map(serverX509("server"), (tls) => presenting(tls, name)) : serverX509(name)
+
 const LOOPBACK = "127.0.0.1"
 const tcp = (host: string, port: number): Transport.Address => ({ _tag: "Tcp", host, port })
 const portOf = (address: Transport.Address) => (address._tag === "Tcp" ? address.port : 0)
@@ -663,7 +697,7 @@ describe("peer certificates (QEMU verify-peer: chain to the CA, validity, usage;
     it.live(`authz [alice] refuses ${name}: one line on each side, nothing received, then the real alice migrates`, () =>
       leakFree(Effect.gen(function*() {
         const server = yield* serverX509("server", { authz: ["alice"] })
-        const forger = yield* clientX509({}, name)
+        const forger = yield* forgedClient(name)
         const ram = yield* sourceRam(1)
         const dest = yield* startDestination(server.server)
         const [exit, elapsed] = yield* timed(
@@ -697,7 +731,7 @@ describe("peer certificates (QEMU verify-peer: chain to the CA, validity, usage;
       const ram = yield* sourceRam(1)
       const dest = yield* startDestination(server.server)
       for (const [name, issuer] of forged) {
-        const forger = yield* clientX509({}, name)
+        const forger = yield* forgedClient(name)
         const exit = yield* noHang(Effect.exit(migrateTo(ram, tcp(LOOPBACK, dest.port), forger.client(LOOPBACK))), name)
         expectCertificateRefused(failureOf(exit), `CN=alice (issued by ${issuer})`)
       }
@@ -728,7 +762,7 @@ describe("peer certificates (QEMU verify-peer: chain to the CA, validity, usage;
   for (const [name, why] of badServers) {
     it.live(`the source refuses ${name} in one line; the destination asks whether its certificate was refused`, () =>
       leakFree(Effect.gen(function*() {
-        const server = yield* serverX509(name)
+        const server = yield* forgedServer(name)
         const client = yield* clientX509({}, "alice")
         const ram = yield* sourceRam(1)
         const dest = yield* startDestination(server.server)
@@ -1102,7 +1136,8 @@ describe("configuration", () => {
 
   const configError = (config: Tls.TlsConfig) =>
     Effect.gen(function*() {
-      const error = yield* Effect.flip(Tls.load(config))
+      // (a load that succeeds fails the test with a short message: its settings are too big to print)
+      const error = yield* Effect.flip(Tls.load(config)).pipe(Effect.mapError(() => new Error("loaded: expected a refusal")))
       expect(error).toBeInstanceOf(Tls.TlsError)
       expect(error.reason).toBe("Config")
       expect(error.message.startsWith("TLS configuration: ")).toBe(true)
@@ -1226,6 +1261,30 @@ describe("configuration", () => {
         expect(error.message).toContain(`TLS configuration: ${problem}`)
         expectOneLine(error)
       }
+    })))
+
+  it.live("load: this side's own certificate must be a leaf within its validity period; checkServer / checkClient: for its role", () =>
+    leakFree(Effect.gen(function*() {
+      const own = (name: string) => ({ ca: fixture("ca-cert.pem"), cert: fixture(`${name}-cert.pem`), key: fixture(`${name}-key.pem`) })
+      const atLoad: ReadonlyArray<readonly [string, string]> = [
+        ["expired-alice", "(CN=alice) has expired (valid until Jan  1 00:00:00 2001 GMT)"],
+        ["not-yet-valid-server", "(CN=localhost) is not valid yet (valid from Jan  1 00:00:00 2100 GMT)"],
+        ["ca", "(CN=test CA) is a CA certificate (basicConstraints CA:TRUE), not a server or client certificate"]
+      ]
+      for (const [name, problem] of atLoad) {
+        expect((yield* configError(own(name))).message).toBe(`TLS configuration: certificate ${fixture(`${name}-cert.pem`)} ${problem}`)
+      }
+      const checked = (check: (settings: Tls.Settings) => Effect.Effect<void, Tls.TlsError>, name: string) =>
+        Effect.flatMap(loadTls(own(name)), (tls) => Effect.flip(check(tls.settings)).pipe(Effect.mapError(() => new Error(`${name} passed`))))
+      expect((yield* checked(Tls.checkServer, "clientonly-server")).message).toBe(
+        `TLS configuration: certificate ${fixture("clientonly-server-cert.pem")} (CN=localhost) is not for server authentication (extendedKeyUsage clientAuth)`
+      )
+      expect((yield* checked(Tls.checkClient, "serveronly-alice")).message).toBe(
+        `TLS configuration: certificate ${fixture("serveronly-alice-cert.pem")} (CN=alice) is not for client authentication (extendedKeyUsage serverAuth)`
+      )
+      // each for its own role
+      yield* Effect.flatMap(loadTls(own("server")), (tls) => Tls.checkServer(tls.settings))
+      yield* Effect.flatMap(loadTls(own("alice")), (tls) => Tls.checkClient(tls.settings))
     })))
 
   const fromEnv = (env: Record<string, string>) =>

@@ -447,6 +447,14 @@ describe("multifd failures", () => {
       [["recv", "tcp:127.0.0.1:0", "--out", "x.img", "--tls-ca", tlsFile("ca-cert.pem")], /recv with x509 needs --tls-cert and --tls-key/],
       [["send", "tcp:127.0.0.1:1", "--in", image, "--tls-cert", tlsFile("alice-cert.pem")], /--tls-cert and --tls-key go together/],
       [
+        ["recv", "tcp:127.0.0.1:0", "--out", "x.img", "--tls-cert", tlsFile("clientonly-server-cert.pem"), "--tls-key", tlsFile("clientonly-server-key.pem")],
+        /^multifd: error: TLS configuration: certificate .*clientonly-server-cert\.pem \(CN=localhost\) is not for server authentication \(extendedKeyUsage clientAuth\)$/
+      ],
+      [
+        ["send", "tcp:127.0.0.1:1", "--in", image, "--tls-ca", tlsFile("ca-cert.pem"), "--tls-cert", tlsFile("expired-alice-cert.pem"), "--tls-key", tlsFile("expired-alice-key.pem")],
+        /^multifd: error: TLS configuration: certificate .*expired-alice-cert\.pem \(CN=alice\) has expired \(valid until Jan {2}1 00:00:00 2001 GMT\)$/
+      ],
+      [
         ["send", "tcp:127.0.0.1:1", "--in", image, "--tls-cert", tlsFile("alice-cert.pem"), "--tls-key", tlsFile("alice-key.pem")],
         /^multifd: error: send with x509 needs --tls-ca to verify the destination: the public root CAs are never trusted$/
       ],

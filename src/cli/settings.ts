@@ -65,7 +65,7 @@ export const tlsOf = (
         ? Effect.fail(new UsageError({ detail: "TLS does not apply to a file: snapshot" }))
         : role === "send"
         ? Effect.tap(Tls.make(config), (tls) => Tls.checkClient(tls.settings))
-        : Tls.make(config)
+        : Effect.tap(Tls.make(config), (tls) => Tls.checkServer(tls.settings))
   })
 
 /**

@@ -10,7 +10,7 @@ import * as Effect from "effect/Effect"
 import type * as Crypto from "node:crypto"
 import * as NodeTls from "node:tls"
 import * as Transport from "../../Transport.js"
-import { nameOf, secureContextOf } from "./credentials.js"
+import { nameOf, ownUsageProblem, secureContextOf } from "./credentials.js"
 import { explainingEarlyClose, handshake, secured } from "./handshake.js"
 import { configError, type Credentials, type Settings, type TlsError } from "./model.js"
 import { describe, explainServerError, peerCertificateOf, serverRefusal } from "./verification.js"
@@ -18,7 +18,8 @@ import { describe, explainServerError, peerCertificateOf, serverRefusal } from "
 /**
  * Checks that the settings can secure a source's connections, before it connects: with a PSK file, that the
  * file has a key for the identity the source presents; with x509, that there is a CA file to verify the
- * destination (the public root CAs are never trusted). A `Config` error otherwise.
+ * destination (the public root CAs are never trusted) and that its certificate, if any, is for client
+ * authentication. A `Config` error otherwise.
  */
 export const checkClient = (settings: Settings): Effect.Effect<void, TlsError> =>
   settings.credentials._tag === "Psk" && !settings.credentials.keys.has(settings.credentials.identity)
@@ -29,7 +30,13 @@ export const checkClient = (settings: Settings): Effect.Effect<void, TlsError> =
     ? Effect.fail(configError(
       "a source with x509 needs a CA certificate (ca) to verify the destination: the public root CAs are never trusted"
     ))
-    : Effect.void
+    : Effect.suspend(() => {
+      const own = settings.ownCertificate
+      const problem = own === undefined ? undefined : ownUsageProblem(own, "client")
+      return problem === undefined
+        ? Effect.void
+        : Effect.fail(configError(`certificate ${settings.ownCertificateFile} (${nameOf(own!)}) ${problem}`))
+    })
 
 /**
  * The source side: a TLS client handshake on each connection. `host` is the default name to check.

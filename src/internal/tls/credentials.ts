@@ -91,6 +91,33 @@ export const nameOf = (certificate: Crypto.X509Certificate, field: "subject" | "
 }
 
 /**
+ * Why this side's own certificate cannot be used, whatever its role (as QEMU's tls-creds-x509 finds it at load),
+ * after "certificate FILE (CN=x) ", or `undefined`: a CA certificate, or one outside its validity period at `now`.
+ */
+export const ownCertificateProblem = (certificate: Crypto.X509Certificate, now: number): string | undefined =>
+  certificate.ca
+    ? "is a CA certificate (basicConstraints CA:TRUE), not a server or client certificate"
+    : now < Date.parse(certificate.validFrom)
+    ? `is not valid yet (valid from ${certificate.validFrom})`
+    : now > Date.parse(certificate.validTo)
+    ? `has expired (valid until ${certificate.validTo})`
+    : undefined
+
+const EKU_OF = { server: "1.3.6.1.5.5.7.3.1", client: "1.3.6.1.5.5.7.3.2" } as const
+const EKU_NAME: Record<string, string> = { [EKU_OF.server]: "serverAuth", [EKU_OF.client]: "clientAuth" }
+const ANY_EKU = "2.5.29.37.0"
+
+/**
+ * Why this side's own certificate cannot authenticate it as `role`, after "certificate FILE (CN=x) ", or
+ * `undefined`: an extendedKeyUsage that names neither the role's usage nor anyExtendedKeyUsage.
+ */
+export const ownUsageProblem = (certificate: Crypto.X509Certificate, role: "client" | "server"): string | undefined => {
+  const usage = certificate.keyUsage
+  if (usage === undefined || usage.length === 0 || usage.includes(EKU_OF[role]) || usage.includes(ANY_EKU)) return undefined
+  return `is not for ${role} authentication (extendedKeyUsage ${usage.map((oid) => EKU_NAME[oid] ?? oid).join(", ")})`
+}
+
+/**
  * Builds a secure context; OpenSSL's refusal is a `Config` error naming `what`. As a server it picks the
  * cipher by its own order of preference (`honorCipherOrder`), not the client's: what we prefer (AES-GCM, cheap
  * with AES instructions) is what a source gets, whatever it lists first. (QEMU's GnuTLS, as a server, picks

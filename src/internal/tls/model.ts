@@ -53,6 +53,8 @@ export interface Settings {
   readonly files: string
   /** This side's certificate (x509 with a certificate), for messages. */
   readonly ownCertificate?: Crypto.X509Certificate | undefined
+  /** The file of `ownCertificate`, for messages. */
+  readonly ownCertificateFile?: string | undefined
   readonly hostname: string | undefined
   readonly verifyPeer: boolean
   readonly authz: ReadonlyArray<string> | undefined
