@@ -839,7 +839,18 @@ describe("observability and configuration", () => {
         // the variables without a flag, read for the library
         [{ MULTIFD_MAX_ROUNDS: "0" }, ["send", uri, "--in", image], "MULTIFD_MAX_ROUNDS: must be at least 1, not 0"],
         [{ MULTIFD_TIMEOUT: "soon" }, ["send", uri, "--in", image], `MULTIFD_TIMEOUT: "soon" is not a positive duration like 30s, 500ms, 2m or 1h`],
-        [{ MULTIFD_MAX_RAM: "lots" }, ["recv", "tcp:127.0.0.1:0", "--out", "x.img"], `MULTIFD_MAX_RAM: "lots" is not a size like 4096, 512M or 16G`]
+        [{ MULTIFD_MAX_RAM: "lots" }, ["recv", "tcp:127.0.0.1:0", "--out", "x.img"], `MULTIFD_MAX_RAM: "lots" is not a size like 4096, 512M or 16G`],
+        // the library's TLS variables: never ignored in silence (no peer verified while the user thinks so)
+        [
+          { MULTIFD_TLS_VERIFY_PEER: "true" },
+          ["recv", "tcp:127.0.0.1:0", "--out", "x.img"],
+          "MULTIFD_TLS_VERIFY_PEER is set, but the command takes TLS settings from its --tls-* flags only (the library's Tls.layerConfig reads MULTIFD_TLS_*): unset it and give the flag"
+        ],
+        [
+          { MULTIFD_TLS_PSK: "/etc/keys.psk" },
+          ["send", uri, "--in", image],
+          "MULTIFD_TLS_PSK is set, but the command takes TLS settings from its --tls-* flags only (the library's Tls.layerConfig reads MULTIFD_TLS_*): unset it and give the flag"
+        ]
       ]
       for (const [env, args, line] of cases) {
         const result = await run(args, { env })

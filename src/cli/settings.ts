@@ -55,8 +55,17 @@ export const tlsOf = (
   role: "send" | "recv",
   uri: Transport.Address,
   timing: Options.Timing
-): Effect.Effect<Tls.Tls["Type"] | undefined, UsageError | Tls.TlsError> =>
-  Either.match(Options.tlsConfigOf(flags, role, timing.timeout), {
+): Effect.Effect<Tls.Tls["Type"] | undefined, UsageError | Tls.TlsError> => {
+  // the library's Tls.layerConfig reads MULTIFD_TLS_*; the command takes TLS from its flags alone. A variable
+  // set for it would be ignored in silence (MULTIFD_TLS_VERIFY_PEER=true, and no peer verified): refused
+  const variable = Object.keys(process.env).find((name) => name.startsWith("MULTIFD_TLS_"))
+  if (variable !== undefined) {
+    return Effect.fail(new UsageError({
+      detail: `${variable} is set, but the command takes TLS settings from its --tls-* flags only ` +
+        "(the library's Tls.layerConfig reads MULTIFD_TLS_*): unset it and give the flag"
+    }))
+  }
+  return Either.match(Options.tlsConfigOf(flags, role, timing.timeout), {
     onLeft: (detail) => Effect.fail(new UsageError({ detail })),
     onRight: (config) =>
       config === undefined
@@ -67,6 +76,7 @@ export const tlsOf = (
         ? Effect.tap(Tls.make(config), (tls) => Tls.checkClient(tls.settings))
         : Effect.tap(Tls.make(config), (tls) => Tls.checkServer(tls.settings))
   })
+}
 
 /**
  * Whether the channels get worker threads: with compression (on memory that compresses, as a guest's code and
