@@ -149,6 +149,12 @@ export class MultifdRecv extends Context.Tag("effect-multifd/MultifdRecv")<Multi
    * what the digests see is what stays.
    */
   readonly finalSync: Effect.Effect<void, ChannelFailure>
+  /**
+   * Seals the set now, as `finalSync` does at its barrier: for a source whose last flush is known only after
+   * it (QEMU's RAM section ends after it). Yields the data packets that began writing since the last barrier let
+   * the channels go (none, from a source whose last flush that was).
+   */
+  readonly seal: Effect.Effect<number>
   /** From now on, a channel that ends at a packet boundary has finished instead of failed. */
   readonly expectEnd: Effect.Effect<void>
   /** Waits until every channel has been adopted and has ended. */
@@ -261,8 +267,10 @@ export const make = (config: Config): Effect.Effect<MultifdRecv["Type"], never, 
     const stopped = new WeakSet<Fiber.RuntimeFiber<void, ChannelFailure>>()
     // counters, updated in synchronous steps (one thread): no Ref round trip per packet
     let writesBegun = 0
-    // the final round's barrier passed (`finalSync`): a channel may only end now
+    // the final round's barrier passed (`finalSync`, `seal`): a channel may only end now
     let sealed = false
+    // `writesBegun` when the last barrier let the channels go
+    let writesAtBarrier = 0
     const afterEnd = (channel: number) =>
       new Protocol.ProtocolError({
         reason: "AfterEnd",
@@ -393,10 +401,6 @@ export const make = (config: Config): Effect.Effect<MultifdRecv["Type"], never, 
         }
         const next = (full: Uint8Array): Uint8Array | undefined => {
           if (full === header) {
-            if (sealed) {
-              stop = afterEnd(state.id)
-              return undefined
-            }
             const decoded = Protocol.decodeHeader(header, limits, offsets)
             if (decoded._tag === "Left") {
               stop = decoded.left
@@ -405,6 +409,10 @@ export const make = (config: Config): Effect.Effect<MultifdRecv["Type"], never, 
             const packet = decoded.right
             if (packet.sync) {
               stop = { _tag: "Sync" }
+              return undefined
+            }
+            if (sealed) {
+              stop = afterEnd(state.id)
               return undefined
             }
             block = packet.block
@@ -516,13 +524,13 @@ export const make = (config: Config): Effect.Effect<MultifdRecv["Type"], never, 
         while (true) {
           if (yield* guard(connection.atEnd)) return yield* channelEnded
           yield* guard(connection.readInto(header, 0, hsize))
-          if (sealed) return yield* afterEnd(id)
           const packet = yield* Protocol.decodeHeader(header, limits, offsets)
           if (packet.sync) {
             yield* drained
             yield* atSync(state)
             continue
           }
+          if (sealed) return yield* afterEnd(id)
           const { nextPacketSize: size, normalPages: normal, zeroPages: zero } = packet
           if (size > maxPayload) return yield* tooLarge(id, size)
           const memory = ram.block(packet.block)!.bytes
@@ -559,11 +567,24 @@ export const make = (config: Config): Effect.Effect<MultifdRecv["Type"], never, 
     > =>
       Effect.gen(function*() {
         const expected = yield* Ref.get(uuid)
-        const init = yield* Protocol.decodeInit(bytes, { channels, uuid: expected })
+        // an adopted uuid says only which channel came first, not whose channels are the migration's: another
+        // uuid then is a conflict that fails the set (QEMU's own destination fails on a uuid not its -uuid),
+        // never a stranger quietly turned away, or a stranger first would have QEMU's channels turned away
+        const conflict = (e: Protocol.ProtocolError) =>
+          config.uuid === undefined && e.reason === "BadUuid"
+            ? new Protocol.ProtocolError({
+              reason: "UuidConflict",
+              channel: e.channel,
+              field: "uuid",
+              detail: `${e.detail} (adopted from the first channel): two sources' channels; give the uuid to expect ` +
+                "(QEMU's -uuid) to turn the other away"
+            })
+            : e
+        const init = yield* Effect.mapError(Protocol.decodeInit(bytes, { channels, uuid: expected }), conflict)
         if (expected === undefined) {
           // adopt the first channel's uuid; a concurrent adopter may have set it first
           const settled = yield* Ref.modify(uuid, (u) => [u ?? init.uuid, u ?? init.uuid])
-          yield* Protocol.decodeInit(bytes, { channels, uuid: settled })
+          yield* Effect.mapError(Protocol.decodeInit(bytes, { channels, uuid: settled }), conflict)
         }
         const allowed = pending.get(init.id)
         if (init.nonce !== undefined || allowed !== undefined || replaced.has(init.id)) {
@@ -705,6 +726,7 @@ export const make = (config: Config): Effect.Effect<MultifdRecv["Type"], never, 
         () =>
           Effect.gen(function*() {
             const waiting = yield* Effect.replicateEffect(Queue.take(arrivals), channels)
+            writesAtBarrier = writesBegun
             if (final) sealed = true
             yield* Effect.forEach(waiting, (go) => Deferred.succeed(go, undefined), { discard: true })
           }),
@@ -716,6 +738,10 @@ export const make = (config: Config): Effect.Effect<MultifdRecv["Type"], never, 
       adopted: guarded(Deferred.await(allAdopted)),
       sync: barrier(false),
       finalSync: barrier(true),
+      seal: Effect.sync(() => {
+        sealed = true
+        return writesBegun - writesAtBarrier
+      }),
       expectEnd: Deferred.succeed(ending, undefined),
       finished: guarded(Effect.zipRight(Deferred.await(allAdopted), FiberSet.awaitEmpty(fibers))),
       failure,

@@ -288,6 +288,8 @@ export class ProtocolError extends Data.TaggedError("ProtocolError")<{
     | "Truncated"
     /** A packet after the final round's SYNC, where only the end of the channel's stream may come. */
     | "AfterEnd"
+    /** A channel's uuid differs from the one adopted from the first channel (no uuid was given to expect). */
+    | "UuidConflict"
   readonly channel: ChannelRef
   readonly field: string
   readonly detail: string

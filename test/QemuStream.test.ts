@@ -623,6 +623,53 @@ describe("QemuIncoming.incoming replaying the captures over loopback TCP", () =>
       expect(exit.value.rejected.join()).toContain("bad uuid")
     }))))
 
+  it.live("channels of two uuids and none given to expect: a conflict that fails the migration (a stranger first must not have QEMU's channels turned away)", () =>
+    expectNoLeaks(Effect.scoped(Effect.gen(function*() {
+      const foreign = [0, 1].map((i) => {
+        const bytes = Buffer.from(fixture(`none-2ch/multifd-${i}.bin`))
+        bytes.fill(0xee, 8, 24)
+        return bytes
+      })
+      const dst = yield* destination({ channels: 2 })
+      const exit = yield* replayAll(dst, [...foreign, MAIN, fixture("none-2ch/multifd-0.bin"), fixture("none-2ch/multifd-1.bin")])
+      const error = failureOf(exit)
+      expect(error).toBeInstanceOf(Protocol.ProtocolError)
+      expect((error as Protocol.ProtocolError).reason).toBe("UuidConflict")
+      expect(error.message).toMatch(/bad uuid: .* \(adopted from the first channel\): two sources' channels; give the uuid to expect/)
+    }))))
+
+  it.live("a data packet after QEMU's last flush (on a channel that already sent its last SYNC): refused, the migration fails", () =>
+    expectNoLeaks(Effect.scoped(Effect.gen(function*() {
+      const channel1 = Buffer.from(fixture("none-2ch/multifd-1.bin"))
+      // its first data packet after the init packet and the first SYNC, its pages made 0xAA
+      const hsize = Protocol.headerSize(4096)
+      const first = channel1.subarray(Protocol.INIT_PACKET_SIZE + hsize)
+      const size = first.readUInt32BE(20)
+      const extra = Buffer.concat([first.subarray(0, hsize), Buffer.alloc(size, 0xaa)])
+      for (const late of [false, true]) {
+        const dst = yield* destination({ channels: 2 })
+        const senders = yield* Effect.forkScoped(Effect.all([
+          send(dst.address, MAIN),
+          send(dst.address, fixture("none-2ch/multifd-0.bin")),
+          // right after the last SYNC, or once the RAM section ended (the channel sealed by then)
+          late
+            ? Effect.gen(function*() {
+              const connection = yield* Transport.connect(dst.address)
+              yield* connection.write([channel1])
+              yield* Effect.sleep("300 millis")
+              yield* Effect.either(connection.write([extra]))
+              yield* Effect.sleep("5 seconds")
+            })
+            : send(dst.address, Buffer.concat([channel1, extra]))
+        ].map(Effect.either), { concurrency: "unbounded" }))
+        const error = failureOf(yield* noHang(Fiber.await(dst.fiber), "the destination"))
+        yield* Fiber.interrupt(senders)
+        expect(error).toBeInstanceOf(Protocol.ProtocolError)
+        expect((error as Protocol.ProtocolError).reason, `late: ${late}`).toBe("AfterEnd")
+        expectOneLine(error)
+      }
+    }))))
+
   it.live("given memory of the wrong layout: refused before any page is written", () =>
     expectNoLeaks(Effect.scoped(Effect.gen(function*() {
       const ram = yield* GuestRam.make({ blocks: [{ name: "mem", size: RAM_SIZE / 2 }] })

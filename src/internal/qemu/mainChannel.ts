@@ -19,7 +19,7 @@ import type * as Scope from "effect/Scope"
 import * as GuestRam from "../../GuestRam.js"
 import * as MigrationError from "../../MigrationError.js"
 import * as MultifdRecv from "../../MultifdRecv.js"
-import type * as Protocol from "../../Protocol.js"
+import * as Protocol from "../../Protocol.js"
 import * as QemuStream from "../../QemuStream.js"
 import * as Transfer from "../../Transfer.js"
 import type * as Transport from "../../Transport.js"
@@ -214,6 +214,20 @@ export const read = (
           })
         }
         yield* Effect.flatMap(Deferred.await(channelSet), (recv) => recv.expectEnd)
+      }),
+      // the RAM section ended, after its last flush: the channels are sealed (a packet now is refused, not
+      // written), and one that came between that flush and now fails the migration (it was written)
+      ramEnded: channels === 0 ? Effect.void : Effect.gen(function*() {
+        const recv = yield* Deferred.await(channelSet)
+        const late = yield* recv.seal
+        if (late > 0) {
+          return yield* new Protocol.ProtocolError({
+            reason: "AfterEnd",
+            channel: "unidentified",
+            field: "packet",
+            detail: `${late} data packet(s) after QEMU's last flush (it sends none): not this migration's`
+          })
+        }
       }),
       openReturnPath: Effect.zipRight(
         Effect.mapError(connection.write([Writer.switchoverAck()]), MigrationError.onChannel("main")),
