@@ -40,6 +40,8 @@ import * as QemuOutgoing from "../src/QemuOutgoing.js"
 import * as QemuStream from "../src/QemuStream.js"
 import * as QemuVm from "../src/QemuVm.js"
 import * as Tls from "../src/Tls.js"
+import * as Format from "../src/internal/qemu/format.js"
+import * as Reader from "../src/internal/qemu/reader.js"
 import * as Transport from "../src/Transport.js"
 import * as Cli from "./support/cli.js"
 import { advanceUntil } from "./support/clock.js"
@@ -235,6 +237,18 @@ const sameAsImage = (ram: GuestRam.GuestRam["Type"]) => {
 }
 
 // ---------------------------------------------------------------------------------------------------------
+
+describe("the reader's drain of device state", () => {
+  it.effect("kept whole for a VM file up to its limit: a stream that goes on beyond it is refused, not held without bound", () =>
+    Effect.gen(function*() {
+      // an endless source: 64 KiB of zeros at a time
+      const endless: Format.ByteSource<never> = { readSome: (max) => Effect.succeed(new Uint8Array(Math.min(max, 64 * 1024))) }
+      const error = yield* Effect.flip(new Reader.Reader(endless).drain({ keepAll: true, maxAll: 1024 * 1024 }))
+      expect(error.reason).toBe("Malformed")
+      expect(error.message).toMatch(/^QEMU main channel: more than 1048576 bytes of device state after the RAM section, and no end yet: not a VM's devices \(at byte 0\)$/)
+      expect(Reader.MAX_DEVICE_STATE).toBe(256 * 1024 * 1024)
+    }))
+})
 
 describe("QemuStream.read on the captured main channel", () => {
   it.effect("learns the block list, follows 3 flushes and SWITCHOVER_START, drains the device state", () =>

@@ -12,6 +12,13 @@ const CHUNK = 64 * 1024
 /** How much of the drained device state is kept to check the end of the stream. */
 const TAIL_LIMIT = 16 * 1024 * 1024
 
+/**
+ * The most device state kept whole (`drain`'s `keepAll`, for a VM file): a VM's devices describe themselves in
+ * kilobytes to a few megabytes (its memory travels in the RAM section), so a stream that goes on beyond this is
+ * refused rather than held in memory without bound.
+ */
+export const MAX_DEVICE_STATE = 256 * 1024 * 1024
+
 /** Possible description records kept by `endWatch` (a real one comes last: nothing can follow it). */
 const MAX_CANDIDATES = 1024
 /** Matches `endWatch` confirms at most: a stream that planted more is not ended by one. */
@@ -168,12 +175,18 @@ export class Reader<E> {
 
   /**
    * Everything up to the end of the stream: its length, and its last `TAIL_LIMIT` bytes at most (all of it
-   * with `keepAll`). With `stopAtEnd` it stops as soon as what it has ends as a complete stream ends (the
-   * description after the EOF marker): a source waiting on its return path does not close first.
+   * with `keepAll`, up to `MAX_DEVICE_STATE`: beyond it a `Malformed` error). With `stopAtEnd` it stops as soon
+   * as what it has ends as a complete stream ends (the description after the EOF marker): a source waiting on
+   * its return path does not close first.
    */
-  drain(options: { readonly keepAll?: boolean | undefined; readonly stopAtEnd?: boolean | undefined } = {}): Effect.Effect<
+  drain(options: {
+    readonly keepAll?: boolean | undefined
+    readonly stopAtEnd?: boolean | undefined
+    /** With `keepAll`: the most kept (default `MAX_DEVICE_STATE`). */
+    readonly maxAll?: number | undefined
+  } = {}): Effect.Effect<
     { readonly length: number; readonly tail: Buffer },
-    E
+    E | QemuStreamError
   > {
     const self = this
     const limit = options.keepAll ? Infinity : TAIL_LIMIT
@@ -210,6 +223,14 @@ export class Reader<E> {
         self.received += chunk.length
         self.offset += chunk.length
         keep(Buffer.from(chunk.buffer, chunk.byteOffset, chunk.length))
+        const maxAll = options.maxAll ?? MAX_DEVICE_STATE
+        if (options.keepAll && length > maxAll) {
+          return yield* fail(
+            "Malformed",
+            self.offset - length,
+            `more than ${maxAll} bytes of device state after the RAM section, and no end yet: not a VM's devices`
+          )
+        }
       }
       const all = Buffer.concat(pieces)
       return { length, tail: all.length > limit ? all.subarray(all.length - limit) : all }
