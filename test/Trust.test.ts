@@ -14,6 +14,7 @@
  * event-loop turns; `noHang` guards (real timers) only turn a hang into a failure.
  */
 import { describe, expect, it } from "@effect/vitest"
+import * as Cause from "effect/Cause"
 import * as Data from "effect/Data"
 import * as Deferred from "effect/Deferred"
 import * as Effect from "effect/Effect"
@@ -122,6 +123,20 @@ describe("success is durable: the destination's store step", () => {
       expect(error.message).toBe("the destination could not store the image: /mnt/full/out.img: no space left on device")
       const destError = failureOf(yield* noHang(Fiber.await(dest.fiber), "incoming"))
       expect(destError).toBe(failure)
+    })))
+
+  it.live("throws (a defect): the source still hears that the store failed, and why", () =>
+    leakFree(Effect.gen(function*() {
+      const ram = yield* sourceRam()
+      const dest = yield* startDestination({
+        store: () => Effect.sync(() => {
+          throw new Error("the disk controller went away")
+        })
+      })
+      const error = failureOf(yield* noHang(Effect.exit(migrateTo(dest.address, ram)), "migrate"))
+      expect(error.message).toBe("the destination could not store the image: the disk controller went away")
+      const destExit = yield* noHang(Fiber.await(dest.fiber), "incoming")
+      expect(Exit.isFailure(destExit) && Cause.isDie(destExit.cause)).toBe(true)
     })))
 
   it.live("succeeds: the source's success comes after the store completed", () =>

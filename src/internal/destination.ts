@@ -335,7 +335,12 @@ const storeThen = <E, E2>(
         return yield* Effect.interrupt
       }
       const failure = Cause.failureOption(stored.cause)
-      if (Option.isNone(failure)) return yield* Effect.die(Cause.squash(stored.cause))
+      if (Option.isNone(failure)) {
+        // a step that threw: the source still hears that the store failed, and why
+        const defect = Cause.squash(stored.cause)
+        yield* Conversation.abortPeer(control, Conversation.messageOf(defect), "store")
+        return yield* Effect.die(defect)
+      }
       const error = failure.value
       yield* Conversation.abortPeer(control, Conversation.messageOf(error), "store")
       return yield* Effect.fail(new StoreFailed(error))
