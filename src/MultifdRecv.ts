@@ -150,9 +150,9 @@ export class MultifdRecv extends Context.Tag("effect-multifd/MultifdRecv")<Multi
    */
   readonly finalSync: Effect.Effect<void, ChannelFailure>
   /**
-   * Seals the set now, as `finalSync` does at its barrier: for a source whose last flush is known only after
-   * it (QEMU's RAM section ends after it). Yields the data packets that began writing since the last barrier let
-   * the channels go (none, from a source whose last flush that was).
+   * Seals the set now against data packets (a SYNC may still come), for a source whose last flush is known only
+   * after it (QEMU's RAM section ends after it). Yields the data packets that began writing since the last
+   * barrier let the channels go (none, from a source whose last flush that was).
    */
   readonly seal: Effect.Effect<number>
   /** From now on, a channel that ends at a packet boundary has finished instead of failed. */
@@ -267,8 +267,9 @@ export const make = (config: Config): Effect.Effect<MultifdRecv["Type"], never, 
     const stopped = new WeakSet<Fiber.RuntimeFiber<void, ChannelFailure>>()
     // counters, updated in synchronous steps (one thread): no Ref round trip per packet
     let writesBegun = 0
-    // the final round's barrier passed (`finalSync`, `seal`): a channel may only end now
-    let sealed = false
+    // the final round's barrier passed (`finalSync`): a channel may only end now ("all"); or the source's
+    // last flush is past (`seal`): no more data packets ("data")
+    let sealed: "all" | "data" | undefined
     // `writesBegun` when the last barrier let the channels go
     let writesAtBarrier = 0
     const afterEnd = (channel: number) =>
@@ -401,7 +402,11 @@ export const make = (config: Config): Effect.Effect<MultifdRecv["Type"], never, 
         }
         const next = (full: Uint8Array): Uint8Array | undefined => {
           if (full === header) {
-            const decoded = Protocol.decodeHeader(header, limits, offsets)
+            const decoded = sealed === "all" ? undefined : Protocol.decodeHeader(header, limits, offsets)
+            if (decoded === undefined) {
+              stop = afterEnd(state.id)
+              return undefined
+            }
             if (decoded._tag === "Left") {
               stop = decoded.left
               return undefined
@@ -411,7 +416,7 @@ export const make = (config: Config): Effect.Effect<MultifdRecv["Type"], never, 
               stop = { _tag: "Sync" }
               return undefined
             }
-            if (sealed) {
+            if (sealed !== undefined) {
               stop = afterEnd(state.id)
               return undefined
             }
@@ -524,13 +529,14 @@ export const make = (config: Config): Effect.Effect<MultifdRecv["Type"], never, 
         while (true) {
           if (yield* guard(connection.atEnd)) return yield* channelEnded
           yield* guard(connection.readInto(header, 0, hsize))
+          if (sealed === "all") return yield* afterEnd(id)
           const packet = yield* Protocol.decodeHeader(header, limits, offsets)
           if (packet.sync) {
             yield* drained
             yield* atSync(state)
             continue
           }
-          if (sealed) return yield* afterEnd(id)
+          if (sealed !== undefined) return yield* afterEnd(id)
           const { nextPacketSize: size, normalPages: normal, zeroPages: zero } = packet
           if (size > maxPayload) return yield* tooLarge(id, size)
           const memory = ram.block(packet.block)!.bytes
@@ -727,7 +733,7 @@ export const make = (config: Config): Effect.Effect<MultifdRecv["Type"], never, 
           Effect.gen(function*() {
             const waiting = yield* Effect.replicateEffect(Queue.take(arrivals), channels)
             writesAtBarrier = writesBegun
-            if (final) sealed = true
+            if (final) sealed = "all"
             yield* Effect.forEach(waiting, (go) => Deferred.succeed(go, undefined), { discard: true })
           }),
         () => Effect.sync(() => barrierWaits--)
@@ -739,7 +745,7 @@ export const make = (config: Config): Effect.Effect<MultifdRecv["Type"], never, 
       sync: barrier(false),
       finalSync: barrier(true),
       seal: Effect.sync(() => {
-        sealed = true
+        sealed ??= "data"
         return writesBegun - writesAtBarrier
       }),
       expectEnd: Deferred.succeed(ending, undefined),

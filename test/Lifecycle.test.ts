@@ -501,7 +501,8 @@ describe("f. duplicate, out-of-range and foreign channel ids", () => {
   foreign(0)
   foreign(7) // out of range too: the uuid says "not ours" before the id can say "broken"
 
-  it.live("a packet after the final round's sync is refused and writes nothing: the digests judge the memory that stays", () =>
+  for (const late of ["a data packet", "a sync packet"] as const) {
+  it.live(`${late} after the final round's sync is refused and writes nothing: the digests judge the memory that stays`, () =>
     leakFree(Effect.gen(function*() {
       const faulty = yield* Faulty.make()
       const ram = yield* destinationRam()
@@ -516,7 +517,7 @@ describe("f. duplicate, out-of-range and foreign channel ids", () => {
       expect(yield* noHang(Control.receive(src.control), "FlushAck")).toMatchObject({ _tag: "FlushAck", round: 0 })
       // the memory is final now: a page aimed at it (a hostile source, after the flush or after Complete) is
       // refused before a byte of it is written, and the migration fails
-      yield* c0.write(ramPacket([{ offset: 5 * PAGE, bytes: randomPage() }]))
+      yield* c0.write(late === "a data packet" ? ramPacket([{ offset: 5 * PAGE, bytes: randomPage() }]) : [syncPacket()])
       const abort = yield* noHang(Control.receive(src.control), "the abort")
       expect(abort).toMatchObject({ _tag: "Abort" })
       expect((abort as Control.Abort).reason).toBe(
@@ -528,6 +529,7 @@ describe("f. duplicate, out-of-range and foreign channel ids", () => {
       expect(touchedPages(ram)).toEqual([0])
       expect(stored).toBe(0)
     })))
+  }
 
   const outOfTurn = (name: string, message: Control.Message, why: string) =>
     it.live(name, () =>

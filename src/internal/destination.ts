@@ -153,16 +153,9 @@ export const checkHello = (
 // ---------------------------------------------------------------------------------------------------------
 // Rounds, verification, store
 
-/** The memory's digest started early: once the last round's barrier passed, while the source hashes its own. */
-interface Speculative {
-  /** `writesBegun` when it started: it holds only if no packet began writing memory since. */
-  readonly writes: number
-  readonly digest: Fiber.RuntimeFiber<ReadonlyArray<GuestRam.BlockDigest>>
-}
-
 /**
  * Acknowledges flush after flush (each once every channel reached its barrier) until the source completes;
- * the rounds seen, the `Complete` message and the digest started after the final flush, if it was. A round's
+ * the rounds seen, the `Complete` message and the digest started at the final round's barrier. A round's
  * last bytes may take long on a slow link (the kernels' buffers drain at the link's rate): the wait for the
  * barrier fails only after the peer timeout without any byte, and a source that asked for heartbeats hears
  * `Receiving` about every second while bytes arrive, all through the rounds (bytes reaching this side are
@@ -202,7 +195,9 @@ const receiveRounds = (
         yield* Effect.ignore(conversation.tell(new Control.Receiving({ round: rounds, bytes: now })))
       }
     })
-    let speculative: Speculative | undefined
+    // the memory's digest, started once the final round's barrier sealed the channels (the memory is final
+    // then), while the source hashes its own
+    let final: Fiber.RuntimeFiber<ReadonlyArray<GuestRam.BlockDigest>> | undefined
     const loop = Effect.gen(function*() {
       while (true) {
         const message = yield* unlessStalled(
@@ -224,8 +219,8 @@ const receiveRounds = (
         // the transfer ends with the final round's flush, acknowledged: before it, Complete (whose digests would
         // be compared with memory still being written) and Hashing (which would keep a destination waiting
         // with no channel ever connected) are out of turn, as is a flush after it
-        if (speculative !== undefined) {
-          if (message._tag === "Complete") return { rounds, complete: message, speculative }
+        if (final !== undefined) {
+          if (message._tag === "Complete") return { rounds, complete: message, digest: final }
           // the source hashes its memory (after its last round): each of its heartbeats restarts the wait
           if (message._tag === "Hashing") continue
           return yield* Conversation.unexpected(message, "after the final round")
@@ -250,35 +245,29 @@ const receiveRounds = (
         yield* Effect.logDebug(`main channel: round ${message.round} acknowledged`)
         yield* recorder.record(yield* recv.stats)
         yield* recorder.round()
-        // after the last round's barrier the memory is final: hash it while the source hashes its own
-        if (message.final) speculative = { writes: yield* recv.writesBegun, digest: yield* Effect.forkScoped(digest) }
+        if (message.final) final = yield* Effect.forkScoped(digest)
       }
     })
     return yield* (heartbeats ? Effect.raceFirst(loop, receiving) : loop)
   })
 
 /**
- * Compares the memory's digests with the source's; on a mismatch tells the source and fails. A source that
- * asked for heartbeats hears `Hashing` about every second until this side's digest is done.
+ * Compares the memory's digests (`digest`, under way since the final round's barrier) with the source's; on a
+ * mismatch tells the source and fails. A source that asked for heartbeats hears `Hashing` about every second
+ * until this side's digest is done.
  */
 const verify = (
-  recv: MultifdRecv.MultifdRecv["Type"],
   complete: Control.Complete,
-  digest: Effect.Effect<ReadonlyArray<GuestRam.BlockDigest>>,
-  speculative: Speculative | undefined,
+  digest: Fiber.RuntimeFiber<ReadonlyArray<GuestRam.BlockDigest>>,
   tell: (message: Control.Message) => Effect.Effect<void, MigrationError.ChannelError | Transport.TransportError>,
   heartbeats: { readonly peer: Duration.DurationInput } | undefined
 ) =>
   Effect.gen(function*() {
-    // the early digest holds only if no packet began writing memory since it started
-    const early = speculative !== undefined && (yield* recv.writesBegun) === speculative.writes
-      ? speculative.digest
-      : undefined
-    const computing = early !== undefined ? Fiber.join(early) : digest
+    const computing = Fiber.join(digest)
     const mine = yield* (heartbeats === undefined
       ? computing
       : Effect.raceFirst(computing, Conversation.heartbeat(tell, new Control.Hashing(), heartbeats.peer)))
-    yield* Effect.logDebug(early !== undefined ? "digests computed (after the final flush)" : "digests computed")
+    yield* Effect.logDebug("digests computed")
     const theirs = new Map(complete.digests.map((d) => [d.name, d.digest]))
     const bad = mine.filter((d) => theirs.get(d.name) !== d.digest).map((d) => d.name)
     if (bad.length > 0 || theirs.size !== mine.length) {
@@ -509,7 +498,7 @@ export const run = <E>(listener: Transport.Listener, settings: Settings<E>): Eff
           (turnedAway.length > 0 ? `; rejected: ${turnedAway.join("; ")}` : "")
       })
 
-      const { complete, rounds, speculative } = yield* receiveRounds(
+      const { complete, rounds, digest: computing } = yield* receiveRounds(
         recv,
         { next, tell },
         digest,
@@ -521,10 +510,8 @@ export const run = <E>(listener: Transport.Listener, settings: Settings<E>): Eff
       )
       yield* recv.expectEnd
       yield* verify(
-        recv,
         complete,
-        digest,
-        speculative,
+        computing,
         tell,
         hello.heartbeats === true ? { peer: timeouts.peer } : undefined
       )
