@@ -157,38 +157,34 @@ describe("the source's wait for a round's acknowledgement (TestClock)", () => {
       expect((yield* TestClock.currentTimeMillis) - t0).toBeGreaterThanOrEqual(8_000)
     })))
 
-  it.effect("a count that does not grow does not: the source times out one peer timeout after the last growth", () =>
-    leakFree(Effect.gen(function*() {
+  /** How long (TestClock) after the first flush the source gave up on a destination counting `bytes(i)`. */
+  const waitedFor = (bytes: (i: number) => number) =>
+    Effect.gen(function*() {
       const ram = yield* randomRam(16)
-      // the count grows for the first two messages (1 s), then stays: the source gives up at about 3 s
-      const fake = yield* receivingDestination((i) => Math.min(i, 1) * 1000 + 1000, 1000)
+      const fake = yield* receivingDestination(bytes, 1000)
       const source = yield* Effect.forkScoped(migrate(fake.address, ram, TIMEOUTS))
       yield* noHang(Deferred.await(fake.flushed), "the first flush")
       const t0 = yield* TestClock.currentTimeMillis
-      const waited = yield* timedOut(
+      return yield* timedOut(
         source,
         t0,
         "the source timing out",
         "timed out after 2s waiting for the destination to acknowledge the flush"
       )
+    })
+
+  it.effect("a count that does not grow does not: the source times out one peer timeout after the last growth", () =>
+    leakFree(Effect.gen(function*() {
+      // the count grows for the first two messages (1 s), then stays: the source gives up at about 3 s
+      const waited = yield* waitedFor((i) => Math.min(i, 1) * 1000 + 1000)
       expect(waited).toBeGreaterThanOrEqual(3_000)
       expect(waited).toBeLessThanOrEqual(3_500)
     })))
 
   it.effect("a count beyond the bytes this side sent is not believed past them: the source times out as if it did not grow", () =>
     leakFree(Effect.gen(function*() {
-      const ram = yield* randomRam(16)
       // a terabyte more each time, for ever: only the first message's growth (to all that was sent) counts
-      const fake = yield* receivingDestination((i) => 1e12 * (i + 1), 1000)
-      const source = yield* Effect.forkScoped(migrate(fake.address, ram, TIMEOUTS))
-      yield* noHang(Deferred.await(fake.flushed), "the first flush")
-      const t0 = yield* TestClock.currentTimeMillis
-      const waited = yield* timedOut(
-        source,
-        t0,
-        "the source timing out",
-        "timed out after 2s waiting for the destination to acknowledge the flush"
-      )
+      const waited = yield* waitedFor((i) => 1e12 * (i + 1))
       expect(waited).toBeGreaterThanOrEqual(2_000)
       expect(waited).toBeLessThanOrEqual(3_000)
     })))

@@ -502,33 +502,33 @@ describe("f. duplicate, out-of-range and foreign channel ids", () => {
   foreign(7) // out of range too: the uuid says "not ours" before the id can say "broken"
 
   for (const late of ["a data packet", "a sync packet"] as const) {
-  it.live(`${late} after the final round's sync is refused and writes nothing: the digests judge the memory that stays`, () =>
-    leakFree(Effect.gen(function*() {
-      const faulty = yield* Faulty.make()
-      const ram = yield* destinationRam()
-      let stored = 0
-      const dest = yield* startDestination(faulty, unixAddress("late"), { ram, store: () => Effect.sync(() => stored++) })
-      const src = yield* fakeSource(dest.address, 1)
-      const c0 = yield* src.channel(0)
-      const first = { offset: 0, bytes: randomPage() }
-      yield* c0.write(ramPacket([first]))
-      yield* c0.write([syncPacket()])
-      yield* src.control.write([Control.encode(new Control.Flush({ round: 0, final: true }))])
-      expect(yield* noHang(Control.receive(src.control), "FlushAck")).toMatchObject({ _tag: "FlushAck", round: 0 })
-      // the memory is final now: a page aimed at it (a hostile source, after the flush or after Complete) is
-      // refused before a byte of it is written, and the migration fails
-      yield* c0.write(late === "a data packet" ? ramPacket([{ offset: 5 * PAGE, bytes: randomPage() }]) : [syncPacket()])
-      const abort = yield* noHang(Control.receive(src.control), "the abort")
-      expect(abort).toMatchObject({ _tag: "Abort" })
-      expect((abort as Control.Abort).reason).toBe(
-        "multifd channel 0: bad packet: a packet after the final round's sync packet (the transfer was complete; nothing was written)"
-      )
-      const error = failureOf(yield* noHang(Fiber.await(dest.fiber), "incoming"))
-      expect(error).toBeInstanceOf(Protocol.ProtocolError)
-      expect((error as Protocol.ProtocolError).reason).toBe("AfterEnd")
-      expect(touchedPages(ram)).toEqual([0])
-      expect(stored).toBe(0)
-    })))
+    it.live(`${late} after the final round's sync is refused and writes nothing: the digests judge the memory that stays`, () =>
+      leakFree(Effect.gen(function*() {
+        const faulty = yield* Faulty.make()
+        const ram = yield* destinationRam()
+        let stored = 0
+        const dest = yield* startDestination(faulty, unixAddress("late"), { ram, store: () => Effect.sync(() => stored++) })
+        const src = yield* fakeSource(dest.address, 1)
+        const c0 = yield* src.channel(0)
+        const first = { offset: 0, bytes: randomPage() }
+        yield* c0.write(ramPacket([first]))
+        yield* c0.write([syncPacket()])
+        yield* src.control.write([Control.encode(new Control.Flush({ round: 0, final: true }))])
+        expect(yield* noHang(Control.receive(src.control), "FlushAck")).toMatchObject({ _tag: "FlushAck", round: 0 })
+        // the memory is final now: a page aimed at it (a hostile source, after the flush or after Complete) is
+        // refused before a byte of it is written, and the migration fails
+        yield* c0.write(late === "a data packet" ? ramPacket([{ offset: 5 * PAGE, bytes: randomPage() }]) : [syncPacket()])
+        const abort = yield* noHang(Control.receive(src.control), "the abort")
+        expect(abort).toMatchObject({ _tag: "Abort" })
+        expect((abort as Control.Abort).reason).toBe(
+          "multifd channel 0: bad packet: a packet after the final round's sync packet (the transfer was complete; nothing was written)"
+        )
+        const error = failureOf(yield* noHang(Fiber.await(dest.fiber), "incoming"))
+        expect(error).toBeInstanceOf(Protocol.ProtocolError)
+        expect((error as Protocol.ProtocolError).reason).toBe("AfterEnd")
+        expect(touchedPages(ram)).toEqual([0])
+        expect(stored).toBe(0)
+      })))
   }
 
   const outOfTurn = (name: string, message: Control.Message, why: string) =>
