@@ -104,7 +104,8 @@ export const ownCertificateProblem = (certificate: Crypto.X509Certificate, now: 
     : undefined
 
 const EKU_OF = { server: "1.3.6.1.5.5.7.3.1", client: "1.3.6.1.5.5.7.3.2" } as const
-const EKU_NAME: Record<string, string> = { [EKU_OF.server]: "serverAuth", [EKU_OF.client]: "clientAuth" }
+/** The extendedKeyUsage purposes a migration's certificates name, by OID. */
+export const EKU_NAMES: Record<string, string> = { [EKU_OF.server]: "serverAuth", [EKU_OF.client]: "clientAuth" }
 const ANY_EKU = "2.5.29.37.0"
 
 /**
@@ -114,7 +115,7 @@ const ANY_EKU = "2.5.29.37.0"
 export const ownUsageProblem = (certificate: Crypto.X509Certificate, role: "client" | "server"): string | undefined => {
   const usage = certificate.keyUsage
   if (usage === undefined || usage.length === 0 || usage.includes(EKU_OF[role]) || usage.includes(ANY_EKU)) return undefined
-  return `is not for ${role} authentication (extendedKeyUsage ${usage.map((oid) => EKU_NAME[oid] ?? oid).join(", ")})`
+  return `is not for ${role} authentication (extendedKeyUsage ${usage.map((oid) => EKU_NAMES[oid] ?? oid).join(", ")})`
 }
 
 /**

@@ -7,7 +7,7 @@
 import * as Crypto from "node:crypto"
 import type * as NodeTls from "node:tls"
 import * as KeyUsage from "../native/keyUsage.js"
-import { nameOf } from "./credentials.js"
+import { EKU_NAMES, nameOf } from "./credentials.js"
 import type { Credentials, Settings } from "./model.js"
 
 /**
@@ -51,11 +51,6 @@ export const hint = (credentials: Credentials, text: string): string =>
     : credentials._tag === "Psk" && /certificate/.test(text)
     ? `${text} (the peer presents a certificate: it uses x509, this side PSK)`
     : text
-
-export const EKU_NAMES: Record<string, string> = {
-  "1.3.6.1.5.5.7.3.1": "serverAuth",
-  "1.3.6.1.5.5.7.3.2": "clientAuth"
-}
 
 /**
  * Why OpenSSL's verification of a peer's certificate failed, after "certificate CN=x ": its chain to the CA
