@@ -16,9 +16,22 @@ import type { Credentials, Settings } from "./model.js"
  * returns empty.
  */
 export const peerCertificateOf = (socket: NodeTls.TLSSocket): Crypto.X509Certificate | undefined => {
-  const raw = socket.getPeerCertificate(true)?.raw
-  return raw === undefined ? undefined : new Crypto.X509Certificate(raw)
+  const detailed = socket.getPeerCertificate(true) as NodeTls.DetailedPeerCertificate | undefined
+  if (detailed?.raw === undefined) return undefined
+  const certificate = new Crypto.X509Certificate(detailed.raw)
+  // the certificates the peer sent with it (its chain), nearest issuer first: a self-signed one ends it
+  const chain: Array<Crypto.X509Certificate> = []
+  for (let c = detailed; c.issuerCertificate !== undefined && c.issuerCertificate !== c && chain.length < 16;) {
+    c = c.issuerCertificate
+    if (c.raw === undefined) break
+    chain.push(new Crypto.X509Certificate(c.raw))
+  }
+  issuers.set(certificate, chain)
+  return certificate
 }
+
+/** The chains `peerCertificateOf` read with each certificate. */
+const issuers = new WeakMap<Crypto.X509Certificate, ReadonlyArray<Crypto.X509Certificate>>()
 
 /** " CN=..." of this side's certificate, or nothing. */
 export const ownName = (settings: Settings): string => settings.ownCertificate ? ` ${nameOf(settings.ownCertificate)}` : ""
@@ -52,6 +65,10 @@ export const hint = (credentials: Credentials, text: string): string =>
     ? `${text} (the peer presents a certificate: it uses x509, this side PSK)`
     : text
 
+/** The certificates that issued `certificate`, nearest first, as far as the peer's chain gives them. */
+const issuersOf = (certificate: Crypto.X509Certificate): ReadonlyArray<Crypto.X509Certificate> =>
+  issuers.get(certificate) ?? []
+
 /**
  * Why OpenSSL's verification of a peer's certificate failed, after "certificate CN=x ": its chain to the CA
  * file (trust), its validity period, its purpose (extendedKeyUsage / keyUsage for `role` authentication).
@@ -63,9 +80,19 @@ export const verifyProblem = (
 ): string => {
   switch (error.code) {
     case "CERT_HAS_EXPIRED":
-      return `has expired${certificate ? ` (valid until ${certificate.validTo})` : ""}`
-    case "CERT_NOT_YET_VALID":
-      return `is not valid yet${certificate ? ` (valid from ${certificate.validFrom})` : ""}`
+    case "CERT_NOT_YET_VALID": {
+      // OpenSSL says which check failed, not at which depth: the certificate itself, or one that issued it
+      const expired = error.code === "CERT_HAS_EXPIRED"
+      const out = (c: Crypto.X509Certificate) =>
+        expired ? Date.now() > Date.parse(c.validTo) : Date.now() < Date.parse(c.validFrom)
+      const dates = (c: Crypto.X509Certificate) => expired ? `valid until ${c.validTo}` : `valid from ${c.validFrom}`
+      const what = expired ? "has expired" : "is not valid yet"
+      if (certificate === undefined || out(certificate)) return `${what}${certificate ? ` (${dates(certificate)})` : ""}`
+      const issuer = issuersOf(certificate).find(out)
+      return issuer === undefined
+        ? `${what}, or a certificate that issued it has`
+        : `was issued by ${nameOf(issuer)}, which ${what} (${dates(issuer)})`
+    }
     case "INVALID_PURPOSE": {
       const usage = certificate?.keyUsage?.map((oid) => EKU_NAMES[oid] ?? oid).join(", ")
       return `is not for ${role} authentication${usage ? ` (extendedKeyUsage ${usage})` : ""}`
