@@ -757,7 +757,8 @@ describe("peer certificates (QEMU verify-peer: chain to the CA, validity, usage;
       "clientonly-server",
       "the destination's certificate CN=localhost is not for server authentication (extendedKeyUsage clientAuth)"
     ],
-    // its chain's intermediate CA expired, not the certificate: the message names the one that did
+    // its chain's intermediate CA expired, or is no CA at all, not the certificate: the message names the one
+    ["notca-server", "the destination's certificate CN=localhost was issued by CN=not a CA, which is not a CA (basicConstraints CA:FALSE)"],
     [
       "expired-ca-server",
       "the destination's certificate CN=localhost was issued by CN=expired intermediate CA, which has expired " +

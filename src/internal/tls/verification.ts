@@ -7,7 +7,7 @@
 import * as Crypto from "node:crypto"
 import type * as NodeTls from "node:tls"
 import * as KeyUsage from "../native/keyUsage.js"
-import { EKU_NAMES, nameOf } from "./credentials.js"
+import { EKU_NAMES, nameOf, ownUsageProblem } from "./credentials.js"
 import type { Credentials, Settings } from "./model.js"
 
 /**
@@ -94,6 +94,11 @@ export const verifyProblem = (
         : `was issued by ${nameOf(issuer)}, which ${what} (${dates(issuer)})`
     }
     case "INVALID_PURPOSE": {
+      // the certificate's own purpose, or a certificate above it that is no CA (OpenSSL says only "purpose")
+      const issuer = certificate === undefined || ownUsageProblem(certificate, role) !== undefined
+        ? undefined
+        : issuersOf(certificate).find((c) => !c.ca)
+      if (issuer !== undefined) return `was issued by ${nameOf(issuer)}, which is not a CA (basicConstraints CA:FALSE)`
       const usage = certificate?.keyUsage?.map((oid) => EKU_NAMES[oid] ?? oid).join(", ")
       return `is not for ${role} authentication${usage ? ` (extendedKeyUsage ${usage})` : ""}`
     }
