@@ -163,7 +163,9 @@ export const MAX_BLOCK_SIZE = Buffer.constants.MAX_LENGTH
 
 /**
  * Builds guest memory from block specs, validating page size (a power of two, 512 B–512 KiB), names
- * (1–255 UTF-8 bytes, no NUL, unique) and sizes (a positive multiple of the page size).
+ * (1–255 UTF-8 bytes, no NUL, unique) and sizes (a positive multiple of the page size). A `{ name, size }`
+ * block is fresh memory (`allocateOrFail`), touched up front on worker threads unless `prefault` is `false`
+ * (memory most of which is never written: a QEMU guest's zero pages, which QEMU never sends).
  *
  * @since 0.1.0
  * @category constructors
@@ -171,6 +173,7 @@ export const MAX_BLOCK_SIZE = Buffer.constants.MAX_LENGTH
 export const make = (options: {
   readonly pageSize?: number | undefined
   readonly blocks: ReadonlyArray<BlockSpec>
+  readonly prefault?: boolean | undefined
 }): Effect.Effect<GuestRam["Type"], GuestRamError> =>
   Effect.suspend(() => {
     const pageSize = options.pageSize ?? DEFAULT_PAGE_SIZE
@@ -197,7 +200,7 @@ export const make = (options: {
         blocks.push({ name: spec.name, bytes, pages, dirty: new DirtyLog(pages) })
       }
       // fresh memory is touched now, on worker threads, rather than faulted in page by page as pages arrive
-      yield* Effect.forEach(fresh, (bytes) => Prefault.prefault(bytes), { discard: true })
+      if (options.prefault !== false) yield* Effect.forEach(fresh, (bytes) => Prefault.prefault(bytes), { discard: true })
       return fromBlocks(pageSize, blocks)
     })
   })

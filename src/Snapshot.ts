@@ -315,9 +315,11 @@ const memoryFor = (
       channels: header.channels
     })
     if (refusal !== undefined) return yield* new SnapshotError({ reason: "Refused", path, detail: `not restored: ${refusal}` })
-    const fresh = header.blocks.map((b) => ({ name: b.name, bytes: GuestRam.allocate(b.size) }))
-    return given ?? (yield* GuestRam.make({ pageSize: header.pageSize, blocks: fresh }).pipe(
-      Effect.mapError((e) => new SnapshotError({ reason: "Corrupt", path, detail: e.message }))
+    const fresh = header.blocks.map((b) => ({ name: b.name, size: b.size }))
+    return given ?? (yield* GuestRam.make({ pageSize: header.pageSize, blocks: fresh, prefault: false }).pipe(
+      Effect.mapError((e) =>
+        new SnapshotError({ reason: e.reason === "OutOfMemory" ? "Layout" : "Corrupt", path, detail: e.message })
+      )
     ))
   })
 

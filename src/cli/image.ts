@@ -127,7 +127,6 @@ export interface Output {
 export const create = (path: string): Effect.Effect<Output, ImageError, Scope.Scope> =>
   Effect.gen(function*() {
     const file = yield* FileIo.atomicFile(path).pipe(Effect.mapError((error) => writeError(path, error)))
-    let committed = false
     const fill = (chunks: ReadonlyArray<Uint8Array>) =>
       Effect.gen(function*() {
         let position = 0
@@ -136,12 +135,11 @@ export const create = (path: string): Effect.Effect<Output, ImageError, Scope.Sc
           position += chunk.length
         }
       })
-    const published = Effect.tap(file.publish, () => (committed = true))
     const commit = (
       chunks: ReadonlyArray<Uint8Array>,
       around: <A, E>(effect: Effect.Effect<A, E>) => Effect.Effect<A, E> = Effect.uninterruptible
     ) =>
-      Effect.zipRight(fill(chunks), around(Effect.zipRight(file.sync, published))).pipe(
+      Effect.zipRight(fill(chunks), around(file.commit)).pipe(
         Effect.mapError((error) => writeError(path, error))
       )
     const write = (chunks: ReadonlyArray<Uint8Array>) =>
@@ -152,8 +150,8 @@ export const create = (path: string): Effect.Effect<Output, ImageError, Scope.Sc
       temporary: file.path,
       commit,
       write,
-      publish: Effect.mapError(published, (error) => writeError(path, error)),
-      committed: Effect.sync(() => committed),
+      publish: Effect.mapError(file.publish, (error) => writeError(path, error)),
+      committed: file.committed,
       tooBig
     }
   })

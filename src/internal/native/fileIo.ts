@@ -261,6 +261,8 @@ export interface AtomicFile extends File {
    * fsync failed). Call it after `sync`; `commit` is both.
    */
   readonly publish: Effect.Effect<void, FileError>
+  /** Whether the target has been replaced (`publish` renamed the temporary file). */
+  readonly committed: Effect.Effect<boolean>
 }
 
 /** Whether a process of this pid exists (one of another user's counts: `kill` then says EPERM). */
@@ -405,7 +407,15 @@ export const atomicFile = (
       temporaries.delete(path)
       yield* syncDirectory(Path.dirname(target))
     }))
-    return { path, fd: handle.fd, target, commit: Effect.zipRight(sync, publish), sync, publish }
+    return {
+      path,
+      fd: handle.fd,
+      target,
+      commit: Effect.zipRight(sync, publish),
+      sync,
+      publish,
+      committed: Ref.get(committed)
+    }
   })
 
 /**

@@ -141,12 +141,12 @@ export const read = (
           if (problem !== undefined) {
             return yield* new MigrationError.MigrationError({ reason: "Rejected", detail: `refused the migration: ${problem}` })
           }
-          // fresh memory, not touched up front (GuestRam.make's size spec pre-faults every page, on worker
-          // threads, but every page: a guest's memory is mostly zero pages QEMU never sends): pages fault in as
-          // they arrive, zero pages are never touched
+          // fresh memory, not touched up front (a guest's memory is mostly zero pages QEMU never sends): pages
+          // fault in as they arrive, zero pages are never touched
           const ram = config.ram ?? (yield* GuestRam.make({
             pageSize,
-            blocks: blocks.map((b) => ({ name: b.name, bytes: GuestRam.allocate(b.size) }))
+            blocks: blocks.map((b) => ({ name: b.name, size: b.size })),
+            prefault: false
           }))
           memory = ram
           if (channels === 0) {

@@ -300,8 +300,11 @@ export const open = (
           }
           memory = yield* GuestRam.make({
             pageSize,
-            blocks: blocks.map((b) => ({ name: b.name, bytes: GuestRam.allocate(b.size) }))
-          }).pipe(Effect.mapError((e) => new MappedRamError({ reason: "Malformed", path, detail: e.message })))
+            blocks: blocks.map((b) => ({ name: b.name, size: b.size })),
+            prefault: false
+          }).pipe(Effect.mapError((e) =>
+            new MappedRamError({ reason: e.reason === "OutOfMemory" ? "TooLarge" : "Malformed", path, detail: e.message })
+          ))
           return memory
         }),
       mappedRam: (block, header, target) =>
