@@ -28,6 +28,7 @@ import * as Field from "./internal/configField.js"
 import * as PeerText from "./internal/peerText.js"
 import {
   certificatesOf,
+  crlsOf,
   nameOf,
   ownCertificateProblem,
   ownUsageProblem,
@@ -40,6 +41,7 @@ import {
 import * as TlsClient from "./internal/tls/client.js"
 import { handshake, secured } from "./internal/tls/handshake.js"
 import { configError, type Credentials, type Settings, TlsError } from "./internal/tls/model.js"
+import * as Der from "./internal/tls/der.js"
 import { clientRefusal, describe, hint, ownName } from "./internal/tls/verification.js"
 import * as Transport from "./Transport.js"
 
@@ -76,11 +78,21 @@ export const TlsConfig = Schema.Struct({
   cert: Schema.optional(Schema.String),
   /** This side's private key, PEM. */
   key: Schema.optional(Schema.String),
+  /**
+   * Certificate revocation lists, PEM (one file, one or more CRLs; QEMU's `ca-crl.pem`): a peer whose certificate,
+   * or a CA of its chain, is listed is refused. Each CRL must be signed by a CA of `ca` and current, and every CA
+   * of `ca` needs one (OpenSSL checks every certificate of a chain against its issuer's CRL): checked at load.
+   */
+  crl: Schema.optional(Schema.String),
   /** Name the destination's certificate must carry (default: the host of the address). */
   hostname: Schema.optional(Schema.String),
   /** Destination: require and verify client certificates. */
   verifyPeer: Schema.optional(Schema.Boolean),
-  /** Destination: admit only these client certificate CNs or PSK identities. */
+  /**
+   * Destination: admit only these clients. An entry with `=` is a client certificate's whole distinguished name,
+   * matched exactly as QEMU's tls-authz matches it (GnuTLS's form: `O=Example,CN=alice`, see `distinguishedName`);
+   * an entry without is a certificate's CN, or a PSK identity.
+   */
   authz: Schema.optional(Schema.Array(Schema.String)),
   /**
    * Cipher suites in order of preference, in OpenSSL's syntax (TLS 1.3 suite names and TLS 1.2 ciphers,
@@ -167,6 +179,14 @@ export const load = (config: TlsConfig): Effect.Effect<Settings, TlsError> =>
     if (config.psk !== undefined && x509) {
       return yield* configError("use either a PSK file or x509 certificates, not both")
     }
+    if (config.crl !== undefined && !x509) {
+      return yield* configError(
+        config.psk !== undefined ? "a CRL file applies to x509 certificates, not a PSK file" : "a CRL file needs the CA certificate (ca) that issued it"
+      )
+    }
+    if (config.crl !== undefined && config.ca === undefined) {
+      return yield* configError("a CRL file needs the CA certificate (ca) that issued it")
+    }
     if ((config.cert === undefined) !== (config.key === undefined)) {
       return yield* configError("a certificate needs its key and a key its certificate")
     }
@@ -180,6 +200,7 @@ export const load = (config: TlsConfig): Effect.Effect<Settings, TlsError> =>
     let contextOptions: NodeTls.SecureContextOptions
     let files: string
     let ownCertificate: Crypto.X509Certificate | undefined
+    let crls: Settings["crls"]
     if (config.psk !== undefined) {
       const keys = yield* Effect.flatMap(readText(config.psk, "PSK file"), (text) => parsePskFile(text, config.psk))
       if (config.identity !== undefined && !keys.has(config.identity)) {
@@ -190,7 +211,15 @@ export const load = (config: TlsConfig): Effect.Effect<Settings, TlsError> =>
       files = `PSK file ${config.psk}`
     } else if (x509) {
       const ca = config.ca === undefined ? undefined : yield* readText(config.ca, "CA certificate")
-      if (ca !== undefined) yield* certificatesOf(ca, "CA certificate", config.ca!)
+      const cas = ca === undefined ? [] : yield* certificatesOf(ca, "CA certificate", config.ca!)
+      // the wall clock, as OpenSSL uses it in every handshake
+      const crl = config.crl === undefined
+        ? undefined
+        : yield* Effect.flatMap(
+          readText(config.crl, "CRL file"),
+          (text) => Effect.flatMap(Effect.sync(() => Date.now()), (now) => crlsOf(text, config.crl!, cas, config.ca!, now))
+        )
+      crls = crl?.crls
       const cert = config.cert === undefined ? undefined : yield* readText(config.cert, "certificate")
       const key = config.key === undefined ? undefined : yield* readText(config.key, "private key")
       if (cert !== undefined && key !== undefined) {
@@ -210,9 +239,11 @@ export const load = (config: TlsConfig): Effect.Effect<Settings, TlsError> =>
         ciphers: config.ciphers ?? X509_CIPHERS,
         // always a list: Node loads its public roots (and NODE_EXTRA_CA_CERTS) into a context without one
         ca: ca ?? [],
+        // one text a CRL: Node reads only the first CRL of a text
+        ...(crl !== undefined ? { crl: crl.pems } : {}),
         ...(cert !== undefined ? { cert, key } : {})
       }
-      files = [config.ca, config.cert, config.key].filter((f) => f !== undefined).join(", ")
+      files = [config.ca, config.cert, config.key, config.crl].filter((f) => f !== undefined).join(", ")
     } else {
       return yield* configError("no credentials: give a PSK file or x509 certificates")
     }
@@ -226,6 +257,7 @@ export const load = (config: TlsConfig): Effect.Effect<Settings, TlsError> =>
       ownCertificate,
       ownCertificateFile: config.cert,
       hostname: config.hostname,
+      crls,
       verifyPeer: config.verifyPeer ?? false,
       authz: config.authz,
       handshakeTimeout: config.handshakeTimeoutMs === undefined
@@ -362,7 +394,7 @@ export const server = (settings: Settings, options?: ServerOptions): Transport.U
       connection.peer,
       settings.handshakeTimeout,
       (error) => hint(creds, describe(error)),
-      (s) => creds._tag === "X509" && verifyPeer ? clientRefusal(s, settings.authz) : undefined,
+      (s) => creds._tag === "X509" && verifyPeer ? clientRefusal(s, settings.authz, settings.crls) : undefined,
       // a Node source that refuses this side's certificate hangs up without an alert, before its Finished
       creds._tag === "X509"
         ? `connection closed (did the source refuse this destination's certificate${ownName(settings)}?)`
@@ -418,8 +450,46 @@ export const layer = (config: TlsConfig): Layer.Layer<Tls, TlsError> => Layer.ef
 const optional = Field.optional
 
 /**
- * The config from the environment: `MULTIFD_TLS_PSK`, `_IDENTITY`, `_CA`, `_CERT`, `_KEY`, `_HOSTNAME`,
- * `_VERIFY_PEER`, `_AUTHZ` (comma-separated), `_CIPHERS` and `_HANDSHAKE_TIMEOUT_MS`, validated by `TlsConfig`. A bad value
+ * A client certificate's subject as QEMU's tls-authz sees it (GnuTLS's `gnutls_x509_crt_get_dn`): RDNs in the
+ * certificate's order, most general first, `,` between them, `+` within a multi-valued one, values escaped as
+ * RFC 4514 says (`\,` `\+` `\"` `\\` `\<` `\>` `\;`, a leading `#` or space, a trailing space), attribute types by
+ * GnuTLS's names (`C`, `O`, `OU`, `CN`, `EMAIL`, `UID`, `DC`, `surName`, ...). What an `authz` entry with `=` must
+ * equal, e.g. `O=effect-multifd tests,CN=alice`. Throws on a certificate whose names cannot be read.
+ *
+ * @since 0.1.0
+ * @category utils
+ */
+export const distinguishedName = (certificate: Crypto.X509Certificate): string => Der.namesOf(certificate.raw).subject
+
+/**
+ * An authorization list as the command line and `MULTIFD_TLS_AUTHZ` give it: CNs or PSK identities separated by
+ * commas (`alice,bob`); a list that holds a distinguished name (an `=`) is separated by `;` instead, since a DN
+ * holds commas (`O=Example,CN=alice;bob`). Blanks around entries are dropped, and so are empty entries; an
+ * escaped `\;` inside a DN does not separate.
+ *
+ * @since 0.1.0
+ * @category utils
+ */
+export const parseAuthz = (text: string): Array<string> => {
+  const entries: Array<string> = []
+  const separator = text.includes("=") ? ";" : ","
+  let current = ""
+  for (let i = 0; i < text.length; i++) {
+    const c = text[i]!
+    if (c === "\\" && i + 1 < text.length) {
+      current += c + text[++i]!
+    } else if (c === separator) {
+      entries.push(current)
+      current = ""
+    } else current += c
+  }
+  entries.push(current)
+  return entries.map((entry) => entry.trim()).filter((entry) => entry.length > 0)
+}
+
+/**
+ * The config from the environment: `MULTIFD_TLS_PSK`, `_IDENTITY`, `_CA`, `_CERT`, `_KEY`, `_CRL`, `_HOSTNAME`,
+ * `_VERIFY_PEER`, `_AUTHZ` (comma-separated; `;`-separated when it holds a distinguished name: `parseAuthz`), `_CIPHERS` and `_HANDSHAKE_TIMEOUT_MS`, validated by `TlsConfig`. A bad value
  * is an `InvalidData` error at its variable with a one-line message (`MULTIFD_TLS_VERIFY_PEER: "maybe" is not
  * true or false`).
  *
@@ -432,9 +502,10 @@ export const config: Config.Config<TlsConfig> = Config.all({
   ca: optional(Config.string("CA")),
   cert: optional(Config.string("CERT")),
   key: optional(Config.string("KEY")),
+  crl: optional(Config.string("CRL")),
   hostname: optional(Config.string("HOSTNAME")),
   verifyPeer: optional(Field.field("VERIFY_PEER", Field.boolean)),
-  authz: optional(Config.array(Config.string(), "AUTHZ")),
+  authz: optional(Config.map(Config.string("AUTHZ"), parseAuthz)),
   ciphers: optional(Config.string("CIPHERS")),
   handshakeTimeoutMs: optional(Field.field("HANDSHAKE_TIMEOUT_MS", (text) => {
     const ms = Number(text)

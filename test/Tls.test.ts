@@ -809,6 +809,259 @@ describe("peer certificates (QEMU verify-peer: chain to the CA, validity, usage;
 
 // ---------------------------------------------------------------------------------------------------------
 
+describe("certificate revocation lists (QEMU's ca-crl.pem)", () => {
+  const CRL_MESSAGE = "(listed in the CRL of CN=test CA)"
+
+  /** The source (with `client`'s credentials) fails on the main channel's handshake; returns the message. */
+  const sourceRefused = (server: Tls.Tls["Type"], client: Tls.Tls["Type"]) =>
+    Effect.gen(function*() {
+      const ram = yield* sourceRam(1)
+      const dest = yield* startDestination(server.server)
+      const [exit, elapsed] = yield* timed(
+        noHang(Effect.exit(migrateTo(ram, tcp(LOOPBACK, dest.port), client.client(LOOPBACK))), "migrate")
+      )
+      const tls = expectTlsFailure(failureOf(exit), "main", "Handshake")
+      expect(tls.message).toMatch(/^TLS handshake with tcp:127\.0\.0\.1:\d+ failed: /)
+      expect(elapsed).toBeLessThan(PROMPT_MS)
+      yield* noHang(dest.rejections(1), "the destination's rejection")
+      expect(dest.fiber.unsafePoll()).toBeNull()
+      return tls.message
+    })
+
+  it.live("the source refuses a destination whose certificate the CRL revokes, in one line naming it", () =>
+    leakFree(Effect.gen(function*() {
+      const server = yield* serverX509("revoked-server")
+      const client = yield* clientX509({ crl: fixture("ca-crl.pem") })
+      const message = yield* sourceRefused(server, client)
+      expect(message).toMatch(/failed: the destination's certificate CN=localhost is revoked \(listed in the CRL of CN=test CA\)$/)
+    })))
+
+  it.live("the source refuses a destination whose chain holds a revoked intermediate CA, naming that CA", () =>
+    leakFree(Effect.gen(function*() {
+      const chain = { ca: fixture("chain-ca-cert.pem"), crl: fixture("chain-crl.pem") }
+      const server = yield* loadTls({
+        ca: fixture("chain-ca-cert.pem"),
+        cert: fixture("revoked-inter-server-cert.pem"),
+        key: fixture("revoked-inter-server-key.pem")
+      })
+      const message = yield* sourceRefused(server, yield* loadTls(chain))
+      expect(message.endsWith(
+        `the destination's certificate CN=localhost was issued by CN=revoked intermediate CA, which is revoked ${CRL_MESSAGE}`
+      ), message).toBe(true)
+    })))
+
+  it.live("an intermediate CA in good standing, with its certificate in the CA file and its CRL in the CRL file: migrates byte for byte", () =>
+    leakFree(Effect.gen(function*() {
+      const server = yield* loadTls({
+        ca: fixture("chain-ca-cert.pem"),
+        cert: fixture("inter-server-cert.pem"),
+        key: fixture("inter-server-key.pem")
+      })
+      const client = yield* loadTls({ ca: fixture("chain-ca-cert.pem"), crl: fixture("chain-crl.pem") })
+      yield* roundTrip(server.server, client.client(LOOPBACK), { mib: 1 })
+    })))
+
+  it.live("an intermediate CA of which the CRL file has no CRL: refused, saying which CA lacks one (OpenSSL checks the whole chain)", () =>
+    leakFree(Effect.gen(function*() {
+      const server = yield* serverX509("inter-server")
+      const client = yield* clientX509({ crl: fixture("ca-crl.pem") })
+      const message = yield* sourceRefused(server, client)
+      expect(message).toContain(
+        "the destination's certificate CN=localhost cannot be checked for revocation: the CRL file has no CRL of CN=CRL intermediate CA"
+      )
+    })))
+
+  it.live("verifyPeer with a CRL: a revoked client certificate is refused (one line on each side), then alice, under the same CRL, migrates", () =>
+    leakFree(Effect.gen(function*() {
+      const server = yield* serverX509("server", { verifyPeer: true, crl: fixture("ca-crl.pem") })
+      const revoked = yield* clientX509({ crl: fixture("ca-crl.pem") }, "revoked-alice")
+      const ram = yield* sourceRam(1)
+      const dest = yield* startDestination(server.server)
+      const [exit, elapsed] = yield* timed(
+        noHang(Effect.exit(migrateTo(ram, tcp(LOOPBACK, dest.port), revoked.client(LOOPBACK))), "migrate")
+      )
+      expectCertificateRefused(failureOf(exit), "CN=alice (issued by CN=test CA)")
+      expect(elapsed).toBeLessThan(PROMPT_MS)
+      yield* noHang(dest.rejections(1), "the destination's rejection")
+      const rejection = dest.logs.find((l) => l.includes("rejected a connection"))!
+      expect(rejection.endsWith(`: client certificate CN=alice is revoked ${CRL_MESSAGE}`), rejection).toBe(true)
+      expect(rejection).not.toContain("\n")
+      expect(dest.fiber.unsafePoll()).toBeNull()
+
+      const alice = yield* clientX509({ crl: fixture("ca-crl.pem") }, "alice")
+      yield* noHang(migrateTo(ram, tcp(LOOPBACK, dest.port), alice.client(LOOPBACK)), "alice")
+      const result = yield* noHang(Fiber.join(dest.fiber), "incoming")
+      expect(sameMemory(result.ram, ram)).toBe(true)
+      expect(result.rejected).toHaveLength(1)
+    })))
+
+  it.live("authz with a CRL: the revoked alice is refused as revoked, not as unauthorized", () =>
+    leakFree(Effect.gen(function*() {
+      const server = yield* serverX509("server", { authz: ["alice"], crl: fixture("ca-crl.pem") })
+      const revoked = yield* clientX509({}, "revoked-alice")
+      const ram = yield* sourceRam(1)
+      const dest = yield* startDestination(server.server)
+      const exit = yield* noHang(Effect.exit(migrateTo(ram, tcp(LOOPBACK, dest.port), revoked.client(LOOPBACK))), "migrate")
+      expectCertificateRefused(failureOf(exit), "CN=alice (issued by CN=test CA)")
+      yield* noHang(dest.rejections(1), "the destination's rejection")
+      expect(dest.logs.join("\n")).toContain(`client certificate CN=alice is revoked ${CRL_MESSAGE}`)
+    })))
+
+  it.live("both sides with the CRL, certificates it does not list: byte for byte, over 4 channels", () =>
+    leakFree(Effect.gen(function*() {
+      const server = yield* serverX509("server", { verifyPeer: true, crl: fixture("ca-crl.pem") })
+      const client = yield* clientX509({ crl: fixture("ca-crl.pem") }, "alice")
+      expect(server.settings.crls?.[0]?.revoked).toHaveLength(3)
+      yield* roundTrip(server.server, client.client(LOOPBACK), { channels: 4 })
+    })))
+
+  it.live("load: a CRL file that is no PEM CRL, from another CA, forged, expired or not yet valid, or that lacks a CA's CRL, is refused naming it", () =>
+    leakFree(Effect.gen(function*() {
+      const dir = Fs.mkdtempSync(Path.join(Os.tmpdir(), "emfd-crl-"))
+      yield* Effect.addFinalizer(() => Effect.sync(() => Fs.rmSync(dir, { recursive: true, force: true })))
+      const garbage = Path.join(dir, "garbage.pem")
+      Fs.writeFileSync(garbage, "not a CRL\n")
+      const badBase64 = Path.join(dir, "bad64.pem")
+      Fs.writeFileSync(badBase64, "-----BEGIN X509 CRL-----\nMIIB!!!!not*base64\n-----END X509 CRL-----\n")
+      const truncated = Path.join(dir, "truncated.pem")
+      Fs.writeFileSync(truncated, "-----BEGIN X509 CRL-----\nMIIBAAAA\n-----END X509 CRL-----\n")
+      const ca = fixture("ca-cert.pem")
+      const crl = (name: string) => fixture(name)
+      const cases: ReadonlyArray<readonly [Tls.TlsConfig, string]> = [
+        [{ crl: garbage }, `CRL file ${garbage} is not a PEM CRL`],
+        [{ crl: ca }, `CRL file ${ca} holds a certificate, not a CRL`],
+        [{ crl: fixture("alice-key.pem") }, `CRL file ${fixture("alice-key.pem")} holds a private key, not a CRL`],
+        [{ crl: badBase64 }, `CRL file ${badBase64} is not a valid PEM CRL: bad base64 decode`],
+        [{ crl: truncated }, `CRL file ${truncated} is not a valid PEM CRL: truncated DER`],
+        [
+          { crl: crl("other-ca-crl.pem") },
+          `CRL file ${crl("other-ca-crl.pem")} is a CRL of CN=foreign CRL CA, which is not a CA of ${ca}: it cannot be checked, and OpenSSL would never consult it`
+        ],
+        [
+          { crl: crl("forged-crl.pem") },
+          `CRL file ${crl("forged-crl.pem")} names CN=test CA as its issuer but is not signed by that CA (in ${ca})`
+        ],
+        [
+          { crl: crl("expired-crl.pem") },
+          `CRL file ${crl("expired-crl.pem")}: the CRL of CN=test CA has expired (next update Jan  1 00:00:00 2001 GMT): ` +
+          `every handshake would fail with "CRL has expired"; get a current one`
+        ],
+        [
+          { crl: crl("not-yet-valid-crl.pem") },
+          `CRL file ${crl("not-yet-valid-crl.pem")}: the CRL of CN=test CA is not valid yet (last update Jan  1 00:00:00 2100 GMT): ` +
+          `every handshake would fail with "CRL is not yet valid"`
+        ],
+        [
+          { ca: fixture("chain-ca-cert.pem"), crl: crl("ca-crl.pem") },
+          `CRL file ${crl("ca-crl.pem")} has no CRL of CN=CRL intermediate CA (a CA of ${fixture("chain-ca-cert.pem")}): ` +
+          "with CRLs, OpenSSL checks every certificate of a chain against a CRL of its issuer, so each CA needs one"
+        ],
+        [{ ca: undefined, crl: crl("ca-crl.pem") }, "a CRL file needs the CA certificate (ca) that issued it"],
+        [
+          { ca: undefined, cert: fixture("server-cert.pem"), key: fixture("server-key.pem"), crl: crl("ca-crl.pem") },
+          "a CRL file needs the CA certificate (ca) that issued it"
+        ],
+        [{ ca: undefined, psk: fixture("keys.psk"), crl: crl("ca-crl.pem") }, "a CRL file applies to x509 certificates, not a PSK file"],
+        [{ crl: "/nonexistent/ca-crl.pem" }, "cannot read CRL file /nonexistent/ca-crl.pem"]
+      ]
+      for (const [config, problem] of cases) {
+        const error = yield* Effect.flip(Tls.make({ ca, ...config })).pipe(
+          Effect.mapError(() => new Error(`loaded: ${JSON.stringify(config)}`))
+        )
+        expect({ config, reason: error.reason }).toEqual({ config, reason: "Config" })
+        expect(error.message.startsWith(`TLS configuration: ${problem}`), error.message).toBe(true)
+        expectOneLine(error)
+      }
+    })))
+
+  it.live("layerConfig reads MULTIFD_TLS_CRL", () =>
+    leakFree(Effect.gen(function*() {
+      const env = (crl: string) =>
+        Effect.withConfigProvider(ConfigProvider.fromMap(
+          new Map([["MULTIFD_TLS_CA", fixture("ca-cert.pem")], ["MULTIFD_TLS_CRL", crl]]),
+          { pathDelim: "_" }
+        ))
+      const tls = yield* Effect.provide(Tls.Tls, Tls.layerConfig).pipe(env(fixture("ca-crl.pem")))
+      expect(tls.settings.crls?.map((c) => c.issuer)).toEqual(["O=effect-multifd tests,CN=test CA"])
+      const expired = yield* Effect.flip(Effect.provide(Tls.Tls, Tls.layerConfig).pipe(env(fixture("expired-crl.pem"))))
+      expect(expired.message).toContain("has expired")
+    })))
+})
+
+describe("authorization by distinguished name (QEMU's tls-authz: the subject as GnuTLS writes it)", () => {
+  const dnOf = (name: string) => Tls.distinguishedName(new Crypto.X509Certificate(Fs.readFileSync(fixture(`${name}-cert.pem`))))
+
+  it("subjects are written as QEMU 10.0.2's GnuTLS writes them: most general first, values escaped", () => {
+    // each string as QEMU printed it ("TLS x509 authz check for ... is denied") for a certificate of that subject
+    expect(dnOf("alice")).toBe("O=effect-multifd tests,CN=alice")
+    expect(dnOf("other-org-alice")).toBe("O=other org,CN=alice")
+    expect(dnOf("crafted-alice")).toBe("O=effect-multifd tests,CN=alice\\,O=Example")
+    expect(dnOf("crafted-org-alice")).toBe("O=effect-multifd tests\\,CN=alice")
+  })
+
+  it("parseAuthz: commas separate CNs and identities; a list holding a DN is separated by ';' (an escaped one does not separate)", () => {
+    expect(Tls.parseAuthz("alice, bob,,")).toEqual(["alice", "bob"])
+    expect(Tls.parseAuthz("O=Example,CN=alice; bob")).toEqual(["O=Example,CN=alice", "bob"])
+    expect(Tls.parseAuthz("O=Ex\\;ample,CN=alice;O=x,CN=y")).toEqual(["O=Ex\\;ample,CN=alice", "O=x,CN=y"])
+  })
+
+  /**
+   * Runs the client certificate `name` (whose name in messages is `shown`) against a destination with `authz`:
+   * "admitted" (and the memory arrived), or the destination's refusal.
+   */
+  const against = (authz: ReadonlyArray<string>, name: string, shown = "CN=alice") =>
+    Effect.scoped(Effect.gen(function*() {
+      const server = yield* serverX509("server", { authz })
+      const client = yield* clientX509({}, name)
+      const ram = yield* sourceRam(1)
+      const dest = yield* startDestination(server.server)
+      const exit = yield* noHang(Effect.exit(migrateTo(ram, tcp(LOOPBACK, dest.port), client.client(LOOPBACK))), "migrate")
+      if (Exit.isSuccess(exit)) {
+        const result = yield* noHang(Fiber.join(dest.fiber), "incoming")
+        expect(sameMemory(result.ram, ram)).toBe(true)
+        return "admitted"
+      }
+      expectCertificateRefused(failureOf(exit), `${shown} (issued by CN=test CA)`)
+      yield* noHang(dest.rejections(1), "the destination's rejection")
+      const rejection = dest.logs.find((l) => l.includes("rejected a connection"))!
+      expect(rejection).not.toContain("\n")
+      return rejection.replace(/^.*?\): TLS handshake with .*?\): /, "")
+    }))
+
+  it.live("a full DN admits exactly that subject: alice migrates; a CN alice of another organization is refused, naming its DN", () =>
+    leakFree(Effect.gen(function*() {
+      expect(yield* against(["O=effect-multifd tests,CN=alice"], "alice")).toBe("admitted")
+      expect(yield* against(["O=effect-multifd tests,CN=alice"], "other-org-alice")).toBe(
+        "client certificate CN=alice is not in the authorization list (its distinguished name: O=other org,CN=alice)"
+      )
+      // an entry without '=' is still a CN, whatever the organization
+      expect(yield* against(["alice"], "other-org-alice")).toBe("admitted")
+    })))
+
+  it.live("the DN in RFC 4514's reversed order is not the subject QEMU matches: refused", () =>
+    leakFree(Effect.gen(function*() {
+      expect(yield* against(["CN=alice,O=effect-multifd tests"], "alice")).toBe(
+        "client certificate CN=alice is not in the authorization list (its distinguished name: O=effect-multifd tests,CN=alice)"
+      )
+    })))
+
+  it.live("crafted values never pass for more of the name: CN 'alice,O=Example' and O 'effect-multifd tests,CN=alice' are refused", () =>
+    leakFree(Effect.gen(function*() {
+      expect(yield* against(["O=effect-multifd tests,CN=alice,O=Example", "alice"], "crafted-alice", "CN=alice\\,O=Example")).toMatch(
+        /is not in the authorization list \(its distinguished name: O=effect-multifd tests,CN=alice\\,O=Example\)$/
+      )
+      // no CN: messages show the whole subject, as Node writes it
+      const crafted = yield* against(["O=effect-multifd tests,CN=alice"], "crafted-org-alice", "O=effect-multifd tests\\,CN=alice")
+      expect(crafted).toBe(
+        "client certificate O=effect-multifd tests\\,CN=alice is not in the authorization list (its distinguished name: O=effect-multifd tests\\,CN=alice)"
+      )
+      // written escaped, as QEMU writes it, the entry is that subject
+      expect(yield* against(["O=effect-multifd tests,CN=alice\\,O=Example"], "crafted-alice")).toBe("admitted")
+    })))
+})
+
+// ---------------------------------------------------------------------------------------------------------
+
 describe("trust: the CA file only, never Node's public roots (QEMU's tls-creds-x509 always needs ca-cert.pem)", () => {
   const noCa = (name: string, config: Tls.TlsConfig = {}): Tls.TlsConfig => ({
     cert: fixture(`${name}-cert.pem`),

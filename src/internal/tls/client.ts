@@ -12,7 +12,7 @@ import * as NodeTls from "node:tls"
 import * as Transport from "../../Transport.js"
 import { nameOf, ownUsageProblem, secureContextOf } from "./credentials.js"
 import { explainingEarlyClose, handshake, secured } from "./handshake.js"
-import { configError, type Credentials, type Settings, type TlsError } from "./model.js"
+import { configError, type Credentials, type CrlInfo, type Settings, type TlsError } from "./model.js"
 import { describe, explainServerError, peerCertificateOf, serverRefusal } from "./verification.js"
 
 /**
@@ -54,6 +54,7 @@ export interface ClientData {
   readonly contextOptions: NodeTls.SecureContextOptions
   readonly files: string
   readonly hostname: string | undefined
+  readonly crls: ReadonlyArray<CrlInfo> | undefined
   readonly host: string | undefined
   readonly handshakeTimeoutMs: number
 }
@@ -70,6 +71,7 @@ const clientDataOf = (settings: Settings, host: string | undefined): ClientData 
     contextOptions: settings.contextOptions,
     files: settings.files,
     hostname: settings.hostname,
+    crls: settings.crls,
     host,
     handshakeTimeoutMs: Duration.toMillis(settings.handshakeTimeout)
   }
@@ -100,6 +102,7 @@ export const clientFromData = (data: ClientData): Effect.Effect<Transport.Upgrad
       files: data.files,
       ownCertificate: undefined,
       hostname: data.hostname,
+      crls: data.crls,
       verifyPeer: false,
       authz: undefined,
       handshakeTimeout: Duration.millis(data.handshakeTimeoutMs)
@@ -155,7 +158,7 @@ const clientHandshake = (settings: Settings, host: string | undefined): Transpor
       "secureConnect",
       connection.peer,
       settings.handshakeTimeout,
-      explainServerError(creds, () => presented),
+      explainServerError(creds, () => presented, settings.crls),
       (s) =>
         creds._tag !== "X509"
           ? undefined

@@ -10,7 +10,8 @@ import * as Fs from "node:fs/promises"
 import * as NodeTls from "node:tls"
 import * as FileIo from "../native/fileIo.js"
 import * as PeerText from "../peerText.js"
-import { configError, TlsError } from "./model.js"
+import * as Der from "./der.js"
+import { configError, type CrlInfo, TlsError } from "./model.js"
 
 export const readText = (path: string, what: string) =>
   Effect.tryPromise({
@@ -37,7 +38,95 @@ export const holds = (labels: ReadonlyArray<string>): string =>
     ? "a private key"
     : labels.includes("CERTIFICATE")
     ? "a certificate"
+    : labels.includes("X509 CRL")
+    ? "a CRL"
     : `a ${labels[0]} block`
+
+export const PEM_CRL = /-----BEGIN X509 CRL-----[\s\S]*?-----END X509 CRL-----/g
+
+const MONTHS = ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"]
+/** A date as OpenSSL (and `X509Certificate.validTo`) writes it: "Jan  1 00:00:00 2001 GMT". */
+export const opensslDate = (date: Date): string =>
+  `${MONTHS[date.getUTCMonth()]} ${String(date.getUTCDate()).padStart(2, " ")} ` +
+  `${[date.getUTCHours(), date.getUTCMinutes(), date.getUTCSeconds()].map((n) => String(n).padStart(2, "0")).join(":")} ` +
+  `${date.getUTCFullYear()} GMT`
+
+/** `CN=test CA` of a name as `Der` writes it (its last CN), or the whole name. */
+const shortName = (dn: string): string => {
+  const cn = dn.split(/(?<!\\),/).reverse().find((rdn) => rdn.startsWith("CN="))
+  return PeerText.fromPeer(cn ?? dn)
+}
+
+/**
+ * The CRLs of a PEM file (`crl`), checked against the CA certificates (`cas`, from `caPath`) at `now`, as OpenSSL
+ * would use them in every handshake: each parses, is signed by a CA of the CA file (a CRL of any other issuer is
+ * never consulted), is within its validity (OpenSSL fails every handshake with an expired CRL: "CRL has
+ * expired"), and every CA of the CA file has one (Node turns on CRL_CHECK_ALL: each certificate of a chain must
+ * be checked against a CRL of its issuer, else "unable to get certificate CRL"). The PEM texts, one CRL each
+ * (Node's `crl` option reads only the first CRL of a text), and what messages need. A `Config` error otherwise.
+ */
+export const crlsOf = (
+  text: string,
+  path: string,
+  cas: ReadonlyArray<Crypto.X509Certificate>,
+  caPath: string,
+  now: number
+): Effect.Effect<{ readonly pems: Array<string>; readonly crls: Array<CrlInfo> }, TlsError> =>
+  Effect.suspend(() => {
+    const blocks = text.match(PEM_CRL) ?? []
+    if (blocks.length === 0) {
+      const labels = pemLabels(text)
+      return Effect.fail(configError(
+        labels.length === 0 ? `CRL file ${path} is not a PEM CRL` : `CRL file ${path} holds ${holds(labels)}, not a CRL`
+      ))
+    }
+    const authorities = cas.map((ca) => ({ ca, name: Der.namesOf(ca.raw).subject }))
+    const crls: Array<CrlInfo> = []
+    for (let i = 0; i < blocks.length; i++) {
+      const which = blocks.length === 1 ? "" : ` (CRL ${i + 1} of ${blocks.length})`
+      let crl: Der.Crl
+      try {
+        const body = blocks[i]!.replace(/-----(BEGIN|END) X509 CRL-----/g, "")
+        if (!/^[A-Za-z0-9+/=\s]*$/.test(body)) throw new Error("bad base64 decode")
+        crl = Der.parseCrl(Buffer.from(body.replace(/\s/g, ""), "base64"))
+      } catch (cause) {
+        return Effect.fail(configError(`CRL file ${path} is not a valid PEM CRL${which}: ${opensslReason(cause)}`, cause))
+      }
+      const issuer = shortName(crl.issuer)
+      const named = authorities.filter((a) => a.name === crl.issuer)
+      if (named.length === 0) {
+        return Effect.fail(configError(
+          `CRL file ${path}${which} is a CRL of ${issuer}, which is not a CA of ${caPath}: it cannot be checked, and OpenSSL would never consult it`
+        ))
+      }
+      if (!named.some((a) => crl.signedBy(a.ca.publicKey))) {
+        return Effect.fail(configError(
+          `CRL file ${path}${which} names ${issuer} as its issuer but is not signed by that CA (in ${caPath})`
+        ))
+      }
+      if (crl.nextUpdate !== undefined && now > crl.nextUpdate.getTime()) {
+        return Effect.fail(configError(
+          `CRL file ${path}${which}: the CRL of ${issuer} has expired (next update ${opensslDate(crl.nextUpdate)}): ` +
+            `every handshake would fail with "CRL has expired"; get a current one`
+        ))
+      }
+      if (now < crl.thisUpdate.getTime()) {
+        return Effect.fail(configError(
+          `CRL file ${path}${which}: the CRL of ${issuer} is not valid yet (last update ${opensslDate(crl.thisUpdate)}): ` +
+            `every handshake would fail with "CRL is not yet valid"`
+        ))
+      }
+      crls.push({ issuer: crl.issuer, revoked: crl.revoked })
+    }
+    const uncovered = authorities.find((a) => a.ca.ca && !crls.some((c) => c.issuer === a.name))
+    if (uncovered !== undefined) {
+      return Effect.fail(configError(
+        `CRL file ${path} has no CRL of ${nameOf(uncovered.ca)} (a CA of ${caPath}): with CRLs, OpenSSL checks every ` +
+          "certificate of a chain against a CRL of its issuer, so each CA needs one"
+      ))
+    }
+    return Effect.succeed({ pems: blocks, crls })
+  })
 
 /** Every certificate of a PEM file, each parsed: a file without one, or with a broken one, is a `Config` error. */
 export const certificatesOf = (text: string, what: string, path: string): Effect.Effect<Array<Crypto.X509Certificate>, TlsError> =>

@@ -37,6 +37,14 @@ export type Credentials =
     readonly key: string | undefined
   }
 
+/** A CRL this side loaded, as far as messages need it. */
+export interface CrlInfo {
+  /** Its issuer, as `namesOf` (GnuTLS) writes names. */
+  readonly issuer: string
+  /** The serial numbers it revokes, upper-case hex without leading zeros. */
+  readonly revoked: ReadonlyArray<string>
+}
+
 /** Everything a handshake needs. */
 export interface Settings {
   readonly credentials: Credentials
@@ -56,6 +64,8 @@ export interface Settings {
   /** The file of `ownCertificate`, for messages. */
   readonly ownCertificateFile?: string | undefined
   readonly hostname: string | undefined
+  /** The CRLs checked at load (x509 with a CRL file; they are in `contextOptions`), for messages. */
+  readonly crls?: ReadonlyArray<CrlInfo> | undefined
   readonly verifyPeer: boolean
   readonly authz: ReadonlyArray<string> | undefined
   readonly handshakeTimeout: Duration.Duration

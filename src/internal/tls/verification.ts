@@ -7,8 +7,10 @@
 import * as Crypto from "node:crypto"
 import type * as NodeTls from "node:tls"
 import * as KeyUsage from "../native/keyUsage.js"
+import * as PeerText from "../peerText.js"
 import { EKU_NAMES, nameOf, ownUsageProblem } from "./credentials.js"
-import type { Credentials, Settings } from "./model.js"
+import * as Der from "./der.js"
+import type { CrlInfo, Credentials, Settings } from "./model.js"
 
 /**
  * The peer's certificate as an `X509Certificate`. Read through `getPeerCertificate`: on Node 20, a call to
@@ -69,16 +71,70 @@ export const hint = (credentials: Credentials, text: string): string =>
 const issuersOf = (certificate: Crypto.X509Certificate): ReadonlyArray<Crypto.X509Certificate> =>
   issuers.get(certificate) ?? []
 
+/** `certificate`'s issuer as `Der` writes names, or `undefined` when its DER cannot be read. */
+const issuerOf = (certificate: Crypto.X509Certificate): string | undefined => {
+  try {
+    return Der.namesOf(certificate.raw).issuer
+  } catch {
+    return undefined
+  }
+}
+
+/** The CRL that revokes `certificate`, if one of `crls` does. */
+const revokedBy = (certificate: Crypto.X509Certificate, crls: ReadonlyArray<CrlInfo>): CrlInfo | undefined => {
+  const issuer = issuerOf(certificate)
+  const serial = certificate.serialNumber.replace(/^(00)+(?=.)/, "").toUpperCase()
+  return crls.find((crl) => crl.issuer === issuer && crl.revoked.includes(serial))
+}
+
+/** `CN=x` of a name as `Der` writes it (its last CN), or the whole name. */
+const cnOf = (dn: string): string =>
+  PeerText.fromPeer(dn.split(/(?<!\\),/).reverse().find((rdn) => rdn.startsWith("CN=")) ?? dn)
+
+/** Why a certificate failed the revocation check, after "certificate CN=x ": which one of its chain is revoked. */
+const revocationProblem = (
+  code: "CERT_REVOKED" | "UNABLE_TO_GET_CRL",
+  certificate: Crypto.X509Certificate | undefined,
+  crls: ReadonlyArray<CrlInfo>
+): string => {
+  const chain = certificate === undefined ? [] : [certificate, ...issuersOf(certificate)]
+  if (code === "CERT_REVOKED") {
+    // the first of the chain a CRL lists: Node reports OpenSSL's last error, not its depth
+    for (const [depth, c] of chain.entries()) {
+      const crl = revokedBy(c, crls)
+      if (crl === undefined) continue
+      const listed = `(listed in the CRL of ${cnOf(crl.issuer)})`
+      return depth === 0 ? `is revoked ${listed}` : `was issued by ${nameOf(c)}, which is revoked ${listed}`
+    }
+    return "is revoked, or a certificate that issued it is"
+  }
+  // a certificate of the chain whose issuer has no CRL in the CRL file (an intermediate CA the CA file lacks)
+  const missing = chain.find((c) => !crls.some((crl) => crl.issuer === issuerOf(c)))
+  return `cannot be checked for revocation: the CRL file has no CRL of ${
+    missing === undefined ? "a CA of its chain" : nameOf(missing, "issuer")
+  } (with CRLs, every CA of a chain needs its certificate in the CA file and its CRL in the CRL file)`
+}
+
 /**
  * Why OpenSSL's verification of a peer's certificate failed, after "certificate CN=x ": its chain to the CA
- * file (trust), its validity period, its purpose (extendedKeyUsage / keyUsage for `role` authentication).
+ * file (trust), its validity period, its purpose (extendedKeyUsage / keyUsage for `role` authentication), its
+ * revocation (`crls`: the CRLs this side loaded).
  */
 export const verifyProblem = (
   error: { readonly code?: string | undefined; readonly message: string },
   certificate: Crypto.X509Certificate | undefined,
-  role: "client" | "server"
+  role: "client" | "server",
+  crls: ReadonlyArray<CrlInfo> = []
 ): string => {
   switch (error.code) {
+    case "CERT_REVOKED":
+    case "UNABLE_TO_GET_CRL":
+      return revocationProblem(error.code, certificate, crls)
+    case "CRL_HAS_EXPIRED":
+    case "CRL_NOT_YET_VALID":
+      return `cannot be checked for revocation: a CRL of the CRL file ${
+        error.code === "CRL_HAS_EXPIRED" ? "has expired since it was loaded" : "is not valid yet"
+      } (load a current one)`
     case "CERT_HAS_EXPIRED":
     case "CERT_NOT_YET_VALID": {
       // OpenSSL says which check failed, not at which depth: the certificate itself, or one that issued it
@@ -130,14 +186,20 @@ export const clientVerdict = (socket: NodeTls.TLSSocket): { readonly code?: stri
 
 /**
  * Why the destination refuses a client certificate (what QEMU's verify-peer checks, then `authz`), or
- * `undefined` to admit it. Authorization applies to verified certificates only.
+ * `undefined` to admit it. Authorization applies to verified certificates only. An `authz` entry with `=` is a
+ * whole distinguished name, which must equal the certificate's subject as QEMU's GnuTLS writes it (`Der.namesOf`:
+ * values escaped, so a CN `alice,O=Example` never passes for two attributes); an entry without is its CN.
  */
-export const clientRefusal = (socket: NodeTls.TLSSocket, authz: ReadonlyArray<string> | undefined): string | undefined => {
+export const clientRefusal = (
+  socket: NodeTls.TLSSocket,
+  authz: ReadonlyArray<string> | undefined,
+  crls: ReadonlyArray<CrlInfo> = []
+): string | undefined => {
   const certificate = peerCertificateOf(socket)
   if (certificate === undefined) return "the client sent no certificate"
   const name = nameOf(certificate)
   const verdict = clientVerdict(socket)
-  if (verdict !== null) return `client certificate ${name} ${verifyProblem(verdict, certificate, "client")}`
+  if (verdict !== null) return `client certificate ${name} ${verifyProblem(verdict, certificate, "client", crls)}`
   // OpenSSL's purpose check admits keyAgreement alone; a TLS client certificate must sign (CertificateVerify)
   let usage: number | undefined
   try {
@@ -150,9 +212,15 @@ export const clientRefusal = (socket: NodeTls.TLSSocket, authz: ReadonlyArray<st
   }
   if (authz === undefined) return undefined
   const cn = certificate.subject.split("\n").find((line) => line.startsWith("CN="))?.slice(3)
-  return cn !== undefined && authz.includes(cn)
+  let dn: string
+  try {
+    dn = Der.namesOf(certificate.raw).subject
+  } catch {
+    return `client certificate ${name} is not trusted: its subject cannot be read`
+  }
+  return authz.some((entry) => entry.includes("=") ? entry === dn : entry === cn)
     ? undefined
-    : `client certificate ${name} is not in the authorization list`
+    : `client certificate ${name} is not in the authorization list (its distinguished name: ${PeerText.fromPeer(dn)})`
 }
 
 /**
@@ -178,13 +246,17 @@ export const serverRefusal = (certificate: Crypto.X509Certificate | undefined): 
 export const VERIFY_CODE = /^(?:UNABLE_TO_|CERT_|CRL_|ERROR_IN_|DEPTH_ZERO_|SELF_SIGNED_|INVALID_CA$|INVALID_PURPOSE$|PATH_LENGTH_)/
 
 /** What the source reports when its handshake fails: a certificate that does not verify says why. */
-export const explainServerError = (creds: Credentials, certificate: () => Crypto.X509Certificate | undefined) =>
+export const explainServerError = (
+  creds: Credentials,
+  certificate: () => Crypto.X509Certificate | undefined,
+  crls: ReadonlyArray<CrlInfo> = []
+) =>
 (error: unknown): string => {
   const e = error as Error & { code?: string }
   const code = e?.code
   if (creds._tag === "X509" && code !== undefined && VERIFY_CODE.test(code)) {
     const peer = certificate()
-    return `the destination's certificate${peer ? ` ${nameOf(peer)}` : ""} ${verifyProblem(e, peer, "server")}`
+    return `the destination's certificate${peer ? ` ${nameOf(peer)}` : ""} ${verifyProblem(e, peer, "server", crls)}`
   }
   return hint(creds, describe(error))
 }
