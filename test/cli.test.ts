@@ -332,6 +332,96 @@ describe("multifd over TLS", () => {
     const received = await recv.finished
     expect({ send: right.code, recv: received.code, stderr: right.stderr + received.stderr }).toMatchObject({ send: 0, recv: 0 })
   })
+
+  it("--tls-crl: send refuses a revoked destination, recv --tls-verify-peer refuses a revoked client (each in one line), and alice under the same CRL migrates", async () => {
+    const crl = ["--tls-crl", tlsFile("ca-crl.pem")]
+    const x509 = (who: string) => ["--tls-ca", tlsFile("ca-cert.pem"), "--tls-cert", tlsFile(`${who}-cert.pem`), "--tls-key", tlsFile(`${who}-key.pem`)]
+
+    // a destination whose certificate is revoked: the source says so, and sends nothing
+    const revokedDest = await startRecv(["tcp:127.0.0.1:0", "--out", Path.join(dir, "crl-revoked.out"), ...x509("revoked-server"), "--timeout", "3s"])
+    const refused = await run(["send", revokedDest.uri, "--in", image, "--tls-ca", tlsFile("ca-cert.pem"), ...crl])
+    expect(refused.code).toBe(1)
+    expect(lines(refused.stderr)).toEqual([
+      expect.stringMatching(
+        /^multifd: error: main channel: TLS handshake with tcp:127\.0\.0\.1:\d+ failed: the destination's certificate CN=localhost is revoked \(listed in the CRL of CN=test CA\)$/
+      )
+    ])
+    noStack(refused.stderr)
+    revokedDest.child.kill("SIGINT")
+    await revokedDest.finished
+
+    // a revoked client certificate: both sides say why in one line, the destination keeps waiting
+    const out = Path.join(dir, "crl.out")
+    const recv = await startRecv(["tcp:127.0.0.1:0", "--out", out, ...x509("server"), ...crl, "--tls-verify-peer"])
+    const revoked = await run(["send", recv.uri, "--in", image, ...x509("revoked-alice"), ...crl])
+    expect(revoked.code).toBe(1)
+    expect(lines(revoked.stderr)).toEqual([
+      expect.stringMatching(/^multifd: error: TLS handshake with .*: it most likely refused this source's certificate CN=alice \(issued by CN=test CA\); its log says why$/)
+    ])
+    await waitForStderr(recv, /^multifd: warning: rejected a connection/m)
+    expect(lines(recv.stderr()).at(-1)).toMatch(
+      /^multifd: warning: rejected a connection from .*: TLS handshake with .*: client certificate CN=alice is revoked \(listed in the CRL of CN=test CA\)$/
+    )
+    expect(recv.child.exitCode).toBeNull()
+
+    const alice = await run(["send", recv.uri, "--in", image, "--channels", "4", ...x509("alice"), ...crl])
+    const received = await recv.finished
+    expect({ send: alice.code, recv: received.code, stderr: alice.stderr + received.stderr }).toMatchObject({ send: 0, recv: 0 })
+    expect(Fs.readFileSync(out).equals(Fs.readFileSync(image))).toBe(true)
+  })
+
+  it("--tls-authz with a whole distinguished name (as QEMU's tls-authz): alice's DN is admitted, CN=alice of another organization refused", async () => {
+    const server = ["--tls-ca", tlsFile("ca-cert.pem"), "--tls-cert", tlsFile("server-cert.pem"), "--tls-key", tlsFile("server-key.pem")]
+    const client = (who: string) => ["--tls-ca", tlsFile("ca-cert.pem"), "--tls-cert", tlsFile(`${who}-cert.pem`), "--tls-key", tlsFile(`${who}-key.pem`)]
+    const out = Path.join(dir, "dn.out")
+    const recv = await startRecv(["tcp:127.0.0.1:0", "--out", out, ...server, "--tls-authz", "O=effect-multifd tests,CN=alice;mallory"])
+    const other = await run(["send", recv.uri, "--in", image, ...client("other-org-alice")])
+    expect(other.code).toBe(1)
+    await waitForStderr(recv, /^multifd: warning: rejected a connection/m)
+    expect(lines(recv.stderr()).at(-1)).toMatch(
+      /: client certificate CN=alice is not in the authorization list \(its distinguished name: O=other org,CN=alice\)$/
+    )
+    const alice = await run(["send", recv.uri, "--in", image, ...client("alice")])
+    const received = await recv.finished
+    expect({ send: alice.code, recv: received.code, stderr: alice.stderr + received.stderr }).toMatchObject({ send: 0, recv: 0 })
+    expect(Fs.readFileSync(out).equals(Fs.readFileSync(image))).toBe(true)
+  })
+
+  it("--tls-crl usage and unusable CRL files: exit 2 with one line, before recv listens or send connects", async () => {
+    const server = ["--tls-ca", tlsFile("ca-cert.pem"), "--tls-cert", tlsFile("server-cert.pem"), "--tls-key", tlsFile("server-key.pem")]
+    const usage: ReadonlyArray<readonly [ReadonlyArray<string>, string]> = [
+      [["send", "tcp:127.0.0.1:1", "--in", image, "--tls-psk", tlsFile("keys.psk"), "--tls-crl", tlsFile("ca-crl.pem")], "multifd: error: --tls-crl applies to x509 certificates, not --tls-psk"],
+      [["recv", "tcp:127.0.0.1:0", "--out", "x.img", "--tls-psk", tlsFile("keys.psk"), "--tls-crl", tlsFile("ca-crl.pem")], "multifd: error: --tls-crl applies to x509 certificates, not --tls-psk"],
+      [["send", "tcp:127.0.0.1:1", "--in", image, "--tls-crl", tlsFile("ca-crl.pem")], "multifd: error: --tls-crl needs --tls-psk or --tls-ca/--tls-cert"],
+      [["recv", "tcp:127.0.0.1:0", "--out", "x.img", ...server, "--tls-crl", tlsFile("ca-crl.pem")], "multifd: error: --tls-crl on recv checks client certificates: give --tls-verify-peer or --tls-authz too"]
+    ]
+    for (const [args, message] of usage) {
+      const result = await runHere(args)
+      expect({ args, code: result.code, stderr: lines(result.stderr), stdout: result.stdout }).toEqual({ args, code: 2, stderr: [message], stdout: "" })
+    }
+
+    const expired = tlsFile("expired-crl.pem")
+    const foreign = tlsFile("other-ca-crl.pem")
+    const recvResult = await runRecvHereUntilListening(["tcp:127.0.0.1:0", "--out", Path.join(dir, "never-crl.out"), ...server, "--tls-verify-peer", "--tls-crl", expired])
+    expect({ code: recvResult.code, listened: recvResult.listened }).toEqual({ code: 2, listened: false })
+    expect(lines(recvResult.stderr)).toEqual([
+      `multifd: error: TLS configuration: CRL file ${expired}: the CRL of CN=test CA has expired (next update Jan  1 00:00:00 2001 GMT): every handshake would fail with "CRL has expired"; get a current one`
+    ])
+    const counter = await countingServer()
+    try {
+      const sendResult = await runHere(["send", `tcp:127.0.0.1:${counter.port}`, "--in", image, "--tls-ca", tlsFile("ca-cert.pem"), "--tls-crl", foreign])
+      expect(sendResult.code).toBe(2)
+      expect(lines(sendResult.stderr)).toEqual([
+        expect.stringMatching(/^multifd: error: TLS configuration: CRL file .*other-ca-crl\.pem is a CRL of CN=foreign CRL CA, which is not a CA of .*ca-cert\.pem/)
+      ])
+      expect(counter.connections()).toBe(0)
+    } finally {
+      await counter.close()
+    }
+
+    // the help pages name the flag on both commands
+    for (const command of ["send", "recv"]) expect((await runHere([command, "--help"])).stdout).toContain("--tls-crl FILE")
+  })
 })
 
 describe("channel threads on the command line", () => {

@@ -82,7 +82,7 @@ export const sendHelp = (): string => {
       { heading: "Arguments", entries: Help.pick(all, ["<uri>", "--in"]) },
       { heading: "To QEMU", entries: Help.pick(all, ["--to-qemu", "--vm"]) },
       { heading: "Transfer", entries: Help.pick(all, ["--channels", "--page-size", "--compression", "--compression-level", "--zero-page", "--max-bandwidth"]) },
-      { heading: "TLS", entries: Help.pick(all, ["--tls-psk", "--tls-identity", "--tls-ca", "--tls-hostname", "--tls-cert", "--tls-key", "--tls-ciphers"]) },
+      { heading: "TLS", entries: Help.pick(all, ["--tls-psk", "--tls-identity", "--tls-ca", "--tls-hostname", "--tls-cert", "--tls-key", "--tls-crl", "--tls-ciphers"]) },
       { heading: "Timing and output", entries: Help.pick(all, ["--timeout", "--reconnect", "--json", "--quiet", "--verbose"]) }
     ],
     footer: [environment("send"), EXIT_STATUS],
@@ -111,7 +111,7 @@ export const recvHelp = (): string => {
     sections: [
       { heading: "Arguments", entries: Help.pick(all, ["<uri>", "--out", "--out-dir", "--vm", "--from-qemu"]) },
       { heading: "Transfer (the source decides; given here, the source must agree)", entries: Help.pick(all, ["--channels", "--page-size", "--compression"]) },
-      { heading: "TLS", entries: Help.pick(all, ["--tls-psk", "--tls-ca", "--tls-cert", "--tls-key", "--tls-verify-peer", "--tls-authz", "--tls-ciphers"]) },
+      { heading: "TLS", entries: Help.pick(all, ["--tls-psk", "--tls-ca", "--tls-cert", "--tls-key", "--tls-crl", "--tls-verify-peer", "--tls-authz", "--tls-ciphers"]) },
       { heading: "Timing and output", entries: Help.pick(all, ["--timeout", "--json", "--quiet", "--verbose"]) }
     ],
     footer: [
@@ -123,6 +123,10 @@ export const recvHelp = (): string => {
     examples: [
       ["receive on any free port (the line `multifd: listening on tcp:...` says which)", `${NAME} recv tcp:127.0.0.1:0 --out received.img`],
       ["over TLS with client certificates: only CN alice may migrate here", `${NAME} recv tcp:0.0.0.0:4444 --out r.img --tls-cert server.pem --tls-key server-key.pem --tls-ca ca.pem --tls-authz alice`],
+      [
+        "the same, admitting the whole DN O=Example,CN=alice (as QEMU's tls-authz) and refusing revoked certificates",
+        `${NAME} recv tcp:0.0.0.0:4444 --out r.img --tls-cert server.pem --tls-key server-key.pem --tls-ca ca.pem --tls-crl ca-crl.pem --tls-authz 'O=Example,CN=alice'`
+      ],
       ["restore a snapshot file", `${NAME} recv file:/var/tmp/guest.snap --out restored.img`],
       ["from QEMU (migrate_set_capability multifd on; multifd-channels 4)", `${NAME} recv tcp:0.0.0.0:4444 --from-qemu --channels 4 --out-dir ram/`],
       ["keep a running VM from QEMU as a mapped-ram file", `${NAME} recv tcp:0.0.0.0:4444 --from-qemu --channels 4 --vm guest.vm`],

@@ -18,7 +18,7 @@ import * as Option from "effect/Option"
 import * as Bandwidth from "../Bandwidth.js"
 import * as GuestRam from "../GuestRam.js"
 import * as MigrationConfig from "../MigrationConfig.js"
-import type * as Tls from "../Tls.js"
+import * as Tls from "../Tls.js"
 import * as Protocol from "../Protocol.js"
 import * as Transport from "../Transport.js"
 
@@ -394,6 +394,7 @@ export interface TlsFlags {
   readonly hostname: Option.Option<string>
   readonly cert: Option.Option<string>
   readonly key: Option.Option<string>
+  readonly crl: Option.Option<string>
   readonly authz: Option.Option<string>
   readonly verifyPeer: boolean
   readonly ciphers: Option.Option<string>
@@ -412,6 +413,16 @@ const tlsCa = pem(
   "TLS with x509: the CA certificate(s) that verify the peer's certificate (the only CAs trusted: needed to verify one)."
 )
 const tlsKey = pem("tls-key", "TLS with x509: the private key of --tls-cert.")
+const tlsCrl = (peer: string) =>
+  pathOption("tls-crl").pipe(
+    Options.withPseudoName("FILE"),
+    Options.withDescription(
+      `TLS with x509: certificate revocation lists (PEM, one or more; QEMU's ca-crl.pem): ${peer} whose certificate, or ` +
+        "a CA of its chain, is revoked is refused. Each CRL must be signed by a CA of --tls-ca and current, and every " +
+        "CA of the chain needs one (an intermediate CA: its certificate in --tls-ca, its CRL here)."
+    ),
+    Options.optional
+  )
 const tlsCiphers = Options.text("tls-ciphers").pipe(
   Options.withPseudoName("LIST"),
   Options.withDescription(
@@ -440,6 +451,7 @@ export const sendTls: Options.Options<TlsFlags> = Options.all({
   ),
   cert: pem("tls-cert", "TLS with x509: a client certificate to present (when the destination verifies clients)."),
   key: tlsKey,
+  crl: tlsCrl("a destination"),
   ciphers: tlsCiphers
 }).pipe(Options.map((flags): TlsFlags => ({ ...flags, authz: Option.none(), verifyPeer: false })))
 
@@ -449,9 +461,14 @@ export const recvTls: Options.Options<TlsFlags> = Options.all({
   ca: tlsCa,
   cert: pem("tls-cert", "TLS with x509: this destination's certificate (required with x509)."),
   key: tlsKey,
+  crl: tlsCrl("with --tls-verify-peer or --tls-authz, a client"),
   authz: Options.text("tls-authz").pipe(
     Options.withPseudoName("ID,..."),
-    Options.withDescription("Admit only clients whose verified certificate CN, or PSK identity, is listed."),
+    Options.withDescription(
+      "Admit only clients whose verified certificate CN, or PSK identity, is listed (comma-separated), or whose " +
+        "certificate's whole distinguished name is, as QEMU's tls-authz matches it: GnuTLS's form, most general " +
+        "first, values escaped (O=Example,CN=alice). A list holding a DN is separated by ';' (DN;CN;...)."
+    ),
     Options.mapEffect(nonEmpty("tls-authz")),
     Options.optional
   ),
@@ -481,7 +498,8 @@ export const tlsConfigOf = (
     ["--tls-identity", given(flags.identity)],
     ["--tls-hostname", given(flags.hostname)],
     ["--tls-authz", given(flags.authz)],
-    ["--tls-verify-peer", flags.verifyPeer]
+    ["--tls-verify-peer", flags.verifyPeer],
+    ["--tls-crl", given(flags.crl)]
   ]
   if (!psk && !x509) {
     const stray = dependent.find(([, set]) => set)
@@ -497,9 +515,13 @@ export const tlsConfigOf = (
   if (misplaced !== undefined) return Either.left(`${misplaced[0]} is a ${misplaced[2]} option`)
   if (psk && given(flags.hostname)) return Either.left("--tls-hostname applies to x509 certificates, not --tls-psk")
   if (x509 && given(flags.identity)) return Either.left("--tls-identity applies to --tls-psk, not x509")
+  if (psk && given(flags.crl)) return Either.left("--tls-crl applies to x509 certificates, not --tls-psk")
+  if (role === "recv" && given(flags.crl) && !flags.verifyPeer && !given(flags.authz)) {
+    return Either.left("--tls-crl on recv checks client certificates: give --tls-verify-peer or --tls-authz too")
+  }
   if (given(flags.cert) !== given(flags.key)) return Either.left("--tls-cert and --tls-key go together")
   if (role === "recv" && x509 && !given(flags.cert)) return Either.left("recv with x509 needs --tls-cert and --tls-key")
-  const authz = Option.map(flags.authz, (list) => list.split(",").map((id) => id.trim()).filter((id) => id.length > 0))
+  const authz = Option.map(flags.authz, Tls.parseAuthz)
   if (Option.isSome(authz) && authz.value.length === 0) return Either.left("--tls-authz needs at least one identity")
   // the public root CAs are never trusted: whatever verifies a peer needs its CA file
   if (role === "send" && x509 && !given(flags.ca)) {
@@ -518,6 +540,7 @@ export const tlsConfigOf = (
     ca: value(flags.ca),
     cert: value(flags.cert),
     key: value(flags.key),
+    crl: value(flags.crl),
     hostname: value(flags.hostname),
     verifyPeer: flags.verifyPeer ? true : undefined,
     authz: value(authz),
