@@ -3,13 +3,14 @@
  * in QEMU's `keys.psk` format, or x509 certificates with host name checking, optional client certificates
  * and an authorization list. Credentials are checked when loaded, before anything listens or connects, and
  * one secure context serves every handshake. A peer's certificate is accepted only when its chain verifies
- * (to the CA file, within its validity period, for its role's usage); authorization applies to verified
- * certificates only. The handshake is an Effect with a timeout that must succeed before a channel exists;
+ * (to the CA file, within its validity period, for its role's usage, none of it revoked by the CRL file if one is
+ * given); authorization applies to verified certificates only, by CN or, as QEMU's tls-authz, by whole DN. The handshake is an Effect with a timeout that must succeed before a channel exists;
  * the TLS socket is destroyed at once on failure and ended with close_notify on success.
  *
  * This module holds the public surface (configuration, loading, the client and server handshakes, the
  * service); reading credentials, judging certificates and running a handshake are in `internal/tls/`. It is
- * a little over 400 lines because the client and server handshakes each need their own options and checks.
+ * over 500 lines because the client and server handshakes each need their own options and checks, and the
+ * configuration its rules (CRL files, authorization lists that hold distinguished names).
  *
  * @since 0.1.0
  */
@@ -167,7 +168,7 @@ export const parsePskFile = (text: string, source = "keys file"): Effect.Effect<
  * that the combination makes sense, that every PEM file holds what it should and parses, that the key is
  * the certificate's and that the certificate is a valid leaf (not a CA, within its validity period), that an
  * explicit PSK identity has a key, that x509 verifying clients (`verifyPeer`,
- * `authz`) has a CA file. Builds the secure context every handshake reuses: with x509 it trusts the CA file
+ * `authz`) has a CA file, that a CRL file holds current CRLs signed by the CA file's CAs, one for each of them. Builds the secure context every handshake reuses: with x509 it trusts the CA file
  * only, never Node's public roots (a source without a CA file is refused by `checkClient`).
  *
  * @since 0.1.0

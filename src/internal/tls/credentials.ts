@@ -51,12 +51,6 @@ export const opensslDate = (date: Date): string =>
   `${[date.getUTCHours(), date.getUTCMinutes(), date.getUTCSeconds()].map((n) => String(n).padStart(2, "0")).join(":")} ` +
   `${date.getUTCFullYear()} GMT`
 
-/** `CN=test CA` of a name as `Der` writes it (its last CN), or the whole name. */
-const shortName = (dn: string): string => {
-  const cn = dn.split(/(?<!\\),/).reverse().find((rdn) => rdn.startsWith("CN="))
-  return PeerText.fromPeer(cn ?? dn)
-}
-
 /**
  * The CRLs of a PEM file (`crl`), checked against the CA certificates (`cas`, from `caPath`) at `now`, as OpenSSL
  * would use them in every handshake: each parses, is signed by a CA of the CA file (a CRL of any other issuer is
@@ -92,7 +86,7 @@ export const crlsOf = (
       } catch (cause) {
         return Effect.fail(configError(`CRL file ${path} is not a valid PEM CRL${which}: ${opensslReason(cause)}`, cause))
       }
-      const issuer = shortName(crl.issuer)
+      const issuer = Der.shortName(crl.issuer)
       const named = authorities.filter((a) => a.name === crl.issuer)
       if (named.length === 0) {
         return Effect.fail(configError(

@@ -7,6 +7,7 @@
  * @internal
  */
 import * as Crypto from "node:crypto"
+import * as PeerText from "../peerText.js"
 
 interface Tlv {
   readonly tag: number
@@ -41,7 +42,7 @@ const children = (der: Uint8Array, parent: Tlv): Array<Tlv> => {
   return out
 }
 
-const expect = (t: Tlv | undefined, tag: number, what: string): Tlv => {
+const need = (t: Tlv | undefined, tag: number, what: string): Tlv => {
   if (t === undefined || t.tag !== tag) throw new Error(`${what} missing`)
   return t
 }
@@ -137,22 +138,26 @@ const formatName = (der: Uint8Array, name: Tlv): string =>
   children(der, name).map((rdn) =>
     children(der, rdn).map((attribute) => {
       const [type, value] = children(der, attribute)
-      const oid = oidOf(der, expect(type, 0x06, "attribute type"))
+      const oid = oidOf(der, need(type, 0x06, "attribute type"))
       if (value === undefined) throw new Error("attribute value missing")
       const text = stringOf(der, value)
       return `${ATTRIBUTE_NAMES[oid] ?? oid}=${text === undefined ? `#${hex(der, value.at, value.end)}` : escapeValue(text)}`
     }).join("+")
   ).join(",")
 
+/** `CN=x` of a name as `namesOf` writes it (its last CN), or the whole name, for messages (printable). */
+export const shortName = (dn: string): string =>
+  PeerText.fromPeer(dn.split(/(?<!\\),/).reverse().find((rdn) => rdn.startsWith("CN=")) ?? dn)
+
 /** A certificate's subject and issuer as GnuTLS writes them (see `formatName`). */
 export const namesOf = (certificate: Uint8Array): { readonly subject: string; readonly issuer: string } => {
-  const tbs = expect(children(certificate, tlv(certificate, 0, certificate.length))[0], 0x30, "tbsCertificate")
+  const tbs = need(children(certificate, tlv(certificate, 0, certificate.length))[0], 0x30, "tbsCertificate")
   const fields = children(certificate, tbs)
   // [0] version, serialNumber, signature, issuer, validity, subject
   const at = fields[0]?.tag === 0xa0 ? 1 : 0
   return {
-    issuer: formatName(certificate, expect(fields[at + 2], 0x30, "issuer")),
-    subject: formatName(certificate, expect(fields[at + 4], 0x30, "subject"))
+    issuer: formatName(certificate, need(fields[at + 2], 0x30, "issuer")),
+    subject: formatName(certificate, need(fields[at + 4], 0x30, "subject"))
   }
 }
 
@@ -198,27 +203,29 @@ const SIGNATURE_DIGESTS: Record<string, string | null> = {
 
 /** Parses one DER CRL (RFC 5280 §5.1). Throws on what it cannot read, or a signature algorithm it cannot check. */
 export const parseCrl = (der: Uint8Array): Crl => {
-  const [tbs, algorithm, signature] = children(der, expect(tlv(der, 0, der.length), 0x30, "CertificateList"))
-  expect(tbs, 0x30, "tbsCertList")
+  const [tbs, algorithm, signature] = children(der, need(tlv(der, 0, der.length), 0x30, "CertificateList"))
+  need(tbs, 0x30, "tbsCertList")
   const fields = children(der, tbs!)
   // version (INTEGER, optional), signature, issuer, thisUpdate, nextUpdate (optional), revokedCertificates (optional)
   let i = fields[0]?.tag === 0x02 ? 1 : 0
   i++ // signature algorithm (the outer one is checked)
-  const issuer = formatName(der, expect(fields[i++], 0x30, "issuer"))
-  const thisUpdate = timeOf(der, fields[i++] ?? expect(undefined, 0x17, "thisUpdate"))
+  const issuer = formatName(der, need(fields[i++], 0x30, "issuer"))
+  const thisUpdateField = fields[i++]
+  if (thisUpdateField === undefined) throw new Error("thisUpdate missing")
+  const thisUpdate = timeOf(der, thisUpdateField)
   const nextUpdate = fields[i] !== undefined && (fields[i]!.tag === 0x17 || fields[i]!.tag === 0x18)
     ? timeOf(der, fields[i++]!)
     : undefined
   const revoked: Array<string> = []
   if (fields[i]?.tag === 0x30) {
     for (const entry of children(der, fields[i]!)) {
-      const serial = expect(children(der, entry)[0], 0x02, "serial number")
+      const serial = need(children(der, entry)[0], 0x02, "serial number")
       revoked.push(hex(der, serial.start, serial.end).replace(/^(00)+(?=.)/, "").toUpperCase())
     }
   }
-  const oid = oidOf(der, expect(children(der, expect(algorithm, 0x30, "signatureAlgorithm"))[0], 0x06, "algorithm"))
+  const oid = oidOf(der, need(children(der, need(algorithm, 0x30, "signatureAlgorithm"))[0], 0x06, "algorithm"))
   if (!(oid in SIGNATURE_DIGESTS)) throw new Error(`a signature algorithm this side cannot check (OID ${oid})`)
-  const bits = expect(signature, 0x03, "signature")
+  const bits = need(signature, 0x03, "signature")
   const tbsBytes = der.subarray(tbs!.at, tbs!.end)
   const signatureBytes = der.subarray(bits.start + 1, bits.end) // after the count of unused bits
   return {

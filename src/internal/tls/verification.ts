@@ -87,10 +87,6 @@ const revokedBy = (certificate: Crypto.X509Certificate, crls: ReadonlyArray<CrlI
   return crls.find((crl) => crl.issuer === issuer && crl.revoked.includes(serial))
 }
 
-/** `CN=x` of a name as `Der` writes it (its last CN), or the whole name. */
-const cnOf = (dn: string): string =>
-  PeerText.fromPeer(dn.split(/(?<!\\),/).reverse().find((rdn) => rdn.startsWith("CN=")) ?? dn)
-
 /** Why a certificate failed the revocation check, after "certificate CN=x ": which one of its chain is revoked. */
 const revocationProblem = (
   code: "CERT_REVOKED" | "UNABLE_TO_GET_CRL",
@@ -103,7 +99,7 @@ const revocationProblem = (
     for (const [depth, c] of chain.entries()) {
       const crl = revokedBy(c, crls)
       if (crl === undefined) continue
-      const listed = `(listed in the CRL of ${cnOf(crl.issuer)})`
+      const listed = `(listed in the CRL of ${Der.shortName(crl.issuer)})`
       return depth === 0 ? `is revoked ${listed}` : `was issued by ${nameOf(c)}, which is revoked ${listed}`
     }
     return "is revoked, or a certificate that issued it is"
