@@ -188,6 +188,13 @@ export const load = (config: TlsConfig): Effect.Effect<Settings, TlsError> =>
     if (config.crl !== undefined && config.ca === undefined) {
       return yield* configError("a CRL file needs the CA certificate (ca) that issued it")
     }
+    const notDn = config.authz?.find((entry) => entry.includes("=") && entry.split(/(?<!\\),/).some((rdn) => !/^[^=]+=/.test(rdn)))
+    if (notDn !== undefined) {
+      return yield* configError(
+        `authorization entry ${JSON.stringify(notDn)} is not a distinguished name: each part is TYPE=value ` +
+          "(O=Example,CN=alice); in a list that holds one, entries are separated by ';'"
+      )
+    }
     if ((config.cert === undefined) !== (config.key === undefined)) {
       return yield* configError("a certificate needs its key and a key its certificate")
     }

@@ -1005,6 +1005,18 @@ describe("authorization by distinguished name (QEMU's tls-authz: the subject as 
     expect(Tls.parseAuthz("O=Ex\\;ample,CN=alice;O=x,CN=y")).toEqual(["O=Ex\\;ample,CN=alice", "O=x,CN=y"])
   })
 
+  it.live("load: an authz entry with '=' that is no DN (a CN list run into a DN) is refused, saying how to separate entries", () =>
+    leakFree(Effect.gen(function*() {
+      const error = yield* Effect.flip(
+        Tls.load({ ca: fixture("ca-cert.pem"), cert: fixture("server-cert.pem"), key: fixture("server-key.pem"), authz: Tls.parseAuthz("alice,O=Example,CN=bob") })
+      )
+      expect(error.message).toBe(
+        `TLS configuration: authorization entry "alice,O=Example,CN=bob" is not a distinguished name: each part is TYPE=value (O=Example,CN=alice); in a list that holds one, entries are separated by ';'`
+      )
+      // an escaped comma is part of a value
+      yield* Tls.load({ ca: fixture("ca-cert.pem"), cert: fixture("server-cert.pem"), key: fixture("server-key.pem"), authz: ["O=a\\,b,CN=c"] })
+    })))
+
   /**
    * Runs the client certificate `name` (whose name in messages is `shown`) against a destination with `authz`:
    * "admitted" (and the memory arrived), or the destination's refusal.
