@@ -1,8 +1,9 @@
 /**
  * What Node's `X509Certificate` does not give, read from DER: a certificate's subject and issuer names written
- * as QEMU's GnuTLS writes them (`gnutls_x509_crt_get_dn`, which QEMU's tls-authz matches), and certificate
- * revocation lists (issuer, dates, revoked serial numbers, signature). A minimal DER walk; malformed input
- * throws (callers turn that into a `Config` error or a refusal).
+ * as QEMU's GnuTLS writes them (`gnutls_x509_crt_get_dn`, which QEMU's tls-authz matches), a certificate's
+ * keyUsage extension (Node's `keyUsage` is the extended key usage), and certificate revocation lists (issuer,
+ * dates, revoked serial numbers, signature). A minimal DER walk; malformed input throws (callers turn that into
+ * a `Config` error or a refusal).
  *
  * @internal
  */
@@ -241,4 +242,38 @@ export const parseCrl = (der: Uint8Array): Crl => {
       }
     }
   }
+}
+
+/** keyUsage bit 0: the key may sign (TLS CertificateVerify). */
+export const DIGITAL_SIGNATURE = 1 << 0
+
+/**
+ * The keyUsage bits of a DER certificate (RFC 5280 §4.2.1.3; bit i of the result is the extension's bit i:
+ * `DIGITAL_SIGNATURE` is bit 0), or `undefined` when the certificate has no such extension. Throws on malformed
+ * DER (callers pass certificates that OpenSSL has already parsed).
+ */
+export const keyUsageOf = (der: Uint8Array): number | undefined => {
+  // Certificate ::= SEQUENCE { tbsCertificate, ... }; the extensions are tbsCertificate's [3]
+  const tbs = children(der, tlv(der, 0, der.length))[0]
+  if (tbs === undefined) throw new Error("no tbsCertificate")
+  const explicit = children(der, tbs).find((c) => c.tag === 0xa3)
+  if (explicit === undefined) return undefined
+  const list = children(der, explicit)[0]
+  if (list === undefined) return undefined
+  for (const extension of children(der, list)) {
+    // Extension ::= SEQUENCE { extnID OID, critical BOOLEAN DEFAULT FALSE, extnValue OCTET STRING }
+    const parts = children(der, extension)
+    const oid = parts[0]
+    const value = parts.at(-1)
+    if (oid === undefined || value === undefined || oid.tag !== 0x06 || oidOf(der, oid) !== "2.5.29.15") continue
+    const bits = tlv(der, value.start, value.end) // KeyUsage ::= BIT STRING
+    if (bits.tag !== 0x03 || bits.end <= bits.start) throw new Error("keyUsage is not a BIT STRING")
+    let result = 0
+    // the first content byte counts the unused bits of the last byte; bit 0 is the first byte's top bit
+    for (let i = 0; i < (bits.end - bits.start - 1) * 8 && i < 31; i++) {
+      if (der[bits.start + 1 + (i >> 3)]! & (0x80 >> (i & 7))) result |= 1 << i
+    }
+    return result
+  }
+  return undefined
 }

@@ -6,7 +6,6 @@
  */
 import * as Crypto from "node:crypto"
 import type * as NodeTls from "node:tls"
-import * as KeyUsage from "../native/keyUsage.js"
 import * as PeerText from "../peerText.js"
 import { EKU_NAMES, nameOf, ownUsageProblem } from "./credentials.js"
 import * as Der from "./der.js"
@@ -199,11 +198,11 @@ export const clientRefusal = (
   // OpenSSL's purpose check admits keyAgreement alone; a TLS client certificate must sign (CertificateVerify)
   let usage: number | undefined
   try {
-    usage = KeyUsage.keyUsageOf(certificate.raw)
+    usage = Der.keyUsageOf(certificate.raw)
   } catch {
     return `client certificate ${name} is not trusted: its keyUsage extension cannot be read`
   }
-  if (usage !== undefined && (usage & KeyUsage.DIGITAL_SIGNATURE) === 0) {
+  if (usage !== undefined && (usage & Der.DIGITAL_SIGNATURE) === 0) {
     return `client certificate ${name} is not for client authentication (its keyUsage lacks digitalSignature)`
   }
   if (authz === undefined) return undefined
@@ -229,11 +228,11 @@ export const serverRefusal = (certificate: Crypto.X509Certificate | undefined): 
   const name = nameOf(certificate)
   let usage: number | undefined
   try {
-    usage = KeyUsage.keyUsageOf(certificate.raw)
+    usage = Der.keyUsageOf(certificate.raw)
   } catch {
     return `the destination's certificate ${name} is not trusted: its keyUsage extension cannot be read`
   }
-  return usage !== undefined && (usage & KeyUsage.DIGITAL_SIGNATURE) === 0
+  return usage !== undefined && (usage & Der.DIGITAL_SIGNATURE) === 0
     ? `the destination's certificate ${name} does not permit digital signatures (keyUsage)`
     : undefined
 }
