@@ -216,6 +216,17 @@ describe("FileIo transfers", () => {
       expect(directory.step).toBe("NotRegular")
       expect(openFilesIn(dir)).toEqual([])
     }))
+
+  it.scopedLive("a FIFO nobody writes to, or a device, is NotRegular at once: opening it does not wait for a writer", () =>
+    Effect.gen(function*() {
+      const dir = yield* tempDir
+      const fifo = Path.join(dir, "fifo")
+      ChildProcess.execFileSync("mkfifo", [fifo])
+      const opened = yield* Effect.flip(Effect.scoped(FileIo.openForReading(fifo)))
+      expect([opened.step, opened.path]).toEqual(["NotRegular", fifo])
+      expect((yield* Effect.flip(Effect.scoped(FileIo.openForReading("/dev/zero")))).step).toBe("NotRegular")
+      expect(openFilesIn(dir)).toEqual([])
+    }))
 })
 
 describe("FileIo.describe", () => {

@@ -566,6 +566,19 @@ describe("multifd failures", () => {
     expect(filesLike("loop-")).toEqual(["loop-a", "loop-b"])
   })
 
+  it("recv file: of a FIFO refuses it at once (opening it waited for a writer, past SIGTERM), nothing left", async () => {
+    const fifo = Path.join(dir, "snap.fifo")
+    ChildProcess.execFileSync("mkfifo", [fifo])
+    const out = Path.join(dir, "fifo.out")
+    for (const extra of [[], ["--from-qemu"]]) {
+      const result = await run(["recv", `file:${fifo}`, ...extra, "--out", out])
+      expect({ extra, code: result.code }).toEqual({ extra, code: 2 })
+      expect(lines(result.stderr)).toEqual([expect.stringMatching(/snap\.fifo: is not a regular file$/)])
+      noStack(result.stderr)
+    }
+    expect(filesLike("fifo.out")).toEqual([])
+  })
+
   it("--help exits 0 and documents the contract", async () => {
     const help = await run(["--help"])
     expect(help.code).toBe(0)

@@ -102,8 +102,8 @@ export interface File {
   readonly fd: number
 }
 
-/** Opens `path` as a scoped handle. */
-export const open = (path: string, flags: string): Effect.Effect<FsP.FileHandle, FileError, Scope.Scope> =>
+/** Opens `path` as a scoped handle (`flags` as `fs.open` takes them: `"r"`, or `fs.constants` or-ed together). */
+export const open = (path: string, flags: string | number): Effect.Effect<FsP.FileHandle, FileError, Scope.Scope> =>
   Effect.acquireRelease(
     Effect.tryPromise({
       try: () => FsP.open(path, flags),
@@ -112,10 +112,17 @@ export const open = (path: string, flags: string): Effect.Effect<FsP.FileHandle,
     (handle) => Effect.promise(() => handle.close().catch(() => undefined))
   )
 
-/** Opens a regular file for reading, with its size. */
+/**
+ * Read-only and non-blocking: opening a FIFO for reading otherwise waits for a writer, on a thread of the pool
+ * that no interruption (nor SIGTERM) reaches, so the process hung. A FIFO then opens at once and is refused as
+ * not a regular file; reads of a regular file ignore the flag.
+ */
+const READ_FLAGS = Fs.constants.O_RDONLY | Fs.constants.O_NONBLOCK
+
+/** Opens a regular file for reading, with its size; anything else (a FIFO, a device, a directory) is `NotRegular`. */
 export const openForReading = (path: string): Effect.Effect<File & { readonly size: number }, FileError, Scope.Scope> =>
   Effect.gen(function*() {
-    const handle = yield* open(path, "r")
+    const handle = yield* open(path, READ_FLAGS)
     const stat = yield* Effect.tryPromise({
       try: () => handle.stat(),
       catch: (cause) => new FileError({ step: "Stat", path, cause })
