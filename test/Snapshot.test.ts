@@ -276,6 +276,16 @@ describe("Snapshot file layout", () => {
       sameMemory(ram, (yield* Snapshot.restore(path)).ram)
     }))
 
+  it.scopedLive("an all-zero memory saves at once, round 0 and the switch-over (nothing written measures no bandwidth, and nothing is left)", () =>
+    Effect.gen(function*() {
+      const dir = yield* tempDir
+      const path = Path.join(dir, "zero.snap")
+      const ram = yield* GuestRam.make({ blocks: [{ name: "ram", size: 4 * 1024 * 1024 }] })
+      const saved = yield* save(ram, path, { live: { maxRounds: 2 } })
+      expect([saved.storedPages, saved.rounds]).toEqual([0, 2]) // every page, then the switch-over
+      sameMemory(ram, (yield* Snapshot.restore(path)).ram)
+    }))
+
   it.scopedLive("pages sit at aligned, fixed offsets and the header describes them", () =>
     Effect.gen(function*() {
       const dir = yield* tempDir

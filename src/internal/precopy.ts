@@ -85,6 +85,15 @@ const takeDirty = (ram: GuestRam.GuestRam["Type"]): ReadonlyArray<Selection> =>
     return { block, pages: Uint32Array.from(pages) }
   })
 
+/**
+ * The downtime a switch-over would take to send `bytes` at `bandwidth` (bytes a second): none when nothing is
+ * left, unknown (Infinity) when nothing was measured. A round that moved no bytes (every page zero, to a
+ * snapshot file that stores none) measures no bandwidth, and Infinity for nothing left kept an idle memory
+ * from converging: a save of an all-zero image failed NotConverged with "0 pages still dirty".
+ */
+const downtimeMs = (bytes: number, bandwidth: number): number =>
+  bytes === 0 ? 0 : bandwidth > 0 ? bytes / bandwidth * 1000 : Infinity
+
 const resolveLive = (live: Transfer.LiveOptions | undefined) => ({
   downtimeLimit: Duration.decode(live?.downtimeLimit ?? Duration.millis(300)),
   maxRounds: live?.maxRounds ?? 30,
@@ -155,7 +164,7 @@ export const run = <E, F>(
           const moved = (yield* sink.progress) - bytesBefore
           const rate = elapsed > 0 && moved > 0 ? moved / elapsed * 1000 : bandwidth
           const dirtyPages = totalPages - doneBytes / pageSize + GuestRam.dirtyPages(ram)
-          const expectedDowntimeMs = rate > 0 ? dirtyPages * pageSize / rate * 1000 : Infinity
+          const expectedDowntimeMs = downtimeMs(dirtyPages * pageSize, rate)
           return { round, phase, doneBytes, totalBytes, dirtyPages, bandwidth: rate, expectedDowntimeMs }
         })
         const transfer = Effect.gen(function*() {
@@ -196,7 +205,7 @@ export const run = <E, F>(
     for (const block of ram.blocks) block.dirty.take() // start the dirty log: round 0 covers everything
     for (let round = 0;; round++) {
       const dirty = round === 0 ? ram.size / pageSize : GuestRam.dirtyPages(ram)
-      const expectedDowntimeMs = bandwidth > 0 ? dirty * pageSize / bandwidth * 1000 : Infinity
+      const expectedDowntimeMs = downtimeMs(dirty * pageSize, bandwidth)
       if (round > 0 && expectedDowntimeMs <= Duration.toMillis(live.downtimeLimit)) break
       const elapsed = (yield* Clock.currentTimeMillis) - options.started
       // round 0 (every page) always runs: a switch-over without it would leave the destination incomplete
