@@ -179,6 +179,15 @@ const flags = (args: ReadonlyArray<string>): Flags => {
         if (arg === value && args[i - 1]!.startsWith("-")) return args[i - 1]
       }
       return undefined
+    },
+    misplaced: (flag) => {
+      const dashes = args.indexOf("--")
+      const before = dashes < 0 ? args : args.slice(0, dashes)
+      const given = before.filter((a) => a === flag || a.startsWith(`${flag}=`)).length
+      if (given >= 2) return "twice"
+      if (dashes >= 0 && args.slice(dashes + 1).includes(flag)) return "afterDashes"
+      if (args.at(-1) === flag) return "last"
+      return undefined
     }
   }
 }

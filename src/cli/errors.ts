@@ -104,6 +104,11 @@ export interface Flags {
   readonly closest: (flag: string) => string | undefined
   /** The flag given `value` on the command line (`--flag value` or `--flag=value`), if one was. */
   readonly givenWith: (value: string) => string | undefined
+  /**
+   * Where a known flag that @effect/cli reports as an unknown argument stands: given `twice` (or more) before any
+   * `--`, `afterDashes` (where nothing is a flag), or `last` on the line with no value after it.
+   */
+  readonly misplaced: (flag: string) => "twice" | "afterDashes" | "last" | undefined
 }
 
 /**
@@ -126,12 +131,24 @@ export const describeValidation = (error: ValidationError.ValidationError, flags
   }
   const unknown = /unknown argument: '(--?[^']+)'/i.exec(text) ?? /flag '(--?[^']+)' is not recognized/i.exec(text)
   if (unknown === null || flags === undefined) return oneLine(text)
-  const flag = unknown[1]!
+  // `--flag=value` given a second time comes back whole
+  const name = unknown[1]!.split("=")[0]!
+  const flag = name !== unknown[1] && flags.closest(name) === name ? name : unknown[1]!
   const owner = flags.ownerOf(flag)
   if (owner !== undefined) return `${flag} is a ${owner} option`
   const closest = flags.closest(flag)
-  // @effect/cli reports a flag's second occurrence as an argument it does not know
-  if (closest === flag) return `${flag} given more than once`
+  // @effect/cli reports a flag's second occurrence, one after `--` and one without its value all alike, as an
+  // argument it does not know
+  if (closest === flag) {
+    switch (flags.misplaced(flag)) {
+      case "afterDashes":
+        return `${flag} comes after --, where nothing is a flag: put the flags before --`
+      case "last":
+        return `${flag} needs a value`
+      default:
+        return `${flag} given more than once`
+    }
+  }
   return `unknown flag ${flag}${closest === undefined ? "" : ` (did you mean ${closest}?)`}`
 }
 
