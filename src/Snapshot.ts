@@ -304,8 +304,8 @@ const memoryFor = (
       return yield* new SnapshotError({
         reason: "Layout",
         path,
-        detail: `the snapshot holds ${(total / Transfer.GIB).toFixed(2)} GiB of memory, more than the limit of ` +
-          `${(maxRam / Transfer.GIB).toFixed(2)} GiB`
+        // in bytes, as a destination's limit is worded: GiB with two decimals said "0.01 GiB ... limit of 0.00 GiB"
+        detail: `the snapshot's ${total} bytes of memory exceed the limit of ${maxRam}`
       })
     }
     const refusal = options.admit?.({
