@@ -150,6 +150,16 @@ describe("parseAddress / formatAddress", () => {
         ["Listen"]
       )
       expect(nowhere.detail).toBe(`no such directory: ${Path.join(dir, "none")}`)
+      // a path under a regular file: said in words, as for files ("listen ENOTDIR: not a directory /x/s.sock")
+      const file = Path.join(dir, "file")
+      Fs.writeFileSync(file, "")
+      const under: Address = { _tag: "Unix", path: Path.join(file, "s.sock") }
+      for (const attempt of [Effect.scoped(Effect.asVoid(listen(under))), Effect.scoped(Effect.asVoid(connect(under)))]) {
+        expect(expectError(yield* Effect.flip(attempt), ["Listen", "Connect"]).detail).toBe(
+          "a component of the path is not a directory"
+        )
+      }
+      Fs.rmSync(file)
       // the longest path that fits works
       yield* Effect.scoped(Effect.gen(function*() {
         const listener = yield* listen({ _tag: "Unix", path: fits })

@@ -89,6 +89,7 @@ export const describeError = (error: unknown): string => {
   if (e?.code === "ENOENT") return "no such socket"
   if (e?.code === "EADDRINUSE") return "address already in use"
   if (e?.code === "EACCES") return "permission denied"
+  if (e?.code === "ENOTDIR") return "a component of the path is not a directory"
   if (e?.code === "EADDRNOTAVAIL") return "address not available"
   if (e?.code === "ENOTFOUND") return "host not found"
   if (e?.code === "EMFILE") return "too many open files (this process's limit, ulimit -n)"
