@@ -513,6 +513,7 @@ describe("multifd failures", () => {
       [["send", "tcp:127.0.0.1:1", "--in", image, "--channels", "0"], /--channels must be between 1 and 255, not 0/],
       [["send", "tcp:127.0.0.1:1", "--in", image, "--channels", "256"], /--channels must be between 1 and 255/],
       [["send", "tcp:nowhere", "--in", image], /bad uri: tcp:nowhere: expected tcp:HOST:PORT/],
+      [["send", "tcp:[::1]:0", "--in", image], /^multifd: error: send needs the destination's port: port 0 is for recv \(a free port\)$/],
       [["recv", `unix:${dir}/${"s".repeat(120)}`, "--out", "x.img"], /: the socket path is \d+ bytes long; at most 107 fit/],
       [["send", "tcp:127.0.0.1:1", "--in", Path.join(dir, "missing.raw")], /missing\.raw: .*no such file/],
       [["send", "tcp:127.0.0.1:1"], /--in/],

@@ -45,6 +45,10 @@ export const command = Command.make(
       const level = transfer.compressionLevel
       const noLevel = transfer.compression === "none" && Option.isSome(level) ? Options.checkAnyLevel(level.value) : undefined
       if (noLevel !== undefined) return yield* new UsageError({ detail: noLevel })
+      // port 0 is recv's "any free port": connecting to it is refused, which read like a destination that is down
+      if (uri._tag === "Tcp" && uri.port === 0) {
+        return yield* new UsageError({ detail: "send needs the destination's port: port 0 is for recv (a free port)" })
+      }
       if (qemu.toQemu) {
         if (Option.isSome(inputFlag)) return yield* new UsageError({ detail: "--to-qemu takes the VM as --vm FILE, not --in" })
         if (Option.isNone(qemu.vm)) return yield* new UsageError({ detail: "--to-qemu needs --vm FILE (a QEMU mapped-ram migration file)" })
