@@ -1383,6 +1383,22 @@ describe("MappedRam: QEMU 10's mapped-ram file", () => {
       expect(Fs.readdirSync(vmFileDir)).toEqual(["captured.vm"])
     }))
 
+  it.live("recv file:DIR/mem.img --out-dir DIR: the block's file is the file read, refused (exit 2), the file kept", () =>
+    Effect.gen(function*() {
+      const dir = Path.join(vmFileDir, "same-dir")
+      Fs.mkdirSync(dir)
+      const file = Path.join(dir, QemuIncoming.blockFileName("mem"))
+      yield* MappedRam.write(file, yield* capturedVm)
+      const before = Fs.readFileSync(file)
+      const result = yield* Effect.promise(() => Cli.runHere(["recv", `file:${file}`, "--from-qemu", "--out-dir", dir]))
+      expect(result.code).toBe(2)
+      expect(result.stderr.trim()).toBe(
+        `multifd: error: file:${file} and --out-dir ${dir}: a block's file ${file} is the same file: the output would replace QEMU's`
+      )
+      expect(Fs.readFileSync(file).equals(before)).toBe(true)
+      expect(Fs.readdirSync(dir)).toEqual(["mem.img"])
+    }))
+
   it.live("a cut, foreign or newer file fails with one line naming it; a mapped-ram stream on a socket is refused", () =>
     expectNoLeaks(Effect.scoped(Effect.gen(function*() {
       const vm = yield* capturedVm

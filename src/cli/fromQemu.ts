@@ -177,10 +177,19 @@ export const run = (args: Args) =>
       // every block written and flushed first, then all renamed at once: never a directory of this migration's
       // blocks beside another's (an interruption or a full disk at one block leaves the older files as they were)
       const dir = args.outDir!
+      // a block's file may be the very file read (file:DIR/pc.ram.img --out-dir DIR): it would replace QEMU's
+      const paths = ram.blocks.map((block) => Path.join(dir, QemuIncoming.blockFileName(block.name)))
+      const input = uri._tag === "File" ? uri.path : undefined
+      const clash = input === undefined ? undefined : paths.find((path) => Image.sameFile(input, path))
+      if (clash !== undefined) {
+        return yield* new UsageError({
+          detail: `file:${input} and --out-dir ${dir}: a block's file ${clash} is the same file: the output would replace QEMU's`
+        })
+      }
       const files: Array<Image.Output> = []
-      for (const block of ram.blocks) {
-        const file = yield* Image.create(Path.join(dir, QemuIncoming.blockFileName(block.name)))
-        yield* file.write([block.bytes])
+      for (const [i, path] of paths.entries()) {
+        const file = yield* Image.create(path)
+        yield* file.write([ram.blocks[i]!.bytes])
         files.push(file)
       }
       yield* Effect.uninterruptible(Effect.forEach(files, (file) => file.publish, { discard: true }))
