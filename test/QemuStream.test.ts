@@ -1428,6 +1428,9 @@ describe("MappedRam: QEMU 10's mapped-ram file", () => {
       expect((yield* failure(variant("newer.vm", newer))).message).toContain("mapped-ram header of RAM block 'mem' has version 2")
       const missing = yield* failure(Path.join(vmFileDir, "missing.vm"))
       expect(missing).toMatchObject({ reason: "Unusable" })
+      // another page size asked for: the file's and the one expected, each named as what it is
+      const otherPage = yield* Effect.flip(MappedRam.read(file, { pageSize: 2 * PAGE }))
+      expect(otherPage.message).toContain(`mapped-ram header of RAM block 'mem': page size ${PAGE}, where ${2 * PAGE} was expected`)
 
       // the same bytes on a socket: QEMU never sends mapped-ram there
       const dst = yield* destination({ channels: 2 })

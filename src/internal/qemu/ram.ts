@@ -96,7 +96,7 @@ const readMappedRamHeader = <E, R>({ r, state }: Parser<E, R>, name: string) =>
         "mapped-ram"
       )
     }
-    if (header.pageSize !== state.pageSize) return yield* bad(`page size ${header.pageSize}, not the stream's ${state.pageSize}`)
+    if (header.pageSize !== state.pageSize) return yield* bad(`page size ${header.pageSize}, where ${state.pageSize} was expected`)
     if (header.pagesOffset === 0 || header.pagesOffset % state.pageSize !== 0) {
       return yield* bad(`its pages at ${header.pagesOffset} are not at a positive multiple of the page size`)
     }
