@@ -286,6 +286,37 @@ describe("Snapshot file layout", () => {
       sameMemory(ram, (yield* Snapshot.restore(path)).ram)
     }))
 
+  it("a forged header whose blocks share their pages is Corrupt, the two regions named", () => {
+    const plan = Format.plan(4096, [{ name: "a", size: 1024 * 1024 }, { name: "b", size: 1024 * 1024 }])
+    const header: Format.Header = {
+      version: Format.VERSION,
+      pageSize: 4096,
+      dataAlignment: Format.DATA_ALIGNMENT,
+      fileBytes: plan.fileBytes,
+      uuid: Crypto.randomUUID(),
+      channels: 1,
+      rounds: 1,
+      savedAt: 0,
+      blocks: plan.blocks.map((b) => ({
+        name: b.name,
+        size: b.size,
+        bitmapOffset: b.bitmapOffset,
+        // both blocks' pages at the first one's
+        dataOffset: plan.blocks[0]!.dataOffset,
+        presentPages: 0,
+        digest: "00".repeat(32),
+        bitmapDigest: "00".repeat(32)
+      }))
+    }
+    const bytes = Format.encodeHeader(header)
+    const prefix = Format.decodePrefix(bytes.subarray(0, Format.PREFIX_SIZE), plan.fileBytes)
+    if (Format.isProblem(prefix)) throw new Error(prefix.detail)
+    expect(Format.decodeHeader(bytes, prefix, plan.fileBytes)).toEqual({
+      reason: "Corrupt",
+      detail: `the header is inconsistent: the pages of "a" and the pages of "b" overlap`
+    })
+  })
+
   it.scopedLive("pages sit at aligned, fixed offsets and the header describes them", () =>
     Effect.gen(function*() {
       const dir = yield* tempDir

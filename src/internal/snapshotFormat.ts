@@ -300,7 +300,7 @@ export const decodeHeader = (bytes: Buffer, prefix: Prefix, fileSize: number): H
     const r = regions[i]!
     if (r.end > fileBytes) return corrupt(`${r.what} extends past the end of the snapshot`)
     const next = regions[i + 1]
-    if (next !== undefined && next.start < r.end) return corrupt(`${r.what} overlaps ${next.what}`)
+    if (next !== undefined && next.start < r.end) return corrupt(`${r.what} and ${next.what} overlap`)
   }
   if (fileSize < fileBytes) {
     return problem(
