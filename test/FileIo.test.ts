@@ -11,6 +11,7 @@ import * as Logger from "effect/Logger"
 import * as ChildProcess from "node:child_process"
 import * as Crypto from "node:crypto"
 import * as Fs from "node:fs"
+import * as Net from "node:net"
 import * as Path from "node:path"
 import * as FileIo from "../src/internal/native/fileIo.js"
 import { openFilesIn, tempDirectory } from "./support/files.js"
@@ -217,7 +218,7 @@ describe("FileIo transfers", () => {
       expect(openFilesIn(dir)).toEqual([])
     }))
 
-  it.scopedLive("a FIFO nobody writes to, or a device, is NotRegular at once: opening it does not wait for a writer", () =>
+  it.scopedLive("a FIFO nobody writes to, a device or a socket is NotRegular at once: opening a FIFO does not wait for a writer", () =>
     Effect.gen(function*() {
       const dir = yield* tempDir
       const fifo = Path.join(dir, "fifo")
@@ -225,6 +226,15 @@ describe("FileIo transfers", () => {
       const opened = yield* Effect.flip(Effect.scoped(FileIo.openForReading(fifo)))
       expect([opened.step, opened.path]).toEqual(["NotRegular", fifo])
       expect((yield* Effect.flip(Effect.scoped(FileIo.openForReading("/dev/zero")))).step).toBe("NotRegular")
+      // a Unix socket cannot be opened at all (ENXIO): still not a regular file, not "no such device or address"
+      const socket = Path.join(dir, "socket")
+      const server = Net.createServer()
+      yield* Effect.acquireRelease(
+        Effect.async<void>((resume) => void server.listen(socket, () => resume(Effect.void))),
+        () => Effect.async<void>((resume) => void server.close(() => resume(Effect.void)))
+      )
+      const opened2 = yield* Effect.flip(Effect.scoped(FileIo.openForReading(socket)))
+      expect([opened2.step, opened2.path]).toEqual(["NotRegular", socket])
       expect(openFilesIn(dir)).toEqual([])
     }))
 })

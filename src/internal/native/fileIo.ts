@@ -122,7 +122,12 @@ const READ_FLAGS = Fs.constants.O_RDONLY | Fs.constants.O_NONBLOCK
 /** Opens a regular file for reading, with its size; anything else (a FIFO, a device, a directory) is `NotRegular`. */
 export const openForReading = (path: string): Effect.Effect<File & { readonly size: number }, FileError, Scope.Scope> =>
   Effect.gen(function*() {
-    const handle = yield* open(path, READ_FLAGS)
+    // what cannot be opened may still be plainly no file to read (a socket: ENXIO; a device: EACCES, ENODEV...)
+    const handle = yield* Effect.catchTag(open(path, READ_FLAGS), "FileError", (error) =>
+      Effect.flatMap(
+        Effect.promise(() => FsP.stat(path).then((stat) => stat.isFile(), () => true)),
+        (regular) => regular ? Effect.fail(error) : Effect.fail(new FileError({ step: "NotRegular", path }))
+      ))
     const stat = yield* Effect.tryPromise({
       try: () => handle.stat(),
       catch: (cause) => new FileError({ step: "Stat", path, cause })
