@@ -279,15 +279,15 @@ const sameLayout = (ram: GuestRam.GuestRam["Type"], header: Format.Header): bool
   ram.blocks.every((b, i) => b.name === header.blocks[i]!.name && b.bytes.length === header.blocks[i]!.size)
 
 /**
- * The memory to restore into: the memory given, if its layout is the snapshot's, or new memory within the
- * limit. Fresh memory is not touched up front: the readers' copies fault its pages in on libuv's threads, in
- * parallel (faster here than filling first), and pages never stored stay untouched.
+ * Whether the memory the header describes may be restored: the layout of the memory given, else the limit, then
+ * the caller's `admit`. Checked on the header alone, before the bitmaps are read: a forged header of thousands of
+ * 4 GiB blocks of 512-byte pages (a sparse file) had a gigabyte of bitmaps read before the limit refused it.
  */
-const memoryFor = (
+const admitted = (
   path: string,
   header: Format.Header,
   options: RestoreOptions
-): Effect.Effect<GuestRam.GuestRam["Type"], SnapshotError> =>
+): Effect.Effect<void, SnapshotError> =>
   Effect.gen(function*() {
     const given = options.ram
     if (given !== undefined && !sameLayout(given, header)) {
@@ -315,13 +315,29 @@ const memoryFor = (
       channels: header.channels
     })
     if (refusal !== undefined) return yield* new SnapshotError({ reason: "Refused", path, detail: `not restored: ${refusal}` })
-    const fresh = header.blocks.map((b) => ({ name: b.name, size: b.size }))
-    return given ?? (yield* GuestRam.make({ pageSize: header.pageSize, blocks: fresh, prefault: false }).pipe(
+  })
+
+/**
+ * The memory to restore into (once `admitted`): the memory given, or new memory. Fresh memory is not touched up
+ * front: the readers' copies fault its pages in on libuv's threads, in parallel (faster here than filling
+ * first), and pages never stored stay untouched.
+ */
+const memoryFor = (
+  path: string,
+  header: Format.Header,
+  options: RestoreOptions
+): Effect.Effect<GuestRam.GuestRam["Type"], SnapshotError> =>
+  options.ram !== undefined
+    ? Effect.succeed(options.ram)
+    : GuestRam.make({
+      pageSize: header.pageSize,
+      blocks: header.blocks.map((b) => ({ name: b.name, size: b.size })),
+      prefault: false
+    }).pipe(
       Effect.mapError((e) =>
         new SnapshotError({ reason: e.reason === "OutOfMemory" ? "Layout" : "Corrupt", path, detail: e.message })
       )
-    ))
-  })
+    )
 
 /**
  * Restores the snapshot at `path`: validates the file completely before touching memory (magic, version,
@@ -339,7 +355,7 @@ export const restore = (path: string, options: RestoreOptions = {}): Effect.Effe
     const badReaders = Protocol.checkChannels(readers, "readers")
     if (badReaders !== undefined) return yield* new SnapshotError({ reason: "Unsupported", path, detail: badReaders })
     const file = yield* SnapshotFile.openReader(path)
-    const index = yield* Restore.readIndex(path, file)
+    const index = yield* Restore.readIndex(path, file, (header) => admitted(path, header, options))
     const { header } = index
     const ram = yield* memoryFor(path, header, options)
     const pages = Restore.pageReads(file, index, ram, options.ram === undefined)

@@ -509,6 +509,13 @@ describe("Snapshot refuses bad files", () => {
       expect(other.blocks[0]!.bytes.every((b) => b === 3)).toBe(true)
       const limited = yield* restoreFails(path, "Layout", { maxRamBytes: 1024 * 1024 })
       expect(limited.detail).toBe(`the snapshot's ${ram.size} bytes of memory exceed the limit of 1048576`)
+      // refused on the header alone, before the bitmaps are read (a damaged one is not even seen), and so is
+      // memory of another layout: a forged header cannot make a restore read gigabytes of bitmaps first
+      flipByte(path, Format.plan(4096, LAYOUT).blocks[0]!.bitmapOffset + 17)
+      yield* restoreFails(path, "Layout", { maxRamBytes: 1024 * 1024 })
+      yield* restoreFails(path, "Layout", { ram: other })
+      yield* restoreFails(path, "Refused", { admit: () => "no" })
+      yield* restoreFails(path, "Corrupt")
     }))
 })
 

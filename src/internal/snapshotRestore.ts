@@ -23,9 +23,14 @@ export interface Index {
 
 /**
  * Reads and validates everything but the pages: magic, version, header checksum, offsets and the file's
- * length (`Format.decodeHeader`), then each bitmap against its checksum and its count of stored pages.
+ * length (`Format.decodeHeader`), then — once `admit` accepted the header — each bitmap against its checksum
+ * and its count of stored pages.
  */
-export const readIndex = (path: string, file: Reader): Effect.Effect<Index, SnapshotError> =>
+export const readIndex = (
+  path: string,
+  file: Reader,
+  admit: (header: Format.Header) => Effect.Effect<void, SnapshotError> = () => Effect.void
+): Effect.Effect<Index, SnapshotError> =>
   Effect.gen(function*() {
     const fail = (problem: Format.Problem) => new SnapshotError({ path, ...problem })
     const fileSize = file.size
@@ -37,6 +42,7 @@ export const readIndex = (path: string, file: Reader): Effect.Effect<Index, Snap
     yield* file.read(headerBytes, 0, headerBytes.length, 0)
     const header = Format.decodeHeader(headerBytes, prefix, fileSize)
     if (Format.isProblem(header)) return yield* fail(header)
+    yield* admit(header)
 
     const bitmaps: Array<Uint8Array> = []
     for (const entry of header.blocks) {
