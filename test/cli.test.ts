@@ -505,6 +505,10 @@ describe("multifd failures", () => {
       [["send", "tcp:127.0.0.1:1", "--in"], /^multifd: error: --in needs a value$/],
       [["send", "tcp:127.0.0.1:1", "--in", image, "--channels"], /^multifd: error: --channels needs a value$/],
       [["send", "tcp:127.0.0.1:1", "--in", ""], /^multifd: error: --in: an empty value$/],
+      // "-" made a file called "-" (--out) or was "no such file" (--in)
+      [["recv", "tcp:127.0.0.1:0", "--out", "-"], /^multifd: error: --out -: the command reads and writes files, not standard input or output; name a file \(\.\/- for one called -\)$/],
+      [["send", "tcp:127.0.0.1:1", "--in", "-"], /^multifd: error: --in -: the command reads and writes files, not standard input or output/],
+      [["recv", `file:${image}`, "--from-qemu", "--vm", "-"], /^multifd: error: --vm -: the command reads and writes files/],
       [["send", "tcp:127.0.0.1:1", "--in", image, "--tls-psk", tlsFile("keys.psk"), "--tls-identity", ""], /^multifd: error: --tls-identity: an empty value$/],
       [["send", `file:${image}`, "--in", alias], /are the same file: the snapshot would replace the image$/],
       [["recv", `file:${alias}`, "--out", image], /are the same file: the image would replace the snapshot$/],

@@ -63,9 +63,21 @@ export const checkAnyLevel = (n: number): string | undefined => {
 const nonEmpty = (name: string) => (text: string) =>
   text.length === 0 ? Effect.fail(invalid(`--${name}: an empty value`)) : Effect.succeed(text)
 
-/** A path flag (`Options.file` / `Options.directory`): an empty path is an error naming the flag. */
+/**
+ * A path that names a file, not the convention for standard input or output (`--out -` made a file called "-";
+ * an image or a snapshot must be a file the command can sync, rename and read at offsets).
+ */
+const notStdio = (name: string) => (path: string) =>
+  path === "-"
+    ? Effect.fail(invalid(`--${name} -: the command reads and writes files, not standard input or output; name a file (./- for one called -)`))
+    : Effect.succeed(path)
+
+/** A path flag (`Options.file` / `Options.directory`): an empty path or `-` is an error naming the flag. */
 const pathOption = (name: string, kind: "file" | "directory" = "file") =>
-  (kind === "file" ? Options.file(name) : Options.directory(name)).pipe(Options.mapEffect(nonEmpty(name)))
+  (kind === "file" ? Options.file(name) : Options.directory(name)).pipe(
+    Options.mapEffect(nonEmpty(name)),
+    Options.mapEffect(notStdio(name))
+  )
 
 /** An integer flag: a value that is not one is an error naming the flag. */
 const integer = (name: string, pseudo: string) =>
