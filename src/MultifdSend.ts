@@ -204,8 +204,9 @@ interface Jobs {
 
 /** A failure of an established channel that a new connection may get past: the network's or TLS's. */
 const recoverable = (error: unknown): boolean => {
-  const tag = (Cause.originalError(error) as { readonly _tag?: string; readonly cause?: unknown })._tag
-  return tag === "TransportError" || tag === "TlsError"
+  const original = Cause.originalError(error) as { readonly _tag?: string; readonly reason?: string }
+  // a TLS record that failed authentication here is no lost connection
+  return (original._tag === "TransportError" && original.reason !== "Tls") || original._tag === "TlsError"
 }
 
 /** A job a channel took, kept until acknowledged: `finished` once its hand-off ended (idle, or SYNC done). */

@@ -124,10 +124,12 @@ export const run = (
       return waiting === undefined ? Queue.offer(inbox, message) : Deferred.succeed(waiting, message.syncs)
     })))
     const answered = yield* Deferred.make<void>()
-    // the main channel closing before any answer most likely means this source was refused
+    // the main channel closing before any answer most likely means this source was refused (a TLS record that
+    // failed authentication here means no such thing: it says so itself)
     const controlFailure = Effect.catchAll(readerFailure, (error) =>
       Effect.flatMap(Deferred.isDone(answered), (isAnswered) =>
-        !isAnswered && error._tag === "ChannelError" && error.cause._tag === "TransportError"
+        !isAnswered && error._tag === "ChannelError" && error.cause._tag === "TransportError" &&
+          (error.cause as Transport.TransportError).reason !== "Tls"
           ? new MigrationError.MigrationError({
             reason: "Rejected",
             // a TLS source that presented a certificate explains such a close itself (Tls.client)

@@ -12,9 +12,13 @@ import type * as Stream from "node:stream"
 import * as DirectSocket from "./directSocket.js"
 import { SocketReader } from "./socketReader.js"
 
-/** A connection or listener failure, naming the address and, when known, what was using it. */
+/**
+ * A connection or listener failure, naming the address and, when known, what was using it. `Tls`: this side's TLS
+ * found a record of an established connection bad (it failed authentication: tampered with or corrupted on the
+ * way): the connection is broken for good, not merely lost (an alert from the peer is `Closed`).
+ */
 export class TransportError extends Data.TaggedError("TransportError")<{
-  readonly reason: "BadAddress" | "Connect" | "Listen" | "Closed" | "Reset" | "Timeout" | "Write"
+  readonly reason: "BadAddress" | "Connect" | "Listen" | "Closed" | "Reset" | "Timeout" | "Write" | "Tls"
   readonly address: string
   readonly detail: string
   readonly cause?: unknown
@@ -53,7 +57,8 @@ export interface Connection {
    * Reads a chain of views, each filled exactly: `first`, then each view `next` returns for the view just
    * filled, until it returns `undefined` (`next` runs synchronously as bytes arrive: the socket reads the
    * next view without a trip through the fiber). Completes with `true` once `next` stopped, with `false`
-   * when the stream ended cleanly just before a view's first byte; fails if it ended inside a view. Only
+   * when the stream ended cleanly just before a view's first byte; fails if it ended inside a view, or failed
+   * (a reset, a TLS record that failed authentication) wherever it was. Only
    * connections that read straight into memory (accepted TCP and Unix sockets, a destination's TLS connections) have it.
    */
   readonly readChain?:
@@ -107,9 +112,23 @@ export const WRITE_BUFFER = 4 * 1024 * 1024
  */
 export const COPIED_WRITE_BUFFER = 1024 * 1024
 
+/**
+ * Whether an error is OpenSSL's own finding on an established connection (a record that failed authentication,
+ * a record it cannot parse): not the socket's, and not an alert the peer sent (`ERR_SSL_..._ALERT_...`: the peer
+ * ended the session, saying why, as a destination refusing a certificate after a TLS 1.3 handshake does).
+ */
+const isTlsError = (error: unknown): boolean => {
+  const code = (error as NodeJS.ErrnoException | undefined)?.code
+  return typeof code === "string" && code.startsWith("ERR_SSL_") && !code.includes("_ALERT_")
+}
+
 const closedError = (peer: string, error: unknown) =>
   new TransportError({
-    reason: (error as NodeJS.ErrnoException | undefined)?.code === "ECONNRESET" ? "Reset" : "Closed",
+    reason: isTlsError(error)
+      ? "Tls"
+      : (error as NodeJS.ErrnoException | undefined)?.code === "ECONNRESET"
+      ? "Reset"
+      : "Closed",
     address: peer,
     detail: describeError(error),
     cause: error
@@ -336,7 +355,7 @@ export const make = (
               ? Effect.succeed(true)
               : "defect" in ended
               ? Effect.die(ended.defect)
-              : ended.filled === 0
+              : ended.filled === 0 && direct.end?._tag !== "Error"
               ? Effect.succeed(false)
               : Effect.fail(endFailure(direct, ended.view.length, ended.filled))
           ))

@@ -115,15 +115,33 @@ export const explainingEarlyClose = (connection: Transport.Connection, refusal: 
 }
 
 /**
+ * Makes a TLS socket report the TLS errors of its established connection as 'error' events. Node emits them
+ * (a record that failed authentication: "decryption failed or bad record mac") as 'error' only once the socket's
+ * control was released, which `tls.connect` and `tls.Server` do and a `TLSSocket` made by hand — a destination's,
+ * upgrading a connection it accepted — never does: its errors went to an internal event, the socket stayed open
+ * and nothing read from it again, so a destination that found a tampered record waited for its peer timeout.
+ * `_releaseControl` is Node's own step (since Node 0.11) and does nothing on a socket already released.
+ */
+const releaseControl = (socket: NodeTls.TLSSocket): void => {
+  const internal = socket as unknown as { _releaseControl?: () => boolean }
+  if (typeof internal._releaseControl === "function") internal._releaseControl()
+}
+
+/**
  * Wraps a TLS socket as a scoped connection: destroyed at once on failure, `end` sends close_notify. With
  * `direct` (a destination's connection, which reads packets of pages) decrypted bytes are copied straight
  * where a read wants them (`DirectSocket.adopt`), and the connection reads chains of packets (`readChain`).
  */
 export const secured = (socket: NodeTls.TLSSocket, peer: string, direct = false) =>
   Effect.acquireRelease(Effect.succeed(socket), Transport.destroy).pipe(
-    // once secure, Node only emits a TLS error (a fatal alert, say) and leaves the socket open, where further
-    // writes never complete: destroy it, as a plain socket is on error
-    Effect.tap(() => Effect.sync(() => socket.on("error", () => socket.destroy()))),
+    Effect.tap(() =>
+      Effect.sync(() => {
+        releaseControl(socket)
+        // once secure, Node only emits a TLS error (a fatal alert, say) and leaves the socket open, where further
+        // writes never complete: destroy it, as a plain socket is on error
+        socket.on("error", () => socket.destroy())
+      })
+    ),
     Effect.zipRight(
       direct
         ? Effect.acquireRelease(
