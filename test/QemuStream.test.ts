@@ -1586,6 +1586,51 @@ describe("QemuOutgoing: a VM into a QEMU destination (here QemuIncoming, which a
       expect(error.message).toBe("QEMU failed to load the migration (MIG_RP_MSG_SHUT 1): its log says why")
     }))))
 
+  // far longer than these tests: a failure that names what came did not wait for a timeout
+  const LONG = { connect: "60 seconds", handshake: "60 seconds", peer: "60 seconds" } as const
+  const drainMain = (main: Transport.Connection) =>
+    Effect.gen(function*() {
+      while ((yield* main.readSome(65536)).length > 0) {
+        // drained
+      }
+    })
+  for (
+    const [what, answer, expected] of [
+      [
+        "garbage instead of an answer (an HTTP server's)",
+        () => Buffer.from("HTTP/1.1 400 Bad Request\r\n\r\n"),
+        "QEMU's return path: unexpected return-path message of type 0x4854 (21584 data bytes), bytes 48 54 54 50: " +
+        "is that a QEMU migration destination?"
+      ],
+      [
+        "a message of a known type with a length QEMU never sends",
+        () => Buffer.from("00010130", "hex"),
+        "QEMU's return path: unexpected return-path message MIG_RP_MSG_SHUT (0x0001) with 304 data bytes, expected 4, " +
+        "bytes 00 01 01 30: is that a QEMU migration destination?"
+      ],
+      [
+        "garbage after the first PONG",
+        () => Buffer.concat([Buffer.from("0002000400000001", "hex"), Buffer.from([0xde, 0xad, 0xbe, 0xef])]),
+        "QEMU's return path: unexpected return-path message of type 0xdead (48879 data bytes), bytes de ad be ef: " +
+        "is that a QEMU migration destination?"
+      ]
+    ] as const
+  ) {
+    it.live(`QEMU's return path brings ${what}: one line naming what came, at once, not a timeout`, () =>
+      expectNoLeaks(Effect.scoped(Effect.gen(function*() {
+        const vm = yield* capturedVm
+        const address = yield* fakeQemu((main) => Effect.zipRight(main.write([answer()]), drainMain(main)))
+        const error = failureOf(
+          yield* Effect.exit(
+            QemuOutgoing.migrate({ address, vm, channels: 2, timeouts: LONG }).pipe(Effect.provide(Transport.layer))
+          )
+        )
+        expectOneLine(error)
+        expect(error).toMatchObject({ _tag: "MigrationError", reason: "Unexpected" })
+        expect(error.message).toBe(expected)
+      }))))
+  }
+
   it.live("QEMU that answers and then takes nothing more: a timeout naming the wait, nothing left open", () =>
     expectNoLeaks(Effect.scoped(Effect.gen(function*() {
       const vm = yield* capturedVm

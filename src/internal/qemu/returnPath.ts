@@ -18,6 +18,30 @@ import * as MigrationError from "../../MigrationError.js"
 import type * as Transport from "../../Transport.js"
 import { ReturnPath as Message, returnPathName } from "./format.js"
 
+/**
+ * The data length each message type has (QEMU's `rp_cmd_args`): `-1` for any up to `MAX_DATA`. Types outside
+ * it (0, MIG_RP_MSG_INVALID, and 8 on) QEMU never sends.
+ */
+const LENGTHS: ReadonlyArray<number> = [Number.NaN, 4, 4, -1, 12, -1, 4, 0]
+
+/** The most data bytes a return-path message has (QEMU's source reads into a buffer of 512). */
+const MAX_DATA = 512
+
+/** What is wrong with a message header (type and data length) as QEMU would say it, or `undefined`. */
+const headerProblem = (type: number, length: number): string | undefined => {
+  const expected = LENGTHS[type]
+  const shown = `0x${type.toString(16).padStart(4, "0")}`
+  if (expected === undefined || Number.isNaN(expected)) return `of type ${shown} (${length} data bytes)`
+  if (expected === -1 ? length > MAX_DATA : length !== expected) {
+    return `MIG_RP_MSG_${returnPathName(type)} (${shown}) with ${length} data bytes, expected ` +
+      (expected === -1 ? `at most ${MAX_DATA}` : `${expected}`)
+  }
+  return undefined
+}
+
+/** Bytes as hex, a space between each. */
+const hex = (bytes: Buffer): string => Array.from(bytes, (b) => b.toString(16).padStart(2, "0")).join(" ")
+
 /** The source's view of QEMU's return path. */
 export interface ReturnPath {
   /** The first PONG (the answer to the source's first PING): QEMU took the configuration and reads on. */
@@ -50,18 +74,22 @@ export const start = (
         const head = yield* connection.read(4)
         const type = head.readUInt16BE(0)
         const length = head.readUInt16BE(2)
+        // judged before its data is waited for: garbage announces any length, and would be waited for in vain
+        const refusal = headerProblem(type, length)
+        if (refusal !== undefined) {
+          return yield* ended(new MigrationError.MigrationError({
+            reason: "Unexpected",
+            detail: `QEMU's return path: unexpected return-path message ${refusal}, bytes ${hex(head)}: ` +
+              "is that a QEMU migration destination?"
+          }))
+        }
         const data = length > 0 ? yield* connection.read(length) : Buffer.alloc(0)
         const name = returnPathName(type)
         received.push(name)
         switch (type) {
           case Message.PONG:
           case Message.SHUT: {
-            if (length !== 4) {
-              return yield* ended(new MigrationError.MigrationError({
-                reason: "Unexpected",
-                detail: `QEMU's return path: MIG_RP_MSG_${name} with ${length} data bytes, expected 4`
-              }))
-            }
+            // (4 data bytes: `headerProblem`)
             const value = data.readUInt32BE(0)
             if (type === Message.PONG) {
               yield* Deferred.succeed(pong, value)
