@@ -209,6 +209,31 @@ describe("Connection.readChain: one read plan, header, pages, header, …, chose
       expect(error.message).toContain(`after 5000 of ${2 * PAGE} bytes`)
     })))
 
+  it.live("the stream failing just before a view (a TLS record that failed authentication) fails the chain with that error, not false", () =>
+    leakFree(Effect.gen(function*() {
+      const sent = packets(2, 2)
+      const { client, server } = yield* pair(tcp)
+      yield* client.write(sent.flatMap((p) => [p.header, p.payload]))
+      const chain = plan(sent, Buffer.alloc(2 * 2 * PAGE), -1)
+      // the last payload filled: the chain now waits for the next header's first byte
+      const waiting = yield* Deferred.make<void>()
+      const next = (full: Uint8Array) => {
+        const view = chain.next(full)
+        if (chain.seen.length === 2 && view === chain.header) Deferred.unsafeDone(waiting, Exit.void)
+        return view
+      }
+      const reading = yield* Effect.fork(server.readChain!(chain.header, next))
+      yield* noHang(Deferred.await(waiting), "the chain at a packet boundary")
+      const bad = Object.assign(new Error("decryption failed or bad record mac"), {
+        code: "ERR_SSL_DECRYPTION_FAILED_OR_BAD_RECORD_MAC",
+        reason: "decryption failed or bad record mac"
+      })
+      server.stream.destroy(bad)
+      const error = yield* Effect.flip(noHang(Fiber.join(reading), "the failed chain"))
+      expect(error).toMatchObject({ _tag: "TransportError", reason: "Tls" })
+      expect(error.message).toMatch(/: TLS: decryption failed or bad record mac$/)
+    })))
+
   it.live("interrupting a chain stops it: no view is asked for afterwards, and the socket closes with the scope", () =>
     leakFree(Effect.gen(function*() {
       const { client, server } = yield* pair(tcp)
