@@ -7,6 +7,11 @@ export default defineConfig({
     globalSetup: ["test/support/cliBundle.ts"],
     testTimeout: 60_000,
     hookTimeout: 60_000,
-    pool: "forks"
+    pool: "forks",
+    // two files at a time, whatever the core count (vitest's default is one fewer than the cores: one here).
+    // Most of a file's time is waiting (on child processes, sockets, QEMU), and the tests that bound a time
+    // leave room for a machine this loaded
+    maxWorkers: 2,
+    minWorkers: 1
   }
 })
