@@ -39,6 +39,7 @@ import { leakFree } from "./support/handles.js"
 import { mixedImage, timed } from "./support/images.js"
 import { sameMemory } from "./support/memory.js"
 import { loopbackServer } from "./support/tcpServer.js"
+import { TlsRecords } from "./support/tlsRecords.js"
 
 // ---------------------------------------------------------------------------------------------------------
 // helpers
@@ -295,34 +296,12 @@ const rawPeer = (behaviour: "drop" | "stall") =>
 
 /** One direction of a proxied TLS connection: the records seen (type, length) and whether it ended (FIN). */
 interface Direction {
-  records: Array<{ readonly type: number; readonly length: number }>
+  readonly records: Array<{ readonly type: number; readonly length: number }>
   ended: boolean
-  header: Buffer
-  have: number
-  skip: number
+  readonly follower: TlsRecords
 }
 
-const newDirection = (): Direction => ({ records: [], ended: false, header: Buffer.alloc(5), have: 0, skip: 0 })
-
-/** Follows the TLS record layer (5-byte cleartext headers) of a byte stream. */
-const parseRecords = (d: Direction, chunk: Buffer) => {
-  let i = 0
-  while (i < chunk.length) {
-    if (d.skip > 0) {
-      const n = Math.min(d.skip, chunk.length - i)
-      d.skip -= n
-      i += n
-      continue
-    }
-    d.header[d.have++] = chunk[i++]!
-    if (d.have === 5) {
-      const length = d.header.readUInt16BE(3)
-      d.records.push({ type: d.header[0]!, length })
-      d.have = 0
-      d.skip = length
-    }
-  }
-}
+const newDirection = (): Direction => ({ records: [], ended: false, follower: new TlsRecords() })
 
 /**
  * A TCP proxy that forwards both directions unchanged (half-closes included) and follows the TLS records of
@@ -338,7 +317,7 @@ const recordProxy = (target: Transport.Address) =>
       connections.push(record)
       const pipe = (from: Net.Socket, to: Net.Socket, d: Direction) => {
         from.on("data", (chunk: Buffer) => {
-          parseRecords(d, chunk)
+          d.follower.scan(chunk, (type, length) => d.records.push({ type, length }))
           to.write(chunk)
         })
         from.on("end", () => {
@@ -1387,8 +1366,7 @@ describe("clean termination", () => {
       expect(proxy.connections).toHaveLength(1 + 4)
       for (const { up } of proxy.connections) {
         expect(up.ended).toBe(true)
-        expect(up.have).toBe(0) // no torn record header
-        expect(up.skip).toBe(0) // no torn record
+        expect(up.follower.atRecordBoundary).toBe(true) // no torn record header, no torn record
         expect(up.records.at(-1)).toEqual(CLOSE_NOTIFY_RECORD)
         // the close_notify is the only such record: the migration itself sent none of that size
         expect(up.records.filter((r) => r.length === CLOSE_NOTIFY_RECORD.length)).toHaveLength(1)

@@ -12,6 +12,7 @@ import * as Exit from "effect/Exit"
 import * as Net from "node:net"
 import type * as Transport from "../../src/Transport.js"
 import { loopbackServer } from "./tcpServer.js"
+import { TlsRecords } from "./tlsRecords.js"
 
 /** What to do to the stream, where. */
 export interface TamperPlan {
@@ -33,39 +34,6 @@ const CHANGE_CIPHER_SPEC = 20
 const HANDSHAKE = 22
 const APPLICATION_DATA = 23
 
-/** Follows TLS records (5-byte cleartext headers) through a byte stream. */
-class Records {
-  private readonly header = Buffer.alloc(5)
-  private have = 0
-  /** Bytes of the current record's body still to come. */
-  private left = 0
-
-  /** `counts` says of each record header found (its type) whether the record counts. */
-  constructor(private readonly counts: (type: number) => boolean) {}
-
-  /** Where the bodies of the counted records that start in `chunk` begin (maybe at its end), and their lengths. */
-  scan(chunk: Buffer): Array<readonly [number, number]> {
-    const starts: Array<readonly [number, number]> = []
-    let i = 0
-    while (i < chunk.length) {
-      if (this.left > 0) {
-        const n = Math.min(this.left, chunk.length - i)
-        this.left -= n
-        i += n
-        continue
-      }
-      this.header[this.have++] = chunk[i++]!
-      if (this.have === 5) {
-        const type = this.header[0]!
-        this.left = this.header.readUInt16BE(3)
-        this.have = 0
-        if (this.counts(type) && this.left > 0) starts.push([i, this.left])
-      }
-    }
-    return starts
-  }
-}
-
 /** Starts the proxy; `tampered` completes once the tampering happened. */
 export const tamperProxy = (target: Transport.Address, plan: TamperPlan) =>
   Effect.gen(function*() {
@@ -86,18 +54,24 @@ export const tamperProxy = (target: Transport.Address, plan: TamperPlan) =>
         let counted = 0
         let bodyNext = false
         let cut = false
-        const records = new Records((type) => {
+        const records = new TlsRecords()
+        /** Whether a record counts: an encrypted application_data record after the handshake. */
+        const counts = (type: number) => {
           const after = secured
           if (direction === "up" && !secured) {
             if (type === CHANGE_CIPHER_SPEC) clientChangedCipher = true
             else if (clientChangedCipher && (type === APPLICATION_DATA || type === HANDSHAKE)) secured = true
           }
           return after && type === APPLICATION_DATA
-        })
+        }
         from.on("data", (chunk: Buffer) => {
           if (cut) return
           if (!targeted && plan.swallowReply === true && index === plan.connection && done) return
-          const starts = records.scan(chunk)
+          // where the bodies of the counted records that start in this chunk begin, and their lengths
+          const starts: Array<readonly [number, number]> = []
+          records.scan(chunk, (type, length, at) => {
+            if (counts(type) && length > 0) starts.push([at, length])
+          })
           if (targeted) {
             // a body that begins in the next chunk is tampered with at its first byte
             const found = bodyNext ? [0] : []
