@@ -530,6 +530,12 @@ describe("multifd failures", () => {
       [["send", "tcp:127.0.0.1:1", "--in", image, "--compression", "lz4"], /none, zlib, zstd/],
       [["send", "tcp:127.0.0.1:1", "--in", image, "--max-bandwidth", "fast"], /^multifd: error: --max-bandwidth: "fast" is not a rate like 100M/],
       [["send", `file:${Path.join(dir, "t.snap")}`, "--in", image, "--max-bandwidth", "10M"], /a bandwidth limit does not apply to a file: snapshot/],
+      // flags that do not apply to what the command does are refused, not ignored
+      [["send", "tcp:127.0.0.1:1", "--to-qemu", "--vm", image, "--page-size", "8192"], /^multifd: error: --page-size does not apply to --to-qemu: the VM file sets the page size$/],
+      [["send", "tcp:127.0.0.1:1", "--to-qemu", "--vm", image, "--zero-page", "multifd"], /^multifd: error: --zero-page does not apply to --to-qemu: zero pages travel as offsets, as QEMU sends them$/],
+      [["recv", `file:${image}`, "--from-qemu", "--out", "x.img", "--channels", "2"], /^multifd: error: --channels does not apply to a file QEMU wrote \(file: --from-qemu\)/],
+      [["recv", `file:${image}`, "--from-qemu", "--out", "x.img", "--compression", "none"], /^multifd: error: --compression does not apply to a file QEMU wrote \(file: --from-qemu\)/],
+      [["recv", `file:${image}`, "--out", "x.img", "--compression", "zlib"], /^multifd: error: compression zlib does not apply to a file: snapshot$/],
       [
         ["send", "tcp:127.0.0.1:1", "--in", image, "--compression", "zlib", "--compression-level", "99"],
         /^multifd: error: compression: zlib level 99 is out of range 0-9$/
@@ -936,6 +942,25 @@ describe("observability and configuration", () => {
     expect(send2.code, send2.stderr).toBe(0)
     expect(JSON.parse(send2.stdout).channels).toBe(2)
     expect((await recv2.finished).code).toBe(0)
+  })
+
+  it("MULTIFD_* variables that do not apply are ignored where the flag is refused (send --to-qemu, file:)", async () => {
+    // the VM file's own failure, not --page-size or --zero-page
+    const vm = Path.join(dir, "missing.vm")
+    const toQemu = await run(["send", "tcp:127.0.0.1:1", "--to-qemu", "--vm", vm], { env: { MULTIFD_PAGE_SIZE: "8192", MULTIFD_ZERO_PAGE: "none" } })
+    expect({ code: toQemu.code, stderr: lines(toQemu.stderr) }).toEqual({ code: 2, stderr: [expect.stringMatching(/missing\.vm: .*no such file/)] })
+    // QEMU's file is read (and found not to be one), not refused for --channels or --compression
+    const fromQemu = await run(["recv", `file:${image}`, "--from-qemu", "--out", Path.join(dir, "env.out")], {
+      env: { MULTIFD_CHANNELS: "3", MULTIFD_COMPRESSION: "zstd" }
+    })
+    expect({ code: fromQemu.code, stderr: lines(fromQemu.stderr) }).toEqual({ code: 2, stderr: [expect.stringMatching(/not a QEMU migration stream/)] })
+    // a snapshot is restored whatever compression the environment sets for migrations
+    const snapshot = Path.join(dir, "env.snap")
+    const saved = await run(["send", `file:${snapshot}`, "--in", image, "--quiet"], { env: { MULTIFD_COMPRESSION: "zstd", MULTIFD_MAX_BANDWIDTH: "10M" } })
+    expect({ code: saved.code, stderr: saved.stderr }).toEqual({ code: 0, stderr: "" })
+    const restored = await run(["recv", `file:${snapshot}`, "--out", Path.join(dir, "env.out"), "--quiet"], { env: { MULTIFD_COMPRESSION: "zstd" } })
+    expect({ code: restored.code, stderr: restored.stderr }).toEqual({ code: 0, stderr: "" })
+    expect(Fs.readFileSync(Path.join(dir, "env.out")).equals(Fs.readFileSync(image))).toBe(true)
   })
 
   it("a bad MULTIFD_* variable: exit 2 and one line naming it, before anything connects", async () => {

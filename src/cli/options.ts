@@ -11,6 +11,7 @@ import * as Args from "@effect/cli/Args"
 import * as HelpDoc from "@effect/cli/HelpDoc"
 import * as Options from "@effect/cli/Options"
 import * as ValidationError from "@effect/cli/ValidationError"
+import * as Config from "effect/Config"
 import * as Duration from "effect/Duration"
 import * as Effect from "effect/Effect"
 import * as Either from "effect/Either"
@@ -143,8 +144,8 @@ export const sendQemu: Options.Options<SendQemu> = Options.all({
     Options.withDescription(
       "Migrate a whole VM into an unmodified QEMU 10 listening at <uri> (-incoming, capability multifd, " +
         "multifd-channels as --channels, multifd-compression as --compression, the same machine options as the " +
-        "VM's source); succeeds once QEMU says it loaded the VM. The VM file sets the page size; --zero-page " +
-        "does not apply (zero pages travel as offsets, as QEMU sends them)."
+        "VM's source); succeeds once QEMU says it loaded the VM. --page-size and --zero-page do not apply (the VM " +
+        "file sets the page size; zero pages travel as offsets, as QEMU sends them): given, they are refused."
     )
   ),
   vm: pathOption("vm").pipe(
@@ -199,7 +200,8 @@ export const recvOutput: Options.Options<RecvOutput> = Options.all({
     Options.withDescription(
       "Receive from an unmodified QEMU 10 (capability multifd; tell it the same multifd-channels as --channels, " +
         "which is then required, 0 for QEMU without multifd, and multifd-compression as --compression), or read a " +
-        "file QEMU's migrate file: wrote (<uri> file:PATH), and write the guest's RAM or the whole VM."
+        "file QEMU's migrate file: wrote (<uri> file:PATH; --channels and --compression do not apply), and write " +
+        "the guest's RAM or the whole VM."
     )
   )
 })
@@ -208,26 +210,49 @@ export const recvOutput: Options.Options<RecvOutput> = Options.all({
 // Transfer
 
 // Each transfer flag falls back on its environment variable (`MigrationConfig`): a flag given wins; a bad
-// variable is a parse error naming it (exit 2).
+// variable is a parse error naming it (exit 2). A value remembers whether the command line gave it (`given`):
+// a flag that does not apply to what the command does is refused, while an environment default that does not
+// apply is ignored (a MULTIFD_PAGE_SIZE set for images is no reason to refuse send --to-qemu).
+
+/** A flag's value and whether the command line gave it (`false`: its environment variable or its default). */
+interface Given<A> {
+  readonly value: A
+  readonly given: boolean
+}
+
+/** `option`, falling back on `config`, remembering which gave the value. */
+const withFallback = <A>(option: Options.Options<A>, config: Config.Config<A>): Options.Options<Given<A>> =>
+  option.pipe(
+    Options.map((value): Given<A> => ({ value, given: true })),
+    Options.withFallbackConfig(Config.map(config, (value): Given<A> => ({ value, given: false })))
+  )
+
+/** The value of an optional `Given`, and whether the command line gave it. */
+const unwrap = <A>(o: Option.Option<Given<A>>): Given<Option.Option<A>> =>
+  Option.match(o, {
+    onNone: () => ({ value: Option.none(), given: false }),
+    onSome: ({ given, value }) => ({ value: Option.some(value), given })
+  })
+
+/** A default that the command line did not give. */
+const byDefault = <A>(value: A): Given<A> => ({ value, given: false })
 
 const channelsOption = (description: string, problem: (n: number) => string | undefined = checkChannels) =>
-  integer("channels", "N").pipe(
-    Options.withDescription(description),
-    Options.mapEffect(check(problem)),
-    Options.withFallbackConfig(MigrationConfig.channels)
+  withFallback(
+    integer("channels", "N").pipe(Options.withDescription(description), Options.mapEffect(check(problem))),
+    MigrationConfig.channels
   )
 
 const pageSizeOption = (description: string) =>
-  integer("page-size", "BYTES").pipe(
-    Options.withDescription(description),
-    Options.mapEffect(check(checkPageSize)),
-    Options.withFallbackConfig(MigrationConfig.pageSize)
+  withFallback(
+    integer("page-size", "BYTES").pipe(Options.withDescription(description), Options.mapEffect(check(checkPageSize))),
+    MigrationConfig.pageSize
   )
 
 const compressionOption = (description: string) =>
-  choice("compression", ["none", "zlib", "zstd"]).pipe(
-    Options.withDescription(description),
-    Options.withFallbackConfig(MigrationConfig.compression)
+  withFallback(
+    choice("compression", ["none", "zlib", "zstd"]).pipe(Options.withDescription(description)),
+    MigrationConfig.compression
   )
 
 const CHANNELS = `Parallel multifd channels, ${MIN_CHANNELS}-${MAX_CHANNELS}`
@@ -245,43 +270,60 @@ export interface SendTransfer {
   readonly zeroPage: "multifd" | "none"
   /** Bytes per second (0: no limit). */
   readonly maxBandwidth: Option.Option<number>
+  /** The flags among these that the command line gave (not their environment variables), as `--page-size`. */
+  readonly given: ReadonlySet<string>
 }
+
+/** The flags whose value the command line gave. */
+const givenFlags = (values: Readonly<Record<string, Given<unknown>>>): ReadonlySet<string> =>
+  new Set(Object.entries(values).filter(([, v]) => v.given).map(([name]) => `--${name.replace(/[A-Z]/g, (c) => `-${c.toLowerCase()}`)}`))
 
 /** Transfer settings of the source, with their defaults. */
 export const sendTransfer: Options.Options<SendTransfer> = Options.all({
-  channels: channelsOption(`${CHANNELS} (default 2).${env("MULTIFD_CHANNELS")}`).pipe(Options.withDefault(2)),
+  channels: channelsOption(`${CHANNELS} (default 2).${env("MULTIFD_CHANNELS")}`).pipe(Options.withDefault(byDefault(2))),
   pageSize: pageSizeOption(`${PAGE_SIZE} (default ${GuestRam.DEFAULT_PAGE_SIZE}).${env("MULTIFD_PAGE_SIZE")}`).pipe(
-    Options.withDefault(GuestRam.DEFAULT_PAGE_SIZE)
+    Options.withDefault(byDefault(GuestRam.DEFAULT_PAGE_SIZE))
   ),
   compression: compressionOption(`${COMPRESSION} (default none).${env("MULTIFD_COMPRESSION")}`).pipe(
-    Options.withDefault("none" as const)
+    Options.withDefault(byDefault<Protocol.Compression>("none"))
   ),
-  compressionLevel: integer("compression-level", "N").pipe(
-    Options.withDescription(
-      "Compression level: zlib 0-9 (default 1), zstd 0-20 (default 1); ignored without compression." +
-        env("MULTIFD_COMPRESSION_LEVEL")
+  compressionLevel: withFallback(
+    integer("compression-level", "N").pipe(
+      Options.withDescription(
+        "Compression level: zlib 0-9 (default 1), zstd 0-20 (default 1); ignored without compression." +
+          env("MULTIFD_COMPRESSION_LEVEL")
+      )
     ),
-    Options.withFallbackConfig(MigrationConfig.compressionLevel),
-    Options.optional
-  ),
-  zeroPage: choice("zero-page", ["multifd", "none"]).pipe(
-    Options.withDescription(`multifd: zero pages travel as offsets only; none: as data (default multifd).${env("MULTIFD_ZERO_PAGE")}`),
-    Options.withFallbackConfig(MigrationConfig.zeroPage),
-    Options.withDefault("multifd" as const)
-  ),
-  maxBandwidth: Options.text("max-bandwidth").pipe(
-    Options.withPseudoName("RATE"),
-    Options.withDescription(
-      "Limit the channels together to this rate, counting every packet's bytes, as QEMU's max-bandwidth: MiB/s " +
-        "(100 or 100M), or 512K, 1G; 0: no limit (the default)." + env("MULTIFD_MAX_BANDWIDTH")
+    MigrationConfig.compressionLevel
+  ).pipe(Options.optional, Options.map(unwrap)),
+  zeroPage: withFallback(
+    choice("zero-page", ["multifd", "none"]).pipe(
+      Options.withDescription(`multifd: zero pages travel as offsets only; none: as data (default multifd).${env("MULTIFD_ZERO_PAGE")}`)
     ),
-    Options.mapEffect((text) =>
-      Either.match(Bandwidth.parse(text), { onLeft: (why) => Effect.fail(invalid(`--max-bandwidth: ${why}`)), onRight: Effect.succeed })
+    MigrationConfig.zeroPage
+  ).pipe(Options.withDefault(byDefault<"multifd" | "none">("multifd"))),
+  maxBandwidth: withFallback(
+    Options.text("max-bandwidth").pipe(
+      Options.withPseudoName("RATE"),
+      Options.withDescription(
+        "Limit the channels together to this rate, counting every packet's bytes, as QEMU's max-bandwidth: MiB/s " +
+          "(100 or 100M), or 512K, 1G; 0: no limit (the default)." + env("MULTIFD_MAX_BANDWIDTH")
+      ),
+      Options.mapEffect((text) =>
+        Either.match(Bandwidth.parse(text), { onLeft: (why) => Effect.fail(invalid(`--max-bandwidth: ${why}`)), onRight: Effect.succeed })
+      )
     ),
-    Options.withFallbackConfig(MigrationConfig.maxBandwidth),
-    Options.optional
-  )
-})
+    MigrationConfig.maxBandwidth
+  ).pipe(Options.optional, Options.map(unwrap))
+}).pipe(Options.map((flags): SendTransfer => ({
+  channels: flags.channels.value,
+  pageSize: flags.pageSize.value,
+  compression: flags.compression.value,
+  compressionLevel: flags.compressionLevel.value,
+  zeroPage: flags.zeroPage.value,
+  maxBandwidth: flags.maxBandwidth.value,
+  given: givenFlags(flags)
+})))
 
 /**
  * Transfer settings on the destination: the source decides them (its hello carries them). Values given here
@@ -291,6 +333,8 @@ export interface RecvTransfer {
   readonly channels: Option.Option<number>
   readonly pageSize: Option.Option<number>
   readonly compression: Option.Option<Protocol.Compression>
+  /** The flags among these that the command line gave (not their environment variables), as `--channels`. */
+  readonly given: ReadonlySet<string>
 }
 
 const followsSource = " On recv the source decides; when given, the source must agree, else recv fails and writes nothing."
@@ -303,10 +347,18 @@ export const recvTransfer: Options.Options<RecvTransfer> = Options.all({
   channels: channelsOption(
     `${CHANNELS} (with --from-qemu: QEMU's multifd-channels, 0 without multifd).${followsSource}${env("MULTIFD_CHANNELS")}`,
     checkRecvChannels
-  ).pipe(Options.optional),
-  pageSize: pageSizeOption(`${PAGE_SIZE}.${followsSource}${env("MULTIFD_PAGE_SIZE")}`).pipe(Options.optional),
-  compression: compressionOption(`${COMPRESSION}.${followsSource}${env("MULTIFD_COMPRESSION")}`).pipe(Options.optional)
-})
+  ).pipe(Options.optional, Options.map(unwrap)),
+  pageSize: pageSizeOption(`${PAGE_SIZE}.${followsSource}${env("MULTIFD_PAGE_SIZE")}`).pipe(Options.optional, Options.map(unwrap)),
+  compression: compressionOption(`${COMPRESSION}.${followsSource}${env("MULTIFD_COMPRESSION")}`).pipe(
+    Options.optional,
+    Options.map(unwrap)
+  )
+}).pipe(Options.map((flags): RecvTransfer => ({
+  channels: flags.channels.value,
+  pageSize: flags.pageSize.value,
+  compression: flags.compression.value,
+  given: givenFlags(flags)
+})))
 
 // ---------------------------------------------------------------------------------------------------------
 // Timing

@@ -46,6 +46,16 @@ export const command = Command.make(
       const terminal = yield* Terminal.Terminal
       const tls = yield* tlsOf(tlsFlags, "recv", uri, timing)
       if (output.fromQemu) {
+        // a file QEMU wrote says what it holds: QEMU's channel count and compression are not in it (its mapped-ram
+        // file is never compressed). A flag given is refused, their environment variables ignored
+        const stray = uri._tag === "File" ? ["--channels", "--compression"].find((flag) => transfer.given.has(flag)) : undefined
+        if (stray !== undefined) {
+          return yield* new UsageError({
+            detail: stray === "--channels"
+              ? "--channels does not apply to a file QEMU wrote (file: --from-qemu): its pages are read whatever channels wrote them"
+              : "--compression does not apply to a file QEMU wrote (file: --from-qemu): QEMU writes its pages uncompressed"
+          })
+        }
         if (uri._tag !== "File" && Option.isNone(transfer.channels)) {
           return yield* new UsageError({
             detail: "--from-qemu needs --channels N (QEMU's multifd-channels; 0 for QEMU without multifd)"
@@ -54,7 +64,7 @@ export const command = Command.make(
         yield* FromQemu.run({
           uri,
           channels: Option.getOrElse(transfer.channels, () => 0),
-          compression: Option.getOrUndefined(transfer.compression),
+          compression: uri._tag === "File" ? undefined : Option.getOrUndefined(transfer.compression),
           pageSize: Option.getOrUndefined(transfer.pageSize),
           out: Option.getOrUndefined(output.out),
           outDir: Option.getOrUndefined(output.outDir),
@@ -67,6 +77,12 @@ export const command = Command.make(
       }
       if (Option.isSome(transfer.channels) && transfer.channels.value === 0) {
         return yield* new UsageError({ detail: `${Options.checkChannels(0)} (0 goes with --from-qemu: QEMU without multifd)` })
+      }
+      // a snapshot is never compressed (send file: refuses compression): another method given is refused, and
+      // MULTIFD_COMPRESSION, set for migrations, ignored
+      const compression = uri._tag === "File" && !transfer.given.has("--compression") ? Option.none() : transfer.compression
+      if (uri._tag === "File" && Option.isSome(compression) && compression.value !== "none") {
+        return yield* new UsageError({ detail: `compression ${compression.value} does not apply to a file: snapshot` })
       }
       if (Option.isSome(output.outDir)) return yield* new UsageError({ detail: "--out-dir goes with --from-qemu; use --out FILE" })
       if (Option.isSome(output.vm)) return yield* new UsageError({ detail: "--vm goes with --from-qemu (or send --to-qemu)" })
@@ -95,7 +111,7 @@ export const command = Command.make(
           expect: {
             channels: Option.getOrUndefined(transfer.channels),
             pageSize: Option.getOrUndefined(transfer.pageSize),
-            compression: Option.getOrUndefined(transfer.compression)
+            compression: Option.getOrUndefined(compression)
           },
           // memory that will not fit on the disk is refused now, not after the whole transfer
           admit: (proposal) => image.tooBig(proposal.ramBytes),

@@ -52,6 +52,15 @@ export const command = Command.make(
       if (qemu.toQemu) {
         if (Option.isSome(inputFlag)) return yield* new UsageError({ detail: "--to-qemu takes the VM as --vm FILE, not --in" })
         if (Option.isNone(qemu.vm)) return yield* new UsageError({ detail: "--to-qemu needs --vm FILE (a QEMU mapped-ram migration file)" })
+        // the VM file sets them: a flag given is refused, their environment variables are ignored
+        const stray = ["--page-size", "--zero-page"].find((flag) => transfer.given.has(flag))
+        if (stray !== undefined) {
+          return yield* new UsageError({
+            detail: stray === "--page-size"
+              ? "--page-size does not apply to --to-qemu: the VM file sets the page size"
+              : "--zero-page does not apply to --to-qemu: zero pages travel as offsets, as QEMU sends them"
+          })
+        }
         const tls = yield* tlsOf(tlsFlags, "send", uri, timing)
         yield* ToQemu.run({
           uri,
@@ -73,6 +82,11 @@ export const command = Command.make(
         return yield* new UsageError({ detail: `--in ${input} and file:${uri.path} are the same file: the snapshot would replace the image` })
       }
       const tls = yield* tlsOf(tlsFlags, "send", uri, timing)
+      // a snapshot is neither compressed nor limited: the flags are refused (Migration), while MULTIFD_COMPRESSION
+      // and MULTIFD_MAX_BANDWIDTH, set for migrations, are ignored
+      const toFile = uri._tag === "File"
+      const compression = toFile && !transfer.given.has("--compression") ? "none" : transfer.compression
+      const maxBandwidth = toFile && !transfer.given.has("--max-bandwidth") ? Option.none() : transfer.maxBandwidth
       const bytes = yield* Image.read(input, transfer.pageSize)
       const ram = yield* GuestRam.make({ pageSize: transfer.pageSize, blocks: [{ name: BLOCK_NAME, bytes }] }).pipe(
         Effect.mapError((error) => new UsageError({ detail: error.message }))
@@ -83,10 +97,10 @@ export const command = Command.make(
         return yield* Migration.migrate({
           address: uri,
           channels: transfer.channels,
-          compression: transfer.compression,
+          compression,
           compressionLevel: Option.getOrUndefined(transfer.compressionLevel),
           zeroPage: transfer.zeroPage,
-          maxBandwidth: Option.getOrUndefined(transfer.maxBandwidth),
+          maxBandwidth: Option.getOrUndefined(maxBandwidth),
           timeouts: timeoutsOf(timing),
           upgrade: tls?.client(hostOf(uri)),
           onProgress,
@@ -95,7 +109,7 @@ export const command = Command.make(
         })
       })).pipe(
         Effect.provideService(GuestRam.GuestRam, ram),
-        Effect.provide([Transport.layer, environment, channelThreads(uri, transfer.compression)])
+        Effect.provide([Transport.layer, environment, channelThreads(uri, compression)])
       )
       yield* Report.print({ role: "send", input, pageSize: ram.pageSize, stats, status: yield* status.get }, reporting)
     }).pipe(Log.withReporting(reporting))
