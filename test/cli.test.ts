@@ -182,11 +182,18 @@ describe("multifd send/recv", () => {
     expect(lines(bad.stderr)).toEqual([expect.stringMatching(/^multifd: error: .*image\.raw.*snapshot/)])
     expect(filesLike("foreign.out")).toEqual([])
     // the command line's settings are requirements for a snapshot too, checked before it is read
-    const other = await runHere(["recv", `file:${snapshot}`, "--out", Path.join(dir, "other.out"), "--channels", "4"])
+    const other = await runHere(["recv", `file:${snapshot}`, "--out", Path.join(dir, "other.out"), "--page-size", "8192"])
     expect(other.code).toBe(1)
     expect(lines(other.stderr)).toEqual([
-      `multifd: error: snapshot ${snapshot}: not restored: it was saved with channels 3, the destination expects 4`
+      `multifd: error: snapshot ${snapshot}: not restored: it was saved with page size ${PAGE}, the destination expects 8192`
     ])
+    expect(filesLike("other.out")).toEqual([])
+    // but not the writers' count, which a restore does not depend on: --channels does not apply
+    const channels = await runHere(["recv", `file:${snapshot}`, "--out", Path.join(dir, "other.out"), "--channels", "3"])
+    expect({ code: channels.code, stderr: lines(channels.stderr) }).toEqual({
+      code: 2,
+      stderr: ["multifd: error: --channels does not apply to restoring a file: snapshot: its pages are read whatever writers saved them"]
+    })
     expect(filesLike("other.out")).toEqual([])
     // an --out that is a symbolic link: the image lands where it points, the link stays
     const elsewhere = Fs.mkdtempSync(Path.join(Os.tmpdir(), "multifd-linked-"))
@@ -954,11 +961,13 @@ describe("observability and configuration", () => {
       env: { MULTIFD_CHANNELS: "3", MULTIFD_COMPRESSION: "zstd" }
     })
     expect({ code: fromQemu.code, stderr: lines(fromQemu.stderr) }).toEqual({ code: 2, stderr: [expect.stringMatching(/not a QEMU migration stream/)] })
-    // a snapshot is restored whatever compression the environment sets for migrations
+    // a snapshot (saved by 2 writers) is restored whatever channels and compression the environment sets for migrations
     const snapshot = Path.join(dir, "env.snap")
     const saved = await run(["send", `file:${snapshot}`, "--in", image, "--quiet"], { env: { MULTIFD_COMPRESSION: "zstd", MULTIFD_MAX_BANDWIDTH: "10M" } })
     expect({ code: saved.code, stderr: saved.stderr }).toEqual({ code: 0, stderr: "" })
-    const restored = await run(["recv", `file:${snapshot}`, "--out", Path.join(dir, "env.out"), "--quiet"], { env: { MULTIFD_COMPRESSION: "zstd" } })
+    const restored = await run(["recv", `file:${snapshot}`, "--out", Path.join(dir, "env.out"), "--quiet"], {
+      env: { MULTIFD_COMPRESSION: "zstd", MULTIFD_CHANNELS: "3" }
+    })
     expect({ code: restored.code, stderr: restored.stderr }).toEqual({ code: 0, stderr: "" })
     expect(Fs.readFileSync(Path.join(dir, "env.out")).equals(Fs.readFileSync(image))).toBe(true)
   })

@@ -345,7 +345,8 @@ export const checkRecvChannels = (n: number): string | undefined => n === 0 ? un
 /** Transfer settings on the destination, all optional. */
 export const recvTransfer: Options.Options<RecvTransfer> = Options.all({
   channels: channelsOption(
-    `${CHANNELS} (with --from-qemu: QEMU's multifd-channels, 0 without multifd).${followsSource}${env("MULTIFD_CHANNELS")}`,
+    `${CHANNELS} (with --from-qemu: QEMU's multifd-channels, 0 without multifd; not with a file: uri, whose pages ` +
+      `are read whatever channels wrote them).${followsSource}${env("MULTIFD_CHANNELS")}`,
     checkRecvChannels
   ).pipe(Options.optional, Options.map(unwrap)),
   pageSize: pageSizeOption(`${PAGE_SIZE}.${followsSource}${env("MULTIFD_PAGE_SIZE")}`).pipe(Options.optional, Options.map(unwrap)),

@@ -75,7 +75,14 @@ export const command = Command.make(
         })
         return
       }
-      if (Option.isSome(transfer.channels) && transfer.channels.value === 0) {
+      // a snapshot's pages are read whatever writers saved them (send file: --channels): the count is no
+      // expectation of the restore. Given, it is refused; MULTIFD_CHANNELS, set for migrations, ignored
+      if (uri._tag === "File" && transfer.given.has("--channels")) {
+        return yield* new UsageError({
+          detail: "--channels does not apply to restoring a file: snapshot: its pages are read whatever writers saved them"
+        })
+      }
+      if (uri._tag !== "File" && Option.isSome(transfer.channels) && transfer.channels.value === 0) {
         return yield* new UsageError({ detail: `${Options.checkChannels(0)} (0 goes with --from-qemu: QEMU without multifd)` })
       }
       // a snapshot is never compressed (send file: refuses compression): another method given is refused, and
@@ -109,7 +116,7 @@ export const command = Command.make(
         return yield* Migration.listenAndReceive(uri, {
           timeouts: timeoutsOf(timing),
           expect: {
-            channels: Option.getOrUndefined(transfer.channels),
+            channels: uri._tag === "File" ? undefined : Option.getOrUndefined(transfer.channels),
             pageSize: Option.getOrUndefined(transfer.pageSize),
             compression: Option.getOrUndefined(compression)
           },
