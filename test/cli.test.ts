@@ -575,7 +575,17 @@ describe("multifd failures", () => {
         /^multifd: error: --tls-verify-peer with x509 needs --tls-ca to verify clients: the public root CAs are never trusted$/
       ],
       [["send", "tcp:127.0.0.1:1", "--in", image, "--tls-psk", Path.join(dir, "nokeys.psk")], /^multifd: error: TLS configuration: .*nokeys\.psk/],
-      [["send", `file:${Path.join(dir, "t.snap")}`, "--in", image, "--tls-psk", tlsFile("keys.psk")], /TLS does not apply to a file: snapshot/]
+      [["send", `file:${Path.join(dir, "t.snap")}`, "--in", image, "--tls-psk", tlsFile("keys.psk")], /TLS does not apply to a file: snapshot/],
+      [["recv", `file:${image}`, "--out", "x.img", "--tls-psk", tlsFile("keys.psk")], /^multifd: error: TLS does not apply to a file: snapshot$/],
+      // a file QEMU wrote is no snapshot; --to-qemu to a file: says what it needs, whatever TLS is given
+      [
+        ["recv", `file:${image}`, "--from-qemu", "--out", "x.img", "--tls-psk", tlsFile("keys.psk")],
+        /^multifd: error: TLS does not apply to a file QEMU wrote \(file: --from-qemu\): it is read, not received$/
+      ],
+      [
+        ["send", `file:${image}`, "--to-qemu", "--vm", image, "--tls-psk", tlsFile("keys.psk")],
+        /^multifd: error: --to-qemu needs a tcp: or unix: uri \(where QEMU listens: -incoming\)$/
+      ]
     ]
     for (const [args, message] of cases) {
       const result = await runHere(args)

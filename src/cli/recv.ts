@@ -44,7 +44,7 @@ export const command = Command.make(
   ({ output, reporting, timing, tls: tlsFlags, transfer, uri }) =>
     Effect.scoped(Effect.gen(function*() {
       const terminal = yield* Terminal.Terminal
-      const tls = yield* tlsOf(tlsFlags, "recv", uri, timing)
+      const tls = yield* tlsOf(tlsFlags, "recv", uri, timing, output.fromQemu ? "qemu" : "snapshot")
       if (output.fromQemu) {
         // a file QEMU wrote says what it holds: QEMU's channel count and compression are not in it (its mapped-ram
         // file is never compressed). A flag given is refused, their environment variables ignored

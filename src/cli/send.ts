@@ -61,6 +61,8 @@ export const command = Command.make(
               : "--zero-page does not apply to --to-qemu: zero pages travel as offsets, as QEMU sends them"
           })
         }
+        // before TLS, which would call a file: uri a snapshot
+        if (uri._tag === "File") return yield* new UsageError({ detail: ToQemu.NEEDS_SOCKET })
         const tls = yield* tlsOf(tlsFlags, "send", uri, timing)
         yield* ToQemu.run({
           uri,

@@ -46,15 +46,17 @@ export const environment: Layer.Layer<MigrationConfig.MigrationConfig, UsageErro
 )
 
 /**
- * The TLS service the flags ask for, if any: flags that do not fit together, or TLS to a `file:` address,
- * are a `UsageError`; unreadable or unusable credentials (checked here, before anything listens or connects)
+ * The TLS service the flags ask for, if any: flags that do not fit together, or TLS to a `file:` address (a
+ * snapshot, or with `file` "qemu" a file QEMU wrote), are a `UsageError`; unreadable or unusable credentials (checked here, before anything listens or connects)
  * a `TlsError` with reason `Config` (both exit 2).
  */
 export const tlsOf = (
   flags: Options.TlsFlags,
   role: "send" | "recv",
   uri: Transport.Address,
-  timing: Options.Timing
+  timing: Options.Timing,
+  /** What a `file:` uri names, for the refusal: a snapshot, or a file QEMU wrote (`recv --from-qemu`). */
+  file: "snapshot" | "qemu" = "snapshot"
 ): Effect.Effect<Tls.Tls["Type"] | undefined, UsageError | Tls.TlsError> => {
   // the library's Tls.layerConfig reads MULTIFD_TLS_*; the command takes TLS from its flags alone. A variable
   // set for it would be ignored in silence (MULTIFD_TLS_VERIFY_PEER=true, and no peer verified): refused
@@ -71,7 +73,11 @@ export const tlsOf = (
       config === undefined
         ? Effect.succeed(undefined)
         : uri._tag === "File"
-        ? Effect.fail(new UsageError({ detail: "TLS does not apply to a file: snapshot" }))
+        ? Effect.fail(new UsageError({
+          detail: file === "qemu"
+            ? "TLS does not apply to a file QEMU wrote (file: --from-qemu): it is read, not received"
+            : "TLS does not apply to a file: snapshot"
+        }))
         : role === "send"
         ? Effect.tap(Tls.make(config), (tls) => Tls.checkClient(tls.settings))
         : Effect.tap(Tls.make(config), (tls) => Tls.checkServer(tls.settings))

@@ -41,12 +41,15 @@ export interface Args {
   readonly reporting: Options.Reporting
 }
 
+/** Why `send --to-qemu` refuses a `file:` uri. */
+export const NEEDS_SOCKET = "--to-qemu needs a tcp: or unix: uri (where QEMU listens: -incoming)"
+
 /** Runs `send --to-qemu`. */
 export const run = (args: Args) =>
   Effect.gen(function*() {
     const uri = args.uri
     if (uri._tag === "File") {
-      return yield* new UsageError({ detail: "--to-qemu needs a tcp: or unix: uri (where QEMU listens: -incoming)" })
+      return yield* new UsageError({ detail: NEEDS_SOCKET })
     }
     const { stats, vm } = yield* Effect.scoped(Effect.gen(function*() {
       // the pages are read batch by batch into a small window as the channels send the previous ones
