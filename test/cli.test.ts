@@ -598,6 +598,23 @@ describe("multifd failures", () => {
     expect(filesLike("loop-")).toEqual(["loop-a", "loop-b"])
   })
 
+  it("recv --from-qemu --out-dir that fails leaves no directory it created, and every one that existed as it was", async () => {
+    const fresh = Path.join(dir, "fresh-out", "nested", "ram")
+    const failed = await runHere(["recv", `file:${image}`, "--from-qemu", "--out-dir", fresh])
+    expect({ code: failed.code, stderr: lines(failed.stderr) }).toEqual({ code: 2, stderr: [expect.stringMatching(/not a QEMU migration stream/)] })
+    expect(filesLike("fresh-out")).toEqual([])
+    // an existing directory (empty, or not) stays, with what it holds; only the part created below it goes
+    const kept = Path.join(dir, "kept-out")
+    Fs.mkdirSync(Path.join(kept, "empty"), { recursive: true })
+    Fs.writeFileSync(Path.join(kept, "note.txt"), "mine")
+    for (const target of [kept, Path.join(kept, "empty"), Path.join(kept, "new", "ram")]) {
+      expect((await runHere(["recv", `file:${image}`, "--from-qemu", "--out-dir", target])).code).toBe(2)
+    }
+    expect(Fs.readdirSync(kept).sort()).toEqual(["empty", "note.txt"])
+    expect(Fs.readdirSync(Path.join(kept, "empty"))).toEqual([])
+    expect(Fs.readFileSync(Path.join(kept, "note.txt"), "utf8")).toBe("mine")
+  })
+
   it("recv file: of a FIFO refuses it at once (opening it waited for a writer, past SIGTERM), nothing left", async () => {
     const fifo = Path.join(dir, "snap.fifo")
     ChildProcess.execFileSync("mkfifo", [fifo])

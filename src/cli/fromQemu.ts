@@ -18,6 +18,8 @@
  */
 import * as Clock from "effect/Clock"
 import * as Effect from "effect/Effect"
+import * as Exit from "effect/Exit"
+import type * as Scope from "effect/Scope"
 import * as Fs from "node:fs/promises"
 import * as Path from "node:path"
 import * as FileIo from "../internal/native/fileIo.js"
@@ -101,6 +103,33 @@ const fileStats = (read: MappedRam.Read, durationMs: number): QemuIncoming.Stats
 }
 
 /**
+ * Creates `dir` for `--out-dir` if it is missing (with its missing parents). When the scope closes without
+ * success, the directories it created are removed again, deepest first, each only if empty (`rmdir`): nothing
+ * that existed before is touched, nor anything that came into them.
+ */
+const outputDirectory = (dir: string): Effect.Effect<void, Image.ImageError, Scope.Scope> =>
+  Effect.acquireRelease(
+    Effect.tryPromise({
+      // the first directory it created, if any
+      try: () => Fs.mkdir(dir, { recursive: true }),
+      catch: (cause) =>
+        new Image.ImageError({ reason: "Unusable", path: dir, detail: `cannot create the directory: ${FileIo.describe(cause)}`, cause })
+    }),
+    (first, exit) =>
+      first === undefined || Exit.isSuccess(exit) ? Effect.void : Effect.promise(async () => {
+        const top = Path.resolve(first)
+        for (let d = Path.resolve(dir); ; d = Path.dirname(d)) {
+          try {
+            await Fs.rmdir(d)
+          } catch {
+            return // not empty (or gone): it and its parents stay
+          }
+          if (d === top || Path.dirname(d) === d) return
+        }
+      })
+  )
+
+/**
  * Runs `recv --from-qemu`. Usage problems (no output, two outputs, an unwritable one) fail with `UsageError` or
  * `ImageError` before anything listens.
  */
@@ -122,14 +151,7 @@ export const run = (args: Args) =>
     const single = args.out === undefined ? undefined : yield* Image.create(args.out)
     // --vm: the same check, its temporary file removed at once (MappedRam.write makes its own)
     if (args.vm !== undefined) yield* Effect.scoped(Image.create(args.vm))
-    if (args.outDir !== undefined) {
-      const dir = args.outDir
-      yield* Effect.tryPromise({
-        try: () => Fs.mkdir(dir, { recursive: true }),
-        catch: (cause) =>
-          new Image.ImageError({ reason: "Unusable", path: dir, detail: `cannot create the directory: ${FileIo.describe(cause)}`, cause })
-      })
-    }
+    if (args.outDir !== undefined) yield* outputDirectory(args.outDir)
     const terminal = yield* Terminal.Terminal
     const timeout = args.timing.timeout
     const received: Received = uri._tag === "File"

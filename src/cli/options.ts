@@ -183,7 +183,8 @@ export const recvOutput: Options.Options<RecvOutput> = Options.all({
   outDir: pathOption("out-dir", "directory").pipe(
     Options.withPseudoName("DIR"),
     Options.withDescription(
-      "With --from-qemu: write one file per RAM block into this directory (created if missing) instead of --out."
+      "With --from-qemu: write one file per RAM block into this directory instead of --out (created if missing, " +
+        "and removed again, with the parents it created, if the migration fails)."
     ),
     Options.optional
   ),
