@@ -19,6 +19,7 @@ import * as Cli from "../src/cli/command.js"
 import * as Errors from "../src/cli/errors.js"
 import * as Image from "../src/cli/image.js"
 import * as Progress from "../src/cli/progress.js"
+import * as Report from "../src/cli/report.js"
 import { wantsThreads } from "../src/cli/settings.js"
 import * as Terminal from "../src/cli/terminal.js"
 import * as Control from "../src/Control.js"
@@ -207,6 +208,40 @@ describe("multifd send/recv", () => {
     } finally {
       Fs.rmSync(elsewhere, { recursive: true, force: true })
     }
+  })
+
+  it("the summary of a restore names the snapshot and its writers, or none when its header says 0 (never \"over 0 channels\")", async () => {
+    const snapshot = Path.join(dir, "writers.snap")
+    const out = Path.join(dir, "writers.out")
+    expect((await runHere(["send", `file:${snapshot}`, "--in", image, "--channels", "3", "--quiet"])).code).toBe(0)
+    const restored = await runHere(["recv", `file:${snapshot}`, "--out", out])
+    expect({ code: restored.code, stderr: lines(restored.stderr) }).toEqual({
+      code: 0,
+      stderr: [expect.stringMatching(new RegExp(`^multifd: restored 8\\.00 MiB from snapshot ${snapshot} \\(saved by 3 writers\\) in .*, \\d+ pages \\(\\d+ zero\\), wrote ${out}$`))]
+    })
+    // a header whose writer count is 0 (its checksum made again): restored all the same, the count left out
+    const bytes = Fs.readFileSync(snapshot)
+    const length = bytes.readUInt32BE(12)
+    bytes.writeUInt32BE(0, 64)
+    Crypto.createHash("sha256").update(bytes.subarray(0, length - 32)).digest().copy(bytes, length - 32)
+    Fs.writeFileSync(snapshot, bytes)
+    const none = await runHere(["recv", `file:${snapshot}`, "--out", out])
+    expect({ code: none.code, stderr: lines(none.stderr) }).toEqual({
+      code: 0,
+      stderr: [expect.stringMatching(new RegExp(`^multifd: restored 8\\.00 MiB from snapshot ${snapshot} in .*, wrote ${out}$`))]
+    })
+    expect(Fs.readFileSync(out).equals(Fs.readFileSync(image))).toBe(true)
+  })
+
+  it("the summary of QEMU's file read, and of QEMU without multifd (--channels 0): no channel count of 0", () => {
+    const stats = { channels: 0, compression: "none", ramBytes: 1024 * 1024, durationMs: 500, normalPages: 200, zeroPages: 56, packets: 0 } as unknown as Migration.Stats
+    const recv = { role: "recv", output: "ram.img", pageSize: PAGE, stats, rejected: [] } as const
+    expect(Report.summary({ ...recv, read: { kind: "qemu", path: "qemu.vm" } })).toBe(
+      "multifd: read 1.00 MiB from QEMU's file qemu.vm in 0.50 s (2.00 MiB/s), 256 pages (56 zero), wrote ram.img"
+    )
+    expect(Report.summary(recv)).toBe(
+      "multifd: received 1.00 MiB over the main channel in 0.50 s (2.00 MiB/s), 256 pages (56 zero), 0 packets, wrote ram.img"
+    )
   })
 })
 

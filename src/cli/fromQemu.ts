@@ -218,7 +218,14 @@ export const run = (args: Args) =>
       output = dir
     }
     yield* Report.print(
-      { role: "recv", output, pageSize: ram.pageSize, stats, rejected: received.incoming.rejected },
+      {
+        role: "recv",
+        output,
+        pageSize: ram.pageSize,
+        stats,
+        rejected: received.incoming.rejected,
+        read: uri._tag === "File" ? { kind: "qemu", path: uri.path } : undefined
+      },
       args.reporting
     )
     return received.incoming

@@ -135,7 +135,15 @@ export const command = Command.make(
       // a snapshot was held to the command line's settings and the free space before it was read
       if (uri._tag === "File") yield* commit(ram)
       yield* Report.print(
-        { role: "recv", output: out, pageSize: ram.pageSize, stats, rejected: received.rejected, status: yield* status.get },
+        {
+          role: "recv",
+          output: out,
+          pageSize: ram.pageSize,
+          stats,
+          rejected: received.rejected,
+          status: yield* status.get,
+          read: uri._tag === "File" ? { kind: "snapshot", path: uri.path } : undefined
+        },
         reporting
       )
     }).pipe(Log.withReporting(reporting)))

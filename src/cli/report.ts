@@ -40,6 +40,8 @@ export type Result =
     readonly stats: Migration.Stats
     readonly rejected: ReadonlyArray<string>
     readonly status?: MigrationStatus.Snapshot | undefined
+    /** The file read rather than received (a `file:` uri): a snapshot, or a file QEMU wrote. Not in `--json`. */
+    readonly read?: { readonly kind: "snapshot" | "qemu"; readonly path: string } | undefined
   }
 
 /**
@@ -60,21 +62,34 @@ export const toJson = (result: Result): Record<string, unknown> => {
     }
 }
 
+/** `4 channels`, `1 channel`; none: the main channel alone (QEMU without multifd). */
+const channelsOf = (n: number) => n === 0 ? "the main channel" : `${n} channel${n === 1 ? "" : "s"}`
+
 /**
- * `multifd: migrated 1.00 GiB over 4 channels in 0.85 s (1.18 GiB/s), 262144 pages (65536 zero), 2052 packets`
+ * `multifd: migrated 1.00 GiB over 4 channels in 0.85 s (1.18 GiB/s), 262144 pages (65536 zero), 2052 packets`;
+ * a file read rather than received, no channels nor packets:
+ * `multifd: restored 1.00 GiB from snapshot S (saved by 4 writers) in 0.30 s (3.33 GiB/s), 262144 pages (65536 zero), wrote OUT`
  */
 export const summary = (result: Result): string => {
   const s = result.stats
-  const verb = result.role === "send" ? "migrated" : "received"
-  const channels = `${s.channels} channel${s.channels === 1 ? "" : "s"}`
-  const compression = s.compression === "none" ? "" : ` with ${s.compression}`
+  const took = `in ${(s.durationMs / 1000).toFixed(2)} s (${formatRate(s.ramBytes, s.durationMs)})`
   const pages = `${s.normalPages + s.zeroPages} pages (${s.zeroPages} zero)`
   const where = result.role === "recv" ? `, wrote ${result.output}` : ""
+  if (result.role === "recv" && result.read !== undefined) {
+    // a header's writer count is what the save used; one that says none (a file not of this command) is left out
+    const from = result.read.kind === "qemu"
+      ? `read ${formatBytes(s.ramBytes)} from QEMU's file ${result.read.path}`
+      : `restored ${formatBytes(s.ramBytes)} from snapshot ${result.read.path}` +
+        (s.channels > 0 ? ` (saved by ${s.channels} writer${s.channels === 1 ? "" : "s"})` : "")
+    return `multifd: ${from} ${took}, ${pages}${where}`
+  }
+  const verb = result.role === "send" ? "migrated" : "received"
+  const compression = s.compression === "none" ? "" : ` with ${s.compression}`
   const reconnects = s.reconnects === undefined || s.reconnects === 0
     ? ""
     : `, ${s.reconnects} channel reconnect${s.reconnects === 1 ? "" : "s"} (${s.resentPages ?? 0} pages resent)`
-  return `multifd: ${verb} ${formatBytes(s.ramBytes)} over ${channels}${compression} in ` +
-    `${(s.durationMs / 1000).toFixed(2)} s (${formatRate(s.ramBytes, s.durationMs)}), ${pages}, ${s.packets} packets${reconnects}${where}`
+  return `multifd: ${verb} ${formatBytes(s.ramBytes)} over ${channelsOf(s.channels)}${compression} ${took}, ` +
+    `${pages}, ${s.packets} packets${reconnects}${where}`
 }
 
 /**
