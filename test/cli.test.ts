@@ -578,6 +578,8 @@ describe("multifd failures", () => {
       [["recv", `file:${image}`, "--from-qemu", "--out", "x.img", "--channels", "2"], /^multifd: error: --channels does not apply to a file QEMU wrote \(file: --from-qemu\)/],
       [["recv", `file:${image}`, "--from-qemu", "--out", "x.img", "--compression", "none"], /^multifd: error: --compression does not apply to a file QEMU wrote \(file: --from-qemu\)/],
       [["recv", `file:${image}`, "--out", "x.img", "--compression", "zlib"], /^multifd: error: compression zlib does not apply to a file: snapshot$/],
+      [["send", "tcp:127.0.0.1:1", "--to-qemu", "--vm", image, "--reconnect", "5"], /^multifd: error: --reconnect does not apply to --to-qemu: QEMU does not take a lost channel back$/],
+      [["send", `file:${Path.join(dir, "t.snap")}`, "--in", image, "--reconnect", "0"], /^multifd: error: --reconnect does not apply to a file: snapshot: it has no connections$/],
       [
         ["send", "tcp:127.0.0.1:1", "--in", image, "--compression", "zlib", "--compression-level", "99"],
         /^multifd: error: compression: zlib level 99 is out of range 0-9$/
@@ -1016,7 +1018,9 @@ describe("observability and configuration", () => {
   it("MULTIFD_* variables that do not apply are ignored where the flag is refused (send --to-qemu, file:)", async () => {
     // the VM file's own failure, not --page-size or --zero-page
     const vm = Path.join(dir, "missing.vm")
-    const toQemu = await run(["send", "tcp:127.0.0.1:1", "--to-qemu", "--vm", vm], { env: { MULTIFD_PAGE_SIZE: "8192", MULTIFD_ZERO_PAGE: "none" } })
+    const toQemu = await run(["send", "tcp:127.0.0.1:1", "--to-qemu", "--vm", vm], {
+      env: { MULTIFD_PAGE_SIZE: "8192", MULTIFD_ZERO_PAGE: "none", MULTIFD_RECONNECT: "5" }
+    })
     expect({ code: toQemu.code, stderr: lines(toQemu.stderr) }).toEqual({ code: 2, stderr: [expect.stringMatching(/missing\.vm: .*no such file/)] })
     // QEMU's file is read (and found not to be one), not refused for --channels or --compression
     const fromQemu = await run(["recv", `file:${image}`, "--from-qemu", "--out", Path.join(dir, "env.out")], {
@@ -1025,7 +1029,9 @@ describe("observability and configuration", () => {
     expect({ code: fromQemu.code, stderr: lines(fromQemu.stderr) }).toEqual({ code: 2, stderr: [expect.stringMatching(/not a QEMU migration stream/)] })
     // a snapshot (saved by 2 writers) is restored whatever channels and compression the environment sets for migrations
     const snapshot = Path.join(dir, "env.snap")
-    const saved = await run(["send", `file:${snapshot}`, "--in", image, "--quiet"], { env: { MULTIFD_COMPRESSION: "zstd", MULTIFD_MAX_BANDWIDTH: "10M" } })
+    const saved = await run(["send", `file:${snapshot}`, "--in", image, "--quiet"], {
+      env: { MULTIFD_COMPRESSION: "zstd", MULTIFD_MAX_BANDWIDTH: "10M", MULTIFD_RECONNECT: "5" }
+    })
     expect({ code: saved.code, stderr: saved.stderr }).toEqual({ code: 0, stderr: "" })
     const restored = await run(["recv", `file:${snapshot}`, "--out", Path.join(dir, "env.out"), "--quiet"], {
       env: { MULTIFD_COMPRESSION: "zstd", MULTIFD_CHANNELS: "3" }

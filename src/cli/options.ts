@@ -398,11 +398,13 @@ export const recvTiming: Options.Options<Timing> = timeoutFlag(
 /** What the source does when a multifd channel's connection breaks. */
 export interface Resilience {
   readonly reconnect: number
+  /** Whether the command line gave --reconnect (not MULTIFD_RECONNECT nor the default). */
+  readonly given: boolean
 }
 
 /** `--reconnect N` (default 3; 0 turns it off). */
-export const sendResilience: Options.Options<Resilience> = Options.all({
-  reconnect: integer("reconnect", "N").pipe(
+export const sendResilience: Options.Options<Resilience> = withFallback(
+  integer("reconnect", "N").pipe(
     Options.mapEffect((n) =>
       n >= 0 && n <= 1000
         ? Effect.succeed(n)
@@ -410,13 +412,15 @@ export const sendResilience: Options.Options<Resilience> = Options.all({
     ),
     Options.withDescription(
       "When a multifd channel's connection breaks (reset, closed, a failed write), connect it again up to N " +
-        "times within 10 s and resend the pages the destination has not got (default 3; 0: the migration fails)." +
-        env("MULTIFD_RECONNECT")
-    ),
-    Options.withFallbackConfig(MigrationConfig.reconnect),
-    Options.withDefault(3)
-  )
-})
+        "times within 10 s and resend the pages the destination has not got (default 3; 0: the migration fails; " +
+        "not with --to-qemu or a file: uri)." + env("MULTIFD_RECONNECT")
+    )
+  ),
+  MigrationConfig.reconnect
+).pipe(
+  Options.withDefault(byDefault(3)),
+  Options.map(({ given, value }): Resilience => ({ reconnect: value, given }))
+)
 
 // ---------------------------------------------------------------------------------------------------------
 // Reporting

@@ -61,6 +61,9 @@ export const command = Command.make(
               : "--zero-page does not apply to --to-qemu: zero pages travel as offsets, as QEMU sends them"
           })
         }
+        if (resilience.given) {
+          return yield* new UsageError({ detail: "--reconnect does not apply to --to-qemu: QEMU does not take a lost channel back" })
+        }
         // before TLS, which would call a file: uri a snapshot
         if (uri._tag === "File") return yield* new UsageError({ detail: ToQemu.NEEDS_SOCKET })
         const tls = yield* tlsOf(tlsFlags, "send", uri, timing)
@@ -87,6 +90,9 @@ export const command = Command.make(
       // a snapshot is neither compressed nor limited: the flags are refused (Migration), while MULTIFD_COMPRESSION
       // and MULTIFD_MAX_BANDWIDTH, set for migrations, are ignored
       const toFile = uri._tag === "File"
+      if (toFile && resilience.given) {
+        return yield* new UsageError({ detail: "--reconnect does not apply to a file: snapshot: it has no connections" })
+      }
       const compression = toFile && !transfer.given.has("--compression") ? "none" : transfer.compression
       const maxBandwidth = toFile && !transfer.given.has("--max-bandwidth") ? Option.none() : transfer.maxBandwidth
       const bytes = yield* Image.read(input, transfer.pageSize)
