@@ -894,7 +894,7 @@ describe("certificate revocation lists (QEMU's ca-crl.pem)", () => {
       yield* roundTrip(server.server, client.client(LOOPBACK), { channels: 4 })
     })))
 
-  it.live("load: a CRL file that is no PEM CRL, from another CA, forged, expired or not yet valid, or that lacks a CA's CRL, is refused naming it", () =>
+  it.live("load: a CRL file that is no PEM CRL, from another CA, forged, expired or not yet valid, a delta CRL, with an unhandled critical extension, with two CRLs of one CA, or that lacks a CA's CRL, is refused naming it", () =>
     leakFree(Effect.gen(function*() {
       const dir = Fs.mkdtempSync(Path.join(Os.tmpdir(), "emfd-crl-"))
       yield* Effect.addFinalizer(() => Effect.sync(() => Fs.rmSync(dir, { recursive: true, force: true })))
@@ -904,6 +904,9 @@ describe("certificate revocation lists (QEMU's ca-crl.pem)", () => {
       Fs.writeFileSync(badBase64, "-----BEGIN X509 CRL-----\nMIIB!!!!not*base64\n-----END X509 CRL-----\n")
       const truncated = Path.join(dir, "truncated.pem")
       Fs.writeFileSync(truncated, "-----BEGIN X509 CRL-----\nMIIBAAAA\n-----END X509 CRL-----\n")
+      // OpenSSL consults only the newest CRL of a CA: one that lacks an entry of the other admitted what it revoked
+      const twice = Path.join(dir, "twice.pem")
+      Fs.writeFileSync(twice, Fs.readFileSync(fixture("ca-crl.pem"), "utf8").repeat(2))
       const ca = fixture("ca-cert.pem")
       const crl = (name: string) => fixture(name)
       const cases: ReadonlyArray<readonly [Tls.TlsConfig, string]> = [
@@ -934,6 +937,19 @@ describe("certificate revocation lists (QEMU's ca-crl.pem)", () => {
           { ca: fixture("chain-ca-cert.pem"), crl: crl("ca-crl.pem") },
           `CRL file ${crl("ca-crl.pem")} has no CRL of CN=CRL intermediate CA (a CA of ${fixture("chain-ca-cert.pem")}): ` +
           "with CRLs, OpenSSL checks every certificate of a chain against a CRL of its issuer, so each CA needs one"
+        ],
+        [
+          { crl: crl("delta-crl.pem") },
+          `CRL file ${crl("delta-crl.pem")} is a delta CRL of CN=test CA (deltaCRLIndicator), which lists only what changed since its base CRL`
+        ],
+        [
+          { crl: crl("critical-ext-crl.pem") },
+          `CRL file ${crl("critical-ext-crl.pem")}: the CRL of CN=test CA has a critical extension OpenSSL does not handle (OID 1.2.3.4.5): ` +
+          `every handshake would fail with "unhandled critical CRL extension"`
+        ],
+        [
+          { crl: twice },
+          `CRL file ${twice} holds two CRLs of CN=test CA (CRL 1 and CRL 2 of 2): OpenSSL consults only the most recent`
         ],
         [{ ca: undefined, crl: crl("ca-crl.pem") }, "a CRL file needs the CA certificate (ca) that issued it"],
         [

@@ -42,6 +42,11 @@ export const holds = (labels: ReadonlyArray<string>): string =>
     ? "a CRL"
     : `a ${labels[0]} block`
 
+/** deltaCRLIndicator (RFC 5280 §5.2.4). */
+const DELTA_CRL_INDICATOR = "2.5.29.27"
+/** The CRL extensions OpenSSL accepts as critical (crl_cb in x_crl.c): issuingDistributionPoint, deltaCRLIndicator, authorityKeyIdentifier. */
+const HANDLED_CRL_EXTENSIONS = ["2.5.29.28", DELTA_CRL_INDICATOR, "2.5.29.35"]
+
 export const PEM_CRL = /-----BEGIN X509 CRL-----[\s\S]*?-----END X509 CRL-----/g
 
 const MONTHS = ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"]
@@ -76,6 +81,8 @@ export const crlsOf = (
     }
     const authorities = cas.map((ca) => ({ ca, name: Der.namesOf(ca.raw).subject }))
     const crls: Array<CrlInfo> = []
+    // the CA (index in `authorities`) that signed each CRL so far, and which CRL of the file it was
+    const signers = new Map<number, number>()
     for (let i = 0; i < blocks.length; i++) {
       const which = blocks.length === 1 ? "" : ` (CRL ${i + 1} of ${blocks.length})`
       let crl: Der.Crl
@@ -93,7 +100,8 @@ export const crlsOf = (
           `CRL file ${path}${which} is a CRL of ${issuer}, which is not a CA of ${caPath}: it cannot be checked, and OpenSSL would never consult it`
         ))
       }
-      if (!named.some((a) => crl.signedBy(a.ca.publicKey))) {
+      const signer = authorities.findIndex((a) => a.name === crl.issuer && crl.signedBy(a.ca.publicKey))
+      if (signer < 0) {
         return Effect.fail(configError(
           `CRL file ${path}${which} names ${issuer} as its issuer but is not signed by that CA (in ${caPath})`
         ))
@@ -110,6 +118,28 @@ export const crlsOf = (
             `every handshake would fail with "CRL is not yet valid"`
         ))
       }
+      if (crl.extensions.some((e) => e.oid === DELTA_CRL_INDICATOR)) {
+        return Effect.fail(configError(
+          `CRL file ${path}${which} is a delta CRL of ${issuer} (deltaCRLIndicator), which lists only what changed since ` +
+            "its base CRL: OpenSSL, as Node sets it up, would take it for the CA's complete CRL and admit what the base " +
+            "CRL revokes; give the complete CRL"
+        ))
+      }
+      const unhandled = crl.extensions.find((e) => e.critical && !HANDLED_CRL_EXTENSIONS.includes(e.oid))
+      if (unhandled !== undefined) {
+        return Effect.fail(configError(
+          `CRL file ${path}${which}: the CRL of ${issuer} has a critical extension OpenSSL does not handle ` +
+            `(OID ${unhandled.oid}): every handshake would fail with "unhandled critical CRL extension"`
+        ))
+      }
+      const earlier = signers.get(signer)
+      if (earlier !== undefined) {
+        return Effect.fail(configError(
+          `CRL file ${path} holds two CRLs of ${issuer} (CRL ${earlier + 1} and CRL ${i + 1} of ${blocks.length}): ` +
+            "OpenSSL consults only the most recent, and what the other revokes would be admitted; give one CRL per CA"
+        ))
+      }
+      signers.set(signer, i)
       crls.push({ issuer: crl.issuer, revoked: crl.revoked })
     }
     const uncovered = authorities.find((a) => a.ca.ca && !crls.some((c) => c.issuer === a.name))

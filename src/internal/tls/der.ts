@@ -170,6 +170,8 @@ export interface Crl {
   readonly nextUpdate: Date | undefined
   /** The serial numbers it revokes, as upper-case hex without leading zeros (as `X509Certificate.serialNumber`). */
   readonly revoked: ReadonlyArray<string>
+  /** Its extensions (crlExtensions): OID and criticality. */
+  readonly extensions: ReadonlyArray<{ readonly oid: string; readonly critical: boolean }>
   /** Whether `publicKey` signed it. */
   readonly signedBy: (publicKey: Crypto.KeyObject) => boolean
 }
@@ -223,6 +225,18 @@ export const parseCrl = (der: Uint8Array): Crl => {
       const serial = need(children(der, entry)[0], 0x02, "serial number")
       revoked.push(hex(der, serial.start, serial.end).replace(/^(00)+(?=.)/, "").toUpperCase())
     }
+    i++
+  }
+  // crlExtensions [0] EXPLICIT Extensions; Extension ::= SEQUENCE { extnID, critical BOOLEAN DEFAULT FALSE, extnValue }
+  const extensions: Array<{ oid: string; critical: boolean }> = []
+  if (fields[i]?.tag === 0xa0) {
+    for (const extension of children(der, need(children(der, fields[i]!)[0], 0x30, "crlExtensions"))) {
+      const [id, second] = children(der, need(extension, 0x30, "extension"))
+      extensions.push({
+        oid: oidOf(der, need(id, 0x06, "extension OID")),
+        critical: second?.tag === 0x01 && second.end > second.start && der[second.start] !== 0
+      })
+    }
   }
   const oid = oidOf(der, need(children(der, need(algorithm, 0x30, "signatureAlgorithm"))[0], 0x06, "algorithm"))
   if (!(oid in SIGNATURE_DIGESTS)) throw new Error(`a signature algorithm this side cannot check (OID ${oid})`)
@@ -234,6 +248,7 @@ export const parseCrl = (der: Uint8Array): Crl => {
     thisUpdate,
     nextUpdate,
     revoked,
+    extensions,
     signedBy: (publicKey) => {
       try {
         return Crypto.verify(SIGNATURE_DIGESTS[oid] ?? null, tbsBytes, publicKey, signatureBytes)
