@@ -1045,6 +1045,17 @@ describe("authorization by distinguished name (QEMU's tls-authz: the subject as 
       expect(yield* against(["alice"], "other-org-alice")).toBe("admitted")
     })))
 
+  it.live("a certificate of two CNs (alice, then mallory) is admitted by no CN entry, only by its whole name", () =>
+    leakFree(Effect.gen(function*() {
+      // the CN entry alice matched the first CN: a name the CA signed beside mallory's
+      expect(yield* against(["alice"], "twocn-alice")).toBe(
+        "client certificate CN=alice is not in the authorization list (its distinguished name: " +
+          "O=effect-multifd tests,CN=alice,CN=mallory; with 2 CNs, only an entry of the whole name can admit it)"
+      )
+      expect(yield* against(["mallory"], "twocn-alice")).toMatch(/with 2 CNs, only an entry of the whole name/)
+      expect(yield* against(["O=effect-multifd tests,CN=alice,CN=mallory"], "twocn-alice")).toBe("admitted")
+    })))
+
   it.live("the DN in RFC 4514's reversed order is not the subject QEMU matches: refused", () =>
     leakFree(Effect.gen(function*() {
       expect(yield* against(["CN=alice,O=effect-multifd tests"], "alice")).toBe(

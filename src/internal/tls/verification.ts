@@ -183,7 +183,8 @@ export const clientVerdict = (socket: NodeTls.TLSSocket): { readonly code?: stri
  * Why the destination refuses a client certificate (what QEMU's verify-peer checks, then `authz`), or
  * `undefined` to admit it. Authorization applies to verified certificates only. An `authz` entry with `=` is a
  * whole distinguished name, which must equal the certificate's subject as QEMU's GnuTLS writes it (`Der.namesOf`:
- * values escaped, so a CN `alice,O=Example` never passes for two attributes); an entry without is its CN.
+ * values escaped, so a CN `alice,O=Example` never passes for two attributes); an entry without is its CN, and
+ * matches only a certificate of one CN.
  */
 export const clientRefusal = (
   socket: NodeTls.TLSSocket,
@@ -206,7 +207,9 @@ export const clientRefusal = (
     return `client certificate ${name} is not for client authentication (its keyUsage lacks digitalSignature)`
   }
   if (authz === undefined) return undefined
-  const cn = certificate.subject.split("\n").find((line) => line.startsWith("CN="))?.slice(3)
+  // a CN entry names a certificate of one CN: with two (CN=alice and CN=mallory), which it names is a guess
+  const cns = certificate.subject.split("\n").filter((line) => line.startsWith("CN="))
+  const cn = cns.length === 1 ? cns[0]!.slice(3) : undefined
   let dn: string
   try {
     dn = Der.namesOf(certificate.raw).subject
@@ -215,7 +218,9 @@ export const clientRefusal = (
   }
   return authz.some((entry) => entry.includes("=") ? entry === dn : entry === cn)
     ? undefined
-    : `client certificate ${name} is not in the authorization list (its distinguished name: ${PeerText.fromPeer(dn)})`
+    : `client certificate ${name} is not in the authorization list (its distinguished name: ${PeerText.fromPeer(dn)}${
+      cns.length > 1 ? `; with ${cns.length} CNs, only an entry of the whole name can admit it` : ""
+    })`
 }
 
 /**
