@@ -33,6 +33,7 @@ import * as Migration from "../src/Migration.js"
 import * as MigrationError from "../src/MigrationError.js"
 import * as Tls from "../src/Tls.js"
 import * as Transport from "../src/Transport.js"
+import * as Der from "../src/internal/tls/der.js"
 import * as Verification from "../src/internal/tls/verification.js"
 import { expectOneLine, failureOf } from "./support/failures.js"
 import { leakFree } from "./support/handles.js"
@@ -992,6 +993,86 @@ describe("authorization by distinguished name (QEMU's tls-authz: the subject as 
     expect(dnOf("other-org-alice")).toBe("O=other org,CN=alice")
     expect(dnOf("crafted-alice")).toBe("O=effect-multifd tests,CN=alice\\,O=Example")
     expect(dnOf("crafted-org-alice")).toBe("O=effect-multifd tests\\,CN=alice")
+  })
+
+  /**
+   * Attribute values GnuTLS 3.7.9 writes otherwise than as text (lib/x509/common.c, `_gnutls_x509_dn_to_string`).
+   * Each expected string is what `gnutls_x509_dn_get_str2(dn, &s, GNUTLS_X509_DN_FLAG_COMPAT)` (the writer of
+   * `gnutls_x509_crt_get_dn`, which QEMU's tls-authz matches) wrote for the DER Name built here.
+   */
+  describe("values as GnuTLS writes them (Der.nameOf on DER Names built here)", () => {
+    const length = (n: number) => n < 0x80 ? [n] : [0x81, n]
+    const tlv = (tag: number, content: ReadonlyArray<number>) => [tag, ...length(content.length), ...content]
+    const oid = (dotted: string) => {
+      const [a, b, ...rest] = dotted.split(".").map(Number)
+      const body = [a! * 40 + b!]
+      for (const arc of rest) {
+        const bytes = [arc & 0x7f]
+        for (let v = arc >>> 7; v > 0; v >>>= 7) bytes.unshift(0x80 | (v & 0x7f))
+        body.push(...bytes)
+      }
+      return tlv(0x06, body)
+    }
+    const bytes = (text: string) => [...Buffer.from(text, "latin1")]
+    /** A Name of one RDN per attribute: [OID, value tag, value bytes]. */
+    const name = (...attributes: ReadonlyArray<readonly [string, number, ReadonlyArray<number>]>) =>
+      Der.nameOf(Uint8Array.from(tlv(0x30, attributes.flatMap(([o, tag, value]) => tlv(0x31, tlv(0x30, [...oid(o), ...tlv(tag, value)]))))))
+    const CN = "2.5.4.3"
+    const UTF8 = 0x0c, PRINTABLE = 0x13, T61 = 0x14, IA5 = 0x16, UNIVERSAL = 0x1c, BMP = 0x1e
+
+    it("a CN holding a NUL is written as the hex of its whole DER value (tag and length too), never as text", () => {
+      expect(name([CN, UTF8, bytes("alice\0")])).toBe("CN=#0c06616c69636500")
+      expect(name([CN, UTF8, bytes("alice\0mallory")])).toBe("CN=#0c0d616c696365006d616c6c6f7279")
+      // so neither reads as CN=alice
+      expect(name([CN, UTF8, bytes("alice")])).toBe("CN=alice")
+      // a BMPString's NUL too (one last U+0000 GnuTLS's UTF-16 conversion drops)
+      expect(name([CN, BMP, [0, 0x61, 0, 0, 0, 0x62]])).toBe("CN=#1e06006100000062")
+      expect(name([CN, BMP, [0, 0x61, 0, 0]])).toBe("CN=a")
+    })
+
+    it("an attribute type GnuTLS does not know is its OID and the hex of the whole DER value", () => {
+      expect(name(["1.2.3.4", UTF8, bytes("x")])).toBe("1.2.3.4=#0c0178")
+      // a known type's value of a string type it does not allow, too: it never reads as the text
+      expect(name([CN, IA5, bytes("alice")])).toBe("CN=#1605616c696365")
+      expect(name(["2.5.4.6", UTF8, bytes("GB")])).toBe("C=#0c024742")
+      expect(name(["2.5.4.6", PRINTABLE, bytes("GB")])).toBe("C=GB")
+    })
+
+    it("a TeletexString not all printable ASCII, and a UniversalString, are '#' and the hex of their content, escaped", () => {
+      expect(name([CN, T61, bytes("al\xc3\xa9ce")])).toBe("CN=\\#616cc3a96365")
+      expect(name([CN, T61, bytes("al\nice")])).toBe("CN=\\#616c0a696365")
+      expect(name([CN, T61, bytes("alice")])).toBe("CN=alice")
+      expect(name([CN, UNIVERSAL, [0, 0, 0, 0x61]])).toBe("CN=\\#00000061")
+      // a BMPString is text (UTF-16 written as UTF-8), unless it is no UTF-16
+      expect(name([CN, BMP, [...Buffer.from("caf\u00e9", "utf16le").swap16()]])).toBe("CN=caf\u00e9")
+      expect(name([CN, BMP, [0xd8, 0, 0, 0x61]])).toBe("CN=\\#d8000061")
+    })
+
+    it("attribute types by GnuTLS's names for them (gnutls_x509_dn_oid_name), others by their OID", () => {
+      expect(name(
+        ["2.5.4.15", UTF8, bytes("b")],
+        ["2.5.4.17", UTF8, bytes("1")],
+        ["2.5.4.13", UTF8, bytes("d,x")],
+        ["1.3.6.1.4.1.311.60.2.1.1", UTF8, bytes("L")],
+        ["1.3.6.1.4.1.311.60.2.1.2", UTF8, bytes("S")],
+        ["1.3.6.1.4.1.311.60.2.1.3", PRINTABLE, bytes("GB")],
+        ["2.5.4.20", PRINTABLE, bytes("12")],
+        ["1.2.840.113549.1.9.1", IA5, bytes("a@b")],
+        ["0.9.2342.19200300.100.1.25", IA5, bytes("com")]
+      )).toBe(
+        "businessCategory=b,postalCode=1,description=d\\,x,jurisdictionOfIncorporationLocalityName=L," +
+          "jurisdictionOfIncorporationStateOrProvinceName=S,jurisdictionOfIncorporationCountryName=GB," +
+          "telephoneNumber=12,EMAIL=a@b,DC=com"
+      )
+      // PKCS #9 friendlyName: known (its value is read) but unnamed
+      expect(name(["1.2.840.113549.1.9.20", BMP, [0, 0x66, 0, 0x72]])).toBe("1.2.840.113549.1.9.20=fr")
+    })
+
+    it("a name GnuTLS cannot write (an empty DirectoryString) cannot be read: no entry admits it", () => {
+      expect(() => name([CN, UTF8, []])).toThrow()
+      // an empty value of a one-type attribute is hex
+      expect(name(["2.5.4.6", PRINTABLE, []])).toBe("C=#1300")
+    })
   })
 
   it("parseAuthz: commas separate CNs and identities; a list holding a DN is separated by ';' (an escaped one does not separate)", () => {

@@ -20,6 +20,7 @@ interface Tlv {
 const tlv = (der: Uint8Array, at: number, end: number): Tlv => {
   if (at + 2 > end) throw new Error("truncated DER")
   const tag = der[at]!
+  if ((tag & 0x1f) === 0x1f) throw new Error("a DER tag of the high-tag-number form")
   let length = der[at + 1]!
   let start = at + 2
   if (length & 0x80) {
@@ -64,56 +65,6 @@ const oidOf = (der: Uint8Array, t: Tlv): string => {
 
 const hex = (der: Uint8Array, start: number, end: number) => Buffer.from(der.subarray(start, end)).toString("hex")
 
-/** GnuTLS's names of attribute types (as QEMU 10.0.2 printed them); others are written as their OID. */
-const ATTRIBUTE_NAMES: Record<string, string> = {
-  "2.5.4.3": "CN",
-  "2.5.4.4": "surName",
-  "2.5.4.5": "serialNumber",
-  "2.5.4.6": "C",
-  "2.5.4.7": "L",
-  "2.5.4.8": "ST",
-  "2.5.4.9": "street",
-  "2.5.4.10": "O",
-  "2.5.4.11": "OU",
-  "2.5.4.12": "title",
-  "2.5.4.41": "name",
-  "2.5.4.42": "givenName",
-  "2.5.4.43": "initials",
-  "2.5.4.44": "generationQualifier",
-  "2.5.4.46": "dnQualifier",
-  "2.5.4.65": "pseudonym",
-  "0.9.2342.19200300.100.1.25": "DC",
-  "0.9.2342.19200300.100.1.1": "UID",
-  "1.2.840.113549.1.9.1": "EMAIL"
-}
-
-/** The text of a directory string, or `undefined` for a type that is written as hex. */
-const stringOf = (der: Uint8Array, t: Tlv): string | undefined => {
-  const bytes = Buffer.from(der.subarray(t.start, t.end))
-  switch (t.tag) {
-    case 0x0c: // UTF8String
-      return bytes.toString("utf8")
-    case 0x12: // NumericString
-    case 0x13: // PrintableString
-    case 0x16: // IA5String
-    case 0x1a: // VisibleString
-    case 0x14: // TeletexString (as Latin-1)
-      return bytes.toString("latin1")
-    case 0x1e: { // BMPString: UCS-2, big-endian
-      let text = ""
-      for (let i = 0; i + 1 < bytes.length; i += 2) text += String.fromCharCode(bytes.readUInt16BE(i))
-      return text
-    }
-    case 0x1c: { // UniversalString: UCS-4, big-endian
-      let text = ""
-      for (let i = 0; i + 3 < bytes.length; i += 4) text += String.fromCodePoint(bytes.readUInt32BE(i))
-      return text
-    }
-    default:
-      return undefined
-  }
-}
-
 /**
  * A value escaped as GnuTLS escapes it (RFC 4514): `,` `+` `"` `\` `<` `>` `;` always, `#` or a space first,
  * a space last. So a value can never pass for more of the name: CN `alice,O=x` is written `CN=alice\,O=x`.
@@ -129,11 +80,130 @@ export const escapeValue = (value: string): string => {
 }
 
 /**
+ * How GnuTLS 3.7 writes an attribute type and reads its value (lib/x509/common.c `_oid2str`): its name (none: the
+ * OID is written), and how its value is decoded: `directory` a DirectoryString (teletexString, printableString,
+ * universalString, utf8String or bmpString), `challenge` PKCS #9's challengePassword (printableString or
+ * utf8String), or the one DER tag it must have. Attribute types not listed are written as their OID and `#` and
+ * the hex of the whole DER value.
+ */
+const ATTRIBUTE_TYPES: Record<string, { readonly name?: string; readonly value: "directory" | "challenge" | number }> = {
+  "1.3.6.1.5.5.7.9.2": { name: "placeOfBirth", value: "directory" },
+  "1.3.6.1.5.5.7.9.3": { name: "gender", value: 0x13 },
+  "1.3.6.1.5.5.7.9.4": { name: "countryOfCitizenship", value: 0x13 },
+  "1.3.6.1.5.5.7.9.5": { name: "countryOfResidence", value: 0x13 },
+  "2.5.4.6": { name: "C", value: 0x13 },
+  "2.5.4.9": { name: "street", value: "directory" },
+  "2.5.4.12": { name: "title", value: "directory" },
+  "2.5.4.10": { name: "O", value: "directory" },
+  "2.5.4.11": { name: "OU", value: "directory" },
+  "2.5.4.3": { name: "CN", value: "directory" },
+  "2.5.4.7": { name: "L", value: "directory" },
+  "2.5.4.8": { name: "ST", value: "directory" },
+  "2.5.4.13": { name: "description", value: "directory" },
+  "2.5.4.5": { name: "serialNumber", value: 0x13 },
+  "2.5.4.20": { name: "telephoneNumber", value: 0x13 },
+  "2.5.4.4": { name: "surName", value: "directory" },
+  "2.5.4.43": { name: "initials", value: "directory" },
+  "2.5.4.44": { name: "generationQualifier", value: "directory" },
+  "2.5.4.42": { name: "givenName", value: "directory" },
+  "2.5.4.65": { name: "pseudonym", value: "directory" },
+  "2.5.4.46": { name: "dnQualifier", value: 0x13 },
+  "2.5.4.17": { name: "postalCode", value: "directory" },
+  "2.5.4.41": { name: "name", value: "directory" },
+  "2.5.4.15": { name: "businessCategory", value: "directory" },
+  "0.9.2342.19200300.100.1.25": { name: "DC", value: 0x16 },
+  "0.9.2342.19200300.100.1.1": { name: "UID", value: "directory" },
+  "1.2.840.113556.1.4.656": { name: "userPrincipalName", value: "directory" },
+  "1.3.6.1.4.1.311.60.2.1.1": { name: "jurisdictionOfIncorporationLocalityName", value: "directory" },
+  "1.3.6.1.4.1.311.60.2.1.2": { name: "jurisdictionOfIncorporationStateOrProvinceName", value: "directory" },
+  "1.3.6.1.4.1.311.60.2.1.3": { name: "jurisdictionOfIncorporationCountryName", value: 0x13 },
+  "1.2.840.113549.1.9.1": { name: "EMAIL", value: 0x16 },
+  "1.2.840.113549.1.9.7": { value: "challenge" },
+  "1.2.840.113549.1.9.20": { value: 0x1e },
+  "1.2.840.113549.1.9.21": { value: 0x04 },
+  "1.2.840.113549.1.9.4": { value: 0x04 },
+  "1.3.6.1.5.5.7.8.5": { name: "XmppAddr", value: 0x0c },
+  "1.2.643.100.1": { name: "OGRN", value: 0x12 },
+  "1.2.643.100.3": { name: "SNILS", value: 0x12 },
+  "1.2.643.100.5": { name: "OGRNIP", value: 0x12 },
+  "1.2.643.3.131.1.1": { name: "INN", value: 0x12 }
+}
+
+const DIRECTORY_STRINGS = [0x14, 0x13, 0x1c, 0x0c, 0x1e]
+const CHALLENGE_STRINGS = [0x13, 0x0c]
+
+// ignoreBOM: a leading U+FEFF is part of the value, as GnuTLS writes it
+const utf8 = new TextDecoder("utf-8", { fatal: true, ignoreBOM: true })
+const utf16 = new TextDecoder("utf-16be", { fatal: true, ignoreBOM: true })
+
+/**
+ * The text of a value GnuTLS writes as text: its bytes, which GnuTLS writes as they are (no UTF-8 check). A
+ * string whose bytes are no UTF-8 is refused (throws): no entry given as text could match it.
+ */
+const textOf = (bytes: Uint8Array): string => {
+  try {
+    return utf8.decode(bytes)
+  } catch {
+    throw new Error("an attribute value that is not UTF-8")
+  }
+}
+
+/**
+ * An attribute value as GnuTLS's `_gnutls_x509_dn_to_string` writes it: a string of the type the attribute
+ * type allows as its text (a BMPString as UTF-8; a TeletexString of printable ASCII only, a UniversalString
+ * never, a BMPString that is no UTF-16 as `#` and the hex of their content), escaped (`escapeValue`, so such a
+ * hex is written `\#...`); a value of an unknown type, of a type the attribute type does not allow, empty (for
+ * a one-type attribute) or holding a NUL as `#` and the hex of its whole DER, unescaped. Throws where GnuTLS
+ * fails to write the name (an empty DirectoryString, a NUL in an OCTET STRING), or on bytes that are no UTF-8.
+ */
+const valueOf = (der: Uint8Array, oid: string, value: Tlv): string => {
+  const whole = `#${hex(der, value.at, value.end)}`
+  const type = ATTRIBUTE_TYPES[oid]
+  if (type === undefined) return whole
+  const allowed = type.value === "directory"
+    ? DIRECTORY_STRINGS
+    : type.value === "challenge"
+    ? CHALLENGE_STRINGS
+    : [type.value]
+  if (!allowed.includes(value.tag)) return whole
+  const bytes = der.subarray(value.start, value.end)
+  if (bytes.length === 0) {
+    // a DirectoryString (of SIZE (1..MAX)) does not decode, and GnuTLS gives up the name; a one-type value is hex
+    if (typeof type.value === "number") return whole
+    throw new Error("an empty attribute value")
+  }
+  const contentHex = `#${hex(der, value.start, value.end)}`
+  let text: string
+  switch (value.tag) {
+    case 0x14: // TeletexString: as it is when all printable ASCII
+      text = bytes.every((b) => b >= 0x20 && b <= 0x7e) ? textOf(bytes) : contentHex
+      break
+    case 0x1c: // UniversalString: always hex
+      text = contentHex
+      break
+    case 0x1e: // BMPString: UTF-16 (an odd last byte ignored, one last U+0000 dropped), or hex if it is not
+      try {
+        text = utf16.decode(bytes.subarray(0, bytes.length & ~1)).replace(/\u0000$/, "")
+      } catch {
+        text = contentHex
+      }
+      break
+    case 0x04: // OCTET STRING: its bytes; a NUL fails GnuTLS's escaping, and the name with it
+      if (bytes.includes(0)) throw new Error("an OCTET STRING attribute value holding a NUL")
+      return escapeValue(textOf(bytes))
+    default: // UTF8String, PrintableString, IA5String, NumericString: their bytes
+      if (bytes.includes(0)) return whole
+      text = textOf(bytes)
+  }
+  // GnuTLS refuses strings holding a NUL, and writes them as unknown
+  return text.includes("\u0000") ? whole : escapeValue(text)
+}
+
+/**
  * A DER Name (RDNSequence) as GnuTLS's `gnutls_x509_crt_get_dn` writes it, which QEMU's tls-authz matches: the
  * RDNs in the certificate's order (most general first: `C=GB,O=Example,CN=alice`; GnuTLS keeps this pre-RFC 4514
  * order for compatibility), joined by `,`; the attributes of a multi-valued RDN joined by `+`; values escaped
- * (`escapeValue`); an attribute type GnuTLS has no name for as its OID, a value of an unknown string type as
- * `#` and the hex of its DER.
+ * (`escapeValue`); each attribute as `valueOf` writes it, its type by GnuTLS's name for it or as its OID.
  */
 const formatName = (der: Uint8Array, name: Tlv): string =>
   children(der, name).map((rdn) =>
@@ -141,10 +211,16 @@ const formatName = (der: Uint8Array, name: Tlv): string =>
       const [type, value] = children(der, attribute)
       const oid = oidOf(der, need(type, 0x06, "attribute type"))
       if (value === undefined) throw new Error("attribute value missing")
-      const text = stringOf(der, value)
-      return `${ATTRIBUTE_NAMES[oid] ?? oid}=${text === undefined ? `#${hex(der, value.at, value.end)}` : escapeValue(text)}`
+      return `${ATTRIBUTE_TYPES[oid]?.name ?? oid}=${valueOf(der, oid, value)}`
     }).join("+")
   ).join(",")
+
+/** A DER Name as GnuTLS writes it (`formatName`). Throws where GnuTLS would fail to write it, or on malformed DER. */
+export const nameOf = (der: Uint8Array): string => {
+  const name = need(tlv(der, 0, der.length), 0x30, "Name")
+  if (name.end !== der.length) throw new Error("bytes after the Name")
+  return formatName(der, name)
+}
 
 /** `CN=x` of a name as `namesOf` writes it (its last CN), or the whole name, for messages (printable). */
 export const shortName = (dn: string): string =>
