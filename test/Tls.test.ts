@@ -895,7 +895,7 @@ describe("certificate revocation lists (QEMU's ca-crl.pem)", () => {
       yield* roundTrip(server.server, client.client(LOOPBACK), { channels: 4 })
     })))
 
-  it.live("load: a CRL file that is no PEM CRL, from another CA, forged, expired or not yet valid, a delta CRL, with an unhandled critical extension, with two CRLs of one CA, or that lacks a CA's CRL, is refused naming it", () =>
+  it.live("load: a CRL file that is no PEM CRL, from another CA, forged, expired or not yet valid, a delta CRL, of a limited scope (issuingDistributionPoint), with an unhandled critical extension, with two CRLs of one CA, or that lacks a CA's CRL, is refused naming it", () =>
     leakFree(Effect.gen(function*() {
       const dir = Fs.mkdtempSync(Path.join(Os.tmpdir(), "emfd-crl-"))
       yield* Effect.addFinalizer(() => Effect.sync(() => Fs.rmSync(dir, { recursive: true, force: true })))
@@ -948,6 +948,19 @@ describe("certificate revocation lists (QEMU's ca-crl.pem)", () => {
           `CRL file ${crl("critical-ext-crl.pem")}: the CRL of CN=test CA has a critical extension OpenSSL does not handle (OID 1.2.3.4.5): ` +
           `every handshake would fail with "unhandled critical CRL extension"`
         ],
+        ...([
+          ["user-only", "onlyContainsUserCerts"],
+          ["ca-only", "onlyContainsCACerts"],
+          ["some-reasons", "onlySomeReasons"],
+          ["indirect", "indirectCRL"]
+        ] as const).map(([name, scope]) =>
+          [
+            { crl: crl(`${name}-crl.pem`) },
+            `CRL file ${crl(`${name}-crl.pem`)}: the CRL of CN=test CA covers only some of its certificates ` +
+            `(issuingDistributionPoint: ${scope}): OpenSSL checks a certificate only against a CRL that covers it, and ` +
+            "would refuse the handshake of every certificate it does not cover; give a complete CRL of CN=test CA"
+          ] as const
+        ),
         [
           { crl: twice },
           `CRL file ${twice} holds two CRLs of CN=test CA (CRL 1 and CRL 2 of 2): OpenSSL consults only the most recent`

@@ -125,6 +125,13 @@ export const crlsOf = (
             "CRL revokes; give the complete CRL"
         ))
       }
+      if (crl.scope.length > 0) {
+        return Effect.fail(configError(
+          `CRL file ${path}${which}: the CRL of ${issuer} covers only some of its certificates (issuingDistributionPoint: ` +
+            `${crl.scope.join(", ")}): OpenSSL checks a certificate only against a CRL that covers it, and would refuse ` +
+            `the handshake of every certificate it does not cover; give a complete CRL of ${issuer}`
+        ))
+      }
       const unhandled = crl.extensions.find((e) => e.critical && !HANDLED_CRL_EXTENSIONS.includes(e.oid))
       if (unhandled !== undefined) {
         return Effect.fail(configError(

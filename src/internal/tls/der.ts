@@ -248,6 +248,12 @@ export interface Crl {
   readonly revoked: ReadonlyArray<string>
   /** Its extensions (crlExtensions): OID and criticality. */
   readonly extensions: ReadonlyArray<{ readonly oid: string; readonly critical: boolean }>
+  /**
+   * How its issuingDistributionPoint extension limits the certificates it covers, as RFC 5280 names the fields
+   * (`onlyContainsUserCerts`, `onlyContainsCACerts`, `onlySomeReasons`, `indirectCRL`,
+   * `onlyContainsAttributeCerts`); empty for a CRL of all the CA's certificates.
+   */
+  readonly scope: ReadonlyArray<string>
   /** Whether `publicKey` signed it. */
   readonly signedBy: (publicKey: Crypto.KeyObject) => boolean
 }
@@ -280,6 +286,31 @@ const SIGNATURE_DIGESTS: Record<string, string | null> = {
   "1.3.101.113": null // Ed448
 }
 
+const ISSUING_DISTRIBUTION_POINT = "2.5.29.28"
+
+/** The fields of IssuingDistributionPoint that limit a CRL's scope, by their context tags (RFC 5280 §5.2.5). */
+const SCOPE_FIELDS: Record<number, string> = {
+  0x81: "onlyContainsUserCerts",
+  0x82: "onlyContainsCACerts",
+  0x83: "onlySomeReasons",
+  0x84: "indirectCRL",
+  0x85: "onlyContainsAttributeCerts"
+}
+
+/**
+ * The scope limits of an issuingDistributionPoint extension's value (its extnValue OCTET STRING): each BOOLEAN
+ * field that is TRUE, and onlySomeReasons when present. IssuingDistributionPoint ::= SEQUENCE {
+ * distributionPoint [0], onlyContainsUserCerts [1] BOOLEAN, onlyContainsCACerts [2] BOOLEAN, onlySomeReasons [3]
+ * ReasonFlags, indirectCRL [4] BOOLEAN, onlyContainsAttributeCerts [5] BOOLEAN } (IMPLICIT tags).
+ */
+const scopeOf = (der: Uint8Array, extnValue: Tlv): Array<string> =>
+  children(der, need(tlv(der, extnValue.start, extnValue.end), 0x30, "IssuingDistributionPoint")).flatMap((field) => {
+    const name = SCOPE_FIELDS[field.tag]
+    if (name === undefined) return []
+    const isTrue = field.tag === 0x83 || (field.end > field.start && der[field.start] !== 0)
+    return isTrue ? [name] : []
+  })
+
 /** Parses one DER CRL (RFC 5280 §5.1). Throws on what it cannot read, or a signature algorithm it cannot check. */
 export const parseCrl = (der: Uint8Array): Crl => {
   const [tbs, algorithm, signature] = children(der, need(tlv(der, 0, der.length), 0x30, "CertificateList"))
@@ -305,13 +336,14 @@ export const parseCrl = (der: Uint8Array): Crl => {
   }
   // crlExtensions [0] EXPLICIT Extensions; Extension ::= SEQUENCE { extnID, critical BOOLEAN DEFAULT FALSE, extnValue }
   const extensions: Array<{ oid: string; critical: boolean }> = []
+  const scope: Array<string> = []
   if (fields[i]?.tag === 0xa0) {
     for (const extension of children(der, need(children(der, fields[i]!)[0], 0x30, "crlExtensions"))) {
-      const [id, second] = children(der, need(extension, 0x30, "extension"))
-      extensions.push({
-        oid: oidOf(der, need(id, 0x06, "extension OID")),
-        critical: second?.tag === 0x01 && second.end > second.start && der[second.start] !== 0
-      })
+      const parts = children(der, need(extension, 0x30, "extension"))
+      const [id, second] = parts
+      const oid = oidOf(der, need(id, 0x06, "extension OID"))
+      extensions.push({ oid, critical: second?.tag === 0x01 && second.end > second.start && der[second.start] !== 0 })
+      if (oid === ISSUING_DISTRIBUTION_POINT) scope.push(...scopeOf(der, need(parts.at(-1), 0x04, "extnValue")))
     }
   }
   const oid = oidOf(der, need(children(der, need(algorithm, 0x30, "signatureAlgorithm"))[0], 0x06, "algorithm"))
@@ -325,6 +357,7 @@ export const parseCrl = (der: Uint8Array): Crl => {
     nextUpdate,
     revoked,
     extensions,
+    scope,
     signedBy: (publicKey) => {
       try {
         return Crypto.verify(SIGNATURE_DIGESTS[oid] ?? null, tbsBytes, publicKey, signatureBytes)
