@@ -624,10 +624,9 @@ export const make = (config: Config): Effect.Effect<MultifdRecv["Type"], never, 
     /** A lost connection (reset, end, a stall inside a packet): with reconnecting, the channel waits for its new one. */
     // (a TLS record that failed authentication is no loss: somebody tampers with the path, and it fails the set)
     const isLoss = (error: ChannelFailure): boolean =>
-      (error._tag === "TransportError" && error.reason !== "Tls") ||
+      Transport.isLostConnection(error) ||
       (error._tag === "MigrationError" && (error.reason === "ChannelClosed" || error.reason === "Timeout")) ||
-      (error._tag === "ChannelError" && error.cause._tag === "TransportError" &&
-        (error.cause as Transport.TransportError).reason !== "Tls")
+      (error._tag === "ChannelError" && Transport.isLostConnection(error.cause))
 
     const adopt = (connection: Transport.Connection, init?: Buffer) =>
       Effect.gen(function*() {

@@ -204,9 +204,8 @@ interface Jobs {
 
 /** A failure of an established channel that a new connection may get past: the network's or TLS's. */
 const recoverable = (error: unknown): boolean => {
-  const original = Cause.originalError(error) as { readonly _tag?: string; readonly reason?: string }
-  // a TLS record that failed authentication here is no lost connection
-  return (original._tag === "TransportError" && original.reason !== "Tls") || original._tag === "TlsError"
+  const original = Cause.originalError(error)
+  return Transport.isLostConnection(original) || (original as { readonly _tag?: string })._tag === "TlsError"
 }
 
 /** A job a channel took, kept until acknowledged: `finished` once its hand-off ended (idle, or SYNC done). */

@@ -159,7 +159,15 @@ export {
    * @since 0.1.0
    * @category errors
    */
-  TransportError
+  TransportError,
+  /**
+   * Whether an error is a connection that went away (reset, closed, a stall), which a new connection may get
+   * past; a TLS record that failed authentication is not.
+   *
+   * @since 0.1.0
+   * @category utils
+   */
+  isLostConnection
 } from "./internal/native/connection.js"
 
 /**

@@ -128,8 +128,7 @@ export const run = (
     // failed authentication here means no such thing: it says so itself)
     const controlFailure = Effect.catchAll(readerFailure, (error) =>
       Effect.flatMap(Deferred.isDone(answered), (isAnswered) =>
-        !isAnswered && error._tag === "ChannelError" && error.cause._tag === "TransportError" &&
-          (error.cause as Transport.TransportError).reason !== "Tls"
+        !isAnswered && error._tag === "ChannelError" && Transport.isLostConnection(error.cause)
           ? new MigrationError.MigrationError({
             reason: "Rejected",
             // a TLS source that presented a certificate explains such a close itself (Tls.client)

@@ -113,6 +113,14 @@ export const WRITE_BUFFER = 4 * 1024 * 1024
 export const COPIED_WRITE_BUFFER = 1024 * 1024
 
 /**
+ * Whether `error` is a connection that went away (reset, closed, a write that failed, a stall): what a new
+ * connection may get past. A TLS record that failed authentication (`Tls`) is not: somebody tampers with the path.
+ */
+export const isLostConnection = (error: unknown): error is TransportError =>
+  // by tag, not class: a failure that crossed from a channel thread is rebuilt as a plain tagged object
+  (error as { readonly _tag?: unknown } | undefined)?._tag === "TransportError" && (error as TransportError).reason !== "Tls"
+
+/**
  * Whether an error is OpenSSL's own finding on an established connection (a record that failed authentication,
  * a record it cannot parse): not the socket's, and not an alert the peer sent (`ERR_SSL_..._ALERT_...`: the peer
  * ended the session, saying why, as a destination refusing a certificate after a TLS 1.3 handshake does).
