@@ -31,6 +31,22 @@ export class UsageError extends Data.TaggedError("UsageError")<{
   }
 }
 
+/**
+ * Refuses the flags the command line gave (`given`, as `--page-size`) that do not apply to `what` the command
+ * does: `reasons` says why, for each such flag, and the first one given fails as "FLAG does not apply to WHAT:
+ * REASON". Their environment variables, defaults for every command, are not in `given`: ignored.
+ */
+export const refuseGiven = (
+  given: ReadonlySet<string>,
+  what: string,
+  reasons: Readonly<Record<string, string>>
+): Effect.Effect<void, UsageError> => {
+  const flag = Object.keys(reasons).find((name) => given.has(name))
+  return flag === undefined
+    ? Effect.void
+    : Effect.fail(new UsageError({ detail: `${flag} does not apply to ${what}: ${reasons[flag]}` }))
+}
+
 /** Anything with a tag and, maybe, a reason — the shape of the library's tagged errors. */
 interface Tagged {
   readonly _tag: string

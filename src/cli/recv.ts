@@ -16,7 +16,7 @@ import type * as GuestRam from "../GuestRam.js"
 import * as Migration from "../Migration.js"
 import * as MigrationStatus from "../MigrationStatus.js"
 import * as Transport from "../Transport.js"
-import { UsageError } from "./errors.js"
+import { refuseGiven, UsageError } from "./errors.js"
 import * as FromQemu from "./fromQemu.js"
 import * as Image from "./image.js"
 import * as Options from "./options.js"
@@ -48,12 +48,10 @@ export const command = Command.make(
       if (output.fromQemu) {
         // a file QEMU wrote says what it holds: QEMU's channel count and compression are not in it (its mapped-ram
         // file is never compressed). A flag given is refused, their environment variables ignored
-        const stray = uri._tag === "File" ? ["--channels", "--compression"].find((flag) => transfer.given.has(flag)) : undefined
-        if (stray !== undefined) {
-          return yield* new UsageError({
-            detail: stray === "--channels"
-              ? "--channels does not apply to a file QEMU wrote (file: --from-qemu): its pages are read whatever channels wrote them"
-              : "--compression does not apply to a file QEMU wrote (file: --from-qemu): QEMU writes its pages uncompressed"
+        if (uri._tag === "File") {
+          yield* refuseGiven(transfer.given, "a file QEMU wrote (file: --from-qemu)", {
+            "--channels": "its pages are read whatever channels wrote them",
+            "--compression": "QEMU writes its pages uncompressed"
           })
         }
         if (uri._tag !== "File" && Option.isNone(transfer.channels)) {
@@ -77,9 +75,9 @@ export const command = Command.make(
       }
       // a snapshot's pages are read whatever writers saved them (send file: --channels): the count is no
       // expectation of the restore. Given, it is refused; MULTIFD_CHANNELS, set for migrations, ignored
-      if (uri._tag === "File" && transfer.given.has("--channels")) {
-        return yield* new UsageError({
-          detail: "--channels does not apply to restoring a file: snapshot: its pages are read whatever writers saved them"
+      if (uri._tag === "File") {
+        yield* refuseGiven(transfer.given, "restoring a file: snapshot", {
+          "--channels": "its pages are read whatever writers saved them"
         })
       }
       if (uri._tag !== "File" && Option.isSome(transfer.channels) && transfer.channels.value === 0) {

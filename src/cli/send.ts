@@ -11,7 +11,7 @@ import * as GuestRam from "../GuestRam.js"
 import * as Migration from "../Migration.js"
 import * as MigrationStatus from "../MigrationStatus.js"
 import * as Transport from "../Transport.js"
-import { UsageError } from "./errors.js"
+import { refuseGiven, UsageError } from "./errors.js"
 import * as Image from "./image.js"
 import * as Options from "./options.js"
 import * as Progress from "./progress.js"
@@ -41,6 +41,8 @@ export const command = Command.make(
   },
   ({ input: inputFlag, qemu, reporting, resilience, timing, tls: tlsFlags, transfer, uri }) =>
     Effect.gen(function*() {
+      // the flags the command line gave (their variables are no reason to refuse a command they do not fit)
+      const given = resilience.given ? new Set([...transfer.given, "--reconnect"]) : transfer.given
       // with a method, the migration checks the level against it; without one, only that some method has it
       const level = transfer.compressionLevel
       const noLevel = transfer.compression === "none" && Option.isSome(level) ? Options.checkAnyLevel(level.value) : undefined
@@ -53,17 +55,11 @@ export const command = Command.make(
         if (Option.isSome(inputFlag)) return yield* new UsageError({ detail: "--to-qemu takes the VM as --vm FILE, not --in" })
         if (Option.isNone(qemu.vm)) return yield* new UsageError({ detail: "--to-qemu needs --vm FILE (a QEMU mapped-ram migration file)" })
         // the VM file sets them: a flag given is refused, their environment variables are ignored
-        const stray = ["--page-size", "--zero-page"].find((flag) => transfer.given.has(flag))
-        if (stray !== undefined) {
-          return yield* new UsageError({
-            detail: stray === "--page-size"
-              ? "--page-size does not apply to --to-qemu: the VM file sets the page size"
-              : "--zero-page does not apply to --to-qemu: zero pages travel as offsets, as QEMU sends them"
-          })
-        }
-        if (resilience.given) {
-          return yield* new UsageError({ detail: "--reconnect does not apply to --to-qemu: QEMU does not take a lost channel back" })
-        }
+        yield* refuseGiven(given, "--to-qemu", {
+          "--page-size": "the VM file sets the page size",
+          "--zero-page": "zero pages travel as offsets, as QEMU sends them",
+          "--reconnect": "QEMU does not take a lost channel back"
+        })
         // before TLS, which would call a file: uri a snapshot
         if (uri._tag === "File") return yield* new UsageError({ detail: ToQemu.NEEDS_SOCKET })
         const tls = yield* tlsOf(tlsFlags, "send", uri, timing)
@@ -90,9 +86,7 @@ export const command = Command.make(
       // a snapshot is neither compressed nor limited: the flags are refused (Migration), while MULTIFD_COMPRESSION
       // and MULTIFD_MAX_BANDWIDTH, set for migrations, are ignored
       const toFile = uri._tag === "File"
-      if (toFile && resilience.given) {
-        return yield* new UsageError({ detail: "--reconnect does not apply to a file: snapshot: it has no connections" })
-      }
+      if (toFile) yield* refuseGiven(given, "a file: snapshot", { "--reconnect": "it has no connections" })
       const compression = toFile && !transfer.given.has("--compression") ? "none" : transfer.compression
       const maxBandwidth = toFile && !transfer.given.has("--max-bandwidth") ? Option.none() : transfer.maxBandwidth
       const bytes = yield* Image.read(input, transfer.pageSize)
