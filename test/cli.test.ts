@@ -1148,6 +1148,21 @@ describe("trust: success is durable, strangers are candidates", () => {
     })
   })
 
+  it("an image is written sparse: its runs of zeros are holes, its bytes and length exactly the memory's", async () => {
+    const path = Path.join(dir, "sparse.img")
+    const first = new Uint8Array(16 * 1024 * 1024) // zeros, but for a page at 5 MiB and the last byte
+    first.set(Crypto.randomBytes(4096), 5 * 1024 * 1024)
+    first[first.length - 1] = 7
+    const second = new Uint8Array(8 * 1024 * 1024) // zeros to the end: the length still counts them
+    second.set(Crypto.randomBytes(100), 3)
+    await Effect.runPromise(Effect.scoped(Effect.flatMap(Image.create(path), (image) => image.commit([first, second]))))
+    const written = Fs.readFileSync(path)
+    expect(written.length).toBe(first.length + second.length)
+    expect(written.equals(Buffer.concat([first, second]))).toBe(true)
+    // three runs of 64 KiB written out of 24 MiB (the file system may add a little of its own)
+    expect(Fs.statSync(path).blocks * 512).toBeLessThan(1024 * 1024)
+  })
+
   it("the directory sync after the rename reports a real failure instead of ignoring it (here: no directory)", async () => {
     expect((await Effect.runPromise(Effect.either(Image.syncDirectory(dir))))._tag).toBe("Right")
     const missing = Path.join(dir, "gone")

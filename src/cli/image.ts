@@ -4,7 +4,7 @@
  *
  * File handling is `internal/native/fileIo`'s: every handle acquired with `acquireRelease`, reads and writes in
  * chunks so that an interruption (Ctrl-C) takes effect between them, the image written beside its path and
- * renamed into place.
+ * renamed into place, its runs of zeros left holes (a guest's free memory takes neither writes nor disk space).
  *
  * @since 0.1.0
  */
@@ -99,7 +99,7 @@ export interface Output {
   /** The temporary file beside it. */
   readonly temporary: string
   /**
-   * Writes the chunks in order (interruptibly), then flushes them to disk and renames the temporary file to
+   * Writes the chunks in order (interruptibly; runs of zeros are left holes of a sparse file), then flushes them to disk and renames the temporary file to
    * `path` (uninterruptibly: Node cannot cancel an fsync anyway), through `around` if given (a migration's
    * `Migration.Commit`, which tells the source once the image is in place).
    */
@@ -129,9 +129,11 @@ export const create = (path: string): Effect.Effect<Output, ImageError, Scope.Sc
     const file = yield* FileIo.atomicFile(path).pipe(Effect.mapError((error) => writeError(path, error)))
     const fill = (chunks: ReadonlyArray<Uint8Array>) =>
       Effect.gen(function*() {
+        // the fresh file given the image's length first: the zero runs are never written, and read as zeros
+        yield* FileIo.resize(file, chunks.reduce((sum, chunk) => sum + chunk.length, 0))
         let position = 0
         for (const chunk of chunks) {
-          yield* FileIo.transferChunked("write", file, chunk, position, CHUNK)
+          yield* FileIo.writeSparse(file, chunk, position, CHUNK)
           position += chunk.length
         }
       })

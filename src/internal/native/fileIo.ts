@@ -253,6 +253,52 @@ export const transferChunked = (
     }
   })
 
+/** The run judged at once by `writeSparse`: a run of zeros this long is left a hole. */
+const HOLE = 64 * 1024
+const HOLE_ZEROS = Buffer.alloc(HOLE)
+
+/**
+ * Writes `buffer` at `position` of a file that already reads as zeros there (a fresh file given its length by
+ * `resize`), skipping every `HOLE`-byte run of zeros, which stays a hole: a mostly zero image (a guest's free
+ * memory) costs neither the writes nor the disk space. The rest is written as `transferChunked` writes, `chunk`
+ * bytes judged per step, an interruption taking effect between two steps.
+ */
+export const writeSparse = (file: File, buffer: Uint8Array, position: number, chunk: number): Effect.Effect<void, FileError> =>
+  Effect.gen(function*() {
+    const bytes = Buffer.from(buffer.buffer, buffer.byteOffset, buffer.length)
+    for (let at = 0; at < buffer.length; at += chunk) {
+      const end = Math.min(buffer.length, at + chunk)
+      const list = ioList(Math.ceil((end - at) / HOLE / 2) + 1)
+      let run = -1
+      for (let from = at; from < end; from += HOLE) {
+        const to = Math.min(end, from + HOLE)
+        const zero = HOLE_ZEROS.compare(bytes, from, to, 0, to - from) === 0
+        if (!zero && run < 0) run = from
+        else if (zero && run >= 0) {
+          push(list, run, from - run, position + run)
+          run = -1
+        }
+      }
+      if (run >= 0) push(list, run, end - run, position + run)
+      if (list.count > 0) yield* transferAll("write", file, buffer, list, 1)
+    }
+  })
+
+/**
+ * Sets the file's length (`ftruncate`): grown, it reads as zeros up to the new end, without using the disk.
+ * Uninterruptible, as `transferAll`: the descriptor is never closed under it.
+ */
+export const resize = (file: File, size: number): Effect.Effect<void, FileError> =>
+  Effect.uninterruptible(Effect.async<void, FileError>((resume) => {
+    Fs.ftruncate(file.fd, size, (error) =>
+      resume(
+        error === null
+          ? Effect.void
+          : Effect.fail(new FileError({ step: "Size", path: file.path, length: size, cause: error }))
+      )
+    )
+  }))
+
 // ---------------------------------------------------------------------------------------------------------
 // Replacing a file atomically
 
