@@ -375,6 +375,26 @@ describe("multifd over TLS", () => {
     expect({ send: right.code, recv: received.code, stderr: right.stderr + received.stderr }).toMatchObject({ send: 0, recv: 0 })
   })
 
+  it("send over unix: with x509 needs --tls-hostname (a socket path names no host: any certificate of the CA passed), and checks it", async () => {
+    const server = ["--tls-cert", tlsFile("wronghost-cert.pem"), "--tls-key", tlsFile("wronghost-key.pem")]
+    const socket = Path.join(dir, "tls-host.sock")
+    const out = Path.join(dir, "tls-host.out")
+    const recv = await startRecv([`unix:${socket}`, "--out", out, ...server, "--timeout", "5s"])
+    const nameless = await run(["send", recv.uri, "--in", image, "--tls-ca", tlsFile("ca-cert.pem"), "--json"])
+    expect({ code: nameless.code, stderr: lines(nameless.stderr) }).toEqual({
+      code: 2,
+      stderr: [expect.stringMatching(/^multifd: error: send to a unix: socket with x509 needs --tls-hostname NAME/)]
+    })
+    expect(JSON.parse(nameless.stdout)).toMatchObject({ error: { tag: "UsageError" } })
+    const wrong = await run(["send", recv.uri, "--in", image, "--tls-ca", tlsFile("ca-cert.pem"), "--tls-hostname", "localhost"])
+    expect(wrong.code).toBe(1)
+    expect(lines(wrong.stderr)).toEqual([expect.stringMatching(/^multifd: error: main channel: .*localhost/)])
+    const right = await run(["send", recv.uri, "--in", image, "--tls-ca", tlsFile("ca-cert.pem"), "--tls-hostname", "wrong.example"])
+    const received = await recv.finished
+    expect({ send: right.code, recv: received.code, stderr: right.stderr + received.stderr }).toMatchObject({ send: 0, recv: 0 })
+    expect(Fs.readFileSync(out).equals(Fs.readFileSync(image))).toBe(true)
+  })
+
   it("--tls-crl: send refuses a revoked destination, recv --tls-verify-peer refuses a revoked client (each in one line), and alice under the same CRL migrates", async () => {
     const crl = ["--tls-crl", tlsFile("ca-crl.pem")]
     const x509 = (who: string) => ["--tls-ca", tlsFile("ca-cert.pem"), "--tls-cert", tlsFile(`${who}-cert.pem`), "--tls-key", tlsFile(`${who}-key.pem`)]

@@ -515,7 +515,8 @@ export const sendTls: Options.Options<TlsFlags> = Options.all({
   ca: tlsCa,
   hostname: Options.text("tls-hostname").pipe(
     Options.withPseudoName("NAME"),
-    Options.withDescription("With x509: the name the destination's certificate must carry (default: the uri's host)."),
+    Options.withDescription("With x509: the name the destination's certificate must carry (default: the uri's host; required " +
+        "with a unix: uri, which names no host)."),
     Options.mapEffect(nonEmpty("tls-hostname")),
     Options.optional
   ),

@@ -78,6 +78,13 @@ export const tlsOf = (
             ? "TLS does not apply to a file QEMU wrote (file: --from-qemu): it is read, not received"
             : "TLS does not apply to a file: snapshot"
         }))
+        // a socket path names no host: without a name, any certificate of the CA would pass for the destination
+        // (QEMU refuses likewise: "No hostname for certificate validation")
+        : role === "send" && uri._tag === "Unix" && config.psk === undefined && config.hostname === undefined
+        ? Effect.fail(new UsageError({
+          detail: "send to a unix: socket with x509 needs --tls-hostname NAME, the name the destination's " +
+            "certificate must carry: a socket path names no host to check it against"
+        }))
         : role === "send"
         ? Effect.tap(Tls.make(config), (tls) => Tls.checkClient(tls.settings))
         : Effect.tap(Tls.make(config), (tls) => Tls.checkServer(tls.settings))
