@@ -440,8 +440,13 @@ const kindOf = (stat: FsSync.Stats): string =>
     ? "a FIFO"
     : "a device or other special file"
 
+/** Who connected: `127.0.0.1:40000`, `[::1]:40000` (bracketed, as a uri writes it: `::1:40000` reads as one address). */
 const peerOf = (socket: Net.Socket): string =>
-  socket.remoteAddress === undefined ? "local peer" : `${socket.remoteAddress}:${socket.remotePort}`
+  socket.remoteAddress === undefined
+    ? "local peer"
+    : Net.isIPv6(socket.remoteAddress)
+    ? `[${socket.remoteAddress}]:${socket.remotePort}`
+    : `${socket.remoteAddress}:${socket.remotePort}`
 
 /**
  * Closes the server's listening handle now (no connection is accepted after this returns) and gives the wait

@@ -191,6 +191,8 @@ describe("listen", () => {
     leakFree(Effect.gen(function*() {
       const { client, listener, server } = yield* pair(addr("tcp:[::1]:0"))
       expect(formatAddress(listener.address)).toMatch(/^tcp:\[::1\]:\d+$/)
+      // the peer as a uri writes it: "::1:40000" reads as one address
+      expect(server.peer).toMatch(/^tcp:\[::1\]:\d+ \(from \[::1\]:\d+\)$/)
       yield* server.write([Buffer.from("v6")])
       expect((yield* client.read(2)).toString()).toBe("v6")
     })))
