@@ -370,6 +370,9 @@ describe("multifd over TLS", () => {
     const wrong = await run(["send", recv.uri, "--in", image, "--tls-ca", tlsFile("ca-cert.pem"), "--tls-hostname", "example.org"])
     expect(wrong.code).toBe(1)
     expect(lines(wrong.stderr)).toEqual([expect.stringMatching(/^multifd: error: main channel: .*example\.org/)])
+    // the certificate's names, once
+    expect(lines(wrong.stderr)[0]!.split("DNS:localhost")).toHaveLength(2)
+    expect(lines(wrong.stderr)[0]).toMatch(/is not in the cert's altnames \(the certificate is for DNS:localhost, IP Address:127\.0\.0\.1/)
     const right = await run(["send", recv.uri, "--in", image, "--tls-ca", tlsFile("ca-cert.pem"), "--tls-hostname", "localhost"])
     const received = await recv.finished
     expect({ send: right.code, recv: received.code, stderr: right.stderr + received.stderr }).toMatchObject({ send: 0, recv: 0 })

@@ -139,8 +139,10 @@ const clientHandshake = (settings: Settings, host: string | undefined): Transpor
               if (mismatch === undefined) return undefined
               const names = cert.subjectaltname ?? `CN=${cert.subject?.CN}`
               return Object.assign(mismatch, {
-                reason: `${(mismatch as Error & { reason?: string }).reason ?? mismatch.message} `.replace(/:\s*$/, "")
-                  .trim() + ` (the certificate is for ${names})`
+                // Node's reason ends with the certificate's names ("... is not in the cert's altnames: DNS:a, ..."), or
+                // an empty list: they are said once, after it
+                reason: `${(mismatch as Error & { reason?: string }).reason ?? mismatch.message} `
+                  .replace(/(cert's [A-Za-z]+):[\s\S]*$/, "$1").trim() + ` (the certificate is for ${names})`
               })
             }
           })
