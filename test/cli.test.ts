@@ -781,6 +781,15 @@ describe("multifd failures", () => {
     const config = await runHere(["send", "tcp:127.0.0.1:1", "--in", Path.join(dir, "missing.raw"), "--json"])
     expect(config.code).toBe(2)
     expect(JSON.parse(config.stdout).error).toMatchObject({ tag: "ImageError", reason: "Missing" })
+    // --json as @effect/cli reads it (a success prints JSON with --json=true, none with --json false): a failure too
+    for (const json of [["--json=true"], ["--json=yes"], ["--json", "on"]]) {
+      const result = await runHere(["send", "tcp:127.0.0.1:1", "--in", image, "--channels", "0", ...json])
+      expect({ json, code: result.code, stdout: JSON.parse(result.stdout) }).toMatchObject({ json, code: 2, stdout: { error: { tag: "UsageError" } } })
+    }
+    for (const json of [["--json=false"], ["--json", "no"]]) {
+      const result = await runHere(["send", "tcp:127.0.0.1:1", "--in", image, "--channels", "0", ...json])
+      expect({ json, code: result.code, stdout: result.stdout }).toEqual({ json, code: 2, stdout: "" })
+    }
   })
 
   it("--quiet: a migration prints nothing but recv's listening line; without a terminal no escape codes anywhere", async () => {

@@ -12,7 +12,7 @@ import * as FileSystem from "@effect/platform/FileSystem"
 import * as Effect from "effect/Effect"
 import * as Either from "effect/Either"
 import * as Option from "effect/Option"
-import { ExitCode, type Flags, toExitCode } from "./errors.js"
+import { ExitCode, type Flags, toExitCode, wantsJson } from "./errors.js"
 import * as Help from "./help.js"
 import * as Log from "./log.js"
 import * as Recv from "./recv.js"
@@ -231,7 +231,7 @@ export const main = (argv: ReadonlyArray<string>) =>
       // @effect/cli's own error messages are reported by toExitCode
       Effect.withConsole(Terminal.withoutErrors(console)),
       Effect.provideService(Terminal.Terminal, terminal),
-      toExitCode({ json: args.includes("--json"), terminal, flags: flags(args) })
+      toExitCode({ json: wantsJson(args), terminal, flags: flags(args) })
     )
   }).pipe(
     // Effect's runtime logs each fiber that fails (at Debug: with --verbose), and one failure of a migration ends

@@ -109,6 +109,23 @@ export interface Report {
   readonly message: string
 }
 
+/** What @effect/cli reads as false for a boolean flag: `--json=false`, `--json no`. */
+const FALSE_VALUES = new Set(["false", "0", "n", "no", "off"])
+
+/**
+ * Whether the command line (subcommand first) asks for `--json` as @effect/cli reads it: `--json`, `--json=true`
+ * or `--json yes`, not `--json=false` or `--json no`, nor after `--`. A failure or an interruption is then
+ * reported as JSON exactly when a success would be.
+ */
+export const wantsJson = (args: ReadonlyArray<string>): boolean => {
+  const dashes = args.indexOf("--")
+  const options = dashes < 0 ? args : args.slice(0, dashes)
+  const at = options.findIndex((a) => a === "--json" || a.startsWith("--json="))
+  if (at < 0) return false
+  const value = options[at] === "--json" ? options[at + 1] : options[at]!.slice("--json=".length)
+  return value === undefined || !FALSE_VALUES.has(value)
+}
+
 /** The `--json` form of a failure: `{"error":{"tag","reason","message"}}`. */
 export const toJson = (report: Report): string => JSON.stringify({ error: report })
 

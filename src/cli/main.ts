@@ -12,7 +12,7 @@ import * as Exit from "effect/Exit"
 import * as Os from "node:os"
 import * as FileIo from "../internal/native/fileIo.js"
 import { main } from "./command.js"
-import { ExitCode, toJson } from "./errors.js"
+import { ExitCode, toJson, wantsJson } from "./errors.js"
 import * as Terminal from "./terminal.js"
 
 /**
@@ -89,7 +89,7 @@ NodeRuntime.runMain(
       // everything the command opened is closed (and a partial --out removed) by now
       const signal = first?.signal ?? "SIGINT"
       process.stderr.write(`multifd: interrupted by ${signal}\n`)
-      if (process.argv.includes("--json")) {
+      if (wantsJson(process.argv.slice(2))) {
         process.stdout.write(`${toJson({ tag: "Interrupted", reason: signal, message: `interrupted by ${signal}` })}\n`)
       }
       onExit(128 + Os.constants.signals[signal])
