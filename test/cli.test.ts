@@ -754,6 +754,13 @@ describe("multifd failures", () => {
       [["send", "tcp:127.0.0.1:1", "--in", Os.tmpdir()], `multifd: error: --in ${Os.tmpdir()}: not a regular file`],
       [["send", "tcp:127.0.0.1:1", `--in=${Os.tmpdir()}`], `multifd: error: --in ${Os.tmpdir()}: not a regular file`],
       [["recv", "tcp:127.0.0.1:0", "--out", Os.tmpdir()], `multifd: error: --out ${Os.tmpdir()}: not a regular file`],
+      // before the uri, a flag @effect/cli does not take there came back as "bad uri: --in: expected an address ..."
+      [["send", "--in", image, "-x", "tcp:127.0.0.1:1"], "multifd: error: unknown flag -x"],
+      [["send", "--in", image, "--in", image, "tcp:127.0.0.1:1"], "multifd: error: --in given more than once"],
+      [["send", "--in", image, `--in=${image}`, "tcp:127.0.0.1:1"], "multifd: error: --in given more than once"],
+      [["send", "--tls-authz", "alice", "--in", image, "tcp:127.0.0.1:1"], "multifd: error: --tls-authz is a recv option"],
+      [["recv", "--out", "x.img", "--in", image, "tcp:127.0.0.1:0"], "multifd: error: --in is a send option"],
+      [["send", "--in", image, "tcp:127.0.0.1"], "multifd: error: bad uri: tcp:127.0.0.1: expected tcp:HOST:PORT (IPv6 as tcp:[::1]:PORT)"],
       [["send", "--in", image], "multifd: error: Missing argument <uri>"],
       [["send", "tcp:127.0.0.1:1"], "multifd: error: send needs --in FILE (or --to-qemu --vm FILE)"]
     ]

@@ -162,7 +162,9 @@ export const describeValidation = (error: ValidationError.ValidationError, flags
     const what = `${path[1]}: not a ${path[2]}`
     return oneLine(flag === undefined ? what : `${flag} ${what}`)
   }
-  const unknown = /unknown argument: '(--?[^']+)'/i.exec(text) ?? /flag '(--?[^']+)' is not recognized/i.exec(text)
+  const unknown = /unknown argument: '(--?[^']+)'/i.exec(text) ?? /flag '(--?[^']+)' is not recognized/i.exec(text) ??
+    // a flag @effect/cli does not take where the uri is still to come (before it) is given as the uri
+    /^bad uri: (--?[A-Za-z][\w-]*(?:=[^:]*)?): expected an address/.exec(text.trim())
   if (unknown === null || flags === undefined) return oneLine(text)
   // `--flag=value` given a second time comes back whole
   const name = unknown[1]!.split("=")[0]!
