@@ -273,7 +273,7 @@ export const connect = (
     const connection = Connections.make(socket, uri)
     yield* Effect.async<void, TransportError>((resume) => {
       const onError = (error: Error) =>
-        resume(Effect.fail(new TransportError({ reason: "Connect", address: uri, detail: describeError(error), cause: error })))
+        resume(Effect.fail(new TransportError({ reason: "Connect", address: uri, detail: connectDetail(address, error), cause: error })))
       const onConnect = () => resume(Effect.void)
       socket.once("error", onError)
       socket.once("connect", onConnect)
@@ -373,6 +373,20 @@ const listenDetail = (address: SocketAddress, error: Error): string => {
   if (address._tag !== "Unix" || (error as NodeJS.ErrnoException).code !== "EACCES") return describeError(error)
   const dir = Path.dirname(address.path)
   return FsSync.existsSync(dir) ? describeError(error) : `no such directory: ${dir}`
+}
+
+/**
+ * What a failed connect says. A Unix path that holds a file of another kind (the image, a directory) refuses the
+ * connection as a socket nobody listens on does ("connection refused"): what is there is named instead.
+ */
+const connectDetail = (address: SocketAddress, error: Error): string => {
+  if (address._tag !== "Unix" || (error as NodeJS.ErrnoException).code !== "ECONNREFUSED") return describeError(error)
+  try {
+    const stat = FsSync.statSync(address.path)
+    return stat.isSocket() ? describeError(error) : `${address.path} is ${kindOf(stat)}, not a socket`
+  } catch {
+    return describeError(error)
+  }
 }
 
 const isInUse = (error: TransportError): boolean => (error.cause as NodeJS.ErrnoException | undefined)?.code === "EADDRINUSE"

@@ -553,6 +553,24 @@ describe("errors", () => {
       expectError(yield* Effect.flip(connect(addr(`unix:${path}`))), ["Connect"], "no such socket")
     })))
 
+  it.live("connect to a unix path that holds a regular file or a directory says so (it read: connection refused)", () => {
+    const file = tempSocketPath("connect-file")
+    const dir = tempSocketPath("connect-dir")
+    return leakFree(Effect.gen(function*() {
+      Fs.writeFileSync(file, "not a socket")
+      Fs.mkdirSync(dir)
+      try {
+        const e = expectError(yield* Effect.flip(connect(addr(`unix:${file}`))), ["Connect"])
+        expect(e.message).toBe(`unix:${file}: ${file} is a regular file, not a socket`)
+        const d = expectError(yield* Effect.flip(connect(addr(`unix:${dir}`))), ["Connect"])
+        expect(d.message).toBe(`unix:${dir}: ${dir} is a directory, not a socket`)
+      } finally {
+        Fs.rmSync(file, { force: true })
+        Fs.rmSync(dir, { recursive: true, force: true })
+      }
+    }))
+  })
+
   it.live("reading past the peer's end mid-read: Closed, after N of M bytes", () =>
     leakFree(Effect.gen(function*() {
       const { client, server } = yield* pair(LOOPBACK)
