@@ -15,6 +15,7 @@ import {
   type Address,
   connect,
   type Connection,
+  describeError,
   formatAddress,
   fromStream,
   layer,
@@ -569,6 +570,20 @@ describe("errors", () => {
         Fs.rmSync(dir, { recursive: true, force: true })
       }
     }))
+  })
+
+  it("errors of connect and listen read as words, not Node's 'connect EHOSTUNREACH 2001:db8::1:4444'", () => {
+    const nodeError = (code: string, syscall = "connect") =>
+      Object.assign(new Error(`${syscall} ${code} 2001:db8::1:4444`), { code, syscall })
+    const said: Record<string, string> = {
+      EHOSTUNREACH: "no route to host",
+      ENETUNREACH: "network is unreachable",
+      ETIMEDOUT: "connection timed out",
+      ECONNABORTED: "connection aborted",
+      EPROTOTYPE: "not a stream socket (a datagram socket?)",
+      EAI_AGAIN: "host name lookup failed for now (temporary failure in name resolution)"
+    }
+    for (const [code, words] of Object.entries(said)) expect({ code, said: describeError(nodeError(code)) }).toEqual({ code, said: words })
   })
 
   it.live("reading past the peer's end mid-read: Closed, after N of M bytes", () =>

@@ -97,6 +97,12 @@ export const describeError = (error: unknown): string => {
   if (e?.code === "ENOTDIR") return "a component of the path is not a directory"
   if (e?.code === "EADDRNOTAVAIL") return "address not available"
   if (e?.code === "ENOTFOUND") return "host not found"
+  if (e?.code === "EAI_AGAIN") return "host name lookup failed for now (temporary failure in name resolution)"
+  if (e?.code === "EHOSTUNREACH") return "no route to host"
+  if (e?.code === "ENETUNREACH") return "network is unreachable"
+  if (e?.code === "ETIMEDOUT") return "connection timed out"
+  if (e?.code === "ECONNABORTED") return "connection aborted"
+  if (e?.code === "EPROTOTYPE") return "not a stream socket (a datagram socket?)"
   if (e?.code === "EMFILE") return "too many open files (this process's limit, ulimit -n)"
   if (e?.code === "ENFILE") return "too many open files in the system"
   return e?.message ?? String(error)
