@@ -80,7 +80,8 @@ export const parseAddress = (uri: string): Either.Either<Address, TransportError
     return path.length === 0 ? bad("file: needs a snapshot file path") : Either.right({ _tag: "File", path })
   }
   if (uri.startsWith("tcp:")) {
-    const m = /^tcp:(?:\[([0-9a-fA-F:.]+)\]|([^:[\]]+)):(\d{1,5})$/.exec(uri)
+    // no blank in a host name: "tcp: 10.0.0.2:4444" (a stray space, a pasted line) was looked up, "host not found"
+    const m = /^tcp:(?:\[([0-9a-fA-F:.]+)\]|([^:[\]\s]+)):(\d{1,5})$/.exec(uri)
     if (m === null) return bad("expected tcp:HOST:PORT (IPv6 as tcp:[::1]:PORT)")
     const host = m[1] ?? m[2]!
     if (m[1] !== undefined && Net.isIPv6(host) === false) return bad(`${host} is not an IPv6 address`)

@@ -112,6 +112,9 @@ describe("parseAddress / formatAddress", () => {
           "tcp:[1.2.3.4]:1",
           "tcp:::1:5",
           "tcp::5",
+          "tcp: 127.0.0.1:5",
+          "tcp:127.0.0.1 :5",
+          "tcp:local\thost:5",
           "foo:bar",
           "unix:",
           ""
