@@ -5,6 +5,8 @@
  * its test.
  */
 import * as Effect from "effect/Effect"
+import * as Either from "effect/Either"
+import * as Option from "effect/Option"
 import * as TestClock from "effect/TestClock"
 import * as TestContext from "effect/TestContext"
 import * as ChildProcess from "node:child_process"
@@ -17,6 +19,7 @@ import { PassThrough } from "node:stream"
 import { afterAll, afterEach, beforeAll, describe, expect, it } from "vitest"
 import * as Cli from "../src/cli/command.js"
 import * as Errors from "../src/cli/errors.js"
+import * as Options from "../src/cli/options.js"
 import * as Image from "../src/cli/image.js"
 import * as Progress from "../src/cli/progress.js"
 import * as Report from "../src/cli/report.js"
@@ -376,6 +379,25 @@ describe("multifd over TLS", () => {
     const right = await run(["send", recv.uri, "--in", image, "--tls-ca", tlsFile("ca-cert.pem"), "--tls-hostname", "localhost"])
     const received = await recv.finished
     expect({ send: right.code, recv: received.code, stderr: right.stderr + received.stderr }).toMatchObject({ send: 0, recv: 0 })
+  })
+
+  it("--tls-hostname [::1] is the IPv6 address, as a uri writes it (bracketed, it was checked as a DNS name and never matched)", () => {
+    const flags: Options.TlsFlags = {
+      psk: Option.none(),
+      identity: Option.none(),
+      ca: Option.some(tlsFile("ca-cert.pem")),
+      hostname: Option.some("[::1]"),
+      cert: Option.none(),
+      key: Option.none(),
+      crl: Option.none(),
+      authz: Option.none(),
+      verifyPeer: false,
+      ciphers: Option.none()
+    }
+    const config = Options.tlsConfigOf(flags, "send", Option.none())
+    expect(Either.isRight(config) && config.right?.hostname).toBe("::1")
+    const named = Options.tlsConfigOf({ ...flags, hostname: Option.some("dst.example") }, "send", Option.none())
+    expect(Either.isRight(named) && named.right?.hostname).toBe("dst.example")
   })
 
   it("send over unix: with x509 needs --tls-hostname (a socket path names no host: any certificate of the CA passed), and checks it", async () => {

@@ -612,7 +612,11 @@ export const tlsConfigOf = (
     cert: value(flags.cert),
     key: value(flags.key),
     crl: value(flags.crl),
-    hostname: value(flags.hostname),
+    // an IPv6 address as the uri writes it ([::1]) is the address: bracketed, it was checked as a DNS name
+    hostname: value(Option.map(flags.hostname, (name) => {
+      const inner = /^\[(.*)\]$/.exec(name)?.[1]
+      return inner !== undefined && Transport.isIp(inner) ? inner : name
+    })),
     verifyPeer: flags.verifyPeer ? true : undefined,
     authz: value(authz),
     ciphers: value(flags.ciphers),
