@@ -348,6 +348,7 @@ describe("MigrationConfig", () => {
         [{ MULTIFD_CHANNELS: "0" }, "MULTIFD_CHANNELS: must be between 1 and 255, not 0"],
         [{ MULTIFD_CHANNELS: "256" }, "MULTIFD_CHANNELS: must be between 1 and 255, not 256"],
         [{ MULTIFD_CHANNELS: "four" }, `MULTIFD_CHANNELS: "four" is not an integer`],
+        [{ MULTIFD_CHANNELS: "99999999999999999999" }, `MULTIFD_CHANNELS: "99999999999999999999" is out of range`],
         [{ MULTIFD_PAGE_SIZE: "3000" }, "MULTIFD_PAGE_SIZE: must be a power of two between 512 and 524288, not 3000"],
         [{ MULTIFD_COMPRESSION: "lz4" }, `MULTIFD_COMPRESSION: must be one of none, zlib, zstd, not "lz4"`],
         [{ MULTIFD_COMPRESSION: "zlib", MULTIFD_COMPRESSION_LEVEL: "15" }, "MULTIFD_COMPRESSION_LEVEL: zlib level 15 is out of range 0-9"],

@@ -766,6 +766,9 @@ describe("multifd failures", () => {
       [["send", "tcp:127.0.0.1:1", "--in", image, "--chanels", "2"], "multifd: error: unknown flag --chanels (did you mean --channels?)"],
       [["send", "--chanels", "2", "tcp:127.0.0.1:1", "--in", image], "multifd: error: unknown flag --chanels (did you mean --channels?)"],
       [["send", "tcp:127.0.0.1:1", "--in", image, "--channels", "x"], `multifd: error: --channels: "x" is not an integer`],
+      // past 2^53 a number reads as another: it said "not 100000000000000000000"
+      [["send", "tcp:127.0.0.1:1", "--in", image, "--channels", "99999999999999999999"], `multifd: error: --channels: "99999999999999999999" is out of range`],
+      [["send", "tcp:127.0.0.1:1", "--in", image, "--reconnect", "99999999999999999999"], `multifd: error: --reconnect: "99999999999999999999" is out of range`],
       [["send", "tcp:127.0.0.1:1", "--in", image, "--compression", "lz4"], `multifd: error: --compression must be one of none, zlib, zstd, not "lz4"`],
       [["send", "tcp:127.0.0.1:1", "--in", image, "--zero-page", "all"], `multifd: error: --zero-page must be one of multifd, none, not "all"`],
       [["send", "tcp:127.0.0.1:1", "--in", image, "--reconnect", "x"], `multifd: error: --reconnect: "x" is not an integer`],

@@ -18,6 +18,7 @@ import * as Either from "effect/Either"
 import * as Option from "effect/Option"
 import * as Bandwidth from "../Bandwidth.js"
 import * as GuestRam from "../GuestRam.js"
+import * as Field from "../internal/configField.js"
 import * as MigrationConfig from "../MigrationConfig.js"
 import * as Tls from "../Tls.js"
 import * as Protocol from "../Protocol.js"
@@ -85,9 +86,10 @@ const integer = (name: string, pseudo: string) =>
   Options.text(name).pipe(
     Options.withPseudoName(pseudo),
     Options.mapEffect((text) =>
-      /^[+-]?\d+$/.test(text.trim())
-        ? Effect.succeed(Number(text))
-        : Effect.fail(invalid(`--${name}: ${JSON.stringify(text)} is not an integer`))
+      Either.match(Field.integer(text), {
+        onLeft: (why) => Effect.fail(invalid(`--${name}: ${why}`)),
+        onRight: Effect.succeed
+      })
     )
   )
 

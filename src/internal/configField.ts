@@ -55,9 +55,16 @@ export const describe = (error: ConfigError.ConfigError): string => {
   return path.length === 0 ? message : `${variableOf(path)}: ${message}`
 }
 
-/** An integer, or why the text is not one. */
+/**
+ * An integer, or why the text is not one. One past 2^53 is refused as out of range: as a number it reads as
+ * another ("not 100000000000000000000" for 99999999999999999999).
+ */
 export const integer = (text: string): Either.Either<number, string> =>
-  /^[+-]?\d+$/.test(text) ? Either.right(Number(text)) : Either.left(`${JSON.stringify(text)} is not an integer`)
+  !/^[+-]?\d+$/.test(text.trim())
+    ? Either.left(`${JSON.stringify(text)} is not an integer`)
+    : Number.isSafeInteger(Number(text))
+    ? Either.right(Number(text))
+    : Either.left(`${JSON.stringify(text)} is out of range`)
 
 /** `true`/`false` (also `1`/`0`, `yes`/`no`, `on`/`off`), or why the text is none of them. */
 export const boolean = (text: string): Either.Either<boolean, string> => {
