@@ -759,6 +759,11 @@ describe("multifd failures", () => {
     expect(bare.stderr).not.toContain("\u001b[")
     const version = await runHere(["--version"])
     expect({ code: version.code, stdout: version.stdout }).toEqual({ code: 0, stdout: `multifd ${Cli.VERSION}\n` })
+    // after a subcommand too (@effect/cli printed the bare number, and a blank line)
+    for (const args of [["send", "--version"], ["recv", "tcp:127.0.0.1:0", "--version"]]) {
+      const after = await runHere(args)
+      expect({ args, code: after.code, stdout: after.stdout }).toEqual({ args, code: 0, stdout: `multifd ${Cli.VERSION}\n` })
+    }
   })
 
   it("parse errors: one line with the multifd: error: prefix, naming the flag; a flag of the other command says so", async () => {

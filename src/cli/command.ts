@@ -148,7 +148,8 @@ const early = (
     const text = subcommand === "send" ? sendHelp() : subcommand === "recv" ? recvHelp() : overview()
     return { stdout: { text, what: "the help" }, code: ExitCode.Ok }
   }
-  if (subcommand === undefined && options.includes("--version")) {
+  // after a subcommand too: @effect/cli printed the bare number there
+  if (options.includes("--version")) {
     return { stdout: { text: `${NAME} ${VERSION}\n`, what: "the version" }, code: ExitCode.Ok }
   }
   if (args.length === 0) return { stderr: overview(), code: ExitCode.Usage }
