@@ -56,6 +56,8 @@ export const MAX_UNIX_PATH_BYTES = process.platform === "linux" ? 107 : 103
 /** Why `path` cannot be a Unix socket's path, if it cannot. */
 const unixPathProblem = (path: string): string | undefined => {
   if (path.length === 0) return "unix: needs a socket path"
+  // bind and connect fail on it with EACCES ("permission denied"), which sends the user looking at permissions
+  if (path.endsWith("/")) return "the socket path ends with /: it names a directory, not a socket"
   const bytes = Buffer.byteLength(path, "utf8")
   return bytes > MAX_UNIX_PATH_BYTES
     ? `the socket path is ${bytes} bytes long; at most ${MAX_UNIX_PATH_BYTES} fit in a socket address`

@@ -117,6 +117,7 @@ describe("parseAddress / formatAddress", () => {
           "tcp:local\thost:5",
           "foo:bar",
           "unix:",
+          "unix:/tmp/recv.sock/",
           ""
         ]
       ) {
