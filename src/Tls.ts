@@ -309,7 +309,9 @@ const pskKey = (settings: Settings, identity: string): Buffer | undefined =>
     : undefined
 
 /**
- * The source side: a TLS client handshake on each connection. `host` is the default name to check.
+ * The source side: a TLS client handshake on each connection. `host` is the default name to check; with x509
+ * one of them (`host`, the settings' `hostname`) is needed, or the handshake fails `Config` before it starts
+ * (without a name any certificate of the CA would pass for the destination).
  *
  * @since 0.1.0
  * @category handshakes

@@ -545,6 +545,24 @@ describe("x509 (QEMU tls-creds-x509)", () => {
       expect(result.rejected).toHaveLength(1)
     })))
 
+  it.live("no name to check (no hostname, no host: a unix: socket): the source refuses before its handshake, as QEMU does", () =>
+    leakFree(Effect.gen(function*() {
+      const server = yield* serverX509("wronghost")
+      const client = yield* clientX509()
+      const ram = yield* sourceRam()
+      const dest = yield* startDestination(server.server)
+      // any certificate of the CA passed for the destination: here one for wrong.example
+      const exit = yield* noHang(Effect.exit(migrateTo(ram, tcp(LOOPBACK, dest.port), client.client(undefined))), "migrate")
+      const tls = expectTlsFailure(failureOf(exit), "main", "Config")
+      expect(tls.message).toContain("x509 needs the name the destination's certificate must carry (hostname)")
+      yield* noHang(dest.rejections(1), "the destination's rejection")
+      // a name given checks it: the right one migrates
+      const named = yield* clientX509({ hostname: "wrong.example" })
+      yield* noHang(migrateTo(ram, tcp(LOOPBACK, dest.port), named.client(undefined)), "second migrate")
+      const result = yield* noHang(Fiber.join(dest.fiber), "incoming")
+      expect(sameMemory(result.ram, ram)).toBe(true)
+    })))
+
   it.live("a server certificate from an unknown CA is refused", () =>
     leakFree(Effect.gen(function*() {
       // the client trusts only the alice certificate as its CA: the server's chain does not verify

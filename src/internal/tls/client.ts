@@ -116,6 +116,13 @@ const clientHandshake = (settings: Settings, host: string | undefined): Transpor
     const creds = settings.credentials
     yield* checkClient(settings)
     const servername = settings.hostname ?? host
+    // without a name, any certificate of the CA would pass for the destination (QEMU refuses likewise: "No
+    // hostname for certificate validation")
+    if (creds._tag === "X509" && servername === undefined) {
+      return yield* configError(
+        "x509 needs the name the destination's certificate must carry (hostname): a unix: socket names no host"
+      )
+    }
     // the destination's certificate, taken before Node judges it (a refused one is gone with the socket)
     let presented: Crypto.X509Certificate | undefined
     const socket = yield* Effect.acquireRelease(
