@@ -224,6 +224,52 @@ describe("snapshot format (pure)", () => {
       { numRuns: 200 }
     ))
 
+  it("a u64 field beyond 2^53 (its checksum made right): Corrupt, naming the field and its exact value, never NaN", () => {
+    const plan = Format.plan(4096, [{ name: "pc.ram", size: 16 * 4096 }])
+    const header: Format.Header = {
+      version: Format.VERSION,
+      pageSize: 4096,
+      dataAlignment: Format.DATA_ALIGNMENT,
+      fileBytes: plan.fileBytes,
+      uuid: Crypto.randomUUID(),
+      channels: 2,
+      rounds: 1,
+      savedAt: 1_700_000_000_000,
+      blocks: plan.blocks.map((b) => ({
+        name: b.name,
+        size: b.size,
+        bitmapOffset: b.bitmapOffset,
+        dataOffset: b.dataOffset,
+        presentPages: 1,
+        digest: "00".repeat(32),
+        bitmapDigest: "00".repeat(32)
+      }))
+    }
+    const fields = [
+      [32, "file size"],
+      [40, "memory size"],
+      [72, "save time"],
+      [Format.PREFIX_SIZE + 256, "block 0 size"],
+      [Format.PREFIX_SIZE + 264, "block 0 bitmap offset"],
+      [Format.PREFIX_SIZE + 272, "block 0 data offset"],
+      [Format.PREFIX_SIZE + 280, "block 0 stored page count"]
+    ] as const
+    for (const [at, what] of fields) {
+      for (const value of [2n ** 64n - 1n, 2n ** 53n]) {
+        const bytes = Format.encodeHeader(header)
+        bytes.writeBigUInt64BE(value, at)
+        Crypto.createHash("sha256").update(bytes.subarray(0, bytes.length - Format.CHECKSUM_SIZE)).digest()
+          .copy(bytes, bytes.length - Format.CHECKSUM_SIZE)
+        const prefix = Format.decodePrefix(bytes.subarray(0, Format.PREFIX_SIZE), plan.fileBytes)
+        if (Format.isProblem(prefix)) throw new Error(prefix.detail)
+        expect(Format.decodeHeader(bytes, prefix, plan.fileBytes)).toEqual({
+          reason: "Corrupt",
+          detail: `the header is inconsistent: ${what} ${value} is out of range`
+        })
+      }
+    }
+  })
+
   it("spans cover exactly the stored pages and the gaps merged into them; gaps cover every absent page", () =>
     FastCheck.assert(
       FastCheck.property(

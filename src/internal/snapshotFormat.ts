@@ -125,11 +125,24 @@ export const sha256 = (bytes: Uint8Array): string => Crypto.createHash("sha256")
 
 const writeU64 = (buf: Buffer, n: number, at: number) => buf.writeBigUInt64BE(BigInt(n), at)
 
-/** Reads a u64 that must fit a safe integer (larger ones are damage: no file is that big). */
-const readU64 = (buf: Buffer, at: number): number => {
-  const n = buf.readBigUInt64BE(at)
-  return n > BigInt(Number.MAX_SAFE_INTEGER) ? Number.NaN : Number(n)
-}
+/** Reads a u64 (`u64Fields` were checked to fit a safe integer first). */
+const readU64 = (buf: Buffer, at: number): number => Number(buf.readBigUInt64BE(at))
+
+/** Where a header of `blocks` blocks has its u64 fields, each named as a message names it. */
+const u64Fields = (blocks: number): Array<readonly [number, string]> => [
+  [32, "file size"],
+  [40, "memory size"],
+  [72, "save time"],
+  ...Array.from({ length: blocks }, (_, i) => {
+    const at = PREFIX_SIZE + i * ENTRY_SIZE
+    return [
+      [at + 256, `block ${i} size`],
+      [at + 264, `block ${i} bitmap offset`],
+      [at + 272, `block ${i} data offset`],
+      [at + 280, `block ${i} stored page count`]
+    ] as const
+  }).flat()
+]
 
 const uuidBytes = (uuid: string): Buffer => Buffer.from(uuid.replace(/-/g, ""), "hex")
 
@@ -244,6 +257,11 @@ export const decodeHeader = (bytes: Buffer, prefix: Prefix, fileSize: number): H
     return problem("Corrupt", "the header checksum does not match: the header is damaged")
   }
   const corrupt = (detail: string) => problem("Corrupt", `the header is inconsistent: ${detail}`)
+  // no file, memory or time is 2^53 of anything: a larger u64 is damage, named with its exact value
+  for (const [at, what] of u64Fields(prefix.blockCount)) {
+    const n = bytes.readBigUInt64BE(at)
+    if (n > BigInt(Number.MAX_SAFE_INTEGER)) return corrupt(`${what} ${n} is out of range`)
+  }
   const pageSize = bytes.readUInt32BE(16)
   const dataAlignment = bytes.readUInt32BE(24)
   const flags = bytes.readUInt32BE(28)
