@@ -408,8 +408,8 @@ const touch = (ram: GuestRam["Type"], name: string, offset: number, length: numb
 }
 
 /**
- * Updates `length` bytes of a block in place: waits while a migration holds writers paused, then runs
- * `f` on a view of the range (synchronously) and marks the pages it covers dirty.
+ * Updates `length` bytes of a block in place: waits while a migration holds writers paused, then marks the
+ * pages the range covers dirty and runs `f` on a view of it (synchronously; an `f` that throws leaves them dirty).
  *
  * @since 0.1.0
  * @category utils
@@ -425,9 +425,10 @@ export const update = <A>(
     const block = touch(ram, name, offset, length)
     if (block instanceof OutOfBounds) return Effect.fail(block)
     return ram.gate.pass(() => {
-      const result = f(block.bytes.subarray(offset, offset + length))
+      // marked before `f` runs (nothing runs between the two): bytes an `f` that throws wrote before it threw are
+      // dirty all the same, and a later round sends them (a live save had reported success with the old bytes)
       if (length > 0) block.dirty.mark(Math.floor(offset / ram.pageSize), Math.floor((offset + length - 1) / ram.pageSize))
-      return result
+      return f(block.bytes.subarray(offset, offset + length))
     })
   })
 

@@ -462,6 +462,35 @@ describe("Snapshot of live memory", () => {
       expect(GuestRam.isZeroPage(file, plan.blocks[0]!.dataOffset + 4096, 4096)).toBe(false)
       sameMemory(ram, (yield* Snapshot.restore(path)).ram)
     }))
+
+  it.scopedLive("an update whose callback throws after writing: its pages are written again, the restore equals memory", () =>
+    Effect.gen(function*() {
+      const dir = yield* tempDir
+      const path = Path.join(dir, "throws.snap")
+      const ram = yield* GuestRam.make({ blocks: [{ name: "ram", size: 4 * 1024 * 1024 }] })
+      Crypto.randomFillSync(ram.blocks[0]!.bytes)
+      let thrown: Exit.Exit<void, GuestRam.OutOfBounds> | undefined
+      // one writer: once the third 1 MiB batch is handed over, the first (pages 0-255) is in the file
+      yield* save(ram, path, {
+        channels: 1,
+        onProgress: (p) =>
+          p.round === 0 && p.doneBytes === 3 * 1024 * 1024 && thrown === undefined
+            ? Effect.map(
+              Effect.exit(GuestRam.update(ram, "ram", 4096 - 8, 16, (view) => {
+                view.fill(9)
+                throw new Error("the application's bug, half-way through an update")
+              })),
+              (exit) => {
+                thrown = exit
+              }
+            )
+            : Effect.void
+      })
+      yield* ram.gate.open
+      expect(thrown !== undefined && Exit.isFailure(thrown)).toBe(true)
+      expect(ram.blocks[0]!.bytes.subarray(4096 - 8, 4096 + 8).every((b) => b === 9)).toBe(true)
+      sameMemory(ram, (yield* Snapshot.restore(path)).ram)
+    }))
 })
 
 describe("Snapshot refuses bad files", () => {
