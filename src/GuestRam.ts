@@ -113,6 +113,11 @@ export class GuestRam extends Context.Tag("effect-multifd/GuestRam")<
     readonly block: (name: string) => Block | undefined
     /** The gate writers go through; a live migration closes it for the switch-over. */
     readonly gate: WriteGate
+    /**
+     * One permit, held by the migration or save of this memory under way: its rounds take the blocks' dirty logs,
+     * so a second one at the same time would find clean every page the first took, and never send it again.
+     */
+    readonly precopy: Effect.Semaphore
   }
 >() {}
 
@@ -250,7 +255,8 @@ const fromBlocks = (pageSize: number, blocks: ReadonlyArray<Block>): GuestRam["T
     blocks,
     size: blocks.reduce((n, b) => n + b.bytes.length, 0),
     block: (name) => byName.get(name),
-    gate: new WriteGate()
+    gate: new WriteGate(),
+    precopy: Effect.unsafeMakeSemaphore(1)
   }
 }
 

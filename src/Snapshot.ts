@@ -161,7 +161,7 @@ export const save = (
     const uuid = Crypto.randomUUID()
     const plan = Format.plan(ram.pageSize, GuestRam.layoutOf(ram))
 
-    return yield* Effect.scoped(Effect.gen(function*() {
+    return yield* Precopy.exclusive(ram, Effect.scoped(Effect.gen(function*() {
       const file = yield* SnapshotFile.createTemporary(path, plan.fileBytes)
       const bitmaps = plan.blocks.map((b) => new Uint8Array(b.bitmapBytes))
       const writers = yield* Save.makeWriters(path, file, ram, plan, bitmaps, channels, options.zeroPage !== "none")
@@ -202,7 +202,7 @@ export const save = (
         durationMs,
         gibPerSecond: Transfer.gibPerSecond(ram.size, durationMs)
       } satisfies SaveResult
-    }))
+    })))
   })
 
 // ---------------------------------------------------------------------------------------------------------

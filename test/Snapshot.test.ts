@@ -491,6 +491,44 @@ describe("Snapshot of live memory", () => {
       expect(ram.blocks[0]!.bytes.subarray(4096 - 8, 4096 + 8).every((b) => b === 9)).toBe(true)
       sameMemory(ram, (yield* Snapshot.restore(path)).ram)
     }))
+
+  it.scopedLive("a second save or migration of the memory while one runs: Busy at once, nothing created; the first one's file equals memory", () =>
+    Effect.gen(function*() {
+      const dir = yield* tempDir
+      const ram = yield* makeRam(4096, [{ name: "ram", size: 4 * 1024 * 1024 }])
+      const held = yield* Deferred.make<void>()
+      const release = yield* Deferred.make<void>()
+      // the first save waits in its round 0 (its onProgress runs in its fiber) while the others try
+      const first = yield* Effect.fork(save(ram, Path.join(dir, "first.snap"), {
+        channels: 2,
+        live: { downtimeLimit: 0, maxRounds: 3, onNoConvergence: "switchover" },
+        onProgress: (p) =>
+          p.round === 0 && p.doneBytes > 0
+            ? Effect.zipRight(Deferred.succeed(held, undefined), Deferred.await(release))
+            : Effect.void
+      }))
+      yield* Deferred.await(held)
+      // the rounds of two take each other's dirty pages: a save reported success with old bytes in its file
+      yield* GuestRam.write(ram, "ram", 5 * 4096, Buffer.alloc(4096, 5))
+      const second = yield* Effect.flip(save(ram, Path.join(dir, "second.snap"), { channels: 2 }))
+      expect(second).toMatchObject({ _tag: "MigrationError", reason: "Busy" })
+      expect(second.message).toContain("another migration or snapshot save of this memory is under way")
+      const migration = yield* Effect.flip(
+        Migration.migrate({ address: { _tag: "Tcp", host: "127.0.0.1", port: 1 } }).pipe(
+          Effect.provide(Transport.layer),
+          Effect.provideService(GuestRam.GuestRam, ram)
+        )
+      )
+      expect(migration).toMatchObject({ _tag: "MigrationError", reason: "Busy" })
+      expect(Fs.readdirSync(dir).filter((name) => name.startsWith("second"))).toEqual([])
+      yield* Deferred.succeed(release, undefined)
+      yield* Fiber.join(first)
+      sameMemory(ram, (yield* Snapshot.restore(Path.join(dir, "first.snap"))).ram)
+      // one at a time, not one ever: the next save runs
+      yield* save(ram, Path.join(dir, "next.snap"), { channels: 2 })
+      yield* ram.gate.open
+      sameMemory(ram, (yield* Snapshot.restore(Path.join(dir, "next.snap"))).ram)
+    }))
 })
 
 describe("Snapshot refuses bad files", () => {

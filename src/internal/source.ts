@@ -57,8 +57,8 @@ export type Failure = MultifdSend.ChannelFailure | MigrationError.MigrationError
 export const run = (
   settings: Settings
 ): Effect.Effect<Transfer.Stats, Failure, Transport.Transport | GuestRam.GuestRam> =>
-  Effect.scoped(Effect.gen(function*() {
-    const ram = yield* GuestRam.GuestRam
+  // one migration or save of a memory at a time: before anything connects
+  Effect.flatMap(GuestRam.GuestRam, (ram) => Precopy.exclusive(ram, Effect.scoped(Effect.gen(function*() {
     const transport = yield* Transport.Transport
     const { channels, compression, timeouts, tracker } = settings
     const recorder = Recorder.make("source")
@@ -357,4 +357,4 @@ export const run = (
       Effect.tapError((error) => Conversation.abortPeer(control, error.message)),
       Effect.onInterrupt(() => Conversation.abortPeer(control, "cancelled by source"))
     )
-  }))
+  }))))
