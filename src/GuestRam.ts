@@ -8,6 +8,7 @@ import * as Context from "effect/Context"
 import * as Data from "effect/Data"
 import * as Effect from "effect/Effect"
 import * as Layer from "effect/Layer"
+import * as Option from "effect/Option"
 import type * as Scope from "effect/Scope"
 import * as Buffer from "node:buffer"
 import * as Digest from "./internal/native/digest.js"
@@ -114,10 +115,11 @@ export class GuestRam extends Context.Tag("effect-multifd/GuestRam")<
     /** The gate writers go through; a live migration closes it for the switch-over. */
     readonly gate: WriteGate
     /**
-     * One permit, held by the migration or save of this memory under way: its rounds take the blocks' dirty logs,
-     * so a second one at the same time would find clean every page the first took, and never send it again.
+     * One permit, held by the migration or save of this memory under way (its rounds take the blocks' dirty logs,
+     * so a second one at the same time would find clean every page the first took, and never send it again), or
+     * by a restore or an incoming migration into it (whose writes go past the gate and the dirty log).
      */
-    readonly precopy: Effect.Semaphore
+    readonly transfer: Effect.Semaphore
   }
 >() {}
 
@@ -256,9 +258,34 @@ const fromBlocks = (pageSize: number, blocks: ReadonlyArray<Block>): GuestRam["T
     size: blocks.reduce((n, b) => n + b.bytes.length, 0),
     block: (name) => byName.get(name),
     gate: new WriteGate(),
-    precopy: Effect.unsafeMakeSemaphore(1)
+    transfer: Effect.unsafeMakeSemaphore(1)
   }
 }
+
+/**
+ * Runs `self`, a migration or save of `ram`, or a restore or migration into it, from its start to its end, as the
+ * only one on that memory (`transfer`); while another runs, fails at once with `busy(detail)`, before anything
+ * opens. Rounds take the dirty logs, and a restore writes past them: with two at once a save had reported success
+ * with old bytes in its file.
+ *
+ * @internal
+ */
+export const exclusively = <A, E, R, B>(
+  ram: GuestRam["Type"],
+  self: Effect.Effect<A, E, R>,
+  busy: (detail: string) => B
+): Effect.Effect<A, E | B, R> =>
+  Effect.flatMap(
+    ram.transfer.withPermitsIfAvailable(1)(self),
+    Option.match({
+      onNone: () =>
+        Effect.fail(busy(
+          "another migration, snapshot save or restore of this memory is under way: one at a time, since a " +
+            "migration or save takes the pages written meanwhile"
+        )),
+      onSome: Effect.succeed
+    })
+  )
 
 /**
  * A layer providing guest memory built from block specs.

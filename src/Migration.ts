@@ -447,6 +447,18 @@ export const incoming = <E = never>(
   options: IncomingOptions<E> = {}
 ): Effect.Effect<Incoming, IncomingError | E, never> => receive(listener, options, false)
 
+/**
+ * A migration into memory given, run as the only one on it (`GuestRam.exclusively`): its pages are written past the
+ * memory's gate and dirty log, so no migration or save of it may run meanwhile (`Busy`).
+ */
+const into = <A, E, R>(
+  ram: GuestRam.GuestRam["Type"] | undefined,
+  self: Effect.Effect<A, E, R>
+): Effect.Effect<A, E | MigrationError.MigrationError, R> =>
+  ram === undefined
+    ? self
+    : GuestRam.exclusively(ram, self, (detail) => new MigrationError.MigrationError({ reason: "Busy", detail }))
+
 /** `incoming`; `exclusive`: the listener serves this migration alone (see `Destination.Settings`). */
 const receive = <E>(
   listener: Transport.Listener,
@@ -457,7 +469,7 @@ const receive = <E>(
     Effect.map(
       observed("destination", options.status, options.ram?.size ?? 0, (tracker) =>
         Effect.map(
-          Destination.run(listener, {
+          into(options.ram, Destination.run(listener, {
             ram: options.ram,
             maxRamBytes: options.maxRamBytes ?? DEFAULT_MAX_RAM,
             timeouts: Transfer.resolveTimeouts(options.timeouts),
@@ -469,7 +481,7 @@ const receive = <E>(
             store: options.store,
             tracker,
             exclusive
-          }),
+          })),
           (received) => ({ ...received.stats, received })
         )),
       ({ received }) => received

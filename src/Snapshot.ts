@@ -343,12 +343,19 @@ const memoryFor = (
  * Restores the snapshot at `path`: validates the file completely before touching memory (magic, version,
  * header checksum, offsets, length, bitmap checksums), reads the stored pages with parallel readers straight
  * into memory, zeroes the others, and verifies every block's digest. Into a given `ram`, a snapshot whose
- * pages turn out damaged (digest mismatch) has already overwritten it.
+ * pages turn out damaged (digest mismatch) has already overwritten it; a given `ram` that a migration, save or
+ * restore is using is refused (`Busy`) before anything is read.
  *
  * @since 0.1.0
  * @category restore
  */
 export const restore = (path: string, options: RestoreOptions = {}): Effect.Effect<Restored, SnapshotError> =>
+  options.ram === undefined
+    ? restoreInto(path, options)
+    : GuestRam.exclusively(options.ram, restoreInto(path, options), (detail) =>
+      new SnapshotError({ reason: "Busy", path, detail: `not restored: ${detail}` }))
+
+const restoreInto = (path: string, options: RestoreOptions): Effect.Effect<Restored, SnapshotError> =>
   Effect.scoped(Effect.gen(function*() {
     const started = yield* Clock.currentTimeMillis
     const readers = options.readers ?? DEFAULT_CHANNELS

@@ -9,7 +9,6 @@ import * as Clock from "effect/Clock"
 import * as Duration from "effect/Duration"
 import * as Effect from "effect/Effect"
 import * as Exit from "effect/Exit"
-import * as Option from "effect/Option"
 import type * as Scope from "effect/Scope"
 import * as GuestRam from "../GuestRam.js"
 import * as MigrationError from "../MigrationError.js"
@@ -102,27 +101,12 @@ const resolveLive = (live: Transfer.LiveOptions | undefined) => ({
   onNoConvergence: live?.onNoConvergence ?? "fail"
 })
 
-/**
- * Runs `self`, a migration or save of `ram` from its start to its end, as the only one of that memory: rounds
- * take the blocks' dirty logs, and of two at once each found clean the pages the other had taken (a save
- * reported success with old bytes in its file). While another runs, fails `Busy` at once, before anything opens.
- */
+/** `GuestRam.exclusively` for a migration or a save: a second one at once fails `Busy`. */
 export const exclusive = <A, E, R>(
   ram: GuestRam.GuestRam["Type"],
   self: Effect.Effect<A, E, R>
 ): Effect.Effect<A, E | MigrationError.MigrationError, R> =>
-  Effect.flatMap(
-    ram.precopy.withPermitsIfAvailable(1)(self),
-    Option.match({
-      onNone: () =>
-        new MigrationError.MigrationError({
-          reason: "Busy",
-          detail: "another migration or snapshot save of this memory is under way: one at a time, since each " +
-            "takes the pages written meanwhile"
-        }),
-      onSome: Effect.succeed
-    })
-  )
+  GuestRam.exclusively(ram, self, (detail) => new MigrationError.MigrationError({ reason: "Busy", detail }))
 
 /**
  * Runs the rounds. The write gate is closed in the caller's scope: it stays closed when the scope closes
