@@ -64,6 +64,10 @@ const unixPathProblem = (path: string): string | undefined => {
     : undefined
 }
 
+/** Why `port` cannot be a TCP port, if it cannot. */
+const portProblem = (port: number): string | undefined =>
+  Number.isInteger(port) && port >= 0 && port <= 65535 ? undefined : `port ${port} is out of range 0-65535`
+
 /**
  * Parses `tcp:HOST:PORT` (IPv6 hosts in brackets, port 0 picks a free port), `unix:PATH` or `file:PATH`.
  *
@@ -88,7 +92,8 @@ export const parseAddress = (uri: string): Either.Either<Address, TransportError
     const host = m[1] ?? m[2]!
     if (m[1] !== undefined && Net.isIPv6(host) === false) return bad(`${host} is not an IPv6 address`)
     const port = Number(m[3])
-    if (port > 65535) return bad(`port ${port} is out of range 0-65535`)
+    const problem = portProblem(port)
+    if (problem !== undefined) return bad(problem)
     return Either.right({ _tag: "Tcp", host, port })
   }
   return bad("expected an address of the form tcp:HOST:PORT, unix:PATH or file:PATH")
@@ -245,9 +250,12 @@ const notASocket = (address: Exclude<Address, SocketAddress>): TransportError =>
       "restore it)"
   })
 
-/** `connect` and `listen` of a Unix path that no socket address holds (or an empty one), if it is that. */
-const badUnixPath = (address: SocketAddress): TransportError | undefined => {
-  const problem = address._tag === "Unix" ? unixPathProblem(address.path) : undefined
+/**
+ * `connect` and `listen` of an address no socket can have, if it is that: a Unix path that no socket address
+ * holds (or an empty one), a TCP port outside 0-65535 (Node throws on it, after a connect made its handle).
+ */
+const badSocketAddress = (address: SocketAddress): TransportError | undefined => {
+  const problem = address._tag === "Unix" ? unixPathProblem(address.path) : portProblem(address.port)
   return problem === undefined
     ? undefined
     : new TransportError({ reason: "BadAddress", address: formatAddress(address), detail: problem })
@@ -268,7 +276,7 @@ export const connect = (
 ): Effect.Effect<Connection, TransportError, Scope.Scope> =>
   Effect.gen(function*() {
     if (address._tag === "File") return yield* notASocket(address)
-    const refused = badUnixPath(address)
+    const refused = badSocketAddress(address)
     if (refused !== undefined) return yield* refused
     const uri = formatAddress(address)
     const timeout = options?.timeout ?? DEFAULT_CONNECT_TIMEOUT
@@ -304,7 +312,7 @@ export const connect = (
 export const listen = (address: Address): Effect.Effect<Listener, TransportError, Scope.Scope> =>
   Effect.gen(function*() {
     if (address._tag === "File") return yield* notASocket(address)
-    const refused = badUnixPath(address)
+    const refused = badSocketAddress(address)
     if (refused !== undefined) return yield* refused
     const uri = formatAddress(address)
     const pending = yield* Queue.unbounded<{ readonly socket: Net.Socket; readonly reader: DirectSocket.DirectReader }>()

@@ -131,6 +131,18 @@ describe("parseAddress / formatAddress", () => {
       expect(range._tag === "Some" && range.value.detail).toContain("out of range")
     })))
 
+  it.live("a TCP port outside 0-65535 given as an Address is a BadAddress error of listen and connect, leaving no socket handle", () =>
+    leakFree(Effect.gen(function*() {
+      // Node throws a RangeError for these (connect after it made the socket's handle, which then stays open)
+      for (const port of [70000, -1, 1.5, Number.NaN]) {
+        const address: Address = { _tag: "Tcp", host: "127.0.0.1", port }
+        for (const attempt of [Effect.scoped(Effect.asVoid(listen(address))), Effect.scoped(Effect.asVoid(connect(address)))]) {
+          const e = expectError(yield* Effect.flip(attempt), ["BadAddress"])
+          expect(e.message).toBe(`tcp:127.0.0.1:${port}: port ${port} is out of range 0-65535`)
+        }
+      }
+    })))
+
   it.live("a unix path longer than a socket address holds is refused (parseAddress, listen, connect; no file made); a missing directory is named", () =>
     leakFree(Effect.gen(function*() {
       const dir = Fs.mkdtempSync(Path.join(Os.tmpdir(), "emfd-long-"))
