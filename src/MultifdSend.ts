@@ -40,6 +40,7 @@ import type * as GuestRam from "./GuestRam.js"
 import * as SendChannel from "./internal/sendChannel.js"
 import * as SendSession from "./internal/threads/sendSession.js"
 import { type EncodedFailure, ThreadError } from "./internal/threads/protocol.js"
+import * as Handshake from "./internal/tls/handshake.js"
 import * as MigrationError from "./MigrationError.js"
 import * as PageCodec from "./PageCodec.js"
 import * as Protocol from "./Protocol.js"
@@ -63,6 +64,8 @@ export interface Config {
   /** `multifd`: zero pages travel as offsets only; `none`: as data. */
   readonly zeroPage: "multifd" | "none"
   readonly connectTimeout?: Duration.DurationInput | undefined
+  /** Bounds each channel's upgrade (its TLS handshake), whatever the TLS settings' own timeout; none by default. */
+  readonly handshakeTimeout?: Duration.DurationInput | undefined
   /** Secures each channel (TLS) before its init packet; identity by default. */
   readonly upgrade?: Transport.Upgrade<Transport.UpgradeError> | undefined
   /**
@@ -411,7 +414,9 @@ export const make = (
         const channel = yield* SendChannel.establish(
           settings,
           transport.connect(config.address, { timeout: config.connectTimeout }),
-          config.upgrade
+          config.upgrade === undefined || config.handshakeTimeout === undefined
+            ? config.upgrade
+            : Handshake.bounded(config.upgrade, config.handshakeTimeout)
         ).pipe(Effect.withSpan("multifd.channel.establish", { attributes: { "multifd.channel": id } }))
         const jobs = yield* enter
         const work = yield* Effect.forkScoped(
@@ -508,7 +513,14 @@ const threadAttempt = (
   counters: SendChannel.Counters,
   id: number
 ) => {
-  const tls = config.upgrade === undefined ? undefined : Tls.clientData(config.upgrade)
+  const data = config.upgrade === undefined ? undefined : Tls.clientData(config.upgrade)
+  // the thread's handshake gets the shorter of the TLS settings' timeout and the migration's
+  const tls = data === undefined || config.handshakeTimeout === undefined
+    ? data
+    : {
+      ...data,
+      handshakeTimeoutMs: Math.min(data.handshakeTimeoutMs, Duration.toMillis(Duration.decode(config.handshakeTimeout)))
+    }
   const connectTimeoutMs = config.connectTimeout === undefined
     ? undefined
     : Duration.toMillis(Duration.decode(config.connectTimeout))

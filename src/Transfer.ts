@@ -28,8 +28,9 @@ export interface Timeouts {
   /** Establishing a TCP or Unix connection (default 10 s). */
   readonly connect: Duration.DurationInput
   /**
-   * A TLS handshake; on the destination also a new connection's first bytes and its hello or init packet: a
-   * connection that has not sent a complete, valid one by then is closed (default 10 s).
+   * A TLS handshake (the TLS settings' `handshakeTimeoutMs` ends it sooner if it is shorter); on the destination
+   * also a new connection's first bytes and its hello or init packet: a connection that has not sent a complete,
+   * valid one by then is closed (default 10 s).
    */
   readonly handshake: Duration.DurationInput
   /**

@@ -1419,6 +1419,62 @@ describe("handshake faults", () => {
       expect(elapsed).toBeLessThan(300 + PROMPT_MS)
     })))
 
+  it.live("the migration's timeouts.handshake bounds the source's TLS handshake when the TLS settings allow longer", () =>
+    leakFree(Effect.gen(function*() {
+      const tls = yield* pskTls("keys.psk", { handshakeTimeoutMs: 10_000 })
+      const peer = yield* rawPeer("stall")
+      const ram = yield* sourceRam()
+      const [exit, elapsed] = yield* timed(noHang(
+        Effect.exit(migrateTo(ram, peer.address, tls.client(undefined), {
+          timeouts: { ...TIMEOUTS, handshake: "300 millis" }
+        })),
+        "migrate"
+      ))
+      const error = expectTlsFailure(failureOf(exit), "main", "Timeout")
+      expect(error.message).toMatch(/timed out after 300ms$/)
+      expect(elapsed).toBeLessThan(300 + PROMPT_MS)
+    })))
+
+  it.live("the migration's timeouts.handshake bounds channel k's TLS handshake when the TLS settings allow longer", () =>
+    leakFree(Effect.gen(function*() {
+      const tls = yield* pskTls()
+      const long = yield* pskTls("keys.psk", { handshakeTimeoutMs: 10_000 })
+      const registry = channelRegistry()
+      const server: Upgrade = (connection, channel) =>
+        Effect.flatMap(registry.channelOf(connection), (id): ReturnType<Upgrade> =>
+          id !== k
+            ? tls.server(connection, channel)
+            : Effect.zipRight(connection.read(5), Effect.never))
+      const ram = yield* sourceRam()
+      const dest = yield* startDestination(server)
+      const [exit, elapsed] = yield* timed(noHang(
+        Effect.exit(migrateTo(ram, tcp(LOOPBACK, dest.port), registry.source(long.client(undefined)), {
+          channels: N,
+          // the main channel's and the other channels' real handshakes get the usual time
+          timeouts: { ...TIMEOUTS, handshake: "1 second" }
+        })),
+        "migrate"
+      ))
+      const error = expectTlsFailure(failureOf(exit), k, "Timeout")
+      expect(error.message).toMatch(/timed out after 1s$/)
+      expect(elapsed).toBeLessThan(1000 + PROMPT_MS)
+    })))
+
+  it.live("the migration's timeouts.handshake bounds the destination's TLS handshake when the TLS settings allow longer", () =>
+    leakFree(Effect.gen(function*() {
+      const tls = yield* pskTls("keys.psk", { handshakeTimeoutMs: 10_000 })
+      const dest = yield* startDestination(tls.server, { timeouts: { ...TIMEOUTS, handshake: "300 millis" } })
+      // a client that connects and never starts its handshake
+      const silent = yield* Effect.acquireRelease(
+        Effect.sync(() => Net.connect({ host: LOOPBACK, port: dest.port }).on("error", () => {})),
+        Transport.destroy
+      )
+      yield* noHang(dest.rejections(1), "the silent client turned away", 3)
+      expect(dest.logs.find((l) => l.includes("rejected a connection"))).toMatch(/timed out after 300ms/)
+      silent.destroy()
+      yield* Fiber.interrupt(dest.fiber)
+    })))
+
   it.live("the destination stalls channel k's handshake: Timeout naming channel k, the destination is aborted", () =>
     leakFree(Effect.gen(function*() {
       const tls = yield* pskTls()

@@ -34,6 +34,7 @@ import * as PeerText from "./peerText.js"
 import * as Recorder from "./recorder.js"
 import { unlessStalled, within } from "./stall.js"
 import type * as Status from "./status.js"
+import * as Handshake from "./tls/handshake.js"
 
 type Ram = GuestRam.GuestRam["Type"]
 
@@ -361,7 +362,9 @@ export const run = <E>(listener: Transport.Listener, settings: Settings<E>): Eff
     const main = yield* Deferred.make<Candidates.MainChannel>()
     const channelSet = yield* Deferred.make<MultifdRecv.MultifdRecv["Type"]>()
     const acceptor = yield* Acceptor.start<Failure>(traced(listener), {
-      upgrade: settings.upgrade === undefined ? undefined : tracedUpgrade(settings.upgrade),
+      upgrade: settings.upgrade === undefined
+        ? undefined
+        : tracedUpgrade(Handshake.bounded(settings.upgrade, timeouts.handshake)),
       firstBytesTimeout: timeouts.handshake,
       classify: Candidates.classifier(main, channelSet, timeouts.handshake),
       // with every channel adopted, later connections are the next migration's (on a reused listener)

@@ -23,6 +23,7 @@ import * as MultifdSend from "../MultifdSend.js"
 import * as Protocol from "../Protocol.js"
 import * as Transfer from "../Transfer.js"
 import * as Transport from "../Transport.js"
+import * as Handshake from "./tls/handshake.js"
 import * as Conversation from "./conversation.js"
 import * as OpenFiles from "./native/openFiles.js"
 import * as Precopy from "./precopy.js"
@@ -82,7 +83,7 @@ export const run = (
       )
       yield* Effect.logDebug(`main channel: connected to ${Transport.formatAddress(settings.address)}`)
       if (settings.upgrade === undefined) return raw
-      const secured = yield* settings.upgrade(raw, "main").pipe(Effect.withSpan("multifd.channel.handshake", { attributes }))
+      const secured = yield* Handshake.bounded(settings.upgrade, timeouts.handshake)(raw, "main").pipe(Effect.withSpan("multifd.channel.handshake", { attributes }))
       yield* Effect.logDebug("main channel: TLS handshake done")
       return secured
     }).pipe(Effect.mapError(MigrationError.onChannel("main")))
@@ -289,6 +290,7 @@ export const run = (
         compressionLevel: settings.compressionLevel,
         zeroPage: settings.zeroPage,
         connectTimeout: timeouts.connect,
+        handshakeTimeout: timeouts.handshake,
         upgrade: settings.upgrade,
         threads,
         reconnect: reconnecting

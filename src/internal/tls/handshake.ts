@@ -152,3 +152,24 @@ export const secured = (socket: NodeTls.TLSSocket, peer: string, direct = false)
     )
   )
 
+
+/**
+ * `upgrade` given at most `timeout`, a migration's handshake timeout (`Transfer.Timeouts.handshake`), whatever
+ * the TLS settings' own (`TlsConfig.handshakeTimeoutMs`, 10 s by default): the shorter of the two ends it, with
+ * the same `Timeout` error.
+ */
+export const bounded = <E>(
+  upgrade: Transport.Upgrade<E>,
+  timeout: Duration.DurationInput
+): Transport.Upgrade<E | TlsError> =>
+(connection, channel) =>
+  upgrade(connection, channel).pipe(
+    Effect.timeoutFail({
+      duration: timeout,
+      onTimeout: () =>
+        new TlsError({
+          reason: "Timeout",
+          detail: `handshake with ${connection.peer} timed out after ${Duration.format(Duration.decode(timeout))}`
+        })
+    })
+  )
