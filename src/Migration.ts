@@ -335,7 +335,10 @@ export interface IncomingOptions<E = never> {
    * is allocated, up to `maxRamBytes`.
    */
   readonly ram?: GuestRam.GuestRam["Type"] | undefined
-  /** Largest total memory a source may ask for when `ram` is not given (default 16 GiB). */
+  /**
+   * Largest total memory a source may ask for when `ram` is not given (default 16 GiB; `Infinity`: no limit).
+   * Anything but a number >= 0 fails `incoming` with a `MigrationError` of reason `BadOptions` before it accepts.
+   */
   readonly maxRamBytes?: number | undefined
   readonly timeouts?: Partial<Timeouts> | undefined
   /** How long to wait for a source to connect at all (default: for ever). */
@@ -459,14 +462,22 @@ const into = <A, E, R>(
     ? self
     : GuestRam.exclusively(ram, self, (detail) => new MigrationError.MigrationError({ reason: "Busy", detail }))
 
+/** Why `incoming` cannot use `maxRamBytes`, if it cannot: NaN would turn the limit off (no size exceeds it). */
+const checkMaxRam = (maxRamBytes: number | undefined): string | undefined =>
+  maxRamBytes === undefined || maxRamBytes >= 0
+    ? undefined
+    : `the memory limit maxRamBytes must be a number of bytes >= 0, not ${maxRamBytes}`
+
 /** `incoming`; `exclusive`: the listener serves this migration alone (see `Destination.Settings`). */
 const receive = <E>(
   listener: Transport.Listener,
   options: IncomingOptions<E>,
   exclusive: boolean
 ): Effect.Effect<Incoming, IncomingError | E, never> =>
-  Effect.flatMap(MigrationConfig.resolve(options), (options) =>
-    Effect.map(
+  Effect.flatMap(MigrationConfig.resolve(options), (options) => {
+    const problem = checkMaxRam(options.maxRamBytes)
+    if (problem !== undefined) return new MigrationError.MigrationError({ reason: "BadOptions", detail: problem })
+    return Effect.map(
       observed("destination", options.status, options.ram?.size ?? 0, (tracker) =>
         Effect.map(
           into(options.ram, Destination.run(listener, {
@@ -490,7 +501,8 @@ const receive = <E>(
         attributes: { "multifd.address": Transport.formatAddress(listener.address), "multifd.role": "destination" }
       }),
       originalErrors
-    ))
+    )
+  })
 
 /** `listenAndReceive` from a `file:` address: `Snapshot.restore` with the destination's memory options. */
 const restoreFromFile = (path: string, options: IncomingOptions<unknown>): Effect.Effect<Incoming, Snapshot.SnapshotError> =>

@@ -128,6 +128,19 @@ describe("migrate checks its options before anything connects", () => {
     }))
 })
 
+describe("incoming checks its memory limit before it accepts", () => {
+  for (const maxRamBytes of [Number.NaN, -1]) {
+    it.live(`maxRamBytes ${maxRamBytes}: a BadOptions MigrationError at once (NaN turned the limit off)`, () =>
+      leakFree(Effect.gen(function*() {
+        const listener = yield* Transport.listen(tcp0)
+        const error = yield* noHang(Effect.flip(Migration.incoming(listener, { maxRamBytes })), "incoming", 5)
+        expect(error).toBeInstanceOf(MigrationError.MigrationError)
+        expect((error as MigrationError.MigrationError).reason).toBe("BadOptions")
+        expect(error.message).toBe(`the memory limit maxRamBytes must be a number of bytes >= 0, not ${maxRamBytes}`)
+      })))
+  }
+})
+
 describe("the end of a migration is bounded by the peer timeout (TestClock)", () => {
   const TIMEOUTS = { connect: "1 hour", handshake: "1 hour", peer: "30 seconds" } as const
 
