@@ -50,6 +50,7 @@ import * as Candidates from "./internal/qemu/candidates.js"
 import * as MainChannel from "./internal/qemu/mainChannel.js"
 import * as Writer from "./internal/qemu/writer.js"
 import { within } from "./internal/stall.js"
+import * as Handshake from "./internal/tls/handshake.js"
 import * as MigrationError from "./MigrationError.js"
 import type * as MultifdRecv from "./MultifdRecv.js"
 import * as Protocol from "./Protocol.js"
@@ -285,8 +286,9 @@ export const incoming = (
     const tooFew = channels === 0 ? undefined : OpenFiles.tooFewFor(channels, "destination")
     if (tooFew !== undefined) return yield* new MigrationError.MigrationError({ reason: "BadOptions", detail: tooFew })
     const channelSet = yield* Deferred.make<MultifdRecv.MultifdRecv["Type"]>()
+    const upgrade = options.tls === undefined ? options.upgrade : Tls.server(options.tls, { writeOnlyPeers: true })
     const candidates = yield* Candidates.start(listener, {
-      upgrade: options.tls === undefined ? options.upgrade : Tls.server(options.tls, { writeOnlyPeers: true }),
+      upgrade: upgrade === undefined ? undefined : Handshake.bounded(upgrade, timeouts.handshake),
       handshake: timeouts.handshake,
       channelSet,
       multifd: channels > 0

@@ -38,6 +38,7 @@ import * as PageWindow from "./internal/qemu/pageWindow.js"
 import * as Writer from "./internal/qemu/writer.js"
 import * as ReturnPath from "./internal/qemu/returnPath.js"
 import { unlessStalled, within } from "./internal/stall.js"
+import * as Handshake from "./internal/tls/handshake.js"
 import type * as GuestRam from "./GuestRam.js"
 import * as MigrationError from "./MigrationError.js"
 import * as MultifdSend from "./MultifdSend.js"
@@ -185,7 +186,7 @@ export const migrate = <E = never>(options: Options<E>): Effect.Effect<Stats, Ou
     // 1. the main channel, its header and configuration, and the return path
     const main = yield* Effect.gen(function*() {
       const raw = yield* transport.connect(address, { timeout: timeouts.connect })
-      return upgrade ? yield* upgrade(raw, "main") : raw
+      return upgrade ? yield* Handshake.bounded(upgrade, timeouts.handshake)(raw, "main") : raw
     }).pipe(Effect.mapError(MigrationError.onChannel("main")))
     let mainBytes = 0
     const writeRaw = (chunks: ReadonlyArray<Buffer>) =>
@@ -213,6 +214,7 @@ export const migrate = <E = never>(options: Options<E>): Effect.Effect<Stats, Ou
       compressionLevel: options.compressionLevel,
       zeroPage: "multifd",
       connectTimeout: timeouts.connect,
+      handshakeTimeout: timeouts.handshake,
       upgrade,
       maxBandwidth: options.maxBandwidth,
       threads

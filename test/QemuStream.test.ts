@@ -1571,6 +1571,29 @@ describe("QemuOutgoing: a VM into a QEMU destination (here QemuIncoming, which a
       expect(error.message).toMatch(/^QEMU ended the migration before it took the configuration: it refused it/)
     }))))
 
+  it.live("timeouts.handshake bounds the TLS handshakes of both sides when the TLS settings allow longer", () =>
+    expectNoLeaks(Effect.scoped(Effect.gen(function*() {
+      const tls = yield* Tls.load({ psk: tlsFixture("keys.psk"), handshakeTimeoutMs: 10_000 })
+      const timeouts = { ...PEER, handshake: "300 millis" } as const
+      // a QEMU destination that accepts and never answers the handshake
+      const silent = yield* Transport.listen({ _tag: "Tcp", host: "127.0.0.1", port: 0 })
+      const vm = yield* capturedVm
+      const error = failureOf(yield* noHang(
+        Effect.exit(QemuOutgoing.migrate({ address: silent.address, vm, channels: 2, tls, timeouts }).pipe(
+          Effect.provide(Transport.layer)
+        )),
+        "QemuOutgoing.migrate",
+        5
+      ))
+      expectOneLine(error)
+      expect(error.message).toMatch(/^main channel: TLS handshake with tcp:127\.0\.0\.1:\d+ timed out after 300ms$/)
+      // a QEMU source that connects and never starts its handshake: turned away after 300 ms
+      const dst = yield* destination({ channels: 2, tls, timeouts })
+      const client = yield* Transport.connect(dst.address)
+      yield* noHang(Effect.either(client.readSome(1)), "the silent client turned away", 5)
+      expect(dst.logs.some((l) => l.includes("timed out after 300ms"))).toBe(true)
+    }))))
+
   it.live("QEMU answers SHUT 1 (it failed to load): one line, at once", () =>
     expectNoLeaks(Effect.scoped(Effect.gen(function*() {
       const vm = yield* capturedVm
