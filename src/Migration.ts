@@ -440,7 +440,8 @@ export interface Expectations {
  * send garbage, channels of other migrations — are closed, logged and reported in `rejected`, without
  * disturbing the migration. Returns once every page is in memory, the digests matched, `store` (if given)
  * succeeded and every channel ended. Interrupted before it confirmed, it tells the source ("cancelled by
- * destination").
+ * destination"). A listener receives one migration at a time: `incoming` on a listener another `incoming` is
+ * using fails `Busy` at once.
  *
  * @since 0.1.0
  * @category constructors

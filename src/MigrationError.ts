@@ -36,7 +36,7 @@ export class ChannelError extends Data.TaggedError("ChannelError")<{
 /**
  * The migration could not go on: refused, aborted by the peer, timed out, or its result did not verify; or it
  * could not start: `BadOptions`, options it cannot use (found before anything connects); `Busy`, another
- * migration, save or restore of the same memory under way.
+ * migration, save or restore of the same memory under way, or another migration being received on the same listener.
  *
  * @since 0.1.0
  * @category errors
@@ -51,7 +51,10 @@ export class MigrationError extends Data.TaggedError("MigrationError")<{
     | "NotConverged"
     | "Unexpected"
     | "BadOptions"
-    /** Another migration, snapshot save or restore of the same memory is under way (`GuestRam.transfer`). */
+    /**
+     * Another migration, snapshot save or restore of the same memory is under way (`GuestRam.transfer`), or
+     * another migration is being received on the same listener.
+     */
     | "Busy"
   readonly detail: string
 }> {

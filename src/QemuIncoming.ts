@@ -45,6 +45,7 @@ import * as Duration from "effect/Duration"
 import * as Effect from "effect/Effect"
 import * as Ref from "effect/Ref"
 import type * as GuestRam from "./GuestRam.js"
+import * as Acceptor from "./internal/acceptor.js"
 import * as OpenFiles from "./internal/native/openFiles.js"
 import * as Candidates from "./internal/qemu/candidates.js"
 import * as MainChannel from "./internal/qemu/mainChannel.js"
@@ -285,6 +286,7 @@ export const incoming = (
     // out of descriptors, QEMU's channels would be dropped without a word (QEMU is told nothing either way)
     const tooFew = channels === 0 ? undefined : OpenFiles.tooFewFor(channels, "destination")
     if (tooFew !== undefined) return yield* new MigrationError.MigrationError({ reason: "BadOptions", detail: tooFew })
+    yield* Acceptor.claim(listener)
     const channelSet = yield* Deferred.make<MultifdRecv.MultifdRecv["Type"]>()
     const upgrade = options.tls === undefined ? options.upgrade : Tls.server(options.tls, { writeOnlyPeers: true })
     const candidates = yield* Candidates.start(listener, {

@@ -18,6 +18,9 @@ import * as Fiber from "effect/Fiber"
 import * as Logger from "effect/Logger"
 import type * as Scope from "effect/Scope"
 import * as Crypto from "node:crypto"
+import * as Fs from "node:fs"
+import * as Os from "node:os"
+import * as Path from "node:path"
 import * as Control from "../src/Control.js"
 import * as GuestRam from "../src/GuestRam.js"
 import * as Migration from "../src/Migration.js"
@@ -823,4 +826,74 @@ describe("h. destination memory is untouched by rejected input", () => {
         expectAllClosed(faulty)
       })))
   }
+})
+
+describe("i. one migration of a memory at a time", () => {
+  it.live("a second migrate (or snapshot save) of memory being migrated fails Busy before it connects or makes a file; after the first, it migrates again", () =>
+    leakFree(Effect.gen(function*() {
+      const ram = yield* sourceRam()
+      const run = (options: Migration.MigrateOptions) =>
+        Migration.migrate({ timeouts: TIMEOUTS, ...options }).pipe(
+          Effect.provide(Transport.layer),
+          Effect.provideService(GuestRam.GuestRam, ram)
+        )
+      const listener = yield* Transport.listen(unixAddress("claim"))
+      const first = yield* Effect.fork(run({ address: listener.address }))
+      // its main channel is here: the first has the memory (nobody answers it here)
+      yield* noHang(listener.accept, "the first source's main channel")
+      // sharing the dirty log and the write gate, two migrations of one live memory both failed DigestMismatch
+      const dir = Fs.mkdtempSync(Path.join(Os.tmpdir(), "emfd-claim-"))
+      for (const address of [listener.address, { _tag: "File", path: Path.join(dir, "ram.snap") } as const]) {
+        const error = yield* noHang(Effect.flip(run({ address })), "the second migration")
+        expectOneLine(error)
+        expect(error).toBeInstanceOf(MigrationError.MigrationError)
+        expect((error as MigrationError.MigrationError).reason).toBe("Busy")
+        expect(error.message).toContain("another migration, snapshot save or restore of this memory is under way")
+      }
+      expect(Fs.readdirSync(dir)).toEqual([])
+      Fs.rmSync(dir, { recursive: true })
+      yield* Fiber.interrupt(first)
+      // the memory is free again
+      const again = yield* Transport.listen(unixAddress("claim-again"))
+      const [stats, received] = yield* noHang(
+        Effect.all([run({ address: again.address }), Migration.incoming(again, { timeouts: TIMEOUTS })], {
+          concurrency: "unbounded"
+        }),
+        "the migration after"
+      )
+      expect(stats.ramBytes).toBe(ram.size)
+      expect(sameMemory(received.ram, ram)).toBe(true)
+    })))
+})
+
+describe("j. one incoming on a listener at a time", () => {
+  it.live("a second incoming on a listener in use fails Busy at once; the first receives its migration; then the listener serves the next", () =>
+    leakFree(Effect.gen(function*() {
+      const ram = yield* sourceRam()
+      const listener = yield* Transport.listen(unixAddress("one-incoming"))
+      const first = yield* Effect.fork(Migration.incoming(listener, { timeouts: TIMEOUTS }))
+      // the first has the listener once it accepts; a second beside it took the first's multifd channels away
+      // (turned away as strangers) and the migration timed out
+      yield* Effect.yieldNow()
+      const error = yield* noHang(Effect.flip(Migration.incoming(listener, { timeouts: TIMEOUTS })), "the second incoming")
+      expectOneLine(error)
+      expect(error).toBeInstanceOf(MigrationError.MigrationError)
+      expect((error as MigrationError.MigrationError).reason).toBe("Busy")
+      expect(error.message).toContain("a migration is already being received on this listener")
+      const migrate = (channels: number) =>
+        Migration.migrate({ address: listener.address, channels, timeouts: TIMEOUTS }).pipe(
+          Effect.provide(Transport.layer),
+          Effect.provideService(GuestRam.GuestRam, ram)
+        )
+      yield* noHang(migrate(4), "the migration")
+      const received = yield* noHang(Fiber.join(first), "the first incoming")
+      expect(received.rejected).toEqual([])
+      expect(sameMemory(received.ram, ram)).toBe(true)
+      // the listener is free again
+      const [, next] = yield* noHang(
+        Effect.all([migrate(2), Migration.incoming(listener, { timeouts: TIMEOUTS })], { concurrency: "unbounded" }),
+        "the next migration"
+      )
+      expect(sameMemory(next.ram, ram)).toBe(true)
+    })))
 })

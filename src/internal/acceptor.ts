@@ -17,6 +17,7 @@ import * as Effect from "effect/Effect"
 import * as FiberSet from "effect/FiberSet"
 import * as Option from "effect/Option"
 import type * as Scope from "effect/Scope"
+import * as MigrationError from "../MigrationError.js"
 import type * as Transport from "../Transport.js"
 import { within } from "./stall.js"
 
@@ -49,6 +50,31 @@ export type Classify<E> = (
 
 /** Rejected connections listed with their reasons (`Acceptor.rejected`); later ones are counted. */
 export const MAX_LISTED = 256
+
+/** The listeners a migration is being received on now (`claim`). */
+const claimed = new WeakSet<Transport.Listener>()
+
+/**
+ * Makes `listener` this migration's, in the caller's scope: a listener serves one migration at a time, since two
+ * destinations accepting on it would take each other's connections (the second turned the first one's multifd
+ * channels away, and the migration timed out). A second one fails `Busy`; after the first, the next may
+ * use it (the connections it left queued are the next migration's).
+ */
+export const claim = (listener: Transport.Listener): Effect.Effect<void, MigrationError.MigrationError, Scope.Scope> =>
+  Effect.acquireRelease(
+    Effect.suspend(() => {
+      if (claimed.has(listener)) {
+        return new MigrationError.MigrationError({
+          reason: "Busy",
+          detail: "a migration is already being received on this listener (one at a time: they would take each " +
+            "other's connections)"
+        })
+      }
+      claimed.add(listener)
+      return Effect.void
+    }),
+    () => Effect.sync(() => claimed.delete(listener))
+  )
 
 /** Starts accepting on `listener` in the current scope. */
 export const start = <E>(

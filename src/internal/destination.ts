@@ -359,6 +359,7 @@ export const run = <E>(listener: Transport.Listener, settings: Settings<E>): Eff
   Effect.scoped(Effect.gen(function*() {
     const { timeouts, tracker } = settings
     const recorder = Recorder.make("destination")
+    yield* Acceptor.claim(listener)
     const main = yield* Deferred.make<Candidates.MainChannel>()
     const channelSet = yield* Deferred.make<MultifdRecv.MultifdRecv["Type"]>()
     const acceptor = yield* Acceptor.start<Failure>(traced(listener), {
