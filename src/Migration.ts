@@ -20,6 +20,7 @@ import * as Stream from "effect/Stream"
 import * as Bandwidth from "./Bandwidth.js"
 import * as GuestRam from "./GuestRam.js"
 import * as Destination from "./internal/destination.js"
+import * as Precopy from "./internal/precopy.js"
 import * as Recorder from "./internal/recorder.js"
 import * as Source from "./internal/source.js"
 import * as Status from "./internal/status.js"
@@ -459,9 +460,7 @@ const into = <A, E, R>(
   ram: GuestRam.GuestRam["Type"] | undefined,
   self: Effect.Effect<A, E, R>
 ): Effect.Effect<A, E | MigrationError.MigrationError, R> =>
-  ram === undefined
-    ? self
-    : GuestRam.exclusively(ram, self, (detail) => new MigrationError.MigrationError({ reason: "Busy", detail }))
+  ram === undefined ? self : Precopy.exclusive(ram, self)
 
 /** Why `incoming` cannot use `maxRamBytes`, if it cannot: NaN would turn the limit off (no size exceeds it). */
 const checkMaxRam = (maxRamBytes: number | undefined): string | undefined =>

@@ -101,7 +101,10 @@ const resolveLive = (live: Transfer.LiveOptions | undefined) => ({
   onNoConvergence: live?.onNoConvergence ?? "fail"
 })
 
-/** `GuestRam.exclusively` for a migration or a save: a second one at once fails `Busy`. */
+/**
+ * `GuestRam.exclusively` for a migration or a save of `ram`, or a migration into it: while another runs, fails
+ * `Busy`.
+ */
 export const exclusive = <A, E, R>(
   ram: GuestRam.GuestRam["Type"],
   self: Effect.Effect<A, E, R>
