@@ -270,6 +270,46 @@ describe("snapshot format (pure)", () => {
     }
   })
 
+  it("a writer count a save cannot have (0, 256, 2^32 - 1; its checksum made right): Corrupt, naming it", () => {
+    const plan = Format.plan(4096, [{ name: "pc.ram", size: 16 * 4096 }])
+    const header: Format.Header = {
+      version: Format.VERSION,
+      pageSize: 4096,
+      dataAlignment: Format.DATA_ALIGNMENT,
+      fileBytes: plan.fileBytes,
+      uuid: Crypto.randomUUID(),
+      channels: 2,
+      rounds: 1,
+      savedAt: 1_700_000_000_000,
+      blocks: plan.blocks.map((b) => ({
+        name: b.name,
+        size: b.size,
+        bitmapOffset: b.bitmapOffset,
+        dataOffset: b.dataOffset,
+        presentPages: 1,
+        digest: "00".repeat(32),
+        bitmapDigest: "00".repeat(32)
+      }))
+    }
+    for (const channels of [0, 256, 2 ** 32 - 1]) {
+      const bytes = Format.encodeHeader({ ...header, channels })
+      Crypto.createHash("sha256").update(bytes.subarray(0, bytes.length - Format.CHECKSUM_SIZE)).digest()
+        .copy(bytes, bytes.length - Format.CHECKSUM_SIZE)
+      const prefix = Format.decodePrefix(bytes.subarray(0, Format.PREFIX_SIZE), plan.fileBytes)
+      if (Format.isProblem(prefix)) throw new Error(prefix.detail)
+      expect(Format.decodeHeader(bytes, prefix, plan.fileBytes)).toEqual({
+        reason: "Corrupt",
+        detail: `the header is inconsistent: saved by ${channels} writers (a save has 1 to 255)`
+      })
+    }
+    for (const channels of [1, 255]) {
+      const bytes = Format.encodeHeader({ ...header, channels })
+      const prefix = Format.decodePrefix(bytes.subarray(0, Format.PREFIX_SIZE), plan.fileBytes)
+      if (Format.isProblem(prefix)) throw new Error(prefix.detail)
+      expect(Format.decodeHeader(bytes, prefix, plan.fileBytes)).toEqual({ ...header, channels })
+    }
+  })
+
   it("spans cover exactly the stored pages and the gaps merged into them; gaps cover every absent page", () =>
     FastCheck.assert(
       FastCheck.property(

@@ -275,6 +275,11 @@ export const decodeHeader = (bytes: Buffer, prefix: Prefix, fileSize: number): H
     (dataAlignment & (dataAlignment - 1)) === 0
   if (!alignmentOk) return corrupt(`data alignment ${dataAlignment}`)
   if (!Number.isSafeInteger(fileBytes)) return corrupt("file size")
+  const channels = bytes.readUInt32BE(64)
+  // a save has 1-255 writers (Protocol.MAX_CHANNELS): another count is damage, not a fact to report
+  if (channels < 1 || channels > Protocol.MAX_CHANNELS) {
+    return corrupt(`saved by ${channels} writers (a save has 1 to ${Protocol.MAX_CHANNELS})`)
+  }
 
   const blocks: Array<BlockEntry> = []
   for (let i = 0; i < prefix.blockCount; i++) {
@@ -335,7 +340,7 @@ export const decodeHeader = (bytes: Buffer, prefix: Prefix, fileSize: number): H
     dataAlignment,
     fileBytes,
     uuid: uuidText(bytes.subarray(48, 64)),
-    channels: bytes.readUInt32BE(64),
+    channels,
     rounds: bytes.readUInt32BE(68),
     savedAt: readU64(bytes, 72),
     blocks
