@@ -176,14 +176,19 @@ const checkOptions = (options: MigrateOptions, pageSize: number): string | undef
       ? undefined
       : `zero-page mode ${JSON.stringify(zeroPage)} is not multifd or none`) ??
     Protocol.checkPageSize(pageSize, "the memory's page size") ??
-    checkReconnect(options.reconnect)
+    checkReconnect(options.reconnect) ??
+    Transfer.checkTimeouts(options.timeouts) ??
+    Transfer.checkLive(options.live)
 }
 
 const checkReconnect = (reconnect: MigrateOptions["reconnect"]): string | undefined => {
   const attempts = typeof reconnect === "number" ? reconnect : reconnect?.attempts ?? 3
-  return Number.isInteger(attempts) && attempts >= 0 && attempts <= 1000
+  const within = typeof reconnect === "object" ? reconnect.within : undefined
+  return !(Number.isInteger(attempts) && attempts >= 0 && attempts <= 1000)
+    ? `reconnect attempts ${attempts} is not a whole number from 0 to 1000`
+    : within === undefined
     ? undefined
-    : `reconnect attempts ${attempts} is not a whole number from 0 to 1000`
+    : Transfer.checkDuration("reconnect.within", within, "positive")
 }
 
 /**
@@ -475,7 +480,7 @@ const receive = <E>(
   exclusive: boolean
 ): Effect.Effect<Incoming, IncomingError | E, never> =>
   Effect.flatMap(MigrationConfig.resolve(options), (options) => {
-    const problem = checkMaxRam(options.maxRamBytes)
+    const problem = checkMaxRam(options.maxRamBytes) ?? Transfer.checkTimeouts(options.timeouts)
     if (problem !== undefined) return new MigrationError.MigrationError({ reason: "BadOptions", detail: problem })
     return Effect.map(
       observed("destination", options.status, options.ram?.size ?? 0, (tracker) =>

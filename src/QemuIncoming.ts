@@ -285,7 +285,8 @@ export const incoming = (
     }
     // out of descriptors, QEMU's channels would be dropped without a word (QEMU is told nothing either way)
     const tooFew = channels === 0 ? undefined : OpenFiles.tooFewFor(channels, "destination")
-    if (tooFew !== undefined) return yield* new MigrationError.MigrationError({ reason: "BadOptions", detail: tooFew })
+    const problem = tooFew ?? Transfer.checkTimeouts(options.timeouts)
+    if (problem !== undefined) return yield* new MigrationError.MigrationError({ reason: "BadOptions", detail: problem })
     yield* Acceptor.claim(listener)
     const channelSet = yield* Deferred.make<MultifdRecv.MultifdRecv["Type"]>()
     const upgrade = options.tls === undefined ? options.upgrade : Tls.server(options.tls, { writeOnlyPeers: true })

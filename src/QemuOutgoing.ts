@@ -129,6 +129,8 @@ const check = <E>(options: Options<E>): MigrationError.MigrationError | undefine
   const channels = Protocol.checkChannels(options.channels, "multifd channels")
   if (channels !== undefined) return badOptions(channels)
   if (options.address._tag === "File") return badOptions("QEMU listens on a tcp: or unix: address, not a file")
+  const timeouts = Transfer.checkTimeouts(options.timeouts)
+  if (timeouts !== undefined) return badOptions(timeouts)
   const level = options.compressionLevel
   if (level !== undefined && options.compression !== undefined && options.compression !== "none") {
     const problem = Protocol.checkCompressionLevel(options.compression, level)

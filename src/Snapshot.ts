@@ -67,7 +67,7 @@ import * as SnapshotFile from "./internal/snapshotFile.js"
 import * as Format from "./internal/snapshotFormat.js"
 import * as Restore from "./internal/snapshotRestore.js"
 import * as Save from "./internal/snapshotSave.js"
-import type * as MigrationError from "./MigrationError.js"
+import * as MigrationError from "./MigrationError.js"
 import * as Protocol from "./Protocol.js"
 import * as Transfer from "./Transfer.js"
 
@@ -157,6 +157,8 @@ export const save = (
     const channels = options.channels ?? DEFAULT_CHANNELS
     const badChannels = Protocol.checkChannels(channels)
     if (badChannels !== undefined) return yield* new SnapshotError({ reason: "Unsupported", path, detail: badChannels })
+    const badLive = Transfer.checkLive(options.live)
+    if (badLive !== undefined) return yield* new MigrationError.MigrationError({ reason: "BadOptions", detail: badLive })
     const started = yield* Clock.currentTimeMillis
     const uuid = Crypto.randomUUID()
     const plan = Format.plan(ram.pageSize, GuestRam.layoutOf(ram))

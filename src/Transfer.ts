@@ -62,6 +62,50 @@ export const defaultTimeouts: Timeouts = {
  */
 export const resolveTimeouts = (partial: Partial<Timeouts> | undefined): Timeouts => ({ ...defaultTimeouts, ...partial })
 
+/**
+ * Why `input`, given as `what`, is not a duration of at least `min` (a malformed one, a negative one, NaN, 0 where
+ * it must be positive), if it is not: a timeout of 0 would fail every wait at once ("timed out after 0"), a
+ * malformed one was a defect.
+ *
+ * @since 0.1.0
+ * @category utils
+ */
+export const checkDuration = (what: string, input: unknown, min: "positive" | "non-negative"): string | undefined => {
+  const duration = Duration.decodeUnknown(input)
+  // Duration reads a negative number or NaN as 0: they are mistakes, not 0
+  const negative = typeof input === "number" ? !(input >= 0) : typeof input === "string" && /^\s*-/.test(input)
+  if (duration._tag === "None" || negative) return `${what} ${describeInput(input)} is not a duration of 0 or more`
+  return min === "positive" && Duration.toMillis(duration.value) === 0
+    ? `${what} must be more than 0, not ${describeInput(input)}`
+    : undefined
+}
+
+const describeInput = (input: unknown): string =>
+  Duration.isDuration(input)
+    ? Duration.format(input)
+    : typeof input === "string"
+    ? JSON.stringify(input)
+    : typeof input === "number" || typeof input === "bigint" || input === null
+    ? String(input)
+    : typeof input === "object"
+    ? "(an object)"
+    : `(a ${typeof input})`
+
+/**
+ * Why the timeouts given cannot be used, if they cannot: each must be a positive duration.
+ *
+ * @since 0.1.0
+ * @category utils
+ */
+export const checkTimeouts = (partial: Partial<Timeouts> | undefined): string | undefined => {
+  for (const name of ["connect", "handshake", "peer"] as const) {
+    const input = partial?.[name]
+    const problem = input === undefined ? undefined : checkDuration(`timeouts.${name}`, input, "positive")
+    if (problem !== undefined) return problem
+  }
+  return undefined
+}
+
 // ---------------------------------------------------------------------------------------------------------
 // Live policy
 
@@ -74,12 +118,37 @@ export const resolveTimeouts = (partial: Partial<Timeouts> | undefined): Timeout
 export interface LiveOptions {
   /** Switch over when the remaining dirty pages can be sent within this time (default 300 ms, as QEMU). */
   readonly downtimeLimit?: Duration.DurationInput | undefined
-  /** Give up converging after this many rounds (default 30). */
+  /** Give up converging after this many rounds (default 30; 0: after round 0). */
   readonly maxRounds?: number | undefined
   /** Give up converging after this long (default 10 minutes). */
   readonly maxDuration?: Duration.DurationInput | undefined
   /** `fail` (default): a migration that does not converge fails; `switchover`: it switches over anyway. */
   readonly onNoConvergence?: "fail" | "switchover" | undefined
+}
+
+/**
+ * Why the live policy given cannot be used, if it cannot: durations and a whole number of rounds of 0 or more (0:
+ * round 0 only), `fail` or `switchover`.
+ *
+ * @since 0.1.0
+ * @category utils
+ */
+export const checkLive = (live: LiveOptions | undefined): string | undefined => {
+  if (live === undefined) return undefined
+  for (const name of ["downtimeLimit", "maxDuration"] as const) {
+    const input = live[name]
+    const problem = input === undefined ? undefined : checkDuration(`live.${name}`, input, "non-negative")
+    if (problem !== undefined) return problem
+  }
+  const rounds = live.maxRounds
+  if (rounds !== undefined && !(Number.isInteger(rounds) && rounds >= 0)) {
+    return `live.maxRounds must be a whole number of 0 or more, not ${rounds}`
+  }
+  const policy = live.onNoConvergence
+  if (policy !== undefined && policy !== "fail" && policy !== "switchover") {
+    return `live.onNoConvergence ${JSON.stringify(policy)} is not fail or switchover`
+  }
+  return undefined
 }
 
 // ---------------------------------------------------------------------------------------------------------

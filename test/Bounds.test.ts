@@ -15,6 +15,7 @@
  */
 import { describe, expect, it } from "@effect/vitest"
 import * as Deferred from "effect/Deferred"
+import * as Duration from "effect/Duration"
 import * as Effect from "effect/Effect"
 import * as Fiber from "effect/Fiber"
 import * as Layer from "effect/Layer"
@@ -27,6 +28,7 @@ import * as Migration from "../src/Migration.js"
 import * as MigrationError from "../src/MigrationError.js"
 import * as MultifdRecv from "../src/MultifdRecv.js"
 import * as PageCodec from "../src/PageCodec.js"
+import * as Transfer from "../src/Transfer.js"
 import * as Transport from "../src/Transport.js"
 import { advanceUntil } from "./support/clock.js"
 import { failureOf } from "./support/failures.js"
@@ -139,6 +141,56 @@ describe("incoming checks its memory limit before it accepts", () => {
         expect(error.message).toBe(`the memory limit maxRamBytes must be a number of bytes >= 0, not ${maxRamBytes}`)
       })))
   }
+})
+
+describe("durations, rounds and policies are checked before anything connects", () => {
+  const bad = [
+    [{ timeouts: { peer: 0 } }, "timeouts.peer must be more than 0, not 0"],
+    [{ timeouts: { connect: -1 } }, "timeouts.connect -1 is not a duration of 0 or more"],
+    [{ timeouts: { handshake: "soon" as never } }, `timeouts.handshake "soon" is not a duration of 0 or more`],
+    [{ timeouts: { peer: {} as never } }, "timeouts.peer (an object) is not a duration of 0 or more"],
+    [{ timeouts: { peer: Number.NaN } }, "timeouts.peer NaN is not a duration of 0 or more"],
+    [{ live: { maxRounds: -1 } }, "live.maxRounds must be a whole number of 0 or more, not -1"],
+    [{ live: { maxRounds: 2.5 } }, "live.maxRounds must be a whole number of 0 or more, not 2.5"],
+    [{ live: { onNoConvergence: "maybe" as never } }, `live.onNoConvergence "maybe" is not fail or switchover`],
+    [{ live: { maxDuration: "-5 seconds" } }, `live.maxDuration "-5 seconds" is not a duration of 0 or more`],
+    [{ reconnect: { attempts: 3, within: "0 seconds" } }, `reconnect.within must be more than 0, not "0 seconds"`]
+  ] as const
+  for (const [options, message] of bad) {
+    it.live(`migrate ${JSON.stringify(options)}: BadOptions, "${message}"`, () =>
+      leakFree(Effect.gen(function*() {
+        // a listener nobody answers: BadOptions comes before the connect
+        const listener = yield* Transport.listen(tcp0)
+        const ram = yield* GuestRam.make({ blocks: [{ name: "ram", size: 64 * 1024 }] })
+        const error = yield* noHang(
+          Effect.flip(Migration.migrate({ address: listener.address, ...options }).pipe(
+            Effect.provide(Transport.layer),
+            Effect.provideService(GuestRam.GuestRam, ram)
+          )),
+          "migrate",
+          5
+        )
+        expect(error).toBeInstanceOf(MigrationError.MigrationError)
+        expect((error as MigrationError.MigrationError).reason).toBe("BadOptions")
+        expect(error.message).toBe(message)
+      })))
+  }
+
+  it.live("incoming { timeouts: { peer: 0 } }: BadOptions before it accepts", () =>
+    leakFree(Effect.gen(function*() {
+      const listener = yield* Transport.listen(tcp0)
+      const error = yield* noHang(Effect.flip(Migration.incoming(listener, { timeouts: { peer: 0 } })), "incoming", 5)
+      expect((error as MigrationError.MigrationError).reason).toBe("BadOptions")
+      expect(error.message).toBe("timeouts.peer must be more than 0, not 0")
+    })))
+
+  it.live("the accepted forms still pass: numbers of milliseconds, Durations, strings, Infinity", () =>
+    Effect.sync(() => {
+      expect(Transfer.checkTimeouts({ connect: 1, handshake: Duration.seconds(1), peer: "1 minute" })).toBeUndefined()
+      expect(Transfer.checkTimeouts({ peer: Duration.infinity })).toBeUndefined()
+      expect(Transfer.checkLive({ maxRounds: 0, maxDuration: 0, downtimeLimit: "0 millis", onNoConvergence: "switchover" }))
+        .toBeUndefined()
+    }))
 })
 
 describe("the end of a migration is bounded by the peer timeout (TestClock)", () => {
