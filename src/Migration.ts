@@ -467,12 +467,6 @@ const into = <A, E, R>(
 ): Effect.Effect<A, E | MigrationError.MigrationError, R> =>
   ram === undefined ? self : Precopy.exclusive(ram, self)
 
-/** Why `incoming` cannot use `maxRamBytes`, if it cannot: NaN would turn the limit off (no size exceeds it). */
-const checkMaxRam = (maxRamBytes: number | undefined): string | undefined =>
-  maxRamBytes === undefined || maxRamBytes >= 0
-    ? undefined
-    : `the memory limit maxRamBytes must be a number of bytes >= 0, not ${maxRamBytes}`
-
 /** `incoming`; `exclusive`: the listener serves this migration alone (see `Destination.Settings`). */
 const receive = <E>(
   listener: Transport.Listener,
@@ -480,7 +474,7 @@ const receive = <E>(
   exclusive: boolean
 ): Effect.Effect<Incoming, IncomingError | E, never> =>
   Effect.flatMap(MigrationConfig.resolve(options), (options) => {
-    const problem = checkMaxRam(options.maxRamBytes) ?? Transfer.checkTimeouts(options.timeouts)
+    const problem = Transfer.checkMaxRam(options.maxRamBytes) ?? Transfer.checkTimeouts(options.timeouts)
     if (problem !== undefined) return new MigrationError.MigrationError({ reason: "BadOptions", detail: problem })
     return Effect.map(
       observed("destination", options.status, options.ram?.size ?? 0, (tracker) =>

@@ -285,7 +285,7 @@ export const incoming = (
     }
     // out of descriptors, QEMU's channels would be dropped without a word (QEMU is told nothing either way)
     const tooFew = channels === 0 ? undefined : OpenFiles.tooFewFor(channels, "destination")
-    const problem = tooFew ?? Transfer.checkTimeouts(options.timeouts)
+    const problem = tooFew ?? Transfer.checkTimeouts(options.timeouts) ?? Transfer.checkMaxRam(options.maxRamBytes)
     if (problem !== undefined) return yield* new MigrationError.MigrationError({ reason: "BadOptions", detail: problem })
     yield* Acceptor.claim(listener)
     const channelSet = yield* Deferred.make<MultifdRecv.MultifdRecv["Type"]>()

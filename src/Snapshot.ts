@@ -362,7 +362,8 @@ const restoreInto = (path: string, options: RestoreOptions): Effect.Effect<Resto
     const started = yield* Clock.currentTimeMillis
     const readers = options.readers ?? DEFAULT_CHANNELS
     const badReaders = Protocol.checkChannels(readers, "readers")
-    if (badReaders !== undefined) return yield* new SnapshotError({ reason: "Unsupported", path, detail: badReaders })
+    const badOptions = badReaders ?? Transfer.checkMaxRam(options.maxRamBytes)
+    if (badOptions !== undefined) return yield* new SnapshotError({ reason: "Unsupported", path, detail: badOptions })
     const file = yield* SnapshotFile.openReader(path)
     const index = yield* Restore.readIndex(path, file, (header) => admitted(path, header, options))
     const { header } = index

@@ -289,3 +289,15 @@ export const gibPerSecond = (bytes: number, durationMs: number): number => bytes
  * @category constants
  */
 export const DEFAULT_MAX_RAM = 16 * GIB
+
+/**
+ * Why `maxRamBytes`, the most memory a transfer may allocate, cannot be used, if it cannot: it must be a number
+ * of bytes of 0 or more (`Infinity`: no limit). NaN turned the limit off, since no size exceeds it.
+ *
+ * @since 0.1.0
+ * @category utils
+ */
+export const checkMaxRam = (maxRamBytes: number | undefined): string | undefined =>
+  maxRamBytes === undefined || maxRamBytes >= 0
+    ? undefined
+    : `the memory limit maxRamBytes must be a number of bytes >= 0, not ${maxRamBytes}`

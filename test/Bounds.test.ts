@@ -24,10 +24,13 @@ import * as TestClock from "effect/TestClock"
 import { PassThrough } from "node:stream"
 import * as Control from "../src/Control.js"
 import * as GuestRam from "../src/GuestRam.js"
+import * as MappedRam from "../src/MappedRam.js"
 import * as Migration from "../src/Migration.js"
 import * as MigrationError from "../src/MigrationError.js"
 import * as MultifdRecv from "../src/MultifdRecv.js"
 import * as PageCodec from "../src/PageCodec.js"
+import * as QemuIncoming from "../src/QemuIncoming.js"
+import * as Snapshot from "../src/Snapshot.js"
 import * as Transfer from "../src/Transfer.js"
 import * as Transport from "../src/Transport.js"
 import { advanceUntil } from "./support/clock.js"
@@ -139,6 +142,18 @@ describe("incoming checks its memory limit before it accepts", () => {
         expect(error).toBeInstanceOf(MigrationError.MigrationError)
         expect((error as MigrationError.MigrationError).reason).toBe("BadOptions")
         expect(error.message).toBe(`the memory limit maxRamBytes must be a number of bytes >= 0, not ${maxRamBytes}`)
+      })))
+
+    it.live(`maxRamBytes ${maxRamBytes}: refused by QemuIncoming.incoming, Snapshot.restore and MappedRam.read too`, () =>
+      leakFree(Effect.gen(function*() {
+        const why = `the memory limit maxRamBytes must be a number of bytes >= 0, not ${maxRamBytes}`
+        const listener = yield* Transport.listen(tcp0)
+        const qemu = yield* noHang(Effect.flip(QemuIncoming.incoming(listener, { channels: 2, maxRamBytes })), "QEMU incoming", 5)
+        expect([(qemu as MigrationError.MigrationError).reason, qemu.message]).toEqual(["BadOptions", why])
+        const snapshot = yield* Effect.flip(Snapshot.restore("/nonexistent.snap", { maxRamBytes }))
+        expect([snapshot.reason, snapshot.message]).toEqual(["Unsupported", `snapshot /nonexistent.snap: ${why}`])
+        const file = yield* Effect.flip(MappedRam.read("/nonexistent.vm", { maxRamBytes }))
+        expect([file.reason, file.message]).toEqual(["Unsupported", `/nonexistent.vm: ${why}`])
       })))
   }
 })

@@ -23,6 +23,7 @@ import type * as Scope from "effect/Scope"
 import * as GuestRam from "../../GuestRam.js"
 import * as QemuStream from "../../QemuStream.js"
 import * as QemuVm from "../../QemuVm.js"
+import * as Transfer from "../../Transfer.js"
 import * as FileIo from "../native/fileIo.js"
 import * as EventLoop from "../native/eventLoop.js"
 import * as PeerText from "../peerText.js"
@@ -265,6 +266,8 @@ export const open = (
   options: { readonly maxRamBytes: number; readonly pageSize?: number | undefined }
 ): Effect.Effect<Opened, MappedRamError, Scope.Scope> =>
   Effect.gen(function*() {
+    const badLimit = Transfer.checkMaxRam(options.maxRamBytes)
+    if (badLimit !== undefined) return yield* new MappedRamError({ reason: "Unsupported", path, detail: badLimit })
     const failed = fileError(path, "read the file")
     const file = yield* Effect.mapError(FileIo.openForReading(path), failed)
     let position = 0
