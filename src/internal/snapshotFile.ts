@@ -16,10 +16,10 @@ import * as PeerText from "./peerText.js"
 export class SnapshotError extends Data.TaggedError("SnapshotError")<{
   /**
    * `Io`: a read or write failed; `Unusable`: the path cannot be used (missing directory, not a regular file,
-   * permissions); `Unsupported`: an option that does not apply to snapshots or cannot be used; `NotASnapshot`, `Truncated`,
-   * `Version`, `Corrupt`: what is wrong with the file; `DigestMismatch`: pages damaged; `Layout`: the memory
-   * given (or the size limit) does not fit the snapshot; `Refused`: the caller's `admit` gave a reason; `Busy`: the
-   * memory given is being migrated, saved or restored.
+   * permissions); `Unsupported`: an option that does not apply to snapshots or cannot be used; `NotASnapshot`,
+   * `Truncated`, `Version`, `Corrupt`: what is wrong with the file; `DigestMismatch`: pages damaged; `Layout`: the
+   * memory given (or the size limit) does not fit the snapshot; `Refused`: the caller's `admit` gave a reason;
+   * `Busy`: the memory given is being migrated, saved or restored.
    */
   readonly reason:
     | "Io"
