@@ -224,7 +224,8 @@ describe("snapshot format (pure)", () => {
       { numRuns: 200 }
     ))
 
-  it("a u64 field beyond 2^53 (its checksum made right): Corrupt, naming the field and its exact value, never NaN", () => {
+  /** A valid header of one 16-page block, its plan, and how to decode bytes changed after their checksum was made right. */
+  const forgeable = () => {
     const plan = Format.plan(4096, [{ name: "pc.ram", size: 16 * 4096 }])
     const header: Format.Header = {
       version: Format.VERSION,
@@ -245,6 +246,18 @@ describe("snapshot format (pure)", () => {
         bitmapDigest: "00".repeat(32)
       }))
     }
+    const decodeResigned = (bytes: Buffer) => {
+      Crypto.createHash("sha256").update(bytes.subarray(0, bytes.length - Format.CHECKSUM_SIZE)).digest()
+        .copy(bytes, bytes.length - Format.CHECKSUM_SIZE)
+      const prefix = Format.decodePrefix(bytes.subarray(0, Format.PREFIX_SIZE), plan.fileBytes)
+      if (Format.isProblem(prefix)) throw new Error(prefix.detail)
+      return Format.decodeHeader(bytes, prefix, plan.fileBytes)
+    }
+    return { header, decodeResigned }
+  }
+
+  it("a u64 field beyond 2^53 (its checksum made right): Corrupt, naming the field and its exact value, never NaN", () => {
+    const { decodeResigned, header } = forgeable()
     const fields = [
       [32, "file size"],
       [40, "memory size"],
@@ -258,11 +271,7 @@ describe("snapshot format (pure)", () => {
       for (const value of [2n ** 64n - 1n, 2n ** 53n]) {
         const bytes = Format.encodeHeader(header)
         bytes.writeBigUInt64BE(value, at)
-        Crypto.createHash("sha256").update(bytes.subarray(0, bytes.length - Format.CHECKSUM_SIZE)).digest()
-          .copy(bytes, bytes.length - Format.CHECKSUM_SIZE)
-        const prefix = Format.decodePrefix(bytes.subarray(0, Format.PREFIX_SIZE), plan.fileBytes)
-        if (Format.isProblem(prefix)) throw new Error(prefix.detail)
-        expect(Format.decodeHeader(bytes, prefix, plan.fileBytes)).toEqual({
+        expect(decodeResigned(bytes)).toEqual({
           reason: "Corrupt",
           detail: `the header is inconsistent: ${what} ${value} is out of range`
         })
@@ -271,42 +280,15 @@ describe("snapshot format (pure)", () => {
   })
 
   it("a writer count a save cannot have (0, 256, 2^32 - 1; its checksum made right): Corrupt, naming it", () => {
-    const plan = Format.plan(4096, [{ name: "pc.ram", size: 16 * 4096 }])
-    const header: Format.Header = {
-      version: Format.VERSION,
-      pageSize: 4096,
-      dataAlignment: Format.DATA_ALIGNMENT,
-      fileBytes: plan.fileBytes,
-      uuid: Crypto.randomUUID(),
-      channels: 2,
-      rounds: 1,
-      savedAt: 1_700_000_000_000,
-      blocks: plan.blocks.map((b) => ({
-        name: b.name,
-        size: b.size,
-        bitmapOffset: b.bitmapOffset,
-        dataOffset: b.dataOffset,
-        presentPages: 1,
-        digest: "00".repeat(32),
-        bitmapDigest: "00".repeat(32)
-      }))
-    }
+    const { decodeResigned, header } = forgeable()
     for (const channels of [0, 256, 2 ** 32 - 1]) {
-      const bytes = Format.encodeHeader({ ...header, channels })
-      Crypto.createHash("sha256").update(bytes.subarray(0, bytes.length - Format.CHECKSUM_SIZE)).digest()
-        .copy(bytes, bytes.length - Format.CHECKSUM_SIZE)
-      const prefix = Format.decodePrefix(bytes.subarray(0, Format.PREFIX_SIZE), plan.fileBytes)
-      if (Format.isProblem(prefix)) throw new Error(prefix.detail)
-      expect(Format.decodeHeader(bytes, prefix, plan.fileBytes)).toEqual({
+      expect(decodeResigned(Format.encodeHeader({ ...header, channels }))).toEqual({
         reason: "Corrupt",
         detail: `the header is inconsistent: saved by ${channels} writers (a save has 1 to 255)`
       })
     }
     for (const channels of [1, 255]) {
-      const bytes = Format.encodeHeader({ ...header, channels })
-      const prefix = Format.decodePrefix(bytes.subarray(0, Format.PREFIX_SIZE), plan.fileBytes)
-      if (Format.isProblem(prefix)) throw new Error(prefix.detail)
-      expect(Format.decodeHeader(bytes, prefix, plan.fileBytes)).toEqual({ ...header, channels })
+      expect(decodeResigned(Format.encodeHeader({ ...header, channels }))).toEqual({ ...header, channels })
     }
   })
 
