@@ -279,6 +279,14 @@ const channelRegistry = () => {
   }
 }
 
+/** A destination's upgrade that runs `server` on every channel but `stalled`, whose handshake it reads and never answers. */
+const stallingChannel = (registry: ReturnType<typeof channelRegistry>, server: Upgrade, stalled: number): Upgrade =>
+(connection, channel) =>
+  Effect.flatMap(registry.channelOf(connection), (id): ReturnType<Upgrade> =>
+    id !== stalled
+      ? server(connection, channel)
+      : Effect.zipRight(connection.read(5), Effect.never))
+
 /**
  * A raw TCP "TLS server" that reads the ClientHello and then drops the connection, or never answers. Its
  * sockets and server are closed with the scope.
@@ -1440,11 +1448,7 @@ describe("handshake faults", () => {
       const tls = yield* pskTls()
       const long = yield* pskTls("keys.psk", { handshakeTimeoutMs: 10_000 })
       const registry = channelRegistry()
-      const server: Upgrade = (connection, channel) =>
-        Effect.flatMap(registry.channelOf(connection), (id): ReturnType<Upgrade> =>
-          id !== k
-            ? tls.server(connection, channel)
-            : Effect.zipRight(connection.read(5), Effect.never))
+      const server = stallingChannel(registry, tls.server, k)
       const ram = yield* sourceRam()
       const dest = yield* startDestination(server)
       const [exit, elapsed] = yield* timed(noHang(
@@ -1480,11 +1484,7 @@ describe("handshake faults", () => {
       const tls = yield* pskTls()
       const short = yield* pskTls("keys.psk", { handshakeTimeoutMs: 300 })
       const registry = channelRegistry()
-      const server: Upgrade = (connection, channel) =>
-        Effect.flatMap(registry.channelOf(connection), (id): ReturnType<Upgrade> =>
-          id !== k
-            ? tls.server(connection, channel)
-            : Effect.zipRight(connection.read(5), Effect.never))
+      const server = stallingChannel(registry, tls.server, k)
       const ram = yield* sourceRam()
       const dest = yield* startDestination(server)
       const [exit, elapsed] = yield* timed(noHang(
