@@ -275,11 +275,10 @@ export const decodeHeader = (bytes: Buffer, prefix: Prefix, fileSize: number): H
     (dataAlignment & (dataAlignment - 1)) === 0
   if (!alignmentOk) return corrupt(`data alignment ${dataAlignment}`)
   if (!Number.isSafeInteger(fileBytes)) return corrupt("file size")
-  const channels = bytes.readUInt32BE(64)
-  // a save has 1-255 writers (Protocol.MAX_CHANNELS): another count is damage, not a fact to report
-  if (channels < 1 || channels > Protocol.MAX_CHANNELS) {
-    return corrupt(`saved by ${channels} writers (a save has 1 to ${Protocol.MAX_CHANNELS})`)
-  }
+  // a save has 1-255 writers (Protocol.MAX_CHANNELS); the count only informs (the digests verify the pages), so
+  // another is read as unknown, 0, which a summary leaves out, rather than reported ("saved by 4294967295 writers")
+  const written = bytes.readUInt32BE(64)
+  const channels = written >= 1 && written <= Protocol.MAX_CHANNELS ? written : 0
 
   const blocks: Array<BlockEntry> = []
   for (let i = 0; i < prefix.blockCount; i++) {
