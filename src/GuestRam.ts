@@ -431,6 +431,34 @@ export class OutOfBounds extends Data.TaggedError("OutOfBounds")<{
   }
 }
 
+/**
+ * A write that cannot wait for writers to go on: it comes from inside a progress report (`onProgress`) of the
+ * migration or save of this memory while that one holds writers paused for its switch-over (`Deadlock`). The
+ * migration waits for its report, and the write would wait for the migration: rather than hang until a timeout,
+ * the write fails at once, having written nothing.
+ *
+ * @since 0.1.0
+ * @category errors
+ */
+export class WriteBlocked extends Data.TaggedError("WriteBlocked")<{
+  readonly reason: "Deadlock"
+  readonly block: string
+  readonly detail: string
+}> {
+  override get message(): string {
+    return this.detail
+  }
+}
+
+const deadlock = (name: string) => () =>
+  new WriteBlocked({
+    reason: "Deadlock",
+    block: name,
+    detail: `a write to block ${JSON.stringify(name)} from inside the progress report of the migration or save of ` +
+      "this memory, during its switch-over: writers are paused until it ends, and it waits for the report (write " +
+      "in phase precopy only, or after the migration)"
+  })
+
 const touch = (ram: GuestRam["Type"], name: string, offset: number, length: number) => {
   const block = ram.block(name)
   if (block === undefined || !Number.isSafeInteger(offset) || offset < 0 || length < 0 ||
@@ -443,6 +471,8 @@ const touch = (ram: GuestRam["Type"], name: string, offset: number, length: numb
 /**
  * Updates `length` bytes of a block in place: waits while a migration holds writers paused, then marks the
  * pages the range covers dirty and runs `f` on a view of it (synchronously; an `f` that throws leaves them dirty).
+ * From inside a progress report of the migration or save of this memory that holds writers paused (its
+ * switch-over), it fails at once with `WriteBlocked` instead of waiting for a migration that waits for it.
  *
  * @since 0.1.0
  * @category utils
@@ -453,8 +483,8 @@ export const update = <A>(
   offset: number,
   length: number,
   f: (view: Buffer) => A
-): Effect.Effect<A, OutOfBounds> =>
-  Effect.suspend(() => {
+): Effect.Effect<A, OutOfBounds | WriteBlocked> =>
+  Effect.suspend((): Effect.Effect<A, OutOfBounds | WriteBlocked> => {
     const block = touch(ram, name, offset, length)
     if (block instanceof OutOfBounds) return Effect.fail(block)
     return ram.gate.pass(() => {
@@ -462,7 +492,7 @@ export const update = <A>(
       // dirty all the same, and a later round sends them (a live save had reported success with the old bytes)
       if (length > 0) block.dirty.mark(Math.floor(offset / ram.pageSize), Math.floor((offset + length - 1) / ram.pageSize))
       return f(block.bytes.subarray(offset, offset + length))
-    })
+    }, deadlock(name))
   })
 
 /**
@@ -476,7 +506,7 @@ export const write = (
   name: string,
   offset: number,
   data: Uint8Array
-): Effect.Effect<void, OutOfBounds> => update(ram, name, offset, data.length, (view) => view.set(data))
+): Effect.Effect<void, OutOfBounds | WriteBlocked> => update(ram, name, offset, data.length, (view) => view.set(data))
 
 /**
  * Number of dirty pages over all blocks.

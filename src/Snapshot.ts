@@ -119,7 +119,12 @@ export interface SaveOptions {
    * then; call `ram.gate.open` to let them go on. On failure the gate opens again.
    */
   readonly live?: Transfer.LiveOptions | undefined
-  /** Called as pages are handed to the writers. */
+  /**
+   * Called as pages are handed to the writers, in the save's fiber: the save waits for it. As with
+   * `Migration.migrate`, a write to the memory from inside it (`GuestRam.write` / `update`, or a fiber it forks)
+   * goes through while `phase` is `precopy`, and fails at once with `GuestRam.WriteBlocked` (`Deadlock`) during
+   * the switch-over, when the save holds writers paused and waits for the callback.
+   */
   readonly onProgress?: ((progress: Transfer.Progress) => Effect.Effect<void>) | undefined
   /** Fail when no page is written for this long (default 30 s). */
   readonly stallTimeout?: Duration.DurationInput | undefined

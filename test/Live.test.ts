@@ -32,6 +32,7 @@ import * as Option from "effect/Option"
 import * as Stream from "effect/Stream"
 import * as TestClock from "effect/TestClock"
 import * as Crypto from "node:crypto"
+import * as Path from "node:path"
 import type { Writable } from "node:stream"
 import * as Control from "../src/Control.js"
 import * as GuestRam from "../src/GuestRam.js"
@@ -39,8 +40,10 @@ import * as Migration from "../src/Migration.js"
 import * as MigrationError from "../src/MigrationError.js"
 import { unsent } from "../src/internal/native/unsent.js"
 import * as Protocol from "../src/Protocol.js"
+import * as Snapshot from "../src/Snapshot.js"
 import * as Transport from "../src/Transport.js"
 import { expectOneLine, failureOf } from "./support/failures.js"
+import { tempDirectory } from "./support/files.js"
 import * as Faulty from "./support/faultyTransport.js"
 import { noHang } from "./support/guards.js"
 import { leakFree, nextTurn } from "./support/handles.js"
@@ -115,7 +118,7 @@ const migrateFrom = (
  * that completed.
  */
 const startWriter = (
-  write: (i: number) => Effect.Effect<void, GuestRam.OutOfBounds>,
+  write: (i: number) => Effect.Effect<void, GuestRam.OutOfBounds | GuestRam.WriteBlocked>,
   opsBeforeYield?: number | undefined
 ) =>
   Effect.gen(function*() {
@@ -206,6 +209,73 @@ describe("the write gate", () => {
       yield* Effect.forEach(writers, Fiber.join, { discard: true })
       expect([0, 1, 2, 3].map((p) => ram.blocks[0]!.bytes[p * PAGE + 10])).toEqual([1, 2, 3, 4])
       expect(GuestRam.dirtyPages(ram)).toBe(4)
+    }))
+
+  /**
+   * A progress callback that writes at every report, recording how each write ended. During the switch-over
+   * the gate is closed by the very migration that awaits the callback: the write waited for the migration,
+   * which waited for the write (a save failed after its 30 s stall timeout, "without progress sending pages";
+   * a migration at the peer timeout). It now fails at once with WriteBlocked, writing nothing.
+   */
+  const writingReporter = (ram: Ram) => {
+    const outcomes: Array<{ readonly phase: Migration.Progress["phase"]; readonly exit: Exit.Exit<void, GuestRam.OutOfBounds | GuestRam.WriteBlocked> }> = []
+    const onProgress = (p: Migration.Progress) =>
+      Effect.map(
+        Effect.exit(GuestRam.write(ram, "pc.ram", 3 * PAGE, Buffer.from([p.round + 1, p.doneBytes & 255]))),
+        (exit) => void outcomes.push({ phase: p.phase, exit })
+      )
+    return { outcomes, onProgress }
+  }
+
+  const expectBlockedInSwitchover = (outcomes: ReturnType<typeof writingReporter>["outcomes"]) => {
+    const precopy = outcomes.filter((o) => o.phase === "precopy")
+    const switchover = outcomes.filter((o) => o.phase === "switchover")
+    expect(precopy.length).toBeGreaterThan(0)
+    for (const o of precopy) expect(Exit.isSuccess(o.exit)).toBe(true)
+    expect(switchover.length).toBeGreaterThan(0)
+    for (const o of switchover) {
+      const error = failureOf(o.exit)
+      expect(error).toBeInstanceOf(GuestRam.WriteBlocked)
+      expect((error as GuestRam.WriteBlocked).reason).toBe("Deadlock")
+      expect(error.message).toContain("from inside the progress report of the migration or save of this memory")
+      expectOneLine(error)
+    }
+  }
+
+  it.live("a write from the source's own onProgress during the switch-over fails at once (WriteBlocked), no deadlock", () =>
+    leakFree(Effect.gen(function*() {
+      const ram = yield* sourceRam(256, 64)
+      const listener = yield* Transport.listen(tcp0)
+      const destination = yield* receive(listener)
+      const { onProgress, outcomes } = writingReporter(ram)
+      const [stats, ms] = yield* timed(noHang(migrateFrom(ram, { address: listener.address, channels: 2, onProgress }), "migrate"))
+      const received = yield* noHang(Fiber.join(destination), "incoming")
+      expect(ms).toBeLessThan(PROMPT_MS)
+      expectSameMemory(received.ram, ram)
+      expect(stats.pagesPerRound[stats.rounds - 1]).toBe(1) // the page the last pre-copy report wrote
+      expectBlockedInSwitchover(outcomes)
+      // writers other than the migration's own reports still wait at the gate, and go on once it opens
+      const writer = yield* Effect.fork(GuestRam.write(ram, "pc.ram", 0, Buffer.from([7])))
+      expect(yield* stillRunningAfterTurns(writer, 3)).toBe(true)
+      yield* ram.gate.open
+      yield* Fiber.join(writer)
+    })))
+
+  it.scopedLive("the same for Snapshot.save: it succeeds at once rather than fail after its stall timeout", () =>
+    Effect.gen(function*() {
+      const dir = yield* tempDirectory("emfd-live-")
+      const ram = yield* sourceRam(256, 64)
+      const { onProgress, outcomes } = writingReporter(ram)
+      const [saved, ms] = yield* timed(noHang(
+        Snapshot.save(Path.join(dir, "vm.snap"), { onProgress, stallTimeout: "5 seconds" }).pipe(
+          Effect.provideService(GuestRam.GuestRam, ram)
+        ),
+        "save"
+      ))
+      expect(ms).toBeLessThan(PROMPT_MS)
+      expect(saved.pagesPerRound[saved.rounds - 1]).toBe(1)
+      expectBlockedInSwitchover(outcomes)
+      yield* ram.gate.open
     }))
 })
 

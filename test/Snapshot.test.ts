@@ -488,7 +488,7 @@ describe("Snapshot of live memory", () => {
       const path = Path.join(dir, "throws.snap")
       const ram = yield* GuestRam.make({ blocks: [{ name: "ram", size: 4 * 1024 * 1024 }] })
       Crypto.randomFillSync(ram.blocks[0]!.bytes)
-      let thrown: Exit.Exit<void, GuestRam.OutOfBounds> | undefined
+      let thrown: Exit.Exit<void, GuestRam.OutOfBounds | GuestRam.WriteBlocked> | undefined
       // one writer: once the third 1 MiB batch is handed over, the first (pages 0-255) is in the file
       yield* save(ram, path, {
         channels: 1,

@@ -36,7 +36,7 @@ export interface Load {
   /** Completes once `warmup` puts were acknowledged. */
   readonly warm: Effect.Effect<void>
   /** The clients (ended by interrupting it). */
-  readonly fiber: Fiber.RuntimeFiber<void, Store.KvError | GuestRam.OutOfBounds>
+  readonly fiber: Fiber.RuntimeFiber<void, Store.KvError | GuestRam.OutOfBounds | GuestRam.WriteBlocked>
 }
 
 /**

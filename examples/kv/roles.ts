@@ -47,7 +47,7 @@ export interface SourceReport {
  */
 export const runSource = (
   options: SourceOptions
-): Effect.Effect<SourceReport, Migration.MigrateError | Store.KvError | GuestRam.OutOfBounds | GuestRam.GuestRamError, Transport.Transport> =>
+): Effect.Effect<SourceReport, Migration.MigrateError | Store.KvError | GuestRam.OutOfBounds | GuestRam.WriteBlocked | GuestRam.GuestRamError, Transport.Transport> =>
   Effect.scoped(Effect.gen(function*() {
     const clients = options.clients ?? 4
     const ram = yield* GuestRam.make({ blocks: [Store.blockSpec(options.slots ?? 65536)] })
@@ -94,7 +94,7 @@ export const runDestination = (
   })
 
 /** The destination goes on serving: `n` puts of new keys, read back. */
-export const resume = (store: Store.Store, n: number): Effect.Effect<boolean, Store.KvError | GuestRam.OutOfBounds> =>
+export const resume = (store: Store.Store, n: number): Effect.Effect<boolean, Store.KvError | GuestRam.OutOfBounds | GuestRam.WriteBlocked> =>
   Effect.gen(function*() {
     for (let i = 0; i < n; i++) yield* Store.put(store, `resumed:${i}`, `after the migration ${i}`)
     for (let i = 0; i < n; i++) {

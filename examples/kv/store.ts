@@ -64,7 +64,7 @@ const hashOf = (key: Buffer): number => {
 const slotOffset = (slot: number) => PAGE + slot * SLOT
 
 /** Formats a fresh table in `ram` (through the write gate). */
-export const create = (ram: GuestRam.GuestRam["Type"]): Effect.Effect<Store, KvError | GuestRam.OutOfBounds> =>
+export const create = (ram: GuestRam.GuestRam["Type"]): Effect.Effect<Store, KvError | GuestRam.OutOfBounds | GuestRam.WriteBlocked> =>
   Effect.gen(function*() {
     const block = ram.block(BLOCK)
     if (block === undefined) return yield* new KvError({ detail: `no block named ${BLOCK}` })
@@ -119,7 +119,7 @@ const probe = (store: Store, hash: number, key: Buffer): number => {
  * slot found by probing is checked again in the same step as the write: another writer may have taken it
  * in between, and then the probe starts over.
  */
-export const put = (store: Store, key: string, value: string): Effect.Effect<number, KvError | GuestRam.OutOfBounds> =>
+export const put = (store: Store, key: string, value: string): Effect.Effect<number, KvError | GuestRam.OutOfBounds | GuestRam.WriteBlocked> =>
   Effect.gen(function*() {
     const k = yield* keyBytes(key)
     const v = Buffer.from(value, "utf8")

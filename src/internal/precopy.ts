@@ -138,7 +138,12 @@ export const run = <E, F>(
   Effect.gen(function*() {
     const { sink } = options
     const pageSize = ram.pageSize
-    const report = options.onProgress ?? (() => Effect.void)
+    // a report runs as the gate's: a write from inside it while the gate is closed (the switch-over) fails at once
+    // rather than wait for this migration, which waits for the report
+    const onProgress = options.onProgress
+    const report = onProgress === undefined
+      ? () => Effect.void
+      : (progress: Transfer.Progress) => ram.gate.reporting(onProgress(progress))
     const live = resolveLive(options.live)
 
     const runRound = (round: number, phase: Transfer.Phase, selection: ReadonlyArray<Selection>, bandwidth: number) =>

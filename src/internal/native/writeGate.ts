@@ -6,20 +6,41 @@
  */
 import * as Deferred from "effect/Deferred"
 import * as Effect from "effect/Effect"
+import * as FiberRef from "effect/FiberRef"
+
+/**
+ * The gate whose transfer's progress report the current fiber runs inside (and the fibers it forks): set by
+ * `WriteGate.reporting`.
+ */
+const reportingFor = FiberRef.unsafeMake<WriteGate | undefined>(undefined)
 
 export class WriteGate {
   /** While closed, the deferred writers wait for; opened by `open`. */
   private closed: Deferred.Deferred<void> | undefined = undefined
 
-  /** Runs `write` (synchronous) as soon as the gate is open. */
-  pass<A>(write: () => A): Effect.Effect<A> {
+  /**
+   * Runs `write` (synchronous) as soon as the gate is open. A write from inside a progress report of the
+   * transfer that closed the gate (`reporting`) would wait for that transfer, which waits for its report: it
+   * fails at once with `deadlock()` instead.
+   */
+  pass<A, E>(write: () => A, deadlock: () => E): Effect.Effect<A, E> {
     // the check and the write are one synchronous step: a fiber may yield between two effects, and a gate
     // closed in that gap must not let the write through
-    const attempt: Effect.Effect<A> = Effect.suspend(() => {
+    const attempt: Effect.Effect<A, E> = Effect.withFiberRuntime((fiber) => {
       const closed = this.closed
-      return closed === undefined ? Effect.succeed(write()) : Effect.zipRight(Deferred.await(closed), attempt)
+      if (closed === undefined) return Effect.succeed(write())
+      if (fiber.getFiberRef(reportingFor) === this) return Effect.fail(deadlock())
+      return Effect.zipRight(Deferred.await(closed), attempt)
     })
     return attempt
+  }
+
+  /**
+   * Runs `report`, a progress report of the transfer that closes this gate for its switch-over, as such: a write
+   * through this gate from inside it (or a fiber it forks) while the gate is closed fails instead of waiting.
+   */
+  reporting<A, E, R>(report: Effect.Effect<A, E, R>): Effect.Effect<A, E, R> {
+    return Effect.locally(report, reportingFor, this)
   }
 
   /** Closes the gate; writers wait from now on. */
