@@ -370,7 +370,13 @@ export interface IncomingOptions<E = never> {
    * about the snapshot's memory (`Snapshot.RestoreOptions.admit`).
    */
   readonly admit?: ((proposal: Proposal) => string | undefined) | undefined
-  /** Called about ten times a second while pages arrive (`doneBytes` counts pages received). */
+  /**
+   * Called about ten times a second while pages arrive (`doneBytes` counts pages received), in a fiber of its
+   * own, and once more, counting every page, after a success (the source has been told `Done` by then: it is
+   * not kept paused waiting for the callback). A callback that fails or dies never fails the migration, on
+   * either side: it is logged as a warning (the first periodic failure ends the periodic reports). What must
+   * decide whether the migration succeeded belongs in `store`.
+   */
   readonly onProgress?: ((progress: Progress) => Effect.Effect<void>) | undefined
   /**
    * Puts the received memory durably where it belongs (writes, syncs and renames an image file, say). It runs

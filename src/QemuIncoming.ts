@@ -112,7 +112,11 @@ export interface Options {
    * closes with unread bytes resets the connection, losing the end of what it sent.
    */
   readonly upgrade?: Transport.Upgrade<Transport.UpgradeError> | undefined
-  /** Called about ten times a second once the RAM blocks are known (`doneBytes` counts pages received). */
+  /**
+   * Called about ten times a second once the RAM blocks are known (`doneBytes` counts pages received), in a fiber
+   * of its own, and once more after a success. A callback that fails or dies does not fail the migration: it is
+   * logged as a warning (`Transfer.tolerated`).
+   */
   readonly onProgress?: ((progress: Transfer.Progress) => Effect.Effect<void>) | undefined
   /** Keep the whole VM (`Incoming.vm`): the configuration, commands and device state besides the RAM. */
   readonly vm?: boolean | undefined

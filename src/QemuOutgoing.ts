@@ -86,7 +86,10 @@ export interface Options<E = never> {
   readonly upgrade?: Transport.Upgrade<Transport.UpgradeError> | undefined
   /** `connect`, `handshake`, and `peer`: how long QEMU may stay silent or take anything (default 30 s). */
   readonly timeouts?: Partial<Transfer.Timeouts> | undefined
-  /** Called about ten times a second (`doneBytes`: pages the sockets accepted). */
+  /**
+   * Called about ten times a second (`doneBytes`: pages the sockets accepted), in a fiber of its own. A callback
+   * that fails or dies does not fail the migration: it is logged as a warning (`Transfer.tolerated`).
+   */
   readonly onProgress?: ((progress: Transfer.Progress) => Effect.Effect<void>) | undefined
   /** One bandwidth limit for the multifd channels (`Bandwidth.make`), as QEMU's `max-bandwidth`; none by default. */
   readonly maxBandwidth?: Bandwidth.Limit | undefined

@@ -228,7 +228,12 @@ export interface RestoreOptions {
   readonly maxRamBytes?: number | undefined
   /** Parallel readers (default 4). */
   readonly readers?: number | undefined
-  /** Called about ten times a second while pages are read (`doneBytes` counts memory restored). */
+  /**
+   * Called about ten times a second while pages are read (`doneBytes` counts memory restored), in a fiber of its
+   * own, and once more, counting all the memory, at the end. A callback that fails or dies does not fail the
+   * restore: it is logged as a warning (as `Migration.IncomingOptions.onProgress`, which a `file:` address
+   * passes here).
+   */
   readonly onProgress?: ((progress: Transfer.Progress) => Effect.Effect<void>) | undefined
   /**
    * The caller's last word on the snapshot's memory, once the file is validated and before any memory is
@@ -387,7 +392,7 @@ const restoreInto = (path: string, options: RestoreOptions): Effect.Effect<Resto
     yield* Transfer.reportEvery(options.onProgress, () => Effect.sync(() => progress(pages.restoredBytes())))
     yield* pages.run(readers)
     // every page is in place now, the absent ones (zero, or never stored) included
-    if (options.onProgress) yield* options.onProgress(progress(ram.size))
+    if (options.onProgress) yield* Transfer.tolerated(options.onProgress(progress(ram.size)))
 
     yield* Restore.verify(path, ram, header)
     const stored = header.blocks.reduce((n, b) => n + b.presentPages, 0)

@@ -201,11 +201,27 @@ export interface Progress {
 export const REPORT_INTERVAL = Duration.millis(100)
 
 /**
+ * A progress report of a receiving side (`reportEvery`'s, a restore's last one) that cannot fail the transfer:
+ * a report that fails or dies is logged, as a warning, and the transfer goes on. Such reports run in a
+ * background fiber, or after the source was told `Done` — a failure there cannot fail the migration on both
+ * sides, so it fails it on neither.
+ *
+ * @since 0.1.0
+ * @category utils
+ */
+export const tolerated = (report: Effect.Effect<void>): Effect.Effect<void> =>
+  Effect.catchAllCause(
+    report,
+    (cause) => Effect.logWarning("a progress report (onProgress) failed; the transfer goes on without it", cause)
+  )
+
+/**
  * Reports progress about ten times a second (`REPORT_INTERVAL`, the first report at once) while the current
  * scope is open — the receiving side's ticker. `current` builds each report; `rate(bytes)` gives the bytes per
  * second of a growing counter over the last second. With `lastOnSuccess`, one more report when the scope
  * closes after a success (a received migration's last report counts every page). Returns the report, for a
- * caller that sends a last one itself; without `onProgress` nothing runs.
+ * caller that sends a last one itself; without `onProgress` nothing runs. No report fails the transfer
+ * (`tolerated`): the first that fails is logged and ends the ticker; a last one that fails is logged.
  *
  * @since 0.1.0
  * @category utils
@@ -220,9 +236,11 @@ export const reportEvery = (
     const recent = new RecentRate()
     const rate = (bytes: number) => Effect.map(Clock.currentTimeMillis, (now) => recent.sample(now, bytes))
     const report = Effect.flatMap(Effect.suspend(() => current(rate)), onProgress)
-    yield* Effect.forkScoped(Effect.repeat(report, Schedule.spaced(REPORT_INTERVAL)))
-    if (options?.lastOnSuccess) yield* Effect.addFinalizer((exit) => Exit.isSuccess(exit) ? report : Effect.void)
-    return report
+    yield* Effect.forkScoped(tolerated(Effect.repeat(report, Schedule.spaced(REPORT_INTERVAL))))
+    if (options?.lastOnSuccess) {
+      yield* Effect.addFinalizer((exit) => Exit.isSuccess(exit) ? tolerated(report) : Effect.void)
+    }
+    return tolerated(report)
   })
 
 // ---------------------------------------------------------------------------------------------------------

@@ -10,10 +10,12 @@
  *   variable is one line naming it.
  */
 import { describe, expect, it } from "@effect/vitest"
+import * as Cause from "effect/Cause"
 import * as ConfigProvider from "effect/ConfigProvider"
 import * as Deferred from "effect/Deferred"
 import * as Effect from "effect/Effect"
 import * as Fiber from "effect/Fiber"
+import * as Logger from "effect/Logger"
 import * as Metric from "effect/Metric"
 import * as Stream from "effect/Stream"
 import * as TestClock from "effect/TestClock"
@@ -119,6 +121,39 @@ describe("the destination's progress", () => {
       yield* noHang(Fiber.join(dest.fiber), "incoming")
       expect(reports.map((r) => r.round).filter((round) => !Number.isInteger(round))).toEqual([])
       expect(whileHeld.map((r) => r.round)).toEqual(whileHeld.map(() => 0))
+    })))
+
+  /**
+   * The destination's last report runs after the source was told Done: a callback that died there failed
+   * `incoming` while the source reported success (a periodic report that died was ignored, in its fiber). A
+   * report never fails the migration now, on either side: its failure is logged as a warning.
+   */
+  it.live("an onProgress that dies at every report of all pages (the last after Done): both sides succeed, logged", () =>
+    run(Effect.gen(function*() {
+      const ram = yield* sourceRam(256)
+      const warnings: Array<{ readonly message: string; readonly cause: string }> = []
+      const logger = Logger.make(({ cause, logLevel, message }) => {
+        if (logLevel._tag === "Warning") {
+          warnings.push({ message: [message].flat().join(" "), cause: Cause.pretty(cause) })
+        }
+      })
+      const dest = yield* startDestination({
+        onProgress: (p) => p.doneBytes === p.totalBytes ? Effect.die(new Error("the application's bug")) : Effect.void
+      }).pipe(Effect.provide(Logger.replace(Logger.defaultLogger, logger)))
+      const stats = yield* noHang(
+        Migration.migrate({ address: dest.address, channels: 1, timeouts: TIMEOUTS }).pipe(
+          Effect.provideService(GuestRam.GuestRam, ram)
+        ),
+        "migrate"
+      )
+      const received = yield* noHang(Fiber.join(dest.fiber), "incoming")
+      expect(received.stats.uuid).toBe(stats.uuid)
+      expect(received.ram.blocks[0]!.bytes.equals(ram.blocks[0]!.bytes)).toBe(true)
+      expect(warnings.length).toBeGreaterThan(0)
+      for (const w of warnings) {
+        expect(w.message).toBe("a progress report (onProgress) failed; the transfer goes on without it")
+        expect(w.cause).toContain("the application's bug")
+      }
     })))
 })
 
