@@ -383,14 +383,26 @@ export const listen = (address: Address): Effect.Effect<Listener, TransportError
 const listenDetail = (address: SocketAddress, error: Error): string => {
   if (address._tag !== "Unix" || (error as NodeJS.ErrnoException).code !== "EACCES") return describeError(error)
   const dir = Path.dirname(address.path)
-  return FsSync.existsSync(dir) ? describeError(error) : `no such directory: ${dir}`
+  return FsSync.existsSync(dir) ? describeError(error) : `no such directory: ${dir}${tildeHint(address.path)}`
 }
+
+/**
+ * What to add when a missing path starts with `~`: a shell expands `~` only at the start of a word, never in
+ * `unix:~/x`, so the path is taken literally (a directory named `~` under the working directory).
+ */
+const tildeHint = (path: string): string =>
+  path === "~" || path.startsWith("~/")
+    ? " (the shell does not expand ~ inside unix:~/...: write the path out, as unix:$HOME/...)"
+    : ""
 
 /**
  * What a failed connect says. A Unix path that holds a file of another kind (the image, a directory) refuses the
  * connection as a socket nobody listens on does ("connection refused"): what is there is named instead.
  */
 const connectDetail = (address: SocketAddress, error: Error): string => {
+  if (address._tag === "Unix" && (error as NodeJS.ErrnoException).code === "ENOENT") {
+    return describeError(error) + tildeHint(address.path)
+  }
   if (address._tag !== "Unix" || (error as NodeJS.ErrnoException).code !== "ECONNREFUSED") return describeError(error)
   try {
     const stat = FsSync.statSync(address.path)

@@ -570,6 +570,16 @@ describe("errors", () => {
       expectError(yield* Effect.flip(connect(addr(`unix:${path}`))), ["Connect"], "no such socket")
     })))
 
+  it.live("a unix:~/... path the shell did not expand: listen and connect say so (no directory ~ here)", () =>
+    leakFree(Effect.gen(function*() {
+      expect(Fs.existsSync("~")).toBe(false)
+      const hint = " (the shell does not expand ~ inside unix:~/...: write the path out, as unix:$HOME/...)"
+      const listened = expectError(yield* Effect.flip(Effect.scoped(listen(addr("unix:~/multifd-tilde.sock")))), ["Listen"])
+      expect(listened.detail).toBe(`no such directory: ~${hint}`)
+      const connected = expectError(yield* Effect.flip(Effect.scoped(connect(addr("unix:~/multifd-tilde.sock")))), ["Connect"])
+      expect(connected.detail).toBe(`no such socket${hint}`)
+    })))
+
   it.live("connect to a unix path that holds a regular file or a directory says so (it read: connection refused)", () => {
     const file = tempSocketPath("connect-file")
     const dir = tempSocketPath("connect-dir")
