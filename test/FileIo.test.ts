@@ -161,6 +161,53 @@ describe("FileIo.atomicFile", () => {
       expect(Fs.readdirSync(data).sort()).toEqual(["fresh.img", "real.img"])
       expect(openFilesIn(dir)).toEqual([])
     }))
+
+  // the links are followed here, not by the kernel, so its protected_symlinks never applied: another user's link
+  // /tmp/vm.snap -> ~/.bashrc (or /etc/shadow, for root) had that file replaced by the memory saved
+  it.scopedLive("another user's symbolic link in a world-writable sticky directory (/tmp) is not followed, the file it points at untouched", (ctx) =>
+    Effect.gen(function*() {
+      if (process.geteuid?.() !== 0) return ctx.skip("needs root, to give a link to another user")
+      const dir = yield* tempDir
+      const shared = Path.join(dir, "tmp")
+      Fs.mkdirSync(shared)
+      Fs.chmodSync(shared, 0o1777)
+      const victim = Path.join(dir, "victim")
+      Fs.writeFileSync(victim, "precious")
+      const link = Path.join(shared, "vm.snap")
+      Fs.symlinkSync(victim, link)
+      Fs.lchownSync(link, 65534, 65534) // nobody's
+      const write = (target: string) =>
+        Effect.scoped(Effect.gen(function*() {
+          const file = yield* FileIo.atomicFile(target)
+          yield* FileIo.transfer("write", file, Buffer.from("memory"), 0, 6, 0)
+          yield* file.commit
+        }))
+      const refused = yield* Effect.flip(write(link))
+      expect([refused.step, refused.path]).toEqual(["Unsafe", link])
+      expect(FileIo.describeUnsafe(link, refused)).toBe(
+        `not following it: another user's symbolic link in the world-writable sticky directory ${shared}`
+      )
+      // through a link of ours to it, the same
+      const ours = Path.join(dir, "ours.snap")
+      Fs.symlinkSync(link, ours)
+      const through = yield* Effect.flip(write(ours))
+      expect([through.step, through.path]).toEqual(["Unsafe", link])
+      expect(FileIo.describeUnsafe(ours, through)).toBe(
+        `not following ${link}: another user's symbolic link in the world-writable sticky directory ${shared}`
+      )
+      expect(Fs.readFileSync(victim, "utf8")).toBe("precious")
+      expect(Fs.readdirSync(dir).sort()).toEqual(["ours.snap", "tmp", "victim"])
+      // a link of the directory's owner, or of this user, is followed; so is any link where the directory is not sticky
+      Fs.lchownSync(link, 0, 0)
+      yield* write(link)
+      expect(Fs.readFileSync(victim, "utf8")).toBe("memory")
+      Fs.lchownSync(link, 65534, 65534)
+      Fs.chmodSync(shared, 0o777)
+      Fs.writeFileSync(victim, "precious")
+      yield* write(link)
+      expect(Fs.readFileSync(victim, "utf8")).toBe("memory")
+      expect(openFilesIn(dir)).toEqual([])
+    }))
 })
 
 describe("FileIo.atomicFile after a killed process", () => {

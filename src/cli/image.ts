@@ -191,6 +191,8 @@ const writeError = (path: string, error: FileIo.FileError): ImageError => {
   switch (error.step) {
     case "NotRegular":
       return new ImageError({ reason: "Unusable", path, detail: "exists and is not a regular file" })
+    case "Unsafe":
+      return new ImageError({ reason: "Unusable", path, detail: FileIo.describeUnsafe(path, error), cause })
     case "Create":
       return new ImageError({
         reason: configuration("Unusable", error),

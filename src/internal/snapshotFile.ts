@@ -134,6 +134,8 @@ const writeError = (path: string) => (error: FileIo.FileError): SnapshotError =>
   switch (error.step) {
     case "NotRegular":
       return new SnapshotError({ reason: "Unusable", path, detail: "exists and is not a regular file" })
+    case "Unsafe":
+      return new SnapshotError({ reason: "Unusable", path, detail: FileIo.describeUnsafe(path, error), cause: error.cause })
     case "Create":
       return new SnapshotError({
         reason: "Unusable",

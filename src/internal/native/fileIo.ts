@@ -76,6 +76,11 @@ export type Step =
   | "Close"
   | "Rename"
   | "SyncDirectory"
+  /**
+   * Another user's symbolic link on the way to the target (the error's path), in a world-writable sticky
+   * directory (`/tmp`): not followed (`followLinks`); the cause says why, `describeUnsafe` words it.
+   */
+  | "Unsafe"
 
 /** A failed file operation: the step, the file (the directory for `SyncDirectory`), the system's error. */
 export class FileError extends Data.TaggedError("FileError")<{
@@ -360,9 +365,29 @@ export const removeStale = (target: string): Effect.Effect<ReadonlyArray<string>
 const MAX_LINKS = 40
 
 /**
+ * Why `path` (a symbolic link, owned by `owner`, in `dir`: its directory, resolved) may not be followed, if it may not: it lies in a world-writable
+ * sticky directory (`/tmp`, `/var/tmp`, `/dev/shm`) and belongs neither to this process's user nor to the
+ * directory's owner — the rule of Linux's `fs.protected_symlinks` (on by default in every major distribution).
+ * The kernel applies it to the links it follows; `followLinks` follows them itself, so it applies it too: another
+ * user's `/tmp/vm.snap -> ~/.bashrc` (or `/etc/shadow`, for root) would otherwise have that file replaced.
+ */
+const stickyRefusal = async (path: string, dir: string, owner: number): Promise<string | undefined> => {
+  const me = process.geteuid?.()
+  if (me === undefined || owner === me) return undefined
+  const parent = await FsP.stat(dir).catch(() => undefined)
+  if (parent === undefined || (parent.mode & 0o1002) !== 0o1002 || parent.uid === owner) return undefined
+  return `another user's symbolic link in the world-writable sticky directory ${Path.dirname(path)}`
+}
+
+/** An `Unsafe` error of the file given as `target`, worded for its user: which link was not followed, and why. */
+export const describeUnsafe = (target: string, error: FileError): string =>
+  `not following ${error.path === target ? "it" : error.path}: ${describe(error.cause)}`
+
+/**
  * The file `path` names once its symbolic links are followed — whether that file exists yet or not (a dangling
  * link names the file it would create) —, or `path` itself when it is not a link. A relative link is read
- * from the directory that holds it, as the kernel reads it.
+ * from the directory that holds it, as the kernel reads it. Another user's link in a world-writable sticky
+ * directory is not followed (`Unsafe`, as the kernel's `protected_symlinks` refuses it).
  */
 export const followLinks = (path: string): Effect.Effect<string, FileError> =>
   Effect.tryPromise({
@@ -372,11 +397,13 @@ export const followLinks = (path: string): Effect.Effect<string, FileError> =>
         const stat = await FsP.lstat(current).catch(() => undefined)
         if (stat === undefined || !stat.isSymbolicLink()) return current
         const dir = await FsP.realpath(Path.dirname(current))
+        const refusal = await stickyRefusal(current, dir, stat.uid)
+        if (refusal !== undefined) throw new FileError({ step: "Unsafe", path: current, cause: new Error(refusal) })
         current = Path.resolve(dir, await FsP.readlink(current))
       }
       throw Object.assign(new Error(`${path}: too many levels of symbolic links`), { code: "ELOOP" })
     },
-    catch: (cause) => new FileError({ step: "Create", path, cause })
+    catch: (cause) => cause instanceof FileError ? cause : new FileError({ step: "Create", path, cause })
   })
 
 /** The temporary files of `atomicFile` that exist now, for `removeTemporariesNow`. */
@@ -409,7 +436,8 @@ export const NEW_FILE_MODE = 0o600
  * temporary file that exists already), optionally at a length (sparse). When the scope closes the handle is
  * closed and, unless it was committed, the temporary file removed: `target` itself is only ever replaced by a
  * complete file. A `target` that is a symbolic link is written through: the file it points at is replaced
- * (the temporary file beside that one, on its file system), the link kept. Temporary files of `target` that
+ * (the temporary file beside that one, on its file system), the link kept — unless it is another user's link
+ * in a world-writable sticky directory (`Unsafe`, see `followLinks`). Temporary files of `target` that
  * killed processes left are removed first (`removeStale`, each with a warning).
  *
  * The temporary file is created readable by its owner alone (`NEW_FILE_MODE`). When it replaces an existing

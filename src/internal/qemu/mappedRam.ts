@@ -111,10 +111,14 @@ export const layout = (vm: QemuVm.QemuVm, configuration: QemuStream.Configuratio
 
 const fileError = (path: string, what: string) => (error: FileIo.FileError) =>
   new MappedRamError({
-    reason: error.step === "Open" || error.step === "NotRegular" || error.step === "Create" ? "Unusable" : "Io",
+    reason: error.step === "Open" || error.step === "NotRegular" || error.step === "Create" || error.step === "Unsafe"
+      ? "Unusable"
+      : "Io",
     path,
     detail: error.step === "NotRegular"
       ? "is not a regular file"
+      : error.step === "Unsafe"
+      ? FileIo.describeUnsafe(path, error)
       : `cannot ${what}: ${error.step.toLowerCase()} failed` +
         (error.cause === undefined ? "" : `: ${FileIo.describe(error.cause)}`),
     cause: error
