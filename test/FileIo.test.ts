@@ -208,6 +208,41 @@ describe("FileIo.atomicFile", () => {
       expect(Fs.readFileSync(victim, "utf8")).toBe("memory")
       expect(openFilesIn(dir)).toEqual([])
     }))
+
+  // a replaced file's owner and permissions go to the new file: another user's /tmp/vm.snap, made 0666 beforehand,
+  // became that user's, with the guest's memory in it, readable by everyone
+  it.scopedLive("another user's file in a world-writable sticky directory (/tmp) is not replaced: it stays as it was, nothing is given to that user", (ctx) =>
+    Effect.gen(function*() {
+      if (process.geteuid?.() !== 0) return ctx.skip("needs root, to give a file to another user")
+      const dir = yield* tempDir
+      const shared = Path.join(dir, "tmp")
+      Fs.mkdirSync(shared)
+      Fs.chmodSync(shared, 0o1777)
+      const planted = Path.join(shared, "vm.snap")
+      Fs.writeFileSync(planted, "planted")
+      Fs.chownSync(planted, 65534, 65534)
+      Fs.chmodSync(planted, 0o666)
+      const write = (target: string) =>
+        Effect.scoped(Effect.gen(function*() {
+          const file = yield* FileIo.atomicFile(target)
+          yield* FileIo.transfer("write", file, Buffer.from("memory"), 0, 6, 0)
+          yield* file.commit
+        }))
+      const refused = yield* Effect.flip(write(planted))
+      expect([refused.step, refused.path]).toEqual(["Unsafe", planted])
+      expect(FileIo.describeUnsafe(planted, refused)).toBe(
+        `not replacing it: another user's file in the world-writable sticky directory ${shared}`
+      )
+      expect([Fs.readFileSync(planted, "utf8"), Fs.readdirSync(shared)]).toEqual(["planted", ["vm.snap"]])
+      // the directory owner's file, or any other user's where the directory is not sticky: replaced, keeping its owner
+      Fs.chownSync(planted, 0, 0)
+      yield* write(planted)
+      Fs.chownSync(planted, 65534, 65534)
+      Fs.chmodSync(shared, 0o777)
+      yield* write(planted)
+      expect([Fs.readFileSync(planted, "utf8"), Fs.statSync(planted).uid]).toEqual(["memory", 65534])
+      expect(openFilesIn(dir)).toEqual([])
+    }))
 })
 
 describe("FileIo.atomicFile after a killed process", () => {

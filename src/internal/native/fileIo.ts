@@ -77,8 +77,9 @@ export type Step =
   | "Rename"
   | "SyncDirectory"
   /**
-   * Another user's symbolic link on the way to the target (the error's path), in a world-writable sticky
-   * directory (`/tmp`): not followed (`followLinks`); the cause says why, `describeUnsafe` words it.
+   * Another user's symbolic link on the way to the target, or file at the target (the error's path), in a
+   * world-writable sticky directory (`/tmp`): not followed, not replaced; the cause says why, `describeUnsafe`
+   * words it.
    */
   | "Unsafe"
 
@@ -365,23 +366,42 @@ export const removeStale = (target: string): Effect.Effect<ReadonlyArray<string>
 const MAX_LINKS = 40
 
 /**
- * Why `path` (a symbolic link, owned by `owner`, in `dir`: its directory, resolved) may not be followed, if it may not: it lies in a world-writable
- * sticky directory (`/tmp`, `/var/tmp`, `/dev/shm`) and belongs neither to this process's user nor to the
- * directory's owner — the rule of Linux's `fs.protected_symlinks` (on by default in every major distribution).
- * The kernel applies it to the links it follows; `followLinks` follows them itself, so it applies it too: another
- * user's `/tmp/vm.snap -> ~/.bashrc` (or `/etc/shadow`, for root) would otherwise have that file replaced.
+ * Whether `path` (a symbolic link or a file, owned by `owner`, in `dir`: its directory) is another user's in a
+ * world-writable sticky directory (`/tmp`, `/var/tmp`, `/dev/shm`): it belongs neither to this process's user nor
+ * to the directory's owner. That is the rule of Linux's `fs.protected_symlinks` and `fs.protected_regular` (on
+ * by default in the major distributions), which the kernel applies to the links it follows and the files it opens
+ * with O_CREAT; `atomicFile` follows links itself and replaces files by renaming, so it applies the rule itself.
  */
-const stickyRefusal = async (path: string, dir: string, owner: number): Promise<string | undefined> => {
+const othersInSticky = async (dir: string, owner: number): Promise<boolean> => {
   const me = process.geteuid?.()
-  if (me === undefined || owner === me) return undefined
+  if (me === undefined || owner === me) return false
   const parent = await FsP.stat(dir).catch(() => undefined)
-  if (parent === undefined || (parent.mode & 0o1002) !== 0o1002 || parent.uid === owner) return undefined
-  return `another user's symbolic link in the world-writable sticky directory ${Path.dirname(path)}`
+  return parent !== undefined && (parent.mode & 0o1002) === 0o1002 && parent.uid !== owner
 }
 
-/** An `Unsafe` error of the file given as `target`, worded for its user: which link was not followed, and why. */
-export const describeUnsafe = (target: string, error: FileError): string =>
-  `not following ${error.path === target ? "it" : error.path}: ${describe(error.cause)}`
+/** The cause of an `Unsafe` error: what `path` is, and where. */
+const unsafe = (kind: "link" | "file", path: string): FileError =>
+  new FileError({
+    step: "Unsafe",
+    path,
+    cause: Object.assign(
+      new Error(
+        `another user's ${kind === "link" ? "symbolic link" : "file"} in the world-writable sticky directory ` +
+          Path.dirname(path)
+      ),
+      { kind }
+    )
+  })
+
+/**
+ * An `Unsafe` error of the file given as `target`, worded for its user: which link was not followed (or which
+ * file not replaced), and why.
+ */
+export const describeUnsafe = (target: string, error: FileError): string => {
+  const kind = (error.cause as { readonly kind?: unknown } | undefined)?.kind
+  return `${kind === "link" ? "not following" : "not replacing"} ${error.path === target ? "it" : error.path}: ` +
+    describe(error.cause)
+}
 
 /**
  * The file `path` names once its symbolic links are followed — whether that file exists yet or not (a dangling
@@ -397,8 +417,8 @@ export const followLinks = (path: string): Effect.Effect<string, FileError> =>
         const stat = await FsP.lstat(current).catch(() => undefined)
         if (stat === undefined || !stat.isSymbolicLink()) return current
         const dir = await FsP.realpath(Path.dirname(current))
-        const refusal = await stickyRefusal(current, dir, stat.uid)
-        if (refusal !== undefined) throw new FileError({ step: "Unsafe", path: current, cause: new Error(refusal) })
+        // another user could point it at any file (~/.bashrc, /etc/shadow for root)
+        if (await othersInSticky(dir, stat.uid)) throw unsafe("link", current)
         current = Path.resolve(dir, await FsP.readlink(current))
       }
       throw Object.assign(new Error(`${path}: too many levels of symbolic links`), { code: "ELOOP" })
@@ -437,7 +457,9 @@ export const NEW_FILE_MODE = 0o600
  * closed and, unless it was committed, the temporary file removed: `target` itself is only ever replaced by a
  * complete file. A `target` that is a symbolic link is written through: the file it points at is replaced
  * (the temporary file beside that one, on its file system), the link kept — unless it is another user's link
- * in a world-writable sticky directory (`Unsafe`, see `followLinks`). Temporary files of `target` that
+ * in a world-writable sticky directory (`Unsafe`, see `followLinks`).
+ * Another user's file there is not replaced either (`Unsafe`), as the kernel's `protected_regular` refuses to
+ * open it: it would have become that user's, readable as that user chose. Temporary files of `target` that
  * killed processes left are removed first (`removeStale`, each with a warning).
  *
  * The temporary file is created readable by its owner alone (`NEW_FILE_MODE`). When it replaces an existing
@@ -456,6 +478,10 @@ export const atomicFile = (
     }
     const existing = yield* Effect.promise(() => FsP.stat(target).catch(() => undefined))
     if (existing !== undefined && !existing.isFile()) return yield* new FileError({ step: "NotRegular", path: target })
+    // its owner and permissions are given to the new file: another user's there would be given what is written
+    if (existing !== undefined && (yield* Effect.promise(() => othersInSticky(Path.dirname(target), existing.uid)))) {
+      return yield* unsafe("file", target)
+    }
     const committed = yield* Ref.make(false)
     const handle = yield* Effect.acquireRelease(
       Effect.tryPromise({
