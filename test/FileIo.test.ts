@@ -92,6 +92,55 @@ describe("FileIo.atomicFile", () => {
       expect(openFilesIn(dir)).toEqual([])
     }))
 
+  // the new file is of this user's group when it may not be given the old one's: 0640 of group root (or kvm) became
+  // 0640 of group nogroup (or users, every user's on many systems), readable by that whole group
+  it.scopedLive("a replaced file whose group cannot be kept: the new group has no more than everyone else", (ctx) =>
+    Effect.gen(function*() {
+      if (process.geteuid?.() !== 0) return ctx.skip("needs root, to run a writer as another user")
+      const dir = yield* tempDir
+      Fs.chmodSync(dir, 0o755)
+      const shared = Path.join(dir, "shared")
+      Fs.mkdirSync(shared)
+      Fs.chmodSync(shared, 0o777) // not sticky: anyone may replace a file here
+      // nobody (65534:65534) replaces root's files: it may give them neither root's owner nor root's group
+      const modes = { "private.img": 0o640, "public.img": 0o644, "odd.img": 0o664 }
+      const targets = Object.entries(modes).map(([name, mode]) => {
+        const target = Path.join(shared, name)
+        Fs.writeFileSync(target, "old")
+        Fs.chmodSync(target, mode)
+        return target
+      })
+      const script = `
+        import * as Effect from "effect/Effect"
+        import * as FileIo from "./src/internal/native/fileIo.ts"
+        for (const target of ${JSON.stringify(targets)}) {
+          await Effect.runPromise(Effect.scoped(Effect.flatMap(FileIo.atomicFile(target), (file) => file.commit)))
+        }`
+      const stderr = yield* Effect.promise(() =>
+        new Promise<string>((resolve) => {
+          const child = ChildProcess.spawn(process.execPath, ["--import", "tsx", "--input-type=module", "-e", script], {
+            cwd: Path.resolve(import.meta.dirname, ".."),
+            uid: 65534,
+            gid: 65534,
+            stdio: ["ignore", "ignore", "pipe"]
+          })
+          let text = ""
+          child.stderr.on("data", (chunk) => (text += chunk))
+          child.on("close", (code) => resolve(code === 0 ? "" : `exit ${code}: ${text}`))
+        })
+      )
+      expect(stderr).toBe("")
+      const after = targets.map((target) => {
+        const stat = Fs.statSync(target)
+        return [Path.basename(target), stat.uid, stat.gid, stat.size, (stat.mode & 0o777).toString(8)]
+      })
+      expect(after).toEqual([
+        ["private.img", 65534, 65534, 0, "600"], // group root could read it, group nogroup may not
+        ["public.img", 65534, 65534, 0, "644"], // everyone could
+        ["odd.img", 65534, 65534, 0, "644"] // group root could write it, group nogroup only read, as everyone
+      ])
+    }))
+
   it.scopedLive("removeTemporariesNow (a second Ctrl-C, exiting without closing scopes) removes the open temporary files, not committed ones", () =>
     Effect.gen(function*() {
       const dir = yield* tempDir

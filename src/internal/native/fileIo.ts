@@ -452,6 +452,15 @@ export const removeTemporariesNow = (): void => {
 export const NEW_FILE_MODE = 0o600
 
 /**
+ * The permissions a file replacing one of `mode` gets: the same, but when it could not be given that file's group
+ * (this user may not give it away: it then has this user's group, or its directory's) its group has no more than
+ * everyone else — the group bits granted another group than the one they were meant for. A file 0640 of group
+ * kvm replaced by a user of group users (many systems give every user that one) was readable by all of users.
+ */
+const keptMode = (mode: number, sameGroup: boolean): number =>
+  sameGroup ? mode & 0o777 : (mode & 0o707) | (mode & ((mode & 0o007) << 3))
+
+/**
  * Creates `<target>.<pid>.partial` (refusing up front anything at `target` that is not a regular file, and a
  * temporary file that exists already), optionally at a length (sparse). When the scope closes the handle is
  * closed and, unless it was committed, the temporary file removed: `target` itself is only ever replaced by a
@@ -464,7 +473,8 @@ export const NEW_FILE_MODE = 0o600
  *
  * The temporary file is created readable by its owner alone (`NEW_FILE_MODE`). When it replaces an existing
  * file it takes that file's permissions, and its owner and group as far as this process may give them, as
- * `cp` over an existing file keeps them: the file's readers stay the file's readers, from the first byte.
+ * `cp` over an existing file keeps them: the file's readers stay the file's readers, from the first byte (its
+ * group, if it could not be given, has no more than everyone else: `keptMode`).
  */
 export const atomicFile = (
   given: string,
@@ -500,7 +510,11 @@ export const atomicFile = (
     const failed = (step: Step) => (cause: unknown) => new FileError({ step, path, cause })
     if (existing !== undefined) {
       yield* Effect.promise(() => handle.chown(existing.uid, existing.gid).catch(() => undefined))
-      yield* Effect.tryPromise({ try: () => handle.chmod(existing.mode & 0o777), catch: failed("Create") })
+      const group = yield* Effect.tryPromise({ try: () => handle.stat().then((s) => s.gid), catch: failed("Create") })
+      yield* Effect.tryPromise({
+        try: () => handle.chmod(keptMode(existing.mode, group === existing.gid)),
+        catch: failed("Create")
+      })
     }
     const size = options.size
     if (size !== undefined) {
