@@ -744,6 +744,19 @@ describe("Snapshot save failures leave nothing behind", () => {
       expectSnapshotError(yield* Effect.flip(save(ram, path, { channels: 0 })), "Unsupported", path)
       expect(Fs.readdirSync(dir)).toEqual(["taken"])
     }))
+
+  // it ran the whole save, the memory paused at its switch-over, into .<pid>.partial in the working directory, and
+  // failed only then: "snapshot : cannot rename .1234.partial to it: no such file or directory"
+  it.scopedLive("an empty path: Unusable before a page is written", () =>
+    Effect.gen(function*() {
+      const ram = yield* makeRam(4096, LAYOUT)
+      let reports = 0
+      const onProgress = () => Effect.sync(() => void reports++)
+      const e = expectSnapshotError(yield* Effect.flip(save(ram, "", { onProgress })), "Unusable", "")
+      expect(e.detail).toBe("cannot create it: the path is empty")
+      expect(reports).toBe(0)
+      expect(Fs.readdirSync(".").filter((name) => name.endsWith(".partial"))).toEqual([])
+    }))
 })
 
 describe("file: addresses", () => {

@@ -142,6 +142,8 @@ const writeError = (path: string) => (error: FileIo.FileError): SnapshotError =>
         path,
         detail: FileIo.errorCode(error.cause) === "EEXIST"
           ? `${temporary} already exists beside it (a save in progress, or left by a crash: remove it)`
+          : error.path === path
+          ? `cannot create it: ${FileIo.describe(error.cause)}`
           : `cannot create ${temporary} beside it: ${FileIo.describe(error.cause)}`,
         cause: error.cause
       })

@@ -481,6 +481,11 @@ export const atomicFile = (
   options: { readonly size?: number | undefined } = {}
 ): Effect.Effect<AtomicFile, FileError, Scope.Scope> =>
   Effect.gen(function*() {
+    // "" names no file: its temporary file was `.<pid>.partial` in the working directory, written in full, and
+    // only the rename to "" failed
+    if (given.length === 0) {
+      return yield* new FileError({ step: "Create", path: given, cause: new Error("the path is empty") })
+    }
     const target = yield* followLinks(given)
     const path = `${target}.${process.pid}.partial`
     for (const name of yield* removeStale(target)) {
