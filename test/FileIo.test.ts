@@ -156,7 +156,7 @@ describe("FileIo.atomicFile", () => {
       expect(openFilesIn(dir)).toEqual([])
     }))
 
-  it.scopedLive("refuses a directory at the target and a temporary file that exists already", () =>
+  it.scopedLive("refuses a directory at the target and a temporary file this process is writing already", () =>
     Effect.gen(function*() {
       const dir = yield* tempDir
       const taken = Path.join(dir, "taken")
@@ -164,11 +164,14 @@ describe("FileIo.atomicFile", () => {
       const notRegular = yield* Effect.flip(Effect.scoped(FileIo.atomicFile(taken)))
       expect([notRegular.step, notRegular.path]).toEqual(["NotRegular", taken])
       const target = Path.join(dir, "out")
-      Fs.writeFileSync(`${target}.${process.pid}.partial`, "someone else's")
+      const first = yield* FileIo.atomicFile(target)
+      yield* FileIo.transfer("write", first, Buffer.from("first"), 0, 5, 0)
       const exists = yield* Effect.flip(Effect.scoped(FileIo.atomicFile(target)))
       expect([exists.step, FileIo.errorCode(exists.cause)]).toEqual(["Create", "EEXIST"])
-      // not ours: left alone
-      expect(Fs.readFileSync(`${target}.${process.pid}.partial`, "utf8")).toBe("someone else's")
+      // the first write's: left alone, and it goes on
+      expect(Fs.readFileSync(`${target}.${process.pid}.partial`, "utf8")).toBe("first")
+      yield* first.commit
+      expect([Fs.readFileSync(target, "utf8"), Fs.readdirSync(dir).sort()]).toEqual(["first", ["out", "taken"]])
     }))
 
   it.scopedLive("a symbolic link is written through: the file it points at is replaced, the link kept (as cp would)", () =>
@@ -318,6 +321,26 @@ describe("FileIo.atomicFile after a killed process", () => {
       )
       expect(Fs.readdirSync(dir).sort()).toEqual([...kept, `out.img.${gone[1]}.partial`].sort())
       expect(warnings).toEqual([`removed ${stale}, which a process that is gone left beside out.img`])
+    }))
+
+  // a container's command is pid 1 run after run: one killed (out of memory, docker kill) left OUT.1.partial, and
+  // every later run failed "cannot create OUT.1.partial beside it: file already exists" until someone removed it
+  it.scopedLive("a temporary file of this process's pid that this process did not make (an earlier process of that pid) is removed too", () =>
+    Effect.gen(function*() {
+      const dir = yield* tempDir
+      const target = Path.join(dir, "out.img")
+      const leftover = `out.img.${process.pid}.partial`
+      Fs.writeFileSync(Path.join(dir, leftover), "half an image of the run before")
+      const warnings: Array<string> = []
+      yield* Effect.scoped(Effect.gen(function*() {
+        const file = yield* FileIo.atomicFile(target)
+        yield* FileIo.transfer("write", file, Buffer.from("whole"), 0, 5, 0)
+        yield* file.commit
+      })).pipe(
+        Effect.provide(Logger.replace(Logger.defaultLogger, Logger.make(({ message }) => warnings.push(String(message)))))
+      )
+      expect([Fs.readdirSync(dir), Fs.readFileSync(target, "utf8")]).toEqual([["out.img"], "whole"])
+      expect(warnings).toEqual([`removed ${leftover}, which a process that is gone left beside out.img`])
     }))
 })
 

@@ -141,7 +141,7 @@ const writeError = (path: string) => (error: FileIo.FileError): SnapshotError =>
         reason: "Unusable",
         path,
         detail: FileIo.errorCode(error.cause) === "EEXIST"
-          ? `${temporary} already exists beside it (a save in progress, or left by a crash: remove it)`
+          ? `${temporary} already exists beside it (another save to it is under way)`
           : error.path === path
           ? `cannot create it: ${FileIo.describe(error.cause)}`
           : `cannot create ${temporary} beside it: ${FileIo.describe(error.cause)}`,

@@ -344,6 +344,9 @@ const processExists = (pid: number): boolean => {
  * gone left beside it — killed before they could clean up (SIGKILL, a crash, a power loss) — and returns their
  * names. A file whose process still exists, or that is not ours by its name, is left alone. "Gone" is as this
  * system's pids see it: a process of another pid namespace (a container) writing the same target looks gone.
+ * A file of this process's own pid is an earlier process's — a container's command is pid 1 run after run, and
+ * one killed (out of memory, `docker kill`) left `OUT.1.partial` that every later run then refused as existing —
+ * unless this process has it open (`atomicFile`: a write of the same target under way here).
  */
 export const removeStale = (target: string): Effect.Effect<ReadonlyArray<string>> =>
   Effect.promise(async () => {
@@ -353,7 +356,9 @@ export const removeStale = (target: string): Effect.Effect<ReadonlyArray<string>
     for (const name of await FsP.readdir(dir).catch(() => [] as Array<string>)) {
       if (!name.startsWith(prefix) || !name.endsWith(".partial")) continue
       const pid = name.slice(prefix.length, -".partial".length)
-      if (!/^[1-9][0-9]{0,9}$/.test(pid) || Number(pid) === process.pid || processExists(Number(pid))) continue
+      if (!/^[1-9][0-9]{0,9}$/.test(pid)) continue
+      const mine = Number(pid) === process.pid
+      if (mine ? temporaries.has(`${target}.${pid}.partial`) : processExists(Number(pid))) continue
       const path = Path.join(dir, name)
       const stat = await FsP.lstat(path).catch(() => undefined)
       if (stat?.isFile() !== true) continue
@@ -499,10 +504,19 @@ export const atomicFile = (
     }
     const committed = yield* Ref.make(false)
     const handle = yield* Effect.acquireRelease(
-      Effect.tryPromise({
-        try: () => FsP.open(path, "wx", NEW_FILE_MODE),
-        catch: (cause) => new FileError({ step: "Create", path, cause })
-      }).pipe(Effect.tap(() => Effect.sync(() => temporaries.add(path)))),
+      // the name is this process's from before the file exists: another write of the target here (its
+      // `removeStale`) never takes the file for an earlier process's
+      Effect.suspend(() => {
+        if (temporaries.has(path)) {
+          const cause = Object.assign(new Error(`${path}: file already exists`), { code: "EEXIST" })
+          return Effect.fail(new FileError({ step: "Create", path, cause }))
+        }
+        temporaries.add(path)
+        return Effect.tryPromise({
+          try: () => FsP.open(path, "wx", NEW_FILE_MODE),
+          catch: (cause) => new FileError({ step: "Create", path, cause })
+        }).pipe(Effect.tapError(() => Effect.sync(() => temporaries.delete(path))))
+      }),
       (handle) =>
         Effect.flatMap(Ref.get(committed), (done) =>
           Effect.promise(async () => {
