@@ -97,17 +97,21 @@ describe("FileIo.atomicFile", () => {
   it.scopedLive("a replaced file whose group cannot be kept: the new group has no more than everyone else", (ctx) =>
     Effect.gen(function*() {
       if (process.geteuid?.() !== 0) return ctx.skip("needs root, to run a writer as another user")
+      const setpriv = ChildProcess.spawnSync("setpriv", ["--version"])
+      if (setpriv.status !== 0) return ctx.skip("needs setpriv (util-linux), to run a writer as another user with a second group")
       const dir = yield* tempDir
       Fs.chmodSync(dir, 0o755)
       const shared = Path.join(dir, "shared")
       Fs.mkdirSync(shared)
       Fs.chmodSync(shared, 0o777) // not sticky: anyone may replace a file here
-      // nobody (65534:65534) replaces root's files: it may give them neither root's owner nor root's group
-      const modes = { "private.img": 0o640, "public.img": 0o644, "odd.img": 0o664 }
-      const targets = Object.entries(modes).map(([name, mode]) => {
+      // nobody (65534:65534, and of group 65533 too) replaces root's files: it may give them neither root's owner
+      // nor root's group; group 65533 it may give
+      const modes = { "private.img": [0o640, 0], "public.img": [0o644, 0], "odd.img": [0o664, 0], "team.img": [0o660, 65533] }
+      const targets = Object.entries(modes).map(([name, [mode, group]]) => {
         const target = Path.join(shared, name)
         Fs.writeFileSync(target, "old")
-        Fs.chmodSync(target, mode)
+        Fs.chmodSync(target, mode!)
+        Fs.chownSync(target, 0, group!)
         return target
       })
       const script = `
@@ -118,10 +122,10 @@ describe("FileIo.atomicFile", () => {
         }`
       const stderr = yield* Effect.promise(() =>
         new Promise<string>((resolve) => {
-          const child = ChildProcess.spawn(process.execPath, ["--import", "tsx", "--input-type=module", "-e", script], {
+          const asNobody = ["--reuid=65534", "--regid=65534", "--groups=65533", "--"]
+          const node = [process.execPath, "--import", "tsx", "--input-type=module", "-e", script]
+          const child = ChildProcess.spawn("setpriv", [...asNobody, ...node], {
             cwd: Path.resolve(import.meta.dirname, ".."),
-            uid: 65534,
-            gid: 65534,
             stdio: ["ignore", "ignore", "pipe"]
           })
           let text = ""
@@ -137,7 +141,8 @@ describe("FileIo.atomicFile", () => {
       expect(after).toEqual([
         ["private.img", 65534, 65534, 0, "600"], // group root could read it, group nogroup may not
         ["public.img", 65534, 65534, 0, "644"], // everyone could
-        ["odd.img", 65534, 65534, 0, "644"] // group root could write it, group nogroup only read, as everyone
+        ["odd.img", 65534, 65534, 0, "644"], // group root could write it, group nogroup only read, as everyone
+        ["team.img", 65534, 65533, 0, "660"] // its group kept, with its permissions
       ])
     }))
 

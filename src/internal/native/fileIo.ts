@@ -528,7 +528,10 @@ export const atomicFile = (
     )
     const failed = (step: Step) => (cause: unknown) => new FileError({ step, path, cause })
     if (existing !== undefined) {
-      yield* Effect.promise(() => handle.chown(existing.uid, existing.gid).catch(() => undefined))
+      // a user may give a file away to none but itself, but to any of its groups
+      yield* Effect.promise(() =>
+        handle.chown(existing.uid, existing.gid).catch(() => handle.chown(-1, existing.gid)).catch(() => undefined)
+      )
       const group = yield* Effect.tryPromise({ try: () => handle.stat().then((s) => s.gid), catch: failed("Create") })
       yield* Effect.tryPromise({
         try: () => handle.chmod(keptMode(existing.mode, group === existing.gid)),
