@@ -392,7 +392,7 @@ const unsafe = (kind: "link" | "file", path: string): FileError =>
     cause: Object.assign(
       new Error(
         `another user's ${kind === "link" ? "symbolic link" : "file"} in the world-writable sticky directory ` +
-          Path.dirname(path)
+          Path.resolve(Path.dirname(path))
       ),
       { kind }
     )
