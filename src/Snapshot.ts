@@ -354,9 +354,10 @@ const memoryFor = (
 /**
  * Restores the snapshot at `path`: validates the file completely before touching memory (magic, version,
  * header checksum, offsets, length, bitmap checksums), reads the stored pages with parallel readers straight
- * into memory, zeroes the others, and verifies every block's digest. Into a given `ram`, a snapshot whose
- * pages turn out damaged (digest mismatch) has already overwritten it; a given `ram` that a migration, save or
- * restore is using is refused (`Busy`) before anything is read.
+ * into memory, zeroes the others, and verifies every block's digest. Into a given `ram`, a restore that fails
+ * once pages are being read — pages that turn out damaged (digest mismatch), a read that fails (`Io`), a file
+ * cut short meanwhile (`Truncated`) — has already overwritten it, wholly or in part; a given `ram` that a
+ * migration, save or restore is using is refused (`Busy`) before anything is read.
  *
  * @since 0.1.0
  * @category restore
