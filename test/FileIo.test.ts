@@ -302,6 +302,34 @@ describe("FileIo.atomicFile", () => {
     }))
 })
 
+describe("FileIo.atomicFile of a long name", () => {
+  // "<name>.<pid>.partial" was longer than a file name may be: "cannot create ... beside it: file name too long"
+  it.scopedLive("a target named with up to 255 bytes is written: its temporary file's name is cut to leave room for the suffix", () =>
+    Effect.gen(function*() {
+      const dir = yield* tempDir
+      // 255 bytes, a 2-byte character where the cut falls
+      const name = `${"a".repeat(235)}é${"b".repeat(18)}`
+      expect(Buffer.byteLength(name)).toBe(255)
+      const target = Path.join(dir, name)
+      const gone = ChildProcess.spawnSync(process.execPath, ["-e", ""]).pid!
+      const stale = `${"a".repeat(235)}.${gone}.partial` // the cut falls before é, not inside it
+      Fs.writeFileSync(Path.join(dir, stale), "half an image")
+      yield* Effect.scoped(Effect.gen(function*() {
+        const file = yield* FileIo.atomicFile(target)
+        expect(file.path).toBe(Path.join(dir, `${"a".repeat(235)}.${process.pid}.partial`))
+        expect(Fs.readdirSync(dir)).toEqual([Path.basename(file.path)]) // the stale one removed
+        yield* FileIo.transfer("write", file, Buffer.from("whole"), 0, 5, 0)
+        yield* file.commit
+      })).pipe(Effect.provide(Logger.replace(Logger.defaultLogger, Logger.none)))
+      expect([Fs.readdirSync(dir), Fs.readFileSync(target, "utf8")]).toEqual([[name], "whole"])
+      // a name that leaves room keeps its whole name
+      const short = Path.join(dir, "b".repeat(236))
+      const file = yield* Effect.scoped(Effect.tap(FileIo.atomicFile(short), (file) => file.commit))
+      expect(file.path).toBe(`${short}.${process.pid}.partial`)
+      expect(openFilesIn(dir)).toEqual([])
+    }))
+})
+
 describe("FileIo.atomicFile after a killed process", () => {
   it.scopedLive("removes the temporary files of its target that processes which are gone left, with a warning; nothing else", () =>
     Effect.gen(function*() {

@@ -339,6 +339,34 @@ const processExists = (pid: number): boolean => {
   }
 }
 
+/** The longest file name Linux's file systems take, in bytes (NAME_MAX). */
+const NAME_MAX = 255
+
+/** Room a temporary file's name keeps for its suffix: the longest pid, `.4294967295.partial`. */
+const SUFFIX_ROOM = ".4294967295.partial".length
+
+/**
+ * The part of a temporary file's name before `.<pid>.partial`: the target's name, cut (at a character) where
+ * the suffix would make it longer than a file name may be — a target named with 237 to 255 bytes could not be
+ * written at all ("file name too long"). Two such targets alike in their first 236 bytes share it.
+ */
+const temporaryStem = (target: string): string => {
+  const name = Path.basename(target)
+  const bytes = Buffer.from(name)
+  if (bytes.length <= NAME_MAX - SUFFIX_ROOM) return name
+  let cut = NAME_MAX - SUFFIX_ROOM
+  while (cut > 0 && (bytes[cut]! & 0xc0) === 0x80) cut-- // not inside a UTF-8 character
+  return bytes.subarray(0, cut).toString()
+}
+
+/** The temporary file of `target` that process `pid` writes: `<target>.<pid>.partial`, its name cut if need be. */
+const temporaryOf = (target: string, pid: number | string): string => {
+  const stem = temporaryStem(target)
+  return stem === Path.basename(target)
+    ? `${target}.${pid}.partial`
+    : Path.join(Path.dirname(target), `${stem}.${pid}.partial`)
+}
+
 /**
  * Removes the temporary files of `target` (`<target>.<pid>.partial`, regular files) that processes which are
  * gone left beside it — killed before they could clean up (SIGKILL, a crash, a power loss) — and returns their
@@ -351,14 +379,14 @@ const processExists = (pid: number): boolean => {
 export const removeStale = (target: string): Effect.Effect<ReadonlyArray<string>> =>
   Effect.promise(async () => {
     const dir = Path.dirname(target)
-    const prefix = `${Path.basename(target)}.`
+    const prefix = `${temporaryStem(target)}.`
     const removed: Array<string> = []
     for (const name of await FsP.readdir(dir).catch(() => [] as Array<string>)) {
       if (!name.startsWith(prefix) || !name.endsWith(".partial")) continue
       const pid = name.slice(prefix.length, -".partial".length)
       if (!/^[1-9][0-9]{0,9}$/.test(pid)) continue
       const mine = Number(pid) === process.pid
-      if (mine ? temporaries.has(`${target}.${pid}.partial`) : processExists(Number(pid))) continue
+      if (mine ? temporaries.has(temporaryOf(target, pid)) : processExists(Number(pid))) continue
       const path = Path.join(dir, name)
       const stat = await FsP.lstat(path).catch(() => undefined)
       if (stat?.isFile() !== true) continue
@@ -466,12 +494,13 @@ const keptMode = (mode: number, sameGroup: boolean): number =>
   sameGroup ? mode & 0o777 : (mode & 0o707) | (mode & ((mode & 0o007) << 3))
 
 /**
- * Creates `<target>.<pid>.partial` (refusing up front anything at `target` that is not a regular file, and a
- * temporary file that exists already), optionally at a length (sparse). When the scope closes the handle is
- * closed and, unless it was committed, the temporary file removed: `target` itself is only ever replaced by a
- * complete file. A `target` that is a symbolic link is written through: the file it points at is replaced
- * (the temporary file beside that one, on its file system), the link kept — unless it is another user's link
- * in a world-writable sticky directory (`Unsafe`, see `followLinks`).
+ * Creates `<target>.<pid>.partial` (a long name cut to leave room for the suffix: `temporaryOf`), refusing up
+ * front anything at `target` that is not a regular file, and a temporary file that exists already; optionally
+ * at a length (sparse). When the scope closes the handle is closed and, unless it was committed, the temporary
+ * file removed: `target` itself is only ever replaced by a complete file. A `target` that is a symbolic link
+ * is written through: the file it points at is replaced (the temporary file beside that one, on its file
+ * system), the link kept — unless it is another user's link in a world-writable sticky directory (`Unsafe`,
+ * see `followLinks`).
  * Another user's file there is not replaced either (`Unsafe`), as the kernel's `protected_regular` refuses to
  * open it: it would have become that user's, readable as that user chose. Temporary files of `target` that
  * killed processes left are removed first (`removeStale`, each with a warning).
@@ -492,7 +521,7 @@ export const atomicFile = (
       return yield* new FileError({ step: "Create", path: given, cause: new Error("the path is empty") })
     }
     const target = yield* followLinks(given)
-    const path = `${target}.${process.pid}.partial`
+    const path = temporaryOf(target, process.pid)
     for (const name of yield* removeStale(target)) {
       yield* Effect.logWarning(`removed ${name}, which a process that is gone left beside ${Path.basename(target)}`)
     }
