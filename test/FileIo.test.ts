@@ -173,6 +173,9 @@ describe("FileIo.atomicFile", () => {
       yield* FileIo.transfer("write", first, Buffer.from("first"), 0, 5, 0)
       const exists = yield* Effect.flip(Effect.scoped(FileIo.atomicFile(target)))
       expect([exists.step, FileIo.errorCode(exists.cause)]).toEqual(["Create", "EEXIST"])
+      // however the target is spelt
+      const spelt = yield* Effect.flip(Effect.scoped(FileIo.atomicFile(`${dir}/./out`)))
+      expect([spelt.step, FileIo.errorCode(spelt.cause)]).toEqual(["Create", "EEXIST"])
       // the first write's: left alone, and it goes on
       expect(Fs.readFileSync(`${target}.${process.pid}.partial`, "utf8")).toBe("first")
       yield* first.commit

@@ -386,7 +386,7 @@ export const removeStale = (target: string): Effect.Effect<ReadonlyArray<string>
       const pid = name.slice(prefix.length, -".partial".length)
       if (!/^[1-9][0-9]{0,9}$/.test(pid)) continue
       const mine = Number(pid) === process.pid
-      if (mine ? temporaries.has(temporaryOf(target, pid)) : processExists(Number(pid))) continue
+      if (mine ? temporaries.has(Path.resolve(temporaryOf(target, pid))) : processExists(Number(pid))) continue
       const path = Path.join(dir, name)
       const stat = await FsP.lstat(path).catch(() => undefined)
       if (stat?.isFile() !== true) continue
@@ -459,7 +459,10 @@ export const followLinks = (path: string): Effect.Effect<string, FileError> =>
     catch: (cause) => cause instanceof FileError ? cause : new FileError({ step: "Create", path, cause })
   })
 
-/** The temporary files of `atomicFile` that exist now, for `removeTemporariesNow`. */
+/**
+ * The temporary files of `atomicFile` that exist now (or are about to), for `removeTemporariesNow` and
+ * `removeStale`: absolute, so that one file has one key however its target was spelt (`out`, `./out`, `dir//out`).
+ */
 const temporaries = new Set<string>()
 
 /**
@@ -522,6 +525,7 @@ export const atomicFile = (
     }
     const target = yield* followLinks(given)
     const path = temporaryOf(target, process.pid)
+    const key = Path.resolve(path)
     for (const name of yield* removeStale(target)) {
       yield* Effect.logWarning(`removed ${name}, which a process that is gone left beside ${Path.basename(target)}`)
     }
@@ -536,22 +540,22 @@ export const atomicFile = (
       // the name is this process's from before the file exists: another write of the target here (its
       // `removeStale`) never takes the file for an earlier process's
       Effect.suspend(() => {
-        if (temporaries.has(path)) {
+        if (temporaries.has(key)) {
           const cause = Object.assign(new Error(`${path}: file already exists`), { code: "EEXIST" })
           return Effect.fail(new FileError({ step: "Create", path, cause }))
         }
-        temporaries.add(path)
+        temporaries.add(key)
         return Effect.tryPromise({
           try: () => FsP.open(path, "wx", NEW_FILE_MODE),
           catch: (cause) => new FileError({ step: "Create", path, cause })
-        }).pipe(Effect.tapError(() => Effect.sync(() => temporaries.delete(path))))
+        }).pipe(Effect.tapError(() => Effect.sync(() => temporaries.delete(key))))
       }),
       (handle) =>
         Effect.flatMap(Ref.get(committed), (done) =>
           Effect.promise(async () => {
             // removed before the close, which waits for an fsync under way (seconds for a big image)
             if (!done) await FsP.rm(path, { force: true }).catch(() => undefined)
-            temporaries.delete(path)
+            temporaries.delete(key)
             await handle.close().catch(() => undefined)
           }))
     )
@@ -581,7 +585,7 @@ export const atomicFile = (
       yield* Effect.tryPromise({ try: () => handle.close(), catch: failed("Close") })
       yield* Effect.tryPromise({ try: () => FsP.rename(path, target), catch: failed("Rename") })
       yield* Ref.set(committed, true)
-      temporaries.delete(path)
+      temporaries.delete(key)
       yield* syncDirectory(Path.dirname(target))
     }))
     return {
