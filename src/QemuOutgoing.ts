@@ -147,6 +147,11 @@ const check = <E>(options: Options<E>): MigrationError.MigrationError | undefine
   return tooFew === undefined ? undefined : badOptions(tooFew)
 }
 
+/** A multifd channel's failure (`MultifdSend` names each by its channel). */
+const onChannel = (error: unknown): error is MigrationError.ChannelError =>
+  (error as { readonly _tag?: unknown } | undefined)?._tag === "ChannelError" &&
+  typeof (error as MigrationError.ChannelError).channel === "number"
+
 /** Pages of `block` from `first`, `count` of them, as the indices `MultifdSend.send` takes. */
 const indices = (first: number, count: number): Uint32Array => {
   const pages = new Uint32Array(count)
@@ -233,16 +238,32 @@ export const migrate = <E = never>(options: Options<E>): Effect.Effect<Stats, Ou
             : { reason: "Rejected", detail: `QEMU failed to load the migration (MIG_RP_MSG_SHUT ${status}): its log says why` }
         )
       ))
-    // a connection QEMU closed: QEMU ends the main channel too, whose end says more (how far QEMU got)
+    // a connection QEMU closed: QEMU ends the main channel too, whose end says more (how far QEMU got); a
+    // QEMU that refused what came on a multifd channel (another multifd-compression) or a channel beyond its
+    // multifd-channels closes that channel only, and waits on the main one: the channel's end says it refused
     const explained = (error: MultifdSend.ChannelFailure): Effect.Effect<never, OutgoingError> =>
       Effect.flatMap(Effect.either(Effect.timeout(returnPath.shut, "1 second")), (verdict) => {
         const why: OutgoingError = verdict._tag === "Left" && verdict.left._tag === "MigrationError"
           ? new MigrationError.MigrationError({ reason: verdict.left.reason, detail: `${verdict.left.detail}; ${error.message}` })
-          : error
+          : closedByQemu(error) ?? error
         return Effect.fail(why)
       })
+    const closedByQemu = (error: MultifdSend.ChannelFailure): MigrationError.MigrationError | undefined => {
+      if (!onChannel(error)) return undefined
+      const cause = error.cause as { readonly _tag: string; readonly reason?: string }
+      if (cause._tag !== "TransportError" || !["Closed", "Reset", "Write"].includes(cause.reason ?? "")) return undefined
+      return new MigrationError.MigrationError({
+        reason: "Rejected",
+        detail: `QEMU closed multifd channel ${error.channel} ${whyClosed} (${error.cause.message}): it refused it (another ` +
+          "multifd-compression, more channels than its multifd-channels, TLS? its log says) or it stopped"
+      })
+    }
+    // (a wait on the channels fails with their failure as `send.failure` does: explained the same way)
     const guarded = <A, E>(self: Effect.Effect<A, E>) =>
-      Effect.raceFirst(self, Effect.raceFirst(Effect.catchAll(send.failure, explained), early))
+      Effect.raceFirst(
+        Effect.catchAll(self, (error): Effect.Effect<never, E | OutgoingError> => onChannel(error) ? explained(error) : Effect.fail(error)),
+        Effect.raceFirst(Effect.catchAll(send.failure, explained), early)
+      )
     const writeMain = (chunks: ReadonlyArray<Buffer>) => guarded(Effect.catchAll(writeRaw(chunks), explained))
     yield* guarded(send.established)
     yield* guarded(returnPath.firstPong).pipe(

@@ -6,7 +6,8 @@
  * source's. The same through QEMU's own mapped-ram file (QEMU writes it, we send it; we write it, QEMU loads it),
  * with compression none, zlib and zstd, over PSK TLS, on 1, 4 and 8 channels (each dimension covered, not the
  * cross product), with capability return-path on the source and with QEMU without multifd (`--channels 0`).
- * Failures — QEMU refuses (another machine), QEMU killed on either side — end with one line and no file left.
+ * Failures — QEMU refuses (another machine; another multifd-compression or fewer multifd-channels, when it closes
+ * channels and keeps the main one), QEMU killed on either side — end with one line and no file left.
  *
  * Skipped, with the reason in the test name, when QEMU 10 is not installed (`.ci/install-qemu.sh` installs it).
  */
@@ -396,6 +397,29 @@ describe.skipIf(missing !== undefined)(`QEMU ${"version" in qemu ? qemu.version 
       expect(sent.stderr).toHaveLength(1)
       expect(sent.stderr[0]).toMatch(/^multifd: error: QEMU ended the migration before it took the configuration: it refused it/)
       if (process.env["SHOW_ERRORS"]) console.log(sent.stderr[0])
+    }))), 90_000)
+
+  it.live("a destination of another multifd-compression, or fewer multifd-channels: QEMU closes channels and keeps the main one; one line saying QEMU refused it", () =>
+    expectNoLeaks(Effect.scoped(Effect.gen(function*() {
+      const src = yield* guest()
+      const ours = yield* incomingVm({ channels: 2 })
+      yield* migrateGuest(src, ours.uri, { channels: 2, compression: "none" })
+      const vmFile = fresh("pc.vm")
+      yield* MappedRam.write(vmFile, (yield* Fiber.join(ours.fiber)).vm!)
+      // QEMU refuses the first packet of zlib (flags 2, expected 0) on a channel, and closes that channel
+      const plain = yield* destination({ channels: 2 })
+      const zlib = yield* cli(["send", plain.uri, "--to-qemu", "--vm", vmFile, "--channels", "2", "--compression", "zlib", "--quiet"])
+      // QEMU takes as many channels as its multifd-channels and closes the others ("Extra incoming migration connection")
+      const two = yield* destination({ channels: 2 })
+      const four = yield* cli(["send", two.uri, "--to-qemu", "--vm", vmFile, "--channels", "4", "--quiet"])
+      for (const sent of [zlib, four]) {
+        expect(sent.code).toBe(1)
+        expect(sent.stderr).toHaveLength(1)
+        expect(sent.stderr[0]).toMatch(
+          /^multifd: error: QEMU closed multifd channel \d+ (before it took the configuration|while it took the RAM blocks|while it received the RAM) \(tcp:127\.0\.0\.1:\d+: [^)]+\): it refused it \(another multifd-compression, more channels than its multifd-channels, TLS\? its log says\) or it stopped$/
+        )
+        if (process.env["SHOW_ERRORS"]) console.log(sent.stderr[0])
+      }
     }))), 90_000)
 
   it.live("QEMU killed while a VM migrates into it: one line at once, nothing left open", () =>
