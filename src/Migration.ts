@@ -152,7 +152,7 @@ export interface MigrateOptions {
 export interface Reconnect {
   /** New connections tried per loss (0: none). */
   readonly attempts: number
-  /** Time from the loss within which they are tried (default 10 s). */
+  /** Time from the loss within which they are tried (default 10 s; finite: the destination is told it). */
   readonly within?: Duration.DurationInput | undefined
 }
 
@@ -194,8 +194,15 @@ const checkReconnect = (reconnect: MigrateOptions["reconnect"]): string | undefi
     ? `reconnect attempts ${attempts} is not a whole number from 0 to 1000`
     : within === undefined
     ? undefined
-    : Transfer.checkDuration("reconnect.within", within, "positive")
+    : Transfer.checkDuration("reconnect.within", within, "positive") ?? checkFinite("reconnect.within", within)
 }
+
+/**
+ * A window the hello tells the destination (`reconnectMs`) is finite: JSON has no Infinity (it wrote null, the
+ * destination refused the hello, and the source failed as if it were no multifd destination).
+ */
+const checkFinite = (what: string, input: Duration.DurationInput): string | undefined =>
+  Duration.isFinite(Duration.decode(input)) ? undefined : `${what} must be finite, not Infinity`
 
 /**
  * The options checked and with their defaults: every one of them is known usable before anything connects

@@ -169,7 +169,11 @@ describe("durations, rounds and policies are checked before anything connects", 
     [{ live: { maxRounds: 2.5 } }, "live.maxRounds must be a whole number of 0 or more, not 2.5"],
     [{ live: { onNoConvergence: "maybe" as never } }, `live.onNoConvergence "maybe" is not fail or switchover`],
     [{ live: { maxDuration: "-5 seconds" } }, `live.maxDuration "-5 seconds" is not a duration of 0 or more`],
-    [{ reconnect: { attempts: 3, within: "0 seconds" } }, `reconnect.within must be more than 0, not "0 seconds"`]
+    [{ reconnect: { attempts: 3, within: "0 seconds" } }, `reconnect.within must be more than 0, not "0 seconds"`],
+    // the window goes to the destination in the hello, as JSON (where Infinity is null: the hello was refused,
+    // and the source failed saying the destination "may use TLS, or not be a multifd destination")
+    [{ reconnect: { attempts: 3, within: Duration.infinity } }, "reconnect.within must be finite, not Infinity"],
+    [{ reconnect: { attempts: 3, within: Number.POSITIVE_INFINITY } }, "reconnect.within must be finite, not Infinity"]
   ] as const
   for (const [options, message] of bad) {
     it.live(`migrate ${JSON.stringify(options)}: BadOptions, "${message}"`, () =>
