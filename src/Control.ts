@@ -5,8 +5,9 @@
  * A conversation: `Hello` → `Accept` | `Reject`; per round `Flush` → `Receiving`* → `FlushAck`; `Hashing`* →
  * `Complete` (digests) → `Hashing`* → `Storing`* → `Done` | `Abort`. `Done` is the destination's promise that the migration is finished on its
  * side: the digests matched *and*, when the destination has a store step (an image file it writes), the
- * memory is durably stored there. Until `Done` the source must not report success. `Abort` either way ends
- * the migration with a reason.
+ * memory is durably stored there. Until `Done` the source must not report success; until the source ended the main
+ * channel after it (its channels first), neither may the destination. `Abort` either way ends the migration with a
+ * reason.
  *
  * @since 0.1.0
  */

@@ -464,7 +464,8 @@ export interface Expectations {
  * packet of this migration. Candidates that do not — strangers, connections that stall, close half-way or
  * send garbage, channels of other migrations — are closed, logged and reported in `rejected`, without
  * disturbing the migration. Returns once every page is in memory, the digests matched, `store` (if given)
- * succeeded and every channel ended. Interrupted before it confirmed, it tells the source ("cancelled by
+ * succeeded and every channel ended, the main channel last (the source ends it once it heard `Done`: a source that
+ * gave up before, say its `Done` lost on the way, and resumed its writers, fails this side too). Interrupted before it confirmed, it tells the source ("cancelled by
  * destination"). A listener receives one migration at a time: `incoming` on a listener another `incoming` is
  * using fails `Busy` at once.
  *

@@ -23,6 +23,7 @@ import * as Chunk from "effect/Chunk"
 import * as Deferred from "effect/Deferred"
 import * as Duration from "effect/Duration"
 import * as Effect from "effect/Effect"
+import * as Either from "effect/Either"
 import * as Exit from "effect/Exit"
 import * as FastCheck from "effect/FastCheck"
 import * as Fiber from "effect/Fiber"
@@ -32,6 +33,7 @@ import * as Option from "effect/Option"
 import * as Stream from "effect/Stream"
 import * as TestClock from "effect/TestClock"
 import * as Crypto from "node:crypto"
+import * as Net from "node:net"
 import * as Path from "node:path"
 import type { Writable } from "node:stream"
 import * as Control from "../src/Control.js"
@@ -48,6 +50,7 @@ import * as Faulty from "./support/faultyTransport.js"
 import { noHang } from "./support/guards.js"
 import { leakFree, nextTurn } from "./support/handles.js"
 import { mixedImage, timed } from "./support/images.js"
+import { loopbackServer } from "./support/tcpServer.js"
 
 // ---------------------------------------------------------------------------------------------------------
 // helpers
@@ -447,6 +450,64 @@ describe("the end of a migration", () => {
       const received = successOf(yield* noHang(Fiber.await(destination), "incoming"))
       expectSameMemory(received.ram, ram)
       expect(received.stats.uuid).toBe(stats.uuid)
+    })))
+
+  /**
+   * A proxy that forwards every connection, and goes silent on the main channel (nothing more either way,
+   * nothing closed) as the destination's `Done` passes: the source never hears it. `swallowed` completes then.
+   */
+  const losingDone = (target: Transport.Address) =>
+    Effect.gen(function*() {
+      const port = (target as { readonly port: number }).port
+      const swallowed = yield* Deferred.make<void>()
+      const { address } = yield* loopbackServer((client, track) => {
+        const upstream = Net.connect({ host: "127.0.0.1", port })
+        track(upstream)
+        let main: boolean | undefined
+        let silent = false
+        let down = Buffer.alloc(0)
+        client.on("data", (chunk: Buffer) => {
+          main ??= chunk.readUInt32BE(0) === Control.MAGIC
+          if (!silent) upstream.write(chunk)
+        })
+        upstream.on("data", (chunk: Buffer) => {
+          if (silent) return
+          if (!main) return void client.write(chunk)
+          down = Buffer.concat([down, chunk])
+          while (down.length >= 4 && down.length >= 4 + down.readUInt32BE(0)) {
+            const frame = down.subarray(0, 4 + down.readUInt32BE(0))
+            down = down.subarray(frame.length)
+            const message = Control.decode(frame.subarray(4))
+            if (Either.isRight(message) && message.right._tag === "Done") {
+              silent = true
+              Deferred.unsafeDone(swallowed, Exit.void)
+              return
+            }
+            client.write(frame)
+          }
+        })
+        client.on("end", () => silent || upstream.end())
+        upstream.on("end", () => silent || client.end())
+      })
+      return { address, swallowed: Deferred.await(swallowed) }
+    })
+
+  it.live("a source that gives up without having heard Done resumes its writers: the destination fails too, never succeeds", () =>
+    leakFree(Effect.gen(function*() {
+      const ram = yield* sourceRam(256, 256)
+      const listener = yield* Transport.listen(tcp0)
+      const destination = yield* receive(listener)
+      const proxy = yield* losingDone(listener.address)
+      const source = yield* Effect.fork(migrateFrom(ram, { address: proxy.address, channels: 2 }))
+      // Done went out, and is lost on the way: the source gives up (cancelled; as when its wait times out), says
+      // Abort (lost too), closes its channels and lets its writers go on
+      yield* noHang(proxy.swallowed, "Done")
+      expect(Exit.isInterrupted(yield* noHang(Fiber.interrupt(source), "the source's cancel"))).toBe(true)
+      yield* writeNow(ram)
+      // the destination's copy is no longer the source's memory: incoming must not succeed with it
+      const received = yield* noHang(Fiber.await(destination), "incoming")
+      expect(Exit.isFailure(received)).toBe(true)
+      expect(failureOf(received).message).toBe("timed out after 2s waiting for the source to close the main channel")
     })))
 })
 

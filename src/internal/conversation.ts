@@ -22,6 +22,8 @@ export interface Reader {
   readonly inbox: Queue.Queue<Control.Message>
   /** Fails once the reader fails (an abort, EOF or garbage); never succeeds. */
   readonly failure: Effect.Effect<never, ReaderFailure>
+  /** Completes once the peer closed the channel where `endAllowed` allowed it; fails as `failure` does. */
+  readonly closed: Effect.Effect<void, ReaderFailure>
 }
 
 /**
@@ -55,7 +57,7 @@ export const reader = (
         yield* Queue.offer(inbox, message)
       }
     }).pipe(Effect.mapError(MigrationError.onChannel("main"))))
-    return { inbox, failure: Effect.zipRight(Fiber.join(fiber), Effect.never) }
+    return { inbox, failure: Effect.zipRight(Fiber.join(fiber), Effect.never), closed: Fiber.join(fiber) }
   })
 
 /** Sends a message on the control channel, naming the channel in its failure (as the reader's failures do). */

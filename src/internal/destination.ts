@@ -385,7 +385,11 @@ export const run = <E>(listener: Transport.Listener, settings: Settings<E>): Eff
     // once Done is sent the source ends its main channel, and that end may be seen before the channels' ends:
     // it is no failure then (an Abort still is), and the reader just stops
     const doneSent = yield* Deferred.make<void>()
-    const { failure: controlFailure, inbox: received } = yield* Conversation.reader(ctl, "source", Deferred.isDone(doneSent))
+    const { closed: controlClosed, failure: controlFailure, inbox: received } = yield* Conversation.reader(
+      ctl,
+      "source",
+      Deferred.isDone(doneSent)
+    )
     // a lost channel's Reattach is served at once (the rounds may be waiting for that channel); the rest in order
     const inbox = yield* Queue.unbounded<Control.Message>()
     const reattachFailure = yield* Deferred.make<never, Failure>()
@@ -531,6 +535,14 @@ export const run = <E>(listener: Transport.Listener, settings: Settings<E>): Eff
         within(timeouts.peer, "waiting for the source to close its multifd channels")
       )
       yield* Effect.logDebug("every multifd channel closed")
+      // the source ends its main channel once it heard Done and ended its channels: until then it may still fail
+      // (Done lost on the way, its wait for it timed out) and let its writers resume, and a destination that
+      // succeeded then would hold a copy the source has moved on from. A source that fails says Abort before it
+      // closes; one that never closes (the path went silent) is given up on
+      yield* Effect.raceFirst(controlClosed, failures).pipe(
+        within(timeouts.peer, "waiting for the source to close the main channel")
+      )
+      yield* Effect.logDebug("main channel: closed")
       const s = yield* recv.stats
       const durationMs = (yield* Clock.currentTimeMillis) - started
       return {
