@@ -245,7 +245,9 @@ export const migrate = <E = never>(options: Options<E>): Effect.Effect<Stats, Ou
       Effect.flatMap(Effect.either(Effect.timeout(returnPath.shut, "1 second")), (verdict) => {
         const why: OutgoingError = verdict._tag === "Left" && verdict.left._tag === "MigrationError"
           ? new MigrationError.MigrationError({ reason: verdict.left.reason, detail: `${verdict.left.detail}; ${error.message}` })
-          : closedByQemu(error) ?? error
+          : verdict._tag === "Left"
+          ? closedByQemu(error) ?? error
+          : error
         return Effect.fail(why)
       })
     const closedByQemu = (error: MultifdSend.ChannelFailure): MigrationError.MigrationError | undefined => {
