@@ -138,7 +138,9 @@ export interface MigrateOptions {
    * channel is alive is re-attached: a new connection for the same channel (the same upgrade), announced on
    * the main channel, resending every page the destination has not got before one of the channel's SYNCs.
    * A number is the attempts per loss (0: a lost channel fails the migration); default 3 attempts within
-   * 10 s of the loss.
+   * 10 s of the loss. A connection lost once the destination has every page of the last round and was told the
+   * digests (while it verifies and stores, or as the channels end) carries nothing more: that channel has
+   * ended, on both sides.
    */
   readonly reconnect?: number | Reconnect | undefined
 }

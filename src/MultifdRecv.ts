@@ -666,13 +666,16 @@ export const make = (config: Config): Effect.Effect<MultifdRecv["Type"], never, 
           ? worker(state, payload)
           : Effect.raceFirst(worker(state, payload), watchStall(state, stallTimeout, reconnect === undefined ? undefined : owesSync))
         // a lost connection, with reconnecting: the channel keeps its place for the source's new connection
-        // (`authorize` interrupts this wait), and fails as it would have if none comes in time
+        // (`authorize` interrupts this wait), and fails as it would have if none comes in time. Once the end is
+        // expected (the memory final, sealed by the last round's barrier) it carries nothing more: the channel
+        // has ended (the source, which re-attaches channels, does not fail on it either: the main channel says
+        // how the migration ends)
         const work = reconnect === undefined ? watched : Effect.catchIf(
           watched,
           isLoss,
           (error) =>
             Effect.flatMap(Deferred.isDone(ending), (ended) =>
-              ended ? Effect.fail(error) : Effect.gen(function*() {
+              ended ? Effect.logWarning(`channel ${id}: connection lost (${error.message}) after the last round: it has ended`) : Effect.gen(function*() {
                 yield* Effect.logWarning(`channel ${id}: connection lost (${error.message}); waiting for it to re-attach`)
                 // the source may have nothing to write, and not notice
                 if (config.onLost !== undefined) yield* config.onLost(id, nonce)

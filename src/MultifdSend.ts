@@ -374,6 +374,12 @@ export const make = (
           const exit = yield* Effect.exit(attempt(nonce, enter, lost))
           if (Exit.isSuccess(exit)) return
           const error = Cause.failureOption(exit.cause)
+          // lost as it ends (`finish`: the destination said it has every page): nothing is left to send on it,
+          // and a destination that re-attaches channels takes the loss as the channel's end
+          if (reconnect !== undefined && finishing && Option.isSome(error) && recoverable(error.value)) {
+            const why = Cause.originalError(error.value) as { readonly message?: string }
+            return yield* Effect.logWarning(`channel ${id}: connection lost as it ended (${why.message}): it has ended`)
+          }
           if (
             reconnect === undefined || channel === undefined || finishing || Option.isNone(error) ||
             !recoverable(error.value)

@@ -247,6 +247,26 @@ describe("a lost channel is re-attached", () => {
       yield* noHang(Fiber.await(dest.fiber), "incoming")
     })))
 
+  it.live("a channel lost while the destination stores the memory (every page verified, Done not yet said): both succeed", () =>
+    leakFree(Effect.gen(function*() {
+      const ram = yield* sourceRam()
+      const faulty = yield* Faulty.make()
+      const listener = yield* faulty.transport.listen(tcp0)
+      // the store step (an image written and synced, say): meanwhile channel 1's connection is reset
+      const store = () =>
+        Effect.sync(() => {
+          const channel1 = faulty.records.find((r) => r.side === "accept" && r.role === 1)!
+          ;(channel1.stream as Net.Socket).resetAndDestroy()
+        })
+      const dest = yield* Effect.forkScoped(
+        Migration.incoming(listener, { timeouts: TIMEOUTS, store }).pipe(Effect.provide(Logger.remove(Logger.defaultLogger)))
+      )
+      const stats = yield* noHang(migrateWith(faulty, ram, { address: listener.address, channels: 2 }), "migrate")
+      const received = yield* noHang(Fiber.join(dest), "incoming")
+      expect(sameMemory(received.ram, ram)).toBe(true)
+      expect(received.stats.uuid).toBe(stats.uuid)
+    })))
+
   it.live("strangers re-attaching a channel (a wrong nonce, another uuid) are turned away; the migration completes", () =>
     leakFree(Effect.gen(function*() {
       const ram = yield* sourceRam()
