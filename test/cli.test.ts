@@ -800,6 +800,33 @@ describe("multifd failures", () => {
     }
   })
 
+  it("a flag in another case (--TLS-PSK, --CHANNELS) is an unknown flag, never silently ignored", async () => {
+    // @effect/cli matched it case-insensitively and then dropped its value: recv listened without TLS, send
+    // migrated over the default 2 channels
+    const recv = await runRecvHereUntilListening([
+      "tcp:127.0.0.1:0",
+      "--out",
+      Path.join(dir, "case.out"),
+      "--TLS-PSK",
+      tlsFile("keys.psk")
+    ])
+    expect({ listened: recv.listened, code: recv.code, stderr: lines(recv.stderr) }).toEqual({
+      listened: false,
+      code: 2,
+      stderr: ["multifd: error: unknown flag --TLS-PSK (did you mean --tls-psk?)"]
+    })
+    const cases: ReadonlyArray<readonly [ReadonlyArray<string>, string]> = [
+      [["send", "tcp:127.0.0.1:1", "--in", image, "--CHANNELS", "0"], "multifd: error: unknown flag --CHANNELS (did you mean --channels?)"],
+      [["send", "tcp:127.0.0.1:1", "--in", image, "--Compression=lz4"], "multifd: error: unknown flag --Compression (did you mean --compression?)"],
+      [["send", "tcp:127.0.0.1:1", "--IN", image], "multifd: error: unknown flag --IN (did you mean --in?)"]
+    ]
+    for (const [args, message] of cases) {
+      const result = await runHere(args)
+      expect({ args, code: result.code, stderr: lines(result.stderr), stdout: result.stdout }).toEqual({ args, code: 2, stderr: [message], stdout: "" })
+    }
+    expect(filesLike("case.out")).toEqual([])
+  })
+
   it("--json: a failure is one JSON object on stdout (tag, reason, message), exit 1 or 2 as without it", async () => {
     const usage = await runHere(["send", "tcp:127.0.0.1:1", "--in", image, "--channels", "0", "--json"])
     expect(usage.code).toBe(2)

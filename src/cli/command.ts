@@ -31,8 +31,13 @@ export const command = Command.make(NAME).pipe(Command.withSubcommands([Recv.com
 /** Parses `process.argv` (runtime and script first) and runs the chosen subcommand. */
 export const run = Command.run(command, { name: NAME, version: VERSION })
 
-/** How @effect/cli parses: built-in options (--help, --version, ...) are left out of its help. */
-export const config = CliConfig.layer({ showBuiltIns: false })
+/**
+ * How @effect/cli parses: built-in options (--help, --version, ...) are left out of its help, and flags are
+ * matched in their own case. Matched case-insensitively (@effect/cli's default), a flag in another case
+ * (`--TLS-PSK keys.psk`, `--CHANNELS 4`) was taken and its value then dropped: recv listened without TLS, send
+ * used the default channels. It is now an unknown flag (exit 2, "did you mean --tls-psk?").
+ */
+export const config = CliConfig.layer({ showBuiltIns: false, isCaseSensitive: true })
 
 /** What the environment sets (`MigrationConfig`), on a help page's footer. */
 const environment = (role: "send" | "recv"): string =>

@@ -166,9 +166,8 @@ export const describeValidation = (error: ValidationError.ValidationError, flags
     // a flag @effect/cli does not take where the uri is still to come (before it) is given as the uri
     /^bad uri: (--?[A-Za-z][\w-]*(?:=[^:]*)?): expected an address/.exec(text.trim())
   if (unknown === null || flags === undefined) return oneLine(text)
-  // `--flag=value` given a second time comes back whole
-  const name = unknown[1]!.split("=")[0]!
-  const flag = name !== unknown[1] && flags.closest(name) === name ? name : unknown[1]!
+  // `--flag=value` comes back whole (given a second time, or unknown): the flag is what is named
+  const flag = unknown[1]!.split("=")[0]!
   const owner = flags.ownerOf(flag)
   if (owner !== undefined) return `${flag} is a ${owner} option`
   const closest = flags.closest(flag)

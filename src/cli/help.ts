@@ -83,7 +83,7 @@ const entries = (doc: HelpDoc.HelpDoc): Array<Entry> => {
   }
 }
 
-const config = CliConfig.make({ showBuiltIns: false })
+const config = CliConfig.make({ showBuiltIns: false, isCaseSensitive: true })
 
 /** The arguments and flags of a command, as its help lists them. */
 export const entriesOf = <Name extends string, R, E, A>(command: Command.Command<Name, R, E, A>): Array<Entry> =>
