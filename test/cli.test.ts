@@ -827,6 +827,34 @@ describe("multifd failures", () => {
     expect(filesLike("case.out")).toEqual([])
   })
 
+  it("--wizard (@effect/cli's interactive mode) is an unknown flag: no prompt on stdout, no wait on stdin (child processes)", async () => {
+    // it prompted on stdout (escape codes, with --json too) and waited on stdin for ever, stdin at its end or not
+    const cases: ReadonlyArray<ReadonlyArray<string>> = [
+      ["--wizard"],
+      ["send", "--wizard"],
+      ["recv", "tcp:127.0.0.1:0", "--out", Path.join(dir, "wizard.out"), "--wizard"],
+      ["send", "tcp:127.0.0.1:1", "--in", image, "--wizard=true"],
+      // @effect/cli looked for it after -- too
+      ["send", "tcp:127.0.0.1:1", "--in", image, "--", "--wizard"]
+    ]
+    const results = await Promise.all(cases.map((args) => run(args)))
+    results.forEach((result, i) => {
+      const args = cases[i]!
+      expect({ args, code: result.code, stderr: lines(result.stderr), stdout: result.stdout }).toEqual({
+        args,
+        code: 2,
+        stderr: ["multifd: error: unknown flag --wizard"],
+        stdout: ""
+      })
+    })
+    const json = await run(["send", "--wizard", "--json"])
+    expect({ code: json.code, stdout: JSON.parse(json.stdout) }).toEqual({
+      code: 2,
+      stdout: { error: { tag: "UsageError", reason: "UsageError", message: "unknown flag --wizard" } }
+    })
+    expect(filesLike("wizard.out")).toEqual([])
+  })
+
   it("--json: a failure is one JSON object on stdout (tag, reason, message), exit 1 or 2 as without it", async () => {
     const usage = await runHere(["send", "tcp:127.0.0.1:1", "--in", image, "--channels", "0", "--json"])
     expect(usage.code).toBe(2)

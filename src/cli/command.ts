@@ -12,7 +12,7 @@ import * as FileSystem from "@effect/platform/FileSystem"
 import * as Effect from "effect/Effect"
 import * as Either from "effect/Either"
 import * as Option from "effect/Option"
-import { ExitCode, type Flags, toExitCode, wantsJson } from "./errors.js"
+import { ExitCode, type Flags, toExitCode, UsageError, wantsJson } from "./errors.js"
 import * as Help from "./help.js"
 import * as Log from "./log.js"
 import * as Recv from "./recv.js"
@@ -141,6 +141,8 @@ export const recvHelp = (): string => {
 }
 
 const HELP_FLAGS = new Set(["--help", "-h"])
+/** @effect/cli's built-in flag for its interactive mode, which the command refuses. */
+const WIZARD = "--wizard"
 const COMMANDS = new Set(["send", "recv"])
 
 /** What the command line asks before any parsing: help, the version, or nothing at all. */
@@ -232,12 +234,19 @@ export const main = (argv: ReadonlyArray<string>) =>
       return answer.code
     }
     const console = yield* Effect.console
+    const reporting = { json: wantsJson(args), terminal, flags: flags(args) }
+    // @effect/cli's interactive mode, hidden from the help pages (`showBuiltIns: false`) but still taken, anywhere
+    // on the line (after `--` too): it prompted on stdout, --json or not, and waited on stdin for ever, even at its
+    // end. The command is for scripts and terminals alike, and not interactive
+    if (args.some((arg) => arg === WIZARD || arg.startsWith(`${WIZARD}=`))) {
+      return yield* toExitCode(reporting)(new UsageError({ detail: `unknown flag ${WIZARD}` }))
+    }
     return yield* Effect.suspend(() => run(argv)).pipe(
       forgivingExists,
       // @effect/cli's own error messages are reported by toExitCode
       Effect.withConsole(Terminal.withoutErrors(console)),
       Effect.provideService(Terminal.Terminal, terminal),
-      toExitCode({ json: wantsJson(args), terminal, flags: flags(args) })
+      toExitCode(reporting)
     )
   }).pipe(
     // Effect's runtime logs each fiber that fails (at Debug: with --verbose), and one failure of a migration ends
