@@ -697,6 +697,25 @@ describe("multifd failures", () => {
     expect(Fs.readFileSync(Path.join(kept, "note.txt"), "utf8")).toBe("mine")
   })
 
+  it("recv unix:PATH --out PATH (or a link to it) is refused before it listens: the socket's removal removed the image", async () => {
+    // recv stored the image at PATH, over its own socket, and closing the listener then unlinked PATH: both sides
+    // reported success, and nothing was there
+    const socket = Path.join(dir, "self.sock")
+    const link = Path.join(dir, "self-link.img")
+    Fs.symlinkSync(socket, link)
+    const relative = Path.relative(process.cwd(), socket)
+    for (const out of [socket, link, relative]) {
+      const result = await runRecvHereUntilListening([`unix:${socket}`, "--out", out])
+      expect({ out, listened: result.listened, code: result.code, stderr: lines(result.stderr) }).toEqual({
+        out,
+        listened: false,
+        code: 2,
+        stderr: [`multifd: error: unix:${socket} and --out ${out} are one path: closing the socket recv listens on would remove the image`]
+      })
+    }
+    expect(filesLike("self")).toEqual(["self-link.img"])
+  })
+
   it("recv file: of a FIFO refuses it at once (opening it waited for a writer, past SIGTERM), nothing left", async () => {
     const fifo = Path.join(dir, "snap.fifo")
     ChildProcess.execFileSync("mkfifo", [fifo])

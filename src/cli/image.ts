@@ -172,6 +172,28 @@ export const sameFile = (a: string, b: string): boolean => {
   }
 }
 
+/** `path` with its directory's symbolic links resolved (the last component kept), if its directory exists. */
+const canonical = (path: string): string | undefined => {
+  try {
+    return Path.join(Fs.realpathSync(Path.dirname(path)), Path.basename(path))
+  } catch {
+    return undefined
+  }
+}
+
+/**
+ * Whether writing an image at `out` (its symbolic links followed, as `create` writes through them) would put it
+ * at `path`, which need not exist yet (the Unix socket recv is about to listen on).
+ */
+export const writesAt = (out: string, path: string): Effect.Effect<boolean> =>
+  Effect.match(FileIo.followLinks(out), {
+    onFailure: () => false,
+    onSuccess: (target) => {
+      const a = canonical(target)
+      return a !== undefined && a === canonical(path)
+    }
+  })
+
 /**
  * Why `bytes` written as `what` will not fit in the file system of `dir` (its free space, as `statfs` gives it
  * to this user), if they will not; nothing when they fit or the system does not say.

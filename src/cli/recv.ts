@@ -96,6 +96,13 @@ export const command = Command.make(
       if (uri._tag === "File" && Image.sameFile(uri.path, out)) {
         return yield* new UsageError({ detail: `file:${uri.path} and --out ${out} are the same file: the image would replace the snapshot` })
       }
+      // the image is stored while recv listens, and closing a Unix listener unlinks its path: stored there, the
+      // image was removed after both sides reported success
+      if (uri._tag === "Unix" && (yield* Image.writesAt(out, uri.path))) {
+        return yield* new UsageError({
+          detail: `unix:${uri.path} and --out ${out} are one path: closing the socket recv listens on would remove the image`
+        })
+      }
       // the temporary file first: an unwritable --out fails before anything listens
       const image = yield* Image.create(out)
       // a signal that comes once the image is in place (the source told, when there is one) still ends the
