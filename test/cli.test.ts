@@ -803,6 +803,13 @@ describe("multifd failures", () => {
       [["send", "tcp:127.0.0.1:1", "--in", Os.tmpdir()], `multifd: error: --in ${Os.tmpdir()}: not a regular file`],
       [["send", "tcp:127.0.0.1:1", `--in=${Os.tmpdir()}`], `multifd: error: --in ${Os.tmpdir()}: not a regular file`],
       [["recv", "tcp:127.0.0.1:0", "--out", Os.tmpdir()], `multifd: error: --out ${Os.tmpdir()}: not a regular file`],
+      // two such paths: @effect/cli's two messages on one line read as one garbled one ("/tmp' to be a regular file
+      // Expected path '/tmp: not a regular file"), naming no flag
+      [["send", "tcp:127.0.0.1:1", "--in", Os.tmpdir(), "--tls-psk", Os.tmpdir()], `multifd: error: --in ${Os.tmpdir()}: not a regular file`],
+      [
+        ["send", "tcp:127.0.0.1:1", "--in", image, "--tls-ca", tlsFile("ca-cert.pem"), "--tls-cert", Os.tmpdir(), "--tls-key", dir],
+        `multifd: error: --tls-cert ${Os.tmpdir()}: not a regular file`
+      ],
       // before the uri, a flag @effect/cli does not take there came back as "bad uri: --in: expected an address ..."
       [["send", "--in", image, "-x", "tcp:127.0.0.1:1"], "multifd: error: unknown flag -x"],
       [["send", "--in", image, "--in", image, "tcp:127.0.0.1:1"], "multifd: error: --in given more than once"],

@@ -156,7 +156,9 @@ export const describeValidation = (error: ValidationError.ValidationError, flags
   // text, `(Invalid data at MULTIFD.CHANNELS: "...")`; say it as the library does, naming the variable
   const config = /^\((?:Invalid|Missing) data at ([^:]+): "([\s\S]*)"\)$/.exec(text.trim())
   if (config !== null) return oneLine(`${config[1]!.replace(/\./g, "_")}: ${config[2]}`)
-  const path = /^Expected path '([\s\S]*)' to be a (regular file|directory)$/.exec(text.trim())
+  // the first of them: two such paths come as two messages on one line ("Expected path 'A' to be a regular file
+  // Expected path 'B' to be a regular file"), which a greedy match read as one path
+  const path = /^Expected path '([\s\S]*?)' to be a (regular file|directory)(?=$| Expected path ')/.exec(text.trim())
   if (path !== null) {
     const flag = flags?.givenWith(path[1]!)
     const what = `${path[1]}: not a ${path[2]}`
