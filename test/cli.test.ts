@@ -808,7 +808,12 @@ describe("multifd failures", () => {
       [["send", "tcp:127.0.0.1:1", "--in", Os.tmpdir(), "--tls-psk", Os.tmpdir()], `multifd: error: --in ${Os.tmpdir()}: not a regular file`],
       [
         ["send", "tcp:127.0.0.1:1", "--in", image, "--tls-ca", tlsFile("ca-cert.pem"), "--tls-cert", Os.tmpdir(), "--tls-key", dir],
-        `multifd: error: --tls-cert ${Os.tmpdir()}: not a regular file`
+        `multifd: error: --tls-cert ${Os.tmpdir()}: not a regular file; --tls-key ${dir}: not a regular file`
+      ],
+      // several problems at once: each said, apart (they ran together)
+      [
+        ["send", "tcp:127.0.0.1:1", "--in", image, "--channels", "0", "--page-size", "3"],
+        "multifd: error: --channels must be between 1 and 255, not 0; --page-size must be a power of two between 512 and 524288, not 3"
       ],
       // before the uri, a flag @effect/cli does not take there came back as "bad uri: --in: expected an address ..."
       [["send", "--in", image, "-x", "tcp:127.0.0.1:1"], "multifd: error: unknown flag -x"],
@@ -1220,6 +1225,24 @@ describe("observability and configuration", () => {
         const result = await run(args, { env })
         expect({ env, code: result.code, stderr: lines(result.stderr) }).toEqual({ env, code: 2, stderr: [`multifd: error: ${line}`] })
         noStack(result.stderr)
+      }
+      // two at once, or one and a bad flag: each named, apart (the first's closing quote and the second's "(Invalid
+      // data at MULTIFD.PAGE_SIZE" ran into one garbled line)
+      const several: ReadonlyArray<readonly [Record<string, string>, ReadonlyArray<string>, string]> = [
+        [
+          { MULTIFD_CHANNELS: "0", MULTIFD_PAGE_SIZE: "3" },
+          ["send", uri, "--in", image],
+          "MULTIFD_CHANNELS: must be between 1 and 255, not 0; MULTIFD_PAGE_SIZE: must be a power of two between 512 and 524288, not 3"
+        ],
+        [
+          { MULTIFD_CHANNELS: "0" },
+          ["send", uri, "--in", image, "--page-size", "3"],
+          "MULTIFD_CHANNELS: must be between 1 and 255, not 0; --page-size must be a power of two between 512 and 524288, not 3"
+        ]
+      ]
+      for (const [env, args, line] of several) {
+        const result = await run(args, { env })
+        expect({ env, code: result.code, stderr: lines(result.stderr) }).toEqual({ env, code: 2, stderr: [`multifd: error: ${line}`] })
       }
       const json = await run(["send", uri, "--in", image, "--json"], { env: { MULTIFD_CHANNELS: "many" } })
       expect(json.code).toBe(2)

@@ -148,26 +148,33 @@ export interface Flags {
  * A parse error of @effect/cli as one line: a bad environment variable is named (`MULTIFD_CHANNELS: must be
  * between 1 and 255, not 0`), a flag that belongs to the other command says so ("--tls-authz is a recv
  * option"), a flag given twice says so, a path that is not the kind of file its flag needs names the flag
- * ("--in /tmp: not a regular file"), anything else keeps @effect/cli's words.
+ * ("--in /tmp: not a regular file"), anything else keeps @effect/cli's words. @effect/cli gives each problem
+ * as a paragraph (several at once: two bad values, two bad variables, a variable and a flag): each is described
+ * so, the descriptions separated by "; ". Read as one text they ran together, and a variable's or a path's
+ * pattern, matched across them, garbled the line (`MULTIFD_CHANNELS: must be ... not 0") (Invalid data at ...`).
  */
 export const describeValidation = (error: ValidationError.ValidationError, flags: Flags | undefined): string => {
-  const text = Help.plainText(error.error)
+  const problems = Help.paragraphsOf(error.error).map((text) => text.trim()).filter((text) => text.length > 0)
+  const described = problems.map((text) => describeProblem(text, flags))
+  return oneLine(described.length === 0 ? Help.plainText(error.error) : [...new Set(described)].join("; "))
+}
+
+/** One problem of a parse error (`describeValidation`). */
+const describeProblem = (text: string, flags: Flags | undefined): string => {
   // a flag's environment variable (`Options.withFallbackConfig`) was bad: @effect/cli gives the ConfigError's
   // text, `(Invalid data at MULTIFD.CHANNELS: "...")`; say it as the library does, naming the variable
-  const config = /^\((?:Invalid|Missing) data at ([^:]+): "([\s\S]*)"\)$/.exec(text.trim())
-  if (config !== null) return oneLine(`${config[1]!.replace(/\./g, "_")}: ${config[2]}`)
-  // the first of them: two such paths come as two messages on one line ("Expected path 'A' to be a regular file
-  // Expected path 'B' to be a regular file"), which a greedy match read as one path
-  const path = /^Expected path '([\s\S]*?)' to be a (regular file|directory)(?=$| Expected path ')/.exec(text.trim())
+  const config = /^\((?:Invalid|Missing) data at ([^:]+): "([\s\S]*)"\)$/.exec(text)
+  if (config !== null) return `${config[1]!.replace(/\./g, "_")}: ${config[2]}`
+  const path = /^Expected path '([\s\S]*)' to be a (regular file|directory)$/.exec(text)
   if (path !== null) {
     const flag = flags?.givenWith(path[1]!)
     const what = `${path[1]}: not a ${path[2]}`
-    return oneLine(flag === undefined ? what : `${flag} ${what}`)
+    return flag === undefined ? what : `${flag} ${what}`
   }
   const unknown = /unknown argument: '(--?[^']+)'/i.exec(text) ?? /flag '(--?[^']+)' is not recognized/i.exec(text) ??
     // a flag @effect/cli does not take where the uri is still to come (before it) is given as the uri
-    /^bad uri: (--?[A-Za-z][\w-]*(?:=[^:]*)?): expected an address/.exec(text.trim())
-  if (unknown === null || flags === undefined) return oneLine(text)
+    /^bad uri: (--?[A-Za-z][\w-]*(?:=[^:]*)?): expected an address/.exec(text)
+  if (unknown === null || flags === undefined) return text
   // `--flag=value` comes back whole (given a second time, or unknown): the flag is what is named
   const flag = unknown[1]!.split("=")[0]!
   const owner = flags.ownerOf(flag)

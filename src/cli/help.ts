@@ -35,6 +35,9 @@ const textOf = (span: Span.Span): string => {
 /** The plain text of a help document's paragraphs (a validation error's message, say), on one line. */
 export const plainText = (doc: HelpDoc.HelpDoc): string => paragraphs(doc).join(" ")
 
+/** The plain text of each paragraph of a help document (each problem of a validation error, say), in order. */
+export const paragraphsOf = (doc: HelpDoc.HelpDoc): Array<string> => paragraphs(doc)
+
 const paragraphs = (doc: HelpDoc.HelpDoc): Array<string> => {
   switch (doc._tag) {
     case "Paragraph":
