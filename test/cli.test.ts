@@ -591,6 +591,10 @@ describe("multifd failures", () => {
       [["send", "tcp:127.0.0.1:1", "--", "--in", image], /^multifd: error: --in comes after --, where nothing is a flag: put the flags before --$/],
       [["send", "tcp:127.0.0.1:1", "--in"], /^multifd: error: --in needs a value$/],
       [["send", "tcp:127.0.0.1:1", "--in", image, "--channels"], /^multifd: error: --channels needs a value$/],
+      // "--channels given more than once", "unknown flag -q": each was given once, and -q is --quiet
+      [["send", "tcp:127.0.0.1:1", "--in", image, "--channels="], /^multifd: error: --channels needs a value$/],
+      [["recv", "tcp:127.0.0.1:0", "--out="], /^multifd: error: --out needs a value$/],
+      [["send", "tcp:127.0.0.1:1", "--in", image, "-q", "-q"], /^multifd: error: -q given more than once$/],
       [["send", "tcp:127.0.0.1:1", "--in", ""], /^multifd: error: --in: an empty value$/],
       // "-" made a file called "-" (--out) or was "no such file" (--in)
       [["recv", "tcp:127.0.0.1:0", "--out", "-"], /^multifd: error: --out -: the command reads and writes files, not standard input or output; name a file \(\.\/- for one called -\)$/],

@@ -171,10 +171,14 @@ const flags = (args: ReadonlyArray<string>): Flags => {
   const send = flagsOf(Help.entriesOf(Send.command))
   const recv = flagsOf(Help.entriesOf(Recv.command))
   const own = subcommand === "send" ? send : subcommand === "recv" ? recv : [...send, ...recv]
+  // the short names (-q of --quiet): known, never suggested for another (-x is not "did you mean -q?")
+  const aliases = [...Help.entriesOf(Send.command), ...Help.entriesOf(Recv.command)]
+    .flatMap((entry) => entry.term.split(/[ ,]+/).filter((t) => /^-[A-Za-z]$/.test(t)))
   return {
     ownerOf: (flag) =>
       own.includes(flag) ? undefined : send.includes(flag) ? "send" : recv.includes(flag) ? "recv" : undefined,
     closest: (flag) => {
+      if (aliases.includes(flag)) return flag
       const config = CliConfig.make({})
       const ranked = own.map((known) => [known, AutoCorrect.levensteinDistance(flag, known, config)] as const)
         .sort((a, b) => a[1] - b[1])
@@ -193,6 +197,8 @@ const flags = (args: ReadonlyArray<string>): Flags => {
       const before = dashes < 0 ? args : args.slice(0, dashes)
       const given = before.filter((a) => a === flag || a.startsWith(`${flag}=`)).length
       if (given >= 2) return "twice"
+      // `--out=`: @effect/cli reads it as --out given with nothing, and reports it as an argument it does not know
+      if (before.includes(`${flag}=`)) return "last"
       if (dashes >= 0 && args.slice(dashes + 1).includes(flag)) return "afterDashes"
       if (args.at(-1) === flag) return "last"
       return undefined
