@@ -701,6 +701,29 @@ describe("QemuIncoming.incoming replaying the captures over loopback TCP", () =>
       const error = failureOf(yield* replayAll(dst, [MAIN]))
       expect(error.message).toContain("exceed this destination's limit")
     }))))
+
+  it.live("a block list that never ends (a huge total, block after block): refused once it has more blocks than any memory may, not held while it grows", () =>
+    expectNoLeaks(Effect.scoped(Effect.gen(function*() {
+      const dst = yield* destination({ channels: 2 })
+      const total = Buffer.alloc(8)
+      total.writeBigUInt64BE((1n << 52n) | 0x04n)
+      const start = Buffer.concat([header, configuration(), u8(0x01), u32(1), str("ram"), u32(0), u32(4), total])
+      // a QEMU impersonator that announces 4 PiB of RAM and lists block after block, a page each, for as long as
+      // it is read (each entry a dozen bytes, each kept by the destination as a block until the list ends)
+      const impersonator = Effect.gen(function*() {
+        const connection = yield* Transport.connect(dst.address)
+        yield* connection.write([start])
+        for (let n = 0;;) {
+          const entries: Array<Buffer> = []
+          for (let i = 0; i < 4096; i++) entries.push(str(`b${(n++).toString(36)}`), u64(PAGE))
+          yield* connection.write(entries)
+        }
+      })
+      yield* Effect.forkScoped(Effect.ignore(impersonator))
+      const error = failureOf(yield* noHang(Fiber.await(dst.fiber), "the destination"))
+      expectOneLine(error)
+      expect(error.message).toContain(`more than ${GuestRam.MAX_BLOCKS} RAM blocks`)
+    }))))
 })
 
 describe("QemuIncoming.incoming over TLS (QEMU's tls-creds-psk / tls-creds-x509)", () => {

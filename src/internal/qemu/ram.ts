@@ -48,6 +48,11 @@ const readBlocks = <E, R>(p: Parser<E, R>, at: number, total: number) =>
       }
       names.add(name)
       list.push({ name, size })
+      // a list that goes on is refused as it passes the most blocks a memory may have, not kept while it grows
+      // (a total that says petabytes would let a peer list blocks as long as it likes)
+      if (list.length > GuestRam.MAX_BLOCKS) {
+        return yield* fail("Malformed", at, `more than ${GuestRam.MAX_BLOCKS} RAM blocks in the block list`)
+      }
       left -= size
       if (state.mappedRam) {
         // the block's pages follow its header in the file; the list goes on after them
