@@ -724,6 +724,23 @@ describe("QemuIncoming.incoming replaying the captures over loopback TCP", () =>
       expectOneLine(error)
       expect(error.message).toContain(`more than ${GuestRam.MAX_BLOCKS} RAM blocks`)
     }))))
+
+  it.live("commands that never end (SWITCHOVER_START after SWITCHOVER_START): refused past a bound, not each kept while they come", () =>
+    expectNoLeaks(Effect.scoped(Effect.gen(function*() {
+      const dst = yield* destination({ channels: 2 })
+      // five bytes a command, each kept by the destination (its name, and the record to send on) at some fifty
+      // times that: a QEMU impersonator could fill the destination's heap
+      const impersonator = Effect.gen(function*() {
+        const connection = yield* Transport.connect(dst.address)
+        yield* connection.write([header, configuration()])
+        const many = Buffer.concat(Array.from({ length: 4096 }, () => command(11)))
+        while (true) yield* connection.write([many])
+      })
+      yield* Effect.forkScoped(Effect.ignore(impersonator))
+      const error = failureOf(yield* noHang(Fiber.await(dst.fiber), "the destination"))
+      expectOneLine(error)
+      expect(error.message).toMatch(/more than \d+ commands/)
+    }))))
 })
 
 describe("QemuIncoming.incoming over TLS (QEMU's tls-creds-psk / tls-creds-x509)", () => {

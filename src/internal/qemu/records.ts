@@ -124,6 +124,13 @@ const refuseReturnPath = (at: number) =>
     "return-path"
   )
 
+/**
+ * The most commands a stream may carry: QEMU's precopy sends a few (SWITCHOVER_START once, a PING or two); each
+ * is kept (`Summary.commands`, the records to send on), so a stream that sends command after command is refused
+ * past this rather than kept growing.
+ */
+export const MAX_COMMANDS = 1024
+
 /** A COMMAND record at `at`: SWITCHOVER_START and PING are taken, postcopy and COLO refused by name. */
 const readCommand = <E, R>(p: Parser<E, R>, at: number) =>
   Effect.gen(function*() {
@@ -144,6 +151,9 @@ const readCommand = <E, R>(p: Parser<E, R>, at: number) =>
           return yield* fail("Malformed", at, `command MIG_CMD_${name} with ${length} data bytes, expected ${expected}`)
         }
         const data = yield* r.bytes(length, `command MIG_CMD_${name}'s data`)
+        if (state.commands.length >= MAX_COMMANDS) {
+          return yield* fail("Malformed", at, `more than ${MAX_COMMANDS} commands (QEMU sends a few): not a QEMU migration`)
+        }
         state.commands.push(name)
         if (command === Command.PING) {
           if (p.handler.ping) yield* p.handler.ping(data.readUInt32BE(0))
