@@ -172,7 +172,8 @@ export class MultifdRecv extends Context.Tag("effect-multifd/MultifdRecv")<Multi
    * The control channel announced that `channel` re-attaches with `nonce`: stops and awaits the channel's
    * current connection's worker (what it was inside of is dropped), and lets one connection whose init packet
    * carries `nonce` take its place. Yields the SYNC packets of the channel received so far, and an effect that
-   * completes once the new connection is adopted. Fails with `Unauthorized` when the set does not re-attach.
+   * completes once the new connection is adopted, or once a later `authorize` of the channel superseded this one.
+   * Fails with `Unauthorized` when the set does not re-attach.
    */
   readonly authorize: (
     channel: number,
@@ -722,6 +723,11 @@ export const make = (config: Config): Effect.Effect<MultifdRecv["Type"], never, 
           })
         }
         const adopted = yield* Deferred.make<void>()
+        // announced again before its connection came (the source's next attempt, with a new nonce): the earlier
+        // one is superseded, and whoever waits for its connection stops (a source that announced re-attach after
+        // re-attach had the destination wait for each one's connection, the whole re-attach window)
+        const superseded = pending.get(channel)
+        if (superseded !== undefined) yield* Deferred.succeed(superseded.adopted, undefined)
         pending.set(channel, { nonce: Buffer.from(nonce), adopted })
         replaced.add(channel)
         yield* stop(channel)

@@ -25,6 +25,7 @@ import * as Logger from "effect/Logger"
 import * as LogLevel from "effect/LogLevel"
 import * as Option from "effect/Option"
 import * as Ref from "effect/Ref"
+import * as Supervisor from "effect/Supervisor"
 import * as TestClock from "effect/TestClock"
 import * as Crypto from "node:crypto"
 import * as Control from "../src/Control.js"
@@ -36,6 +37,7 @@ import * as Snapshot from "../src/Snapshot.js"
 import * as Transport from "../src/Transport.js"
 import { failureOf } from "./support/failures.js"
 import { fakeDestination } from "./support/fakeDestination.js"
+import { fakeSource } from "./support/fakeSource.js"
 import { advanceUntil } from "./support/clock.js"
 import * as Faulty from "./support/faultyTransport.js"
 import { noHang } from "./support/guards.js"
@@ -710,4 +712,36 @@ describe("a listener that serves one migration after another", () => {
       expect(sameMemory(received.ram, ram)).toBe(true)
       expect(received.rejected).toEqual([expect.stringContaining("a migration is already in progress")])
     })).pipe(Effect.provide(Transport.layer))))
+})
+
+describe("a source that floods its control channel", () => {
+  it.live("Reattach after Reattach for one channel: one new connection awaited for the channel at a time, not one more per message", () =>
+    leakFree(Effect.gen(function*() {
+      const supervisor = yield* Supervisor.track
+      const listener = yield* Transport.listen(tcp0)
+      const fiber = yield* Effect.forkScoped(Migration.incoming(listener, { timeouts: TIMEOUTS }).pipe(
+        Effect.supervised(supervisor),
+        Effect.provide(Logger.remove(Logger.defaultLogger))
+      ))
+      // a source whose lost channels keep their place for an hour: each Reattach had the destination accept
+      // for the channel's new connection that long, beside every earlier one's wait (a fiber or more each)
+      const source = yield* fakeSource(listener.address, 1, "none", true, { reconnectMs: 3_600_000 })
+      yield* source.channel(0)
+      const reattach = (n: number) =>
+        Effect.gen(function*() {
+          const frames = Array.from({ length: n }, () =>
+            Control.encode(new Control.Reattach({ channel: 0, nonce: Crypto.randomBytes(16).toString("hex") })))
+          yield* source.control.write(frames)
+          for (let heard = 0; heard < n;) {
+            const message = yield* Control.receive(source.control)
+            if (message._tag === "Reattached") heard++
+          }
+        })
+      yield* noHang(reattach(1), "the first Reattached")
+      const before = (yield* supervisor.value).length
+      yield* noHang(reattach(300), "300 Reattached")
+      const after = (yield* supervisor.value).length
+      expect(after - before).toBeLessThan(30)
+      expect(Option.isNone(yield* Fiber.poll(fiber))).toBe(true)
+    })))
 })
