@@ -21,6 +21,7 @@ import * as Effect from "effect/Effect"
 import * as Either from "effect/Either"
 import * as Exit from "effect/Exit"
 import * as Fiber from "effect/Fiber"
+import * as Layer from "effect/Layer"
 import * as Logger from "effect/Logger"
 import * as LogLevel from "effect/LogLevel"
 import * as Option from "effect/Option"
@@ -743,5 +744,84 @@ describe("a source that floods its control channel", () => {
       const after = (yield* supervisor.value).length
       expect(after - before).toBeLessThan(30)
       expect(Option.isNone(yield* Fiber.poll(fiber))).toBe(true)
+    })))
+})
+
+describe("a peer that floods the control channel while the other side waits for something else", () => {
+  /** A listener whose connections count the bytes the destination consumed with `read`. */
+  const counting = (listener: Transport.Listener) => {
+    let consumed = 0
+    const wrapped: Transport.Listener = {
+      ...listener,
+      accept: Effect.map(listener.accept, (connection): Transport.Connection => ({
+        ...connection,
+        read: (n) => Effect.tap(connection.read(n), (bytes) => Effect.sync(() => (consumed += bytes.length)))
+      }))
+    }
+    return { listener: wrapped, consumed: () => consumed }
+  }
+  /** Waits until `count` has not changed for `quiet` event-loop turns in a row; its value then. */
+  const plateau = (count: () => number, quiet = 200) =>
+    Effect.gen(function*() {
+      let last = -1
+      let still = 0
+      while (still < quiet) {
+        yield* nextTurn
+        const now = count()
+        still = now === last ? still + 1 : 0
+        last = now
+      }
+      return last
+    })
+
+  it.live("the destination at a round's barrier, the source sending Flush after Flush: it stops reading them (backpressure), not keeps each", () =>
+    leakFree(Effect.gen(function*() {
+      const raw = yield* Transport.listen(tcp0)
+      const { consumed, listener } = counting(raw)
+      yield* Effect.forkScoped(Migration.incoming(listener, { timeouts: { ...TIMEOUTS, peer: "60 seconds" } }).pipe(
+        Effect.provide(Logger.remove(Logger.defaultLogger))
+      ))
+      // one channel never connects: the first Flush holds the destination at the barrier; 16 MiB of them follow
+      const source = yield* fakeSource(raw.address, 1, "none", true)
+      const flush = Control.encode(new Control.Flush({ round: 0, final: false }))
+      const flood = Buffer.concat(Array.from({ length: Math.ceil(16 * 1024 * 1024 / flush.length) }, () => flush))
+      yield* Effect.forkScoped(Effect.ignore(source.control.write([flush, flood])))
+      // (each one read was kept as a message in the destination's queues, never taken: some three times its
+      // bytes of heap, for as long as the source went on)
+      const read = yield* noHang(plateau(consumed), "the destination's reading to settle", 30)
+      expect(read).toBeLessThan(1024 * 1024)
+    })))
+
+  it.live("the source in the middle of a round, the destination sending Hashing after Hashing: it stops reading them, not keeps each", () =>
+    leakFree(Effect.gen(function*() {
+      // the source's main channel (its first connect) counts what the source consumed of it
+      let consumed = 0
+      let connects = 0
+      const transport = Layer.succeed(Transport.Transport, {
+        listen: Transport.listen,
+        connect: (address, options) =>
+          Effect.map(Transport.connect(address, options), (connection): Transport.Connection =>
+            connects++ > 0 ? connection : {
+              ...connection,
+              read: (n) => Effect.tap(connection.read(n), (bytes) => Effect.sync(() => (consumed += bytes.length)))
+            })
+      })
+      // a destination that accepts, takes the channels' connections but never reads them (round 0 cannot end),
+      // and sends 16 MiB of Hashing meanwhile
+      const listener = yield* Transport.listen(tcp0)
+      yield* Effect.forkScoped(Effect.ignore(Effect.gen(function*() {
+        const control = yield* listener.accept
+        yield* control.read(4)
+        const hello = (yield* Control.receive(control)) as Control.Hello
+        yield* Control.send(control, new Control.Accept({ heartbeats: true }))
+        for (let i = 0; i < hello.channels; i++) yield* listener.accept
+        const hashing = Control.encode(new Control.Hashing())
+        yield* control.write([Buffer.concat(Array.from({ length: Math.ceil(16 * 1024 * 1024 / hashing.length) }, () => hashing))])
+        yield* Effect.never
+      })))
+      const ram = yield* GuestRam.make({ blocks: [{ name: "pc.ram", bytes: mixedImage(16384, 0.7, PAGE) }] })
+      yield* Effect.forkScoped(migrateTo(listener.address, ram, { channels: 1, timeouts: { ...TIMEOUTS, peer: "60 seconds" } }, transport))
+      const read = yield* noHang(plateau(() => consumed), "the source's reading to settle", 30)
+      expect(read).toBeLessThan(1024 * 1024)
     })))
 })

@@ -27,8 +27,17 @@ export interface Reader {
 }
 
 /**
- * Raises the control channel's messages as a queue; the reader fails on an abort, EOF or garbage — except a
- * close once `endAllowed` says the conversation is over, where it just stops.
+ * Messages of the control channel held for a side that has not taken them yet. A conversation never has more
+ * than a few waiting (each side answers the other's one message at a time; heartbeats are taken as they come):
+ * a peer that sends message after message meanwhile is read no further (its socket's backpressure holds it)
+ * rather than each one kept, without bound, until the side gets to them.
+ */
+export const INBOX = 64
+
+/**
+ * Raises the control channel's messages as a queue (of `INBOX` at most: the reader waits while it is full); the
+ * reader fails on an abort, EOF or garbage — except a close once `endAllowed` says the conversation is over,
+ * where it just stops.
  */
 export const reader = (
   connection: Transport.Connection,
@@ -36,7 +45,7 @@ export const reader = (
   endAllowed: Effect.Effect<boolean> = Effect.succeed(false)
 ): Effect.Effect<Reader, never, Scope.Scope> =>
   Effect.gen(function*() {
-    const inbox = yield* Queue.unbounded<Control.Message>()
+    const inbox = yield* Queue.bounded<Control.Message>(INBOX)
     const fiber = yield* Effect.forkScoped(Effect.gen(function*() {
       while (true) {
         const message = yield* Control.receive(connection).pipe(

@@ -391,7 +391,8 @@ export const run = <E>(listener: Transport.Listener, settings: Settings<E>): Eff
       Deferred.isDone(doneSent)
     )
     // a lost channel's Reattach is served at once (the rounds may be waiting for that channel); the rest in order
-    const inbox = yield* Queue.unbounded<Control.Message>()
+    // (bounded as the reader's queue: a source that floods is held back by its socket, not kept)
+    const inbox = yield* Queue.bounded<Control.Message>(Conversation.INBOX)
     const reattachFailure = yield* Deferred.make<never, Failure>()
     const reattach = (message: Control.Reattach) =>
       Effect.gen(function*() {

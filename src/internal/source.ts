@@ -95,9 +95,10 @@ export const run = (
       "destination",
       Deferred.isDone(doneReceived)
     )
-    // the destination's word that a lost channel may re-attach goes to that channel; the rest in order
+    // the destination's word that a lost channel may re-attach goes to that channel; the rest in order (bounded
+    // as the reader's: a peer that floods is held back by its socket, not kept)
     const reattached = new Map<number, Deferred.Deferred<number>>()
-    const inbox = yield* Queue.unbounded<Control.Message>()
+    const inbox = yield* Queue.bounded<Control.Message>(Conversation.INBOX)
     // the destination's word that a channel's connection broke, by channel and nonce (it may come first)
     const losses = new Map<string, Deferred.Deferred<void>>()
     const lossOf = (channel: number, nonce: string | undefined) => {
