@@ -755,6 +755,41 @@ describe("h. destination memory is untouched by rejected input", () => {
     }
   }
 
+  /**
+   * A zstd frame whose header asks for a window of 2^`windowLog` bytes, then `pages` pages of RLE blocks (four
+   * bytes a 128 KiB block): a few bytes that make a decoder keep that window, and fill it as packets go by.
+   */
+  const zstdWindow = (windowLog: number, pages: number) => {
+    const rle = (size: number, byte: number) => {
+      const header = (size << 3) | (1 << 1)
+      return Buffer.from([header & 0xff, (header >> 8) & 0xff, header >> 16, byte])
+    }
+    const blocks = Array.from({ length: Math.ceil(pages * PAGE / 131072) }, (_, i) => rle(Math.min(131072, pages * PAGE - i * 131072), i))
+    return Buffer.concat([Buffer.from([0x28, 0xb5, 0x2f, 0xfd, 0x00, (windowLog - 10) << 3]), ...blocks])
+  }
+
+  for (const path of ["read callback", "fiber"] as const) {
+    it.live(`zstd, decoded in the ${path}: a frame asking for a window larger than any level makes (2^25, level 20's) is Corrupt naming the channel, nothing written`, () =>
+      leakFree(Effect.gen(function*() {
+        // (a 128 MiB window: some 350 KiB of packets filled it, on each of up to 255 channels, whatever memory
+        // the destination had agreed to)
+        const faulty = yield* Faulty.make({ noReadChain: path === "fiber" })
+        const ram = yield* destinationRam()
+        const dest = yield* startDestination(faulty, unixAddress("zstd-window"), { ram })
+        const src = yield* fakeSource(dest.address, 1, "zstd")
+        const channel = yield* src.channel(0)
+        const encoder = yield* PageCodec.encoder("zstd", 1)
+        const pages = Array.from({ length: 128 }, (_, i) => ({ offset: i * PAGE, bytes: Buffer.alloc(PAGE) }))
+        yield* channel.write(yield* compressedPacket("zstd", encoder, pages, [], zstdWindow(27, 128)))
+        const error = failureOf(yield* noHang(Fiber.await(dest.fiber), "incoming"))
+        expect(error).toMatchObject({ _tag: "CodecError", reason: "Corrupt", channel: 0 })
+        expect(error.message).toContain("multifd channel 0: bad payload: zstd: ")
+        expectOneLine(error)
+        expect(touchedPages(ram)).toEqual([])
+        expectAllClosed(faulty)
+      })))
+  }
+
   const cases: ReadonlyArray<{
     readonly name: string
     readonly reason: Protocol.ProtocolError["reason"]

@@ -202,12 +202,23 @@ export interface Decompressed {
   readonly leftover: number
 }
 
-/** A decompression context fed packet by packet. */
+/**
+ * The largest window (log2 of its bytes) a decompressor keeps: what a compressor at the highest level accepted
+ * (20, QEMU's multifd-zstd-level limit too) uses on a stream of unknown size, 32 MiB. A frame asking for more
+ * fails ("Frame requires too much memory for decoding"): libzstd's own limit, 2^27, let a few hundred KiB of
+ * packets (RLE blocks of the same byte) make each channel keep 128 MiB, whatever memory the destination had
+ * agreed to receive.
+ */
+export const MAX_WINDOW_LOG = 25
+
+/** A decompression context fed packet by packet; its window is at most 2^`MAX_WINDOW_LOG` bytes. */
 export class ZstdDecompressor {
   private dctx: Binding.DCtx | undefined
 
   constructor(zstd: ZstdBinding) {
-    this.dctx = new zstd.DCtx()
+    const dctx = new zstd.DCtx()
+    dctx.setParameter(zstd.DParameter.windowLogMax, MAX_WINDOW_LOG)
+    this.dctx = dctx
     open++
   }
 
