@@ -664,6 +664,20 @@ describe("a destination's answer out of turn", () => {
       expect(error).toMatchObject({ _tag: "MigrationError", reason: "Unexpected" })
       expect(error.message).toContain("unexpected FlushAck message for round 7 instead of round 0")
     }))
+
+  for (const [what, lost] of [
+    ["a channel the source does not have", new Control.Lost({ channel: 7 })],
+    ["a connection the source never made (a nonce it never announced)", new Control.Lost({ channel: 0, nonce: "ab".repeat(16) })]
+  ] as const) {
+    it.scopedLive(`a Lost about ${what} is out of turn, not kept`, () =>
+      Effect.gen(function*() {
+        // (each was kept, by channel and nonce, for a wait that would never come: without bound)
+        const address = yield* fakeDestination({ onFlush: (control) => Control.send(control, lost) })
+        const error = failureOf(yield* Effect.exit(migrateTo(address, yield* sourceRam(), { reconnect: { attempts: 2, within: "5 seconds" } })))
+        expect(error).toMatchObject({ _tag: "MigrationError", reason: "Unexpected" })
+        expect(error.message).toContain("unexpected Lost message instead of FlushAck for round 0")
+      }))
+  }
 })
 
 describe("a listener that serves one migration after another", () => {

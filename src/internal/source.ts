@@ -99,10 +99,14 @@ export const run = (
     // as the reader's: a peer that floods is held back by its socket, not kept)
     const reattached = new Map<number, Deferred.Deferred<number>>()
     const inbox = yield* Queue.bounded<Control.Message>(Conversation.INBOX)
-    // the destination's word that a channel's connection broke, by channel and nonce (it may come first)
+    // the destination's word that a channel's connection broke, by channel and nonce (it may come first); only
+    // about a connection this source made (a channel's first, or one announced by `reattach`): any other is out of
+    // turn (each was kept, and a destination naming nonce after nonce grew this map without bound)
     const losses = new Map<string, Deferred.Deferred<void>>()
+    const lossKey = (channel: number, nonce: string | undefined) => `${channel}/${nonce ?? ""}`
+    const made = new Set(Array.from({ length: channels }, (_, channel) => lossKey(channel, undefined)))
     const lossOf = (channel: number, nonce: string | undefined) => {
-      const key = `${channel}/${nonce ?? ""}`
+      const key = lossKey(channel, nonce)
       let loss = losses.get(key)
       if (loss === undefined) {
         loss = Deferred.unsafeMake<void>(FiberId.none)
@@ -116,7 +120,11 @@ export const run = (
     // (never more than this side sent: a destination that claims more is not believed past that)
     const heardOf = (send: MultifdSend.MultifdSend["Type"]) => Effect.map(send.stats, (s) => Math.min(arrived, s.sentBytes))
     yield* Effect.forkScoped(Effect.forever(Effect.flatMap(Queue.take(received), (message) => {
-      if (message._tag === "Lost") return Deferred.succeed(lossOf(message.channel, message.nonce), undefined)
+      if (message._tag === "Lost") {
+        return made.has(lossKey(message.channel, message.nonce))
+          ? Deferred.succeed(lossOf(message.channel, message.nonce), undefined)
+          : Queue.offer(inbox, message)
+      }
       if (message._tag === "Receiving") {
         arrived = Math.max(arrived, message.bytes)
         return Effect.void
@@ -155,7 +163,9 @@ export const run = (
       Effect.gen(function*() {
         const answer = yield* Deferred.make<number>()
         reattached.set(channel, answer)
-        yield* tell(new Control.Reattach({ channel, nonce: Buffer.from(nonce).toString("hex") }))
+        const hex = Buffer.from(nonce).toString("hex")
+        made.add(lossKey(channel, hex))
+        yield* tell(new Control.Reattach({ channel, nonce: hex }))
         return yield* Effect.raceFirst(Deferred.await(answer), controlFailure).pipe(
           within(timeouts.peer, `waiting for the destination to let multifd channel ${channel} re-attach`)
         )
