@@ -15,6 +15,7 @@ import * as Effect from "effect/Effect"
 import * as Either from "effect/Either"
 import * as Exit from "effect/Exit"
 import * as Layer from "effect/Layer"
+import * as Option from "effect/Option"
 import * as Queue from "effect/Queue"
 import type * as Scope from "effect/Scope"
 import * as FsSync from "node:fs"
@@ -304,7 +305,20 @@ export const connect = (
   })
 
 /**
+ * Connections a listener holds for whoever accepts next (Node accepts every connection at once): beyond this,
+ * one more is closed as it comes, as a kernel's full backlog refuses it. Far more than one migration opens at
+ * once (its main channel and at most `Protocol.MAX_CHANNELS` channels, taken as they come while it accepts).
+ *
+ * @since 0.1.0
+ * @category constants
+ */
+export const MAX_QUEUED = 512
+
+/**
  * Listens on TCP or a Unix socket; the server and every connection it accepted are closed with the scope.
+ * Connections nobody has accepted yet wait in a queue of `MAX_QUEUED`; more are closed as they come (each held a
+ * descriptor and its socket until somebody accepted it or the listener closed: a migration that has all its
+ * channels accepts no more until it ends, and strangers connecting meanwhile piled up to the open-files limit).
  *
  * @since 0.1.0
  * @category constructors
@@ -323,6 +337,11 @@ export const listen = (address: Address): Effect.Effect<Listener, TransportError
       Effect.sync(() =>
         // paused on connect: each socket is re-wrapped to read long runs straight into guest memory
         Net.createServer({ noDelay: true, pauseOnConnect: true }, (raw) => {
+          if (Option.getOrElse(pending.unsafeSize(), () => 0) >= MAX_QUEUED) {
+            raw.on("error", () => {})
+            raw.destroy()
+            return
+          }
           const { reader, socket } = DirectSocket.rewrap(raw)
           socket.on("error", () => {}) // errors surface on read; this keeps an early reset from crashing
           accepted.add(socket)

@@ -29,6 +29,7 @@ import * as Ref from "effect/Ref"
 import * as Supervisor from "effect/Supervisor"
 import * as TestClock from "effect/TestClock"
 import * as Crypto from "node:crypto"
+import * as Net from "node:net"
 import * as Control from "../src/Control.js"
 import * as GuestRam from "../src/GuestRam.js"
 import * as Migration from "../src/Migration.js"
@@ -435,6 +436,37 @@ describe("strangers are candidates, never owners", () => {
         expect(dest.logs).toEqual([`rejected a connection from ${result.rejected[0]}`])
       })))
   }
+
+  it.live("a listener nobody accepts on (a migration with all its channels) holds Transport.MAX_QUEUED connections; more are closed as they come", () =>
+    leakFree(Effect.scoped(Effect.gen(function*() {
+      // (each was accepted and held, socket and descriptor, until somebody accepted it or the listener closed:
+      // strangers connecting while a migration had all its channels piled up to the open-files limit)
+      const listener = yield* Transport.listen(tcp0)
+      const port = listener.address._tag === "Tcp" ? listener.address.port : 0
+      const extra = 8
+      let closed = 0
+      const allClosed = yield* Deferred.make<void>()
+      yield* Effect.acquireRelease(
+        Effect.sync(() =>
+          Array.from({ length: Transport.MAX_QUEUED + extra }, () => {
+            const socket = Net.connect({ host: "127.0.0.1", port })
+            socket.on("error", () => {})
+            socket.once("close", () => {
+              if (++closed === extra) Deferred.unsafeDone(allClosed, Exit.void)
+            })
+            socket.resume()
+            return socket
+          })
+        ),
+        (sockets) => Effect.forEach(sockets, (socket) => Transport.destroy(socket), { discard: true })
+      )
+      yield* noHang(Deferred.await(allClosed), `${extra} connections beyond the queue closed`, 20)
+      // the queued ones are still there for whoever accepts next
+      for (let i = 0; i < 4; i++) yield* nextTurn
+      expect(closed).toBe(extra)
+      const first = yield* listener.accept
+      expect(first.peer).toContain("127.0.0.1")
+    }))))
 
   const stalling = [
     { name: "the control magic, then nothing", bytes: () => [controlMagic()], listed: "timed out after 5s waiting for a complete hello" },
