@@ -108,7 +108,7 @@ export interface Stats extends Transfer.Stats {
     readonly mainBytes: number
     readonly deviceStateBytes: number
     readonly devices: number | undefined
-    /** QEMU's messages on the return path, by name. */
+    /** QEMU's messages on the return path, by name (the first 64: QEMU sends a few). */
     readonly returnPath: ReadonlyArray<string>
   }
 }

@@ -42,6 +42,7 @@ import * as QemuVm from "../src/QemuVm.js"
 import * as Tls from "../src/Tls.js"
 import * as Format from "../src/internal/qemu/format.js"
 import * as Reader from "../src/internal/qemu/reader.js"
+import * as ReturnPath from "../src/internal/qemu/returnPath.js"
 import * as Transport from "../src/Transport.js"
 import * as Cli from "./support/cli.js"
 import { advanceUntil } from "./support/clock.js"
@@ -1693,6 +1694,20 @@ describe("QemuOutgoing: a VM into a QEMU destination (here QemuIncoming, which a
         expect(error.message).toBe(expected)
       }))))
   }
+
+  it.live("QEMU's return path saying SWITCHOVER_ACK again and again: read on, the first names kept, not each", () =>
+    expectNoLeaks(Effect.scoped(Effect.gen(function*() {
+      // (each message's name was kept, for the stats: a destination saying the same 4 bytes forever grew that
+      // list as long as the migration ran)
+      const listener = yield* Transport.listen({ _tag: "Tcp", host: "127.0.0.1", port: 0 })
+      const source = yield* Transport.connect(listener.address)
+      const qemu = yield* listener.accept
+      const returnPath = yield* ReturnPath.start(source, () => "QEMU closed it")
+      const ack = Buffer.from("00070000", "hex")
+      yield* qemu.write([Buffer.concat(Array.from({ length: 100_000 }, () => ack)), Buffer.from("0001000400000000", "hex")])
+      expect(yield* noHang(returnPath.shut, "QEMU's SHUT")).toBe(0)
+      expect(returnPath.received()).toEqual(Array.from({ length: ReturnPath.MAX_KEPT }, () => "SWITCHOVER_ACK"))
+    }))))
 
   it.live("QEMU that answers and then takes nothing more: a timeout naming the wait, nothing left open", () =>
     expectNoLeaks(Effect.scoped(Effect.gen(function*() {

@@ -39,6 +39,12 @@ const headerProblem = (type: number, length: number): string | undefined => {
   return undefined
 }
 
+/**
+ * The most messages whose names are kept (`received`): QEMU sends a few (SWITCHOVER_ACK, a PONG for each PING,
+ * SHUT); a return path that says message after message is read on, its names no longer kept.
+ */
+export const MAX_KEPT = 64
+
 /** Bytes as hex, a space between each. */
 const hex = (bytes: Buffer): string => Array.from(bytes, (b) => b.toString(16).padStart(2, "0")).join(" ")
 
@@ -48,7 +54,7 @@ export interface ReturnPath {
   readonly firstPong: Effect.Effect<number, MigrationError.MigrationError>
   /** The SHUT status: 0 QEMU loaded the migration and started the VM. */
   readonly shut: Effect.Effect<number, MigrationError.MigrationError>
-  /** Messages received so far, by name. */
+  /** Messages received so far, by name (the first `MAX_KEPT`). */
   readonly received: () => ReadonlyArray<string>
 }
 
@@ -85,7 +91,7 @@ export const start = (
         }
         const data = length > 0 ? yield* connection.read(length) : Buffer.alloc(0)
         const name = returnPathName(type)
-        received.push(name)
+        if (received.length < MAX_KEPT) received.push(name)
         switch (type) {
           case Message.PONG:
           case Message.SHUT: {
