@@ -413,6 +413,16 @@ describe("QemuStream.read refuses what it does not understand, naming it", () =>
       expect(error.message).toContain("'x-ignore-shared'")
     }))
 
+  it.effect("a configuration subsection twice is Malformed (capabilities again and again each added up to 256 names)", () =>
+    Effect.gen(function*() {
+      const caps = subsection("configuration/capabilities", Buffer.concat([u32(2), str("mapped-ram"), str("mapped-ram")]))
+      const error = yield* parseError(Buffer.concat([header, configuration("none", [caps, caps, caps])]), { mappedRam: true })
+      expect(error).toMatchObject({ reason: "Malformed" })
+      expect(error.message).toContain("configuration subsection 'configuration/capabilities' twice")
+      const bits = subsection("configuration/target-page-bits", u32(12))
+      expect((yield* parseError(Buffer.concat([header, configuration("none", [bits, bits])]))).message).toContain("twice")
+    }))
+
   it.effect("block lists: sizes not a multiple of the page, beyond the total, names twice", () =>
     Effect.gen(function*() {
       const odd = yield* parseError(stream({ blocks: [["a", PAGE / 2], ["b", PAGE + PAGE / 2]] }))

@@ -52,10 +52,14 @@ const readConfiguration = <E, R>(p: Parser<E, R>, at: number) =>
     let targetPageBits: number | undefined
     let uuid: Uint8Array | undefined
     const capabilities: Array<string> = []
+    // each subsection once, as QEMU sends them (the capabilities again and again each added up to 256 names)
+    const seen = new Set<string>()
     while ((yield* r.peekByte()) === Record.SUBSECTION) {
       const subAt = r.offset
       yield* r.u8("a subsection marker")
       const name = yield* r.shortString("a subsection name")
+      if (seen.has(name)) return yield* fail("Malformed", subAt, `configuration subsection '${name}' twice`)
+      seen.add(name)
       const subVersion = yield* r.u32(`the version of subsection '${name}'`)
       if (subVersion !== 1) {
         return yield* fail("Unsupported", subAt, `configuration subsection '${name}' version ${subVersion} is not supported`)
