@@ -232,6 +232,13 @@ describe.skipIf(missing !== undefined)(`QEMU ${"version" in qemu ? qemu.version 
     )
   }
 
+  it.live.skipIf(codecs.get("zstd") !== undefined)("multifd-zstd-level 20, QEMU's highest (its largest zstd window, which our decoders allow and no more): the RAM equals the image", () =>
+    expectNoLeaks(Effect.scoped(Effect.gen(function*() {
+      const { exit, img, status } = yield* migrateOnce("mostly-zero", { channels: 2, compression: "zstd", extraParameters: { "multifd-zstd-level": 20 } })
+      expect(status).toBe("completed")
+      expectSame(exit, img)
+    }))), 120_000)
+
   it.live("zero-page-detection=legacy: zero pages arrive on the main channel", () =>
     expectNoLeaks(Effect.scoped(Effect.gen(function*() {
       const { exit, img, status } = yield* migrateOnce("mixed", { channels: 2, compression: "none", zeroPageDetection: "legacy" })
