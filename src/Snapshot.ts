@@ -116,7 +116,8 @@ export interface SaveOptions {
   /**
    * Pre-copy policy for memory written while the snapshot is taken (as `Migration.migrate`). As with a
    * migration, writers stay paused (`ram.gate`) after a successful save — the snapshot is the memory as of
-   * then; call `ram.gate.open` to let them go on. On failure the gate opens again.
+   * then; call `ram.gate.open` to let them go on. On failure the gate opens again, unless it was closed already
+   * when the save's switch-over began (by the application, or kept closed by an earlier success): it stays so.
    */
   readonly live?: Transfer.LiveOptions | undefined
   /**

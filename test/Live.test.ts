@@ -101,7 +101,7 @@ const quiet = <A, E, R>(self: Effect.Effect<A, E, R>) =>
   Effect.provide(self, Logger.replace(Logger.defaultLogger, Logger.none))
 
 /** Receives one migration on `listener` in a fiber of the caller's scope. */
-const receive = (listener: Transport.Listener, options: Migration.IncomingOptions = {}) =>
+const receive = <E = never>(listener: Transport.Listener, options: Migration.IncomingOptions<E> = {}) =>
   Effect.forkScoped(quiet(Migration.incoming(listener, { timeouts: TIMEOUTS, ...options })))
 
 const migrateFrom = (
@@ -280,6 +280,53 @@ describe("the write gate", () => {
       expectBlockedInSwitchover(outcomes)
       yield* ram.gate.open
     }))
+
+  /**
+   * A gate closed by the application (or kept closed by an earlier successful migration, as documented: the
+   * destination owns that memory until the application opens it) belongs to the application. A migration that
+   * then fails in its switch-over opened it on its way out — it opens "again" what it found closed — and the
+   * application's writers went on writing memory it had frozen.
+   */
+  for (const closedBy of ["the application", "an earlier successful migration"] as const) {
+    it.live(`a gate closed by ${closedBy} stays closed when a migration then fails in its switch-over`, () =>
+      leakFree(Effect.gen(function*() {
+        const ram = yield* sourceRam(64, 16)
+        const listener = yield* Transport.listen(tcp0)
+        if (closedBy === "the application") {
+          yield* ram.gate.close
+        } else {
+          const first = yield* receive(listener)
+          yield* noHang(migrateFrom(ram, { address: listener.address, channels: 2 }), "the first migrate")
+          yield* noHang(Fiber.join(first), "the first incoming")
+        }
+        const writer = yield* Effect.fork(GuestRam.write(ram, "pc.ram", 0, Buffer.from([42])))
+        expect(yield* stillRunningAfterTurns(writer, 3)).toBe(true)
+        // a destination whose store fails: the source fails after its switch-over closed (found closed) the gate
+        const destination = yield* receive(listener, {
+          store: () => Effect.fail(new Error("disk full"))
+        })
+        const exit = yield* noHang(Effect.exit(migrateFrom(ram, { address: listener.address, channels: 2 })), "migrate")
+        expect(failureOf(exit).message).toContain("disk full")
+        yield* noHang(Fiber.await(destination), "incoming")
+        // the writer still waits: the gate is the application's to open
+        expect(yield* stillRunningAfterTurns(writer, 20)).toBe(true)
+        expect(ram.blocks[0]!.bytes[0]).not.toBe(42)
+        yield* ram.gate.open
+        yield* noHang(Fiber.join(writer), "the write once the application opened the gate")
+        expect(ram.blocks[0]!.bytes[0]).toBe(42)
+      })))
+  }
+
+  it.live("a migration that fails in its switch-over still opens the gate it closed itself", () =>
+    leakFree(Effect.gen(function*() {
+      const ram = yield* sourceRam(64, 16)
+      const listener = yield* Transport.listen(tcp0)
+      const destination = yield* receive(listener, { store: () => Effect.fail(new Error("disk full")) })
+      const exit = yield* noHang(Effect.exit(migrateFrom(ram, { address: listener.address, channels: 2 })), "migrate")
+      expect(failureOf(exit).message).toContain("disk full")
+      yield* noHang(Fiber.await(destination), "incoming")
+      yield* writeNow(ram)
+    })))
 })
 
 // ---------------------------------------------------------------------------------------------------------

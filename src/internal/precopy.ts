@@ -113,7 +113,8 @@ export const exclusive = <A, E, R>(
 
 /**
  * Runs the rounds. The write gate is closed in the caller's scope: it stays closed when the scope closes
- * successfully (the destination owns the memory now) and opens again on failure or interruption.
+ * successfully (the destination owns the memory now) and opens again on failure or interruption, unless it was
+ * closed already when the switch-over began (then it stays as the application left it).
  */
 export const run = <E, F>(
   ram: GuestRam.GuestRam["Type"],
@@ -251,7 +252,12 @@ export const run = <E, F>(
 
     // switch-over: writers wait at the gate while the last dirty pages go out
     const pausedAt = yield* Clock.currentTimeMillis
-    yield* Effect.acquireRelease(ram.gate.close, (_, exit) => Exit.isSuccess(exit) ? Effect.void : ram.gate.open)
+    // a gate found closed (by the application, or kept closed by an earlier successful migration) is not this
+    // migration's to open: it opens on failure only the gate it closed itself
+    yield* Effect.acquireRelease(
+      ram.gate.closing,
+      (closedHere, exit) => closedHere && Exit.isFailure(exit) ? ram.gate.open : Effect.void
+    )
     pagesPerRound.push(yield* runRound(pagesPerRound.length, "switchover", takeDirty(ram), bandwidth))
     return { pagesPerRound, pausedAt }
   })

@@ -44,12 +44,20 @@ export class WriteGate {
   }
 
   /** Closes the gate; writers wait from now on. */
-  readonly close: Effect.Effect<void> = Effect.suspend(() =>
+  readonly close: Effect.Effect<void> = Effect.asVoid(Effect.suspend(() => this.closing))
+
+  /**
+   * Closes the gate; whether this call closed it (`false`: it was closed already, by the application or an
+   * earlier transfer, and is not this caller's to open again).
+   */
+  readonly closing: Effect.Effect<boolean> = Effect.suspend(() =>
     this.closed === undefined
       ? Effect.map(Deferred.make<void>(), (d) => {
-        this.closed ??= d
+        if (this.closed !== undefined) return false
+        this.closed = d
+        return true
       })
-      : Effect.void
+      : Effect.succeed(false)
   )
 
   /** Opens the gate and lets every waiting writer through. */
