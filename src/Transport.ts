@@ -216,8 +216,11 @@ export interface ConnectOptions {
  */
 export interface Listener {
   readonly address: Address
-  /** Waits for the next connection; it is closed when the caller's scope closes. */
-  readonly accept: Effect.Effect<Connection, never, Scope.Scope>
+  /**
+   * Waits for the next connection; it is closed when the caller's scope closes. Fails (`Closed`) once the
+   * listener's own scope has closed: nothing will ever connect to it again.
+   */
+  readonly accept: Effect.Effect<Connection, TransportError, Scope.Scope>
 }
 
 /**
@@ -333,6 +336,10 @@ export const listen = (address: Address): Effect.Effect<Listener, TransportError
     // every accepted socket until it closes: the server's release destroys the stragglers, so that closing
     // the server never waits on a connection somebody forgot
     const accepted = new Set<Net.Socket>()
+    // once the listener's scope closed, every accept (waiting or to come) fails: a destination given a listener
+    // that is gone waited for ever while every source was refused
+    const gone = yield* Deferred.make<never, TransportError>()
+    let named = uri // the port it was given, then the port it got
     const server = yield* Effect.acquireRelease(
       Effect.sync(() =>
         // paused on connect: each socket is re-wrapped to read long runs straight into guest memory
@@ -354,9 +361,15 @@ export const listen = (address: Address): Effect.Effect<Listener, TransportError
       (server) =>
         Effect.flatMap(stopAccepting(server), (closed) =>
           Effect.zipRight(
+            Deferred.fail(gone, new TransportError({
+              reason: "Closed",
+              address: named,
+              detail: "the listener is closed (its scope has ended): listen again"
+            })),
+          Effect.zipRight(
             Effect.forEach(Array.from(accepted), destroy, { discard: true, concurrency: "unbounded" }),
             closed
-          ))
+          )))
     )
     const bind = Effect.async<void, TransportError>((resume) => {
       const onError = (error: Error) =>
@@ -380,11 +393,12 @@ export const listen = (address: Address): Effect.Effect<Listener, TransportError
       ? { _tag: "Tcp", host: address.host, port: bound.port }
       : address
     const actualUri = formatAddress(actual)
+    named = actualUri
     return {
       address: actual,
       accept: Effect.uninterruptibleMask((restore) =>
         Effect.flatMap(
-          restore(Queue.take(pending)),
+          restore(Effect.raceFirst(Deferred.await(gone), Queue.take(pending))),
           ({ reader, socket }) =>
             Effect.acquireRelease(
               Effect.sync(() => Connections.make(socket, `${actualUri} (from ${peerOf(socket)})`, reader)),

@@ -16,7 +16,8 @@ import * as Exit from "effect/Exit"
 import * as FastCheck from "effect/FastCheck"
 import * as Fiber from "effect/Fiber"
 import * as Logger from "effect/Logger"
-import type * as Scope from "effect/Scope"
+import * as Option from "effect/Option"
+import * as Scope from "effect/Scope"
 import * as Crypto from "node:crypto"
 import * as Fs from "node:fs"
 import * as Os from "node:os"
@@ -27,6 +28,7 @@ import * as Migration from "../src/Migration.js"
 import * as MigrationError from "../src/MigrationError.js"
 import * as PageCodec from "../src/PageCodec.js"
 import * as Protocol from "../src/Protocol.js"
+import * as QemuIncoming from "../src/QemuIncoming.js"
 import * as Transport from "../src/Transport.js"
 import { expectOneLine, failureOf } from "./support/failures.js"
 import * as Faulty from "./support/faultyTransport.js"
@@ -930,5 +932,39 @@ describe("j. one incoming on a listener at a time", () => {
         "the next migration"
       )
       expect(sameMemory(next.ram, ram)).toBe(true)
+    })))
+})
+
+describe("k. a listener whose scope has closed", () => {
+  /**
+   * A listener is a scoped resource: once its scope closed nothing connects to it again (every source is refused).
+   * An incoming given such a listener (listened in a scope of its own by mistake, or closed while the destination
+   * waits) waited for a source for ever, without a word, unless it had an acceptTimeout.
+   */
+  it.live("incoming on it fails at once, saying the listener is closed; one waiting on it fails when it closes", () =>
+    leakFree(Effect.gen(function*() {
+      for (const address of [tcpAddress, unixAddress("closed-listener")]) {
+        const closed = yield* Effect.scoped(Transport.listen(address))
+        const error = yield* noHang(Effect.flip(Migration.incoming(closed, { timeouts: TIMEOUTS })), "incoming on a closed listener")
+        expectOneLine(error)
+        expect(error).toBeInstanceOf(Transport.TransportError)
+        expect((error as Transport.TransportError).reason).toBe("Closed")
+        expect(error.message).toBe(`${Transport.formatAddress(closed.address)}: the listener is closed (its scope has ended): listen again`)
+        // the same front door receives from QEMU
+        const fromQemu = yield* noHang(Effect.flip(QemuIncoming.incoming(closed, { channels: 2, timeouts: TIMEOUTS })), "QemuIncoming")
+        expect(fromQemu.message).toBe(error.message)
+
+        const scope = yield* Scope.make()
+        const listener = yield* Transport.listen(address._tag === "Unix" ? unixAddress("closing-listener") : address).pipe(
+          Scope.extend(scope)
+        )
+        const waiting = yield* Effect.fork(Migration.incoming(listener, { timeouts: TIMEOUTS }))
+        // it waits for a source (some event-loop turns, no timer)
+        for (let i = 0; i < 5; i++) yield* nextTurn
+        expect(Option.isNone(yield* Fiber.poll(waiting))).toBe(true)
+        yield* Scope.close(scope, Exit.void)
+        const later = failureOf(yield* noHang(Fiber.await(waiting), "incoming waiting on a listener that closed"))
+        expect((later as Transport.TransportError).reason).toBe("Closed")
+      }
     })))
 })

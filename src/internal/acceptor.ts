@@ -6,7 +6,8 @@
  * them began, so that it can bound the rest of a handshake by the same deadline). A connection whose
  * upgrade or first bytes fail, or that `classify` turns away, is closed and recorded with the reason; only
  * a failure of `classify` fails the set. Accepting stops when `until` completes, so that a listener serving one
- * migration after another hands each connection to the migration it belongs to.
+ * migration after another hands each connection to the migration it belongs to. A listener that is closed (its
+ * accept fails) fails the set with that error.
  *
  * @internal
  */
@@ -91,13 +92,14 @@ export const start = <E>(
      */
     readonly until?: Effect.Effect<void> | undefined
   }
-): Effect.Effect<Acceptor<E>, never, Scope.Scope> =>
+): Effect.Effect<Acceptor<E | Transport.TransportError>, never, Scope.Scope> =>
   Effect.gen(function*() {
     // the first MAX_LISTED rejections with their reasons, the rest counted (a stranger that connects again and
     // again must not grow the list, or the log, without bound)
     const listed: Array<string> = []
     let unlisted = 0
-    const connections = yield* FiberSet.make<void, E>()
+    // a listener whose scope closed fails its accepts: the set fails with that too
+    const connections = yield* FiberSet.make<void, E | Transport.TransportError>()
 
     const reject: Reject = (connection, why) =>
       Effect.suspend(() => {
@@ -131,7 +133,7 @@ export const start = <E>(
 
     // the loop forks each connection's fiber, which accepts (the connection lives in its scope) and handles it;
     // the loop goes on once it accepted
-    const acceptor = (stop: Effect.Effect<void>): Effect.Effect<void, E> =>
+    const acceptor = (stop: Effect.Effect<void>): Effect.Effect<void, E | Transport.TransportError> =>
       Effect.gen(function*() {
         while (true) {
           const accepted = yield* Deferred.make<boolean>()
