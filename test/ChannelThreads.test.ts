@@ -730,3 +730,64 @@ describe("a channel thread that dies while it hashes a digest", () => {
       )
     }).pipe(Effect.scoped)))
 })
+
+describe("a pool whose scope has closed", () => {
+  /**
+   * A pool is a scoped resource (its layer's). Used after its scope closed (a runtime disposed, a layer built in a
+   * scope of its own), each channel's session started a new thread that was terminated at once, and the migration
+   * failed "multifd channel 0: its thread exited (code 0)"; closed under a running migration, "its thread exited
+   * (code 1)". Both now say the pool is closed, and no thread is started in a closed pool.
+   */
+  const CLOSED = /^multifd channel [01]: its thread's pool \(ChannelThreads\) is closed: its scope has ended$/
+
+  it.live("used after: migrate fails at once saying so; no thread starts", () =>
+    leakFree(Effect.gen(function*() {
+      const scope = yield* Scope.make()
+      const pool = yield* ChannelThreads.make(POOL).pipe(Scope.extend(scope))
+      yield* Scope.close(scope, Exit.void)
+      const threadsBefore = ChannelThreads.liveThreads()
+      const ram = yield* sharedRam()
+      const dest = yield* startDestination()
+      const exit = yield* noHang(
+        Effect.exit(migrate(ram, { address: dest.address, channels: 2 }).pipe(
+          Effect.provideService(ChannelThreads.ChannelThreads, pool)
+        )),
+        "migrate"
+      )
+      const error = failureOf(exit)
+      expect(error.message).toMatch(CLOSED)
+      expectOneLine(error)
+      expect(((error as MigrationError.ChannelError).cause as ChannelThreads.ThreadError).reason).toBe("Closed")
+      yield* noHang(Fiber.await(dest.fiber), "incoming")
+      expect(ChannelThreads.liveThreads()).toBe(threadsBefore)
+      expect(yield* pool.stats).toMatchObject({ threads: 0, sessions: 0, replaced: 0 })
+    })))
+
+  it.live("closed under a running migration: the migration fails saying so, nothing is left", () =>
+    leakFree(Effect.gen(function*() {
+      const threadsBefore = ChannelThreads.liveThreads()
+      const scope = yield* Scope.make()
+      const pool = yield* ChannelThreads.make(POOL).pipe(Scope.extend(scope))
+      const ram = yield* sharedRam()
+      const dest = yield* startDestination()
+      const reached = yield* Deferred.make<void>()
+      const resume = yield* Deferred.make<void>()
+      let reports = 0
+      const onProgress = (p: Migration.Progress) =>
+        p.doneBytes > 0 && reports++ === 0
+          ? Effect.zipRight(Deferred.succeed(reached, undefined), Deferred.await(resume))
+          : Effect.void
+      const source = yield* Effect.fork(migrate(ram, { address: dest.address, channels: 2, onProgress }).pipe(
+        Effect.provideService(ChannelThreads.ChannelThreads, pool)
+      ))
+      yield* noHang(Deferred.await(reached), "round 0 under way")
+      const closing = yield* Effect.fork(Scope.close(scope, Exit.void))
+      yield* Deferred.succeed(resume, undefined)
+      const error = failureOf(yield* noHang(Fiber.await(source), "migrate"))
+      expect(error.message).toMatch(CLOSED)
+      expectOneLine(error)
+      yield* noHang(Fiber.join(closing), "the pool's close")
+      yield* noHang(Fiber.await(dest.fiber), "incoming")
+      expect(ChannelThreads.liveThreads()).toBe(threadsBefore)
+    })))
+})

@@ -150,7 +150,12 @@ const workerUrl = (): URL =>
   new URL(import.meta.url.endsWith(".ts") ? "./channelWorkerSource.mjs" : "./channelWorker.js", import.meta.url)
 
 /** Starts a thread in a scope of its own inside `parent`; terminated (and its exit awaited) when that closes. */
-const start = (slot: number, parent: Scope.Scope, module: string | URL): Effect.Effect<Thread> =>
+const start = (
+  slot: number,
+  parent: Scope.Scope,
+  module: string | URL,
+  closed: () => boolean
+): Effect.Effect<Thread> =>
   Effect.gen(function*() {
     const scope = yield* Scope.fork(parent, ExecutionStrategy.sequential)
     const ready = yield* Deferred.make<void, ThreadError>()
@@ -165,7 +170,7 @@ const start = (slot: number, parent: Scope.Scope, module: string | URL): Effect.
         live++
         const inspections = new Map<number, (inspection: Inspection) => void>()
         const sessions = new Set<Lease<unknown>>()
-        const fail = (reason: "Failed" | "Exited", detail: string) => {
+        const fail = (reason: "Failed" | "Exited" | "Closed", detail: string) => {
           const error = new ThreadError({ reason, detail })
           Deferred.unsafeDone(ready, Exit.fail(new ThreadError({ reason: "Start", detail: `${detail} before it was ready` })))
           Deferred.unsafeDone(failed, Exit.fail(error))
@@ -185,7 +190,9 @@ const start = (slot: number, parent: Scope.Scope, module: string | URL): Effect.
         })
         worker.on("exit", (code) => {
           live--
-          if (thrown !== undefined) fail("Failed", `its thread failed: ${thrown.message}`)
+          // terminated because its pool is closing: said so, rather than "exited (code 1)"
+          if (closed()) fail("Closed", POOL_CLOSED)
+          else if (thrown !== undefined) fail("Failed", `its thread failed: ${thrown.message}`)
           else fail("Exited", `its thread exited (code ${code})`)
         })
         return { slot, worker, ready, failed, inspections, scope, sessions, hosted }
@@ -195,6 +202,11 @@ const start = (slot: number, parent: Scope.Scope, module: string | URL): Effect.
   })
 
 let inspections = 0
+
+const POOL_CLOSED = "its thread's pool (ChannelThreads) is closed: its scope has ended"
+
+/** What a session opened in a pool that is closed gets: the pool's end, and no thread. */
+const closedError = () => new ThreadError({ reason: "Closed", detail: POOL_CLOSED })
 
 /** Asks a thread what it holds; fails if the thread fails first. */
 const inspectOne = (thread: Thread): Effect.Effect<Inspection, ThreadError> =>
@@ -250,8 +262,17 @@ export const make = (options?: Options): Effect.Effect<Pool, ThreadError, Scope.
     const size = sizeOf(options)
     const module = options?.module ?? workerUrl()
     const scope = yield* Effect.scope
+    // set as the scope starts closing, before the threads are terminated (finalizers run in reverse): a thread
+    // that ends then ends because the pool closes, and no thread is started in place of one any more
+    let closed = false
+    const isClosed = () => closed
     const slots: Array<Thread> = []
-    for (let slot = 0; slot < size; slot++) slots.push(yield* start(slot, scope, module))
+    for (let slot = 0; slot < size; slot++) slots.push(yield* start(slot, scope, module, isClosed))
+    yield* Effect.addFinalizer(() =>
+      Effect.sync(() => {
+        closed = true
+      })
+    )
     yield* Effect.forEach(slots, (thread) => Deferred.await(thread.ready), { concurrency: "unbounded", discard: true })
     let opened = 0
     let replaced = 0
@@ -259,10 +280,11 @@ export const make = (options?: Options): Effect.Effect<Pool, ThreadError, Scope.
 
     /** The least busy thread, after a new thread took the place of each one that failed. */
     const choose = lock.withPermits(1)(Effect.gen(function*() {
+      if (closed) return undefined
       for (const thread of slots) {
         if (!(yield* Deferred.isDone(thread.failed))) continue
         yield* Scope.close(thread.scope, Exit.void)
-        slots[thread.slot] = yield* start(thread.slot, scope, module)
+        slots[thread.slot] = yield* start(thread.slot, scope, module, isClosed)
         replaced++
       }
       let best = slots[0]!
@@ -280,6 +302,13 @@ export const make = (options?: Options): Effect.Effect<Pool, ThreadError, Scope.
               gone: yield* Deferred.make<void>()
             }
             const { port1: port, port2 } = new WorkerThreads.MessageChannel()
+            if (thread === undefined) {
+              // the pool is closed: no thread starts for the session, which fails saying so
+              Queue.unsafeOffer(lease.inbox, { _tag: "Failed", error: closedError() })
+              Deferred.unsafeDone(lease.gone, Exit.void)
+              port2.close()
+              return { thread, port, lease }
+            }
             port.on("message", (message: FromSession) => {
               if (message[0] === 0) return Queue.unsafeOffer(lease.inbox, { _tag: "Message", message: message[1] as Out })
               if (message[0] === 2) return Queue.unsafeOffer(lease.inbox, { _tag: "Log", line: message[1] })
@@ -305,7 +334,7 @@ export const make = (options?: Options): Effect.Effect<Pool, ThreadError, Scope.
               if (!(yield* Deferred.isDone(lease.gone))) port.postMessage([1] satisfies ToSession)
               yield* Deferred.await(lease.gone)
               port.close()
-              thread.sessions.delete(lease as Lease<unknown>)
+              thread?.sessions.delete(lease as Lease<unknown>)
             })
         ),
         ({ lease, port, thread }): Session<In, Out> => {
@@ -322,12 +351,12 @@ export const make = (options?: Options): Effect.Effect<Pool, ThreadError, Scope.
           const unsafeSend = (message: In, transfer?: ReadonlyArray<TransferListItem>) =>
             port.postMessage([0, message] satisfies ToSession, transfer as Array<TransferListItem>)
           return {
-          thread: thread.slot,
+          thread: thread?.slot ?? 0,
           send: (message, transfer) => Effect.sync(() => unsafeSend(message, transfer)),
           unsafeSend,
           receive,
-          failed: Deferred.await(thread.failed),
-          alive: Effect.asVoid(inspectOne(thread))
+          failed: thread === undefined ? Effect.fail(closedError()) : Deferred.await(thread.failed),
+          alive: thread === undefined ? Effect.fail(closedError()) : Effect.asVoid(inspectOne(thread))
           }
         }
       )

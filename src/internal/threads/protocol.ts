@@ -23,11 +23,13 @@ import * as Option from "effect/Option"
 import type { MessagePort, TransferListItem } from "node:worker_threads"
 
 /**
- * A channel thread failed: it could not start, it threw, or it exited; or a session's program died in it. The
+ * A channel thread failed: it could not start, it threw, or it exited; or a session's program died in it; or the
+ * pool it belongs to was closed (used after its scope ended, or closed under a migration using it). The
  * message reads after a channel's name: "multifd channel 2: its thread exited (code 1)".
  */
 export class ThreadError extends Data.TaggedError("ThreadError")<{
-  readonly reason: "Start" | "Failed" | "Exited" | "Defect"
+  /** `Closed`: the pool's scope has closed (its layer's), its threads stopped with it. */
+  readonly reason: "Start" | "Failed" | "Exited" | "Defect" | "Closed"
   readonly detail: string
 }> {
   override get message(): string {
