@@ -489,6 +489,23 @@ const into = <A, E, R>(
 ): Effect.Effect<A, E | MigrationError.MigrationError, R> =>
   ram === undefined ? self : Precopy.exclusive(ram, self)
 
+/**
+ * The first expectation no source can meet (a channel count, page size, method or zero-page mode that does not
+ * exist), described: every source would be refused, and the destination would wait for ever.
+ */
+const checkExpectations = (expect: Expectations | undefined): string | undefined => {
+  if (expect === undefined) return undefined
+  const { channels, compression, pageSize, zeroPage } = expect
+  return (channels === undefined ? undefined : Protocol.checkChannels(channels, "expect.channels")) ??
+    (pageSize === undefined ? undefined : Protocol.checkPageSize(pageSize, "expect.pageSize")) ??
+    (compression === undefined || Protocol.compressions.includes(compression)
+      ? undefined
+      : `expect.compression ${JSON.stringify(compression)} is not one of ${Protocol.compressions.join(", ")}`) ??
+    (zeroPage === undefined || zeroPage === "multifd" || zeroPage === "none"
+      ? undefined
+      : `expect.zeroPage ${JSON.stringify(zeroPage)} is not multifd or none`)
+}
+
 /** `incoming`; `exclusive`: the listener serves this migration alone (see `Destination.Settings`). */
 const receive = <E>(
   listener: Transport.Listener,
@@ -496,7 +513,8 @@ const receive = <E>(
   exclusive: boolean
 ): Effect.Effect<Incoming, IncomingError | E, never> =>
   Effect.flatMap(MigrationConfig.resolve(options), (options) => {
-    const problem = Transfer.checkMaxRam(options.maxRamBytes) ?? Transfer.checkTimeouts(options.timeouts)
+    const problem = Transfer.checkMaxRam(options.maxRamBytes) ?? Transfer.checkTimeouts(options.timeouts) ??
+      Transfer.checkAcceptTimeout(options.acceptTimeout) ?? checkExpectations(options.expect)
     if (problem !== undefined) return new MigrationError.MigrationError({ reason: "BadOptions", detail: problem })
     return Effect.map(
       observed("destination", options.status, options.ram?.size ?? 0, (tracker) =>

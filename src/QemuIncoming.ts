@@ -289,7 +289,8 @@ export const incoming = (
     }
     // out of descriptors, QEMU's channels would be dropped without a word (QEMU is told nothing either way)
     const tooFew = channels === 0 ? undefined : OpenFiles.tooFewFor(channels, "destination")
-    const problem = tooFew ?? Transfer.checkTimeouts(options.timeouts) ?? Transfer.checkMaxRam(options.maxRamBytes)
+    const problem = tooFew ?? Transfer.checkTimeouts(options.timeouts) ?? Transfer.checkMaxRam(options.maxRamBytes) ??
+      Transfer.checkAcceptTimeout(options.acceptTimeout)
     if (problem !== undefined) return yield* new MigrationError.MigrationError({ reason: "BadOptions", detail: problem })
     yield* Acceptor.claim(listener)
     const channelSet = yield* Deferred.make<MultifdRecv.MultifdRecv["Type"]>()

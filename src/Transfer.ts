@@ -106,6 +106,16 @@ export const checkTimeouts = (partial: Partial<Timeouts> | undefined): string | 
   return undefined
 }
 
+/**
+ * A destination's `acceptTimeout`, if given, checked as the timeouts are: a duration more than 0, else what is wrong
+ * with it (0, or a negative number read as 0, timed out at once; a malformed one was a defect).
+ *
+ * @since 0.1.0
+ * @category utils
+ */
+export const checkAcceptTimeout = (input: unknown): string | undefined =>
+  input === undefined ? undefined : checkDuration("acceptTimeout", input, "positive")
+
 // ---------------------------------------------------------------------------------------------------------
 // Live policy
 

@@ -203,6 +203,42 @@ describe("durations, rounds and policies are checked before anything connects", 
       expect(error.message).toBe("timeouts.peer must be more than 0, not 0")
     })))
 
+  /**
+   * acceptTimeout was not checked with the timeouts: 0 or a negative number failed at once "timed out after 0
+   * waiting for a source to connect", a malformed one was a defect (a stack trace); an expectation no source can
+   * meet (expect.channels 0) refused every source while the destination waited for ever.
+   */
+  const badIncoming = [
+    [{ acceptTimeout: 0 }, "acceptTimeout must be more than 0, not 0"],
+    [{ acceptTimeout: -5 }, "acceptTimeout -5 is not a duration of 0 or more"],
+    [{ acceptTimeout: "soon" as never }, `acceptTimeout "soon" is not a duration of 0 or more`],
+    [{ expect: { channels: 0 } }, "expect.channels must be between 1 and 255, not 0"],
+    [{ expect: { pageSize: 3000 } }, "expect.pageSize must be a power of two between 512 and 524288, not 3000"],
+    [{ expect: { compression: "lz4" as never } }, `expect.compression "lz4" is not one of none, zlib, zstd`],
+    [{ expect: { zeroPage: "auto" as never } }, `expect.zeroPage "auto" is not multifd or none`]
+  ] as const
+  for (const [options, message] of badIncoming) {
+    it.live(`incoming ${JSON.stringify(options)}: BadOptions before it accepts`, () =>
+      leakFree(Effect.gen(function*() {
+        const listener = yield* Transport.listen(tcp0)
+        const error = yield* noHang(Effect.flip(Migration.incoming(listener, options)), "incoming", 5)
+        expect((error as MigrationError.MigrationError).reason).toBe("BadOptions")
+        expect(error.message).toBe(message)
+      })))
+  }
+
+  it.live("QemuIncoming.incoming { acceptTimeout: 0 }: BadOptions before it accepts", () =>
+    leakFree(Effect.gen(function*() {
+      const listener = yield* Transport.listen(tcp0)
+      const error = yield* noHang(
+        Effect.flip(QemuIncoming.incoming(listener, { channels: 2, acceptTimeout: 0 })),
+        "QEMU incoming",
+        5
+      )
+      expect((error as MigrationError.MigrationError).reason).toBe("BadOptions")
+      expect(error.message).toBe("acceptTimeout must be more than 0, not 0")
+    })))
+
   it.live("the accepted forms still pass: numbers of milliseconds, Durations, strings, Infinity", () =>
     Effect.sync(() => {
       expect(Transfer.checkTimeouts({ connect: 1, handshake: Duration.seconds(1), peer: "1 minute" })).toBeUndefined()
