@@ -262,6 +262,12 @@ const saveToFile = (
       return yield* unsupported(path, `compression ${options.compression} does not apply to a file: snapshot`)
     }
     if (options.upgrade !== undefined) return yield* unsupported(path, "TLS does not apply to a file: snapshot")
+    // the peer timeout is the save's stall timeout: checked as a network migration checks it (the other options
+    // that apply, Snapshot.save checks)
+    const badTimeouts = Transfer.checkTimeouts(options.timeouts)
+    if (badTimeouts !== undefined) {
+      return yield* new MigrationError.MigrationError({ reason: "BadOptions", detail: badTimeouts })
+    }
     if (options.maxBandwidth !== undefined && options.maxBandwidth !== 0) {
       return yield* unsupported(path, "a bandwidth limit does not apply to a file: snapshot (it limits the channels' sockets)")
     }

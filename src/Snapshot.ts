@@ -160,11 +160,19 @@ export const save = (
 ): Effect.Effect<SaveResult, SnapshotError | MigrationError.MigrationError, GuestRam.GuestRam> =>
   Effect.gen(function*() {
     const ram = yield* GuestRam.GuestRam
+    // an empty path made a hidden `.<pid>.partial` in the working directory, wrote every page into it, and failed
+    // only at the rename
+    if (path.length === 0) return yield* new SnapshotError({ reason: "Unusable", path, detail: "no file path given" })
     const channels = options.channels ?? DEFAULT_CHANNELS
     const badChannels = Protocol.checkChannels(channels)
     if (badChannels !== undefined) return yield* new SnapshotError({ reason: "Unsupported", path, detail: badChannels })
-    const badLive = Transfer.checkLive(options.live)
-    if (badLive !== undefined) return yield* new MigrationError.MigrationError({ reason: "BadOptions", detail: badLive })
+    const zeroPage = options.zeroPage
+    const badOptions = Transfer.checkLive(options.live) ??
+      (options.stallTimeout === undefined ? undefined : Transfer.checkDuration("stallTimeout", options.stallTimeout, "positive")) ??
+      (zeroPage === undefined || zeroPage === "multifd" || zeroPage === "none"
+        ? undefined
+        : `zero-page mode ${JSON.stringify(zeroPage)} is not multifd or none`)
+    if (badOptions !== undefined) return yield* new MigrationError.MigrationError({ reason: "BadOptions", detail: badOptions })
     const started = yield* Clock.currentTimeMillis
     const uuid = Crypto.randomUUID()
     const plan = Format.plan(ram.pageSize, GuestRam.layoutOf(ram))
@@ -374,6 +382,7 @@ const restoreInto = (path: string, options: RestoreOptions): Effect.Effect<Resto
     const started = yield* Clock.currentTimeMillis
     const readers = options.readers ?? DEFAULT_CHANNELS
     const badReaders = Protocol.checkChannels(readers, "readers")
+    if (path.length === 0) return yield* new SnapshotError({ reason: "Unusable", path, detail: "no file path given" })
     const badOptions = badReaders ?? Transfer.checkMaxRam(options.maxRamBytes)
     if (badOptions !== undefined) return yield* new SnapshotError({ reason: "Unsupported", path, detail: badOptions })
     const file = yield* SnapshotFile.openReader(path)

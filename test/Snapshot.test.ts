@@ -759,6 +759,63 @@ describe("Snapshot save failures leave nothing behind", () => {
     }))
 })
 
+describe("a save's options are checked before any file is made", () => {
+  /**
+   * The stall timeout (a save's own, or the peer timeout a file: migration passes as it) and the zero-page mode were
+   * not checked: a malformed duration was a defect with a stack trace, 0 timed out at the first wait, an unknown
+   * zero-page mode was taken for multifd. An empty path made a hidden `.<pid>.partial` in the working directory,
+   * wrote every page into it and failed only at the rename.
+   */
+  const bad = [
+    [{ stallTimeout: 0 }, "stallTimeout must be more than 0, not 0"],
+    [{ stallTimeout: -1 }, "stallTimeout -1 is not a duration of 0 or more"],
+    [{ stallTimeout: "soon" as never }, `stallTimeout "soon" is not a duration of 0 or more`],
+    [{ zeroPage: "auto" as never }, `zero-page mode "auto" is not multifd or none`]
+  ] as const
+  for (const [options, message] of bad) {
+    it.scopedLive(`save ${JSON.stringify(options)}: BadOptions, no file`, () =>
+      Effect.gen(function*() {
+        const dir = yield* tempDir
+        const ram = yield* makeRam(4096, LAYOUT)
+        const error = yield* Effect.flip(save(ram, Path.join(dir, "x.snap"), options))
+        expect([error._tag, (error as { reason: string }).reason, error.message]).toEqual(["MigrationError", "BadOptions", message])
+        expect(Fs.readdirSync(dir)).toEqual([])
+      }))
+  }
+
+  it.scopedLive("migrate to a file: address checks its timeouts (the peer timeout is the save's stall timeout)", () =>
+    Effect.gen(function*() {
+      const dir = yield* tempDir
+      const ram = yield* makeRam(4096, LAYOUT)
+      for (const [timeouts, message] of [
+        [{ peer: 0 }, "timeouts.peer must be more than 0, not 0"],
+        [{ peer: "soon" as never }, `timeouts.peer "soon" is not a duration of 0 or more`]
+      ] as const) {
+        const error = yield* Effect.flip(Migration.migrate({ address: { _tag: "File", path: Path.join(dir, "y.snap") }, timeouts }).pipe(
+          Effect.provide(Transport.layer),
+          Effect.provideService(GuestRam.GuestRam, ram)
+        ))
+        expect([error._tag, (error as { reason: string }).reason, error.message]).toEqual(["MigrationError", "BadOptions", message])
+      }
+      expect(Fs.readdirSync(dir)).toEqual([])
+    }))
+
+  it.scopedLive("an empty path: Unusable at once, nothing written in the working directory; restore says the same", () =>
+    Effect.gen(function*() {
+      const dir = yield* tempDir
+      const ram = yield* makeRam(4096, LAYOUT)
+      const cwd = process.cwd()
+      process.chdir(dir)
+      const [saved, restored] = yield* Effect.all([Effect.flip(save(ram, "")), Effect.flip(Snapshot.restore(""))]).pipe(
+        Effect.ensuring(Effect.sync(() => process.chdir(cwd)))
+      )
+      expect(Fs.readdirSync(dir)).toEqual([])
+      for (const error of [saved, restored]) {
+        expect([(error as Snapshot.SnapshotError).reason, error.message]).toEqual(["Unusable", "snapshot: no file path given"])
+      }
+    }))
+})
+
 describe("file: addresses", () => {
   it.live("parse and format; connect and listen refuse them with BadAddress", () =>
     Effect.gen(function*() {

@@ -38,7 +38,7 @@ export class SnapshotError extends Data.TaggedError("SnapshotError")<{
   readonly cause?: unknown
 }> {
   override get message(): string {
-    return `snapshot ${this.path}: ${PeerText.printable(this.detail)}`
+    return `snapshot${this.path.length === 0 ? "" : ` ${this.path}`}: ${PeerText.printable(this.detail)}`
   }
 }
 
