@@ -299,7 +299,14 @@ export const migrate = (
     return yield* observed("source", resolved.status, ram.size, (tracker): Effect.Effect<Stats, MigrateError, Transport.Transport | GuestRam.GuestRam> =>
       // a file: address saves a snapshot instead (Snapshot: parallel writers at fixed offsets)
       address._tag === "File"
-        ? saveToFile(address.path, resolved, tracker, ram.pageSize)
+        // a compression or bandwidth limit from the MigrationConfig in context (MULTIFD_COMPRESSION, ...) is a
+        // default for migrations over sockets, where it applies; only one given here is refused for a file
+        ? saveToFile(
+          address.path,
+          { ...resolved, compression: options.compression, maxBandwidth: options.maxBandwidth },
+          tracker,
+          ram.pageSize
+        )
         : Effect.flatMap(sourceSettings(resolved, ram, tracker), Source.run)).pipe(
         Effect.withSpan("multifd.migrate", {
           attributes: { "multifd.address": Transport.formatAddress(address), "multifd.role": "source" }
