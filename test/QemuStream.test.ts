@@ -1434,6 +1434,17 @@ describe("MappedRam: QEMU 10's mapped-ram file", () => {
       expect(Fs.readdirSync(vmFileDir)).toEqual(["captured.vm"])
     }))
 
+  it.live("an empty path: Unusable at once, nothing written in the working directory", () =>
+    Effect.gen(function*() {
+      const vm = yield* capturedVm
+      const dir = Fs.mkdtempSync(Path.join(vmFileDir, "cwd-"))
+      const cwd = process.cwd()
+      process.chdir(dir)
+      const error = yield* Effect.flip(MappedRam.write("", vm)).pipe(Effect.ensuring(Effect.sync(() => process.chdir(cwd))))
+      expect([error.reason, error.message]).toEqual(["Unusable", "mapped-ram file: no file path given"])
+      expect(Fs.readdirSync(dir)).toEqual([])
+    }))
+
   it.live("recv file:DIR/mem.img --out-dir DIR: the block's file is the file read, refused (exit 2), the file kept", () =>
     Effect.gen(function*() {
       const dir = Path.join(vmFileDir, "same-dir")

@@ -38,7 +38,7 @@ export class MappedRamError extends Data.TaggedError("MappedRamError")<{
   readonly cause?: unknown
 }> {
   override get message(): string {
-    return `${this.path}: ${PeerText.printable(this.detail)}`
+    return `${this.path.length === 0 ? "mapped-ram file" : this.path}: ${PeerText.printable(this.detail)}`
   }
 }
 
@@ -193,6 +193,9 @@ export const write = (
   vm: QemuVm.QemuVm
 ): Effect.Effect<{ readonly size: number; readonly pages: number }, MappedRamError> =>
   Effect.scoped(Effect.gen(function*() {
+    // an empty path made a hidden `.<pid>.partial` in the working directory, wrote the whole VM into it, and failed
+    // only at the rename
+    if (path.length === 0) return yield* new MappedRamError({ reason: "Unusable", path, detail: "no file path given" })
     const configuration = vm.configuration
     if (configuration === undefined) {
       return yield* new MappedRamError({
