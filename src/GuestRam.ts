@@ -7,6 +7,7 @@
 import * as Context from "effect/Context"
 import * as Data from "effect/Data"
 import * as Effect from "effect/Effect"
+import * as FiberRef from "effect/FiberRef"
 import * as Layer from "effect/Layer"
 import * as Option from "effect/Option"
 import type * as Scope from "effect/Scope"
@@ -276,7 +277,12 @@ export const exclusively = <A, E, R, B>(
   busy: (detail: string) => B
 ): Effect.Effect<A, E | B, R> =>
   Effect.flatMap(
-    ram.transfer.withPermitsIfAvailable(1)(self),
+    // inside a step the holder lends the memory to (`lending`), the step's own permit
+    Effect.flatMap(FiberRef.get(lent), (lent) => {
+      // a fiber the step forked that outlived it has the memory no longer
+      const loan = lent.get(ram)
+      return (loan !== undefined && loan.open ? loan.permit : ram.transfer).withPermitsIfAvailable(1)(self)
+    }),
     Option.match({
       onNone: () =>
         Effect.fail(busy(
@@ -286,6 +292,33 @@ export const exclusively = <A, E, R, B>(
       onSome: Effect.succeed
     })
   )
+
+/** The memories whose holder lent them to the current fiber's step (`lending`), each with the step's own permit. */
+const lent = FiberRef.unsafeMake<ReadonlyMap<GuestRam["Type"], Loan>>(new Map())
+
+/** A memory lent to a step: its own permit, while the step runs. */
+interface Loan {
+  readonly permit: Effect.Semaphore
+  open: boolean
+}
+
+/**
+ * Runs `self`, a step of the holder of `ram`'s permit (`exclusively`) that may migrate, save or restore that memory
+ * itself (an incoming migration's `store` step saving a snapshot of the memory it received, or passing it on): one
+ * at a time inside the step (a permit of its own), while everyone else still finds the memory `Busy`. The loan
+ * ends with the step: a fiber it forked that outlives it takes the memory's own permit, as anyone.
+ *
+ * @internal
+ */
+export const lending = <A, E, R>(ram: GuestRam["Type"], self: Effect.Effect<A, E, R>): Effect.Effect<A, E, R> =>
+  Effect.flatMap(Effect.makeSemaphore(1), (permit) => {
+    const loan: Loan = { permit, open: true }
+    return Effect.locallyWith(self, lent, (map) => new Map(map).set(ram, loan)).pipe(
+      Effect.ensuring(Effect.sync(() => {
+        loan.open = false
+      }))
+    )
+  })
 
 /**
  * A layer providing guest memory built from block specs.

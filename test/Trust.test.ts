@@ -30,6 +30,7 @@ import * as Supervisor from "effect/Supervisor"
 import * as TestClock from "effect/TestClock"
 import * as Crypto from "node:crypto"
 import * as Net from "node:net"
+import * as Path from "node:path"
 import * as Control from "../src/Control.js"
 import * as GuestRam from "../src/GuestRam.js"
 import * as Migration from "../src/Migration.js"
@@ -38,6 +39,7 @@ import * as Protocol from "../src/Protocol.js"
 import * as Snapshot from "../src/Snapshot.js"
 import * as Transport from "../src/Transport.js"
 import { failureOf } from "./support/failures.js"
+import { tempDirectory } from "./support/files.js"
 import { fakeDestination } from "./support/fakeDestination.js"
 import { fakeSource } from "./support/fakeSource.js"
 import { advanceUntil } from "./support/clock.js"
@@ -128,6 +130,81 @@ describe("success is durable: the destination's store step", () => {
       const destError = failureOf(yield* noHang(Fiber.await(dest.fiber), "incoming"))
       expect(destError).toBe(failure)
     })))
+
+  /**
+   * Receiving into memory given, the destination holds it against other migrations, saves and restores (Busy) until
+   * it returns; its own store step found it Busy too, so the natural durable store — a snapshot of the memory just
+   * received (or passing it on with migrate) — failed "the destination could not store the image: another
+   * migration, snapshot save or restore of this memory is under way". The step now has the memory, one save or
+   * migration at a time; anyone else still finds it Busy.
+   */
+  it.live("into memory given, a store step that saves a snapshot of it: stored; others still find the memory Busy meanwhile", () =>
+    leakFree(Effect.gen(function*() {
+      const ram = yield* sourceRam()
+      const into = yield* GuestRam.make({ blocks: GuestRam.layoutOf(ram) })
+      const dir = yield* tempDirectory("emfd-store-")
+      const path = Path.join(dir, "stored.snap")
+      const storing = yield* Deferred.make<void>()
+      const goOn = yield* Deferred.make<void>()
+      const inside = yield* Deferred.make<ReadonlyArray<string>>()
+      const dest = yield* startDestination({
+        ram: into,
+        store: (received) =>
+          Effect.gen(function*() {
+            const save = (to: string) => Snapshot.save(to).pipe(Effect.provideService(GuestRam.GuestRam, received))
+            // the test tries the memory from outside the step meanwhile
+            yield* Deferred.succeed(storing, undefined)
+            yield* Deferred.await(goOn)
+            // inside the step, one at a time: a second save beside the first is Busy
+            const [first, second] = yield* Effect.all(
+              [Effect.either(save(path)), Effect.either(save(Path.join(dir, "second.snap")))],
+              { concurrency: "unbounded" }
+            )
+            yield* Deferred.succeed(inside, [first._tag, second._tag].sort())
+            yield* received.gate.open
+          }).pipe(Effect.orDie)
+      })
+      const source = yield* Effect.fork(migrateTo(dest.address, ram))
+      yield* noHang(Deferred.await(storing), "the store step")
+      const refused = yield* Effect.flip(Snapshot.save(Path.join(dir, "outside.snap")).pipe(
+        Effect.provideService(GuestRam.GuestRam, into)
+      ))
+      expect((refused as MigrationError.MigrationError).reason).toBe("Busy")
+      yield* Deferred.succeed(goOn, undefined)
+      yield* noHang(Fiber.join(source), "migrate")
+      yield* ram.gate.open
+      yield* noHang(Fiber.join(dest.fiber), "incoming")
+      expect(sameMemory((yield* Snapshot.restore(path)).ram, ram)).toBe(true)
+      expect(yield* Deferred.await(inside)).toEqual(["Left", "Right"])
+    }).pipe(Effect.scoped)))
+
+  it.live("the loan ends with the step: a fiber the step forked that outlives it finds the memory Busy like anyone", () =>
+    leakFree(Effect.gen(function*() {
+      const ram = yield* sourceRam()
+      const into = yield* GuestRam.make({ blocks: GuestRam.layoutOf(ram) })
+      const dir = yield* tempDirectory("emfd-loan-")
+      const go = yield* Deferred.make<void>()
+      const outcome = yield* Deferred.make<Either.Either<unknown, unknown>>()
+      const dest = yield* startDestination({
+        ram: into,
+        store: (received) =>
+          Effect.asVoid(Effect.forkDaemon(Effect.zipRight(
+            Deferred.await(go),
+            Effect.flatMap(
+              Effect.either(Snapshot.save(Path.join(dir, "late.snap")).pipe(Effect.provideService(GuestRam.GuestRam, received))),
+              (result) => Deferred.succeed(outcome, result)
+            )
+          )))
+      })
+      yield* noHang(migrateTo(dest.address, ram), "migrate")
+      yield* ram.gate.open
+      yield* noHang(Fiber.join(dest.fiber), "incoming")
+      // another holds the memory now (a save, a restore): the late save must find it Busy
+      const result = yield* into.transfer.withPermits(1)(
+        Effect.zipRight(Deferred.succeed(go, undefined), noHang(Deferred.await(outcome), "the late save"))
+      )
+      expect(Either.isLeft(result) && (result.left as MigrationError.MigrationError).reason).toBe("Busy")
+    }).pipe(Effect.scoped)))
 
   it.live("throws (a defect): the source still hears that the store failed, and why", () =>
     leakFree(Effect.gen(function*() {

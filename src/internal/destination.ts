@@ -307,7 +307,9 @@ const storeThen = <E, E2>(
       let committed = false
       const commit: Commit = (effect) => Effect.uninterruptible(Effect.tap(effect, () => (committed = true)))
       const storing = Conversation.heartbeat((message) => Conversation.tell(control, message), new Control.Storing(), peer, true)
-      const fiber = yield* Effect.fork(restore(Effect.raceFirst(step(ram, commit), storing)))
+      // the step may save or pass on the memory it stores (Snapshot.save, migrate): the permit this migration holds
+      // on memory given to it is lent to the step, which would otherwise find its own memory Busy
+      const fiber = yield* Effect.fork(restore(Effect.raceFirst(GuestRam.lending(ram, step(ram, commit)), storing)))
       const stored = yield* Effect.exit(restore(Fiber.join(fiber)))
       if (Exit.isSuccess(stored)) {
         yield* Effect.logDebug("memory stored")
