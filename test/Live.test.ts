@@ -317,6 +317,50 @@ describe("the write gate", () => {
       })))
   }
 
+  /**
+   * A report's writes fail at once only while its own transfer holds the gate closed (it waits for the report). A
+   * fiber a report forked carried the mark for good: long after its migration, whenever the gate was closed — by a
+   * later migration's switch-over, or by the application — its writes failed WriteBlocked ("Deadlock") instead of
+   * waiting as every other writer does.
+   */
+  it.live("a fiber forked by a report of an earlier migration waits at the gate like any writer", () =>
+    leakFree(Effect.gen(function*() {
+      const ram = yield* sourceRam(64, 16)
+      const listener = yield* Transport.listen(tcp0)
+      const go = yield* Deferred.make<void>()
+      const outcome = yield* Deferred.make<Exit.Exit<void, GuestRam.OutOfBounds | GuestRam.WriteBlocked>>()
+      let forked = false
+      // the first migration's first report starts a background writer (it outlives the migration)
+      const startWriter = Effect.suspend(() => {
+        if (forked) return Effect.void
+        forked = true
+        return Effect.asVoid(Effect.forkDaemon(Effect.zipRight(
+          Deferred.await(go),
+          Effect.flatMap(Effect.exit(GuestRam.write(ram, "pc.ram", 0, Buffer.from([42]))), (exit) => Deferred.succeed(outcome, exit))
+        )))
+      })
+      const first = yield* receive(listener)
+      yield* noHang(migrateFrom(ram, { address: listener.address, channels: 2, onProgress: () => startWriter }), "the first migrate")
+      yield* noHang(Fiber.join(first), "the first incoming")
+      yield* ram.gate.open
+      // the second migration's switch-over lets it write
+      const second = yield* receive(listener)
+      // (its pre-copy reports dirty a page, so that the switch-over has pages and reports)
+      const onProgress = (p: Migration.Progress) =>
+        p.phase === "switchover"
+          ? Deferred.succeed(go, undefined)
+          : Effect.orDie(GuestRam.write(ram, "vga.vram", 3 * PAGE, Buffer.from([p.round + 1, p.doneBytes & 255])))
+      yield* noHang(migrateFrom(ram, { address: listener.address, channels: 2, onProgress }), "the second migrate")
+      yield* noHang(Fiber.join(second), "the second incoming")
+      expect(yield* Deferred.isDone(go)).toBe(true)
+      // the writer waits at the gate (kept closed after the success), and goes on once the application opens it
+      for (let i = 0; i < 20; i++) yield* nextTurn
+      expect(yield* Deferred.poll(outcome)).toEqual(Option.none())
+      yield* ram.gate.open
+      expect(Exit.isSuccess(yield* noHang(Deferred.await(outcome), "the background write"))).toBe(true)
+      expect(ram.blocks[0]!.bytes[0]).toBe(42)
+    })))
+
   it.live("a migration that fails in its switch-over still opens the gate it closed itself", () =>
     leakFree(Effect.gen(function*() {
       const ram = yield* sourceRam(64, 16)

@@ -14,6 +14,7 @@ import * as GuestRam from "../GuestRam.js"
 import * as MigrationError from "../MigrationError.js"
 import * as Transfer from "../Transfer.js"
 import * as DirtyLog from "./native/dirtyLog.js"
+import * as WriteGate from "./native/writeGate.js"
 import { unlessStalled } from "./stall.js"
 
 /** Where pages go: a channel set, or a snapshot file's writers. */
@@ -142,9 +143,10 @@ export const run = <E, F>(
     // a report runs as the gate's: a write from inside it while the gate is closed (the switch-over) fails at once
     // rather than wait for this migration, which waits for the report
     const onProgress = options.onProgress
+    const self = WriteGate.holder()
     const report = onProgress === undefined
       ? () => Effect.void
-      : (progress: Transfer.Progress) => ram.gate.reporting(onProgress(progress))
+      : (progress: Transfer.Progress) => ram.gate.reporting(self, onProgress(progress))
     const live = resolveLive(options.live)
 
     const runRound = (round: number, phase: Transfer.Phase, selection: ReadonlyArray<Selection>, bandwidth: number) =>
@@ -258,6 +260,8 @@ export const run = <E, F>(
       ram.gate.closing,
       (closedHere, exit) => closedHere && Exit.isFailure(exit) ? ram.gate.open : Effect.void
     )
+    // this transfer's reports may not wait at the gate now: it waits for them (released first, before the gate opens)
+    yield* Effect.acquireRelease(ram.gate.holding(self), (release) => release)
     pagesPerRound.push(yield* runRound(pagesPerRound.length, "switchover", takeDirty(ram), bandwidth))
     return { pagesPerRound, pausedAt }
   })

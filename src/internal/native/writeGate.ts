@@ -9,19 +9,33 @@ import * as Effect from "effect/Effect"
 import * as FiberRef from "effect/FiberRef"
 
 /**
- * The gate whose transfer's progress report the current fiber runs inside (and the fibers it forks): set by
+ * A transfer whose progress reports may not wait at a gate it holds closed: one per transfer (`WriteGate.holding`).
+ */
+export interface Holder {
+  readonly _: unique symbol
+}
+
+/** A new transfer's token. */
+export const holder = (): Holder => ({}) as Holder
+
+/**
+ * The transfer whose progress report the current fiber runs inside (and the fibers it forks): set by
  * `WriteGate.reporting`.
  */
-const reportingFor = FiberRef.unsafeMake<WriteGate | undefined>(undefined)
+const reportingFor = FiberRef.unsafeMake<Holder | undefined>(undefined)
 
 export class WriteGate {
   /** While closed, the deferred writers wait for; opened by `open`. */
   private closed: Deferred.Deferred<void> | undefined = undefined
+  /** The transfer whose switch-over holds the gate closed now (and waits for its reports), if any. */
+  private holder: Holder | undefined = undefined
 
   /**
    * Runs `write` (synchronous) as soon as the gate is open. A write from inside a progress report of the
-   * transfer that closed the gate (`reporting`) would wait for that transfer, which waits for its report: it
-   * fails at once with `deadlock()` instead.
+   * transfer that holds the gate closed for its switch-over (`reporting`, `holding`) would wait for that transfer,
+   * which waits for its report: it fails at once with `deadlock()` instead. Any other write waits: one from a
+   * fiber a report of an earlier transfer forked (it outlived that transfer), or from a report while the gate is
+   * closed by the application (it goes through once the application opens it).
    */
   pass<A, E>(write: () => A, deadlock: () => E): Effect.Effect<A, E> {
     // the check and the write are one synchronous step: a fiber may yield between two effects, and a gate
@@ -29,18 +43,31 @@ export class WriteGate {
     const attempt: Effect.Effect<A, E> = Effect.withFiberRuntime((fiber) => {
       const closed = this.closed
       if (closed === undefined) return Effect.succeed(write())
-      if (fiber.getFiberRef(reportingFor) === this) return Effect.fail(deadlock())
+      if (this.holder !== undefined && fiber.getFiberRef(reportingFor) === this.holder) return Effect.fail(deadlock())
       return Effect.zipRight(Deferred.await(closed), attempt)
     })
     return attempt
   }
 
   /**
-   * Runs `report`, a progress report of the transfer that closes this gate for its switch-over, as such: a write
-   * through this gate from inside it (or a fiber it forks) while the gate is closed fails instead of waiting.
+   * Runs `report`, a progress report of the transfer `holder`, as such: a write through this gate from inside it
+   * (or a fiber it forks) while that transfer holds the gate closed (`holding`) fails instead of waiting.
    */
-  reporting<A, E, R>(report: Effect.Effect<A, E, R>): Effect.Effect<A, E, R> {
-    return Effect.locally(report, reportingFor, this)
+  reporting<A, E, R>(holder: Holder, report: Effect.Effect<A, E, R>): Effect.Effect<A, E, R> {
+    return Effect.locally(report, reportingFor, holder)
+  }
+
+  /**
+   * Marks the gate, closed now, as held by `holder`'s switch-over until `release` (whoever closed it: a transfer
+   * that found it closed by the application relies on it as much); returns the release.
+   */
+  holding(holder: Holder): Effect.Effect<Effect.Effect<void>> {
+    return Effect.sync(() => {
+      this.holder = holder
+      return Effect.sync(() => {
+        if (this.holder === holder) this.holder = undefined
+      })
+    })
   }
 
   /** Closes the gate; writers wait from now on. */
