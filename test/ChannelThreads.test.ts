@@ -731,6 +731,22 @@ describe("a channel thread that dies while it hashes a digest", () => {
     }).pipe(Effect.scoped)))
 })
 
+describe("the pool's size", () => {
+  /** NaN (a `Number(process.env.X)` unset) made a pool of no threads, whose first session died on a TypeError. */
+  it.live("a maxThreads that is no whole number of 1 or more fails make, naming it; no thread starts", () =>
+    Effect.gen(function*() {
+      const before = ChannelThreads.liveThreads()
+      for (const maxThreads of [Number.NaN, 0, -3, 2.5]) {
+        const error = yield* Effect.flip(Effect.scoped(ChannelThreads.make({ ...POOL, maxThreads })))
+        expect([error.reason, error.message]).toEqual([
+          "Start",
+          `the channel threads' pool: maxThreads ${maxThreads} is not a whole number of 1 or more`
+        ])
+      }
+      expect(ChannelThreads.liveThreads()).toBe(before)
+    }))
+})
+
 describe("a pool whose scope has closed", () => {
   /**
    * A pool is a scoped resource (its layer's). Used after its scope closed (a runtime disposed, a layer built in a

@@ -37,7 +37,10 @@ import {
 
 /** How a pool is sized. */
 export interface Options {
-  /** At most this many threads (default: no cap). The pool starts one per core (`os.availableParallelism()`). */
+  /**
+   * At most this many threads: a whole number of 1 or more, or `Infinity` (the default: no cap); anything else fails
+   * `make` (`ThreadError`, `Start`). The pool starts one per core (`os.availableParallelism()`).
+   */
   readonly maxThreads?: number | undefined
   /**
    * The threads' module: by default `channelWorker.js` beside this library (its build bundles it into one
@@ -259,6 +262,14 @@ export const sizeOf = (options?: Options): number =>
  */
 export const make = (options?: Options): Effect.Effect<Pool, ThreadError, Scope.Scope> =>
   Effect.gen(function*() {
+    // NaN (a Number(process.env.X) unset) made a pool of no threads whose first session died on a TypeError
+    const max = options?.maxThreads
+    if (max !== undefined && !(max === Infinity || (Number.isInteger(max) && max >= 1))) {
+      return yield* new ThreadError({
+        reason: "Start",
+        detail: `the channel threads' pool: maxThreads ${max} is not a whole number of 1 or more`
+      })
+    }
     const size = sizeOf(options)
     const module = options?.module ?? workerUrl()
     const scope = yield* Effect.scope
