@@ -93,7 +93,11 @@ const sourceImage = () => {
  * Connects, writes `bytes` in pieces; reads whatever comes back, calling `onDone` when a `Done` frame came
  * (the source's cue to close its channels). Destroyed with the scope.
  */
-const replayConnection = (address: Transport.Address, bytes: Uint8Array, onDone: () => void = () => {}) =>
+const replayConnection = (
+  address: Transport.Address,
+  bytes: Uint8Array,
+  onDone: (socket: Net.Socket) => void = () => {}
+) =>
   Effect.acquireRelease(
     Effect.async<Net.Socket>((resume) => {
       const port = address._tag === "Tcp" ? address.port : 0
@@ -102,7 +106,7 @@ const replayConnection = (address: Transport.Address, bytes: Uint8Array, onDone:
       socket.on("error", () => {})
       socket.on("data", (chunk: Buffer) => {
         heard = (heard + chunk.toString("latin1")).slice(-4096)
-        if (heard.includes('"_tag":"Done"')) onDone()
+        if (heard.includes('"_tag":"Done"')) onDone(socket)
       })
       socket.once("connect", () => {
         for (let at = 0; at < bytes.length; at += 64 * 1024) socket.write(bytes.subarray(at, at + 64 * 1024))
@@ -237,9 +241,12 @@ const replayIntoDestination = (c: Capture, streams: ReadonlyArray<Buffer>) =>
       const destination = yield* Effect.forkScoped(Migration.incoming(listener, { timeouts: TIMEOUTS, acceptTimeout: "1500 millis" }).pipe(
         Effect.provide(Logger.remove(Logger.defaultLogger))
       ))
-      // the channels end once the destination said Done, as a source's do
+      // the channels end once the destination said Done, and then the main channel, as a source's do
       const channels: Array<Net.Socket> = []
-      yield* replayConnection(listener.address, streams[0]!, () => channels.forEach((s) => s.end()))
+      yield* replayConnection(listener.address, streams[0]!, (main) => {
+        channels.forEach((s) => s.end())
+        main.end()
+      })
       for (const stream of streams.slice(1)) channels.push(yield* replayConnection(listener.address, stream))
       const exit = yield* noHang(Fiber.await(destination), "incoming", 20)
       if (Exit.isSuccess(exit)) {
