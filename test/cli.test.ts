@@ -684,6 +684,31 @@ describe("multifd failures", () => {
     expect(filesLike("loop-")).toEqual(["loop-a", "loop-b"])
   })
 
+  // a listen that fails is the uri's fault (a port taken, an address not this machine's, a directory that is not
+  // there): it exited 1, as a failed migration does, and a script that retries those retried it for ever
+  it("recv that cannot listen where the uri says exits 2 in one line, as bad configuration, and leaves no file", async () => {
+    const taken = Net.createServer()
+    await new Promise<void>((resolve) => taken.listen(0, "127.0.0.1", resolve))
+    try {
+      const port = (taken.address() as Net.AddressInfo).port
+      const out = Path.join(dir, "listen-fail.out")
+      const cases: ReadonlyArray<readonly [ReadonlyArray<string>, RegExp]> = [
+        [["recv", `tcp:127.0.0.1:${port}`, "--out", out], /^multifd: error: .*address already in use/],
+        [["recv", `unix:${Path.join(dir, "no-such-dir", "s.sock")}`, "--out", out], /^multifd: error: .*no such directory: .*no-such-dir$/],
+        [["recv", "tcp:192.0.2.1:0", "--out", out], /^multifd: error: tcp:192\.0\.2\.1:0: .*address not available/]
+      ]
+      for (const [args, message] of cases) {
+        const result = await runHere(args)
+        expect({ args, code: result.code }).toEqual({ args, code: 2 })
+        expect(lines(result.stderr)).toEqual([expect.stringMatching(message)])
+        noStack(result.stderr)
+      }
+      expect(filesLike("listen-fail")).toEqual([])
+    } finally {
+      await new Promise((resolve) => taken.close(resolve))
+    }
+  })
+
   it("recv --from-qemu --out-dir that fails leaves no directory it created, and every one that existed as it was", async () => {
     const fresh = Path.join(dir, "fresh-out", "nested", "ram")
     const failed = await runHere(["recv", `file:${image}`, "--from-qemu", "--out-dir", fresh])

@@ -64,7 +64,8 @@ export const isUsage = (error: unknown): boolean => {
     case "UsageError":
       return true
     case "TransportError":
-      return error.reason === "BadAddress"
+      // a listen that fails is the uri's to fix (the port taken, an address not this machine's, no such directory)
+      return error.reason === "BadAddress" || error.reason === "Listen"
     case "ImageError":
       return error.reason !== "Io"
     case "CodecError":
