@@ -366,7 +366,9 @@ const observed = <A extends Stats, E, R>(
 export interface IncomingOptions<E = never> {
   /**
    * Memory to receive into: its layout must equal the source's. Without it, memory of the source's layout
-   * is allocated, up to `maxRamBytes`.
+   * is allocated, up to `maxRamBytes`. Pages are written as they arrive: a migration that fails after the hello
+   * (a lost source, a digest mismatch, an interruption) leaves this memory partly overwritten — what it held
+   * before is not kept; receive into fresh memory, or keep a copy, when it must survive a failed migration.
    */
   readonly ram?: GuestRam.GuestRam["Type"] | undefined
   /**
