@@ -203,6 +203,17 @@ const migrateGuest = (src: Qemu.QemuSource, uri: string, settings: Omit<Qemu.Mig
     expect(yield* Qemu.runState(src.qmp)).toBe("postmigrate")
   })
 
+/** A VM file of a real guest, received from QEMU over 2 plain channels and written as mapped-ram (`name`). */
+const receivedVmFile = (name: string) =>
+  Effect.gen(function*() {
+    const src = yield* guest()
+    const ours = yield* incomingVm({ channels: 2 })
+    yield* migrateGuest(src, ours.uri, { channels: 2, compression: "none" })
+    const vmFile = fresh(name)
+    yield* MappedRam.write(vmFile, (yield* Fiber.join(ours.fiber)).vm!)
+    return vmFile
+  })
+
 /** A VM file is sparse (zero pages are holes) and nothing temporary is left beside it. */
 const expectVmFile = (path: string) => {
   const stat = Fs.statSync(path)
@@ -386,11 +397,7 @@ describe.skipIf(missing !== undefined)(`QEMU ${"version" in qemu ? qemu.version 
 
   it.live("a destination of another machine (q35): send --to-qemu fails with one line, exit 1", () =>
     expectNoLeaks(Effect.scoped(Effect.gen(function*() {
-      const src = yield* guest()
-      const ours = yield* incomingVm({ channels: 2 })
-      yield* migrateGuest(src, ours.uri, { channels: 2, compression: "none" })
-      const vmFile = fresh("pc.vm")
-      yield* MappedRam.write(vmFile, (yield* Fiber.join(ours.fiber)).vm!)
+      const vmFile = yield* receivedVmFile("pc.vm")
       const dst = yield* destination({ channels: 2 }, { machine: "q35" })
       const sent = yield* cli(["send", dst.uri, "--to-qemu", "--vm", vmFile, "--channels", "2", "--quiet"])
       expect(sent.code).toBe(1)
@@ -401,11 +408,7 @@ describe.skipIf(missing !== undefined)(`QEMU ${"version" in qemu ? qemu.version 
 
   it.live("a destination of another multifd-compression, or fewer multifd-channels: QEMU closes channels and keeps the main one; one line saying QEMU refused it", () =>
     expectNoLeaks(Effect.scoped(Effect.gen(function*() {
-      const src = yield* guest()
-      const ours = yield* incomingVm({ channels: 2 })
-      yield* migrateGuest(src, ours.uri, { channels: 2, compression: "none" })
-      const vmFile = fresh("pc.vm")
-      yield* MappedRam.write(vmFile, (yield* Fiber.join(ours.fiber)).vm!)
+      const vmFile = yield* receivedVmFile("pc.vm")
       // QEMU refuses the first packet of zlib (flags 2, expected 0) on a channel, and closes that channel
       const plain = yield* destination({ channels: 2 })
       const zlib = yield* cli(["send", plain.uri, "--to-qemu", "--vm", vmFile, "--channels", "2", "--compression", "zlib", "--quiet"])
