@@ -151,6 +151,9 @@ export const allocateOrFail = (size: number, what: string): Effect.Effect<Buffer
       })
   })
 
+/** Bytes in GiB with two decimals, for messages. */
+const gib = (bytes: number): string => (bytes / 2 ** 30).toFixed(2)
+
 /**
  * Most blocks a memory may have. A VM has a few dozen (RAM, ROMs, video memory, a DIMM per hot-plug slot: QEMU
  * offers at most 256 slots); each block is a memory of its own here, which reserves address space, so a layout
@@ -173,7 +176,9 @@ export const MAX_BLOCK_SIZE = Buffer.constants.MAX_LENGTH
  * Builds guest memory from block specs, validating page size (a power of two, 512 B–512 KiB), names
  * (1–255 UTF-8 bytes, no NUL, unique) and sizes (a positive multiple of the page size). A `{ name, size }`
  * block is fresh memory (`allocateOrFail`), touched up front on worker threads unless `prefault` is `false`
- * (memory most of which is never written: a QEMU guest's zero pages, which QEMU never sends).
+ * (memory most of which is never written: a QEMU guest's zero pages, which QEMU never sends). Fresh memory to be
+ * touched that is more than the machine has available (`process.availableMemory()`, which heeds a container's
+ * limit) fails `OutOfMemory` before anything is allocated.
  *
  * @since 0.1.0
  * @category constructors
@@ -196,6 +201,17 @@ export const make = (options: {
       options.blocks.map((b) => ({ name: b.name, size: "size" in b ? b.size : b.bytes.length }))
     )
     if (problem) return problem
+    const freshBytes = options.blocks.reduce((sum, b) => sum + ("size" in b ? b.size : 0), 0)
+    const available = options.prefault === false ? Infinity : process.availableMemory()
+    if (freshBytes > available) {
+      // touching every page of more than the machine has ends in its out-of-memory killer (or in swap), not in
+      // an error: a hello or a snapshot header asking for it is refused instead, saying so
+      return new GuestRamError({
+        reason: "OutOfMemory",
+        detail: `${freshBytes} bytes (${gib(freshBytes)} GiB) of memory are more than this machine has available ` +
+          `(${gib(available)} GiB)`
+      })
+    }
     return Effect.gen(function*() {
       const fresh: Array<Uint8Array> = []
       const blocks: Array<Block> = []

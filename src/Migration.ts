@@ -374,6 +374,8 @@ export interface IncomingOptions<E = never> {
   /**
    * Largest total memory a source may ask for when `ram` is not given (default 16 GiB; `Infinity`: no limit).
    * Anything but a number >= 0 fails `incoming` with a `MigrationError` of reason `BadOptions` before it accepts.
+   * Whatever the limit, memory that is more than the machine has available (`process.availableMemory()`) is
+   * refused too: it is touched before pages arrive (`GuestRam.make`), and would end in the out-of-memory killer.
    */
   readonly maxRamBytes?: number | undefined
   readonly timeouts?: Partial<Timeouts> | undefined

@@ -158,6 +158,53 @@ describe("incoming checks its memory limit before it accepts", () => {
   }
 })
 
+/**
+ * A layout of 4 GiB blocks (the largest a block may be) that is more than this machine has available: touching it
+ * all ran into the out-of-memory killer (or swap) wherever the machine's limit was not the caller's `maxRamBytes`.
+ */
+const moreThanAvailable = () => {
+  const blocks = Math.ceil((process.availableMemory() + 2 ** 30) / GuestRam.MAX_BLOCK_SIZE)
+  return Array.from({ length: blocks }, (_, i) => ({ name: `ram${i}`, size: GuestRam.MAX_BLOCK_SIZE }))
+}
+
+describe("memory that is more than the machine has available is refused before it is allocated", () => {
+  it.effect("GuestRam.make: OutOfMemory, saying how much was asked and how much there is", () =>
+    Effect.gen(function*() {
+      const blocks = moreThanAvailable()
+      const error = yield* Effect.flip(GuestRam.make({ blocks }))
+      expect(error.reason).toBe("OutOfMemory")
+      expect(error.message).toMatch(
+        new RegExp(`^${blocks.length * GuestRam.MAX_BLOCK_SIZE} bytes \\(${blocks.length * 4}\\.00 GiB\\) of memory are more than this machine has available \\(\\d+\\.\\d\\d GiB\\)$`)
+      )
+    }))
+
+  it.live("incoming under a memory limit above what the machine has: the hello is refused, the source told why", () =>
+    leakFree(Effect.scoped(Effect.gen(function*() {
+      const listener = yield* Transport.listen(tcp0)
+      const destination = yield* Effect.fork(Effect.flip(Migration.incoming(listener, { maxRamBytes: 2 ** 50 })))
+      const control = yield* Transport.connect(listener.address)
+      const magic = Buffer.alloc(4)
+      magic.writeUInt32BE(Control.MAGIC, 0)
+      yield* control.write([magic, Control.encode(new Control.Hello({
+        version: Control.VERSION,
+        uuid: "6f0d3c2e-8a1b-4c5d-9e7f-0a1b2c3d4e5f",
+        pageSize: 4096,
+        channels: 1,
+        compression: "none",
+        zeroPage: "multifd",
+        blocks: moreThanAvailable()
+      }))])
+      const answer = yield* noHang(Control.receive(control), "the destination's answer", 10)
+      expect(answer._tag).toBe("Reject")
+      expect(answer._tag === "Reject" && answer.reason).toMatch(/of memory are more than this machine has available/)
+      const error = yield* noHang(Fiber.join(destination), "incoming", 10)
+      expect([(error as MigrationError.MigrationError).reason, error.message]).toEqual([
+        "Rejected",
+        expect.stringMatching(/refused the migration: .* more than this machine has available/)
+      ])
+    }))))
+})
+
 describe("durations, rounds and policies are checked before anything connects", () => {
   const bad = [
     [{ timeouts: { peer: 0 } }, "timeouts.peer must be more than 0, not 0"],
