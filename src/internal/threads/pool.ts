@@ -141,6 +141,8 @@ interface Thread {
   readonly sessions: Set<Lease<unknown>>
   /** The sessions the thread hosts, as it counts them (`host`). */
   readonly hosted: Int32Array
+  /** Fails the thread and its sessions with `reason` (once: the first call wins). */
+  readonly fail: (reason: "Failed" | "Exited" | "Closed", detail: string) => void
 }
 
 /** Channel threads started in this process and not yet exited (every pool's). */
@@ -152,12 +154,15 @@ export const liveThreads = (): number => live
 const workerUrl = (): URL =>
   new URL(import.meta.url.endsWith(".ts") ? "./channelWorkerSource.mjs" : "./channelWorker.js", import.meta.url)
 
-/** Starts a thread in a scope of its own inside `parent`; terminated (and its exit awaited) when that closes. */
+/**
+ * Starts a thread in a scope of its own inside `parent`; terminated (and its exit awaited) when that closes. Once
+ * `closing` (the pool's scope is closing) it fails as `Closed` before it is terminated, rather than "exited".
+ */
 const start = (
   slot: number,
   parent: Scope.Scope,
   module: string | URL,
-  closed: () => boolean
+  closing: Deferred.Deferred<void>
 ): Effect.Effect<Thread> =>
   Effect.gen(function*() {
     const scope = yield* Scope.fork(parent, ExecutionStrategy.sequential)
@@ -181,6 +186,8 @@ const start = (
             Queue.unsafeOffer(session.inbox, { _tag: "Failed", error })
             Deferred.unsafeDone(session.gone, Exit.void)
           }
+          // told once: a later call (the exit after a pool's closing failed it) finds no session to tell again
+          sessions.clear()
         }
         worker.on("message", (message: FromThread) => {
           if (message._tag === "Ready") Deferred.unsafeDone(ready, Exit.void)
@@ -193,14 +200,17 @@ const start = (
         })
         worker.on("exit", (code) => {
           live--
-          // terminated because its pool is closing: said so, rather than "exited (code 1)"
-          if (closed()) fail("Closed", POOL_CLOSED)
-          else if (thrown !== undefined) fail("Failed", `its thread failed: ${thrown.message}`)
+          if (thrown !== undefined) fail("Failed", `its thread failed: ${thrown.message}`)
           else fail("Exited", `its thread exited (code ${code})`)
         })
-        return { slot, worker, ready, failed, inspections, scope, sessions, hosted }
+        return { slot, worker, ready, failed, inspections, scope, sessions, hosted, fail }
       }),
-      ({ worker }) => Effect.promise(() => worker.terminate())
+      (thread) =>
+        Effect.zipRight(
+          // terminated because its pool is closing: said so, rather than "exited (code 1)"
+          Effect.whenEffect(Effect.sync(() => thread.fail("Closed", POOL_CLOSED)), Deferred.isDone(closing)),
+          Effect.promise(() => thread.worker.terminate())
+        )
     ).pipe(Scope.extend(scope))
   })
 
@@ -273,17 +283,12 @@ export const make = (options?: Options): Effect.Effect<Pool, ThreadError, Scope.
     const size = sizeOf(options)
     const module = options?.module ?? workerUrl()
     const scope = yield* Effect.scope
-    // set as the scope starts closing, before the threads are terminated (finalizers run in reverse): a thread
-    // that ends then ends because the pool closes, and no thread is started in place of one any more
-    let closed = false
-    const isClosed = () => closed
+    // completed as the scope starts closing, before the threads are terminated (finalizers run in reverse): a
+    // thread that ends then ends because the pool closes, and no thread is started in place of one any more
+    const closing = yield* Deferred.make<void>()
     const slots: Array<Thread> = []
-    for (let slot = 0; slot < size; slot++) slots.push(yield* start(slot, scope, module, isClosed))
-    yield* Effect.addFinalizer(() =>
-      Effect.sync(() => {
-        closed = true
-      })
-    )
+    for (let slot = 0; slot < size; slot++) slots.push(yield* start(slot, scope, module, closing))
+    yield* Effect.addFinalizer(() => Deferred.succeed(closing, undefined))
     yield* Effect.forEach(slots, (thread) => Deferred.await(thread.ready), { concurrency: "unbounded", discard: true })
     let opened = 0
     let replaced = 0
@@ -291,11 +296,11 @@ export const make = (options?: Options): Effect.Effect<Pool, ThreadError, Scope.
 
     /** The least busy thread, after a new thread took the place of each one that failed. */
     const choose = lock.withPermits(1)(Effect.gen(function*() {
-      if (closed) return undefined
+      if (yield* Deferred.isDone(closing)) return undefined
       for (const thread of slots) {
         if (!(yield* Deferred.isDone(thread.failed))) continue
         yield* Scope.close(thread.scope, Exit.void)
-        slots[thread.slot] = yield* start(thread.slot, scope, module, isClosed)
+        slots[thread.slot] = yield* start(thread.slot, scope, module, closing)
         replaced++
       }
       let best = slots[0]!
