@@ -571,6 +571,35 @@ describe("x509 (QEMU tls-creds-x509)", () => {
       expect(sameMemory(result.ram, ram)).toBe(true)
     })))
 
+  it.live("a name in the CN counts only as GnuTLS counts it: the one CN of a certificate without altnames", () =>
+    leakFree(Effect.gen(function*() {
+      const client = yield* clientX509({ hostname: "localhost" })
+      const ram = yield* sourceRam(1)
+      // CN=localhost, no subjectAltName: its CN is its name, as QEMU's GnuTLS takes it
+      const named = yield* serverX509("cn-server")
+      const dest = yield* startDestination(named.server)
+      yield* noHang(migrateTo(ram, tcp(LOOPBACK, dest.port), client.client(LOOPBACK)), "migrate")
+      const result = yield* noHang(Fiber.join(dest.fiber), "incoming")
+      expect(sameMemory(result.ram, ram)).toBe(true)
+      // CN=wrong.example and CN=localhost: for neither (it passed for both); CN=localhost with an IP altname: the
+      // altnames are its names (it passed for localhost)
+      for (
+        const [name, said] of [
+          ["twocn-server", "the certificate has 2 CNs and no altnames"],
+          ["ipsan-cn-server", "its altnames hold no DNS name"]
+        ] as const
+      ) {
+        const server = yield* serverX509(name)
+        const refusing = yield* startDestination(server.server)
+        const exit = yield* noHang(Effect.exit(migrateTo(ram, tcp(LOOPBACK, refusing.port), client.client(LOOPBACK))), name)
+        const tls = expectTlsFailure(failureOf(exit), "main", "Handshake")
+        expect(tls.message).toContain(`Host: localhost is not the certificate's name: ${said}`)
+        expect(tls.message).toContain("as QEMU's GnuTLS checks names (the certificate is for ")
+        yield* noHang(refusing.rejections(1), "the destination's rejection")
+        yield* Fiber.interrupt(refusing.fiber)
+      }
+    })))
+
   it.live("a server certificate from an unknown CA is refused", () =>
     leakFree(Effect.gen(function*() {
       // the client trusts only the alice certificate as its CA: the server's chain does not verify

@@ -110,6 +110,30 @@ export const clientFromData = (data: ClientData): Effect.Effect<Transport.Upgrad
     return client(settings, data.host)
   })
 
+/**
+ * Why a certificate without DNS names does not carry `host` though Node's check would take its CN for it: Node
+ * falls back to the CN whenever there is no DNS altname, and then to any CN of several; QEMU's GnuTLS reads a
+ * certificate's CN as its name only when it has no altnames at all (RFC 6125: an IP or URI altname says what it is
+ * for) and only when it has one CN (RFC 6125 §1.8). A certificate of CN=wrong.example and CN=localhost passed for
+ * either name, one of CN=localhost with an IP altname for localhost. `undefined` leaves the check to Node's.
+ */
+const cnMismatch = (host: string, cert: NodeTls.PeerCertificate): Error | undefined => {
+  if (Transport.isIp(host)) return undefined
+  const altnames = cert.subjectaltname ?? ""
+  if (altnames.split(", ").some((name) => name.startsWith("DNS:"))) return undefined
+  const cn = (cert.subject as { CN?: string | Array<string> } | undefined)?.CN
+  const cns = cn === undefined ? [] : Array.isArray(cn) ? cn : [cn]
+  const why = altnames !== ""
+    ? "its altnames hold no DNS name, and a CN is a certificate's name only in one without altnames"
+    : cns.length > 1
+    ? `the certificate has ${cns.length} CNs and no altnames, and a CN is checked only in a certificate of one`
+    : undefined
+  if (why === undefined) return undefined
+  const reason = `Host: ${host.replace(/\.$/, "")} is not the certificate's name: ${why}, as QEMU's GnuTLS checks names`
+  // (the certificate's names follow, as after Node's own reasons)
+  return Object.assign(new Error(reason), { code: "ERR_TLS_CERT_ALTNAME_INVALID", reason })
+}
+
 const clientHandshake = (settings: Settings, host: string | undefined): Transport.Upgrade<TlsError> =>
 (connection, channel) =>
   Effect.gen(function*() {
@@ -142,7 +166,9 @@ const clientHandshake = (settings: Settings, host: string | undefined): Transpor
             secureContext: settings.secureContext,
             ...(servername !== undefined && !Transport.isIp(servername) ? { servername } : {}),
             checkServerIdentity: (_name, cert) => {
-              const mismatch = servername === undefined ? undefined : NodeTls.checkServerIdentity(servername, cert)
+              const mismatch = servername === undefined
+                ? undefined
+                : cnMismatch(servername, cert) ?? NodeTls.checkServerIdentity(servername, cert)
               if (mismatch === undefined) return undefined
               const names = cert.subjectaltname ?? `CN=${cert.subject?.CN}`
               return Object.assign(mismatch, {
