@@ -798,6 +798,12 @@ describe("peer certificates (QEMU verify-peer: chain to the CA, validity, usage;
       "expired-ca-server",
       "the destination's certificate CN=localhost was issued by CN=expired intermediate CA, which has expired " +
       "(valid until Jan  1 00:00:00 2001 GMT)"
+    ],
+    // a verification error Node has no code of its own for (UNSPECIFIED): still the destination's certificate's
+    [
+      "constrained-server",
+      "the destination's certificate CN=localhost is not trusted: permitted subtree violation " +
+      "(a name constraint of a CA of its chain)"
     ]
   ]
 

@@ -161,7 +161,14 @@ export const verifyProblem = (
     case "SELF_SIGNED_CERT_IN_CHAIN":
       return `is not trusted: ${certificate ? `issued by ${nameOf(certificate, "issuer")}, ` : ""}not by a trusted CA`
     default:
-      return `is not trusted: ${error.message}`
+      // what Node has no code of its own for (UNSPECIFIED) says what OpenSSL checked in OpenSSL's words only
+      return `is not trusted: ${error.message}${
+        /subtree violation|name constraint/i.test(error.message)
+          ? " (a name constraint of a CA of its chain)"
+          : /too weak|too small/i.test(error.message)
+          ? " (a key or signature digest below what OpenSSL's security level accepts)"
+          : ""
+      }`
   }
 }
 
@@ -242,8 +249,12 @@ export const serverRefusal = (certificate: Crypto.X509Certificate | undefined): 
     : undefined
 }
 
-/** The codes of OpenSSL's certificate verification errors (X509_V_ERR_*, as Node names them). */
-export const VERIFY_CODE = /^(?:UNABLE_TO_|CERT_|CRL_|ERROR_IN_|DEPTH_ZERO_|SELF_SIGNED_|INVALID_CA$|INVALID_PURPOSE$|PATH_LENGTH_)/
+/**
+ * The codes of OpenSSL's certificate verification errors (X509_V_ERR_*, as Node names them; those Node has no
+ * name for, a name constraint violated or a digest too weak, are all UNSPECIFIED).
+ */
+export const VERIFY_CODE =
+  /^(?:UNABLE_TO_|CERT_|CRL_|ERROR_IN_|DEPTH_ZERO_|SELF_SIGNED_|INVALID_CA$|INVALID_PURPOSE$|PATH_LENGTH_|UNSPECIFIED$)/
 
 /** What the source reports when its handshake fails: a certificate that does not verify says why. */
 export const explainServerError = (
