@@ -195,6 +195,13 @@ export const load = (config: TlsConfig): Effect.Effect<Settings, TlsError> =>
           "(O=Example,CN=alice); in a list that holds one, entries are separated by ';'"
       )
     }
+    // an empty MULTIFD_TLS_HOSTNAME is the name "", which no certificate carries: every handshake failed ("Host: .")
+    if (config.hostname !== undefined && (config.hostname === "" || /[\s\x00-\x1f\x7f]/.test(config.hostname))) {
+      return yield* configError(
+        `hostname ${JSON.stringify(config.hostname)} is no host name: give the name the destination's certificate ` +
+          "must carry, or none to check the host of its address"
+      )
+    }
     if ((config.cert === undefined) !== (config.key === undefined)) {
       return yield* configError("a certificate needs its key and a key its certificate")
     }

@@ -1825,4 +1825,29 @@ describe("configuration", () => {
       expect(none).toBeInstanceOf(Tls.TlsError)
       expect((none as Tls.TlsError).message).toContain("no credentials")
     })))
+
+  it.live("load: a hostname that names nothing (empty, blank, with spaces) is refused at load, not at every handshake", () =>
+    leakFree(Effect.gen(function*() {
+      // MULTIFD_TLS_HOSTNAME= (set, empty) was the name "": every handshake failed "Host: . is not in the cert's altnames"
+      const empty = yield* Effect.flip(Effect.provide(Tls.Tls, Tls.layerConfig).pipe(fromEnv({
+        MULTIFD_TLS_CA: fixture("ca-cert.pem"),
+        MULTIFD_TLS_HOSTNAME: ""
+      })))
+      expect(empty).toBeInstanceOf(Tls.TlsError)
+      expect(empty.reason).toBe("Config")
+      expect(empty.message).toBe(
+        "TLS configuration: hostname \"\" is no host name: give the name the destination's certificate must carry, " +
+          "or none to check the host of its address"
+      )
+      for (const hostname of ["  ", "localhost ", "local host"]) {
+        const error = yield* Effect.flip(clientX509({ hostname }))
+        expect(error.reason).toBe("Config")
+        expect(error.message).toContain(`hostname ${JSON.stringify(hostname)} is no host name`)
+        expectOneLine(error)
+      }
+      // a name in another case, with a final dot, is a host name: checked as it was
+      const client = yield* clientX509({ hostname: "LOCALHOST." })
+      const server = yield* serverX509("server")
+      yield* roundTrip(server.server, client.client(LOOPBACK), { mib: 1, channels: 1 })
+    })))
 })
