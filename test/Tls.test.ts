@@ -494,6 +494,55 @@ describe("cipher suites: fast with AES instructions, configurable, the destinati
       expect(ciphersOf(server.seen)).toEqual(["TLS_CHACHA20_POLY1305_SHA256"])
     })))
 
+  it.live("cipher lists with no suite in common: both sides say that in one line, and the destination then admits a source that shares one", () =>
+    leakFree(Effect.gen(function*() {
+      const server = yield* serverX509("server", { ciphers: "TLS_CHACHA20_POLY1305_SHA256:ECDHE-ECDSA-CHACHA20-POLY1305" })
+      const client = yield* clientX509({ ciphers: "TLS_AES_256_GCM_SHA384:ECDHE-ECDSA-AES256-GCM-SHA384" })
+      const ram = yield* sourceRam(1)
+      const dest = yield* startDestination(server.server)
+      const exit = yield* noHang(Effect.exit(migrateTo(ram, tcp(LOOPBACK, dest.port), client.client(LOOPBACK))), "migrate")
+      const tls = expectTlsFailure(failureOf(exit), "main", "Handshake")
+      expect(tls.message).toContain("and cipher suites in common (ciphers)")
+      yield* noHang(dest.rejections(1), "the destination's rejection")
+      expect(dest.logs.join("\n")).toMatch(/failed: no shared cipher \(.*and cipher suites in common \(ciphers\)\?\)$/)
+      const sharing = yield* clientX509({ ciphers: "TLS_CHACHA20_POLY1305_SHA256" })
+      yield* noHang(migrateTo(ram, tcp(LOOPBACK, dest.port), sharing.client(LOOPBACK)), "second migrate")
+      const result = yield* noHang(Fiber.join(dest.fiber), "incoming")
+      expect(sameMemory(result.ram, ram)).toBe(true)
+    })))
+
+  it.live("a peer that offers only TLS 1.1 or older: the destination says it needs TLS 1.2, in one line", () =>
+    leakFree(Effect.gen(function*() {
+      const server = yield* serverX509("server")
+      const ram = yield* sourceRam(1)
+      const dest = yield* startDestination(server.server)
+      // an old client (OpenSSL's security level 0 lets it offer TLS 1.1)
+      const old = yield* Effect.acquireRelease(
+        Effect.sync(() => {
+          const socket = NodeTls.connect({
+            host: LOOPBACK,
+            port: dest.port,
+            minVersion: "TLSv1",
+            maxVersion: "TLSv1.1",
+            ciphers: "DEFAULT@SECLEVEL=0",
+            rejectUnauthorized: false
+          })
+          socket.on("error", () => {})
+          return socket
+        }),
+        (socket) => Effect.sync(() => socket.destroy())
+      )
+      yield* noHang(dest.rejections(1), "the destination's rejection")
+      expect(dest.logs.join("\n")).toMatch(
+        /failed: unsupported protocol \(the peer offers no TLS version this side speaks: TLS 1\.2 or 1\.3\)$/
+      )
+      old.destroy()
+      const client = yield* clientX509()
+      yield* noHang(migrateTo(ram, tcp(LOOPBACK, dest.port), client.client(LOOPBACK)), "migrate")
+      const result = yield* noHang(Fiber.join(dest.fiber), "incoming")
+      expect(sameMemory(result.ram, ram)).toBe(true)
+    })))
+
   it.live("a cipher list OpenSSL does not know is a configuration error at load, naming it", () =>
     Effect.gen(function*() {
       const error = yield* Effect.flip(Tls.load({ psk: fixture("keys.psk"), ciphers: "NO-SUCH-CIPHER" }))

@@ -61,7 +61,11 @@ export const hint = (credentials: Credentials, text: string): string =>
     : /socket disconnected before secure TLS connection/.test(text)
     ? `${text} (the peer closed the connection in the TLS handshake: does it use TLS, with PSK or x509 as this side does?)`
     : /no suitable signature algorithm|no shared cipher|handshake failure/.test(text)
-    ? `${text} (do both sides use the same kind of credentials, PSK or x509, and does the peer admit this side?)`
+    ? `${text} (do both sides use the same kind of credentials, PSK or x509, and cipher suites in common (ciphers)?${
+      /no shared cipher/.test(text) ? "" : " does the peer admit this side?"
+    })`
+    : /unsupported protocol|protocol version/.test(text)
+    ? `${text} (the peer offers no TLS version this side speaks: TLS 1.2 or 1.3)`
     : credentials._tag === "Psk" && /certificate/.test(text)
     ? `${text} (the peer presents a certificate: it uses x509, this side PSK)`
     : text
