@@ -712,6 +712,42 @@ describe("a thread that fails", () => {
     })))
 })
 
+describe("a thread that stops answering", () => {
+  /**
+   * A thread held up mid-transfer (a loop, a long synchronous task): the migration's failure was known (the
+   * destination aborted, no data for its peer timeout), but closing the channels waited for the thread's word
+   * that each session was gone, for ever; the migration never returned. Now a close the thread does not answer
+   * in the pool's closeTimeout terminates the thread, the migration fails, and the pool replaces the thread.
+   */
+  it.live("mid-transfer: the migration fails and returns; the hung thread is terminated and replaced", () =>
+    leakFree(Effect.gen(function*() {
+      const before = ChannelThreads.liveThreads()
+      const pool = yield* ChannelThreads.make({ ...POOL, maxThreads: 1, closeTimeout: "100 millis" })
+      const threads = Layer.succeed(ChannelThreads.ChannelThreads, pool)
+      const ram = yield* sharedRam()
+      const timeouts = { ...TIMEOUTS, peer: "1 second" } as const
+      const dest = yield* startDestination({ timeouts })
+      let release: (() => void) | undefined
+      yield* Effect.addFinalizer(() => Effect.sync(() => release?.()))
+      let reports = 0
+      const onProgress = (p: Migration.Progress) =>
+        Effect.sync(() => {
+          if (p.doneBytes > 0 && reports++ === 0) release = unsafeThreads(pool)[0]!.hold()
+        })
+      const exit = yield* noHang(
+        Effect.exit(migrate(ram, { address: dest.address, channels: 2, timeouts, onProgress }).pipe(Effect.provide(threads))),
+        "migrate"
+      )
+      expectOneLine(failureOf(exit))
+      expectOneLine(failureOf(yield* noHang(Fiber.await(dest.fiber), "incoming")))
+      expect(yield* pool.stats).toMatchObject({ threads: 0, sessions: 0 })
+      expect(ChannelThreads.liveThreads()).toBe(before)
+      const again = yield* migrateOnce(ram, { channels: 2 }).pipe(Effect.provide(threads))
+      expect(sameMemory(again.received.ram, ram)).toBe(true)
+      expect(yield* pool.stats).toMatchObject({ threads: 1, sessions: 0, replaced: 1 })
+    }).pipe(Effect.scoped)))
+})
+
 describe("a channel thread that dies while it hashes a digest", () => {
   it.live("fails the digest with a clear error naming the thread, instead of leaving it waiting", () =>
     leakFree(Effect.gen(function*() {

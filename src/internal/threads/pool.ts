@@ -14,6 +14,7 @@
  * @internal
  */
 import * as Deferred from "effect/Deferred"
+import * as Duration from "effect/Duration"
 import * as Effect from "effect/Effect"
 import * as ExecutionStrategy from "effect/ExecutionStrategy"
 import * as Exit from "effect/Exit"
@@ -47,6 +48,12 @@ export interface Options {
    * file). A bundler that moves the library must copy that file along, or say here where it is.
    */
   readonly module?: string | URL | undefined
+  /**
+   * How long a session's close waits for its thread's word that the session is gone (10 seconds by default):
+   * a thread that has not answered by then is taken for hung (a loop, a long synchronous task) and terminated,
+   * failing every session on it (`ThreadError`, `Hung`); the next session opened gets a new thread in its place.
+   */
+  readonly closeTimeout?: Duration.DurationInput | undefined
 }
 
 /** What a session says: one of its messages, or its end (`failure` undefined: it ended by itself, or was closed). */
@@ -142,7 +149,7 @@ interface Thread {
   /** The sessions the thread hosts, as it counts them (`host`). */
   readonly hosted: Int32Array
   /** Fails the thread and its sessions with `reason` (once: the first call wins). */
-  readonly fail: (reason: "Failed" | "Exited" | "Closed", detail: string) => void
+  readonly fail: (reason: "Failed" | "Exited" | "Closed" | "Hung", detail: string) => void
 }
 
 /** Channel threads started in this process and not yet exited (every pool's). */
@@ -178,7 +185,7 @@ const start = (
         live++
         const inspections = new Map<number, (inspection: Inspection) => void>()
         const sessions = new Set<Lease<unknown>>()
-        const fail = (reason: "Failed" | "Exited" | "Closed", detail: string) => {
+        const fail = (reason: "Failed" | "Exited" | "Closed" | "Hung", detail: string) => {
           const error = new ThreadError({ reason, detail })
           Deferred.unsafeDone(ready, Exit.fail(new ThreadError({ reason: "Start", detail: `${detail} before it was ready` })))
           Deferred.unsafeDone(failed, Exit.fail(error))
@@ -282,6 +289,7 @@ export const make = (options?: Options): Effect.Effect<Pool, ThreadError, Scope.
     }
     const size = sizeOf(options)
     const module = options?.module ?? workerUrl()
+    const closeTimeout = Duration.decode(options?.closeTimeout ?? Duration.seconds(10))
     const scope = yield* Effect.scope
     // completed as the scope starts closing, before the threads are terminated (finalizers run in reverse): a
     // thread that ends then ends because the pool closes, and no thread is started in place of one any more
@@ -344,11 +352,25 @@ export const make = (options?: Options): Effect.Effect<Pool, ThreadError, Scope.
             return { thread, port, lease }
           }),
           // the session closes in its thread (its socket destroyed) before the lease is given back; a thread
-          // that failed has taken its sessions with it
+          // that failed has taken its sessions with it. A thread that does not answer in time is hung: waiting
+          // for it would hang its owner's close for ever (a migration whose error was known never returned), so
+          // it is terminated, its sockets with it, and its sessions fail saying so
           ({ lease, port, thread }) =>
             Effect.gen(function*() {
               if (!(yield* Deferred.isDone(lease.gone))) port.postMessage([1] satisfies ToSession)
-              yield* Deferred.await(lease.gone)
+              // each side interruptible (a release is not, and a race waits for its loser's end otherwise); the
+              // release itself still waits for the race
+              const answered = yield* Effect.raceFirst(
+                Effect.interruptible(Effect.as(Deferred.await(lease.gone), true)),
+                Effect.interruptible(Effect.as(Effect.sleep(closeTimeout), false))
+              )
+              if (!answered && thread !== undefined) {
+                thread.fail(
+                  "Hung",
+                  `its thread stopped answering: a session's close had no answer after ${Duration.format(closeTimeout)}`
+                )
+                yield* Effect.promise(() => thread.worker.terminate())
+              }
               port.close()
               thread?.sessions.delete(lease as Lease<unknown>)
             })

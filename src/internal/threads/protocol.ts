@@ -28,8 +28,11 @@ import type { MessagePort, TransferListItem } from "node:worker_threads"
  * message reads after a channel's name: "multifd channel 2: its thread exited (code 1)".
  */
 export class ThreadError extends Data.TaggedError("ThreadError")<{
-  /** `Closed`: the pool's scope has closed (its layer's), its threads stopped with it. */
-  readonly reason: "Start" | "Failed" | "Exited" | "Defect" | "Closed"
+  /**
+   * `Closed`: the pool's scope has closed (its layer's), its threads stopped with it. `Hung`: the thread did not
+   * answer a session's close in time (a long synchronous task, a loop), and was terminated.
+   */
+  readonly reason: "Start" | "Failed" | "Exited" | "Defect" | "Closed" | "Hung"
   readonly detail: string
 }> {
   override get message(): string {
