@@ -712,6 +712,30 @@ describe("a thread that fails", () => {
     })))
 })
 
+describe("migrations in sequence on one pool", () => {
+  /**
+   * A thread given a guest's memory (shared: the buffer's whole size) kept it referenced after its sessions
+   * ended, until its heap was collected, which an idle thread never does: each migration on a long-lived pool
+   * kept its guest's memory alive (a migration of 32 MiB left ~20 MiB more resident each time, all of it freed
+   * only when the pool's threads were terminated). A thread now collects once it hosts no session.
+   */
+  it.live("no thread keeps a finished migration's memory: the shared buffers it was given are released once its sessions end", () =>
+    leakFree(Effect.gen(function*() {
+      const pool = yield* ChannelThreads.make(POOL)
+      const threads = Layer.succeed(ChannelThreads.ChannelThreads, pool)
+      for (let i = 0; i < 3; i++) {
+        yield* Effect.scoped(Effect.gen(function*() {
+          const ram = yield* sharedRam()
+          const { received } = yield* migrateOnce(ram, { channels: 2 }).pipe(Effect.provide(threads))
+          expect(sameMemory(received.ram, ram)).toBe(true)
+        }))
+        // the threads let go once idle (before the fix: never, as nothing else made them collect)
+        yield* untilThreads((inspections) => inspections.every((inspection) => inspection.sharedBuffers === 0), `the threads letting go of migration ${i}'s memory`).pipe(Effect.provide(threads))
+      }
+      expect(yield* pool.stats).toMatchObject({ sessions: 0, hosted: 0 })
+    }).pipe(Effect.scoped)))
+})
+
 describe("a thread that stops answering", () => {
   /**
    * A thread held up mid-transfer (a loop, a long synchronous task): the migration's failure was known (the

@@ -19,6 +19,8 @@ import * as Logger from "effect/Logger"
 import * as LogLevel from "effect/LogLevel"
 import * as Queue from "effect/Queue"
 import type * as Scope from "effect/Scope"
+import * as V8 from "node:v8"
+import * as Vm from "node:vm"
 import * as WorkerThreads from "node:worker_threads"
 import * as Zstd from "../native/zstdStream.js"
 import type { TransferListItem } from "node:worker_threads"
@@ -34,6 +36,39 @@ import {
 
 /** A kind of session: its program, given the data it was opened with and its two directions. */
 export type Kind = (data: any, io: SessionIo<any, any>) => Effect.Effect<void, unknown, Scope.Scope>
+
+/**
+ * A full collection of this thread's heap. `gc` is taken once from a context made while V8's `--expose-gc` is on
+ * (a thread cannot be started with it), and the flag is put back at once: contexts made later, in any thread,
+ * get no `gc`.
+ */
+let gc: (() => void) | undefined
+const collect = () => {
+  if (gc === undefined) {
+    V8.setFlagsFromString("--expose-gc")
+    try {
+      gc = Vm.runInNewContext("gc") as () => void
+    } finally {
+      V8.setFlagsFromString("--no-expose-gc")
+    }
+  }
+  gc()
+}
+
+/**
+ * The shared memory given to this thread's sessions (found in what a session is opened with and sent, two
+ * levels deep), held weakly: what is still referenced here is what `Inspection.sharedBuffers` counts.
+ */
+const given: Array<WeakRef<SharedArrayBuffer>> = []
+const note = (value: unknown, depth = 2): void => {
+  if (value instanceof SharedArrayBuffer) {
+    if (given.length >= 64) given.splice(0, given.length, ...given.filter((ref) => ref.deref() !== undefined))
+    given.push(new WeakRef(value))
+  } else if (depth > 0 && typeof value === "object" && value !== null && !Array.isArray(value) && !ArrayBuffer.isView(value)) {
+    for (const field of Object.values(value)) note(field, depth - 1)
+  }
+}
+const sharedBuffers = () => new Set(given.map((ref) => ref.deref()).filter((buffer) => buffer !== undefined)).size
 
 /**
  * One session: its program in a fiber of the host's set, with the session's port as its two directions. The
@@ -76,12 +111,20 @@ const session = (
     // an observer, not `onExit` inside the fiber: a fiber interrupted before its first step runs nothing of
     // its own, and its owner still waits for the port's last message
     fiber.addObserver((exit) => {
-      Atomics.sub(hosted, 0, 1)
+      const idle = Atomics.sub(hosted, 0, 1) === 1
       post([1, encodeExit(Exit.isSuccess(exit) ? exit.value : exit)])
+      // the last session gone: what the sessions were given (a guest's memory, shared: its whole size) is held
+      // by this thread until it collects, which an idle thread never does; it collects once the port is closed
+      // (its listener, and what that reaches, let go)
+      if (idle) port.once("close", () => setImmediate(collect))
       port.close()
     })
+    note(data)
     port.on("message", (message: ToSession) => {
-      if (message[0] === 0) Queue.unsafeOffer(inbox, message[1])
+      if (message[0] === 0) {
+        note(message[1])
+        Queue.unsafeOffer(inbox, message[1])
+      }
       else fiber.unsafeInterruptAsFork(FiberId.none)
     })
   })
@@ -108,7 +151,11 @@ export const serve = (kinds: Readonly<Record<string, Kind>>): Effect.Effect<void
           return answer({
             _tag: "Inspected",
             request: message.request,
-            inspection: { resources: process.getActiveResourcesInfo(), zstdContexts: Zstd.openContexts() }
+            inspection: {
+              resources: process.getActiveResourcesInfo(),
+              zstdContexts: Zstd.openContexts(),
+              sharedBuffers: sharedBuffers()
+            }
           })
         case "Hold":
           Atomics.wait(new Int32Array(message.latch), 0, 0)

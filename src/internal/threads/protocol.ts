@@ -75,10 +75,14 @@ export type FromThread =
   | { readonly _tag: "Ready" }
   | { readonly _tag: "Inspected"; readonly request: number; readonly inspection: Inspection }
 
-/** What a thread holds now: its active resources (`process.getActiveResourcesInfo()`) and zstd contexts. */
+/**
+ * What a thread holds now: its active resources (`process.getActiveResourcesInfo()`), zstd contexts, and the
+ * shared buffers given to its sessions (a guest's memory) it still references.
+ */
 export interface Inspection {
   readonly resources: ReadonlyArray<string>
   readonly zstdContexts: number
+  readonly sharedBuffers: number
 }
 
 /** On a session's port: a message, the pool's close request, the thread's end of the session, a log line. */
