@@ -5,7 +5,9 @@
  * channel's fiber, and closing it waits until the thread says the session's socket is destroyed. A thread
  * that throws, exits or is terminated fails every channel it hosts with a cause naming the channel
  * ("multifd channel 2: its thread exited (code 1)"), and the next channel opened in the pool gets a new
- * thread in its place. Closing the layer's scope terminates every thread and waits until each has exited.
+ * thread in its place. A thread that stops answering (a session's close unanswered after `closeTimeout`) is
+ * terminated and replaced the same way. Closing the layer's scope terminates every thread and waits until each
+ * has exited.
  *
  * With the service in context, `Migration.migrate` runs each multifd channel on the pool when the memory is
  * shared (`GuestRam.allocate`), the transport is Node's (`Transport.layer`) and the upgrade is none or
@@ -31,7 +33,9 @@ import { ThreadError } from "./internal/threads/protocol.js"
 
 export {
   /**
-   * A channel thread failed: it could not start, it threw, or it exited; or a session's program died in it.
+   * A channel thread failed: it could not start, it threw, it exited, or it stopped answering (`Hung`: a
+   * session's close had no answer within the pool's `closeTimeout`, and the thread was terminated); or a
+   * session's program died in it.
    * The message reads after the channel's name ("its thread exited (code 1)").
    *
    * @since 0.1.0
