@@ -99,6 +99,43 @@ describe("the npm package", () => {
     expect(stray).toEqual([])
   })
 
+  it("asks a consumer for exactly the packages its library imports (dependencies and peer dependencies)", () => {
+    // a peer dependency the library never imports still binds the consumer to its version range: a project on
+    // another minor of it (an @effect/platform 0.98, say) could not install the package at all (npm's ERESOLVE)
+    const installed = Path.join(consumer, "node_modules", "effect-multifd")
+    const manifest = JSON.parse(Fs.readFileSync(Path.join(installed, "package.json"), "utf8")) as {
+      readonly dependencies?: Record<string, string>
+      readonly peerDependencies?: Record<string, string>
+    }
+    const imported = new Set<string>()
+    const scan = (dir: string): void => {
+      for (const entry of Fs.readdirSync(dir, { withFileTypes: true })) {
+        const file = Path.join(dir, entry.name)
+        // the command's bundle carries its own dependencies inside (zstd-napi aside, which the library loads too)
+        if (entry.isDirectory()) {
+          if (file !== Path.join(installed, "dist", "bin")) scan(file)
+          continue
+        }
+        if (!entry.name.endsWith(".js")) continue
+        const text = Fs.readFileSync(file, "utf8")
+        const specifiers = [
+          ...text.matchAll(/^\s*(?:import|export)\b[^"'\n;]*?\bfrom\s*["']([^"']+)["']/gm),
+          ...text.matchAll(/^\s*import\s*["']([^"']+)["']/gm),
+          ...text.matchAll(/\bimport\(\s*["']([^"']+)["']\s*\)/g),
+          ...text.matchAll(/\bcreateRequire\([^)]*\)\(\s*["']([^"']+)["']\s*\)/g)
+        ].map((m) => m[1]!)
+        for (const specifier of specifiers) {
+          if (specifier.startsWith(".") || specifier.startsWith("node:") || specifier === "effect-multifd") continue
+          const parts = specifier.split("/")
+          imported.add(specifier.startsWith("@") ? parts.slice(0, 2).join("/") : parts[0]!)
+        }
+      }
+    }
+    scan(Path.join(installed, "dist"))
+    const asked = [...Object.keys(manifest.dependencies ?? {}), ...Object.keys(manifest.peerDependencies ?? {})]
+    expect([...imported].sort()).toEqual([...new Set(asked)].sort())
+  })
+
   it("imports by name under plain node and migrates 4 MiB over loopback", async () => {
     const script = `
       import * as Effect from "effect/Effect"
