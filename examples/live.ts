@@ -14,9 +14,10 @@
 import * as Clock from "effect/Clock"
 import * as Duration from "effect/Duration"
 import * as Effect from "effect/Effect"
+import * as Either from "effect/Either"
 import * as Fiber from "effect/Fiber"
 import * as Crypto from "node:crypto"
-import { GuestRam, Migration, Transport } from "effect-multifd"
+import { GuestRam, Migration, MigrationConfig, Transport } from "effect-multifd"
 
 const PAGE = 4096
 
@@ -25,16 +26,25 @@ const flag = (name: string): string | undefined => {
   const at = argv.indexOf(name)
   return at >= 0 ? argv[at + 1] : undefined
 }
-const bytes = (text: string): number => {
+/** A bad argument: one line and exit 2, as the `multifd` command does. */
+const usage = (why: string): never => {
+  console.error(`live: ${why}`)
+  process.exit(2)
+}
+const bytes = (name: string, text: string): number => {
   const m = /^(\d+(?:\.\d+)?)([KMG]?)$/i.exec(text)
-  if (m === null) throw new Error(`not a size: ${text} (like 256M)`)
+  if (m === null) return usage(`${name}: not a size: ${text} (like 256M)`)
   return Math.round(Number(m[1]) * ({ "": 1, K: 1024, M: 1024 ** 2, G: 1024 ** 3 } as const)[m[2]!.toUpperCase() as "" | "K" | "M" | "G"])
 }
 const uri = argv[0] !== undefined && !argv[0].startsWith("--") ? argv[0] : undefined
-const size = bytes(flag("--size") ?? "128M")
-const rate = bytes(flag("--rate") ?? "16M")
+const size = bytes("--size", flag("--size") ?? "128M")
+const rate = bytes("--rate", flag("--rate") ?? "16M")
 const channels = Number(flag("--channels") ?? 4)
-const downtime = flag("--downtime") ?? "300 millis"
+// 300ms, 1s, 2m, or a plain number of seconds (`MigrationConfig.parseDuration`, as the command's --timeout)
+const downtime = Either.getOrElse(
+  MigrationConfig.parseDuration(flag("--downtime") ?? "300ms"),
+  (why) => usage(`--downtime: ${why}`)
+)
 const json = argv.includes("--json")
 
 /** One round's line. */
@@ -90,7 +100,7 @@ const program = Effect.gen(function*() {
   const stats = yield* Migration.migrate({
     address,
     channels,
-    live: { downtimeLimit: Duration.decode(downtime as Duration.DurationInput), maxRounds: 30, onNoConvergence: "switchover" },
+    live: { downtimeLimit: downtime, maxRounds: 30, onNoConvergence: "switchover" },
     onProgress: (progress) => {
       // a round's first report (nothing sent yet) says what the round is about to send
       if (progress.doneBytes !== 0) return Effect.void

@@ -29,4 +29,21 @@ describe("npx tsx examples/live.ts", () => {
     expect(result["dirtyRateBytesPerSecond"]).toBeGreaterThan(0)
     expect(result["downtimeMs"]).toBeGreaterThanOrEqual(0)
   })
+
+  it("takes the flags its header documents (--downtime 300ms), and a bad one is one line and exit 2", () => {
+    const live = (...args: Array<string>) =>
+      ChildProcess.spawnSync(process.execPath, ["--conditions=source", "--import", "tsx", "examples/live.ts", ...args], {
+        cwd: ROOT,
+        encoding: "utf8",
+        timeout: 60_000
+      })
+    const ran = live("--size", "8M", "--rate", "8M", "--channels", "2", "--downtime", "300ms", "--json")
+    expect({ code: ran.status, stderr: ran.stderr }).toEqual({ code: 0, stderr: "" })
+    expect(JSON.parse(ran.stdout)).toMatchObject({ ramBytes: 8 * 1024 * 1024, verified: true })
+    const bad = live("--downtime", "soon")
+    expect({ code: bad.status, stderr: bad.stderr }).toEqual({
+      code: 2,
+      stderr: "live: --downtime: \"soon\" is not a positive duration like 30s, 500ms, 2m or 1h\n"
+    })
+  })
 })
