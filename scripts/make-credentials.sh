@@ -3,6 +3,7 @@
 #
 #   keys.psk                 a pre-shared key in QEMU's keys.psk format (identity qemu): --tls-psk on both sides
 #   ca-cert.pem, ca-key.pem  a CA that signs the certificates below: --tls-ca on both sides
+#   ca-crl.pem               the CA's certificate revocation list, revoking nothing: recv --tls-crl
 #   server-cert.pem, server-key.pem   the destination's certificate, for HOST (default localhost) and 127.0.0.1
 #   client-cert.pem, client-key.pem   a client certificate with CN=CLIENT (default alice), for --tls-authz CLIENT
 #
@@ -42,6 +43,14 @@ extendedKeyUsage=serverAuth"
 issue client "$client" "keyUsage=critical,digitalSignature,keyEncipherment
 extendedKeyUsage=clientAuth"
 printf 'qemu:%s\n' "$(openssl rand -hex 32)" > keys.psk
-chmod 644 ca-cert.pem server-cert.pem client-cert.pem
 
-echo "credentials in $dir: keys.psk, ca-cert.pem, server-cert.pem/server-key.pem ($host), client-cert.pem/client-key.pem (CN=$client)"
+# the CA's CRL (empty, current for as long as the certificates): openssl ca wants a database and a config
+printf '[ca]\ndefault_ca = crl\n[crl]\ndatabase = crl-index.txt\ncrlnumber = crl-number\ndefault_md = sha256\ndefault_crl_days = %s\n' \
+  "$days" > crl.cnf
+: > crl-index.txt
+echo 01 > crl-number
+openssl ca -gencrl -config crl.cnf -keyfile ca-key.pem -cert ca-cert.pem -out ca-crl.pem 2>/dev/null
+rm -f crl.cnf crl-index.txt* crl-number*
+chmod 644 ca-cert.pem ca-crl.pem server-cert.pem client-cert.pem
+
+echo "credentials in $dir: keys.psk, ca-cert.pem, ca-crl.pem, server-cert.pem/server-key.pem ($host), client-cert.pem/client-key.pem (CN=$client)"

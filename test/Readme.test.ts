@@ -66,6 +66,47 @@ describe("README", () => {
     expect(Fs.readFileSync(pskOut).equals(Fs.readFileSync(image))).toBe(true)
   })
 
+  it("the Command line section's commands, as written, make an image and credentials and migrate them", async () => {
+    // the section's sh blocks, each command a line (continuations joined, comments dropped), in a fresh directory:
+    // the set-up commands run as they are (a smaller image), every recv with the send after it (the last recv
+    // with the send before it), `npm run multifd --` being the command, and port 4444 the one recv listens on
+    const text = readme()
+    const section = text.slice(text.indexOf("\n## Command line"), text.indexOf("\nSnapshots and QEMU:"))
+    const commands = [...section.matchAll(/```sh\n([\s\S]*?)```/g)].flatMap((block) =>
+      block[1]!.replace(/\\\n\s*/g, " ").split("\n").map((line) => line.replace(/\s+#.*$/, "").trim()).filter((l) => l !== "")
+    )
+    const words = (line: string) => [...line.matchAll(/'([^']*)'|(\S+)/g)].map((m) => m[1] ?? m[2]!)
+    const cwd = Path.join(dir, "command-line")
+    Fs.mkdirSync(cwd)
+    const setup = commands.filter((c) => !c.startsWith("npm run multifd -- "))
+    expect(setup.map((c) => words(c).slice(0, 2).join(" "))).toEqual(["node scripts/make-image.mjs", "bash scripts/make-credentials.sh"])
+    for (const command of setup) {
+      const [program, script, ...args] = words(command)
+      ChildProcess.execFileSync(program === "node" ? process.execPath : program!, [
+        Path.join(ROOT, script!),
+        ...args.map((a) => (a === "256M" ? "8M" : a))
+      ], { cwd, stdio: "pipe" })
+    }
+    const migrations = commands.filter((c) => c.startsWith("npm run multifd -- ")).map((c) => words(c).slice(4))
+    let pairs = 0
+    for (const [i, recvArgs] of migrations.entries()) {
+      if (recvArgs[0] !== "recv") continue
+      const sendArgs = migrations[i + 1]?.[0] === "send" ? migrations[i + 1]! : migrations[i - 1]!
+      expect(sendArgs[0]).toBe("send")
+      const recv = await startRecv(recvArgs.slice(1).map((a) => a.replace(/:4444$/, ":0")), { cwd })
+      const port = /:(\d+)$/.exec(recv.uri)![1]!
+      const send = await run(sendArgs.map((a) => a.replace(/:4444$/, `:${port}`)), { cwd })
+      const received = await recv.finished
+      expect({ recv: recvArgs, send: send.code, received: received.code, stderr: send.stderr + received.stderr })
+        .toMatchObject({ send: 0, received: 0 })
+      const out = recvArgs[recvArgs.indexOf("--out") + 1]!
+      expect(Fs.readFileSync(Path.join(cwd, out)).equals(Fs.readFileSync(Path.join(cwd, "guest.img")))).toBe(true)
+      Fs.rmSync(Path.join(cwd, out))
+      pairs++
+    }
+    expect(pairs).toBe(4)
+  })
+
   const qemu = Qemu.probe()
   it.skipIf("missing" in qemu)("scripts/make-credentials.sh makes certificates that QEMU's tls-creds-x509 loads, as the README says", () => {
     const credentials = Path.join(dir, "qemu-credentials")

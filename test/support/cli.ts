@@ -47,6 +47,8 @@ export interface StartOptions {
   readonly virtualMemoryKiB?: number | undefined
   /** A descriptor of this process the child's stdout goes to (`/dev/full`), rather than a pipe. */
   readonly stdout?: number | undefined
+  /** The child's working directory (default: the repository). */
+  readonly cwd?: string | undefined
 }
 
 const children = new Set<ChildProcess.ChildProcess>()
@@ -67,7 +69,7 @@ export const start = (args: ReadonlyArray<string>, options: StartOptions = {}): 
     ? [process.execPath, [...entry, ...args]]
     : ["/bin/sh", ["-c", `${limits.join(" && ")} && exec "$0" "$@"`, process.execPath, ...entry, ...args]]
   const child = ChildProcess.spawn(command, argv, {
-    cwd: ROOT,
+    cwd: options.cwd ?? ROOT,
     stdio: ["ignore", options.stdout ?? "pipe", "pipe"],
     env: { ...process.env, NO_COLOR: "1", ...options.env }
   })
