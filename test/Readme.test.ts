@@ -107,6 +107,12 @@ describe("README", () => {
     expect(pairs).toBe(4)
   })
 
+  it("what the README's commands write in the repository (images, credentials with private keys) git ignores", () => {
+    const written = ["guest.img", "received.img", "r.img", "restored.img", "credentials/keys.psk", "credentials/ca-key.pem"]
+    const ignored = ChildProcess.spawnSync("git", ["check-ignore", "--no-index", ...written], { cwd: ROOT, encoding: "utf8" })
+    expect(ignored.stdout.split("\n").filter((l) => l !== "")).toEqual(written)
+  })
+
   const qemu = Qemu.probe()
   it.skipIf("missing" in qemu)("scripts/make-credentials.sh makes certificates that QEMU's tls-creds-x509 loads, as the README says", () => {
     const credentials = Path.join(dir, "qemu-credentials")
