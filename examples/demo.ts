@@ -14,20 +14,30 @@ import * as Migration from "../src/Migration.js"
 import * as Transport from "../src/Transport.js"
 import { progressBar } from "./support/progressBar.js"
 
-const sizeMiB = Number(process.env.DEMO_SIZE_MIB ?? 256)
-const channels = Number(process.env.DEMO_CHANNELS ?? 4)
+/** A knob's whole number from `min` to `max`, or one line and exit 2. */
+const knob = (name: string, fallback: number, min: number, max: number): number => {
+  const text = process.env[name]
+  const value = text === undefined || text === "" ? fallback : /^\d+$/.test(text.trim()) ? Number(text) : NaN
+  if (!(value >= min && value <= max)) {
+    console.error(`demo: ${name} must be a whole number from ${min} to ${max}, not ${JSON.stringify(text)}`)
+    process.exit(2)
+  }
+  return value
+}
+const sizeMiB = knob("DEMO_SIZE_MIB", 256, 1, 1024 * 1024)
+const channels = knob("DEMO_CHANNELS", 4, 1, 255)
 const PAGE = 4096
 
 /** Fills memory like a guest's: a quarter zero pages, a quarter repetitive, the rest random. */
-const mixedMemory = (bytes: number): Buffer => {
-  const memory = GuestRam.allocate(bytes)
-  Crypto.randomFillSync(memory)
-  for (let page = 0; page < bytes / PAGE; page++) {
-    if (page % 4 === 0) memory.fill(0, page * PAGE, (page + 1) * PAGE)
-    else if (page % 4 === 1) memory.fill(page & 0xff, page * PAGE, (page + 1) * PAGE)
-  }
-  return memory
-}
+const mixedMemory = (bytes: number): Effect.Effect<Buffer, GuestRam.GuestRamError> =>
+  Effect.map(GuestRam.allocateOrFail(bytes, "the demo's memory"), (memory) => {
+    Crypto.randomFillSync(memory)
+    for (let page = 0; page < bytes / PAGE; page++) {
+      if (page % 4 === 0) memory.fill(0, page * PAGE, (page + 1) * PAGE)
+      else if (page % 4 === 1) memory.fill(page & 0xff, page * PAGE, (page + 1) * PAGE)
+    }
+    return memory
+  })
 
 const source = (address: Transport.Address) =>
   Effect.scoped(Effect.gen(function*() {
@@ -59,7 +69,10 @@ const program = Effect.gen(function*() {
   )
 })
 
-const SourceMemory = GuestRam.layer({ blocks: [{ name: "pc.ram", bytes: mixedMemory(sizeMiB * 1024 * 1024) }] })
+const SourceMemory = Layer.unwrapEffect(Effect.map(
+  mixedMemory(sizeMiB * 1024 * 1024),
+  (bytes) => GuestRam.layer({ blocks: [{ name: "pc.ram", bytes }] })
+))
 
 Effect.runPromise(program.pipe(Effect.scoped, Effect.provide(Layer.merge(Transport.layer, SourceMemory)))).catch(
   (error) => {
