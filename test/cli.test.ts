@@ -1827,7 +1827,7 @@ describe("the progress bar (src/cli/progress.ts) on a terminal", () => {
   it("each round's bar is of its own pages, the last frame is the last report (100 %), no ETA before a rate is known", async () => {
     const tty = terminal()
     await Effect.runPromise(Effect.scoped(Effect.gen(function*() {
-      const onProgress = (yield* Progress.make("send", { stream: tty.stream }))!
+      const onProgress = (yield* Progress.make("send", { stream: tty.stream, term: "xterm-256color" }))!
       expect(onProgress).toBeDefined()
       for (const r of [report(0, 0, 64 * MIB), report(0, 32 * MIB, 64 * MIB), report(0, 64 * MIB, 64 * MIB), report(1, 0, MIB), report(1, MIB, MIB)]) {
         yield* onProgress(r)
@@ -1840,14 +1840,17 @@ describe("the progress bar (src/cli/progress.ts) on a terminal", () => {
     expect(drawn.at(-1)).toMatch(/ 100% \| 1\.00 MiB \/ 1\.00 MiB \| .*\/s \| ETA 0s$/)
   })
 
-  it("when stderr is not a terminal: no bar, a line every 5 s instead; nothing with --quiet", async () => {
-    const stream = new PassThrough()
+  it.each([
+    ["when stderr is not a terminal", false, undefined],
+    ["on a terminal that cannot move its cursor (TERM=dumb: escape sequences would show as text)", true, "dumb"]
+  ])("%s: no bar, a line every 5 s instead; nothing with --quiet", async (_, isTTY, term) => {
+    const stream = Object.assign(new PassThrough(), isTTY ? { isTTY: true, columns: 200 } : {})
     let written = ""
     stream.setEncoding("utf8").on("data", (s: string) => (written += s))
     const printed: Array<string> = []
     const terminal = Terminal.Terminal.of({ out: () => Effect.void, err: (line) => Effect.sync(() => void printed.push(line)) })
     await Effect.runPromise(Effect.scoped(Effect.gen(function*() {
-      const onProgress = (yield* Progress.make("send", { stream }))!
+      const onProgress = (yield* Progress.make("send", { stream, term }))!
       expect(onProgress).toBeDefined()
       yield* onProgress(report(0, 0, 64 * MIB))
       for (let second = 1; second <= 12; second++) {

@@ -1,5 +1,5 @@
 /**
- * A progress bar on stderr for the demo (`npm start`), not an example of its own (a plain line per 25% when stderr is not a terminal).
+ * A progress bar on stderr for the demo (`npm start`), not an example of its own (a plain line per 25% when stderr is not a terminal, or is TERM=dumb).
  */
 import * as CliProgress from "cli-progress"
 import * as Effect from "effect/Effect"
@@ -8,7 +8,7 @@ import type * as Migration from "../../src/Migration.js"
 export const progressBar = (label: string) =>
   Effect.acquireRelease(
     Effect.sync(() => {
-      const bar = process.stderr.isTTY
+      const bar = process.stderr.isTTY && process.env["TERM"] !== "dumb"
         ? new CliProgress.SingleBar({
           stream: process.stderr,
           format: `${label} [{bar}] {percentage}% | {value}/{total} MiB`,

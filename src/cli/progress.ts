@@ -2,8 +2,9 @@
  * Progress on stderr. On a terminal, a bar: the round's bytes sent (or received), the rate and the ETA; it is
  * stopped when its scope closes, whatever the migration's outcome, and its last frame is the last report (a
  * round's last report has all of its pages: a completed migration ends at 100 %). When stderr is not a
- * terminal (a log file, a pipe), a line every `LINE_INTERVAL_MS` instead, and one at once on SIGUSR1;
- * nothing with `--quiet`.
+ * terminal (a log file, a pipe), or is one that cannot move its cursor (`TERM=dumb`: an editor's shell buffer,
+ * which would show the bar's escape sequences as text), a line every `LINE_INTERVAL_MS` instead, and one at once
+ * on SIGUSR1; nothing with `--quiet`.
  *
  * @since 0.1.0
  */
@@ -47,11 +48,13 @@ export const make = (
   options: {
     readonly quiet?: boolean | undefined
     readonly stream?: (NodeJS.WritableStream & { readonly isTTY?: boolean }) | undefined
+    /** The terminal's type (default: `TERM`); `dumb` gets the lines. */
+    readonly term?: string | undefined
   } = {}
 ): Effect.Effect<OnProgress | undefined, never, Scope.Scope | Terminal.Terminal> => {
   const stream = options.stream ?? process.stderr
   if (options.quiet === true) return Effect.succeed(undefined)
-  if (stream.isTTY !== true) return lines(label)
+  if (stream.isTTY !== true || (options.term ?? process.env["TERM"]) === "dumb") return lines(label)
   return Effect.map(
     Effect.acquireRelease(
       Effect.sync((): State => ({
