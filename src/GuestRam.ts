@@ -178,7 +178,8 @@ export const MAX_BLOCK_SIZE = Buffer.constants.MAX_LENGTH
  * block is fresh memory (`allocateOrFail`), touched up front on worker threads unless `prefault` is `false`
  * (memory most of which is never written: a QEMU guest's zero pages, which QEMU never sends). Fresh memory to be
  * touched that is more than the machine has available (`process.availableMemory()`, which heeds a container's
- * limit) fails `OutOfMemory` before anything is allocated.
+ * limit; on a Node 20 before 20.13, which lacks it, the machine's memory) fails `OutOfMemory` before anything
+ * is allocated.
  *
  * @since 0.1.0
  * @category constructors
@@ -202,7 +203,7 @@ export const make = (options: {
     )
     if (problem) return problem
     const freshBytes = options.blocks.reduce((sum, b) => sum + ("size" in b ? b.size : 0), 0)
-    const available = options.prefault === false ? Infinity : process.availableMemory()
+    const available = options.prefault === false ? Infinity : Prefault.availableMemory()
     if (freshBytes > available) {
       // touching every page of more than the machine has ends in its out-of-memory killer (or in swap), not in
       // an error: a hello or a snapshot header asking for it is refused instead, saying so

@@ -6,6 +6,7 @@ import * as Fiber from "effect/Fiber"
 import * as HashWasm from "hash-wasm"
 import * as Crypto from "node:crypto"
 import * as Fs from "node:fs"
+import * as Os from "node:os"
 import * as GuestRam from "../src/GuestRam.js"
 import * as Prefault from "../src/internal/native/prefault.js"
 
@@ -36,6 +37,23 @@ describe("GuestRam.make validation", () => {
       expect(error.message).not.toMatch(/[\r\n]/)
       return error
     })
+
+  it.scoped("on a Node 20 before 20.13 (no process.availableMemory, engines >=20): fresh memory is made, more than the machine has is refused", () =>
+    Effect.gen(function*() {
+      // as such a Node has it: the property absent (a call of it was a TypeError, a defect of every make)
+      const own = Object.getOwnPropertyDescriptor(process, "availableMemory")
+      yield* Effect.acquireRelease(
+        Effect.sync(() => Object.defineProperty(process, "availableMemory", { value: undefined, configurable: true, writable: true })),
+        () => Effect.sync(() => (own === undefined ? delete (process as { availableMemory?: unknown }).availableMemory : Object.defineProperty(process, "availableMemory", own)))
+      )
+      const ram = yield* GuestRam.make({ blocks: [{ name: "pc.ram", size: 16 * 4096 }] })
+      expect(ram.blocks[0]!.bytes.length).toBe(16 * 4096)
+      const tooMuch = Math.ceil((Os.totalmem() + 1) / GuestRam.MAX_BLOCK_SIZE)
+      const error = yield* Effect.flip(GuestRam.make({
+        blocks: Array.from({ length: tooMuch }, (_, i) => ({ name: `b${i}`, size: GuestRam.MAX_BLOCK_SIZE }))
+      }))
+      expect(error.reason).toBe("OutOfMemory")
+    }))
 
   it.effect("rejects bad page sizes", () =>
     Effect.gen(function*() {

@@ -16,6 +16,17 @@ import * as Digest from "./digest.js"
 import * as EventLoop from "./eventLoop.js"
 import { touchPages } from "./hashRequest.js"
 
+/**
+ * Bytes of memory this process may still touch: `process.availableMemory()`, which heeds a container's limit
+ * (Node 20.13 and later); on an earlier Node 20, which lacks it, the machine's memory (`os.totalmem()`), under a
+ * cgroup's limit where `process.constrainedMemory()` knows one: nothing more can ever be had.
+ */
+export const availableMemory = (): number => {
+  if (typeof process.availableMemory === "function") return process.availableMemory()
+  const constrained = typeof process.constrainedMemory === "function" ? process.constrainedMemory() : 0
+  return constrained > 0 ? Math.min(constrained, Os.totalmem()) : Os.totalmem()
+}
+
 /** The bytes touched per page: the system's page size (4 KiB on x86-64; a larger one is touched more than needed). */
 export const STEP = 4096
 
