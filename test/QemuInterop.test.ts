@@ -363,6 +363,16 @@ describe.skipIf(missing !== undefined)(`QEMU ${"version" in qemu ? qemu.version 
       }
     }))), 60_000)
 
+  it.live("capability dirty-bitmaps on the source (postcopy advised with no data): refused in one line naming dirty-bitmaps, not postcopy-ram", () =>
+    expectNoLeaks(Effect.scoped(Effect.gen(function*() {
+      const { exit } = yield* migrateOnce("mostly-zero", { channels: 2, compression: "none", extraCapabilities: ["dirty-bitmaps", "return-path"] })
+      const error = failureOf(exit)
+      expect(error).toMatchObject({ reason: "Unsupported", feature: "dirty-bitmaps" })
+      expect(error.message).toContain("turn capability dirty-bitmaps off")
+      expect(error.message).not.toContain("postcopy-ram")
+      expect(error.message).not.toContain("\n")
+    }))), 60_000)
+
   it.live("QEMU without multifd (--channels 0): every page on the main channel; the RAM equals the image", () =>
     expectNoLeaks(Effect.scoped(Effect.gen(function*() {
       const { exit, img, status } = yield* migrateOnce("mixed", { channels: 0, compression: "none" })

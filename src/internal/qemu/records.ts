@@ -181,6 +181,15 @@ const readCommand = <E, R>(p: Parser<E, R>, at: number) =>
         state.returnPathAt = at
         return
       case Command.POSTCOPY_ADVISE:
+        // QEMU advises postcopy with its page sizes (16 bytes) for postcopy-ram, and with no data when only
+        // capability dirty-bitmaps is on (block dirty bitmaps may move in a postcopy phase)
+        if (length === 0) {
+          return yield* refuse(
+            "dirty-bitmaps",
+            "the source migrates block dirty bitmaps, which is not supported; turn capability dirty-bitmaps off"
+          )
+        }
+        return yield* refuse("postcopy-ram", "postcopy migration is not supported; turn capability postcopy-ram off")
       case Command.POSTCOPY_LISTEN:
       case Command.POSTCOPY_RUN:
       case Command.POSTCOPY_RAM_DISCARD:
