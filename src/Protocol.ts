@@ -109,6 +109,27 @@ export const compressions: ReadonlyArray<Compression> = ["none", "zlib", "zstd"]
 export const compressionFlags = (compression: Compression): number =>
   compression === "zlib" ? FLAG_ZLIB : compression === "zstd" ? FLAG_ZSTD : 0
 
+/** The compression a data packet's flags name, QEMU's accelerated methods included (undefined: not one). */
+const compressionOfFlags = (flags: number): string | undefined => {
+  switch (flags) {
+    case 0:
+      return "none"
+    case FLAG_ZLIB:
+      return "zlib"
+    case FLAG_ZSTD:
+      return "zstd"
+    // QEMU's MULTIFD_FLAG_QPL, MULTIFD_FLAG_UADK and MULTIFD_FLAG_QATZIP (hardware-accelerated methods)
+    case 4 << 1:
+      return "qpl"
+    case 8 << 1:
+      return "uadk"
+    case 16 << 1:
+      return "qatzip"
+    default:
+      return undefined
+  }
+}
+
 // ---------------------------------------------------------------------------------------------------------
 // Limits: the one source of the rules for channels, page sizes and compression levels (the CLI, Control,
 // GuestRam, Migration, QemuIncoming and Snapshot all check against these)
@@ -551,11 +572,15 @@ export const decodeHeader = (
   }
   const expected = compressionFlags(limits.compression)
   if (flags !== expected) {
+    const theirs = compressionOfFlags(flags)
     return fail(
       "BadFlags",
       ch,
       "flags",
-      `${hex(flags)} on a data packet, expected ${hex(expected)} (compression ${limits.compression})`
+      theirs === undefined
+        ? `${hex(flags)} on a data packet, expected ${hex(expected)} (compression ${limits.compression})`
+        : `${hex(flags)} on a data packet: the source compresses with ${theirs}, this destination expects ` +
+          `compression ${limits.compression}; set the same compression on both sides (QEMU's multifd-compression)`
     )
   }
   if (pagesAlloc > slots) {

@@ -373,6 +373,18 @@ describe.skipIf(missing !== undefined)(`QEMU ${"version" in qemu ? qemu.version 
       expect(error.message).not.toContain("\n")
     }))), 60_000)
 
+  it.live("QEMU's multifd-compression other than ours (zlib into none, zstd into zlib): one line naming both and multifd-compression", () =>
+    expectNoLeaks(Effect.scoped(Effect.gen(function*() {
+      for (const [theirs, ours] of [["zlib", "none"], ["zstd", "zlib"]] as const) {
+        if (codecs.get(theirs) !== undefined || codecs.get(ours) !== undefined) continue
+        const { exit } = yield* migrateOnce("mixed", { channels: 2, compression: theirs }, { compression: ours })
+        const error = failureOf(exit)
+        expect(error.message).toContain(`the source compresses with ${theirs}, this destination expects compression ${ours}`)
+        expect(error.message).toContain("multifd-compression")
+        expect(error.message).not.toContain("\n")
+      }
+    }))), 60_000)
+
   it.live("QEMU without multifd (--channels 0): every page on the main channel; the RAM equals the image", () =>
     expectNoLeaks(Effect.scoped(Effect.gen(function*() {
       const { exit, img, status } = yield* migrateOnce("mixed", { channels: 0, compression: "none" })
