@@ -416,6 +416,7 @@ describe("QemuStream.read refuses what it does not understand, naming it", () =>
       const error = yield* parseError(Buffer.concat([header, configuration("pc", [subsection("configuration/capabilities", caps)])]))
       expect(error).toMatchObject({ reason: "Unsupported", feature: "x-ignore-shared" })
       expect(error.message).toContain("'x-ignore-shared'")
+      expect(error.message).toContain("capability 'x-ignore-shared', which changes the RAM stream format; turn it off on the source")
     }))
 
   it.effect("a configuration subsection twice is Malformed (capabilities again and again each added up to 256 names)", () =>

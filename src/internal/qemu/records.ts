@@ -86,6 +86,8 @@ const readConfiguration = <E, R>(p: Parser<E, R>, at: number) =>
               }` +
                 (refused.includes(MAPPED_RAM)
                   ? ": a mapped-ram stream is a file (QEMU's migrate file:), read it with recv file:PATH --from-qemu"
+                  : refused.length === 1
+                  ? ", which changes the RAM stream format; turn it off on the source"
                   : ", which change the RAM stream format; turn them off on the source"),
               refused[0]
             )
