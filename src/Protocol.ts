@@ -579,7 +579,7 @@ export const decodeHeader = (
       "flags",
       theirs === undefined
         ? `${hex(flags)} on a data packet, expected ${hex(expected)} (compression ${limits.compression})`
-        : `${hex(flags)} on a data packet: the source compresses with ${theirs}, this destination expects ` +
+        : `${hex(flags)} on a data packet: the source uses compression ${theirs}, this destination expects ` +
           `compression ${limits.compression}; set the same compression on both sides (QEMU's multifd-compression)`
     )
   }

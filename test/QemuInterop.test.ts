@@ -379,7 +379,7 @@ describe.skipIf(missing !== undefined)(`QEMU ${"version" in qemu ? qemu.version 
         if (codecs.get(theirs) !== undefined || codecs.get(ours) !== undefined) continue
         const { exit } = yield* migrateOnce("mixed", { channels: 2, compression: theirs }, { compression: ours })
         const error = failureOf(exit)
-        expect(error.message).toContain(`the source compresses with ${theirs}, this destination expects compression ${ours}`)
+        expect(error.message).toContain(`the source uses compression ${theirs}, this destination expects compression ${ours}`)
         expect(error.message).toContain("multifd-compression")
         expect(error.message).not.toContain("\n")
       }
