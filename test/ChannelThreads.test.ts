@@ -22,6 +22,7 @@
 import { describe, expect, it, layer } from "@effect/vitest"
 import * as Cause from "effect/Cause"
 import * as Deferred from "effect/Deferred"
+import * as Duration from "effect/Duration"
 import * as Effect from "effect/Effect"
 import * as Exit from "effect/Exit"
 import * as Fiber from "effect/Fiber"
@@ -802,6 +803,23 @@ describe("the pool's size", () => {
           "Start",
           `the channel threads' pool: maxThreads ${maxThreads} is not a whole number of 1 or more`
         ])
+      }
+      expect(ChannelThreads.liveThreads()).toBe(before)
+    }))
+
+  /** A closeTimeout of 0 took every thread for hung at its first close; "soon" was a defect (Duration.decode threw). */
+  it.live("a closeTimeout that is no duration of more than 0 fails make, naming it; no thread starts", () =>
+    Effect.gen(function*() {
+      const before = ChannelThreads.liveThreads()
+      const cases: Array<[Duration.DurationInput, string]> = [
+        [0, "closeTimeout must be more than 0, not 0"],
+        [-5, "closeTimeout -5 is not a duration of 0 or more"],
+        [Number.NaN, "closeTimeout NaN is not a duration of 0 or more"],
+        ["soon" as Duration.DurationInput, "closeTimeout \"soon\" is not a duration of 0 or more"]
+      ]
+      for (const [closeTimeout, detail] of cases) {
+        const error = yield* Effect.flip(Effect.scoped(ChannelThreads.make({ ...POOL, closeTimeout })))
+        expect([error.reason, error.message]).toEqual(["Start", `the channel threads' pool: ${detail}`])
       }
       expect(ChannelThreads.liveThreads()).toBe(before)
     }))

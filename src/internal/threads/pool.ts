@@ -23,6 +23,7 @@ import * as Queue from "effect/Queue"
 import * as Scope from "effect/Scope"
 import * as Os from "node:os"
 import * as WorkerThreads from "node:worker_threads"
+import * as Transfer from "../../Transfer.js"
 import type { TransferListItem } from "node:worker_threads"
 import {
   type EncodedFailure,
@@ -52,6 +53,7 @@ export interface Options {
    * How long a session's close waits for its thread's word that the session is gone (10 seconds by default):
    * a thread that has not answered by then is taken for hung (a loop, a long synchronous task) and terminated,
    * failing every session on it (`ThreadError`, `Hung`); the next session opened gets a new thread in its place.
+   * It must be a duration of more than 0; anything else fails `make` (`ThreadError`, `Start`).
    */
   readonly closeTimeout?: Duration.DurationInput | undefined
 }
@@ -286,6 +288,13 @@ export const make = (options?: Options): Effect.Effect<Pool, ThreadError, Scope.
         reason: "Start",
         detail: `the channel threads' pool: maxThreads ${max} is not a whole number of 1 or more`
       })
+    }
+    // a closeTimeout of 0 took every thread for hung at its first close; one Duration could not read was a defect
+    const badClose = options?.closeTimeout === undefined
+      ? undefined
+      : Transfer.checkDuration("closeTimeout", options.closeTimeout, "positive")
+    if (badClose !== undefined) {
+      return yield* new ThreadError({ reason: "Start", detail: `the channel threads' pool: ${badClose}` })
     }
     const size = sizeOf(options)
     const module = options?.module ?? workerUrl()
