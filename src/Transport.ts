@@ -339,7 +339,6 @@ export const listen = (address: Address): Effect.Effect<Listener, TransportError
     // once the listener's scope closed, every accept (waiting or to come) fails: a destination given a listener
     // that is gone waited for ever while every source was refused
     const gone = yield* Deferred.make<never, TransportError>()
-    let named = uri // the port it was given, then the port it got
     const server = yield* Effect.acquireRelease(
       Effect.sync(() =>
         // paused on connect: each socket is re-wrapped to read long runs straight into guest memory
@@ -358,8 +357,10 @@ export const listen = (address: Address): Effect.Effect<Listener, TransportError
       ),
       // stop accepting first, then destroy what was accepted: a connection accepted while the stragglers
       // close would otherwise be left open
-      (server) =>
-        Effect.flatMap(stopAccepting(server), (closed) =>
+      (server) => {
+        // read before the server closes: the port it got (a listen that failed has none, and names the one given)
+        const named = formatAddress(boundAddress(address, server))
+        return Effect.flatMap(stopAccepting(server), (closed) =>
           Effect.zipRight(
             Deferred.fail(gone, new TransportError({
               reason: "Closed",
@@ -370,6 +371,7 @@ export const listen = (address: Address): Effect.Effect<Listener, TransportError
             Effect.forEach(Array.from(accepted), destroy, { discard: true, concurrency: "unbounded" }),
             closed
           )))
+      }
     )
     const bind = Effect.async<void, TransportError>((resume) => {
       const onError = (error: Error) =>
@@ -388,12 +390,8 @@ export const listen = (address: Address): Effect.Effect<Listener, TransportError
       ? Effect.catchIf(bind, isInUse, (error) => Effect.zipRight(clearStale(address.path, error), bind))
       : bind
     server.on("error", () => {}) // after listening, failures show up on the accepted sockets
-    const bound = server.address()
-    const actual: Address = address._tag === "Tcp" && bound !== null && typeof bound === "object"
-      ? { _tag: "Tcp", host: address.host, port: bound.port }
-      : address
+    const actual = boundAddress(address, server)
     const actualUri = formatAddress(actual)
-    named = actualUri
     return {
       address: actual,
       accept: Effect.uninterruptibleMask((restore) =>
@@ -408,6 +406,14 @@ export const listen = (address: Address): Effect.Effect<Listener, TransportError
       )
     }
   })
+
+/** The address a server listens on: a TCP port of 0 replaced by the port it got, once it has one. */
+const boundAddress = (address: SocketAddress, server: Net.Server): Address => {
+  const bound = server.address()
+  return address._tag === "Tcp" && bound !== null && typeof bound === "object"
+    ? { _tag: "Tcp", host: address.host, port: bound.port }
+    : address
+}
 
 /**
  * What a failed listen says. libuv reports a Unix socket path in a directory that does not exist as EACCES
