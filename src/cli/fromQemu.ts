@@ -103,11 +103,25 @@ const fileStats = (read: MappedRam.Read, durationMs: number): QemuIncoming.Stats
 }
 
 /**
- * Creates `dir` for `--out-dir` if it is missing (with its missing parents). When the scope closes without
- * success, the directories it created are removed again, deepest first, each only if empty (`rmdir`): nothing
- * that existed before is touched, nor anything that came into them.
+ * Creates `dir` for `--out-dir` if it is missing (with its missing parents), and fsyncs the parent of every
+ * directory it created: a new directory's entry is in its parent, and only the parent's fsync makes it survive a
+ * crash (syncing `dir` after the blocks' renames keeps the files' entries, not `dir`'s own). When the scope closes
+ * without success, the directories it created are removed again, deepest first, each only if empty (`rmdir`):
+ * nothing that existed before is touched, nor anything that came into them.
  */
 const outputDirectory = (dir: string): Effect.Effect<void, Image.ImageError, Scope.Scope> =>
+  Effect.flatMap(created(dir), (first) => {
+    if (first === undefined) return Effect.void
+    const parents: Array<string> = []
+    for (let d = Path.resolve(dir); ; d = Path.dirname(d)) {
+      parents.push(Path.dirname(d))
+      if (d === Path.resolve(first) || Path.dirname(d) === d) break
+    }
+    return Effect.forEach(parents.reverse(), Image.syncDirectory, { discard: true })
+  })
+
+/** `mkdir -p dir`, giving the first directory it created, if any; removed on failure (`outputDirectory`). */
+const created = (dir: string): Effect.Effect<string | undefined, Image.ImageError, Scope.Scope> =>
   Effect.acquireRelease(
     Effect.tryPromise({
       // the first directory it created, if any
