@@ -10,7 +10,8 @@ import * as Net from "node:net"
 import * as Os from "node:os"
 import * as Path from "node:path"
 import { afterAll, afterEach, beforeAll, describe, expect, inject, it } from "vitest"
-import { killChildren, ROOT } from "./support/cli.js"
+import { killChildren, ROOT, runHere } from "./support/cli.js"
+import { onTmpfs } from "./support/files.js"
 
 const FIXTURES = new URL("./fixtures/qemu-10.0.2/", import.meta.url)
 const fixture = (path: string): Buffer => Fs.readFileSync(new URL(path, FIXTURES))
@@ -125,5 +126,37 @@ describe("recv --from-qemu --out-dir: the directories it creates survive a crash
     const synced = syncedDirectories(done.calls)
     for (const made of created) expect(synced, `the parent of ${made}`).toContain(Path.dirname(made))
     expect(synced).toContain(out) // the block's rename, as before
+  })
+})
+
+describe("recv --from-qemu --out-dir where no directory can be made", () => {
+  // Node's recursive mkdir turns every error but a few into ENOENT: a read-only or full file system was reported
+  // as "cannot create the directory: no such file or directory", of a parent that exists
+  it("a read-only file system, or one out of inodes, is named as such (exit 2), nothing left", async (ctx) => {
+    const small = Path.join(dir, "ro")
+    await onTmpfs(ctx, small, "1m", async () => {
+      Fs.mkdirSync(Path.join(small, "kept"))
+      ChildProcess.execFileSync("mount", ["-o", "remount,ro", small])
+      for (const out of [Path.join(small, "new"), Path.join(small, "kept", "new", "deeper")]) {
+        const result = await runHere(["recv", "tcp:127.0.0.1:0", "--from-qemu", "--channels", "2", "--out-dir", out])
+        expect({ code: result.code, stderr: result.stderr.trim() }).toEqual({
+          code: 2,
+          stderr: `multifd: error: ${out}: cannot create the directory: read-only file system`
+        })
+      }
+      expect(Fs.readdirSync(small)).toEqual(["kept"])
+    })
+    const few = Path.join(dir, "few-inodes")
+    await onTmpfs(ctx, few, "1m,nr_inodes=3", async () => {
+      // the root and one directory: the next directory has no inode
+      Fs.mkdirSync(Path.join(few, "a"))
+      const out = Path.join(few, "a", "b", "c")
+      const result = await runHere(["recv", "tcp:127.0.0.1:0", "--from-qemu", "--channels", "2", "--out-dir", out])
+      expect({ code: result.code, stderr: result.stderr.trim() }).toEqual({
+        code: 2,
+        stderr: expect.stringMatching(new RegExp(`^multifd: error: ${out}: cannot create the directory: no space left on device$`))
+      })
+      expect(Fs.readdirSync(Path.join(few, "a"))).toEqual([])
+    })
   })
 })

@@ -110,38 +110,56 @@ const fileStats = (read: MappedRam.Read, durationMs: number): QemuIncoming.Stats
  * nothing that existed before is touched, nor anything that came into them.
  */
 const outputDirectory = (dir: string): Effect.Effect<void, Image.ImageError, Scope.Scope> =>
-  Effect.flatMap(created(dir), (first) => {
-    if (first === undefined) return Effect.void
-    const parents: Array<string> = []
-    for (let d = Path.resolve(dir); ; d = Path.dirname(d)) {
-      parents.push(Path.dirname(d))
-      if (d === Path.resolve(first) || Path.dirname(d) === d) break
-    }
-    return Effect.forEach(parents.reverse(), Image.syncDirectory, { discard: true })
-  })
-
-/** `mkdir -p dir`, giving the first directory it created, if any; removed on failure (`outputDirectory`). */
-const created = (dir: string): Effect.Effect<string | undefined, Image.ImageError, Scope.Scope> =>
-  Effect.acquireRelease(
-    Effect.tryPromise({
-      // the first directory it created, if any
-      try: () => Fs.mkdir(dir, { recursive: true }),
-      catch: (cause) =>
-        new Image.ImageError({ reason: "Unusable", path: dir, detail: `cannot create the directory: ${FileIo.describe(cause)}`, cause })
-    }),
-    (first, exit) =>
-      first === undefined || Exit.isSuccess(exit) ? Effect.void : Effect.promise(async () => {
-        const top = Path.resolve(first)
-        for (let d = Path.resolve(dir); ; d = Path.dirname(d)) {
+  Effect.gen(function*() {
+    const made: Array<string> = []
+    yield* Effect.addFinalizer((exit) =>
+      Exit.isSuccess(exit) ? Effect.void : Effect.promise(async () => {
+        for (const d of [...made].reverse()) {
           try {
             await Fs.rmdir(d)
           } catch {
             return // not empty (or gone): it and its parents stay
           }
-          if (d === top || Path.dirname(d) === d) return
         }
       })
-  )
+    )
+    yield* Effect.tryPromise({
+      try: () => makeDirectories(dir, made),
+      catch: (cause) =>
+        new Image.ImageError({ reason: "Unusable", path: dir, detail: `cannot create the directory: ${FileIo.describe(cause)}`, cause })
+    })
+    yield* Effect.forEach(made, (d) => Image.syncDirectory(Path.dirname(d)), { discard: true })
+  })
+
+/**
+ * `mkdir -p dir`, one directory at a time, pushing each it made onto `made` (top first). Node's recursive mkdir
+ * turns most errors into ENOENT (a read-only file system, one out of inodes: "no such file or directory" of a
+ * parent that exists); a plain mkdir says what went wrong.
+ */
+const makeDirectories = async (dir: string, made: Array<string>): Promise<void> => {
+  const missing: Array<string> = []
+  for (let d = Path.resolve(dir); ; d = Path.dirname(d)) {
+    const stat = await Fs.stat(d).catch((error: unknown) => {
+      if (FileIo.errorCode(error) === "ENOENT") return undefined
+      throw error
+    })
+    if (stat !== undefined) {
+      if (stat.isDirectory()) break
+      throw Object.assign(new Error(`${d}: not a directory`), { code: "ENOTDIR" })
+    }
+    missing.push(d)
+    if (Path.dirname(d) === d) break
+  }
+  for (const d of missing.reverse()) {
+    try {
+      await Fs.mkdir(d)
+      made.push(d)
+    } catch (error) {
+      // made meanwhile by another process: fine if it is a directory
+      if (FileIo.errorCode(error) !== "EEXIST" || !(await Fs.stat(d).then((s) => s.isDirectory(), () => false))) throw error
+    }
+  }
+}
 
 /**
  * Runs `recv --from-qemu`. Usage problems (no output, two outputs, an unwritable one) fail with `UsageError` or
