@@ -9,7 +9,11 @@ import * as Fs from "node:fs"
 import * as Net from "node:net"
 import * as Os from "node:os"
 import * as Path from "node:path"
-import { afterAll, afterEach, beforeAll, describe, expect, inject, it } from "vitest"
+import { afterAll, afterEach, beforeAll, describe, expect, it } from "@effect/vitest"
+import * as Effect from "effect/Effect"
+import { inject } from "vitest"
+import * as GuestRam from "../src/GuestRam.js"
+import * as Snapshot from "../src/Snapshot.js"
 import { killChildren, ROOT, runHere } from "./support/cli.js"
 import { onTmpfs } from "./support/files.js"
 
@@ -159,4 +163,34 @@ describe("recv --from-qemu --out-dir where no directory can be made", () => {
       expect(Fs.readdirSync(Path.join(few, "a"))).toEqual([])
     })
   })
+})
+
+describe("a save whose directory is renamed meanwhile", () => {
+  // the temporary file was removed by its name, which no longer led to it: the save failed (its rename found
+  // nothing) and left DIR.moved/x.snap.<pid>.partial, a whole memory image, for ever
+  it.scopedLive("fails, and leaves no temporary file in the directory under its new name", () =>
+    Effect.gen(function*() {
+      const from = Path.join(dir, "renamed-during-save")
+      const to = Path.join(dir, "renamed-during-save.moved")
+      Fs.mkdirSync(from)
+      const path = Path.join(from, "x.snap")
+      const ram = yield* GuestRam.make({ blocks: [{ name: "ram", size: 4 * 1024 * 1024 }] })
+      ram.blocks[0]!.bytes.fill(7)
+      let moved = false
+      const error = yield* Effect.flip(Snapshot.save(path, {
+        channels: 2,
+        onProgress: () =>
+          Effect.sync(() => {
+            if (moved) return
+            expect(Fs.readdirSync(from)).toEqual([`x.snap.${process.pid}.partial`])
+            Fs.renameSync(from, to)
+            moved = true
+          })
+      }).pipe(Effect.provideService(GuestRam.GuestRam, ram)))
+      expect(moved).toBe(true)
+      expect([error._tag, (error as Snapshot.SnapshotError).reason]).toEqual(["SnapshotError", "Io"])
+      expect(error.message).toBe(`snapshot ${path}: cannot rename x.snap.${process.pid}.partial to it: no such file or directory`)
+      expect(Fs.readdirSync(to)).toEqual([])
+      expect(Fs.existsSync(from)).toBe(false)
+    }))
 })

@@ -461,18 +461,41 @@ export const followLinks = (path: string): Effect.Effect<string, FileError> =>
 
 /**
  * The temporary files of `atomicFile` that exist now (or are about to), for `removeTemporariesNow` and
- * `removeStale`: absolute, so that one file has one key however its target was spelt (`out`, `./out`, `dir//out`).
+ * `removeStale`: absolute, so that one file has one key however its target was spelt (`out`, `./out`, `dir//out`);
+ * each with the path that removes it (`Temporary.removal`).
  */
-const temporaries = new Set<string>()
+const temporaries = new Map<string, Temporary>()
+
+/**
+ * A temporary file's name in its directory, and the directory held open while the file exists (if it could be
+ * opened): a directory renamed meanwhile (`mv out-dir elsewhere` during a save) took the file with it, and its
+ * path no longer led to it, so the file was never removed.
+ */
+interface Temporary {
+  readonly path: string
+  directory: FsP.FileHandle | undefined
+}
+
+/** Whether `/proc/self/fd/N/name` reaches `name` in the directory open as descriptor N (Linux). */
+const procFd = Fs.existsSync("/proc/self/fd")
+
+/**
+ * The path that reaches a temporary file now: through its open directory (`/proc/self/fd/N/name`), wherever the
+ * directory went, or else its path as created.
+ */
+const removal = (temporary: Temporary): string =>
+  procFd && temporary.directory !== undefined
+    ? `/proc/self/fd/${temporary.directory.fd}/${Path.basename(temporary.path)}`
+    : temporary.path
 
 /**
  * Removes, synchronously, every temporary file of an `atomicFile` this process has open: for a process about
  * to exit without closing its scopes (a second Ctrl-C), which would leave them behind.
  */
 export const removeTemporariesNow = (): void => {
-  for (const path of temporaries) {
+  for (const temporary of temporaries.values()) {
     try {
-      Fs.rmSync(path, { force: true })
+      Fs.rmSync(removal(temporary), { force: true })
     } catch {
       // nothing more can be done on the way out
     }
@@ -500,7 +523,8 @@ const keptMode = (mode: number, sameGroup: boolean): number =>
  * Creates `<target>.<pid>.partial` (a long name cut to leave room for the suffix: `temporaryOf`), refusing up
  * front anything at `target` that is not a regular file, and a temporary file that exists already; optionally
  * at a length (sparse). When the scope closes the handle is closed and, unless it was committed, the temporary
- * file removed: `target` itself is only ever replaced by a complete file. A `target` that is a symbolic link
+ * file removed — through its directory, held open meanwhile, so also when that directory was renamed — : `target`
+ * itself is only ever replaced by a complete file. A `target` that is a symbolic link
  * is written through: the file it points at is replaced (the temporary file beside that one, on its file
  * system), the link kept — unless it is another user's link in a world-writable sticky directory (`Unsafe`,
  * see `followLinks`).
@@ -536,6 +560,17 @@ export const atomicFile = (
       return yield* unsafe("file", target)
     }
     const committed = yield* Ref.make(false)
+    const temporary: Temporary = { path, directory: undefined }
+    // the directory first, so that it is closed after the file is removed (what it cannot open, the create fails on)
+    yield* Effect.acquireRelease(
+      Effect.promise(() =>
+        FsP.open(Path.dirname(path), Fs.constants.O_RDONLY | Fs.constants.O_DIRECTORY).then(
+          (directory) => (temporary.directory = directory),
+          () => undefined
+        )
+      ),
+      () => Effect.promise(() => temporary.directory?.close().catch(() => undefined) ?? Promise.resolve())
+    )
     const handle = yield* Effect.acquireRelease(
       // the name is this process's from before the file exists: another write of the target here (its
       // `removeStale`) never takes the file for an earlier process's
@@ -544,7 +579,7 @@ export const atomicFile = (
           const cause = Object.assign(new Error(`${path}: file already exists`), { code: "EEXIST" })
           return Effect.fail(new FileError({ step: "Create", path, cause }))
         }
-        temporaries.add(key)
+        temporaries.set(key, temporary)
         return Effect.tryPromise({
           try: () => FsP.open(path, "wx", NEW_FILE_MODE),
           catch: (cause) => new FileError({ step: "Create", path, cause })
@@ -554,7 +589,7 @@ export const atomicFile = (
         Effect.flatMap(Ref.get(committed), (done) =>
           Effect.promise(async () => {
             // removed before the close, which waits for an fsync under way (seconds for a big image)
-            if (!done) await FsP.rm(path, { force: true }).catch(() => undefined)
+            if (!done) await FsP.rm(removal(temporary), { force: true }).catch(() => undefined)
             temporaries.delete(key)
             await handle.close().catch(() => undefined)
           }))
