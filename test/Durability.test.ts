@@ -5,6 +5,7 @@
  * where it cannot run); real child processes, real files, real small file systems (tmpfs, as root).
  */
 import * as ChildProcess from "node:child_process"
+import * as Crypto from "node:crypto"
 import * as Fs from "node:fs"
 import * as Net from "node:net"
 import * as Os from "node:os"
@@ -14,7 +15,7 @@ import * as Effect from "effect/Effect"
 import { inject } from "vitest"
 import * as GuestRam from "../src/GuestRam.js"
 import * as Snapshot from "../src/Snapshot.js"
-import { killChildren, ROOT, runHere } from "./support/cli.js"
+import { killChildren, ROOT, run, runHere } from "./support/cli.js"
 import { onTmpfs } from "./support/files.js"
 
 const FIXTURES = new URL("./fixtures/qemu-10.0.2/", import.meta.url)
@@ -46,34 +47,30 @@ interface Traced {
   readonly calls: ReadonlyArray<string>
 }
 
+/** A `recv` child started by `startRecvUnder`: its port, and how it ended. */
+interface Wrapped {
+  readonly port: number
+  readonly child: ChildProcess.ChildProcess
+  readonly finished: Promise<{ readonly code: number | null; readonly stderr: string }>
+}
+
 /**
- * Starts `multifd recv <args>` under `strace -f -y` (file system calls only), and its `listening on` address;
- * `finished` gives the exit code, stderr and the calls, in order.
+ * Starts `<wrapper...> node <bundle> recv <args>` (under strace, in a pid namespace of its own...) and waits for
+ * its `listening on` line.
  */
-const tracedRecv = async (args: ReadonlyArray<string>) => {
-  const log = Path.join(dir, `strace-${process.pid}-${Math.random().toString(36).slice(2)}.log`)
-  const child = ChildProcess.spawn("strace", [
-    "-f",
-    "-y",
-    "-qq",
-    "-e",
-    "trace=mkdir,mkdirat,fsync,fdatasync,rename,renameat,renameat2",
-    "-o",
-    log,
-    process.execPath,
-    inject("cliBundle"),
-    "recv",
-    ...args
-  ], { cwd: ROOT, stdio: ["ignore", "pipe", "pipe"], env: { ...process.env, NO_COLOR: "1" } })
+const startRecvUnder = async (wrapper: ReadonlyArray<string>, args: ReadonlyArray<string>): Promise<Wrapped> => {
+  const child = ChildProcess.spawn(wrapper[0]!, [...wrapper.slice(1), process.execPath, inject("cliBundle"), "recv", ...args], {
+    cwd: ROOT,
+    stdio: ["ignore", "pipe", "pipe"],
+    env: { ...process.env, NO_COLOR: "1" }
+  })
   let stderr = ""
   child.stderr.setEncoding("utf8")
   const timer = setTimeout(() => child.kill("SIGKILL"), 20_000)
-  const finished = new Promise<Traced>((resolve) =>
+  const finished = new Promise<{ readonly code: number | null; readonly stderr: string }>((resolve) =>
     child.once("close", (code) => {
       clearTimeout(timer)
-      const calls = Fs.readFileSync(log, "utf8").split("\n").filter((line) => line.length > 0)
-      Fs.rmSync(log, { force: true })
-      resolve({ code, stderr, calls })
+      resolve({ code, stderr })
     })
   )
   const port = await new Promise<number>((resolve, reject) => {
@@ -84,7 +81,25 @@ const tracedRecv = async (args: ReadonlyArray<string>) => {
     })
     void finished.then((f) => reject(new Error(`recv ended (${f.code}) before listening: ${f.stderr}`)))
   })
-  return { port, finished }
+  return { port, child, finished }
+}
+
+/**
+ * Starts `multifd recv <args>` under `strace -f -y` (file system calls only), and its `listening on` address;
+ * `finished` gives the exit code, stderr and the calls, in order.
+ */
+const tracedRecv = async (args: ReadonlyArray<string>) => {
+  const log = Path.join(dir, `strace-${process.pid}-${Math.random().toString(36).slice(2)}.log`)
+  const trace = "trace=mkdir,mkdirat,fsync,fdatasync,rename,renameat,renameat2"
+  const recv = await startRecvUnder(["strace", "-f", "-y", "-qq", "-e", trace, "-o", log], args)
+  return {
+    port: recv.port,
+    finished: recv.finished.then((f): Traced => {
+      const calls = Fs.readFileSync(log, "utf8").split("\n").filter((line) => line.length > 0)
+      Fs.rmSync(log, { force: true })
+      return { ...f, calls }
+    })
+  }
 }
 
 /** Sends QEMU 10.0.2's captured migration (main channel, two multifd channels) to `port`, each on its connection. */
@@ -193,4 +208,38 @@ describe("a save whose directory is renamed meanwhile", () => {
       expect(Fs.readdirSync(to)).toEqual([])
       expect(Fs.existsSync(from)).toBe(false)
     }))
+})
+
+describe("two recv of one --out at once, each pid 1 of its own pid namespace (two containers, one volume)", () => {
+  // the second took the first's OUT.1.partial for a dead pid 1's and made its own under that name; the first,
+  // done, renamed that empty, unfinished file to OUT, and both it and its source reported success: OUT held 0
+  // bytes (and the second, done, found its temporary file gone)
+  it("the first fails without touching the second's file; the second writes the one complete image", async (ctx) => {
+    const probe = ChildProcess.spawnSync("unshare", ["--pid", "--fork", "--mount-proc", "true"], { stdio: "pipe" })
+    if (probe.status !== 0) {
+      return ctx.skip(`cannot make a pid namespace here (needs root): ${probe.error ?? probe.stderr.toString().trim()}`)
+    }
+    const image = Path.join(dir, "two.raw")
+    Fs.writeFileSync(image, Crypto.randomBytes(4 * 1024 * 1024))
+    const out = Path.join(dir, "two.img")
+    const container = ["unshare", "--pid", "--fork", "--mount-proc"]
+    const first = await startRecvUnder(container, ["tcp:127.0.0.1:0", "--out", out])
+    expect(Fs.readdirSync(dir).filter((n) => n.startsWith("two.img"))).toEqual(["two.img.1.partial"])
+    const second = await startRecvUnder(container, ["tcp:127.0.0.1:0", "--out", out])
+    const toFirst = await run(["send", `tcp:127.0.0.1:${first.port}`, "--in", image])
+    const firstDone = await first.finished
+    expect(firstDone.code, firstDone.stderr).toBe(1)
+    const reason = `${out}: cannot write the image: two.img.1.partial was replaced meanwhile by another file ` +
+      "(another process writing two.img?)"
+    expect(firstDone.stderr.trim().split("\n").at(-1)).toBe(`multifd: error: ${reason}`)
+    expect(toFirst.code, toFirst.stderr).toBe(1)
+    expect(toFirst.stderr.trim()).toBe(`multifd: error: the destination could not store the image: ${reason}`)
+    // nothing claims to be the image; the second's temporary file is where it left it
+    expect(Fs.readdirSync(dir).filter((n) => n.startsWith("two.img"))).toEqual(["two.img.1.partial"])
+    const toSecond = await run(["send", `tcp:127.0.0.1:${second.port}`, "--in", image])
+    const secondDone = await second.finished
+    expect([toSecond.code, secondDone.code], secondDone.stderr).toEqual([0, 0])
+    expect(Fs.readFileSync(out).equals(Fs.readFileSync(image))).toBe(true)
+    expect(Fs.readdirSync(dir).filter((n) => n.startsWith("two.img"))).toEqual(["two.img"])
+  })
 })

@@ -474,6 +474,29 @@ const temporaries = new Map<string, Temporary>()
 interface Temporary {
   readonly path: string
   directory: FsP.FileHandle | undefined
+  /** The file's device and inode once created: what is at its name may be another's by then (`isOurs`). */
+  identity: { readonly dev: number; readonly ino: number } | undefined
+}
+
+/**
+ * Whether the file at `path` is still the temporary file this process created, another file, or none. Another process writing the same
+ * target under the same pid (one in another pid namespace: two containers' commands, each pid 1, sharing a volume)
+ * takes this one for a dead process's, removes it and creates its own under the same name: renaming or removing by
+ * name then renamed or removed that process's unfinished file.
+ */
+const whose = (temporary: Temporary, path: string): Promise<"ours" | "gone" | "another's"> =>
+  FsP.lstat(path).then((stat) => sameFile(temporary, stat) ? "ours" : "another's", () => "gone")
+
+const sameFile = (temporary: Temporary, stat: Fs.Stats): boolean =>
+  temporary.identity === undefined || (stat.dev === temporary.identity.dev && stat.ino === temporary.identity.ino)
+
+/** Whether the file at `path` is ours (`whose`), synchronously (for `removeTemporariesNow`). */
+const isOursNow = (temporary: Temporary, path: string): boolean => {
+  try {
+    return sameFile(temporary, Fs.lstatSync(path))
+  } catch {
+    return false
+  }
 }
 
 /** Whether `/proc/self/fd/N/name` reaches `name` in the directory open as descriptor N (Linux). */
@@ -495,7 +518,8 @@ const removal = (temporary: Temporary): string =>
 export const removeTemporariesNow = (): void => {
   for (const temporary of temporaries.values()) {
     try {
-      Fs.rmSync(removal(temporary), { force: true })
+      const path = removal(temporary)
+      if (isOursNow(temporary, path)) Fs.rmSync(path, { force: true })
     } catch {
       // nothing more can be done on the way out
     }
@@ -560,7 +584,7 @@ export const atomicFile = (
       return yield* unsafe("file", target)
     }
     const committed = yield* Ref.make(false)
-    const temporary: Temporary = { path, directory: undefined }
+    const temporary: Temporary = { path, directory: undefined, identity: undefined }
     // the directory first, so that it is closed after the file is removed (what it cannot open, the create fails on)
     yield* Effect.acquireRelease(
       Effect.promise(() =>
@@ -581,15 +605,21 @@ export const atomicFile = (
         }
         temporaries.set(key, temporary)
         return Effect.tryPromise({
-          try: () => FsP.open(path, "wx", NEW_FILE_MODE),
+          try: async () => {
+            const handle = await FsP.open(path, "wx", NEW_FILE_MODE)
+            await handle.stat().then(({ dev, ino }) => (temporary.identity = { dev, ino }), () => undefined)
+            return handle
+          },
           catch: (cause) => new FileError({ step: "Create", path, cause })
         }).pipe(Effect.tapError(() => Effect.sync(() => temporaries.delete(key))))
       }),
       (handle) =>
         Effect.flatMap(Ref.get(committed), (done) =>
           Effect.promise(async () => {
-            // removed before the close, which waits for an fsync under way (seconds for a big image)
-            if (!done) await FsP.rm(removal(temporary), { force: true }).catch(() => undefined)
+            // removed before the close, which waits for an fsync under way (seconds for a big image); a file of
+            // another process at its name is that process's
+            const at = removal(temporary)
+            if (!done && await whose(temporary, at) === "ours") await FsP.rm(at, { force: true }).catch(() => undefined)
             temporaries.delete(key)
             await handle.close().catch(() => undefined)
           }))
@@ -618,6 +648,15 @@ export const atomicFile = (
     // target reported as a failure
     const publish = Effect.uninterruptible(Effect.gen(function*() {
       yield* Effect.tryPromise({ try: () => handle.close(), catch: failed("Close") })
+      // what is at the temporary name now may be another process's unfinished file (see `isOurs`)
+      if ((yield* Effect.promise(() => whose(temporary, path))) === "another's") {
+        return yield* failed("Rename")(
+          new Error(
+            `${Path.basename(path)} was replaced meanwhile by another file (another process writing ` +
+              `${Path.basename(target)}?)`
+          )
+        )
+      }
       yield* Effect.tryPromise({ try: () => FsP.rename(path, target), catch: failed("Rename") })
       yield* Ref.set(committed, true)
       temporaries.delete(key)
