@@ -15,7 +15,7 @@ import * as Effect from "effect/Effect"
 import { inject } from "vitest"
 import * as GuestRam from "../src/GuestRam.js"
 import * as Snapshot from "../src/Snapshot.js"
-import { killChildren, ROOT, run, runHere } from "./support/cli.js"
+import { killChildren, ROOT, run, runHere, runRecvHereUntilListening } from "./support/cli.js"
 import { onTmpfs } from "./support/files.js"
 
 const FIXTURES = new URL("./fixtures/qemu-10.0.2/", import.meta.url)
@@ -241,5 +241,25 @@ describe("two recv of one --out at once, each pid 1 of its own pid namespace (tw
     expect([toSecond.code, secondDone.code], secondDone.stderr).toEqual([0, 0])
     expect(Fs.readFileSync(out).equals(Fs.readFileSync(image))).toBe(true)
     expect(Fs.readdirSync(dir).filter((n) => n.startsWith("two.img"))).toEqual(["two.img"])
+  })
+})
+
+describe("recv --from-qemu --out-dir into a directory it cannot write in", () => {
+  // --out fails before recv listens when its directory cannot take the file; --out-dir only made the directory
+  // and found it unwritable after the whole migration, when QEMU had stopped its VM for good ("completed")
+  it("is refused before recv listens (exit 2), as --out is", async (ctx) => {
+    const ro = Path.join(dir, "ro-existing")
+    await onTmpfs(ctx, ro, "1m", async () => {
+      Fs.mkdirSync(Path.join(ro, "blocks"))
+      ChildProcess.execFileSync("mount", ["-o", "remount,ro", ro])
+      for (const out of [ro, Path.join(ro, "blocks")]) {
+        const result = await runRecvHereUntilListening(["tcp:127.0.0.1:0", "--from-qemu", "--channels", "2", "--out-dir", out])
+        expect({ listened: result.listened, code: result.code, stderr: result.stderr.trim() }).toEqual({
+          listened: false,
+          code: 2,
+          stderr: `multifd: error: ${out}: cannot write in the directory: read-only file system`
+        })
+      }
+    })
   })
 })

@@ -131,6 +131,14 @@ const outputDirectory = (dir: string): Effect.Effect<void, Image.ImageError, Sco
     yield* Effect.forEach(made, (d) => Image.syncDirectory(Path.dirname(d)), { discard: true })
   })
 
+/** Whether this process may create files in `dir` (its permissions, a read-only file system). */
+const writableDirectory = (dir: string): Effect.Effect<void, Image.ImageError> =>
+  Effect.tryPromise({
+    try: () => Fs.access(dir, Fs.constants.W_OK | Fs.constants.X_OK),
+    catch: (cause) =>
+      new Image.ImageError({ reason: "Unusable", path: dir, detail: `cannot write in the directory: ${FileIo.describe(cause)}`, cause })
+  })
+
 /**
  * `mkdir -p dir`, one directory at a time, pushing each it made onto `made` (top first). Node's recursive mkdir
  * turns most errors into ENOENT (a read-only file system, one out of inodes: "no such file or directory" of a
@@ -183,7 +191,12 @@ export const run = (args: Args) =>
     const single = args.out === undefined ? undefined : yield* Image.create(args.out)
     // --vm: the same check, its temporary file removed at once (MappedRam.write makes its own)
     if (args.vm !== undefined) yield* Effect.scoped(Image.create(args.vm))
-    if (args.outDir !== undefined) yield* outputDirectory(args.outDir)
+    if (args.outDir !== undefined) {
+      yield* outputDirectory(args.outDir)
+      // as --out's temporary file: a directory that cannot take the blocks' files fails now, not after QEMU sent
+      // them all (and stopped its VM for good)
+      yield* writableDirectory(args.outDir)
+    }
     const terminal = yield* Terminal.Terminal
     const timeout = args.timing.timeout
     const received: Received = uri._tag === "File"
