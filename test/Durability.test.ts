@@ -263,3 +263,39 @@ describe("recv --from-qemu --out-dir into a directory it cannot write in", () =>
     })
   })
 })
+
+describe("an output that is a mount point (a file bind-mounted there, as a container's volume)", () => {
+  // a rename cannot replace a mount point: the whole migration (or save) ran, and only its last step failed,
+  // "cannot rename out.img.<pid>.partial to it: EBUSY: resource busy or locked, rename '...' -> '...'"
+  it("is refused before anything is transferred, the mounted file untouched", async (ctx) => {
+    const host = Path.join(dir, "host.img")
+    Fs.writeFileSync(host, "the host's file")
+    const volume = Path.join(dir, "volume")
+    Fs.mkdirSync(volume)
+    const out = Path.join(volume, "out.img")
+    Fs.writeFileSync(out, "")
+    try {
+      ChildProcess.execFileSync("mount", ["--bind", host, out], { stdio: "pipe" })
+    } catch (error) {
+      return ctx.skip(`cannot bind-mount a file here (needs root): ${(error as { stderr?: Buffer }).stderr?.toString().trim()}`)
+    }
+    try {
+      const why = "not replacing it: it is a mount point (a file mounted there, as a container's volume), which a " +
+        "rename cannot replace; name a file in a mounted directory instead"
+      const recv = await runRecvHereUntilListening(["tcp:127.0.0.1:0", "--out", out])
+      expect({ listened: recv.listened, code: recv.code, stderr: recv.stderr.trim() }).toEqual({
+        listened: false,
+        code: 2,
+        stderr: `multifd: error: ${out}: ${why}`
+      })
+      const ram = await Effect.runPromise(GuestRam.make({ blocks: [{ name: "ram", size: 1024 * 1024 }] }))
+      ram.blocks[0]!.bytes.fill(3)
+      const saved = await Effect.runPromise(Effect.flip(Snapshot.save(out).pipe(Effect.provideService(GuestRam.GuestRam, ram))))
+      expect([(saved as Snapshot.SnapshotError).reason, saved.message]).toEqual(["Unusable", `snapshot ${out}: ${why}`])
+      expect(Fs.readFileSync(out, "utf8")).toBe("the host's file")
+      expect(Fs.readdirSync(volume)).toEqual(["out.img"])
+    } finally {
+      ChildProcess.execFileSync("umount", [out])
+    }
+  })
+})

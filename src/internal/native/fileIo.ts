@@ -78,8 +78,8 @@ export type Step =
   | "SyncDirectory"
   /**
    * Another user's symbolic link on the way to the target, or file at the target (the error's path), in a
-   * world-writable sticky directory (`/tmp`): not followed, not replaced; the cause says why, `describeUnsafe`
-   * words it.
+   * world-writable sticky directory (`/tmp`): not followed, not replaced; or a target that is a mount point (a file
+   * bind-mounted there), which no rename can replace. The cause says why, `describeUnsafe` words it.
    */
   | "Unsafe"
 
@@ -412,6 +412,26 @@ const othersInSticky = async (dir: string, owner: number): Promise<boolean> => {
   return parent !== undefined && (parent.mode & 0o1002) === 0o1002 && parent.uid !== owner
 }
 
+/**
+ * Whether `path` (an existing file) is a mount point: a file bind-mounted there (a container's volume, `docker -v
+ * host.img:/out.img`), which a rename cannot replace (EBUSY) — found out after the whole transfer, at the rename.
+ * Linux says which paths are mount points in /proc/self/mountinfo (a file mounted from the same file system has the
+ * same device as its directory); elsewhere a device other than its directory's tells.
+ */
+const isMountPoint = async (path: string): Promise<boolean> => {
+  const real = await FsP.realpath(path).catch(() => undefined)
+  if (real === undefined) return false
+  const table = await FsP.readFile("/proc/self/mountinfo", "utf8").catch(() => undefined)
+  if (table === undefined) {
+    const [file, dir] = await Promise.all([FsP.stat(real), FsP.stat(Path.dirname(real))]).catch(() => [undefined, undefined])
+    return file !== undefined && dir !== undefined && file.dev !== dir.dev
+  }
+  // the fifth field, its space, tab, newline and backslash written \040, \011, \012, \134
+  return table.split("\n").some((line) =>
+    line.split(" ")[4]?.replace(/\\([0-7]{3})/g, (_, octal: string) => String.fromCharCode(parseInt(octal, 8))) === real
+  )
+}
+
 /** The cause of an `Unsafe` error: what `path` is, and where. */
 const unsafe = (kind: "link" | "file", path: string): FileError =>
   new FileError({
@@ -579,6 +599,19 @@ export const atomicFile = (
     }
     const existing = yield* Effect.promise(() => FsP.stat(target).catch(() => undefined))
     if (existing !== undefined && !existing.isFile()) return yield* new FileError({ step: "NotRegular", path: target })
+    if (existing !== undefined && (yield* Effect.promise(() => isMountPoint(target)))) {
+      return yield* new FileError({
+        step: "Unsafe",
+        path: target,
+        cause: Object.assign(
+          new Error(
+            "it is a mount point (a file mounted there, as a container's volume), which a rename cannot replace; " +
+              "name a file in a mounted directory instead"
+          ),
+          { kind: "mount" }
+        )
+      })
+    }
     // its owner and permissions are given to the new file: another user's there would be given what is written
     if (existing !== undefined && (yield* Effect.promise(() => othersInSticky(Path.dirname(target), existing.uid)))) {
       return yield* unsafe("file", target)
