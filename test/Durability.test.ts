@@ -299,3 +299,24 @@ describe("an output that is a mount point (a file bind-mounted there, as a conta
     }
   })
 })
+
+describe("recv under a file size limit (ulimit -f) below the image", () => {
+  // the limit was heeded only when the write past it failed, after the whole transfer, and worded as the file
+  // system's: "cannot write the image: file too large for the file system"
+  it("refuses the migration at the hello, both sides saying why; nothing left", async (ctx) => {
+    const probe = ChildProcess.spawnSync("prlimit", ["--fsize=4194304", "true"], { stdio: "pipe" })
+    if (probe.status !== 0) return ctx.skip(`prlimit cannot run here: ${probe.error ?? probe.stderr.toString().trim()}`)
+    const image = Path.join(dir, "limited.raw")
+    Fs.writeFileSync(image, Crypto.randomBytes(8 * 1024 * 1024))
+    const folder = Path.join(dir, "limited")
+    Fs.mkdirSync(folder)
+    const out = Path.join(folder, "out.img")
+    const recv = await startRecvUnder(["prlimit", "--fsize=4194304"], ["tcp:127.0.0.1:0", "--out", out])
+    const send = await run(["send", `tcp:127.0.0.1:${recv.port}`, "--in", image])
+    const received = await recv.finished
+    const reason = `${out}: the image needs 8.00 MiB, and this process may write files of at most 4.00 MiB (ulimit -f)`
+    expect([send.code, send.stderr.trim()]).toEqual([1, `multifd: error: the destination refused the migration: ${reason}`])
+    expect([received.code, received.stderr.trim().split("\n").at(-1)]).toEqual([1, `multifd: error: refused the migration: ${reason}`])
+    expect(Fs.readdirSync(folder)).toEqual([])
+  })
+})

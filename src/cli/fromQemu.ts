@@ -226,7 +226,8 @@ export const run = (args: Args) =>
             return single !== undefined
               ? single.tooBig(bytes)
               : args.outDir !== undefined
-              ? Image.wontFit(args.outDir, args.outDir, bytes)
+              ? Image.beyondFileSizeLimit(args.outDir, Math.max(...blocks.map((b) => b.size)), "a block's file") ??
+                Image.wontFit(args.outDir, args.outDir, bytes)
               : undefined
           }
         })

@@ -113,7 +113,10 @@ export interface Output {
   readonly publish: Effect.Effect<void, ImageError>
   /** Whether the image is in place at `path` (`commit` or `publish` got that far). */
   readonly committed: Effect.Effect<boolean>
-  /** Why an image of `bytes` will not fit where it goes (the file system's free space), if the system says so. */
+  /**
+ * Why an image of `bytes` will not fit where it goes (this process's file size limit, the file system's free
+ * space), if the system says so.
+ */
   readonly tooBig: (bytes: number) => string | undefined
 }
 
@@ -146,7 +149,7 @@ export const create = (path: string): Effect.Effect<Output, ImageError, Scope.Sc
       )
     const write = (chunks: ReadonlyArray<Uint8Array>) =>
       Effect.zipRight(fill(chunks), file.sync).pipe(Effect.mapError((error) => writeError(path, error)))
-    const tooBig = (bytes: number) => wontFit(path, Path.dirname(file.path), bytes)
+    const tooBig = (bytes: number) => beyondFileSizeLimit(path, bytes) ?? wontFit(path, Path.dirname(file.path), bytes)
     return {
       path,
       temporary: file.path,
@@ -193,6 +196,17 @@ export const writesAt = (out: string, path: string): Effect.Effect<boolean> =>
       return a !== undefined && a === canonical(path)
     }
   })
+
+/**
+ * Why a file of `bytes` written as `what` is more than this process may write (`ulimit -f`: the write past it
+ * fails, after the whole transfer), if it is.
+ */
+export const beyondFileSizeLimit = (what: string, bytes: number, noun = "the image"): string | undefined => {
+  const limit = FileIo.fileSizeLimit()
+  return limit === undefined || bytes <= limit
+    ? undefined
+    : `${what}: ${noun} needs ${formatBytes(bytes)}, and this process may write files of at most ${formatBytes(limit)} (ulimit -f)`
+}
 
 /**
  * Why `bytes` written as `what` will not fit in the file system of `dir` (its free space, as `statfs` gives it

@@ -48,7 +48,7 @@ export const describe = (error: unknown): string => {
     case "EIO":
       return "input/output error"
     case "EFBIG":
-      return "file too large for the file system"
+      return "file too large (for the file system, or this process's file size limit, ulimit -f)"
     case "ELOOP":
       return "too many levels of symbolic links"
     case "ENAMETOOLONG":
@@ -56,6 +56,19 @@ export const describe = (error: unknown): string => {
   }
   const message = (error as { message?: unknown } | undefined)?.message
   return (typeof message === "string" ? message : String(error)).replace(/\s*\n\s*/g, " ")
+}
+
+/**
+ * The largest file this process may write (its soft limit, `ulimit -f`, in bytes), where the system says one
+ * (Linux: `/proc/self/limits`); `undefined` when unlimited or unknown. A write past it fails EFBIG.
+ */
+export const fileSizeLimit = (): number | undefined => {
+  try {
+    const m = /^Max file size\s+(\d+|unlimited)\s/m.exec(Fs.readFileSync("/proc/self/limits", "utf8"))
+    return m === null || m[1] === "unlimited" ? undefined : Number(m[1])
+  } catch {
+    return undefined
+  }
 }
 
 /** Which step of working with a file failed. */
