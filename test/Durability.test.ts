@@ -84,6 +84,23 @@ const startRecvUnder = async (wrapper: ReadonlyArray<string>, args: ReadonlyArra
   return { port, child, finished }
 }
 
+/** Runs `<wrapper...> node <bundle> <args>` to its end. */
+const runUnder = (wrapper: ReadonlyArray<string>, args: ReadonlyArray<string>) =>
+  new Promise<{ readonly code: number | null; readonly stderr: string }>((resolve) => {
+    const child = ChildProcess.spawn(wrapper[0]!, [...wrapper.slice(1), process.execPath, inject("cliBundle"), ...args], {
+      cwd: ROOT,
+      stdio: ["ignore", "ignore", "pipe"],
+      env: { ...process.env, NO_COLOR: "1" }
+    })
+    let stderr = ""
+    child.stderr.setEncoding("utf8").on("data", (s: string) => (stderr += s))
+    const timer = setTimeout(() => child.kill("SIGKILL"), 20_000)
+    child.once("close", (code) => {
+      clearTimeout(timer)
+      resolve({ code, stderr })
+    })
+  })
+
 /**
  * Starts `multifd recv <args>` under `strace -f -y` (file system calls only), and its `listening on` address;
  * `finished` gives the exit code, stderr and the calls, in order.
@@ -318,5 +335,39 @@ describe("recv under a file size limit (ulimit -f) below the image", () => {
     expect([send.code, send.stderr.trim()]).toEqual([1, `multifd: error: the destination refused the migration: ${reason}`])
     expect([received.code, received.stderr.trim().split("\n").at(-1)]).toEqual([1, `multifd: error: refused the migration: ${reason}`])
     expect(Fs.readdirSync(folder)).toEqual([])
+  })
+})
+
+describe("an output in a directory this process may write in but not read (a drop box, mode 0300)", () => {
+  // the directory's fsync needs it open for reading: the image was written, synced and renamed over the older
+  // file, and only then did the command fail, "cannot sync its directory: permission denied" (exit 1; recv's
+  // source told the migration failed) with the new file in place and the old one gone
+  it("is refused before anything is written, the older file there untouched", async (ctx) => {
+    // root without the capabilities that pass over a directory's permissions (as any other user)
+    const user = ["setpriv", "--bounding-set", "-dac_override,-dac_read_search"]
+    const probe = ChildProcess.spawnSync(user[0]!, [...user.slice(1), "true"], { stdio: "pipe" })
+    if (probe.status !== 0) return ctx.skip(`setpriv cannot drop capabilities here: ${probe.error ?? probe.stderr.toString().trim()}`)
+    const image = Path.join(dir, "drop.raw")
+    Fs.writeFileSync(image, Crypto.randomBytes(1024 * 1024))
+    const drop = Path.join(dir, "drop")
+    Fs.mkdirSync(drop)
+    Fs.writeFileSync(Path.join(drop, "s.snap"), "older")
+    Fs.writeFileSync(Path.join(drop, "out.img"), "older")
+    Fs.chmodSync(drop, 0o300)
+    const why = `cannot open its directory ${drop} to sync it (which makes the file durable): permission denied`
+    const save = await runUnder(user, ["send", `file:${Path.join(drop, "s.snap")}`, "--in", image])
+    expect([save.code, save.stderr.trim()]).toEqual([2, `multifd: error: snapshot ${Path.join(drop, "s.snap")}: ${why}`])
+    const out = Path.join(drop, "out.img")
+    const recv = await runUnder(user, ["recv", "tcp:127.0.0.1:0", "--out", out])
+    expect([recv.code, recv.stderr.trim()]).toEqual([2, `multifd: error: ${out}: ${why}`])
+    expect(Fs.readdirSync(drop).sort()).toEqual(["out.img", "s.snap"])
+    expect(Fs.readFileSync(Path.join(drop, "s.snap"), "utf8")).toBe("older")
+    expect(Fs.readFileSync(out, "utf8")).toBe("older")
+    // --out-dir: its block files are made once QEMU sent everything, so the directory is checked before it listens
+    const blocks = await runUnder(user, ["recv", "tcp:127.0.0.1:0", "--from-qemu", "--channels", "2", "--out-dir", drop])
+    expect([blocks.code, blocks.stderr.trim()]).toEqual([
+      2,
+      `multifd: error: ${drop}: cannot open the directory to sync it (which makes the files durable): permission denied`
+    ])
   })
 })

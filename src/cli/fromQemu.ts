@@ -131,13 +131,28 @@ const outputDirectory = (dir: string): Effect.Effect<void, Image.ImageError, Sco
     yield* Effect.forEach(made, (d) => Image.syncDirectory(Path.dirname(d)), { discard: true })
   })
 
-/** Whether this process may create files in `dir` (its permissions, a read-only file system). */
+/**
+ * Whether this process may create files in `dir` (its permissions, a read-only file system), and open it for the
+ * fsync that makes their renames durable (a drop box, written in but not read, cannot be synced).
+ */
 const writableDirectory = (dir: string): Effect.Effect<void, Image.ImageError> =>
-  Effect.tryPromise({
-    try: () => Fs.access(dir, Fs.constants.W_OK | Fs.constants.X_OK),
-    catch: (cause) =>
-      new Image.ImageError({ reason: "Unusable", path: dir, detail: `cannot write in the directory: ${FileIo.describe(cause)}`, cause })
-  })
+  Effect.zipRight(
+    Effect.tryPromise({
+      try: () => Fs.access(dir, Fs.constants.W_OK | Fs.constants.X_OK),
+      catch: (cause) =>
+        new Image.ImageError({ reason: "Unusable", path: dir, detail: `cannot write in the directory: ${FileIo.describe(cause)}`, cause })
+    }),
+    Effect.tryPromise({
+      try: () => Fs.access(dir, Fs.constants.R_OK),
+      catch: (cause) =>
+        new Image.ImageError({
+          reason: "Unusable",
+          path: dir,
+          detail: `cannot open the directory to sync it (which makes the files durable): ${FileIo.describe(cause)}`,
+          cause
+        })
+    })
+  )
 
 /**
  * `mkdir -p dir`, one directory at a time, pushing each it made onto `made` (top first). Node's recursive mkdir

@@ -240,6 +240,8 @@ const writeError = (path: string, error: FileIo.FileError): ImageError => {
       })
     case "SyncDirectory":
       return syncError(error)
+    case "OpenDirectory":
+      return new ImageError({ reason: "Unusable", path, detail: FileIo.describeOpenDirectory(error), cause })
     default:
       return new ImageError({ reason: "Io", path, detail: `cannot write the image: ${FileIo.describe(cause)}`, cause })
   }

@@ -157,6 +157,8 @@ const writeError = (path: string) => (error: FileIo.FileError): SnapshotError =>
       return io(path, `cannot rename ${temporary} to it`, error.cause)
     case "SyncDirectory":
       return io(path, "cannot sync its directory", error.cause)
+    case "OpenDirectory":
+      return new SnapshotError({ reason: "Unusable", path, detail: FileIo.describeOpenDirectory(error), cause: error.cause })
     default:
       return io(path, `cannot write ${error.length} bytes at ${error.position}`, error.cause)
   }

@@ -90,6 +90,11 @@ export type Step =
   | "Rename"
   | "SyncDirectory"
   /**
+   * The target's directory cannot be opened for reading, which its fsync needs (a directory this process may write
+   * in but not read: a drop box); the error's path is the directory. `describeOpenDirectory` words it.
+   */
+  | "OpenDirectory"
+  /**
    * Another user's symbolic link on the way to the target, or file at the target (the error's path), in a
    * world-writable sticky directory (`/tmp`): not followed, not replaced; or a target that is a mount point (a file
    * bind-mounted there), which no rename can replace. The cause says why, `describeUnsafe` words it.
@@ -469,6 +474,10 @@ export const describeUnsafe = (target: string, error: FileError): string => {
     describe(error.cause)
 }
 
+/** An `OpenDirectory` error, worded for the user of its file. */
+export const describeOpenDirectory = (error: FileError): string =>
+  `cannot open its directory ${error.path} to sync it (which makes the file durable): ${describe(error.cause)}`
+
 /**
  * The file `path` names once its symbolic links are followed — whether that file exists yet or not (a dangling
  * link names the file it would create) —, or `path` itself when it is not a link. A relative link is read
@@ -631,14 +640,22 @@ export const atomicFile = (
     }
     const committed = yield* Ref.make(false)
     const temporary: Temporary = { path, directory: undefined, identity: undefined }
-    // the directory first, so that it is closed after the file is removed (what it cannot open, the create fails on)
+    // the directory first, so that it is closed after the file is removed; its fsync makes the rename durable. One
+    // this process may not read (a drop box) cannot be synced: refused now, not once the file replaced the target.
+    // What else it cannot open, the create fails on (or `syncDirectory` after the rename)
+    const dir = Path.dirname(path)
     yield* Effect.acquireRelease(
-      Effect.promise(() =>
-        FsP.open(Path.dirname(path), Fs.constants.O_RDONLY | Fs.constants.O_DIRECTORY).then(
-          (directory) => (temporary.directory = directory),
-          () => undefined
-        )
-      ),
+      Effect.tryPromise({
+        try: () =>
+          FsP.open(dir, Fs.constants.O_RDONLY | Fs.constants.O_DIRECTORY).then(
+            (directory) => (temporary.directory = directory),
+            (cause) => {
+              if (errorCode(cause) === "EACCES" || errorCode(cause) === "EPERM") throw cause
+              return undefined
+            }
+          ),
+        catch: (cause) => new FileError({ step: "OpenDirectory", path: dir, cause })
+      }),
       () => Effect.promise(() => temporary.directory?.close().catch(() => undefined) ?? Promise.resolve())
     )
     const handle = yield* Effect.acquireRelease(
@@ -706,7 +723,9 @@ export const atomicFile = (
       yield* Effect.tryPromise({ try: () => FsP.rename(path, target), catch: failed("Rename") })
       yield* Ref.set(committed, true)
       temporaries.delete(key)
-      yield* syncDirectory(Path.dirname(target))
+      // the directory held open (where it went, had it been renamed since), else opened now
+      const held = temporary.directory
+      yield* held === undefined ? syncDirectory(Path.dirname(target)) : syncHandle(held, Path.dirname(target))
     }))
     return {
       path,
@@ -731,11 +750,20 @@ const CANNOT_SYNC_DIRECTORY: ReadonlySet<string> = new Set(["EINVAL", "ENOTSUP",
  */
 export const syncDirectory = (dir: string): Effect.Effect<void, FileError> =>
   Effect.scoped(Effect.gen(function*() {
-    const accepted = (cause: unknown) => CANNOT_SYNC_DIRECTORY.has(String(errorCode(cause)))
-    const failed = (cause: unknown) => new FileError({ step: "SyncDirectory", path: dir, cause })
     const handle = yield* Effect.either(open(dir, "r"))
-    if (handle._tag === "Left") return accepted(handle.left.cause) ? undefined : yield* failed(handle.left.cause)
-    yield* Effect.tryPromise({ try: () => handle.right.sync(), catch: (cause) => cause }).pipe(
-      Effect.catchAll((cause) => accepted(cause) ? Effect.void : Effect.fail(failed(cause)))
-    )
+    if (handle._tag === "Left") {
+      const cause = handle.left.cause
+      return cannotSync(cause) ? undefined : yield* new FileError({ step: "SyncDirectory", path: dir, cause })
+    }
+    yield* syncHandle(handle.right, dir)
   }))
+
+const cannotSync = (cause: unknown) => CANNOT_SYNC_DIRECTORY.has(String(errorCode(cause)))
+
+/** fsync of an open directory (`dir` names it in errors), as `syncDirectory`. */
+const syncHandle = (handle: FsP.FileHandle, dir: string): Effect.Effect<void, FileError> =>
+  Effect.tryPromise({ try: () => handle.sync(), catch: (cause) => cause }).pipe(
+    Effect.catchAll((cause) =>
+      cannotSync(cause) ? Effect.void : Effect.fail(new FileError({ step: "SyncDirectory", path: dir, cause }))
+    )
+  )

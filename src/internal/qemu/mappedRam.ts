@@ -111,7 +111,8 @@ export const layout = (vm: QemuVm.QemuVm, configuration: QemuStream.Configuratio
 
 const fileError = (path: string, what: string) => (error: FileIo.FileError) =>
   new MappedRamError({
-    reason: error.step === "Open" || error.step === "NotRegular" || error.step === "Create" || error.step === "Unsafe"
+    reason: error.step === "Open" || error.step === "NotRegular" || error.step === "Create" || error.step === "Unsafe" ||
+        error.step === "OpenDirectory"
       ? "Unusable"
       : "Io",
     path,
@@ -119,6 +120,8 @@ const fileError = (path: string, what: string) => (error: FileIo.FileError) =>
       ? "is not a regular file"
       : error.step === "Unsafe"
       ? FileIo.describeUnsafe(path, error)
+      : error.step === "OpenDirectory"
+      ? FileIo.describeOpenDirectory(error)
       : `cannot ${what}: ${error.step.toLowerCase()} failed` +
         (error.cause === undefined ? "" : `: ${FileIo.describe(error.cause)}`),
     cause: error
