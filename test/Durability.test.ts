@@ -371,3 +371,21 @@ describe("an output in a directory this process may write in but not read (a dro
     ])
   })
 })
+
+describe("an output path that ends with /", () => {
+  // it names a directory: the temporary file was `.<pid>.partial` inside it, and the error named that file,
+  // "cannot create .4242.partial beside it: no such file or directory"
+  it("is refused saying so, nothing made", async () => {
+    const out = Path.join(dir, "slash.img") + "/"
+    const recv = await runRecvHereUntilListening(["tcp:127.0.0.1:0", "--out", out])
+    expect({ listened: recv.listened, code: recv.code, stderr: recv.stderr.trim() }).toEqual({
+      listened: false,
+      code: 2,
+      stderr: `multifd: error: ${out}: cannot create it: the path ends with /, which names a directory, not a file`
+    })
+    const ram = await Effect.runPromise(GuestRam.make({ blocks: [{ name: "ram", size: 64 * 1024 }] }))
+    const saved = await Effect.runPromise(Effect.flip(Snapshot.save(out).pipe(Effect.provideService(GuestRam.GuestRam, ram))))
+    expect(saved.message).toBe(`snapshot ${out}: cannot create it: the path ends with /, which names a directory, not a file`)
+    expect(Fs.readdirSync(dir).filter((n) => n.startsWith("slash"))).toEqual([])
+  })
+})

@@ -613,6 +613,11 @@ export const atomicFile = (
     if (given.length === 0) {
       return yield* new FileError({ step: "Create", path: given, cause: new Error("the path is empty") })
     }
+    // "dir/" names a directory: its temporary file was `dir/.<pid>.partial`, and the error named that
+    if (given.endsWith("/")) {
+      const cause = new Error("the path ends with /, which names a directory, not a file")
+      return yield* new FileError({ step: "Create", path: given, cause })
+    }
     const target = yield* followLinks(given)
     const path = temporaryOf(target, process.pid)
     const key = Path.resolve(path)
