@@ -504,7 +504,7 @@ export const followLinks = (path: string): Effect.Effect<string, FileError> =>
 /**
  * The temporary files of `atomicFile` that exist now (or are about to), for `removeTemporariesNow` and
  * `removeStale`: absolute, so that one file has one key however its target was spelt (`out`, `./out`, `dir//out`);
- * each with the path that removes it (`Temporary.removal`).
+ * each with what `removal` needs to reach it.
  */
 const temporaries = new Map<string, Temporary>()
 
@@ -516,13 +516,13 @@ const temporaries = new Map<string, Temporary>()
 interface Temporary {
   readonly path: string
   directory: FsP.FileHandle | undefined
-  /** The file's device and inode once created: what is at its name may be another's by then (`isOurs`). */
+  /** The file's device and inode once created: what is at its name may be another's by then (`whose`). */
   identity: { readonly dev: number; readonly ino: number } | undefined
 }
 
 /**
- * Whether the file at `path` is still the temporary file this process created, another file, or none. Another process writing the same
- * target under the same pid (one in another pid namespace: two containers' commands, each pid 1, sharing a volume)
+ * Whether the file at `path` is still the temporary file this process created, another file, or none. Another
+ * process writing the same target under the same pid (one in another pid namespace: two containers' commands, each pid 1, sharing a volume)
  * takes this one for a dead process's, removes it and creates its own under the same name: renaming or removing by
  * name then renamed or removed that process's unfinished file.
  */
@@ -716,7 +716,7 @@ export const atomicFile = (
     // target reported as a failure
     const publish = Effect.uninterruptible(Effect.gen(function*() {
       yield* Effect.tryPromise({ try: () => handle.close(), catch: failed("Close") })
-      // what is at the temporary name now may be another process's unfinished file (see `isOurs`)
+      // what is at the temporary name now may be another process's unfinished file (see `whose`)
       if ((yield* Effect.promise(() => whose(temporary, path))) === "another's") {
         return yield* failed("Rename")(
           new Error(
