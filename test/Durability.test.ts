@@ -389,3 +389,22 @@ describe("an output path that ends with /", () => {
     expect(Fs.readdirSync(dir).filter((n) => n.startsWith("slash"))).toEqual([])
   })
 })
+
+describe("send file: onto a file system that fills up", () => {
+  it("fails in one line naming the snapshot (exit 1): no temporary file, the older snapshot untouched", async (ctx) => {
+    const image = Path.join(dir, "full.raw")
+    Fs.writeFileSync(image, Crypto.randomBytes(8 * 1024 * 1024))
+    const small = Path.join(dir, "full-save")
+    await onTmpfs(ctx, small, "4m", async () => {
+      const snapshot = Path.join(small, "s.snap")
+      Fs.writeFileSync(snapshot, "older")
+      const save = await run(["send", `file:${snapshot}`, "--in", image])
+      expect(save.code, save.stderr).toBe(1)
+      expect(save.stderr.trim()).toMatch(
+        new RegExp(`^multifd: error: snapshot ${snapshot}: writer \\d+: cannot write \\d+ bytes at \\d+: no space left on device$`)
+      )
+      expect(Fs.readdirSync(small)).toEqual(["s.snap"])
+      expect(Fs.readFileSync(snapshot, "utf8")).toBe("older")
+    })
+  })
+})
