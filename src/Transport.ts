@@ -26,6 +26,7 @@ import type * as Stream from "node:stream"
 import * as Connections from "./internal/native/connection.js"
 import { type Connection, describeError, destroy, TransportError } from "./internal/native/connection.js"
 import * as DirectSocket from "./internal/native/directSocket.js"
+import * as SocketFiles from "./internal/native/socketFiles.js"
 
 // ---------------------------------------------------------------------------------------------------------
 // Addresses
@@ -389,6 +390,8 @@ export const listen = (address: Address): Effect.Effect<Listener, TransportError
       // a socket file left by a listener that died (kill -9) is removed, as QEMU does; anything else stays
       ? Effect.catchIf(bind, isInUse, (error) => Effect.zipRight(clearStale(address.path, error), bind))
       : bind
+    // known until the server closes (which removes it): a process that exits at once removes it itself
+    if (address._tag === "Unix") yield* SocketFiles.held(address.path)
     server.on("error", () => {}) // after listening, failures show up on the accepted sockets
     const actual = boundAddress(address, server)
     const actualUri = formatAddress(actual)

@@ -9,41 +9,24 @@ import * as NodeRuntime from "@effect/platform-node/NodeRuntime"
 import * as Cause from "effect/Cause"
 import * as Effect from "effect/Effect"
 import * as Exit from "effect/Exit"
-import * as Os from "node:os"
-import * as FileIo from "../internal/native/fileIo.js"
 import { main } from "./command.js"
-import { ExitCode, toJson, wantsJson } from "./errors.js"
+import { ExitCode, wantsJson } from "./errors.js"
+import * as Signals from "./signals.js"
+import { INTERRUPTING } from "./signals.js"
 import * as Terminal from "./terminal.js"
 
-/**
- * A repeat of the signal within this long is the same request delivered twice: Ctrl-C reaches every
- * process of the terminal's group, and `npm run` forwards it to its child as well.
- */
-const REPEAT_MS = 1000
-
-/**
- * The signals that end the command cleanly (the peer told, a partial --out removed), with exit 128 + the
- * signal's number: runMain listens for SIGINT and SIGTERM, `signalled` below for the others, which by default
- * killed the process where it stood (SIGQUIT is Ctrl-\ on a terminal).
- */
-const INTERRUPTING = ["SIGINT", "SIGTERM", "SIGHUP", "SIGQUIT", "SIGALRM"] as const
-
 // runMain interrupts the program on the first SIGINT / SIGTERM (`signalled` below on the others) and then stops
-// listening; this listener stays for the process's life, so that a duplicate does not kill the process by
+// listening; these listeners stay for the process's life, so that a duplicate does not kill the process by
 // default while it tears down (the "interrupted" line and the cleanup would be lost). A later signal is a
-// second request: exit at once, removing the temporary files of the outputs (the peer is not told).
-let first: { readonly signal: NodeJS.Signals; readonly at: number } | undefined
-const onSignal = (name: NodeJS.Signals) => {
-  if (first === undefined) {
-    first = { signal: name, at: performance.now() }
-    return
-  }
-  if (performance.now() - first.at < REPEAT_MS) return
-  FileIo.removeTemporariesNow()
-  process.stderr.write(`multifd: ${name} again: exiting at once (the peer is not told)\n`)
-  process.exit(128 + Os.constants.signals[name])
-}
-for (const name of INTERRUPTING) process.on(name, onSignal)
+// second request: exit at once (signals.ts), the peer not told.
+const signals = Signals.make({
+  argv: process.argv.slice(2),
+  now: () => performance.now(),
+  stdout: process.stdout,
+  stderr: process.stderr,
+  exit: (code) => process.exit(code)
+})
+for (const name of INTERRUPTING) process.on(name, signals.on)
 
 // SIGUSR1 would open Node's inspector (a debugger port on 127.0.0.1:9229, to a process that may run as root
 // holding a guest's memory), and SIGUSR2 killed the process where it stood: a listener keeps Node from doing
@@ -87,12 +70,10 @@ NodeRuntime.runMain(
       if (Exit.isSuccess(exit)) return onExit(typeof exit.value === "number" ? exit.value : ExitCode.Ok)
       if (!Cause.isInterruptedOnly(exit.cause)) return onExit(ExitCode.Failed)
       // everything the command opened is closed (and a partial --out removed) by now
-      const signal = first?.signal ?? "SIGINT"
+      const signal = signals.first() ?? "SIGINT"
       process.stderr.write(`multifd: interrupted by ${signal}\n`)
-      if (wantsJson(process.argv.slice(2))) {
-        process.stdout.write(`${toJson({ tag: "Interrupted", reason: signal, message: `interrupted by ${signal}` })}\n`)
-      }
-      onExit(128 + Os.constants.signals[signal])
+      if (wantsJson(process.argv.slice(2))) process.stdout.write(`${Signals.interruptedJson(signal, `interrupted by ${signal}`)}\n`)
+      onExit(Signals.exitCodeOf(signal))
     }
   }
 )

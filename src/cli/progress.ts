@@ -25,6 +25,21 @@ export const LINE_INTERVAL_MS = 5000
 /** How far back the ETA looks for the current rate. */
 const ETA_WINDOW_MS = 5000
 
+/**
+ * The bars on a terminal now (each hides the cursor while it is drawn), for `stopNow`: a process that exits
+ * without closing its scopes (a second signal) left the cursor hidden and the bar's line unended.
+ */
+const drawn = new Set<CliProgress.SingleBar>()
+
+/**
+ * Stops, synchronously, every bar still drawn: its last frame ended, the cursor shown again. For a process about
+ * to exit at once (`signals.ts`).
+ */
+export const stopNow = (): void => {
+  for (const bar of drawn) bar.stop()
+  drawn.clear()
+}
+
 interface State {
   readonly bar: CliProgress.SingleBar
   /** When the first report came (the rate counts from there). */
@@ -57,22 +72,23 @@ export const make = (
   if (stream.isTTY !== true || (options.term ?? process.env["TERM"]) === "dumb") return lines(label)
   return Effect.map(
     Effect.acquireRelease(
-      Effect.sync((): State => ({
-        bar: new CliProgress.SingleBar({
+      Effect.sync((): State => {
+        const bar = new CliProgress.SingleBar({
           stream: stream as NodeJS.WriteStream,
           format: `${label} [{bar}] {percentage}% | {done} / {size} | {rate} | ETA {timeLeft}`,
           barCompleteChar: "\u2588",
           barIncompleteChar: "\u2591",
           hideCursor: true,
           fps: 10
-        }),
-        startedAt: 0,
-        base: 0,
-        lastDone: 0,
-        lastTotal: 0,
-        recent: []
-      })),
-      (state) => Effect.sync(() => state.bar.stop())
+        })
+        drawn.add(bar)
+        return { bar, startedAt: 0, base: 0, lastDone: 0, lastTotal: 0, recent: [] }
+      }),
+      (state) =>
+        Effect.sync(() => {
+          drawn.delete(state.bar)
+          state.bar.stop()
+        })
     ),
     (state): OnProgress => (progress) =>
       Effect.sync(() => {

@@ -1,0 +1,84 @@
+/**
+ * The command's signals. The first interrupts it (runMain for SIGINT and SIGTERM, `main.ts` for the others): the
+ * peer is told, everything closed, `multifd: interrupted by SIGINT`, exit 128 + the signal's number. A repeat
+ * within `REPEAT_MS` is the same request delivered twice (Ctrl-C reaches every process of the terminal's group,
+ * and `npm run` forwards it as well) and is ignored; a later one is a second request, for a teardown that takes
+ * long (an image being flushed to a slow disk): the command exits at once, the peer not told, but it still leaves
+ * nothing behind that it can remove at once (the temporary files of its outputs, the socket file it listens on),
+ * shows the cursor its progress bar hid, and with `--json` still prints its one JSON object.
+ *
+ * @since 0.1.0
+ */
+import * as Os from "node:os"
+import * as FileIo from "../internal/native/fileIo.js"
+import * as SocketFiles from "../internal/native/socketFiles.js"
+import { toJson, wantsJson } from "./errors.js"
+import * as Progress from "./progress.js"
+
+/** A repeat of a signal within this long (ms) is the same request delivered twice. */
+export const REPEAT_MS = 1000
+
+/**
+ * The signals that end the command cleanly (the peer told, a partial --out removed), with exit 128 + the
+ * signal's number (SIGQUIT is Ctrl-\ on a terminal; by default the others killed the process where it stood).
+ */
+export const INTERRUPTING = ["SIGINT", "SIGTERM", "SIGHUP", "SIGQUIT", "SIGALRM"] as const
+
+/** What a signal's handling needs of the process (`process` itself but in tests). */
+export interface Io {
+  /** The command line (`--json` there asks for the JSON object). */
+  readonly argv: ReadonlyArray<string>
+  /** Now, in milliseconds (`performance.now()`). */
+  readonly now: () => number
+  readonly stdout: { readonly write: (text: string) => unknown }
+  readonly stderr: { readonly write: (text: string) => unknown }
+  readonly exit: (code: number) => void
+}
+
+/** The exit status of an interruption by `signal`: 128 + its number. */
+export const exitCodeOf = (signal: NodeJS.Signals): number => 128 + Os.constants.signals[signal]
+
+/** The `--json` object of an interruption: `{"error":{"tag":"Interrupted","reason":"SIGINT",...}}`. */
+export const interruptedJson = (signal: NodeJS.Signals, message: string): string =>
+  toJson({ tag: "Interrupted", reason: signal, message })
+
+/**
+ * Exits at once on a second `signal`: removes the temporary files of the outputs and the socket file listened on,
+ * stops the progress bar (its line ended, the cursor shown), says so on stderr and, with `--json`, on stdout.
+ */
+export const exitAtOnce = (signal: NodeJS.Signals, io: Io): void => {
+  FileIo.removeTemporariesNow()
+  SocketFiles.removeNow()
+  Progress.stopNow()
+  const message = `${signal} again: exiting at once (the peer is not told)`
+  io.stderr.write(`multifd: ${message}\n`)
+  if (wantsJson(io.argv)) io.stdout.write(`${interruptedJson(signal, `interrupted by ${signal} again: exited at once (the peer was not told)`)}\n`)
+  io.exit(exitCodeOf(signal))
+}
+
+/** The command's record of the signals it was given. */
+export interface Signals {
+  /** The first signal, once one came. */
+  readonly first: () => NodeJS.Signals | undefined
+  /** Handles a delivery of `signal` (a listener of each of `INTERRUPTING` for the process's life). */
+  readonly on: (signal: NodeJS.Signals) => void
+}
+
+/**
+ * Records the first signal and ignores its repeats within `REPEAT_MS`; a later one ends the process at once
+ * (`exitAtOnce`).
+ */
+export const make = (io: Io): Signals => {
+  let first: { readonly signal: NodeJS.Signals; readonly at: number } | undefined
+  return {
+    first: () => first?.signal,
+    on: (signal) => {
+      if (first === undefined) {
+        first = { signal, at: io.now() }
+        return
+      }
+      if (io.now() - first.at < REPEAT_MS) return
+      exitAtOnce(signal, io)
+    }
+  }
+}
