@@ -3,19 +3,25 @@
  * request delivered twice, a later one (a teardown that takes long: an image flushed to a slow disk) exits at
  * once. Here the command's state while it tears down — its Unix socket listening, its temporary --out, its bar on
  * a terminal — is held open in a scope while the signals come, on a clock the test moves: what the process leaves
- * and prints when it exits at once. (The first signal's teardown is test/cli.test.ts's.)
+ * and prints when it exits at once. (The first signal's teardown is test/cli.test.ts's.) And Ctrl-Z on a terminal,
+ * the command a job of a shell with job control in a pseudo-terminal (`script`).
  */
-import { describe, expect, it } from "@effect/vitest"
+import { afterEach, describe, expect, it } from "@effect/vitest"
 import * as Effect from "effect/Effect"
+import * as ChildProcess from "node:child_process"
+import * as Crypto from "node:crypto"
 import * as Fs from "node:fs"
+import * as Os from "node:os"
 import * as Path from "node:path"
 import { PassThrough } from "node:stream"
+import { inject } from "vitest"
 import * as Terminal from "../src/cli/terminal.js"
 import * as Image from "../src/cli/image.js"
 import * as Progress from "../src/cli/progress.js"
 import * as Signals from "../src/cli/signals.js"
 import type * as Migration from "../src/Migration.js"
 import * as Transport from "../src/Transport.js"
+import { killChildren, start } from "./support/cli.js"
 import { tempDirectory } from "./support/files.js"
 
 const MIB = 1024 * 1024
@@ -115,4 +121,81 @@ describe("a second signal while the command tears down", () => {
       expect(process.printed.stdout).toBe("")
       expect(Fs.readFileSync(socket, "utf8")).toBe("not ours")
     }))
+})
+
+describe("Ctrl-Z on a terminal while the progress bar is drawn", () => {
+  const SHOW_CURSOR = "\x1b[?25h"
+  const HIDE_CURSOR = "\x1b[?25l"
+  const WRAP_LINES = "\x1b[?7h"
+  const NO_WRAP = "\x1b[?7l"
+  afterEach(killChildren)
+
+  // the process stopped where it stood, the cursor hidden: the shell's prompt came back without one
+  it("SIGTSTP shows the cursor and wraps lines again before the process stops, SIGCONT (fg) hides it again, and the migration completes", async () => {
+    const dir = Fs.mkdtempSync(Path.join(Os.tmpdir(), "multifd-tstp-"))
+    const terminals: Array<ChildProcess.ChildProcess> = []
+    try {
+      const socket = Path.join(dir, "recv.sock")
+      const out = Path.join(dir, "image.out")
+      const image = Path.join(dir, "image.raw")
+      Fs.writeFileSync(image, Crypto.randomBytes(2 * 1024 * 1024))
+      // recv as a job of its own (set -m) of a shell on a pseudo-terminal: a stop signal stops it (one to a
+      // process of an orphaned group, as the session's leader, is discarded), and the shell says when it stopped
+      const job = `set -m; "$NODE" "$BUNDLE" recv "unix:$SOCKET" --out "$OUT" & echo "pid=$!"; wait -f $!; echo "recv exited $?"`
+      const terminal = ChildProcess.spawn("script", ["-qfec", "bash -c \"$JOB\"", "/dev/null"], {
+        stdio: ["pipe", "pipe", "pipe"],
+        env: {
+          ...process.env,
+          TERM: "xterm-256color",
+          NO_COLOR: "1",
+          JOB: job,
+          NODE: process.execPath,
+          BUNDLE: inject("cliBundle"),
+          SOCKET: socket,
+          OUT: out
+        }
+      })
+      terminals.push(terminal)
+      let text = ""
+      terminal.stdout!.setEncoding("utf8").on("data", (s: string) => (text += s))
+      const shown = (pattern: RegExp) =>
+        new Promise<RegExpExecArray>((resolve, reject) => {
+          const check = () => {
+            const match = pattern.exec(text)
+            if (match === null) return
+            terminal.stdout!.off("data", check)
+            resolve(match)
+          }
+          terminal.stdout!.on("data", check)
+          terminal.once("exit", () => reject(new Error(`the terminal ended before ${pattern}: ${JSON.stringify(text)}`)))
+          check()
+        })
+      const pid = Number((await shown(/pid=(\d+)/))[1])
+      await shown(/multifd: listening on unix:/)
+      // about two seconds: the bar is drawn meanwhile
+      const send = start(["send", `unix:${socket}`, "--in", image, "--max-bandwidth", "1M"])
+      await shown(/recv \[/)
+      const mark = text.length
+      process.kill(pid, "SIGTSTP")
+      await shown(/Stopped/)
+      const beforeStop = text.slice(mark, text.indexOf("Stopped", mark))
+      expect(beforeStop.lastIndexOf(SHOW_CURSOR), JSON.stringify(beforeStop)).toBeGreaterThan(beforeStop.lastIndexOf(HIDE_CURSOR))
+      // and lines wrap again (the bar turned wrapping off)
+      expect(beforeStop.lastIndexOf(WRAP_LINES)).toBeGreaterThan(beforeStop.lastIndexOf(NO_WRAP))
+      const resumed = text.length
+      process.kill(pid, "SIGCONT")
+      const sent = await send.finished
+      await shown(/recv exited (\d+)/)
+      expect(sent.code, sent.stderr).toBe(0)
+      expect(/recv exited (\d+)/.exec(text)![1]).toBe("0")
+      // hidden again while the bar is drawn, shown once it ends
+      const after = text.slice(resumed)
+      expect(after.indexOf(HIDE_CURSOR)).toBeGreaterThanOrEqual(0)
+      expect(after.lastIndexOf(SHOW_CURSOR)).toBeGreaterThan(after.indexOf(HIDE_CURSOR))
+      expect(Fs.readFileSync(out).equals(Fs.readFileSync(image))).toBe(true)
+    } finally {
+      for (const terminal of terminals) terminal.kill("SIGKILL")
+      Fs.rmSync(dir, { recursive: true, force: true })
+    }
+  })
 })

@@ -71,24 +71,27 @@ export const make = (
   if (options.quiet === true) return Effect.succeed(undefined)
   if (stream.isTTY !== true || (options.term ?? process.env["TERM"]) === "dumb") return lines(label)
   return Effect.map(
-    Effect.acquireRelease(
-      Effect.sync((): State => {
-        const bar = new CliProgress.SingleBar({
-          stream: stream as NodeJS.WriteStream,
-          format: `${label} [{bar}] {percentage}% | {done} / {size} | {rate} | ETA {timeLeft}`,
-          barCompleteChar: "\u2588",
-          barIncompleteChar: "\u2591",
-          hideCursor: true,
-          fps: 10
-        })
-        drawn.add(bar)
-        return { bar, startedAt: 0, base: 0, lastDone: 0, lastTotal: 0, recent: [] }
-      }),
-      (state) =>
-        Effect.sync(() => {
-          drawn.delete(state.bar)
-          state.bar.stop()
-        })
+    Effect.tap(
+      Effect.acquireRelease(
+        Effect.sync((): State => {
+          const bar = new CliProgress.SingleBar({
+            stream: stream as NodeJS.WriteStream,
+            format: `${label} [{bar}] {percentage}% | {done} / {size} | {rate} | ETA {timeLeft}`,
+            barCompleteChar: "\u2588",
+            barIncompleteChar: "\u2591",
+            hideCursor: true,
+            fps: 10
+          })
+          drawn.add(bar)
+          return { bar, startedAt: 0, base: 0, lastDone: 0, lastTotal: 0, recent: [] }
+        }),
+        (state) =>
+          Effect.sync(() => {
+            drawn.delete(state.bar)
+            state.bar.stop()
+          })
+      ),
+      (state) => suspendable(state.bar, stream)
     ),
     (state): OnProgress => (progress) =>
       Effect.sync(() => {
@@ -110,6 +113,39 @@ export const make = (
       })
   )
 }
+
+/**
+ * While the scope is open, Ctrl-Z (SIGTSTP) gives the terminal back as it was before the bar (the cursor shown,
+ * lines wrapped) before the process stops, and `fg` (SIGCONT) sets it for the bar again: by default the process
+ * stopped where it stood, and the shell's prompt came back without a cursor, its long lines unwrapped. (The
+ * process stops itself with SIGSTOP, which a handler cannot catch: SIGTSTP's default.)
+ */
+const suspendable = (bar: CliProgress.SingleBar, stream: NodeJS.WritableStream): Effect.Effect<void, never, Scope.Scope> =>
+  Effect.asVoid(Effect.acquireRelease(
+    Effect.sync(() => {
+      const onStop = () => {
+        if (bar.isActive) stream.write(SHOW_CURSOR + WRAP_LINES)
+        process.kill(process.pid, "SIGSTOP")
+      }
+      const onContinue = () => {
+        if (bar.isActive) stream.write(HIDE_CURSOR + NO_WRAP)
+      }
+      process.on("SIGTSTP", onStop)
+      process.on("SIGCONT", onContinue)
+      return { onStop, onContinue }
+    }),
+    ({ onContinue, onStop }) =>
+      Effect.sync(() => {
+        process.off("SIGTSTP", onStop)
+        process.off("SIGCONT", onContinue)
+      })
+  ))
+
+/** The terminal's escape sequences that show and hide the cursor, and turn line wrapping on and off (cli-progress's). */
+const SHOW_CURSOR = "\x1b[?25h"
+const HIDE_CURSOR = "\x1b[?25l"
+const WRAP_LINES = "\x1b[?7h"
+const NO_WRAP = "\x1b[?7l"
 
 /** The next delivery of `signal` to the process. */
 const next = (signal: NodeJS.Signals): Effect.Effect<void> =>
