@@ -5,10 +5,14 @@
  *
  * Knobs (environment): DEMO_SIZE_MIB (default 256), DEMO_CHANNELS (default 4).
  */
+import * as NodeRuntime from "@effect/platform-node/NodeRuntime"
+import * as Cause from "effect/Cause"
 import * as Console from "effect/Console"
 import * as Effect from "effect/Effect"
+import * as Exit from "effect/Exit"
 import * as Layer from "effect/Layer"
 import * as Crypto from "node:crypto"
+import * as Os from "node:os"
 import * as GuestRam from "../src/GuestRam.js"
 import * as Migration from "../src/Migration.js"
 import * as Transport from "../src/Transport.js"
@@ -74,9 +78,22 @@ const SourceMemory = Layer.unwrapEffect(Effect.map(
   (bytes) => GuestRam.layer({ blocks: [{ name: "pc.ram", bytes }] })
 ))
 
-Effect.runPromise(program.pipe(Effect.scoped, Effect.provide(Layer.merge(Transport.layer, SourceMemory)))).catch(
-  (error) => {
-    console.error(`demo failed: ${error?.message ?? error}`)
-    process.exit(1)
+// Ctrl-C (or SIGTERM) interrupts the demo, whose scopes close: the progress bar gives the terminal its cursor back
+// (killed where it stood, the demo left the cursor hidden and line wrapping off), then exit 128 + the signal
+let signalled: "SIGINT" | "SIGTERM" = "SIGINT"
+for (const name of ["SIGINT", "SIGTERM"] as const) process.once(name, () => (signalled = name))
+
+NodeRuntime.runMain(program.pipe(Effect.scoped, Effect.provide(Layer.merge(Transport.layer, SourceMemory))), {
+  disableErrorReporting: true,
+  disablePrettyLogger: true,
+  teardown: (exit, onExit) => {
+    if (Exit.isSuccess(exit)) return onExit(0)
+    if (Cause.isInterruptedOnly(exit.cause)) {
+      console.error(`demo: interrupted by ${signalled}`)
+      return onExit(128 + Os.constants.signals[signalled])
+    }
+    const error = Cause.squash(exit.cause) as { readonly message?: string } | undefined
+    console.error(`demo failed: ${error?.message ?? String(error)}`)
+    onExit(1)
   }
-)
+})

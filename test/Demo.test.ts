@@ -1,10 +1,11 @@
 /**
  * `npm start` (examples/demo.ts), as a newcomer runs it: without a terminal (a plain line per quarter), and with
- * its knobs (DEMO_SIZE_MIB, DEMO_CHANNELS) given badly, which is one line and exit 2, never a stack trace.
+ * its knobs (DEMO_SIZE_MIB, DEMO_CHANNELS) given badly, which is one line and exit 2, never a stack trace; and
+ * Ctrl-C while its bar is drawn on a terminal (a pseudo-terminal: `script`).
  */
 import * as ChildProcess from "node:child_process"
 import * as Path from "node:path"
-import { describe, expect, it } from "vitest"
+import { afterEach, describe, expect, it } from "vitest"
 
 const ROOT = Path.resolve(import.meta.dirname, "..")
 
@@ -30,5 +31,45 @@ describe("npm start (examples/demo.ts)", () => {
   ])("%s=%s is one line and exit 2", (name, value, message) => {
     const ran = demo({ [name]: value })
     expect({ code: ran.status, stdout: ran.stdout, stderr: ran.stderr }).toEqual({ code: 2, stdout: "", stderr: `demo: ${message}\n` })
+  })
+
+  const terminals: Array<ChildProcess.ChildProcess> = []
+  afterEach(() => {
+    for (const terminal of terminals.splice(0)) terminal.kill("SIGKILL")
+  })
+
+  // killed where it stood by SIGINT, the demo left the terminal with its cursor hidden and line wrapping off
+  it("Ctrl-C while the bar is drawn: the terminal gets its cursor and line wrapping back, one line, exit 130", async () => {
+    // the demo as a job of its own (set -m) of a shell on a pseudo-terminal, which says how it ended
+    const job = `set -m; "$NODE" --import tsx examples/demo.ts & echo "pid=$!"; wait -f $!; echo "demo exited $?"`
+    const terminal = ChildProcess.spawn("script", ["-qfec", "bash -c \"$JOB\"", "/dev/null"], {
+      cwd: ROOT,
+      stdio: ["pipe", "pipe", "pipe"],
+      env: { ...process.env, TERM: "xterm-256color", NO_COLOR: "1", JOB: job, NODE: process.execPath, DEMO_SIZE_MIB: "512" }
+    })
+    terminals.push(terminal)
+    let text = ""
+    terminal.stdout!.setEncoding("utf8").on("data", (s: string) => (text += s))
+    const shown = (pattern: RegExp) =>
+      new Promise<RegExpExecArray>((resolve, reject) => {
+        const check = () => {
+          const match = pattern.exec(text)
+          if (match === null) return
+          terminal.stdout!.off("data", check)
+          resolve(match)
+        }
+        terminal.stdout!.on("data", check)
+        terminal.once("exit", () => reject(new Error(`the terminal ended before ${pattern}: ${JSON.stringify(text)}`)))
+        check()
+      })
+    const pid = Number((await shown(/pid=(\d+)/))[1])
+    await shown(/migrating \[/)
+    process.kill(pid, "SIGINT")
+    const code = (await shown(/demo exited (\d+)/))[1]
+    const drawn = text.slice(text.indexOf("migrating ["))
+    expect(drawn.lastIndexOf("\x1b[?25h"), JSON.stringify(drawn.slice(-300))).toBeGreaterThan(drawn.lastIndexOf("\x1b[?25l"))
+    expect(drawn.lastIndexOf("\x1b[?7h")).toBeGreaterThan(drawn.lastIndexOf("\x1b[?7l"))
+    expect(text).toMatch(/^demo: interrupted by SIGINT\r?$/m)
+    expect(code).toBe("130")
   })
 })
