@@ -16,6 +16,7 @@ import * as Path from "node:path"
 import { PassThrough } from "node:stream"
 import { inject } from "vitest"
 import * as Terminal from "../src/cli/terminal.js"
+import * as FromQemu from "../src/cli/fromQemu.js"
 import * as Image from "../src/cli/image.js"
 import * as Progress from "../src/cli/progress.js"
 import * as Signals from "../src/cli/signals.js"
@@ -102,6 +103,27 @@ describe("a second signal while the command tears down", () => {
       expect(after.endsWith("\n")).toBe(true)
       // no stale socket (the next recv would have had to probe it), no temporary file
       expect(Fs.readdirSync(dir)).toEqual([])
+    }))
+
+  it.scoped("recv --from-qemu --out-dir: the directories it created are removed (each only if empty), as its failure removes them", () =>
+    Effect.gen(function*() {
+      const dir = yield* tempDirectory("multifd-signals-")
+      const kept = Path.join(dir, "kept")
+      Fs.mkdirSync(kept)
+      // created by the command: kept/a and kept/a/b; one block's file being written in it
+      const outDir = Path.join(kept, "a", "b")
+      yield* FromQemu.outputDirectory(outDir)
+      const block = yield* Image.create(Path.join(outDir, "pc.ram"))
+      expect(Fs.existsSync(block.temporary)).toBe(true)
+      const process = fakeProcess(["recv", "tcp:127.0.0.1:0", "--from-qemu", "--channels", "2", "--out-dir", outDir])
+      const signals = Signals.make(process.io)
+      signals.on("SIGTERM")
+      process.at(2000)
+      signals.on("SIGINT")
+      expect(process.exits).toEqual([130])
+      // the directory that existed stays
+      expect(Fs.readdirSync(dir)).toEqual(["kept"])
+      expect(Fs.readdirSync(kept)).toEqual([])
     }))
 
   it.scoped("without --json stdout stays empty; a socket file that is no longer the listener's is left alone", () =>

@@ -20,6 +20,7 @@ import * as Clock from "effect/Clock"
 import * as Effect from "effect/Effect"
 import * as Exit from "effect/Exit"
 import type * as Scope from "effect/Scope"
+import * as FsSync from "node:fs"
 import * as Fs from "node:fs/promises"
 import * as Path from "node:path"
 import * as FileIo from "../internal/native/fileIo.js"
@@ -103,25 +104,50 @@ const fileStats = (read: MappedRam.Read, durationMs: number): QemuIncoming.Stats
 }
 
 /**
+ * The directories each `outputDirectory` created and will remove unless the command succeeds (top first), for
+ * `removeDirectoriesNow`.
+ */
+const createdDirectories = new Set<Array<string>>()
+
+/** Removes the directories created (top first), deepest first, each only if empty: one that is not stays, with its parents. */
+const removeCreated = (made: ReadonlyArray<string>): void => {
+  for (const d of [...made].reverse()) {
+    try {
+      FsSync.rmdirSync(d)
+    } catch {
+      return // not empty (or gone): it and its parents stay
+    }
+  }
+}
+
+/**
+ * Removes, synchronously, the `--out-dir` directories created and not yet kept, each only if empty: for a process
+ * about to exit without closing its scopes (a second signal, `signals.ts`), after its temporary files are gone.
+ */
+export const removeDirectoriesNow = (): void => {
+  for (const made of createdDirectories) removeCreated(made)
+  createdDirectories.clear()
+}
+
+/**
  * Creates `dir` for `--out-dir` if it is missing (with its missing parents), and fsyncs the parent of every
  * directory it created: a new directory's entry is in its parent, and only the parent's fsync makes it survive a
  * crash (syncing `dir` after the blocks' renames keeps the files' entries, not `dir`'s own). When the scope closes
  * without success, the directories it created are removed again, deepest first, each only if empty (`rmdir`):
  * nothing that existed before is touched, nor anything that came into them.
+ *
+ * @internal
  */
-const outputDirectory = (dir: string): Effect.Effect<void, Image.ImageError, Scope.Scope> =>
+export const outputDirectory = (dir: string): Effect.Effect<void, Image.ImageError, Scope.Scope> =>
   Effect.gen(function*() {
     const made: Array<string> = []
-    yield* Effect.addFinalizer((exit) =>
-      Exit.isSuccess(exit) ? Effect.void : Effect.promise(async () => {
-        for (const d of [...made].reverse()) {
-          try {
-            await Fs.rmdir(d)
-          } catch {
-            return // not empty (or gone): it and its parents stay
-          }
-        }
-      })
+    yield* Effect.acquireRelease(
+      Effect.sync(() => createdDirectories.add(made)),
+      (_, exit) =>
+        Effect.sync(() => {
+          createdDirectories.delete(made)
+          if (Exit.isFailure(exit)) removeCreated(made)
+        })
     )
     yield* Effect.tryPromise({
       try: () => makeDirectories(dir, made),

@@ -4,8 +4,9 @@
  * within `REPEAT_MS` is the same request delivered twice (Ctrl-C reaches every process of the terminal's group,
  * and `npm run` forwards it as well) and is ignored; a later one is a second request, for a teardown that takes
  * long (an image being flushed to a slow disk): the command exits at once, the peer not told, but it still leaves
- * nothing behind that it can remove at once (the temporary files of its outputs, the socket file it listens on),
- * shows the cursor its progress bar hid, and with `--json` still prints its one JSON object.
+ * nothing behind that it can remove at once (the temporary files of its outputs, the `--out-dir` directories it
+ * created, the socket file it listens on), shows the cursor its progress bar hid, and with `--json` still prints
+ * its one JSON object.
  *
  * @since 0.1.0
  */
@@ -13,6 +14,7 @@ import * as Os from "node:os"
 import * as FileIo from "../internal/native/fileIo.js"
 import * as SocketFiles from "../internal/native/socketFiles.js"
 import { toJson, wantsJson } from "./errors.js"
+import * as FromQemu from "./fromQemu.js"
 import * as Progress from "./progress.js"
 
 /** A repeat of a signal within this long (ms) is the same request delivered twice. */
@@ -43,11 +45,13 @@ export const interruptedJson = (signal: NodeJS.Signals, message: string): string
   toJson({ tag: "Interrupted", reason: signal, message })
 
 /**
- * Exits at once on a second `signal`: removes the temporary files of the outputs and the socket file listened on,
+ * Exits at once on a second `signal`: removes the temporary files of the outputs, the directories created for
+ * them and the socket file listened on,
  * stops the progress bar (its line ended, the cursor shown), says so on stderr and, with `--json`, on stdout.
  */
 export const exitAtOnce = (signal: NodeJS.Signals, io: Io): void => {
   FileIo.removeTemporariesNow()
+  FromQemu.removeDirectoriesNow()
   SocketFiles.removeNow()
   Progress.stopNow()
   const message = `${signal} again: exiting at once (the peer is not told)`
