@@ -1566,6 +1566,74 @@ describe("trust: signals, timeouts and progress whatever the CPU does", () => {
     })
   }
 
+  // the source interrupted once the image was stored, before it heard Done: recv failed "the source aborted" and
+  // never said that the image it had just put in place of --out (over whatever was there) was the verified one
+  it("send interrupted after recv stored the image, before it heard Done: recv fails (exit 1) and says that --out holds the verified image", async () => {
+    const out = Path.join(dir, "stored-then-cancelled.out")
+    Fs.writeFileSync(out, "the file that was there before")
+    const recv = await startRecv(["tcp:127.0.0.1:0", "--out", out])
+    const done = Control.encode(new Control.Done())
+    // a relay that holds back, on the main channel (the first connection), everything from Done on
+    let heldDone: () => void = () => {}
+    const doneHeld = new Promise<void>((resolve) => (heldDone = resolve))
+    const port = Number(recv.uri.split(":").at(-1))
+    const sockets = new Set<Net.Socket>()
+    let first = true
+    const server = Net.createServer((inbound) => {
+      const main = first
+      first = false
+      const outbound = Net.connect({ host: "127.0.0.1", port })
+      for (const s of [inbound, outbound]) {
+        sockets.add(s)
+        s.on("error", () => {})
+        s.once("close", () => sockets.delete(s))
+      }
+      inbound.pipe(outbound)
+      if (!main) {
+        outbound.pipe(inbound)
+        return
+      }
+      let seen = Buffer.alloc(0)
+      let holding = false
+      outbound.on("data", (chunk: Buffer) => {
+        if (holding) return
+        seen = Buffer.concat([seen, chunk])
+        const at = seen.indexOf(done)
+        if (at < 0) {
+          inbound.write(chunk)
+          seen = seen.subarray(Math.max(0, seen.length - done.length))
+          return
+        }
+        // what came before Done in this chunk still goes through
+        const before = chunk.length - (seen.length - at)
+        if (before > 0) inbound.write(chunk.subarray(0, before))
+        holding = true
+        heldDone()
+      })
+    })
+    await new Promise<void>((resolve) => server.listen(0, "127.0.0.1", resolve))
+    try {
+      const send = start(["send", `tcp:127.0.0.1:${(server.address() as Net.AddressInfo).port}`, "--in", image])
+      await doneHeld
+      // the image is in place: recv said Done
+      expect(Fs.readFileSync(out).equals(Fs.readFileSync(image))).toBe(true)
+      send.child.kill("SIGINT")
+      const sent = await send.finished
+      const received = await recv.finished
+      expect(sent.code, sent.stderr).toBe(130)
+      expect(received.code, received.stderr).toBe(1)
+      expect(lines(received.stderr).slice(-2)).toEqual([
+        `multifd: ${out} holds the verified image: it was stored before the migration failed`,
+        "multifd: error: the source aborted the migration: cancelled by source"
+      ])
+      expect(Fs.readFileSync(out).equals(Fs.readFileSync(image))).toBe(true)
+      expect(filesLike("stored-then-cancelled.out.")).toEqual([])
+    } finally {
+      for (const s of sockets) s.destroy()
+      server.close()
+    }
+  })
+
   // SIGUSR1 opened Node's inspector (a debugger port, "Debugger listening on ws://127.0.0.1:9229"); SIGUSR2 killed
   it("SIGUSR1 and SIGUSR2 mid-migration: no debugger opens, SIGUSR1 prints the progress line, the migration completes", async () => {
     const out = Path.join(dir, "usr.out")

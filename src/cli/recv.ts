@@ -9,6 +9,8 @@
  * @since 0.1.0
  */
 import * as Command from "@effect/cli/Command"
+import * as Cause from "effect/Cause"
+import * as Chunk from "effect/Chunk"
 import * as Effect from "effect/Effect"
 import * as Exit from "effect/Exit"
 import * as Option from "effect/Option"
@@ -106,11 +108,24 @@ export const command = Command.make(
       // the temporary file first: an unwritable --out fails before anything listens
       const image = yield* Image.create(out)
       // a signal that comes once the image is in place (the source told, when there is one) still ends the
-      // command with the signal's code; the user hears that the image is there all the same
+      // command with the signal's code, and a source that aborts once it is (interrupted before it heard Done)
+      // fails the migration; the user hears that the image is there all the same (it replaced what was at --out)
+      // (not when storing it failed, a directory that could not be synced after the rename: no durable image; nor
+      // when the migration completed and only its --json result could not be written: the error says so)
+      const migrationFailed = (cause: Cause.Cause<unknown>) =>
+        !Cause.failures(cause).pipe(
+          Chunk.some((error) => error instanceof Image.ImageError || error instanceof Terminal.OutputError)
+        )
       yield* Effect.addFinalizer((exit) =>
-        Exit.isInterrupted(exit)
+        Exit.isFailure(exit) && migrationFailed(exit.cause)
           ? Effect.flatMap(image.committed, (stored) =>
-            stored ? terminal.err(`multifd: ${out} holds the verified image: it was stored before the interruption`) : Effect.void)
+            stored
+              ? terminal.err(
+                `multifd: ${out} holds the verified image: it was stored before the ${
+                  Exit.isInterrupted(exit) ? "interruption" : "migration failed"
+                }`
+              )
+              : Effect.void)
           : Effect.void
       )
       const commit = (ram: GuestRam.GuestRam["Type"], around?: Migration.Commit) =>
