@@ -40,9 +40,10 @@
  *
  * `save` creates `<path>.<pid>.partial`, sets its length (sparse), writes pages in rounds, then the bitmaps,
  * the header (digests computed with writers paused), fsyncs and renames it to `path`, then fsyncs the
- * directory (a file system that cannot sync a directory is accepted, any other failure is an `Io` error); on
- * failure or interruption the temporary file is removed and nothing is ever left under `path` that is not
- * complete.
+ * directory (a file system that cannot sync a directory is accepted, any other failure is an `Io` error; a
+ * directory this process may not open to sync it, or a `path` that is a mount point, which no rename replaces, is
+ * refused as `Unusable` before a page is written); on failure or interruption the temporary file is removed (also
+ * from its directory renamed meanwhile) and nothing is ever left under `path` that is not complete.
  * `restore` checks magic, version, header checksum, every offset and the file's length before it reads a
  * page, the bitmaps' checksums before it trusts them, and every block's digest after reading.
  *
