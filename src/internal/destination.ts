@@ -575,7 +575,8 @@ export const run = <E>(listener: Transport.Listener, settings: Settings<E>): Eff
     const isHangUp = (error: Failure | StoreFailed<E>) =>
       (error._tag === "MigrationError" && error.reason === "ChannelClosed") ||
       (error._tag === "ChannelError" && error.cause._tag === "TransportError")
-    // a race does not wait for the side it interrupts: `settled` says when the migration's fiber ended
+    // `settled` says when the migration's fiber ended (raceFirst already awaits the side it interrupts; the
+    // check below must not depend on that)
     const settled = yield* Deferred.make<void>()
     return yield* Effect.raceFirst(Effect.ensuring(migration, Deferred.succeed(settled, undefined)), failures).pipe(
       // a failing source sends Abort, then closes its channels: a channel's end may overtake the Abort, so
