@@ -1467,6 +1467,25 @@ describe("MappedRam: QEMU 10's mapped-ram file", () => {
       expect(Fs.readdirSync(dir)).toEqual(["mem.img"])
     }))
 
+  // a directory that held another VM's blocks (vga.vram.img) silently became a mix of two VMs' blocks
+  it.live("recv --out-dir DIR holding another migration's block file: success, with a warning naming it, left as it was", () =>
+    Effect.gen(function*() {
+      const dir = Path.join(vmFileDir, "other-blocks")
+      Fs.mkdirSync(dir)
+      Fs.writeFileSync(Path.join(dir, "vga.vram.img"), "older")
+      Fs.writeFileSync(Path.join(dir, "notes.txt"), "the user's")
+      const file = Path.join(vmFileDir, "other-blocks.vm")
+      yield* MappedRam.write(file, yield* capturedVm)
+      const result = yield* Effect.promise(() => Cli.run(["recv", `file:${file}`, "--from-qemu", "--out-dir", dir]))
+      expect(result.code).toBe(0)
+      expect(result.stderr).toContain(
+        `multifd: warning: --out-dir ${dir}: vga.vram.img is no block of this migration (left by an earlier one?); ` +
+          "it was left as it was"
+      )
+      expect(Fs.readdirSync(dir).sort()).toEqual(["mem.img", "notes.txt", "vga.vram.img"])
+      expect(Fs.readFileSync(Path.join(dir, "vga.vram.img"), "utf8")).toBe("older")
+    }))
+
   it.live("a cut, foreign or newer file fails with one line naming it; a mapped-ram stream on a socket is refused", () =>
     expectNoLeaks(Effect.scoped(Effect.gen(function*() {
       const vm = yield* capturedVm

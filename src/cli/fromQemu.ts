@@ -158,6 +158,23 @@ export const outputDirectory = (dir: string): Effect.Effect<void, Image.ImageErr
   })
 
 /**
+ * Says which block files in `dir` are not this migration's (`NAME.img` left by a migration of another VM, whose
+ * blocks had other names): the directory holds a mix of two VMs' blocks, and nothing else would tell. They are
+ * left as they are: they are the user's files.
+ */
+const warnOtherBlocks = (dir: string, paths: ReadonlyArray<string>): Effect.Effect<void> =>
+  Effect.promise(() => Fs.readdir(dir).catch(() => [] as Array<string>)).pipe(
+    Effect.flatMap((names) => {
+      const ours = new Set(paths.map((path) => Path.basename(path)))
+      const others = names.filter((name) => name.endsWith(".img") && !ours.has(name)).sort()
+      return others.length === 0 ? Effect.void : Effect.logWarning(
+        `--out-dir ${dir}: ${others.join(", ")} ${others.length === 1 ? "is no block" : "are no blocks"} of this ` +
+          `migration (left by an earlier one?); ${others.length === 1 ? "it was" : "they were"} left as ${others.length === 1 ? "it was" : "they were"}`
+      )
+    })
+  )
+
+/**
  * Whether this process may create files in `dir` (its permissions, a read-only file system), and open it for the
  * fsync that makes their renames durable (a drop box, written in but not read, cannot be synced).
  */
@@ -302,6 +319,7 @@ export const run = (args: Args) =>
         files.push(file)
       }
       yield* Effect.uninterruptible(Effect.forEach(files, (file) => file.publish, { discard: true }))
+      yield* warnOtherBlocks(dir, paths)
       output = dir
     }
     yield* Report.print(
