@@ -28,7 +28,8 @@
  * No wait outlasts `timeouts.peer` of silence: the main channel and the channels between packets share one
  * inactivity watch (any byte anywhere is progress: QEMU may legitimately leave one of them quiet while it feeds
  * the others), a channel inside a packet has its own (QEMU writes a packet whole), the TLS handshake of a
- * connection has its timeout, and so does QEMU closing its channels after the main stream ended. A stall ends
+ * connection has its timeout, multifd channels that came first (as QEMU 9+ connects them) wait for the main
+ * channel no longer than `timeouts.peer`, and so does QEMU closing its channels after the main stream ended. A stall ends
  * in a `Timeout` that names what was awaited, never in a wait for QEMU to close.
  *
  * Everything runs in one scope, as `Migration.incoming`: when `incoming` returns (success, failure or
@@ -299,7 +300,8 @@ export const incoming = (
       upgrade: upgrade === undefined ? undefined : Handshake.bounded(upgrade, timeouts.handshake),
       handshake: timeouts.handshake,
       channelSet,
-      multifd: channels > 0
+      multifd: channels > 0,
+      peer: timeouts.peer
     })
     const channelFailure = Effect.flatMap(Deferred.await(channelSet), (recv) => recv.failure)
     const failures = Effect.raceFirst(candidates.failure, channelFailure)
@@ -307,7 +309,8 @@ export const incoming = (
     const waitMain = options.acceptTimeout === undefined
       ? candidates.main
       : candidates.main.pipe(within(options.acceptTimeout, "waiting for QEMU to connect"))
-    const connection = yield* Effect.raceFirst(waitMain, candidates.failure)
+    // channels that came first wait for the main channel no longer than the peer timeout
+    const connection = yield* Effect.raceFirst(waitMain, Effect.raceFirst(candidates.failure, candidates.orphaned))
 
     const returnPath = yield* Ref.make(false)
     /** An answer on QEMU's return path, if QEMU opened one. */

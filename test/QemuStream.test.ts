@@ -1155,6 +1155,34 @@ describe("QemuIncoming.incoming: strangers are candidates, never owners", () => 
       expect(result.rejected).toHaveLength(1)
     }))))
 
+  // QEMU 9+ connects its multifd channels before its main stream's header arrives: a channel that proved itself
+  // waits for the main channel, but not for ever (a QEMU that died before it, a main connection lost on the way,
+  // a stranger's init packets), nor holding its connection and what it buffered
+  const orphans = [
+    { name: "QEMU's two channels sent whole and closed (QEMU gone), no main channel", bytes: [CH0, CH1], close: true },
+    { name: "two valid init packets, then nothing (a stranger)", bytes: [CH0.subarray(0, 64), CH1.subarray(0, 64)], close: false }
+  ]
+  for (const s of orphans) {
+    it.effect(`${s.name}: fails after the peer timeout (TestClock) naming the wait for the main channel, all closed`, () =>
+      expectNoLeaks(Effect.scoped(Effect.gen(function*() {
+        const dst = yield* destination({ channels: 2, timeouts: { handshake: "5 seconds", peer: "20 seconds" } })
+        const connections = yield* Effect.forEach(s.bytes, (bytes) => stranger(dst.address, [bytes], s.close))
+        const t0 = yield* TestClock.currentTimeMillis
+        yield* advanceUntil(Effect.map(Fiber.poll(dst.fiber), Option.isSome), "the destination gave up")
+        const elapsed = (yield* TestClock.currentTimeMillis) - t0
+        expect(elapsed).toBeGreaterThanOrEqual(20_000)
+        expect(elapsed).toBeLessThan(22_000)
+        const error = failureOf(yield* Fiber.await(dst.fiber))
+        expectOneLine(error)
+        expect(error).toMatchObject({ reason: "Timeout" })
+        expect(error.message).toBe(
+          "timed out after 20s waiting for QEMU's main channel (2 multifd channels connected without it: did QEMU " +
+            "fail or was its main connection lost?)"
+        )
+        yield* Effect.forEach(connections, (c, i) => turnedAway(c, `channel ${i} closed`))
+      }))))
+  }
+
   it.live("several strangers at once, some still stalling: QEMU's migration succeeds meanwhile; all are closed", () =>
     expectNoLeaks(Effect.scoped(Effect.gen(function*() {
       const dst = yield* destination({ channels: 2 })

@@ -35,6 +35,12 @@ export interface Candidates {
   readonly failure: Effect.Effect<never, MultifdRecv.ChannelFailure>
   /** When (the clock's ms) the first candidate proved itself: QEMU's migration runs from there. */
   readonly started: Effect.Effect<number | undefined>
+  /**
+   * Fails with a `Timeout` once `peer` passed since the first multifd channel proved itself (QEMU connects its
+   * channels before its main stream's header arrives) while the caller still waits for the main channel; never
+   * succeeds. The caller races it with `main` only.
+   */
+  readonly orphaned: Effect.Effect<never, MigrationError.MigrationError>
 }
 
 /** Why a candidate failed, without its address (the rejection names it). */
@@ -52,6 +58,8 @@ export const start = (
     readonly channelSet: Deferred.Deferred<MultifdRecv.MultifdRecv["Type"]>
     /** Whether QEMU migrates with multifd: without, a multifd channel is a stranger. */
     readonly multifd: boolean
+    /** How long channels that proved themselves wait for the main channel (`orphaned`). */
+    readonly peer: Duration.DurationInput
   }
 ): Effect.Effect<Candidates, never, Scope.Scope> =>
   Effect.gen(function*() {
@@ -59,6 +67,9 @@ export const start = (
     const main = yield* Deferred.make<Transport.Connection>()
     const started = yield* Ref.make<number | undefined>(undefined)
     const proved = Effect.flatMap(Clock.currentTimeMillis, (now) => Ref.update(started, (t) => t ?? now))
+    // the multifd channels that proved themselves, and the first one's proof (the main channel's wait starts)
+    const channelsProved = yield* Ref.make(0)
+    const firstChannel = yield* Deferred.make<void>()
 
     /** The rest of a candidate's handshake, by the deadline that began at `since`. */
     const byDeadline = (since: number, what: string) => <A, E>(self: Effect.Effect<A, E>) =>
@@ -92,13 +103,15 @@ export const start = (
         )
         if (Either.isLeft(init)) return yield* reject(connection, `no valid init packet: ${problemOf(init.left)}`)
         yield* proved
+        yield* Ref.update(channelsProved, (n) => n + 1)
+        yield* Deferred.succeed(firstChannel, undefined)
         return yield* adopt(connection, init.right, reject)
       })
 
     /**
      * Adopts a channel whose init packet arrived: once the channel set exists (QEMU connects its channels
-     * while the main stream has not yet announced the RAM blocks: no deadline here, the main stream's watch
-     * and `acceptTimeout` bound the wait), into it; a channel of another VM or of no multifd stream at all
+     * while the main stream has not yet announced the RAM blocks: no deadline here; `orphaned` bounds the wait
+     * for the main channel, the main stream's watch the rest), into it; a channel of another VM or of no multifd stream at all
      * (uuid, magic, version) is turned away, any other bad init packet fails the migration.
      */
     const adopt = (connection: Transport.Connection, init: Buffer, reject: Acceptor.Reject) =>
@@ -119,10 +132,21 @@ export const start = (
             : reject(connection, "a multifd channel, but this destination expects QEMU without multifd (channels 0)")
           : reject(connection, `not a QEMU migration stream (first bytes ${first.toString("hex")})${tlsHint(first)}`)
     })
+    const orphaned = Effect.gen(function*() {
+      yield* Deferred.await(firstChannel)
+      yield* Effect.sleep(options.peer)
+      const n = yield* Ref.get(channelsProved)
+      return yield* MigrationError.timeout(
+        `waiting for QEMU's main channel (${n} multifd channel${n === 1 ? "" : "s"} connected without it: did QEMU ` +
+          "fail or was its main connection lost?)",
+        options.peer
+      )
+    })
     return {
       main: Deferred.await(main),
       rejected: acceptor.rejected,
       failure: acceptor.failure,
-      started: Ref.get(started)
+      started: Ref.get(started),
+      orphaned
     }
   })
