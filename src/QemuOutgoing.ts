@@ -230,23 +230,26 @@ export const migrate = <E = never>(options: Options<E>): Effect.Effect<Stats, Ou
       threads
     })
     // QEMU's verdict before the end: it gave up (SHUT 1), or says it is done with a migration not yet sent
-    const early = Effect.flatMap(returnPath.shut, (status) =>
-      Effect.fail(
-        new MigrationError.MigrationError(
-          status === 0
-            ? { reason: "Unexpected", detail: "QEMU said it loaded the VM (MIG_RP_MSG_SHUT 0) before it was all sent" }
-            : { reason: "Rejected", detail: `QEMU failed to load the migration (MIG_RP_MSG_SHUT ${status}): its log says why` }
-        )
-      ))
+    const verdictBeforeEnd = (status: number) =>
+      new MigrationError.MigrationError(
+        status === 0
+          ? { reason: "Unexpected", detail: "QEMU said it loaded the VM (MIG_RP_MSG_SHUT 0) before it was all sent" }
+          : { reason: "Rejected", detail: `QEMU failed to load the migration (MIG_RP_MSG_SHUT ${status}): its log says why` }
+      )
+    const early = Effect.flatMap(returnPath.shut, (status) => Effect.fail(verdictBeforeEnd(status)))
     // a connection QEMU closed: QEMU ends the main channel too, whose end says more (how far QEMU got); a
-    // QEMU that refused what came on a multifd channel (another multifd-compression) or a channel beyond its
-    // multifd-channels closes that channel only, and waits on the main one: the channel's end says it refused
+    // QEMU that failed to load what it took (another RAM size: its channels closed) says SHUT 1 first, which
+    // says it; a QEMU that refused what came on a multifd channel (another multifd-compression) or a channel
+    // beyond its multifd-channels closes that channel only, and waits on the main one: the channel's end says
+    // it refused
     const explained = (error: MultifdSend.ChannelFailure): Effect.Effect<never, OutgoingError> =>
       Effect.flatMap(Effect.either(Effect.timeout(returnPath.shut, "1 second")), (verdict) => {
         const why: OutgoingError = verdict._tag === "Left" && verdict.left._tag === "MigrationError"
           ? new MigrationError.MigrationError({ reason: verdict.left.reason, detail: `${verdict.left.detail}; ${error.message}` })
           : verdict._tag === "Left"
           ? closedByQemu(error) ?? error
+          : verdict.right !== 0
+          ? verdictBeforeEnd(verdict.right)
           : error
         return Effect.fail(why)
       })

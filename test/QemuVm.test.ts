@@ -6,8 +6,9 @@
  * source's. The same through QEMU's own mapped-ram file (QEMU writes it, we send it; we write it, QEMU loads it),
  * with compression none, zlib and zstd, over PSK TLS, on 1, 4 and 8 channels (each dimension covered, not the
  * cross product), with capability return-path on the source and with QEMU without multifd (`--channels 0`).
- * Failures — QEMU refuses (another machine; another multifd-compression or fewer multifd-channels, when it closes
- * channels and keeps the main one), QEMU killed on either side — end with one line and no file left.
+ * Failures — QEMU refuses (another machine; another RAM size, when it says SHUT 1; another multifd-compression or
+ * fewer multifd-channels, when it closes channels and keeps the main one), QEMU killed on either side — end with
+ * one line and no file left.
  *
  * Skipped, with the reason in the test name, when QEMU 10 is not installed (`.ci/install-qemu.sh` installs it).
  */
@@ -99,13 +100,19 @@ const counterMoves = (qmp: Qemu.Qmp) =>
 /** A fresh destination for the guest, its migration set up; its uri (the real port) and RAM file. */
 const destination = (
   settings: Omit<Qemu.IncomingSettings, "uri"> & { readonly uri?: string | undefined },
-  options: { readonly machine?: string | undefined; readonly extraArgs?: ReadonlyArray<string> | undefined } = {}
+  options: {
+    readonly machine?: string | undefined
+    readonly extraArgs?: ReadonlyArray<string> | undefined
+    /** Its RAM (default the guest's, SIZE). */
+    readonly size?: number | undefined
+  } = {}
 ) =>
   Effect.gen(function*() {
     const memPath = fresh("dst-ram.img")
+    const size = options.size ?? SIZE
     Fs.writeFileSync(memPath, "")
-    Fs.truncateSync(memPath, SIZE)
-    const dst = yield* Qemu.startGuestDestination(memPath, SIZE, BIOS, options)
+    Fs.truncateSync(memPath, size)
+    const dst = yield* Qemu.startGuestDestination(memPath, size, BIOS, options)
     const uri = yield* Qemu.incoming(dst.qmp, { ...settings, uri: settings.uri ?? "tcp:127.0.0.1:0" })
     return { ...dst, uri, memPath }
   })
@@ -404,6 +411,27 @@ describe.skipIf(missing !== undefined)(`QEMU ${"version" in qemu ? qemu.version 
       expect(sent.stderr).toHaveLength(1)
       expect(sent.stderr[0]).toMatch(/^multifd: error: QEMU ended the migration before it took the configuration: it refused it/)
       if (process.env["SHOW_ERRORS"]) console.log(sent.stderr[0])
+    }))), 90_000)
+
+  it.live("a destination of another RAM size (64 MiB, 16 MiB): QEMU says SHUT 1 and closes its channels; send --to-qemu fails with one line saying QEMU failed to load it, exit 1", () =>
+    expectNoLeaks(Effect.scoped(Effect.gen(function*() {
+      const src = yield* guest()
+      const ours = yield* incomingVm({ channels: 2 })
+      yield* migrateGuest(src, ours.uri, { channels: 2, compression: "none" })
+      const vm = (yield* Fiber.join(ours.fiber)).vm!
+      const vmFile = fresh("pc.vm")
+      yield* MappedRam.write(vmFile, vm)
+      for (const size of [64 * MIB, 16 * MIB]) {
+        // the library with the VM in memory (its channels at once), and the command line (pages read from the file)
+        const dst = yield* destination({ channels: 2 }, { size })
+        const error = failureOf(yield* Effect.exit(silent(QemuOutgoing.migrate({ address: address(dst.uri), vm, channels: 2 })).pipe(Effect.provide(Transport.layer))))
+        // not 'multifd channel 1: tcp:...: connection is closed', as if the network had failed
+        expect(error.message).toBe("QEMU failed to load the migration (MIG_RP_MSG_SHUT 1): its log says why")
+        expect(dst.stderr()).toContain("Size mismatch")
+        const again = yield* destination({ channels: 2 }, { size })
+        const sent = yield* cli(["send", again.uri, "--to-qemu", "--vm", vmFile, "--channels", "2", "--quiet"])
+        expect(sent).toMatchObject({ code: 1, stderr: ["multifd: error: QEMU failed to load the migration (MIG_RP_MSG_SHUT 1): its log says why"] })
+      }
     }))), 90_000)
 
   it.live("a destination of another multifd-compression, or fewer multifd-channels: QEMU closes channels and keeps the main one; one line saying QEMU refused it", () =>
