@@ -434,6 +434,19 @@ describe.skipIf(missing !== undefined)(`QEMU ${"version" in qemu ? qemu.version 
       }
     }))), 90_000)
 
+  it.live("send --to-qemu --tls-psk into a QEMU without tls-creds (it resets the connection): one line asking whether it uses TLS, exit 1", () =>
+    expectNoLeaks(Effect.scoped(Effect.gen(function*() {
+      const vmFile = yield* receivedVmFile("pc.vm")
+      const dst = yield* destination({ channels: 2 })
+      const sent = yield* cli(["send", dst.uri, "--to-qemu", "--vm", vmFile, "--channels", "2", "--tls-psk", fixtureTls("keys.psk"), "--quiet"])
+      expect(sent.code).toBe(1)
+      expect(sent.stderr).toHaveLength(1)
+      // not just 'failed: read ECONNRESET'
+      expect(sent.stderr[0]).toMatch(
+        /^multifd: error: main channel: TLS handshake with tcp:127\.0\.0\.1:\d+ failed: read ECONNRESET \(the peer reset the connection in the TLS handshake: does it use TLS, with PSK or x509 as this side does\?\)$/
+      )
+    }))), 90_000)
+
   it.live("a destination of another multifd-compression, or fewer multifd-channels: QEMU closes channels and keeps the main one; one line saying QEMU refused it", () =>
     expectNoLeaks(Effect.scoped(Effect.gen(function*() {
       const vmFile = yield* receivedVmFile("pc.vm")

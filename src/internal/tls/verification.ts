@@ -49,7 +49,7 @@ export const describe = (error: unknown): string => {
 
 /**
  * Adds what an alert most likely means when keys or certificates do not match, or when the peer does not
- * speak TLS (or not the same kind: PSK against x509).
+ * speak TLS (or not the same kind: PSK against x509), or hung up or reset the connection in the handshake.
  */
 export const hint = (credentials: Credentials, text: string): string =>
   credentials._tag === "Psk" && /illegal parameter|binder|decrypt|bad record mac/.test(text)
@@ -60,6 +60,9 @@ export const hint = (credentials: Credentials, text: string): string =>
     ? `${text} (the peer does not speak TLS: does it use the TLS options too?)`
     : /socket disconnected before secure TLS connection/.test(text)
     ? `${text} (the peer closed the connection in the TLS handshake: does it use TLS, with PSK or x509 as this side does?)`
+    // (a peer that closes with this side's hello unread resets the connection: QEMU without tls-creds does)
+    : /ECONNRESET/.test(text)
+    ? `${text} (the peer reset the connection in the TLS handshake: does it use TLS, with PSK or x509 as this side does?)`
     : /no suitable signature algorithm|no shared cipher|handshake failure/.test(text)
     ? `${text} (do both sides use the same kind of credentials, PSK or x509, and cipher suites in common (ciphers)?${
       /no shared cipher/.test(text) ? "" : " does the peer admit this side?"
