@@ -237,11 +237,12 @@ export const migrate = <E = never>(options: Options<E>): Effect.Effect<Stats, Ou
           : { reason: "Rejected", detail: `QEMU failed to load the migration (MIG_RP_MSG_SHUT ${status}): its log says why` }
       )
     const early = Effect.flatMap(returnPath.shut, (status) => Effect.fail(verdictBeforeEnd(status)))
-    // a connection QEMU closed: QEMU ends the main channel too, whose end says more (how far QEMU got); a
-    // QEMU that failed to load what it took (another RAM size: its channels closed) says SHUT 1 first, which
-    // says it; a QEMU that refused what came on a multifd channel (another multifd-compression) or a channel
-    // beyond its multifd-channels closes that channel only, and waits on the main one: the channel's end says
-    // it refused
+    // a connection QEMU closed: QEMU ends the main channel too, whose end says more (how far QEMU got); a QEMU
+    // that failed to load what it took (another RAM size: its channels closed) says SHUT 1 first, which says it;
+    // a QEMU that refused what came on a multifd channel (another multifd-compression) or a channel beyond its
+    // multifd-channels closes that channel only, and waits on the main one, and a QEMU without capability
+    // multifd takes the main channel and closes every other ("Extra incoming migration connection"): the
+    // channel's end says it refused
     const explained = (error: MultifdSend.ChannelFailure): Effect.Effect<never, OutgoingError> =>
       Effect.flatMap(Effect.either(Effect.timeout(returnPath.shut, "1 second")), (verdict) => {
         const why: OutgoingError = verdict._tag === "Left" && verdict.left._tag === "MigrationError"
@@ -259,8 +260,8 @@ export const migrate = <E = never>(options: Options<E>): Effect.Effect<Stats, Ou
       if (cause._tag !== "TransportError" || !["Closed", "Reset", "Write"].includes(cause.reason ?? "")) return undefined
       return new MigrationError.MigrationError({
         reason: "Rejected",
-        detail: `QEMU closed multifd channel ${error.channel} ${whyClosed} (${error.cause.message}): it refused it (another ` +
-          "multifd-compression, more channels than its multifd-channels, TLS? its log says) or it stopped"
+        detail: `QEMU closed multifd channel ${error.channel} ${whyClosed} (${error.cause.message}): it refused it (capability ` +
+          "multifd off, another multifd-compression, more channels than its multifd-channels, TLS? its log says) or it stopped"
       })
     }
     // (a wait on the channels fails with their failure as `send.failure` does: explained the same way)

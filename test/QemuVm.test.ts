@@ -447,6 +447,17 @@ describe.skipIf(missing !== undefined)(`QEMU ${"version" in qemu ? qemu.version 
       )
     }))), 90_000)
 
+  it.live("a destination without capability multifd (it takes the main channel, and ignores and closes the others): one line naming capability multifd, exit 1", () =>
+    expectNoLeaks(Effect.scoped(Effect.gen(function*() {
+      const vmFile = yield* receivedVmFile("pc.vm")
+      const dst = yield* destination({ channels: 0 })
+      const sent = yield* cli(["send", dst.uri, "--to-qemu", "--vm", vmFile, "--channels", "2", "--quiet"])
+      expect(sent.code).toBe(1)
+      expect(sent.stderr).toHaveLength(1)
+      expect(sent.stderr[0]).toMatch(/^multifd: error: QEMU closed multifd channel \d+ .*: it refused it \(capability multifd off, /)
+      expect(dst.stderr()).toContain("Extra incoming migration connection")
+    }))), 90_000)
+
   it.live("a destination of another multifd-compression, or fewer multifd-channels: QEMU closes channels and keeps the main one; one line saying QEMU refused it", () =>
     expectNoLeaks(Effect.scoped(Effect.gen(function*() {
       const vmFile = yield* receivedVmFile("pc.vm")
@@ -460,7 +471,7 @@ describe.skipIf(missing !== undefined)(`QEMU ${"version" in qemu ? qemu.version 
         expect(sent.code).toBe(1)
         expect(sent.stderr).toHaveLength(1)
         expect(sent.stderr[0]).toMatch(
-          /^multifd: error: QEMU closed multifd channel \d+ (before it took the configuration|while it took the RAM blocks|while it received the RAM) \(tcp:127\.0\.0\.1:\d+: [^)]+\): it refused it \(another multifd-compression, more channels than its multifd-channels, TLS\? its log says\) or it stopped$/
+          /^multifd: error: QEMU closed multifd channel \d+ (before it took the configuration|while it took the RAM blocks|while it received the RAM) \(tcp:127\.0\.0\.1:\d+: [^)]+\): it refused it \(capability multifd off, another multifd-compression, more channels than its multifd-channels, TLS\? its log says\) or it stopped$/
         )
         if (process.env["SHOW_ERRORS"]) console.log(sent.stderr[0])
       }
