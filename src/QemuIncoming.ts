@@ -12,9 +12,10 @@
  * everything; this side fails (and QEMU never learns) when anything is wrong. With a return path (capability
  * return-path, which libvirt turns on) this side answers as QEMU's own destination answers a precopy
  * migration: SWITCHOVER_ACK when it opens, a PONG for each PING, and once the main stream has ended — every
- * page arrived, the device state complete — `MIG_RP_MSG_SHUT` 0 (1 when it fails), which QEMU waits for
- * before it reports `completed` and closes its channels. (Such a stream's end is known by its description
- * after the EOF marker, which every x86 machine type sends; a machine that suppresses it would time out.)
+ * page arrived, the device state complete, what arrived made durable (`persist`) — `MIG_RP_MSG_SHUT` 0 (1 when
+ * it fails), which QEMU waits for before it reports `completed` and closes its channels. (Such a stream's end
+ * is known by its description after the EOF marker, which every x86 machine type sends; a machine that
+ * suppresses it would time out.)
  *
  * With `vm: true` the rest of the main stream is kept too (`Incoming.vm`): the configuration, the commands
  * and the device state, verbatim — the whole VM, which `MappedRam.write` stores and `QemuOutgoing` resumes.
@@ -68,7 +69,7 @@ import * as Transport from "./Transport.js"
  * @since 0.1.0
  * @category models
  */
-export interface Options {
+export interface Options<E = never> {
   /** QEMU's `multifd-channels` (1–255), or 0 for QEMU without capability multifd (pages on the main stream). */
   readonly channels: number
   /** QEMU's `multifd-compression` (default `none`); QEMU does not announce it. */
@@ -121,6 +122,18 @@ export interface Options {
   readonly onProgress?: ((progress: Transfer.Progress) => Effect.Effect<void>) | undefined
   /** Keep the whole VM (`Incoming.vm`): the configuration, commands and device state besides the RAM. */
   readonly vm?: boolean | undefined
+  /**
+   * Makes what arrived durable (writes it where the user asked) before QEMU is told, on its return path, that
+   * this destination has the VM (`MIG_RP_MSG_SHUT` 0, what QEMU's own destination says once it loaded it, and
+   * the word a QEMU source with capability return-path completes on, after which libvirt discards the
+   * source's VM): runs once every page arrived and the device state is complete (the VM given with `vm: true`),
+   * and its failure fails the migration, QEMU told it failed (SHUT 1), so that it keeps the VM. Without a
+   * return path (QEMU reported completed already), it runs once QEMU closed its channels and every connection
+   * is closed.
+   */
+  readonly persist?:
+    | ((received: { readonly ram: GuestRam.GuestRam["Type"]; readonly vm: QemuVm.QemuVm | undefined }) => Effect.Effect<void, E>)
+    | undefined
 }
 
 /**
@@ -208,7 +221,7 @@ const complete = (
     readonly channels: number
     readonly compression: Protocol.Compression
     readonly peer: Duration.DurationInput
-    readonly vm: boolean
+    readonly vm: QemuVm.QemuVm | undefined
   }
 ): Effect.Effect<Incoming, MultifdRecv.ChannelFailure | MigrationError.MigrationError> =>
   Effect.gen(function*() {
@@ -229,7 +242,7 @@ const complete = (
     const ramBytes = summary.blocks.reduce((n, b) => n + b.size, 0)
     return {
       ram,
-      vm: settings.vm ? QemuVm.fromSummary(summary, ram) : undefined,
+      vm: settings.vm,
       rejected: yield* candidates.rejected,
       stats: {
         uuid: uuid === undefined ? "" : Protocol.formatUuid(uuid),
@@ -276,10 +289,10 @@ const complete = (
  * @since 0.1.0
  * @category receiving
  */
-export const incoming = (
+export const incoming = <E = never>(
   listener: Transport.Listener,
-  options: Options
-): Effect.Effect<Incoming, IncomingError> =>
+  options: Options<E>
+): Effect.Effect<Incoming, IncomingError | E> =>
   Effect.scoped(Effect.gen(function*() {
     const timeouts = Transfer.resolveTimeouts(options.timeouts)
     const channels = options.channels
@@ -334,18 +347,27 @@ export const incoming = (
         keepDeviceState: options.vm === true,
         returnPath
       })
-      // every page arrived (the last flush synced every channel) and the device state is complete: QEMU,
-      // if it waits on its return path, may now report completed and close its channels
-      yield* answer(0)
+      // every page arrived (the last flush synced every channel) and the device state is complete
+      const vm = options.vm === true ? QemuVm.fromSummary(main.summary, main.ram) : undefined
+      const persist = options.persist === undefined ? Effect.void : options.persist({ ram: main.ram, vm })
       const recv = channels === 0 ? undefined : yield* Deferred.await(channelSet)
-      return yield* complete(recv, main, candidates, { channels, compression, peer: timeouts.peer, vm: options.vm === true })
+      const completed = complete(recv, main, candidates, { channels, compression, peer: timeouts.peer, vm })
+      if (!(yield* Ref.get(returnPath))) return { received: yield* completed, persist }
+      // QEMU waits for the SHUT, then reports completed and closes its channels: what arrived is where the user
+      // wants it first
+      yield* persist
+      yield* answer(0)
+      return { received: yield* completed, persist: Effect.void }
     })
 
     // a failure is said on the return path too, as QEMU's destination says it (best effort: QEMU may be gone)
     return yield* Effect.raceFirst(run, failures).pipe(
       Effect.tapError(() => Effect.ignore(answer(1).pipe(Effect.timeout(timeouts.handshake))))
     )
-  }))
+  })).pipe(
+    // without a return path QEMU reported completed already: the output is made once every connection is closed
+    Effect.flatMap(({ persist, received }) => Effect.as(persist, received))
+  )
 
 /**
  * Listens at `address` and receives one QEMU migration there (`Transport.listen` + `incoming`).
@@ -353,10 +375,10 @@ export const incoming = (
  * @since 0.1.0
  * @category receiving
  */
-export const listenAndReceive = (
+export const listenAndReceive = <E = never>(
   address: Transport.Address,
-  options: Options & { readonly onListening?: ((address: Transport.Address) => Effect.Effect<void>) | undefined }
-): Effect.Effect<Incoming, IncomingError | Transport.TransportError, Transport.Transport> =>
+  options: Options<E> & { readonly onListening?: ((address: Transport.Address) => Effect.Effect<void>) | undefined }
+): Effect.Effect<Incoming, IncomingError | Transport.TransportError | E, Transport.Transport> =>
   Effect.scoped(Effect.gen(function*() {
     const transport = yield* Transport.Transport
     const listener = yield* transport.listen(address)

@@ -1388,6 +1388,36 @@ describe("QemuIncoming: a source with a return path (capability return-path), an
       expect((yield* noHang(main.read(20), "the answers")).toString("hex")).toBe("00070000" + "0002000400000001" + "0001000400000001")
     }))))
 
+  it.live("persist runs before SHUT 0, on the complete memory; its failure says SHUT 1 and fails the migration with it", () =>
+    expectNoLeaks(Effect.scoped(Effect.gen(function*() {
+      for (const fails of [false, true]) {
+        const listener = yield* Transport.listen({ _tag: "Tcp", host: "127.0.0.1", port: 0 })
+        const main = yield* Transport.connect(listener.address)
+        const seen: Array<string> = []
+        const fiber = yield* Effect.forkScoped(QemuIncoming.incoming(listener, {
+          channels: 2,
+          timeouts: PEER,
+          vm: true,
+          persist: ({ ram, vm }) =>
+            Effect.gen(function*() {
+              sameAsImage(ram)
+              expect(vm?.ram).toBe(ram)
+              // nothing but SWITCHOVER_ACK and the PONG has been said yet
+              const said = yield* main.read(12)
+              seen.push(said.toString("hex"))
+              if (fails) return yield* Effect.fail(new Error("disk full"))
+            })
+        }).pipe(Effect.provide(Logger.remove(Logger.defaultLogger))))
+        yield* main.write([withReturnPath(7)])
+        yield* Effect.forkScoped(Effect.forEach(CHANNEL_STREAMS, (bytes) => Effect.either(send(listener.address, bytes)), { concurrency: "unbounded" }))
+        const exit = yield* noHang(Fiber.await(fiber), "the destination")
+        expect(seen).toEqual(["00070000" + "0002000400000007"])
+        expect((yield* noHang(main.read(8), "the SHUT")).toString("hex")).toBe(fails ? "0001000400000001" : "0001000400000000")
+        if (fails) expect(failureOf(exit)).toEqual(new Error("disk full"))
+        else expect(Exit.isSuccess(exit)).toBe(true)
+      }
+    }))))
+
   it.effect("without a handler that opens it, the reader still refuses the return path, naming it", () =>
     Effect.gen(function*() {
       const error = yield* parseError(withReturnPath(1))

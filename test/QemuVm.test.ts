@@ -21,6 +21,7 @@ import * as Fiber from "effect/Fiber"
 import * as Layer from "effect/Layer"
 import * as Logger from "effect/Logger"
 import * as Ref from "effect/Ref"
+import * as ChildProcess from "node:child_process"
 import * as Crypto from "node:crypto"
 import * as Fs from "node:fs"
 import * as Os from "node:os"
@@ -35,6 +36,7 @@ import * as Transport from "../src/Transport.js"
 import { expectOneLine, failureOf } from "./support/failures.js"
 import * as Guest from "./support/guest.js"
 import { noHang } from "./support/guards.js"
+import { mountTmpfs } from "./support/files.js"
 import { expectNoLeaks } from "./support/handles.js"
 import * as Qemu from "./support/qemu.js"
 
@@ -505,6 +507,33 @@ describe.skipIf(missing !== undefined)(`QEMU ${"version" in qemu ? qemu.version 
       expect(error.message).toMatch(/QEMU ended the migration|connection reset|closed/)
       if (process.env["SHOW_ERRORS"]) console.log(`killed destination: ${error.message}`)
     }))), 90_000)
+
+  // QEMU's own destination says SHUT 0 once it has the VM (loaded, started): recv's once the output is written
+  it.live("recv --vm on a file system too small for the VM, return-path on the source: QEMU is told it failed (SHUT 1), not completed; one line, exit 1, no file left", (ctx) =>
+    Effect.gen(function*() {
+      const small = fresh("small-fs")
+      const why = mountTmpfs(small, "4m")
+      if (why !== undefined) return ctx.skip(`cannot mount a 4 MiB tmpfs here (needs root): ${why}`)
+      try {
+        yield* expectNoLeaks(Effect.scoped(Effect.gen(function*() {
+          const vmFile = Path.join(small, "guest.vm")
+          const src = yield* guest()
+          const recv = yield* recvCli(["--channels", "2", "--vm", vmFile, "--quiet"])
+          yield* Qemu.migrate(src.qmp, { uri: recv.uri, channels: 2, compression: "none", extraCapabilities: ["return-path"] })
+          const result = yield* noHang(Fiber.join(recv.fiber), "recv --vm on a full file system", 30)
+          expect(result.code).toBe(1)
+          expect(result.stderr).toHaveLength(1)
+          expect(result.stderr[0]).toMatch(/^multifd: error: .*guest\.vm/)
+          expect(yield* Qemu.waitDone(src.qmp, "30 seconds")).toBe("failed")
+          // the source keeps the guest (paused, as QEMU leaves a failed migration's source): it can go on
+          expect(yield* Qemu.runState(src.qmp)).not.toBe("postmigrate")
+          expect(Fs.readdirSync(small)).toEqual([])
+          if (process.env["SHOW_ERRORS"]) console.log(`full file system: ${result.stderr[0]}`)
+        })))
+      } finally {
+        ChildProcess.execFileSync("umount", [small])
+      }
+    }), 90_000)
 
   it.live("the source QEMU killed while recv --vm receives: one line, exit 1, no file left", () =>
     expectNoLeaks(Effect.scoped(Effect.gen(function*() {

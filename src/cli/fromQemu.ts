@@ -6,7 +6,9 @@
  * state — as a QEMU 10 mapped-ram migration file (`--vm`, `MappedRam.write`), which QEMU resumes from and
  * `send --to-qemu` migrates into QEMU. With a `file:PATH` uri it reads a file QEMU's `migrate file:` wrote
  * (mapped-ram, or a plain stream) instead of listening. Nothing is written unless the migration completed; each
- * file goes through a temporary file renamed into place.
+ * file goes through a temporary file renamed into place. A QEMU with capability return-path is told that the
+ * migration succeeded only once the output is written (`QemuIncoming.Options.persist`): a write that fails
+ * (a full disk) fails QEMU's migration too, and its source keeps the VM.
  *
  * QEMU announces neither its channel count nor its compression, so `--channels` and `--compression` are what
  * QEMU was told (`migrate-set-parameters multifd-channels / multifd-compression`).
@@ -23,6 +25,7 @@ import type * as Scope from "effect/Scope"
 import * as FsSync from "node:fs"
 import * as Fs from "node:fs/promises"
 import * as Path from "node:path"
+import type * as GuestRam from "../GuestRam.js"
 import * as FileIo from "../internal/native/fileIo.js"
 import * as MappedRam from "../MappedRam.js"
 import * as Protocol from "../Protocol.js"
@@ -257,11 +260,41 @@ export const run = (args: Args) =>
     }
     const terminal = yield* Terminal.Terminal
     const timeout = args.timing.timeout
+    const output = single !== undefined ? single.path : args.vm !== undefined ? args.vm : args.outDir!
+    /** Writes what arrived where the user asked (for QEMU: before it is told that this side has the VM). */
+    const persist = (ram: GuestRam.GuestRam["Type"], vm: QemuVm.QemuVm | undefined) =>
+      Effect.gen(function*() {
+        if (single !== undefined) return yield* single.commit(ram.blocks.map((block) => block.bytes))
+        if (args.vm !== undefined) return yield* Effect.asVoid(MappedRam.write(args.vm, vm!))
+        // every block written and flushed first, then all renamed at once: never a directory of this migration's
+        // blocks beside another's (an interruption or a full disk at one block leaves the older files as they were)
+        const dir = args.outDir!
+        // a block's file may be the very file read (file:DIR/pc.ram.img --out-dir DIR): it would replace QEMU's
+        const paths = ram.blocks.map((block) => Path.join(dir, QemuIncoming.blockFileName(block.name)))
+        const input = uri._tag === "File" ? uri.path : undefined
+        const clash = input === undefined ? undefined : paths.find((path) => Image.sameFile(input, path))
+        if (clash !== undefined) {
+          return yield* new UsageError({
+            detail: `file:${input} and --out-dir ${dir}: a block's file ${clash} is the same file: the output would replace QEMU's`
+          })
+        }
+        yield* Effect.scoped(Effect.gen(function*() {
+          const files: Array<Image.Output> = []
+          for (const [i, path] of paths.entries()) {
+            const file = yield* Image.create(path)
+            yield* file.write([ram.blocks[i]!.bytes])
+            files.push(file)
+          }
+          yield* Effect.uninterruptible(Effect.forEach(files, (file) => file.publish, { discard: true }))
+        }))
+        yield* warnOtherBlocks(dir, paths)
+      })
     const received: Received = uri._tag === "File"
       ? yield* Effect.gen(function*() {
         const start = yield* Clock.currentTimeMillis
         const read = yield* MappedRam.read(uri.path, { pageSize: args.pageSize })
         const stats = fileStats(read, (yield* Clock.currentTimeMillis) - start)
+        yield* persist(read.vm.ram, read.vm)
         return { incoming: { ram: read.vm.ram, vm: read.vm, stats, rejected: [] }, vm: read.vm }
       })
       : yield* Effect.scoped(Effect.gen(function*() {
@@ -287,41 +320,13 @@ export const run = (args: Args) =>
               ? Image.beyondFileSizeLimit(args.outDir, Math.max(...blocks.map((b) => b.size)), "a block's file") ??
                 Image.wontFit(args.outDir, args.outDir, bytes)
               : undefined
-          }
+          },
+          // written before QEMU is told that this side has the VM: a full disk then fails QEMU's migration too
+          persist: ({ ram, vm }) => persist(ram, vm)
         })
         return { incoming, vm: incoming.vm }
       })).pipe(Effect.provide(Transport.layer))
     const { ram, stats } = received.incoming
-    let output: string
-    if (single !== undefined) {
-      yield* single.commit(ram.blocks.map((block) => block.bytes))
-      output = single.path
-    } else if (args.vm !== undefined) {
-      yield* MappedRam.write(args.vm, received.vm!)
-      output = args.vm
-    } else {
-      // every block written and flushed first, then all renamed at once: never a directory of this migration's
-      // blocks beside another's (an interruption or a full disk at one block leaves the older files as they were)
-      const dir = args.outDir!
-      // a block's file may be the very file read (file:DIR/pc.ram.img --out-dir DIR): it would replace QEMU's
-      const paths = ram.blocks.map((block) => Path.join(dir, QemuIncoming.blockFileName(block.name)))
-      const input = uri._tag === "File" ? uri.path : undefined
-      const clash = input === undefined ? undefined : paths.find((path) => Image.sameFile(input, path))
-      if (clash !== undefined) {
-        return yield* new UsageError({
-          detail: `file:${input} and --out-dir ${dir}: a block's file ${clash} is the same file: the output would replace QEMU's`
-        })
-      }
-      const files: Array<Image.Output> = []
-      for (const [i, path] of paths.entries()) {
-        const file = yield* Image.create(path)
-        yield* file.write([ram.blocks[i]!.bytes])
-        files.push(file)
-      }
-      yield* Effect.uninterruptible(Effect.forEach(files, (file) => file.publish, { discard: true }))
-      yield* warnOtherBlocks(dir, paths)
-      output = dir
-    }
     yield* Report.print(
       {
         role: "recv",
