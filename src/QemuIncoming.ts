@@ -87,7 +87,7 @@ export interface Options<E = never> {
    * the blocks will not fit where they are to be written.
    */
   readonly admit?: ((blocks: ReadonlyArray<QemuStream.RamBlock>) => string | undefined) | undefined
-  /** Target page size when the stream does not say (default 4096, as x86). */
+  /** Target page size when the stream does not say (default 4096, as x86): a power of two, 512 B to 512 KiB. */
   readonly pageSize?: number | undefined
   /**
    * The uuid the multifd channels must carry (QEMU's `-uuid`, zeros by default). Without it the first
@@ -304,7 +304,8 @@ export const incoming = <E = never>(
     // out of descriptors, QEMU's channels would be dropped without a word (QEMU is told nothing either way)
     const tooFew = channels === 0 ? undefined : OpenFiles.tooFewFor(channels, "destination")
     const problem = tooFew ?? Transfer.checkTimeouts(options.timeouts) ?? Transfer.checkMaxRam(options.maxRamBytes) ??
-      Transfer.checkAcceptTimeout(options.acceptTimeout)
+      Transfer.checkAcceptTimeout(options.acceptTimeout) ??
+      (options.pageSize === undefined ? undefined : Protocol.checkPageSize(options.pageSize, "pageSize"))
     if (problem !== undefined) return yield* new MigrationError.MigrationError({ reason: "BadOptions", detail: problem })
     yield* Acceptor.claim(listener)
     const channelSet = yield* Deferred.make<MultifdRecv.MultifdRecv["Type"]>()

@@ -286,6 +286,22 @@ describe("durations, rounds and policies are checked before anything connects", 
       expect(error.message).toBe("acceptTimeout must be more than 0, not 0")
     })))
 
+  // a page size no QEMU has was taken, and the first QEMU to connect was blamed for it: 'QEMU main channel: unknown
+  // RAM record RAM_SAVE_FLAG_MEM_SIZE|unknown bits 0x400000' (0, -1, 2^40, 1.5), '... is not a positive multiple
+  // of the page size 3000' (3000)
+  for (const pageSize of [0, -1, 3000, 1.5, 2 ** 40]) {
+    it.live(`QemuIncoming.incoming { pageSize: ${pageSize} } and MappedRam.read: BadOptions / Unsupported before anything connects or is read`, () =>
+      leakFree(Effect.gen(function*() {
+        const listener = yield* Transport.listen(tcp0)
+        const error = yield* noHang(Effect.flip(QemuIncoming.incoming(listener, { channels: 2, pageSize })), "QEMU incoming", 5)
+        expect((error as MigrationError.MigrationError).reason).toBe("BadOptions")
+        expect(error.message).toBe(`pageSize must be a power of two between 512 and 524288, not ${pageSize}`)
+        const read = yield* Effect.flip(MappedRam.read("/nonexistent/vm.file", { pageSize }))
+        expect(read).toMatchObject({ reason: "Unsupported" })
+        expect(read.message).toContain(`pageSize must be a power of two between 512 and 524288, not ${pageSize}`)
+      })))
+  }
+
   it.live("the accepted forms still pass: numbers of milliseconds, Durations, strings, Infinity", () =>
     Effect.sync(() => {
       expect(Transfer.checkTimeouts({ connect: 1, handshake: Duration.seconds(1), peer: "1 minute" })).toBeUndefined()

@@ -21,6 +21,7 @@ import * as Data from "effect/Data"
 import * as Effect from "effect/Effect"
 import type * as Scope from "effect/Scope"
 import * as GuestRam from "../../GuestRam.js"
+import * as Protocol from "../../Protocol.js"
 import * as QemuStream from "../../QemuStream.js"
 import * as QemuVm from "../../QemuVm.js"
 import * as Transfer from "../../Transfer.js"
@@ -276,7 +277,8 @@ export const open = (
   options: { readonly maxRamBytes: number; readonly pageSize?: number | undefined }
 ): Effect.Effect<Opened, MappedRamError, Scope.Scope> =>
   Effect.gen(function*() {
-    const badLimit = Transfer.checkMaxRam(options.maxRamBytes)
+    const badLimit = Transfer.checkMaxRam(options.maxRamBytes) ??
+      (options.pageSize === undefined ? undefined : Protocol.checkPageSize(options.pageSize, "pageSize"))
     if (badLimit !== undefined) return yield* new MappedRamError({ reason: "Unsupported", path, detail: badLimit })
     const failed = fileError(path, "read the file")
     const file = yield* Effect.mapError(FileIo.openForReading(path), failed)
