@@ -229,6 +229,28 @@ export const checkPageSize = (n: number, what = "page size"): string | undefined
   isPageSize(n) ? undefined : `${what} must be a power of two between ${MIN_PAGE_SIZE} and ${MAX_PAGE_SIZE}, not ${n}`
 
 /**
+ * Why `compression` is not a compression method, naming it `what`; `undefined` when it is one.
+ *
+ * @since 0.1.0
+ * @category limits
+ */
+export const checkCompression = (compression: unknown, what = "compression"): string | undefined =>
+  compressions.includes(compression as Compression)
+    ? undefined
+    : `${what} ${JSON.stringify(compression)} is not one of ${compressions.join(", ")}`
+
+/**
+ * Why `uuid` is not a migration's uuid (16 bytes, as QEMU's `-uuid`), naming it `what`; `undefined` when it is one.
+ *
+ * @since 0.1.0
+ * @category limits
+ */
+export const checkUuid = (uuid: unknown, what = "uuid"): string | undefined =>
+  uuid instanceof Uint8Array && uuid.length === 16
+    ? undefined
+    : `${what} must be 16 bytes (QEMU's -uuid), not ${uuid instanceof Uint8Array ? `${uuid.length} bytes` : typeof uuid}`
+
+/**
  * Accepted and default levels per compression method: QEMU's `multifd-zlib-level` and `multifd-zstd-level`.
  *
  * @since 0.1.0

@@ -305,7 +305,8 @@ export const incoming = <E = never>(
     const tooFew = channels === 0 ? undefined : OpenFiles.tooFewFor(channels, "destination")
     const problem = tooFew ?? Transfer.checkTimeouts(options.timeouts) ?? Transfer.checkMaxRam(options.maxRamBytes) ??
       Transfer.checkAcceptTimeout(options.acceptTimeout) ??
-      (options.pageSize === undefined ? undefined : Protocol.checkPageSize(options.pageSize, "pageSize"))
+      (options.pageSize === undefined ? undefined : Protocol.checkPageSize(options.pageSize, "pageSize")) ??
+      Protocol.checkCompression(compression) ?? (options.uuid === undefined ? undefined : Protocol.checkUuid(options.uuid))
     if (problem !== undefined) return yield* new MigrationError.MigrationError({ reason: "BadOptions", detail: problem })
     yield* Acceptor.claim(listener)
     const channelSet = yield* Deferred.make<MultifdRecv.MultifdRecv["Type"]>()

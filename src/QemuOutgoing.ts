@@ -134,6 +134,9 @@ const check = <E>(options: Options<E>): MigrationError.MigrationError | undefine
   if (options.address._tag === "File") return badOptions("QEMU listens on a tcp: or unix: address, not a file")
   const timeouts = Transfer.checkTimeouts(options.timeouts)
   if (timeouts !== undefined) return badOptions(timeouts)
+  const settings = (options.compression === undefined ? undefined : Protocol.checkCompression(options.compression)) ??
+    (options.uuid === undefined ? undefined : Protocol.checkUuid(options.uuid))
+  if (settings !== undefined) return badOptions(settings)
   const level = options.compressionLevel
   if (level !== undefined && options.compression !== undefined && options.compression !== "none") {
     const problem = Protocol.checkCompressionLevel(options.compression, level)

@@ -302,6 +302,23 @@ describe("durations, rounds and policies are checked before anything connects", 
       })))
   }
 
+  // a method that does not exist was taken, and QEMU's packets then failed 'bad payload: zstd: Unknown frame
+  // descriptor'; a uuid not of 16 bytes turned every channel of QEMU away ('bad uuid') until the peer timeout
+  const badQemuIncoming = [
+    [{ compression: "lz4" as never }, `compression "lz4" is not one of none, zlib, zstd`],
+    [{ uuid: new Uint8Array(8) }, "uuid must be 16 bytes (QEMU's -uuid), not 8 bytes"],
+    [{ uuid: "6c1bd8a6-4a6e-4c1f-9d36-1f0e3a2b5c7d" as never }, "uuid must be 16 bytes (QEMU's -uuid), not string"]
+  ] as const
+  for (const [options, message] of badQemuIncoming) {
+    it.live(`QemuIncoming.incoming ${JSON.stringify(options)}: BadOptions before it accepts`, () =>
+      leakFree(Effect.gen(function*() {
+        const listener = yield* Transport.listen(tcp0)
+        const error = yield* noHang(Effect.flip(QemuIncoming.incoming(listener, { channels: 2, ...options })), "QEMU incoming", 5)
+        expect((error as MigrationError.MigrationError).reason).toBe("BadOptions")
+        expect(error.message).toBe(message)
+      })))
+  }
+
   it.live("the accepted forms still pass: numbers of milliseconds, Durations, strings, Infinity", () =>
     Effect.sync(() => {
       expect(Transfer.checkTimeouts({ connect: 1, handshake: Duration.seconds(1), peer: "1 minute" })).toBeUndefined()

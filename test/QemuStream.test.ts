@@ -1832,6 +1832,8 @@ describe("QemuOutgoing: a VM into a QEMU destination (here QemuIncoming, which a
       expect((yield* migrate({ channels: 0 })).message).toContain("between 1 and 255")
       expect((yield* migrate({ address: { _tag: "File", path: "/x" } })).message).toContain("not a file")
       expect((yield* migrate({ vm: { ...vm, deviceState: vm.deviceState.subarray(0, 100) } })).message).toContain("cut short")
+      expect((yield* migrate({ compression: "lz4" as never })).message).toBe(`compression "lz4" is not one of none, zlib, zstd`)
+      expect((yield* migrate({ uuid: new Uint8Array(8) })).message).toBe("uuid must be 16 bytes (QEMU's -uuid), not 8 bytes")
     }))
 
   it.live("send --to-qemu under an open-files limit too low for its channels: exit 2 saying so, before it connects", () =>
