@@ -7,7 +7,8 @@
  * channels; with CRLs (our destination refuses QEMU's revoked client certificate, and admits alice by her whole DN
  * as QEMU's tls-authz writes it; a QEMU source ignores ca-crl.pem). A source with capability return-path is answered as QEMU's destination answers it (and QEMU
  * completes); a source without multifd sends every page on the main channel (`channels` 0). QEMU cancelled
- * (`migrate_cancel`) or killed mid-migration: we fail at once with one clear line and nothing is left open.
+ * (`migrate_cancel`) or killed mid-migration: we fail at once with one clear line and nothing is left open; its
+ * main channel lost on the way (its multifd channels came): we fail after the peer timeout, saying so.
  * Strangers connected before QEMU are turned away without disturbing it.
  *
  * Skipped, with the reason in the test name, when QEMU 10 is not installed (`.ci/install-qemu.sh` installs it).
@@ -24,6 +25,7 @@ import * as Option from "effect/Option"
 import type * as Scope from "effect/Scope"
 import * as Crypto from "node:crypto"
 import * as Fs from "node:fs"
+import * as Net from "node:net"
 import * as Os from "node:os"
 import * as Path from "node:path"
 import { afterAll } from "vitest"
@@ -37,6 +39,7 @@ import * as Transport from "../src/Transport.js"
 import { failureOf } from "./support/failures.js"
 import { expectNoLeaks } from "./support/handles.js"
 import * as Qemu from "./support/qemu.js"
+import { openSockets } from "./support/sockets.js"
 
 const PAGE = 4096
 const MIB = 1024 * 1024
@@ -392,6 +395,56 @@ describe.skipIf(missing !== undefined)(`QEMU ${"version" in qemu ? qemu.version 
       const { stats } = expectSame(exit, img)
       expect(stats).toMatchObject({ channels: 0, packets: 0, syncs: 0 })
       expect(stats.qemu.mainNormalPages + stats.qemu.mainZeroPages).toBe(SIZE / PAGE)
+    }))), 60_000)
+
+  /**
+   * A proxy in front of `target` that loses QEMU's main channel: a connection that begins with QEVM is taken and
+   * read to its end but never forwarded, every other one is forwarded both ways. Closed with the scope.
+   */
+  const losingMainChannel = (target: Transport.Address) =>
+    Effect.acquireRelease(
+      Effect.async<{ readonly uri: string; readonly close: () => Promise<void> }>((resume) => {
+        const { destroyAll, track } = openSockets()
+        const server = Net.createServer((client) => {
+          track(client)
+          client.once("readable", function onReadable() {
+            const head = client.read(4) as Buffer | null
+            if (head === null) return void client.once("readable", onReadable)
+            if (head.toString("latin1") === "QEVM") return void client.resume()
+            const upstream = Net.connect(target._tag === "Tcp" ? target.port : 0, "127.0.0.1")
+            track(upstream)
+            upstream.write(head)
+            client.pipe(upstream)
+            upstream.pipe(client)
+          })
+        })
+        server.listen(0, "127.0.0.1", () =>
+          resume(Effect.succeed({
+            uri: `tcp:127.0.0.1:${(server.address() as Net.AddressInfo).port}`,
+            close: () => new Promise<void>((done) => {
+              destroyAll()
+              server.close(() => done())
+            })
+          })))
+      }),
+      (proxy) => Effect.promise(proxy.close)
+    )
+
+  it.live("QEMU's main channel lost on the way (its channels came): we fail after the peer timeout naming the main channel, nothing left open", () =>
+    expectNoLeaks(Effect.scoped(Effect.gen(function*() {
+      const img = image("mostly-zero")
+      const dst = yield* destination({ channels: 2, timeouts: { peer: "2 seconds" } })
+      const proxy = yield* losingMainChannel(dst.address)
+      const src = yield* Qemu.startSource(img.path, img.bytes.length)
+      yield* Qemu.migrate(src.qmp, { uri: proxy.uri, channels: 2, compression: "none" })
+      // QEMU without a return path completes once it wrote everything (into the proxy)
+      expect(yield* Qemu.waitDone(src.qmp, "30 seconds")).toBe("completed")
+      const error = failureOf(yield* noHang(Fiber.await(dst.fiber), "our destination without a main channel", 20))
+      expect(error).toMatchObject({ reason: "Timeout" })
+      expect(error.message).toBe(
+        "timed out after 2s waiting for QEMU's main channel (2 multifd channels connected without it: did QEMU " +
+          "fail or was its main connection lost?)"
+      )
     }))), 60_000)
 
   const midMigration = (stop: "cancel" | "kill") =>
