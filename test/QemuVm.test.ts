@@ -514,25 +514,23 @@ describe.skipIf(missing !== undefined)(`QEMU ${"version" in qemu ? qemu.version 
       const small = fresh("small-fs")
       const why = mountTmpfs(small, "4m")
       if (why !== undefined) return ctx.skip(`cannot mount a 4 MiB tmpfs here (needs root): ${why}`)
-      try {
-        yield* expectNoLeaks(Effect.scoped(Effect.gen(function*() {
-          const vmFile = Path.join(small, "guest.vm")
-          const src = yield* guest()
-          const recv = yield* recvCli(["--channels", "2", "--vm", vmFile, "--quiet"])
-          yield* Qemu.migrate(src.qmp, { uri: recv.uri, channels: 2, compression: "none", extraCapabilities: ["return-path"] })
-          const result = yield* noHang(Fiber.join(recv.fiber), "recv --vm on a full file system", 30)
-          expect(result.code).toBe(1)
-          expect(result.stderr).toHaveLength(1)
-          expect(result.stderr[0]).toMatch(/^multifd: error: .*guest\.vm/)
-          expect(yield* Qemu.waitDone(src.qmp, "30 seconds")).toBe("failed")
-          // the source keeps the guest (paused, as QEMU leaves a failed migration's source): it can go on
-          expect(yield* Qemu.runState(src.qmp)).not.toBe("postmigrate")
-          expect(Fs.readdirSync(small)).toEqual([])
-          if (process.env["SHOW_ERRORS"]) console.log(`full file system: ${result.stderr[0]}`)
-        })))
-      } finally {
-        ChildProcess.execFileSync("umount", [small])
-      }
+      // unmounted however the test ends (a failed assertion included)
+      yield* expectNoLeaks(Effect.scoped(Effect.gen(function*() {
+        yield* Effect.addFinalizer(() => Effect.sync(() => ChildProcess.execFileSync("umount", [small])))
+        const vmFile = Path.join(small, "guest.vm")
+        const src = yield* guest()
+        const recv = yield* recvCli(["--channels", "2", "--vm", vmFile, "--quiet"])
+        yield* Qemu.migrate(src.qmp, { uri: recv.uri, channels: 2, compression: "none", extraCapabilities: ["return-path"] })
+        const result = yield* noHang(Fiber.join(recv.fiber), "recv --vm on a full file system", 30)
+        expect(result.code).toBe(1)
+        expect(result.stderr).toHaveLength(1)
+        expect(result.stderr[0]).toMatch(/^multifd: error: .*guest\.vm/)
+        expect(yield* Qemu.waitDone(src.qmp, "30 seconds")).toBe("failed")
+        // the source keeps the guest (QEMU resumes a failed migration's source): it can go on
+        expect(yield* Qemu.runState(src.qmp)).not.toBe("postmigrate")
+        expect(Fs.readdirSync(small)).toEqual([])
+        if (process.env["SHOW_ERRORS"]) console.log(`full file system: ${result.stderr[0]}`)
+      })))
     }), 90_000)
 
   it.live("the source QEMU killed while recv --vm receives: one line, exit 1, no file left", () =>
