@@ -1265,7 +1265,8 @@ describe("recv --from-qemu (src/cli/fromQemu.run, without option parsing)", () =
       const dir = Fs.mkdtempSync(Path.join(Os.tmpdir(), "emfd-fromqemu-small-"))
       const why = mountTmpfs(dir, "1m")
       if (why !== undefined) return ctx.skip(`cannot mount a 1 MiB tmpfs here (needs root): ${why}`)
-      try {
+      // unmounted however the test ends: a try/finally in Effect.gen is skipped when a yielded effect fails
+      yield* Effect.gen(function*() {
         const out = Path.join(dir, "ram.img")
         const refusedOut = yield* Effect.flip(runWith({ out }))
         expectOneLine(refusedOut)
@@ -1276,10 +1277,10 @@ describe("recv --from-qemu (src/cli/fromQemu.run, without option parsing)", () =
         expect(refusedDir.message).toContain(`refused the migration: ${blocks}: the image needs 4.00 MiB, and ${blocks} has 1.00 MiB free`)
         // nothing, not even the directory the command made for the blocks
         expect(Fs.readdirSync(dir)).toEqual([])
-      } finally {
+      }).pipe(Effect.ensuring(Effect.sync(() => {
         ChildProcess.execFileSync("umount", [dir])
         Fs.rmSync(dir, { recursive: true, force: true })
-      }
+      })))
     }))
 })
 
