@@ -84,6 +84,20 @@ export interface Encoder {
     pageSize: number,
     chunks: Array<Uint8Array>
   ) => Effect.Effect<number, CodecError>
+  /**
+   * `encode` done synchronously, for an encoder that never needs to let the event loop run during a packet
+   * (zstd up to level 3: a millisecond or two a packet): returns the payload's size, or the error. Absent when a
+   * packet may take long; a sender calls it rather than `encode` when present (no effect to run per packet).
+   */
+  readonly encodeNow?:
+    | ((
+      memory: Buffer,
+      offsets: Float64Array,
+      normal: number,
+      pageSize: number,
+      chunks: Array<Uint8Array>
+    ) => number | CodecError)
+    | undefined
 }
 
 /**
@@ -519,10 +533,27 @@ const zstdEncoder = (level: number): Effect.Effect<Encoder, CodecError, Scope.Sc
     // a piece at a time, with a yield point between pieces: the event loop runs at least every BUDGET_MS
     const piece = level <= ZSTD_WHOLE_LEVEL ? Number.POSITIVE_INFINITY : ZSTD_PIECE
     const step = Effect.try({ try: () => compressor.step(piece), catch: failed })
+    // up to ZSTD_WHOLE_LEVEL a packet is one call into libzstd: no yield point, nothing to run as an effect
+    const encodeNow = level <= ZSTD_WHOLE_LEVEL
+      ? (memory: Buffer, offsets: Float64Array, normal: number, pageSize: number, chunks: Array<Uint8Array>) => {
+        if (normal === 0) return 0
+        try {
+          return compressor.compress(memory, offsets, normal, pageSize, chunks)
+        } catch (error) {
+          return failed(error)
+        }
+      }
+      : undefined
     return {
       output: "reused",
+      encodeNow,
       encode: (memory, offsets, normal, pageSize, chunks) =>
-        normal === 0 ? Effect.succeed(0) : Effect.gen(function*() {
+        normal === 0 ? Effect.succeed(0) : encodeNow !== undefined
+        ? Effect.suspend(() => {
+          const result = encodeNow(memory, offsets, normal, pageSize, chunks)
+          return typeof result === "number" ? Effect.succeed(result) : Effect.fail(result)
+        })
+        : Effect.gen(function*() {
           yield* Effect.try({ try: () => compressor.begin(memory, offsets, normal, pageSize), catch: failed })
           while (!(yield* step)) yield* EventLoop.cooperate
           return compressor.finish(chunks)

@@ -343,36 +343,60 @@ export const serve = (
      * Appends one RAM packet of at most `slots` pages (zero pages as offsets only, with zeroPage multifd) to
      * `chunks`: its header, then the payload.
      */
-    const packet = (block: Memory, pages: Uint32Array, origin: number) =>
-      Effect.gen(function*() {
-        let normal = 0
-        let zero = 0
-        for (let i = 0; i < pages.length; i++) {
-          const offset = pages[i]! * pageSize
-          if (detectZeros && GuestRam.isZeroPage(block.bytes, offset, pageSize)) zeros[zero++] = offset
-          else offsets[normal++] = offset
-        }
-        for (let i = 0; i < zero; i++) offsets[normal + i] = zeros[i]!
-        // a header per packet: the connection may still hold the previous ones (writes do not copy)
-        const header = Buffer.allocUnsafe(headerSize)
-        chunks.push(header)
-        const payloadSize = yield* codec.encode(block.bytes, offsets, normal, pageSize, chunks)
-        // the data was read from the window; the header says where the pages are in the block
-        if (origin !== 0) for (let i = 0; i < normal + zero; i++) offsets[i] += origin
-        Protocol.writeHeader(header, pageSize, {
-          flags,
-          pagesAlloc: slots,
-          normalPages: normal,
-          zeroPages: zero,
-          nextPacketSize: payloadSize,
-          packetNum: Atomics.add(packetNum, 0, 1n),
-          block: block.name,
-          offsets
-        })
-        count(1, normal, zero, headerSize + payloadSize)
-        sent.position += headerSize + payloadSize
-        sent.packet(normal + zero)
+    // the packet being made: its normal and zero pages (`offsets` holds the normal ones, then the zero ones)
+    let normal = 0
+    let zero = 0
+    /** Sorts a packet's pages into normal and zero ones (`offsets`), and appends its header's buffer to `chunks`. */
+    const start = (block: Memory, pages: Uint32Array): Buffer => {
+      normal = 0
+      zero = 0
+      for (let i = 0; i < pages.length; i++) {
+        const offset = pages[i]! * pageSize
+        if (detectZeros && GuestRam.isZeroPage(block.bytes, offset, pageSize)) zeros[zero++] = offset
+        else offsets[normal++] = offset
+      }
+      for (let i = 0; i < zero; i++) offsets[normal + i] = zeros[i]!
+      // a header per packet: the connection may still hold the previous ones (writes do not copy)
+      const header = Buffer.allocUnsafe(headerSize)
+      chunks.push(header)
+      return header
+    }
+    /** Writes the header of the packet `start` began, once its payload (`payloadSize` bytes) is in `chunks`. */
+    const end = (block: Memory, origin: number, header: Buffer, payloadSize: number): void => {
+      // the data was read from the window; the header says where the pages are in the block
+      if (origin !== 0) for (let i = 0; i < normal + zero; i++) offsets[i] += origin
+      Protocol.writeHeader(header, pageSize, {
+        flags,
+        pagesAlloc: slots,
+        normalPages: normal,
+        zeroPages: zero,
+        nextPacketSize: payloadSize,
+        packetNum: Atomics.add(packetNum, 0, 1n),
+        block: block.name,
+        offsets
       })
+      count(1, normal, zero, headerSize + payloadSize)
+      sent.position += headerSize + payloadSize
+      sent.packet(normal + zero)
+    }
+    const encodeNow = codec.encodeNow
+    const packet = (block: Memory, pages: Uint32Array, origin: number): Effect.Effect<void, PageCodec.CodecError> => {
+      if (encodeNow !== undefined) {
+        // a codec that encodes synchronously: the whole packet in one step
+        const header = start(block, pages)
+        const payloadSize = encodeNow(block.bytes, offsets, normal, pageSize, chunks)
+        if (typeof payloadSize !== "number") return Effect.fail(payloadSize)
+        end(block, origin, header, payloadSize)
+        return Effect.void
+      }
+      return Effect.suspend(() => {
+        const header = start(block, pages)
+        return Effect.map(
+          codec.encode(block.bytes, offsets, normal, pageSize, chunks),
+          (payloadSize) => end(block, origin, header, payloadSize)
+        )
+      })
+    }
     /**
      * The packets of one hand-off: views of guest memory are written together (one vectored write);
      * compressed packets one by one as they are made (their buffers cost memory), and a codec that reuses
