@@ -332,6 +332,20 @@ export const make = (
       return awaitDrain(resume)
     })
 
+  /** Completes once every write issued so far called back, or fails with the stream's error. */
+  const writesCalledBack = Effect.async<void, TransportError>((resume) => {
+    // write callbacks run in order: once the last write issued so far called back, everything before did
+    const target = writesIssued
+    const settle = () => {
+      if (writesDone < target) return
+      writeWaiters.delete(settle)
+      resume(streamError ? Effect.fail(closedError(peer, streamError)) : Effect.void)
+    }
+    if (writesDone >= target) return settle()
+    writeWaiters.add(settle)
+    return Effect.sync(() => writeWaiters.delete(settle))
+  })
+
   return {
     peer,
     stream,
@@ -342,18 +356,11 @@ export const make = (
       }
       return writeNow(chunks)
     },
-    drained: Effect.async<void, TransportError>((resume) => {
-      // write callbacks run in order: once the last write issued so far called back, everything before did
-      const target = writesIssued
-      const settle = () => {
-        if (writesDone < target) return
-        writeWaiters.delete(settle)
-        resume(streamError ? Effect.fail(closedError(peer, streamError)) : Effect.void)
-      }
-      if (writesDone >= target) return settle()
-      writeWaiters.add(settle)
-      return Effect.sync(() => writeWaiters.delete(settle))
-    }),
+    drained: Effect.suspend(() =>
+      // the stream took every byte written so far (a write the kernel took at once has left the stream's
+      // buffer at once; its callback is only due on the next tick): nothing to wait for
+      stream.writableLength === 0 && !stream.destroyed && streamError === undefined ? Effect.void : writesCalledBack
+    ),
     read: (length) =>
       Effect.suspend(() => {
         const buf = Buffer.allocUnsafe(length)
