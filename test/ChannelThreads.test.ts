@@ -226,6 +226,22 @@ describe("the pool", () => {
       expect(ChannelThreads.liveThreads()).toBe(before)
     }))
 
+  it.live("inspect answers in a finalizer (uninterruptibly), as a leak check at a scope's end asks it", () =>
+    Effect.gen(function*() {
+      const pool = yield* ChannelThreads.make(POOL)
+      // a race whose loser (the thread's failure, which does not come) was uninterruptible waited for it for ever
+      const inspections = yield* noHang(Effect.uninterruptible(pool.inspect), "inspect, uninterruptibly")
+      expect(inspections).toHaveLength(pool.size)
+      const inFinalizer = yield* Deferred.make<number>()
+      yield* noHang(
+        Effect.scoped(Effect.addFinalizer(() =>
+          Effect.flatMap(Effect.orDie(pool.inspect), (i) => Deferred.succeed(inFinalizer, i.length))
+        )),
+        "a scope whose finalizer inspects the pool"
+      )
+      expect(yield* Deferred.await(inFinalizer)).toBe(pool.size)
+    }).pipe(Effect.scoped))
+
   it.live("the bundled thread's module holds neither the Tls module nor effect's Schema (each thread is an isolate of its own)", () =>
     Effect.promise(async () => {
       // an isolate per thread pays for every module it evaluates: Tls's configuration (its schema, effect's

@@ -230,11 +230,15 @@ const POOL_CLOSED = "its thread's pool (ChannelThreads) is closed: its scope has
 /** What a session opened in a pool that is closed gets: the pool's end, and no thread. */
 const closedError = () => new ThreadError({ reason: "Closed", detail: POOL_CLOSED })
 
-/** Asks a thread what it holds; fails if the thread fails first. */
+/**
+ * Asks a thread what it holds; fails if the thread fails first. Each side of the race is interruptible: asked
+ * uninterruptibly (a finalizer's leak check), a race waits for its loser's end, and the thread's failure that
+ * loses never comes while it runs.
+ */
 const inspectOne = (thread: Thread): Effect.Effect<Inspection, ThreadError> =>
   Effect.raceFirst(
-    Deferred.await(thread.failed),
-    Effect.async<Inspection>((resume) => {
+    Effect.interruptible(Deferred.await(thread.failed)),
+    Effect.interruptible(Effect.async<Inspection>((resume) => {
       const request = ++inspections
       thread.inspections.set(request, (inspection) => {
         thread.inspections.delete(request)
@@ -242,7 +246,7 @@ const inspectOne = (thread: Thread): Effect.Effect<Inspection, ThreadError> =>
       })
       thread.worker.postMessage({ _tag: "Inspect", request } satisfies ToThread)
       return Effect.sync(() => thread.inspections.delete(request))
-    })
+    }))
   )
 
 /** What tests reach into: the pool's threads as they are now. */
