@@ -32,6 +32,7 @@ import * as Crypto from "node:crypto"
 import type * as Net from "node:net"
 import * as Os from "node:os"
 import * as Path from "node:path"
+import * as WorkerThreads from "node:worker_threads"
 import { fileURLToPath } from "node:url"
 import * as Esbuild from "esbuild"
 import { inject } from "vitest"
@@ -225,6 +226,35 @@ describe("the pool", () => {
       yield* Scope.close(scope, Exit.void)
       expect(ChannelThreads.liveThreads()).toBe(before)
     }))
+
+  it.live("a thread whose collection after its last session finds --expose-gc turned off (by another thread) lives on", () =>
+    Effect.gen(function*() {
+      const pool = yield* ChannelThreads.make(POOL)
+      // V8's flags are the process's: a thread turning --expose-gc off over and over, as another thread taking
+      // its own gc (the pool's other threads, once, each) turns it off after it
+      const stop = new Int32Array(new SharedArrayBuffer(4))
+      yield* Effect.acquireRelease(
+        Effect.sync(() =>
+          new WorkerThreads.Worker(
+            `const { workerData } = require("node:worker_threads")
+            while (Atomics.load(workerData.stop, 0) === 0) require("node:v8").setFlagsFromString("--no-expose-gc")`,
+            { eval: true, workerData: { stop } }
+          )
+        ),
+        (worker) => Effect.promise(() => (Atomics.store(stop, 0, 1), worker.terminate()))
+      )
+      for (let i = 0; i < 3; i++) {
+        const ram = yield* sharedRam()
+        const { received } = yield* Effect.scoped(migrateOnce(ram, { channels: 2 })).pipe(
+          Effect.provideService(ChannelThreads.ChannelThreads, pool)
+        )
+        expect(sameMemory(received.ram, ram)).toBe(true)
+        // the threads, idle, collect on their next turn: a few round trips to each later, each has (or died)
+        for (let turn = 0; turn < 5; turn++) yield* noHang(pool.inspect, "the threads' answers")
+      }
+      // a thread that took gc while the flag was off had none: it died of "gc is not defined", and was replaced
+      expect(yield* pool.stats).toMatchObject({ threads: pool.size, replaced: 0 })
+    }).pipe(Effect.scoped))
 
   it.live("inspect answers in a finalizer (uninterruptibly), as a leak check at a scope's end asks it", () =>
     Effect.gen(function*() {

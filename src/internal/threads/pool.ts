@@ -154,6 +154,9 @@ interface Thread {
   readonly fail: (reason: "Failed" | "Exited" | "Closed" | "Hung", detail: string) => void
 }
 
+/** The lock every channel thread of this process takes to turn V8's `--expose-gc` on and off (`host`). */
+const gcLock = new SharedArrayBuffer(4)
+
 /** Channel threads started in this process and not yet exited (every pool's). */
 let live = 0
 
@@ -180,7 +183,7 @@ const start = (
     return yield* Effect.acquireRelease(
       Effect.sync((): Thread => {
         const hosted = new Int32Array(new SharedArrayBuffer(4))
-        const workerData: WorkerData = { hosted: hosted.buffer as SharedArrayBuffer }
+        const workerData: WorkerData = { hosted: hosted.buffer as SharedArrayBuffer, gcLock }
         // a small young generation: a busy channel thread grows its own to 16-48 MiB otherwise, which the
         // source's peak RSS pays for each thread (12-15 MiB less over two threads, at the same speed)
         const worker = new WorkerThreads.Worker(module, { workerData, resourceLimits: { maxYoungGenerationSizeMb: 2 } })
