@@ -8,6 +8,9 @@
  *   at each step (hello, transfer, flush, complete), and a source interrupted there;
  * - a destination decoding on the channel threads, interrupted or left by its source mid-transfer or while it
  *   stores;
+ * - a live pre-copy whose channel is reset and re-attached, then ended; a destination on a Unix socket ended in
+ *   four ways (its socket file goes); a snapshot save and restore interrupted at several points, and a restore
+ *   of a damaged file (the digest's own hashing threads included);
  * - a hundred small migrations on one long-lived pool, every other one failing: descriptors, threads and memory
  *   do not grow.
  */
@@ -18,6 +21,8 @@ import * as Exit from "effect/Exit"
 import * as Fiber from "effect/Fiber"
 import type * as Scope from "effect/Scope"
 import * as Crypto from "node:crypto"
+import * as Fs from "node:fs"
+import * as Os from "node:os"
 import * as Path from "node:path"
 import * as V8 from "node:v8"
 import * as Vm from "node:vm"
@@ -26,11 +31,13 @@ import * as ChannelThreads from "../src/ChannelThreads.js"
 import * as Control from "../src/Control.js"
 import * as GuestRam from "../src/GuestRam.js"
 import * as Migration from "../src/Migration.js"
+import * as Snapshot from "../src/Snapshot.js"
 import * as Transport from "../src/Transport.js"
 import { expectOneLine, failureOf } from "./support/failures.js"
 import { noHang } from "./support/guards.js"
 import { expectNothingLeft, type ProbeOptions } from "./support/leakProbe.js"
 import { sameMemory } from "./support/memory.js"
+import { resetProxy } from "./support/resetProxy.js"
 
 const PAGE = 4096
 const TIMEOUTS = { connect: "10 seconds", handshake: "10 seconds", peer: "10 seconds" } as const
@@ -284,8 +291,105 @@ const manyMigrations = (run: Run<ChannelThreads.ChannelThreads>) => {
     }), 120_000)
 }
 
+
+// ---------------------------------------------------------------------------------------------------------
+// Live pre-copy: a channel lost and re-attached, then the migration fails
+
+const reattachedThenFails = (run: Run, shared: boolean) => {
+  for (const who of ["source", "destination"] as const) {
+    run(`live pre-copy, channel 1 reset and re-attached, then the ${who} is interrupted: nothing left${shared ? " (channels on the threads)" : ""}`, () =>
+      nothingLeft(Effect.gen(function*() {
+        const ram = yield* ramOf(1024, shared)
+        const listener = yield* Transport.listen(tcp0)
+        const destination = yield* Effect.forkScoped(Migration.incoming(listener, { timeouts: TIMEOUTS }))
+        const proxy = yield* Effect.acquireRelease(
+          Effect.promise(() =>
+            resetProxy({ host: "127.0.0.1", port: (listener.address as { readonly port: number }).port }, {
+              channel: 1,
+              afterBytes: 256 * 1024
+            })
+          ),
+          (proxy) => Effect.promise(() => proxy.close())
+        )
+        // a guest writing all the time: the pre-copy rounds go on until the test ends them
+        yield* Effect.forkScoped(Effect.forever(Effect.zipRight(
+          GuestRam.write(ram, "pc.ram", Math.floor(Math.random() * 1024) * PAGE, Crypto.randomBytes(PAGE)),
+          Effect.promise(() => new Promise((r) => setImmediate(r)))
+        )).pipe(Effect.ignore))
+        const source = yield* Effect.forkScoped(migrate(ram, {
+          address: { _tag: "Tcp", host: "127.0.0.1", port: proxy.port },
+          channels: 3,
+          compression: "zlib",
+          maxBandwidth: 4 * 1024 * 1024,
+          live: { maxRounds: 1000, downtimeLimit: "1 millis", onNoConvergence: "fail" }
+        }))
+        // the main channel, three channels, and channel 1 again
+        const reattached = Effect.gen(function*() {
+          while (proxy.resets() < 1 || proxy.connections() < 5) yield* Effect.promise(() => new Promise((r) => setImmediate(r)))
+        })
+        yield* noHang(Effect.raceFirst(reattached, Effect.asVoid(Fiber.await(source))), "channel 1 re-attached")
+        expect(proxy.resets()).toBe(1)
+        const [victim, other]: ReadonlyArray<Fiber.Fiber<unknown, { readonly message: string }>> = who === "destination"
+          ? [destination, source]
+          : [source, destination]
+        yield* noHang(Fiber.interrupt(victim!), `interrupting the ${who}`)
+        const exit = yield* noHang(Fiber.await(other!), "the other side")
+        expect(Exit.isFailure(exit)).toBe(true)
+        if (Exit.isFailure(exit) && !Exit.isInterrupted(exit)) expectOneLine(failureOf(exit))
+      })))
+  }
+}
+
+
+// ---------------------------------------------------------------------------------------------------------
+// Unix sockets: the socket file goes with its listener, whatever ended the migration
+
+describe("a destination on a Unix socket", () => {
+  for (const end of ["the destination is interrupted mid-transfer", "the source is interrupted mid-transfer", "the source is refused", "listenAndReceive is interrupted while waiting"] as const) {
+    it.live(`${end}: no socket file, descriptor or handle left`, () =>
+      Effect.gen(function*() {
+        const dir = yield* Effect.acquireRelease(
+          Effect.sync(() => Fs.mkdtempSync(Path.join(Os.tmpdir(), "emfd-leaks-"))),
+          (dir) => Effect.sync(() => Fs.rmSync(dir, { recursive: true, force: true }))
+        )
+        const address: Transport.Address = { _tag: "Unix", path: Path.join(dir, "dest.sock") }
+        yield* nothingLeft(Effect.gen(function*() {
+          const ram = yield* ramOf(1024, false)
+          const listening = yield* Deferred.make<void>()
+          const reached = yield* Deferred.make<void>()
+          const destination = yield* Effect.forkScoped(Migration.listenAndReceive(address, {
+            timeouts: TIMEOUTS,
+            onListening: () => Deferred.succeed(listening, undefined),
+            onProgress: (p) => p.doneBytes > 0 ? Deferred.succeed(reached, undefined) : Effect.void,
+            ...(end === "the source is refused" ? { expect: { channels: 4 } } : {})
+          }).pipe(Effect.provide(Transport.layer)))
+          yield* noHang(Deferred.await(listening), "listening")
+          expect(Fs.readdirSync(dir)).toEqual(["dest.sock"])
+          if (end === "listenAndReceive is interrupted while waiting") {
+            yield* noHang(Fiber.interrupt(destination), "interrupting the destination")
+            return
+          }
+          const source = yield* Effect.forkScoped(migrate(ram, { address, channels: 2, maxBandwidth: 1024 * 1024 }))
+          if (end === "the source is refused") {
+            expectOneLine(failureOf(yield* noHang(Fiber.await(source), "the source")))
+            yield* noHang(Fiber.await(destination), "the destination")
+            return
+          }
+          yield* noHang(Deferred.await(reached), "pages received")
+          const [victim, other]: ReadonlyArray<Fiber.Fiber<unknown, { readonly message: string }>> =
+            end === "the destination is interrupted mid-transfer" ? [destination, source] : [source, destination]
+          yield* noHang(Fiber.interrupt(victim!), "the interruption")
+          const exit = yield* noHang(Fiber.await(other!), "the other side")
+          expect(Exit.isFailure(exit)).toBe(true)
+        }), { dirs: [dir] })
+        expect(Fs.readdirSync(dir)).toEqual([])
+      }).pipe(Effect.scoped))
+  }
+})
+
 describe("a source whose destination stops at a step, in this thread", () => {
   sourceStops((name, self, timeout) => it.live(name, self, timeout), false)
+  reattachedThenFails((name, self, timeout) => it.live(name, self, timeout), false)
 })
 
 layer(ChannelThreads.layer(POOL), { excludeTestServices: true })("on one pool of channel threads", (it) => {
@@ -295,8 +399,61 @@ layer(ChannelThreads.layer(POOL), { excludeTestServices: true })("on one pool of
   describe("a destination decoding on the threads", () => {
     destinationStops((name, self, timeout) => it.effect(name, self, timeout))
   })
+  describe("live pre-copy with a re-attached channel", () => {
+    reattachedThenFails((name, self, timeout) => it.effect(name, self, timeout), true)
+  })
   describe("many migrations", () => {
     manyMigrations((name, self, timeout) => it.effect(name, self, timeout))
   })
 })
 
+
+// ---------------------------------------------------------------------------------------------------------
+// Snapshots failing midway
+
+describe("a snapshot save or restore ended midway", () => {
+  // two digest chunks (64 MiB each) and a bit, shared: the digest starts hashing threads of its own
+  const SIZE = 2 * 64 * 1024 * 1024 + 256 * PAGE
+  const bigRam = Effect.suspend(() => {
+    const bytes = GuestRam.allocate(SIZE)
+    for (let p = 0; p < SIZE / PAGE; p += 97) Crypto.randomFillSync(bytes, p * PAGE, PAGE)
+    return GuestRam.make({ blocks: [{ name: "pc.ram", bytes }] })
+  })
+  const turns = (n: number) => Effect.forEach(Array.from({ length: n }), () => Effect.promise(() => new Promise((r) => setImmediate(r))), { discard: true })
+
+  for (const n of [0, 10, 100, 1000]) {
+    it.live(`save, then restore, each interrupted after ${n} turns of the event loop: no file, descriptor or thread left`, () =>
+      Effect.gen(function*() {
+        const dir = yield* Effect.acquireRelease(
+          Effect.sync(() => Fs.mkdtempSync(Path.join(Os.tmpdir(), "emfd-leaks-"))),
+          (dir) => Effect.sync(() => Fs.rmSync(dir, { recursive: true, force: true }))
+        )
+        const ram = yield* bigRam
+        const path = Path.join(dir, "guest.snap")
+        // interrupted save: no temporary file, nothing open
+        yield* expectNothingLeft(Effect.scoped(Effect.gen(function*() {
+          const save = yield* Effect.fork(Snapshot.save(path).pipe(Effect.provideService(GuestRam.GuestRam, ram)))
+          yield* Effect.raceFirst(turns(n), Effect.asVoid(Fiber.await(save)))
+          yield* noHang(Fiber.interrupt(save), "interrupting the save")
+        })), { dirs: [dir] }).pipe(Effect.ensuring(Effect.sync(() => Fs.rmSync(path, { force: true }))))
+        yield* noHang(Snapshot.save(path).pipe(Effect.provideService(GuestRam.GuestRam, ram)), "a save")
+        // interrupted restore
+        yield* expectNothingLeft(Effect.scoped(Effect.gen(function*() {
+          const restore = yield* Effect.fork(Snapshot.restore(path))
+          yield* Effect.raceFirst(turns(n), Effect.asVoid(Fiber.await(restore)))
+          yield* noHang(Fiber.interrupt(restore), "interrupting the restore")
+        })), { dirs: [dir] })
+        // a restore that fails on a flipped byte of a stored page (page 0, random: found by its bytes)
+        const file = Fs.readFileSync(path)
+        const at = file.indexOf(ram.blocks[0]!.bytes.subarray(0, 64))
+        expect(at).toBeGreaterThan(0)
+        const fd = Fs.openSync(path, "r+")
+        Fs.writeSync(fd, Buffer.from([file[at]! ^ 0xff]), 0, 1, at)
+        Fs.closeSync(fd)
+        yield* expectNothingLeft(Effect.gen(function*() {
+          const exit = yield* noHang(Effect.exit(Snapshot.restore(path)), "a restore of a damaged file")
+          expectOneLine(failureOf(exit))
+        }), { dirs: [dir] })
+      }).pipe(Effect.scoped), 60_000)
+  }
+})
