@@ -24,6 +24,7 @@ import * as Crypto from "node:crypto"
 import * as Fs from "node:fs"
 import * as Os from "node:os"
 import * as Path from "node:path"
+import { fileURLToPath } from "node:url"
 import * as V8 from "node:v8"
 import * as Vm from "node:vm"
 import { inject } from "vitest"
@@ -32,6 +33,7 @@ import * as Control from "../src/Control.js"
 import * as GuestRam from "../src/GuestRam.js"
 import * as Migration from "../src/Migration.js"
 import * as Snapshot from "../src/Snapshot.js"
+import * as Tls from "../src/Tls.js"
 import * as Transport from "../src/Transport.js"
 import { expectOneLine, failureOf } from "./support/failures.js"
 import { noHang } from "./support/guards.js"
@@ -387,9 +389,58 @@ describe("a destination on a Unix socket", () => {
   }
 })
 
+
+// ---------------------------------------------------------------------------------------------------------
+// TLS refused on the channels (the main channel's handshake passed)
+
+const fixture = (name: string) => fileURLToPath(new URL(`./fixtures/tls/${name}`, import.meta.url))
+
+const channelsRefused = (run: Run, shared: boolean) => {
+  const cases = [
+    { name: "a PSK the channels' peer does not share", client: { psk: "keys.psk" }, good: { psk: "keys.psk" }, bad: { psk: "wrong-keys.psk" } },
+    {
+      name: "a certificate of another host on the channels' peer",
+      client: { ca: "ca-cert.pem" },
+      good: { ca: "ca-cert.pem", cert: "server-cert.pem", key: "server-key.pem" },
+      bad: { ca: "ca-cert.pem", cert: "wronghost-cert.pem", key: "wronghost-key.pem" }
+    },
+    {
+      name: "a certificate of a foreign CA on the channels' peer",
+      client: { ca: "ca-cert.pem" },
+      good: { ca: "ca-cert.pem", cert: "server-cert.pem", key: "server-key.pem" },
+      bad: { ca: "other-ca-cert.pem", cert: "other-ca-alice-cert.pem", key: "other-ca-alice-key.pem" }
+    }
+  ]
+  for (const c of cases) {
+    run(`TLS: ${c.name}: the source fails naming a channel and leaves nothing${shared ? " (channels on the threads)" : ""}`, () =>
+      nothingLeft(Effect.gen(function*() {
+        const files = (o: Record<string, string>) => Object.fromEntries(Object.entries(o).map(([k, v]) => [k, fixture(v)]))
+        const client = yield* Tls.make(files(c.client))
+        const good = yield* Tls.make(files(c.good))
+        const bad = yield* Tls.make(files(c.bad))
+        let accepted = 0
+        // the first connection (the main channel) is answered with the right credentials, the channels not
+        const upgrade: Transport.Upgrade<Tls.TlsError> = (connection, channel) =>
+          (accepted++ === 0 ? good : bad).server(connection, channel)
+        const ram = yield* ramOf(256, shared)
+        const listener = yield* Transport.listen(tcp0)
+        const destination = yield* Effect.forkScoped(Migration.incoming(listener, { timeouts: TIMEOUTS, upgrade }))
+        const exit = yield* noHang(
+          Effect.exit(migrate(ram, { address: listener.address, channels: 3, upgrade: client.client("localhost"), reconnect: 0 })),
+          "migrate"
+        )
+        const error = failureOf(exit)
+        expectOneLine(error)
+        expect(error.message).toMatch(/multifd channel \d/)
+        yield* noHang(Fiber.await(destination), "incoming")
+      })))
+  }
+}
+
 describe("a source whose destination stops at a step, in this thread", () => {
   sourceStops((name, self, timeout) => it.live(name, self, timeout), false)
   reattachedThenFails((name, self, timeout) => it.live(name, self, timeout), false)
+  channelsRefused((name, self, timeout) => it.live(name, self, timeout), false)
 })
 
 layer(ChannelThreads.layer(POOL), { excludeTestServices: true })("on one pool of channel threads", (it) => {
@@ -401,6 +452,9 @@ layer(ChannelThreads.layer(POOL), { excludeTestServices: true })("on one pool of
   })
   describe("live pre-copy with a re-attached channel", () => {
     reattachedThenFails((name, self, timeout) => it.effect(name, self, timeout), true)
+  })
+  describe("TLS refused on the channels", () => {
+    channelsRefused((name, self, timeout) => it.effect(name, self, timeout), true)
   })
   describe("many migrations", () => {
     manyMigrations((name, self, timeout) => it.effect(name, self, timeout))
