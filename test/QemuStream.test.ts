@@ -49,6 +49,7 @@ import { advanceUntil } from "./support/clock.js"
 import { expectOneLine, failureOf } from "./support/failures.js"
 import { noHang as realNoHang } from "./support/guards.js"
 import { mountTmpfs } from "./support/files.js"
+import { expectNothingLeft } from "./support/leakProbe.js"
 import { expectNoLeaks, nextTurn } from "./support/handles.js"
 import { stranger, turnedAway } from "./support/strangers.js"
 
@@ -1619,6 +1620,32 @@ describe("QemuOutgoing: a VM into a QEMU destination (here QemuIncoming, which a
     const problem = codecProblems.get(compression)
     it.live.skipIf(problem !== undefined)(`3 channels, ${compression}: the RAM, commands and device state arrive`, () =>
       expectNoLeaks(roundTrip({ compression })))
+  }
+
+  for (const victim of ["source", "destination"] as const) {
+    for (const n of [0, 5, 20, 60, 200]) {
+      it.live(`the ${victim} interrupted after ${n} turns of the event loop: both end, nothing left (descriptors, timers, threads)`, () =>
+        expectNothingLeft(Effect.scoped(Effect.gen(function*() {
+          const vm = yield* capturedVm
+          const dst = yield* destination({ channels: 3, compression: "zstd", vm: true })
+          const source = yield* Effect.forkScoped(
+            QemuOutgoing.migrate({ address: dst.address, vm, channels: 3, compression: "zstd", timeouts: PEER }).pipe(
+              Effect.provide(Transport.layer)
+            )
+          )
+          yield* Effect.raceFirst(
+            Effect.forEach(Array.from({ length: n }), () => Effect.promise(() => new Promise((r) => setImmediate(r))), { discard: true }),
+            Effect.asVoid(Fiber.await(source))
+          )
+          const [interrupted, other]: ReadonlyArray<Fiber.Fiber<unknown, { readonly message: string }>> = victim === "source"
+            ? [source, dst.fiber]
+            : [dst.fiber, source]
+          yield* noHang(Fiber.interrupt(interrupted!), `interrupting the ${victim}`)
+          // a source interrupted before its main channel reached the destination leaves it waiting for QEMU, as
+          // QEMU's own -incoming waits: it is interrupted too (what it had accepted is closed with it)
+          yield* noHang(victim === "source" ? Fiber.interrupt(other!) : Fiber.await(other!), "the other side")
+        }))))
+    }
   }
 
   it.live("over PSK TLS", () =>
