@@ -36,6 +36,7 @@ import * as Snapshot from "../src/Snapshot.js"
 import * as Tls from "../src/Tls.js"
 import * as Transport from "../src/Transport.js"
 import { expectOneLine, failureOf } from "./support/failures.js"
+import { fakeDestination } from "./support/fakeDestination.js"
 import { noHang } from "./support/guards.js"
 import { expectNothingLeft, type ProbeOptions } from "./support/leakProbe.js"
 import { sameMemory } from "./support/memory.js"
@@ -437,6 +438,31 @@ const channelsRefused = (run: Run, shared: boolean) => {
   }
 }
 
+
+// ---------------------------------------------------------------------------------------------------------
+// The source's final digest (hash sessions on the channel threads) interrupted
+
+const digestInterrupted = (run: Run<ChannelThreads.ChannelThreads>) => {
+  for (const n of [0, 20, 100, 400]) {
+    run(`the source interrupted ${n} turns after its last flush was acknowledged (hashing its digest on the threads): nothing left`, () =>
+      nothingLeft(Effect.gen(function*() {
+        // two digest chunks (64 MiB each) and a bit, mostly zero: hash sessions on the threads beside the channels
+        const bytes = GuestRam.allocate(2 * 64 * 1024 * 1024 + 256 * PAGE)
+        for (let p = 0; p < bytes.length / PAGE; p += 199) Crypto.randomFillSync(bytes, p * PAGE, PAGE)
+        const ram = yield* GuestRam.make({ blocks: [{ name: "pc.ram", bytes }] })
+        const acked = yield* Deferred.make<void>()
+        const address = yield* fakeDestination({
+          onFlush: () => Deferred.succeed(acked, undefined),
+          onComplete: () => Effect.never
+        })
+        const source = yield* Effect.forkScoped(migrate(ram, { address, channels: 2 }))
+        yield* noHang(Effect.raceFirst(Deferred.await(acked), Effect.asVoid(Fiber.await(source))), "a flush")
+        for (let i = 0; i < n; i++) yield* Effect.promise(() => new Promise((r) => setImmediate(r)))
+        yield* noHang(Fiber.interrupt(source), "interrupting the source")
+      })), 30_000)
+  }
+}
+
 describe("a source whose destination stops at a step, in this thread", () => {
   sourceStops((name, self, timeout) => it.live(name, self, timeout), false)
   reattachedThenFails((name, self, timeout) => it.live(name, self, timeout), false)
@@ -455,6 +481,9 @@ layer(ChannelThreads.layer(POOL), { excludeTestServices: true })("on one pool of
   })
   describe("TLS refused on the channels", () => {
     channelsRefused((name, self, timeout) => it.effect(name, self, timeout), true)
+  })
+  describe("the source's digest", () => {
+    digestInterrupted((name, self, timeout) => it.effect(name, self, timeout))
   })
   describe("many migrations", () => {
     manyMigrations((name, self, timeout) => it.effect(name, self, timeout))
