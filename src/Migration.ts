@@ -34,6 +34,7 @@ import * as Protocol from "./Protocol.js"
 import * as Snapshot from "./Snapshot.js"
 import * as Transfer from "./Transfer.js"
 import * as Transport from "./Transport.js"
+import { ownFibers } from "./internal/ownFibers.js"
 
 // ---------------------------------------------------------------------------------------------------------
 // What both sides share (`Transfer`)
@@ -333,7 +334,8 @@ const observed = <A extends Stats, E, R>(
   total: number,
   body: (tracker: Status.Tracker) => Effect.Effect<A, E, R>
 ): Effect.Effect<A, E, R> =>
-  Status.track(status, total, (stats: A) => ({
+  // its fibers its own to interrupt, even when the caller runs it uninterruptibly (a store step's commit)
+  ownFibers(Status.track(status, total, (stats: A) => ({
     transferred: stats.wireBytes,
     total: stats.ramBytes,
     normal: stats.normalPages,
@@ -342,7 +344,7 @@ const observed = <A extends Stats, E, R>(
     totalTimeMs: stats.durationMs,
     downtimeMs: stats.downtimeMs,
     mbps: Status.mbps(stats.wireBytes / Math.max(1, stats.durationMs) * 1000)
-  }), body).pipe(
+  }), body)).pipe(
     Effect.onExit((exit) =>
       Recorder.ended(
         side,

@@ -71,6 +71,7 @@ import * as Save from "./internal/snapshotSave.js"
 import * as MigrationError from "./MigrationError.js"
 import * as Protocol from "./Protocol.js"
 import * as Transfer from "./Transfer.js"
+import { ownFibers } from "./internal/ownFibers.js"
 
 /**
  * Writers of `save` and readers of `restore` when not told (libuv's thread pool has 4 threads by default).
@@ -159,7 +160,7 @@ export const save = (
   path: string,
   options: SaveOptions = {}
 ): Effect.Effect<SaveResult, SnapshotError | MigrationError.MigrationError, GuestRam.GuestRam> =>
-  Effect.gen(function*() {
+  ownFibers(Effect.gen(function*() {
     const ram = yield* GuestRam.GuestRam
     // an empty path made a hidden `.<pid>.partial` in the working directory, wrote every page into it, and failed
     // only at the rename
@@ -220,7 +221,7 @@ export const save = (
         gibPerSecond: Transfer.gibPerSecond(ram.size, durationMs)
       } satisfies SaveResult
     })))
-  })
+  }))
 
 // ---------------------------------------------------------------------------------------------------------
 // Restore
@@ -373,10 +374,12 @@ const memoryFor = (
  * @category restore
  */
 export const restore = (path: string, options: RestoreOptions = {}): Effect.Effect<Restored, SnapshotError> =>
-  options.ram === undefined
-    ? restoreInto(path, options)
-    : GuestRam.exclusively(options.ram, restoreInto(path, options), (detail) =>
-      new SnapshotError({ reason: "Busy", path, detail: `not restored: ${detail}` }))
+  ownFibers(
+    options.ram === undefined
+      ? restoreInto(path, options)
+      : GuestRam.exclusively(options.ram, restoreInto(path, options), (detail) =>
+        new SnapshotError({ reason: "Busy", path, detail: `not restored: ${detail}` }))
+  )
 
 const restoreInto = (path: string, options: RestoreOptions): Effect.Effect<Restored, SnapshotError> =>
   Effect.scoped(Effect.gen(function*() {

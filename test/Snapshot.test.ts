@@ -935,3 +935,71 @@ describe("file: addresses", () => {
       sameMemory(ram, (yield* Migration.listenAndReceive(address, { expect: { channels: 2, pageSize: 4096 } }).pipe(Effect.provide(Transport.layer))).ram)
     }))
 })
+
+describe("a migration, save or restore run uninterruptibly completes", () => {
+  /**
+   * Its end, awaited in a daemon fiber (an uninterruptible fiber that hung would hold up the test's own end), and
+   * failing the test rather than hanging it.
+   */
+  const ended = <A, E>(effect: Effect.Effect<A, E>, what: string) =>
+    Effect.gen(function*() {
+      const fiber = yield* Effect.forkDaemon(effect)
+      return yield* Effect.timeoutFail(Fiber.await(fiber), { duration: "10 seconds", onTimeout: () => new Error(`hung: ${what}`) })
+    })
+
+  it.scopedLive("Effect.uninterruptible(save), then Effect.uninterruptible(restore): each completes", () =>
+    Effect.gen(function*() {
+      const dir = yield* tempDir
+      const path = Path.join(dir, "guest.snap")
+      const ram = yield* GuestRam.make({ blocks: [{ name: "pc.ram", bytes: GuestRam.allocate(1024 * 4096) }] })
+      fillMixed(ram.blocks[0]!.bytes, 4096, 3)
+      // its races (a writer against the save's failure, the stall watchdog) waited for their losers, which inherited
+      // the uninterruptibility and never ended: the save never returned
+      const saved = yield* ended(Effect.uninterruptible(save(ram, path)), "an uninterruptible save")
+      expect(Exit.isSuccess(saved)).toBe(true)
+      const restored = yield* ended(Effect.uninterruptible(Snapshot.restore(path)), "an uninterruptible restore")
+      expect(Exit.isSuccess(restored) && restored.value.ram.blocks[0]!.bytes.equals(ram.blocks[0]!.bytes)).toBe(true)
+    }))
+
+  it.scopedLive("a destination's store step that saves the memory as its point of no return (commit): the migration completes", () =>
+    Effect.gen(function*() {
+      const dir = yield* tempDir
+      const path = Path.join(dir, "received.snap")
+      const ram = yield* GuestRam.make({ blocks: [{ name: "pc.ram", bytes: GuestRam.allocate(512 * 4096) }] })
+      fillMixed(ram.blocks[0]!.bytes, 4096, 5)
+      const listener = yield* Transport.listen({ _tag: "Tcp", host: "127.0.0.1", port: 0 })
+      const destination = yield* Effect.forkDaemon(Migration.incoming(listener, {
+        store: (received, commit) => commit(save(received, path))
+      }))
+      const sent = yield* ended(
+        Migration.migrate({ address: listener.address }).pipe(
+          Effect.provide(Transport.layer),
+          Effect.provideService(GuestRam.GuestRam, ram)
+        ),
+        "the source (told Storing for ever)"
+      )
+      expect(Exit.isSuccess(sent)).toBe(true)
+      const received = yield* Effect.timeoutFail(Fiber.await(destination), { duration: "10 seconds", onTimeout: () => new Error("hung: incoming") })
+      expect(Exit.isSuccess(received)).toBe(true)
+      const restored = yield* Snapshot.restore(path)
+      expect(restored.ram.blocks[0]!.bytes.equals(ram.blocks[0]!.bytes)).toBe(true)
+    }))
+
+  it.scopedLive("Effect.uninterruptible(migrate) to Effect.uninterruptible(incoming): both complete", () =>
+    Effect.gen(function*() {
+      const ram = yield* GuestRam.make({ blocks: [{ name: "pc.ram", bytes: GuestRam.allocate(256 * 4096) }] })
+      fillMixed(ram.blocks[0]!.bytes, 4096, 7)
+      const listener = yield* Transport.listen({ _tag: "Tcp", host: "127.0.0.1", port: 0 })
+      const destination = yield* Effect.forkDaemon(Effect.uninterruptible(Migration.incoming(listener)))
+      const sent = yield* ended(
+        Effect.uninterruptible(Migration.migrate({ address: listener.address }).pipe(
+          Effect.provide(Transport.layer),
+          Effect.provideService(GuestRam.GuestRam, ram)
+        )),
+        "an uninterruptible migrate"
+      )
+      expect(Exit.isSuccess(sent)).toBe(true)
+      const received = yield* Effect.timeoutFail(Fiber.await(destination), { duration: "10 seconds", onTimeout: () => new Error("hung: incoming") })
+      expect(Exit.isSuccess(received) && received.value.ram.blocks[0]!.bytes.equals(ram.blocks[0]!.bytes)).toBe(true)
+    }))
+})

@@ -1,0 +1,18 @@
+/**
+ * Runs a migration, save or restore whose fibers stay its own to interrupt, whoever runs it uninterruptibly (a
+ * store step's `commit`, `Effect.uninterruptible` around a save, a finalizer). Fibers forked in an
+ * uninterruptible region inherit it: the workers, watchdogs and progress fibers that such a run forks, and the
+ * losers of its races, could then never be interrupted, and the run waited for them for ever. Here the run is a
+ * child fiber, interruptible inside; the caller still decides whether the run may be interrupted from outside
+ * (its join is interruptible only where the caller is; an interruption interrupts the child and waits for it).
+ *
+ * @internal
+ */
+import * as Effect from "effect/Effect"
+import * as Fiber from "effect/Fiber"
+
+export const ownFibers = <A, E, R>(self: Effect.Effect<A, E, R>): Effect.Effect<A, E, R> =>
+  Effect.uninterruptibleMask((restore) =>
+    Effect.flatMap(Effect.fork(Effect.interruptible(self)), (fiber) =>
+      Effect.onInterrupt(restore(Fiber.join(fiber)), () => Fiber.interrupt(fiber)))
+  )
