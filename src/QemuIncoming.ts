@@ -62,6 +62,7 @@ import * as QemuVm from "./QemuVm.js"
 import * as Tls from "./Tls.js"
 import * as Transfer from "./Transfer.js"
 import * as Transport from "./Transport.js"
+import { ownFibers } from "./internal/ownFibers.js"
 
 /**
  * How the destination expects QEMU to migrate.
@@ -293,7 +294,7 @@ export const incoming = <E = never>(
   listener: Transport.Listener,
   options: Options<E>
 ): Effect.Effect<Incoming, IncomingError | E> =>
-  Effect.scoped(Effect.gen(function*() {
+  ownFibers(Effect.scoped(Effect.gen(function*() {
     const timeouts = Transfer.resolveTimeouts(options.timeouts)
     const channels = options.channels
     const compression = options.compression ?? "none"
@@ -369,7 +370,7 @@ export const incoming = <E = never>(
   })).pipe(
     // without a return path QEMU reported completed already: the output is made once every connection is closed
     Effect.flatMap(({ persist, received }) => Effect.as(persist, received))
-  )
+  ))
 
 /**
  * Listens at `address` and receives one QEMU migration there (`Transport.listen` + `incoming`).
@@ -381,12 +382,12 @@ export const listenAndReceive = <E = never>(
   address: Transport.Address,
   options: Options<E> & { readonly onListening?: ((address: Transport.Address) => Effect.Effect<void>) | undefined }
 ): Effect.Effect<Incoming, IncomingError | Transport.TransportError | E, Transport.Transport> =>
-  Effect.scoped(Effect.gen(function*() {
+  ownFibers(Effect.scoped(Effect.gen(function*() {
     const transport = yield* Transport.Transport
     const listener = yield* transport.listen(address)
     if (options.onListening) yield* options.onListening(listener.address)
     return yield* incoming(listener, options)
-  }))
+  })))
 
 /**
  * A file name for a RAM block, for `--out-dir`: QEMU's block ids contain `/` and `:` (`0000:00:02.0/vga.vram`,

@@ -48,6 +48,7 @@ import * as QemuVm from "./QemuVm.js"
 import * as Tls from "./Tls.js"
 import * as Transfer from "./Transfer.js"
 import * as Transport from "./Transport.js"
+import { ownFibers } from "./internal/ownFibers.js"
 
 /**
  * How to migrate a VM into QEMU.
@@ -176,7 +177,7 @@ const MAX_WINDOW_SLOTS = 16
  * @category migrating
  */
 export const migrate = <E = never>(options: Options<E>): Effect.Effect<Stats, OutgoingError | E, Transport.Transport> =>
-  Effect.scoped(Effect.gen(function*() {
+  ownFibers(Effect.scoped(Effect.gen(function*() {
     const bad = check(options)
     if (bad !== undefined) return yield* bad
     const transport = yield* Transport.Transport
@@ -390,4 +391,4 @@ export const migrate = <E = never>(options: Options<E>): Effect.Effect<Stats, Ou
         returnPath: returnPath.received()
       }
     } satisfies Stats
-  }))
+  })))

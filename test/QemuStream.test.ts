@@ -1622,6 +1622,24 @@ describe("QemuOutgoing: a VM into a QEMU destination (here QemuIncoming, which a
       expectNoLeaks(roundTrip({ compression })))
   }
 
+  it.live("run uninterruptibly (a store step's commit, a finalizer), QemuOutgoing into QemuIncoming still completes", () =>
+    Effect.scoped(Effect.gen(function*() {
+      const vm = yield* capturedVm
+      const listener = yield* Transport.listen({ _tag: "Tcp", host: "127.0.0.1", port: 0 })
+      // daemons, awaited with a bound: an uninterruptible fiber that hung would hold up the test's own end
+      const destination = yield* Effect.forkDaemon(Effect.uninterruptible(
+        QemuIncoming.incoming(listener, { channels: 3, vm: true, timeouts: PEER })
+      ))
+      const source = yield* Effect.forkDaemon(Effect.uninterruptible(
+        QemuOutgoing.migrate({ address: listener.address, vm, channels: 3, timeouts: PEER }).pipe(Effect.provide(Transport.layer))
+      ))
+      // their watchdogs and race losers, forked uninterruptible, could not be ended: neither ever returned
+      const sent = yield* Effect.timeoutFail(Fiber.await(source), { duration: "10 seconds", onTimeout: () => new Error("hung: QemuOutgoing") })
+      const received = yield* Effect.timeoutFail(Fiber.await(destination), { duration: "10 seconds", onTimeout: () => new Error("hung: QemuIncoming") })
+      expect(Exit.isSuccess(sent)).toBe(true)
+      expect(Exit.isSuccess(received)).toBe(true)
+    })))
+
   for (const victim of ["source", "destination"] as const) {
     for (const n of [0, 5, 20, 60, 200]) {
       it.live(`the ${victim} interrupted after ${n} turns of the event loop: both end, nothing left (descriptors, timers, threads)`, () =>
