@@ -485,6 +485,10 @@ layer(ChannelThreads.layer(POOL), { excludeTestServices: true })("on one pool of
   describe("the source's digest", () => {
     digestInterrupted((name, self, timeout) => it.effect(name, self, timeout))
   })
+})
+
+// a pool of its own: its counts start from nothing whatever the tests above left in theirs
+layer(ChannelThreads.layer(POOL), { excludeTestServices: true })("on a pool of channel threads of its own", (it) => {
   describe("many migrations", () => {
     manyMigrations((name, self, timeout) => it.effect(name, self, timeout))
   })
