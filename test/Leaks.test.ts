@@ -446,6 +446,8 @@ const digestInterrupted = (run: Run<ChannelThreads.ChannelThreads>) => {
   for (const n of [0, 20, 100, 400]) {
     run(`the source interrupted ${n} turns after its last flush was acknowledged (hashing its digest on the threads): nothing left`, () =>
       nothingLeft(Effect.gen(function*() {
+        const pool = yield* ChannelThreads.ChannelThreads
+        const sessions = (yield* pool.stats).sessions
         // two digest chunks (64 MiB each) and a bit, mostly zero: hash sessions on the threads beside the channels
         const bytes = GuestRam.allocate(2 * 64 * 1024 * 1024 + 256 * PAGE)
         for (let p = 0; p < bytes.length / PAGE; p += 199) Crypto.randomFillSync(bytes, p * PAGE, PAGE)
@@ -459,6 +461,9 @@ const digestInterrupted = (run: Run<ChannelThreads.ChannelThreads>) => {
         yield* noHang(Effect.raceFirst(Deferred.await(acked), Effect.asVoid(Fiber.await(source))), "a flush")
         for (let i = 0; i < n; i++) yield* Effect.promise(() => new Promise((r) => setImmediate(r)))
         yield* noHang(Fiber.interrupt(source), "interrupting the source")
+        // every lease given back once the source returned: interrupted while it closed its hash sessions, a
+        // close's wait for the thread's answer was itself ended, and the lease (and its port) kept for good
+        expect((yield* pool.stats).sessions).toBe(sessions)
       })), 30_000)
   }
 }

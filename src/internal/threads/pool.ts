@@ -18,6 +18,7 @@ import * as Duration from "effect/Duration"
 import * as Effect from "effect/Effect"
 import * as ExecutionStrategy from "effect/ExecutionStrategy"
 import * as Exit from "effect/Exit"
+import * as Fiber from "effect/Fiber"
 import * as LogLevel from "effect/LogLevel"
 import * as Queue from "effect/Queue"
 import * as Scope from "effect/Scope"
@@ -374,12 +375,14 @@ export const make = (options?: Options): Effect.Effect<Pool, ThreadError, Scope.
           ({ lease, port, thread }) =>
             Effect.gen(function*() {
               if (!(yield* Deferred.isDone(lease.gone))) port.postMessage([1] satisfies ToSession)
-              // each side interruptible (a release is not, and a race waits for its loser's end otherwise); the
-              // release itself still waits for the race
-              const answered = yield* Effect.raceFirst(
+              // each side interruptible (a release is not, and a race waits for its loser's end otherwise), and
+              // the race in a fiber of its own, joined: a race's sides are children of the fiber that runs it, and
+              // an interruption of that fiber (a second one, while it closes this session) reached them at once,
+              // ending the race — and with it this release, the lease never given back, the port never closed
+              const answered = yield* Fiber.join(yield* Effect.forkDaemon(Effect.raceFirst(
                 Effect.interruptible(Effect.as(Deferred.await(lease.gone), true)),
                 Effect.interruptible(Effect.as(Effect.sleep(closeTimeout), false))
-              )
+              )))
               if (!answered && thread !== undefined) {
                 thread.fail(
                   "Hung",
