@@ -6,6 +6,7 @@
 import * as ChildProcess from "node:child_process"
 import * as Path from "node:path"
 import { afterEach, describe, expect, it } from "vitest"
+import * as TerminalText from "./support/terminalText.js"
 
 const ROOT = Path.resolve(import.meta.dirname, "..")
 
@@ -48,28 +49,15 @@ describe("npm start (examples/demo.ts)", () => {
       env: { ...process.env, TERM: "xterm-256color", NO_COLOR: "1", JOB: job, NODE: process.execPath, DEMO_SIZE_MIB: "512" }
     })
     terminals.push(terminal)
-    let text = ""
-    terminal.stdout!.setEncoding("utf8").on("data", (s: string) => (text += s))
-    const shown = (pattern: RegExp) =>
-      new Promise<RegExpExecArray>((resolve, reject) => {
-        const check = () => {
-          const match = pattern.exec(text)
-          if (match === null) return
-          terminal.stdout!.off("data", check)
-          resolve(match)
-        }
-        terminal.stdout!.on("data", check)
-        terminal.once("exit", () => reject(new Error(`the terminal ended before ${pattern}: ${JSON.stringify(text)}`)))
-        check()
-      })
+    const { shown, text } = TerminalText.watch(terminal)
     const pid = Number((await shown(/pid=(\d+)/))[1])
     await shown(/migrating \[/)
     process.kill(pid, "SIGINT")
     const code = (await shown(/demo exited (\d+)/))[1]
-    const drawn = text.slice(text.indexOf("migrating ["))
+    const drawn = text().slice(text().indexOf("migrating ["))
     expect(drawn.lastIndexOf("\x1b[?25h"), JSON.stringify(drawn.slice(-300))).toBeGreaterThan(drawn.lastIndexOf("\x1b[?25l"))
     expect(drawn.lastIndexOf("\x1b[?7h")).toBeGreaterThan(drawn.lastIndexOf("\x1b[?7l"))
-    expect(text).toMatch(/^demo: interrupted by SIGINT\r?$/m)
+    expect(text()).toMatch(/^demo: interrupted by SIGINT\r?$/m)
     expect(code).toBe("130")
   })
 })

@@ -24,6 +24,7 @@ import type * as Migration from "../src/Migration.js"
 import * as Transport from "../src/Transport.js"
 import { killChildren, start } from "./support/cli.js"
 import { tempDirectory } from "./support/files.js"
+import * as TerminalText from "./support/terminalText.js"
 
 const MIB = 1024 * 1024
 
@@ -178,40 +179,27 @@ describe("Ctrl-Z on a terminal while the progress bar is drawn", () => {
         }
       })
       terminals.push(terminal)
-      let text = ""
-      terminal.stdout!.setEncoding("utf8").on("data", (s: string) => (text += s))
-      const shown = (pattern: RegExp) =>
-        new Promise<RegExpExecArray>((resolve, reject) => {
-          const check = () => {
-            const match = pattern.exec(text)
-            if (match === null) return
-            terminal.stdout!.off("data", check)
-            resolve(match)
-          }
-          terminal.stdout!.on("data", check)
-          terminal.once("exit", () => reject(new Error(`the terminal ended before ${pattern}: ${JSON.stringify(text)}`)))
-          check()
-        })
+      const { shown, text } = TerminalText.watch(terminal)
       const pid = Number((await shown(/pid=(\d+)/))[1])
       await shown(/multifd: listening on unix:/)
       // about two seconds: the bar is drawn meanwhile
       const send = start(["send", `unix:${socket}`, "--in", image, "--max-bandwidth", "1M"])
       await shown(/recv \[/)
-      const mark = text.length
+      const mark = text().length
       process.kill(pid, "SIGTSTP")
       await shown(/Stopped/)
-      const beforeStop = text.slice(mark, text.indexOf("Stopped", mark))
+      const beforeStop = text().slice(mark, text().indexOf("Stopped", mark))
       expect(beforeStop.lastIndexOf(SHOW_CURSOR), JSON.stringify(beforeStop)).toBeGreaterThan(beforeStop.lastIndexOf(HIDE_CURSOR))
       // and lines wrap again (the bar turned wrapping off)
       expect(beforeStop.lastIndexOf(WRAP_LINES)).toBeGreaterThan(beforeStop.lastIndexOf(NO_WRAP))
-      const resumed = text.length
+      const resumed = text().length
       process.kill(pid, "SIGCONT")
       const sent = await send.finished
       await shown(/recv exited (\d+)/)
       expect(sent.code, sent.stderr).toBe(0)
-      expect(/recv exited (\d+)/.exec(text)![1]).toBe("0")
+      expect(/recv exited (\d+)/.exec(text())![1]).toBe("0")
       // hidden again while the bar is drawn, shown once it ends
-      const after = text.slice(resumed)
+      const after = text().slice(resumed)
       expect(after.indexOf(HIDE_CURSOR)).toBeGreaterThanOrEqual(0)
       expect(after.lastIndexOf(SHOW_CURSOR)).toBeGreaterThan(after.indexOf(HIDE_CURSOR))
       expect(Fs.readFileSync(out).equals(Fs.readFileSync(image))).toBe(true)
