@@ -324,6 +324,14 @@ export const migrate = (
 const originalErrors = <A, E, R>(self: Effect.Effect<A, E, R>): Effect.Effect<A, E, R> =>
   Effect.mapErrorCause(self, (cause) => Cause.map(cause, Cause.originalError))
 
+/** A `MigrationStatus` given to a migration while it follows another one that runs. */
+const busyHandle = Effect.suspend(() =>
+  new MigrationError.MigrationError({
+    reason: "Busy",
+    detail: "the MigrationStatus handle given follows another migration that is under way: one migration at a time per handle"
+  })
+)
+
 /**
  * Runs one side of a migration with its status kept (`MigrationStatus`) and its outcome counted
  * (`MigrationMetrics`): the status's final values come from the migration's stats.
@@ -333,7 +341,7 @@ const observed = <A extends Stats, E, R>(
   status: MigrationStatus.MigrationStatus | undefined,
   total: number,
   body: (tracker: Status.Tracker) => Effect.Effect<A, E, R>
-): Effect.Effect<A, E, R> =>
+): Effect.Effect<A, E | MigrationError.MigrationError, R> =>
   // its fibers its own to interrupt, even when the caller runs it uninterruptibly (a store step's commit)
   ownFibers(Status.track(status, total, (stats: A) => ({
     transferred: stats.wireBytes,
@@ -344,7 +352,7 @@ const observed = <A extends Stats, E, R>(
     totalTimeMs: stats.durationMs,
     downtimeMs: stats.downtimeMs,
     mbps: Status.mbps(stats.wireBytes / Math.max(1, stats.durationMs) * 1000)
-  }), body)).pipe(
+  }), busyHandle, body)).pipe(
     Effect.onExit((exit) =>
       Recorder.ended(
         side,
@@ -564,7 +572,10 @@ const receive = <E>(
   })
 
 /** `listenAndReceive` from a `file:` address: `Snapshot.restore` with the destination's memory options. */
-const restoreFromFile = (path: string, options: IncomingOptions<unknown>): Effect.Effect<Incoming, Snapshot.SnapshotError> =>
+const restoreFromFile = (
+  path: string,
+  options: IncomingOptions<unknown>
+): Effect.Effect<Incoming, Snapshot.SnapshotError | MigrationError.MigrationError> =>
   options.upgrade !== undefined
     ? Effect.fail(unsupported(path, "TLS does not apply to a file: snapshot"))
     : Effect.map(

@@ -50,7 +50,9 @@ export type TypeId = Internal.TypeId
 
 /**
  * A handle on one migration's status: `get` (the snapshot now, live counters included), `changes` (snapshots
- * as the migration publishes them) and `await` (the final one). A handle follows one migration.
+ * as the migration publishes them) and `await` (the final one). A handle follows one migration at a time: another
+ * migration given it while it follows one that runs fails `Busy` at once (a `MigrationError`), and leaves it alone;
+ * given to a later migration, it follows that one (`await` then waits for that one's end).
  *
  * @since 0.1.0
  * @category models

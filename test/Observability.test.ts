@@ -281,6 +281,63 @@ describe("MigrationStatus", () => {
       expect(src.error).toBeUndefined()
       expect(yield* srcStatus.await).toEqual(src)
     })))
+
+  /**
+   * One handle for "the migration" (a health endpoint reads it), and a second migrate of the same memory started
+   * while the first runs: refused Busy, it still took the handle — reset it to setup, then said failed and completed
+   * `await` with Busy while the first migration went on (and succeeded: `get` then said completed, with Busy's
+   * error). A handle follows one migration at a time now: the second fails Busy and leaves it alone. Given to a
+   * later migration, the handle follows that one: its `await` answered at once with the first's end.
+   */
+  it.live("a handle given to a second migration while it follows one: Busy, the handle left alone; a later one follows the next", () =>
+    run(Effect.gen(function*() {
+      const ram = yield* sourceRam(BIG)
+      const other = yield* sourceRam(256)
+      const status = yield* MigrationStatus.make
+      const dest = yield* startDestination()
+      const hold = yield* holdAtFirstPages
+      const source = yield* Effect.forkScoped(
+        Migration.migrate({ address: dest.address, channels: 1, timeouts: TIMEOUTS, onProgress: hold.onProgress, status })
+          .pipe(Effect.provideService(GuestRam.GuestRam, ram))
+      )
+      yield* noHang(Deferred.await(hold.reached), "the first pages")
+      const before = yield* status.get
+      expect(before.status).toBe("active")
+      // the same memory (Busy as documented), and other memory (it would migrate, but not with this handle)
+      for (const memory of [ram, other]) {
+        const error = yield* Effect.flip(
+          Migration.migrate({ address: dest.address, channels: 1, timeouts: TIMEOUTS, status }).pipe(
+            Effect.provideService(GuestRam.GuestRam, memory)
+          )
+        )
+        expect(error).toBeInstanceOf(MigrationError.MigrationError)
+        expect((error as MigrationError.MigrationError).reason).toBe("Busy")
+        expectOneLine(error)
+      }
+      const during = yield* status.get
+      expect(during.status).toBe("active")
+      expect(during.error).toBeUndefined()
+      expect(during.total).toBe(ram.size)
+      expect(during.transferred).toBeGreaterThanOrEqual(before.transferred)
+      const awaiting = yield* Effect.fork(status.await)
+      yield* Deferred.succeed(hold.release, undefined)
+      yield* noHang(Fiber.join(source), "migrate")
+      yield* noHang(Fiber.join(dest.fiber), "incoming")
+      const end = yield* noHang(Fiber.join(awaiting), "await")
+      expect(end.status).toBe("completed")
+      expect(end.error).toBeUndefined()
+      expect(yield* status.get).toEqual(end)
+      // a later migration with the same handle: its await waits for that one's end
+      yield* ram.gate.open
+      const next = yield* startDestination({ expect: { channels: 4 } })
+      yield* Effect.flip(Migration.migrate({ address: next.address, channels: 1, timeouts: TIMEOUTS, status }).pipe(
+        Effect.provideService(GuestRam.GuestRam, ram)
+      ))
+      yield* Fiber.interrupt(next.fiber)
+      const second = yield* status.await
+      expect(second.status).toBe("failed")
+      expect(second.error).toContain("the destination expects 4")
+    })))
 })
 
 /** The current value of a counter tagged `side` (and more tags). */

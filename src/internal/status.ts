@@ -89,6 +89,10 @@ interface State {
   readonly pausedAt: number | undefined
   /** Live values of the running migration, read at each `get`. */
   readonly probe: Effect.Effect<Partial<Snapshot>> | undefined
+  /** Whether a migration follows this handle now (a second one is refused, the handle left alone). */
+  readonly running: boolean
+  /** Completed with the final snapshot of the migration this handle follows (or its next one, before it starts). */
+  readonly final: Deferred.Deferred<Snapshot>
 }
 
 const initial: Snapshot = {
@@ -124,10 +128,7 @@ const view = (state: State, now: number, live: Partial<Snapshot>): Snapshot => {
 
 class Handle implements MigrationStatus {
   readonly [TypeId]: TypeId = TypeId
-  constructor(
-    readonly state: SubscriptionRef.SubscriptionRef<State>,
-    readonly final: Deferred.Deferred<Snapshot>
-  ) {}
+  constructor(readonly state: SubscriptionRef.SubscriptionRef<State>) {}
 
   get get(): Effect.Effect<Snapshot> {
     return Effect.gen(this, function*() {
@@ -143,7 +144,7 @@ class Handle implements MigrationStatus {
   }
 
   get await(): Effect.Effect<Snapshot> {
-    return Deferred.await(this.final)
+    return Effect.flatMap(SubscriptionRef.get(this.state), (state) => Deferred.await(state.final))
   }
 }
 
@@ -154,9 +155,11 @@ export const make: Effect.Effect<MigrationStatus> = Effect.gen(function*() {
     startedAt: undefined,
     activeAt: undefined,
     pausedAt: undefined,
-    probe: undefined
+    probe: undefined,
+    running: false,
+    final: yield* Deferred.make<Snapshot>()
   })
-  return new Handle(state, yield* Deferred.make<Snapshot>())
+  return new Handle(state)
 })
 
 // ---------------------------------------------------------------------------------------------------------
@@ -230,53 +233,67 @@ const trackerOf = (handle: Handle): Tracker => {
  * Runs a migration `body` with its status kept in `handle` (if any): `setup` from now (`total` bytes of
  * memory), then what `body` reports through its tracker, and at the end `completed` with the values
  * `completed(result)` gives, `failed` with the error's message (and the last live values), or `cancelled`.
+ *
+ * A handle follows one migration at a time: while one runs, another given the same handle fails with `busy` at
+ * once, the handle left to the one it follows (it reset the handle to `setup`, then said `failed` and completed
+ * its `await` for a migration that went on and succeeded). A handle given to a later migration follows that one,
+ * `await` included (it kept answering with the first migration's end).
  */
-export const track = <A, E, R>(
+export const track = <A, E, R, B>(
   handle: MigrationStatus | undefined,
   total: number,
   completed: (result: A) => Partial<Snapshot>,
+  busy: Effect.Effect<never, B>,
   body: (tracker: Tracker) => Effect.Effect<A, E, R>
-): Effect.Effect<A, E, R> => {
+): Effect.Effect<A, E | B, R> => {
   if (handle === undefined) return body(noop)
   const h = handle as Handle
-  return Effect.gen(function*() {
-    const now = yield* Clock.currentTimeMillis
-    yield* modify(h, () => ({
-      snapshot: { ...initial, total },
-      startedAt: now,
-      activeAt: undefined,
-      pausedAt: undefined,
-      probe: undefined
-    }))
-    return yield* Effect.onExit(body(trackerOf(h)), (exit) =>
-      Effect.gen(function*() {
-        const last = yield* h.get
-        const end = yield* Clock.currentTimeMillis
-        const state = yield* SubscriptionRef.get(h.state)
-        const setupTimeMs = (state.activeAt ?? end) - (state.startedAt ?? end)
-        const snapshot: Snapshot = Exit.isSuccess(exit)
-          ? {
-            ...last,
-            remaining: 0,
-            expectedDowntimeMs: 0,
-            downtimeMs: 0,
-            ...completed(exit.value),
-            setupTimeMs,
-            status: "completed"
-          }
-          : Cause.isInterruptedOnly(exit.cause)
-          ? { ...last, setupTimeMs, totalTimeMs: end - (state.startedAt ?? end), status: "cancelled" }
-          : {
-            ...last,
-            setupTimeMs,
-            totalTimeMs: end - (state.startedAt ?? end),
-            status: "failed",
-            error: messageOf(Cause.squash(exit.cause))
-          }
-        yield* modify(h, (s) => ({ ...s, snapshot, probe: undefined }))
-        yield* Deferred.succeed(h.final, snapshot)
-      }))
-  })
+  return Effect.uninterruptibleMask((restore) =>
+    Effect.gen(function*() {
+      const now = yield* Clock.currentTimeMillis
+      const fresh = yield* Deferred.make<Snapshot>()
+      const taken = yield* SubscriptionRef.modify(h.state, (s): [boolean, State] =>
+        s.running ? [false, s] : [true, {
+          snapshot: { ...initial, total },
+          startedAt: now,
+          activeAt: undefined,
+          pausedAt: undefined,
+          probe: undefined,
+          running: true,
+          // an earlier migration's end stays its own: this one's `await` waits for this one
+          final: isFinal(s.snapshot.status) ? fresh : s.final
+        }])
+      if (!taken) return yield* busy
+      return yield* Effect.onExit(restore(body(trackerOf(h))), (exit) =>
+        Effect.gen(function*() {
+          const last = yield* h.get
+          const end = yield* Clock.currentTimeMillis
+          const state = yield* SubscriptionRef.get(h.state)
+          const setupTimeMs = (state.activeAt ?? end) - (state.startedAt ?? end)
+          const snapshot: Snapshot = Exit.isSuccess(exit)
+            ? {
+              ...last,
+              remaining: 0,
+              expectedDowntimeMs: 0,
+              downtimeMs: 0,
+              ...completed(exit.value),
+              setupTimeMs,
+              status: "completed"
+            }
+            : Cause.isInterruptedOnly(exit.cause)
+            ? { ...last, setupTimeMs, totalTimeMs: end - (state.startedAt ?? end), status: "cancelled" }
+            : {
+              ...last,
+              setupTimeMs,
+              totalTimeMs: end - (state.startedAt ?? end),
+              status: "failed",
+              error: messageOf(Cause.squash(exit.cause))
+            }
+          yield* modify(h, (s) => ({ ...s, snapshot, probe: undefined, running: false }))
+          yield* Deferred.succeed(state.final, snapshot)
+        }))
+    })
+  )
 }
 
 const messageOf = (error: unknown): string =>
