@@ -40,6 +40,7 @@ import * as Control from "../src/Control.js"
 import * as GuestRam from "../src/GuestRam.js"
 import * as Migration from "../src/Migration.js"
 import * as MigrationError from "../src/MigrationError.js"
+import * as MigrationStatus from "../src/MigrationStatus.js"
 import { unsent } from "../src/internal/native/unsent.js"
 import * as Protocol from "../src/Protocol.js"
 import * as Snapshot from "../src/Snapshot.js"
@@ -380,6 +381,37 @@ const writeArb = FastCheck.record({
   page: FastCheck.nat({ max: 15 }),
   at: FastCheck.oneof(FastCheck.constantFrom(0, PAGE - 1, PAGE - 8), FastCheck.nat({ max: PAGE - 1 })),
   length: FastCheck.oneof(FastCheck.constantFrom(1, 2, PAGE, PAGE + 1), FastCheck.integer({ min: 1, max: 2 * PAGE + 100 }))
+})
+
+describe("a source that dies (a defect: its progress report, say)", () => {
+  /**
+   * A failure tells the destination why (Abort), an interruption says "cancelled by source"; a defect (an
+   * `onProgress` that dies, in pre-copy or in the switch-over with writers paused) told it nothing: the source's
+   * sockets just closed, and the destination failed with "peer closed the connection". It hears the reason now.
+   */
+  for (const phase of ["precopy", "switchover"] as const) {
+    it.live(`in ${phase}: the destination hears why, writers resume, the status says failed`, () =>
+      leakFree(Effect.gen(function*() {
+        const ram = yield* sourceRam(64, 16)
+        const listener = yield* Transport.listen(tcp0)
+        const destination = yield* receive(listener)
+        const status = yield* MigrationStatus.make
+        // every pre-copy report dirties a page, so that the switch-over has pages (and reports)
+        const onProgress = (p: Migration.Progress) =>
+          p.phase === phase && p.doneBytes > 0
+            ? Effect.die(new Error("the application's bug"))
+            : p.phase === "precopy"
+            ? Effect.orDie(GuestRam.write(ram, "vga.vram", 3 * PAGE, Buffer.from([p.round + 1, p.doneBytes & 255])))
+            : Effect.void
+        const exit = yield* noHang(Effect.exit(migrateFrom(ram, { address: listener.address, channels: 2, onProgress, status })), "migrate")
+        expect(Exit.isFailure(exit) && Cause.pretty(exit.cause)).toContain("the application's bug")
+        yield* writeNow(ram)
+        expect((yield* status.get).status).toBe("failed")
+        const error = failureOf(yield* noHang(Fiber.await(destination), "incoming"))
+        expect(error.message).toBe("the source aborted the migration: the application's bug")
+        expect((error as MigrationError.MigrationError).reason).toBe("Aborted")
+      })))
+  }
 })
 
 describe("round ordering under concurrent writes", () => {

@@ -6,6 +6,7 @@
  *
  * @internal
  */
+import * as Cause from "effect/Cause"
 import * as Clock from "effect/Clock"
 import * as Deferred from "effect/Deferred"
 import * as Duration from "effect/Duration"
@@ -368,6 +369,10 @@ export const run = (
 
     return yield* Effect.raceFirst(migration, controlFailure).pipe(
       Effect.tapError((error) => Conversation.abortPeer(control, error.message)),
+      // a defect (an onProgress that died) ends the migration too: the destination hears why, not just a close
+      Effect.tapDefect((defect) =>
+        Cause.isInterruptedOnly(defect) ? Effect.void : Conversation.abortPeer(control, Conversation.messageOf(Cause.squash(defect)))
+      ),
       Effect.onInterrupt(() => Conversation.abortPeer(control, "cancelled by source"))
     )
   }))))
