@@ -407,7 +407,9 @@ const restoreInto = (path: string, options: RestoreOptions): Effect.Effect<Resto
     yield* Transfer.reportEvery(options.onProgress, () => Effect.sync(() => progress(pages.restoredBytes())))
     yield* pages.run(readers)
     // every page is in place now, the absent ones (zero, or never stored) included
-    if (options.onProgress) yield* Transfer.tolerated(options.onProgress(progress(ram.size)))
+    // (called inside the guard: a callback that throws rather than return an effect dies there, logged)
+    const onProgress = options.onProgress
+    if (onProgress) yield* Transfer.tolerated(Effect.suspend(() => onProgress(progress(ram.size))))
 
     yield* Restore.verify(path, ram, header)
     const stored = header.blocks.reduce((n, b) => n + b.presentPages, 0)
