@@ -132,6 +132,31 @@ describe("success is durable: the destination's store step", () => {
     })))
 
   /**
+   * A store step that dies, or throws instead of returning an effect (synchronous file I/O that fails, say): the
+   * source hears that the store failed and why, as for a failure. A step that threw did so where the step was
+   * called, outside the guard that tells the source: the destination's main channel just closed, and the source
+   * failed with "peer closed the connection", unaware that its destination had the memory and failed to store it.
+   */
+  for (const how of ["dies", "throws"] as const) {
+    it.live(`${how}: the source fails with the destination's reason, incoming with the defect`, () =>
+      leakFree(Effect.gen(function*() {
+        const ram = yield* sourceRam()
+        const bug = new Error("/mnt/full/out.img: ENOSPC")
+        const dest = yield* startDestination({
+          store: (): Effect.Effect<void> => {
+            if (how === "throws") throw bug
+            return Effect.die(bug)
+          }
+        })
+        const error = failureOf(yield* noHang(Effect.exit(migrateTo(dest.address, ram)), "migrate"))
+        expect((error as MigrationError.MigrationError).reason).toBe("Aborted")
+        expect(error.message).toBe("the destination could not store the image: /mnt/full/out.img: ENOSPC")
+        const destExit = yield* noHang(Fiber.await(dest.fiber), "incoming")
+        expect(Exit.isFailure(destExit) && (Cause.squash(destExit.cause) as Error).message).toBe(bug.message)
+      })))
+  }
+
+  /**
    * Receiving into memory given, the destination holds it against other migrations, saves and restores (Busy) until
    * it returns; its own store step found it Busy too, so the natural durable store — a snapshot of the memory just
    * received (or passing it on with migrate) — failed "the destination could not store the image: another

@@ -309,7 +309,9 @@ const storeThen = <E, E2>(
       const storing = Conversation.heartbeat((message) => Conversation.tell(control, message), new Control.Storing(), peer, true)
       // the step may save or pass on the memory it stores (Snapshot.save, migrate): the permit this migration holds
       // on memory given to it is lent to the step, which would otherwise find its own memory Busy
-      const fiber = yield* Effect.fork(restore(Effect.raceFirst(GuestRam.lending(ram, step(ram, commit)), storing)))
+      // (called inside the fiber: a step that throws rather than return an effect dies there, and the source hears it)
+      const stepRun = Effect.suspend(() => step(ram, commit))
+      const fiber = yield* Effect.fork(restore(Effect.raceFirst(GuestRam.lending(ram, stepRun), storing)))
       const stored = yield* Effect.exit(restore(Fiber.join(fiber)))
       if (Exit.isSuccess(stored)) {
         yield* Effect.logDebug("memory stored")
