@@ -973,3 +973,26 @@ describe("a peer that floods the control channel while the other side waits for 
       expect(read).toBeLessThan(1024 * 1024)
     })))
 })
+
+describe("the destination's admit", () => {
+  /**
+   * An admit that throws (a free-space check whose statfs failed) ended the destination with that defect without a
+   * word to the source, which failed Rejected with "the destination closed the main channel before answering ...
+   * it may use TLS (this source does not), or not be a multifd destination". It is refused saying why now.
+   */
+  it.live("that throws: the source is refused saying why; incoming ends with the defect", () =>
+    leakFree(Effect.gen(function*() {
+      const ram = yield* sourceRam()
+      const bug = new Error("statfs /srv/images: EACCES")
+      const dest = yield* startDestination({
+        admit: () => {
+          throw bug
+        }
+      })
+      const error = failureOf(yield* noHang(Effect.exit(migrateTo(dest.address, ram)), "migrate"))
+      expect((error as MigrationError.MigrationError).reason).toBe("Rejected")
+      expect(error.message).toBe("the destination refused the migration: its admit check failed: statfs /srv/images: EACCES")
+      const destExit = yield* noHang(Fiber.await(dest.fiber), "incoming")
+      expect(Exit.isFailure(destExit) && (Cause.squash(destExit.cause) as Error).message).toBe(bug.message)
+    })))
+})

@@ -289,6 +289,25 @@ class StoreFailed<E> {
 export type Commit = <A, E2, R>(effect: Effect.Effect<A, E2, R>) => Effect.Effect<A, E2, R>
 
 /**
+ * The caller's word on a proposal (`admit`). One that throws (a free-space check whose `statfs` failed) ends this
+ * side with that defect, as a store step that throws; the source is refused saying why first (it heard only that
+ * the main channel closed before an answer: "it may use TLS, or not be a multifd destination").
+ */
+const admitting = (
+  admit: Settings<unknown>["admit"],
+  proposal: Proposal,
+  tell: (message: Control.Message) => Effect.Effect<void, unknown>
+): Effect.Effect<string | undefined> =>
+  admit === undefined ? Effect.succeed(undefined) : Effect.catchAllDefect(
+    Effect.sync(() => admit(proposal)),
+    (defect) =>
+      Effect.zipRight(
+        Effect.ignore(tell(new Control.Reject({ reason: `its admit check failed: ${Conversation.messageOf(defect)}` }))),
+        Effect.die(defect)
+      )
+  )
+
+/**
  * Runs the store step, telling the source meanwhile that the destination is alive and storing, then `done`
  * (which tells the source `Done`); if the step fails, tells the source why. Interrupted while the step runs,
  * the step is interrupted and awaited: if it had passed its `commit` (the memory is stored), `done` still runs
@@ -422,13 +441,13 @@ export const run = <E>(listener: Transport.Listener, settings: Settings<E>): Eff
       // then what this process can hold (a listener short of descriptors drops the channels' connections
       // silently), then the caller's own word (`admit`): refused now, saying why, nothing allocated
       const problem = checkHello(hello, settings) ?? OpenFiles.tooFewFor(hello.channels, "destination") ??
-        settings.admit?.({
+        (yield* admitting(settings.admit, {
           ramBytes: ramBytesOf(hello),
           blocks: hello.blocks,
           pageSize: hello.pageSize,
           channels: hello.channels,
           compression: hello.compression
-        })
+        }, tell))
       if (problem !== undefined) {
         yield* tell(new Control.Reject({ reason: problem }))
         return yield* new MigrationError.MigrationError({ reason: "Rejected", detail: `refused the migration: ${problem}` })
