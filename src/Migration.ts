@@ -16,6 +16,7 @@
 import * as Cause from "effect/Cause"
 import * as Effect from "effect/Effect"
 import * as Duration from "effect/Duration"
+import type * as Scope from "effect/Scope"
 import * as Stream from "effect/Stream"
 import * as Bandwidth from "./Bandwidth.js"
 import * as GuestRam from "./GuestRam.js"
@@ -505,7 +506,7 @@ export interface Expectations {
 export const incoming = <E = never>(
   listener: Transport.Listener,
   options: IncomingOptions<E> = {}
-): Effect.Effect<Incoming, IncomingError | E, never> => receive(listener, options, false)
+): Effect.Effect<Incoming, IncomingError | E, never> => receive(listener.address, Effect.succeed(listener), options, false)
 
 /**
  * A migration into memory given, run as the only one on it (`GuestRam.exclusively`): its pages are written past the
@@ -534,20 +535,28 @@ const checkExpectations = (expect: Expectations | undefined): string | undefined
       : `expect.zeroPage ${JSON.stringify(zeroPage)} is not multifd or none`)
 }
 
-/** `incoming`; `exclusive`: the listener serves this migration alone (see `Destination.Settings`). */
-const receive = <E>(
-  listener: Transport.Listener,
+/**
+ * `incoming` on the listener `listening` gives (`listenAndReceive`: listening at its address, in this receive's
+ * scope), at `address`; `exclusive`: the listener serves this migration alone (see `Destination.Settings`). The
+ * status follows it all: options it cannot use and a listener it cannot have fail it too (they left it in setup).
+ */
+const receive = <E, E2, R>(
+  address: Transport.Address,
+  listening: Effect.Effect<Transport.Listener, E2, R | Scope.Scope>,
   options: IncomingOptions<E>,
   exclusive: boolean
-): Effect.Effect<Incoming, IncomingError | E, never> =>
-  Effect.flatMap(MigrationConfig.resolve(options), (options) => {
-    const problem = Transfer.checkMaxRam(options.maxRamBytes) ?? Transfer.checkTimeouts(options.timeouts) ??
-      Transfer.checkAcceptTimeout(options.acceptTimeout) ?? checkExpectations(options.expect)
-    if (problem !== undefined) return new MigrationError.MigrationError({ reason: "BadOptions", detail: problem })
-    return Effect.map(
+): Effect.Effect<Incoming, IncomingError | E | E2, Exclude<R, Scope.Scope>> =>
+  Effect.flatMap(MigrationConfig.resolve(options), (options) =>
+    Effect.map(
       observed("destination", options.status, options.ram?.size ?? 0, (tracker) =>
-        Effect.map(
-          into(options.ram, Destination.run(listener, {
+        Effect.gen(function*() {
+          const problem = Transfer.checkMaxRam(options.maxRamBytes) ?? Transfer.checkTimeouts(options.timeouts) ??
+            Transfer.checkAcceptTimeout(options.acceptTimeout) ?? checkExpectations(options.expect)
+          if (problem !== undefined) {
+            return yield* new MigrationError.MigrationError({ reason: "BadOptions", detail: problem })
+          }
+          const listener = yield* listening
+          const received = yield* into(options.ram, Destination.run(listener, {
             ram: options.ram,
             maxRamBytes: options.maxRamBytes ?? DEFAULT_MAX_RAM,
             timeouts: Transfer.resolveTimeouts(options.timeouts),
@@ -559,47 +568,46 @@ const receive = <E>(
             store: options.store,
             tracker,
             exclusive
-          })),
-          (received) => ({ ...received.stats, received })
-        )),
+          }))
+          return { ...received.stats, received }
+        }).pipe(Effect.scoped)),
       ({ received }) => received
     ).pipe(
       Effect.withSpan("multifd.incoming", {
-        attributes: { "multifd.address": Transport.formatAddress(listener.address), "multifd.role": "destination" }
+        attributes: { "multifd.address": Transport.formatAddress(address), "multifd.role": "destination" }
       }),
       originalErrors
-    )
-  })
+    ))
 
 /** `listenAndReceive` from a `file:` address: `Snapshot.restore` with the destination's memory options. */
 const restoreFromFile = (
   path: string,
   options: IncomingOptions<unknown>
 ): Effect.Effect<Incoming, Snapshot.SnapshotError | MigrationError.MigrationError> =>
-  options.upgrade !== undefined
-    ? Effect.fail(unsupported(path, "TLS does not apply to a file: snapshot"))
-    : Effect.map(
-      observed("destination", options.status, options.ram?.size ?? 0, (tracker) =>
-        Effect.zipRight(
-          tracker.active,
-          Effect.map(
-            Snapshot.restore(path, {
-              ram: options.ram,
-              maxRamBytes: options.maxRamBytes,
-              // a snapshot is a proposal too (its pages stored as they are): expectations and admit, before a
-              // page is read
-              admit: (snapshot) => {
-                const proposal: Proposal = { ...snapshot, compression: "none" }
-                const unmet = options.expect && Destination.unmet(proposal, options.expect, "it was saved with")
-                return unmet ?? options.admit?.(proposal)
-              },
-              onProgress: tracker.withProgress(options.onProgress, options.ram?.pageSize ?? 0)
-            }),
-            ({ ram, stats }) => ({ ...stats, received: { ram, stats, rejected: [] } })
-          )
-        )),
-      ({ received }) => received
-    )
+  Effect.map(
+    observed("destination", options.status, options.ram?.size ?? 0, (tracker) =>
+      Effect.zipRight(
+        options.upgrade !== undefined
+          ? Effect.fail(unsupported(path, "TLS does not apply to a file: snapshot"))
+          : tracker.active,
+        Effect.map(
+          Snapshot.restore(path, {
+            ram: options.ram,
+            maxRamBytes: options.maxRamBytes,
+            // a snapshot is a proposal too (its pages stored as they are): expectations and admit, before a
+            // page is read
+            admit: (snapshot) => {
+              const proposal: Proposal = { ...snapshot, compression: "none" }
+              const unmet = options.expect && Destination.unmet(proposal, options.expect, "it was saved with")
+              return unmet ?? options.admit?.(proposal)
+            },
+            onProgress: tracker.withProgress(options.onProgress, options.ram?.pageSize ?? 0)
+          }),
+          ({ ram, stats }) => ({ ...stats, received: { ram, stats, rejected: [] } })
+        )
+      )),
+    ({ received }) => received
+  )
 
 /**
  * A store step's point of no return (`IncomingOptions.store`): runs `effect` uninterruptibly and, once it
@@ -631,13 +639,18 @@ export const listenAndReceive = <E = never>(
         // no source to tell: the commit is just uninterruptible
         (received) => options.store === undefined ? Effect.void : options.store(received.ram, Effect.uninterruptible)
       )) :
-  Effect.scoped(Effect.gen(function*() {
-    const transport = yield* Transport.Transport
-    const listener = yield* transport.listen(address)
-    if (options.onListening) yield* options.onListening(listener.address)
-    // the listener is this migration's alone: a later source is refused at once, not left waiting
-    return yield* receive(listener, options, true)
-  }))
+  // the listener is this migration's alone: a later source is refused at once, not left waiting
+  receive(
+    address,
+    Effect.gen(function*() {
+      const transport = yield* Transport.Transport
+      const listener = yield* transport.listen(address)
+      if (options.onListening) yield* options.onListening(listener.address)
+      return listener
+    }),
+    options,
+    true
+  )
 
 // ---------------------------------------------------------------------------------------------------------
 // As a stream

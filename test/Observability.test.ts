@@ -262,6 +262,30 @@ describe("MigrationStatus", () => {
       expect((yield* bad.get).status).toBe("failed")
     })))
 
+  /**
+   * A destination that fails before it receives anything — options it cannot use, an address it cannot listen on, TLS
+   * asked of a file: — left its handle in setup for good: `await` never returned (the source's failed, as said above).
+   */
+  it.live("a destination that fails before it listens or accepts says failed, with the reason; await returns", () =>
+    run(Effect.gen(function*() {
+      const transport = yield* Transport.Transport
+      const taken = yield* transport.listen(tcp0)
+      const upgrade: Transport.Upgrade<never> = (connection) => Effect.succeed(connection)
+      const attempts = [
+        (status: MigrationStatus.MigrationStatus) => Migration.incoming(taken, { maxRamBytes: -1, status }),
+        (status: MigrationStatus.MigrationStatus) => Migration.listenAndReceive(taken.address, { status }),
+        (status: MigrationStatus.MigrationStatus) =>
+          Migration.listenAndReceive({ _tag: "File", path: "/nonexistent/ram.snap" }, { upgrade, status })
+      ]
+      for (const attempt of attempts) {
+        const status = yield* MigrationStatus.make
+        const error = yield* Effect.flip(attempt(status))
+        const end = yield* noHang(status.await, "the status's end")
+        expect(end.status).toBe("failed")
+        expect(end.error).toBe(error.message)
+      }
+    })))
+
   it.live("an interrupted migration: cancelled, with what had moved", () =>
     run(Effect.gen(function*() {
       const ram = yield* sourceRam(BIG)
