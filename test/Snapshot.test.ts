@@ -1033,4 +1033,32 @@ describe("a migration, save or restore run uninterruptibly completes", () => {
       const received = yield* Effect.timeoutFail(Fiber.await(destination), { duration: "10 seconds", onTimeout: () => new Error("hung: incoming") })
       expect(Exit.isSuccess(received) && received.value.ram.blocks[0]!.bytes.equals(ram.blocks[0]!.bytes)).toBe(true)
     }))
+
+  it.scopedLive("Effect.uninterruptible(save) interrupted while it writes: the save goes on, and the snapshot is there", () =>
+    Effect.gen(function*() {
+      const dir = yield* tempDir
+      const path = Path.join(dir, "guest.snap")
+      const ram = yield* GuestRam.make({ blocks: [{ name: "pc.ram", bytes: GuestRam.allocate(256 * 4096) }] })
+      fillMixed(ram.blocks[0]!.bytes, 4096, 9)
+      // the save's first progress report holds it until the interruption has been sent
+      const reached = yield* Deferred.make<void>()
+      const go = yield* Deferred.make<void>()
+      let first = true
+      const onProgress = () => {
+        if (!first) return Effect.void
+        first = false
+        return Effect.zipRight(Deferred.succeed(reached, undefined), Deferred.await(go))
+      }
+      // forked uninterruptible (the fiber as a whole, not only the save: it ends with the save's own exit)
+      const fiber = yield* Effect.uninterruptible(Effect.forkDaemon(save(ram, path, { onProgress })))
+      yield* Deferred.await(reached)
+      // the save ran as a child fiber of the uninterruptible one, and the interruption reached it at once: it ended
+      // (its temporary file removed, no snapshot) although its caller had made it uninterruptible
+      fiber.unsafeInterruptAsFork(fiber.id())
+      yield* Deferred.succeed(go, undefined)
+      const saved = yield* ended(Fiber.await(fiber), "an uninterruptible save, interrupted")
+      expect(Exit.isSuccess(saved) && Exit.isSuccess(saved.value)).toBe(true)
+      const restored = yield* Snapshot.restore(path)
+      expect(restored.ram.blocks[0]!.bytes.equals(ram.blocks[0]!.bytes)).toBe(true)
+    }))
 })
