@@ -18,6 +18,7 @@ import * as Fs from "node:fs"
 import wabtInit from "wabt"
 import * as GuestRam from "../src/GuestRam.js"
 import * as Digest from "../src/internal/native/digest.js"
+import * as Prefault from "../src/internal/native/prefault.js"
 import * as Xxh3 from "../src/internal/native/xxh3.js"
 
 const reference = (bytes: Uint8Array): Promise<string> => HashWasm.xxhash128(bytes)
@@ -224,5 +225,22 @@ describe("digest worker threads (internal/native/digestWorker)", () => {
       const failure = failureOf(yield* Fiber.await(digest))
       // (terminated before its first instruction, a thread exits with code 0; once running, with 1)
       expect(failure.message).toMatch(/^digest worker thread exited \(code [01]\)$/)
+    }).pipe(Effect.scoped))
+
+  it.live("a digest, or a prefault, run uninterruptibly (a finalizer, a store step's commit) completes", () =>
+    Effect.gen(function*() {
+      const bytes = threeChunks()
+      const expected = yield* Effect.promise(() => referenceDigest(bytes))
+      const pool = yield* Digest.pool(2)
+      /** Its end, awaited in a daemon fiber (an uninterruptible fiber that hung would hold up the test's own end). */
+      const ended = <A>(effect: Effect.Effect<A>, what: string) =>
+        Effect.flatMap(Effect.forkDaemon(effect), (fiber) =>
+          Effect.timeoutFail(Fiber.join(fiber), { duration: "10 seconds", onTimeout: () => new Error(`hung: ${what}`) }))
+      // each request raced the thread's answer against the thread's failure: the failure, the loser, inherited
+      // the uninterruptibility and never came, and the race waited for it for ever
+      expect(yield* ended(Effect.uninterruptible(Digest.digestAll([bytes], pool)), "an uninterruptible digest"))
+        .toEqual([expected])
+      const fresh = GuestRam.allocate(3 * GuestRam.DIGEST_CHUNK)
+      yield* ended(Effect.uninterruptible(Prefault.prefault(fresh, 2)), "an uninterruptible prefault")
     }).pipe(Effect.scoped))
 })

@@ -18,6 +18,7 @@ import type * as Scope from "effect/Scope"
 import * as Crypto from "node:crypto"
 import * as Os from "node:os"
 import * as WorkerThreads from "node:worker_threads"
+import { ownFibers } from "../ownFibers.js"
 import type * as DigestWorker from "./digestWorker.js"
 import * as EventLoop from "./eventLoop.js"
 import * as Xxh3 from "./xxh3.js"
@@ -124,9 +125,15 @@ const worker: Effect.Effect<Hasher, never, Scope.Scope> = Effect.map(
       })
   ),
   ({ failed, thread }): Hasher => {
-    /** The answer to `request`, or the thread's failure; an interrupted request's late answer is passed over. */
+    /**
+     * The answer to `request`, or the thread's failure; an interrupted request's late answer is passed over. The
+     * race runs interruptible in a fiber of its own (`ownFibers`): asked uninterruptibly (a digest or a prefault in
+     * a finalizer, a store step's commit, `Effect.uninterruptible`), the failure that loses inherited that and never
+     * came, and the race waited for it for ever; and the fiber's own, as no child's, is not cut short by a second
+     * interruption of its caller.
+     */
     const ask = (request: DigestWorker.Request) =>
-      Effect.raceFirst(
+      ownFibers(Effect.raceFirst(
         Deferred.await(failed),
         Effect.async<DigestWorker.Answer>((resume) => {
           const onMessage = (answer: DigestWorker.Answer) => {
@@ -138,7 +145,7 @@ const worker: Effect.Effect<Hasher, never, Scope.Scope> = Effect.map(
           thread.postMessage(request)
           return Effect.sync(() => thread.off("message", onMessage))
         })
-      )
+      ))
     return {
       thread,
       failed,
