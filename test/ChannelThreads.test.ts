@@ -272,6 +272,25 @@ describe("the pool", () => {
       expect(yield* Deferred.await(inFinalizer)).toBe(pool.size)
     }).pipe(Effect.scoped))
 
+  it.live("inspect asked uninterruptibly, its fiber interrupted while a thread has not answered yet: it answers", () =>
+    Effect.gen(function*() {
+      const pool = yield* ChannelThreads.make({ ...POOL, maxThreads: 1 })
+      // the thread holds its answer until the interruption has been sent
+      const release = unsafeThreads(pool)[0]!.hold()
+      const asking = yield* Deferred.make<void>()
+      const fiber = yield* Effect.uninterruptible(
+        Effect.forkDaemon(Effect.zipRight(Deferred.succeed(asking, undefined), Effect.exit(pool.inspect)))
+      )
+      yield* Deferred.await(asking)
+      for (let turn = 0; turn < 3; turn++) yield* nextTurn
+      // the race's sides were children of the asking fiber, interruptible: the interruption reached them at once,
+      // and the leak check a finalizer ran ended interrupted, with no answer
+      fiber.unsafeInterruptAsFork(fiber.id())
+      release()
+      const answered = yield* noHang(Fiber.join(fiber), "inspect, interrupted")
+      expect(Exit.isSuccess(answered) && answered.value).toHaveLength(1)
+    }).pipe(Effect.scoped))
+
   it.live("the bundled thread's module holds neither the Tls module nor effect's Schema (each thread is an isolate of its own)", () =>
     Effect.promise(async () => {
       // an isolate per thread pays for every module it evaluates: Tls's configuration (its schema, effect's

@@ -25,6 +25,7 @@ import * as Scope from "effect/Scope"
 import * as Os from "node:os"
 import * as WorkerThreads from "node:worker_threads"
 import * as Transfer from "../../Transfer.js"
+import { ownFibers } from "../ownFibers.js"
 import type { TransferListItem } from "node:worker_threads"
 import {
   type EncodedFailure,
@@ -237,10 +238,11 @@ const closedError = () => new ThreadError({ reason: "Closed", detail: POOL_CLOSE
 /**
  * Asks a thread what it holds; fails if the thread fails first. Each side of the race is interruptible: asked
  * uninterruptibly (a finalizer's leak check), a race waits for its loser's end, and the thread's failure that
- * loses never comes while it runs.
+ * loses never comes while it runs. The race runs in a fiber of its own (`ownFibers`): its sides, children of the
+ * asking fiber, heard of a second interruption of it at once, and a leak check in a finalizer ended interrupted.
  */
 const inspectOne = (thread: Thread): Effect.Effect<Inspection, ThreadError> =>
-  Effect.raceFirst(
+  ownFibers(Effect.raceFirst(
     Effect.interruptible(Deferred.await(thread.failed)),
     Effect.interruptible(Effect.async<Inspection>((resume) => {
       const request = ++inspections
@@ -251,7 +253,7 @@ const inspectOne = (thread: Thread): Effect.Effect<Inspection, ThreadError> =>
       thread.worker.postMessage({ _tag: "Inspect", request } satisfies ToThread)
       return Effect.sync(() => thread.inspections.delete(request))
     }))
-  )
+  ))
 
 /** What tests reach into: the pool's threads as they are now. */
 const threadsOfPool = new WeakMap<Pool, () => ReadonlyArray<Thread>>()
