@@ -14,6 +14,7 @@ import * as Duration from "effect/Duration"
 import * as Effect from "effect/Effect"
 import * as Either from "effect/Either"
 import * as Exit from "effect/Exit"
+import * as Fiber from "effect/Fiber"
 import * as Layer from "effect/Layer"
 import * as Option from "effect/Option"
 import * as Queue from "effect/Queue"
@@ -397,13 +398,22 @@ export const listen = (address: Address): Effect.Effect<Listener, TransportError
     const actualUri = formatAddress(actual)
     return {
       address: actual,
+      // the wait runs interruptible in a fiber of its own, interrupted by the join alone: asked uninterruptibly (an
+      // acquire, `Effect.uninterruptible`), a race's loser (the listener's end, which does not come) inherited that
+      // and the race waited for it for ever, a connection come; and a fiber's children hear of its interruption at
+      // once. A connection taken as the wait was interrupted is closed, not lost
       accept: Effect.uninterruptibleMask((restore) =>
         Effect.flatMap(
-          restore(Effect.raceFirst(Deferred.await(gone), Queue.take(pending))),
-          ({ reader, socket }) =>
-            Effect.acquireRelease(
-              Effect.sync(() => Connections.make(socket, `${actualUri} (from ${peerOf(socket)})`, reader)),
-              () => destroy(socket)
+          Effect.forkDaemon(Effect.interruptible(Effect.raceFirst(Deferred.await(gone), Queue.take(pending)))),
+          (waiting) =>
+            Effect.flatMap(
+              Effect.onInterrupt(restore(Fiber.join(waiting)), () =>
+                Effect.flatMap(Fiber.interrupt(waiting), (exit) => Exit.isSuccess(exit) ? destroy(exit.value.socket) : Effect.void)),
+              ({ reader, socket }) =>
+                Effect.acquireRelease(
+                  Effect.sync(() => Connections.make(socket, `${actualUri} (from ${peerOf(socket)})`, reader)),
+                  () => destroy(socket)
+                )
             )
         )
       )

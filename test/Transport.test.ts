@@ -712,6 +712,24 @@ describe("errors", () => {
 })
 
 describe("interruption", () => {
+  it.live("an accept run uninterruptibly (an acquire, Effect.uninterruptible) returns the connection that came, also interrupted meanwhile", () =>
+    leakFree(Effect.gen(function*() {
+      const listener = yield* listen(LOOPBACK)
+      // forked uninterruptible, the fiber as a whole: its exit is the accept's own
+      const accepting = yield* Effect.uninterruptible(Effect.forkDaemon(Effect.scoped(Effect.gen(function*() {
+        const connection = yield* listener.accept
+        return (yield* connection.read(5)).toString()
+      }))))
+      yield* nextTurn
+      // the race's loser, the listener's end (which does not come), inherited the uninterruptibility: the accept
+      // waited for it for ever once a connection came; and a second interruption reached the race's sides at once
+      accepting.unsafeInterruptAsFork(accepting.id())
+      const client = yield* connect(listener.address)
+      yield* client.write([Buffer.from("hello")])
+      const exit = yield* noHang(Fiber.await(accepting), "an uninterruptible accept")
+      expect(exit).toEqual(Exit.succeed("hello"))
+    })))
+
   it.live("interrupting a pending accept returns promptly; the next connection is still accepted", () =>
     leakFree(Effect.gen(function*() {
       const listener = yield* listen(LOOPBACK)
