@@ -27,6 +27,7 @@ import * as Ref from "effect/Ref"
 import type * as Scope from "effect/Scope"
 import type * as ChannelThreads from "./ChannelThreads.js"
 import * as GuestRam from "./GuestRam.js"
+import { ownFibers } from "./internal/ownFibers.js"
 import * as RecvDecode from "./internal/recvDecode.js"
 import * as MigrationError from "./MigrationError.js"
 import * as PageCodec from "./PageCodec.js"
@@ -291,7 +292,9 @@ export const make = (config: Config): Effect.Effect<MultifdRecv["Type"], never, 
     const channelBytes = new Array<number>(channels).fill(0)
     const fibers = yield* FiberSet.make<void, ChannelFailure>()
     const failure = Effect.zipRight(FiberSet.join(fibers), Effect.never)
-    const guarded = <A, E>(effect: Effect.Effect<A, E>) => Effect.raceFirst(effect, failure)
+    // in a fiber of its own, interruptible inside (`ownFibers`): run uninterruptibly (a finalizer, a store step's
+    // commit), the set's failure that loses inherited that and never came, and the race waited for it for ever
+    const guarded = <A, E>(effect: Effect.Effect<A, E>) => ownFibers(Effect.raceFirst(effect, failure))
     const blockSize = (name: string) => ram.block(name)?.bytes.length
     // a compressed payload may exceed its pages a little (incompressible data); nothing legitimate is larger
     const maxPayload = slots * pageSize + 64 * 1024

@@ -37,6 +37,7 @@ import * as Crypto from "node:crypto"
 import * as Bandwidth from "./Bandwidth.js"
 import type * as ChannelThreads from "./ChannelThreads.js"
 import type * as GuestRam from "./GuestRam.js"
+import { ownFibers } from "./internal/ownFibers.js"
 import * as SendChannel from "./internal/sendChannel.js"
 import * as SendSession from "./internal/threads/sendSession.js"
 import { type EncodedFailure, ThreadError } from "./internal/threads/protocol.js"
@@ -446,7 +447,9 @@ export const make = (
         )
     for (let id = 0; id < channels; id++) yield* FiberSet.run(fibers, ownerOf(id))
 
-    const guarded = <A, E>(effect: Effect.Effect<A, E>) => Effect.raceFirst(effect, failure)
+    // in a fiber of its own, interruptible inside (`ownFibers`): run uninterruptibly (a finalizer, a store step's
+    // commit), the set's failure that loses inherited that and never came, and the race waited for it for ever
+    const guarded = <A, E>(effect: Effect.Effect<A, E>) => ownFibers(Effect.raceFirst(effect, failure))
     const all = guarded(Deferred.await(mailboxes))
     // the first failure shuts the idle queue: a `send` waiting for a channel then reports that failure
     // (cheaper than racing every batch against `failure`)

@@ -21,6 +21,7 @@ import * as Fiber from "effect/Fiber"
 import * as Layer from "effect/Layer"
 import * as Option from "effect/Option"
 import * as TestClock from "effect/TestClock"
+import * as Crypto from "node:crypto"
 import { PassThrough } from "node:stream"
 import * as Control from "../src/Control.js"
 import * as GuestRam from "../src/GuestRam.js"
@@ -28,7 +29,9 @@ import * as MappedRam from "../src/MappedRam.js"
 import * as Migration from "../src/Migration.js"
 import * as MigrationError from "../src/MigrationError.js"
 import * as MultifdRecv from "../src/MultifdRecv.js"
+import * as MultifdSend from "../src/MultifdSend.js"
 import * as PageCodec from "../src/PageCodec.js"
+import * as Protocol from "../src/Protocol.js"
 import * as QemuIncoming from "../src/QemuIncoming.js"
 import * as Snapshot from "../src/Snapshot.js"
 import * as Transfer from "../src/Transfer.js"
@@ -407,4 +410,36 @@ describe("MultifdRecv.adopt reads an init packet within the handshake timeout (T
       expect((yield* recv.stats).channels).toBe(0)
       expect(Option.isNone(yield* Effect.either(recv.failure).pipe(Effect.timeoutOption("0 millis")))).toBe(true)
     })))
+})
+
+describe("a channel set's waits run uninterruptibly (a finalizer, a store step's commit) end", () => {
+  it.live("MultifdSend's established, sync and finish, and MultifdRecv's adopted, sync and finalSync, each run uninterruptibly", () =>
+    leakFree(Effect.gen(function*() {
+      const uuid = Protocol.parseUuid(Crypto.randomUUID())!
+      const ram = yield* GuestRam.make({ blocks: [{ name: "pc.ram", size: 16 * PAGE }] })
+      const recv = yield* MultifdRecv.make({ channels: 2, uuid, ram, compression: "none", handshakeTimeout: "10 seconds" })
+      const listener = yield* Transport.listen({ _tag: "Tcp", host: "127.0.0.1", port: 0 })
+      yield* Effect.forkScoped(Effect.forever(Effect.flatMap(listener.accept, (c) => Effect.forkScoped(recv.adopt(c)))))
+      const send = yield* MultifdSend.make({
+        address: listener.address,
+        channels: 2,
+        uuid,
+        pageSize: PAGE,
+        compression: "none",
+        zeroPage: "multifd",
+        connectTimeout: "10 seconds"
+      }).pipe(Effect.provide(Transport.layer))
+      // each raced its wait against the set's failure, which had inherited the uninterruptibility and never came:
+      // the race waited for that loser for ever
+      const both = <A, B>(a: Effect.Effect<A, unknown>, b: Effect.Effect<B, unknown>, what: string) =>
+        // awaited in a daemon fiber: an uninterruptible fiber that hung would hold up the test's own end
+        Effect.flatMap(
+          Effect.forkDaemon(Effect.all([Effect.uninterruptible(a), Effect.uninterruptible(b)], { concurrency: 2 })),
+          (fiber) => noHang(Fiber.join(fiber), what)
+        )
+      yield* both(send.established, recv.adopted, "established / adopted, uninterruptibly")
+      yield* both(send.sync, recv.sync, "sync, uninterruptibly")
+      yield* both(send.sync, recv.finalSync, "the final sync, uninterruptibly")
+      yield* both(send.finish, Effect.void, "finish, uninterruptibly")
+    }).pipe(Effect.scoped)))
 })
