@@ -12,6 +12,7 @@
  * of the stall tests.
  */
 import { describe, expect, it } from "@effect/vitest"
+import * as Cause from "effect/Cause"
 import * as ConfigError from "effect/ConfigError"
 import * as ConfigProvider from "effect/ConfigProvider"
 import * as Deferred from "effect/Deferred"
@@ -20,6 +21,7 @@ import * as Effect from "effect/Effect"
 import * as Exit from "effect/Exit"
 import * as Fiber from "effect/Fiber"
 import * as Logger from "effect/Logger"
+import * as Option from "effect/Option"
 import * as ChildProcess from "node:child_process"
 import * as Crypto from "node:crypto"
 import * as Fs from "node:fs"
@@ -1494,6 +1496,20 @@ describe("handshake faults", () => {
       expect(elapsed).toBeLessThan(PROMPT_MS)
       const destError = failureOf(yield* noHang(Fiber.await(dest.fiber), "incoming after the source failed"))
       expect((destError as MigrationError.MigrationError).reason).toBe("Aborted")
+    })))
+
+  it.live("a TLS client run uninterruptibly (an acquire, a finalizer) against a peer that stalls mid-handshake: Timeout", () =>
+    leakFree(Effect.gen(function*() {
+      const tls = yield* pskTls("keys.psk", { handshakeTimeoutMs: 300 })
+      const peer = yield* rawPeer("stall")
+      // the handshake's timeout could not interrupt its wait, which had inherited the uninterruptibility, and
+      // waited with it for ever; awaited in a daemon fiber (a hung uninterruptible one would hold up the test)
+      const fiber = yield* Effect.forkDaemon(Effect.uninterruptible(Effect.scoped(
+        Effect.flatMap(Transport.connect(peer.address), (connection) => tls.client(undefined)(connection, 0))
+      ).pipe(Effect.provide(Transport.layer))))
+      const exit = yield* noHang(Fiber.await(fiber), "an uninterruptible TLS client")
+      expect(Exit.isFailure(exit) && Cause.failureOption(exit.cause).pipe(Option.map((e) => e.reason), Option.getOrUndefined))
+        .toBe("Timeout")
     })))
 
   it.live("a raw peer stalls mid-handshake: the source fails after handshakeTimeoutMs with reason Timeout", () =>

@@ -10,6 +10,7 @@ import type * as NodeTls from "node:tls"
 import * as Transport from "../../Transport.js"
 import * as Connections from "../native/connection.js"
 import * as DirectSocket from "../native/directSocket.js"
+import { ownFibers } from "../ownFibers.js"
 import { TlsError } from "./model.js"
 
 /** Runs a handshake on a TLS socket: resolves on `secureEvent`, fails on error, close or timeout. */
@@ -23,7 +24,9 @@ export const handshake = (
   /** What a close in the middle of the handshake most likely means. */
   closed = "connection closed"
 ) =>
-  Effect.async<void, TlsError>((resume) => {
+  // in a fiber of its own, interruptible inside (`ownFibers`): run uninterruptibly (an acquire, a finalizer), the
+  // timeout could not interrupt the wait for a peer that says nothing, and waited with it for ever
+  ownFibers(Effect.async<void, TlsError>((resume) => {
     const onSecure = () => {
       cleanup()
       const refusal = authorize(socket)
@@ -56,7 +59,7 @@ export const handshake = (
       onTimeout: () =>
         new TlsError({ reason: "Timeout", detail: `handshake with ${peer} timed out after ${Duration.format(timeout)}` })
     })
-  )
+  ))
 
 /**
  * The source's main channel, which the destination may still turn away without a word: a Node destination
@@ -163,7 +166,7 @@ export const bounded = <E>(
   timeout: Duration.DurationInput
 ): Transport.Upgrade<E | TlsError> =>
 (connection, channel) =>
-  upgrade(connection, channel).pipe(
+  ownFibers(upgrade(connection, channel).pipe(
     Effect.timeoutFail({
       duration: timeout,
       onTimeout: () =>
@@ -172,4 +175,4 @@ export const bounded = <E>(
           detail: `handshake with ${connection.peer} timed out after ${Duration.format(Duration.decode(timeout))}`
         })
     })
-  )
+  ))
