@@ -35,7 +35,7 @@ import * as Protocol from "./Protocol.js"
 import * as Snapshot from "./Snapshot.js"
 import * as Transfer from "./Transfer.js"
 import * as Transport from "./Transport.js"
-import { ownFibers } from "./internal/ownFibers.js"
+import { ownFibers } from "./internal/native/ownFibers.js"
 
 // ---------------------------------------------------------------------------------------------------------
 // What both sides share (`Transfer`)

@@ -48,7 +48,7 @@ import * as QemuVm from "./QemuVm.js"
 import * as Tls from "./Tls.js"
 import * as Transfer from "./Transfer.js"
 import * as Transport from "./Transport.js"
-import { ownFibers } from "./internal/ownFibers.js"
+import { ownFibers } from "./internal/native/ownFibers.js"
 
 /**
  * How to migrate a VM into QEMU.

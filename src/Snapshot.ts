@@ -71,7 +71,7 @@ import * as Save from "./internal/snapshotSave.js"
 import * as MigrationError from "./MigrationError.js"
 import * as Protocol from "./Protocol.js"
 import * as Transfer from "./Transfer.js"
-import { ownFibers } from "./internal/ownFibers.js"
+import { ownFibers } from "./internal/native/ownFibers.js"
 
 /**
  * Writers of `save` and readers of `restore` when not told (libuv's thread pool has 4 threads by default).

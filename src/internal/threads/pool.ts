@@ -25,7 +25,7 @@ import * as Scope from "effect/Scope"
 import * as Os from "node:os"
 import * as WorkerThreads from "node:worker_threads"
 import * as Transfer from "../../Transfer.js"
-import { ownFibers } from "../ownFibers.js"
+import { ownFibers } from "../native/ownFibers.js"
 import type { TransferListItem } from "node:worker_threads"
 import {
   type EncodedFailure,

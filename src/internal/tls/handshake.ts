@@ -10,7 +10,7 @@ import type * as NodeTls from "node:tls"
 import * as Transport from "../../Transport.js"
 import * as Connections from "../native/connection.js"
 import * as DirectSocket from "../native/directSocket.js"
-import { ownFibers } from "../ownFibers.js"
+import { ownFibers } from "../native/ownFibers.js"
 import { TlsError } from "./model.js"
 
 /** Runs a handshake on a TLS socket: resolves on `secureEvent`, fails on error, close or timeout. */
