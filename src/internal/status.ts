@@ -89,8 +89,6 @@ interface State {
   readonly pausedAt: number | undefined
   /** Live values of the running migration, read at each `get`. */
   readonly probe: Effect.Effect<Partial<Snapshot>> | undefined
-  /** Whether a migration follows this handle now (a second one is refused, the handle left alone). */
-  readonly running: boolean
   /** Completed with the final snapshot of the migration this handle follows (or its next one, before it starts). */
   readonly final: Deferred.Deferred<Snapshot>
 }
@@ -113,6 +111,12 @@ const initial: Snapshot = {
 }
 
 const isFinal = (status: Status) => status === "completed" || status === "failed" || status === "cancelled"
+
+/**
+ * Whether a migration follows the handle now (a second one is refused, the handle left alone): one started and
+ * has not ended (its end sets the final status).
+ */
+const following = (state: State): boolean => state.startedAt !== undefined && !isFinal(state.snapshot.status)
 
 /** The snapshot of `state` at `now`. */
 const view = (state: State, now: number, live: Partial<Snapshot>): Snapshot => {
@@ -156,7 +160,6 @@ export const make: Effect.Effect<MigrationStatus> = Effect.gen(function*() {
     activeAt: undefined,
     pausedAt: undefined,
     probe: undefined,
-    running: false,
     final: yield* Deferred.make<Snapshot>()
   })
   return new Handle(state)
@@ -253,13 +256,12 @@ export const track = <A, E, R, B>(
       const now = yield* Clock.currentTimeMillis
       const fresh = yield* Deferred.make<Snapshot>()
       const taken = yield* SubscriptionRef.modify(h.state, (s): [boolean, State] =>
-        s.running ? [false, s] : [true, {
+        following(s) ? [false, s] : [true, {
           snapshot: { ...initial, total },
           startedAt: now,
           activeAt: undefined,
           pausedAt: undefined,
           probe: undefined,
-          running: true,
           // an earlier migration's end stays its own: this one's `await` waits for this one
           final: isFinal(s.snapshot.status) ? fresh : s.final
         }])
@@ -289,7 +291,7 @@ export const track = <A, E, R, B>(
               status: "failed",
               error: messageOf(Cause.squash(exit.cause))
             }
-          yield* modify(h, (s) => ({ ...s, snapshot, probe: undefined, running: false }))
+          yield* modify(h, (s) => ({ ...s, snapshot, probe: undefined }))
           yield* Deferred.succeed(state.final, snapshot)
         }))
     })
