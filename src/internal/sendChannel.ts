@@ -380,23 +380,22 @@ export const serve = (
       sent.packet(normal + zero)
     }
     const encodeNow = codec.encodeNow
-    const packet = (block: Memory, pages: Uint32Array, origin: number): Effect.Effect<void, PageCodec.CodecError> => {
-      if (encodeNow !== undefined) {
-        // a codec that encodes synchronously: the whole packet in one step
+    // the packet is made when the effect runs, not when it is built: one suspension a packet, no generator
+    const packet = (block: Memory, pages: Uint32Array, origin: number): Effect.Effect<void, PageCodec.CodecError> =>
+      Effect.suspend(() => {
         const header = start(block, pages)
+        if (encodeNow === undefined) {
+          return Effect.map(
+            codec.encode(block.bytes, offsets, normal, pageSize, chunks),
+            (payloadSize) => end(block, origin, header, payloadSize)
+          )
+        }
+        // a codec that encodes synchronously: the whole packet in one step
         const payloadSize = encodeNow(block.bytes, offsets, normal, pageSize, chunks)
         if (typeof payloadSize !== "number") return Effect.fail(payloadSize)
         end(block, origin, header, payloadSize)
         return Effect.void
-      }
-      return Effect.suspend(() => {
-        const header = start(block, pages)
-        return Effect.map(
-          codec.encode(block.bytes, offsets, normal, pageSize, chunks),
-          (payloadSize) => end(block, origin, header, payloadSize)
-        )
       })
-    }
     /**
      * The packets of one hand-off: views of guest memory are written together (one vectored write);
      * compressed packets one by one as they are made (their buffers cost memory), and a codec that reuses
