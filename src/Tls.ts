@@ -43,7 +43,7 @@ import * as TlsClient from "./internal/tls/client.js"
 import { handshake, secured } from "./internal/tls/handshake.js"
 import { configError, type Credentials, type Settings, TlsError } from "./internal/tls/model.js"
 import * as Der from "./internal/tls/der.js"
-import { clientRefusal, describe, hint, ownName } from "./internal/tls/verification.js"
+import { clientRefusal, describe, hint, ownName, peerCertificateOf } from "./internal/tls/verification.js"
 import * as Transport from "./Transport.js"
 
 /**
@@ -382,6 +382,8 @@ export const server = (settings: Settings, options?: ServerOptions): Transport.U
     const creds = settings.credentials
     // a PSK identity outside the authorization list makes OpenSSL fail with an unrelated alert: remember it
     let refusedIdentity: string | undefined
+    // the PSK identity admitted (not called on a resumed session: that peer then proves no identity)
+    let admittedIdentity: string | undefined
     const verifyPeer = settings.verifyPeer || (creds._tag === "X509" && settings.authz !== undefined)
     const socket = yield* Effect.acquireRelease(
       Effect.sync(() =>
@@ -393,6 +395,7 @@ export const server = (settings: Settings, options?: ServerOptions): Transport.U
               pskCallback: (_socket: NodeTls.TLSSocket, identity: string) => {
                 const key = pskKey(settings, identity)
                 if (key === undefined) refusedIdentity = identity
+                else admittedIdentity = identity
                 return key ?? null
               }
             }
@@ -427,7 +430,16 @@ export const server = (settings: Settings, options?: ServerOptions): Transport.U
         })
       )
     )
-    return yield* secured(socket, connection.peer, true)
+    const secure = yield* secured(socket, connection.peer, true)
+    // who the peer proved to be: its PSK identity, or its client certificate once its chain verified (the same
+    // certificate, not only the same name: its fingerprint)
+    const certificate = creds._tag === "X509" && verifyPeer ? peerCertificateOf(socket) : undefined
+    const peerIdentity = admittedIdentity !== undefined
+      ? `PSK identity ${JSON.stringify(admittedIdentity)}`
+      : certificate !== undefined
+      ? `certificate ${nameOf(certificate)} (SHA-256 ${certificate.fingerprint256})`
+      : undefined
+    return peerIdentity === undefined ? secure : { ...secure, peerIdentity }
   })
 
 /**

@@ -48,7 +48,7 @@ import * as Cli from "./support/cli.js"
 import { advanceUntil } from "./support/clock.js"
 import { expectOneLine, failureOf } from "./support/failures.js"
 import { noHang as realNoHang } from "./support/guards.js"
-import { mountTmpfs } from "./support/files.js"
+import { mountTmpfs, tempDirectory } from "./support/files.js"
 import { expectNothingLeft } from "./support/leakProbe.js"
 import { expectNoLeaks, nextTurn } from "./support/handles.js"
 import { stranger, turnedAway } from "./support/strangers.js"
@@ -210,13 +210,20 @@ interface Destination {
 }
 
 /** QemuIncoming.incoming on a fresh loopback listener, in its own fiber (logs kept, not printed). */
-const destination = (options: QemuIncoming.Options): Effect.Effect<Destination, Transport.TransportError, Scope.Scope> =>
+const destination = (
+  options: QemuIncoming.Options,
+  /** Told each line the destination logs. */
+  onLog?: (line: string) => void
+): Effect.Effect<Destination, Transport.TransportError, Scope.Scope> =>
   Effect.gen(function*() {
     const listener = yield* Transport.listen({ _tag: "Tcp", host: "127.0.0.1", port: 0 })
     const logs: Array<string> = []
     const fiber = yield* Effect.forkScoped(
       QemuIncoming.incoming(listener, { timeouts: PEER, ...options }).pipe(
-        Effect.provide(Logger.replace(Logger.defaultLogger, Logger.make(({ message }) => logs.push(String(message)))))
+        Effect.provide(Logger.replace(Logger.defaultLogger, Logger.make(({ message }) => {
+          logs.push(String(message))
+          onLog?.(String(message))
+        })))
       )
     )
     return { address: listener.address, fiber, logs }
@@ -787,6 +794,47 @@ describe("QemuIncoming.incoming over TLS (QEMU's tls-creds-psk / tls-creds-x509)
         if (Exit.isFailure(exit)) throw new Error(Cause.pretty(exit.cause))
         sameAsImage(exit.value.ram)
         expect(exit.value.rejected).toEqual([])
+      }
+    }))))
+
+  it.live("another peer the destination admits cannot be one of QEMU's channels (its uuid, zeros, proves nothing): turned away naming both peers, QEMU's own channel adopted", () =>
+    expectNoLeaks(Effect.scoped(Effect.gen(function*() {
+      const dir = yield* tempDirectory("emfd-psk-")
+      const keys = Path.join(dir, "keys.psk")
+      Fs.writeFileSync(keys, `qemu:${Crypto.randomBytes(32).toString("hex")}\nother:${Crypto.randomBytes(32).toString("hex")}\n`)
+      const client = (name: string): Tls.TlsConfig => ({ ...x509Client, cert: tlsFixture(`${name}-cert.pem`), key: tlsFixture(`${name}-key.pem`) })
+      const kinds = [
+        [{ ...x509Server, authz: ["alice", "mallory"] }, client("alice"), client("mallory"), "certificate CN=mallory (SHA-256 ", "certificate CN=alice (SHA-256 "],
+        [{ psk: keys, authz: ["qemu", "other"] }, { psk: keys }, { psk: keys, identity: "other" }, `PSK identity "other"`, `PSK identity "qemu"`]
+      ] as const
+      for (const [server, qemu, other, otherIs, qemuIs] of kinds) {
+        const turnedAway = yield* Deferred.make<void>()
+        const dst = yield* destination({ channels: 2, tls: yield* Tls.load(server) }, (line) => {
+          if (line.includes("rejected a connection")) Deferred.unsafeDone(turnedAway, Exit.void)
+        })
+        const sending = (config: Tls.TlsConfig, bytes: Uint8Array) =>
+          Effect.flatMap(Tls.load(config), (tls) =>
+            Effect.forkScoped(Effect.scoped(Effect.gen(function*() {
+              const connection = yield* Tls.client(tls, "127.0.0.1")(yield* Transport.connect(dst.address), "main")
+              yield* connection.write([bytes])
+              yield* connection.end
+            }))))
+        // the other peer claims channel 1 first, with QEMU's channel 1 stream; QEMU's main channel and channel 0
+        const senders = [
+          yield* sending(other, fixture("none-2ch/multifd-1.bin")),
+          yield* sending(qemu, MAIN),
+          yield* sending(qemu, fixture("none-2ch/multifd-0.bin"))
+        ]
+        // turned away, or (adopted) the migration completes with it
+        yield* noHang(Effect.raceFirst(Deferred.await(turnedAway), Effect.asVoid(Fiber.await(dst.fiber))), "the other peer's channel")
+        senders.push(yield* sending(qemu, fixture("none-2ch/multifd-1.bin")))
+        const exit = yield* noHang(Fiber.await(dst.fiber), "the destination")
+        yield* Fiber.interruptAll(senders)
+        if (Exit.isFailure(exit)) throw new Error(Cause.pretty(exit.cause))
+        sameAsImage(exit.value.ram)
+        expect(exit.value.rejected).toHaveLength(1)
+        expect(exit.value.rejected[0]).toContain(`: a multifd channel of another peer than the main channel's: ${otherIs}`)
+        expect(exit.value.rejected[0]).toContain(`(the main channel's: ${qemuIs}`)
       }
     }))))
 

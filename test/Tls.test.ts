@@ -33,6 +33,7 @@ import { fileURLToPath } from "node:url"
 import * as GuestRam from "../src/GuestRam.js"
 import * as Migration from "../src/Migration.js"
 import * as MigrationError from "../src/MigrationError.js"
+import * as Protocol from "../src/Protocol.js"
 import * as Tls from "../src/Tls.js"
 import * as Transport from "../src/Transport.js"
 import * as Der from "../src/internal/tls/der.js"
@@ -897,6 +898,96 @@ describe("peer certificates (QEMU verify-peer: chain to the CA, validity, usage;
       yield* noHang(dest.rejections(1), "the destination's rejection")
       expect(dest.fiber.unsafePoll()).toBeNull()
     })))
+})
+
+// ---------------------------------------------------------------------------------------------------------
+
+describe("one peer per migration: every channel is the main channel's peer", () => {
+  /**
+   * A keys file of two identities, qemu (alice's) and other (mallory's), in a directory removed with the scope:
+   * a destination that admits both.
+   */
+  const twoIdentities = Effect.acquireRelease(
+    Effect.sync(() => {
+      const dir = Fs.mkdtempSync(Path.join(Os.tmpdir(), "emfd-psk-"))
+      const file = Path.join(dir, "keys.psk")
+      Fs.writeFileSync(file, `qemu:${Crypto.randomBytes(32).toString("hex")}\nother:${Crypto.randomBytes(32).toString("hex")}\n`)
+      return { dir, file }
+    }),
+    ({ dir }) => Effect.sync(() => Fs.rmSync(dir, { recursive: true, force: true }))
+  )
+
+  // alice's channel 1 waits in its handshake while the intruders are turned away: timeouts no wait comes near
+  const long = { handshakeTimeoutMs: 30_000 }
+  const LONG = { connect: "30 seconds", handshake: "30 seconds", peer: "30 seconds" } as const
+  const peers = {
+    x509: Effect.gen(function*() {
+      return {
+        server: yield* serverX509("server", { authz: ["alice", "mallory"], ...long }),
+        alice: yield* clientX509(long, "alice"),
+        mallory: yield* clientX509(long, "mallory"),
+        aliceIs: "certificate CN=alice (SHA-256 ",
+        malloryIs: "certificate CN=mallory (SHA-256 "
+      }
+    }),
+    psk: Effect.gen(function*() {
+      const { file } = yield* twoIdentities
+      return {
+        server: yield* loadTls({ psk: file, authz: ["qemu", "other"], ...long }),
+        alice: yield* loadTls({ psk: file, ...long }),
+        mallory: yield* loadTls({ psk: file, identity: "other", ...long }),
+        aliceIs: `PSK identity "qemu"`,
+        malloryIs: `PSK identity "other"`
+      }
+    })
+  }
+
+  for (const kind of ["x509", "psk"] as const) {
+    it.live(
+      `${kind}: another peer the destination admits, knowing the migration's uuid, cannot join it as a multifd channel (nor a plain connection): ` +
+        "both turned away, naming the peers, and alice's memory arrives byte for byte",
+      () =>
+        leakFree(Effect.gen(function*() {
+          const { alice, aliceIs, mallory, malloryIs, server } = yield* peers[kind]
+          const ram = yield* sourceRam(1)
+          const dest = yield* startDestination(server.server, { timeouts: LONG })
+          // alice's channel 0 shows the migration's uuid (its init packet), her channel 1 waits for the intruders
+          const uuid = yield* Deferred.make<Uint8Array>()
+          const intruded = yield* Deferred.make<void>()
+          const spied: Upgrade = (connection, channel) =>
+            Effect.gen(function*() {
+              if (channel === 1) yield* Deferred.await(intruded)
+              const secured = yield* alice.client(LOOPBACK)(connection, channel)
+              return channel !== 0 ? secured : {
+                ...secured,
+                write: (chunks: ReadonlyArray<Uint8Array>) =>
+                  Effect.zipRight(Deferred.succeed(uuid, Buffer.from(chunks[0]!.subarray(8, 24))), secured.write(chunks))
+              }
+            })
+          const migrating = yield* Effect.fork(migrateTo(ram, tcp(LOOPBACK, dest.port), spied, { timeouts: LONG }))
+          const id = yield* noHang(Deferred.await(uuid), "alice's channel 0")
+          const init = Protocol.encodeInit({ uuid: id, id: 1 })
+          // a plain connection, then mallory over TLS, each announcing alice's channel 1
+          yield* Effect.scoped(Effect.gen(function*() {
+            const plain = yield* Transport.connect(tcp(LOOPBACK, dest.port))
+            yield* plain.write([init])
+            yield* noHang(dest.rejections(1), "the plain connection turned away")
+            const intruder = yield* mallory.client(LOOPBACK)(yield* Transport.connect(tcp(LOOPBACK, dest.port)), 1)
+            yield* intruder.write([init])
+            yield* noHang(dest.rejections(2), "mallory's channel turned away")
+          }))
+          yield* Deferred.succeed(intruded, undefined)
+          yield* noHang(Fiber.join(migrating), "alice's migration")
+          const result = yield* noHang(Fiber.join(dest.fiber), "incoming")
+          expect(sameMemory(result.ram, ram)).toBe(true)
+          expect(result.rejected).toHaveLength(2)
+          expect(result.rejected[0]).toContain("the peer does not speak TLS")
+          const [, refused] = result.rejected
+          expect(refused).toContain(`: a multifd channel of another peer than the main channel's: ${malloryIs}`)
+          expect(refused).toContain(`(the main channel's: ${aliceIs}`)
+          expect(refused).not.toContain("\n")
+        })))
+  }
 })
 
 // ---------------------------------------------------------------------------------------------------------

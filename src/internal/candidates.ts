@@ -1,7 +1,8 @@
 /**
  * The candidates of `Migration.incoming`: which accepted connection is the migration's main channel (the
  * control magic and a complete hello, the first one wins) and which a multifd channel of it (a complete
- * init packet of this migration, adopted by the channel set), each proved within one handshake deadline.
+ * init packet of this migration, from the main channel's peer, adopted by the channel set), each proved within
+ * one handshake deadline.
  * Anything else is rejected, without disturbing the migration.
  *
  * @internal
@@ -17,6 +18,7 @@ import * as MultifdRecv from "../MultifdRecv.js"
 import * as Protocol from "../Protocol.js"
 import type * as Transport from "../Transport.js"
 import type * as Acceptor from "./acceptor.js"
+import * as PeerText from "./peerText.js"
 
 /** The main channel of a migration: the first connection that sent the control magic and a complete hello. */
 export interface MainChannel {
@@ -35,6 +37,19 @@ const candidateProblem = (error: Control.ReceiveError | MigrationError.Migration
 /** What first bytes of a TLS handshake record (0x16 0x03) mean to a destination that does not use TLS. */
 export const tlsHint = (first: Buffer): string =>
   first[0] === 0x16 && first[1] === 0x03 ? ": a TLS handshake, and this destination does not use TLS" : ""
+
+/**
+ * Why `channel` is no channel of the migration whose main channel is `main`, if it is not: another peer's (the
+ * identity its TLS handshake proved, `Connection.peerIdentity`). The uuid of an init packet says which
+ * migration a channel claims, not who sends it: another peer the destination admits (a second client certificate
+ * of the CA, another PSK identity) that learnt it would have written pages of its own into the migration.
+ */
+export const otherPeer = (main: Transport.Connection, channel: Transport.Connection): string | undefined =>
+  channel.peerIdentity === main.peerIdentity
+    ? undefined
+    : "a multifd channel of another peer than the main channel's: " +
+      `${PeerText.fromPeer(channel.peerIdentity ?? "one that proved no identity")} ` +
+      `(the main channel's: ${PeerText.fromPeer(main.peerIdentity ?? "one that proved no identity")})`
 
 /** Tells a complete but unwanted hello why (best effort: the connection is closed right after). */
 const refuse = (connection: Transport.Connection, reason: string) =>
@@ -89,6 +104,9 @@ export const classifier = (
         if (Either.isLeft(recv)) {
           return yield* reject(connection, `a multifd channel without a migration: ${recv.left.message}`)
         }
+        // (the channel set exists once the main channel is known)
+        const other = otherPeer((yield* Deferred.await(main)).connection, connection)
+        if (other !== undefined) return yield* reject(connection, other)
         return yield* recv.right.adopt(connection, init.right).pipe(
           Effect.catchIf(MultifdRecv.isStranger, (e) => reject(connection, e.message))
         )

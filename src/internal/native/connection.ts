@@ -35,6 +35,12 @@ export interface Connection {
   /** The underlying stream: a TLS upgrade wraps it before the first read. */
   readonly stream: Stream.Duplex
   /**
+   * Who the peer proved to be in the upgrade: a destination's TLS handshake sets it to the PSK identity, or the
+   * verified client certificate, it admitted (`undefined` when the peer proved nothing: no TLS, or no client
+   * certificate asked for). Every connection of one migration must be the same peer's.
+   */
+  readonly peerIdentity?: string | undefined
+  /**
    * Writes the chunks in order (one vectored write), without copying them: they must stay unchanged until
    * sent. Completes at once while less than `WRITE_BUFFER` bytes wait in user space, else once they have
    * drained to the kernel (backpressure). A failed write destroys the stream: the next call reports it.

@@ -4,9 +4,10 @@
  * handshake). The main channel proves itself by QEMU's complete file header (`QEVM`, file version 3: what
  * QEMU's own loader checks first, and all that QEMU sends before its setup is done); a multifd channel by its
  * complete 64-byte init packet, which is then adopted into the channel set once the main stream has announced
- * the RAM blocks (QEMU may connect its channels before the main stream gets that far). Candidates that do not
+ * the RAM blocks (QEMU may connect its channels before the main stream gets that far), if the main channel's
+ * peer sent it (TLS: the same PSK identity or client certificate; QEMU's uuid, zeros by default, proves nothing). Candidates that do not
  * prove themselves — strangers, connections that close or stall half-way, garbage, a second main channel,
- * channels of another VM — are closed, logged and listed in `rejected`, and the destination keeps waiting.
+ * channels of another VM or of another peer — are closed, logged and listed in `rejected`, and the destination keeps waiting.
  *
  * @internal
  */
@@ -23,7 +24,7 @@ import * as Protocol from "../../Protocol.js"
 import * as QemuStream from "../../QemuStream.js"
 import type * as Transport from "../../Transport.js"
 import * as Acceptor from "../acceptor.js"
-import { tlsHint } from "../candidates.js"
+import { otherPeer, tlsHint } from "../candidates.js"
 
 /** The candidates being accepted. */
 export interface Candidates {
@@ -116,9 +117,13 @@ export const start = (
      */
     const adopt = (connection: Transport.Connection, init: Buffer, reject: Acceptor.Reject) =>
       Effect.flatMap(Deferred.await(options.channelSet), (recv) =>
-        recv.adopt(connection, init).pipe(
-          Effect.catchIf(MultifdRecv.isStranger, (e) => reject(connection, e.message))
-        ))
+        // (the main stream announced the blocks: the main channel is known)
+        Effect.flatMap(Deferred.await(main), (owner) => {
+          const other = otherPeer(owner, connection)
+          return other !== undefined ? reject(connection, other) : recv.adopt(connection, init).pipe(
+            Effect.catchIf(MultifdRecv.isStranger, (e) => reject(connection, e.message))
+          )
+        }))
 
     const acceptor = yield* Acceptor.start<MultifdRecv.ChannelFailure>(listener, {
       upgrade: options.upgrade,
