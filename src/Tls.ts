@@ -31,12 +31,14 @@ import {
   certificatesOf,
   crlsOf,
   nameOf,
+  opensslReason,
   ownCertificateProblem,
   ownUsageProblem,
   privateKeyOf,
   PSK_CIPHERS,
   readText,
   secureContextOf,
+  securityLevelProblem,
   X509_CIPHERS
 } from "./internal/tls/credentials.js"
 import * as TlsClient from "./internal/tls/client.js"
@@ -215,6 +217,7 @@ export const load = (config: TlsConfig): Effect.Effect<Settings, TlsError> =>
     let contextOptions: NodeTls.SecureContextOptions
     let files: string
     let ownCertificate: Crypto.X509Certificate | undefined
+    let ownChain = false
     let crls: Settings["crls"]
     if (config.psk !== undefined) {
       const keys = yield* Effect.flatMap(readText(config.psk, "PSK file"), (text) => parsePskFile(text, config.psk))
@@ -238,7 +241,7 @@ export const load = (config: TlsConfig): Effect.Effect<Settings, TlsError> =>
       const cert = config.cert === undefined ? undefined : yield* readText(config.cert, "certificate")
       const key = config.key === undefined ? undefined : yield* readText(config.key, "private key")
       if (cert !== undefined && key !== undefined) {
-        const [leaf] = yield* certificatesOf(cert, "certificate", config.cert!)
+        const [leaf, ...chain] = yield* certificatesOf(cert, "certificate", config.cert!)
         const privateKey = yield* privateKeyOf(key, config.key!)
         if (!leaf!.checkPrivateKey(privateKey)) {
           return yield* configError(`private key ${config.key} does not match certificate ${config.cert} (${nameOf(leaf!)})`)
@@ -248,6 +251,7 @@ export const load = (config: TlsConfig): Effect.Effect<Settings, TlsError> =>
         const problem = ownCertificateProblem(leaf!, yield* Effect.sync(() => Date.now()))
         if (problem !== undefined) return yield* configError(`certificate ${config.cert} (${nameOf(leaf!)}) ${problem}`)
         ownCertificate = leaf
+        ownChain = chain.length > 0
       }
       credentials = { _tag: "X509", ca, cert, key }
       contextOptions = {
@@ -262,9 +266,18 @@ export const load = (config: TlsConfig): Effect.Effect<Settings, TlsError> =>
     } else {
       return yield* configError("no credentials: give a PSK file or x509 certificates")
     }
+    // OpenSSL's security level judges this side's certificate as the context takes it, in words of its own
+    const own = ownCertificate
+    const secureContext = yield* secureContextOf(
+      contextOptions,
+      config.ciphers === undefined ? files : `${files} with --tls-ciphers ${config.ciphers}`
+    ).pipe(Effect.mapError((error) => {
+      const problem = own === undefined ? undefined : securityLevelProblem(opensslReason(error.cause), own, ownChain)
+      return problem === undefined ? error : configError(`certificate ${config.cert} (${nameOf(own!)}) ${problem}`, error.cause)
+    }))
     return {
       credentials,
-      secureContext: yield* secureContextOf(contextOptions, config.ciphers === undefined ? files : `${files} with --tls-ciphers ${config.ciphers}`),
+      secureContext,
       // (a secure context carries its own versions: a socket's are ignored when it is given one)
       writeOnlyContext: yield* secureContextOf({ ...contextOptions, maxVersion: "TLSv1.2" }, files),
       contextOptions,

@@ -121,14 +121,18 @@ const clientX509 = (config: Tls.TlsConfig = {}, client?: string) =>
     ...config
   })
 
-/** Fixtures that this side's own checks refuse (expired, not yet valid, not for its role): only a peer presents them. */
+/** Fixtures signed with SHA-1: OpenSSL's security level (Node's default, 1) refuses them, as QEMU's GnuTLS does. */
+const WEAK = new Set(["sha1-alice", "sha1-server"])
+
+/** Fixtures that this side's own checks refuse (expired, not yet valid, not for its role, weak): only a peer presents them. */
 const REFUSED_AS_OWN = new Set([
   "expired-alice",
   "not-yet-valid-alice",
   "serveronly-alice",
   "expired-server",
   "not-yet-valid-server",
-  "clientonly-server"
+  "clientonly-server",
+  ...WEAK
 ])
 
 /**
@@ -138,7 +142,13 @@ const REFUSED_AS_OWN = new Set([
 const presenting = (tls: Tls.Tls["Type"], name: string): Tls.Tls["Type"] => {
   const cert = Fs.readFileSync(fixture(`${name}-cert.pem`), "utf8")
   const key = Fs.readFileSync(fixture(`${name}-key.pem`), "utf8")
-  const contextOptions = { ...tls.settings.contextOptions, cert, key }
+  const contextOptions = {
+    ...tls.settings.contextOptions,
+    // (a weak certificate is refused by the security level before anything connects: the presenting side has none)
+    ...(WEAK.has(name) ? { ciphers: `${tls.settings.contextOptions.ciphers}:@SECLEVEL=0` } : {}),
+    cert,
+    key
+  }
   const settings: Tls.Settings = {
     ...tls.settings,
     contextOptions,
@@ -777,6 +787,12 @@ describe("peer certificates (QEMU verify-peer: chain to the CA, validity, usage;
       "keyagreement-alice",
       "CN=test CA",
       "client certificate CN=alice is not for client authentication (its keyUsage lacks digitalSignature)"
+    ],
+    [
+      "sha1-alice",
+      "CN=test CA",
+      "client certificate CN=alice is not trusted: CA signature digest algorithm too weak " +
+      "(a key or signature digest below what OpenSSL's security level accepts)"
     ]
   ]
 
@@ -856,6 +872,12 @@ describe("peer certificates (QEMU verify-peer: chain to the CA, validity, usage;
       "constrained-server",
       "the destination's certificate CN=localhost is not trusted: permitted subtree violation " +
       "(a name constraint of a CA of its chain)"
+    ],
+    // signed with SHA-1: refused as QEMU's GnuTLS refuses it ("the certificate chain uses insecure algorithm")
+    [
+      "sha1-server",
+      "the destination's certificate CN=localhost is not trusted: CA signature digest algorithm too weak " +
+      "(a key or signature digest below what OpenSSL's security level accepts)"
     ]
   ]
 
@@ -1905,7 +1927,18 @@ describe("configuration", () => {
       const atLoad: ReadonlyArray<readonly [string, string]> = [
         ["expired-alice", "(CN=alice) has expired (valid until Jan  1 00:00:00 2001 GMT)"],
         ["not-yet-valid-server", "(CN=localhost) is not valid yet (valid from Jan  1 00:00:00 2100 GMT)"],
-        ["ca", "(CN=test CA) is a CA certificate (basicConstraints CA:TRUE), not a server or client certificate"]
+        ["ca", "(CN=test CA) is a CA certificate (basicConstraints CA:TRUE), not a server or client certificate"],
+        // what OpenSSL's security level refuses, in words (OpenSSL says "ca md too weak", "ee key too small")
+        [
+          "sha1-server",
+          "(CN=localhost) is signed with a digest too weak for OpenSSL's security level (SHA-1 or MD5, which QEMU's " +
+          "GnuTLS refuses too): reissue it signed with SHA-256"
+        ],
+        [
+          "smallkey-server",
+          "(CN=localhost) has a 512-bit RSA key, smaller than OpenSSL's security level accepts: reissue it with a " +
+          "larger key (RSA of 2048 bits, or EC)"
+        ]
       ]
       for (const [name, problem] of atLoad) {
         expect((yield* configError(own(name))).message).toBe(`TLS configuration: certificate ${fixture(`${name}-cert.pem`)} ${problem}`)

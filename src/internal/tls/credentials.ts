@@ -239,6 +239,33 @@ export const ownUsageProblem = (certificate: Crypto.X509Certificate, role: "clie
 }
 
 /**
+ * Why OpenSSL's security level refused this side's own certificate when its secure context was built (OpenSSL's
+ * terse reason: "ca md too weak", "ee key too small", "ca key too small"), after "certificate FILE (CN=x) ", or
+ * `undefined` for any other reason. `chain`: whether the certificate's file holds CA certificates after it.
+ */
+export const securityLevelProblem = (
+  reason: string,
+  certificate: Crypto.X509Certificate,
+  chain: boolean
+): string | undefined => {
+  switch (reason) {
+    case "ca md too weak":
+      return "is signed with a digest too weak for OpenSSL's security level (SHA-1 or MD5, which QEMU's GnuTLS refuses " +
+        `too)${chain ? ", or a CA certificate of its file is" : ""}: reissue it signed with SHA-256`
+    case "ee key too small": {
+      const key = certificate.publicKey
+      const bits = key.asymmetricKeyDetails?.modulusLength
+      return `has ${bits === undefined ? "a key" : `a ${bits}-bit ${key.asymmetricKeyType?.toUpperCase()} key`}, ` +
+        "smaller than OpenSSL's security level accepts: reissue it with a larger key (RSA of 2048 bits, or EC)"
+    }
+    case "ca key too small":
+      return "comes with a CA certificate (in its file) whose key is smaller than OpenSSL's security level accepts"
+    default:
+      return undefined
+  }
+}
+
+/**
  * Builds a secure context; OpenSSL's refusal is a `Config` error naming `what`. As a server it picks the
  * cipher by its own order of preference (`honorCipherOrder`), not the client's: what we prefer (AES-GCM, cheap
  * with AES instructions) is what a source gets, whatever it lists first. (QEMU's GnuTLS, as a server, picks
