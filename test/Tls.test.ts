@@ -1009,6 +1009,59 @@ describe("one peer per migration: every channel is the main channel's peer", () 
           expect(refused).toContain(`(the main channel's: ${aliceIs}`)
           expect(refused).not.toContain("\n")
         })))
+
+    it.live(
+      `${kind}: another peer the destination admits cannot re-attach a lost channel of alice's, even with its nonce: ` +
+        "turned away naming the peers, alice's own connection re-attaches it",
+      () =>
+        leakFree(Effect.gen(function*() {
+          const { alice, aliceIs, mallory, malloryIs, server } = yield* peers[kind]
+          const ram = yield* sourceRam(1)
+          const dest = yield* startDestination(server.server, { timeouts: LONG })
+          // alice's channel 1 loses its first connection at its first packet; her second connection's init packet
+          // (this migration's uuid, channel 1, the nonce the main channel announced) waits for the intruder
+          const reattach = yield* Deferred.make<Buffer>()
+          const intruded = yield* Deferred.make<void>()
+          let connections = 0
+          const spied: Upgrade = (connection, channel) =>
+            Effect.gen(function*() {
+              const secured = yield* alice.client(LOOPBACK)(connection, channel)
+              if (channel !== 1) return secured
+              const nth = ++connections
+              let writes = 0
+              return {
+                ...secured,
+                write: (chunks: ReadonlyArray<Uint8Array>) =>
+                  Effect.suspend(() => {
+                    writes++
+                    if (nth === 1 && writes === 2) connection.stream.destroy()
+                    if (nth !== 2 || writes !== 1) return secured.write(chunks)
+                    return Deferred.succeed(reattach, Buffer.from(chunks[0]!)).pipe(
+                      Effect.zipRight(Deferred.await(intruded)),
+                      Effect.zipRight(secured.write(chunks))
+                    )
+                  })
+              }
+            })
+          const migrating = yield* Effect.fork(
+            migrateTo(ram, tcp(LOOPBACK, dest.port), spied, { timeouts: LONG, reconnect: 2 })
+          )
+          const init = yield* noHang(Deferred.await(reattach), "alice's channel 1 re-attaching")
+          expect(Protocol.decodeInit(init, { channels: 2, uuid: undefined })).toMatchObject({ right: { id: 1 } })
+          yield* Effect.scoped(Effect.gen(function*() {
+            const intruder = yield* mallory.client(LOOPBACK)(yield* Transport.connect(tcp(LOOPBACK, dest.port)), 1)
+            yield* intruder.write([init])
+            yield* noHang(dest.rejections(1), "mallory's re-attach turned away")
+          }))
+          yield* Deferred.succeed(intruded, undefined)
+          const stats = yield* noHang(Fiber.join(migrating), "alice's migration")
+          expect(stats.reconnects).toBe(1)
+          const result = yield* noHang(Fiber.join(dest.fiber), "incoming")
+          expect(sameMemory(result.ram, ram)).toBe(true)
+          expect(result.rejected).toHaveLength(1)
+          expect(result.rejected[0]).toContain(`: a multifd channel of another peer than the main channel's: ${malloryIs}`)
+          expect(result.rejected[0]).toContain(`(the main channel's: ${aliceIs}`)
+        })))
   }
 })
 
