@@ -873,6 +873,12 @@ describe("peer certificates (QEMU verify-peer: chain to the CA, validity, usage;
       "the destination's certificate CN=localhost is not trusted: permitted subtree violation " +
       "(a name constraint of a CA of its chain)"
     ],
+    // its own extendedKeyUsage is serverAuth, its intermediate CA's clientAuth only: the CA is named, not its usage
+    [
+      "clientonly-ca-server",
+      "the destination's certificate CN=localhost was issued by CN=client-only intermediate CA, whose " +
+      "extendedKeyUsage (clientAuth) is not for server authentication"
+    ],
     // signed with SHA-1: refused as QEMU's GnuTLS refuses it ("the certificate chain uses insecure algorithm")
     [
       "sha1-server",

@@ -152,13 +152,23 @@ export const verifyProblem = (
         : `was issued by ${nameOf(issuer)}, which ${what} (${dates(issuer)})`
     }
     case "INVALID_PURPOSE": {
-      // the certificate's own purpose, or a certificate above it that is no CA (OpenSSL says only "purpose")
-      const issuer = certificate === undefined || ownUsageProblem(certificate, role) !== undefined
-        ? undefined
-        : issuersOf(certificate).find((c) => !c.ca)
-      if (issuer !== undefined) return `was issued by ${nameOf(issuer)}, which is not a CA (basicConstraints CA:FALSE)`
-      const usage = certificate?.keyUsage?.map((oid) => EKU_NAMES[oid] ?? oid).join(", ")
-      return `is not for ${role} authentication${usage ? ` (extendedKeyUsage ${usage})` : ""}`
+      // the certificate's own purpose, or a certificate above it that is no CA or whose extendedKeyUsage leaves the
+      // role out (OpenSSL checks it on every CA of a chain, and says only "purpose")
+      const names = (c: Crypto.X509Certificate) => c.keyUsage?.map((oid) => EKU_NAMES[oid] ?? oid).join(", ")
+      const own = certificate === undefined ? undefined : ownUsageProblem(certificate, role)
+      const above = certificate === undefined || own !== undefined ? [] : issuersOf(certificate)
+      const notCa = above.find((c) => !c.ca)
+      if (notCa !== undefined) return `was issued by ${nameOf(notCa)}, which is not a CA (basicConstraints CA:FALSE)`
+      const restricted = above.find((c) => ownUsageProblem(c, role) !== undefined)
+      if (restricted !== undefined) {
+        return `was issued by ${nameOf(restricted)}, whose extendedKeyUsage (${names(restricted)}) is not for ${role} authentication`
+      }
+      const usage = certificate === undefined ? undefined : names(certificate)
+      // its extendedKeyUsage allows the role: its keyUsage does not, or a CA this side holds (OpenSSL's purpose
+      // check reads both, on every certificate of the chain)
+      return own === undefined && certificate !== undefined
+        ? `is not for ${role} authentication (its keyUsage, or a certificate of its chain, does not allow it)`
+        : `is not for ${role} authentication${usage ? ` (extendedKeyUsage ${usage})` : ""}`
     }
     case "DEPTH_ZERO_SELF_SIGNED_CERT":
       return "is not trusted: self-signed certificate"
