@@ -45,7 +45,7 @@ import { fakeSource } from "./support/fakeSource.js"
 import { advanceUntil } from "./support/clock.js"
 import * as Faulty from "./support/faultyTransport.js"
 import { noHang } from "./support/guards.js"
-import { leakFree, nextTurn } from "./support/handles.js"
+import { leakFree, nextTurn, tempSocketPath } from "./support/handles.js"
 import { mixedImage } from "./support/images.js"
 import { sameMemory } from "./support/memory.js"
 import { stranger, turnedAway } from "./support/strangers.js"
@@ -695,6 +695,68 @@ describe("strangers are candidates, never owners", () => {
         expect.stringContaining("a multifd channel without a migration: timed out after 5s waiting for a migration to join")
       ])
     })))
+
+  it.effect("strangers that send a complete init packet and then megabytes: each is read a little ahead, not megabytes of it held until its deadline (TestClock)", () =>
+    leakFree(Effect.gen(function*() {
+      // (each was read ahead to the connection's 8 MiB high-water mark while it waited for a migration to join,
+      // and held until its handshake deadline: as many strangers as the open-files limit allows, 8 MiB each.) Over
+      // a Unix socket the kernel holds a few hundred KiB: what a stranger could not hand over is still in its
+      // own buffer, and the rest the destination took
+      const path = tempSocketPath("flood")
+      const faulty = yield* Faulty.make()
+      const listener = yield* faulty.transport.listen({ _tag: "Unix", path })
+      const dest = yield* Effect.forkScoped(Migration.incoming(listener, { timeouts: { ...TIMEOUTS, handshake: "5 seconds" } }))
+      const flood = 4 * 1024 * 1024
+      const strangers = 6
+      const sockets = yield* Effect.acquireRelease(
+        Effect.sync(() =>
+          Array.from({ length: strangers }, () => {
+            const socket = Net.connect({ path })
+            socket.on("error", () => {})
+            socket.write(halfInit(64))
+            socket.write(Buffer.alloc(flood, 0xa5))
+            return socket
+          })
+        ),
+        (sockets) => Effect.forEach(sockets, (socket) => Transport.destroy(socket), { discard: true })
+      )
+      // every init packet read (each stranger waits for a migration to join), then until the strangers' writes
+      // stop moving (the destination took what it takes): event-loop turns, no timer
+      yield* noHang(
+        faulty.until((f) => f.records.filter((r) => r.side === "accept" && r.role === 0).length === strangers),
+        "the strangers' init packets read"
+      )
+      const unsent = () => sockets.map((socket) => socket.writableLength)
+      yield* noHang(
+        Effect.gen(function*() {
+          for (let still = 0, last = ""; still < 200;) {
+            yield* nextTurn
+            const now = unsent().join()
+            still = now === last ? still + 1 : 0
+            last = now
+          }
+        }),
+        "the strangers' writes settle"
+      )
+      for (const [i, left] of unsent().entries()) {
+        expect(flood + 64 - left, `stranger ${i}: bytes the destination and the kernel took`).toBeLessThan(1024 * 1024)
+      }
+      // then turned away at the deadline, as before; the destination goes on to a real migration
+      const closed = yield* Deferred.make<void>()
+      let open = sockets.length
+      for (const socket of sockets) {
+        socket.once("close", () => {
+          if (--open === 0) Deferred.unsafeDone(closed, Exit.void)
+        })
+      }
+      yield* advanceUntil(Deferred.isDone(closed), "the handshake deadline")
+      const ram = yield* sourceRam()
+      yield* noHang(migrateTo(listener.address, ram), "migrate")
+      const result = yield* noHang(Fiber.join(dest), "incoming")
+      expect(sameMemory(result.ram, ram)).toBe(true)
+      expect(result.rejected).toHaveLength(sockets.length)
+      for (const line of result.rejected) expect(line).toContain("a multifd channel without a migration: timed out after 5s")
+    })))
 })
 
 describe("a peer's words are shown, never acted on", () => {
@@ -744,6 +806,7 @@ describe("a peer's words are shown, never acted on", () => {
       expect(error).toMatchObject({ _tag: "MigrationError", reason: "Aborted" })
       expectTamed(error.message)
     }))
+
 })
 
 describe("a control frame a peer made to hurt", () => {

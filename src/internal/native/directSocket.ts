@@ -16,7 +16,7 @@
  * @internal
  */
 import * as Net from "node:net"
-import { HIGH_WATER, ReadQueue } from "./readQueue.js"
+import { ReadQueue } from "./readQueue.js"
 
 /** Size of the staging buffer for reads nobody directed (a packet header and a little more). */
 const STAGING = 16 * 1024
@@ -77,7 +77,7 @@ export class DirectReader extends ReadQueue {
         return true
       }
       this.push(Buffer.from(buf.subarray(0, n)))
-      if (this.available >= HIGH_WATER) {
+      if (this.available >= this.highWater) {
         this.stopped = true
         return false
       }
@@ -105,7 +105,7 @@ export class DirectReader extends ReadQueue {
 
   /** Starts reading: the first time somebody reads, or again after the queue made the socket stop. */
   protected wanted(waiting: boolean): void {
-    if (!this.stopped || (!waiting && this.available >= HIGH_WATER / 2)) return
+    if (!this.stopped || (!waiting && this.available >= this.highWater / 2)) return
     if (this.socket === undefined || this.socket.destroyed) return
     this.stopped = false
     if (!this.started) {

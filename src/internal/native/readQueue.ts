@@ -1,7 +1,7 @@
 /**
  * The queue both socket readers share: received chunks, copied out exactly where the caller wants them,
  * a single waiter, and the end of the stream. Subclasses feed it (`push`) and decide how to stop and restart
- * the stream around `HIGH_WATER` (`wanted`).
+ * the stream around `highWater` (`wanted`).
  *
  * @internal
  */
@@ -9,6 +9,15 @@ import type * as Stream from "node:stream"
 
 /** Bytes buffered before the stream stops reading (backpressure to the peer through TCP). */
 export const HIGH_WATER = 8 * 1024 * 1024
+
+/**
+ * Bytes buffered before the stream stops reading while its reader has consumed less than that: what a peer can
+ * make this side hold that nobody asked for. The read-ahead grows with what the reader consumed, up to
+ * `HIGH_WATER` (a connection in use reaches it after its first megabytes): a stranger that sent a complete init
+ * packet and then megabytes, held while it waited for a migration to join, was read to `HIGH_WATER` (8 MiB a
+ * connection, as many connections as the open-files limit allows).
+ */
+export const FIRST_HIGH_WATER = 64 * 1024
 
 /** Why a reader can deliver no more bytes. */
 export type ReaderEnd =
@@ -29,6 +38,14 @@ export abstract class ReadQueue {
   end: ReaderEnd | undefined = undefined
   private waiter: (() => void) | undefined = undefined
   private source: Stream.Duplex | undefined = undefined
+
+  /**
+   * Bytes buffered before the stream stops reading: as many as the reader consumed so far, from
+   * `FIRST_HIGH_WATER` to `HIGH_WATER` (a peer cannot make this side hold more than it took of it, and a little).
+   */
+  protected get highWater(): number {
+    return Math.min(HIGH_WATER, Math.max(FIRST_HIGH_WATER, this.received - this.available))
+  }
 
   /**
    * The stream should read (again): somebody waits for more than is buffered (`waiting`), or the queue fell
@@ -117,7 +134,7 @@ export abstract class ReadQueue {
       this.head = 0
     }
     this.available -= copied
-    if (this.available < HIGH_WATER / 2) this.wanted(false)
+    if (this.available < this.highWater / 2) this.wanted(false)
     return copied
   }
 

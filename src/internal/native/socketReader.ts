@@ -6,7 +6,7 @@
  * @internal
  */
 import type * as Stream from "node:stream"
-import { HIGH_WATER, ReadQueue } from "./readQueue.js"
+import { ReadQueue } from "./readQueue.js"
 
 export type { ReaderEnd } from "./readQueue.js"
 
@@ -27,14 +27,14 @@ export class SocketReader extends ReadQueue {
 
   private readonly onData = (chunk: Buffer): void => {
     this.push(chunk)
-    if (this.available >= HIGH_WATER && !this.paused) {
+    if (this.available >= this.highWater && !this.paused) {
       this.paused = true
       this.stream.pause()
     }
   }
 
   protected wanted(waiting: boolean): void {
-    if (this.paused && (waiting || this.available < HIGH_WATER / 2)) {
+    if (this.paused && (waiting || this.available < this.highWater / 2)) {
       this.paused = false
       this.stream.resume()
     }
