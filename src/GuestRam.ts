@@ -16,6 +16,7 @@ import * as Digest from "./internal/native/digest.js"
 import { DirtyLog } from "./internal/native/dirtyLog.js"
 import * as Prefault from "./internal/native/prefault.js"
 import { WriteGate } from "./internal/native/writeGate.js"
+import * as PeerText from "./internal/peerText.js"
 import * as HashPool from "./internal/threads/hashPool.js"
 import type * as ThreadPool from "./internal/threads/pool.js"
 import * as Protocol from "./Protocol.js"
@@ -250,17 +251,17 @@ export const checkLayout = (
     if (nameBytes === 0 || nameBytes > MAX_BLOCK_NAME_BYTES || name.includes("\0") || /\p{Cs}/u.test(name)) {
       return new GuestRamError({
         reason: "BadBlockName",
-        detail: `block name ${JSON.stringify(name)} must be 1-${MAX_BLOCK_NAME_BYTES} bytes without NUL`
+        detail: `block name ${PeerText.quoted(name)} must be 1-${MAX_BLOCK_NAME_BYTES} bytes without NUL`
       })
     }
     if (seen.has(name)) {
-      return new GuestRamError({ reason: "DuplicateBlock", detail: `block ${JSON.stringify(name)} appears twice` })
+      return new GuestRamError({ reason: "DuplicateBlock", detail: `block ${PeerText.quoted(name)} appears twice` })
     }
     seen.add(name)
     if (!Number.isSafeInteger(size) || size <= 0 || size % pageSize !== 0 || size > MAX_BLOCK_SIZE) {
       return new GuestRamError({
         reason: "BadBlockSize",
-        detail: `block ${JSON.stringify(name)} size ${size} is not a positive multiple of the page size ${pageSize}` +
+        detail: `block ${PeerText.quoted(name)} size ${size} is not a positive multiple of the page size ${pageSize}` +
           ` up to ${MAX_BLOCK_SIZE} bytes`
       })
     }

@@ -807,6 +807,31 @@ describe("a peer's words are shown, never acted on", () => {
       expectTamed(error.message)
     }))
 
+  const enormous = [
+    { what: "a uuid", hello: () => new Control.Hello({ ...smallHello(), uuid: "u\x9b\u202e" + "u".repeat(400_000) }) },
+    {
+      what: "a block name",
+      hello: () => new Control.Hello({ ...smallHello(), blocks: [{ name: "n\x9b\u202e" + "n".repeat(400_000), size: 16 * PAGE }] })
+    }
+  ]
+  for (const { hello, what } of enormous) {
+    it.scopedLive(`${what} of 400 000 characters in a hello: quoted cut short and escaped, in the refusal and the destination's error`, () =>
+      Effect.gen(function*() {
+        // (both quoted it whole: a refusal, and an error line, of up to a control frame's megabyte)
+        const dest = yield* startDestination()
+        const connection = yield* stranger(dest.address, [controlMagic(), Control.encode(hello())], false)
+        const answer = yield* noHang(Control.receive(connection), "the refusal")
+        expect(answer).toMatchObject({ _tag: "Reject" })
+        const error = failureOf(yield* noHang(Fiber.await(dest.fiber), "incoming"))
+        expect(error).toMatchObject({ _tag: "MigrationError", reason: "Rejected" })
+        for (const message of [(answer as Control.Reject).reason, error.message]) {
+          expect(message).toContain("\\u009b\\u202e")
+          expect(message).toContain(" more characters)")
+          expect(message).not.toMatch(/[\u0000-\u001f\u007f-\u009f\u202e]/)
+          expect(message.length).toBeLessThan(600)
+        }
+      }))
+  }
 })
 
 describe("a control frame a peer made to hurt", () => {

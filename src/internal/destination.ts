@@ -129,7 +129,7 @@ export const checkHello = (
   const layoutProblem = GuestRam.checkLayout(hello.pageSize, hello.blocks)
   if (layoutProblem) return layoutProblem.message
   const total = ramBytesOf(hello)
-  if (Protocol.parseUuid(hello.uuid) === undefined) return `uuid ${JSON.stringify(hello.uuid)} is malformed`
+  if (Protocol.parseUuid(hello.uuid) === undefined) return `uuid ${PeerText.quoted(hello.uuid)} is malformed`
   const codec = PageCodec.checkAvailable(hello.compression)
   if (Either.isLeft(codec)) return codec.left.message
   const ram = settings.ram

@@ -21,3 +21,16 @@ export const fromPeer = (text: string, max: number = MAX_PEER_TEXT): string => {
   const shown = printable(text.length > max ? text.slice(0, max) : text)
   return text.length > max ? `${shown}… (${text.length - max} more characters)` : shown
 }
+
+/** Characters of a name or value quoted in a message (`quoted`), at most. */
+export const MAX_QUOTED = 100
+
+/**
+ * A name or value a peer may have chosen, quoted for a message as JSON quotes it (controls and line breaks
+ * escaped), with what JSON leaves (C1 controls, bidirectional marks) escaped too, and cut after `max`
+ * characters (saying how many more): a hello's uuid or block name may be a control frame's megabyte.
+ */
+export const quoted = (text: string, max: number = MAX_QUOTED): string =>
+  text.length > max
+    ? `${printable(JSON.stringify(text.slice(0, max)))}… (${text.length - max} more characters)`
+    : printable(JSON.stringify(text))
