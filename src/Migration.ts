@@ -383,7 +383,8 @@ export interface IncomingOptions<E = never> {
    */
   readonly ram?: GuestRam.GuestRam["Type"] | undefined
   /**
-   * Largest total memory a source may ask for when `ram` is not given (default 16 GiB; `Infinity`: no limit).
+   * Largest total memory a source may ask for when `ram` is not given (default 16 GiB; `Infinity`: no limit): its
+   * blocks and, with zstd, its channels' decompression windows (up to 32 MiB a channel, whatever the blocks).
    * Anything but a number >= 0 fails `incoming` with a `MigrationError` of reason `BadOptions` before it accepts.
    * Whatever the limit, memory that is more than the machine has available (`process.availableMemory()`) is
    * refused too: it is touched before pages arrive (`GuestRam.make`), and would end in the out-of-memory killer.

@@ -396,6 +396,26 @@ describe("success is durable: the destination's store step", () => {
       yield* Fiber.await(dest.fiber)
     })))
 
+  it.live("a zstd hello of 255 channels and 16 pages under a 64 MiB limit (8 GiB of decompression windows) gets Reject; one channel's fits", () =>
+    leakFree(Effect.gen(function*() {
+      // (each channel's zstd window, 32 MiB at most, is filled by a few KiB of packets: 16 channels took 522 MiB
+      // more of a destination whose limit was 2 MiB, 255 would take 8 GiB, whatever memory it had agreed to)
+      const limit = 64 * 1024 * 1024
+      const dest = yield* startDestination({ maxRamBytes: limit })
+      const peer = yield* Transport.connect(dest.address)
+      yield* peer.write([controlMagic(), Control.encode(new Control.Hello({ ...hello(), channels: 255, compression: "zstd" }))])
+      const answer = yield* noHang(Control.receive(peer), "the answer")
+      const reason = `${16 * PAGE} bytes of memory and the zstd decompression windows of 255 channels (up to ` +
+        `${255 * 2 ** 25} bytes, ${2 ** 25} a channel) exceed this destination's limit of ${limit}`
+      expect(answer).toEqual(new Control.Reject({ reason }))
+      expect(failureOf(yield* noHang(Fiber.await(dest.fiber), "incoming")).message).toBe(`refused the migration: ${reason}`)
+      // one channel's window and the memory fit: it migrates
+      const next = yield* startDestination({ maxRamBytes: limit })
+      const ram = yield* sourceRam()
+      yield* noHang(migrateTo(next.address, ram, { channels: 1, compression: "zstd", compressionLevel: 20 }), "migrate")
+      expect(sameMemory((yield* noHang(Fiber.join(next.fiber), "incoming")).ram, ram)).toBe(true)
+    })))
+
   it.live("an old peer is refused, not misunderstood: a hello of control protocol version 1 gets Reject", () =>
     leakFree(Effect.gen(function*() {
       const dest = yield* startDestination()

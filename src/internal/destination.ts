@@ -30,6 +30,7 @@ import * as Acceptor from "./acceptor.js"
 import * as Candidates from "./candidates.js"
 import * as Conversation from "./conversation.js"
 import * as OpenFiles from "./native/openFiles.js"
+import * as Zstd from "./native/zstdStream.js"
 import * as PeerText from "./peerText.js"
 import * as Recorder from "./recorder.js"
 import { unlessStalled, within } from "./stall.js"
@@ -99,6 +100,14 @@ export type Failure =
 const ramBytesOf = (hello: Control.Hello): number => hello.blocks.reduce((n, b) => n + b.size, 0)
 
 /**
+ * The memory a hello's channels may make this destination keep besides its blocks: with zstd, each channel's
+ * decompression window, up to 2^`Zstd.MAX_WINDOW_LOG` bytes (32 MiB: what level 20 uses), as large as the
+ * source's frames ask for and filled as packets go by — 255 channels' worth is 8 GiB, whatever the blocks.
+ */
+const windowBytesOf = (hello: Control.Hello): number =>
+  hello.compression === "zstd" ? hello.channels * 2 ** Zstd.MAX_WINDOW_LOG : 0
+
+/**
  * The first expectation `actual` does not meet, described as `${uses} channels 3, the destination expects 4`
  * (a setting `actual` does not have is not held to one: a snapshot has no zero-page mode).
  */
@@ -135,7 +144,13 @@ export const checkHello = (
   const ram = settings.ram
   if (ram === undefined) {
     const max = settings.maxRamBytes
-    return total > max ? `${total} bytes of memory exceed this destination's limit of ${max}` : undefined
+    const windows = windowBytesOf(hello)
+    return total > max
+      ? `${total} bytes of memory exceed this destination's limit of ${max}`
+      : total + windows > max
+      ? `${total} bytes of memory and the zstd decompression windows of ${hello.channels} channels (up to ${windows} ` +
+        `bytes, ${2 ** Zstd.MAX_WINDOW_LOG} a channel) exceed this destination's limit of ${max}`
+      : undefined
   }
   if (ram.pageSize !== hello.pageSize) return `page size ${hello.pageSize} differs from the destination's ${ram.pageSize}`
   const mine = GuestRam.layoutOf(ram)
