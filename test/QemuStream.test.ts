@@ -10,7 +10,7 @@
  * into `QemuIncoming` (which answers as QEMU does) or into a stand-in QEMU that refuses.
  */
 import { describe, expect, it } from "@effect/vitest"
-import { afterAll } from "vitest"
+import { afterAll, vi } from "vitest"
 import * as Cause from "effect/Cause"
 import * as Effect from "effect/Effect"
 import * as Either from "effect/Either"
@@ -513,6 +513,29 @@ describe("QemuStream.read: pages on the main channel (zero-page-detection=legacy
       }
       const conflict = yield* parseError(bytes, { pageSize: 4096 })
       expect(conflict.message).toContain("target page size is 16384 bytes")
+    }))
+
+  it.effect("a page of 64 KiB that arrives a byte at a time is joined once, not copied again for every byte", () =>
+    Effect.gen(function*() {
+      // (what had arrived of it was copied again for each byte: 2 GiB of copying for this page, 128 GiB for a
+      // page of 512 KiB, which a source's target-page-bits may ask for)
+      const page = 65536
+      const bytes = Buffer.concat([
+        header,
+        configuration("none", [subsection("configuration/target-page-bits", u32(16))]),
+        sectionStart(1, "ram", 4, [memSize([["mem", 2 * page]]), u64(page | 0x08), str("mem"), Buffer.alloc(page, 0x5a)])
+      ])
+      // the bytes Buffer.concat made while the stream was read
+      let joined = 0
+      const concat = vi.spyOn(Buffer, "concat")
+      const { exit, seen } = yield* parse(bytes, 1).pipe(Effect.ensuring(Effect.sync(() => {
+        joined = concat.mock.results.reduce((n, r) => n + (r.value as Buffer).length, 0)
+        concat.mockRestore()
+      })))
+      // the page landed, then the stream ended (cut after it)
+      expect(seen.ram!.block("mem")!.bytes.subarray(page).every((b) => b === 0x5a)).toBe(true)
+      expect(Cause.squash(Exit.isFailure(exit) ? exit.cause : Cause.empty)).toMatchObject({ reason: "Truncated" })
+      expect(joined).toBeLessThan(4 * page)
     }))
 
   it.effect("flushAfterEachSection: every EOS word is a flush too", () =>

@@ -96,19 +96,33 @@ export class Reader<E> {
     return this.buf.length - this.pos
   }
 
-  /** Makes `n` bytes available; a clean end of stream before them fails with `onEnd`. */
+  /**
+   * Makes `n` bytes available; a clean end of stream before them fails with `onEnd`. The pieces are joined once
+   * they are all there: a field that arrives a byte at a time (a page, up to 512 KiB) is copied once, not once
+   * a piece (joining as they came copied what had arrived again for every byte: a source that trickled a 512 KiB
+   * page made this side copy 128 GiB).
+   */
   ensure(n: number, onEnd: (got: number) => QemuStreamError): Effect.Effect<void, E | QemuStreamError> {
     if (this.buffered >= n) return Effect.void
     const self = this
     return Effect.gen(function*() {
-      while (self.buffered < n) {
-        const chunk = yield* self.source.readSome(Math.max(CHUNK, n - self.buffered))
-        if (chunk.length === 0) return yield* Effect.fail(onEnd(self.buffered))
-        self.received += chunk.length
-        const rest = self.buf.subarray(self.pos)
-        self.buf = rest.length === 0 ? Buffer.from(chunk.buffer, chunk.byteOffset, chunk.length) : Buffer.concat([rest, chunk])
+      const pieces = [self.buf.subarray(self.pos)]
+      let have = self.buffered
+      const join = () => {
+        self.buf = pieces.length === 2 && pieces[0]!.length === 0 ? pieces[1]! : Buffer.concat(pieces)
         self.pos = 0
       }
+      while (have < n) {
+        const chunk = yield* self.source.readSome(Math.max(CHUNK, n - have))
+        if (chunk.length === 0) {
+          join()
+          return yield* Effect.fail(onEnd(have))
+        }
+        self.received += chunk.length
+        pieces.push(Buffer.from(chunk.buffer, chunk.byteOffset, chunk.length))
+        have += chunk.length
+      }
+      join()
     })
   }
 
