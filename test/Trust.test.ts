@@ -41,7 +41,7 @@ import * as Transport from "../src/Transport.js"
 import { failureOf } from "./support/failures.js"
 import { tempDirectory } from "./support/files.js"
 import { fakeDestination } from "./support/fakeDestination.js"
-import { fakeSource } from "./support/fakeSource.js"
+import { fakeSource, syncPacket } from "./support/fakeSource.js"
 import { advanceUntil } from "./support/clock.js"
 import * as Faulty from "./support/faultyTransport.js"
 import { noHang } from "./support/guards.js"
@@ -1046,6 +1046,33 @@ describe("a peer that floods the control channel while the other side waits for 
       // bytes of heap, for as long as the source went on)
       const read = yield* noHang(plateau(consumed), "the destination's reading to settle", 30)
       expect(read).toBeLessThan(1024 * 1024)
+    })))
+
+  it.effect("the source sending flush after flush and reading no answer: the destination's write gives up after the peer timeout (TestClock)", () =>
+    leakFree(Effect.gen(function*() {
+      // (once the source's buffers and this side's were full of FlushAcks, some 100 000 rounds on, the write of the
+      // next waited for the source to read, for ever: no watch covered it.) Here a connection that takes the
+      // destination's first write (Accept) and then nothing, as a full one does
+      const raw = yield* Transport.listen(tcp0)
+      const released = yield* Deferred.make<void>()
+      const listener: Transport.Listener = {
+        ...raw,
+        accept: Effect.map(raw.accept, (connection): Transport.Connection => {
+          let writes = 0
+          return { ...connection, write: (chunks) => ++writes === 1 ? connection.write(chunks) : Deferred.await(released) }
+        })
+      }
+      const dest = yield* Effect.forkScoped(Migration.incoming(listener, { timeouts: { ...TIMEOUTS, peer: "5 seconds" } }))
+      // the test's end lets the held writes go (the destination's Abort on its way out among them)
+      yield* Effect.addFinalizer(() => Deferred.succeed(released, undefined))
+      const source = yield* fakeSource(raw.address, 1)
+      const channel = yield* source.channel(0)
+      yield* channel.write([syncPacket()])
+      yield* source.control.write([Control.encode(new Control.Flush({ round: 0, final: false }))])
+      yield* advanceUntil(fiberDone(dest), "the destination's end")
+      const error = failureOf(yield* Fiber.await(dest))
+      expect(error).toMatchObject({ _tag: "MigrationError", reason: "Timeout" })
+      expect(error.message).toBe("timed out after 5s waiting for the source to read the main channel (to tell it FlushAck)")
     })))
 
   it.live("the source in the middle of a round, the destination sending Hashing after Hashing: it stops reading them, not keeps each", () =>

@@ -169,6 +169,9 @@ export const checkHello = (
 // ---------------------------------------------------------------------------------------------------------
 // Rounds, verification, store
 
+/** What telling the source something may fail with: the main channel broke, or the source stopped reading it. */
+type Told = MigrationError.ChannelError | Transport.TransportError | MigrationError.MigrationError
+
 /**
  * Acknowledges flush after flush (each once every channel reached its barrier) until the source completes;
  * the rounds seen, the `Complete` message and the digest started at the final round's barrier. A round's
@@ -182,7 +185,7 @@ const receiveRounds = (
   recv: MultifdRecv.MultifdRecv["Type"],
   conversation: {
     readonly next: Effect.Effect<Control.Message, Failure>
-    readonly tell: (message: Control.Message) => Effect.Effect<void, MigrationError.ChannelError | Transport.TransportError>
+    readonly tell: (message: Control.Message) => Effect.Effect<void, Told>
   },
   digest: Effect.Effect<ReadonlyArray<GuestRam.BlockDigest>>,
   peer: Duration.DurationInput,
@@ -275,7 +278,7 @@ const receiveRounds = (
 const verify = (
   complete: Control.Complete,
   digest: Fiber.RuntimeFiber<ReadonlyArray<GuestRam.BlockDigest>>,
-  tell: (message: Control.Message) => Effect.Effect<void, MigrationError.ChannelError | Transport.TransportError>,
+  tell: (message: Control.Message) => Effect.Effect<void, Told>,
   heartbeats: { readonly peer: Duration.DurationInput } | undefined
 ) =>
   Effect.gen(function*() {
@@ -428,6 +431,12 @@ export const run = <E>(listener: Transport.Listener, settings: Settings<E>): Eff
       "source",
       Deferred.isDone(doneSent)
     )
+    // a write waits only while the source reads: a source that reads nothing more (its buffers and this side's
+    // full: a source sending flush after flush, or Reattach after Reattach, without reading the answers) is silent
+    const tell = (message: Control.Message) =>
+      Conversation.tell(ctl, message).pipe(
+        within(timeouts.peer, `waiting for the source to read the main channel (to tell it ${message._tag})`)
+      )
     // a lost channel's Reattach is served at once (the rounds may be waiting for that channel); the rest in order
     // (bounded as the reader's queue: a source that floods is held back by its socket, not kept)
     const inbox = yield* Queue.bounded<Control.Message>(Conversation.INBOX)
@@ -438,13 +447,12 @@ export const run = <E>(listener: Transport.Listener, settings: Settings<E>): Eff
         const { adopted, syncs } = yield* recv.authorize(message.channel, Buffer.from(message.nonce, "hex"))
         // the set had all its channels (the acceptors stopped): accept the new connection
         yield* acceptor.resume(Effect.ignore(Effect.timeout(adopted, reconnectWindow(hello))))
-        yield* Conversation.tell(ctl, new Control.Reattached({ channel: message.channel, syncs }))
+        yield* tell(new Control.Reattached({ channel: message.channel, syncs }))
       }).pipe(Effect.catchAll((error) => Deferred.fail(reattachFailure, error)))
     yield* Effect.forkScoped(Effect.forever(Effect.flatMap(Queue.take(received), (message) =>
       message._tag === "Reattach" ? reattach(message) : Queue.offer(inbox, message))))
     const failures = Effect.raceFirst(controlFailure, Effect.raceFirst(connectionFailure, Deferred.await(reattachFailure)))
     const next = Effect.raceFirst(Queue.take(inbox), failures)
-    const tell = (message: Control.Message) => Conversation.tell(ctl, message)
 
     const migration = Effect.gen(function*() {
       // the destination's duration starts with the source's hello, not with the wait for a source
