@@ -16,6 +16,7 @@ import { inject } from "vitest"
 import * as GuestRam from "../src/GuestRam.js"
 import * as Snapshot from "../src/Snapshot.js"
 import { killChildren, ROOT, run, runHere, runRecvHereUntilListening } from "./support/cli.js"
+import { writeAtRead } from "./support/fanotify.js"
 import { onTmpfs } from "./support/files.js"
 
 const FIXTURES = new URL("./fixtures/qemu-10.0.2/", import.meta.url)
@@ -406,5 +407,34 @@ describe("send file: onto a file system that fills up", () => {
       expect(Fs.readdirSync(small)).toEqual(["s.snap"])
       expect(Fs.readFileSync(snapshot, "utf8")).toBe("older")
     })
+  })
+})
+
+describe("send --in of an image that another process writes while it is read", () => {
+  // the image was read in chunks (32 MiB, up to four at once), the first ones before the write and the last after:
+  // the snapshot held a page the file never had beside bytes it no longer had, and the command said it succeeded
+  it("fails saying so (exit 1), nothing saved, the image as the other process left it", async (ctx) => {
+    // one chunk more than the reads in flight at once (Image.read's READS): the last read starts once the first
+    // chunks are in memory, and the page at offset 0 is written then
+    const chunks = Math.min(4, Os.availableParallelism()) + 1
+    const image = Path.join(dir, "busy.raw")
+    Fs.writeFileSync(image, Buffer.alloc(chunks * 32 * 1024 * 1024, 0x5a))
+    const writer = await writeAtRead(image, chunks, 0)
+    if (typeof writer === "string") return ctx.skip(writer)
+    try {
+      const snapshot = Path.join(dir, "busy.snap")
+      const save = await run(["send", `file:${snapshot}`, "--in", image])
+      await writer.changed
+      expect([save.code, save.stderr.trim()]).toEqual([
+        1,
+        `multifd: error: ${image}: the image changed while it was read (another process writing it?): what was read ` +
+          "may mix its old and new bytes; read it again once nothing writes it"
+      ])
+      expect(Fs.readdirSync(dir).filter((name) => name.startsWith("busy.snap"))).toEqual([])
+      const now = Fs.readFileSync(image)
+      expect([now[0], now[4095], now[4096]]).toEqual([0xa5, 0xa5, 0x5a])
+    } finally {
+      writer.stop()
+    }
   })
 })

@@ -68,6 +68,15 @@ export const read = (path: string, pageSize: number): Effect.Effect<Buffer, Imag
       Effect.mapError((error) => new ImageError({ reason: "Io", path, detail: error.detail }))
     )
     yield* FileIo.transferChunked("read", file, bytes, 0, READ_CHUNK, READS)
+    // written meanwhile, what was read may be part old, part new: an image the guest never had
+    if (yield* FileIo.changed(file)) {
+      return yield* new ImageError({
+        reason: "Io",
+        path,
+        detail: "the image changed while it was read (another process writing it?): what was read may mix its " +
+          "old and new bytes; read it again once nothing writes it"
+      })
+    }
     return bytes
   })).pipe(Effect.mapError((error) => error._tag === "ImageError" ? error : readError(path, error)))
 

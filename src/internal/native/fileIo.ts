@@ -143,8 +143,18 @@ export const open = (path: string, flags: string | number): Effect.Effect<FsP.Fi
  */
 const READ_FLAGS = Fs.constants.O_RDONLY | Fs.constants.O_NONBLOCK
 
-/** Opens a regular file for reading, with its size; anything else (a FIFO, a device, a directory) is `NotRegular`. */
-export const openForReading = (path: string): Effect.Effect<File & { readonly size: number }, FileError, Scope.Scope> =>
+/** A regular file open for reading: its size, and when it was last written, as they were when it was opened. */
+export interface Readable extends File {
+  readonly size: number
+  /** Its modification time in nanoseconds (`changed` compares it). */
+  readonly modified: bigint
+}
+
+/**
+ * Opens a regular file for reading, with its size and modification time; anything else (a FIFO, a device, a
+ * directory) is `NotRegular`.
+ */
+export const openForReading = (path: string): Effect.Effect<Readable, FileError, Scope.Scope> =>
   Effect.gen(function*() {
     // what cannot be opened may still be plainly no file to read (a socket: ENXIO; a device: EACCES, ENODEV...)
     const handle = yield* Effect.catchTag(open(path, READ_FLAGS), "FileError", (error) =>
@@ -153,11 +163,28 @@ export const openForReading = (path: string): Effect.Effect<File & { readonly si
         (regular) => regular ? Effect.fail(error) : Effect.fail(new FileError({ step: "NotRegular", path }))
       ))
     const stat = yield* Effect.tryPromise({
-      try: () => handle.stat(),
+      try: () => handle.stat({ bigint: true }),
       catch: (cause) => new FileError({ step: "Stat", path, cause })
     })
     if (!stat.isFile()) return yield* new FileError({ step: "NotRegular", path })
-    return { path, fd: handle.fd, size: stat.size }
+    return { path, fd: handle.fd, size: Number(stat.size), modified: stat.mtimeNs }
+  })
+
+/**
+ * Whether a file opened by `openForReading` was written since it was opened (its length or its modification time
+ * are not what they were then): another process writing it meanwhile (`cp` over it, `dd conv=notrunc`), whose
+ * bytes a read may have met in one part of the file and not in another. A file read whole and then found
+ * unchanged was read as it was at the open — as far as its modification time tells: a write within the clock tick
+ * of the open may keep it as it was on a file system of coarse times (Linux before 6.13's fine-grained timestamps).
+ */
+export const changed = (file: Readable): Effect.Effect<boolean, FileError> =>
+  Effect.async<boolean, FileError>((resume) => {
+    Fs.fstat(file.fd, { bigint: true }, (error, stat) =>
+      resume(
+        error === null
+          ? Effect.succeed(Number(stat.size) !== file.size || stat.mtimeNs !== file.modified)
+          : Effect.fail(new FileError({ step: "Stat", path: file.path, cause: error }))
+      ))
   })
 
 // ---------------------------------------------------------------------------------------------------------
