@@ -48,6 +48,7 @@ import * as Cli from "./support/cli.js"
 import { advanceUntil } from "./support/clock.js"
 import { expectOneLine, failureOf } from "./support/failures.js"
 import { noHang as realNoHang } from "./support/guards.js"
+import { writeAtRead } from "./support/fanotify.js"
 import { mountTmpfs, tempDirectory } from "./support/files.js"
 import { expectNothingLeft } from "./support/leakProbe.js"
 import { expectNoLeaks, nextTurn } from "./support/handles.js"
@@ -1596,6 +1597,28 @@ describe("MappedRam: QEMU 10's mapped-ram file", () => {
       )
       expect(Fs.readFileSync(file).equals(before)).toBe(true)
       expect(Fs.readdirSync(dir)).toEqual(["mem.img"])
+    }))
+
+  // QEMU still writing it (or a `migrate file:` to it run again): the pages read before the write were the old ones,
+  // those after it the new ones, and --out held a RAM image no VM ever had, reported as success
+  it.live("recv file: --from-qemu of a file written while it is read: fails saying so (exit 1), nothing written", (ctx) =>
+    Effect.gen(function*() {
+      const file = Path.join(vmFileDir, "busy.vm")
+      yield* MappedRam.write(file, yield* capturedVm)
+      // at the second read, the first (the stream's start, the first 64 KiB at least) done
+      const writer = yield* Effect.promise(() => writeAtRead(file, 2, 0))
+      if (typeof writer === "string") return ctx.skip(writer)
+      const out = Path.join(vmFileDir, "busy.img")
+      const result = yield* Effect.promise(() => Cli.run(["recv", `file:${file}`, "--from-qemu", "--out", out])).pipe(
+        Effect.ensuring(Effect.sync(writer.stop))
+      )
+      yield* Effect.promise(() => writer.changed)
+      expect([result.code, result.stderr.trim()]).toEqual([
+        1,
+        `multifd: error: ${file}: the file changed while it was read (QEMU or another process still ` +
+          "writing it?): what was read may mix its old and new bytes; read it again once nothing writes it"
+      ])
+      expect(Fs.readdirSync(vmFileDir).filter((name) => name.startsWith("busy.img"))).toEqual([])
     }))
 
   // a directory that held another VM's blocks (vga.vram.img) silently became a mix of two VMs' blocks

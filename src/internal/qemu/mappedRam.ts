@@ -272,10 +272,19 @@ export interface Opened {
  * configuration, block list and bitmaps, commands, device state — and memory of the file's layout is
  * allocated, up to `maxRamBytes`, untouched; a mapped-ram file's pages are read by `load`, as they are needed.
  */
-export const open = (
+export const open: (
   path: string,
   options: { readonly maxRamBytes: number; readonly pageSize?: number | undefined }
-): Effect.Effect<Opened, MappedRamError, Scope.Scope> =>
+) => Effect.Effect<Opened, MappedRamError, Scope.Scope> = (path, options) => openFile(path, options)
+
+/**
+ * `open`, and whether the file was written since it was opened (`FileIo.changed`: by QEMU still writing it, or a
+ * `migrate file:` to it run again), which `read` asks once it read every page.
+ */
+const openFile = (
+  path: string,
+  options: { readonly maxRamBytes: number; readonly pageSize?: number | undefined }
+): Effect.Effect<Opened & { readonly changed: Effect.Effect<boolean, MappedRamError> }, MappedRamError, Scope.Scope> =>
   Effect.gen(function*() {
     const badLimit = Transfer.checkMaxRam(options.maxRamBytes) ??
       (options.pageSize === undefined ? undefined : Protocol.checkPageSize(options.pageSize, "pageSize"))
@@ -389,7 +398,8 @@ export const open = (
         zeroRange(into, at - origin, count * pageSize)
         return Effect.mapError(transferRuns("read", file, place, pageSize, runs, into, origin), failed)
       })
-    return { vm, summary, pages: summary.mappedRam ? pages : summary.normalPages, load, readPages }
+    const changed = Effect.mapError(FileIo.changed(file), failed)
+    return { vm, summary, pages: summary.mappedRam ? pages : summary.normalPages, load, readPages, changed }
   })
 
 /**
@@ -404,7 +414,16 @@ export const read = (
   MappedRamError
 > =>
   Effect.scoped(Effect.gen(function*() {
-    const opened = yield* open(path, options)
+    const opened = yield* openFile(path, options)
     for (const block of opened.vm.ram.blocks) yield* opened.load(block, 0, block.pages)
+    // written meanwhile, what was read may be part old, part new: a VM that never was
+    if (yield* opened.changed) {
+      return yield* new MappedRamError({
+        reason: "Io",
+        path,
+        detail: "the file changed while it was read (QEMU or another process still writing it?): what was read " +
+          "may mix its old and new bytes; read it again once nothing writes it"
+      })
+    }
     return { vm: opened.vm, summary: opened.summary, pages: opened.pages }
   }))
