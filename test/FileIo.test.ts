@@ -305,6 +305,38 @@ describe("FileIo.atomicFile", () => {
     }))
 })
 
+describe("FileIo.atomicFile of a file with other names (hard links)", () => {
+  // the rename replaced the one name given, silently: `ln guest.img backups/guest.img`, then `recv --out guest.img`,
+  // and backups/guest.img still held the older image, where cp or QEMU (writing in place) would have changed both
+  it.scopedLive("replaces the name given alone, saying that the other names keep the older file", () =>
+    Effect.gen(function*() {
+      const dir = yield* tempDir
+      const warnings: Array<string> = []
+      const write = (target: string) =>
+        Effect.scoped(Effect.gen(function*() {
+          const file = yield* FileIo.atomicFile(target)
+          yield* FileIo.transfer("write", file, Buffer.from("new"), 0, 3, 0)
+          yield* file.commit
+        })).pipe(
+          Effect.provide(Logger.replace(Logger.defaultLogger, Logger.make(({ message }) => warnings.push(String(message)))))
+        )
+      const target = Path.join(dir, "guest.img")
+      Fs.writeFileSync(target, "old")
+      Fs.linkSync(target, Path.join(dir, "backup.img"))
+      Fs.linkSync(target, Path.join(dir, "copy.img"))
+      yield* write(target)
+      expect(["guest.img", "backup.img", "copy.img"].map((name) => Fs.readFileSync(Path.join(dir, name), "utf8")))
+        .toEqual(["new", "old", "old"])
+      expect(warnings).toEqual([
+        "guest.img has 2 other names (hard links), which will keep the older file: only guest.img is replaced"
+      ])
+      // a file of one name: nothing to say
+      warnings.length = 0
+      yield* write(target)
+      expect(warnings).toEqual([])
+    }))
+})
+
 describe("FileIo.atomicFile of a long name", () => {
   // "<name>.<pid>.partial" was longer than a file name may be: "cannot create ... beside it: file name too long"
   it.scopedLive("a target named with up to 255 bytes is written: its temporary file's name is cut to leave room for the suffix", () =>

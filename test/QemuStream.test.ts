@@ -1621,6 +1621,25 @@ describe("MappedRam: QEMU 10's mapped-ram file", () => {
       expect(Fs.readdirSync(vmFileDir).filter((name) => name.startsWith("busy.img"))).toEqual([])
     }))
 
+  // --vm is checked before anything is read (its temporary file made and removed), then written by MappedRam.write:
+  // what the first said (a hard link's warning), the second said again once the VM was stored
+  it.live("recv file: --from-qemu --vm OUT with another name (a hard link): warned once, the other name left as it was", () =>
+    Effect.gen(function*() {
+      const file = Path.join(vmFileDir, "linked-source.vm")
+      yield* MappedRam.write(file, yield* capturedVm)
+      const out = Path.join(vmFileDir, "linked.vm")
+      const backup = Path.join(vmFileDir, "linked-backup.vm")
+      Fs.writeFileSync(out, "older")
+      Fs.linkSync(out, backup)
+      const result = yield* Effect.promise(() => Cli.run(["recv", `file:${file}`, "--from-qemu", "--vm", out]))
+      expect({ code: result.code, warnings: result.stderr.split("\n").filter((line) => line.includes("warning")) }).toEqual({
+        code: 0,
+        warnings: ["multifd: warning: linked.vm has 1 other name (hard links), which will keep the older file: only linked.vm is replaced"]
+      })
+      expect(Fs.readFileSync(out).equals(Fs.readFileSync(file))).toBe(true)
+      expect(Fs.readFileSync(backup, "utf8")).toBe("older")
+    }))
+
   // a directory that held another VM's blocks (vga.vram.img) silently became a mix of two VMs' blocks
   it.live("recv --out-dir DIR holding another migration's block file: success, with a warning naming it, left as it was", () =>
     Effect.gen(function*() {

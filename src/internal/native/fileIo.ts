@@ -625,6 +625,9 @@ const keptMode = (mode: number, sameGroup: boolean): number =>
  * open it: it would have become that user's, readable as that user chose. Temporary files of `target` that
  * killed processes left are removed first (`removeStale`, each with a warning).
  *
+ * A target with other names (hard links) is replaced under its own name alone, with a warning: the other names keep
+ * the older file.
+ *
  * The temporary file is created readable by its owner alone (`NEW_FILE_MODE`). When it replaces an existing
  * file it takes that file's permissions, and its owner and group as far as this process may give them, as
  * `cp` over an existing file keeps them: the file's readers stay the file's readers, from the first byte (its
@@ -669,6 +672,15 @@ export const atomicFile = (
     // its owner and permissions are given to the new file: another user's there would be given what is written
     if (existing !== undefined && (yield* Effect.promise(() => othersInSticky(Path.dirname(target), existing.uid)))) {
       return yield* unsafe("file", target)
+    }
+    // a rename replaces this name alone: the file's other names (hard links) go on naming the older file, where
+    // cp or QEMU, which write in place, would have changed it under every name
+    if (existing !== undefined && existing.nlink > 1) {
+      const others = existing.nlink - 1
+      yield* Effect.logWarning(
+        `${Path.basename(target)} has ${others} other ${others === 1 ? "name" : "names"} (hard links), which will ` +
+          `keep the older file: only ${Path.basename(target)} is replaced`
+      )
     }
     const committed = yield* Ref.make(false)
     const temporary: Temporary = { path, directory: undefined, identity: undefined }
