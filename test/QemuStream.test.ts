@@ -1333,6 +1333,22 @@ describe("recv --from-qemu (src/cli/fromQemu.run, without option parsing)", () =
       }
     }))
 
+  // --out that is a directory is refused before recv listens; a block's file of --out-dir that was one was found only
+  // when the blocks were stored, once QEMU had sent them all (and, without a return path, taken its VM for migrated)
+  it.live("--out-dir whose block file exists and is no regular file (a directory): refused when the blocks are announced", () =>
+    Effect.gen(function*() {
+      const dir = Fs.mkdtempSync(Path.join(Os.tmpdir(), "emfd-fromqemu-blockdir-"))
+      yield* Effect.gen(function*() {
+        const block = Path.join(dir, QemuIncoming.blockFileName("mem"))
+        Fs.mkdirSync(block)
+        const refused = yield* Effect.flip(runWith({ outDir: dir }))
+        expectOneLine(refused)
+        expect(refused.message).toContain(`refused the migration: ${block}: exists and is not a regular file`)
+        expect(Fs.readdirSync(dir)).toEqual(["mem.img"])
+        expect(Fs.readdirSync(block)).toEqual([])
+      }).pipe(Effect.ensuring(Effect.sync(() => Fs.rmSync(dir, { recursive: true, force: true }))))
+    }))
+
   it.live("--out and --out-dir on a file system too small for QEMU's RAM: refused when the blocks are announced, nothing written", (ctx) =>
     Effect.gen(function*() {
       const dir = Fs.mkdtempSync(Path.join(Os.tmpdir(), "emfd-fromqemu-small-"))

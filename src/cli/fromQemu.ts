@@ -203,6 +203,24 @@ const writableDirectory = (dir: string): Effect.Effect<void, Image.ImageError> =
   )
 
 /**
+ * Why one of `paths` (the block files of `--out-dir`, known once QEMU announced its blocks) cannot be written, if
+ * one exists and is not a regular file (a directory, a FIFO): as `--out`'s, refused before QEMU sends a page, not
+ * once it sent them all (`Image.create`, when the blocks are stored, refuses it too).
+ */
+const notAFile = (paths: ReadonlyArray<string>): string | undefined => {
+  for (const path of paths) {
+    let stat: FsSync.Stats | undefined
+    try {
+      stat = FsSync.statSync(path, { throwIfNoEntry: false })
+    } catch {
+      continue // a link loop, a path it may not look at: the create says so
+    }
+    if (stat !== undefined && !stat.isFile()) return `${path}: exists and is not a regular file`
+  }
+  return undefined
+}
+
+/**
  * `mkdir -p dir`, one directory at a time, pushing each it made onto `made` (top first). Node's recursive mkdir
  * turns most errors into ENOENT (a read-only file system, one out of inodes: "no such file or directory" of a
  * parent that exists); a plain mkdir says what went wrong.
@@ -323,7 +341,8 @@ export const run = (args: Args) =>
             return single !== undefined
               ? single.tooBig(bytes)
               : args.outDir !== undefined
-              ? Image.beyondFileSizeLimit(args.outDir, Math.max(...blocks.map((b) => b.size)), "a block's file") ??
+              ? notAFile(blocks.map((block) => Path.join(args.outDir!, QemuIncoming.blockFileName(block.name)))) ??
+                Image.beyondFileSizeLimit(args.outDir, Math.max(...blocks.map((b) => b.size)), "a block's file") ??
                 Image.wontFit(args.outDir, args.outDir, bytes)
               : undefined
           },
