@@ -1882,6 +1882,35 @@ describe("QemuOutgoing: a VM into a QEMU destination (here QemuIncoming, which a
       expect(exit.value.ram.blocks[0]!.bytes.equals(vm.ram.blocks[0]!.bytes)).toBe(true)
     }))), 30_000)
 
+  // send --to-qemu --vm FILE reads the pages batch by batch as the channels send them: a file written meanwhile (a
+  // migrate file: to it run again) went to QEMU as the old stream and device state with new pages, and QEMU ran it
+  it.live("from a VM file written while it is sent (readPages): fails saying so, the destination never completes", (ctx) =>
+    Effect.scoped(Effect.gen(function*() {
+      const file = Path.join(vmFileDir, "busy-send.vm")
+      yield* MappedRam.write(file, yield* capturedVm)
+      const writer = yield* Effect.promise(() => writeAtRead(file, 0, 0))
+      if (typeof writer === "string") return ctx.skip(writer)
+      yield* Effect.addFinalizer(() => Effect.sync(writer.stop))
+      const opened = yield* MappedRam.open(file)
+      // the first read after the open: the first batch of pages
+      yield* Effect.promise(writer.arm)
+      const dst = yield* destination({ channels: 2, vm: true })
+      const error = yield* Effect.flip(QemuOutgoing.migrate({
+        address: dst.address,
+        vm: opened.vm,
+        readPages: opened.readPages,
+        channels: 2,
+        timeouts: PEER
+      }).pipe(Effect.provide(Transport.layer)))
+      yield* Effect.promise(() => writer.changed)
+      expectOneLine(error)
+      expect(error.message).toContain(
+        `${file}: the file changed while it was read (QEMU or another process still writing it?)`
+      )
+      const exit = yield* noHang(Fiber.await(dst.fiber), "the destination")
+      expect(Exit.isFailure(exit)).toBe(true)
+    })))
+
   it.live("QEMU closes the main channel before answering: one line saying so, nothing left open", () =>
     expectNoLeaks(Effect.scoped(Effect.gen(function*() {
       const vm = yield* capturedVm

@@ -3,12 +3,14 @@
  * one it hopes for: fanotify's permission events (`FAN_ACCESS_PERM`, Linux, as root) hold each read of the file
  * until a listener answers, and the listener — a small Python script, through ctypes — writes the file before it
  * lets a chosen read through. The reads before it are done by then; the bytes they read are the file's old ones.
+ * The reader must open the file after the listener is ready: Linux (6.14 on) gives no permission events for a file
+ * opened while nobody watched for them.
  */
 import * as ChildProcess from "node:child_process"
 
 /** The listener: `python3 -c SCRIPT PATH AT OFFSET`; it prints `ready` once it watches, `changed` once it wrote. */
 const SCRIPT = `
-import ctypes, os, struct, sys
+import ctypes, os, select, struct, sys
 libc = ctypes.CDLL(None, use_errno=True)
 libc.fanotify_mark.argtypes = [ctypes.c_int, ctypes.c_uint, ctypes.c_uint64, ctypes.c_int, ctypes.c_char_p]
 path, at, offset = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
@@ -18,14 +20,25 @@ if fan < 0: sys.exit("fanotify_init: " + os.strerror(ctypes.get_errno()))
 if libc.fanotify_mark(fan, FAN_MARK_ADD, FAN_ACCESS_PERM, -100, path.encode()) < 0:
     sys.exit("fanotify_mark: " + os.strerror(ctypes.get_errno()))
 print("ready", flush=True)
+# at 0: armed by a line on stdin, the next read then counts as the first
+armed = at > 0
+at = max(at, 1)
 seen = 0
+done = False
 while seen < at:
+    ready, _, _ = select.select([fan] + ([] if armed else [0]), [], [])
+    if 0 in ready:
+        sys.stdin.readline()
+        armed = True
+        print("armed", flush=True)
+        continue
     events = os.read(fan, 4096)
     i = 0
     while i < len(events):
         length, _, _, _, _, fd, _ = struct.unpack_from("=IBBHQii", events, i)
-        seen += 1
-        if seen == at:
+        if armed: seen += 1
+        if seen == at and armed and not done:
+            done = True
             # the file written (a page at offset, another's bytes) before this read may go on
             target = os.open(path, os.O_WRONLY)
             os.pwrite(target, b"\\xa5" * 4096, offset)
@@ -36,19 +49,24 @@ while seen < at:
 print("changed", flush=True)
 `
 
-/** A listener watching a file: `changed` settles once it wrote the file; `stop` ends it (if it did not end). */
+/**
+ * A listener watching a file: `changed` settles once it wrote the file; `arm` (for `at` 0) starts counting reads
+ * from the next one; `stop` ends it (if it did not end).
+ */
 export interface Writer {
   readonly changed: Promise<void>
+  readonly arm: () => Promise<void>
   readonly stop: () => void
 }
 
 /**
  * Watches `path` and, when the `at`-th read of it (counting every process's) starts, writes a page of 0xa5 at
- * `offset`, then lets that read go on. Why it cannot, if it cannot (no python3, not root, no fanotify).
+ * `offset`, then lets that read go on; `at` 0: the first read once `arm` returned. Why it cannot, if it cannot (no
+ * python3, not root, no fanotify).
  */
 export const writeAtRead = async (path: string, at: number, offset: number): Promise<Writer | string> => {
   const child = ChildProcess.spawn("python3", ["-c", SCRIPT, path, String(at), String(offset)], {
-    stdio: ["ignore", "pipe", "pipe"]
+    stdio: ["pipe", "pipe", "pipe"]
   })
   let stdout = ""
   let stderr = ""
@@ -76,6 +94,11 @@ export const writeAtRead = async (path: string, at: number, offset: number): Pro
   const changed = said("changed")
   if (!(await ready)) return `cannot watch reads with fanotify here: ${stderr.trim() || "python3 did not start"}`
   return {
+    arm: async () => {
+      const armed = said("armed")
+      child.stdin.write("arm\n")
+      if (!(await armed)) throw new Error(`the fanotify listener ended before it was armed: ${stderr.trim()}`)
+    },
     changed: changed.then((done) => {
       if (!done) throw new Error(`the fanotify listener ended without writing the file: ${stderr.trim()}`)
     }),

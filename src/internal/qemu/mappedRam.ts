@@ -271,20 +271,14 @@ export interface Opened {
  * (QEMU's or ours), or a plain stream (`migrate file:` without mapped-ram). The main stream is read whole —
  * configuration, block list and bitmaps, commands, device state — and memory of the file's layout is
  * allocated, up to `maxRamBytes`, untouched; a mapped-ram file's pages are read by `load`, as they are needed.
+ * A file written since it was opened (QEMU still writing it, a `migrate file:` to it run again, `cp` over it) fails
+ * the open, or the `load` or `readPages` that read from it after the write (`FileIo.changed`): what was read of it
+ * may be part old, part new, a VM that never was.
  */
-export const open: (
+export const open = (
   path: string,
   options: { readonly maxRamBytes: number; readonly pageSize?: number | undefined }
-) => Effect.Effect<Opened, MappedRamError, Scope.Scope> = (path, options) => openFile(path, options)
-
-/**
- * `open`, and whether the file was written since it was opened (`FileIo.changed`: by QEMU still writing it, or a
- * `migrate file:` to it run again), which `read` asks once it read every page.
- */
-const openFile = (
-  path: string,
-  options: { readonly maxRamBytes: number; readonly pageSize?: number | undefined }
-): Effect.Effect<Opened & { readonly changed: Effect.Effect<boolean, MappedRamError> }, MappedRamError, Scope.Scope> =>
+): Effect.Effect<Opened, MappedRamError, Scope.Scope> =>
   Effect.gen(function*() {
     const badLimit = Transfer.checkMaxRam(options.maxRamBytes) ??
       (options.pageSize === undefined ? undefined : Protocol.checkPageSize(options.pageSize, "pageSize"))
@@ -367,6 +361,19 @@ const openFile = (
           })
         ))
     )
+    // written meanwhile: the stream read may be part old, part new (and so may the pages read later)
+    const unchanged = Effect.flatMap(Effect.mapError(FileIo.changed(file), failed), (changed) =>
+      changed
+        ? Effect.fail(
+          new MappedRamError({
+            reason: "Io",
+            path,
+            detail: "the file changed while it was read (QEMU or another process still writing it?): what was read " +
+              "may mix its old and new bytes; read it again once nothing writes it"
+          })
+        )
+        : Effect.void)
+    yield* unchanged
     const vm = memory === undefined ? undefined : QemuVm.fromSummary(summary, memory)
     if (vm === undefined) return yield* new MappedRamError({ reason: "Malformed", path, detail: "no RAM section" })
     /** The runs of pages `first` to `first + count - 1` the file holds (their bits set), as block page indices. */
@@ -377,7 +384,10 @@ const openFile = (
       Effect.suspend(() => {
         const place = places.get(block.name)
         if (place === undefined) return Effect.void
-        return Effect.mapError(transferRuns("read", file, place, vm.ram.pageSize, heldRuns(place, first, count)), failed)
+        return Effect.zipRight(
+          Effect.mapError(transferRuns("read", file, place, vm.ram.pageSize, heldRuns(place, first, count)), failed),
+          unchanged
+        )
       })
     const readPages = (block: GuestRam.Block, first: number, count: number, into: Uint8Array) =>
       Effect.suspend(() => {
@@ -396,10 +406,9 @@ const openFile = (
           at = to * pageSize
         }
         zeroRange(into, at - origin, count * pageSize)
-        return Effect.mapError(transferRuns("read", file, place, pageSize, runs, into, origin), failed)
+        return Effect.zipRight(Effect.mapError(transferRuns("read", file, place, pageSize, runs, into, origin), failed), unchanged)
       })
-    const changed = Effect.mapError(FileIo.changed(file), failed)
-    return { vm, summary, pages: summary.mappedRam ? pages : summary.normalPages, load, readPages, changed }
+    return { vm, summary, pages: summary.mappedRam ? pages : summary.normalPages, load, readPages }
   })
 
 /**
@@ -414,16 +423,7 @@ export const read = (
   MappedRamError
 > =>
   Effect.scoped(Effect.gen(function*() {
-    const opened = yield* openFile(path, options)
+    const opened = yield* open(path, options)
     for (const block of opened.vm.ram.blocks) yield* opened.load(block, 0, block.pages)
-    // written meanwhile, what was read may be part old, part new: a VM that never was
-    if (yield* opened.changed) {
-      return yield* new MappedRamError({
-        reason: "Io",
-        path,
-        detail: "the file changed while it was read (QEMU or another process still writing it?): what was read " +
-          "may mix its old and new bytes; read it again once nothing writes it"
-      })
-    }
     return { vm: opened.vm, summary: opened.summary, pages: opened.pages }
   }))
