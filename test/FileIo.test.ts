@@ -337,6 +337,27 @@ describe("FileIo.atomicFile of a file with other names (hard links)", () => {
     }))
 })
 
+describe("FileIo.atomicFile of an immutable file (chattr +i)", () => {
+  // the whole file was written beside it, and only the rename failed, "cannot rename out.img.4242.partial to it:
+  // permission denied": a migration's whole transfer (and a source told it failed at the very end) for nothing
+  it.scopedLive("is refused before anything is written, saying so; the file as it was", (ctx) =>
+    Effect.gen(function*() {
+      const dir = yield* tempDir
+      const target = Path.join(dir, "out.img")
+      Fs.writeFileSync(target, "kept")
+      const chattr = ChildProcess.spawnSync("chattr", ["+i", target], { stdio: "pipe" })
+      if (chattr.status !== 0) return ctx.skip(`cannot make a file immutable here: ${chattr.error ?? chattr.stderr.toString().trim()}`)
+      // lifted before the directory is removed (nothing, not even root, removes an immutable file)
+      yield* Effect.addFinalizer(() => Effect.sync(() => ChildProcess.spawnSync("chattr", ["-i", target])))
+      const error = yield* Effect.flip(Effect.scoped(FileIo.atomicFile(target, { size: 4096 })))
+      expect([error.step, FileIo.describeUnsafe(target, error)]).toEqual([
+        "Unsafe",
+        "not replacing it: it is immutable (chattr +i: lsattr shows it), which no rename can replace; chattr -i lifts it"
+      ])
+      expect([Fs.readdirSync(dir), Fs.readFileSync(target, "utf8")]).toEqual([["out.img"], "kept"])
+    }))
+})
+
 describe("FileIo.atomicFile of a long name", () => {
   // "<name>.<pid>.partial" was longer than a file name may be: "cannot create ... beside it: file name too long"
   it.scopedLive("a target named with up to 255 bytes is written: its temporary file's name is cut to leave room for the suffix", () =>

@@ -97,7 +97,8 @@ export type Step =
   /**
    * Another user's symbolic link on the way to the target, or file at the target (the error's path), in a
    * world-writable sticky directory (`/tmp`): not followed, not replaced; or a target that is a mount point (a file
-   * bind-mounted there), which no rename can replace. The cause says why, `describeUnsafe` words it.
+   * bind-mounted there) or immutable (`chattr +i`), which no rename can replace. The cause says why, `describeUnsafe`
+   * words it.
    */
   | "Unsafe"
 
@@ -477,6 +478,13 @@ const isMountPoint = async (path: string): Promise<boolean> => {
   )
 }
 
+/**
+ * Whether the existing file at `path` is immutable (`chattr +i`): the only write permission even root is refused
+ * with EPERM rather than EACCES. Nothing can rename over it or remove it.
+ */
+const isImmutable = (path: string): Promise<boolean> =>
+  FsP.access(path, Fs.constants.W_OK).then(() => false, (error: unknown) => errorCode(error) === "EPERM")
+
 /** The cause of an `Unsafe` error: what `path` is, and where. */
 const unsafe = (kind: "link" | "file", path: string): FileError =>
   new FileError({
@@ -614,7 +622,8 @@ const keptMode = (mode: number, sameGroup: boolean): number =>
 
 /**
  * Creates `<target>.<pid>.partial` (a long name cut to leave room for the suffix: `temporaryOf`), refusing up
- * front anything at `target` that is not a regular file, and a temporary file that exists already; optionally
+ * front anything at `target` that is not a regular file or that no rename can replace (a mount point, an immutable
+ * file: `Unsafe`), and a temporary file that exists already; optionally
  * at a length (sparse). When the scope closes the handle is closed and, unless it was committed, the temporary
  * file removed — through its directory, held open meanwhile, so also when that directory was renamed — : `target`
  * itself is only ever replaced by a complete file. A `target` that is a symbolic link
@@ -666,6 +675,17 @@ export const atomicFile = (
               "name a file in a mounted directory instead"
           ),
           { kind: "mount" }
+        )
+      })
+    }
+    // nor can one replace an immutable file (EPERM): the whole file was written, and only the rename failed
+    if (existing !== undefined && (yield* Effect.promise(() => isImmutable(target)))) {
+      return yield* new FileError({
+        step: "Unsafe",
+        path: target,
+        cause: Object.assign(
+          new Error("it is immutable (chattr +i: lsattr shows it), which no rename can replace; chattr -i lifts it"),
+          { kind: "immutable" }
         )
       })
     }
