@@ -146,6 +146,53 @@ describe("FileIo.atomicFile", () => {
       ])
     }))
 
+  // a group's shared directory (sticky, not world-writable): the file was written in full beside another member's,
+  // and the rename over it failed, "permission denied", after a whole migration
+  it.scopedLive("another user's file in a sticky directory that is not world-writable (a group's, 1770) is refused up front", (ctx) =>
+    Effect.gen(function*() {
+      if (process.geteuid?.() !== 0) return ctx.skip("needs root, to run a writer as another user")
+      const setpriv = ChildProcess.spawnSync("setpriv", ["--version"])
+      if (setpriv.status !== 0) return ctx.skip("needs setpriv (util-linux), to run a writer as another user with a second group")
+      const dir = yield* tempDir
+      Fs.chmodSync(dir, 0o755)
+      const shared = Path.join(dir, "team")
+      Fs.mkdirSync(shared)
+      Fs.chownSync(shared, 0, 65533)
+      Fs.chmodSync(shared, 0o1770) // the group's members may create files here, and rename over their own alone
+      const theirs = Path.join(shared, "theirs.img")
+      Fs.writeFileSync(theirs, "theirs")
+      Fs.chownSync(theirs, 0, 65533)
+      Fs.chmodSync(theirs, 0o664)
+      const script = `
+        import * as Effect from "effect/Effect"
+        import * as FileIo from "./src/internal/native/fileIo.ts"
+        const target = ${JSON.stringify(theirs)}
+        const result = await Effect.runPromise(Effect.either(Effect.scoped(Effect.flatMap(FileIo.atomicFile(target), (file) => file.commit))))
+        const error = result._tag === "Left" ? result.left : undefined
+        process.stdout.write(JSON.stringify(error === undefined ? "replaced" : [error.step, error.step === "Unsafe" ? FileIo.describeUnsafe(target, error) : FileIo.describe(error.cause)]))`
+      const stdout = yield* Effect.promise(() =>
+        new Promise<string>((resolve) => {
+          const asNobody = ["--reuid=65534", "--regid=65534", "--groups=65533", "--"]
+          const node = [process.execPath, "--import", "tsx", "--input-type=module", "-e", script]
+          const child = ChildProcess.spawn("setpriv", [...asNobody, ...node], {
+            cwd: Path.resolve(import.meta.dirname, ".."),
+            stdio: ["ignore", "pipe", "pipe"]
+          })
+          let text = ""
+          let errors = ""
+          child.stdout.on("data", (chunk) => (text += chunk))
+          child.stderr.on("data", (chunk) => (errors += chunk))
+          child.on("close", (code) => resolve(code === 0 ? text : `exit ${code}: ${errors}`))
+        })
+      )
+      expect(JSON.parse(stdout)).toEqual([
+        "Unsafe",
+        `not replacing it: another user's file in the sticky directory ${shared}, where none but its owner (or the ` +
+          "directory's) may replace it"
+      ])
+      expect([Fs.readdirSync(shared), Fs.readFileSync(theirs, "utf8")]).toEqual([["theirs.img"], "theirs"])
+    }))
+
   it.scopedLive("removeTemporariesNow (a second Ctrl-C, exiting without closing scopes) removes the open temporary files, not committed ones", () =>
     Effect.gen(function*() {
       const dir = yield* tempDir

@@ -479,6 +479,18 @@ const isMountPoint = async (path: string): Promise<boolean> => {
 }
 
 /**
+ * Whether a rename may not replace a file of `owner` in `dir` because `dir` is sticky (any sticky directory, not only a
+ * world-writable one: a group's shared directory, mode 1770): the kernel lets none but the file's owner or the
+ * directory's (or root: CAP_FOWNER) rename over it or remove it, and the rename failed after the whole file was written.
+ */
+const stickyForbids = async (dir: string, owner: number): Promise<boolean> => {
+  const me = process.geteuid?.()
+  if (me === undefined || me === 0 || owner === me) return false
+  const parent = await FsP.stat(dir).catch(() => undefined)
+  return parent !== undefined && (parent.mode & 0o1000) !== 0 && parent.uid !== me
+}
+
+/**
  * Whether the existing file at `path` is immutable (`chattr +i`): the only write permission even root is refused
  * with EPERM rather than EACCES. Nothing can rename over it or remove it.
  */
@@ -631,7 +643,8 @@ const keptMode = (mode: number, sameGroup: boolean): number =>
  * system), the link kept — unless it is another user's link in a world-writable sticky directory (`Unsafe`,
  * see `followLinks`).
  * Another user's file there is not replaced either (`Unsafe`), as the kernel's `protected_regular` refuses to
- * open it: it would have become that user's, readable as that user chose. Temporary files of `target` that
+ * open it: it would have become that user's, readable as that user chose; nor is another user's file in any other
+ * sticky directory (a group's, 1770), over which the kernel refuses the rename (`stickyForbids`). Temporary files of `target` that
  * killed processes left are removed first (`removeStale`, each with a warning).
  *
  * A target with other names (hard links) is replaced under its own name alone, with a warning: the other names keep
@@ -692,6 +705,20 @@ export const atomicFile = (
     // its owner and permissions are given to the new file: another user's there would be given what is written
     if (existing !== undefined && (yield* Effect.promise(() => othersInSticky(Path.dirname(target), existing.uid)))) {
       return yield* unsafe("file", target)
+    }
+    // nor, in any sticky directory (a group's shared one, 1770), may the rename replace another user's file (EPERM)
+    if (existing !== undefined && (yield* Effect.promise(() => stickyForbids(Path.dirname(target), existing.uid)))) {
+      return yield* new FileError({
+        step: "Unsafe",
+        path: target,
+        cause: Object.assign(
+          new Error(
+            `another user's file in the sticky directory ${Path.resolve(Path.dirname(target))}, where none but its ` +
+              "owner (or the directory's) may replace it"
+          ),
+          { kind: "file" }
+        )
+      })
     }
     // a rename replaces this name alone: the file's other names (hard links) go on naming the older file, where
     // cp or QEMU, which write in place, would have changed it under every name
