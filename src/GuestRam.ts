@@ -282,14 +282,43 @@ const fromBlocks = (pageSize: number, blocks: ReadonlyArray<Block>): GuestRam["T
 }
 
 /**
+ * Why the memory of `ram` is not all there any more, if it is not: bytes given to `make` whose `ArrayBuffer` was
+ * detached since (transferred to another thread, `structuredClone` with `transfer`) or shrunk (a resizable one)
+ * read as none, and a save, migration or restore of such memory died on a `RangeError` half-way.
+ *
+ * @internal
+ */
+export const missing = (ram: GuestRam["Type"]): string | undefined => {
+  for (const block of ram.blocks) {
+    const size = block.pages * ram.pageSize
+    if (block.bytes.length !== size) {
+      return `the memory of block ${JSON.stringify(block.name)} is no longer there (${block.bytes.length} of its ` +
+        `${size} bytes): its ArrayBuffer was detached (transferred) or resized since GuestRam.make`
+    }
+  }
+  return undefined
+}
+
+/**
  * Runs `self`, a migration or save of `ram`, or a restore or migration into it, from its start to its end, as the
  * only one on that memory (`transfer`); while another runs, fails at once with `busy(detail)`, before anything
  * opens. Rounds take the dirty logs, and a restore writes past them: with two at once a save had reported success
- * with old bytes in its file.
+ * with old bytes in its file. Memory that is no longer all there (`missing`) fails with `gone(detail)` first.
  *
  * @internal
  */
 export const exclusively = <A, E, R, B>(
+  ram: GuestRam["Type"],
+  self: Effect.Effect<A, E, R>,
+  busy: (detail: string) => B,
+  gone: (detail: string) => B
+): Effect.Effect<A, E | B, R> =>
+  Effect.suspend(() => {
+    const problem = missing(ram)
+    return problem === undefined ? exclusiveRun(ram, self, busy) : Effect.fail(gone(problem))
+  })
+
+const exclusiveRun = <A, E, R, B>(
   ram: GuestRam["Type"],
   self: Effect.Effect<A, E, R>,
   busy: (detail: string) => B

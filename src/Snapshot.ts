@@ -377,8 +377,12 @@ export const restore = (path: string, options: RestoreOptions = {}): Effect.Effe
   ownFibers(
     options.ram === undefined
       ? restoreInto(path, options)
-      : GuestRam.exclusively(options.ram, restoreInto(path, options), (detail) =>
-        new SnapshotError({ reason: "Busy", path, detail: `not restored: ${detail}` }))
+      : GuestRam.exclusively(
+        options.ram,
+        restoreInto(path, options),
+        (detail) => new SnapshotError({ reason: "Busy", path, detail: `not restored: ${detail}` }),
+        (detail) => new SnapshotError({ reason: "Layout", path, detail: `not restored: ${detail}` })
+      )
   )
 
 const restoreInto = (path: string, options: RestoreOptions): Effect.Effect<Restored, SnapshotError> =>

@@ -7,8 +7,14 @@ import * as HashWasm from "hash-wasm"
 import * as Crypto from "node:crypto"
 import * as Fs from "node:fs"
 import * as Os from "node:os"
+import * as Path from "node:path"
 import * as GuestRam from "../src/GuestRam.js"
 import * as Prefault from "../src/internal/native/prefault.js"
+import * as Migration from "../src/Migration.js"
+import * as Snapshot from "../src/Snapshot.js"
+import * as Transport from "../src/Transport.js"
+import { expectOneLine } from "./support/failures.js"
+import { tempDirectory } from "./support/files.js"
 
 const sha256 = (data: Uint8Array): Buffer => Crypto.createHash("sha256").update(data).digest()
 
@@ -225,6 +231,57 @@ describe("GuestRam blocks", () => {
       const ram = yield* GuestRam.GuestRam
       expect(ram.blocks.map((b) => b.name)).toEqual(["mem"])
     }).pipe(Effect.provide(GuestRam.layer({ blocks: [{ name: "mem", size: 4096 }] }))))
+})
+
+describe("memory given as bytes that is no longer there (its ArrayBuffer detached or shrunk since make)", () => {
+  const gone = {
+    detached: () => {
+      const buffer = new ArrayBuffer(4 * 4096)
+      return { bytes: new Uint8Array(buffer), lose: () => void structuredClone(buffer, { transfer: [buffer] }) }
+    },
+    shrunk: () => {
+      // (a resizable ArrayBuffer: Node 20 has them, this project's TypeScript lib does not)
+      const Resizable = ArrayBuffer as unknown as new(size: number, options: { maxByteLength: number }) => ArrayBuffer & {
+        resize: (size: number) => void
+      }
+      const buffer = new Resizable(4 * 4096, { maxByteLength: 8 * 4096 })
+      return { bytes: new Uint8Array(buffer, 0, 4 * 4096), lose: () => buffer.resize(4096) }
+    }
+  }
+  for (const [how, make] of Object.entries(gone)) {
+    it.scoped(`${how}: a save, migration, restore or incoming of it fails BadOptions (Layout) naming the block, nothing made`, () =>
+      Effect.gen(function*() {
+        const dir = yield* tempDirectory("emfd-gone-")
+        const path = Path.join(dir, "ram.snap")
+        // a snapshot of the same layout, to restore
+        const other = yield* GuestRam.make({ blocks: [{ name: "ram", size: 4 * 4096 }] })
+        yield* Snapshot.save(path).pipe(Effect.provideService(GuestRam.GuestRam, other))
+        const { bytes, lose } = make()
+        const ram = yield* GuestRam.make({ blocks: [{ name: "ram", bytes }] })
+        lose()
+        const expectGone = (error: { readonly _tag: string; readonly message: string }, tag: string, reason: string) => {
+          expect(error).toMatchObject({ _tag: tag, reason })
+          expectOneLine(error)
+          expect(error.message).toContain("the memory of block \"ram\" is no longer there (0 of its 16384 bytes)")
+        }
+        // a save died on a RangeError half-way, with a stack trace
+        const saved = yield* Effect.flip(Snapshot.save(Path.join(dir, "gone.snap")).pipe(Effect.provideService(GuestRam.GuestRam, ram)))
+        expectGone(saved, "MigrationError", "BadOptions")
+        expect(Fs.readdirSync(dir)).toEqual(["ram.snap"])
+        const migrated = yield* Effect.flip(
+          Migration.migrate({ address: { _tag: "Tcp", host: "127.0.0.1", port: 1 } }).pipe(
+            Effect.provideService(GuestRam.GuestRam, ram),
+            Effect.provide(Transport.layer)
+          )
+        )
+        expectGone(migrated, "MigrationError", "BadOptions")
+        expectGone(yield* Effect.flip(Snapshot.restore(path, { ram })), "SnapshotError", "Layout")
+        const received = yield* Effect.flip(
+          Migration.listenAndReceive({ _tag: "Tcp", host: "127.0.0.1", port: 0 }, { ram }).pipe(Effect.provide(Transport.layer))
+        )
+        expectGone(received, "MigrationError", "BadOptions")
+      }))
+  }
 })
 
 /** This process's resident memory, in bytes (Linux). */

@@ -104,13 +104,18 @@ const resolveLive = (live: Transfer.LiveOptions | undefined) => ({
 
 /**
  * `GuestRam.exclusively` for a migration or a save of `ram`, or a migration into it: while another runs, fails
- * `Busy`.
+ * `Busy`; memory that is no longer all there (a detached buffer) is `BadOptions`.
  */
 export const exclusive = <A, E, R>(
   ram: GuestRam.GuestRam["Type"],
   self: Effect.Effect<A, E, R>
 ): Effect.Effect<A, E | MigrationError.MigrationError, R> =>
-  GuestRam.exclusively(ram, self, (detail) => new MigrationError.MigrationError({ reason: "Busy", detail }))
+  GuestRam.exclusively(
+    ram,
+    self,
+    (detail) => new MigrationError.MigrationError({ reason: "Busy", detail }),
+    (detail) => new MigrationError.MigrationError({ reason: "BadOptions", detail })
+  )
 
 /**
  * Runs the rounds. The write gate is closed in the caller's scope: it stays closed when the scope closes
