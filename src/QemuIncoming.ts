@@ -46,9 +46,10 @@ import * as Deferred from "effect/Deferred"
 import * as Duration from "effect/Duration"
 import * as Effect from "effect/Effect"
 import * as Ref from "effect/Ref"
-import type * as GuestRam from "./GuestRam.js"
+import * as GuestRam from "./GuestRam.js"
 import * as Acceptor from "./internal/acceptor.js"
 import * as OpenFiles from "./internal/native/openFiles.js"
+import * as Precopy from "./internal/precopy.js"
 import * as Candidates from "./internal/qemu/candidates.js"
 import * as MainChannel from "./internal/qemu/mainChannel.js"
 import * as Writer from "./internal/qemu/writer.js"
@@ -77,7 +78,9 @@ export interface Options<E = never> {
   readonly compression?: Protocol.Compression | undefined
   /**
    * Memory to receive into: its layout must equal the RAM blocks QEMU announces (names, sizes, page size).
-   * Without it, memory of QEMU's layout is allocated, up to `maxRamBytes`.
+   * Without it, memory of QEMU's layout is allocated, up to `maxRamBytes`. Pages are written past its gate and
+   * dirty log: memory that a migration, save or restore is using is refused (`Busy`) before anything is accepted,
+   * and everyone else finds it `Busy` until `incoming` returns (`persist` may save or migrate it, one at a time).
    */
   readonly ram?: GuestRam.GuestRam["Type"] | undefined
   /** Largest total memory QEMU may make this destination allocate when `ram` is not given (default 16 GiB). */
@@ -294,21 +297,35 @@ export const incoming = <E = never>(
   listener: Transport.Listener,
   options: Options<E>
 ): Effect.Effect<Incoming, IncomingError | E> =>
-  ownFibers(Effect.scoped(Effect.gen(function*() {
+  ownFibers(Effect.suspend(() => {
+    const bad = check(options)
+    if (bad !== undefined) return Effect.fail(bad)
+    // its pages are written past the memory's gate and dirty log: no migration, save or restore of memory given may
+    // run meanwhile (`Busy`), and this one waits for none, as `Migration.incoming` into memory given
+    return options.ram === undefined ? receive(listener, options) : Precopy.exclusive(options.ram, receive(listener, options))
+  }))
+
+/** Why the options cannot be used, before anything is accepted. */
+const check = <E>(options: Options<E>): MigrationError.MigrationError | undefined => {
+  const channels = options.channels
+  const compression = options.compression ?? "none"
+  const badChannels = channels === 0 ? undefined : Protocol.checkChannels(channels, "multifd channels")
+  if (badChannels !== undefined) return new MigrationError.MigrationError({ reason: "Rejected", detail: badChannels })
+  // out of descriptors, QEMU's channels would be dropped without a word (QEMU is told nothing either way)
+  const tooFew = channels === 0 ? undefined : OpenFiles.tooFewFor(channels, "destination")
+  const problem = tooFew ?? Transfer.checkTimeouts(options.timeouts) ?? Transfer.checkMaxRam(options.maxRamBytes) ??
+    Transfer.checkAcceptTimeout(options.acceptTimeout) ??
+    (options.pageSize === undefined ? undefined : Protocol.checkPageSize(options.pageSize, "pageSize")) ??
+    Protocol.checkCompression(compression) ?? (options.uuid === undefined ? undefined : Protocol.checkUuid(options.uuid))
+  return problem === undefined ? undefined : new MigrationError.MigrationError({ reason: "BadOptions", detail: problem })
+}
+
+/** `incoming` with its options checked. */
+const receive = <E>(listener: Transport.Listener, options: Options<E>): Effect.Effect<Incoming, IncomingError | E> =>
+  Effect.scoped(Effect.gen(function*() {
     const timeouts = Transfer.resolveTimeouts(options.timeouts)
     const channels = options.channels
     const compression = options.compression ?? "none"
-    const badChannels = channels === 0 ? undefined : Protocol.checkChannels(channels, "multifd channels")
-    if (badChannels !== undefined) {
-      return yield* new MigrationError.MigrationError({ reason: "Rejected", detail: badChannels })
-    }
-    // out of descriptors, QEMU's channels would be dropped without a word (QEMU is told nothing either way)
-    const tooFew = channels === 0 ? undefined : OpenFiles.tooFewFor(channels, "destination")
-    const problem = tooFew ?? Transfer.checkTimeouts(options.timeouts) ?? Transfer.checkMaxRam(options.maxRamBytes) ??
-      Transfer.checkAcceptTimeout(options.acceptTimeout) ??
-      (options.pageSize === undefined ? undefined : Protocol.checkPageSize(options.pageSize, "pageSize")) ??
-      Protocol.checkCompression(compression) ?? (options.uuid === undefined ? undefined : Protocol.checkUuid(options.uuid))
-    if (problem !== undefined) return yield* new MigrationError.MigrationError({ reason: "BadOptions", detail: problem })
     yield* Acceptor.claim(listener)
     const channelSet = yield* Deferred.make<MultifdRecv.MultifdRecv["Type"]>()
     const upgrade = options.tls === undefined ? options.upgrade : Tls.server(options.tls, { writeOnlyPeers: true })
@@ -352,7 +369,10 @@ export const incoming = <E = never>(
       })
       // every page arrived (the last flush synced every channel) and the device state is complete
       const vm = options.vm === true ? QemuVm.fromSummary(main.summary, main.ram) : undefined
-      const persist = options.persist === undefined ? Effect.void : options.persist({ ram: main.ram, vm })
+      // the step may save or migrate the memory it persists, even memory given, which everyone else finds `Busy`
+      const persist = options.persist === undefined
+        ? Effect.void
+        : GuestRam.lending(main.ram, Effect.suspend(() => options.persist!({ ram: main.ram, vm })))
       const recv = channels === 0 ? undefined : yield* Deferred.await(channelSet)
       const completed = complete(recv, main, candidates, { channels, compression, peer: timeouts.peer, vm })
       if (!(yield* Ref.get(returnPath))) return { received: yield* completed, persist }
@@ -370,7 +390,7 @@ export const incoming = <E = never>(
   })).pipe(
     // without a return path QEMU reported completed already: the output is made once every connection is closed
     Effect.flatMap(({ persist, received }) => Effect.as(persist, received))
-  ))
+  )
 
 /**
  * Listens at `address` and receives one QEMU migration there (`Transport.listen` + `incoming`).
