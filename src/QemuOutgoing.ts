@@ -34,6 +34,7 @@ import * as Option from "effect/Option"
 import type * as Bandwidth from "./Bandwidth.js"
 import * as ChannelThreads from "./ChannelThreads.js"
 import * as OpenFiles from "./internal/native/openFiles.js"
+import * as Precopy from "./internal/precopy.js"
 import * as PageWindow from "./internal/qemu/pageWindow.js"
 import * as Writer from "./internal/qemu/writer.js"
 import * as ReturnPath from "./internal/qemu/returnPath.js"
@@ -171,15 +172,24 @@ const MAX_WINDOW_SLOTS = 16
 
 /**
  * Migrates `options.vm` into the QEMU listening at `options.address`. Succeeds once QEMU said on the return
- * path that it loaded the whole migration (`MIG_RP_MSG_SHUT` 0).
+ * path that it loaded the whole migration (`MIG_RP_MSG_SHUT` 0). Sent from the VM's own memory (no `readPages`),
+ * it is a migration of that memory: one at a time with every other migration, save or restore of it (`Busy`).
  *
  * @since 0.1.0
  * @category migrating
  */
 export const migrate = <E = never>(options: Options<E>): Effect.Effect<Stats, OutgoingError | E, Transport.Transport> =>
-  ownFibers(Effect.scoped(Effect.gen(function*() {
+  ownFibers(Effect.suspend(() => {
     const bad = check(options)
-    if (bad !== undefined) return yield* bad
+    if (bad !== undefined) return Effect.fail(bad)
+    // the VM's own memory sent (and filled by `load`, past its gate and dirty log) as a migration of it: no restore or
+    // migration into it, no save or other migration of it meanwhile (`Busy`); `readPages` leaves it untouched
+    return options.readPages === undefined ? Precopy.exclusive(options.vm.ram, send(options)) : send(options)
+  }))
+
+/** `migrate` with its options checked. */
+const send = <E>(options: Options<E>): Effect.Effect<Stats, OutgoingError | E, Transport.Transport> =>
+  Effect.scoped(Effect.gen(function*() {
     const transport = yield* Transport.Transport
     const timeouts = Transfer.resolveTimeouts(options.timeouts)
     const { vm, channels } = options
@@ -391,4 +401,4 @@ export const migrate = <E = never>(options: Options<E>): Effect.Effect<Stats, Ou
         returnPath: returnPath.received()
       }
     } satisfies Stats
-  })))
+  }))

@@ -33,6 +33,7 @@ import * as Terminal from "../src/cli/terminal.js"
 import * as ChannelThreads from "../src/ChannelThreads.js"
 import * as GuestRam from "../src/GuestRam.js"
 import * as MappedRam from "../src/MappedRam.js"
+import * as Migration from "../src/Migration.js"
 import * as PageCodec from "../src/PageCodec.js"
 import * as Protocol from "../src/Protocol.js"
 import * as QemuIncoming from "../src/QemuIncoming.js"
@@ -1826,6 +1827,34 @@ describe("QemuOutgoing: a VM into a QEMU destination (here QemuIncoming, which a
     it.live.skipIf(problem !== undefined)(`3 channels, ${compression}: the RAM, commands and device state arrive`, () =>
       expectNoLeaks(roundTrip({ compression })))
   }
+
+  it.live("a VM whose memory a migration is being received into is refused Busy before anything connects; then it goes", () =>
+    expectNoLeaks(Effect.scoped(Effect.gen(function*() {
+      const vm = yield* capturedVm
+      // a migration into the VM's memory, waiting for its source: it holds the memory from its start to its end
+      const listener = yield* Transport.listen({ _tag: "Tcp", host: "127.0.0.1", port: 0 })
+      const waiting = yield* Deferred.make<void>()
+      const watched: Transport.Listener = {
+        address: listener.address,
+        accept: Effect.zipRight(Deferred.succeed(waiting, undefined), listener.accept)
+      }
+      const into = yield* Effect.fork(Migration.incoming(watched, { ram: vm.ram }))
+      yield* Deferred.await(waiting)
+      // its pages would have been written past the memory's gate while the channels sent it, and QEMU verifies
+      // nothing: QEMU had resumed a VM of pages from two memories
+      const dst = yield* destination({ channels: 3, vm: true })
+      const busy = yield* Effect.flip(
+        QemuOutgoing.migrate({ address: dst.address, vm, channels: 3, timeouts: PEER }).pipe(Effect.provide(Transport.layer))
+      )
+      expect(busy).toMatchObject({ _tag: "MigrationError", reason: "Busy" })
+      expectOneLine(busy)
+      expect(busy.message).toContain("another migration, snapshot save or restore of this memory is under way")
+      yield* Fiber.interrupt(into)
+      yield* QemuOutgoing.migrate({ address: dst.address, vm, channels: 3, timeouts: PEER }).pipe(Effect.provide(Transport.layer))
+      const exit = yield* noHang(Fiber.await(dst.fiber), "the destination")
+      if (Exit.isFailure(exit)) throw new Error(Cause.pretty(exit.cause))
+      sameAsImage(exit.value.ram)
+    }))))
 
   it.live("run uninterruptibly (a store step's commit, a finalizer), QemuOutgoing into QemuIncoming still completes", () =>
     Effect.scoped(Effect.gen(function*() {
