@@ -580,18 +580,22 @@ const receive = <E, E2, R>(
       originalErrors
     ))
 
-/** `listenAndReceive` from a `file:` address: `Snapshot.restore` with the destination's memory options. */
-const restoreFromFile = (
+/**
+ * `listenAndReceive` from a `file:` address: `Snapshot.restore` with the destination's memory options, then `store`
+ * (no source to tell: its commit is just uninterruptible). The status follows both: a restore whose store step
+ * failed is `failed`, as a migration's (it said `completed` while `listenAndReceive` failed with the step's error).
+ */
+const restoreFromFile = <E>(
   path: string,
-  options: IncomingOptions<unknown>
-): Effect.Effect<Incoming, Snapshot.SnapshotError | MigrationError.MigrationError> =>
+  options: IncomingOptions<E>
+): Effect.Effect<Incoming, Snapshot.SnapshotError | MigrationError.MigrationError | E> =>
   Effect.map(
     observed("destination", options.status, options.ram?.size ?? 0, (tracker) =>
       Effect.zipRight(
         options.upgrade !== undefined
           ? Effect.fail(unsupported(path, "TLS does not apply to a file: snapshot"))
           : tracker.active,
-        Effect.map(
+        Effect.tap(
           Snapshot.restore(path, {
             ram: options.ram,
             maxRamBytes: options.maxRamBytes,
@@ -604,8 +608,8 @@ const restoreFromFile = (
             },
             onProgress: tracker.withProgress(options.onProgress, options.ram?.pageSize ?? 0)
           }),
-          ({ ram, stats }) => ({ ...stats, received: { ram, stats, rejected: [] } })
-        )
+          ({ ram }) => options.store === undefined ? Effect.void : Effect.suspend(() => options.store!(ram, Effect.uninterruptible))
+        ).pipe(Effect.map(({ ram, stats }) => ({ ...stats, received: { ram, stats, rejected: [] } })))
       )),
     ({ received }) => received
   )
@@ -634,12 +638,7 @@ export const listenAndReceive = <E = never>(
   options: IncomingOptions<E> & { readonly onListening?: ((address: Transport.Address) => Effect.Effect<void>) | undefined } = {}
 ): Effect.Effect<Incoming, IncomingError | Transport.TransportError | E, Transport.Transport> =>
   address._tag === "File"
-    ? Effect.flatMap(MigrationConfig.resolve(options), (options) =>
-      Effect.tap(
-        restoreFromFile(address.path, options),
-        // no source to tell: the commit is just uninterruptible
-        (received) => options.store === undefined ? Effect.void : options.store(received.ram, Effect.uninterruptible)
-      )) :
+    ? Effect.flatMap(MigrationConfig.resolve(options), (options) => restoreFromFile(address.path, options)) :
   // the listener is this migration's alone: a later source is refused at once, not left waiting
   receive(
     address,

@@ -14,6 +14,7 @@ import * as GuestRam from "../src/GuestRam.js"
 import * as Format from "../src/internal/snapshotFormat.js"
 import * as Migration from "../src/Migration.js"
 import * as MigrationConfig from "../src/MigrationConfig.js"
+import * as MigrationStatus from "../src/MigrationStatus.js"
 import * as Snapshot from "../src/Snapshot.js"
 import * as Transport from "../src/Transport.js"
 import { openFilesIn, tempDirectory } from "./support/files.js"
@@ -930,6 +931,29 @@ describe("file: addresses", () => {
       )
       expect(zlib._tag === "SnapshotError" && zlib.reason).toBe("Unsupported")
       expect(zlib.message).toContain("compression zlib does not apply")
+    }))
+
+  it.scopedLive("listenAndReceive from a file runs its store step inside the status: active while it runs, failed when it fails", () =>
+    Effect.gen(function*() {
+      const dir = yield* tempDir
+      const path = Path.join(dir, "s.snap")
+      const address: Transport.Address = { _tag: "File", path }
+      const ram = yield* makeRam(4096, LAYOUT)
+      yield* save(ram, path, { channels: 2 })
+      const receive = <E>(status: MigrationStatus.MigrationStatus, store: Migration.IncomingOptions<E>["store"]) =>
+        Migration.listenAndReceive(address, { status, store }).pipe(Effect.provide(Transport.layer))
+      // the restore and its store step are one migration to the status, as a network destination's
+      const stored = yield* MigrationStatus.make
+      const during: Array<MigrationStatus.Status> = []
+      const received = yield* receive(stored, () => Effect.map(stored.get, (s) => void during.push(s.status)))
+      sameMemory(ram, received.ram)
+      expect(during).toEqual(["active"])
+      expect((yield* stored.await).status).toBe("completed")
+      // a store step that fails fails the restore: the status said completed while listenAndReceive failed
+      const failed = yield* MigrationStatus.make
+      const error = yield* Effect.flip(receive(failed, () => Effect.fail(new Error("no space left on the device"))))
+      expect(error.message).toBe("no space left on the device")
+      expect(yield* failed.await).toMatchObject({ status: "failed", error: "no space left on the device" })
     }))
 
   it.scopedLive("admit and expect see the snapshot's memory before anything is read; a reason refuses it (Refused), given memory untouched", () =>
