@@ -37,6 +37,7 @@ import * as Net from "node:net"
 import * as Path from "node:path"
 import type { Writable } from "node:stream"
 import * as Control from "../src/Control.js"
+import * as Bandwidth from "../src/Bandwidth.js"
 import * as GuestRam from "../src/GuestRam.js"
 import * as Migration from "../src/Migration.js"
 import * as MigrationError from "../src/MigrationError.js"
@@ -760,6 +761,34 @@ describe("convergence", () => {
       expect(destError.message).toBe(`the source aborted the migration: ${error.message}`)
     })))
 
+  it.live("a writer dirtying pages faster than a bandwidth limit sends them: NotConverged after maxRounds, at the rate in MiB/s", () =>
+    leakFree(Effect.gen(function*() {
+      const ram = yield* sourceRam(256, 64) // 1.25 MiB
+      const listener = yield* Transport.listen(tcp0)
+      const destination = yield* receive(listener)
+      const error = failureOf(yield* noHang(
+        Effect.exit(migrateFrom(ram, {
+          address: listener.address,
+          channels: 2,
+          onProgress: heavyWriter(ram),
+          // 1 MiB dirtied at every report, 8 MiB/s: each round of it takes about 125 ms, more than the limit
+          maxBandwidth: 8 * Bandwidth.MIB,
+          live: { downtimeLimit: "20 millis", maxRounds: 3 }
+        })),
+        "migrate"
+      ))
+      expect(error).toMatchObject({ _tag: "MigrationError", reason: "NotConverged" })
+      expectOneLine(error)
+      // it said "at 0.01 GiB/s" of a link held to 8 MiB/s
+      expect(error.message).toMatch(
+        /^the migration did not converge after 3 rounds in [\d.]+ s: 256 pages still dirty, about \d+ ms of downtime at [\d.]+ MiB\/s, more than the limit of 20ms$/
+      )
+      yield* writeNow(ram)
+      expect(failureOf(yield* noHang(Fiber.await(destination), "incoming")).message).toBe(
+        `the source aborted the migration: ${error.message}`
+      )
+    })))
+
   for (const live of [{ maxRounds: 0, onNoConvergence: "switchover" }, { maxRounds: 0 }, { maxDuration: 0 }] as const) {
     it.live(`a bound reached before round 0 (${JSON.stringify(live)}): round 0 still sends every page`, () =>
       leakFree(Effect.gen(function*() {
@@ -826,6 +855,9 @@ describe("TestClock", () => {
       const error = failureOf(exit)
       expect((error as MigrationError.MigrationError).reason).toBe("NotConverged")
       expect(error.message).toContain("did not converge after 2 rounds in 11.0 s: 1 pages still dirty")
+      // the rate measured (a page and its round's packets, in the millisecond the round took on this clock) in a
+      // unit that says it: "0.01 GiB/s" said nothing of a link held to a few MiB/s
+      expect(error.message).toMatch(/about \d+ ms of downtime at \d+(\.\d+)? (B|KiB|MiB)\/s, more than the limit of 0$/)
       yield* writeNow(ram)
       const destError = failureOf(yield* noHang(Fiber.await(destination), "incoming"))
       expect(destError.message).toBe(`the source aborted the migration: ${error.message}`)

@@ -10,6 +10,7 @@ import * as Duration from "effect/Duration"
 import * as Effect from "effect/Effect"
 import * as Exit from "effect/Exit"
 import type * as Scope from "effect/Scope"
+import * as Bandwidth from "../Bandwidth.js"
 import * as GuestRam from "../GuestRam.js"
 import * as MigrationError from "../MigrationError.js"
 import * as Transfer from "../Transfer.js"
@@ -94,6 +95,14 @@ const takeDirty = (ram: GuestRam.GuestRam["Type"]): ReadonlyArray<Selection> =>
  */
 const downtimeMs = (bytes: number, bandwidth: number): number =>
   bytes === 0 ? 0 : bandwidth > 0 ? bytes / bandwidth * 1000 : Infinity
+
+/**
+ * A measured rate for a message, in the unit that fits it: in GiB/s with two decimals, a link held back by a bandwidth
+ * limit (a few MiB/s, which is what keeps a migration from converging) read "0.00 GiB/s" beside a downtime of
+ * seconds.
+ */
+const rateOf = (bytesPerSecond: number): string =>
+  bytesPerSecond > 0 ? Bandwidth.format(bytesPerSecond) : "no rate measured (nothing moved)"
 
 const resolveLive = (live: Transfer.LiveOptions | undefined) => ({
   downtimeLimit: Duration.decode(live?.downtimeLimit ?? Duration.millis(300)),
@@ -238,7 +247,7 @@ export const run = <E, F>(
           reason: "NotConverged",
           detail: `the migration did not converge after ${round} rounds in ${(elapsed / 1000).toFixed(1)} s: ` +
             `${dirty} pages still dirty, about ${expectedDowntimeMs.toFixed(0)} ms of downtime at ` +
-            `${(bandwidth / Transfer.GIB).toFixed(2)} GiB/s, more than the limit of ${Duration.format(live.downtimeLimit)}`
+            `${rateOf(bandwidth)}, more than the limit of ${Duration.format(live.downtimeLimit)}`
         })
       }
       yield* report({
