@@ -37,17 +37,25 @@ export interface Limit {
   readonly [TypeId]: RateLimit
   /** Bytes per second now (0: no limit). */
   readonly rate: Effect.Effect<number>
-  /** Sets the rate in bytes per second (0 lifts the limit); a negative or non-finite rate is `BadOptions`. */
+  /**
+   * Sets the rate in bytes per second (0 lifts the limit); a negative, non-finite or unsafe rate, or a positive one
+   * under one byte a second, is `BadOptions`.
+   */
   readonly set: (bytesPerSecond: number) => Effect.Effect<void, MigrationError.MigrationError>
 }
 
 const badRate = (bytesPerSecond: number) =>
   new MigrationError.MigrationError({
     reason: "BadOptions",
-    detail: `a bandwidth limit must be a number of bytes per second >= 0 (0: none), not ${bytesPerSecond}`
+    detail: `a bandwidth limit must be a number of bytes per second >= 0 (0: none; else from 1 to ` +
+      `${Number.MAX_SAFE_INTEGER}), not ${bytesPerSecond}`
   })
 
-const isRate = (n: number) => Number.isFinite(n) && n >= 0
+/**
+ * 0 (no limit), or a rate the shared state holds as it is: a positive rate under one byte a second rounded to 0, and
+ * one of 2^63 or more wrapped around its 64-bit slot (2^64 to 0), both of which lifted the limit they were to set.
+ */
+const isRate = (n: number) => n === 0 || (n >= 1 && n <= Number.MAX_SAFE_INTEGER)
 
 /**
  * A limit of `bytesPerSecond` (0: none) that lets one packet's worth go at once after an idle moment.

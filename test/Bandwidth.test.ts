@@ -159,11 +159,12 @@ describe("a limited migration", () => {
 })
 
 describe("bad rates", () => {
-  it.live("a negative or infinite rate is BadOptions before anything connects; so is a bad Bandwidth.set", () =>
+  it.live("a negative, infinite, sub-byte or unsafe rate is BadOptions before anything connects; so is a bad Bandwidth.set", () =>
     leakFree(Effect.provide(Effect.gen(function*() {
       const ram = yield* randomRam(1)
       // nothing listens at port 1: a check after connecting would fail with Connect instead
-      for (const maxBandwidth of [-1, Infinity, NaN]) {
+      // 0.4 B/s rounded to 0 and 2^64 wrapped to 0 in the limit's 64-bit slot: each lifted the limit it was to set
+      for (const maxBandwidth of [-1, Infinity, NaN, 0.4, 2 ** 64, 1e19]) {
         const exit = yield* Effect.exit(
           Migration.migrate({ address: { _tag: "Tcp", host: "127.0.0.1", port: 1 }, maxBandwidth }).pipe(
             Effect.provideService(GuestRam.GuestRam, ram)
@@ -178,6 +179,8 @@ describe("bad rates", () => {
       const limit = yield* Bandwidth.make(MIB)
       const set = yield* Effect.flip(limit.set(-5))
       expect(set.reason).toBe("BadOptions")
+      expect(yield* limit.rate).toBe(MIB)
+      expect((yield* Effect.flip(limit.set(2 ** 63))).reason).toBe("BadOptions")
       expect(yield* limit.rate).toBe(MIB)
     }), Transport.layer)))
 
