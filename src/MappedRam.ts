@@ -26,7 +26,8 @@ import * as Transfer from "./Transfer.js"
 /**
  * A mapped-ram file that cannot be written or read: `reason` (`Unusable`: cannot be opened or created;
  * `Malformed`: not a QEMU migration file QEMU 10 would load; `Truncated`: cut short; `TooLarge`: more RAM
- * than allowed; `Unsupported`: a VM the format cannot carry; `Io`), the path, a one-line `detail`.
+ * than allowed; `Unsupported`: a VM the format cannot carry; `Io`; `Busy`: `write` of a VM whose memory a migration,
+ * save or restore is using), the path, a one-line `detail`.
  *
  * @since 0.1.0
  * @category errors
@@ -52,7 +53,8 @@ export interface Written {
 
 /**
  * Writes `vm` to `path` as a QEMU 10 mapped-ram file that QEMU resumes the VM from (`-incoming defer`,
- * capabilities mapped-ram and multifd, `migrate-incoming file:PATH`, and the same machine options).
+ * capabilities mapped-ram and multifd, `migrate-incoming file:PATH`, and the same machine options). A save of the
+ * VM's memory: while a migration, save or restore of that memory runs, it fails `Busy` and writes nothing.
  *
  * @since 0.1.0
  * @category writing

@@ -1828,6 +1828,32 @@ describe("QemuOutgoing: a VM into a QEMU destination (here QemuIncoming, which a
       expectNoLeaks(roundTrip({ compression })))
   }
 
+  it.live("MappedRam.write of a VM whose memory a migration is being received into: Busy, nothing written; then it writes", () =>
+    expectNoLeaks(Effect.scoped(Effect.gen(function*() {
+      const vm = yield* capturedVm
+      const dir = yield* tempDirectory("emfd-vm-busy-")
+      const listener = yield* Transport.listen({ _tag: "Tcp", host: "127.0.0.1", port: 0 })
+      const waiting = yield* Deferred.make<void>()
+      const watched: Transport.Listener = {
+        address: listener.address,
+        accept: Effect.zipRight(Deferred.succeed(waiting, undefined), listener.accept)
+      }
+      const into = yield* Effect.fork(Migration.incoming(watched, { ram: vm.ram }))
+      yield* Deferred.await(waiting)
+      // its pages went on being written into the memory while the file took them: QEMU resumed a VM of pages from two
+      // memories (a mapped-ram file carries no digest)
+      const path = Path.join(dir, "guest.vm")
+      const busy = yield* Effect.either(MappedRam.write(path, vm))
+      if (Either.isRight(busy)) expect.fail("a VM was written from memory a migration was being received into")
+      expect(busy.left).toMatchObject({ _tag: "MappedRamError", reason: "Busy" })
+      expectOneLine(busy.left)
+      expect(busy.left.message).toContain("not written: another migration, snapshot save or restore of this memory is under way")
+      expect(Fs.readdirSync(dir)).toEqual([])
+      yield* Fiber.interrupt(into)
+      yield* MappedRam.write(path, vm)
+      sameAsImage((yield* MappedRam.read(path)).vm.ram)
+    }))))
+
   it.live("a VM whose memory a migration is being received into is refused Busy before anything connects; then it goes", () =>
     expectNoLeaks(Effect.scoped(Effect.gen(function*() {
       const vm = yield* capturedVm

@@ -33,7 +33,7 @@ import * as Writer from "./writer.js"
 
 /** A mapped-ram file that cannot be written or read. */
 export class MappedRamError extends Data.TaggedError("MappedRamError")<{
-  readonly reason: "Unusable" | "Malformed" | "Truncated" | "TooLarge" | "Unsupported" | "Io"
+  readonly reason: "Unusable" | "Malformed" | "Truncated" | "TooLarge" | "Unsupported" | "Io" | "Busy"
   readonly path: string
   readonly detail: string
   readonly cause?: unknown
@@ -190,9 +190,23 @@ const transferRuns = (
 /**
  * Writes `vm` as a mapped-ram file at `path`: a temporary file beside it of the whole length (sparse), the
  * stream and every non-zero page at its place, each block's bitmap, then fsync and rename into place (and
- * the directory's fsync). On failure or interruption nothing is left at `path` or beside it.
+ * the directory's fsync). On failure or interruption nothing is left at `path` or beside it. A save of the VM's
+ * memory: one at a time with every other migration, save or restore of it (`Busy`, nothing written); a restore or
+ * migration into it wrote past its gate while its pages were written, and QEMU, which verifies nothing, resumed a VM
+ * of pages from two memories.
  */
 export const write = (
+  path: string,
+  vm: QemuVm.QemuVm
+): Effect.Effect<{ readonly size: number; readonly pages: number }, MappedRamError> =>
+  GuestRam.exclusively(
+    vm.ram,
+    writeFile(path, vm),
+    (detail) => new MappedRamError({ reason: "Busy", path, detail: `not written: ${detail}` }),
+    (detail) => new MappedRamError({ reason: "Unsupported", path, detail: `not written: ${detail}` })
+  )
+
+const writeFile = (
   path: string,
   vm: QemuVm.QemuVm
 ): Effect.Effect<{ readonly size: number; readonly pages: number }, MappedRamError> =>
