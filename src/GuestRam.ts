@@ -368,7 +368,9 @@ export const lending = <A, E, R>(ram: GuestRam["Type"], self: Effect.Effect<A, E
   })
 
 /**
- * A layer providing guest memory built from block specs.
+ * A layer providing guest memory built from block specs. Each build is a memory of its own (its own write gate,
+ * dirty logs and one-transfer-at-a-time turn), even over bytes given: provide it once to the whole program (or
+ * `Layer.memoize` it) so that writers and transfers share one `GuestRam`.
  *
  * @since 0.1.0
  * @category layers
