@@ -16,7 +16,7 @@ import * as Net from "node:net"
 import * as Os from "node:os"
 import * as Path from "node:path"
 import { PassThrough } from "node:stream"
-import { afterAll, afterEach, beforeAll, describe, expect, it } from "vitest"
+import { afterAll, afterEach, beforeAll, describe, expect, inject, it } from "vitest"
 import * as Cli from "../src/cli/command.js"
 import * as Errors from "../src/cli/errors.js"
 import * as Options from "../src/cli/options.js"
@@ -39,6 +39,7 @@ import {
   waitForStderr
 } from "./support/cli.js"
 import { onTmpfs } from "./support/files.js"
+import * as Screen from "./support/screen.js"
 import { resetProxy } from "./support/resetProxy.js"
 import { controlMagic, smallHello } from "./support/wire.js"
 
@@ -1906,6 +1907,42 @@ describe("the progress bar (src/cli/progress.ts) on a terminal", () => {
     expect(drawn[0]).toMatch(/ 0% \| 0 B \/ 64\.00 MiB \| - \| ETA -$/)
     // the final frame: round 1's pages, all of them
     expect(drawn.at(-1)).toMatch(/ 100% \| 1\.00 MiB \/ 1\.00 MiB \| .*\/s \| ETA 0s$/)
+  })
+
+  // a line logged while the bar was drawn (--verbose's events, a warning) ran on from the bar's text, cut at the
+  // terminal's edge (the bar turns wrapping off), and the bar's end put the cursor back on the line where the bar had
+  // started: the summary was written over the lines printed since, and the shell's prompt came mid-screen
+  it("lines logged while the bar is drawn come above it, whole; its last frame and the summary end the screen (a pseudo-terminal)", async () => {
+    const socket = Path.join(dir, "bar.sock")
+    const out = Path.join(dir, "bar.out")
+    const small = Path.join(dir, "bar.raw")
+    Fs.writeFileSync(small, Crypto.randomBytes(2 * MIB))
+    const recv = await startRecv([`unix:${socket}`, "--out", out])
+    const COLUMNS = 160
+    // send --verbose on a pseudo-terminal (`script`) of COLUMNS columns, about a second at 2 MiB/s
+    const job = `stty cols ${COLUMNS} rows 50; exec "$NODE" "$BUNDLE" send "unix:$SOCKET" --in "$IMAGE" --max-bandwidth 2M --verbose`
+    const terminal = ChildProcess.spawn("script", ["-qfec", "bash -c \"$JOB\"", "/dev/null"], {
+      stdio: ["pipe", "pipe", "pipe"],
+      env: { ...process.env, TERM: "xterm-256color", NO_COLOR: "1", JOB: job, NODE: process.execPath, BUNDLE: inject("cliBundle"), SOCKET: socket, IMAGE: small }
+    })
+    const timer = setTimeout(() => terminal.kill("SIGKILL"), 20_000)
+    let text = ""
+    terminal.stdout.setEncoding("utf8").on("data", (s: string) => (text += s))
+    const code = await new Promise<number | null>((resolve) => terminal.once("close", resolve))
+    clearTimeout(timer)
+    expect({ code, recv: (await recv.finished).code }, text).toEqual({ code: 0, recv: 0 })
+    const EVENT = /^multifd: \[\+\d+\.\d{3}s\] \S/
+    const shown = Screen.render(text, COLUMNS).filter((row) => row !== "")
+    // every row is one thing: an event, the bar, or the summary; no event is written over, none runs on from the bar
+    expect(shown.filter((row) => !EVENT.test(row) && !row.startsWith("send [") && !row.startsWith("multifd: migrated ")), text).toEqual([])
+    expect(shown.filter((row) => EVENT.test(row))).toHaveLength(text.match(/multifd: \[\+\d+\.\d{3}s\]/g)!.length)
+    expect(shown.filter((row) => row.includes("send ["))).toHaveLength(1)
+    expect(shown.slice(-2)).toEqual([
+      expect.stringMatching(/^send \[\u2588{40}\] 100% \| 2\.00 MiB \/ 2\.00 MiB \| .*\/s \| ETA 0s$/),
+      expect.stringMatching(/^multifd: migrated 2\.00 MiB over 2 channels /)
+    ])
+    expect(shown.at(-3)).toMatch(EVENT)
+    expect(Fs.readFileSync(out).equals(Fs.readFileSync(small))).toBe(true)
   })
 
   it.each([

@@ -1,7 +1,8 @@
 /**
  * Log lines of the library as one line each on stderr, so that stdout carries nothing but `--json` output:
  * warnings (a rejected stray connection) as `multifd: warning: ...`, and with `--verbose` the channels' events
- * as `multifd: [+1.234s] ...`, the time since the command started. `--quiet` leaves only errors.
+ * as `multifd: [+1.234s] ...`, the time since the command started (above the progress bar, while one is drawn).
+ * `--quiet` leaves only errors.
  *
  * @since 0.1.0
  */
@@ -11,6 +12,7 @@ import * as Layer from "effect/Layer"
 import * as Logger from "effect/Logger"
 import * as LogLevel from "effect/LogLevel"
 import { oneLine } from "./errors.js"
+import * as Progress from "./progress.js"
 
 const text = (message: unknown): string =>
   Array.isArray(message) ? message.map(text).join(" ") : typeof message === "string" ? message : String(message)
@@ -21,7 +23,8 @@ export const logger = Logger.make(({ cause, logLevel, message }) => {
   const level = LogLevel.lessThan(logLevel, LogLevel.Info)
     ? `[+${(performance.now() / 1000).toFixed(3)}s]`
     : `${logLevel._tag === "Warning" ? "warning" : logLevel.label.toLowerCase()}:`
-  process.stderr.write(`multifd: ${level} ${oneLine(text(message) + why)}\n`)
+  // above the progress bar, while one is drawn
+  Progress.writeLines(`multifd: ${level} ${oneLine(text(message) + why)}\n`)
 })
 
 /** The log level a command's `--verbose` / `--quiet` ask for (Debug / Error; Info otherwise). */

@@ -26,18 +26,39 @@ export const LINE_INTERVAL_MS = 5000
 const ETA_WINDOW_MS = 5000
 
 /**
- * The bars on a terminal now (each hides the cursor while it is drawn), for `stopNow`: a process that exits
- * without closing its scopes (a second signal) left the cursor hidden and the bar's line unended.
+ * The bars on a terminal now (each hides the cursor while it is drawn) and the stream each is drawn on, for
+ * `stopNow`: a process that exits without closing its scopes (a second signal) left the cursor hidden and the
+ * bar's line unended; and for `writeLines`.
  */
-const drawn = new Set<CliProgress.SingleBar>()
+const drawn = new Map<CliProgress.SingleBar, NodeJS.WritableStream>()
 
 /**
  * Stops, synchronously, every bar still drawn: its last frame ended, the cursor shown again. For a process about
  * to exit at once (`signals.ts`).
  */
 export const stopNow = (): void => {
-  for (const bar of drawn) bar.stop()
+  for (const bar of drawn.keys()) bar.stop()
   drawn.clear()
+}
+
+/**
+ * Writes `text` (whole lines, each ending in a line feed) on stderr, above the bar while one is drawn there (on
+ * the bar's stream). Written as it came, a line ran on from the bar's text, cut at the terminal's edge (the bar
+ * turns line wrapping off), and the bar's end put the cursor back where the bar had started (cli-progress
+ * restores the position it saved then): the summary was written over the lines printed since, and the shell's
+ * prompt came in the middle of the screen. Now the bar's line is cleared, the text written there with lines
+ * wrapped, the cursor saved again on the line below, where the bar is drawn again.
+ */
+export const writeLines = (text: string): void => {
+  const bar = [...drawn.entries()].find(([bar]) => bar.isActive)
+  if (bar === undefined) {
+    process.stderr.write(text)
+    return
+  }
+  const [active, stream] = bar
+  stream.write(`\r${CLEAR_LINE}${WRAP_LINES}${text}${SAVE_CURSOR}${NO_WRAP}`)
+  // drawn again at once (the bar's option forceRedraw: an unchanged frame is drawn too)
+  active.render()
 }
 
 interface State {
@@ -80,9 +101,11 @@ export const make = (
             barCompleteChar: "\u2588",
             barIncompleteChar: "\u2591",
             hideCursor: true,
-            fps: 10
+            fps: 10,
+            // its line may have been cleared for a line written above it (`writeLines`)
+            forceRedraw: true
           })
-          drawn.add(bar)
+          drawn.set(bar, stream)
           return { bar, startedAt: 0, base: 0, lastDone: 0, lastTotal: 0, recent: [] }
         }),
         (state) =>
@@ -146,6 +169,9 @@ const SHOW_CURSOR = "\x1b[?25h"
 const HIDE_CURSOR = "\x1b[?25l"
 const WRAP_LINES = "\x1b[?7h"
 const NO_WRAP = "\x1b[?7l"
+/** Saves the cursor's position (cli-progress's bar goes back to it when it stops), and erases the cursor's line. */
+const SAVE_CURSOR = "\x1b7"
+const CLEAR_LINE = "\x1b[2K"
 
 /** The next delivery of `signal` to the process. */
 const next = (signal: NodeJS.Signals): Effect.Effect<void> =>
