@@ -24,6 +24,7 @@ import type * as Migration from "../src/Migration.js"
 import * as Transport from "../src/Transport.js"
 import { killChildren, start } from "./support/cli.js"
 import { tempDirectory } from "./support/files.js"
+import * as Screen from "./support/screen.js"
 import * as TerminalText from "./support/terminalText.js"
 
 const MIB = 1024 * 1024
@@ -202,6 +203,16 @@ describe("Ctrl-Z on a terminal while the progress bar is drawn", () => {
       const after = text().slice(resumed)
       expect(after.indexOf(HIDE_CURSOR)).toBeGreaterThanOrEqual(0)
       expect(after.lastIndexOf(SHOW_CURSOR)).toBeGreaterThan(after.indexOf(HIDE_CURSOR))
+      // the screen ends with the bar's last frame and the summary below it, the shell's "Stopped" line kept: the
+      // bar's end put the cursor back on the line where the bar had started, before the stop, and the summary was
+      // written over the "Stopped" line, the shell's next line over the bar
+      const screen = Screen.render(text(), 1000).filter((row) => row !== "")
+      const stopped = screen.filter((row) => /Stopped/.test(row))
+      expect(stopped, JSON.stringify(text())).toHaveLength(1)
+      const summary = screen.findIndex((row) => /^multifd: received 2\.00 MiB /.test(row))
+      expect(screen[summary - 1]).toMatch(/^recv \[\u2588{40}\] 100% /)
+      expect(screen.indexOf(stopped[0]!)).toBeLessThan(summary - 1)
+      expect(screen.at(-1)).toBe("recv exited 0")
       expect(Fs.readFileSync(out).equals(Fs.readFileSync(image))).toBe(true)
     } finally {
       for (const terminal of terminals) terminal.kill("SIGKILL")

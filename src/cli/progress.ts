@@ -150,8 +150,11 @@ const suspendable = (bar: CliProgress.SingleBar, stream: NodeJS.WritableStream):
         if (bar.isActive) stream.write(SHOW_CURSOR + WRAP_LINES)
         process.kill(process.pid, "SIGSTOP")
       }
+      // the bar goes on on the line the cursor is on now, below what the shell printed meanwhile ("Stopped", fg's
+      // command line): its position is saved again there, else the bar's end went back to where it had started,
+      // and the summary was written over those lines
       const onContinue = () => {
-        if (bar.isActive) stream.write(HIDE_CURSOR + NO_WRAP)
+        if (bar.isActive) stream.write(`\r${SAVE_CURSOR}${HIDE_CURSOR}${NO_WRAP}`)
       }
       process.on("SIGTSTP", onStop)
       process.on("SIGCONT", onContinue)
