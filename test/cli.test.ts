@@ -853,6 +853,12 @@ describe("multifd failures", () => {
       [["recv", "--out", "x.img", "--in", image, "tcp:127.0.0.1:0"], "multifd: error: --in is a send option"],
       [["send", "--in", image, "tcp:127.0.0.1"], "multifd: error: bad uri: tcp:127.0.0.1: expected tcp:HOST:PORT (IPv6 as tcp:[::1]:PORT)"],
       [["send", "--in", image], "multifd: error: Missing argument <uri>"],
+      // a switch's value that is no true or false was dropped, the switch taken as given: --from-qemu=False received
+      // from QEMU, --quiet=never printed nothing, --to-qemu=no-thanks asked for --vm
+      [["send", "tcp:127.0.0.1:1", "--in", image, "--quiet=never"], "multifd: error: --quiet=never: --quiet is a switch: give it alone, or with =true or =false"],
+      [["send", "tcp:127.0.0.1:1", "--in", image, "--to-qemu=no-thanks"], "multifd: error: --to-qemu=no-thanks: --to-qemu is a switch: give it alone, or with =true or =false"],
+      [["recv", `file:${Path.join(dir, "none.snap")}`, "--out", "x.img", "--from-qemu=False"], "multifd: error: --from-qemu=False: --from-qemu is a switch: give it alone, or with =true or =false"],
+      [["recv", "tcp:127.0.0.1:0", "--out", "x.img", "--tls-verify-peer="], "multifd: error: --tls-verify-peer=: --tls-verify-peer is a switch: give it alone, or with =true or =false"],
       [["send", "tcp:127.0.0.1:1"], "multifd: error: send needs --in FILE (or --to-qemu --vm FILE)"]
     ]
     for (const [args, message] of cases) {

@@ -12,7 +12,7 @@ import * as FileSystem from "@effect/platform/FileSystem"
 import * as Effect from "effect/Effect"
 import * as Either from "effect/Either"
 import * as Option from "effect/Option"
-import { ExitCode, type Flags, toExitCode, UsageError, wantsJson } from "./errors.js"
+import { ExitCode, type Flags, oneLine, toExitCode, UsageError, wantsJson } from "./errors.js"
 import * as Help from "./help.js"
 import * as Log from "./log.js"
 import * as Recv from "./recv.js"
@@ -163,6 +163,30 @@ const early = (
   return undefined
 }
 
+/** The values @effect/cli reads as a switch's true or false (`--json=yes`, `--quiet=0`), as it spells them. */
+const SWITCH_VALUES = ["true", "false", "yes", "no", "on", "off", "y", "n", "1", "0"]
+
+/**
+ * Why a switch of the command line (`args`, subcommand first) has a value it cannot have, if one has: @effect/cli
+ * takes `--switch=VALUE` as the switch given whatever VALUE is, when VALUE is not one of `SWITCH_VALUES`, and drops
+ * VALUE: `--from-qemu=False` received from QEMU, `--json=flase` printed JSON, `--quiet=never` printed nothing.
+ */
+const badSwitchValue = (args: ReadonlyArray<string>): string | undefined => {
+  const switches = new Set(
+    [...Help.entriesOf(Send.command), ...Help.entriesOf(Recv.command)]
+      .filter((entry) => /^--[\w-]+(?:, -\w)?$/.test(entry.term))
+      .map(Help.flagOf)
+  )
+  const options = args.slice(0, args.includes("--") ? args.indexOf("--") : args.length)
+  for (const arg of options) {
+    const m = /^(--[\w-]+)=(.*)$/s.exec(arg)
+    if (m !== null && switches.has(m[1]!) && !SWITCH_VALUES.includes(m[2]!)) {
+      return `${oneLine(arg)}: ${m[1]} is a switch: give it alone, or with =true or =false`
+    }
+  }
+  return undefined
+}
+
 /** The flags of the subcommands and the command line `args` (subcommand first), to explain a bad flag. */
 const flags = (args: ReadonlyArray<string>): Flags => {
   const subcommand = args[0]
@@ -247,6 +271,8 @@ export const main = (argv: ReadonlyArray<string>) =>
     if (args.some((arg) => arg === WIZARD || arg.startsWith(`${WIZARD}=`))) {
       return yield* toExitCode(reporting)(new UsageError({ detail: `unknown flag ${WIZARD}` }))
     }
+    const switchValue = badSwitchValue(args)
+    if (switchValue !== undefined) return yield* toExitCode(reporting)(new UsageError({ detail: switchValue }))
     return yield* Effect.suspend(() => run(argv)).pipe(
       forgivingExists,
       // @effect/cli's own error messages are reported by toExitCode
