@@ -229,6 +229,15 @@ describe("the npm package", () => {
     )
     const tsc = Path.join(ROOT, "node_modules", "typescript", "bin", "tsc")
     await ok(run(process.execPath, [tsc, "-p", "tsconfig.json"], consumer, 120_000), "tsc on the consumer")
+    // and with the consumer's own @types/node, the one npm installed for it (the newest): the declarations named a
+    // type of node:worker_threads that the newest no longer has ("has no exported member 'TransferListItem'")
+    const own = JSON.parse(Fs.readFileSync(Path.join(consumer, "tsconfig.json"), "utf8")) as {
+      compilerOptions: Record<string, unknown>
+    }
+    delete own.compilerOptions["typeRoots"]
+    Fs.writeFileSync(Path.join(consumer, "tsconfig.own.json"), JSON.stringify(own))
+    expect(Fs.existsSync(Path.join(consumer, "node_modules", "@types", "node", "package.json"))).toBe(true)
+    await ok(run(process.execPath, [tsc, "-p", "tsconfig.own.json"], consumer, 120_000), "tsc on the consumer, its own @types/node")
   })
 
   it("npx multifd --help prints the usage and exits 0", async () => {

@@ -23,7 +23,6 @@ import * as V8 from "node:v8"
 import * as Vm from "node:vm"
 import * as WorkerThreads from "node:worker_threads"
 import * as Zstd from "../native/zstdStream.js"
-import type { TransferListItem } from "node:worker_threads"
 import {
   encodeExit,
   type FromSession,
@@ -31,6 +30,7 @@ import {
   type SessionIo,
   type ToSession,
   type ToThread,
+  type TransferListItem,
   type WorkerData
 } from "./protocol.js"
 

@@ -26,7 +26,6 @@ import * as Os from "node:os"
 import * as WorkerThreads from "node:worker_threads"
 import * as Transfer from "../../Transfer.js"
 import { ownFibers } from "../native/ownFibers.js"
-import type { TransferListItem } from "node:worker_threads"
 import {
   type EncodedFailure,
   type FromSession,
@@ -36,7 +35,8 @@ import {
   ThreadError,
   type WorkerData,
   type ToSession,
-  type ToThread
+  type ToThread,
+  type TransferListItem
 } from "./protocol.js"
 
 /** How a pool is sized. */

@@ -20,7 +20,16 @@ import type * as Effect from "effect/Effect"
 import * as Exit from "effect/Exit"
 import type * as LogLevel from "effect/LogLevel"
 import * as Option from "effect/Option"
-import type { MessagePort, TransferListItem } from "node:worker_threads"
+import type { MessagePort } from "node:worker_threads"
+
+/**
+ * What a message transfers rather than copies: buffers and message ports (which every @types/node's transfer list
+ * takes). Our own rather than @types/node's by name: it renamed `TransferListItem` to `Transferable`, kept the old
+ * name for a while and no longer has it (26), so the published declarations, which named the type, failed to
+ * type-check in a project with the newest @types/node, what a fresh project installs ("Module 'node:worker_threads'
+ * has no exported member 'TransferListItem'").
+ */
+export type TransferListItem = ArrayBuffer | MessagePort
 
 /**
  * A channel thread failed: it could not start, it threw, or it exited; or a session's program died in it; or the
