@@ -596,6 +596,9 @@ describe("multifd failures", () => {
       [["send", "tcp:127.0.0.1:1", "--in", image, "--channels="], /^multifd: error: --channels needs a value$/],
       [["recv", "tcp:127.0.0.1:0", "--out="], /^multifd: error: --out needs a value$/],
       [["send", "tcp:127.0.0.1:1", "--in", image, "-q", "-q"], /^multifd: error: -q given more than once$/],
+      // "-q given more than once": it was given once, with a value a short flag does not take
+      [["send", "tcp:127.0.0.1:1", "--in", image, "-q=1"], /^multifd: error: -q takes no value: give it alone$/],
+      [["recv", "tcp:127.0.0.1:0", "--out", "x.img", "-v=yes"], /^multifd: error: -v takes no value: give it alone$/],
       [["send", "tcp:127.0.0.1:1", "--in", ""], /^multifd: error: --in: an empty value$/],
       // "-" made a file called "-" (--out) or was "no such file" (--in)
       [["recv", "tcp:127.0.0.1:0", "--out", "-"], /^multifd: error: --out -: the command reads and writes files, not standard input or output; name a file \(\.\/- for one called -\)$/],

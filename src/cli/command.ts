@@ -224,6 +224,8 @@ const flags = (args: ReadonlyArray<string>): Flags => {
       // `--out=`: @effect/cli reads it as --out given with nothing, and reports it as an argument it does not know
       if (before.includes(`${flag}=`)) return "last"
       if (dashes >= 0 && args.slice(dashes + 1).includes(flag)) return "afterDashes"
+      // `-q=1` ("-q given more than once", given once): a short flag takes nothing after `=`
+      if (/^-[A-Za-z]$/.test(flag) && before.some((a) => a.startsWith(`${flag}=`))) return "withValue"
       if (args.at(-1) === flag) return "last"
       return undefined
     }

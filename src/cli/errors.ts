@@ -140,9 +140,10 @@ export interface Flags {
   readonly givenWith: (value: string) => string | undefined
   /**
    * Where a known flag that @effect/cli reports as an unknown argument stands: given `twice` (or more) before any
-   * `--`, `afterDashes` (where nothing is a flag), or `last` on the line with no value after it.
+   * `--`, `afterDashes` (where nothing is a flag), `last` on the line with no value after it, or a short switch
+   * given once `withValue` (`-q=1`: @effect/cli reads no `=` after a short flag).
    */
-  readonly misplaced: (flag: string) => "twice" | "afterDashes" | "last" | undefined
+  readonly misplaced: (flag: string) => "twice" | "afterDashes" | "last" | "withValue" | undefined
 }
 
 /**
@@ -189,6 +190,8 @@ const describeProblem = (text: string, flags: Flags | undefined): string => {
         return `${flag} comes after --, where nothing is a flag: put the flags before --`
       case "last":
         return `${flag} needs a value`
+      case "withValue":
+        return `${flag} takes no value: give it alone`
       default:
         return `${flag} given more than once`
     }
