@@ -107,6 +107,24 @@ describe("README", () => {
     expect(pairs).toBe(4)
   })
 
+  // `npm run multifd -- … --json` printed npm's own two lines on stdout before the JSON: a script's JSON parser
+  // failed on "> effect-multifd@0.1.0 multifd"
+  it("the README's way to run the command for a script that reads --json gives stdout with the JSON object alone", async () => {
+    const way = /`(npm run -s multifd --) <args>`/.exec(readme())
+    expect(way).not.toBeNull()
+    const image = Path.join(dir, "json.img")
+    Fs.writeFileSync(image, Buffer.alloc(64 * 1024, 1))
+    const [npm, ...args] = way![1]!.split(" ")
+    const ran = ChildProcess.spawnSync(npm!, [...args, "send", `file:${Path.join(dir, "json.snap")}`, "--in", image, "--json"], {
+      cwd: ROOT,
+      encoding: "utf8",
+      timeout: 60_000,
+      env: { ...process.env, NO_COLOR: "1", npm_config_update_notifier: "false" }
+    })
+    expect({ code: ran.status, stderr: ran.stderr }).toMatchObject({ code: 0 })
+    expect(JSON.parse(ran.stdout)).toMatchObject({ role: "send", ramBytes: 64 * 1024 })
+  })
+
   it("what the README's commands write in the repository (images, credentials with private keys) git ignores", () => {
     const written = ["guest.img", "received.img", "r.img", "restored.img", "credentials/keys.psk", "credentials/ca-key.pem"]
     const ignored = ChildProcess.spawnSync("git", ["check-ignore", "--no-index", ...written], { cwd: ROOT, encoding: "utf8" })
