@@ -1883,15 +1883,15 @@ describe("trust: signals, timeouts and progress whatever the CPU does", () => {
 describe("the progress bar (src/cli/progress.ts) on a terminal", () => {
   const MIB = 1024 * 1024
   /** A fake terminal: what the bar draws, as text. */
-  const terminal = () => {
+  const terminal = (columns = 200) => {
     let text = ""
     const stream = new PassThrough()
     stream.setEncoding("utf8").on("data", (s: string) => (text += s))
-    return { stream: Object.assign(stream, { isTTY: true, columns: 200 }), text: () => text }
+    return { stream: Object.assign(stream, { isTTY: true, columns }), text: () => text }
   }
   /** The frames drawn, in order. */
   const frames = (text: string) =>
-    text.split(/\r|\n|\x1b\[[0-9;?]*[A-Za-z]|\x1b[78]/).filter((s) => s.startsWith("send ["))
+    text.split(/\r|\n|\x1b\[[0-9;?]*[A-Za-z]|\x1b[78]/).filter((s) => /^send [[\d]/.test(s))
   const report = (round: number, doneBytes: number, totalBytes: number): Migration.Progress => ({
     round,
     phase: "precopy",
@@ -1916,6 +1916,24 @@ describe("the progress bar (src/cli/progress.ts) on a terminal", () => {
     expect(drawn[0]).toMatch(/ 0% \| 0 B \/ 64\.00 MiB \| - \| ETA -$/)
     // the final frame: round 1's pages, all of them
     expect(drawn.at(-1)).toMatch(/ 100% \| 1\.00 MiB \/ 1\.00 MiB \| .*\/s \| ETA 0s$/)
+  })
+
+  // with a bar of 40 always, a frame was 98 columns wide: a terminal of 80 (line wrapping off) cut it after "| 3", and
+  // the rate and the ETA were never seen
+  it.each([80, 60, 200])("on a terminal of %i columns every frame fits, its rate and ETA shown, the bar as wide as there is room for", async (columns) => {
+    const tty = terminal(columns)
+    await Effect.runPromise(Effect.scoped(Effect.gen(function*() {
+      const onProgress = (yield* Progress.make("send", { stream: tty.stream, term: "xterm-256color" }))!
+      for (const done of [0, 16, 33, 64]) yield* onProgress(report(0, done * MIB, 64 * MIB))
+    })).pipe(Effect.provide(Terminal.layer)))
+    const drawn = frames(tty.text())
+    expect(drawn.length).toBeGreaterThan(0)
+    for (const f of drawn) {
+      expect(f.length, f).toBeLessThan(columns)
+      expect(f).toMatch(/^send (\[[\u2588\u2591]{10,40}\] )?\d+% \| [\d.]+ \S+ \/ 64\.00 MiB \| (-|[\d.]+ \S+\/s) \| ETA \S+$/)
+    }
+    expect(drawn.at(-1)).toMatch(/ 100% \| 64\.00 MiB \/ 64\.00 MiB \| .*\/s \| ETA 0s$/)
+    if (columns === 200) expect(drawn.at(-1)).toMatch(/^send \[\u2588{40}\] /)
   })
 
   // a line logged while the bar was drawn (--verbose's events, a warning) ran on from the bar's text, cut at the
@@ -1947,7 +1965,7 @@ describe("the progress bar (src/cli/progress.ts) on a terminal", () => {
     expect(shown.filter((row) => EVENT.test(row))).toHaveLength(text.match(/multifd: \[\+\d+\.\d{3}s\]/g)!.length)
     expect(shown.filter((row) => row.includes("send ["))).toHaveLength(1)
     expect(shown.slice(-2)).toEqual([
-      expect.stringMatching(/^send \[\u2588{40}\] 100% \| 2\.00 MiB \/ 2\.00 MiB \| .*\/s \| ETA 0s$/),
+      expect.stringMatching(/^send \[\u2588+\] 100% \| 2\.00 MiB \/ 2\.00 MiB \| .*\/s \| ETA 0s$/),
       expect.stringMatching(/^multifd: migrated 2\.00 MiB over 2 channels /)
     ])
     expect(shown.at(-3)).toMatch(EVENT)

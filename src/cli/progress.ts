@@ -97,9 +97,7 @@ export const make = (
         Effect.sync((): State => {
           const bar = new CliProgress.SingleBar({
             stream: stream as NodeJS.WriteStream,
-            format: `${label} [{bar}] {percentage}% | {done} / {size} | {rate} | ETA {timeLeft}`,
-            barCompleteChar: "\u2588",
-            barIncompleteChar: "\u2591",
+            format: frame(label),
             hideCursor: true,
             fps: 10,
             // its line may have been cleared for a line written above it (`writeLines`)
@@ -236,7 +234,35 @@ const eta = (state: State, progress: Migration.Progress, now: number): string =>
     : `${Math.floor(seconds / 3600)}h${String(Math.floor(seconds / 60) % 60).padStart(2, "0")}m`
 }
 
-const payload = (progress: Migration.Progress, moved: number, elapsedMs: number, etaText: string) => ({
+/** The widest bar, and the narrowest worth drawing (narrower, the frame is its numbers alone). */
+const BAR_WIDTH = 40
+const MIN_BAR_WIDTH = 10
+
+/**
+ * A frame of the bar: `send [████░░░░] 51% | 33.00 MiB / 64.00 MiB | 31.86 MiB/s | ETA 1s`, its bar as wide as the
+ * terminal has room for (at most `BAR_WIDTH`), none on a terminal too narrow for one: the frame never reaches the
+ * terminal's last column. With a bar of 40 always, the frame was 98 columns wide and, line wrapping off, a terminal
+ * of 80 (the usual) cut it after "| 3": the rate and the ETA were never seen.
+ */
+const frame = (label: string) => (_: CliProgress.Options, params: CliProgress.Params, payload: Payload): string => {
+  const numbers = `${Math.floor(params.progress * 100)}% | ${payload.done} / ${payload.size} | ${payload.rate} | ` +
+    `ETA ${payload.timeLeft}`
+  // the label, " [", "] " and the numbers, short of the last column (where some terminals wrap all the same)
+  const width = Math.min(BAR_WIDTH, params.maxWidth - 1 - label.length - 4 - numbers.length)
+  if (width < MIN_BAR_WIDTH) return `${label} ${numbers}`
+  const done = Math.min(width, Math.max(0, Math.round(params.progress * width)))
+  return `${label} [${"\u2588".repeat(done)}${"\u2591".repeat(width - done)}] ${numbers}`
+}
+
+/** What a frame shows besides the bar and the percentage. */
+interface Payload {
+  readonly done: string
+  readonly size: string
+  readonly rate: string
+  readonly timeLeft: string
+}
+
+const payload = (progress: Migration.Progress, moved: number, elapsedMs: number, etaText: string): Payload => ({
   done: formatBytes(progress.doneBytes),
   size: formatBytes(progress.totalBytes),
   rate: elapsedMs > 0 ? formatRate(moved, elapsedMs) : "-",
