@@ -850,6 +850,8 @@ describe("multifd failures", () => {
       ],
       // before the uri, a flag @effect/cli does not take there came back as "bad uri: --in: expected an address ..."
       [["send", "--in", image, "-x", "tcp:127.0.0.1:1"], "multifd: error: unknown flag -x"],
+      // short switches run together: it said "did you mean --vm?"
+      [["send", "tcp:127.0.0.1:1", "--in", image, "-qv"], "multifd: error: unknown flag -qv (did you mean -q -v?)"],
       [["send", "--in", image, "--in", image, "tcp:127.0.0.1:1"], "multifd: error: --in given more than once"],
       [["send", "--in", image, `--in=${image}`, "tcp:127.0.0.1:1"], "multifd: error: --in given more than once"],
       [["send", "--tls-authz", "alice", "--in", image, "tcp:127.0.0.1:1"], "multifd: error: --tls-authz is a recv option"],

@@ -203,6 +203,11 @@ const flags = (args: ReadonlyArray<string>): Flags => {
       own.includes(flag) ? undefined : send.includes(flag) ? "send" : recv.includes(flag) ? "recv" : undefined,
     closest: (flag) => {
       if (aliases.includes(flag)) return flag
+      // short switches run together (-qv), which @effect/cli does not take apart: "did you mean --vm?" misled
+      const letters = /^-([A-Za-z]{2,})$/.exec(flag)?.[1]
+      if (letters !== undefined && [...letters].every((c) => aliases.includes(`-${c}`))) {
+        return [...letters].map((c) => `-${c}`).join(" ")
+      }
       const config = CliConfig.make({})
       const ranked = own.map((known) => [known, AutoCorrect.levensteinDistance(flag, known, config)] as const)
         .sort((a, b) => a[1] - b[1])
