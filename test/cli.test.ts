@@ -969,6 +969,51 @@ describe("multifd failures", () => {
     expect(loud.stderr + loud.stdout).not.toContain("\u001b[")
   })
 
+  // without zstd's native binding (installed with --ignore-scripts, or its build failed), a migration with zstd
+  // failed as a transfer fails, exit 1, which a script retries for ever, Node's require stack in its line
+  it("zstd without its native binding: exit 2 with one line that says how to build it, before anything listens or connects", async () => {
+    // the bundle beside a zstd-napi whose binding fails to load, as an uncompiled one does
+    const installed = Path.join(dir, "no-zstd")
+    const binding = Path.join(installed, "node_modules", "zstd-napi")
+    Fs.mkdirSync(binding, { recursive: true })
+    Fs.writeFileSync(Path.join(binding, "package.json"), JSON.stringify({ name: "zstd-napi", version: "0.0.13", main: "binding.js" }))
+    Fs.writeFileSync(
+      Path.join(binding, "binding.js"),
+      `const e = new Error("Cannot find module './build/Release/binding.node'\\nRequire stack:\\n- " + __filename); e.code = "MODULE_NOT_FOUND"; throw e\n`
+    )
+    for (const file of ["multifd.js", "digestWorker.js", "channelWorker.js"]) {
+      Fs.copyFileSync(Path.join(Path.dirname(inject("cliBundle")), file), Path.join(installed, file))
+    }
+    const bundle = Path.join(installed, "multifd.js")
+    const server = await countingServer()
+    try {
+      const cases: ReadonlyArray<ReadonlyArray<string>> = [
+        ["send", `tcp:127.0.0.1:${server.port}`, "--in", image, "--compression", "zstd"],
+        ["send", `tcp:127.0.0.1:${server.port}`, "--to-qemu", "--vm", image, "--channels", "2", "--compression", "zstd"],
+        ["recv", "tcp:127.0.0.1:0", "--out", Path.join(dir, "no-zstd.out"), "--compression", "zstd"]
+      ]
+      for (const args of cases) {
+        const result = await run(args, { bundle })
+        expect({ args, code: result.code, stderr: lines(result.stderr) }).toEqual({
+          args,
+          code: 2,
+          stderr: [
+            "multifd: error: compression zstd: the zstd binding (npm package zstd-napi) cannot be loaded: Cannot find module " +
+            "'./build/Release/binding.node' (it is built when the package is installed, not with --ignore-scripts: npm rebuild zstd-napi builds it)"
+          ]
+        })
+      }
+      expect(server.connections()).toBe(0)
+      // none and zlib need no binding
+      const zlib = await run(["send", `tcp:127.0.0.1:${server.port}`, "--in", image, "--compression", "zlib"], { bundle })
+      expect(zlib.code).toBe(1)
+      expect(server.connections()).toBeGreaterThan(0)
+    } finally {
+      await server.close()
+    }
+    expect(filesLike("no-zstd.out")).toEqual([])
+  })
+
   it("send exits 1 with one line when nobody listens", async () => {
     const port = await freePort()
     const send = await run(["send", `tcp:127.0.0.1:${port}`, "--in", image])

@@ -25,7 +25,7 @@ import * as Options from "./options.js"
 import * as Progress from "./progress.js"
 import * as Log from "./log.js"
 import * as Report from "./report.js"
-import { environment, timeoutsOf, tlsOf } from "./settings.js"
+import { checkCompression, environment, timeoutsOf, tlsOf } from "./settings.js"
 import * as Terminal from "./terminal.js"
 
 /** The line that tells scripts (and tests) where recv listens, printed on stderr as soon as it does. */
@@ -61,6 +61,7 @@ export const command = Command.make(
             detail: "--from-qemu needs --channels N (QEMU's multifd-channels; 0 for QEMU without multifd)"
           })
         }
+        if (uri._tag !== "File") yield* checkCompression(Option.getOrUndefined(transfer.compression))
         yield* FromQemu.run({
           uri,
           channels: Option.getOrElse(transfer.channels, () => 0),
@@ -91,6 +92,7 @@ export const command = Command.make(
       if (uri._tag === "File" && Option.isSome(compression) && compression.value !== "none") {
         return yield* new UsageError({ detail: `compression ${compression.value} does not apply to a file: snapshot` })
       }
+      yield* checkCompression(Option.getOrUndefined(compression))
       if (Option.isSome(output.outDir)) return yield* new UsageError({ detail: "--out-dir goes with --from-qemu; use --out FILE" })
       if (Option.isSome(output.vm)) return yield* new UsageError({ detail: "--vm goes with --from-qemu (or send --to-qemu)" })
       if (Option.isNone(output.out)) return yield* new UsageError({ detail: "recv needs --out FILE" })

@@ -17,7 +17,7 @@ import * as Options from "./options.js"
 import * as Progress from "./progress.js"
 import * as Log from "./log.js"
 import * as Report from "./report.js"
-import { channelThreads, environment, timeoutsOf, tlsOf } from "./settings.js"
+import { channelThreads, checkCompression, environment, timeoutsOf, tlsOf } from "./settings.js"
 import * as ToQemu from "./toQemu.js"
 
 /** The name of the one block an image file becomes. */
@@ -63,6 +63,7 @@ export const command = Command.make(
         // before TLS, which would call a file: uri a snapshot
         if (uri._tag === "File") return yield* new UsageError({ detail: ToQemu.NEEDS_SOCKET })
         const tls = yield* tlsOf(tlsFlags, "send", uri, timing)
+        yield* checkCompression(transfer.compression)
         yield* ToQemu.run({
           uri,
           vm: qemu.vm.value,
@@ -89,6 +90,7 @@ export const command = Command.make(
       if (toFile) yield* refuseGiven(given, "a file: snapshot", { "--reconnect": "it has no connections" })
       const compression = toFile && !transfer.given.has("--compression") ? "none" : transfer.compression
       const maxBandwidth = toFile && !transfer.given.has("--max-bandwidth") ? Option.none() : transfer.maxBandwidth
+      yield* checkCompression(compression)
       const bytes = yield* Image.read(input, transfer.pageSize)
       const ram = yield* GuestRam.make({ pageSize: transfer.pageSize, blocks: [{ name: BLOCK_NAME, bytes }] }).pipe(
         Effect.mapError((error) => new UsageError({ detail: error.message }))

@@ -13,6 +13,7 @@ import * as Os from "node:os"
 import * as ChannelThreads from "../ChannelThreads.js"
 import type * as Migration from "../Migration.js"
 import * as MigrationConfig from "../MigrationConfig.js"
+import * as PageCodec from "../PageCodec.js"
 import type * as Protocol from "../Protocol.js"
 import * as Tls from "../Tls.js"
 import type * as Transport from "../Transport.js"
@@ -90,6 +91,17 @@ export const tlsOf = (
         : Effect.tap(Tls.make(config), (tls) => Tls.checkServer(tls.settings))
   })
 }
+
+/**
+ * Whether this machine can compress and decompress with `compression` (zstd needs its native binding, which npm
+ * builds when the package is installed): a `UsageError` if not, before anything listens or connects. It failed the
+ * migration (exit 1, as a transfer that failed), which a script retried for ever: the installation is to fix.
+ */
+export const checkCompression = (compression: Protocol.Compression | undefined): Effect.Effect<void, UsageError> =>
+  compression === undefined ? Effect.void : Either.match(PageCodec.checkAvailable(compression), {
+    onLeft: (error) => Effect.fail(new UsageError({ detail: `compression ${compression}: ${error.detail}` })),
+    onRight: () => Effect.void
+  })
 
 /**
  * Whether the channels get worker threads: with compression (on memory that compresses, as a guest's code and

@@ -49,6 +49,8 @@ export interface StartOptions {
   readonly stdout?: number | undefined
   /** The child's working directory (default: the repository). */
   readonly cwd?: string | undefined
+  /** Another copy of the bundle to run (with `entry` "bundle"), as one beside other node_modules. */
+  readonly bundle?: string | undefined
 }
 
 const children = new Set<ChildProcess.ChildProcess>()
@@ -60,7 +62,7 @@ export const killChildren = (): void => {
 
 /** Starts `multifd <args>` as a child process, its output collected. */
 export const start = (args: ReadonlyArray<string>, options: StartOptions = {}): Running => {
-  const entry = options.entry === "source" ? ["--import", "tsx", MAIN] : [inject("cliBundle")]
+  const entry = options.entry === "source" ? ["--import", "tsx", MAIN] : [options.bundle ?? inject("cliBundle")]
   const limits = [
     ...(options.openFiles === undefined ? [] : [`ulimit -n ${options.openFiles}`]),
     ...(options.virtualMemoryKiB === undefined ? [] : [`ulimit -v ${options.virtualMemoryKiB}`])

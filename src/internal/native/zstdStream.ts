@@ -26,8 +26,11 @@ export const load = (): ZstdBinding | string => {
     }
   }
   if ("binding" in loaded) return loaded.binding
+  // Node's "Cannot find module" goes on with its require stack, a line a module: the first line says it
   const e = loaded.error as { readonly message?: string } | undefined
-  return `the zstd binding (npm package zstd-napi) cannot be loaded: ${e?.message ?? String(loaded.error)}`
+  const why = (e?.message ?? String(loaded.error)).split("\n")[0]!.trim()
+  return `the zstd binding (npm package zstd-napi) cannot be loaded: ${why} (it is built when the package is installed, ` +
+    "not with --ignore-scripts: npm rebuild zstd-napi builds it)"
 }
 
 let open = 0
