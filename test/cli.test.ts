@@ -803,6 +803,30 @@ describe("multifd failures", () => {
     expect(send.stdout).toMatch(/--timeout DURATION\s+[^]*default 30s/)
   })
 
+  // at 100 columns always, a terminal of 80, the usual, broke every description line in two, its end at the left edge
+  it("--help on a terminal of 80 columns: its prose fits, each description under its column (a pseudo-terminal)", async () => {
+    for (const args of ["--help", "send --help", "recv --help"]) {
+      const terminal = ChildProcess.spawn("script", ["-qfec", `stty cols 80 rows 50; exec "$NODE" "$BUNDLE" ${args}`, "/dev/null"], {
+        stdio: ["pipe", "pipe", "pipe"],
+        env: { ...process.env, TERM: "xterm-256color", NODE: process.execPath, BUNDLE: inject("cliBundle") }
+      })
+      const timer = setTimeout(() => terminal.kill("SIGKILL"), 20_000)
+      let text = ""
+      terminal.stdout.setEncoding("utf8").on("data", (s: string) => (text += s))
+      const code = await new Promise<number | null>((resolve) => terminal.once("close", resolve))
+      clearTimeout(timer)
+      expect({ args, code }).toEqual({ args, code: 0 })
+      const rows = text.split(/\r?\n/)
+      // usage lines and examples are commands, whole
+      const usage = rows.slice(rows.indexOf("Usage:"), rows.indexOf("", rows.indexOf("Usage:")))
+      const prose = rows.filter((row) => !usage.includes(row) && !row.startsWith("  multifd "))
+      expect(prose.filter((row) => row.length > 80), args).toEqual([])
+      // a description's next line is under its column
+      expect(rows.filter((row) => /^\s{3,}\S/.test(row) && !/^ {28}\S/.test(row) && !usage.includes(row)), args).toEqual([])
+      expect(text).toMatch(/Examples:/)
+    }
+  })
+
   it("multifd alone prints the usage on stderr and exits 2; --version prints the version", async () => {
     const bare = await run([])
     expect(bare.code).toBe(2)

@@ -53,7 +53,7 @@ const EXIT_STATUS = "Exit status: 0 success; 1 the migration failed (one line on
   "configuration; 130 / 143 / 129 / 131 / 142 interrupted by SIGINT / SIGTERM / SIGHUP / SIGQUIT / SIGALRM."
 
 /** `multifd --help`, and (on stderr, exit 2) what `multifd` alone prints. */
-export const overview = (): string =>
+export const overview = (width?: number): string =>
   Help.render({
     title: `${NAME} ${VERSION}: QEMU-compatible multifd migration of RAM images, verified end to end`,
     usage: [
@@ -75,10 +75,10 @@ export const overview = (): string =>
       ["on the destination host: wait on port 4444", `${NAME} recv tcp:0.0.0.0:4444 --out received.img`],
       ["on the source host: migrate over 4 channels", `${NAME} send tcp:10.0.0.2:4444 --in guest.img --channels 4`]
     ]
-  })
+  }, width)
 
 /** `multifd send --help`. */
-export const sendHelp = (): string => {
+export const sendHelp = (width?: number): string => {
   const all = Help.entriesOf(Send.command)
   return Help.render({
     title: `${NAME} send: migrate the RAM image in --in to a destination listening at <uri>, or a whole VM into QEMU`,
@@ -100,11 +100,11 @@ export const sendHelp = (): string => {
       ["resume a VM in QEMU (-incoming tcp:0:4444, multifd on, multifd-channels 4)", `${NAME} send tcp:10.0.0.3:4444 --to-qemu --vm guest.vm --channels 4`],
       ["statistics as JSON for a script", `${NAME} send unix:/run/multifd.sock --in guest.img --json --quiet`]
     ]
-  })
+  }, width)
 }
 
 /** `multifd recv --help`. */
-export const recvHelp = (): string => {
+export const recvHelp = (width?: number): string => {
   const all = Help.entriesOf(Recv.command)
   return Help.render({
     title: `${NAME} recv: wait at <uri> for one migration and write the received RAM image`,
@@ -137,7 +137,7 @@ export const recvHelp = (): string => {
       ["keep a running VM from QEMU as a mapped-ram file", `${NAME} recv tcp:0.0.0.0:4444 --from-qemu --channels 4 --vm guest.vm`],
       ["the RAM of a file QEMU saved (migrate file: with mapped-ram)", `${NAME} recv file:/var/tmp/qemu.vm --from-qemu --out ram.img`]
     ]
-  })
+  }, width)
 }
 
 const HELP_FLAGS = new Set(["--help", "-h"])
@@ -151,15 +151,18 @@ const early = (
 ): { readonly stdout?: { readonly text: string; readonly what: string }; readonly stderr?: string; readonly code: number } | undefined => {
   const options = args.slice(0, args.includes("--") ? args.indexOf("--") : args.length)
   const subcommand = COMMANDS.has(args[0] ?? "") ? args[0] : undefined
+  // wrapped for the terminal the page goes to, if it goes to one
+  const width = (stream: NodeJS.WriteStream) => Help.widthFor(stream.isTTY ? stream.columns : undefined)
   if (options.some((a) => HELP_FLAGS.has(a))) {
-    const text = subcommand === "send" ? sendHelp() : subcommand === "recv" ? recvHelp() : overview()
+    const w = width(process.stdout)
+    const text = subcommand === "send" ? sendHelp(w) : subcommand === "recv" ? recvHelp(w) : overview(w)
     return { stdout: { text, what: "the help" }, code: ExitCode.Ok }
   }
   // after a subcommand too: @effect/cli printed the bare number there
   if (options.includes("--version")) {
     return { stdout: { text: `${NAME} ${VERSION}\n`, what: "the version" }, code: ExitCode.Ok }
   }
-  if (args.length === 0) return { stderr: overview(), code: ExitCode.Usage }
+  if (args.length === 0) return { stderr: overview(width(process.stderr)), code: ExitCode.Usage }
   return undefined
 }
 

@@ -117,26 +117,38 @@ export interface Page {
   readonly examples?: ReadonlyArray<readonly [comment: string, command: string]> | undefined
 }
 
+/** The widest a page is, and the narrowest it is made for a terminal. */
 const WIDTH = 100
+const MIN_WIDTH = 60
 const TERM_WIDTH = 26
 
-/** A page as text (no escape codes). */
-export const render = (page: Page): string => {
-  const out: Array<string> = [page.title, "", "Usage:", ...page.usage.map((u) => `  ${u}`)]
-  if (page.description !== undefined) out.push("", wrap(page.description, WIDTH, 0))
+/**
+ * How wide a page is for a terminal of `columns` (`undefined`: not a terminal): as wide as the terminal, from
+ * `MIN_WIDTH` to `WIDTH`. At 100 always, a terminal of 80 columns, the usual, broke every description line in two,
+ * its end at the left edge.
+ */
+export const widthFor = (columns: number | undefined): number =>
+  columns === undefined || !(columns > 0) ? WIDTH : Math.max(MIN_WIDTH, Math.min(WIDTH, columns))
+
+/** A page as text (no escape codes), its prose wrapped at `width` (usage lines and examples are commands: whole). */
+export const render = (page: Page, width: number = WIDTH): string => {
+  const out: Array<string> = [wrap(page.title, width, 0), "", "Usage:", ...page.usage.map((u) => `  ${u}`)]
+  if (page.description !== undefined) out.push("", wrap(page.description, width, 0))
   for (const section of page.sections) {
     if (section.entries.length === 0) continue
     out.push("", `${section.heading}:`)
     for (const { description, term } of section.entries) {
       const head = `  ${term}`
-      const body = wrap(description, WIDTH - TERM_WIDTH - 2, TERM_WIDTH + 2)
+      const body = wrap(description, width - TERM_WIDTH - 2, TERM_WIDTH + 2)
       out.push(head.length <= TERM_WIDTH ? `${head.padEnd(TERM_WIDTH)}  ${body}` : `${head}\n${" ".repeat(TERM_WIDTH + 2)}${body}`)
     }
   }
-  if (page.footer !== undefined) out.push("", ...page.footer.map((line) => wrap(line, WIDTH, 0)))
+  if (page.footer !== undefined) out.push("", ...page.footer.map((line) => wrap(line, width, 0)))
   if (page.examples !== undefined && page.examples.length > 0) {
     out.push("", "Examples:")
-    for (const [comment, command] of page.examples) out.push(`  # ${comment}`, `  ${command}`)
+    for (const [comment, command] of page.examples) {
+      out.push(...wrap(comment, width - 4, 0).split("\n").map((line) => `  # ${line}`), `  ${command}`)
+    }
   }
   return out.join("\n") + "\n"
 }
