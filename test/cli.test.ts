@@ -605,6 +605,11 @@ describe("multifd failures", () => {
       [["send", "tcp:127.0.0.1:1", "--in", "-"], /^multifd: error: --in -: the command reads and writes files, not standard input or output/],
       [["recv", `file:${image}`, "--from-qemu", "--vm", "-"], /^multifd: error: --vm -: the command reads and writes files/],
       [["send", "tcp:127.0.0.1:1", "--in", image, "--tls-psk", tlsFile("keys.psk"), "--tls-identity", ""], /^multifd: error: --tls-identity: an empty value$/],
+      // ~ the shell left as it was (after =, in quotes): "~/x.img: cannot create x.img.123.partial beside it: no such
+      // file or directory", as if a directory were missing
+      [["recv", "tcp:127.0.0.1:0", "--out=~/tilde.img"], /^multifd: error: --out ~\/tilde\.img: the shell does not expand ~ after = or inside quotes or a uri: write the path out, as \$HOME\/tilde\.img$/],
+      [["send", "tcp:127.0.0.1:1", "--in", "~/tilde.img"], /^multifd: error: --in ~\/tilde\.img: the shell does not expand ~ /],
+      [["send", "file:~/tilde.snap", "--in", image], /^multifd: error: bad uri: file:~\/tilde\.snap: the shell does not expand ~ after = or inside quotes or a uri: write the path out, as \$HOME\/tilde\.snap$/],
       [["send", `file:${image}`, "--in", alias], /are the same file: the snapshot would replace the image$/],
       [["recv", `file:${alias}`, "--out", image], /are the same file: the image would replace the snapshot$/],
       [["recv", `file:${alias}`, "--from-qemu", "--vm", image], /are the same file: the output would replace QEMU's$/],

@@ -16,6 +16,7 @@ import * as Duration from "effect/Duration"
 import * as Effect from "effect/Effect"
 import * as Either from "effect/Either"
 import * as Option from "effect/Option"
+import * as Fs from "node:fs"
 import * as Bandwidth from "../Bandwidth.js"
 import * as GuestRam from "../GuestRam.js"
 import * as Field from "../internal/configField.js"
@@ -74,11 +75,28 @@ const notStdio = (name: string) => (path: string) =>
     ? Effect.fail(invalid(`--${name} -: the command reads and writes files, not standard input or output; name a file (./- for one called -)`))
     : Effect.succeed(path)
 
-/** A path flag (`Options.file` / `Options.directory`): an empty path or `-` is an error naming the flag. */
+/**
+ * Why a path that starts with `~` names nothing, if it does: the shell expands `~` only at the start of a word, so
+ * `--out=~/x.img`, `"~/x.img"` and `file:~/x.snap` reach the command as they are, a path under a directory named
+ * `~` in the working directory. Where there is none, the path is refused naming the `~` ("~/x.img: cannot create
+ * x.img.123.partial beside it: no such file or directory" sent the user looking for the directory).
+ */
+export const unexpandedTilde = (path: string): string | undefined =>
+  (path === "~" || path.startsWith("~/")) && !Fs.existsSync("~")
+    ? "the shell does not expand ~ after = or inside quotes or a uri: write the path out, as $HOME" + path.slice(1)
+    : undefined
+
+const expanded = (name: string) => (path: string) => {
+  const why = unexpandedTilde(path)
+  return why === undefined ? Effect.succeed(path) : Effect.fail(invalid(`--${name} ${path}: ${why}`))
+}
+
+/** A path flag (`Options.file` / `Options.directory`): an empty path, `-` or an unexpanded `~` is an error naming the flag. */
 const pathOption = (name: string, kind: "file" | "directory" = "file") =>
   (kind === "file" ? Options.file(name) : Options.directory(name)).pipe(
     Options.mapEffect(nonEmpty(name)),
-    Options.mapEffect(notStdio(name))
+    Options.mapEffect(notStdio(name)),
+    Options.mapEffect(expanded(name))
   )
 
 /** An integer flag: a value that is not one is an error naming the flag. */
@@ -116,7 +134,10 @@ export const uri: Args.Args<Transport.Address> = Args.text({ name: "uri" }).pipe
   Args.mapEffect((text) =>
     Either.match(Transport.parseAddress(text), {
       onLeft: (error) => Effect.fail(HelpDoc.p(`bad uri: ${error.message}`)),
-      onRight: Effect.succeed
+      onRight: (address) => {
+        const why = address._tag === "File" ? unexpandedTilde(address.path) : undefined
+        return why === undefined ? Effect.succeed(address) : Effect.fail(HelpDoc.p(`bad uri: ${text}: ${why}`))
+      }
     })
   )
 )
