@@ -40,7 +40,7 @@ import * as ChannelThreads from "../src/ChannelThreads.js"
 import * as GuestRam from "../src/GuestRam.js"
 import * as Digest from "../src/internal/native/digest.js"
 import * as HashPool from "../src/internal/threads/hashPool.js"
-import { unsafeThreads } from "../src/internal/threads/pool.js"
+import { unsafeGcTurn, unsafeThreads } from "../src/internal/threads/pool.js"
 import * as Migration from "../src/Migration.js"
 import * as MigrationError from "../src/MigrationError.js"
 import * as MultifdSend from "../src/MultifdSend.js"
@@ -254,6 +254,32 @@ describe("the pool", () => {
       }
       // a thread that took gc while the flag was off had none: it died of "gc is not defined", and was replaced
       expect(yield* pool.stats).toMatchObject({ threads: pool.size, replaced: 0 })
+    }).pipe(Effect.scoped))
+
+  it.live("a thread terminated inside its turn at --expose-gc (its pool closed as it collected) holds up no other thread: the others skip their collection meanwhile, and its exit hands the turn back", () =>
+    Effect.gen(function*() {
+      const turn = unsafeGcTurn()
+      yield* Effect.addFinalizer(() => Effect.sync(() => Atomics.store(turn, 0, 0)))
+      // a thread of another pool, terminated while it had the turn (the pool's close does not wait for a
+      // collection): it never handed the turn back, and the next thread to collect waited for it for ever
+      const otherScope = yield* Scope.make()
+      const other = yield* ChannelThreads.make({ ...POOL, maxThreads: 1 }).pipe(Scope.extend(otherScope))
+      const holder = unsafeThreads(other)[0]!.worker
+      Atomics.store(turn, 0, holder.threadId)
+      const pool = yield* ChannelThreads.make(POOL)
+      for (let i = 0; i < 2; i++) {
+        const ram = yield* sharedRam()
+        const { received } = yield* Effect.scoped(migrateOnce(ram, { channels: 2 })).pipe(
+          Effect.provideService(ChannelThreads.ChannelThreads, pool)
+        )
+        expect(sameMemory(received.ram, ram)).toBe(true)
+        // idle, each thread collects (or skips it) on its next turn: it still answers
+        for (let k = 0; k < 5; k++) yield* noHang(pool.inspect, "the threads' answers")
+      }
+      expect(yield* pool.stats).toMatchObject({ threads: pool.size, replaced: 0 })
+      // the holder's exit (its pool's close terminates it) gives the turn back
+      yield* Scope.close(otherScope, Exit.void)
+      expect(Atomics.load(turn, 0)).toBe(0)
     }).pipe(Effect.scoped))
 
   it.live("inspect answers in a finalizer (uninterruptibly), as a leak check at a scope's end asks it", () =>

@@ -40,22 +40,24 @@ export type Kind = (data: any, io: SessionIo<any, any>) => Effect.Effect<void, u
 /**
  * A full collection of this thread's heap. `gc` is taken once from a context made while V8's `--expose-gc` is on
  * (a thread cannot be started with it), and the flag is put back at once: contexts made later, in any thread,
- * get no `gc`. The flag is the process's: the pool's threads take their turns at it (`gcLock`), and a context
- * made while someone else turned it off (another pool's thread, the application) has no `gc` — then this thread
- * does not collect this time (it tries again after its next last session) rather than die of a ReferenceError.
+ * get no `gc`. The flag is the process's: the pool's threads take their turns at it (`gcLock`, holding their
+ * thread id). The turn is only tried, never waited for: a thread that finds it taken, or that made its context
+ * while someone else turned the flag off (another pool's thread, the application), has no `gc` this time and does
+ * not collect (it tries again after its next last session) — rather than die of a ReferenceError, or wait on a
+ * holder that was terminated inside its turn (the pool hands such a turn back when the thread exits).
  */
 let gc: (() => void) | undefined
 const takeGc = (): (() => void) | undefined => {
   const lock = new Int32Array((WorkerThreads.workerData as WorkerData).gcLock)
-  while (Atomics.compareExchange(lock, 0, 0, 1) !== 0) Atomics.wait(lock, 0, 1, 10)
+  const me = WorkerThreads.threadId
+  if (Atomics.compareExchange(lock, 0, 0, me) !== 0) return undefined
   V8.setFlagsFromString("--expose-gc")
   try {
     const found: unknown = Vm.runInNewContext("typeof gc === 'function' ? gc : undefined")
     return typeof found === "function" ? found as () => void : undefined
   } finally {
     V8.setFlagsFromString("--no-expose-gc")
-    Atomics.store(lock, 0, 0)
-    Atomics.notify(lock, 0, 1)
+    Atomics.compareExchange(lock, 0, me, 0)
   }
 }
 const collect = () => {

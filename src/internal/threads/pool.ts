@@ -156,8 +156,12 @@ interface Thread {
   readonly fail: (reason: "Failed" | "Exited" | "Closed" | "Hung", detail: string) => void
 }
 
-/** The lock every channel thread of this process takes to turn V8's `--expose-gc` on and off (`host`). */
+/**
+ * The turn every channel thread of this process takes to turn V8's `--expose-gc` on and off (`host`): 0, or the
+ * thread id of the thread that has it. A thread terminated inside its turn never hands it back: its exit does.
+ */
 const gcLock = new SharedArrayBuffer(4)
+const gcTurn = new Int32Array(gcLock)
 
 /** Channel threads started in this process and not yet exited (every pool's). */
 let live = 0
@@ -190,6 +194,7 @@ const start = (
         // source's peak RSS pays for each thread (12-15 MiB less over two threads, at the same speed)
         const worker = new WorkerThreads.Worker(module, { workerData, resourceLimits: { maxYoungGenerationSizeMb: 2 } })
         live++
+        const threadId = worker.threadId
         const inspections = new Map<number, (inspection: Inspection) => void>()
         const sessions = new Set<Lease<unknown>>()
         const fail = (reason: "Failed" | "Exited" | "Closed" | "Hung", detail: string) => {
@@ -214,6 +219,7 @@ const start = (
         })
         worker.on("exit", (code) => {
           live--
+          Atomics.compareExchange(gcTurn, 0, threadId, 0)
           if (thrown !== undefined) fail("Failed", `its thread failed: ${thrown.message}`)
           else fail("Exited", `its thread exited (code ${code})`)
         })
@@ -280,6 +286,9 @@ export const unsafeThreads = (pool: Pool): ReadonlyArray<{
       }
     }
   }))
+
+/** The process's turn at `--expose-gc` (0, or the id of the thread that has it), for tests that fake a holder. */
+export const unsafeGcTurn = (): Int32Array => gcTurn
 
 /** The pool's size: a thread per core, capped by `maxThreads`, at least one. */
 export const sizeOf = (options?: Options): number =>

@@ -64,7 +64,7 @@ export type EncodedFailure =
 /** What a thread starts with: its count of the sessions it hosts, in memory the pool reads. */
 export interface WorkerData {
   readonly hosted: SharedArrayBuffer
-  /** Held (1) by a thread while it turns V8's process-wide `--expose-gc` on and off: every pool's threads share it. */
+  /** Held (the thread's id) by a thread while it turns V8's process-wide `--expose-gc` on and off: every pool's threads share it. */
   readonly gcLock: SharedArrayBuffer
 }
 
