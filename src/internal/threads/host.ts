@@ -41,16 +41,20 @@ export type Kind = (data: any, io: SessionIo<any, any>) => Effect.Effect<void, u
  * A full collection of this thread's heap. `gc` is taken once from a context made while V8's `--expose-gc` is on
  * (a thread cannot be started with it), and the flag is put back at once: contexts made later, in any thread,
  * get no `gc`. The flag is the process's: the pool's threads take their turns at it (`gcLock`, holding their
- * thread id). The turn is only tried, never waited for: a thread that finds it taken, or that made its context
- * while someone else turned the flag off (another pool's thread, the application), has no `gc` this time and does
- * not collect (it tries again after its next last session) — rather than die of a ReferenceError, or wait on a
- * holder that was terminated inside its turn (the pool hands such a turn back when the thread exits).
+ * thread id; the pool hands back the turn of a thread terminated inside it when that thread exits). A thread that
+ * waited a second for its turn, or that made its context while someone else turned the flag off (another pool's
+ * thread, the application), has no `gc` this time and does not collect (it tries again after its next last
+ * session) — rather than die of a ReferenceError, or wait for ever.
  */
 let gc: (() => void) | undefined
 const takeGc = (): (() => void) | undefined => {
   const lock = new Int32Array((WorkerThreads.workerData as WorkerData).gcLock)
   const me = WorkerThreads.threadId
-  if (Atomics.compareExchange(lock, 0, 0, me) !== 0) return undefined
+  // the turn of a thread terminated inside it comes back with that thread's exit; a second is the most waited
+  for (let waited = 0, holder; (holder = Atomics.compareExchange(lock, 0, 0, me)) !== 0; waited += 10) {
+    if (waited >= 1000) return undefined
+    Atomics.wait(lock, 0, holder, 10)
+  }
   V8.setFlagsFromString("--expose-gc")
   try {
     const found: unknown = Vm.runInNewContext("typeof gc === 'function' ? gc : undefined")
@@ -58,6 +62,7 @@ const takeGc = (): (() => void) | undefined => {
   } finally {
     V8.setFlagsFromString("--no-expose-gc")
     Atomics.compareExchange(lock, 0, me, 0)
+    Atomics.notify(lock, 0, 1)
   }
 }
 const collect = () => {
