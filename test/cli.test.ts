@@ -262,6 +262,26 @@ describe("multifd over TLS", () => {
     expect(Fs.readFileSync(out).equals(Fs.readFileSync(image))).toBe(true)
   })
 
+  it("recv --from-qemu with x509 and no client check warns that QEMU's channels are not tied to a verified client (QEMU's destination checks them by default); --tls-verify-peer, --tls-authz or PSK: no warning", async () => {
+    const server = ["--tls-ca", tlsFile("ca-cert.pem"), "--tls-cert", tlsFile("server-cert.pem"), "--tls-key", tlsFile("server-key.pem")]
+    // the warning comes before the listening line (a child: the command's log lines go to its stderr)
+    const recv = async (...more: Array<string>) => {
+      const running = await startRecv(["tcp:127.0.0.1:0", "--from-qemu", "--channels", "2", "--out", Path.join(dir, "never-qemu.out"), ...more])
+      running.child.kill("SIGTERM")
+      await running.finished
+      return lines(running.stderr()).filter((line) => line.includes("--from-qemu without --tls-verify-peer"))
+    }
+    expect(await recv(...server)).toEqual([
+      "multifd: warning: --from-qemu without --tls-verify-peer: QEMU's client certificate is not checked (QEMU's own " +
+      "destination checks it by default), and QEMU's channels carry no secret: any peer that reaches the port and speaks " +
+      "TLS could send this migration a channel of its own; give --tls-verify-peer (QEMU's tls-creds-x509 on the source " +
+      "then needs client-cert.pem)"
+    ])
+    for (const more of [[...server, "--tls-verify-peer"], [...server, "--tls-authz", "alice"], ["--tls-psk", tlsFile("keys.psk")]]) {
+      expect({ more, warned: await recv(...more) }).toEqual({ more, warned: [] })
+    }
+  })
+
   it("x509 with client certificates and --tls-authz: alice is admitted, mallory is refused", async () => {
     const server = ["--tls-ca", tlsFile("ca-cert.pem"), "--tls-cert", tlsFile("server-cert.pem"), "--tls-key", tlsFile("server-key.pem")]
     const client = (who: string) => ["--tls-ca", tlsFile("ca-cert.pem"), "--tls-cert", tlsFile(`${who}-cert.pem`), "--tls-key", tlsFile(`${who}-key.pem`)]

@@ -25,7 +25,7 @@ import * as Options from "./options.js"
 import * as Progress from "./progress.js"
 import * as Log from "./log.js"
 import * as Report from "./report.js"
-import { checkCompression, environment, timeoutsOf, tlsOf } from "./settings.js"
+import { checkCompression, environment, timeoutsOf, tlsOf, warnUnverifiedQemu } from "./settings.js"
 import * as Terminal from "./terminal.js"
 
 /** The line that tells scripts (and tests) where recv listens, printed on stderr as soon as it does. */
@@ -62,6 +62,7 @@ export const command = Command.make(
           })
         }
         if (uri._tag !== "File") yield* checkCompression(Option.getOrUndefined(transfer.compression))
+        if (uri._tag !== "File" && tls !== undefined) yield* warnUnverifiedQemu(tls.settings)
         yield* FromQemu.run({
           uri,
           channels: Option.getOrElse(transfer.channels, () => 0),
