@@ -7,6 +7,9 @@
  * opened while nobody watched for them.
  */
 import * as ChildProcess from "node:child_process"
+import * as Fs from "node:fs/promises"
+import * as Os from "node:os"
+import * as Path from "node:path"
 
 /** The listener: `python3 -c SCRIPT PATH AT OFFSET`; it prints `ready` once it watches, `changed` once it wrote. */
 const SCRIPT = `
@@ -65,6 +68,40 @@ export interface Writer {
  * python3, not root, no fanotify).
  */
 export const writeAtRead = async (path: string, at: number, offset: number): Promise<Writer | string> => {
+  const cannot = await (probed ??= probe())
+  return cannot ?? listen(path, at, offset)
+}
+
+/** Why permission events cannot be used here, if they cannot (found once a process). */
+let probed: Promise<string | undefined> | undefined
+
+/**
+ * Whether a listener here sees reads at all: a mark can succeed where no permission event ever comes (a file
+ * system that does not deliver them), and a test would then wait for a write that never happens.
+ */
+const probe = async (): Promise<string | undefined> => {
+  const dir = await Fs.mkdtemp(Path.join(Os.tmpdir(), "emfd-fanotify-"))
+  try {
+    const file = Path.join(dir, "probe")
+    await Fs.writeFile(file, Buffer.alloc(4096, 0x5a))
+    const writer = await listen(file, 1, 0)
+    if (typeof writer === "string") return writer
+    try {
+      await Fs.readFile(file)
+      const changed = await Promise.race([
+        writer.changed.then(() => true, () => false),
+        new Promise<boolean>((resolve) => setTimeout(() => resolve(false), 5000).unref())
+      ])
+      return changed ? undefined : "fanotify delivers no permission event for a read here"
+    } finally {
+      writer.stop()
+    }
+  } finally {
+    await Fs.rm(dir, { recursive: true, force: true })
+  }
+}
+
+const listen = async (path: string, at: number, offset: number): Promise<Writer | string> => {
   const child = ChildProcess.spawn("python3", ["-c", SCRIPT, path, String(at), String(offset)], {
     stdio: ["pipe", "pipe", "pipe"]
   })
