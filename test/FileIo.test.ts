@@ -18,6 +18,31 @@ import { openFilesIn, tempDirectory } from "./support/files.js"
 
 const tempDir = tempDirectory("emfd-fileio-")
 
+/**
+ * Runs `script` (an ES module, in the repository) as nobody (65534:65534, and of group 65533 too), through setpriv:
+ * its stdout, or `exit N: stderr` if it failed; why it cannot run here, if it cannot (needs root and setpriv).
+ */
+const asNobody = (script: string): Effect.Effect<{ readonly output: string } | { readonly cannot: string }> =>
+  Effect.promise(() => {
+    if (process.geteuid?.() !== 0) return Promise.resolve({ cannot: "needs root, to run a writer as another user" })
+    if (ChildProcess.spawnSync("setpriv", ["--version"]).status !== 0) {
+      return Promise.resolve({ cannot: "needs setpriv (util-linux), to run a writer as another user with a second group" })
+    }
+    return new Promise((resolve) => {
+      const nobody = ["--reuid=65534", "--regid=65534", "--groups=65533", "--"]
+      const node = [process.execPath, "--import", "tsx", "--input-type=module", "-e", script]
+      const child = ChildProcess.spawn("setpriv", [...nobody, ...node], {
+        cwd: Path.resolve(import.meta.dirname, ".."),
+        stdio: ["ignore", "pipe", "pipe"]
+      })
+      let text = ""
+      let errors = ""
+      child.stdout.on("data", (chunk) => (text += chunk))
+      child.stderr.on("data", (chunk) => (errors += chunk))
+      child.on("close", (code) => resolve({ output: code === 0 ? text : `exit ${code}: ${errors}` }))
+    })
+  })
+
 describe("FileIo.atomicFile", () => {
   it.scopedLive("the target is replaced only by a committed file; uncommitted or interrupted, nothing is left beside it", () =>
     Effect.gen(function*() {
@@ -96,9 +121,6 @@ describe("FileIo.atomicFile", () => {
   // 0640 of group nogroup (or users, every user's on many systems), readable by that whole group
   it.scopedLive("a replaced file whose group cannot be kept: the new group has no more than everyone else", (ctx) =>
     Effect.gen(function*() {
-      if (process.geteuid?.() !== 0) return ctx.skip("needs root, to run a writer as another user")
-      const setpriv = ChildProcess.spawnSync("setpriv", ["--version"])
-      if (setpriv.status !== 0) return ctx.skip("needs setpriv (util-linux), to run a writer as another user with a second group")
       const dir = yield* tempDir
       Fs.chmodSync(dir, 0o755)
       const shared = Path.join(dir, "shared")
@@ -120,20 +142,9 @@ describe("FileIo.atomicFile", () => {
         for (const target of ${JSON.stringify(targets)}) {
           await Effect.runPromise(Effect.scoped(Effect.flatMap(FileIo.atomicFile(target), (file) => file.commit)))
         }`
-      const stderr = yield* Effect.promise(() =>
-        new Promise<string>((resolve) => {
-          const asNobody = ["--reuid=65534", "--regid=65534", "--groups=65533", "--"]
-          const node = [process.execPath, "--import", "tsx", "--input-type=module", "-e", script]
-          const child = ChildProcess.spawn("setpriv", [...asNobody, ...node], {
-            cwd: Path.resolve(import.meta.dirname, ".."),
-            stdio: ["ignore", "ignore", "pipe"]
-          })
-          let text = ""
-          child.stderr.on("data", (chunk) => (text += chunk))
-          child.on("close", (code) => resolve(code === 0 ? "" : `exit ${code}: ${text}`))
-        })
-      )
-      expect(stderr).toBe("")
+      const run = yield* asNobody(script)
+      if ("cannot" in run) return ctx.skip(run.cannot)
+      expect(run.output).toBe("")
       const after = targets.map((target) => {
         const stat = Fs.statSync(target)
         return [Path.basename(target), stat.uid, stat.gid, stat.size, (stat.mode & 0o777).toString(8)]
@@ -150,9 +161,6 @@ describe("FileIo.atomicFile", () => {
   // and the rename over it failed, "permission denied", after a whole migration
   it.scopedLive("another user's file in a sticky directory that is not world-writable (a group's, 1770) is refused up front", (ctx) =>
     Effect.gen(function*() {
-      if (process.geteuid?.() !== 0) return ctx.skip("needs root, to run a writer as another user")
-      const setpriv = ChildProcess.spawnSync("setpriv", ["--version"])
-      if (setpriv.status !== 0) return ctx.skip("needs setpriv (util-linux), to run a writer as another user with a second group")
       const dir = yield* tempDir
       Fs.chmodSync(dir, 0o755)
       const shared = Path.join(dir, "team")
@@ -170,22 +178,9 @@ describe("FileIo.atomicFile", () => {
         const result = await Effect.runPromise(Effect.either(Effect.scoped(Effect.flatMap(FileIo.atomicFile(target), (file) => file.commit))))
         const error = result._tag === "Left" ? result.left : undefined
         process.stdout.write(JSON.stringify(error === undefined ? "replaced" : [error.step, error.step === "Unsafe" ? FileIo.describeUnsafe(target, error) : FileIo.describe(error.cause)]))`
-      const stdout = yield* Effect.promise(() =>
-        new Promise<string>((resolve) => {
-          const asNobody = ["--reuid=65534", "--regid=65534", "--groups=65533", "--"]
-          const node = [process.execPath, "--import", "tsx", "--input-type=module", "-e", script]
-          const child = ChildProcess.spawn("setpriv", [...asNobody, ...node], {
-            cwd: Path.resolve(import.meta.dirname, ".."),
-            stdio: ["ignore", "pipe", "pipe"]
-          })
-          let text = ""
-          let errors = ""
-          child.stdout.on("data", (chunk) => (text += chunk))
-          child.stderr.on("data", (chunk) => (errors += chunk))
-          child.on("close", (code) => resolve(code === 0 ? text : `exit ${code}: ${errors}`))
-        })
-      )
-      expect(JSON.parse(stdout)).toEqual([
+      const run = yield* asNobody(script)
+      if ("cannot" in run) return ctx.skip(run.cannot)
+      expect(JSON.parse(run.output)).toEqual([
         "Unsafe",
         `not replacing it: another user's file in the sticky directory ${shared}, where none but its owner (or the ` +
           "directory's) may replace it"

@@ -78,6 +78,23 @@ const tlsFixture = (name: string) => fileURLToPath(new URL(`./fixtures/tls/${nam
 const noHang = <A, E, R>(self: Effect.Effect<A, E, R>, what: string, seconds = 10) =>
   Effect.timeoutFail(self, { duration: `${seconds} seconds`, onTimeout: () => new Error(`hung: ${what}`) })
 
+/**
+ * A migration into `ram` that waits for its source (it holds the memory from its start to its end): its fiber, once
+ * it is accepting.
+ */
+const receivingInto = (ram: GuestRam.GuestRam["Type"]) =>
+  Effect.gen(function*() {
+    const listener = yield* Transport.listen({ _tag: "Tcp", host: "127.0.0.1", port: 0 })
+    const waiting = yield* Deferred.make<void>()
+    const watched: Transport.Listener = {
+      address: listener.address,
+      accept: Effect.zipRight(Deferred.succeed(waiting, undefined), listener.accept)
+    }
+    const into = yield* Effect.fork(Migration.incoming(watched, { ram }))
+    yield* Deferred.await(waiting)
+    return into
+  })
+
 /** A handler that allocates the announced blocks and counts the flushes. */
 const countingHandler = () => {
   const seen = { flushes: 0, ramEnding: 0, ramEnded: 0, commands: [] as Array<string>, ram: undefined as GuestRam.GuestRam["Type"] | undefined }
@@ -1832,14 +1849,7 @@ describe("QemuOutgoing: a VM into a QEMU destination (here QemuIncoming, which a
     expectNoLeaks(Effect.scoped(Effect.gen(function*() {
       const vm = yield* capturedVm
       const dir = yield* tempDirectory("emfd-vm-busy-")
-      const listener = yield* Transport.listen({ _tag: "Tcp", host: "127.0.0.1", port: 0 })
-      const waiting = yield* Deferred.make<void>()
-      const watched: Transport.Listener = {
-        address: listener.address,
-        accept: Effect.zipRight(Deferred.succeed(waiting, undefined), listener.accept)
-      }
-      const into = yield* Effect.fork(Migration.incoming(watched, { ram: vm.ram }))
-      yield* Deferred.await(waiting)
+      const into = yield* receivingInto(vm.ram)
       // its pages went on being written into the memory while the file took them: QEMU resumed a VM of pages from two
       // memories (a mapped-ram file carries no digest)
       const path = Path.join(dir, "guest.vm")
@@ -1858,14 +1868,7 @@ describe("QemuOutgoing: a VM into a QEMU destination (here QemuIncoming, which a
     expectNoLeaks(Effect.scoped(Effect.gen(function*() {
       const vm = yield* capturedVm
       // a migration into the VM's memory, waiting for its source: it holds the memory from its start to its end
-      const listener = yield* Transport.listen({ _tag: "Tcp", host: "127.0.0.1", port: 0 })
-      const waiting = yield* Deferred.make<void>()
-      const watched: Transport.Listener = {
-        address: listener.address,
-        accept: Effect.zipRight(Deferred.succeed(waiting, undefined), listener.accept)
-      }
-      const into = yield* Effect.fork(Migration.incoming(watched, { ram: vm.ram }))
-      yield* Deferred.await(waiting)
+      const into = yield* receivingInto(vm.ram)
       // its pages would have been written past the memory's gate while the channels sent it, and QEMU verifies
       // nothing: QEMU had resumed a VM of pages from two memories
       const dst = yield* destination({ channels: 3, vm: true })
