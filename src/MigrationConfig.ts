@@ -15,6 +15,7 @@
  * | `MULTIFD_MAX_RAM` | the largest memory a source may make a destination allocate |
  * | `MULTIFD_ACCEPT_TIMEOUT` | how long a destination waits for a source |
  * | `MULTIFD_MAX_BANDWIDTH` | the source's bandwidth limit (`100M` is 100 MiB/s, `0` none: `Bandwidth.parse`) |
+ * | `MULTIFD_RECONNECT` | how many times a source connects a lost multifd channel again |
  *
  * Durations are written `30s`, `500ms`, `2m`, `1h` or as plain seconds; sizes as bytes or `512M`, `16G`. A bad
  * value is one error naming its variable (`MULTIFD_CHANNELS: must be between 1 and 255, not 0`): a
@@ -304,6 +305,32 @@ export const config: Config.Config<Settings> = Config.all({
       : Either.left(Field.invalid(["MULTIFD", "COMPRESSION_LEVEL"], problem))
   })
 )
+
+/**
+ * The variables `config` reads (`Tls.layerConfig` reads `MULTIFD_TLS_*` besides), for a program that wants to
+ * tell a misspelt one: `multifd` warns of any other `MULTIFD_` variable.
+ *
+ * @since 0.1.0
+ * @category config
+ */
+export const variables: ReadonlyArray<string> = [
+  "CHANNELS",
+  "PAGE_SIZE",
+  "COMPRESSION",
+  "COMPRESSION_LEVEL",
+  "ZERO_PAGE",
+  "TIMEOUT",
+  "CONNECT_TIMEOUT",
+  "HANDSHAKE_TIMEOUT",
+  "DOWNTIME_LIMIT",
+  "MAX_ROUNDS",
+  "MAX_DURATION",
+  "ON_NO_CONVERGENCE",
+  "MAX_RAM",
+  "ACCEPT_TIMEOUT",
+  "MAX_BANDWIDTH",
+  "RECONNECT"
+].map((name) => `MULTIFD_${name}`)
 
 /**
  * A `ConfigError` as one line naming the variable: `MULTIFD_CHANNELS: must be between 1 and 255, not 0`.

@@ -6,6 +6,7 @@
  */
 import * as Effect from "effect/Effect"
 import * as Either from "effect/Either"
+import * as Logger from "effect/Logger"
 import * as Option from "effect/Option"
 import * as TestClock from "effect/TestClock"
 import * as TestContext from "effect/TestContext"
@@ -23,9 +24,10 @@ import * as Options from "../src/cli/options.js"
 import * as Image from "../src/cli/image.js"
 import * as Progress from "../src/cli/progress.js"
 import * as Report from "../src/cli/report.js"
-import { wantsThreads } from "../src/cli/settings.js"
+import { wantsThreads, warnUnknownVariables } from "../src/cli/settings.js"
 import * as Terminal from "../src/cli/terminal.js"
 import * as Control from "../src/Control.js"
+import * as MigrationConfig from "../src/MigrationConfig.js"
 import type * as Migration from "../src/Migration.js"
 import {
   killChildren,
@@ -865,6 +867,21 @@ describe("multifd failures", () => {
       const after = await runHere(args)
       expect({ args, code: after.code, stdout: after.stdout }).toEqual({ args, code: 0, stdout: `multifd ${Cli.VERSION}\n` })
     }
+    // with --json, a JSON object as every other answer to a script (it printed the text line)
+    for (const args of [["--version", "--json"], ["send", "--json", "--version"]]) {
+      const json = await runHere(args)
+      expect({ args, code: json.code, stdout: JSON.parse(json.stdout) }).toEqual({ args, code: 0, stdout: { name: "multifd", version: Cli.VERSION } })
+    }
+    expect((await runHere(["--version", "--json=false"])).stdout).toBe(`multifd ${Cli.VERSION}\n`)
+  })
+
+  it("multifd --help send and --help recv show that command's page, as send --help does (it showed the overview)", async () => {
+    for (const command of ["send", "recv"]) {
+      const asked = await runHere(["--help", command])
+      expect(asked.code).toBe(0)
+      expect(asked.stdout).toBe((await runHere([command, "--help"])).stdout)
+    }
+    expect((await runHere(["--help", "send"])).stdout).toContain("--in FILE")
   })
 
   it("parse errors: one line with the multifd: error: prefix, naming the flag; a flag of the other command says so", async () => {
@@ -901,6 +918,9 @@ describe("multifd failures", () => {
       [["send", "--in", image, "-x", "tcp:127.0.0.1:1"], "multifd: error: unknown flag -x"],
       // short switches run together: it said "did you mean --vm?"
       [["send", "tcp:127.0.0.1:1", "--in", image, "-qv"], "multifd: error: unknown flag -qv (did you mean -q -v?)"],
+      // one asks for errors only, the other for every event: it took both, and --verbose won
+      [["send", "tcp:127.0.0.1:1", "--in", image, "-q", "-v"], "multifd: error: --quiet and --verbose ask for opposite things: give one"],
+      [["recv", "tcp:127.0.0.1:0", "--out", "x.img", "--verbose", "--quiet"], "multifd: error: --quiet and --verbose ask for opposite things: give one"],
       [["send", "--in", image, "--in", image, "tcp:127.0.0.1:1"], "multifd: error: --in given more than once"],
       [["send", "--in", image, `--in=${image}`, "tcp:127.0.0.1:1"], "multifd: error: --in given more than once"],
       [["send", "--tls-authz", "alice", "--in", image, "tcp:127.0.0.1:1"], "multifd: error: --tls-authz is a recv option"],
@@ -1382,6 +1402,41 @@ describe("observability and configuration", () => {
       const json = await run(["send", uri, "--in", image, "--json"], { env: { MULTIFD_CHANNELS: "many" } })
       expect(json.code).toBe(2)
       expect(JSON.parse(json.stdout).error.message).toBe(`MULTIFD_CHANNELS: "many" is not an integer`)
+      expect(server.connections()).toBe(0)
+    } finally {
+      await server.close()
+    }
+  })
+
+  it("a MULTIFD_ variable that nothing reads is named in a warning, with the one it is closest to (a typo was ignored in silence)", async () => {
+    const server = await countingServer()
+    try {
+      const uri = `tcp:127.0.0.1:${server.port}`
+      const missing = Path.join(dir, "missing.img")
+      const result = await run(["send", uri, "--in", missing], { env: { MULTIFD_CHANELS: "8", MULTIFD_COLOUR: "1" } })
+      expect({ code: result.code, stderr: lines(result.stderr) }).toEqual({
+        code: 2,
+        stderr: [
+          "multifd: warning: MULTIFD_CHANELS is set, but no setting of multifd has that name: ignored (did you mean MULTIFD_CHANNELS?)",
+          "multifd: warning: MULTIFD_COLOUR is set, but no setting of multifd has that name: ignored",
+          `multifd: error: ${missing}: cannot open the image: no such file or directory`
+        ]
+      })
+      // recv warns too; --quiet leaves only errors; every variable the library reads is known
+      const recv = await run(["recv", "tcp:127.0.0.1:0", "--out", Path.join(dir, "never.img"), "--channels", "0"], {
+        env: { MULTIFD_MAXRAM: "1G" }
+      })
+      expect(lines(recv.stderr)[0]).toBe(
+        "multifd: warning: MULTIFD_MAXRAM is set, but no setting of multifd has that name: ignored (did you mean MULTIFD_MAX_RAM?)"
+      )
+      const quiet = await run(["send", uri, "--in", missing, "--quiet"], { env: { MULTIFD_CHANELS: "8" } })
+      expect(lines(quiet.stderr)).toEqual([`multifd: error: ${missing}: cannot open the image: no such file or directory`])
+      const warned: Array<unknown> = []
+      const known = Object.fromEntries(MigrationConfig.variables.map((name) => [name, "1"]))
+      await Effect.runPromise(warnUnknownVariables({ ...known, MULTIFD_TLS_PSK: "k", MULTIFD_X: "1" }).pipe(
+        Effect.provide(Logger.replace(Logger.defaultLogger, Logger.make(({ message }) => void warned.push(message))))
+      ))
+      expect(warned).toEqual([["MULTIFD_X is set, but no setting of multifd has that name: ignored"]])
       expect(server.connections()).toBe(0)
     } finally {
       await server.close()

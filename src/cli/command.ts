@@ -155,12 +155,16 @@ const early = (
   const width = (stream: NodeJS.WriteStream) => Help.widthFor(stream.isTTY ? stream.columns : undefined)
   if (options.some((a) => HELP_FLAGS.has(a))) {
     const w = width(process.stdout)
-    const text = subcommand === "send" ? sendHelp(w) : subcommand === "recv" ? recvHelp(w) : overview(w)
+    // `multifd --help send` asks for send's page as `multifd send --help` does
+    const page = subcommand ?? options.find((a) => COMMANDS.has(a))
+    const text = page === "send" ? sendHelp(w) : page === "recv" ? recvHelp(w) : overview(w)
     return { stdout: { text, what: "the help" }, code: ExitCode.Ok }
   }
   // after a subcommand too: @effect/cli printed the bare number there
   if (options.includes("--version")) {
-    return { stdout: { text: `${NAME} ${VERSION}\n`, what: "the version" }, code: ExitCode.Ok }
+    // with --json, for a script as every other answer: {"name":"multifd","version":"0.1.0"}
+    const text = wantsJson(options) ? JSON.stringify({ name: NAME, version: VERSION }) : `${NAME} ${VERSION}`
+    return { stdout: { text: `${text}\n`, what: "the version" }, code: ExitCode.Ok }
   }
   if (args.length === 0) return { stderr: overview(width(process.stderr)), code: ExitCode.Usage }
   return undefined

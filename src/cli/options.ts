@@ -474,7 +474,12 @@ export const reporting: Options.Options<Reporting> = Options.all({
         "sync, close."
     )
   )
-})
+}).pipe(
+  // one asks for nothing but errors, the other for every event: which was meant cannot be told
+  Options.mapEffect((r) =>
+    r.quiet && r.verbose ? Effect.fail(invalid("--quiet and --verbose ask for opposite things: give one")) : Effect.succeed(r)
+  )
+)
 
 // ---------------------------------------------------------------------------------------------------------
 // TLS

@@ -25,7 +25,7 @@ import * as Options from "./options.js"
 import * as Progress from "./progress.js"
 import * as Log from "./log.js"
 import * as Report from "./report.js"
-import { checkCompression, environment, timeoutsOf, tlsOf, warnUnverifiedQemu } from "./settings.js"
+import { checkCompression, environment, timeoutsOf, tlsOf, warnUnknownVariables, warnUnverifiedQemu } from "./settings.js"
 import * as Terminal from "./terminal.js"
 
 /** The line that tells scripts (and tests) where recv listens, printed on stderr as soon as it does. */
@@ -46,6 +46,7 @@ export const command = Command.make(
   ({ output, reporting, timing, tls: tlsFlags, transfer, uri }) =>
     Effect.scoped(Effect.gen(function*() {
       const terminal = yield* Terminal.Terminal
+      yield* warnUnknownVariables()
       const tls = yield* tlsOf(tlsFlags, "recv", uri, timing, output.fromQemu ? "qemu" : "snapshot")
       if (output.fromQemu) {
         // a file QEMU wrote says what it holds: QEMU's channel count and compression are not in it (its mapped-ram

@@ -17,7 +17,7 @@ import * as Options from "./options.js"
 import * as Progress from "./progress.js"
 import * as Log from "./log.js"
 import * as Report from "./report.js"
-import { channelThreads, checkCompression, environment, timeoutsOf, tlsOf } from "./settings.js"
+import { channelThreads, checkCompression, environment, timeoutsOf, tlsOf, warnUnknownVariables } from "./settings.js"
 import * as ToQemu from "./toQemu.js"
 
 /** The name of the one block an image file becomes. */
@@ -41,6 +41,7 @@ export const command = Command.make(
   },
   ({ input: inputFlag, qemu, reporting, resilience, timing, tls: tlsFlags, transfer, uri }) =>
     Effect.gen(function*() {
+      yield* warnUnknownVariables()
       // the flags the command line gave (their variables are no reason to refuse a command they do not fit)
       const given = resilience.given ? new Set([...transfer.given, "--reconnect"]) : transfer.given
       // with a method, the migration checks the level against it; without one, only that some method has it

@@ -4,6 +4,8 @@
  *
  * @since 0.1.0
  */
+import * as AutoCorrect from "@effect/cli/AutoCorrect"
+import * as CliConfig from "@effect/cli/CliConfig"
 import * as Config from "effect/Config"
 import * as Effect from "effect/Effect"
 import * as Either from "effect/Either"
@@ -45,6 +47,26 @@ export const environment: Layer.Layer<MigrationConfig.MigrationConfig, UsageErro
     acceptTimeout: optional(MigrationConfig.acceptTimeout)
   }).pipe(Effect.mapError((error) => new UsageError({ detail: MigrationConfig.describeError(error) })))
 )
+
+/**
+ * Warns of each `MULTIFD_` variable in `env` that nothing reads (`MigrationConfig.variables`; `MULTIFD_TLS_*` are
+ * refused by `tlsOf`), naming the one it is closest to: a misspelt `MULTIFD_CHANELS=8` migrated over the default
+ * two channels in silence.
+ */
+export const warnUnknownVariables = (env: NodeJS.ProcessEnv = process.env): Effect.Effect<void> => {
+  const known = MigrationConfig.variables
+  const config = CliConfig.make({})
+  const unknown = Object.keys(env)
+    .filter((name) => name.startsWith("MULTIFD_") && !name.startsWith("MULTIFD_TLS_") && !known.includes(name))
+    .sort()
+  return Effect.forEach(unknown, (name) => {
+    const [closest] = known
+      .map((k) => [k, AutoCorrect.levensteinDistance(name, k, config)] as const)
+      .sort((a, b) => a[1] - b[1])
+    const hint = closest !== undefined && closest[1] <= 2 ? ` (did you mean ${closest[0]}?)` : ""
+    return Effect.logWarning(`${name} is set, but no setting of multifd has that name: ignored${hint}`)
+  }, { discard: true })
+}
 
 /**
  * The TLS service the flags ask for, if any: flags that do not fit together, or TLS to a `file:` address (a
