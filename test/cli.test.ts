@@ -264,24 +264,67 @@ describe("multifd over TLS", () => {
     expect(Fs.readFileSync(out).equals(Fs.readFileSync(image))).toBe(true)
   })
 
-  it("recv --from-qemu with x509 and no client check warns that QEMU's channels are not tied to a verified client (QEMU's destination checks them by default); --tls-verify-peer, --tls-authz or PSK: no warning", async () => {
-    const server = ["--tls-ca", tlsFile("ca-cert.pem"), "--tls-cert", tlsFile("server-cert.pem"), "--tls-key", tlsFile("server-key.pem")]
+  it("recv --from-qemu with x509 and no --tls-ca warns that QEMU's channels are not tied to a verified client (QEMU's destination checks them by default); --tls-ca or PSK: no warning", async () => {
+    const own = ["--tls-cert", tlsFile("server-cert.pem"), "--tls-key", tlsFile("server-key.pem")]
     // the warning comes before the listening line (a child: the command's log lines go to its stderr)
     const recv = async (...more: Array<string>) => {
       const running = await startRecv(["tcp:127.0.0.1:0", "--from-qemu", "--channels", "2", "--out", Path.join(dir, "never-qemu.out"), ...more])
       running.child.kill("SIGTERM")
       await running.finished
-      return lines(running.stderr()).filter((line) => line.includes("--from-qemu without --tls-verify-peer"))
+      return lines(running.stderr()).filter((line) => line.includes("--from-qemu without --tls-ca"))
     }
-    expect(await recv(...server)).toEqual([
-      "multifd: warning: --from-qemu without --tls-verify-peer: QEMU's client certificate is not checked (QEMU's own " +
-      "destination checks it by default), and QEMU's channels carry no secret: any peer that reaches the port and speaks " +
-      "TLS could send this migration a channel of its own; give --tls-verify-peer (QEMU's tls-creds-x509 on the source " +
-      "then needs client-cert.pem)"
+    expect(await recv(...own)).toEqual([
+      "multifd: warning: --from-qemu without --tls-ca: QEMU's client certificate is not checked (QEMU's own destination " +
+      "checks it by default), and QEMU's channels carry no secret: any peer that reaches the port and speaks TLS could " +
+      "send this migration a channel of its own; give --tls-ca, the CA of QEMU's client certificate (its tls-creds-x509 " +
+      "directory then needs client-cert.pem)"
     ])
-    for (const more of [[...server, "--tls-verify-peer"], [...server, "--tls-authz", "alice"], ["--tls-psk", tlsFile("keys.psk")]]) {
+    const ca = ["--tls-ca", tlsFile("ca-cert.pem")]
+    for (const more of [[...own, ...ca], [...own, ...ca, "--tls-verify-peer"], [...own, ...ca, "--tls-authz", "alice"], ["--tls-psk", tlsFile("keys.psk")]]) {
       expect({ more, warned: await recv(...more) }).toEqual({ more, warned: [] })
     }
+  })
+
+  it("recv --tls-ca verifies its clients, as QEMU's verify-peer (it took any client): no certificate, a foreign or a self-signed one refused, each said in one line; alice migrates; without --tls-ca any client is taken", async () => {
+    const server = ["--tls-ca", tlsFile("ca-cert.pem"), "--tls-cert", tlsFile("server-cert.pem"), "--tls-key", tlsFile("server-key.pem")]
+    const ca = ["--tls-ca", tlsFile("ca-cert.pem")]
+    const out = Path.join(dir, "verified.out")
+    const recv = await startRecv(["tcp:127.0.0.1:0", "--out", out, ...server])
+    // no certificate: the source is told what to give
+    const none = await run(["send", recv.uri, "--in", image, ...ca, "--tls-hostname", "localhost"])
+    expect({ code: none.code, stderr: lines(none.stderr) }).toEqual({
+      code: 1,
+      stderr: [
+        "multifd: error: the destination requires a client certificate (TLS alert: certificate required) and this source " +
+        "presented none: give it a certificate and key its CA issued (TlsConfig cert and key; multifd send --tls-cert and --tls-key)"
+      ]
+    })
+    await waitForStderr(recv, /peer did not return a certificate/)
+    // a certificate of another CA, or signed by itself (an expired one is refused by send itself, at load)
+    for (const who of ["other-ca-alice", "selfsigned-alice"]) {
+      const refused = await run(["send", recv.uri, "--in", image, ...ca, "--tls-hostname", "localhost", "--tls-cert", tlsFile(`${who}-cert.pem`), "--tls-key", tlsFile(`${who}-key.pem`)])
+      expect({ who, code: refused.code }).toEqual({ who, code: 1 })
+      expect(lines(refused.stderr)).toEqual([expect.stringMatching(/it most likely refused this source's certificate CN=alice/)])
+      noStack(refused.stderr)
+    }
+    expect(lines(recv.stderr()).filter((line) => line.includes("rejected a connection"))).toEqual([
+      expect.stringMatching(/peer did not return a certificate$/),
+      expect.stringMatching(/client certificate CN=alice is not trusted: issued by CN=other test CA, not by a trusted CA$/),
+      expect.stringMatching(/client certificate CN=alice is not trusted: self-signed certificate$/)
+    ])
+    expect(recv.child.exitCode).toBeNull()
+    const alice = await run(["send", recv.uri, "--in", image, ...ca, "--tls-hostname", "localhost", "--tls-cert", tlsFile("alice-cert.pem"), "--tls-key", tlsFile("alice-key.pem")])
+    const received = await recv.finished
+    expect({ send: alice.code, recv: received.code, stderr: alice.stderr + received.stderr }).toMatchObject({ send: 0, recv: 0 })
+    expect(Fs.readFileSync(out).equals(Fs.readFileSync(image))).toBe(true)
+
+    // without --tls-ca a destination has nothing to verify clients against: TLS protects the bytes, any source is taken
+    const open = Path.join(dir, "unverified.out")
+    const anyone = await startRecv(["tcp:127.0.0.1:0", "--out", open, "--tls-cert", tlsFile("server-cert.pem"), "--tls-key", tlsFile("server-key.pem")])
+    const stranger = await run(["send", anyone.uri, "--in", image, ...ca, "--tls-hostname", "localhost"])
+    const taken = await anyone.finished
+    expect({ send: stranger.code, recv: taken.code }).toEqual({ send: 0, recv: 0 })
+    expect(Fs.readFileSync(open).equals(Fs.readFileSync(image))).toBe(true)
   })
 
   it("x509 with client certificates and --tls-authz: alice is admitted, mallory is refused", async () => {
@@ -503,7 +546,10 @@ describe("multifd over TLS", () => {
       [["send", "tcp:127.0.0.1:1", "--in", image, "--tls-psk", tlsFile("keys.psk"), "--tls-crl", tlsFile("ca-crl.pem")], "multifd: error: --tls-crl applies to x509 certificates, not --tls-psk"],
       [["recv", "tcp:127.0.0.1:0", "--out", "x.img", "--tls-psk", tlsFile("keys.psk"), "--tls-crl", tlsFile("ca-crl.pem")], "multifd: error: --tls-crl applies to x509 certificates, not --tls-psk"],
       [["send", "tcp:127.0.0.1:1", "--in", image, "--tls-crl", tlsFile("ca-crl.pem")], "multifd: error: --tls-crl needs --tls-psk or --tls-ca/--tls-cert"],
-      [["recv", "tcp:127.0.0.1:0", "--out", "x.img", ...server, "--tls-crl", tlsFile("ca-crl.pem")], "multifd: error: --tls-crl on recv checks client certificates: give --tls-verify-peer or --tls-authz too"]
+      [
+        ["recv", "tcp:127.0.0.1:0", "--out", "x.img", "--tls-cert", tlsFile("server-cert.pem"), "--tls-key", tlsFile("server-key.pem"), "--tls-crl", tlsFile("ca-crl.pem")],
+        "multifd: error: --tls-crl on recv checks client certificates: give --tls-ca too (the CA that issued them)"
+      ]
     ]
     for (const [args, message] of usage) {
       const result = await runHere(args)

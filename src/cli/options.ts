@@ -506,10 +506,12 @@ const tlsPsk = pathOption("tls-psk").pipe(
   Options.withDescription("TLS with pre-shared keys from FILE in QEMU's keys.psk format: one identity:hexkey a line."),
   Options.optional
 )
-const tlsCa = pem(
-  "tls-ca",
-  "TLS with x509: the CA certificate(s) that verify the peer's certificate (the only CAs trusted: needed to verify one)."
-)
+const tlsCa = (more: string) =>
+  pem(
+    "tls-ca",
+    "TLS with x509: the CA certificate(s) that verify the peer's certificate (the only CAs trusted: needed to verify " +
+      `one)${more}.`
+  )
 const tlsKey = pem("tls-key", "TLS with x509: the private key of --tls-cert.")
 const tlsCrl = (peer: string) =>
   pathOption("tls-crl").pipe(
@@ -540,7 +542,7 @@ export const sendTls: Options.Options<TlsFlags> = Options.all({
     Options.mapEffect(nonEmpty("tls-identity")),
     Options.optional
   ),
-  ca: tlsCa,
+  ca: tlsCa(""),
   hostname: Options.text("tls-hostname").pipe(
     Options.withPseudoName("NAME"),
     Options.withDescription("With x509: the name the destination's certificate must carry (default: the uri's host; required " +
@@ -557,10 +559,13 @@ export const sendTls: Options.Options<TlsFlags> = Options.all({
 /** The destination's TLS flags (as QEMU's tls-creds-* with endpoint=server, verify-peer and tls-authz). */
 export const recvTls: Options.Options<TlsFlags> = Options.all({
   psk: tlsPsk,
-  ca: tlsCa,
+  ca: tlsCa(
+    "; given, every client must present a certificate it issued, as with QEMU's verify-peer (on by default); without " +
+      "it any client is taken"
+  ),
   cert: pem("tls-cert", "TLS with x509: this destination's certificate (required with x509)."),
   key: tlsKey,
-  crl: tlsCrl("with --tls-verify-peer or --tls-authz, a client"),
+  crl: tlsCrl("a client"),
   authz: Options.text("tls-authz").pipe(
     Options.withPseudoName("ID,..."),
     Options.withDescription(
@@ -574,7 +579,7 @@ export const recvTls: Options.Options<TlsFlags> = Options.all({
   verifyPeer: Options.boolean("tls-verify-peer").pipe(
     Options.withDescription(
       "With x509: require a client certificate that chains to --tls-ca, is within its validity period and is " +
-        "for client authentication (implied by --tls-authz)."
+        "for client authentication (implied by --tls-ca on recv, as QEMU's verify-peer, and by --tls-authz)."
     )
   ),
   ciphers: tlsCiphers
@@ -615,8 +620,8 @@ export const tlsConfigOf = (
   if (psk && given(flags.hostname)) return Either.left("--tls-hostname applies to x509 certificates, not --tls-psk")
   if (x509 && given(flags.identity)) return Either.left("--tls-identity applies to --tls-psk, not x509")
   if (psk && given(flags.crl)) return Either.left("--tls-crl applies to x509 certificates, not --tls-psk")
-  if (role === "recv" && given(flags.crl) && !flags.verifyPeer && !given(flags.authz)) {
-    return Either.left("--tls-crl on recv checks client certificates: give --tls-verify-peer or --tls-authz too")
+  if (role === "recv" && given(flags.crl) && !given(flags.ca)) {
+    return Either.left("--tls-crl on recv checks client certificates: give --tls-ca too (the CA that issued them)")
   }
   if (given(flags.cert) !== given(flags.key)) return Either.left("--tls-cert and --tls-key go together")
   if (role === "recv" && x509 && !given(flags.cert)) return Either.left("recv with x509 needs --tls-cert and --tls-key")
@@ -645,7 +650,9 @@ export const tlsConfigOf = (
       const inner = /^\[(.*)\]$/.exec(name)?.[1]
       return inner !== undefined && Transport.isIp(inner) ? inner : name
     })),
-    verifyPeer: flags.verifyPeer ? true : undefined,
+    // a CA given to a destination verifies its clients, as QEMU's tls-creds-x509 (verify-peer, on by default): it
+    // has no other use there, and a destination that took any client while given one looked verified and was not
+    verifyPeer: flags.verifyPeer || (role === "recv" && x509 && given(flags.ca)) ? true : undefined,
     authz: value(authz),
     ciphers: value(flags.ciphers),
     handshakeTimeoutMs: value(Option.map(handshake, Duration.toMillis))

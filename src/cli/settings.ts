@@ -115,18 +115,18 @@ export const tlsOf = (
 }
 
 /**
- * Warns that `recv --from-qemu` with x509 credentials and neither `--tls-verify-peer` nor `--tls-authz` verifies no
- * client: QEMU's own destination (`tls-creds-x509`, `verify-peer` on by default) does, and QEMU's channels carry no
- * secret (its uuid is zeros unless `-uuid` is given), so any peer that reaches the port and speaks TLS can offer
- * the migration a channel of its own before QEMU's. With a verified client every channel must be that client's.
+ * Warns that `recv --from-qemu` with x509 credentials and no `--tls-ca` verifies no client: QEMU's own destination
+ * (`tls-creds-x509`, `verify-peer` on by default) does, and QEMU's channels carry no secret (its uuid is zeros unless
+ * `-uuid` is given), so any peer that reaches the port and speaks TLS can offer the migration a channel of its own
+ * before QEMU's. With a verified client every channel must be that client's.
  */
 export const warnUnverifiedQemu = (settings: Tls.Settings): Effect.Effect<void> =>
   settings.credentials._tag === "X509" && !settings.verifyPeer && settings.authz === undefined
     ? Effect.logWarning(
-      "--from-qemu without --tls-verify-peer: QEMU's client certificate is not checked (QEMU's own destination " +
-        "checks it by default), and QEMU's channels carry no secret: any peer that reaches the port and speaks TLS " +
-        "could send this migration a channel of its own; give --tls-verify-peer (QEMU's tls-creds-x509 on the source " +
-        "then needs client-cert.pem)"
+      "--from-qemu without --tls-ca: QEMU's client certificate is not checked (QEMU's own destination checks it by " +
+        "default), and QEMU's channels carry no secret: any peer that reaches the port and speaks TLS could send this " +
+        "migration a channel of its own; give --tls-ca, the CA of QEMU's client certificate (its tls-creds-x509 " +
+        "directory then needs client-cert.pem)"
     )
     : Effect.void
 

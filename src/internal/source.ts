@@ -144,6 +144,12 @@ export const run = (
             reason: "Rejected",
             // a TLS source that presented a certificate explains such a close itself (Tls.client)
             detail: Conversation.tlsRefusal(error.cause) ??
+              // TLS 1.3: a client learns that its missing certificate was refused only after its handshake
+              (/alert certificate required/.test(error.cause.message)
+                ? "the destination requires a client certificate (TLS alert: certificate required) and this source " +
+                  "presented none: give it a certificate and key its CA issued (TlsConfig cert and key; multifd send --tls-cert " +
+                  "and --tls-key)"
+                : undefined) ??
               `the destination closed the main channel before answering (${error.cause.message}); ` +
                 (settings.upgrade === undefined
                   ? "it may use TLS (this source does not), or not be a multifd destination"
