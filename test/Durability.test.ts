@@ -337,6 +337,23 @@ describe("recv under a file size limit (ulimit -f) below the image", () => {
     expect([received.code, received.stderr.trim().split("\n").at(-1)]).toEqual([1, `multifd: error: refused the migration: ${reason}`])
     expect(Fs.readdirSync(folder)).toEqual([])
   })
+
+  // --vm was not held to the limit: QEMU sent its whole VM (and, without a return path, stopped it for good as
+  // migrated), and only then did recv fail, "cannot write the file: size failed: file too large": a mapped-ram
+  // file gives each block its place, so it is at least as long as the RAM
+  it("recv --from-qemu --vm: refuses QEMU's migration once its blocks are known, saying why; nothing left", async (ctx) => {
+    const probe = ChildProcess.spawnSync("prlimit", ["--fsize=1048576", "true"], { stdio: "pipe" })
+    if (probe.status !== 0) return ctx.skip(`prlimit cannot run here: ${probe.error ?? probe.stderr.toString().trim()}`)
+    const folder = Path.join(dir, "limited-vm")
+    Fs.mkdirSync(folder)
+    const vm = Path.join(folder, "vm.img")
+    const recv = await startRecvUnder(["prlimit", "--fsize=1048576"], ["tcp:127.0.0.1:0", "--from-qemu", "--channels", "2", "--vm", vm])
+    await replayQemu(recv.port)
+    const received = await recv.finished
+    const reason = `${vm}: the VM's file needs 4.00 MiB, and this process may write files of at most 1.00 MiB (ulimit -f)`
+    expect([received.code, received.stderr.trim().split("\n").at(-1)]).toEqual([1, `multifd: error: refused the migration: ${reason}`])
+    expect(Fs.readdirSync(folder)).toEqual([])
+  })
 })
 
 describe("an output in a directory this process may write in but not read (a drop box, mode 0300)", () => {

@@ -335,7 +335,8 @@ export const run = (args: Args) =>
           onProgress,
           vm: args.vm !== undefined,
           // --out and --out-dir write every byte of the blocks: refused now if they will not fit, not after the
-          // whole migration (--vm writes a sparse file, whose size the blocks do not tell)
+          // whole migration. --vm writes a sparse file, whose disk space the blocks do not tell; but each block has
+          // its place in it, so the file is at least as long as they are, which a file size limit (ulimit -f) caps
           admit: (blocks) => {
             const bytes = blocks.reduce((n, block) => n + block.size, 0)
             return single !== undefined
@@ -344,7 +345,7 @@ export const run = (args: Args) =>
               ? notAFile(blocks.map((block) => Path.join(args.outDir!, QemuIncoming.blockFileName(block.name)))) ??
                 Image.beyondFileSizeLimit(args.outDir, Math.max(...blocks.map((b) => b.size)), "a block's file") ??
                 Image.wontFit(args.outDir, args.outDir, bytes)
-              : undefined
+              : Image.beyondFileSizeLimit(args.vm!, bytes, "the VM's file")
           },
           // written before QEMU is told that this side has the VM: a full disk then fails QEMU's migration too
           persist: ({ ram, vm }) => persist(ram, vm)
