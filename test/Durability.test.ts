@@ -408,6 +408,21 @@ describe("an output path that ends with /", () => {
   })
 })
 
+describe("send file:/dev/stdout with stdout a pipe or a socket (| gzip)", () => {
+  // /proc/self/fd/1 reads "socket:[123]" (or "pipe:[123]"), which was followed as a relative name: "cannot create
+  // socket:[123].<pid>.partial beside it: no such file or directory", a file the user never named
+  it("is refused as not a regular file, naming the path given", async () => {
+    const image = Path.join(dir, "stdout.raw")
+    Fs.writeFileSync(image, Crypto.randomBytes(64 * 1024))
+    const save = await run(["send", "file:/dev/stdout", "--in", image]) // its stdout a pipe of this process
+    expect([save.code, save.stderr.trim(), save.stdout]).toEqual([
+      2,
+      "multifd: error: snapshot /dev/stdout: exists and is not a regular file",
+      ""
+    ])
+  })
+})
+
 describe("send file: onto a file system that fills up", () => {
   it("fails in one line naming the snapshot (exit 1): no temporary file, the older snapshot untouched", async (ctx) => {
     const image = Path.join(dir, "full.raw")

@@ -671,6 +671,11 @@ export const atomicFile = (
       return yield* new FileError({ step: "Create", path: given, cause })
     }
     const target = yield* followLinks(given)
+    // a link the kernel follows to something that has no path (/dev/stdout on a pipe or a socket: /proc/self/fd/1
+    // reads "pipe:[123]"), which `followLinks` took for a relative name: it was refused as a missing directory,
+    // "cannot create pipe:[123].<pid>.partial beside it: no such file or directory"
+    const reached = yield* Effect.promise(() => FsP.stat(given).catch(() => undefined))
+    if (reached !== undefined && !reached.isFile()) return yield* new FileError({ step: "NotRegular", path: given })
     const path = temporaryOf(target, process.pid)
     const key = Path.resolve(path)
     for (const name of yield* removeStale(target)) {
