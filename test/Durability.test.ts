@@ -15,9 +15,9 @@ import * as Effect from "effect/Effect"
 import { inject } from "vitest"
 import * as GuestRam from "../src/GuestRam.js"
 import * as Snapshot from "../src/Snapshot.js"
-import { killChildren, ROOT, run, runHere, runRecvHereUntilListening } from "./support/cli.js"
+import { killChildren, ROOT, run, runHere, runRecvHereUntilListening, startRecv } from "./support/cli.js"
 import { writeAtRead } from "./support/fanotify.js"
-import { onTmpfs } from "./support/files.js"
+import { onExt4, onTmpfs } from "./support/files.js"
 
 const FIXTURES = new URL("./fixtures/qemu-10.0.2/", import.meta.url)
 const fixture = (path: string): Buffer => Fs.readFileSync(new URL(path, FIXTURES))
@@ -405,6 +405,35 @@ describe("an output path that ends with /", () => {
     const saved = await Effect.runPromise(Effect.flip(Snapshot.save(out).pipe(Effect.provideService(GuestRam.GuestRam, ram))))
     expect(saved.message).toBe(`snapshot ${out}: cannot create it: the path ends with /, which names a directory, not a file`)
     expect(Fs.readdirSync(dir).filter((n) => n.startsWith("slash"))).toEqual([])
+  })
+})
+
+describe("recv --out on a file system remounted read-only once recv listens (after an error, errors=remount-ro)", () => {
+  // the temporary file could not be removed, and that was dropped in silence: the user heard "read-only file
+  // system" and came across OUT.<pid>.partial later, not knowing whose or what it was
+  it("fails saying so, and says which unfinished file it had to leave behind; the older image untouched", async (ctx) => {
+    const image = Path.join(dir, "ro-midway.raw")
+    Fs.writeFileSync(image, Crypto.randomBytes(1024 * 1024))
+    const mount = Path.join(dir, "ro-midway")
+    await onExt4(ctx, mount, async (sysfs) => {
+      const out = Path.join(mount, "o.img")
+      Fs.writeFileSync(out, "older")
+      const recv = await startRecv(["tcp:127.0.0.1:0", "--out", out])
+      const partial = `${out}.${recv.child.pid}.partial`
+      expect(Fs.existsSync(partial)).toBe(true)
+      Fs.writeFileSync(Path.join(sysfs, "trigger_fs_error"), "a test error")
+      const send = await run(["send", recv.uri, "--in", image])
+      const received = await recv.finished
+      const why = `${out}: cannot write the image: read-only file system`
+      expect([send.code, send.stderr.trim()]).toEqual([1, `multifd: error: the destination could not store the image: ${why}`])
+      expect([received.code, received.stderr.trim().split("\n").slice(-2)]).toEqual([1, [
+        `multifd: warning: left ${partial} behind, an unfinished file: cannot remove it: read-only file system (remove it, ` +
+          "or the next command that writes o.img will)",
+        `multifd: error: ${why}`
+      ]])
+      expect(Fs.readdirSync(mount).sort()).toEqual(["lost+found", "o.img", Path.basename(partial)])
+      expect(Fs.readFileSync(out, "utf8")).toBe("older")
+    })
   })
 })
 

@@ -66,3 +66,43 @@ export const onTmpfs = async (
     ChildProcess.execFileSync("umount", [mountpoint])
   }
 }
+
+/**
+ * Runs `body` with a fresh 16 MiB ext4 file system (in a file under `dir`, loop-mounted with errors=remount-ro) at
+ * `mountpoint`, unmounted and its file removed after it whatever happens; `body` gets the path of its ext4 sysfs
+ * directory (`trigger_fs_error` there makes the kernel remount it read-only, as after a real error). Skips the test
+ * (saying why) where that cannot be done (it needs root, loop devices and mkfs.ext4).
+ */
+export const onExt4 = async (
+  ctx: { readonly skip: (note: string) => void },
+  mountpoint: string,
+  body: (sysfs: string) => Promise<void>
+): Promise<void> => {
+  const image = `${mountpoint}.ext4`
+  Fs.mkdirSync(mountpoint, { recursive: true })
+  Fs.writeFileSync(image, "")
+  Fs.truncateSync(image, 16 * 1024 * 1024)
+  const step = (command: string, args: ReadonlyArray<string>): string | undefined => {
+    try {
+      ChildProcess.execFileSync(command, args, { stdio: "pipe" })
+      return undefined
+    } catch (error) {
+      const stderr = (error as { stderr?: Buffer }).stderr?.toString().trim()
+      return `${command}: ${stderr !== undefined && stderr.length > 0 ? stderr : String(error)}`
+    }
+  }
+  const why = step("mkfs.ext4", ["-q", "-F", image]) ?? step("mount", ["-o", "loop,errors=remount-ro", image, mountpoint])
+  if (why !== undefined) {
+    Fs.rmSync(image, { force: true })
+    return ctx.skip(`cannot mount an ext4 file system here (needs root and loop devices): ${why}`)
+  }
+  try {
+    const device = ChildProcess.execFileSync("findmnt", ["-n", "-o", "SOURCE", mountpoint], { encoding: "utf8" }).trim()
+    const sysfs = Path.join("/sys/fs/ext4", Path.basename(device))
+    if (!Fs.existsSync(Path.join(sysfs, "trigger_fs_error"))) return ctx.skip(`${sysfs}/trigger_fs_error is missing here`)
+    await body(sysfs)
+  } finally {
+    ChildProcess.execFileSync("umount", [mountpoint])
+    Fs.rmSync(image, { force: true })
+  }
+}

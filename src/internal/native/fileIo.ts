@@ -774,14 +774,27 @@ export const atomicFile = (
       }),
       (handle) =>
         Effect.flatMap(Ref.get(committed), (done) =>
-          Effect.promise(async () => {
-            // removed before the close, which waits for an fsync under way (seconds for a big image); a file of
-            // another process at its name is that process's
-            const at = removal(temporary)
-            if (!done && await whose(temporary, at) === "ours") await FsP.rm(at, { force: true }).catch(() => undefined)
-            temporaries.delete(key)
-            await handle.close().catch(() => undefined)
-          }))
+          Effect.flatMap(
+            Effect.promise(async () => {
+              // removed before the close, which waits for an fsync under way (seconds for a big image); a file of
+              // another process at its name is that process's
+              const at = removal(temporary)
+              let kept: { readonly cause: unknown } | undefined
+              if (!done && await whose(temporary, at) === "ours") {
+                await FsP.rm(at, { force: true }).catch((cause: unknown) => (kept = { cause }))
+              }
+              temporaries.delete(key)
+              await handle.close().catch(() => undefined)
+              return kept
+            }),
+            // one that cannot be removed (its file system remounted read-only after an error) stays: said, with its
+            // name, rather than left for the user to come across
+            (kept) =>
+              kept === undefined ? Effect.void : Effect.logWarning(
+                `left ${path} behind, an unfinished file: cannot remove it: ${describe(kept.cause)} (remove it, or ` +
+                  `the next command that writes ${Path.basename(target)} will)`
+              )
+          ))
     )
     const failed = (step: Step) => (cause: unknown) => new FileError({ step, path, cause })
     if (existing !== undefined) {
