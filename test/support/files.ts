@@ -68,20 +68,22 @@ export const onTmpfs = async (
 }
 
 /**
- * Runs `body` with a fresh 16 MiB ext4 file system (in a file under `dir`, loop-mounted with errors=remount-ro) at
- * `mountpoint`, unmounted and its file removed after it whatever happens; `body` gets the path of its ext4 sysfs
- * directory (`trigger_fs_error` there makes the kernel remount it read-only, as after a real error). Skips the test
- * (saying why) where that cannot be done (it needs root, loop devices and mkfs.ext4).
+ * Runs `body` with a fresh ext4 file system loop-mounted at `mountpoint`, unmounted (and its file removed) after it
+ * whatever happens; `body` gets the path of its ext4 sysfs directory (`trigger_fs_error` there, where the kernel has
+ * it, makes the kernel remount it read-only, as after a real error). Skips the test (saying why) where that cannot be done (it needs root,
+ * loop devices and mkfs.ext4).
+ *
+ * By default it is 16 MiB in a file beside `mountpoint`, journalled, mounted errors=remount-ro. With `backing` (a size,
+ * `3m`) it is 64 MiB in a file on a tmpfs of that size, which it outgrows: a write then succeeds (into the page cache,
+ * the file system sees room) and only its writeback fails, so that an fsync says "no space left on device", as on
+ * thin-provisioned storage; it has no journal (a failed journal write would make it read-only) and errors=continue.
  */
 export const onExt4 = async (
   ctx: { readonly skip: (note: string) => void },
   mountpoint: string,
-  body: (sysfs: string) => Promise<void>
+  body: (sysfs: string) => Promise<void>,
+  options: { readonly backing?: string | undefined } = {}
 ): Promise<void> => {
-  const image = `${mountpoint}.ext4`
-  Fs.mkdirSync(mountpoint, { recursive: true })
-  Fs.writeFileSync(image, "")
-  Fs.truncateSync(image, 16 * 1024 * 1024)
   const step = (command: string, args: ReadonlyArray<string>): string | undefined => {
     try {
       ChildProcess.execFileSync(command, args, { stdio: "pipe" })
@@ -91,18 +93,32 @@ export const onExt4 = async (
       return `${command}: ${stderr !== undefined && stderr.length > 0 ? stderr : String(error)}`
     }
   }
-  const why = step("mkfs.ext4", ["-q", "-F", image]) ?? step("mount", ["-o", "loop,errors=remount-ro", image, mountpoint])
-  if (why !== undefined) {
+  const backing = `${mountpoint}.backing`
+  if (options.backing !== undefined) {
+    const why = mountTmpfs(backing, options.backing)
+    if (why !== undefined) return ctx.skip(`cannot mount a tmpfs for an ext4 file system here (needs root): ${why}`)
+  }
+  const image = options.backing === undefined ? `${mountpoint}.ext4` : Path.join(backing, "fs.ext4")
+  const cleanUp = () => {
     Fs.rmSync(image, { force: true })
+    if (options.backing !== undefined) ChildProcess.execFileSync("umount", [backing])
+  }
+  Fs.mkdirSync(mountpoint, { recursive: true })
+  Fs.writeFileSync(image, "")
+  Fs.truncateSync(image, (options.backing === undefined ? 16 : 64) * 1024 * 1024)
+  const why = options.backing === undefined
+    ? step("mkfs.ext4", ["-q", "-F", image]) ?? step("mount", ["-o", "loop,errors=remount-ro", image, mountpoint])
+    : step("mkfs.ext4", ["-q", "-F", "-O", "^has_journal", "-E", "lazy_itable_init=0", image]) ??
+      step("mount", ["-o", "loop,errors=continue", image, mountpoint])
+  if (why !== undefined) {
+    cleanUp()
     return ctx.skip(`cannot mount an ext4 file system here (needs root and loop devices): ${why}`)
   }
   try {
     const device = ChildProcess.execFileSync("findmnt", ["-n", "-o", "SOURCE", mountpoint], { encoding: "utf8" }).trim()
-    const sysfs = Path.join("/sys/fs/ext4", Path.basename(device))
-    if (!Fs.existsSync(Path.join(sysfs, "trigger_fs_error"))) return ctx.skip(`${sysfs}/trigger_fs_error is missing here`)
-    await body(sysfs)
+    await body(Path.join("/sys/fs/ext4", Path.basename(device)))
   } finally {
     ChildProcess.execFileSync("umount", [mountpoint])
-    Fs.rmSync(image, { force: true })
+    cleanUp()
   }
 }
