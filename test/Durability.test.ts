@@ -438,6 +438,32 @@ describe("recv --out on a file system remounted read-only once recv listens (aft
   })
 })
 
+describe("recv --from-qemu --out-dir and --vm on a file system remounted read-only once recv listens", () => {
+  // their files are made once QEMU sent everything, and a file that could not be made then was reported as a
+  // command line to fix (exit 2, reason Unusable) though the outputs had been checked before recv listened: the
+  // migration failed for the disk, and a script took it for a mistake of its own and did not try again
+  it("fails as a failed migration (exit 1), naming the file, nothing written", async (ctx) => {
+    for (const output of ["--out-dir", "--vm"] as const) {
+      const mount = Path.join(dir, `ro-qemu${output}`)
+      await onExt4(ctx, mount, async (sysfs) => {
+        if (!Fs.existsSync(Path.join(sysfs, "trigger_fs_error"))) return ctx.skip(`${sysfs}/trigger_fs_error is missing here`)
+        const out = output === "--vm" ? Path.join(mount, "vm.img") : mount
+        const recv = await startRecv(["tcp:127.0.0.1:0", "--from-qemu", "--channels", "2", output, out, "--json"])
+        Fs.writeFileSync(Path.join(sysfs, "trigger_fs_error"), "a test error")
+        await replayQemu(Number(recv.uri.split(":").at(-1)))
+        const received = await recv.finished
+        const file = output === "--vm" ? out : Path.join(mount, "mem.img")
+        const why = output === "--vm"
+          ? `${file}: cannot write the file: create failed: read-only file system`
+          : `${file}: cannot create mem.img.${recv.child.pid}.partial beside it: read-only file system`
+        expect([received.code, received.stderr.trim().split("\n").at(-1)], output).toEqual([1, `multifd: error: ${why}`])
+        expect(JSON.parse(received.stdout).error.reason, output).toBe("Io")
+        expect(Fs.readdirSync(mount), output).toEqual(["lost+found"])
+      })
+    }
+  })
+})
+
 describe("a disk that takes the writes and fails them at the fsync (ENOSPC at writeback, as thin-provisioned storage)", () => {
   // the file system sees room, so the free-space check passes and every write() succeeds into the page cache: the
   // fsync is the first to hear that the bytes have nowhere to go

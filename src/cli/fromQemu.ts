@@ -251,6 +251,20 @@ const makeDirectories = async (dir: string, made: Array<string>): Promise<void> 
 }
 
 /**
+ * A failure to store what arrived, as a failed migration (exit 1) whatever step it came at. The outputs were checked
+ * before anything was received (`--out-dir` made and writable, `--vm`'s temporary file made and removed); a block's
+ * or the VM's file that cannot be created once all arrived is the disk's doing (its file system remounted read-only
+ * after an error, the directory removed meanwhile), not the command line's: it exited 2, bad usage, with QEMU's
+ * migration over.
+ */
+const storeFailure = <E extends Image.ImageError | MappedRam.MappedRamError>(error: E): Image.ImageError | MappedRam.MappedRamError =>
+  error.reason === "Io" || (error._tag === "MappedRamError" && error.reason !== "Unusable")
+    ? error
+    : error._tag === "ImageError"
+    ? new Image.ImageError({ reason: "Io", path: error.path, detail: error.detail, cause: error.cause })
+    : new MappedRam.MappedRamError({ reason: "Io", path: error.path, detail: error.detail, cause: error.cause })
+
+/**
  * Runs `recv --from-qemu`. Usage problems (no output, two outputs, an unwritable one) fail with `UsageError` or
  * `ImageError` before anything listens.
  */
@@ -288,7 +302,9 @@ export const run = (args: Args) =>
         // its warnings (a hard link's, a killed process's temporary file removed) the check before anything was read
         // gave already
         if (args.vm !== undefined) {
-          return yield* Effect.asVoid(MappedRam.write(args.vm, vm!).pipe(Logger.withMinimumLogLevel(LogLevel.Error)))
+          return yield* Effect.asVoid(
+            MappedRam.write(args.vm, vm!).pipe(Logger.withMinimumLogLevel(LogLevel.Error), Effect.mapError(storeFailure))
+          )
         }
         // every block written and flushed first, then all renamed at once: never a directory of this migration's
         // blocks beside another's (an interruption or a full disk at one block leaves the older files as they were)
@@ -310,7 +326,7 @@ export const run = (args: Args) =>
             files.push(file)
           }
           yield* Effect.uninterruptible(Effect.forEach(files, (file) => file.publish, { discard: true }))
-        }))
+        }).pipe(Effect.mapError(storeFailure)))
         yield* warnOtherBlocks(dir, paths)
       })
     const received: Received = uri._tag === "File"
