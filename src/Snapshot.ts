@@ -84,7 +84,7 @@ export const DEFAULT_CHANNELS = 4
 /**
  * Why a snapshot could not be saved or restored; the message is one line naming the file. `reason` — `Io`: a
  * read or write failed; `Unusable`: the path cannot be used (missing directory, not a regular file,
- * permissions); `Unsupported`: an option that does not apply to snapshots; `NotASnapshot`, `Truncated`,
+ * permissions, a snapshot longer than a file there may be: `ulimit -f`); `Unsupported`: an option that does not apply to snapshots; `NotASnapshot`, `Truncated`,
  * `Version`, `Corrupt`: what is wrong with the file; `DigestMismatch`: pages damaged; `Layout`: the memory
  * given (or the size limit) does not fit the snapshot.
  *

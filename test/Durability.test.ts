@@ -356,6 +356,29 @@ describe("recv under a file size limit (ulimit -f) below the image", () => {
   })
 })
 
+describe("send file: under a file size limit (ulimit -f) below the snapshot", () => {
+  // the save failed at once, sizing its file, but as a failed save (exit 1, reason Io), which a script tries again
+  // and again: under that limit no save of that memory ever succeeds
+  it("is refused as the configuration it is (exit 2), saying why; nothing left", async (ctx) => {
+    const probe = ChildProcess.spawnSync("prlimit", ["--fsize=1048576", "true"], { stdio: "pipe" })
+    if (probe.status !== 0) return ctx.skip(`prlimit cannot run here: ${probe.error ?? probe.stderr.toString().trim()}`)
+    const image = Path.join(dir, "limited-save.raw")
+    Fs.writeFileSync(image, Crypto.randomBytes(2 * 1024 * 1024))
+    const folder = Path.join(dir, "limited-save")
+    Fs.mkdirSync(folder)
+    const snapshot = Path.join(folder, "s.snap")
+    const save = await runUnder(["prlimit", "--fsize=1048576"], ["send", `file:${snapshot}`, "--in", image])
+    expect([save.code, save.stderr.trim()]).toEqual([
+      2,
+      expect.stringMatching(
+        new RegExp(`^multifd: error: snapshot ${snapshot}: cannot size the file to \\d+ bytes: file too large \\(for the ` +
+          "file system, or this process's file size limit, ulimit -f\\)$")
+      )
+    ])
+    expect(Fs.readdirSync(folder)).toEqual([])
+  })
+})
+
 describe("an output in a directory this process may write in but not read (a drop box, mode 0300)", () => {
   // the directory's fsync needs it open for reading: the image was written, synced and renamed over the older
   // file, and only then did the command fail, "cannot sync its directory: permission denied" (exit 1; recv's

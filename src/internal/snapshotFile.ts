@@ -16,7 +16,7 @@ import * as PeerText from "./peerText.js"
 export class SnapshotError extends Data.TaggedError("SnapshotError")<{
   /**
    * `Io`: a read or write failed; `Unusable`: the path cannot be used (missing directory, not a regular file,
-   * permissions); `Unsupported`: an option that does not apply to snapshots or cannot be used; `NotASnapshot`,
+   * permissions, a snapshot longer than a file there may be); `Unsupported`: an option that does not apply to snapshots or cannot be used; `NotASnapshot`,
    * `Truncated`, `Version`, `Corrupt`: what is wrong with the file; `DigestMismatch`: pages damaged; `Layout`: the
    * memory given (or the size limit) does not fit the snapshot; `Refused`: the caller's `admit` gave a reason;
    * `Busy`: the memory given is being migrated, saved or restored.
@@ -148,7 +148,16 @@ const writeError = (path: string) => (error: FileIo.FileError): SnapshotError =>
         cause: error.cause
       })
     case "Size":
-      return io(path, `cannot size the file to ${error.length} bytes`, error.cause)
+      // longer than this process may write (ulimit -f) or the file system holds (FAT's 4 GiB): so is every later
+      // try, which an Io error (a failed save, exit 1 in the command) invited
+      return FileIo.errorCode(error.cause) === "EFBIG"
+        ? new SnapshotError({
+          reason: "Unusable",
+          path,
+          detail: `cannot size the file to ${error.length} bytes: ${FileIo.describe(error.cause)}`,
+          cause: error.cause
+        })
+        : io(path, `cannot size the file to ${error.length} bytes`, error.cause)
     case "Sync":
       return io(path, "cannot flush the file to disk", error.cause)
     case "Close":
