@@ -7,6 +7,8 @@
 import * as Context from "effect/Context"
 import * as Data from "effect/Data"
 import * as Effect from "effect/Effect"
+import * as Exit from "effect/Exit"
+import * as Fiber from "effect/Fiber"
 import * as FiberRef from "effect/FiberRef"
 import * as Layer from "effect/Layer"
 import * as Option from "effect/Option"
@@ -328,7 +330,9 @@ const exclusiveRun = <A, E, R, B>(
     Effect.flatMap(FiberRef.get(lent), (lent) => {
       // a fiber the step forked that outlived it has the memory no longer
       const loan = lent.get(ram)
-      return (loan !== undefined && loan.open ? loan.permit : ram.transfer).withPermitsIfAvailable(1)(self)
+      return loan !== undefined && loan.open
+        ? loan.permit.withPermitsIfAvailable(1)(onLoan(loan, self))
+        : ram.transfer.withPermitsIfAvailable(1)(holding(ram, self))
     }),
     Option.match({
       onNone: () =>
@@ -340,31 +344,84 @@ const exclusiveRun = <A, E, R, B>(
     })
   )
 
+/** The memories the current fiber's transfer holds (`exclusively`), each with the loans of its steps (`lending`). */
+const held = FiberRef.unsafeMake<ReadonlyMap<GuestRam["Type"], Holding>>(new Map())
+
+/** A transfer's hold on a memory: the steps it lent the memory to, while it runs. */
+interface Holding {
+  open: boolean
+  readonly loans: Set<Loan>
+}
+
+/**
+ * Runs `self`, the holder of `ram`'s permit, and gives the permit back only once the transfers its steps started on
+ * loan have ended: one that outlives its step (forked, so that the step ends while it saves) would otherwise run
+ * beside whoever takes the memory next. The holder waits for them when it succeeded; failed or interrupted, it
+ * interrupts them (the memory's holder is gone) and waits for that.
+ */
+const holding = <A, E, R>(ram: GuestRam["Type"], self: Effect.Effect<A, E, R>): Effect.Effect<A, E, R> =>
+  Effect.suspend(() => {
+    const hold: Holding = { open: true, loans: new Set() }
+    return Effect.locallyWith(self, held, (map) => new Map(map).set(ram, hold)).pipe(
+      Effect.onExit((exit) =>
+        Effect.suspend(() => {
+          hold.open = false
+          const running = Array.from(hold.loans, (loan) => Array.from(loan.running)).flat()
+          return Exit.isSuccess(exit)
+            ? Effect.forEach(running, Fiber.await, { discard: true })
+            : Fiber.interruptAll(running)
+        })
+      )
+    )
+  })
+
+/**
+ * Runs `self`, a transfer on `loan`, in a fiber the holder knows of (it waits for it, or interrupts it, before it
+ * lets the memory go); interruptible inside, its caller's interruption interrupting it (as `ownFibers`).
+ */
+const onLoan = <A, E, R>(loan: Loan, self: Effect.Effect<A, E, R>): Effect.Effect<A, E, R> =>
+  Effect.uninterruptibleMask((restore) =>
+    Effect.flatMap(Effect.forkDaemon(Effect.interruptible(self)), (fiber) => {
+      loan.running.add(fiber)
+      return Effect.onInterrupt(restore(Fiber.join(fiber)), () => Fiber.interrupt(fiber)).pipe(
+        Effect.ensuring(Effect.sync(() => loan.running.delete(fiber)))
+      )
+    })
+  )
+
 /** The memories whose holder lent them to the current fiber's step (`lending`), each with the step's own permit. */
 const lent = FiberRef.unsafeMake<ReadonlyMap<GuestRam["Type"], Loan>>(new Map())
 
-/** A memory lent to a step: its own permit, while the step runs. */
+/** A memory lent to a step: its own permit, while the step runs; the transfers on it, until they end. */
 interface Loan {
   readonly permit: Effect.Semaphore
   open: boolean
+  readonly running: Set<Fiber.RuntimeFiber<unknown, unknown>>
 }
 
 /**
  * Runs `self`, a step of the holder of `ram`'s permit (`exclusively`) that may migrate, save or restore that memory
  * itself (an incoming migration's `store` step saving a snapshot of the memory it received, or passing it on): one
  * at a time inside the step (a permit of its own), while everyone else still finds the memory `Busy`. The loan
- * ends with the step: a fiber it forked that outlives it takes the memory's own permit, as anyone.
+ * ends with the step: a fiber it forked that outlives it takes the memory's own permit, as anyone; a transfer it
+ * started that outlives it keeps the memory held by its holder until it ends (see `holding`). Memory nobody holds
+ * (an incoming migration's own, made for it) is not lent: the step's transfers take its own permit.
  *
  * @internal
  */
 export const lending = <A, E, R>(ram: GuestRam["Type"], self: Effect.Effect<A, E, R>): Effect.Effect<A, E, R> =>
-  Effect.flatMap(Effect.makeSemaphore(1), (permit) => {
-    const loan: Loan = { permit, open: true }
-    return Effect.locallyWith(self, lent, (map) => new Map(map).set(ram, loan)).pipe(
-      Effect.ensuring(Effect.sync(() => {
-        loan.open = false
-      }))
-    )
+  Effect.flatMap(FiberRef.get(held), (held) => {
+    const hold = held.get(ram)
+    if (hold === undefined || !hold.open) return self
+    return Effect.flatMap(Effect.makeSemaphore(1), (permit) => {
+      const loan: Loan = { permit, open: true, running: new Set() }
+      hold.loans.add(loan)
+      return Effect.locallyWith(self, lent, (map) => new Map(map).set(ram, loan)).pipe(
+        Effect.ensuring(Effect.sync(() => {
+          loan.open = false
+        }))
+      )
+    })
   })
 
 /**

@@ -427,7 +427,9 @@ export interface IncomingOptions<E = never> {
    * and once it succeeded the source is told `Done` even if the destination is interrupted meanwhile (the
    * interruption then goes on), so that the two sides never disagree about memory that was stored. The rest
    * of the step stays interruptible. The step may save the memory (`Snapshot.save`) or migrate it on, one at a
-   * time, even into memory given (`ram`), which everyone else finds `Busy` until `incoming` returns.
+   * time, even into memory given (`ram`), which everyone else finds `Busy` until `incoming` returns. A save or
+   * migration the step started and did not wait for (forked) keeps the memory held until it ends: `incoming`
+   * returns after it (interrupted, or failing, it interrupts it first).
    */
   readonly store?: ((ram: GuestRam.GuestRam["Type"], commit: Commit) => Effect.Effect<void, E>) | undefined
   /** Kept up to date with this migration's status (`MigrationStatus.make`), for anyone to read at any moment. */

@@ -29,6 +29,7 @@ import * as Ref from "effect/Ref"
 import * as Supervisor from "effect/Supervisor"
 import * as TestClock from "effect/TestClock"
 import * as Crypto from "node:crypto"
+import * as Fs from "node:fs"
 import * as Net from "node:net"
 import * as Path from "node:path"
 import * as Control from "../src/Control.js"
@@ -229,6 +230,93 @@ describe("success is durable: the destination's store step", () => {
         Effect.zipRight(Deferred.succeed(go, undefined), noHang(Deferred.await(outcome), "the late save"))
       )
       expect(Either.isLeft(result) && (result.left as MigrationError.MigrationError).reason).toBe("Busy")
+    }).pipe(Effect.scoped)))
+
+  /**
+   * A save the step started (forked, so as not to hold the source up) that was still running when the step ended
+   * kept only the step's loan, and the memory was free for anyone once `incoming` returned: a second save (or a
+   * migration) of it then ran beside the first, the two taking each other's dirty pages. The memory now stays held
+   * until such a transfer ends, and everyone else finds it Busy meanwhile: memory given by `incoming` (which returns
+   * after the save; interrupted, it interrupts it), memory `incoming` made by the save itself (nobody lends it).
+   */
+  for (const given of [true, false]) {
+    it.live(`the loan ends with the step: a save the step started that outlives it keeps the memory held (${given ? "memory given" : "memory incoming made"})`, () =>
+      leakFree(Effect.gen(function*() {
+        const ram = yield* sourceRam()
+        const into = given ? yield* GuestRam.make({ blocks: GuestRam.layoutOf(ram) }) : undefined
+        const dir = yield* tempDirectory("emfd-loan-")
+        const started = yield* Deferred.make<Ram>()
+        const goOn = yield* Deferred.make<void>()
+        const saved = yield* Deferred.make<Either.Either<unknown, unknown>>()
+        // incoming's last step: it heard the source close the main channel (then it returns, nothing more to wait for)
+        const lastStep = yield* Deferred.make<void>()
+        const listener = yield* Transport.listen(tcp0)
+        const dest = yield* Effect.forkScoped(Migration.incoming(listener, {
+          timeouts: TIMEOUTS,
+          ...(into === undefined ? {} : { ram: into }),
+          store: (received) =>
+            Effect.gen(function*() {
+              // a save in the background: the step ends once it is under way (its first report), the save goes on
+              yield* Effect.forkDaemon(Effect.flatMap(
+                Effect.either(Snapshot.save(Path.join(dir, "background.snap"), {
+                  onProgress: () => Effect.zipRight(Deferred.succeed(started, received), Deferred.await(goOn))
+                }).pipe(Effect.provideService(GuestRam.GuestRam, received))),
+                (result) => Deferred.succeed(saved, result)
+              ))
+              yield* Deferred.await(started)
+            })
+        }).pipe(
+          Effect.provide(Logger.replace(Logger.defaultLogger, Logger.make(({ message }) => {
+            if (String(message) === "main channel: closed") Deferred.unsafeDone(lastStep, Exit.void)
+          }))),
+          Logger.withMinimumLogLevel(LogLevel.Debug)
+        ))
+        yield* noHang(migrateTo(listener.address, ram), "migrate")
+        yield* ram.gate.open
+        const received = yield* Deferred.await(started)
+        yield* noHang(Deferred.await(lastStep), "incoming's last step")
+        // (its return is a few steps away, no I/O among them)
+        yield* Effect.raceFirst(Effect.asVoid(Fiber.await(dest)), Effect.repeatN(nextTurn, 5))
+        // the background save still runs: the memory is not free (incoming has not returned: it waits for the save)
+        const second = yield* noHang(
+          Effect.either(Snapshot.save(Path.join(dir, "second.snap")).pipe(Effect.provideService(GuestRam.GuestRam, received))),
+          "a second save"
+        )
+        expect(Either.isLeft(second) && (second.left as MigrationError.MigrationError).reason).toBe("Busy")
+        // memory given is held by incoming until the save ends; memory it made, by the save itself
+        if (given) expect(Option.isNone(yield* Fiber.poll(dest))).toBe(true)
+        yield* Deferred.succeed(goOn, undefined)
+        const result = yield* noHang(Deferred.await(saved), "the background save")
+        expect(Either.isRight(result)).toBe(true)
+        expect(sameMemory((yield* noHang(Fiber.join(dest), "incoming")).ram, ram)).toBe(true)
+        expect(sameMemory((yield* Snapshot.restore(Path.join(dir, "background.snap"))).ram, ram)).toBe(true)
+        // and now it is free
+        yield* noHang(Snapshot.save(Path.join(dir, "third.snap")).pipe(Effect.provideService(GuestRam.GuestRam, received)), "a save after")
+      }).pipe(Effect.scoped)))
+  }
+
+  it.live("the loan ends with the step: interrupted, incoming interrupts the save the step started and lets the memory go", () =>
+    leakFree(Effect.gen(function*() {
+      const ram = yield* sourceRam()
+      const into = yield* GuestRam.make({ blocks: GuestRam.layoutOf(ram) })
+      const dir = yield* tempDirectory("emfd-loan-")
+      const started = yield* Deferred.make<void>()
+      const dest = yield* startDestination({
+        ram: into,
+        store: (received) =>
+          Effect.gen(function*() {
+            yield* Effect.forkDaemon(Snapshot.save(Path.join(dir, "background.snap"), {
+              onProgress: () => Effect.zipRight(Deferred.succeed(started, undefined), Effect.never)
+            }).pipe(Effect.provideService(GuestRam.GuestRam, received)))
+            yield* Deferred.await(started)
+          })
+      })
+      yield* noHang(migrateTo(dest.address, ram), "migrate")
+      yield* ram.gate.open
+      yield* noHang(Fiber.interrupt(dest.fiber), "interrupting incoming")
+      // the save it lent the memory to has ended: no file of it, the memory free
+      expect(Fs.readdirSync(dir)).toEqual([])
+      yield* noHang(Snapshot.save(Path.join(dir, "after.snap")).pipe(Effect.provideService(GuestRam.GuestRam, into)), "a save after")
     }).pipe(Effect.scoped)))
 
   it.live("throws (a defect): the source still hears that the store failed, and why", () =>
