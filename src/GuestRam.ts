@@ -543,7 +543,19 @@ export const digestOnThreads = (
   Effect.scoped(Effect.flatMap(
     HashPool.poolOn(threads, Math.min(threads.size, Digest.threadsFor(ram.blocks.map((b) => b.bytes)))),
     (pool) => digestOn(ram, pool)
-  ))
+  )).pipe(
+    // a channel thread gone under the digest (the pool closed, its layer's scope ended; a thread that died): the
+    // memory is hashed here instead. Its death was a defect that ended the migration with a stack trace, where the
+    // same close a moment earlier failed it with the channels' own error (which the caller hears of as before)
+    Effect.catchSomeDefect((defect) =>
+      defect instanceof Digest.WorkerFailed
+        ? Option.some(Effect.zipRight(
+          Effect.logWarning(`the memory's digest: ${defect.message}; hashing it in this thread instead`),
+          digestOn(ram, undefined)
+        ))
+        : Option.none()
+    )
+  )
 
 const digestOn = (ram: GuestRam["Type"], pool: Digest.Pool | undefined) =>
   Effect.map(

@@ -27,6 +27,7 @@ import * as Effect from "effect/Effect"
 import * as Exit from "effect/Exit"
 import * as Fiber from "effect/Fiber"
 import * as Layer from "effect/Layer"
+import * as Option from "effect/Option"
 import * as Scope from "effect/Scope"
 import * as Crypto from "node:crypto"
 import type * as Net from "node:net"
@@ -975,4 +976,43 @@ describe("a pool whose scope has closed", () => {
       yield* noHang(Fiber.await(dest.fiber), "incoming")
       expect(ChannelThreads.liveThreads()).toBe(threadsBefore)
     })))
+
+  /**
+   * The source's digest hashes on the pool's threads: closed then (after the last round, before Complete), the
+   * digest died with the hash sessions' `WorkerFailed`, and `migrate` with it, a defect (a stack trace, "internal
+   * error" on the command line), where a close a moment earlier failed it with the channels' typed error. It now
+   * fails the same way whenever the pool closes: the channels' error, one line, no defect.
+   */
+  it.live("closed under the source's digest: the migration fails saying so, a typed error; nothing is left", () =>
+    leakFree(Effect.gen(function*() {
+      const threadsBefore = ChannelThreads.liveThreads()
+      const scope = yield* Scope.make()
+      const pool = yield* ChannelThreads.make(POOL).pipe(Scope.extend(scope))
+      // two digest chunks and a bit, mostly zero: the digest hashes on the pool's threads
+      const ram = yield* GuestRam.make({ blocks: [{ name: "pc.ram", bytes: sharedBlock(2 * 16384 + 64, 0.01) }] })
+      expect(hashSessions(ram)).toBeGreaterThan(0)
+      const dest = yield* startDestination()
+      const closing = yield* Deferred.make<Fiber.RuntimeFiber<void>>()
+      // a page written after round 0 makes a switch-over round of one page; its last report comes after its flush,
+      // right before the digest: the pool starts closing there
+      const onProgress = (p: Migration.Progress) =>
+        p.doneBytes < p.totalBytes
+          ? Effect.void
+          : p.phase === "switchover"
+          ? Effect.flatMap(Effect.forkDaemon(Scope.close(scope, Exit.void)), (f) => Deferred.succeed(closing, f))
+          : p.round === 0
+          ? Effect.orDie(GuestRam.write(ram, "pc.ram", 0, Buffer.alloc(PAGE, 7)))
+          : Effect.void
+      const exit = yield* noHang(Effect.exit(migrate(ram, { address: dest.address, channels: 2, onProgress }).pipe(
+        Effect.provideService(ChannelThreads.ChannelThreads, pool)
+      )), "migrate")
+      expect(Exit.isFailure(exit) && Option.isNone(Cause.dieOption(exit.cause))).toBe(true)
+      const error = failureOf(exit)
+      expect(error.message).toMatch(CLOSED)
+      expectOneLine(error)
+      yield* noHang(Fiber.join(yield* noHang(Deferred.await(closing), "the switch-over's last report")), "the pool's close")
+      yield* noHang(Fiber.await(dest.fiber), "incoming")
+      expect(ChannelThreads.liveThreads()).toBe(threadsBefore)
+    })))
 })
+

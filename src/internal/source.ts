@@ -339,7 +339,8 @@ export const run = (
       const { pagesPerRound, pausedAt } = yield* transfer(send)
       // a large memory takes longer to hash than the peer timeout: the destination hears that this side hashes
       const hashing = Conversation.heartbeat(tell, new Control.Hashing(), timeouts.peer)
-      const digests = yield* (heartbeats ? Effect.raceFirst(digest, hashing) : digest).pipe(
+      // (a channel that fails meanwhile, its thread gone with the pool, ends it: its error is the migration's)
+      const digests = yield* Effect.raceFirst(heartbeats ? Effect.raceFirst(digest, hashing) : digest, send.failure).pipe(
         Effect.withSpan("multifd.digest")
       )
       yield* Effect.logDebug("digests computed")
