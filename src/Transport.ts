@@ -375,6 +375,10 @@ export const listen = (address: Address): Effect.Effect<Listener, TransportError
           )))
       }
     )
+    // a connection handed out and given back (`unsafeRequeue`) is kept open when the scope it was accepted in closes
+    const handedOut = new WeakMap<Connection, { readonly socket: Net.Socket; readonly reader: DirectSocket.DirectReader; kept: boolean }>()
+    let closed = false
+    yield* Effect.addFinalizer(() => Effect.sync(() => (closed = true)))
     const bind = Effect.async<void, TransportError>((resume) => {
       const onError = (error: Error) =>
         resume(Effect.fail(new TransportError({ reason: "Listen", address: uri, detail: listenDetail(address, error), cause: error })))
@@ -396,29 +400,62 @@ export const listen = (address: Address): Effect.Effect<Listener, TransportError
     server.on("error", () => {}) // after listening, failures show up on the accepted sockets
     const actual = boundAddress(address, server)
     const actualUri = formatAddress(actual)
-    return {
+    const listener: Listener = {
       address: actual,
       // the wait runs interruptible in a fiber of its own, interrupted by the join alone: asked uninterruptibly (an
       // acquire, `Effect.uninterruptible`), a race's loser (the listener's end, which does not come) inherited that
       // and the race waited for it for ever, a connection come; and a fiber's children hear of its interruption at
-      // once. A connection taken as the wait was interrupted is closed, not lost
+      // once. A connection taken as the wait was interrupted goes back to the queue for the next accept (it was
+      // closed: a source that had connected for the listener's next migration lost its connection), or is closed
+      // once the listener is
       accept: Effect.uninterruptibleMask((restore) =>
         Effect.flatMap(
           Effect.forkDaemon(Effect.interruptible(Effect.raceFirst(Deferred.await(gone), Queue.take(pending)))),
           (waiting) =>
             Effect.flatMap(
               Effect.onInterrupt(restore(Fiber.join(waiting)), () =>
-                Effect.flatMap(Fiber.interrupt(waiting), (exit) => Exit.isSuccess(exit) ? destroy(exit.value.socket) : Effect.void)),
+                Effect.flatMap(Fiber.interrupt(waiting), (exit) =>
+                  Exit.isFailure(exit)
+                    ? Effect.void
+                    : closed
+                    ? destroy(exit.value.socket)
+                    : Effect.sync(() => Queue.unsafeOffer(pending, exit.value)))),
               ({ reader, socket }) =>
                 Effect.acquireRelease(
-                  Effect.sync(() => Connections.make(socket, `${actualUri} (from ${peerOf(socket)})`, reader)),
-                  () => destroy(socket)
+                  Effect.sync(() => {
+                    const connection = Connections.make(socket, `${actualUri} (from ${peerOf(socket)})`, reader)
+                    handedOut.set(connection, { socket, reader, kept: false })
+                    return connection
+                  }),
+                  (connection) => handedOut.get(connection)?.kept === true ? Effect.void : destroy(socket)
                 )
             )
         )
       )
     }
+    requeues.set(listener, (connection) => {
+      const entry = handedOut.get(connection)
+      if (entry === undefined || entry.kept || closed || entry.socket.destroyed) return false
+      entry.kept = true
+      Queue.unsafeOffer(pending, { socket: entry.socket, reader: entry.reader })
+      return true
+    })
+    return listener
   })
+
+/** How each listener `listen` made takes a connection back (`unsafeRequeue`). */
+const requeues = new WeakMap<Listener, (connection: Connection) => boolean>()
+
+/**
+ * Gives `connection`, which `listener` handed out and of which nothing was read but what was peeked, back to the
+ * listener for whoever accepts next (at the end of its queue): it is no longer closed with the scope it was
+ * accepted in (the listener closes it, if nobody accepts it again). `false`, and nothing done, for a connection
+ * the listener did not hand out (a wrapped listener's, one given back already), or once either is closed.
+ *
+ * @internal
+ */
+export const unsafeRequeue = (listener: Listener, connection: Connection): boolean =>
+  requeues.get(listener)?.(connection) ?? false
 
 /** The address a server listens on: a TCP port of 0 replaced by the port it got, once it has one. */
 const boundAddress = (address: SocketAddress, server: Net.Server): Address => {

@@ -26,6 +26,7 @@ import * as Logger from "effect/Logger"
 import * as LogLevel from "effect/LogLevel"
 import * as Option from "effect/Option"
 import * as Ref from "effect/Ref"
+import * as Stream from "effect/Stream"
 import * as Supervisor from "effect/Supervisor"
 import * as TestClock from "effect/TestClock"
 import * as Crypto from "node:crypto"
@@ -35,6 +36,7 @@ import * as Path from "node:path"
 import * as Control from "../src/Control.js"
 import * as GuestRam from "../src/GuestRam.js"
 import * as Migration from "../src/Migration.js"
+import * as MigrationStatus from "../src/MigrationStatus.js"
 import * as MigrationError from "../src/MigrationError.js"
 import * as Protocol from "../src/Protocol.js"
 import * as Snapshot from "../src/Snapshot.js"
@@ -1056,6 +1058,56 @@ describe("a listener that serves one migration after another", () => {
       const received = yield* noHang(Fiber.join(destination), "listenAndReceive")
       expect(sameMemory(received.ram, ram)).toBe(true)
       expect(received.rejected).toEqual([expect.stringContaining("a migration is already in progress")])
+    })).pipe(Effect.provide(Transport.layer))))
+})
+
+describe("a listener that serves one migration after another: a lost channel meanwhile", () => {
+  /**
+   * A source that connects while a migration runs waits in the listener's queue for the next `incoming` (the first
+   * stops accepting once it has every channel). A channel of the running migration that was lost and re-attached
+   * had its acceptor accept again, for the channel's new connection: it took the waiting source's main channel
+   * first (connections are accepted in order) and refused it, "a migration is already in progress", and that source
+   * failed instead of being the next migration.
+   */
+  it.live("a channel re-attaching does not take the next source from the listener's queue: it is the next migration", () =>
+    leakFree(Effect.scoped(Effect.gen(function*() {
+      const listener = yield* Transport.listen(tcp0)
+      const status = yield* MigrationStatus.make
+      const slow = { ...TIMEOUTS, peer: "30 seconds", handshake: "30 seconds" } as const
+      const first = yield* Effect.fork(Migration.incoming(listener, { timeouts: slow, status }))
+      const fake = yield* fakeSource(listener.address, 1, "none", true, { reconnectMs: 30_000 })
+      const uuid = Protocol.parseUuid(fake.uuid)!
+      yield* fake.channel(0)
+      // every channel in: the first accepts no more
+      yield* noHang(Stream.runHead(Stream.filter(status.changes, (s) => s.status === "active")), "the first migration active")
+      // the next source, waiting in the listener's queue (its hello sent) for the next incoming
+      const faulty = yield* Faulty.make()
+      const ram = yield* sourceRam()
+      const second = yield* Effect.fork(migrateTo(listener.address, ram, { timeouts: slow }, faulty.layer))
+      yield* noHang(
+        faulty.until((f) => f.records.some((r) => r.side === "connect" && r.role === "main" && r.bytesWritten > 4)),
+        "the second source's hello"
+      )
+      // the first migration's channel 0 is lost and re-attached
+      const nonce = Crypto.randomBytes(16)
+      yield* fake.control.write([Control.encode(new Control.Reattach({ channel: 0, nonce: nonce.toString("hex") }))])
+      while ((yield* Control.receive(fake.control))._tag !== "Reattached") {
+        // (heartbeats)
+      }
+      const again = yield* Transport.connect(listener.address)
+      yield* again.write([Protocol.encodeInit({ uuid, id: 0, nonce })])
+      // its new connection adopted (a SYNC packet on it counted): the acceptor has taken what it took
+      yield* again.write([syncPacket()])
+      yield* noHang(Effect.gen(function*() {
+        while ((yield* status.get).rounds < 1) yield* nextTurn
+      }), "the new connection's SYNC packet")
+      yield* Fiber.interrupt(first)
+      // the next incoming on the listener: the second source's migration
+      const [received] = yield* noHang(
+        Effect.all([Migration.incoming(listener, { timeouts: slow }), Fiber.join(second)], { concurrency: "unbounded" }),
+        "the next migration"
+      )
+      expect(sameMemory(received.ram, ram)).toBe(true)
     })).pipe(Effect.provide(Transport.layer))))
 })
 

@@ -19,7 +19,7 @@ import * as FiberSet from "effect/FiberSet"
 import * as Option from "effect/Option"
 import type * as Scope from "effect/Scope"
 import * as MigrationError from "../MigrationError.js"
-import type * as Transport from "../Transport.js"
+import * as Transport from "../Transport.js"
 import { within } from "./stall.js"
 
 /** The running acceptors. */
@@ -91,6 +91,18 @@ export const start = <E>(
      * taken and closed with this one. By default the acceptors accept until their scope closes.
      */
     readonly until?: Effect.Effect<void> | undefined
+    /**
+     * Whether a connection's first bytes make it a main channel, which only a migration that does not have one can
+     * use: one that comes while the acceptors accept again (`resume`: for a lost channel's new connection) is the
+     * next migration's, queued behind the running one, and is given back to the listener (unread but for the
+     * peeked bytes) once they stop, rather than taken and refused. (A secured one cannot be given back: the
+     * upgrade has read it; it is classified as before.)
+     */
+    readonly queueMains?: {
+      /** The listener as `Transport.listen` made it (the one above may be a wrapper of it). */
+      readonly listener: Transport.Listener
+      readonly isMain: (first: Buffer) => boolean
+    } | undefined
   }
 ): Effect.Effect<Acceptor<E | Transport.TransportError>, never, Scope.Scope> =>
   Effect.gen(function*() {
@@ -112,7 +124,12 @@ export const start = <E>(
           : Effect.void
       })
 
-    const handle = (raw: Transport.Connection): Effect.Effect<void, E, Scope.Scope> =>
+    /**
+     * `ended`: the resumed acceptors' end, when `raw` was accepted by them: a main channel then waits for it and is
+     * given back to the listener (whatever ends the wait, this migration's end included), once no accept of theirs
+     * can take it again.
+     */
+    const handle = (raw: Transport.Connection, ended?: Effect.Effect<void>): Effect.Effect<void, E, Scope.Scope> =>
       Effect.gen(function*() {
         const secured = options.upgrade
           ? yield* Effect.either(options.upgrade(raw, "main"))
@@ -128,13 +145,27 @@ export const start = <E>(
           const error = first.left
           return yield* reject(connection, error._tag === "TransportError" ? error.detail : error.message)
         }
+        const mains = options.queueMains
+        if (ended !== undefined && options.upgrade === undefined && mains !== undefined && mains.isMain(first.right)) {
+          return yield* Effect.ensuring(
+            ended,
+            Effect.suspend(() =>
+              Transport.unsafeRequeue(mains.listener, connection)
+                ? Effect.logDebug(`a main channel from ${connection.peer} waits for the listener's next migration`)
+                : Effect.void
+            )
+          )
+        }
         return yield* options.classify(connection, first.right, reject, since)
       })
 
     // the loop forks each connection's fiber, which accepts (the connection lives in its scope) and handles it;
     // the loop goes on once it accepted
-    const acceptor = (stop: Effect.Effect<void>): Effect.Effect<void, E | Transport.TransportError> =>
+    const acceptor = (stop: Effect.Effect<void>, resumed: boolean): Effect.Effect<void, E | Transport.TransportError> =>
       Effect.gen(function*() {
+        // (resumed: the main channels it takes wait for its end)
+        const ended = yield* Deferred.make<void>()
+        yield* Effect.addFinalizer(() => Deferred.succeed(ended, undefined))
         while (true) {
           const accepted = yield* Deferred.make<boolean>()
           yield* FiberSet.run(
@@ -142,16 +173,16 @@ export const start = <E>(
             Effect.scoped(Effect.gen(function*() {
               const next = yield* Effect.raceFirst(Effect.map(listener.accept, Option.some), Effect.as(stop, Option.none()))
               yield* Deferred.succeed(accepted, Option.isSome(next))
-              if (Option.isSome(next)) yield* handle(next.value)
+              if (Option.isSome(next)) yield* handle(next.value, resumed ? Deferred.await(ended) : undefined)
             })).pipe(Effect.ensuring(Deferred.succeed(accepted, false)))
           )
           if (!(yield* Deferred.await(accepted))) return
         }
-      })
-    yield* FiberSet.run(connections, acceptor(options.until ?? Effect.never))
+      }).pipe(Effect.scoped)
+    yield* FiberSet.run(connections, acceptor(options.until ?? Effect.never, false))
     return {
       rejected: Effect.sync(() => unlisted === 0 ? [...listed] : [...listed, `… and ${unlisted} more connections`]),
       failure: Effect.zipRight(FiberSet.join(connections), Effect.never),
-      resume: (until) => Effect.asVoid(FiberSet.run(connections, acceptor(until)))
+      resume: (until) => Effect.asVoid(FiberSet.run(connections, acceptor(until, true)))
     }
   })

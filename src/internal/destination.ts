@@ -412,7 +412,12 @@ export const run = <E>(listener: Transport.Listener, settings: Settings<E>): Eff
       // with every channel adopted, later connections are the next migration's (on a reused listener)
       until: settings.exclusive === true
         ? undefined
-        : Effect.ignore(Effect.flatMap(Deferred.await(channelSet), (recv) => recv.adopted))
+        : Effect.ignore(Effect.flatMap(Deferred.await(channelSet), (recv) => recv.adopted)),
+      // a source that comes while a lost channel's new connection is awaited is the next migration's, as one that
+      // comes while nothing is accepted (the listener being this migration's alone, it is refused)
+      queueMains: settings.exclusive === true
+        ? undefined
+        : { listener, isMain: (first) => first.readUInt32BE(0) === Control.MAGIC }
     })
     const connectionFailure = acceptor.failure
 
