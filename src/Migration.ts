@@ -558,8 +558,9 @@ const receive = <E, E2, R>(
           if (problem !== undefined) {
             return yield* new MigrationError.MigrationError({ reason: "BadOptions", detail: problem })
           }
-          const listener = yield* listening
-          const received = yield* into(options.ram, Destination.run(listener, {
+          // memory given that another migration, save or restore holds is Busy before anything listens (a listener
+          // made, and `onListening` told, for a receive that cannot happen)
+          const received = yield* into(options.ram, Effect.flatMap(listening, (listener) => Destination.run(listener, {
             ram: options.ram,
             maxRamBytes: options.maxRamBytes ?? DEFAULT_MAX_RAM,
             timeouts: Transfer.resolveTimeouts(options.timeouts),
@@ -571,7 +572,7 @@ const receive = <E, E2, R>(
             store: options.store,
             tracker,
             exclusive
-          }))
+          })))
           return { ...received.stats, received }
         }).pipe(Effect.scoped)),
       ({ received }) => received

@@ -402,12 +402,19 @@ export const listenAndReceive = <E = never>(
   address: Transport.Address,
   options: Options<E> & { readonly onListening?: ((address: Transport.Address) => Effect.Effect<void>) | undefined }
 ): Effect.Effect<Incoming, IncomingError | Transport.TransportError | E, Transport.Transport> =>
-  ownFibers(Effect.scoped(Effect.gen(function*() {
-    const transport = yield* Transport.Transport
-    const listener = yield* transport.listen(address)
-    if (options.onListening) yield* options.onListening(listener.address)
-    return yield* incoming(listener, options)
-  })))
+  ownFibers(Effect.suspend(() => {
+    // options it cannot use, and memory given that another migration, save or restore holds (Busy), fail before
+    // anything listens (a listener made, and `onListening` told, for a receive that cannot happen)
+    const bad = check(options)
+    if (bad !== undefined) return Effect.fail(bad)
+    const run = Effect.scoped(Effect.gen(function*() {
+      const transport = yield* Transport.Transport
+      const listener = yield* transport.listen(address)
+      if (options.onListening) yield* options.onListening(listener.address)
+      return yield* receive(listener, options)
+    }))
+    return options.ram === undefined ? run : Precopy.exclusive(options.ram, run)
+  }))
 
 /**
  * A file name for a RAM block, for `--out-dir`: QEMU's block ids contain `/` and `:` (`0000:00:02.0/vga.vram`,

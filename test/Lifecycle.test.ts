@@ -903,6 +903,34 @@ describe("i. one migration of a memory at a time", () => {
     })))
 })
 
+describe("i'. receiving into memory that is busy", () => {
+  /**
+   * `listenAndReceive` into memory given found it Busy only after it listened: it bound the address (a Unix socket
+   * file made) and called `onListening` (a program that tells its source where to connect said "ready"), then
+   * failed Busy and closed it again — the source, told to connect, was refused. Busy now comes first.
+   */
+  for (const from of ["Migration", "QemuIncoming"] as const) {
+    it.live(`${from}.listenAndReceive into memory being saved: Busy before it listens; onListening never called, no socket file`, () =>
+      leakFree(Effect.gen(function*() {
+        const ram = yield* sourceRam()
+        const address = unixAddress("busy-into")
+        let told = 0
+        const onListening = (): Effect.Effect<void> => Effect.sync(() => void told++)
+        const receive: Effect.Effect<unknown, { readonly message: string }, Transport.Transport> = from === "Migration"
+          ? Migration.listenAndReceive(address, { ram, timeouts: TIMEOUTS, onListening })
+          : QemuIncoming.listenAndReceive(address, { ram, channels: 2, timeouts: TIMEOUTS, onListening })
+        const error = yield* ram.transfer.withPermits(1)(noHang(
+          Effect.flip(Effect.provide(receive, Transport.layer)),
+          "listenAndReceive"
+        ))
+        expectOneLine(error)
+        expect((error as MigrationError.MigrationError).reason).toBe("Busy")
+        expect(told).toBe(0)
+        expect(Fs.existsSync((address as { readonly path: string }).path)).toBe(false)
+      })))
+  }
+})
+
 describe("j. one incoming on a listener at a time", () => {
   it.live("a second incoming on a listener in use fails Busy at once; the first receives its migration; then the listener serves the next", () =>
     leakFree(Effect.gen(function*() {
