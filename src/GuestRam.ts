@@ -7,7 +7,6 @@
 import * as Context from "effect/Context"
 import * as Data from "effect/Data"
 import * as Effect from "effect/Effect"
-import * as Exit from "effect/Exit"
 import * as Fiber from "effect/Fiber"
 import * as FiberRef from "effect/FiberRef"
 import * as Layer from "effect/Layer"
@@ -362,14 +361,17 @@ interface Holding {
 const holding = <A, E, R>(ram: GuestRam["Type"], self: Effect.Effect<A, E, R>): Effect.Effect<A, E, R> =>
   Effect.suspend(() => {
     const hold: Holding = { open: true, loans: new Set() }
+    const running = () => Array.from(hold.loans, (loan) => Array.from(loan.running)).flat()
     return Effect.locallyWith(self, held, (map) => new Map(map).set(ram, hold)).pipe(
-      Effect.onExit((exit) =>
+      // (the wait interruptible as the holder is: interrupted meanwhile, it interrupts them below)
+      Effect.zipLeft(Effect.suspend(() => {
+        hold.open = false
+        return Effect.forEach(running(), Fiber.await, { discard: true })
+      })),
+      Effect.onExit(() =>
         Effect.suspend(() => {
           hold.open = false
-          const running = Array.from(hold.loans, (loan) => Array.from(loan.running)).flat()
-          return Exit.isSuccess(exit)
-            ? Effect.forEach(running, Fiber.await, { discard: true })
-            : Fiber.interruptAll(running)
+          return Fiber.interruptAll(running())
         })
       )
     )

@@ -241,6 +241,20 @@ describe("success is durable: the destination's store step", () => {
    * until such a transfer ends, and everyone else finds it Busy meanwhile: memory given by `incoming` (which returns
    * after the save; interrupted, it interrupts it), memory `incoming` made by the save itself (nobody lends it).
    */
+  /**
+   * Waits until `incoming`'s own steps on `listener` are over, its scope closed (what it holds besides the memory
+   * given): its claim on the listener is the first thing it takes and the last it gives back, and another incoming
+   * on the listener fails Busy until then (once it is free, that one waits for a source, and is interrupted).
+   */
+  const stepsOver = (listener: Transport.Listener) =>
+    Effect.gen(function*() {
+      while (true) {
+        const attempt = yield* Effect.fork(Migration.incoming(listener, { timeouts: TIMEOUTS }))
+        for (let i = 0; i < 3; i++) yield* nextTurn
+        if (Option.isNone(yield* Fiber.poll(attempt))) return yield* Fiber.interrupt(attempt)
+      }
+    })
+
   for (const given of [true, false]) {
     it.live(`the loan ends with the step: a save the step started that outlives it keeps the memory held (${given ? "memory given" : "memory incoming made"})`, () =>
       leakFree(Effect.gen(function*() {
@@ -277,8 +291,7 @@ describe("success is durable: the destination's store step", () => {
         yield* ram.gate.open
         const received = yield* Deferred.await(started)
         yield* noHang(Deferred.await(lastStep), "incoming's last step")
-        // (its return is a few steps away, no I/O among them)
-        yield* Effect.raceFirst(Effect.asVoid(Fiber.await(dest)), Effect.repeatN(nextTurn, 5))
+        yield* noHang(stepsOver(listener), "incoming's steps over")
         // the background save still runs: the memory is not free (incoming has not returned: it waits for the save)
         const second = yield* noHang(
           Effect.either(Snapshot.save(Path.join(dir, "second.snap")).pipe(Effect.provideService(GuestRam.GuestRam, received))),
@@ -297,25 +310,38 @@ describe("success is durable: the destination's store step", () => {
       }).pipe(Effect.scoped)))
   }
 
-  it.live("the loan ends with the step: interrupted, incoming interrupts the save the step started and lets the memory go", () =>
+  it.live("the loan ends with the step: interrupted while it waits for the save the step started, incoming interrupts it and lets the memory go", () =>
     leakFree(Effect.gen(function*() {
       const ram = yield* sourceRam()
       const into = yield* GuestRam.make({ blocks: GuestRam.layoutOf(ram) })
       const dir = yield* tempDirectory("emfd-loan-")
       const started = yield* Deferred.make<void>()
-      const dest = yield* startDestination({
+      const lastStep = yield* Deferred.make<void>()
+      const listener = yield* Transport.listen(tcp0)
+      const dest = yield* Effect.forkScoped(Migration.incoming(listener, {
+        timeouts: TIMEOUTS,
         ram: into,
         store: (received) =>
           Effect.gen(function*() {
+            // a save that never ends by itself
             yield* Effect.forkDaemon(Snapshot.save(Path.join(dir, "background.snap"), {
               onProgress: () => Effect.zipRight(Deferred.succeed(started, undefined), Effect.never)
             }).pipe(Effect.provideService(GuestRam.GuestRam, received)))
             yield* Deferred.await(started)
           })
-      })
-      yield* noHang(migrateTo(dest.address, ram), "migrate")
+      }).pipe(
+        Effect.provide(Logger.replace(Logger.defaultLogger, Logger.make(({ message }) => {
+          if (String(message) === "main channel: closed") Deferred.unsafeDone(lastStep, Exit.void)
+        }))),
+        Logger.withMinimumLogLevel(LogLevel.Debug)
+      ))
+      yield* noHang(migrateTo(listener.address, ram), "migrate")
       yield* ram.gate.open
-      yield* noHang(Fiber.interrupt(dest.fiber), "interrupting incoming")
+      // incoming's own steps are over: it waits for the save
+      yield* noHang(Deferred.await(lastStep), "incoming's last step")
+      yield* noHang(stepsOver(listener), "incoming's steps over")
+      expect(Option.isNone(yield* Fiber.poll(dest))).toBe(true)
+      yield* noHang(Fiber.interrupt(dest), "interrupting incoming")
       // the save it lent the memory to has ended: no file of it, the memory free
       expect(Fs.readdirSync(dir)).toEqual([])
       yield* noHang(Snapshot.save(Path.join(dir, "after.snap")).pipe(Effect.provideService(GuestRam.GuestRam, into)), "a save after")
