@@ -377,8 +377,7 @@ export const listen = (address: Address): Effect.Effect<Listener, TransportError
     )
     // a connection handed out and given back (`unsafeRequeue`) is kept open when the scope it was accepted in closes
     const handedOut = new WeakMap<Connection, { readonly socket: Net.Socket; readonly reader: DirectSocket.DirectReader; kept: boolean }>()
-    let closed = false
-    yield* Effect.addFinalizer(() => Effect.sync(() => (closed = true)))
+    // (whether the listener is closed is the server's own state: it stops listening first thing in its release)
     const bind = Effect.async<void, TransportError>((resume) => {
       const onError = (error: Error) =>
         resume(Effect.fail(new TransportError({ reason: "Listen", address: uri, detail: listenDetail(address, error), cause: error })))
@@ -417,7 +416,7 @@ export const listen = (address: Address): Effect.Effect<Listener, TransportError
                 Effect.flatMap(Fiber.interrupt(waiting), (exit) =>
                   Exit.isFailure(exit)
                     ? Effect.void
-                    : closed
+                    : !server.listening
                     ? destroy(exit.value.socket)
                     : Effect.sync(() => Queue.unsafeOffer(pending, exit.value)))),
               ({ reader, socket }) =>
@@ -435,7 +434,7 @@ export const listen = (address: Address): Effect.Effect<Listener, TransportError
     }
     requeues.set(listener, (connection) => {
       const entry = handedOut.get(connection)
-      if (entry === undefined || entry.kept || closed || entry.socket.destroyed) return false
+      if (entry === undefined || entry.kept || !server.listening || entry.socket.destroyed) return false
       entry.kept = true
       Queue.unsafeOffer(pending, { socket: entry.socket, reader: entry.reader })
       return true
