@@ -382,13 +382,12 @@ export const listen = (address: Address): Effect.Effect<Listener, TransportError
       const onError = (error: Error) =>
         resume(Effect.fail(new TransportError({ reason: "Listen", address: uri, detail: listenDetail(address, error), cause: error })))
       server.once("error", onError)
-      server.listen(
-        address._tag === "Unix" ? { path: address.path } : { host: address.host, port: address.port },
-        () => {
-          server.off("error", onError)
-          resume(Effect.void)
-        }
-      )
+      const listening = () => {
+        server.off("error", onError)
+        resume(Effect.void)
+      }
+      if (address._tag === "Unix") listenUnix(server, address.path, listening)
+      else server.listen({ host: address.host, port: address.port }, listening)
     })
     yield* address._tag === "Unix"
       // a socket file left by a listener that died (kill -9) is removed, as QEMU does; anything else stays
@@ -455,6 +454,38 @@ const requeues = new WeakMap<Listener, (connection: Connection) => boolean>()
  */
 export const unsafeRequeue = (listener: Listener, connection: Connection): boolean =>
   requeues.get(listener)?.(connection) ?? false
+
+/**
+ * Listens on a Unix socket whose file is never writable by others, whatever the umask (connecting takes write
+ * permission on it): under umask 000, a service manager's or a container's, it was made srwxrwxrwx and any local
+ * user could connect and, without TLS, offer the migration its pages. Owner and group get what the umask gives.
+ * The umask is narrowed for the bind itself (Node binds and listens within `listen`, at once), so that no
+ * connection comes before the file is right, and restored at once; where the umask cannot be set (a worker
+ * thread), the file is changed right after.
+ */
+const listenUnix = (server: Net.Server, path: string, listening: () => void): void => {
+  const umask = process.umask()
+  let narrowed = false
+  try {
+    process.umask(umask | 0o002)
+    narrowed = true
+  } catch {
+    // a worker thread: the chmod below
+  }
+  try {
+    server.listen({ path }, listening)
+  } finally {
+    if (narrowed) process.umask(umask)
+  }
+  // a bind that failed made no file (its error comes as an event)
+  if (!narrowed && server.listening) {
+    try {
+      FsSync.chmodSync(path, 0o777 & ~(umask | 0o002))
+    } catch {
+      // gone already: nothing to connect to
+    }
+  }
+}
 
 /** The address a server listens on: a TCP port of 0 replaced by the port it got, once it has one. */
 const boundAddress = (address: SocketAddress, server: Net.Server): Address => {

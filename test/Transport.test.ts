@@ -359,6 +359,59 @@ describe("listen on unix: where something already is", () => {
   })
 })
 
+describe("listen on unix: who may connect", () => {
+  /** Whether a process of user nobody can connect to the socket at `path`: "connected", or the error's code. */
+  const connectAsNobody = (path: string) =>
+    Effect.promise(() =>
+      new Promise<string>((resolve) => {
+        const script = `require("node:net").connect(${JSON.stringify(path)})` +
+          `.on("connect", () => { console.log("connected"); process.exit(0) })` +
+          `.on("error", (e) => { console.log(e.code); process.exit(0) })`
+        const child = ChildProcess.spawn("setpriv", ["--reuid=65534", "--regid=65534", "--clear-groups", "--", process.execPath, "-e", script], {
+          stdio: ["ignore", "pipe", "inherit"]
+        })
+        let out = ""
+        child.stdout.on("data", (chunk) => (out += chunk))
+        child.once("error", (error) => resolve(`cannot run: ${error.message}`))
+        child.once("close", () => resolve(out.trim()))
+      })
+    )
+
+  // a socket file's mode comes from the umask: under umask 000 (a service manager's, a container's) it was
+  // srwxrwxrwx, and any local user could connect and, without TLS, offer the migration its pages
+  it.live("under umask 000 the socket file is not writable by others: another local user cannot connect", (ctx) => {
+    const path = tempSocketPath("umask")
+    return leakFree(Effect.gen(function*() {
+      const previous = process.umask(0)
+      yield* Effect.addFinalizer(() => Effect.sync(() => void process.umask(previous)))
+      const listener = yield* listen(addr(`unix:${path}`))
+      // nothing else this process made meanwhile is touched: the umask is the one it set
+      expect(process.umask()).toBe(0)
+      expect((Fs.lstatSync(path).mode & 0o777).toString(8)).toBe("775")
+      // its owner still connects
+      yield* Effect.scoped(Effect.all([connect(listener.address), listener.accept], { concurrency: 2 }))
+      if (process.geteuid?.() !== 0 || ChildProcess.spawnSync("setpriv", ["--version"]).status !== 0) {
+        return ctx.skip("needs root and setpriv, to connect as another user")
+      }
+      // the directory lets everyone through (/tmp): only the socket's mode stops nobody
+      expect(yield* connectAsNobody(path)).toBe("EACCES")
+    }).pipe(Effect.scoped))
+  })
+
+  it.live("under umask 022 and 077 the socket file has what the umask gives", () =>
+    leakFree(Effect.gen(function*() {
+      for (const [mask, mode] of [[0o022, "755"], [0o002, "775"], [0o077, "700"]] as const) {
+        const path = tempSocketPath("umask")
+        yield* Effect.scoped(Effect.gen(function*() {
+          const previous = process.umask(mask)
+          yield* Effect.addFinalizer(() => Effect.sync(() => void process.umask(previous)))
+          yield* listen(addr(`unix:${path}`))
+          expect((Fs.lstatSync(path).mode & 0o777).toString(8)).toBe(mode)
+        }))
+      }
+    })))
+})
+
 describe("round trip", () => {
   it.live("vectored write, exact reads, readInto, readScatter, peek, atEnd", () =>
     leakFree(Effect.gen(function*() {
