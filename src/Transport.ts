@@ -13,12 +13,14 @@ import * as Deferred from "effect/Deferred"
 import * as Duration from "effect/Duration"
 import * as Effect from "effect/Effect"
 import * as Either from "effect/Either"
+import * as ExecutionStrategy from "effect/ExecutionStrategy"
 import * as Exit from "effect/Exit"
 import * as Fiber from "effect/Fiber"
 import * as Layer from "effect/Layer"
 import * as Option from "effect/Option"
 import * as Queue from "effect/Queue"
-import type * as Scope from "effect/Scope"
+import * as Scope from "effect/Scope"
+import * as Dns from "node:dns"
 import * as FsSync from "node:fs"
 import * as Fs from "node:fs/promises"
 import * as Net from "node:net"
@@ -341,63 +343,79 @@ export const listen = (address: Address): Effect.Effect<Listener, TransportError
     // once the listener's scope closed, every accept (waiting or to come) fails: a destination given a listener
     // that is gone waited for ever while every source was refused
     const gone = yield* Deferred.make<never, TransportError>()
-    const server = yield* Effect.acquireRelease(
-      Effect.sync(() =>
-        // paused on connect: each socket is re-wrapped to read long runs straight into guest memory
-        Net.createServer({ noDelay: true, pauseOnConnect: true }, (raw) => {
-          if (Option.getOrElse(pending.unsafeSize(), () => 0) >= MAX_QUEUED) {
-            raw.on("error", () => {})
-            raw.destroy()
-            return
+    /** A server on `bindTo` whose connections go to `pending`, closed with the scope; bound, or failed. */
+    const serve = (bindTo: SocketAddress) =>
+      Effect.gen(function*() {
+        const server = yield* Effect.acquireRelease(
+          Effect.sync(() =>
+            // paused on connect: each socket is re-wrapped to read long runs straight into guest memory
+            Net.createServer({ noDelay: true, pauseOnConnect: true }, (raw) => {
+              if (Option.getOrElse(pending.unsafeSize(), () => 0) >= MAX_QUEUED) {
+                raw.on("error", () => {})
+                raw.destroy()
+                return
+              }
+              const { reader, socket } = DirectSocket.rewrap(raw)
+              socket.on("error", () => {}) // errors surface on read; this keeps an early reset from crashing
+              accepted.add(socket)
+              socket.once("close", () => accepted.delete(socket))
+              Queue.unsafeOffer(pending, { socket, reader })
+            })
+          ),
+          // stop accepting first, then destroy what was accepted: a connection accepted while the stragglers
+          // close would otherwise be left open
+          (server) =>
+            Effect.flatMap(stopAccepting(server), (closed) =>
+              Effect.zipRight(
+                Effect.forEach(Array.from(accepted), destroy, { discard: true, concurrency: "unbounded" }),
+                closed
+              ))
+        )
+        const bind = Effect.async<void, TransportError>((resume) => {
+          const onError = (error: Error) => {
+            // a host name's address other than the name itself: which of them failed
+            const which = bindTo._tag === "Tcp" && address._tag === "Tcp" && bindTo.host !== address.host
+              ? ` (on ${bindTo.host}, an address of ${address.host})`
+              : ""
+            resume(Effect.fail(new TransportError({
+              reason: "Listen",
+              address: uri,
+              detail: listenDetail(bindTo, error) + which,
+              cause: error
+            })))
           }
-          const { reader, socket } = DirectSocket.rewrap(raw)
-          socket.on("error", () => {}) // errors surface on read; this keeps an early reset from crashing
-          accepted.add(socket)
-          socket.once("close", () => accepted.delete(socket))
-          Queue.unsafeOffer(pending, { socket, reader })
+          server.once("error", onError)
+          const listening = () => {
+            server.off("error", onError)
+            resume(Effect.void)
+          }
+          if (bindTo._tag === "Unix") listenUnix(server, bindTo.path, listening)
+          else server.listen({ host: bindTo.host, port: bindTo.port }, listening)
         })
-      ),
-      // stop accepting first, then destroy what was accepted: a connection accepted while the stragglers
-      // close would otherwise be left open
-      (server) => {
-        // read before the server closes: the port it got (a listen that failed has none, and names the one given)
-        const named = formatAddress(boundAddress(address, server))
-        return Effect.flatMap(stopAccepting(server), (closed) =>
-          Effect.zipRight(
-            Deferred.fail(gone, new TransportError({
-              reason: "Closed",
-              address: named,
-              detail: "the listener is closed (its scope has ended): listen again"
-            })),
-          Effect.zipRight(
-            Effect.forEach(Array.from(accepted), destroy, { discard: true, concurrency: "unbounded" }),
-            closed
-          )))
-      }
-    )
-    // a connection handed out and given back (`unsafeRequeue`) is kept open when the scope it was accepted in closes
-    const handedOut = new WeakMap<Connection, { readonly socket: Net.Socket; readonly reader: DirectSocket.DirectReader; kept: boolean }>()
-    // (whether the listener is closed is the server's own state: it stops listening first thing in its release)
-    const bind = Effect.async<void, TransportError>((resume) => {
-      const onError = (error: Error) =>
-        resume(Effect.fail(new TransportError({ reason: "Listen", address: uri, detail: listenDetail(address, error), cause: error })))
-      server.once("error", onError)
-      const listening = () => {
-        server.off("error", onError)
-        resume(Effect.void)
-      }
-      if (address._tag === "Unix") listenUnix(server, address.path, listening)
-      else server.listen({ host: address.host, port: address.port }, listening)
-    })
-    yield* address._tag === "Unix"
-      // a socket file left by a listener that died (kill -9) is removed, as QEMU does; anything else stays
-      ? Effect.catchIf(bind, isInUse, (error) => Effect.zipRight(clearStale(address.path, error), bind))
-      : bind
-    // known until the server closes (which removes it): a process that exits at once removes it itself
-    if (address._tag === "Unix") yield* SocketFiles.held(address.path)
-    server.on("error", () => {}) // after listening, failures show up on the accepted sockets
-    const actual = boundAddress(address, server)
+        yield* bindTo._tag === "Unix"
+          // a socket file left by a listener that died (kill -9) is removed, as QEMU does; anything else stays
+          ? Effect.catchIf(bind, isInUse, (error) => Effect.zipRight(clearStale(bindTo.path, error), bind))
+          : bind
+        // known until the server closes (which removes it): a process that exits at once removes it itself
+        if (bindTo._tag === "Unix") yield* SocketFiles.held(bindTo.path)
+        server.on("error", () => {}) // after listening, failures show up on the accepted sockets
+        return server
+      })
+    const port = address._tag === "Unix" ? undefined : yield* bindTcp(address, uri, serve)
+    if (address._tag === "Unix") yield* serve(address)
+    const actual: Address = address._tag === "Tcp" ? { ...address, port: port! } : address
     const actualUri = formatAddress(actual)
+    // first as the scope closes (before the servers stop accepting): the listener's, not a server's (a server
+    // of a port picked again, closed, is not the listener's end)
+    yield* Effect.addFinalizer(() =>
+      Deferred.fail(gone, new TransportError({
+        reason: "Closed",
+        address: actualUri,
+        detail: "the listener is closed (its scope has ended): listen again"
+      }))
+    )
+    // a connection handed out and given back (`requeue`) is kept open when the scope it was accepted in closes
+    const handedOut = new WeakMap<Connection, { readonly socket: Net.Socket; readonly reader: DirectSocket.DirectReader; kept: boolean }>()
     const listener: Listener = {
       address: actual,
       // the wait runs interruptible in a fiber of its own, interrupted by the join alone: asked uninterruptibly (an
@@ -415,9 +433,8 @@ export const listen = (address: Address): Effect.Effect<Listener, TransportError
                 Effect.flatMap(Fiber.interrupt(waiting), (exit) =>
                   Exit.isFailure(exit)
                     ? Effect.void
-                    : !server.listening
-                    ? destroy(exit.value.socket)
-                    : Effect.sync(() => Queue.unsafeOffer(pending, exit.value)))),
+                    : Effect.flatMap(Deferred.isDone(gone), (closed) =>
+                      closed ? destroy(exit.value.socket) : Effect.sync(() => Queue.unsafeOffer(pending, exit.value))))),
               ({ reader, socket }) =>
                 Effect.acquireRelease(
                   Effect.sync(() => {
@@ -431,18 +448,19 @@ export const listen = (address: Address): Effect.Effect<Listener, TransportError
         )
       )
     }
-    requeues.set(listener, (connection) => {
-      const entry = handedOut.get(connection)
-      if (entry === undefined || entry.kept || !server.listening || entry.socket.destroyed) return false
-      entry.kept = true
-      Queue.unsafeOffer(pending, { socket: entry.socket, reader: entry.reader })
-      return true
-    })
+    requeues.set(listener, (connection) =>
+      Effect.map(Deferred.isDone(gone), (closed) => {
+        const entry = handedOut.get(connection)
+        if (entry === undefined || entry.kept || closed || entry.socket.destroyed) return false
+        entry.kept = true
+        Queue.unsafeOffer(pending, { socket: entry.socket, reader: entry.reader })
+        return true
+      }))
     return listener
   })
 
-/** How each listener `listen` made takes a connection back (`unsafeRequeue`). */
-const requeues = new WeakMap<Listener, (connection: Connection) => boolean>()
+/** How each listener `listen` made takes a connection back (`requeue`). */
+const requeues = new WeakMap<Listener, (connection: Connection) => Effect.Effect<boolean>>()
 
 /**
  * Gives `connection`, which `listener` handed out and of which nothing was read but what was peeked, back to the
@@ -452,8 +470,70 @@ const requeues = new WeakMap<Listener, (connection: Connection) => boolean>()
  *
  * @internal
  */
-export const unsafeRequeue = (listener: Listener, connection: Connection): boolean =>
-  requeues.get(listener)?.(connection) ?? false
+export const requeue = (listener: Listener, connection: Connection): Effect.Effect<boolean> =>
+  Effect.suspend(() => requeues.get(listener)?.(connection) ?? Effect.succeed(false))
+
+type TcpAddress = Extract<Address, { readonly _tag: "Tcp" }>
+
+/**
+ * The addresses a listener on `address` binds: an IP address itself; a host name, every address it resolves to,
+ * as QEMU's listener does. `localhost` is ::1 and 127.0.0.1 on most systems, and Node's listen binds the first
+ * alone: `recv tcp:localhost:4444` refused a source at tcp:127.0.0.1:4444, or QEMU's `migrate` of the same name
+ * resolving the other way.
+ */
+const listenHosts = (address: TcpAddress, uri: string): Effect.Effect<ReadonlyArray<string>, TransportError> =>
+  isIp(address.host) ? Effect.succeed([address.host]) : Effect.async((resume) => {
+    Dns.lookup(address.host, { all: true }, (error, found) =>
+      resume(
+        error !== null
+          ? Effect.fail(new TransportError({ reason: "Listen", address: uri, detail: describeError(error), cause: error }))
+          : Effect.succeed(Array.from(new Set(found.map((a) => a.address))))
+      ))
+  })
+
+/** A bind this machine cannot make (an IPv6 address where IPv6 is off): passed over while another address of the name binds. */
+const unavailable = (error: TransportError): boolean => {
+  const code = (error.cause as NodeJS.ErrnoException | undefined)?.code
+  return code === "EADDRNOTAVAIL" || code === "EAFNOSUPPORT"
+}
+
+/** The port a TCP server listens on. */
+const portOf = (server: Net.Server): number => (server.address() as Net.AddressInfo).port
+
+/**
+ * Binds a server on every address of `address` (`listenHosts`), all on one port: the first one's, when 0 was
+ * asked (picked again if another address has it taken). Gives the port.
+ */
+const bindTcp = (
+  address: TcpAddress,
+  uri: string,
+  serve: (bindTo: SocketAddress) => Effect.Effect<Net.Server, TransportError, Scope.Scope>
+): Effect.Effect<number, TransportError, Scope.Scope> =>
+  Effect.gen(function*() {
+    const hosts = yield* listenHosts(address, uri)
+    if (hosts.length === 1) return portOf(yield* serve({ _tag: "Tcp", host: hosts[0]!, port: address.port }))
+    const all = Effect.gen(function*() {
+      let port = address.port
+      let bound = 0
+      let passedOver: TransportError | undefined
+      for (const host of hosts) {
+        const served = yield* Effect.either(serve({ _tag: "Tcp", host, port }))
+        if (Either.isRight(served)) {
+          if (bound++ === 0) port = portOf(served.right)
+        } else if (unavailable(served.left)) {
+          passedOver ??= served.left
+        } else {
+          return yield* served.left
+        }
+      }
+      return bound > 0 ? port : yield* passedOver!
+    })
+    // in a scope of their own, closed at once when one failed: a port picked again binds every address anew
+    const attempt = Effect.flatMap(Effect.scope, (outer) =>
+      Effect.flatMap(Scope.fork(outer, ExecutionStrategy.sequential), (inner) =>
+        Effect.onError(Scope.extend(all, inner), (cause) => Scope.close(inner, Exit.failCause(cause)))))
+    return yield* address.port === 0 ? Effect.retry(attempt, { times: 8, while: isInUse }) : attempt
+  })
 
 /**
  * Listens on a Unix socket whose file is never writable by others, whatever the umask (connecting takes write
@@ -485,14 +565,6 @@ const listenUnix = (server: Net.Server, path: string, listening: () => void): vo
       // gone already: nothing to connect to
     }
   }
-}
-
-/** The address a server listens on: a TCP port of 0 replaced by the port it got, once it has one. */
-const boundAddress = (address: SocketAddress, server: Net.Server): Address => {
-  const bound = server.address()
-  return address._tag === "Tcp" && bound !== null && typeof bound === "object"
-    ? { _tag: "Tcp", host: address.host, port: bound.port }
-    : address
 }
 
 /**

@@ -144,6 +144,35 @@ describe("multifd send/recv", () => {
     expect(lines(send.stderr)).toEqual([]) // --json: no summary
   })
 
+  // Node's listen binds the first address a name resolves to: where /etc/hosts lists localhost as 127.0.0.1 and ::1
+  // (Debian's), glibc gives ::1 first, and recv tcp:localhost:PORT listened on ::1 alone: a source at
+  // tcp:127.0.0.1:PORT was refused. QEMU's listener binds every address of the name; so does recv
+  it("recv tcp:localhost:0 where localhost is 127.0.0.1 and ::1: a source at the address resolved second migrates", async (ctx) => {
+    const hosts = Path.join(dir, "hosts")
+    Fs.writeFileSync(hosts, "127.0.0.1 localhost\n::1 localhost ip6-localhost ip6-loopback\n")
+    // recv in a mount namespace of its own, where /etc/hosts is that file
+    const under = ["unshare", "-m", "sh", "-c", `mount --bind ${hosts} /etc/hosts && exec "$0" "$@"`]
+    const probe = ChildProcess.spawnSync(under[0]!, [...under.slice(1), "getent", "ahosts", "localhost"], { encoding: "utf8" })
+    const resolved = [...new Set(probe.stdout.split("\n").map((line) => line.split(/\s+/)[0]!).filter((a) => a !== ""))]
+    if (probe.status !== 0 || resolved.length !== 2) {
+      return ctx.skip(`needs unshare -m and mount (root), to give recv a hosts file: ${probe.stderr.trim()}`)
+    }
+    const v6 = await new Promise<boolean>((resolve) => {
+      const server = Net.createServer().once("error", () => resolve(false))
+      server.listen(0, "::1", () => server.close(() => resolve(true)))
+    })
+    if (!v6) return ctx.skip("needs IPv6 on the loopback")
+    const out = Path.join(dir, "localhost.out")
+    const recv = await startRecv(["tcp:localhost:0", "--out", out], { under })
+    const port = /^tcp:localhost:(\d+)$/.exec(recv.uri)![1]
+    const second = resolved[1]!
+    const send = await run(["send", `tcp:${Net.isIPv6(second) ? `[${second}]` : second}:${port}`, "--in", image])
+    const received = await recv.finished
+    expect(send.code, send.stderr).toBe(0)
+    expect(received.code, received.stderr).toBe(0)
+    expect(Fs.readFileSync(out).equals(Fs.readFileSync(image))).toBe(true)
+  })
+
   it("send --max-bandwidth 16M: the image arrives no faster than the limit allows, spread over the channels", async () => {
     const out = Path.join(dir, "limited.out")
     const recv = await startRecv(["tcp:127.0.0.1:0", "--out", out])

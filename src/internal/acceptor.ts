@@ -149,11 +149,10 @@ export const start = <E>(
         if (ended !== undefined && options.upgrade === undefined && mains !== undefined && mains.isMain(first.right)) {
           return yield* Effect.ensuring(
             ended,
-            Effect.suspend(() =>
-              Transport.unsafeRequeue(mains.listener, connection)
+            Effect.flatMap(Transport.requeue(mains.listener, connection), (requeued) =>
+              requeued
                 ? Effect.logDebug(`a main channel from ${connection.peer} waits for the listener's next migration`)
-                : Effect.void
-            )
+                : Effect.void)
           )
         }
         return yield* options.classify(connection, first.right, reject, since)

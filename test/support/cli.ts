@@ -49,6 +49,11 @@ export interface StartOptions {
   readonly stdout?: number | undefined
   /** The child's working directory (default: the repository). */
   readonly cwd?: string | undefined
+  /**
+   * A command the child runs under, given the node command line after it (`unshare -m sh -c '...; exec "$0" "$@"'`:
+   * the command in a mount namespace of its own).
+   */
+  readonly under?: ReadonlyArray<string> | undefined
   /** Another copy of the bundle to run (with `entry` "bundle"), as one beside other node_modules. */
   readonly bundle?: string | undefined
 }
@@ -70,7 +75,7 @@ export const start = (args: ReadonlyArray<string>, options: StartOptions = {}): 
   const [command, argv] = limits.length === 0
     ? [process.execPath, [...entry, ...args]]
     : ["/bin/sh", ["-c", `${limits.join(" && ")} && exec "$0" "$@"`, process.execPath, ...entry, ...args]]
-  const child = ChildProcess.spawn(command, argv, {
+  const child = ChildProcess.spawn(options.under?.[0] ?? command, options.under === undefined ? argv : [...options.under.slice(1), command, ...argv], {
     cwd: options.cwd ?? ROOT,
     stdio: ["ignore", options.stdout ?? "pipe", "pipe"],
     env: { ...process.env, NO_COLOR: "1", ...options.env }
