@@ -384,9 +384,12 @@ export type ReceiveError = Transport.TransportError | ProtocolError
  */
 export const receive = (connection: Transport.Connection): Effect.Effect<Message, ReceiveError> =>
   Effect.gen(function*() {
-    const length = (yield* connection.read(4)).readUInt32BE(0)
+    const header = yield* connection.read(4)
+    const length = header.readUInt32BE(0)
     if (length > MAX_FRAME) {
-      return yield* badMessage(`frame of ${length} bytes exceeds ${MAX_FRAME}`)
+      // text where a length belongs (a peer of another protocol: "SSH-", "HTTP") is shown as such
+      const text = /^[\x20-\x7e]{4}$/.test(header.toString("latin1")) ? ` (${JSON.stringify(header.toString("latin1"))} as text)` : ""
+      return yield* badMessage(`frame of ${length} bytes${text} exceeds ${MAX_FRAME}`)
     }
     return yield* decode(yield* connection.read(length))
   })

@@ -41,7 +41,7 @@ import * as MigrationError from "../src/MigrationError.js"
 import * as Protocol from "../src/Protocol.js"
 import * as Snapshot from "../src/Snapshot.js"
 import * as Transport from "../src/Transport.js"
-import { failureOf } from "./support/failures.js"
+import { expectOneLine, failureOf } from "./support/failures.js"
 import { tempDirectory } from "./support/files.js"
 import { fakeDestination } from "./support/fakeDestination.js"
 import { fakeSource, syncPacket } from "./support/fakeSource.js"
@@ -52,6 +52,7 @@ import { leakFree, nextTurn, tempSocketPath } from "./support/handles.js"
 import { mixedImage } from "./support/images.js"
 import { sameMemory } from "./support/memory.js"
 import { stranger, turnedAway } from "./support/strangers.js"
+import { loopbackServer } from "./support/tcpServer.js"
 import { controlMagic, smallHello } from "./support/wire.js"
 
 // ---------------------------------------------------------------------------------------------------------
@@ -892,6 +893,45 @@ describe("strangers are candidates, never owners", () => {
       expect(sameMemory(result.ram, ram)).toBe(true)
       expect(result.rejected).toHaveLength(sockets.length)
       for (const line of result.rejected) expect(line).toContain("a multifd channel without a migration: timed out after 5s")
+    })))
+})
+
+describe("a source that reached something other than a multifd destination", () => {
+  // an answer that is no control message was read as a frame's length: "main channel: bad control message: frame
+  // of 1397966893 bytes exceeds 1048576", naming neither the peer nor what it was
+  const others = [
+    { name: "an SSH server (its banner)", answer: (socket: Net.Socket) => void socket.write("SSH-2.0-OpenSSH_9.6\r\n"), text: "\"SSH-\"" },
+    {
+      name: "an HTTP server (its answer)",
+      answer: (socket: Net.Socket) => void socket.once("data", () => socket.end("HTTP/1.1 400 Bad Request\r\n\r\n")),
+      text: "\"HTTP\""
+    },
+    { name: "a binary protocol", answer: (socket: Net.Socket) => void socket.write(Buffer.from([0xde, 0xad, 0xbe, 0xef])), text: "" }
+  ]
+  for (const other of others) {
+    it.scopedLive(`${other.name}: Rejected, naming the address, not a multifd destination`, () =>
+      Effect.gen(function*() {
+        const { address } = yield* loopbackServer((socket) => other.answer(socket))
+        const error = failureOf(yield* Effect.exit(noHang(migrateTo(address, yield* sourceRam()), "the source")))
+        expect(error).toMatchObject({ _tag: "MigrationError", reason: "Rejected" })
+        expectOneLine(error)
+        expect(error.message).toMatch(
+          new RegExp(`^${Transport.formatAddress(address)} is not a multifd destination: its answer is no control message \\(`)
+        )
+        expect(error.message).toContain(other.text)
+      }))
+  }
+
+  it.effect("a server that says nothing: the source times out after its peer timeout, naming the address (TestClock)", () =>
+    leakFree(Effect.gen(function*() {
+      const { address } = yield* loopbackServer(() => {})
+      const source = yield* Effect.fork(migrateTo(address, yield* sourceRam()))
+      yield* advanceUntil(fiberDone(source), "the source's timeout")
+      const error = failureOf(yield* Fiber.await(source))
+      expect(error).toMatchObject({ _tag: "MigrationError", reason: "Timeout" })
+      expect(error.message).toBe(
+        `timed out after 2s waiting for the destination (${Transport.formatAddress(address)}) to accept the migration`
+      )
     })))
 })
 

@@ -139,7 +139,15 @@ export const run = (
     // failed authentication here means no such thing: it says so itself)
     const controlFailure = Effect.catchAll(readerFailure, (error) =>
       Effect.flatMap(Deferred.isDone(answered), (isAnswered) =>
-        !isAnswered && error._tag === "ChannelError" && Transport.isLostConnection(error.cause)
+        // an answer that is no control message at all: a server of another protocol (SSH's banner, HTTP's
+        // answer) read as a frame "of 1397966893 bytes", which named neither the peer nor what it was
+        !isAnswered && error._tag === "ProtocolError"
+          ? new MigrationError.MigrationError({
+            reason: "Rejected",
+            detail: `${Transport.formatAddress(settings.address)} is not a multifd destination: its answer is no ` +
+              `control message (${error.detail})`
+          })
+          : !isAnswered && error._tag === "ChannelError" && Transport.isLostConnection(error.cause)
           ? new MigrationError.MigrationError({
             reason: "Rejected",
             // a TLS source that presented a certificate explains such a close itself (Tls.client)
@@ -195,7 +203,9 @@ export const run = (
           heartbeats: true
         })
       )
-      const answer = yield* next("waiting for the destination to accept the migration")
+      const answer = yield* next(
+        `waiting for the destination (${Transport.formatAddress(settings.address)}) to accept the migration`
+      )
       yield* Deferred.succeed(answered, undefined)
       if (answer._tag === "Reject") {
         return yield* new MigrationError.MigrationError({
