@@ -92,7 +92,8 @@ export const parseAddress = (uri: string): Either.Either<Address, TransportError
   }
   if (uri.startsWith("tcp:")) {
     // no blank in a host name: "tcp: 10.0.0.2:4444" (a stray space, a pasted line) was looked up, "host not found"
-    const m = /^tcp:(?:\[([0-9a-fA-F:.]+)\]|([^:[\]\s]+)):(\d{1,5})$/.exec(uri)
+    // an IPv6 address may carry its interface (fe80::1%eth0: a link-local address means nothing without one)
+    const m = /^tcp:(?:\[([0-9a-fA-F:.]+(?:%[^\]%\s]+)?)\]|([^:[\]\s]+)):(\d{1,5})$/.exec(uri)
     if (m === null) return bad("expected tcp:HOST:PORT (IPv6 as tcp:[::1]:PORT)")
     const host = m[1] ?? m[2]!
     if (m[1] !== undefined && Net.isIPv6(host) === false) return bad(`${host} is not an IPv6 address`)
@@ -572,10 +573,20 @@ const listenUnix = (server: Net.Server, path: string, listening: () => void): vo
  * ("permission denied"), which sends the user looking at permissions: the missing directory is named instead.
  */
 const listenDetail = (address: SocketAddress, error: Error): string => {
-  if (address._tag !== "Unix" || (error as NodeJS.ErrnoException).code !== "EACCES") return describeError(error)
+  if (address._tag === "Tcp") return tcpDetail(address, error)
+  if ((error as NodeJS.ErrnoException).code !== "EACCES") return describeError(error)
   const dir = Path.dirname(address.path)
   return FsSync.existsSync(dir) ? describeError(error) : `no such directory: ${dir}${tildeHint(address.path)}`
 }
+
+/**
+ * What a failed TCP listen or connect says. An IPv6 link-local address without its interface is EINVAL, which Node
+ * words as "listen EINVAL: invalid argument fe80::1:4444": the interface it needs is named instead.
+ */
+const tcpDetail = (address: TcpAddress, error: Error): string =>
+  (error as NodeJS.ErrnoException).code === "EINVAL" && /^fe[89ab][0-9a-f]:/i.test(address.host) && !address.host.includes("%")
+    ? `a link-local address needs its interface, as tcp:[${address.host}%eth0]:${address.port}`
+    : describeError(error)
 
 /**
  * What to add when a missing path starts with `~`: a shell expands `~` only at the start of a word, never in
@@ -594,7 +605,8 @@ const connectDetail = (address: SocketAddress, error: Error): string => {
   if (address._tag === "Unix" && (error as NodeJS.ErrnoException).code === "ENOENT") {
     return describeError(error) + tildeHint(address.path)
   }
-  if (address._tag !== "Unix" || (error as NodeJS.ErrnoException).code !== "ECONNREFUSED") return describeError(error)
+  if (address._tag === "Tcp") return tcpDetail(address, error)
+  if ((error as NodeJS.ErrnoException).code !== "ECONNREFUSED") return describeError(error)
   try {
     const stat = FsSync.statSync(address.path)
     return stat.isSocket() ? describeError(error) : `${address.path} is ${kindOf(stat)}, not a socket`

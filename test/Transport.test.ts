@@ -80,6 +80,11 @@ const ipv6Available = await new Promise<boolean>((resolve) => {
   server.listen(0, "::1", () => server.close(() => resolve(true)))
 })
 
+/** A link-local IPv6 address of this machine with its interface (fe80::...%eth0), if it has one. */
+const linkLocal = Object.entries(Os.networkInterfaces()).flatMap(([name, addresses]) =>
+  (addresses ?? []).filter((a) => a.family === "IPv6" && a.address.startsWith("fe80:")).map((a) => `${a.address}%${name}`)
+)[0]
+
 const LOOPBACK = addr("tcp:127.0.0.1:0")
 
 // ---------------------------------------------------------------------------------------------------------
@@ -129,6 +134,29 @@ describe("parseAddress / formatAddress", () => {
       }
       const range = Either.getLeft(parseAddress("tcp:host:99999"))
       expect(range._tag === "Some" && range.value.detail).toContain("out of range")
+    })))
+
+  // an IPv6 link-local address means nothing without its interface (fe80::1 is on every link): tcp:[fe80::1%eth0]:P
+  // was refused as malformed ("expected tcp:HOST:PORT"), and without the interface listen and connect said Node's
+  // "listen EINVAL: invalid argument fe80::1:4444"
+  it.live("an IPv6 address with its interface (tcp:[fe80::1%eth0]:P) parses; a link-local one without says it needs one", () =>
+    leakFree(Effect.gen(function*() {
+      expect(parseAddress("tcp:[fe80::1%eth0]:4444")).toStrictEqual(Either.right({ _tag: "Tcp", host: "fe80::1%eth0", port: 4444 }))
+      expect(formatAddress({ _tag: "Tcp", host: "fe80::1%eth0", port: 4444 })).toBe("tcp:[fe80::1%eth0]:4444")
+      for (const uri of ["tcp:[fe80::1%]:1", "tcp:[fe80::1%et]h0]:1", "tcp:[fe80::1%eth 0]:1"]) {
+        expect(Either.isLeft(parseAddress(uri)), uri).toBe(true)
+      }
+      const needsInterface = "a link-local address needs its interface, as tcp:[fe80::1%eth0]:4444"
+      expectError(yield* Effect.flip(listen(addr("tcp:[fe80::1]:4444"))), ["Listen"], needsInterface)
+      expectError(yield* Effect.flip(connect(addr("tcp:[fe80::1]:4444"))), ["Connect"], needsInterface)
+    })))
+
+  it.live.skipIf(linkLocal === undefined)("listen and connect on a link-local address with its interface", () =>
+    leakFree(Effect.gen(function*() {
+      const { client, listener, server } = yield* pair(addr(`tcp:[${linkLocal}]:0`))
+      expect(formatAddress(listener.address)).toMatch(/^tcp:\[fe80:[0-9a-f:]+%[^\]]+\]:\d+$/)
+      yield* client.write([Buffer.from("zone")])
+      expect((yield* server.read(4)).toString()).toBe("zone")
     })))
 
   it.live("a TCP port outside 0-65535 given as an Address is a BadAddress error of listen and connect, leaving no socket handle", () =>
