@@ -3,8 +3,9 @@
  * backpressure, exact-length and scatter reads. Knows nothing of pages or packets. A connection over a Node
  * stream is implemented in `internal/native/connection`.
  *
- * Just over 400 lines: addresses, the service and its Node implementation (connect, listen, and making way
- * for a Unix listener where a stale socket file lies) belong together; most of the length is documentation.
+ * About 700 lines: addresses, the service and its Node implementation (connect; listen on every address of a
+ * host name, on a Unix socket others cannot write, making way where a stale socket file lies) belong together;
+ * most of the length is documentation.
  *
  * @since 0.1.0
  */
@@ -323,7 +324,9 @@ export const connect = (
 export const MAX_QUEUED = 512
 
 /**
- * Listens on TCP or a Unix socket; the server and every connection it accepted are closed with the scope.
+ * Listens on TCP or a Unix socket; the server and every connection it accepted are closed with the scope. A host
+ * name is listened on at every address it resolves to (`localhost`: ::1 and 127.0.0.1), on one port; a Unix
+ * socket's file is never writable by others, whatever the umask.
  * Connections nobody has accepted yet wait in a queue of `MAX_QUEUED`; more are closed as they come (each held a
  * descriptor and its socket until somebody accepted it or the listener closed: a migration that has all its
  * channels accepts no more until it ends, and strangers connecting meanwhile piled up to the open-files limit).
