@@ -31,6 +31,7 @@ import * as Deferred from "effect/Deferred"
 import * as FromQemu from "../src/cli/fromQemu.js"
 import * as Terminal from "../src/cli/terminal.js"
 import * as ChannelThreads from "../src/ChannelThreads.js"
+import * as Control from "../src/Control.js"
 import * as GuestRam from "../src/GuestRam.js"
 import * as MappedRam from "../src/MappedRam.js"
 import * as Migration from "../src/Migration.js"
@@ -55,6 +56,7 @@ import { mountTmpfs, tempDirectory } from "./support/files.js"
 import { expectNothingLeft } from "./support/leakProbe.js"
 import { expectNoLeaks, nextTurn } from "./support/handles.js"
 import { stranger, turnedAway } from "./support/strangers.js"
+import { controlMagic, smallHello } from "./support/wire.js"
 
 const FIXTURES = new URL("./fixtures/qemu-10.0.2/", import.meta.url)
 const fixture = (path: string): Buffer => Fs.readFileSync(new URL(path, FIXTURES))
@@ -1240,6 +1242,13 @@ describe("QemuIncoming.incoming: strangers are candidates, never owners", () => 
       name: "garbage",
       bytes: () => [Buffer.from("GET / HTTP/1.0\r\n\r\n")],
       listed: "not a QEMU migration stream (first bytes 47455420)"
+    },
+    {
+      // multifd send to recv --from-qemu: the user hears which command takes it, not hex alone
+      name: "a migration of this library's source (its control magic and hello)",
+      bytes: () => [controlMagic(), Control.encode(smallHello())],
+      listed: "not a QEMU migration stream (first bytes 454d4643): a migration of this library's source (multifd send), " +
+        "which a QEMU destination does not take (recv without --from-qemu does)"
     }
   ]
   for (const s of closing) {

@@ -660,6 +660,13 @@ describe("strangers are candidates, never owners", () => {
       name: "the multifd magic and half an init packet, then a close",
       bytes: () => [halfInit()],
       listed: "no valid init packet: peer closed the connection after 30 of 64 bytes"
+    },
+    {
+      // QEMU migrating to recv without --from-qemu: the user heard "first bytes 5145564d" and nothing more
+      name: "QEMU's migration stream (QEVM, file version 3)",
+      bytes: () => [Buffer.from("5145564d00000003", "hex")],
+      listed: "not a migration stream (first bytes 5145564d): QEMU's migration stream (QEVM), which this destination " +
+        "does not take (a QEMU destination does: recv --from-qemu)"
     }
   ]
   for (const s of closing) {

@@ -19,6 +19,7 @@ import * as Protocol from "../Protocol.js"
 import type * as Transport from "../Transport.js"
 import type * as Acceptor from "./acceptor.js"
 import * as PeerText from "./peerText.js"
+import * as QemuFormat from "./qemu/format.js"
 
 /** The main channel of a migration: the first connection that sent the control magic and a complete hello. */
 export interface MainChannel {
@@ -37,6 +38,21 @@ const candidateProblem = (error: Control.ReceiveError | MigrationError.Migration
 /** What first bytes of a TLS handshake record (0x16 0x03) mean to a destination that does not use TLS. */
 export const tlsHint = (first: Buffer): string =>
   first[0] === 0x16 && first[1] === 0x03 ? ": a TLS handshake, and this destination does not use TLS" : ""
+
+/**
+ * What first bytes of the other kind of migration mean: QEMU migrating to a destination of this library's sources
+ * (recv without --from-qemu), or a source of this library to one of QEMU's (recv --from-qemu, QemuIncoming). The
+ * connection was turned away as "not a migration stream (first bytes 5145564d)", and the destination went on
+ * waiting while QEMU failed, its user left to read hex.
+ */
+export const otherKindHint = (first: Buffer, expects: "ours" | "qemu"): string => {
+  const magic = first.length >= 4 ? first.readUInt32BE(0) : undefined
+  return expects === "ours" && magic === QemuFormat.FILE_MAGIC
+    ? ": QEMU's migration stream (QEVM), which this destination does not take (a QEMU destination does: recv --from-qemu)"
+    : expects === "qemu" && magic === Control.MAGIC
+    ? ": a migration of this library's source (multifd send), which a QEMU destination does not take (recv without --from-qemu does)"
+    : ""
+}
 
 /**
  * Why `channel` is no channel of the migration whose main channel is `main`, if it is not: another peer's (the
@@ -111,6 +127,6 @@ export const classifier = (
           Effect.catchIf(MultifdRecv.isStranger, (e) => reject(connection, e.message))
         )
       }
-      return yield* reject(connection, `not a migration stream (first bytes ${first.toString("hex")})${tlsHint(first)}`)
+      return yield* reject(connection, `not a migration stream (first bytes ${first.toString("hex")})${tlsHint(first)}${otherKindHint(first, "ours")}`)
     })
 }

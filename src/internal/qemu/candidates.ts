@@ -24,7 +24,7 @@ import * as Protocol from "../../Protocol.js"
 import * as QemuStream from "../../QemuStream.js"
 import type * as Transport from "../../Transport.js"
 import * as Acceptor from "../acceptor.js"
-import { otherPeer, tlsHint } from "../candidates.js"
+import { otherKindHint, otherPeer, tlsHint } from "../candidates.js"
 
 /** The candidates being accepted. */
 export interface Candidates {
@@ -135,7 +135,7 @@ export const start = (
           ? options.multifd
             ? channelCandidate(connection, reject, since)
             : reject(connection, "a multifd channel, but this destination expects QEMU without multifd (channels 0)")
-          : reject(connection, `not a QEMU migration stream (first bytes ${first.toString("hex")})${tlsHint(first)}`)
+          : reject(connection, `not a QEMU migration stream (first bytes ${first.toString("hex")})${tlsHint(first)}${otherKindHint(first, "qemu")}`)
     })
     const orphaned = Effect.gen(function*() {
       yield* Deferred.await(firstChannel)
