@@ -98,7 +98,12 @@ export interface Options<E = never> {
    * channel's is adopted (or the one the configuration record carries) and the others must match.
    */
   readonly uuid?: Uint8Array | undefined
-  /** QEMU's `multifd-flush-after-each-section` (machine types before 7.2): every EOS word is a flush too. */
+  /**
+   * QEMU's `multifd-flush-after-each-section`: every EOS word is a flush too. Default: as QEMU's machine type
+   * has it (on for machine types of QEMU 8.0 and before, `pc-i440fx-8.0`, `pc-q35-7.1`, ...), off once QEMU
+   * sends a `RAM_SAVE_FLAG_MULTIFD_FLUSH`; give it for a QEMU that sets it otherwise (`-global
+   * migration.multifd-flush-after-each-section=on`).
+   */
   readonly flushAfterEachSection?: boolean | undefined
   /**
    * `handshake`: how long a new connection has to prove itself (its first bytes, then QEMU's file header or a

@@ -186,6 +186,7 @@ const TAIL = MAIN.subarray(DEVICE_STATE_AT)
 
 /** A whole stream: header, configuration, RAM section of `blocks` with `start`/`part`/`end` records, tail. */
 const stream = (options: {
+  readonly machine?: string
   readonly blocks?: ReadonlyArray<readonly [string, number]>
   readonly before?: ReadonlyArray<Buffer>
   readonly start?: ReadonlyArray<Buffer>
@@ -195,7 +196,7 @@ const stream = (options: {
 }) =>
   Buffer.concat([
     header,
-    configuration(),
+    configuration(options.machine),
     ...(options.before ?? []),
     sectionStart(1, "ram", 4, [memSize(options.blocks ?? [["mem", 8 * PAGE]]), ...(options.start ?? [FLUSH]), EOS]),
     footer(1),
@@ -565,6 +566,32 @@ describe("QemuStream.read: pages on the main channel (zero-page-detection=legacy
       const { exit, seen } = yield* parse(stream({ start: [], parts: [[]], end: [] }), undefined, { flushAfterEachSection: true })
       expect(Exit.isSuccess(exit)).toBe(true)
       expect(seen.flushes).toBe(3)
+    }))
+
+  it.effect("by default as the machine type has it: every EOS word a flush for machine types of QEMU 8.0 and before, unless flush words come", () =>
+    Effect.gen(function*() {
+      const cases: ReadonlyArray<readonly [machine: string, flushWords: boolean, option: boolean | undefined, flushes: number]> = [
+        ["pc-i440fx-8.0", false, undefined, 3],
+        ["pc-q35-7.1", false, undefined, 3],
+        ["virt-2.12", false, undefined, 3],
+        // -global migration.multifd-flush-after-each-section=off: QEMU sends its flush words, and syncs at them only
+        ["pc-i440fx-8.0", true, undefined, 3],
+        ["pc-i440fx-8.1", false, undefined, 0],
+        ["pc-q35-10.0", false, undefined, 0],
+        ["none", false, undefined, 0],
+        ["pc-i440fx-8.0", false, false, 0],
+        ["none", false, true, 3]
+      ]
+      for (const [machine, flushWords, option, flushes] of cases) {
+        const words = flushWords ? [FLUSH] : []
+        const { exit, seen } = yield* parse(
+          stream({ machine, start: words, parts: [words], end: words }),
+          undefined,
+          option === undefined ? {} : { flushAfterEachSection: option }
+        )
+        expect(Exit.isSuccess(exit)).toBe(true)
+        expect({ machine, flushWords, option, flushes: seen.flushes }).toEqual({ machine, flushWords, option, flushes })
+      }
     }))
 })
 

@@ -338,8 +338,11 @@ export interface ReadOptions {
    */
   readonly pageSize?: number | undefined
   /**
-   * QEMU's `multifd-flush-after-each-section` (on for machine types before 7.2): every EOS word is a flush too.
-   * Default off, as QEMU 10 with a current machine type.
+   * QEMU's `multifd-flush-after-each-section`: every EOS word is a flush too, and QEMU sends no
+   * `RAM_SAVE_FLAG_MULTIFD_FLUSH`. Default: as the configuration record's machine type has it
+   * (`flushesAfterEachSection`: on for machine types of QEMU 8.0 and before, such as `pc-i440fx-8.0` or
+   * `pc-q35-7.1`, which QEMU 10 still runs), unless the stream is a mapped-ram file or a
+   * `RAM_SAVE_FLAG_MULTIFD_FLUSH` came (QEMU sends none with it on).
    */
   readonly flushAfterEachSection?: boolean | undefined
   /** Keep the device state after the RAM section (`Summary.deviceState`). Default off: it is drained. */
@@ -358,6 +361,20 @@ export interface ReadOptions {
 export type Ending =
   | { readonly _tag: "Complete"; readonly devices: number | undefined }
   | { readonly _tag: "Incomplete" }
+
+/**
+ * Whether QEMU's `multifd-flush-after-each-section` is on for `machine` (a configuration record's machine
+ * type) unless set otherwise: on for the versioned machine types of QEMU 8.0 and before (QEMU's `hw_compat_8_0`
+ * turns it on: `pc-i440fx-8.0`, `pc-q35-7.1`, `virt-6.2`), off for later ones and for unversioned ones
+ * (`none`, `microvm`). With it on, a multifd source syncs its channels before every EOS word and sends no
+ * `RAM_SAVE_FLAG_MULTIFD_FLUSH`, and a destination syncs them at every EOS word (and at each flush word).
+ */
+export const flushesAfterEachSection = (machine: string | undefined): boolean => {
+  const version = machine === undefined ? null : /-(\d+)\.(\d+)$/.exec(machine)
+  if (version === null) return false
+  const major = Number(version[1])
+  return major < 8 || (major === 8 && Number(version[2]) === 0)
+}
 
 /**
  * Checks the drained end of a stream (`tail` = its last bytes, `length` = how many were drained in all): a

@@ -97,7 +97,12 @@ export const describeChannels = (
     const inside = yield* recv.unfinished
     return (inside.length > 0 ? `${inside.map(MultifdRecv.describeUnfinished).join(", ")}; ` : "") +
       `${s.channels} of ${channels} multifd channels connected` +
-      (s.channels < channels ? ` (is QEMU's multifd-channels ${s.channels}?)` : "") +
+      // none at all, and none turned away (whose reasons say more): QEMU migrates without multifd
+      (s.channels === 0
+        ? turnedAway.length === 0 ? " (is QEMU's capability multifd on?)" : ""
+        : s.channels < channels
+        ? ` (is QEMU's multifd-channels ${s.channels}?)`
+        : "") +
       (turnedAway.length > 0 ? `; rejected: ${turnedAway.join("; ")}` : "")
   })
 
@@ -263,7 +268,8 @@ export const read = (
     const summary = yield* Effect.raceFirst(
       QemuStream.read(source, handler, {
         pageSize: config.pageSize,
-        flushAfterEachSection: config.flushAfterEachSection,
+        // (QEMU without multifd syncs nothing at an EOS word, whatever its machine type)
+        flushAfterEachSection: channels === 0 ? false : config.flushAfterEachSection,
         keepDeviceState: config.keepDeviceState
       }),
       watch

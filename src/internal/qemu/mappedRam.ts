@@ -358,6 +358,8 @@ export const open = (
     }
     const summary = yield* QemuStream.read(source, handler, {
       mappedRam: true,
+      // a file is a mapped-ram one (flushed once, after its block list) or one without multifd: no EOS flushes
+      flushAfterEachSection: false,
       keepDeviceState: true,
       pageSize: options.pageSize
     }).pipe(

@@ -11,6 +11,7 @@ import * as Effect from "effect/Effect"
 import * as GuestRam from "../../GuestRam.js"
 import {
   describeFlags,
+  flushesAfterEachSection,
   MAPPED_RAM_HEADER_SIZE,
   MAPPED_RAM_VERSION,
   type MappedRamHeader,
@@ -185,6 +186,7 @@ const readRamRecord = <E, R>(
         if (flags !== RamFlag.MULTIFD_FLUSH || address !== 0) {
           return yield* fail("Malformed", at, `${describeFlags(flags)} with address ${address}`)
         }
+        state.flushWords = true
         yield* handler.flush(state.flushes++)
         return "more"
       }
@@ -193,7 +195,7 @@ const readRamRecord = <E, R>(
           return yield* fail("Malformed", at, `${describeFlags(flags)} with address ${address}`)
         }
         if (state.ram.memory === undefined) return yield* fail("Malformed", at, "the RAM section started without its block list")
-        if (p.options.flushAfterEachSection) yield* handler.flush(state.flushes++)
+        if (flushesAtEos(p)) yield* handler.flush(state.flushes++)
         return "end"
       }
       case RamFlag.ZERO:
@@ -220,6 +222,15 @@ const readRamRecord = <E, R>(
         return yield* fail("UnknownRecord", at, `unknown RAM record ${describeFlags(flags)} in the RAM section`)
     }
   })
+
+/**
+ * Whether an EOS word is a flush too (QEMU's `multifd-flush-after-each-section`): as the option says, else as the
+ * machine type has it, unless the stream is a mapped-ram file (QEMU flushes it once after the block list) or a
+ * flush word came (QEMU sends none with it on).
+ */
+const flushesAtEos = <E, R>({ options, state }: Parser<E, R>): boolean =>
+  options.flushAfterEachSection ??
+    (!state.mappedRam && !state.flushWords && flushesAfterEachSection(state.configuration?.machine))
 
 /** The records of one RAM section record of `kind` (`SECTION_START`, `SECTION_PART`, `SECTION_END`), up to its EOS word. */
 export const readRamRecords = <E, R>(p: Parser<E, R>, kind: string): Effect.Effect<void, E | QemuStreamError, R> =>

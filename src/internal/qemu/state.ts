@@ -42,6 +42,8 @@ export interface State {
   readonly ram: RamState
   /** Flushes followed, and RAM section records read. */
   flushes: number
+  /** Whether a `RAM_SAVE_FLAG_MULTIFD_FLUSH` word came (QEMU sends none with flush-after-each-section on). */
+  flushWords: boolean
   ramSections: number
   /** Pages the main channel carried itself. */
   zeroPages: number
@@ -74,6 +76,7 @@ export const make = <E, R>(source: ByteSource<E>, handler: Handler<E, R>, option
     mappedRam: false,
     ram: { phase: "none", id: undefined, blocks: [], memory: undefined, lastBlock: undefined },
     flushes: 0,
+    flushWords: false,
     ramSections: 0,
     zeroPages: 0,
     normalPages: 0,
