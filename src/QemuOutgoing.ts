@@ -16,7 +16,8 @@
  *    page), EOS;
  * 4. every page of every block on the channels (zero pages as offsets only), a SYNC on every channel,
  *    SECTION_PART with MULTIFD_FLUSH, EOS; the commands of the RAM phase; SECTION_END after one more sync;
- *    then the device state, end marker and description, verbatim;
+ *    then the device state, end marker and description, verbatim (into a QEMU whose machine type is of QEMU 8.0
+ *    or before, multifd-flush-after-each-section on, each sync is followed by EOS alone, as its source sends it);
  * 5. the channels closed (TLS close_notify, FIN) while QEMU's `MIG_RP_MSG_SHUT` is awaited on the return path:
  *    0 once it loaded everything and started the VM. Only then does `migrate` succeed.
  *
@@ -35,6 +36,7 @@ import type * as Bandwidth from "./Bandwidth.js"
 import * as ChannelThreads from "./ChannelThreads.js"
 import * as OpenFiles from "./internal/native/openFiles.js"
 import * as Precopy from "./internal/precopy.js"
+import * as Format from "./internal/qemu/format.js"
 import * as PageWindow from "./internal/qemu/pageWindow.js"
 import * as Writer from "./internal/qemu/writer.js"
 import * as ReturnPath from "./internal/qemu/returnPath.js"
@@ -95,6 +97,12 @@ export interface Options<E = never> {
   readonly onProgress?: ((progress: Transfer.Progress) => Effect.Effect<void>) | undefined
   /** One bandwidth limit for the multifd channels (`Bandwidth.make`), as QEMU's `max-bandwidth`; none by default. */
   readonly maxBandwidth?: Bandwidth.Limit | undefined
+  /**
+   * QEMU's `multifd-flush-after-each-section` on the destination: it syncs the channels at every EOS word (and at
+   * each `RAM_SAVE_FLAG_MULTIFD_FLUSH`), so that the sections end without a flush word. Default: as the VM's
+   * machine type has it (on for machine types of QEMU 8.0 and before, `pc-i440fx-8.0`, `pc-q35-7.1`, ...).
+   */
+  readonly flushAfterEachSection?: boolean | undefined
 }
 
 /**
@@ -206,6 +214,11 @@ const send = <E>(options: Options<E>): Effect.Effect<Stats, OutgoingError | E, T
       : undefined
     const start = yield* Clock.currentTimeMillis
     const peer = (what: string) => within(timeouts.peer, what)
+    // a destination with multifd-flush-after-each-section on syncs its channels at the EOS word, and again at a
+    // flush word: a section then ends without one, as QEMU's own source ends it
+    const flushWord = options.flushAfterEachSection ?? Format.flushesAfterEachSection(vm.configuration?.machine)
+      ? []
+      : [Writer.MULTIFD_FLUSH]
 
     // 1. the main channel, its header and configuration, and the return path
     const main = yield* Effect.gen(function*() {
@@ -305,7 +318,7 @@ const send = <E>(options: Options<E>): Effect.Effect<Stats, OutgoingError | E, T
           guarded(send.sync).pipe(peer("waiting for the multifd channels to send their SYNC packets")),
           writeMain(record)
         )
-      yield* flush([Writer.MULTIFD_FLUSH, Writer.EOS, Writer.footer(id)])
+      yield* flush([...flushWord, Writer.EOS, Writer.footer(id)])
 
       // 4. every page, on whichever channel is idle
       whyClosed = "while it received the RAM"
@@ -351,12 +364,12 @@ const send = <E>(options: Options<E>): Effect.Effect<Stats, OutgoingError | E, T
           }
         }
       }))
-      yield* flush([Writer.ramPart(id, false), Writer.MULTIFD_FLUSH, Writer.EOS, Writer.footer(id)])
+      yield* flush([Writer.ramPart(id, false), ...flushWord, Writer.EOS, Writer.footer(id)])
 
       // 5. the commands, the RAM section's end, the device state
       whyClosed = "while it loaded the device state"
       yield* writeMain(vm.commands.map(Writer.command))
-      yield* flush([Writer.ramPart(id, true), Writer.MULTIFD_FLUSH, Writer.EOS, Writer.footer(id)])
+      yield* flush([Writer.ramPart(id, true), ...flushWord, Writer.EOS, Writer.footer(id)])
       yield* writeMain([deviceState])
     })
     yield* unlessStalled(transfer, progress, timeouts.peer, "while QEMU took nothing more of the migration")
