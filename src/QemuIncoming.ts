@@ -370,7 +370,8 @@ const receive = <E>(listener: Transport.Listener, options: Options<E>): Effect.E
         peer: timeouts.peer,
         onProgress: options.onProgress,
         keepDeviceState: options.vm === true,
-        returnPath
+        returnPath,
+        multifdTurnedAway: candidates.multifdTurnedAway
       })
       // every page arrived (the last flush synced every channel) and the device state is complete
       const vm = options.vm === true ? QemuVm.fromSummary(main.summary, main.ram) : undefined

@@ -1663,6 +1663,36 @@ describe("QemuIncoming with channels 0: QEMU without multifd, every page on the 
       expect(exit.value.rejected).toEqual([expect.stringContaining("a multifd channel, but this destination expects QEMU without multifd")])
     }))))
 
+  // QEMU with multifd on a machine type of QEMU 8.0 or before sends no flush word (multifd-flush-after-each-section):
+  // its pages went to the channels turned away, and the memory was zeros where they were, a success
+  it.live("no page on the main channel, or only zero pages with a multifd channel turned away: QEMU with multifd, refused saying so, not a success", () =>
+    expectNoLeaks(Effect.scoped(Effect.gen(function*() {
+      const machine = "pc-i440fx-8.0"
+      const none = failureOf(yield* replayAll(yield* destination({ channels: 0 }), [stream({ machine, start: [], parts: [[]], end: [] })]))
+      expectOneLine(none)
+      expect(none).toMatchObject({ _tag: "MigrationError", reason: "Rejected" })
+      expect(none.message).toContain(
+        "QEMU sent none of its pages on its main channel: it migrates with multifd, but --channels 0 expects none: give its multifd-channels"
+      )
+      // the channel turned away first (QEMU's channels are ready before its main stream says anything of the RAM)
+      const turnedAway = yield* Deferred.make<void>()
+      const dst = yield* destination({ channels: 0 }, (line) => {
+        if (line.includes("a multifd channel, but this destination expects QEMU without multifd")) Deferred.unsafeDone(turnedAway, Exit.void)
+      })
+      yield* Effect.forkScoped(Effect.either(send(dst.address, CHANNEL_STREAMS[0]!)))
+      yield* noHang(Deferred.await(turnedAway), "the multifd channel turned away")
+      const zeros = stream({ machine, start: [], parts: [[zeroRecord(0, "mem"), zeroRecord(PAGE, undefined)]], end: [] })
+      const onlyZeros = failureOf(yield* replayAll(dst, [zeros]))
+      expectOneLine(onlyZeros)
+      expect(onlyZeros.message).toContain(
+        "QEMU sent only zero pages on its main channel (1 multifd channel turned away): it migrates with multifd, but --channels 0 expects none"
+      )
+      // QEMU without multifd whose memory is all zeros (no channel came): a success
+      const exit = yield* replayAll(yield* destination({ channels: 0 }), [zeros])
+      if (Exit.isFailure(exit)) throw new Error(Cause.pretty(exit.cause))
+      expect(exit.value.stats).toMatchObject({ channels: 0, normalPages: 0, zeroPages: 2 })
+    }))))
+
   it.live("a stream with MULTIFD_FLUSH (QEMU with multifd) fails at once, saying so", () =>
     expectNoLeaks(Effect.scoped(Effect.gen(function*() {
       const dst = yield* destination({ channels: 0 })

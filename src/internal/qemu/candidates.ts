@@ -42,6 +42,8 @@ export interface Candidates {
    * succeeds. The caller races it with `main` only.
    */
   readonly orphaned: Effect.Effect<never, MigrationError.MigrationError>
+  /** Multifd channels turned away because this destination expects QEMU without multifd (channels 0). */
+  readonly multifdTurnedAway: Effect.Effect<number>
 }
 
 /** Why a candidate failed, without its address (the rejection names it). */
@@ -71,6 +73,7 @@ export const start = (
     // the multifd channels that proved themselves, and the first one's proof (the main channel's wait starts)
     const channelsProved = yield* Ref.make(0)
     const firstChannel = yield* Deferred.make<void>()
+    const multifdTurnedAway = yield* Ref.make(0)
 
     /** The rest of a candidate's handshake, by the deadline that began at `since`. */
     const byDeadline = (since: number, what: string) => <A, E>(self: Effect.Effect<A, E>) =>
@@ -134,7 +137,10 @@ export const start = (
           : QemuStream.isMultifdChannel(first)
           ? options.multifd
             ? channelCandidate(connection, reject, since)
-            : reject(connection, "a multifd channel, but this destination expects QEMU without multifd (channels 0)")
+            : Effect.zipRight(
+              Ref.update(multifdTurnedAway, (n) => n + 1),
+              reject(connection, "a multifd channel, but this destination expects QEMU without multifd (channels 0)")
+            )
           : reject(connection, `not a QEMU migration stream (first bytes ${first.toString("hex")})${tlsHint(first)}${otherKindHint(first, "qemu")}`)
     })
     const orphaned = Effect.gen(function*() {
@@ -152,6 +158,7 @@ export const start = (
       rejected: acceptor.rejected,
       failure: acceptor.failure,
       started: Ref.get(started),
-      orphaned
+      orphaned,
+      multifdTurnedAway: Ref.get(multifdTurnedAway)
     }
   })

@@ -47,6 +47,8 @@ export interface Config {
   readonly keepDeviceState: boolean
   /** Set once QEMU's return path is open (the caller answers SHUT on it). */
   readonly returnPath: Ref.Ref<boolean>
+  /** With `channels` 0: how many multifd channels were turned away (QEMU with multifd sends its pages there). */
+  readonly multifdTurnedAway: Effect.Effect<number>
 }
 
 /** Everything reading the main stream can fail with. */
@@ -265,6 +267,25 @@ export const read = (
       Effect.catchAll(() => Effect.flatMap(insideAPacket, (inside) => inside ? watch : stalled))
     )
 
+    /**
+     * With `channels` 0, why the stream is not one of QEMU without multifd, if it is not: such a QEMU sends every
+     * page on this stream in its first pass (a ZERO or a PAGE record each); QEMU with multifd on a machine type of
+     * QEMU 8.0 or before sends no flush word that would say so, and its pages went to channels turned away: the
+     * memory would be zeros where they were.
+     */
+    const pagesElsewhere = (summary: QemuStream.Summary) =>
+      Effect.gen(function*() {
+        if (channels !== 0 || memory === undefined || memory.size === 0 || summary.normalPages > 0) return
+        const turnedAway = yield* config.multifdTurnedAway
+        if (summary.zeroPages > 0 && turnedAway === 0) return
+        return yield* new MigrationError.MigrationError({
+          reason: "Rejected",
+          detail: `QEMU sent ${summary.zeroPages === 0 ? "none of its pages" : "only zero pages"} on its main channel` +
+            (turnedAway > 0 ? ` (${turnedAway} multifd channel${turnedAway === 1 ? "" : "s"} turned away)` : "") +
+            ": it migrates with multifd, but --channels 0 expects none: give its multifd-channels"
+        })
+      })
+
     const summary = yield* Effect.raceFirst(
       QemuStream.read(source, handler, {
         pageSize: config.pageSize,
@@ -274,5 +295,6 @@ export const read = (
       }),
       watch
     )
+    yield* pagesElsewhere(summary)
     return { summary, ram: memory! }
   })
