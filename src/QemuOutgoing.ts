@@ -233,12 +233,16 @@ const send = <E>(options: Options<E>): Effect.Effect<Stats, OutgoingError | E, T
       )
     const configuration = vm.configuration === undefined ? [] : [Writer.configuration(vm.configuration, [])]
     yield* writeRaw([Writer.header(), ...configuration, Writer.openReturnPath(), Writer.ping(1)])
-    let whyClosed = "before it took the configuration"
+    const first = "before it took the configuration"
+    let whyClosed = first
     const returnPath = yield* ReturnPath.start(
       main,
       () =>
         `QEMU ended the migration ${whyClosed}: it refused it (another machine type or machine options, ` +
-        "another multifd-channels or multifd-compression, TLS, a device it cannot load? its log says) or it stopped"
+        "another multifd-channels or multifd-compression, " +
+        // (QEMU checks the channels' uuid as they connect, before it reads the configuration)
+        (whyClosed === first ? `a -uuid other than the channels' ${Protocol.formatUuid(uuid)} (--uuid), ` : "") +
+        "TLS, a device it cannot load? its log says) or it stopped"
     )
 
     // 2. the channels; QEMU reads the main stream once all are there, and answers the PING

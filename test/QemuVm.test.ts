@@ -423,6 +423,25 @@ describe.skipIf(missing !== undefined)(`QEMU ${"version" in qemu ? qemu.version 
       yield* expectResumed(dst)
     }))), 90_000)
 
+  // QEMU's destination requires its multifd channels to carry its -uuid (zeros without one): a VM whose source ran
+  // without capability validate-uuid (the default) has none in its file, and nothing could give it
+  it.live("a destination started with -uuid (as libvirt starts QEMU): without --uuid, one line naming the channels' uuid, exit 1; with it, QEMU resumes the VM", () =>
+    expectNoLeaks(Effect.scoped(Effect.gen(function*() {
+      const uuid = "6c1bd8a6-4a6e-4c1f-9d36-1f0e3a2b5c7d"
+      const vmFile = yield* receivedVmFile("pc.vm")
+      const refused = yield* destination({ channels: 2 }, { extraArgs: ["-uuid", uuid] })
+      const sent = yield* cli(["send", refused.uri, "--to-qemu", "--vm", vmFile, "--channels", "2", "--quiet"])
+      expect(sent.code).toBe(1)
+      expect(sent.stderr).toHaveLength(1)
+      expect(sent.stderr[0]).toContain("a -uuid other than the channels' 00000000-0000-0000-0000-000000000000 (--uuid)")
+      expect(refused.stderr()).toContain(`expected uuid '${uuid}'`)
+      const dst = yield* destination({ channels: 2 }, { extraArgs: ["-uuid", uuid] })
+      const resumed = yield* cli(["send", dst.uri, "--to-qemu", "--vm", vmFile, "--channels", "2", "--uuid", uuid, "--json"])
+      expect(resumed).toMatchObject({ code: 0, stderr: [] })
+      expect(JSON.parse(resumed.stdout.join(""))).toMatchObject({ uuid })
+      yield* expectResumed(dst)
+    }))), 90_000)
+
   it.live("a destination of another machine (q35): send --to-qemu fails with one line, exit 1", () =>
     expectNoLeaks(Effect.scoped(Effect.gen(function*() {
       const vmFile = yield* receivedVmFile("pc.vm")
@@ -585,6 +604,8 @@ describe("the command line of whole VMs: usage", () => {
         [["send", "tcp:127.0.0.1:1", "--to-qemu"], /--to-qemu needs --vm FILE/],
         [["send", "tcp:127.0.0.1:1", "--to-qemu", "--vm", vmFile, "--in", vmFile], /--to-qemu takes the VM as --vm FILE, not --in/],
         [["send", "tcp:127.0.0.1:1", "--vm", vmFile], /--vm goes with --to-qemu/],
+        [["send", "tcp:127.0.0.1:1", "--in", vmFile, "--uuid", "6c1bd8a6-4a6e-4c1f-9d36-1f0e3a2b5c7d"], /--uuid goes with --to-qemu/],
+        [["send", "tcp:127.0.0.1:1", "--to-qemu", "--vm", vmFile, "--uuid", "6c1bd8a6"], /--uuid 6c1bd8a6: not a uuid/],
         [["send", `file:${vmFile}`, "--to-qemu", "--vm", vmFile], /--to-qemu needs a tcp: or unix: uri/],
         [["send", "tcp:127.0.0.1:1", "--to-qemu", "--vm", Path.join(dir, "missing.vm")], /missing\.vm: .*no such file/],
         [["recv", "tcp:127.0.0.1:0", "--vm", vmFile], /--vm goes with --from-qemu/],

@@ -85,7 +85,7 @@ export const sendHelp = (width?: number): string => {
     usage: [`${NAME} send <uri> --in FILE [options]`, `${NAME} send <uri> --to-qemu --vm FILE --channels N [options]`],
     sections: [
       { heading: "Arguments", entries: Help.pick(all, ["<uri>", "--in"]) },
-      { heading: "To QEMU", entries: Help.pick(all, ["--to-qemu", "--vm"]) },
+      { heading: "To QEMU", entries: Help.pick(all, ["--to-qemu", "--vm", "--uuid"]) },
       { heading: "Transfer", entries: Help.pick(all, ["--channels", "--page-size", "--compression", "--compression-level", "--zero-page", "--max-bandwidth"]) },
       { heading: "TLS", entries: Help.pick(all, ["--tls-psk", "--tls-identity", "--tls-ca", "--tls-hostname", "--tls-cert", "--tls-key", "--tls-crl", "--tls-ciphers"]) },
       { heading: "Timing and output", entries: Help.pick(all, ["--timeout", "--reconnect", "--json", "--quiet", "--verbose"]) }

@@ -159,6 +159,8 @@ export const input = pathOption("in").pipe(
 export interface SendQemu {
   readonly toQemu: boolean
   readonly vm: Option.Option<string>
+  /** The destination QEMU's `-uuid`, which its multifd channels must carry. */
+  readonly uuid: Option.Option<Uint8Array>
 }
 
 /** `--to-qemu` and `--vm` of `send`. */
@@ -177,6 +179,21 @@ export const sendQemu: Options.Options<SendQemu> = Options.all({
       "With --to-qemu: the VM to migrate, a QEMU mapped-ram migration file (written by recv --vm, or by QEMU's own " +
         "migrate file: with capability mapped-ram)."
     ),
+    Options.optional
+  ),
+  uuid: Options.text("uuid").pipe(
+    Options.withPseudoName("UUID"),
+    Options.withDescription(
+      "With --to-qemu: the -uuid QEMU was started with (libvirt starts it with the domain's), which QEMU requires " +
+        "its multifd channels to carry (default: the VM file's, which QEMU's capability validate-uuid puts there, " +
+        "else zeros, QEMU's without -uuid)."
+    ),
+    Options.mapEffect((text) => {
+      const uuid = Protocol.parseUuid(text)
+      return uuid === undefined
+        ? Effect.fail(invalid(`--uuid ${text}: not a uuid (as QEMU's -uuid: 8-4-4-4-12 hex digits)`))
+        : Effect.succeed(uuid)
+    }),
     Options.optional
   )
 })

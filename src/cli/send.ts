@@ -72,6 +72,7 @@ export const command = Command.make(
           compression: transfer.compression,
           compressionLevel: Option.getOrUndefined(transfer.compressionLevel),
           maxBandwidth: Option.getOrUndefined(transfer.maxBandwidth),
+          uuid: Option.getOrUndefined(qemu.uuid),
           tls,
           timing,
           reporting
@@ -79,6 +80,7 @@ export const command = Command.make(
         return
       }
       if (Option.isSome(qemu.vm)) return yield* new UsageError({ detail: "--vm goes with --to-qemu (or recv --from-qemu)" })
+      if (Option.isSome(qemu.uuid)) return yield* new UsageError({ detail: "--uuid goes with --to-qemu (QEMU's -uuid)" })
       if (Option.isNone(inputFlag)) return yield* new UsageError({ detail: "send needs --in FILE (or --to-qemu --vm FILE)" })
       const input = inputFlag.value
       if (uri._tag === "File" && Image.sameFile(input, uri.path)) {

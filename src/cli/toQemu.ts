@@ -35,6 +35,8 @@ export interface Args {
   readonly compressionLevel?: number | undefined
   /** The channels' bandwidth limit in bytes per second (0 or none: no limit). */
   readonly maxBandwidth?: number | undefined
+  /** QEMU's `-uuid` (default: the VM file's, else zeros). */
+  readonly uuid?: Uint8Array | undefined
   /** TLS as QEMU's `tls-creds` on the destination (client side). */
   readonly tls?: Tls.Tls["Type"] | undefined
   readonly timing: Options.Timing
@@ -66,6 +68,7 @@ export const run = (args: Args) =>
         compression: args.compression,
         compressionLevel: args.compressionLevel,
         maxBandwidth,
+        uuid: args.uuid,
         upgrade: args.tls?.client(uri._tag === "Tcp" ? uri.host : undefined),
         timeouts: timeoutsOf(args.timing),
         onProgress
