@@ -487,6 +487,19 @@ describe.skipIf(missing !== undefined)(`QEMU ${"version" in qemu ? qemu.version 
       )
     }))), 90_000)
 
+  // QEMU (GnuTLS) hangs up without an alert on a PSK binder made with another key: 'does it use TLS, with PSK or x509
+  // as this side does?' sent a user whose QEMU uses PSK to look for anything but the key
+  it.live("send --to-qemu --tls-psk with another key than QEMU's: one line asking for the same key of the identity, exit 1", () =>
+    expectNoLeaks(Effect.scoped(Effect.gen(function*() {
+      const vmFile = yield* receivedVmFile("pc.vm")
+      const tls = Qemu.destinationTls(fresh("dst-psk"))
+      const dst = yield* destination({ channels: 2, extraParameters: tls.parameters }, { extraArgs: tls.args })
+      const sent = yield* cli(["send", dst.uri, "--to-qemu", "--vm", vmFile, "--channels", "2", "--tls-psk", fixtureTls("wrong-keys.psk"), "--quiet"])
+      expect(sent.code).toBe(1)
+      expect(sent.stderr).toHaveLength(1)
+      expect(sent.stderr[0]).toMatch(/^multifd: error: main channel: TLS handshake with tcp:127\.0\.0\.1:\d+ failed: .*\(the peer closed the connection in the TLS handshake: does it use TLS, with PSK as this side does, and the same key for identity "qemu"\?\)$/)
+    }))), 90_000)
+
   it.live("a destination without capability multifd (it takes the main channel, and ignores and closes the others): one line naming capability multifd, exit 1", () =>
     expectNoLeaks(Effect.scoped(Effect.gen(function*() {
       const vmFile = yield* receivedVmFile("pc.vm")

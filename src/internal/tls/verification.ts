@@ -58,8 +58,13 @@ export const hint = (credentials: Credentials, text: string): string =>
     ? `${text} (the destination requires a client certificate)`
     : /wrong version number|http request|unknown protocol/i.test(text)
     ? `${text} (the peer does not speak TLS: does it use the TLS options too?)`
+    // (QEMU's GnuTLS hangs up without an alert on a PSK binder of another key)
     : /socket disconnected before secure TLS connection/.test(text)
-    ? `${text} (the peer closed the connection in the TLS handshake: does it use TLS, with PSK or x509 as this side does?)`
+    ? `${text} (the peer closed the connection in the TLS handshake: does it use TLS, ${
+      credentials._tag === "Psk"
+        ? `with PSK as this side does, and the same key for identity ${JSON.stringify(credentials.identity)}?)`
+        : "with PSK or x509 as this side does?)"
+    }`
     // (a peer that closes with this side's hello unread resets the connection: QEMU without tls-creds does)
     : /ECONNRESET/.test(text)
     ? `${text} (the peer reset the connection in the TLS handshake: does it use TLS, with PSK or x509 as this side does?)`
