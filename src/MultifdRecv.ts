@@ -587,7 +587,7 @@ export const make = (config: Config): Effect.Effect<MultifdRecv["Type"], never, 
               channel: e.channel,
               field: "uuid",
               detail: `${e.detail} (adopted from the first channel): two sources' channels; give the uuid to expect ` +
-                "(QEMU's -uuid) to turn the other away"
+                "(QEMU's -uuid: recv --uuid) to turn the other away"
             })
             : e
         const init = yield* Effect.mapError(Protocol.decodeInit(bytes, { channels, uuid: expected }), conflict)

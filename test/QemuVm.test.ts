@@ -442,6 +442,41 @@ describe.skipIf(missing !== undefined)(`QEMU ${"version" in qemu ? qemu.version 
       yield* expectResumed(dst)
     }))), 90_000)
 
+  // two VMs (each its own -uuid, as libvirt starts them) migrating to one recv: the second's main channel was turned
+  // away, but its channels' uuid conflicted with the one adopted from the first's channels and failed the migration
+  // under way, saying "give the uuid to expect", which the command line could not take
+  it.live("a second QEMU migrating to recv --from-qemu --uuid while the first does: turned away; the first completes", () =>
+    expectNoLeaks(Effect.scoped(Effect.gen(function*() {
+      const [first, second] = ["6c1bd8a6-4a6e-4c1f-9d36-1f0e3a2b5c7d", "0f6f1c2e-9b7a-4d3e-8c5b-2a1d0e9f8c7b"]
+      const vmFile = fresh("first.vm")
+      const src = yield* guest(["-uuid", first])
+      const other = yield* Qemu.startGuest(IMAGE.path, SIZE, BIOS, { extraArgs: ["-uuid", second] })
+      const recv = yield* recvCli(["--channels", "2", "--uuid", first, "--vm", vmFile, "--json"])
+      // 8 MiB/s: about 4 s for the guest's RAM, time enough for the second to come in the middle
+      yield* Qemu.migrate(src.qmp, { uri: recv.uri, channels: 2, compression: "none", maxBandwidth: 8 * MIB, downtimeLimit: 100 })
+      yield* noHang(Effect.gen(function*() {
+        while (true) {
+          const info = (yield* src.qmp.execute("query-migrate")) as { status?: string; ram?: { transferred?: number } }
+          if ((info.ram?.transferred ?? 0) > 4 * MIB) return
+          if (info.status !== "setup" && info.status !== "active") throw new Error(`QEMU's migration is ${info.status}`)
+          yield* Effect.sleep("50 millis")
+        }
+      }), "QEMU sending 4 MiB", 20)
+      yield* Qemu.migrate(other.qmp, { uri: recv.uri, channels: 2, compression: "none" })
+      expect(yield* Qemu.waitDone(other.qmp, "30 seconds")).toBe("failed")
+      expect(yield* Qemu.waitDone(src.qmp, "30 seconds")).toBe("completed")
+      const received = yield* noHang(Fiber.join(recv.fiber), "recv --uuid", 30)
+      expect(received).toMatchObject({ code: 0 })
+      const report = JSON.parse(received.stdout.join(""))
+      expect(report).toMatchObject({ uuid: first })
+      // the second QEMU's connections, turned away
+      expect(report.rejected).toEqual(expect.arrayContaining([
+        expect.stringContaining("a second QEMU main channel"),
+        expect.stringContaining(`bad uuid: ${second} is not this migration's ${first}`)
+      ]))
+      expectSameRam((yield* MappedRam.read(vmFile)).vm.ram.block("mem")!.bytes)
+    }))), 90_000)
+
   it.live("a destination of another machine (q35): send --to-qemu fails with one line, exit 1", () =>
     expectNoLeaks(Effect.scoped(Effect.gen(function*() {
       const vmFile = yield* receivedVmFile("pc.vm")
@@ -622,6 +657,8 @@ describe("the command line of whole VMs: usage", () => {
         [["send", `file:${vmFile}`, "--to-qemu", "--vm", vmFile], /--to-qemu needs a tcp: or unix: uri/],
         [["send", "tcp:127.0.0.1:1", "--to-qemu", "--vm", Path.join(dir, "missing.vm")], /missing\.vm: .*no such file/],
         [["recv", "tcp:127.0.0.1:0", "--vm", vmFile], /--vm goes with --from-qemu/],
+        [["recv", "tcp:127.0.0.1:0", "--out", vmFile, "--uuid", "6c1bd8a6-4a6e-4c1f-9d36-1f0e3a2b5c7d"], /--uuid goes with --from-qemu/],
+        [["recv", `file:${vmFile}`, "--from-qemu", "--out", vmFile + ".ram", "--uuid", "6c1bd8a6-4a6e-4c1f-9d36-1f0e3a2b5c7d"], /--uuid does not apply to a file QEMU wrote/],
         [["recv", "tcp:127.0.0.1:0", "--channels", "0", "--out", vmFile], /--channels must be between 1 and 255, not 0 \(0 goes with --from-qemu/],
         [["recv", "tcp:127.0.0.1:0", "--from-qemu", "--channels", "2", "--out", vmFile, "--vm", vmFile], /exactly one of --out FILE, --out-dir DIR or --vm FILE/],
         [["recv", "tcp:127.0.0.1:0", "--from-qemu", "--channels", "2", "--vm", Path.join(dir, "no", "such", "dir", "x.vm")], /no such file or directory/]

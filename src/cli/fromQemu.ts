@@ -57,6 +57,8 @@ export interface Args {
   readonly outDir?: string | undefined
   /** The whole VM, as a QEMU mapped-ram migration file. */
   readonly vm?: string | undefined
+  /** QEMU's `-uuid`: channels of another are turned away (default: the configuration's, else the first channel's). */
+  readonly uuid?: Uint8Array | undefined
   /** TLS on QEMU's connections (server side, as QEMU's `tls-creds` on the source). */
   readonly tls?: QemuIncoming.Options["tls"]
   readonly timing: Options.Timing
@@ -343,6 +345,7 @@ export const run = (args: Args) =>
           channels: args.channels,
           compression: args.compression,
           pageSize: args.pageSize,
+          uuid: args.uuid,
           // --timeout also bounds how long a new connection has to prove itself QEMU's (as plain recv)
           timeouts: timeout._tag === "Some" ? { peer: timeout.value, connect: timeout.value, handshake: timeout.value } : {},
           onListening: args.onListening ??

@@ -155,6 +155,20 @@ export const input = pathOption("in").pipe(
   Options.optional
 )
 
+/** `--uuid UUID`: QEMU's `-uuid`, which its multifd channels carry. */
+const qemuUuid = (description: string): Options.Options<Option.Option<Uint8Array>> =>
+  Options.text("uuid").pipe(
+    Options.withPseudoName("UUID"),
+    Options.withDescription(description),
+    Options.mapEffect((text) => {
+      const uuid = Protocol.parseUuid(text)
+      return uuid === undefined
+        ? Effect.fail(invalid(`--uuid ${text}: not a uuid (as QEMU's -uuid: 8-4-4-4-12 hex digits)`))
+        : Effect.succeed(uuid)
+    }),
+    Options.optional
+  )
+
 /** Where `send --to-qemu` migrates from. */
 export interface SendQemu {
   readonly toQemu: boolean
@@ -181,20 +195,10 @@ export const sendQemu: Options.Options<SendQemu> = Options.all({
     ),
     Options.optional
   ),
-  uuid: Options.text("uuid").pipe(
-    Options.withPseudoName("UUID"),
-    Options.withDescription(
-      "With --to-qemu: the -uuid QEMU was started with (libvirt starts it with the domain's), which QEMU requires " +
-        "its multifd channels to carry (default: the VM file's, which QEMU's capability validate-uuid puts there, " +
-        "else zeros, QEMU's without -uuid)."
-    ),
-    Options.mapEffect((text) => {
-      const uuid = Protocol.parseUuid(text)
-      return uuid === undefined
-        ? Effect.fail(invalid(`--uuid ${text}: not a uuid (as QEMU's -uuid: 8-4-4-4-12 hex digits)`))
-        : Effect.succeed(uuid)
-    }),
-    Options.optional
+  uuid: qemuUuid(
+    "With --to-qemu: the -uuid QEMU was started with (libvirt starts it with the domain's), which QEMU requires " +
+      "its multifd channels to carry (default: the VM file's, which QEMU's capability validate-uuid puts there, " +
+      "else zeros, QEMU's without -uuid)."
   )
 })
 
@@ -215,6 +219,8 @@ export interface RecvOutput {
   readonly outDir: Option.Option<string>
   readonly vm: Option.Option<string>
   readonly fromQemu: boolean
+  /** QEMU's `-uuid`, which its multifd channels must carry. */
+  readonly uuid: Option.Option<Uint8Array>
 }
 
 /** `--out`, `--out-dir` and `--from-qemu`. */
@@ -244,6 +250,11 @@ export const recvOutput: Options.Options<RecvOutput> = Options.all({
         "file QEMU's migrate file: wrote (<uri> file:PATH; --channels and --compression do not apply), and write " +
         "the guest's RAM or the whole VM."
     )
+  ),
+  uuid: qemuUuid(
+    "With --from-qemu: the -uuid QEMU was started with (libvirt starts it with the domain's), which its multifd " +
+      "channels carry: channels of another uuid (another QEMU migrating here) are turned away (default: the uuid " +
+      "QEMU's capability validate-uuid sends, else the first channel's, and channels of another fail the migration)."
   )
 })
 

@@ -51,6 +51,9 @@ export const command = Command.make(
       if (output.fromQemu) {
         // a file QEMU wrote says what it holds: QEMU's channel count and compression are not in it (its mapped-ram
         // file is never compressed). A flag given is refused, their environment variables ignored
+        if (uri._tag === "File" && Option.isSome(output.uuid)) {
+          return yield* new UsageError({ detail: "--uuid does not apply to a file QEMU wrote (file: --from-qemu): it has no channels" })
+        }
         if (uri._tag === "File") {
           yield* refuseGiven(transfer.given, "a file QEMU wrote (file: --from-qemu)", {
             "--channels": "its pages are read whatever channels wrote them",
@@ -72,6 +75,7 @@ export const command = Command.make(
           out: Option.getOrUndefined(output.out),
           outDir: Option.getOrUndefined(output.outDir),
           vm: Option.getOrUndefined(output.vm),
+          uuid: Option.getOrUndefined(output.uuid),
           tls: tls?.settings,
           timing,
           reporting
@@ -97,6 +101,7 @@ export const command = Command.make(
       yield* checkCompression(Option.getOrUndefined(compression))
       if (Option.isSome(output.outDir)) return yield* new UsageError({ detail: "--out-dir goes with --from-qemu; use --out FILE" })
       if (Option.isSome(output.vm)) return yield* new UsageError({ detail: "--vm goes with --from-qemu (or send --to-qemu)" })
+      if (Option.isSome(output.uuid)) return yield* new UsageError({ detail: "--uuid goes with --from-qemu (QEMU's -uuid)" })
       if (Option.isNone(output.out)) return yield* new UsageError({ detail: "recv needs --out FILE" })
       const out = output.out.value
       if (uri._tag === "File" && Image.sameFile(uri.path, out)) {
