@@ -82,7 +82,11 @@ export interface Options<E = never> {
   /** QEMU's `multifd-compression` (default `none`). */
   readonly compression?: Protocol.Compression | undefined
   readonly compressionLevel?: number | undefined
-  /** The uuid the channels announce: QEMU's `-uuid` (default: the configuration's, else zeros, as QEMU's). */
+  /**
+   * The uuid the channels announce, and the configuration when it carries one (a source with capability
+   * validate-uuid): QEMU's `-uuid`, which QEMU checks both against (default: the configuration's, else zeros, as
+   * QEMU's).
+   */
   readonly uuid?: Uint8Array | undefined
   /** TLS as QEMU's `tls-creds` on the destination (client side); `hostname` is checked against x509. */
   readonly tls?: Tls.Settings | undefined
@@ -231,7 +235,11 @@ const send = <E>(options: Options<E>): Effect.Effect<Stats, OutgoingError | E, T
         Effect.mapError(main.write(chunks), MigrationError.onChannel("main")),
         () => Effect.sync(() => (mainBytes += chunks.reduce((n, c) => n + c.length, 0)))
       )
-    const configuration = vm.configuration === undefined ? [] : [Writer.configuration(vm.configuration, [])]
+    // the uuid the configuration carries (QEMU's validate-uuid) is the one the channels carry: QEMU checks both
+    // against its -uuid
+    const configuration = vm.configuration === undefined
+      ? []
+      : [Writer.configuration({ ...vm.configuration, uuid: vm.configuration.uuid === undefined ? undefined : uuid }, [])]
     yield* writeRaw([Writer.header(), ...configuration, Writer.openReturnPath(), Writer.ping(1)])
     const first = "before it took the configuration"
     let whyClosed = first

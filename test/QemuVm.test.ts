@@ -440,6 +440,17 @@ describe.skipIf(missing !== undefined)(`QEMU ${"version" in qemu ? qemu.version 
       expect(resumed).toMatchObject({ code: 0, stderr: [] })
       expect(JSON.parse(resumed.stdout.join(""))).toMatchObject({ uuid })
       yield* expectResumed(dst)
+      // a VM whose source sent its uuid (capability validate-uuid) into a QEMU of another: the configuration carries
+      // the uuid given too (QEMU checks it against its -uuid as well), not the source's
+      const validated = fresh("validated.vm")
+      const src = yield* guest(["-uuid", "0f6f1c2e-9b7a-4d3e-8c5b-2a1d0e9f8c7b"])
+      const recv = yield* recvCli(["--channels", "2", "--vm", validated, "--quiet"])
+      yield* migrateGuest(src, recv.uri, { channels: 2, compression: "none", extraCapabilities: ["validate-uuid"] })
+      expect(yield* noHang(Fiber.join(recv.fiber), "recv --vm", 30)).toMatchObject({ code: 0 })
+      const other = yield* destination({ channels: 2 }, { extraArgs: ["-uuid", uuid] })
+      expect(yield* cli(["send", other.uri, "--to-qemu", "--vm", validated, "--channels", "2", "--uuid", uuid, "--quiet"]))
+        .toMatchObject({ code: 0, stderr: [] })
+      yield* expectResumed(other)
     }))), 90_000)
 
   // two VMs (each its own -uuid, as libvirt starts them) migrating to one recv: the second's main channel was turned
