@@ -245,8 +245,8 @@ export type Handler<E, R = never> = format.Handler<E, R>
 
 /**
  * How to read: the target page size when the stream does not say (default 4096), QEMU's
- * `multifd-flush-after-each-section` (default off), whether to keep the device state, whether the stream may
- * be a mapped-ram file.
+ * `multifd-flush-after-each-section` (default: as the stream's machine type has it), whether to keep the device
+ * state, whether the stream may be a mapped-ram file.
  *
  * @since 0.1.0
  * @category models

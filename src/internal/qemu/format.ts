@@ -339,9 +339,9 @@ export interface ReadOptions {
   readonly pageSize?: number | undefined
   /**
    * QEMU's `multifd-flush-after-each-section`: every EOS word is a flush too, and QEMU sends no
-   * `RAM_SAVE_FLAG_MULTIFD_FLUSH`. Default: as the configuration record's machine type has it
-   * (`flushesAfterEachSection`: on for machine types of QEMU 8.0 and before, such as `pc-i440fx-8.0` or
-   * `pc-q35-7.1`, which QEMU 10 still runs), unless the stream is a mapped-ram file or a
+   * `RAM_SAVE_FLAG_MULTIFD_FLUSH`. Default: as the configuration record's machine type has it (on for machine
+   * types of QEMU 8.0 and before, such as `pc-i440fx-8.0` or `pc-q35-7.1`, which QEMU 10 still runs), unless
+   * the stream is a mapped-ram file or a
    * `RAM_SAVE_FLAG_MULTIFD_FLUSH` came (QEMU sends none with it on).
    */
   readonly flushAfterEachSection?: boolean | undefined
