@@ -363,6 +363,31 @@ describe.skipIf(missing !== undefined)(`QEMU ${"version" in qemu ? qemu.version 
       for (const staller of stallers) expect(yield* gone(staller)).toBe(true)
     }))), 60_000)
 
+  // QEMU connects its multifd channels before its main stream says anything: a migration it gave up then (cancelled,
+  // failed, killed) left channels that closed, which were adopted once the next migration announced its RAM blocks,
+  // claiming its channels' ids: 'multifd channel 0: the source closed the channel before the migration completed'
+  it.live("channels of a migration QEMU gave up before its main stream came (connected, then closed): turned away; its next migration succeeds", () =>
+    expectNoLeaks(Effect.scoped(Effect.gen(function*() {
+      const img = image("mixed")
+      const dst = yield* destination({ channels: 2 })
+      for (const id of [0, 1]) {
+        const stale = yield* Transport.connect(dst.address)
+        yield* stale.write([Protocol.encodeInit({ uuid: new Uint8Array(16), id })])
+        yield* stale.end
+        // turned away: the destination closes it too
+        expect(yield* noHang(Effect.catchAll(stale.atEnd, () => Effect.succeed(true)), "the closed channel turned away", 10)).toBe(true)
+      }
+      const src = yield* Qemu.startSource(img.path, img.bytes.length)
+      yield* Qemu.migrate(src.qmp, { uri: dst.uri, channels: 2, compression: "none" })
+      expect(yield* Qemu.waitDone(src.qmp, "60 seconds")).toBe("completed")
+      const exit = yield* noHang(Fiber.await(dst.fiber), "our destination after QEMU finished", 30)
+      const { rejected } = expectSame(exit, img.bytes)
+      expect(rejected).toEqual([
+        expect.stringContaining("closed before QEMU's main stream announced its RAM blocks"),
+        expect.stringContaining("closed before QEMU's main stream announced its RAM blocks")
+      ])
+    }))), 60_000)
+
   it.live("a real machine (q35, std VGA, virtio devices): many RAM blocks, its device state drained to the end", () =>
     expectNoLeaks(Effect.scoped(Effect.gen(function*() {
       const img = image("mixed")

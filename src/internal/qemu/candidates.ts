@@ -16,6 +16,7 @@ import * as Deferred from "effect/Deferred"
 import * as Duration from "effect/Duration"
 import * as Effect from "effect/Effect"
 import * as Either from "effect/Either"
+import * as Option from "effect/Option"
 import * as Ref from "effect/Ref"
 import type * as Scope from "effect/Scope"
 import * as MigrationError from "../../MigrationError.js"
@@ -119,14 +120,38 @@ export const start = (
      * (uuid, magic, version) is turned away, any other bad init packet fails the migration.
      */
     const adopt = (connection: Transport.Connection, init: Buffer, reject: Acceptor.Reject) =>
-      Effect.flatMap(Deferred.await(options.channelSet), (recv) =>
-        // (the main stream announced the blocks: the main channel is known)
-        Effect.flatMap(Deferred.await(main), (owner) => {
-          const other = otherPeer(owner, connection)
-          return other !== undefined ? reject(connection, other) : recv.adopt(connection, init).pipe(
-            Effect.catchIf(MultifdRecv.isStranger, (e) => reject(connection, e.message))
-          )
-        }))
+      Effect.flatMap(
+        // a channel closed before the RAM blocks were announced is no channel of this migration: a QEMU that gave up
+        // (cancelled, failed, killed) after it connected its channels, and whose next migration comes with its own
+        Effect.raceFirst(
+          Effect.asSome(Deferred.await(options.channelSet)),
+          Effect.as(closed(connection), Option.none<MultifdRecv.MultifdRecv["Type"]>())
+        ),
+        Option.match({
+          onNone: () =>
+            reject(connection, "closed before QEMU's main stream announced its RAM blocks (a migration QEMU gave up?)"),
+          onSome: (recv) => adoptInto(recv, connection, init, reject)
+        })
+      )
+
+    /** Completes once `connection` ended (closed or reset) with nothing after its init packet; never once bytes came. */
+    const closed = (connection: Transport.Connection): Effect.Effect<void> =>
+      Effect.flatMap(Effect.either(connection.atEnd), (end) => end._tag === "Left" || end.right ? Effect.void : Effect.never)
+
+    /** Adopts a channel into the channel set, once the main channel is known. */
+    const adoptInto = (
+      recv: MultifdRecv.MultifdRecv["Type"],
+      connection: Transport.Connection,
+      init: Buffer,
+      reject: Acceptor.Reject
+    ) =>
+      // (the main stream announced the blocks: the main channel is known)
+      Effect.flatMap(Deferred.await(main), (owner) => {
+        const other = otherPeer(owner, connection)
+        return other !== undefined ? reject(connection, other) : recv.adopt(connection, init).pipe(
+          Effect.catchIf(MultifdRecv.isStranger, (e) => reject(connection, e.message))
+        )
+      })
 
     const acceptor = yield* Acceptor.start<MultifdRecv.ChannelFailure>(listener, {
       upgrade: options.upgrade,
