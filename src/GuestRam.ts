@@ -565,6 +565,9 @@ const digestOn = (ram: GuestRam["Type"], pool: Digest.Pool | undefined) =>
     (hashes) => ram.blocks.map((b, i) => ({ name: b.name, digest: hashes[i]! }))
   )
 
+/** A byte offset or length: a whole number of 0 or more. */
+const isWhole = (n: number): boolean => Number.isSafeInteger(n) && n >= 0
+
 /**
  * A write outside a block's bounds.
  *
@@ -578,9 +581,12 @@ export class OutOfBounds extends Data.TaggedError("OutOfBounds")<{
   readonly size: number | undefined
 }> {
   override get message(): string {
-    return this.size === undefined
-      ? `no block named ${JSON.stringify(this.block)}`
-      : `write of ${this.length} bytes at ${this.offset} is outside block ${JSON.stringify(this.block)} (${this.size} bytes)`
+    if (this.size === undefined) return `no block named ${JSON.stringify(this.block)}`
+    if (!isWhole(this.offset) || !isWhole(this.length)) {
+      return `a write of ${this.length} bytes at ${this.offset} to block ${JSON.stringify(this.block)}: offset and ` +
+        `length must be whole numbers of 0 or more (the block has ${this.size} bytes)`
+    }
+    return `write of ${this.length} bytes at ${this.offset} is outside block ${JSON.stringify(this.block)} (${this.size} bytes)`
   }
 }
 
@@ -614,8 +620,9 @@ const deadlock = (name: string) => () =>
 
 const touch = (ram: GuestRam["Type"], name: string, offset: number, length: number) => {
   const block = ram.block(name)
-  if (block === undefined || !Number.isSafeInteger(offset) || offset < 0 || length < 0 ||
-    offset + length > block.bytes.length) {
+  // a length that is not a whole number (NaN, computed from something undefined) ran `f` on an empty view, or on
+  // a view of its whole part, and the write meant was dropped in silence
+  if (block === undefined || !isWhole(offset) || !isWhole(length) || offset + length > block.bytes.length) {
     return new OutOfBounds({ block: name, offset, length, size: block?.bytes.length })
   }
   return block
@@ -624,6 +631,8 @@ const touch = (ram: GuestRam["Type"], name: string, offset: number, length: numb
 /**
  * Updates `length` bytes of a block in place: waits while a migration holds writers paused, then marks the
  * pages the range covers dirty and runs `f` on a view of it (synchronously; an `f` that throws leaves them dirty).
+ * A block that does not exist, an offset or length that is not a whole number of 0 or more, or a range past the
+ * block's end fails `OutOfBounds` before `f` runs.
  * From inside a progress report of the migration or save of this memory that holds writers paused (its
  * switch-over), it fails at once with `WriteBlocked` instead of waiting for a migration that waits for it.
  *

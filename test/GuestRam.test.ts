@@ -233,6 +233,47 @@ describe("GuestRam blocks", () => {
     }).pipe(Effect.provide(GuestRam.layer({ blocks: [{ name: "mem", size: 4096 }] }))))
 })
 
+describe("GuestRam.update outside a block", () => {
+  const cases: ReadonlyArray<readonly [string, number, number, RegExp]> = [
+    // a length computed from something undefined (NaN) ran the callback on an empty view, and the write it meant
+    // was dropped in silence; a fractional one ran it on a view of its whole part
+    ["a", 0, NaN, /^a write of NaN bytes at 0 to block "a": offset and length must be whole numbers of 0 or more \(the block has 8192 bytes\)$/],
+    ["a", 0, 1.5, /whole numbers/],
+    ["a", 4096, -1, /whole numbers/],
+    ["a", NaN, 1, /whole numbers/],
+    ["a", 0.5, 1, /whole numbers/],
+    ["a", -1, 1, /whole numbers/],
+    ["a", 0, Infinity, /whole numbers/],
+    ["a", 8191, 2, /^write of 2 bytes at 8191 is outside block "a" \(8192 bytes\)$/],
+    ["a", 2 ** 53, 1, /whole numbers/],
+    ["b", 0, 1, /^no block named "b"$/]
+  ]
+  for (const [name, offset, length, message] of cases) {
+    it.effect(`update(${JSON.stringify(name)}, ${offset}, ${length}): OutOfBounds, the callback never runs, nothing dirty`, () =>
+      Effect.gen(function*() {
+        const ram = yield* GuestRam.make({ blocks: [{ name: "a", size: 2 * 4096 }] })
+        let ran = false
+        const error = yield* Effect.flip(GuestRam.update(ram, name, offset, length, (view) => {
+          ran = true
+          view.fill(1)
+        }))
+        expect(error._tag).toBe("OutOfBounds")
+        expectOneLine(error)
+        expect(error.message).toMatch(message)
+        expect(ran).toBe(false)
+        expect(GuestRam.dirtyPages(ram)).toBe(0)
+        expect(ram.blocks[0]!.bytes.every((b) => b === 0)).toBe(true)
+      }))
+  }
+
+  it.effect("a write of nothing at the block's end is no error, and dirties nothing", () =>
+    Effect.gen(function*() {
+      const ram = yield* GuestRam.make({ blocks: [{ name: "a", size: 2 * 4096 }] })
+      expect(yield* GuestRam.update(ram, "a", 2 * 4096, 0, (view) => view.length)).toBe(0)
+      expect(GuestRam.dirtyPages(ram)).toBe(0)
+    }))
+})
+
 describe("memory given as bytes that is no longer there (its ArrayBuffer detached or shrunk since make)", () => {
   const gone = {
     detached: () => {
