@@ -450,6 +450,40 @@ describe("Snapshot of live memory", () => {
       expect(restored.ram.blocks[0]!.bytes.equals(atSwitchOver)).toBe(true)
     }))
 
+  it.scoped("a round that stored nothing (every page of it became zero) keeps the rate measured before: a writer clearing pages converges", () =>
+    Effect.gen(function*() {
+      const dir = yield* tempDir
+      const path = Path.join(dir, "clearing.snap")
+      const ram = yield* GuestRam.make({ blocks: [{ name: "ram", size: 4 * 1024 * 1024 }] })
+      Crypto.randomFillSync(ram.blocks[0]!.bytes)
+      let cleared = false
+      // on the TestClock a round lasts its least, 1 ms: round 0's 4 MiB measure 4 GiB/s, and the 4 MiB cleared
+      // meanwhile would take 1 ms, more than the limit, so round 1 runs; it finds every page zero and stores
+      // nothing, measuring no rate. A writer clearing a page a round then left 1 page "about Infinity ms" away
+      // from the switch-over, round after round: NotConverged, "at no rate measured (nothing moved)"
+      const onProgress = (p: Migration.Progress) =>
+        p.phase !== "precopy"
+          ? Effect.void
+          : p.round === 0 && p.doneBytes === p.totalBytes && !cleared
+          ? GuestRam.update(ram, "ram", 0, 4 * 1024 * 1024, (view) => {
+            cleared = true
+            view.fill(0)
+          }).pipe(Effect.orDie)
+          : p.round > 0 && p.doneBytes > 0 // once the round took its pages
+          ? GuestRam.write(ram, "ram", 7 * 4096, Buffer.alloc(4096)).pipe(Effect.orDie)
+          : Effect.void
+      const saved = yield* save(ram, path, {
+        channels: 2,
+        onProgress,
+        live: { downtimeLimit: Duration.micros(500n), maxRounds: 5 }
+      })
+      yield* ram.gate.open
+      expect(cleared).toBe(true)
+      expect(saved.pagesPerRound).toEqual([1024, 1024, 1])
+      expect(saved.storedPages).toBe(0)
+      sameMemory(ram, (yield* Snapshot.restore(path)).ram)
+    }))
+
   it.scopedLive("a page written after its batch reached the file is written again; a page that became zero loses its bit", () =>
     Effect.gen(function*() {
       const dir = yield* tempDir

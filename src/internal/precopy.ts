@@ -263,7 +263,11 @@ export const run = <E, F>(
       const bytesBefore = yield* sink.progress
       pagesPerRound.push(yield* runRound(round, "precopy", round === 0 ? allPages(ram) : takeDirty(ram), bandwidth))
       const roundMs = Math.max(1, (yield* Clock.currentTimeMillis) - roundStart)
-      bandwidth = ((yield* sink.progress) - bytesBefore) / roundMs * 1000
+      const moved = (yield* sink.progress) - bytesBefore
+      // a round that moved nothing (every page of it zero, to a snapshot file that stores none) measured no rate:
+      // the last one measured stands (a writer clearing a page a round kept a save "about Infinity ms" from its
+      // switch-over, round after round, until NotConverged)
+      if (moved > 0) bandwidth = moved / roundMs * 1000
     }
 
     // switch-over: writers wait at the gate while the last dirty pages go out
