@@ -274,13 +274,13 @@ const saveToFile = (
       return yield* unsupported(path, "a bandwidth limit does not apply to a file: snapshot (it limits the channels' sockets)")
     }
     yield* tracker.active
-    return yield* Snapshot.save(path, {
+    return yield* Snapshot.saveTracked(path, {
       channels: options.channels,
       zeroPage: options.zeroPage,
       live: options.live,
       onProgress: tracker.withProgress(options.onProgress, pageSize),
       stallTimeout: options.timeouts?.peer
-    })
+    }, tracker)
   })
 
 /**
@@ -599,7 +599,7 @@ const restoreFromFile = <E>(
           ? Effect.fail(unsupported(path, "TLS does not apply to a file: snapshot"))
           : tracker.active,
         Effect.tap(
-          Snapshot.restore(path, {
+          Snapshot.restoreTracked(path, {
             ram: options.ram,
             maxRamBytes: options.maxRamBytes,
             // a snapshot is a proposal too (its pages stored as they are): expectations and admit, before a
@@ -610,7 +610,7 @@ const restoreFromFile = <E>(
               return unmet ?? options.admit?.(proposal)
             },
             onProgress: tracker.withProgress(options.onProgress, options.ram?.pageSize ?? 0)
-          }),
+          }, tracker),
           ({ ram }) => options.store === undefined ? Effect.void : Effect.suspend(() => options.store!(ram, Effect.uninterruptible))
         ).pipe(Effect.map(({ ram, stats }) => ({ ...stats, received: { ram, stats, rejected: [] } })))
       )),

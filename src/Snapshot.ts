@@ -68,6 +68,7 @@ import * as SnapshotFile from "./internal/snapshotFile.js"
 import * as Format from "./internal/snapshotFormat.js"
 import * as Restore from "./internal/snapshotRestore.js"
 import * as Save from "./internal/snapshotSave.js"
+import * as Status from "./internal/status.js"
 import * as MigrationError from "./MigrationError.js"
 import * as Protocol from "./Protocol.js"
 import * as Transfer from "./Transfer.js"
@@ -160,6 +161,19 @@ export const save = (
   path: string,
   options: SaveOptions = {}
 ): Effect.Effect<SaveResult, SnapshotError | MigrationError.MigrationError, GuestRam.GuestRam> =>
+  saveTracked(path, options, undefined)
+
+/**
+ * `save`, its status kept by `tracker` (`migrate` to a `file:` address given a `MigrationStatus`): the bytes and
+ * pages written so far, the rounds done, the writers' pause during the switch-over (it said 0 of each until the end).
+ *
+ * @internal
+ */
+export const saveTracked = (
+  path: string,
+  options: SaveOptions,
+  tracker: Status.Tracker | undefined
+): Effect.Effect<SaveResult, SnapshotError | MigrationError.MigrationError, GuestRam.GuestRam> =>
   ownFibers(Effect.gen(function*() {
     const ram = yield* GuestRam.GuestRam
     // an empty path made a hidden `.<pid>.partial` in the working directory, wrote every page into it, and failed
@@ -183,13 +197,21 @@ export const save = (
       const file = yield* SnapshotFile.createTemporary(path, plan.fileBytes)
       const bitmaps = plan.blocks.map((b) => new Uint8Array(b.bitmapBytes))
       const writers = yield* Save.makeWriters(path, file, ram, plan, bitmaps, channels, options.zeroPage !== "none")
+      if (tracker !== undefined) {
+        yield* tracker.probe(Effect.map(writers.stats, (s) => ({
+          transferred: s.bytes,
+          normal: s.storedPages,
+          duplicate: s.zeroPages
+        })))
+      }
       const { pagesPerRound, pausedAt } = yield* Precopy.run(ram, {
         sink: writers.sink,
         started,
         live: options.live,
         stallTimeout: options.stallTimeout ?? Duration.seconds(30),
         onProgress: options.onProgress,
-        flush: () => Effect.void
+        flush: () => Effect.void,
+        observe: tracker === undefined ? undefined : Status.rounds(tracker)
       })
       // writers are paused: the digests are of exactly the memory the pages were written from
       const header = yield* Save.writeIndex(file, ram, plan, bitmaps, {
@@ -374,18 +396,36 @@ const memoryFor = (
  * @category restore
  */
 export const restore = (path: string, options: RestoreOptions = {}): Effect.Effect<Restored, SnapshotError> =>
+  restoreTracked(path, options, undefined)
+
+/**
+ * `restore`, its status kept by `tracker` (`listenAndReceive` from a `file:` address given a `MigrationStatus`):
+ * the snapshot's size once its header is read, the bytes read so far, the pages restored and what remains (it said
+ * a total of 0, nothing read and nothing remaining until the end).
+ *
+ * @internal
+ */
+export const restoreTracked = (
+  path: string,
+  options: RestoreOptions,
+  tracker: Status.Tracker | undefined
+): Effect.Effect<Restored, SnapshotError> =>
   ownFibers(
     options.ram === undefined
-      ? restoreInto(path, options)
+      ? restoreInto(path, options, tracker)
       : GuestRam.exclusively(
         options.ram,
-        restoreInto(path, options),
+        restoreInto(path, options, tracker),
         (detail) => new SnapshotError({ reason: "Busy", path, detail: `not restored: ${detail}` }),
         (detail) => new SnapshotError({ reason: "Layout", path, detail: `not restored: ${detail}` })
       )
   )
 
-const restoreInto = (path: string, options: RestoreOptions): Effect.Effect<Restored, SnapshotError> =>
+const restoreInto = (
+  path: string,
+  options: RestoreOptions,
+  tracker: Status.Tracker | undefined
+): Effect.Effect<Restored, SnapshotError> =>
   Effect.scoped(Effect.gen(function*() {
     const started = yield* Clock.currentTimeMillis
     const readers = options.readers ?? DEFAULT_CHANNELS
@@ -398,6 +438,18 @@ const restoreInto = (path: string, options: RestoreOptions): Effect.Effect<Resto
     const { header } = index
     const ram = yield* memoryFor(path, header, options)
     const pages = Restore.pageReads(file, index, ram, options.ram === undefined)
+    if (tracker !== undefined) {
+      yield* tracker.update({ total: ram.size, remaining: ram.size })
+      yield* tracker.probe(Effect.sync(() => {
+        const { absent, stored } = pages.restoredPages()
+        return {
+          transferred: file.bytesRead(),
+          remaining: ram.size - pages.restoredBytes(),
+          normal: stored,
+          duplicate: absent
+        }
+      }))
+    }
 
     const progress = (doneBytes: number): Transfer.Progress => ({
       round: 0,

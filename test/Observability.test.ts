@@ -27,6 +27,7 @@ import * as MigrationMetrics from "../src/MigrationMetrics.js"
 import * as MigrationStatus from "../src/MigrationStatus.js"
 import * as Transport from "../src/Transport.js"
 import { expectOneLine, failureOf } from "./support/failures.js"
+import { tempDirectory } from "./support/files.js"
 import { noHang } from "./support/guards.js"
 import { leakFree } from "./support/handles.js"
 import { mixedImage } from "./support/images.js"
@@ -367,6 +368,95 @@ describe("MigrationStatus", () => {
 /** The current value of a counter tagged `side` (and more tags). */
 const count = (metric: Metric.Metric.Counter<number>, tags: Record<string, string>) =>
   Effect.map(Metric.value(Object.entries(tags).reduce((m, [k, v]) => Metric.tagged(m, k, v), metric)), (s) => s.count)
+
+describe("MigrationStatus of a file: save or restore", () => {
+  const FILE_PAGES = 2048 // 8 MiB, three in four pages random
+
+  /**
+   * A save (`migrate` to a file: address) said active with every count at 0 all along: nothing written, no page,
+   * no round done, no downtime while it held writers paused; only its end had the numbers.
+   */
+  it.scoped("a save: bytes and pages written so far, rounds done, the writers' pause so far", () =>
+    Effect.gen(function*() {
+      const dir = yield* tempDirectory("emfd-status-")
+      const ram = yield* sourceRam(FILE_PAGES)
+      const status = yield* MigrationStatus.make
+      const seen: Array<readonly [Migration.Progress, MigrationStatus.Snapshot]> = []
+      const onProgress = (p: Migration.Progress) =>
+        Effect.gen(function*() {
+          // the switch-over: a second of it passes (the TestClock) before the status is read
+          if (p.phase === "switchover") yield* TestClock.adjust("1 second")
+          seen.push([p, yield* status.get])
+          // once a round took its pages, a page written: each later round has one
+          if (p.phase === "precopy" && p.doneBytes > 0) {
+            yield* GuestRam.write(ram, "pc.ram", 3 * PAGE, Buffer.from([p.round, p.doneBytes & 255])).pipe(Effect.orDie)
+          }
+        })
+      const stats = yield* Migration.migrate({
+        address: { _tag: "File", path: `${dir}/ram.snap` },
+        channels: 1,
+        onProgress,
+        status,
+        live: { downtimeLimit: 0, maxRounds: 2, onNoConvergence: "switchover" }
+      }).pipe(Effect.provide(Transport.layer), Effect.provideService(GuestRam.GuestRam, ram))
+      yield* ram.gate.open
+      expect(stats.pagesPerRound).toEqual([FILE_PAGES, 1, 1])
+      // round 1 starts: round 0 is in the file, every page of it
+      const [, round1] = seen.find(([p]) => p.round === 1 && p.doneBytes === 0)!
+      expect(round1).toMatchObject({ status: "active", rounds: 1, phase: "precopy", downtimeMs: 0 })
+      expect(round1.normal + round1.duplicate).toBe(FILE_PAGES)
+      expect(round1.normal).toBeGreaterThan(0)
+      expect(round1.transferred).toBe(round1.normal * PAGE)
+      // the switch-over's report: writers paused for the second that passed, rounds 0 and 1 done
+      const [, switchover] = seen.find(([p]) => p.phase === "switchover")!
+      expect(switchover).toMatchObject({ status: "active", rounds: 2, phase: "switchover", downtimeMs: 1000 })
+      expect(switchover.normal + switchover.duplicate).toBe(FILE_PAGES + 2)
+      // and the end: the stats
+      expect(yield* status.get).toMatchObject({
+        status: "completed",
+        rounds: 3,
+        transferred: stats.wireBytes,
+        normal: stats.normalPages,
+        duplicate: stats.zeroPages,
+        downtimeMs: stats.downtimeMs
+      })
+      expect(stats.downtimeMs).toBe(1000)
+    }))
+
+  /**
+   * A restore (`listenAndReceive` from a file: address) into memory it makes said a total of 0 bytes, 0 remaining,
+   * nothing read and no page while it read, until its end.
+   */
+  it.scoped("a restore: the snapshot's size, bytes read, pages restored and what remains", () =>
+    Effect.gen(function*() {
+      const dir = yield* tempDirectory("emfd-status-")
+      const ram = yield* sourceRam(FILE_PAGES)
+      const path = `${dir}/ram.snap`
+      yield* Migration.migrate({ address: { _tag: "File", path } }).pipe(
+        Effect.provide(Transport.layer),
+        Effect.provideService(GuestRam.GuestRam, ram)
+      )
+      const status = yield* MigrationStatus.make
+      const seen: Array<readonly [Migration.Progress, MigrationStatus.Snapshot]> = []
+      const received = yield* Migration.listenAndReceive({ _tag: "File", path }, {
+        status,
+        // the restore's last report (every page read, not yet verified)
+        onProgress: (p) => Effect.map(status.get, (now) => void seen.push([p, now]))
+      }).pipe(Effect.provide(Transport.layer))
+      const last = seen.at(-1)!
+      expect(last[0].doneBytes).toBe(ram.size)
+      expect(last[1]).toMatchObject({
+        status: "active",
+        total: ram.size,
+        remaining: 0,
+        transferred: received.stats.wireBytes,
+        normal: received.stats.normalPages,
+        duplicate: received.stats.zeroPages
+      })
+      expect(last[1].transferred).toBeGreaterThan(0)
+      expect(yield* status.get).toMatchObject({ status: "completed", total: ram.size, remaining: 0 })
+    }))
+})
 
 describe("MigrationMetrics", () => {
   it.live("a migration adds its bytes per channel, pages, packets, syncs, rounds, outcome and downtime", () =>

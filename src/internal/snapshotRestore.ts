@@ -63,10 +63,14 @@ export const readIndex = (
     return { header, bitmaps }
   })
 
-/** The page reads of a restore: `run` reads every stored page; `restoredBytes` says how much memory is done. */
+/**
+ * The page reads of a restore: `run` reads every stored page; `restoredBytes` says how much memory is done, and
+ * `restoredPages` how many of its pages were stored (read) and absent (zero).
+ */
 export interface PageReads {
   readonly run: (readers: number) => Effect.Effect<void, SnapshotError>
   readonly restoredBytes: () => number
+  readonly restoredPages: () => { readonly stored: number; readonly absent: number }
 }
 
 /**
@@ -92,6 +96,8 @@ export const pageReads = (
     }
   })
   let restoredBytes = 0
+  let storedPages = 0
+  let absentPages = 0
   const readJob = (job: (typeof jobs)[number]) =>
     Effect.suspend(() => {
       const bytes = ram.blocks[job.block]!.bytes
@@ -114,11 +120,16 @@ export const pageReads = (
         // absent page of memory that was not fresh
         for (const { end, first } of zeros) bytes.fill(0, first * pageSize, end * pageSize)
         restoredBytes += (job.end - job.first) * pageSize
+        let stored = 0
+        for (let page = job.first; page < job.end; page++) if (Format.testBit(bitmaps[job.block]!, page)) stored++
+        storedPages += stored
+        absentPages += job.end - job.first - stored
       })
     })
   return {
     run: (readers) => Effect.forEach(jobs, readJob, { concurrency: readers, discard: true }),
-    restoredBytes: () => restoredBytes
+    restoredBytes: () => restoredBytes,
+    restoredPages: () => ({ stored: storedPages, absent: absentPages })
   }
 }
 

@@ -31,7 +31,7 @@ import * as Precopy from "./precopy.js"
 import * as PeerText from "./peerText.js"
 import * as Recorder from "./recorder.js"
 import { unlessStalled, within } from "./stall.js"
-import type * as Status from "./status.js"
+import * as Status from "./status.js"
 
 /** The source's options, checked and with their defaults. */
 export interface Settings {
@@ -220,7 +220,7 @@ export const run = (
     }).pipe(Effect.withSpan("multifd.propose"))
 
     /** The channel set, then every round of pages; the last one with writers paused. */
-    let previousStart: number | undefined
+    const statusRounds = Status.rounds(tracker)
     const transfer = (send: MultifdSend.MultifdSend["Type"]) =>
       Precopy.run(ram, {
         sink: {
@@ -241,20 +241,14 @@ export const run = (
           started: (round) =>
             Effect.gen(function*() {
               yield* recorder.dirty(round.pages)
-              // pages written per second while the previous round went out
-              const rate = previousStart === undefined || round.round === 0
-                ? 0
-                : round.pages / Math.max(1, round.startedAt - previousStart) * 1000
-              previousStart = round.startedAt
-              if (round.phase === "switchover") yield* tracker.paused
-              yield* tracker.update({ dirtyPagesRate: rate, phase: round.phase })
+              yield* statusRounds.started(round)
               yield* Effect.logDebug(`round ${round.round} (${round.phase}): ${round.pages} pages`)
             }),
           ended: (round) =>
             Effect.gen(function*() {
               yield* recorder.record(yield* send.stats)
               yield* recorder.round(round.bandwidth)
-              yield* tracker.update({ rounds: round.round + 1 })
+              yield* statusRounds.ended(round)
             })
         },
         // the destination acknowledges a round once every channel reached its barrier; until then, on a slow

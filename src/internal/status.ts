@@ -29,11 +29,14 @@ export interface Snapshot {
   readonly setupTimeMs: number
   /** Milliseconds since the migration started (the source: connecting; the destination: the hello), or in all. */
   readonly totalTimeMs: number
-  /** Bytes on the multifd channels so far (the source: accepted by the sockets; the destination: received). */
+  /**
+   * Bytes on the multifd channels so far (the source: accepted by the sockets; the destination: received); of a
+   * `file:` snapshot, pages written to it (a save) or read from it (a restore).
+   */
   readonly transferred: number
   /**
    * Bytes of memory still to send: the source's dirty pages (this round's not yet sent and those written since
-   * it began); the destination's pages not yet received once. 0 once completed.
+   * it began); the destination's pages not yet received once (a restore: not yet read). 0 once completed.
    */
   readonly remaining: number
   /** Bytes of guest memory. */
@@ -188,6 +191,43 @@ export interface Tracker {
   ) => ((progress: Transfer.Progress) => Effect.Effect<void>) | undefined
   /** Writers are paused from now on (the switch-over). */
   readonly paused: Effect.Effect<void>
+}
+
+/** A pre-copy round as a tracker hears of it (the fields of `Precopy.Round` it reads). */
+export interface RoundInfo {
+  readonly round: number
+  readonly phase: Transfer.Phase
+  /** Pages the round sends. */
+  readonly pages: number
+  /** When it started (clock milliseconds). */
+  readonly startedAt: number
+}
+
+/**
+ * What a source's status says of its pre-copy rounds (a migration's or a snapshot save's): at each round's start its
+ * phase and the rate pages were written at while the previous round went out, writers paused from the switch-over's
+ * start; at each end one more round done.
+ */
+export const rounds = (tracker: Tracker): {
+  readonly started: (round: RoundInfo) => Effect.Effect<void>
+  readonly ended: (round: RoundInfo) => Effect.Effect<void>
+} => {
+  let previousStart: number | undefined
+  return {
+    started: (round) =>
+      Effect.suspend(() => {
+        // pages written per second while the previous round went out
+        const rate = previousStart === undefined || round.round === 0
+          ? 0
+          : round.pages / Math.max(1, round.startedAt - previousStart) * 1000
+        previousStart = round.startedAt
+        return Effect.zipRight(
+          round.phase === "switchover" ? tracker.paused : Effect.void,
+          tracker.update({ dirtyPagesRate: rate, phase: round.phase })
+        )
+      }),
+    ended: (round) => tracker.update({ rounds: round.round + 1 })
+  }
 }
 
 const noop: Tracker = {
