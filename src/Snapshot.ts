@@ -73,6 +73,7 @@ import * as MigrationError from "./MigrationError.js"
 import * as Protocol from "./Protocol.js"
 import * as Transfer from "./Transfer.js"
 import { ownFibers } from "./internal/native/ownFibers.js"
+import * as WriteGate from "./internal/native/writeGate.js"
 
 /**
  * Writers of `save` and readers of `restore` when not told (libuv's thread pool has 4 threads by default).
@@ -390,7 +391,9 @@ const memoryFor = (
  * into memory, zeroes the others, and verifies every block's digest. Into a given `ram`, a restore that fails
  * once pages are being read — pages that turn out damaged (digest mismatch), a read that fails (`Io`), a file
  * cut short meanwhile (`Truncated`) — has already overwritten it, wholly or in part; a given `ram` that a
- * migration, save or restore is using is refused (`Busy`) before anything is read.
+ * migration, save or restore is using is refused (`Busy`) before anything is read. The writers of a given `ram`
+ * (`GuestRam.write` / `update`) wait while the restore runs (its write gate closed, unless it was already) and go
+ * on after it, on the restored memory.
  *
  * @since 0.1.0
  * @category restore
@@ -451,6 +454,21 @@ const restoreInto = (
       }))
     }
 
+    // the application's writers of memory given wait while the restore writes and verifies it, and go on after it
+    // (a write landed among the restored pages, and a sound file failed DigestMismatch, "the page data is damaged");
+    // a write from inside this restore's own report fails at once (WriteBlocked) rather than wait for it. A gate
+    // closed already (by the application, or kept closed by a migration's success) stays as it was found.
+    const given = options.ram
+    const self = WriteGate.holder()
+    if (given !== undefined) {
+      yield* Effect.acquireRelease(given.gate.closing, (closedHere) => closedHere ? given.gate.open : Effect.void)
+      yield* Effect.acquireRelease(given.gate.holding(self), (release) => release)
+    }
+    const asked = options.onProgress
+    const onProgress = asked === undefined || given === undefined
+      ? asked
+      : (progress: Transfer.Progress) => given.gate.reporting(self, asked(progress))
+
     const progress = (doneBytes: number): Transfer.Progress => ({
       round: 0,
       phase: "precopy",
@@ -460,11 +478,10 @@ const restoreInto = (
       bandwidth: 0,
       expectedDowntimeMs: 0
     })
-    yield* Transfer.reportEvery(options.onProgress, () => Effect.sync(() => progress(pages.restoredBytes())))
+    yield* Transfer.reportEvery(onProgress, () => Effect.sync(() => progress(pages.restoredBytes())))
     yield* pages.run(readers)
     // every page is in place now, the absent ones (zero, or never stored) included
     // (called inside the guard: a callback that throws rather than return an effect dies there, logged)
-    const onProgress = options.onProgress
     if (onProgress) yield* Transfer.tolerated(Effect.suspend(() => onProgress(progress(ram.size))))
 
     yield* Restore.verify(path, ram, header)

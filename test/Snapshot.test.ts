@@ -621,6 +621,51 @@ describe("Snapshot of live memory", () => {
     }))
 })
 
+describe("a restore into memory that the application writes", () => {
+  /**
+   * An application writing its memory (through `GuestRam.write`) while a snapshot was restored into it: the write
+   * landed among the restored pages, and the restore failed DigestMismatch, "the page data is damaged", of a file
+   * that was not (a user deletes such a snapshot). Its writers now wait while the restore writes and verifies.
+   */
+  it.scopedLive("its writers wait for the restore: it succeeds, their writes land after it, the gate opens again", () =>
+    Effect.gen(function*() {
+      const dir = yield* tempDir
+      const path = Path.join(dir, "restore.snap")
+      const ram = yield* makeRam(4096, [{ name: "ram", size: 4 * 1024 * 1024 }])
+      const saved = Buffer.from(ram.blocks[0]!.bytes)
+      yield* save(ram, path, { channels: 2 })
+      yield* ram.gate.open
+      Crypto.randomFillSync(ram.blocks[0]!.bytes) // memory since: the restore brings the snapshot back
+      const go = yield* Deferred.make<void>()
+      const attempting = yield* Deferred.make<void>()
+      // the application's writer, told to write once the restore has read every page (its last report)
+      const writer = yield* Effect.fork(Effect.gen(function*() {
+        yield* Deferred.await(go)
+        yield* Deferred.succeed(attempting, undefined)
+        yield* GuestRam.write(ram, "ram", 5 * 4096, Buffer.alloc(100, 0xab))
+      }))
+      const restored = yield* Snapshot.restore(path, {
+        ram,
+        onProgress: (p) =>
+          p.doneBytes === ram.size
+            ? Effect.gen(function*() {
+              yield* Deferred.succeed(go, undefined)
+              yield* Deferred.await(attempting)
+              // turns for the writer to write, if it may
+              yield* Effect.repeatN(nextTurn, 5)
+            })
+            : Effect.void
+      })
+      expect(restored.ram).toBe(ram)
+      yield* Fiber.join(writer)
+      const expected = Buffer.from(saved)
+      expected.fill(0xab, 5 * 4096, 5 * 4096 + 100)
+      expect(ram.blocks[0]!.bytes.equals(expected)).toBe(true)
+      // the gate is open: a write goes through at once
+      yield* GuestRam.write(ram, "ram", 0, Buffer.from([1]))
+    }))
+})
+
 describe("Snapshot refuses bad files", () => {
   const saved = (name: string) =>
     Effect.gen(function*() {
