@@ -857,7 +857,7 @@ describe("TestClock", () => {
       expect(error.message).toContain("did not converge after 2 rounds in 11.0 s: 1 pages still dirty")
       // the rate measured (a page and its round's packets, in the millisecond the round took on this clock) in a
       // unit that says it: "0.01 GiB/s" said nothing of a link held to a few MiB/s
-      expect(error.message).toMatch(/about \d+ ms of downtime at \d+(\.\d+)? (B|KiB|MiB)\/s, more than the limit of 0$/)
+      expect(error.message).toMatch(/about \d+(\.\d+)? ms of downtime at \d+(\.\d+)? (B|KiB|MiB)\/s, more than the limit of 0$/)
       yield* writeNow(ram)
       const destError = failureOf(yield* noHang(Fiber.await(destination), "incoming"))
       expect(destError.message).toBe(`the source aborted the migration: ${error.message}`)

@@ -484,6 +484,26 @@ describe("Snapshot of live memory", () => {
       sameMemory(ram, (yield* Snapshot.restore(path)).ram)
     }))
 
+  it.scoped("NotConverged under a limit of 0 says how little the rest would take, not \"about 0 ms of downtime, more than the limit of 0\"", () =>
+    Effect.gen(function*() {
+      const dir = yield* tempDir
+      const path = Path.join(dir, "limit0.snap")
+      const ram = yield* GuestRam.make({ blocks: [{ name: "ram", size: 4 * 1024 * 1024 }] })
+      Crypto.randomFillSync(ram.blocks[0]!.bytes)
+      // a page written once each round took its pages; on the TestClock round 0's 4 MiB measure 4 GiB/s, at which
+      // that page takes about a microsecond
+      const onProgress = (p: Migration.Progress) =>
+        p.phase === "precopy" && p.doneBytes > 0
+          ? GuestRam.write(ram, "ram", 7 * 4096, Buffer.from([p.round + 1])).pipe(Effect.orDie)
+          : Effect.void
+      const error = yield* Effect.flip(save(ram, path, { channels: 1, onProgress, live: { downtimeLimit: 0, maxRounds: 1 } }))
+      yield* ram.gate.open
+      expect(error).toMatchObject({ _tag: "MigrationError", reason: "NotConverged" })
+      expect(error.message).toMatch(
+        /^the migration did not converge after 1 rounds in 0\.0 s: 1 pages still dirty, about 0\.00\d+ ms of downtime at [\d.]+ GiB\/s, more than the limit of 0$/
+      )
+    }))
+
   it.scopedLive("a page written after its batch reached the file is written again; a page that became zero loses its bit", () =>
     Effect.gen(function*() {
       const dir = yield* tempDir

@@ -101,6 +101,12 @@ const downtimeMs = (bytes: number, bandwidth: number): number =>
  * limit (a few MiB/s, which is what keeps a migration from converging) read "0.00 GiB/s" beside a downtime of
  * seconds.
  */
+/**
+ * Milliseconds for a message: whole ones, or two significant digits below one (a page or two at a fast link
+ * read "about 0 ms of downtime, more than the limit of 0").
+ */
+const msOf = (ms: number): string => ms >= 1 || ms === 0 || !Number.isFinite(ms) ? ms.toFixed(0) : String(Number(ms.toPrecision(2)))
+
 const rateOf = (bytesPerSecond: number): string =>
   bytesPerSecond > 0 ? Bandwidth.format(bytesPerSecond) : "no rate measured (nothing moved)"
 
@@ -246,7 +252,7 @@ export const run = <E, F>(
         return yield* new MigrationError.MigrationError({
           reason: "NotConverged",
           detail: `the migration did not converge after ${round} rounds in ${(elapsed / 1000).toFixed(1)} s: ` +
-            `${dirty} pages still dirty, about ${expectedDowntimeMs.toFixed(0)} ms of downtime at ` +
+            `${dirty} pages still dirty, about ${msOf(expectedDowntimeMs)} ms of downtime at ` +
             `${rateOf(bandwidth)}, more than the limit of ${Duration.format(live.downtimeLimit)}`
         })
       }
