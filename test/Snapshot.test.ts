@@ -1,4 +1,5 @@
 import { describe, expect, it } from "@effect/vitest"
+import * as Cause from "effect/Cause"
 import * as Deferred from "effect/Deferred"
 import * as Duration from "effect/Duration"
 import * as Effect from "effect/Effect"
@@ -18,6 +19,7 @@ import * as MigrationStatus from "../src/MigrationStatus.js"
 import * as Snapshot from "../src/Snapshot.js"
 import * as Transport from "../src/Transport.js"
 import { openFilesIn, tempDirectory } from "./support/files.js"
+import { noHang } from "./support/guards.js"
 import { nextTurn } from "./support/handles.js"
 
 // ---------------------------------------------------------------------------------------------------------
@@ -683,6 +685,37 @@ describe("a restore into memory that the application writes", () => {
       expect(ram.blocks[0]!.bytes.equals(expected)).toBe(true)
       // the gate is open: a write goes through at once
       yield* GuestRam.write(ram, "ram", 0, Buffer.from([1]))
+    }))
+  it.scopedLive("a write from the restore's own progress report fails at once (WriteBlocked), no hang; a gate found closed stays closed", () =>
+    Effect.gen(function*() {
+      const dir = yield* tempDir
+      const path = Path.join(dir, "report.snap")
+      const ram = yield* makeRam(4096, [{ name: "ram", size: 1024 * 1024 }])
+      yield* save(ram, path, { channels: 1 }) // its success leaves the gate closed
+      const outcomes: Array<Exit.Exit<void, GuestRam.OutOfBounds | GuestRam.WriteBlocked>> = []
+      // (it hung: the report's write waited at the gate the save had left closed, and the restore for its report)
+      yield* noHang(
+        Snapshot.restore(path, {
+          ram,
+          onProgress: (p) =>
+            p.doneBytes === ram.size
+              ? Effect.map(Effect.exit(GuestRam.write(ram, "ram", 0, Buffer.from([1]))), (exit) => void outcomes.push(exit))
+              : Effect.void
+        }),
+        "the restore"
+      )
+      expect(outcomes).toHaveLength(1)
+      expect(Exit.isFailure(outcomes[0]!) && Cause.failureOption(outcomes[0]!.cause)).toMatchObject({
+        _tag: "Some",
+        value: { _tag: "WriteBlocked", reason: "Deadlock" }
+      })
+      // closed by the save, not by the restore: still closed
+      const writer = yield* Effect.fork(GuestRam.write(ram, "ram", 0, Buffer.from([2])))
+      yield* Effect.repeatN(nextTurn, 5)
+      expect(writer.unsafePoll()).toBeNull()
+      yield* ram.gate.open
+      yield* Fiber.join(writer)
+      expect(ram.blocks[0]!.bytes[0]).toBe(2)
     }))
 })
 
