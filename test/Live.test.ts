@@ -320,6 +320,43 @@ describe("the write gate", () => {
   }
 
   /**
+   * Memory that migrated away (its gate kept closed by that success) receives a migration back, its `incoming`
+   * reporting progress with a write into it: the write waited at the closed gate, and the destination, which waits for
+   * its last report, hung for good after the source had succeeded. The write now fails at once (WriteBlocked).
+   */
+  it.live("a write into memory received, from the destination's report while its gate is closed: WriteBlocked, no hang", () =>
+    leakFree(Effect.gen(function*() {
+      const ram = yield* sourceRam(64, 16)
+      const listener = yield* Transport.listen(tcp0)
+      const first = yield* receive(listener)
+      yield* noHang(migrateFrom(ram, { address: listener.address, channels: 2 }), "the first migrate")
+      const away = yield* noHang(Fiber.join(first), "the first incoming")
+      // and back, into the same memory, its gate still closed
+      const back = yield* Transport.listen(tcp0)
+      const outcomes: Array<Exit.Exit<void, GuestRam.OutOfBounds | GuestRam.WriteBlocked>> = []
+      const destination = yield* receive(back, {
+        ram,
+        onProgress: (p) =>
+          p.doneBytes === p.totalBytes
+            ? Effect.map(Effect.exit(GuestRam.write(ram, "pc.ram", 0, Buffer.from([42]))), (exit) => void outcomes.push(exit))
+            : Effect.void
+      })
+      yield* noHang(migrateFrom(away.ram, { address: back.address, channels: 2 }), "the migration back")
+      yield* noHang(Fiber.join(destination), "the incoming of the migration back")
+      expect(outcomes.length).toBeGreaterThanOrEqual(1)
+      for (const exit of outcomes) {
+        expect(Exit.isFailure(exit) && Cause.failureOption(exit.cause)).toMatchObject({
+          _tag: "Some",
+          value: { _tag: "WriteBlocked", reason: "Deadlock" }
+        })
+      }
+      expectSameMemory(ram, away.ram)
+      // the gate is still the application's: closed until it opens it
+      yield* ram.gate.open
+      yield* writeNow(ram)
+    })))
+
+  /**
    * A report's writes fail at once only while its own transfer holds the gate closed (it waits for the report). A
    * fiber a report forked carried the mark for good: long after its migration, whenever the gate was closed — by a
    * later migration's switch-over, or by the application — its writes failed WriteBlocked ("Deadlock") instead of

@@ -30,6 +30,7 @@ import * as Acceptor from "./acceptor.js"
 import * as Candidates from "./candidates.js"
 import * as Conversation from "./conversation.js"
 import * as OpenFiles from "./native/openFiles.js"
+import * as WriteGate from "./native/writeGate.js"
 import * as Zstd from "./native/zstdStream.js"
 import * as PeerText from "./peerText.js"
 import * as Recorder from "./recorder.js"
@@ -489,6 +490,17 @@ export const run = <E>(listener: Transport.Listener, settings: Settings<E>): Eff
           )
         )
       ))
+      // a write from inside a report into memory given, while its gate is closed (left closed by a migration or
+      // save of it, or by the application), would wait for writers to go on, and this migration's end waits for its
+      // last report: it hung after the source had succeeded. Such a write fails at once (WriteBlocked) instead; with
+      // the gate open it goes through as before (released after the last report)
+      const reporter = WriteGate.holder()
+      const given = settings.ram
+      const asked = settings.onProgress
+      if (given !== undefined) yield* Effect.acquireRelease(given.gate.holding(reporter), (release) => release)
+      const onProgress = given === undefined || asked === undefined
+        ? asked
+        : (progress: Transfer.Progress) => given.gate.reporting(reporter, asked(progress))
       const recv = yield* MultifdRecv.make({
         channels: hello.channels,
         uuid: Protocol.parseUuid(hello.uuid),
@@ -536,7 +548,7 @@ export const run = <E>(listener: Transport.Listener, settings: Settings<E>): Eff
       // the hashing threads start while the source connects its channels, rather than in the downtime
       const digest = yield* GuestRam.digester(ram)
       // the receive rate over the last second; a received migration's last report counts every page
-      yield* Transfer.reportEvery(settings.onProgress, (rate) =>
+      yield* Transfer.reportEvery(onProgress, (rate) =>
         Effect.gen(function*() {
           const s = yield* recv.stats
           return {
