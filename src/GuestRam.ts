@@ -592,9 +592,9 @@ export class OutOfBounds extends Data.TaggedError("OutOfBounds")<{
 
 /**
  * A write that cannot wait for writers to go on: it comes from inside a progress report (`onProgress`) of the
- * migration or save of this memory while that one holds writers paused for its switch-over (`Deadlock`). The
- * migration waits for its report, and the write would wait for the migration: rather than hang until a timeout,
- * the write fails at once, having written nothing.
+ * migration or save of this memory while that one holds writers paused for its switch-over, or of a restore or an
+ * incoming migration into this memory while its gate is closed (`Deadlock`). The transfer waits for its report, and
+ * the write would wait for the transfer: rather than hang, the write fails at once, having written nothing.
  *
  * @since 0.1.0
  * @category errors
