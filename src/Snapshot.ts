@@ -443,13 +443,15 @@ const restoreInto = (
     const pages = Restore.pageReads(file, index, ram, options.ram === undefined)
     if (tracker !== undefined) {
       yield* tracker.update({ total: ram.size, remaining: ram.size })
-      yield* tracker.probe(Effect.sync(() => {
+      yield* tracker.probe(Effect.map(Clock.currentTimeMillis, (now) => {
         const { absent, stored } = pages.restoredPages()
         return {
           transferred: file.bytesRead(),
           remaining: ram.size - pages.restoredBytes(),
           normal: stored,
-          duplicate: absent
+          duplicate: absent,
+          // the read rate since the restore began (its reports carry none)
+          mbps: Status.mbps(file.bytesRead() / Math.max(1, now - started) * 1000)
         }
       }))
     }

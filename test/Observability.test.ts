@@ -25,6 +25,7 @@ import * as MigrationConfig from "../src/MigrationConfig.js"
 import * as MigrationError from "../src/MigrationError.js"
 import * as MigrationMetrics from "../src/MigrationMetrics.js"
 import * as MigrationStatus from "../src/MigrationStatus.js"
+import * as Status from "../src/internal/status.js"
 import * as Transport from "../src/Transport.js"
 import { expectOneLine, failureOf } from "./support/failures.js"
 import { tempDirectory } from "./support/files.js"
@@ -454,6 +455,9 @@ describe("MigrationStatus of a file: save or restore", () => {
         duplicate: received.stats.zeroPages
       })
       expect(last[1].transferred).toBeGreaterThan(0)
+      // bytes read over at least the millisecond the restore counts on the TestClock
+      expect(last[1].mbps).toBeGreaterThan(0)
+      expect(last[1].mbps).toBeLessThanOrEqual(Status.mbps(last[1].transferred * 1000))
       expect(yield* status.get).toMatchObject({ status: "completed", total: ram.size, remaining: 0 })
     }))
 })
