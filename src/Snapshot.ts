@@ -73,7 +73,6 @@ import * as MigrationError from "./MigrationError.js"
 import * as Protocol from "./Protocol.js"
 import * as Transfer from "./Transfer.js"
 import { ownFibers } from "./internal/native/ownFibers.js"
-import * as WriteGate from "./internal/native/writeGate.js"
 
 /**
  * Writers of `save` and readers of `restore` when not told (libuv's thread pool has 4 threads by default).
@@ -461,15 +460,10 @@ const restoreInto = (
     // a write from inside this restore's own report fails at once (WriteBlocked) rather than wait for it. A gate
     // closed already (by the application, or kept closed by a migration's success) stays as it was found.
     const given = options.ram
-    const self = WriteGate.holder()
     if (given !== undefined) {
       yield* Effect.acquireRelease(given.gate.closing, (closedHere) => closedHere ? given.gate.open : Effect.void)
-      yield* Effect.acquireRelease(given.gate.holding(self), (release) => release)
     }
-    const asked = options.onProgress
-    const onProgress = asked === undefined || given === undefined
-      ? asked
-      : (progress: Transfer.Progress) => given.gate.reporting(self, asked(progress))
+    const onProgress = given === undefined ? options.onProgress : yield* given.gate.reports(options.onProgress)
 
     const progress = (doneBytes: number): Transfer.Progress => ({
       round: 0,

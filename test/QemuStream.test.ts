@@ -915,6 +915,44 @@ describe("QemuIncoming.incoming into memory given: one transfer of a memory at a
     }))))
 })
 
+describe("QemuIncoming.incoming into memory whose write gate is closed", () => {
+  /**
+   * Memory whose gate is closed (the application's, or kept closed by a migration or save of it that succeeded),
+   * received into with an onProgress that writes it: the write waited at the gate, and the destination, which waits
+   * for its last report, never ended. Such a write now fails at once (WriteBlocked); the gate stays closed.
+   */
+  it.live("a write from its onProgress fails WriteBlocked at once; the migration ends, the gate still closed", () =>
+    expectNoLeaks(Effect.scoped(Effect.gen(function*() {
+      const ram = yield* GuestRam.make({ pageSize: PAGE, blocks: [{ name: "mem", size: RAM_SIZE }] })
+      yield* ram.gate.close
+      const outcomes: Array<Exit.Exit<void, GuestRam.OutOfBounds | GuestRam.WriteBlocked>> = []
+      const exit = yield* replayAll(
+        yield* destination({
+          channels: 2,
+          ram,
+          onProgress: () =>
+            Effect.map(Effect.exit(GuestRam.write(ram, "mem", 0, Buffer.from([1]))), (exit) => void outcomes.push(exit))
+        }),
+        [MAIN, fixture("none-2ch/multifd-0.bin"), fixture("none-2ch/multifd-1.bin")]
+      )
+      if (Exit.isFailure(exit)) throw new Error(Cause.pretty(exit.cause))
+      sameAsImage(ram)
+      expect(outcomes.length).toBeGreaterThanOrEqual(1)
+      for (const outcome of outcomes) {
+        expect(Exit.isFailure(outcome) && Cause.failureOption(outcome.cause)).toMatchObject({
+          _tag: "Some",
+          value: { _tag: "WriteBlocked", reason: "Deadlock" }
+        })
+      }
+      // still the application's to open
+      const writer = yield* Effect.fork(GuestRam.write(ram, "mem", 0, Buffer.from([2])))
+      yield* Effect.repeatN(nextTurn, 5)
+      expect(writer.unsafePoll()).toBeNull()
+      yield* ram.gate.open
+      yield* Fiber.join(writer)
+    }))))
+})
+
 describe("QemuIncoming.incoming over TLS (QEMU's tls-creds-psk / tls-creds-x509)", () => {
   const pskConfig: Tls.TlsConfig = { psk: tlsFixture("keys.psk") }
   const x509Server: Tls.TlsConfig = { ca: tlsFixture("ca-cert.pem"), cert: tlsFixture("server-cert.pem"), key: tlsFixture("server-key.pem") }

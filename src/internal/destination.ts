@@ -30,7 +30,6 @@ import * as Acceptor from "./acceptor.js"
 import * as Candidates from "./candidates.js"
 import * as Conversation from "./conversation.js"
 import * as OpenFiles from "./native/openFiles.js"
-import * as WriteGate from "./native/writeGate.js"
 import * as Zstd from "./native/zstdStream.js"
 import * as PeerText from "./peerText.js"
 import * as Recorder from "./recorder.js"
@@ -493,14 +492,8 @@ export const run = <E>(listener: Transport.Listener, settings: Settings<E>): Eff
       // a write from inside a report into memory given, while its gate is closed (left closed by a migration or
       // save of it, or by the application), would wait for writers to go on, and this migration's end waits for its
       // last report: it hung after the source had succeeded. Such a write fails at once (WriteBlocked) instead; with
-      // the gate open it goes through as before (released after the last report)
-      const reporter = WriteGate.holder()
-      const given = settings.ram
-      const asked = settings.onProgress
-      if (given !== undefined) yield* Effect.acquireRelease(given.gate.holding(reporter), (release) => release)
-      const onProgress = given === undefined || asked === undefined
-        ? asked
-        : (progress: Transfer.Progress) => given.gate.reporting(reporter, asked(progress))
+      // the gate open it goes through as before (the mark released after the last report)
+      const onProgress = settings.ram === undefined ? settings.onProgress : yield* settings.ram.gate.reports(settings.onProgress)
       const recv = yield* MultifdRecv.make({
         channels: hello.channels,
         uuid: Protocol.parseUuid(hello.uuid),

@@ -7,6 +7,7 @@
 import * as Deferred from "effect/Deferred"
 import * as Effect from "effect/Effect"
 import * as FiberRef from "effect/FiberRef"
+import type * as Scope from "effect/Scope"
 
 /**
  * A transfer whose progress reports may not wait at a gate it holds closed: one per transfer (`WriteGate.holding`).
@@ -68,6 +69,24 @@ export class WriteGate {
         if (this.holder === holder) this.holder = undefined
       })
     })
+  }
+
+  /**
+   * `onProgress` of a transfer into the memory behind this gate (a restore, an incoming migration), which waits for
+   * its reports (its last one at its end): while the scope is open, a write from inside one of them (or a fiber it
+   * forks) while the gate is closed — by the application, by a migration or save whose success left it so, or by the
+   * transfer itself — fails at once with `deadlock()` rather than wait for writers to go on (it hung the transfer for
+   * good); with the gate open it goes through.
+   */
+  reports<P>(
+    onProgress: ((progress: P) => Effect.Effect<void>) | undefined
+  ): Effect.Effect<((progress: P) => Effect.Effect<void>) | undefined, never, Scope.Scope> {
+    if (onProgress === undefined) return Effect.succeed(undefined)
+    const self = holder()
+    return Effect.as(
+      Effect.acquireRelease(this.holding(self), (release) => release),
+      (progress: P) => this.reporting(self, Effect.suspend(() => onProgress(progress)))
+    )
   }
 
   /** Closes the gate; writers wait from now on. */

@@ -156,9 +156,12 @@ export const read = (
             prefault: false
           }))
           memory = ram
+          // a write from a report into memory given while its gate is closed fails at once (WriteBlocked) rather than
+          // hang this migration's end, which waits for its last report (as `Migration.incoming`)
+          const onProgress = config.ram === undefined ? config.onProgress : yield* config.ram.gate.reports(config.onProgress)
           if (channels === 0) {
             // no multifd: the main stream carries every page
-            yield* Transfer.reportEvery(config.onProgress, (rate) =>
+            yield* Transfer.reportEvery(onProgress, (rate) =>
               Effect.map(rate(mainBytes), (bandwidth) => ({
                 round: flushes,
                 phase,
@@ -179,7 +182,7 @@ export const read = (
           })
           yield* Deferred.succeed(channelSet, recv)
           // the receive rate over the last second; a received migration's last report counts every page
-          yield* Transfer.reportEvery(config.onProgress, (rate) =>
+          yield* Transfer.reportEvery(onProgress, (rate) =>
             Effect.gen(function*() {
               const s = yield* recv.stats
               return {
