@@ -843,6 +843,27 @@ describe("Snapshot save failures leave nothing behind", () => {
       yield* GuestRam.write(ram, "ram", 0, Buffer.alloc(16, 1)).pipe(Effect.timeout(Duration.seconds(1)))
     }))
 
+  it.scopedLive("a restore into memory given, interrupted at any moment: nothing open, its writers go on, the next restore runs", () =>
+    Effect.gen(function*() {
+      const dir = yield* tempDir
+      const path = Path.join(dir, "into.snap")
+      const source = yield* makeRam(4096, LAYOUT, 7)
+      yield* save(source, path)
+      const target = yield* makeRam(4096, LAYOUT, 8)
+      for (const turns of [0, 1, 2, 5, 10, 30]) {
+        yield* leakFree(dir, Effect.gen(function*() {
+          const fiber = yield* Effect.fork(Snapshot.restore(path, { ram: target, readers: 2 }))
+          yield* Effect.repeatN(nextTurn, turns)
+          yield* Fiber.interrupt(fiber)
+        }))
+        // the gate the restore closed is open again: a write goes through at once
+        yield* noHang(GuestRam.write(target, "pc.ram", 0, Buffer.from([turns])), "a write after the interrupted restore", 2)
+      }
+      // the memory was the restore's only while it ran
+      yield* Snapshot.restore(path, { ram: target })
+      sameMemory(source, target)
+    }))
+
   it.scopedLive("interrupted at random moments, an older snapshot under the final name survives intact", () =>
     Effect.gen(function*() {
       const dir = yield* tempDir
