@@ -8,6 +8,7 @@ import * as Exit from "effect/Exit"
 import * as FastCheck from "effect/FastCheck"
 import * as Fiber from "effect/Fiber"
 import * as Logger from "effect/Logger"
+import * as Option from "effect/Option"
 import * as Crypto from "node:crypto"
 import * as Fs from "node:fs"
 import * as Path from "node:path"
@@ -19,6 +20,7 @@ import * as MigrationStatus from "../src/MigrationStatus.js"
 import * as Snapshot from "../src/Snapshot.js"
 import * as Transport from "../src/Transport.js"
 import { openFilesIn, tempDirectory } from "./support/files.js"
+import { advanceUntil } from "./support/clock.js"
 import { noHang } from "./support/guards.js"
 import { nextTurn } from "./support/handles.js"
 
@@ -505,6 +507,31 @@ describe("Snapshot of live memory", () => {
         /^the migration did not converge after 1 rounds in 0\.0 s: 1 pages still dirty, about 0\.00\d+ ms of downtime at [\d.]+ GiB\/s, more than the limit of 0$/
       )
     }))
+
+  for (const at of ["mid-round", "at a round's start"] as const) {
+    it.scoped(`a progress report that never returns (${at}): Timeout after the stall timeout, naming the report`, () =>
+      Effect.gen(function*() {
+        const dir = yield* tempDir
+        const path = Path.join(dir, "report.snap")
+        const ram = yield* GuestRam.make({ blocks: [{ name: "ram", size: 4 * 1024 * 1024 }] })
+        Crypto.randomFillSync(ram.blocks[0]!.bytes)
+        const never = yield* Deferred.make<void>()
+        // mid-round it failed "timed out after 1s without progress sending pages", the pages' fault; at a round's
+        // start (a report outside the stall watch) the save waited for good
+        const fiber = yield* Effect.fork(save(ram, path, {
+          channels: 1,
+          stallTimeout: "1 second",
+          onProgress: (p) =>
+            (at === "mid-round" ? p.doneBytes > 0 : p.doneBytes === 0) ? Deferred.await(never) : Effect.void
+        }))
+        yield* advanceUntil(Effect.map(Fiber.poll(fiber), Option.isSome), "the save")
+        const error = yield* Effect.flip(Fiber.join(fiber))
+        expect(error).toMatchObject({ _tag: "MigrationError", reason: "Timeout" })
+        expect(error.message).toBe("timed out after 1s waiting for the progress report (onProgress) to return")
+        expect(Fs.readdirSync(dir)).toEqual([])
+        yield* GuestRam.write(ram, "ram", 0, Buffer.from([1]))
+      }))
+  }
 
   it.scopedLive("a page written after its batch reached the file is written again; a page that became zero loses its bit", () =>
     Effect.gen(function*() {

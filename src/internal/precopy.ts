@@ -16,7 +16,7 @@ import * as MigrationError from "../MigrationError.js"
 import * as Transfer from "../Transfer.js"
 import * as DirtyLog from "./native/dirtyLog.js"
 import * as WriteGate from "./native/writeGate.js"
-import { unlessStalled } from "./stall.js"
+import { unlessStalled, within } from "./stall.js"
 
 /** Where pages go: a channel set, or a snapshot file's writers. */
 export interface Sink<E> {
@@ -110,6 +110,9 @@ const msOf = (ms: number): string => ms >= 1 || ms === 0 || !Number.isFinite(ms)
 const rateOf = (bytesPerSecond: number): string =>
   bytesPerSecond > 0 ? Bandwidth.format(bytesPerSecond) : "no rate measured (nothing moved)"
 
+/** What a transfer waits for while its progress report runs. */
+const REPORT_WAIT = "waiting for the progress report (onProgress) to return"
+
 const resolveLive = (live: Transfer.LiveOptions | undefined) => ({
   downtimeLimit: Duration.decode(live?.downtimeLimit ?? Duration.millis(300)),
   maxRounds: live?.maxRounds ?? 30,
@@ -164,9 +167,21 @@ export const run = <E, F>(
     // rather than wait for this migration, which waits for the report
     const onProgress = options.onProgress
     const self = WriteGate.holder()
+    // the transfer waits for each report: one that does not return within the stall timeout fails it, saying so (a
+    // save whose callback hung failed "without progress sending pages", and one at a round's start waited for good)
+    let reporting = false
     const report = onProgress === undefined
       ? () => Effect.void
-      : (progress: Transfer.Progress) => ram.gate.reporting(self, onProgress(progress))
+      : (progress: Transfer.Progress) =>
+        Effect.suspend(() => {
+          reporting = true
+          return ram.gate.reporting(self, onProgress(progress))
+        }).pipe(
+          within(options.stallTimeout, REPORT_WAIT),
+          Effect.ensuring(Effect.sync(() => {
+            reporting = false
+          }))
+        )
     const live = resolveLive(options.live)
 
     const runRound = (round: number, phase: Transfer.Phase, selection: ReadonlyArray<Selection>, bandwidth: number) =>
@@ -226,7 +241,7 @@ export const run = <E, F>(
           Effect.raceFirst(transfer, sink.failure),
           sink.heard === undefined ? sink.progress : Effect.zipWith(sink.progress, sink.heard, (sent, heard) => sent + heard),
           options.stallTimeout,
-          "without progress sending pages"
+          () => (reporting ? REPORT_WAIT : "without progress sending pages")
         )
         yield* options.flush(round, phase === "switchover")
         // the destination has every page of the round: the last report of a round says all of it

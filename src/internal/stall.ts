@@ -21,7 +21,8 @@ export const unlessStalled = <A, E, R>(
   effect: Effect.Effect<A, E, R>,
   progress: Effect.Effect<number>,
   after: Duration.DurationInput,
-  what: string
+  /** What was waited for, as the timeout says it (asked when it fires: what it waits for may change meanwhile). */
+  what: string | (() => string)
 ): Effect.Effect<A, E | MigrationError.MigrationError, R> => {
   const limit = Duration.toMillis(after)
   const every = Duration.millis(limit / CHECKS)
@@ -36,7 +37,7 @@ export const unlessStalled = <A, E, R>(
         last = now
         changedAt = time
       } else if (time - changedAt >= limit) {
-        return yield* Effect.fail(MigrationError.timeout(what, after))
+        return yield* Effect.fail(MigrationError.timeout(typeof what === "string" ? what : what(), after))
       }
     }
   })
