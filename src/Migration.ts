@@ -123,7 +123,8 @@ export interface MigrateOptions {
    * waits for it. It may write the memory (`GuestRam.write` / `update`) while `phase` is `precopy`; during the
    * switch-over (`phase` `switchover`) the migration holds writers paused and waits for the callback, so a write
    * from inside it (or a fiber it forks) fails at once with `GuestRam.WriteBlocked` (`Deadlock`), writing
-   * nothing, rather than wait for a migration that waits for it. Writers outside the callback wait as always.
+   * nothing, rather than wait for a migration that waits for it. Writers outside the callback wait as always. A
+   * callback that has not returned within the peer timeout fails the migration (`Timeout`, naming it).
    */
   readonly onProgress?: ((progress: Progress) => Effect.Effect<void>) | undefined
   /** Pre-copy and switch-over policy (for memory written while it migrates). */

@@ -127,7 +127,8 @@ export interface SaveOptions {
    * Called as pages are handed to the writers, in the save's fiber: the save waits for it. As with
    * `Migration.migrate`, a write to the memory from inside it (`GuestRam.write` / `update`, or a fiber it forks)
    * goes through while `phase` is `precopy`, and fails at once with `GuestRam.WriteBlocked` (`Deadlock`) during
-   * the switch-over, when the save holds writers paused and waits for the callback.
+   * the switch-over, when the save holds writers paused and waits for the callback. A callback that has not
+   * returned within `stallTimeout` fails the save (`Timeout`, naming it).
    */
   readonly onProgress?: ((progress: Transfer.Progress) => Effect.Effect<void>) | undefined
   /** Fail when no page is written for this long (default 30 s). */
