@@ -39,19 +39,32 @@ const report = (doneBytes: number, totalBytes: number): Migration.Progress => ({
   expectedDowntimeMs: 0
 })
 
-/** A process to hand `Signals.make`: its clock set by the test, what it printed, how it exited. */
+/**
+ * A process to hand `Signals.make`: its clock set by the test (the timers it set run when the clock passes them),
+ * what it printed, how it exited, the files it is flushing to disk.
+ */
 const fakeProcess = (argv: ReadonlyArray<string>) => {
   const printed = { stdout: "", stderr: "" }
   const exits: Array<number> = []
   let now = 0
+  let timers: Array<{ readonly at: number; readonly f: () => void }> = []
+  const flushing: Array<string> = []
   const io: Signals.Io = {
     argv,
     now: () => now,
     stdout: { write: (text) => (printed.stdout += text) },
     stderr: { write: (text) => (printed.stderr += text) },
-    exit: (code) => void exits.push(code)
+    exit: (code) => void exits.push(code),
+    later: (ms, f) => void timers.push({ at: now + ms, f }),
+    flushing: () => flushing
   }
-  return { io, printed, exits, at: (ms: number) => void (now = ms) }
+  const at = (ms: number) => {
+    now = ms
+    const due = timers.filter((timer) => timer.at <= ms)
+    timers = timers.filter((timer) => timer.at > ms)
+    for (const timer of due) timer.f()
+  }
+  return { io, printed, exits, at, flushing }
 }
 
 describe("a second signal while the command tears down", () => {
@@ -145,6 +158,118 @@ describe("a second signal while the command tears down", () => {
       expect(process.printed.stdout).toBe("")
       expect(Fs.readFileSync(socket, "utf8")).toBe("not ours")
     }))
+})
+
+// the first Ctrl-C during a long flush (an image of GiBs to a slow disk, which Node cannot cancel) printed nothing
+// until the flush ended: the user could not tell whether the signal was heard, nor that a second one would end it
+describe("a first signal whose teardown takes long", () => {
+  it("says, STILL_MS after it, what the command waits for and that the signal again exits at once; a quick teardown prints nothing more", () => {
+    const process = fakeProcess(["recv", "tcp:127.0.0.1:0", "--out", "/tmp/x.out"])
+    const signals = Signals.make(process.io)
+    signals.on("SIGINT")
+    process.at(Signals.STILL_MS - 1)
+    expect(process.printed).toEqual({ stdout: "", stderr: "" })
+    process.flushing.push("/tmp/x.out")
+    process.at(Signals.STILL_MS)
+    expect(process.printed.stderr).toBe(
+      "multifd: stopping after SIGINT: waiting for /tmp/x.out to be flushed to disk (SIGINT again exits at once)\n"
+    )
+    expect({ stdout: process.printed.stdout, exits: process.exits }).toEqual({ stdout: "", exits: [] })
+    // as it says
+    process.at(Signals.STILL_MS + 10)
+    signals.on("SIGINT")
+    expect(process.exits).toEqual([130])
+
+    // nothing being flushed: still closing down (the peer told, sockets closed); a name is one printable line
+    const other = fakeProcess(["send", "tcp:127.0.0.1:1", "--in", "x", "--json"])
+    Signals.make(other.io).on("SIGTERM")
+    other.at(Signals.STILL_MS)
+    expect(other.printed).toEqual({
+      stdout: "",
+      stderr: "multifd: stopping after SIGTERM: still closing down (SIGTERM again exits at once)\n"
+    })
+    expect(Signals.stillStopping("SIGHUP", ["/tmp/a\nb\x1b[2J.out"]).split("\n")).toHaveLength(2)
+    expect(Signals.stillStopping("SIGHUP", ["/tmp/a\nb\x1b[2J.out"])).not.toContain("\x1b")
+  })
+
+  afterEach(killChildren)
+
+  /** Whether strace can run a command here (installed, ptrace allowed). */
+  const straceWorks = ChildProcess.spawnSync("strace", ["-f", "-qq", "-o", "/dev/null", "true"]).status === 0
+
+  // the real command: each fsync held for 3 s by strace (fault injection), as a slow disk holds a big image's
+  it("recv given SIGINT while its image is flushed to disk says, 2 s on, that it waits for that flush; then the image is in place and it exits 130 (strace delays the fsync)", async (ctx) => {
+    if (!straceWorks) ctx.skip()
+    const dir = Fs.mkdtempSync(Path.join(Os.tmpdir(), "multifd-flush-"))
+    const running: Array<() => void> = []
+    try {
+      const socket = Path.join(dir, "recv.sock")
+      const out = Path.join(dir, "image.out")
+      const image = Path.join(dir, "image.raw")
+      Fs.writeFileSync(image, Crypto.randomBytes(4 * 1024 * 1024))
+      // strace's trace through cat on stdout (recv writes nothing there without --json): "fsync(" comes as the
+      // call starts
+      const recv = ChildProcess.spawn("strace", [
+        "-f", "-qq", "-o", "|cat", "-e", "trace=fsync", "-e", "inject=fsync:delay_enter=3000000",
+        process.execPath, inject("cliBundle"), "recv", `unix:${socket}`, "--out", out
+      ], { stdio: ["ignore", "pipe", "pipe"], env: { ...process.env, NO_COLOR: "1" } })
+      running.push(() => recv.kill("SIGKILL"))
+      const timer = setTimeout(() => recv.kill("SIGKILL"), 40_000)
+      let stderr = ""
+      let traced = ""
+      recv.stderr!.setEncoding("utf8").on("data", (s: string) => (stderr += s))
+      recv.stdout!.setEncoding("utf8").on("data", (s: string) => (traced += s))
+      const exited = new Promise<number | null>((resolve) =>
+        recv.once("close", (code) => {
+          clearTimeout(timer)
+          resolve(code)
+        })
+      )
+      /** Waits until `text()` matches `pattern` as `stream` brings more; fails if the command ends first. */
+      const seen = (pattern: RegExp, text: () => string, stream: NodeJS.ReadableStream) =>
+        new Promise<void>((resolve, reject) => {
+          const check = () => {
+            if (!pattern.test(text())) return
+            stream.off("data", check)
+            resolve()
+          }
+          stream.on("data", check)
+          void exited.then((code) => reject(new Error(`recv ended (${code}) before ${pattern}: ${stderr}`)))
+          check()
+        })
+      await seen(/listening on/, () => stderr, recv.stderr!)
+      // the command's own pid (strace's child) is in its temporary file's name
+      const partial = Fs.readdirSync(dir).find((name) => name.endsWith(".partial"))!
+      const pid = Number(/\.(\d+)\.partial$/.exec(partial)![1])
+      running.push(() => {
+        try {
+          process.kill(pid, "SIGKILL")
+        } catch {
+          // gone
+        }
+      })
+      const send = start(["send", `unix:${socket}`, "--in", image])
+      await seen(/fsync\(/, () => traced, recv.stdout!)
+      process.kill(pid, "SIGINT")
+      // before, nothing until the flush ended (minutes for a big image on a slow disk)
+      await seen(/stopping after SIGINT/, () => stderr, recv.stderr!)
+      expect(await exited).toBe(130)
+      const sent = await send.finished
+      // the image was stored before the interruption took effect: the source heard Done
+      expect(sent.code, sent.stderr).toBe(0)
+      // (its progress line every 5 s aside)
+      expect(stderr.split("\n").filter((line) => line.length > 0 && !line.startsWith("multifd: recv:")).slice(1)).toEqual([
+        expect.stringMatching(/^multifd: stopping after SIGINT: waiting for \S*image\.out to be flushed to disk \(SIGINT again exits at once\)$/),
+        `multifd: ${out} holds the verified image: it was stored before the interruption`,
+        "multifd: interrupted by SIGINT"
+      ])
+      expect(Fs.readFileSync(out).equals(Fs.readFileSync(image))).toBe(true)
+      expect(Fs.readdirSync(dir).sort()).toEqual(["image.out", "image.raw"])
+    } finally {
+      for (const kill of running) kill()
+      Fs.rmSync(dir, { recursive: true, force: true })
+    }
+  })
 })
 
 describe("Ctrl-Z on a terminal while the progress bar is drawn", () => {

@@ -9,8 +9,10 @@ import * as NodeRuntime from "@effect/platform-node/NodeRuntime"
 import * as Cause from "effect/Cause"
 import * as Effect from "effect/Effect"
 import * as Exit from "effect/Exit"
+import * as FileIo from "../internal/native/fileIo.js"
 import { main } from "./command.js"
 import { ExitCode, wantsJson } from "./errors.js"
+import * as Progress from "./progress.js"
 import * as Signals from "./signals.js"
 import { INTERRUPTING } from "./signals.js"
 import * as Terminal from "./terminal.js"
@@ -23,8 +25,11 @@ const signals = Signals.make({
   argv: process.argv.slice(2),
   now: () => performance.now(),
   stdout: process.stdout,
-  stderr: process.stderr,
-  exit: (code) => process.exit(code)
+  // above the progress bar while one is drawn (a teardown's line), as any line the command logs
+  stderr: { write: (text) => Progress.writeLines(text) },
+  exit: (code) => process.exit(code),
+  later: (ms, f) => void setTimeout(f, ms).unref(),
+  flushing: FileIo.flushingNow
 })
 for (const name of INTERRUPTING) process.on(name, signals.on)
 

@@ -6,14 +6,16 @@
  * long (an image being flushed to a slow disk): the command exits at once, the peer not told, but it still leaves
  * nothing behind that it can remove at once (the temporary files of its outputs, the `--out-dir` directories it
  * created, the socket file it listens on), shows the cursor its progress bar hid, and with `--json` still prints
- * its one JSON object.
+ * its one JSON object. A first signal whose teardown goes on for `STILL_MS` (an image being flushed to a slow disk,
+ * which Node cannot cancel) is answered with a line that says what it waits for and that another signal exits at
+ * once: it was silent, and the user could only guess whether the signal was heard.
  *
  * @since 0.1.0
  */
 import * as Os from "node:os"
 import * as FileIo from "../internal/native/fileIo.js"
 import * as SocketFiles from "../internal/native/socketFiles.js"
-import { toJson, wantsJson } from "./errors.js"
+import { oneLine, toJson, wantsJson } from "./errors.js"
 import * as FromQemu from "./fromQemu.js"
 import * as Progress from "./progress.js"
 
@@ -26,6 +28,13 @@ export const REPEAT_MS = 1000
  */
 export const INTERRUPTING = ["SIGINT", "SIGTERM", "SIGHUP", "SIGQUIT", "SIGALRM"] as const
 
+/**
+ * How long (ms) the teardown of a first signal goes on before the command says that it is still stopping, and what
+ * for. Longer than `REPEAT_MS` (a signal then exits at once, as the line says); a teardown that ends sooner, the
+ * usual, prints its one "interrupted" line alone.
+ */
+export const STILL_MS = 2000
+
 /** What a signal's handling needs of the process (`process` itself but in tests). */
 export interface Io {
   /** The command line (`--json` there asks for the JSON object). */
@@ -35,6 +44,10 @@ export interface Io {
   readonly stdout: { readonly write: (text: string) => unknown }
   readonly stderr: { readonly write: (text: string) => unknown }
   readonly exit: (code: number) => void
+  /** Runs `f` in `ms` unless the process has exited by then (a timer that does not keep it alive). */
+  readonly later: (ms: number, f: () => void) => void
+  /** The files being flushed to disk now (`FileIo.flushingNow`). */
+  readonly flushing: () => ReadonlyArray<string>
 }
 
 /** The exit status of an interruption by `signal`: 128 + its number. */
@@ -60,6 +73,17 @@ export const exitAtOnce = (signal: NodeJS.Signals, io: Io): void => {
   io.exit(exitCodeOf(signal))
 }
 
+/**
+ * The line of a first `signal` whose teardown goes on: what it waits for (the files being flushed to disk, if
+ * any), and that another signal exits at once.
+ */
+export const stillStopping = (signal: NodeJS.Signals, flushing: ReadonlyArray<string>): string =>
+  oneLine(
+    `multifd: stopping after ${signal}: ${
+      flushing.length === 0 ? "still closing down" : `waiting for ${flushing.join(", ")} to be flushed to disk`
+    } (${signal} again exits at once)`
+  ) + "\n"
+
 /** The command's record of the signals it was given. */
 export interface Signals {
   /** The first signal, once one came. */
@@ -70,7 +94,7 @@ export interface Signals {
 
 /**
  * Records the first signal and ignores its repeats within `REPEAT_MS`; a later one ends the process at once
- * (`exitAtOnce`).
+ * (`exitAtOnce`). A teardown still under way `STILL_MS` after the first says so (`stillStopping`).
  */
 export const make = (io: Io): Signals => {
   let first: { readonly signal: NodeJS.Signals; readonly at: number } | undefined
@@ -79,6 +103,7 @@ export const make = (io: Io): Signals => {
     on: (signal) => {
       if (first === undefined) {
         first = { signal, at: io.now() }
+        io.later(STILL_MS, () => io.stderr.write(stillStopping(signal, io.flushing())))
         return
       }
       if (io.now() - first.at < REPEAT_MS) return

@@ -617,6 +617,29 @@ export const removeTemporariesNow = (): void => {
 }
 
 /**
+ * The targets of `atomicFile`s whose bytes, or whose rename, are being flushed to disk now (an fsync under way),
+ * each with how many such flushes it has: for a process asked to stop, which waits for them (Node cannot cancel
+ * an fsync, and a big image takes seconds to flush to a slow disk) and says so (`signals.ts`).
+ */
+const flushing = new Map<string, number>()
+
+/** Runs `effect`, an fsync for `target`, known to `flushingNow` while it runs. */
+const flushingFor = <A, E>(target: string, effect: Effect.Effect<A, E>): Effect.Effect<A, E> =>
+  Effect.acquireUseRelease(
+    Effect.sync(() => void flushing.set(target, (flushing.get(target) ?? 0) + 1)),
+    () => effect,
+    () =>
+      Effect.sync(() => {
+        const left = (flushing.get(target) ?? 1) - 1
+        if (left > 0) flushing.set(target, left)
+        else flushing.delete(target)
+      })
+  )
+
+/** The targets of `atomicFile`s being flushed to disk now (their final paths), oldest first. */
+export const flushingNow = (): ReadonlyArray<string> => Array.from(flushing.keys())
+
+/**
  * The permissions of a file `atomicFile` creates where none was: its owner's alone. What it writes is a guest's
  * memory (keys, passwords, whatever the guest held), which no other user of the machine may read; QEMU's own
  * migration files are not world-readable either.
@@ -815,7 +838,7 @@ export const atomicFile = (
         catch: (cause) => new FileError({ step: "Size", path, length: size, cause })
       })
     }
-    const sync = Effect.tryPromise({ try: () => handle.sync(), catch: failed("Sync") })
+    const sync = flushingFor(target, Effect.tryPromise({ try: () => handle.sync(), catch: failed("Sync") }))
     // the directory's fsync inside: a rename that an interruption could separate from it would be a replaced
     // target reported as a failure
     const publish = Effect.uninterruptible(Effect.gen(function*() {
@@ -834,7 +857,10 @@ export const atomicFile = (
       temporaries.delete(key)
       // the directory held open (where it went, had it been renamed since), else opened now
       const held = temporary.directory
-      yield* held === undefined ? syncDirectory(Path.dirname(target)) : syncHandle(held, Path.dirname(target))
+      yield* flushingFor(
+        target,
+        held === undefined ? syncDirectory(Path.dirname(target)) : syncHandle(held, Path.dirname(target))
+      )
     }))
     return {
       path,
