@@ -30,6 +30,7 @@ import type * as Stream from "node:stream"
 import * as Connections from "./internal/native/connection.js"
 import { type Connection, describeError, destroy, TransportError } from "./internal/native/connection.js"
 import * as DirectSocket from "./internal/native/directSocket.js"
+import * as Lookups from "./internal/native/lookups.js"
 import * as SocketFiles from "./internal/native/socketFiles.js"
 
 // ---------------------------------------------------------------------------------------------------------
@@ -272,7 +273,10 @@ const badSocketAddress = (address: SocketAddress): TransportError | undefined =>
 }
 
 const connectOptions = (address: SocketAddress): Net.NetConnectOpts =>
-  address._tag === "Unix" ? { path: address.path } : { host: address.host, port: address.port }
+  address._tag === "Unix"
+    ? { path: address.path }
+    // the lookup of a name counted while it runs: a process that exits meanwhile must not wait for it (`Lookups`)
+    : { host: address.host, port: address.port, lookup: Lookups.lookup }
 
 /**
  * Connects over TCP or a Unix socket; the socket is destroyed when the scope closes.

@@ -345,3 +345,85 @@ describe("Ctrl-Z on a terminal while the progress bar is drawn", () => {
     }
   })
 })
+
+describe("a connect whose host name lookup hangs (a DNS server that does not answer)", () => {
+  afterEach(killChildren)
+
+  /** Whether this process may make namespaces (a network and a mount namespace of its own: root, unshare). */
+  const namespaces = ChildProcess.spawnSync("unshare", ["-mn", "true"]).status === 0
+
+  // the lookup holds a thread of libuv's pool, which process.exit waits for: the command said "interrupted" and
+  // hung for as long as the resolver's timeouts and attempts take, deaf to any further signal
+  it("send interrupted then ends at once, by the signal (a shell sees 130), with its one interrupted line", async (ctx) => {
+    if (!namespaces) ctx.skip()
+    const dir = Fs.mkdtempSync(Path.join(Os.tmpdir(), "multifd-dns-"))
+    const servers: Array<number> = []
+    try {
+      const image = Path.join(dir, "image.raw")
+      Fs.writeFileSync(image, Crypto.randomBytes(64 * 1024))
+      const resolv = Path.join(dir, "resolv.conf")
+      // one server, asked once for 3 s: without the fix the command ended after that, exit 130 (not by its signal)
+      Fs.writeFileSync(resolv, "nameserver 127.0.0.1\noptions timeout:3 attempts:1\n")
+      const ready = Path.join(dir, "ready")
+      // in namespaces of its own: a resolv.conf naming a DNS server on its loopback that reads and never answers;
+      // unshare and sh exec, so the command is the child itself
+      const script = [
+        "ip link set lo up",
+        `mount --bind "$RESOLV" /etc/resolv.conf`,
+        `mkfifo "$READY"`,
+        `"$NODE" -e 'const s = require("dgram").createSocket("udp4"); s.on("message", () => process.stderr.write("asked\\n")); s.bind(53, "127.0.0.1", () => require("fs").writeFileSync(process.env.READY, String(process.pid))); setTimeout(() => process.exit(), 30000)' >/dev/null &`,
+        `read server < "$READY"`,
+        `echo "dns=$server" >&2`,
+        `exec "$NODE" "$BUNDLE" send tcp:migrate.example.com:4444 --in "$IMAGE"`
+      ].join("\n")
+      const send = ChildProcess.spawn("unshare", ["-mn", "sh", "-c", script], {
+        stdio: ["ignore", "pipe", "pipe"],
+        env: { ...process.env, NO_COLOR: "1", NODE: process.execPath, BUNDLE: inject("cliBundle"), RESOLV: resolv, READY: ready, IMAGE: image }
+      })
+      const timer = setTimeout(() => send.kill("SIGKILL"), 20_000)
+      let stderr = ""
+      send.stderr!.setEncoding("utf8").on("data", (s: string) => (stderr += s))
+      const exited = new Promise<{ readonly code: number | null; readonly signal: NodeJS.Signals | null }>((resolve) =>
+        send.once("exit", (code, signal) => {
+          clearTimeout(timer)
+          resolve({ code, signal })
+        })
+      )
+      await new Promise<void>((resolve, reject) => {
+        const check = () => {
+          const m = /dns=(\d+)/.exec(stderr)
+          if (m === null) return
+          servers.push(Number(m[1]))
+          send.stderr!.off("data", check)
+          resolve()
+        }
+        send.stderr!.on("data", check)
+        void exited.then(() => reject(new Error(`ended first: ${stderr}`)))
+      })
+      // the command's lookup has reached the silent server
+      await new Promise<void>((resolve, reject) => {
+        const check = () => {
+          if (!/^asked$/m.test(stderr)) return
+          send.stderr!.off("data", check)
+          resolve()
+        }
+        send.stderr!.on("data", check)
+        void exited.then(() => reject(new Error(`ended first: ${stderr}`)))
+        check()
+      })
+      send.kill("SIGINT")
+      const ended = await exited
+      expect(ended).toEqual({ code: null, signal: "SIGINT" })
+      expect(stderr.split("\n").filter((line) => line.startsWith("multifd:"))).toEqual(["multifd: interrupted by SIGINT"])
+    } finally {
+      for (const pid of servers) {
+        try {
+          process.kill(pid, "SIGKILL")
+        } catch {
+          // gone
+        }
+      }
+      Fs.rmSync(dir, { recursive: true, force: true })
+    }
+  })
+})

@@ -10,12 +10,27 @@ import * as Cause from "effect/Cause"
 import * as Effect from "effect/Effect"
 import * as Exit from "effect/Exit"
 import * as FileIo from "../internal/native/fileIo.js"
+import * as Lookups from "../internal/native/lookups.js"
 import { main } from "./command.js"
 import { ExitCode, wantsJson } from "./errors.js"
 import * as Progress from "./progress.js"
 import * as Signals from "./signals.js"
 import { INTERRUPTING } from "./signals.js"
 import * as Terminal from "./terminal.js"
+
+/**
+ * Ends the process by `signal`, which ended the command, while a lookup of a host name still holds a thread of
+ * libuv's pool (a DNS server that does not answer: `Lookups`): `process.exit` would wait for that thread, deaf to
+ * any further signal. No thread holds up a signal's default action, and a shell sees the same status (128 + its
+ * number). Otherwise it returns, and the caller exits as usual.
+ */
+const endBySignal = (signal: NodeJS.Signals): void => {
+  // (not SIGQUIT, whose default action dumps core: a file of the process's memory, a guest's pages in it)
+  if (signal === "SIGQUIT" || Lookups.inFlight() === 0) return
+  // without a listener the signal's default action: the process ends where it stands, everything closed by now
+  process.removeAllListeners(signal)
+  process.kill(process.pid, signal)
+}
 
 // runMain interrupts the program on the first SIGINT / SIGTERM (`signalled` below on the others) and then stops
 // listening; these listeners stay for the process's life, so that a duplicate does not kill the process by
@@ -27,7 +42,10 @@ const signals = Signals.make({
   stdout: process.stdout,
   // above the progress bar while one is drawn (a teardown's line), as any line the command logs
   stderr: { write: (text) => Progress.writeLines(text) },
-  exit: (code) => process.exit(code),
+  exit: (code, signal) => {
+    if (signal !== undefined) endBySignal(signal)
+    process.exit(code)
+  },
   later: (ms, f) => void setTimeout(f, ms).unref(),
   flushing: FileIo.flushingNow
 })
@@ -78,6 +96,7 @@ NodeRuntime.runMain(
       const signal = signals.first() ?? "SIGINT"
       process.stderr.write(`multifd: interrupted by ${signal}\n`)
       if (wantsJson(process.argv.slice(2))) process.stdout.write(`${Signals.interruptedJson(signal, `interrupted by ${signal}`)}\n`)
+      endBySignal(signal)
       onExit(Signals.exitCodeOf(signal))
     }
   }

@@ -43,7 +43,8 @@ export interface Io {
   readonly now: () => number
   readonly stdout: { readonly write: (text: string) => unknown }
   readonly stderr: { readonly write: (text: string) => unknown }
-  readonly exit: (code: number) => void
+  /** Exits with `code`, for `signal` if one ended the command (`main.ts` may then end by that signal). */
+  readonly exit: (code: number, signal?: NodeJS.Signals) => void
   /** Runs `f` in `ms` unless the process has exited by then (a timer that does not keep it alive). */
   readonly later: (ms: number, f: () => void) => void
   /** The files being flushed to disk now (`FileIo.flushingNow`). */
@@ -70,7 +71,7 @@ export const exitAtOnce = (signal: NodeJS.Signals, io: Io): void => {
   const message = `${signal} again: exiting at once (the peer is not told)`
   io.stderr.write(`multifd: ${message}\n`)
   if (wantsJson(io.argv)) io.stdout.write(`${interruptedJson(signal, `interrupted by ${signal} again: exited at once (the peer was not told)`)}\n`)
-  io.exit(exitCodeOf(signal))
+  io.exit(exitCodeOf(signal), signal)
 }
 
 /**
