@@ -213,6 +213,17 @@ const migrateGuest = (src: Qemu.QemuSource, uri: string, settings: Omit<Qemu.Mig
   })
 
 /** A VM file of a real guest, received from QEMU over 2 plain channels and written as mapped-ram (`name`). */
+/** Waits (20 s at most) until QEMU's migration under way has sent more than `bytes`; fails if it ended first. */
+const sentAtLeast = (qmp: Qemu.Qmp, bytes: number) =>
+  noHang(Effect.gen(function*() {
+    while (true) {
+      const info = (yield* qmp.execute("query-migrate")) as { status?: string; ram?: { transferred?: number } }
+      if ((info.ram?.transferred ?? 0) > bytes) return
+      if (info.status !== "setup" && info.status !== "active") throw new Error(`QEMU's migration is ${info.status}`)
+      yield* Effect.sleep("50 millis")
+    }
+  }), `QEMU sending ${bytes / MIB} MiB`, 20)
+
 const receivedVmFile = (name: string) =>
   Effect.gen(function*() {
     const src = yield* guest()
@@ -465,14 +476,7 @@ describe.skipIf(missing !== undefined)(`QEMU ${"version" in qemu ? qemu.version 
       const recv = yield* recvCli(["--channels", "2", "--uuid", first, "--vm", vmFile, "--json"])
       // 8 MiB/s: about 4 s for the guest's RAM, time enough for the second to come in the middle
       yield* Qemu.migrate(src.qmp, { uri: recv.uri, channels: 2, compression: "none", maxBandwidth: 8 * MIB, downtimeLimit: 100 })
-      yield* noHang(Effect.gen(function*() {
-        while (true) {
-          const info = (yield* src.qmp.execute("query-migrate")) as { status?: string; ram?: { transferred?: number } }
-          if ((info.ram?.transferred ?? 0) > 4 * MIB) return
-          if (info.status !== "setup" && info.status !== "active") throw new Error(`QEMU's migration is ${info.status}`)
-          yield* Effect.sleep("50 millis")
-        }
-      }), "QEMU sending 4 MiB", 20)
+      yield* sentAtLeast(src.qmp, 4 * MIB)
       yield* Qemu.migrate(other.qmp, { uri: recv.uri, channels: 2, compression: "none" })
       expect(yield* Qemu.waitDone(other.qmp, "30 seconds")).toBe("failed")
       expect(yield* Qemu.waitDone(src.qmp, "30 seconds")).toBe("completed")
@@ -637,14 +641,7 @@ describe.skipIf(missing !== undefined)(`QEMU ${"version" in qemu ? qemu.version 
       const recv = yield* recvCli(["--channels", "2", "--vm", vmFile, "--quiet"])
       // 8 MiB/s: about 4 s for the guest's RAM, time enough to stop it in the middle
       yield* Qemu.migrate(src.qmp, { uri: recv.uri, channels: 2, compression: "none", maxBandwidth: 8 * MIB, downtimeLimit: 100 })
-      yield* noHang(Effect.gen(function*() {
-        while (true) {
-          const info = (yield* src.qmp.execute("query-migrate")) as { status?: string; ram?: { transferred?: number } }
-          if ((info.ram?.transferred ?? 0) > 4 * MIB) return
-          if (info.status !== "setup" && info.status !== "active") throw new Error(`QEMU's migration is ${info.status}`)
-          yield* Effect.sleep("50 millis")
-        }
-      }), "QEMU sending 4 MiB", 20)
+      yield* sentAtLeast(src.qmp, 4 * MIB)
       yield* src.kill
       const result = yield* noHang(Fiber.join(recv.fiber), "recv after QEMU was killed", 10)
       expect(result.code).toBe(1)

@@ -256,6 +256,15 @@ describe("success is durable: the destination's store step", () => {
       }
     })
 
+  /** Runs an `incoming` with its debug log watched: `lastStep` is done once it heard the source close the main channel. */
+  const lastStepIn = (lastStep: Deferred.Deferred<void>) => <A, E, R>(self: Effect.Effect<A, E, R>) =>
+    self.pipe(
+      Effect.provide(Logger.replace(Logger.defaultLogger, Logger.make(({ message }) => {
+        if (String(message) === "main channel: closed") Deferred.unsafeDone(lastStep, Exit.void)
+      }))),
+      Logger.withMinimumLogLevel(LogLevel.Debug)
+    )
+
   for (const given of [true, false]) {
     it.live(`the loan ends with the step: a save the step started that outlives it keeps the memory held (${given ? "memory given" : "memory incoming made"})`, () =>
       leakFree(Effect.gen(function*() {
@@ -282,12 +291,7 @@ describe("success is durable: the destination's store step", () => {
               ))
               yield* Deferred.await(started)
             })
-        }).pipe(
-          Effect.provide(Logger.replace(Logger.defaultLogger, Logger.make(({ message }) => {
-            if (String(message) === "main channel: closed") Deferred.unsafeDone(lastStep, Exit.void)
-          }))),
-          Logger.withMinimumLogLevel(LogLevel.Debug)
-        ))
+        }).pipe(lastStepIn(lastStep)))
         yield* noHang(migrateTo(listener.address, ram), "migrate")
         yield* ram.gate.open
         const received = yield* Deferred.await(started)
@@ -330,12 +334,7 @@ describe("success is durable: the destination's store step", () => {
             }).pipe(Effect.provideService(GuestRam.GuestRam, received)))
             yield* Deferred.await(started)
           })
-      }).pipe(
-        Effect.provide(Logger.replace(Logger.defaultLogger, Logger.make(({ message }) => {
-          if (String(message) === "main channel: closed") Deferred.unsafeDone(lastStep, Exit.void)
-        }))),
-        Logger.withMinimumLogLevel(LogLevel.Debug)
-      ))
+      }).pipe(lastStepIn(lastStep)))
       yield* noHang(migrateTo(listener.address, ram), "migrate")
       yield* ram.gate.open
       // incoming's own steps are over: it waits for the save
