@@ -491,11 +491,12 @@ type TcpAddress = Extract<Address, { readonly _tag: "Tcp" }>
  */
 const listenHosts = (address: TcpAddress, uri: string): Effect.Effect<ReadonlyArray<string>, TransportError> =>
   isIp(address.host) ? Effect.succeed([address.host]) : Effect.async((resume) => {
-    Dns.lookup(address.host, { all: true }, (error, found) =>
+    // counted while it runs, as a connect's: a process that exits meanwhile must not wait for it (`Lookups`)
+    Lookups.lookup(address.host, { all: true }, (error, found) =>
       resume(
         error !== null
           ? Effect.fail(new TransportError({ reason: "Listen", address: uri, detail: describeError(error), cause: error }))
-          : Effect.succeed(Array.from(new Set(found.map((a) => a.address))))
+          : Effect.succeed(Array.from(new Set((found as ReadonlyArray<Dns.LookupAddress>).map((a) => a.address))))
       ))
   })
 

@@ -346,7 +346,7 @@ describe("Ctrl-Z on a terminal while the progress bar is drawn", () => {
   })
 })
 
-describe("a connect whose host name lookup hangs (a DNS server that does not answer)", () => {
+describe("a connect or listen whose host name lookup hangs (a DNS server that does not answer)", () => {
   afterEach(killChildren)
 
   /** Whether this process may make namespaces (a network and a mount namespace of its own: root, unshare). */
@@ -354,7 +354,9 @@ describe("a connect whose host name lookup hangs (a DNS server that does not ans
 
   // the lookup holds a thread of libuv's pool, which process.exit waits for: the command said "interrupted" and
   // hung for as long as the resolver's timeouts and attempts take, deaf to any further signal
-  it("send interrupted then ends at once, by the signal (a shell sees 130), with its one interrupted line", async (ctx) => {
+  // recv's listen on a host name looks it up too (every address of it)
+  for (const [command, args] of [["send", `--in "$IMAGE"`], ["recv", `--out "$IMAGE.out"`]] as const) {
+  it(`${command} interrupted then ends at once, by the signal (a shell sees 130), with its one interrupted line`, async (ctx) => {
     if (!namespaces) ctx.skip()
     const dir = Fs.mkdtempSync(Path.join(Os.tmpdir(), "multifd-dns-"))
     const servers: Array<number> = []
@@ -374,7 +376,7 @@ describe("a connect whose host name lookup hangs (a DNS server that does not ans
         `"$NODE" -e 'const s = require("dgram").createSocket("udp4"); s.on("message", () => process.stderr.write("asked\\n")); s.bind(53, "127.0.0.1", () => require("fs").writeFileSync(process.env.READY, String(process.pid))); setTimeout(() => process.exit(), 30000)' >/dev/null &`,
         `read server < "$READY"`,
         `echo "dns=$server" >&2`,
-        `exec "$NODE" "$BUNDLE" send tcp:migrate.example.com:4444 --in "$IMAGE"`
+        `exec "$NODE" "$BUNDLE" ${command} tcp:migrate.example.com:4444 ${args}`
       ].join("\n")
       const send = ChildProcess.spawn("unshare", ["-mn", "sh", "-c", script], {
         stdio: ["ignore", "pipe", "pipe"],
@@ -426,4 +428,5 @@ describe("a connect whose host name lookup hangs (a DNS server that does not ans
       Fs.rmSync(dir, { recursive: true, force: true })
     }
   })
+  }
 })

@@ -1,5 +1,5 @@
 /**
- * Host name lookups of this process's connects, counted while they run. A lookup (`getaddrinfo`) runs on a thread
+ * Host name lookups of this process's connects and listens, counted while they run. A lookup (`getaddrinfo`) runs on a thread
  * of libuv's pool and cannot be cancelled: a connect interrupted while its lookup waits for a DNS server that does
  * not answer gives the lookup up, but the thread stays in it, for as long as the resolver's timeouts and attempts
  * take (10 s by default, minutes as some systems set them). Node's `process.exit` waits for that thread (libuv
