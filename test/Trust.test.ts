@@ -34,6 +34,7 @@ import * as Fs from "node:fs"
 import * as Net from "node:net"
 import * as Path from "node:path"
 import * as Control from "../src/Control.js"
+import { HELLO_BUDGET } from "../src/internal/candidates.js"
 import * as GuestRam from "../src/GuestRam.js"
 import * as Migration from "../src/Migration.js"
 import * as MigrationStatus from "../src/MigrationStatus.js"
@@ -899,6 +900,72 @@ describe("strangers are candidates, never owners", () => {
       expect(sameMemory(result.ram, ram)).toBe(true)
       expect(result.rejected).toHaveLength(sockets.length)
       for (const line of result.rejected) expect(line).toContain("a multifd channel without a migration: timed out after 5s")
+    })))
+})
+
+describe("strangers that announce the largest hello", () => {
+  it.effect("each sends all of a Control.MAX_FRAME hello but its last byte: a few are read at once, not a megabyte each held until its deadline (TestClock)", () =>
+    leakFree(Effect.gen(function*() {
+      // (each frame was read into a buffer of its announced length as it came, and held until the handshake
+      // deadline: 300 such strangers made the destination hold 300 MiB, as many as the open-files limit let connect.)
+      // Over a Unix socket the kernel holds a few hundred KiB: what a stranger could not hand over is still in its
+      // own buffer
+      const path = tempSocketPath("hellos")
+      const faulty = yield* Faulty.make()
+      const listener = yield* faulty.transport.listen({ _tag: "Unix", path })
+      const dest = yield* Effect.forkScoped(Migration.incoming(listener, { timeouts: { ...TIMEOUTS, handshake: "5 seconds" } }))
+      const strangers = 12
+      const body = Buffer.alloc(Control.MAX_FRAME - 1, 0x20)
+      const sockets = yield* Effect.acquireRelease(
+        Effect.sync(() =>
+          Array.from({ length: strangers }, () => {
+            const socket = Net.connect({ path })
+            socket.on("error", () => {})
+            socket.write(Buffer.concat([controlMagic(), frameLength(Control.MAX_FRAME)]))
+            socket.write(body)
+            return socket
+          })
+        ),
+        (sockets) => Effect.forEach(sockets, (socket) => Transport.destroy(socket), { discard: true })
+      )
+      // every stranger taken for a main channel, then until their writes stop moving: event-loop turns, no timer
+      yield* noHang(
+        faulty.until((f) => f.records.filter((r) => r.side === "accept" && r.role === "main").length === strangers),
+        "the strangers' control magic read"
+      )
+      const unsent = () => sockets.map((socket) => socket.writableLength)
+      yield* noHang(
+        Effect.gen(function*() {
+          for (let still = 0, last = ""; still < 200;) {
+            yield* nextTurn
+            const now = unsent().join()
+            still = now === last ? still + 1 : 0
+            last = now
+          }
+        }),
+        "the strangers' writes settle"
+      )
+      // the frames being read are the budget's: the others wait for room, their bytes in their senders' buffers
+      const whole = unsent().filter((left) => left === 0).length
+      expect(whole, "strangers whose whole frame the destination took").toBeLessThanOrEqual(HELLO_BUDGET / Control.MAX_FRAME)
+      for (const [i, left] of unsent().entries()) {
+        if (left > 0) expect(Control.MAX_FRAME + 7 - left, `stranger ${i}: bytes the destination and the kernel took`).toBeLessThan(Control.MAX_FRAME / 2)
+      }
+      // turned away at their deadline, each saying so; the destination goes on to a real migration
+      const closed = yield* Deferred.make<void>()
+      let open = sockets.length
+      for (const socket of sockets) {
+        socket.once("close", () => {
+          if (--open === 0) Deferred.unsafeDone(closed, Exit.void)
+        })
+      }
+      yield* advanceUntil(Deferred.isDone(closed), "the handshake deadline")
+      const ram = yield* sourceRam()
+      yield* noHang(migrateTo(listener.address, ram), "migrate")
+      const result = yield* noHang(Fiber.join(dest), "incoming")
+      expect(sameMemory(result.ram, ram)).toBe(true)
+      expect(result.rejected).toHaveLength(strangers)
+      for (const line of result.rejected) expect(line).toContain("no valid hello: timed out after 5s waiting for a complete hello")
     })))
 })
 

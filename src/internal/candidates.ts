@@ -18,6 +18,7 @@ import * as MultifdRecv from "../MultifdRecv.js"
 import * as Protocol from "../Protocol.js"
 import type * as Transport from "../Transport.js"
 import type * as Acceptor from "./acceptor.js"
+import { FIRST_HIGH_WATER } from "./native/readQueue.js"
 import * as PeerText from "./peerText.js"
 import * as QemuFormat from "./qemu/format.js"
 
@@ -67,6 +68,28 @@ export const otherPeer = (main: Transport.Connection, channel: Transport.Connect
       `${PeerText.fromPeer(channel.peerIdentity ?? "one that proved no identity")} ` +
       `(the main channel's: ${PeerText.fromPeer(main.peerIdentity ?? "one that proved no identity")})`
 
+/**
+ * Bytes of hello frames longer than `FIRST_HIGH_WATER` that a destination's candidates read at once, together: four
+ * of the largest (`Control.MAX_FRAME`). A frame is read into a buffer of its announced length, held until it is
+ * complete or the candidate's deadline: strangers that each announced a megabyte and sent all of it but its last
+ * byte made the destination hold a megabyte apiece for the handshake timeout (300 of them, 300 MiB), as many as
+ * the open-files limit let connect. A longer frame waits (within its deadline) until it fits; a shorter one, every
+ * real hello but that of hundreds of blocks, costs no more than a candidate's read-ahead and is read at once.
+ */
+export const HELLO_BUDGET = 4 * Control.MAX_FRAME
+
+/**
+ * Reads a candidate's hello after its control magic: a frame longer than `FIRST_HIGH_WATER` once `budget` has room
+ * for it (see `HELLO_BUDGET`); one longer than `Control.MAX_FRAME` is refused by `Control.receive` as before.
+ */
+const receiveHello = (connection: Transport.Connection, budget: Effect.Semaphore) =>
+  Effect.gen(function*() {
+    yield* connection.read(4)
+    const length = (yield* connection.peek(4)).readUInt32BE(0)
+    const receive = Control.receive(connection)
+    return yield* (length > FIRST_HIGH_WATER && length <= Control.MAX_FRAME ? budget.withPermits(length)(receive) : receive)
+  })
+
 /** Tells a complete but unwanted hello why (best effort: the connection is closed right after). */
 const refuse = (connection: Transport.Connection, reason: string) =>
   Control.send(connection, new Control.Reject({ reason })).pipe(Effect.timeout(Duration.seconds(1)), Effect.ignore)
@@ -83,6 +106,7 @@ export const classifier = (
   handshake: Duration.DurationInput
 ): Acceptor.Classify<MultifdRecv.ChannelFailure> => {
   const handshakeMs = Duration.toMillis(Duration.decode(handshake))
+  const helloBudget = Effect.unsafeMakeSemaphore(HELLO_BUDGET)
   return (connection, first, reject, since) =>
     Effect.gen(function*() {
       const deadline = (what: string) => <A, E2>(self: Effect.Effect<A, E2>) =>
@@ -94,7 +118,7 @@ export const classifier = (
       const magic = first.readUInt32BE(0)
       if (magic === Control.MAGIC) {
         const message = yield* Effect.either(
-          Effect.zipRight(connection.read(4), Control.receive(connection)).pipe(
+          receiveHello(connection, helloBudget).pipe(
             deadline("waiting for a complete hello")
           )
         )
