@@ -43,6 +43,7 @@ import * as QemuStream from "../src/QemuStream.js"
 import * as QemuVm from "../src/QemuVm.js"
 import * as Snapshot from "../src/Snapshot.js"
 import * as Tls from "../src/Tls.js"
+import { MAX_CANDIDATES } from "../src/internal/acceptor.js"
 import * as Format from "../src/internal/qemu/format.js"
 import * as Reader from "../src/internal/qemu/reader.js"
 import * as ReturnPath from "../src/internal/qemu/returnPath.js"
@@ -1448,6 +1449,43 @@ describe("QemuIncoming.incoming: strangers are candidates, never owners", () => 
       expect(result.stats.qemu.mainBytes).toBe(MAIN.length)
       // incoming closed the candidates still pending on its way out
       yield* Effect.forEach(stallers, (c, i) => turnedAway(c, `staller ${i} closed`), { concurrency: "unbounded" })
+    }))))
+
+  it.live("more QEMU channels at once than Acceptor.MAX_CANDIDATES, each an init packet and no main stream: that many are accepted, the next wait in the listener's queue until a place is free", () =>
+    expectNoLeaks(Effect.scoped(Effect.gen(function*() {
+      // (a channel that proved itself waited for the main stream without a place: connections that sent an init
+      // packet each were all accepted and held, as many as the open-files limit, until a main stream came or the peer
+      // timeout.) Each counts among the candidates until the RAM blocks are announced; QEMU's own (at most 255, and
+      // its main channel) fit
+      const listener = yield* Transport.listen({ _tag: "Tcp", host: "127.0.0.1", port: 0 })
+      let accepted = 0
+      const watched: Transport.Listener = {
+        address: listener.address,
+        accept: Effect.tap(listener.accept, () => Effect.sync(() => accepted++))
+      }
+      const fiber = yield* Effect.forkScoped(
+        QemuIncoming.incoming(watched, { channels: 2, timeouts: { connect: "1 minute", handshake: "1 minute", peer: "1 minute" } })
+          .pipe(Effect.provide(Logger.replace(Logger.defaultLogger, Logger.none)))
+      )
+      const strangers = MAX_CANDIDATES + 8
+      // a hundred at a time (a burst of hundreds overflows the kernel's listen backlog: the rest come a second or
+      // more later, as their SYNs are sent again)
+      const connections: Array<Transport.Connection> = []
+      for (let from = 0; from < strangers; from += 100) {
+        connections.push(...yield* Effect.all(
+          Array.from({ length: Math.min(100, strangers - from) }, () => stranger(listener.address, [CH0.subarray(0, 64)], false)),
+          { concurrency: "unbounded" }
+        ))
+      }
+      yield* realNoHang(Effect.repeat(nextTurn, { until: () => accepted >= MAX_CANDIDATES }), "the channels accepted")
+      for (let i = 0; i < 20; i++) yield* nextTurn
+      expect(accepted, "channels accepted at once").toBe(MAX_CANDIDATES)
+      // they leave: each place goes to a queued one, which is accepted (and turned away, closed too)
+      yield* Effect.forEach(connections, (c) => Transport.destroy(c.stream), { discard: true })
+      yield* realNoHang(Effect.repeat(nextTurn, { until: () => accepted === strangers }), "the queued channels accepted")
+      const result = yield* captureSucceeds({ address: listener.address, fiber, logs: [] })
+      expect(result.rejected).toHaveLength(257)
+      expect(result.rejected[0]).toContain("closed before QEMU's main stream announced its RAM blocks")
     }))))
 })
 

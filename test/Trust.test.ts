@@ -34,6 +34,7 @@ import * as Fs from "node:fs"
 import * as Net from "node:net"
 import * as Path from "node:path"
 import * as Control from "../src/Control.js"
+import { MAX_CANDIDATES } from "../src/internal/acceptor.js"
 import { HELLO_BUDGET } from "../src/internal/candidates.js"
 import * as GuestRam from "../src/GuestRam.js"
 import * as Migration from "../src/Migration.js"
@@ -712,6 +713,58 @@ describe("strangers are candidates, never owners", () => {
       expect(closed).toBe(extra)
       const first = yield* listener.accept
       expect(first.peer).toContain("127.0.0.1")
+    }))))
+
+  it.live("more strangers at once than Acceptor.MAX_CANDIDATES, saying nothing: that many are accepted, the next wait in the listener's queue until a place is free", () =>
+    leakFree(Effect.scoped(Effect.gen(function*() {
+      // (every one was accepted and held, descriptor, socket and read-ahead, until its handshake deadline: strangers
+      // that connected faster than the deadline closed them piled up to the open-files limit.) Beyond the queue they
+      // are closed as they come (Transport.MAX_QUEUED, above); the deadline closes a candidate (below)
+      const faulty = yield* Faulty.make()
+      const listener = yield* faulty.transport.listen(tcp0)
+      const dest = yield* Effect.forkScoped(Effect.provide(
+        Migration.incoming(listener, { timeouts: { ...TIMEOUTS, handshake: "1 minute" } }),
+        Logger.replace(Logger.defaultLogger, Logger.none)
+      ))
+      const port = listener.address._tag === "Tcp" ? listener.address.port : 0
+      const queued = 8
+      const strangers = MAX_CANDIDATES + queued
+      const sockets: Array<Net.Socket> = []
+      yield* Effect.addFinalizer(() => Effect.forEach(sockets, (socket) => Transport.destroy(socket), { discard: true }))
+      // connected a hundred at a time (a burst of hundreds overflows the kernel's listen backlog: the rest come a
+      // second or more later, as their SYNs are sent again)
+      for (let from = 0; from < strangers; from += 100) {
+        const batch = Array.from({ length: Math.min(100, strangers - from) }, () => {
+          const socket = Net.connect({ host: "127.0.0.1", port })
+          socket.on("error", () => {})
+          socket.resume()
+          sockets.push(socket)
+          return socket
+        })
+        yield* noHang(
+          Effect.forEach(batch, (socket) =>
+            Effect.async<void>((resume) => {
+              if (!socket.connecting) return resume(Effect.void)
+              socket.once("connect", () => resume(Effect.void))
+              socket.once("close", () => resume(Effect.void))
+            }), { discard: true }),
+          "the strangers connected"
+        )
+      }
+      // (the faulty transport records the connections accepted, and no other)
+      const accepted = () => faulty.records.length
+      yield* noHang(faulty.until(() => accepted() >= MAX_CANDIDATES), "the strangers accepted")
+      for (let i = 0; i < 20; i++) yield* nextTurn
+      expect(accepted(), "strangers accepted at once").toBe(MAX_CANDIDATES)
+      // the strangers leave: each candidate's place goes to a queued one, which is accepted (and leaves too)
+      yield* Effect.forEach(sockets, (socket) => Transport.destroy(socket), { discard: true })
+      yield* noHang(faulty.until(() => accepted() === strangers), "the queued strangers accepted")
+      const ram = yield* sourceRam()
+      yield* noHang(migrateTo(listener.address, ram), "migrate")
+      const result = yield* noHang(Fiber.join(dest), "incoming")
+      expect(sameMemory(result.ram, ram)).toBe(true)
+      expect(result.rejected).toHaveLength(257)
+      expect(result.rejected[256]).toBe(`… and ${strangers - 256} more connections`)
     }))))
 
   const stalling = [

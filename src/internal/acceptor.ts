@@ -41,16 +41,29 @@ export type Reject = (connection: Transport.Connection, why: string) => Effect.E
 /**
  * Handles a connection with its first four bytes; it stays open while this runs (a main channel's `classify`
  * never returns). `since`: the clock's time (ms) when the wait for the first bytes began, after any upgrade.
+ * `proved`: the connection proved itself (a complete hello that became the main channel, an init packet of the
+ * migration being adopted): it no longer counts among the candidates (`MAX_CANDIDATES`).
  */
 export type Classify<E> = (
   connection: Transport.Connection,
   first: Buffer,
   reject: Reject,
-  since: number
+  since: number,
+  proved: Effect.Effect<void>
 ) => Effect.Effect<void, E, Scope.Scope>
 
 /** Rejected connections listed with their reasons (`Acceptor.rejected`); later ones are counted. */
 export const MAX_LISTED = 256
+
+/**
+ * Connections being proved at once (accepted, and neither proved, `Classify`'s `proved`, nor turned away yet): with
+ * this many, the next is accepted only once one of them is done, and later ones wait in the listener's queue
+ * (`Transport.MAX_QUEUED`, beyond which they are closed as they come). Each held a descriptor, its socket and its
+ * read-ahead until its handshake deadline: strangers that connected faster than the deadline closed them piled up
+ * to the open-files limit (and the migration's own files and channels could not be opened). Twice what one
+ * migration opens at once (its main channel and at most `Protocol.MAX_CHANNELS` channels).
+ */
+export const MAX_CANDIDATES = 512
 
 /** The listeners a migration is being received on now (`claim`). */
 const claimed = new WeakSet<Transport.Listener>()
@@ -129,7 +142,11 @@ export const start = <E>(
      * given back to the listener (whatever ends the wait, this migration's end included), once no accept of theirs
      * can take it again.
      */
-    const handle = (raw: Transport.Connection, ended?: Effect.Effect<void>): Effect.Effect<void, E, Scope.Scope> =>
+    const handle = (
+      raw: Transport.Connection,
+      proved: Effect.Effect<void>,
+      ended?: Effect.Effect<void>
+    ): Effect.Effect<void, E, Scope.Scope> =>
       Effect.gen(function*() {
         const secured = options.upgrade
           ? yield* Effect.either(options.upgrade(raw, "main"))
@@ -155,25 +172,39 @@ export const start = <E>(
                 : Effect.void)
           )
         }
-        return yield* options.classify(connection, first.right, reject, since)
+        return yield* options.classify(connection, first.right, reject, since, proved)
       })
 
-    // the loop forks each connection's fiber, which accepts (the connection lives in its scope) and handles it;
-    // the loop goes on once it accepted
+    // a place among the candidates for each connection accepted (`MAX_CANDIDATES`), shared by the acceptors
+    const places = yield* Effect.makeSemaphore(MAX_CANDIDATES)
+
+    // the loop takes a place, then forks each connection's fiber, which accepts (the connection lives in its scope)
+    // and handles it, and gives the place back once the connection proved itself or its fiber ended; the loop goes
+    // on once it accepted
     const acceptor = (stop: Effect.Effect<void>, resumed: boolean): Effect.Effect<void, E | Transport.TransportError> =>
       Effect.gen(function*() {
         // (resumed: the main channels it takes wait for its end)
         const ended = yield* Deferred.make<void>()
         yield* Effect.addFinalizer(() => Deferred.succeed(ended, undefined))
         while (true) {
+          let held = false
+          const giveBack = Effect.suspend(() => {
+            if (!held) return Effect.void
+            held = false
+            return places.release(1)
+          })
+          // no place while as many are being proved: the next connection waits in the listener's queue (a place
+          // taken just as the wait stopped is given back)
+          const take = Effect.uninterruptibleMask((restore) => Effect.tap(restore(places.take(1)), () => (held = true)))
+          if (!(yield* Effect.raceFirst(Effect.as(take, true), Effect.as(stop, false)))) return yield* giveBack
           const accepted = yield* Deferred.make<boolean>()
           yield* FiberSet.run(
             connections,
             Effect.scoped(Effect.gen(function*() {
               const next = yield* Effect.raceFirst(Effect.map(listener.accept, Option.some), Effect.as(stop, Option.none()))
               yield* Deferred.succeed(accepted, Option.isSome(next))
-              if (Option.isSome(next)) yield* handle(next.value, resumed ? Deferred.await(ended) : undefined)
-            })).pipe(Effect.ensuring(Deferred.succeed(accepted, false)))
+              if (Option.isSome(next)) yield* handle(next.value, giveBack, resumed ? Deferred.await(ended) : undefined)
+            })).pipe(Effect.ensuring(Effect.zipRight(giveBack, Deferred.succeed(accepted, false))))
           )
           if (!(yield* Deferred.await(accepted))) return
         }

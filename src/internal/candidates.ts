@@ -107,7 +107,7 @@ export const classifier = (
 ): Acceptor.Classify<MultifdRecv.ChannelFailure> => {
   const handshakeMs = Duration.toMillis(Duration.decode(handshake))
   const helloBudget = Effect.unsafeMakeSemaphore(HELLO_BUDGET)
-  return (connection, first, reject, since) =>
+  return (connection, first, reject, since, proved) =>
     Effect.gen(function*() {
       const deadline = (what: string) => <A, E2>(self: Effect.Effect<A, E2>) =>
         Effect.flatMap(Clock.currentTimeMillis, (now) =>
@@ -129,6 +129,7 @@ export const classifier = (
           yield* refuse(connection, "a migration is already in progress")
           return yield* reject(connection, "a migration is already in progress")
         }
+        yield* proved
         // the migration's main channel: it stays open while the migration runs
         return yield* Effect.never
       }
@@ -147,6 +148,8 @@ export const classifier = (
         // (the channel set exists once the main channel is known)
         const other = otherPeer((yield* Deferred.await(main)).connection, connection)
         if (other !== undefined) return yield* reject(connection, other)
+        // (the init packet's checks are adopt's own, at once: a stranger's uuid is turned away there)
+        yield* proved
         return yield* recv.right.adopt(connection, init.right).pipe(
           Effect.catchIf(MultifdRecv.isStranger, (e) => reject(connection, e.message))
         )

@@ -85,7 +85,12 @@ export const start = (
         }))
 
     /** A candidate that began with `QEVM`: the main channel once its header is complete and valid. */
-    const mainCandidate = (connection: Transport.Connection, reject: Acceptor.Reject, since: number) =>
+    const mainCandidate = (
+      connection: Transport.Connection,
+      reject: Acceptor.Reject,
+      since: number,
+      isProved: Effect.Effect<void>
+    ) =>
       Effect.gen(function*() {
         // peeked, not read: the stream reader reads the header again, so that its offsets are the stream's
         const header = yield* Effect.either(
@@ -96,12 +101,18 @@ export const start = (
         if (bad !== undefined) return yield* reject(connection, `no valid QEMU file header: ${bad.detail}`)
         yield* proved
         if (!(yield* Deferred.succeed(main, connection))) return yield* reject(connection, "a second QEMU main channel")
+        yield* isProved
         // the migration's main channel: it stays open while the migration runs
         return yield* Effect.never
       })
 
     /** A candidate that began with the multifd magic: a channel once its init packet is complete. */
-    const channelCandidate = (connection: Transport.Connection, reject: Acceptor.Reject, since: number) =>
+    const channelCandidate = (
+      connection: Transport.Connection,
+      reject: Acceptor.Reject,
+      since: number,
+      isProved: Effect.Effect<void>
+    ) =>
       Effect.gen(function*() {
         const init = yield* Effect.either(
           connection.read(Protocol.INIT_PACKET_SIZE).pipe(byDeadline(since, "waiting for a complete multifd init packet"))
@@ -110,7 +121,7 @@ export const start = (
         yield* proved
         yield* Ref.update(channelsProved, (n) => n + 1)
         yield* Deferred.succeed(firstChannel, undefined)
-        return yield* adopt(connection, init.right, reject)
+        return yield* adopt(connection, init.right, reject, isProved)
       })
 
     /**
@@ -119,7 +130,12 @@ export const start = (
      * for the main channel, the main stream's watch the rest), into it; a channel of another VM or of no multifd stream at all
      * (uuid, magic, version) is turned away, any other bad init packet fails the migration.
      */
-    const adopt = (connection: Transport.Connection, init: Buffer, reject: Acceptor.Reject) =>
+    const adopt = (
+      connection: Transport.Connection,
+      init: Buffer,
+      reject: Acceptor.Reject,
+      isProved: Effect.Effect<void>
+    ) =>
       Effect.flatMap(
         // a channel closed before the RAM blocks were announced is no channel of this migration: a QEMU that gave up
         // (cancelled, failed, killed) after it connected its channels, and whose next migration comes with its own
@@ -130,7 +146,9 @@ export const start = (
         Option.match({
           onNone: () =>
             reject(connection, "closed before QEMU's main stream announced its RAM blocks (a migration QEMU gave up?)"),
-          onSome: (recv) => adoptInto(recv, connection, init, reject)
+          // it counts among the candidates until then (`Acceptor.MAX_CANDIDATES`): connections that sent an init
+          // packet each, waiting for a main stream, are as many as the places, not as many as the open-files limit
+          onSome: (recv) => Effect.zipRight(isProved, adoptInto(recv, connection, init, reject))
         })
       )
 
@@ -156,12 +174,12 @@ export const start = (
     const acceptor = yield* Acceptor.start<MultifdRecv.ChannelFailure>(listener, {
       upgrade: options.upgrade,
       firstBytesTimeout: options.handshake,
-      classify: (connection, first, reject, since) =>
+      classify: (connection, first, reject, since, isProved) =>
         QemuStream.isMainStream(first)
-          ? mainCandidate(connection, reject, since)
+          ? mainCandidate(connection, reject, since, isProved)
           : QemuStream.isMultifdChannel(first)
           ? options.multifd
-            ? channelCandidate(connection, reject, since)
+            ? channelCandidate(connection, reject, since, isProved)
             : Effect.zipRight(
               Ref.update(multifdTurnedAway, (n) => n + 1),
               reject(connection, "a multifd channel, but this destination expects QEMU without multifd (channels 0)")
