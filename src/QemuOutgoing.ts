@@ -319,17 +319,23 @@ const send = <E>(options: Options<E>): Effect.Effect<Stats, OutgoingError | E, T
     const progress = Effect.map(send.stats, (s) => s.sentBytes + mainBytes)
     const deviceState = Buffer.from(vm.deviceState.buffer, vm.deviceState.byteOffset, vm.deviceState.length)
     let queued = 0
+    // what the inactivity watch says it waited for when it fires
+    const taking = "while QEMU took nothing more of the migration"
+    let activity = taking
     const transfer = Effect.gen(function*() {
       // 3. the RAM section: the block list, then the setup sync
       whyClosed = "while it took the RAM blocks"
       const id = vm.ramSectionId
       const layout = vm.ram.blocks.map((b) => ({ name: b.name, size: b.bytes.length }))
       yield* writeMain([Writer.ramStart(id), Writer.memSize(layout), ...layout.map(Writer.blockEntry)])
+      // the sync waits for the channels' last batches to go first, which at a bandwidth limit may take longer than
+      // the peer timeout: bounded by the inactivity watch (bytes still moving), not a deadline of its own
       const flush = (record: ReadonlyArray<Buffer>) =>
-        Effect.zipRight(
-          guarded(send.sync).pipe(peer("waiting for the multifd channels to send their SYNC packets")),
-          writeMain(record)
-        )
+        Effect.gen(function*() {
+          activity = "waiting for the multifd channels to send their SYNC packets"
+          yield* guarded(send.sync).pipe(Effect.ensuring(Effect.sync(() => (activity = taking))))
+          yield* writeMain(record)
+        })
       yield* flush([...flushWord, Writer.EOS, Writer.footer(id)])
 
       // 4. every page, on whichever channel is idle
@@ -384,7 +390,7 @@ const send = <E>(options: Options<E>): Effect.Effect<Stats, OutgoingError | E, T
       yield* flush([Writer.ramPart(id, true), ...flushWord, Writer.EOS, Writer.footer(id)])
       yield* writeMain([deviceState])
     })
-    yield* unlessStalled(transfer, progress, timeouts.peer, "while QEMU took nothing more of the migration")
+    yield* unlessStalled(transfer, progress, timeouts.peer, () => activity)
 
     // 6. the channels closed while QEMU loads the device state, and QEMU's verdict (it may come first: QEMU
     // has every page once it read the last flush, and closes the channels itself once it is done)

@@ -580,6 +580,22 @@ describe.skipIf(missing !== undefined)(`QEMU ${"version" in qemu ? qemu.version 
       }
     }))), 90_000)
 
+  // `--timeout` bounds silence, not work: the channels' last batches, held to --max-bandwidth, took longer than it to
+  // drain before their SYNC packets, and the sync wait had a fixed deadline of its own: "timed out after 1s waiting
+  // for the multifd channels to send their SYNC packets", while every channel was sending
+  it.live("send --to-qemu --max-bandwidth slower than --timeout can drain the last batches: QEMU resumes the guest (a slow link is not a dead one)", () =>
+    expectNoLeaks(Effect.scoped(Effect.gen(function*() {
+      const vmFile = yield* receivedVmFile("pc.vm")
+      // 3 channels: the RAM's two 16 MiB batches on two of them, the small blocks on the third, whose idle turn
+      // ends the sending: the sync then waits for both batches, about 2 s at this rate
+      const dst = yield* destination({ channels: 3 })
+      const sent = yield* cli([
+        "send", dst.uri, "--to-qemu", "--vm", vmFile, "--channels", "3", "--max-bandwidth", "12M", "--timeout", "1s", "--quiet"
+      ])
+      expect(sent).toMatchObject({ code: 0, stderr: [] })
+      yield* expectResumed(dst)
+    }))), 90_000)
+
   it.live("QEMU killed while a VM migrates into it: one line at once, nothing left open", () =>
     expectNoLeaks(Effect.scoped(Effect.gen(function*() {
       const src = yield* guest()
