@@ -54,7 +54,8 @@ export interface Written {
 /**
  * Writes `vm` to `path` as a QEMU 10 mapped-ram file that QEMU resumes the VM from (`-incoming defer`,
  * capabilities mapped-ram and multifd, `migrate-incoming file:PATH`, and the same machine options). A save of the
- * VM's memory: while a migration, save or restore of that memory runs, it fails `Busy` and writes nothing.
+ * VM's memory: while a migration, save or restore of that memory runs, it fails `Busy` and writes nothing. The VM of
+ * `open` whose pages were not all loaded (`load`) is refused (`Unsupported`): its memory holds zeros for them.
  *
  * @since 0.1.0
  * @category writing

@@ -40,6 +40,7 @@ import * as Format from "./internal/qemu/format.js"
 import * as PageWindow from "./internal/qemu/pageWindow.js"
 import * as Writer from "./internal/qemu/writer.js"
 import * as ReturnPath from "./internal/qemu/returnPath.js"
+import * as Unloaded from "./internal/qemu/unloaded.js"
 import { unlessStalled, within } from "./internal/stall.js"
 import * as Handshake from "./internal/tls/handshake.js"
 import type * as GuestRam from "./GuestRam.js"
@@ -74,7 +75,8 @@ export interface Options<E = never> {
     | undefined
   /**
    * Without `readPages`: fills pages `first` to `first + count - 1` of `block` in the VM's own memory just
-   * before they are sent (`MappedRam.open`'s `load`). Without either, the VM's memory must be complete.
+   * before they are sent (`MappedRam.open`'s `load`). Without either, the VM's memory must be complete: the VM of
+   * `MappedRam.open` whose pages were not all loaded is refused (`BadOptions`), not sent as zeros.
    */
   readonly load?: ((block: GuestRam.Block, first: number, count: number) => Effect.Effect<void, E>) | undefined
   /** QEMU's `multifd-channels` (1–255): QEMU waits for exactly this many. */
@@ -156,6 +158,11 @@ const check = <E>(options: Options<E>): MigrationError.MigrationError | undefine
     const problem = Protocol.checkCompressionLevel(options.compression, level)
     if (problem !== undefined) return badOptions(problem)
   }
+  // the VM of `MappedRam.open` whose pages were not read into its memory: QEMU would resume a guest of zeros
+  const notLoaded = options.readPages === undefined && options.load === undefined
+    ? Unloaded.problem(options.vm.ram, "give readPages or load, or read it whole with MappedRam.read")
+    : undefined
+  if (notLoaded !== undefined) return badOptions(notLoaded)
   if (!QemuVm.isComplete(options.vm)) {
     return badOptions("the VM's device state does not end as a complete migration stream ends (cut short?)")
   }

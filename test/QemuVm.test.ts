@@ -300,6 +300,29 @@ describe.skipIf(missing !== undefined)(`QEMU ${"version" in qemu ? qemu.version 
       yield* expectResumed(dst)
     }))), 90_000)
 
+  // MappedRam.open leaves a mapped-ram file's pages in the file (for load or readPages): its VM given as it is, QEMU
+  // resumed a guest of zeros and migrate succeeded, and MappedRam.write stored a VM of zeros under a new name
+  it.live("the VM of MappedRam.open, its pages not loaded, given to QemuOutgoing.migrate without readPages or load, or to MappedRam.write: refused before anything connects or is written; loaded, QEMU resumes it", () =>
+    expectNoLeaks(Effect.scoped(Effect.gen(function*() {
+      const vmFile = yield* receivedVmFile("opened.vm")
+      const opened = yield* MappedRam.open(vmFile)
+      const dst = yield* destination({ channels: 2 })
+      const error = failureOf(yield* Effect.exit(silent(QemuOutgoing.migrate({ address: address(dst.uri), vm: opened.vm, channels: 2 })).pipe(
+        Effect.provide(Transport.layer)
+      )))
+      expect(error).toMatchObject({ reason: "BadOptions" })
+      expect(error.message).toMatch(/^the VM's pages are still in its file \(MappedRam\.open\): \d+ of them not loaded; give readPages or load, or read it whole with MappedRam\.read$/)
+      expect(yield* Qemu.runState(dst.qmp)).toBe("inmigrate")
+      const copy = fresh("opened-copy.vm")
+      const written = failureOf(yield* Effect.exit(MappedRam.write(copy, opened.vm)))
+      expect(written.message).toMatch(/the VM's pages are still in its file \(MappedRam\.open\)/)
+      expect(leftovers(Path.basename(copy))).toEqual([])
+      // every block loaded, the VM is whole
+      for (const block of opened.vm.ram.blocks) yield* opened.load(block, 0, block.pages)
+      yield* silent(QemuOutgoing.migrate({ address: address(dst.uri), vm: opened.vm, channels: 2 })).pipe(Effect.provide(Transport.layer))
+      yield* expectResumed(dst)
+    }))), 90_000)
+
   it.live("8 channels, zstd, PSK TLS both ways (recv --tls-psk, send --tls-psk)", () =>
     expectNoLeaks(Effect.scoped(Effect.gen(function*() {
       const vmFile = fresh("zstd-tls.vm")

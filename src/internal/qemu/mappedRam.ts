@@ -29,6 +29,7 @@ import * as FileIo from "../native/fileIo.js"
 import * as EventLoop from "../native/eventLoop.js"
 import * as PeerText from "../peerText.js"
 import { MAPPED_RAM, MAPPED_RAM_ALIGNMENT, MAPPED_RAM_HEADER_SIZE } from "./format.js"
+import * as Unloaded from "./unloaded.js"
 import * as Writer from "./writer.js"
 
 /** A mapped-ram file that cannot be written or read. */
@@ -193,7 +194,8 @@ const transferRuns = (
  * the directory's fsync). On failure or interruption nothing is left at `path` or beside it. A save of the VM's
  * memory: one at a time with every other migration, save or restore of it (`Busy`, nothing written); a restore or
  * migration into it wrote past its gate while its pages were written, and QEMU, which verifies nothing, resumed a VM
- * of pages from two memories.
+ * of pages from two memories. The VM of `open` whose pages were not all loaded is refused (`Unsupported`): its
+ * memory holds zeros for them.
  */
 export const write = (
   path: string,
@@ -214,6 +216,9 @@ const writeFile = (
     // an empty path made a hidden `.<pid>.partial` in the working directory, wrote the whole VM into it, and failed
     // only at the rename
     if (path.length === 0) return yield* new MappedRamError({ reason: "Unusable", path, detail: "no file path given" })
+    // a VM of `open` whose pages were not all loaded: its memory holds zeros for them
+    const notLoaded = Unloaded.problem(vm.ram, "load them first, or read it whole with MappedRam.read")
+    if (notLoaded !== undefined) return yield* new MappedRamError({ reason: "Unsupported", path, detail: `not written: ${notLoaded}` })
     const configuration = vm.configuration
     if (configuration === undefined) {
       return yield* new MappedRamError({
@@ -392,6 +397,29 @@ export const open = (
     yield* unchanged
     const vm = memory === undefined ? undefined : QemuVm.fromSummary(summary, memory)
     if (vm === undefined) return yield* new MappedRamError({ reason: "Malformed", path, detail: "no RAM section" })
+    // the pages `load` read into the memory, by block: a VM whose held pages are not all there is not one yet
+    // (`Unloaded`: sent or written as it is, its pages not loaded would be zeros)
+    const loaded = new Map<string, Uint8Array>()
+    for (const [name, place] of places) loaded.set(name, new Uint8Array(Math.ceil(place.block.pages / 8)))
+    if (places.size > 0) {
+      Unloaded.track(vm.ram, () => {
+        let missing = 0
+        for (const [name, { bitmap, block }] of places) {
+          const done = loaded.get(name)!
+          for (let page = 0; page < block.pages; page++) {
+            const bit = 1 << (page & 7)
+            if ((bitmap[page >>> 3]! & bit) !== 0 && (done[page >>> 3]! & bit) === 0) missing++
+          }
+        }
+        return missing
+      })
+    }
+    const markLoaded = (name: string, first: number, count: number) =>
+      Effect.sync(() => {
+        const done = loaded.get(name)
+        if (done === undefined) return
+        for (let page = first; page < first + count; page++) done[page >>> 3]! |= 1 << (page & 7)
+      })
     /** The runs of pages `first` to `first + count - 1` the file holds (their bits set), as block page indices. */
     const heldRuns = ({ bitmap }: { readonly bitmap: Buffer }, first: number, count: number) =>
       Array.from(runsOf(count, (i) => (bitmap[(first + i) >>> 3]! & (1 << ((first + i) & 7))) !== 0))
@@ -402,7 +430,7 @@ export const open = (
         if (place === undefined) return Effect.void
         return Effect.zipRight(
           Effect.mapError(transferRuns("read", file, place, vm.ram.pageSize, heldRuns(place, first, count)), failed),
-          unchanged
+          Effect.zipRight(unchanged, markLoaded(block.name, first, count))
         )
       })
     const readPages = (block: GuestRam.Block, first: number, count: number, into: Uint8Array) =>
