@@ -108,7 +108,8 @@ export interface Opened extends internal.Opened {}
 
 /**
  * Opens a QEMU migration file in the current scope (it stays open with it): its main stream read whole
- * (configuration, block list, commands, device state), its pages left to `load`.
+ * (configuration, block list, commands, device state), its pages left to `load`. Once that scope has closed,
+ * `load` and `readPages` fail (`Unusable`) rather than read through a descriptor that may name another file.
  *
  * @since 0.1.0
  * @category reading

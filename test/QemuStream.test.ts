@@ -2113,6 +2113,38 @@ describe("QemuOutgoing: a VM into a QEMU destination (here QemuIncoming, which a
       expect(GuestRam.isZeroPage(block.bytes, 0, block.bytes.length)).toBe(true)
     })))
 
+  // the pages were read through the raw descriptor, closed with the open's scope: kept past it, load and readPages read
+  // whatever the number now named — a socket ("ESPIPE: invalid seek"), or another file, whose pages they took in
+  // silence when its length and modification time were those of the one opened
+  it.live("MappedRam.open's load and readPages after the scope that opened it closed: fail saying so, never read another file that took its descriptor", () =>
+    Effect.scoped(Effect.gen(function*() {
+      const base = yield* capturedVm
+      const vmOf = (fill: number) =>
+        Effect.map(GuestRam.make({ pageSize: 4096, blocks: [{ name: "mem", bytes: Buffer.alloc(64 * 4096, fill) }] }), (ram) =>
+          ({ ...base, ram }) satisfies QemuVm.QemuVm)
+      const [first, second] = [Path.join(vmFileDir, "closed-1.vm"), Path.join(vmFileDir, "closed-2.vm")]
+      yield* MappedRam.write(first, yield* vmOf(0x11))
+      yield* MappedRam.write(second, yield* vmOf(0x22))
+      // the same length and modification time: nothing tells the two apart but their pages
+      for (const file of [first, second]) Fs.utimesSync(file, 1_000_000, 1_000_000)
+      const opened = yield* Effect.scoped(MappedRam.open(first))
+      // the lowest free descriptor: the one the first file had
+      const other = yield* MappedRam.open(second)
+      const block = opened.vm.ram.blocks[0]!
+      const into = Buffer.alloc(4 * 4096)
+      for (const read of [opened.readPages(block, 0, 4, into), opened.load(block, 0, 4)]) {
+        const result = yield* Effect.either(read)
+        expect(Either.isLeft(result) ? result.left.message : `succeeded: the pages read hold 0x${into[0]!.toString(16)}`).toBe(
+          `${first}: closed: the scope that opened it (MappedRam.open) has ended; read its pages (load, readPages) within it`
+        )
+      }
+      expect(into.every((b) => b === 0)).toBe(true)
+      expect(GuestRam.isZeroPage(block.bytes, 0, block.bytes.length)).toBe(true)
+      // the file opened since reads its own pages
+      yield* other.readPages(other.vm.ram.blocks[0]!, 0, 4, into)
+      expect(into.every((b) => b === 0x22)).toBe(true)
+    })))
+
   for (const threaded of [false, true]) {
     it.live(`from a VM file through the window (readPages, slots reused)${threaded ? ", on channel threads" : ""}: every page arrives, the VM's memory is never touched`, () =>
       expectNoLeaks(Effect.scoped(Effect.gen(function*() {

@@ -304,6 +304,23 @@ export const open = (
     if (badLimit !== undefined) return yield* new MappedRamError({ reason: "Unsupported", path, detail: badLimit })
     const failed = fileError(path, "read the file")
     const file = yield* Effect.mapError(FileIo.openForReading(path), failed)
+    // `load` and `readPages` read through the raw descriptor, which the scope closes: kept past it, they would read
+    // whatever the number names by then (a socket, another file). Set before the descriptor closes (finalizers run
+    // in reverse order)
+    let closed = false
+    yield* Effect.addFinalizer(() => Effect.sync(() => (closed = true)))
+    const whenOpen = <A>(read: Effect.Effect<A, MappedRamError>): Effect.Effect<A, MappedRamError> =>
+      Effect.suspend(() =>
+        closed
+          ? Effect.fail(
+            new MappedRamError({
+              reason: "Unusable",
+              path,
+              detail: "closed: the scope that opened it (MappedRam.open) has ended; read its pages (load, readPages) within it"
+            })
+          )
+          : read
+      )
     let position = 0
     const source: QemuStream.ByteSource<MappedRamError> = {
       readSome: (max) =>
@@ -425,16 +442,16 @@ export const open = (
       Array.from(runsOf(count, (i) => (bitmap[(first + i) >>> 3]! & (1 << ((first + i) & 7))) !== 0))
         .map(([from, to]) => [first + from, first + to] as const)
     const load = (block: GuestRam.Block, first: number, count: number) =>
-      Effect.suspend(() => {
+      whenOpen(Effect.suspend(() => {
         const place = places.get(block.name)
         if (place === undefined) return Effect.void
         return Effect.zipRight(
           Effect.mapError(transferRuns("read", file, place, vm.ram.pageSize, heldRuns(place, first, count)), failed),
           Effect.zipRight(unchanged, markLoaded(block.name, first, count))
         )
-      })
+      }))
     const readPages = (block: GuestRam.Block, first: number, count: number, into: Uint8Array) =>
-      Effect.suspend(() => {
+      whenOpen(Effect.suspend(() => {
         const pageSize = vm.ram.pageSize
         const origin = first * pageSize
         const place = places.get(block.name)
@@ -451,7 +468,7 @@ export const open = (
         }
         zeroRange(into, at - origin, count * pageSize)
         return Effect.zipRight(Effect.mapError(transferRuns("read", file, place, pageSize, runs, into, origin), failed), unchanged)
-      })
+      }))
     return { vm, summary, pages: summary.mappedRam ? pages : summary.normalPages, load, readPages }
   })
 
