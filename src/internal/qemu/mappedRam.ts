@@ -18,6 +18,7 @@
  * @internal
  */
 import * as Data from "effect/Data"
+import * as Deferred from "effect/Deferred"
 import * as Effect from "effect/Effect"
 import type * as Scope from "effect/Scope"
 import * as GuestRam from "../../GuestRam.js"
@@ -307,11 +308,11 @@ export const open = (
     // `load` and `readPages` read through the raw descriptor, which the scope closes: kept past it, they would read
     // whatever the number names by then (a socket, another file). Set before the descriptor closes (finalizers run
     // in reverse order)
-    let closed = false
-    yield* Effect.addFinalizer(() => Effect.sync(() => (closed = true)))
+    const closed = yield* Deferred.make<void>()
+    yield* Effect.addFinalizer(() => Deferred.succeed(closed, undefined))
     const whenOpen = <A>(read: Effect.Effect<A, MappedRamError>): Effect.Effect<A, MappedRamError> =>
-      Effect.suspend(() =>
-        closed
+      Effect.flatMap(Deferred.isDone(closed), (gone) =>
+        gone
           ? Effect.fail(
             new MappedRamError({
               reason: "Unusable",
