@@ -28,6 +28,7 @@ import * as NodeTls from "node:tls"
 import * as Field from "./internal/configField.js"
 import * as PeerText from "./internal/peerText.js"
 import {
+  caCertificateProblem,
   certificatesOf,
   crlsOf,
   nameOf,
@@ -168,7 +169,9 @@ export const parsePskFile = (text: string, source = "keys file"): Effect.Effect<
 /**
  * Reads the files a `TlsConfig` names and checks that they are usable before anything listens or connects:
  * that the combination makes sense, that every PEM file holds what it should and parses, that the key is
- * the certificate's and that the certificate is a valid leaf (not a CA, within its validity period), that an
+ * the certificate's and that the certificate is a valid leaf (not a CA, within its validity period), that every
+ * certificate of the CA file is a CA that can vouch for a peer now (basicConstraints CA:TRUE, keyUsage allowing
+ * keyCertSign, within its validity period: QEMU's tls-creds-x509 checks its `ca-cert.pem` so), that an
  * explicit PSK identity has a key, that x509 verifying clients (`verifyPeer`,
  * `authz`) has a CA file, that a CRL file holds current CRLs signed by the CA file's CAs, one for each of them. Builds the secure context every handshake reuses: with x509 it trusts the CA file
  * only, never Node's public roots (a source without a CA file is refused by `checkClient`).
@@ -230,6 +233,14 @@ export const load = (config: TlsConfig): Effect.Effect<Settings, TlsError> =>
     } else if (x509) {
       const ca = config.ca === undefined ? undefined : yield* readText(config.ca, "CA certificate")
       const cas = ca === undefined ? [] : yield* certificatesOf(ca, "CA certificate", config.ca!)
+      // every certificate of the CA file a CA that can vouch for a peer now, as QEMU's tls-creds-x509 checks them
+      const loadedAt = yield* Effect.sync(() => Date.now())
+      for (const [i, authority] of cas.entries()) {
+        const problem = caCertificateProblem(authority, loadedAt)
+        if (problem === undefined) continue
+        const which = cas.length === 1 ? "" : `certificate ${i + 1} of ${cas.length}, `
+        return yield* configError(`CA certificate ${config.ca} (${which}${nameOf(authority)}) ${problem}`)
+      }
       // the wall clock, as OpenSSL uses it in every handshake
       const crl = config.crl === undefined
         ? undefined

@@ -664,9 +664,10 @@ describe("x509 (QEMU tls-creds-x509)", () => {
 
   it.live("a server certificate from an unknown CA is refused", () =>
     leakFree(Effect.gen(function*() {
-      // the client trusts only the alice certificate as its CA: the server's chain does not verify
+      // the client trusts only another CA: the server's chain does not verify (a CA file holding no CA, alice's
+      // certificate say, is refused at load: see "configuration")
       const server = yield* serverX509("server")
-      const client = yield* loadTls({ ca: fixture("alice-cert.pem") })
+      const client = yield* loadTls({ ca: fixture("other-ca-cert.pem") })
       const ram = yield* sourceRam()
       const dest = yield* startDestination(server.server)
       const exit = yield* noHang(Effect.exit(migrateTo(ram, tcp(LOOPBACK, dest.port), client.client(LOOPBACK))), "migrate")
@@ -1978,6 +1979,43 @@ describe("configuration", () => {
         expect(error.message).toContain(`TLS configuration: ${problem}`)
         expectOneLine(error)
       }
+    })))
+
+  it.live("load: every certificate of the CA file must be a CA that can vouch for a peer now, as QEMU checks ca-cert.pem: a peer's certificate, a self-signed leaf, a CA without keyCertSign, an expired CA are refused, each named", () =>
+    leakFree(Effect.gen(function*() {
+      // the expired intermediate CA that expired-ca-server's file carries after its certificate
+      const blocks = Fs.readFileSync(fixture("expired-ca-server-cert.pem"), "utf8").match(/-----BEGIN CERTIFICATE-----[\s\S]*?-----END CERTIFICATE-----\n/g)!
+      const expiredCa = tmp("expired-ca.pem", blocks[1]!)
+      // the test CA, then alice's certificate in the same file
+      const withLeaf = tmp("ca-and-alice.pem", Fs.readFileSync(fixture("ca-cert.pem"), "utf8") + Fs.readFileSync(fixture("alice-cert.pem"), "utf8"))
+      for (const path of [expiredCa, withLeaf]) yield* removing(path)
+      const notCa = "is not a CA certificate (its basicConstraints do not say CA:TRUE): it vouches for no peer; " +
+        "give the certificate of the CA that issued the peers' certificates"
+      const cases: ReadonlyArray<readonly [string, string]> = [
+        // the destination's own certificate given to a source as its CA (OpenSSL found no issuer in it: every
+        // handshake failed "issued by CN=test CA, not by a trusted CA")
+        [fixture("server-cert.pem"), `(CN=localhost) ${notCa}`],
+        [fixture("selfsigned-alice-cert.pem"), `(CN=alice) ${notCa}`],
+        [withLeaf, `(certificate 2 of 2, CN=alice) ${notCa}`],
+        [
+          fixture("nocertsign-ca-cert.pem"),
+          "(CN=no-certsign CA) is a CA certificate whose keyUsage does not permit signing certificates (keyCertSign): " +
+          "OpenSSL accepts no certificate it issued"
+        ],
+        [
+          expiredCa,
+          "(CN=expired intermediate CA) has expired (valid until Jan  1 00:00:00 2001 GMT): OpenSSL accepts no " +
+          "certificate it issued"
+        ]
+      ]
+      for (const [ca, problem] of cases) {
+        // a source's CA file, and a destination's that verifies its clients
+        expect((yield* configError({ ca })).message).toBe(`TLS configuration: CA certificate ${ca} ${problem}`)
+        expect((yield* configError({ ca, cert: fixture("server-cert.pem"), key: fixture("server-key.pem"), verifyPeer: true })).message)
+          .toBe(`TLS configuration: CA certificate ${ca} ${problem}`)
+      }
+      // a file of CAs only, intermediate ones included, loads
+      yield* loadTls({ ca: fixture("chain-ca-cert.pem") })
     })))
 
   it.live("load: this side's own certificate must be a leaf within its validity period; checkServer / checkClient: for its role", () =>

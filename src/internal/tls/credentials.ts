@@ -223,6 +223,37 @@ export const ownCertificateProblem = (certificate: Crypto.X509Certificate, now: 
     ? `has expired (valid until ${certificate.validTo})`
     : undefined
 
+/**
+ * Why a certificate of the CA file cannot vouch for a peer, as QEMU's tls-creds-x509 checks each certificate of
+ * its `ca-cert.pem` at load, after "CA certificate FILE (CN=x) ", or `undefined`: one that is no CA (a server's or
+ * a client's certificate given as the CA file: OpenSSL finds no issuer in it, and every handshake fails "not by a
+ * trusted CA"), whose keyUsage does not permit signing certificates (OpenSSL refuses every chain through it), or
+ * outside its validity period at `now` (every chain through it "has expired").
+ */
+export const caCertificateProblem = (certificate: Crypto.X509Certificate, now: number): string | undefined => {
+  let ca: boolean
+  let usage: number | undefined
+  try {
+    ca = Der.isCaOf(certificate.raw)
+    usage = Der.keyUsageOf(certificate.raw)
+  } catch {
+    return "has extensions that cannot be read (basicConstraints, keyUsage)"
+  }
+  if (!ca) {
+    return "is not a CA certificate (its basicConstraints do not say CA:TRUE): it vouches for no peer; give the " +
+      "certificate of the CA that issued the peers' certificates"
+  }
+  if (usage !== undefined && (usage & Der.KEY_CERT_SIGN) === 0) {
+    return "is a CA certificate whose keyUsage does not permit signing certificates (keyCertSign): OpenSSL accepts " +
+      "no certificate it issued"
+  }
+  return now < Date.parse(certificate.validFrom)
+    ? `is not valid yet (valid from ${certificate.validFrom}): OpenSSL accepts no certificate it issued until then`
+    : now > Date.parse(certificate.validTo)
+    ? `has expired (valid until ${certificate.validTo}): OpenSSL accepts no certificate it issued`
+    : undefined
+}
+
 const EKU_OF = { server: "1.3.6.1.5.5.7.3.1", client: "1.3.6.1.5.5.7.3.2" } as const
 /** The extendedKeyUsage purposes a migration's certificates name, by OID. */
 export const EKU_NAMES: Record<string, string> = { [EKU_OF.server]: "serverAuth", [EKU_OF.client]: "clientAuth" }

@@ -370,13 +370,11 @@ export const parseCrl = (der: Uint8Array): Crl => {
 
 /** keyUsage bit 0: the key may sign (TLS CertificateVerify). */
 export const DIGITAL_SIGNATURE = 1 << 0
+/** keyUsage bit 5: the key may sign certificates (a CA's). */
+export const KEY_CERT_SIGN = 1 << 5
 
-/**
- * The keyUsage bits of a DER certificate (RFC 5280 §4.2.1.3; bit i of the result is the extension's bit i:
- * `DIGITAL_SIGNATURE` is bit 0), or `undefined` when the certificate has no such extension. Throws on malformed
- * DER (callers pass certificates that OpenSSL has already parsed).
- */
-export const keyUsageOf = (der: Uint8Array): number | undefined => {
+/** The value (the OCTET STRING's content) of a DER certificate's extension `oid`, or `undefined` without one. */
+const extensionOf = (der: Uint8Array, oid: string): Tlv | undefined => {
   // Certificate ::= SEQUENCE { tbsCertificate, ... }; the extensions are tbsCertificate's [3]
   const tbs = children(der, tlv(der, 0, der.length))[0]
   if (tbs === undefined) throw new Error("no tbsCertificate")
@@ -387,17 +385,39 @@ export const keyUsageOf = (der: Uint8Array): number | undefined => {
   for (const extension of children(der, list)) {
     // Extension ::= SEQUENCE { extnID OID, critical BOOLEAN DEFAULT FALSE, extnValue OCTET STRING }
     const parts = children(der, extension)
-    const oid = parts[0]
+    const id = parts[0]
     const value = parts.at(-1)
-    if (oid === undefined || value === undefined || oid.tag !== 0x06 || oidOf(der, oid) !== "2.5.29.15") continue
-    const bits = tlv(der, value.start, value.end) // KeyUsage ::= BIT STRING
-    if (bits.tag !== 0x03 || bits.end <= bits.start) throw new Error("keyUsage is not a BIT STRING")
-    let result = 0
-    // the first content byte counts the unused bits of the last byte; bit 0 is the first byte's top bit
-    for (let i = 0; i < (bits.end - bits.start - 1) * 8 && i < 31; i++) {
-      if (der[bits.start + 1 + (i >> 3)]! & (0x80 >> (i & 7))) result |= 1 << i
-    }
-    return result
+    if (id === undefined || value === undefined || id.tag !== 0x06 || oidOf(der, id) !== oid) continue
+    return tlv(der, value.start, value.end)
   }
   return undefined
+}
+
+/**
+ * The keyUsage bits of a DER certificate (RFC 5280 §4.2.1.3; bit i of the result is the extension's bit i:
+ * `DIGITAL_SIGNATURE` is bit 0), or `undefined` when the certificate has no such extension. Throws on malformed
+ * DER (callers pass certificates that OpenSSL has already parsed).
+ */
+export const keyUsageOf = (der: Uint8Array): number | undefined => {
+  const bits = extensionOf(der, "2.5.29.15") // KeyUsage ::= BIT STRING
+  if (bits === undefined) return undefined
+  if (bits.tag !== 0x03 || bits.end <= bits.start) throw new Error("keyUsage is not a BIT STRING")
+  let result = 0
+  // the first content byte counts the unused bits of the last byte; bit 0 is the first byte's top bit
+  for (let i = 0; i < (bits.end - bits.start - 1) * 8 && i < 31; i++) {
+    if (der[bits.start + 1 + (i >> 3)]! & (0x80 >> (i & 7))) result |= 1 << i
+  }
+  return result
+}
+
+/**
+ * Whether a DER certificate's basicConstraints say CA:TRUE (RFC 5280 §4.2.1.9): `false` with CA:FALSE or without
+ * the extension. Throws on malformed DER.
+ */
+export const isCaOf = (der: Uint8Array): boolean => {
+  const constraints = extensionOf(der, "2.5.29.19") // BasicConstraints ::= SEQUENCE { cA BOOLEAN DEFAULT FALSE, ... }
+  if (constraints === undefined) return false
+  if (constraints.tag !== 0x30) throw new Error("basicConstraints is not a SEQUENCE")
+  const first = children(der, constraints)[0]
+  return first !== undefined && first.tag === 0x01 && first.end > first.start && der[first.start] !== 0
 }
