@@ -255,7 +255,16 @@ export const load = (config: TlsConfig): Effect.Effect<Settings, TlsError> =>
         const [leaf, ...chain] = yield* certificatesOf(cert, "certificate", config.cert!)
         const privateKey = yield* privateKeyOf(key, config.key!)
         if (!leaf!.checkPrivateKey(privateKey)) {
-          return yield* configError(`private key ${config.key} does not match certificate ${config.cert} (${nameOf(leaf!)})`)
+          // the key's certificate further down the file: its chain written CAs first (OpenSSL takes the first for
+          // this side's own and the key for another's)
+          const own = chain.findIndex((c) => c.checkPrivateKey(privateKey))
+          return yield* configError(
+            own < 0
+              ? `private key ${config.key} does not match certificate ${config.cert} (${nameOf(leaf!)})`
+              : `certificate ${config.cert} holds its chain in the wrong order: the certificate of private key ` +
+                `${config.key} (${nameOf(chain[own]!)}) is certificate ${own + 2} of ${chain.length + 1}, and must come ` +
+                "first, followed by the CAs that issued it"
+          )
         }
         // the wall clock, as OpenSSL's verification of the peer's certificate uses (not the Effect Clock: a
         // TestClock, in 1970, would refuse every certificate)

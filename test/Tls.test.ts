@@ -1981,6 +1981,26 @@ describe("configuration", () => {
       }
     })))
 
+  it.live("load: a certificate file holding its chain CAs first is refused as in the wrong order, naming the key's certificate (not 'the key does not match the CA')", () =>
+    leakFree(Effect.gen(function*() {
+      // inter-server's file: its certificate, then the intermediate CA that issued it; written the other way round
+      const [leaf, intermediate] = Fs.readFileSync(fixture("inter-server-cert.pem"), "utf8")
+        .match(/-----BEGIN CERTIFICATE-----[\s\S]*?-----END CERTIFICATE-----\n/g)!
+      const reversed = tmp("reversed-chain.pem", intermediate! + leaf!)
+      yield* removing(reversed)
+      const key = fixture("inter-server-key.pem")
+      const error = yield* configError({ ca: fixture("chain-ca-cert.pem"), cert: reversed, key })
+      // (it said "private key KEY does not match certificate FILE (CN=CRL intermediate CA)")
+      expect(error.message).toBe(
+        `TLS configuration: certificate ${reversed} holds its chain in the wrong order: the certificate of private key ` +
+          `${key} (CN=localhost) is certificate 2 of 2, and must come first, followed by the CAs that issued it`
+      )
+      // in the right order it loads; a key of no certificate of the file still does not match
+      yield* loadTls({ ca: fixture("chain-ca-cert.pem"), cert: fixture("inter-server-cert.pem"), key })
+      expect((yield* configError({ ca: fixture("chain-ca-cert.pem"), cert: reversed, key: fixture("mallory-key.pem") })).message)
+        .toBe(`TLS configuration: private key ${fixture("mallory-key.pem")} does not match certificate ${reversed} (CN=CRL intermediate CA)`)
+    })))
+
   it.live("load: every certificate of the CA file must be a CA that can vouch for a peer now, as QEMU checks ca-cert.pem: a peer's certificate, a self-signed leaf, a CA without keyCertSign, an expired CA are refused, each named", () =>
     leakFree(Effect.gen(function*() {
       // the expired intermediate CA that expired-ca-server's file carries after its certificate
