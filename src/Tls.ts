@@ -169,7 +169,8 @@ export const parsePskFile = (text: string, source = "keys file"): Effect.Effect<
 /**
  * Reads the files a `TlsConfig` names and checks that they are usable before anything listens or connects:
  * that the combination makes sense, that every PEM file holds what it should and parses, that the key is
- * the certificate's and that the certificate is a valid leaf (not a CA, within its validity period), that every
+ * the certificate's and that the certificate is a valid leaf (not a CA, within its validity period, the CAs of its
+ * file that issued it CAs within theirs), that every
  * certificate of the CA file is a CA that can vouch for a peer now (basicConstraints CA:TRUE, keyUsage allowing
  * keyCertSign, within its validity period: QEMU's tls-creds-x509 checks its `ca-cert.pem` so), that an
  * explicit PSK identity has a key, that x509 verifying clients (`verifyPeer`,
@@ -236,10 +237,14 @@ export const load = (config: TlsConfig): Effect.Effect<Settings, TlsError> =>
       // every certificate of the CA file a CA that can vouch for a peer now, as QEMU's tls-creds-x509 checks them
       const loadedAt = yield* Effect.sync(() => Date.now())
       for (const [i, authority] of cas.entries()) {
-        const problem = caCertificateProblem(authority, loadedAt)
-        if (problem === undefined) continue
+        const bad = caCertificateProblem(authority, loadedAt)
+        if (bad === undefined) continue
         const which = cas.length === 1 ? "" : `certificate ${i + 1} of ${cas.length}, `
-        return yield* configError(`CA certificate ${config.ca} (${which}${nameOf(authority)}) ${problem}`)
+        return yield* configError(
+          `CA certificate ${config.ca} (${which}${nameOf(authority)}) ${bad.problem}: ` + (bad.notCa
+            ? "it vouches for no peer; give the certificate of the CA that issued the peers' certificates"
+            : "OpenSSL accepts no certificate it issued")
+        )
       }
       // the wall clock, as OpenSSL uses it in every handshake
       const crl = config.crl === undefined
@@ -268,8 +273,24 @@ export const load = (config: TlsConfig): Effect.Effect<Settings, TlsError> =>
         }
         // the wall clock, as OpenSSL's verification of the peer's certificate uses (not the Effect Clock: a
         // TestClock, in 1970, would refuse every certificate)
-        const problem = ownCertificateProblem(leaf!, yield* Effect.sync(() => Date.now()))
+        const now = yield* Effect.sync(() => Date.now())
+        const problem = ownCertificateProblem(leaf!, now)
         if (problem !== undefined) return yield* configError(`certificate ${config.cert} (${nameOf(leaf!)}) ${problem}`)
+        // the CAs of its file that issued it (sent with it: a peer builds its chain through them), each a CA that
+        // can vouch for it now, as QEMU checks its certificates at load: a peer refused it in every handshake
+        for (let issued = leaf!, steps = 0; steps < chain.length; steps++) {
+          const at = chain.findIndex((c) => c !== issued && c.subject === issued.issuer)
+          if (at < 0) break
+          const issuer = chain[at]!
+          const bad = caCertificateProblem(issuer, now)
+          if (bad !== undefined) {
+            return yield* configError(
+              `certificate ${config.cert} (certificate ${at + 2} of ${chain.length + 1}, ${nameOf(issuer)}, which issued ` +
+                `${nameOf(issued)}) ${bad.problem}: a peer accepts no certificate it issued`
+            )
+          }
+          issued = issuer
+        }
         ownCertificate = leaf
         ownChain = chain.length > 0
       }

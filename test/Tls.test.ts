@@ -132,6 +132,9 @@ const REFUSED_AS_OWN = new Set([
   "expired-server",
   "not-yet-valid-server",
   "clientonly-server",
+  // its file's intermediate CA expired, or is no CA
+  "expired-ca-server",
+  "notca-server",
   ...WEAK
 ])
 
@@ -2038,13 +2041,25 @@ describe("configuration", () => {
       yield* loadTls({ ca: fixture("chain-ca-cert.pem") })
     })))
 
-  it.live("load: this side's own certificate must be a leaf within its validity period; checkServer / checkClient: for its role", () =>
+  it.live("load: this side's own certificate must be a leaf within its validity period, issued by CAs of its file that can vouch for it; checkServer / checkClient: for its role", () =>
     leakFree(Effect.gen(function*() {
       const own = (name: string) => ({ ca: fixture("ca-cert.pem"), cert: fixture(`${name}-cert.pem`), key: fixture(`${name}-key.pem`) })
       const atLoad: ReadonlyArray<readonly [string, string]> = [
         ["expired-alice", "(CN=alice) has expired (valid until Jan  1 00:00:00 2001 GMT)"],
         ["not-yet-valid-server", "(CN=localhost) is not valid yet (valid from Jan  1 00:00:00 2100 GMT)"],
         ["ca", "(CN=test CA) is a CA certificate (basicConstraints CA:TRUE), not a server or client certificate"],
+        // the CA of its file that issued it: a peer refused it in every handshake ("was issued by CN=expired
+        // intermediate CA, which has expired"), this side's log only guessing why ("did the source refuse ...?")
+        [
+          "expired-ca-server",
+          "(certificate 2 of 2, CN=expired intermediate CA, which issued CN=localhost) has expired " +
+          "(valid until Jan  1 00:00:00 2001 GMT): a peer accepts no certificate it issued"
+        ],
+        [
+          "notca-server",
+          "(certificate 2 of 2, CN=not a CA, which issued CN=localhost) is not a CA certificate (its basicConstraints " +
+          "do not say CA:TRUE): a peer accepts no certificate it issued"
+        ],
         // what OpenSSL's security level refuses, in words (OpenSSL says "ca md too weak", "ee key too small")
         [
           "sha1-server",
@@ -2060,6 +2075,8 @@ describe("configuration", () => {
       for (const [name, problem] of atLoad) {
         expect((yield* configError(own(name))).message).toBe(`TLS configuration: certificate ${fixture(`${name}-cert.pem`)} ${problem}`)
       }
+      // a chain through an intermediate CA in good standing loads
+      yield* loadTls({ ...own("inter-server"), ca: fixture("chain-ca-cert.pem") })
       const checked = (check: (settings: Tls.Settings) => Effect.Effect<void, Tls.TlsError>, name: string) =>
         Effect.flatMap(loadTls(own(name)), (tls) => Effect.flip(check(tls.settings)).pipe(Effect.mapError(() => new Error(`${name} passed`))))
       expect((yield* checked(Tls.checkServer, "clientonly-server")).message).toBe(

@@ -224,33 +224,31 @@ export const ownCertificateProblem = (certificate: Crypto.X509Certificate, now: 
     : undefined
 
 /**
- * Why a certificate of the CA file cannot vouch for a peer, as QEMU's tls-creds-x509 checks each certificate of
- * its `ca-cert.pem` at load, after "CA certificate FILE (CN=x) ", or `undefined`: one that is no CA (a server's or
- * a client's certificate given as the CA file: OpenSSL finds no issuer in it, and every handshake fails "not by a
- * trusted CA"), whose keyUsage does not permit signing certificates (OpenSSL refuses every chain through it), or
- * outside its validity period at `now` (every chain through it "has expired").
+ * Why a certificate cannot vouch for those it issued, as QEMU's tls-creds-x509 checks each certificate of its
+ * `ca-cert.pem` at load, after "CA certificate FILE (CN=x) ", or `undefined`: one that is no CA
+ * (`notCa`: a server's or a client's certificate given as a CA), whose keyUsage does not permit signing
+ * certificates, or outside its validity period at `now`: OpenSSL accepts no certificate it issued.
  */
-export const caCertificateProblem = (certificate: Crypto.X509Certificate, now: number): string | undefined => {
+export const caCertificateProblem = (
+  certificate: Crypto.X509Certificate,
+  now: number
+): { readonly notCa: boolean; readonly problem: string } | undefined => {
   let ca: boolean
   let usage: number | undefined
   try {
     ca = Der.isCaOf(certificate.raw)
     usage = Der.keyUsageOf(certificate.raw)
   } catch {
-    return "has extensions that cannot be read (basicConstraints, keyUsage)"
+    return { notCa: false, problem: "has extensions that cannot be read (basicConstraints, keyUsage)" }
   }
-  if (!ca) {
-    return "is not a CA certificate (its basicConstraints do not say CA:TRUE): it vouches for no peer; give the " +
-      "certificate of the CA that issued the peers' certificates"
-  }
+  if (!ca) return { notCa: true, problem: "is not a CA certificate (its basicConstraints do not say CA:TRUE)" }
   if (usage !== undefined && (usage & Der.KEY_CERT_SIGN) === 0) {
-    return "is a CA certificate whose keyUsage does not permit signing certificates (keyCertSign): OpenSSL accepts " +
-      "no certificate it issued"
+    return { notCa: false, problem: "is a CA certificate whose keyUsage does not permit signing certificates (keyCertSign)" }
   }
   return now < Date.parse(certificate.validFrom)
-    ? `is not valid yet (valid from ${certificate.validFrom}): OpenSSL accepts no certificate it issued until then`
+    ? { notCa: false, problem: `is not valid yet (valid from ${certificate.validFrom})` }
     : now > Date.parse(certificate.validTo)
-    ? `has expired (valid until ${certificate.validTo}): OpenSSL accepts no certificate it issued`
+    ? { notCa: false, problem: `has expired (valid until ${certificate.validTo})` }
     : undefined
 }
 
