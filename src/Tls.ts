@@ -436,7 +436,7 @@ export const server = (settings: Settings, options?: ServerOptions): Transport.U
     const creds = settings.credentials
     // a PSK identity outside the authorization list makes OpenSSL fail with an unrelated alert: remember it
     let refusedIdentity: string | undefined
-    // the PSK identity admitted (not called on a resumed session: that peer then proves no identity)
+    // the PSK identity admitted (the callback is not called on a session resumed with a ticket: refused below)
     let admittedIdentity: string | undefined
     const verifyPeer = settings.verifyPeer || (creds._tag === "X509" && settings.authz !== undefined)
     const socket = yield* Effect.acquireRelease(
@@ -484,6 +484,15 @@ export const server = (settings: Settings, options?: ServerOptions): Transport.U
         })
       )
     )
+    // a session resumed with a ticket skipped the PSK callback, where the authorization list is checked: a ticket
+    // another destination of the same settings (another authz) gave, say, admitted an identity this one refuses
+    if (creds._tag === "Psk" && admittedIdentity === undefined) {
+      return yield* new TlsError({
+        reason: "Unauthorized",
+        detail: `handshake with ${connection.peer}: a resumed TLS session, which proves no PSK identity (the ` +
+          "authorization list is checked on a full handshake only)"
+      })
+    }
     const secure = yield* secured(socket, connection.peer, true)
     // who the peer proved to be: its PSK identity, or its client certificate once its chain verified (the same
     // certificate, not only the same name: its fingerprint)

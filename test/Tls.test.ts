@@ -974,6 +974,71 @@ describe("one peer per migration: every channel is the main channel's peer", () 
     })
   }
 
+  it.live(
+    "psk: a session resumed with a ticket that another destination of the same settings gave (authz [other]) proves no " +
+      "identity: a destination admitting only qemu refuses it, nothing received, and then qemu migrates",
+    () =>
+      leakFree(Effect.gen(function*() {
+        const { file } = yield* twoIdentities
+        // one loaded PSK file (one secure context, one ticket key), two destinations with their own authorization
+        const loaded = yield* loadTls({ psk: file })
+        const forOther = Tls.server({ ...loaded.settings, authz: ["other"] })
+        const forQemu = Tls.server({ ...loaded.settings, authz: ["qemu"] })
+        // mallory's client as Node's own: it keeps the session tickets a destination gives, and resumes with one
+        const other = yield* loadTls({ psk: file, identity: "other" })
+        const key = (other.settings.credentials as Extract<Tls.Credentials, { _tag: "Psk" }>).keys.get("other")!
+        const tickets: Array<Buffer> = []
+        const resuming = (session: Buffer | undefined): Upgrade => (connection) =>
+          Effect.gen(function*() {
+            const socket = yield* Effect.acquireRelease(
+              Effect.sync(() =>
+                NodeTls.connect({
+                  socket: connection.stream as Net.Socket,
+                  secureContext: other.settings.secureContext,
+                  pskCallback: () => ({ psk: key, identity: "other" }),
+                  checkServerIdentity: () => undefined,
+                  ...(session === undefined ? {} : { session })
+                }).on("session", (ticket: Buffer) => tickets.push(ticket))
+              ),
+              (socket) => Effect.sync(() => socket.destroy())
+            )
+            yield* Effect.async<void, Tls.TlsError>((resume) => {
+              socket.once("secureConnect", () => resume(Effect.void))
+              socket.once("error", (e) => resume(Effect.fail(new Tls.TlsError({ reason: "Handshake", detail: e.message }))))
+            })
+            return yield* Transport.fromStream(socket, connection.peer)
+          })
+        const ram = yield* sourceRam(1)
+        const mallorys = yield* sourceRam(1)
+        // mallory migrates to the destination that admits her, and keeps its tickets
+        const admitting = yield* startDestination(forOther)
+        yield* noHang(migrateTo(mallorys, tcp(LOOPBACK, admitting.port), resuming(undefined), { channels: 1 }), "mallory to her destination")
+        yield* noHang(Fiber.join(admitting.fiber), "her destination")
+        expect(tickets.length).toBeGreaterThan(0)
+
+        const dest = yield* startDestination(forQemu)
+        const exit = yield* noHang(
+          Effect.exit(migrateTo(mallorys, tcp(LOOPBACK, dest.port), resuming(tickets.at(-1)), { channels: 1 })),
+          "mallory resuming"
+        )
+        // (it succeeded: the resumed session skipped the PSK callback, where the authorization list is checked)
+        expect(Exit.isFailure(exit)).toBe(true)
+        yield* noHang(dest.rejections(1), "the destination's rejection")
+        const rejection = dest.logs.find((l) => l.includes("rejected a connection"))!
+        expect(rejection).toContain(
+          ": a resumed TLS session, which proves no PSK identity (the authorization list is checked on a full handshake only)"
+        )
+        expect(rejection).not.toContain("\n")
+        expect(dest.fiber.unsafePoll()).toBeNull()
+        const qemu = yield* loadTls({ psk: file })
+        yield* noHang(migrateTo(ram, tcp(LOOPBACK, dest.port), qemu.client(undefined), { channels: 1 }), "qemu")
+        const result = yield* noHang(Fiber.join(dest.fiber), "incoming")
+        expect(sameMemory(result.ram, ram)).toBe(true)
+        expect(result.rejected).toHaveLength(1)
+        expect(result.rejected[0]).toContain("a resumed TLS session, which proves no PSK identity")
+      }))
+  )
+
   for (const kind of ["x509", "psk"] as const) {
     it.live(
       `${kind}: another peer the destination admits, knowing the migration's uuid, cannot join it as a multifd channel (nor a plain connection): ` +
