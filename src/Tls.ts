@@ -279,7 +279,7 @@ export const load = (config: TlsConfig): Effect.Effect<Settings, TlsError> =>
         // the CAs of its file that issued it (sent with it: a peer builds its chain through them), each a CA that
         // can vouch for it now, as QEMU checks its certificates at load: a peer refused it in every handshake
         for (let issued = leaf!, steps = 0; steps < chain.length; steps++) {
-          const at = chain.findIndex((c) => c !== issued && c.subject === issued.issuer)
+          const at = chain.findIndex((c) => c !== issued && c.subject !== undefined && c.subject === issued.issuer)
           if (at < 0) break
           const issuer = chain[at]!
           const bad = caCertificateProblem(issuer, now)

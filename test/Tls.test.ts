@@ -135,6 +135,8 @@ const REFUSED_AS_OWN = new Set([
   // its file's intermediate CA expired, or is no CA
   "expired-ca-server",
   "notca-server",
+  // a stranger's self-signed certificate (openssl req -x509 makes it a CA)
+  "emptysubject-selfsigned",
   ...WEAK
 ])
 
@@ -913,6 +915,71 @@ describe("peer certificates (QEMU verify-peer: chain to the CA, validity, usage;
         expect(dest.fiber.unsafePoll()).toBeNull()
       })))
   }
+  describe("an empty subject (RFC 5280 allows one when subjectAltName names the certificate; Node's X509Certificate then has no subject)", () => {
+    it.live("a stranger's self-signed certificate of an empty subject: the destination refuses it in one line and keeps waiting (it threw an uncaught TypeError), then alice migrates", () =>
+      leakFree(Effect.gen(function*() {
+        const server = yield* serverX509("server", { verifyPeer: true })
+        const dest = yield* startDestination(server.server)
+        // a stranger with Node's own TLS client: any certificate it made, with an empty subject and issuer
+        const stranger = yield* Effect.promise(() =>
+          new Promise<string>((resolve) => {
+            const socket = NodeTls.connect({
+              port: dest.port,
+              host: LOOPBACK,
+              ca: Fs.readFileSync(fixture("ca-cert.pem")),
+              servername: "localhost",
+              cert: Fs.readFileSync(fixture("emptysubject-selfsigned-cert.pem")),
+              key: Fs.readFileSync(fixture("emptysubject-selfsigned-key.pem"))
+            })
+            socket.on("error", () => socket.destroy())
+            socket.on("close", () => resolve("closed"))
+          })
+        )
+        expect(stranger).toBe("closed")
+        yield* noHang(dest.rejections(1), "the destination's rejection")
+        const rejection = dest.logs.find((l) => l.includes("rejected a connection"))!
+        expect(rejection.endsWith(": client certificate with an empty subject (DNS:localhost) is not trusted: self-signed certificate"), rejection)
+          .toBe(true)
+        expect(dest.fiber.unsafePoll()).toBeNull()
+        const alice = yield* clientX509({}, "alice")
+        const ram = yield* sourceRam(1)
+        yield* noHang(migrateTo(ram, tcp(LOOPBACK, dest.port), alice.client(LOOPBACK)), "alice")
+        const result = yield* noHang(Fiber.join(dest.fiber), "incoming")
+        expect(sameMemory(result.ram, ram)).toBe(true)
+        expect(result.rejected).toHaveLength(1)
+      })))
+
+    it.live("a destination presenting one self-signed: the source refuses it in one line (it threw an uncaught TypeError)", () =>
+      leakFree(Effect.gen(function*() {
+        const server = yield* forgedServer("emptysubject-selfsigned")
+        const client = yield* clientX509({}, "alice")
+        const dest = yield* startDestination(server.server)
+        const exit = yield* noHang(Effect.exit(migrateTo(yield* sourceRam(1), tcp(LOOPBACK, dest.port), client.client(LOOPBACK))), "migrate")
+        const tls = expectTlsFailure(failureOf(exit), "main", "Handshake")
+        expect(tls.message).toMatch(
+          /^TLS handshake with tcp:127\.0\.0\.1:\d+ failed: the destination's certificate with an empty subject \(DNS:localhost\) is not trusted: self-signed certificate$/
+        )
+        yield* noHang(dest.rejections(1), "the destination's rejection")
+        expect(dest.fiber.unsafePoll()).toBeNull()
+      })))
+
+    it.live("certificates of the CA with empty subjects, on both sides: migrate byte for byte; authz [alice] refuses the client, naming it by its altnames", () =>
+      leakFree(Effect.gen(function*() {
+        const server = yield* serverX509("emptysubject-server", { verifyPeer: true })
+        const client = yield* clientX509({}, "emptysubject-alice")
+        yield* roundTrip(server.server, client.client(LOOPBACK), { mib: 1 })
+
+        const refusing = yield* serverX509("emptysubject-server", { authz: ["alice"] })
+        const dest = yield* startDestination(refusing.server)
+        const exit = yield* noHang(Effect.exit(migrateTo(yield* sourceRam(1), tcp(LOOPBACK, dest.port), client.client(LOOPBACK))), "migrate")
+        expectCertificateRefused(failureOf(exit), "with an empty subject (DNS:alice.example) (issued by CN=test CA)")
+        yield* noHang(dest.rejections(1), "the destination's rejection")
+        expect(dest.logs.find((l) => l.includes("rejected a connection"))!).toMatch(
+          /: client certificate with an empty subject \(DNS:alice\.example\) is not in the authorization list \(its distinguished name: \)$/
+        )
+      })))
+  })
+
   it.live("the source refuses a destination's certificate whose keyUsage forbids signatures (keyEncipherment only), as GnuTLS does", () =>
     leakFree(Effect.gen(function*() {
       const server = yield* serverX509("keyencipherment-server")

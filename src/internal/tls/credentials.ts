@@ -202,9 +202,15 @@ export const privateKeyOf = (text: string, path: string): Effect.Effect<Crypto.K
     })
   })
 
-/** `CN=alice`, or the whole subject when there is no CN. */
+/** `CN=alice`, or the whole subject when there is no CN, or `with an empty subject (DNS:...)`. */
 export const nameOf = (certificate: Crypto.X509Certificate, field: "subject" | "issuer" = "subject"): string => {
-  const text = certificate[field]
+  // (undefined for an empty name: RFC 5280 allows an empty subject when subjectAltName names the certificate, and a
+  // stranger's self-signed certificate may have an empty issuer too)
+  const text = certificate[field] as string | undefined
+  if (text === undefined || text === "") {
+    const names = field === "subject" ? certificate.subjectAltName : undefined
+    return PeerText.fromPeer(`with an empty ${field}${names ? ` (${names})` : ""}`)
+  }
   const cn = text.split("\n").find((line) => line.startsWith("CN="))
   // a peer's certificate names what it likes
   return PeerText.fromPeer(cn ?? text.replace(/\n/g, ", "))

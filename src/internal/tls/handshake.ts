@@ -12,6 +12,7 @@ import * as Connections from "../native/connection.js"
 import * as DirectSocket from "../native/directSocket.js"
 import { ownFibers } from "../native/ownFibers.js"
 import { TlsError } from "./model.js"
+import { describe } from "./verification.js"
 
 /** Runs a handshake on a TLS socket: resolves on `secureEvent`, fails on error, close or timeout. */
 export const handshake = (
@@ -27,9 +28,16 @@ export const handshake = (
   // in a fiber of its own, interruptible inside (`ownFibers`): run uninterruptibly (an acquire, a finalizer), the
   // timeout could not interrupt the wait for a peer that says nothing, and waited with it for ever
   ownFibers(Effect.async<void, TlsError>((resume) => {
+    // (judging a peer's certificate runs in these listeners: a throw there, on a certificate of a shape nobody
+    // foresaw, was an uncaught exception that ended the process; it refuses the peer instead)
     const onSecure = () => {
       cleanup()
-      const refusal = authorize(socket)
+      let refusal: string | undefined
+      try {
+        refusal = authorize(socket)
+      } catch (cause) {
+        refusal = `its certificate could not be judged (${describe(cause)})`
+      }
       resume(
         refusal === undefined
           ? Effect.void
@@ -38,7 +46,13 @@ export const handshake = (
     }
     const onError = (error: Error) => {
       cleanup()
-      resume(Effect.fail(new TlsError({ reason: "Handshake", detail: `handshake with ${peer} failed: ${explain(error)}`, cause: error })))
+      let why: string
+      try {
+        why = explain(error)
+      } catch {
+        why = describe(error)
+      }
+      resume(Effect.fail(new TlsError({ reason: "Handshake", detail: `handshake with ${peer} failed: ${why}`, cause: error })))
     }
     const onClose = () => {
       cleanup()

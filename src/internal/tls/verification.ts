@@ -237,7 +237,7 @@ export const clientRefusal = (
   }
   if (authz === undefined) return undefined
   // a CN entry names a certificate of one CN: with two (CN=alice and CN=mallory), which it names is a guess
-  const cns = certificate.subject.split("\n").filter((line) => line.startsWith("CN="))
+  const cns = (certificate.subject as string | undefined ?? "").split("\n").filter((line) => line.startsWith("CN="))
   const cn = cns.length === 1 ? cns[0]!.slice(3) : undefined
   let dn: string
   try {
