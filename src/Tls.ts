@@ -95,7 +95,8 @@ export const TlsConfig = Schema.Struct({
   /**
    * Destination: admit only these clients. An entry with `=` is a client certificate's whole distinguished name,
    * matched exactly as QEMU's tls-authz matches it (GnuTLS's form: `O=Example,CN=alice`, see `distinguishedName`);
-   * an entry without is a certificate's CN, or a PSK identity.
+   * an entry without is a certificate's CN, or a PSK identity. A list that names nobody (empty, or with an empty
+   * entry) is refused at load.
    */
   authz: Schema.optional(Schema.Array(Schema.String)),
   /**
@@ -193,6 +194,16 @@ export const load = (config: TlsConfig): Effect.Effect<Settings, TlsError> =>
     }
     if (config.crl !== undefined && config.ca === undefined) {
       return yield* configError("a CRL file needs the CA certificate (ca) that issued it")
+    }
+    // an empty list (MULTIFD_TLS_AUTHZ set empty, or to ","), or an empty entry, names no peer: every handshake was
+    // refused ("not in the authorization list") though the destination looked ready
+    if (config.authz !== undefined && (config.authz.length === 0 || config.authz.some((entry) => entry.trim() === ""))) {
+      return yield* configError(
+        config.authz.length === 0
+          ? "the authorization list (authz) is empty: it admits no peer; give at least one identity, or no list to " +
+            "admit every peer whose credentials verify"
+          : `the authorization list (authz) holds an empty entry (entry ${config.authz.findIndex((e) => e.trim() === "") + 1}), which names no peer`
+      )
     }
     const notDn = config.authz?.find((entry) => entry.includes("=") && entry.split(/(?<!\\),/).some((rdn) => !/^[^=]+=/.test(rdn)))
     if (notDn !== undefined) {

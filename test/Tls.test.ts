@@ -2281,6 +2281,29 @@ describe("configuration", () => {
       expect((none as Tls.TlsError).message).toContain("no credentials")
     })))
 
+  it.live("load: an authorization list that names nobody ([], MULTIFD_TLS_AUTHZ set empty or to ',', an empty entry) is refused at load, not at every handshake", () =>
+    leakFree(Effect.gen(function*() {
+      // it loaded, and every source was then refused "not in the authorization list" (x509: verifyPeer turned on too)
+      const empty = "TLS configuration: the authorization list (authz) is empty: it admits no peer; give at least one " +
+        "identity, or no list to admit every peer whose credentials verify"
+      expect((yield* configError({ psk: fixture("keys.psk"), authz: [] })).message).toBe(empty)
+      expect((yield* configError({ ca: fixture("ca-cert.pem"), cert: fixture("server-cert.pem"), key: fixture("server-key.pem"), authz: [] })).message)
+        .toBe(empty)
+      expect((yield* configError({ psk: fixture("keys.psk"), authz: ["qemu", " "] })).message).toBe(
+        "TLS configuration: the authorization list (authz) holds an empty entry (entry 2), which names no peer"
+      )
+      for (const value of ["", ",", " , "]) {
+        const error = yield* Effect.flip(Effect.provide(Tls.Tls, Tls.layerConfig).pipe(fromEnv({
+          MULTIFD_TLS_PSK: fixture("keys.psk"),
+          MULTIFD_TLS_AUTHZ: value
+        })))
+        expect(error).toBeInstanceOf(Tls.TlsError)
+        expect({ value, message: error.message }).toEqual({ value, message: empty })
+      }
+      // a list of one identity loads
+      yield* loadTls({ psk: fixture("keys.psk"), authz: ["qemu"] })
+    })))
+
   it.live("load: a hostname that names nothing (empty, blank, with spaces) is refused at load, not at every handshake", () =>
     leakFree(Effect.gen(function*() {
       // MULTIFD_TLS_HOSTNAME= (set, empty) was the name "": every handshake failed "Host: . is not in the cert's altnames"
