@@ -14,6 +14,7 @@ import * as ChildProcess from "node:child_process"
 import * as Crypto from "node:crypto"
 import * as Fs from "node:fs"
 import * as Net from "node:net"
+import * as NodeTls from "node:tls"
 import * as Os from "node:os"
 import * as Path from "node:path"
 import { PassThrough } from "node:stream"
@@ -354,6 +355,39 @@ describe("multifd over TLS", () => {
     const taken = await anyone.finished
     expect({ send: stranger.code, recv: taken.code }).toEqual({ send: 0, recv: 0 })
     expect(Fs.readFileSync(open).equals(Fs.readFileSync(image))).toBe(true)
+  })
+
+  it("recv --tls-ca: a stranger's self-signed certificate of an empty subject is refused in one line and recv keeps waiting (an uncaught TypeError ended it, a stack trace on stderr); a source whose certificate of the CA has an empty subject migrates", async () => {
+    const server = ["--tls-ca", tlsFile("ca-cert.pem"), "--tls-cert", tlsFile("server-cert.pem"), "--tls-key", tlsFile("server-key.pem")]
+    const out = Path.join(dir, "emptysubject.out")
+    const recv = await startRecv(["tcp:127.0.0.1:0", "--out", out, ...server])
+    const port = Number(/:(\d+)$/.exec(recv.uri)![1])
+    // the stranger: Node's own TLS client, with a certificate it made (an empty subject and issuer)
+    await new Promise<void>((resolve) => {
+      const socket = NodeTls.connect({
+        port,
+        host: "127.0.0.1",
+        ca: Fs.readFileSync(tlsFile("ca-cert.pem")),
+        servername: "localhost",
+        cert: Fs.readFileSync(tlsFile("emptysubject-selfsigned-cert.pem")),
+        key: Fs.readFileSync(tlsFile("emptysubject-selfsigned-key.pem"))
+      })
+      socket.on("error", () => socket.destroy())
+      socket.on("close", () => resolve())
+    })
+    await waitForStderr(recv, /rejected a connection/)
+    expect(lines(recv.stderr()).filter((line) => line.includes("rejected a connection"))).toEqual([
+      expect.stringMatching(/: client certificate with an empty subject \(DNS:localhost\) is not trusted: self-signed certificate$/)
+    ])
+    expect(recv.child.exitCode).toBeNull()
+    const sent = await run([
+      "send", recv.uri, "--in", image, "--tls-ca", tlsFile("ca-cert.pem"), "--tls-hostname", "localhost",
+      "--tls-cert", tlsFile("emptysubject-alice-cert.pem"), "--tls-key", tlsFile("emptysubject-alice-key.pem")
+    ])
+    const received = await recv.finished
+    expect({ send: sent.code, recv: received.code, stderr: sent.stderr + received.stderr }).toMatchObject({ send: 0, recv: 0 })
+    noStack(received.stderr)
+    expect(Fs.readFileSync(out).equals(Fs.readFileSync(image))).toBe(true)
   })
 
   it("x509 with client certificates and --tls-authz: alice is admitted, mallory is refused", async () => {
