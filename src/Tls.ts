@@ -34,7 +34,7 @@ import {
   nameOf,
   opensslReason,
   ownCertificateProblem,
-  ownUsageProblem,
+  ownRoleProblem,
   privateKeyOf,
   PSK_CIPHERS,
   readText,
@@ -233,6 +233,7 @@ export const load = (config: TlsConfig): Effect.Effect<Settings, TlsError> =>
     let files: string
     let ownCertificate: Crypto.X509Certificate | undefined
     let ownChain = false
+    let ownIssuers: ReadonlyArray<Crypto.X509Certificate> | undefined
     let crls: Settings["crls"]
     if (config.psk !== undefined) {
       const keys = yield* Effect.flatMap(readText(config.psk, "PSK file"), (text) => parsePskFile(text, config.psk))
@@ -289,6 +290,7 @@ export const load = (config: TlsConfig): Effect.Effect<Settings, TlsError> =>
         if (problem !== undefined) return yield* configError(`certificate ${config.cert} (${nameOf(leaf!)}) ${problem}`)
         // the CAs of its file that issued it (sent with it: a peer builds its chain through them), each a CA that
         // can vouch for it now, as QEMU checks its certificates at load: a peer refused it in every handshake
+        const issuers: Array<Crypto.X509Certificate> = []
         for (let issued = leaf!, steps = 0; steps < chain.length; steps++) {
           const at = chain.findIndex((c) => c !== issued && c.subject !== undefined && c.subject === issued.issuer)
           if (at < 0) break
@@ -300,9 +302,11 @@ export const load = (config: TlsConfig): Effect.Effect<Settings, TlsError> =>
                 `${nameOf(issued)}) ${bad.problem}: a peer accepts no certificate it issued`
             )
           }
+          issuers.push(issuer)
           issued = issuer
         }
         ownCertificate = leaf
+        ownIssuers = issuers
         ownChain = chain.length > 0
       }
       credentials = { _tag: "X509", ca, cert, key }
@@ -336,6 +340,7 @@ export const load = (config: TlsConfig): Effect.Effect<Settings, TlsError> =>
       files,
       ownCertificate,
       ownCertificateFile: config.cert,
+      ownIssuers,
       hostname: config.hostname,
       crls,
       verifyPeer: config.verifyPeer ?? false,
@@ -368,10 +373,10 @@ export const checkClient: (settings: Settings) => Effect.Effect<void, TlsError> 
 export const checkServer = (settings: Settings): Effect.Effect<void, TlsError> =>
   Effect.suspend(() => {
     const own = settings.ownCertificate
-    const problem = own === undefined ? undefined : ownUsageProblem(own, "server")
+    const problem = own === undefined ? undefined : ownRoleProblem(own, settings.ownIssuers ?? [], "server")
     return problem === undefined
       ? Effect.void
-      : Effect.fail(configError(`certificate ${settings.ownCertificateFile} (${nameOf(own!)}) ${problem}`))
+      : Effect.fail(configError(`certificate ${settings.ownCertificateFile} ${problem}`))
   })
 
 const pskKey = (settings: Settings, identity: string): Buffer | undefined =>

@@ -2173,7 +2173,7 @@ describe("configuration", () => {
       yield* loadTls({ ca: fixture("chain-ca-cert.pem") })
     })))
 
-  it.live("load: this side's own certificate must be a leaf within its validity period, issued by CAs of its file that can vouch for it; checkServer / checkClient: for its role", () =>
+  it.live("load: this side's own certificate must be a leaf within its validity period, issued by CAs of its file that can vouch for it; checkServer / checkClient: for its role, its file's CAs too", () =>
     leakFree(Effect.gen(function*() {
       const own = (name: string) => ({ ca: fixture("ca-cert.pem"), cert: fixture(`${name}-cert.pem`), key: fixture(`${name}-key.pem`) })
       const atLoad: ReadonlyArray<readonly [string, string]> = [
@@ -2213,6 +2213,14 @@ describe("configuration", () => {
         Effect.flatMap(loadTls(own(name)), (tls) => Effect.flip(check(tls.settings)).pipe(Effect.mapError(() => new Error(`${name} passed`))))
       expect((yield* checked(Tls.checkServer, "clientonly-server")).message).toBe(
         `TLS configuration: certificate ${fixture("clientonly-server-cert.pem")} (CN=localhost) is not for server authentication (extendedKeyUsage clientAuth)`
+      )
+      // its own extendedKeyUsage is serverAuth, that of the intermediate CA of its file clientAuth only: every source
+      // refused it ("was issued by CN=client-only intermediate CA, whose extendedKeyUsage (clientAuth) is not for
+      // server authentication"), and this destination's log only guessed why
+      expect((yield* checked(Tls.checkServer, "clientonly-ca-server")).message).toBe(
+        `TLS configuration: certificate ${fixture("clientonly-ca-server-cert.pem")} (CN=localhost) was issued by ` +
+          "CN=client-only intermediate CA (in its file), whose extendedKeyUsage (clientAuth) is not for server " +
+          "authentication: a peer accepts no certificate it issued for that"
       )
       expect((yield* checked(Tls.checkClient, "serveronly-alice")).message).toBe(
         `TLS configuration: certificate ${fixture("serveronly-alice-cert.pem")} (CN=alice) is not for client authentication (extendedKeyUsage serverAuth)`

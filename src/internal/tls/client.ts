@@ -10,7 +10,7 @@ import * as Effect from "effect/Effect"
 import type * as Crypto from "node:crypto"
 import * as NodeTls from "node:tls"
 import * as Transport from "../../Transport.js"
-import { nameOf, ownUsageProblem, secureContextOf } from "./credentials.js"
+import { nameOf, ownRoleProblem, secureContextOf } from "./credentials.js"
 import { explainingEarlyClose, handshake, secured } from "./handshake.js"
 import { configError, type Credentials, type CrlInfo, type Settings, type TlsError } from "./model.js"
 import { describe, explainServerError, peerCertificateOf, serverRefusal } from "./verification.js"
@@ -32,10 +32,10 @@ export const checkClient = (settings: Settings): Effect.Effect<void, TlsError> =
     ))
     : Effect.suspend(() => {
       const own = settings.ownCertificate
-      const problem = own === undefined ? undefined : ownUsageProblem(own, "client")
+      const problem = own === undefined ? undefined : ownRoleProblem(own, settings.ownIssuers ?? [], "client")
       return problem === undefined
         ? Effect.void
-        : Effect.fail(configError(`certificate ${settings.ownCertificateFile} (${nameOf(own!)}) ${problem}`))
+        : Effect.fail(configError(`certificate ${settings.ownCertificateFile} ${problem}`))
     })
 
 /**

@@ -274,6 +274,24 @@ export const ownUsageProblem = (certificate: Crypto.X509Certificate, role: "clie
 }
 
 /**
+ * Why this side's certificate (`ownCertificate`, issued by `ownIssuers` of its file) cannot authenticate it as `role`,
+ * after "certificate FILE ", or `undefined`: its own extendedKeyUsage, or that of a CA of its file that issued it
+ * (OpenSSL and GnuTLS check the purpose on every CA of a chain: a peer refused it in every handshake).
+ */
+export const ownRoleProblem = (
+  own: Crypto.X509Certificate,
+  issuers: ReadonlyArray<Crypto.X509Certificate>,
+  role: "client" | "server"
+): string | undefined => {
+  const problem = ownUsageProblem(own, role)
+  if (problem !== undefined) return `(${nameOf(own)}) ${problem}`
+  const restricted = issuers.find((ca) => ownUsageProblem(ca, role) !== undefined)
+  return restricted === undefined ? undefined : `(${nameOf(own)}) was issued by ${nameOf(restricted)} (in its file), whose ` +
+    `extendedKeyUsage (${restricted.keyUsage!.map((oid) => EKU_NAMES[oid] ?? oid).join(", ")}) is not for ${role} ` +
+    "authentication: a peer accepts no certificate it issued for that"
+}
+
+/**
  * Why OpenSSL's security level refused this side's own certificate when its secure context was built (OpenSSL's
  * terse reason: "ca md too weak", "ee key too small", "ca key too small"), after "certificate FILE (CN=x) ", or
  * `undefined` for any other reason. `chain`: whether the certificate's file holds CA certificates after it.

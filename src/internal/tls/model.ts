@@ -63,6 +63,8 @@ export interface Settings {
   readonly ownCertificate?: Crypto.X509Certificate | undefined
   /** The file of `ownCertificate`, for messages. */
   readonly ownCertificateFile?: string | undefined
+  /** The CAs of `ownCertificateFile` that issued `ownCertificate`, nearest first (its chain as a peer builds it). */
+  readonly ownIssuers?: ReadonlyArray<Crypto.X509Certificate> | undefined
   readonly hostname: string | undefined
   /** The CRLs checked at load (x509 with a CRL file; they are in `contextOptions`), for messages. */
   readonly crls?: ReadonlyArray<CrlInfo> | undefined
