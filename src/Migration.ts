@@ -119,8 +119,9 @@ export interface MigrateOptions {
   /** Secures every connection (the main channel and each multifd channel) before it is used. */
   readonly upgrade?: Transport.Upgrade<Transport.UpgradeError> | undefined
   /**
-   * Called at each round's start, as its pages are sent, and at its end, in the migration's fiber: the migration
-   * waits for it. It may write the memory (`GuestRam.write` / `update`) while `phase` is `precopy`; during the
+   * Called at each round's start, as its pages are sent (after each hand-off to a channel, and about ten times a
+   * second while the channels send, when the pages sent moved on), and at its end, in the migration's fiber: the
+   * migration waits for it. It may write the memory (`GuestRam.write` / `update`) while `phase` is `precopy`; during the
    * switch-over (`phase` `switchover`) the migration holds writers paused and waits for the callback, so a write
    * from inside it (or a fiber it forks) fails at once with `GuestRam.WriteBlocked` (`Deadlock`), writing
    * nothing, rather than wait for a migration that waits for it. Writers outside the callback wait as always. A

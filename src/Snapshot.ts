@@ -124,7 +124,8 @@ export interface SaveOptions {
    */
   readonly live?: Transfer.LiveOptions | undefined
   /**
-   * Called as pages are handed to the writers, in the save's fiber: the save waits for it. As with
+   * Called as pages are handed to the writers (and about ten times a second while they write, when the pages
+   * written moved on), in the save's fiber: the save waits for it. As with
    * `Migration.migrate`, a write to the memory from inside it (`GuestRam.write` / `update`, or a fiber it forks)
    * goes through while `phase` is `precopy`, and fails at once with `GuestRam.WriteBlocked` (`Deadlock`) during
    * the switch-over, when the save holds writers paused and waits for the callback. A callback that has not

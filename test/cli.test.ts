@@ -2232,6 +2232,35 @@ describe("the progress bar (src/cli/progress.ts) on a terminal", () => {
     expect(Fs.readFileSync(out).equals(Fs.readFileSync(small))).toBe(true)
   })
 
+  // the source reported only after each hand-off of pages to a channel (up to 16 MiB a channel at once): a round
+  // smaller than that a channel was handed over at once, and the bar sat at 0 % while the pages went out (under a
+  // bandwidth limit, on a slow link), then jumped to 100 %; the lines every 5 s (stderr not a terminal) never came
+  it("send under a bandwidth limit: the bar moves while the round's pages go out, not only at its hand-offs (a pseudo-terminal)", async () => {
+    const socket = Path.join(dir, "moving.sock")
+    const out = Path.join(dir, "moving.out")
+    const small = Path.join(dir, "moving.raw")
+    // 4 MiB over 2 channels: two hand-offs of 2 MiB, at about a second at 4 MiB/s
+    Fs.writeFileSync(small, Crypto.randomBytes(4 * MIB))
+    const recv = await startRecv([`unix:${socket}`, "--out", out])
+    const job = `stty cols 120 rows 50; exec "$NODE" "$BUNDLE" send "unix:$SOCKET" --in "$IMAGE" --max-bandwidth 4M`
+    const terminal = ChildProcess.spawn("script", ["-qfec", "bash -c \"$JOB\"", "/dev/null"], {
+      stdio: ["pipe", "pipe", "pipe"],
+      env: { ...process.env, TERM: "xterm-256color", NO_COLOR: "1", JOB: job, NODE: process.execPath, BUNDLE: inject("cliBundle"), SOCKET: socket, IMAGE: small }
+    })
+    const timer = setTimeout(() => terminal.kill("SIGKILL"), 20_000)
+    let text = ""
+    terminal.stdout.setEncoding("utf8").on("data", (s: string) => (text += s))
+    const code = await new Promise<number | null>((resolve) => terminal.once("close", resolve))
+    clearTimeout(timer)
+    expect({ code, recv: (await recv.finished).code }, text).toEqual({ code: 0, recv: 0 })
+    const done = [...text.matchAll(/\] (\d+)% \| ([\d.]+ \S+) \/ 4\.00 MiB/g)].map((m) => m[2]!)
+    // more values between none and all than there were hand-offs (each could report once)
+    const between = new Set(done.filter((d) => d !== "0 B" && d !== "4.00 MiB"))
+    expect(between.size, done.join(", ")).toBeGreaterThan(2)
+    expect(done.at(-1)).toBe("4.00 MiB")
+    expect(Fs.readFileSync(out).equals(Fs.readFileSync(small))).toBe(true)
+  })
+
   it.each([
     ["when stderr is not a terminal", false, undefined],
     ["on a terminal that cannot move its cursor (TERM=dumb: escape sequences would show as text)", true, "dumb"]

@@ -9,6 +9,8 @@ import * as Clock from "effect/Clock"
 import * as Duration from "effect/Duration"
 import * as Effect from "effect/Effect"
 import * as Exit from "effect/Exit"
+import * as Fiber from "effect/Fiber"
+import * as Option from "effect/Option"
 import type * as Scope from "effect/Scope"
 import * as Bandwidth from "../Bandwidth.js"
 import * as GuestRam from "../GuestRam.js"
@@ -220,22 +222,44 @@ export const run = <E, F>(
           const expectedDowntimeMs = downtimeMs(dirtyPages * pageSize, rate)
           return { round, phase, doneBytes, totalBytes, dirtyPages, bandwidth: rate, expectedDowntimeMs }
         })
+        // a report when the pages sent moved on: a round's only report with doneBytes 0 is its first
+        const reportMoved = Effect.gen(function*() {
+          const now = yield* current(false)
+          if (now.doneBytes > reportedBytes) {
+            reportedBytes = now.doneBytes
+            yield* report(now)
+          }
+        })
+        /**
+         * `wait` (a hand-off that waits for an idle channel, the round's sync), reporting meanwhile, about ten times
+         * a second (`Transfer.REPORT_INTERVAL`), as the pages sent move on. Reported only after each hand-off, a
+         * round's last hand-offs (a channel's batch is up to 16 MiB: a whole round of memory smaller than that per
+         * channel) went out unreported: on a slow link or under a bandwidth limit the command's bar sat at 0 % until
+         * the round ended, and its lines every 5 s never came.
+         */
+        const reportingMeanwhile = <A, X>(wait: Effect.Effect<A, X>) =>
+          options.onProgress === undefined ? wait : Effect.flatMap(Effect.fork(wait), (waiting) =>
+            Effect.gen(function*() {
+              for (;;) {
+                const ended = yield* Effect.timeoutOption(Fiber.await(waiting), Transfer.REPORT_INTERVAL)
+                if (Option.isSome(ended)) return yield* Fiber.join(waiting)
+                yield* reportMoved
+              }
+            }).pipe(
+              // interrupted (the migration failed, a report timed out): the wait is interrupted too, and awaited,
+              // as it was when it ran in this fiber
+              Effect.ensuring(Fiber.interrupt(waiting))
+            ))
         const transfer = Effect.gen(function*() {
           for (const { block, pages } of selection) {
             for (let first = 0; first < pages.length; first += batch) {
               const some = pages.subarray(first, first + batch)
-              yield* sink.send(block, some, some.length)
+              yield* reportingMeanwhile(sink.send(block, some, some.length))
               handedPages += some.length
-              if (options.onProgress === undefined) continue
-              const now = yield* current(false)
-              // a report when the pages sent moved on: a round's only report with doneBytes 0 is its first
-              if (now.doneBytes > reportedBytes) {
-                reportedBytes = now.doneBytes
-                yield* report(now)
-              }
+              if (options.onProgress !== undefined) yield* reportMoved
             }
           }
-          yield* sink.sync
+          yield* reportingMeanwhile(sink.sync)
         })
         yield* unlessStalled(
           Effect.raceFirst(transfer, sink.failure),
