@@ -1050,6 +1050,31 @@ describe("multifd failures", () => {
     }
   })
 
+  // @effect/cli said "Invalid subcommand for multifd - use one of 'recv', 'send'" of all of them: of `multifd --json
+  // send ...` (send is right there: the flag was what came too early), and of a mistyped command, never named
+  it("a flag before the command, or a word that is no command: one line naming it, exit 2 (child processes)", async () => {
+    const cases: ReadonlyArray<readonly [ReadonlyArray<string>, string]> = [
+      [["--json", "send", "tcp:127.0.0.1:1", "--in", image], "--json comes before the command: give the flags after it (multifd send <uri> ... --json)"],
+      [["-v", "recv", "tcp:127.0.0.1:0", "--out", Path.join(dir, "early.out")], "-v comes before the command: give the flags after it (multifd recv <uri> ... -v)"],
+      [["--json"], "--json comes before any command: give a command first (multifd send ... or multifd recv ...), its flags after it"],
+      [["sned", "tcp:127.0.0.1:1", "--in", image], "unknown command sned (did you mean send?): the commands are send and recv"],
+      [["Recv", "tcp:127.0.0.1:0"], "unknown command Recv (did you mean recv?): the commands are send and recv"],
+      [["migrate\n\x1b[2J"], "unknown command migrate \\u001b[2J: the commands are send and recv"],
+      [[""], `unknown command "": the commands are send and recv`]
+    ]
+    const results = await Promise.all(cases.map(([args]) => run(args)))
+    results.forEach((result, i) => {
+      const [args, message] = cases[i]!
+      expect({ args, code: result.code, stderr: lines(result.stderr), stdout: result.stdout }).toEqual({
+        args,
+        code: 2,
+        stderr: [`multifd: error: ${message}`],
+        stdout: args.includes("--json") ? `${JSON.stringify({ error: { tag: "UsageError", reason: "CommandMismatch", message } })}\n` : ""
+      })
+    })
+    expect(filesLike("early.out")).toEqual([])
+  })
+
   it("a flag in another case (--TLS-PSK, --CHANNELS) is an unknown flag, never silently ignored", async () => {
     // @effect/cli matched it case-insensitively and then dropped its value: recv listened without TLS, send
     // migrated over the default 2 channels

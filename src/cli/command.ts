@@ -8,6 +8,8 @@
 import * as AutoCorrect from "@effect/cli/AutoCorrect"
 import * as CliConfig from "@effect/cli/CliConfig"
 import * as Command from "@effect/cli/Command"
+import * as HelpDoc from "@effect/cli/HelpDoc"
+import * as ValidationError from "@effect/cli/ValidationError"
 import * as FileSystem from "@effect/platform/FileSystem"
 import * as Effect from "effect/Effect"
 import * as Either from "effect/Either"
@@ -170,6 +172,28 @@ const early = (
   return undefined
 }
 
+/**
+ * Why the command line (`args`) names no command first, if it does not: a flag before the command (`multifd --json
+ * send ...`, as `git --no-pager log` takes one) says so and where it goes; a word that is no command is named, with
+ * the command it is closest to. @effect/cli said "Invalid subcommand for multifd - use one of 'recv', 'send'" of
+ * both, naming neither what was given nor, with `send` on the line, what was wrong with it.
+ */
+const notACommand = (args: ReadonlyArray<string>): string | undefined => {
+  const first = args[0]
+  if (first === undefined || COMMANDS.has(first)) return undefined
+  const options = args.slice(0, args.includes("--") ? args.indexOf("--") : args.length)
+  if (first.startsWith("-") && first !== "-") {
+    const command = options.find((arg) => COMMANDS.has(arg))
+    return command === undefined
+      ? `${oneLine(first)} comes before any command: give a command first (multifd send ... or multifd recv ...), its flags after it`
+      : `${oneLine(first)} comes before the command: give the flags after it (multifd ${command} <uri> ... ${oneLine(first)})`
+  }
+  const config = CliConfig.make({})
+  const closest = [...COMMANDS].find((command) => AutoCorrect.levensteinDistance(first, command, config) <= 2)
+  const named = first === "" ? `""` : oneLine(first)
+  return `unknown command ${named}${closest === undefined ? "" : ` (did you mean ${closest}?)`}: the commands are send and recv`
+}
+
 /** The values @effect/cli reads as a switch's true or false (`--json=yes`, `--quiet=0`), as it spells them. */
 const SWITCH_VALUES = ["true", "false", "yes", "no", "on", "off", "y", "n", "1", "0"]
 
@@ -287,6 +311,10 @@ export const main = (argv: ReadonlyArray<string>) =>
     }
     const switchValue = badSwitchValue(args)
     if (switchValue !== undefined) return yield* toExitCode(reporting)(new UsageError({ detail: switchValue }))
+    const noCommand = notACommand(args)
+    if (noCommand !== undefined) {
+      return yield* toExitCode(reporting)(Effect.fail(ValidationError.commandMismatch(HelpDoc.p(noCommand))))
+    }
     return yield* Effect.suspend(() => run(argv)).pipe(
       forgivingExists,
       // @effect/cli's own error messages are reported by toExitCode
