@@ -71,6 +71,9 @@ const unixPathProblem = (path: string): string | undefined => {
     : undefined
 }
 
+/** Characters of a host name, at most (DNS: 255 bytes on the wire, a trailing dot aside). */
+const MAX_HOST_NAME = 253
+
 /** Why `port` cannot be a TCP port, if it cannot. */
 const portProblem = (port: number): string | undefined =>
   Number.isInteger(port) && port >= 0 && port <= 65535 ? undefined : `port ${port} is out of range 0-65535`
@@ -99,6 +102,11 @@ export const parseAddress = (uri: string): Either.Either<Address, TransportError
     if (m === null) return bad("expected tcp:HOST:PORT (IPv6 as tcp:[::1]:PORT)")
     const host = m[1] ?? m[2]!
     if (m[1] !== undefined && Net.isIPv6(host) === false) return bad(`${host} is not an IPv6 address`)
+    // a name longer than DNS allows was looked up all the same, and failed "getaddrinfo EINVAL <the name>" (a
+    // connect: exit 1, as a destination that is down)
+    if (m[2] !== undefined && Net.isIP(host) === 0 && host.replace(/\.$/, "").length > MAX_HOST_NAME) {
+      return bad(`the host name is ${host.length} characters long; a name has at most ${MAX_HOST_NAME}`)
+    }
     const port = Number(m[3])
     const problem = portProblem(port)
     if (problem !== undefined) return bad(problem)

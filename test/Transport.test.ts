@@ -134,6 +134,10 @@ describe("parseAddress / formatAddress", () => {
       }
       const range = Either.getLeft(parseAddress("tcp:host:99999"))
       expect(range._tag === "Some" && range.value.detail).toContain("out of range")
+      // longer than DNS allows (it was looked up: "getaddrinfo EINVAL <the name>"); 253 and a trailing dot pass
+      const long = Either.getLeft(parseAddress(`tcp:${"a".repeat(254)}:1`))
+      expect(long._tag === "Some" && long.value.detail).toBe("the host name is 254 characters long; a name has at most 253")
+      expect(Either.isRight(parseAddress(`tcp:${"a.".repeat(126)}a.:1`))).toBe(true)
     })))
 
   // an IPv6 link-local address means nothing without its interface (fe80::1 is on every link): tcp:[fe80::1%eth0]:P

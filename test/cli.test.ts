@@ -849,6 +849,27 @@ describe("multifd failures", () => {
     }
   })
 
+  // a name longer than DNS allows was looked up all the same: send failed "main channel: tcp:NAME:1: getaddrinfo EINVAL
+  // NAME" (exit 1, as a destination that is down, which a script retries), recv "tcp:NAME:0: getaddrinfo EINVAL NAME"
+  it("a host name longer than 253 characters is a bad uri: exit 2, one line saying so, before anything listens or connects (child processes)", async () => {
+    const long = `${"a".repeat(63)}.`.repeat(4) + "example"
+    const cases: ReadonlyArray<ReadonlyArray<string>> = [
+      ["send", `tcp:${long}:4444`, "--in", image, "--json"],
+      ["recv", `tcp:${long}:0`, "--out", Path.join(dir, "long-host.out"), "--json"]
+    ]
+    const results = await Promise.all(cases.map((args) => run(args)))
+    results.forEach((result, i) => {
+      const uri = cases[i]![1]!
+      const message = `bad uri: ${uri}: the host name is ${long.length} characters long; a name has at most 253`
+      expect({ code: result.code, stderr: lines(result.stderr), stdout: JSON.parse(result.stdout) }).toEqual({
+        code: 2,
+        stderr: [`multifd: error: ${message}`],
+        stdout: { error: { tag: "UsageError", reason: "InvalidArgument", message } }
+      })
+    })
+    expect(filesLike("long-host")).toEqual([])
+  })
+
   it("recv --from-qemu --out-dir that fails leaves no directory it created, and every one that existed as it was", async () => {
     const fresh = Path.join(dir, "fresh-out", "nested", "ram")
     const failed = await runHere(["recv", `file:${image}`, "--from-qemu", "--out-dir", fresh])
