@@ -25,6 +25,7 @@ import * as Dns from "node:dns"
 import * as FsSync from "node:fs"
 import * as Fs from "node:fs/promises"
 import * as Net from "node:net"
+import * as Os from "node:os"
 import * as Path from "node:path"
 import type * as Stream from "node:stream"
 import * as Connections from "./internal/native/connection.js"
@@ -599,10 +600,25 @@ const listenDetail = (address: SocketAddress, error: Error): string => {
  * What a failed TCP listen or connect says. An IPv6 link-local address without its interface is EINVAL, which Node
  * words as "listen EINVAL: invalid argument fe80::1:4444": the interface it needs is named instead.
  */
-const tcpDetail = (address: TcpAddress, error: Error): string =>
-  (error as NodeJS.ErrnoException).code === "EINVAL" && /^fe[89ab][0-9a-f]:/i.test(address.host) && !address.host.includes("%")
-    ? `a link-local address needs its interface, as tcp:[${address.host}%eth0]:${address.port}`
-    : describeError(error)
+const tcpDetail = (address: TcpAddress, error: Error): string => {
+  if ((error as NodeJS.ErrnoException).code !== "EINVAL") return describeError(error)
+  const [host, scope] = address.host.split("%")
+  if (scope === undefined) {
+    return /^fe[89ab][0-9a-f]:/i.test(host!)
+      ? `a link-local address needs its interface, as tcp:[${address.host}%eth0]:${address.port}`
+      : describeError(error)
+  }
+  // an interface this machine does not have (a typo, another host's name for it) is EINVAL too, which Node words as
+  // "connect EINVAL fe80::1%eht0:4444 - Local (:::0)": the interface is named instead
+  const interfaces = Os.networkInterfaces()
+  const index = /^\d+$/.test(scope) ? Number(scope) : undefined
+  const known = index === undefined
+    ? Object.hasOwn(interfaces, scope)
+    : Object.values(interfaces).some((addresses) => addresses?.some((a) => a.family === "IPv6" && a.scopeid === index))
+  return known
+    ? describeError(error)
+    : `this machine has no network interface ${index === undefined ? scope : `of index ${index}`} (the address's %${scope})`
+}
 
 /**
  * What to add when a missing path starts with `~`: a shell expands `~` only at the start of a word, never in

@@ -153,6 +153,12 @@ describe("parseAddress / formatAddress", () => {
       const needsInterface = "a link-local address needs its interface, as tcp:[fe80::1%eth0]:4444"
       expectError(yield* Effect.flip(listen(addr("tcp:[fe80::1]:4444"))), ["Listen"], needsInterface)
       expectError(yield* Effect.flip(connect(addr("tcp:[fe80::1]:4444"))), ["Connect"], needsInterface)
+      // an interface this machine does not have: Node's "connect EINVAL fe80::1%nosuchif0:4444 - Local (:::0)"
+      const noInterface = "tcp:[fe80::1%nosuchif0]:4444: this machine has no network interface nosuchif0 (the address's %nosuchif0)"
+      expectError(yield* Effect.flip(listen(addr("tcp:[fe80::1%nosuchif0]:4444"))), ["Listen"], noInterface)
+      expectError(yield* Effect.flip(connect(addr("tcp:[fe80::1%nosuchif0]:4444"))), ["Connect"], noInterface)
+      const noIndex = "tcp:[fe80::1%4000000]:4444: this machine has no network interface of index 4000000 (the address's %4000000)"
+      expectError(yield* Effect.flip(connect(addr("tcp:[fe80::1%4000000]:4444"))), ["Connect"], noIndex)
     })))
 
   it.live.skipIf(linkLocal === undefined)("listen and connect on a link-local address with its interface", () =>
