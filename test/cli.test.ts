@@ -1480,6 +1480,24 @@ describe("observability and configuration", () => {
     expect((await recv2.finished).code).toBe(0)
   })
 
+  // --timeout sets the three timeouts that MULTIFD_TIMEOUT, MULTIFD_CONNECT_TIMEOUT and MULTIFD_HANDSHAKE_TIMEOUT set
+  // without it; a bad one of them, not used, refused the command all the same (exit 2) though the flag was given
+  it("--timeout wins over MULTIFD_TIMEOUT, MULTIFD_CONNECT_TIMEOUT and MULTIFD_HANDSHAKE_TIMEOUT: bad ones are not read then", async () => {
+    const out = Path.join(dir, "timeout-env.out")
+    const env = { MULTIFD_TIMEOUT: "soon", MULTIFD_CONNECT_TIMEOUT: "0", MULTIFD_HANDSHAKE_TIMEOUT: "never" }
+    const recv = await startRecv(["tcp:127.0.0.1:0", "--out", out, "--timeout", "20s"], { env })
+    const send = await run(["send", recv.uri, "--in", image, "--timeout", "20s"], { env })
+    const received = await recv.finished
+    expect({ send: send.code, recv: received.code }, send.stderr + received.stderr).toEqual({ send: 0, recv: 0 })
+    expect(Fs.readFileSync(out).equals(Fs.readFileSync(image))).toBe(true)
+    // without the flag they are read, and refused
+    const unflagged = await run(["send", recv.uri, "--in", image], { env: { MULTIFD_TIMEOUT: "soon" } })
+    expect({ code: unflagged.code, stderr: lines(unflagged.stderr) }).toEqual({
+      code: 2,
+      stderr: [`multifd: error: MULTIFD_TIMEOUT: "soon" is not a positive duration like 30s, 500ms, 2m or 1h`]
+    })
+  })
+
   it("MULTIFD_* variables that do not apply are ignored where the flag is refused (send --to-qemu, file:)", async () => {
     // the VM file's own failure, not --page-size or --zero-page
     const vm = Path.join(dir, "missing.vm")

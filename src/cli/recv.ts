@@ -159,7 +159,7 @@ export const command = Command.make(
           // only once it is in place (a snapshot file is restored, checked below, then written)
           store: uri._tag === "File" ? undefined : commit
         })
-      })).pipe(Effect.provide([Transport.layer, environment]))
+      })).pipe(Effect.provide([Transport.layer, environment(timing)]))
       const { ram, stats } = received
       // a snapshot was held to the command line's settings and the free space before it was read
       if (uri._tag === "File") yield* commit(ram)

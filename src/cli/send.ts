@@ -116,7 +116,7 @@ export const command = Command.make(
         })
       })).pipe(
         Effect.provideService(GuestRam.GuestRam, ram),
-        Effect.provide([Transport.layer, environment, channelThreads(uri, compression)])
+        Effect.provide([Transport.layer, environment(timing), channelThreads(uri, compression)])
       )
       yield* Report.print({ role: "send", input, pageSize: ram.pageSize, stats, status: yield* status.get }, reporting)
     }).pipe(Log.withReporting(reporting))

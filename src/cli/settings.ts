@@ -34,19 +34,21 @@ const optional = <A>(config: Config.Config<A>) => Config.map(Config.option(confi
 /**
  * The settings that have no flag, from the environment (`MULTIFD_TIMEOUT`, `MULTIFD_CONNECT_TIMEOUT`,
  * `MULTIFD_HANDSHAKE_TIMEOUT`, the live policy, `MULTIFD_MAX_RAM`, `MULTIFD_ACCEPT_TIMEOUT`), for the library to
- * use where the command gives nothing (`--timeout` sets all three timeouts). The flags' own variables are read
- * by their options (`Options.withFallbackConfig`), so that a flag given wins over them. A bad value is a
+ * use where the command gives nothing (`--timeout` sets all three timeouts: given, their variables are not read,
+ * as a flag given wins over its variable; a bad `MULTIFD_TIMEOUT` refused `--timeout 5s`). The flags' own variables
+ * are read by their options (`Options.withFallbackConfig`), so that a flag given wins over them. A bad value is a
  * `UsageError` naming the variable (exit 2).
  */
-export const environment: Layer.Layer<MigrationConfig.MigrationConfig, UsageError> = Layer.effect(
-  MigrationConfig.MigrationConfig,
-  Config.all({
-    timeouts: MigrationConfig.timeouts,
-    live: MigrationConfig.live,
-    maxRamBytes: optional(MigrationConfig.maxRamBytes),
-    acceptTimeout: optional(MigrationConfig.acceptTimeout)
-  }).pipe(Effect.mapError((error) => new UsageError({ detail: MigrationConfig.describeError(error) })))
-)
+export const environment = (timing: Options.Timing): Layer.Layer<MigrationConfig.MigrationConfig, UsageError> =>
+  Layer.effect(
+    MigrationConfig.MigrationConfig,
+    Config.all({
+      timeouts: Option.isSome(timing.timeout) ? Config.succeed({}) : MigrationConfig.timeouts,
+      live: MigrationConfig.live,
+      maxRamBytes: optional(MigrationConfig.maxRamBytes),
+      acceptTimeout: optional(MigrationConfig.acceptTimeout)
+    }).pipe(Effect.mapError((error) => new UsageError({ detail: MigrationConfig.describeError(error) })))
+  )
 
 /**
  * Warns of each `MULTIFD_` variable in `env` that nothing reads (`MigrationConfig.variables`; `MULTIFD_TLS_*` are
