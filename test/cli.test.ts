@@ -849,6 +849,36 @@ describe("multifd failures", () => {
     }
   })
 
+  // the error lines were one printable line whatever they named, but recv's listening line and the summaries printed
+  // the paths as they were: a line break in one split the line, an escape sequence in one was acted on by the terminal
+  it("a socket path and files with a line break and an escape sequence in their names: every line recv and send print stays one printable line (child processes)", async () => {
+    const odd = (name: string) => Path.join(dir, `odd\n${name}\x1b[31m`)
+    const socket = odd("s")
+    const out = odd("out")
+    const snapshot = odd("snap")
+    const recv = start(["recv", `unix:${socket}`, "--out", out])
+    await waitForStderr(recv, /listening on/)
+    const sent = await run(["send", `unix:${socket}`, "--in", image])
+    const received = await recv.finished
+    const saved = await run(["send", `file:${snapshot}`, "--in", image])
+    const restored = await run(["recv", `file:${snapshot}`, "--out", out])
+    const shown = (path: string) => path.replace("\n", " ").replace("\x1b", "\\u001b")
+    expect([sent, received, saved, restored].map((r) => r.code)).toEqual([0, 0, 0, 0])
+    expect(lines(received.stderr)).toEqual([
+      `multifd: listening on unix:${shown(socket)}`,
+      expect.stringMatching(/^multifd: received 8\.00 MiB over 2 channels .*, wrote (.*)$/)
+    ])
+    expect(lines(received.stderr)[1]!.endsWith(`, wrote ${shown(out)}`)).toBe(true)
+    expect(lines(restored.stderr)).toHaveLength(1)
+    expect(lines(restored.stderr)[0]!.startsWith(`multifd: restored 8.00 MiB from snapshot ${shown(snapshot)} (saved by 2 writers) `)).toBe(true)
+    expect(lines(restored.stderr)[0]!.endsWith(`, wrote ${shown(out)}`)).toBe(true)
+    for (const result of [sent, received, saved, restored]) {
+      expect(result.stderr).not.toMatch(/[\u0000-\u0009\u000b-\u001f\u007f]/)
+      for (const line of lines(result.stderr)) expect(line).toMatch(/^multifd: /)
+    }
+    expect(Fs.readFileSync(out).equals(Fs.readFileSync(image))).toBe(true)
+  })
+
   // a name longer than DNS allows was looked up all the same: send failed "main channel: tcp:NAME:1: getaddrinfo EINVAL
   // NAME" (exit 1, as a destination that is down, which a script retries), recv "tcp:NAME:0: getaddrinfo EINVAL NAME"
   it("a host name longer than 253 characters is a bad uri: exit 2, one line saying so, before anything listens or connects (child processes)", async () => {

@@ -349,7 +349,7 @@ export const run = (args: Args) =>
           // --timeout also bounds how long a new connection has to prove itself QEMU's (as plain recv)
           timeouts: timeout._tag === "Some" ? { peer: timeout.value, connect: timeout.value, handshake: timeout.value } : {},
           onListening: args.onListening ??
-            ((address) => terminal.err(`multifd: listening on ${Transport.formatAddress(address)}`)),
+            ((address) => terminal.err(Report.listeningLine(address))),
           tls: args.tls,
           onProgress,
           vm: args.vm !== undefined,

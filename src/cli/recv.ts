@@ -18,7 +18,7 @@ import type * as GuestRam from "../GuestRam.js"
 import * as Migration from "../Migration.js"
 import * as MigrationStatus from "../MigrationStatus.js"
 import * as Transport from "../Transport.js"
-import { refuseGiven, UsageError } from "./errors.js"
+import { oneLine, refuseGiven, UsageError } from "./errors.js"
 import * as FromQemu from "./fromQemu.js"
 import * as Image from "./image.js"
 import * as Options from "./options.js"
@@ -29,8 +29,7 @@ import { checkCompression, environment, timeoutsOf, tlsOf, warnUnknownVariables,
 import * as Terminal from "./terminal.js"
 
 /** The line that tells scripts (and tests) where recv listens, printed on stderr as soon as it does. */
-export const listeningLine = (address: Transport.Address): string =>
-  `multifd: listening on ${Transport.formatAddress(address)}`
+export const listeningLine = Report.listeningLine
 
 /** The `recv` subcommand. */
 export const command = Command.make(
@@ -129,11 +128,11 @@ export const command = Command.make(
         Exit.isFailure(exit) && migrationFailed(exit.cause)
           ? Effect.flatMap(image.committed, (stored) =>
             stored
-              ? terminal.err(
+              ? terminal.err(oneLine(
                 `multifd: ${out} holds the verified image: it was stored before the ${
                   Exit.isInterrupted(exit) ? "interruption" : "migration failed"
                 }`
-              )
+              ))
               : Effect.void)
           : Effect.void
       )

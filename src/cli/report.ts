@@ -6,6 +6,8 @@
 import * as Effect from "effect/Effect"
 import type * as Migration from "../Migration.js"
 import type * as MigrationStatus from "../MigrationStatus.js"
+import * as Transport from "../Transport.js"
+import { oneLine } from "./errors.js"
 import * as Terminal from "./terminal.js"
 
 const UNITS = ["B", "KiB", "MiB", "GiB", "TiB"] as const
@@ -93,6 +95,14 @@ export const summary = (result: Result): string => {
 }
 
 /**
+ * `multifd: listening on unix:/run/m.sock`: recv's line once it listens, the address it really has (the port picked
+ * for port 0), on one printable line as every message (`oneLine`): a path with a line break or an escape sequence
+ * in it was printed as it was, on two lines or acted on by the terminal (and `listening on (\S+)$` no longer read it).
+ */
+export const listeningLine = (address: Transport.Address): string =>
+  oneLine(`multifd: listening on ${Transport.formatAddress(address)}`)
+
+/**
  * Reports a finished command: the JSON object on stdout with `--json` (an `OutputError` if stdout does not take
  * it: the script waiting for it would get nothing), else the summary on stderr unless `--quiet`.
  */
@@ -104,4 +114,6 @@ export const print = (
     ? Terminal.out(JSON.stringify(toJson(result)), "the --json result")
     : reporting.quiet
     ? Effect.void
-    : Terminal.err(summary(result))
+    // one printable line, as every message: the files it names are the user's (a line break in --out split it, an
+    // escape sequence there was acted on by the terminal)
+    : Terminal.err(oneLine(summary(result)))
