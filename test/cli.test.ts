@@ -1528,6 +1528,33 @@ describe("observability and configuration", () => {
     })
   })
 
+  // recv --from-qemu and send --to-qemu read none of the settings without a flag: MULTIFD_ACCEPT_TIMEOUT=1s left recv
+  // --from-qemu waiting for QEMU for ever (a script's bound on it ignored), and a bad value went unnoticed
+  it("recv --from-qemu and send --to-qemu take the settings without a flag from the environment, as plain recv and send do", async () => {
+    const out = Path.join(dir, "qemu-env.out")
+    const waited = await run(["recv", "tcp:127.0.0.1:0", "--from-qemu", "--channels", "2", "--out", out, "--json"], {
+      env: { MULTIFD_ACCEPT_TIMEOUT: "1s" }
+    })
+    expect({ code: waited.code, stderr: lines(waited.stderr).slice(1), stdout: JSON.parse(waited.stdout) }).toEqual({
+      code: 1,
+      stderr: ["multifd: error: timed out after 1s waiting for QEMU to connect"],
+      stdout: { error: { tag: "MigrationError", reason: "Timeout", message: "timed out after 1s waiting for QEMU to connect" } }
+    })
+    const bad = `"soon" is not a positive duration like 30s, 500ms, 2m or 1h`
+    const cases: ReadonlyArray<readonly [Record<string, string>, ReadonlyArray<string>, string]> = [
+      [{ MULTIFD_ACCEPT_TIMEOUT: "soon" }, ["recv", "tcp:127.0.0.1:0", "--from-qemu", "--channels", "2", "--out", out], `MULTIFD_ACCEPT_TIMEOUT: ${bad}`],
+      [{ MULTIFD_TIMEOUT: "soon" }, ["recv", "tcp:127.0.0.1:0", "--from-qemu", "--channels", "2", "--out", out], `MULTIFD_TIMEOUT: ${bad}`],
+      [{ MULTIFD_CONNECT_TIMEOUT: "soon" }, ["send", "tcp:127.0.0.1:1", "--to-qemu", "--vm", Path.join(dir, "missing.vm"), "--channels", "2"], `MULTIFD_CONNECT_TIMEOUT: ${bad}`]
+    ]
+    const results = await Promise.all(cases.map(([env, args]) => run(args, { env })))
+    results.forEach((result, i) => {
+      const [env, , line] = cases[i]!
+      // before anything listens
+      expect({ env, code: result.code, stderr: lines(result.stderr) }).toEqual({ env, code: 2, stderr: [`multifd: error: ${line}`] })
+    })
+    expect(filesLike("qemu-env.out")).toEqual([])
+  })
+
   it("MULTIFD_* variables that do not apply are ignored where the flag is refused (send --to-qemu, file:)", async () => {
     // the VM file's own failure, not --page-size or --zero-page
     const vm = Path.join(dir, "missing.vm")

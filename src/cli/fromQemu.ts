@@ -30,6 +30,7 @@ import * as Path from "node:path"
 import type * as GuestRam from "../GuestRam.js"
 import * as FileIo from "../internal/native/fileIo.js"
 import * as MappedRam from "../MappedRam.js"
+import * as MigrationConfig from "../MigrationConfig.js"
 import * as Protocol from "../Protocol.js"
 import * as QemuIncoming from "../QemuIncoming.js"
 import * as QemuVm from "../QemuVm.js"
@@ -40,6 +41,7 @@ import * as Image from "./image.js"
 import type * as Options from "./options.js"
 import * as Progress from "./progress.js"
 import * as Report from "./report.js"
+import { environment } from "./settings.js"
 import * as Terminal from "./terminal.js"
 
 /** What `recv --from-qemu` is asked to do. */
@@ -341,13 +343,19 @@ export const run = (args: Args) =>
       })
       : yield* Effect.scoped(Effect.gen(function*() {
         const onProgress = yield* Progress.make("recv", args.reporting)
+        // the settings without a flag from the environment, as plain recv has them (MULTIFD_ACCEPT_TIMEOUT,
+        // MULTIFD_MAX_RAM, MULTIFD_TIMEOUT...): ignored here, a script's MULTIFD_ACCEPT_TIMEOUT=1m waited for QEMU for
+        // ever, and a bad value went unnoticed
+        const settings = yield* MigrationConfig.MigrationConfig
         const incoming = yield* QemuIncoming.listenAndReceive(uri, {
           channels: args.channels,
           compression: args.compression,
           pageSize: args.pageSize,
           uuid: args.uuid,
           // --timeout also bounds how long a new connection has to prove itself QEMU's (as plain recv)
-          timeouts: timeout._tag === "Some" ? { peer: timeout.value, connect: timeout.value, handshake: timeout.value } : {},
+          timeouts: timeout._tag === "Some"
+            ? { peer: timeout.value, connect: timeout.value, handshake: timeout.value }
+            : settings.timeouts ?? {},
           onListening: args.onListening ??
             ((address) => terminal.err(Report.listeningLine(address))),
           tls: args.tls,
@@ -367,10 +375,12 @@ export const run = (args: Args) =>
               : Image.beyondFileSizeLimit(args.vm!, bytes, "the VM's file")
           },
           // written before QEMU is told that this side has the VM: a full disk then fails QEMU's migration too
-          persist: ({ ram, vm }) => persist(ram, vm)
+          persist: ({ ram, vm }) => persist(ram, vm),
+          acceptTimeout: settings.acceptTimeout,
+          maxRamBytes: settings.maxRamBytes
         })
         return { incoming, vm: incoming.vm }
-      })).pipe(Effect.provide(Transport.layer))
+      })).pipe(Effect.provide([Transport.layer, environment(args.timing)]))
     const { ram, stats } = received.incoming
     yield* Report.print(
       {

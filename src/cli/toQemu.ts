@@ -11,8 +11,10 @@
  * @since 0.1.0
  */
 import * as Effect from "effect/Effect"
+import * as Option from "effect/Option"
 import * as Bandwidth from "../Bandwidth.js"
 import * as MappedRam from "../MappedRam.js"
+import * as MigrationConfig from "../MigrationConfig.js"
 import type * as Protocol from "../Protocol.js"
 import * as QemuOutgoing from "../QemuOutgoing.js"
 import type * as Tls from "../Tls.js"
@@ -21,7 +23,7 @@ import { UsageError } from "./errors.js"
 import type * as Options from "./options.js"
 import * as Progress from "./progress.js"
 import * as Report from "./report.js"
-import { channelThreads, timeoutsOf } from "./settings.js"
+import { channelThreads, environment, timeoutsOf } from "./settings.js"
 
 /** What `send --to-qemu` is asked to do. */
 export interface Args {
@@ -70,11 +72,15 @@ export const run = (args: Args) =>
         maxBandwidth,
         uuid: args.uuid,
         upgrade: args.tls?.client(uri._tag === "Tcp" ? uri.host : undefined),
-        timeouts: timeoutsOf(args.timing),
+        // without --timeout, MULTIFD_TIMEOUT, MULTIFD_CONNECT_TIMEOUT and MULTIFD_HANDSHAKE_TIMEOUT, as plain send
+        // has them (they were ignored here, a bad one unnoticed)
+        timeouts: Option.isSome(args.timing.timeout)
+          ? timeoutsOf(args.timing)
+          : (yield* MigrationConfig.MigrationConfig).timeouts ?? {},
         onProgress
       })
       return { stats, vm }
-    })).pipe(Effect.provide([Transport.layer, channelThreads(uri, args.compression)]))
+    })).pipe(Effect.provide([Transport.layer, environment(args.timing), channelThreads(uri, args.compression)]))
     yield* Report.print({ role: "send", input: args.vm, pageSize: vm.ram.pageSize, stats }, args.reporting)
     return stats
   })
