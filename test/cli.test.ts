@@ -879,6 +879,48 @@ describe("multifd failures", () => {
     expect(Fs.readFileSync(out).equals(Fs.readFileSync(image))).toBe(true)
   })
 
+  // Node decodes the command line as UTF-8, a byte that is no character read as U+FFFD: send file:$'\xfe.snap' saved
+  // the snapshot as \uFFFD.snap, said so and exited 0, the file asked for never made; --in said "no such file" of a file
+  // that was there
+  it("a name that is not valid UTF-8 is refused (exit 2, one line naming it), nothing written; a real U+FFFD in a name is taken (child processes)", async () => {
+    const snapshots = () => Fs.readdirSync(dir).filter((name) => name.endsWith(".latin1.snap"))
+    const shell = (line: string) =>
+      new Promise<{ readonly code: number | null; readonly stdout: string; readonly stderr: string }>((resolve) => {
+        const child = ChildProcess.spawn("bash", ["-c", line], {
+          env: { ...process.env, NODE: process.execPath, BUNDLE: inject("cliBundle"), DIR: dir, IMAGE: image }
+        })
+        let stdout = ""
+        let stderr = ""
+        child.stdout.setEncoding("utf8").on("data", (t: string) => (stdout += t))
+        child.stderr.setEncoding("utf8").on("data", (t: string) => (stderr += t))
+        const timer = setTimeout(() => child.kill("SIGKILL"), 20_000)
+        child.once("close", (code) => {
+          clearTimeout(timer)
+          resolve({ code, stdout, stderr })
+        })
+      })
+    const refusal = "not valid UTF-8 (each byte shown as \uFFFD is not a character): it would name another file than the one " +
+      "meant; give the name in UTF-8 (rename the file, or reach it through a link)"
+    const saved = await shell(`exec "$NODE" "$BUNDLE" send "file:$DIR/"$'\\xfe'".latin1.snap" --in "$IMAGE" --json`)
+    const message = `file:${dir}/\uFFFD.latin1.snap: ${refusal}`
+    expect({ code: saved.code, stderr: lines(saved.stderr), stdout: JSON.parse(saved.stdout) }).toEqual({
+      code: 2,
+      stderr: [`multifd: error: ${message}`],
+      stdout: { error: { tag: "UsageError", reason: "UsageError", message } }
+    })
+    expect(snapshots()).toEqual([])
+    Fs.copyFileSync(image, Buffer.from(Path.join(dir, "\xff.latin1.raw"), "latin1"))
+    const read = await shell(`exec "$NODE" "$BUNDLE" send "file:$DIR/x.latin1.snap" --in "$DIR/"$'\\xff'".latin1.raw"`)
+    expect({ code: read.code, stderr: lines(read.stderr) }).toEqual({ code: 2, stderr: [`multifd: error: --in ${dir}/\uFFFD.latin1.raw: ${refusal}`] })
+    expect(snapshots()).toEqual([])
+    // U+FFFD itself, in UTF-8: a name like any other
+    const replacement = Path.join(dir, "\uFFFD.latin1.raw")
+    Fs.copyFileSync(image, replacement)
+    const taken = await run(["send", `file:${Path.join(dir, "\uFFFD.latin1.snap")}`, "--in", replacement, "--quiet"])
+    expect({ code: taken.code, stderr: taken.stderr }).toEqual({ code: 0, stderr: "" })
+    expect(snapshots()).toEqual(["\uFFFD.latin1.snap"])
+  })
+
   // a name longer than DNS allows was looked up all the same: send failed "main channel: tcp:NAME:1: getaddrinfo EINVAL
   // NAME" (exit 1, as a destination that is down, which a script retries), recv "tcp:NAME:0: getaddrinfo EINVAL NAME"
   it("a host name longer than 253 characters is a bad uri: exit 2, one line saying so, before anything listens or connects (child processes)", async () => {

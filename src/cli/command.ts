@@ -14,6 +14,7 @@ import * as FileSystem from "@effect/platform/FileSystem"
 import * as Effect from "effect/Effect"
 import * as Either from "effect/Either"
 import * as Option from "effect/Option"
+import * as FsSync from "node:fs"
 import { ExitCode, type Flags, oneLine, toExitCode, UsageError, wantsJson } from "./errors.js"
 import * as Help from "./help.js"
 import * as Log from "./log.js"
@@ -194,6 +195,44 @@ const notACommand = (args: ReadonlyArray<string>): string | undefined => {
   return `unknown command ${named}${closest === undefined ? "" : ` (did you mean ${closest}?)`}: the commands are send and recv`
 }
 
+/**
+ * The arguments as the system gave them, byte for byte (`/proc/self/cmdline`, where there is one), for
+ * `notUtf8`: Node decodes the command line as UTF-8, each byte that is not a character read as U+FFFD.
+ */
+const rawArguments = (): ReadonlySet<string> | undefined => {
+  try {
+    const bytes = FsSync.readFileSync("/proc/self/cmdline")
+    const out = new Set<string>()
+    let start = 0
+    for (let i = 0; i < bytes.length; i++) {
+      if (bytes[i] !== 0) continue
+      out.add(bytes.subarray(start, i).toString("hex"))
+      start = i + 1
+    }
+    return out
+  } catch {
+    return undefined
+  }
+}
+
+/**
+ * Why an argument cannot be used as given, if one cannot: a name that is not valid UTF-8 (a file made on a system
+ * in Latin-1, a byte of a broken copy) reaches the command with U+FFFD in place of each bad byte, and so names
+ * another file: `send file:$'\xfe.snap'` saved the snapshot as `\uFFFD.snap`, reported success naming that, and
+ * left the file asked for absent; `--in` said "no such file" of a file that is there. A U+FFFD the command line
+ * really holds (its UTF-8 bytes, `/proc/self/cmdline` says) is taken.
+ */
+const notUtf8 = (args: ReadonlyArray<string>): string | undefined => {
+  const suspect = args.findIndex((arg) => arg.includes("\uFFFD"))
+  if (suspect < 0) return undefined
+  const raw = rawArguments()
+  const at = args.findIndex((arg) => arg.includes("\uFFFD") && raw?.has(Buffer.from(arg, "utf8").toString("hex")) !== true)
+  if (at < 0) return undefined
+  const flag = at > 0 && /^--?[A-Za-z][\w-]*$/.test(args[at - 1]!) ? `${args[at - 1]} ` : ""
+  return `${flag}${oneLine(args[at]!)}: not valid UTF-8 (each byte shown as \uFFFD is not a character): it would name ` +
+    "another file than the one meant; give the name in UTF-8 (rename the file, or reach it through a link)"
+}
+
 /** The values @effect/cli reads as a switch's true or false (`--json=yes`, `--quiet=0`), as it spells them. */
 const SWITCH_VALUES = ["true", "false", "yes", "no", "on", "off", "y", "n", "1", "0"]
 
@@ -309,6 +348,8 @@ export const main = (argv: ReadonlyArray<string>) =>
     if (args.some((arg) => arg === WIZARD || arg.startsWith(`${WIZARD}=`))) {
       return yield* toExitCode(reporting)(new UsageError({ detail: `unknown flag ${WIZARD}` }))
     }
+    const encoding = notUtf8(args)
+    if (encoding !== undefined) return yield* toExitCode(reporting)(new UsageError({ detail: encoding }))
     const switchValue = badSwitchValue(args)
     if (switchValue !== undefined) return yield* toExitCode(reporting)(new UsageError({ detail: switchValue }))
     const noCommand = notACommand(args)
