@@ -84,7 +84,14 @@ export class Hello extends Schema.TaggedClass<Hello>()("Hello", {
    * packets for long while the others have finished the round. Absent: a channel quiet between packets while
    * another waits at the round's sync has a path that went silent (with `reconnectMs`, it is re-attached).
    */
-  paced: Schema.optional(Schema.Boolean)
+  paced: Schema.optional(Schema.Boolean),
+  /**
+   * The source ends a migration it succeeded at with `Bye` (it heard Done and ended its channels) before it ends
+   * the main channel: the destination succeeds only once `Bye` came, not on the main channel's end alone, which a
+   * broken path delivers too (a tunnel or proxy ends a connection gracefully when its other side broke). Absent
+   * (an older source): the end after Done is the source's.
+   */
+  bye: Schema.optional(Schema.Boolean)
 }) {}
 
 /**
@@ -182,6 +189,15 @@ export class Storing extends Schema.TaggedClass<Storing>()("Storing", {}) {}
 export class Done extends Schema.TaggedClass<Done>()("Done", {}) {}
 
 /**
+ * Source → destination, the last message of a migration: the source heard `Done`, ended its multifd channels and
+ * reports success; the main channel's end follows. Only a hello with `bye` promises it.
+ *
+ * @since 0.1.0
+ * @category schemas
+ */
+export class Bye extends Schema.TaggedClass<Bye>()("Bye", {}) {}
+
+/**
  * Either way: the sender gives up, with the reason. `step: "store"` (destination → source): the memory
  * arrived and verified, but the destination could not store it (it is not durably in place).
  *
@@ -247,6 +263,7 @@ export const Message = Schema.Union(
   Complete,
   Storing,
   Done,
+  Bye,
   Abort,
   Reattach,
   Reattached,
@@ -266,7 +283,7 @@ const encodeJson = Schema.encodeSync(Schema.parseJson(Message))
 /** One decoder per message tag: a bad message is described by its own schema, not by the whole union's. */
 const decoders: Readonly<Record<string, (u: unknown) => Either.Either<Message, ParseResult.ParseError>>> = Object
   .fromEntries(
-    [Hello, Accept, Reject, Flush, FlushAck, Receiving, Hashing, Complete, Storing, Done, Abort, Reattach, Reattached, Lost].map((
+    [Hello, Accept, Reject, Flush, FlushAck, Receiving, Hashing, Complete, Storing, Done, Bye, Abort, Reattach, Reattached, Lost].map((
       schema
     ) => [
       schema._tag,

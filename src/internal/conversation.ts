@@ -36,25 +36,37 @@ export const INBOX = 64
 
 /**
  * Raises the control channel's messages as a queue (of `INBOX` at most: the reader waits while it is full); the
- * reader fails on an abort, EOF or garbage — except a close once `endAllowed` says the conversation is over,
- * where it just stops.
+ * reader fails on an abort, EOF or garbage — except a close once `endAllowed` says the conversation is over (it is
+ * given the last message that came before the close), where it just stops; `notAllowed` then says why a close that
+ * came too soon is a failure, if it says anything.
  */
 export const reader = (
   connection: Transport.Connection,
   peer: string,
-  endAllowed: Effect.Effect<boolean> = Effect.succeed(false)
+  endAllowed: (last: Control.Message | undefined) => Effect.Effect<boolean> = () => Effect.succeed(false),
+  notAllowed: (
+    last: Control.Message | undefined,
+    error: Transport.TransportError
+  ) => Effect.Effect<MigrationError.MigrationError | undefined> = () => Effect.succeed(undefined)
 ): Effect.Effect<Reader, never, Scope.Scope> =>
   Effect.gen(function*() {
     const inbox = yield* Queue.bounded<Control.Message>(INBOX)
+    let last: Control.Message | undefined
     const fiber = yield* Effect.forkScoped(Effect.gen(function*() {
       while (true) {
         const message = yield* Control.receive(connection).pipe(
           Effect.catchIf(
             (error) => error._tag === "TransportError" && error.reason === "Closed",
-            (error) => Effect.flatMap(endAllowed, (allowed) => (allowed ? Effect.succeed(undefined) : Effect.fail(error)))
+            (error) =>
+              Effect.flatMap(endAllowed(last), (allowed) =>
+                allowed ? Effect.succeed(undefined) : Effect.flatMap(
+                  notAllowed(last, error as Transport.TransportError),
+                  (why): Effect.Effect<never, ReaderFailure> => Effect.fail(why ?? error)
+                ))
           )
         )
         if (message === undefined) return
+        last = message
         if (message._tag === "Abort") {
           return yield* new MigrationError.MigrationError({
             reason: "Aborted",

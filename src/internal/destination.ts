@@ -431,10 +431,23 @@ export const run = <E>(listener: Transport.Listener, settings: Settings<E>): Eff
     // once Done is sent the source ends its main channel, and that end may be seen before the channels' ends:
     // it is no failure then (an Abort still is), and the reader just stops
     const doneSent = yield* Deferred.make<void>()
+    // and a source that says Bye (its hello says so) ends it only after Bye: an end without it came from a path
+    // that broke (a tunnel or proxy ends a connection gracefully when its other side broke, Done perhaps lost on
+    // the way), and the source may not have heard Done: it may resume its guest, and this copy is not the result
+    const byeDue = hello.bye === true
     const { closed: controlClosed, failure: controlFailure, inbox: received } = yield* Conversation.reader(
       ctl,
       "source",
-      Deferred.isDone(doneSent)
+      (last) => Effect.map(Deferred.isDone(doneSent), (done) => done && (!byeDue || last?._tag === "Bye")),
+      (last, error) =>
+        Effect.map(Deferred.isDone(doneSent), (done) =>
+          done && byeDue && last?._tag !== "Bye"
+            ? new MigrationError.MigrationError({
+              reason: "ChannelClosed",
+              detail: `main channel: ${error.message}, after Done and before the source said it heard Done (Bye): ` +
+                "the source may not have, and may go on with its memory"
+            })
+            : undefined)
     )
     // a write waits only while the source reads: a source that reads nothing more (its buffers and this side's
     // full: a source sending flush after flush, or Reattach after Reattach, without reading the answers) is silent

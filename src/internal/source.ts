@@ -94,7 +94,7 @@ export const run = (
     const { failure: readerFailure, inbox: received } = yield* Conversation.reader(
       control,
       "destination",
-      Deferred.isDone(doneReceived)
+      () => Deferred.isDone(doneReceived)
     )
     // the destination's word that a lost channel may re-attach goes to that channel; the rest in order (bounded
     // as the reader's: a peer that floods is held back by its socket, not kept)
@@ -200,7 +200,10 @@ export const run = (
           blocks: GuestRam.layoutOf(ram),
           ...(reconnecting ? { reconnectMs: withinMs } : {}),
           ...(settings.maxBandwidth === undefined ? {} : { paced: true }),
-          heartbeats: true
+          heartbeats: true,
+          // this side says Bye once it heard Done and ended its channels: the destination succeeds on that, not on
+          // the main channel's end alone (which a broken path delivers too)
+          bye: true
         })
       )
       const answer = yield* next(
@@ -293,8 +296,12 @@ export const run = (
         yield* Effect.raceFirst(send.finish, send.failure).pipe(
           within(timeouts.peer, "waiting for the multifd channels to send their last bytes and close")
         )
-        // (a destination that already closed the main channel, after Done, has all it needs)
-        const end = Effect.catchIf(control.end, (error) => error.reason === "Closed", () => Effect.void)
+        // Bye, then the end (a destination that already closed the main channel, after Done, has all it needs)
+        const end = Effect.catchIf(
+          Effect.zipRight(Control.send(control, new Control.Bye()), control.end),
+          (error) => error.reason === "Closed",
+          () => Effect.void
+        )
         yield* Effect.mapError(end, MigrationError.onChannel("main")).pipe(
           within(timeouts.peer, "waiting for the main channel to send its last bytes and close")
         )

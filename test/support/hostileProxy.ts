@@ -1,0 +1,149 @@
+/**
+ * A TCP proxy on loopback that a test drives chunk by chunk: every connection is forwarded to `target`, told
+ * apart by its first bytes (`main`: the control magic; a multifd channel's id, read off its init packet, with
+ * whether the init packet carries a nonce: a re-attaching connection), and `onChunk` decides, for each chunk
+ * either way, what the proxy does with it: forward it (the default), hold it back, or break the connection
+ * there (`reset`: RST both ways; `fin`: end both ways; either after forwarding the first `keep` bytes of the
+ * chunk). Held chunks go on with `release`. The connections can also be broken from outside (`breakAll`). Scoped:
+ * closing the scope destroys every socket, then the server.
+ */
+import * as Effect from "effect/Effect"
+import * as Net from "node:net"
+import * as Control from "../../src/Control.js"
+import * as Protocol from "../../src/Protocol.js"
+import type * as Transport from "../../src/Transport.js"
+import { loopbackServer } from "./tcpServer.js"
+
+export type Role = "main" | number | "other"
+
+/** One proxied connection. */
+export interface Link {
+  readonly index: number
+  /** Known once the first bytes came (`undefined` before). */
+  role: Role | undefined
+  /** A multifd init packet with a nonce (a re-attaching connection). */
+  reattaching: boolean
+  /** Bytes forwarded from the client (up) and from the server (down). */
+  up: number
+  down: number
+  broken: boolean
+  readonly client: Net.Socket
+  readonly upstream: Net.Socket
+  /** Breaks the connection now: RST (`reset`) or FIN (`fin`) both ways. */
+  readonly breakNow: (how: "reset" | "fin") => void
+}
+
+/** What to do with a chunk. */
+export type Verdict =
+  | undefined
+  | { readonly _tag: "Forward" }
+  | { readonly _tag: "Hold" }
+  | { readonly _tag: "Break"; readonly how: "reset" | "fin"; readonly keep?: number | undefined }
+
+export interface HostileProxy {
+  readonly address: Transport.Address
+  readonly links: ReadonlyArray<Link>
+  /** Forwards every held chunk (in order) and lets the held connections go on. */
+  readonly release: () => void
+}
+
+export const hostileProxy = (
+  target: Transport.Address,
+  onChunk: (link: Link, direction: "up" | "down", chunk: Buffer, links: ReadonlyArray<Link>) => Verdict
+) =>
+  Effect.gen(function*() {
+    const links: Array<Link> = []
+    const held: Array<() => void> = []
+    // a chunk released after a hold is not judged again
+    const released = new WeakSet<Buffer>()
+    const port = target._tag === "Tcp" ? target.port : 0
+    const { address } = yield* loopbackServer((client, track) => {
+      const upstream = Net.connect({ host: "127.0.0.1", port })
+      track(upstream)
+      let head = Buffer.alloc(0)
+      const link: Link = {
+        index: links.length,
+        role: undefined,
+        reattaching: false,
+        up: 0,
+        down: 0,
+        broken: false,
+        client,
+        upstream,
+        breakNow: (how) => {
+          if (link.broken) return
+          link.broken = true
+          if (how === "reset") {
+            client.resetAndDestroy()
+            upstream.resetAndDestroy()
+          } else {
+            client.end()
+            upstream.end()
+            client.destroySoon()
+            upstream.destroySoon()
+          }
+        }
+      }
+      links.push(link)
+      // chunks of each direction are handled in order, one held chunk holding the ones after it
+      const queues = { up: [] as Array<Buffer>, down: [] as Array<Buffer> }
+      const holding = { up: false, down: false }
+      const pump = (direction: "up" | "down") => {
+        const to = direction === "up" ? upstream : client
+        while (!holding[direction] && queues[direction].length > 0 && !link.broken) {
+          const chunk = queues[direction][0]!
+          if (direction === "up" && link.role === undefined) {
+            head = Buffer.concat([head, chunk.subarray(0, 64)])
+            if (head.length >= 4) {
+              const magic = head.readUInt32BE(0)
+              if (magic === Control.MAGIC) link.role = "main"
+              else if (magic !== Protocol.MAGIC) link.role = "other"
+              else if (head.length >= 64) {
+                link.role = head[24]!
+                link.reattaching = head.subarray(32, 48).some((b) => b !== 0)
+              }
+            }
+          }
+          const verdict = released.has(chunk) ? undefined : onChunk(link, direction, chunk, links)
+          if (verdict?._tag === "Hold") {
+            holding[direction] = true
+            held.push(() => {
+              holding[direction] = false
+              released.add(chunk)
+              pump(direction)
+            })
+            return
+          }
+          queues[direction].shift()
+          if (verdict?._tag === "Break") {
+            const keep = verdict.keep ?? 0
+            if (keep > 0) to.write(chunk.subarray(0, keep), () => link.breakNow(verdict.how))
+            else link.breakNow(verdict.how)
+            return
+          }
+          if (direction === "up") link.up += chunk.length
+          else link.down += chunk.length
+          to.write(chunk)
+        }
+      }
+      client.on("data", (chunk: Buffer) => {
+        queues.up.push(chunk)
+        pump("up")
+      })
+      upstream.on("data", (chunk: Buffer) => {
+        queues.down.push(chunk)
+        pump("down")
+      })
+      client.on("end", () => link.broken || upstream.end())
+      upstream.on("end", () => link.broken || client.end())
+      client.on("close", () => upstream.destroy())
+      upstream.on("close", () => client.destroy())
+    })
+    return {
+      address,
+      links,
+      release: () => {
+        for (const go of held.splice(0)) go()
+      }
+    } satisfies HostileProxy
+  })
