@@ -170,6 +170,11 @@ export class MultifdRecv extends Context.Tag("effect-multifd/MultifdRecv")<Multi
   /** The channels that are inside a packet now (part of it arrived), for messages about a stall. */
   readonly unfinished: Effect.Effect<ReadonlyArray<Unfinished>>
   /**
+   * The channels whose connection was lost and that have no new one yet (waiting for it to re-attach), in order,
+   * for messages about a wait: such a channel was adopted, and counts in `Stats.channels`, but carries nothing.
+   */
+  readonly lost: Effect.Effect<ReadonlyArray<number>>
+  /**
    * The control channel announced that `channel` re-attaches with `nonce`: stops and awaits the channel's
    * current connection's worker (what it was inside of is dropped), and lets one connection whose init packet
    * carries `nonce` take its place. Yields the SYNC packets of the channel received so far, and an effect that
@@ -265,6 +270,8 @@ export const make = (config: Config): Effect.Effect<MultifdRecv["Type"], never, 
     // the channels counted as adopted
     const replaced = new Set<number>()
     const counted = new Set<number>()
+    // channels whose connection was lost (or announced to re-attach) and not replaced yet
+    const lostNow = new Set<number>()
     // workers stopped for a re-attaching connection (their end is no failure)
     const stopped = new WeakSet<Fiber.RuntimeFiber<void, ChannelFailure>>()
     // counters, updated in synchronous steps (one thread): no Ref round trip per packet
@@ -664,6 +671,7 @@ export const make = (config: Config): Effect.Effect<MultifdRecv["Type"], never, 
           // the lost connection's worker is stopped before this one reads anything
           yield* stop(id)
           reattached++
+          lostNow.delete(id)
         }
         const state: ChannelState = { id, connection, consumed: Protocol.INIT_PACKET_SIZE, atSync: false }
         const watched = stallTimeout === undefined
@@ -681,6 +689,7 @@ export const make = (config: Config): Effect.Effect<MultifdRecv["Type"], never, 
             Effect.flatMap(Deferred.isDone(ending), (ended) =>
               ended ? Effect.logWarning(`channel ${id}: connection lost (${error.message}) after the last round: it has ended`) : Effect.gen(function*() {
                 yield* Effect.logWarning(`channel ${id}: connection lost (${error.message}); waiting for it to re-attach`)
+                lostNow.add(id)
                 // the source may have nothing to write, and not notice
                 if (config.onLost !== undefined) yield* config.onLost(id, nonce)
                 yield* Effect.sleep(reconnect)
@@ -733,6 +742,7 @@ export const make = (config: Config): Effect.Effect<MultifdRecv["Type"], never, 
         if (superseded !== undefined) yield* Deferred.succeed(superseded.adopted, undefined)
         pending.set(channel, { nonce: Buffer.from(nonce), adopted })
         replaced.add(channel)
+        lostNow.add(channel)
         yield* stop(channel)
         yield* Effect.logInfo(`channel ${channel}: re-attaching after ${syncsSeen[channel]} sync packets`)
         return { syncs: syncsSeen[channel]!, adopted: Deferred.await(adopted) }
@@ -772,7 +782,8 @@ export const make = (config: Config): Effect.Effect<MultifdRecv["Type"], never, 
         Array.from(states, (state) => ({ channel: state.id, bytes: unfinishedBytes(state) }))
           .filter((u) => u.bytes > 0)
           .sort((a, b) => a.channel - b.channel)
-      )
+      ),
+      lost: Effect.sync(() => [...lostNow].sort((a, b) => a - b))
     }
   })
 

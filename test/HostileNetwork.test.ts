@@ -7,18 +7,26 @@
  *   other side of a connection breaks: ssh -L, socat, a port-forward end the far side with a FIN): the source,
  *   which never heard Done, fails; the destination must not succeed then (the source's user resumes the guest
  *   there), which it did when it took that end for the source's own.
+ * - a channel announced to re-attach whose new connection never comes (a fake source, TestClock): the
+ *   destination's wait for the round's sync times out naming that channel as lost — it said "2 of 2 multifd
+ *   channels connected", counting the channel it had lost.
  *
  * Real loopback TCP; nothing waits on a timer (`noHang` turns a hang into a failure).
  */
 import { describe, expect, it } from "@effect/vitest"
 import * as Effect from "effect/Effect"
+import * as Option from "effect/Option"
+import * as TestClock from "effect/TestClock"
 import * as Exit from "effect/Exit"
 import * as Fiber from "effect/Fiber"
 import * as Logger from "effect/Logger"
 import * as Crypto from "node:crypto"
+import * as Control from "../src/Control.js"
 import * as GuestRam from "../src/GuestRam.js"
 import * as Migration from "../src/Migration.js"
 import * as Transport from "../src/Transport.js"
+import { advanceUntil } from "./support/clock.js"
+import { fakeSource, ramPacket, randomPage, syncPacket } from "./support/fakeSource.js"
 import { expectOneLine, failureOf } from "./support/failures.js"
 import { noHang } from "./support/guards.js"
 import { leakFree } from "./support/handles.js"
@@ -93,4 +101,49 @@ describe("the main channel cut while Done is on its way", () => {
       if (Exit.isFailure(received)) throw new Error(`the destination failed: ${failureOf(received).message}`)
       expect(sameMemory(received.value.ram, ram)).toBe(true)
     })))
+})
+
+describe("a lost channel whose new connection never comes (a fake source, TestClock)", () => {
+  const FAKE_TIMEOUTS = { connect: "2 seconds", handshake: "2 seconds", peer: "2 seconds" } as const
+
+  it.effect("the wait for the round's sync times out naming the lost channel, not counting it as connected", () =>
+    leakFree(Effect.scoped(Effect.gen(function*() {
+      const listener = yield* Transport.listen(tcp0)
+      const destination = yield* Effect.forkScoped(
+        Migration.incoming(listener, { timeouts: FAKE_TIMEOUTS }).pipe(Effect.provide(Logger.remove(Logger.defaultLogger)))
+      )
+      const source = yield* fakeSource(listener.address, 2, "none", true, { reconnectMs: 10_000 })
+      const answer = (tag: Control.Message["_tag"]) =>
+        Effect.gen(function*() {
+          while ((yield* Control.receive(source.control))._tag !== tag) {
+            // (heartbeats)
+          }
+        })
+      const c0 = yield* source.channel(0)
+      const c1 = yield* source.channel(1)
+      // round 0 on both channels: both adopted
+      yield* c0.write([syncPacket()])
+      yield* c1.write([syncPacket()])
+      yield* source.control.write([Control.encode(new Control.Flush({ round: 0, final: false }))])
+      yield* answer("FlushAck")
+      // round 1: channel 1 re-attaches, and its new connection never comes; channel 0 at the barrier
+      yield* c1.write(ramPacket([{ offset: 0, bytes: randomPage() }]))
+      yield* source.control.write([
+        Control.encode(new Control.Reattach({ channel: 1, nonce: Crypto.randomBytes(16).toString("hex") }))
+      ])
+      yield* answer("Reattached")
+      yield* c0.write([syncPacket()])
+      yield* source.control.write([Control.encode(new Control.Flush({ round: 1, final: false }))])
+      const t0 = yield* TestClock.currentTimeMillis
+      yield* advanceUntil(Effect.map(Fiber.poll(destination), Option.isSome), "the destination's end")
+      const error = failureOf(yield* Fiber.await(destination))
+      expectOneLine(error)
+      expect(error).toMatchObject({ _tag: "MigrationError", reason: "Timeout" })
+      expect(error.message).toBe(
+        "timed out after 2s waiting for every multifd channel to reach the sync point " +
+          "(1 of 2 multifd channels connected; lost, not re-attached: multifd channel 1)"
+      )
+      // the peer timeout, not the re-attach window (10 s and a handshake)
+      expect((yield* TestClock.currentTimeMillis) - t0).toBeLessThanOrEqual(2_600)
+    }))))
 })

@@ -572,7 +572,12 @@ export const run = <E>(listener: Transport.Listener, settings: Settings<E>): Eff
       const describeMissing = Effect.gen(function*() {
         const s = yield* recv.stats
         const turnedAway = yield* acceptor.rejected
-        return `${s.channels} of ${hello.channels} multifd channels connected` +
+        // a lost channel was adopted (counted) but is not connected: it waits for its new connection
+        const lost = yield* recv.lost
+        return `${s.channels - lost.length} of ${hello.channels} multifd channels connected` +
+          (lost.length > 0
+            ? `; lost, not re-attached: ${lost.map((channel) => `multifd channel ${channel}`).join(", ")}`
+            : "") +
           (turnedAway.length > 0 ? `; rejected: ${turnedAway.join("; ")}` : "")
       })
 
