@@ -357,7 +357,10 @@ export const make = (
         let tries = 0
         // the round acknowledged when the channel was lost: a loss ends once a later round is (its budget with it)
         let lostInRound = 0
+        // whether the last attempt's connection was established (a re-attach that came through)
+        let established = false
         const enter = Effect.gen(function*() {
+          established = true
           if (lostAt !== undefined) {
             reconnects++
             yield* Effect.logInfo(`channel ${id}: re-attached (attempt ${tries}), resending ${journal.replay.length} jobs`)
@@ -386,12 +389,20 @@ export const make = (
             !recoverable(error.value)
           ) return yield* exit
           const now = yield* Clock.currentTimeMillis
-          if (lostAt === undefined || lostInRound !== acknowledgedRounds) {
+          // a new loss: the first, one in a later round, or a re-attached connection (established) that breaks later
+          // than `within` after the loss began: the channel had come back, and this break is another one, with
+          // attempts of its own (it was counted in the earlier one's window, run out by then: a long round failed at
+          // its second break, its attempts unused)
+          const windowMs = Duration.toMillis(Duration.decode(reconnect.within))
+          if (
+            lostAt === undefined || lostInRound !== acknowledgedRounds || (established && now - lostAt > windowMs)
+          ) {
             lostAt = now
             lostInRound = acknowledgedRounds
             tries = 0
           }
-          const left = Duration.toMillis(Duration.decode(reconnect.within)) - (now - lostAt)
+          established = false
+          const left = windowMs - (now - lostAt)
           const why = Cause.originalError(error.value) as { readonly message?: string }
           if (tries >= reconnect.attempts || left <= 0) {
             yield* Effect.logWarning(`channel ${id}: giving up after ${tries} reconnect attempts: ${why.message}`)

@@ -380,3 +380,39 @@ describe("a source's hello (a fake destination)", () => {
       }
     }))))
 })
+
+describe("the reconnect budget (TestClock)", () => {
+  /** Longer than the clock is moved: only the budget's window is at stake. */
+  const LONG = { connect: "60 seconds", handshake: "60 seconds", peer: "60 seconds" } as const
+
+  it.effect("a second break of a re-attached channel, later than `within` after the first, in the same round: re-attached again", () =>
+    leakFree(Effect.scoped(Effect.gen(function*() {
+      const ram = yield* sourceRam()
+      // channel 1's first connection is cut inside its first data packet, and so is its second (the re-attach,
+      // connect #3: main, channels 0 and 1, then it), which connects 11 s later
+      const faulty = yield* Faulty.make({
+        cutWrite: (w) => w.channel === 1 && w.connection < 2 && w.packets.length > 0 ? 100 : undefined,
+        stallConnect: (index) => index === 3
+      })
+      const listener = yield* faulty.transport.listen(tcp0)
+      const destination = yield* Effect.forkScoped(
+        Migration.incoming(listener, { timeouts: LONG }).pipe(Effect.provide(Logger.remove(Logger.defaultLogger)))
+      )
+      const migration = yield* Effect.fork(migrateWith(faulty, ram, {
+        address: listener.address,
+        channels: 2,
+        timeouts: LONG,
+        reconnect: { attempts: 3, within: "10 seconds" }
+      }))
+      yield* noHang(faulty.until((f) => f.attempts.some((a) => a.index === 3 && a.state === "stalled")), "the re-attach")
+      yield* TestClock.adjust("11 seconds")
+      yield* faulty.releaseOne(3)
+      // before: the second break was counted in the first one's window, run out by then: the migration failed at
+      // once ("giving up after 1 reconnect attempts"), 2 attempts of 3 unused
+      const stats = yield* noHang(Fiber.join(migration), "migrate")
+      const received = yield* noHang(Fiber.join(destination), "incoming")
+      expect(stats.reconnects).toBe(2)
+      expect(faulty.records.filter((r) => r.side === "connect" && r.role === 1)).toHaveLength(3)
+      expect(sameMemory(received.ram, ram)).toBe(true)
+    }))))
+})
