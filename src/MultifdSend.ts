@@ -285,7 +285,9 @@ export const make = (
       compression: config.compression,
       compressionLevel: config.compressionLevel,
       zeroPage: config.zeroPage,
-      rateLimit: Bandwidth.sharedOf(config.maxBandwidth)
+      rateLimit: Bandwidth.sharedOf(config.maxBandwidth),
+      // a lost channel comes back: a connection the destination closed is lost even with nothing to write
+      watchEnd: config.reconnect !== undefined && config.reconnect.attempts > 0
     })
     const reconnect = config.reconnect !== undefined && config.reconnect.attempts > 0 ? config.reconnect : undefined
     const journals = Array.from({ length: channels }, () => new Journal(reconnect !== undefined))

@@ -147,3 +147,42 @@ describe("a lost channel whose new connection never comes (a fake source, TestCl
       expect((yield* TestClock.currentTimeMillis) - t0).toBeLessThanOrEqual(2_600)
     }))))
 })
+
+describe("a re-attaching connection the destination closes before it is adopted", () => {
+  it.live("its init packet garbled on the way: the destination turns it away, the source sees the close and re-attaches again", () =>
+    leakFree(Effect.gen(function*() {
+      let cut = false
+      let garbled = false
+      const { proxy, ram, received, source } = yield* throughProxy((link, direction, chunk) => {
+        if (direction !== "up" || typeof link.role !== "number" || link.role !== 1) return undefined
+        const through = link.judged + chunk.length
+        // channel 1's first connection ends (FIN both ways) at the first packet boundary past 300 KB: the
+        // destination says the channel was lost, and the source re-attaches it
+        if (!cut && !link.reattaching && link.judged > 300_000) {
+          const boundary = link.packets.find((p) => p.end > link.judged && p.end <= through)
+          if (boundary === undefined) return undefined
+          cut = true
+          return { _tag: "Break", how: "fin", keep: boundary.end - link.judged }
+        }
+        // its first re-attaching connection: nothing forwarded until the source has written the channel's SYNC
+        // (it then has nothing more to write: it waits for the round's acknowledgement), then garbage instead of
+        // the init packet: the destination turns the connection away and closes it, the proxy the source's side
+        if (link.reattaching && !garbled) {
+          if (!link.packets.some((p) => p.sync && p.end <= through)) return { _tag: "Replace", bytes: Buffer.alloc(0) }
+          garbled = true
+          return { _tag: "Replace", bytes: Buffer.alloc(64, 0x42) }
+        }
+        return undefined
+      })
+      expect(cut).toBe(true)
+      expect(garbled).toBe(true)
+      // before: the source never noticed (it waited for the round's acknowledgement, and the destination for the
+      // channel's SYNC, until the peer timeout)
+      if (Exit.isFailure(source)) throw new Error(`the source failed: ${failureOf(source).message}`)
+      expect(source.value.reconnects).toBe(2)
+      if (Exit.isFailure(received)) throw new Error(`the destination failed: ${failureOf(received).message}`)
+      expect(sameMemory(received.value.ram, ram)).toBe(true)
+      expect(received.value.rejected).toEqual([expect.stringContaining("not a migration stream (first bytes 42424242)")])
+      expect(proxy.links.filter((l) => l.role === 1)).toHaveLength(3)
+    })))
+})

@@ -17,6 +17,7 @@ import type * as MigrationError from "../MigrationError.js"
 import * as PageCodec from "../PageCodec.js"
 import * as Protocol from "../Protocol.js"
 import type * as Transport from "../Transport.js"
+import { TransportError } from "./native/connection.js"
 import * as EventLoop from "./native/eventLoop.js"
 import { RateLimit } from "./native/rateLimit.js"
 import { unsent } from "./native/unsent.js"
@@ -55,6 +56,13 @@ export interface Settings {
   readonly nonce?: Uint8Array | undefined
   /** The migration's bandwidth limit (`RateLimit`'s shared memory), if any: every packet waits its turn. */
   readonly rateLimit?: SharedArrayBuffer | undefined
+  /**
+   * The channel's loss is recovered (the source re-attaches channels): the destination's end of the connection is
+   * watched, and the connection is lost once the destination closed or reset it (it never writes on a multifd
+   * channel), even while this side has nothing to write — a re-attaching connection turned away before it was
+   * adopted, which no `Lost` message reports, went unnoticed until the peer timeout.
+   */
+  readonly watchEnd?: boolean | undefined
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -427,32 +435,44 @@ export const serve = (
         }
         if (chunks.length > 0) yield* connection.write(chunks)
       })
-    while (true) {
-      const job = yield* jobs.next
-      if (job._tag === "Finish") {
-        yield* connection.end
+    // the destination's end of the connection, read (it writes nothing on it): its close (FIN) or reset fails the
+    // channel; anything else that ends the reading (this side destroyed the stream) is the writes' to report
+    const closedByPeer: Effect.Effect<never, TransportError> = Effect.matchEffect(connection.readSome(64 * 1024), {
+      onFailure: (error) => error.reason === "Reset" ? Effect.fail(error) : Effect.never,
+      onSuccess: (bytes) =>
+        bytes.length > 0 ? closedByPeer : Effect.fail(
+          new TransportError({ reason: "Closed", address: connection.peer, detail: "the destination closed the connection" })
+        )
+    })
+    const work = Effect.gen(function*() {
+      while (true) {
+        const job = yield* jobs.next
+        if (job._tag === "Finish") {
+          yield* connection.end
+          sent.update()
+          return
+        }
+        if (job._tag === "Sync") {
+          // a header per packet: the connection may still hold the previous one (writes do not copy);
+          // writeSync / writeHeader set every byte of it
+          const header = Buffer.allocUnsafe(headerSize)
+          Protocol.writeSync(header, pageSize, Atomics.add(packetNum, 0, 1n))
+          yield* connection.write([header])
+          Atomics.add(stats, at + SYNCS, 1n)
+          count(1, 0, 0, headerSize)
+          sent.position += headerSize
+          sent.update()
+          const wait = reserve(headerSize)
+          if (wait !== undefined) yield* wait
+          yield* job.done
+          continue
+        }
+        // one hand-off carries several packets: the channel sends them in a row
+        yield* sendBatch(job.block, job.pages, job.count, job.origin ?? 0)
+        if (job.sent !== undefined) yield* Effect.zipRight(connection.drained, job.sent)
         sent.update()
-        return
+        yield* jobs.idle
       }
-      if (job._tag === "Sync") {
-        // a header per packet: the connection may still hold the previous one (writes do not copy);
-        // writeSync / writeHeader set every byte of it
-        const header = Buffer.allocUnsafe(headerSize)
-        Protocol.writeSync(header, pageSize, Atomics.add(packetNum, 0, 1n))
-        yield* connection.write([header])
-        Atomics.add(stats, at + SYNCS, 1n)
-        count(1, 0, 0, headerSize)
-        sent.position += headerSize
-        sent.update()
-        const wait = reserve(headerSize)
-        if (wait !== undefined) yield* wait
-        yield* job.done
-        continue
-      }
-      // one hand-off carries several packets: the channel sends them in a row
-      yield* sendBatch(job.block, job.pages, job.count, job.origin ?? 0)
-      if (job.sent !== undefined) yield* Effect.zipRight(connection.drained, job.sent)
-      sent.update()
-      yield* jobs.idle
-    }
+    })
+    return yield* (settings.watchEnd === true ? Effect.raceFirst(work, closedByPeer) : work)
   }))

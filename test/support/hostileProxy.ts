@@ -4,7 +4,7 @@
  * whether the init packet carries a nonce: a re-attaching connection), and `onChunk` decides, for each chunk
  * either way, what the proxy does with it: forward it (the default), hold it back, or break the connection
  * there (`reset`: RST both ways; `fin`: end both ways; either after forwarding the first `keep` bytes of the
- * chunk). Held chunks go on with `release`. The connections can also be broken from outside (`breakAll`). Scoped:
+ * chunk), or forward other bytes in its place (`Replace`). Held chunks go on with `release`. The connections can also be broken from outside (`breakAll`). Scoped:
  * closing the scope destroys every socket, then the server.
  */
 import * as Effect from "effect/Effect"
@@ -23,6 +23,13 @@ export interface Link {
   role: Role | undefined
   /** A multifd init packet with a nonce (a re-attaching connection). */
   reattaching: boolean
+  /**
+   * A multifd channel's packets, as far as they have come from the client (judged chunks included): where each
+   * one ends in the client's bytes (the init packet counted), and whether it is a SYNC.
+   */
+  readonly packets: Array<{ readonly end: number; readonly sync: boolean }>
+  /** Bytes of the client judged before the chunk being judged (forwarded, replaced or not). */
+  judged: number
   /** Bytes forwarded from the client (up) and from the server (down). */
   up: number
   down: number
@@ -39,6 +46,8 @@ export type Verdict =
   | { readonly _tag: "Forward" }
   | { readonly _tag: "Hold" }
   | { readonly _tag: "Break"; readonly how: "reset" | "fin"; readonly keep?: number | undefined }
+  /** Forwards `bytes` instead of the chunk. */
+  | { readonly _tag: "Replace"; readonly bytes: Buffer }
 
 export interface HostileProxy {
   readonly address: Transport.Address
@@ -65,6 +74,8 @@ export const hostileProxy = (
         index: links.length,
         role: undefined,
         reattaching: false,
+        packets: [],
+        judged: 0,
         up: 0,
         down: 0,
         broken: false,
@@ -85,6 +96,33 @@ export const hostileProxy = (
         }
       }
       links.push(link)
+      // the multifd packets of the client's bytes (4 KiB pages): after the init packet, headers, each saying the
+      // size of the payload after it
+      const HEADER = Protocol.headerSize(4096)
+      let scanned = 0
+      let packetStart = Protocol.INIT_PACKET_SIZE
+      let header = Buffer.alloc(0)
+      let notMultifd = false
+      const scan = (chunk: Buffer) => {
+        const from = scanned
+        scanned += chunk.length
+        if (from === 0 && (chunk.length < 4 || chunk.readUInt32BE(0) !== Protocol.MAGIC)) notMultifd = true
+        if (notMultifd) return
+        let at = Math.max(packetStart, from)
+        while (at < scanned) {
+          if (header.length < 24) {
+            const take = Math.min(24 - header.length, scanned - at)
+            header = Buffer.concat([header, chunk.subarray(at - from, at - from + take)])
+            at += take
+            if (header.length < 24) return
+          }
+          const end = packetStart + HEADER + header.readUInt32BE(20)
+          link.packets.push({ end, sync: (header.readUInt32BE(8) & 1) === 1 })
+          packetStart = end
+          header = Buffer.alloc(0)
+          at = end
+        }
+      }
       // chunks of each direction are handled in order, one held chunk holding the ones after it
       const queues = { up: [] as Array<Buffer>, down: [] as Array<Buffer> }
       const holding = { up: false, down: false }
@@ -115,18 +153,21 @@ export const hostileProxy = (
             return
           }
           queues[direction].shift()
+          if (direction === "up") link.judged += chunk.length
           if (verdict?._tag === "Break") {
             const keep = verdict.keep ?? 0
             if (keep > 0) to.write(chunk.subarray(0, keep), () => link.breakNow(verdict.how))
             else link.breakNow(verdict.how)
             return
           }
-          if (direction === "up") link.up += chunk.length
-          else link.down += chunk.length
-          to.write(chunk)
+          const bytes = verdict?._tag === "Replace" ? verdict.bytes : chunk
+          if (direction === "up") link.up += bytes.length
+          else link.down += bytes.length
+          to.write(bytes)
         }
       }
       client.on("data", (chunk: Buffer) => {
+        scan(chunk)
         queues.up.push(chunk)
         pump("up")
       })
