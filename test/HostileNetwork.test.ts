@@ -11,6 +11,14 @@
  *   destination's wait for the round's sync times out naming that channel as lost — it said "2 of 2 multifd
  *   channels connected", counting the channel it had lost.
  *
+ * - every connection reset mid-transfer (the destination's process died) and a fresh destination listening where it
+ *   was: the source fails naming the main channel, and none of its channels re-attaches to the fresh destination
+ *   (a re-attach is let in on the main channel, which is gone): no page lands in a fresh memory as if the
+ *   migration went on.
+ * - a re-attaching connection turned away before it was adopted (its init packet garbled on the way) while the
+ *   source has nothing more to write: the source reads the close and re-attaches again (it waited for the peer
+ *   timeout, the destination too, attempts unused).
+ *
  * Real loopback TCP; nothing waits on a timer (`noHang` turns a hang into a failure).
  */
 import { describe, expect, it } from "@effect/vitest"
@@ -185,4 +193,41 @@ describe("a re-attaching connection the destination closes before it is adopted"
       expect(received.value.rejected).toEqual([expect.stringContaining("not a migration stream (first bytes 42424242)")])
       expect(proxy.links.filter((l) => l.role === 1)).toHaveLength(3)
     })))
+})
+
+describe("a destination that restarted on the same address", () => {
+  it.live("every connection reset mid-transfer and a fresh destination there: the source fails naming the main channel, the fresh one gets nothing", () =>
+    leakFree(Effect.gen(function*() {
+      const first = yield* Transport.listen(tcp0)
+      const second = yield* Transport.listen(tcp0)
+      const old = yield* Effect.forkScoped(Migration.incoming(first, { timeouts: TIMEOUTS }))
+      const fresh = yield* Effect.forkScoped(Migration.incoming(second, { timeouts: TIMEOUTS }))
+      let restarted = false
+      const proxy = yield* hostileProxy(first.address, (link, direction, _chunk, links) => {
+        // the old destination's process dies (the kernel resets its connections) once channel 1 is well under way,
+        // and a new one listens where it was
+        if (!restarted && direction === "up" && link.role === 1 && link.judged > 300_000) {
+          restarted = true
+          proxy.retarget(second.address)
+          for (const l of links) l.breakNow("reset")
+          return { _tag: "Break", how: "reset" }
+        }
+        return undefined
+      })
+      const source = yield* noHang(
+        Effect.exit(Migration.migrate({ address: proxy.address, channels: 3, timeouts: TIMEOUTS }).pipe(
+          Effect.provideService(GuestRam.GuestRam, yield* sourceRam())
+        )),
+        "migrate"
+      )
+      expect(restarted).toBe(true)
+      const error = failureOf(source)
+      expectOneLine(error)
+      expect(error).toMatchObject({ _tag: "ChannelError", channel: "main" })
+      // no connection of the source reached the new destination: it would have had to be let in on a main channel
+      // it no longer has
+      expect(proxy.links.slice(4).map((l) => l.role)).toEqual([])
+      yield* noHang(Fiber.await(old), "the old destination")
+      expect(Option.isNone(yield* Fiber.poll(fresh))).toBe(true)
+    }).pipe(Effect.scoped, Effect.provide(Transport.layer), Effect.provide(Logger.remove(Logger.defaultLogger)))))
 })

@@ -54,6 +54,8 @@ export interface HostileProxy {
   readonly links: ReadonlyArray<Link>
   /** Forwards every held chunk (in order) and lets the held connections go on. */
   readonly release: () => void
+  /** Sends the connections accepted from now on to `target` instead. */
+  readonly retarget: (target: Transport.Address) => void
 }
 
 export const hostileProxy = (
@@ -65,7 +67,8 @@ export const hostileProxy = (
     const held: Array<() => void> = []
     // a chunk released after a hold is not judged again
     const released = new WeakSet<Buffer>()
-    const port = target._tag === "Tcp" ? target.port : 0
+    // where new connections go (`retarget`: a destination restarted on the same address)
+    let port = target._tag === "Tcp" ? target.port : 0
     const { address } = yield* loopbackServer((client, track) => {
       const upstream = Net.connect({ host: "127.0.0.1", port })
       track(upstream)
@@ -185,6 +188,9 @@ export const hostileProxy = (
       links,
       release: () => {
         for (const go of held.splice(0)) go()
+      },
+      retarget: (next) => {
+        port = next._tag === "Tcp" ? next.port : 0
       }
     } satisfies HostileProxy
   })
