@@ -102,7 +102,9 @@ export class Hello extends Schema.TaggedClass<Hello>()("Hello", {
  */
 export class Accept extends Schema.TaggedClass<Accept>()("Accept", {
   /** The destination understands the source's `Hashing` (absent: an older destination, which is sent none). */
-  heartbeats: Schema.optional(Schema.Boolean)
+  heartbeats: Schema.optional(Schema.Boolean),
+  /** The destination understands the source's `Bye` (absent: an older destination, which is sent none). */
+  bye: Schema.optional(Schema.Boolean)
 }) {}
 
 /**
@@ -190,7 +192,8 @@ export class Done extends Schema.TaggedClass<Done>()("Done", {}) {}
 
 /**
  * Source → destination, the last message of a migration: the source heard `Done`, ended its multifd channels and
- * reports success; the main channel's end follows. Only a hello with `bye` promises it.
+ * reports success; the main channel's end follows. Only a hello with `bye` promises it, and only to a destination
+ * whose `Accept` said `bye` (an older one would take it for garbage after its Done).
  *
  * @since 0.1.0
  * @category schemas

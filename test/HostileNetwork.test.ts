@@ -34,10 +34,11 @@ import * as GuestRam from "../src/GuestRam.js"
 import * as Migration from "../src/Migration.js"
 import * as Transport from "../src/Transport.js"
 import { advanceUntil } from "./support/clock.js"
+import { fakeDestination } from "./support/fakeDestination.js"
 import { fakeSource, ramPacket, randomPage, syncPacket } from "./support/fakeSource.js"
 import { expectOneLine, failureOf } from "./support/failures.js"
 import { noHang } from "./support/guards.js"
-import { leakFree } from "./support/handles.js"
+import { leakFree, nextTurn } from "./support/handles.js"
 import { hostileProxy, type Link, type Verdict } from "./support/hostileProxy.js"
 import { sameMemory } from "./support/memory.js"
 
@@ -101,6 +102,28 @@ describe("the main channel cut while Done is on its way", () => {
         }
       })))
   }
+
+  it.scopedLive("Bye goes to a destination whose Accept said it understands it, and only there (an older one takes it for garbage)", () =>
+    Effect.gen(function*() {
+      for (const bye of [undefined, true]) {
+        const tags: Array<string> = []
+        const address = yield* fakeDestination({ heartbeats: true, bye, onMessage: (message) => tags.push(message._tag) })
+        yield* noHang(
+          Migration.migrate({ address, channels: 2, timeouts: TIMEOUTS }).pipe(
+            Effect.provideService(GuestRam.GuestRam, yield* sourceRam()),
+            Effect.provide(Transport.layer)
+          ),
+          "migrate"
+        )
+        yield* noHang(
+          Effect.gen(function*() {
+            while (bye === true && !tags.includes("Bye")) yield* nextTurn
+          }),
+          "Bye"
+        )
+        expect(tags.filter((tag) => tag === "Bye" || tag === "Complete")).toEqual(bye === true ? ["Complete", "Bye"] : ["Complete"])
+      }
+    }))
 
   it.live("Done delivered: both succeed, the memories are equal", () =>
     leakFree(Effect.gen(function*() {

@@ -550,7 +550,7 @@ export const run = <E>(listener: Transport.Listener, settings: Settings<E>): Eff
         yield* tracker.active
         yield* Effect.logDebug(`every multifd channel adopted (${hello.channels})`)
       })))
-      yield* tell(new Control.Accept({ heartbeats: true }))
+      yield* tell(new Control.Accept({ heartbeats: true, bye: true }))
       // the hashing threads start while the source connects its channels, rather than in the downtime
       const digest = yield* GuestRam.digester(ram)
       // the receive rate over the last second; a received migration's last report counts every page

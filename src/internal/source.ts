@@ -218,8 +218,8 @@ export const run = (
       }
       if (answer._tag !== "Accept") return yield* Conversation.unexpected(answer, "instead of Accept")
       yield* Effect.logDebug(`main channel: the destination accepted migration ${uuidText}`)
-      // whether the destination understands this side's heartbeats (`Hashing`)
-      return answer.heartbeats === true
+      // whether the destination understands this side's heartbeats (`Hashing`), and its Bye
+      return { heartbeats: answer.heartbeats === true, bye: answer.bye === true }
     }).pipe(Effect.withSpan("multifd.propose"))
 
     /** The channel set, then every round of pages; the last one with writers paused. */
@@ -290,15 +290,18 @@ export const run = (
           ? confirmed(waiting)
           : Conversation.unexpected(message, "instead of Done"))
 
-    /** Every connection ended gracefully: the peer takes the last bytes within the peer timeout. */
-    const finish = (send: MultifdSend.MultifdSend["Type"]) =>
+    /**
+     * Every connection ended gracefully: the peer takes the last bytes within the peer timeout. A destination that
+     * understands it is told Bye first.
+     */
+    const finish = (send: MultifdSend.MultifdSend["Type"], bye: boolean) =>
       Effect.gen(function*() {
         yield* Effect.raceFirst(send.finish, send.failure).pipe(
           within(timeouts.peer, "waiting for the multifd channels to send their last bytes and close")
         )
         // Bye, then the end (a destination that already closed the main channel, after Done, has all it needs)
         const end = Effect.catchIf(
-          Effect.zipRight(Control.send(control, new Control.Bye()), control.end),
+          bye ? Effect.zipRight(Control.send(control, new Control.Bye()), control.end) : control.end,
           (error) => error.reason === "Closed",
           () => Effect.void
         )
@@ -309,7 +312,7 @@ export const run = (
       }).pipe(Effect.withSpan("multifd.close"))
 
     const migration = Effect.gen(function*() {
-      const heartbeats = yield* propose
+      const { bye, heartbeats } = yield* propose
       const send = yield* MultifdSend.make({
         address: settings.address,
         channels,
@@ -361,7 +364,7 @@ export const run = (
       )
       yield* Effect.logDebug("main channel: the destination verified the digests")
       const downtimeMs = (yield* Clock.currentTimeMillis) - pausedAt
-      yield* finish(send)
+      yield* finish(send, bye)
       const s = yield* send.stats
       const durationMs = (yield* Clock.currentTimeMillis) - started
       return {

@@ -13,6 +13,10 @@ import * as Transport from "../../src/Transport.js"
 /** How the fake answers: each gets the main channel; `onFlush` also the flush and its number among them. */
 export interface FakeDestinationPlan {
   readonly heartbeats?: boolean | undefined
+  /** Says in its Accept that it understands the source's `Bye`. */
+  readonly bye?: boolean | undefined
+  /** Sees every message after the hello. */
+  readonly onMessage?: ((message: Control.Message) => void) | undefined
   readonly onHello?: ((hello: Control.Hello) => void) | undefined
   readonly onFlush?:
     | ((control: Transport.Connection, flush: Control.Flush, index: number) => Effect.Effect<void, Transport.TransportError>)
@@ -35,11 +39,18 @@ export const fakeDestination = (plan: FakeDestinationPlan = {}): Effect.Effect<T
       yield* control.read(4)
       const hello = (yield* Control.receive(control)) as Control.Hello
       plan.onHello?.(hello)
-      yield* Control.send(control, new Control.Accept(plan.heartbeats === true ? { heartbeats: true } : {}))
+      yield* Control.send(
+        control,
+        new Control.Accept({
+          ...(plan.heartbeats === true ? { heartbeats: true } : {}),
+          ...(plan.bye === true ? { bye: true } : {})
+        })
+      )
       for (let i = 0; i < hello.channels; i++) yield* Effect.forkScoped(drain(yield* listener.accept))
       let flushes = 0
       while (true) {
         const message = yield* Control.receive(control)
+        plan.onMessage?.(message)
         if (message._tag === "Flush") {
           if (plan.onFlush !== undefined) yield* plan.onFlush(control, message, flushes)
           flushes++
