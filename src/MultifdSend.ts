@@ -572,14 +572,35 @@ const threadAttempt = (
       }
       const session = yield* threads.open<SendSession.In, SendSession.Out>(SendSession.KIND, data)
       yield* Effect.logDebug(`channel ${id}: on channel thread ${session.thread}`)
+      // the session's messages, read all along by one fiber: its end is heard whenever it comes — also while the
+      // channel waits for a job (the destination closed the connection, `watchEnd`, with nothing left to write),
+      // which no answer awaited, so that it was heard only at the next job, or never
+      const answers = yield* Queue.unbounded<SendSession.Out>()
+      const ended = yield* Deferred.make<void, ChannelFailure | ThreadError>()
+      yield* Effect.forkScoped(Effect.gen(function*() {
+        while (true) {
+          const event = yield* session.receive
+          if (event._tag === "Ended") {
+            return yield* (event.failure === undefined
+              ? Deferred.succeed(ended, undefined)
+              : Deferred.fail(ended, failureOf(event.failure)))
+          }
+          yield* Queue.offer(answers, event.message)
+        }
+      }).pipe(Effect.catchAll((error) => Deferred.fail(ended, error))))
+      /** The session's end before an answer: its failure (an end without one is the thread's defect). */
+      const endedInstead = Effect.zipRight(Deferred.await(ended), Effect.fail(failureOf(undefined)))
       /** The session's next answer, which must be `tag`; its end instead is its failure. */
       const answer = (tag: SendSession.Out["_tag"]) =>
-        Effect.flatMap(session.receive, (event) =>
-          event._tag === "Ended"
-            ? Effect.fail(failureOf(event.failure))
-            : event.message._tag === tag
-            ? Effect.void
-            : Effect.die(new Error(`multifd channel ${id}: its thread said ${event.message._tag}, not ${tag}`)))
+        Effect.flatMap(
+          // (an answer that came before the end is taken first)
+          Effect.flatMap(Queue.poll(answers), (ready) =>
+            Option.isSome(ready) ? Effect.succeed(ready.value) : Effect.raceFirst(Queue.take(answers), endedInstead)),
+          (message) =>
+            message._tag === tag
+              ? Effect.void
+              : Effect.die(new Error(`multifd channel ${id}: its thread said ${message._tag}, not ${tag}`))
+        )
       yield* answer("Established").pipe(
         Effect.withSpan("multifd.channel.establish", { attributes: { "multifd.channel": id, "multifd.thread": session.thread } })
       )
@@ -591,11 +612,12 @@ const threadAttempt = (
           const job = yield* jobs.next
           if (job._tag === "Finish") {
             yield* session.send({ _tag: "Finish" })
-            const end = yield* session.receive
-            if (end._tag === "Ended" && end.failure === undefined) return
-            return yield* end._tag === "Ended"
-              ? Effect.fail(failureOf(end.failure))
-              : Effect.die(new Error(`multifd channel ${id}: its thread said ${end.message._tag} after Finish`))
+            yield* Deferred.await(ended)
+            const extra = yield* Queue.poll(answers)
+            if (Option.isSome(extra)) {
+              return yield* Effect.die(new Error(`multifd channel ${id}: its thread said ${extra.value._tag} after Finish`))
+            }
+            return
           }
           if (job._tag === "Sync") {
             yield* session.send({ _tag: "Sync" })
@@ -629,7 +651,9 @@ const threadAttempt = (
       // meanwhile (closing its socket: the destination's loss) says so instead, once it did not answer: its
       // death is no lost connection
       const lostHere = Effect.zipRight(lost, Effect.zipRight(session.alive, Effect.fail(lostError(config.address))))
-      yield* Effect.raceFirst(Fiber.join(work), Effect.raceFirst(session.failed, lostHere))
+      // (its session's end with a failure while the channel waits for a job ends it too)
+      const failedEnd = Effect.zipRight(Deferred.await(ended), Effect.never)
+      yield* Effect.raceFirst(Fiber.join(work), Effect.raceFirst(Effect.raceFirst(session.failed, lostHere), failedEnd))
       yield* Effect.logDebug(`channel ${id}: closed`)
     }).pipe(Effect.scoped)
 }

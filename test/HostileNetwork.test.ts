@@ -21,14 +21,17 @@
  *
  * Real loopback TCP; nothing waits on a timer (`noHang` turns a hang into a failure).
  */
-import { describe, expect, it } from "@effect/vitest"
+import { describe, expect, inject, it } from "@effect/vitest"
 import * as Effect from "effect/Effect"
 import * as Option from "effect/Option"
 import * as TestClock from "effect/TestClock"
 import * as Exit from "effect/Exit"
 import * as Fiber from "effect/Fiber"
+import * as Layer from "effect/Layer"
 import * as Logger from "effect/Logger"
 import * as Crypto from "node:crypto"
+import * as Path from "node:path"
+import * as ChannelThreads from "../src/ChannelThreads.js"
 import * as Control from "../src/Control.js"
 import * as GuestRam from "../src/GuestRam.js"
 import * as Migration from "../src/Migration.js"
@@ -46,9 +49,12 @@ const PAGE = 4096
 const TIMEOUTS = { connect: "5 seconds", handshake: "5 seconds", peer: "5 seconds" } as const
 const tcp0: Transport.Address = { _tag: "Tcp", host: "127.0.0.1", port: 0 }
 
-/** 8 MiB, three in five pages random. */
+/** The bundled threads' module (beside the tests' CLI bundle). */
+const MODULE = Path.join(Path.dirname(inject("cliBundle")), "channelWorker.js")
+
+/** 8 MiB of shared memory (channel threads can read it), three in five pages random. */
 const sourceRam = () => {
-  const bytes = Buffer.alloc(2048 * PAGE)
+  const bytes = GuestRam.allocate(2048 * PAGE)
   for (let p = 0; p < 2048; p++) if (p % 5 < 3) Crypto.randomFillSync(bytes, p * PAGE, PAGE)
   return GuestRam.make({ blocks: [{ name: "pc.ram", bytes }] })
 }
@@ -59,16 +65,20 @@ const carries = (chunk: Buffer, tag: string) => chunk.includes(`"_tag":"${tag}"`
 /** One migration of 3 channels through a proxy that judges every chunk with `onChunk`: both sides' exits. */
 const throughProxy = (
   onChunk: (link: Link, direction: "up" | "down", chunk: Buffer, links: ReadonlyArray<Link>) => Verdict,
-  options: Partial<Migration.MigrateOptions> = {}
+  options: Partial<Migration.MigrateOptions> = {},
+  /** The source's channels on channel threads. */
+  threads = false
 ) =>
   Effect.gen(function*() {
     const listener = yield* Transport.listen(tcp0)
     const destination = yield* Effect.forkScoped(Migration.incoming(listener, { timeouts: TIMEOUTS }))
     const proxy = yield* hostileProxy(listener.address, onChunk)
     const ram = yield* sourceRam()
+    const pool = threads ? yield* ChannelThreads.make({ maxThreads: 3, module: MODULE }) : undefined
     const source = yield* noHang(
       Effect.exit(Migration.migrate({ address: proxy.address, channels: 3, timeouts: TIMEOUTS, ...options }).pipe(
-        Effect.provideService(GuestRam.GuestRam, ram)
+        Effect.provideService(GuestRam.GuestRam, ram),
+        Effect.provide(pool === undefined ? Layer.empty : Layer.succeed(ChannelThreads.ChannelThreads, pool))
       )),
       "migrate"
     )
@@ -180,42 +190,44 @@ describe("a lost channel whose new connection never comes (a fake source, TestCl
 })
 
 describe("a re-attaching connection the destination closes before it is adopted", () => {
-  it.live("its init packet garbled on the way: the destination turns it away, the source sees the close and re-attaches again", () =>
-    leakFree(Effect.gen(function*() {
-      let cut = false
-      let garbled = false
-      const { proxy, ram, received, source } = yield* throughProxy((link, direction, chunk) => {
-        if (direction !== "up" || typeof link.role !== "number" || link.role !== 1) return undefined
-        const through = link.judged + chunk.length
-        // channel 1's first connection ends (FIN both ways) at the first packet boundary past 300 KB: the
-        // destination says the channel was lost, and the source re-attaches it
-        if (!cut && !link.reattaching && link.judged > 300_000) {
-          const boundary = link.packets.find((p) => p.end > link.judged && p.end <= through)
-          if (boundary === undefined) return undefined
-          cut = true
-          return { _tag: "Break", how: "fin", keep: boundary.end - link.judged }
-        }
-        // its first re-attaching connection: nothing forwarded until the source has written the channel's SYNC
-        // (it then has nothing more to write: it waits for the round's acknowledgement), then garbage instead of
-        // the init packet: the destination turns the connection away and closes it, the proxy the source's side
-        if (link.reattaching && !garbled) {
-          if (!link.packets.some((p) => p.sync && p.end <= through)) return { _tag: "Replace", bytes: Buffer.alloc(0) }
-          garbled = true
-          return { _tag: "Replace", bytes: Buffer.alloc(64, 0x42) }
-        }
-        return undefined
-      })
-      expect(cut).toBe(true)
-      expect(garbled).toBe(true)
-      // before: the source never noticed (it waited for the round's acknowledgement, and the destination for the
-      // channel's SYNC, until the peer timeout)
-      if (Exit.isFailure(source)) throw new Error(`the source failed: ${failureOf(source).message}`)
-      expect(source.value.reconnects).toBe(2)
-      if (Exit.isFailure(received)) throw new Error(`the destination failed: ${failureOf(received).message}`)
-      expect(sameMemory(received.value.ram, ram)).toBe(true)
-      expect(received.value.rejected).toEqual([expect.stringContaining("not a migration stream (first bytes 42424242)")])
-      expect(proxy.links.filter((l) => l.role === 1)).toHaveLength(3)
-    })))
+  for (const threads of [false, true]) {
+    it.live(`its init packet garbled on the way: the destination turns it away, the source ${threads ? "(channels on threads) " : ""}sees the close and re-attaches again`, () =>
+      leakFree(Effect.gen(function*() {
+        let cut = false
+        let garbled = false
+        const { proxy, ram, received, source } = yield* throughProxy((link, direction, chunk) => {
+          if (direction !== "up" || typeof link.role !== "number" || link.role !== 1) return undefined
+          const through = link.judged + chunk.length
+          // channel 1's first connection ends (FIN both ways) at the first packet boundary past 300 KB: the
+          // destination says the channel was lost, and the source re-attaches it
+          if (!cut && !link.reattaching && link.judged > 300_000) {
+            const boundary = link.packets.find((p) => p.end > link.judged && p.end <= through)
+            if (boundary === undefined) return undefined
+            cut = true
+            return { _tag: "Break", how: "fin", keep: boundary.end - link.judged }
+          }
+          // its first re-attaching connection: nothing forwarded until the source has written the channel's SYNC
+          // (it then has nothing more to write: it waits for the round's acknowledgement), then garbage instead of
+          // the init packet: the destination turns the connection away and closes it, the proxy the source's side
+          if (link.reattaching && !garbled) {
+            if (!link.packets.some((p) => p.sync && p.end <= through)) return { _tag: "Replace", bytes: Buffer.alloc(0) }
+            garbled = true
+            return { _tag: "Replace", bytes: Buffer.alloc(64, 0x42) }
+          }
+          return undefined
+        }, {}, threads)
+        expect(cut).toBe(true)
+        expect(garbled).toBe(true)
+        // before: the source never noticed (it waited for the round's acknowledgement, and the destination for the
+        // channel's SYNC, until the peer timeout)
+        if (Exit.isFailure(source)) throw new Error(`the source failed: ${failureOf(source).message}`)
+        expect(source.value.reconnects).toBe(2)
+        if (Exit.isFailure(received)) throw new Error(`the destination failed: ${failureOf(received).message}`)
+        expect(sameMemory(received.value.ram, ram)).toBe(true)
+        expect(received.value.rejected).toEqual([expect.stringContaining("not a migration stream (first bytes 42424242)")])
+        expect(proxy.links.filter((l) => l.role === 1)).toHaveLength(3)
+      })))
+  }
 })
 
 describe("a destination that restarted on the same address", () => {
