@@ -300,9 +300,14 @@ export const migrate = (
     const ram = yield* GuestRam.GuestRam
     const resolved = yield* MigrationConfig.resolve(options)
     const address = resolved.address
+    // an address that is none (from plain JavaScript: null, a URI string, a `_tag` of "tcp", an empty host) is
+    // BadOptions before anything connects (a `_tag` it did not know was taken for Tcp and connected)
+    const badAddress = Transport.addressProblem(address)
     return yield* observed("source", resolved.status, ram.size, (tracker): Effect.Effect<Stats, MigrateError, Transport.Transport | GuestRam.GuestRam> =>
-      // a file: address saves a snapshot instead (Snapshot: parallel writers at fixed offsets)
-      address._tag === "File"
+      badAddress !== undefined
+        ? Effect.fail(new MigrationError.MigrationError({ reason: "BadOptions", detail: badAddress }))
+        // a file: address saves a snapshot instead (Snapshot: parallel writers at fixed offsets)
+        : address._tag === "File"
         // a compression or bandwidth limit from the MigrationConfig in context (MULTIFD_COMPRESSION, ...) is a
         // default for migrations over sockets, where it applies; only one given here is refused for a file
         ? saveToFile(
@@ -313,11 +318,15 @@ export const migrate = (
         )
         : Effect.flatMap(sourceSettings(resolved, ram, tracker), Source.run)).pipe(
         Effect.withSpan("multifd.migrate", {
-          attributes: { "multifd.address": Transport.formatAddress(address), "multifd.role": "source" }
+          attributes: { "multifd.address": spanAddress(address), "multifd.role": "source" }
         }),
         originalErrors
       )
   })
+
+/** An address for a span's attribute, even one that is no address (`Transport.addressProblem`: BadOptions). */
+const spanAddress = (address: Transport.Address): string =>
+  Transport.addressProblem(address) === undefined ? Transport.formatAddress(address) : "(no address)"
 
 /**
  * The errors as they were failed with: an error failed inside a span reaches the caller as Effect's stand-in
@@ -580,7 +589,7 @@ const receive = <E, E2, R>(
       ({ received }) => received
     ).pipe(
       Effect.withSpan("multifd.incoming", {
-        attributes: { "multifd.address": Transport.formatAddress(address), "multifd.role": "destination" }
+        attributes: { "multifd.address": spanAddress(address), "multifd.role": "destination" }
       }),
       originalErrors
     ))
@@ -642,7 +651,18 @@ export const listenAndReceive = <E = never>(
   address: Transport.Address,
   options: IncomingOptions<E> & { readonly onListening?: ((address: Transport.Address) => Effect.Effect<void>) | undefined } = {}
 ): Effect.Effect<Incoming, IncomingError | Transport.TransportError | E, Transport.Transport> =>
-  address._tag === "File"
+  // an address that is none (plain JavaScript: null, a URI string, a `_tag` of "unix", an empty host): BadOptions
+  // before anything listens, the status following it as it follows options it cannot use
+  Transport.addressProblem(address) !== undefined
+    ? receive(
+      address,
+      Effect.fail(
+        new MigrationError.MigrationError({ reason: "BadOptions", detail: Transport.addressProblem(address)! })
+      ),
+      options,
+      true
+    ) :
+    address._tag === "File"
     ? Effect.flatMap(MigrationConfig.resolve(options), (options) => restoreFromFile(address.path, options)) :
   // the listener is this migration's alone: a later source is refused at once, not left waiting
   receive(

@@ -79,6 +79,57 @@ const MAX_HOST_NAME = 253
 const portProblem = (port: number): string | undefined =>
   Number.isInteger(port) && port >= 0 && port <= 65535 ? undefined : `port ${port} is out of range 0-65535`
 
+/** A value a caller gave, for a message: strings quoted (a port "4444" read as 4444), objects named as such. */
+const describeValue = (value: unknown): string =>
+  typeof value === "string"
+    ? JSON.stringify(value)
+    : value === null || typeof value === "number" || typeof value === "boolean" || typeof value === "bigint"
+    ? String(value)
+    : value === undefined
+    ? "undefined"
+    : `(a ${Array.isArray(value) ? "array" : typeof value})`
+
+/**
+ * Why `address` is no `Address`, if it is not: not an object, a `_tag` other than `Tcp`, `Unix` or `File`, a host that is
+ * not a name or an IP address (empty: Node connected to localhost; blanks: a lookup that failed "host not found"), a
+ * port that is not a whole number 0-65535, a path that is not a string, or a socket path no socket address holds. A
+ * caller from plain JavaScript gets no compiler's help: a `_tag` of `"tcp"` was taken for `Tcp` and connected, a path
+ * of `null` was a defect.
+ *
+ * @since 0.1.0
+ * @category addresses
+ */
+export const addressProblem = (address: unknown): string | undefined => {
+  if (typeof address !== "object" || address === null) {
+    return `the address ${describeValue(address)} is not an address object ({ _tag: "Tcp", host, port }, ` +
+      `{ _tag: "Unix", path } or { _tag: "File", path }; Transport.parseAddress reads tcp:HOST:PORT)`
+  }
+  const a = address as { readonly _tag?: unknown; readonly host?: unknown; readonly port?: unknown; readonly path?: unknown }
+  switch (a._tag) {
+    case "Tcp":
+      return typeof a.host !== "string" || a.host.length === 0 || /[\s\p{Cc}]/u.test(a.host)
+        ? `the address's host ${describeValue(a.host)} is not a host name or IP address`
+        : typeof a.port !== "number"
+        ? `the address's port ${describeValue(a.port)} is not a number`
+        : portProblem(a.port)
+    case "Unix":
+      return typeof a.path !== "string" ? `the address's path ${describeValue(a.path)} is not a string` : unixPathProblem(a.path)
+    case "File":
+      return typeof a.path !== "string" ? `the address's path ${describeValue(a.path)} is not a string` : undefined
+    default:
+      return `the address's _tag ${describeValue(a._tag)} is not Tcp, Unix or File`
+  }
+}
+
+/** An address for a message, even one that is no `Address` (`addressProblem`): formatted where its fields are strings. */
+const addressText = (address: Address): string => {
+  const a = address as { readonly _tag?: unknown; readonly host?: unknown; readonly path?: unknown } | null
+  return a !== null && typeof a === "object" &&
+      ((a._tag === "Tcp" && typeof a.host === "string") || ((a._tag === "Unix" || a._tag === "File") && typeof a.path === "string"))
+    ? formatAddress(address)
+    : describeValue(address)
+}
+
 /**
  * Parses `tcp:HOST:PORT` (IPv6 hosts in brackets, port 0 picks a free port), `unix:PATH` or `file:PATH`.
  *
@@ -275,10 +326,10 @@ const notASocket = (address: Exclude<Address, SocketAddress>): TransportError =>
  * holds (or an empty one), a TCP port outside 0-65535 (Node throws on it, after a connect made its handle).
  */
 const badSocketAddress = (address: SocketAddress): TransportError | undefined => {
-  const problem = address._tag === "Unix" ? unixPathProblem(address.path) : portProblem(address.port)
+  const problem = addressProblem(address)
   return problem === undefined
     ? undefined
-    : new TransportError({ reason: "BadAddress", address: formatAddress(address), detail: problem })
+    : new TransportError({ reason: "BadAddress", address: addressText(address), detail: problem })
 }
 
 const connectOptions = (address: SocketAddress): Net.NetConnectOpts =>
@@ -298,9 +349,10 @@ export const connect = (
   options?: ConnectOptions
 ): Effect.Effect<Connection, TransportError, Scope.Scope> =>
   Effect.gen(function*() {
-    if (address._tag === "File") return yield* notASocket(address)
-    const refused = badSocketAddress(address)
+    // (an address that is none, from plain JavaScript, first: `null._tag` was a defect)
+    const refused = badSocketAddress(address as SocketAddress)
     if (refused !== undefined) return yield* refused
+    if (address._tag === "File") return yield* notASocket(address)
     const uri = formatAddress(address)
     const timeout = options?.timeout ?? DEFAULT_CONNECT_TIMEOUT
     const socket = yield* Effect.acquireRelease(Effect.sync(() => Net.connect(connectOptions(address))), destroy)
@@ -349,9 +401,10 @@ export const MAX_QUEUED = 512
  */
 export const listen = (address: Address): Effect.Effect<Listener, TransportError, Scope.Scope> =>
   Effect.gen(function*() {
-    if (address._tag === "File") return yield* notASocket(address)
-    const refused = badSocketAddress(address)
+    // (an address that is none, from plain JavaScript, first: `null._tag` was a defect)
+    const refused = badSocketAddress(address as SocketAddress)
     if (refused !== undefined) return yield* refused
+    if (address._tag === "File") return yield* notASocket(address)
     const uri = formatAddress(address)
     const pending = yield* Queue.unbounded<{ readonly socket: Net.Socket; readonly reader: DirectSocket.DirectReader }>()
     // every accepted socket until it closes: the server's release destroys the stragglers, so that closing

@@ -1,0 +1,102 @@
+/**
+ * A careless library user: a caller from plain JavaScript, with no compiler to check what it passes, gives options of
+ * the wrong type or shape (an address object of another `_tag`, a URI string, an empty host, `null` where an object
+ * goes, a string where a number goes, something that is no function where a callback goes). Each is a typed error
+ * (`BadOptions`, a one-line message naming the option) before anything connects, listens or writes: never a defect
+ * with a stack trace, never a connection to an address it guessed.
+ */
+import { describe, expect, it } from "@effect/vitest"
+import * as Effect from "effect/Effect"
+import * as Layer from "effect/Layer"
+import type * as Scope from "effect/Scope"
+import * as GuestRam from "../src/GuestRam.js"
+import * as Migration from "../src/Migration.js"
+import * as MigrationError from "../src/MigrationError.js"
+import * as Transport from "../src/Transport.js"
+import { expectOneLine, failureOf } from "./support/failures.js"
+import { mixedImage } from "./support/images.js"
+
+const PAGE = 4096
+
+/** 64 KiB of mixed random and zero pages. */
+const sourceRam = () => GuestRam.make({ blocks: [{ name: "pc.ram", bytes: mixedImage(16, 0.6, PAGE) }] })
+
+/** The real transport, counting the connects and listens asked of it. */
+const counting = () => {
+  const asked = { connects: 0, listens: 0 }
+  const layer = Layer.succeed(Transport.Transport, {
+    connect: (address, options) => Effect.suspend(() => (asked.connects++, Transport.connect(address, options))),
+    listen: (address) => Effect.suspend(() => (asked.listens++, Transport.listen(address)))
+  })
+  return { asked, layer }
+}
+
+/** What a plain-JavaScript caller may pass as an address, and what it is told. */
+const badAddresses: ReadonlyArray<readonly [string, unknown, string]> = [
+  [
+    "null",
+    null,
+    `the address null is not an address object ({ _tag: "Tcp", host, port }, { _tag: "Unix", path } or { _tag: "File", path }; Transport.parseAddress reads tcp:HOST:PORT)`
+  ],
+  [
+    "a URI string",
+    "tcp:127.0.0.1:1",
+    `the address "tcp:127.0.0.1:1" is not an address object ({ _tag: "Tcp", host, port }, { _tag: "Unix", path } or { _tag: "File", path }; Transport.parseAddress reads tcp:HOST:PORT)`
+  ],
+  ["a _tag in lower case", { _tag: "tcp", host: "127.0.0.1", port: 1 }, `the address's _tag "tcp" is not Tcp, Unix or File`],
+  ["no _tag", { host: "127.0.0.1", port: 1 }, `the address's _tag undefined is not Tcp, Unix or File`],
+  ["an empty host", { _tag: "Tcp", host: "", port: 1 }, `the address's host "" is not a host name or IP address`],
+  ["a host with a blank", { _tag: "Tcp", host: " 127.0.0.1", port: 1 }, `the address's host " 127.0.0.1" is not a host name or IP address`],
+  ["a host of null", { _tag: "Tcp", host: null, port: 1 }, `the address's host null is not a host name or IP address`],
+  ["a port that is a string", { _tag: "Tcp", host: "127.0.0.1", port: "1" }, `the address's port "1" is not a number`],
+  ["no port", { _tag: "Tcp", host: "127.0.0.1" }, `the address's port undefined is not a number`],
+  ["a Unix path of null", { _tag: "Unix", path: null }, `the address's path null is not a string`],
+  ["a Unix path that is a number", { _tag: "Unix", path: 5 }, `the address's path 5 is not a string`],
+  ["a file path of null", { _tag: "File", path: null }, `the address's path null is not a string`]
+]
+
+describe("an address that is none", () => {
+  for (const [name, address, message] of badAddresses) {
+    it.effect(`migrate to ${name}: BadOptions naming it, and no connect`, () =>
+      Effect.gen(function*() {
+        const ram = yield* sourceRam()
+        const transport = counting()
+        const exit = yield* Migration.migrate({ address: address as Transport.Address }).pipe(
+          Effect.provide(transport.layer),
+          Effect.provideService(GuestRam.GuestRam, ram),
+          Effect.exit
+        )
+        const error = failureOf(exit)
+        expect(error).toBeInstanceOf(MigrationError.MigrationError)
+        expect(error).toMatchObject({ reason: "BadOptions", message })
+        expectOneLine(error)
+        expect(transport.asked).toEqual({ connects: 0, listens: 0 })
+      }))
+
+    it.effect(`listenAndReceive at ${name}: BadOptions naming it, nothing listens, onListening never called`, () =>
+      Effect.gen(function*() {
+        const transport = counting()
+        let told = false
+        const exit = yield* Migration.listenAndReceive(address as Transport.Address, {
+          onListening: () => Effect.sync(() => (told = true))
+        }).pipe(Effect.provide(transport.layer), Effect.exit)
+        expect(failureOf(exit)).toMatchObject({ _tag: "MigrationError", reason: "BadOptions", message })
+        expect(transport.asked).toEqual({ connects: 0, listens: 0 })
+        expect(told).toBe(false)
+      }))
+
+    it.scoped(`Transport.connect and listen of ${name}: a TransportError BadAddress, not a defect`, () =>
+      Effect.gen(function*() {
+        const attempts: ReadonlyArray<Effect.Effect<unknown, Transport.TransportError, Scope.Scope>> = [
+          Transport.connect(address as Transport.Address),
+          Transport.listen(address as Transport.Address)
+        ]
+        for (const attempt of attempts) {
+          const error = failureOf(yield* Effect.exit(attempt))
+          expect(error).toMatchObject({ _tag: "TransportError", reason: "BadAddress" })
+          expect(error.message).toContain(message)
+          expectOneLine(error)
+        }
+      }))
+  }
+})
