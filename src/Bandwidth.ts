@@ -48,14 +48,21 @@ const badRate = (bytesPerSecond: number) =>
   new MigrationError.MigrationError({
     reason: "BadOptions",
     detail: `a bandwidth limit must be a number of bytes per second >= 0 (0: none; else from 1 to ` +
-      `${Number.MAX_SAFE_INTEGER}), not ${bytesPerSecond}`
+      `${Number.MAX_SAFE_INTEGER}), not ${
+        typeof bytesPerSecond === "string"
+          ? JSON.stringify(bytesPerSecond)
+          : typeof bytesPerSecond === "object" && bytesPerSecond !== null
+          ? "(an object)"
+          : String(bytesPerSecond)
+      }`
   })
 
 /**
  * 0 (no limit), or a rate the shared state holds as it is: a positive rate under one byte a second rounded to 0, and
  * one of 2^63 or more wrapped around its 64-bit slot (2^64 to 0), both of which lifted the limit they were to set.
  */
-const isRate = (n: number) => n === 0 || (n >= 1 && n <= Number.MAX_SAFE_INTEGER)
+// (a string from plain JavaScript, "100", compared as a number here and was a defect in the limit: a RangeError)
+const isRate = (n: number) => typeof n === "number" && (n === 0 || (n >= 1 && n <= Number.MAX_SAFE_INTEGER))
 
 /**
  * A limit of `bytesPerSecond` (0: none) that lets one packet's worth go at once after an idle moment.

@@ -283,6 +283,21 @@ const fromBlocks = (pageSize: number, blocks: ReadonlyArray<Block>): GuestRam["T
 }
 
 /**
+ * Why `ram`, given as memory (`what`), is no `GuestRam`, if it is not: from plain JavaScript, `null` or an object
+ * that no `make` built (no blocks, no write gate) was a defect inside the transfer. Memory built by hand from one
+ * that `make` built (`{ ...ram, pageSize }`) passes: its page size is checked where it is used.
+ *
+ * @internal
+ */
+export const notGuestRam = (ram: unknown, what: string): string | undefined => {
+  const r = ram as Partial<GuestRam["Type"]> | null
+  return typeof r === "object" && r !== null && typeof r.pageSize === "number" && Array.isArray(r.blocks) &&
+      typeof r.block === "function" && r.gate instanceof WriteGate && typeof r.transfer === "object"
+    ? undefined
+    : `${what} is not a GuestRam (memory that GuestRam.make built)`
+}
+
+/**
  * Why the memory of `ram` is not all there any more, if it is not: bytes given to `make` whose `ArrayBuffer` was
  * detached since (transferred to another thread, `structuredClone` with `transfer`) or shrunk (a resizable one)
  * read as none, and a save, migration or restore of such memory died on a `RangeError` half-way.

@@ -194,6 +194,10 @@ const checkOptions = (options: MigrateOptions, pageSize: number): string | undef
 }
 
 const checkReconnect = (reconnect: MigrateOptions["reconnect"]): string | undefined => {
+  // (null was a defect, a string ignored in silence: plain JavaScript)
+  if (reconnect !== undefined && typeof reconnect !== "number" && (typeof reconnect !== "object" || reconnect === null)) {
+    return `reconnect must be a number of attempts or { attempts, within }, not ${Transfer.describeInput(reconnect)}`
+  }
   const attempts = typeof reconnect === "number" ? reconnect : reconnect?.attempts ?? 3
   const within = typeof reconnect === "object" ? reconnect.within : undefined
   return !(Number.isInteger(attempts) && attempts >= 0 && attempts <= 1000)
@@ -300,12 +304,16 @@ export const migrate = (
     const ram = yield* GuestRam.GuestRam
     const resolved = yield* MigrationConfig.resolve(options)
     const address = resolved.address
-    // an address that is none (from plain JavaScript: null, a URI string, a `_tag` of "tcp", an empty host) is
-    // BadOptions before anything connects (a `_tag` it did not know was taken for Tcp and connected)
-    const badAddress = Transport.addressProblem(address)
-    return yield* observed("source", resolved.status, ram.size, (tracker): Effect.Effect<Stats, MigrateError, Transport.Transport | GuestRam.GuestRam> =>
-      badAddress !== undefined
-        ? Effect.fail(new MigrationError.MigrationError({ reason: "BadOptions", detail: badAddress }))
+    // options of the wrong type, from plain JavaScript (no compiler checked them), are BadOptions before anything
+    // connects: an address that is none (null, a URI string, a `_tag` of "tcp", an empty host: a `_tag` it did not
+    // know was taken for Tcp and connected), a callback that is no function (the migration died on it once it
+    // called it, connected by then), a status that is no handle, memory in context that is no GuestRam (defects)
+    const badStatus = checkStatus(resolved.status)
+    const bad = GuestRam.notGuestRam(ram, "the GuestRam in context") ?? badStatus ?? Transport.addressProblem(address) ??
+      Transfer.checkCallback("onProgress", resolved.onProgress) ?? Transfer.checkCallback("upgrade", resolved.upgrade)
+    return yield* observed("source", badStatus === undefined ? resolved.status : undefined, ram?.size ?? 0, (tracker): Effect.Effect<Stats, MigrateError, Transport.Transport | GuestRam.GuestRam> =>
+      bad !== undefined
+        ? Effect.fail(new MigrationError.MigrationError({ reason: "BadOptions", detail: bad }))
         // a file: address saves a snapshot instead (Snapshot: parallel writers at fixed offsets)
         : address._tag === "File"
         // a compression or bandwidth limit from the MigrationConfig in context (MULTIFD_COMPRESSION, ...) is a
@@ -323,6 +331,23 @@ export const migrate = (
         originalErrors
       )
   })
+
+/** Why `status` is no `MigrationStatus` handle (`MigrationStatus.make`), if it is not (it was a defect). */
+const checkStatus = (status: unknown): string | undefined =>
+  status === undefined || (typeof status === "object" && status !== null && Status.TypeId in status)
+    ? undefined
+    : `status ${Transfer.describeInput(status)} is not a MigrationStatus handle (MigrationStatus.make)`
+
+/**
+ * Why the options of a destination that plain JavaScript may get wrong are unusable, if they are: memory given that
+ * is no GuestRam, callbacks that are no functions, `expect` that is no object (each a defect, some once a source
+ * had connected). The status, checked apart, is not one of them.
+ */
+const checkIncomingTypes = (options: IncomingOptions<unknown>): string | undefined =>
+  (options.ram === undefined ? undefined : GuestRam.notGuestRam(options.ram, "ram")) ??
+    Transfer.checkCallback("admit", options.admit) ?? Transfer.checkCallback("store", options.store) ??
+    Transfer.checkCallback("onProgress", options.onProgress) ?? Transfer.checkCallback("upgrade", options.upgrade) ??
+    Transfer.checkObject("expect", options.expect)
 
 /** An address for a span's attribute, even one that is no address (`Transport.addressProblem`: BadOptions). */
 const spanAddress = (address: Transport.Address): string =>
@@ -562,9 +587,10 @@ const receive = <E, E2, R>(
 ): Effect.Effect<Incoming, IncomingError | E | E2, Exclude<R, Scope.Scope>> =>
   Effect.flatMap(MigrationConfig.resolve(options), (options) =>
     Effect.map(
-      observed("destination", options.status, options.ram?.size ?? 0, (tracker) =>
+      observed("destination", checkStatus(options.status) === undefined ? options.status : undefined, options.ram?.size ?? 0, (tracker) =>
         Effect.gen(function*() {
-          const problem = Transfer.checkMaxRam(options.maxRamBytes) ?? Transfer.checkTimeouts(options.timeouts) ??
+          const problem = checkStatus(options.status) ?? checkIncomingTypes(options) ??
+            Transfer.checkMaxRam(options.maxRamBytes) ?? Transfer.checkTimeouts(options.timeouts) ??
             Transfer.checkAcceptTimeout(options.acceptTimeout) ?? checkExpectations(options.expect)
           if (problem !== undefined) {
             return yield* new MigrationError.MigrationError({ reason: "BadOptions", detail: problem })
@@ -604,11 +630,15 @@ const restoreFromFile = <E>(
   options: IncomingOptions<E>
 ): Effect.Effect<Incoming, Snapshot.SnapshotError | MigrationError.MigrationError | E> =>
   Effect.map(
-    observed("destination", options.status, options.ram?.size ?? 0, (tracker) =>
+    observed("destination", checkStatus(options.status) === undefined ? options.status : undefined, options.ram?.size ?? 0, (tracker) =>
       Effect.zipRight(
-        options.upgrade !== undefined
-          ? Effect.fail(unsupported(path, "TLS does not apply to a file: snapshot"))
-          : tracker.active,
+        Effect.suspend((): Effect.Effect<void, Snapshot.SnapshotError | MigrationError.MigrationError> => {
+          if (options.upgrade !== undefined) return Effect.fail(unsupported(path, "TLS does not apply to a file: snapshot"))
+          const problem = checkStatus(options.status) ?? checkIncomingTypes(options) ?? checkExpectations(options.expect)
+          return problem === undefined
+            ? tracker.active
+            : Effect.fail(new MigrationError.MigrationError({ reason: "BadOptions", detail: problem }))
+        }),
         Effect.tap(
           Snapshot.restoreTracked(path, {
             ram: options.ram,

@@ -180,7 +180,10 @@ export const isChannels = (n: unknown): n is number =>
  * @category limits
  */
 export const checkChannels = (n: number, what = "channels"): string | undefined =>
-  isChannels(n) ? undefined : `${what} must be between ${MIN_CHANNELS} and ${MAX_CHANNELS}, not ${n}`
+  isChannels(n) ? undefined : `${what} must be between ${MIN_CHANNELS} and ${MAX_CHANNELS}, not ${quotedIfString(n)}`
+
+/** A number for a message, a string (from plain JavaScript) quoted: channels "4" said "not 4". */
+const quotedIfString = (n: unknown): string => typeof n === "string" ? JSON.stringify(n) : String(n)
 
 /**
  * Smallest page size.
@@ -281,6 +284,8 @@ export const checkCompressionLevel = (method: Compression, level: number): strin
   method === "none" ||
     (Number.isInteger(level) && level >= compressionLevels[method].min && level <= compressionLevels[method].max)
     ? undefined
+    : typeof level !== "number"
+    ? `${method} level ${quotedIfString(level)} is not a number (${compressionLevels[method].min}-${compressionLevels[method].max})`
     : `${method} level ${level} is out of range ${compressionLevels[method].min}-${compressionLevels[method].max}`
 
 /**

@@ -180,12 +180,14 @@ export const saveTracked = (
     const ram = yield* GuestRam.GuestRam
     // an empty path made a hidden `.<pid>.partial` in the working directory, wrote every page into it, and failed
     // only at the rename
-    if (path.length === 0) return yield* new SnapshotError({ reason: "Unusable", path, detail: "no file path given" })
+    // (a path that is no string, from plain JavaScript, was a defect)
+    if (typeof path !== "string" || path.length === 0) return yield* noPath(path)
     const channels = options.channels ?? DEFAULT_CHANNELS
     const badChannels = Protocol.checkChannels(channels)
     if (badChannels !== undefined) return yield* new SnapshotError({ reason: "Unsupported", path, detail: badChannels })
     const zeroPage = options.zeroPage
-    const badOptions = Transfer.checkLive(options.live) ??
+    const badOptions = GuestRam.notGuestRam(ram, "the GuestRam in context") ??
+      Transfer.checkCallback("onProgress", options.onProgress) ?? Transfer.checkLive(options.live) ??
       (options.stallTimeout === undefined ? undefined : Transfer.checkDuration("stallTimeout", options.stallTimeout, "positive")) ??
       (zeroPage === undefined || zeroPage === "multifd" || zeroPage === "none"
         ? undefined
@@ -425,6 +427,14 @@ export const restoreTracked = (
       )
   )
 
+/** A snapshot's path that is empty, or no string (plain JavaScript). */
+const noPath = (path: unknown) =>
+  new SnapshotError({
+    reason: "Unusable",
+    path: typeof path === "string" ? path : "",
+    detail: typeof path === "string" ? "no file path given" : `the path ${Transfer.describeInput(path)} is not a string`
+  })
+
 const restoreInto = (
   path: string,
   options: RestoreOptions,
@@ -434,8 +444,10 @@ const restoreInto = (
     const started = yield* Clock.currentTimeMillis
     const readers = options.readers ?? DEFAULT_CHANNELS
     const badReaders = Protocol.checkChannels(readers, "readers")
-    if (path.length === 0) return yield* new SnapshotError({ reason: "Unusable", path, detail: "no file path given" })
-    const badOptions = badReaders ?? Transfer.checkMaxRam(options.maxRamBytes)
+    if (typeof path !== "string" || path.length === 0) return yield* noPath(path)
+    const badOptions = badReaders ?? Transfer.checkMaxRam(options.maxRamBytes) ??
+      (options.ram === undefined ? undefined : GuestRam.notGuestRam(options.ram, "ram")) ??
+      Transfer.checkCallback("admit", options.admit) ?? Transfer.checkCallback("onProgress", options.onProgress)
     if (badOptions !== undefined) return yield* new SnapshotError({ reason: "Unsupported", path, detail: badOptions })
     const file = yield* SnapshotFile.openReader(path)
     const index = yield* Restore.readIndex(path, file, (header) => admitted(path, header, options))

@@ -80,7 +80,32 @@ export const checkDuration = (what: string, input: unknown, min: "positive" | "n
     : undefined
 }
 
-const describeInput = (input: unknown): string =>
+/**
+ * Why an option that holds an object (`timeouts`, `live`, `expect`, ...), given as `what`, is none, if it is not: from
+ * plain JavaScript, `null` was a defect, a number was ignored in silence.
+ *
+ * @internal
+ */
+export const checkObject = (what: string, value: unknown): string | undefined =>
+  value === undefined || (typeof value === "object" && value !== null && !Array.isArray(value))
+    ? undefined
+    : `${what} must be an object, not ${describeInput(value)}`
+
+/**
+ * Why a callback option (`onProgress`, `store`, `admit`, `upgrade`), given as `what`, is no function, if it is not:
+ * from plain JavaScript, the migration died on it ("is not a function") once it was called, after it connected.
+ *
+ * @internal
+ */
+export const checkCallback = (what: string, value: unknown): string | undefined =>
+  value === undefined || typeof value === "function" ? undefined : `${what} must be a function, not ${describeInput(value)}`
+
+/**
+ * A value a caller gave, for a message: strings quoted (a "4" is not 4), objects and functions named as such.
+ *
+ * @internal
+ */
+export const describeInput = (input: unknown): string =>
   Duration.isDuration(input)
     ? Duration.format(input)
     : typeof input === "string"
@@ -98,6 +123,8 @@ const describeInput = (input: unknown): string =>
  * @category utils
  */
 export const checkTimeouts = (partial: Partial<Timeouts> | undefined): string | undefined => {
+  const notObject = checkObject("timeouts", partial)
+  if (notObject !== undefined) return notObject
   for (const name of ["connect", "handshake", "peer"] as const) {
     const input = partial?.[name]
     const problem = input === undefined ? undefined : checkDuration(`timeouts.${name}`, input, "positive")
@@ -145,6 +172,9 @@ export interface LiveOptions {
  */
 export const checkLive = (live: LiveOptions | undefined): string | undefined => {
   if (live === undefined) return undefined
+  // (null, from plain JavaScript, was a defect)
+  const notObject = checkObject("live", live)
+  if (notObject !== undefined) return notObject
   for (const name of ["downtimeLimit", "maxDuration"] as const) {
     const input = live[name]
     const problem = input === undefined ? undefined : checkDuration(`live.${name}`, input, "non-negative")
@@ -152,7 +182,7 @@ export const checkLive = (live: LiveOptions | undefined): string | undefined => 
   }
   const rounds = live.maxRounds
   if (rounds !== undefined && !(Number.isInteger(rounds) && rounds >= 0)) {
-    return `live.maxRounds must be a whole number of 0 or more, not ${rounds}`
+    return `live.maxRounds must be a whole number of 0 or more, not ${describeInput(rounds)}`
   }
   const policy = live.onNoConvergence
   if (policy !== undefined && policy !== "fail" && policy !== "switchover") {
@@ -326,6 +356,6 @@ export const DEFAULT_MAX_RAM = 16 * GIB
  * @category utils
  */
 export const checkMaxRam = (maxRamBytes: number | undefined): string | undefined =>
-  maxRamBytes === undefined || maxRamBytes >= 0
+  maxRamBytes === undefined || (typeof maxRamBytes === "number" && maxRamBytes >= 0)
     ? undefined
-    : `the memory limit maxRamBytes must be a number of bytes >= 0, not ${maxRamBytes}`
+    : `the memory limit maxRamBytes must be a number of bytes >= 0, not ${describeInput(maxRamBytes)}`

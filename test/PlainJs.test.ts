@@ -100,3 +100,83 @@ describe("an address that is none", () => {
       }))
   }
 })
+
+describe("options of the wrong type", () => {
+  const migrateCases: ReadonlyArray<readonly [string, Record<string, unknown>, string]> = [
+    ["live: null", { live: null }, "live must be an object, not null"],
+    ["reconnect: null", { reconnect: null }, "reconnect must be a number of attempts or { attempts, within }, not null"],
+    ["reconnect: \"3\"", { reconnect: "3" }, `reconnect must be a number of attempts or { attempts, within }, not "3"`],
+    ["timeouts: 5", { timeouts: 5 }, "timeouts must be an object, not 5"],
+    [
+      "maxBandwidth: \"100\"",
+      { maxBandwidth: "100" },
+      `a bandwidth limit must be a number of bytes per second >= 0 (0: none; else from 1 to 9007199254740991), not "100"`
+    ],
+    ["channels: \"4\"", { channels: "4" }, `channels must be between 1 and 255, not "4"`],
+    ["live.maxRounds: \"3\"", { live: { maxRounds: "3" } }, `live.maxRounds must be a whole number of 0 or more, not "3"`],
+    ["onProgress: a string", { onProgress: "log" }, `onProgress must be a function, not "log"`],
+    ["upgrade: an object", { upgrade: {} }, "upgrade must be a function, not (an object)"],
+    ["status: an object", { status: {} }, "status (an object) is not a MigrationStatus handle (MigrationStatus.make)"]
+  ]
+  for (const [name, options, message] of migrateCases) {
+    it.effect(`migrate { ${name} }: BadOptions naming it, and no connect`, () =>
+      Effect.gen(function*() {
+        const ram = yield* sourceRam()
+        const transport = counting()
+        const exit = yield* Migration.migrate({ address: { _tag: "Tcp", host: "127.0.0.1", port: 1 }, ...options }).pipe(
+          Effect.provide(transport.layer),
+          Effect.provideService(GuestRam.GuestRam, ram),
+          Effect.exit
+        )
+        const error = failureOf(exit)
+        expect(error).toMatchObject({ _tag: "MigrationError", reason: "BadOptions", message })
+        expectOneLine(error)
+        expect(transport.asked).toEqual({ connects: 0, listens: 0 })
+      }))
+  }
+
+  it.effect("migrate of memory in context that is no GuestRam: BadOptions, and no connect", () =>
+    Effect.gen(function*() {
+      const transport = counting()
+      const exit = yield* Migration.migrate({ address: { _tag: "Tcp", host: "127.0.0.1", port: 1 } }).pipe(
+        Effect.provide(transport.layer),
+        Effect.provideService(GuestRam.GuestRam, { blocks: [] } as unknown as GuestRam.GuestRam["Type"]),
+        Effect.exit
+      )
+      expect(failureOf(exit)).toMatchObject({
+        reason: "BadOptions",
+        message: "the GuestRam in context is not a GuestRam (memory that GuestRam.make built)"
+      })
+      expect(transport.asked).toEqual({ connects: 0, listens: 0 })
+    }))
+
+  const incomingCases: ReadonlyArray<readonly [string, Record<string, unknown>, string]> = [
+    ["expect: null", { expect: null }, "expect must be an object, not null"],
+    ["ram: null", { ram: null }, "ram is not a GuestRam (memory that GuestRam.make built)"],
+    ["ram: an object", { ram: { blocks: [] } }, "ram is not a GuestRam (memory that GuestRam.make built)"],
+    ["admit: a string", { admit: "yes" }, `admit must be a function, not "yes"`],
+    ["store: a string", { store: "/tmp/out" }, `store must be a function, not "/tmp/out"`],
+    ["status: an object", { status: {} }, "status (an object) is not a MigrationStatus handle (MigrationStatus.make)"],
+    ["maxRamBytes: \"100\"", { maxRamBytes: "100" }, `the memory limit maxRamBytes must be a number of bytes >= 0, not "100"`],
+    ["timeouts: null", { timeouts: null }, "timeouts must be an object, not null"]
+  ]
+  for (const [name, options, message] of incomingCases) {
+    it.effect(`listenAndReceive { ${name} }: BadOptions naming it before anything listens; from a file: too`, () =>
+      Effect.gen(function*() {
+        const transport = counting()
+        const exit = yield* Migration.listenAndReceive({ _tag: "Tcp", host: "127.0.0.1", port: 0 }, options).pipe(
+          Effect.provide(transport.layer),
+          Effect.exit
+        )
+        const error = failureOf(exit)
+        expect(error).toMatchObject({ _tag: "MigrationError", reason: "BadOptions", message })
+        expectOneLine(error)
+        expect(transport.asked).toEqual({ connects: 0, listens: 0 })
+        if (name.startsWith("timeouts")) return // (a restore has no peer to time out)
+        const fromFile = failureOf(yield* Effect.exit(Migration.listenAndReceive({ _tag: "File", path: "/nonexistent/snap" }, options).pipe(
+          Effect.provide(transport.layer)
+        )))
+        expect(fromFile).toMatchObject({ message: expect.stringContaining(message.split(" (")[0]!) })
+      }))
+  }
+})
