@@ -52,6 +52,11 @@ export class MigrationError extends Data.TaggedError("MigrationError")<{
     | "Unexpected"
     | "BadOptions"
     /**
+     * A callback given in the options returned no `Effect` (an `async` function's Promise, `undefined`), or a
+     * source's progress report (`onProgress`) threw, died or failed: the message names the callback and what it did.
+     */
+    | "CallbackFailed"
+    /**
      * Another migration, snapshot save or restore of the same memory is under way (`GuestRam.transfer`), or
      * another migration is being received on the same listener.
      */

@@ -6,6 +6,7 @@
  *
  * @since 0.1.0
  */
+import * as Cause from "effect/Cause"
 import * as Clock from "effect/Clock"
 import * as Duration from "effect/Duration"
 import * as Effect from "effect/Effect"
@@ -13,6 +14,7 @@ import * as Exit from "effect/Exit"
 import * as Schedule from "effect/Schedule"
 import type * as Scope from "effect/Scope"
 import { RecentRate } from "./internal/native/rate.js"
+import * as MigrationError from "./MigrationError.js"
 import type * as Protocol from "./Protocol.js"
 
 // ---------------------------------------------------------------------------------------------------------
@@ -101,6 +103,55 @@ export const checkCallback = (what: string, value: unknown): string | undefined 
   value === undefined || typeof value === "function" ? undefined : `${what} must be a function, not ${describeInput(value)}`
 
 /**
+ * Calls a callback given in the options (`what` names it, "the progress report (onProgress)") and runs the Effect it
+ * returns. From plain JavaScript it may return something else: an `async` function's Promise (the migration died on
+ * "Not a valid effect: {}", a stack trace, once connected), or `undefined`; that fails `CallbackFailed`, saying
+ * what it returned and what to do. With `strict`, a callback that throws, dies or fails (its type says it cannot)
+ * fails `CallbackFailed` naming it and its error too, rather than end the transfer with a defect (or an error of no
+ * type the caller was told of); an interruption goes on as it is.
+ *
+ * @internal
+ */
+export const callback = <A, E, R>(
+  what: string,
+  call: () => Effect.Effect<A, E, R>,
+  strict: boolean
+): Effect.Effect<A, E | MigrationError.MigrationError, R> =>
+  Effect.suspend((): Effect.Effect<A, E | MigrationError.MigrationError, R> => {
+    const failed = (detail: string) => new MigrationError.MigrationError({ reason: "CallbackFailed", detail: `${what} ${detail}` })
+    let result: unknown
+    try {
+      result = call()
+    } catch (thrown) {
+      if (!strict) throw thrown
+      return Effect.fail(failed(`threw: ${oneLine(thrown)}`))
+    }
+    if (!Effect.isEffect(result)) {
+      return Effect.fail(failed(
+        result instanceof Promise || (typeof result === "object" && result !== null && typeof (result as PromiseLike<unknown>).then === "function")
+          ? "returned a Promise, not an Effect (an async function? wrap its work in Effect.promise)"
+          : `returned ${describeInput(result)}, not an Effect`
+      ))
+    }
+    const effect = result as Effect.Effect<A, E, R>
+    return strict
+      ? Effect.catchAllCause(effect, (cause) =>
+        Cause.isInterruptedOnly(cause)
+          ? Effect.failCause(cause as Cause.Cause<never>)
+          : Effect.fail(failed(`${Cause.isFailure(cause) ? "failed" : "died"}: ${oneLine(Cause.squash(cause))}`)))
+      : effect
+  })
+
+/** The one-line message of anything thrown or failed with. */
+const oneLine = (error: unknown): string => {
+  const text = typeof error === "object" && error !== null && "message" in error && typeof error.message === "string" &&
+      error.message.length > 0
+    ? error.message
+    : String(error)
+  return text.split("\n")[0]!
+}
+
+/**
  * A value a caller gave, for a message: strings quoted (a "4" is not 4), objects and functions named as such.
  *
  * @internal
@@ -110,7 +161,7 @@ export const describeInput = (input: unknown): string =>
     ? Duration.format(input)
     : typeof input === "string"
     ? JSON.stringify(input)
-    : typeof input === "number" || typeof input === "bigint" || input === null
+    : typeof input === "number" || typeof input === "bigint" || input === null || input === undefined
     ? String(input)
     : typeof input === "object"
     ? "(an object)"

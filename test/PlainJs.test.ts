@@ -7,13 +7,17 @@
  */
 import { describe, expect, it } from "@effect/vitest"
 import * as Effect from "effect/Effect"
+import * as Fiber from "effect/Fiber"
 import * as Layer from "effect/Layer"
+import * as Logger from "effect/Logger"
 import type * as Scope from "effect/Scope"
 import * as GuestRam from "../src/GuestRam.js"
 import * as Migration from "../src/Migration.js"
 import * as MigrationError from "../src/MigrationError.js"
 import * as Transport from "../src/Transport.js"
 import { expectOneLine, failureOf } from "./support/failures.js"
+import { noHang } from "./support/guards.js"
+import { leakFree } from "./support/handles.js"
 import { mixedImage } from "./support/images.js"
 
 const PAGE = 4096
@@ -179,4 +183,72 @@ describe("options of the wrong type", () => {
         expect(fromFile).toMatchObject({ message: expect.stringContaining(message.split(" (")[0]!) })
       }))
   }
+})
+
+describe("callbacks that return no Effect, throw, die or fail", () => {
+  const TIMEOUTS = { connect: "2 seconds", handshake: "2 seconds", peer: "2 seconds" } as const
+  const quiet = <A, E, R>(self: Effect.Effect<A, E, R>) => Effect.provide(self, Logger.replace(Logger.defaultLogger, Logger.none))
+
+  /** A migration of 1 MiB over loopback with these options on each side: both exits. */
+  const both = (source: Partial<Migration.MigrateOptions>, destination: Migration.IncomingOptions<unknown>) =>
+    Effect.gen(function*() {
+      const ram = yield* GuestRam.make({ blocks: [{ name: "pc.ram", bytes: mixedImage(256, 0.6, PAGE) }] })
+      const listener = yield* Transport.listen({ _tag: "Tcp", host: "127.0.0.1", port: 0 })
+      const receiving = yield* Effect.forkScoped(quiet(Migration.incoming(listener, { timeouts: TIMEOUTS, ...destination })))
+      const sent = yield* noHang(
+        Effect.exit(Migration.migrate({ address: listener.address, timeouts: TIMEOUTS, ...source }).pipe(
+          Effect.provide(Transport.layer),
+          Effect.provideService(GuestRam.GuestRam, ram)
+        )),
+        "migrate"
+      )
+      const received = yield* noHang(Fiber.await(receiving), "incoming")
+      return { sent, received }
+    })
+
+  const sourceReports: ReadonlyArray<readonly [string, (progress: Migration.Progress) => unknown, string]> = [
+    [
+      "an async function (a Promise)",
+      async () => {},
+      "the progress report (onProgress) returned a Promise, not an Effect (an async function? wrap its work in Effect.promise)"
+    ],
+    ["a function that returns nothing", () => undefined, "the progress report (onProgress) returned undefined, not an Effect"],
+    ["a function that throws", () => {
+      throw new Error("no console here")
+    }, "the progress report (onProgress) threw: no console here"],
+    ["an Effect that dies", () => Effect.die(new Error("a bug")), "the progress report (onProgress) died: a bug"]
+  ]
+  for (const [name, onProgress, message] of sourceReports) {
+    it.live(`the source's onProgress is ${name}: CallbackFailed naming it, no defect; the destination hears why; nothing left open`, () =>
+      leakFree(Effect.gen(function*() {
+        const { received, sent } = yield* both({ onProgress: onProgress as Migration.MigrateOptions["onProgress"] }, {})
+        const error = failureOf(sent)
+        expect(error).toMatchObject({ _tag: "MigrationError", reason: "CallbackFailed", message })
+        expectOneLine(error as MigrationError.MigrationError)
+        expect((failureOf(received) as { message: string }).message).toBe(`the source aborted the migration: ${message}`)
+      })))
+  }
+
+  it.live("an async store step (a Promise): incoming fails CallbackFailed saying so, the source that it was not stored", () =>
+    leakFree(Effect.gen(function*() {
+      const store = (async () => {}) as unknown as Migration.IncomingOptions<unknown>["store"]
+      const { received, sent } = yield* both({}, { store })
+      const message = "the store step (store) returned a Promise, not an Effect (an async function? wrap its work in Effect.promise)"
+      expect(failureOf(received)).toMatchObject({ _tag: "MigrationError", reason: "CallbackFailed", message })
+      expect(failureOf(sent)).toMatchObject({
+        reason: "Aborted",
+        message: `the destination could not store the image: ${message}`
+      })
+    })))
+
+  it.live("an admit check that returns no reason (a number, an Effect): both sides Rejected saying what it returned", () =>
+    leakFree(Effect.gen(function*() {
+      for (const [answer, shown] of [[5, "5"], [Effect.succeed("too big"), "(an object)"]] as const) {
+        const admit = (() => answer) as unknown as Migration.IncomingOptions<unknown>["admit"]
+        const { received, sent } = yield* Effect.scoped(both({}, { admit }))
+        const reason = `its admit check returned ${shown}, not a reason (a string) or undefined`
+        expect(failureOf(received)).toMatchObject({ reason: "Rejected", message: `refused the migration: ${reason}` })
+        expect(failureOf(sent)).toMatchObject({ reason: "Rejected", message: `the destination refused the migration: ${reason}` })
+      }
+    })))
 })

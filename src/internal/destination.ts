@@ -317,7 +317,14 @@ const admitting = (
   tell: (message: Control.Message) => Effect.Effect<void, unknown>
 ): Effect.Effect<string | undefined> =>
   admit === undefined ? Effect.succeed(undefined) : Effect.catchAllDefect(
-    Effect.sync(() => admit(proposal)),
+    Effect.sync(() => {
+      const answer: unknown = admit(proposal)
+      // from plain JavaScript, an answer that is neither (a number, an Effect, a Promise) was a defect that closed the
+      // main channel unanswered: the source is refused saying what the check returned
+      return answer === undefined || typeof answer === "string"
+        ? answer
+        : `its admit check returned ${Transfer.describeInput(answer)}, not a reason (a string) or undefined`
+    }),
     (defect) =>
       Effect.zipRight(
         Effect.ignore(tell(new Control.Reject({ reason: `its admit check failed: ${Conversation.messageOf(defect)}` }))),
@@ -347,7 +354,10 @@ const storeThen = <E, E2>(
       // the step may save or pass on the memory it stores (Snapshot.save, migrate): the permit this migration holds
       // on memory given to it is lent to the step, which would otherwise find its own memory Busy
       // (called inside the fiber: a step that throws rather than return an effect dies there, and the source hears it)
-      const stepRun = Effect.suspend(() => step(ram, commit))
+      // (one that returns no Effect, an async function's Promise, fails CallbackFailed saying so: it was a defect, "Not
+      // a valid effect: {}")
+      // (its MigrationError is one `incoming` fails with anyway: typed as the step's own)
+      const stepRun = Transfer.callback("the store step (store)", () => step(ram, commit), false) as Effect.Effect<void, E>
       const fiber = yield* Effect.fork(restore(Effect.raceFirst(GuestRam.lending(ram, stepRun), storing)))
       const stored = yield* Effect.exit(restore(Fiber.join(fiber)))
       if (Exit.isSuccess(stored)) {

@@ -112,6 +112,9 @@ const msOf = (ms: number): string => ms >= 1 || ms === 0 || !Number.isFinite(ms)
 const rateOf = (bytesPerSecond: number): string =>
   bytesPerSecond > 0 ? Bandwidth.format(bytesPerSecond) : "no rate measured (nothing moved)"
 
+/** The progress report, as a message names it. */
+const REPORT = "the progress report (onProgress)"
+
 /** What a transfer waits for while its progress report runs. */
 const REPORT_WAIT = "waiting for the progress report (onProgress) to return"
 
@@ -177,7 +180,9 @@ export const run = <E, F>(
       : (progress: Transfer.Progress) =>
         Effect.suspend(() => {
           reporting = true
-          return ram.gate.reporting(self, onProgress(progress))
+          // (a callback that throws, dies, fails or returns no Effect, from plain JavaScript, fails CallbackFailed
+          // naming it, where it was a defect with a stack trace: "Not a valid effect: {}" of an async function)
+          return ram.gate.reporting(self, Transfer.callback(REPORT, () => onProgress(progress), true))
         }).pipe(
           within(options.stallTimeout, REPORT_WAIT),
           Effect.ensuring(Effect.sync(() => {
