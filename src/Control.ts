@@ -209,7 +209,13 @@ export class Bye extends Schema.TaggedClass<Bye>()("Bye", {}) {}
  */
 export class Abort extends Schema.TaggedClass<Abort>()("Abort", {
   reason: Schema.String,
-  step: Schema.optional(Schema.Literal("store"))
+  step: Schema.optional(Schema.Literal("store")),
+  /**
+   * Destination → source: what the destination found, when it is a verdict on the memory rather than a giving up
+   * (`DigestMismatch`: the pages arrived and do not hash to the source's digests). A field of its own, so that a peer
+   * that does not know it still reads the abort (a field it does not know is ignored; a new `step` would not decode).
+   */
+  found: Schema.optional(Schema.Literal("DigestMismatch"))
 }) {}
 
 /**

@@ -745,8 +745,9 @@ describe("a writer past the API (block.bytes written directly: no gate, no dirty
           if (p.round === 0 && p.doneBytes === p.totalBytes) ram.block("vga.vram")!.bytes[5 * PAGE + 3]! ^= 0xff
         })
       const error = failureOf(yield* noHang(Effect.exit(migrateFrom(ram, { address: listener.address, channels: 2, onProgress })), "migrate"))
-      // (the source hears the destination's word: Aborted, its message naming the mismatch and the block)
-      expect(error).toMatchObject({ _tag: "MigrationError", reason: "Aborted" })
+      // (the source hears the destination's verdict: DigestMismatch, its message naming the mismatch and the block;
+      // it said Aborted, as if the destination had given up)
+      expect(error).toMatchObject({ _tag: "MigrationError", reason: "DigestMismatch" })
       expectOneLine(error)
       expect(error.message).toBe(`the destination aborted the migration: memory digest mismatch in block "vga.vram"`)
       expect(failureOf(yield* noHang(Fiber.await(destination), "incoming")).message).toBe(

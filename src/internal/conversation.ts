@@ -69,7 +69,9 @@ export const reader = (
         last = message
         if (message._tag === "Abort") {
           return yield* new MigrationError.MigrationError({
-            reason: "Aborted",
+            // the destination's digest mismatch is the source's too (it said Aborted, as if the destination had given
+            // up, where the pages it received did not verify); a source's word is no verdict on this side's memory
+            reason: message.found === "DigestMismatch" && peer === "destination" ? "DigestMismatch" : "Aborted",
             detail: message.step === "store"
               ? `the ${peer} could not store the image: ${PeerText.fromPeer(message.reason)}`
               : `the ${peer} aborted the migration: ${PeerText.fromPeer(message.reason)}`

@@ -291,7 +291,7 @@ const verify = (
     const bad = mine.filter((d) => theirs.get(d.name) !== d.digest).map((d) => d.name)
     if (bad.length > 0 || theirs.size !== mine.length) {
       const reason = `memory digest mismatch in block ${bad.map((n) => JSON.stringify(n)).join(", ")}`
-      yield* tell(new Control.Abort({ reason }))
+      yield* tell(new Control.Abort({ reason, found: "DigestMismatch" }))
       return yield* new MigrationError.MigrationError({ reason: "DigestMismatch", detail: reason })
     }
     yield* Effect.logDebug("digests verified")
