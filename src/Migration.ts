@@ -415,7 +415,10 @@ export interface IncomingOptions<E = never> {
    * Memory to receive into: its layout must equal the source's. Without it, memory of the source's layout
    * is allocated, up to `maxRamBytes`. Pages are written as they arrive: a migration that fails after the hello
    * (a lost source, a digest mismatch, an interruption) leaves this memory partly overwritten — what it held
-   * before is not kept; receive into fresh memory, or keep a copy, when it must survive a failed migration.
+   * before is not kept; receive into fresh memory, or keep a copy, when it must survive a failed migration. Its
+   * writers (`GuestRam.write` / `update`) wait from the source's admission until the memory verified (its write gate
+   * closed, unless it was already), and go on after it, on the received memory, before the `store` step; a write from
+   * inside this migration's own progress report meanwhile fails at once (`WriteBlocked`).
    */
   readonly ram?: GuestRam.GuestRam["Type"] | undefined
   /**

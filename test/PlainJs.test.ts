@@ -252,3 +252,48 @@ describe("callbacks that return no Effect, throw, die or fail", () => {
       }
     })))
 })
+
+describe("an application that writes memory while a migration is received into it", () => {
+  /**
+   * `incoming` into memory given whose gate was open: the application's write (GuestRam.write) went through while the
+   * source's pages were arriving, and was lost under them in silence (written before the page came; a write after a
+   * page came failed the migration DigestMismatch on both sides, blaming the transfer). Its writers now wait while the
+   * migration writes and verifies the memory (its gate closed, unless it was already), as a restore's do, and go on
+   * after it, on the received memory.
+   */
+  it.live("a write made once the source was admitted waits, and lands on the received memory; the migration succeeds", () =>
+    leakFree(Effect.gen(function*() {
+      const TIMEOUTS = { connect: "2 seconds", handshake: "2 seconds", peer: "2 seconds" } as const
+      const image = mixedImage(256, 0.6, PAGE)
+      const source = yield* GuestRam.make({ blocks: [{ name: "pc.ram", bytes: image }] })
+      const ram = yield* GuestRam.make({ blocks: [{ name: "pc.ram", size: image.length }] })
+      const listener = yield* Transport.listen({ _tag: "Tcp", host: "127.0.0.1", port: 0 })
+      let admitted!: () => void
+      const admission = new Promise<void>((resolve) => (admitted = resolve))
+      const marker = Buffer.alloc(8, 0xab)
+      // the application writes page 0 as soon as the source is admitted (before its pages can arrive)
+      const writer = yield* Effect.forkScoped(
+        Effect.zipRight(Effect.promise(() => admission), GuestRam.write(ram, "pc.ram", 0, marker))
+      )
+      const receiving = yield* Effect.forkScoped(Migration.incoming(listener, {
+        ram,
+        timeouts: TIMEOUTS,
+        admit: () => (admitted(), undefined)
+      }))
+      yield* noHang(
+        Migration.migrate({ address: listener.address, timeouts: TIMEOUTS }).pipe(
+          Effect.provide(Transport.layer),
+          Effect.provideService(GuestRam.GuestRam, source)
+        ),
+        "migrate"
+      )
+      yield* noHang(Fiber.join(receiving), "incoming")
+      yield* noHang(Fiber.join(writer), "the application's write")
+      // the received memory, with the application's write on top of it
+      const expected = Buffer.from(image)
+      marker.copy(expected, 0)
+      expect(ram.blocks[0]!.bytes.equals(expected)).toBe(true)
+      // and the gate is open again: a write goes through at once
+      yield* noHang(GuestRam.write(ram, "pc.ram", PAGE, marker), "a write after the migration")
+    })))
+})

@@ -517,6 +517,26 @@ export const run = <E>(listener: Transport.Listener, settings: Settings<E>): Eff
       // last report: it hung after the source had succeeded. Such a write fails at once (WriteBlocked) instead; with
       // the gate open it goes through as before (the mark released after the last report)
       const onProgress = settings.ram === undefined ? settings.onProgress : yield* settings.ram.gate.reports(settings.onProgress)
+      // the application's writers of memory given wait while the source's pages are written and verified, and go on
+      // after it, on the received memory (a write went through meanwhile: lost under a page that came after it, or,
+      // landing after its page, failing the migration DigestMismatch on both sides, blaming the transfer); as a
+      // restore's do. A gate closed already (by the application, or kept closed by a migration's success) stays as
+      // it was found. Opened again before the store step, which may write or pass on the memory (or on any end)
+      const given = settings.ram
+      const held = { closedHere: false }
+      const writersResume: Effect.Effect<void> = Effect.suspend(() => {
+        const reopen = held.closedHere
+        held.closedHere = false
+        return reopen && given !== undefined ? given.gate.open : Effect.void
+      })
+      if (given !== undefined) {
+        yield* Effect.acquireRelease(
+          Effect.map(given.gate.closing, (closed) => {
+            held.closedHere = closed
+          }),
+          () => writersResume
+        )
+      }
       const recv = yield* MultifdRecv.make({
         channels: hello.channels,
         uuid: Protocol.parseUuid(hello.uuid),
@@ -608,6 +628,7 @@ export const run = <E>(listener: Transport.Listener, settings: Settings<E>): Eff
         tell,
         hello.heartbeats === true ? { peer: timeouts.peer } : undefined
       )
+      yield* writersResume
       // Done promises the memory is verified and, with a store step, stored: the source reports success on it
       yield* storeThen(
         ram,
