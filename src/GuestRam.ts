@@ -615,7 +615,15 @@ export class OutOfBounds extends Data.TaggedError("OutOfBounds")<{
  * @category errors
  */
 export class WriteBlocked extends Data.TaggedError("WriteBlocked")<{
-  readonly reason: "Deadlock"
+  /**
+   * `Deadlock`: see above. From plain JavaScript (no compiler checked the call), the write is refused too, having
+   * written nothing: `NotBytes`, `write` given data that is no `Uint8Array` (a string wrote zeros, and succeeded);
+   * `BadCallback`, `update` given a callback that is no function, or one that returned a Promise (an `async` one:
+   * what it writes after an `await` goes past the gate and the dirty log, unseen by a migration, so it fails at once
+   * — its pages are marked dirty all the same); `Detached`, memory given as bytes whose `ArrayBuffer` was detached
+   * or shrunk since `make` (it said "outside block (0 bytes)").
+   */
+  readonly reason: "Deadlock" | "NotBytes" | "BadCallback" | "Detached"
   readonly block: string
   readonly detail: string
 }> {
@@ -635,6 +643,11 @@ const deadlock = (name: string) => () =>
 
 const touch = (ram: GuestRam["Type"], name: string, offset: number, length: number) => {
   const block = ram.block(name)
+  // memory given as bytes whose buffer is gone (transferred to a thread, shrunk): every write was "outside block
+  // (0 bytes)", as if the caller had the offset wrong
+  if (block !== undefined && block.bytes.length !== block.pages * ram.pageSize) {
+    return new WriteBlocked({ reason: "Detached", block: name, detail: missing(ram)! })
+  }
   // a length that is not a whole number (NaN, computed from something undefined) ran `f` on an empty view, or on
   // a view of its whole part, and the write meant was dropped in silence
   if (block === undefined || !isWhole(offset) || !isWhole(length) || offset + length > block.bytes.length) {
@@ -663,13 +676,33 @@ export const update = <A>(
 ): Effect.Effect<A, OutOfBounds | WriteBlocked> =>
   Effect.suspend((): Effect.Effect<A, OutOfBounds | WriteBlocked> => {
     const block = touch(ram, name, offset, length)
-    if (block instanceof OutOfBounds) return Effect.fail(block)
-    return ram.gate.pass(() => {
-      // marked before `f` runs (nothing runs between the two): bytes an `f` that throws wrote before it threw are
-      // dirty all the same, and a later round sends them (a live save had reported success with the old bytes)
-      if (length > 0) block.dirty.mark(Math.floor(offset / ram.pageSize), Math.floor((offset + length - 1) / ram.pageSize))
-      return f(block.bytes.subarray(offset, offset + length))
-    }, deadlock(name))
+    if (block instanceof OutOfBounds || block instanceof WriteBlocked) return Effect.fail(block)
+    if (typeof f !== "function") {
+      return Effect.fail(
+        new WriteBlocked({ reason: "BadCallback", block: name, detail: `the callback of an update of block ${JSON.stringify(name)} is not a function` })
+      )
+    }
+    return Effect.flatMap(
+      ram.gate.pass(() => {
+        // marked before `f` runs (nothing runs between the two): bytes an `f` that throws wrote before it threw are
+        // dirty all the same, and a later round sends them (a live save had reported success with the old bytes)
+        if (length > 0) block.dirty.mark(Math.floor(offset / ram.pageSize), Math.floor((offset + length - 1) / ram.pageSize))
+        return f(block.bytes.subarray(offset, offset + length))
+      }, deadlock(name)),
+      (result): Effect.Effect<A, WriteBlocked> =>
+        // an async callback returned at its first await: the rest of it writes later, past the gate
+        isThenable(result)
+          ? Effect.fail(
+            new WriteBlocked({
+              reason: "BadCallback",
+              block: name,
+              detail: `the callback of an update of block ${JSON.stringify(name)} returned a Promise: it must write ` +
+                "synchronously (what an async callback writes after an await goes past the write gate and the dirty " +
+                "log, unseen by a migration)"
+            })
+          )
+          : Effect.succeed(result)
+    )
   })
 
 /**
@@ -683,7 +716,23 @@ export const write = (
   name: string,
   offset: number,
   data: Uint8Array
-): Effect.Effect<void, OutOfBounds | WriteBlocked> => update(ram, name, offset, data.length, (view) => view.set(data))
+): Effect.Effect<void, OutOfBounds | WriteBlocked> =>
+  // data that is no bytes, from plain JavaScript: a string was "set" as zeros (and the write succeeded), null threw
+  // as the call was made
+  data instanceof Uint8Array
+    ? update(ram, name, offset, data.length, (view) => view.set(data))
+    : Effect.fail(
+      new WriteBlocked({
+        reason: "NotBytes",
+        block: name,
+        detail: `a write to block ${JSON.stringify(name)} of data that is not a Uint8Array (${
+          data === null ? "null" : typeof data
+        })`
+      })
+    )
+
+const isThenable = (u: unknown): boolean =>
+  (typeof u === "object" || typeof u === "function") && u !== null && typeof (u as PromiseLike<unknown>).then === "function"
 
 /**
  * Number of dirty pages over all blocks.

@@ -13,7 +13,7 @@ import * as Prefault from "../src/internal/native/prefault.js"
 import * as Migration from "../src/Migration.js"
 import * as Snapshot from "../src/Snapshot.js"
 import * as Transport from "../src/Transport.js"
-import { expectOneLine } from "./support/failures.js"
+import { expectOneLine, failureOf } from "./support/failures.js"
 import { tempDirectory } from "./support/files.js"
 
 const sha256 = (data: Uint8Array): Buffer => Crypto.createHash("sha256").update(data).digest()
@@ -475,5 +475,61 @@ describe("digest", () => {
       const [second] = yield* GuestRam.digest(ram)
       expect(second!.digest).not.toBe(first!.digest)
       expect(second!.digest).toBe(yield* referenceDigest(bytes))
+    }))
+})
+
+describe("writes from plain JavaScript that no compiler checked", () => {
+  /** 4 pages of a given buffer, each page's first byte its number. */
+  const fourPages = () => {
+    const bytes = new Uint8Array(new ArrayBuffer(4 * 4096))
+    for (let page = 0; page < 4; page++) bytes[page * 4096] = page + 1
+    return bytes
+  }
+
+  it.effect("write of data that is no Uint8Array (a string, null): WriteBlocked NotBytes, nothing written, nothing dirty", () =>
+    Effect.gen(function*() {
+      const ram = yield* GuestRam.make({ blocks: [{ name: "ram", bytes: fourPages() }] })
+      for (const [data, shown] of [["hello", "string"], [null, "null"], [[1, 2, 3], "object"]] as const) {
+        const exit = yield* Effect.exit(Effect.suspend(() => GuestRam.write(ram, "ram", 0, data as unknown as Uint8Array)))
+        const error = failureOf(exit)
+        expect(error).toMatchObject({
+          _tag: "WriteBlocked",
+          reason: "NotBytes",
+          message: `a write to block "ram" of data that is not a Uint8Array (${shown})`
+        })
+      }
+      expect(ram.blocks[0]!.bytes[0]).toBe(1)
+      expect(GuestRam.dirtyPages(ram)).toBe(0)
+    }))
+
+  it.effect("update with a callback that is no function: WriteBlocked BadCallback, not a defect", () =>
+    Effect.gen(function*() {
+      const ram = yield* GuestRam.make({ blocks: [{ name: "ram", bytes: fourPages() }] })
+      const error = failureOf(yield* Effect.exit(GuestRam.update(ram, "ram", 0, 8, "fill" as unknown as (view: Buffer) => void)))
+      expect(error).toMatchObject({ reason: "BadCallback", message: `the callback of an update of block "ram" is not a function` })
+    }))
+
+  it.effect("update with an async callback: WriteBlocked BadCallback at once (its later writes would go past the gate); the pages are dirty", () =>
+    Effect.gen(function*() {
+      const ram = yield* GuestRam.make({ blocks: [{ name: "ram", bytes: fourPages() }] })
+      const error = failureOf(yield* Effect.exit(GuestRam.update(ram, "ram", 4096, 8, async (view) => {
+        view[0] = 9
+      })))
+      expect(error).toMatchObject({ _tag: "WriteBlocked", reason: "BadCallback" })
+      expect(error.message).toContain(`the callback of an update of block "ram" returned a Promise: it must write synchronously`)
+      expect(GuestRam.dirtyPages(ram)).toBe(1)
+    }))
+
+  it.effect("a write to memory whose ArrayBuffer was transferred away: WriteBlocked Detached, saying so (not 'outside block (0 bytes)')", () =>
+    Effect.gen(function*() {
+      const bytes = fourPages()
+      const ram = yield* GuestRam.make({ blocks: [{ name: "ram", bytes }] })
+      structuredClone(bytes.buffer, { transfer: [bytes.buffer] })
+      const error = failureOf(yield* Effect.exit(GuestRam.write(ram, "ram", 0, new Uint8Array(2))))
+      expect(error).toMatchObject({
+        _tag: "WriteBlocked",
+        reason: "Detached",
+        message: `the memory of block "ram" is no longer there (0 of its 16384 bytes): its ArrayBuffer was detached (transferred) or resized since GuestRam.make`
+      })
     }))
 })
