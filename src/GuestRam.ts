@@ -192,11 +192,15 @@ export const make = (options: {
   readonly prefault?: boolean | undefined
 }): Effect.Effect<GuestRam["Type"], GuestRamError> =>
   Effect.suspend(() => {
+    // from plain JavaScript: options or blocks that are none, a block that is no spec, bytes that are no Uint8Array
+    // (a string's length was taken for a size) were defects or misleading ("size 4096 is not a multiple of 4096")
+    const shape = shapeProblem(options)
+    if (shape !== undefined) return shape
     const pageSize = options.pageSize ?? DEFAULT_PAGE_SIZE
     if (!Protocol.isPageSize(pageSize)) {
       return new GuestRamError({
         reason: "BadPageSize",
-        detail: `page size ${pageSize} is not a power of two between ${Protocol.MIN_PAGE_SIZE} and ${Protocol.MAX_PAGE_SIZE}`
+        detail: `page size ${quoted(pageSize)} is not a power of two between ${Protocol.MIN_PAGE_SIZE} and ${Protocol.MAX_PAGE_SIZE}`
       })
     }
     const problem = checkLayout(
@@ -231,6 +235,32 @@ export const make = (options: {
       return fromBlocks(pageSize, blocks)
     })
   })
+
+/** A number for a message, a string (plain JavaScript) quoted: a size "4096" read "size 4096". */
+const quoted = (n: unknown): string => typeof n === "string" ? JSON.stringify(n) : String(n)
+
+/** What is wrong with the shape of `make`'s options, if anything (no compiler checked them). */
+const shapeProblem = (options: unknown): GuestRamError | undefined => {
+  const o = options as { readonly blocks?: unknown } | null
+  if (typeof o !== "object" || o === null || !Array.isArray(o.blocks)) {
+    return new GuestRamError({ reason: "NoBlocks", detail: "the options must be { pageSize?, blocks: [...] }, with blocks an array" })
+  }
+  for (const [i, b] of (o.blocks as ReadonlyArray<unknown>).entries()) {
+    const spec = b as { readonly name?: unknown; readonly size?: unknown; readonly bytes?: unknown } | null
+    if (typeof spec !== "object" || spec === null || typeof spec.name !== "string") {
+      return new GuestRamError({ reason: "BadBlockName", detail: `block ${i} is not { name, size } or { name, bytes } with a string name` })
+    }
+    if ("bytes" in spec ? !(spec.bytes instanceof Uint8Array) : typeof spec.size !== "number") {
+      return new GuestRamError({
+        reason: "BadBlockSize",
+        detail: "bytes" in spec
+          ? `block ${PeerText.quoted(spec.name)}: bytes must be a Uint8Array, not ${spec.bytes === null ? "null" : typeof spec.bytes}`
+          : `block ${PeerText.quoted(spec.name)}: size ${quoted(spec.size)} is not a number`
+      })
+    }
+  }
+  return undefined
+}
 
 /**
  * Checks a layout without allocating anything; the first problem found, if any.

@@ -533,3 +533,27 @@ describe("writes from plain JavaScript that no compiler checked", () => {
       })
     }))
 })
+
+describe("GuestRam.make from plain JavaScript", () => {
+  const cases: ReadonlyArray<readonly [string, unknown, string, string]> = [
+    ["options of null", null, "NoBlocks", "the options must be { pageSize?, blocks: [...] }, with blocks an array"],
+    ["blocks of null", { blocks: null }, "NoBlocks", "the options must be { pageSize?, blocks: [...] }, with blocks an array"],
+    ["a block name that is a number", { blocks: [{ name: 5, size: 4096 }] }, "BadBlockName", "block 0 is not { name, size } or { name, bytes } with a string name"],
+    ["a block that is null", { blocks: [null] }, "BadBlockName", "block 0 is not { name, size } or { name, bytes } with a string name"],
+    ["a size that is a string", { blocks: [{ name: "a", size: "4096" }] }, "BadBlockSize", `block "a": size "4096" is not a number`],
+    ["bytes that are a string", { blocks: [{ name: "a", bytes: "x" }] }, "BadBlockSize", `block "a": bytes must be a Uint8Array, not string`],
+    [
+      "a page size that is a string",
+      { pageSize: "4096", blocks: [{ name: "a", size: 4096 }] },
+      "BadPageSize",
+      `page size "4096" is not a power of two between 512 and 524288`
+    ]
+  ]
+  for (const [name, options, reason, detail] of cases) {
+    it.effect(`${name}: GuestRamError ${reason} saying so, not a defect`, () =>
+      Effect.gen(function*() {
+        const error = failureOf(yield* Effect.exit(Effect.suspend(() => GuestRam.make(options as Parameters<typeof GuestRam.make>[0]))))
+        expect(error).toMatchObject({ _tag: "GuestRamError", reason, message: `invalid memory layout: ${detail}` })
+      }))
+  }
+})
