@@ -347,7 +347,9 @@ const checkIncomingTypes = (options: IncomingOptions<unknown>): string | undefin
   (options.ram === undefined ? undefined : GuestRam.notGuestRam(options.ram, "ram")) ??
     Transfer.checkCallback("admit", options.admit) ?? Transfer.checkCallback("store", options.store) ??
     Transfer.checkCallback("onProgress", options.onProgress) ?? Transfer.checkCallback("upgrade", options.upgrade) ??
-    Transfer.checkObject("expect", options.expect)
+    Transfer.checkObject("expect", options.expect) ??
+    // (listenAndReceive's own)
+    Transfer.checkCallback("onListening", (options as { readonly onListening?: unknown }).onListening)
 
 /** An address for a span's attribute, even one that is no address (`Transport.addressProblem`: BadOptions). */
 const spanAddress = (address: Transport.Address): string =>
@@ -703,7 +705,9 @@ export const listenAndReceive = <E = never>(
     Effect.gen(function*() {
       const transport = yield* Transport.Transport
       const listener = yield* transport.listen(address)
-      if (options.onListening) yield* options.onListening(listener.address)
+      // (one that returns no Effect, an async function's Promise, fails CallbackFailed saying so: it was a defect)
+      const onListening = options.onListening
+      if (onListening) yield* Transfer.callback("onListening", () => onListening(listener.address), false)
       return listener
     }),
     options,

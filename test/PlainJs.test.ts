@@ -162,7 +162,8 @@ describe("options of the wrong type", () => {
     ["store: a string", { store: "/tmp/out" }, `store must be a function, not "/tmp/out"`],
     ["status: an object", { status: {} }, "status (an object) is not a MigrationStatus handle (MigrationStatus.make)"],
     ["maxRamBytes: \"100\"", { maxRamBytes: "100" }, `the memory limit maxRamBytes must be a number of bytes >= 0, not "100"`],
-    ["timeouts: null", { timeouts: null }, "timeouts must be an object, not null"]
+    ["timeouts: null", { timeouts: null }, "timeouts must be an object, not null"],
+    ["onListening: a string", { onListening: "ready" }, `onListening must be a function, not "ready"`]
   ]
   for (const [name, options, message] of incomingCases) {
     it.effect(`listenAndReceive { ${name} }: BadOptions naming it before anything listens; from a file: too`, () =>
@@ -176,7 +177,7 @@ describe("options of the wrong type", () => {
         expect(error).toMatchObject({ _tag: "MigrationError", reason: "BadOptions", message })
         expectOneLine(error)
         expect(transport.asked).toEqual({ connects: 0, listens: 0 })
-        if (name.startsWith("timeouts")) return // (a restore has no peer to time out)
+        if (name.startsWith("timeouts") || name.startsWith("onListening")) return // (a restore has no peer, nor listener)
         const fromFile = failureOf(yield* Effect.exit(Migration.listenAndReceive({ _tag: "File", path: "/nonexistent/snap" }, options).pipe(
           Effect.provide(transport.layer)
         )))
@@ -295,5 +296,24 @@ describe("an application that writes memory while a migration is received into i
       expect(ram.blocks[0]!.bytes.equals(expected)).toBe(true)
       // and the gate is open again: a write goes through at once
       yield* noHang(GuestRam.write(ram, "pc.ram", PAGE, marker), "a write after the migration")
+    })))
+})
+
+describe("listenAndReceive's onListening that returns no Effect", () => {
+  it.live("an async onListening (a Promise): CallbackFailed saying so, not a defect; nothing left listening", () =>
+    leakFree(Effect.gen(function*() {
+      let told = 0
+      const onListening = (async () => {
+        told++
+      }) as unknown as (address: Transport.Address) => Effect.Effect<void>
+      const exit = yield* Effect.exit(Migration.listenAndReceive({ _tag: "Tcp", host: "127.0.0.1", port: 0 }, { onListening }).pipe(
+        Effect.provide(Transport.layer)
+      ))
+      expect(failureOf(exit)).toMatchObject({
+        _tag: "MigrationError",
+        reason: "CallbackFailed",
+        message: "onListening returned a Promise, not an Effect (an async function? wrap its work in Effect.promise)"
+      })
+      expect(told).toBe(1)
     })))
 })
