@@ -81,6 +81,8 @@ export interface Options<E = never> {
    * Without it, memory of QEMU's layout is allocated, up to `maxRamBytes`. Pages are written past its gate and
    * dirty log: memory that a migration, save or restore is using is refused (`Busy`) before anything is accepted,
    * and everyone else finds it `Busy` until `incoming` returns (`persist` may save or migrate it, one at a time).
+   * Its writers (`GuestRam.write` / `update`) wait from QEMU's connection until its last page arrived (its gate
+   * closed, unless it was already), and go on after it, on the received memory, before `persist`.
    */
   readonly ram?: GuestRam.GuestRam["Type"] | undefined
   /** Largest total memory QEMU may make this destination allocate when `ram` is not given (default 16 GiB). */
@@ -358,6 +360,25 @@ const receive = <E>(listener: Transport.Listener, options: Options<E>): Effect.E
           ? Effect.mapError(connection.write([Writer.shut(status)]), MigrationError.onChannel("main"))
           : Effect.void)
     const run = Effect.gen(function*() {
+      // the application's writers of memory given wait while QEMU's pages are written into it, and go on after the
+      // last one, on the received memory, before `persist` (a write went through meanwhile, and was lost under a page
+      // that came after it, in silence), as `Migration.incoming`'s and a restore's do; a gate closed already (by the
+      // application, or kept closed by a migration's success) stays as it was found
+      const given = options.ram
+      const held = { closedHere: false }
+      const writersResume: Effect.Effect<void> = Effect.suspend(() => {
+        const reopen = held.closedHere
+        held.closedHere = false
+        return reopen && given !== undefined ? given.gate.open : Effect.void
+      })
+      if (given !== undefined) {
+        yield* Effect.acquireRelease(
+          Effect.map(given.gate.closing, (closed) => {
+            held.closedHere = closed
+          }),
+          () => writersResume
+        )
+      }
       const main = yield* MainChannel.read(connection, channelSet, candidates.rejected, {
         channels,
         compression,
@@ -374,6 +395,7 @@ const receive = <E>(listener: Transport.Listener, options: Options<E>): Effect.E
         multifdTurnedAway: candidates.multifdTurnedAway
       })
       // every page arrived (the last flush synced every channel) and the device state is complete
+      yield* writersResume
       const vm = options.vm === true ? QemuVm.fromSummary(main.summary, main.ram) : undefined
       // the step may save or migrate the memory it persists, even memory given, which everyone else finds `Busy`
       const persist = options.persist === undefined

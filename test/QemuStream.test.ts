@@ -954,6 +954,38 @@ describe("QemuIncoming.incoming into memory whose write gate is closed", () => {
     }))))
 })
 
+describe("QemuIncoming.incoming into memory that the application writes meanwhile (its gate open)", () => {
+  /**
+   * The application's write (GuestRam.write) went through while QEMU's pages were arriving and was lost under the
+   * page that came after it, in silence (the write said done). Writers now wait while the pages are written, and go
+   * on after the last one, on the received memory (as Migration.incoming's and a restore's do).
+   */
+  it.live("a write made once QEMU's blocks were admitted waits, and lands on the received memory", () =>
+    expectNoLeaks(Effect.scoped(Effect.gen(function*() {
+      const ram = yield* GuestRam.make({ pageSize: PAGE, blocks: [{ name: "mem", size: RAM_SIZE }] })
+      // a page QEMU sends (not zero in the image)
+      let page = 0
+      while (RAM_IMG.subarray(page * PAGE, (page + 1) * PAGE).every((b) => b === 0)) page++
+      let admitted!: () => void
+      const admission = new Promise<void>((resolve) => (admitted = resolve))
+      const marker = Buffer.alloc(8, 0xab)
+      const writer = yield* Effect.forkScoped(
+        Effect.zipRight(Effect.promise(() => admission), GuestRam.write(ram, "mem", page * PAGE, marker))
+      )
+      const exit = yield* replayAll(
+        yield* destination({ channels: 2, ram, admit: () => (admitted(), undefined) }),
+        [MAIN, fixture("none-2ch/multifd-0.bin"), fixture("none-2ch/multifd-1.bin")]
+      )
+      if (Exit.isFailure(exit)) throw new Error(Cause.pretty(exit.cause))
+      yield* noHang(Fiber.join(writer), "the application's write")
+      const expected = Buffer.from(RAM_IMG)
+      marker.copy(expected, page * PAGE)
+      expect(ram.blocks[0]!.bytes.equals(expected)).toBe(true)
+      // the gate is open again
+      yield* noHang(GuestRam.write(ram, "mem", 0, marker), "a write after the migration")
+    }))))
+})
+
 describe("QemuIncoming.incoming over TLS (QEMU's tls-creds-psk / tls-creds-x509)", () => {
   const pskConfig: Tls.TlsConfig = { psk: tlsFixture("keys.psk") }
   const x509Server: Tls.TlsConfig = { ca: tlsFixture("ca-cert.pem"), cert: tlsFixture("server-cert.pem"), key: tlsFixture("server-key.pem") }
