@@ -565,7 +565,8 @@ export const digest = (ram: GuestRam["Type"]): Effect.Effect<ReadonlyArray<Block
 
 /**
  * Starts the worker threads of `digest` now and returns a digest that hashes on them: a thread takes tens
- * of milliseconds to start, which a migration would otherwise spend paused. The threads stop with the scope.
+ * of milliseconds to start, which a migration would otherwise spend paused. The threads stop with the scope; the
+ * digest, run after that, hashes on the calling thread (it waited for ever for the threads' answers), with a warning.
  *
  * @since 0.1.0
  * @category constructors
@@ -573,7 +574,23 @@ export const digest = (ram: GuestRam["Type"]): Effect.Effect<ReadonlyArray<Block
 export const digester = (
   ram: GuestRam["Type"]
 ): Effect.Effect<Effect.Effect<ReadonlyArray<BlockDigest>>, never, Scope.Scope> =>
-  Effect.map(Digest.pool(Digest.threadsFor(ram.blocks.map((b) => b.bytes))), (pool) => digestOn(ram, pool))
+  Effect.map(Digest.pool(Digest.threadsFor(ram.blocks.map((b) => b.bytes))), (pool) =>
+    hereIfStopped(
+      digestOn(ram, pool),
+      (defect) => `the memory's digest: ${defect.message}; hashing it in this thread instead`,
+      ram
+    ))
+
+/** `digest`, hashed on the calling thread when a thread of its pool is gone (`Digest.WorkerFailed`), with a warning. */
+const hereIfStopped = (
+  digest: Effect.Effect<ReadonlyArray<BlockDigest>>,
+  warning: (defect: Digest.WorkerFailed) => string,
+  ram: GuestRam["Type"]
+): Effect.Effect<ReadonlyArray<BlockDigest>> =>
+  Effect.catchSomeDefect(digest, (defect) =>
+    defect instanceof Digest.WorkerFailed
+      ? Option.some(Effect.zipRight(Effect.logWarning(warning(defect)), digestOn(ram, undefined)))
+      : Option.none())
 
 /**
  * A digest that hashes on channel threads of `threads` (a hash session on each of as many as `digester` would
@@ -594,14 +611,7 @@ export const digestOnThreads = (
     // a channel thread gone under the digest (the pool closed, its layer's scope ended; a thread that died): the
     // memory is hashed here instead. Its death was a defect that ended the migration with a stack trace, where the
     // same close a moment earlier failed it with the channels' own error (which the caller hears of as before)
-    Effect.catchSomeDefect((defect) =>
-      defect instanceof Digest.WorkerFailed
-        ? Option.some(Effect.zipRight(
-          Effect.logWarning(`the memory's digest: ${defect.message}; hashing it in this thread instead`),
-          digestOn(ram, undefined)
-        ))
-        : Option.none()
-    )
+    (digest) => hereIfStopped(digest, (defect) => `the memory's digest: ${defect.message}; hashing it in this thread instead`, ram)
   )
 
 const digestOn = (ram: GuestRam["Type"], pool: Digest.Pool | undefined) =>

@@ -15,6 +15,7 @@ import * as Snapshot from "../src/Snapshot.js"
 import * as Transport from "../src/Transport.js"
 import { expectOneLine, failureOf } from "./support/failures.js"
 import { tempDirectory } from "./support/files.js"
+import { noHang } from "./support/guards.js"
 
 const sha256 = (data: Uint8Array): Buffer => Crypto.createHash("sha256").update(data).digest()
 
@@ -556,4 +557,20 @@ describe("GuestRam.make from plain JavaScript", () => {
         expect(error).toMatchObject({ _tag: "GuestRamError", reason, message: `invalid memory layout: ${detail}` })
       }))
   }
+})
+
+describe("a digester kept past its scope", () => {
+  /**
+   * `GuestRam.digester` starts threads that stop with its scope; a digest it returned, run after that (kept past the
+   * scope: `Effect.scoped(GuestRam.digester(ram))`), waited for ever for the answers of threads that were gone. It
+   * now hashes on the calling thread, with a warning, and gives the digest `GuestRam.digest` gives.
+   */
+  it.live("its digest, run after the scope closed, hashes here and equals GuestRam.digest (no hang)", () =>
+    Effect.gen(function*() {
+      const ram = yield* GuestRam.make({ blocks: [{ name: "a", size: 2 * GuestRam.DIGEST_CHUNK }], prefault: false })
+      ram.blocks[0]!.bytes[GuestRam.DIGEST_CHUNK + 5] = 7
+      const digest = yield* Effect.scoped(GuestRam.digester(ram))
+      const late = yield* noHang(digest, "the digest of a digester whose scope closed")
+      expect(late).toEqual(yield* GuestRam.digest(ram))
+    }))
 })

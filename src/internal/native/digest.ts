@@ -118,9 +118,12 @@ const worker: Effect.Effect<Hasher, never, Scope.Scope> = Effect.map(
       thread.on("error", onError).on("exit", onExit)
       return { thread, failed, unwatch: () => thread.off("error", onError).off("exit", onExit) }
     }),
-    ({ thread, unwatch }) =>
+    ({ failed, thread, unwatch }) =>
       Effect.promise(() => {
         unwatch()
+        // a digest that asks it after its scope closed (a digester kept past it) fails, rather than wait for ever for
+        // the answer of a thread that is gone
+        Deferred.unsafeDone(failed, Exit.fail(new WorkerFailed({ reason: "was stopped: the scope that started it has closed" })))
         return thread.terminate()
       })
   ),
