@@ -452,7 +452,8 @@ export interface IncomingOptions<E = never> {
   /**
    * Called about ten times a second while pages arrive (`doneBytes` counts pages received), in a fiber of its
    * own, and once more, counting every page, after a success (the source has been told `Done` by then: it is
-   * not kept paused waiting for the callback). A callback that fails or dies never fails the migration, on
+   * not kept paused waiting for the callback; that last one is given the peer timeout to return, then logged and
+   * left behind). A callback that fails or dies never fails the migration, on
    * either side: it is logged as a warning (the first periodic failure ends the periodic reports). What must
    * decide whether the migration succeeded belongs in `store`.
    */

@@ -320,7 +320,15 @@ export const tolerated = (report: Effect.Effect<void>): Effect.Effect<void> =>
 export const reportEvery = (
   onProgress: ((progress: Progress) => Effect.Effect<void>) | undefined,
   current: (rate: (bytes: number) => Effect.Effect<number>) => Effect.Effect<Progress>,
-  options?: { readonly lastOnSuccess?: boolean | undefined }
+  options?: {
+    readonly lastOnSuccess?: boolean | undefined
+    /**
+     * How long the last report (`lastOnSuccess`) may take: one that has not returned by then is logged and left
+     * behind (it runs as the scope closes, uninterruptibly: one that never returned held the transfer, after its
+     * success, for good, deaf to any interruption).
+     */
+    readonly lastWithin?: Duration.DurationInput | undefined
+  }
 ): Effect.Effect<Effect.Effect<void>, never, Scope.Scope> =>
   Effect.gen(function*() {
     if (onProgress === undefined) return Effect.void
@@ -329,7 +337,22 @@ export const reportEvery = (
     const report = Effect.flatMap(Effect.suspend(() => current(rate)), onProgress)
     yield* Effect.forkScoped(tolerated(Effect.repeat(report, Schedule.spaced(REPORT_INTERVAL))))
     if (options?.lastOnSuccess) {
-      yield* Effect.addFinalizer((exit) => Exit.isSuccess(exit) ? tolerated(report) : Effect.void)
+      const within = options.lastWithin
+      const last = within === undefined ? tolerated(report) : Effect.interruptible(Effect.timeoutTo(
+        // interruptible (a finalizer runs uninterruptibly: the timeout could not have cut it short, nor its timer been
+        // stopped), and not waited for once the time is up (a report that ignores its interruption included)
+        Effect.disconnect(tolerated(report)),
+        {
+          duration: within,
+          onSuccess: () => Effect.void,
+          onTimeout: () =>
+            Effect.logWarning(
+              `the last progress report (onProgress) did not return within ${Duration.format(within)}; ` +
+                "the transfer ends without it"
+            )
+        }
+      )).pipe(Effect.flatten)
+      yield* Effect.addFinalizer((exit) => Exit.isSuccess(exit) ? last : Effect.void)
     }
     return tolerated(report)
   })

@@ -317,3 +317,33 @@ describe("listenAndReceive's onListening that returns no Effect", () => {
       expect(told).toBe(1)
     })))
 })
+
+describe("a destination's progress report that never returns", () => {
+  /**
+   * The destination's last report (counting every page) runs once the source was told Done, as its scope closes,
+   * uninterruptibly: one that never returned held `incoming` for good after the source had succeeded, deaf to any
+   * interruption (its scope could not close). It is now given the peer timeout, then logged and left behind.
+   */
+  it.live("its last report: incoming returns once the peer timeout passed (the source succeeded); nothing left open", () =>
+    leakFree(Effect.gen(function*() {
+      const peer = { connect: "2 seconds", handshake: "2 seconds", peer: "1 second" } as const
+      const ram = yield* GuestRam.make({ blocks: [{ name: "pc.ram", bytes: mixedImage(64, 0.6, PAGE) }] })
+      const listener = yield* Transport.listen({ _tag: "Tcp", host: "127.0.0.1", port: 0 })
+      const receiving = yield* Effect.forkScoped(Effect.provide(
+        Migration.incoming(listener, {
+          timeouts: peer,
+          onProgress: (p) => p.doneBytes === p.totalBytes ? Effect.never : Effect.void
+        }),
+        Logger.replace(Logger.defaultLogger, Logger.none)
+      ))
+      yield* noHang(
+        Migration.migrate({ address: listener.address, timeouts: peer }).pipe(
+          Effect.provide(Transport.layer),
+          Effect.provideService(GuestRam.GuestRam, ram)
+        ),
+        "migrate"
+      )
+      const received = yield* noHang(Fiber.join(receiving), "incoming")
+      expect(received.ram.blocks[0]!.bytes.equals(ram.blocks[0]!.bytes)).toBe(true)
+    })))
+})

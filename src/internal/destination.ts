@@ -598,7 +598,7 @@ export const run = <E>(listener: Transport.Listener, settings: Settings<E>): Eff
             bandwidth: yield* rate(s.bytes),
             expectedDowntimeMs: 0
           }
-        }), { lastOnSuccess: true })
+        }), { lastOnSuccess: true, lastWithin: timeouts.peer })
       const describeMissing = Effect.gen(function*() {
         const s = yield* recv.stats
         const turnedAway = yield* acceptor.rejected

@@ -170,7 +170,7 @@ export const read = (
                 dirtyPages: 0,
                 bandwidth,
                 expectedDowntimeMs: 0
-              })), { lastOnSuccess: true })
+              })), { lastOnSuccess: true, lastWithin: config.peer })
             return ram
           }
           const recv = yield* MultifdRecv.make({
@@ -194,7 +194,7 @@ export const read = (
                 bandwidth: yield* rate(s.bytes + mainBytes),
                 expectedDowntimeMs: 0
               }
-            }), { lastOnSuccess: true })
+            }), { lastOnSuccess: true, lastWithin: config.peer })
           return ram
         }),
       flush: (index) =>
