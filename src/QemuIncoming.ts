@@ -365,20 +365,7 @@ const receive = <E>(listener: Transport.Listener, options: Options<E>): Effect.E
       // that came after it, in silence), as `Migration.incoming`'s and a restore's do; a gate closed already (by the
       // application, or kept closed by a migration's success) stays as it was found
       const given = options.ram
-      const held = { closedHere: false }
-      const writersResume: Effect.Effect<void> = Effect.suspend(() => {
-        const reopen = held.closedHere
-        held.closedHere = false
-        return reopen && given !== undefined ? given.gate.open : Effect.void
-      })
-      if (given !== undefined) {
-        yield* Effect.acquireRelease(
-          Effect.map(given.gate.closing, (closed) => {
-            held.closedHere = closed
-          }),
-          () => writersResume
-        )
-      }
+      const writersResume = given === undefined ? Effect.void : yield* given.gate.closedForScope
       const main = yield* MainChannel.read(connection, channelSet, candidates.rejected, {
         channels,
         compression,

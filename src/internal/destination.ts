@@ -523,20 +523,7 @@ export const run = <E>(listener: Transport.Listener, settings: Settings<E>): Eff
       // restore's do. A gate closed already (by the application, or kept closed by a migration's success) stays as
       // it was found. Opened again before the store step, which may write or pass on the memory (or on any end)
       const given = settings.ram
-      const held = { closedHere: false }
-      const writersResume: Effect.Effect<void> = Effect.suspend(() => {
-        const reopen = held.closedHere
-        held.closedHere = false
-        return reopen && given !== undefined ? given.gate.open : Effect.void
-      })
-      if (given !== undefined) {
-        yield* Effect.acquireRelease(
-          Effect.map(given.gate.closing, (closed) => {
-            held.closedHere = closed
-          }),
-          () => writersResume
-        )
-      }
+      const writersResume = given === undefined ? Effect.void : yield* given.gate.closedForScope
       const recv = yield* MultifdRecv.make({
         channels: hello.channels,
         uuid: Protocol.parseUuid(hello.uuid),

@@ -112,4 +112,17 @@ export class WriteGate {
     this.closed = undefined
     return closed === undefined ? Effect.void : Deferred.succeed(closed, undefined)
   })
+
+  /**
+   * Closes the gate for the current scope: writers wait until the effect given back runs (once; the scope's end runs
+   * it too). A gate closed already (by the application, or kept closed by a transfer's success) stays as it was found.
+   */
+  readonly closedForScope: Effect.Effect<Effect.Effect<void>, never, Scope.Scope> = Effect.uninterruptible(
+    Effect.suspend(() =>
+      Effect.flatMap(this.closing, (closedHere) =>
+        closedHere
+          ? Effect.tap(Effect.once(this.open), (reopen) => Effect.addFinalizer(() => reopen))
+          : Effect.succeed(Effect.void))
+    )
+  )
 }
