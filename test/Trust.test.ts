@@ -21,6 +21,7 @@ import * as Effect from "effect/Effect"
 import * as Either from "effect/Either"
 import * as Exit from "effect/Exit"
 import * as Fiber from "effect/Fiber"
+import * as FiberId from "effect/FiberId"
 import * as Layer from "effect/Layer"
 import * as Logger from "effect/Logger"
 import * as LogLevel from "effect/LogLevel"
@@ -924,29 +925,13 @@ describe("strangers are candidates, never owners", () => {
         "the strangers' init packets read"
       )
       const unsent = () => sockets.map((socket) => socket.writableLength)
-      yield* noHang(
-        Effect.gen(function*() {
-          for (let still = 0, last = ""; still < 200;) {
-            yield* nextTurn
-            const now = unsent().join()
-            still = now === last ? still + 1 : 0
-            last = now
-          }
-        }),
-        "the strangers' writes settle"
-      )
+      yield* writesSettled(sockets)
       for (const [i, left] of unsent().entries()) {
         expect(flood + 64 - left, `stranger ${i}: bytes the destination and the kernel took`).toBeLessThan(1024 * 1024)
       }
       // then turned away at the deadline, as before; the destination goes on to a real migration
-      const closed = yield* Deferred.make<void>()
-      let open = sockets.length
-      for (const socket of sockets) {
-        socket.once("close", () => {
-          if (--open === 0) Deferred.unsafeDone(closed, Exit.void)
-        })
-      }
-      yield* advanceUntil(Deferred.isDone(closed), "the handshake deadline")
+      const closed = allClosed(sockets)
+      yield* advanceUntil(closed, "the handshake deadline")
       const ram = yield* sourceRam()
       yield* noHang(migrateTo(listener.address, ram), "migrate")
       const result = yield* noHang(Fiber.join(dest), "incoming")
@@ -955,6 +940,32 @@ describe("strangers are candidates, never owners", () => {
       for (const line of result.rejected) expect(line).toContain("a multifd channel without a migration: timed out after 5s")
     })))
 })
+
+/** Event-loop turns (no timer) until `sockets`' unsent bytes stop moving: the destination took what it takes. */
+const writesSettled = (sockets: ReadonlyArray<Net.Socket>) =>
+  noHang(
+    Effect.gen(function*() {
+      for (let still = 0, last = ""; still < 200;) {
+        yield* nextTurn
+        const now = sockets.map((socket) => socket.writableLength).join()
+        still = now === last ? still + 1 : 0
+        last = now
+      }
+    }),
+    "the strangers' writes settle"
+  )
+
+/** Whether every one of `sockets` has closed (counted from now). */
+const allClosed = (sockets: ReadonlyArray<Net.Socket>): Effect.Effect<boolean> => {
+  const closed = Deferred.unsafeMake<void>(FiberId.none)
+  let open = sockets.length
+  for (const socket of sockets) {
+    socket.once("close", () => {
+      if (--open === 0) Deferred.unsafeDone(closed, Exit.void)
+    })
+  }
+  return Deferred.isDone(closed)
+}
 
 describe("strangers that announce the largest hello", () => {
   it.effect("each sends all of a Control.MAX_FRAME hello but its last byte: a few are read at once, not a megabyte each held until its deadline (TestClock)", () =>
@@ -987,17 +998,7 @@ describe("strangers that announce the largest hello", () => {
         "the strangers' control magic read"
       )
       const unsent = () => sockets.map((socket) => socket.writableLength)
-      yield* noHang(
-        Effect.gen(function*() {
-          for (let still = 0, last = ""; still < 200;) {
-            yield* nextTurn
-            const now = unsent().join()
-            still = now === last ? still + 1 : 0
-            last = now
-          }
-        }),
-        "the strangers' writes settle"
-      )
+      yield* writesSettled(sockets)
       // the frames being read are the budget's: the others wait for room, their bytes in their senders' buffers
       const whole = unsent().filter((left) => left === 0).length
       expect(whole, "strangers whose whole frame the destination took").toBeLessThanOrEqual(HELLO_BUDGET / Control.MAX_FRAME)
@@ -1005,14 +1006,8 @@ describe("strangers that announce the largest hello", () => {
         if (left > 0) expect(Control.MAX_FRAME + 7 - left, `stranger ${i}: bytes the destination and the kernel took`).toBeLessThan(Control.MAX_FRAME / 2)
       }
       // turned away at their deadline, each saying so; the destination goes on to a real migration
-      const closed = yield* Deferred.make<void>()
-      let open = sockets.length
-      for (const socket of sockets) {
-        socket.once("close", () => {
-          if (--open === 0) Deferred.unsafeDone(closed, Exit.void)
-        })
-      }
-      yield* advanceUntil(Deferred.isDone(closed), "the handshake deadline")
+      const closed = allClosed(sockets)
+      yield* advanceUntil(closed, "the handshake deadline")
       const ram = yield* sourceRam()
       yield* noHang(migrateTo(listener.address, ram), "migrate")
       const result = yield* noHang(Fiber.join(dest), "incoming")
