@@ -2362,6 +2362,23 @@ describe("the progress bar (src/cli/progress.ts) on a terminal", () => {
   // a line logged while the bar was drawn (--verbose's events, a warning) ran on from the bar's text, cut at the
   // terminal's edge (the bar turns wrapping off), and the bar's end put the cursor back on the line where the bar had
   // started: the summary was written over the lines printed since, and the shell's prompt came mid-screen
+  /**
+   * Runs `job` (a shell line that runs "$BUNDLE" with "$SOCKET" and "$IMAGE") on a pseudo-terminal (`script`), killed
+   * after 20 s: its exit code and everything it drew.
+   */
+  const sendInTerminal = async (job: string, socket: string, image: string) => {
+    const terminal = ChildProcess.spawn("script", ["-qfec", "bash -c \"$JOB\"", "/dev/null"], {
+      stdio: ["pipe", "pipe", "pipe"],
+      env: { ...process.env, TERM: "xterm-256color", NO_COLOR: "1", JOB: job, NODE: process.execPath, BUNDLE: inject("cliBundle"), SOCKET: socket, IMAGE: image }
+    })
+    const timer = setTimeout(() => terminal.kill("SIGKILL"), 20_000)
+    let text = ""
+    terminal.stdout.setEncoding("utf8").on("data", (s: string) => (text += s))
+    const code = await new Promise<number | null>((resolve) => terminal.once("close", resolve))
+    clearTimeout(timer)
+    return { code, text }
+  }
+
   it("lines logged while the bar is drawn come above it, whole; its last frame and the summary end the screen (a pseudo-terminal)", async () => {
     const socket = Path.join(dir, "bar.sock")
     const out = Path.join(dir, "bar.out")
@@ -2371,15 +2388,7 @@ describe("the progress bar (src/cli/progress.ts) on a terminal", () => {
     const COLUMNS = 160
     // send --verbose on a pseudo-terminal (`script`) of COLUMNS columns, about a second at 2 MiB/s
     const job = `stty cols ${COLUMNS} rows 50; exec "$NODE" "$BUNDLE" send "unix:$SOCKET" --in "$IMAGE" --max-bandwidth 2M --verbose`
-    const terminal = ChildProcess.spawn("script", ["-qfec", "bash -c \"$JOB\"", "/dev/null"], {
-      stdio: ["pipe", "pipe", "pipe"],
-      env: { ...process.env, TERM: "xterm-256color", NO_COLOR: "1", JOB: job, NODE: process.execPath, BUNDLE: inject("cliBundle"), SOCKET: socket, IMAGE: small }
-    })
-    const timer = setTimeout(() => terminal.kill("SIGKILL"), 20_000)
-    let text = ""
-    terminal.stdout.setEncoding("utf8").on("data", (s: string) => (text += s))
-    const code = await new Promise<number | null>((resolve) => terminal.once("close", resolve))
-    clearTimeout(timer)
+    const { code, text } = await sendInTerminal(job, socket, small)
     expect({ code, recv: (await recv.finished).code }, text).toEqual({ code: 0, recv: 0 })
     const EVENT = /^multifd: \[\+\d+\.\d{3}s\] \S/
     const shown = Screen.render(text, COLUMNS).filter((row) => row !== "")
@@ -2406,15 +2415,7 @@ describe("the progress bar (src/cli/progress.ts) on a terminal", () => {
     Fs.writeFileSync(small, Crypto.randomBytes(4 * MIB))
     const recv = await startRecv([`unix:${socket}`, "--out", out])
     const job = `stty cols 120 rows 50; exec "$NODE" "$BUNDLE" send "unix:$SOCKET" --in "$IMAGE" --max-bandwidth 4M`
-    const terminal = ChildProcess.spawn("script", ["-qfec", "bash -c \"$JOB\"", "/dev/null"], {
-      stdio: ["pipe", "pipe", "pipe"],
-      env: { ...process.env, TERM: "xterm-256color", NO_COLOR: "1", JOB: job, NODE: process.execPath, BUNDLE: inject("cliBundle"), SOCKET: socket, IMAGE: small }
-    })
-    const timer = setTimeout(() => terminal.kill("SIGKILL"), 20_000)
-    let text = ""
-    terminal.stdout.setEncoding("utf8").on("data", (s: string) => (text += s))
-    const code = await new Promise<number | null>((resolve) => terminal.once("close", resolve))
-    clearTimeout(timer)
+    const { code, text } = await sendInTerminal(job, socket, small)
     expect({ code, recv: (await recv.finished).code }, text).toEqual({ code: 0, recv: 0 })
     const done = [...text.matchAll(/\] (\d+)% \| ([\d.]+ \S+) \/ 4\.00 MiB/g)].map((m) => m[2]!)
     // more values between none and all than there were hand-offs (each could report once)
