@@ -575,21 +575,19 @@ export const digester = (
   ram: GuestRam["Type"]
 ): Effect.Effect<Effect.Effect<ReadonlyArray<BlockDigest>>, never, Scope.Scope> =>
   Effect.map(Digest.pool(Digest.threadsFor(ram.blocks.map((b) => b.bytes))), (pool) =>
-    hereIfStopped(
-      digestOn(ram, pool),
-      (defect) => `the memory's digest: ${defect.message}; hashing it in this thread instead`,
-      ram
-    ))
+    hereIfStopped(digestOn(ram, pool), ram))
 
 /** `digest`, hashed on the calling thread when a thread of its pool is gone (`Digest.WorkerFailed`), with a warning. */
 const hereIfStopped = (
   digest: Effect.Effect<ReadonlyArray<BlockDigest>>,
-  warning: (defect: Digest.WorkerFailed) => string,
   ram: GuestRam["Type"]
 ): Effect.Effect<ReadonlyArray<BlockDigest>> =>
   Effect.catchSomeDefect(digest, (defect) =>
     defect instanceof Digest.WorkerFailed
-      ? Option.some(Effect.zipRight(Effect.logWarning(warning(defect)), digestOn(ram, undefined)))
+      ? Option.some(Effect.zipRight(
+        Effect.logWarning(`the memory's digest: ${defect.message}; hashing it in this thread instead`),
+        digestOn(ram, undefined)
+      ))
       : Option.none())
 
 /**
@@ -611,7 +609,7 @@ export const digestOnThreads = (
     // a channel thread gone under the digest (the pool closed, its layer's scope ended; a thread that died): the
     // memory is hashed here instead. Its death was a defect that ended the migration with a stack trace, where the
     // same close a moment earlier failed it with the channels' own error (which the caller hears of as before)
-    (digest) => hereIfStopped(digest, (defect) => `the memory's digest: ${defect.message}; hashing it in this thread instead`, ram)
+    (digest) => hereIfStopped(digest, ram)
   )
 
 const digestOn = (ram: GuestRam["Type"], pool: Digest.Pool | undefined) =>
