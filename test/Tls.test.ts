@@ -2006,6 +2006,18 @@ describe("configuration", () => {
       expect(ca.message).toContain("cannot read CA certificate /nonexistent/ca.pem")
     })))
 
+  // a device, or an endless pipe, was read whole: /dev/zero took gigabytes, for seconds, until the string it made was
+  // too long ("Invalid string length")
+  it.live("load: a file that never ends (/dev/zero) is refused once it held more than any credentials file", () =>
+    leakFree(Effect.gen(function*() {
+      const rss = process.memoryUsage().rss
+      const ca = yield* configError({ ca: "/dev/zero" })
+      expect(ca.message).toContain("CA certificate /dev/zero holds more than 64 MiB")
+      const psk = yield* configError({ psk: "/dev/zero" })
+      expect(psk.message).toContain("PSK file /dev/zero holds more than 64 MiB")
+      expect(process.memoryUsage().rss - rss).toBeLessThan(512 * 1024 * 1024)
+    })))
+
   it.effect("an identity listed twice in keys.psk: its first key, as QEMU's tls-creds-psk reads it (one file, one key)", () =>
     Effect.gen(function*() {
       const keys = yield* Tls.parsePskFile(`qemu:${"11".repeat(32)}\nother:${"22".repeat(32)}\nqemu:${"33".repeat(32)}\n`)

@@ -13,12 +13,47 @@ import * as PeerText from "../peerText.js"
 import * as Der from "./der.js"
 import { configError, type CrlInfo, TlsError } from "./model.js"
 
-export const readText = (path: string, what: string) =>
-  Effect.tryPromise({
-    try: () => Fs.readFile(path, "utf8"),
-    catch: (cause) =>
-      new TlsError({ reason: "Config", detail: `cannot read ${what} ${path}: ${FileIo.describe(cause)}`, cause })
-  })
+/**
+ * The most a credentials file may hold (a CRL of a large CA runs to megabytes). Past it, the path is no such file: a
+ * device (`/dev/zero`, `/dev/urandom`) or an endless pipe was read whole, gigabytes, until the string it made was too
+ * long ("Invalid string length").
+ */
+export const MAX_CREDENTIALS_BYTES = 64 * 1024 * 1024
+
+/** Reads a PEM or PSK file as text, at most `MAX_CREDENTIALS_BYTES` of it (a pipe, `<(...)`, too). */
+export const readText = (path: string, what: string) => {
+  const failed = (cause: unknown) =>
+    new TlsError({ reason: "Config", detail: `cannot read ${what} ${path}: ${FileIo.describe(cause)}`, cause })
+  return Effect.acquireUseRelease(
+    Effect.tryPromise({ try: () => Fs.open(path, "r"), catch: failed }),
+    (handle) =>
+      Effect.flatMap(
+        Effect.tryPromise({
+          try: async () => {
+            const chunks: Array<Buffer> = []
+            let total = 0
+            while (total <= MAX_CREDENTIALS_BYTES) {
+              const { buffer, bytesRead } = await handle.read({ buffer: Buffer.allocUnsafe(1024 * 1024) })
+              if (bytesRead === 0) return Buffer.concat(chunks, total).toString("utf8")
+              chunks.push(buffer.subarray(0, bytesRead))
+              total += bytesRead
+            }
+            return undefined
+          },
+          catch: failed
+        }),
+        (text) =>
+          text !== undefined ? Effect.succeed(text) : Effect.fail(
+            new TlsError({
+              reason: "Config",
+              detail: `${what} ${path} holds more than ${MAX_CREDENTIALS_BYTES / (1024 * 1024)} MiB: no ${what} is that long ` +
+                "(a device, an endless pipe?)"
+            })
+          )
+      ),
+    (handle) => Effect.promise(() => handle.close().catch(() => undefined))
+  )
+}
 
 /** The reason of an OpenSSL error without its codes: "error:04800064:PEM routines::bad base64 decode" → "bad base64 decode". */
 export const opensslReason = (error: unknown): string => {
