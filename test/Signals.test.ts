@@ -349,8 +349,11 @@ describe("Ctrl-Z on a terminal while the progress bar is drawn", () => {
 describe("a connect or listen whose host name lookup hangs (a DNS server that does not answer)", () => {
   afterEach(killChildren)
 
-  /** Whether this process may make namespaces (a network and a mount namespace of its own: root, unshare). */
-  const namespaces = ChildProcess.spawnSync("unshare", ["-mn", "true"]).status === 0
+  /**
+   * Whether this process may make namespaces (a network and a mount namespace of its own: root, unshare) and bring
+   * up the loopback there (iproute2's ip), where the silent DNS server listens.
+   */
+  const namespaces = ChildProcess.spawnSync("unshare", ["-mn", "ip", "link", "set", "lo", "up"]).status === 0
 
   // the lookup holds a thread of libuv's pool, which process.exit waits for: the command said "interrupted" and
   // hung for as long as the resolver's timeouts and attempts take, deaf to any further signal
