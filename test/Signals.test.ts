@@ -49,6 +49,8 @@ const fakeProcess = (argv: ReadonlyArray<string>) => {
   let now = 0
   let timers: Array<{ readonly at: number; readonly f: () => void }> = []
   const flushing: Array<string> = []
+  // whether the command printed its --json object already
+  const stdout = { reported: false }
   const io: Signals.Io = {
     argv,
     now: () => now,
@@ -56,7 +58,8 @@ const fakeProcess = (argv: ReadonlyArray<string>) => {
     stderr: { write: (text) => (printed.stderr += text) },
     exit: (code) => void exits.push(code),
     later: (ms, f) => void timers.push({ at: now + ms, f }),
-    flushing: () => flushing
+    flushing: () => flushing,
+    reported: () => stdout.reported
   }
   const at = (ms: number) => {
     now = ms
@@ -64,8 +67,34 @@ const fakeProcess = (argv: ReadonlyArray<string>) => {
     timers = timers.filter((timer) => timer.at > ms)
     for (const timer of due) timer.f()
   }
-  return { io, printed, exits, at, flushing }
+  return { io, printed, exits, at, flushing, stdout }
 }
+
+// a signal in the turn between the command's --json object and its exit (recv closing its image's handle) printed a
+// second object, "Interrupted", after the result: a script reading one object got two
+describe("a signal after the command printed its --json object", () => {
+  it("prints no second object, at the teardown's end or on a second signal; without one printed, each prints it", () => {
+    const argv = ["recv", "tcp:127.0.0.1:4444", "--out", "image.out", "--json"]
+    const done = fakeProcess(argv)
+    done.stdout.reported = true
+    expect(Signals.interrupted("SIGTERM", done.io)).toBe(143)
+    const signals = Signals.make(done.io)
+    signals.on("SIGTERM")
+    done.at(1500)
+    signals.on("SIGINT")
+    expect(done.printed.stdout).toBe("")
+    expect(done.printed.stderr).toBe("multifd: interrupted by SIGTERM\nmultifd: SIGINT again: exiting at once (the peer is not told)\n")
+    expect(done.exits).toEqual([130])
+
+    const early = fakeProcess(argv)
+    expect(Signals.interrupted("SIGTERM", early.io)).toBe(143)
+    expect(JSON.parse(early.printed.stdout)).toEqual({ error: { tag: "Interrupted", reason: "SIGTERM", message: "interrupted by SIGTERM" } })
+    // without --json, stdout stays empty whatever came
+    const plain = fakeProcess(argv.slice(0, -1))
+    Signals.interrupted("SIGINT", plain.io)
+    expect(plain.printed).toEqual({ stdout: "", stderr: "multifd: interrupted by SIGINT\n" })
+  })
+})
 
 describe("a second signal while the command tears down", () => {
   it.scoped("exits at once with the signal's code, its socket file, temporary --out and hidden cursor not left behind, and the --json object printed", () =>

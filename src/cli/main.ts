@@ -12,7 +12,7 @@ import * as Exit from "effect/Exit"
 import * as FileIo from "../internal/native/fileIo.js"
 import * as Lookups from "../internal/native/lookups.js"
 import { main } from "./command.js"
-import { ExitCode, wantsJson } from "./errors.js"
+import { ExitCode } from "./errors.js"
 import * as Progress from "./progress.js"
 import * as Signals from "./signals.js"
 import { INTERRUPTING } from "./signals.js"
@@ -36,7 +36,17 @@ const endBySignal = (signal: NodeJS.Signals): void => {
 // listening; these listeners stay for the process's life, so that a duplicate does not kill the process by
 // default while it tears down (the "interrupted" line and the cleanup would be lost). A later signal is a
 // second request: exit at once (signals.ts), the peer not told.
-const signals = Signals.make({
+/** Lines the command wrote on stdout, counted as each is handed over (with `--json`: its one object). */
+let stdoutLines = 0
+const terminal: Terminal.Terminal["Type"] = {
+  ...Terminal.stdio,
+  out: (line, what) => Effect.suspend(() => {
+    stdoutLines++
+    return Terminal.stdio.out(line, what)
+  })
+}
+
+const io: Signals.Io = {
   argv: process.argv.slice(2),
   now: () => performance.now(),
   stdout: process.stdout,
@@ -47,8 +57,10 @@ const signals = Signals.make({
     process.exit(code)
   },
   later: (ms, f) => void setTimeout(f, ms).unref(),
-  flushing: FileIo.flushingNow
-})
+  flushing: FileIo.flushingNow,
+  reported: () => stdoutLines > 0
+}
+const signals = Signals.make(io)
 for (const name of INTERRUPTING) process.on(name, signals.on)
 
 // SIGUSR1 would open Node's inspector (a debugger port on 127.0.0.1:9229, to a process that may run as root
@@ -82,7 +94,7 @@ const signalled = Effect.async<never>((resume) => {
 
 NodeRuntime.runMain(
   main(process.argv).pipe(
-    Effect.provideService(Terminal.Terminal, Terminal.stdio),
+    Effect.provideService(Terminal.Terminal, terminal),
     Effect.raceFirst(signalled),
     Effect.provide(NodeContext.layer)
   ),
@@ -94,10 +106,9 @@ NodeRuntime.runMain(
       if (!Cause.isInterruptedOnly(exit.cause)) return onExit(ExitCode.Failed)
       // everything the command opened is closed (and a partial --out removed) by now
       const signal = signals.first() ?? "SIGINT"
-      process.stderr.write(`multifd: interrupted by ${signal}\n`)
-      if (wantsJson(process.argv.slice(2))) process.stdout.write(`${Signals.interruptedJson(signal, `interrupted by ${signal}`)}\n`)
+      const code = Signals.interrupted(signal, { ...io, stderr: process.stderr })
       endBySignal(signal)
-      onExit(Signals.exitCodeOf(signal))
+      onExit(code)
     }
   }
 )

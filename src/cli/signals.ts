@@ -49,6 +49,11 @@ export interface Io {
   readonly later: (ms: number, f: () => void) => void
   /** The files being flushed to disk now (`FileIo.flushingNow`). */
   readonly flushing: () => ReadonlyArray<string>
+  /**
+   * Whether the command's `--json` object (its result, or its error) is on stdout already: a signal that comes after
+   * it, while the command closes what it opened, prints no second one (a script reads one object).
+   */
+  readonly reported: () => boolean
 }
 
 /** The exit status of an interruption by `signal`: 128 + its number. */
@@ -70,8 +75,20 @@ export const exitAtOnce = (signal: NodeJS.Signals, io: Io): void => {
   Progress.stopNow()
   const message = `${signal} again: exiting at once (the peer is not told)`
   io.stderr.write(`multifd: ${message}\n`)
-  if (wantsJson(io.argv)) io.stdout.write(`${interruptedJson(signal, `interrupted by ${signal} again: exited at once (the peer was not told)`)}\n`)
+  if (wantsJson(io.argv) && !io.reported()) {
+    io.stdout.write(`${interruptedJson(signal, `interrupted by ${signal} again: exited at once (the peer was not told)`)}\n`)
+  }
   io.exit(exitCodeOf(signal), signal)
+}
+
+/**
+ * Says that the command was interrupted by `signal`, its teardown over: a line on stderr and, with `--json`, the
+ * object on stdout unless the command printed its own already (`Io.reported`). The exit status it calls for.
+ */
+export const interrupted = (signal: NodeJS.Signals, io: Io): number => {
+  io.stderr.write(`multifd: interrupted by ${signal}\n`)
+  if (wantsJson(io.argv) && !io.reported()) io.stdout.write(`${interruptedJson(signal, `interrupted by ${signal}`)}\n`)
+  return exitCodeOf(signal)
 }
 
 /**
