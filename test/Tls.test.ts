@@ -20,6 +20,7 @@ import * as Duration from "effect/Duration"
 import * as Effect from "effect/Effect"
 import * as Exit from "effect/Exit"
 import * as Fiber from "effect/Fiber"
+import * as FiberId from "effect/FiberId"
 import * as Logger from "effect/Logger"
 import * as Option from "effect/Option"
 import * as ChildProcess from "node:child_process"
@@ -336,12 +337,14 @@ const newDirection = (): Direction => ({ records: [], ended: false, follower: ne
  */
 const recordProxy = (target: Transport.Address) =>
   Effect.gen(function*() {
-    const connections: Array<{ up: Direction; down: Direction }> = []
+    const connections: Array<{ up: Direction; down: Direction; closed: Deferred.Deferred<void> }> = []
     const { address } = yield* loopbackServer((client, track) => {
       const upstream = Net.connect({ host: LOOPBACK, port: portOf(target), allowHalfOpen: true })
       track(upstream)
-      const record = { up: newDirection(), down: newDirection() }
+      const record = { up: newDirection(), down: newDirection(), closed: Deferred.unsafeMake<void>(FiberId.none) }
       connections.push(record)
+      // the source's side of the proxy is gone: whatever it sent (its FIN included) has been seen
+      client.on("close", () => Deferred.unsafeDone(record.closed, Exit.void))
       const pipe = (from: Net.Socket, to: Net.Socket, d: Direction) => {
         from.on("data", (chunk: Buffer) => {
           d.follower.scan(chunk, (type, length) => d.records.push({ type, length }))
@@ -1967,6 +1970,8 @@ describe("clean termination", () => {
       expect(sameMemory(result.ram, ram)).toBe(true)
 
       expect(proxy.connections).toHaveLength(1 + 4)
+      // the source closed its sockets, but the proxy may not have read their FINs yet
+      yield* noHang(Effect.forEach(proxy.connections, (c) => Deferred.await(c.closed), { discard: true }), "the proxy's sockets closed")
       for (const { up } of proxy.connections) {
         expect(up.ended).toBe(true)
         expect(up.follower.atRecordBoundary).toBe(true) // no torn record header, no torn record
