@@ -23,6 +23,7 @@ import * as Fiber from "effect/Fiber"
 import * as FiberId from "effect/FiberId"
 import * as Logger from "effect/Logger"
 import * as Option from "effect/Option"
+import * as Schedule from "effect/Schedule"
 import * as ChildProcess from "node:child_process"
 import * as Crypto from "node:crypto"
 import * as Fs from "node:fs"
@@ -2022,6 +2023,76 @@ describe("configuration", () => {
       expect(psk.message).toContain("PSK file /dev/zero holds more than 64 MiB")
       expect(process.memoryUsage().rss - rss).toBeLessThan(512 * 1024 * 1024)
     })))
+
+  // `--tls-psk <(vault read ...)` keeps a key off the disk: the shell passes a pipe. Opened or read the blocking way, a
+  // FIFO no process writes held a thread of libuv's pool: an interrupted load never ended, nor did the command's exit
+  describe("load from a pipe", () => {
+    const fifo = Effect.acquireRelease(
+      Effect.sync(() => {
+        const dir = Fs.mkdtempSync(Path.join(Os.tmpdir(), "emfd-tls-fifo-"))
+        const path = Path.join(dir, "keys.psk")
+        ChildProcess.execFileSync("mkfifo", [path])
+        return path
+      }),
+      (path) => Effect.sync(() => Fs.rmSync(Path.dirname(path), { recursive: true, force: true }))
+    )
+    /** Whether this process holds a descriptor of `path`. */
+    const holds = (path: string) =>
+      Fs.readdirSync("/proc/self/fd").some((fd) => {
+        try {
+          return Fs.readlinkSync(`/proc/self/fd/${fd}`) === path
+        } catch {
+          return false
+        }
+      })
+    const opened = (path: string) =>
+      noHang(
+        Effect.repeat(Effect.sync(() => holds(path)), { until: (held) => held, schedule: Schedule.spaced("5 millis") }),
+        "the FIFO opened"
+      )
+
+    it.live("a FIFO is read once its writer comes, to the writer's end", () =>
+      leakFree(Effect.scoped(Effect.gen(function*() {
+        const path = yield* fifo
+        const loading = yield* Effect.fork(Tls.load({ psk: path }))
+        yield* opened(path)
+        expect(loading.unsafePoll()).toBeNull() // no writer yet: it waits
+        // the writer, in two pieces
+        const keys = Fs.readFileSync(fixture("keys.psk"), "utf8")
+        const writer = Fs.openSync(path, "w")
+        try {
+          Fs.writeSync(writer, keys.slice(0, 10))
+          Fs.writeSync(writer, keys.slice(10))
+        } finally {
+          Fs.closeSync(writer)
+        }
+        const settings = yield* noHang(Fiber.join(loading), "loading from the FIFO")
+        expect(settings).toBeDefined()
+        expect(holds(path)).toBe(false)
+      }))))
+
+    it.live("a FIFO no process writes: the load waits, and interrupted, ends at once with the FIFO closed", () =>
+      leakFree(Effect.scoped(Effect.gen(function*() {
+        const path = yield* fifo
+        for (const config of [{ psk: path }, { ca: path }] satisfies Array<Tls.TlsConfig>) {
+          const loading = yield* Effect.fork(Tls.load(config))
+          yield* opened(path)
+          yield* noHang(Fiber.interrupt(loading), "interrupting the load")
+          expect(holds(path)).toBe(false)
+        }
+      }))))
+
+    it.live("an empty pipe (its writer closed at once) is a file without keys, named", () =>
+      leakFree(Effect.scoped(Effect.gen(function*() {
+        const path = yield* fifo
+        const loading = yield* Effect.fork(Effect.flip(Tls.load({ psk: path })))
+        yield* opened(path)
+        Fs.closeSync(Fs.openSync(path, "w"))
+        const error = yield* noHang(Fiber.join(loading), "loading from the FIFO")
+        expect(error.message).toContain(path)
+        expectOneLine(error)
+      }))))
+  })
 
   it.effect("an identity listed twice in keys.psk: its first key, as QEMU's tls-creds-psk reads it (one file, one key)", () =>
     Effect.gen(function*() {

@@ -6,7 +6,8 @@
  */
 import * as Effect from "effect/Effect"
 import * as Crypto from "node:crypto"
-import * as Fs from "node:fs/promises"
+import * as Fs from "node:fs"
+import * as Net from "node:net"
 import * as NodeTls from "node:tls"
 import * as FileIo from "../native/fileIo.js"
 import * as PeerText from "../peerText.js"
@@ -20,30 +21,109 @@ import { configError, type CrlInfo, TlsError } from "./model.js"
  */
 export const MAX_CREDENTIALS_BYTES = 64 * 1024 * 1024
 
-/** Reads a PEM or PSK file as text, at most `MAX_CREDENTIALS_BYTES` of it (a pipe, `<(...)`, too). */
+/**
+ * An open credentials file: a file (or a device) read at its descriptor, or a pipe (`<(...)`, a FIFO) read as a
+ * stream, since a blocking read or open of a pipe would hold a thread of libuv's pool until a writer came, deaf to
+ * interruption (the command's exit waits for that thread).
+ */
+type Opened =
+  | { readonly _tag: "File"; readonly fd: number }
+  | { readonly _tag: "Pipe"; readonly socket: Net.Socket }
+
+/**
+ * A socket over a pipe's descriptor that reads nothing until asked (`manualStart`, Node's own option for the pipes of
+ * child processes, missing from its types): no event, not even the end of an empty pipe, before `readPipe` listens.
+ */
+const PIPE = (fd: number) =>
+  ({ fd, readable: true, writable: false, allowHalfOpen: true, manualStart: true }) as Net.SocketConstructorOpts
+
+/** Opens `path` without blocking (a FIFO no process writes opens at once) and tells a pipe from a file. */
+const open = (path: string, failed: (cause: unknown) => TlsError) =>
+  Effect.async<Opened, TlsError>((resume) =>
+    Fs.open(path, Fs.constants.O_RDONLY | Fs.constants.O_NONBLOCK, (error, fd) => {
+      if (error !== null) return resume(Effect.fail(failed(error)))
+      try {
+        resume(Effect.succeed(
+          Fs.fstatSync(fd).isFIFO()
+            ? { _tag: "Pipe", socket: new Net.Socket(PIPE(fd)) }
+            : { _tag: "File", fd }
+        ))
+      } catch (cause) {
+        Fs.close(fd, () => undefined)
+        resume(Effect.fail(failed(cause)))
+      }
+    })
+  )
+
+const close = (opened: Opened) =>
+  opened._tag === "Pipe"
+    ? Effect.sync(() => opened.socket.destroy())
+    : Effect.async<void>((resume) => Fs.close(opened.fd, () => resume(Effect.void)))
+
+/** A file's bytes, read at its descriptor until its end, or `undefined` past `MAX_CREDENTIALS_BYTES`. */
+const readFile = (fd: number, failed: (cause: unknown) => TlsError) =>
+  Effect.tryPromise({
+    try: async () => {
+      const chunks: Array<Buffer> = []
+      let total = 0
+      while (total <= MAX_CREDENTIALS_BYTES) {
+        const buffer = Buffer.allocUnsafe(1024 * 1024)
+        const bytesRead = await new Promise<number>((resolve, reject) =>
+          Fs.read(fd, buffer, 0, buffer.length, null, (error, n) => error === null ? resolve(n) : reject(error))
+        )
+        if (bytesRead === 0) return Buffer.concat(chunks, total)
+        chunks.push(buffer.subarray(0, bytesRead))
+        total += bytesRead
+      }
+      return undefined
+    },
+    catch: failed
+  })
+
+/**
+ * A pipe's bytes until its writer closes it, or `undefined` past `MAX_CREDENTIALS_BYTES`. It waits for a writer,
+ * which a FIFO may not have yet; interrupted, it stops listening (the pipe is closed with it).
+ */
+const readPipe = (socket: Net.Socket, failed: (cause: unknown) => TlsError) =>
+  Effect.async<Buffer | undefined, TlsError>((resume) => {
+    const chunks: Array<Buffer> = []
+    let total = 0
+    const stop = () => {
+      socket.removeAllListeners("data").removeAllListeners("end").removeAllListeners("error")
+      socket.on("error", () => undefined) // the socket is destroyed with its scope; nothing is read any more
+      socket.pause()
+    }
+    socket.on("data", (chunk: Buffer) => {
+      total += chunk.length
+      if (total > MAX_CREDENTIALS_BYTES) {
+        stop()
+        return resume(Effect.succeed(undefined))
+      }
+      chunks.push(chunk)
+    })
+    socket.on("end", () => {
+      stop()
+      resume(Effect.succeed(Buffer.concat(chunks, total)))
+    })
+    socket.on("error", (cause) => {
+      stop()
+      resume(Effect.fail(failed(cause)))
+    })
+    socket.resume()
+    return Effect.sync(stop)
+  })
+
+/** Reads a PEM or PSK file as text, at most `MAX_CREDENTIALS_BYTES` of it; a pipe (`<(...)`, a FIFO) too, interruptibly. */
 export const readText = (path: string, what: string) => {
   const failed = (cause: unknown) =>
     new TlsError({ reason: "Config", detail: `cannot read ${what} ${path}: ${FileIo.describe(cause)}`, cause })
   return Effect.acquireUseRelease(
-    Effect.tryPromise({ try: () => Fs.open(path, "r"), catch: failed }),
-    (handle) =>
+    open(path, failed),
+    (opened) =>
       Effect.flatMap(
-        Effect.tryPromise({
-          try: async () => {
-            const chunks: Array<Buffer> = []
-            let total = 0
-            while (total <= MAX_CREDENTIALS_BYTES) {
-              const { buffer, bytesRead } = await handle.read({ buffer: Buffer.allocUnsafe(1024 * 1024) })
-              if (bytesRead === 0) return Buffer.concat(chunks, total).toString("utf8")
-              chunks.push(buffer.subarray(0, bytesRead))
-              total += bytesRead
-            }
-            return undefined
-          },
-          catch: failed
-        }),
-        (text) =>
-          text !== undefined ? Effect.succeed(text) : Effect.fail(
+        opened._tag === "Pipe" ? readPipe(opened.socket, failed) : readFile(opened.fd, failed),
+        (bytes) =>
+          bytes !== undefined ? Effect.succeed(bytes.toString("utf8")) : Effect.fail(
             new TlsError({
               reason: "Config",
               detail: `${what} ${path} holds more than ${MAX_CREDENTIALS_BYTES / (1024 * 1024)} MiB: no ${what} is that long ` +
@@ -51,7 +131,7 @@ export const readText = (path: string, what: string) => {
             })
           )
       ),
-    (handle) => Effect.promise(() => handle.close().catch(() => undefined))
+    close
   )
 }
 
