@@ -294,6 +294,43 @@ describe("multifd over TLS", () => {
     expect(Fs.readFileSync(out).equals(Fs.readFileSync(image))).toBe(true)
   })
 
+  // `--tls-psk <(vault read ...)`, `--tls-key <(...)`: keys kept off the disk reach the command as pipes (/dev/fd/N),
+  // which the flags refused as "not a regular file"
+  it("credentials given as pipes (a shell's <(...)): the image arrives over TLS; a directory is still refused", async () => {
+    const out = Path.join(dir, "psk-pipe.out")
+    const piped = { under: ["/bin/bash", "-c", 'exec "$0" "$@" --tls-psk <(cat "$KEYS")'], env: { KEYS: tlsFile("keys.psk") } }
+    const recv = await startRecv(["tcp:127.0.0.1:0", "--out", out], piped)
+    const send = await run(["send", recv.uri, "--in", image, "--channels", "2"], piped)
+    const received = await recv.finished
+    expect({ send: send.code, recv: received.code, stderr: send.stderr + received.stderr }).toMatchObject({ send: 0, recv: 0 })
+    expect(Fs.readFileSync(out).equals(Fs.readFileSync(image))).toBe(true)
+    const x509 = await run(["send", "tcp:127.0.0.1:1", "--in", image, "--tls-ca", tlsFile("ca-cert.pem"), "--tls-cert", dir, "--tls-key", tlsFile("alice-key.pem")])
+    expect({ code: x509.code, stderr: x509.stderr }).toEqual({ code: 2, stderr: `multifd: error: --tls-cert ${dir}: not a regular file\n` })
+  })
+
+  // a FIFO that no process writes: the read waited in a thread of libuv's pool, and neither SIGINT nor SIGTERM (nor a
+  // second one) ended the command: its exit waited for that thread
+  it("--tls-psk naming a FIFO no process writes: recv waits for it, and SIGINT ends it at once (130)", async () => {
+    const fifo = Path.join(dir, "never-written.psk")
+    ChildProcess.execFileSync("mkfifo", [fifo])
+    const recv = start(["recv", "tcp:127.0.0.1:0", "--out", Path.join(dir, "fifo.out"), "--tls-psk", fifo])
+    // wait until it holds the FIFO open
+    const holds = () =>
+      Fs.readdirSync(`/proc/${recv.child.pid}/fd`).some((fd) => {
+        try {
+          return Fs.readlinkSync(`/proc/${recv.child.pid}/fd/${fd}`) === fifo
+        } catch {
+          return false
+        }
+      })
+    while (!holds()) await new Promise((resolve) => setTimeout(resolve, 10))
+    recv.child.kill("SIGINT")
+    const finished = await recv.finished
+    expect({ code: finished.code, last: lines(finished.stderr).at(-1) }).toEqual({ code: 130, last: "multifd: interrupted by SIGINT" })
+    noStack(finished.stderr)
+    expect(filesLike("fifo.out")).toEqual([])
+  })
+
   it("recv --from-qemu with x509 and no --tls-ca warns that QEMU's channels are not tied to a verified client (QEMU's destination checks them by default); --tls-ca or PSK: no warning", async () => {
     const own = ["--tls-cert", tlsFile("server-cert.pem"), "--tls-key", tlsFile("server-key.pem")]
     // the warning comes before the listening line (a child: the command's log lines go to its stderr)

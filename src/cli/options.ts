@@ -99,6 +99,28 @@ const pathOption = (name: string, kind: "file" | "directory" = "file") =>
     Options.mapEffect(expanded(name))
   )
 
+/**
+ * A flag naming a credentials file (a PEM or PSK file), which may also be a pipe: `--tls-psk <(vault read ...)` keeps a
+ * key off the disk, and the shell passes it as `/dev/fd/63`, a pipe, which `Options.file` refused as "not a regular
+ * file". A directory or a device is still refused so; a path that does not exist is left to the library, which names it.
+ */
+const credentialsPath = (name: string) =>
+  Options.text(name).pipe(
+    Options.mapEffect(nonEmpty(name)),
+    Options.mapEffect(notStdio(name)),
+    Options.mapEffect(expanded(name)),
+    Options.mapEffect((path) =>
+      Effect.flatMap(
+        // a path that cannot be looked at (missing, a file as a directory, no permission): the library says why
+        Effect.orElseSucceed(Effect.try(() => Fs.statSync(path, { throwIfNoEntry: false })), () => undefined),
+        (stat) =>
+          stat === undefined || stat.isFile() || stat.isFIFO()
+            ? Effect.succeed(path)
+            : Effect.fail(invalid(`--${name} ${path}: not a regular file`))
+      )
+    )
+  )
+
 /** An integer flag: a value that is not one is an error naming the flag. */
 const integer = (name: string, pseudo: string) =>
   Options.text(name).pipe(
@@ -527,9 +549,9 @@ export interface TlsFlags {
 }
 
 const pem = (name: string, description: string) =>
-  pathOption(name).pipe(Options.withPseudoName("PEM"), Options.withDescription(description), Options.optional)
+  credentialsPath(name).pipe(Options.withPseudoName("PEM"), Options.withDescription(description), Options.optional)
 
-const tlsPsk = pathOption("tls-psk").pipe(
+const tlsPsk = credentialsPath("tls-psk").pipe(
   Options.withPseudoName("FILE"),
   Options.withDescription("TLS with pre-shared keys from FILE in QEMU's keys.psk format: one identity:hexkey a line."),
   Options.optional
@@ -542,7 +564,7 @@ const tlsCa = (more: string) =>
   )
 const tlsKey = pem("tls-key", "TLS with x509: the private key of --tls-cert.")
 const tlsCrl = (peer: string) =>
-  pathOption("tls-crl").pipe(
+  credentialsPath("tls-crl").pipe(
     Options.withPseudoName("FILE"),
     Options.withDescription(
       `TLS with x509: certificate revocation lists (PEM, one or more; QEMU's ca-crl.pem): ${peer} whose certificate, or ` +
