@@ -1407,6 +1407,23 @@ describe("certificate revocation lists (QEMU's ca-crl.pem)", () => {
       }
     })))
 
+  // OpenSSL checks a CRL's signer for keyUsage cRLSign: a CRL signed by a CA that may sign certificates only was
+  // loaded, and then every handshake with a peer of that CA failed, blaming the peer ("the destination's certificate
+  // CN=localhost is not trusted: key usage does not include CRL signing"); GnuTLS refuses such a CRL too
+  it.live("load: a CRL signed by a CA whose keyUsage does not permit signing CRLs (keyCertSign only) is refused naming it", () =>
+    leakFree(Effect.gen(function*() {
+      const ca = fixture("nocrlsign-ca-cert.pem")
+      const crl = fixture("nocrlsign-ca-crl.pem")
+      const error = yield* Effect.flip(Tls.make({ ca, crl })).pipe(Effect.mapError(() => new Error("loaded")))
+      expect(error.reason).toBe("Config")
+      expect(error.message).toBe(
+        `TLS configuration: CRL file ${crl}: the CRL of CN=no-CRL-sign CA is signed by a CA whose keyUsage does not ` +
+          "permit signing CRLs (cRLSign): OpenSSL would refuse every certificate that CA issued (\"key usage does not " +
+          "include CRL signing\"); give a CRL signed with a key that may sign CRLs"
+      )
+      expectOneLine(error)
+    })))
+
   it.live("layerConfig reads MULTIFD_TLS_CRL", () =>
     leakFree(Effect.gen(function*() {
       const env = (crl: string) =>

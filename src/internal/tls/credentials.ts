@@ -221,6 +221,21 @@ export const crlsOf = (
           `CRL file ${path}${which} names ${issuer} as its issuer but is not signed by that CA (in ${caPath})`
         ))
       }
+      // OpenSSL refuses a CRL whose signer's keyUsage leaves out cRLSign, and with it every certificate of that CA
+      // ("key usage does not include CRL signing"), as GnuTLS does: every handshake failed, blaming the peer
+      let usage: number | undefined
+      try {
+        usage = Der.keyUsageOf(authorities[signer]!.ca.raw)
+      } catch {
+        usage = undefined // (read when the CA file was checked: caCertificateProblem)
+      }
+      if (usage !== undefined && (usage & Der.CRL_SIGN) === 0) {
+        return Effect.fail(configError(
+          `CRL file ${path}${which}: the CRL of ${issuer} is signed by a CA whose keyUsage does not permit signing CRLs ` +
+            `(cRLSign): OpenSSL would refuse every certificate that CA issued ("key usage does not include CRL ` +
+            "signing\"); give a CRL signed with a key that may sign CRLs"
+        ))
+      }
       if (crl.nextUpdate !== undefined && now > crl.nextUpdate.getTime()) {
         return Effect.fail(configError(
           `CRL file ${path}${which}: the CRL of ${issuer} has expired (next update ${opensslDate(crl.nextUpdate)}): ` +

@@ -372,6 +372,8 @@ export const parseCrl = (der: Uint8Array): Crl => {
 export const DIGITAL_SIGNATURE = 1 << 0
 /** keyUsage bit 5: the key may sign certificates (a CA's). */
 export const KEY_CERT_SIGN = 1 << 5
+/** keyUsage bit 6: the key may sign CRLs (a CRL's issuer, as OpenSSL checks it). */
+export const CRL_SIGN = 1 << 6
 
 /** The value (the OCTET STRING's content) of a DER certificate's extension `oid`, or `undefined` without one. */
 const extensionOf = (der: Uint8Array, oid: string): Tlv | undefined => {
