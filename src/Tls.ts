@@ -135,8 +135,17 @@ export const DEFAULT_HANDSHAKE_TIMEOUT = Duration.seconds(10)
 export const MAX_PSK_BYTES = 512
 
 /**
+ * The longest PSK identity a TLS handshake here can use: OpenSSL's `PSK_MAX_IDENTITY_LEN`, in bytes of UTF-8. A
+ * longer one is refused when its file is read, not at the first handshake.
+ *
+ * @since 0.1.0
+ * @category constants
+ */
+export const MAX_PSK_IDENTITY_BYTES = 256
+
+/**
  * Parses QEMU's `keys.psk` format: one `identity:hexkey` a line; blank lines and `#` comments ignored. A key
- * longer than `MAX_PSK_BYTES` is a `Config` error.
+ * longer than `MAX_PSK_BYTES`, or an identity longer than `MAX_PSK_IDENTITY_BYTES`, is a `Config` error.
  *
  * @since 0.1.0
  * @category utils
@@ -153,6 +162,14 @@ export const parsePskFile = (text: string, source = "keys file"): Effect.Effect<
       const hex = line.slice(colon + 1)
       if (colon <= 0 || hex.length === 0 || hex.length % 2 !== 0 || !/^[0-9a-fA-F]+$/.test(hex)) {
         return new TlsError({ reason: "Config", detail: `${source} line ${i + 1} is not identity:hexkey` })
+      }
+      const identityBytes = Buffer.byteLength(identity, "utf8")
+      if (identityBytes > MAX_PSK_IDENTITY_BYTES) {
+        return new TlsError({
+          reason: "Config",
+          detail: `${source} line ${i + 1}: an identity of ${identityBytes} bytes; TLS (OpenSSL) takes at most ` +
+            `${MAX_PSK_IDENTITY_BYTES}`
+        })
       }
       if (hex.length / 2 > MAX_PSK_BYTES) {
         return new TlsError({

@@ -2149,6 +2149,27 @@ describe("configuration", () => {
         .toBe("The argument 'psk' Pre-shared key exceeds 512 bytes.")
     })))
 
+  // OpenSSL takes a PSK identity of at most 256 bytes (PSK_MAX_IDENTITY_LEN): a longer one loaded, and the source's
+  // every handshake failed with Node's "The argument 'identity' PSK identity exceeds 256 bytes." (a destination's key
+  // for it could never be asked for)
+  it.live("keys.psk: an identity of 256 bytes (UTF-8) migrates; one of 257 is refused at load, naming the line", () =>
+    leakFree(Effect.gen(function*() {
+      const key = Crypto.randomBytes(32).toString("hex")
+      const longest = "é".repeat(128) // 256 bytes, 128 characters
+      const path = tmp("long-identity.psk", `${longest}:${key}\n`)
+      yield* removing(path)
+      const tls = yield* loadTls({ psk: path, identity: longest })
+      yield* roundTrip(tls.server, tls.client(undefined), { mib: 1 })
+      const over = tmp("over-identity.psk", `qemu:${key}\n${longest}x:${key}\n`)
+      yield* removing(over)
+      for (const config of [{ psk: over }, { psk: over, identity: "qemu" }]) {
+        const e = yield* configError(config)
+        expect(e.message).toBe(
+          `TLS configuration: ${over} line 2: an identity of 257 bytes; TLS (OpenSSL) takes at most 256`
+        )
+      }
+    })))
+
   it.live("load: psk and x509 together, a certificate without its key, no credentials at all", () =>
     leakFree(Effect.gen(function*() {
       expect((yield* configError({ psk: fixture("keys.psk"), ca: fixture("ca-cert.pem") })).message)
