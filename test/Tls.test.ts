@@ -2118,6 +2118,29 @@ describe("configuration", () => {
       expect([...keys.keys()]).toEqual(["qemu", "other"])
     }))
 
+  // QEMU's destination reads keys.psk with GnuTLS, where an identity with ':' or other special characters is written
+  // `#` and its bytes in hex; QEMU's source reads its own line `identity:hexkey` up to the identity's length. The hex
+  // form was taken for a comment: a source of that identity was refused, "has no key in this side's PSK file"
+  it.live("keys.psk: an identity in GnuTLS's hex form (#hexidentity:hexkey, for ':' or non-ASCII) is that identity, other '#' lines comments (no UTF-8, an odd key)", () =>
+    leakFree(Effect.gen(function*() {
+      const key = Crypto.randomBytes(32).toString("hex")
+      const hex = (identity: string) => Buffer.from(identity, "utf8").toString("hex")
+      const destination = tmp(
+        "gnutls.psk",
+        `# keys for QEMU's destination: a comment, even with a colon: ${key}\n#zz:00\n#cafe:${key}\n#6869:123\n` +
+          `#${hex("migration:host-1")}:${key}\n` +
+          `#${hex("zoë")}:${"ab".repeat(32)}\n`
+      )
+      yield* removing(destination)
+      const source = tmp("qemu-client.psk", `migration:host-1:${key}\n`)
+      yield* removing(source)
+      const keys = yield* Tls.parsePskFile(Fs.readFileSync(destination, "utf8"))
+      expect([...keys.keys()]).toEqual(["migration:host-1", "zoë"])
+      const server = yield* loadTls({ psk: destination, authz: ["migration:host-1"] })
+      const client = yield* loadTls({ psk: source, identity: "migration:host-1" })
+      yield* roundTrip(server.server, client.client(undefined), { mib: 1 })
+    })))
+
   it.live("load: a bad keys.psk line names the file and the line", () =>
     leakFree(Effect.gen(function*() {
       const path = tmp("bad.psk", "# comment\n\nqemu:00ff\nnot-a-key-line\n")
