@@ -357,7 +357,38 @@ export const ownCertificateProblem = (certificate: Crypto.X509Certificate, now: 
     ? `is not valid yet (valid from ${certificate.validFrom})`
     : now > Date.parse(certificate.validTo)
     ? `has expired (valid until ${certificate.validTo})`
-    : undefined
+    : signingProblem(certificate)
+
+/** The keyUsage bits by name, bit 0 first (RFC 5280 §4.2.1.3). */
+const KEY_USAGE_NAMES = [
+  "digitalSignature",
+  "nonRepudiation",
+  "keyEncipherment",
+  "dataEncipherment",
+  "keyAgreement",
+  "keyCertSign",
+  "cRLSign",
+  "encipherOnly",
+  "decipherOnly"
+] as const
+
+/**
+ * Why this side's certificate cannot sign its TLS handshake (CertificateVerify, a TLS 1.2 ServerKeyExchange), or
+ * `undefined`: a keyUsage that leaves out digitalSignature, which every peer refuses (this library's either side, as
+ * QEMU's GnuTLS; QEMU refuses it at load).
+ */
+const signingProblem = (certificate: Crypto.X509Certificate): string | undefined => {
+  let usage: number | undefined
+  try {
+    usage = Der.keyUsageOf(certificate.raw)
+  } catch {
+    return "has a keyUsage extension that cannot be read"
+  }
+  if (usage === undefined || (usage & Der.DIGITAL_SIGNATURE) !== 0) return undefined
+  const named = KEY_USAGE_NAMES.filter((_, bit) => (usage & (1 << bit)) !== 0)
+  return `has a keyUsage without digitalSignature (${named.length === 0 ? "none" : named.join(", ")}): it cannot ` +
+    "sign its TLS handshake, and every peer refuses it; reissue it with digitalSignature in its keyUsage"
+}
 
 /**
  * Why a certificate cannot vouch for those it issued, as QEMU's tls-creds-x509 checks each certificate of its
