@@ -396,16 +396,23 @@ export const load = (config: TlsConfig): Effect.Effect<Settings, TlsError> =>
  */
 export const checkClient: (settings: Settings) => Effect.Effect<void, TlsError> = TlsClient.checkClient
 
+const NO_SERVER_CERTIFICATE = "an x509 destination needs a certificate of its own and its key (cert, key), which it " +
+  "presents to every source: the CA file (ca) verifies the sources"
+
 /**
- * Checks that the settings can secure a destination's connections, before it listens: with x509, that its
- * certificate is for server authentication (a `Config` error otherwise, naming the file). `server` does not
- * check it on each connection.
+ * Checks that the settings can secure a destination's connections, before it listens: with x509, that it has a
+ * certificate (a CA file alone verifies clients, and presents nothing) and that it is for server authentication (a
+ * `Config` error otherwise, naming the file). `server` does not check it on each connection.
  *
  * @since 0.1.0
  * @category utils
  */
 export const checkServer = (settings: Settings): Effect.Effect<void, TlsError> =>
   Effect.suspend(() => {
+    // a TLS server presents a certificate: without one every handshake failed, each side blaming the other's
+    if (settings.credentials._tag === "X509" && settings.credentials.cert === undefined) {
+      return Effect.fail(configError(NO_SERVER_CERTIFICATE))
+    }
     const own = settings.ownCertificate
     const problem = own === undefined ? undefined : ownRoleProblem(own, settings.ownIssuers ?? [], "server")
     return problem === undefined
@@ -517,7 +524,14 @@ export const server = (settings: Settings, options?: ServerOptions): Transport.U
       "secure",
       connection.peer,
       settings.handshakeTimeout,
-      (error) => hint(creds, describe(error)),
+      (error) => {
+        const text = describe(error)
+        // (with nothing to present, OpenSSL finds no signature algorithm, or no cipher, for any x509 source)
+        return creds._tag === "X509" && creds.cert === undefined && /no suitable signature algorithm|no shared cipher/.test(text)
+          ? `${text} (this destination has no certificate: an x509 destination presents one to every source; give ` +
+            "cert and key)"
+          : hint(creds, text)
+      },
       (s) => creds._tag === "X509" && verifyPeer ? clientRefusal(s, settings.authz, settings.crls) : undefined,
       // a Node source that refuses this side's certificate hangs up without an alert, before its Finished
       creds._tag === "X509"

@@ -1654,6 +1654,34 @@ describe("trust: the CA file only, never Node's public roots (QEMU's tls-creds-x
       yield* Tls.load(noCa("server"))
     })))
 
+  // a TLS server presents a certificate: settings of a CA file alone (what verifies the other side) passed checkServer,
+  // and then every source was refused in the handshake, each side blaming the other's credentials ("no suitable
+  // signature algorithm (do both sides use the same kind of credentials, PSK or x509 ...?)")
+  it.live("a destination of x509 settings without a certificate (a CA file alone): checkServer refuses them; a handshake says why", () =>
+    leakFree(Effect.gen(function*() {
+      const server = yield* serverX509("server")
+      const caOnly = yield* clientX509({ verifyPeer: true })
+      const error = yield* Effect.flip(Tls.checkServer(caOnly.settings)).pipe(Effect.mapError(() => new Error("passed")))
+      expect(error.reason).toBe("Config")
+      expect(error.message).toBe(
+        "TLS configuration: an x509 destination needs a certificate of its own and its key (cert, key), which it " +
+          "presents to every source: the CA file (ca) verifies the sources"
+      )
+      expectOneLine(error)
+      // run anyway: the destination's log says what it lacks
+      const client = yield* clientX509({}, "alice")
+      const dest = yield* startDestination(caOnly.server)
+      const ram = yield* sourceRam(1)
+      const exit = yield* noHang(Effect.exit(migrateTo(ram, tcp(LOOPBACK, dest.port), client.client(LOOPBACK))), "migrate")
+      expect(Exit.isFailure(exit)).toBe(true)
+      yield* noHang(dest.rejections(1), "the destination's rejection")
+      expect(dest.logs.join("\n")).toContain(
+        "(this destination has no certificate: an x509 destination presents one to every source; give cert and key)"
+      )
+      // with one, checkServer passes
+      yield* Tls.checkServer(server.settings)
+    })))
+
   it.live("a source with a certificate and no CA file is refused before its first byte (checkClient)", () =>
     leakFree(Effect.gen(function*() {
       const source = yield* loadTls(noCa("alice"))
