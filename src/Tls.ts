@@ -88,7 +88,10 @@ export const TlsConfig = Schema.Struct({
    * of `ca` needs one (OpenSSL checks every certificate of a chain against its issuer's CRL): checked at load.
    */
   crl: Schema.optional(Schema.String),
-  /** Name the destination's certificate must carry (default: the host of the address). */
+  /**
+   * Name the destination's certificate must carry (default: the host of the address): a DNS name, or an IP address
+   * (an IPv6 one bracketed or not). One with a port, a path or brackets around a name is refused at load.
+   */
   hostname: Schema.optional(Schema.String),
   /** Destination: require and verify client certificates. */
   verifyPeer: Schema.optional(Schema.Boolean),
@@ -253,6 +256,17 @@ export const load = (config: TlsConfig): Effect.Effect<Settings, TlsError> =>
           "must carry, or none to check the host of its address"
       )
     }
+    // an IPv6 address as a uri writes it ([::1], as the command's --tls-hostname takes it) is that address; a name
+    // with ':' (a port), '[', ']' or '/' is none a certificate carries: every handshake failed ("Host: [::1]. is not
+    // in the cert's altnames")
+    const inner = config.hostname === undefined ? undefined : /^\[(.*)\]$/.exec(config.hostname)?.[1]
+    const hostname = inner !== undefined && Transport.isIp(inner) ? inner : config.hostname
+    if (hostname !== undefined && !Transport.isIp(hostname) && /[:[\]/]/.test(hostname)) {
+      return yield* configError(
+        `hostname ${JSON.stringify(hostname)} is no host name: a certificate names no host with ':' (but an IPv6 ` +
+          "address), '[', ']' or '/' (give the name alone, without a port)"
+      )
+    }
     if ((config.cert === undefined) !== (config.key === undefined)) {
       return yield* configError("a certificate needs its key and a key its certificate")
     }
@@ -375,7 +389,7 @@ export const load = (config: TlsConfig): Effect.Effect<Settings, TlsError> =>
       ownCertificate,
       ownCertificateFile: config.cert,
       ownIssuers,
-      hostname: config.hostname,
+      hostname,
       crls,
       verifyPeer: config.verifyPeer ?? false,
       authz: config.authz,

@@ -2511,6 +2511,26 @@ describe("configuration", () => {
       yield* loadTls({ psk: fixture("keys.psk"), authz: ["qemu"] })
     })))
 
+  // no certificate carries a name with ':' (but an IPv6 address), '[', ']' or '/': MULTIFD_TLS_HOSTNAME=[::1] (an IPv6
+  // address as a uri writes it, which the command's --tls-hostname takes) or localhost:4444 loaded, and every
+  // handshake failed, "Host: [::1]. is not in the cert's altnames"
+  it.live("load: a hostname as a uri writes it ([::1]) is that address; one with a port, a path or brackets around a name is refused at load", () =>
+    leakFree(Effect.gen(function*() {
+      const server = yield* serverX509("server")
+      const bracketed = yield* clientX509({ hostname: "[::1]" })
+      expect(bracketed.settings.hostname).toBe("::1")
+      yield* roundTrip(server.server, bracketed.client(LOOPBACK), { mib: 1, channels: 1 })
+      for (const hostname of ["localhost:4444", "[localhost]", "localhost/x"]) {
+        const error = yield* Effect.flip(clientX509({ hostname })).pipe(Effect.mapError(() => new Error(`loaded ${hostname}`)))
+        expect(error.reason).toBe("Config")
+        expect(error.message).toBe(
+          `TLS configuration: hostname ${JSON.stringify(hostname)} is no host name: a certificate names no host with ` +
+            "':' (but an IPv6 address), '[', ']' or '/' (give the name alone, without a port)"
+        )
+        expectOneLine(error)
+      }
+    })))
+
   it.live("load: a hostname that names nothing (empty, blank, with spaces) is refused at load, not at every handshake", () =>
     leakFree(Effect.gen(function*() {
       // MULTIFD_TLS_HOSTNAME= (set, empty) was the name "": every handshake failed "Host: . is not in the cert's altnames"
