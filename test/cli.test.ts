@@ -1143,7 +1143,8 @@ describe("multifd failures", () => {
       [["recv", "tcp:127.0.0.1:0", "--out", Os.tmpdir()], `multifd: error: --out ${Os.tmpdir()}: not a regular file`],
       // two such paths: @effect/cli's two messages on one line read as one garbled one ("/tmp' to be a regular file
       // Expected path '/tmp: not a regular file"), naming no flag
-      [["send", "tcp:127.0.0.1:1", "--in", Os.tmpdir(), "--tls-psk", Os.tmpdir()], `multifd: error: --in ${Os.tmpdir()}: not a regular file`],
+      // (the same path for two flags: each named)
+      [["send", "tcp:127.0.0.1:1", "--in", Os.tmpdir(), "--tls-psk", Os.tmpdir()], `multifd: error: --in ${Os.tmpdir()}: not a regular file; --tls-psk ${Os.tmpdir()}: not a regular file`],
       [
         ["send", "tcp:127.0.0.1:1", "--in", image, "--tls-ca", tlsFile("ca-cert.pem"), "--tls-cert", Os.tmpdir(), "--tls-key", dir],
         `multifd: error: --tls-cert ${Os.tmpdir()}: not a regular file; --tls-key ${dir}: not a regular file`
