@@ -426,6 +426,17 @@ describe("FileIo.atomicFile of a long name", () => {
       expect(file.path).toBe(`${short}.${process.pid}.partial`)
       expect(openFilesIn(dir)).toEqual([])
     }))
+
+  // the temporary file's name was cut to fit, so it was written in full, and only the rename into place failed
+  // ("file name too long"): a recv --out of 300 bytes took the whole migration first, a save the whole snapshot
+  it.scopedLive("a target whose name is longer than the file system takes: refused before anything is created", () =>
+    Effect.gen(function*() {
+      const dir = yield* tempDir
+      const target = Path.join(dir, "a".repeat(256))
+      const error = yield* Effect.flip(Effect.scoped(FileIo.atomicFile(target, { size: 4096 })))
+      expect([error.step, error.path, FileIo.describe(error.cause)]).toEqual(["Create", target, "file name too long"])
+      expect([Fs.readdirSync(dir), openFilesIn(dir)]).toEqual([[], []])
+    }))
 })
 
 describe("FileIo.atomicFile after a killed process", () => {

@@ -1924,6 +1924,34 @@ describe("MappedRam: QEMU 10's mapped-ram file", () => {
       expect(Fs.readFileSync(backup, "utf8")).toBe("older")
     }))
 
+  // a block whose file name is longer than a file name may be (its bytes outside [A-Za-z0-9._@+-] three each): its
+  // temporary file's name was cut to fit, written in full, and only its rename failed ("file name too long"), after
+  // the blocks before it were renamed into place: a directory of half this migration's blocks
+  const longBlock = "0000:00:02.0/" + ":".repeat(80)
+  const vmWithLongBlock = Effect.flatMap(capturedVm, (base) =>
+    Effect.map(
+      GuestRam.make({
+        pageSize: 4096,
+        blocks: [{ name: "mem", bytes: Buffer.alloc(16 * 4096, 0x11) }, { name: longBlock, bytes: Buffer.alloc(16 * 4096, 0x22) }]
+      }),
+      (ram) => ({ ...base, ram }) satisfies QemuVm.QemuVm
+    ))
+
+  it.live("recv file: --out-dir DIR of a VM with a block whose file name is too long: one line naming it, nothing written", () =>
+    Effect.gen(function*() {
+      const dir = Path.join(vmFileDir, "long-block")
+      Fs.mkdirSync(dir)
+      Fs.writeFileSync(Path.join(dir, "mem.img"), "older")
+      const file = Path.join(vmFileDir, "long-block.vm")
+      yield* MappedRam.write(file, yield* vmWithLongBlock)
+      const result = yield* Effect.promise(() => Cli.run(["recv", `file:${file}`, "--from-qemu", "--out-dir", dir]))
+      expect(result.code).toBe(1)
+      expect(result.stderr.trimEnd().split("\n")).toEqual([expect.stringMatching(/^multifd: error: .*: file name too long$/)])
+      // the block before it not renamed into place: the directory as it was
+      expect(Fs.readdirSync(dir)).toEqual(["mem.img"])
+      expect(Fs.readFileSync(Path.join(dir, "mem.img"), "utf8")).toBe("older")
+    }))
+
   // a directory that held another VM's blocks (vga.vram.img) silently became a mix of two VMs' blocks
   it.live("recv --out-dir DIR holding another migration's block file: success, with a warning naming it, left as it was", () =>
     Effect.gen(function*() {

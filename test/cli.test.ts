@@ -751,6 +751,9 @@ describe("multifd failures", () => {
       [["send", "tcp:127.0.0.1:1", "--in", loop], /loop-a: cannot open the image: too many levels of symbolic links$/],
       [["recv", "tcp:127.0.0.1:0", "--out", loop], /loop-a: cannot create it: too many levels of symbolic links$/],
       [["send", "tcp:127.0.0.1:1", "--in", "a".repeat(300)], /: cannot open the image: file name too long$/],
+      // its temporary file's name was cut to fit: recv listened, took the whole migration, then failed to rename it
+      [["recv", "tcp:127.0.0.1:0", "--out", Path.join(dir, "a".repeat(300))], /a: cannot create it: file name too long$/],
+      [["send", `file:${Path.join(dir, "s".repeat(300))}`, "--in", image], /s: cannot create it: file name too long$/],
       [["send", "tcp:127.0.0.1:1", "--in", image, "--tls-ca", loop], /cannot read CA certificate .*loop-a: too many levels of symbolic links$/],
       [["recv", "tcp:127.0.0.1:0", "--out", ""], /^multifd: error: --out: an empty value$/],
       [["send", "tcp:127.0.0.1:1", "--in", image, "--in", odd], /^multifd: error: --in given more than once$/],

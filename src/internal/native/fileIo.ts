@@ -699,6 +699,13 @@ export const atomicFile = (
     // "cannot create pipe:[123].<pid>.partial beside it: no such file or directory"
     const reached = yield* Effect.promise(() => FsP.stat(given).catch(() => undefined))
     if (reached !== undefined && !reached.isFile()) return yield* new FileError({ step: "NotRegular", path: given })
+    // a name longer than the file system takes (NAME_MAX, 255 bytes on most): its temporary file's name is cut to
+    // fit, so it was written in full and only the rename into place failed, "file name too long", after a whole
+    // migration or save. The kernel's lookup says so now, whatever this file system's limit
+    const tooLong = yield* Effect.promise(() =>
+      FsP.lstat(target).then(() => undefined, (cause: unknown) => errorCode(cause) === "ENAMETOOLONG" ? cause : undefined)
+    )
+    if (tooLong !== undefined) return yield* new FileError({ step: "Create", path: given, cause: tooLong })
     const path = temporaryOf(target, process.pid)
     const key = Path.resolve(path)
     for (const name of yield* removeStale(target)) {
