@@ -1952,6 +1952,33 @@ describe("MappedRam: QEMU 10's mapped-ram file", () => {
       expect(Fs.readFileSync(Path.join(dir, "mem.img"), "utf8")).toBe("older")
     }))
 
+  it.live("recv --from-qemu --out-dir DIR from a source with a block whose file name is too long: refused when the blocks are announced", () =>
+    Effect.scoped(Effect.gen(function*() {
+      const dir = Path.join(vmFileDir, "long-block-received")
+      const bound = yield* Deferred.make<Transport.Address>()
+      const recv = yield* Effect.fork(FromQemu.run({
+        uri: { _tag: "Tcp", host: "127.0.0.1", port: 0 },
+        channels: 2,
+        outDir: dir,
+        timing: { timeout: Option.none() },
+        reporting: { json: false, quiet: true, verbose: false },
+        onListening: (address) => Deferred.succeed(bound, address)
+      }).pipe(Effect.provide([Logger.remove(Logger.defaultLogger), Terminal.layer])))
+      const vm = yield* vmWithLongBlock
+      const sent = yield* Effect.either(QemuOutgoing.migrate({ address: yield* Deferred.await(bound), vm, channels: 2, timeouts: PEER }).pipe(
+        Effect.provide(Transport.layer)
+      ))
+      expect(Either.isLeft(sent)).toBe(true)
+      const refused = yield* Effect.flip(noHang(Fiber.join(recv), "recv --from-qemu"))
+      expectOneLine(refused)
+      expect(refused.message).toContain(
+        `refused the migration: ${dir}: the file of block ${JSON.stringify(longBlock)} would be named with 263 bytes ` +
+          "(0000%3A00%3A02.0%2F%3A%3A%3A%3A%3A%3A%3A...), longer than a file name may be here"
+      )
+      // nothing, not even the directory the command made for the blocks
+      expect(Fs.existsSync(dir)).toBe(false)
+    })))
+
   // a directory that held another VM's blocks (vga.vram.img) silently became a mix of two VMs' blocks
   it.live("recv --out-dir DIR holding another migration's block file: success, with a warning naming it, left as it was", () =>
     Effect.gen(function*() {

@@ -207,16 +207,25 @@ const writableDirectory = (dir: string): Effect.Effect<void, Image.ImageError> =
   )
 
 /**
- * Why one of `paths` (the block files of `--out-dir`, known once QEMU announced its blocks) cannot be written, if
- * one exists and is not a regular file (a directory, a FIFO): as `--out`'s, refused before QEMU sends a page, not
- * once it sent them all (`Image.create`, when the blocks are stored, refuses it too).
+ * Why the file in `dir` of one of the blocks `names` (the block files of `--out-dir`, known once QEMU announced its
+ * blocks) cannot be written, if one exists and is not a regular file (a directory, a FIFO) or its name is longer
+ * than the file system takes: as `--out`'s, refused before QEMU sends a page, not once it sent them all
+ * (`Image.create`, when the blocks are stored, refuses it too).
  */
-const notAFile = (paths: ReadonlyArray<string>): string | undefined => {
-  for (const path of paths) {
+const notAFile = (dir: string, names: ReadonlyArray<string>): string | undefined => {
+  for (const name of names) {
+    const file = QemuIncoming.blockFileName(name)
+    const path = Path.join(dir, file)
     let stat: FsSync.Stats | undefined
     try {
       stat = FsSync.statSync(path, { throwIfNoEntry: false })
-    } catch {
+    } catch (error) {
+      // a name longer than the file system takes (its bytes outside [A-Za-z0-9._@+-] three each): its file could
+      // not be renamed into place once QEMU had sent everything
+      if (FileIo.errorCode(error) === "ENAMETOOLONG") {
+        return `${dir}: the file of block ${JSON.stringify(name)} would be named with ${Buffer.byteLength(file)} bytes ` +
+          `(${file.length > 40 ? `${file.slice(0, 40)}...` : file}), longer than a file name may be here`
+      }
       continue // a link loop, a path it may not look at: the create says so
     }
     if (stat !== undefined && !stat.isFile()) return `${path}: exists and is not a regular file`
@@ -369,7 +378,7 @@ export const run = (args: Args) =>
             return single !== undefined
               ? single.tooBig(bytes)
               : args.outDir !== undefined
-              ? notAFile(blocks.map((block) => Path.join(args.outDir!, QemuIncoming.blockFileName(block.name)))) ??
+              ? notAFile(args.outDir, blocks.map((block) => block.name)) ??
                 Image.beyondFileSizeLimit(args.outDir, Math.max(...blocks.map((b) => b.size)), "a block's file") ??
                 Image.wontFit(args.outDir, args.outDir, bytes)
               : Image.beyondFileSizeLimit(args.vm!, bytes, "the VM's file")
