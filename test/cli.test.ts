@@ -2132,6 +2132,28 @@ describe("trust: signals, timeouts and progress whatever the CPU does", () => {
     }
   })
 
+  // before the first progress report (recv waiting for its source, send for its destination's answer) SIGUSR1 printed
+  // nothing: a user asking a quiet command what it was doing got no answer, as if the signal had been lost
+  it("SIGUSR1 before any page moved: a line saying so, rather than nothing", async () => {
+    const recv = await startRecv(["tcp:127.0.0.1:0", "--out", Path.join(dir, "usr-waiting.out")])
+    // a destination that takes the connection and never answers: send waits for its hello's answer
+    const silent = Net.createServer(() => {})
+    await new Promise<void>((resolve) => silent.listen(0, "127.0.0.1", resolve))
+    const port = (silent.address() as Net.AddressInfo).port
+    try {
+      const send = start(["send", `tcp:127.0.0.1:${port}`, "--in", image, "--timeout", "1m"])
+      await new Promise<void>((resolve) => silent.once("connection", () => resolve()))
+      for (const target of [send, recv]) target.child.kill("SIGUSR1")
+      await waitForStderr(recv, /^multifd: recv: no pages received yet$/m)
+      await waitForStderr(send, /^multifd: send: no pages sent yet$/m)
+      for (const target of [send, recv]) target.child.kill("SIGTERM")
+      expect((await send.finished).code).toBe(143)
+      expect((await recv.finished).code).toBe(143)
+    } finally {
+      silent.close()
+    }
+  })
+
   // every fiber that failed was logged at Debug by Effect's runtime: --verbose looked like a crash
   it("--verbose: a cancelled migration's failure is one error line, no \"Fiber terminated with an unhandled error\" log", async () => {
     const out = Path.join(dir, "verbose-cancelled.out")

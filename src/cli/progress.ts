@@ -184,7 +184,8 @@ const next = (signal: NodeJS.Signals): Effect.Effect<void> =>
 
 /**
  * A line every `LINE_INTERVAL_MS` of the `Clock` (the first after as long: a short migration prints none), and
- * the line of the last report at once on SIGUSR1, as `dd` prints its progress.
+ * the line of the last report at once on SIGUSR1, as `dd` prints its progress (before any report, that no page
+ * moved yet).
  */
 const lines = (label: string): Effect.Effect<OnProgress, never, Scope.Scope | Terminal.Terminal> =>
   Effect.gen(function*() {
@@ -200,10 +201,14 @@ const lines = (label: string): Effect.Effect<OnProgress, never, Scope.Scope | Te
       return `multifd: ${label}: ${formatBytes(progress.doneBytes)} of ${formatBytes(progress.totalBytes)} (${percent}%) ` +
         `in round ${progress.round}${at > since ? `, ${formatRate(base + progress.doneBytes, at - since)}` : ""}`
     }
+    // before the first report (recv waiting for its source, send for its destination's answer) a line that says so:
+    // the signal answered with nothing looked lost
     yield* Effect.forkScoped(Effect.forever(Effect.zipRight(
       next("SIGUSR1"),
       Effect.suspend(() =>
-        last === undefined || startedAt === undefined ? Effect.void : terminal.err(line(last.progress, last.at, startedAt))
+        last === undefined || startedAt === undefined
+          ? terminal.err(`multifd: ${label}: no pages ${label === "send" ? "sent" : "received"} yet`)
+          : terminal.err(line(last.progress, last.at, startedAt))
       )
     )))
     return (progress: Migration.Progress) =>
