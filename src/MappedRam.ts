@@ -16,7 +16,7 @@
  *
  * @since 0.1.0
  */
-import type * as Effect from "effect/Effect"
+import * as Effect from "effect/Effect"
 import type * as Scope from "effect/Scope"
 import * as internal from "./internal/qemu/mappedRam.js"
 import type * as QemuStream from "./QemuStream.js"
@@ -94,7 +94,16 @@ export interface Read {
  * @category reading
  */
 export const read = (path: string, options: ReadOptions = {}): Effect.Effect<Read, MappedRamError> =>
-  internal.read(path, { maxRamBytes: options.maxRamBytes ?? Transfer.DEFAULT_MAX_RAM, pageSize: options.pageSize })
+  Effect.suspend(() =>
+    notOptions(path, options) ??
+      internal.read(path, { maxRamBytes: options.maxRamBytes ?? Transfer.DEFAULT_MAX_RAM, pageSize: options.pageSize })
+  )
+
+/** The options as a whole that are none (`null`, from plain JavaScript: it threw as `read` or `open` was called). */
+const notOptions = (path: string, options: unknown) => {
+  const problem = Transfer.checkOptions(options, true)
+  return problem === undefined ? undefined : Effect.fail(new MappedRamError({ reason: "Unsupported", path, detail: problem }))
+}
 
 /**
  * A file opened by `open`: its VM, whose memory is allocated (untouched) but whose pages (of a mapped-ram
@@ -115,4 +124,7 @@ export interface Opened extends internal.Opened {}
  * @category reading
  */
 export const open = (path: string, options: ReadOptions = {}): Effect.Effect<Opened, MappedRamError, Scope.Scope> =>
-  internal.open(path, { maxRamBytes: options.maxRamBytes ?? Transfer.DEFAULT_MAX_RAM, pageSize: options.pageSize })
+  Effect.suspend(() =>
+    notOptions(path, options) ??
+      internal.open(path, { maxRamBytes: options.maxRamBytes ?? Transfer.DEFAULT_MAX_RAM, pageSize: options.pageSize })
+  )

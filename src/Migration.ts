@@ -302,6 +302,8 @@ export const migrate = (
 ): Effect.Effect<Stats, MigrateError, Transport.Transport | GuestRam.GuestRam> =>
   Effect.gen(function*() {
     const ram = yield* GuestRam.GuestRam
+    const badOptions = Transfer.checkOptions(options, false)
+    if (badOptions !== undefined) return yield* new MigrationError.MigrationError({ reason: "BadOptions", detail: badOptions })
     const resolved = yield* MigrationConfig.resolve(options)
     const address = resolved.address
     // options of the wrong type, from plain JavaScript (no compiler checked them), are BadOptions before anything
@@ -591,7 +593,7 @@ const receive = <E, E2, R>(
   options: IncomingOptions<E>,
   exclusive: boolean
 ): Effect.Effect<Incoming, IncomingError | E | E2, Exclude<R, Scope.Scope>> =>
-  Effect.flatMap(MigrationConfig.resolve(options), (options) =>
+  givenOptions(options, Effect.flatMap(MigrationConfig.resolve(options), (options) =>
     Effect.map(
       observed("destination", checkStatus(options.status) === undefined ? options.status : undefined, options.ram?.size ?? 0, (tracker) =>
         Effect.gen(function*() {
@@ -624,7 +626,19 @@ const receive = <E, E2, R>(
         attributes: { "multifd.address": spanAddress(address), "multifd.role": "destination" }
       }),
       originalErrors
-    ))
+    )))
+
+/**
+ * `self`, unless the options it was given are none as a whole (`null`, from plain JavaScript: it was a defect,
+ * "Cannot read properties of null"): then BadOptions. (`self` reads them only once it runs.)
+ */
+const givenOptions = <A, E, R>(
+  options: unknown,
+  self: Effect.Effect<A, E, R>
+): Effect.Effect<A, E | MigrationError.MigrationError, R> => {
+  const problem = Transfer.checkOptions(options, true)
+  return problem === undefined ? self : Effect.fail(new MigrationError.MigrationError({ reason: "BadOptions", detail: problem }))
+}
 
 /**
  * `listenAndReceive` from a `file:` address: `Snapshot.restore` with the destination's memory options, then `store`
@@ -699,7 +713,7 @@ export const listenAndReceive = <E = never>(
       true
     ) :
     address._tag === "File"
-    ? Effect.flatMap(MigrationConfig.resolve(options), (options) => restoreFromFile(address.path, options)) :
+    ? givenOptions(options, Effect.flatMap(MigrationConfig.resolve(options), (options) => restoreFromFile(address.path, options))) :
   // the listener is this migration's alone: a later source is refused at once, not left waiting
   receive(
     address,

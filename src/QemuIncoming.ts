@@ -314,6 +314,8 @@ export const incoming = <E = never>(
 
 /** Why the options cannot be used, before anything is accepted. */
 const check = <E>(options: Options<E>): MigrationError.MigrationError | undefined => {
+  const notOptions = Transfer.checkOptions(options, false)
+  if (notOptions !== undefined) return new MigrationError.MigrationError({ reason: "BadOptions", detail: notOptions })
   const channels = options.channels
   const compression = options.compression ?? "none"
   const badChannels = channels === 0 ? undefined : Protocol.checkChannels(channels, "multifd channels")

@@ -145,6 +145,8 @@ const badOptions = (detail: string) => new MigrationError.MigrationError({ reaso
 
 /** Why the options cannot be used, before anything connects. */
 const check = <E>(options: Options<E>): MigrationError.MigrationError | undefined => {
+  const notOptions = Transfer.checkOptions(options, false)
+  if (notOptions !== undefined) return badOptions(notOptions)
   const channels = Protocol.checkChannels(options.channels, "multifd channels")
   if (channels !== undefined) return badOptions(channels)
   if (options.address._tag === "File") return badOptions("QEMU listens on a tcp: or unix: address, not a file")

@@ -182,6 +182,8 @@ export const saveTracked = (
     // only at the rename
     // (a path that is no string, from plain JavaScript, was a defect)
     if (typeof path !== "string" || path.length === 0) return yield* noPath(path)
+    const notOptions = Transfer.checkOptions(options, true)
+    if (notOptions !== undefined) return yield* new MigrationError.MigrationError({ reason: "BadOptions", detail: notOptions })
     const channels = options.channels ?? DEFAULT_CHANNELS
     const badChannels = Protocol.checkChannels(channels)
     if (badChannels !== undefined) return yield* new SnapshotError({ reason: "Unsupported", path, detail: badChannels })
@@ -416,16 +418,19 @@ export const restoreTracked = (
   options: RestoreOptions,
   tracker: Status.Tracker | undefined
 ): Effect.Effect<Restored, SnapshotError> =>
-  ownFibers(
-    options.ram === undefined
-      ? restoreInto(path, options, tracker)
-      : GuestRam.exclusively(
-        options.ram,
-        restoreInto(path, options, tracker),
-        (detail) => new SnapshotError({ reason: "Busy", path, detail: `not restored: ${detail}` }),
-        (detail) => new SnapshotError({ reason: "Layout", path, detail: `not restored: ${detail}` })
-      )
-  )
+  // options of null as a whole (plain JavaScript) threw as `restore` was called
+  Transfer.checkOptions(options, true) !== undefined
+    ? Effect.fail(new SnapshotError({ reason: "Unsupported", path: typeof path === "string" ? path : "", detail: Transfer.checkOptions(options, true)! }))
+    : ownFibers(
+      options.ram === undefined
+        ? restoreInto(path, options, tracker)
+        : GuestRam.exclusively(
+          options.ram,
+          restoreInto(path, options, tracker),
+          (detail) => new SnapshotError({ reason: "Busy", path, detail: `not restored: ${detail}` }),
+          (detail) => new SnapshotError({ reason: "Layout", path, detail: `not restored: ${detail}` })
+        )
+    )
 
 /** A snapshot's path that is empty, or no string (plain JavaScript). */
 const noPath = (path: unknown) =>

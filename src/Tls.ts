@@ -220,6 +220,11 @@ export const parsePskFile = (text: string, source = "keys file"): Effect.Effect<
  */
 export const load = (config: TlsConfig): Effect.Effect<Settings, TlsError> =>
   Effect.gen(function*() {
+    // (from plain JavaScript, a config of null was a defect: "Cannot read properties of null")
+    if (typeof config !== "object" || config === null || Array.isArray(config)) {
+      const given = typeof config === "string" ? JSON.stringify(config) : config === null || typeof config !== "object" ? String(config) : "an array"
+      return yield* configError(`must be an object ({ psk }, or { ca, cert, key, ... }), not ${given}`)
+    }
     const x509 = config.ca !== undefined || config.cert !== undefined || config.key !== undefined
     if (config.psk !== undefined && x509) {
       return yield* configError("use either a PSK file or x509 certificates, not both")

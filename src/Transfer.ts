@@ -94,6 +94,18 @@ export const checkObject = (what: string, value: unknown): string | undefined =>
     : `${what} must be an object, not ${describeInput(value)}`
 
 /**
+ * Why the options a function was given, as a whole, are none (`null`, a string), if they are not: from plain
+ * JavaScript, each was a defect ("Cannot read properties of null"), `Snapshot.restore` and `MappedRam.read` threw
+ * as they were called. Options that may be left out (`optional`) may be `undefined`: the defaults.
+ *
+ * @internal
+ */
+export const checkOptions = (value: unknown, optional: boolean): string | undefined =>
+  (value === undefined && optional) || (typeof value === "object" && value !== null && !Array.isArray(value))
+    ? undefined
+    : `the options must be an object${optional ? " (or left out)" : ""}, not ${describeInput(value)}`
+
+/**
  * Why a callback option (`onProgress`, `store`, `admit`, `upgrade`), given as `what`, is no function, if it is not:
  * from plain JavaScript, the migration died on it ("is not a function") once it was called, after it connected.
  *

@@ -11,9 +11,17 @@ import * as Fiber from "effect/Fiber"
 import * as Layer from "effect/Layer"
 import * as Logger from "effect/Logger"
 import type * as Scope from "effect/Scope"
+import * as Fs from "node:fs"
+import * as Os from "node:os"
+import * as Path from "node:path"
 import * as GuestRam from "../src/GuestRam.js"
+import * as MappedRam from "../src/MappedRam.js"
 import * as Migration from "../src/Migration.js"
 import * as MigrationError from "../src/MigrationError.js"
+import * as QemuIncoming from "../src/QemuIncoming.js"
+import * as QemuOutgoing from "../src/QemuOutgoing.js"
+import * as Snapshot from "../src/Snapshot.js"
+import * as Tls from "../src/Tls.js"
 import * as Transport from "../src/Transport.js"
 import { expectOneLine, failureOf } from "./support/failures.js"
 import { noHang } from "./support/guards.js"
@@ -184,6 +192,68 @@ describe("options of the wrong type", () => {
         expect(fromFile).toMatchObject({ message: expect.stringContaining(message.split(" (")[0]!) })
       }))
   }
+})
+
+describe("options of null as a whole", () => {
+  // each was a defect ("Cannot read properties of null (reading 'address')"); Snapshot.restore and MappedRam.read
+  // threw as they were called, before any Effect ran
+  it.effect("every entry point: a typed error saying so, before anything connects, listens or writes", () =>
+    Effect.gen(function*() {
+      const ram = yield* sourceRam()
+      const transport = counting()
+      const dir = Fs.mkdtempSync(Path.join(Os.tmpdir(), "emfd-null-options-"))
+      const tcp: Transport.Address = { _tag: "Tcp", host: "127.0.0.1", port: 0 }
+      const N = null as never
+      const optional = "the options must be an object (or left out), not null"
+      const required = "the options must be an object, not null"
+      const cases: ReadonlyArray<readonly [string, Effect.Effect<unknown, unknown, Transport.Transport | GuestRam.GuestRam>, object]> = [
+        ["Migration.migrate", Migration.migrate(N), { _tag: "MigrationError", reason: "BadOptions", message: required }],
+        ["Migration.listenAndReceive", Migration.listenAndReceive(tcp, N), { _tag: "MigrationError", reason: "BadOptions", message: optional }],
+        [
+          "Migration.listenAndReceive of a file:",
+          Migration.listenAndReceive({ _tag: "File", path: Path.join(dir, "in.snap") }, N),
+          { _tag: "MigrationError", reason: "BadOptions", message: optional }
+        ],
+        ["Snapshot.save", Snapshot.save(Path.join(dir, "out.snap"), N), { _tag: "MigrationError", reason: "BadOptions", message: optional }],
+        [
+          "Snapshot.restore",
+          Snapshot.restore(Path.join(dir, "in.snap"), N),
+          { _tag: "SnapshotError", reason: "Unsupported", message: `snapshot ${Path.join(dir, "in.snap")}: ${optional}` }
+        ],
+        ["QemuIncoming.listenAndReceive", QemuIncoming.listenAndReceive(tcp, N), { _tag: "MigrationError", reason: "BadOptions", message: required }],
+        ["QemuOutgoing.migrate", QemuOutgoing.migrate(N), { _tag: "MigrationError", reason: "BadOptions", message: required }],
+        [
+          "MappedRam.read",
+          MappedRam.read(Path.join(dir, "in.vm"), N),
+          { _tag: "MappedRamError", reason: "Unsupported", message: `${Path.join(dir, "in.vm")}: ${optional}` }
+        ],
+        [
+          "Tls.make",
+          Tls.make(N),
+          { _tag: "TlsError", reason: "Config", message: "TLS configuration: must be an object ({ psk }, or { ca, cert, key, ... }), not null" }
+        ]
+      ]
+      for (const [name, attempt, expected] of cases) {
+        const error = failureOf(yield* Effect.exit(Effect.scoped(attempt)).pipe(
+          Effect.provide(transport.layer),
+          Effect.provideService(GuestRam.GuestRam, ram)
+        ))
+        expect({ name, error }).toMatchObject({ name, error: expected })
+        expectOneLine(error as Error)
+      }
+      const listener = yield* Effect.scoped(Effect.gen(function*() {
+        const listener = yield* Transport.listen(tcp)
+        const attempts: ReadonlyArray<Effect.Effect<unknown, unknown>> = [Migration.incoming(listener, N), QemuIncoming.incoming(listener, N)]
+        for (const attempt of attempts) {
+          expect(failureOf(yield* Effect.exit(attempt))).toMatchObject({ reason: "BadOptions" })
+        }
+        return listener
+      }))
+      expect(listener).toBeDefined()
+      expect(transport.asked).toEqual({ connects: 0, listens: 0 })
+      expect(Fs.readdirSync(dir)).toEqual([])
+      Fs.rmSync(dir, { recursive: true, force: true })
+    }))
 })
 
 describe("callbacks that return no Effect, throw, die or fail", () => {
