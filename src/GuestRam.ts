@@ -93,10 +93,12 @@ export class GuestRamError extends Data.TaggedError("GuestRamError")<{
     | "TooManyBlocks"
     /** The memory could not be allocated (`allocateOrFail`). */
     | "OutOfMemory"
+    /** Bytes given to `make` whose `ArrayBuffer` was detached (transferred) or shrunk since: a digest of what is left. */
+    | "Detached"
   readonly detail: string
 }> {
   override get message(): string {
-    return this.reason === "OutOfMemory" ? this.detail : `invalid memory layout: ${this.detail}`
+    return this.reason === "OutOfMemory" || this.reason === "Detached" ? this.detail : `invalid memory layout: ${this.detail}`
   }
 }
 
@@ -556,12 +558,14 @@ export interface BlockDigest {
 /**
  * Digests every block. Shared memory (from `allocate` or any `SharedArrayBuffer`) is hashed by worker
  * threads and this thread in parallel, memory from `allocate` without a copy; other memory is hashed on
- * this thread, yielding every 4 MiB.
+ * this thread, yielding every 4 MiB. Memory given to `make` whose `ArrayBuffer` was detached since (transferred
+ * to another thread) fails `Detached`: its digest was that of no bytes, for a block of its size.
  *
  * @since 0.1.0
  * @category utils
  */
-export const digest = (ram: GuestRam["Type"]): Effect.Effect<ReadonlyArray<BlockDigest>> => digestOn(ram, undefined)
+export const digest = (ram: GuestRam["Type"]): Effect.Effect<ReadonlyArray<BlockDigest>, GuestRamError> =>
+  digestOn(ram, undefined)
 
 /**
  * Starts the worker threads of `digest` now and returns a digest that hashes on them: a thread takes tens
@@ -573,15 +577,15 @@ export const digest = (ram: GuestRam["Type"]): Effect.Effect<ReadonlyArray<Block
  */
 export const digester = (
   ram: GuestRam["Type"]
-): Effect.Effect<Effect.Effect<ReadonlyArray<BlockDigest>>, never, Scope.Scope> =>
+): Effect.Effect<Effect.Effect<ReadonlyArray<BlockDigest>, GuestRamError>, never, Scope.Scope> =>
   Effect.map(Digest.pool(Digest.threadsFor(ram.blocks.map((b) => b.bytes))), (pool) =>
     hereIfStopped(digestOn(ram, pool), ram))
 
 /** `digest`, hashed on the calling thread when a thread of its pool is gone (`Digest.WorkerFailed`), with a warning. */
 const hereIfStopped = (
-  digest: Effect.Effect<ReadonlyArray<BlockDigest>>,
+  digest: Effect.Effect<ReadonlyArray<BlockDigest>, GuestRamError>,
   ram: GuestRam["Type"]
-): Effect.Effect<ReadonlyArray<BlockDigest>> =>
+): Effect.Effect<ReadonlyArray<BlockDigest>, GuestRamError> =>
   Effect.catchSomeDefect(digest, (defect) =>
     defect instanceof Digest.WorkerFailed
       ? Option.some(Effect.zipRight(
@@ -601,7 +605,7 @@ const hereIfStopped = (
 export const digestOnThreads = (
   ram: GuestRam["Type"],
   threads: ThreadPool.Pool
-): Effect.Effect<ReadonlyArray<BlockDigest>> =>
+): Effect.Effect<ReadonlyArray<BlockDigest>, GuestRamError> =>
   Effect.scoped(Effect.flatMap(
     HashPool.poolOn(threads, Math.min(threads.size, Digest.threadsFor(ram.blocks.map((b) => b.bytes)))),
     (pool) => digestOn(ram, pool)
@@ -612,11 +616,19 @@ export const digestOnThreads = (
     (digest) => hereIfStopped(digest, ram)
   )
 
-const digestOn = (ram: GuestRam["Type"], pool: Digest.Pool | undefined) =>
-  Effect.map(
-    Digest.digestAll(ram.blocks.map((b) => b.bytes), pool),
-    (hashes) => ram.blocks.map((b, i) => ({ name: b.name, digest: hashes[i]! }))
-  )
+const digestOn = (
+  ram: GuestRam["Type"],
+  pool: Digest.Pool | undefined
+): Effect.Effect<ReadonlyArray<BlockDigest>, GuestRamError> =>
+  Effect.suspend(() => {
+    // a detached ArrayBuffer reads as no bytes: its digest was the empty input's, given as the block's
+    const gone = missing(ram)
+    if (gone !== undefined) return Effect.fail(new GuestRamError({ reason: "Detached", detail: gone }))
+    return Effect.map(
+      Digest.digestAll(ram.blocks.map((b) => b.bytes), pool),
+      (hashes) => ram.blocks.map((b, i) => ({ name: b.name, digest: hashes[i]! }))
+    )
+  })
 
 /** A byte offset or length: a whole number of 0 or more. */
 const isWhole = (n: number): boolean => Number.isSafeInteger(n) && n >= 0

@@ -224,7 +224,12 @@ export const saveTracked = (
         uuid,
         channels,
         rounds: pagesPerRound.length
-      })
+      }).pipe(
+        // its ArrayBuffer detached meanwhile (transferred to another thread): refused as up front
+        Effect.mapError((error) =>
+          error._tag === "GuestRamError" ? new MigrationError.MigrationError({ reason: "BadOptions", detail: error.detail }) : error
+        )
+      )
       yield* file.commit
       const s = yield* writers.stats
       const finished = yield* Clock.currentTimeMillis

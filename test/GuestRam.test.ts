@@ -323,6 +323,24 @@ describe("memory given as bytes that is no longer there (its ArrayBuffer detache
         )
         expectGone(received, "MigrationError", "BadOptions")
       }))
+
+    // the digest of what was left, no bytes: SHA-256 of nothing (e3b0c442...), given as the block's, as if it held that
+    it.scoped(`${how}: GuestRam.digest (and a digester's digest) fails Detached naming the block, not the digest of no bytes`, () =>
+      Effect.gen(function*() {
+        const { bytes, lose } = make()
+        const ram = yield* GuestRam.make({ blocks: [{ name: "ram", bytes }] })
+        const digest = yield* GuestRam.digester(ram)
+        lose()
+        for (const attempt of [GuestRam.digest(ram), digest]) {
+          const error = failureOf(yield* Effect.exit(attempt))
+          expect(error).toMatchObject({
+            _tag: "GuestRamError",
+            reason: "Detached",
+            message: `the memory of block "ram" is no longer there (0 of its 16384 bytes): its ArrayBuffer was detached ` +
+              "(transferred) or resized since GuestRam.make"
+          })
+        }
+      }))
   }
 })
 

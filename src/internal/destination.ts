@@ -187,7 +187,7 @@ const receiveRounds = (
     readonly next: Effect.Effect<Control.Message, Failure>
     readonly tell: (message: Control.Message) => Effect.Effect<void, Told>
   },
-  digest: Effect.Effect<ReadonlyArray<GuestRam.BlockDigest>>,
+  digest: Effect.Effect<ReadonlyArray<GuestRam.BlockDigest>, MigrationError.MigrationError>,
   peer: Duration.DurationInput,
   describeMissing: Effect.Effect<string>,
   recorder: Recorder.Recorder,
@@ -216,7 +216,7 @@ const receiveRounds = (
     })
     // the memory's digest, started once the final round's barrier sealed the channels (the memory is final
     // then), while the source hashes its own
-    let final: Fiber.RuntimeFiber<ReadonlyArray<GuestRam.BlockDigest>> | undefined
+    let final: Fiber.RuntimeFiber<ReadonlyArray<GuestRam.BlockDigest>, MigrationError.MigrationError> | undefined
     const loop = Effect.gen(function*() {
       while (true) {
         const message = yield* unlessStalled(
@@ -277,7 +277,7 @@ const receiveRounds = (
  */
 const verify = (
   complete: Control.Complete,
-  digest: Fiber.RuntimeFiber<ReadonlyArray<GuestRam.BlockDigest>>,
+  digest: Fiber.RuntimeFiber<ReadonlyArray<GuestRam.BlockDigest>, MigrationError.MigrationError>,
   tell: (message: Control.Message) => Effect.Effect<void, Told>,
   heartbeats: { readonly peer: Duration.DurationInput } | undefined
 ) =>
@@ -569,7 +569,11 @@ export const run = <E>(listener: Transport.Listener, settings: Settings<E>): Eff
       })))
       yield* tell(new Control.Accept({ heartbeats: true, bye: true }))
       // the hashing threads start while the source connects its channels, rather than in the downtime
-      const digest = yield* GuestRam.digester(ram)
+      // memory given whose ArrayBuffer was detached meanwhile (transferred to another thread): refused as up front
+      const digest = Effect.mapError(
+        yield* GuestRam.digester(ram),
+        (error) => new MigrationError.MigrationError({ reason: "BadOptions", detail: error.detail })
+      )
       // the receive rate over the last second; a received migration's last report counts every page
       yield* Transfer.reportEvery(onProgress, (rate) =>
         Effect.gen(function*() {

@@ -140,7 +140,11 @@ export const verify = (
   header: Format.Header
 ): Effect.Effect<void, SnapshotError> =>
   Effect.gen(function*() {
-    const digests = yield* GuestRam.digest(ram)
+    // memory given whose ArrayBuffer was detached meanwhile (transferred to another thread): refused as up front
+    const digests = yield* Effect.mapError(
+      GuestRam.digest(ram),
+      (error) => new SnapshotError({ reason: "Layout", path, detail: `not restored: ${error.detail}` })
+    )
     const bad = header.blocks
       .filter((entry, i) => digests[i]!.digest !== entry.digest)
       .map((entry) => JSON.stringify(entry.name))

@@ -168,7 +168,7 @@ export const writeIndex = (
   plan: Format.Plan,
   bitmaps: ReadonlyArray<Uint8Array>,
   saved: Saved
-): Effect.Effect<Buffer, SnapshotError> =>
+): Effect.Effect<Buffer, SnapshotError | GuestRam.GuestRamError> =>
   Effect.gen(function*() {
     const digests = yield* GuestRam.digest(ram)
     const header = Format.encodeHeader({

@@ -345,7 +345,11 @@ export const run = (
       })))
       // the hashing threads start while the channels connect, rather than in the downtime; with channel threads
       // the digest hashes on them (idle by then) rather than on threads of its own
-      const digest = threads === undefined ? yield* GuestRam.digester(ram) : GuestRam.digestOnThreads(ram, threads)
+      const digest = Effect.mapError(
+        threads === undefined ? yield* GuestRam.digester(ram) : GuestRam.digestOnThreads(ram, threads),
+        // its ArrayBuffer detached meanwhile (transferred to another thread): refused as up front
+        (error) => new MigrationError.MigrationError({ reason: "BadOptions", detail: error.detail })
+      )
       // every channel idle before the first page: a small round is spread over all of them
       yield* send.established.pipe(Effect.withSpan("multifd.establish"))
       yield* tracker.active
