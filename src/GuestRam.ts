@@ -4,6 +4,7 @@
  *
  * @since 0.1.0
  */
+import * as Cause from "effect/Cause"
 import * as Context from "effect/Context"
 import * as Data from "effect/Data"
 import * as Effect from "effect/Effect"
@@ -363,7 +364,15 @@ export const exclusively = <A, E, R, B>(
 ): Effect.Effect<A, E | B, R> =>
   Effect.suspend(() => {
     const problem = missing(ram)
-    return problem === undefined ? exclusiveRun(ram, self, busy) : Effect.fail(gone(problem))
+    if (problem !== undefined) return Effect.fail(gone(problem))
+    // its ArrayBuffer detached (transferred to another thread) or shrunk while the transfer runs: the pages' views of
+    // it died where they were read or written (a RangeError, "Cannot perform Construct on a detached ArrayBuffer"), a
+    // defect with a stack trace, or read as none (the peer timed out waiting for their bytes); it is the memory that
+    // is gone, as up front
+    return Effect.catchAllCause(exclusiveRun(ram, self, busy), (cause) => {
+      const lost = Cause.isInterruptedOnly(cause) ? undefined : missing(ram)
+      return lost === undefined ? Effect.failCause(cause) : Effect.fail(gone(lost))
+    })
   })
 
 const exclusiveRun = <A, E, R, B>(

@@ -324,6 +324,60 @@ describe("memory given as bytes that is no longer there (its ArrayBuffer detache
         expectGone(received, "MigrationError", "BadOptions")
       }))
 
+    // lost while the transfer runs (at its first progress report): a save died on a RangeError ("The value of
+    // \"length\" is out of range") in a writer, a migration on "Cannot perform Construct on a detached ArrayBuffer"
+    it.scopedLive(`${how} while a save, a migration or a restore into it runs: fails as up front, naming the block, no defect`, () =>
+      Effect.gen(function*() {
+        const dir = yield* tempDirectory("emfd-gone-midway-")
+        // (shrunk, the pages read as none: the peer times out waiting for their bytes)
+        const TIMEOUTS = { connect: "2 seconds", handshake: "2 seconds", peer: "1 second" } as const
+        const expectGone = (exit: Exit.Exit<unknown, unknown>, tag: string, reason: string) => {
+          const error = failureOf(exit) as { readonly _tag: string; readonly message: string }
+          expect(error).toMatchObject({ _tag: tag, reason })
+          expectOneLine(error)
+          expect(error.message).toContain("the memory of block \"ram\" is no longer there (0 of its 16384 bytes)")
+        }
+        /** Memory that is lost at the first progress report of what it is given to. */
+        const losing = Effect.gen(function*() {
+          const { bytes, lose } = make()
+          bytes.fill(7)
+          const ram = yield* GuestRam.make({ blocks: [{ name: "ram", bytes }] })
+          let lost = false
+          const onProgress = () => Effect.sync(() => (lost ? undefined : (lost = true, lose())))
+          return { ram, onProgress }
+        })
+        const saving = yield* losing
+        expectGone(
+          yield* Effect.exit(Snapshot.save(Path.join(dir, "lost.snap"), { onProgress: saving.onProgress }).pipe(
+            Effect.provideService(GuestRam.GuestRam, saving.ram)
+          )),
+          "MigrationError",
+          "BadOptions"
+        )
+        expect(Fs.readdirSync(dir)).toEqual([])
+        const migrating = yield* losing
+        const listener = yield* Transport.listen({ _tag: "Tcp", host: "127.0.0.1", port: 0 })
+        const receiving = yield* Effect.fork(Migration.incoming(listener, { timeouts: TIMEOUTS }))
+        expectGone(
+          yield* noHang(Effect.exit(Migration.migrate({ address: listener.address, timeouts: TIMEOUTS, onProgress: migrating.onProgress }).pipe(
+            Effect.provideService(GuestRam.GuestRam, migrating.ram),
+            Effect.provide(Transport.layer)
+          )), "migrate"),
+          "MigrationError",
+          "BadOptions"
+        )
+        expect(Exit.isFailure(yield* noHang(Fiber.await(receiving), "incoming"))).toBe(true)
+        // a restore into memory given, lost at the restore's first report
+        const whole = yield* GuestRam.make({ blocks: [{ name: "ram", bytes: Buffer.alloc(4 * 4096, 9) }] })
+        yield* Snapshot.save(Path.join(dir, "whole.snap")).pipe(Effect.provideService(GuestRam.GuestRam, whole))
+        const restoring = yield* losing
+        expectGone(
+          yield* Effect.exit(Snapshot.restore(Path.join(dir, "whole.snap"), { ram: restoring.ram, onProgress: restoring.onProgress })),
+          "SnapshotError",
+          "Layout"
+        )
+      }))
+
     // the digest of what was left, no bytes: SHA-256 of nothing (e3b0c442...), given as the block's, as if it held that
     it.scoped(`${how}: GuestRam.digest (and a digester's digest) fails Detached naming the block, not the digest of no bytes`, () =>
       Effect.gen(function*() {
