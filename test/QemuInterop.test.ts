@@ -438,6 +438,62 @@ describe.skipIf(missing !== undefined)(`QEMU ${"version" in qemu ? qemu.version 
       }
     }))), 60_000)
 
+  it.live("postcopy-ram on (libvirt's --postcopy), never started: a precopy migration; recv --from-qemu --channels 0 writes the image byte for byte", () =>
+    viaCommandLine("mixed", { channels: 0, compression: "none", extraCapabilities: ["postcopy-ram"] }, []), 60_000)
+
+  it.live("postcopy-ram on, then migrate-start-postcopy mid-way: recv refuses it in one line and exits 1, leaving nothing; QEMU, told on its return path, fails (or stays postcopy-paused once switched)", () =>
+    Effect.scoped(Effect.gen(function*() {
+      const img = image("mostly-zero", 8 * MIB)
+      const outDir = Fs.mkdtempSync(Path.join(dir, "switch-"))
+      const out = Path.join(outDir, "received.img")
+      const bound = yield* Deferred.make<string>()
+      const lines: Array<string> = []
+      const stdout: Array<string> = []
+      const cliConsole = new Proxy({} as Console.Console, {
+        get: (_, key) =>
+          key === "error"
+            ? (...parts: ReadonlyArray<unknown>) => {
+              const line = parts.join(" ")
+              lines.push(line)
+              const m = /^multifd: listening on (\S+)$/.exec(line)
+              return m === null ? Effect.void : Deferred.succeed(bound, m[1]!)
+            }
+            : key === "log"
+            ? (...parts: ReadonlyArray<unknown>) => Effect.sync(() => void stdout.push(parts.join(" ")))
+            : Reflect.get(quietConsole, key)
+      })
+      const argv = ["node", "multifd", "recv", "tcp:127.0.0.1:0", "--from-qemu", "--channels", "0", "--out", out, "--json"]
+      const recv = yield* Effect.forkScoped(Cli.main(argv).pipe(
+        Effect.provide(NodeContext.layer),
+        Effect.provide(Logger.replace(Logger.defaultLogger, Logger.none)),
+        Effect.withConsole(cliConsole)
+      ))
+      const uri = yield* Deferred.await(bound)
+      const src = yield* Qemu.startSource(img.path, img.bytes.length)
+      // 1 MiB/s with a downtime limit of 1 ms: precopy cannot end within the 8 s the image takes, and QEMU switches
+      // to postcopy in its first iteration
+      yield* Qemu.migrate(src.qmp, {
+        uri,
+        channels: 0,
+        compression: "none",
+        maxBandwidth: MIB,
+        downtimeLimit: 1,
+        extraCapabilities: ["postcopy-ram"]
+      })
+      yield* src.qmp.execute("migrate-start-postcopy")
+      expect(yield* noHang(Fiber.join(recv), "recv --from-qemu", 30)).toBe(1)
+      const message = "command 6 (MIG_CMD_POSTCOPY_RAM_DISCARD): the source switched to postcopy (migrate-start-postcopy), " +
+        "which is not supported: this destination takes a precopy migration only"
+      expect(lines.filter((l) => l.startsWith("multifd: error: "))).toEqual([expect.stringContaining(message)])
+      expect(JSON.parse(stdout.join(""))).toMatchObject({ error: expect.objectContaining({ reason: "Unsupported" }) })
+      // told on its return path (SHUT 1): QEMU fails the migration if it hears it before its switch is complete, else
+      // it pauses, as after any failure in postcopy (it neither cancels nor resumes a VM that it handed over)
+      const status = yield* src.qmp.waitEvent("MIGRATION", (d) => ["failed", "postcopy-paused"].includes(String(d["status"])), "20 seconds")
+      expect(["failed", "postcopy-paused"]).toContain(status.data?.["status"])
+      expect(src.stderr()).toContain("Sibling indicated error 1")
+      expect(Fs.readdirSync(outDir)).toEqual([])
+    })), 60_000)
+
   it.live("capability dirty-bitmaps on the source (postcopy advised with no data): refused in one line naming dirty-bitmaps, not postcopy-ram", () =>
     expectNoLeaks(Effect.scoped(Effect.gen(function*() {
       const { exit } = yield* migrateOnce("mostly-zero", { channels: 2, compression: "none", extraCapabilities: ["dirty-bitmaps", "return-path"] })

@@ -1753,6 +1753,87 @@ describe("QemuIncoming: a source with a return path (capability return-path), an
     }))
 })
 
+/** postcopy-ram's MIG_CMD_POSTCOPY_ADVISE: the source's RAM page sizes (OR-ed) and its target page size. */
+const advise = (ramPageSizes: number, targetPageSize = PAGE) => command(3, Buffer.concat([u64(ramPageSizes), u64(targetPageSize)]))
+
+describe("capability postcopy-ram on, postcopy never started (libvirt's --postcopy): a precopy migration", () => {
+  it.effect("the advise of postcopy-ram is taken; the migration reads as a precopy one", () =>
+    Effect.gen(function*() {
+      const { exit } = yield* parse(stream({ before: [advise(PAGE)] }))
+      if (Exit.isFailure(exit)) throw new Error(Cause.pretty(exit.cause))
+      expect(exit.value.commands).toEqual(["POSTCOPY_ADVISE", "SWITCHOVER_START"])
+      // not a command of the VM itself: a VM sent on into QEMU (which has postcopy-ram off) carries none
+      expect(exit.value.commandRecords.map((c) => c.command)).toEqual([QemuStream.Command.SWITCHOVER_START])
+    }))
+
+  it.effect("page sizes checked as QEMU's destination checks them: refused in one line naming what differs", () =>
+    Effect.gen(function*() {
+      const huge = yield* parseError(stream({ before: [advise(0x200000 | PAGE)] }))
+      expect(huge).toMatchObject({ reason: "Unsupported", feature: "postcopy-ram" })
+      expect(huge.message).toContain("MIG_CMD_POSTCOPY_ADVISE): the source's RAM page sizes are 0x201000 (RAM blocks of several page sizes: huge pages?)")
+      const target = yield* parseError(stream({ before: [advise(0x10000, 0x10000)] }))
+      expect(target).toMatchObject({ reason: "Unsupported", feature: "postcopy-ram" })
+      expect(target.message).toContain("the source's target page size is 65536 bytes, not the 4096 of this stream")
+      const smaller = yield* parseError(stream({ before: [advise(1024)] }))
+      expect(smaller.message).toContain("a page size smaller than the target page")
+      const zero = yield* parseError(stream({ before: [advise(0)] }))
+      expect(zero).toMatchObject({ reason: "Malformed" })
+      const short = yield* parseError(stream({ before: [command(3, u64(PAGE))] }))
+      expect(short.message).toContain("MIG_CMD_POSTCOPY_ADVISE) with 8 data bytes, expected 0 or 16")
+      const twice = yield* parseError(stream({ before: [advise(PAGE), advise(PAGE)] }))
+      expect(twice.message).toContain("a second MIG_CMD_POSTCOPY_ADVISE")
+    }))
+
+  it.effect("a switch to postcopy (LISTEN, RUN, RAM_DISCARD, PACKAGED) is refused in one line naming migrate-start-postcopy", () =>
+    Effect.gen(function*() {
+      for (const [cmd, name] of [[4, "POSTCOPY_LISTEN"], [5, "POSTCOPY_RUN"], [6, "POSTCOPY_RAM_DISCARD"], [7, "PACKAGED"]] as const) {
+        const error = yield* parseError(Buffer.concat([
+          header,
+          configuration(),
+          advise(PAGE),
+          sectionStart(1, "ram", 4, [memSize([["mem", 8 * PAGE]]), FLUSH, EOS]),
+          footer(1),
+          command(cmd, Buffer.alloc(4))
+        ]))
+        expect(error).toMatchObject({ reason: "Unsupported", feature: "postcopy-ram" })
+        expect(error.message).toContain(`command ${cmd} (MIG_CMD_${name})`)
+        expect(error.message).toContain("the source switched to postcopy (migrate-start-postcopy), which is not supported")
+      }
+    }))
+
+  it.live("into QemuIncoming with a return path: answered as a precopy migration (SHUT 0); a switch to postcopy says SHUT 1", () =>
+    expectNoLeaks(Effect.scoped(Effect.gen(function*() {
+      const advised = Buffer.concat([
+        MAIN.subarray(0, AFTER_CONFIGURATION),
+        command(1),
+        command(2, u32(1)),
+        advise(PAGE),
+        MAIN.subarray(AFTER_CONFIGURATION)
+      ])
+      const dst = yield* destination({ channels: 2 })
+      const main = yield* Transport.connect(dst.address)
+      yield* main.write([advised])
+      yield* Effect.forkScoped(Effect.forEach(CHANNEL_STREAMS, (bytes) => Effect.either(send(dst.address, bytes)), { concurrency: "unbounded" }))
+      expect((yield* noHang(main.read(20), "the answers")).toString("hex")).toBe("00070000" + "0002000400000001" + "0001000400000000")
+      const exit = yield* noHang(Fiber.await(dst.fiber), "the destination")
+      if (Exit.isFailure(exit)) throw new Error(Cause.pretty(exit.cause))
+      sameAsImage(exit.value.ram)
+      expect(exit.value.stats.qemu.commands).toEqual(["OPEN_RETURN_PATH", "PING", "POSTCOPY_ADVISE", "SWITCHOVER_START"])
+
+      // QEMU switched: it discards pages first (MIG_CMD_POSTCOPY_RAM_DISCARD), in the middle of the RAM section
+      const switched = Buffer.concat([advised.subarray(0, 0x4b + advised.length - MAIN.length), command(6, Buffer.alloc(9))])
+      const dst2 = yield* destination({ channels: 2 })
+      const main2 = yield* Transport.connect(dst2.address)
+      yield* main2.write([switched])
+      yield* Effect.forkScoped(Effect.forEach(CHANNEL_STREAMS, (bytes) => Effect.either(send(dst2.address, bytes)), { concurrency: "unbounded" }))
+      const error = failureOf(yield* noHang(Fiber.await(dst2.fiber), "the destination"))
+      expectOneLine(error)
+      expect(error).toMatchObject({ reason: "Unsupported", feature: "postcopy-ram" })
+      expect(error.message).toContain("command 6 (MIG_CMD_POSTCOPY_RAM_DISCARD): the source switched to postcopy (migrate-start-postcopy)")
+      expect((yield* noHang(main2.read(20), "the answers")).toString("hex")).toBe("00070000" + "0002000400000001" + "0001000400000001")
+    }))))
+})
+
 describe("QemuIncoming with channels 0: QEMU without multifd, every page on the main stream", () => {
   const pages = stream({
     start: [],

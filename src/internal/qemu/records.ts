@@ -137,6 +137,67 @@ const refuseReturnPath = (at: number) =>
  */
 export const MAX_COMMANDS = 1024
 
+/**
+ * `MIG_CMD_POSTCOPY_ADVISE` with postcopy-ram's 16 bytes at `at` (its length read): the source's RAM page sizes
+ * (every block's page size OR-ed) and its target page size, which QEMU sends at the start of every migration
+ * with capability postcopy-ram (libvirt's `--postcopy` turns it on and switches only on
+ * `migrate-start-postcopy`). Until the source switches, the migration is a precopy one, taken as such; the
+ * sizes are checked as QEMU's destination checks them (`loadvm_postcopy_handle_advise`): the target page size
+ * must be the stream's, and the blocks' page sizes one and no smaller, where QEMU's block list carries no page
+ * size (a block of huge pages among others carries its own, which this reader does not take).
+ */
+const readAdvise = <E, R>(p: Parser<E, R>, at: number, length: number) =>
+  Effect.gen(function*() {
+    const { r, state } = p
+    const what = `command ${Command.POSTCOPY_ADVISE} (MIG_CMD_POSTCOPY_ADVISE)`
+    if (length !== 16) {
+      return yield* fail("Malformed", at, `${what} with ${length} data bytes, expected 0 or 16`)
+    }
+    const [sizesHigh, sizesLow] = yield* r.u64("the source's RAM page sizes")
+    const [targetHigh, targetLow] = yield* r.u64("the source's target page size")
+    if (state.commands.includes(commandName(Command.POSTCOPY_ADVISE))) {
+      return yield* fail("Malformed", at, `a second MIG_CMD_POSTCOPY_ADVISE`)
+    }
+    // (page sizes are far below 2^52: a larger value is no page size, and is refused below as one)
+    const ramPageSizes = sizesHigh * 2 ** 32 + sizesLow
+    const targetPageSize = targetHigh * 2 ** 32 + targetLow
+    if (state.returnPathAt !== undefined) {
+      // postcopy-ram opens a return path first, which only a destination can answer (a file has none)
+      return yield* fail(
+        "Unsupported",
+        at,
+        `${what}: capability postcopy-ram needs a return path, which this reader cannot answer; ` +
+          "turn capability postcopy-ram off",
+        "postcopy-ram"
+      )
+    }
+    if (ramPageSizes === 0 || targetPageSize === 0) {
+      return yield* fail("Malformed", at, `${what} with a page size of 0`)
+    }
+    if (targetPageSize !== state.pageSize) {
+      return yield* fail(
+        "Unsupported",
+        at,
+        `${what}: the source's target page size is ${targetPageSize} bytes, not the ${state.pageSize} of this stream`,
+        "postcopy-ram"
+      )
+    }
+    const single = sizesHigh < 2 ** 20 && Number.isInteger(Math.log2(ramPageSizes))
+    if (!single || ramPageSizes < targetPageSize) {
+      return yield* fail(
+        "Unsupported",
+        at,
+        `${what}: the source's RAM page sizes are 0x${ramPageSizes.toString(16)} (RAM blocks of ${
+          single ? "a page size smaller than the target page" : "several page sizes: huge pages?"
+        }), whose block list with postcopy-ram carries page sizes, which is not supported; ` +
+          "turn capability postcopy-ram off",
+        "postcopy-ram"
+      )
+    }
+    state.commands.push(commandName(Command.POSTCOPY_ADVISE))
+    if (p.handler.command) yield* p.handler.command(commandName(Command.POSTCOPY_ADVISE))
+  })
+
 /** A COMMAND record at `at`: SWITCHOVER_START and PING are taken, postcopy and COLO refused by name. */
 const readCommand = <E, R>(p: Parser<E, R>, at: number) =>
   Effect.gen(function*() {
@@ -191,12 +252,16 @@ const readCommand = <E, R>(p: Parser<E, R>, at: number) =>
             "the source migrates block dirty bitmaps, which is not supported; turn capability dirty-bitmaps off"
           )
         }
-        return yield* refuse("postcopy-ram", "postcopy migration is not supported; turn capability postcopy-ram off")
+        return yield* readAdvise(p, at, length)
       case Command.POSTCOPY_LISTEN:
       case Command.POSTCOPY_RUN:
       case Command.POSTCOPY_RAM_DISCARD:
       case Command.PACKAGED:
-        return yield* refuse("postcopy-ram", "postcopy migration is not supported; turn capability postcopy-ram off")
+        return yield* refuse(
+          "postcopy-ram",
+          "the source switched to postcopy (migrate-start-postcopy), which is not supported: this destination " +
+            "takes a precopy migration only (QEMU, told so, fails the migration or, once switched, stays postcopy-paused)"
+        )
       case Command.POSTCOPY_RESUME:
       case Command.RECV_BITMAP:
         return yield* refuse("postcopy-ram", "postcopy recovery is not supported")
