@@ -72,6 +72,11 @@ export const write: (path: string, vm: QemuVm.QemuVm) => Effect.Effect<Written, 
 export interface ReadOptions {
   readonly maxRamBytes?: number | undefined
   readonly pageSize?: number | undefined
+  /**
+   * Where QEMU's stream starts in the file (default 0): the `N` of QEMU's `migrate file:PATH,offset=N`, whose
+   * mapped-ram offsets are the file's own.
+   */
+  readonly offset?: number | undefined
 }
 
 /**
@@ -96,7 +101,11 @@ export interface Read {
 export const read = (path: string, options: ReadOptions = {}): Effect.Effect<Read, MappedRamError> =>
   Effect.suspend(() =>
     notOptions(path, options) ??
-      internal.read(path, { maxRamBytes: options.maxRamBytes ?? Transfer.DEFAULT_MAX_RAM, pageSize: options.pageSize })
+      internal.read(path, {
+        maxRamBytes: options.maxRamBytes ?? Transfer.DEFAULT_MAX_RAM,
+        pageSize: options.pageSize,
+        offset: options.offset
+      })
   )
 
 /** The options as a whole that are none (`null`, from plain JavaScript: it threw as `read` or `open` was called). */
@@ -126,5 +135,9 @@ export interface Opened extends internal.Opened {}
 export const open = (path: string, options: ReadOptions = {}): Effect.Effect<Opened, MappedRamError, Scope.Scope> =>
   Effect.suspend(() =>
     notOptions(path, options) ??
-      internal.open(path, { maxRamBytes: options.maxRamBytes ?? Transfer.DEFAULT_MAX_RAM, pageSize: options.pageSize })
+      internal.open(path, {
+        maxRamBytes: options.maxRamBytes ?? Transfer.DEFAULT_MAX_RAM,
+        pageSize: options.pageSize,
+        offset: options.offset
+      })
   )

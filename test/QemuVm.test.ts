@@ -418,6 +418,41 @@ describe.skipIf(missing !== undefined)(`QEMU ${"version" in qemu ? qemu.version 
       yield* expectResumed(fromFile)
     }))), 90_000)
 
+  it.live("a file QEMU wrote at an offset (migrate file:PATH,offset=N, mapped-ram or plain): recv file:PATH,offset=N --from-qemu reads it; without the offset, one line", () =>
+    expectNoLeaks(Effect.scoped(Effect.gen(function*() {
+      for (const mappedRam of [true, false]) {
+        const qemuFile = fresh(`qemu-at-offset-${mappedRam}.vm`)
+        // what the file held before QEMU's stream, kept as it was: a header of the user's own
+        Fs.writeFileSync(qemuFile, Buffer.alloc(MIB, 0xab))
+        const src = yield* guest()
+        yield* Qemu.migrate(src.qmp, {
+          uri: `file:${qemuFile},offset=0x100000`,
+          channels: mappedRam ? 2 : 0,
+          compression: "none",
+          extraCapabilities: mappedRam ? ["mapped-ram"] : []
+        })
+        expect(yield* Qemu.waitDone(src.qmp, "30 seconds")).toBe("completed")
+        for (const offset of ["0x100000", "1M", "1048576"]) {
+          const out = fresh(`at-offset-${mappedRam}-${offset}.ram`)
+          expect(yield* cli(["recv", `file:${qemuFile},offset=${offset}`, "--from-qemu", "--out", out, "--quiet"]))
+            .toMatchObject({ code: 0, stderr: [] })
+          expectSameRam(Fs.readFileSync(out).subarray(0, SIZE))
+        }
+        // the library, as the command reads it
+        const { vm } = yield* MappedRam.read(qemuFile, { offset: MIB })
+        expectSameRam(vm.ram.block("mem")!.bytes)
+        // without the offset (or another one), QEMU's stream is not where it is looked for: one line naming where
+        const without = yield* cli(["recv", `file:${qemuFile}`, "--from-qemu", "--out", fresh("no-offset.ram"), "--quiet"])
+        expect(without).toMatchObject({ code: 2, stderr: [expect.stringMatching(/not a QEMU migration stream: magic 0xabababab.*\(at byte 0\)$/)] })
+        const off = yield* cli(["recv", `file:${qemuFile},offset=4096`, "--from-qemu", "--out", fresh("off.ram"), "--quiet"])
+        expect(off).toMatchObject({ code: 2, stderr: [expect.stringMatching(/not a QEMU migration stream: .*\(at byte 4096\)$/)] })
+        const past = yield* cli(["recv", `file:${qemuFile},offset=1T`, "--from-qemu", "--out", fresh("past.ram"), "--quiet"])
+        expect(past).toMatchObject({ code: 1, stderr: [expect.stringMatching(/ends before offset 1099511627776, where QEMU's stream was to start$/)] })
+        expect(leftovers("no-offset.ram")).toEqual([])
+        expect(leftovers("past.ram")).toEqual([])
+      }
+    }))), 90_000)
+
   it.live("return-path and switchover-ack on the source, without multifd (--channels 0): answered as QEMU answers; QEMU completes", () =>
     expectNoLeaks(Effect.scoped(Effect.gen(function*() {
       const vmFile = fresh("legacy.vm")
@@ -706,6 +741,7 @@ describe("the command line of whole VMs: usage", () => {
         [["recv", "tcp:127.0.0.1:0", "--vm", vmFile], /--vm goes with --from-qemu/],
         [["recv", "tcp:127.0.0.1:0", "--out", vmFile, "--uuid", "6c1bd8a6-4a6e-4c1f-9d36-1f0e3a2b5c7d"], /--uuid goes with --from-qemu/],
         [["recv", `file:${vmFile}`, "--from-qemu", "--out", vmFile + ".ram", "--uuid", "6c1bd8a6-4a6e-4c1f-9d36-1f0e3a2b5c7d"], /--uuid does not apply to a file QEMU wrote/],
+        [["recv", `file:${vmFile},offset=1.5M`, "--from-qemu", "--out", vmFile + ".ram"], /^multifd: error: file:.*nothing\.vm,offset=1\.5M: invalid file offset '1\.5M'/],
         [["recv", "tcp:127.0.0.1:0", "--channels", "0", "--out", vmFile], /--channels must be between 1 and 255, not 0 \(0 goes with --from-qemu/],
         [["recv", "tcp:127.0.0.1:0", "--from-qemu", "--channels", "2", "--out", vmFile, "--vm", vmFile], /exactly one of --out FILE, --out-dir DIR or --vm FILE/],
         [["recv", "tcp:127.0.0.1:0", "--from-qemu", "--channels", "2", "--vm", Path.join(dir, "no", "such", "dir", "x.vm")], /no such file or directory/]

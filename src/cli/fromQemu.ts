@@ -277,6 +277,30 @@ const storeFailure = <E extends Image.ImageError | MappedRam.MappedRamError>(err
     ? new Image.ImageError({ reason: "Io", path: error.path, detail: error.detail, cause: error.cause })
     : new MappedRam.MappedRamError({ reason: "Io", path: error.path, detail: error.detail, cause: error.cause })
 
+/** qemu_strtosz's units: a size may end in one letter (`1M`, `1m`). */
+const UNITS: Readonly<Record<string, number>> = { b: 1, k: 2 ** 10, m: 2 ** 20, g: 2 ** 30, t: 2 ** 40, p: 2 ** 50, e: 2 ** 60 }
+
+/**
+ * A `file:` uri's path as QEMU's `migrate file:` reads it (`file_parse_offset`): `PATH[,offset=N]`, N a size as
+ * QEMU takes it (decimal or 0x hex, an optional unit letter B K M G T P E), where QEMU wrote its stream.
+ */
+export const qemuFileSpec = (spec: string): Effect.Effect<{ readonly path: string; readonly offset: number }, UsageError> => {
+  const at = spec.indexOf(",offset=")
+  if (at < 0) return Effect.succeed({ path: spec, offset: 0 })
+  const text = spec.slice(at + ",offset=".length)
+  const m = /^(0x[0-9a-f]+|[0-9]+)([bkmgtpe])?$/i.exec(text)
+  const offset = m === null ? Number.NaN : Number(m[1]!) * UNITS[(m[2] ?? "b").toLowerCase()]!
+  if (!Number.isSafeInteger(offset)) {
+    return Effect.fail(
+      new UsageError({
+        detail: `file:${spec}: invalid file offset '${text}' (QEMU's migrate file:PATH,offset=N: N in bytes, ` +
+          "decimal or 0x hex, or with a unit: 1M)"
+      })
+    )
+  }
+  return Effect.succeed({ path: spec.slice(0, at), offset })
+}
+
 /**
  * Runs `recv --from-qemu`. Usage problems (no output, two outputs, an unwritable one) fail with `UsageError` or
  * `ImageError` before anything listens.
@@ -287,7 +311,9 @@ export const run = (args: Args) =>
     if (outputs !== 1) {
       return yield* new UsageError({ detail: "--from-qemu needs exactly one of --out FILE, --out-dir DIR or --vm FILE" })
     }
-    const uri = args.uri
+    // a file QEMU wrote, as QEMU names it: file:PATH or file:PATH,offset=N (migrate file: wrote its stream at N)
+    const fileSpec = args.uri._tag === "File" ? yield* qemuFileSpec(args.uri.path) : undefined
+    const uri: Transport.Address = fileSpec === undefined ? args.uri : { _tag: "File", path: fileSpec.path }
     if (uri._tag === "File") {
       for (const [flag, path] of [["--out", args.out], ["--vm", args.vm]] as const) {
         if (path !== undefined && Image.sameFile(uri.path, path)) {
@@ -345,7 +371,7 @@ export const run = (args: Args) =>
     const received: Received = uri._tag === "File"
       ? yield* Effect.gen(function*() {
         const start = yield* Clock.currentTimeMillis
-        const read = yield* MappedRam.read(uri.path, { pageSize: args.pageSize })
+        const read = yield* MappedRam.read(uri.path, { pageSize: args.pageSize, offset: fileSpec?.offset })
         const stats = fileStats(read, (yield* Clock.currentTimeMillis) - start)
         yield* persist(read.vm.ram, read.vm)
         return { incoming: { ram: read.vm.ram, vm: read.vm, stats, rejected: [] }, vm: read.vm }

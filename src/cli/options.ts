@@ -269,7 +269,8 @@ export const recvOutput: Options.Options<RecvOutput> = Options.all({
     Options.withDescription(
       "Receive from an unmodified QEMU 10 (capability multifd; tell it the same multifd-channels as --channels, " +
         "which is then required, 0 for QEMU without multifd, and multifd-compression as --compression), or read a " +
-        "file QEMU's migrate file: wrote (<uri> file:PATH; --channels and --compression do not apply), and write " +
+        "file QEMU's migrate file: wrote (<uri> file:PATH, or file:PATH,offset=N as QEMU wrote it at N; --channels and " +
+        "--compression do not apply), and write " +
         "the guest's RAM or the whole VM."
     )
   ),

@@ -184,18 +184,18 @@ export class QemuStreamError extends Data.TaggedError("QemuStreamError")<{
 }
 
 /** A stream that does not start with `QEVM`. */
-export const badMagic = (magic: number): QemuStreamError =>
+export const badMagic = (magic: number, at = 0): QemuStreamError =>
   new QemuStreamError({
     reason: "BadMagic",
-    offset: 0,
+    offset: at,
     detail: `not a QEMU migration stream: magic ${hex(magic, 8)}, expected ${hex(FILE_MAGIC, 8)} (QEVM)`
   })
 
 /** A stream of another file version than 3. */
-export const badVersion = (version: number): QemuStreamError =>
+export const badVersion = (version: number, at = 4): QemuStreamError =>
   new QemuStreamError({
     reason: "BadVersion",
-    offset: 4,
+    offset: at,
     detail: `savevm file version ${version} is not supported, only version ${FILE_VERSION} (QEMU 0.13 and later)`
   })
 
@@ -352,6 +352,12 @@ export interface ReadOptions {
    * `seek`). Default off: a socket never carries one.
    */
   readonly mappedRam?: boolean | undefined
+  /**
+   * Where the stream starts in its source (default 0): a file QEMU wrote at an offset (`migrate
+   * file:PATH,offset=N`), whose mapped-ram offsets are the file's own. The reader's offsets (and `seek`'s
+   * positions) count from the file's start; `Summary.bytes` from the stream's.
+   */
+  readonly startOffset?: number | undefined
 }
 
 // ---------------------------------------------------------------------------------------------------------

@@ -297,14 +297,23 @@ export interface Opened {
  */
 export const open = (
   path: string,
-  options: { readonly maxRamBytes: number; readonly pageSize?: number | undefined }
+  options: { readonly maxRamBytes: number; readonly pageSize?: number | undefined; readonly offset?: number | undefined }
 ): Effect.Effect<Opened, MappedRamError, Scope.Scope> =>
   Effect.gen(function*() {
+    const offset = options.offset ?? 0
     const badLimit = Transfer.checkMaxRam(options.maxRamBytes) ??
-      (options.pageSize === undefined ? undefined : Protocol.checkPageSize(options.pageSize, "pageSize"))
+      (options.pageSize === undefined ? undefined : Protocol.checkPageSize(options.pageSize, "pageSize")) ??
+      (Number.isSafeInteger(offset) && offset >= 0 ? undefined : `offset must be a byte offset (an integer >= 0), not ${offset}`)
     if (badLimit !== undefined) return yield* new MappedRamError({ reason: "Unsupported", path, detail: badLimit })
     const failed = fileError(path, "read the file")
     const file = yield* Effect.mapError(FileIo.openForReading(path), failed)
+    if (offset > file.size) {
+      return yield* new MappedRamError({
+        reason: "Truncated",
+        path,
+        detail: `the file (${file.size} bytes) ends before offset ${offset}, where QEMU's stream was to start`
+      })
+    }
     // `load` and `readPages` read through the raw descriptor, which the scope closes: kept past it, they would read
     // whatever the number names by then (a socket, another file). Set before the descriptor closes (finalizers run
     // in reverse order)
@@ -322,7 +331,8 @@ export const open = (
           )
           : read
       )
-    let position = 0
+    // (a stream QEMU wrote at an offset: its mapped-ram offsets, and so the reader's, are the file's own)
+    let position = offset
     const source: QemuStream.ByteSource<MappedRamError> = {
       readSome: (max) =>
         Effect.suspend(() => {
@@ -384,7 +394,8 @@ export const open = (
       // a file is a mapped-ram one (flushed once, after its block list) or one without multifd: no EOS flushes
       flushAfterEachSection: false,
       keepDeviceState: true,
-      pageSize: options.pageSize
+      pageSize: options.pageSize,
+      startOffset: offset
     }).pipe(
       Effect.catchTag("QemuStreamError", (e) =>
         Effect.fail(
@@ -479,7 +490,7 @@ export const open = (
  */
 export const read = (
   path: string,
-  options: { readonly maxRamBytes: number; readonly pageSize?: number | undefined }
+  options: { readonly maxRamBytes: number; readonly pageSize?: number | undefined; readonly offset?: number | undefined }
 ): Effect.Effect<
   { readonly vm: QemuVm.QemuVm; readonly summary: QemuStream.Summary; readonly pages: number },
   MappedRamError

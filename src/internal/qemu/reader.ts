@@ -90,7 +90,10 @@ export class Reader<E> {
   /** Bytes received from the source so far (consumed or buffered). */
   received = 0
 
-  constructor(private readonly source: ByteSource<E>) {}
+  /** `start`: where the stream starts in its source (a file QEMU wrote at an offset). */
+  constructor(private readonly source: ByteSource<E>, start = 0) {
+    this.offset = start
+  }
 
   get buffered(): number {
     return this.buf.length - this.pos

@@ -35,10 +35,12 @@ type Parser<E, R> = State.Parser<E, R>
 /** The file header: the magic `QEVM`, then file version 3. */
 const readHeader = <E, R>({ r }: Parser<E, R>) =>
   Effect.gen(function*() {
+    // (the stream's start in its source: a file QEMU wrote at an offset)
+    const at = r.offset
     const magic = yield* r.u32("the file magic")
-    if (magic !== FILE_MAGIC) return yield* Effect.fail(badMagic(magic))
+    if (magic !== FILE_MAGIC) return yield* Effect.fail(badMagic(magic, at))
     const version = yield* r.u32("the file version")
-    if (version !== FILE_VERSION) return yield* Effect.fail(badVersion(version))
+    if (version !== FILE_VERSION) return yield* Effect.fail(badVersion(version, at + 4))
   })
 
 /** A CONFIGURATION record at `at` (vmstate "configuration": u32 length, machine name, then its subsections). */
@@ -446,7 +448,7 @@ export const read = <E, R = never>(
         deviceState: deviceState.bytes,
         deviceStateBytes: deviceState.length,
         devices: deviceState.devices,
-        bytes: p.r.offset
+        bytes: p.r.offset - (options.startOffset ?? 0)
       } satisfies Summary
     })
   })

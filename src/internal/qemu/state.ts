@@ -64,7 +64,7 @@ export interface Parser<E, R> {
 
 /** A parser at the start of `source`. */
 export const make = <E, R>(source: ByteSource<E>, handler: Handler<E, R>, options: ReadOptions): Parser<E, R> => ({
-  r: new Reader(source),
+  r: new Reader(source, options.startOffset ?? 0),
   handler,
   options,
   state: {
