@@ -73,8 +73,9 @@ export interface ReadOptions {
   readonly maxRamBytes?: number | undefined
   readonly pageSize?: number | undefined
   /**
-   * Where QEMU's stream starts in the file (default 0): the `N` of QEMU's `migrate file:PATH,offset=N`, whose
-   * mapped-ram offsets are the file's own.
+   * Where QEMU's stream starts in the file: the `N` of QEMU's `migrate file:PATH,offset=N`, whose mapped-ram
+   * offsets are the file's own. Default: after the header and domain XML of a libvirt save image (`virsh save`,
+   * raw or sparse; a compressed or unfinished one is refused), else 0.
    */
   readonly offset?: number | undefined
 }

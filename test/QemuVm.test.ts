@@ -453,6 +453,60 @@ describe.skipIf(missing !== undefined)(`QEMU ${"version" in qemu ? qemu.version 
       }
     }))), 90_000)
 
+  it.live("a libvirt save image (virsh save: libvirt's header and domain XML, then QEMU's stream, raw or sparse): recv file: --from-qemu reads it, send --to-qemu --vm resumes it; compressed or unfinished, one line", () =>
+    expectNoLeaks(Effect.scoped(Effect.gen(function*() {
+      /** libvirt's virQEMUSaveHeader (host order), then `dataLen` bytes of domain XML and padding. */
+      const libvirtHeader = (magic: string, format: number, dataLen: number) => {
+        const header = Buffer.alloc(92 + dataLen)
+        header.write(magic, 0, "latin1")
+        header.writeUInt32LE(2, 16) // version
+        header.writeUInt32LE(dataLen, 20)
+        header.writeUInt32LE(1, 24) // was_running
+        header.writeUInt32LE(format, 28)
+        header.write("<domain type='kvm'><name>guest</name></domain>", 92, "latin1")
+        return header
+      }
+      for (const [mappedRam, format] of [[false, 0], [true, 6]] as const) {
+        const saved = fresh(`libvirt-${format}.save`)
+        const dataLen = 8192 - 92
+        Fs.writeFileSync(saved, libvirtHeader("LibvirtQemudSave", format, dataLen))
+        const src = yield* guest()
+        yield* Qemu.migrate(src.qmp, {
+          uri: `file:${saved},offset=8192`,
+          channels: mappedRam ? 2 : 0,
+          compression: "none",
+          extraCapabilities: mappedRam ? ["mapped-ram"] : []
+        })
+        expect(yield* Qemu.waitDone(src.qmp, "30 seconds")).toBe("completed")
+        const out = fresh(`libvirt-${format}.ram`)
+        expect(yield* cli(["recv", `file:${saved}`, "--from-qemu", "--out", out, "--quiet"])).toMatchObject({ code: 0, stderr: [] })
+        expectSameRam(Fs.readFileSync(out).subarray(0, SIZE))
+        expectSameRam((yield* MappedRam.read(saved)).vm.ram.block("mem")!.bytes)
+        // and resumed into QEMU from it, as virsh restore would
+        const dst = yield* destination({ channels: 2 })
+        expect(yield* cli(["send", dst.uri, "--to-qemu", "--vm", saved, "--channels", "2", "--quiet"])).toMatchObject({ code: 0, stderr: [] })
+        yield* expectResumed(dst)
+
+        // the same image compressed by libvirt (gzip), or whose save never finished: one line each, nothing written;
+        // and one whose header says its XML is shorter than it is: QEMU's stream is not where it says
+        for (const [magic, form, length, message] of [
+          ["LibvirtQemudSave", 1, dataLen, /a libvirt save image whose QEMU stream is compressed \(gzip\), which is not supported/],
+          ["LibvirtQemudPart", format, dataLen, /an incomplete libvirt save image \(its header says LibvirtQemudPart: the save never finished\)/],
+          ["LibvirtQemudSave", format, dataLen - 100, /a libvirt save image, whose QEMU stream at byte 8092 is not a QEMU migration stream/]
+        ] as const) {
+          const other = fresh(`libvirt-${magic}-${form}-${length}.save`)
+          Fs.copyFileSync(saved, other)
+          const fd = Fs.openSync(other, "r+")
+          Fs.writeSync(fd, libvirtHeader(magic, form, length).subarray(0, 92), 0, 92, 0)
+          Fs.closeSync(fd)
+          const result = yield* cli(["recv", `file:${other}`, "--from-qemu", "--out", fresh("from-other.ram"), "--quiet"])
+          expect(result.code).not.toBe(0)
+          expect(result.stderr).toEqual([expect.stringMatching(message)])
+        }
+        expect(leftovers("from-other.ram")).toEqual([])
+      }
+    }))), 90_000)
+
   it.live("return-path and switchover-ack on the source, without multifd (--channels 0): answered as QEMU answers; QEMU completes", () =>
     expectNoLeaks(Effect.scoped(Effect.gen(function*() {
       const vmFile = fresh("legacy.vm")

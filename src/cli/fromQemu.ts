@@ -284,9 +284,12 @@ const UNITS: Readonly<Record<string, number>> = { b: 1, k: 2 ** 10, m: 2 ** 20, 
  * A `file:` uri's path as QEMU's `migrate file:` reads it (`file_parse_offset`): `PATH[,offset=N]`, N a size as
  * QEMU takes it (decimal or 0x hex, an optional unit letter B K M G T P E), where QEMU wrote its stream.
  */
-export const qemuFileSpec = (spec: string): Effect.Effect<{ readonly path: string; readonly offset: number }, UsageError> => {
+export const qemuFileSpec = (
+  spec: string
+): Effect.Effect<{ readonly path: string; readonly offset: number | undefined }, UsageError> => {
   const at = spec.indexOf(",offset=")
-  if (at < 0) return Effect.succeed({ path: spec, offset: 0 })
+  // (no offset: at the start, or after a libvirt save image's header, `MappedRam.open` finds where)
+  if (at < 0) return Effect.succeed({ path: spec, offset: undefined })
   const text = spec.slice(at + ",offset=".length)
   const m = /^(0x[0-9a-f]+|[0-9]+)([bkmgtpe])?$/i.exec(text)
   const offset = m === null ? Number.NaN : Number(m[1]!) * UNITS[(m[2] ?? "b").toLowerCase()]!

@@ -286,6 +286,64 @@ export interface Opened {
   ) => Effect.Effect<void, MappedRamError>
 }
 
+/** libvirt's save image header (`virsh save`, libvirt's qemu_saveimage.h): magic, then u32 fields in host order. */
+const LIBVIRT_SAVE = "LibvirtQemudSave"
+const LIBVIRT_PARTIAL = "LibvirtQemudPart"
+/** 16 bytes of magic, version, data_len, was_running, format, cookieOffset, 14 unused: 92 bytes. */
+const LIBVIRT_HEADER_SIZE = 92
+/** libvirt's save image formats (`save_image_format`): raw and sparse (mapped-ram) hold QEMU's stream as it is. */
+const LIBVIRT_FORMATS: ReadonlyArray<string> = ["raw", "gzip", "bzip2", "xz", "lzop", "zstd", "sparse"]
+
+/**
+ * Where QEMU's stream starts in `file`: after the header and domain XML of a libvirt save image (`virsh save`,
+ * `virsh managedsave`: QEMU wrote its stream after them, at an offset), else at its start. A libvirt image whose
+ * stream is compressed, or whose save never finished, is refused saying so.
+ */
+const libvirtSaveStart = (file: FileIo.Readable, path: string): Effect.Effect<number, MappedRamError> =>
+  Effect.gen(function*() {
+    if (file.size < LIBVIRT_HEADER_SIZE) return 0
+    const header = Buffer.alloc(LIBVIRT_HEADER_SIZE)
+    yield* Effect.mapError(FileIo.transfer("read", file, header, 0, LIBVIRT_HEADER_SIZE, 0), fileError(path, "read the file"))
+    const magic = header.toString("latin1", 0, 16)
+    if (magic === LIBVIRT_PARTIAL) {
+      return yield* new MappedRamError({
+        reason: "Truncated",
+        path,
+        detail: `an incomplete libvirt save image (its header says ${LIBVIRT_PARTIAL}: the save never finished)`
+      })
+    }
+    if (magic !== LIBVIRT_SAVE) return 0
+    // host order: the version (2) tells which
+    const little = header.readUInt32LE(16) === 2
+    const u32 = (at: number) => little ? header.readUInt32LE(at) : header.readUInt32BE(at)
+    if (u32(16) !== 2) {
+      return yield* new MappedRamError({
+        reason: "Unsupported",
+        path,
+        detail: `a libvirt save image of version ${header.readUInt32LE(16)}; only version 2 is supported`
+      })
+    }
+    const format = u32(28)
+    const name = LIBVIRT_FORMATS[format] ?? `format ${format}`
+    if (name !== "raw" && name !== "sparse") {
+      return yield* new MappedRamError({
+        reason: "Unsupported",
+        path,
+        detail: `a libvirt save image whose QEMU stream is compressed (${name}), which is not supported: ` +
+          "save it with libvirt's save_image_format raw or sparse"
+      })
+    }
+    const start = LIBVIRT_HEADER_SIZE + u32(20)
+    if (start > file.size) {
+      return yield* new MappedRamError({
+        reason: "Truncated",
+        path,
+        detail: `a libvirt save image of ${file.size} bytes whose domain XML runs to byte ${start}: cut short?`
+      })
+    }
+    return start
+  })
+
 /**
  * Opens the QEMU migration file at `path` in the current scope (it stays open with it): a mapped-ram file
  * (QEMU's or ours), or a plain stream (`migrate file:` without mapped-ram). The main stream is read whole —
@@ -300,13 +358,16 @@ export const open = (
   options: { readonly maxRamBytes: number; readonly pageSize?: number | undefined; readonly offset?: number | undefined }
 ): Effect.Effect<Opened, MappedRamError, Scope.Scope> =>
   Effect.gen(function*() {
-    const offset = options.offset ?? 0
+    const given = options.offset
     const badLimit = Transfer.checkMaxRam(options.maxRamBytes) ??
       (options.pageSize === undefined ? undefined : Protocol.checkPageSize(options.pageSize, "pageSize")) ??
-      (Number.isSafeInteger(offset) && offset >= 0 ? undefined : `offset must be a byte offset (an integer >= 0), not ${offset}`)
+      (given === undefined || (Number.isSafeInteger(given) && given >= 0)
+        ? undefined
+        : `offset must be a byte offset (an integer >= 0), not ${given}`)
     if (badLimit !== undefined) return yield* new MappedRamError({ reason: "Unsupported", path, detail: badLimit })
     const failed = fileError(path, "read the file")
     const file = yield* Effect.mapError(FileIo.openForReading(path), failed)
+    const offset = given ?? 0
     if (offset > file.size) {
       return yield* new MappedRamError({
         reason: "Truncated",
@@ -332,7 +393,7 @@ export const open = (
           : read
       )
     // (a stream QEMU wrote at an offset: its mapped-ram offsets, and so the reader's, are the file's own)
-    let position = offset
+    let position = 0
     const source: QemuStream.ByteSource<MappedRamError> = {
       readSome: (max) =>
         Effect.suspend(() => {
@@ -389,27 +450,46 @@ export const open = (
       // a mapped-ram stream carries no flush (its channels wrote to the file); a plain one has no channels
       flush: () => Effect.void
     }
-    const summary = yield* QemuStream.read(source, handler, {
-      mappedRam: true,
-      // a file is a mapped-ram one (flushed once, after its block list) or one without multifd: no EOS flushes
-      flushAfterEachSection: false,
-      keepDeviceState: true,
-      pageSize: options.pageSize,
-      startOffset: offset
-    }).pipe(
-      Effect.catchTag("QemuStreamError", (e) =>
-        Effect.fail(
-          new MappedRamError({
-            reason: e.reason === "Truncated" || e.reason === "Incomplete"
-              ? "Truncated"
-              : e.reason === "BadMagic" || e.reason === "BadVersion"
-              ? "Unusable"
-              : "Malformed",
-            path,
-            detail: `${e.detail.replace(/: QEMU closed the main channel.*$|: QEMU cancelled.*$/, "")} (at byte ${e.offset})`,
-            cause: e
-          })
-        ))
+    /** QEMU's stream from `start`; `within` says, when its header is not one, where it was looked for. */
+    const readStream = (start: number, within: string) =>
+      Effect.suspend(() => {
+        position = start
+        return QemuStream.read(source, handler, {
+          mappedRam: true,
+          // a file is a mapped-ram one (flushed once, after its block list) or one without multifd: no EOS flushes
+          flushAfterEachSection: false,
+          keepDeviceState: true,
+          pageSize: options.pageSize,
+          startOffset: start
+        })
+      }).pipe(
+        Effect.catchTag("QemuStreamError", (e) =>
+          Effect.fail(
+            new MappedRamError({
+              reason: e.reason === "Truncated" || e.reason === "Incomplete"
+                ? "Truncated"
+                : e.reason === "BadMagic" || e.reason === "BadVersion"
+                ? "Unusable"
+                : "Malformed",
+              path,
+              detail: `${e.reason === "BadMagic" || e.reason === "BadVersion" ? within : ""}${
+                e.detail.replace(/: QEMU closed the main channel.*$|: QEMU cancelled.*$/, "")
+              } (at byte ${e.offset})`,
+              cause: e
+            })
+          ))
+      )
+    // no QEMU stream at the start of a file given no offset: a libvirt save image's is after its header and XML (read
+    // only then: a QEMU file is read as it always was)
+    const summary = yield* readStream(offset, "").pipe(
+      Effect.catchIf(
+        (e) => given === undefined && e.cause instanceof QemuStream.QemuStreamError && e.cause.reason === "BadMagic",
+        (e) =>
+          Effect.flatMap(libvirtSaveStart(file, path), (start) =>
+            start === 0
+              ? Effect.fail(e)
+              : readStream(start, `a libvirt save image, whose QEMU stream at byte ${start} is `))
+      )
     )
     // written meanwhile: the stream read may be part old, part new (and so may the pages read later)
     const unchanged = Effect.flatMap(Effect.mapError(FileIo.changed(file), failed), (changed) =>
