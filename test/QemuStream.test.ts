@@ -426,6 +426,51 @@ describe("QemuStream.read refuses what it does not understand, naming it", () =>
       expect(subsection_.message).toContain("unknown configuration subsection 'configuration/new'")
     }))
 
+  it.effect("background-snapshot: device state after the RAM section's last part, no SECTION_END (QEMU without multifd only)", () =>
+    Effect.gen(function*() {
+      expect(TAIL[0]).toBe(0x04) // the captures' device state starts with a SECTION_FULL
+      const snapshot = Buffer.concat([
+        header,
+        configuration(),
+        sectionStart(1, "ram", 4, [memSize([["mem", 2 * PAGE]]), EOS]),
+        footer(1),
+        sectionPart(0x02, 1, [pageRecord(0, "mem", 0x11), pageRecord(PAGE, undefined, 0x22), EOS]),
+        footer(1),
+        TAIL
+      ])
+      const { exit, seen } = yield* parse(snapshot, undefined, { flushAfterEachSection: false })
+      if (Exit.isFailure(exit)) throw new Error(Cause.pretty(exit.cause))
+      expect(exit.value).toMatchObject({ normalPages: 2, deviceStateBytes: TAIL.length, devices: 2 })
+      expect(seen).toMatchObject({ ramEnding: 1, ramEnded: 1 })
+      expect(seen.ram!.blocks[0]!.bytes.subarray(0, 2 * PAGE).equals(Buffer.concat([Buffer.alloc(PAGE, 0x11), Buffer.alloc(PAGE, 0x22)])))
+        .toBe(true)
+      // with multifd (a flush came), device state before SECTION_END is no snapshot: refused as before
+      const multifd = yield* parseError(Buffer.concat([
+        header,
+        configuration(),
+        sectionStart(1, "ram", 4, [memSize([["mem", 8 * PAGE]]), FLUSH, EOS]),
+        footer(1),
+        TAIL
+      ]))
+      expect(multifd.reason).toBe("UnknownSection")
+      expect(multifd.message).toContain("came before the RAM section ended")
+      // before every page came (a virtio-mem's early section right after SECTION_START, or pages still to come): no
+      // snapshot's end either, refused as before rather than taken for memory of zeros
+      for (const pages of [[], [pageRecord(0, "mem", 0x11), EOS]]) {
+        const early = yield* parseError(Buffer.concat([
+          header,
+          configuration(),
+          sectionStart(1, "ram", 4, [memSize([["mem", 2 * PAGE]]), EOS]),
+          footer(1),
+          ...(pages.length === 0 ? [] : [sectionPart(0x02, 1, pages), footer(1)]),
+          Buffer.concat([u8(0x04), u32(5), str("0000:00:02.0/virtio-mem-device-early"), u32(0), u32(1)]),
+          TAIL
+        ]), { flushAfterEachSection: false })
+        expect(early.reason).toBe("UnknownSection")
+        expect(early.message).toContain("virtio-mem-device-early' (SECTION_FULL, instance 0) came before the RAM section ended")
+      }
+    }))
+
   it.effect("RAM records: XBZRLE, compressed pages, RDMA hooks, unknown flags", () =>
     Effect.gen(function*() {
       const xbzrle = yield* parseError(stream({ parts: [[u64(0x40)]] }))

@@ -527,6 +527,23 @@ describe.skipIf(missing !== undefined)(`QEMU ${"version" in qemu ? qemu.version 
       yield* expectResumed(dst)
     }))), 90_000)
 
+  it.live("a background snapshot of a running guest (capability background-snapshot, --channels 0): recv --from-qemu --vm, then send --to-qemu; QEMU resumes it", () =>
+    expectNoLeaks(Effect.scoped(Effect.gen(function*() {
+      const vmFile = fresh("background.vm")
+      const src = yield* guest()
+      const recv = yield* recvCli(["--channels", "0", "--vm", vmFile, "--json"])
+      yield* Qemu.migrate(src.qmp, { uri: recv.uri, channels: 0, compression: "none", extraCapabilities: ["background-snapshot"] })
+      expect(yield* Qemu.waitDone(src.qmp, "30 seconds")).toBe("completed")
+      // the guest went on running all along
+      expect(yield* Qemu.runState(src.qmp)).toBe("running")
+      const received = yield* noHang(Fiber.join(recv.fiber), "recv --channels 0", 30)
+      expect(received).toMatchObject({ code: 0, stderr: [] })
+      expect(JSON.parse(received.stdout.join("")).qemu.devices).toBeGreaterThan(0)
+      const dst = yield* destination({ channels: 2 })
+      expect(yield* cli(["send", dst.uri, "--to-qemu", "--vm", vmFile, "--channels", "2", "--quiet"])).toMatchObject({ code: 0 })
+      yield* expectResumed(dst)
+    }))), 90_000)
+
   // QEMU 10 still runs them (a VM keeps the machine type it was started with): multifd-flush-after-each-section on,
   // QEMU syncs the channels at every EOS word and at each RAM_SAVE_FLAG_MULTIFD_FLUSH. A flush word before each EOS
   // made it wait at the EOS for SYNC packets that never came, while send waited for its SHUT: both until a timeout

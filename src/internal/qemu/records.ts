@@ -348,6 +348,16 @@ const readSectionPart = <E, R>(p: Parser<E, R>, at: number, type: number) =>
     if (type === Record.SECTION_END) ram.phase = "ended"
   })
 
+/**
+ * Whether the main stream carried a record for every page of the memory (as QEMU without multifd does in its
+ * first pass), with no return path left unanswered.
+ */
+const everyPageCame = (state: State.State): boolean => {
+  const memory = state.ram.memory
+  return state.returnPathAt === undefined && memory !== undefined &&
+    state.normalPages + state.zeroPages >= memory.size / memory.pageSize
+}
+
 /** The next top-level record, while the RAM section has not ended. */
 const readRecord = <E, R>(p: Parser<E, R>): Effect.Effect<void, E | QemuStreamError, R> =>
   Effect.gen(function*() {
@@ -363,6 +373,15 @@ const readRecord = <E, R>(p: Parser<E, R>): Effect.Effect<void, E | QemuStreamEr
           ? "the stream ended before the RAM section: QEMU closed the main channel (cancelled, failed or killed?)"
           : "the stream ended before the RAM section completed: QEMU cancelled or failed the migration, or was killed"
       )
+    }
+    if (type === Record.SECTION_FULL && phase === "open" && state.flushes === 0 && everyPageCame(state)) {
+      // QEMU's background-snapshot (never with multifd: no flush came) sends no SECTION_END: once every page went,
+      // the device state it saved when the snapshot began follows the RAM section's last part (a migration's comes
+      // after its SECTION_END): the RAM section ends here, and the device state, from this record on, is drained
+      // and checked as any. (An early device section, a virtio-mem's, comes before any page: refused below.)
+      if (p.handler.ramEnding) yield* p.handler.ramEnding
+      state.ram.phase = "ended"
+      return
     }
     yield* r.u8("a record type")
     if (state.returnPathAt !== undefined && type !== Record.COMMAND) yield* refuseReturnPath(state.returnPathAt)
