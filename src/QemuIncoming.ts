@@ -108,6 +108,14 @@ export interface Options<E = never> {
    */
   readonly flushAfterEachSection?: boolean | undefined
   /**
+   * A QEMU source with capability `postcopy-ram` (libvirt's `--postcopy`; QEMU 10.0 takes it without multifd
+   * only, `channels` 0): `"refuse"` (the default) fails at its first command, the source's migration failing with its
+   * guest running; `"precopy"` takes its precopy migration, which completes unless the source switches to postcopy
+   * (`migrate-start-postcopy`, libvirt's `--postcopy-after-precopy`): the switch is refused, and QEMU 10.0, which
+   * may have handed its VM over by then, stays `postcopy-paused`, its guest stopped until recovered elsewhere or killed.
+   */
+  readonly postcopyRam?: "refuse" | "precopy" | undefined
+  /**
    * `handshake`: how long a new connection has to prove itself (its first bytes, then QEMU's file header or a
    * multifd init packet; default 10 s); `peer`: the inactivity timeout (default 30 s).
    */
@@ -380,6 +388,7 @@ const receive = <E>(listener: Transport.Listener, options: Options<E>): Effect.E
         peer: timeouts.peer,
         onProgress: options.onProgress,
         keepDeviceState: options.vm === true,
+        postcopyRam: options.postcopyRam,
         returnPath,
         multifdTurnedAway: candidates.multifdTurnedAway
       })

@@ -438,10 +438,27 @@ describe.skipIf(missing !== undefined)(`QEMU ${"version" in qemu ? qemu.version 
       }
     }))), 60_000)
 
-  it.live("postcopy-ram on (libvirt's --postcopy), never started: a precopy migration; recv --from-qemu --channels 0 writes the image byte for byte", () =>
-    viaCommandLine("mixed", { channels: 0, compression: "none", extraCapabilities: ["postcopy-ram"] }, []), 60_000)
+  it.live("postcopy-ram on, by default: refused at its start in one line naming --postcopy-ram precopy; QEMU's migration fails, its guest as it was", () =>
+    expectNoLeaks(Effect.scoped(Effect.gen(function*() {
+      const img = image("mostly-zero")
+      const dst = yield* destination({ channels: 0, compression: "none" })
+      const src = yield* Qemu.startSource(img.path, img.bytes.length)
+      const runState = () => Effect.map(src.qmp.execute("query-status"), (s) => (s as { status?: string }).status)
+      const before = yield* runState()
+      yield* Qemu.migrate(src.qmp, { uri: dst.uri, channels: 0, compression: "none", extraCapabilities: ["postcopy-ram"] })
+      expect(yield* Qemu.waitDone(src.qmp, "60 seconds")).toBe("failed")
+      const error = failureOf(yield* noHang(Fiber.await(dst.fiber), "our destination", 30))
+      expect(error).toMatchObject({ reason: "Unsupported", feature: "postcopy-ram" })
+      expect(error.message).toContain("the source has capability postcopy-ram on; turn it off, or")
+      expect(error.message).not.toContain("\n")
+      // the guest as it was (this source's is not started: prelaunch), not stopped for a switchover
+      expect(yield* runState()).toBe(before)
+    }))), 60_000)
 
-  it.live("postcopy-ram on, then migrate-start-postcopy mid-way: recv refuses it in one line and exits 1, leaving nothing; QEMU, told on its return path, fails (or stays postcopy-paused once switched)", () =>
+  it.live("postcopy-ram on (libvirt's --postcopy), never started: with --postcopy-ram precopy, a precopy migration; recv --from-qemu --channels 0 writes the image byte for byte", () =>
+    viaCommandLine("mixed", { channels: 0, compression: "none", extraCapabilities: ["postcopy-ram"] }, ["--postcopy-ram", "precopy"]), 60_000)
+
+  it.live("postcopy-ram on, --postcopy-ram precopy, then migrate-start-postcopy mid-way: recv refuses it in one line and exits 1, leaving nothing; QEMU, told on its return path, fails (or stays postcopy-paused once switched)", () =>
     Effect.scoped(Effect.gen(function*() {
       const img = image("mostly-zero", 8 * MIB)
       const outDir = Fs.mkdtempSync(Path.join(dir, "switch-"))
@@ -462,7 +479,7 @@ describe.skipIf(missing !== undefined)(`QEMU ${"version" in qemu ? qemu.version 
             ? (...parts: ReadonlyArray<unknown>) => Effect.sync(() => void stdout.push(parts.join(" ")))
             : Reflect.get(quietConsole, key)
       })
-      const argv = ["node", "multifd", "recv", "tcp:127.0.0.1:0", "--from-qemu", "--channels", "0", "--out", out, "--json"]
+      const argv = ["node", "multifd", "recv", "tcp:127.0.0.1:0", "--from-qemu", "--channels", "0", "--postcopy-ram", "precopy", "--out", out, "--json"]
       const recv = yield* Effect.forkScoped(Cli.main(argv).pipe(
         Effect.provide(NodeContext.layer),
         Effect.provide(Logger.replace(Logger.defaultLogger, Logger.none)),

@@ -1801,10 +1801,24 @@ describe("QemuIncoming: a source with a return path (capability return-path), an
 /** postcopy-ram's MIG_CMD_POSTCOPY_ADVISE: the source's RAM page sizes (OR-ed) and its target page size. */
 const advise = (ramPageSizes: number, targetPageSize = PAGE) => command(3, Buffer.concat([u64(ramPageSizes), u64(targetPageSize)]))
 
+/** QemuIncoming's and the reader's option that takes the precopy migration of a source with postcopy-ram on. */
+const PRECOPY: QemuStream.ReadOptions = { postcopyRam: "precopy" }
+
 describe("capability postcopy-ram on, postcopy never started (libvirt's --postcopy): a precopy migration", () => {
+  it.effect("refused at the advise by default (the source fails, its guest running), naming the capability and --postcopy-ram precopy", () =>
+    Effect.gen(function*() {
+      for (const options of [undefined, { postcopyRam: "refuse" } as const]) {
+        const error = yield* parseError(stream({ before: [advise(PAGE)] }), options)
+        expect(error).toMatchObject({ reason: "Unsupported", feature: "postcopy-ram" })
+        expect(error.message).toContain("MIG_CMD_POSTCOPY_ADVISE): the source has capability postcopy-ram on; turn it off, or")
+        expect(error.message).toContain("--postcopy-ram precopy")
+      }
+    }))
+
+
   it.effect("the advise of postcopy-ram is taken; the migration reads as a precopy one", () =>
     Effect.gen(function*() {
-      const { exit } = yield* parse(stream({ before: [advise(PAGE)] }))
+      const { exit } = yield* parse(stream({ before: [advise(PAGE)] }), undefined, PRECOPY)
       if (Exit.isFailure(exit)) throw new Error(Cause.pretty(exit.cause))
       expect(exit.value.commands).toEqual(["POSTCOPY_ADVISE", "SWITCHOVER_START"])
       // not a command of the VM itself: a VM sent on into QEMU (which has postcopy-ram off) carries none
@@ -1813,19 +1827,19 @@ describe("capability postcopy-ram on, postcopy never started (libvirt's --postco
 
   it.effect("page sizes checked as QEMU's destination checks them: refused in one line naming what differs", () =>
     Effect.gen(function*() {
-      const huge = yield* parseError(stream({ before: [advise(0x200000 | PAGE)] }))
+      const huge = yield* parseError(stream({ before: [advise(0x200000 | PAGE)] }), PRECOPY)
       expect(huge).toMatchObject({ reason: "Unsupported", feature: "postcopy-ram" })
       expect(huge.message).toContain("MIG_CMD_POSTCOPY_ADVISE): the source's RAM page sizes are 0x201000 (RAM blocks of several page sizes: huge pages?)")
-      const target = yield* parseError(stream({ before: [advise(0x10000, 0x10000)] }))
+      const target = yield* parseError(stream({ before: [advise(0x10000, 0x10000)] }), PRECOPY)
       expect(target).toMatchObject({ reason: "Unsupported", feature: "postcopy-ram" })
       expect(target.message).toContain("the source's target page size is 65536 bytes, not the 4096 of this stream")
-      const smaller = yield* parseError(stream({ before: [advise(1024)] }))
+      const smaller = yield* parseError(stream({ before: [advise(1024)] }), PRECOPY)
       expect(smaller.message).toContain("a page size smaller than the target page")
-      const zero = yield* parseError(stream({ before: [advise(0)] }))
+      const zero = yield* parseError(stream({ before: [advise(0)] }), PRECOPY)
       expect(zero).toMatchObject({ reason: "Malformed" })
-      const short = yield* parseError(stream({ before: [command(3, u64(PAGE))] }))
+      const short = yield* parseError(stream({ before: [command(3, u64(PAGE))] }), PRECOPY)
       expect(short.message).toContain("MIG_CMD_POSTCOPY_ADVISE) with 8 data bytes, expected 0 or 16")
-      const twice = yield* parseError(stream({ before: [advise(PAGE), advise(PAGE)] }))
+      const twice = yield* parseError(stream({ before: [advise(PAGE), advise(PAGE)] }), PRECOPY)
       expect(twice.message).toContain("a second MIG_CMD_POSTCOPY_ADVISE")
     }))
 
@@ -1839,7 +1853,7 @@ describe("capability postcopy-ram on, postcopy never started (libvirt's --postco
           sectionStart(1, "ram", 4, [memSize([["mem", 8 * PAGE]]), FLUSH, EOS]),
           footer(1),
           command(cmd, Buffer.alloc(4))
-        ]))
+        ]), PRECOPY)
         expect(error).toMatchObject({ reason: "Unsupported", feature: "postcopy-ram" })
         expect(error.message).toContain(`command ${cmd} (MIG_CMD_${name})`)
         expect(error.message).toContain("the source switched to postcopy (migrate-start-postcopy), which is not supported")
@@ -1855,7 +1869,7 @@ describe("capability postcopy-ram on, postcopy never started (libvirt's --postco
         advise(PAGE),
         MAIN.subarray(AFTER_CONFIGURATION)
       ])
-      const dst = yield* destination({ channels: 2 })
+      const dst = yield* destination({ channels: 2, postcopyRam: "precopy" })
       const main = yield* Transport.connect(dst.address)
       yield* main.write([advised])
       yield* Effect.forkScoped(Effect.forEach(CHANNEL_STREAMS, (bytes) => Effect.either(send(dst.address, bytes)), { concurrency: "unbounded" }))
@@ -1867,7 +1881,7 @@ describe("capability postcopy-ram on, postcopy never started (libvirt's --postco
 
       // QEMU switched: it discards pages first (MIG_CMD_POSTCOPY_RAM_DISCARD), in the middle of the RAM section
       const switched = Buffer.concat([advised.subarray(0, 0x4b + advised.length - MAIN.length), command(6, Buffer.alloc(9))])
-      const dst2 = yield* destination({ channels: 2 })
+      const dst2 = yield* destination({ channels: 2, postcopyRam: "precopy" })
       const main2 = yield* Transport.connect(dst2.address)
       yield* main2.write([switched])
       yield* Effect.forkScoped(Effect.forEach(CHANNEL_STREAMS, (bytes) => Effect.either(send(dst2.address, bytes)), { concurrency: "unbounded" }))

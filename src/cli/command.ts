@@ -117,7 +117,7 @@ export const recvHelp = (width?: number): string => {
       `${NAME} recv file:PATH --from-qemu (--out FILE | --out-dir DIR | --vm FILE)`
     ],
     sections: [
-      { heading: "Arguments", entries: Help.pick(all, ["<uri>", "--out", "--out-dir", "--vm", "--from-qemu", "--uuid"]) },
+      { heading: "Arguments", entries: Help.pick(all, ["<uri>", "--out", "--out-dir", "--vm", "--from-qemu", "--uuid", "--postcopy-ram"]) },
       { heading: "Transfer (the source decides; given here, the source must agree)", entries: Help.pick(all, ["--channels", "--page-size", "--compression"]) },
       { heading: "TLS", entries: Help.pick(all, ["--tls-psk", "--tls-ca", "--tls-cert", "--tls-key", "--tls-crl", "--tls-verify-peer", "--tls-authz", "--tls-ciphers"]) },
       { heading: "Timing and output", entries: Help.pick(all, ["--timeout", "--json", "--quiet", "--verbose"]) }

@@ -61,6 +61,8 @@ export interface Args {
   readonly vm?: string | undefined
   /** QEMU's `-uuid`: channels of another are turned away (default: the configuration's, else the first channel's). */
   readonly uuid?: Uint8Array | undefined
+  /** A QEMU source with capability postcopy-ram: refused (default), or its precopy migration taken (`QemuIncoming`). */
+  readonly postcopyRam?: "refuse" | "precopy" | undefined
   /** TLS on QEMU's connections (server side, as QEMU's `tls-creds` on the source). */
   readonly tls?: QemuIncoming.Options["tls"]
   readonly timing: Options.Timing
@@ -390,6 +392,7 @@ export const run = (args: Args) =>
           compression: args.compression,
           pageSize: args.pageSize,
           uuid: args.uuid,
+          postcopyRam: args.postcopyRam,
           // --timeout also bounds how long a new connection has to prove itself QEMU's (as plain recv)
           timeouts: timeout._tag === "Some"
             ? { peer: timeout.value, connect: timeout.value, handshake: timeout.value }

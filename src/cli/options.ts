@@ -243,6 +243,8 @@ export interface RecvOutput {
   readonly fromQemu: boolean
   /** QEMU's `-uuid`, which its multifd channels must carry. */
   readonly uuid: Option.Option<Uint8Array>
+  /** A QEMU source with capability postcopy-ram: refused (the default), or its precopy migration taken. */
+  readonly postcopyRam: Option.Option<"refuse" | "precopy">
 }
 
 /** `--out`, `--out-dir` and `--from-qemu`. */
@@ -278,6 +280,16 @@ export const recvOutput: Options.Options<RecvOutput> = Options.all({
     "With --from-qemu: the -uuid QEMU was started with (libvirt starts it with the domain's), which its multifd " +
       "channels carry: channels of another uuid (another QEMU migrating here) are turned away (default: the uuid " +
       "QEMU's capability validate-uuid sends, else the first channel's, and channels of another fail the migration)."
+  ),
+  postcopyRam: choice("postcopy-ram", ["refuse", "precopy"] as const).pipe(
+    Options.withDescription(
+      "With --from-qemu: a QEMU source with capability postcopy-ram (virsh migrate --postcopy; QEMU 10.0 takes it " +
+        "without multifd only, --channels 0). refuse (default): refused at its start, the guest running on; precopy: " +
+        "its precopy migration is taken, and a switch to postcopy (migrate-start-postcopy, virsh " +
+        "--postcopy-after-precopy) refused when it comes, by when QEMU may have handed its guest over: it then stays " +
+        "postcopy-paused, stopped until recovered elsewhere or killed. Give precopy only where nothing switches."
+    ),
+    Options.optional
   )
 })
 

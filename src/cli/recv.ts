@@ -53,6 +53,11 @@ export const command = Command.make(
         if (uri._tag === "File" && Option.isSome(output.uuid)) {
           return yield* new UsageError({ detail: "--uuid does not apply to a file QEMU wrote (file: --from-qemu): it has no channels" })
         }
+        if (uri._tag === "File" && Option.isSome(output.postcopyRam)) {
+          return yield* new UsageError({
+            detail: "--postcopy-ram does not apply to a file QEMU wrote (file: --from-qemu): postcopy needs a destination"
+          })
+        }
         if (uri._tag === "File") {
           yield* refuseGiven(transfer.given, "a file QEMU wrote (file: --from-qemu)", {
             "--channels": "its pages are read whatever channels wrote them",
@@ -75,6 +80,7 @@ export const command = Command.make(
           outDir: Option.getOrUndefined(output.outDir),
           vm: Option.getOrUndefined(output.vm),
           uuid: Option.getOrUndefined(output.uuid),
+          postcopyRam: Option.getOrUndefined(output.postcopyRam),
           tls: tls?.settings,
           timing,
           reporting
@@ -101,6 +107,9 @@ export const command = Command.make(
       if (Option.isSome(output.outDir)) return yield* new UsageError({ detail: "--out-dir goes with --from-qemu; use --out FILE" })
       if (Option.isSome(output.vm)) return yield* new UsageError({ detail: "--vm goes with --from-qemu (or send --to-qemu)" })
       if (Option.isSome(output.uuid)) return yield* new UsageError({ detail: "--uuid goes with --from-qemu (QEMU's -uuid)" })
+      if (Option.isSome(output.postcopyRam)) {
+        return yield* new UsageError({ detail: "--postcopy-ram goes with --from-qemu (a QEMU source's capability postcopy-ram)" })
+      }
       if (Option.isNone(output.out)) return yield* new UsageError({ detail: "recv needs --out FILE" })
       const out = output.out.value
       if (uri._tag === "File" && Image.sameFile(uri.path, out)) {

@@ -358,6 +358,14 @@ export interface ReadOptions {
    * positions) count from the file's start; `Summary.bytes` from the stream's.
    */
   readonly startOffset?: number | undefined
+  /**
+   * A source with capability `postcopy-ram` (libvirt's `--postcopy`), which advises postcopy at the start and
+   * migrates in precopy until told to switch: `"refuse"` (the default) fails at the advise, where the source's
+   * migration still fails cleanly, its guest running; `"precopy"` takes the precopy migration, and refuses a switch
+   * (`migrate-start-postcopy`) when it comes — by then QEMU 10.0 may have handed its VM over, and it then stays
+   * `postcopy-paused`, the guest stopped until it is recovered elsewhere or killed.
+   */
+  readonly postcopyRam?: "refuse" | "precopy" | undefined
 }
 
 // ---------------------------------------------------------------------------------------------------------

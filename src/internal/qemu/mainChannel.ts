@@ -45,6 +45,8 @@ export interface Config {
   readonly onProgress: ((progress: Transfer.Progress) => Effect.Effect<void>) | undefined
   /** Keep the device state (`summary.deviceState`), for a whole VM. */
   readonly keepDeviceState: boolean
+  /** A source with capability postcopy-ram: refused at its advise, or its precopy migration taken (`ReadOptions`). */
+  readonly postcopyRam: "refuse" | "precopy" | undefined
   /** Set once QEMU's return path is open (the caller answers SHUT on it). */
   readonly returnPath: Ref.Ref<boolean>
   /** With `channels` 0: how many multifd channels were turned away (QEMU with multifd sends its pages there). */
@@ -294,7 +296,8 @@ export const read = (
         pageSize: config.pageSize,
         // (QEMU without multifd syncs nothing at an EOS word, whatever its machine type)
         flushAfterEachSection: channels === 0 ? false : config.flushAfterEachSection,
-        keepDeviceState: config.keepDeviceState
+        keepDeviceState: config.keepDeviceState,
+        postcopyRam: config.postcopyRam
       }),
       watch
     )

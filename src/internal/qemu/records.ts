@@ -173,6 +173,16 @@ const readAdvise = <E, R>(p: Parser<E, R>, at: number, length: number) =>
         "postcopy-ram"
       )
     }
+    if (p.options.postcopyRam !== "precopy") {
+      return yield* fail(
+        "Unsupported",
+        at,
+        `${what}: the source has capability postcopy-ram on; turn it off, or, if the source will never switch to ` +
+          "postcopy, take its precopy migration with --postcopy-ram precopy (QemuIncoming's postcopyRam: a switch is " +
+          "refused then, and QEMU may leave its guest stopped, postcopy-paused)",
+        "postcopy-ram"
+      )
+    }
     if (ramPageSizes === 0 || targetPageSize === 0) {
       return yield* fail("Malformed", at, `${what} with a page size of 0`)
     }
