@@ -461,6 +461,20 @@ export const listen = (address: Address): Effect.Effect<Listener, TransportError
           }
           if (bindTo._tag === "Unix") listenUnix(server, bindTo.path, listening)
           else server.listen({ host: bindTo.host, port: bindTo.port }, listening)
+          // interrupted while it binds (Node binds a TCP port a turn or two after \`listen\`, once it looked the host
+          // up): wait for the bind to settle, so that the release finds the server listening and closes it — it
+          // found it not yet listening, closed nothing, and the port was bound a turn later, a server left
+          // listening for good
+          return Effect.async<void>((settled) => {
+            if (server.listening) return settled(Effect.void)
+            const done = () => {
+              server.off("listening", done)
+              server.off("error", done)
+              settled(Effect.void)
+            }
+            server.once("listening", done)
+            server.once("error", done)
+          })
         })
         yield* bindTo._tag === "Unix"
           // a socket file left by a listener that died (kill -9) is removed, as QEMU does; anything else stays

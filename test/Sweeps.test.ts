@@ -1,0 +1,320 @@
+/**
+ * Systematic fault sweeps over the network paths: rather than a few hand-picked moments, the source or the
+ * destination is interrupted after n turns of the event loop for n across the whole migration (every k-th
+ * turn, until the migration ends by itself), over plain TCP, a Unix socket, TLS (x509 with verifyPeer, PSK),
+ * zstd and zlib, live pre-copy, channel threads, and QemuIncoming fed QEMU's recorded streams. After each point:
+ * nothing left (descriptors, sockets, socket files, timers, threads; `leakProbe.ts`), the other side ended
+ * promptly (a guard, never a timer to settle) with a typed one-line error or its own success, and the
+ * destination's memory holds, page by page, what it held before or what the source sent (never anything else).
+ *
+ * Each sweep is one test looping over its points and listing every point that went wrong.
+ */
+import { describe, expect, inject, it, layer } from "@effect/vitest"
+import * as Cause from "effect/Cause"
+import * as Deferred from "effect/Deferred"
+import * as Effect from "effect/Effect"
+import * as Exit from "effect/Exit"
+import * as Fiber from "effect/Fiber"
+import * as Logger from "effect/Logger"
+import type * as Scope from "effect/Scope"
+import * as Crypto from "node:crypto"
+import * as Fs from "node:fs"
+import * as Os from "node:os"
+import * as Path from "node:path"
+import { fileURLToPath } from "node:url"
+import * as ChannelThreads from "../src/ChannelThreads.js"
+import * as GuestRam from "../src/GuestRam.js"
+import * as Migration from "../src/Migration.js"
+import * as Protocol from "../src/Protocol.js"
+import * as QemuIncoming from "../src/QemuIncoming.js"
+import * as Tls from "../src/Tls.js"
+import * as Transport from "../src/Transport.js"
+import { noHang } from "./support/guards.js"
+import { expectNothingLeft, type ProbeOptions } from "./support/leakProbe.js"
+
+const PAGE = 4096
+/** Long: an end that comes from a timeout is a hang here (the guard below is shorter). */
+const TIMEOUTS = { connect: "20 seconds", handshake: "20 seconds", peer: "20 seconds" } as const
+const PROMPT_SECONDS = 8
+const tcp0: Transport.Address = { _tag: "Tcp", host: "127.0.0.1", port: 0 }
+const VERBOSE = process.env["SWEEP_VERBOSE"] === "1"
+
+const MODULE = Path.join(Path.dirname(inject("cliBundle")), "channelWorker.js")
+const POOL: ChannelThreads.Options = { maxThreads: 2, module: MODULE }
+
+const turn = Effect.promise(() => new Promise<void>((r) => setImmediate(r)))
+const turns = (n: number) => Effect.forEach(Array.from({ length: n }), () => turn, { discard: true })
+
+/** `pages` pages, most random, some zero, some repetitive; shared memory (the channel threads read it in place). */
+const image = (pages: number, seed: number): Buffer => {
+  const bytes = GuestRam.allocate(pages * PAGE)
+  for (let p = 0; p < pages; p++) {
+    if (p % 5 === 0) continue
+    if (p % 5 === 1) bytes.fill(p & 0xff, p * PAGE, (p + 1) * PAGE)
+    else Crypto.randomFillSync(bytes, p * PAGE, PAGE)
+  }
+  bytes[0] = seed
+  return bytes
+}
+
+/** Destination memory before: a pattern no source page has (0xA5 then the page number). */
+const before = (pages: number): Buffer => {
+  const bytes = GuestRam.allocate(pages * PAGE)
+  bytes.fill(0xa5)
+  for (let p = 0; p < pages; p++) bytes.writeUInt32LE(p, p * PAGE)
+  return bytes
+}
+
+/** Pages of `now` that are neither what they were (`was`) nor what the source sent (`sent`). */
+const strangePages = (now: Buffer, was: Buffer, sent: Buffer): ReadonlyArray<number> => {
+  const strange: Array<number> = []
+  for (let p = 0; p * PAGE < now.length; p++) {
+    const page = now.subarray(p * PAGE, (p + 1) * PAGE)
+    if (!page.equals(was.subarray(p * PAGE, (p + 1) * PAGE)) && !page.equals(sent.subarray(p * PAGE, (p + 1) * PAGE))) strange.push(p)
+  }
+  return strange
+}
+
+const describeExit = (exit: Exit.Exit<unknown, unknown>): string =>
+  Exit.isSuccess(exit) ? "success" : Cause.pretty(exit.cause).split("\n").slice(0, 3).join(" / ")
+
+/** What is wrong with the exit of the side that was not interrupted (undefined: fine). */
+const judgeOther = (exit: Exit.Exit<unknown, unknown>): string | undefined => {
+  if (Exit.isSuccess(exit)) return undefined
+  const failure = Cause.failureOption(exit.cause)
+  if (failure._tag === "None") return `not a typed failure: ${describeExit(exit)}`
+  const error = failure.value as { readonly _tag?: unknown; readonly message?: unknown; readonly reason?: unknown }
+  if (typeof error._tag !== "string" || typeof error.message !== "string") return `untyped failure: ${String(failure.value)}`
+  if (error.message.length === 0 || error.message.includes("\n")) return `not one line: ${JSON.stringify(error.message)}`
+  if (error.reason === "Timeout" || /timed out|within \d/.test(error.message)) return `a timeout, not a prompt end: ${error.message}`
+  return undefined
+}
+
+/** One migration set up for a point of a sweep: both sides forked in the scope, and what to check after. */
+interface Pair {
+  readonly source: Fiber.Fiber<unknown, unknown>
+  readonly destination: Fiber.Fiber<unknown, unknown>
+  /** Problems with the destination's memory once both ended (given memory compared page by page). */
+  readonly memory?: () => ReadonlyArray<string>
+  /** Whether the destination may still wait, for another source, once its source was interrupted (none admitted). */
+  readonly mayWait?: () => boolean
+  /** Whether the source has started (an interrupted destination may not have listened yet: nothing to connect to). */
+  readonly started?: () => boolean
+}
+
+type Victim = "source" | "destination"
+
+/**
+ * Interrupts `victim` after n turns, for n = 0, step, 2 step, ... until a migration ends by itself before its
+ * point (at most `maxPoints`): the problems of every point, `n=<turns>: ...`, and the points tried.
+ */
+const sweep = <R>(
+  setup: Effect.Effect<Pair, unknown, R | Scope.Scope>,
+  victim: Victim,
+  step: number,
+  options: ProbeOptions & { readonly maxPoints?: number } = {}
+): Effect.Effect<{ readonly problems: ReadonlyArray<string>; readonly points: number; readonly lastTurns: number }, never, Exclude<R, Scope.Scope>> =>
+  Effect.gen(function*() {
+    const problems: Array<string> = []
+    let points = 0
+    let n = 0
+    for (; points < (options.maxPoints ?? 200); n += step, points++) {
+      let finished = false
+      const at = n
+      const exit = yield* Effect.exit(expectNothingLeft(
+        Effect.scoped(Effect.gen(function*() {
+          const pair = yield* setup
+          const both = Effect.zip(Fiber.await(pair.source), Fiber.await(pair.destination))
+          yield* Effect.raceFirst(turns(at), Effect.asVoid(both))
+          const victimFiber = victim === "source" ? pair.source : pair.destination
+          const other = victim === "source" ? pair.destination : pair.source
+          const victimDone = yield* Fiber.poll(victimFiber)
+          if (victimDone._tag === "Some") {
+            finished = true
+            const [s, d] = yield* noHang(both, "the other side after the victim ended by itself", PROMPT_SECONDS)
+            for (const [who, e] of [["source", s], ["destination", d]] as const) {
+              const wrong = judgeOther(e)
+              if (wrong !== undefined) problems.push(`n=${at} (ended by itself): ${who}: ${wrong}`)
+            }
+          } else {
+            yield* noHang(Fiber.interrupt(victimFiber), `interrupting the ${victim}`, PROMPT_SECONDS)
+            if (victim === "source" ? pair.mayWait?.() === true : pair.started?.() === false) {
+              // no source admitted: the destination waits for another, as it should; or the destination never
+              // listened: the source has nowhere to connect
+              yield* noHang(Fiber.interrupt(other), "interrupting the other side, which had not begun", PROMPT_SECONDS)
+              for (const p of pair.memory?.() ?? []) problems.push(`n=${at}: ${p}`)
+              return
+            }
+            const otherExit = yield* noHang(Fiber.await(other), `the other side of the interrupted ${victim}`, PROMPT_SECONDS)
+            const wrong = judgeOther(otherExit)
+            if (wrong !== undefined) problems.push(`n=${at}: ${victim === "source" ? "destination" : "source"}: ${wrong}`)
+            if (VERBOSE) console.log(`n=${at}: other: ${describeExit(otherExit)}`)
+          }
+          for (const p of pair.memory?.() ?? []) problems.push(`n=${at}: ${p}`)
+        })),
+        options
+      ))
+      if (Exit.isFailure(exit)) problems.push(`n=${at}: ${describeExit(exit)}`)
+      if (finished) break
+    }
+    return { problems, points: points + 1, lastTurns: n }
+  }).pipe(VERBOSE ? (x) => x : Effect.provide(Logger.remove(Logger.defaultLogger)))
+
+// ---------------------------------------------------------------------------------------------------------
+// Our protocol, end to end
+
+const fixture = (name: string) => fileURLToPath(new URL(`./fixtures/tls/${name}`, import.meta.url))
+
+interface Flavour {
+  readonly name: string
+  readonly pages: number
+  readonly channels: number
+  readonly compression?: Protocol.Compression
+  readonly unix?: boolean
+  readonly tls?: "x509" | "psk"
+  readonly live?: boolean
+}
+
+const tlsPair = (kind: "x509" | "psk") =>
+  Effect.gen(function*() {
+    if (kind === "psk") {
+      const creds = yield* Tls.make({ psk: fixture("keys.psk") })
+      return { client: creds.client(undefined), server: creds.server }
+    }
+    const server = yield* Tls.make({
+      ca: fixture("ca-cert.pem"),
+      cert: fixture("server-cert.pem"),
+      key: fixture("server-key.pem"),
+      verifyPeer: true
+    })
+    const client = yield* Tls.make({ ca: fixture("ca-cert.pem"), cert: fixture("alice-cert.pem"), key: fixture("alice-key.pem") })
+    return { client: client.client("localhost"), server: server.server }
+  })
+
+const ourPair = (flavour: Flavour, dir: string | undefined) =>
+  Effect.gen(function*() {
+    const sent = image(flavour.pages, 1)
+    const ram = yield* GuestRam.make({ blocks: [{ name: "pc.ram", bytes: sent }] })
+    const was = before(flavour.pages)
+    const into = Buffer.from(was)
+    const target = GuestRam.allocate(flavour.pages * PAGE)
+    was.copy(target)
+    const destinationRam = yield* GuestRam.make({ blocks: [{ name: "pc.ram", bytes: target }] })
+    const address: Transport.Address = flavour.unix
+      ? { _tag: "Unix", path: Path.join(dir!, "dest.sock") }
+      : flavour.tls === "x509" ? { _tag: "Tcp", host: "localhost", port: 0 } : tcp0
+    const tls = flavour.tls === undefined ? undefined : yield* tlsPair(flavour.tls)
+    let admitted = false
+    // the listener is the destination's own: interrupted, it closes it (as listenAndReceive)
+    const listening = yield* Deferred.make<Transport.Address>()
+    const destination = yield* Effect.forkScoped(Effect.scoped(Effect.gen(function*() {
+      const listener = yield* Transport.listen(address)
+      yield* Deferred.succeed(listening, listener.address)
+      return yield* Migration.incoming(listener, {
+        timeouts: TIMEOUTS,
+        ram: destinationRam,
+        admit: () => {
+          admitted = true
+          return undefined
+        },
+        ...(tls ? { upgrade: tls.server } : {})
+      })
+    })))
+    if (flavour.live) {
+      // a guest writing now and then while it migrates (its own pages: the destination ends with the last copy)
+      yield* Effect.forkScoped(Effect.forever(Effect.zipRight(
+        Effect.suspend(() => GuestRam.write(ram, "pc.ram", Math.floor(Math.random() * flavour.pages) * PAGE, Crypto.randomBytes(64))),
+        turns(3)
+      )).pipe(Effect.ignore))
+    }
+    let started = false
+    const source = yield* Effect.forkScoped(Effect.flatMap(Deferred.await(listening), (listenAddress) => (started = true, Migration.migrate({
+      address: listenAddress,
+      channels: flavour.channels,
+      timeouts: TIMEOUTS,
+      reconnect: 0,
+      ...(flavour.compression ? { compression: flavour.compression } : {}),
+      ...(tls ? { upgrade: tls.client } : {}),
+      ...(flavour.live ? { live: { maxRounds: 4, downtimeLimit: "1 second", onNoConvergence: "switchover" } } : {})
+    }))).pipe(Effect.provide(Transport.layer), Effect.provideService(GuestRam.GuestRam, ram)))
+    void into
+    return {
+      source,
+      destination,
+      mayWait: () => !admitted,
+      started: () => started,
+      memory: () => {
+        // live: the source's pages move while it migrates; only compare a still memory
+        if (flavour.live) return []
+        const strange = strangePages(target, was, sent)
+        return strange.length === 0 ? [] : [`destination pages neither before nor sent: ${strange.slice(0, 8).join(", ")}`]
+      }
+    } satisfies Pair
+  })
+
+const FLAVOURS: ReadonlyArray<Flavour> = [
+  { name: "plain TCP", pages: 64, channels: 2 },
+  { name: "a Unix socket", pages: 64, channels: 2, unix: true },
+  { name: "zstd", pages: 64, channels: 3, compression: "zstd" },
+  { name: "zlib", pages: 64, channels: 2, compression: "zlib" },
+  { name: "TLS x509, verifyPeer", pages: 32, channels: 2, tls: "x509" },
+  { name: "TLS PSK", pages: 32, channels: 2, tls: "psk" },
+  { name: "live pre-copy", pages: 64, channels: 2, live: true }
+]
+
+/** Every turn in this thread; on the channel threads (more turns, each a round trip), every few, fewer kinds. */
+const STEP = Number(process.env["SWEEP_STEP"] ?? "1")
+const THREADS_STEP = Number(process.env["SWEEP_THREADS_STEP"] ?? "4")
+const ON_THREADS = new Set(["plain TCP", "zstd", "TLS PSK", "live pre-copy"])
+
+type Run = (name: string, self: () => Effect.Effect<void, unknown>, timeout?: number) => void
+
+const ourSweeps = (run: Run, threads: boolean) => {
+  const step = threads ? THREADS_STEP : STEP
+  for (const flavour of FLAVOURS.filter((f) => !threads || ON_THREADS.has(f.name))) {
+    for (const victim of ["source", "destination"] as const) {
+      run(`${flavour.name}${threads ? " (channel threads)" : ""}: the ${victim} interrupted after n turns, for every ${step === 1 ? "n" : `${step}th n`} until it ends by itself`, () =>
+        Effect.gen(function*() {
+          const dir = flavour.unix ? Fs.mkdtempSync(Path.join(Os.tmpdir(), "emfd-sweep-")) : undefined
+          try {
+            const result = yield* sweep(ourPair(flavour, dir), victim, step, { dirs: dir ? [dir] : [] })
+            if (VERBOSE) console.log(`${flavour.name} ${victim}: ${result.points} points, ${result.lastTurns} turns`)
+            expect(result.problems).toEqual([])
+            expect(result.points).toBeGreaterThan(2)
+          } finally {
+            if (dir) Fs.rmSync(dir, { recursive: true, force: true })
+          }
+        }), 120_000)
+    }
+  }
+}
+
+describe("interrupted at every point, in this thread", () => {
+  ourSweeps((name, self, timeout) => it.live(name, self, timeout), false)
+})
+
+layer(ChannelThreads.layer(POOL), { excludeTestServices: true })("interrupted at every point, on channel threads", (it) => {
+  ourSweeps((name, self, timeout) => it.effect(name, self, timeout), true)
+})
+
+void QemuIncoming
+
+// ---------------------------------------------------------------------------------------------------------
+// What the sweeps found, each on its own
+
+describe("found by the sweeps", () => {
+  it.live("a TCP listen interrupted while it binds (its address looked up, the port not yet bound) leaves no server listening", () =>
+    Effect.gen(function*() {
+      // the bind of 127.0.0.1 is a turn or two of the event loop: interrupted at each of the first few
+      const left: Array<string> = []
+      for (let n = 0; n < 6; n++) {
+        const exit = yield* Effect.exit(expectNothingLeft(Effect.scoped(Effect.gen(function*() {
+          const fiber = yield* Effect.fork(Effect.scoped(Effect.zipRight(Transport.listen(tcp0), Effect.never)))
+          yield* turns(n)
+          yield* noHang(Fiber.interrupt(fiber), "interrupting the listen")
+        }))))
+        if (Exit.isFailure(exit)) left.push(`n=${n}: ${describeExit(exit)}`)
+      }
+      expect(left).toEqual([])
+    }))
+})
