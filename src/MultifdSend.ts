@@ -286,8 +286,9 @@ export const make = (
       compressionLevel: config.compressionLevel,
       zeroPage: config.zeroPage,
       rateLimit: Bandwidth.sharedOf(config.maxBandwidth),
-      // a lost channel comes back: a connection the destination closed is lost even with nothing to write
-      watchEnd: config.reconnect !== undefined && config.reconnect.attempts > 0
+      // a connection the destination closed or reset is lost even with nothing to write: re-attached, or (reconnect
+      // 0) the migration's failure at once, not at the peer timeout
+      watchEnd: true
     })
     const reconnect = config.reconnect !== undefined && config.reconnect.attempts > 0 ? config.reconnect : undefined
     const journals = Array.from({ length: channels }, () => new Journal(reconnect !== undefined))

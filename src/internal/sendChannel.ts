@@ -57,10 +57,11 @@ export interface Settings {
   /** The migration's bandwidth limit (`RateLimit`'s shared memory), if any: every packet waits its turn. */
   readonly rateLimit?: SharedArrayBuffer | undefined
   /**
-   * The channel's loss is recovered (the source re-attaches channels): the destination's end of the connection is
-   * watched, and the connection is lost once the destination closed or reset it (it never writes on a multifd
-   * channel), even while this side has nothing to write — a re-attaching connection turned away before it was
-   * adopted, which no `Lost` message reports, went unnoticed until the peer timeout.
+   * The destination's end of the connection is watched, and the connection is lost once the destination closed or
+   * reset it (it never writes on a multifd channel), even while this side has nothing to write — a re-attaching
+   * connection turned away before it was adopted, which no `Lost` message reports, went unnoticed until the peer
+   * timeout; and so did, without re-attaching, a connection reset before its init packet arrived (the destination
+   * took it for a stranger's and waited for the channel, the source for the flush's answer).
    */
   readonly watchEnd?: boolean | undefined
 }
