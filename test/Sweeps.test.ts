@@ -7,6 +7,10 @@
  * promptly (a guard, never a timer to settle) with a typed one-line error or its own success, and the
  * destination's memory holds, page by page, what it held before or what the source sent (never anything else).
  *
+ * A peer that vanishes at every byte offset: the main channel (either way) or the first multifd channel (from the
+ * source), through a proxy that forwards the real bytes up to offset k and then resets or ends the connection;
+ * QEMU's recorded streams into QemuIncoming, a connection reset after k bytes and the others closed.
+ *
  * Each sweep is one test looping over its points and listing every point that went wrong.
  */
 import { describe, expect, inject, it, layer } from "@effect/vitest"
@@ -19,6 +23,7 @@ import * as Logger from "effect/Logger"
 import type * as Scope from "effect/Scope"
 import * as Crypto from "node:crypto"
 import * as Fs from "node:fs"
+import type * as Net from "node:net"
 import * as Os from "node:os"
 import * as Path from "node:path"
 import { fileURLToPath } from "node:url"
@@ -265,9 +270,10 @@ const FLAVOURS: ReadonlyArray<Flavour> = [
 ]
 
 /** Every turn in this thread; on the channel threads (more turns, each a round trip), every few, fewer kinds. */
-const STEP = Number(process.env["SWEEP_STEP"] ?? "1")
-const THREADS_STEP = Number(process.env["SWEEP_THREADS_STEP"] ?? "4")
-const ON_THREADS = new Set(["plain TCP", "zstd", "TLS PSK", "live pre-copy"])
+const STEP = Number(process.env["SWEEP_STEP"] ?? "2")
+const QEMU_STEP = Number(process.env["SWEEP_QEMU_STEP"] ?? "3")
+const THREADS_STEP = Number(process.env["SWEEP_THREADS_STEP"] ?? "6")
+const ON_THREADS = new Set(["plain TCP", "zstd", "live pre-copy"])
 
 type Run = (name: string, self: () => Effect.Effect<void, unknown>, timeout?: number) => void
 
@@ -275,7 +281,7 @@ const ourSweeps = (run: Run, threads: boolean) => {
   const step = threads ? THREADS_STEP : STEP
   for (const flavour of FLAVOURS.filter((f) => !threads || ON_THREADS.has(f.name))) {
     for (const victim of ["source", "destination"] as const) {
-      run(`${flavour.name}${threads ? " (channel threads)" : ""}: the ${victim} interrupted after n turns, for every ${step === 1 ? "n" : `${step}th n`} until it ends by itself`, () =>
+      run(`${flavour.name}${threads ? " (channel threads)" : ""}: the ${victim} interrupted after n turns, for n = 0, ${step}, ${2 * step}, ... until it ends by itself`, () =>
         Effect.gen(function*() {
           const dir = flavour.unix ? Fs.mkdtempSync(Path.join(Os.tmpdir(), "emfd-sweep-")) : undefined
           try {
@@ -299,7 +305,117 @@ layer(ChannelThreads.layer(POOL), { excludeTestServices: true })("interrupted at
   ourSweeps((name, self, timeout) => it.effect(name, self, timeout), true)
 })
 
-void QemuIncoming
+
+// ---------------------------------------------------------------------------------------------------------
+// QemuIncoming fed QEMU's recorded streams
+
+const QEMU_FIXTURES = new URL("./fixtures/qemu-10.0.2/", import.meta.url)
+const qemuFixture = (path: string): Buffer => Fs.readFileSync(new URL(path, QEMU_FIXTURES))
+const RAM_IMG = qemuFixture("ram.bin")
+const captures = (compression: Protocol.Compression) =>
+  ["main.bin", "multifd-0.bin", "multifd-1.bin"].map((f) => qemuFixture(`${compression}-2ch/${f}`))
+
+/**
+ * QEMU, played back: each recorded connection written as it was (its main channel first), ended as QEMU ends it,
+ * then held open until the destination closes it (QEMU without return path waits for nothing more).
+ * `cut`: the `index`-th connection is reset (RST) after `at` bytes instead, once the others have written
+ * everything; then, as QEMU whose migration failed, the others are closed.
+ */
+const replay = (address: Transport.Address, streams: ReadonlyArray<Buffer>, cut?: { readonly index: number; readonly at: number }) =>
+  Effect.scoped(Effect.gen(function*() {
+    const connections: Array<Transport.Connection> = []
+    for (const _ of streams) connections.push(yield* Transport.connect(address))
+    const write = (index: number, upTo: number) =>
+      Effect.gen(function*() {
+        const bytes = streams[index]!
+        for (let at = 0; at < upTo; at += 64 * 1024) {
+          yield* connections[index]!.write([bytes.subarray(at, Math.min(upTo, at + 64 * 1024))])
+        }
+        yield* connections[index]!.drained
+      })
+    if (cut === undefined) {
+      yield* Effect.forEach(streams, (bytes, index) =>
+        Effect.gen(function*() {
+          yield* write(index, bytes.length)
+          yield* connections[index]!.end
+          while ((yield* connections[index]!.readSome(4096)).length > 0) {
+            // (QEMU reads nothing on these connections)
+          }
+        }), { concurrency: "unbounded", discard: true })
+      return
+    }
+    // (the others but their last byte: QEMU whose channel failed never sends the main channel's end marker, nor a
+    // channel's last packet)
+    yield* Effect.forEach(streams, (bytes, index) => write(index, index === cut.index ? cut.at : bytes.length - 1), {
+      concurrency: "unbounded",
+      discard: true
+    })
+    ;(connections[cut.index]!.stream as Net.Socket).resetAndDestroy()
+  })).pipe(Effect.ignore)
+
+const qemuPair = (compression: Protocol.Compression, cut?: { readonly index: number; readonly at: number }) =>
+  Effect.gen(function*() {
+    const pages = RAM_IMG.length / PAGE
+    const was = before(pages)
+    const target = GuestRam.allocate(RAM_IMG.length)
+    was.copy(target)
+    const ram = yield* GuestRam.make({ blocks: [{ name: "mem", bytes: target }] })
+    const listening = yield* Deferred.make<Transport.Address>()
+    const destination = yield* Effect.forkScoped(Effect.scoped(Effect.gen(function*() {
+      const listener = yield* Transport.listen(tcp0)
+      yield* Deferred.succeed(listening, listener.address)
+      return yield* QemuIncoming.incoming(listener, { channels: 2, compression, ram, timeouts: TIMEOUTS })
+    })))
+    let started = false
+    const source = yield* Effect.forkScoped(Effect.flatMap(Deferred.await(listening), (address) => {
+      started = true
+      return replay(address, captures(compression), cut)
+    }))
+    return {
+      source,
+      destination,
+      started: () => started,
+      memory: () => {
+        const strange = strangePages(target, was, RAM_IMG)
+        return strange.length === 0 ? [] : [`destination pages neither before nor QEMU's: ${strange.slice(0, 8).join(", ")}`]
+      }
+    } satisfies Pair
+  })
+
+describe("QemuIncoming fed QEMU's recorded streams", () => {
+  for (const compression of ["none", "zstd"] as const) {
+    it.live(`${compression}: the destination interrupted after n turns, for n = 0, ${QEMU_STEP}, ${2 * QEMU_STEP}, ... until it ends by itself`, () =>
+      Effect.gen(function*() {
+        const result = yield* sweep(qemuPair(compression), "destination", QEMU_STEP)
+        if (VERBOSE) console.log(`qemu ${compression}: ${result.points} points, ${result.lastTurns} turns`)
+        expect(result.problems).toEqual([])
+        expect(result.points).toBeGreaterThan(2)
+      }), 120_000)
+  }
+  it.live("zlib: the main channel or a channel reset after k bytes, QEMU closing the others: the destination fails promptly, typed, nothing left", () =>
+    Effect.gen(function*() {
+      const problems: Array<string> = []
+      const streams = captures("zlib")
+      for (const index of [0, 1]) {
+        for (const at of [0, 1, 3, 4, 17, 64, 600, 1142, 4096, 4097, 65_536, 300_000, streams[index]!.length - 1]) {
+          // (a main channel cut before its header's 8 bytes is a stranger's: the destination waits for QEMU. A channel
+          // cut before its init packet is complete cannot be told from a stranger's either: the destination, at the
+          // main channel's first flush, waits for that channel until the peer timeout, even once QEMU's main channel
+          // is closed or reset — not swept here, see the round's report)
+          if (at >= streams[index]!.length || (index === 0 && at < 8) || (index > 0 && at < 64)) continue
+          const exit = yield* Effect.exit(expectNothingLeft(Effect.scoped(Effect.gen(function*() {
+            const pair = yield* qemuPair("zlib", { index, at })
+            const exit = yield* noHang(Fiber.await(pair.destination), "the destination", PROMPT_SECONDS)
+            const wrong = Exit.isSuccess(exit) ? "the destination succeeded with a stream cut short" : judgeOther(exit)
+            if (wrong !== undefined) problems.push(`connection ${index} at ${at}: ${wrong}`)
+            for (const p of pair.memory()) problems.push(`connection ${index} at ${at}: ${p}`)
+          }))))
+          if (Exit.isFailure(exit)) problems.push(`connection ${index} at ${at}: ${describeExit(exit)}`)
+        }
+      }
+      expect(problems).toEqual([])
+    }).pipe(VERBOSE ? (x) => x : Effect.provide(Logger.remove(Logger.defaultLogger))), 120_000)
+})
 
 // ---------------------------------------------------------------------------------------------------------
 // A peer that vanishes at every byte offset
@@ -410,12 +526,12 @@ const cutSweep = (cut: Cut, reconnect: number, points: ReadonlyArray<number>) =>
 describe("a peer that vanishes at every byte offset", () => {
   const cases: ReadonlyArray<{ readonly cut: Cut; readonly reconnect: number; readonly points: ReadonlyArray<number> }> = [
     { cut: { link: "main", direction: "up", how: "reset" }, reconnect: 0, points: offsets(8, 9, 1024) },
-    { cut: { link: "main", direction: "up", how: "fin" }, reconnect: 0, points: offsets(8, 11, 1024) },
-    { cut: { link: "main", direction: "down", how: "reset" }, reconnect: 0, points: offsets(8, 5, 1024) },
-    { cut: { link: "main", direction: "down", how: "fin" }, reconnect: 0, points: offsets(8, 11, 1024) },
-    { cut: { link: "channel", direction: "up", how: "reset" }, reconnect: 0, points: offsets(8, 7, 80).concat(offsets(0, 4133, 66 * 1024)) },
-    { cut: { link: "channel", direction: "up", how: "fin" }, reconnect: 0, points: offsets(8, 7, 80).concat(offsets(0, 4133, 66 * 1024)) },
-    { cut: { link: "channel", direction: "up", how: "reset" }, reconnect: 3, points: offsets(8, 7, 80).concat(offsets(0, 4133, 66 * 1024)) }
+    { cut: { link: "main", direction: "up", how: "fin" }, reconnect: 0, points: offsets(8, 23, 1024) },
+    { cut: { link: "main", direction: "down", how: "reset" }, reconnect: 0, points: offsets(8, 9, 1024) },
+    { cut: { link: "main", direction: "down", how: "fin" }, reconnect: 0, points: offsets(8, 23, 1024) },
+    { cut: { link: "channel", direction: "up", how: "reset" }, reconnect: 0, points: offsets(4, 13, 80).concat(offsets(0, 8269, 66 * 1024)) },
+    { cut: { link: "channel", direction: "up", how: "fin" }, reconnect: 0, points: offsets(4, 13, 80).concat(offsets(0, 8269, 66 * 1024)) },
+    { cut: { link: "channel", direction: "up", how: "reset" }, reconnect: 3, points: offsets(4, 13, 80).concat(offsets(0, 8269, 66 * 1024)) }
   ]
   for (const { cut, points, reconnect } of cases) {
     it.live(`the ${cut.link === "main" ? "main channel" : "first multifd channel"} ${cut.how === "reset" ? "reset" : "ended (FIN)"} after k bytes ${cut.direction === "up" ? "from the source" : "from the destination"}${reconnect > 0 ? " (re-attaching)" : ""}, for k up to ${points[points.length - 1]!}`, () =>
