@@ -53,9 +53,10 @@ const turn = Effect.promise(() => new Promise<void>((r) => setImmediate(r)))
 const turns = (n: number) => Effect.forEach(Array.from({ length: n }), () => turn, { discard: true })
 
 /** `pages` pages, most random, some zero, some repetitive; shared memory (the channel threads read it in place). */
-const image = (pages: number, seed: number): Buffer => {
+const image = (pages: number, seed: number, sparse = false): Buffer => {
   const bytes = GuestRam.allocate(pages * PAGE)
   for (let p = 0; p < pages; p++) {
+    if (sparse && p % 211 !== 0) continue
     if (p % 5 === 0) continue
     if (p % 5 === 1) bytes.fill(p & 0xff, p * PAGE, (p + 1) * PAGE)
     else Crypto.randomFillSync(bytes, p * PAGE, PAGE)
@@ -119,15 +120,19 @@ const sweep = <R>(
   setup: Effect.Effect<Pair, unknown, R | Scope.Scope>,
   victim: Victim,
   step: number,
-  options: ProbeOptions & { readonly maxPoints?: number } = {}
+  options: ProbeOptions & {
+    readonly maxPoints?: number
+    /** The turns to interrupt at, instead of 0, step, 2 step, ... */
+    readonly at?: ReadonlyArray<number>
+  } = {}
 ): Effect.Effect<{ readonly problems: ReadonlyArray<string>; readonly points: number; readonly lastTurns: number }, never, Exclude<R, Scope.Scope>> =>
   Effect.gen(function*() {
     const problems: Array<string> = []
     let points = 0
     let n = 0
-    for (; points < (options.maxPoints ?? 200); n += step, points++) {
+    for (; points < (options.at?.length ?? options.maxPoints ?? 200); n += step, points++) {
       let finished = false
-      const at = n
+      const at = options.at?.[points] ?? n
       const exit = yield* Effect.exit(expectNothingLeft(
         Effect.scoped(Effect.gen(function*() {
           const pair = yield* setup
@@ -180,6 +185,8 @@ interface Flavour {
   readonly unix?: boolean
   readonly tls?: "x509" | "psk"
   readonly live?: boolean
+  /** Mostly zero pages (memory of two digest chunks and more: the digests hash on threads of their own). */
+  readonly sparse?: boolean
 }
 
 const tlsPair = (kind: "x509" | "psk") =>
@@ -200,7 +207,7 @@ const tlsPair = (kind: "x509" | "psk") =>
 
 const ourPair = (flavour: Flavour, dir: string | undefined) =>
   Effect.gen(function*() {
-    const sent = image(flavour.pages, 1)
+    const sent = image(flavour.pages, 1, flavour.sparse)
     const ram = yield* GuestRam.make({ blocks: [{ name: "pc.ram", bytes: sent }] })
     const was = before(flavour.pages)
     const into = Buffer.from(was)
@@ -270,7 +277,8 @@ const FLAVOURS: ReadonlyArray<Flavour> = [
 ]
 
 /** Every turn in this thread; on the channel threads (more turns, each a round trip), every few, fewer kinds. */
-const STEP = Number(process.env["SWEEP_STEP"] ?? "2")
+const STEP = Number(process.env["SWEEP_STEP"] ?? "3")
+const BIG_STEP = 1
 const QEMU_STEP = Number(process.env["SWEEP_QEMU_STEP"] ?? "3")
 const THREADS_STEP = Number(process.env["SWEEP_THREADS_STEP"] ?? "6")
 const ON_THREADS = new Set(["plain TCP", "zstd", "live pre-copy"])
@@ -299,6 +307,31 @@ const ourSweeps = (run: Run, threads: boolean) => {
 
 describe("interrupted at every point, in this thread", () => {
   ourSweeps((name, self, timeout) => it.live(name, self, timeout), false)
+})
+
+describe("interrupted while the digests hash (on threads of their own)", () => {
+  // 132 MiB, mostly zero pages: the transfer is short, the digests on both sides long
+  const big: Flavour = { name: "132 MiB, mostly zero", pages: 2 * 16384 + 256, channels: 2, sparse: true }
+  for (const victim of ["source", "destination"] as const) {
+    it.live(`the ${victim} interrupted at two points of its last sixth (its last flush, its digests)`, () =>
+      Effect.gen(function*() {
+        // how many turns the whole migration takes, then points in its last sixth (its digests at the end)
+        const whole = yield* Effect.scoped(Effect.gen(function*() {
+          const pair = yield* ourPair(big, undefined)
+          let turns = 0
+          while ((yield* Fiber.poll(pair.source))._tag === "None" || (yield* Fiber.poll(pair.destination))._tag === "None") {
+            yield* turn
+            turns++
+          }
+          return turns
+        })).pipe(Effect.provide(Logger.remove(Logger.defaultLogger)))
+        const at = [0.85, 0.97].map((f) => Math.floor(f * whole))
+        const result = yield* sweep(ourPair(big, undefined), victim, BIG_STEP, { at })
+        if (VERBOSE) console.log(`big ${victim}: ${whole} turns in all, ${at.join(" ")}`)
+        if (VERBOSE) console.log(`big ${victim}: ${result.points} points, ${result.lastTurns} turns`)
+        expect(result.problems).toEqual([])
+      }), 120_000)
+  }
 })
 
 layer(ChannelThreads.layer(POOL), { excludeTestServices: true })("interrupted at every point, on channel threads", (it) => {
