@@ -28,6 +28,7 @@ import * as Os from "node:os"
 import * as Path from "node:path"
 import { fileURLToPath } from "node:url"
 import * as ChannelThreads from "../src/ChannelThreads.js"
+import * as Control from "../src/Control.js"
 import * as GuestRam from "../src/GuestRam.js"
 import * as Migration from "../src/Migration.js"
 import * as Protocol from "../src/Protocol.js"
@@ -509,24 +510,25 @@ const cutAt = (cut: Cut, offset: number, reconnect: number) =>
     const problems: Array<string> = []
     const sourceWrong = judgeOther(source)
     if (sourceWrong !== undefined) problems.push(`source: ${sourceWrong}`)
+    let destinationExit: Exit.Exit<unknown, unknown> = Exit.void
     if (!admitted && Exit.isFailure(source)) {
       // never admitted: the destination waits for a source, as it should
       yield* Fiber.interrupt(destination)
     } else {
       const exit = yield* noHang(Fiber.await(destination), "the destination", PROMPT_SECONDS)
+      destinationExit = exit
       const wrong = judgeOther(exit)
       if (wrong !== undefined) problems.push(`destination: ${wrong}`)
       // (the source heard Done, the destination did not hear it heard it: it fails, so that the guest is not
       // resumed on both sides — as designed, and said)
-      // (on the main channel from the source, only Bye comes after Done: the cut is Bye's)
-      if (Exit.isSuccess(source) && Exit.isFailure(exit) && !(cut.link === "main" && cut.direction === "up")) {
+      if (Exit.isSuccess(source) && Exit.isFailure(exit) && !/after Done and before the source said it heard Done/.test(describeExit(exit))) {
         problems.push(`the source succeeded, the destination failed: ${describeExit(exit)}`)
       }
       if (Exit.isSuccess(exit) && !target.equals(sent)) problems.push("the destination succeeded with other memory")
     }
     const strange = strangePages(target, was, sent)
     if (strange.length > 0) problems.push(`destination pages neither before nor sent: ${strange.slice(0, 8).join(", ")}`)
-    return { problems, broke, total, source }
+    return { problems, broke, total, source, destination: destinationExit }
   }))
 
 /** Offsets to cut at: every byte of the first `dense`, then every `stride`-th, up to `limit`. */
@@ -580,6 +582,21 @@ describe("a peer that vanishes at every byte offset", () => {
 // What the sweeps found, each on its own
 
 describe("found by the sweeps", () => {
+  it.live("the source's Bye cut by a reset (its main channel reset as it says it heard Done): the destination fails saying the source may not have heard Done, as it does for a close", () =>
+    Effect.gen(function*() {
+      // where Bye starts: the main channel's bytes from the source, less Bye's frame (4 bytes of length, its JSON)
+      const whole = yield* cutAt({ link: "main", direction: "up", how: "reset" }, 1 << 20, 0)
+      expect(whole.broke).toBe(false)
+      const bye = Control.encode(new Control.Bye())
+      for (const how of ["reset", "fin"] as const) {
+        const result = yield* expectNothingLeft(cutAt({ link: "main", direction: "up", how }, whole.total - bye.length, 0))
+        expect(result.broke).toBe(true)
+        expect(Exit.isSuccess(result.source)).toBe(true)
+        const error = failureOf(result.destination) as { readonly message: string }
+        expect(error.message).toMatch(/^main channel: .*, after Done and before the source said it heard Done \(Bye\): the source may not have, and may go on with its memory$/)
+      }
+    }).pipe(Effect.provide(Logger.remove(Logger.defaultLogger))))
+
   it.live("a multifd channel reset before its init packet arrived, the source not re-attaching (reconnect 0): the source fails at once naming the channel, not at the peer timeout", () =>
     Effect.gen(function*() {
       // the destination turns the broken connection away as a stranger (a few bytes name no migration) and waits

@@ -55,10 +55,13 @@ export const reader = (
     const fiber = yield* Effect.forkScoped(Effect.gen(function*() {
       while (true) {
         const message = yield* Control.receive(connection).pipe(
+          // a reset is never the conversation's end, but what is said of an end out of turn is said of it too (a
+          // destination whose source's Bye was cut by a reset said only 'connection reset by peer', not that the
+          // source may not have heard Done)
           Effect.catchIf(
-            (error) => error._tag === "TransportError" && error.reason === "Closed",
+            (error) => error._tag === "TransportError" && (error.reason === "Closed" || error.reason === "Reset"),
             (error) =>
-              Effect.flatMap(endAllowed(last), (allowed) =>
+              Effect.flatMap((error as Transport.TransportError).reason === "Closed" ? endAllowed(last) : Effect.succeed(false), (allowed) =>
                 allowed ? Effect.succeed(undefined) : Effect.flatMap(
                   notAllowed(last, error as Transport.TransportError),
                   (why): Effect.Effect<never, ReaderFailure> => Effect.fail(why ?? error)
