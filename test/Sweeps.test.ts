@@ -281,7 +281,7 @@ const FLAVOURS: ReadonlyArray<Flavour> = [
 const STEP = Number(process.env["SWEEP_STEP"] ?? "3")
 const BIG_STEP = 1
 const QEMU_STEP = Number(process.env["SWEEP_QEMU_STEP"] ?? "3")
-const THREADS_STEP = Number(process.env["SWEEP_THREADS_STEP"] ?? "6")
+const THREADS_STEP = Number(process.env["SWEEP_THREADS_STEP"] ?? "10")
 const ON_THREADS = new Set(["plain TCP", "zstd", "live pre-copy"])
 
 type Run = (name: string, self: () => Effect.Effect<void, unknown>, timeout?: number) => void
@@ -566,7 +566,7 @@ describe("a peer that vanishes at every byte offset", () => {
     { cut: { link: "main", direction: "down", how: "fin" }, reconnect: 0, points: offsets(8, 23, 1024) },
     { cut: { link: "channel", direction: "up", how: "reset" }, reconnect: 0, points: offsets(4, 13, 80).concat(offsets(0, 8269, 66 * 1024)) },
     { cut: { link: "channel", direction: "up", how: "fin" }, reconnect: 0, points: offsets(4, 13, 80).concat(offsets(0, 8269, 66 * 1024)) },
-    { cut: { link: "channel", direction: "up", how: "reset" }, reconnect: 3, points: offsets(4, 13, 80).concat(offsets(0, 8269, 66 * 1024)) }
+    { cut: { link: "channel", direction: "up", how: "reset" }, reconnect: 3, points: offsets(2, 19, 80).concat(offsets(0, 16411, 66 * 1024)) }
   ]
   for (const { cut, points, reconnect } of cases) {
     it.live(`the ${cut.link === "main" ? "main channel" : "first multifd channel"} ${cut.how === "reset" ? "reset" : "ended (FIN)"} after k bytes ${cut.direction === "up" ? "from the source" : "from the destination"}${reconnect > 0 ? " (re-attaching)" : ""}, for k up to ${points[points.length - 1]!}`, () =>
