@@ -416,6 +416,15 @@ export const listen = (address: Address): Effect.Effect<Listener, TransportError
     /** A server on `bindTo` whose connections go to `pending`, closed with the scope; bound, or failed. */
     const serve = (bindTo: SocketAddress) =>
       Effect.gen(function*() {
+        // another listener of ours at this path (listening, or making way there now) is a live one: its file is
+        // never removed under it (claimed first, released after the server closed and removed its file)
+        if (bindTo._tag === "Unix" && !(yield* SocketFiles.claim(bindTo.path))) {
+          return yield* Effect.fail(new TransportError({
+            reason: "Listen",
+            address: uri,
+            detail: "address already in use: something is listening on it"
+          }))
+        }
         const server = yield* Effect.acquireRelease(
           Effect.sync(() =>
             // paused on connect: each socket is re-wrapped to read long runs straight into guest memory

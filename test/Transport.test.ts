@@ -27,6 +27,7 @@ import {
 } from "../src/Transport.js"
 import { COPIED_WRITE_BUFFER } from "../src/internal/native/connection.js"
 import { expectNoLeaks, leakFree, nextTurn, openHandles, tempSocketPath } from "./support/handles.js"
+import { killChildren, start } from "./support/cli.js"
 import { pair } from "./support/sockets.js"
 
 // ---------------------------------------------------------------------------------------------------------
@@ -374,6 +375,70 @@ describe("listen on unix: where something already is", () => {
       yield* Effect.scoped(connect(addr(`unix:${path}`)))
       expect(other.listening).toBe(true)
     }))
+  })
+
+  // two listeners making way at one path at once (two recv started together where a killed one left its socket):
+  // both found it stale, the first removed it and listened, and the second then removed the first's live socket
+  // file and listened too. The first listened on a file nobody could reach any longer (its source was turned away
+  // by the second), and its close removed the second's file. strace holds the command's unlink of the stale file
+  // (the moment it has found it stale) while this process listens at the path
+  it("two listeners clearing a stale socket at once: one listens, the other is told the address is in use (strace holds the first one's unlink)", async (ctx) => {
+    if (ChildProcess.spawnSync("strace", ["-f", "-qq", "-o", "/dev/null", "true"]).status !== 0) return ctx.skip("strace cannot run here")
+    const dir = Fs.mkdtempSync(Path.join(Os.tmpdir(), "multifd-stale-race-"))
+    let pid: number | undefined
+    try {
+      const path = Path.join(dir, "recv.sock")
+      await Effect.runPromise(staleSocketAt(path))
+      const recv = start(["recv", `unix:${path}`, "--out", Path.join(dir, "out.img")], {
+        under: ["strace", "-f", "-qq", "-o", "|cat", "-P", path, "-e", "trace=unlink,unlinkat", "-e",
+          "inject=unlink,unlinkat:delay_enter=2000000"]
+      })
+      const ended = recv.finished.then((f) => {
+        throw new Error(`recv ended (${f.code}) early: ${f.stderr}`)
+      })
+      let traced = ""
+      // strace writes the call as it starts ("unlink(\"...\"", its end after the delay)
+      await Promise.race([ended, new Promise<void>((resolve) => {
+        const check = () => {
+          if (!traced.includes("unlink")) return
+          recv.child.stdout!.off("data", check)
+          resolve()
+        }
+        recv.child.stdout!.setEncoding("utf8").on("data", (s: string) => {
+          traced += s
+          check()
+        })
+      })])
+      const here = await Effect.runPromise(Effect.scoped(Effect.either(listen(addr(`unix:${path}`)))))
+      await Promise.race([ended, new Promise<void>((resolve) => {
+        const check = () => {
+          if (/listening on/.test(recv.stderr())) resolve()
+        }
+        recv.child.stderr!.on("data", check)
+        check()
+      })])
+      expect(Either.isLeft(here) ? here.left.message : "listening here too").toBe(
+        `unix:${path}: address already in use: something is listening on it`
+      )
+      // the command's socket is at the path and takes connections
+      await Effect.runPromise(Effect.scoped(connect(addr(`unix:${path}`))))
+      // the command itself (strace's child), by the pid in its temporary file's name
+      const partial = Fs.readdirSync(dir).find((name) => name.endsWith(".partial"))!
+      pid = Number(/\.(\d+)\.partial$/.exec(partial)![1])
+      process.kill(pid, "SIGTERM")
+      expect((await recv.finished).code).toBe(143)
+      expect(Fs.existsSync(path)).toBe(false)
+    } finally {
+      if (pid !== undefined) {
+        try {
+          process.kill(pid, "SIGKILL")
+        } catch {
+          // gone
+        }
+      }
+      killChildren()
+      Fs.rmSync(dir, { recursive: true, force: true })
+    }
   })
 
   it.live("a regular file or a directory at the path: an error that says so, and it is left alone", () => {

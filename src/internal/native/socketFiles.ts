@@ -9,7 +9,9 @@
  */
 import * as Effect from "effect/Effect"
 import type * as Scope from "effect/Scope"
+import * as Crypto from "node:crypto"
 import * as Fs from "node:fs"
+import * as Net from "node:net"
 import * as Path from "node:path"
 
 /** Each socket file listened on now, absolute, with the identity of the file its listener made. */
@@ -49,3 +51,48 @@ export const removeNow = (): void => {
   }
   listening.clear()
 }
+
+/**
+ * Claims the socket file path `path` for a listener of this library while the scope is open: `false` when another
+ * listener (of this process or another) holds it. Making way for a listener (removing a stale socket file, then
+ * binding) is a check and a removal: two listeners doing it at once both found the file stale, the first removed it
+ * and listened, and the second removed the first's live socket file and listened too (the first unreachable, and
+ * its close removed the second's file). A claim makes them take turns: held, nobody else of ours removes or binds.
+ *
+ * The claim is a socket bound in Linux's abstract namespace under a name made of the directory's identity (device,
+ * inode) and the file's name, so that every spelling of the path (relative, through a link) is one claim; the kernel
+ * drops it with its process, a SIGKILL included, so that no claim is ever stale. Elsewhere (no abstract namespace),
+ * or where the directory cannot be read, nothing is claimed (`true`): the bind then tells.
+ */
+export const claim = (path: string): Effect.Effect<boolean, never, Scope.Scope> =>
+  Effect.suspend(() => {
+    if (process.platform !== "linux") return Effect.succeed(true)
+    let name: string
+    try {
+      const absolute = Path.resolve(path)
+      const dir = Fs.statSync(Path.dirname(absolute))
+      const digest = Crypto.createHash("sha256").update(`${dir.dev}:${dir.ino}/${Path.basename(absolute)}`).digest("hex")
+      name = `\0effect-multifd/listen/${digest.slice(0, 48)}`
+    } catch {
+      return Effect.succeed(true)
+    }
+    return Effect.map(
+      Effect.acquireRelease(
+        Effect.async<Net.Server | "held" | "unclaimable">((resume) => {
+          // nothing is served on it: a connection (anyone may connect to an abstract socket) is closed at once
+          const server = Net.createServer((socket) => {
+            socket.on("error", () => {})
+            socket.destroy()
+          })
+          server.once("error", (error: NodeJS.ErrnoException) =>
+            resume(Effect.succeed(error.code === "EADDRINUSE" ? "held" : "unclaimable")))
+          server.listen({ path: name }, () => resume(Effect.succeed(server)))
+        }),
+        (server) =>
+          typeof server === "string"
+            ? Effect.void
+            : Effect.async<void>((resume) => void server.close(() => resume(Effect.void)))
+      ),
+      (server) => server !== "held"
+    )
+  })
