@@ -207,6 +207,9 @@ interface Jobs {
 }
 
 /** A failure of an established channel that a new connection may get past: the network's or TLS's. */
+/** The wait before a lost channel's second reconnect attempt; each later one waits twice the one before. */
+const RECONNECT_BACKOFF_MS = 1000
+
 const recoverable = (error: unknown): boolean => {
   const original = Cause.originalError(error)
   return Transport.isLostConnection(original) || (original as { readonly _tag?: string })._tag === "TlsError"
@@ -411,8 +414,10 @@ export const make = (
             yield* Effect.logWarning(`channel ${id}: giving up after ${tries} reconnect attempts: ${why.message}`)
             return yield* exit
           }
-          // at once the first time, then backing off (within the budget)
-          if (tries > 0) yield* Effect.sleep(Duration.millis(Math.min(left, 100 * 2 ** (tries - 1))))
+          // at once the first time, then 1 s, 2 s, 4 s... apart (within the window): a path that refuses new
+          // connections for a few seconds (a firewall reloading, a route flapping) gets a chance, where attempts
+          // 0.1 and 0.2 s apart spent the budget in a third of a second, its window unused
+          if (tries > 0) yield* Effect.sleep(Duration.millis(Math.min(left, RECONNECT_BACKOFF_MS * 2 ** (tries - 1))))
           tries++
           yield* Effect.logWarning(
             `channel ${id}: connection lost (${why.message}); re-attaching (attempt ${tries} of ${reconnect.attempts})`

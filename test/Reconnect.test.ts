@@ -385,6 +385,56 @@ describe("the reconnect budget (TestClock)", () => {
   /** Longer than the clock is moved: only the budget's window is at stake. */
   const LONG = { connect: "60 seconds", handshake: "60 seconds", peer: "60 seconds" } as const
 
+  /**
+   * Channel 1 cut inside its first data packet, and every connect from then on refused while `blip.on` (a path that
+   * refuses new connections for a while: a firewall reloading, a route flapping), with 3 attempts within 10 s.
+   */
+  const blipped = (blip: { on: boolean }) =>
+    Effect.gen(function*() {
+      const ram = yield* sourceRam()
+      const faulty = yield* Faulty.make({
+        cutWrite: (w) => w.channel === 1 && w.connection === 0 && w.packets.length > 0 ? 100 : undefined,
+        failConnect: (index) =>
+          index >= 3 && blip.on
+            ? new Transport.TransportError({ reason: "Connect", address: "tcp:127.0.0.1:1", detail: "connection refused" })
+            : undefined
+      })
+      const listener = yield* faulty.transport.listen(tcp0)
+      const destination = yield* Effect.forkScoped(
+        Migration.incoming(listener, { timeouts: LONG }).pipe(Effect.provide(Logger.remove(Logger.defaultLogger)))
+      )
+      const migration = yield* Effect.fork(migrateWith(faulty, ram, {
+        address: listener.address,
+        channels: 2,
+        timeouts: LONG,
+        reconnect: { attempts: 3, within: "10 seconds" }
+      }))
+      // the first re-attach, at once, refused
+      yield* noHang(faulty.until((f) => f.attempts.some((a) => a.index === 3 && a.state === "failed")), "the first re-attach")
+      return { ram, faulty, destination, migration }
+    })
+
+  // the attempts came 0, 0.1 and 0.3 s after the loss: a path that refused connections for a second failed the
+  // migration with 9.7 s of its 10 s window unused
+  it.effect("a path refusing connections for 2 s after the loss: the attempts back off (0, 1, 3 s), and the third re-attaches", () =>
+    leakFree(Effect.scoped(Effect.gen(function*() {
+      const blip = { on: true }
+      const { destination, faulty, migration, ram } = yield* blipped(blip)
+      // two seconds of refusals, a tenth at a time (each followed by a turn of the event loop)
+      for (let i = 0; i < 20; i++) {
+        yield* TestClock.adjust("100 millis")
+        yield* nextTurn
+      }
+      expect(faulty.attempts.filter((a) => a.index >= 3).map((a) => a.state)).toEqual(["failed", "failed"])
+      blip.on = false
+      yield* advanceUntil(Effect.map(migration.poll, (done) => done._tag === "Some"), "the migration")
+      const stats = yield* Fiber.join(migration)
+      const received = yield* noHang(Fiber.join(destination), "incoming")
+      expect(stats.reconnects).toBe(1)
+      expect(faulty.attempts.filter((a) => a.index >= 3).map((a) => a.state)).toEqual(["failed", "failed", "connected"])
+      expect(sameMemory(received.ram, ram)).toBe(true)
+    }))))
+
   it.effect("a second break of a re-attached channel, later than `within` after the first, in the same round: re-attached again", () =>
     leakFree(Effect.scoped(Effect.gen(function*() {
       const ram = yield* sourceRam()
