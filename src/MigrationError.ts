@@ -27,11 +27,24 @@ const describeChannel = (channel: ChannelName): string =>
 export class ChannelError extends Data.TaggedError("ChannelError")<{
   readonly channel: ChannelName
   readonly cause: { readonly message: string; readonly _tag: string }
+  /**
+   * A source's channel that was lost and did not come back: the new connections tried (`attempts`) from the loss
+   * until it gave up (`afterMs`), and the reconnect window (`withinMs`); `cause` is the last attempt's failure.
+   */
+  readonly reconnects?: { readonly attempts: number; readonly afterMs: number; readonly withinMs: number } | undefined
 }> {
   override get message(): string {
-    return `${describeChannel(this.channel)}: ${this.cause.message}`
+    const r = this.reconnects
+    const gaveUp = r === undefined
+      ? ""
+      : ` (lost, and not back after ${r.attempts} reconnect attempt${r.attempts === 1 ? "" : "s"} in ${seconds(r.afterMs)}` +
+        `${r.afterMs >= r.withinMs ? `, the reconnect window of ${seconds(r.withinMs)}` : ""}: the last one's error)`
+    return `${describeChannel(this.channel)}: ${this.cause.message}${gaveUp}`
   }
 }
+
+/** `0.3 s`, `12 s`. */
+const seconds = (ms: number): string => `${ms < 10_000 ? Math.round(ms / 100) / 10 : Math.round(ms / 1000)} s`
 
 /**
  * The migration could not go on: refused, aborted by the peer, timed out, or its result did not verify; or it

@@ -412,7 +412,16 @@ export const make = (
           const why = Cause.originalError(error.value) as { readonly message?: string }
           if (tries >= reconnect.attempts || left <= 0) {
             yield* Effect.logWarning(`channel ${id}: giving up after ${tries} reconnect attempts: ${why.message}`)
-            return yield* exit
+            // the last attempt's failure, saying that the channel was lost and how long it was tried (a first
+            // loss is the error itself: nothing was tried)
+            if (tries === 0) return yield* exit
+            return yield* Effect.fail(
+              new MigrationError.ChannelError({
+                channel: id,
+                cause: why as { readonly message: string; readonly _tag: string },
+                reconnects: { attempts: tries, afterMs: now - lostAt, withinMs: windowMs }
+              })
+            )
           }
           // at once the first time, then 1 s, 2 s, 4 s... apart (within the window): a path that refuses new
           // connections for a few seconds (a firewall reloading, a route flapping) gets a chance, where attempts

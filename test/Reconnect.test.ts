@@ -435,6 +435,21 @@ describe("the reconnect budget (TestClock)", () => {
       expect(sameMemory(received.ram, ram)).toBe(true)
     }))))
 
+  // the error was the last attempt's alone ("multifd channel 1: ...: connection refused"): nothing said that the
+  // channel had been lost, nor that it had been tried again, how often and how long
+  it.effect("a path refusing connections for longer: the error says the channel was lost and how often and how long it was tried", () =>
+    leakFree(Effect.scoped(Effect.gen(function*() {
+      const { destination, migration } = yield* blipped({ on: true })
+      yield* advanceUntil(Effect.map(migration.poll, (done) => done._tag === "Some"), "the migration")
+      const error = failureOf(yield* Fiber.await(migration))
+      expectOneLine(error)
+      expect(error).toBeInstanceOf(MigrationError.ChannelError)
+      expect(error.message).toBe(
+        "multifd channel 1: tcp:127.0.0.1:1: connection refused (lost, and not back after 3 reconnect attempts in 3 s: the last one's error)"
+      )
+      yield* Fiber.await(destination)
+    }))))
+
   it.effect("a second break of a re-attached channel, later than `within` after the first, in the same round: re-attached again", () =>
     leakFree(Effect.scoped(Effect.gen(function*() {
       const ram = yield* sourceRam()
