@@ -286,6 +286,20 @@ describe("snapshot format (pure)", () => {
     }
   })
 
+  // taken as it was: `Restored.savedAt` (milliseconds since the epoch) was then no time a Date holds, and an
+  // application that showed it (`new Date(savedAt).toISOString()`) threw a RangeError on a crafted file
+  it("a save time later than any Date (8.64e15 ms; below 2^53, its checksum made right): Corrupt, naming it; the latest Date is taken", () => {
+    const { decodeResigned, header } = forgeable()
+    for (const savedAt of [8_640_000_000_000_001, Number.MAX_SAFE_INTEGER]) {
+      expect(decodeResigned(Format.encodeHeader({ ...header, savedAt }))).toEqual({
+        reason: "Corrupt",
+        detail: `the header is inconsistent: save time ${savedAt} is later than any date (8640000000000000 ms after 1970)`
+      })
+    }
+    const latest = decodeResigned(Format.encodeHeader({ ...header, savedAt: 8_640_000_000_000_000 }))
+    expect(new Date((latest as Format.Header).savedAt).toISOString()).toBe("+275760-09-13T00:00:00.000Z")
+  })
+
   it("a writer count a save cannot have (256, 2^32 - 1; its checksum made right) is read as unknown (0), never reported", () => {
     const { decodeResigned, header } = forgeable()
     for (const channels of [0, 256, 2 ** 32 - 1]) {

@@ -125,6 +125,9 @@ export const sha256 = (bytes: Uint8Array): string => Crypto.createHash("sha256")
 
 const writeU64 = (buf: Buffer, n: number, at: number) => buf.writeBigUInt64BE(BigInt(n), at)
 
+/** The latest time a JavaScript Date holds, in milliseconds since 1970 (ECMA-262's time value range). */
+const MAX_DATE_MS = 8_640_000_000_000_000
+
 /** Reads a u64 (`u64Fields` were checked to fit a safe integer first). */
 const readU64 = (buf: Buffer, at: number): number => Number(buf.readBigUInt64BE(at))
 
@@ -262,6 +265,9 @@ export const decodeHeader = (bytes: Buffer, prefix: Prefix, fileSize: number): H
     const n = bytes.readBigUInt64BE(at)
     if (n > BigInt(Number.MAX_SAFE_INTEGER)) return corrupt(`${what} ${n} is out of range`)
   }
+  // a time a Date holds: `Restored.savedAt` is one (an application that shows a later one gets a RangeError)
+  const savedAt = readU64(bytes, 72)
+  if (savedAt > MAX_DATE_MS) return corrupt(`save time ${savedAt} is later than any date (${MAX_DATE_MS} ms after 1970)`)
   const pageSize = bytes.readUInt32BE(16)
   const dataAlignment = bytes.readUInt32BE(24)
   const flags = bytes.readUInt32BE(28)
@@ -341,7 +347,7 @@ export const decodeHeader = (bytes: Buffer, prefix: Prefix, fileSize: number): H
     uuid: uuidText(bytes.subarray(48, 64)),
     channels,
     rounds: bytes.readUInt32BE(68),
-    savedAt: readU64(bytes, 72),
+    savedAt,
     blocks
   }
 }
