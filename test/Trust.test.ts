@@ -43,6 +43,7 @@ import * as MigrationStatus from "../src/MigrationStatus.js"
 import * as MigrationError from "../src/MigrationError.js"
 import * as Protocol from "../src/Protocol.js"
 import * as Snapshot from "../src/Snapshot.js"
+import * as Tls from "../src/Tls.js"
 import * as Transport from "../src/Transport.js"
 import { expectOneLine, failureOf } from "./support/failures.js"
 import { tempDirectory } from "./support/files.js"
@@ -813,6 +814,38 @@ describe("strangers are candidates, never owners", () => {
       expect(elapsed).toBeGreaterThanOrEqual(5_000)
       expect(elapsed).toBeLessThan(6_500)
       expect(logs).toEqual([expect.stringContaining("no valid hello: timed out after 5s waiting for a complete hello")])
+      expect(dest.unsafePoll()).toBeNull()
+    })))
+
+  // the wait for the first bytes began when the TLS handshake ended, with a handshake timeout of its own: a candidate
+  // that finished its handshake just in time then had as long again to send nothing, twice the deadline (the
+  // README's "a complete hello or channel header within --timeout")
+  it.effect("a TLS candidate gets one handshake deadline for its handshake and its hello, not one each (TestClock)", () =>
+    leakFree(Effect.gen(function*() {
+      const tls = yield* Tls.make({ psk: Path.join(import.meta.dirname, "fixtures", "tls", "keys.psk") })
+      const faulty = yield* Faulty.make()
+      const logs: Array<string> = []
+      const listener = yield* faulty.transport.listen(tcp0)
+      const dest = yield* Effect.forkScoped(Effect.provide(
+        Migration.incoming(listener, { upgrade: tls.server, timeouts: { ...TIMEOUTS, handshake: "5 seconds" } }),
+        Logger.replace(Logger.defaultLogger, Logger.make(({ message }) => logs.push(String(message))))
+      ))
+      const t0 = yield* TestClock.currentTimeMillis
+      const raw = yield* Transport.connect(listener.address)
+      yield* noHang(faulty.until((f) => f.records.some((r) => r.side === "accept")), "the accept")
+      for (let i = 0; i < 5; i++) yield* nextTurn
+      // the handshake 4 s later: the wait for the hello has 1 s left, not 5
+      yield* advanceUntil(Effect.map(TestClock.currentTimeMillis, (now) => now - t0 >= 4_000), "4 s")
+      const connection = yield* noHang(tls.client("localhost")(raw, "main"), "the TLS handshake")
+      const closed = yield* Effect.fork(turnedAway(connection, "the silent TLS candidate closed"))
+      yield* advanceUntil(fiberDone(closed), "the handshake deadline")
+      yield* Fiber.join(closed)
+      const elapsed = (yield* TestClock.currentTimeMillis) - t0
+      expect(elapsed).toBeGreaterThanOrEqual(5_000)
+      expect(elapsed).toBeLessThan(6_500)
+      expect(logs.filter((line) => line.includes("rejected"))).toEqual([
+        expect.stringContaining("timed out after 5s waiting for the first bytes")
+      ])
       expect(dest.unsafePoll()).toBeNull()
     })))
 

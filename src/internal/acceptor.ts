@@ -2,8 +2,8 @@
  * The destination's front door, shared by `Migration.incoming` and `QemuIncoming.incoming`: connections are
  * accepted by one loop, which forks a fiber for each (forks from one fiber: a chain of fibers each forking the
  * next made every fork dearer than the last, their inherited state growing with the chain), secured (TLS) and
- * peeked at; the caller's `classify` sees each connection with its first four bytes (and when the wait for
- * them began, so that it can bound the rest of a handshake by the same deadline). A connection whose
+ * peeked at; the caller's `classify` sees each connection with its first four bytes (and when it was accepted,
+ * so that it can bound the rest of a handshake by the same deadline as its TLS handshake and first bytes). A connection whose
  * upgrade or first bytes fail, or that `classify` turns away, is closed and recorded with the reason; only
  * a failure of `classify` fails the set. Accepting stops when `until` completes, so that a listener serving one
  * migration after another hands each connection to the migration it belongs to. A listener that is closed (its
@@ -13,14 +13,13 @@
  */
 import * as Clock from "effect/Clock"
 import * as Deferred from "effect/Deferred"
-import type * as Duration from "effect/Duration"
+import * as Duration from "effect/Duration"
 import * as Effect from "effect/Effect"
 import * as FiberSet from "effect/FiberSet"
 import * as Option from "effect/Option"
 import type * as Scope from "effect/Scope"
 import * as MigrationError from "../MigrationError.js"
 import * as Transport from "../Transport.js"
-import { within } from "./stall.js"
 
 /** The running acceptors. */
 export interface Acceptor<E> {
@@ -40,7 +39,7 @@ export type Reject = (connection: Transport.Connection, why: string) => Effect.E
 
 /**
  * Handles a connection with its first four bytes; it stays open while this runs (a main channel's `classify`
- * never returns). `since`: the clock's time (ms) when the wait for the first bytes began, after any upgrade.
+ * never returns). `since`: the clock's time (ms) when the connection was accepted, before any upgrade (TLS).
  * `proved`: the connection proved itself (a complete hello that became the main channel, an init packet of the
  * migration being adopted): it no longer counts among the candidates (`MAX_CANDIDATES`).
  */
@@ -148,14 +147,22 @@ export const start = <E>(
       ended?: Effect.Effect<void>
     ): Effect.Effect<void, E, Scope.Scope> =>
       Effect.gen(function*() {
+        // one deadline from here for the handshake (TLS), the first bytes and what classify reads: a TLS handshake
+        // done just in time left the candidate as long again to send nothing, and as long to send its hello
+        const since = yield* Clock.currentTimeMillis
         const secured = options.upgrade
           ? yield* Effect.either(options.upgrade(raw, "main"))
           : { _tag: "Right" as const, right: raw }
         if (secured._tag === "Left") return yield* reject(raw, secured.left.message)
         const connection = secured.right
-        const since = yield* Clock.currentTimeMillis
+        const spent = (yield* Clock.currentTimeMillis) - since
         const first = yield* Effect.either(
-          connection.peek(4).pipe(within(options.firstBytesTimeout, "waiting for the first bytes"))
+          connection.peek(4).pipe(
+            Effect.timeoutFail({
+              duration: Duration.millis(Math.max(0, Duration.toMillis(Duration.decode(options.firstBytesTimeout)) - spent)),
+              onTimeout: () => MigrationError.timeout("waiting for the first bytes", options.firstBytesTimeout)
+            })
+          )
         )
         if (first._tag === "Left") {
           // a transport error's message names the peer, which the rejection names already

@@ -97,7 +97,7 @@ const refuse = (connection: Transport.Connection, reason: string) =>
 /**
  * Sorts accepted connections: a main channel by the control magic and a complete hello (the first one wins;
  * a later one is refused, "a migration is already in progress"), a multifd channel by a complete init packet
- * of this migration, both within one handshake deadline that counts from the first bytes' wait (a candidate
+ * of this migration, both within one handshake deadline that counts from the accept (its TLS handshake included) (a candidate
  * cannot stretch it by trickling bytes). Anything else is rejected.
  */
 export const classifier = (
