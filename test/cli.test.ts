@@ -6,6 +6,7 @@
  */
 import * as Effect from "effect/Effect"
 import * as Either from "effect/Either"
+import * as Fiber from "effect/Fiber"
 import * as Logger from "effect/Logger"
 import * as Option from "effect/Option"
 import * as TestClock from "effect/TestClock"
@@ -20,6 +21,7 @@ import * as Path from "node:path"
 import { PassThrough } from "node:stream"
 import { afterAll, afterEach, beforeAll, describe, expect, inject, it } from "vitest"
 import * as Cli from "../src/cli/command.js"
+import * as FileIo from "../src/internal/native/fileIo.js"
 import * as Errors from "../src/cli/errors.js"
 import * as Options from "../src/cli/options.js"
 import * as Image from "../src/cli/image.js"
@@ -2486,6 +2488,35 @@ describe("the progress bar (src/cli/progress.ts) on a terminal", () => {
     expect(between.size, done.join(", ")).toBeGreaterThan(2)
     expect(done.at(-1)).toBe("4.00 MiB")
     expect(Fs.readFileSync(out).equals(Fs.readFileSync(small))).toBe(true)
+  })
+
+  // the line went on with the transfer's numbers, its rate falling every line (8.00 MiB of 8.00 MiB (100%), 1.58 MiB/s,
+  // then 809.57 KiB/s...) while the command waited minutes for a slow disk: nothing said that the transfer was over
+  // and the image was being flushed
+  it("when stderr is not a terminal, a line while the image is flushed to disk says so and how long it has waited", async () => {
+    const printed: Array<string> = []
+    const terminal = Terminal.Terminal.of({ out: () => Effect.void, err: (line) => Effect.sync(() => void printed.push(line)) })
+    await Effect.runPromise(Effect.scoped(Effect.gen(function*() {
+      const onProgress = (yield* Progress.make("recv", { stream: new PassThrough() }))!
+      yield* onProgress(report(0, 0, 64 * MIB))
+      yield* TestClock.adjust("1 second")
+      yield* onProgress(report(0, 64 * MIB, 64 * MIB))
+      // a flush of the image that does not end (a frozen disk)
+      const flush = yield* Effect.fork(FileIo.flushingFor("/srv/out\x1b[2J.img", Effect.never))
+      yield* Effect.yieldNow()
+      for (let second = 2; second <= 12; second++) {
+        yield* TestClock.adjust("1 second")
+        yield* onProgress(report(0, 64 * MIB, 64 * MIB))
+      }
+      yield* Fiber.interrupt(flush)
+      yield* TestClock.adjust("5 seconds")
+      yield* onProgress(report(0, 64 * MIB, 64 * MIB))
+    })).pipe(Effect.provideService(Terminal.Terminal, terminal), Effect.provide(TestContext.TestContext)))
+    expect(printed).toEqual([
+      "multifd: recv: 64.00 MiB of 64.00 MiB (100%): waiting 3 s so far for /srv/out\\u001b[2J.img to be flushed to disk",
+      "multifd: recv: 64.00 MiB of 64.00 MiB (100%): waiting 8 s so far for /srv/out\\u001b[2J.img to be flushed to disk",
+      "multifd: recv: 64.00 MiB of 64.00 MiB (100%) in round 0, 3.76 MiB/s"
+    ])
   })
 
   it.each([

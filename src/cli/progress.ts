@@ -12,7 +12,9 @@ import CliProgress from "cli-progress"
 import * as Clock from "effect/Clock"
 import * as Effect from "effect/Effect"
 import type * as Scope from "effect/Scope"
+import * as FileIo from "../internal/native/fileIo.js"
 import type * as Migration from "../Migration.js"
+import { oneLine } from "./errors.js"
 import { formatBytes, formatRate } from "./report.js"
 import * as Terminal from "./terminal.js"
 
@@ -196,10 +198,19 @@ const lines = (label: string): Effect.Effect<OnProgress, never, Scope.Scope | Te
     let lastDone = 0
     let lastTotal = 0
     let last: { readonly progress: Migration.Progress; readonly at: number } | undefined
+    // since when the reports have seen a file being flushed to disk (the image, once every byte is in): a slow disk
+    // holds the command there for minutes, and a rate falling line after line said nothing of it
+    let flushingSince: number | undefined
     const line = (progress: Migration.Progress, at: number, since: number) => {
       const percent = progress.totalBytes > 0 ? Math.floor(progress.doneBytes / progress.totalBytes * 100) : 100
-      return `multifd: ${label}: ${formatBytes(progress.doneBytes)} of ${formatBytes(progress.totalBytes)} (${percent}%) ` +
-        `in round ${progress.round}${at > since ? `, ${formatRate(base + progress.doneBytes, at - since)}` : ""}`
+      const done = `multifd: ${label}: ${formatBytes(progress.doneBytes)} of ${formatBytes(progress.totalBytes)} (${percent}%)`
+      const flushing = FileIo.flushingNow()
+      if (flushing.length > 0 && flushingSince !== undefined) {
+        return oneLine(
+          `${done}: waiting ${Math.round((at - flushingSince) / 1000)} s so far for ${flushing.join(", ")} to be flushed to disk`
+        )
+      }
+      return `${done} in round ${progress.round}${at > since ? `, ${formatRate(base + progress.doneBytes, at - since)}` : ""}`
     }
     // before the first report (recv waiting for its source, send for its destination's answer) a line that says so:
     // the signal answered with nothing looked lost
@@ -218,6 +229,7 @@ const lines = (label: string): Effect.Effect<OnProgress, never, Scope.Scope | Te
         lastDone = progress.doneBytes
         lastTotal = progress.totalBytes
         last = { progress, at: now }
+        flushingSince = FileIo.flushingNow().length === 0 ? undefined : flushingSince ?? now
         if (now - Math.max(lastLine, startedAt) < LINE_INTERVAL_MS) return Effect.void
         lastLine = now
         return terminal.err(line(progress, now, startedAt))

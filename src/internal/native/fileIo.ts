@@ -624,7 +624,7 @@ export const removeTemporariesNow = (): void => {
 const flushing = new Map<string, number>()
 
 /** Runs `effect`, an fsync for `target`, known to `flushingNow` while it runs. */
-const flushingFor = <A, E>(target: string, effect: Effect.Effect<A, E>): Effect.Effect<A, E> =>
+export const flushingFor = <A, E>(target: string, effect: Effect.Effect<A, E>): Effect.Effect<A, E> =>
   Effect.acquireUseRelease(
     Effect.sync(() => void flushing.set(target, (flushing.get(target) ?? 0) + 1)),
     () => effect,
