@@ -278,10 +278,10 @@ const FLAVOURS: ReadonlyArray<Flavour> = [
 ]
 
 /** Every turn in this thread; on the channel threads (more turns, each a round trip), every few, fewer kinds. */
-const STEP = Number(process.env["SWEEP_STEP"] ?? "3")
+const STEP = Number(process.env["SWEEP_STEP"] ?? "5")
 const BIG_STEP = 1
-const QEMU_STEP = Number(process.env["SWEEP_QEMU_STEP"] ?? "3")
-const THREADS_STEP = Number(process.env["SWEEP_THREADS_STEP"] ?? "10")
+const QEMU_STEP = Number(process.env["SWEEP_QEMU_STEP"] ?? "5")
+const THREADS_STEP = Number(process.env["SWEEP_THREADS_STEP"] ?? "17")
 const ON_THREADS = new Set(["plain TCP", "zstd", "live pre-copy"])
 
 type Run = (name: string, self: () => Effect.Effect<void, unknown>, timeout?: number) => void
