@@ -38,10 +38,11 @@ const count = (items: Iterable<string>): Record<string, number> => {
 }
 
 /**
- * Module files a worker thread's loader reads while it starts (tsx, esbuild, the sources): not the library's
+ * Module files a worker thread's loader reads while it starts (tsx, esbuild, the sources, a package.json for its
+ * module type): not the library's
  * handles. A thread terminated while it loads may leave them to its loader's own close.
  */
-const isModule = (target: string) => /\/node_modules\/|\.(m?js|ts)$/.test(target)
+const isModule = (target: string) => /\/node_modules\/|\.(m?js|ts)$|\/package\.json$/.test(target)
 
 const fdKind = (target: string): string => {
   if (isModule(target)) return "module file"
