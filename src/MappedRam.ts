@@ -102,12 +102,15 @@ export interface Read {
 export const read = (path: string, options: ReadOptions = {}): Effect.Effect<Read, MappedRamError> =>
   Effect.suspend(() =>
     notOptions(path, options) ??
-      internal.read(path, {
-        maxRamBytes: options.maxRamBytes ?? Transfer.DEFAULT_MAX_RAM,
-        pageSize: options.pageSize,
-        offset: options.offset
-      })
+      internal.read(path, settingsOf(options))
   )
+
+/** `read`'s and `open`'s options with their defaults. */
+const settingsOf = (options: ReadOptions) => ({
+  maxRamBytes: options.maxRamBytes ?? Transfer.DEFAULT_MAX_RAM,
+  pageSize: options.pageSize,
+  offset: options.offset
+})
 
 /** The options as a whole that are none (`null`, from plain JavaScript: it threw as `read` or `open` was called). */
 const notOptions = (path: string, options: unknown) => {
@@ -136,9 +139,5 @@ export interface Opened extends internal.Opened {}
 export const open = (path: string, options: ReadOptions = {}): Effect.Effect<Opened, MappedRamError, Scope.Scope> =>
   Effect.suspend(() =>
     notOptions(path, options) ??
-      internal.open(path, {
-        maxRamBytes: options.maxRamBytes ?? Transfer.DEFAULT_MAX_RAM,
-        pageSize: options.pageSize,
-        offset: options.offset
-      })
+      internal.open(path, settingsOf(options))
   )

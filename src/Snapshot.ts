@@ -422,10 +422,11 @@ export const restoreTracked = (
   path: string,
   options: RestoreOptions,
   tracker: Status.Tracker | undefined
-): Effect.Effect<Restored, SnapshotError> =>
+): Effect.Effect<Restored, SnapshotError> => {
   // options of null as a whole (plain JavaScript) threw as `restore` was called
-  Transfer.checkOptions(options, true) !== undefined
-    ? Effect.fail(new SnapshotError({ reason: "Unsupported", path: typeof path === "string" ? path : "", detail: Transfer.checkOptions(options, true)! }))
+  const notOptions = Transfer.checkOptions(options, true)
+  return notOptions !== undefined
+    ? Effect.fail(new SnapshotError({ reason: "Unsupported", path: typeof path === "string" ? path : "", detail: notOptions }))
     : ownFibers(
       options.ram === undefined
         ? restoreInto(path, options, tracker)
@@ -436,6 +437,7 @@ export const restoreTracked = (
           (detail) => new SnapshotError({ reason: "Layout", path, detail: `not restored: ${detail}` })
         )
     )
+}
 
 /** A snapshot's path that is empty, or no string (plain JavaScript). */
 const noPath = (path: unknown) =>

@@ -147,6 +147,22 @@ export const MAX_PSK_BYTES = 512
 export const MAX_PSK_IDENTITY_BYTES = 256
 
 /**
+ * The identity of a keys.psk line in GnuTLS's form of an identity with ':' or other special characters, which a QEMU
+ * destination reads: `#` and the identity's bytes in hex (`#613a62:hexkey` is identity a:b), if the line is one. Any
+ * other `#` line is a comment (it was taken for one too, and a source of that identity refused as having no key);
+ * so is one whose bytes are no UTF-8, an identity no peer here can present.
+ */
+const gnutlsIdentity = (line: string): string | undefined => {
+  const hex = /^#((?:[0-9a-fA-F]{2})+):(?:[0-9a-fA-F]{2})+$/.exec(line)?.[1]
+  if (hex === undefined) return undefined
+  try {
+    return new TextDecoder("utf-8", { fatal: true }).decode(Buffer.from(hex, "hex"))
+  } catch {
+    return undefined
+  }
+}
+
+/**
  * Parses QEMU's `keys.psk` format: one `identity:hexkey` a line, or `#hexidentity:hexkey` (GnuTLS's form of an
  * identity with `:` or other special characters, as a QEMU destination reads the file); blank lines and other `#`
  * lines (comments) ignored. A key longer than `MAX_PSK_BYTES`, or an identity longer than `MAX_PSK_IDENTITY_BYTES`,
@@ -161,28 +177,15 @@ export const parsePskFile = (text: string, source = "keys file"): Effect.Effect<
     const lines = text.split(/\r?\n/)
     for (let i = 0; i < lines.length; i++) {
       const line = lines[i]!.trim()
-      // GnuTLS's form of an identity with ':' or other special characters, which a QEMU destination reads in its
-      // keys.psk: `#` and the identity's bytes in hex (`#613a62:hexkey` is identity a:b); any other `#` line is a
-      // comment. It was taken for a comment too, and a source of that identity refused as having no key
-      const hexIdentity = /^#((?:[0-9a-fA-F]{2})+):(?:[0-9a-fA-F]{2})+$/.exec(line)
-      let decoded: string | undefined
-      try {
-        // (an identity reaches this side as UTF-8 text: bytes that are none are no identity a peer here can present,
-        // and the line a comment after all)
-        decoded = hexIdentity === null
-          ? undefined
-          : new TextDecoder("utf-8", { fatal: true }).decode(Buffer.from(hexIdentity[1]!, "hex"))
-      } catch {
-        decoded = undefined
-      }
-      if (line === "" || (line.startsWith("#") && decoded === undefined)) continue
-      const colon = decoded !== undefined ? hexIdentity![1]!.length + 1 : line.lastIndexOf(":")
-      let identity = line.slice(0, colon)
+      const hexIdentity = gnutlsIdentity(line)
+      if (line === "" || (line.startsWith("#") && hexIdentity === undefined)) continue
+      // (hex has no ':': the first one ends a hex identity)
+      const colon = hexIdentity !== undefined ? line.indexOf(":") : line.lastIndexOf(":")
+      const identity = hexIdentity ?? line.slice(0, colon)
       const hex = line.slice(colon + 1)
       if (colon <= 0 || hex.length === 0 || hex.length % 2 !== 0 || !/^[0-9a-fA-F]+$/.test(hex)) {
         return new TlsError({ reason: "Config", detail: `${source} line ${i + 1} is not identity:hexkey` })
       }
-      if (decoded !== undefined) identity = decoded
       const identityBytes = Buffer.byteLength(identity, "utf8")
       if (identityBytes > MAX_PSK_IDENTITY_BYTES) {
         return new TlsError({
