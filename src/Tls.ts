@@ -29,6 +29,7 @@ import * as Field from "./internal/configField.js"
 import * as PeerText from "./internal/peerText.js"
 import {
   caCertificateProblem,
+  caSecurityLevelProblem,
   certificatesOf,
   crlsOf,
   nameOf,
@@ -305,7 +306,9 @@ export const load = (config: TlsConfig): Effect.Effect<Settings, TlsError> =>
       // every certificate of the CA file a CA that can vouch for a peer now, as QEMU's tls-creds-x509 checks them
       const loadedAt = yield* Effect.sync(() => Date.now())
       for (const [i, authority] of cas.entries()) {
-        const bad = caCertificateProblem(authority, loadedAt)
+        // (at the security level of the cipher list the contexts get: `@SECLEVEL=0` in it admits any key)
+        const weak = caSecurityLevelProblem(authority, config.ciphers ?? X509_CIPHERS)
+        const bad = caCertificateProblem(authority, loadedAt) ?? (weak === undefined ? undefined : { notCa: false, problem: weak })
         if (bad === undefined) continue
         const which = cas.length === 1 ? "" : `certificate ${i + 1} of ${cas.length}, `
         return yield* configError(

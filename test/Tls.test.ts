@@ -2353,6 +2353,32 @@ describe("configuration", () => {
       yield* loadTls({ ca: fixture("chain-ca-cert.pem") })
     })))
 
+  // OpenSSL checks the key of every CA of a chain, and the signature of every one but the self-signed root, against its
+  // security level: a CA file of a CA it finds weak loaded, and then every handshake failed, a destination whose own
+  // certificate that CA issued with "ca key too small" while its sources heard only "tlsv1 alert internal error"
+  it.live("load: a CA of the CA file that OpenSSL's security level makes useless (a 512-bit RSA key, an intermediate CA signed with SHA-1) is refused, naming it", () =>
+    leakFree(Effect.gen(function*() {
+      const small = fixture("smallkey-ca-cert.pem")
+      const sha1 = fixture("sha1-ca-file.pem")
+      const smallKey = `TLS configuration: CA certificate ${small} (CN=small-key CA) has a 512-bit RSA key, smaller than ` +
+        "OpenSSL's security level accepts: OpenSSL accepts no certificate it issued"
+      // a source's CA file, and a destination's whose own certificate that CA issued
+      expect((yield* configError({ ca: small })).message).toBe(smallKey)
+      expect((yield* configError({
+        ca: small,
+        cert: fixture("smallkey-ca-server-cert.pem"),
+        key: fixture("smallkey-ca-server-key.pem")
+      })).message).toBe(smallKey)
+      expect((yield* configError({ ca: sha1 })).message).toBe(
+        `TLS configuration: CA certificate ${sha1} (certificate 2 of 2, CN=SHA-1 intermediate CA) is signed with a digest ` +
+          "too weak for OpenSSL's security level (SHA-1 or MD5, which QEMU's GnuTLS refuses too): OpenSSL accepts no " +
+          "certificate it issued"
+      )
+      // a cipher list that lowers the security level admits them, as it does in the handshake
+      yield* loadTls({ ca: small, ciphers: "DEFAULT:@SECLEVEL=0" })
+      yield* loadTls({ ca: sha1, ciphers: "DEFAULT:@SECLEVEL=0" })
+    })))
+
   it.live("load: this side's own certificate must be a leaf within its validity period, issued by CAs of its file that can vouch for it; checkServer / checkClient: for its role, its file's CAs too", () =>
     leakFree(Effect.gen(function*() {
       const own = (name: string) => ({ ca: fixture("ca-cert.pem"), cert: fixture(`${name}-cert.pem`), key: fixture(`${name}-key.pem`) })

@@ -466,17 +466,46 @@ export const securityLevelProblem = (
     case "ca md too weak":
       return "is signed with a digest too weak for OpenSSL's security level (SHA-1 or MD5, which QEMU's GnuTLS refuses " +
         `too)${chain ? ", or a CA certificate of its file is" : ""}: reissue it signed with SHA-256`
-    case "ee key too small": {
-      const key = certificate.publicKey
-      const bits = key.asymmetricKeyDetails?.modulusLength
-      return `has ${bits === undefined ? "a key" : `a ${bits}-bit ${key.asymmetricKeyType?.toUpperCase()} key`}, ` +
-        "smaller than OpenSSL's security level accepts: reissue it with a larger key (RSA of 2048 bits, or EC)"
-    }
+    case "ee key too small":
+      return `has ${keyText(certificate)}, smaller than OpenSSL's security level accepts: reissue it with a larger key ` +
+        "(RSA of 2048 bits, or EC)"
     case "ca key too small":
       return "comes with a CA certificate (in its file) whose key is smaller than OpenSSL's security level accepts"
     default:
       return undefined
   }
+}
+
+/**
+ * Why OpenSSL's security level makes a certificate of the CA file useless, after "CA certificate FILE (CN=x) ", or
+ * `undefined`: a key too small (RSA below 1024 bits at level 1), or, but for a self-signed one, a signature with a
+ * digest too weak (SHA-1, MD5). OpenSSL then accepts no chain through it ("CA certificate key too weak", "CA
+ * signature digest algorithm too weak"), and a destination whose own certificate it issued fails every handshake
+ * ("ca key too small", the source hearing only "internal error"). Asked of OpenSSL itself, at the level `ciphers`
+ * sets (`@SECLEVEL=n`): the checks it runs on a certificate a context takes as its own are these.
+ */
+export const caSecurityLevelProblem = (certificate: Crypto.X509Certificate, ciphers: string): string | undefined => {
+  try {
+    NodeTls.createSecureContext({ cert: certificate.toString(), ciphers })
+    return undefined
+  } catch (cause) {
+    switch (opensslReason(cause)) {
+      case "ee key too small":
+        return `has ${keyText(certificate)}, smaller than OpenSSL's security level accepts`
+      case "ca md too weak":
+        return "is signed with a digest too weak for OpenSSL's security level (SHA-1 or MD5, which QEMU's GnuTLS refuses too)"
+      default:
+        // (a cipher list OpenSSL does not know: the context built next says so)
+        return undefined
+    }
+  }
+}
+
+/** "a 512-bit RSA key", or "a key". */
+const keyText = (certificate: Crypto.X509Certificate): string => {
+  const key = certificate.publicKey
+  const bits = key.asymmetricKeyDetails?.modulusLength
+  return bits === undefined ? "a key" : `a ${bits}-bit ${key.asymmetricKeyType?.toUpperCase()} key`
 }
 
 /**
