@@ -47,7 +47,7 @@ import * as TlsClient from "./internal/tls/client.js"
 import { handshake, secured } from "./internal/tls/handshake.js"
 import { configError, type Credentials, type Settings, TlsError } from "./internal/tls/model.js"
 import * as Der from "./internal/tls/der.js"
-import { clientRefusal, describe, hint, ownName, peerCertificateOf } from "./internal/tls/verification.js"
+import { clientRefusal, describe, hint, ownName, peerCertificateOf, revokedBy } from "./internal/tls/verification.js"
 import * as Transport from "./Transport.js"
 
 /**
@@ -363,6 +363,28 @@ export const load = (config: TlsConfig): Effect.Effect<Settings, TlsError> =>
           }
           issuers.push(issuer)
           issued = issuer
+        }
+        // revoked by the CRL file, or a CA that issued it is (of its file or the CA file): every peer that checks
+        // the CRL refused it, this side's log only guessing why ("did the source refuse ...?")
+        if (crl !== undefined) {
+          // (each CA once: the walk ends)
+          const lineage = [leaf!, ...issuers]
+          for (;;) {
+            const last = lineage.at(-1)!
+            const next = cas.find((c) => !lineage.includes(c) && c.subject !== undefined && c.subject === last.issuer && last.checkIssued(c))
+            if (next === undefined) break
+            lineage.push(next)
+          }
+          for (const [depth, certificate] of lineage.entries()) {
+            const listed = revokedBy(certificate, crl.crls)
+            if (listed === undefined) continue
+            const where = `(listed in the CRL of ${Der.shortName(listed.issuer)} in ${config.crl})`
+            return yield* configError(
+              `certificate ${config.cert} (${nameOf(leaf!)}) ` +
+                (depth === 0 ? `is revoked ${where}` : `was issued by ${nameOf(certificate)}, which is revoked ${where}`) +
+                ": every peer that checks that CRL refuses it"
+            )
+          }
         }
         ownCertificate = leaf
         ownIssuers = issuers

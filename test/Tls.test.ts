@@ -1281,7 +1281,8 @@ describe("certificate revocation lists (QEMU's ca-crl.pem)", () => {
   it.live("verifyPeer with a CRL: a revoked client certificate is refused (one line on each side), then alice, under the same CRL, migrates", () =>
     leakFree(Effect.gen(function*() {
       const server = yield* serverX509("server", { verifyPeer: true, crl: fixture("ca-crl.pem") })
-      const revoked = yield* clientX509({ crl: fixture("ca-crl.pem") }, "revoked-alice")
+      // (a source with the CRL refuses its own revoked certificate at load)
+      const revoked = yield* clientX509({}, "revoked-alice")
       const ram = yield* sourceRam(1)
       const dest = yield* startDestination(server.server)
       const [exit, elapsed] = yield* timed(
@@ -2434,6 +2435,34 @@ describe("configuration", () => {
       // each for its own role
       yield* Effect.flatMap(loadTls(own("server")), (tls) => Tls.checkServer(tls.settings))
       yield* Effect.flatMap(loadTls(own("alice")), (tls) => Tls.checkClient(tls.settings))
+    })))
+
+  // a peer checking the same CRL refused it in every handshake: a destination of a revoked certificate loaded and kept
+  // waiting, its log asking each time "did the source refuse this destination's certificate CN=localhost?"
+  it.live("load: this side's own certificate that its CRL file revokes, or issued by a CA it revokes (in its file or the CA file), is refused, naming the CRL", () =>
+    leakFree(Effect.gen(function*() {
+      const crl = fixture("ca-crl.pem")
+      const revoked = (name: string, cn: string) =>
+        `TLS configuration: certificate ${fixture(`${name}-cert.pem`)} (CN=${cn}) is revoked (listed in the CRL of CN=test CA ` +
+        `in ${crl}): every peer that checks that CRL refuses it`
+      for (const [name, cn] of [["revoked-server", "localhost"], ["revoked-alice", "alice"]] as const) {
+        expect((yield* configError({ ca: fixture("ca-cert.pem"), crl, cert: fixture(`${name}-cert.pem`), key: fixture(`${name}-key.pem`) })).message)
+          .toBe(revoked(name, cn))
+      }
+      // the intermediate CA that issued it revoked: sent with it, or found in the CA file
+      const chain = { ca: fixture("chain-ca-cert.pem"), crl: fixture("chain-crl.pem"), key: fixture("revoked-inter-server-key.pem") }
+      const leafOnly = tmp("revoked-inter-leaf.pem", Fs.readFileSync(fixture("revoked-inter-server-cert.pem"), "utf8").match(/-----BEGIN CERTIFICATE-----[\s\S]*?-----END CERTIFICATE-----\n/)![0])
+      yield* removing(leafOnly)
+      for (const cert of [fixture("revoked-inter-server-cert.pem"), leafOnly]) {
+        expect((yield* configError({ ...chain, cert })).message).toBe(
+          `TLS configuration: certificate ${cert} (CN=localhost) was issued by CN=revoked intermediate CA, which is revoked ` +
+            `(listed in the CRL of CN=test CA in ${fixture("chain-crl.pem")}): every peer that checks that CRL refuses it`
+        )
+      }
+      // in good standing they load; without the CRL too (nothing says they are revoked)
+      yield* loadTls({ ...chain, cert: fixture("inter-server-cert.pem"), key: fixture("inter-server-key.pem") })
+      yield* loadTls({ ca: fixture("ca-cert.pem"), crl, cert: fixture("alice-cert.pem"), key: fixture("alice-key.pem") })
+      yield* loadTls({ ca: fixture("ca-cert.pem"), cert: fixture("revoked-server-cert.pem"), key: fixture("revoked-server-key.pem") })
     })))
 
   // a TLS peer signs its handshake (CertificateVerify, or a TLS 1.2 ServerKeyExchange): a certificate whose keyUsage

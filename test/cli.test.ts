@@ -608,7 +608,11 @@ describe("multifd over TLS", () => {
     // a revoked client certificate: both sides say why in one line, the destination keeps waiting
     const out = Path.join(dir, "crl.out")
     const recv = await startRecv(["tcp:127.0.0.1:0", "--out", out, ...x509("server"), ...crl, "--tls-verify-peer"])
-    const revoked = await run(["send", recv.uri, "--in", image, ...x509("revoked-alice"), ...crl])
+    // (without the CRL: a source given it refuses its own revoked certificate before it connects, exit 2)
+    const own = await run(["send", recv.uri, "--in", image, ...x509("revoked-alice"), ...crl])
+    expect(own.code).toBe(2)
+    expect(lines(own.stderr)).toEqual([expect.stringMatching(/\(CN=alice\) is revoked \(listed in the CRL of CN=test CA in .*ca-crl\.pem\): every peer that checks that CRL refuses it$/)])
+    const revoked = await run(["send", recv.uri, "--in", image, ...x509("revoked-alice")])
     expect(revoked.code).toBe(1)
     expect(lines(revoked.stderr)).toEqual([
       expect.stringMatching(/^multifd: error: TLS handshake with .*: it most likely refused this source's certificate CN=alice \(issued by CN=test CA\); its log says why$/)

@@ -92,7 +92,7 @@ const issuerOf = (certificate: Crypto.X509Certificate): string | undefined => {
 }
 
 /** The CRL that revokes `certificate`, if one of `crls` does. */
-const revokedBy = (certificate: Crypto.X509Certificate, crls: ReadonlyArray<CrlInfo>): CrlInfo | undefined => {
+export const revokedBy = (certificate: Crypto.X509Certificate, crls: ReadonlyArray<CrlInfo>): CrlInfo | undefined => {
   const issuer = issuerOf(certificate)
   const serial = certificate.serialNumber.replace(/^(00)+(?=.)/, "").toUpperCase()
   return crls.find((crl) => crl.issuer === issuer && crl.revoked.includes(serial))
