@@ -142,6 +142,8 @@ const REFUSED_AS_OWN = new Set([
   // a keyUsage without digitalSignature: it cannot sign a handshake
   "keyagreement-alice",
   "keyencipherment-server",
+  // a critical extension of an unknown OID
+  "unknowncrit-server",
   ...WEAK
 ])
 
@@ -892,6 +894,8 @@ describe("peer certificates (QEMU verify-peer: chain to the CA, validity, usage;
       "the destination's certificate CN=localhost was issued by CN=client-only intermediate CA, whose " +
       "extendedKeyUsage (clientAuth) is not for server authentication"
     ],
+    // a critical extension of an OID nobody knows: RFC 5280 has every verifier refuse it, as OpenSSL and GnuTLS do
+    ["unknowncrit-server", "the destination's certificate CN=localhost is not trusted: unhandled critical extension"],
     // signed with SHA-1: refused as QEMU's GnuTLS refuses it ("the certificate chain uses insecure algorithm")
     [
       "sha1-server",
@@ -2435,6 +2439,25 @@ describe("configuration", () => {
       // each for its own role
       yield* Effect.flatMap(loadTls(own("server")), (tls) => Tls.checkServer(tls.settings))
       yield* Effect.flatMap(loadTls(own("alice")), (tls) => Tls.checkClient(tls.settings))
+    })))
+
+  // RFC 5280: a verifier refuses a certificate with a critical extension it does not handle, and OpenSSL and GnuTLS do,
+  // anywhere in a chain: a destination of such a certificate loaded, and every source refused it ("unhandled
+  // critical extension"), its log only asking "did the source refuse this destination's certificate CN=localhost?"
+  it.live("load: a certificate with a critical extension OpenSSL and GnuTLS do not handle, this side's own or a CA of the CA file, is refused naming the OID", () =>
+    leakFree(Effect.gen(function*() {
+      const own = fixture("unknowncrit-server-cert.pem")
+      expect((yield* configError({ ca: fixture("ca-cert.pem"), cert: own, key: fixture("unknowncrit-server-key.pem") })).message).toBe(
+        `TLS configuration: certificate ${own} (CN=localhost) has a critical extension that OpenSSL and GnuTLS do not ` +
+          "handle (OID 1.2.3.4.5): every peer refuses it (\"unhandled critical extension\")"
+      )
+      const ca = fixture("unknowncrit-ca-cert.pem")
+      expect((yield* configError({ ca })).message).toBe(
+        `TLS configuration: CA certificate ${ca} (CN=unknown-critical CA) has a critical extension that OpenSSL and GnuTLS ` +
+          "do not handle (OID 1.2.3.4.5): OpenSSL accepts no certificate it issued"
+      )
+      // the critical extensions OpenSSL handles (basicConstraints, keyUsage, a critical subjectAltName) load
+      yield* loadTls({ ca: fixture("ca-cert.pem"), cert: fixture("emptysubject-server-cert.pem"), key: fixture("emptysubject-server-key.pem") })
     })))
 
   // a peer checking the same CRL refused it in every handshake: a destination of a revoked certificate loaded and kept

@@ -357,7 +357,25 @@ export const ownCertificateProblem = (certificate: Crypto.X509Certificate, now: 
     ? `is not valid yet (valid from ${certificate.validFrom})`
     : now > Date.parse(certificate.validTo)
     ? `has expired (valid until ${certificate.validTo})`
-    : signingProblem(certificate)
+    : criticalExtensionProblem(certificate, ": every peer refuses it (\"unhandled critical extension\")") ??
+      signingProblem(certificate)
+
+/**
+ * Why a certificate of this side's (its own, a CA of its files) cannot be used because of an extension, then
+ * `consequence`, or `undefined`: a critical extension OpenSSL (and GnuTLS) does not handle, for which a peer refuses
+ * every chain that holds the certificate ("unhandled critical extension").
+ */
+const criticalExtensionProblem = (certificate: Crypto.X509Certificate, consequence = ""): string | undefined => {
+  let oid: string | undefined
+  try {
+    oid = Der.unhandledCriticalExtensionOf(certificate.raw)
+  } catch {
+    return "has extensions that cannot be read"
+  }
+  return oid === undefined
+    ? undefined
+    : `has a critical extension that OpenSSL and GnuTLS do not handle (OID ${oid})${consequence}`
+}
 
 /** The keyUsage bits by name, bit 0 first (RFC 5280 §4.2.1.3). */
 const KEY_USAGE_NAMES = [
@@ -412,10 +430,13 @@ export const caCertificateProblem = (
   if (usage !== undefined && (usage & Der.KEY_CERT_SIGN) === 0) {
     return { notCa: false, problem: "is a CA certificate whose keyUsage does not permit signing certificates (keyCertSign)" }
   }
+  const critical = criticalExtensionProblem(certificate)
   return now < Date.parse(certificate.validFrom)
     ? { notCa: false, problem: `is not valid yet (valid from ${certificate.validFrom})` }
     : now > Date.parse(certificate.validTo)
     ? { notCa: false, problem: `has expired (valid until ${certificate.validTo})` }
+    : critical !== undefined
+    ? { notCa: false, problem: critical }
     : undefined
 }
 

@@ -396,6 +396,53 @@ const extensionOf = (der: Uint8Array, oid: string): Tlv | undefined => {
 }
 
 /**
+ * The certificate extensions OpenSSL's verification handles (`X509_supported_extension` in crypto/x509/v3_purp.c):
+ * nsCertType, keyUsage, subjectAltName, basicConstraints, certificatePolicies, cRLDistributionPoints,
+ * extendedKeyUsage, the RFC 3779 address and AS blocks, OCSP noCheck, policyConstraints, proxyCertInfo,
+ * nameConstraints, policyMappings, inhibitAnyPolicy.
+ */
+const HANDLED_EXTENSIONS = new Set([
+  "2.16.840.1.113730.1.1",
+  "2.5.29.15",
+  "2.5.29.17",
+  "2.5.29.19",
+  "2.5.29.32",
+  "2.5.29.31",
+  "2.5.29.37",
+  "1.3.6.1.5.5.7.1.7",
+  "1.3.6.1.5.5.7.1.8",
+  "1.3.6.1.5.5.7.48.1.5",
+  "2.5.29.36",
+  "1.3.6.1.5.5.7.1.14",
+  "2.5.29.30",
+  "2.5.29.33",
+  "2.5.29.54"
+])
+
+/**
+ * The OID of the first critical extension of a DER certificate that OpenSSL's verification does not handle, or
+ * `undefined`: RFC 5280 §4.2 has a verifier refuse such a certificate, and OpenSSL refuses every chain that holds it
+ * ("unhandled critical extension"), as GnuTLS does. Throws on malformed DER.
+ */
+export const unhandledCriticalExtensionOf = (der: Uint8Array): string | undefined => {
+  const tbs = children(der, tlv(der, 0, der.length))[0]
+  if (tbs === undefined) throw new Error("no tbsCertificate")
+  const explicit = children(der, tbs).find((c) => c.tag === 0xa3)
+  const list = explicit === undefined ? undefined : children(der, explicit)[0]
+  if (list === undefined) return undefined
+  for (const extension of children(der, list)) {
+    // Extension ::= SEQUENCE { extnID OID, critical BOOLEAN DEFAULT FALSE, extnValue OCTET STRING }
+    const [id, critical] = children(der, extension)
+    if (id === undefined || id.tag !== 0x06) throw new Error("an extension without its OID")
+    const oid = oidOf(der, id)
+    if (critical?.tag === 0x01 && critical.end > critical.start && der[critical.start] !== 0 && !HANDLED_EXTENSIONS.has(oid)) {
+      return oid
+    }
+  }
+  return undefined
+}
+
+/**
  * The keyUsage bits of a DER certificate (RFC 5280 §4.2.1.3; bit i of the result is the extension's bit i:
  * `DIGITAL_SIGNATURE` is bit 0), or `undefined` when the certificate has no such extension. Throws on malformed
  * DER (callers pass certificates that OpenSSL has already parsed).
