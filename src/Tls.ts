@@ -35,6 +35,7 @@ import {
   nameOf,
   opensslReason,
   ownCertificateProblem,
+  ownKeyProblem,
   ownRoleProblem,
   privateKeyOf,
   PSK_CIPHERS,
@@ -345,7 +346,7 @@ export const load = (config: TlsConfig): Effect.Effect<Settings, TlsError> =>
         // the wall clock, as OpenSSL's verification of the peer's certificate uses (not the Effect Clock: a
         // TestClock, in 1970, would refuse every certificate)
         const now = yield* Effect.sync(() => Date.now())
-        const problem = ownCertificateProblem(leaf!, now)
+        const problem = ownCertificateProblem(leaf!, now) ?? ownKeyProblem(leaf!)
         if (problem !== undefined) return yield* configError(`certificate ${config.cert} (${nameOf(leaf!)}) ${problem}`)
         // the CAs of its file that issued it (sent with it: a peer builds its chain through them), each a CA that
         // can vouch for it now, as QEMU checks its certificates at load: a peer refused it in every handshake

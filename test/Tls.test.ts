@@ -2460,6 +2460,26 @@ describe("configuration", () => {
       yield* loadTls({ ca: fixture("ca-cert.pem"), cert: fixture("emptysubject-server-cert.pem"), key: fixture("emptysubject-server-key.pem") })
     })))
 
+  // OpenSSL found "no suitable signature algorithm" in every handshake, and both sides' messages asked whether the
+  // peer used the same kind of credentials and admitted this side
+  it.live("load: this side's own certificate of a key no TLS handshake here can sign with (EC on secp256k1, DSA) is refused, naming the key", () =>
+    leakFree(Effect.gen(function*() {
+      const own = (name: string, config: Tls.TlsConfig = {}) =>
+        configError({ ca: fixture("ca-cert.pem"), cert: fixture(`${name}-cert.pem`), key: fixture(`${name}-key.pem`), ...config })
+      expect((yield* own("secp256k1-server")).message).toBe(
+        `TLS configuration: certificate ${fixture("secp256k1-server-cert.pem")} (CN=localhost) has an EC key on curve ` +
+          "secp256k1, with which no TLS handshake here can be signed (TLS 1.3 signs with P-256, P-384 and P-521 only, and " +
+          "OpenSSL's peers offer no other curve in TLS 1.2): reissue it with a key on P-256 (or RSA, Ed25519)"
+      )
+      expect((yield* own("dsa-server")).message).toBe(
+        `TLS configuration: certificate ${fixture("dsa-server-cert.pem")} (CN=localhost) has a DSA key, with which no ` +
+          "TLS handshake here can be signed (TLS 1.3 has no DSA signatures, and OpenSSL finds none for TLS 1.2 either): " +
+          "reissue it with an EC key on P-256 (or RSA)"
+      )
+      // a key on P-256 loads
+      yield* loadTls({ ca: fixture("ca-cert.pem"), cert: fixture("server-cert.pem"), key: fixture("server-key.pem") })
+    })))
+
   // a peer checking the same CRL refused it in every handshake: a destination of a revoked certificate loaded and kept
   // waiting, its log asking each time "did the source refuse this destination's certificate CN=localhost?"
   it.live("load: this side's own certificate that its CRL file revokes, or issued by a CA it revokes (in its file or the CA file), is refused, naming the CRL", () =>

@@ -377,6 +377,34 @@ const criticalExtensionProblem = (certificate: Crypto.X509Certificate, consequen
     : `has a critical extension that OpenSSL and GnuTLS do not handle (OID ${oid})${consequence}`
 }
 
+/** The curves of the ECDSA signatures of TLS 1.3 (RFC 8446 §4.2.3), and of the groups OpenSSL's TLS 1.2 peers offer. */
+const SIGNING_CURVES: Record<string, string> = { prime256v1: "P-256", secp384r1: "P-384", secp521r1: "P-521" }
+
+/**
+ * Why this side's certificate has a key no handshake here can sign with, after "certificate FILE (CN=x) ", or
+ * `undefined`. TLS 1.3 signs with RSA (PSS), ECDSA on P-256, P-384 or P-521, Ed25519 or Ed448 only; a TLS 1.2
+ * ECDHE-ECDSA suite needs a curve the peer offers (OpenSSL: those three); DSA, none. Otherwise every handshake
+ * failed, OpenSSL finding "no suitable signature algorithm", which reads as though the peer were at fault.
+ */
+export const ownKeyProblem = (certificate: Crypto.X509Certificate): string | undefined => {
+  const key = certificate.publicKey
+  switch (key.asymmetricKeyType) {
+    case "ec": {
+      const curve = key.asymmetricKeyDetails?.namedCurve
+      if (curve !== undefined && SIGNING_CURVES[curve] !== undefined) return undefined
+      return `has an EC key on curve ${curve ?? "(unnamed)"}, with which no TLS handshake here can be signed (TLS 1.3 ` +
+        "signs with P-256, P-384 and P-521 only, and OpenSSL's peers offer no other curve in TLS 1.2): reissue it with " +
+        "a key on P-256 (or RSA, Ed25519)"
+    }
+    case "dsa":
+      // (not even with a DHE-DSS suite and @SECLEVEL=0 in the cipher list: OpenSSL 3 finds no signature algorithm)
+      return "has a DSA key, with which no TLS handshake here can be signed (TLS 1.3 has no DSA signatures, and " +
+        "OpenSSL finds none for TLS 1.2 either): reissue it with an EC key on P-256 (or RSA)"
+    default:
+      return undefined
+  }
+}
+
 /** The keyUsage bits by name, bit 0 first (RFC 5280 §4.2.1.3). */
 const KEY_USAGE_NAMES = [
   "digitalSignature",
