@@ -48,7 +48,16 @@ import * as TlsClient from "./internal/tls/client.js"
 import { handshake, secured } from "./internal/tls/handshake.js"
 import { configError, type Credentials, type Settings, TlsError } from "./internal/tls/model.js"
 import * as Der from "./internal/tls/der.js"
-import { clientRefusal, describe, hint, ownName, peerCertificateOf, revokedBy } from "./internal/tls/verification.js"
+import {
+  clientRefusal,
+  describe,
+  hint,
+  ownChainVerdict,
+  ownName,
+  peerCertificateOf,
+  revokedBy,
+  verifyProblem
+} from "./internal/tls/verification.js"
 import * as Transport from "./Transport.js"
 
 /**
@@ -413,6 +422,19 @@ export const load = (config: TlsConfig): Effect.Effect<Settings, TlsError> =>
       const problem = own === undefined ? undefined : securityLevelProblem(opensslReason(error.cause), own, ownChain)
       return problem === undefined ? error : configError(`certificate ${config.cert} (${nameOf(own!)}) ${problem}`, error.cause)
     }))
+    // and a peer of this side's CA file judges its chain as OpenSSL does in every handshake (a name constraint of a CA
+    // that issued it, a path length), from a handshake in memory: every peer refused it, this side's log only asking
+    // "did the source refuse this destination's certificate?"
+    if (own !== undefined && config.ca !== undefined) {
+      const peer = yield* secureContextOf({ ciphers: contextOptions.ciphers, ca: contextOptions.ca }, files)
+      const verdict = yield* ownChainVerdict(secureContext, peer)
+      if (verdict !== undefined) {
+        return yield* configError(
+          `certificate ${config.cert} (${nameOf(own)}) ${verifyProblem(verdict, own, "server")}: a peer with the same ` +
+            `CA file (${config.ca}) refuses it in every handshake`
+        )
+      }
+    }
     return {
       credentials,
       secureContext,

@@ -144,6 +144,8 @@ const REFUSED_AS_OWN = new Set([
   "keyencipherment-server",
   // a critical extension of an unknown OID
   "unknowncrit-server",
+  // a chain a peer of the same CA file refuses: a name constraint of its intermediate CA
+  "constrained-server",
   ...WEAK
 ])
 
@@ -2478,6 +2480,26 @@ describe("configuration", () => {
       )
       // a key on P-256 loads
       yield* loadTls({ ca: fixture("ca-cert.pem"), cert: fixture("server-cert.pem"), key: fixture("server-key.pem") })
+    })))
+
+  // QEMU verifies its own certificate against its CA file at load (qcrypto_tls_creds_check_cert_pair): a chain that a
+  // peer of the same CA file refuses loaded, and every source refused it ("permitted subtree violation", "path length
+  // constraint exceeded"), the destination's log only asking "did the source refuse this destination's certificate?"
+  it.live("load: this side's own chain that a peer of the same CA file refuses (a name constraint of its intermediate CA, a path length) is refused, saying why", () =>
+    leakFree(Effect.gen(function*() {
+      const own = (name: string) =>
+        configError({ ca: fixture("ca-cert.pem"), cert: fixture(`${name}-cert.pem`), key: fixture(`${name}-key.pem`) })
+      const refusal = (name: string, why: string) =>
+        `TLS configuration: certificate ${fixture(`${name}-cert.pem`)} (CN=localhost) is not trusted: ${why}: a peer ` +
+        `with the same CA file (${fixture("ca-cert.pem")}) refuses it in every handshake`
+      expect((yield* own("constrained-server")).message).toBe(
+        refusal("constrained-server", "permitted subtree violation (a name constraint of a CA of its chain)")
+      )
+      expect((yield* own("pathlen-server")).message).toBe(refusal("pathlen-server", "path length constraint exceeded"))
+      // a chain through an intermediate CA in good standing loads, and so does a certificate of a CA this side does
+      // not trust (its peers may: QEMU would refuse it)
+      yield* loadTls({ ca: fixture("ca-cert.pem"), cert: fixture("inter-server-cert.pem"), key: fixture("inter-server-key.pem") })
+      yield* loadTls({ ca: fixture("ca-cert.pem"), cert: fixture("other-ca-alice-cert.pem"), key: fixture("other-ca-alice-key.pem") })
     })))
 
   // a peer checking the same CRL refused it in every handshake: a destination of a revoked certificate loaded and kept

@@ -4,8 +4,10 @@
  *
  * @internal
  */
+import * as Effect from "effect/Effect"
 import * as Crypto from "node:crypto"
-import type * as NodeTls from "node:tls"
+import * as Stream from "node:stream"
+import * as NodeTls from "node:tls"
 import * as PeerText from "../peerText.js"
 import { EKU_NAMES, nameOf, ownUsageProblem } from "./credentials.js"
 import * as Der from "./der.js"
@@ -277,6 +279,74 @@ export const serverRefusal = (certificate: Crypto.X509Certificate | undefined): 
  */
 export const VERIFY_CODE =
   /^(?:UNABLE_TO_|CERT_|CRL_|ERROR_IN_|DEPTH_ZERO_|SELF_SIGNED_|INVALID_CA$|INVALID_PURPOSE$|PATH_LENGTH_|UNSPECIFIED$)/
+
+/**
+ * The verification errors `ownChainVerdict` leaves to other checks, or to the peer: a chain to another CA (this
+ * side's CA file need not hold the CA of its own certificate: a peer of another CA file may trust it), the purpose
+ * (judged for the role by `checkServer` / `checkClient`), validity and revocation (checked at load before).
+ */
+const OWN_CHAIN_LEFT = /^(?:UNABLE_TO_GET_ISSUER_CERT|UNABLE_TO_GET_ISSUER_CERT_LOCALLY|UNABLE_TO_VERIFY_LEAF_SIGNATURE|SELF_SIGNED_CERT_IN_CHAIN|DEPTH_ZERO_SELF_SIGNED_CERT|INVALID_PURPOSE|CERT_HAS_EXPIRED|CERT_NOT_YET_VALID|CERT_REVOKED|UNABLE_TO_GET_CRL|CRL_.*)$/
+
+/** Two duplex streams, each reading what the other writes: a connection in memory. */
+const memoryPair = (): readonly [Stream.Duplex, Stream.Duplex] => {
+  const ends: Array<Stream.Duplex> = []
+  const end = (other: () => Stream.Duplex) =>
+    new Stream.Duplex({
+      read() {},
+      write(chunk, _encoding, callback) {
+        other().push(chunk)
+        callback()
+      },
+      final(callback) {
+        other().push(null)
+        callback()
+      },
+      // (a TLS socket that fails destroys its stream: the other end reads its end, not nothing for ever)
+      destroy(error, callback) {
+        other().push(null)
+        callback(error)
+      }
+    })
+  ends.push(end(() => ends[1]!), end(() => ends[0]!))
+  return [ends[0]!, ends[1]!]
+}
+
+/**
+ * OpenSSL's verdict on this side's own certificate as a peer with this side's CA file (`peer`: a context of the CA
+ * file and the cipher list) judges it, from a handshake in memory with `own` (this side's context): `undefined`
+ * when it verifies, or when what fails is for other checks (`OWN_CHAIN_LEFT`) or no verification at all; else the
+ * verification error (a name constraint, a path length, a signature that does not verify). QEMU verifies its own
+ * certificate against its CA file at load likewise (`qcrypto_tls_creds_check_cert_pair`).
+ */
+export const ownChainVerdict = (
+  own: NodeTls.SecureContext,
+  peer: NodeTls.SecureContext
+): Effect.Effect<{ readonly code?: string; readonly message: string } | undefined> =>
+  Effect.async<{ readonly code?: string; readonly message: string } | undefined>((resume) => {
+    const [serverEnd, clientEnd] = memoryPair()
+    const server = new NodeTls.TLSSocket(serverEnd, { isServer: true, secureContext: own })
+    const client = NodeTls.connect({ socket: clientEnd, secureContext: peer, checkServerIdentity: () => undefined })
+    let done = false
+    const finish = (verdict: { readonly code?: string; readonly message: string } | undefined) => {
+      if (done) return
+      done = true
+      for (const s of [client, server, clientEnd, serverEnd]) s.destroy()
+      resume(Effect.succeed(verdict))
+    }
+    server.on("error", () => undefined) // (it hears the client's alert)
+    client.once("secureConnect", () => finish(undefined))
+    client.once("error", (error: Error & { code?: string }) =>
+      finish(
+        error.code !== undefined && VERIFY_CODE.test(error.code) && !OWN_CHAIN_LEFT.test(error.code)
+          ? { code: error.code, message: error.message }
+          : undefined
+      ))
+    client.once("close", () => finish(undefined))
+    return Effect.sync(() => finish(undefined))
+  }).pipe(
+    // (in memory it takes milliseconds; a handshake that never ends says nothing of the chain)
+    Effect.timeoutTo({ duration: "5 seconds", onTimeout: () => undefined, onSuccess: (verdict) => verdict })
+  )
 
 /** What the source reports when its handshake fails: a certificate that does not verify says why. */
 export const explainServerError = (
