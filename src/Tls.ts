@@ -268,6 +268,17 @@ export const load = (config: TlsConfig): Effect.Effect<Settings, TlsError> =>
           "(O=Example,CN=alice); in a list that holds one, entries are separated by ';'"
       )
     }
+    // a DN as GnuTLS never writes one (`cn=alice`, `O = Example, CN = alice` as `openssl x509 -subject` prints it)
+    // admits no certificate: every client was refused, though the destination looked ready
+    for (const entry of x509 ? config.authz ?? [] : []) {
+      const written = entry.includes("=") ? Der.asGnutlsWrites(entry) : undefined
+      if (written !== undefined) {
+        return yield* configError(
+          `authorization entry ${JSON.stringify(entry)} can match no certificate: GnuTLS (whose form QEMU's tls-authz ` +
+            `matches) writes that name as ${JSON.stringify(written)}`
+        )
+      }
+    }
     // an empty MULTIFD_TLS_HOSTNAME is the name "", which no certificate carries: every handshake failed ("Host: .")
     if (config.hostname !== undefined && (config.hostname === "" || /[\s\x00-\x1f\x7f]/.test(config.hostname))) {
       return yield* configError(

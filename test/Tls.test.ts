@@ -1557,6 +1557,34 @@ describe("authorization by distinguished name (QEMU's tls-authz: the subject as 
       yield* Tls.load({ ca: fixture("ca-cert.pem"), cert: fixture("server-cert.pem"), key: fixture("server-key.pem"), authz: ["O=a\\,b,CN=c"] })
     })))
 
+  // QEMU's tls-authz compares the DN string GnuTLS writes, and so does this side: an entry in another form (OpenSSL's
+  // `-subject` print, a type in other letters or by OID) loaded, and then refused every client ("not in the
+  // authorization list"), though the destination looked ready
+  it.live("load: an authz DN that GnuTLS never writes so (types in other letters, OpenSSL's names, blanks around '=' and ',') is refused, giving GnuTLS's form", () =>
+    leakFree(Effect.gen(function*() {
+      const server = { ca: fixture("ca-cert.pem"), cert: fixture("server-cert.pem"), key: fixture("server-key.pem") }
+      for (const [entry, written] of [
+        ["O = effect-multifd tests, CN = alice", "O=effect-multifd tests,CN=alice"],
+        ["o=effect-multifd tests,cn=alice", "O=effect-multifd tests,CN=alice"],
+        ["organizationName=effect-multifd tests,commonName=alice", "O=effect-multifd tests,CN=alice"],
+        ["O=effect-multifd tests,2.5.4.3=alice", "O=effect-multifd tests,CN=alice"],
+        ["CN=alice+emailAddress=alice@example.org", "CN=alice+EMAIL=alice@example.org"]
+      ] as const) {
+        // (a load that succeeds fails the test with a short message: its settings are too big to print)
+        const error = yield* Effect.flip(Tls.load({ ...server, authz: [entry] })).pipe(
+          Effect.mapError(() => new Error(`loaded with authz ${JSON.stringify(entry)}: expected a refusal`))
+        )
+        expect(error.message).toBe(
+          `TLS configuration: authorization entry ${JSON.stringify(entry)} can match no certificate: GnuTLS (whose form ` +
+            `QEMU's tls-authz matches) writes that name as ${JSON.stringify(written)}`
+        )
+        expectOneLine(error)
+      }
+      // GnuTLS's own form loads: escaped commas and blanks, OIDs of types it has no name for; a PSK identity is no DN
+      yield* Tls.load({ ...server, authz: ["O=effect-multifd tests,CN=alice", "O=a\\,b,CN=\\ c\\ ", "1.2.3.4=#0c0161", "alice"] })
+      yield* Tls.load({ psk: fixture("keys.psk"), authz: ["qemu", "o = x"] })
+    })))
+
   /**
    * Runs the client certificate `name` (whose name in messages is `shown`) against a destination with `authz`:
    * "admitted" (and the memory arrived), or the destination's refusal.

@@ -129,6 +129,49 @@ const ATTRIBUTE_TYPES: Record<string, { readonly name?: string; readonly value: 
   "1.2.643.3.131.1.1": { name: "INN", value: 0x12 }
 }
 
+/** GnuTLS's names of attribute types (`ATTRIBUTE_TYPES`), by their letters in lower case. */
+const WRITTEN_NAMES = new Map(
+  Object.values(ATTRIBUTE_TYPES).flatMap((t) => t.name === undefined ? [] : [[t.name.toLowerCase(), t.name] as const])
+)
+
+/** OpenSSL's long and short names of attribute types (`openssl x509 -subject` writes them) GnuTLS writes otherwise. */
+const OPENSSL_NAMES: Record<string, string> = {
+  commonname: "CN",
+  countryname: "C",
+  organizationname: "O",
+  organizationalunitname: "OU",
+  localityname: "L",
+  stateorprovincename: "ST",
+  streetaddress: "street",
+  emailaddress: "EMAIL",
+  domaincomponent: "DC",
+  userid: "UID",
+  sn: "surName",
+  gn: "givenName"
+}
+
+/**
+ * A distinguished name as an `authz` entry gives it, written as GnuTLS writes every name (`nameOf`), or `undefined`
+ * when it already is: attribute types by GnuTLS's names, in its letter case (`cn`, `commonName` and `2.5.4.3` are
+ * `CN`, `emailAddress` is `EMAIL`), with no blanks around them or around values (GnuTLS writes none unescaped: `O =
+ * Example, CN = alice`, as `openssl x509 -subject` prints a name, is `O=Example,CN=alice`). A type it has no name for
+ * stays as given (an OID is written as such). An entry that is not its own GnuTLS form can match no certificate.
+ */
+export const asGnutlsWrites = (entry: string): string | undefined => {
+  const written = entry.split(/(?<!\\),/).map((rdn) =>
+    rdn.split(/(?<!\\)\+/).map((attribute) => {
+      const at = attribute.indexOf("=")
+      if (at < 0) return attribute
+      const type = attribute.slice(0, at).trim()
+      const value = attribute.slice(at + 1).replace(/^ +/, "").replace(/(?<!\\) +$/, "")
+      const named = WRITTEN_NAMES.get(type.toLowerCase()) ?? OPENSSL_NAMES[type.toLowerCase()] ??
+        ATTRIBUTE_TYPES[type]?.name ?? type
+      return `${named}=${value}`
+    }).join("+")
+  ).join(",")
+  return written === entry ? undefined : written
+}
+
 const DIRECTORY_STRINGS = [0x14, 0x13, 0x1c, 0x0c, 0x1e]
 const CHALLENGE_STRINGS = [0x13, 0x0c]
 
