@@ -53,8 +53,8 @@ import {
   describe,
   hint,
   ownChainVerdict,
-  ownName,
   peerCertificateOf,
+  refusedOwnCertificate,
   revokedBy,
   verifyProblem
 } from "./internal/tls/verification.js"
@@ -616,7 +616,7 @@ export const server = (settings: Settings, options?: ServerOptions): Transport.U
       (s) => creds._tag === "X509" && verifyPeer ? clientRefusal(s, settings.authz, settings.crls) : undefined,
       // a Node source that refuses this side's certificate hangs up without an alert, before its Finished
       creds._tag === "X509"
-        ? `connection closed (did the source refuse this destination's certificate${ownName(settings)}?)`
+        ? refusedOwnCertificate(settings, yield* Effect.sync(() => Date.now()))
         : undefined
     ).pipe(
       Effect.mapError((error) =>

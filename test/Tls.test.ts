@@ -928,6 +928,37 @@ describe("peer certificates (QEMU verify-peer: chain to the CA, validity, usage;
         expect(dest.fiber.unsafePoll()).toBeNull()
       })))
   }
+  // settings loaded once (a service's, a listener serving one migration after another) outlive their certificate: every
+  // peer refuses it from then on, and this side's log only asked "did the source refuse this destination's certificate?"
+  it.live("settings that outlived their certificate: the destination's log, and a source's refusal, say it expired since it was loaded", () =>
+    leakFree(Effect.gen(function*() {
+      /** `tls` as loaded while `name`'s certificate was valid, now presenting it. */
+      const outlived = (tls: Tls.Tls["Type"], name: string): Tls.Tls["Type"] => {
+        const presented = presenting(tls, name)
+        const settings: Tls.Settings = {
+          ...presented.settings,
+          ownCertificate: new Crypto.X509Certificate(Fs.readFileSync(fixture(`${name}-cert.pem`)))
+        }
+        return { settings, client: (host) => Tls.client(settings, host), server: Tls.server(settings) }
+      }
+      const ram = yield* sourceRam(1)
+      const expired = "which has expired since it was loaded (valid until Jan  1 00:00:00 2001 GMT)"
+
+      const dest = yield* startDestination(outlived(yield* serverX509("server"), "expired-server").server)
+      const exit = yield* noHang(Effect.exit(migrateTo(ram, tcp(LOOPBACK, dest.port), (yield* clientX509({}, "alice")).client(LOOPBACK))), "migrate")
+      expect(expectTlsFailure(failureOf(exit), "main", "Handshake").message).toContain("the destination's certificate CN=localhost has expired")
+      yield* noHang(dest.rejections(1), "the destination's rejection")
+      expect(dest.logs.find((l) => l.includes("rejected a connection"))).toMatch(new RegExp(
+        ": TLS handshake with .* failed: connection closed: the source refused this destination's certificate CN=localhost, " +
+          `${expired.replace(/[()]/g, "\\$&")}: every source refuses it; load a current one$`
+      ))
+
+      const verifying = yield* startDestination((yield* serverX509("server", { verifyPeer: true })).server)
+      const source = outlived(yield* clientX509({}, "alice"), "expired-alice")
+      const refused = yield* noHang(Effect.exit(migrateTo(ram, tcp(LOOPBACK, verifying.port), source.client(LOOPBACK))), "source")
+      expectCertificateRefused(failureOf(refused), `CN=alice (issued by CN=test CA), ${expired}`)
+    })))
+
   describe("an empty subject (RFC 5280 allows one when subjectAltName names the certificate; Node's X509Certificate then has no subject)", () => {
     it.live("a stranger's self-signed certificate of an empty subject: the destination refuses it in one line and keeps waiting (it threw an uncaught TypeError), then alice migrates", () =>
       leakFree(Effect.gen(function*() {

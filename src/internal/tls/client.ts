@@ -13,7 +13,7 @@ import * as Transport from "../../Transport.js"
 import { nameOf, ownRoleProblem, secureContextOf } from "./credentials.js"
 import { explainingEarlyClose, handshake, secured } from "./handshake.js"
 import { configError, type Credentials, type CrlInfo, type Settings, type TlsError } from "./model.js"
-import { describe, explainServerError, peerCertificateOf, serverRefusal } from "./verification.js"
+import { describe, explainServerError, ownExpiry, peerCertificateOf, serverRefusal } from "./verification.js"
 
 /**
  * Checks that the settings can secure a source's connections, before it connects: with a PSK file, that the
@@ -205,8 +205,9 @@ const clientHandshake = (settings: Settings, host: string | undefined): Transpor
     // a destination refusing this source's certificate closes the main channel before its first answer
     if (channel !== "main" || creds._tag !== "X509" || creds.cert === undefined) return secure
     const mine = settings.ownCertificate
+    const expired = ownExpiry(settings, yield* Effect.sync(() => Date.now()))
     return explainingEarlyClose(
       secure,
-      `this source's certificate${mine ? ` ${nameOf(mine)} (issued by ${nameOf(mine, "issuer")})` : ""}`
+      `this source's certificate${mine ? ` ${nameOf(mine)} (issued by ${nameOf(mine, "issuer")})${expired}` : ""}`
     )
   })

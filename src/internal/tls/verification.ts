@@ -39,6 +39,27 @@ const issuers = new WeakMap<Crypto.X509Certificate, ReadonlyArray<Crypto.X509Cer
 /** " CN=..." of this side's certificate, or nothing. */
 export const ownName = (settings: Settings): string => settings.ownCertificate ? ` ${nameOf(settings.ownCertificate)}` : ""
 
+/**
+ * ", which has expired since it was loaded (valid until ...)" when this side's certificate has at `now` (the wall
+ * clock, as a peer's OpenSSL reads it), else nothing: settings loaded long ago (a service's, a listener serving one
+ * migration after another) outlive their certificate, and every peer refuses it from then on.
+ */
+export const ownExpiry = (settings: Settings, now: number): string => {
+  const own = settings.ownCertificate
+  return own !== undefined && now > Date.parse(own.validTo)
+    ? `, which has expired since it was loaded (valid until ${own.validTo})`
+    : ""
+}
+
+/** What a close in a destination's x509 handshake most likely means: a source refused its certificate (expired?). */
+export const refusedOwnCertificate = (settings: Settings, now: number): string => {
+  const expired = ownExpiry(settings, now)
+  return expired === ""
+    ? `connection closed (did the source refuse this destination's certificate${ownName(settings)}?)`
+    : `connection closed: the source refused this destination's certificate${ownName(settings)}${expired}: every ` +
+      "source refuses it; load a current one"
+}
+
 export const describe = (error: unknown): string => {
   const e = error as (Error & { code?: string; reason?: string }) | undefined
   const text = e?.reason ?? e?.message ?? String(error)
