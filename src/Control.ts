@@ -403,12 +403,17 @@ export const send = (
 export type ReceiveError = Transport.TransportError | ProtocolError
 
 /**
- * Receives one message, validating its length and shape.
+ * Receives one message, validating its length and shape. `inFrame`, when given, is told the length of the frame
+ * whose body is being read once its header came, and `undefined` once the body came: a peer that falls silent
+ * inside a frame (its length corrupted on the way, a frame cut short) can then be described as such.
  *
  * @since 0.1.0
  * @category utils
  */
-export const receive = (connection: Transport.Connection): Effect.Effect<Message, ReceiveError> =>
+export const receive = (
+  connection: Transport.Connection,
+  inFrame?: (length: number | undefined) => void
+): Effect.Effect<Message, ReceiveError> =>
   Effect.gen(function*() {
     const header = yield* connection.read(4)
     const length = header.readUInt32BE(0)
@@ -417,5 +422,8 @@ export const receive = (connection: Transport.Connection): Effect.Effect<Message
       const text = /^[\x20-\x7e]{4}$/.test(header.toString("latin1")) ? ` (${JSON.stringify(header.toString("latin1"))} as text)` : ""
       return yield* badMessage(`frame of ${length} bytes${text} exceeds ${MAX_FRAME}`)
     }
-    return yield* decode(yield* connection.read(length))
+    inFrame?.(length)
+    const body = yield* connection.read(length)
+    inFrame?.(undefined)
+    return yield* decode(body)
   })

@@ -24,6 +24,12 @@ export interface Reader {
   readonly failure: Effect.Effect<never, ReaderFailure>
   /** Completes once the peer closed the channel where `endAllowed` allowed it; fails as `failure` does. */
   readonly closed: Effect.Effect<void, ReaderFailure>
+  /**
+   * The message being received now, for a timeout's message: `a control message of 131111 bytes on the main
+   * channel` once its frame's length came and until its last byte did (a length corrupted on the way waits for
+   * bytes that never come: neither side sent too little, and both wait); `undefined` between messages.
+   */
+  readonly inside: () => string | undefined
 }
 
 /**
@@ -52,9 +58,13 @@ export const reader = (
   Effect.gen(function*() {
     const inbox = yield* Queue.bounded<Control.Message>(INBOX)
     let last: Control.Message | undefined
+    let frame: number | undefined
+    const inFrame = (length: number | undefined) => {
+      frame = length
+    }
     const fiber = yield* Effect.forkScoped(Effect.gen(function*() {
       while (true) {
-        const message = yield* Control.receive(connection).pipe(
+        const message = yield* Control.receive(connection, inFrame).pipe(
           // a reset is never the conversation's end, but what is said of an end out of turn is said of it too (a
           // destination whose source's Bye was cut by a reset said only 'connection reset by peer', not that the
           // source may not have heard Done)
@@ -83,7 +93,12 @@ export const reader = (
         yield* Queue.offer(inbox, message)
       }
     }).pipe(Effect.mapError(MigrationError.onChannel("main"))))
-    return { inbox, failure: Effect.zipRight(Fiber.join(fiber), Effect.never), closed: Fiber.join(fiber) }
+    return {
+      inbox,
+      failure: Effect.zipRight(Fiber.join(fiber), Effect.never),
+      closed: Fiber.join(fiber),
+      inside: () => frame === undefined ? undefined : `a control message of ${frame} bytes on the main channel`
+    }
   })
 
 /** Sends a message on the control channel, naming the channel in its failure (as the reader's failures do). */

@@ -185,6 +185,8 @@ const receiveRounds = (
   recv: MultifdRecv.MultifdRecv["Type"],
   conversation: {
     readonly next: Effect.Effect<Control.Message, Failure>
+    /** The control message being received now, if any (`Conversation.Reader.inside`). */
+    readonly inside: () => string | undefined
     readonly tell: (message: Control.Message) => Effect.Effect<void, Told>
   },
   digest: Effect.Effect<ReadonlyArray<GuestRam.BlockDigest>, MigrationError.MigrationError>,
@@ -223,7 +225,12 @@ const receiveRounds = (
           Effect.raceFirst(conversation.next, recv.failure),
           progress,
           peer,
-          "without any data from the source"
+          // a frame whose length was corrupted on the way waits for bytes the source never sends (it waits for the
+          // answer): data did come, and where it stopped is what a user needs to know
+          () => {
+            const frame = conversation.inside()
+            return frame === undefined ? "without any data from the source" : `waiting for the rest of ${frame}`
+          }
         ).pipe(
           // where the silence began: the channels stuck inside a packet, if any
           Effect.catchTag("MigrationError", (e) =>
@@ -445,7 +452,7 @@ export const run = <E>(listener: Transport.Listener, settings: Settings<E>): Eff
     // that broke (a tunnel or proxy ends a connection gracefully when its other side broke, Done perhaps lost on
     // the way), and the source may not have heard Done: it may resume its guest, and this copy is not the result
     const byeDue = hello.bye === true
-    const { closed: controlClosed, failure: controlFailure, inbox: received } = yield* Conversation.reader(
+    const { closed: controlClosed, failure: controlFailure, inbox: received, inside } = yield* Conversation.reader(
       ctl,
       "source",
       (last) => Effect.map(Deferred.isDone(doneSent), (done) => done && (!byeDue || last?._tag === "Bye")),
@@ -604,7 +611,7 @@ export const run = <E>(listener: Transport.Listener, settings: Settings<E>): Eff
 
       const { complete, rounds, digest: computing } = yield* receiveRounds(
         recv,
-        { next, tell },
+        { next, tell, inside },
         digest,
         timeouts.peer,
         describeMissing,

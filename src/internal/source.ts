@@ -91,7 +91,7 @@ export const run = (
     // once Done came the destination has everything and closes the main channel when it saw the multifd
     // channels end, which may come before this side is done ending them: that close is the conversation's end
     const doneReceived = yield* Deferred.make<void>()
-    const { failure: readerFailure, inbox: received } = yield* Conversation.reader(
+    const { failure: readerFailure, inbox: received, inside } = yield* Conversation.reader(
       control,
       "destination",
       () => Deferred.isDone(doneReceived)
@@ -164,8 +164,16 @@ export const run = (
                   : "it may have refused this source (TLS authorization) or not be a multifd destination")
           })
           : Effect.fail(error)))
+    /**
+     * What a wait for the destination's word waited for, and where that word stopped if it stopped inside a message
+     * (its frame's length corrupted on the way: the rest never comes, and the destination waits too).
+     */
+    const waitingFor = (waiting: string) => () => {
+      const frame = inside()
+      return frame === undefined ? waiting : `${waiting} (its answer stopped inside ${frame})`
+    }
     const next = (waiting: string) =>
-      Effect.raceFirst(Queue.take(inbox), controlFailure).pipe(within(timeouts.peer, waiting))
+      Effect.raceFirst(Queue.take(inbox), controlFailure).pipe(within(timeouts.peer, waitingFor(waiting)))
     const tell = (message: Control.Message) => Conversation.tell(control, message)
 
     const withinMs = Duration.toMillis(Duration.decode(settings.reconnect.within))
@@ -182,7 +190,7 @@ export const run = (
         made.add(lossKey(channel, hex))
         yield* tell(new Control.Reattach({ channel, nonce: hex }))
         return yield* Effect.raceFirst(Deferred.await(answer), controlFailure).pipe(
-          within(timeouts.peer, `waiting for the destination to let multifd channel ${channel} re-attach`)
+          within(timeouts.peer, waitingFor(`waiting for the destination to let multifd channel ${channel} re-attach`))
         )
       }).pipe(Effect.ensuring(Effect.sync(() => reattached.delete(channel))))
 
@@ -264,7 +272,7 @@ export const run = (
               Effect.raceFirst(Effect.raceFirst(Queue.take(inbox), controlFailure), send.failure),
               heardOf(send),
               timeouts.peer,
-              "waiting for the destination to acknowledge the flush"
+              waitingFor("waiting for the destination to acknowledge the flush")
             )
             if (ack._tag !== "FlushAck") return yield* Conversation.unexpected(ack, `instead of FlushAck for round ${round}`)
             if (ack.round !== round) {

@@ -44,7 +44,10 @@ export const unlessStalled = <A, E, R>(
   return Effect.raceFirst(effect, watch)
 }
 
-/** `Effect.timeoutFail` with the migration's timeout error. */
-export const within = (after: Duration.DurationInput, what: string) =>
+/** `Effect.timeoutFail` with the migration's timeout error (`what` asked when it fires, if a function). */
+export const within = (after: Duration.DurationInput, what: string | (() => string)) =>
 <A, E, R>(effect: Effect.Effect<A, E, R>): Effect.Effect<A, E | MigrationError.MigrationError, R> =>
-  Effect.timeoutFail(effect, { duration: Duration.decode(after), onTimeout: () => MigrationError.timeout(what, after) })
+  Effect.timeoutFail(effect, {
+    duration: Duration.decode(after),
+    onTimeout: () => MigrationError.timeout(typeof what === "string" ? what : what(), after)
+  })
