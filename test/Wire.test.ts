@@ -13,6 +13,11 @@
  *   both time out after the peer timeout, and the side inside the frame says so (where it said "without any data
  *   from the source", which was not true).
  *
+ * - A destination that accepts and then reads nothing on its multifd channels (a zero window: its buffers and this
+ *   side's fill up): the source times out after the peer timeout, holding no more than its channels' batches
+ *   (checked by hand: a few MiB of RSS over 64 MiB of pages), and says where sending stopped — the bytes written
+ *   that the destination has not taken, and its address (it said only "without progress sending pages").
+ *
  * Real sockets on loopback, fake peers (test/support/fakeSource.ts, fakeDestination.ts), the TestClock.
  */
 import { describe, expect, it } from "@effect/vitest"
@@ -94,6 +99,37 @@ describe("a control message whose frame length was corrupted on the way (TestClo
         "timed out after 2s waiting for the destination to acknowledge the flush " +
           `(its answer stopped inside a control message of ${announced} bytes on the main channel)`
       )
+    })))
+})
+
+describe("a destination that accepts and never reads its multifd channels (a zero window) (TestClock)", () => {
+  it.effect("the source times out after the peer timeout saying how many bytes the destination has not taken, and where", () =>
+    leakFree(Effect.gen(function*() {
+      // 32 MiB of random pages: more than the kernels' buffers of two loopback connections hold
+      const ram = yield* GuestRam.make({ blocks: [{ name: "pc.ram", bytes: Crypto.randomBytes(32 << 20) }] })
+      const listener = yield* Transport.listen(tcp0)
+      const held: Array<Transport.Connection> = []
+      yield* Effect.forkScoped(Effect.gen(function*() {
+        const control = yield* listener.accept
+        yield* control.read(4)
+        yield* Control.receive(control)
+        yield* Control.send(control, new Control.Accept({ heartbeats: true, bye: true }))
+        // its channels, accepted and never read
+        while (true) held.push(yield* listener.accept)
+      }).pipe(Effect.ignore))
+      const source = yield* Effect.forkScoped(
+        Migration.migrate({ address: listener.address, channels: 2, timeouts: TIMEOUTS, reconnect: 0 }).pipe(
+          Effect.provide(Transport.layer),
+          Effect.provideService(GuestRam.GuestRam, ram)
+        )
+      )
+      const error = yield* timeoutOf(source, "the source")
+      const address = Transport.formatAddress(listener.address).replace(/\./g, "\\.")
+      expect(error.message).toMatch(new RegExp(
+        `^timed out after 2s without progress sending pages \\(\\d+ bytes written on the multifd channels are not taken by ` +
+          `${address}: it reads nothing, or the path to it is dead\\)$`
+      ))
+      expect(held.length).toBe(2)
     })))
 })
 

@@ -51,6 +51,12 @@ export interface Sink<E> {
    * progress reports count them. Without it they count the pages handed to the sink.
    */
   readonly pagesSent?: Effect.Effect<number> | undefined
+  /**
+   * Where sending stopped, for the message of a round that made no progress for the stall timeout, if the sink can
+   * tell: the bytes written that its peer has not taken (a peer that reads nothing, a dead path), and who that is.
+   * `undefined` when nothing waits on the peer.
+   */
+  readonly stalled?: Effect.Effect<string | undefined> | undefined
 }
 
 /** A round as it starts (its pages chosen) and as it ends (flushed: the destination has its pages). */
@@ -114,6 +120,9 @@ const rateOf = (bytesPerSecond: number): string =>
 
 /** The progress report, as a message names it. */
 const REPORT = "the progress report (onProgress)"
+
+/** What a round's stall watch says when nothing moved for the stall timeout. */
+const STALLED = "without progress sending pages"
 
 /** What a transfer waits for while its progress report runs. */
 const REPORT_WAIT = "waiting for the progress report (onProgress) to return"
@@ -266,11 +275,28 @@ export const run = <E, F>(
           }
           yield* reportingMeanwhile(sink.sync)
         })
+        // the stall watch's own timeout (not a report's): said with where sending stopped, when the sink can tell
+        let stalled = false
         yield* unlessStalled(
           Effect.raceFirst(transfer, sink.failure),
           sink.heard === undefined ? sink.progress : Effect.zipWith(sink.progress, sink.heard, (sent, heard) => sent + heard),
           options.stallTimeout,
-          () => (reporting ? REPORT_WAIT : "without progress sending pages")
+          () => {
+            if (reporting) return REPORT_WAIT
+            stalled = true
+            return STALLED
+          }
+        ).pipe(
+          Effect.catchAll((error) =>
+            !stalled || sink.stalled === undefined || !(error instanceof MigrationError.MigrationError)
+              ? Effect.fail(error)
+              : Effect.flatMap(sink.stalled, (where) =>
+                Effect.fail(
+                  where === undefined
+                    ? error
+                    : new MigrationError.MigrationError({ reason: error.reason, detail: `${error.detail} (${where})` })
+                ))
+          )
         )
         yield* options.flush(round, phase === "switchover")
         // the destination has every page of the round: the last report of a round says all of it

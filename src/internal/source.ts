@@ -242,7 +242,14 @@ export const run = (
           failure: send.failure,
           progress: Effect.map(send.stats, (s) => s.sentBytes),
           heard: heardOf(send),
-          pagesSent: Effect.map(send.stats, (s) => s.sentPages)
+          pagesSent: Effect.map(send.stats, (s) => s.sentPages),
+          // bytes the channels wrote that their sockets could not hand to the kernel: the destination's buffers and
+          // this side's are full (it reads nothing, or the path to it is dead)
+          stalled: Effect.map(send.stats, (s) =>
+            s.bytes > s.sentBytes
+              ? `${s.bytes - s.sentBytes} bytes written on the multifd channels are not taken by ` +
+                `${Transport.formatAddress(settings.address)}: it reads nothing, or the path to it is dead`
+              : undefined)
         },
         started,
         live: settings.live,
