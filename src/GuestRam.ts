@@ -282,10 +282,21 @@ export const checkLayout = (
   const seen = new Set<string>()
   for (const { name, size } of layout) {
     const nameBytes = globalThis.Buffer.byteLength(name, "utf8")
-    if (nameBytes === 0 || nameBytes > MAX_BLOCK_NAME_BYTES || name.includes("\0") || /\p{Cs}/u.test(name)) {
+    // what is wrong with it, said (a name cut inside an emoji, 9 bytes and no NUL, was told only the rule)
+    const wrong = nameBytes === 0
+      ? "is empty"
+      : nameBytes > MAX_BLOCK_NAME_BYTES
+      ? `is ${nameBytes} bytes long`
+      : name.includes("\0")
+      ? "contains a NUL"
+      : /\p{Cs}/u.test(name)
+      // (UTF-8 has no form for it: on the wire it would be U+FFFD, another name)
+      ? "contains half of a character (a lone UTF-16 surrogate: a string cut inside an emoji?), which UTF-8 cannot carry"
+      : undefined
+    if (wrong !== undefined) {
       return new GuestRamError({
         reason: "BadBlockName",
-        detail: `block name ${PeerText.quoted(name)} must be 1-${MAX_BLOCK_NAME_BYTES} bytes without NUL`
+        detail: `block name ${PeerText.quoted(name)} ${wrong}: a name is 1-${MAX_BLOCK_NAME_BYTES} UTF-8 bytes without NUL`
       })
     }
     if (seen.has(name)) {

@@ -101,6 +101,20 @@ describe("GuestRam.make validation", () => {
       yield* failsWith({ blocks: [{ name: "ok", size: 4096 }, { name: "", size: 4096 }] }, "BadBlockName")
     }))
 
+  it.effect("a bad block name's error says what is wrong with it, not only the rule (a name cut inside an emoji has no NUL and is short)", () =>
+    Effect.gen(function*() {
+      const said = (name: string) => Effect.map(failsWith({ blocks: [{ name, size: 4096 }] }, "BadBlockName"), (e) => e.message)
+      const rule = "a name is 1-255 UTF-8 bytes without NUL"
+      expect(yield* said("")).toBe(`invalid memory layout: block name "" is empty: ${rule}`)
+      expect(yield* said("é".repeat(128))).toBe(`invalid memory layout: block name "${"é".repeat(100)}"… (28 more characters) is 256 bytes long: ${rule}`)
+      expect(yield* said("m\0em")).toBe(`invalid memory layout: block name "m\\u0000em" contains a NUL: ${rule}`)
+      // "cache-😀" cut after 7 UTF-16 code units: half of the emoji
+      expect(yield* said("cache-😀".slice(0, 7))).toBe(
+        "invalid memory layout: block name \"cache-\\ud83d\" contains half of a character (a lone UTF-16 surrogate: a " +
+          `string cut inside an emoji?), which UTF-8 cannot carry: ${rule}`
+      )
+    }))
+
   it.effect("accepts names of exactly 255 UTF-8 bytes", () =>
     Effect.gen(function*() {
       const names = ["a".repeat(255), "é".repeat(127) + "a", "😀".repeat(63) + "abc"]

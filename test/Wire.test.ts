@@ -41,6 +41,7 @@ import { BLOCK, BLOCK_PAGES, fakeSource, PAGE } from "./support/fakeSource.js"
 import { noHang } from "./support/guards.js"
 import { leakFree } from "./support/handles.js"
 import { hostileProxy } from "./support/hostileProxy.js"
+import { controlMagic } from "./support/wire.js"
 import { expectNothingLeft } from "./support/leakProbe.js"
 
 const TIMEOUTS = { connect: "2 seconds", handshake: "2 seconds", peer: "2 seconds" } as const
@@ -99,6 +100,32 @@ describe("a control message whose frame length was corrupted on the way (TestClo
         "timed out after 2s waiting for the destination to acknowledge the flush " +
           `(its answer stopped inside a control message of ${announced} bytes on the main channel)`
       )
+    })))
+})
+
+describe("a hello whose block name is half a character (a lone UTF-16 surrogate, which its JSON carries as \\ud83d)", () => {
+  it.live("the destination refuses it saying so, not only that a name is 1-255 bytes without NUL (which it is)", () =>
+    leakFree(Effect.gen(function*() {
+      const listener = yield* Transport.listen(tcp0)
+      const destination = yield* Effect.forkScoped(Migration.incoming(listener, { timeouts: TIMEOUTS }))
+      const control = yield* Transport.connect(listener.address)
+      const hello = new Control.Hello({
+        version: Control.VERSION,
+        uuid: Crypto.randomUUID(),
+        pageSize: PAGE,
+        channels: 1,
+        compression: "none",
+        zeroPage: "multifd",
+        blocks: [{ name: "cache-😀".slice(0, 7), size: 16 * PAGE }]
+      })
+      yield* control.write([controlMagic(), Control.encode(hello)])
+      const answer = yield* Control.receive(control)
+      expect(answer._tag).toBe("Reject")
+      expect((answer as Control.Reject).reason).toBe(
+        "invalid memory layout: block name \"cache-\\ud83d\" contains half of a character (a lone UTF-16 surrogate: a " +
+          "string cut inside an emoji?), which UTF-8 cannot carry: a name is 1-255 UTF-8 bytes without NUL"
+      )
+      yield* Fiber.interrupt(destination)
     })))
 })
 
