@@ -580,3 +580,41 @@ describe("send --in of an image that another process writes while it is read", (
     }
   })
 })
+
+describe("a directory whose fsync fails after the rename (EIO: the file is in place, its entry not yet durable)", () => {
+  // the error said only "DIR: cannot sync the directory: input/output error" (recv, and send's "could not store the
+  // image"), "snapshot S: cannot sync its directory": read as a failure that left OUT as it was, while the older file
+  // was gone and the new one in its place
+  it("recv --out and send file: fail saying that the new file is in place and the older one gone", async (ctx) => {
+    const why = straceMissing()
+    if (why !== undefined) return ctx.skip(`strace cannot run here: ${why}`)
+    const image = Path.join(dir, "unsynced.raw")
+    Fs.writeFileSync(image, Crypto.randomBytes(256 * 1024))
+    const at = Path.join(dir, "unsynced")
+    Fs.mkdirSync(at)
+    // -P: the directory's own fsync alone fails, not the file's (its path is another)
+    const failDirectorySync = ["strace", "-f", "-qq", "-o", "/dev/null", "-P", at, "-e", "trace=fsync", "-e", "inject=fsync:error=EIO"]
+    const inPlace = (file: string, older: string) =>
+      `${file}: the new file is in place${older}, but its directory ${at} could not be synced to make that durable, ` +
+      "so a crash may undo it: input/output error"
+    const out = Path.join(at, "o.img")
+    Fs.writeFileSync(out, "older")
+    const recv = await startRecvUnder(failDirectorySync, ["tcp:127.0.0.1:0", "--out", out])
+    const send = await run(["send", `tcp:127.0.0.1:${recv.port}`, "--in", image])
+    const received = await recv.finished
+    expect([received.code, received.stderr.trim().split("\n").at(-1)]).toEqual([
+      1,
+      `multifd: error: ${inPlace(out, " (the older one is gone)")}`
+    ])
+    expect([send.code, send.stderr.trim()]).toEqual([
+      1,
+      `multifd: error: the destination could not store the image: ${inPlace(out, " (the older one is gone)")}`
+    ])
+    const snapshot = Path.join(at, "s.snap")
+    const save = await runUnder(failDirectorySync, ["send", `file:${snapshot}`, "--in", image])
+    expect([save.code, save.stderr.trim()]).toEqual([1, `multifd: error: snapshot ${inPlace(snapshot, "")}`])
+    // what they said: both are there, complete, and nothing beside them
+    expect(Fs.readdirSync(at).sort()).toEqual(["o.img", "s.snap"])
+    expect(Fs.readFileSync(out).equals(Fs.readFileSync(image))).toBe(true)
+  })
+})

@@ -248,7 +248,10 @@ const writeError = (path: string, error: FileIo.FileError): ImageError => {
         cause
       })
     case "SyncDirectory":
-      return syncError(error)
+      // after the rename: the image is in place, and the older file gone
+      return error.replaced === undefined
+        ? syncError(error)
+        : new ImageError({ reason: "Io", path, detail: FileIo.describeUnsynced(error), cause })
     case "OpenDirectory":
       return new ImageError({ reason: "Unusable", path, detail: FileIo.describeOpenDirectory(error), cause })
     default:

@@ -165,7 +165,10 @@ const writeError = (path: string) => (error: FileIo.FileError): SnapshotError =>
     case "Rename":
       return io(path, `cannot rename ${temporary} to it`, error.cause)
     case "SyncDirectory":
-      return io(path, "cannot sync its directory", error.cause)
+      // after the rename: the snapshot is in place, and the older file gone
+      return error.replaced === undefined
+        ? io(path, "cannot sync its directory", error.cause)
+        : new SnapshotError({ reason: "Io", path, detail: FileIo.describeUnsynced(error), cause: error.cause })
     case "OpenDirectory":
       return new SnapshotError({ reason: "Unusable", path, detail: FileIo.describeOpenDirectory(error), cause: error.cause })
     default:

@@ -109,13 +109,28 @@ export class FileError extends Data.TaggedError("FileError")<{
   /** The transfer that failed (`Read`, `Ended`, `Write`), or the length asked for (`Size`). */
   readonly position?: number | undefined
   readonly length?: number | undefined
+  /**
+   * A `SyncDirectory` after an `atomicFile`'s rename: the target, where the new file is already (an older file
+   * there, if there was one, is gone); only the rename's durability failed. `describeUnsynced` words it.
+   */
+  readonly replaced?: { readonly target: string; readonly older: boolean } | undefined
   readonly cause?: unknown
 }> {
   override get message(): string {
+    if (this.replaced !== undefined) return `${this.replaced.target}: ${describeUnsynced(this)}`
     const why = this.cause === undefined ? "" : `: ${describe(this.cause)}`
     return `${this.path}: ${this.step.toLowerCase()} failed${why}`
   }
 }
+
+/**
+ * A `SyncDirectory` error of a file already renamed into place (`replaced`), worded for the user of that file: it is
+ * there, complete, and the older file is gone, but a crash may still undo the rename. Without saying so, "cannot sync
+ * the directory" read as a failure that left the target as it was.
+ */
+export const describeUnsynced = (error: FileError): string =>
+  `the new file is in place${error.replaced?.older === true ? " (the older one is gone)" : ""}, but its directory ` +
+  `${error.path} could not be synced to make that durable, so a crash may undo it: ${describe(error.cause)}`
 
 // ---------------------------------------------------------------------------------------------------------
 // Opening
@@ -368,7 +383,7 @@ export interface AtomicFile extends File {
   /**
    * close, rename to the target and fsync its directory, uninterruptibly: once it starts, the target is
    * replaced and the replacement durable, or it fails (and the target is untouched unless the directory's
-   * fsync failed). Call it after `sync`; `commit` is both.
+   * fsync failed: that `SyncDirectory` error has `replaced`). Call it after `sync`; `commit` is both.
    */
   readonly publish: Effect.Effect<void, FileError>
   /** Whether the target has been replaced (`publish` renamed the temporary file). */
@@ -862,12 +877,20 @@ export const atomicFile = (
       yield* Effect.tryPromise({ try: () => FsP.rename(path, target), catch: failed("Rename") })
       yield* Ref.set(committed, true)
       temporaries.delete(key)
-      // the directory held open (where it went, had it been renamed since), else opened now
+      // the directory held open (where it went, had it been renamed since), else opened now. Failing, it says
+      // that the target was replaced already
       const held = temporary.directory
       yield* flushingFor(
         target,
         held === undefined ? syncDirectory(Path.dirname(target)) : syncHandle(held, Path.dirname(target))
-      )
+      ).pipe(Effect.mapError((error) =>
+        new FileError({
+          step: error.step,
+          path: error.path,
+          cause: error.cause,
+          replaced: { target, older: existing !== undefined }
+        })
+      ))
     }))
     return {
       path,

@@ -125,6 +125,8 @@ const fileError = (path: string, what: string) => (error: FileIo.FileError) =>
       ? FileIo.describeUnsafe(path, error)
       : error.step === "OpenDirectory"
       ? FileIo.describeOpenDirectory(error)
+      : error.replaced !== undefined
+      ? FileIo.describeUnsynced(error)
       : `cannot ${what}: ${error.step.toLowerCase()} failed` +
         (error.cause === undefined ? "" : `: ${FileIo.describe(error.cause)}`),
     cause: error
