@@ -11,10 +11,14 @@ import * as Net from "node:net"
 import * as Os from "node:os"
 import * as Path from "node:path"
 import { afterAll, afterEach, beforeAll, describe, expect, it } from "@effect/vitest"
+import * as Deferred from "effect/Deferred"
 import * as Effect from "effect/Effect"
 import { inject } from "vitest"
 import * as GuestRam from "../src/GuestRam.js"
+import * as MappedRam from "../src/MappedRam.js"
+import * as QemuIncoming from "../src/QemuIncoming.js"
 import * as Snapshot from "../src/Snapshot.js"
+import * as Transport from "../src/Transport.js"
 import { killChildren, ROOT, run, runHere, runRecvHereUntilListening, startRecv } from "./support/cli.js"
 import { writeAtRead } from "./support/fanotify.js"
 import { onExt4, onTmpfs } from "./support/files.js"
@@ -616,5 +620,61 @@ describe("a directory whose fsync fails after the rename (EIO: the file is in pl
     // what they said: both are there, complete, and nothing beside them
     expect(Fs.readdirSync(at).sort()).toEqual(["o.img", "s.snap"])
     expect(Fs.readFileSync(out).equals(Fs.readFileSync(image))).toBe(true)
+  })
+})
+
+describe("recv --from-qemu --out-dir whose second block cannot be renamed into place (EIO)", () => {
+  /** A mapped-ram file of QEMU's captured VM with two RAM blocks, mem (0x11) and vga.vram (0x22), at `file`. */
+  const twoBlockVm = (file: string) =>
+    Effect.gen(function*() {
+      const port = yield* Deferred.make<number>()
+      const [received] = yield* Effect.all([
+        QemuIncoming.listenAndReceive({ _tag: "Tcp", host: "127.0.0.1", port: 0 }, {
+          channels: 2,
+          vm: true,
+          onListening: (address) => Deferred.succeed(port, address._tag === "Tcp" ? address.port : 0)
+        }),
+        Effect.flatMap(Deferred.await(port), (p) => Effect.promise(() => replayQemu(p)))
+      ], { concurrency: "unbounded" })
+      const ram = yield* GuestRam.make({
+        pageSize: 4096,
+        blocks: [{ name: "mem", bytes: Buffer.alloc(16 * 4096, 0x11) }, { name: "vga.vram", bytes: Buffer.alloc(16 * 4096, 0x22) }]
+      })
+      yield* MappedRam.write(file, { ...received.vm!, ram })
+    }).pipe(Effect.scoped, Effect.provide(Transport.layer), Effect.runPromise)
+
+  // every block was written and synced first, then each renamed into place in turn: a rename that failed at the second
+  // left the first block this migration's and the second an earlier one's (the README: "never a mix of two migrations'
+  // blocks"), and the error named only the second ("cannot write the image")
+  it("puts back the block renamed before it: the directory as it was, the error saying so", async (ctx) => {
+    const why = straceMissing()
+    if (why !== undefined) return ctx.skip(`strace cannot run here: ${why}`)
+    const vm = Path.join(dir, "two-blocks.vm")
+    await twoBlockVm(vm)
+    // one thread of libuv's pool does every file operation: strace counts each thread's calls on their own
+    const failSecondRename = [
+      "env", "UV_THREADPOOL_SIZE=1",
+      "strace", "-f", "-qq", "-o", "/dev/null", "-e", "trace=rename", "-e", "inject=rename:error=EIO:when=2"
+    ]
+    for (const older of [true, false]) {
+      const out = Path.join(dir, `two-blocks-${older}`)
+      Fs.mkdirSync(out)
+      if (older) {
+        Fs.writeFileSync(Path.join(out, "mem.img"), "older")
+        Fs.writeFileSync(Path.join(out, "vga.vram.img"), "older")
+      }
+      const recv = await runUnder(failSecondRename, ["recv", `file:${vm}`, "--from-qemu", "--out-dir", out])
+      const undone = older ? "mem.img put back" : "mem.img removed (there was none)"
+      expect([recv.code, recv.stderr.trim()], String(older)).toEqual([
+        1,
+        `multifd: error: ${out}/vga.vram.img: cannot write the image: input/output error; undone: ${undone}: every file ` +
+          "is as it was"
+      ])
+      expect(Fs.readdirSync(out).sort(), String(older)).toEqual(older ? ["mem.img", "vga.vram.img"] : [])
+      if (older) {
+        expect([Fs.readFileSync(Path.join(out, "mem.img"), "utf8"), Fs.readFileSync(Path.join(out, "vga.vram.img"), "utf8")])
+          .toEqual(["older", "older"])
+      }
+    }
   })
 })

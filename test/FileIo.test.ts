@@ -188,14 +188,16 @@ describe("FileIo.atomicFile", () => {
       expect([Fs.readdirSync(shared), Fs.readFileSync(theirs, "utf8")]).toEqual([["theirs.img"], "theirs"])
     }))
 
-  it.scopedLive("removeTemporariesNow (a second Ctrl-C, exiting without closing scopes) removes the open temporary files, not committed ones", () =>
+  it.scopedLive("removeTemporariesNow (a second Ctrl-C, exiting without closing scopes) removes the open temporary files and kept older files' second names, not committed ones", () =>
     Effect.gen(function*() {
       const dir = yield* tempDir
       yield* Effect.scoped(Effect.gen(function*() {
         const done = yield* FileIo.atomicFile(Path.join(dir, "done.img"))
         yield* done.commit
         const open = yield* FileIo.atomicFile(Path.join(dir, "open.img"), { size: 4096 })
-        expect(Fs.readdirSync(dir).sort()).toEqual(["done.img", Path.basename(open.path)])
+        // an older file kept while several are published (recv --out-dir's blocks): a second name of it
+        const older = yield* FileIo.keepOlder(Path.join(dir, "done.img"))
+        expect(Fs.readdirSync(dir).sort()).toEqual(["done.img", Path.basename(older.path!), Path.basename(open.path)].sort())
         FileIo.removeTemporariesNow()
         expect(Fs.readdirSync(dir)).toEqual(["done.img"])
       }))
@@ -483,6 +485,34 @@ describe("FileIo.atomicFile after a killed process", () => {
       )
       expect([Fs.readdirSync(dir), Fs.readFileSync(target, "utf8")]).toEqual([["out.img"], "whole"])
       expect(warnings).toEqual([`removed ${leftover}, which a process that is gone left beside out.img`])
+    }))
+})
+
+describe("FileIo.keepOlder and putBack (undoing a publish of several files)", () => {
+  it.scopedLive("the older file kept under a second name is put back, a file that was none removed; a second name a killed process left is removed by the next write", () =>
+    Effect.gen(function*() {
+      const dir = yield* tempDir
+      const [a, b] = [Path.join(dir, "a.img"), Path.join(dir, "b.img")]
+      Fs.writeFileSync(a, "older")
+      yield* Effect.scoped(Effect.gen(function*() {
+        const olders = [yield* FileIo.keepOlder(a), yield* FileIo.keepOlder(b)]
+        expect(olders).toEqual([{ existed: true, path: `${a}.${process.pid}.older` }, { existed: false, path: undefined }])
+        for (const target of [a, b]) {
+          const file = yield* FileIo.atomicFile(target)
+          yield* FileIo.transfer("write", file, Buffer.from("newer"), 0, 5, 0)
+          yield* file.commit
+        }
+        yield* FileIo.putBack(a, olders[0]!)
+        yield* FileIo.putBack(b, olders[1]!)
+      }))
+      expect([Fs.readdirSync(dir), Fs.readFileSync(a, "utf8")]).toEqual([["a.img"], "older"])
+      const gone = ChildProcess.spawnSync(process.execPath, ["-e", ""]).pid!
+      Fs.writeFileSync(Path.join(dir, `a.img.${gone}.older`), "older")
+      const warnings: Array<string> = []
+      yield* Effect.scoped(FileIo.atomicFile(a)).pipe(
+        Effect.provide(Logger.replace(Logger.defaultLogger, Logger.make(({ message }) => warnings.push(String(message)))))
+      )
+      expect([Fs.readdirSync(dir), warnings]).toEqual([["a.img"], [`removed a.img.${gone}.older, which a process that is gone left beside a.img`]])
     }))
 })
 

@@ -369,7 +369,8 @@ export const run = (args: Args) =>
             yield* file.write([ram.blocks[i]!.bytes])
             files.push(file)
           }
-          yield* Effect.uninterruptible(Effect.forEach(files, (file) => file.publish, { discard: true }))
+          // all or none: a block that cannot be renamed into place puts back the ones renamed before it
+          yield* Image.publishAll(files)
         }).pipe(Effect.mapError(storeFailure)))
         yield* warnOtherBlocks(dir, paths)
       })

@@ -105,6 +105,8 @@ const readError = (path: string, error: FileIo.FileError): ImageError => {
 export interface Output {
   /** The final path. */
   readonly path: string
+  /** The file the image replaces: `path`, its symbolic links followed. */
+  readonly target: string
   /** The temporary file beside it. */
   readonly temporary: string
   /**
@@ -161,6 +163,7 @@ export const create = (path: string): Effect.Effect<Output, ImageError, Scope.Sc
     const tooBig = (bytes: number) => beyondFileSizeLimit(path, bytes) ?? wontFit(path, Path.dirname(file.path), bytes)
     return {
       path,
+      target: file.target,
       temporary: file.path,
       commit,
       write,
@@ -169,6 +172,49 @@ export const create = (path: string): Effect.Effect<Output, ImageError, Scope.Sc
       tooBig
     }
   })
+
+/**
+ * Renames every output (each one `write`n) into place, as one step as far as a failure goes: the older files they
+ * replace are kept under a second name meanwhile (`FileIo.keepOlder`), and when one cannot be renamed into place (or
+ * its directory synced after it) every one renamed before it (and itself) is put back, so that the outputs are all
+ * this write's or all as they were — `recv --from-qemu --out-dir`'s blocks never a mix of two migrations'. The error
+ * is the failed output's, saying what was put back (or, should that fail too, what was not). Uninterruptible.
+ */
+export const publishAll = (outputs: ReadonlyArray<Output>): Effect.Effect<void, ImageError> =>
+  Effect.uninterruptible(Effect.scoped(Effect.gen(function*() {
+    const olders = yield* Effect.forEach(outputs, (output) => FileIo.keepOlder(output.target))
+    for (const [i, output] of outputs.entries()) {
+      const published = yield* Effect.either(output.publish)
+      if (published._tag === "Right") continue
+      const failed = published.left
+      // renamed, and only its directory's sync failed: put back as well
+      const renamed = yield* output.committed
+      const undo = outputs.slice(0, renamed ? i + 1 : i)
+      if (undo.length === 0) return yield* failed
+      const undone: Array<string> = []
+      const notBack: Array<string> = []
+      for (const [j, done] of undo.entries()) {
+        const name = Path.basename(done.path)
+        const back = yield* Effect.either(FileIo.putBack(done.target, olders[j]))
+        if (back._tag === "Right") undone.push(olders[j]!.existed ? `${name} put back` : `${name} removed (there was none)`)
+        else notBack.push(`${name} (${FileIo.describe(back.left.cause)})`)
+      }
+      const dirs = [...new Set(undo.map((done) => Path.dirname(done.target)))]
+      yield* Effect.forEach(dirs, (dir) => Effect.ignore(FileIo.syncDirectory(dir)), { discard: true })
+      const detail = renamed
+        ? `its directory could not be synced after the rename: ${FileIo.describe(failed.cause)}`
+        : failed.detail
+      return yield* new ImageError({
+        reason: "Io",
+        path: failed.path,
+        detail: notBack.length === 0
+          ? `${detail}; undone: ${undone.join(", ")}: every file is as it was`
+          : `${detail}; ${undone.length === 0 ? "" : `undone: ${undone.join(", ")}; `}not undone, this write's: ` +
+            `${notBack.join(", ")}`,
+        cause: failed.cause
+      })
+    }
+  })))
 
 /**
  * Whether `a` and `b` name one existing file (symbolic links followed, hard links included): writing one would

@@ -443,17 +443,78 @@ export const removeStale = (target: string): Effect.Effect<ReadonlyArray<string>
     const prefix = `${temporaryStem(target)}.`
     const removed: Array<string> = []
     for (const name of await FsP.readdir(dir).catch(() => [] as Array<string>)) {
-      if (!name.startsWith(prefix) || !name.endsWith(".partial")) continue
-      const pid = name.slice(prefix.length, -".partial".length)
+      const suffix = name.endsWith(".partial") ? ".partial" : name.endsWith(".older") ? ".older" : undefined
+      if (!name.startsWith(prefix) || suffix === undefined) continue
+      const pid = name.slice(prefix.length, -suffix.length)
       if (!/^[1-9][0-9]{0,9}$/.test(pid)) continue
       const mine = Number(pid) === process.pid
-      if (mine ? temporaries.has(Path.resolve(temporaryOf(target, pid))) : processExists(Number(pid))) continue
+      const held = suffix === ".partial"
+        ? temporaries.has(Path.resolve(temporaryOf(target, pid)))
+        : olders.has(Path.resolve(olderOf(target, pid)))
+      if (mine ? held : processExists(Number(pid))) continue
       const path = Path.join(dir, name)
       const stat = await FsP.lstat(path).catch(() => undefined)
       if (stat?.isFile() !== true) continue
       if (await FsP.rm(path).then(() => true, () => false)) removed.push(name)
     }
     return removed
+  })
+
+/** The second name `keepOlder` gives the file at `target` (`<target>.<pid>.older`, a name cut as `temporaryOf`'s). */
+const olderOf = (target: string, pid: number | string): string =>
+  `${temporaryOf(target, pid).slice(0, -".partial".length)}.older`
+
+/** The second names `keepOlder` holds now (resolved): `removeStale` leaves them alone. */
+const olders = new Set<string>()
+
+/**
+ * The file `keepOlder` found at a target: none, or one kept under a second name (`path`), or one it could not keep
+ * (`path` undefined: a file system without hard links), which nothing can put back.
+ */
+export interface Older {
+  readonly existed: boolean
+  readonly path: string | undefined
+}
+
+/**
+ * Keeps the file now at `target` (if there is one) under a second name beside it, a hard link `<target>.<pid>.older`,
+ * for as long as the scope is open: a publish of several files that fails at one of them can then put back the older
+ * files that the ones published before it replaced (`putBack`). The name is removed when the scope closes; one that a
+ * killed process left is removed, with a warning, by the next `atomicFile` of the target (`removeStale`).
+ */
+export const keepOlder = (target: string): Effect.Effect<Older, never, Scope.Scope> =>
+  Effect.acquireRelease(
+    Effect.promise(async (): Promise<Older> => {
+      const existed = await FsP.lstat(target).then(() => true, () => false)
+      if (!existed) return { existed, path: undefined }
+      const older = olderOf(target, process.pid)
+      olders.add(Path.resolve(older))
+      await FsP.rm(older, { force: true }).catch(() => undefined)
+      return FsP.link(target, older).then(() => ({ existed, path: older }), () => {
+        olders.delete(Path.resolve(older))
+        return { existed, path: undefined }
+      })
+    }),
+    ({ path }) =>
+      path === undefined ? Effect.void : Effect.promise(async () => {
+        await FsP.rm(path, { force: true }).catch(() => undefined)
+        olders.delete(Path.resolve(path))
+      })
+  )
+
+/**
+ * Undoes the publish of `target`: puts back the older file `keepOlder` kept, or removes `target` where there was
+ * none. Fails (the step `Rename`, on `target`) where it cannot: the system's error, or an older file not kept.
+ */
+export const putBack = (target: string, older: Older): Effect.Effect<void, FileError> =>
+  Effect.tryPromise({
+    try: () =>
+      !older.existed
+        ? FsP.rm(target)
+        : older.path !== undefined
+        ? FsP.rename(older.path, target)
+        : Promise.reject(new Error("the older file could not be kept (no second name could be made for it)")),
+    catch: (cause) => new FileError({ step: "Rename", path: target, cause })
   })
 
 /** Links followed before giving up, as Linux's own limit for a path (`ELOOP`). */
@@ -616,8 +677,9 @@ const removal = (temporary: Temporary): string =>
     : temporary.path
 
 /**
- * Removes, synchronously, every temporary file of an `atomicFile` this process has open: for a process about
- * to exit without closing its scopes (a second Ctrl-C), which would leave them behind.
+ * Removes, synchronously, every temporary file of an `atomicFile` this process has open, and the second names
+ * `keepOlder` holds: for a process about to exit without closing its scopes (a second Ctrl-C), which would leave
+ * them behind.
  */
 export const removeTemporariesNow = (): void => {
   for (const temporary of temporaries.values()) {
@@ -629,6 +691,15 @@ export const removeTemporariesNow = (): void => {
     }
   }
   temporaries.clear()
+  // the second names of older files kept while several files are published (`keepOlder`): nothing will put them back now
+  for (const older of olders) {
+    try {
+      Fs.rmSync(older, { force: true })
+    } catch {
+      // as above
+    }
+  }
+  olders.clear()
 }
 
 /**
