@@ -134,6 +134,25 @@ const replayQemu = (port: number) =>
     })
   ))
 
+/** A mapped-ram file of QEMU's captured VM with two RAM blocks, mem (0x11) and vga.vram (0x22), at `file`. */
+const twoBlockVm = (file: string) =>
+  Effect.gen(function*() {
+    const port = yield* Deferred.make<number>()
+    const [received] = yield* Effect.all([
+      QemuIncoming.listenAndReceive({ _tag: "Tcp", host: "127.0.0.1", port: 0 }, {
+        channels: 2,
+        vm: true,
+        onListening: (address) => Deferred.succeed(port, address._tag === "Tcp" ? address.port : 0)
+      }),
+      Effect.flatMap(Deferred.await(port), (p) => Effect.promise(() => replayQemu(p)))
+    ], { concurrency: "unbounded" })
+    const ram = yield* GuestRam.make({
+      pageSize: 4096,
+      blocks: [{ name: "mem", bytes: Buffer.alloc(16 * 4096, 0x11) }, { name: "vga.vram", bytes: Buffer.alloc(16 * 4096, 0x22) }]
+    })
+    yield* MappedRam.write(file, { ...received.vm!, ram })
+  }).pipe(Effect.scoped, Effect.provide(Transport.layer), Effect.runPromise)
+
 /** The paths of the directories `fsync`ed (strace -y: `fsync(7</tmp/x>) = 0`), in order. */
 const syncedDirectories = (calls: ReadonlyArray<string>): ReadonlyArray<string> =>
   calls.flatMap((line) => {
@@ -624,25 +643,6 @@ describe("a directory whose fsync fails after the rename (EIO: the file is in pl
 })
 
 describe("recv --from-qemu --out-dir whose second block cannot be renamed into place (EIO)", () => {
-  /** A mapped-ram file of QEMU's captured VM with two RAM blocks, mem (0x11) and vga.vram (0x22), at `file`. */
-  const twoBlockVm = (file: string) =>
-    Effect.gen(function*() {
-      const port = yield* Deferred.make<number>()
-      const [received] = yield* Effect.all([
-        QemuIncoming.listenAndReceive({ _tag: "Tcp", host: "127.0.0.1", port: 0 }, {
-          channels: 2,
-          vm: true,
-          onListening: (address) => Deferred.succeed(port, address._tag === "Tcp" ? address.port : 0)
-        }),
-        Effect.flatMap(Deferred.await(port), (p) => Effect.promise(() => replayQemu(p)))
-      ], { concurrency: "unbounded" })
-      const ram = yield* GuestRam.make({
-        pageSize: 4096,
-        blocks: [{ name: "mem", bytes: Buffer.alloc(16 * 4096, 0x11) }, { name: "vga.vram", bytes: Buffer.alloc(16 * 4096, 0x22) }]
-      })
-      yield* MappedRam.write(file, { ...received.vm!, ram })
-    }).pipe(Effect.scoped, Effect.provide(Transport.layer), Effect.runPromise)
-
   // every block was written and synced first, then each renamed into place in turn: a rename that failed at the second
   // left the first block this migration's and the second an earlier one's (the README: "never a mix of two migrations'
   // blocks"), and the error named only the second ("cannot write the image")
@@ -676,5 +676,29 @@ describe("recv --from-qemu --out-dir whose second block cannot be renamed into p
           .toEqual(["older", "older"])
       }
     }
+  })
+})
+
+describe("recv file: --from-qemu of a QEMU file shortened while it is read (a read meets its end)", () => {
+  // the end of the file where its size at the open said there were bytes: "cannot read the file: ended failed"
+  it("fails as a truncated file (exit 1), saying where it ended, nothing written", async (ctx) => {
+    const why = straceMissing()
+    if (why !== undefined) return ctx.skip(`strace cannot run here: ${why}`)
+    const vm = Path.join(dir, "shortened.vm")
+    await twoBlockVm(vm)
+    const out = Path.join(dir, "shortened.img")
+    Fs.writeFileSync(out, "older")
+    // its second read finds the end (pread64 returns 0), as once another process truncated it
+    const shortened = [
+      "env", "UV_THREADPOOL_SIZE=1",
+      "strace", "-f", "-qq", "-o", "/dev/null", "-P", vm, "-e", "trace=pread64", "-e", "inject=pread64:retval=0:when=2"
+    ]
+    const recv = await runUnder(shortened, ["recv", `file:${vm}`, "--from-qemu", "--out", out])
+    expect(recv.code, recv.stderr).toBe(1)
+    expect(recv.stderr.trim()).toMatch(
+      new RegExp(`^multifd: error: ${vm}: the file ended early, at \\d+ \\(was it truncated while being read\\?\\)$`)
+    )
+    expect(Fs.readdirSync(dir).filter((name) => name.startsWith("shortened.img"))).toEqual(["shortened.img"])
+    expect(Fs.readFileSync(out, "utf8")).toBe("older")
   })
 })

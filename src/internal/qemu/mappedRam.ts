@@ -117,9 +117,15 @@ const fileError = (path: string, what: string) => (error: FileIo.FileError) =>
     reason: error.step === "Open" || error.step === "NotRegular" || error.step === "Create" || error.step === "Unsafe" ||
         error.step === "OpenDirectory"
       ? "Unusable"
+      : error.step === "Ended"
+      ? "Truncated"
       : "Io",
     path,
-    detail: error.step === "NotRegular"
+    // a read that met the end of the file where its size at the open said there were bytes: shortened under the
+    // reader (it said "cannot read the file: ended failed")
+    detail: error.step === "Ended"
+      ? `the file ended early, at ${error.position} (was it truncated while being read?)`
+      : error.step === "NotRegular"
       ? "is not a regular file"
       : error.step === "Unsafe"
       ? FileIo.describeUnsafe(path, error)
