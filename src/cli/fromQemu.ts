@@ -21,8 +21,6 @@
 import * as Clock from "effect/Clock"
 import * as Effect from "effect/Effect"
 import * as Exit from "effect/Exit"
-import * as Logger from "effect/Logger"
-import * as LogLevel from "effect/LogLevel"
 import type * as Scope from "effect/Scope"
 import * as FsSync from "node:fs"
 import * as Fs from "node:fs/promises"
@@ -343,12 +341,10 @@ export const run = (args: Args) =>
     const persist = (ram: GuestRam.GuestRam["Type"], vm: QemuVm.QemuVm | undefined) =>
       Effect.gen(function*() {
         if (single !== undefined) return yield* single.commit(ram.blocks.map((block) => block.bytes))
-        // its warnings (a hard link's, a killed process's temporary file removed) the check before anything was read
-        // gave already
+        // its warnings heard: a temporary file it could not remove is named (a hard link's, said by the check before
+        // anything was read, is said once of a file; a killed process's temporary file the check removed already)
         if (args.vm !== undefined) {
-          return yield* Effect.asVoid(
-            MappedRam.write(args.vm, vm!).pipe(Logger.withMinimumLogLevel(LogLevel.Error), Effect.mapError(storeFailure))
-          )
+          return yield* Effect.asVoid(MappedRam.write(args.vm, vm!).pipe(Effect.mapError(storeFailure)))
         }
         // every block written and flushed first, then all renamed at once: never a directory of this migration's
         // blocks beside another's (an interruption or a full disk at one block leaves the older files as they were)

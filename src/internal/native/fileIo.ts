@@ -722,6 +722,9 @@ export const flushingFor = <A, E>(target: string, effect: Effect.Effect<A, E>): 
       })
   )
 
+/** The files (`dev:ino`) whose other names `atomicFile` has warned of: once a file. */
+const toldLinks = new Set<string>()
+
 /** The targets of `atomicFile`s being flushed to disk now (their final paths), oldest first. */
 export const flushingNow = (): ReadonlyArray<string> => Array.from(flushing.keys())
 
@@ -843,7 +846,10 @@ export const atomicFile = (
     }
     // a rename replaces this name alone: the file's other names (hard links) go on naming the older file, where
     // cp or QEMU, which write in place, would have changed it under every name
-    if (existing !== undefined && existing.nlink > 1) {
+    // said once of a file: a command that checks its output first (recv --from-qemu --vm) and writes it later said
+    // it twice, and silenced the second write's warnings for it, "left OUT.<pid>.partial behind" among them
+    if (existing !== undefined && existing.nlink > 1 && !toldLinks.has(`${existing.dev}:${existing.ino}`)) {
+      toldLinks.add(`${existing.dev}:${existing.ino}`)
       const others = existing.nlink - 1
       yield* Effect.logWarning(
         `${Path.basename(target)} has ${others} other ${others === 1 ? "name" : "names"} (hard links), which will ` +
