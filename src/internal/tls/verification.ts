@@ -343,28 +343,33 @@ export const ownChainVerdict = (
   own: NodeTls.SecureContext,
   peer: NodeTls.SecureContext
 ): Effect.Effect<{ readonly code?: string; readonly message: string } | undefined> =>
-  Effect.async<{ readonly code?: string; readonly message: string } | undefined>((resume) => {
-    const [serverEnd, clientEnd] = memoryPair()
-    const server = new NodeTls.TLSSocket(serverEnd, { isServer: true, secureContext: own })
-    const client = NodeTls.connect({ socket: clientEnd, secureContext: peer, checkServerIdentity: () => undefined })
-    let done = false
-    const finish = (verdict: { readonly code?: string; readonly message: string } | undefined) => {
-      if (done) return
-      done = true
-      for (const s of [client, server, clientEnd, serverEnd]) s.destroy()
-      resume(Effect.succeed(verdict))
-    }
-    server.on("error", () => undefined) // (it hears the client's alert)
-    client.once("secureConnect", () => finish(undefined))
-    client.once("error", (error: Error & { code?: string }) =>
-      finish(
-        error.code !== undefined && VERIFY_CODE.test(error.code) && !OWN_CHAIN_LEFT.test(error.code)
-          ? { code: error.code, message: error.message }
-          : undefined
-      ))
-    client.once("close", () => finish(undefined))
-    return Effect.sync(() => finish(undefined))
-  }).pipe(
+  Effect.acquireRelease(
+    Effect.sync(() => {
+      const [serverEnd, clientEnd] = memoryPair()
+      const server = new NodeTls.TLSSocket(serverEnd, { isServer: true, secureContext: own })
+      server.on("error", () => undefined) // (it hears the client's alert)
+      const client = NodeTls.connect({ socket: clientEnd, secureContext: peer, checkServerIdentity: () => undefined })
+      client.on("error", () => undefined) // (its first error is the verdict, heard below; a later one says nothing)
+      return { server, client, ends: [serverEnd, clientEnd] as const }
+    }),
+    ({ client, ends, server }) => Effect.sync(() => [client, server, ...ends].forEach((s) => s.destroy()))
+  ).pipe(
+    Effect.flatMap(({ client }) =>
+      Effect.async<{ readonly code?: string; readonly message: string } | undefined>((resume) => {
+        const verdict = (error: Error & { code?: string }) =>
+          error.code !== undefined && VERIFY_CODE.test(error.code) && !OWN_CHAIN_LEFT.test(error.code)
+            ? { code: error.code, message: error.message }
+            : undefined
+        const onSecure = () => resume(Effect.succeed(undefined))
+        const onError = (error: Error & { code?: string }) => resume(Effect.succeed(verdict(error)))
+        const onClose = () => resume(Effect.succeed(undefined))
+        client.once("secureConnect", onSecure).once("error", onError).once("close", onClose)
+        return Effect.sync(() => {
+          client.off("secureConnect", onSecure).off("error", onError).off("close", onClose)
+        })
+      })
+    ),
+    Effect.scoped,
     // (in memory it takes milliseconds; a handshake that never ends says nothing of the chain)
     Effect.timeoutTo({ duration: "5 seconds", onTimeout: () => undefined, onSuccess: (verdict) => verdict })
   )
