@@ -1635,34 +1635,33 @@ describe("observability and configuration", () => {
       [{ MULTIFD_TIMEOUT: "soon" }, ["recv", "tcp:127.0.0.1:0", "--from-qemu", "--channels", "2", "--out", out], `MULTIFD_TIMEOUT: ${bad}`],
       [{ MULTIFD_CONNECT_TIMEOUT: "soon" }, ["send", "tcp:127.0.0.1:1", "--to-qemu", "--vm", Path.join(dir, "missing.vm"), "--channels", "2"], `MULTIFD_CONNECT_TIMEOUT: ${bad}`]
     ]
-    const results = await Promise.all(cases.map(([env, args]) => run(args, { env })))
-    results.forEach((result, i) => {
-      const [env, , line] = cases[i]!
+    for (const [env, args, line] of cases) {
+      const result = await runHere(args, { env })
       // before anything listens
       expect({ env, code: result.code, stderr: lines(result.stderr) }).toEqual({ env, code: 2, stderr: [`multifd: error: ${line}`] })
-    })
+    }
     expect(filesLike("qemu-env.out")).toEqual([])
   })
 
   it("MULTIFD_* variables that do not apply are ignored where the flag is refused (send --to-qemu, file:)", async () => {
     // the VM file's own failure, not --page-size or --zero-page
     const vm = Path.join(dir, "missing.vm")
-    const toQemu = await run(["send", "tcp:127.0.0.1:1", "--to-qemu", "--vm", vm], {
+    const toQemu = await runHere(["send", "tcp:127.0.0.1:1", "--to-qemu", "--vm", vm], {
       env: { MULTIFD_PAGE_SIZE: "8192", MULTIFD_ZERO_PAGE: "none", MULTIFD_RECONNECT: "5" }
     })
     expect({ code: toQemu.code, stderr: lines(toQemu.stderr) }).toEqual({ code: 2, stderr: [expect.stringMatching(/missing\.vm: .*no such file/)] })
     // QEMU's file is read (and found not to be one), not refused for --channels or --compression
-    const fromQemu = await run(["recv", `file:${image}`, "--from-qemu", "--out", Path.join(dir, "env.out")], {
+    const fromQemu = await runHere(["recv", `file:${image}`, "--from-qemu", "--out", Path.join(dir, "env.out")], {
       env: { MULTIFD_CHANNELS: "3", MULTIFD_COMPRESSION: "zstd" }
     })
     expect({ code: fromQemu.code, stderr: lines(fromQemu.stderr) }).toEqual({ code: 2, stderr: [expect.stringMatching(/not a QEMU migration stream/)] })
     // a snapshot (saved by 2 writers) is restored whatever channels and compression the environment sets for migrations
     const snapshot = Path.join(dir, "env.snap")
-    const saved = await run(["send", `file:${snapshot}`, "--in", image, "--quiet"], {
+    const saved = await runHere(["send", `file:${snapshot}`, "--in", image, "--quiet"], {
       env: { MULTIFD_COMPRESSION: "zstd", MULTIFD_MAX_BANDWIDTH: "10M", MULTIFD_RECONNECT: "5" }
     })
     expect({ code: saved.code, stderr: saved.stderr }).toEqual({ code: 0, stderr: "" })
-    const restored = await run(["recv", `file:${snapshot}`, "--out", Path.join(dir, "env.out"), "--quiet"], {
+    const restored = await runHere(["recv", `file:${snapshot}`, "--out", Path.join(dir, "env.out"), "--quiet"], {
       env: { MULTIFD_COMPRESSION: "zstd", MULTIFD_CHANNELS: "3" }
     })
     expect({ code: restored.code, stderr: restored.stderr }).toEqual({ code: 0, stderr: "" })
@@ -1696,7 +1695,7 @@ describe("observability and configuration", () => {
         ]
       ]
       for (const [env, args, line] of cases) {
-        const result = await run(args, { env })
+        const result = await runHere(args, { env })
         expect({ env, code: result.code, stderr: lines(result.stderr) }).toEqual({ env, code: 2, stderr: [`multifd: error: ${line}`] })
         noStack(result.stderr)
       }
@@ -1715,10 +1714,10 @@ describe("observability and configuration", () => {
         ]
       ]
       for (const [env, args, line] of several) {
-        const result = await run(args, { env })
+        const result = await runHere(args, { env })
         expect({ env, code: result.code, stderr: lines(result.stderr) }).toEqual({ env, code: 2, stderr: [`multifd: error: ${line}`] })
       }
-      const json = await run(["send", uri, "--in", image, "--json"], { env: { MULTIFD_CHANNELS: "many" } })
+      const json = await runHere(["send", uri, "--in", image, "--json"], { env: { MULTIFD_CHANNELS: "many" } })
       expect(json.code).toBe(2)
       expect(JSON.parse(json.stdout).error.message).toBe(`MULTIFD_CHANNELS: "many" is not an integer`)
       expect(server.connections()).toBe(0)

@@ -101,9 +101,10 @@ export const run = (args: ReadonlyArray<string>, options?: StartOptions): Promis
 
 /**
  * Runs the command in this process (cheaper than a child: no startup), capturing what it prints through
- * `Console`; the exit code is what `main.ts` would exit with.
+ * `Console`; the exit code is what `main.ts` would exit with. `env`'s variables are set in this process's
+ * environment for the run and restored after it (tests of a file run one at a time).
  */
-export const runHere = (args: ReadonlyArray<string>): Promise<Finished> =>
+export const runHere = (args: ReadonlyArray<string>, options: { readonly env?: Record<string, string> } = {}): Promise<Finished> =>
   Effect.gen(function*() {
     const stdout: Array<string> = []
     const stderr: Array<string> = []
@@ -118,7 +119,25 @@ export const runHere = (args: ReadonlyArray<string>): Promise<Finished> =>
       Effect.provide(NodeContext.layer)
     )
     return { code, signal: null, stdout: stdout.join(""), stderr: stderr.join("") }
-  }).pipe(Effect.runPromise)
+  }).pipe(withEnvironment(options.env ?? {}), Effect.runPromise)
+
+/** `self` with `env`'s variables set in `process.env`, each restored (or unset) after it. */
+const withEnvironment = (env: Record<string, string>) => <A, E, R>(self: Effect.Effect<A, E, R>) =>
+  Effect.acquireUseRelease(
+    Effect.sync(() => {
+      const saved = Object.keys(env).map((name) => [name, process.env[name]] as const)
+      Object.assign(process.env, env)
+      return saved
+    }),
+    () => self,
+    (saved) =>
+      Effect.sync(() => {
+        for (const [name, value] of saved) {
+          if (value === undefined) delete process.env[name]
+          else process.env[name] = value
+        }
+      })
+  )
 
 /** Starts `recv` and waits for its `listening on` line; the URI it printed is its real address. */
 export const startRecv = async (
