@@ -31,7 +31,10 @@
  * the others), a channel inside a packet has its own (QEMU writes a packet whole), the TLS handshake of a
  * connection has its timeout, multifd channels that came first (as QEMU 9+ connects them) wait for the main
  * channel no longer than `timeouts.peer`, and so does QEMU closing its channels after the main stream ended. A stall ends
- * in a `Timeout` that names what was awaited, never in a wait for QEMU to close.
+ * in a `Timeout` that names what was awaited, never in a wait for QEMU to close. A main channel that QEMU closes before
+ * its stream is complete, or that fails, ends the migration at once with its cause (where the stream was cut), even
+ * while a flush waits for channels that never connected or never sent their init packet (QEMU's own destination
+ * waits for them for ever).
  *
  * Everything runs in one scope, as `Migration.incoming`: when `incoming` returns (success, failure or
  * interruption) every fiber has ended and every connection is closed. The seams: the candidates

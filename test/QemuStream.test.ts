@@ -1183,6 +1183,68 @@ describe("QemuIncoming.incoming: truncated and garbage input fails clearly, at o
       expect(error.message).toContain("multifd channel 1: the source closed the channel before the migration completed")
     }))
 
+  // a peer timeout and handshake deadline of an hour: only the main channel's end can end these in time
+  const LONG = { ...PEER, peer: "1 hour", handshake: "1 hour" } as const
+  /** Streams on connections of their own: `end` ends one (FIN), `reset` resets it (RST) once it was written. */
+  const cutWith = (streams: ReadonlyArray<{ readonly bytes: Uint8Array; readonly close?: "end" | "reset" }>) =>
+    expectNoLeaks(Effect.scoped(Effect.gen(function*() {
+      const dst = yield* destination({ channels: 2, timeouts: LONG })
+      yield* Effect.forkScoped(Effect.forEach(streams, ({ bytes, close }) =>
+        Effect.gen(function*() {
+          const connection = yield* Transport.connect(dst.address)
+          yield* connection.write([bytes])
+          if (close === "end") yield* connection.end
+          if (close === "reset") {
+            yield* connection.drained
+            ;(connection.stream as Net.Socket).resetAndDestroy()
+          }
+          yield* Effect.never
+        }), { concurrency: "unbounded", discard: true }))
+      const error = failureOf(yield* noHang(Fiber.await(dst.fiber), "the destination after its main channel was cut"))
+      expectOneLine(error)
+      return error
+    })))
+
+  it.live("main channel cut while a multifd channel has not sent its whole init packet, or never connected: fails at once with the main channel's cause, not after the peer timeout", () =>
+    Effect.gen(function*() {
+      // QEMU's destination waits at the sync for ever; ours waited for the peer timeout, then named a channel
+      for (const missing of [[{ bytes: CH1.subarray(0, 20) }], []]) {
+        const between = yield* cutWith([{ bytes: MAIN.subarray(0, 0x60), close: "end" }, { bytes: CH0, close: "end" }, ...missing])
+        expect(between.message).toBe(
+          "QEMU main channel: the stream ended before the RAM section completed: QEMU cancelled or failed the " +
+            "migration, or was killed (at byte 96)"
+        )
+        const inDeviceState = yield* cutWith([
+          { bytes: MAIN.subarray(0, DEVICE_STATE_AT + 50), close: "end" },
+          { bytes: CH0, close: "end" },
+          ...missing
+        ])
+        expect(inDeviceState).toMatchObject({ _tag: "QemuStreamError", reason: "Incomplete" })
+        expect(inDeviceState.message).toContain("inside the device state")
+      }
+      // reset: its cause, whatever of it arrived before the reset
+      const reset = yield* cutWith([{ bytes: MAIN.subarray(0, 0x60), close: "reset" }, { bytes: CH0, close: "end" }])
+      expect(reset.message).toMatch(/^QEMU main channel: (connection reset by peer|the stream ended)/)
+    }))
+
+  it.live("the whole main stream, closed while a multifd channel is still to send its SYNC: no failure, the migration completes", () =>
+    expectNoLeaks(Effect.scoped(Effect.gen(function*() {
+      const dst = yield* destination({ channels: 2, timeouts: LONG })
+      // QEMU without a return path closes its main channel once it sent everything; a channel may still be on its way
+      yield* send(dst.address, MAIN)
+      const held = yield* Transport.connect(dst.address)
+      yield* held.write([CH1.subarray(0, 20)])
+      yield* Effect.either(send(dst.address, CH0))
+      // the main channel's end reached the destination, which waits at the first sync meanwhile
+      for (let i = 0; i < 20; i++) yield* nextTurn
+      expect(yield* Fiber.poll(dst.fiber)).toEqual(Option.none())
+      yield* held.write([CH1.subarray(20)])
+      yield* held.end
+      const exit = yield* noHang(Fiber.await(dst.fiber), "the destination")
+      if (Exit.isFailure(exit)) throw new Error(Cause.pretty(exit.cause))
+      sameAsImage(exit.value.ram)
+    }))))
+
   it.live("garbage after a valid header", () =>
     Effect.gen(function*() {
       const { error } = yield* failsWith([Buffer.concat([MAIN.subarray(0, 0x11), Buffer.from([0x42, 1, 2, 3])]), CH0, CH1])
@@ -2592,3 +2654,4 @@ describe("QemuOutgoing: a VM into a QEMU destination (here QemuIncoming, which a
       expect(fits.stderr).toMatch(/connection refused/)
     }))
 })
+

@@ -67,6 +67,9 @@ export interface MainResult {
   readonly ram: GuestRam.GuestRam["Type"]
 }
 
+/** The most of the main stream read ahead while the reader waits at a flush (QEMU's device state is a few MiB). */
+const LOOK_AHEAD = 16 * 1024 * 1024
+
 const describeLayout = (layout: ReadonlyArray<QemuStream.RamBlock>) => layout.map((b) => `${b.name}=${b.size}`).join(", ")
 
 /** Why the memory given (or the allocation cap) cannot take QEMU's blocks, if it cannot. */
@@ -130,18 +133,78 @@ export const read = (
     let memory: GuestRam.GuestRam["Type"] | undefined
     const idle = "without any data from QEMU"
     let activity = idle
+    // bytes of the main stream read ahead while the reader waits at a flush (`endedEarly`), handed to it first; the
+    // last chunk handed to it (what it has not consumed yet is the end of that chunk)
+    const ahead: Array<Buffer> = []
+    let aheadBytes = 0
+    let aheadEnded = false
+    let lastChunk: Buffer = Buffer.alloc(0)
     const source: QemuStream.ByteSource<MigrationError.ChannelError | Transport.TransportError> = {
       readSome: (max) =>
-        Effect.tap(
-          Effect.mapError(connection.readSome(max), MigrationError.onChannel("main")),
-          (chunk) => Effect.sync(() => (mainBytes += chunk.length))
-        )
+        Effect.suspend(() => {
+          const first = ahead[0]
+          if (first !== undefined) {
+            const piece = first.length <= max ? first : first.subarray(0, max)
+            if (piece === first) ahead.shift()
+            else ahead[0] = first.subarray(max)
+            aheadBytes -= piece.length
+            lastChunk = piece
+            return Effect.succeed(piece)
+          }
+          if (aheadEnded) return Effect.succeed(Buffer.alloc(0))
+          return Effect.tap(
+            Effect.mapError(connection.readSome(max), MigrationError.onChannel("main")),
+            (chunk) =>
+              Effect.sync(() => {
+                mainBytes += chunk.length
+                lastChunk = chunk
+              })
+          )
+        })
     }
     const channelBytes = Effect.flatMap(
       Deferred.poll(channelSet),
       (recv) => recv._tag === "None" ? Effect.succeed(0) : Effect.flatMap(recv.value, (r) => Effect.map(r.stats, (s) => s.bytes))
     )
     const progress = Effect.map(channelBytes, (n) => n + mainBytes)
+
+    /**
+     * Completes once the main channel is gone for good while the reader waits at a flush: QEMU closed it before its
+     * stream was complete (or it failed: then this fails with that). The channels' SYNC packets for the flush may
+     * then never come (a channel that never connected, or that has not sent its init packet), and the migration
+     * must fail at once with the main channel's cause, not after the inactivity timeout with a channel's: the
+     * stream is `doomed`, the flush returns, and the reader goes on through the rest of the stream, the handler's
+     * steps left undone, to where it was cut, and fails there saying so. The rest of the stream is read ahead
+     * meanwhile (up to `LOOK_AHEAD` bytes, handed to the reader after the flush): a clean end after a complete
+     * stream (QEMU sent everything and closed, its channels still being read) is no failure, and waits on.
+     */
+    let doomed = false
+    const endedEarly = Effect.gen(function*() {
+      while (!aheadEnded) {
+        if (aheadBytes >= LOOK_AHEAD) return yield* Effect.never
+        // waits without consuming (an interruption loses nothing), then takes what is there at once
+        if (yield* Effect.mapError(connection.atEnd, MigrationError.onChannel("main"))) {
+          aheadEnded = true
+          break
+        }
+        yield* Effect.uninterruptible(Effect.flatMap(
+          Effect.mapError(connection.readSome(LOOK_AHEAD - aheadBytes), MigrationError.onChannel("main")),
+          (chunk) =>
+            Effect.sync(() => {
+              if (chunk.length === 0) aheadEnded = true
+              ahead.push(chunk)
+              aheadBytes += chunk.length
+              mainBytes += chunk.length
+            })
+        ))
+      }
+      if (QemuStream.checkEnding(Buffer.concat([lastChunk, ...ahead]), mainBytes)._tag === "Complete") {
+        return yield* Effect.never
+      }
+      doomed = true
+    })
+    /** A step of the handler, left undone once the stream is doomed (the reader goes on to fail where it was cut). */
+    const unlessDoomed = <A, E, R>(step: Effect.Effect<A, E, R>) => Effect.suspend(() => doomed ? Effect.void : step)
 
     const handler: QemuStream.Handler<MainError, Scope.Scope> = {
       blocks: (blocks, pageSize) =>
@@ -200,7 +263,7 @@ export const read = (
           return ram
         }),
       flush: (index) =>
-        Effect.gen(function*() {
+        unlessDoomed(Effect.gen(function*() {
           if (channels === 0) {
             return yield* new MigrationError.MigrationError({
               reason: "Rejected",
@@ -210,14 +273,14 @@ export const read = (
           }
           const recv = yield* Deferred.await(channelSet)
           activity = `waiting for every multifd channel to reach sync point ${index + 1}`
-          yield* Effect.raceFirst(recv.sync, recv.failure)
+          yield* Effect.raceFirst(recv.sync, Effect.raceFirst(recv.failure, endedEarly))
           activity = idle
           flushes = index + 1
-        }),
+        })),
       // the last flush follows: from now on a channel that QEMU closes after its last SYNC has finished. QEMU
       // with multifd flushes once at the start of the RAM section already: a RAM section that ends without one
       // came from QEMU without multifd (its pages on this stream), whose channels will never come
-      ramEnding: channels === 0 ? Effect.void : Effect.gen(function*() {
+      ramEnding: channels === 0 ? Effect.void : unlessDoomed(Effect.gen(function*() {
         if (flushes === 0) {
           return yield* new MigrationError.MigrationError({
             reason: "Rejected",
@@ -226,10 +289,10 @@ export const read = (
           })
         }
         yield* Effect.flatMap(Deferred.await(channelSet), (recv) => recv.expectEnd)
-      }),
+      })),
       // the RAM section ended, after its last flush: the channels are sealed (a packet now is refused, not
       // written), and one that came between that flush and now fails the migration (it was written)
-      ramEnded: channels === 0 ? Effect.void : Effect.gen(function*() {
+      ramEnded: channels === 0 ? Effect.void : unlessDoomed(Effect.gen(function*() {
         const recv = yield* Deferred.await(channelSet)
         const late = yield* recv.seal
         if (late > 0) {
@@ -240,12 +303,12 @@ export const read = (
             detail: `${late} data packet(s) after QEMU's last flush (it sends none): not this migration's`
           })
         }
-      }),
-      openReturnPath: Effect.zipRight(
+      })),
+      openReturnPath: unlessDoomed(Effect.zipRight(
         Effect.mapError(connection.write([Writer.switchoverAck()]), MigrationError.onChannel("main")),
         Ref.set(config.returnPath, true)
-      ),
-      ping: (value) => Effect.mapError(connection.write([Writer.pong(value)]), MigrationError.onChannel("main")),
+      )),
+      ping: (value) => unlessDoomed(Effect.mapError(connection.write([Writer.pong(value)]), MigrationError.onChannel("main"))),
       command: (name) => Effect.sync(() => {
         if (name === "SWITCHOVER_START") phase = "switchover"
       }),
@@ -301,6 +364,15 @@ export const read = (
       }),
       watch
     )
+    if (doomed) {
+      // (the reader found the rest of the stream complete where the look-ahead did not: failed all the same)
+      return yield* new QemuStream.QemuStreamError({
+        reason: "Truncated",
+        offset: mainBytes,
+        detail: "the stream ended before it was complete, while its multifd channels were awaited at a sync point: " +
+          "QEMU closed the main channel mid-migration (cancelled, failed or killed?)"
+      })
+    }
     yield* pagesElsewhere(summary)
     return { summary, ram: memory! }
   })
