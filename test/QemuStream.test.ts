@@ -454,9 +454,10 @@ describe("QemuStream.read refuses what it does not understand, naming it", () =>
       ]))
       expect(multifd.reason).toBe("UnknownSection")
       expect(multifd.message).toContain("came before the RAM section ended")
-      // before every page came (a virtio-mem's early section right after SECTION_START, or pages still to come): no
-      // snapshot's end either, refused as before rather than taken for memory of zeros
-      for (const pages of [[], [pageRecord(0, "mem", 0x11), EOS]]) {
+      // before every page came (a virtio-mem's early section right after SECTION_START, or pages still to come, or
+      // one page sent as often as there are pages): no snapshot's end either, refused as before rather than taken
+      // for memory of zeros
+      for (const pages of [[], [pageRecord(0, "mem", 0x11), EOS], [pageRecord(0, "mem", 0x11), zeroRecord(0, undefined), EOS]]) {
         const early = yield* parseError(Buffer.concat([
           header,
           configuration(),

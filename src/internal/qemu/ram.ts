@@ -20,7 +20,7 @@ import {
   type RamBlock
 } from "./format.js"
 import { fail } from "./reader.js"
-import type { Parser } from "./state.js"
+import type { Parser, RamState } from "./state.js"
 
 /** The block list (after a `RAM_SAVE_FLAG_MEM_SIZE` word at `at` carrying the `total`), handed to the handler. */
 const readBlocks = <E, R>(p: Parser<E, R>, at: number, total: number) =>
@@ -156,7 +156,22 @@ const readPage = <E, R>(p: Parser<E, R>, at: number, flags: number, address: num
       page.copy(block.bytes, address)
       state.normalPages++
     }
+    markWritten(state.ram, block, address / pageSize, block.bytes.length / pageSize)
   })
+
+/** Marks page `index` of `block` (of `pages`) written by the main stream, counting it once however often it came. */
+const markWritten = (ram: RamState, block: GuestRam.Block, index: number, pages: number): void => {
+  let bits = ram.written.get(block)
+  if (bits === undefined) {
+    bits = new Uint8Array(Math.ceil(pages / 8))
+    ram.written.set(block, bits)
+  }
+  const mask = 1 << (index & 7)
+  if ((bits[index >>> 3]! & mask) === 0) {
+    bits[index >>> 3]! |= mask
+    ram.distinctPages++
+  }
+}
 
 /** What a RAM word does: go on with the next word, or end the section (EOS). */
 type Next = "more" | "end"

@@ -360,12 +360,12 @@ const readSectionPart = <E, R>(p: Parser<E, R>, at: number, type: number) =>
 
 /**
  * Whether the main stream carried a record for every page of the memory (as QEMU without multifd does in its
- * first pass), with no return path left unanswered.
+ * first pass), each page counted once, with no return path left unanswered.
  */
 const everyPageCame = (state: State.State): boolean => {
   const memory = state.ram.memory
-  return state.returnPathAt === undefined && memory !== undefined &&
-    state.normalPages + state.zeroPages >= memory.size / memory.pageSize
+  // distinct pages: a stream that sent a page again and again has not sent every page
+  return state.returnPathAt === undefined && memory !== undefined && state.ram.distinctPages >= memory.size / memory.pageSize
 }
 
 /** The next top-level record, while the RAM section has not ended. */

@@ -21,6 +21,10 @@ export interface RamState {
   memory: GuestRam.GuestRam["Type"] | undefined
   /** The block of the last page record, which `RAM_SAVE_FLAG_CONTINUE` refers to. */
   lastBlock: GuestRam.Block | undefined
+  /** The pages of each block that a page record of the main stream wrote (a bit a page), once one came. */
+  readonly written: Map<GuestRam.Block, Uint8Array>
+  /** How many distinct pages those are (a page sent again counts once). */
+  distinctPages: number
 }
 
 /** Everything the parsers learn and count. */
@@ -74,7 +78,7 @@ export const make = <E, R>(source: ByteSource<E>, handler: Handler<E, R>, option
     returnPathAt: undefined,
     returnPath: false,
     mappedRam: false,
-    ram: { phase: "none", id: undefined, blocks: [], memory: undefined, lastBlock: undefined },
+    ram: { phase: "none", id: undefined, blocks: [], memory: undefined, lastBlock: undefined, written: new Map(), distinctPages: 0 },
     flushes: 0,
     flushWords: false,
     ramSections: 0,
