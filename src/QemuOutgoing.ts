@@ -21,6 +21,11 @@
  * 5. the channels closed (TLS close_notify, FIN) while QEMU's `MIG_RP_MSG_SHUT` is awaited on the return path:
  *    0 once it loaded everything and started the VM. Only then does `migrate` succeed.
  *
+ * With `channels` 0, into a QEMU without capability multifd (needed for a destination with capability postcopy-ram,
+ * which QEMU 10.0 takes only without multifd): no channel connects, QEMU reads the main stream at once, and every
+ * page goes on it as QEMU's precopy without multifd sends it — a SECTION_PART a batch of pages, each page a
+ * `RAM_SAVE_FLAG_PAGE` record or, all zero, a `RAM_SAVE_FLAG_ZERO` one — with no flush words; the rest as above.
+ *
  * QEMU that refuses the migration (another machine type, a missing RAM block, another channel count, a device
  * it cannot load) closes its connections, and with its default `exit-on-error` exits: `migrate` fails with one
  * line saying how far QEMU got. Everything runs in one scope: when `migrate` returns every fiber has ended and
@@ -29,12 +34,14 @@
  * @since 0.1.0
  */
 import * as Clock from "effect/Clock"
+import * as Duration from "effect/Duration"
 import * as Effect from "effect/Effect"
 import * as Fiber from "effect/Fiber"
 import * as Option from "effect/Option"
-import type * as Bandwidth from "./Bandwidth.js"
+import * as Bandwidth from "./Bandwidth.js"
 import * as ChannelThreads from "./ChannelThreads.js"
 import * as OpenFiles from "./internal/native/openFiles.js"
+import { RateLimit } from "./internal/native/rateLimit.js"
 import * as Precopy from "./internal/precopy.js"
 import * as Format from "./internal/qemu/format.js"
 import * as PageWindow from "./internal/qemu/pageWindow.js"
@@ -79,7 +86,11 @@ export interface Options<E = never> {
    * `MappedRam.open` whose pages were not all loaded is refused (`BadOptions`), not sent as zeros.
    */
   readonly load?: ((block: GuestRam.Block, first: number, count: number) => Effect.Effect<void, E>) | undefined
-  /** QEMU's `multifd-channels` (1–255): QEMU waits for exactly this many. */
+  /**
+   * QEMU's `multifd-channels` (1–255): QEMU waits for exactly this many. 0: into a QEMU without capability multifd
+   * (needed with capability postcopy-ram on the destination, which QEMU 10.0 takes only without multifd): every page
+   * on the main channel, as QEMU's own precopy without multifd sends it (zero pages as ZERO records), uncompressed.
+   */
   readonly channels: number
   /** QEMU's `multifd-compression` (default `none`). */
   readonly compression?: Protocol.Compression | undefined
@@ -101,7 +112,10 @@ export interface Options<E = never> {
    * that fails or dies does not fail the migration: it is logged as a warning (`Transfer.tolerated`).
    */
   readonly onProgress?: ((progress: Transfer.Progress) => Effect.Effect<void>) | undefined
-  /** One bandwidth limit for the multifd channels (`Bandwidth.make`), as QEMU's `max-bandwidth`; none by default. */
+  /**
+   * One bandwidth limit for the multifd channels (`Bandwidth.make`), or for the main channel's pages with `channels`
+   * 0, as QEMU's `max-bandwidth`; none by default.
+   */
   readonly maxBandwidth?: Bandwidth.Limit | undefined
   /**
    * QEMU's `multifd-flush-after-each-section` on the destination: it syncs the channels at every EOS word (and at
@@ -147,8 +161,14 @@ const badOptions = (detail: string) => new MigrationError.MigrationError({ reaso
 const check = <E>(options: Options<E>): MigrationError.MigrationError | undefined => {
   const notOptions = Transfer.checkOptions(options, false)
   if (notOptions !== undefined) return badOptions(notOptions)
-  const channels = Protocol.checkChannels(options.channels, "multifd channels")
+  const channels = options.channels === 0 ? undefined : Protocol.checkChannels(options.channels, "multifd channels")
   if (channels !== undefined) return badOptions(channels)
+  if (options.channels === 0 && (options.compression ?? "none") !== "none") {
+    return badOptions(
+      `compression ${options.compression} is that of QEMU's multifd channels (multifd-compression): with channels 0 ` +
+        "(QEMU without multifd) every page goes on the main channel uncompressed"
+    )
+  }
   if (options.address._tag === "File") return badOptions("QEMU listens on a tcp: or unix: address, not a file")
   const timeouts = Transfer.checkTimeouts(options.timeouts)
   if (timeouts !== undefined) return badOptions(timeouts)
@@ -169,7 +189,7 @@ const check = <E>(options: Options<E>): MigrationError.MigrationError | undefine
     return badOptions("the VM's device state does not end as a complete migration stream ends (cut short?)")
   }
   // out of descriptors, the channels would fail one by one as they connect
-  const tooFew = OpenFiles.tooFewFor(options.channels, "source")
+  const tooFew = options.channels === 0 ? undefined : OpenFiles.tooFewFor(options.channels, "source")
   return tooFew === undefined ? undefined : badOptions(tooFew)
 }
 
@@ -190,6 +210,10 @@ const indices = (first: number, count: number): Uint32Array => {
  * channel and two being read, up to this many (with more channels, some wait for a slot).
  */
 const MAX_WINDOW_SLOTS = 16
+
+/** Without multifd: the pages read at a time (one SECTION_PART each), and written (and paced) at a time. */
+const MAIN_BATCH_BYTES = 16 * 1024 * 1024
+const MAIN_PIECE_BYTES = 256 * 1024
 
 /**
  * Migrates `options.vm` into the QEMU listening at `options.address`. Succeeds once QEMU said on the return
@@ -229,7 +253,8 @@ const send = <E>(options: Options<E>): Effect.Effect<Stats, OutgoingError | E, T
     const peer = (what: string) => within(timeouts.peer, what)
     // a destination with multifd-flush-after-each-section on syncs its channels at the EOS word, and again at a
     // flush word: a section then ends without one, as QEMU's own source ends it
-    const flushWord = options.flushAfterEachSection ?? Format.flushesAfterEachSection(vm.configuration?.machine)
+    // (without multifd, no flush at all)
+    const flushWord = channels === 0 || (options.flushAfterEachSection ?? Format.flushesAfterEachSection(vm.configuration?.machine))
       ? []
       : [Writer.MULTIFD_FLUSH]
 
@@ -256,14 +281,21 @@ const send = <E>(options: Options<E>): Effect.Effect<Stats, OutgoingError | E, T
       main,
       () =>
         `QEMU ended the migration ${whyClosed}: it refused it (another machine type or machine options, ` +
-        "another multifd-channels or multifd-compression, " +
-        // (QEMU checks the channels' uuid as they connect, before it reads the configuration)
-        (whyClosed === first ? `a -uuid other than the channels' ${Protocol.formatUuid(uuid)} (--uuid), ` : "") +
+        (channels === 0 ? "" : "another multifd-channels or multifd-compression, ") +
+        // (QEMU checks the channels' uuid as they connect, before it reads the configuration, and the configuration's
+        // when it carries one; without multifd there are no channels)
+        (whyClosed !== first
+          ? ""
+          : channels > 0
+          ? `a -uuid other than the channels' ${Protocol.formatUuid(uuid)} (--uuid), `
+          : configuration.length > 0 && vm.configuration?.uuid !== undefined
+          ? `a -uuid other than the configuration's ${Protocol.formatUuid(uuid)} (--uuid), `
+          : "") +
         "TLS, a device it cannot load? its log says) or it stopped"
     )
 
-    // 2. the channels; QEMU reads the main stream once all are there, and answers the PING
-    const send = yield* MultifdSend.make({
+    // 2. the channels; QEMU reads the main stream once all are there, and answers the PING (at once without multifd)
+    const send = channels === 0 ? undefined : yield* MultifdSend.make({
       address,
       channels,
       uuid,
@@ -316,16 +348,85 @@ const send = <E>(options: Options<E>): Effect.Effect<Stats, OutgoingError | E, T
     const guarded = <A, E>(self: Effect.Effect<A, E>) =>
       Effect.raceFirst(
         Effect.catchAll(self, (error): Effect.Effect<never, E | OutgoingError> => onChannel(error) ? explained(error) : Effect.fail(error)),
-        Effect.raceFirst(Effect.catchAll(send.failure, explained), early)
+        send === undefined ? early : Effect.raceFirst(Effect.catchAll(send.failure, explained), early)
       )
     const writeMain = (chunks: ReadonlyArray<Buffer>) => guarded(Effect.catchAll(writeRaw(chunks), explained))
-    yield* guarded(send.established)
+
+    /**
+     * Without multifd: every page on the main channel, as QEMU's precopy without multifd sends it — a SECTION_PART
+     * a batch, each page a `RAM_SAVE_FLAG_PAGE` record with its bytes, or a `RAM_SAVE_FLAG_ZERO` record when it is
+     * all zero, the block named on a part's first page and continued after it; EOS and the footer. Read batch by
+     * batch (`readPages` into one buffer, reused once the socket took its pages; `load` into the VM's memory), at
+     * `maxBandwidth` when given.
+     */
+    const onMain = { normal: 0, zero: 0 }
+    const pagesOnMain = (
+      id: number,
+      readPages: Options<E>["readPages"]
+    ): Effect.Effect<void, OutgoingError | E> =>
+      Effect.gen(function*() {
+        const batch = Math.max(1, Math.floor(MAIN_BATCH_BYTES / pageSize))
+        const buffer = readPages === undefined ? undefined : Buffer.alloc(batch * pageSize)
+        const zeroPage = Buffer.alloc(pageSize)
+        const zeroFill = Buffer.from([0])
+        const limit = options.maxBandwidth === undefined
+          ? undefined
+          : RateLimit.attach(Bandwidth.sharedOf(options.maxBandwidth)!)
+        const paced = (chunks: Array<Buffer>, bytes: number) => {
+          const wait = limit === undefined ? 0 : limit.reserve(bytes)
+          return wait > 0 ? Effect.zipRight(Effect.sleep(Duration.millis(wait)), writeMain(chunks)) : writeMain(chunks)
+        }
+        for (const block of vm.ram.blocks) {
+          for (let first = 0; first < block.pages; first += batch) {
+            const count = Math.min(batch, block.pages - first)
+            let bytes: Buffer
+            let at: number
+            if (buffer === undefined) {
+              if (options.load !== undefined) yield* options.load(block, first, count)
+              bytes = Buffer.from(block.bytes.buffer, block.bytes.byteOffset, block.bytes.length)
+              at = first * pageSize
+            } else {
+              yield* readPages!(block, first, count, buffer)
+              bytes = buffer
+              at = 0
+            }
+            let chunks: Array<Buffer> = [Writer.ramPart(id, false)]
+            let pending = 5
+            for (let i = 0; i < count; i++) {
+              const offset = (first + i) * pageSize
+              const page = bytes.subarray(at + i * pageSize, at + (i + 1) * pageSize)
+              const zero = page.equals(zeroPage)
+              chunks.push(Writer.pageRecord(offset, zero ? Format.RamFlag.ZERO : Format.RamFlag.PAGE, i === 0 ? block.name : undefined))
+              chunks.push(zero ? zeroFill : page)
+              pending += 8 + (i === 0 ? 1 + block.name.length : 0) + (zero ? 1 : pageSize)
+              if (zero) onMain.zero++
+              else onMain.normal++
+              // (at a limit, pieces of a twentieth of a second: a slow link moves bytes often, and is not taken for a dead one)
+              if (pending >= (limit === undefined || limit.rate === 0 ? MAIN_PIECE_BYTES : Math.min(MAIN_PIECE_BYTES, limit.rate / 20))) {
+                yield* paced(chunks, pending)
+                chunks = []
+                pending = 0
+              }
+            }
+            chunks.push(Writer.EOS, Writer.footer(id))
+            yield* paced(chunks, pending + 13)
+            // the socket holds views of the buffer until it took them: the next batch is read into it after that
+            if (buffer !== undefined) yield* guarded(Effect.catchAll(Effect.mapError(main.drained, MigrationError.onChannel("main")), explained))
+          }
+        }
+      })
+    if (send !== undefined) yield* guarded(send.established)
     yield* guarded(returnPath.firstPong).pipe(
-      peer(`waiting for QEMU to answer on the main channel (is its multifd-channels ${channels}?)`)
+      // (QEMU with multifd reads the main channel only once all its channels came)
+      peer(
+        `waiting for QEMU to answer on the main channel (${
+          send === undefined ? "is its capability multifd off, as channels 0 expects?" : `is its multifd-channels ${channels}?`
+        })`
+      )
     )
 
     // 3.–5., with an inactivity watch: bytes the sockets accepted, on the channels or the main channel
-    const progress = Effect.map(send.stats, (s) => s.sentBytes + mainBytes)
+    const progress = send === undefined ? Effect.sync(() => mainBytes) : Effect.map(send.stats, (s) => s.sentBytes + mainBytes)
     const deviceState = Buffer.from(vm.deviceState.buffer, vm.deviceState.byteOffset, vm.deviceState.length)
     let queued = 0
     // what the inactivity watch says it waited for when it fires
@@ -341,8 +442,10 @@ const send = <E>(options: Options<E>): Effect.Effect<Stats, OutgoingError | E, T
       // the peer timeout: bounded by the inactivity watch (bytes still moving), not a deadline of its own
       const flush = (record: ReadonlyArray<Buffer>) =>
         Effect.gen(function*() {
-          activity = "waiting for the multifd channels to send their SYNC packets"
-          yield* guarded(send.sync).pipe(Effect.ensuring(Effect.sync(() => (activity = taking))))
+          if (send !== undefined) {
+            activity = "waiting for the multifd channels to send their SYNC packets"
+            yield* guarded(send.sync).pipe(Effect.ensuring(Effect.sync(() => (activity = taking))))
+          }
           yield* writeMain(record)
         })
       yield* flush([...flushWord, Writer.EOS, Writer.footer(id)])
@@ -352,7 +455,7 @@ const send = <E>(options: Options<E>): Effect.Effect<Stats, OutgoingError | E, T
       const totalPages = vm.ram.blocks.reduce((n, b) => n + b.pages, 0)
       yield* Transfer.reportEvery(options.onProgress, (rate) =>
         Effect.gen(function*() {
-          const s = yield* send.stats
+          const s = send === undefined ? { sentPages: onMain.normal + onMain.zero, sentBytes: mainBytes } : yield* send.stats
           const doneBytes = s.sentPages * pageSize
           return {
             round: 1,
@@ -366,7 +469,10 @@ const send = <E>(options: Options<E>): Effect.Effect<Stats, OutgoingError | E, T
         }))
       // one race against the channels' failure and QEMU's verdict for the whole loop (not one a batch)
       const readPages = options.readPages
-      yield* guarded(Effect.gen(function*() {
+      if (send === undefined) {
+        yield* guarded(pagesOnMain(id, readPages))
+        queued = onMain.normal + onMain.zero
+      } else yield* guarded(Effect.gen(function*() {
         if (readPages === undefined) {
           for (const block of vm.ram.blocks) {
             for (let first = 0; first < block.pages; first += send.batchPages) {
@@ -403,7 +509,7 @@ const send = <E>(options: Options<E>): Effect.Effect<Stats, OutgoingError | E, T
 
     // 6. the channels closed while QEMU loads the device state, and QEMU's verdict (it may come first: QEMU
     // has every page once it read the last flush, and closes the channels itself once it is done)
-    const closing = yield* Effect.fork(send.finish)
+    const closing = yield* Effect.fork(send === undefined ? Effect.void : send.finish)
     const status = yield* Effect.raceFirst(
       returnPath.shut,
       Effect.zipRight(Effect.catchAll(Fiber.join(closing), explained), Effect.never)
@@ -415,7 +521,9 @@ const send = <E>(options: Options<E>): Effect.Effect<Stats, OutgoingError | E, T
       })
     }
     yield* Effect.ignore(Effect.zipRight(Fiber.join(closing), main.end).pipe(Effect.timeout(timeouts.handshake)))
-    const s = yield* send.stats
+    const s = send === undefined
+      ? { packets: 0, syncs: 0, normalPages: onMain.normal, zeroPages: onMain.zero, bytes: 0 }
+      : yield* send.stats
     const end = yield* Clock.currentTimeMillis
     const durationMs = end - start
     return {

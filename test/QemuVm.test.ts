@@ -690,6 +690,29 @@ describe.skipIf(missing !== undefined)(`QEMU ${"version" in qemu ? qemu.version 
       expect(dst.stderr()).toContain("Extra incoming migration connection")
     }))), 90_000)
 
+  it.live("send --to-qemu --channels 0 into a QEMU without multifd, with capability postcopy-ram (which QEMU 10.0 takes only without multifd): every page on the main channel; QEMU resumes the guest", () =>
+    expectNoLeaks(Effect.scoped(Effect.gen(function*() {
+      const vmFile = yield* receivedVmFile("no-multifd.vm")
+      const dst = yield* destination({ channels: 0, extraCapabilities: ["postcopy-ram"] })
+      // (--max-bandwidth paces the main channel: a rate high enough not to slow the test)
+      const sent = yield* cli(["send", dst.uri, "--to-qemu", "--vm", vmFile, "--channels", "0", "--max-bandwidth", "1G", "--json"])
+      expect(sent).toMatchObject({ code: 0, stderr: [] })
+      const stats = JSON.parse(sent.stdout.join(""))
+      expect(stats).toMatchObject({ role: "send", channels: 0, compression: "none", packets: 0, syncs: 0 })
+      expect(stats.normalPages + stats.zeroPages).toBe(stats.ramBytes / PAGE)
+      expect(stats.qemu.returnPath).toEqual(["PONG", "SHUT"])
+      yield* expectResumed(dst)
+      // refused by a QEMU of another machine: one line that names no multifd setting or channel uuid (there are none)
+      const q35 = yield* destination({ channels: 0 }, { machine: "q35" })
+      expect(yield* cli(["send", q35.uri, "--to-qemu", "--vm", vmFile, "--channels", "0", "--quiet"])).toMatchObject({
+        code: 1,
+        stderr: [
+          "multifd: error: QEMU ended the migration before it took the configuration: it refused it (another machine type " +
+          "or machine options, TLS, a device it cannot load? its log says) or it stopped"
+        ]
+      })
+    }))), 90_000)
+
   it.live("a destination of another multifd-compression, or fewer multifd-channels: QEMU closes channels and keeps the main one; one line saying QEMU refused it", () =>
     expectNoLeaks(Effect.scoped(Effect.gen(function*() {
       const vmFile = yield* receivedVmFile("pc.vm")
@@ -817,6 +840,8 @@ describe("the command line of whole VMs: usage", () => {
         [["recv", "tcp:127.0.0.1:0", "--from-qemu", "--channels", "0", "--out", vmFile, "--postcopy-ram", "yes"], /--postcopy-ram must be one of refuse, precopy, not "yes"/],
         [["recv", `file:${vmFile},offset=1.5M`, "--from-qemu", "--out", vmFile + ".ram"], /^multifd: error: file:.*nothing\.vm,offset=1\.5M: invalid file offset '1\.5M'/],
         [["recv", "tcp:127.0.0.1:0", "--channels", "0", "--out", vmFile], /--channels must be between 1 and 255, not 0 \(0 goes with --from-qemu/],
+        [["send", "tcp:127.0.0.1:1", "--in", vmFile, "--channels", "0"], /--channels must be between 1 and 255, not 0 \(0 goes with --to-qemu: a QEMU without multifd\)$/],
+        [["send", "tcp:127.0.0.1:1", "--to-qemu", "--vm", vmFile, "--channels", "0", "--compression", "zstd"], /--compression zstd is QEMU's multifd-compression: with --channels 0 \(a QEMU without multifd\) every page goes uncompressed on the main channel$/],
         [["recv", "tcp:127.0.0.1:0", "--from-qemu", "--channels", "2", "--out", vmFile, "--vm", vmFile], /exactly one of --out FILE, --out-dir DIR or --vm FILE/],
         [["recv", "tcp:127.0.0.1:0", "--from-qemu", "--channels", "2", "--vm", Path.join(dir, "no", "such", "dir", "x.vm")], /no such file or directory/]
       ]

@@ -1160,8 +1160,8 @@ describe("multifd failures", () => {
       ],
       // several problems at once: each said, apart (they ran together)
       [
-        ["send", "tcp:127.0.0.1:1", "--in", image, "--channels", "0", "--page-size", "3"],
-        "multifd: error: --channels must be between 1 and 255, not 0; --page-size must be a power of two between 512 and 524288, not 3"
+        ["send", "tcp:127.0.0.1:1", "--in", image, "--channels", "256", "--page-size", "3"],
+        "multifd: error: --channels must be between 1 and 255, not 256; --page-size must be a power of two between 512 and 524288, not 3"
       ],
       // before the uri, a flag @effect/cli does not take there came back as "bad uri: --in: expected an address ..."
       [["send", "--in", image, "-x", "tcp:127.0.0.1:1"], "multifd: error: unknown flag -x"],
@@ -1271,10 +1271,10 @@ describe("multifd failures", () => {
   })
 
   it("--json: a failure is one JSON object on stdout (tag, reason, message), exit 1 or 2 as without it", async () => {
-    const usage = await runHere(["send", "tcp:127.0.0.1:1", "--in", image, "--channels", "0", "--json"])
+    const usage = await runHere(["send", "tcp:127.0.0.1:1", "--in", image, "--channels", "256", "--json"])
     expect(usage.code).toBe(2)
     expect(JSON.parse(usage.stdout)).toEqual({
-      error: { tag: "UsageError", reason: "InvalidValue", message: "--channels must be between 1 and 255, not 0" }
+      error: { tag: "UsageError", reason: "InvalidValue", message: "--channels must be between 1 and 255, not 256" }
     })
     const port = await freePort()
     const failed = await run(["send", `tcp:127.0.0.1:${port}`, "--in", image, "--json"])

@@ -39,6 +39,15 @@ export const MAX_PAGE_SIZE = Protocol.MAX_PAGE_SIZE
 /** Why a channel count is unusable, if it is (`Protocol.checkChannels`, naming the flag). */
 export const checkChannels = (n: number): string | undefined => Protocol.checkChannels(n, "--channels")
 
+/**
+ * A channel count that may be 0 too, which only `recv --from-qemu` and `send --to-qemu` take (QEMU without multifd):
+ * the command refuses it otherwise.
+ */
+export const checkZeroOrChannels = (n: number): string | undefined => n === 0 ? undefined : checkChannels(n)
+
+/** A channel count on recv: 0 too, which only --from-qemu takes (QEMU without multifd). */
+export const checkRecvChannels = checkZeroOrChannels
+
 /** Why a page size is unusable, if it is (`Protocol.checkPageSize`, naming the flag). */
 export const checkPageSize = (n: number): string | undefined => Protocol.checkPageSize(n, "--page-size")
 
@@ -205,7 +214,8 @@ export const sendQemu: Options.Options<SendQemu> = Options.all({
     Options.withDescription(
       "Migrate a whole VM into an unmodified QEMU 10 listening at <uri> (-incoming, capability multifd, " +
         "multifd-channels as --channels, multifd-compression as --compression, the same machine options as the " +
-        "VM's source); succeeds once QEMU says it loaded the VM. --page-size and --zero-page do not apply (the VM " +
+        "VM's source; --channels 0: a QEMU without capability multifd, every page on the main channel); succeeds " +
+        "once QEMU says it loaded the VM. --page-size and --zero-page do not apply (the VM " +
         "file sets the page size; zero pages travel as offsets, as QEMU sends them): given, they are refused."
     )
   ),
@@ -367,7 +377,10 @@ const givenFlags = (values: Readonly<Record<string, Given<unknown>>>): ReadonlyS
 
 /** Transfer settings of the source, with their defaults. */
 export const sendTransfer: Options.Options<SendTransfer> = Options.all({
-  channels: channelsOption(`${CHANNELS} (default 2).${env("MULTIFD_CHANNELS")}`).pipe(Options.withDefault(byDefault(2))),
+  // (0 for --to-qemu only: said there)
+  channels: channelsOption(`${CHANNELS} (default 2).${env("MULTIFD_CHANNELS")}`, checkZeroOrChannels).pipe(
+    Options.withDefault(byDefault(2))
+  ),
   pageSize: pageSizeOption(`${PAGE_SIZE} (default ${GuestRam.DEFAULT_PAGE_SIZE}).${env("MULTIFD_PAGE_SIZE")}`).pipe(
     Options.withDefault(byDefault(GuestRam.DEFAULT_PAGE_SIZE))
   ),
@@ -426,8 +439,6 @@ export interface RecvTransfer {
 
 const followsSource = " On recv the source decides; when given, the source must agree, else recv fails and writes nothing."
 
-/** A channel count on recv: 0 too, which only --from-qemu takes (QEMU without multifd). */
-export const checkRecvChannels = (n: number): string | undefined => n === 0 ? undefined : checkChannels(n)
 
 /** Transfer settings on the destination, all optional. */
 export const recvTransfer: Options.Options<RecvTransfer> = Options.all({

@@ -63,13 +63,23 @@ export const command = Command.make(
         })
         // before TLS, which would call a file: uri a snapshot
         if (uri._tag === "File") return yield* new UsageError({ detail: ToQemu.NEEDS_SOCKET })
+        // without multifd every page goes uncompressed on the main channel: --compression is refused, MULTIFD_COMPRESSION
+        // ignored
+        const withoutMultifd = transfer.channels === 0
+        if (withoutMultifd && transfer.given.has("--compression") && transfer.compression !== "none") {
+          return yield* new UsageError({
+            detail: `--compression ${transfer.compression} is QEMU's multifd-compression: with --channels 0 (a QEMU without ` +
+              "multifd) every page goes uncompressed on the main channel"
+          })
+        }
+        const compression = withoutMultifd ? "none" : transfer.compression
         const tls = yield* tlsOf(tlsFlags, "send", uri, timing)
-        yield* checkCompression(transfer.compression)
+        yield* checkCompression(compression)
         yield* ToQemu.run({
           uri,
           vm: qemu.vm.value,
           channels: transfer.channels,
-          compression: transfer.compression,
+          compression,
           compressionLevel: Option.getOrUndefined(transfer.compressionLevel),
           maxBandwidth: Option.getOrUndefined(transfer.maxBandwidth),
           uuid: Option.getOrUndefined(qemu.uuid),
@@ -78,6 +88,9 @@ export const command = Command.make(
           reporting
         })
         return
+      }
+      if (transfer.channels === 0) {
+        return yield* new UsageError({ detail: `${Options.checkChannels(0)} (0 goes with --to-qemu: a QEMU without multifd)` })
       }
       if (Option.isSome(qemu.vm)) return yield* new UsageError({ detail: "--vm goes with --to-qemu (or recv --from-qemu)" })
       if (Option.isSome(qemu.uuid)) return yield* new UsageError({ detail: "--uuid goes with --to-qemu (QEMU's -uuid)" })

@@ -2,8 +2,9 @@
  * `multifd send <uri> --to-qemu --vm FILE --channels N [--compression none|zlib|zstd] [TLS flags]`: migrates a
  * whole VM — a QEMU mapped-ram migration file, written by `recv --from-qemu --vm` or by QEMU's own `migrate
  * file:` with capability mapped-ram — into an unmodified QEMU 10 listening at <uri> (`-incoming`, capability
- * multifd, the same `multifd-channels` and `multifd-compression`, and the VM's machine options). It succeeds
- * once QEMU said it loaded the VM; QEMU then runs it.
+ * multifd, the same `multifd-channels` and `multifd-compression`, and the VM's machine options; `--channels 0`:
+ * a QEMU without capability multifd, every page on the main channel). It succeeds once QEMU said it loaded the
+ * VM; QEMU then runs it.
  *
  * This module is the command's body, independent of option parsing: `send.ts` calls `run` when `--to-qemu`
  * is given.
@@ -30,7 +31,7 @@ export interface Args {
   readonly uri: Transport.Address
   /** The VM file. */
   readonly vm: string
-  /** QEMU's `multifd-channels`. */
+  /** QEMU's `multifd-channels`; 0: a QEMU without multifd (every page on the main channel). */
   readonly channels: number
   /** QEMU's `multifd-compression`. */
   readonly compression: Protocol.Compression

@@ -366,6 +366,8 @@ export interface IncomingSettings {
   /** Capability mapped-ram (a `file:` uri). */
   readonly mappedRam?: boolean | undefined
   readonly extraParameters?: Record<string, unknown> | undefined
+  /** More capabilities to turn on (`postcopy-ram`, ...). */
+  readonly extraCapabilities?: ReadonlyArray<string> | undefined
 }
 
 /**
@@ -374,7 +376,12 @@ export interface IncomingSettings {
  */
 export const incoming = (qmp: Qmp, settings: IncomingSettings): Effect.Effect<string, QmpError> =>
   Effect.gen(function*() {
-    const capabilities = ["events", ...(settings.channels > 0 ? ["multifd"] : []), ...(settings.mappedRam ? ["mapped-ram"] : [])]
+    const capabilities = [
+      "events",
+      ...(settings.channels > 0 ? ["multifd"] : []),
+      ...(settings.mappedRam ? ["mapped-ram"] : []),
+      ...(settings.extraCapabilities ?? [])
+    ]
     yield* qmp.execute("migrate-set-capabilities", { capabilities: capabilities.map((capability) => ({ capability, state: true })) })
     yield* qmp.execute("migrate-set-parameters", {
       ...(settings.channels > 0 ? { "multifd-channels": settings.channels } : {}),
