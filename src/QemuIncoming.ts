@@ -17,6 +17,12 @@
  * is known by its description after the EOF marker, which every x86 machine type sends; a machine that
  * suppresses it would time out.)
  *
+ * A packet's `packet_num` is not checked, as QEMU's destination does not (it keeps it for its traces): QEMU numbers the
+ * packets of all channels from one counter, sends a page at most once between two flushes (it sends a page again only
+ * in the next round of memory, and flushes once a round) and the flush orders the rounds, so neither the order of
+ * packets across channels nor their numbers decide what a page holds. (A source that sends a page twice in one round
+ * could only be one that writes what it likes into the memory anyway.)
+ *
  * With `vm: true` the rest of the main stream is kept too (`Incoming.vm`): the configuration, the commands
  * and the device state, verbatim — the whole VM, which `MappedRam.write` stores and `QemuOutgoing` resumes.
  *
