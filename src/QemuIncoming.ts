@@ -83,7 +83,7 @@ import { ownFibers } from "./internal/native/ownFibers.js"
 export interface Options<E = never> {
   /** QEMU's `multifd-channels` (1–255), or 0 for QEMU without capability multifd (pages on the main stream). */
   readonly channels: number
-  /** QEMU's `multifd-compression` (default `none`); QEMU does not announce it. */
+  /** QEMU's `multifd-compression` (default `none`); QEMU does not announce it. With `channels` 0 only `none`. */
   readonly compression?: Protocol.Compression | undefined
   /**
    * Memory to receive into: its layout must equal the RAM blocks QEMU announces (names, sizes, page size).
@@ -337,6 +337,13 @@ const check = <E>(options: Options<E>): MigrationError.MigrationError | undefine
   const compression = options.compression ?? "none"
   const badChannels = channels === 0 ? undefined : Protocol.checkChannels(channels, "multifd channels")
   if (badChannels !== undefined) return new MigrationError.MigrationError({ reason: "Rejected", detail: badChannels })
+  if (channels === 0 && compression !== "none" && Protocol.checkCompression(compression) === undefined) {
+    return new MigrationError.MigrationError({
+      reason: "BadOptions",
+      detail: `compression ${compression} is that of QEMU's multifd channels (multifd-compression): with channels 0 ` +
+        "(QEMU without multifd) every page comes on the main channel uncompressed"
+    })
+  }
   // out of descriptors, QEMU's channels would be dropped without a word (QEMU is told nothing either way)
   const tooFew = channels === 0 ? undefined : OpenFiles.tooFewFor(channels, "destination")
   const problem = tooFew ?? Transfer.checkTimeouts(options.timeouts) ?? Transfer.checkMaxRam(options.maxRamBytes) ??

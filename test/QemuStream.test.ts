@@ -1998,6 +1998,18 @@ describe("QemuIncoming with channels 0: QEMU without multifd, every page on the 
       expect(exit.value.rejected).toEqual([expect.stringContaining("a multifd channel, but this destination expects QEMU without multifd")])
     }))))
 
+  // (it was taken, and ignored: the stats said the migration came zlib-compressed)
+  it.live("a compression other than none: refused before anything is accepted (multifd-compression is the multifd channels')", () =>
+    expectNoLeaks(Effect.scoped(Effect.gen(function*() {
+      const dst = yield* destination({ channels: 0, compression: "zlib" })
+      const error = failureOf(yield* noHang(Fiber.await(dst.fiber), "the destination"))
+      expect(error).toMatchObject({ _tag: "MigrationError", reason: "BadOptions" })
+      expect(error.message).toBe(
+        "compression zlib is that of QEMU's multifd channels (multifd-compression): with channels 0 (QEMU without " +
+          "multifd) every page comes on the main channel uncompressed"
+      )
+    }))))
+
   // QEMU with multifd on a machine type of QEMU 8.0 or before sends no flush word (multifd-flush-after-each-section):
   // its pages went to the channels turned away, and the memory was zeros where they were, a success
   it.live("no page on the main channel, or only zero pages with a multifd channel turned away: QEMU with multifd, refused saying so, not a success", () =>

@@ -842,6 +842,7 @@ describe("the command line of whole VMs: usage", () => {
         [["recv", `file:${vmFile},offset=1.5M`, "--from-qemu", "--out", vmFile + ".ram"], /^multifd: error: file:.*nothing\.vm,offset=1\.5M: invalid file offset '1\.5M'/],
         [["recv", "tcp:127.0.0.1:0", "--channels", "0", "--out", vmFile], /--channels must be between 1 and 255, not 0 \(0 goes with --from-qemu/],
         [["send", "tcp:127.0.0.1:1", "--in", vmFile, "--channels", "0"], /--channels must be between 1 and 255, not 0 \(0 goes with --to-qemu: a QEMU without multifd\)$/],
+        [["recv", "tcp:127.0.0.1:0", "--from-qemu", "--channels", "0", "--compression", "zlib", "--out", vmFile], /^multifd: error: --compression zlib is QEMU's multifd-compression: with --channels 0 \(QEMU without multifd\) every page comes uncompressed on the main channel$/],
         [["send", "tcp:127.0.0.1:1", "--to-qemu", "--vm", vmFile, "--channels", "0", "--compression", "zstd"], /--compression zstd is QEMU's multifd-compression: with --channels 0 \(a QEMU without multifd\) every page goes uncompressed on the main channel$/],
         [["recv", "tcp:127.0.0.1:0", "--from-qemu", "--channels", "2", "--out", vmFile, "--vm", vmFile], /exactly one of --out FILE, --out-dir DIR or --vm FILE/],
         [["recv", "tcp:127.0.0.1:0", "--from-qemu", "--channels", "2", "--vm", Path.join(dir, "no", "such", "dir", "x.vm")], /no such file or directory/]

@@ -69,12 +69,22 @@ export const command = Command.make(
             detail: "--from-qemu needs --channels N (QEMU's multifd-channels; 0 for QEMU without multifd)"
           })
         }
-        if (uri._tag !== "File") yield* checkCompression(Option.getOrUndefined(transfer.compression))
+        // without multifd every page comes uncompressed on the main channel: --compression is refused, MULTIFD_COMPRESSION
+        // ignored (as send --to-qemu --channels 0)
+        const withoutMultifd = uri._tag !== "File" && Option.contains(transfer.channels, 0)
+        if (withoutMultifd && transfer.given.has("--compression") && Option.isSome(transfer.compression) && transfer.compression.value !== "none") {
+          return yield* new UsageError({
+            detail: `--compression ${transfer.compression.value} is QEMU's multifd-compression: with --channels 0 (QEMU ` +
+              "without multifd) every page comes uncompressed on the main channel"
+          })
+        }
+        const compression = uri._tag === "File" || withoutMultifd ? undefined : Option.getOrUndefined(transfer.compression)
+        if (uri._tag !== "File") yield* checkCompression(compression)
         if (uri._tag !== "File" && tls !== undefined) yield* warnUnverifiedQemu(tls.settings)
         yield* FromQemu.run({
           uri,
           channels: Option.getOrElse(transfer.channels, () => 0),
-          compression: uri._tag === "File" ? undefined : Option.getOrUndefined(transfer.compression),
+          compression,
           pageSize: Option.getOrUndefined(transfer.pageSize),
           out: Option.getOrUndefined(output.out),
           outDir: Option.getOrUndefined(output.outDir),
