@@ -690,9 +690,17 @@ describe.skipIf(missing !== undefined)(`QEMU ${"version" in qemu ? qemu.version 
       expect(dst.stderr()).toContain("Extra incoming migration connection")
     }))), 90_000)
 
-  it.live("send --to-qemu --channels 0 into a QEMU without multifd, with capability postcopy-ram (which QEMU 10.0 takes only without multifd), on a unix socket: every page on the main channel; QEMU resumes the guest", () =>
+  it.live("QEMU's mapped-ram file written without multifd: recv file: --from-qemu reads it; send --to-qemu --channels 0 into a QEMU without multifd, with capability postcopy-ram (which QEMU 10.0 takes only without multifd), on a unix socket: every page on the main channel; QEMU resumes the guest", () =>
     expectNoLeaks(Effect.scoped(Effect.gen(function*() {
-      const vmFile = yield* receivedVmFile("no-multifd.vm")
+      // the VM as QEMU's own mapped-ram file written without multifd (libvirt's sparse save image without --parallel),
+      // which nothing else here reads
+      const vmFile = fresh("no-multifd.vm")
+      const src = yield* guest()
+      yield* Qemu.migrate(src.qmp, { uri: `file:${vmFile}`, channels: 0, compression: "none", extraCapabilities: ["mapped-ram"] })
+      expect(yield* Qemu.waitDone(src.qmp, "30 seconds")).toBe("completed")
+      const out = fresh("no-multifd.ram")
+      expect(yield* cli(["recv", `file:${vmFile}`, "--from-qemu", "--out", out, "--quiet"])).toMatchObject({ code: 0, stderr: [] })
+      expectSameRam(Fs.readFileSync(out).subarray(0, SIZE))
       // (on a unix socket, as libvirt's unix migration URIs, which nothing else here uses)
       const dst = yield* destination({ channels: 0, extraCapabilities: ["postcopy-ram"], uri: `unix:${fresh("no-multifd.sock")}` })
       // (--max-bandwidth paces the main channel: a rate high enough not to slow the test)
