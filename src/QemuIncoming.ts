@@ -105,8 +105,10 @@ export interface Options<E = never> {
   /** Target page size when the stream does not say (default 4096, as x86): a power of two, 512 B to 512 KiB. */
   readonly pageSize?: number | undefined
   /**
-   * The uuid the multifd channels must carry (QEMU's `-uuid`, zeros by default). Without it the first
-   * channel's is adopted (or the one the configuration record carries) and the others must match.
+   * The uuid the multifd channels must carry (QEMU's `-uuid`, zeros by default), and the configuration record when
+   * it carries one (QEMU's capability validate-uuid: another refuses the migration, as QEMU's destination does, with
+   * or without multifd). Without it the first channel's is adopted (or the one the configuration record carries)
+   * and the others must match.
    */
   readonly uuid?: Uint8Array | undefined
   /**

@@ -1998,6 +1998,29 @@ describe("QemuIncoming with channels 0: QEMU without multifd, every page on the 
       expect(exit.value.rejected).toEqual([expect.stringContaining("a multifd channel, but this destination expects QEMU without multifd")])
     }))))
 
+  // QEMU's destination refuses a configuration whose uuid (capability validate-uuid) is not its -uuid; without multifd
+  // nothing else could tell another VM's migration, and the uuid given was ignored
+  it.live("the uuid to expect, and a configuration carrying another (validate-uuid): refused naming both; the same uuid: taken", () =>
+    expectNoLeaks(Effect.scoped(Effect.gen(function*() {
+      const theirs = Buffer.alloc(16, 0xab)
+      const withUuid = Buffer.concat([
+        header,
+        configuration("none", [subsection("configuration/uuid", theirs)]),
+        pages.subarray(header.length + configuration().length)
+      ])
+      const other = yield* destination({ channels: 0, uuid: new Uint8Array(16).fill(1) })
+      const error = failureOf(yield* replayAll(other, [withUuid]))
+      expect(error).toMatchObject({ _tag: "MigrationError", reason: "Rejected" })
+      expect(error.message).toBe(
+        "refused the migration: QEMU's configuration carries uuid abababab-abab-abab-abab-abababababab (its -uuid, " +
+          "capability validate-uuid), not 01010101-0101-0101-0101-010101010101 (the uuid to expect): another VM's migration"
+      )
+      const same = yield* destination({ channels: 0, uuid: theirs })
+      const exit = yield* replayAll(same, [withUuid])
+      if (Exit.isFailure(exit)) throw new Error(Cause.pretty(exit.cause))
+      expect(exit.value.stats.qemu.configurationUuid).toBe("abababab-abab-abab-abab-abababababab")
+    }))))
+
   // (it was taken, and ignored: the stats said the migration came zlib-compressed)
   it.live("a compression other than none: refused before anything is accepted (multifd-compression is the multifd channels')", () =>
     expectNoLeaks(Effect.scoped(Effect.gen(function*() {

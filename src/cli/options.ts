@@ -288,8 +288,9 @@ export const recvOutput: Options.Options<RecvOutput> = Options.all({
   ),
   uuid: qemuUuid(
     "With --from-qemu: the -uuid QEMU was started with (libvirt starts it with the domain's), which its multifd " +
-      "channels carry: channels of another uuid (another QEMU migrating here) are turned away (default: the uuid " +
-      "QEMU's capability validate-uuid sends, else the first channel's, and channels of another fail the migration)."
+      "channels carry: channels of another uuid (another QEMU migrating here) are turned away, and another uuid sent " +
+      "by QEMU's capability validate-uuid refuses the migration, as QEMU does (default: the uuid validate-uuid sends, " +
+      "else the first channel's, and channels of another fail the migration)."
   ),
   postcopyRam: choice("postcopy-ram", ["refuse", "precopy"] as const).pipe(
     Options.withDescription(

@@ -312,7 +312,22 @@ export const read = (
       command: (name) => Effect.sync(() => {
         if (name === "SWITCHOVER_START") phase = "switchover"
       }),
-      configuration: (configuration) => Effect.sync(() => (configUuid = configuration.uuid))
+      // QEMU's capability validate-uuid puts its -uuid in the configuration, which QEMU's own destination checks
+      // against its -uuid ("UUID received is ... and local is ..."): the uuid given is checked the same, channels or
+      // none (without multifd nothing else could be checked against it)
+      configuration: (configuration) =>
+        Effect.suspend(() => {
+          configUuid = configuration.uuid
+          const expected = config.uuid
+          if (expected === undefined || configuration.uuid === undefined || Buffer.from(expected).equals(configuration.uuid)) {
+            return Effect.void
+          }
+          return new MigrationError.MigrationError({
+            reason: "Rejected",
+            detail: `refused the migration: QEMU's configuration carries uuid ${Protocol.formatUuid(configuration.uuid)} ` +
+              `(its -uuid, capability validate-uuid), not ${Protocol.formatUuid(expected)} (the uuid to expect): another VM's migration`
+          })
+        })
     }
     // one inactivity watch over the main channel and every multifd channel, beside each channel's own watch
     // inside a packet (MultifdRecv's stallTimeout); its message says what was awaited
