@@ -2129,6 +2129,20 @@ describe("MappedRam: QEMU 10's mapped-ram file", () => {
       expect(Fs.readdirSync(dir)).toEqual([])
     }))
 
+  // (the statistics' uuid was the configuration's, and qemu.configurationUuid said there was none)
+  it.live("recv file: --from-qemu --json of a file whose configuration carries QEMU's -uuid (validate-uuid): qemu.configurationUuid says it", () =>
+    Effect.gen(function*() {
+      const vm = yield* capturedVm
+      const file = Path.join(vmFileDir, "with-uuid.vm")
+      yield* MappedRam.write(file, { ...vm, configuration: { ...vm.configuration!, uuid: new Uint8Array(16).fill(0xab) } })
+      const result = yield* Effect.promise(() =>
+        Cli.runHere(["recv", `file:${file}`, "--from-qemu", "--out", Path.join(vmFileDir, "with-uuid.ram"), "--json"])
+      )
+      expect(result.code).toBe(0)
+      const uuid = "abababab-abab-abab-abab-abababababab"
+      expect(JSON.parse(result.stdout)).toMatchObject({ uuid, qemu: { configurationUuid: uuid } })
+    }))
+
   it.live("recv file:DIR/mem.img --out-dir DIR: the block's file is the file read, refused (exit 2), the file kept", () =>
     Effect.gen(function*() {
       const dir = Path.join(vmFileDir, "same-dir")

@@ -81,8 +81,10 @@ interface Received {
 const fileStats = (read: MappedRam.Read, durationMs: number): QemuIncoming.Stats => {
   const { summary, vm } = read
   const pages = vm.ram.size / vm.ram.pageSize
+  // (QEMU's -uuid, when its capability validate-uuid put it in the configuration: the file has no channels)
+  const uuid = summary.configuration?.uuid === undefined ? undefined : Protocol.formatUuid(summary.configuration.uuid)
   return {
-    uuid: summary.configuration?.uuid === undefined ? "" : Protocol.formatUuid(summary.configuration.uuid),
+    uuid: uuid ?? "",
     channels: 0,
     compression: "none",
     ramBytes: vm.ram.size,
@@ -98,7 +100,7 @@ const fileStats = (read: MappedRam.Read, durationMs: number): QemuIncoming.Stats
     gibPerSecond: Transfer.gibPerSecond(vm.ram.size, durationMs),
     qemu: {
       machine: summary.configuration?.machine,
-      configurationUuid: undefined,
+      configurationUuid: uuid,
       blocks: summary.blocks,
       flushes: summary.flushes,
       mainZeroPages: summary.zeroPages,
