@@ -424,7 +424,10 @@ export const restoreTracked = (
   tracker: Status.Tracker | undefined
 ): Effect.Effect<Restored, SnapshotError> => {
   // options of null as a whole (plain JavaScript) threw as `restore` was called
-  const notOptions = Transfer.checkOptions(options, true)
+  // and memory given that is none (`null`, or no GuestRam) was a defect ("Cannot read properties of null"), taken
+  // before the options' own check (restoreInto's) could say so
+  const notOptions = Transfer.checkOptions(options, true) ??
+    (options.ram === undefined ? undefined : GuestRam.notGuestRam(options.ram, "ram"))
   return notOptions !== undefined
     ? Effect.fail(new SnapshotError({ reason: "Unsupported", path: typeof path === "string" ? path : "", detail: notOptions }))
     : ownFibers(

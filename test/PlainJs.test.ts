@@ -194,6 +194,29 @@ describe("options of the wrong type", () => {
   }
 })
 
+describe("Snapshot.restore into memory that is none", () => {
+  // `ram: null` (or an object that is no GuestRam) given to Snapshot.restore itself was a defect, "Cannot read
+  // properties of null (reading 'blocks')" with a stack trace, before its own check of the options ran (through
+  // listenAndReceive of a file: it was BadOptions already)
+  for (const [name, ram] of [["null", null], ["an object", { blocks: [] }]] as const) {
+    it.effect(`ram: ${name}: a SnapshotError naming it, not a defect; nothing read or written`, () =>
+      Effect.gen(function*() {
+        const dir = Fs.mkdtempSync(Path.join(Os.tmpdir(), "emfd-restore-ram-"))
+        const path = Path.join(dir, "in.snap")
+        const exit = yield* Effect.exit(Snapshot.restore(path, { ram: ram as never }))
+        const error = failureOf(exit)
+        expect(error).toMatchObject({
+          _tag: "SnapshotError",
+          reason: "Unsupported",
+          message: `snapshot ${path}: ram is not a GuestRam (memory that GuestRam.make built)`
+        })
+        expectOneLine(error)
+        expect(Fs.readdirSync(dir)).toEqual([])
+        Fs.rmSync(dir, { recursive: true, force: true })
+      }))
+  }
+})
+
 describe("options of null as a whole", () => {
   // each was a defect ("Cannot read properties of null (reading 'address')"); Snapshot.restore and MappedRam.read
   // threw as they were called, before any Effect ran
