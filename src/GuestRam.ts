@@ -199,7 +199,8 @@ export const make = (options: {
     // (a string's length was taken for a size) were defects or misleading ("size 4096 is not a multiple of 4096")
     const shape = shapeProblem(options)
     if (shape !== undefined) return shape
-    const pageSize = options.pageSize ?? DEFAULT_PAGE_SIZE
+    // (null, from plain JavaScript, is no page size: it took the default in silence)
+    const pageSize = options.pageSize === undefined ? DEFAULT_PAGE_SIZE : options.pageSize
     if (!Protocol.isPageSize(pageSize)) {
       return new GuestRamError({
         reason: "BadPageSize",

@@ -107,7 +107,8 @@ export const read = (path: string, options: ReadOptions = {}): Effect.Effect<Rea
 
 /** `read`'s and `open`'s options with their defaults. */
 const settingsOf = (options: ReadOptions) => ({
-  maxRamBytes: options.maxRamBytes ?? Transfer.DEFAULT_MAX_RAM,
+  // (null, from plain JavaScript, is no limit: the limit check says so, rather than take the default in silence)
+  maxRamBytes: options.maxRamBytes === undefined ? Transfer.DEFAULT_MAX_RAM : options.maxRamBytes,
   pageSize: options.pageSize,
   offset: options.offset
 })

@@ -178,9 +178,11 @@ export type MigrateError =
 
 /** The first option `migrate` cannot use with memory of `pageSize`, described; `undefined` when all are usable. */
 const checkOptions = (options: MigrateOptions, pageSize: number): string | undefined => {
-  const compression = options.compression ?? "none"
-  const zeroPage = options.zeroPage ?? "multifd"
-  return Protocol.checkChannels(options.channels ?? 2) ??
+  // only `undefined` is left out: `null` (plain JavaScript, a JSON setting that is none) is checked as a value, as the
+  // options that hold objects are (it took the default, or MULTIFD_CHANNELS' place, in silence)
+  const compression = options.compression === undefined ? "none" : options.compression
+  const zeroPage = options.zeroPage === undefined ? "multifd" : options.zeroPage
+  return Protocol.checkChannels(options.channels === undefined ? 2 : options.channels) ??
     (Protocol.compressions.includes(compression)
       ? undefined
       : `compression ${JSON.stringify(compression)} is not one of ${Protocol.compressions.join(", ")}`) ??
@@ -198,7 +200,7 @@ const checkReconnect = (reconnect: MigrateOptions["reconnect"]): string | undefi
   if (reconnect !== undefined && typeof reconnect !== "number" && (typeof reconnect !== "object" || reconnect === null)) {
     return `reconnect must be a number of attempts or { attempts, within }, not ${Transfer.describeInput(reconnect)}`
   }
-  const attempts = typeof reconnect === "number" ? reconnect : reconnect?.attempts ?? 3
+  const attempts = typeof reconnect === "number" ? reconnect : reconnect?.attempts === undefined ? 3 : reconnect.attempts
   const within = typeof reconnect === "object" ? reconnect.within : undefined
   return !(Number.isInteger(attempts) && attempts >= 0 && attempts <= 1000)
     ? `reconnect attempts ${attempts} is not a whole number from 0 to 1000`

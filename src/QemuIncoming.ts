@@ -336,7 +336,8 @@ const check = <E>(options: Options<E>): MigrationError.MigrationError | undefine
   const notOptions = Transfer.checkOptions(options, false)
   if (notOptions !== undefined) return new MigrationError.MigrationError({ reason: "BadOptions", detail: notOptions })
   const channels = options.channels
-  const compression = options.compression ?? "none"
+  // (null, from plain JavaScript, is no method: it took none in silence)
+  const compression = options.compression === undefined ? "none" : options.compression
   const badChannels = channels === 0 ? undefined : Protocol.checkChannels(channels, "multifd channels")
   if (badChannels !== undefined) return new MigrationError.MigrationError({ reason: "Rejected", detail: badChannels })
   if (channels === 0 && compression !== "none" && Protocol.checkCompression(compression) === undefined) {

@@ -184,7 +184,8 @@ export const saveTracked = (
     if (typeof path !== "string" || path.length === 0) return yield* noPath(path)
     const notOptions = Transfer.checkOptions(options, true)
     if (notOptions !== undefined) return yield* new MigrationError.MigrationError({ reason: "BadOptions", detail: notOptions })
-    const channels = options.channels ?? DEFAULT_CHANNELS
+    // (null, from plain JavaScript, is no channel count: it took the default in silence)
+    const channels = options.channels === undefined ? DEFAULT_CHANNELS : options.channels
     const badChannels = Protocol.checkChannels(channels)
     if (badChannels !== undefined) return yield* new SnapshotError({ reason: "Unsupported", path, detail: badChannels })
     const zeroPage = options.zeroPage
@@ -457,7 +458,7 @@ const restoreInto = (
 ): Effect.Effect<Restored, SnapshotError> =>
   Effect.scoped(Effect.gen(function*() {
     const started = yield* Clock.currentTimeMillis
-    const readers = options.readers ?? DEFAULT_CHANNELS
+    const readers = options.readers === undefined ? DEFAULT_CHANNELS : options.readers
     const badReaders = Protocol.checkChannels(readers, "readers")
     if (typeof path !== "string" || path.length === 0) return yield* noPath(path)
     const badOptions = badReaders ?? Transfer.checkMaxRam(options.maxRamBytes) ??

@@ -17,6 +17,7 @@ import * as Path from "node:path"
 import * as GuestRam from "../src/GuestRam.js"
 import * as MappedRam from "../src/MappedRam.js"
 import * as Migration from "../src/Migration.js"
+import * as MigrationConfig from "../src/MigrationConfig.js"
 import * as MigrationError from "../src/MigrationError.js"
 import * as QemuIncoming from "../src/QemuIncoming.js"
 import * as QemuOutgoing from "../src/QemuOutgoing.js"
@@ -192,6 +193,86 @@ describe("options of the wrong type", () => {
         expect(fromFile).toMatchObject({ message: expect.stringContaining(message.split(" (")[0]!) })
       }))
   }
+})
+
+describe("a setting of null", () => {
+  /**
+   * From plain JavaScript (or a JSON setting that is none), a number or name given as `null` took the default in
+   * silence (`channels: null` migrated on 2 channels, over MULTIFD_CHANNELS' 8 too), while `null` where an object,
+   * a duration or a limit goes was BadOptions. `null` is now a value like any other: an error naming the option;
+   * only an option left out (`undefined`) takes the default.
+   */
+  const migrateCases: ReadonlyArray<readonly [string, Record<string, unknown>, string]> = [
+    ["channels: null", { channels: null }, "channels must be between 1 and 255, not null"],
+    ["compression: null", { compression: null }, "compression null is not one of none, zlib, zstd"],
+    ["zeroPage: null", { zeroPage: null }, "zero-page mode null is not multifd or none"],
+    ["reconnect: { attempts: null }", { reconnect: { attempts: null } }, "reconnect attempts null is not a whole number from 0 to 1000"]
+  ]
+  for (const [name, options, message] of migrateCases) {
+    it.effect(`migrate { ${name} }: BadOptions naming it, and no connect; with MigrationConfig in context too`, () =>
+      Effect.gen(function*() {
+        const ram = yield* sourceRam()
+        for (const config of [false, true]) {
+          const transport = counting()
+          const attempt = Migration.migrate({ address: { _tag: "Tcp", host: "127.0.0.1", port: 1 }, ...options }).pipe(
+            Effect.provide(transport.layer),
+            Effect.provideService(GuestRam.GuestRam, ram)
+          )
+          // the settings in context are what an option left out takes, not one given as null
+          const settings = MigrationConfig.layer({ channels: 8, compression: "zlib", zeroPage: "none", reconnect: 1 })
+          const error = failureOf(yield* Effect.exit(config ? Effect.provide(attempt, settings) : attempt))
+          expect(error).toMatchObject({ _tag: "MigrationError", reason: "BadOptions", message })
+          expectOneLine(error)
+          expect(transport.asked).toEqual({ connects: 0, listens: 0 })
+        }
+      }))
+  }
+
+  it.effect("Snapshot.save { channels: null }, Snapshot.restore { readers: null }: errors naming them; no file made", () =>
+    Effect.gen(function*() {
+      const ram = yield* sourceRam()
+      const dir = Fs.mkdtempSync(Path.join(Os.tmpdir(), "emfd-null-setting-"))
+      const path = Path.join(dir, "out.snap")
+      const saved = failureOf(yield* Effect.exit(Snapshot.save(path, { channels: null as never }).pipe(
+        Effect.provideService(GuestRam.GuestRam, ram)
+      )))
+      expect(saved).toMatchObject({ _tag: "SnapshotError", message: `snapshot ${path}: channels must be between 1 and 255, not null` })
+      expect(Fs.readdirSync(dir)).toEqual([])
+      const restored = failureOf(yield* Effect.exit(Snapshot.restore(path, { readers: null as never })))
+      expect(restored).toMatchObject({ _tag: "SnapshotError", message: `snapshot ${path}: readers must be between 1 and 255, not null` })
+      Fs.rmSync(dir, { recursive: true, force: true })
+    }))
+
+  it.effect("GuestRam.make { pageSize: null }: BadPageSize naming it, not memory of 4 KiB pages", () =>
+    Effect.gen(function*() {
+      const error = failureOf(yield* Effect.exit(GuestRam.make({ pageSize: null as never, blocks: [{ name: "pc.ram", size: 65536 }] })))
+      expect(error).toMatchObject({
+        _tag: "GuestRamError",
+        reason: "BadPageSize",
+        message: "invalid memory layout: page size null is not a power of two between 512 and 524288"
+      })
+    }))
+
+  it.effect("MappedRam.read { maxRamBytes: null }: Unsupported naming it, before the file is opened", () =>
+    Effect.gen(function*() {
+      const error = failureOf(yield* Effect.exit(MappedRam.read("/nonexistent/guest.vm", { maxRamBytes: null as never })))
+      expect(error).toMatchObject({
+        _tag: "MappedRamError",
+        message: expect.stringContaining("the memory limit maxRamBytes must be a number of bytes >= 0, not null")
+      })
+    }))
+
+  it.effect("QemuIncoming { compression: null }: BadOptions naming it before anything listens", () =>
+    Effect.gen(function*() {
+      const transport = counting()
+      const error = failureOf(yield* Effect.exit(QemuIncoming.listenAndReceive({ _tag: "Tcp", host: "127.0.0.1", port: 0 }, {
+        channels: 2,
+        compression: null as never,
+        acceptTimeout: "1 second"
+      }).pipe(Effect.provide(transport.layer))))
+      expect(error).toMatchObject({ _tag: "MigrationError", reason: "BadOptions", message: "compression null is not one of none, zlib, zstd" })
+      expect(transport.asked).toEqual({ connects: 0, listens: 0 })
+    }))
 })
 
 describe("Snapshot.restore into memory that is none", () => {
