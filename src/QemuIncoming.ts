@@ -338,8 +338,9 @@ const check = <E>(options: Options<E>): MigrationError.MigrationError | undefine
   const channels = options.channels
   // (null, from plain JavaScript, is no method: it took none in silence)
   const compression = options.compression === undefined ? "none" : options.compression
+  // an option it cannot use, as every other (it was Rejected, as if QEMU had been refused)
   const badChannels = channels === 0 ? undefined : Protocol.checkChannels(channels, "multifd channels")
-  if (badChannels !== undefined) return new MigrationError.MigrationError({ reason: "Rejected", detail: badChannels })
+  if (badChannels !== undefined) return new MigrationError.MigrationError({ reason: "BadOptions", detail: badChannels })
   if (channels === 0 && compression !== "none" && Protocol.checkCompression(compression) === undefined) {
     return new MigrationError.MigrationError({
       reason: "BadOptions",
@@ -352,9 +353,28 @@ const check = <E>(options: Options<E>): MigrationError.MigrationError | undefine
   const problem = tooFew ?? Transfer.checkTimeouts(options.timeouts) ?? Transfer.checkMaxRam(options.maxRamBytes) ??
     Transfer.checkAcceptTimeout(options.acceptTimeout) ??
     (options.pageSize === undefined ? undefined : Protocol.checkPageSize(options.pageSize, "pageSize")) ??
-    Protocol.checkCompression(compression) ?? (options.uuid === undefined ? undefined : Protocol.checkUuid(options.uuid))
+    Protocol.checkCompression(compression) ?? (options.uuid === undefined ? undefined : Protocol.checkUuid(options.uuid)) ??
+    checkTypes(options)
   return problem === undefined ? undefined : new MigrationError.MigrationError({ reason: "BadOptions", detail: problem })
 }
+
+/**
+ * Why options that plain JavaScript may get wrong are unusable, if they are (as `Migration.incoming` checks its own):
+ * memory given that is no GuestRam (`null` was a defect before anything listened), callbacks that are no functions
+ * (an `onListening` of a string was a defect once listening, the others once QEMU connected), TLS settings that are
+ * none, and switches or a postcopy policy of the wrong type (`vm: "yes"` received no VM, `null` or `"no"` was read
+ * as false or true, a misspelt policy as `refuse`), in silence.
+ */
+const checkTypes = (options: Options<unknown>): string | undefined =>
+  (options.ram === undefined ? undefined : GuestRam.notGuestRam(options.ram, "ram")) ??
+    Transfer.checkCallback("admit", options.admit) ?? Transfer.checkCallback("onProgress", options.onProgress) ??
+    Transfer.checkCallback("persist", options.persist) ?? Transfer.checkCallback("upgrade", options.upgrade) ??
+    Transfer.checkCallback("onListening", (options as { readonly onListening?: unknown }).onListening) ??
+    Transfer.checkObject("tls", options.tls) ??
+    Transfer.checkFlag("vm", options.vm) ?? Transfer.checkFlag("flushAfterEachSection", options.flushAfterEachSection) ??
+    (options.postcopyRam === undefined || options.postcopyRam === "refuse" || options.postcopyRam === "precopy"
+      ? undefined
+      : `postcopyRam ${Transfer.describeInput(options.postcopyRam)} is not refuse or precopy`)
 
 /** `incoming` with its options checked. */
 const receive = <E>(listener: Transport.Listener, options: Options<E>): Effect.Effect<Incoming, IncomingError | E> =>
@@ -455,7 +475,9 @@ export const listenAndReceive = <E = never>(
     const run = Effect.scoped(Effect.gen(function*() {
       const transport = yield* Transport.Transport
       const listener = yield* transport.listen(address)
-      if (options.onListening) yield* options.onListening(listener.address)
+      // (one that returns no Effect, an async function's Promise, fails CallbackFailed saying so: it was a defect)
+      const onListening = options.onListening
+      if (onListening) yield* Transfer.callback("onListening", () => onListening(listener.address), false)
       return yield* receive(listener, options)
     }))
     return options.ram === undefined ? run : Precopy.exclusive(options.ram, run)

@@ -50,7 +50,7 @@ import * as ReturnPath from "./internal/qemu/returnPath.js"
 import * as Unloaded from "./internal/qemu/unloaded.js"
 import { unlessStalled, within } from "./internal/stall.js"
 import * as Handshake from "./internal/tls/handshake.js"
-import type * as GuestRam from "./GuestRam.js"
+import * as GuestRam from "./GuestRam.js"
 import * as MigrationError from "./MigrationError.js"
 import * as MultifdSend from "./MultifdSend.js"
 import * as PageCodec from "./PageCodec.js"
@@ -169,6 +169,16 @@ const check = <E>(options: Options<E>): MigrationError.MigrationError | undefine
         "(QEMU without multifd) every page goes on the main channel uncompressed"
     )
   }
+  // from plain JavaScript, an address or a VM that is none, and callbacks or switches of the wrong type, were defects
+  // (before anything connected, or once it had) or read in silence
+  const types = Transport.addressProblem(options.address) ?? checkVm(options.vm) ??
+    Transfer.checkCallback("readPages", options.readPages) ?? Transfer.checkCallback("load", options.load) ??
+    Transfer.checkCallback("onProgress", options.onProgress) ?? Transfer.checkCallback("upgrade", options.upgrade) ??
+    Transfer.checkObject("tls", options.tls) ?? Transfer.checkFlag("flushAfterEachSection", options.flushAfterEachSection) ??
+    (options.maxBandwidth === undefined || Bandwidth.isLimit(options.maxBandwidth)
+      ? undefined
+      : `maxBandwidth ${Transfer.describeInput(options.maxBandwidth)} is not a Bandwidth.Limit (Bandwidth.make)`)
+  if (types !== undefined) return badOptions(types)
   if (options.address._tag === "File") return badOptions("QEMU listens on a tcp: or unix: address, not a file")
   const timeouts = Transfer.checkTimeouts(options.timeouts)
   if (timeouts !== undefined) return badOptions(timeouts)
@@ -191,6 +201,15 @@ const check = <E>(options: Options<E>): MigrationError.MigrationError | undefine
   // out of descriptors, the channels would fail one by one as they connect
   const tooFew = options.channels === 0 ? undefined : OpenFiles.tooFewFor(options.channels, "source")
   return tooFew === undefined ? undefined : badOptions(tooFew)
+}
+
+/** Why `vm` is no `QemuVm` (its memory, device state and commands), if it is not. */
+const checkVm = (vm: unknown): string | undefined => {
+  const v = vm as Partial<QemuVm.QemuVm> | null | undefined
+  return typeof vm === "object" && vm !== null && GuestRam.notGuestRam(v!.ram, "vm.ram") === undefined &&
+      v!.deviceState instanceof Uint8Array && Array.isArray(v!.commands)
+    ? undefined
+    : `vm ${Transfer.describeInput(vm)} is not a QEMU VM (QemuIncoming's vm, MappedRam.read or MappedRam.open)`
 }
 
 /** A multifd channel's failure (`MultifdSend` names each by its channel). */

@@ -94,6 +94,15 @@ export const checkObject = (what: string, value: unknown): string | undefined =>
     : `${what} must be an object, not ${describeInput(value)}`
 
 /**
+ * Why a switch option (`vm`, `flushAfterEachSection`), given as `what`, is no boolean, if it is not: from plain
+ * JavaScript, `null` or `"no"` was read as false or true in silence.
+ *
+ * @internal
+ */
+export const checkFlag = (what: string, value: unknown): string | undefined =>
+  value === undefined || typeof value === "boolean" ? undefined : `${what} must be true or false, not ${describeInput(value)}`
+
+/**
  * Why the options a function was given, as a whole, are none (`null`, a string), if they are not: from plain
  * JavaScript, each was a defect ("Cannot read properties of null"), `Snapshot.restore` and `MappedRam.read` threw
  * as they were called. Options that may be left out (`optional`) may be `undefined`: the defaults.

@@ -195,6 +195,89 @@ describe("options of the wrong type", () => {
   }
 })
 
+describe("QEMU's side: options of the wrong type", () => {
+  /**
+   * QemuIncoming and QemuOutgoing checked their numbers and names but not the rest: memory given as `null` was a
+   * defect ("Cannot read properties of null (reading 'blocks')") before anything listened, an `onListening` of a
+   * string a defect once listening, callbacks that are no functions waited for QEMU to die on them, a VM or an
+   * address of `null` a defect; `vm: "yes"` received no VM, a misspelt postcopy policy refused, in silence; a channel
+   * count out of range was `Rejected`, as if QEMU had been refused. Each is now BadOptions naming it, before
+   * anything listens or connects.
+   */
+  const incomingCases: ReadonlyArray<readonly [string, Record<string, unknown>, string]> = [
+    ["channels: 256", { channels: 256 }, "multifd channels must be between 1 and 255, not 256"],
+    ["ram: null", { ram: null }, "ram is not a GuestRam (memory that GuestRam.make built)"],
+    ["admit: 5", { admit: 5 }, "admit must be a function, not 5"],
+    ["onProgress: a string", { onProgress: "log" }, `onProgress must be a function, not "log"`],
+    ["persist: a string", { persist: "/tmp/out" }, `persist must be a function, not "/tmp/out"`],
+    ["upgrade: an object", { upgrade: {} }, "upgrade must be a function, not (an object)"],
+    ["onListening: a string", { onListening: "ready" }, `onListening must be a function, not "ready"`],
+    ["tls: null", { tls: null }, "tls must be an object, not null"],
+    ["vm: \"yes\"", { vm: "yes" }, `vm must be true or false, not "yes"`],
+    ["flushAfterEachSection: null", { flushAfterEachSection: null }, "flushAfterEachSection must be true or false, not null"],
+    ["postcopyRam: \"Precopy\"", { postcopyRam: "Precopy" }, `postcopyRam "Precopy" is not refuse or precopy`]
+  ]
+  for (const [name, options, message] of incomingCases) {
+    // (live: without the check, its accept timeout is what ends it)
+    it.live(`QemuIncoming.listenAndReceive { ${name} }: BadOptions naming it before anything listens`, () =>
+      Effect.gen(function*() {
+        const transport = counting()
+        const exit = yield* Effect.exit(QemuIncoming.listenAndReceive({ _tag: "Tcp", host: "127.0.0.1", port: 0 }, {
+          channels: 2,
+          acceptTimeout: "1 second",
+          ...options
+        } as QemuIncoming.Options).pipe(Effect.provide(transport.layer)))
+        const error = failureOf(exit)
+        expect(error).toMatchObject({ _tag: "MigrationError", reason: "BadOptions", message })
+        expectOneLine(error)
+        expect(transport.asked).toEqual({ connects: 0, listens: 0 })
+      }))
+  }
+
+  it.effect("QemuIncoming.listenAndReceive with an async onListening: CallbackFailed saying so, not a defect", () =>
+    Effect.gen(function*() {
+      const onListening = (async () => {}) as unknown as (address: Transport.Address) => Effect.Effect<void>
+      const exit = yield* Effect.exit(QemuIncoming.listenAndReceive({ _tag: "Tcp", host: "127.0.0.1", port: 0 }, {
+        channels: 2,
+        onListening
+      }).pipe(Effect.provide(Transport.layer)))
+      expect(failureOf(exit)).toMatchObject({
+        _tag: "MigrationError",
+        reason: "CallbackFailed",
+        message: "onListening returned a Promise, not an Effect (an async function? wrap its work in Effect.promise)"
+      })
+    }))
+
+  const outgoingCases: ReadonlyArray<readonly [string, Record<string, unknown>, string]> = [
+    ["address: null", { address: null }, "the address null is not an address object"],
+    ["vm: null", { vm: null }, "vm null is not a QEMU VM (QemuIncoming's vm, MappedRam.read or MappedRam.open)"],
+    ["vm: an object", { vm: {} }, "vm (an object) is not a QEMU VM (QemuIncoming's vm, MappedRam.read or MappedRam.open)"],
+    ["readPages: a string", { readPages: "x" }, `readPages must be a function, not "x"`],
+    ["onProgress: 5", { onProgress: 5 }, "onProgress must be a function, not 5"],
+    ["flushAfterEachSection: \"no\"", { flushAfterEachSection: "no" }, `flushAfterEachSection must be true or false, not "no"`],
+    ["maxBandwidth: 1000", { maxBandwidth: 1000 }, "maxBandwidth 1000 is not a Bandwidth.Limit (Bandwidth.make)"]
+  ]
+  for (const [name, options, message] of outgoingCases) {
+    it.effect(`QemuOutgoing.migrate { ${name} }: BadOptions naming it before anything connects`, () =>
+      Effect.gen(function*() {
+        const ram = yield* sourceRam()
+        // a VM as QemuIncoming gives one (its device state need not be whole: the options are checked first)
+        const vm = { configuration: undefined, ramSectionId: 2, ram, commands: [], deviceState: new Uint8Array(0) }
+        const transport = counting()
+        const exit = yield* Effect.exit(QemuOutgoing.migrate({
+          address: { _tag: "Tcp", host: "127.0.0.1", port: 1 },
+          channels: 2,
+          vm,
+          ...options
+        } as QemuOutgoing.Options).pipe(Effect.provide(transport.layer)))
+        const error = failureOf(exit)
+        expect(error).toMatchObject({ _tag: "MigrationError", reason: "BadOptions", message: expect.stringContaining(message) })
+        expectOneLine(error)
+        expect(transport.asked).toEqual({ connects: 0, listens: 0 })
+      }))
+  }
+})
+
 describe("a setting of null", () => {
   /**
    * From plain JavaScript (or a JSON setting that is none), a number or name given as `null` took the default in
@@ -262,7 +345,7 @@ describe("a setting of null", () => {
       })
     }))
 
-  it.effect("QemuIncoming { compression: null }: BadOptions naming it before anything listens", () =>
+  it.live("QemuIncoming { compression: null }: BadOptions naming it before anything listens", () =>
     Effect.gen(function*() {
       const transport = counting()
       const error = failureOf(yield* Effect.exit(QemuIncoming.listenAndReceive({ _tag: "Tcp", host: "127.0.0.1", port: 0 }, {
