@@ -239,6 +239,19 @@ export const load = (config: TlsConfig): Effect.Effect<Settings, TlsError> =>
       const given = typeof config === "string" ? JSON.stringify(config) : config === null || typeof config !== "object" ? String(config) : "an array"
       return yield* configError(`must be an object ({ psk }, or { ca, cert, key, ... }), not ${given}`)
     }
+    // a config given in code is held to the schema the environment's is (from plain JavaScript, nothing checked it: a
+    // handshakeTimeoutMs of NaN or -5 was read as 0 and every handshake timed out at once, a verifyPeer of "yes" or an
+    // authz of "alice" (a string, not a list) were read as true or died on it): the first field it refuses, in one line
+    const invalid = Either.getLeft(Schema.decodeUnknownEither(TlsConfig, { onExcessProperty: "ignore" })(config))
+    if (invalid._tag === "Some") {
+      const [first] = ParseResult.ArrayFormatter.formatErrorSync(invalid.value)
+      const field = first?.path.map(String).join(".") ?? ""
+      return yield* configError(
+        `${field === "" ? "" : `${field}: `}${(first?.message ?? "invalid").split("\n")[0]}${
+          first?.path[0] === "handshakeTimeoutMs" ? " (a number of milliseconds more than 0)" : ""
+        }`
+      )
+    }
     const x509 = config.ca !== undefined || config.cert !== undefined || config.key !== undefined
     if (config.psk !== undefined && x509) {
       return yield* configError("use either a PSK file or x509 certificates, not both")

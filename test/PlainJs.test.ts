@@ -278,6 +278,33 @@ describe("QEMU's side: options of the wrong type", () => {
   }
 })
 
+describe("TLS settings from code of the wrong type", () => {
+  /**
+   * `Tls.make` / `Tls.layer` checked a config from the environment against the `TlsConfig` schema, but not one given
+   * in code: a handshakeTimeoutMs of NaN or -5 was read as 0 (every handshake then timed out at once, "after 0"),
+   * a verifyPeer of "yes" as true, an authz of "alice" (a string, not a list) or a psk of 5 died as the files were
+   * read. Each is now a TlsError Config naming the field, before any file is read.
+   */
+  const psk = Path.join(import.meta.dirname, "fixtures", "tls", "keys.psk")
+  const cases: ReadonlyArray<readonly [string, Record<string, unknown>, string]> = [
+    ["handshakeTimeoutMs: NaN", { handshakeTimeoutMs: NaN }, "handshakeTimeoutMs: Expected a positive number, actual NaN (a number of milliseconds more than 0)"],
+    ["handshakeTimeoutMs: -5", { handshakeTimeoutMs: -5 }, "handshakeTimeoutMs: Expected a positive number, actual -5 (a number of milliseconds more than 0)"],
+    ["handshakeTimeoutMs: \"5000\"", { handshakeTimeoutMs: "5000" }, `handshakeTimeoutMs: Expected number, actual "5000" (a number of milliseconds more than 0)`],
+    ["verifyPeer: \"yes\"", { verifyPeer: "yes" }, `verifyPeer: Expected boolean, actual "yes"`],
+    ["authz: \"alice\"", { authz: "alice" }, `authz: Expected ReadonlyArray<string>, actual "alice"`],
+    ["identity: null", { identity: null }, "identity: Expected string, actual null"],
+    ["psk: 5", { psk: 5 }, "psk: Expected string, actual 5"]
+  ]
+  for (const [name, config, message] of cases) {
+    it.effect(`Tls.make { ${name} }: a TlsError Config naming it`, () =>
+      Effect.gen(function*() {
+        const error = failureOf(yield* Effect.exit(Tls.make({ psk, ...config } as Tls.TlsConfig)))
+        expect(error).toMatchObject({ _tag: "TlsError", reason: "Config", message: `TLS configuration: ${message}` })
+        expectOneLine(error)
+      }))
+  }
+})
+
 describe("a setting of null", () => {
   /**
    * From plain JavaScript (or a JSON setting that is none), a number or name given as `null` took the default in
