@@ -915,6 +915,30 @@ describe("the pool's size", () => {
       }
       expect(ChannelThreads.liveThreads()).toBe(before)
     }))
+
+  /**
+   * A module Node's Worker cannot take — a bare file name (neither absolute nor ./relative), a number, null, an
+   * http: URL — was a defect thrown as the first thread was made ("ERR_WORKER_PATH", with a stack trace).
+   */
+  it.live("a module that is no absolute path, ./relative one or file: URL fails make, naming it; no thread starts", () =>
+    Effect.gen(function*() {
+      const before = ChannelThreads.liveThreads()
+      const cases: Array<[unknown, string]> = [
+        ["channelWorker.js", `"channelWorker.js"`],
+        [5, "5"],
+        [null, "null"],
+        [new URL("https://example.com/channelWorker.js"), `"https://example.com/channelWorker.js"`]
+      ]
+      for (const [module, shown] of cases) {
+        const exit = yield* Effect.exit(Effect.scoped(ChannelThreads.make({ ...POOL, module: module as string })))
+        const error = failureOf(exit) as ChannelThreads.ThreadError
+        expect([error.reason, error.message]).toEqual([
+          "Start",
+          `the channel threads' pool: module ${shown} is not an absolute path, a ./relative one or a file: URL`
+        ])
+      }
+      expect(ChannelThreads.liveThreads()).toBe(before)
+    }))
 })
 
 describe("a pool whose scope has closed", () => {

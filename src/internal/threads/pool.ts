@@ -23,6 +23,7 @@ import * as LogLevel from "effect/LogLevel"
 import * as Queue from "effect/Queue"
 import * as Scope from "effect/Scope"
 import * as Os from "node:os"
+import * as Path from "node:path"
 import * as WorkerThreads from "node:worker_threads"
 import * as Transfer from "../../Transfer.js"
 import { ownFibers } from "../native/ownFibers.js"
@@ -290,6 +291,12 @@ export const unsafeThreads = (pool: Pool): ReadonlyArray<{
 /** The process's turn at `--expose-gc` (0, or the id of the thread that has it), for tests that fake a holder. */
 export const unsafeGcTurn = (): Int32Array => gcTurn
 
+/** Whether Node's `Worker` takes `module` as a module to run: an absolute or `./`-relative path, or a file: URL. */
+const isWorkerModule = (module: unknown): boolean =>
+  module instanceof URL
+    ? module.protocol === "file:"
+    : typeof module === "string" && (Path.isAbsolute(module) || /^\.\.?[\\/]/.test(module))
+
 /** The pool's size: a thread per core, capped by `maxThreads`, at least one. */
 export const sizeOf = (options?: Options): number =>
   Math.max(1, Math.min(Os.availableParallelism(), options?.maxThreads ?? Infinity))
@@ -315,8 +322,18 @@ export const make = (options?: Options): Effect.Effect<Pool, ThreadError, Scope.
     if (badClose !== undefined) {
       return yield* new ThreadError({ reason: "Start", detail: `the channel threads' pool: ${badClose}` })
     }
+    // a module Node's Worker cannot take (a path that is neither absolute nor ./relative, a number, null) was a defect,
+    // thrown as the first thread was made
+    const given = options?.module
+    if (given !== undefined && !isWorkerModule(given)) {
+      return yield* new ThreadError({
+        reason: "Start",
+        detail: `the channel threads' pool: module ${Transfer.describeInput(given instanceof URL ? given.href : given)} ` +
+          "is not an absolute path, a ./relative one or a file: URL"
+      })
+    }
     const size = sizeOf(options)
-    const module = options?.module ?? workerUrl()
+    const module = given ?? workerUrl()
     const closeTimeout = Duration.decode(options?.closeTimeout ?? Duration.seconds(10))
     const scope = yield* Effect.scope
     // completed as the scope starts closing, before the threads are terminated (finalizers run in reverse): a
