@@ -65,6 +65,14 @@ export type Phase = Transfer.Phase
 export type Progress = Transfer.Progress
 
 /**
+ * What a source waits for after its last round: its destination verifying or storing (`Transfer.DestinationWait`).
+ *
+ * @since 0.1.0
+ * @category models
+ */
+export type DestinationWait = Transfer.DestinationWait
+
+/**
  * When a live migration switches over, and what it does when it cannot (`Transfer.LiveOptions`).
  *
  * @since 0.1.0

@@ -302,6 +302,26 @@ export interface Progress {
   readonly bandwidth: number
   /** Expected downtime if the switch-over happened now: `dirtyPages` at `bandwidth`. 0 on the destination. */
   readonly expectedDowntimeMs: number
+  /**
+   * A source's wait for its destination once every page was sent (writers still paused, `phase` `switchover`), as the
+   * destination says about every second: `verifying` (hashing its memory against the digests) or `storing` (its
+   * `store` step: writing and syncing the image, which may take minutes on a slow disk), and for how long so far, in
+   * milliseconds. The report has the last round's numbers, every page of it sent. Absent before, on the destination
+   * and in a snapshot save.
+   */
+  readonly destination?: DestinationWait | undefined
+}
+
+/**
+ * What a source waits for after its last round (`Progress.destination`).
+ *
+ * @since 0.1.0
+ * @category models
+ */
+export interface DestinationWait {
+  readonly state: "verifying" | "storing"
+  /** Milliseconds since the destination first said it was in this state. */
+  readonly forMs: number
 }
 
 /**

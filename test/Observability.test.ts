@@ -159,6 +159,55 @@ describe("the destination's progress", () => {
     })))
 })
 
+describe("the source's progress while its destination stores", () => {
+  /**
+   * Once every page was sent, the source's onProgress heard nothing until Done: a destination storing its image for
+   * minutes (a slow disk's fsync) left the last round's report standing still, while the source heard Storing every
+   * second. Each heartbeat is now a report, the last round's numbers with `destination` saying what it does and for
+   * how long so far.
+   */
+  it.live("a store step held until the source heard of it: reports say storing, every page sent; then it succeeds", () =>
+    run(Effect.gen(function*() {
+      const ram = yield* sourceRam(256)
+      const heard = yield* Deferred.make<void>()
+      const dest = yield* startDestination({ store: () => Deferred.await(heard) })
+      const reports: Array<Migration.Progress> = []
+      const stats = yield* noHang(
+        Migration.migrate({
+          address: dest.address,
+          timeouts: TIMEOUTS,
+          // (a write meanwhile fails at once, as during the switch-over: the writers are still paused)
+          onProgress: (p) =>
+            Effect.gen(function*() {
+              reports.push(p)
+              if (p.destination?.state !== "storing") return
+              const write = yield* Effect.exit(GuestRam.write(ram, "pc.ram", 0, Buffer.alloc(8)))
+              expect(failureOf(write)).toMatchObject({ _tag: "WriteBlocked" })
+              yield* Deferred.succeed(heard, undefined)
+            })
+        }).pipe(Effect.provideService(GuestRam.GuestRam, ram)),
+        "migrate"
+      )
+      yield* noHang(Fiber.join(dest.fiber), "incoming")
+      const storing = reports.filter((p) => p.destination?.state === "storing")
+      expect(storing.length).toBeGreaterThan(0)
+      // the last round's numbers (the switch-over's: no page written meanwhile, none), every page of it sent
+      const lastRound = stats.pagesPerRound.at(-1)! * PAGE
+      expect(storing[0]).toMatchObject({
+        round: stats.rounds - 1,
+        phase: "switchover",
+        doneBytes: lastRound,
+        totalBytes: lastRound,
+        dirtyPages: 0,
+        destination: { state: "storing", forMs: expect.any(Number) }
+      })
+      // and only once every page was sent: the reports before say nothing of the destination
+      const first = reports.findIndex((p) => p.destination !== undefined)
+      expect(reports.slice(first).every((p) => p.destination !== undefined)).toBe(true)
+      expect(reports.slice(0, first).at(-1)).toMatchObject({ round: 0, doneBytes: PAGE * 256 })
+    })))
+})
+
 describe("MigrationStatus", () => {
   it.live("mid-migration both sides say active with sane numbers; at the end completed with the stats' totals", () =>
     run(Effect.gen(function*() {

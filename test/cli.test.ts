@@ -2528,6 +2528,47 @@ describe("the progress bar (src/cli/progress.ts) on a terminal", () => {
     ])
   })
 
+  // once every page was sent, the source's line and bar stood still while its destination stored the image (a slow
+  // disk: minutes), though the source heard it storing every second: the reports then say so (Progress.destination)
+  it("send, every page sent and the destination storing: its line says how long it has waited, and its bar says so", async () => {
+    const printed: Array<string> = []
+    const lineTerminal = Terminal.Terminal.of({ out: () => Effect.void, err: (line) => Effect.sync(() => void printed.push(line)) })
+    const storing = (seconds: number): Migration.Progress => ({
+      ...report(1, MIB, MIB),
+      phase: "switchover",
+      dirtyPages: 0,
+      destination: { state: "storing", forMs: seconds * 1000 }
+    })
+    await Effect.runPromise(Effect.scoped(Effect.gen(function*() {
+      const onProgress = (yield* Progress.make("send", { stream: new PassThrough() }))!
+      yield* onProgress(report(0, 0, 64 * MIB))
+      yield* TestClock.adjust("1 second")
+      yield* onProgress(report(0, 64 * MIB, 64 * MIB))
+      yield* onProgress(report(1, MIB, MIB))
+      for (let second = 0; second <= 10; second++) {
+        yield* TestClock.adjust("1 second")
+        yield* onProgress(storing(second))
+      }
+    })).pipe(Effect.provideService(Terminal.Terminal, lineTerminal), Effect.provide(TestContext.TestContext)))
+    expect(printed).toEqual([
+      "multifd: send: 1.00 MiB of 1.00 MiB (100%): waiting 3 s so far for the destination to store the image",
+      "multifd: send: 1.00 MiB of 1.00 MiB (100%): waiting 8 s so far for the destination to store the image"
+    ])
+    const tty = terminal()
+    await Effect.runPromise(Effect.scoped(Effect.gen(function*() {
+      const onProgress = (yield* Progress.make("send", { stream: tty.stream, term: "xterm-256color" }))!
+      for (const r of [report(0, 0, 64 * MIB), report(0, 64 * MIB, 64 * MIB), storing(3)]) yield* onProgress(r)
+    })).pipe(Effect.provide(Terminal.layer)))
+    // the bar keeps the numbers of the last report of pages; a wait shorter than a second leaves it as it was
+    expect(frames(tty.text()).at(-1)).toMatch(/ 100% \| 64\.00 MiB \/ 64\.00 MiB \| destination storing, 3 s \| ETA -$/)
+    const quick = terminal()
+    await Effect.runPromise(Effect.scoped(Effect.gen(function*() {
+      const onProgress = (yield* Progress.make("send", { stream: quick.stream, term: "xterm-256color" }))!
+      for (const r of [report(0, 0, 64 * MIB), report(0, 64 * MIB, 64 * MIB), storing(0)]) yield* onProgress(r)
+    })).pipe(Effect.provide(Terminal.layer)))
+    expect(frames(quick.text()).at(-1)).toMatch(/ 100% \| 64\.00 MiB \/ 64\.00 MiB \| .*\/s \| ETA 0s$/)
+  })
+
   it.each([
     ["when stderr is not a terminal", false, undefined],
     ["on a terminal that cannot move its cursor (TERM=dumb: escape sequences would show as text)", true, "dumb"]

@@ -118,6 +118,18 @@ export const make = (
     ),
     (state): OnProgress => (progress) =>
       Effect.sync(() => {
+        // every page sent, the destination verifying or storing: the frame keeps its numbers and says so in place of
+        // the rate and the ETA, once it has waited a second (a store that ends sooner leaves the frame as it was)
+        const wait = progress.destination
+        if (wait !== undefined) {
+          if (wait.forMs >= 1000 && state.startedAt !== 0) {
+            state.bar.update(state.lastDone, {
+              ...payload({ ...progress, doneBytes: state.lastDone, totalBytes: state.lastTotal }, 0, 0, "-"),
+              rate: `destination ${wait.state}, ${Math.round(wait.forMs / 1000)} s`
+            })
+          }
+          return
+        }
         const now = performance.now()
         // a report with fewer bytes done than the last is a new round's: the last round's pages were all sent
         if (progress.doneBytes < state.lastDone) state.base += state.lastTotal
@@ -198,12 +210,22 @@ const lines = (label: string): Effect.Effect<OnProgress, never, Scope.Scope | Te
     let lastDone = 0
     let lastTotal = 0
     let last: { readonly progress: Migration.Progress; readonly at: number } | undefined
+    // the last report of pages (not of a wait for the destination): its numbers stay on the lines of the wait
+    let lastPages: Migration.Progress | undefined
     // since when the reports have seen a file being flushed to disk (the image, once every byte is in): a slow disk
     // holds the command there for minutes, and a rate falling line after line said nothing of it
     let flushingSince: number | undefined
     const line = (progress: Migration.Progress, at: number, since: number) => {
       const percent = progress.totalBytes > 0 ? Math.floor(progress.doneBytes / progress.totalBytes * 100) : 100
       const done = `multifd: ${label}: ${formatBytes(progress.doneBytes)} of ${formatBytes(progress.totalBytes)} (${percent}%)`
+      // a source whose pages are all sent: what its destination does (a store on a slow disk takes minutes), after
+      // the numbers of its last report of pages
+      if (progress.destination !== undefined) {
+        const pages = lastPages ?? progress
+        const all = pages.totalBytes > 0 ? Math.floor(pages.doneBytes / pages.totalBytes * 100) : 100
+        return `multifd: ${label}: ${formatBytes(pages.doneBytes)} of ${formatBytes(pages.totalBytes)} (${all}%): ` +
+          waitingFor(progress.destination)
+      }
       const flushing = FileIo.flushingNow()
       if (flushing.length > 0 && flushingSince !== undefined) {
         return oneLine(
@@ -225,6 +247,13 @@ const lines = (label: string): Effect.Effect<OnProgress, never, Scope.Scope | Te
     return (progress: Migration.Progress) =>
       Effect.flatMap(Clock.currentTimeMillis, (now) => {
         startedAt ??= now
+        if (progress.destination !== undefined) {
+          last = { progress, at: now }
+          if (now - Math.max(lastLine, startedAt) < LINE_INTERVAL_MS) return Effect.void
+          lastLine = now
+          return terminal.err(line(progress, now, startedAt))
+        }
+        lastPages = progress
         if (progress.doneBytes < lastDone) base += lastTotal
         lastDone = progress.doneBytes
         lastTotal = progress.totalBytes
@@ -235,6 +264,12 @@ const lines = (label: string): Effect.Effect<OnProgress, never, Scope.Scope | Te
         return terminal.err(line(progress, now, startedAt))
       })
   })
+
+/** A source's wait for its destination, said in a line ("waiting 12 s so far for the destination to store the image"). */
+const waitingFor = (wait: Migration.DestinationWait): string =>
+  `waiting ${Math.round(wait.forMs / 1000)} s so far for the destination to ${
+    wait.state === "storing" ? "store the image" : "verify the digests"
+  }`
 
 /** Time left for the round at the rate of the last seconds: `-` until it can be told. */
 const eta = (state: State, progress: Migration.Progress, now: number): string => {

@@ -170,7 +170,15 @@ export const run = <E, F>(
     readonly observe?: Observer | undefined
   }
 ): Effect.Effect<
-  { readonly pagesPerRound: ReadonlyArray<number>; readonly pausedAt: number },
+  {
+    readonly pagesPerRound: ReadonlyArray<number>
+    readonly pausedAt: number
+    /**
+     * Reports, once every page is sent, what the transfer waits for (the source's destination verifying or storing):
+     * the switch-over round's numbers, every page sent, with `destination` (nothing without `onProgress`).
+     */
+    readonly waiting: (wait: Transfer.DestinationWait) => Effect.Effect<void, MigrationError.MigrationError>
+  },
   E | F | MigrationError.MigrationError,
   Scope.Scope
 > =>
@@ -184,11 +192,14 @@ export const run = <E, F>(
     // the transfer waits for each report: one that does not return within the stall timeout fails it, saying so (a
     // save whose callback hung failed "without progress sending pages", and one at a round's start waited for good)
     let reporting = false
+    // the last report (its rate is the one `waiting` repeats)
+    let lastReport: Transfer.Progress | undefined
     const report = onProgress === undefined
       ? () => Effect.void
       : (progress: Transfer.Progress) =>
         Effect.suspend(() => {
           reporting = true
+          lastReport = progress
           // (a callback that throws, dies, fails or returns no Effect, from plain JavaScript, fails CallbackFailed
           // naming it, where it was a defect with a stack trace: "Not a valid effect: {}" of an async function)
           return ram.gate.reporting(self, Transfer.callback(REPORT, () => onProgress(progress), true))
@@ -356,6 +367,20 @@ export const run = <E, F>(
     )
     // this transfer's reports may not wait at the gate now: it waits for them (released first, before the gate opens)
     yield* Effect.acquireRelease(ram.gate.holding(self), (release) => release)
-    pagesPerRound.push(yield* runRound(pagesPerRound.length, "switchover", takeDirty(ram), bandwidth))
-    return { pagesPerRound, pausedAt }
+    const last = pagesPerRound.length
+    pagesPerRound.push(yield* runRound(last, "switchover", takeDirty(ram), bandwidth))
+    // the switch-over round's numbers, every page of it sent (a round of no pages reports none of its own)
+    const lastBytes = pagesPerRound[last]! * pageSize
+    const waiting = (wait: Transfer.DestinationWait): Effect.Effect<void, MigrationError.MigrationError> =>
+      report({
+        round: last,
+        phase: "switchover",
+        doneBytes: lastBytes,
+        totalBytes: lastBytes,
+        dirtyPages: 0,
+        bandwidth: lastReport?.round === last ? lastReport.bandwidth : bandwidth,
+        expectedDowntimeMs: 0,
+        destination: wait
+      })
+    return { pagesPerRound, pausedAt, waiting }
   })

@@ -295,15 +295,27 @@ export const run = (
      * it stores (a big image on a slow disk) it says so about every second, and the peer timeout bounds the
      * silence between two messages rather than the whole digest or store.
      */
-    const confirmed = (waiting: string): Effect.Effect<void, Failure> =>
-      Effect.flatMap(next(waiting), (message) =>
-        message._tag === "Done"
-          ? Effect.asVoid(Deferred.succeed(doneReceived, undefined))
-          : message._tag === "Storing"
-          ? confirmed("waiting for the destination to store the image")
-          : message._tag === "Hashing"
-          ? confirmed(waiting)
-          : Conversation.unexpected(message, "instead of Done"))
+    const confirmed = (
+      waiting: string,
+      report: (wait: Transfer.DestinationWait) => Effect.Effect<void, Failure>,
+      since?: { readonly state: Transfer.DestinationWait["state"]; readonly at: number }
+    ): Effect.Effect<void, Failure> =>
+      Effect.flatMap(next(waiting), (message) => {
+        if (message._tag === "Done") return Effect.asVoid(Deferred.succeed(doneReceived, undefined))
+        if (message._tag !== "Storing" && message._tag !== "Hashing") {
+          return Conversation.unexpected(message, "instead of Done")
+        }
+        // each heartbeat is a progress report saying what the destination does, and since when: the last round's
+        // report stood still, for the whole of a store on a slow disk
+        const state: Transfer.DestinationWait["state"] = message._tag === "Storing" ? "storing" : "verifying"
+        return Effect.flatMap(Clock.currentTimeMillis, (now) => {
+          const from = since?.state === state ? since : { state, at: now }
+          return Effect.zipRight(
+            report({ state, forMs: now - from.at }),
+            confirmed(state === "storing" ? "waiting for the destination to store the image" : waiting, report, from)
+          )
+        })
+      })
 
     /**
      * Every connection ended gracefully: the peer takes the last bytes within the peer timeout. A destination that
@@ -369,7 +381,7 @@ export const run = (
       yield* send.established.pipe(Effect.withSpan("multifd.establish"))
       yield* tracker.active
       yield* Effect.logDebug(`every multifd channel established (${channels})`)
-      const { pagesPerRound, pausedAt } = yield* transfer(send)
+      const { pagesPerRound, pausedAt, waiting } = yield* transfer(send)
       // a large memory takes longer to hash than the peer timeout: the destination hears that this side hashes
       const hashing = Conversation.heartbeat(tell, new Control.Hashing(), timeouts.peer)
       // (a channel that fails meanwhile, its thread gone with the pool, ends it: its error is the migration's)
@@ -378,7 +390,7 @@ export const run = (
       )
       yield* Effect.logDebug("digests computed")
       yield* tell(new Control.Complete({ digests }))
-      yield* Effect.raceFirst(confirmed("waiting for the destination to verify the digests"), send.failure).pipe(
+      yield* Effect.raceFirst(confirmed("waiting for the destination to verify the digests", waiting), send.failure).pipe(
         Effect.withSpan("multifd.verify")
       )
       yield* Effect.logDebug("main channel: the destination verified the digests")
