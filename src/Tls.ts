@@ -45,7 +45,7 @@ import {
   X509_CIPHERS
 } from "./internal/tls/credentials.js"
 import * as TlsClient from "./internal/tls/client.js"
-import { handshake, secured } from "./internal/tls/handshake.js"
+import { handshake, open, secured } from "./internal/tls/handshake.js"
 import { configError, type Credentials, type Settings, TlsError } from "./internal/tls/model.js"
 import * as Der from "./internal/tls/der.js"
 import {
@@ -590,6 +590,7 @@ export const server = (settings: Settings, options?: ServerOptions): Transport.U
     // the PSK identity admitted (the callback is not called on a session resumed with a ticket: refused below)
     let admittedIdentity: string | undefined
     const verifyPeer = settings.verifyPeer || (creds._tag === "X509" && settings.authz !== undefined)
+    yield* open(connection)
     const socket = yield* Effect.acquireRelease(
       Effect.sync(() =>
         new NodeTls.TLSSocket(connection.stream as never, {

@@ -1854,6 +1854,32 @@ describe("handshake faults", () => {
   const N = 4
   const k = 2
 
+  /**
+   * An upgrade given a connection whose scope had ended (destroyed: a Connection kept past its scope, or one the
+   * listener's close destroyed under it) waited the whole handshake timeout, the TLS socket over it hearing nothing,
+   * then said "timed out after 10s" of a connection that had been gone from the start. Read and write fail at once
+   * there (Closed); the handshakes now do too.
+   */
+  it.live("a client or server handshake on a connection whose scope has ended fails at once, saying so", () =>
+    leakFree(Effect.gen(function*() {
+      // a handshake timeout longer than noHang's guard: only a prompt failure passes
+      const tls = yield* pskTls("keys.psk", { handshakeTimeoutMs: 60_000 })
+      const [client, server] = yield* Effect.scoped(Effect.gen(function*() {
+        const listener = yield* Transport.listen({ _tag: "Tcp", host: LOOPBACK, port: 0 })
+        const client = yield* Transport.connect(listener.address)
+        return [client, yield* listener.accept] as const
+      }))
+      for (const [side, upgrade] of [["client", tls.client(LOOPBACK)(client, "main")], ["server", tls.server(server, "main")]] as const) {
+        const error = failureOf(yield* noHang(Effect.exit(Effect.scoped(upgrade)), `the ${side} handshake`))
+        expect(error).toMatchObject({
+          _tag: "TlsError",
+          reason: "Handshake",
+          message: expect.stringContaining("failed: the connection is closed already (its scope has ended)")
+        })
+        expectOneLine(error)
+      }
+    })))
+
   it.live("the handshake of channel k of N fails (wrong key on channel k only): migrate fails naming channel k, promptly", () =>
     leakFree(Effect.gen(function*() {
       const good = yield* pskTls()

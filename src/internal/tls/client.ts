@@ -11,7 +11,7 @@ import type * as Crypto from "node:crypto"
 import * as NodeTls from "node:tls"
 import * as Transport from "../../Transport.js"
 import { nameOf, ownRoleProblem, secureContextOf } from "./credentials.js"
-import { explainingEarlyClose, handshake, secured } from "./handshake.js"
+import { explainingEarlyClose, handshake, open, secured } from "./handshake.js"
 import { configError, type Credentials, type CrlInfo, type Settings, type TlsError } from "./model.js"
 import { describe, explainServerError, ownExpiry, peerCertificateOf, serverRefusal } from "./verification.js"
 
@@ -147,6 +147,7 @@ const clientHandshake = (settings: Settings, host: string | undefined): Transpor
         "x509 needs the name the destination's certificate must carry (hostname): a unix: socket names no host"
       )
     }
+    yield* open(connection)
     // the destination's certificate, taken before Node judges it (a refused one is gone with the socket)
     let presented: Crypto.X509Certificate | undefined
     const socket = yield* Effect.acquireRelease(

@@ -14,6 +14,23 @@ import { ownFibers } from "../native/ownFibers.js"
 import { TlsError } from "./model.js"
 import { describe } from "./verification.js"
 
+/**
+ * Fails at once when `connection` is closed already (its scope ended, or it was destroyed): a TLS socket over a
+ * destroyed stream hears nothing, and the handshake waited its whole timeout, then said "timed out" of a connection
+ * that had been gone from the start.
+ */
+export const open = (connection: Transport.Connection): Effect.Effect<void, TlsError> =>
+  Effect.suspend(() =>
+    connection.stream.destroyed
+      ? Effect.fail(
+        new TlsError({
+          reason: "Handshake",
+          detail: `handshake with ${connection.peer} failed: the connection is closed already (its scope has ended)`
+        })
+      )
+      : Effect.void
+  )
+
 /** Runs a handshake on a TLS socket: resolves on `secureEvent`, fails on error, close or timeout. */
 export const handshake = (
   socket: NodeTls.TLSSocket,
