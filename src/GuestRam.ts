@@ -39,6 +39,26 @@ export const DEFAULT_PAGE_SIZE = 4096
  */
 export const MAX_BLOCK_NAME_BYTES = 255
 
+export type {
+  /**
+   * A block's dirty log (`Block["dirty"]`): a bit a page, set by every write through this module (`write`, `update`)
+   * and taken (read and cleared at once) by a migration's or a save's round.
+   *
+   * @since 0.1.0
+   * @category models
+   */
+  DirtyLog,
+  /**
+   * The memory's write gate (`GuestRam["Type"]["gate"]`): writers (`write`, `update`) wait at it while it is closed —
+   * a live migration's switch-over, a migration or restore into this memory; after a successful migration it stays
+   * closed until the application opens it (`open`), to keep serving from this copy.
+   *
+   * @since 0.1.0
+   * @category models
+   */
+  WriteGate
+}
+
 /**
  * A named, page-aligned region of guest memory.
  *
