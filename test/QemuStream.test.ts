@@ -1252,6 +1252,27 @@ describe("QemuIncoming.incoming: truncated and garbage input fails clearly, at o
       expect(reset.message).toMatch(/^QEMU main channel: (connection reset by peer|the stream ended)/)
     }))
 
+  it.live("main channel cut after its channels were turned away (another VM's uuid): the error names them, the cause QEMU closed for", () =>
+    expectNoLeaks(Effect.scoped(Effect.gen(function*() {
+      const turnedAway = yield* Deferred.make<void>()
+      const dst = yield* destination(
+        { channels: 2, timeouts: LONG, uuid: new Uint8Array(16).fill(1) },
+        (line) => line.includes("bad uuid") && Deferred.unsafeDone(turnedAway, Exit.void)
+      )
+      // QEMU closes its main channel once its channels were refused: the cut alone said nothing of why
+      const main = yield* Transport.connect(dst.address)
+      yield* main.write([MAIN.subarray(0, 0x60)])
+      const channel = yield* Transport.connect(dst.address)
+      yield* channel.write([CH0])
+      yield* noHang(Deferred.await(turnedAway), "channel 0 turned away")
+      yield* main.end
+      const error = failureOf(yield* noHang(Fiber.await(dst.fiber), "the destination after its main channel was cut"))
+      expectOneLine(error)
+      expect(error.message).toMatch(
+        /^QEMU main channel: the stream ended before the RAM section completed: .* \(0 of 2 multifd channels connected; rejected: .*multifd channel 0: bad uuid: .* is not this migration's 01010101-/
+      )
+    }))))
+
   it.live("the whole main stream, closed while a multifd channel is still to send its SYNC: no failure, the migration completes", () =>
     expectNoLeaks(Effect.scoped(Effect.gen(function*() {
       const dst = yield* destination({ channels: 2, timeouts: LONG })

@@ -369,6 +369,21 @@ export const read = (
         })
       })
 
+    /**
+     * A stream cut while its channels were awaited, some of them turned away, says where they are too: QEMU closes
+     * its main channel once its channels were refused (another VM's uuid, say), the cause the user needs, not the cut.
+     */
+    const withChannels = <E>(error: E): Effect.Effect<never, E> =>
+      Effect.gen(function*() {
+        const recv = yield* Deferred.poll(channelSet)
+        const turnedAway = yield* rejected
+        if (!doomed || recv._tag === "None" || turnedAway.length === 0 || !(error instanceof QemuStream.QemuStreamError)) {
+          return yield* Effect.fail(error)
+        }
+        const state = yield* describeChannels(yield* recv.value, channels, rejected)
+        return yield* Effect.fail(new QemuStream.QemuStreamError({ ...error, detail: `${error.detail} (${state})` }) as E)
+      })
+
     const summary = yield* Effect.raceFirst(
       QemuStream.read(source, handler, {
         pageSize: config.pageSize,
@@ -376,7 +391,7 @@ export const read = (
         flushAfterEachSection: channels === 0 ? false : config.flushAfterEachSection,
         keepDeviceState: config.keepDeviceState,
         postcopyRam: config.postcopyRam
-      }),
+      }).pipe(Effect.catchAll(withChannels)),
       watch
     )
     if (doomed) {
