@@ -270,6 +270,19 @@ const sameAsImage = (ram: GuestRam.GuestRam["Type"]) => {
   expect(ram.blocks[0]!.bytes.equals(RAM_IMG)).toBe(true)
 }
 
+/**
+ * The destination's exit, a success whose RAM is the image and whose VM (device state, commands) is `vm`'s: what
+ * it received.
+ */
+const sameVm = (exit: Exit.Exit<QemuIncoming.Incoming, unknown>, vm: QemuVm.QemuVm) => {
+  if (Exit.isFailure(exit)) throw new Error(Cause.pretty(exit.cause))
+  const received = exit.value
+  sameAsImage(received.ram)
+  expect(Buffer.from(received.vm!.deviceState).equals(Buffer.from(vm.deviceState))).toBe(true)
+  expect(received.vm!.commands).toEqual(vm.commands)
+  return received
+}
+
 // ---------------------------------------------------------------------------------------------------------
 
 describe("the reader's drain of device state", () => {
@@ -2353,12 +2366,7 @@ describe("QemuOutgoing: a VM into a QEMU destination (here QemuIncoming, which a
         tls: clientTls,
         timeouts: PEER
       }).pipe(Effect.provide(Transport.layer))
-      const exit = yield* noHang(Fiber.await(dst.fiber), "the destination")
-      if (Exit.isFailure(exit)) throw new Error(Cause.pretty(exit.cause))
-      const received = exit.value
-      sameAsImage(received.ram)
-      expect(Buffer.from(received.vm!.deviceState).equals(Buffer.from(vm.deviceState))).toBe(true)
-      expect(received.vm!.commands).toEqual(vm.commands)
+      const received = sameVm(yield* noHang(Fiber.await(dst.fiber), "the destination"), vm)
       expect(received.stats.qemu).toMatchObject({ returnPath: true, flushes: 3, commands: ["OPEN_RETURN_PATH", "PING", "SWITCHOVER_START"] })
       expect(received.stats.syncs).toBe(9)
       expect(stats).toMatchObject({ channels: 3, compression: options.compression, normalPages: 819, zeroPages: 205, syncs: 9 })
@@ -2390,12 +2398,7 @@ describe("QemuOutgoing: a VM into a QEMU destination (here QemuIncoming, which a
               into.set(block.bytes.subarray(first * PAGE, (first + count) * PAGE))
             })
         }).pipe(Effect.provide(Transport.layer))
-        const exit = yield* noHang(Fiber.await(dst.fiber), "the destination")
-        if (Exit.isFailure(exit)) throw new Error(Cause.pretty(exit.cause))
-        const received = exit.value
-        sameAsImage(received.ram)
-        expect(Buffer.from(received.vm!.deviceState).equals(Buffer.from(vm.deviceState))).toBe(true)
-        expect(received.vm!.commands).toEqual(vm.commands)
+        const received = sameVm(yield* noHang(Fiber.await(dst.fiber), "the destination"), vm)
         expect(received.stats.qemu).toMatchObject({ returnPath: true, flushes: 0, mainNormalPages: 819, mainZeroPages: 205 })
         expect(received.stats).toMatchObject({ channels: 0, packets: 0 })
         expect(stats).toMatchObject({ channels: 0, packets: 0, syncs: 0, normalPages: 819, zeroPages: 205 })
