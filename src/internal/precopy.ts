@@ -287,27 +287,14 @@ export const run = <E, F>(
           yield* reportingMeanwhile(sink.sync)
         })
         // the stall watch's own timeout (not a report's): said with where sending stopped, when the sink can tell
-        let stalled = false
+        const stalledAt = sink.stalled === undefined
+          ? Effect.succeed(STALLED)
+          : Effect.map(sink.stalled, (where) => where === undefined ? STALLED : `${STALLED} (${where})`)
         yield* unlessStalled(
           Effect.raceFirst(transfer, sink.failure),
           sink.heard === undefined ? sink.progress : Effect.zipWith(sink.progress, sink.heard, (sent, heard) => sent + heard),
           options.stallTimeout,
-          () => {
-            if (reporting) return REPORT_WAIT
-            stalled = true
-            return STALLED
-          }
-        ).pipe(
-          Effect.catchAll((error) =>
-            !stalled || sink.stalled === undefined || !(error instanceof MigrationError.MigrationError)
-              ? Effect.fail(error)
-              : Effect.flatMap(sink.stalled, (where) =>
-                Effect.fail(
-                  where === undefined
-                    ? error
-                    : new MigrationError.MigrationError({ reason: error.reason, detail: `${error.detail} (${where})` })
-                ))
-          )
+          Effect.suspend(() => reporting ? Effect.succeed(REPORT_WAIT) : stalledAt)
         )
         yield* options.flush(round, phase === "switchover")
         // the destination has every page of the round: the last report of a round says all of it

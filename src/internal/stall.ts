@@ -21,8 +21,11 @@ export const unlessStalled = <A, E, R>(
   effect: Effect.Effect<A, E, R>,
   progress: Effect.Effect<number>,
   after: Duration.DurationInput,
-  /** What was waited for, as the timeout says it (asked when it fires: what it waits for may change meanwhile). */
-  what: string | (() => string)
+  /**
+   * What was waited for, as the timeout says it (asked when it fires: what it waits for may change meanwhile; an
+   * Effect when saying it reads state, as where sending stopped).
+   */
+  what: string | (() => string) | Effect.Effect<string>
 ): Effect.Effect<A, E | MigrationError.MigrationError, R> => {
   const limit = Duration.toMillis(after)
   const every = Duration.millis(limit / CHECKS)
@@ -37,7 +40,8 @@ export const unlessStalled = <A, E, R>(
         last = now
         changedAt = time
       } else if (time - changedAt >= limit) {
-        return yield* Effect.fail(MigrationError.timeout(typeof what === "string" ? what : what(), after))
+        const said = typeof what === "string" ? what : Effect.isEffect(what) ? yield* what : what()
+        return yield* Effect.fail(MigrationError.timeout(said, after))
       }
     }
   })
