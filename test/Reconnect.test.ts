@@ -385,6 +385,22 @@ describe("the reconnect budget (TestClock)", () => {
   /** Longer than the clock is moved: only the budget's window is at stake. */
   const LONG = { connect: "60 seconds", handshake: "60 seconds", peer: "60 seconds" } as const
 
+  /** A destination (its log silenced) and a source of 2 channels over `faulty`, with 3 reconnects within 10 s. */
+  const startBoth = (faulty: Faulty.Faulty, ram: GuestRam.GuestRam["Type"]) =>
+    Effect.gen(function*() {
+      const listener = yield* faulty.transport.listen(tcp0)
+      const destination = yield* Effect.forkScoped(
+        Migration.incoming(listener, { timeouts: LONG }).pipe(Effect.provide(Logger.remove(Logger.defaultLogger)))
+      )
+      const migration = yield* Effect.fork(migrateWith(faulty, ram, {
+        address: listener.address,
+        channels: 2,
+        timeouts: LONG,
+        reconnect: { attempts: 3, within: "10 seconds" }
+      }))
+      return { destination, migration }
+    })
+
   /**
    * Channel 1 cut inside its first data packet, and every connect from then on refused while `blip.on` (a path that
    * refuses new connections for a while: a firewall reloading, a route flapping), with 3 attempts within 10 s.
@@ -399,16 +415,7 @@ describe("the reconnect budget (TestClock)", () => {
             ? new Transport.TransportError({ reason: "Connect", address: "tcp:127.0.0.1:1", detail: "connection refused" })
             : undefined
       })
-      const listener = yield* faulty.transport.listen(tcp0)
-      const destination = yield* Effect.forkScoped(
-        Migration.incoming(listener, { timeouts: LONG }).pipe(Effect.provide(Logger.remove(Logger.defaultLogger)))
-      )
-      const migration = yield* Effect.fork(migrateWith(faulty, ram, {
-        address: listener.address,
-        channels: 2,
-        timeouts: LONG,
-        reconnect: { attempts: 3, within: "10 seconds" }
-      }))
+      const { destination, migration } = yield* startBoth(faulty, ram)
       // the first re-attach, at once, refused
       yield* noHang(faulty.until((f) => f.attempts.some((a) => a.index === 3 && a.state === "failed")), "the first re-attach")
       return { ram, faulty, destination, migration }
@@ -459,16 +466,7 @@ describe("the reconnect budget (TestClock)", () => {
         cutWrite: (w) => w.channel === 1 && w.connection < 2 && w.packets.length > 0 ? 100 : undefined,
         stallConnect: (index) => index === 3
       })
-      const listener = yield* faulty.transport.listen(tcp0)
-      const destination = yield* Effect.forkScoped(
-        Migration.incoming(listener, { timeouts: LONG }).pipe(Effect.provide(Logger.remove(Logger.defaultLogger)))
-      )
-      const migration = yield* Effect.fork(migrateWith(faulty, ram, {
-        address: listener.address,
-        channels: 2,
-        timeouts: LONG,
-        reconnect: { attempts: 3, within: "10 seconds" }
-      }))
+      const { destination, migration } = yield* startBoth(faulty, ram)
       yield* noHang(faulty.until((f) => f.attempts.some((a) => a.index === 3 && a.state === "stalled")), "the re-attach")
       yield* TestClock.adjust("11 seconds")
       yield* faulty.releaseOne(3)
