@@ -332,7 +332,9 @@ export const load = (config: TlsConfig): Effect.Effect<Settings, TlsError> =>
         return yield* configError(`PSK file ${config.psk} has no key for identity ${config.identity}`)
       }
       credentials = { _tag: "Psk", keys, identity: config.identity ?? "qemu", file: config.psk }
-      contextOptions = { ciphers: config.ciphers ?? PSK_CIPHERS }
+      // no CA at all (Node's public roots and NODE_EXTRA_CA_CERTS otherwise): TLS 1.3's suites serve certificates as
+      // well as keys, and a destination that proved no key but presented a certificate those roots trust was taken
+      contextOptions = { ciphers: config.ciphers ?? PSK_CIPHERS, ca: [] }
       files = `PSK file ${config.psk}`
     } else if (x509) {
       const ca = config.ca === undefined ? undefined : yield* readText(config.ca, "CA certificate")

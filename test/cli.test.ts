@@ -296,6 +296,34 @@ describe("multifd over TLS", () => {
     expect(Fs.readFileSync(out).equals(Fs.readFileSync(image))).toBe(true)
   })
 
+  // a PSK source took a destination that proved no key but presented a certificate (TLS 1.3's suites serve both), one
+  // that Node's public roots (or NODE_EXTRA_CA_CERTS) trust, of any name: whoever held such a certificate for any host
+  // took the migration's memory in place of the destination
+  it("send --tls-psk refuses a destination that presents a certificate instead of the key, even one Node's roots trust (NODE_EXTRA_CA_CERTS)", async () => {
+    let received = 0
+    let handshakes = 0
+    const impostor = NodeTls.createServer(
+      { cert: Fs.readFileSync(tlsFile("server-cert.pem")), key: Fs.readFileSync(tlsFile("server-key.pem")) },
+      (socket) => {
+        handshakes++
+        socket.on("data", (chunk: Buffer) => (received += chunk.length)).on("error", () => undefined)
+      }
+    ).on("tlsClientError", () => undefined)
+    await new Promise<void>((listening) => impostor.listen(0, "127.0.0.1", listening))
+    try {
+      const port = (impostor.address() as Net.AddressInfo).port
+      const send = await run(["send", `tcp:127.0.0.1:${port}`, "--in", image, "--tls-psk", tlsFile("keys.psk"), "--timeout", "3s"], {
+        env: { NODE_EXTRA_CA_CERTS: tlsFile("ca-cert.pem") }
+      })
+      expect({ code: send.code, handshakes, received }).toEqual({ code: 1, handshakes: 0, received: 0 })
+      expect(lines(send.stderr)).toEqual([
+        expect.stringMatching(/^multifd: error: main channel: TLS handshake with tcp:127\.0\.0\.1:\d+ failed: .*the peer presents a certificate: it uses x509, this side PSK\)$/)
+      ])
+    } finally {
+      await new Promise<void>((closed) => impostor.close(() => closed()))
+    }
+  })
+
   // `--tls-psk <(vault read ...)`, `--tls-key <(...)`: keys kept off the disk reach the command as pipes (/dev/fd/N),
   // which the flags refused as "not a regular file"
   it("credentials given as pipes (a shell's <(...)): the image arrives over TLS; a directory is still refused", async () => {

@@ -197,7 +197,10 @@ const clientHandshake = (settings: Settings, host: string | undefined): Transpor
       explainServerError(creds, () => presented, settings.crls),
       (s) =>
         creds._tag !== "X509"
-          ? undefined
+          // (a key proven, no certificate: one trusted by no CA of this side's proves nothing of the key)
+          ? Object.keys(s.getPeerCertificate() ?? {}).length > 0
+            ? "the destination presented a certificate instead of proving the pre-shared key (it uses x509, this side PSK)"
+            : undefined
           : !s.authorized
           ? `certificate not trusted: ${describe(s.authorizationError)}`
           : serverRefusal(presented ?? peerCertificateOf(s))
