@@ -42,6 +42,7 @@ import {
   readText,
   secureContextOf,
   securityLevelProblem,
+  untrustedTop,
   X509_CIPHERS
 } from "./internal/tls/credentials.js"
 import * as TlsClient from "./internal/tls/client.js"
@@ -222,7 +223,7 @@ export const parsePskFile = (text: string, source = "keys file"): Effect.Effect<
  * Reads the files a `TlsConfig` names and checks that they are usable before anything listens or connects:
  * that the combination makes sense, that every PEM file holds what it should and parses, that the key is
  * the certificate's and that the certificate is a valid leaf (not a CA, within its validity period, the CAs of its
- * file that issued it CAs within theirs), that every
+ * file that issued it CAs within theirs, issued by a CA of the CA file if one is given, as QEMU checks it), that every
  * certificate of the CA file is a CA that can vouch for a peer now (basicConstraints CA:TRUE, keyUsage allowing
  * keyCertSign, within its validity period: QEMU's tls-creds-x509 checks its `ca-cert.pem` so), that an
  * explicit PSK identity has a key, that x509 verifying clients (`verifyPeer`,
@@ -399,6 +400,20 @@ export const load = (config: TlsConfig): Effect.Effect<Settings, TlsError> =>
           }
           issuers.push(issuer)
           issued = issuer
+        }
+        // issued by a CA of the CA file (itself, or through the CAs of its file), as QEMU checks its certificate against
+        // its CA file at load ("Our own certificate ... failed validation"): another CA's, or a self-signed one, loaded
+        // and every peer of that CA file refused it
+        const top = untrustedTop([leaf!, ...issuers], cas)
+        if (top !== undefined) {
+          const selfSigned = top.checkIssued(top)
+          return yield* configError(
+            `certificate ${config.cert} (${nameOf(leaf!)}) ` + (top === leaf
+              ? selfSigned ? "is self-signed" : `was issued by ${nameOf(top, "issuer")}`
+              : `was issued by ${nameOf(top)} (in its file), which ${selfSigned ? "is self-signed" : `was issued by ${nameOf(top, "issuer")}`}`) +
+              `, and no CA of the CA file ${config.ca} issued it: a peer with that CA file refuses it in every handshake, ` +
+              "and QEMU refuses it at load; add the CA that issued it to the CA file (which may hold several CAs)"
+          )
         }
         // revoked by the CRL file, or a CA that issued it is (of its file or the CA file): every peer that checks
         // the CRL refused it, this side's log only guessing why ("did the source refuse ...?")

@@ -361,6 +361,20 @@ export const ownCertificateProblem = (certificate: Crypto.X509Certificate, now: 
       signingProblem(certificate)
 
 /**
+ * The last certificate of `chain` (this side's certificate, then the CAs of its file that issued it, nearest first)
+ * when no CA of `cas` (the CA file) issued any of them (its name and AKID match and its signature verifies), or
+ * `undefined`: with none of `cas` (no CA file) there is nothing to check against. Every peer with that CA file
+ * refuses such a chain; QEMU refuses it at load (`qcrypto_tls_creds_check_cert_pair`).
+ */
+export const untrustedTop = (
+  chain: ReadonlyArray<Crypto.X509Certificate>,
+  cas: ReadonlyArray<Crypto.X509Certificate>
+): Crypto.X509Certificate | undefined =>
+  cas.length === 0 || chain.some((c) => cas.some((ca) => c.checkIssued(ca) && c.verify(ca.publicKey)))
+    ? undefined
+    : chain.at(-1)
+
+/**
  * Why a certificate of this side's (its own, a CA of its files) cannot be used because of an extension, then
  * `consequence`, or `undefined`: a critical extension OpenSSL (and GnuTLS) does not handle, for which a peer refuses
  * every chain that holds the certificate ("unhandled critical extension").

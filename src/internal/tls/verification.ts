@@ -302,8 +302,8 @@ export const VERIFY_CODE =
   /^(?:UNABLE_TO_|CERT_|CRL_|ERROR_IN_|DEPTH_ZERO_|SELF_SIGNED_|INVALID_CA$|INVALID_PURPOSE$|PATH_LENGTH_|UNSPECIFIED$)/
 
 /**
- * The verification errors `ownChainVerdict` leaves to other checks, or to the peer: a chain to another CA (this
- * side's CA file need not hold the CA of its own certificate: a peer of another CA file may trust it), the purpose
+ * The verification errors `ownChainVerdict` leaves to other checks: a chain to no CA of the CA file (`untrustedTop`,
+ * checked at load before; OpenSSL reports the last of its errors, which may be another), the purpose
  * (judged for the role by `checkServer` / `checkClient`), validity and revocation (checked at load before).
  */
 const OWN_CHAIN_LEFT = /^(?:UNABLE_TO_GET_ISSUER_CERT|UNABLE_TO_GET_ISSUER_CERT_LOCALLY|UNABLE_TO_VERIFY_LEAF_SIGNATURE|SELF_SIGNED_CERT_IN_CHAIN|DEPTH_ZERO_SELF_SIGNED_CERT|INVALID_PURPOSE|CERT_HAS_EXPIRED|CERT_NOT_YET_VALID|CERT_REVOKED|UNABLE_TO_GET_CRL|CRL_.*)$/
