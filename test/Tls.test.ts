@@ -784,12 +784,15 @@ describe("x509 (QEMU tls-creds-x509)", () => {
 // ---------------------------------------------------------------------------------------------------------
 
 describe("peer certificates (QEMU verify-peer: chain to the CA, validity, usage; authz only for a verified chain)", () => {
-  /** Client certificates with CN=alice that the destination must refuse: fixture, issuer, and why. */
+  /**
+   * Client certificates with CN=alice that the destination must refuse: fixture, the issuer the source names (that of
+   * the certificate it loaded: one its load refuses is presented in place of alice's, REFUSED_AS_OWN), and why.
+   */
   const forged: ReadonlyArray<readonly [name: string, issuer: string, why: string]> = [
-    ["selfsigned-alice", "CN=alice", "client certificate CN=alice is not trusted: self-signed certificate"],
+    ["selfsigned-alice", "CN=test CA", "client certificate CN=alice is not trusted: self-signed certificate"],
     [
       "other-ca-alice",
-      "CN=other test CA",
+      "CN=test CA",
       "client certificate CN=alice is not trusted: issued by CN=other test CA, not by a trusted CA"
     ],
     ["expired-alice", "CN=test CA", "client certificate CN=alice has expired (valid until Jan  1 00:00:00 2001 GMT)"],
