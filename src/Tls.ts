@@ -150,6 +150,17 @@ export const DEFAULT_HANDSHAKE_TIMEOUT = Duration.seconds(10)
 export const MAX_PSK_BYTES = 512
 
 /**
+ * The shortest pre-shared key taken: 128 bits (RFC 9257 §6). A shorter key is refused when its file is read, on any
+ * line: an eavesdropper who captured one handshake finds it offline (each guess checked against the handshake's PSK
+ * binder), then reads the migration or passes for either side. QEMU and GnuTLS take any length; their `psktool` makes
+ * keys of 32 bytes.
+ *
+ * @since 0.1.0
+ * @category constants
+ */
+export const MIN_PSK_BYTES = 16
+
+/**
  * The longest PSK identity a TLS handshake here can use: OpenSSL's `PSK_MAX_IDENTITY_LEN`, in bytes of UTF-8. A
  * longer one is refused when its file is read, not at the first handshake.
  *
@@ -177,8 +188,8 @@ const gnutlsIdentity = (line: string): string | undefined => {
 /**
  * Parses QEMU's `keys.psk` format: one `identity:hexkey` a line, or `#hexidentity:hexkey` (GnuTLS's form of an
  * identity with `:` or other special characters, as a QEMU destination reads the file); blank lines and other `#`
- * lines (comments) ignored. A key longer than `MAX_PSK_BYTES`, or an identity longer than `MAX_PSK_IDENTITY_BYTES`,
- * is a `Config` error.
+ * lines (comments) ignored. A key shorter than `MIN_PSK_BYTES` or longer than `MAX_PSK_BYTES`, or an identity longer
+ * than `MAX_PSK_IDENTITY_BYTES`, is a `Config` error.
  *
  * @since 0.1.0
  * @category utils
@@ -204,6 +215,13 @@ export const parsePskFile = (text: string, source = "keys file"): Effect.Effect<
           reason: "Config",
           detail: `${source} line ${i + 1}: an identity of ${identityBytes} bytes; TLS (OpenSSL) takes at most ` +
             `${MAX_PSK_IDENTITY_BYTES}`
+        })
+      }
+      if (hex.length / 2 < MIN_PSK_BYTES) {
+        return new TlsError({
+          reason: "Config",
+          detail: `${source} line ${i + 1}: a key of ${hex.length / 2} bytes, which a peer can guess; give at least ` +
+            `${MIN_PSK_BYTES} bytes (128 bits) of random key (psktool -u IDENTITY -p FILE makes 32, as QEMU's documentation says)`
         })
       }
       if (hex.length / 2 > MAX_PSK_BYTES) {

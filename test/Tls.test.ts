@@ -2272,7 +2272,7 @@ describe("configuration", () => {
 
   it.live("load: a bad keys.psk line names the file and the line", () =>
     leakFree(Effect.gen(function*() {
-      const path = tmp("bad.psk", "# comment\n\nqemu:00ff\nnot-a-key-line\n")
+      const path = tmp("bad.psk", `# comment\n\nqemu:${"00ff".repeat(8)}\nnot-a-key-line\n`)
       yield* removing(path)
       const e = yield* configError({ psk: path })
       expect(e.message).toContain(`${path} line 4 is not identity:hexkey`)
@@ -2299,6 +2299,30 @@ describe("configuration", () => {
       // Node's own argument errors quote the value they refused: never shown
       expect(Verification.describe(new TypeError("The argument 'psk' Pre-shared key exceeds 512 bytes. Received <Buffer 71 42 5b>")))
         .toBe("The argument 'psk' Pre-shared key exceeds 512 bytes.")
+    })))
+
+  // a key of a byte or two loaded, and a handshake "authenticated" with it: an eavesdropper who captured one handshake
+  // finds it offline in as many tries (each checks the PSK binder), then impersonates either side or reads the memory
+  it.live("keys.psk: a key shorter than 16 bytes (128 bits) is refused at load, naming the line and never the key; one of 16 bytes migrates", () =>
+    leakFree(Effect.gen(function*() {
+      const good = Crypto.randomBytes(32).toString("hex")
+      const short = tmp("short.psk", `qemu:${good}
+# the next one is short
+other:c0ffee00c0ffee00c0ffee00c0ffee
+`)
+      yield* removing(short)
+      // every line counts: a destination admits each identity of its file
+      for (const config of [{ psk: short }, { psk: short, identity: "qemu" }]) {
+        expect((yield* configError(config)).message).toBe(
+          `TLS configuration: ${short} line 3: a key of 15 bytes, which a peer can guess; give at least ` +
+            `${Tls.MIN_PSK_BYTES} bytes (128 bits) of random key (psktool -u IDENTITY -p FILE makes 32, as QEMU's documentation says)`
+        )
+      }
+      const shortest = tmp("shortest.psk", `qemu:${Crypto.randomBytes(Tls.MIN_PSK_BYTES).toString("hex")}
+`)
+      yield* removing(shortest)
+      const tls = yield* loadTls({ psk: shortest })
+      yield* roundTrip(tls.server, tls.client(undefined), { mib: 1 })
     })))
 
   // OpenSSL takes a PSK identity of at most 256 bytes (PSK_MAX_IDENTITY_LEN): a longer one loaded, and the source's
@@ -2339,7 +2363,7 @@ describe("configuration", () => {
 
   it.live("checkClient: a PSK file without the default identity qemu is refused for a source before it connects", () =>
     leakFree(Effect.gen(function*() {
-      const other = tmp("other.psk", "other:00ff\n")
+      const other = tmp("other.psk", `other:${"00ff".repeat(8)}\n`)
       yield* removing(other)
       // a destination may use such a file (its sources present other identities)
       const tls = yield* loadTls({ psk: other })

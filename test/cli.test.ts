@@ -522,7 +522,10 @@ describe("multifd over TLS", () => {
     const garbage = Path.join(dir, "garbage.pem")
     Fs.writeFileSync(garbage, "not a certificate\n")
     const otherPsk = Path.join(dir, "other.psk")
-    Fs.writeFileSync(otherPsk, "other:00ff\n")
+    Fs.writeFileSync(otherPsk, `other:${"00ff".repeat(8)}\n`)
+    // a key a peer can guess (QEMU takes it): refused on either side
+    const shortPsk = Path.join(dir, "short.psk")
+    Fs.writeFileSync(shortPsk, "qemu:00ff00ff\n")
     const encrypted = Path.join(dir, "encrypted-key.pem")
     const { privateKey } = Crypto.generateKeyPairSync("ec", { namedCurve: "P-256" })
     Fs.writeFileSync(encrypted, privateKey.export({ format: "pem", type: "pkcs8", cipher: "aes-256-cbc", passphrase: "pw" }))
@@ -535,7 +538,8 @@ describe("multifd over TLS", () => {
       [pair(tlsFile("server-cert.pem"), tlsFile("mallory-key.pem")), `private key ${tlsFile("mallory-key.pem")} does not match certificate ${tlsFile("server-cert.pem")}`],
       [pair(tlsFile("server-cert.pem"), encrypted), `private key ${encrypted} is encrypted`],
       [[...server, "--tls-ca", tlsFile("alice-key.pem"), "--tls-verify-peer"], `CA certificate ${tlsFile("alice-key.pem")} holds a private key`],
-      [[...server, "--tls-ca", garbage, "--tls-authz", "alice"], `CA certificate ${garbage} is not a PEM certificate`]
+      [[...server, "--tls-ca", garbage, "--tls-authz", "alice"], `CA certificate ${garbage} is not a PEM certificate`],
+      [["--tls-psk", shortPsk], `${shortPsk} line 1: a key of 4 bytes, which a peer can guess; give at least 16 bytes`]
     ]
     for (const [args, problem] of recvCases) {
       const result = await runRecvHereUntilListening(["tcp:127.0.0.1:0", "--out", Path.join(dir, "never.out"), ...args])
@@ -554,7 +558,8 @@ describe("multifd over TLS", () => {
         [["--tls-ca", tlsFile("ca-cert.pem"), ...pair(tlsFile("alice-cert.pem"), garbage)], `private key ${garbage} is not a PEM private key`],
         [["--tls-ca", tlsFile("ca-cert.pem"), ...pair(tlsFile("alice-cert.pem"), tlsFile("mallory-key.pem"))], `private key ${tlsFile("mallory-key.pem")} does not match`],
         [["--tls-psk", otherPsk], `PSK file ${otherPsk} has no key for identity qemu`],
-        [["--tls-psk", tlsFile("keys.psk"), "--tls-identity", "nobody"], `PSK file ${tlsFile("keys.psk")} has no key for identity nobody`]
+        [["--tls-psk", tlsFile("keys.psk"), "--tls-identity", "nobody"], `PSK file ${tlsFile("keys.psk")} has no key for identity nobody`],
+        [["--tls-psk", shortPsk], `${shortPsk} line 1: a key of 4 bytes, which a peer can guess; give at least 16 bytes`]
       ]
       for (const [args, problem] of sendCases) {
         const result = await runHere(["send", `tcp:127.0.0.1:${counter.port}`, "--in", image, "--timeout", "2s", ...args])
