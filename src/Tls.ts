@@ -36,6 +36,7 @@ import {
   opensslReason,
   ownCertificateProblem,
   ownKeyProblem,
+  orphanProblem,
   ownRoleProblem,
   privateKeyOf,
   PSK_CIPHERS,
@@ -363,7 +364,10 @@ export const load = (config: TlsConfig): Effect.Effect<Settings, TlsError> =>
       for (const [i, authority] of cas.entries()) {
         // (at the security level of the cipher list the contexts get: `@SECLEVEL=0` in it admits any key)
         const weak = caSecurityLevelProblem(authority, config.ciphers ?? X509_CIPHERS)
-        const bad = caCertificateProblem(authority, loadedAt) ?? (weak === undefined ? undefined : { notCa: false, problem: weak })
+        const orphan = orphanProblem(authority, cas)
+        const bad = caCertificateProblem(authority, loadedAt) ??
+          (weak === undefined ? undefined : { notCa: false, problem: weak }) ??
+          (orphan === undefined ? undefined : { notCa: false, problem: orphan })
         if (bad === undefined) continue
         const which = cas.length === 1 ? "" : `certificate ${i + 1} of ${cas.length}, `
         return yield* configError(

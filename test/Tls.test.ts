@@ -2438,14 +2438,17 @@ other:c0ffee00c0ffee00c0ffee00c0ffee
         .toBe(`TLS configuration: private key ${fixture("mallory-key.pem")} does not match certificate ${reversed} (CN=CRL intermediate CA)`)
     })))
 
-  it.live("load: every certificate of the CA file must be a CA that can vouch for a peer now, as QEMU checks ca-cert.pem: a peer's certificate, a self-signed leaf, a CA without keyCertSign, an expired CA are refused, each named", () =>
+  it.live("load: every certificate of the CA file must be a CA that can vouch for a peer now, as QEMU checks ca-cert.pem: a peer's certificate, a self-signed leaf, a CA without keyCertSign, an expired CA, an intermediate CA without its issuer are refused, each named", () =>
     leakFree(Effect.gen(function*() {
       // the expired intermediate CA that expired-ca-server's file carries after its certificate
       const blocks = Fs.readFileSync(fixture("expired-ca-server-cert.pem"), "utf8").match(/-----BEGIN CERTIFICATE-----[\s\S]*?-----END CERTIFICATE-----\n/g)!
       const expiredCa = tmp("expired-ca.pem", blocks[1]!)
       // the test CA, then alice's certificate in the same file
       const withLeaf = tmp("ca-and-alice.pem", Fs.readFileSync(fixture("ca-cert.pem"), "utf8") + Fs.readFileSync(fixture("alice-cert.pem"), "utf8"))
-      for (const path of [expiredCa, withLeaf]) yield* removing(path)
+      // an intermediate CA without the CA that issued it (QEMU's GnuTLS takes it as an anchor; OpenSSL, which trusts a
+      // chain only up to a self-signed CA, failed every handshake: "unable to get issuer certificate")
+      const orphan = tmp("intermediate-only.pem", Fs.readFileSync(fixture("inter-server-cert.pem"), "utf8").match(/-----BEGIN CERTIFICATE-----[\s\S]*?-----END CERTIFICATE-----\n/g)![1]!)
+      for (const path of [expiredCa, withLeaf, orphan]) yield* removing(path)
       const notCa = "is not a CA certificate (its basicConstraints do not say CA:TRUE): it vouches for no peer; " +
         "give the certificate of the CA that issued the peers' certificates"
       const cases: ReadonlyArray<readonly [string, string]> = [
@@ -2463,6 +2466,12 @@ other:c0ffee00c0ffee00c0ffee00c0ffee
           expiredCa,
           "(CN=expired intermediate CA) has expired (valid until Jan  1 00:00:00 2001 GMT): OpenSSL accepts no " +
           "certificate it issued"
+        ],
+        [
+          orphan,
+          "(CN=CRL intermediate CA) was issued by CN=test CA, which the file does not hold (OpenSSL, unlike QEMU's " +
+          "GnuTLS, trusts a chain only up to a self-signed CA: add the certificate of CN=test CA to the file): OpenSSL " +
+          "accepts no certificate it issued"
         ]
       ]
       for (const [ca, problem] of cases) {

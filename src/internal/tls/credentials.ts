@@ -361,6 +361,23 @@ export const ownCertificateProblem = (certificate: Crypto.X509Certificate, now: 
       signingProblem(certificate)
 
 /**
+ * Why a CA of the CA file (`cas`) vouches for no peer though it is a CA, after "CA certificate FILE (CN=x) ", or
+ * `undefined`: it is not self-signed and the file lacks the CA that issued it. OpenSSL (as Node sets it up: no partial
+ * chains) trusts a chain only up to a self-signed CA, and failed every handshake through it ("unable to get issuer
+ * certificate"); QEMU's GnuTLS takes any certificate of its CA file as an anchor.
+ */
+export const orphanProblem = (
+  ca: Crypto.X509Certificate,
+  cas: ReadonlyArray<Crypto.X509Certificate>
+): string | undefined => {
+  const signedBy = (issuer: Crypto.X509Certificate) => ca.checkIssued(issuer) && ca.verify(issuer.publicKey)
+  if (signedBy(ca) || cas.some((other) => other !== ca && signedBy(other))) return undefined
+  const issuer = nameOf(ca, "issuer")
+  return `was issued by ${issuer}, which the file does not hold (OpenSSL, unlike QEMU's GnuTLS, trusts a chain only up ` +
+    `to a self-signed CA: add the certificate of ${issuer} to the file)`
+}
+
+/**
  * The last certificate of `chain` (this side's certificate, then the CAs of its file that issued it, nearest first)
  * when no CA of `cas` (the CA file) issued any of them (its name and AKID match and its signature verifies), or
  * `undefined`: with none of `cas` (no CA file) there is nothing to check against. Every peer with that CA file
