@@ -379,17 +379,23 @@ export const orphanProblem = (
 
 /**
  * The last certificate of `chain` (this side's certificate, then the CAs of its file that issued it, nearest first)
- * when no CA of `cas` (the CA file) issued any of them (its name and AKID match and its signature verifies), or
- * `undefined`: with none of `cas` (no CA file) there is nothing to check against. Every peer with that CA file
- * refuses such a chain; QEMU refuses it at load (`qcrypto_tls_creds_check_cert_pair`).
+ * that its next one signed, when no CA of `cas` (the CA file) signed any of those (its name and AKID match and its
+ * signature verifies), or `undefined`: with none of `cas` (no CA file) there is nothing to check against. Every peer
+ * with that CA file refuses such a chain; QEMU refuses it at load (`qcrypto_tls_creds_check_cert_pair`).
  */
 export const untrustedTop = (
   chain: ReadonlyArray<Crypto.X509Certificate>,
   cas: ReadonlyArray<Crypto.X509Certificate>
-): Crypto.X509Certificate | undefined =>
-  cas.length === 0 || chain.some((c) => cas.some((ca) => c.checkIssued(ca) && c.verify(ca.publicKey)))
-    ? undefined
-    : chain.at(-1)
+): Crypto.X509Certificate | undefined => {
+  const signed = (c: Crypto.X509Certificate, by: Crypto.X509Certificate) => c.checkIssued(by) && c.verify(by.publicKey)
+  if (cas.length === 0) return undefined
+  for (const [i, c] of chain.entries()) {
+    if (cas.some((ca) => signed(c, ca))) return undefined
+    const next = chain[i + 1]
+    if (next === undefined || !signed(c, next)) return c
+  }
+  return chain.at(-1)
+}
 
 /**
  * Why a certificate of this side's (its own, a CA of its files) cannot be used because of an extension, then
