@@ -111,8 +111,8 @@ export const TlsConfig = Schema.Struct({
   /**
    * Destination: admit only these clients. An entry with `=` is a client certificate's whole distinguished name,
    * matched exactly as QEMU's tls-authz matches it (GnuTLS's form: `O=Example,CN=alice`, see `distinguishedName`);
-   * an entry without is a certificate's CN, or a PSK identity. A list that names nobody (empty, or with an empty
-   * entry) is refused at load.
+   * an entry without is a certificate's CN, or a PSK identity (one the PSK file has a key for). A list that names
+   * nobody (empty, or with an empty entry) is refused at load.
    */
   authz: Schema.optional(Schema.Array(Schema.String)),
   /**
@@ -350,6 +350,14 @@ export const load = (config: TlsConfig): Effect.Effect<Settings, TlsError> =>
       const keys = yield* Effect.flatMap(readText(config.psk, "PSK file"), (text) => parsePskFile(text, config.psk))
       if (config.identity !== undefined && !keys.has(config.identity)) {
         return yield* configError(`PSK file ${config.psk} has no key for identity ${config.identity}`)
+      }
+      // an entry no key of the file can prove admits nobody: authz [bob] loaded, and every source was refused
+      const keyless = config.authz?.find((identity) => !keys.has(identity))
+      if (keyless !== undefined) {
+        return yield* configError(
+          `authorization entry ${JSON.stringify(keyless)} has no key in PSK file ${config.psk}: no source can prove that ` +
+            "identity; add its key to the file, or remove the entry"
+        )
       }
       credentials = { _tag: "Psk", keys, identity: config.identity ?? "qemu", file: config.psk }
       // no CA at all (Node's public roots and NODE_EXTRA_CA_CERTS otherwise): TLS 1.3's suites serve certificates as

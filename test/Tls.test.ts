@@ -437,7 +437,13 @@ describe("PSK (QEMU tls-creds-psk)", () => {
 
   it.live("psk authz [other] refuses identity qemu: the source fails on the main channel's handshake", () =>
     leakFree(Effect.gen(function*() {
-      const server = yield* pskTls("keys.psk", { authz: ["other"] })
+      // (a file with a key for other too: an entry without one is refused at load)
+      const dir = Fs.mkdtempSync(Path.join(Os.tmpdir(), "emfd-psk-"))
+      const file = Path.join(dir, "keys.psk")
+      Fs.writeFileSync(file, `${Fs.readFileSync(fixture("keys.psk"), "utf8")}other:${Crypto.randomBytes(32).toString("hex")}\n`)
+      const server = yield* loadTls({ psk: file, authz: ["other"] }).pipe(
+        Effect.ensuring(Effect.sync(() => Fs.rmSync(dir, { recursive: true, force: true })))
+      )
       const client = yield* pskTls()
       const ram = yield* sourceRam()
       const dest = yield* startDestination(server.server)
@@ -1619,7 +1625,12 @@ describe("authorization by distinguished name (QEMU's tls-authz: the subject as 
       }
       // GnuTLS's own form loads: escaped commas and blanks, OIDs of types it has no name for; a PSK identity is no DN
       yield* Tls.load({ ...server, authz: ["O=effect-multifd tests,CN=alice", "O=a\\,b,CN=\\ c\\ ", "1.2.3.4=#0c0161", "alice"] })
-      yield* Tls.load({ psk: fixture("keys.psk"), authz: ["qemu", "o = x"] })
+      const dir = Fs.mkdtempSync(Path.join(Os.tmpdir(), "emfd-psk-"))
+      const keys = Path.join(dir, "keys.psk")
+      Fs.writeFileSync(keys, `${Fs.readFileSync(fixture("keys.psk"), "utf8")}o = x:${Crypto.randomBytes(32).toString("hex")}\n`)
+      yield* Tls.load({ psk: keys, authz: ["qemu", "o = x"] }).pipe(
+        Effect.ensuring(Effect.sync(() => Fs.rmSync(dir, { recursive: true, force: true })))
+      )
     })))
 
   /**
@@ -2764,6 +2775,18 @@ other:c0ffee00c0ffee00c0ffee00c0ffee
       }
       // a list of one identity loads
       yield* loadTls({ psk: fixture("keys.psk"), authz: ["qemu"] })
+    })))
+
+  // an entry of the PSK authorization list that the PSK file has no key for admits nobody: authz [bob] loaded, and every
+  // source was refused ("PSK identity \"qemu\" is not in the authorization list", or for bob "has no key")
+  it.live("load: a PSK authorization entry without a key in the PSK file is refused at load, naming it", () =>
+    leakFree(Effect.gen(function*() {
+      for (const authz of [["bob"], ["qemu", "bob"]]) {
+        expect((yield* configError({ psk: fixture("keys.psk"), authz })).message).toBe(
+          `TLS configuration: authorization entry "bob" has no key in PSK file ${fixture("keys.psk")}: no source can ` +
+            "prove that identity; add its key to the file, or remove the entry"
+        )
+      }
     })))
 
   // no certificate carries a name with ':' (but an IPv6 address), '[', ']' or '/': MULTIFD_TLS_HOSTNAME=[::1] (an IPv6
