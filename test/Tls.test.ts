@@ -2700,13 +2700,18 @@ other:c0ffee00c0ffee00c0ffee00c0ffee
 
   it.live("layerConfig reads MULTIFD_TLS_* and builds the service", () =>
     leakFree(Effect.gen(function*() {
-      const tls = yield* Effect.provide(Tls.Tls, Tls.layerConfig).pipe(fromEnv({
-        MULTIFD_TLS_PSK: fixture("keys.psk"),
-        MULTIFD_TLS_IDENTITY: "qemu",
-        MULTIFD_TLS_AUTHZ: "qemu,other",
-        MULTIFD_TLS_VERIFY_PEER: "true",
-        MULTIFD_TLS_HANDSHAKE_TIMEOUT_MS: "1500"
-      }))
+      // (every identity of the list has a key in the file)
+      const keys = tmp("qemu-other.psk", `${Fs.readFileSync(fixture("keys.psk"), "utf8")}other:${Crypto.randomBytes(32).toString("hex")}\n`)
+      const tls = yield* Effect.provide(Tls.Tls, Tls.layerConfig).pipe(
+        fromEnv({
+          MULTIFD_TLS_PSK: keys,
+          MULTIFD_TLS_IDENTITY: "qemu",
+          MULTIFD_TLS_AUTHZ: "qemu,other",
+          MULTIFD_TLS_VERIFY_PEER: "true",
+          MULTIFD_TLS_HANDSHAKE_TIMEOUT_MS: "1500"
+        }),
+        Effect.ensuring(Effect.sync(() => Fs.rmSync(keys, { force: true })))
+      )
       expect(tls.settings.credentials._tag).toBe("Psk")
       expect(tls.settings.authz).toEqual(["qemu", "other"])
       expect(tls.settings.verifyPeer).toBe(true)
