@@ -578,7 +578,7 @@ const pem = (name: string, description: string) =>
 
 const tlsPsk = credentialsPath("tls-psk").pipe(
   Options.withPseudoName("FILE"),
-  Options.withDescription("TLS with pre-shared keys from FILE in QEMU's keys.psk format: one identity:hexkey a line."),
+  Options.withDescription("TLS with pre-shared keys from FILE in QEMU's keys.psk format: one identity:hexkey a line, each key of 16 bytes (32 hex digits) or more (psktool makes 32 bytes)."),
   Options.optional
 )
 const tlsCa = (more: string) =>
