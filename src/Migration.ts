@@ -444,7 +444,7 @@ export interface IncomingOptions<E = never> {
    */
   readonly maxRamBytes?: number | undefined
   readonly timeouts?: Partial<Timeouts> | undefined
-  /** How long to wait for a source to connect at all (default: for ever). */
+  /** How long to wait for a source to connect at all (default, and `Infinity`: for ever). */
   readonly acceptTimeout?: Duration.DurationInput | undefined
   /** Secures every accepted connection (TLS server side) before it is classified. */
   readonly upgrade?: Transport.Upgrade<Transport.UpgradeError> | undefined

@@ -34,7 +34,7 @@ import * as Bandwidth from "./Bandwidth.js"
 import * as Field from "./internal/configField.js"
 import * as MigrationError from "./MigrationError.js"
 import * as Protocol from "./Protocol.js"
-import type * as Transfer from "./Transfer.js"
+import * as Transfer from "./Transfer.js"
 
 /**
  * Settings a migration uses where its options leave them out; every field is optional.
@@ -75,7 +75,7 @@ export class MigrationConfig extends Context.Tag("effect-multifd/MigrationConfig
 const DURATION = /^(\d+(?:\.\d+)?)\s*(ms|s|m|h)?$/
 
 /**
- * Parses `30s`, `500ms`, `2m`, `1h` or a plain number of seconds; it must be positive.
+ * Parses `30s`, `500ms`, `2m`, `1h` or a plain number of seconds; it must be positive, at most 24 days.
  *
  * @since 0.1.0
  * @category parsers
@@ -93,9 +93,11 @@ export const parseDuration = (text: string): Either.Either<Duration.Duration, st
     : m[2] === "h"
     ? Duration.hours(value)
     : Duration.seconds(value)
-  // timers count milliseconds: less would be a timeout of 0
+  // timers count milliseconds: less would be a timeout of 0; and wait at most 2^31 - 1 of them: more never fires
   return Duration.toMillis(duration) < 1
     ? Either.left(`${JSON.stringify(text)} is shorter than a millisecond`)
+    : Duration.toMillis(duration) > Transfer.MAX_TIMEOUT_MS
+    ? Either.left(`${JSON.stringify(text)} is longer than 24 days, the longest a timer waits`)
     : Either.right(duration)
 }
 

@@ -132,7 +132,7 @@ export interface SaveOptions {
    * returned within `stallTimeout` fails the save (`Timeout`, naming it).
    */
   readonly onProgress?: ((progress: Transfer.Progress) => Effect.Effect<void>) | undefined
-  /** Fail when no page is written for this long (default 30 s). */
+  /** Fail when no page is written for this long (default 30 s; finite, at most 24 days: `Transfer.checkTimeout`). */
   readonly stallTimeout?: Duration.DurationInput | undefined
 }
 
@@ -191,7 +191,7 @@ export const saveTracked = (
     const zeroPage = options.zeroPage
     const badOptions = GuestRam.notGuestRam(ram, "the GuestRam in context") ??
       Transfer.checkCallback("onProgress", options.onProgress) ?? Transfer.checkLive(options.live) ??
-      (options.stallTimeout === undefined ? undefined : Transfer.checkDuration("stallTimeout", options.stallTimeout, "positive")) ??
+      (options.stallTimeout === undefined ? undefined : Transfer.checkTimeout("stallTimeout", options.stallTimeout)) ??
       (zeroPage === undefined || zeroPage === "multifd" || zeroPage === "none"
         ? undefined
         : `zero-page mode ${JSON.stringify(zeroPage)} is not multifd or none`)

@@ -21,7 +21,9 @@ import type * as Protocol from "./Protocol.js"
 // Timeouts
 
 /**
- * How long to wait for a peer.
+ * How long to wait for a peer. Each is a duration more than 0 and finite, at most 24 days (`checkTimeout`):
+ * `Infinity` is refused (`BadOptions`), since a peer gone silent would then be waited for for ever. Slow work needs
+ * no longer one: a peer at work says so about every second (a destination hashing or storing, bytes arriving).
  *
  * @since 0.1.0
  * @category models
@@ -189,7 +191,32 @@ export const describeInput = (input: unknown): string =>
     : `(a ${typeof input})`
 
 /**
- * Why the timeouts given cannot be used, if they cannot: each must be a positive duration.
+ * The longest timeout, in milliseconds (2^31 - 1, about 24.8 days): the longest a timer waits. A longer one, or
+ * `Infinity`, never fires (Node's timers and Effect's clock take it for "never").
+ *
+ * @since 0.1.0
+ * @category constants
+ */
+export const MAX_TIMEOUT_MS = 2 ** 31 - 1
+
+/**
+ * Why `input`, given as `what`, is no timeout, if it is not: a duration more than 0 (`checkDuration`) and finite, at
+ * most `MAX_TIMEOUT_MS`. `Infinity` was taken, and so was 30 days, which no timer waits for: a peer gone silent
+ * (a path that drops everything, a stranger that never sends its hello) was waited for for ever, a migration hung
+ * and a listener's places held. Work that takes long needs none: a peer at work says so (heartbeats).
+ *
+ * @since 0.1.0
+ * @category utils
+ */
+export const checkTimeout = (what: string, input: unknown): string | undefined =>
+  checkDuration(what, input, "positive") ??
+    (Duration.toMillis(Duration.decode(input as Duration.DurationInput)) <= MAX_TIMEOUT_MS
+      ? undefined
+      : `${what} must be finite, at most 24 days (the longest a timer waits), not ${describeInput(input)}`)
+
+/**
+ * Why the timeouts given cannot be used, if they cannot: each must be a finite duration more than 0
+ * (`checkTimeout`).
  *
  * @since 0.1.0
  * @category utils
@@ -199,15 +226,16 @@ export const checkTimeouts = (partial: Partial<Timeouts> | undefined): string | 
   if (notObject !== undefined) return notObject
   for (const name of ["connect", "handshake", "peer"] as const) {
     const input = partial?.[name]
-    const problem = input === undefined ? undefined : checkDuration(`timeouts.${name}`, input, "positive")
+    const problem = input === undefined ? undefined : checkTimeout(`timeouts.${name}`, input)
     if (problem !== undefined) return problem
   }
   return undefined
 }
 
 /**
- * A destination's `acceptTimeout`, if given, checked as the timeouts are: a duration more than 0, else what is wrong
- * with it (0, or a negative number read as 0, timed out at once; a malformed one was a defect).
+ * A destination's `acceptTimeout`, if given: a duration more than 0, else what is wrong with it (0, or a negative
+ * number read as 0, timed out at once; a malformed one was a defect). `Infinity` is the default's "for ever" (a
+ * destination waits for its source as long as it is asked to; a source that connected is bound by the timeouts).
  *
  * @since 0.1.0
  * @category utils

@@ -223,7 +223,11 @@ describe("durations, rounds and policies are checked before anything connects", 
     // the window goes to the destination in the hello, as JSON (where Infinity is null: the hello was refused,
     // and the source failed saying the destination "may use TLS, or not be a multifd destination")
     [{ reconnect: { attempts: 3, within: Duration.infinity } }, "reconnect.within must be finite, not Infinity"],
-    [{ reconnect: { attempts: 3, within: Number.POSITIVE_INFINITY } }, "reconnect.within must be finite, not Infinity"]
+    [{ reconnect: { attempts: 3, within: Number.POSITIVE_INFINITY } }, "reconnect.within must be finite, not Infinity"],
+    // a timeout no timer waits for was taken: a peer gone silent (a path that drops everything) hung the migration
+    [{ timeouts: { peer: Number.POSITIVE_INFINITY } }, "timeouts.peer must be finite, at most 24 days (the longest a timer waits), not Infinity"],
+    [{ timeouts: { handshake: Duration.infinity } }, "timeouts.handshake must be finite, at most 24 days (the longest a timer waits), not Infinity"],
+    [{ timeouts: { connect: "30 days" } }, `timeouts.connect must be finite, at most 24 days (the longest a timer waits), not "30 days"`]
   ] as const
   for (const [options, message] of bad) {
     it.live(`migrate ${JSON.stringify(options)}: BadOptions, "${message}"`, () =>
@@ -251,6 +255,20 @@ describe("durations, rounds and policies are checked before anything connects", 
       const error = yield* noHang(Effect.flip(Migration.incoming(listener, { timeouts: { peer: 0 } })), "incoming", 5)
       expect((error as MigrationError.MigrationError).reason).toBe("BadOptions")
       expect(error.message).toBe("timeouts.peer must be more than 0, not 0")
+    })))
+
+  // a handshake timeout of Infinity let strangers that say nothing hold the listener's places (Acceptor.MAX_CANDIDATES)
+  // for ever, and a real source wait behind them for ever
+  it.live("incoming { timeouts: { handshake: Infinity } }: BadOptions before it accepts", () =>
+    leakFree(Effect.gen(function*() {
+      const listener = yield* Transport.listen(tcp0)
+      const error = yield* noHang(
+        Effect.flip(Migration.incoming(listener, { timeouts: { handshake: Number.POSITIVE_INFINITY } })),
+        "incoming",
+        5
+      )
+      expect((error as MigrationError.MigrationError).reason).toBe("BadOptions")
+      expect(error.message).toBe("timeouts.handshake must be finite, at most 24 days (the longest a timer waits), not Infinity")
     })))
 
   /**
@@ -322,10 +340,11 @@ describe("durations, rounds and policies are checked before anything connects", 
       })))
   }
 
-  it.live("the accepted forms still pass: numbers of milliseconds, Durations, strings, Infinity", () =>
+  it.live("the accepted forms still pass: numbers of milliseconds, Durations, strings; an acceptTimeout of Infinity (for ever, the default)", () =>
     Effect.sync(() => {
       expect(Transfer.checkTimeouts({ connect: 1, handshake: Duration.seconds(1), peer: "1 minute" })).toBeUndefined()
-      expect(Transfer.checkTimeouts({ peer: Duration.infinity })).toBeUndefined()
+      expect(Transfer.checkTimeouts({ peer: Transfer.MAX_TIMEOUT_MS })).toBeUndefined()
+      expect(Transfer.checkAcceptTimeout(Duration.infinity)).toBeUndefined()
       expect(Transfer.checkLive({ maxRounds: 0, maxDuration: 0, downtimeLimit: "0 millis", onNoConvergence: "switchover" }))
         .toBeUndefined()
     }))

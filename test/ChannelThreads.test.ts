@@ -899,15 +899,20 @@ describe("the pool's size", () => {
       expect(ChannelThreads.liveThreads()).toBe(before)
     }))
 
-  /** A closeTimeout of 0 took every thread for hung at its first close; "soon" was a defect (Duration.decode threw). */
-  it.live("a closeTimeout that is no duration of more than 0 fails make, naming it; no thread starts", () =>
+  /**
+   * A closeTimeout of 0 took every thread for hung at its first close; "soon" was a defect (Duration.decode threw);
+   * Infinity waited for a hung thread for ever.
+   */
+  it.live("a closeTimeout that is no finite duration of more than 0 fails make, naming it; no thread starts", () =>
     Effect.gen(function*() {
       const before = ChannelThreads.liveThreads()
       const cases: Array<[Duration.DurationInput, string]> = [
         [0, "closeTimeout must be more than 0, not 0"],
         [-5, "closeTimeout -5 is not a duration of 0 or more"],
         [Number.NaN, "closeTimeout NaN is not a duration of 0 or more"],
-        ["soon" as Duration.DurationInput, "closeTimeout \"soon\" is not a duration of 0 or more"]
+        ["soon" as Duration.DurationInput, "closeTimeout \"soon\" is not a duration of 0 or more"],
+        // (a hung thread was waited for for ever)
+        [Duration.infinity, "closeTimeout must be finite, at most 24 days (the longest a timer waits), not Infinity"]
       ]
       for (const [closeTimeout, detail] of cases) {
         const error = yield* Effect.flip(Effect.scoped(ChannelThreads.make({ ...POOL, closeTimeout })))

@@ -971,6 +971,8 @@ describe("a save's options are checked before any file is made", () => {
     [{ stallTimeout: 0 }, "stallTimeout must be more than 0, not 0"],
     [{ stallTimeout: -1 }, "stallTimeout -1 is not a duration of 0 or more"],
     [{ stallTimeout: "soon" as never }, `stallTimeout "soon" is not a duration of 0 or more`],
+    // (a disk that stopped taking writes was waited for for ever)
+    [{ stallTimeout: Number.POSITIVE_INFINITY }, "stallTimeout must be finite, at most 24 days (the longest a timer waits), not Infinity"],
     [{ zeroPage: "auto" as never }, `zero-page mode "auto" is not multifd or none`]
   ] as const
   for (const [options, message] of bad) {

@@ -841,6 +841,8 @@ describe("multifd failures", () => {
       [["send", "tcp:127.0.0.1:1", "--in", image, "--timeout", "soon"], /--timeout: "soon" is not a positive duration/],
       [["send", "tcp:127.0.0.1:1", "--in", image, "--compression-level", "50"], /^multifd: error: --compression-level must be between 0 and 20, not 50$/],
       [["send", "tcp:127.0.0.1:1", "--in", image, "--timeout", "0.0000001ms"], /^multifd: error: --timeout: "0.0000001ms" is shorter than a millisecond$/],
+      // (a timer never fires past 2^31 - 1 ms: the timeout was taken, and never came)
+      [["recv", "tcp:127.0.0.1:0", "--out", "x.img", "--timeout", "1000h"], /^multifd: error: --timeout: "1000h" is longer than 24 days, the longest a timer waits$/],
       [["send", "tcp:127.0.0.1:1", "--in", image, "--max-bandwidth", "0.4b"], /^multifd: error: --max-bandwidth: "0.4b" is less than one byte a second$/],
       [["send", "tcp:127.0.0.1:1", "--in", image, "--page-size", "1000"], /--page-size must be a power of two/],
       [["send", "tcp:127.0.0.1:1", "--in", image, "--compression", "lz4"], /none, zlib, zstd/],

@@ -56,7 +56,8 @@ export interface Options {
    * How long a session's close waits for its thread's word that the session is gone (10 seconds by default):
    * a thread that has not answered by then is taken for hung (a loop, a long synchronous task) and terminated,
    * failing every session on it (`ThreadError`, `Hung`); the next session opened gets a new thread in its place.
-   * It must be a duration of more than 0; anything else fails `make` (`ThreadError`, `Start`).
+   * It must be a duration of more than 0 and finite, at most 24 days (`Infinity` waited for a hung thread for ever);
+   * anything else fails `make` (`ThreadError`, `Start`).
    */
   readonly closeTimeout?: Duration.DurationInput | undefined
 }
@@ -318,7 +319,7 @@ export const make = (options?: Options): Effect.Effect<Pool, ThreadError, Scope.
     // a closeTimeout of 0 took every thread for hung at its first close; one Duration could not read was a defect
     const badClose = options?.closeTimeout === undefined
       ? undefined
-      : Transfer.checkDuration("closeTimeout", options.closeTimeout, "positive")
+      : Transfer.checkTimeout("closeTimeout", options.closeTimeout)
     if (badClose !== undefined) {
       return yield* new ThreadError({ reason: "Start", detail: `the channel threads' pool: ${badClose}` })
     }
