@@ -171,9 +171,12 @@ export class MultifdRecv extends Context.Tag("effect-multifd/MultifdRecv")<Multi
   readonly unfinished: Effect.Effect<ReadonlyArray<Unfinished>>
   /**
    * The channels whose connection was lost and that have no new one yet (waiting for it to re-attach), in order,
-   * for messages about a wait: such a channel was adopted, and counts in `Stats.channels`, but carries nothing.
+   * for messages about a wait: such a channel carries nothing. One adopted counts in `Stats.channels`; one the source
+   * announced to re-attach before any connection of it was adopted (its first turned away) does not.
    */
   readonly lost: Effect.Effect<ReadonlyArray<number>>
+  /** How many channels have a connection now: adopted, and not lost (`lost`), for messages about a wait. */
+  readonly connected: Effect.Effect<number>
   /**
    * The control channel announced that `channel` re-attaches with `nonce`: stops and awaits the channel's
    * current connection's worker (what it was inside of is dropped), and lets one connection whose init packet
@@ -783,7 +786,12 @@ export const make = (config: Config): Effect.Effect<MultifdRecv["Type"], never, 
           .filter((u) => u.bytes > 0)
           .sort((a, b) => a.channel - b.channel)
       ),
-      lost: Effect.sync(() => [...lostNow].sort((a, b) => a - b))
+      lost: Effect.sync(() => [...lostNow].sort((a, b) => a - b)),
+      connected: Effect.sync(() => {
+        let n = 0
+        for (const id of counted) if (!lostNow.has(id)) n++
+        return n
+      })
     }
   })
 

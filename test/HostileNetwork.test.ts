@@ -9,7 +9,8 @@
  *   there), which it did when it took that end for the source's own.
  * - a channel announced to re-attach whose new connection never comes (a fake source, TestClock): the
  *   destination's wait for the round's sync times out naming that channel as lost — it said "2 of 2 multifd
- *   channels connected", counting the channel it had lost.
+ *   channels connected", counting the channel it had lost; and, for a channel none of whose connections was ever
+ *   adopted, "0 of 2", taking it off a count it was never in.
  *
  * - every connection reset mid-transfer (the destination's process died) and a fresh destination listening where it
  *   was: the source fails naming the main channel, and none of its channels re-attaches to the fresh destination
@@ -186,6 +187,33 @@ describe("a lost channel whose new connection never comes (a fake source, TestCl
       )
       // the peer timeout, not the re-attach window (10 s and a handshake)
       expect((yield* TestClock.currentTimeMillis) - t0).toBeLessThanOrEqual(2_600)
+    }))))
+
+  it.effect("a channel whose first connection never came, announced to re-attach: the other one still counts as connected", () =>
+    leakFree(Effect.scoped(Effect.gen(function*() {
+      const listener = yield* Transport.listen(tcp0)
+      const destination = yield* Effect.forkScoped(
+        Migration.incoming(listener, { timeouts: FAKE_TIMEOUTS }).pipe(Effect.provide(Logger.remove(Logger.defaultLogger)))
+      )
+      const source = yield* fakeSource(listener.address, 2, "none", true, { reconnectMs: 10_000 })
+      // channel 0 adopted; channel 1's connection stalled on the way and was turned away before its init packet came
+      // (a real source then re-attaches it): its new connection never comes either
+      const c0 = yield* source.channel(0)
+      yield* source.control.write([
+        Control.encode(new Control.Reattach({ channel: 1, nonce: Crypto.randomBytes(16).toString("hex") }))
+      ])
+      while ((yield* Control.receive(source.control))._tag !== "Reattached") {
+        // (heartbeats)
+      }
+      yield* c0.write([syncPacket()])
+      yield* source.control.write([Control.encode(new Control.Flush({ round: 0, final: false }))])
+      yield* advanceUntil(Effect.map(Fiber.poll(destination), Option.isSome), "the destination's end")
+      const error = failureOf(yield* Fiber.await(destination))
+      // before: "0 of 2 multifd channels connected" (the lost channel taken off a count it was never in)
+      expect(error.message).toBe(
+        "timed out after 2s waiting for every multifd channel to reach the sync point " +
+          "(1 of 2 multifd channels connected; lost, not re-attached: multifd channel 1)"
+      )
     }))))
 })
 

@@ -598,11 +598,11 @@ export const run = <E>(listener: Transport.Listener, settings: Settings<E>): Eff
           }
         }), { lastOnSuccess: true, lastWithin: timeouts.peer })
       const describeMissing = Effect.gen(function*() {
-        const s = yield* recv.stats
         const turnedAway = yield* acceptor.rejected
-        // a lost channel was adopted (counted) but is not connected: it waits for its new connection
+        // a lost channel is not connected: it waits for its new connection (one announced to re-attach before any of
+        // its connections was adopted was never counted: "0 of 2 connected" with the other channel there)
         const lost = yield* recv.lost
-        return `${s.channels - lost.length} of ${hello.channels} multifd channels connected` +
+        return `${yield* recv.connected} of ${hello.channels} multifd channels connected` +
           (lost.length > 0
             ? `; lost, not re-attached: ${lost.map((channel) => `multifd channel ${channel}`).join(", ")}`
             : "") +
