@@ -536,6 +536,30 @@ describe("f. duplicate, out-of-range and foreign channel ids", () => {
       })))
   }
 
+  // every block's digest right, and one more in the list: the reason named no block ("memory digest mismatch in
+  // block ", an empty list)
+  it.live("a Complete whose digests name a block the destination lacks, or one twice: DigestMismatch naming it", () =>
+    leakFree(Effect.gen(function*() {
+      const right = yield* GuestRam.digest(yield* destinationRam())
+      for (const [extra, said] of [
+        [{ name: "extra\u001b[2J", digest: right[0]!.digest }, `"extra\\u001b[2J" which this destination's memory does not have`],
+        [right[0]!, `${JSON.stringify(BLOCK)} twice`]
+      ] as const) {
+        const faulty = yield* Faulty.make()
+        const dest = yield* startDestination(faulty, unixAddress("digests"), { ram: yield* destinationRam() })
+        const src = yield* fakeSource(dest.address, 1)
+        const c0 = yield* src.channel(0)
+        yield* c0.write([syncPacket()])
+        yield* src.control.write([Control.encode(new Control.Flush({ round: 0, final: true }))])
+        expect(yield* noHang(Control.receive(src.control), "FlushAck")).toMatchObject({ _tag: "FlushAck", round: 0 })
+        yield* src.control.write([Control.encode(new Control.Complete({ digests: [...right, extra] }))])
+        const reason = `memory digest mismatch: the source's digests name block ${said}`
+        expect(yield* noHang(Control.receive(src.control), "the abort")).toMatchObject({ _tag: "Abort", reason })
+        const error = failureOf(yield* noHang(Fiber.await(dest.fiber), "incoming"))
+        expect([(error as MigrationError.MigrationError).reason, error.message]).toEqual(["DigestMismatch", reason])
+      }
+    })))
+
   const outOfTurn = (name: string, message: Control.Message, why: string) =>
     it.live(name, () =>
       leakFree(Effect.gen(function*() {

@@ -296,8 +296,16 @@ const verify = (
     yield* Effect.logDebug("digests computed")
     const theirs = new Map(complete.digests.map((d) => [d.name, d.digest]))
     const bad = mine.filter((d) => theirs.get(d.name) !== d.digest).map((d) => d.name)
-    if (bad.length > 0 || theirs.size !== mine.length) {
-      const reason = `memory digest mismatch in block ${bad.map((n) => JSON.stringify(n)).join(", ")}`
+    // every block matched, and the source's list has more (a block this side does not have, or one twice): its
+    // names said, not an empty list ("memory digest mismatch in block ")
+    const ours = new Set(mine.map((d) => d.name))
+    const seen = new Set<string>()
+    const other = complete.digests.find((d) => !ours.has(d.name) || seen.size === seen.add(d.name).size)
+    if (bad.length > 0 || other !== undefined) {
+      const reason = bad.length > 0
+        ? `memory digest mismatch in block ${bad.map((n) => JSON.stringify(n)).join(", ")}`
+        : `memory digest mismatch: the source's digests name block ${PeerText.quoted(other!.name)} ` +
+          (ours.has(other!.name) ? "twice" : "which this destination's memory does not have")
       yield* tell(new Control.Abort({ reason, found: "DigestMismatch" }))
       return yield* new MigrationError.MigrationError({ reason: "DigestMismatch", detail: reason })
     }
