@@ -60,6 +60,7 @@ import {
   revokedBy,
   verifyProblem
 } from "./internal/tls/verification.js"
+import * as Transfer from "./Transfer.js"
 import * as Transport from "./Transport.js"
 
 /**
@@ -121,8 +122,11 @@ export const TlsConfig = Schema.Struct({
    * ChaCha20-Poly1305. A destination's order wins over its source's.
    */
   ciphers: Schema.optional(Schema.String),
-  /** Handshake timeout in milliseconds (default 10000). */
-  handshakeTimeoutMs: Schema.optional(Schema.Number.pipe(Schema.positive()))
+  /**
+   * Handshake timeout in milliseconds (default 10000): more than 0 and at most `Transfer.MAX_TIMEOUT_MS` (24 days,
+   * the longest a timer waits: `Infinity` never timed a handshake out).
+   */
+  handshakeTimeoutMs: Schema.optional(Schema.Number.pipe(Schema.positive(), Schema.lessThanOrEqualTo(Transfer.MAX_TIMEOUT_MS)))
 })
 
 /**
@@ -268,7 +272,7 @@ export const load = (config: TlsConfig): Effect.Effect<Settings, TlsError> =>
       const field = first?.path.map(String).join(".") ?? ""
       return yield* configError(
         `${field === "" ? "" : `${field}: `}${(first?.message ?? "invalid").split("\n")[0]}${
-          first?.path[0] === "handshakeTimeoutMs" ? " (a number of milliseconds more than 0)" : ""
+          first?.path[0] === "handshakeTimeoutMs" ? " (a number of milliseconds more than 0, at most 24 days)" : ""
         }`
       )
     }
@@ -807,9 +811,11 @@ export const config: Config.Config<TlsConfig> = Config.all({
   ciphers: optional(Config.string("CIPHERS")),
   handshakeTimeoutMs: optional(Field.field("HANDSHAKE_TIMEOUT_MS", (text) => {
     const ms = Number(text)
-    return text.length > 0 && Number.isFinite(ms) && ms > 0
-      ? Either.right(ms)
-      : Either.left(`must be a positive number of milliseconds, not ${JSON.stringify(text)}`)
+    return !(text.length > 0 && Number.isFinite(ms) && ms > 0)
+      ? Either.left(`must be a positive number of milliseconds, not ${JSON.stringify(text)}`)
+      : ms > Transfer.MAX_TIMEOUT_MS
+      ? Either.left(`must be at most ${Transfer.MAX_TIMEOUT_MS} milliseconds (24 days, the longest a timer waits), not ${JSON.stringify(text)}`)
+      : Either.right(ms)
   }))
 }).pipe(
   Config.nested("MULTIFD_TLS"),

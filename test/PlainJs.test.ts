@@ -287,9 +287,11 @@ describe("TLS settings from code of the wrong type", () => {
    */
   const psk = Path.join(import.meta.dirname, "fixtures", "tls", "keys.psk")
   const cases: ReadonlyArray<readonly [string, Record<string, unknown>, string]> = [
-    ["handshakeTimeoutMs: NaN", { handshakeTimeoutMs: NaN }, "handshakeTimeoutMs: Expected a positive number, actual NaN (a number of milliseconds more than 0)"],
-    ["handshakeTimeoutMs: -5", { handshakeTimeoutMs: -5 }, "handshakeTimeoutMs: Expected a positive number, actual -5 (a number of milliseconds more than 0)"],
-    ["handshakeTimeoutMs: \"5000\"", { handshakeTimeoutMs: "5000" }, `handshakeTimeoutMs: Expected number, actual "5000" (a number of milliseconds more than 0)`],
+    ["handshakeTimeoutMs: NaN", { handshakeTimeoutMs: NaN }, "handshakeTimeoutMs: Expected a positive number, actual NaN (a number of milliseconds more than 0, at most 24 days)"],
+    ["handshakeTimeoutMs: -5", { handshakeTimeoutMs: -5 }, "handshakeTimeoutMs: Expected a positive number, actual -5 (a number of milliseconds more than 0, at most 24 days)"],
+    // (Infinity never timed a handshake out: no timer waits longer than 2^31 - 1 ms)
+    ["handshakeTimeoutMs: Infinity", { handshakeTimeoutMs: Infinity }, "handshakeTimeoutMs: Expected a number less than or equal to 2147483647, actual Infinity (a number of milliseconds more than 0, at most 24 days)"],
+    ["handshakeTimeoutMs: \"5000\"", { handshakeTimeoutMs: "5000" }, `handshakeTimeoutMs: Expected number, actual "5000" (a number of milliseconds more than 0, at most 24 days)`],
     ["verifyPeer: \"yes\"", { verifyPeer: "yes" }, `verifyPeer: Expected boolean, actual "yes"`],
     ["authz: \"alice\"", { authz: "alice" }, `authz: Expected ReadonlyArray<string>, actual "alice"`],
     ["identity: null", { identity: null }, "identity: Expected string, actual null"],

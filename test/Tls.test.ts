@@ -2744,6 +2744,9 @@ other:c0ffee00c0ffee00c0ffee00c0ffee
       oneLine(negative, `MULTIFD_TLS_HANDSHAKE_TIMEOUT_MS: must be a positive number of milliseconds, not "-5"`)
       const word = yield* build({ MULTIFD_TLS_PSK: fixture("keys.psk"), MULTIFD_TLS_HANDSHAKE_TIMEOUT_MS: "soon" })
       oneLine(word, `MULTIFD_TLS_HANDSHAKE_TIMEOUT_MS: must be a positive number of milliseconds, not "soon"`)
+      // (no timer waits longer: the handshake was never timed out)
+      const long = yield* build({ MULTIFD_TLS_PSK: fixture("keys.psk"), MULTIFD_TLS_HANDSHAKE_TIMEOUT_MS: "1e12" })
+      oneLine(long, `MULTIFD_TLS_HANDSHAKE_TIMEOUT_MS: must be at most 2147483647 milliseconds (24 days, the longest a timer waits), not "1e12"`)
 
       // the Config itself fails with a ConfigError at the variable's path
       const raw = yield* Effect.flip(Tls.config).pipe(fromEnv({ MULTIFD_TLS_VERIFY_PEER: "maybe" }))
