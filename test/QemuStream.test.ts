@@ -1623,6 +1623,20 @@ describe("QemuIncoming.incoming: strangers are candidates, never owners", () => 
       }))))
   }
 
+  // a channel turned away (its init packet, then its end: a migration QEMU gave up before its main stream came) kept
+  // the wait for the main channel running: the destination failed after the peer timeout ("1 multifd channel
+  // connected without it"), and QEMU's next migration, later than that, found nobody
+  it.effect("a channel turned away (init packet, then closed) and no main channel: the destination waits on past the peer timeout (TestClock); QEMU's migration then succeeds", () =>
+    expectNoLeaks(Effect.scoped(Effect.gen(function*() {
+      const dst = yield* destination({ channels: 2, timeouts: { handshake: "5 seconds", peer: "20 seconds" } })
+      yield* turnedAway(yield* stranger(dst.address, [CH0.subarray(0, 64)], true), "the stale channel closed")
+      const t0 = yield* TestClock.currentTimeMillis
+      yield* advanceUntil(Effect.map(TestClock.currentTimeMillis, (now) => now - t0 >= 30_000), "30 s")
+      expect(Option.isNone(yield* Fiber.poll(dst.fiber))).toBe(true)
+      const result = yield* captureSucceeds(dst)
+      expect(result.rejected).toEqual([expect.stringContaining("closed before QEMU's main stream announced its RAM blocks")])
+    }))))
+
   it.live("several strangers at once, some still stalling: QEMU's migration succeeds meanwhile; all are closed", () =>
     expectNoLeaks(Effect.scoped(Effect.gen(function*() {
       const dst = yield* destination({ channels: 2 })

@@ -38,9 +38,11 @@ export interface Candidates {
   /** When (the clock's ms) the first candidate proved itself: QEMU's migration runs from there. */
   readonly started: Effect.Effect<number | undefined>
   /**
-   * Fails with a `Timeout` once `peer` passed since the first multifd channel proved itself (QEMU connects its
-   * channels before its main stream's header arrives) while the caller still waits for the main channel; never
-   * succeeds. The caller races it with `main` only.
+   * Fails with a `Timeout` once a multifd channel that proved itself (QEMU connects its channels before its main
+   * stream's header arrives) has waited `peer` for the main channel and still waits; never succeeds. A channel
+   * turned away meanwhile (closed after its init packet: a migration QEMU gave up) waits no more: it kept the wait
+   * running, and a destination that had turned every such channel away failed after the peer timeout, its QEMU's
+   * next migration then finding nobody. The caller races it with `main` only.
    */
   readonly orphaned: Effect.Effect<never, MigrationError.MigrationError>
   /** Multifd channels turned away because this destination expects QEMU without multifd (channels 0). */
@@ -71,9 +73,10 @@ export const start = (
     const main = yield* Deferred.make<Transport.Connection>()
     const started = yield* Ref.make<number | undefined>(undefined)
     const proved = Effect.flatMap(Clock.currentTimeMillis, (now) => Ref.update(started, (t) => t ?? now))
-    // the multifd channels that proved themselves, and the first one's proof (the main channel's wait starts)
-    const channelsProved = yield* Ref.make(0)
-    const firstChannel = yield* Deferred.make<void>()
+    // the multifd channels that proved themselves and wait for the channel set (the main channel's RAM blocks), and
+    // the wait for the main channel that one of them gave up on (`orphaned`)
+    const waiting = yield* Ref.make(0)
+    const orphan = yield* Deferred.make<never, MigrationError.MigrationError>()
     const multifdTurnedAway = yield* Ref.make(0)
 
     /** The rest of a candidate's handshake, by the deadline that began at `since`. */
@@ -119,8 +122,6 @@ export const start = (
         )
         if (Either.isLeft(init)) return yield* reject(connection, `no valid init packet: ${problemOf(init.left)}`)
         yield* proved
-        yield* Ref.update(channelsProved, (n) => n + 1)
-        yield* Deferred.succeed(firstChannel, undefined)
         return yield* adopt(connection, init.right, reject, isProved)
       })
 
@@ -139,9 +140,17 @@ export const start = (
       Effect.flatMap(
         // a channel closed before the RAM blocks were announced is no channel of this migration: a QEMU that gave up
         // (cancelled, failed, killed) after it connected its channels, and whose next migration comes with its own
-        Effect.raceFirst(
-          Effect.asSome(Deferred.await(options.channelSet)),
-          Effect.as(closed(connection), Option.none<MultifdRecv.MultifdRecv["Type"]>())
+        Effect.acquireUseRelease(
+          Ref.update(waiting, (n) => n + 1),
+          () =>
+            Effect.raceFirst(
+              Effect.raceFirst(
+                Effect.asSome(Deferred.await(options.channelSet)),
+                Effect.as(closed(connection), Option.none<MultifdRecv.MultifdRecv["Type"]>())
+              ),
+              waitsForMain
+            ),
+          () => Ref.update(waiting, (n) => n - 1)
         ),
         Option.match({
           onNone: () =>
@@ -171,6 +180,26 @@ export const start = (
         )
       })
 
+    /**
+     * A waiting channel's watch: once it waited `peer` and no main channel came, the wait for the main channel is given
+     * up (`orphaned`, naming the channels that wait now); never completes.
+     */
+    const waitsForMain: Effect.Effect<never> = Effect.zipRight(
+      Effect.raceFirst(
+        Effect.flatMap(Effect.zipRight(Effect.sleep(options.peer), Ref.get(waiting)), (n) =>
+          Deferred.fail(
+            orphan,
+            MigrationError.timeout(
+              `waiting for QEMU's main channel (${n} multifd channel${n === 1 ? "" : "s"} connected without it: did ` +
+                "QEMU fail or was its main connection lost?)",
+              options.peer
+            )
+          )),
+        Deferred.await(main)
+      ),
+      Effect.never
+    )
+
     const acceptor = yield* Acceptor.start<MultifdRecv.ChannelFailure>(listener, {
       upgrade: options.upgrade,
       firstBytesTimeout: options.handshake,
@@ -186,22 +215,12 @@ export const start = (
             )
           : reject(connection, `not a QEMU migration stream (first bytes ${first.toString("hex")})${tlsHint(first)}${otherKindHint(first, "qemu")}`)
     })
-    const orphaned = Effect.gen(function*() {
-      yield* Deferred.await(firstChannel)
-      yield* Effect.sleep(options.peer)
-      const n = yield* Ref.get(channelsProved)
-      return yield* MigrationError.timeout(
-        `waiting for QEMU's main channel (${n} multifd channel${n === 1 ? "" : "s"} connected without it: did QEMU ` +
-          "fail or was its main connection lost?)",
-        options.peer
-      )
-    })
     return {
       main: Deferred.await(main),
       rejected: acceptor.rejected,
       failure: acceptor.failure,
       started: Ref.get(started),
-      orphaned,
+      orphaned: Deferred.await(orphan),
       multifdTurnedAway: Ref.get(multifdTurnedAway)
     }
   })
