@@ -390,7 +390,8 @@ const receive = <E>(listener: Transport.Listener, options: Options<E>): Effect.E
       handshake: timeouts.handshake,
       channelSet,
       multifd: channels > 0,
-      peer: timeouts.peer
+      peer: timeouts.peer,
+      uuid: options.uuid
     })
     const channelFailure = Effect.flatMap(Deferred.await(channelSet), (recv) => recv.failure)
     const failures = Effect.raceFirst(candidates.failure, channelFailure)

@@ -1637,6 +1637,21 @@ describe("QemuIncoming.incoming: strangers are candidates, never owners", () => 
       expect(result.rejected).toEqual([expect.stringContaining("closed before QEMU's main stream announced its RAM blocks")])
     }))))
 
+  // with the uuid known (recv --uuid), a channel of another is a stranger from its init packet: it held a place and
+  // waited for the main stream among the channels, and the wait for QEMU's main channel failed the destination
+  // after the peer timeout ("1 multifd channel connected without it"), though QEMU had not come yet
+  it.effect("with the uuid given, another uuid's init packet (held open) is turned away at once, and QEMU's migration past the peer timeout succeeds (TestClock)", () =>
+    expectNoLeaks(Effect.scoped(Effect.gen(function*() {
+      const dst = yield* destination({ channels: 2, uuid: new Uint8Array(16), timeouts: { handshake: "5 seconds", peer: "20 seconds" } })
+      const foreign = Protocol.encodeInit({ uuid: new Uint8Array(16).fill(7), id: 0 })
+      yield* turnedAway(yield* stranger(dst.address, [foreign], false), "the foreign channel closed")
+      const t0 = yield* TestClock.currentTimeMillis
+      yield* advanceUntil(Effect.map(TestClock.currentTimeMillis, (now) => now - t0 >= 30_000), "30 s")
+      expect(Option.isNone(yield* Fiber.poll(dst.fiber))).toBe(true)
+      const result = yield* captureSucceeds(dst)
+      expect(result.rejected).toEqual([expect.stringContaining("bad uuid: 07070707-0707-0707-0707-070707070707 is not this migration's")])
+    }))))
+
   it.live("several strangers at once, some still stalling: QEMU's migration succeeds meanwhile; all are closed", () =>
     expectNoLeaks(Effect.scoped(Effect.gen(function*() {
       const dst = yield* destination({ channels: 2 })

@@ -66,6 +66,11 @@ export const start = (
     readonly multifd: boolean
     /** How long channels that proved themselves wait for the main channel (`orphaned`). */
     readonly peer: Duration.DurationInput
+    /**
+     * The uuid QEMU's channels carry, when the destination was told it (`QemuIncoming.Options.uuid`): a channel of
+     * another is turned away as soon as its init packet came, rather than wait for the main stream among the channels.
+     */
+    readonly uuid?: Uint8Array | undefined
   }
 ): Effect.Effect<Candidates, never, Scope.Scope> =>
   Effect.gen(function*() {
@@ -121,6 +126,14 @@ export const start = (
           connection.read(Protocol.INIT_PACKET_SIZE).pipe(byDeadline(since, "waiting for a complete multifd init packet"))
         )
         if (Either.isLeft(init)) return yield* reject(connection, `no valid init packet: ${problemOf(init.left)}`)
+        // a uuid known up front turns another's channel away now: it held a place, and the wait for the main channel
+        // failed the destination (`orphaned`) while it stayed, before QEMU came (its id is adopt's to judge)
+        const foreign = options.uuid === undefined
+          ? undefined
+          : Either.getLeft(Protocol.decodeInit(init.right, { channels: 256, uuid: options.uuid }))
+        if (foreign !== undefined && Option.isSome(foreign) && MultifdRecv.isStranger(foreign.value)) {
+          return yield* reject(connection, foreign.value.message)
+        }
         yield* proved
         return yield* adopt(connection, init.right, reject, isProved)
       })
