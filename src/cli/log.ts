@@ -7,7 +7,10 @@
  * @since 0.1.0
  */
 import * as Cause from "effect/Cause"
+import * as Context from "effect/Context"
 import type * as Effect from "effect/Effect"
+import * as FiberRef from "effect/FiberRef"
+import * as FiberRefs from "effect/FiberRefs"
 import * as Layer from "effect/Layer"
 import * as Logger from "effect/Logger"
 import * as LogLevel from "effect/LogLevel"
@@ -17,14 +20,23 @@ import * as Progress from "./progress.js"
 const text = (message: unknown): string =>
   Array.isArray(message) ? message.map(text).join(" ") : typeof message === "string" ? message : String(message)
 
+/**
+ * Where the log's lines go: stderr, above the progress bar while one is drawn (`Progress.writeLines`), unless a
+ * command run inside another program (the tests' in-process runs) gives its own.
+ */
+export class Lines extends Context.Reference<Lines>()("effect-multifd/cli/Log/Lines", {
+  defaultValue: (): { readonly write: (text: string) => void } => ({ write: Progress.writeLines })
+}) {}
+
 /** One line a message, on stderr: `multifd: warning: ...`, or `multifd: [+1.234s] ...` below Info. */
-export const logger = Logger.make(({ cause, logLevel, message }) => {
+export const logger = Logger.make(({ cause, context, logLevel, message }) => {
   const why = Cause.isEmpty(cause) ? "" : `: ${Cause.pretty(cause).split("\n")[0]}`
   const level = LogLevel.lessThan(logLevel, LogLevel.Info)
     ? `[+${(performance.now() / 1000).toFixed(3)}s]`
     : `${logLevel._tag === "Warning" ? "warning" : logLevel.label.toLowerCase()}:`
-  // above the progress bar, while one is drawn
-  Progress.writeLines(`multifd: ${level} ${oneLine(text(message) + why)}\n`)
+  Context.get(FiberRefs.getOrDefault(context, FiberRef.currentContext), Lines).write(
+    `multifd: ${level} ${oneLine(text(message) + why)}\n`
+  )
 })
 
 /** The log level a command's `--verbose` / `--quiet` ask for (Debug / Error; Info otherwise). */

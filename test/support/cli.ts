@@ -6,12 +6,15 @@
  * what it prints. Every child has a bounded lifetime; `killChildren` ends those still running (after each test).
  */
 import * as NodeContext from "@effect/platform-node/NodeContext"
-import * as Deferred from "effect/Deferred"
+import * as Cause from "effect/Cause"
 import * as Effect from "effect/Effect"
+import * as Exit from "effect/Exit"
+import * as Fiber from "effect/Fiber"
 import * as ChildProcess from "node:child_process"
 import * as Path from "node:path"
 import { inject } from "vitest"
 import * as Cli from "../../src/cli/command.js"
+import * as Log from "../../src/cli/log.js"
 
 /** The repository (the children's working directory). */
 export const ROOT = Path.resolve(import.meta.dirname, "..", "..")
@@ -59,10 +62,12 @@ export interface StartOptions {
 }
 
 const children = new Set<ChildProcess.ChildProcess>()
+const here = new Set<Fiber.RuntimeFiber<number>>()
 
-/** Kills (SIGKILL) every child still running. */
-export const killChildren = (): void => {
+/** Kills (SIGKILL) every child still running, and interrupts (and awaits) every command still running here. */
+export const killChildren = async (): Promise<void> => {
   for (const child of children) child.kill("SIGKILL")
+  await Effect.runPromise(Fiber.interruptAll(here))
 }
 
 /** Starts `multifd <args>` as a child process, its output collected. */
@@ -99,27 +104,99 @@ export const start = (args: ReadonlyArray<string>, options: StartOptions = {}): 
 /** Runs `multifd <args>` as a child process to its end. */
 export const run = (args: ReadonlyArray<string>, options?: StartOptions): Promise<Finished> => start(args, options).finished
 
+/** The command running in this process (`startHere`). */
+export interface RunningHere {
+  readonly finished: Promise<Finished>
+  /** stderr so far. */
+  readonly stderr: () => string
+  /** Interrupts it, as a signal interrupts the process (its `finished` then has code `null`), and awaits its end. */
+  readonly interrupt: () => Promise<Finished>
+  /** Whether it has ended. */
+  readonly ended: () => boolean
+  /** Waits until its stderr matches `pattern` (or fails if it ends first). */
+  readonly waitFor: (pattern: RegExp) => Promise<void>
+}
+
 /**
- * Runs the command in this process (cheaper than a child: no startup), capturing what it prints through
- * `Console`; the exit code is what `main.ts` would exit with. `env`'s variables are set in this process's
- * environment for the run and restored after it (tests of a file run one at a time).
+ * Starts the command in this process (cheaper than a child: no startup), capturing what it prints: its lines
+ * through `Console` and its log's lines (`Log.Lines`: warnings, `--verbose` events). `finished`'s code is what
+ * `main.ts` would exit with, or `null` when it was interrupted. `onStderr` sees each piece of stderr as it comes.
+ * What it writes to the process's stderr itself (the progress bar and the lines around it) is not captured:
+ * tests of those run a child.
  */
-export const runHere = (args: ReadonlyArray<string>, options: { readonly env?: Record<string, string> } = {}): Promise<Finished> =>
-  Effect.gen(function*() {
-    const stdout: Array<string> = []
-    const stderr: Array<string> = []
+export const startHere = (args: ReadonlyArray<string>, onStderr: (text: string) => void = () => {}): RunningHere => {
+  const stdout: Array<string> = []
+  const stderr: Array<string> = []
+  const err = (text: string) => {
+    stderr.push(text)
+    onStderr(text)
+    for (const listener of [...listeners]) listener()
+  }
+  const listeners = new Set<() => void>()
+  const fiber = Effect.runFork(Effect.gen(function*() {
     const console = yield* Effect.console
     const capture = {
       ...console,
       log: (...parts: ReadonlyArray<unknown>) => Effect.sync(() => void stdout.push(`${parts.join(" ")}\n`)),
-      error: (...parts: ReadonlyArray<unknown>) => Effect.sync(() => void stderr.push(`${parts.join(" ")}\n`))
+      error: (...parts: ReadonlyArray<unknown>) => Effect.sync(() => err(`${parts.join(" ")}\n`))
     }
-    const code = yield* Cli.main(["node", "multifd", ...args]).pipe(
+    return yield* Cli.main(["node", "multifd", ...args]).pipe(
       Effect.withConsole(capture),
+      Effect.provideService(Log.Lines, { write: err }),
       Effect.provide(NodeContext.layer)
     )
-    return { code, signal: null, stdout: stdout.join(""), stderr: stderr.join("") }
-  }).pipe(withEnvironment(options.env ?? {}), Effect.runPromise)
+  }))
+  here.add(fiber)
+  let ended = false
+  const finished = Effect.runPromise(Fiber.await(fiber)).then((exit): Finished => {
+    here.delete(fiber)
+    ended = true
+    if (Exit.isFailure(exit) && !Cause.isInterruptedOnly(exit.cause)) {
+      throw new Error(`multifd ${args.join(" ")} failed here: ${Cause.pretty(exit.cause)}`)
+    }
+    return { code: Exit.isSuccess(exit) ? exit.value : null, signal: null, stdout: stdout.join(""), stderr: stderr.join("") }
+  })
+  return {
+    finished,
+    stderr: () => stderr.join(""),
+    interrupt: () => Effect.runPromise(Fiber.interrupt(fiber)).then(() => finished),
+    ended: () => ended,
+    waitFor: (pattern) =>
+      new Promise<void>((resolve, reject) => {
+        const check = () => {
+          if (pattern.test(stderr.join(""))) {
+            listeners.delete(check)
+            resolve()
+          }
+        }
+        listeners.add(check)
+        check()
+        void finished.then((f) => reject(new Error(`ended (${f.code}) before ${pattern}: ${f.stderr}`)), () => {})
+      })
+  }
+}
+
+/**
+ * Runs the command in this process to its end (`startHere`). `env`'s variables are set in this process's
+ * environment for the run and restored after it (tests of a file run one at a time).
+ */
+export const runHere = (args: ReadonlyArray<string>, options: { readonly env?: Record<string, string> } = {}): Promise<Finished> =>
+  Effect.runPromise(withEnvironment(options.env ?? {})(Effect.promise(() => startHere(args).finished)))
+
+/** Starts `recv` in this process and waits for its `listening on` line; the URI it printed is its real address. */
+export const startRecvHere = async (args: ReadonlyArray<string>): Promise<RunningHere & { readonly uri: string }> => {
+  let listening: (uri: string) => void = () => {}
+  const uri = new Promise<string>((resolve) => (listening = resolve))
+  const recv = startHere(["recv", ...args], (text) => {
+    const m = /^multifd: listening on (\S+)$/m.exec(text)
+    if (m !== null) listening(m[1]!)
+  })
+  const ended = recv.finished.then((f): never => {
+    throw new Error(`recv ended (${f.code}) before listening: ${f.stderr}`)
+  })
+  ended.catch(() => {}) // its end after the listening line is no failure
+  return { ...recv, uri: await Promise.race([uri, ended]) }
+}
 
 /** `self` with `env`'s variables set in `process.env`, each restored (or unset) after it. */
 const withEnvironment = (env: Record<string, string>) => <A, E, R>(self: Effect.Effect<A, E, R>) =>
@@ -159,9 +236,9 @@ export const startRecv = async (
   return { ...recv, uri }
 }
 
-/** Waits until the child's stderr matches `pattern` (or fails if it ends first). */
-export const waitForStderr = (running: Running, pattern: RegExp): Promise<void> =>
-  new Promise<void>((resolve, reject) => {
+/** Waits until the command's stderr matches `pattern` (or fails if it ends first). */
+export const waitForStderr = (running: Running | RunningHere, pattern: RegExp): Promise<void> =>
+  "waitFor" in running ? running.waitFor(pattern) : new Promise<void>((resolve, reject) => {
     const check = () => {
       if (pattern.test(running.stderr())) {
         running.child.stderr!.off("data", check)
@@ -177,30 +254,17 @@ export const waitForStderr = (running: Running, pattern: RegExp): Promise<void> 
  * Runs `recv` in this process until it ends, or until it prints its listening line (then it is interrupted:
  * it should not have started listening). `listened` tells which.
  */
-export const runRecvHereUntilListening = (
+export const runRecvHereUntilListening = async (
   args: ReadonlyArray<string>
-): Promise<Finished & { readonly listened: boolean }> =>
-  Effect.gen(function*() {
-    const stderr: Array<string> = []
-    const listening = yield* Deferred.make<void>()
-    const console = yield* Effect.console
-    const capture = {
-      ...console,
-      log: () => Effect.void,
-      error: (...parts: ReadonlyArray<unknown>) =>
-        Effect.suspend(() => {
-          const line = parts.join(" ")
-          stderr.push(`${line}\n`)
-          return line.startsWith("multifd: listening on ") ? Deferred.succeed(listening, undefined) : Effect.void
-        })
-    }
-    const run = Cli.main(["node", "multifd", "recv", ...args]).pipe(
-      Effect.withConsole(capture),
-      Effect.provide(NodeContext.layer)
-    )
-    const outcome = yield* Effect.raceFirst(
-      Effect.map(run, (code): { code: number | null; listened: boolean } => ({ code, listened: false })),
-      Effect.as(Deferred.await(listening), { code: null, listened: true })
-    )
-    return { ...outcome, signal: null, stdout: "", stderr: stderr.join("") }
-  }).pipe(Effect.runPromise)
+): Promise<Finished & { readonly listened: boolean }> => {
+  let listening: () => void = () => {}
+  const listened = new Promise<void>((resolve) => (listening = resolve))
+  const recv = startHere(["recv", ...args], (text) => {
+    if (/^multifd: listening on /m.test(text)) listening()
+  })
+  const outcome = await Promise.race([
+    recv.finished.then((finished) => ({ finished, listened: false })),
+    listened.then(async () => ({ finished: await recv.interrupt(), listened: true }))
+  ])
+  return { ...outcome.finished, stdout: "", listened: outcome.listened }
+}
