@@ -130,9 +130,9 @@ describe("multifd send/recv", () => {
   it("migrates over a Unix socket, with --json statistics on stdout", async () => {
     const out = Path.join(dir, "unix.out")
     const socket = Path.join(dir, "recv.sock")
-    const recv = await startRecv([`unix:${socket}`, "--out", out, "--json"])
+    const recv = await startRecvHere([`unix:${socket}`, "--out", out, "--json"])
     expect(recv.uri).toBe(`unix:${socket}`)
-    const send = await run(["send", recv.uri, "--in", image, "--json", "--channels", "3", "--zero-page", "none"])
+    const send = await runHere(["send", recv.uri, "--in", image, "--json", "--channels", "3", "--zero-page", "none"])
     const received = await recv.finished
     expect(send.code, send.stderr).toBe(0)
     expect(received.code, received.stderr).toBe(0)
@@ -179,8 +179,8 @@ describe("multifd send/recv", () => {
 
   it("send --max-bandwidth 16M: the image arrives no faster than the limit allows, spread over the channels", async () => {
     const out = Path.join(dir, "limited.out")
-    const recv = await startRecv(["tcp:127.0.0.1:0", "--out", out])
-    const send = await run(["send", recv.uri, "--in", image, "--channels", "2", "--max-bandwidth", "16M", "--json"])
+    const recv = await startRecvHere(["tcp:127.0.0.1:0", "--out", out])
+    const send = await runHere(["send", recv.uri, "--in", image, "--channels", "2", "--max-bandwidth", "16M", "--json"])
     const received = await recv.finished
     expect(send.code, send.stderr).toBe(0)
     expect(received.code, received.stderr).toBe(0)
@@ -194,8 +194,8 @@ describe("multifd send/recv", () => {
 
   it("recv refuses a source that disagrees with an explicit --channels: both exit 1, nothing written", async () => {
     const out = Path.join(dir, "mismatch.out")
-    const recv = await startRecv(["tcp:127.0.0.1:0", "--out", out, "--channels", "3"])
-    const send = await run(["send", recv.uri, "--in", image, "--channels", "2"])
+    const recv = await startRecvHere(["tcp:127.0.0.1:0", "--out", out, "--channels", "3"])
+    const send = await runHere(["send", recv.uri, "--in", image, "--channels", "2"])
     const received = await recv.finished
     const why = "the source uses channels 2, the destination expects 3"
     expect(send.code).toBe(1)
@@ -1398,7 +1398,7 @@ describe("multifd failures", () => {
 
   it("send exits 1 with one line when nobody listens", async () => {
     const port = await freePort()
-    const send = await run(["send", `tcp:127.0.0.1:${port}`, "--in", image])
+    const send = await runHere(["send", `tcp:127.0.0.1:${port}`, "--in", image])
     expect(send.code).toBe(1)
     expect(lines(send.stderr)).toEqual([`multifd: error: main channel: tcp:127.0.0.1:${port}: connection refused`])
     noStack(send.stderr)
@@ -1406,7 +1406,7 @@ describe("multifd failures", () => {
 
   it("recv exits 1 and leaves no file when its source fails mid-migration", async () => {
     const out = Path.join(dir, "broken.out")
-    const recv = await startRecv(["tcp:127.0.0.1:0", "--out", out, "--timeout", "5s"])
+    const recv = await startRecvHere(["tcp:127.0.0.1:0", "--out", out, "--timeout", "5s"])
     expect(filesLike("broken.out.")).toHaveLength(1) // the temporary file exists while receiving
     const port = Number(recv.uri.split(":").at(-1))
     // a source that says hello, is accepted, then dies before any multifd channel connects
@@ -1491,7 +1491,7 @@ describe("a lost channel (--reconnect)", () => {
   /** recv, and a proxy to it that resets channel 1's first connection 300 KiB in. */
   const behindProxy = async (name: string) => {
     const out = Path.join(dir, name)
-    const recv = await startRecv(["tcp:127.0.0.1:0", "--out", out, "--json"])
+    const recv = await startRecvHere(["tcp:127.0.0.1:0", "--out", out, "--json"])
     const port = Number(/:(\d+)$/.exec(recv.uri)![1])
     const proxy = await resetProxy({ host: "127.0.0.1", port }, { channel: 1, afterBytes: 300 * 1024 })
     return { out, recv, proxy, uri: `tcp:127.0.0.1:${proxy.port}` }
@@ -1500,7 +1500,7 @@ describe("a lost channel (--reconnect)", () => {
   it("send --reconnect 3: the reset channel connects again, the image arrives whole, --json counts it", async () => {
     const { out, proxy, recv, uri } = await behindProxy("reconnected.out")
     try {
-      const send = await run(["send", uri, "--in", image, "--channels", "2", "--reconnect", "3", "--json"])
+      const send = await runHere(["send", uri, "--in", image, "--channels", "2", "--reconnect", "3", "--json"])
       const received = await recv.finished
       expect(proxy.resets()).toBe(1)
       expect(send.code, send.stderr + received.stderr).toBe(0)
@@ -1522,8 +1522,8 @@ describe("a lost channel (--reconnect)", () => {
       const { proxy, recv, uri } = await behindProxy("lost.out")
       try {
         const send = how === "--reconnect 0"
-          ? await run(["send", uri, "--in", image, "--channels", "2", "--reconnect", "0", "--json"])
-          : await run(["send", uri, "--in", image, "--channels", "2", "--json"], { env: { MULTIFD_RECONNECT: "0" } })
+          ? await runHere(["send", uri, "--in", image, "--channels", "2", "--reconnect", "0", "--json"])
+          : await runHere(["send", uri, "--in", image, "--channels", "2", "--json"], { env: { MULTIFD_RECONNECT: "0" } })
         const received = await recv.finished
         expect(proxy.resets()).toBe(1)
         expect(send.code).toBe(1)
@@ -1548,8 +1548,8 @@ describe("observability and configuration", () => {
   it("--verbose: both sides log every channel's connect, TLS handshake, init packet, sync and close, with times", async () => {
     const out = Path.join(dir, "verbose.out")
     const psk = ["--tls-psk", tlsFile("keys.psk")]
-    const recv = await startRecv(["tcp:127.0.0.1:0", "--out", out, ...psk, "--verbose"])
-    const send = await run(["send", recv.uri, "--in", image, "--channels", "3", ...psk, "--verbose"])
+    const recv = await startRecvHere(["tcp:127.0.0.1:0", "--out", out, ...psk, "--verbose"])
+    const send = await runHere(["send", recv.uri, "--in", image, "--channels", "3", ...psk, "--verbose"])
     const received = await recv.finished
     expect(send.code, send.stderr).toBe(0)
     expect(received.code, received.stderr).toBe(0)
@@ -1580,8 +1580,8 @@ describe("observability and configuration", () => {
 
   it("without --verbose: no channel events", async () => {
     const out = Path.join(dir, "quiet-events.out")
-    const recv = await startRecv(["tcp:127.0.0.1:0", "--out", out])
-    const send = await run(["send", recv.uri, "--in", image, "--channels", "2"])
+    const recv = await startRecvHere(["tcp:127.0.0.1:0", "--out", out])
+    const send = await runHere(["send", recv.uri, "--in", image, "--channels", "2"])
     const received = await recv.finished
     expect(send.code, send.stderr).toBe(0)
     expect(received.code, received.stderr).toBe(0)
@@ -1593,8 +1593,8 @@ describe("observability and configuration", () => {
 
   it("--json: a status object with query-migrate's fields, next to the statistics", async () => {
     const out = Path.join(dir, "status.out")
-    const recv = await startRecv(["tcp:127.0.0.1:0", "--out", out, "--json"])
-    const send = await run(["send", recv.uri, "--in", image, "--channels", "2", "--json"])
+    const recv = await startRecvHere(["tcp:127.0.0.1:0", "--out", out, "--json"])
+    const send = await runHere(["send", recv.uri, "--in", image, "--channels", "2", "--json"])
     const received = await recv.finished
     expect(send.code, send.stderr).toBe(0)
     expect(received.code, received.stderr).toBe(0)
@@ -1813,9 +1813,9 @@ describe("trust: success is durable, strangers are candidates", () => {
     const full = Path.join(dir, "small")
     await onTmpfs(ctx, full, "1m", async () => {
       const out = Path.join(full, "out.img")
-      const recv = await startRecv(["tcp:127.0.0.1:0", "--out", out])
+      const recv = await startRecvHere(["tcp:127.0.0.1:0", "--out", out])
       expect(Fs.readdirSync(full)).toHaveLength(1) // the temporary file, created up front
-      const send = await run(["send", recv.uri, "--in", image, "--channels", "2"])
+      const send = await runHere(["send", recv.uri, "--in", image, "--channels", "2"])
       const received = await recv.finished
       const reason = `${out}: the image needs 8.00 MiB, and ${full} has 1.00 MiB free`
       expect(send.code, send.stderr).toBe(1)
@@ -1846,7 +1846,7 @@ describe("trust: success is durable, strangers are candidates", () => {
     const full = Path.join(dir, "full")
     await onTmpfs(ctx, full, "12m", async () => {
       const out = Path.join(full, "out.img")
-      const recv = await startRecv(["tcp:127.0.0.1:0", "--out", out, "--verbose"])
+      const recv = await startRecvHere(["tcp:127.0.0.1:0", "--out", out, "--verbose"])
       expect(Fs.readdirSync(full)).toHaveLength(1) // the temporary file, created up front
       // paced: the 8 MiB take seconds, and the disk fills up meanwhile (the image fitted when it was proposed)
       const sending = start(["send", recv.uri, "--in", image, "--channels", "2", "--max-bandwidth", "2M"])
@@ -1893,7 +1893,7 @@ describe("trust: success is durable, strangers are candidates", () => {
 
   it("strangers that close, announce 4 GiB or send half an init packet are turned away; then a real send succeeds", async () => {
     const out = Path.join(dir, "strangers.out")
-    const recv = await startRecv(["tcp:127.0.0.1:0", "--out", out, "--json"])
+    const recv = await startRecvHere(["tcp:127.0.0.1:0", "--out", out, "--json"])
     const length = Buffer.alloc(4)
     length.writeUInt32BE(0xffffffff, 0)
     const strangers = [
@@ -1903,7 +1903,7 @@ describe("trust: success is durable, strangers are candidates", () => {
     ]
     // recv closes each of them and keeps waiting
     await Promise.all(strangers.map((s) => s.closed))
-    const send = await run(["send", recv.uri, "--in", image, "--channels", "3"])
+    const send = await runHere(["send", recv.uri, "--in", image, "--channels", "3"])
     const received = await recv.finished
     expect(send.code, send.stderr).toBe(0)
     expect(received.code, received.stderr).toBe(0)
@@ -1918,10 +1918,10 @@ describe("trust: success is durable, strangers are candidates", () => {
 
   it("strangers that stall after the control magic or half an init packet do not hold up a real send", async () => {
     const out = Path.join(dir, "stallers.out")
-    const recv = await startRecv(["tcp:127.0.0.1:0", "--out", out])
+    const recv = await startRecvHere(["tcp:127.0.0.1:0", "--out", out])
     const stallers = [rawStranger(recv.uri, [controlMagic()], false), rawStranger(recv.uri, [halfInit()], false)]
     await Promise.all(stallers.map((s) => new Promise((resolve) => s.socket.once("connect", resolve))))
-    const send = await run(["send", recv.uri, "--in", image, "--channels", "2"])
+    const send = await runHere(["send", recv.uri, "--in", image, "--channels", "2"])
     const received = await recv.finished
     expect(send.code, send.stderr).toBe(0)
     expect(received.code, received.stderr).toBe(0)
