@@ -134,8 +134,11 @@ const replayQemu = (port: number) =>
     })
   ))
 
-/** A mapped-ram file of QEMU's captured VM with two RAM blocks, mem (0x11) and vga.vram (0x22), at `file`. */
-const twoBlockVm = (file: string) =>
+/**
+ * A mapped-ram file of QEMU's captured VM with two RAM blocks, mem (0x11) and vga.vram (0x22), of `pages` pages of 4 KiB
+ * each, at `file`.
+ */
+const twoBlockVm = (file: string, pages = 16) =>
   Effect.gen(function*() {
     const port = yield* Deferred.make<number>()
     const [received] = yield* Effect.all([
@@ -148,7 +151,10 @@ const twoBlockVm = (file: string) =>
     ], { concurrency: "unbounded" })
     const ram = yield* GuestRam.make({
       pageSize: 4096,
-      blocks: [{ name: "mem", bytes: Buffer.alloc(16 * 4096, 0x11) }, { name: "vga.vram", bytes: Buffer.alloc(16 * 4096, 0x22) }]
+      blocks: [
+        { name: "mem", bytes: Buffer.alloc(pages * 4096, 0x11) },
+        { name: "vga.vram", bytes: Buffer.alloc(pages * 4096, 0x22) }
+      ]
     })
     yield* MappedRam.write(file, { ...received.vm!, ram })
   }).pipe(Effect.scoped, Effect.provide(Transport.layer), Effect.runPromise)
@@ -729,5 +735,39 @@ describe("recv --from-qemu --vm whose unfinished file cannot be removed after a 
       "system (remove it, or the next command that writes out.vm will)",
       `multifd: error: ${out}: cannot write the file: write failed: input/output error`
     ]])
+  })
+})
+
+describe("recv file: --from-qemu onto a file system too small for the VM's RAM (2 MiB on a 1 MiB tmpfs)", () => {
+  // a QEMU source's blocks were held to the free space (and MULTIFD_MAX_RAM) when announced, a snapshot's before it is
+  // read; a file QEMU wrote was read whole and written until the disk was full ("no space left on device"), and
+  // MULTIFD_MAX_RAM was not asked at all
+  it("is refused before its pages are read, as a QEMU source is, nothing left; MULTIFD_MAX_RAM holds", async (ctx) => {
+    const vm = Path.join(dir, "two-mib.vm")
+    await twoBlockVm(vm, 256)
+    const limited = await runHere(["recv", `file:${vm}`, "--from-qemu", "--out", Path.join(dir, "two-mib.img")], {
+      env: { MULTIFD_MAX_RAM: "1M" }
+    })
+    expect([limited.code, limited.stderr.trim()]).toEqual([
+      1,
+      `multifd: error: ${vm}: its 2097152 bytes of RAM exceed the limit of 1048576`
+    ])
+    expect(Fs.readdirSync(dir).filter((name) => name.startsWith("two-mib.img"))).toEqual([])
+    const small = Path.join(dir, "small-qemu-file")
+    await onTmpfs(ctx, small, "1m", async () => {
+      const out = Path.join(small, "ram.img")
+      const single = await runHere(["recv", `file:${vm}`, "--from-qemu", "--out", out])
+      expect([single.code, single.stderr.trim()]).toEqual([
+        1,
+        `multifd: error: ${vm}: not stored: ${out}: the image needs 2.00 MiB, and ${small} has 1.00 MiB free`
+      ])
+      const blocks = Path.join(small, "blocks")
+      const each = await runHere(["recv", `file:${vm}`, "--from-qemu", "--out-dir", blocks])
+      expect([each.code, each.stderr.trim()]).toEqual([
+        1,
+        `multifd: error: ${vm}: not stored: ${blocks}: the image needs 2.00 MiB, and ${blocks} has 1.00 MiB free`
+      ])
+      expect(Fs.readdirSync(small)).toEqual([])
+    })
   })
 })

@@ -372,14 +372,46 @@ export const run = (args: Args) =>
         }).pipe(Effect.mapError(storeFailure)))
         yield* warnOtherBlocks(dir, paths)
       })
+    /**
+     * Why the blocks will not go where they are to be written, if they will not: --out and --out-dir write every byte
+     * of them, refused now if they will not fit, not after the whole migration (or the whole file's read). --vm writes
+     * a sparse file, whose disk space the blocks do not tell; but each block has its place in it, so the file is at
+     * least as long as they are, which a file size limit (ulimit -f) caps.
+     */
+    const admit = (blocks: ReadonlyArray<{ readonly name: string; readonly size: number }>) => {
+      const bytes = blocks.reduce((n, block) => n + block.size, 0)
+      return single !== undefined
+        ? single.tooBig(bytes)
+        : args.outDir !== undefined
+        ? notAFile(args.outDir, blocks.map((block) => block.name)) ??
+          Image.beyondFileSizeLimit(args.outDir, Math.max(...blocks.map((b) => b.size)), "a block's file") ??
+          Image.wontFit(args.outDir, args.outDir, bytes)
+        : Image.beyondFileSizeLimit(args.vm!, bytes, "the VM's file")
+    }
     const received: Received = uri._tag === "File"
       ? yield* Effect.gen(function*() {
         const start = yield* Clock.currentTimeMillis
-        const read = yield* MappedRam.read(uri.path, { pageSize: args.pageSize, offset: fileSpec?.offset })
+        // MULTIFD_MAX_RAM bounds the memory a file makes this process allocate, as it bounds a source's (and a
+        // snapshot's); the outputs are held to the blocks as a QEMU source's are when it announces them, before a page
+        // is read
+        const settings = yield* MigrationConfig.MigrationConfig
+        const read = yield* Effect.scoped(Effect.gen(function*() {
+          const opened = yield* MappedRam.open(uri.path, {
+            pageSize: args.pageSize,
+            offset: fileSpec?.offset,
+            maxRamBytes: settings.maxRamBytes
+          })
+          const refused = admit(opened.vm.ram.blocks.map((block) => ({ name: block.name, size: block.bytes.length })))
+          if (refused !== undefined) {
+            return yield* new MappedRam.MappedRamError({ reason: "TooLarge", path: uri.path, detail: `not stored: ${refused}` })
+          }
+          for (const block of opened.vm.ram.blocks) yield* opened.load(block, 0, block.pages)
+          return { vm: opened.vm, summary: opened.summary, pages: opened.pages }
+        }))
         const stats = fileStats(read, (yield* Clock.currentTimeMillis) - start)
         yield* persist(read.vm.ram, read.vm)
         return { incoming: { ram: read.vm.ram, vm: read.vm, stats, rejected: [] }, vm: read.vm }
-      })
+      }).pipe(Effect.provide(environment(args.timing)))
       : yield* Effect.scoped(Effect.gen(function*() {
         const onProgress = yield* Progress.make("recv", args.reporting)
         // the settings without a flag from the environment, as plain recv has them (MULTIFD_ACCEPT_TIMEOUT,
@@ -401,19 +433,7 @@ export const run = (args: Args) =>
           tls: args.tls,
           onProgress,
           vm: args.vm !== undefined,
-          // --out and --out-dir write every byte of the blocks: refused now if they will not fit, not after the
-          // whole migration. --vm writes a sparse file, whose disk space the blocks do not tell; but each block has
-          // its place in it, so the file is at least as long as they are, which a file size limit (ulimit -f) caps
-          admit: (blocks) => {
-            const bytes = blocks.reduce((n, block) => n + block.size, 0)
-            return single !== undefined
-              ? single.tooBig(bytes)
-              : args.outDir !== undefined
-              ? notAFile(args.outDir, blocks.map((block) => block.name)) ??
-                Image.beyondFileSizeLimit(args.outDir, Math.max(...blocks.map((b) => b.size)), "a block's file") ??
-                Image.wontFit(args.outDir, args.outDir, bytes)
-              : Image.beyondFileSizeLimit(args.vm!, bytes, "the VM's file")
-          },
+          admit,
           // written before QEMU is told that this side has the VM: a full disk then fails QEMU's migration too
           persist: ({ ram, vm }) => persist(ram, vm),
           acceptTimeout: settings.acceptTimeout,
