@@ -408,15 +408,17 @@ describe("FileIo.atomicFile of a long name", () => {
     Effect.gen(function*() {
       const dir = yield* tempDir
       // 255 bytes, a 2-byte character where the cut falls
-      const name = `${"a".repeat(235)}é${"b".repeat(18)}`
+      const name = `${"a".repeat(226)}é${"b".repeat(27)}`
       expect(Buffer.byteLength(name)).toBe(255)
       const target = Path.join(dir, name)
       const gone = ChildProcess.spawnSync(process.execPath, ["-e", ""]).pid!
-      const stale = `${"a".repeat(235)}.${gone}.partial` // the cut falls before é, not inside it
+      // the cut falls before é, not inside it; the name kept marked with 8 hex digits of its SHA-256
+      const stem = `${"a".repeat(226)}~${Crypto.createHash("sha256").update(name).digest("hex").slice(0, 8)}`
+      const stale = `${stem}.${gone}.partial`
       Fs.writeFileSync(Path.join(dir, stale), "half an image")
       yield* Effect.scoped(Effect.gen(function*() {
         const file = yield* FileIo.atomicFile(target)
-        expect(file.path).toBe(Path.join(dir, `${"a".repeat(235)}.${process.pid}.partial`))
+        expect(file.path).toBe(Path.join(dir, `${stem}.${process.pid}.partial`))
         expect(Fs.readdirSync(dir)).toEqual([Path.basename(file.path)]) // the stale one removed
         yield* FileIo.transfer("write", file, Buffer.from("whole"), 0, 5, 0)
         yield* file.commit
@@ -427,6 +429,22 @@ describe("FileIo.atomicFile of a long name", () => {
       const file = yield* Effect.scoped(Effect.tap(FileIo.atomicFile(short), (file) => file.commit))
       expect(file.path).toBe(`${short}.${process.pid}.partial`)
       expect(openFilesIn(dir)).toEqual([])
+    }))
+
+  // two names alike in the first 236 bytes had one temporary name: the second file of a write of several (recv
+  // --from-qemu --out-dir of two such blocks) failed "file already exists" once everything had arrived
+  it.scopedLive("two targets alike in the bytes where their temporary names are cut: each its own temporary file", () =>
+    Effect.gen(function*() {
+      const dir = yield* tempDir
+      const targets = ["1", "2"].map((last) => Path.join(dir, `${"a".repeat(240)}${last}`))
+      yield* Effect.scoped(Effect.gen(function*() {
+        const files = yield* Effect.forEach(targets, (target) => FileIo.atomicFile(target))
+        expect(new Set(files.map((file) => file.path)).size).toBe(2)
+        yield* Effect.forEach(files, (file, i) =>
+          Effect.zipRight(FileIo.transfer("write", file, Buffer.from(`file ${i}`), 0, 6, 0), file.commit))
+      }))
+      expect(targets.map((target) => Fs.readFileSync(target, "utf8"))).toEqual(["file 0", "file 1"])
+      expect(Fs.readdirSync(dir)).toHaveLength(2)
     }))
 
   // the temporary file's name was cut to fit, so it was written in full, and only the rename into place failed

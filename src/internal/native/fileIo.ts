@@ -15,6 +15,7 @@ import * as Data from "effect/Data"
 import * as Effect from "effect/Effect"
 import * as Ref from "effect/Ref"
 import type * as Scope from "effect/Scope"
+import * as Crypto from "node:crypto"
 import * as Fs from "node:fs"
 import * as FsP from "node:fs/promises"
 import * as Path from "node:path"
@@ -406,18 +407,23 @@ const NAME_MAX = 255
 /** Room a temporary file's name keeps for its suffix: the longest pid, `.4294967295.partial`. */
 const SUFFIX_ROOM = ".4294967295.partial".length
 
+/** What a cut name keeps of its full name: `~` and 8 hex digits of its SHA-256. */
+const MARK_ROOM = 9
+
 /**
  * The part of a temporary file's name before `.<pid>.partial`: the target's name, cut (at a character) where
  * the suffix would make it longer than a file name may be — a target named with 237 to 255 bytes could not be
- * written at all ("file name too long"). Two such targets alike in their first 236 bytes share it.
+ * written at all ("file name too long") — and marked with `~` and 8 hex digits of the whole name's SHA-256: two
+ * targets alike in the bytes kept (recv --out-dir's files of two such blocks, written at once) had one temporary
+ * name, and the second failed "file already exists" once everything had arrived.
  */
 const temporaryStem = (target: string): string => {
   const name = Path.basename(target)
   const bytes = Buffer.from(name)
   if (bytes.length <= NAME_MAX - SUFFIX_ROOM) return name
-  let cut = NAME_MAX - SUFFIX_ROOM
+  let cut = NAME_MAX - SUFFIX_ROOM - MARK_ROOM
   while (cut > 0 && (bytes[cut]! & 0xc0) === 0x80) cut-- // not inside a UTF-8 character
-  return bytes.subarray(0, cut).toString()
+  return `${bytes.subarray(0, cut).toString()}~${Crypto.createHash("sha256").update(bytes).digest("hex").slice(0, 8)}`
 }
 
 /** The temporary file of `target` that process `pid` writes: `<target>.<pid>.partial`, its name cut if need be. */
