@@ -771,3 +771,31 @@ describe("recv file: --from-qemu onto a file system too small for the VM's RAM (
     })
   })
 })
+
+describe("an input named as a dead process's temporary file of the output (OUT.<pid>.partial, OUT.<pid>.older)", () => {
+  // the stale temporary files of OUT are removed before it is written: the command removed the very file it was given
+  // to read ("removed R.partial, which a process that is gone left beside R", then "cannot open it"), or had just read
+  it("is read, and kept: only what the command does not read is taken for a stale temporary file", async () => {
+    const gone = ChildProcess.spawnSync(process.execPath, ["-e", ""]).pid!
+    const image = Path.join(dir, `kept.snap.${gone}.older`)
+    const bytes = Crypto.randomBytes(16 * 4096)
+    Fs.writeFileSync(image, bytes)
+    const snapshot = Path.join(dir, "kept.snap")
+    const saved = await runHere(["send", `file:${snapshot}`, "--in", image])
+    expect(saved.code, saved.stderr).toBe(0)
+    expect(Fs.readFileSync(image).equals(bytes)).toBe(true)
+    const partial = Path.join(dir, `kept.img.${gone}.partial`)
+    Fs.renameSync(snapshot, partial)
+    const out = Path.join(dir, "kept.img")
+    const restored = await runHere(["recv", `file:${partial}`, "--out", out])
+    expect(restored.code, restored.stderr).toBe(0)
+    expect(Fs.readFileSync(out).equals(bytes)).toBe(true)
+    const vm = Path.join(dir, `kept.vm.${gone}.partial`)
+    await twoBlockVm(vm)
+    for (const flag of ["--out", "--vm"]) {
+      const read = await runHere(["recv", `file:${vm}`, "--from-qemu", flag, Path.join(dir, "kept.vm")])
+      expect(read.code, read.stderr).toBe(0)
+    }
+    expect([Fs.existsSync(partial), Fs.existsSync(vm)]).toEqual([true, true])
+  })
+})

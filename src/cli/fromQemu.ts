@@ -326,6 +326,8 @@ export const run = (args: Args) =>
         }
       }
     }
+    // the file read kept whatever its name (OUT.<pid>.partial is no stale temporary file of the output)
+    if (uri._tag === "File") yield* Image.markInput(uri.path)
     // --out: its temporary file first, so an unwritable destination fails before anything listens
     const single = args.out === undefined ? undefined : yield* Image.create(args.out)
     // --vm: the same check, its temporary file removed at once (MappedRam.write makes its own)

@@ -101,6 +101,12 @@ const readError = (path: string, error: FileIo.FileError): ImageError => {
   }
 }
 
+/**
+ * Marks the file at `path` as one the command reads (a snapshot, a file QEMU wrote) before it prepares its outputs:
+ * whatever its name, `create` never takes it for a stale temporary file of theirs (`OUT.<pid>.partial`) and removes it.
+ */
+export const markInput = (path: string): Effect.Effect<void> => FileIo.markInput(path)
+
 /** A destination prepared by `create`: `commit` writes the image and moves it into place. */
 export interface Output {
   /** The final path. */

@@ -132,7 +132,9 @@ export const command = Command.make(
           detail: `unix:${uri.path} and --out ${out} are one path: closing the socket recv listens on would remove the image`
         })
       }
-      // the temporary file first: an unwritable --out fails before anything listens
+      // the temporary file first: an unwritable --out fails before anything listens (the snapshot kept whatever its
+      // name: OUT.<pid>.partial is no stale temporary file of --out)
+      if (uri._tag === "File") yield* Image.markInput(uri.path)
       const image = yield* Image.create(out)
       // a signal that comes once the image is in place (the source told, when there is one) still ends the
       // command with the signal's code, and a source that aborts once it is (interrupted before it heard Done)

@@ -184,8 +184,32 @@ export const openForReading = (path: string): Effect.Effect<Readable, FileError,
       catch: (cause) => new FileError({ step: "Stat", path, cause })
     })
     if (!stat.isFile()) return yield* new FileError({ step: "NotRegular", path })
+    inputs.add(inputKey(stat))
     return { path, fd: handle.fd, size: Number(stat.size), modified: stat.mtimeNs }
   })
+
+/**
+ * The files (`dev:ino`) this process reads or has read (`openForReading`), or is about to (`markInput`): never taken
+ * for a stale temporary file by `removeStale`, whatever their names. A user's file named as a dead process's temporary
+ * file of the output (`OUT.<pid>.partial`, `OUT.<pid>.older`: a crashed save renamed by hand, a backup) and given as
+ * the input was removed by the command that was to read it.
+ */
+const inputs = new Set<string>()
+
+/**
+ * A file's key in `inputs`: its device and inode, and its birth time where the system tells it (a file removed since,
+ * whose inode number a new file took, is not that file).
+ */
+const inputKey = (stat: Fs.BigIntStats): string => `${stat.dev}:${stat.ino}:${stat.birthtimeNs}`
+
+/**
+ * Marks the file at `path`, if there is one, as one this process is about to read (its symbolic links followed): the
+ * write of an output, started first, then does not take it for a stale temporary file of its own (`removeStale`).
+ */
+export const markInput = (path: string): Effect.Effect<void> =>
+  Effect.promise(() =>
+    FsP.stat(path, { bigint: true }).then((stat) => void inputs.add(inputKey(stat)), () => undefined)
+  )
 
 /**
  * Whether a file opened by `openForReading` was written since it was opened (its length or its modification time
@@ -441,7 +465,8 @@ const temporaryOf = (target: string, pid: number | string): string => {
  * system's pids see it: a process of another pid namespace (a container) writing the same target looks gone.
  * A file of this process's own pid is an earlier process's — a container's command is pid 1 run after run, and
  * one killed (out of memory, `docker kill`) left `OUT.1.partial` that every later run then refused as existing —
- * unless this process has it open (`atomicFile`: a write of the same target under way here).
+ * unless this process has it open (`atomicFile`: a write of the same target under way here). A file this process
+ * reads (`inputs`) is never one.
  */
 export const removeStale = (target: string): Effect.Effect<ReadonlyArray<string>> =>
   Effect.promise(async () => {
@@ -459,8 +484,8 @@ export const removeStale = (target: string): Effect.Effect<ReadonlyArray<string>
         : olders.has(Path.resolve(olderOf(target, pid)))
       if (mine ? held : processExists(Number(pid))) continue
       const path = Path.join(dir, name)
-      const stat = await FsP.lstat(path).catch(() => undefined)
-      if (stat?.isFile() !== true) continue
+      const stat = await FsP.lstat(path, { bigint: true }).catch(() => undefined)
+      if (stat?.isFile() !== true || inputs.has(inputKey(stat))) continue
       if (await FsP.rm(path).then(() => true, () => false)) removed.push(name)
     }
     return removed
