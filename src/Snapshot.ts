@@ -401,7 +401,8 @@ const memoryFor = (
  * header checksum, offsets, length, bitmap checksums), reads the stored pages with parallel readers straight
  * into memory, zeroes the others, and verifies every block's digest. Into a given `ram`, a restore that fails
  * once pages are being read — pages that turn out damaged (digest mismatch), a read that fails (`Io`), a file
- * cut short meanwhile (`Truncated`) — has already overwritten it, wholly or in part; a given `ram` that a
+ * cut short meanwhile (`Truncated`), a file written meanwhile (`Io`: "the file changed while it was read") — has
+ * already overwritten it, wholly or in part; a given `ram` that a
  * migration, save or restore is using is refused (`Busy`) before anything is read. The writers of a given `ram`
  * (`GuestRam.write` / `update`) wait while the restore runs (its write gate closed, unless it was already) and go
  * on after it, on the restored memory.
@@ -510,6 +511,8 @@ const restoreInto = (
     // (called inside the guard: a callback that throws rather than return an effect dies there, logged)
     if (onProgress) yield* Transfer.tolerated(Effect.suspend(() => onProgress(progress(ram.size))))
 
+    // written meanwhile (cp over it, dd conv=notrunc), pages may mix two versions: said so, rather than "damaged"
+    yield* file.unchanged
     yield* Restore.verify(path, ram, header)
     const stored = header.blocks.reduce((n, b) => n + b.presentPages, 0)
     const durationMs = (yield* Clock.currentTimeMillis) - started

@@ -799,3 +799,30 @@ describe("an input named as a dead process's temporary file of the output (OUT.<
     expect([Fs.existsSync(partial), Fs.existsSync(vm)]).toEqual([true, true])
   })
 })
+
+describe("recv file: of a snapshot that another process writes while it is read", () => {
+  // the pages read after the write did not match the digests read before it: "the page data is damaged", a snapshot
+  // that was sound said to be corrupt, where every other reader of a file says that it changed while it was read
+  it("fails saying so (exit 1), nothing written", async (ctx) => {
+    const image = Path.join(dir, "busy-restore.raw")
+    Fs.writeFileSync(image, Crypto.randomBytes(64 * 4096))
+    const snapshot = Path.join(dir, "busy-restore.snap")
+    expect((await runHere(["send", `file:${snapshot}`, "--in", image])).code).toBe(0)
+    // the header (its start, then whole), the bitmap, then the pages at 1 MiB: the first page written as they are read
+    const writer = await writeAtRead(snapshot, 4, 1024 * 1024)
+    if (typeof writer === "string") return ctx.skip(writer)
+    try {
+      const out = Path.join(dir, "busy-restore.img")
+      const restored = await runHere(["recv", `file:${snapshot}`, "--out", out])
+      await writer.changed
+      expect([restored.code, restored.stderr.trim()]).toEqual([
+        1,
+        `multifd: error: snapshot ${snapshot}: the file changed while it was read (another process writing it?): what ` +
+          "was read may mix its old and new bytes; read it again once nothing writes it"
+      ])
+      expect(Fs.readdirSync(dir).filter((name) => name.startsWith("busy-restore.img"))).toEqual([])
+    } finally {
+      writer.stop()
+    }
+  })
+})

@@ -62,6 +62,12 @@ export interface Reader {
   readonly bytesRead: () => number
   /** Reads issued so far. */
   readonly reads: () => number
+  /**
+   * Fails (`Io`) if the file was written since it was opened (`FileIo.changed`: its length or modification time): what
+   * was read of it may be part old, part new — pages that do not match the digests read before them, a sound snapshot
+   * taken for a damaged one.
+   */
+  readonly unchanged: Effect.Effect<void, SnapshotError>
 }
 
 const readError = (path: string) => (error: FileIo.FileError): SnapshotError => {
@@ -113,7 +119,18 @@ export const openReader = (path: string): Effect.Effect<Reader, SnapshotError, S
           return readAll(into, list)
         }),
       bytesRead: () => bytesRead,
-      reads: () => reads
+      reads: () => reads,
+      unchanged: Effect.flatMap(Effect.mapError(FileIo.changed(file), failed), (changed) =>
+        changed
+          ? Effect.fail(
+            new SnapshotError({
+              reason: "Io",
+              path,
+              detail: "the file changed while it was read (another process writing it?): what was read may mix its " +
+                "old and new bytes; read it again once nothing writes it"
+            })
+          )
+          : Effect.void)
     }
   })
 
