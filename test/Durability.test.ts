@@ -195,6 +195,21 @@ describe("recv --from-qemu --out-dir: the directories it creates survive a crash
   })
 })
 
+describe("recv --from-qemu --out-dir under umask 000 (a service manager's, a container's)", () => {
+  // the directories it made were rwxrwxrwx: any local user could remove or replace a block's file (0600, unreadable to
+  // them, but not theirs to swap for another guest's memory), as the Unix socket recv listens on never lets them
+  it("makes no directory that others may write in: owner and group get what the umask gives", async () => {
+    const vm = Path.join(dir, "umask.vm")
+    await twoBlockVm(vm)
+    const top = Path.join(dir, "umask-blocks")
+    const out = Path.join(top, "a")
+    const recv = await runUnder(["sh", "-c", 'umask 000 && exec "$0" "$@"'], ["recv", `file:${vm}`, "--from-qemu", "--out-dir", out])
+    expect(recv.code, recv.stderr).toBe(0)
+    expect([top, out].map((d) => (Fs.statSync(d).mode & 0o777).toString(8))).toEqual(["775", "775"])
+    expect((Fs.statSync(Path.join(out, "mem.img")).mode & 0o777).toString(8)).toBe("600")
+  })
+})
+
 describe("recv --from-qemu --out-dir where no directory can be made", () => {
   // Node's recursive mkdir turns every error but a few into ENOENT: a read-only or full file system was reported
   // as "cannot create the directory: no such file or directory", of a parent that exists

@@ -236,7 +236,8 @@ const notAFile = (dir: string, names: ReadonlyArray<string>): string | undefined
 }
 
 /**
- * `mkdir -p dir`, one directory at a time, pushing each it made onto `made` (top first). Node's recursive mkdir
+ * `mkdir -p dir`, one directory at a time (mode 0775 before the umask: never writable by others), pushing each it
+ * made onto `made` (top first). Node's recursive mkdir
  * turns most errors into ENOENT (a read-only file system, one out of inodes: "no such file or directory" of a
  * parent that exists); a plain mkdir says what went wrong.
  */
@@ -256,7 +257,9 @@ const makeDirectories = async (dir: string, made: Array<string>): Promise<void> 
   }
   for (const d of missing.reverse()) {
     try {
-      await Fs.mkdir(d)
+      // never writable by others, whatever the umask (under umask 000, any local user could remove or replace a block's
+      // file there, as the Unix socket recv listens on never lets them): owner and group get what the umask gives
+      await Fs.mkdir(d, { mode: 0o775 })
       made.push(d)
     } catch (error) {
       // made meanwhile by another process: fine if it is a directory
