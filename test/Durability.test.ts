@@ -841,3 +841,51 @@ describe("recv file: of a snapshot that another process writes while it is read"
     }
   })
 })
+
+describe("recv file: --from-qemu given SIGINT while its output is flushed to disk (strace delays each fsync by 1 s)", () => {
+  // the rename went through (the older file gone) and the command said only "interrupted by SIGINT", exit 130, where
+  // plain recv says that OUT holds the image: a script took the output for untouched
+  it("lets the rename finish, and says that OUT holds the image before it exits 130", async (ctx) => {
+    const why = straceMissing()
+    if (why !== undefined) return ctx.skip(`strace cannot run here: ${why}`)
+    const vm = Path.join(dir, "flushed.vm")
+    await twoBlockVm(vm)
+    const at = Path.join(dir, "flushed")
+    Fs.mkdirSync(at)
+    const out = Path.join(at, "ram.img")
+    Fs.writeFileSync(out, "older")
+    // strace's trace through cat on stdout: "fsync(" comes as the call starts
+    const recv = ChildProcess.spawn("strace", [
+      "-f", "-qq", "-o", "|cat", "-e", "trace=fsync", "-e", "inject=fsync:delay_enter=1000000",
+      process.execPath, inject("cliBundle"), "recv", `file:${vm}`, "--from-qemu", "--out", out
+    ], { stdio: ["ignore", "pipe", "pipe"], env: { ...process.env, NO_COLOR: "1" } })
+    const timer = setTimeout(() => recv.kill("SIGKILL"), 20_000)
+    let stderr = ""
+    recv.stderr.setEncoding("utf8").on("data", (s: string) => (stderr += s))
+    const exited = new Promise<number | null>((resolve) =>
+      recv.once("close", (code) => {
+        clearTimeout(timer)
+        resolve(code)
+      })
+    )
+    await new Promise<void>((resolve) => {
+      let traced = ""
+      recv.stdout.setEncoding("utf8").on("data", (s: string) => {
+        traced += s
+        if (traced.includes("fsync(")) resolve()
+      })
+      void exited.then(() => resolve())
+    })
+    // the command's own pid (strace's child) is in its temporary file's name
+    const partial = Fs.readdirSync(at).find((name) => name.endsWith(".partial"))
+    expect(partial, stderr).toBeDefined()
+    process.kill(Number(/\.(\d+)\.partial$/.exec(partial!)![1]), "SIGINT")
+    expect(await exited, stderr).toBe(130)
+    expect(stderr.split("\n").filter((line) => line.length > 0 && !line.includes("stopping after SIGINT"))).toEqual([
+      `multifd: ${out} holds the received image: it was stored before the interruption`,
+      "multifd: interrupted by SIGINT"
+    ])
+    expect(Fs.readdirSync(at)).toEqual(["ram.img"])
+    expect(Fs.readFileSync(out).equals(Buffer.concat([Buffer.alloc(16 * 4096, 0x11), Buffer.alloc(16 * 4096, 0x22)]))).toBe(true)
+  })
+})

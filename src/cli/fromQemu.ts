@@ -18,6 +18,8 @@
  *
  * @since 0.1.0
  */
+import * as Cause from "effect/Cause"
+import * as Chunk from "effect/Chunk"
 import * as Clock from "effect/Clock"
 import * as Effect from "effect/Effect"
 import * as Exit from "effect/Exit"
@@ -34,7 +36,7 @@ import * as QemuIncoming from "../QemuIncoming.js"
 import * as QemuVm from "../QemuVm.js"
 import * as Transfer from "../Transfer.js"
 import * as Transport from "../Transport.js"
-import { UsageError } from "./errors.js"
+import { oneLine, UsageError } from "./errors.js"
 import * as Image from "./image.js"
 import type * as Options from "./options.js"
 import * as Progress from "./progress.js"
@@ -333,8 +335,11 @@ export const run = (args: Args) =>
     if (uri._tag === "File") yield* Image.markInput(uri.path)
     // --out: its temporary file first, so an unwritable destination fails before anything listens
     const single = args.out === undefined ? undefined : yield* Image.create(args.out)
-    // --vm: the same check, its temporary file removed at once (MappedRam.write makes its own)
-    if (args.vm !== undefined) yield* Effect.scoped(Image.create(args.vm))
+    // --vm: the same check, its temporary file removed at once (MappedRam.write makes its own); the file it replaces
+    // (its links followed), which the command says is in place if it is interrupted once it was
+    const vmTarget = args.vm === undefined ? undefined : (yield* Effect.scoped(Image.create(args.vm))).target
+    // --out-dir: the blocks' files, as they are written
+    const blockFiles: Array<Image.Output> = []
     if (args.outDir !== undefined) {
       yield* outputDirectory(args.outDir)
       // as --out's temporary file: a directory that cannot take the blocks' files fails now, not after QEMU sent
@@ -344,6 +349,31 @@ export const run = (args: Args) =>
     const terminal = yield* Terminal.Terminal
     const timeout = args.timing.timeout
     const output = single !== undefined ? single.path : args.vm !== undefined ? args.vm : args.outDir!
+    // a signal that comes once the output is in place (its rename lets it finish), or a failure after it (QEMU gone
+    // before it heard), still ends the command as it would have; but the user hears that the output is there, the
+    // older one gone, as plain recv says it (not when storing it failed, a directory that could not be synced after
+    // the rename: that error says so; nor when only the --json result could not be written)
+    const stored: Effect.Effect<boolean> = single !== undefined
+      ? single.committed
+      : vmTarget !== undefined
+      ? Effect.sync(() => FileIo.published(vmTarget))
+      : Effect.map(Effect.forEach(blockFiles, (file) => file.committed), (all) => all.length > 0 && all.every(Boolean))
+    const storedWhat = single !== undefined ? "image" : args.vm !== undefined ? "VM" : "blocks"
+    yield* Effect.addFinalizer((exit) =>
+      Exit.isFailure(exit) && !Cause.failures(exit.cause).pipe(Chunk.some((error) =>
+          error instanceof Image.ImageError || error instanceof MappedRam.MappedRamError ||
+          error instanceof Terminal.OutputError
+        ))
+        ? Effect.flatMap(stored, (done) =>
+          done
+            ? terminal.err(oneLine(
+              `multifd: ${output} holds the received ${storedWhat}: it was stored before the ${
+                Exit.isInterrupted(exit) ? "interruption" : "migration failed"
+              }`
+            ))
+            : Effect.void)
+        : Effect.void
+    )
     /** Writes what arrived where the user asked (for QEMU: before it is told that this side has the VM). */
     const persist = (ram: GuestRam.GuestRam["Type"], vm: QemuVm.QemuVm | undefined) =>
       Effect.gen(function*() {
@@ -366,7 +396,7 @@ export const run = (args: Args) =>
           })
         }
         yield* Effect.scoped(Effect.gen(function*() {
-          const files: Array<Image.Output> = []
+          const files = blockFiles
           for (const [i, path] of paths.entries()) {
             const file = yield* Image.create(path)
             yield* file.write([ram.blocks[i]!.bytes])

@@ -753,6 +753,16 @@ export const flushingFor = <A, E>(target: string, effect: Effect.Effect<A, E>): 
       })
   )
 
+/** The targets (resolved) that `atomicFile`s renamed into place, each until another `atomicFile` of it begins. */
+const publishedTargets = new Set<string>()
+
+/**
+ * Whether an `atomicFile` of `target` (its links followed: `AtomicFile.target`) renamed its file into place, the last
+ * one begun: for a caller whose write was interrupted once the publish (uninterruptible) had begun, which the
+ * interruption hid from it — the target replaced, the older file gone.
+ */
+export const published = (target: string): boolean => publishedTargets.has(Path.resolve(target))
+
 /** The files (`dev:ino`) whose other names `atomicFile` has warned of: once a file. */
 const toldLinks = new Set<string>()
 
@@ -828,6 +838,8 @@ export const atomicFile = (
     if (tooLong !== undefined) return yield* new FileError({ step: "Create", path: given, cause: tooLong })
     const path = temporaryOf(target, process.pid)
     const key = Path.resolve(path)
+    // published again only once this file is
+    publishedTargets.delete(Path.resolve(target))
     for (const name of yield* removeStale(target)) {
       yield* Effect.logWarning(`removed ${name}, which a process that is gone left beside ${Path.basename(target)}`)
     }
@@ -984,6 +996,7 @@ export const atomicFile = (
       }
       yield* Effect.tryPromise({ try: () => FsP.rename(path, target), catch: failed("Rename") })
       yield* Ref.set(committed, true)
+      publishedTargets.add(Path.resolve(target))
       temporaries.delete(key)
       // the directory held open (where it went, had it been renamed since), else opened now. Failing, it says
       // that the target was replaced already
