@@ -842,10 +842,47 @@ describe("recv file: of a snapshot that another process writes while it is read"
   })
 })
 
-describe("recv file: --from-qemu given SIGINT while its output is flushed to disk (strace delays each fsync by 1 s)", () => {
+/**
+ * Runs `multifd <args>` under strace, each fsync delayed by 0.4 s, and gives it SIGINT as its `fsyncs`-th fsync starts
+ * (the command's pid read from its temporary file's name in `at` at its first): its exit code and stderr (but the
+ * "stopping after" line, which a slow machine may add).
+ */
+const interruptedAtFsync = async (args: ReadonlyArray<string>, at: string, fsyncs: number) => {
+  // strace's trace through cat on stdout: "fsync(" comes as the call starts
+  const command = ChildProcess.spawn("strace", [
+    "-f", "-qq", "-o", "|cat", "-e", "trace=fsync", "-e", "inject=fsync:delay_enter=400000",
+    process.execPath, inject("cliBundle"), ...args
+  ], { stdio: ["ignore", "pipe", "pipe"], env: { ...process.env, NO_COLOR: "1" } })
+  const timer = setTimeout(() => command.kill("SIGKILL"), 20_000)
+  let stderr = ""
+  command.stderr.setEncoding("utf8").on("data", (s: string) => (stderr += s))
+  const exited = new Promise<number | null>((resolve) =>
+    command.once("close", (code) => {
+      clearTimeout(timer)
+      resolve(code)
+    })
+  )
+  // the command's pid from its temporary file's name, there at its first fsync (the file's own)
+  let partial: string | undefined
+  await new Promise<void>((resolve) => {
+    let traced = ""
+    command.stdout.setEncoding("utf8").on("data", (s: string) => {
+      traced += s
+      if (traced.includes("fsync(")) partial ??= Fs.readdirSync(at).find((name) => name.endsWith(".partial"))
+      if (traced.split("fsync(").length > fsyncs) resolve()
+    })
+    void exited.then(() => resolve())
+  })
+  expect(partial, stderr).toBeDefined()
+  process.kill(Number(/\.(\d+)\.partial$/.exec(partial!)![1]), "SIGINT")
+  const code = await exited
+  return { code, stderr: stderr.split("\n").filter((line) => line.length > 0 && !line.includes("stopping after SIGINT")) }
+}
+
+describe("a command given SIGINT while its output is renamed into place (strace delays each fsync by 0.4 s)", () => {
   // the rename went through (the older file gone) and the command said only "interrupted by SIGINT", exit 130, where
   // plain recv says that OUT holds the image: a script took the output for untouched
-  it("lets the rename finish, and says that OUT holds the image before it exits 130", async (ctx) => {
+  it("recv file: --from-qemu (at the image's fsync) and send file: (at its directory's) say that OUT is in place, exit 130", async (ctx) => {
     const why = straceMissing()
     if (why !== undefined) return ctx.skip(`strace cannot run here: ${why}`)
     const vm = Path.join(dir, "flushed.vm")
@@ -854,38 +891,23 @@ describe("recv file: --from-qemu given SIGINT while its output is flushed to dis
     Fs.mkdirSync(at)
     const out = Path.join(at, "ram.img")
     Fs.writeFileSync(out, "older")
-    // strace's trace through cat on stdout: "fsync(" comes as the call starts
-    const recv = ChildProcess.spawn("strace", [
-      "-f", "-qq", "-o", "|cat", "-e", "trace=fsync", "-e", "inject=fsync:delay_enter=1000000",
-      process.execPath, inject("cliBundle"), "recv", `file:${vm}`, "--from-qemu", "--out", out
-    ], { stdio: ["ignore", "pipe", "pipe"], env: { ...process.env, NO_COLOR: "1" } })
-    const timer = setTimeout(() => recv.kill("SIGKILL"), 20_000)
-    let stderr = ""
-    recv.stderr.setEncoding("utf8").on("data", (s: string) => (stderr += s))
-    const exited = new Promise<number | null>((resolve) =>
-      recv.once("close", (code) => {
-        clearTimeout(timer)
-        resolve(code)
-      })
-    )
-    await new Promise<void>((resolve) => {
-      let traced = ""
-      recv.stdout.setEncoding("utf8").on("data", (s: string) => {
-        traced += s
-        if (traced.includes("fsync(")) resolve()
-      })
-      void exited.then(() => resolve())
-    })
-    // the command's own pid (strace's child) is in its temporary file's name
-    const partial = Fs.readdirSync(at).find((name) => name.endsWith(".partial"))
-    expect(partial, stderr).toBeDefined()
-    process.kill(Number(/\.(\d+)\.partial$/.exec(partial!)![1]), "SIGINT")
-    expect(await exited, stderr).toBe(130)
-    expect(stderr.split("\n").filter((line) => line.length > 0 && !line.includes("stopping after SIGINT"))).toEqual([
+    const read = await interruptedAtFsync(["recv", `file:${vm}`, "--from-qemu", "--out", out], at, 1)
+    expect([read.code, read.stderr]).toEqual([130, [
       `multifd: ${out} holds the received image: it was stored before the interruption`,
       "multifd: interrupted by SIGINT"
-    ])
+    ]])
     expect(Fs.readdirSync(at)).toEqual(["ram.img"])
-    expect(Fs.readFileSync(out).equals(Buffer.concat([Buffer.alloc(16 * 4096, 0x11), Buffer.alloc(16 * 4096, 0x22)]))).toBe(true)
+    const ram = Buffer.concat([Buffer.alloc(16 * 4096, 0x11), Buffer.alloc(16 * 4096, 0x22)])
+    expect(Fs.readFileSync(out).equals(ram)).toBe(true)
+    // the snapshot's fsync, then its directory's after the rename
+    const snapshot = Path.join(at, "ram.snap")
+    Fs.writeFileSync(snapshot, "older")
+    const saved = await interruptedAtFsync(["send", `file:${snapshot}`, "--in", out], at, 2)
+    expect([saved.code, saved.stderr]).toEqual([130, [
+      `multifd: ${snapshot} holds the snapshot: it was saved before the interruption`,
+      "multifd: interrupted by SIGINT"
+    ]])
+    expect(Fs.readdirSync(at).sort()).toEqual(["ram.img", "ram.snap"])
+    expect((await runHere(["recv", `file:${snapshot}`, "--out", Path.join(at, "restored.img")])).code).toBe(0)
   })
 })

@@ -335,9 +335,10 @@ export const run = (args: Args) =>
     if (uri._tag === "File") yield* Image.markInput(uri.path)
     // --out: its temporary file first, so an unwritable destination fails before anything listens
     const single = args.out === undefined ? undefined : yield* Image.create(args.out)
-    // --vm: the same check, its temporary file removed at once (MappedRam.write makes its own); the file it replaces
-    // (its links followed), which the command says is in place if it is interrupted once it was
-    const vmTarget = args.vm === undefined ? undefined : (yield* Effect.scoped(Image.create(args.vm))).target
+    // --vm: the same check, its temporary file removed at once (MappedRam.write makes its own); whether that one is
+    // renamed into place, which the command says if it is interrupted once it was
+    if (args.vm !== undefined) yield* Effect.scoped(Image.create(args.vm))
+    const vmPublished = args.vm === undefined ? undefined : yield* Image.publishedFromNow(args.vm)
     // --out-dir: the blocks' files, as they are written
     const blockFiles: Array<Image.Output> = []
     if (args.outDir !== undefined) {
@@ -355,8 +356,8 @@ export const run = (args: Args) =>
     // the rename: that error says so; nor when only the --json result could not be written)
     const stored: Effect.Effect<boolean> = single !== undefined
       ? single.committed
-      : vmTarget !== undefined
-      ? Effect.sync(() => FileIo.published(vmTarget))
+      : vmPublished !== undefined
+      ? vmPublished
       : Effect.map(Effect.forEach(blockFiles, (file) => file.committed), (all) => all.length > 0 && all.every(Boolean))
     const storedWhat = single !== undefined ? "image" : args.vm !== undefined ? "VM" : "blocks"
     yield* Effect.addFinalizer((exit) =>

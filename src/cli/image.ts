@@ -107,6 +107,17 @@ const readError = (path: string, error: FileIo.FileError): ImageError => {
  */
 export const markInput = (path: string): Effect.Effect<void> => FileIo.markInput(path)
 
+/**
+ * Whether a write of a file at `path` (its links followed, as `create` follows them) renames one into place from now
+ * on: the effect returned says whether one did. For a command interrupted as its output is published (a rename lets
+ * an interruption take effect only once it is done, the older file gone), which that interruption hid from it.
+ */
+export const publishedFromNow = (path: string): Effect.Effect<Effect.Effect<boolean>> =>
+  Effect.map(Effect.orElseSucceed(FileIo.followLinks(path), () => path), (target) => {
+    const before = FileIo.publications(target)
+    return Effect.sync(() => FileIo.publications(target) > before)
+  })
+
 /** A destination prepared by `create`: `commit` writes the image and moves it into place. */
 export interface Output {
   /** The final path. */

@@ -6,18 +6,20 @@
  */
 import * as Command from "@effect/cli/Command"
 import * as Effect from "effect/Effect"
+import * as Exit from "effect/Exit"
 import * as Option from "effect/Option"
 import * as GuestRam from "../GuestRam.js"
 import * as Migration from "../Migration.js"
 import * as MigrationStatus from "../MigrationStatus.js"
 import * as Transport from "../Transport.js"
-import { refuseGiven, UsageError } from "./errors.js"
+import { oneLine, refuseGiven, UsageError } from "./errors.js"
 import * as Image from "./image.js"
 import * as Options from "./options.js"
 import * as Progress from "./progress.js"
 import * as Log from "./log.js"
 import * as Report from "./report.js"
 import { channelThreads, checkCompression, environment, timeoutsOf, tlsOf, warnUnknownVariables } from "./settings.js"
+import * as Terminal from "./terminal.js"
 import * as ToQemu from "./toQemu.js"
 
 /** The name of the one block an image file becomes. */
@@ -40,7 +42,7 @@ export const command = Command.make(
     reporting: Options.reporting
   },
   ({ input: inputFlag, qemu, reporting, resilience, timing, tls: tlsFlags, transfer, uri }) =>
-    Effect.gen(function*() {
+    Effect.scoped(Effect.gen(function*() {
       yield* warnUnknownVariables()
       // the flags the command line gave (their variables are no reason to refuse a command they do not fit)
       const given = resilience.given ? new Set([...transfer.given, "--reconnect"]) : transfer.given
@@ -108,6 +110,21 @@ export const command = Command.make(
       const maxBandwidth = toFile && !transfer.given.has("--max-bandwidth") ? Option.none() : transfer.maxBandwidth
       yield* checkCompression(compression)
       const bytes = yield* Image.read(input, transfer.pageSize)
+      // a signal that comes as the snapshot is renamed into place lets the rename finish: the command ends as it would
+      // have, but the user hears that the snapshot is there, the older file gone (a directory that could not be synced
+      // after the rename says so itself)
+      if (toFile) {
+        const published = yield* Image.publishedFromNow(uri.path)
+        yield* Effect.addFinalizer((exit) =>
+          Exit.isInterrupted(exit)
+            ? Effect.flatMap(published, (done) =>
+              done
+                ? Effect.flatMap(Terminal.Terminal, (terminal) =>
+                  terminal.err(oneLine(`multifd: ${uri.path} holds the snapshot: it was saved before the interruption`)))
+                : Effect.void)
+            : Effect.void
+        )
+      }
       const ram = yield* GuestRam.make({ pageSize: transfer.pageSize, blocks: [{ name: BLOCK_NAME, bytes }] }).pipe(
         Effect.mapError((error) => new UsageError({ detail: error.message }))
       )
@@ -132,7 +149,7 @@ export const command = Command.make(
         Effect.provide([Transport.layer, environment(timing), channelThreads(uri, compression)])
       )
       yield* Report.print({ role: "send", input, pageSize: ram.pageSize, stats, status: yield* status.get }, reporting)
-    }).pipe(Log.withReporting(reporting))
+    })).pipe(Log.withReporting(reporting))
 ).pipe(
   Command.withDescription(
     "Migrate the RAM image in --in to a destination listening at <uri>, or with --to-qemu the VM in --vm into QEMU."

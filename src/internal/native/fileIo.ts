@@ -753,15 +753,15 @@ export const flushingFor = <A, E>(target: string, effect: Effect.Effect<A, E>): 
       })
   )
 
-/** The targets (resolved) that `atomicFile`s renamed into place, each until another `atomicFile` of it begins. */
-const publishedTargets = new Set<string>()
+/** How many times `atomicFile`s renamed a file into place at each target (resolved). */
+const publishedTargets = new Map<string, number>()
 
 /**
- * Whether an `atomicFile` of `target` (its links followed: `AtomicFile.target`) renamed its file into place, the last
- * one begun: for a caller whose write was interrupted once the publish (uninterruptible) had begun, which the
- * interruption hid from it — the target replaced, the older file gone.
+ * How many times an `atomicFile` of `target` (its links followed: `AtomicFile.target`) renamed its file into place in
+ * this process: for a caller whose write was interrupted once its publish (uninterruptible) had begun, which the
+ * interruption hid from it — the target replaced, the older file gone. Compare with the count before the write.
  */
-export const published = (target: string): boolean => publishedTargets.has(Path.resolve(target))
+export const publications = (target: string): number => publishedTargets.get(Path.resolve(target)) ?? 0
 
 /** The files (`dev:ino`) whose other names `atomicFile` has warned of: once a file. */
 const toldLinks = new Set<string>()
@@ -838,8 +838,6 @@ export const atomicFile = (
     if (tooLong !== undefined) return yield* new FileError({ step: "Create", path: given, cause: tooLong })
     const path = temporaryOf(target, process.pid)
     const key = Path.resolve(path)
-    // published again only once this file is
-    publishedTargets.delete(Path.resolve(target))
     for (const name of yield* removeStale(target)) {
       yield* Effect.logWarning(`removed ${name}, which a process that is gone left beside ${Path.basename(target)}`)
     }
@@ -996,7 +994,7 @@ export const atomicFile = (
       }
       yield* Effect.tryPromise({ try: () => FsP.rename(path, target), catch: failed("Rename") })
       yield* Ref.set(committed, true)
-      publishedTargets.add(Path.resolve(target))
+      publishedTargets.set(Path.resolve(target), publications(target) + 1)
       temporaries.delete(key)
       // the directory held open (where it went, had it been renamed since), else opened now. Failing, it says
       // that the target was replaced already
