@@ -911,3 +911,26 @@ describe("a command given SIGINT while its output is renamed into place (strace 
     expect((await runHere(["recv", `file:${snapshot}`, "--out", Path.join(at, "restored.img")])).code).toBe(0)
   })
 })
+
+describe("send file: into a directory it cannot write in", () => {
+  // the whole image was read first (minutes for a big one), and only then was the snapshot's file found unwritable;
+  // recv creates its output's temporary file before it listens
+  it("is refused before the image is opened (exit 2), as recv refuses an unwritable --out before it listens", async (ctx) => {
+    const why = straceMissing()
+    if (why !== undefined) return ctx.skip(`strace cannot run here: ${why}`)
+    const image = Path.join(dir, "unwritten.raw")
+    Fs.writeFileSync(image, Crypto.randomBytes(16 * 4096))
+    const log = Path.join(dir, "unwritten.strace")
+    const snapshot = Path.join(dir, "missing", "s.snap")
+    const save = await runUnder(
+      ["strace", "-f", "-qq", "-o", log, "-P", image, "-e", "trace=open,openat"],
+      ["send", `file:${snapshot}`, "--in", image]
+    )
+    expect([save.code, save.stderr.trim()]).toEqual([
+      2,
+      `multifd: error: snapshot ${snapshot}: cannot create s.snap.${/s\.snap\.(\d+)\.partial/.exec(save.stderr)?.[1]}.partial ` +
+        "beside it: no such file or directory"
+    ])
+    expect(Fs.readFileSync(log, "utf8")).toBe("")
+  })
+})

@@ -9,6 +9,7 @@ import * as Effect from "effect/Effect"
 import * as Exit from "effect/Exit"
 import * as Option from "effect/Option"
 import * as GuestRam from "../GuestRam.js"
+import * as SnapshotFile from "../internal/snapshotFile.js"
 import * as Migration from "../Migration.js"
 import * as MigrationStatus from "../MigrationStatus.js"
 import * as Transport from "../Transport.js"
@@ -109,6 +110,13 @@ export const command = Command.make(
       const compression = toFile && !transfer.given.has("--compression") ? "none" : transfer.compression
       const maxBandwidth = toFile && !transfer.given.has("--max-bandwidth") ? Option.none() : transfer.maxBandwidth
       yield* checkCompression(compression)
+      // the snapshot's temporary file made (and removed) first: an unwritable destination fails before the image is
+      // read (minutes for a big one), as recv's --out does before it listens
+      // (the image kept whatever its name: SNAP.<pid>.partial is no stale temporary file of the snapshot)
+      if (toFile) {
+        yield* Image.markInput(input)
+        yield* Effect.scoped(SnapshotFile.createTemporary(uri.path, 0))
+      }
       const bytes = yield* Image.read(input, transfer.pageSize)
       // a signal that comes as the snapshot is renamed into place lets the rename finish: the command ends as it would
       // have, but the user hears that the snapshot is there, the older file gone (a directory that could not be synced
