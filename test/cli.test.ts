@@ -1077,7 +1077,7 @@ describe("multifd failures", () => {
   })
 
   it("--help exits 0 and documents the contract", async () => {
-    const help = await run(["--help"])
+    const help = await runHere(["--help"])
     expect(help.code).toBe(0)
     expect(help.stdout).toContain("multifd recv <uri> --out FILE [options]")
     expect(help.stdout).toContain("multifd send <uri> --in FILE [options]")
@@ -1316,7 +1316,7 @@ describe("multifd failures", () => {
       error: { tag: "UsageError", reason: "InvalidValue", message: "--channels must be between 1 and 255, not 256" }
     })
     const port = await freePort()
-    const failed = await run(["send", `tcp:127.0.0.1:${port}`, "--in", image, "--json"])
+    const failed = await runHere(["send", `tcp:127.0.0.1:${port}`, "--in", image, "--json"])
     expect(failed.code).toBe(1)
     expect(lines(failed.stdout)).toHaveLength(1)
     expect(JSON.parse(failed.stdout)).toEqual({
