@@ -226,13 +226,23 @@ export type MappedRamHeader = format.MappedRamHeader
 export type Summary = format.Summary
 
 /**
- * Where the reader's bytes come from: `readSome(max)` gives at least 1 and at most `max` bytes (waiting for
- * the first); an empty result is a clean end of stream.
+ * Where the reader's bytes come from: `readSome(max, awaiting)` gives at least 1 and at most `max` bytes (waiting
+ * for the first); an empty result is a clean end of stream. `awaiting` says what the reader waits for.
  *
  * @since 0.1.0
  * @category models
  */
 export type ByteSource<E> = format.ByteSource<E>
+
+/**
+ * What the reader waits for when it asks its source for more: `what` (a field, `the next record`, `the device
+ * state`), starting at byte `at` of the stream, `got` of its bytes already there; `between`: between two records,
+ * not inside one. A source that gives up waiting can say where the stream stopped.
+ *
+ * @since 0.1.0
+ * @category models
+ */
+export type Awaiting = format.Awaiting
 
 /**
  * What the reader tells the destination, in stream order (the configuration, the validated block list, each

@@ -620,6 +620,23 @@ describe.skipIf(missing !== undefined)(`QEMU ${"version" in qemu ? qemu.version 
       )
     }))), 60_000)
 
+  // a QEMU paused before the switch-over sends nothing until migrate-continue, as a stopped one: the timeout said
+  // 'without any data from QEMU' and nothing more, though a third of the RAM had come
+  it.live("capability pause-before-switchover (QEMU waits for migrate-continue): the timeout says where the stream stopped and asks whether QEMU is paused", () =>
+    expectNoLeaks(Effect.scoped(Effect.gen(function*() {
+      const img = image("mostly-zero")
+      const dst = yield* destination({ channels: 2, timeouts: { peer: "2 seconds" } })
+      const src = yield* Qemu.startSource(img.path, img.bytes.length)
+      yield* Qemu.migrate(src.qmp, { uri: dst.uri, channels: 2, compression: "none", extraCapabilities: ["pause-before-switchover"] })
+      const error = failureOf(yield* noHang(Fiber.await(dst.fiber), "our destination while QEMU is paused", 20))
+      expect(yield* Qemu.runState(src.qmp)).toBe("finish-migrate")
+      expect((yield* src.qmp.execute("query-migrate")) as unknown).toMatchObject({ status: "pre-switchover" })
+      expect(error).toMatchObject({ reason: "Timeout" })
+      expect(error.message).toMatch(
+        /^timed out after 2s without any data from QEMU \(its main channel at byte \d+, before a section footer or the next record; 2 of 2 multifd channels connected\): is QEMU stopped, or paused before the switch-over \(capability pause-before-switchover waits for migrate-continue\)\?$/
+      )
+    }))), 60_000)
+
   const midMigration = (stop: "cancel" | "kill") =>
     expectNoLeaks(Effect.scoped(Effect.gen(function*() {
       const img = image("random", 256 * MIB)

@@ -287,9 +287,24 @@ export interface Summary {
 }
 
 /** Where the reader's bytes come from. */
+/**
+ * What the reader waits for when it asks its source for more: `what` (a field, "the next record", "the device
+ * state"), which starts at byte `at` of the stream, `got` of its bytes already there; `between`: it waits between
+ * two records (for the next one's first byte), not inside one.
+ */
+export interface Awaiting {
+  readonly what: string
+  readonly at: number
+  readonly got: number
+  readonly between: boolean
+}
+
 export interface ByteSource<E> {
-  /** At least 1 and at most `max` bytes (waiting for the first); an empty result is a clean end of stream. */
-  readonly readSome: (max: number) => Effect.Effect<Uint8Array, E>
+  /**
+   * At least 1 and at most `max` bytes (waiting for the first); an empty result is a clean end of stream.
+   * `awaiting` says what the reader waits for (a source that times out can say where the stream stopped).
+   */
+  readonly readSome: (max: number, awaiting?: Awaiting) => Effect.Effect<Uint8Array, E>
   /**
    * Goes on reading at `position` (a file: a mapped-ram file's stream continues after each block's pages).
    * A source without it cannot carry a mapped-ram stream.

@@ -133,6 +133,8 @@ export const read = (
     let memory: GuestRam.GuestRam["Type"] | undefined
     const idle = "without any data from QEMU"
     let activity = idle
+    // what the reader last waited for on the main channel (a timeout says where the stream stopped)
+    let awaiting: QemuStream.Awaiting | undefined
     // bytes of the main stream read ahead while the reader waits at a flush (`endedEarly`), handed to it first; the
     // last chunk handed to it (what it has not consumed yet is the end of that chunk)
     const ahead: Array<Buffer> = []
@@ -140,7 +142,7 @@ export const read = (
     let aheadEnded = false
     let lastChunk: Buffer = Buffer.alloc(0)
     const source: QemuStream.ByteSource<MigrationError.ChannelError | Transport.TransportError> = {
-      readSome: (max) =>
+      readSome: (max, what) =>
         Effect.suspend(() => {
           const first = ahead[0]
           if (first !== undefined) {
@@ -152,10 +154,12 @@ export const read = (
             return Effect.succeed(piece)
           }
           if (aheadEnded) return Effect.succeed(Buffer.alloc(0))
+          awaiting = what
           return Effect.tap(
             Effect.mapError(connection.readSome(max), MigrationError.onChannel("main")),
             (chunk) =>
               Effect.sync(() => {
+                awaiting = undefined
                 mainBytes += chunk.length
                 lastChunk = chunk
               })
@@ -333,11 +337,20 @@ export const read = (
     // inside a packet (MultifdRecv's stallTimeout); its message says what was awaited
     const stalled = Effect.gen(function*() {
       const recv = yield* Deferred.poll(channelSet)
-      const channelsState = recv._tag === "Some" ? ` (${yield* describeChannels(yield* recv.value, channels, rejected)})` : ""
-      return yield* new MigrationError.MigrationError({
-        reason: "Timeout",
-        detail: `timed out after ${Duration.format(timeout)} ${activity}${channelsState}`
-      })
+      const state = recv._tag === "Some" ? [yield* describeChannels(yield* recv.value, channels, rejected)] : []
+      const after = `timed out after ${Duration.format(timeout)}`
+      // the reader waits on the main channel (no flush, no close of the channels awaited): where its stream stopped
+      const main = activity !== idle || awaiting === undefined ? undefined : awaiting
+      const detail = main === undefined
+        ? `${after} ${activity}${state.length > 0 ? ` (${state[0]})` : ""}`
+        // between two records: QEMU sent nothing more, as a QEMU that stopped or paused sends nothing
+        : main.between
+        ? `${after} ${idle} (${[`its main channel at byte ${main.at}, before ${main.what}`, ...state].join("; ")}): ` +
+          "is QEMU stopped, or paused before the switch-over (capability pause-before-switchover waits for migrate-continue)?"
+        : `${after} waiting for ${main.got > 0 ? "the rest of " : ""}${main.what} on QEMU's main channel (${
+          [`at byte ${main.at}${main.got > 0 ? `, ${main.got} of its bytes came` : ""}`, ...state].join("; ")
+        })`
+      return yield* new MigrationError.MigrationError({ reason: "Timeout", detail })
     })
 
     // a channel stuck inside a packet has its own watch, which names it and fires within a quarter of the

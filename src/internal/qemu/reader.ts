@@ -105,7 +105,7 @@ export class Reader<E> {
    * a piece (joining as they came copied what had arrived again for every byte: a source that trickled a 512 KiB
    * page made this side copy 128 GiB).
    */
-  ensure(n: number, onEnd: (got: number) => QemuStreamError): Effect.Effect<void, E | QemuStreamError> {
+  ensure(n: number, what: string): Effect.Effect<void, E | QemuStreamError> {
     if (this.buffered >= n) return Effect.void
     const self = this
     return Effect.gen(function*() {
@@ -116,10 +116,10 @@ export class Reader<E> {
         self.pos = 0
       }
       while (have < n) {
-        const chunk = yield* self.source.readSome(Math.max(CHUNK, n - have))
+        const chunk = yield* self.source.readSome(Math.max(CHUNK, n - have), { what, at: self.offset, got: have, between: false })
         if (chunk.length === 0) {
           join()
-          return yield* Effect.fail(onEnd(have))
+          return yield* Effect.fail(truncated(what, self.offset)(have))
         }
         self.received += chunk.length
         pieces.push(Buffer.from(chunk.buffer, chunk.byteOffset, chunk.length))
@@ -136,12 +136,12 @@ export class Reader<E> {
     return out
   }
 
-  /** The next byte without consuming it, or `undefined` at a clean end of stream. */
-  peekByte(): Effect.Effect<number | undefined, E> {
+  /** The next byte without consuming it (`what` it starts), or `undefined` at a clean end of stream. */
+  peekByte(what: string): Effect.Effect<number | undefined, E> {
     if (this.buffered > 0) return Effect.succeed(this.buf[this.pos]!)
     const self = this
     return Effect.gen(function*() {
-      const chunk = yield* self.source.readSome(CHUNK)
+      const chunk = yield* self.source.readSome(CHUNK, { what, at: self.offset, got: 0, between: true })
       if (chunk.length === 0) return undefined
       self.received += chunk.length
       self.buf = Buffer.from(chunk.buffer, chunk.byteOffset, chunk.length)
@@ -152,7 +152,7 @@ export class Reader<E> {
 
   /** `n` bytes (a view: valid until the next read). */
   bytes(n: number, what: string): Effect.Effect<Buffer, E | QemuStreamError> {
-    return Effect.map(this.ensure(n, truncated(what, this.offset)), () => this.take(n))
+    return Effect.map(this.ensure(n, what), () => this.take(n))
   }
 
   u8(what: string): Effect.Effect<number, E | QemuStreamError> {
@@ -233,9 +233,10 @@ export class Reader<E> {
       }
       /** Whether the bytes so far end as a complete stream does: checked in constant time, but for a match. */
       const ended = () => watch !== undefined && watch.ended(length, last)
+      const drainedAt = self.offset
       keep(self.take(self.buffered))
       while (!ended()) {
-        const chunk = yield* self.source.readSome(1024 * 1024)
+        const chunk = yield* self.source.readSome(1024 * 1024, { what: "the device state", at: drainedAt, got: length, between: false })
         if (chunk.length === 0) break
         self.received += chunk.length
         self.offset += chunk.length

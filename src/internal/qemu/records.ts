@@ -56,7 +56,7 @@ const readConfiguration = <E, R>(p: Parser<E, R>, at: number) =>
     const capabilities: Array<string> = []
     // each subsection once, as QEMU sends them (the capabilities again and again each added up to 256 names)
     const seen = new Set<string>()
-    while ((yield* r.peekByte()) === Record.SUBSECTION) {
+    while ((yield* r.peekByte("a configuration subsection or the next record")) === Record.SUBSECTION) {
       const subAt = r.offset
       yield* r.u8("a subsection marker")
       const name = yield* r.shortString("a subsection name")
@@ -287,7 +287,7 @@ const readCommand = <E, R>(p: Parser<E, R>, at: number) =>
 /** The optional section footer (0x7e + section id; machine types before 2.3 do not send it). */
 const readFooter = <E, R>({ r }: Parser<E, R>, id: number) =>
   Effect.gen(function*() {
-    if ((yield* r.peekByte()) !== Record.SECTION_FOOTER) return
+    if ((yield* r.peekByte("a section footer or the next record")) !== Record.SECTION_FOOTER) return
     const at = r.offset
     yield* r.u8("a section footer")
     const footerId = yield* r.u32("a section footer's section id")
@@ -374,7 +374,7 @@ const readRecord = <E, R>(p: Parser<E, R>): Effect.Effect<void, E | QemuStreamEr
     const { r, state } = p
     const phase = state.ram.phase
     const at = r.offset
-    const type = yield* r.peekByte()
+    const type = yield* r.peekByte("the next record")
     if (type === undefined) {
       return yield* fail(
         "Truncated",
