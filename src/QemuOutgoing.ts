@@ -296,21 +296,27 @@ const send = <E>(options: Options<E>): Effect.Effect<Stats, OutgoingError | E, T
     yield* writeRaw([Writer.header(), ...configuration, Writer.openReturnPath(), Writer.ping(1)])
     const first = "before it took the configuration"
     let whyClosed = first
+    // QEMU's tls-creds-x509 (endpoint=server) asks for the client's certificate unless verify-peer=off, and closes
+    // the connection after the handshake when none came ('No certificate was found'): the likeliest cause, named first
+    const noCertificate = options.tls?.credentials._tag === "X509" && options.tls.credentials.cert === undefined
     const returnPath = yield* ReturnPath.start(
       main,
       () =>
-        `QEMU ended the migration ${whyClosed}: it refused it (another machine type or machine options, ` +
-        (channels === 0 ? "" : "another multifd-channels or multifd-compression, ") +
-        // (QEMU checks the channels' uuid as they connect, before it reads the configuration, and the configuration's
-        // when it carries one; without multifd there are no channels)
-        (whyClosed !== first
-          ? ""
-          : channels > 0
-          ? `a -uuid other than the channels' ${Protocol.formatUuid(uuid)} (--uuid), `
-          : configuration.length > 0 && vm.configuration?.uuid !== undefined
-          ? `a -uuid other than the configuration's ${Protocol.formatUuid(uuid)} (--uuid), `
-          : "") +
-        "TLS, a device it cannot load? its log says) or it stopped"
+        whyClosed === first && noCertificate
+          ? `QEMU ended the migration ${whyClosed}: this side presented no TLS client certificate, which QEMU's ` +
+            "tls-creds-x509 asks for unless verify-peer=off (give --tls-cert and --tls-key); else its log says why"
+          : `QEMU ended the migration ${whyClosed}: it refused it (another machine type or machine options, ` +
+            (channels === 0 ? "" : "another multifd-channels or multifd-compression, ") +
+            // (QEMU checks the channels' uuid as they connect, before it reads the configuration, and the
+            // configuration's when it carries one; without multifd there are no channels)
+            (whyClosed !== first
+              ? ""
+              : channels > 0
+              ? `a -uuid other than the channels' ${Protocol.formatUuid(uuid)} (--uuid), `
+              : configuration.length > 0 && vm.configuration?.uuid !== undefined
+              ? `a -uuid other than the configuration's ${Protocol.formatUuid(uuid)} (--uuid), `
+              : "") +
+            "TLS, a device it cannot load? its log says) or it stopped"
     )
 
     // 2. the channels; QEMU reads the main stream once all are there, and answers the PING (at once without multifd)

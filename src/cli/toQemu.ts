@@ -72,7 +72,8 @@ export const run = (args: Args) =>
         compressionLevel: args.compressionLevel,
         maxBandwidth,
         uuid: args.uuid,
-        upgrade: args.tls?.client(uri._tag === "Tcp" ? uri.host : undefined),
+        // (its settings, not an upgrade: a refusal's message can then say what the credentials lack)
+        tls: args.tls?.settings,
         // without --timeout, MULTIFD_TIMEOUT, MULTIFD_CONNECT_TIMEOUT and MULTIFD_HANDSHAKE_TIMEOUT, as plain send
         // has them (they were ignored here, a bad one unnoticed)
         timeouts: Option.isSome(args.timing.timeout)
