@@ -49,6 +49,14 @@ export interface Candidates {
   readonly multifdTurnedAway: Effect.Effect<number>
 }
 
+/** A SYNC packet's header size for each page size QEMU may have (512 bytes to 512 KiB), smallest first. */
+const SYNC_SIZES = Array.from({ length: 11 }, (_, i) => Protocol.headerSize(2 ** (19 - i)))
+
+/** Whether `header` (its fixed part at least) is a SYNC packet's: no pages, no payload. */
+const isSync = (header: Buffer): boolean =>
+  header.readUInt32BE(0) === Protocol.MAGIC && (header.readUInt32BE(8) & Protocol.FLAG_SYNC) !== 0 &&
+  header.readUInt32BE(16) === 0 && header.readUInt32BE(20) === 0 && header.readUInt32BE(32) === 0
+
 /** Why a candidate failed, without its address (the rejection names it). */
 const problemOf = (error: Transport.TransportError | MigrationError.MigrationError): string =>
   error._tag === "TransportError" ? error.detail : error.message
@@ -174,9 +182,48 @@ export const start = (
         })
       )
 
-    /** Completes once `connection` ended (closed or reset) with nothing after its init packet; never once bytes came. */
+    /**
+     * Completes once `connection` ended (closed or reset) with nothing after its init packet but SYNC packets; never
+     * once a data packet came. QEMU sends its setup SYNC on every channel at once, before the main stream's block list
+     * leaves its buffer: a migration cancelled then leaves channels that sent it and closed (which, taken as this
+     * migration's, failed the next one: 'the source closed the channel'). Peeked, not read: a channel of this
+     * migration is adopted with every byte it sent.
+     */
     const closed = (connection: Transport.Connection): Effect.Effect<void> =>
-      Effect.flatMap(Effect.either(connection.atEnd), (end) => end._tag === "Left" || end.right ? Effect.void : Effect.never)
+      Effect.gen(function*() {
+        // bytes after the init packet that are whole SYNC packets
+        let at = 0
+        while (true) {
+          if (Either.isLeft(yield* Effect.either(connection.peek(at + 1)))) return
+          const fixed = yield* Effect.either(connection.peek(at + Protocol.HEADER_FIXED_SIZE))
+          // ended (or failed) inside a packet's header: nothing of it could be used
+          if (Either.isLeft(fixed)) return
+          if (!isSync(fixed.right.subarray(at))) return yield* Effect.never
+          // its offset array (zeros) has as many slots as the page size gives, not known yet: it ends where the stream
+          // ends or another packet begins
+          const next = yield* syncEnd(connection, at)
+          if (next === undefined) return
+          at = next
+        }
+      })
+
+    /** Where the SYNC packet at `at` ends: the stream's end there (`undefined`), or the next packet's magic. */
+    const syncEnd = (connection: Transport.Connection, at: number): Effect.Effect<number | undefined> =>
+      Effect.gen(function*() {
+        for (const size of SYNC_SIZES) {
+          const after = yield* Effect.either(connection.peek(at + size + 4))
+          if (Either.isRight(after)) {
+            if (after.right.readUInt32BE(at + size) === Protocol.MAGIC) return at + size
+            continue
+          }
+          // ended before the next packet's magic: right after this size (nothing more), or inside it
+          const exact = yield* Effect.either(connection.peek(at + size))
+          if (Either.isLeft(exact)) return undefined
+          if (Either.isLeft(yield* Effect.either(connection.peek(at + size + 1)))) return undefined
+        }
+        // no page size gives a packet that ends there: not QEMU's
+        return yield* Effect.never
+      })
 
     /** Adopts a channel into the channel set, once the main channel is known. */
     const adoptInto = (
