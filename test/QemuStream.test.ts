@@ -1663,6 +1663,25 @@ describe("QemuIncoming.incoming: strangers are candidates, never owners", () => 
       expect(result.rejected).toEqual([expect.stringContaining("bad uuid: 07070707-0707-0707-0707-070707070707 is not this migration's")])
     }))))
 
+  // QEMU cancelled in its setup (migrate_cancel right after migrate) leaves channels that sent their init packet and
+  // the setup SYNC, then closed: turned away, they leave nothing waiting for a main channel, and QEMU's next
+  // migration may come later than the peer timeout (it failed 'timed out after 20s waiting for QEMU's main channel
+  // (2 multifd channels connected without it ...)' with both long gone)
+  it.effect("channels of a migration QEMU gave up in its setup (init packet and setup SYNC, closed): turned away; still waiting after the peer timeout (TestClock); QEMU's next migration succeeds", () =>
+    expectNoLeaks(Effect.scoped(Effect.gen(function*() {
+      const dst = yield* destination({ channels: 2, timeouts: { handshake: "5 seconds", peer: "20 seconds" } })
+      // (init packet and setup SYNC: the captures' first 64 + 1344 bytes)
+      const connections = yield* Effect.forEach([CH0, CH1], (bytes) => stranger(dst.address, [bytes.subarray(0, 64 + 1344)], true))
+      yield* Effect.forEach(connections, (c, i) => turnedAway(c, `channel ${i} turned away`))
+      const t0 = yield* TestClock.currentTimeMillis
+      yield* advanceUntil(Effect.map(TestClock.currentTimeMillis, (now) => now - t0 >= 25_000), "25 s")
+      const result = yield* captureSucceeds(dst)
+      expect(result.rejected).toEqual([
+        expect.stringContaining("closed before QEMU's main stream announced its RAM blocks"),
+        expect.stringContaining("closed before QEMU's main stream announced its RAM blocks")
+      ])
+    }))))
+
   it.live("several strangers at once, some still stalling: QEMU's migration succeeds meanwhile; all are closed", () =>
     expectNoLeaks(Effect.scoped(Effect.gen(function*() {
       const dst = yield* destination({ channels: 2 })
