@@ -446,7 +446,7 @@ const send = <E>(options: Options<E>): Effect.Effect<Stats, OutgoingError | E, T
       peer(
         `waiting for QEMU to answer on the main channel (${
           send === undefined ? "is its capability multifd off, as channels 0 expects?" : `is its multifd-channels ${channels}?`
-        })`
+        } is it stopped?)`
       )
     )
 
@@ -454,8 +454,9 @@ const send = <E>(options: Options<E>): Effect.Effect<Stats, OutgoingError | E, T
     const progress = send === undefined ? Effect.sync(() => mainBytes) : Effect.map(send.stats, (s) => s.sentBytes + mainBytes)
     const deviceState = Buffer.from(vm.deviceState.buffer, vm.deviceState.byteOffset, vm.deviceState.length)
     let queued = 0
-    // what the inactivity watch says it waited for when it fires
-    const taking = "while QEMU took nothing more of the migration"
+    // what the inactivity watch says it waited for when it fires (QEMU read nothing meanwhile, on any connection: a
+    // QEMU stopped, SIGSTOP or a debugger, looks so)
+    const taking = "while QEMU took nothing more of the migration (is it stopped?)"
     let activity = taking
     const transfer = Effect.gen(function*() {
       // 3. the RAM section: the block list, then the setup sync
@@ -468,7 +469,7 @@ const send = <E>(options: Options<E>): Effect.Effect<Stats, OutgoingError | E, T
       const flush = (record: ReadonlyArray<Buffer>) =>
         Effect.gen(function*() {
           if (send !== undefined) {
-            activity = "waiting for the multifd channels to send their SYNC packets"
+            activity = "waiting for the multifd channels to send their SYNC packets, QEMU taking nothing more (is it stopped?)"
             yield* guarded(send.sync).pipe(Effect.ensuring(Effect.sync(() => (activity = taking))))
           }
           yield* writeMain(record)

@@ -805,6 +805,36 @@ describe.skipIf(missing !== undefined)(`QEMU ${"version" in qemu ? qemu.version 
       if (process.env["SHOW_ERRORS"]) console.log(`killed destination: ${error.message}`)
     }))), 90_000)
 
+  // a stopped QEMU (SIGSTOP, a debugger) takes nothing and closes nothing: the timeout said what it waited for
+  // ('waiting for QEMU to answer on the main channel (is its multifd-channels 2?)', 'waiting for the multifd channels
+  // to send their SYNC packets') and nothing of a QEMU that stopped
+  it.live("QEMU stopped (SIGSTOP) while a VM migrates into it: one line after the timeout, asking whether it is stopped", () =>
+    expectNoLeaks(Effect.scoped(Effect.gen(function*() {
+      const src = yield* guest()
+      const ours = yield* incomingVm({ channels: 2 })
+      yield* migrateGuest(src, ours.uri, { channels: 2, compression: "none" })
+      const vm = (yield* Fiber.join(ours.fiber)).vm!
+      const dst = yield* destination({ channels: 2 })
+      // continued however the test ends (a stopped QEMU would not quit when asked), before it is ended
+      yield* Effect.addFinalizer(() => Effect.sync(() => process.kill(dst.pid, "SIGCONT")))
+      const connected = yield* Ref.make(0)
+      const counting = Layer.succeed(Transport.Transport, {
+        listen: Transport.listen,
+        connect: (a, o) =>
+          Effect.tap(Transport.connect(a, o), () =>
+            Effect.flatMap(Ref.updateAndGet(connected, (n) => n + 1), (n) => n === 3 ? Effect.sync(() => process.kill(dst.pid, "SIGSTOP")) : Effect.void))
+      })
+      const error = failureOf(yield* noHang(
+        Effect.exit(silent(QemuOutgoing.migrate({ address: address(dst.uri), vm, channels: 2, timeouts: { peer: "1 second" } })).pipe(Effect.provide(counting))),
+        "QemuOutgoing into a stopped QEMU",
+        20
+      ))
+      expectOneLine(error)
+      expect(error).toMatchObject({ reason: "Timeout" })
+      expect(error.message).toMatch(/^timed out after 1s .*is it stopped\?\)$/)
+      if (process.env["SHOW_ERRORS"]) console.log(`stopped destination: ${error.message}`)
+    }))), 90_000)
+
   // QEMU's own destination says SHUT 0 once it has the VM (loaded, started): recv's once the output is written
   it.live("recv --vm on a file system too small for the VM, return-path on the source: QEMU is told it failed (SHUT 1), not completed; one line, exit 1, no file left", (ctx) =>
     Effect.gen(function*() {
