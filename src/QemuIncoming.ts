@@ -390,6 +390,7 @@ const receive = <E>(listener: Transport.Listener, options: Options<E>): Effect.E
       handshake: timeouts.handshake,
       channelSet,
       multifd: channels > 0,
+      channels,
       peer: timeouts.peer,
       uuid: options.uuid
     })

@@ -72,6 +72,8 @@ export const start = (
     readonly channelSet: Deferred.Deferred<MultifdRecv.MultifdRecv["Type"]>
     /** Whether QEMU migrates with multifd: without, a multifd channel is a stranger. */
     readonly multifd: boolean
+    /** The multifd channels this destination expects (QEMU's multifd-channels). */
+    readonly channels: number
     /** How long channels that proved themselves wait for the main channel (`orphaned`). */
     readonly peer: Duration.DurationInput
     /**
@@ -236,7 +238,16 @@ export const start = (
       Effect.flatMap(Deferred.await(main), (owner) => {
         const other = otherPeer(owner, connection)
         return other !== undefined ? reject(connection, other) : recv.adopt(connection, init).pipe(
-          Effect.catchIf(MultifdRecv.isStranger, (e) => reject(connection, e.message))
+          Effect.catchIf(MultifdRecv.isStranger, (e) => reject(connection, e.message)),
+          // QEMU numbers its channels 0 to multifd-channels - 1: one beyond this destination's count says QEMU has more
+          Effect.mapError((e) =>
+            e._tag === "ProtocolError" && e.reason === "BadChannelId" && typeof e.channel === "number" && e.channel >= options.channels
+              ? new Protocol.ProtocolError({
+                ...e,
+                detail: `${e.detail} (QEMU's multifd-channels is more than ${options.channels}: give the same channel count on both sides)`
+              })
+              : e
+          )
         )
       })
 
