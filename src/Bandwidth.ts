@@ -13,7 +13,7 @@
  */
 import * as Effect from "effect/Effect"
 import * as Either from "effect/Either"
-import { RateLimit } from "./internal/native/rateLimit.js"
+import { LimitTypeId as TypeId, RateLimit } from "./internal/native/rateLimit.js"
 import * as MigrationError from "./MigrationError.js"
 
 /**
@@ -23,8 +23,6 @@ import * as MigrationError from "./MigrationError.js"
  * @category constants
  */
 export const MIB = 1024 * 1024
-
-const TypeId: unique symbol = Symbol.for("effect-multifd/Bandwidth")
 
 /**
  * A limit that migrations share their channels' bytes under. Changing it takes effect at the channels' next
@@ -87,14 +85,6 @@ const fromRateLimit = (limit: RateLimit): Limit => ({
  * @category guards
  */
 export const isLimit = (u: unknown): u is Limit => typeof u === "object" && u !== null && TypeId in u
-
-/**
- * The shared memory behind a limit (`undefined` for none), for a channel on another thread.
- *
- * @internal
- */
-export const sharedOf = (limit: Limit | undefined): SharedArrayBuffer | undefined =>
-  limit === undefined ? undefined : limit[TypeId].buffer
 
 const RATE = /^(\d+(?:\.\d+)?)\s*([BKMGT]?)(?:i?B)?(?:\/s)?$/i
 

@@ -22,6 +22,7 @@ import * as internal from "./internal/qemu/mappedRam.js"
 import type * as QemuStream from "./QemuStream.js"
 import type * as QemuVm from "./QemuVm.js"
 import * as Transfer from "./Transfer.js"
+import * as Inputs from "./internal/inputs.js"
 
 /**
  * A mapped-ram file that cannot be written or read: `reason` (`Unusable`: cannot be opened or created;
@@ -115,7 +116,7 @@ const settingsOf = (options: ReadOptions) => ({
 
 /** The options as a whole that are none (`null`, from plain JavaScript: it threw as `read` or `open` was called). */
 const notOptions = (path: string, options: unknown) => {
-  const problem = Transfer.checkOptions(options, true)
+  const problem = Inputs.checkOptions(options, true)
   return problem === undefined ? undefined : Effect.fail(new MappedRamError({ reason: "Unsupported", path, detail: problem }))
 }
 

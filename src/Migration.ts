@@ -24,6 +24,7 @@ import * as Destination from "./internal/destination.js"
 import * as Precopy from "./internal/precopy.js"
 import * as Recorder from "./internal/recorder.js"
 import * as Source from "./internal/source.js"
+import * as SnapshotInternal from "./internal/snapshot.js"
 import * as Status from "./internal/status.js"
 import * as MigrationConfig from "./MigrationConfig.js"
 import * as MigrationError from "./MigrationError.js"
@@ -36,6 +37,8 @@ import * as Snapshot from "./Snapshot.js"
 import * as Transfer from "./Transfer.js"
 import * as Transport from "./Transport.js"
 import { ownFibers } from "./internal/native/ownFibers.js"
+import * as Inputs from "./internal/inputs.js"
+import * as Memory from "./internal/memory.js"
 
 // ---------------------------------------------------------------------------------------------------------
 // What both sides share (`Transfer`)
@@ -206,7 +209,7 @@ const checkOptions = (options: MigrateOptions, pageSize: number): string | undef
 const checkReconnect = (reconnect: MigrateOptions["reconnect"]): string | undefined => {
   // (null was a defect, a string ignored in silence: plain JavaScript)
   if (reconnect !== undefined && typeof reconnect !== "number" && (typeof reconnect !== "object" || reconnect === null)) {
-    return `reconnect must be a number of attempts or { attempts, within }, not ${Transfer.describeInput(reconnect)}`
+    return `reconnect must be a number of attempts or { attempts, within }, not ${Inputs.describeInput(reconnect)}`
   }
   const attempts = typeof reconnect === "number" ? reconnect : reconnect?.attempts === undefined ? 3 : reconnect.attempts
   const within = typeof reconnect === "object" ? reconnect.within : undefined
@@ -290,7 +293,7 @@ const saveToFile = (
       return yield* unsupported(path, "a bandwidth limit does not apply to a file: snapshot (it limits the channels' sockets)")
     }
     yield* tracker.active
-    return yield* Snapshot.saveTracked(path, {
+    return yield* SnapshotInternal.save(path, {
       channels: options.channels,
       zeroPage: options.zeroPage,
       live: options.live,
@@ -312,7 +315,7 @@ export const migrate = (
 ): Effect.Effect<Stats, MigrateError, Transport.Transport | GuestRam.GuestRam> =>
   Effect.gen(function*() {
     const ram = yield* GuestRam.GuestRam
-    const badOptions = Transfer.checkOptions(options, false)
+    const badOptions = Inputs.checkOptions(options, false)
     if (badOptions !== undefined) return yield* new MigrationError.MigrationError({ reason: "BadOptions", detail: badOptions })
     const resolved = yield* MigrationConfig.resolve(options)
     const address = resolved.address
@@ -321,8 +324,8 @@ export const migrate = (
     // know was taken for Tcp and connected), a callback that is no function (the migration died on it once it
     // called it, connected by then), a status that is no handle, memory in context that is no GuestRam (defects)
     const badStatus = checkStatus(resolved.status)
-    const bad = GuestRam.notGuestRam(ram, "the GuestRam in context") ?? badStatus ?? Transport.addressProblem(address) ??
-      Transfer.checkCallback("onProgress", resolved.onProgress) ?? Transfer.checkCallback("upgrade", resolved.upgrade)
+    const bad = Memory.notGuestRam(ram, "the GuestRam in context") ?? badStatus ?? Transport.addressProblem(address) ??
+      Inputs.checkCallback("onProgress", resolved.onProgress) ?? Inputs.checkCallback("upgrade", resolved.upgrade)
     return yield* observed("source", badStatus === undefined ? resolved.status : undefined, ram?.size ?? 0, (tracker): Effect.Effect<Stats, MigrateError, Transport.Transport | GuestRam.GuestRam> =>
       bad !== undefined
         ? Effect.fail(new MigrationError.MigrationError({ reason: "BadOptions", detail: bad }))
@@ -348,7 +351,7 @@ export const migrate = (
 const checkStatus = (status: unknown): string | undefined =>
   status === undefined || (typeof status === "object" && status !== null && Status.TypeId in status)
     ? undefined
-    : `status ${Transfer.describeInput(status)} is not a MigrationStatus handle (MigrationStatus.make)`
+    : `status ${Inputs.describeInput(status)} is not a MigrationStatus handle (MigrationStatus.make)`
 
 /**
  * Why the options of a destination that plain JavaScript may get wrong are unusable, if they are: memory given that
@@ -356,12 +359,12 @@ const checkStatus = (status: unknown): string | undefined =>
  * had connected). The status, checked apart, is not one of them.
  */
 const checkIncomingTypes = (options: IncomingOptions<unknown>): string | undefined =>
-  (options.ram === undefined ? undefined : GuestRam.notGuestRam(options.ram, "ram")) ??
-    Transfer.checkCallback("admit", options.admit) ?? Transfer.checkCallback("store", options.store) ??
-    Transfer.checkCallback("onProgress", options.onProgress) ?? Transfer.checkCallback("upgrade", options.upgrade) ??
-    Transfer.checkObject("expect", options.expect) ??
+  (options.ram === undefined ? undefined : Memory.notGuestRam(options.ram, "ram")) ??
+    Inputs.checkCallback("admit", options.admit) ?? Inputs.checkCallback("store", options.store) ??
+    Inputs.checkCallback("onProgress", options.onProgress) ?? Inputs.checkCallback("upgrade", options.upgrade) ??
+    Inputs.checkObject("expect", options.expect) ??
     // (listenAndReceive's own)
-    Transfer.checkCallback("onListening", (options as { readonly onListening?: unknown }).onListening)
+    Inputs.checkCallback("onListening", (options as { readonly onListening?: unknown }).onListening)
 
 /** An address for a span's attribute, even one that is no address (`Transport.addressProblem`: BadOptions). */
 const spanAddress = (address: Transport.Address): string =>
@@ -566,7 +569,7 @@ export const incoming = <E = never>(
 ): Effect.Effect<Incoming, IncomingError | E, never> => receive(listener.address, Effect.succeed(listener), options, false)
 
 /**
- * A migration into memory given, run as the only one on it (`GuestRam.exclusively`): its pages are written past the
+ * A migration into memory given, run as the only one on it (`Memory.exclusively`): its pages are written past the
  * memory's gate and dirty log, so no migration or save of it may run meanwhile (`Busy`).
  */
 const into = <A, E, R>(
@@ -646,7 +649,7 @@ const givenOptions = <A, E, R>(
   options: unknown,
   self: Effect.Effect<A, E, R>
 ): Effect.Effect<A, E | MigrationError.MigrationError, R> => {
-  const problem = Transfer.checkOptions(options, true)
+  const problem = Inputs.checkOptions(options, true)
   return problem === undefined ? self : Effect.fail(new MigrationError.MigrationError({ reason: "BadOptions", detail: problem }))
 }
 
@@ -670,7 +673,7 @@ const restoreFromFile = <E>(
             : Effect.fail(new MigrationError.MigrationError({ reason: "BadOptions", detail: problem }))
         }),
         Effect.tap(
-          Snapshot.restoreTracked(path, {
+          SnapshotInternal.restore(path, {
             ram: options.ram,
             maxRamBytes: options.maxRamBytes,
             // a snapshot is a proposal too (its pages stored as they are): expectations and admit, before a
@@ -732,7 +735,7 @@ export const listenAndReceive = <E = never>(
       const listener = yield* transport.listen(address)
       // (one that returns no Effect, an async function's Promise, fails CallbackFailed saying so: it was a defect)
       const onListening = options.onListening
-      if (onListening) yield* Transfer.callback("onListening", () => onListening(listener.address), false)
+      if (onListening) yield* Inputs.callback("onListening", () => onListening(listener.address), false)
       return listener
     }),
     options,

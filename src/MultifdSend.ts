@@ -35,6 +35,7 @@ import * as Ref from "effect/Ref"
 import type * as Scope from "effect/Scope"
 import * as Crypto from "node:crypto"
 import * as Bandwidth from "./Bandwidth.js"
+import * as RateLimits from "./internal/native/rateLimit.js"
 import type * as ChannelThreads from "./ChannelThreads.js"
 import type * as GuestRam from "./GuestRam.js"
 import { ownFibers } from "./internal/native/ownFibers.js"
@@ -288,7 +289,7 @@ export const make = (
       compression: config.compression,
       compressionLevel: config.compressionLevel,
       zeroPage: config.zeroPage,
-      rateLimit: Bandwidth.sharedOf(config.maxBandwidth),
+      rateLimit: RateLimits.sharedOf(config.maxBandwidth),
       // a connection the destination closed or reset is lost even with nothing to write: re-attached, or (reconnect
       // 0) the migration's failure at once, not at the peer timeout
       watchEnd: true

@@ -73,6 +73,8 @@ import * as Tls from "./Tls.js"
 import * as Transfer from "./Transfer.js"
 import * as Transport from "./Transport.js"
 import { ownFibers } from "./internal/native/ownFibers.js"
+import * as Inputs from "./internal/inputs.js"
+import * as Memory from "./internal/memory.js"
 
 /**
  * How the destination expects QEMU to migrate.
@@ -333,7 +335,7 @@ export const incoming = <E = never>(
 
 /** Why the options cannot be used, before anything is accepted. */
 const check = <E>(options: Options<E>): MigrationError.MigrationError | undefined => {
-  const notOptions = Transfer.checkOptions(options, false)
+  const notOptions = Inputs.checkOptions(options, false)
   if (notOptions !== undefined) return new MigrationError.MigrationError({ reason: "BadOptions", detail: notOptions })
   const channels = options.channels
   // (null, from plain JavaScript, is no method: it took none in silence)
@@ -366,15 +368,15 @@ const check = <E>(options: Options<E>): MigrationError.MigrationError | undefine
  * as false or true, a misspelt policy as `refuse`), in silence.
  */
 const checkTypes = (options: Options<unknown>): string | undefined =>
-  (options.ram === undefined ? undefined : GuestRam.notGuestRam(options.ram, "ram")) ??
-    Transfer.checkCallback("admit", options.admit) ?? Transfer.checkCallback("onProgress", options.onProgress) ??
-    Transfer.checkCallback("persist", options.persist) ?? Transfer.checkCallback("upgrade", options.upgrade) ??
-    Transfer.checkCallback("onListening", (options as { readonly onListening?: unknown }).onListening) ??
-    Transfer.checkObject("tls", options.tls) ??
-    Transfer.checkFlag("vm", options.vm) ?? Transfer.checkFlag("flushAfterEachSection", options.flushAfterEachSection) ??
+  (options.ram === undefined ? undefined : Memory.notGuestRam(options.ram, "ram")) ??
+    Inputs.checkCallback("admit", options.admit) ?? Inputs.checkCallback("onProgress", options.onProgress) ??
+    Inputs.checkCallback("persist", options.persist) ?? Inputs.checkCallback("upgrade", options.upgrade) ??
+    Inputs.checkCallback("onListening", (options as { readonly onListening?: unknown }).onListening) ??
+    Inputs.checkObject("tls", options.tls) ??
+    Inputs.checkFlag("vm", options.vm) ?? Inputs.checkFlag("flushAfterEachSection", options.flushAfterEachSection) ??
     (options.postcopyRam === undefined || options.postcopyRam === "refuse" || options.postcopyRam === "precopy"
       ? undefined
-      : `postcopyRam ${Transfer.describeInput(options.postcopyRam)} is not refuse or precopy`)
+      : `postcopyRam ${Inputs.describeInput(options.postcopyRam)} is not refuse or precopy`)
 
 /** `incoming` with its options checked. */
 const receive = <E>(listener: Transport.Listener, options: Options<E>): Effect.Effect<Incoming, IncomingError | E> =>
@@ -439,7 +441,7 @@ const receive = <E>(listener: Transport.Listener, options: Options<E>): Effect.E
       // the step may save or migrate the memory it persists, even memory given, which everyone else finds `Busy`
       const persist = options.persist === undefined
         ? Effect.void
-        : GuestRam.lending(main.ram, Effect.suspend(() => options.persist!({ ram: main.ram, vm })))
+        : Memory.lending(main.ram, Effect.suspend(() => options.persist!({ ram: main.ram, vm })))
       const recv = channels === 0 ? undefined : yield* Deferred.await(channelSet)
       const completed = complete(recv, main, candidates, { channels, compression, peer: timeouts.peer, vm })
       if (!(yield* Ref.get(returnPath))) return { received: yield* completed, persist }
@@ -479,7 +481,7 @@ export const listenAndReceive = <E = never>(
       const listener = yield* transport.listen(address)
       // (one that returns no Effect, an async function's Promise, fails CallbackFailed saying so: it was a defect)
       const onListening = options.onListening
-      if (onListening) yield* Transfer.callback("onListening", () => onListening(listener.address), false)
+      if (onListening) yield* Inputs.callback("onListening", () => onListening(listener.address), false)
       return yield* receive(listener, options)
     }))
     return options.ram === undefined ? run : Precopy.exclusive(options.ram, run)

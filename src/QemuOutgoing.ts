@@ -39,9 +39,9 @@ import * as Effect from "effect/Effect"
 import * as Fiber from "effect/Fiber"
 import * as Option from "effect/Option"
 import * as Bandwidth from "./Bandwidth.js"
+import * as RateLimits from "./internal/native/rateLimit.js"
 import * as ChannelThreads from "./ChannelThreads.js"
 import * as OpenFiles from "./internal/native/openFiles.js"
-import { RateLimit } from "./internal/native/rateLimit.js"
 import * as Precopy from "./internal/precopy.js"
 import * as Format from "./internal/qemu/format.js"
 import * as PageWindow from "./internal/qemu/pageWindow.js"
@@ -60,6 +60,8 @@ import * as Tls from "./Tls.js"
 import * as Transfer from "./Transfer.js"
 import * as Transport from "./Transport.js"
 import { ownFibers } from "./internal/native/ownFibers.js"
+import * as Inputs from "./internal/inputs.js"
+import * as Memory from "./internal/memory.js"
 
 /**
  * How to migrate a VM into QEMU.
@@ -159,7 +161,7 @@ const badOptions = (detail: string) => new MigrationError.MigrationError({ reaso
 
 /** Why the options cannot be used, before anything connects. */
 const check = <E>(options: Options<E>): MigrationError.MigrationError | undefined => {
-  const notOptions = Transfer.checkOptions(options, false)
+  const notOptions = Inputs.checkOptions(options, false)
   if (notOptions !== undefined) return badOptions(notOptions)
   const channels = options.channels === 0 ? undefined : Protocol.checkChannels(options.channels, "multifd channels")
   if (channels !== undefined) return badOptions(channels)
@@ -172,12 +174,12 @@ const check = <E>(options: Options<E>): MigrationError.MigrationError | undefine
   // from plain JavaScript, an address or a VM that is none, and callbacks or switches of the wrong type, were defects
   // (before anything connected, or once it had) or read in silence
   const types = Transport.addressProblem(options.address) ?? checkVm(options.vm) ??
-    Transfer.checkCallback("readPages", options.readPages) ?? Transfer.checkCallback("load", options.load) ??
-    Transfer.checkCallback("onProgress", options.onProgress) ?? Transfer.checkCallback("upgrade", options.upgrade) ??
-    Transfer.checkObject("tls", options.tls) ?? Transfer.checkFlag("flushAfterEachSection", options.flushAfterEachSection) ??
+    Inputs.checkCallback("readPages", options.readPages) ?? Inputs.checkCallback("load", options.load) ??
+    Inputs.checkCallback("onProgress", options.onProgress) ?? Inputs.checkCallback("upgrade", options.upgrade) ??
+    Inputs.checkObject("tls", options.tls) ?? Inputs.checkFlag("flushAfterEachSection", options.flushAfterEachSection) ??
     (options.maxBandwidth === undefined || Bandwidth.isLimit(options.maxBandwidth)
       ? undefined
-      : `maxBandwidth ${Transfer.describeInput(options.maxBandwidth)} is not a Bandwidth.Limit (Bandwidth.make)`)
+      : `maxBandwidth ${Inputs.describeInput(options.maxBandwidth)} is not a Bandwidth.Limit (Bandwidth.make)`)
   if (types !== undefined) return badOptions(types)
   if (options.address._tag === "File") return badOptions("QEMU listens on a tcp: or unix: address, not a file")
   const timeouts = Transfer.checkTimeouts(options.timeouts)
@@ -206,10 +208,10 @@ const check = <E>(options: Options<E>): MigrationError.MigrationError | undefine
 /** Why `vm` is no `QemuVm` (its memory, device state and commands), if it is not. */
 const checkVm = (vm: unknown): string | undefined => {
   const v = vm as Partial<QemuVm.QemuVm> | null | undefined
-  return typeof vm === "object" && vm !== null && GuestRam.notGuestRam(v!.ram, "vm.ram") === undefined &&
+  return typeof vm === "object" && vm !== null && Memory.notGuestRam(v!.ram, "vm.ram") === undefined &&
       v!.deviceState instanceof Uint8Array && Array.isArray(v!.commands)
     ? undefined
-    : `vm ${Transfer.describeInput(vm)} is not a QEMU VM (QemuIncoming's vm, MappedRam.read or MappedRam.open)`
+    : `vm ${Inputs.describeInput(vm)} is not a QEMU VM (QemuIncoming's vm, MappedRam.read or MappedRam.open)`
 }
 
 /** A multifd channel's failure (`MultifdSend` names each by its channel). */
@@ -396,7 +398,7 @@ const send = <E>(options: Options<E>): Effect.Effect<Stats, OutgoingError | E, T
         const zeroFill = Buffer.from([0])
         const limit = options.maxBandwidth === undefined
           ? undefined
-          : RateLimit.attach(Bandwidth.sharedOf(options.maxBandwidth)!)
+          : RateLimits.RateLimit.attach(RateLimits.sharedOf(options.maxBandwidth)!)
         const paced = (chunks: Array<Buffer>, bytes: number) => {
           const wait = limit === undefined ? 0 : limit.reserve(bytes)
           return wait > 0 ? Effect.zipRight(Effect.sleep(Duration.millis(wait)), writeMain(chunks)) : writeMain(chunks)

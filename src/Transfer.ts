@@ -6,7 +6,6 @@
  *
  * @since 0.1.0
  */
-import * as Cause from "effect/Cause"
 import * as Clock from "effect/Clock"
 import * as Duration from "effect/Duration"
 import * as Effect from "effect/Effect"
@@ -14,7 +13,7 @@ import * as Exit from "effect/Exit"
 import * as Schedule from "effect/Schedule"
 import type * as Scope from "effect/Scope"
 import { RecentRate } from "./internal/native/rate.js"
-import * as MigrationError from "./MigrationError.js"
+import * as Inputs from "./internal/inputs.js"
 import type * as Protocol from "./Protocol.js"
 
 // ---------------------------------------------------------------------------------------------------------
@@ -78,117 +77,11 @@ export const checkDuration = (what: string, input: unknown, min: "positive" | "n
   const duration = Duration.decodeUnknown(input)
   // Duration reads a negative number or NaN as 0: they are mistakes, not 0
   const negative = typeof input === "number" ? !(input >= 0) : typeof input === "string" && /^\s*-/.test(input)
-  if (duration._tag === "None" || negative) return `${what} ${describeInput(input)} is not a duration of 0 or more`
+  if (duration._tag === "None" || negative) return `${what} ${Inputs.describeInput(input)} is not a duration of 0 or more`
   return min === "positive" && Duration.toMillis(duration.value) === 0
-    ? `${what} must be more than 0, not ${describeInput(input)}`
+    ? `${what} must be more than 0, not ${Inputs.describeInput(input)}`
     : undefined
 }
-
-/**
- * Why an option that holds an object (`timeouts`, `live`, `expect`, ...), given as `what`, is none, if it is not: from
- * plain JavaScript, `null` was a defect, a number was ignored in silence.
- *
- * @internal
- */
-export const checkObject = (what: string, value: unknown): string | undefined =>
-  value === undefined || (typeof value === "object" && value !== null && !Array.isArray(value))
-    ? undefined
-    : `${what} must be an object, not ${describeInput(value)}`
-
-/**
- * Why a switch option (`vm`, `flushAfterEachSection`), given as `what`, is no boolean, if it is not: from plain
- * JavaScript, `null` or `"no"` was read as false or true in silence.
- *
- * @internal
- */
-export const checkFlag = (what: string, value: unknown): string | undefined =>
-  value === undefined || typeof value === "boolean" ? undefined : `${what} must be true or false, not ${describeInput(value)}`
-
-/**
- * Why the options a function was given, as a whole, are none (`null`, a string), if they are not: from plain
- * JavaScript, each was a defect ("Cannot read properties of null"), `Snapshot.restore` and `MappedRam.read` threw
- * as they were called. Options that may be left out (`optional`) may be `undefined`: the defaults.
- *
- * @internal
- */
-export const checkOptions = (value: unknown, optional: boolean): string | undefined =>
-  (value === undefined && optional) || (typeof value === "object" && value !== null && !Array.isArray(value))
-    ? undefined
-    : `the options must be an object${optional ? " (or left out)" : ""}, not ${describeInput(value)}`
-
-/**
- * Why a callback option (`onProgress`, `store`, `admit`, `upgrade`), given as `what`, is no function, if it is not:
- * from plain JavaScript, the migration died on it ("is not a function") once it was called, after it connected.
- *
- * @internal
- */
-export const checkCallback = (what: string, value: unknown): string | undefined =>
-  value === undefined || typeof value === "function" ? undefined : `${what} must be a function, not ${describeInput(value)}`
-
-/**
- * Calls a callback given in the options (`what` names it, "the progress report (onProgress)") and runs the Effect it
- * returns. From plain JavaScript it may return something else: an `async` function's Promise (the migration died on
- * "Not a valid effect: {}", a stack trace, once connected), or `undefined`; that fails `CallbackFailed`, saying
- * what it returned and what to do. With `strict`, a callback that throws, dies or fails (its type says it cannot)
- * fails `CallbackFailed` naming it and its error too, rather than end the transfer with a defect (or an error of no
- * type the caller was told of); an interruption goes on as it is.
- *
- * @internal
- */
-export const callback = <A, E, R>(
-  what: string,
-  call: () => Effect.Effect<A, E, R>,
-  strict: boolean
-): Effect.Effect<A, E | MigrationError.MigrationError, R> =>
-  Effect.suspend((): Effect.Effect<A, E | MigrationError.MigrationError, R> => {
-    const failed = (detail: string) => new MigrationError.MigrationError({ reason: "CallbackFailed", detail: `${what} ${detail}` })
-    let result: unknown
-    try {
-      result = call()
-    } catch (thrown) {
-      if (!strict) throw thrown
-      return Effect.fail(failed(`threw: ${oneLine(thrown)}`))
-    }
-    if (!Effect.isEffect(result)) {
-      return Effect.fail(failed(
-        result instanceof Promise || (typeof result === "object" && result !== null && typeof (result as PromiseLike<unknown>).then === "function")
-          ? "returned a Promise, not an Effect (an async function? wrap its work in Effect.promise)"
-          : `returned ${describeInput(result)}, not an Effect`
-      ))
-    }
-    const effect = result as Effect.Effect<A, E, R>
-    return strict
-      ? Effect.catchAllCause(effect, (cause) =>
-        Cause.isInterruptedOnly(cause)
-          ? Effect.failCause(cause as Cause.Cause<never>)
-          : Effect.fail(failed(`${Cause.isFailure(cause) ? "failed" : "died"}: ${oneLine(Cause.squash(cause))}`)))
-      : effect
-  })
-
-/** The one-line message of anything thrown or failed with. */
-const oneLine = (error: unknown): string => {
-  const text = typeof error === "object" && error !== null && "message" in error && typeof error.message === "string" &&
-      error.message.length > 0
-    ? error.message
-    : String(error)
-  return text.split("\n")[0]!
-}
-
-/**
- * A value a caller gave, for a message: strings quoted (a "4" is not 4), objects and functions named as such.
- *
- * @internal
- */
-export const describeInput = (input: unknown): string =>
-  Duration.isDuration(input)
-    ? Duration.format(input)
-    : typeof input === "string"
-    ? JSON.stringify(input)
-    : typeof input === "number" || typeof input === "bigint" || input === null || input === undefined
-    ? String(input)
-    : typeof input === "object"
-    ? "(an object)"
-    : `(a ${typeof input})`
 
 /**
  * The longest timeout, in milliseconds (2^31 - 1, about 24.8 days): the longest a timer waits. A longer one, or
@@ -212,7 +105,7 @@ export const checkTimeout = (what: string, input: unknown): string | undefined =
   checkDuration(what, input, "positive") ??
     (Duration.toMillis(Duration.decode(input as Duration.DurationInput)) <= MAX_TIMEOUT_MS
       ? undefined
-      : `${what} must be finite, at most 24 days (the longest a timer waits), not ${describeInput(input)}`)
+      : `${what} must be finite, at most 24 days (the longest a timer waits), not ${Inputs.describeInput(input)}`)
 
 /**
  * Why the timeouts given cannot be used, if they cannot: each must be a finite duration more than 0
@@ -222,7 +115,7 @@ export const checkTimeout = (what: string, input: unknown): string | undefined =
  * @category utils
  */
 export const checkTimeouts = (partial: Partial<Timeouts> | undefined): string | undefined => {
-  const notObject = checkObject("timeouts", partial)
+  const notObject = Inputs.checkObject("timeouts", partial)
   if (notObject !== undefined) return notObject
   for (const name of ["connect", "handshake", "peer"] as const) {
     const input = partial?.[name]
@@ -273,7 +166,7 @@ export interface LiveOptions {
 export const checkLive = (live: LiveOptions | undefined): string | undefined => {
   if (live === undefined) return undefined
   // (null, from plain JavaScript, was a defect)
-  const notObject = checkObject("live", live)
+  const notObject = Inputs.checkObject("live", live)
   if (notObject !== undefined) return notObject
   for (const name of ["downtimeLimit", "maxDuration"] as const) {
     const input = live[name]
@@ -282,7 +175,7 @@ export const checkLive = (live: LiveOptions | undefined): string | undefined => 
   }
   const rounds = live.maxRounds
   if (rounds !== undefined && !(Number.isInteger(rounds) && rounds >= 0)) {
-    return `live.maxRounds must be a whole number of 0 or more, not ${describeInput(rounds)}`
+    return `live.maxRounds must be a whole number of 0 or more, not ${Inputs.describeInput(rounds)}`
   }
   const policy = live.onNoConvergence
   if (policy !== undefined && policy !== "fail" && policy !== "switchover") {
@@ -501,4 +394,4 @@ export const DEFAULT_MAX_RAM = 16 * GIB
 export const checkMaxRam = (maxRamBytes: number | undefined): string | undefined =>
   maxRamBytes === undefined || (typeof maxRamBytes === "number" && maxRamBytes >= 0)
     ? undefined
-    : `the memory limit maxRamBytes must be a number of bytes >= 0, not ${describeInput(maxRamBytes)}`
+    : `the memory limit maxRamBytes must be a number of bytes >= 0, not ${Inputs.describeInput(maxRamBytes)}`

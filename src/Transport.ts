@@ -32,6 +32,7 @@ import * as Connections from "./internal/native/connection.js"
 import { type Connection, describeError, destroy, TransportError } from "./internal/native/connection.js"
 import * as DirectSocket from "./internal/native/directSocket.js"
 import * as Lookups from "./internal/native/lookups.js"
+import * as Requeue from "./internal/requeue.js"
 import * as SocketFiles from "./internal/native/socketFiles.js"
 
 // ---------------------------------------------------------------------------------------------------------
@@ -507,7 +508,7 @@ export const listen = (address: Address): Effect.Effect<Listener, TransportError
         detail: "the listener is closed (its scope has ended): listen again"
       }))
     )
-    // a connection handed out and given back (`requeue`) is kept open when the scope it was accepted in closes
+    // a connection handed out and given back (`Requeue.requeue`) is kept open when the scope it was accepted in closes
     const handedOut = new WeakMap<Connection, { readonly socket: Net.Socket; readonly reader: DirectSocket.DirectReader; kept: boolean }>()
     const listener: Listener = {
       address: actual,
@@ -541,7 +542,7 @@ export const listen = (address: Address): Effect.Effect<Listener, TransportError
         )
       )
     }
-    requeues.set(listener, (connection) =>
+    Requeue.register(listener, (connection) =>
       Effect.map(Deferred.isDone(gone), (closed) => {
         const entry = handedOut.get(connection)
         if (entry === undefined || entry.kept || closed || entry.socket.destroyed) return false
@@ -551,20 +552,6 @@ export const listen = (address: Address): Effect.Effect<Listener, TransportError
       }))
     return listener
   })
-
-/** How each listener `listen` made takes a connection back (`requeue`). */
-const requeues = new WeakMap<Listener, (connection: Connection) => Effect.Effect<boolean>>()
-
-/**
- * Gives `connection`, which `listener` handed out and of which nothing was read but what was peeked, back to the
- * listener for whoever accepts next (at the end of its queue): it is no longer closed with the scope it was
- * accepted in (the listener closes it, if nobody accepts it again). `false`, and nothing done, for a connection
- * the listener did not hand out (a wrapped listener's, one given back already), or once either is closed.
- *
- * @internal
- */
-export const requeue = (listener: Listener, connection: Connection): Effect.Effect<boolean> =>
-  Effect.suspend(() => requeues.get(listener)?.(connection) ?? Effect.succeed(false))
 
 type TcpAddress = Extract<Address, { readonly _tag: "Tcp" }>
 

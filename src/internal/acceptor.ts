@@ -20,6 +20,7 @@ import * as Option from "effect/Option"
 import type * as Scope from "effect/Scope"
 import * as MigrationError from "../MigrationError.js"
 import * as Transport from "../Transport.js"
+import * as Requeue from "./requeue.js"
 
 /** The running acceptors. */
 export interface Acceptor<E> {
@@ -173,7 +174,7 @@ export const start = <E>(
         if (ended !== undefined && options.upgrade === undefined && mains !== undefined && mains.isMain(first.right)) {
           return yield* Effect.ensuring(
             ended,
-            Effect.flatMap(Transport.requeue(mains.listener, connection), (requeued) =>
+            Effect.flatMap(Requeue.requeue(mains.listener, connection), (requeued) =>
               requeued
                 ? Effect.logDebug(`a main channel from ${connection.peer} waits for the listener's next migration`)
                 : Effect.void)

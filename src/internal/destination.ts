@@ -36,6 +36,8 @@ import * as Recorder from "./recorder.js"
 import { unlessStalled, within } from "./stall.js"
 import type * as Status from "./status.js"
 import * as Handshake from "./tls/handshake.js"
+import * as Inputs from "./inputs.js"
+import * as Memory from "./memory.js"
 
 type Ram = GuestRam.GuestRam["Type"]
 
@@ -338,7 +340,7 @@ const admitting = (
       // main channel unanswered: the source is refused saying what the check returned
       return answer === undefined || typeof answer === "string"
         ? answer
-        : `its admit check returned ${Transfer.describeInput(answer)}, not a reason (a string) or undefined`
+        : `its admit check returned ${Inputs.describeInput(answer)}, not a reason (a string) or undefined`
     }),
     (defect) =>
       Effect.zipRight(
@@ -372,8 +374,8 @@ const storeThen = <E, E2>(
       // (one that returns no Effect, an async function's Promise, fails CallbackFailed saying so: it was a defect, "Not
       // a valid effect: {}")
       // (its MigrationError is one `incoming` fails with anyway: typed as the step's own)
-      const stepRun = Transfer.callback("the store step (store)", () => step(ram, commit), false) as Effect.Effect<void, E>
-      const fiber = yield* Effect.fork(restore(Effect.raceFirst(GuestRam.lending(ram, stepRun), storing)))
+      const stepRun = Inputs.callback("the store step (store)", () => step(ram, commit), false) as Effect.Effect<void, E>
+      const fiber = yield* Effect.fork(restore(Effect.raceFirst(Memory.lending(ram, stepRun), storing)))
       const stored = yield* Effect.exit(restore(Fiber.join(fiber)))
       if (Exit.isSuccess(stored)) {
         yield* Effect.logDebug("memory stored")

@@ -19,6 +19,8 @@ import * as Transfer from "../Transfer.js"
 import * as DirtyLog from "./native/dirtyLog.js"
 import * as WriteGate from "./native/writeGate.js"
 import { unlessStalled, within } from "./stall.js"
+import * as Inputs from "./inputs.js"
+import * as Memory from "./memory.js"
 
 /** Where pages go: a channel set, or a snapshot file's writers. */
 export interface Sink<E> {
@@ -135,14 +137,14 @@ const resolveLive = (live: Transfer.LiveOptions | undefined) => ({
 })
 
 /**
- * `GuestRam.exclusively` for a migration or a save of `ram`, or a migration into it: while another runs, fails
+ * `Memory.exclusively` for a migration or a save of `ram`, or a migration into it: while another runs, fails
  * `Busy`; memory that is no longer all there (a detached buffer) is `BadOptions`.
  */
 export const exclusive = <A, E, R>(
   ram: GuestRam.GuestRam["Type"],
   self: Effect.Effect<A, E, R>
 ): Effect.Effect<A, E | MigrationError.MigrationError, R> =>
-  GuestRam.exclusively(
+  Memory.exclusively(
     ram,
     self,
     (detail) => new MigrationError.MigrationError({ reason: "Busy", detail }),
@@ -202,7 +204,7 @@ export const run = <E, F>(
           lastReport = progress
           // (a callback that throws, dies, fails or returns no Effect, from plain JavaScript, fails CallbackFailed
           // naming it, where it was a defect with a stack trace: "Not a valid effect: {}" of an async function)
-          return ram.gate.reporting(self, Transfer.callback(REPORT, () => onProgress(progress), true))
+          return ram.gate.reporting(self, Inputs.callback(REPORT, () => onProgress(progress), true))
         }).pipe(
           within(options.stallTimeout, REPORT_WAIT),
           Effect.ensuring(Effect.sync(() => {

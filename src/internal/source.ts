@@ -32,6 +32,7 @@ import * as PeerText from "./peerText.js"
 import * as Recorder from "./recorder.js"
 import { unlessStalled, within } from "./stall.js"
 import * as Status from "./status.js"
+import * as Memory from "./memory.js"
 
 /** The source's options, checked and with their defaults. */
 export interface Settings {
@@ -373,7 +374,7 @@ export const run = (
       // the hashing threads start while the channels connect, rather than in the downtime; with channel threads
       // the digest hashes on them (idle by then) rather than on threads of its own
       const digest = Effect.mapError(
-        threads === undefined ? yield* GuestRam.digester(ram) : GuestRam.digestOnThreads(ram, threads),
+        threads === undefined ? yield* GuestRam.digester(ram) : Memory.digestOnThreads(ram, threads, (detail) => new GuestRam.GuestRamError({ reason: "Detached", detail })),
         // its ArrayBuffer detached meanwhile (transferred to another thread): refused as up front
         (error) => new MigrationError.MigrationError({ reason: "BadOptions", detail: error.detail })
       )

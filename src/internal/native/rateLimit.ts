@@ -95,3 +95,15 @@ export class RateLimit {
     }
   }
 }
+
+/** The key under which a `Bandwidth.Limit` holds its `RateLimit`. */
+export const LimitTypeId: unique symbol = Symbol.for("effect-multifd/Bandwidth")
+
+/** A `Bandwidth.Limit`, as far as the channels see it: its `RateLimit`. */
+export interface HasRateLimit {
+  readonly [LimitTypeId]: RateLimit
+}
+
+/** The shared memory behind a limit (`undefined` for none), for a channel on another thread. */
+export const sharedOf = (limit: HasRateLimit | undefined): SharedArrayBuffer | undefined =>
+  limit === undefined ? undefined : limit[LimitTypeId].buffer

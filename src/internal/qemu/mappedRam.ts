@@ -32,6 +32,7 @@ import * as PeerText from "../peerText.js"
 import { MAPPED_RAM, MAPPED_RAM_ALIGNMENT, MAPPED_RAM_HEADER_SIZE } from "./format.js"
 import * as Unloaded from "./unloaded.js"
 import * as Writer from "./writer.js"
+import * as Memory from "../memory.js"
 
 /** A mapped-ram file that cannot be written or read. */
 export class MappedRamError extends Data.TaggedError("MappedRamError")<{
@@ -210,7 +211,7 @@ export const write = (
   path: string,
   vm: QemuVm.QemuVm
 ): Effect.Effect<{ readonly size: number; readonly pages: number }, MappedRamError> =>
-  GuestRam.exclusively(
+  Memory.exclusively(
     vm.ram,
     writeFile(path, vm),
     (detail) => new MappedRamError({ reason: "Busy", path, detail: `not written: ${detail}` }),

@@ -27,6 +27,7 @@ import * as Path from "node:path"
 import * as WorkerThreads from "node:worker_threads"
 import * as Transfer from "../../Transfer.js"
 import { ownFibers } from "../native/ownFibers.js"
+import * as Inputs from "../inputs.js"
 import {
   type EncodedFailure,
   type FromSession,
@@ -329,7 +330,7 @@ export const make = (options?: Options): Effect.Effect<Pool, ThreadError, Scope.
     if (given !== undefined && !isWorkerModule(given)) {
       return yield* new ThreadError({
         reason: "Start",
-        detail: `the channel threads' pool: module ${Transfer.describeInput(given instanceof URL ? given.href : given)} ` +
+        detail: `the channel threads' pool: module ${Inputs.describeInput(given instanceof URL ? given.href : given)} ` +
           "is not an absolute path, a ./relative one or a file: URL"
       })
     }
