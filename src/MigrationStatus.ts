@@ -37,12 +37,16 @@ export type Status = Internal.Status
 export type Snapshot = Internal.Snapshot
 
 /**
+ * The symbol that marks a `MigrationStatus` handle.
+ *
  * @since 0.1.0
  * @category symbols
  */
 export const TypeId: Internal.TypeId = Internal.TypeId
 
 /**
+ * The type of `TypeId`.
+ *
  * @since 0.1.0
  * @category symbols
  */
@@ -50,7 +54,7 @@ export type TypeId = Internal.TypeId
 
 /**
  * A handle on one migration's status: `get` (the snapshot now, live counters included), `changes` (snapshots
- * as the migration publishes them) and `await` (the final one). A handle follows one migration at a time: another
+ * as the migration publishes them, a stream that ends with the final one) and `await` (the final one). A handle follows one migration at a time: another
  * migration given it while it follows one that runs fails `Busy` at once (a `MigrationError`), and leaves it alone;
  * given to a later migration, it follows that one (`await` then waits for that one's end).
  *

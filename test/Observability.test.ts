@@ -415,6 +415,43 @@ describe("MigrationStatus", () => {
     })))
 })
 
+describe("MigrationStatus.changes", () => {
+  /**
+   * `changes` never ended: `Stream.runForEach(status.changes, log)` run beside a migration waited for ever once the
+   * migration was over, and `runCollect` never returned. It ends with the migration's final snapshot now.
+   */
+  it.live("a stream run beside a migration ends with it: its last snapshot is the final one, await's", () =>
+    run(Effect.gen(function*() {
+      const ram = yield* sourceRam(256)
+      const srcStatus = yield* MigrationStatus.make
+      const dstStatus = yield* MigrationStatus.make
+      const collect = (handle: MigrationStatus.MigrationStatus) =>
+        Effect.forkScoped(Stream.runCollect(handle.changes))
+      const srcChanges = yield* collect(srcStatus)
+      const dstChanges = yield* collect(dstStatus)
+      const dest = yield* startDestination({ status: dstStatus })
+      yield* Migration.migrate({ address: dest.address, channels: 2, timeouts: TIMEOUTS, status: srcStatus }).pipe(
+        Effect.provideService(GuestRam.GuestRam, ram)
+      )
+      yield* noHang(Fiber.join(dest.fiber), "incoming")
+      for (const [handle, changes] of [[srcStatus, srcChanges], [dstStatus, dstChanges]] as const) {
+        const seen = Array.from(yield* noHang(Fiber.join(changes), "the end of changes"))
+        expect(seen.at(-1)).toEqual(yield* handle.await)
+        expect(seen.map((s) => s.status).filter(MigrationStatus.isFinal)).toEqual(["completed"])
+        // run after the end: the final snapshot alone
+        expect(Array.from(yield* noHang(Stream.runCollect(handle.changes), "changes after the end"))).toEqual([seen.at(-1)])
+      }
+      // a failed migration's stream ends with failed
+      const failing = yield* MigrationStatus.make
+      const failingChanges = yield* collect(failing)
+      yield* Effect.flip(Migration.migrate({ address: dest.address, channels: 0, status: failing }).pipe(
+        Effect.provideService(GuestRam.GuestRam, ram)
+      ))
+      const failed = Array.from(yield* noHang(Fiber.join(failingChanges), "the end of a failed migration's changes"))
+      expect(failed.at(-1)?.status).toBe("failed")
+    })))
+})
+
 /** The current value of a counter tagged `side` (and more tags). */
 const count = (metric: Metric.Metric.Counter<number>, tags: Record<string, string>) =>
   Effect.map(Metric.value(Object.entries(tags).reduce((m, [k, v]) => Metric.tagged(m, k, v), metric)), (s) => s.count)

@@ -76,7 +76,10 @@ export interface MigrationStatus {
   readonly get: Effect.Effect<Snapshot>
   /**
    * Snapshots as the migration publishes them, starting with the current one: each change of status, each
-   * progress report and round. (`get` is fresher: it also reads the live counters.)
+   * progress report and round, ending with the migration's final one (`completed`, `failed` or `cancelled`), as
+   * `await` returns it: a stream run beside a migration ends with it. Run once the migration ended (and before a
+   * later one given this handle starts), it is that final snapshot alone. (`get` is fresher: it also reads the live
+   * counters.)
    */
   readonly changes: Stream.Stream<Snapshot>
   /** Waits for the migration's end: the snapshot with status `completed`, `failed` or `cancelled`. */
@@ -146,8 +149,12 @@ class Handle implements MigrationStatus {
   }
 
   get changes(): Stream.Stream<Snapshot> {
+    // to the end of the migration it follows: a stream of every snapshot to come, migrations of this handle after
+    // it included, never ended, and a `runForEach` beside a migration waited for ever once it was over
     return Stream.mapEffect(this.state.changes, (state) =>
-      Effect.map(Clock.currentTimeMillis, (now) => view(state, now, {})))
+      Effect.map(Clock.currentTimeMillis, (now) => view(state, now, {}))).pipe(
+        Stream.takeUntil((snapshot) => isFinal(snapshot.status))
+      )
   }
 
   get await(): Effect.Effect<Snapshot> {
