@@ -1309,6 +1309,30 @@ describe("multifd failures", () => {
     expect(filesLike("wizard.out")).toEqual([])
   })
 
+  it("@effect/cli's other built-in flags, --completions and --log-level, are unknown flags as --wizard is: on no help page", async () => {
+    // `send ... --completions bash` printed a bash completion script and exited 0, nothing migrated (while `multifd
+    // --completions bash` was refused); `--log-level debug` was taken in silence, `--log-level bogus` an unknown flag
+    const cases: ReadonlyArray<readonly [ReadonlyArray<string>, string]> = [
+      [["send", "tcp:127.0.0.1:1", "--in", image, "--completions", "bash"], "--completions"],
+      [["recv", "tcp:127.0.0.1:0", "--out", Path.join(dir, "builtin.out"), "--completions=zsh"], "--completions"],
+      [["send", "tcp:127.0.0.1:1", "--in", image, "--log-level", "debug"], "--log-level"],
+      [["recv", "tcp:127.0.0.1:0", "--out", Path.join(dir, "builtin.out"), "--log-level=all"], "--log-level"]
+    ]
+    for (const [args, flag] of cases) {
+      const result = await runHere(args)
+      expect({ args, code: result.code, stderr: lines(result.stderr), stdout: result.stdout }).toEqual({
+        args,
+        code: 2,
+        stderr: [`multifd: error: unknown flag ${flag}`],
+        stdout: ""
+      })
+    }
+    for (const page of [["send", "--help"], ["recv", "--help"], ["--help"]]) {
+      expect((await runHere(page)).stdout).not.toMatch(/--completions|--log-level|--wizard/)
+    }
+    expect(filesLike("builtin.out")).toEqual([])
+  })
+
   it("--json: a failure is one JSON object on stdout (tag, reason, message), exit 1 or 2 as without it", async () => {
     const usage = await runHere(["send", "tcp:127.0.0.1:1", "--in", image, "--channels", "256", "--json"])
     expect(usage.code).toBe(2)

@@ -144,8 +144,14 @@ export const recvHelp = (width?: number): string => {
 }
 
 const HELP_FLAGS = new Set(["--help", "-h"])
-/** @effect/cli's built-in flag for its interactive mode, which the command refuses. */
-const WIZARD = "--wizard"
+/**
+ * @effect/cli's built-in flags the command refuses, as flags it does not know: its interactive mode (`--wizard`, a
+ * prompt on stdout that waited on stdin for ever), `--completions SHELL` (which printed a completion script and exited
+ * 0 in place of the migration asked for, `send ... --completions bash`, while `multifd --completions bash` was
+ * refused) and `--log-level LEVEL` (taken in silence, to no visible end: `--verbose` is the command's). None is on a
+ * help page.
+ */
+const BUILT_INS = ["--wizard", "--completions", "--log-level"]
 const COMMANDS = new Set(["send", "recv"])
 
 /** What the command line asks before any parsing: help, the version, or nothing at all. */
@@ -342,11 +348,12 @@ export const main = (argv: ReadonlyArray<string>) =>
     }
     const console = yield* Effect.console
     const reporting = { json: wantsJson(args), terminal, flags: flags(args) }
-    // @effect/cli's interactive mode, hidden from the help pages (`showBuiltIns: false`) but still taken, anywhere
-    // on the line (after `--` too): it prompted on stdout, --json or not, and waited on stdin for ever, even at its
-    // end. The command is for scripts and terminals alike, and not interactive
-    if (args.some((arg) => arg === WIZARD || arg.startsWith(`${WIZARD}=`))) {
-      return yield* toExitCode(reporting)(new UsageError({ detail: `unknown flag ${WIZARD}` }))
+    // @effect/cli's built-in flags, hidden from the help pages (`showBuiltIns: false`) but still taken, anywhere on
+    // the line (after `--` too): its interactive mode prompted on stdout, --json or not, and waited on stdin for ever,
+    // even at its end (the command is for scripts and terminals alike, and not interactive); see BUILT_INS
+    const builtIn = args.map((arg) => BUILT_INS.find((flag) => arg === flag || arg.startsWith(`${flag}=`))).find((f) => f !== undefined)
+    if (builtIn !== undefined) {
+      return yield* toExitCode(reporting)(new UsageError({ detail: `unknown flag ${builtIn}` }))
     }
     const encoding = notUtf8(args)
     if (encoding !== undefined) return yield* toExitCode(reporting)(new UsageError({ detail: encoding }))
