@@ -97,6 +97,8 @@ const RATE = /^(\d+(?:\.\d+)?)\s*([BKMGT]?)(?:i?B)?(?:\/s)?$/i
  * @category parsers
  */
 export const parse = (text: string): Either.Either<number, string> => {
+  // (from plain JavaScript, a number threw: "text.trim is not a function"; a rate as a number is `make`'s)
+  if (typeof text !== "string") return Either.left(`${String(text)} is not a rate as text like 100M (MiB/s), 512K, 1G or 0`)
   const m = RATE.exec(text.trim())
   const unit = m === null ? 0 : 1024 ** "BKMGT".indexOf(m[2]!.toUpperCase() || "M")
   const bytes = m === null ? NaN : Math.round(Number(m[1]) * unit)

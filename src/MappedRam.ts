@@ -23,6 +23,7 @@ import type * as QemuStream from "./QemuStream.js"
 import type * as QemuVm from "./QemuVm.js"
 import * as Transfer from "./Transfer.js"
 import * as Inputs from "./internal/inputs.js"
+import * as Memory from "./internal/memory.js"
 
 /**
  * A mapped-ram file that cannot be written or read: `reason` (`Unusable`: cannot be opened or created;
@@ -61,7 +62,15 @@ export interface Written {
  * @since 0.1.0
  * @category writing
  */
-export const write: (path: string, vm: QemuVm.QemuVm) => Effect.Effect<Written, MappedRamError> = internal.write
+export const write = (path: string, vm: QemuVm.QemuVm): Effect.Effect<Written, MappedRamError> =>
+  Effect.suspend(() => {
+    // (from plain JavaScript, a VM that is none threw as `write` was called: "Cannot read properties of null")
+    const notVm = typeof vm === "object" && vm !== null && Memory.notGuestRam(vm.ram, "the VM's ram") === undefined
+      ? undefined
+      : `the VM ${Inputs.describeInput(vm)} is not a QemuVm (what QemuIncoming, MappedRam.read or open give)`
+    return notPath(path) ??
+      (notVm === undefined ? internal.write(path, vm) : Effect.fail(new MappedRamError({ reason: "Unsupported", path, detail: notVm })))
+  })
 
 /**
  * How to read a file: the most RAM it may make this process allocate (default 16 GiB), the target page size
@@ -117,8 +126,18 @@ const settingsOf = (options: ReadOptions) => ({
 /** The options as a whole that are none (`null`, from plain JavaScript: it threw as `read` or `open` was called). */
 const notOptions = (path: string, options: unknown) => {
   const problem = Inputs.checkOptions(options, true)
-  return problem === undefined ? undefined : Effect.fail(new MappedRamError({ reason: "Unsupported", path, detail: problem }))
+  return notPath(path) ??
+    (problem === undefined ? undefined : Effect.fail(new MappedRamError({ reason: "Unsupported", path, detail: problem })))
 }
+
+/**
+ * A path that is no string (plain JavaScript): `open(null)` threw as it was called, `read(5)` failed with Node's
+ * own words ('The "path" argument must be of type string...'), `write(null, vm)` threw.
+ */
+const notPath = (path: unknown) =>
+  typeof path === "string"
+    ? undefined
+    : Effect.fail(new MappedRamError({ reason: "Unusable", path: "", detail: `the path ${Inputs.describeInput(path)} is not a string` }))
 
 /**
  * A file opened by `open`: its VM, whose memory is allocated (untouched) but whose pages (of a mapped-ram

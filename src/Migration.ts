@@ -566,7 +566,17 @@ export interface Expectations {
 export const incoming = <E = never>(
   listener: Transport.Listener,
   options: IncomingOptions<E> = {}
-): Effect.Effect<Incoming, IncomingError | E, never> => receive(listener.address, Effect.succeed(listener), options, false)
+): Effect.Effect<Incoming, IncomingError | E, never> => {
+  const notListener = Inputs.checkListener(listener)
+  return receive(
+    (listener as Transport.Listener | null | undefined)?.address as Transport.Address,
+    notListener === undefined
+      ? Effect.succeed(listener)
+      : Effect.fail(new MigrationError.MigrationError({ reason: "BadOptions", detail: notListener })),
+    options,
+    false
+  )
+}
 
 /**
  * A migration into memory given, run as the only one on it (`Memory.exclusively`): its pages are written past the

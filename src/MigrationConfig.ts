@@ -81,6 +81,8 @@ const DURATION = /^(\d+(?:\.\d+)?)\s*(ms|s|m|h)?$/
  * @category parsers
  */
 export const parseDuration = (text: string): Either.Either<Duration.Duration, string> => {
+  // (from plain JavaScript, a number threw: "text.trim is not a function")
+  if (typeof text !== "string") return Either.left(`${String(text)} is not a duration as text like 30s, 500ms, 2m or 1h`)
   const m = DURATION.exec(text.trim())
   const value = m === null ? NaN : Number(m[1])
   if (m === null || !Number.isFinite(value) || value <= 0) {
@@ -110,6 +112,7 @@ const SIZE = /^(\d+)\s*([KMGT]?)(?:i?B)?$/i
  * @category parsers
  */
 export const parseSize = (text: string): Either.Either<number, string> => {
+  if (typeof text !== "string") return Either.left(`${String(text)} is not a size as text like 512K, 64M or 16G`)
   const m = SIZE.exec(text.trim())
   const unit = m === null ? 0 : 1024 ** "_KMGT".indexOf(m[2]!.toUpperCase() || "_")
   const bytes = m === null ? NaN : Number(m[1]) * unit

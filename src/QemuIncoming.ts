@@ -326,7 +326,8 @@ export const incoming = <E = never>(
   options: Options<E>
 ): Effect.Effect<Incoming, IncomingError | E> =>
   ownFibers(Effect.suspend(() => {
-    const bad = check(options)
+    const notListener = Inputs.checkListener(listener)
+    const bad = notListener === undefined ? check(options) : new MigrationError.MigrationError({ reason: "BadOptions", detail: notListener })
     if (bad !== undefined) return Effect.fail(bad)
     // its pages are written past the memory's gate and dirty log: no migration, save or restore of memory given may
     // run meanwhile (`Busy`), and this one waits for none, as `Migration.incoming` into memory given

@@ -201,6 +201,8 @@ const gnutlsIdentity = (line: string): string | undefined => {
  */
 export const parsePskFile = (text: string, source = "keys file"): Effect.Effect<ReadonlyMap<string, Buffer>, TlsError> =>
   Effect.suspend(() => {
+    // (from plain JavaScript, a Buffer or null died: "text.split is not a function")
+    if (typeof text !== "string") return Effect.fail(configError(`${source}: its text must be a string (the file's contents, read as UTF-8)`))
     const keys = new Map<string, Buffer>()
     const lines = text.split(/\r?\n/)
     for (let i = 0; i < lines.length; i++) {
@@ -539,7 +541,28 @@ export const load = (config: TlsConfig): Effect.Effect<Settings, TlsError> =>
  * @since 0.1.0
  * @category utils
  */
-export const checkClient: (settings: Settings) => Effect.Effect<void, TlsError> = TlsClient.checkClient
+export const checkClient = (settings: Settings): Effect.Effect<void, TlsError> =>
+  Effect.suspend(() => {
+    const bad = notSettings(settings, "checkClient")
+    return bad === undefined ? TlsClient.checkClient(settings) : Effect.fail(bad)
+  })
+
+/**
+ * Why `settings`, given to `what`, are no settings `load` made, if they are not: from plain JavaScript, a
+ * `TlsConfig` given as it is (`Tls.checkClient({ psk: "keys.psk" })`) threw as it was called or died ("Cannot read
+ * properties of undefined (reading '_tag')").
+ */
+const notSettings = (settings: unknown, what: string): TlsError | undefined => {
+  const s = settings as { readonly credentials?: { readonly _tag?: unknown } } | null
+  return typeof s === "object" && s !== null && typeof s.credentials === "object" && s.credentials !== null &&
+      (s.credentials._tag === "Psk" || s.credentials._tag === "X509")
+    ? undefined
+    : configError(
+      `${what} takes the settings Tls.load gives (yield* Tls.load(config)), not ${
+        typeof settings === "object" && settings !== null ? "(an object)" : String(settings)
+      }`
+    )
+}
 
 const NO_SERVER_CERTIFICATE = "an x509 destination needs a certificate of its own and its key (cert, key), which it " +
   "presents to every source: the CA file (ca) verifies the sources"
@@ -554,6 +577,8 @@ const NO_SERVER_CERTIFICATE = "an x509 destination needs a certificate of its ow
  */
 export const checkServer = (settings: Settings): Effect.Effect<void, TlsError> =>
   Effect.suspend(() => {
+    const bad = notSettings(settings, "checkServer")
+    if (bad !== undefined) return Effect.fail(bad)
     // a TLS server presents a certificate: without one every handshake failed, each side blaming the other's
     if (settings.credentials._tag === "X509" && settings.credentials.cert === undefined) {
       return Effect.fail(configError(NO_SERVER_CERTIFICATE))

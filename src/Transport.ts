@@ -138,6 +138,10 @@ const addressText = (address: Address): string => {
  * @category addresses
  */
 export const parseAddress = (uri: string): Either.Either<Address, TransportError> => {
+  // (from plain JavaScript, a uri that is no string threw: "uri.startsWith is not a function")
+  if (typeof uri !== "string") {
+    return Either.left(new TransportError({ reason: "BadAddress", address: String(uri), detail: "a uri must be a string" }))
+  }
   const bad = (detail: string) => Either.left(new TransportError({ reason: "BadAddress", address: uri, detail }))
   if (uri.startsWith("unix:")) {
     const path = uri.slice(5)

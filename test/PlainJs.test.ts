@@ -14,6 +14,7 @@ import type * as Scope from "effect/Scope"
 import * as Fs from "node:fs"
 import * as Os from "node:os"
 import * as Path from "node:path"
+import * as Bandwidth from "../src/Bandwidth.js"
 import * as GuestRam from "../src/GuestRam.js"
 import * as MappedRam from "../src/MappedRam.js"
 import * as Migration from "../src/Migration.js"
@@ -632,4 +633,55 @@ describe("a destination's progress report that never returns", () => {
       const received = yield* noHang(Fiber.join(receiving), "incoming")
       expect(received.ram.blocks[0]!.bytes.equals(ram.blocks[0]!.bytes)).toBe(true)
     })))
+})
+
+describe("values of the wrong kind where a function takes a listener, TLS settings, a VM, a path or a text", () => {
+  // each threw as the function was called ("Cannot read properties of undefined (reading 'address')", "uri.startsWith
+  // is not a function") or died inside its Effect ("Not a valid effect: undefined", "Invalid value used in weak set")
+  it.effect("a typed error in one line naming what is wrong, not a throw or a defect", () =>
+    Effect.gen(function*() {
+      const N = null as never
+      const cases: ReadonlyArray<readonly [string, () => Effect.Effect<unknown, unknown, Transport.Transport | Scope.Scope>, object]> = [
+        ["Migration.incoming(undefined)", () => Migration.incoming(undefined as never), {
+          _tag: "MigrationError",
+          reason: "BadOptions",
+          message: "the listener undefined is not a Transport.Listener (what transport.listen gives)"
+        }],
+        ["Migration.incoming({})", () => Migration.incoming({} as never), { _tag: "MigrationError", reason: "BadOptions" }],
+        ["QemuIncoming.incoming(null)", () => QemuIncoming.incoming(N, { channels: 1 }), {
+          _tag: "MigrationError",
+          reason: "BadOptions",
+          message: "the listener null is not a Transport.Listener (what transport.listen gives)"
+        }],
+        // a TlsConfig given where the settings it loads to are taken
+        ["Tls.checkClient(a TlsConfig)", () => Tls.checkClient({ psk: "keys.psk" } as never), {
+          _tag: "TlsError",
+          reason: "Config",
+          message: "TLS configuration: checkClient takes the settings Tls.load gives (yield* Tls.load(config)), not (an object)"
+        }],
+        ["Tls.checkServer(null)", () => Tls.checkServer(N), { _tag: "TlsError", reason: "Config" }],
+        ["Tls.parsePskFile(a Buffer)", () => Tls.parsePskFile(Buffer.from("qemu:00") as never), { _tag: "TlsError", reason: "Config" }],
+        ["MappedRam.open(null)", () => MappedRam.open(N), {
+          _tag: "MappedRamError",
+          reason: "Unusable",
+          message: "mapped-ram file: the path null is not a string"
+        }],
+        ["MappedRam.read(5)", () => MappedRam.read(5 as never), { _tag: "MappedRamError", reason: "Unusable" }],
+        ["MappedRam.write(path, null)", () => MappedRam.write("/nonexistent/guest.vm", N), {
+          _tag: "MappedRamError",
+          reason: "Unsupported",
+          message: "/nonexistent/guest.vm: the VM null is not a QemuVm (what QemuIncoming, MappedRam.read or open give)"
+        }]
+      ]
+      for (const [name, attempt, expected] of cases) {
+        const error = failureOf(yield* Effect.exit(Effect.scoped(Effect.suspend(attempt))).pipe(Effect.provide(Transport.layer)))
+        expect({ name, error }).toMatchObject({ name, error: expected })
+        expectOneLine(error as Error)
+      }
+      // the parsers of texts: a Left, not a throw
+      expect(Transport.parseAddress(5 as never)).toMatchObject({ _tag: "Left", left: { reason: "BadAddress", message: "5: a uri must be a string" } })
+      expect(Bandwidth.parse(100 as never)).toMatchObject({ _tag: "Left" })
+      expect(MigrationConfig.parseDuration(30 as never)).toMatchObject({ _tag: "Left" })
+      expect(MigrationConfig.parseSize(N)).toMatchObject({ _tag: "Left" })
+    }))
 })

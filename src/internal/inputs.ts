@@ -101,3 +101,16 @@ export const describeInput = (input: unknown): string =>
     : typeof input === "object"
     ? "(an object)"
     : `(a ${typeof input})`
+
+/**
+ * Why `listener` is no listener, if it is not (`Transport.Listener`, what `transport.listen` gives: `{ address, accept
+ * }`): from plain JavaScript, `incoming(undefined)` threw as it was called ("Cannot read properties of undefined"),
+ * and an object that is none died inside ("Not a valid effect").
+ */
+export const checkListener = (listener: unknown): string | undefined => {
+  const l = listener as { readonly address?: unknown; readonly accept?: unknown } | null
+  return typeof l === "object" && l !== null && typeof l.address === "object" && l.address !== null &&
+      Effect.isEffect(l.accept)
+    ? undefined
+    : `the listener ${describeInput(listener)} is not a Transport.Listener (what transport.listen gives)`
+}
