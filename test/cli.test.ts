@@ -855,8 +855,13 @@ describe("multifd failures", () => {
       [["send", "tcp:127.0.0.1:1", "--to-qemu", "--vm", image, "--reconnect", "5"], /^multifd: error: --reconnect does not apply to --to-qemu: QEMU does not take a lost channel back$/],
       [["send", `file:${Path.join(dir, "t.snap")}`, "--in", image, "--reconnect", "0"], /^multifd: error: --reconnect does not apply to a file: snapshot: it has no connections$/],
       [
+        // named by its flag (it said "compression: zlib level 99 ...")
         ["send", "tcp:127.0.0.1:1", "--in", image, "--compression", "zlib", "--compression-level", "99"],
-        /^multifd: error: compression: zlib level 99 is out of range 0-9$/
+        /^multifd: error: --compression-level: zlib level 99 is out of range 0-9$/
+      ],
+      [
+        ["send", "tcp:127.0.0.1:1", "--in", image, "--compression", "zstd", "--compression-level", "-1"],
+        /^multifd: error: --compression-level: zstd level -1 is out of range 0-20$/
       ],
       [["recv", "tcp:127.0.0.1:0", "--out", Path.join(dir, "no", "such", "dir.out")], /no such file or directory/],
       [["recv", "tcp:127.0.0.1:0"], /^multifd: error: recv needs --out FILE$/],

@@ -13,6 +13,7 @@ import * as SnapshotFile from "../internal/snapshotFile.js"
 import * as Migration from "../Migration.js"
 import * as MigrationStatus from "../MigrationStatus.js"
 import * as Transport from "../Transport.js"
+import * as Protocol from "../Protocol.js"
 import { oneLine, refuseGiven, UsageError } from "./errors.js"
 import * as Image from "./image.js"
 import * as Options from "./options.js"
@@ -51,6 +52,15 @@ export const command = Command.make(
       const level = transfer.compressionLevel
       const noLevel = transfer.compression === "none" && Option.isSome(level) ? Options.checkAnyLevel(level.value) : undefined
       if (noLevel !== undefined) return yield* new UsageError({ detail: noLevel })
+      // a level the method does not have, named as given ("compression: zlib level 12 is out of range 0-9" named
+      // neither the flag nor the variable)
+      const badLevel = transfer.compression !== "none" && Option.isSome(level)
+        ? Protocol.checkCompressionLevel(transfer.compression, level.value)
+        : undefined
+      if (badLevel !== undefined) {
+        const name = transfer.given.has("--compression-level") ? "--compression-level" : "MULTIFD_COMPRESSION_LEVEL"
+        return yield* new UsageError({ detail: `${name}: ${badLevel}` })
+      }
       // port 0 is recv's "any free port": connecting to it is refused, which read like a destination that is down
       if (uri._tag === "Tcp" && uri.port === 0) {
         return yield* new UsageError({ detail: "send needs the destination's port: port 0 is for recv (a free port)" })
