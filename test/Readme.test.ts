@@ -8,7 +8,7 @@ import * as Fs from "node:fs"
 import * as Os from "node:os"
 import * as Path from "node:path"
 import { afterAll, afterEach, beforeAll, describe, expect, it } from "vitest"
-import { killChildren, ROOT, run, startRecv } from "./support/cli.js"
+import { killChildren, ROOT, run, runHere, startRecv } from "./support/cli.js"
 import * as Qemu from "./support/qemu.js"
 
 let dir: string
@@ -105,6 +105,29 @@ describe("README", () => {
       pairs++
     }
     expect(pairs).toBe(4)
+  })
+
+  it("the Snapshots section's file: commands, as written, save a snapshot and restore the image from it", async () => {
+    // its first sh block's send and recv of a file: snapshot (in this process), /var/tmp and the working directory
+    // being a fresh directory
+    const text = readme()
+    const section = text.slice(text.indexOf("\nSnapshots and QEMU:"))
+    const block = /```sh\n([\s\S]*?)```/.exec(section)![1]!
+    const commands = block.split("\n").map((line) => line.replace(/\s+#.*$/, "").trim())
+      .filter((line) => line.startsWith("npm run multifd -- ") && / file:/.test(line))
+    expect(commands.map((c) => c.split(/\s+/).slice(4, 6).join(" "))).toEqual(["send file:/var/tmp/guest.snap", "recv file:/var/tmp/guest.snap"])
+    const cwd = Path.join(dir, "snapshots")
+    Fs.mkdirSync(cwd)
+    const image = Path.join(cwd, "guest.img")
+    ChildProcess.execFileSync(process.execPath, [Path.join(ROOT, "scripts", "make-image.mjs"), image, "1M"], { stdio: "pipe" })
+    const here = (word: string) =>
+      word.startsWith("file:/var/tmp/") ? `file:${Path.join(cwd, word.slice("file:/var/tmp/".length))}` : word.endsWith(".img") ? Path.join(cwd, word) : word
+    for (const command of commands) {
+      const args = command.split(/\s+/).slice(4).map(here)
+      const result = await runHere(args)
+      expect({ args, code: result.code, stderr: result.stderr }).toMatchObject({ args, code: 0 })
+    }
+    expect(Fs.readFileSync(Path.join(cwd, "restored.img")).equals(Fs.readFileSync(image))).toBe(true)
   })
 
   // `npm run multifd -- … --json` printed npm's own two lines on stdout before the JSON: a script's JSON parser
