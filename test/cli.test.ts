@@ -1219,7 +1219,16 @@ describe("multifd failures", () => {
       [["send", "--tls-authz", "alice", "--in", image, "tcp:127.0.0.1:1"], "multifd: error: --tls-authz is a recv option"],
       [["recv", "--out", "x.img", "--in", image, "tcp:127.0.0.1:0"], "multifd: error: --in is a send option"],
       [["send", "--in", image, "tcp:127.0.0.1"], "multifd: error: bad uri: tcp:127.0.0.1: expected tcp:HOST:PORT (IPv6 as tcp:[::1]:PORT)"],
-      [["send", "--in", image], "multifd: error: Missing argument <uri>"],
+      // @effect/cli's words ("Missing argument <uri>", "Received unknown argument: 'image.img'") said what, not how
+      [["send", "--in", image], "multifd: error: missing the <uri>: tcp:HOST:PORT, unix:PATH or file:PATH, after send or recv"],
+      [
+        ["send", "tcp:127.0.0.1:1", "--in", "my", "image.img"],
+        `multifd: error: unexpected argument "image.img": the command takes one <uri>, and flags (quote a value that holds spaces)`
+      ],
+      [
+        ["recv", "tcp:127.0.0.1:0", "tcp:127.0.0.1:1", "--out", "x.img"],
+        `multifd: error: unexpected argument "tcp:127.0.0.1:1": the command takes one <uri>, and flags (quote a value that holds spaces)`
+      ],
       // a switch's value that is no true or false was dropped, the switch taken as given: --from-qemu=False received
       // from QEMU, --quiet=never printed nothing, --to-qemu=no-thanks asked for --vm
       [["send", "tcp:127.0.0.1:1", "--in", image, "--quiet=never"], "multifd: error: --quiet=never: --quiet is a switch: give it alone, or with =true or =false"],

@@ -173,6 +173,13 @@ const describeProblem = (text: string, flags: Flags | undefined): string => {
     const what = `${path[1]}: not a ${path[2]}`
     return flag === undefined ? what : `${flag} ${what}`
   }
+  // @effect/cli's own words, capitalized as no other line is ("Missing argument <uri>", "Received unknown argument:
+  // 'image.img'" of `--in my image.img`), said what without where to go from there
+  if (/^Missing argument <uri>$/.test(text)) return "missing the <uri>: tcp:HOST:PORT, unix:PATH or file:PATH, after send or recv"
+  const stray = /^Received unknown argument: '([^-][\s\S]*|)'$/.exec(text)
+  if (stray !== null) {
+    return `unexpected argument ${JSON.stringify(stray[1])}: the command takes one <uri>, and flags (quote a value that holds spaces)`
+  }
   const unknown = /unknown argument: '(--?[^']+)'/i.exec(text) ?? /flag '(--?[^']+)' is not recognized/i.exec(text) ??
     // a flag @effect/cli does not take where the uri is still to come (before it) is given as the uri
     /^bad uri: (--?[A-Za-z][\w-]*(?:=[^:]*)?): expected an address/.exec(text)
