@@ -32,6 +32,7 @@ import * as Either from "effect/Either"
 import * as Layer from "effect/Layer"
 import * as Bandwidth from "./Bandwidth.js"
 import * as Field from "./internal/configField.js"
+import * as Inputs from "./internal/inputs.js"
 import * as MigrationError from "./MigrationError.js"
 import * as Protocol from "./Protocol.js"
 import * as Transfer from "./Transfer.js"
@@ -377,18 +378,25 @@ const pick = <A extends object>(given: A | undefined, fallback: A | undefined): 
 
 /**
  * The settings in context, if any (`MigrationConfig`), under those given: a field of `given` that is not
- * `undefined` wins, field by field (also inside `timeouts` and `live`).
+ * `undefined` wins, field by field (also inside `timeouts` and `live`). Settings in context that are no object
+ * (plain JavaScript: `layer(null)`) fail it (`BadOptions`); what each field holds is checked with the options.
  *
  * @since 0.1.0
  * @category utils
  */
-export const resolve = <A extends Settings>(given: A): Effect.Effect<A> =>
-  Effect.map(Effect.serviceOption(MigrationConfig), (found) => {
-    if (found._tag === "None") return given
+export const resolve = <A extends Settings>(given: A): Effect.Effect<A, MigrationError.MigrationError> =>
+  Effect.flatMap(Effect.serviceOption(MigrationConfig), (found) => {
+    if (found._tag === "None") return Effect.succeed(given)
     const settings = found.value
-    return {
+    if (typeof settings !== "object" || settings === null || Array.isArray(settings)) {
+      return Effect.fail(new MigrationError.MigrationError({
+        reason: "BadOptions",
+        detail: `the MigrationConfig in context must be an object, not ${Inputs.describeInput(settings)}`
+      }))
+    }
+    return Effect.succeed({
       ...pick(given, settings),
       timeouts: pick(given.timeouts, settings.timeouts),
       live: pick(given.live, settings.live)
-    } as A
+    } as A)
   })

@@ -886,6 +886,20 @@ describe("a channel thread that dies while it hashes a digest", () => {
 
 describe("the pool's size", () => {
   /** NaN (a `Number(process.env.X)` unset) made a pool of no threads, whose first session died on a TypeError. */
+  // from plain JavaScript, `layer("4")` or `make(4)` were read as no options: the defaults, in silence
+  it.live("options that are no object (a string, a number, null) fail make, naming them; no thread starts", () =>
+    Effect.gen(function*() {
+      const before = ChannelThreads.liveThreads()
+      for (const [options, shown] of [["4", "\"4\""], [4, "4"], [null, "null"]] as const) {
+        const error = yield* Effect.flip(Effect.scoped(ChannelThreads.make(options as never)))
+        expect([error.reason, error.message]).toEqual([
+          "Start",
+          `the channel threads' pool: the options must be an object (or left out), not ${shown}`
+        ])
+      }
+      expect(ChannelThreads.liveThreads()).toBe(before)
+    }))
+
   it.live("a maxThreads that is no whole number of 1 or more fails make, naming it; no thread starts", () =>
     Effect.gen(function*() {
       const before = ChannelThreads.liveThreads()

@@ -341,6 +341,27 @@ describe("a setting of null", () => {
       }))
   }
 
+  // `MigrationConfig.layer(null)` (plain JavaScript): every migration died inside resolve ("reading 'timeouts'")
+  it.effect("settings in context that are no object (MigrationConfig.layer(null), a string): BadOptions naming them, and no connect", () =>
+    Effect.gen(function*() {
+      const ram = yield* sourceRam()
+      for (const [settings, shown] of [[null, "null"], ["fast", "\"fast\""], [undefined, "undefined"]] as const) {
+        const transport = counting()
+        const attempt = Migration.migrate({ address: { _tag: "Tcp", host: "127.0.0.1", port: 1 } }).pipe(
+          Effect.provide(transport.layer),
+          Effect.provideService(GuestRam.GuestRam, ram),
+          Effect.provide(MigrationConfig.layer(settings as never))
+        )
+        const error = failureOf(yield* Effect.exit(attempt))
+        expect(error).toMatchObject({
+          _tag: "MigrationError",
+          reason: "BadOptions",
+          message: `the MigrationConfig in context must be an object, not ${shown}`
+        })
+        expect(transport.asked).toEqual({ connects: 0, listens: 0 })
+      }
+    }))
+
   it.effect("Snapshot.save { channels: null }, Snapshot.restore { readers: null }: errors naming them; no file made", () =>
     Effect.gen(function*() {
       const ram = yield* sourceRam()

@@ -309,6 +309,11 @@ export const sizeOf = (options?: Options): number =>
  */
 export const make = (options?: Options): Effect.Effect<Pool, ThreadError, Scope.Scope> =>
   Effect.gen(function*() {
+    // options that are no object (plain JavaScript: `layer("4")`) were read as none, the defaults taken in silence
+    const notOptions = Inputs.checkOptions(options, true)
+    if (notOptions !== undefined) {
+      return yield* new ThreadError({ reason: "Start", detail: `the channel threads' pool: ${notOptions}` })
+    }
     // NaN (a Number(process.env.X) unset) made a pool of no threads whose first session died on a TypeError
     const max = options?.maxThreads
     if (max !== undefined && !(max === Infinity || (Number.isInteger(max) && max >= 1))) {
