@@ -2353,8 +2353,11 @@ describe("trust: signals, timeouts and progress whatever the CPU does", () => {
     })
     await new Promise<void>((resolve) => server.listen(path, resolve))
     try {
-      const send = await run(["send", `unix:${path}`, "--in", randomImage, "--timeout", "3s", "--compression", "zstd", "--compression-level", "19"])
+      const sending = start(["send", `unix:${path}`, "--in", randomImage, "--timeout", "3s", "--compression", "zstd", "--compression-level", "19"])
+      // when it says so, not when its process has exited (its threads stopping mid-compression, on a loaded machine)
+      await waitForStderr(sending, /timed out after 3s/)
       const ms = performance.now() - accepted
+      const send = await sending.finished
       expect(send.code).toBe(1)
       // (and where sending stopped: the bytes written that the destination did not take, and its address)
       expect(lines(send.stderr)).toEqual([
@@ -2363,8 +2366,8 @@ describe("trust: signals, timeouts and progress whatever the CPU does", () => {
             `channels are not taken by unix:${path.replace(/[.*+?^${}()|[\]\\]/g, "\\$&")}: it reads nothing, or the path to it is dead\\)$`
         ))
       ])
-      // the timeout and 2 s from the Accept (the process's exit included, on a loaded machine); the stall begins
-      // at the first packet (it took twice the timeout before: 6 s)
+      // the timeout and 2 s from the Accept (on a loaded machine); the stall begins at the first packet (it took twice
+      // the timeout before: 6 s)
       expect(ms).toBeLessThan(5000)
     } finally {
       for (const s of sockets) s.destroy()
