@@ -1481,6 +1481,11 @@ describe("QemuIncoming.incoming: strangers are candidates, never owners", () => 
   const CH1 = fixture("none-2ch/multifd-1.bin")
   const HANDSHAKE = { ...PEER, handshake: "5 seconds" } as const
 
+  /** The test clock moved on by `ms` (the destination's timers firing as they come due). */
+  const advanceBy = (ms: number) =>
+    Effect.flatMap(TestClock.currentTimeMillis, (t0) =>
+      advanceUntil(Effect.map(TestClock.currentTimeMillis, (now) => now - t0 >= ms), `${ms / 1000} s`))
+
   /** The destination is still waiting; QEMU's captured migration is replayed to it and succeeds. */
   const captureSucceeds = (dst: Destination) =>
     Effect.gen(function*() {
@@ -1646,8 +1651,7 @@ describe("QemuIncoming.incoming: strangers are candidates, never owners", () => 
     expectNoLeaks(Effect.scoped(Effect.gen(function*() {
       const dst = yield* destination({ channels: 2, timeouts: { handshake: "5 seconds", peer: "20 seconds" } })
       yield* turnedAway(yield* stranger(dst.address, [CH0.subarray(0, 64)], true), "the stale channel closed")
-      const t0 = yield* TestClock.currentTimeMillis
-      yield* advanceUntil(Effect.map(TestClock.currentTimeMillis, (now) => now - t0 >= 30_000), "30 s")
+      yield* advanceBy(30_000)
       expect(Option.isNone(yield* Fiber.poll(dst.fiber))).toBe(true)
       const result = yield* captureSucceeds(dst)
       expect(result.rejected).toEqual([expect.stringContaining("closed before QEMU's main stream announced its RAM blocks")])
@@ -1661,8 +1665,7 @@ describe("QemuIncoming.incoming: strangers are candidates, never owners", () => 
       const dst = yield* destination({ channels: 2, uuid: new Uint8Array(16), timeouts: { handshake: "5 seconds", peer: "20 seconds" } })
       const foreign = Protocol.encodeInit({ uuid: new Uint8Array(16).fill(7), id: 0 })
       yield* turnedAway(yield* stranger(dst.address, [foreign], false), "the foreign channel closed")
-      const t0 = yield* TestClock.currentTimeMillis
-      yield* advanceUntil(Effect.map(TestClock.currentTimeMillis, (now) => now - t0 >= 30_000), "30 s")
+      yield* advanceBy(30_000)
       expect(Option.isNone(yield* Fiber.poll(dst.fiber))).toBe(true)
       const result = yield* captureSucceeds(dst)
       expect(result.rejected).toEqual([expect.stringContaining("bad uuid: 07070707-0707-0707-0707-070707070707 is not this migration's")])
@@ -1678,8 +1681,7 @@ describe("QemuIncoming.incoming: strangers are candidates, never owners", () => 
       // (init packet and setup SYNC: the captures' first 64 + 1344 bytes)
       const connections = yield* Effect.forEach([CH0, CH1], (bytes) => stranger(dst.address, [bytes.subarray(0, 64 + 1344)], true))
       yield* Effect.forEach(connections, (c, i) => turnedAway(c, `channel ${i} turned away`))
-      const t0 = yield* TestClock.currentTimeMillis
-      yield* advanceUntil(Effect.map(TestClock.currentTimeMillis, (now) => now - t0 >= 25_000), "25 s")
+      yield* advanceBy(25_000)
       const result = yield* captureSucceeds(dst)
       expect(result.rejected).toEqual([
         expect.stringContaining("closed before QEMU's main stream announced its RAM blocks"),
