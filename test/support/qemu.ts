@@ -174,6 +174,11 @@ export interface QemuSource {
   readonly pid: number
   /** Whatever QEMU printed on stderr so far. */
   readonly stderr: () => string
+  /**
+   * Waits until QEMU's stderr contains `text` (woken on each chunk QEMU prints; no polling), failing with what it
+   * printed if `within` passes first: QEMU prints its error after the QMP event that reports it, now and then.
+   */
+  readonly waitStderr: (text: string, within: Duration.DurationInput) => Effect.Effect<void, QmpError>
   /** Kills this QEMU (SIGKILL to its pid) without waiting. */
   readonly kill: Effect.Effect<void>
 }
@@ -308,6 +313,21 @@ const start = (options: {
       qmp,
       pid: child.pid!,
       stderr: () => stderr,
+      waitStderr: (text, within) =>
+        Effect.async<void>((resume) => {
+          if (stderr.includes(text)) return resume(Effect.void)
+          const onData = () => {
+            if (stderr.includes(text)) resume(Effect.void)
+          }
+          // after the listener that appends: this one sees the chunk in `stderr`
+          child.stderr!.on("data", onData)
+          return Effect.sync(() => void child.stderr!.off("data", onData))
+        }).pipe(
+          Effect.timeoutFail({
+            duration: within,
+            onTimeout: () => new QmpError({ detail: `QEMU printed no "${text}" in ${Duration.format(within)}; its stderr: ${stderr.trim()}` })
+          })
+        ),
       kill: Effect.sync(() => {
         child.kill("SIGKILL")
       })
