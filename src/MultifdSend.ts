@@ -71,6 +71,11 @@ export interface Config {
   /** Secures each channel (TLS) before its init packet; identity by default. */
   readonly upgrade?: Transport.Upgrade<Transport.UpgradeError> | undefined
   /**
+   * Who the main channel's destination proved to be in its upgrade (its `Connection.peerIdentity`: `Tls.client` sets
+   * the destination's certificate): a channel whose upgrade proves another is refused before its init packet.
+   */
+  readonly destination?: string | undefined
+  /**
    * Runs each channel in a thread of this pool: every block sent must then lie in shared memory
    * (`GuestRam.allocate`; another block is a defect). Used only with Node's transport (`Transport.layer`) and
    * an upgrade that is none or `Tls.client`'s (it carries its settings as data); with any other the channels
@@ -289,6 +294,7 @@ export const make = (
       compression: config.compression,
       compressionLevel: config.compressionLevel,
       zeroPage: config.zeroPage,
+      destination: config.destination,
       rateLimit: RateLimits.sharedOf(config.maxBandwidth),
       // a connection the destination closed or reset is lost even with nothing to write: re-attached, or (reconnect
       // 0) the migration's failure at once, not at the peer timeout

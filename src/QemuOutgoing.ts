@@ -333,6 +333,7 @@ const send = <E>(options: Options<E>): Effect.Effect<Stats, OutgoingError | E, T
       connectTimeout: timeouts.connect,
       handshakeTimeout: timeouts.handshake,
       upgrade,
+      destination: main.peerIdentity,
       maxBandwidth: options.maxBandwidth,
       threads
     })

@@ -1261,6 +1261,50 @@ describe("one peer per migration: every channel is the main channel's peer", () 
           expect(result.rejected[0]).toContain(`(the main channel's: ${aliceIs}`)
         })))
   }
+
+  it.live(
+    "x509, the source's side: a channel that reaches another destination than the main channel's (another " +
+      "certificate of the CA for the same name) is refused after its handshake, before its init packet: that " +
+      "destination gets no byte, the migration fails naming both certificates",
+    () =>
+      leakFree(Effect.gen(function*() {
+        const server = yield* serverX509("server")
+        const client = yield* clientX509({ hostname: "localhost" })
+        const ram = yield* sourceRam(1)
+        const dest = yield* startDestination(server.server)
+        // the main channel reaches the destination; every later connection an impostor whose certificate (CN=localhost,
+        // no altnames) the CA issued for the same name: a name that resolves to several hosts, or a path that sends
+        // some connections elsewhere
+        const impostor = NodeTls.createSecureContext({
+          cert: Fs.readFileSync(fixture("cn-server-cert.pem")),
+          key: Fs.readFileSync(fixture("cn-server-key.pem"))
+        })
+        const received: Array<Buffer> = []
+        let accepted = 0
+        const { address } = yield* loopbackServer((socket, track) => {
+          if (accepted++ === 0) {
+            const upstream = Net.connect({ host: LOOPBACK, port: dest.port })
+            track(upstream)
+            socket.pipe(upstream).pipe(socket)
+            return
+          }
+          const secure = new NodeTls.TLSSocket(socket, { isServer: true, secureContext: impostor })
+          track(secure)
+          secure.on("data", (chunk: Buffer) => received.push(chunk))
+        })
+        const exit = yield* noHang(Effect.exit(migrateTo(ram, address, client.client("localhost"), { reconnect: 0 })), "migrate")
+        const error = failureOf(exit)
+        expect(error).toBeInstanceOf(MigrationError.ChannelError)
+        const message = (error as MigrationError.ChannelError).message
+        const fingerprint = (name: string) => new Crypto.X509Certificate(Fs.readFileSync(fixture(name))).fingerprint256
+        expect(message).toContain(
+          `another destination than the main channel's: certificate CN=localhost (SHA-256 ${fingerprint("cn-server-cert.pem")}) ` +
+            `(the main channel's: certificate CN=localhost (SHA-256 ${fingerprint("server-cert.pem")}))`
+        )
+        expectOneLine(error as MigrationError.ChannelError)
+        expect(Buffer.concat(received).length).toBe(0)
+      }))
+  )
 })
 
 // ---------------------------------------------------------------------------------------------------------

@@ -21,6 +21,8 @@ import { TransportError } from "./native/connection.js"
 import * as EventLoop from "./native/eventLoop.js"
 import { RateLimit } from "./native/rateLimit.js"
 import { unsent } from "./native/unsent.js"
+import * as PeerText from "./peerText.js"
+import { TlsError } from "./tls/model.js"
 
 /** What can end a channel. */
 export type Failure =
@@ -52,6 +54,12 @@ export interface Settings {
   readonly compression: Protocol.Compression
   readonly compressionLevel: number | undefined
   readonly zeroPage: "multifd" | "none"
+  /**
+   * Who the main channel's destination proved to be (`Connection.peerIdentity` of its TLS handshake: its certificate),
+   * if it proved anyone: a channel whose handshake proves another is refused before its init packet, as a destination
+   * refuses a channel of another peer than its main channel's.
+   */
+  readonly destination?: string | undefined
   /** A channel re-attaching after a lost connection: the nonce its init packet carries (`Control.Reattach`). */
   readonly nonce?: Uint8Array | undefined
   /** The migration's bandwidth limit (`RateLimit`'s shared memory), if any: every packet waits its turn. */
@@ -248,6 +256,16 @@ export const establish = <E>(
       Effect.withSpan("multifd.channel.handshake", { attributes }),
       Effect.tap(() => Effect.logDebug(`channel ${id}: TLS handshake done`))
     )
+    // a name that resolves to several hosts, or a path that sends some connections elsewhere, reached another
+    // destination the CA vouches for: it would have got this channel's pages, and the migration's uuid
+    if (settings.destination !== undefined && connection.peerIdentity !== settings.destination) {
+      return yield* new TlsError({
+        reason: "Unauthorized",
+        detail: `handshake with ${raw.peer}: another destination than the main channel's: ` +
+          `${PeerText.fromPeer(connection.peerIdentity ?? "one that proved no identity")} ` +
+          `(the main channel's: ${PeerText.fromPeer(settings.destination)})`
+      })
+    }
     yield* connection.write([Protocol.encodeInit({ uuid: settings.uuid, id, nonce: settings.nonce })]).pipe(
       Effect.withSpan("multifd.channel.init", { attributes })
     )

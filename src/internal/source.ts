@@ -352,6 +352,7 @@ export const run = (
         connectTimeout: timeouts.connect,
         handshakeTimeout: timeouts.handshake,
         upgrade: settings.upgrade,
+        destination: control.peerIdentity,
         threads,
         reconnect: reconnecting
           ? {

@@ -205,7 +205,13 @@ const clientHandshake = (settings: Settings, host: string | undefined): Transpor
           ? `certificate not trusted: ${describe(s.authorizationError)}`
           : serverRefusal(presented ?? peerCertificateOf(s))
     )
-    const secure = yield* secured(socket, connection.peer)
+    const plain = yield* secured(socket, connection.peer)
+    // who the destination proved to be: its certificate (the same one, not only the same name: its fingerprint), which
+    // every channel of the migration must reach (a PSK destination proves the key only, the same for every one)
+    const certificate = creds._tag === "X509" ? presented ?? peerCertificateOf(socket) : undefined
+    const secure = certificate === undefined
+      ? plain
+      : { ...plain, peerIdentity: `certificate ${nameOf(certificate)} (SHA-256 ${certificate.fingerprint256})` }
     // a destination refusing this source's certificate closes the main channel before its first answer
     if (channel !== "main" || creds._tag !== "X509" || creds.cert === undefined) return secure
     const mine = settings.ownCertificate
