@@ -1097,6 +1097,30 @@ describe("one peer per migration: every channel is the main channel's peer", () 
     })
   }
 
+  /**
+   * A source's upgrade as Node's own client (`options`: its credentials): it keeps the session tickets a destination
+   * gives in `tickets`, and resumes the session of the one given.
+   */
+  const resumingClient = (options: NodeTls.ConnectionOptions, tickets: Array<Buffer>) => (session: Buffer | undefined): Upgrade => (connection) =>
+    Effect.gen(function*() {
+      const socket = yield* Effect.acquireRelease(
+        Effect.sync(() =>
+          NodeTls.connect({
+            socket: connection.stream as Net.Socket,
+            checkServerIdentity: () => undefined,
+            ...options,
+            ...(session === undefined ? {} : { session })
+          }).on("session", (ticket: Buffer) => tickets.push(ticket))
+        ),
+        (socket) => Effect.sync(() => socket.destroy())
+      )
+      yield* Effect.async<void, Tls.TlsError>((resume) => {
+        socket.once("secureConnect", () => resume(Effect.void))
+        socket.once("error", (e) => resume(Effect.fail(new Tls.TlsError({ reason: "Handshake", detail: e.message }))))
+      })
+      return yield* Transport.fromStream(socket, connection.peer)
+    })
+
   it.live(
     "psk: a session resumed with a ticket that another destination of the same settings gave (authz [other]) proves no " +
       "identity: a destination admitting only qemu refuses it, nothing received, and then qemu migrates",
@@ -1111,26 +1135,10 @@ describe("one peer per migration: every channel is the main channel's peer", () 
         const other = yield* loadTls({ psk: file, identity: "other" })
         const key = (other.settings.credentials as Extract<Tls.Credentials, { _tag: "Psk" }>).keys.get("other")!
         const tickets: Array<Buffer> = []
-        const resuming = (session: Buffer | undefined): Upgrade => (connection) =>
-          Effect.gen(function*() {
-            const socket = yield* Effect.acquireRelease(
-              Effect.sync(() =>
-                NodeTls.connect({
-                  socket: connection.stream as Net.Socket,
-                  secureContext: other.settings.secureContext,
-                  pskCallback: () => ({ psk: key, identity: "other" }),
-                  checkServerIdentity: () => undefined,
-                  ...(session === undefined ? {} : { session })
-                }).on("session", (ticket: Buffer) => tickets.push(ticket))
-              ),
-              (socket) => Effect.sync(() => socket.destroy())
-            )
-            yield* Effect.async<void, Tls.TlsError>((resume) => {
-              socket.once("secureConnect", () => resume(Effect.void))
-              socket.once("error", (e) => resume(Effect.fail(new Tls.TlsError({ reason: "Handshake", detail: e.message }))))
-            })
-            return yield* Transport.fromStream(socket, connection.peer)
-          })
+        const resuming = resumingClient({
+          secureContext: other.settings.secureContext,
+          pskCallback: () => ({ psk: key, identity: "other" })
+        }, tickets)
         const ram = yield* sourceRam(1)
         const mallorys = yield* sourceRam(1)
         // mallory migrates to the destination that admits her, and keeps its tickets
@@ -1159,6 +1167,43 @@ describe("one peer per migration: every channel is the main channel's peer", () 
         expect(sameMemory(result.ram, ram)).toBe(true)
         expect(result.rejected).toHaveLength(1)
         expect(result.rejected[0]).toContain("a resumed TLS session, which proves no PSK identity")
+      }))
+  )
+
+  it.live(
+    "x509: a session resumed with a ticket that another destination of the same settings gave (authz [alice, mallory]), " +
+      "without a certificate: a destination admitting only alice refuses it, saying why, and keeps waiting",
+    () =>
+      leakFree(Effect.gen(function*() {
+        const loaded = yield* serverX509("server")
+        const forBoth = Tls.server({ ...loaded.settings, authz: ["alice", "mallory"] })
+        const forAlice = Tls.server({ ...loaded.settings, authz: ["alice"] })
+        const mallory = yield* clientX509({}, "mallory")
+        const ca = yield* clientX509()
+        const tickets: Array<Buffer> = []
+        const mallorys = yield* sourceRam(1)
+        const admitting = yield* startDestination(forBoth)
+        yield* noHang(
+          migrateTo(mallorys, tcp(LOOPBACK, admitting.port), resumingClient({ secureContext: mallory.settings.secureContext }, tickets)(undefined), { channels: 1 }),
+          "mallory to her destination"
+        )
+        yield* noHang(Fiber.join(admitting.fiber), "her destination")
+        expect(tickets.length).toBeGreaterThan(0)
+
+        const dest = yield* startDestination(forAlice)
+        // (a context of the CA alone: the resumed session is all she offers)
+        const resumed = resumingClient({ secureContext: ca.settings.secureContext }, tickets)(tickets.at(-1))
+        const exit = yield* noHang(Effect.exit(migrateTo(mallorys, tcp(LOOPBACK, dest.port), resumed, { channels: 1 })), "mallory resuming")
+        expect(Exit.isFailure(exit)).toBe(true)
+        yield* noHang(dest.rejections(1), "the destination's rejection")
+        const rejection = dest.logs.find((l) => l.includes("rejected a connection"))!
+        expect(rejection).toContain(
+          "(the peer resumed a TLS session: this destination verifies client certificates, and takes only full " +
+            "handshakes, each proving one)"
+        )
+        expect(rejection).not.toContain("\n")
+        // (it keeps waiting for a migration)
+        expect(dest.fiber.unsafePoll()).toBeNull()
       }))
   )
 

@@ -99,6 +99,11 @@ export const hint = (credentials: Credentials, text: string): string =>
     ? `${text} (the peer offers no TLS version this side speaks: TLS 1.2 or 1.3)`
     : credentials._tag === "Psk" && /certificate/.test(text)
     ? `${text} (the peer presents a certificate: it uses x509, this side PSK)`
+    // OpenSSL refuses to resume a session (a ticket another connection got) where client certificates are verified and
+    // no session context is set: none is, so that every connection proves its certificate (its chain, its CRL, authz now)
+    : /session id context uninitialized/.test(text)
+    ? `${text} (the peer resumed a TLS session: this destination verifies client certificates, and takes only full ` +
+      "handshakes, each proving one)"
     : text
 
 /** The certificates that issued `certificate`, nearest first, as far as the peer's chain gives them. */
