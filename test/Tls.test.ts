@@ -175,6 +175,16 @@ const presenting = (tls: Tls.Tls["Type"], name: string): Tls.Tls["Type"] => {
   return { settings, client: (host) => Tls.client(settings, host), server: Tls.server(settings) }
 }
 
+/** `tls` as loaded while `name`'s certificate was valid, now presenting it. */
+const outlived = (tls: Tls.Tls["Type"], name: string): Tls.Tls["Type"] => {
+  const presented = presenting(tls, name)
+  const settings: Tls.Settings = {
+    ...presented.settings,
+    ownCertificate: new Crypto.X509Certificate(Fs.readFileSync(fixture(`${name}-cert.pem`)))
+  }
+  return { settings, client: (host) => Tls.client(settings, host), server: Tls.server(settings) }
+}
+
 /** A source presenting the client certificate `name` (with the test CA). */
 const forgedClient = (name: string) =>
   REFUSED_AS_OWN.has(name) ? Effect.map(clientX509({}, "alice"), (tls) => presenting(tls, name)) : clientX509({}, name)
@@ -944,15 +954,6 @@ describe("peer certificates (QEMU verify-peer: chain to the CA, validity, usage;
   // peer refuses it from then on, and this side's log only asked "did the source refuse this destination's certificate?"
   it.live("settings that outlived their certificate: the destination's log, and a source's refusal, say it expired since it was loaded", () =>
     leakFree(Effect.gen(function*() {
-      /** `tls` as loaded while `name`'s certificate was valid, now presenting it. */
-      const outlived = (tls: Tls.Tls["Type"], name: string): Tls.Tls["Type"] => {
-        const presented = presenting(tls, name)
-        const settings: Tls.Settings = {
-          ...presented.settings,
-          ownCertificate: new Crypto.X509Certificate(Fs.readFileSync(fixture(`${name}-cert.pem`)))
-        }
-        return { settings, client: (host) => Tls.client(settings, host), server: Tls.server(settings) }
-      }
       const ram = yield* sourceRam(1)
       const expired = "which has expired since it was loaded (valid until Jan  1 00:00:00 2001 GMT)"
 
@@ -969,6 +970,27 @@ describe("peer certificates (QEMU verify-peer: chain to the CA, validity, usage;
       const source = outlived(yield* clientX509({}, "alice"), "expired-alice")
       const refused = yield* noHang(Effect.exit(migrateTo(ram, tcp(LOOPBACK, verifying.port), source.client(LOOPBACK))), "source")
       expectCertificateRefused(failureOf(refused), `CN=alice (issued by CN=test CA), ${expired}`)
+    })))
+
+  it.live("a source's certificate that expires after its main channel's handshake: a channel the destination then refuses names it, not 'connection reset'", () =>
+    leakFree(Effect.gen(function*() {
+      const ram = yield* sourceRam(1)
+      const dest = yield* startDestination((yield* serverX509("server", { authz: ["alice"] })).server)
+      // the main channel's handshake while alice's certificate is valid, the channels' once it has expired (a channel
+      // connecting, or re-attaching, late in a long migration)
+      const valid = (yield* clientX509({}, "alice")).client(LOOPBACK)
+      const late = outlived(yield* clientX509({}, "alice"), "expired-alice").client(LOOPBACK)
+      const upgrade: Upgrade = (connection, channel) => (channel === "main" ? valid : late)(connection, channel)
+      const exit = yield* noHang(Effect.exit(migrateTo(ram, tcp(LOOPBACK, dest.port), upgrade, { reconnect: 0 })), "migrate")
+      const error = failureOf(exit)
+      expect(error).toBeInstanceOf(MigrationError.ChannelError)
+      expect((error as MigrationError.ChannelError).message).toContain(
+        "it most likely refused this source's certificate CN=alice (issued by CN=test CA), which has expired since it was " +
+          "loaded (valid until Jan  1 00:00:00 2001 GMT)"
+      )
+      expectOneLine(error as MigrationError.ChannelError)
+      yield* noHang(dest.rejections(1), "the destination's rejection")
+      expect(dest.logs.find((l) => l.includes("rejected a connection"))).toContain("client certificate CN=alice has expired")
     })))
 
   describe("an empty subject (RFC 5280 allows one when subjectAltName names the certificate; Node's X509Certificate then has no subject)", () => {

@@ -456,11 +456,12 @@ export const serve = (
       })
     // the destination's end of the connection, read (it writes nothing on it): its close (FIN) or reset fails the
     // channel; anything else that ends the reading (this side destroyed the stream) is the writes' to report
+    const explainEnd = connection.explainEnd ?? ((error: TransportError) => error)
     const closedByPeer: Effect.Effect<never, TransportError> = Effect.matchEffect(connection.readSome(64 * 1024), {
       onFailure: (error) => error.reason === "Reset" ? Effect.fail(error) : Effect.never,
       onSuccess: (bytes) =>
         bytes.length > 0 ? closedByPeer : Effect.fail(
-          new TransportError({ reason: "Closed", address: connection.peer, detail: "the destination closed the connection" })
+          explainEnd(new TransportError({ reason: "Closed", address: connection.peer, detail: "the destination closed the connection" }))
         )
     })
     const work = Effect.gen(function*() {

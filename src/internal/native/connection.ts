@@ -41,6 +41,12 @@ export interface Connection {
    */
   readonly peerIdentity?: string | undefined
   /**
+   * What the end of the peer's stream most likely means, when the upgrade knows (a TLS source whose certificate the
+   * destination refused right after the handshake): a reader that meets the end (not an error) makes it an error
+   * through this. `undefined`: no more than that the peer closed the connection.
+   */
+  readonly explainEnd?: ((error: TransportError) => TransportError) | undefined
+  /**
    * Writes the chunks in order (one vectored write), without copying them: they must stay unchanged until
    * sent. Completes at once while less than `WRITE_BUFFER` bytes wait in user space, else once they have
    * drained to the kernel (backpressure). A failed write destroys the stream: the next call reports it.

@@ -13,7 +13,7 @@ import * as Transport from "../../Transport.js"
 import { nameOf, ownRoleProblem, secureContextOf } from "./credentials.js"
 import { explainingEarlyClose, handshake, open, secured } from "./handshake.js"
 import { configError, type Credentials, type CrlInfo, type Settings, type TlsError } from "./model.js"
-import { describe, explainServerError, ownExpiry, peerCertificateOf, serverRefusal } from "./verification.js"
+import { describe, explainServerError, peerCertificateOf, serverRefusal } from "./verification.js"
 
 /**
  * Checks that the settings can secure a source's connections, before it connects: with a PSK file, that the
@@ -41,8 +41,30 @@ export const checkClient = (settings: Settings): Effect.Effect<void, TlsError> =
 /**
  * The source side: a TLS client handshake on each connection. `host` is the default name to check.
  */
-export const client = (settings: Settings, host: string | undefined): Transport.Upgrade<TlsError> =>
-  Object.assign(clientHandshake(settings, host), { [ClientDataKey]: clientDataOf(settings, host) })
+export const client = (settings: Settings, host: string | undefined): Transport.Upgrade<TlsError> => {
+  const data = clientDataOf(settings, host)
+  return Object.assign(clientHandshake(settings, host, data.own), { [ClientDataKey]: data })
+}
+
+/** This side's certificate as a refusal names it, and when it expires. */
+export interface OwnCertificate {
+  /** `this source's certificate CN=alice (issued by CN=test CA)`. */
+  readonly text: string
+  readonly validTo: string
+}
+
+const ownOf = (settings: Settings): OwnCertificate | undefined => {
+  const own = settings.ownCertificate
+  return own === undefined
+    ? undefined
+    : { text: `this source's certificate ${nameOf(own)} (issued by ${nameOf(own, "issuer")})`, validTo: own.validTo }
+}
+
+/** `, which has expired since it was loaded (valid until ...)` once `own` has expired, else empty. */
+const expiredSinceLoad = (own: OwnCertificate | undefined, now: number): string =>
+  own !== undefined && now > Date.parse(own.validTo)
+    ? `, which has expired since it was loaded (valid until ${own.validTo})`
+    : ""
 
 /**
  * What a source's handshake needs, as plain data (structured clone): a channel running on another thread
@@ -57,6 +79,8 @@ export interface ClientData {
   readonly crls: ReadonlyArray<CrlInfo> | undefined
   readonly host: string | undefined
   readonly handshakeTimeoutMs: number
+  /** This side's certificate, if it presents one (a channel thread names it when a destination refuses it). */
+  readonly own?: OwnCertificate | undefined
 }
 
 const ClientDataKey = Symbol.for("effect-multifd/Tls/ClientData")
@@ -73,7 +97,8 @@ const clientDataOf = (settings: Settings, host: string | undefined): ClientData 
     hostname: settings.hostname,
     crls: settings.crls,
     host,
-    handshakeTimeoutMs: Duration.toMillis(settings.handshakeTimeout)
+    handshakeTimeoutMs: Duration.toMillis(settings.handshakeTimeout),
+    own: creds._tag === "X509" && creds.cert !== undefined ? ownOf(settings) : undefined
   }
 }
 
@@ -107,7 +132,7 @@ export const clientFromData = (data: ClientData): Effect.Effect<Transport.Upgrad
       authz: undefined,
       handshakeTimeout: Duration.millis(data.handshakeTimeoutMs)
     }
-    return client(settings, data.host)
+    return Object.assign(clientHandshake(settings, data.host, data.own), { [ClientDataKey]: data })
   })
 
 /**
@@ -134,7 +159,11 @@ const cnMismatch = (host: string, cert: NodeTls.PeerCertificate): Error | undefi
   return Object.assign(new Error(reason), { code: "ERR_TLS_CERT_ALTNAME_INVALID", reason })
 }
 
-const clientHandshake = (settings: Settings, host: string | undefined): Transport.Upgrade<TlsError> =>
+const clientHandshake = (
+  settings: Settings,
+  host: string | undefined,
+  own: OwnCertificate | undefined
+): Transport.Upgrade<TlsError> =>
 (connection, channel) =>
   Effect.gen(function*() {
     const creds = settings.credentials
@@ -212,12 +241,12 @@ const clientHandshake = (settings: Settings, host: string | undefined): Transpor
     const secure = certificate === undefined
       ? plain
       : { ...plain, peerIdentity: `certificate ${nameOf(certificate)} (SHA-256 ${certificate.fingerprint256})` }
-    // a destination refusing this source's certificate closes the main channel before its first answer
-    if (channel !== "main" || creds._tag !== "X509" || creds.cert === undefined) return secure
-    const mine = settings.ownCertificate
-    const expired = ownExpiry(settings, yield* Effect.sync(() => Date.now()))
-    return explainingEarlyClose(
-      secure,
-      `this source's certificate${mine ? ` ${nameOf(mine)} (issued by ${nameOf(mine, "issuer")})${expired}` : ""}`
-    )
+    if (creds._tag !== "X509" || creds.cert === undefined) return secure
+    const expired = expiredSinceLoad(own, yield* Effect.sync(() => Date.now()))
+    const refused = `${own?.text ?? "this source's certificate"}${expired}`
+    // a destination refusing this source's certificate closes the main channel before its first answer; a multifd
+    // channel it never answers, so its close says nothing, unless this side's certificate has expired since it was
+    // loaded (a channel connecting, or re-attaching, late in a long migration): then the likeliest cause is named, not
+    // a bare "connection reset by peer" after every re-attach the destination refused
+    return channel === "main" || expired !== "" ? explainingEarlyClose(secure, refused) : secure
   })

@@ -144,7 +144,8 @@ export const explainingEarlyClose = (connection: Transport.Connection, refusal: 
           Effect.mapError(explain)
         )
       ),
-    end: Effect.suspend(() => writing(connection.end))
+    end: Effect.suspend(() => writing(connection.end)),
+    explainEnd: (error) => heard ? error : explain(error)
   }
 }
 
