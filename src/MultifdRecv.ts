@@ -683,21 +683,26 @@ export const make = (config: Config): Effect.Effect<MultifdRecv["Type"], never, 
         // a lost connection, with reconnecting: the channel keeps its place for the source's new connection
         // (`authorize` interrupts this wait), and fails as it would have if none comes in time. Once the end is
         // expected (the memory final, sealed by the last round's barrier) it carries nothing more: the channel
-        // has ended (the source, which re-attaches channels, does not fail on it either: the main channel says
-        // how the migration ends)
-        const work = reconnect === undefined ? watched : Effect.catchIf(
+        // has ended, re-attaching or not (the main channel says how the migration ends: a source that fails says
+        // Abort, one that heard Done says Bye). Without re-attaching, a reset there (a source's FIN or TLS
+        // close_notify after Done turned into a RST on the way) failed this side while its source had succeeded
+        const work = Effect.catchIf(
           watched,
           isLoss,
           (error) =>
             Effect.flatMap(Deferred.isDone(ending), (ended) =>
-              ended ? Effect.logWarning(`channel ${id}: connection lost (${error.message}) after the last round: it has ended`) : Effect.gen(function*() {
-                yield* Effect.logWarning(`channel ${id}: connection lost (${error.message}); waiting for it to re-attach`)
-                lostNow.add(id)
-                // the source may have nothing to write, and not notice
-                if (config.onLost !== undefined) yield* config.onLost(id, nonce)
-                yield* Effect.sleep(reconnect)
-                return yield* Effect.fail(error)
-              }))
+              ended
+                ? Effect.logWarning(`channel ${id}: connection lost (${error.message}) after the last round: it has ended`)
+                : reconnect === undefined
+                ? Effect.fail(error)
+                : Effect.gen(function*() {
+                  yield* Effect.logWarning(`channel ${id}: connection lost (${error.message}); waiting for it to re-attach`)
+                  lostNow.add(id)
+                  // the source may have nothing to write, and not notice
+                  if (config.onLost !== undefined) yield* config.onLost(id, nonce)
+                  yield* Effect.sleep(reconnect)
+                  return yield* Effect.fail(error)
+                }))
         )
         const fiber = yield* FiberSet.run(
           fibers,
