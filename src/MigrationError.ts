@@ -30,15 +30,27 @@ export class ChannelError extends Data.TaggedError("ChannelError")<{
   /**
    * A source's channel that was lost and did not come back: the new connections tried (`attempts`) from the loss
    * until it gave up (`afterMs`), and the reconnect window (`withinMs`); `cause` is the last attempt's failure.
+   * `reattached`: how many of those attempts re-attached and then broke again (a path that flaps, rather than
+   * one that refuses new connections).
    */
-  readonly reconnects?: { readonly attempts: number; readonly afterMs: number; readonly withinMs: number } | undefined
+  readonly reconnects?: {
+    readonly attempts: number
+    readonly afterMs: number
+    readonly withinMs: number
+    readonly reattached?: number | undefined
+  } | undefined
 }> {
   override get message(): string {
     const r = this.reconnects
+    const again = r?.reattached === undefined || r.reattached === 0
+      ? ""
+      : r.reattached === r.attempts
+      ? `, ${r.attempts === 1 ? "which" : "each of which"} re-attached and broke again`
+      : `, ${r.reattached} of which re-attached and broke again`
     const gaveUp = r === undefined
       ? ""
       : ` (lost, and not back after ${r.attempts} reconnect attempt${r.attempts === 1 ? "" : "s"} in ${seconds(r.afterMs)}` +
-        `${r.afterMs >= r.withinMs ? `, the reconnect window of ${seconds(r.withinMs)}` : ""}: the last one's error)`
+        `${r.afterMs >= r.withinMs ? `, the reconnect window of ${seconds(r.withinMs)}` : ""}${again}: the last one's error)`
     return `${describeChannel(this.channel)}: ${this.cause.message}${gaveUp}`
   }
 }

@@ -368,6 +368,8 @@ export const make = (
         let channel: Channel | undefined
         let lostAt: number | undefined
         let tries = 0
+        // attempts of this loss that re-attached and broke again (a path that flaps): said when the attempts run out
+        let reattached = 0
         // the round acknowledged when the channel was lost: a loss ends once a later round is (its budget with it)
         let lostInRound = 0
         // whether the last attempt's connection was established (a re-attach that came through)
@@ -413,7 +415,9 @@ export const make = (
             lostAt = now
             lostInRound = acknowledgedRounds
             tries = 0
+            reattached = 0
           }
+          if (established && tries > 0) reattached++
           established = false
           const left = windowMs - (now - lostAt)
           const why = Cause.originalError(error.value) as { readonly message?: string }
@@ -426,7 +430,7 @@ export const make = (
               new MigrationError.ChannelError({
                 channel: id,
                 cause: why as { readonly message: string; readonly _tag: string },
-                reconnects: { attempts: tries, afterMs: now - lostAt, withinMs: windowMs }
+                reconnects: { attempts: tries, afterMs: now - lostAt, withinMs: windowMs, reattached }
               })
             )
           }

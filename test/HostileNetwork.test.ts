@@ -176,6 +176,32 @@ describe("a multifd channel broken after Done (the source heard Done and ended i
     })))
 })
 
+describe("a channel whose path flaps (every connection of it breaks once it carried some pages)", () => {
+  // each new connection re-attached, carried pages and broke again: the error said "lost, and not back after N
+  // reconnect attempts", as if no attempt had come through, where a path that lets connections in and breaks
+  // them (a flapping link, a NAT dropping them) is another fault than one that refuses them
+  it.live("the attempts run out: the error says they re-attached and broke again, not that the channel never came back", () =>
+    leakFree(Effect.gen(function*() {
+      let connections = 0
+      const { received, source } = yield* throughProxy((link, direction, chunk) => {
+        if (link.role !== 1 || direction !== "up") return undefined
+        if (link.judged === 0) connections++
+        // past its init packet, and a packet of pages into the transfer
+        const after = 70_000
+        if (link.judged + chunk.length <= after) return undefined
+        return { _tag: "Break", how: "reset", keep: after - link.judged }
+      }, { reconnect: { attempts: 1, within: "10 seconds" } })
+      expect(connections).toBe(2)
+      const error = failureOf(source)
+      expectOneLine(error)
+      expect(error).toMatchObject({ _tag: "ChannelError", channel: 1, reconnects: { attempts: 1, reattached: 1 } })
+      expect(error.message).toMatch(
+        /^multifd channel 1: .*connection reset by peer \(lost, and not back after 1 reconnect attempt in [\d.]+ s, which re-attached and broke again: the last one's error\)$/
+      )
+      expectOneLine(failureOf(received))
+    })))
+})
+
 describe("a lost channel whose new connection never comes (a fake source, TestClock)", () => {
   const FAKE_TIMEOUTS = { connect: "2 seconds", handshake: "2 seconds", peer: "2 seconds" } as const
 
