@@ -833,6 +833,17 @@ describe("errors", () => {
       expectError(yield* s2.write([Buffer.from("x")]).pipe(Effect.flip), ["Reset", "Closed", "Write"])
     })))
 
+  // a write after the peer's FIN was read failed "connection is closed": which side closed it? (a source's channel
+  // said "multifd channel 0: tcp:...: connection is closed" when its write came before its watch of the end)
+  it.live("writing after the peer closed the connection (its end read): Closed, saying the peer closed it", () =>
+    leakFree(Effect.gen(function*() {
+      const { client, server } = yield* pair(LOOPBACK)
+      yield* client.end
+      expect(yield* noHang(server.atEnd, "atEnd")).toBe(true)
+      yield* noHang(closed(server), "the server side's close after the peer's end")
+      expectError(yield* Effect.flip(server.write([Buffer.from("x")])), ["Closed"], "peer closed the connection")
+    })))
+
   it.live("writing after the peer vanished eventually fails (Write, Closed or Reset), not a hang", () =>
     leakFree(Effect.gen(function*() {
       const listener = yield* listen(LOOPBACK)

@@ -160,6 +160,13 @@ const closedError = (peer: string, error: unknown) =>
     cause: error
   })
 
+/**
+ * Why a stream can take no more writes: its peer's end was read (with `allowHalfOpen` off, Node then ends and
+ * closes this side too), or it was closed here. "connection is closed" alone did not say which side closed it.
+ */
+const closedDetail = (stream: Stream.Duplex): string =>
+  stream.readableEnded ? "peer closed the connection" : "connection is closed"
+
 /** Destroys a stream and waits until its handle is closed. */
 export const destroy = (stream: Stream.Duplex): Effect.Effect<void> =>
   Effect.async<void>((resume) => {
@@ -323,7 +330,7 @@ export const make = (
             streamError ? closedError(peer, streamError) : new TransportError({
               reason: "Closed",
               address: peer,
-              detail: "connection is closed"
+              detail: closedDetail(stream)
             })
           )
         )
@@ -434,7 +441,7 @@ export const make = (
     end: Effect.async<void, TransportError>((resume) => {
       if (stream.writableFinished) return resume(Effect.void)
       if (stream.destroyed) {
-        return resume(Effect.fail(new TransportError({ reason: "Closed", address: peer, detail: "connection is closed" })))
+        return resume(Effect.fail(new TransportError({ reason: "Closed", address: peer, detail: closedDetail(stream) })))
       }
       const onError = (error: Error) => resume(Effect.fail(closedError(peer, error)))
       stream.once("error", onError)
