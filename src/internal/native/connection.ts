@@ -148,7 +148,8 @@ const isTlsError = (error: unknown): boolean => {
   return typeof code === "string" && code.startsWith("ERR_SSL_") && !code.includes("_ALERT_")
 }
 
-const closedError = (peer: string, error: unknown) =>
+/** A stream's failure; `where` (" after N of M bytes") said after the socket's own words (not a TLS finding's). */
+const closedError = (peer: string, error: unknown, where = "") =>
   new TransportError({
     reason: isTlsError(error)
       ? "Tls"
@@ -156,7 +157,7 @@ const closedError = (peer: string, error: unknown) =>
       ? "Reset"
       : "Closed",
     address: peer,
-    detail: describeError(error),
+    detail: describeError(error) + (isTlsError(error) ? "" : where),
     cause: error
   })
 
@@ -233,7 +234,8 @@ export const make = (
 
   const endFailure = (r: Reader, wanted: number, got: number) =>
     r.end?._tag === "Error"
-      ? closedError(peer, r.end.error)
+      // where it broke, as for a close: inside a packet or a message, or between two
+      ? closedError(peer, r.end.error, got > 0 ? ` after ${got} of ${wanted} bytes` : "")
       : new TransportError({
         reason: "Closed",
         address: peer,
