@@ -19,7 +19,7 @@ import * as MappedRam from "../src/MappedRam.js"
 import * as QemuIncoming from "../src/QemuIncoming.js"
 import * as Snapshot from "../src/Snapshot.js"
 import * as Transport from "../src/Transport.js"
-import { killChildren, ROOT, run, runHere, runRecvHereUntilListening, startRecv } from "./support/cli.js"
+import { killChildren, ROOT, run, runHere, runRecvHereUntilListening, startHere, startRecv } from "./support/cli.js"
 import { writeAtRead } from "./support/fanotify.js"
 import { onExt4, onTmpfs } from "./support/files.js"
 
@@ -697,6 +697,54 @@ describe("recv --from-qemu --out-dir whose second block cannot be renamed into p
           .toEqual(["older", "older"])
       }
     }
+  })
+})
+
+describe("recv --from-qemu --out-dir into a directory where another process publishes its blocks (its lock file there)", () => {
+  // all or nothing held within one process only: two commands renaming their blocks into one directory at once left
+  // some blocks of each, and a SIGKILL mid-publish left a mix without a word to the next command
+  it("waits for it, then publishes; takes over a lock whose process is gone, saying so; gives up after --timeout", async () => {
+    const vm = Path.join(dir, "locked.vm")
+    await twoBlockVm(vm)
+    const out = Path.join(dir, "locked")
+    Fs.mkdirSync(out)
+    const lock = Path.join(out, ".multifd-out-dir.lock")
+    const blocks = () => Fs.readdirSync(out).filter((name) => !name.includes(".partial")).sort()
+    const holder = ChildProcess.spawn("sleep", ["20"], { stdio: "ignore" })
+    try {
+      Fs.writeFileSync(lock, `${holder.pid}\n`)
+      const given = await runHere(["recv", `file:${vm}`, "--from-qemu", "--out-dir", out, "--timeout", "300ms"])
+      expect([given.code, given.stderr.trim().split("\n").at(-1)]).toEqual([
+        1,
+        `multifd: error: ${out}: process ${holder.pid} is publishing its blocks there (${lock}): waited 0.3 s for it ` +
+        "(--timeout); if no such process writes there, remove that file"
+      ])
+      expect(blocks()).toEqual([".multifd-out-dir.lock"])
+      // the wait is a wait like any other: an interruption (a signal) ends it, nothing left of this command
+      const interrupted = startHere(["recv", `file:${vm}`, "--from-qemu", "--out-dir", out])
+      await interrupted.waitFor(/waiting for process/)
+      expect((await interrupted.interrupt()).code).toBeNull()
+      expect(Fs.readdirSync(out)).toEqual([".multifd-out-dir.lock"])
+      const recv = startHere(["recv", `file:${vm}`, "--from-qemu", "--out-dir", out])
+      await recv.waitFor(new RegExp(`waiting for process ${holder.pid}, which is publishing its blocks in ${out}`))
+      expect(blocks()).toEqual([".multifd-out-dir.lock"])
+      Fs.rmSync(lock) // its publish over
+      const published = await recv.finished
+      expect(published.code, published.stderr).toBe(0)
+      expect(blocks()).toEqual(["mem.img", "vga.vram.img"])
+    } finally {
+      holder.kill("SIGKILL")
+    }
+    // SIGKILLed while it published: its lock stays, naming a process that is gone
+    const gone = ChildProcess.spawnSync(process.execPath, ["-e", ""]).pid!
+    Fs.writeFileSync(lock, `${gone}\n`)
+    const next = await runHere(["recv", `file:${vm}`, "--from-qemu", "--out-dir", out])
+    expect(next.code, next.stderr).toBe(0)
+    expect(next.stderr).toContain(
+      `multifd: warning: took over ${lock}, which process ${gone} left (killed while it published its blocks? ${out} ` +
+        "may hold some of them beside older ones until this command's are in place)"
+    )
+    expect(blocks()).toEqual(["mem.img", "vga.vram.img"])
   })
 })
 

@@ -21,8 +21,10 @@
 import * as Cause from "effect/Cause"
 import * as Chunk from "effect/Chunk"
 import * as Clock from "effect/Clock"
+import * as Duration from "effect/Duration"
 import * as Effect from "effect/Effect"
 import * as Exit from "effect/Exit"
+import * as Option from "effect/Option"
 import type * as Scope from "effect/Scope"
 import * as FsSync from "node:fs"
 import * as Fs from "node:fs/promises"
@@ -375,6 +377,8 @@ export const run = (args: Args) =>
             : Effect.void)
         : Effect.void
     )
+    // how long --out-dir waits for another command publishing its blocks in that directory
+    const publishPatience = Duration.toMillis(Option.getOrElse(timeout, () => Duration.decode(Transfer.defaultTimeouts.peer)))
     /** Writes what arrived where the user asked (for QEMU: before it is told that this side has the VM). */
     const persist = (ram: GuestRam.GuestRam["Type"], vm: QemuVm.QemuVm | undefined) =>
       Effect.gen(function*() {
@@ -403,6 +407,8 @@ export const run = (args: Args) =>
             yield* file.write([ram.blocks[i]!.bytes])
             files.push(file)
           }
+          // never while another command renames its blocks into this directory: all of one's, or all of the other's
+          yield* Image.lockForPublish(dir, publishPatience)
           // all or none: a block that cannot be renamed into place puts back the ones renamed before it
           yield* Image.publishAll(files)
         }).pipe(Effect.mapError(storeFailure)))

@@ -234,6 +234,38 @@ export const publishAll = (outputs: ReadonlyArray<Output>): Effect.Effect<void, 
   })))
 
 /**
+ * Holds `dir`'s lock (`FileIo.lockDirectory`, `<dir>/.multifd-out-dir.lock`) for the scope, before `publishAll` renames
+ * files into it: another command publishing there meanwhile is waited for, at most `patienceMs` (`--timeout`), so that
+ * the directory holds all of one's files or all of the other's. Says that it waits, and when it takes over a lock
+ * whose process is gone (killed as it published: the directory may hold some of its files beside older ones).
+ */
+export const lockForPublish = (dir: string, patienceMs: number): Effect.Effect<void, ImageError, Scope.Scope> =>
+  FileIo.lockDirectory(dir, {
+    patience: patienceMs,
+    onWait: (pid) =>
+      Effect.logWarning(
+        `waiting for ${pid === undefined ? "the process" : `process ${pid}`}, which is publishing its blocks in ${dir} ` +
+          `(${Path.join(dir, FileIo.LOCK_NAME)})`
+      ),
+    onStale: (pid) =>
+      Effect.logWarning(
+        `took over ${Path.join(dir, FileIo.LOCK_NAME)}, which ${pid === undefined ? "a process" : `process ${pid}`} ` +
+          `left (killed while it published its blocks? ${dir} may hold some of them beside older ones until this ` +
+          "command's are in place)"
+      )
+  }).pipe(Effect.mapError((error) => {
+    if (error.step !== "Locked") return writeError(dir, error)
+    const pid = (error.cause as { readonly pid?: number | undefined } | undefined)?.pid
+    return new ImageError({
+      reason: "Io",
+      path: dir,
+      detail: `${pid === undefined ? "a process" : `process ${pid}`} is publishing its blocks there (${error.path}): ` +
+        `waited ${(patienceMs / 1000).toFixed(1)} s for it (--timeout); if no such process writes there, remove that file`,
+      cause: error
+    })
+  }))
+
+/**
  * Whether `a` and `b` name one existing file (symbolic links followed, hard links included): writing one would
  * destroy the other while it is read.
  */

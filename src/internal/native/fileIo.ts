@@ -11,6 +11,7 @@
  *
  * @internal
  */
+import * as Clock from "effect/Clock"
 import * as Data from "effect/Data"
 import * as Effect from "effect/Effect"
 import * as Ref from "effect/Ref"
@@ -18,6 +19,7 @@ import type * as Scope from "effect/Scope"
 import * as Crypto from "node:crypto"
 import * as Fs from "node:fs"
 import * as FsP from "node:fs/promises"
+import * as Os from "node:os"
 import * as Path from "node:path"
 
 /** The code of a system error (`ENOENT`, ...), if it has one. */
@@ -102,6 +104,11 @@ export type Step =
    * words it.
    */
   | "Unsafe"
+  /**
+   * Another process holds the directory's lock (`lockDirectory`) and did not let it go in time; the error's path is
+   * the lock file, its cause's `pid` the holder's (if the file says).
+   */
+  | "Locked"
 
 /** A failed file operation: the step, the file (the directory for `SyncDirectory`), the system's error. */
 export class FileError extends Data.TaggedError("FileError")<{
@@ -548,6 +555,130 @@ export const putBack = (target: string, older: Older): Effect.Effect<void, FileE
     catch: (cause) => new FileError({ step: "Rename", path: target, cause })
   })
 
+/** The name of the lock file `lockDirectory` makes in a directory. */
+export const LOCK_NAME = ".multifd-out-dir.lock"
+
+/** The lock files this process holds (resolved), each with its file's identity: `removeTemporariesNow` removes them. */
+const locks = new Map<string, Temporary>()
+
+/** A lock file's permissions: anyone may read the pid in it (and see whether that process lives). */
+const LOCK_FILE_MODE = 0o644
+
+/** How often `lockDirectory` looks at a lock another process holds. */
+const LOCK_POLL_MS = 50
+
+/** What `lockDirectory` found at the lock file: its holder (a pid, or none readable yet) and the file's identity. */
+interface LockFile {
+  readonly pid: number | undefined
+  readonly dev: number
+  readonly ino: number
+  readonly modifiedMs: number
+}
+
+/** The lock file at `path` (its holder's pid, if it can be read: a file another user made may not be), if there is one. */
+const readLock = async (path: string): Promise<LockFile | undefined> => {
+  const stat = await FsP.lstat(path).catch(() => undefined)
+  if (stat === undefined) return undefined
+  const text = await FsP.readFile(path, "utf8").catch(() => "")
+  const pid = /^([1-9][0-9]{0,9})\n$/.exec(text)?.[1]
+  return { pid: pid === undefined ? undefined : Number(pid), dev: stat.dev, ino: stat.ino, modifiedMs: stat.mtimeMs }
+}
+
+/** Removes the lock file at `path` if it is still the one `found` (device and inode); whether it did. */
+const removeLock = (path: string, found: LockFile): Promise<boolean> =>
+  FsP.lstat(path).then(
+    (now) => now.dev === found.dev && now.ino === found.ino ? FsP.rm(path).then(() => true) : false,
+    () => false
+  ).catch(() => false)
+
+/**
+ * Holds the lock of a directory for the scope, so that two processes never rename files into it at once
+ * (`recv --from-qemu --out-dir`: all of one migration's blocks or all of another's, never some of each): `<dir>/
+ * .multifd-out-dir.lock`, created exclusively (O_EXCL) and holding this process's pid, removed when the scope closes.
+ *
+ * A lock held by a live process (or by this one, elsewhere) is waited for, at most `patience` ms (`onWait` hears once
+ * that it waits), then `Locked` (the error's path the lock file). One whose process is gone — SIGKILLed while it held
+ * it, or before the machine last started — is taken over (`onStale` hears of it), as is one whose pid this process has
+ * and does not hold (a container's command is pid 1 run after run), and one that names no pid (cut short between its
+ * creation and its write) once it is older than `patience`. The take-over removes the file it read only if it is the
+ * same file (device and inode): two processes taking over one stale lock at once then lose each other's lock only if
+ * the other made it between those two system calls.
+ */
+export const lockDirectory = (
+  dir: string,
+  options: {
+    readonly patience: number
+    readonly onWait: (pid: number | undefined) => Effect.Effect<void>
+    readonly onStale: (pid: number | undefined) => Effect.Effect<void>
+  }
+): Effect.Effect<void, FileError, Scope.Scope> => {
+  const path = Path.join(dir, LOCK_NAME)
+  const key = Path.resolve(path)
+  const bootMs = Date.now() - Os.uptime() * 1000
+  const tryCreate = Effect.tryPromise({
+    try: async (): Promise<Temporary | undefined> => {
+      if (locks.has(key)) return undefined
+      let handle: FsP.FileHandle
+      try {
+        handle = await FsP.open(path, "wx", LOCK_FILE_MODE)
+      } catch (cause) {
+        if (errorCode(cause) === "EEXIST") return undefined
+        throw cause
+      }
+      const lock: Temporary = { path, directory: undefined, identity: undefined }
+      locks.set(key, lock)
+      try {
+        await handle.writeFile(`${process.pid}\n`)
+        const { dev, ino } = await handle.stat()
+        lock.identity = { dev, ino }
+      } finally {
+        await handle.close().catch(() => undefined)
+      }
+      return lock
+    },
+    catch: (cause) => new FileError({ step: "Create", path, cause })
+  })
+  const acquire = Effect.gen(function*() {
+    const start = yield* Clock.currentTimeMillis
+    let told = false
+    while (true) {
+      const made = yield* tryCreate
+      if (made !== undefined) return made
+      const found = yield* Effect.promise(() => readLock(path))
+      if (found === undefined) continue // removed meanwhile: try again
+      const now = yield* Clock.currentTimeMillis
+      const stale = found.pid === undefined
+        ? Date.now() - found.modifiedMs >= options.patience
+        : found.modifiedMs < bootMs || (found.pid === process.pid ? !locks.has(key) : !processExists(found.pid))
+      // one that cannot be removed (another user's, in a sticky directory) is waited for as a live one
+      if (stale && (yield* Effect.promise(() => removeLock(path, found)))) {
+        yield* options.onStale(found.pid)
+        continue
+      }
+      if (now - start >= options.patience) {
+        const holder = found.pid === undefined ? "a process" : `process ${found.pid}`
+        return yield* new FileError({
+          step: "Locked",
+          path,
+          cause: Object.assign(new Error(`held by ${holder}`), { pid: found.pid })
+        })
+      }
+      if (!told) {
+        told = true
+        yield* options.onWait(found.pid)
+      }
+      // (an acquisition is uninterruptible: the wait is not, and no lock of this process exists during it)
+      yield* Effect.interruptible(Effect.sleep(LOCK_POLL_MS))
+    }
+  })
+  return Effect.asVoid(Effect.acquireRelease(acquire, (lock) =>
+    Effect.promise(async () => {
+      // a lock file another process took over meanwhile (as stale: this pid seen from another pid namespace) is its
+      if (await whose(lock, path) === "ours") await FsP.rm(path, { force: true }).catch(() => undefined)
+      locks.delete(key)
+    })))
+}
+
 /** Links followed before giving up, as Linux's own limit for a path (`ELOOP`). */
 const MAX_LINKS = 40
 
@@ -731,6 +862,15 @@ export const removeTemporariesNow = (): void => {
     }
   }
   olders.clear()
+  // the directories' locks (`lockDirectory`): another process would wait for them until it gave up
+  for (const lock of locks.values()) {
+    try {
+      if (isOursNow(lock, lock.path)) Fs.rmSync(lock.path, { force: true })
+    } catch {
+      // as above
+    }
+  }
+  locks.clear()
 }
 
 /**
