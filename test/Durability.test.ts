@@ -712,7 +712,7 @@ describe("recv --from-qemu --out-dir into a directory where another process publ
     const blocks = () => Fs.readdirSync(out).filter((name) => !name.includes(".partial")).sort()
     const holder = ChildProcess.spawn("sleep", ["20"], { stdio: "ignore" })
     try {
-      Fs.writeFileSync(lock, `${holder.pid}\n`)
+      Fs.symlinkSync(String(holder.pid), lock) // a link to the holder's pid, made with what it says
       const given = await runHere(["recv", `file:${vm}`, "--from-qemu", "--out-dir", out, "--timeout", "300ms"])
       expect([given.code, given.stderr.trim().split("\n").at(-1)]).toEqual([
         1,
@@ -737,7 +737,7 @@ describe("recv --from-qemu --out-dir into a directory where another process publ
     }
     // SIGKILLed while it published: its lock stays, naming a process that is gone
     const gone = ChildProcess.spawnSync(process.execPath, ["-e", ""]).pid!
-    Fs.writeFileSync(lock, `${gone}\n`)
+    Fs.symlinkSync(String(gone), lock)
     const next = await runHere(["recv", `file:${vm}`, "--from-qemu", "--out-dir", out])
     expect(next.code, next.stderr).toBe(0)
     expect(next.stderr).toContain(
@@ -745,6 +745,23 @@ describe("recv --from-qemu --out-dir into a directory where another process publ
         "may hold some of them beside older ones until this command's are in place)"
     )
     expect(blocks()).toEqual(["mem.img", "vga.vram.img"])
+  })
+
+  it("publishes without the lock, saying so, where it cannot be made (no inode left once the blocks were written)", async (ctx) => {
+    const vm = Path.join(dir, "no-inode.vm")
+    await twoBlockVm(vm)
+    const small = Path.join(dir, "no-inode")
+    // the root, the directory and the blocks' two temporary files: none left for the lock
+    await onTmpfs(ctx, small, "1m,nr_inodes=4", async () => {
+      const out = Path.join(small, "b")
+      const recv = await runHere(["recv", `file:${vm}`, "--from-qemu", "--out-dir", out])
+      expect([recv.code, recv.stderr.trim().split("\n")[0]]).toEqual([
+        0,
+        `multifd: warning: cannot make ${out}/.multifd-out-dir.lock (no space left on device): publishing without it (a ` +
+        "command publishing in that directory at once could leave some blocks of each)"
+      ])
+      expect(Fs.readdirSync(out).sort()).toEqual(["mem.img", "vga.vram.img"])
+    })
   })
 })
 

@@ -252,6 +252,11 @@ export const lockForPublish = (dir: string, patienceMs: number): Effect.Effect<v
         `took over ${Path.join(dir, FileIo.LOCK_NAME)}, which ${pid === undefined ? "a process" : `process ${pid}`} ` +
           `left (killed while it published its blocks? ${dir} may hold some of them beside older ones until this ` +
           "command's are in place)"
+      ),
+    onUnlocked: (cause) =>
+      Effect.logWarning(
+        `cannot make ${Path.join(dir, FileIo.LOCK_NAME)} (${FileIo.describe(cause)}): publishing without it (a command ` +
+          "publishing in that directory at once could leave some blocks of each)"
       )
   }).pipe(Effect.mapError((error) => {
     if (error.step !== "Locked") return writeError(dir, error)

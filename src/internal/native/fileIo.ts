@@ -561,9 +561,6 @@ export const LOCK_NAME = ".multifd-out-dir.lock"
 /** The lock files this process holds (resolved), each with its file's identity: `removeTemporariesNow` removes them. */
 const locks = new Map<string, Temporary>()
 
-/** A lock file's permissions: anyone may read the pid in it (and see whether that process lives). */
-const LOCK_FILE_MODE = 0o644
-
 /** How often `lockDirectory` looks at a lock another process holds. */
 const LOCK_POLL_MS = 50
 
@@ -575,12 +572,12 @@ interface LockFile {
   readonly modifiedMs: number
 }
 
-/** The lock file at `path` (its holder's pid, if it can be read: a file another user made may not be), if there is one. */
+/** The lock at `path` (its holder's pid, if it names one: a regular file there names none), if there is one. */
 const readLock = async (path: string): Promise<LockFile | undefined> => {
   const stat = await FsP.lstat(path).catch(() => undefined)
   if (stat === undefined) return undefined
-  const text = await FsP.readFile(path, "utf8").catch(() => "")
-  const pid = /^([1-9][0-9]{0,9})\n$/.exec(text)?.[1]
+  const text = await FsP.readlink(path).catch(() => "")
+  const pid = /^([1-9][0-9]{0,9})$/.exec(text)?.[1]
   return { pid: pid === undefined ? undefined : Number(pid), dev: stat.dev, ino: stat.ino, modifiedMs: stat.mtimeMs }
 }
 
@@ -594,7 +591,9 @@ const removeLock = (path: string, found: LockFile): Promise<boolean> =>
 /**
  * Holds the lock of a directory for the scope, so that two processes never rename files into it at once
  * (`recv --from-qemu --out-dir`: all of one migration's blocks or all of another's, never some of each): `<dir>/
- * .multifd-out-dir.lock`, created exclusively (O_EXCL) and holding this process's pid, removed when the scope closes.
+ * .multifd-out-dir.lock`, a symbolic link to this process's pid (created only where nothing is: as O_EXCL), removed
+ * when the scope closes. One that cannot be made (`onUnlocked`: no inode left) is not held: the files are published
+ * without it, as they were before there was one, rather than lost after they were all written.
  *
  * A lock held by a live process (or by this one, elsewhere) is waited for, at most `patience` ms (`onWait` hears once
  * that it waits), then `Locked` (the error's path the lock file). One whose process is gone — SIGKILLed while it held
@@ -610,40 +609,37 @@ export const lockDirectory = (
     readonly patience: number
     readonly onWait: (pid: number | undefined) => Effect.Effect<void>
     readonly onStale: (pid: number | undefined) => Effect.Effect<void>
+    /** The lock cannot be made (the system's error: no inode left, a file system without symbolic links): not held. */
+    readonly onUnlocked: (cause: unknown) => Effect.Effect<void>
   }
 ): Effect.Effect<void, FileError, Scope.Scope> => {
   const path = Path.join(dir, LOCK_NAME)
   const key = Path.resolve(path)
   const bootMs = Date.now() - Os.uptime() * 1000
-  const tryCreate = Effect.tryPromise({
-    try: async (): Promise<Temporary | undefined> => {
-      if (locks.has(key)) return undefined
-      let handle: FsP.FileHandle
-      try {
-        handle = await FsP.open(path, "wx", LOCK_FILE_MODE)
-      } catch (cause) {
-        if (errorCode(cause) === "EEXIST") return undefined
-        throw cause
-      }
-      const lock: Temporary = { path, directory: undefined, identity: undefined }
-      locks.set(key, lock)
-      try {
-        await handle.writeFile(`${process.pid}\n`)
-        const { dev, ino } = await handle.stat()
-        lock.identity = { dev, ino }
-      } finally {
-        await handle.close().catch(() => undefined)
-      }
-      return lock
-    },
-    catch: (cause) => new FileError({ step: "Create", path, cause })
+  // a symbolic link whose target is this process's pid: made at once with what it says (a file is empty until written,
+  // and another process would read no pid), and taking no data block of a disk the blocks just filled
+  const tryCreate = Effect.promise(async (): Promise<Temporary | "held" | { readonly cannot: unknown }> => {
+    if (locks.has(key)) return "held"
+    try {
+      await FsP.symlink(String(process.pid), path)
+    } catch (cause) {
+      return errorCode(cause) === "EEXIST" ? "held" : { cannot: cause }
+    }
+    const lock: Temporary = { path, directory: undefined, identity: undefined }
+    const stat = await FsP.lstat(path).catch(() => undefined)
+    if (stat !== undefined) lock.identity = { dev: stat.dev, ino: stat.ino }
+    locks.set(key, lock)
+    return lock
   })
   const acquire = Effect.gen(function*() {
     const start = yield* Clock.currentTimeMillis
     let told = false
     while (true) {
       const made = yield* tryCreate
-      if (made !== undefined) return made
+      if (made !== "held") {
+        if ("cannot" in made) yield* options.onUnlocked(made.cannot)
+        return made
+      }
       const found = yield* Effect.promise(() => readLock(path))
       if (found === undefined) continue // removed meanwhile: try again
       const now = yield* Clock.currentTimeMillis
@@ -672,7 +668,7 @@ export const lockDirectory = (
     }
   })
   return Effect.asVoid(Effect.acquireRelease(acquire, (lock) =>
-    Effect.promise(async () => {
+    "cannot" in lock ? Effect.void : Effect.promise(async () => {
       // a lock file another process took over meanwhile (as stale: this pid seen from another pid namespace) is its
       if (await whose(lock, path) === "ours") await FsP.rm(path, { force: true }).catch(() => undefined)
       locks.delete(key)
