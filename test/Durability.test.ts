@@ -697,6 +697,22 @@ describe("recv --from-qemu --out-dir whose second block cannot be renamed into p
           .toEqual(["older", "older"])
       }
     }
+    // the directory's sync after the put-back fails too (the blocks' two fsyncs, the directory's after the first
+    // rename, then that one): the put-back is not durable, and a crash may bring back this write's first block beside
+    // the older second one; the error said "every file is as it was"
+    const out = Path.join(dir, "two-blocks-unsynced")
+    Fs.mkdirSync(out)
+    Fs.writeFileSync(Path.join(out, "mem.img"), "older")
+    Fs.writeFileSync(Path.join(out, "vga.vram.img"), "older")
+    const recv = await runUnder(
+      [...failSecondRename.slice(0, -4), "-e", "trace=rename,fsync", "-e", "inject=rename:error=EIO:when=2", "-e", "inject=fsync:error=EIO:when=4"],
+      ["recv", `file:${vm}`, "--from-qemu", "--out-dir", out]
+    )
+    expect([recv.code, recv.stderr.trim()]).toEqual([
+      1,
+      `multifd: error: ${out}/vga.vram.img: cannot write the image: input/output error; undone: mem.img put back, but ` +
+      `its directory ${out} could not be synced after that, so a crash may still undo it: input/output error`
+    ])
   })
 })
 

@@ -216,18 +216,25 @@ export const publishAll = (outputs: ReadonlyArray<Output>): Effect.Effect<void, 
         if (back._tag === "Right") undone.push(olders[j]!.existed ? `${name} put back` : `${name} removed (there was none)`)
         else notBack.push(`${name} (${FileIo.describe(back.left.cause)})`)
       }
+      // the put-backs made durable: one whose directory cannot be synced may be undone by a crash, which brings back
+      // this write's file beside the older others (a mix, where the error said every file was as it was)
       const dirs = [...new Set(undo.map((done) => Path.dirname(done.target)))]
-      yield* Effect.forEach(dirs, (dir) => Effect.ignore(FileIo.syncDirectory(dir)), { discard: true })
+      const unsynced = (yield* Effect.forEach(dirs, (dir) => Effect.flip(FileIo.syncDirectory(dir)).pipe(Effect.option)))
+        .flatMap((error) => error._tag === "Some" ? [error.value] : [])
       const detail = renamed
         ? `its directory could not be synced after the rename: ${FileIo.describe(failed.cause)}`
         : failed.detail
+      const undoneText = `undone: ${undone.join(", ")}`
       return yield* new ImageError({
         reason: "Io",
         path: failed.path,
-        detail: notBack.length === 0
-          ? `${detail}; undone: ${undone.join(", ")}: every file is as it was`
-          : `${detail}; ${undone.length === 0 ? "" : `undone: ${undone.join(", ")}; `}not undone, this write's: ` +
-            `${notBack.join(", ")}`,
+        detail: notBack.length > 0
+          ? `${detail}; ${undone.length === 0 ? "" : `${undoneText}; `}not undone, this write's: ${notBack.join(", ")}`
+          : unsynced.length > 0
+          ? `${detail}; ${undoneText}, but ${unsynced.length === 1 ? "its directory" : "their directories"} ` +
+            `${unsynced.map((error) => error.path).join(", ")} could not be synced after that, so a crash may still ` +
+            `undo it: ${FileIo.describe(unsynced[0]!.cause)}`
+          : `${detail}; ${undoneText}: every file is as it was`,
         cause: failed.cause
       })
     }
