@@ -266,6 +266,40 @@ describe("FileIo.atomicFile", () => {
       expect(openFilesIn(dir)).toEqual([])
     }))
 
+  // /proc's links (/proc/self/fd/N, /dev/stdout) are the kernel's: their text names the open file only while it has
+  // that name; a deleted file's reads "/dir/x (deleted)", and a file of that name was created and renamed into place
+  it.scopedLive("a link of /proc to an open file is written through while the file has its name; one deleted is refused", () =>
+    Effect.gen(function*() {
+      if (!Fs.existsSync("/proc/self/fd")) return
+      const dir = yield* tempDir
+      const write = (target: string) =>
+        Effect.scoped(Effect.gen(function*() {
+          const file = yield* FileIo.atomicFile(target)
+          yield* FileIo.transfer("write", file, Buffer.from("memory"), 0, 6, 0)
+          yield* file.commit
+        }))
+      const named = Path.join(dir, "named.img")
+      const fd = yield* Effect.acquireRelease(
+        Effect.sync(() => Fs.openSync(named, "w")),
+        (fd) => Effect.sync(() => Fs.closeSync(fd))
+      )
+      yield* write(`/proc/self/fd/${fd}`)
+      expect([Fs.readFileSync(named, "utf8"), Fs.readdirSync(dir)]).toEqual(["memory", ["named.img"]])
+      const deleted = Path.join(dir, "deleted.img")
+      const gone = yield* Effect.acquireRelease(
+        Effect.sync(() => Fs.openSync(deleted, "w")),
+        (fd) => Effect.sync(() => Fs.closeSync(fd))
+      )
+      Fs.rmSync(deleted)
+      const link = `/proc/self/fd/${gone}`
+      const refused = yield* Effect.flip(write(link))
+      expect([refused.step, FileIo.describeUnsafe(link, refused)]).toEqual([
+        "Unsafe",
+        "not replacing it: it is an open file that has no name (deleted, or made without one), which no rename can replace"
+      ])
+      expect(Fs.readdirSync(dir)).toEqual(["named.img"])
+    }))
+
   // the links are followed here, not by the kernel, so its protected_symlinks never applied: another user's link
   // /tmp/vm.snap -> ~/.bashrc (or /etc/shadow, for root) had that file replaced by the memory saved
   it.scopedLive("another user's symbolic link in a world-writable sticky directory (/tmp) is not followed, the file it points at untouched", (ctx) =>

@@ -775,12 +775,36 @@ export const followLinks = (path: string): Effect.Effect<string, FileError> =>
         const dir = await FsP.realpath(Path.dirname(current))
         // another user could point it at any file (~/.bashrc, /etc/shadow for root)
         if (await othersInSticky(dir, stat.uid)) throw unsafe("link", current)
-        current = Path.resolve(dir, await FsP.readlink(current))
+        const next = Path.resolve(dir, await FsP.readlink(current))
+        if (dir === "/proc" || dir.startsWith("/proc/")) await checkProcLink(current, next)
+        current = next
       }
       throw Object.assign(new Error(`${path}: too many levels of symbolic links`), { code: "ELOOP" })
     },
     catch: (cause) => cause instanceof FileError ? cause : new FileError({ step: "Create", path, cause })
   })
+
+/**
+ * A link of /proc (`/proc/self/fd/N`, which `/dev/stdout` leads to) is the kernel's, to a file open: its text is the
+ * file's name only while the file has it. A regular file deleted since reads `/dir/x (deleted)` (a memfd `/memfd:x
+ * (deleted)`), which was taken for a name: a file of that name was created beside it and renamed into place. Refused
+ * (`Unsafe`) when the text does not lead to the file the link reaches; what is no regular file (a pipe) is left to
+ * `atomicFile` to refuse as such.
+ */
+const checkProcLink = async (link: string, next: string): Promise<void> => {
+  const reached = await FsP.stat(link).catch(() => undefined)
+  if (reached === undefined || !reached.isFile()) return
+  const named = await FsP.stat(next).catch(() => undefined)
+  if (named !== undefined && named.dev === reached.dev && named.ino === reached.ino) return
+  throw new FileError({
+    step: "Unsafe",
+    path: link,
+    cause: Object.assign(
+      new Error("it is an open file that has no name (deleted, or made without one), which no rename can replace"),
+      { kind: "nameless" }
+    )
+  })
+}
 
 /**
  * The temporary files of `atomicFile` that exist now (or are about to), for `removeTemporariesNow` and
