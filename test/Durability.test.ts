@@ -360,6 +360,35 @@ describe("an output that is a mount point (a file bind-mounted there, as a conta
       ChildProcess.execFileSync("umount", [out])
     }
   })
+
+  it("recv --from-qemu --out-dir: a block's file that is one is refused once the blocks are known, before a page", async (ctx) => {
+    const vm = Path.join(dir, "mounted-block.vm")
+    await twoBlockVm(vm)
+    const host = Path.join(dir, "host-block.img")
+    Fs.writeFileSync(host, "the host's file")
+    const volume = Path.join(dir, "block-volume")
+    Fs.mkdirSync(volume)
+    const block = Path.join(volume, "vga.vram.img")
+    Fs.writeFileSync(block, "")
+    try {
+      ChildProcess.execFileSync("mount", ["--bind", host, block], { stdio: "pipe" })
+    } catch (error) {
+      return ctx.skip(`cannot bind-mount a file here (needs root): ${(error as { stderr?: Buffer }).stderr?.toString().trim()}`)
+    }
+    try {
+      // "not stored": refused by the check of the blocks QEMU announced, not after every page was read (or received)
+      const recv = await runHere(["recv", `file:${vm}`, "--from-qemu", "--out-dir", volume])
+      expect([recv.code, recv.stderr.trim()]).toEqual([
+        1,
+        `multifd: error: ${vm}: not stored: ${block}: not replacing it: it is a mount point (a file mounted there, as a ` +
+        "container's volume), which a rename cannot replace; name a file in a mounted directory instead"
+      ])
+      expect(Fs.readFileSync(block, "utf8")).toBe("the host's file")
+      expect(Fs.readdirSync(volume)).toEqual(["vga.vram.img"])
+    } finally {
+      ChildProcess.execFileSync("umount", [block])
+    }
+  })
 })
 
 describe("recv under a file size limit (ulimit -f) below the image", () => {

@@ -214,9 +214,10 @@ const writableDirectory = (dir: string): Effect.Effect<void, Image.ImageError> =
 
 /**
  * Why the file in `dir` of one of the blocks `names` (the block files of `--out-dir`, known once QEMU announced its
- * blocks) cannot be written, if one exists and is not a regular file (a directory, a FIFO) or its name is longer
- * than the file system takes: as `--out`'s, refused before QEMU sends a page, not once it sent them all
- * (`Image.create`, when the blocks are stored, refuses it too).
+ * blocks) cannot be written, if one exists and is not a regular file (a directory, a FIFO) or cannot be replaced by a
+ * rename (`FileIo.unreplaceable`: a mount point, an immutable file...), or its name is longer than the file system
+ * takes: as `--out`'s, refused before QEMU sends a page, not once it sent them all (`Image.create`, when the blocks
+ * are stored, refuses it too).
  */
 const notAFile = (dir: string, names: ReadonlyArray<string>): string | undefined => {
   for (const name of names) {
@@ -235,6 +236,9 @@ const notAFile = (dir: string, names: ReadonlyArray<string>): string | undefined
       continue // a link loop, a path it may not look at: the create says so
     }
     if (stat !== undefined && !stat.isFile()) return `${path}: exists and is not a regular file`
+    // nor one that no rename can replace (a mount point, an immutable file, another user's in a sticky directory)
+    const refused = stat === undefined ? undefined : FileIo.unreplaceable(path, stat)
+    if (refused !== undefined) return `${path}: ${FileIo.describeUnsafe(path, refused)}`
   }
   return undefined
 }

@@ -675,6 +675,56 @@ export const lockDirectory = (
     })))
 }
 
+/**
+ * Why the regular file `existing` at `target` cannot be replaced by a rename, if it cannot: an `Unsafe` error (a mount
+ * point, an immutable file, another user's file in a sticky directory). Synchronous, so that a check of many files at
+ * once (`recv --out-dir`'s blocks, as QEMU announces them) can say it before anything is transferred, as `atomicFile`
+ * says it of one file.
+ */
+export const unreplaceable = (target: string, existing: Fs.Stats): FileError | undefined => {
+  if (isMountPoint(target)) {
+    return new FileError({
+      step: "Unsafe",
+      path: target,
+      cause: Object.assign(
+        new Error(
+          "it is a mount point (a file mounted there, as a container's volume), which a rename cannot replace; " +
+            "name a file in a mounted directory instead"
+        ),
+        { kind: "mount" }
+      )
+    })
+  }
+  // nor can one replace an immutable file (EPERM): the whole file was written, and only the rename failed
+  if (isImmutable(target)) {
+    return new FileError({
+      step: "Unsafe",
+      path: target,
+      cause: Object.assign(
+        new Error("it is immutable (chattr +i: lsattr shows it), which no rename can replace; chattr -i lifts it"),
+        { kind: "immutable" }
+      )
+    })
+  }
+  // its owner and permissions are given to the new file: another user's there would be given what is written
+  if (othersInSticky(Path.dirname(target), existing.uid)) return unsafe("file", target)
+  // nor, in any sticky directory (a group's shared one, 1770), may the rename replace another user's file (EPERM)
+  if (stickyForbids(Path.dirname(target), existing.uid)) {
+    return new FileError({
+      step: "Unsafe",
+      path: target,
+      cause: Object.assign(
+        new Error(
+          `another user's file in the sticky directory ${Path.resolve(Path.dirname(target))}, where none but its ` +
+            "owner (or the directory's) may replace it"
+        ),
+        { kind: "file" }
+      )
+    })
+  }
+  return undefined
+}
+
 /** Links followed before giving up, as Linux's own limit for a path (`ELOOP`). */
 const MAX_LINKS = 40
 
@@ -685,10 +735,10 @@ const MAX_LINKS = 40
  * by default in the major distributions), which the kernel applies to the links it follows and the files it opens
  * with O_CREAT; `atomicFile` follows links itself and replaces files by renaming, so it applies the rule itself.
  */
-const othersInSticky = async (dir: string, owner: number): Promise<boolean> => {
+const othersInSticky = (dir: string, owner: number): boolean => {
   const me = process.geteuid?.()
   if (me === undefined || owner === me) return false
-  const parent = await FsP.stat(dir).catch(() => undefined)
+  const parent = statOrUndefined(dir)
   return parent !== undefined && (parent.mode & 0o1002) === 0o1002 && parent.uid !== owner
 }
 
@@ -698,12 +748,18 @@ const othersInSticky = async (dir: string, owner: number): Promise<boolean> => {
  * Linux says which paths are mount points in /proc/self/mountinfo (a file mounted from the same file system has the
  * same device as its directory); elsewhere a device other than its directory's tells.
  */
-const isMountPoint = async (path: string): Promise<boolean> => {
-  const real = await FsP.realpath(path).catch(() => undefined)
-  if (real === undefined) return false
-  const table = await FsP.readFile("/proc/self/mountinfo", "utf8").catch(() => undefined)
-  if (table === undefined) {
-    const [file, dir] = await Promise.all([FsP.stat(real), FsP.stat(Path.dirname(real))]).catch(() => [undefined, undefined])
+const isMountPoint = (path: string): boolean => {
+  let real: string
+  let table: string | undefined
+  try {
+    real = Fs.realpathSync(path)
+  } catch {
+    return false
+  }
+  try {
+    table = Fs.readFileSync("/proc/self/mountinfo", "utf8")
+  } catch {
+    const [file, dir] = [statOrUndefined(real), statOrUndefined(Path.dirname(real))]
     return file !== undefined && dir !== undefined && file.dev !== dir.dev
   }
   // the fifth field, its space, tab, newline and backslash written \040, \011, \012, \134
@@ -717,10 +773,10 @@ const isMountPoint = async (path: string): Promise<boolean> => {
  * world-writable one: a group's shared directory, mode 1770): the kernel lets none but the file's owner or the
  * directory's (or root: CAP_FOWNER) rename over it or remove it, and the rename failed after the whole file was written.
  */
-const stickyForbids = async (dir: string, owner: number): Promise<boolean> => {
+const stickyForbids = (dir: string, owner: number): boolean => {
   const me = process.geteuid?.()
   if (me === undefined || me === 0 || owner === me) return false
-  const parent = await FsP.stat(dir).catch(() => undefined)
+  const parent = statOrUndefined(dir)
   return parent !== undefined && (parent.mode & 0o1000) !== 0 && parent.uid !== me
 }
 
@@ -728,8 +784,23 @@ const stickyForbids = async (dir: string, owner: number): Promise<boolean> => {
  * Whether the existing file at `path` is immutable (`chattr +i`): the only write permission even root is refused
  * with EPERM rather than EACCES. Nothing can rename over it or remove it.
  */
-const isImmutable = (path: string): Promise<boolean> =>
-  FsP.access(path, Fs.constants.W_OK).then(() => false, (error: unknown) => errorCode(error) === "EPERM")
+const isImmutable = (path: string): boolean => {
+  try {
+    Fs.accessSync(path, Fs.constants.W_OK)
+    return false
+  } catch (error) {
+    return errorCode(error) === "EPERM"
+  }
+}
+
+/** `stat` of `path` (its links followed), or nothing where it cannot be had. */
+const statOrUndefined = (path: string): Fs.Stats | undefined => {
+  try {
+    return Fs.statSync(path)
+  } catch {
+    return undefined
+  }
+}
 
 /** The cause of an `Unsafe` error: what `path` is, and where. */
 const unsafe = (kind: "link" | "file", path: string): FileError =>
@@ -774,7 +845,7 @@ export const followLinks = (path: string): Effect.Effect<string, FileError> =>
         if (stat === undefined || !stat.isSymbolicLink()) return current
         const dir = await FsP.realpath(Path.dirname(current))
         // another user could point it at any file (~/.bashrc, /etc/shadow for root)
-        if (await othersInSticky(dir, stat.uid)) throw unsafe("link", current)
+        if (othersInSticky(dir, stat.uid)) throw unsafe("link", current)
         const next = Path.resolve(dir, await FsP.readlink(current))
         if (dir === "/proc" || dir.startsWith("/proc/")) await checkProcLink(current, next)
         current = next
@@ -1003,48 +1074,8 @@ export const atomicFile = (
     }
     const existing = yield* Effect.promise(() => FsP.stat(target).catch(() => undefined))
     if (existing !== undefined && !existing.isFile()) return yield* new FileError({ step: "NotRegular", path: target })
-    if (existing !== undefined && (yield* Effect.promise(() => isMountPoint(target)))) {
-      return yield* new FileError({
-        step: "Unsafe",
-        path: target,
-        cause: Object.assign(
-          new Error(
-            "it is a mount point (a file mounted there, as a container's volume), which a rename cannot replace; " +
-              "name a file in a mounted directory instead"
-          ),
-          { kind: "mount" }
-        )
-      })
-    }
-    // nor can one replace an immutable file (EPERM): the whole file was written, and only the rename failed
-    if (existing !== undefined && (yield* Effect.promise(() => isImmutable(target)))) {
-      return yield* new FileError({
-        step: "Unsafe",
-        path: target,
-        cause: Object.assign(
-          new Error("it is immutable (chattr +i: lsattr shows it), which no rename can replace; chattr -i lifts it"),
-          { kind: "immutable" }
-        )
-      })
-    }
-    // its owner and permissions are given to the new file: another user's there would be given what is written
-    if (existing !== undefined && (yield* Effect.promise(() => othersInSticky(Path.dirname(target), existing.uid)))) {
-      return yield* unsafe("file", target)
-    }
-    // nor, in any sticky directory (a group's shared one, 1770), may the rename replace another user's file (EPERM)
-    if (existing !== undefined && (yield* Effect.promise(() => stickyForbids(Path.dirname(target), existing.uid)))) {
-      return yield* new FileError({
-        step: "Unsafe",
-        path: target,
-        cause: Object.assign(
-          new Error(
-            `another user's file in the sticky directory ${Path.resolve(Path.dirname(target))}, where none but its ` +
-              "owner (or the directory's) may replace it"
-          ),
-          { kind: "file" }
-        )
-      })
-    }
+    const refused = existing === undefined ? undefined : unreplaceable(target, existing)
+    if (refused !== undefined) return yield* refused
     // a rename replaces this name alone: the file's other names (hard links) go on naming the older file, where
     // cp or QEMU, which write in place, would have changed it under every name
     // said once of a file: a command that checks its output first (recv --from-qemu --vm) and writes it later said
