@@ -641,27 +641,30 @@ export const lockDirectory = (
         return made
       }
       const found = yield* Effect.promise(() => readLock(path))
-      if (found === undefined) continue // removed meanwhile: try again
+      // removed meanwhile: try again; but a lock this process holds (elsewhere: `tryCreate` said so) is waited for,
+      // its file there or not (removed by hand)
+      if (found === undefined && !locks.has(key)) continue
+      const pid = found === undefined ? process.pid : found.pid
       const now = yield* Clock.currentTimeMillis
-      const stale = found.pid === undefined
+      const stale = found === undefined ? false : found.pid === undefined
         ? Date.now() - found.modifiedMs >= options.patience
         : found.modifiedMs < bootMs || (found.pid === process.pid ? !locks.has(key) : !processExists(found.pid))
       // one that cannot be removed (another user's, in a sticky directory) is waited for as a live one
-      if (stale && (yield* Effect.promise(() => removeLock(path, found)))) {
-        yield* options.onStale(found.pid)
+      if (stale && (yield* Effect.promise(() => removeLock(path, found!)))) {
+        yield* options.onStale(pid)
         continue
       }
       if (now - start >= options.patience) {
-        const holder = found.pid === undefined ? "a process" : `process ${found.pid}`
+        const holder = pid === undefined ? "a process" : `process ${pid}`
         return yield* new FileError({
           step: "Locked",
           path,
-          cause: Object.assign(new Error(`held by ${holder}`), { pid: found.pid })
+          cause: Object.assign(new Error(`held by ${holder}`), { pid })
         })
       }
       if (!told) {
         told = true
-        yield* options.onWait(found.pid)
+        yield* options.onWait(pid)
       }
       // (an acquisition is uninterruptible: the wait is not, and no lock of this process exists during it)
       yield* Effect.interruptible(Effect.sleep(LOCK_POLL_MS))
