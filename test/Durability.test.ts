@@ -1022,6 +1022,57 @@ describe("a command given SIGINT while its output is renamed into place (strace 
   })
 })
 
+describe("recv --from-qemu --out-dir given SIGINT again while it publishes its blocks (strace delays their directory's fsyncs)", () => {
+  // the first signal lets the publish go on (the renames are uninterruptible); the second exits at once, and removed
+  // the older blocks' second names (BLOCK.img.<pid>.older) with the temporary files: the first block this migration's,
+  // the second an earlier one's, and the older first block gone for good
+  it("exits at once with the directory as it was: the blocks renamed so far put back", async (ctx) => {
+    const why = straceMissing()
+    if (why !== undefined) return ctx.skip(`strace cannot run here: ${why}`)
+    const vm = Path.join(dir, "twice.vm")
+    await twoBlockVm(vm)
+    const out = Path.join(dir, "twice")
+    Fs.mkdirSync(out)
+    Fs.writeFileSync(Path.join(out, "mem.img"), "older")
+    Fs.writeFileSync(Path.join(out, "vga.vram.img"), "older")
+    // one thread of libuv's pool does every file operation (strace counts each thread's calls on their own): the
+    // blocks' two fsyncs, then the directory's after each rename, 1 s each
+    const command = ChildProcess.spawn("strace", [
+      "-f", "-qq", "-o", "|cat", "-e", "trace=fsync,rename", "-e", "inject=fsync:delay_enter=1000000:when=3+",
+      process.execPath, inject("cliBundle"), "recv", `file:${vm}`, "--from-qemu", "--out-dir", out
+    ], { stdio: ["ignore", "pipe", "pipe"], env: { ...process.env, NO_COLOR: "1", UV_THREADPOOL_SIZE: "1" } })
+    const timer = setTimeout(() => command.kill("SIGKILL"), 20_000)
+    let stderr = ""
+    command.stderr.setEncoding("utf8").on("data", (s: string) => (stderr += s))
+    const exited = new Promise<number | null>((resolve) =>
+      command.once("close", (code) => {
+        clearTimeout(timer)
+        resolve(code)
+      })
+    )
+    // the first block renamed into place: its directory's fsync (delayed) comes next
+    const pid = await new Promise<number | undefined>((resolve) => {
+      let traced = ""
+      command.stdout.setEncoding("utf8").on("data", (s: string) => {
+        traced += s
+        const m = /rename\("[^"]*mem\.img\.(\d+)\.partial", "[^"]*mem\.img"\) = 0/.exec(traced)
+        if (m !== null) resolve(Number(m[1]))
+      })
+      void exited.then(() => resolve(undefined))
+    })
+    expect(pid, stderr).toBeDefined()
+    process.kill(pid!, "SIGINT")
+    // later than a repeat of the same request (Signals.REPEAT_MS), while the second block's directory fsync waits
+    await new Promise((resolve) => setTimeout(resolve, 1200))
+    process.kill(pid!, "SIGINT")
+    const code = await exited
+    expect([code, stderr.trim().split("\n").at(-1)]).toEqual([130, "multifd: SIGINT again: exiting at once (the peer is not told)"])
+    expect(Fs.readdirSync(out).sort()).toEqual(["mem.img", "vga.vram.img"])
+    const older = (name: string) => Fs.readFileSync(Path.join(out, name)).equals(Buffer.from("older"))
+    expect({ mem: older("mem.img"), vga: older("vga.vram.img") }).toEqual({ mem: true, vga: true })
+  })
+})
+
 describe("send file: into a directory it cannot write in", () => {
   // the whole image was read first (minutes for a big one), and only then was the snapshot's file found unwritable;
   // recv creates its output's temporary file before it listens

@@ -200,7 +200,11 @@ export const create = (path: string): Effect.Effect<Output, ImageError, Scope.Sc
 export const publishAll = (outputs: ReadonlyArray<Output>): Effect.Effect<void, ImageError> =>
   Effect.uninterruptible(Effect.scoped(Effect.gen(function*() {
     const olders = yield* Effect.forEach(outputs, (output) => FileIo.keepOlder(output.target))
+    // a process that exits at once meanwhile (a second signal) puts back what was renamed, as a failure here does
+    const onExit = yield* FileIo.undoingOnExit()
     for (const [i, output] of outputs.entries()) {
+      // before its publish, which renames it at any moment (putting back one not renamed yet changes nothing)
+      yield* onExit.add(output.target, olders[i]!)
       const published = yield* Effect.either(output.publish)
       if (published._tag === "Right") continue
       const failed = published.left

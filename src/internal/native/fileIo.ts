@@ -728,6 +728,42 @@ export const unreplaceable = (target: string, existing: Fs.Stats): FileError | u
   return undefined
 }
 
+/**
+ * Undoes, synchronously, the publish of `target` that `putBack` undoes: for a process about to exit without closing its
+ * scopes (`removeTemporariesNow`). Whatever fails is left as it is.
+ */
+const putBackNow = (target: string, older: Older): void => {
+  try {
+    if (!older.existed) Fs.rmSync(target, { force: true })
+    else if (older.path !== undefined) Fs.renameSync(older.path, target)
+  } catch {
+    // nothing more can be done on the way out
+  }
+}
+
+/** The publishes of several files under way (`undoingOnExit`), each the targets renamed so far with their older files. */
+const publishing = new Set<Array<readonly [string, Older]>>()
+
+/**
+ * A record, for the scope, of the files a publish of several (`recv --out-dir`'s blocks) has renamed into place so far
+ * (`add` each as its rename begins: a file not renamed yet is put back as it is, its second name a link to itself, or
+ * none there): a process that exits at once meanwhile (a second signal, `removeTemporariesNow`) puts them
+ * back, as a failed publish does, rather than leave some files of this publish beside older others — and remove the
+ * older ones' second names, which held what the renamed ones replaced.
+ */
+export const undoingOnExit = (): Effect.Effect<{ readonly add: (target: string, older: Older) => Effect.Effect<void> }, never, Scope.Scope> =>
+  Effect.map(
+    Effect.acquireRelease(
+      Effect.sync(() => {
+        const renamed: Array<readonly [string, Older]> = []
+        publishing.add(renamed)
+        return renamed
+      }),
+      (renamed) => Effect.sync(() => void publishing.delete(renamed))
+    ),
+    (renamed) => ({ add: (target, older) => Effect.sync(() => void renamed.push([target, older])) })
+  )
+
 /** Links followed before giving up, as Linux's own limit for a path (`ELOOP`). */
 const MAX_LINKS = 40
 
@@ -938,6 +974,9 @@ const removal = (temporary: Temporary): string =>
  * them behind.
  */
 export const removeTemporariesNow = (): void => {
+  // a publish of several files cut short: the ones renamed so far put back, from their older files' second names
+  for (const renamed of publishing) for (const [target, older] of [...renamed].reverse()) putBackNow(target, older)
+  publishing.clear()
   for (const temporary of temporaries.values()) {
     try {
       const path = removal(temporary)
