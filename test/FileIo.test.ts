@@ -266,6 +266,27 @@ describe("FileIo.atomicFile", () => {
       expect(openFilesIn(dir)).toEqual([])
     }))
 
+  // the lock's key here was the path as given: through a link to the directory, this process's own lock was taken for an
+  // earlier process's with this pid (stale), and both published at once
+  it.scopedLive("lockDirectory: a lock this process holds is waited for, whatever name its directory is given", () =>
+    Effect.gen(function*() {
+      const dir = yield* tempDir
+      const real = Path.join(dir, "blocks")
+      Fs.mkdirSync(real)
+      Fs.symlinkSync(real, Path.join(dir, "link"))
+      const heard: Array<string> = []
+      const options = {
+        patience: 100,
+        onWait: (pid: number | undefined) => Effect.sync(() => void heard.push(`wait ${pid}`)),
+        onStale: (pid: number | undefined) => Effect.sync(() => void heard.push(`stale ${pid}`)),
+        onUnlocked: () => Effect.sync(() => void heard.push("unlocked"))
+      }
+      yield* FileIo.lockDirectory(real, options)
+      const second = yield* Effect.flip(Effect.scoped(FileIo.lockDirectory(Path.join(dir, "link"), options)))
+      expect([second.step, heard]).toEqual(["Locked", [`wait ${process.pid}`]])
+      expect(Fs.readlinkSync(Path.join(real, FileIo.LOCK_NAME))).toBe(String(process.pid))
+    }))
+
   // /proc's links (/proc/self/fd/N, /dev/stdout) are the kernel's: their text names the open file only while it has
   // that name; a deleted file's reads "/dir/x (deleted)", and a file of that name was created and renamed into place
   it.scopedLive("a link of /proc to an open file is written through while the file has its name; one deleted is refused", () =>

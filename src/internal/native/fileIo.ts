@@ -581,6 +581,15 @@ const readLock = async (path: string): Promise<LockFile | undefined> => {
   return { pid: pid === undefined ? undefined : Number(pid), dev: stat.dev, ino: stat.ino, modifiedMs: stat.mtimeMs }
 }
 
+/** `dir` with its links resolved, where it can be; else as `Path.resolve` makes it. */
+const realOrResolved = (dir: string): string => {
+  try {
+    return Fs.realpathSync(dir)
+  } catch {
+    return Path.resolve(dir)
+  }
+}
+
 /** Removes the lock file at `path` if it is still the one `found` (device and inode); whether it did. */
 const removeLock = (path: string, found: LockFile): Promise<boolean> =>
   FsP.lstat(path).then(
@@ -614,7 +623,8 @@ export const lockDirectory = (
   }
 ): Effect.Effect<void, FileError, Scope.Scope> => {
   const path = Path.join(dir, LOCK_NAME)
-  const key = Path.resolve(path)
+  // one key however the directory is named (through a link to it too): this process's lock is its own, not stale
+  const key = Path.join(realOrResolved(dir), LOCK_NAME)
   const bootMs = Date.now() - Os.uptime() * 1000
   // a symbolic link whose target is this process's pid: made at once with what it says (a file is empty until written,
   // and another process would read no pid), and taking no data block of a disk the blocks just filled
