@@ -433,6 +433,15 @@ describe("FileIo.atomicFile of a file with other names (hard links)", () => {
       warnings.length = 0
       yield* write(target)
       expect(warnings).toEqual([])
+      // nor of the second name a live process's publish gives it for a moment (recv --out-dir's BLOCK.img.<pid>.older,
+      // while another command publishes its blocks there): no name of the user's
+      const publisher = ChildProcess.spawn("sleep", ["20"], { stdio: "ignore" })
+      yield* Effect.addFinalizer(() => Effect.sync(() => publisher.kill("SIGKILL")))
+      const block = Path.join(dir, "mem.img")
+      Fs.writeFileSync(block, "old")
+      Fs.linkSync(block, `${block}.${publisher.pid}.older`)
+      yield* write(block)
+      expect(warnings).toEqual([])
     }))
 })
 

@@ -498,6 +498,22 @@ export const removeStale = (target: string): Effect.Effect<ReadonlyArray<string>
     return removed
   })
 
+/**
+ * How many names of the file `existing` at `target` are `keepOlder`'s second names beside it (`<target>.<pid>.older`):
+ * those of publishes under way, here or in another process (a dead process's were removed by `removeStale`).
+ */
+const olderNamesOf = async (target: string, existing: Fs.Stats): Promise<number> => {
+  const prefix = `${temporaryStem(target)}.`
+  let count = 0
+  for (const name of await FsP.readdir(Path.dirname(target)).catch(() => [] as Array<string>)) {
+    if (!name.startsWith(prefix) || !name.endsWith(".older")) continue
+    if (!/^[1-9][0-9]{0,9}$/.test(name.slice(prefix.length, -".older".length))) continue
+    const stat = await FsP.lstat(Path.join(Path.dirname(target), name)).catch(() => undefined)
+    if (stat !== undefined && stat.dev === existing.dev && stat.ino === existing.ino) count++
+  }
+  return count
+}
+
 /** The second name `keepOlder` gives the file at `target` (`<target>.<pid>.older`, a name cut as `temporaryOf`'s). */
 const olderOf = (target: string, pid: number | string): string =>
   `${temporaryOf(target, pid).slice(0, -".partial".length)}.older`
@@ -1132,9 +1148,12 @@ export const atomicFile = (
     // cp or QEMU, which write in place, would have changed it under every name
     // said once of a file: a command that checks its output first (recv --from-qemu --vm) and writes it later said
     // it twice, and silenced the second write's warnings for it, "left OUT.<pid>.partial behind" among them
-    if (existing !== undefined && existing.nlink > 1 && !toldLinks.has(`${existing.dev}:${existing.ino}`)) {
+    // (but the second names of older files that publishes under way give them for a moment: `keepOlder`'s)
+    const others = existing === undefined || existing.nlink === 1
+      ? 0
+      : existing.nlink - 1 - (yield* Effect.promise(() => olderNamesOf(target, existing)))
+    if (existing !== undefined && others > 0 && !toldLinks.has(`${existing.dev}:${existing.ino}`)) {
       toldLinks.add(`${existing.dev}:${existing.ino}`)
-      const others = existing.nlink - 1
       yield* Effect.logWarning(
         `${Path.basename(target)} has ${others} other ${others === 1 ? "name" : "names"} (hard links), which will ` +
           `keep the older file: only ${Path.basename(target)} is replaced`
