@@ -442,10 +442,30 @@ describe.skipIf(missing !== undefined)(`QEMU ${"version" in qemu ? qemu.version 
         const { vm } = yield* MappedRam.read(qemuFile, { offset: MIB })
         expectSameRam(vm.ram.block("mem")!.bytes)
         // without the offset (or another one), QEMU's stream is not where it is looked for: one line naming where
+        // (and where it is: the user is told what to give)
+        const found = "; a QEMU stream starts at byte 1048576 \\(written by QEMU's migrate file:PATH,offset=1048576\\?\\)"
         const without = yield* cli(["recv", `file:${qemuFile}`, "--from-qemu", "--out", fresh("no-offset.ram"), "--quiet"])
-        expect(without).toMatchObject({ code: 2, stderr: [expect.stringMatching(/not a QEMU migration stream: magic 0xabababab.*\(at byte 0\)$/)] })
+        expect(without).toMatchObject({
+          code: 2,
+          stderr: [expect.stringMatching(
+            new RegExp(`not a QEMU migration stream: magic 0xabababab.*\\(at byte 0\\)${found}: give file:${qemuFile},offset=1048576$`)
+          )]
+        })
         const off = yield* cli(["recv", `file:${qemuFile},offset=4096`, "--from-qemu", "--out", fresh("off.ram"), "--quiet"])
-        expect(off).toMatchObject({ code: 2, stderr: [expect.stringMatching(/not a QEMU migration stream: .*\(at byte 4096\)$/)] })
+        expect(off).toMatchObject({ code: 2, stderr: [expect.stringMatching(new RegExp(`not a QEMU migration stream: .*\\(at byte 4096\\)${found}`))] })
+        // send --to-qemu --vm likewise: without the offset told where, with it (PATH,offset=N, as QEMU names the file)
+        // the VM resumes
+        const sent = yield* cli(["send", "tcp:127.0.0.1:1", "--to-qemu", "--vm", qemuFile, "--channels", "2", "--quiet"])
+        expect(sent).toMatchObject({
+          code: 2,
+          stderr: [expect.stringMatching(new RegExp(`\\(at byte 0\\)${found}: give --vm ${qemuFile},offset=1048576$`))]
+        })
+        if (mappedRam) {
+          const dst = yield* destination({ channels: 2 })
+          expect(yield* cli(["send", dst.uri, "--to-qemu", "--vm", `${qemuFile},offset=1M`, "--channels", "2", "--quiet"]))
+            .toMatchObject({ code: 0, stderr: [] })
+          yield* expectResumed(dst)
+        }
         const past = yield* cli(["recv", `file:${qemuFile},offset=1T`, "--from-qemu", "--out", fresh("past.ram"), "--quiet"])
         expect(past).toMatchObject({ code: 1, stderr: [expect.stringMatching(/ends before offset 1099511627776, where QEMU's stream was to start$/)] })
         expect(leftovers("no-offset.ram")).toEqual([])

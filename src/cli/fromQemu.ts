@@ -298,7 +298,9 @@ const UNITS: Readonly<Record<string, number>> = { b: 1, k: 2 ** 10, m: 2 ** 20, 
  * QEMU takes it (decimal or 0x hex, an optional unit letter B K M G T P E), where QEMU wrote its stream.
  */
 export const qemuFileSpec = (
-  spec: string
+  spec: string,
+  /** How the command's user gave it, in the error (default `file:SPEC`). */
+  named = `file:${spec}`
 ): Effect.Effect<{ readonly path: string; readonly offset: number | undefined }, UsageError> => {
   const at = spec.indexOf(",offset=")
   // (no offset: at the start, or after a libvirt save image's header, `MappedRam.open` finds where)
@@ -309,13 +311,28 @@ export const qemuFileSpec = (
   if (!Number.isSafeInteger(offset)) {
     return Effect.fail(
       new UsageError({
-        detail: `file:${spec}: invalid file offset '${text}' (QEMU's migrate file:PATH,offset=N: N in bytes, ` +
+        detail: `${named}: invalid file offset '${text}' (QEMU's migrate file:PATH,offset=N: N in bytes, ` +
           "decimal or 0x hex, or with a unit: 1M)"
       })
     )
   }
   return Effect.succeed({ path: spec.slice(0, at), offset })
 }
+
+/**
+ * A file without QEMU's stream where it was looked for, but with one further on (`MappedRamError.streamAt`): the
+ * error says how to name the file so that it is read from there (`give(N)`: `file:PATH,offset=N`).
+ */
+export const streamElsewhere = (give: (at: number) => string) => (error: MappedRam.MappedRamError): MappedRam.MappedRamError =>
+  error.streamAt === undefined
+    ? error
+    : new MappedRam.MappedRamError({
+      reason: error.reason,
+      path: error.path,
+      detail: `${error.detail}: give ${give(error.streamAt)}`,
+      cause: error.cause,
+      streamAt: error.streamAt
+    })
 
 /**
  * Runs `recv --from-qemu`. Usage problems (no output, two outputs, an unwritable one) fail with `UsageError` or
@@ -446,7 +463,7 @@ export const run = (args: Args) =>
             pageSize: args.pageSize,
             offset: fileSpec?.offset,
             maxRamBytes: settings.maxRamBytes
-          })
+          }).pipe(Effect.mapError(streamElsewhere((at) => `file:${uri.path},offset=${at}`)))
           const refused = admit(opened.vm.ram.blocks.map((block) => ({ name: block.name, size: block.bytes.length })))
           if (refused !== undefined) {
             return yield* new MappedRam.MappedRamError({ reason: "TooLarge", path: uri.path, detail: `not stored: ${refused}` })

@@ -223,7 +223,7 @@ export const sendQemu: Options.Options<SendQemu> = Options.all({
     Options.withPseudoName("FILE"),
     Options.withDescription(
       "With --to-qemu: the VM to migrate, a QEMU mapped-ram migration file (written by recv --vm, or by QEMU's own " +
-        "migrate file: with capability mapped-ram)."
+        "migrate file: with capability mapped-ram; PATH,offset=N for one QEMU's migrate file:PATH,offset=N wrote at N)."
     ),
     Options.optional
   ),

@@ -21,6 +21,7 @@ import * as QemuOutgoing from "../QemuOutgoing.js"
 import type * as Tls from "../Tls.js"
 import * as Transport from "../Transport.js"
 import { UsageError } from "./errors.js"
+import * as FromQemu from "./fromQemu.js"
 import type * as Options from "./options.js"
 import * as Progress from "./progress.js"
 import * as Report from "./report.js"
@@ -29,7 +30,7 @@ import { channelThreads, environment, timeoutsOf } from "./settings.js"
 /** What `send --to-qemu` is asked to do. */
 export interface Args {
   readonly uri: Transport.Address
-  /** The VM file. */
+  /** The VM file: `PATH`, or `PATH,offset=N` for one QEMU's `migrate file:PATH,offset=N` wrote at N. */
   readonly vm: string
   /** QEMU's `multifd-channels`; 0: a QEMU without multifd (every page on the main channel). */
   readonly channels: number
@@ -58,7 +59,11 @@ export const run = (args: Args) =>
     }
     const { stats, vm } = yield* Effect.scoped(Effect.gen(function*() {
       // the pages are read batch by batch into a small window as the channels send the previous ones
-      const { readPages, vm } = yield* MappedRam.open(args.vm)
+      // PATH,offset=N: a file QEMU's migrate file:PATH,offset=N wrote at N, named as recv file: --from-qemu names it
+      const file = yield* FromQemu.qemuFileSpec(args.vm, `--vm ${args.vm}`)
+      const { readPages, vm } = yield* MappedRam.open(file.path, { offset: file.offset }).pipe(
+        Effect.mapError(FromQemu.streamElsewhere((at) => `--vm ${file.path},offset=${at}`))
+      )
       const onProgress = yield* Progress.make("send", args.reporting)
       const maxBandwidth = args.maxBandwidth === undefined || args.maxBandwidth === 0
         ? undefined

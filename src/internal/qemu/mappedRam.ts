@@ -40,6 +40,11 @@ export class MappedRamError extends Data.TaggedError("MappedRamError")<{
   readonly path: string
   readonly detail: string
   readonly cause?: unknown
+  /**
+   * Where the file holds a QEMU stream's header, when it holds none where it was looked for (a file QEMU's
+   * `migrate file:PATH,offset=N` wrote at N): the offset to read it from.
+   */
+  readonly streamAt?: number | undefined
 }> {
   override get message(): string {
     return `${this.path.length === 0 ? "mapped-ram file" : this.path}: ${PeerText.printable(this.detail)}`
@@ -54,6 +59,29 @@ const IN_FLIGHT = 4
 const PIECE = 1024 * 1024
 /** Bytes read at a time while following the main stream. */
 const STREAM_CHUNK = 1024 * 1024
+/** Bytes searched for a QEMU stream's header when a file holds none where it was looked for. */
+const SEARCH_LIMIT = 64 * 1024 * 1024
+/** A QEMU stream's first bytes: `QEVM`, then file version 3. */
+const STREAM_HEADER = Buffer.from([0x51, 0x45, 0x56, 0x4d, 0, 0, 0, 3])
+
+/**
+ * Where, in the file's first `SEARCH_LIMIT` bytes, a QEMU stream's header is (other than at `not`, where it was
+ * looked for), or `undefined`: a file QEMU's `migrate file:PATH,offset=N` wrote after a header of the user's own.
+ */
+const findStreamHeader = (file: FileIo.Readable, not: number): Effect.Effect<number | undefined, FileIo.FileError> =>
+  Effect.gen(function*() {
+    const end = Math.min(file.size, SEARCH_LIMIT)
+    const chunk = Buffer.allocUnsafe(STREAM_CHUNK + STREAM_HEADER.length - 1)
+    for (let at = 0; at < end; at += STREAM_CHUNK) {
+      const n = Math.min(chunk.length, file.size - at)
+      if (n < STREAM_HEADER.length) return undefined
+      yield* FileIo.transfer("read", file, chunk, 0, n, at)
+      for (let i = chunk.subarray(0, n).indexOf(STREAM_HEADER); i >= 0; i = chunk.subarray(0, n).indexOf(STREAM_HEADER, i + 1)) {
+        if (at + i !== not) return at + i
+      }
+    }
+    return undefined
+  })
 
 const roundUp = (n: number, to: number) => Math.ceil(n / to) * to
 
@@ -490,14 +518,30 @@ export const open = (
       )
     // no QEMU stream at the start of a file given no offset: a libvirt save image's is after its header and XML (read
     // only then: a QEMU file is read as it always was)
+    const notAStream = (e: MappedRamError) => e.cause instanceof QemuStream.QemuStreamError && e.cause.reason === "BadMagic"
     const summary = yield* readStream(offset, "").pipe(
       Effect.catchIf(
-        (e) => given === undefined && e.cause instanceof QemuStream.QemuStreamError && e.cause.reason === "BadMagic",
+        (e) => given === undefined && notAStream(e),
         (e) =>
           Effect.flatMap(libvirtSaveStart(file, path), (start) =>
             start === 0
               ? Effect.fail(e)
               : readStream(start, `a libvirt save image, whose QEMU stream at byte ${start} is `))
+      ),
+      // none where it was looked for, but one further on (QEMU's migrate file:PATH,offset=N wrote it at N): say where
+      Effect.catchIf(
+        (e) => notAStream(e) && e.cause instanceof QemuStream.QemuStreamError,
+        (e) =>
+          Effect.flatMap(Effect.mapError(findStreamHeader(file, (e.cause as QemuStream.QemuStreamError).offset), failed), (at) =>
+            Effect.fail(
+              at === undefined ? e : new MappedRamError({
+                reason: e.reason,
+                path,
+                detail: `${e.detail}; a QEMU stream starts at byte ${at} (written by QEMU's migrate file:PATH,offset=${at}?)`,
+                cause: e.cause,
+                streamAt: at
+              })
+            ))
       )
     )
     // written meanwhile: the stream read may be part old, part new (and so may the pages read later)
