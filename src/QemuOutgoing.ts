@@ -308,6 +308,9 @@ const send = <E>(options: Options<E>): Effect.Effect<Stats, OutgoingError | E, T
           ? `QEMU ended the migration ${whyClosed}: this side presented no TLS client certificate, which QEMU's ` +
             "tls-creds-x509 asks for unless verify-peer=off (give --tls-cert and --tls-key); else its log says why"
           : `QEMU ended the migration ${whyClosed}: it refused it (another machine type or machine options, ` +
+            // (QEMU compares the capabilities it validates with the configuration's: x-ignore-shared on there, which
+            // a migration of every page never has, "Capability x-ignore-shared is on, but received capability is off")
+            (whyClosed === first ? "capability x-ignore-shared on, " : "") +
             (channels === 0 ? "" : "another multifd-channels or multifd-compression, ") +
             // (QEMU checks the channels' uuid as they connect, before it reads the configuration, and the
             // configuration's when it carries one; without multifd there are no channels)
