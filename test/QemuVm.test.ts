@@ -26,6 +26,7 @@ import * as Crypto from "node:crypto"
 import * as Fs from "node:fs"
 import * as Os from "node:os"
 import * as Path from "node:path"
+import * as Zlib from "node:zlib"
 import { afterAll, beforeAll } from "vitest"
 import * as Cli from "../src/cli/command.js"
 import * as MappedRam from "../src/MappedRam.js"
@@ -460,6 +461,17 @@ describe.skipIf(missing !== undefined)(`QEMU ${"version" in qemu ? qemu.version 
           code: 2,
           stderr: [expect.stringMatching(new RegExp(`\\(at byte 0\\)${found}: give --vm ${qemuFile},offset=1048576$`))]
         })
+        // QEMU's stream through a compressor (migrate "exec:gzip -c > FILE", as QEMU's documentation shows it): said so
+        if (!mappedRam) {
+          const gzipped = fresh("qemu-stream.gz")
+          Fs.writeFileSync(gzipped, Zlib.gzipSync(Fs.readFileSync(qemuFile).subarray(MIB, MIB + 65536)))
+          for (const args of [["recv", `file:${gzipped}`, "--from-qemu", "--out", fresh("gz.ram")], ["send", "tcp:127.0.0.1:1", "--to-qemu", "--vm", gzipped, "--channels", "2"]]) {
+            expect(yield* cli([...args, "--quiet"])).toMatchObject({
+              code: 2,
+              stderr: [expect.stringMatching(/magic 0x1f8b0800.*\(at byte 0\); it is gzip-compressed \(QEMU's migrate "exec:gzip -c > FILE"\?\): decompress it first \(gzip -d\)$/)]
+            })
+          }
+        }
         if (mappedRam) {
           const dst = yield* destination({ channels: 2 })
           expect(yield* cli(["send", dst.uri, "--to-qemu", "--vm", `${qemuFile},offset=1M`, "--channels", "2", "--quiet"]))

@@ -64,6 +64,27 @@ const SEARCH_LIMIT = 64 * 1024 * 1024
 /** A QEMU stream's first bytes: `QEVM`, then file version 3. */
 const STREAM_HEADER = Buffer.from([0x51, 0x45, 0x56, 0x4d, 0, 0, 0, 3])
 
+/** The first bytes of a compressed file, by the compressor that wrote it. */
+const COMPRESSED: ReadonlyArray<readonly [string, Buffer]> = [
+  ["gzip", Buffer.from([0x1f, 0x8b])],
+  ["zstd", Buffer.from([0x28, 0xb5, 0x2f, 0xfd])],
+  ["xz", Buffer.from([0xfd, 0x37, 0x7a, 0x58, 0x5a, 0x00])],
+  ["bzip2", Buffer.from("BZh", "latin1")],
+  ["lzop", Buffer.from([0x89, 0x4c, 0x5a, 0x4f])],
+  ["lz4", Buffer.from([0x04, 0x22, 0x4d, 0x18])]
+]
+
+/**
+ * The compressor whose output the file holds at `at`, if it is one's: a stream QEMU wrote through a pipe
+ * (`migrate "exec:gzip -c > FILE"`, as QEMU's documentation shows it), which it reads back the same way.
+ */
+const compressedWith = (file: FileIo.Readable, at: number): Effect.Effect<string | undefined, FileIo.FileError> =>
+  Effect.gen(function*() {
+    const first = Buffer.alloc(Math.max(0, Math.min(6, file.size - at)))
+    if (first.length > 0) yield* FileIo.transfer("read", file, first, 0, first.length, at)
+    return COMPRESSED.find(([, magic]) => first.subarray(0, magic.length).equals(magic))?.[0]
+  })
+
 /**
  * Where, in the file's first `SEARCH_LIMIT` bytes, a QEMU stream's header is (other than at `not`, where it was
  * looked for), or `undefined`: a file QEMU's `migrate file:PATH,offset=N` wrote after a header of the user's own.
@@ -533,13 +554,30 @@ export const open = (
         (e) => notAStream(e) && e.cause instanceof QemuStream.QemuStreamError,
         (e) =>
           Effect.flatMap(Effect.mapError(findStreamHeader(file, (e.cause as QemuStream.QemuStreamError).offset), failed), (at) =>
+            at === undefined
+              ? Effect.fail(e)
+              : Effect.fail(
+                new MappedRamError({
+                  reason: e.reason,
+                  path,
+                  detail: `${e.detail}; a QEMU stream starts at byte ${at} (written by QEMU's migrate file:PATH,offset=${at}?)`,
+                  cause: e.cause,
+                  streamAt: at
+                })
+              ))
+      ),
+      // none at all, but a compressor's output: QEMU's stream through a pipe (migrate "exec:gzip -c > FILE")
+      Effect.catchIf(
+        (e) => notAStream(e) && e.streamAt === undefined && e.cause instanceof QemuStream.QemuStreamError,
+        (e) =>
+          Effect.flatMap(Effect.mapError(compressedWith(file, (e.cause as QemuStream.QemuStreamError).offset), failed), (by) =>
             Effect.fail(
-              at === undefined ? e : new MappedRamError({
+              by === undefined ? e : new MappedRamError({
                 reason: e.reason,
                 path,
-                detail: `${e.detail}; a QEMU stream starts at byte ${at} (written by QEMU's migrate file:PATH,offset=${at}?)`,
-                cause: e.cause,
-                streamAt: at
+                detail: `${e.detail}; it is ${by}-compressed (QEMU's migrate "exec:${by} -c > FILE"?): decompress it ` +
+                  `first (${by} -d)`,
+                cause: e.cause
               })
             ))
       )
