@@ -463,8 +463,16 @@ describe.skipIf(missing !== undefined)(`QEMU ${"version" in qemu ? qemu.version 
         })
         // QEMU's stream through a compressor (migrate "exec:gzip -c > FILE", as QEMU's documentation shows it): said so
         if (!mappedRam) {
+          const head = Fs.readFileSync(qemuFile).subarray(MIB, MIB + 65536)
+          // (and a stream at the start given an offset: told to give none)
+          const atStart = fresh("qemu-stream-head")
+          Fs.writeFileSync(atStart, head)
+          expect(yield* cli(["recv", `file:${atStart},offset=4096`, "--from-qemu", "--out", fresh("head.ram"), "--quiet"])).toMatchObject({
+            code: 2,
+            stderr: [expect.stringMatching(/\(at byte 4096\); a QEMU stream starts at byte 0 \(the file's start\): give file:.*-qemu-stream-head, without an offset$/)]
+          })
           const gzipped = fresh("qemu-stream.gz")
-          Fs.writeFileSync(gzipped, Zlib.gzipSync(Fs.readFileSync(qemuFile).subarray(MIB, MIB + 65536)))
+          Fs.writeFileSync(gzipped, Zlib.gzipSync(head))
           for (const args of [["recv", `file:${gzipped}`, "--from-qemu", "--out", fresh("gz.ram")], ["send", "tcp:127.0.0.1:1", "--to-qemu", "--vm", gzipped, "--channels", "2"]]) {
             expect(yield* cli([...args, "--quiet"])).toMatchObject({
               code: 2,

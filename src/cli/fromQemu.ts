@@ -463,7 +463,7 @@ export const run = (args: Args) =>
             pageSize: args.pageSize,
             offset: fileSpec?.offset,
             maxRamBytes: settings.maxRamBytes
-          }).pipe(Effect.mapError(streamElsewhere((at) => `file:${uri.path},offset=${at}`)))
+          }).pipe(Effect.mapError(streamElsewhere((at) => at === 0 ? `file:${uri.path}, without an offset` : `file:${uri.path},offset=${at}`)))
           const refused = admit(opened.vm.ram.blocks.map((block) => ({ name: block.name, size: block.bytes.length })))
           if (refused !== undefined) {
             return yield* new MappedRam.MappedRamError({ reason: "TooLarge", path: uri.path, detail: `not stored: ${refused}` })

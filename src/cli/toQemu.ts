@@ -62,7 +62,7 @@ export const run = (args: Args) =>
       // PATH,offset=N: a file QEMU's migrate file:PATH,offset=N wrote at N, named as recv file: --from-qemu names it
       const file = yield* FromQemu.qemuFileSpec(args.vm, `--vm ${args.vm}`)
       const { readPages, vm } = yield* MappedRam.open(file.path, { offset: file.offset }).pipe(
-        Effect.mapError(FromQemu.streamElsewhere((at) => `--vm ${file.path},offset=${at}`))
+        Effect.mapError(FromQemu.streamElsewhere((at) => at === 0 ? `--vm ${file.path}, without an offset` : `--vm ${file.path},offset=${at}`))
       )
       const onProgress = yield* Progress.make("send", args.reporting)
       const maxBandwidth = args.maxBandwidth === undefined || args.maxBandwidth === 0

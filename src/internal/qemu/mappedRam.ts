@@ -560,7 +560,9 @@ export const open = (
                 new MappedRamError({
                   reason: e.reason,
                   path,
-                  detail: `${e.detail}; a QEMU stream starts at byte ${at} (written by QEMU's migrate file:PATH,offset=${at}?)`,
+                  detail: `${e.detail}; a QEMU stream starts at byte ${at} (${
+                    at === 0 ? "the file's start" : `written by QEMU's migrate file:PATH,offset=${at}?`
+                  })`,
                   cause: e.cause,
                   streamAt: at
                 })
