@@ -221,6 +221,18 @@ describe("multifd send/recv", () => {
     expect(bad.code).toBe(1)
     expect(lines(bad.stderr)).toEqual([expect.stringMatching(/^multifd: error: .*image\.raw.*snapshot/)])
     expect(filesLike("foreign.out")).toEqual([])
+    // a snapshot read as a file of QEMU's (--from-qemu, send --to-qemu --vm): said what it is, and what reads it
+    const asQemu = [
+      await runHere(["recv", `file:${snapshot}`, "--from-qemu", "--out", Path.join(dir, "as-qemu.out")]),
+      await runHere(["send", "tcp:127.0.0.1:1", "--to-qemu", "--vm", snapshot, "--channels", "2"])
+    ]
+    for (const result of asQemu) {
+      expect({ code: result.code, stderr: lines(result.stderr) }).toEqual({
+        code: 2,
+        stderr: [expect.stringMatching(/not a QEMU migration stream: .*; it is an effect-multifd snapshot \(send file:, Snapshot\.save\), not a file of QEMU's: restore it with recv file:PATH without --from-qemu/)]
+      })
+    }
+    expect(filesLike("as-qemu.out")).toEqual([])
     // the command line's settings are requirements for a snapshot too, checked before it is read
     const other = await runHere(["recv", `file:${snapshot}`, "--out", Path.join(dir, "other.out"), "--page-size", "8192"])
     expect(other.code).toBe(1)

@@ -29,6 +29,7 @@ import * as Transfer from "../../Transfer.js"
 import * as FileIo from "../native/fileIo.js"
 import * as EventLoop from "../native/eventLoop.js"
 import * as PeerText from "../peerText.js"
+import * as SnapshotFormat from "../snapshotFormat.js"
 import { MAPPED_RAM, MAPPED_RAM_ALIGNMENT, MAPPED_RAM_HEADER_SIZE } from "./format.js"
 import * as Unloaded from "./unloaded.js"
 import * as Writer from "./writer.js"
@@ -75,14 +76,22 @@ const COMPRESSED: ReadonlyArray<readonly [string, Buffer]> = [
 ]
 
 /**
- * The compressor whose output the file holds at `at`, if it is one's: a stream QEMU wrote through a pipe
- * (`migrate "exec:gzip -c > FILE"`, as QEMU's documentation shows it), which it reads back the same way.
+ * What the file holds at `at` instead of QEMU's stream, when it is something a user may mistake for one: a
+ * compressor's output (QEMU's stream through a pipe, `migrate "exec:gzip -c > FILE"`, as QEMU's documentation shows
+ * it, which it reads back the same way), or an effect-multifd snapshot (`send file:`).
  */
-const compressedWith = (file: FileIo.Readable, at: number): Effect.Effect<string | undefined, FileIo.FileError> =>
+const otherFormat = (file: FileIo.Readable, at: number): Effect.Effect<string | undefined, FileIo.FileError> =>
   Effect.gen(function*() {
-    const first = Buffer.alloc(Math.max(0, Math.min(6, file.size - at)))
+    const first = Buffer.alloc(Math.max(0, Math.min(SnapshotFormat.MAGIC.length, file.size - at)))
     if (first.length > 0) yield* FileIo.transfer("read", file, first, 0, first.length, at)
-    return COMPRESSED.find(([, magic]) => first.subarray(0, magic.length).equals(magic))?.[0]
+    if (first.equals(SnapshotFormat.MAGIC)) {
+      return "it is an effect-multifd snapshot (send file:, Snapshot.save), not a file of QEMU's: restore it with " +
+        "recv file:PATH without --from-qemu (Snapshot.restore)"
+    }
+    const by = COMPRESSED.find(([, magic]) => first.subarray(0, magic.length).equals(magic))?.[0]
+    return by === undefined
+      ? undefined
+      : `it is ${by}-compressed (QEMU's migrate "exec:${by} -c > FILE"?): decompress it first (${by} -d)`
   })
 
 /**
@@ -568,19 +577,15 @@ export const open = (
                 })
               ))
       ),
-      // none at all, but a compressor's output: QEMU's stream through a pipe (migrate "exec:gzip -c > FILE")
+      // none at all, but a compressor's output (QEMU's stream through a pipe) or one of our snapshots: said so
       Effect.catchIf(
         (e) => notAStream(e) && e.streamAt === undefined && e.cause instanceof QemuStream.QemuStreamError,
         (e) =>
-          Effect.flatMap(Effect.mapError(compressedWith(file, (e.cause as QemuStream.QemuStreamError).offset), failed), (by) =>
+          Effect.flatMap(Effect.mapError(otherFormat(file, (e.cause as QemuStream.QemuStreamError).offset), failed), (what) =>
             Effect.fail(
-              by === undefined ? e : new MappedRamError({
-                reason: e.reason,
-                path,
-                detail: `${e.detail}; it is ${by}-compressed (QEMU's migrate "exec:${by} -c > FILE"?): decompress it ` +
-                  `first (${by} -d)`,
-                cause: e.cause
-              })
+              what === undefined
+                ? e
+                : new MappedRamError({ reason: e.reason, path, detail: `${e.detail}; ${what}`, cause: e.cause })
             ))
       )
     )
