@@ -548,7 +548,10 @@ export const open = (
       )
     // no QEMU stream at the start of a file given no offset: a libvirt save image's is after its header and XML (read
     // only then: a QEMU file is read as it always was)
-    const notAStream = (e: MappedRamError) => e.cause instanceof QemuStream.QemuStreamError && e.cause.reason === "BadMagic"
+    /** Where the stream was looked for, when no QEMU stream was there (its magic not QEVM). */
+    const lookedAt = (e: MappedRamError) =>
+      e.cause instanceof QemuStream.QemuStreamError && e.cause.reason === "BadMagic" ? e.cause.offset : undefined
+    const notAStream = (e: MappedRamError) => lookedAt(e) !== undefined
     const summary = yield* readStream(offset, "").pipe(
       Effect.catchIf(
         (e) => given === undefined && notAStream(e),
@@ -560,9 +563,9 @@ export const open = (
       ),
       // none where it was looked for, but one further on (QEMU's migrate file:PATH,offset=N wrote it at N): say where
       Effect.catchIf(
-        (e) => notAStream(e) && e.cause instanceof QemuStream.QemuStreamError,
+        notAStream,
         (e) =>
-          Effect.flatMap(Effect.mapError(findStreamHeader(file, (e.cause as QemuStream.QemuStreamError).offset), failed), (at) =>
+          Effect.flatMap(Effect.mapError(findStreamHeader(file, lookedAt(e)!), failed), (at) =>
             at === undefined
               ? Effect.fail(e)
               : Effect.fail(
@@ -579,9 +582,9 @@ export const open = (
       ),
       // none at all, but a compressor's output (QEMU's stream through a pipe) or one of our snapshots: said so
       Effect.catchIf(
-        (e) => notAStream(e) && e.streamAt === undefined && e.cause instanceof QemuStream.QemuStreamError,
+        (e) => notAStream(e) && e.streamAt === undefined,
         (e) =>
-          Effect.flatMap(Effect.mapError(otherFormat(file, (e.cause as QemuStream.QemuStreamError).offset), failed), (what) =>
+          Effect.flatMap(Effect.mapError(otherFormat(file, lookedAt(e)!), failed), (what) =>
             Effect.fail(
               what === undefined
                 ? e
