@@ -536,6 +536,29 @@ describe("QemuStream.read refuses what it does not understand, naming it", () =>
       const flushFirst = Buffer.concat([header, sectionStart(1, "ram", 4, [FLUSH])])
       expect((yield* parseError(flushFirst)).message).toContain("before the RAM block list")
     }))
+
+  it.effect("u64 lengths and addresses beyond 2^53 are said exactly, and judged on their exact value", () =>
+    Effect.gen(function*() {
+      const big = (n: bigint) => {
+        const b = Buffer.alloc(8)
+        b.writeBigUInt64BE(n)
+        return b
+      }
+      const list = (total: bigint, size: bigint) =>
+        Buffer.concat([header, configuration(), sectionStart(1, "ram", 4, [big(total | 0x04n), str("a"), big(size)])])
+      // 2^60 + 2048 is a double, but prints as 1152921504606849000
+      const odd = yield* parseError(list(2n ** 61n, 2n ** 60n + 2048n))
+      expect(odd.message).toContain("used length 1152921504606849024 is not a positive multiple of the page size 4096")
+      expect(odd.message).toContain("within the announced total of 2305843009213693952 bytes (2305843009213693952 left)")
+      // 2^60 + 1 rounds to 2^60, a multiple of the page size: judged on the double it passed as one
+      const rounded = yield* parseError(list(2n ** 61n, 2n ** 60n + 1n))
+      expect(rounded.message).toContain("used length 1152921504606846977 is not a positive multiple of the page size")
+      // a page record's address past 2^53 (its low bits are the flags)
+      const far = yield* parseError(stream({ start: [big(2n ** 60n + 4096n * 3n | 0x02n), str("mem"), u8(0)] }))
+      expect(far.message).toContain("page offset 1152921504606859264 is outside RAM block 'mem'")
+      const eos = yield* parseError(stream({ start: [big(2n ** 60n + 4096n | 0x10n)] }))
+      expect(eos.message).toContain("with address 1152921504606851072")
+    }))
 })
 
 describe("QemuStream.read: pages on the main channel (zero-page-detection=legacy), validated before written", () => {
@@ -2404,6 +2427,10 @@ describe("MappedRam: QEMU 10's mapped-ram file", () => {
       const newer = Buffer.from(bytes)
       newer.writeUInt32BE(2, bytes.indexOf(Buffer.from("mem")) + 3 + 8)
       expect((yield* failure(variant("newer.vm", newer))).message).toContain("mapped-ram header of RAM block 'mem' has version 2")
+      // pages past 2^53: said exactly (2^60 + 4096 printed as ...851000)
+      const far = Buffer.from(bytes)
+      far.writeBigUInt64BE(2n ** 60n + 4096n, bytes.indexOf(Buffer.from("mem")) + 3 + 8 + 20)
+      expect((yield* failure(variant("far.vm", far))).message).toContain("pages at 1152921504606851072")
       const missing = yield* failure(Path.join(vmFileDir, "missing.vm"))
       expect(missing).toMatchObject({ reason: "Unusable" })
       // another page size asked for: the file's and the one expected, each named as what it is

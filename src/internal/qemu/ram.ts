@@ -22,8 +22,17 @@ import {
 import { fail } from "./reader.js"
 import type { Parser, RamState } from "./state.js"
 
+/**
+ * A u64 of the stream from its halves (`Reader.u64`), as a bigint: a length or an address past 2^53 is judged and
+ * said exactly (as a number, 2^60 + 1 passed for a multiple of the page size and 2^60 + 2048 printed as ...849000).
+ */
+const u64Of = (hi: number, lo: number): bigint => (BigInt(hi) << 32n) | BigInt(lo)
+
+/** A RAM word's address (its halves, the flags taken out of `low`) as the stream says it: exact past 2^53. */
+const addressText = (hi: number, low: number): string => String(u64Of(hi, low))
+
 /** The block list (after a `RAM_SAVE_FLAG_MEM_SIZE` word at `at` carrying the `total`), handed to the handler. */
-const readBlocks = <E, R>(p: Parser<E, R>, at: number, total: number) =>
+const readBlocks = <E, R>(p: Parser<E, R>, at: number, total: bigint) =>
   Effect.gen(function*() {
     const { r, state } = p
     const pageSize = state.pageSize
@@ -32,21 +41,23 @@ const readBlocks = <E, R>(p: Parser<E, R>, at: number, total: number) =>
     const headers: Array<MappedRamHeader> = []
     const names = new Set<string>()
     let left = total
-    while (left > 0) {
+    while (left > 0n) {
       const blockAt = r.offset
       const name = yield* r.shortString("a RAM block name")
       const [hi, lo] = yield* r.u64(`the used length of RAM block '${name}'`)
-      const size = hi * 2 ** 32 + lo
+      const exact = u64Of(hi, lo)
       if (name.length === 0) return yield* fail("Malformed", blockAt, "a RAM block with an empty name")
       if (names.has(name)) return yield* fail("Malformed", blockAt, `RAM block '${name}' is listed twice`)
-      if (size === 0 || size % pageSize !== 0 || size > left) {
+      if (exact === 0n || exact % BigInt(pageSize) !== 0n || exact > left) {
         return yield* fail(
           "Malformed",
           blockAt,
-          `RAM block '${name}' used length ${size} is not a positive multiple of the page size ${pageSize}` +
+          `RAM block '${name}' used length ${exact} is not a positive multiple of the page size ${pageSize}` +
             ` within the announced total of ${total} bytes (${left} left)`
         )
       }
+      // a multiple of the page size below 2^64 is a double exactly (checkLayout refuses one past memory's limit)
+      const size = Number(exact)
       names.add(name)
       list.push({ name, size })
       // a list that goes on is refused as it passes the most blocks a memory may have, not kept while it grows
@@ -54,7 +65,7 @@ const readBlocks = <E, R>(p: Parser<E, R>, at: number, total: number) =>
       if (list.length > GuestRam.MAX_BLOCKS) {
         return yield* fail("Malformed", at, `more than ${GuestRam.MAX_BLOCKS} RAM blocks in the block list`)
       }
-      left -= size
+      left -= exact
       if (state.mappedRam) {
         // the block's pages follow its header in the file; the list goes on after them
         const header = yield* readMappedRamHeader(p, name)
@@ -86,6 +97,7 @@ const readMappedRamHeader = <E, R>({ r, state }: Parser<E, R>, name: string) =>
     const at = r.offset
     const bytes = yield* r.bytes(MAPPED_RAM_HEADER_SIZE, `the mapped-ram header of RAM block '${name}'`)
     const u64 = (offset: number) => bytes.readUInt32BE(offset) * 2 ** 32 + bytes.readUInt32BE(offset + 4)
+    const exact = (offset: number) => String(bytes.readBigUInt64BE(offset))
     const header: MappedRamHeader = {
       version: bytes.readUInt32BE(0),
       pageSize: u64(4),
@@ -102,12 +114,12 @@ const readMappedRamHeader = <E, R>({ r, state }: Parser<E, R>, name: string) =>
         "mapped-ram"
       )
     }
-    if (header.pageSize !== state.pageSize) return yield* bad(`page size ${header.pageSize}, where ${state.pageSize} was expected`)
+    if (header.pageSize !== state.pageSize) return yield* bad(`page size ${exact(4)}, where ${state.pageSize} was expected`)
+    if (header.bitmapOffset === 0 || !Number.isSafeInteger(header.pagesOffset) || !Number.isSafeInteger(header.bitmapOffset)) {
+      return yield* bad(`bitmap at ${exact(12)}, pages at ${exact(20)}`)
+    }
     if (header.pagesOffset === 0 || header.pagesOffset % state.pageSize !== 0) {
       return yield* bad(`its pages at ${header.pagesOffset} are not at a positive multiple of the page size`)
-    }
-    if (header.bitmapOffset === 0 || !Number.isSafeInteger(header.pagesOffset) || !Number.isSafeInteger(header.bitmapOffset)) {
-      return yield* bad(`bitmap at ${header.bitmapOffset}, pages at ${header.pagesOffset}`)
     }
     return header
   })
@@ -131,10 +143,11 @@ const pageBlock = <E, R>(p: Parser<E, R>, at: number, flags: number) =>
     return block
   })
 
-/** A zero or whole page record at `at` for `address`: validated, then written. */
-const readPage = <E, R>(p: Parser<E, R>, at: number, flags: number, address: number) =>
+/** A zero or whole page record at `at` for the address of halves `hi` and `low`: validated, then written. */
+const readPage = <E, R>(p: Parser<E, R>, at: number, flags: number, hi: number, low: number) =>
   Effect.gen(function*() {
     const { r, state } = p
+    const address = hi * 2 ** 32 + low
     const pageSize = state.pageSize
     // zero-page-detection=legacy sends zero pages here; QEMU's own loader takes whole pages here too
     if (state.ram.memory === undefined) return yield* fail("Malformed", at, "a page record before the RAM block list")
@@ -143,7 +156,7 @@ const readPage = <E, R>(p: Parser<E, R>, at: number, flags: number, address: num
       return yield* fail(
         "BadOffset",
         at,
-        `page offset ${address} is outside RAM block '${block.name}' (${block.bytes.length} bytes)`
+        `page offset ${addressText(hi, low)} is outside RAM block '${block.name}' (${block.bytes.length} bytes)`
       )
     }
     if ((flags & RamFlag.ZERO) !== 0) {
@@ -176,13 +189,17 @@ const markWritten = (ram: RamState, block: GuestRam.Block, index: number, pages:
 /** What a RAM word does: go on with the next word, or end the section (EOS). */
 type Next = "more" | "end"
 
-/** One RAM word at `at` (its flags and address already split) and what it carries, in a section of `kind`. */
+/**
+ * One RAM word at `at` (its flags split from its address, whose halves are `hi` and `low`) and what it carries, in a
+ * section of `kind`.
+ */
 const readRamRecord = <E, R>(
   p: Parser<E, R>,
   kind: string,
   at: number,
   flags: number,
-  address: number
+  hi: number,
+  low: number
 ): Effect.Effect<Next, E | QemuStreamError, R> =>
   Effect.gen(function*() {
     const { handler, state } = p
@@ -191,23 +208,23 @@ const readRamRecord = <E, R>(
         if (kind !== "SECTION_START" || (flags & RamFlag.CONTINUE) !== 0) {
           return yield* fail("Malformed", at, `${describeFlags(flags)} outside the RAM section's start`)
         }
-        yield* readBlocks(p, at, address)
+        yield* readBlocks(p, at, u64Of(hi, low))
         return "more"
       }
       case RamFlag.MULTIFD_FLUSH: {
         if (state.ram.memory === undefined) {
           return yield* fail("Malformed", at, "RAM_SAVE_FLAG_MULTIFD_FLUSH before the RAM block list")
         }
-        if (flags !== RamFlag.MULTIFD_FLUSH || address !== 0) {
-          return yield* fail("Malformed", at, `${describeFlags(flags)} with address ${address}`)
+        if (flags !== RamFlag.MULTIFD_FLUSH || hi !== 0 || low !== 0) {
+          return yield* fail("Malformed", at, `${describeFlags(flags)} with address ${addressText(hi, low)}`)
         }
         state.flushWords = true
         yield* handler.flush(state.flushes++)
         return "more"
       }
       case RamFlag.EOS: {
-        if (flags !== RamFlag.EOS || address !== 0) {
-          return yield* fail("Malformed", at, `${describeFlags(flags)} with address ${address}`)
+        if (flags !== RamFlag.EOS || hi !== 0 || low !== 0) {
+          return yield* fail("Malformed", at, `${describeFlags(flags)} with address ${addressText(hi, low)}`)
         }
         if (state.ram.memory === undefined) return yield* fail("Malformed", at, "the RAM section started without its block list")
         if (flushesAtEos(p)) yield* handler.flush(state.flushes++)
@@ -215,7 +232,7 @@ const readRamRecord = <E, R>(
       }
       case RamFlag.ZERO:
       case RamFlag.PAGE:
-        yield* readPage(p, at, flags, address)
+        yield* readPage(p, at, flags, hi, low)
         return "more"
       case RamFlag.XBZRLE:
         return yield* fail(
@@ -255,7 +272,6 @@ export const readRamRecords = <E, R>(p: Parser<E, R>, kind: string): Effect.Effe
       const at = p.r.offset
       const [hi, lo] = yield* p.r.u64("a RAM record")
       const flags = lo & (p.state.pageSize - 1)
-      const address = hi * 2 ** 32 + (lo - flags)
-      if ((yield* readRamRecord(p, kind, at, flags, address)) === "end") return
+      if ((yield* readRamRecord(p, kind, at, flags, hi, lo - flags)) === "end") return
     }
   })

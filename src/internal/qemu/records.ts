@@ -160,9 +160,10 @@ const readAdvise = <E, R>(p: Parser<E, R>, at: number, length: number) =>
     if (state.commands.includes(commandName(Command.POSTCOPY_ADVISE))) {
       return yield* fail("Malformed", at, `a second MIG_CMD_POSTCOPY_ADVISE`)
     }
-    // (page sizes are far below 2^52: a larger value is no page size, and is refused below as one)
+    // (page sizes are far below 2^52: a larger value is no page size, and is refused below as one, said exactly)
     const ramPageSizes = sizesHigh * 2 ** 32 + sizesLow
     const targetPageSize = targetHigh * 2 ** 32 + targetLow
+    const exact = (hi: number, lo: number) => (BigInt(hi) << 32n) | BigInt(lo)
     if (state.returnPathAt !== undefined) {
       // postcopy-ram opens a return path first, which only a destination can answer (a file has none)
       return yield* fail(
@@ -190,7 +191,7 @@ const readAdvise = <E, R>(p: Parser<E, R>, at: number, length: number) =>
       return yield* fail(
         "Unsupported",
         at,
-        `${what}: the source's target page size is ${targetPageSize} bytes, not the ${state.pageSize} of this stream`,
+        `${what}: the source's target page size is ${exact(targetHigh, targetLow)} bytes, not the ${state.pageSize} of this stream`,
         "postcopy-ram"
       )
     }
@@ -199,7 +200,7 @@ const readAdvise = <E, R>(p: Parser<E, R>, at: number, length: number) =>
       return yield* fail(
         "Unsupported",
         at,
-        `${what}: the source's RAM page sizes are 0x${ramPageSizes.toString(16)} (RAM blocks of ${
+        `${what}: the source's RAM page sizes are 0x${exact(sizesHigh, sizesLow).toString(16)} (RAM blocks of ${
           single ? "a page size smaller than the target page" : "several page sizes: huge pages?"
         }), whose block list with postcopy-ram carries page sizes, which is not supported; ` +
           "turn capability postcopy-ram off",
