@@ -111,10 +111,14 @@ export class GuestRamError extends Data.TaggedError("GuestRamError")<{
     | "OutOfMemory"
     /** Bytes given to `make` whose `ArrayBuffer` was detached (transferred) or shrunk since: a digest of what is left. */
     | "Detached"
+    /** From plain JavaScript: memory given to `digest` / `digester` that no `make` built (`null`). */
+    | "NotGuestRam"
   readonly detail: string
 }> {
   override get message(): string {
-    return this.reason === "OutOfMemory" || this.reason === "Detached" ? this.detail : `invalid memory layout: ${this.detail}`
+    return this.reason === "OutOfMemory" || this.reason === "Detached" || this.reason === "NotGuestRam"
+      ? this.detail
+      : `invalid memory layout: ${this.detail}`
   }
 }
 
@@ -434,7 +438,10 @@ export interface BlockDigest {
  * @category utils
  */
 export const digest = (ram: GuestRam["Type"]): Effect.Effect<ReadonlyArray<BlockDigest>, GuestRamError> =>
-  Memory.digestOn(ram, undefined, detached)
+  Effect.suspend(() => {
+    const bad = notGuestRam(ram, "digest")
+    return bad === undefined ? Memory.digestOn(ram, undefined, detached) : Effect.fail(bad)
+  })
 
 /**
  * Starts the worker threads of `digest` now and returns a digest that hashes on them: a thread takes tens
@@ -447,8 +454,19 @@ export const digest = (ram: GuestRam["Type"]): Effect.Effect<ReadonlyArray<Block
 export const digester = (
   ram: GuestRam["Type"]
 ): Effect.Effect<Effect.Effect<ReadonlyArray<BlockDigest>, GuestRamError>, never, Scope.Scope> =>
-  Effect.map(Digest.pool(Digest.threadsFor(ram.blocks.map((b) => b.bytes))), (pool) =>
-    Memory.hereIfStopped(Memory.digestOn(ram, pool, detached), digest(ram)))
+  Effect.suspend(() => {
+    // no memory, no threads: the digest it gives fails as `digest` of it would
+    const bad = notGuestRam(ram, "digester")
+    if (bad !== undefined) return Effect.succeed(Effect.fail(bad))
+    return Effect.map(Digest.pool(Digest.threadsFor(ram.blocks.map((b) => b.bytes))), (pool) =>
+      Memory.hereIfStopped(Memory.digestOn(ram, pool, detached), digest(ram)))
+  })
+
+/** Why `ram`, given to `what` (`digest`), is no `GuestRam` (from plain JavaScript: `null` threw or died), if it is not. */
+const notGuestRam = (ram: unknown, what: string): GuestRamError | undefined => {
+  const problem = Memory.notGuestRam(ram, `GuestRam.${what}: the memory ${ram === null ? "null" : typeof ram}`)
+  return problem === undefined ? undefined : new GuestRamError({ reason: "NotGuestRam", detail: problem })
+}
 
 /** A digest failure: the memory given to `make` is no longer all there (its `ArrayBuffer` detached or shrunk). */
 const detached = (detail: string) => new GuestRamError({ reason: "Detached", detail })
@@ -494,9 +512,9 @@ export class WriteBlocked extends Data.TaggedError("WriteBlocked")<{
    * `BadCallback`, `update` given a callback that is no function, or one that returned a Promise (an `async` one:
    * what it writes after an `await` goes past the gate and the dirty log, unseen by a migration, so it fails at once
    * — its pages are marked dirty all the same); `Detached`, memory given as bytes whose `ArrayBuffer` was detached
-   * or shrunk since `make` (it said "outside block (0 bytes)").
+   * or shrunk since `make` (it said "outside block (0 bytes)"); `NotGuestRam`, memory that no `make` built (`null`).
    */
-  readonly reason: "Deadlock" | "NotBytes" | "BadCallback" | "Detached"
+  readonly reason: "Deadlock" | "NotBytes" | "BadCallback" | "Detached" | "NotGuestRam"
   readonly block: string
   readonly detail: string
 }> {
@@ -515,6 +533,9 @@ const deadlock = (name: string) => () =>
   })
 
 const touch = (ram: GuestRam["Type"], name: string, offset: number, length: number) => {
+  // memory from plain JavaScript that no `make` built (`null`): the write died ("Cannot read properties of null")
+  const notRam = Memory.notGuestRam(ram, `a write to block ${JSON.stringify(name)}: the memory ${ram === null ? "null" : typeof ram}`)
+  if (notRam !== undefined) return new WriteBlocked({ reason: "NotGuestRam", block: name, detail: notRam })
   const block = ram.block(name)
   // memory given as bytes whose buffer is gone (transferred to a thread, shrunk): every write was "outside block
   // (0 bytes)", as if the caller had the offset wrong

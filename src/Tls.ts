@@ -558,11 +558,13 @@ const notSettings = (settings: unknown, what: string): TlsError | undefined => {
       (s.credentials._tag === "Psk" || s.credentials._tag === "X509")
     ? undefined
     : configError(
-      `${what} takes the settings Tls.load gives (yield* Tls.load(config)), not ${
-        typeof settings === "object" && settings !== null ? "(an object)" : String(settings)
-      }`
+      `${what} takes the settings Tls.load gives (yield* Tls.load(config)), not ${kindOf(settings)}`
     )
 }
+
+/** What a value of the wrong kind is, said in a message: `null`, `5`, `(an object)`. */
+const kindOf = (u: unknown): string =>
+  typeof u === "object" && u !== null ? "(an object)" : typeof u === "string" ? JSON.stringify(u) : String(u)
 
 const NO_SERVER_CERTIFICATE = "an x509 destination needs a certificate of its own and its key (cert, key), which it " +
   "presents to every source: the CA file (ca) verifies the sources"
@@ -604,7 +606,11 @@ const pskKey = (settings: Settings, identity: string): Buffer | undefined =>
  * @since 0.1.0
  * @category handshakes
  */
-export const client: (settings: Settings, host: string | undefined) => Transport.Upgrade<TlsError> = TlsClient.client
+export const client = (settings: Settings, host: string | undefined): Transport.Upgrade<TlsError> => {
+  // from plain JavaScript, settings that `load` did not make threw as `client` was called (each handshake fails instead)
+  const bad = notSettings(settings, "client")
+  return bad === undefined ? TlsClient.client(settings, host) : () => Effect.fail(bad)
+}
 
 /**
  * What a source's handshake needs, as plain data (structured clone): a channel running on another thread
@@ -632,8 +638,15 @@ export const clientData: (upgrade: Transport.Upgrade<Transport.UpgradeError>) =>
  * @since 0.1.0
  * @category handshakes
  */
-export const clientFromData: (data: ClientData) => Effect.Effect<Transport.Upgrade<TlsError>, TlsError> =
-  TlsClient.clientFromData
+export const clientFromData = (data: ClientData): Effect.Effect<Transport.Upgrade<TlsError>, TlsError> =>
+  Effect.suspend(() => {
+    // from plain JavaScript, data that `clientData` did not give died ("Cannot read properties of null")
+    const d = data as { readonly credentials?: unknown; readonly contextOptions?: unknown } | null
+    return typeof d === "object" && d !== null && typeof d.credentials === "object" && d.credentials !== null &&
+        typeof d.contextOptions === "object" && d.contextOptions !== null
+      ? TlsClient.clientFromData(data)
+      : Effect.fail(configError(`clientFromData takes what Tls.clientData gives, not ${kindOf(data)}`))
+  })
 
 /**
  * How the destination's handshakes treat their peers.
@@ -660,6 +673,9 @@ export interface ServerOptions {
  */
 export const server = (settings: Settings, options?: ServerOptions): Transport.Upgrade<TlsError> => (connection) =>
   Effect.gen(function*() {
+    // from plain JavaScript, settings that `load` did not make died in the handshake ("Cannot read properties")
+    const bad = notSettings(settings, "server")
+    if (bad !== undefined) return yield* Effect.fail(bad)
     const creds = settings.credentials
     // a PSK identity outside the authorization list makes OpenSSL fail with an unrelated alert: remember it
     let refusedIdentity: string | undefined
@@ -792,12 +808,14 @@ export const distinguishedName = (certificate: Crypto.X509Certificate): string =
  * An authorization list as the command line and `MULTIFD_TLS_AUTHZ` give it: CNs or PSK identities separated by
  * commas (`alice,bob`); a list that holds a distinguished name (an `=`) is separated by `;` instead, since a DN
  * holds commas (`O=Example,CN=alice;bob`). Blanks around entries are dropped, and so are empty entries; an
- * escaped `\;` inside a DN does not separate.
+ * escaped `\;` inside a DN does not separate. Throws a `TlsError` (`Config`) on a value that is no string (from
+ * plain JavaScript), as Schema's `decodeSync` throws its error.
  *
  * @since 0.1.0
  * @category utils
  */
 export const parseAuthz = (text: string): Array<string> => {
+  if (typeof text !== "string") throw configError(`parseAuthz takes a text (alice,bob), not ${kindOf(text)}`)
   const entries: Array<string> = []
   const separator = text.includes("=") ? ";" : ","
   let current = ""

@@ -688,6 +688,30 @@ describe("values of the wrong kind where a function takes a listener, TLS settin
           message: "mapped-ram file: the path null is not a string"
         }],
         ["MappedRam.read(5)", () => MappedRam.read(5 as never), { _tag: "MappedRamError", reason: "Unusable" }],
+        // memory that no GuestRam.make built: each threw as it was called or died
+        ["GuestRam.digest(null)", () => GuestRam.digest(N), {
+          _tag: "GuestRamError",
+          reason: "NotGuestRam",
+          message: "GuestRam.digest: the memory null is not a GuestRam (memory that GuestRam.make built)"
+        }],
+        ["GuestRam.digester(null)", () => Effect.flatten(GuestRam.digester(N)), { _tag: "GuestRamError", reason: "NotGuestRam" }],
+        ["GuestRam.write(null, ...)", () => GuestRam.write(N, "pc.ram", 0, new Uint8Array(1)), {
+          _tag: "WriteBlocked",
+          reason: "NotGuestRam",
+          message: `a write to block "pc.ram": the memory null is not a GuestRam (memory that GuestRam.make built)`
+        }],
+        // TLS settings that Tls.load did not make, in each handshake's constructor
+        ["Tls.client(null, host)", () => Tls.client(N, "localhost")(N, "main"), {
+          _tag: "TlsError",
+          reason: "Config",
+          message: "TLS configuration: client takes the settings Tls.load gives (yield* Tls.load(config)), not null"
+        }],
+        ["Tls.server(null)", () => Tls.server(N)(N, "main"), { _tag: "TlsError", reason: "Config" }],
+        ["Tls.clientFromData(null)", () => Tls.clientFromData(N), {
+          _tag: "TlsError",
+          reason: "Config",
+          message: "TLS configuration: clientFromData takes what Tls.clientData gives, not null"
+        }],
         ["MappedRam.write(path, null)", () => MappedRam.write("/nonexistent/guest.vm", N), {
           _tag: "MappedRamError",
           reason: "Unsupported",
@@ -704,5 +728,11 @@ describe("values of the wrong kind where a function takes a listener, TLS settin
       expect(Bandwidth.parse(100 as never)).toMatchObject({ _tag: "Left" })
       expect(MigrationConfig.parseDuration(30 as never)).toMatchObject({ _tag: "Left" })
       expect(MigrationConfig.parseSize(N)).toMatchObject({ _tag: "Left" })
+      // parseAuthz gives an array: a value that is no text throws a TlsError, as Schema's decodeSync throws its own
+      expect(() => Tls.parseAuthz(N)).toThrow(expect.objectContaining({
+        _tag: "TlsError",
+        reason: "Config",
+        message: "TLS configuration: parseAuthz takes a text (alice,bob), not null"
+      }))
     }))
 })
