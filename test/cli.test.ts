@@ -818,6 +818,10 @@ describe("multifd failures", () => {
       [["send", "tcp:127.0.0.1:1", "--", "--in", image], /^multifd: error: --in comes after --, where nothing is a flag: put the flags before --$/],
       [["send", "tcp:127.0.0.1:1", "--in"], /^multifd: error: --in needs a value$/],
       [["send", "tcp:127.0.0.1:1", "--in", image, "--channels"], /^multifd: error: --channels needs a value$/],
+      // "--quiet given more than once", "--json given more than once": a switch before the flag left without a value
+      [["send", "tcp:127.0.0.1:1", "--in", image, "--quiet", "--channels"], /^multifd: error: --channels needs a value$/],
+      [["send", "tcp:127.0.0.1:1", "--quiet", "--in"], /^multifd: error: --in needs a value$/],
+      [["recv", "tcp:127.0.0.1:0", "--out", "x.img", "-v", "--timeout"], /^multifd: error: --timeout needs a value$/],
       // "--channels given more than once", "unknown flag -q": each was given once, and -q is --quiet
       [["send", "tcp:127.0.0.1:1", "--in", image, "--channels="], /^multifd: error: --channels needs a value$/],
       [["recv", "tcp:127.0.0.1:0", "--out="], /^multifd: error: --out needs a value$/],

@@ -271,6 +271,12 @@ const flags = (args: ReadonlyArray<string>): Flags => {
   const send = flagsOf(Help.entriesOf(Send.command))
   const recv = flagsOf(Help.entriesOf(Recv.command))
   const own = subcommand === "send" ? send : subcommand === "recv" ? recv : [...send, ...recv]
+  // the flags that take a value (`--channels N`), by their long and short names: not a switch (`--quiet, -q`)
+  const takesValue = new Set(
+    [...Help.entriesOf(Send.command), ...Help.entriesOf(Recv.command)]
+      .filter((entry) => !/^--[\w-]+(?:, -\w)?$/.test(entry.term))
+      .flatMap((entry) => entry.term.split(/[ ,]+/).filter((t) => /^--?[A-Za-z][\w-]*$/.test(t)))
+  )
   // the short names (-q of --quiet): known, never suggested for another (-x is not "did you mean -q?")
   const aliases = [...Help.entriesOf(Send.command), ...Help.entriesOf(Recv.command)]
     .flatMap((entry) => entry.term.split(/[ ,]+/).filter((t) => /^-[A-Za-z]$/.test(t)))
@@ -309,6 +315,11 @@ const flags = (args: ReadonlyArray<string>): Flags => {
       if (/^-[A-Za-z]$/.test(flag) && before.some((a) => a.startsWith(`${flag}=`))) return "withValue"
       if (args.at(-1) === flag) return "last"
       return undefined
+    },
+    dangling: () => {
+      const dashes = args.indexOf("--")
+      const last = (dashes < 0 ? args : args.slice(0, dashes)).at(-1)
+      return last !== undefined && takesValue.has(last) ? last : undefined
     }
   }
 }

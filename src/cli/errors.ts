@@ -144,6 +144,11 @@ export interface Flags {
    * given once `withValue` (`-q=1`: @effect/cli reads no `=` after a short flag).
    */
   readonly misplaced: (flag: string) => "twice" | "afterDashes" | "last" | "withValue" | undefined
+  /**
+   * The flag that ends the line (before any `--`) when it takes a value and has none: @effect/cli then reports a
+   * switch given before it (`--quiet --channels`) as an argument it does not know.
+   */
+  readonly dangling: () => string | undefined
 }
 
 /**
@@ -199,8 +204,13 @@ const describeProblem = (text: string, flags: Flags | undefined): string => {
         return `${flag} needs a value`
       case "withValue":
         return `${flag} takes no value: give it alone`
-      default:
+      case "twice":
         return `${flag} given more than once`
+      default: {
+        // given once: "--quiet given more than once" was said of `--quiet --channels`, whose --channels has no value
+        const dangling = flags.dangling()
+        return dangling === undefined ? `${flag} given more than once` : `${dangling} needs a value`
+      }
     }
   }
   return `unknown flag ${flag}${closest === undefined ? "" : ` (did you mean ${closest}?)`}`
