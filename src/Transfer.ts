@@ -335,7 +335,7 @@ export interface Stats {
   /** Guest memory size. */
   readonly ramBytes: number
   readonly rounds: number
-  /** Pages sent in each round; the last round ran with writers paused. */
+  /** Pages sent in each round; the last round ran with writers paused (source only; empty on the destination). */
   readonly pagesPerRound: ReadonlyArray<number>
   /** Writers paused until the destination confirmed (source only; 0 on the destination). */
   readonly downtimeMs: number
