@@ -318,9 +318,14 @@ export interface Handler<E, R = never> {
   readonly configuration?: ((configuration: Configuration) => Effect.Effect<void, E, R>) | undefined
   /**
    * The RAM section's block list, validated: names unique, sizes positive multiples of the page size. Returns
-   * the memory that pages go to; its layout must be exactly this one.
+   * the memory that pages go to; its layout must be exactly this one. `mainPages` counts the pages the main stream
+   * itself carried so far (QEMU without multifd, or zero-page-detection=legacy), each once however often it came.
    */
-  readonly blocks: (blocks: ReadonlyArray<RamBlock>, pageSize: number) => Effect.Effect<GuestRam.GuestRam["Type"], E, R>
+  readonly blocks: (
+    blocks: ReadonlyArray<RamBlock>,
+    pageSize: number,
+    mainPages?: () => number
+  ) => Effect.Effect<GuestRam.GuestRam["Type"], E, R>
   /** A flush: every multifd channel sends one SYNC packet for it; returns once they all arrived. */
   readonly flush: (index: number) => Effect.Effect<void, E, R>
   /** The RAM section's last record begins (`SECTION_END`): its final flush follows, then the channels end. */

@@ -211,7 +211,7 @@ export const read = (
     const unlessDoomed = <A, E, R>(step: Effect.Effect<A, E, R>) => Effect.suspend(() => doomed ? Effect.void : step)
 
     const handler: QemuStream.Handler<MainError, Scope.Scope> = {
-      blocks: (blocks, pageSize) =>
+      blocks: (blocks, pageSize, mainPages = () => 0) =>
         Effect.gen(function*() {
           const problem = checkLayout(blocks, pageSize, config)
           if (problem !== undefined) {
@@ -229,12 +229,13 @@ export const read = (
           // hang this migration's end, which waits for its last report (as `Migration.incoming`)
           const onProgress = config.ram === undefined ? config.onProgress : yield* config.ram.gate.reports(config.onProgress)
           if (channels === 0) {
-            // no multifd: the main stream carries every page
+            // no multifd: the main stream carries every page (its pages, not its bytes: a zero page is a 9-byte
+            // record, and a VM of zero pages ended at 4 %)
             yield* Transfer.reportEvery(onProgress, (rate) =>
               Effect.map(rate(mainBytes), (bandwidth) => ({
                 round: flushes,
                 phase,
-                doneBytes: Math.min(ram.size, mainBytes),
+                doneBytes: Math.min(ram.size, mainPages() * pageSize),
                 totalBytes: ram.size,
                 dirtyPages: 0,
                 bandwidth,
@@ -257,7 +258,8 @@ export const read = (
               return {
                 round: flushes,
                 phase,
-                doneBytes: Math.min(ram.size, (s.normalPages + s.zeroPages) * pageSize),
+                // (with zero-page-detection=legacy, zero pages come on the main stream)
+                doneBytes: Math.min(ram.size, (s.normalPages + s.zeroPages + mainPages()) * pageSize),
                 totalBytes: ram.size,
                 dirtyPages: 0,
                 bandwidth: yield* rate(s.bytes + mainBytes),

@@ -77,7 +77,7 @@ const readBlocks = <E, R>(p: Parser<E, R>, at: number, total: bigint) =>
     const problem = GuestRam.checkLayout(pageSize, list)
     if (problem) return yield* fail("Malformed", at, problem.detail)
     state.ram.blocks = list
-    const memory = yield* p.handler.blocks(list, pageSize)
+    const memory = yield* p.handler.blocks(list, pageSize, () => state.ram.distinctPages)
     for (const b of list) {
       if (memory.block(b.name)?.bytes.length !== b.size || memory.pageSize !== pageSize) {
         return yield* Effect.dieMessage(`QemuStream: the handler's memory does not have block ${b.name} of ${b.size} bytes`)
