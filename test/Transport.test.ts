@@ -766,6 +766,13 @@ describe("errors", () => {
       EAI_AGAIN: "host name lookup failed for now (temporary failure in name resolution)"
     }
     for (const [code, words] of Object.entries(said)) expect({ code, said: describeError(nodeError(code)) }).toEqual({ code, said: words })
+    // any other code in the system's words, with the code (a firewall's EPERM said "connect EPERM 2001:db8::1:4444")
+    const numbered = (code: string, errno: number, syscall = "connect") => Object.assign(nodeError(code, syscall), { errno })
+    expect(describeError(numbered("EPERM", -1))).toBe("operation not permitted (EPERM)")
+    expect(describeError(numbered("ENOBUFS", -105))).toBe("no buffer space available (ENOBUFS)")
+    expect(describeError(numbered("EAI_FAIL", -3004, "getaddrinfo"))).toBe("host name lookup failed: permanent failure (EAI_FAIL)")
+    // an errno the system does not know, or none: Node's words as they are
+    expect(describeError(numbered("EWHAT", -99999))).toBe("connect EWHAT 2001:db8::1:4444")
   })
 
   it.live("reading past the peer's end mid-read: Closed, after N of M bytes", () =>

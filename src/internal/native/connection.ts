@@ -9,6 +9,7 @@
 import * as Data from "effect/Data"
 import * as Effect from "effect/Effect"
 import type * as Stream from "node:stream"
+import * as Util from "node:util"
 import * as DirectSocket from "./directSocket.js"
 import { SocketReader } from "./socketReader.js"
 
@@ -117,6 +118,12 @@ export const describeError = (error: unknown): string => {
   if (e?.code === "EPROTOTYPE") return "not a stream socket (a datagram socket?)"
   if (e?.code === "EMFILE") return "too many open files (this process's limit, ulimit -n)"
   if (e?.code === "ENFILE") return "too many open files in the system"
+  // any other code in the system's words (Node says a connect's as "connect EPERM 10.0.0.2:4444": the code alone)
+  const words = typeof e?.errno === "number" ? Util.getSystemErrorMap().get(e.errno) : undefined
+  if (words !== undefined && words[0] === e?.code) {
+    const lookup = e.syscall === "getaddrinfo" || e.code.startsWith("EAI_") ? "host name lookup failed: " : ""
+    return `${lookup}${words[1]} (${e.code})`
+  }
   return e?.message ?? String(error)
 }
 
