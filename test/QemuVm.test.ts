@@ -943,6 +943,8 @@ describe("the command line of whole VMs: usage", () => {
         [["recv", `file:${vmFile}`, "--from-qemu", "--out", vmFile + ".ram", "--postcopy-ram", "precopy"], /--postcopy-ram does not apply to a file QEMU wrote/],
         [["recv", "tcp:127.0.0.1:0", "--from-qemu", "--channels", "0", "--out", vmFile, "--postcopy-ram", "yes"], /--postcopy-ram must be one of refuse, precopy, not "yes"/],
         [["recv", `file:${vmFile},offset=1.5M`, "--from-qemu", "--out", vmFile + ".ram"], /^multifd: error: file:.*nothing\.vm,offset=1\.5M: invalid file offset '1\.5M'/],
+        // a size QEMU takes, past any file: said as what it is, not "invalid"
+        [["recv", `file:${vmFile},offset=1E`, "--from-qemu", "--out", vmFile + ".ram"], /: file offset '1E' is 1152921504606846976 bytes, past the end of any file \(at most 9007199254740991\)$/],
         [["recv", "tcp:127.0.0.1:0", "--channels", "0", "--out", vmFile], /--channels must be between 1 and 255, not 0 \(0 goes with --from-qemu/],
         [["send", "tcp:127.0.0.1:1", "--in", vmFile, "--channels", "0"], /--channels must be between 1 and 255, not 0 \(0 goes with --to-qemu: a QEMU without multifd\)$/],
         [["recv", "tcp:127.0.0.1:0", "--from-qemu", "--channels", "0", "--compression", "zlib", "--out", vmFile], /^multifd: error: --compression zlib is QEMU's multifd-compression: with --channels 0 \(QEMU without multifd\) every page comes uncompressed on the main channel$/],

@@ -308,6 +308,16 @@ export const qemuFileSpec = (
   const text = spec.slice(at + ",offset=".length)
   const m = /^(0x[0-9a-f]+|[0-9]+)([bkmgtpe])?$/i.exec(text)
   const offset = m === null ? Number.NaN : Number(m[1]!) * UNITS[(m[2] ?? "b").toLowerCase()]!
+  if (m !== null && !Number.isSafeInteger(offset)) {
+    // a size QEMU takes (`1E`, a u64), which no file reaches: said exactly, as what is wrong with it
+    const exact = BigInt(m[1]!) * BigInt(UNITS[(m[2] ?? "b").toLowerCase()]!)
+    return Effect.fail(
+      new UsageError({
+        detail: `file:${spec}: file offset '${text}' is ${exact} bytes, past the end of any file (at most ` +
+          `${Number.MAX_SAFE_INTEGER})`
+      })
+    )
+  }
   if (!Number.isSafeInteger(offset)) {
     return Effect.fail(
       new UsageError({
