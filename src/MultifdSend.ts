@@ -218,7 +218,22 @@ const RECONNECT_BACKOFF_MS = 1000
 
 const recoverable = (error: unknown): boolean => {
   const original = Cause.originalError(error)
-  return Transport.isLostConnection(original) || (original as { readonly _tag?: string })._tag === "TlsError"
+  return (Transport.isLostConnection(original) || (original as { readonly _tag?: string })._tag === "TlsError") &&
+    !refusal(original)
+}
+
+/**
+ * A TLS refusal no new connection changes (the error, or what caused it): a configuration problem, or credentials
+ * refused ("Unauthorized": this source's certificate, expired since it was loaded, refused by the destination; a
+ * destination other than the main channel's). Re-attaching burnt every attempt, seconds apart, and then failed the same.
+ */
+const refusal = (error: unknown): boolean => {
+  for (let e = error, depth = 0; typeof e === "object" && e !== null && depth < 4; depth++) {
+    const { _tag, cause, reason } = e as { readonly _tag?: unknown; readonly reason?: unknown; readonly cause?: unknown }
+    if (_tag === "TlsError") return reason === "Unauthorized" || reason === "Config"
+    e = cause
+  }
+  return false
 }
 
 /** A job a channel took, kept until acknowledged: `finished` once its hand-off ended (idle, or SYNC done). */

@@ -993,6 +993,49 @@ describe("peer certificates (QEMU verify-peer: chain to the CA, validity, usage;
       expect(dest.logs.find((l) => l.includes("rejected a connection"))).toContain("client certificate CN=alice has expired")
     })))
 
+  // a refusal no new connection changes (this source's certificate expired) burnt every re-attach attempt, 1 s and 2 s
+  // apart, before the migration failed with it
+  it.live("a lost channel whose re-attach the destination refuses for this source's expired certificate: the migration ends at its first refusal, saying so", () =>
+    leakFree(Effect.gen(function*() {
+      const ram = yield* sourceRam(1)
+      const dest = yield* startDestination((yield* serverX509("server", { authz: ["alice"] })).server)
+      const valid = (yield* clientX509({}, "alice")).client(LOOPBACK)
+      const late = outlived(yield* clientX509({}, "alice"), "expired-alice").client(LOOPBACK)
+      // channel 1's first connection breaks at its first packet; its re-attaching connections present the expired one
+      let connections = 0
+      const upgrade: Upgrade = (connection, channel) =>
+        Effect.gen(function*() {
+          if (channel !== 1) return yield* valid(connection, channel)
+          const nth = ++connections
+          if (nth > 1) return yield* late(connection, channel)
+          const secured = yield* valid(connection, channel)
+          let writes = 0
+          return {
+            ...secured,
+            write: (chunks: ReadonlyArray<Uint8Array>) =>
+              Effect.suspend(() => {
+                if (++writes === 2) connection.stream.destroy()
+                return secured.write(chunks)
+              })
+          }
+        })
+      const exit = yield* noHang(Effect.exit(migrateTo(ram, tcp(LOOPBACK, dest.port), upgrade, { reconnect: 3 })), "migrate")
+      const error = failureOf(exit)
+      expect(error).toBeInstanceOf(MigrationError.ChannelError)
+      expect((error as MigrationError.ChannelError).message).toMatch(
+        /^multifd channel 1: tcp:127\.0\.0\.1:\d+: the destination closed the connection right after the TLS handshake: /
+      )
+      expect((error as MigrationError.ChannelError).message).toContain(
+        "it most likely refused this source's certificate CN=alice (issued by CN=test CA), which has expired since it was " +
+          "loaded (valid until Jan  1 00:00:00 2001 GMT)"
+      )
+      // a channel never answers: its refusal says nothing of an answer
+      expect((error as MigrationError.ChannelError).message).not.toContain("without answering")
+      expectOneLine(error as MigrationError.ChannelError)
+      // one re-attach, not three
+      expect(connections).toBe(2)
+    })))
+
   describe("an empty subject (RFC 5280 allows one when subjectAltName names the certificate; Node's X509Certificate then has no subject)", () => {
     it.live("a stranger's self-signed certificate of an empty subject: the destination refuses it in one line and keeps waiting (it threw an uncaught TypeError), then alice migrates", () =>
       leakFree(Effect.gen(function*() {

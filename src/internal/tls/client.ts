@@ -248,5 +248,5 @@ const clientHandshake = (
     // channel it never answers, so its close says nothing, unless this side's certificate has expired since it was
     // loaded (a channel connecting, or re-attaching, late in a long migration): then the likeliest cause is named, not
     // a bare "connection reset by peer" after every re-attach the destination refused
-    return channel === "main" || expired !== "" ? explainingEarlyClose(secure, refused) : secure
+    return channel === "main" || expired !== "" ? explainingEarlyClose(secure, refused, channel) : secure
   })

@@ -98,14 +98,21 @@ export const handshake = (
  * handshake, and in TLS 1.3 the client's handshake is over before the server has seen its certificate), so
  * the source just sees the connection close before any answer. Until the first byte arrives, a close or
  * reset is reported as the most likely `refusal`: the `TransportError` says it, its cause is a `TlsError`
- * "Unauthorized" (which `Migration.migrate` reports as the refusal).
+ * "Unauthorized" (which `Migration.migrate` reports as the refusal, and a lost channel does not re-attach after).
+ * A multifd `channel`'s destination never answers: its close is not said to come "without answering".
  */
-export const explainingEarlyClose = (connection: Transport.Connection, refusal: string): Transport.Connection => {
+export const explainingEarlyClose = (
+  connection: Transport.Connection,
+  refusal: string,
+  channel: "main" | number = "main"
+): Transport.Connection => {
   let heard = false
   const explain = (error: Transport.TransportError) => {
     if (heard || (error.reason !== "Closed" && error.reason !== "Reset" && error.reason !== "Write")) return error
-    const closed = "the destination closed the connection right after the TLS handshake, without answering: " +
-      `it most likely refused ${refusal}`
+    // (a multifd channel's destination never answers: only the main channel's close comes "without answering")
+    const closed = `the destination closed the connection right after the TLS handshake${
+      channel === "main" ? ", without answering" : ""
+    }: it most likely refused ${refusal}`
     return new Transport.TransportError({
       reason: error.reason,
       address: error.address,
