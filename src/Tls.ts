@@ -88,7 +88,7 @@ export type { Credentials, Settings }
 export const TlsConfig = Schema.Struct({
   /** QEMU `keys.psk` file: one `identity:hexkey` a line. */
   psk: Schema.optional(Schema.String),
-  /** PSK identity the source presents (default `qemu`, as QEMU). */
+  /** PSK identity the source presents (default `qemu`, as QEMU); with x509 (no `psk`) it is refused at load. */
   identity: Schema.optional(Schema.String),
   /** CA certificate(s), PEM: verifies the peer's certificate. */
   ca: Schema.optional(Schema.String),
@@ -100,14 +100,21 @@ export const TlsConfig = Schema.Struct({
    * Certificate revocation lists, PEM (one file, one or more CRLs; QEMU's `ca-crl.pem`): a peer whose certificate,
    * or a CA of its chain, is listed is refused. Each CRL must be signed by a CA of `ca` and current, and every CA
    * of `ca` needs one (OpenSSL checks every certificate of a chain against its issuer's CRL): checked at load.
+   * A destination given one verifies its clients (as with `verifyPeer`; `verifyPeer: false` with it is refused).
    */
   crl: Schema.optional(Schema.String),
   /**
    * Name the destination's certificate must carry (default: the host of the address): a DNS name, or an IP address
-   * (an IPv6 one bracketed or not). One with a port, a path or brackets around a name is refused at load.
+   * (an IPv6 one bracketed or not). One with a port, a path or brackets around a name is refused at load, and so is
+   * one with `psk` (a PSK destination proves the key, not a name). A source's: a destination does not use it.
    */
   hostname: Schema.optional(Schema.String),
-  /** Destination: require and verify client certificates. */
+  /**
+   * Destination, x509: require and verify client certificates. Unset, a destination verifies them when it has a `crl`
+   * or an `authz` list (which have no other use there), and otherwise takes any client (with a `ca` too: one `TlsConfig`
+   * serves both roles, and a source's `ca` verifies its destination; the command line's `recv --tls-ca` verifies). `false`
+   * with `crl` or `authz`, or with `psk` (a key always proves its source), is refused at load.
+   */
   verifyPeer: Schema.optional(Schema.Boolean),
   /**
    * Destination: admit only these clients. An entry with `=` is a client certificate's whole distinguished name,
@@ -289,6 +296,37 @@ export const load = (config: TlsConfig): Effect.Effect<Settings, TlsError> =>
     }
     if (config.crl !== undefined && config.ca === undefined) {
       return yield* configError("a CRL file needs the CA certificate (ca) that issued it")
+    }
+    // settings that would take no effect, loaded without a word (one TlsConfig serves both roles: these take none in
+    // either): an identity with x509, a name with PSK, verifyPeer false where every client is verified all the same
+    if (x509 && config.identity !== undefined) {
+      return yield* configError(
+        "identity is the PSK identity a source presents (psk): with x509 the certificate (cert) names this side"
+      )
+    }
+    if (config.psk !== undefined && config.hostname !== undefined) {
+      return yield* configError(
+        "hostname is the name the destination's x509 certificate must carry: a PSK destination proves the key, not a name"
+      )
+    }
+    if (config.psk !== undefined && config.verifyPeer === false) {
+      return yield* configError(
+        "verifyPeer false with a PSK file: a PSK destination verifies every source by its key, always (authz limits the identities)"
+      )
+    }
+    // a CRL, or an authorization list, on an x509 destination verifies its clients (it has no other use there): with
+    // verifyPeer false the CRL checked nobody, a revoked client admitted without a word
+    if (x509 && config.verifyPeer === false && config.crl !== undefined) {
+      return yield* configError(
+        "verifyPeer false with a CRL file (crl): a destination given one verifies its clients against it (a source checks " +
+          "the destination's certificate, whatever verifyPeer says); drop verifyPeer: false, or the crl"
+      )
+    }
+    if (x509 && config.verifyPeer === false && config.authz !== undefined) {
+      return yield* configError(
+        "verifyPeer false with an authorization list (authz): a destination given one verifies its clients; drop " +
+          "verifyPeer: false, or the authz"
+      )
     }
     // an empty list (MULTIFD_TLS_AUTHZ set empty, or to ","), or an empty entry, names no peer: every handshake was
     // refused ("not in the authorization list") though the destination looked ready
@@ -524,7 +562,8 @@ export const load = (config: TlsConfig): Effect.Effect<Settings, TlsError> =>
       ownIssuers,
       hostname,
       crls,
-      verifyPeer: config.verifyPeer ?? false,
+      // an x509 destination given a CRL file or an authorization list verifies its clients (checked against them)
+      verifyPeer: config.verifyPeer ?? (x509 && (config.crl !== undefined || config.authz !== undefined)),
       authz: config.authz,
       handshakeTimeout: config.handshakeTimeoutMs === undefined
         ? DEFAULT_HANDSHAKE_TIMEOUT
@@ -681,7 +720,9 @@ export const server = (settings: Settings, options?: ServerOptions): Transport.U
     let refusedIdentity: string | undefined
     // the PSK identity admitted (the callback is not called on a session resumed with a ticket: refused below)
     let admittedIdentity: string | undefined
-    const verifyPeer = settings.verifyPeer || (creds._tag === "X509" && settings.authz !== undefined)
+    // (a CRL or an authorization list verifies clients: `load` says so in `verifyPeer`, settings made otherwise may not)
+    const verifyPeer = settings.verifyPeer ||
+      (creds._tag === "X509" && (settings.authz !== undefined || settings.crls !== undefined))
     yield* open(connection)
     const socket = yield* Effect.acquireRelease(
       Effect.sync(() =>

@@ -1518,6 +1518,32 @@ describe("certificate revocation lists (QEMU's ca-crl.pem)", () => {
       expect(dest.logs.join("\n")).toContain(`client certificate CN=alice is revoked ${CRL_MESSAGE}`)
     })))
 
+  // a CRL on a destination checks its clients or nothing: without verifyPeer it admitted any client, revoked ones
+  // included, without a word (the command line was not affected: recv --tls-ca turns verification on)
+  it.live("a CRL without verifyPeer: the destination verifies its clients against it (a revoked alice refused, then alice migrates); verifyPeer false with a CRL is refused at load", () =>
+    leakFree(Effect.gen(function*() {
+      const server = yield* serverX509("server", { crl: fixture("ca-crl.pem") })
+      expect(server.settings.verifyPeer).toBe(true)
+      const revoked = yield* clientX509({}, "revoked-alice")
+      const ram = yield* sourceRam(1)
+      const dest = yield* startDestination(server.server)
+      const exit = yield* noHang(Effect.exit(migrateTo(ram, tcp(LOOPBACK, dest.port), revoked.client(LOOPBACK))), "migrate")
+      expectCertificateRefused(failureOf(exit), "CN=alice (issued by CN=test CA)")
+      yield* noHang(dest.rejections(1), "the destination's rejection")
+      expect(dest.logs.join("\n")).toContain(`client certificate CN=alice is revoked ${CRL_MESSAGE}`)
+      const alice = yield* clientX509({}, "alice")
+      yield* noHang(migrateTo(ram, tcp(LOOPBACK, dest.port), alice.client(LOOPBACK)), "alice")
+      const result = yield* noHang(Fiber.join(dest.fiber), "incoming")
+      expect(sameMemory(result.ram, ram)).toBe(true)
+
+      const contradiction = yield* Effect.flip(serverX509("server", { crl: fixture("ca-crl.pem"), verifyPeer: false }))
+      expect(contradiction.reason).toBe("Config")
+      expect(contradiction.message).toBe(
+        "TLS configuration: verifyPeer false with a CRL file (crl): a destination given one verifies its clients " +
+          "against it (a source checks the destination's certificate, whatever verifyPeer says); drop verifyPeer: false, or the crl"
+      )
+    })))
+
   it.live("both sides with the CRL, certificates it does not list: byte for byte, over 4 channels", () =>
     leakFree(Effect.gen(function*() {
       const server = yield* serverX509("server", { verifyPeer: true, crl: fixture("ca-crl.pem") })
@@ -1889,6 +1915,46 @@ describe("trust: the CA file only, never Node's public roots (QEMU's tls-creds-x
       expect(fromEnv.message).toContain("verifyPeer with x509 needs a CA certificate (ca)")
       // a destination that verifies nobody needs none
       yield* Tls.load(noCa("server"))
+    })))
+
+  // settings that took no effect were loaded without a word: an identity with x509 (no PSK identity is presented), a
+  // hostname with PSK (no certificate names the destination), verifyPeer false with PSK (a key always proves the
+  // source) or with an x509 authorization list (it verified the clients all the same)
+  it.live("load: settings that would be ignored (identity with x509, hostname or verifyPeer false with PSK, verifyPeer false with authz) are refused in one line", () =>
+    leakFree(Effect.gen(function*() {
+      const cases: ReadonlyArray<readonly [Tls.TlsConfig, string]> = [
+        [
+          { ca: fixture("ca-cert.pem"), identity: "alice" },
+          "identity is the PSK identity a source presents (psk): with x509 the certificate (cert) names this side"
+        ],
+        [
+          { psk: fixture("keys.psk"), hostname: "localhost" },
+          "hostname is the name the destination's x509 certificate must carry: a PSK destination proves the key, not a name"
+        ],
+        [
+          { psk: fixture("keys.psk"), verifyPeer: false },
+          "verifyPeer false with a PSK file: a PSK destination verifies every source by its key, always (authz limits the identities)"
+        ],
+        [
+          { ca: fixture("ca-cert.pem"), cert: fixture("server-cert.pem"), key: fixture("server-key.pem"), authz: ["alice"], verifyPeer: false },
+          "verifyPeer false with an authorization list (authz): a destination given one verifies its clients; drop verifyPeer: false, or the authz"
+        ]
+      ]
+      for (const [config, detail] of cases) {
+        const error = yield* Effect.flip(loadTls(config)).pipe(Effect.mapError(() => new Error(`loaded: ${JSON.stringify(config)}`)))
+        expect(error.reason).toBe("Config")
+        expect(error.message).toBe(`TLS configuration: ${detail}`)
+        expectOneLine(error)
+      }
+      // the environment's variables too
+      const fromEnv = yield* Effect.flip(Effect.provide(Tls.Tls, Tls.layerConfig)).pipe(
+        Effect.withConfigProvider(ConfigProvider.fromMap(
+          new Map([["MULTIFD_TLS_CA", fixture("ca-cert.pem")], ["MULTIFD_TLS_IDENTITY", "alice"]]),
+          { pathDelim: "_" }
+        )),
+        Effect.mapError(() => new Error("loaded"))
+      )
+      expect(fromEnv.message).toContain("identity is the PSK identity a source presents")
     })))
 
   // a TLS server presents a certificate: settings of a CA file alone (what verifies the other side) passed checkServer,
