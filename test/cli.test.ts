@@ -906,6 +906,11 @@ describe("multifd failures", () => {
         ["recv", "tcp:127.0.0.1:0", "--out", "x.img", "--tls-cert", tlsFile("server-cert.pem"), "--tls-key", tlsFile("server-key.pem"), "--tls-verify-peer"],
         /^multifd: error: --tls-verify-peer with x509 needs --tls-ca to verify clients: the public root CAs are never trusted$/
       ],
+      // (it was taken in silence: a PSK destination verifies every source by its key, and always did)
+      [
+        ["recv", "tcp:127.0.0.1:0", "--out", "x.img", "--tls-psk", tlsFile("keys.psk"), "--tls-verify-peer"],
+        /^multifd: error: --tls-verify-peer applies to x509 client certificates, not --tls-psk \(a PSK destination verifies every source by its key\)$/
+      ],
       [["send", "tcp:127.0.0.1:1", "--in", image, "--tls-psk", Path.join(dir, "nokeys.psk")], /^multifd: error: TLS configuration: .*nokeys\.psk/],
       [["send", `file:${Path.join(dir, "t.snap")}`, "--in", image, "--tls-psk", tlsFile("keys.psk")], /TLS does not apply to a file: snapshot/],
       [["recv", `file:${image}`, "--out", "x.img", "--tls-psk", tlsFile("keys.psk")], /^multifd: error: TLS does not apply to a file: snapshot$/],

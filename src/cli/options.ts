@@ -695,6 +695,11 @@ export const tlsConfigOf = (
   if (psk && given(flags.hostname)) return Either.left("--tls-hostname applies to x509 certificates, not --tls-psk")
   if (x509 && given(flags.identity)) return Either.left("--tls-identity applies to --tls-psk, not x509")
   if (psk && given(flags.crl)) return Either.left("--tls-crl applies to x509 certificates, not --tls-psk")
+  if (psk && flags.verifyPeer) {
+    return Either.left(
+      "--tls-verify-peer applies to x509 client certificates, not --tls-psk (a PSK destination verifies every source by its key)"
+    )
+  }
   if (role === "recv" && given(flags.crl) && !given(flags.ca)) {
     return Either.left("--tls-crl on recv checks client certificates: give --tls-ca too (the CA that issued them)")
   }
