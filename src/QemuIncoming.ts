@@ -388,6 +388,9 @@ const receive = <E>(listener: Transport.Listener, options: Options<E>): Effect.E
     yield* Acceptor.claim(listener)
     const channelSet = yield* Deferred.make<MultifdRecv.MultifdRecv["Type"]>()
     const upgrade = options.tls === undefined ? options.upgrade : Tls.server(options.tls, { writeOnlyPeers: true })
+    // (TLS settings that verify no client though they have a CA file: said once, as `Migration.incoming` says it)
+    const note = Handshake.serverNote(upgrade)
+    if (note !== undefined) yield* Effect.logWarning(note)
     const candidates = yield* Candidates.start(listener, {
       upgrade: upgrade === undefined ? undefined : Handshake.bounded(upgrade, timeouts.handshake),
       handshake: timeouts.handshake,

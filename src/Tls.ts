@@ -47,6 +47,7 @@ import {
   X509_CIPHERS
 } from "./internal/tls/credentials.js"
 import * as TlsClient from "./internal/tls/client.js"
+import * as Handshake from "./internal/tls/handshake.js"
 import { handshake, open, secured } from "./internal/tls/handshake.js"
 import { configError, type Credentials, type Settings, TlsError } from "./internal/tls/model.js"
 import * as Der from "./internal/tls/der.js"
@@ -112,8 +113,9 @@ export const TlsConfig = Schema.Struct({
   /**
    * Destination, x509: require and verify client certificates. Unset, a destination verifies them when it has a `crl`
    * or an `authz` list (which have no other use there), and otherwise takes any client (with a `ca` too: one `TlsConfig`
-   * serves both roles, and a source's `ca` verifies its destination; the command line's `recv --tls-ca` verifies). `false`
-   * with `crl` or `authz`, or with `psk` (a key always proves its source), is refused at load.
+   * serves both roles, and a source's `ca` verifies its destination; the command line's `recv --tls-ca` verifies: a
+   * destination of such settings says so once in its log as it starts, unless verifyPeer is `false`). `false` with
+   * `crl` or `authz`, or with `psk` (a key always proves its source), is refused at load.
    */
   verifyPeer: Schema.optional(Schema.Boolean),
   /**
@@ -563,7 +565,7 @@ export const load = (config: TlsConfig): Effect.Effect<Settings, TlsError> =>
       hostname,
       crls,
       // an x509 destination given a CRL file or an authorization list verifies its clients (checked against them)
-      verifyPeer: config.verifyPeer ?? (x509 && (config.crl !== undefined || config.authz !== undefined)),
+      verifyPeer: config.verifyPeer ?? (x509 && (config.crl !== undefined || config.authz !== undefined) ? true : undefined),
       authz: config.authz,
       handshakeTimeout: config.handshakeTimeoutMs === undefined
         ? DEFAULT_HANDSHAKE_TIMEOUT
@@ -710,7 +712,22 @@ export interface ServerOptions {
  * @since 0.1.0
  * @category handshakes
  */
-export const server = (settings: Settings, options?: ServerOptions): Transport.Upgrade<TlsError> => (connection) =>
+export const server = (settings: Settings, options?: ServerOptions): Transport.Upgrade<TlsError> =>
+  Handshake.withServerNote(serverHandshake(settings, options), unverifiedNote(settings))
+
+/**
+ * What a destination of `settings` says once as it starts, if anything: that it verifies no client although it has a CA
+ * file (verifyPeer unset; one `TlsConfig` serves both roles, and a source's CA verifies its destination). It took any
+ * client without a word, and looked verified.
+ */
+const unverifiedNote = (settings: Settings): string | undefined =>
+  settings.credentials._tag === "X509" && settings.credentials.ca !== undefined && settings.verifyPeer === undefined &&
+    settings.authz === undefined && settings.crls === undefined
+    ? "TLS: this destination verifies no client certificate: its x509 settings have a CA file (ca) but verifyPeer is " +
+      "unset, so any client is admitted; give verifyPeer: true to verify clients against it, or false to say so"
+    : undefined
+
+const serverHandshake = (settings: Settings, options?: ServerOptions): Transport.Upgrade<TlsError> => (connection) =>
   Effect.gen(function*() {
     // from plain JavaScript, settings that `load` did not make died in the handshake ("Cannot read properties")
     const bad = notSettings(settings, "server")

@@ -428,6 +428,9 @@ export const run = <E>(listener: Transport.Listener, settings: Settings<E>): Eff
     const { timeouts, tracker } = settings
     const recorder = Recorder.make("destination")
     yield* Acceptor.claim(listener)
+    // (TLS settings that verify no client though they have a CA file: said once, as this destination starts)
+    const note = Handshake.serverNote(settings.upgrade)
+    if (note !== undefined) yield* Effect.logWarning(note)
     const main = yield* Deferred.make<Candidates.MainChannel>()
     const channelSet = yield* Deferred.make<MultifdRecv.MultifdRecv["Type"]>()
     const acceptor = yield* Acceptor.start<Failure>(traced(listener), {

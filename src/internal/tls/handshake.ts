@@ -215,3 +215,13 @@ export const bounded = <E>(
         })
     })
   ))
+
+const ServerNoteKey = Symbol.for("effect-multifd/Tls/ServerNote")
+
+/** `upgrade`, carrying `note` (if any): what a destination that secures its connections with it says once as it starts. */
+export const withServerNote = <E>(upgrade: Transport.Upgrade<E>, note: string | undefined): Transport.Upgrade<E> =>
+  note === undefined ? upgrade : Object.assign(upgrade, { [ServerNoteKey]: note })
+
+/** The note `withServerNote` gave `upgrade`, if any (a warning: `Tls.server` of settings that verify no client). */
+export const serverNote = (upgrade: Transport.Upgrade<Transport.UpgradeError> | undefined): string | undefined =>
+  (upgrade as { readonly [ServerNoteKey]?: string } | undefined)?.[ServerNoteKey]

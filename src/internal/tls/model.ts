@@ -68,7 +68,8 @@ export interface Settings {
   readonly hostname: string | undefined
   /** The CRLs checked at load (x509 with a CRL file; they are in `contextOptions`), for messages. */
   readonly crls?: ReadonlyArray<CrlInfo> | undefined
-  readonly verifyPeer: boolean
+  /** Destination: verify client certificates (`undefined`: not given, no verification; see `TlsConfig.verifyPeer`). */
+  readonly verifyPeer: boolean | undefined
   readonly authz: ReadonlyArray<string> | undefined
   readonly handshakeTimeout: Duration.Duration
 }
