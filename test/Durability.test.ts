@@ -327,21 +327,38 @@ describe("recv --from-qemu --out-dir into a directory it cannot write in", () =>
 })
 
 describe("an output that is a mount point (a file bind-mounted there, as a container's volume)", () => {
-  // a rename cannot replace a mount point: the whole migration (or save) ran, and only its last step failed,
-  // "cannot rename out.img.<pid>.partial to it: EBUSY: resource busy or locked, rename '...' -> '...'"
-  it("is refused before anything is transferred, the mounted file untouched", async (ctx) => {
-    const host = Path.join(dir, "host.img")
+  /**
+   * Runs `body` with a file holding "the host's file" bind-mounted at `<dir>/<volume>/<name>` (an empty file made there
+   * first), unmounted after; skips the test where no file can be mounted (not root).
+   */
+  const withMountedFile = async (
+    ctx: { readonly skip: (note: string) => void },
+    volume: string,
+    name: string,
+    body: (target: string, volume: string) => Promise<void>
+  ): Promise<void> => {
+    const host = Path.join(dir, `${volume}.host`)
     Fs.writeFileSync(host, "the host's file")
-    const volume = Path.join(dir, "volume")
-    Fs.mkdirSync(volume)
-    const out = Path.join(volume, "out.img")
-    Fs.writeFileSync(out, "")
+    const folder = Path.join(dir, volume)
+    Fs.mkdirSync(folder)
+    const target = Path.join(folder, name)
+    Fs.writeFileSync(target, "")
     try {
-      ChildProcess.execFileSync("mount", ["--bind", host, out], { stdio: "pipe" })
+      ChildProcess.execFileSync("mount", ["--bind", host, target], { stdio: "pipe" })
     } catch (error) {
       return ctx.skip(`cannot bind-mount a file here (needs root): ${(error as { stderr?: Buffer }).stderr?.toString().trim()}`)
     }
     try {
+      await body(target, folder)
+    } finally {
+      ChildProcess.execFileSync("umount", [target])
+    }
+  }
+
+  // a rename cannot replace a mount point: the whole migration (or save) ran, and only its last step failed,
+  // "cannot rename out.img.<pid>.partial to it: EBUSY: resource busy or locked, rename '...' -> '...'"
+  it("is refused before anything is transferred, the mounted file untouched", (ctx) =>
+    withMountedFile(ctx, "volume", "out.img", async (out, volume) => {
       const why = "not replacing it: it is a mount point (a file mounted there, as a container's volume), which a " +
         "rename cannot replace; name a file in a mounted directory instead"
       const recv = await runRecvHereUntilListening(["tcp:127.0.0.1:0", "--out", out])
@@ -356,26 +373,12 @@ describe("an output that is a mount point (a file bind-mounted there, as a conta
       expect([(saved as Snapshot.SnapshotError).reason, saved.message]).toEqual(["Unusable", `snapshot ${out}: ${why}`])
       expect(Fs.readFileSync(out, "utf8")).toBe("the host's file")
       expect(Fs.readdirSync(volume)).toEqual(["out.img"])
-    } finally {
-      ChildProcess.execFileSync("umount", [out])
-    }
-  })
+    }))
 
   it("recv --from-qemu --out-dir: a block's file that is one is refused once the blocks are known, before a page", async (ctx) => {
     const vm = Path.join(dir, "mounted-block.vm")
     await twoBlockVm(vm)
-    const host = Path.join(dir, "host-block.img")
-    Fs.writeFileSync(host, "the host's file")
-    const volume = Path.join(dir, "block-volume")
-    Fs.mkdirSync(volume)
-    const block = Path.join(volume, "vga.vram.img")
-    Fs.writeFileSync(block, "")
-    try {
-      ChildProcess.execFileSync("mount", ["--bind", host, block], { stdio: "pipe" })
-    } catch (error) {
-      return ctx.skip(`cannot bind-mount a file here (needs root): ${(error as { stderr?: Buffer }).stderr?.toString().trim()}`)
-    }
-    try {
+    await withMountedFile(ctx, "block-volume", "vga.vram.img", async (block, volume) => {
       // "not stored": refused by the check of the blocks QEMU announced, not after every page was read (or received)
       const recv = await runHere(["recv", `file:${vm}`, "--from-qemu", "--out-dir", volume])
       expect([recv.code, recv.stderr.trim()]).toEqual([
@@ -385,9 +388,7 @@ describe("an output that is a mount point (a file bind-mounted there, as a conta
       ])
       expect(Fs.readFileSync(block, "utf8")).toBe("the host's file")
       expect(Fs.readdirSync(volume)).toEqual(["vga.vram.img"])
-    } finally {
-      ChildProcess.execFileSync("umount", [block])
-    }
+    })
   })
 })
 

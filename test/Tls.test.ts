@@ -986,14 +986,23 @@ describe("peer certificates (QEMU verify-peer: chain to the CA, validity, usage;
       expectCertificateRefused(failureOf(refused), `CN=alice (issued by CN=test CA), ${expired}`)
     })))
 
+  /**
+   * A one-page source, a destination admitting alice, and alice's upgrades: `valid` with her current certificate, `late`
+   * with one that has expired since it was loaded (as a long migration's late channel presents it).
+   */
+  const aliceExpiringLater = Effect.gen(function*() {
+    const ram = yield* sourceRam(1)
+    const dest = yield* startDestination((yield* serverX509("server", { authz: ["alice"] })).server)
+    const valid = (yield* clientX509({}, "alice")).client(LOOPBACK)
+    const late = outlived(yield* clientX509({}, "alice"), "expired-alice").client(LOOPBACK)
+    return { ram, dest, valid, late }
+  })
+
   it.live("a source's certificate that expires after its main channel's handshake: a channel the destination then refuses names it, not 'connection reset'", () =>
     leakFree(Effect.gen(function*() {
-      const ram = yield* sourceRam(1)
-      const dest = yield* startDestination((yield* serverX509("server", { authz: ["alice"] })).server)
       // the main channel's handshake while alice's certificate is valid, the channels' once it has expired (a channel
       // connecting, or re-attaching, late in a long migration)
-      const valid = (yield* clientX509({}, "alice")).client(LOOPBACK)
-      const late = outlived(yield* clientX509({}, "alice"), "expired-alice").client(LOOPBACK)
+      const { ram, dest, valid, late } = yield* aliceExpiringLater
       const upgrade: Upgrade = (connection, channel) => (channel === "main" ? valid : late)(connection, channel)
       const exit = yield* noHang(Effect.exit(migrateTo(ram, tcp(LOOPBACK, dest.port), upgrade, { reconnect: 0 })), "migrate")
       const error = failureOf(exit)
@@ -1011,10 +1020,7 @@ describe("peer certificates (QEMU verify-peer: chain to the CA, validity, usage;
   // apart, before the migration failed with it
   it.live("a lost channel whose re-attach the destination refuses for this source's expired certificate: the migration ends at its first refusal, saying so", () =>
     leakFree(Effect.gen(function*() {
-      const ram = yield* sourceRam(1)
-      const dest = yield* startDestination((yield* serverX509("server", { authz: ["alice"] })).server)
-      const valid = (yield* clientX509({}, "alice")).client(LOOPBACK)
-      const late = outlived(yield* clientX509({}, "alice"), "expired-alice").client(LOOPBACK)
+      const { ram, dest, valid, late } = yield* aliceExpiringLater
       // channel 1's first connection breaks at its first packet; its re-attaching connections present the expired one
       let connections = 0
       const upgrade: Upgrade = (connection, channel) =>
