@@ -1526,16 +1526,26 @@ describe("certificate revocation lists (QEMU's ca-crl.pem)", () => {
       expect(result.rejected).toHaveLength(1)
     })))
 
-  it.live("authz with a CRL: the revoked alice is refused as revoked, not as unauthorized", () =>
-    leakFree(Effect.gen(function*() {
-      const server = yield* serverX509("server", { authz: ["alice"], crl: fixture("ca-crl.pem") })
+  /**
+   * Starts a destination of `server` and has the revoked alice migrate to it: refused as revoked, on both sides. The
+   * destination and a one-page source for what follows.
+   */
+  const refusesRevokedAlice = (server: Upgrade) =>
+    Effect.gen(function*() {
       const revoked = yield* clientX509({}, "revoked-alice")
       const ram = yield* sourceRam(1)
-      const dest = yield* startDestination(server.server)
+      const dest = yield* startDestination(server)
       const exit = yield* noHang(Effect.exit(migrateTo(ram, tcp(LOOPBACK, dest.port), revoked.client(LOOPBACK))), "migrate")
       expectCertificateRefused(failureOf(exit), "CN=alice (issued by CN=test CA)")
       yield* noHang(dest.rejections(1), "the destination's rejection")
       expect(dest.logs.join("\n")).toContain(`client certificate CN=alice is revoked ${CRL_MESSAGE}`)
+      return { ram, dest }
+    })
+
+  it.live("authz with a CRL: the revoked alice is refused as revoked, not as unauthorized", () =>
+    leakFree(Effect.gen(function*() {
+      const server = yield* serverX509("server", { authz: ["alice"], crl: fixture("ca-crl.pem") })
+      yield* refusesRevokedAlice(server.server)
     })))
 
   // a CRL on a destination checks its clients or nothing: without verifyPeer it admitted any client, revoked ones
@@ -1544,13 +1554,7 @@ describe("certificate revocation lists (QEMU's ca-crl.pem)", () => {
     leakFree(Effect.gen(function*() {
       const server = yield* serverX509("server", { crl: fixture("ca-crl.pem") })
       expect(server.settings.verifyPeer).toBe(true)
-      const revoked = yield* clientX509({}, "revoked-alice")
-      const ram = yield* sourceRam(1)
-      const dest = yield* startDestination(server.server)
-      const exit = yield* noHang(Effect.exit(migrateTo(ram, tcp(LOOPBACK, dest.port), revoked.client(LOOPBACK))), "migrate")
-      expectCertificateRefused(failureOf(exit), "CN=alice (issued by CN=test CA)")
-      yield* noHang(dest.rejections(1), "the destination's rejection")
-      expect(dest.logs.join("\n")).toContain(`client certificate CN=alice is revoked ${CRL_MESSAGE}`)
+      const { ram, dest } = yield* refusesRevokedAlice(server.server)
       const alice = yield* clientX509({}, "alice")
       yield* noHang(migrateTo(ram, tcp(LOOPBACK, dest.port), alice.client(LOOPBACK)), "alice")
       const result = yield* noHang(Fiber.join(dest.fiber), "incoming")
