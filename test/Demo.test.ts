@@ -5,13 +5,16 @@
  */
 import * as ChildProcess from "node:child_process"
 import * as Path from "node:path"
-import { afterEach, describe, expect, it } from "vitest"
+import { afterEach, describe, expect, inject, it } from "vitest"
 import * as TerminalText from "./support/terminalText.js"
 
 const ROOT = Path.resolve(import.meta.dirname, "..")
 
-const demo = (env: Record<string, string>) =>
-  ChildProcess.spawnSync(process.execPath, ["--import", "tsx", "examples/demo.ts"], {
+/** The demo as `npm start` runs it (tsx), or bundled (test/support/cliBundle.ts) for the runs that test its knobs. */
+const DEMO = { tsx: ["--import", "tsx", "examples/demo.ts"], bundled: [Path.join(inject("examplesBundle"), "demo.js")] }
+
+const demo = (env: Record<string, string>, entry: keyof typeof DEMO = "bundled") =>
+  ChildProcess.spawnSync(process.execPath, DEMO[entry], {
     cwd: ROOT,
     encoding: "utf8",
     timeout: 60_000,
@@ -20,7 +23,7 @@ const demo = (env: Record<string, string>) =>
 
 describe("npm start (examples/demo.ts)", () => {
   it("migrates and verifies, its progress in plain lines on stderr when that is not a terminal", () => {
-    const ran = demo({ DEMO_SIZE_MIB: "8", DEMO_CHANNELS: "2" })
+    const ran = demo({ DEMO_SIZE_MIB: "8", DEMO_CHANNELS: "2" }, "tsx")
     expect({ code: ran.status, stderr: ran.stderr }).toMatchObject({ code: 0, stderr: expect.stringMatching(/^migrating: 100%$/m) })
     expect(ran.stdout).toMatch(/^verified: destination memory is byte-identical/m)
   })
@@ -42,11 +45,11 @@ describe("npm start (examples/demo.ts)", () => {
   // killed where it stood by SIGINT, the demo left the terminal with its cursor hidden and line wrapping off
   it("Ctrl-C while the bar is drawn: the terminal gets its cursor and line wrapping back, one line, exit 130", async () => {
     // the demo as a job of its own (set -m) of a shell on a pseudo-terminal, which says how it ended
-    const job = `set -m; "$NODE" --import tsx examples/demo.ts & echo "pid=$!"; wait -f $!; echo "demo exited $?"`
+    const job = `set -m; "$NODE" "$DEMO" & echo "pid=$!"; wait -f $!; echo "demo exited $?"`
     const terminal = ChildProcess.spawn("script", ["-qfec", "bash -c \"$JOB\"", "/dev/null"], {
       cwd: ROOT,
       stdio: ["pipe", "pipe", "pipe"],
-      env: { ...process.env, TERM: "xterm-256color", NO_COLOR: "1", JOB: job, NODE: process.execPath, DEMO_SIZE_MIB: "512" }
+      env: { ...process.env, TERM: "xterm-256color", NO_COLOR: "1", JOB: job, NODE: process.execPath, DEMO: DEMO.bundled[0], DEMO_SIZE_MIB: "512" }
     })
     terminals.push(terminal)
     const { shown, text } = TerminalText.watch(terminal)

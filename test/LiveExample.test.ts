@@ -6,7 +6,7 @@
  */
 import * as ChildProcess from "node:child_process"
 import * as Path from "node:path"
-import { describe, expect, it } from "vitest"
+import { describe, expect, inject, it } from "vitest"
 
 const ROOT = Path.resolve(import.meta.dirname, "..")
 
@@ -31,8 +31,9 @@ describe("npx tsx examples/live.ts", () => {
   })
 
   it("takes the flags its header documents (--downtime 300ms), and a bad one is one line and exit 2", () => {
+    // bundled as it is under tsx (test/support/cliBundle.ts): the run above loads it through tsx
     const live = (...args: Array<string>) =>
-      ChildProcess.spawnSync(process.execPath, ["--conditions=source", "--import", "tsx", "examples/live.ts", ...args], {
+      ChildProcess.spawnSync(process.execPath, [Path.join(inject("examplesBundle"), "live.js"), ...args], {
         cwd: ROOT,
         encoding: "utf8",
         timeout: 60_000
