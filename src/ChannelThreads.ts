@@ -6,7 +6,7 @@
  * that throws, exits or is terminated fails every channel it hosts with a cause naming the channel
  * ("multifd channel 2: its thread exited (code 1)"), and the next channel opened in the pool gets a new
  * thread in its place. A thread that stops answering (a session's close unanswered after `closeTimeout`) is
- * terminated and replaced the same way. Closing the layer's scope terminates every thread and waits until each
+ * terminated and replaced the same way; a source's digest on the threads gives a chunk as long for its hash. Closing the layer's scope terminates every thread and waits until each
  * has exited.
  *
  * With the service in context, `Migration.migrate` runs each multifd channel on the pool when the memory is

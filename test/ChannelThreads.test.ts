@@ -884,6 +884,36 @@ describe("a channel thread that dies while it hashes a digest", () => {
     }).pipe(Effect.scoped)))
 })
 
+describe("a channel thread that stops answering while it hashes a digest", () => {
+  /**
+   * No time bounded a hash session's answer: a thread held up (a loop, a long synchronous task) left the digest,
+   * and the migration hashing it (its Hashing heartbeats keeping the peer waiting), waiting for ever. Now a
+   * chunk the thread has not answered within the pool's closeTimeout fails the digest naming the thread, and
+   * the hung thread is terminated as the hash session closes.
+   */
+  it.live("fails the digest with a clear error naming the thread; the thread is terminated as the session closes", () =>
+    leakFree(Effect.gen(function*() {
+      const pool = yield* ChannelThreads.make({ ...POOL, maxThreads: 1, closeTimeout: "100 millis" })
+      const [thread] = unsafeThreads(pool)
+      let release: (() => void) | undefined
+      yield* Effect.addFinalizer(() => Effect.sync(() => release?.()))
+      const exit = yield* noHang(
+        Effect.exit(Effect.scoped(Effect.flatMap(HashPool.poolOn(pool, 1), (hashers) => {
+          release = thread!.hold()
+          return Digest.digestAll([sharedBlock(2 * 16384 + 1, 1)], hashers)
+        }))),
+        "the digest"
+      )
+      const defect = Exit.isFailure(exit) ? Cause.dieOption(exit.cause) : undefined
+      expect(defect !== undefined && defect._tag === "Some" && defect.value).toBeInstanceOf(Digest.WorkerFailed)
+      expect((defect as { value: Digest.WorkerFailed }).value.message).toBe(
+        "digest worker thread on channel thread 0: stopped answering: a chunk had no answer after 100ms"
+      )
+      // the session's close went unanswered too: the thread is terminated, and the next session gets a new one
+      expect(yield* pool.stats).toMatchObject({ threads: 0, sessions: 0 })
+    }).pipe(Effect.scoped)))
+})
+
 describe("the pool's size", () => {
   /** NaN (a `Number(process.env.X)` unset) made a pool of no threads, whose first session died on a TypeError. */
   // from plain JavaScript, `layer("4")` or `make(4)` were read as no options: the defaults, in silence

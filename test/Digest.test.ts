@@ -12,6 +12,7 @@ import * as Exit from "effect/Exit"
 import * as Fiber from "effect/Fiber"
 import * as Option from "effect/Option"
 import * as Queue from "effect/Queue"
+import * as TestClock from "effect/TestClock"
 import * as HashWasm from "hash-wasm"
 import * as Crypto from "node:crypto"
 import * as Fs from "node:fs"
@@ -225,6 +226,31 @@ describe("digest worker threads (internal/native/digestWorker)", () => {
       const failure = failureOf(yield* Fiber.await(digest))
       // (terminated before its first instruction, a thread exits with code 0; once running, with 1)
       expect(failure.message).toMatch(/^digest worker thread exited \(code [01]\)$/)
+    }).pipe(Effect.scoped))
+
+  /**
+   * No time bounded a worker's answer: a thread held up (a loop, a long synchronous task) left the digest waiting
+   * for ever, and a migration hashing with it (its Hashing heartbeats keeping the peer waiting). Now a chunk
+   * unanswered for 30 s (a 64 MiB chunk takes tens of milliseconds) fails the digest, and the thread is taken for
+   * failed: a later digest on it fails at once rather than wait again.
+   */
+  it.effect("a thread that never answers fails the digest after 30 s, and a later digest on it at once", () =>
+    Effect.gen(function*() {
+      const pool = yield* Digest.pool(1)
+      const w = yield* Queue.take(pool.idle)
+      yield* Queue.offer(pool.idle, w)
+      // the thread never hears of the request, as a thread held up never answers it
+      const posted = yield* Deferred.make<void>()
+      w.thread!.postMessage = () => Deferred.unsafeDone(posted, Exit.void)
+      const digest = yield* Effect.fork(Digest.digestAll([threeChunks()], pool))
+      yield* Deferred.await(posted)
+      yield* TestClock.adjust("29 seconds")
+      expect(yield* Fiber.poll(digest)).toEqual(Option.none())
+      yield* TestClock.adjust("1 second")
+      const failure = failureOf(yield* Fiber.await(digest))
+      expect(failure.message).toBe("digest worker thread stopped answering: a chunk had no answer after 30s")
+      const again = failureOf(yield* Effect.exit(Digest.digestAll([threeChunks()], pool)))
+      expect(again.message).toBe(failure.message)
     }).pipe(Effect.scoped))
 
   it.live("a digest, or a prefault, run uninterruptibly (a finalizer, a store step's commit) completes", () =>

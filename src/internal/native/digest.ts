@@ -10,6 +10,7 @@
  */
 import * as Data from "effect/Data"
 import * as Deferred from "effect/Deferred"
+import * as Duration from "effect/Duration"
 import * as Effect from "effect/Effect"
 import * as Exit from "effect/Exit"
 import * as Option from "effect/Option"
@@ -94,6 +95,12 @@ const startThread = (workerData: DigestWorker.WorkerData): WorkerThreads.Worker 
 
 let requests = 0
 
+/**
+ * How long a hashing thread may leave a request unanswered before it is taken for hung: generous (a 64 MiB chunk
+ * takes tens of milliseconds, a second on a loaded machine), as a bound must not trip on a slow one.
+ */
+const ANSWER_TIMEOUT = Duration.seconds(30)
+
 /** The request for a chunk's full blocks (in place when it lies in WebAssembly memory), with a fresh id. */
 export const requestFor = (chunk: Chunk): DigestWorker.Request => {
   const id = ++requests
@@ -116,7 +123,7 @@ const worker: Effect.Effect<Hasher, never, Scope.Scope> = Effect.map(
       const onError = (error: Error) => fail(`failed: ${error.message}`)
       const onExit = (code: number) => fail(`exited (code ${code})`)
       thread.on("error", onError).on("exit", onExit)
-      return { thread, failed, unwatch: () => thread.off("error", onError).off("exit", onExit) }
+      return { thread, failed, fail, unwatch: () => thread.off("error", onError).off("exit", onExit) }
     }),
     ({ failed, thread, unwatch }) =>
       Effect.promise(() => {
@@ -127,7 +134,7 @@ const worker: Effect.Effect<Hasher, never, Scope.Scope> = Effect.map(
         return thread.terminate()
       })
   ),
-  ({ failed, thread }): Hasher => {
+  ({ fail, failed, thread }): Hasher => {
     /**
      * The answer to `request`, or the thread's failure; an interrupted request's late answer is passed over. The
      * race runs interruptible in a fiber of its own (`ownFibers`): asked uninterruptibly (a digest or a prefault in
@@ -147,7 +154,17 @@ const worker: Effect.Effect<Hasher, never, Scope.Scope> = Effect.map(
           thread.on("message", onMessage)
           thread.postMessage(request)
           return Effect.sync(() => thread.off("message", onMessage))
-        })
+        }).pipe(
+          // a thread held up (a loop, a long synchronous task) never answers: the digest, and a migration hashing
+          // (its Hashing heartbeats keeping the peer waiting), waited for ever. Unanswered after ANSWER_TIMEOUT it
+          // is taken for failed (a later request fails at once), and terminated as its scope closes
+          Effect.timeout(ANSWER_TIMEOUT),
+          Effect.catchTag("TimeoutException", () =>
+            Effect.zipRight(
+              Effect.sync(() => fail(`stopped answering: a chunk had no answer after ${Duration.format(ANSWER_TIMEOUT)}`)),
+              Deferred.await(failed)
+            ))
+        )
       ))
     return {
       thread,

@@ -5,6 +5,7 @@
  *
  * @internal
  */
+import * as Duration from "effect/Duration"
 import * as Effect from "effect/Effect"
 import type * as Scope from "effect/Scope"
 import * as Digest from "../native/digest.js"
@@ -34,13 +35,21 @@ const hasher = (threads: ThreadPool.Pool): Effect.Effect<Digest.Hasher, never, S
               ? Effect.succeed(event.message)
               : answerTo(id)
         )
+      // a thread held up (a loop, a long synchronous task) never answers: the digest, and a migration hashing (its
+      // Hashing heartbeats keeping the peer waiting), waited for ever. A chunk unanswered for as long as the pool takes
+      // a thread for hung (its closeTimeout, 10 s by default: a 64 MiB chunk takes tens of milliseconds) fails the
+      // digest; the session's close, unanswered as well, then terminates the thread (`pool`)
+      const hung = failed(`stopped answering: a chunk had no answer after ${Duration.format(threads.closeTimeout)}`)
       return {
         hash: (chunk) =>
           Effect.suspend(() => {
             const request = Digest.requestFor(chunk)
             return Effect.zipRight(
               session.send(request),
-              Effect.map(answerTo(request.id), (answer) => Xxh3.finish(answer.accumulators, chunk.bytes))
+              Effect.map(
+                Effect.timeoutFail(answerTo(request.id), { duration: threads.closeTimeout, onTimeout: () => hung }),
+                (answer) => Xxh3.finish(answer.accumulators, chunk.bytes)
+              )
             )
           })
       }

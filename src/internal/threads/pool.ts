@@ -57,6 +57,7 @@ export interface Options {
    * How long a session's close waits for its thread's word that the session is gone (10 seconds by default):
    * a thread that has not answered by then is taken for hung (a loop, a long synchronous task) and terminated,
    * failing every session on it (`ThreadError`, `Hung`); the next session opened gets a new thread in its place.
+   * A hash session's answer to a chunk is bounded the same (a source's digest on the threads, `hashPool`).
    * It must be a duration of more than 0 and finite, at most 24 days (`Infinity` waited for a hung thread for ever);
    * anything else fails `make` (`ThreadError`, `Start`).
    */
@@ -125,6 +126,11 @@ export interface Pool {
    * thread: sockets, timers, ports) and its zstd contexts (a leak check).
    */
   readonly inspect: Effect.Effect<ReadonlyArray<Inspection>, ThreadError>
+  /**
+   * How long a thread may leave a question unanswered before it is taken for hung (`Options.closeTimeout`): a
+   * session close, and a hash session's answer to a chunk (`hashPool`).
+   */
+  readonly closeTimeout: Duration.Duration
 }
 
 /** What a session's port delivers, and its thread's failure. */
@@ -468,7 +474,8 @@ export const make = (options?: Options): Effect.Effect<Pool, ThreadError, Scope.
         opened,
         replaced
       })),
-      inspect: Effect.flatMap(running, (threads) => Effect.forEach(threads, inspectOne, { concurrency: "unbounded" }))
+      inspect: Effect.flatMap(running, (threads) => Effect.forEach(threads, inspectOne, { concurrency: "unbounded" })),
+      closeTimeout
     }
     threadsOfPool.set(pool, () => slots)
     return pool
