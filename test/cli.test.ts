@@ -1901,6 +1901,20 @@ describe("trust: success is durable, strangers are candidates", () => {
     })
   })
 
+  // send file: had no such check: a save much larger than the disk read the whole image first, then failed part-way
+  it("send file: onto a file system too small for the image: refused before it is read, nothing left", async (ctx) => {
+    const small = Path.join(dir, "small-save")
+    await onTmpfs(ctx, small, "1m", async () => {
+      const snapshot = Path.join(small, "s.snap")
+      const send = await runHere(["send", `file:${snapshot}`, "--in", image])
+      expect(send.code, send.stderr).toBe(1)
+      expect(lines(send.stderr)).toEqual([
+        `multifd: error: snapshot ${snapshot}: not saved: the image needs 8.00 MiB, and ${small} has 1.00 MiB free`
+      ])
+      expect(Fs.readdirSync(small)).toEqual([])
+    })
+  })
+
   it("recv --out on a file system that fills up during the transfer: send exits 1 with the destination's reason, recv exits 1, nothing left", async (ctx) => {
     const full = Path.join(dir, "full")
     await onTmpfs(ctx, full, "12m", async () => {

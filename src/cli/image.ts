@@ -342,6 +342,23 @@ export const wontFit = (what: string, dir: string, bytes: number): string | unde
   }
 }
 
+/**
+ * Why a snapshot of the image in `input` (`send file:`) will not fit in the free space where it goes, if it will not
+ * (`not saved: ...`): it holds every page that is not zero, counted as every byte, as `recv --out` counts the image.
+ * Nothing when the image cannot be sized (`read` says what is wrong with it). (A file size limit, `ulimit -f`, the
+ * save itself refuses as it sizes its file.)
+ */
+export const snapshotWontFit = (input: string, snapshot: string, pageSize: number): string | undefined => {
+  let size: number
+  try {
+    size = Fs.statSync(input).size
+  } catch {
+    return undefined
+  }
+  if (size === 0 || size % pageSize !== 0 || size > GuestRam.MAX_BLOCK_SIZE) return undefined
+  return wontFit("not saved", Path.dirname(snapshot), size)
+}
+
 const writeError = (path: string, error: FileIo.FileError): ImageError => {
   const { cause } = error
   switch (error.step) {

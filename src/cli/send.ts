@@ -126,6 +126,12 @@ export const command = Command.make(
       if (toFile) {
         yield* Image.markInput(input)
         yield* Effect.scoped(SnapshotFile.createTemporary(uri.path, 0))
+        // a save much larger than the disk read the whole image first (minutes for a big one), then failed part-way:
+        // refused now, as recv --out refuses memory that will not fit before it listens
+        const wontFit = Image.snapshotWontFit(input, uri.path, transfer.pageSize)
+        if (wontFit !== undefined) {
+          return yield* new SnapshotFile.SnapshotError({ reason: "Refused", path: uri.path, detail: wontFit })
+        }
       }
       const bytes = yield* Image.read(input, transfer.pageSize)
       // a signal that comes as the snapshot is renamed into place lets the rename finish: the command ends as it would
