@@ -430,6 +430,21 @@ describe("recv under a file size limit (ulimit -f) below the image", () => {
   })
 })
 
+describe("recv file: --from-qemu whose --json result stdout does not take (`| true`, a full disk)", () => {
+  // the command failed with 'cannot write the --json result' alone, though --out held the image: read as a failed read
+  it("fails (exit 1) saying the output holds the image, and why the command failed", async () => {
+    const vm = Path.join(dir, "json-full.vm")
+    await twoBlockVm(vm)
+    const out = Path.join(dir, "json-full.out")
+    const recv = await runUnder(["sh", "-c", 'exec "$0" "$@" >/dev/full'], ["recv", `file:${vm}`, "--from-qemu", "--out", out, "--json"])
+    expect([recv.code, recv.stderr.trim().split("\n")]).toEqual([1, [
+      `multifd: ${out} holds the received image: it was stored; only the --json result could not be written`,
+      "multifd: error: cannot write the --json result to stdout: no space left on device"
+    ]])
+    expect(Fs.statSync(out).size).toBe(2 * 16 * 4096)
+  })
+})
+
 describe("send file: under a file size limit (ulimit -f) below the snapshot", () => {
   // the save failed at once, sizing its file, but as a failed save (exit 1, reason Io), which a script tries again
   // and again: under that limit no save of that memory ever succeeds

@@ -2030,8 +2030,21 @@ describe("trust: success is durable, strangers are candidates", () => {
         expect(result.code, result.stderr).toBe(1)
         expect(lines(result.stderr).at(-1)).toBe("multifd: error: cannot write the --json result to stdout: no space left on device")
       }
-      // the migration itself completed: the image is in place
+      // the migration itself completed: the image is in place, and recv says so (the error alone read as a failed receive)
       expect(Fs.readFileSync(out).equals(Fs.readFileSync(image))).toBe(true)
+      const unwritten = "only the --json result could not be written"
+      expect(lines(received.stderr).at(-2)).toBe(`multifd: ${out} holds the verified image: it was stored; ${unwritten}`)
+      // a save and a restore alike: each output is there, and the command says so (QEMU's file read: Durability)
+      const snapshot = Path.join(dir, "full.snap")
+      const saved = await run(["send", `file:${snapshot}`, "--in", image, "--json"], { stdout: full })
+      const restored = Path.join(dir, "full-restored.out")
+      const restore = await run(["recv", `file:${snapshot}`, "--out", restored, "--json"], { stdout: full })
+      const failed = "multifd: error: cannot write the --json result to stdout: no space left on device"
+      expect([saved, restore].map((result) => [result.code, lines(result.stderr)])).toEqual([
+        [1, [`multifd: ${snapshot} holds the snapshot: it was saved; ${unwritten}`, failed]],
+        [1, [`multifd: ${restored} holds the verified image: it was stored; ${unwritten}`, failed]]
+      ])
+      expect(Fs.readFileSync(restored).equals(Fs.readFileSync(image))).toBe(true)
       const help = await run(["send", "--help"], { stdout: full })
       expect(help.code).toBe(1)
       expect(lines(help.stderr)).toEqual(["multifd: error: cannot write the help to stdout: no space left on device"])

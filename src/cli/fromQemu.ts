@@ -386,7 +386,8 @@ export const run = (args: Args) =>
     // a signal that comes once the output is in place (its rename lets it finish), or a failure after it (QEMU gone
     // before it heard), still ends the command as it would have; but the user hears that the output is there, the
     // older one gone, as plain recv says it (not when storing it failed, a directory that could not be synced after
-    // the rename: that error says so; nor when only the --json result could not be written)
+    // the rename: that error says so). When only the --json result could not be written (`| true`), the error alone
+    // read as a failed receive: the user hears that the output is there as well
     const stored: Effect.Effect<boolean> = single !== undefined
       ? single.committed
       : vmPublished !== undefined
@@ -395,14 +396,15 @@ export const run = (args: Args) =>
     const storedWhat = single !== undefined ? "image" : args.vm !== undefined ? "VM" : "blocks"
     yield* Effect.addFinalizer((exit) =>
       Exit.isFailure(exit) && !Cause.failures(exit.cause).pipe(Chunk.some((error) =>
-          error instanceof Image.ImageError || error instanceof MappedRam.MappedRamError ||
-          error instanceof Terminal.OutputError
+          error instanceof Image.ImageError || error instanceof MappedRam.MappedRamError
         ))
         ? Effect.flatMap(stored, (done) =>
           done
             ? terminal.err(oneLine(
-              `multifd: ${output} holds the received ${storedWhat}: it was stored before the ${
-                Exit.isInterrupted(exit) ? "interruption" : "migration failed"
+              `multifd: ${output} holds the received ${storedWhat}: ${
+                Cause.failures(exit.cause).pipe(Chunk.some((error) => error instanceof Terminal.OutputError))
+                  ? "it was stored; only the --json result could not be written"
+                  : `it was stored before the ${Exit.isInterrupted(exit) ? "interruption" : "migration failed"}`
               }`
             ))
             : Effect.void)

@@ -139,19 +139,22 @@ export const command = Command.make(
       // a signal that comes once the image is in place (the source told, when there is one) still ends the
       // command with the signal's code, and a source that aborts once it is (interrupted before it heard Done)
       // fails the migration; the user hears that the image is there all the same (it replaced what was at --out)
-      // (not when storing it failed, a directory that could not be synced after the rename: no durable image; nor
-      // when the migration completed and only its --json result could not be written: the error says so)
-      const migrationFailed = (cause: Cause.Cause<unknown>) =>
-        !Cause.failures(cause).pipe(
-          Chunk.some((error) => error instanceof Image.ImageError || error instanceof Terminal.OutputError)
-        )
+      // (not when storing it failed, a directory that could not be synced after the rename: no durable image). When
+      // the migration completed and only its --json result could not be written (`| true`), the error alone read as a
+      // failed receive: the user hears that the image is there as well
+      const storeFailed = (cause: Cause.Cause<unknown>) =>
+        Cause.failures(cause).pipe(Chunk.some((error) => error instanceof Image.ImageError))
+      const unreported = (cause: Cause.Cause<unknown>) =>
+        Cause.failures(cause).pipe(Chunk.some((error) => error instanceof Terminal.OutputError))
       yield* Effect.addFinalizer((exit) =>
-        Exit.isFailure(exit) && migrationFailed(exit.cause)
+        Exit.isFailure(exit) && !storeFailed(exit.cause)
           ? Effect.flatMap(image.committed, (stored) =>
             stored
               ? terminal.err(oneLine(
-                `multifd: ${out} holds the verified image: it was stored before the ${
-                  Exit.isInterrupted(exit) ? "interruption" : "migration failed"
+                `multifd: ${out} holds the verified image: ${
+                  unreported(exit.cause)
+                    ? "it was stored; only the --json result could not be written"
+                    : `it was stored before the ${Exit.isInterrupted(exit) ? "interruption" : "migration failed"}`
                 }`
               ))
               : Effect.void)

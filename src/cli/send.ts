@@ -5,6 +5,8 @@
  * @since 0.1.0
  */
 import * as Command from "@effect/cli/Command"
+import * as Cause from "effect/Cause"
+import * as Chunk from "effect/Chunk"
 import * as Effect from "effect/Effect"
 import * as Exit from "effect/Exit"
 import * as Option from "effect/Option"
@@ -136,15 +138,22 @@ export const command = Command.make(
       const bytes = yield* Image.read(input, transfer.pageSize)
       // a signal that comes as the snapshot is renamed into place lets the rename finish: the command ends as it would
       // have, but the user hears that the snapshot is there, the older file gone (a directory that could not be synced
-      // after the rename says so itself)
+      // after the rename says so itself); nor does one whose --json result stdout did not take (`| true`), which the
+      // error alone made read as a failed save
       if (toFile) {
         const published = yield* Image.publishedFromNow(uri.path)
+        const unreported = (exit: Exit.Exit<unknown, unknown>) =>
+          Exit.isFailure(exit) && Cause.failures(exit.cause).pipe(Chunk.some((error) => error instanceof Terminal.OutputError))
         yield* Effect.addFinalizer((exit) =>
-          Exit.isInterrupted(exit)
+          Exit.isInterrupted(exit) || unreported(exit)
             ? Effect.flatMap(published, (done) =>
               done
                 ? Effect.flatMap(Terminal.Terminal, (terminal) =>
-                  terminal.err(oneLine(`multifd: ${uri.path} holds the snapshot: it was saved before the interruption`)))
+                  terminal.err(oneLine(`multifd: ${uri.path} holds the snapshot: ${
+                    unreported(exit)
+                      ? "it was saved; only the --json result could not be written"
+                      : "it was saved before the interruption"
+                  }`)))
                 : Effect.void)
             : Effect.void
         )
