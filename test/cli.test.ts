@@ -217,10 +217,23 @@ describe("multifd send/recv", () => {
     const recv = await runHere(["recv", `file:${snapshot}`, "--out", out])
     expect(recv.code).toBe(0)
     expect(Fs.readFileSync(out).equals(Fs.readFileSync(image))).toBe(true)
+    // a file that is no snapshot was the wrong file to name (nothing migrated): usage, exit 2, as a file that is
+    // no QEMU stream is for --from-qemu and send --to-qemu --vm; a snapshot of another format version likewise
     const bad = await runHere(["recv", `file:${image}`, "--out", Path.join(dir, "foreign.out")])
-    expect(bad.code).toBe(1)
-    expect(lines(bad.stderr)).toEqual([expect.stringMatching(/^multifd: error: .*image\.raw.*snapshot/)])
+    expect({ code: bad.code, stderr: lines(bad.stderr) }).toEqual({
+      code: 2,
+      stderr: [expect.stringMatching(/^multifd: error: .*image\.raw.*snapshot/)]
+    })
     expect(filesLike("foreign.out")).toEqual([])
+    const newer = Path.join(dir, "newer.snap")
+    const bytes = Fs.readFileSync(snapshot)
+    bytes.writeUInt32BE(bytes.readUInt32BE(8) + 1, 8)
+    Fs.writeFileSync(newer, bytes)
+    const version = await runHere(["recv", `file:${newer}`, "--out", Path.join(dir, "foreign.out")])
+    expect({ code: version.code, stderr: lines(version.stderr) }).toEqual({
+      code: 2,
+      stderr: [expect.stringMatching(/^multifd: error: snapshot .*newer\.snap: snapshot format version \d+ is not supported/)]
+    })
     // a snapshot read as a file of QEMU's (--from-qemu, send --to-qemu --vm): said what it is, and what reads it
     const asQemu = [
       await runHere(["recv", `file:${snapshot}`, "--from-qemu", "--out", Path.join(dir, "as-qemu.out")]),

@@ -75,7 +75,10 @@ export const isUsage = (error: unknown): boolean => {
     case "TlsError":
       return error.reason === "Config"
     case "SnapshotError":
-      return error.reason === "Unusable" || error.reason === "Unsupported"
+      // a file that is no snapshot (or one of another format version) is the wrong file named, as a file that is no
+      // QEMU stream is for --from-qemu (MappedRamError Unusable); a damaged one (Truncated, Corrupt, a digest) failed
+      return error.reason === "Unusable" || error.reason === "Unsupported" || error.reason === "NotASnapshot" ||
+        error.reason === "Version"
     case "MappedRamError":
       return error.reason === "Unusable"
     default:
