@@ -246,6 +246,23 @@ describe("multifd send/recv", () => {
       })
     }
     expect(filesLike("as-qemu.out")).toEqual([])
+    // a raw RAM image (recv --out's) read as a file of QEMU's: said what it looks like, and what migrates it
+    const rawAsQemu = [
+      await runHere(["recv", `file:${image}`, "--from-qemu", "--out", Path.join(dir, "as-qemu.out")]),
+      await runHere(["send", "tcp:127.0.0.1:1", "--to-qemu", "--vm", image, "--channels", "2"])
+    ]
+    for (const result of rawAsQemu) {
+      expect({ code: result.code, stderr: lines(result.stderr) }).toEqual({
+        code: 2,
+        stderr: [
+          `multifd: error: ${image}: not a QEMU migration stream: magic 0x${Fs.readFileSync(image).subarray(0, 4).toString("hex")}, ` +
+          `expected 0x5145564d (QEVM) (at byte 0); it looks like a raw RAM image (as recv --out writes: no stream header, ` +
+          `${IMAGE_PAGES * PAGE} bytes, a whole number of 4096-byte pages): send --in migrates one to this library's recv; ` +
+          `a QEMU takes a VM file (recv --from-qemu --vm, or QEMU's own migrate file: with capability mapped-ram)`
+        ]
+      })
+    }
+    expect(filesLike("as-qemu.out")).toEqual([])
     // the command line's settings are requirements for a snapshot too, checked before it is read
     const other = await runHere(["recv", `file:${snapshot}`, "--out", Path.join(dir, "other.out"), "--page-size", "8192"])
     expect(other.code).toBe(1)

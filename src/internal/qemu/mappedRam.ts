@@ -78,7 +78,7 @@ const COMPRESSED: ReadonlyArray<readonly [string, Buffer]> = [
 /**
  * What the file holds at `at` instead of QEMU's stream, when it is something a user may mistake for one: a
  * compressor's output (QEMU's stream through a pipe, `migrate "exec:gzip -c > FILE"`, as QEMU's documentation shows
- * it, which it reads back the same way), or an effect-multifd snapshot (`send file:`).
+ * it, which it reads back the same way), an effect-multifd snapshot (`send file:`), or a raw RAM image (`recv --out`).
  */
 const otherFormat = (file: FileIo.Readable, at: number): Effect.Effect<string | undefined, FileIo.FileError> =>
   Effect.gen(function*() {
@@ -89,10 +89,19 @@ const otherFormat = (file: FileIo.Readable, at: number): Effect.Effect<string | 
         "recv file:PATH without --from-qemu (Snapshot.restore)"
     }
     const by = COMPRESSED.find(([, magic]) => first.subarray(0, magic.length).equals(magic))?.[0]
-    return by === undefined
-      ? undefined
-      : `it is ${by}-compressed (QEMU's migrate "exec:${by} -c > FILE"?): decompress it first (${by} -d)`
+    if (by !== undefined) {
+      return `it is ${by}-compressed (QEMU's migrate "exec:${by} -c > FILE"?): decompress it first (${by} -d)`
+    }
+    // a whole number of pages from its start, no header: what recv --out (Migration's destination) writes
+    return at === 0 && file.size > 0 && file.size % RAW_PAGE === 0
+      ? `it looks like a raw RAM image (as recv --out writes: no stream header, ${file.size} bytes, a whole number of ` +
+        `${RAW_PAGE}-byte pages): send --in migrates one to this library's recv; a QEMU takes a VM file (recv ` +
+        `--from-qemu --vm, or QEMU's own migrate file: with capability mapped-ram)`
+      : undefined
   })
+
+/** The smallest page size of a raw RAM image (every larger one is a multiple of it). */
+const RAW_PAGE = 4096
 
 /**
  * Where, in the file's first `SEARCH_LIMIT` bytes, a QEMU stream's header is (other than at `not`, where it was
