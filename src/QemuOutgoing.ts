@@ -262,6 +262,8 @@ const send = <E>(options: Options<E>): Effect.Effect<Stats, OutgoingError | E, T
     const compression = options.compression ?? "none"
     const pageSize = vm.ram.pageSize
     const address = options.address
+    // QEMU as the messages name it: by its address, as the other commands name their peer
+    const qemu = `QEMU at ${Transport.formatAddress(address)}`
     const upgrade = options.tls === undefined
       ? options.upgrade
       : Tls.client(options.tls, address._tag === "Tcp" ? address.host : undefined)
@@ -305,9 +307,9 @@ const send = <E>(options: Options<E>): Effect.Effect<Stats, OutgoingError | E, T
       main,
       () =>
         whyClosed === first && noCertificate
-          ? `QEMU ended the migration ${whyClosed}: this side presented no TLS client certificate, which QEMU's ` +
+          ? `${qemu} ended the migration ${whyClosed}: this side presented no TLS client certificate, which QEMU's ` +
             "tls-creds-x509 asks for unless verify-peer=off (give --tls-cert and --tls-key); else its log says why"
-          : `QEMU ended the migration ${whyClosed}: it refused it (another machine type or machine options, ` +
+          : `${qemu} ended the migration ${whyClosed}: it refused it (another machine type or machine options, ` +
             // (QEMU compares the capabilities it validates with the configuration's: x-ignore-shared on there, which
             // a migration of every page never has, "Capability x-ignore-shared is on, but received capability is off")
             (whyClosed === first ? "capability x-ignore-shared on, " : "") +
@@ -321,7 +323,8 @@ const send = <E>(options: Options<E>): Effect.Effect<Stats, OutgoingError | E, T
               : configuration.length > 0 && vm.configuration?.uuid !== undefined
               ? `a -uuid other than the configuration's ${Protocol.formatUuid(uuid)} (--uuid), `
               : "") +
-            "TLS, a device it cannot load? its log says) or it stopped"
+            "TLS, a device it cannot load? its log says) or it stopped",
+      Transport.formatAddress(address)
     )
 
     // 2. the channels; QEMU reads the main stream once all are there, and answers the PING (at once without multifd)
@@ -344,8 +347,8 @@ const send = <E>(options: Options<E>): Effect.Effect<Stats, OutgoingError | E, T
     const verdictBeforeEnd = (status: number) =>
       new MigrationError.MigrationError(
         status === 0
-          ? { reason: "Unexpected", detail: "QEMU said it loaded the VM (MIG_RP_MSG_SHUT 0) before it was all sent" }
-          : { reason: "Rejected", detail: `QEMU failed to load the migration (MIG_RP_MSG_SHUT ${status}): its log says why` }
+          ? { reason: "Unexpected", detail: `${qemu} said it loaded the VM (MIG_RP_MSG_SHUT 0) before it was all sent` }
+          : { reason: "Rejected", detail: `${qemu} failed to load the migration (MIG_RP_MSG_SHUT ${status}): its log says why` }
       )
     const early = Effect.flatMap(returnPath.shut, (status) => Effect.fail(verdictBeforeEnd(status)))
     // a connection QEMU closed: QEMU ends the main channel too, whose end says more (how far QEMU got); a QEMU
@@ -450,7 +453,7 @@ const send = <E>(options: Options<E>): Effect.Effect<Stats, OutgoingError | E, T
     yield* guarded(returnPath.firstPong).pipe(
       // (QEMU with multifd reads the main channel only once all its channels came)
       peer(
-        `waiting for QEMU to answer on the main channel (${
+        `waiting for ${qemu} to answer on the main channel (${
           send === undefined ? "is its capability multifd off, as channels 0 expects?" : `is its multifd-channels ${channels}?`
         } is it stopped?)`
       )
@@ -462,7 +465,7 @@ const send = <E>(options: Options<E>): Effect.Effect<Stats, OutgoingError | E, T
     let queued = 0
     // what the inactivity watch says it waited for when it fires (QEMU read nothing meanwhile, on any connection: a
     // QEMU stopped, SIGSTOP or a debugger, looks so)
-    const taking = "while QEMU took nothing more of the migration (is it stopped?)"
+    const taking = `while ${qemu} took nothing more of the migration (is it stopped?)`
     let activity = taking
     const transfer = Effect.gen(function*() {
       // 3. the RAM section: the block list, then the setup sync
@@ -475,7 +478,7 @@ const send = <E>(options: Options<E>): Effect.Effect<Stats, OutgoingError | E, T
       const flush = (record: ReadonlyArray<Buffer>) =>
         Effect.gen(function*() {
           if (send !== undefined) {
-            activity = "waiting for the multifd channels to send their SYNC packets, QEMU taking nothing more (is it stopped?)"
+            activity = `waiting for the multifd channels to send their SYNC packets, ${qemu} taking nothing more (is it stopped?)`
             yield* guarded(send.sync).pipe(Effect.ensuring(Effect.sync(() => (activity = taking))))
           }
           yield* writeMain(record)
@@ -545,11 +548,11 @@ const send = <E>(options: Options<E>): Effect.Effect<Stats, OutgoingError | E, T
     const status = yield* Effect.raceFirst(
       returnPath.shut,
       Effect.zipRight(Effect.catchAll(Fiber.join(closing), explained), Effect.never)
-    ).pipe(peer("waiting for QEMU to load the VM and say so on the return path"))
+    ).pipe(peer(`waiting for ${qemu} to load the VM and say so on the return path`))
     if (status !== 0) {
       return yield* new MigrationError.MigrationError({
         reason: "Rejected",
-        detail: `QEMU failed to load the migration (MIG_RP_MSG_SHUT ${status}): its log says why`
+        detail: `${qemu} failed to load the migration (MIG_RP_MSG_SHUT ${status}): its log says why`
       })
     }
     yield* Effect.ignore(Effect.zipRight(Fiber.join(closing), main.end).pipe(Effect.timeout(timeouts.handshake)))

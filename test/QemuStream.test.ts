@@ -2776,7 +2776,8 @@ describe("QemuOutgoing: a VM into a QEMU destination (here QemuIncoming, which a
       const address = yield* fakeQemu((main) => Effect.zipRight(main.read(QemuStream.HEADER_SIZE), main.end))
       const error = failureOf(yield* Effect.exit(QemuOutgoing.migrate({ address, vm, channels: 2, timeouts: PEER }).pipe(Effect.provide(Transport.layer))))
       expectOneLine(error)
-      expect(error.message).toMatch(/^QEMU ended the migration before it took the configuration: it refused it/)
+      // named by its address, as the other commands name their peer
+      expect(error.message.startsWith(`QEMU at ${Transport.formatAddress(address)} ended the migration before it took the configuration: it refused it`)).toBe(true)
     }))))
 
   it.live("timeouts.handshake bounds the TLS handshakes of both sides when the TLS settings allow longer", () =>
@@ -2814,7 +2815,7 @@ describe("QemuOutgoing: a VM into a QEMU destination (here QemuIncoming, which a
         }))
       const error = failureOf(yield* Effect.exit(QemuOutgoing.migrate({ address, vm, channels: 2, timeouts: PEER }).pipe(Effect.provide(Transport.layer))))
       expectOneLine(error)
-      expect(error.message).toBe("QEMU failed to load the migration (MIG_RP_MSG_SHUT 1): its log says why")
+      expect(error.message).toBe(`QEMU at ${Transport.formatAddress(address)} failed to load the migration (MIG_RP_MSG_SHUT 1): its log says why`)
     }))))
 
   // far longer than these tests: a failure that names what came did not wait for a timeout
@@ -2858,7 +2859,7 @@ describe("QemuOutgoing: a VM into a QEMU destination (here QemuIncoming, which a
         )
         expectOneLine(error)
         expect(error).toMatchObject({ _tag: "MigrationError", reason: "Unexpected" })
-        expect(error.message).toBe(expected)
+        expect(error.message).toBe(expected.replace("QEMU's return path:", `QEMU's return path from ${Transport.formatAddress(address)}:`))
       }))))
   }
 
@@ -2869,7 +2870,7 @@ describe("QemuOutgoing: a VM into a QEMU destination (here QemuIncoming, which a
       const listener = yield* Transport.listen({ _tag: "Tcp", host: "127.0.0.1", port: 0 })
       const source = yield* Transport.connect(listener.address)
       const qemu = yield* listener.accept
-      const returnPath = yield* ReturnPath.start(source, () => "QEMU closed it")
+      const returnPath = yield* ReturnPath.start(source, () => "QEMU closed it", Transport.formatAddress(listener.address))
       const ack = Buffer.from("00070000", "hex")
       yield* qemu.write([Buffer.concat(Array.from({ length: 100_000 }, () => ack)), Buffer.from("0001000400000000", "hex")])
       expect(yield* noHang(returnPath.shut, "QEMU's SHUT")).toBe(0)
@@ -2883,7 +2884,7 @@ describe("QemuOutgoing: a VM into a QEMU destination (here QemuIncoming, which a
       const address = yield* fakeQemu((main) => Effect.zipRight(main.write([Buffer.from("0002000400000001", "hex")]), Effect.never))
       const error = failureOf(yield* Effect.exit(QemuOutgoing.migrate({ address, vm, channels: 2, timeouts: PEER }).pipe(Effect.provide(Transport.layer))))
       expectOneLine(error)
-      expect(error.message).toMatch(/^timed out after 2s (while QEMU took nothing more of the migration|waiting for QEMU to load the VM)/)
+      expect(error.message).toMatch(/^timed out after 2s (while QEMU at tcp:127\.0\.0\.1:\d+ took nothing more of the migration|waiting for QEMU at tcp:127\.0\.0\.1:\d+ to load the VM)/)
     }))), 20_000)
 
   it.live("options it cannot use fail before anything connects", () =>

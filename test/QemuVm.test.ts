@@ -668,7 +668,7 @@ describe.skipIf(missing !== undefined)(`QEMU ${"version" in qemu ? qemu.version 
       const sent = yield* cli(["send", dst.uri, "--to-qemu", "--vm", vmFile, "--channels", "2", "--quiet"])
       expect(sent.code).toBe(1)
       expect(sent.stderr).toHaveLength(1)
-      expect(sent.stderr[0]).toMatch(/^multifd: error: QEMU ended the migration before it took the configuration: it refused it/)
+      expect(sent.stderr[0]).toMatch(/^multifd: error: QEMU at tcp:127\.0\.0\.1:\d+ ended the migration before it took the configuration: it refused it/)
       if (process.env["SHOW_ERRORS"]) console.log(sent.stderr[0])
       // the same machine with capability x-ignore-shared (its shared memory not migrated: every page is, here), which
       // QEMU checks against the configuration's: named among the causes
@@ -691,11 +691,11 @@ describe.skipIf(missing !== undefined)(`QEMU ${"version" in qemu ? qemu.version 
         const dst = yield* destination({ channels: 2 }, { size })
         const error = failureOf(yield* Effect.exit(silent(QemuOutgoing.migrate({ address: address(dst.uri), vm, channels: 2 })).pipe(Effect.provide(Transport.layer))))
         // not 'multifd channel 1: tcp:...: connection is closed', as if the network had failed
-        expect(error.message).toBe("QEMU failed to load the migration (MIG_RP_MSG_SHUT 1): its log says why")
+        expect(error.message).toBe(`QEMU at ${dst.uri} failed to load the migration (MIG_RP_MSG_SHUT 1): its log says why`)
         expect(dst.stderr()).toContain("Size mismatch")
         const again = yield* destination({ channels: 2 }, { size })
         const sent = yield* cli(["send", again.uri, "--to-qemu", "--vm", vmFile, "--channels", "2", "--quiet"])
-        expect(sent).toMatchObject({ code: 1, stderr: ["multifd: error: QEMU failed to load the migration (MIG_RP_MSG_SHUT 1): its log says why"] })
+        expect(sent).toMatchObject({ code: 1, stderr: [`multifd: error: QEMU at ${again.uri} failed to load the migration (MIG_RP_MSG_SHUT 1): its log says why`] })
       }
     }))), 90_000)
 
@@ -739,7 +739,7 @@ describe.skipIf(missing !== undefined)(`QEMU ${"version" in qemu ? qemu.version 
       expect(sent.code).toBe(1)
       expect(sent.stderr).toHaveLength(1)
       expect(sent.stderr[0]).toMatch(
-        /^multifd: error: QEMU ended the migration before it took the configuration: this side presented no TLS client certificate, which QEMU's tls-creds-x509 asks for unless verify-peer=off \(give --tls-cert and --tls-key\); else its log says why \(.*\)$/
+        /^multifd: error: QEMU at tcp:localhost:\d+ ended the migration before it took the configuration: this side presented no TLS client certificate, which QEMU's tls-creds-x509 asks for unless verify-peer=off \(give --tls-cert and --tls-key\); else its log says why \(.*\)$/
       )
       expect(dst.stderr()).toContain("No certificate was found")
     }))), 90_000)
@@ -781,7 +781,7 @@ describe.skipIf(missing !== undefined)(`QEMU ${"version" in qemu ? qemu.version 
       expect(yield* cli(["send", q35.uri, "--to-qemu", "--vm", vmFile, "--channels", "0", "--quiet"])).toMatchObject({
         code: 1,
         stderr: [
-          "multifd: error: QEMU ended the migration before it took the configuration: it refused it (another machine type " +
+          `multifd: error: QEMU at ${q35.uri} ended the migration before it took the configuration: it refused it (another machine type ` +
           "or machine options, capability x-ignore-shared on, TLS, a device it cannot load? its log says) or it stopped"
         ]
       })
@@ -847,12 +847,12 @@ describe.skipIf(missing !== undefined)(`QEMU ${"version" in qemu ? qemu.version 
       const error = failureOf(yield* noHang(Fiber.await(send), "QemuOutgoing after QEMU was killed", 10))
       expect(performance.now() - t0).toBeLessThan(3000)
       expectOneLine(error)
-      expect(error.message).toMatch(/QEMU ended the migration|connection reset|closed/)
+      expect(error.message).toMatch(/QEMU at tcp:127\.0\.0\.1:\d+ ended the migration|connection reset|closed/)
       if (process.env["SHOW_ERRORS"]) console.log(`killed destination: ${error.message}`)
     }))), 90_000)
 
   // a stopped QEMU (SIGSTOP, a debugger) takes nothing and closes nothing: the timeout said what it waited for
-  // ('waiting for QEMU to answer on the main channel (is its multifd-channels 2?)', 'waiting for the multifd channels
+  // ('waiting for QEMU at ADDRESS to answer on the main channel (is its multifd-channels 2?)', 'waiting for the multifd channels
   // to send their SYNC packets') and nothing of a QEMU that stopped
   it.live("QEMU stopped (SIGSTOP) while a VM migrates into it: one line after the timeout, asking whether it is stopped", () =>
     expectNoLeaks(Effect.scoped(Effect.gen(function*() {

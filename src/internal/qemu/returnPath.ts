@@ -60,11 +60,13 @@ export interface ReturnPath {
 
 /**
  * Starts reading the return path on `connection` in the current scope. `refused` words what QEMU closing
- * the connection before SHUT means at the time (it is asked when that happens).
+ * the connection before SHUT means at the time (it is asked when that happens); `peer` is QEMU's address, as
+ * messages name it.
  */
 export const start = (
   connection: Transport.Connection,
-  refused: () => string
+  refused: () => string,
+  peer: string
 ): Effect.Effect<ReturnPath, never, Scope.Scope> =>
   Effect.gen(function*() {
     const pong = yield* Deferred.make<number, MigrationError.MigrationError>()
@@ -85,7 +87,7 @@ export const start = (
         if (refusal !== undefined) {
           return yield* ended(new MigrationError.MigrationError({
             reason: "Unexpected",
-            detail: `QEMU's return path: unexpected return-path message ${refusal}, bytes ${hex(head)}: ` +
+            detail: `QEMU's return path from ${peer}: unexpected return-path message ${refusal}, bytes ${hex(head)}: ` +
               "is that a QEMU migration destination?"
           }))
         }
@@ -109,7 +111,7 @@ export const start = (
           default:
             return yield* ended(new MigrationError.MigrationError({
               reason: "Unexpected",
-              detail: `QEMU's return path: unexpected message MIG_RP_MSG_${name} (${length} data bytes): ` +
+              detail: `QEMU's return path from ${peer}: unexpected message MIG_RP_MSG_${name} (${length} data bytes): ` +
                 "only a precopy migration is supported"
             }))
         }
