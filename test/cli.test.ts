@@ -229,7 +229,13 @@ describe("multifd send/recv", () => {
     const bad = await runHere(["recv", `file:${image}`, "--out", Path.join(dir, "foreign.out")])
     expect({ code: bad.code, stderr: lines(bad.stderr) }).toEqual({
       code: 2,
-      stderr: [expect.stringMatching(/^multifd: error: .*image\.raw.*snapshot/)]
+      // a raw RAM image (recv --out's) given as a snapshot: said what it looks like, and what takes it
+      stderr: [
+        `multifd: error: snapshot ${image}: not an effect-multifd snapshot (it starts with ` +
+        `${Fs.readFileSync(image).subarray(0, 8).toString("hex").replace(/(..)(?=.)/g, "$1 ")}); it looks like a raw RAM ` +
+        `image (as recv --out writes: ${IMAGE_PAGES * PAGE} bytes, a whole number of 4096-byte pages, no header): send ` +
+        `--in migrates one, send file:SNAPSHOT --in IMAGE saves one as a snapshot`
+      ]
     })
     expect(filesLike("foreign.out")).toEqual([])
     const newer = Path.join(dir, "newer.snap")

@@ -14,8 +14,10 @@ import * as Chunk from "effect/Chunk"
 import * as Effect from "effect/Effect"
 import * as Exit from "effect/Exit"
 import * as Option from "effect/Option"
+import * as Fs from "node:fs"
 import type * as GuestRam from "../GuestRam.js"
 import * as Migration from "../Migration.js"
+import * as Snapshot from "../Snapshot.js"
 import * as MigrationStatus from "../MigrationStatus.js"
 import * as Transport from "../Transport.js"
 import { oneLine, refuseGiven, UsageError } from "./errors.js"
@@ -182,7 +184,7 @@ export const command = Command.make(
           // only once it is in place (a snapshot file is restored, checked below, then written)
           store: uri._tag === "File" ? undefined : commit
         })
-      })).pipe(Effect.provide([Transport.layer, environment(timing)]))
+      })).pipe(Effect.provide([Transport.layer, environment(timing)]), Effect.catchTag("SnapshotError", rawImageHint))
       const { ram, stats } = received
       // a snapshot was held to the command line's settings and the free space before it was read
       if (uri._tag === "File") yield* commit(ram)
@@ -204,3 +206,36 @@ export const command = Command.make(
     "Wait at <uri> for one migration (or restore the file: snapshot) and write the received RAM image to --out."
   )
 )
+
+/** The smallest page size of a raw RAM image (every larger one is a multiple of it). */
+const RAW_PAGE = 4096
+/** A file that starts as no known format does (a PNG, a QEMU stream... are named already). */
+const UNKNOWN_START = /\(it starts with [0-9a-f ]+\)$/
+
+/**
+ * A file given as a snapshot that is none but looks like a raw RAM image (a whole number of pages, what `recv
+ * --out` writes, so the likeliest mix-up): said so, and what takes one.
+ */
+const rawImageHint = (error: Snapshot.SnapshotError): Effect.Effect<never, Snapshot.SnapshotError> =>
+  Effect.flatMap(
+    Effect.sync(() => {
+      if (error.reason !== "NotASnapshot" || error.path.length === 0) return undefined
+      try {
+        return Fs.statSync(error.path).size
+      } catch {
+        return undefined
+      }
+    }),
+    (size) =>
+      Effect.fail(
+        size === undefined || size === 0 || size % RAW_PAGE !== 0 || !UNKNOWN_START.test(error.detail)
+          ? error
+          : new Snapshot.SnapshotError({
+            reason: error.reason,
+            path: error.path,
+            detail: `${error.detail}; it looks like a raw RAM image (as recv --out writes: ${size} bytes, a whole number ` +
+              `of ${RAW_PAGE}-byte pages, no header): send --in migrates one, send file:SNAPSHOT --in IMAGE saves one as a snapshot`,
+            cause: error.cause
+          })
+      )
+  )
