@@ -259,6 +259,27 @@ describe("multifd send/recv", () => {
       })
     }
     expect(filesLike("as-qemu.out")).toEqual([])
+    // the other way round: a snapshot, or a QEMU stream, given as a RAM image (send --in) was migrated as one, header
+    // and all, and recv wrote it as the guest's memory; now refused, naming what it is and what reads it (exit 2)
+    const qemuStream = Path.join(dir, "qemu.vm")
+    Fs.writeFileSync(qemuStream, Buffer.concat([Buffer.from("5145564d00000003", "hex"), Buffer.alloc(PAGE - 8)]))
+    const asImage: ReadonlyArray<readonly [ReadonlyArray<string>, string]> = [
+      [
+        ["send", "tcp:127.0.0.1:1", "--in", snapshot],
+        `${snapshot}: is an effect-multifd snapshot (send file:, Snapshot.save), not a RAM image: restore it ` +
+        `(recv file:${snapshot} --out IMAGE) and send that`
+      ],
+      [
+        ["send", `file:${Path.join(dir, "twice.snap")}`, "--in", qemuStream],
+        `${qemuStream}: is a QEMU migration stream, not a RAM image: send --to-qemu --vm ${qemuStream} migrates it ` +
+        `into QEMU, recv file:${qemuStream} --from-qemu --out IMAGE reads its RAM`
+      ]
+    ]
+    for (const [args, line] of asImage) {
+      const result = await runHere(args)
+      expect({ code: result.code, stderr: lines(result.stderr) }).toEqual({ code: 2, stderr: [`multifd: error: ${line}`] })
+    }
+    expect(filesLike("twice.snap")).toEqual([])
     // a raw RAM image (recv --out's) read as a file of QEMU's: said what it looks like, and what migrates it
     const rawAsQemu = [
       await runHere(["recv", `file:${image}`, "--from-qemu", "--out", Path.join(dir, "as-qemu.out")]),

@@ -16,6 +16,7 @@ import * as Os from "node:os"
 import * as Path from "node:path"
 import * as GuestRam from "../GuestRam.js"
 import * as FileIo from "../internal/native/fileIo.js"
+import * as SnapshotFormat from "../internal/snapshotFormat.js"
 import { formatBytes } from "./report.js"
 
 /** A problem with an image file. `Io` is a failure while transferring bytes; the others are configuration. */
@@ -64,6 +65,10 @@ export const read = (path: string, pageSize: number): Effect.Effect<Buffer, Imag
     if (size > GuestRam.MAX_BLOCK_SIZE) {
       return yield* bad(`the image size ${formatSize(size)} exceeds the largest block, ${formatSize(GuestRam.MAX_BLOCK_SIZE)}`)
     }
+    // a file of another kind named in its place (one of ours, or of QEMU's): refused before it is read, never migrated
+    // as the guest's memory, header and all
+    const kind = yield* otherKind(file, path)
+    if (kind !== undefined) return yield* new ImageError({ reason: "Unusable", path, detail: kind })
     const bytes = yield* GuestRam.allocateOrFail(size, "the image").pipe(
       Effect.mapError((error) => new ImageError({ reason: "Io", path, detail: error.detail }))
     )
@@ -79,6 +84,25 @@ export const read = (path: string, pageSize: number): Effect.Effect<Buffer, Imag
     }
     return bytes
   })).pipe(Effect.mapError((error) => error._tag === "ImageError" ? error : readError(path, error)))
+
+/** A QEMU stream's first bytes: `QEVM`, then file version 3. */
+const QEMU_STREAM = Buffer.from([0x51, 0x45, 0x56, 0x4d, 0, 0, 0, 3])
+
+/** What the file is when it starts as a snapshot or a QEMU stream does, and what reads it; else `undefined`. */
+const otherKind = (file: FileIo.Readable, path: string): Effect.Effect<string | undefined, FileIo.FileError> =>
+  Effect.gen(function*() {
+    const head = Buffer.alloc(Math.min(8, file.size))
+    yield* FileIo.transfer("read", file, head, 0, head.length, 0)
+    if (head.equals(SnapshotFormat.MAGIC)) {
+      return `is an effect-multifd snapshot (send file:, Snapshot.save), not a RAM image: restore it (recv file:${path} ` +
+        "--out IMAGE) and send that"
+    }
+    if (head.equals(QEMU_STREAM)) {
+      return `is a QEMU migration stream, not a RAM image: send --to-qemu --vm ${path} migrates it into QEMU, recv ` +
+        `file:${path} --from-qemu --out IMAGE reads its RAM`
+    }
+    return undefined
+  })
 
 const readError = (path: string, error: FileIo.FileError): ImageError => {
   const { cause } = error
