@@ -721,7 +721,8 @@ export const server = (settings: Settings, options?: ServerOptions): Transport.U
  * client without a word, and looked verified.
  */
 const unverifiedNote = (settings: Settings): string | undefined =>
-  settings.credentials._tag === "X509" && settings.credentials.ca !== undefined && settings.verifyPeer === undefined &&
+  // settings that `load` did not make (plain JavaScript) fail the handshake (`notSettings`), noted or not
+  notSettings(settings, "server") === undefined && settings.credentials._tag === "X509" && settings.credentials.ca !== undefined && settings.verifyPeer === undefined &&
     settings.authz === undefined && settings.crls === undefined
     ? "TLS: this destination verifies no client certificate: its x509 settings have a CA file (ca) but verifyPeer is " +
       "unset, so any client is admitted; give verifyPeer: true to verify clients against it, or false to say so"
