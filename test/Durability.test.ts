@@ -134,6 +134,15 @@ const replayQemu = (port: number) =>
     })
   ))
 
+/** A two-block VM file `<dir>/<name>.vm` (`twoBlockVm`) and an empty directory `<dir>/<name>` beside it. */
+const vmBesideFolder = async (name: string): Promise<{ readonly vm: string; readonly folder: string }> => {
+  const vm = Path.join(dir, `${name}.vm`)
+  await twoBlockVm(vm)
+  const folder = Path.join(dir, name)
+  Fs.mkdirSync(folder)
+  return { vm, folder }
+}
+
 /**
  * A mapped-ram file of QEMU's captured VM with two RAM blocks, mem (0x11) and vga.vram (0x22), of `pages` pages of 4 KiB
  * each, at `file`.
@@ -858,10 +867,7 @@ describe("recv --from-qemu --vm whose unfinished file cannot be removed after a 
   it("says which unfinished file it left behind, as --out does", async (ctx) => {
     const why = straceMissing()
     if (why !== undefined) return ctx.skip(`strace cannot run here: ${why}`)
-    const vm = Path.join(dir, "left-behind.vm")
-    await twoBlockVm(vm)
-    const at = Path.join(dir, "left-behind")
-    Fs.mkdirSync(at)
+    const { vm, folder: at } = await vmBesideFolder("left-behind")
     const out = Path.join(at, "out.vm")
     // one thread of libuv's pool: the check's temporary file is removed (the first unlink), then the file is written,
     // its third write fails and it cannot be removed, as on a file system remounted read-only meanwhile
@@ -971,16 +977,14 @@ describe("recv file: of a snapshot that another process writes while it is read"
 })
 
 /**
- * Runs `multifd <args>` under strace, each fsync delayed by 0.4 s, and gives it SIGINT as its `fsyncs`-th fsync starts
- * (the command's pid read from its temporary file's name in `at` at its first): its exit code and stderr (but the
- * "stopping after" line, which a slow machine may add).
+ * `multifd <args>` (the test run's bundle) under strace with `options` (the trace written on stdout through cat, so that a
+ * call shows as it starts), killed after 20 s: the child, its stderr so far, and its exit code once it closed.
  */
-const interruptedAtFsync = async (args: ReadonlyArray<string>, at: string, fsyncs: number) => {
-  // strace's trace through cat on stdout: "fsync(" comes as the call starts
-  const command = ChildProcess.spawn("strace", [
-    "-f", "-qq", "-o", "|cat", "-e", "trace=fsync", "-e", "inject=fsync:delay_enter=400000",
-    process.execPath, inject("cliBundle"), ...args
-  ], { stdio: ["ignore", "pipe", "pipe"], env: { ...process.env, NO_COLOR: "1" } })
+const underStrace = (options: ReadonlyArray<string>, args: ReadonlyArray<string>, env: Record<string, string> = {}) => {
+  const command = ChildProcess.spawn("strace", ["-f", "-qq", "-o", "|cat", ...options, process.execPath, inject("cliBundle"), ...args], {
+    stdio: ["ignore", "pipe", "pipe"],
+    env: { ...process.env, NO_COLOR: "1", ...env }
+  })
   const timer = setTimeout(() => command.kill("SIGKILL"), 20_000)
   let stderr = ""
   command.stderr.setEncoding("utf8").on("data", (s: string) => (stderr += s))
@@ -990,6 +994,17 @@ const interruptedAtFsync = async (args: ReadonlyArray<string>, at: string, fsync
       resolve(code)
     })
   )
+  return { command, stderr: () => stderr, exited }
+}
+
+/**
+ * Runs `multifd <args>` under strace, each fsync delayed by 0.4 s, and gives it SIGINT as its `fsyncs`-th fsync starts
+ * (the command's pid read from its temporary file's name in `at` at its first): its exit code and stderr (but the
+ * "stopping after" line, which a slow machine may add).
+ */
+const interruptedAtFsync = async (args: ReadonlyArray<string>, at: string, fsyncs: number) => {
+  // "fsync(" comes as the call starts
+  const { command, stderr: errors, exited } = underStrace(["-e", "trace=fsync", "-e", "inject=fsync:delay_enter=400000"], args)
   // the command's pid from its temporary file's name, there at its first fsync (the file's own)
   let partial: string | undefined
   await new Promise<void>((resolve) => {
@@ -1001,10 +1016,10 @@ const interruptedAtFsync = async (args: ReadonlyArray<string>, at: string, fsync
     })
     void exited.then(() => resolve())
   })
-  expect(partial, stderr).toBeDefined()
+  expect(partial, errors()).toBeDefined()
   process.kill(Number(/\.(\d+)\.partial$/.exec(partial!)![1]), "SIGINT")
   const code = await exited
-  return { code, stderr: stderr.split("\n").filter((line) => line.length > 0 && !line.includes("stopping after SIGINT")) }
+  return { code, stderr: errors().split("\n").filter((line) => line.length > 0 && !line.includes("stopping after SIGINT")) }
 }
 
 describe("a command given SIGINT while its output is renamed into place (strace delays each fsync by 0.4 s)", () => {
@@ -1013,10 +1028,7 @@ describe("a command given SIGINT while its output is renamed into place (strace 
   it("recv file: --from-qemu (at the image's fsync) and send file: (at its directory's) say that OUT is in place, exit 130", async (ctx) => {
     const why = straceMissing()
     if (why !== undefined) return ctx.skip(`strace cannot run here: ${why}`)
-    const vm = Path.join(dir, "flushed.vm")
-    await twoBlockVm(vm)
-    const at = Path.join(dir, "flushed")
-    Fs.mkdirSync(at)
+    const { vm, folder: at } = await vmBesideFolder("flushed")
     const out = Path.join(at, "ram.img")
     Fs.writeFileSync(out, "older")
     const read = await interruptedAtFsync(["recv", `file:${vm}`, "--from-qemu", "--out", out], at, 1)
@@ -1047,26 +1059,15 @@ describe("recv --from-qemu --out-dir given SIGINT again while it publishes its b
   it("exits at once with the directory as it was: the blocks renamed so far put back", async (ctx) => {
     const why = straceMissing()
     if (why !== undefined) return ctx.skip(`strace cannot run here: ${why}`)
-    const vm = Path.join(dir, "twice.vm")
-    await twoBlockVm(vm)
-    const out = Path.join(dir, "twice")
-    Fs.mkdirSync(out)
+    const { vm, folder: out } = await vmBesideFolder("twice")
     Fs.writeFileSync(Path.join(out, "mem.img"), "older")
     Fs.writeFileSync(Path.join(out, "vga.vram.img"), "older")
     // one thread of libuv's pool does every file operation (strace counts each thread's calls on their own): the
     // blocks' two fsyncs, then the directory's after each rename, 1 s each
-    const command = ChildProcess.spawn("strace", [
-      "-f", "-qq", "-o", "|cat", "-e", "trace=fsync,rename", "-e", "inject=fsync:delay_enter=1000000:when=3+",
-      process.execPath, inject("cliBundle"), "recv", `file:${vm}`, "--from-qemu", "--out-dir", out
-    ], { stdio: ["ignore", "pipe", "pipe"], env: { ...process.env, NO_COLOR: "1", UV_THREADPOOL_SIZE: "1" } })
-    const timer = setTimeout(() => command.kill("SIGKILL"), 20_000)
-    let stderr = ""
-    command.stderr.setEncoding("utf8").on("data", (s: string) => (stderr += s))
-    const exited = new Promise<number | null>((resolve) =>
-      command.once("close", (code) => {
-        clearTimeout(timer)
-        resolve(code)
-      })
+    const { command, stderr, exited } = underStrace(
+      ["-e", "trace=fsync,rename", "-e", "inject=fsync:delay_enter=1000000:when=3+"],
+      ["recv", `file:${vm}`, "--from-qemu", "--out-dir", out],
+      { UV_THREADPOOL_SIZE: "1" }
     )
     // the first block renamed into place: its directory's fsync (delayed) comes next
     const pid = await new Promise<number | undefined>((resolve) => {
@@ -1078,13 +1079,13 @@ describe("recv --from-qemu --out-dir given SIGINT again while it publishes its b
       })
       void exited.then(() => resolve(undefined))
     })
-    expect(pid, stderr).toBeDefined()
+    expect(pid, stderr()).toBeDefined()
     process.kill(pid!, "SIGINT")
     // later than a repeat of the same request (Signals.REPEAT_MS), while the second block's directory fsync waits
     await new Promise((resolve) => setTimeout(resolve, 1200))
     process.kill(pid!, "SIGINT")
     const code = await exited
-    expect([code, stderr.trim().split("\n").at(-1)]).toEqual([130, "multifd: SIGINT again: exiting at once (the peer is not told)"])
+    expect([code, stderr().trim().split("\n").at(-1)]).toEqual([130, "multifd: SIGINT again: exiting at once (the peer is not told)"])
     expect(Fs.readdirSync(out).sort()).toEqual(["mem.img", "vga.vram.img"])
     const older = (name: string) => Fs.readFileSync(Path.join(out, name)).equals(Buffer.from("older"))
     expect({ mem: older("mem.img"), vga: older("vga.vram.img") }).toEqual({ mem: true, vga: true })
